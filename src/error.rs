@@ -1,0 +1,62 @@
+//! One error type for the whole daemon. Parsers never panic on bad input: they return `Corrupt` with a
+//! sentence naming what is wrong, so a user can tell a broken image from a broken daemon.
+
+use std::io;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An operating-system error, with what we were doing when it happened.
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The image (bootstrap, blob, blob meta) violates the format.
+    #[error("corrupt image: {0}")]
+    Corrupt(String),
+    /// A valid image that uses a feature this build does not implement.
+    #[error("unsupported image feature: {0}")]
+    Unsupported(String),
+    /// Chunk data failed its digest, CRC or size check.
+    #[error("integrity check failed: {0}")]
+    Integrity(String),
+    /// A request or argument that cannot be served (bad config value, missing file, bad blob id...).
+    #[error("{0}")]
+    Invalid(String),
+    /// The named inode, entry or attribute does not exist.
+    #[error("not found: {0}")]
+    NotFound(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Error::Io { context: context.into(), source }
+    }
+
+    /// The errno a filesystem front end answers with. Damaged or unverifiable data is EIO, never bytes.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            Error::Corrupt(_) | Error::Integrity(_) => libc::EIO,
+            Error::Unsupported(_) => libc::EOPNOTSUPP,
+            Error::Invalid(_) => libc::EINVAL,
+            Error::NotFound(_) => libc::ENOENT,
+        }
+    }
+}
+
+impl From<Error> for io::Error {
+    fn from(e: Error) -> Self {
+        let errno = e.errno();
+        io::Error::new(io::Error::from_raw_os_error(errno).kind(), e)
+    }
+}
+
+/// Shorthand for `Err(Error::Corrupt(format!(...)))`.
+#[macro_export]
+macro_rules! corrupt {
+    ($($arg:tt)*) => { $crate::error::Error::Corrupt(format!($($arg)*)) };
+}

@@ -1,0 +1,405 @@
+//! RAFS v5: an 8 KiB superblock, an inode table of 8-byte-aligned record offsets, a blob table, and
+//! 128-byte inode records each followed by name, symlink target, xattrs and chunk records.
+//!
+//! Inode numbers are the builder's (root = 1); a directory's children occupy consecutive inode-table
+//! slots, sorted by name. A hard link's extra names have their own slot whose record carries the first
+//! link's inode number.
+
+use super::bytes::{round_up, slice, Le};
+use super::{
+    blob_features as bf, check_blob_id, check_name, flags, BlobInfo, ChunkAddr, ChunkInfo, Compressor, DirEntry,
+    Digester, InodeAttr, MetaBytes, MetaReader, SuperInfo,
+};
+use crate::corrupt;
+use crate::error::{Error, Result};
+
+pub const RAFS_V5_MAGIC: u32 = 0x5241_4653;
+const SUPER_SIZE: u64 = 8192;
+const INODE_SIZE: u64 = 128;
+const CHUNK_SIZE: u64 = 80;
+const EXT_BLOB_ENTRY_SIZE: u64 = 64;
+
+const I_SYMLINK: u64 = 0x1;
+const I_XATTR: u64 = 0x4;
+
+const CHUNK_COMPRESSED: u32 = 0x1;
+const CHUNK_ENCRYPTED: u32 = 0x4;
+const CHUNK_BATCH: u32 = 0x8;
+const CHUNK_HAS_CRC32: u32 = 0x10;
+
+pub fn detect(data: &[u8]) -> bool {
+    slice(data, 0, 8, "").map(|b| b.u32_at(0) == RAFS_V5_MAGIC).unwrap_or(false)
+}
+
+/// Decode an 80-byte `RafsV5ChunkInfo` (v5 chunk records and the v6 chunk table share it).
+pub fn chunk_record(e: &[u8]) -> ChunkInfo {
+    let flags = e.u32_at(36);
+    ChunkInfo {
+        blob_index: e.u32_at(32),
+        index: e.u32_at(72),
+        compressed_offset: e.u64_at(48),
+        compressed_size: e.u32_at(40),
+        uncompressed_offset: e.u64_at(56),
+        uncompressed_size: e.u32_at(44),
+        compressed: flags & CHUNK_COMPRESSED != 0,
+        batch: None,
+        digest: Some(e[..32].try_into().unwrap()),
+        crc32: (flags & CHUNK_HAS_CRC32 != 0).then(|| e.u32_at(76)),
+    }
+}
+
+/// The fields of one inode record that locate its trailing data.
+struct Record {
+    attr: InodeAttr,
+    flags: u64,
+    child_index: u32,
+    child_count: u32,
+    name_size: u64,
+    symlink_size: u64,
+}
+
+pub struct V5Meta {
+    data: MetaBytes,
+    info: SuperInfo,
+    inode_table: (u64, u32),
+}
+
+impl V5Meta {
+    pub fn parse(data: MetaBytes) -> Result<Self> {
+        let sb = slice(&data, 0, SUPER_SIZE, "RAFS v5 superblock")
+            .map_err(|_| corrupt!("v5 bootstrap is {} bytes, shorter than its 8 KiB superblock", data.len()))?;
+        if sb.u32_at(0) != RAFS_V5_MAGIC {
+            return Err(corrupt!("bad RAFS v5 magic {:#x}", sb.u32_at(0)));
+        }
+        let version = sb.u32_at(4);
+        if version != 0x500 && version != 0x400 {
+            return Err(Error::Unsupported(format!("RAFS v5 superblock version {version:#x}")));
+        }
+        if sb.u32_at(8) as u64 != SUPER_SIZE {
+            return Err(corrupt!("v5 superblock size {} (expected 8192)", sb.u32_at(8)));
+        }
+        let chunk_size = sb.u32_at(12);
+        if !chunk_size.is_power_of_two() || !(0x1000..=0x100_0000).contains(&chunk_size) {
+            return Err(corrupt!("chunk size {chunk_size:#x} is not a power of two in 4 KiB..16 MiB"));
+        }
+        let sflags = sb.u64_at(16);
+        if sflags & !flags::KNOWN != 0 {
+            return Err(corrupt!("unknown superblock flags {:#x}", sflags & !flags::KNOWN));
+        }
+        let inode_count = sb.u64_at(24);
+        let inode_table_off = sb.u64_at(32);
+        let prefetch_off = sb.u64_at(40);
+        let blob_table_off = sb.u64_at(48);
+        let inode_entries = sb.u32_at(56);
+        let prefetch_entries = sb.u32_at(60) as u64;
+        let blob_table_size = sb.u32_at(64) as u64;
+        let ext_entries = sb.u32_at(68) as u64;
+        let ext_off = sb.u64_at(72);
+
+        slice(&data, inode_table_off, inode_entries as u64 * 4, "inode table")?;
+        if inode_entries == 0 {
+            return Err(corrupt!("inode table is empty"));
+        }
+        let compressor = Compressor::from_flags(sflags)?;
+        let digester = Digester::from_flags(sflags)?;
+
+        let table = slice(&data, blob_table_off, blob_table_size, "blob table")?;
+        let ext = slice(&data, ext_off, ext_entries * EXT_BLOB_ENTRY_SIZE, "extended blob table")?;
+        let mut blobs = Vec::new();
+        let mut pos = 0usize;
+        while pos + 8 <= table.len() {
+            let readahead = (table.u32_at(pos), table.u32_at(pos + 4));
+            let rest = &table[pos + 8..];
+            let id_len = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+            if id_len == 0 {
+                break; // zero padding after the last entry
+            }
+            let id = String::from_utf8_lossy(&rest[..id_len]).into_owned();
+            check_blob_id(&id)?;
+            let index = blobs.len() as u32;
+            let (chunk_count, features, uncompressed_size, compressed_size) = if (index as u64) < ext_entries {
+                let e = &ext[index as usize * 64..index as usize * 64 + 64];
+                (e.u32_at(0), e.u32_at(4), e.u64_at(8), e.u64_at(16))
+            } else {
+                (0, bf::V5_NO_EXT_BLOB_TABLE, 0, 0)
+            };
+            if features & bf::ENCRYPTED != 0 {
+                return Err(Error::Unsupported(format!("blob {id}: encrypted chunks")));
+            }
+            blobs.push(BlobInfo {
+                index,
+                id,
+                chunk_size,
+                chunk_count,
+                compressor,
+                digester,
+                features,
+                compressed_size,
+                uncompressed_size,
+                ci: None,
+                toc_size: 0,
+                toc_digest: [0; 32],
+                readahead,
+            });
+            pos += 8 + id_len + 1;
+        }
+
+        let mut prefetch = Vec::new();
+        if prefetch_entries > 0 {
+            let p = slice(&data, prefetch_off, prefetch_entries * 4, "prefetch table")?;
+            for i in 0..prefetch_entries as usize {
+                match p.u32_at(i * 4) {
+                    0 => break,
+                    ino => prefetch.push(ino as u64),
+                }
+            }
+        }
+
+        let info = SuperInfo {
+            version: 5,
+            flags: sflags,
+            chunk_size,
+            block_size: 4096,
+            inode_count,
+            root_ino: 1,
+            compressor,
+            digester,
+            blobs,
+            prefetch,
+            build_time: 0,
+        };
+        let meta = V5Meta { data, info, inode_table: (inode_table_off, inode_entries) };
+        if !meta.inode(1)?.is_dir() {
+            return Err(corrupt!("root inode is not a directory"));
+        }
+        Ok(meta)
+    }
+
+    /// Byte offset of the record in inode-table slot `slot` (1-based, like inode numbers).
+    fn slot_offset(&self, slot: u64) -> Result<u64> {
+        let (table_off, entries) = self.inode_table;
+        if slot == 0 || slot > entries as u64 {
+            return Err(corrupt!("inode {slot} is outside the inode table (1..={entries})"));
+        }
+        let v = slice(&self.data, table_off + (slot - 1) * 4, 4, "inode table")?.u32_at(0) as u64;
+        let offset = v << 3;
+        if offset < SUPER_SIZE {
+            return Err(corrupt!("inode table slot {slot} points into the superblock ({offset})"));
+        }
+        Ok(offset)
+    }
+
+    fn record_at(&self, offset: u64) -> Result<Record> {
+        let r = slice(&self.data, offset, INODE_SIZE, "inode record")?;
+        let ino = r.u64_at(40);
+        let attr = InodeAttr {
+            ino,
+            mode: r.u32_at(60),
+            uid: r.u32_at(48),
+            gid: r.u32_at(52),
+            size: r.u64_at(64),
+            nlink: r.u32_at(88),
+            mtime: r.u64_at(112),
+            mtime_nsec: r.u32_at(108),
+            rdev: r.u32_at(104),
+            has_xattr: r.u64_at(80) & I_XATTR != 0,
+            record: offset,
+        };
+        match attr.file_type() {
+            libc::S_IFREG | libc::S_IFDIR | libc::S_IFLNK | libc::S_IFCHR | libc::S_IFBLK | libc::S_IFIFO
+            | libc::S_IFSOCK => {}
+            t => return Err(corrupt!("inode {ino}: unknown file type {t:#o}")),
+        }
+        Ok(Record {
+            attr,
+            flags: r.u64_at(80),
+            child_index: r.u32_at(92),
+            child_count: r.u32_at(96),
+            name_size: r.u16_at(100) as u64,
+            symlink_size: r.u16_at(102) as u64,
+        })
+    }
+
+    fn record(&self, ino: u64) -> Result<Record> {
+        let rec = self.record_at(self.slot_offset(ino)?)?;
+        if rec.attr.ino != ino {
+            return Err(corrupt!("inode table slot {ino} holds a record for inode {}", rec.attr.ino));
+        }
+        Ok(rec)
+    }
+
+    fn name_of(&self, rec: &Record) -> Result<&[u8]> {
+        slice(&self.data, rec.attr.record + INODE_SIZE, rec.name_size, "inode name")
+    }
+
+    /// Offset just past name and symlink target, where xattrs (then chunks) begin.
+    fn after_names(&self, rec: &Record) -> u64 {
+        rec.attr.record + INODE_SIZE + round_up(rec.name_size, 8) + round_up(rec.symlink_size, 8)
+    }
+
+    /// Offset of the chunk records: after name, symlink and xattr area.
+    fn chunks_offset(&self, rec: &Record) -> Result<u64> {
+        let mut off = self.after_names(rec);
+        if rec.flags & I_XATTR != 0 {
+            let total = slice(&self.data, off, 8, "xattr area size")?.u64_at(0);
+            off = off
+                .checked_add(8 + round_up(total, 8))
+                .ok_or_else(|| corrupt!("inode {}: xattr area size {total} overflows", rec.attr.ino))?;
+        }
+        Ok(off)
+    }
+
+    fn dir_record(&self, dir: &InodeAttr) -> Result<Record> {
+        let rec = self.record(dir.ino)?;
+        if !rec.attr.is_dir() {
+            return Err(Error::Invalid(format!("inode {} is not a directory", dir.ino)));
+        }
+        let end = rec.child_index as u64 + rec.child_count as u64;
+        if rec.child_count > 0 && (rec.child_index < 2 || end - 1 > self.inode_table.1 as u64) {
+            return Err(corrupt!(
+                "directory {}: children {}..{end} are outside the inode table",
+                dir.ino,
+                rec.child_index
+            ));
+        }
+        Ok(rec)
+    }
+
+    /// Child `k` of a directory: its name and the inode number it names.
+    fn child(&self, dir: &Record, k: u32) -> Result<(Vec<u8>, Record)> {
+        let rec = self.record_at(self.slot_offset(dir.child_index as u64 + k as u64)?)?;
+        let name = self.name_of(&rec)?.to_vec();
+        check_name(&name, &format!("directory {}", dir.attr.ino))?;
+        Ok((name, rec))
+    }
+}
+
+impl MetaReader for V5Meta {
+    fn info(&self) -> &SuperInfo {
+        &self.info
+    }
+
+    fn inode(&self, ino: u64) -> Result<InodeAttr> {
+        Ok(self.record(ino)?.attr)
+    }
+
+    fn lookup(&self, dir: &InodeAttr, name: &[u8]) -> Result<Option<u64>> {
+        let rec = self.dir_record(dir)?;
+        let (mut lo, mut hi) = (0u32, rec.child_count);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let (child_name, child) = self.child(&rec, mid)?;
+            match child_name.as_slice().cmp(name) {
+                std::cmp::Ordering::Equal => return Ok(Some(child.attr.ino)),
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+            }
+        }
+        Ok(None)
+    }
+
+    fn read_dir(
+        &self,
+        dir: &InodeAttr,
+        offset: u64,
+        f: &mut dyn FnMut(DirEntry) -> Result<bool>,
+    ) -> Result<()> {
+        let rec = self.dir_record(dir)?;
+        let mut previous: Option<Vec<u8>> = None;
+        for k in offset.min(rec.child_count as u64) as u32..rec.child_count {
+            let (name, child) = self.child(&rec, k)?;
+            if previous.as_deref().is_some_and(|p| p >= name.as_slice()) {
+                return Err(corrupt!("directory {}: entries are not in sorted order", dir.ino));
+            }
+            previous = Some(name.clone());
+            let entry = DirEntry { name, ino: child.attr.ino, file_type: child.attr.file_type(), offset: k as u64 + 1 };
+            if !f(entry)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn readlink(&self, inode: &InodeAttr) -> Result<Vec<u8>> {
+        let rec = self.record(inode.ino)?;
+        if !rec.attr.is_symlink() || rec.flags & I_SYMLINK == 0 {
+            return Err(Error::Invalid(format!("inode {} is not a symlink", inode.ino)));
+        }
+        if rec.symlink_size == 0 {
+            return Err(corrupt!("symlink {} has an empty target", inode.ino));
+        }
+        let off = rec.attr.record + INODE_SIZE + round_up(rec.name_size, 8);
+        Ok(slice(&self.data, off, rec.symlink_size, "symlink target")?.to_vec())
+    }
+
+    fn xattrs(&self, inode: &InodeAttr) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let rec = self.record(inode.ino)?;
+        if rec.flags & I_XATTR == 0 {
+            return Ok(Vec::new());
+        }
+        let what = format!("xattrs of inode {}", inode.ino);
+        let off = self.after_names(&rec);
+        let total = slice(&self.data, off, 8, &what)?.u64_at(0);
+        let area = slice(&self.data, off + 8, total, &what)?;
+        let mut out = Vec::new();
+        let mut pos = 0usize;
+        while pos < area.len() {
+            let size = area.get(pos..pos + 4).ok_or_else(|| corrupt!("{what}: truncated pair"))?.u32_at(0) as usize;
+            let pair = area.get(pos + 4..pos + 4 + size).ok_or_else(|| corrupt!("{what}: pair runs past the area"))?;
+            let nul = pair.iter().position(|&b| b == 0).ok_or_else(|| corrupt!("{what}: name without NUL"))?;
+            if nul == 0 {
+                return Err(corrupt!("{what}: empty name"));
+            }
+            out.push((pair[..nul].to_vec(), pair[nul + 1..].to_vec()));
+            pos += 4 + size;
+        }
+        Ok(out)
+    }
+
+    fn file_chunks(&self, inode: &InodeAttr, offset: u64, len: u64) -> Result<Vec<(u64, ChunkAddr)>> {
+        let rec = self.record(inode.ino)?;
+        if !rec.attr.is_reg() {
+            return Err(Error::Invalid(format!("inode {} is not a regular file", inode.ino)));
+        }
+        let end = offset.saturating_add(len).min(rec.attr.size);
+        if offset >= end || rec.child_count == 0 {
+            return Ok(Vec::new());
+        }
+        let base = self.chunks_offset(&rec)?;
+        let what = format!("chunks of inode {}", inode.ino);
+        let records = slice(&self.data, base, rec.child_count as u64 * CHUNK_SIZE, &what)?;
+        let chunk = |k: usize| chunk_record(&records[k * 80..k * 80 + 80]);
+        let file_offset = |k: usize| records[k * 80..k * 80 + 80].u64_at(64);
+        // Records are in file order; find the first one that ends after `offset`.
+        let n = rec.child_count as usize;
+        let (mut lo, mut hi) = (0usize, n);
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            if file_offset(mid) + chunk(mid).uncompressed_size as u64 <= offset {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        let mut out = Vec::new();
+        let mut previous_end = 0u64;
+        for k in lo..n {
+            let (foff, info) = (file_offset(k), chunk(k));
+            if foff >= end {
+                break;
+            }
+            if foff < previous_end {
+                return Err(corrupt!("{what}: chunk {k} overlaps the one before it"));
+            }
+            if info.batch.is_some() || records[k * 80 + 36..].u32_at(0) & (CHUNK_BATCH | CHUNK_ENCRYPTED) != 0 {
+                return Err(Error::Unsupported(format!("{what}: batch or encrypted chunk in a v5 image")));
+            }
+            if info.blob_index as usize >= self.info.blobs.len() {
+                return Err(corrupt!("{what}: chunk {k} names blob {} of {}", info.blob_index, self.info.blobs.len()));
+            }
+            previous_end = foff + info.uncompressed_size as u64;
+            out.push((foff, ChunkAddr::Full(info)));
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,570 @@
+//! RAFS v6: EROFS-compatible metadata (superblock, device slots, 32-byte-slot inodes, directory blocks,
+//! chunk-index arrays) plus the RAFS extended superblock, blob table and chunk table.
+//!
+//! Inode numbers are EROFS nids, as nydusd and the kernel both use them.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use super::bytes::{padded_str, round_up, slice, Le};
+use super::{
+    blob_features as bf, check_blob_id, check_name, flags, BlobInfo, ChunkAddr, ChunkInfo, CiLocation,
+    Compressor, DirEntry, Digester, InodeAttr, MetaBytes, MetaReader, SuperInfo,
+};
+use crate::corrupt;
+use crate::error::{Error, Result};
+
+pub const EROFS_MAGIC: u32 = 0xE0F5_E1E2;
+pub const SUPER_OFFSET: u64 = 1024;
+const EXT_SUPER_OFFSET: u64 = 1152;
+const COMPAT_RAFS_V6: u32 = 0x4000_0000;
+const INCOMPAT_CHUNKED_FILE: u32 = 0x4;
+const INCOMPAT_DEVICE_TABLE: u32 = 0x8;
+const DEVICE_SLOT_SIZE: u64 = 128;
+const BLOB_ENTRY_SIZE: u64 = 256;
+const CHUNK_TABLE_ENTRY_SIZE: u64 = 80;
+const DIRENT_SIZE: usize = 12;
+/// The id the builder writes for the blob that will carry the bootstrap itself (inline-meta images).
+pub const INLINE_BLOB_PLACEHOLDER: &str =
+    "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx";
+
+const LAYOUT_FLAT_PLAIN: u16 = 0;
+const LAYOUT_FLAT_INLINE: u16 = 2;
+const LAYOUT_CHUNK_BASED: u16 = 4;
+
+/// Is this a RAFS v6 bootstrap (EROFS magic at 1024)?
+pub fn detect(data: &[u8]) -> bool {
+    slice(data, SUPER_OFFSET, 4, "").map(|b| b.u32_at(0) == EROFS_MAGIC).unwrap_or(false)
+}
+
+/// What the inode slot says, beyond the attributes: where its data and xattrs are.
+struct RawInode {
+    attr: InodeAttr,
+    offset: u64,
+    layout: u16,
+    /// Raw `i_u`: block address for dirs/symlinks, chunk header for files, rdev for devices.
+    i_u: u32,
+    inode_size: u64,
+    xattr_size: u64,
+}
+
+pub struct V6Meta {
+    data: MetaBytes,
+    info: SuperInfo,
+    meta_base: u64,
+    block_size: u64,
+    chunk_table: (u64, u64),
+    /// (blob index, CI index) → chunk-table row, built on first use.
+    chunk_rows: OnceLock<std::result::Result<HashMap<(u32, u32), u32>, String>>,
+}
+
+impl V6Meta {
+    /// Parse a v6 bootstrap. `inline_blob_id` replaces the builder's placeholder id when the bootstrap
+    /// was extracted from an inline-meta blob (whose real id is its file name).
+    pub fn parse(data: MetaBytes, inline_blob_id: Option<&str>) -> Result<Self> {
+        if data.len() < 4096 {
+            return Err(corrupt!("v6 bootstrap is {} bytes, shorter than one 4 KiB block", data.len()));
+        }
+        let sb = slice(&data, SUPER_OFFSET, 128, "EROFS superblock")?;
+        if sb.u32_at(0) != EROFS_MAGIC {
+            return Err(corrupt!("bad EROFS magic {:#x} at offset 1024", sb.u32_at(0)));
+        }
+        if sb.u32_at(8) & COMPAT_RAFS_V6 == 0 {
+            return Err(Error::Unsupported(
+                "EROFS image without the RAFS v6 compat bit (a plain EROFS image, not RAFS)".into(),
+            ));
+        }
+        let blkszbits = sb.u8_at(12);
+        if blkszbits != 12 && blkszbits != 9 {
+            return Err(corrupt!("block size bits {blkszbits} (expected 12, or 9 for tarfs)"));
+        }
+        let block_size = 1u64 << blkszbits;
+        let root_nid = sb.u16_at(14) as u64;
+        let inode_count = sb.u64_at(16);
+        let build_time = sb.u64_at(24);
+        let meta_blkaddr = sb.u32_at(40) as u64;
+        let incompat = sb.u32_at(80);
+        if incompat & !(INCOMPAT_CHUNKED_FILE | INCOMPAT_DEVICE_TABLE) != 0 {
+            return Err(Error::Unsupported(format!(
+                "EROFS incompat features {incompat:#x} (only chunked files and the device table are RAFS)"
+            )));
+        }
+        let extra_devices = sb.u16_at(86) as u64;
+        let devt_slotoff = sb.u16_at(88) as u64;
+
+        let ext = slice(&data, EXT_SUPER_OFFSET, 256, "RAFS v6 extended superblock")?;
+        let sflags = ext.u64_at(0);
+        if sflags & !flags::KNOWN != 0 {
+            return Err(corrupt!("unknown superblock flags {:#x}", sflags & !flags::KNOWN));
+        }
+        if sflags & flags::ENCRYPTION_AES128XTS != 0 {
+            return Err(Error::Unsupported("encrypted image (AES-128-XTS)".into()));
+        }
+        if sflags & flags::TARFS_MODE != 0 {
+            return Err(Error::Unsupported("tar-tarfs image".into()));
+        }
+        let (blob_table_off, blob_table_size) = (ext.u64_at(8), ext.u32_at(16) as u64);
+        let chunk_size = ext.u32_at(20);
+        let chunk_table = (ext.u64_at(24), ext.u64_at(32));
+        let (prefetch_off, prefetch_size) = (ext.u64_at(40), ext.u32_at(48) as u64);
+        if !chunk_size.is_power_of_two() || !(0x1000..=0x100_0000).contains(&chunk_size) {
+            return Err(corrupt!("chunk size {chunk_size:#x} is not a power of two in 4 KiB..16 MiB"));
+        }
+        if blob_table_size % BLOB_ENTRY_SIZE != 0 {
+            return Err(corrupt!("blob table size {blob_table_size} is not a multiple of 256"));
+        }
+        if chunk_table.1 % CHUNK_TABLE_ENTRY_SIZE != 0 {
+            return Err(corrupt!("chunk table size {} is not a multiple of 80", chunk_table.1));
+        }
+        slice(&data, chunk_table.0, chunk_table.1, "chunk table")?;
+        let compressor = Compressor::from_flags(sflags)?;
+        let digester = Digester::from_flags(sflags)?;
+
+        let nblobs = blob_table_size / BLOB_ENTRY_SIZE;
+        if nblobs != extra_devices {
+            return Err(corrupt!("{extra_devices} device slots but {nblobs} blob table entries"));
+        }
+        if nblobs > 255 {
+            return Err(corrupt!("{nblobs} blobs (at most 255 fit in a chunk address)"));
+        }
+        let table = slice(&data, blob_table_off, blob_table_size, "blob table")?;
+        let devices = slice(&data, devt_slotoff * DEVICE_SLOT_SIZE, nblobs * DEVICE_SLOT_SIZE, "device table")?;
+        let mut blobs = Vec::with_capacity(nblobs as usize);
+        for i in 0..nblobs as usize {
+            let e = &table[i * 256..(i + 1) * 256];
+            let blob = parse_blob_entry(e, i as u32, chunk_size, inline_blob_id)?;
+            let slot = &devices[i * 128..(i + 1) * 128];
+            let slot_id = String::from_utf8_lossy(padded_str(&slot[..64])).into_owned();
+            let slot_id = match inline_blob_id {
+                Some(id) if slot_id == INLINE_BLOB_PLACEHOLDER => id.to_string(),
+                _ => slot_id,
+            };
+            if slot_id != blob.id {
+                return Err(corrupt!("device slot {i} names blob {slot_id:?} but blob entry {i} is {:?}", blob.id));
+            }
+            blobs.push(blob);
+        }
+        for (i, a) in blobs.iter().enumerate() {
+            if blobs[..i].iter().any(|b| b.id == a.id) {
+                return Err(corrupt!("blob {:?} appears twice in the blob table", a.id));
+            }
+        }
+
+        let mut prefetch = Vec::new();
+        if prefetch_off != 0 && prefetch_size != 0 {
+            if prefetch_size % 4 != 0 {
+                return Err(corrupt!("prefetch table size {prefetch_size} is not a multiple of 4"));
+            }
+            let p = slice(&data, prefetch_off, prefetch_size, "prefetch table")?;
+            for i in 0..(prefetch_size / 4) as usize {
+                match p.u32_at(i * 4) {
+                    0 => break,
+                    nid => prefetch.push(nid as u64),
+                }
+            }
+        }
+
+        let info = SuperInfo {
+            version: 6,
+            flags: sflags,
+            chunk_size,
+            block_size: block_size as u32,
+            inode_count,
+            root_ino: root_nid,
+            compressor,
+            digester,
+            blobs,
+            prefetch,
+            build_time,
+        };
+        let meta = V6Meta {
+            data,
+            info,
+            meta_base: meta_blkaddr * block_size,
+            block_size,
+            chunk_table,
+            chunk_rows: OnceLock::new(),
+        };
+        let root = meta.inode(root_nid)?;
+        if !root.is_dir() {
+            return Err(corrupt!("root inode (nid {root_nid}) is not a directory"));
+        }
+        Ok(meta)
+    }
+
+    fn raw(&self, nid: u64) -> Result<RawInode> {
+        let offset = nid
+            .checked_mul(32)
+            .and_then(|o| o.checked_add(self.meta_base))
+            .ok_or_else(|| corrupt!("nid {nid} is out of range"))?;
+        let head = slice(&self.data, offset, 32, &format!("inode nid {nid}"))?;
+        let format = head.u16_at(0);
+        if format >> 4 != 0 {
+            return Err(corrupt!("inode nid {nid}: unknown i_format {format:#x}"));
+        }
+        let layout = (format >> 1) & 0x7;
+        if ![LAYOUT_FLAT_PLAIN, LAYOUT_FLAT_INLINE, LAYOUT_CHUNK_BASED].contains(&layout) {
+            return Err(Error::Unsupported(format!(
+                "inode nid {nid}: data layout {layout} (EROFS compression is not used by RAFS)"
+            )));
+        }
+        let xattr_icount = head.u16_at(2) as u64;
+        let xattr_size = if xattr_icount == 0 { 0 } else { 12 + 4 * (xattr_icount - 1) };
+        let mode = head.u16_at(4) as u32;
+        let (attr, inode_size, i_u) = if format & 1 == 0 {
+            let attr = InodeAttr {
+                ino: nid,
+                mode,
+                uid: head.u16_at(24) as u32,
+                gid: head.u16_at(26) as u32,
+                size: head.u32_at(8) as u64,
+                nlink: head.u16_at(6) as u32,
+                mtime: self.info.build_time,
+                mtime_nsec: 0,
+                rdev: head.u32_at(16),
+                has_xattr: xattr_icount > 0,
+                record: offset,
+            };
+            (attr, 32, head.u32_at(16))
+        } else {
+            let ext = slice(&self.data, offset, 64, &format!("extended inode nid {nid}"))?;
+            let attr = InodeAttr {
+                ino: nid,
+                mode,
+                uid: ext.u32_at(24),
+                gid: ext.u32_at(28),
+                size: ext.u64_at(8),
+                nlink: ext.u32_at(44),
+                mtime: ext.u64_at(32),
+                mtime_nsec: ext.u32_at(40),
+                rdev: ext.u32_at(16),
+                has_xattr: xattr_icount > 0,
+                record: offset,
+            };
+            (attr, 64, ext.u32_at(16))
+        };
+        match attr.file_type() {
+            libc::S_IFREG | libc::S_IFDIR | libc::S_IFLNK | libc::S_IFCHR | libc::S_IFBLK | libc::S_IFIFO
+            | libc::S_IFSOCK => {}
+            t => return Err(corrupt!("inode nid {nid}: unknown file type {t:#o}")),
+        }
+        let mut attr = attr;
+        if !matches!(attr.file_type(), libc::S_IFCHR | libc::S_IFBLK) {
+            attr.rdev = 0;
+        } else {
+            let (major, minor) = super::decode_rdev(attr.rdev);
+            attr.rdev = super::make_dev(major, minor) as u32;
+        }
+        Ok(RawInode { attr, offset, layout, i_u, inode_size, xattr_size })
+    }
+
+    /// Block `index` of a directory's or symlink's data (the inline tail for FLAT_INLINE).
+    fn data_block(&self, raw: &RawInode, index: u64) -> Result<&[u8]> {
+        let size = raw.attr.size;
+        let start = index * self.block_size;
+        if start >= size {
+            return Err(corrupt!("inode nid {}: block {index} past its size {size}", raw.attr.ino));
+        }
+        let len = (size - start).min(self.block_size);
+        let nblocks = size.div_ceil(self.block_size);
+        let what = format!("data of inode nid {}", raw.attr.ino);
+        match raw.layout {
+            LAYOUT_FLAT_INLINE if index == nblocks - 1 && size % self.block_size != 0 => {
+                let off = raw.offset + raw.inode_size + raw.xattr_size;
+                if off % self.block_size + len > self.block_size {
+                    return Err(corrupt!("inode nid {}: inline data crosses a block boundary", raw.attr.ino));
+                }
+                slice(&self.data, off, len, &what)
+            }
+            LAYOUT_FLAT_INLINE | LAYOUT_FLAT_PLAIN => {
+                let off = (raw.i_u as u64 + index) * self.block_size;
+                slice(&self.data, off, len, &what)
+            }
+            _ => Err(corrupt!("inode nid {}: directory or symlink with chunk-based layout", raw.attr.ino)),
+        }
+    }
+
+    fn dir_raw(&self, dir: &InodeAttr) -> Result<RawInode> {
+        let raw = self.raw(dir.ino)?;
+        if !raw.attr.is_dir() {
+            return Err(Error::Invalid(format!("nid {} is not a directory", dir.ino)));
+        }
+        Ok(raw)
+    }
+
+    fn chunk_rows(&self) -> Result<&HashMap<(u32, u32), u32>> {
+        let rows = self.chunk_rows.get_or_init(|| {
+            let (off, size) = self.chunk_table;
+            let table = slice(&self.data, off, size, "chunk table").map_err(|e| e.to_string())?;
+            let mut map = HashMap::with_capacity((size / CHUNK_TABLE_ENTRY_SIZE) as usize);
+            for row in 0..(size / CHUNK_TABLE_ENTRY_SIZE) as usize {
+                let e = &table[row * 80..row * 80 + 80];
+                map.entry((e.u32_at(32), e.u32_at(72))).or_insert(row as u32);
+            }
+            Ok(map)
+        });
+        rows.as_ref().map_err(|e| Error::Corrupt(e.clone()))
+    }
+}
+
+fn parse_blob_entry(e: &[u8], index: u32, chunk_size: u32, inline_id: Option<&str>) -> Result<BlobInfo> {
+    let raw_id = String::from_utf8_lossy(padded_str(&e[..64])).into_owned();
+    let id = match inline_id {
+        Some(real) if raw_id == INLINE_BLOB_PLACEHOLDER => real.to_string(),
+        _ => raw_id,
+    };
+    check_blob_id(&id)?;
+    if e.u32_at(64) != index {
+        return Err(corrupt!("blob entry {index} says it is blob {}", e.u32_at(64)));
+    }
+    if e.u32_at(68) != chunk_size {
+        return Err(corrupt!("blob {id}: chunk size {:#x} differs from the image's {chunk_size:#x}", e.u32_at(68)));
+    }
+    let chunk_count = e.u32_at(72);
+    if chunk_count > 1 << 24 {
+        return Err(corrupt!("blob {id}: {chunk_count} chunks (at most 2^24)"));
+    }
+    let features = e.u32_at(84);
+    if features & 0xF000 != 0 || features & bf::V5_NO_EXT_BLOB_TABLE != 0 {
+        return Err(corrupt!("blob {id}: unknown feature bits {features:#x}"));
+    }
+    for (bit, what) in [
+        (bf::ZRAN, "zran (OCI tar.gz referenced in place)"),
+        (bf::SEPARATE, "separate blob meta"),
+        (bf::ENCRYPTED, "encrypted chunks"),
+        (bf::TARFS, "tarfs"),
+        (bf::EXTERNAL, "external backend"),
+    ] {
+        if features & bit != 0 {
+            return Err(Error::Unsupported(format!("blob {id}: {what}")));
+        }
+    }
+    let ci = CiLocation {
+        compressor: Compressor::from_u32(e.u32_at(108))?,
+        offset: e.u64_at(112),
+        compressed_size: e.u64_at(120),
+        uncompressed_size: e.u64_at(128),
+    };
+    if ci.compressed_size > ci.uncompressed_size {
+        return Err(corrupt!("blob {id}: chunk-info array compressed size exceeds its uncompressed size"));
+    }
+    Ok(BlobInfo {
+        index,
+        id,
+        chunk_size,
+        chunk_count,
+        compressor: Compressor::from_u32(e.u32_at(76))?,
+        digester: Digester::from_u32(e.u32_at(80))?,
+        features,
+        compressed_size: e.u64_at(88),
+        uncompressed_size: e.u64_at(96),
+        ci: Some(ci),
+        toc_size: e.u32_at(104),
+        toc_digest: e[136..168].try_into().unwrap(),
+        readahead: (0, 0),
+    })
+}
+
+/// One directory block's entries: (name, nid, dirent file type).
+fn dir_block_entries(block: &[u8], nid: u64) -> Result<Vec<(&[u8], u64, u8)>> {
+    if block.len() < DIRENT_SIZE {
+        return Err(corrupt!("directory nid {nid}: block of {} bytes holds no entry", block.len()));
+    }
+    let first = block.u16_at(8) as usize;
+    if first < DIRENT_SIZE || first % DIRENT_SIZE != 0 || first > block.len() {
+        return Err(corrupt!("directory nid {nid}: bad first name offset {first}"));
+    }
+    let count = first / DIRENT_SIZE;
+    let mut out = Vec::with_capacity(count);
+    for i in 0..count {
+        let d = &block[i * DIRENT_SIZE..(i + 1) * DIRENT_SIZE];
+        let start = d.u16_at(8) as usize;
+        let end = if i + 1 < count { block.u16_at((i + 1) * DIRENT_SIZE + 8) as usize } else { block.len() };
+        if start < first || start > end || end > block.len() {
+            return Err(corrupt!("directory nid {nid}: entry {i} has name range {start}..{end}"));
+        }
+        let mut name = &block[start..end];
+        if i + 1 == count {
+            name = padded_str(name);
+        }
+        if name != b"." && name != b".." {
+            check_name(name, &format!("directory nid {nid}"))?;
+        }
+        out.push((name, d.u64_at(0), d.u8_at(10)));
+    }
+    Ok(out)
+}
+
+fn dirent_type(t: u8) -> u32 {
+    match t {
+        1 => libc::S_IFREG,
+        2 => libc::S_IFDIR,
+        3 => libc::S_IFCHR,
+        4 => libc::S_IFBLK,
+        5 => libc::S_IFIFO,
+        6 => libc::S_IFSOCK,
+        7 => libc::S_IFLNK,
+        _ => 0,
+    }
+}
+
+fn xattr_prefix(index: u8) -> Result<&'static [u8]> {
+    Ok(match index {
+        0 => b"",
+        1 => b"user.",
+        2 => b"system.posix_acl_access",
+        3 => b"system.posix_acl_default",
+        4 => b"trusted.",
+        5 => b"lustre.",
+        6 => b"security.",
+        _ => return Err(corrupt!("unknown xattr name index {index}")),
+    })
+}
+
+impl MetaReader for V6Meta {
+    fn info(&self) -> &SuperInfo {
+        &self.info
+    }
+
+    fn inode(&self, ino: u64) -> Result<InodeAttr> {
+        Ok(self.raw(ino)?.attr)
+    }
+
+    fn lookup(&self, dir: &InodeAttr, name: &[u8]) -> Result<Option<u64>> {
+        let raw = self.dir_raw(dir)?;
+        if name == b"." || name == b".." || raw.attr.size == 0 {
+            return Ok(None);
+        }
+        // Entries are sorted across the whole directory: binary search the blocks, then the entries.
+        let (mut lo, mut hi) = (0u64, raw.attr.size.div_ceil(self.block_size));
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let entries = dir_block_entries(self.data_block(&raw, mid)?, dir.ino)?;
+            let (first, last) = (entries[0].0, entries[entries.len() - 1].0);
+            if name < first {
+                hi = mid;
+            } else if name > last {
+                lo = mid + 1;
+            } else {
+                return Ok(entries
+                    .binary_search_by(|e| e.0.cmp(name))
+                    .ok()
+                    .map(|i| entries[i].1));
+            }
+        }
+        Ok(None)
+    }
+
+    fn read_dir(
+        &self,
+        dir: &InodeAttr,
+        offset: u64,
+        f: &mut dyn FnMut(DirEntry) -> Result<bool>,
+    ) -> Result<()> {
+        let raw = self.dir_raw(dir)?;
+        let mut ordinal = 0u64;
+        let mut previous: Option<Vec<u8>> = None;
+        for block in 0..raw.attr.size.div_ceil(self.block_size) {
+            for (name, nid, t) in dir_block_entries(self.data_block(&raw, block)?, dir.ino)? {
+                if previous.as_deref().is_some_and(|p| p >= name) {
+                    return Err(corrupt!("directory nid {}: entries are not in sorted order", dir.ino));
+                }
+                previous = Some(name.to_vec());
+                if name == b"." || name == b".." {
+                    continue;
+                }
+                ordinal += 1;
+                if ordinal <= offset {
+                    continue;
+                }
+                let entry = DirEntry { name: name.to_vec(), ino: nid, file_type: dirent_type(t), offset: ordinal };
+                if !f(entry)? {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn readlink(&self, inode: &InodeAttr) -> Result<Vec<u8>> {
+        let raw = self.raw(inode.ino)?;
+        if !raw.attr.is_symlink() {
+            return Err(Error::Invalid(format!("nid {} is not a symlink", inode.ino)));
+        }
+        if raw.attr.size == 0 || raw.attr.size > 4096 {
+            return Err(corrupt!("symlink nid {}: target length {}", inode.ino, raw.attr.size));
+        }
+        let mut target = Vec::with_capacity(raw.attr.size as usize);
+        for block in 0..raw.attr.size.div_ceil(self.block_size) {
+            target.extend_from_slice(self.data_block(&raw, block)?);
+        }
+        Ok(target)
+    }
+
+    fn xattrs(&self, inode: &InodeAttr) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let raw = self.raw(inode.ino)?;
+        if raw.xattr_size == 0 {
+            return Ok(Vec::new());
+        }
+        let what = format!("xattrs of nid {}", inode.ino);
+        let area = slice(&self.data, raw.offset + raw.inode_size, raw.xattr_size, &what)?;
+        if area[4] != 0 {
+            return Err(Error::Unsupported(format!("{what}: shared xattrs")));
+        }
+        let mut out = Vec::new();
+        let mut pos = 12usize;
+        while pos < area.len() {
+            let head = area.get(pos..pos + 4).ok_or_else(|| corrupt!("{what}: truncated entry"))?;
+            let (name_len, index, value_len) = (head[0] as usize, head[1], head.u16_at(2) as usize);
+            let body = area
+                .get(pos + 4..pos + 4 + name_len + value_len)
+                .ok_or_else(|| corrupt!("{what}: entry runs past the xattr area"))?;
+            let mut name = xattr_prefix(index)?.to_vec();
+            name.extend_from_slice(&body[..name_len]);
+            if name.is_empty() || name.contains(&0) {
+                return Err(corrupt!("{what}: empty or NUL-containing name"));
+            }
+            out.push((name, body[name_len..].to_vec()));
+            pos += round_up((4 + name_len + value_len) as u64, 4) as usize;
+        }
+        Ok(out)
+    }
+
+    fn file_chunks(&self, inode: &InodeAttr, offset: u64, len: u64) -> Result<Vec<(u64, ChunkAddr)>> {
+        let raw = self.raw(inode.ino)?;
+        let size = raw.attr.size;
+        if size == 0 || offset >= size || len == 0 {
+            return Ok(Vec::new());
+        }
+        if raw.layout != LAYOUT_CHUNK_BASED {
+            return Err(Error::Unsupported(format!("regular file nid {} with flat data layout", inode.ino)));
+        }
+        let chunk_size = self.info.chunk_size as u64;
+        let total = size.div_ceil(chunk_size);
+        let index_off = raw.offset + round_up(raw.inode_size + raw.xattr_size, 8);
+        let what = format!("chunk index array of nid {}", inode.ino);
+        let bytes = total.checked_mul(8).ok_or_else(|| corrupt!("{what}: size {size} overflows"))?;
+        let array = slice(&self.data, index_off, bytes, &what)?;
+        let end = offset.saturating_add(len).min(size);
+        let mut out = Vec::new();
+        for k in offset / chunk_size..end.div_ceil(chunk_size) {
+            let e = &array[k as usize * 8..k as usize * 8 + 8];
+            let (lo, hi, blk_addr) = (e.u16_at(0) as u32, e.u16_at(2) as u32, e.u32_at(4));
+            let device = hi & 0xff;
+            if device == 0 || device as usize > self.info.blobs.len() {
+                return Err(corrupt!("nid {} chunk {k}: device id {device} names no blob", inode.ino));
+            }
+            let addr = ChunkAddr::Indexed { blob_index: device - 1, ci_index: lo | (hi >> 8) << 16, blk_addr };
+            out.push((k * chunk_size, addr));
+        }
+        Ok(out)
+    }
+
+    fn chunk_table_entry(&self, blob_index: u32, ci_index: u32) -> Result<Option<ChunkInfo>> {
+        let Some(&row) = self.chunk_rows()?.get(&(blob_index, ci_index)) else {
+            return Ok(None);
+        };
+        let e = slice(&self.data, self.chunk_table.0 + row as u64 * 80, 80, "chunk table row")?;
+        Ok(Some(super::v5::chunk_record(e)))
+    }
+}

@@ -1,0 +1,471 @@
+//! A RAFS image opened for reading: the bootstrap's metadata (v5 or v6) joined with a blob backend.
+//!
+//! This is the read path every front end shares: file range → chunks → blob ranges → decompress →
+//! verify (CRC always when recorded, digest when validation is on, for v5 and v6 alike) → bytes.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::corrupt;
+use crate::error::{Error, Result};
+use crate::format::blob_meta::ChunkInfoArray;
+use crate::format::toc::{self, TarHeader, TAR_HEADER_SIZE};
+use crate::format::{v5, v6, ChunkAddr, ChunkInfo, DirEntry, InodeAttr, MetaBytes, MetaReader, SuperInfo};
+use crate::storage::digest::{crc32c, digest, hex};
+use crate::storage::localfs::LocalFs;
+use crate::storage::{compress, BlobBackend};
+
+/// Largest bootstrap we extract from an inline-meta blob into memory.
+const MAX_INLINE_BOOTSTRAP: u64 = 1 << 30;
+
+#[derive(Debug, Clone, Default)]
+pub struct ImageOptions {
+    /// Verify every chunk's digest after decompression (`digest_validate` / `cache.validate`).
+    pub validate: bool,
+}
+
+/// Where the metadata came from: a bootstrap file, or the tail of an inline-meta data blob.
+#[derive(Debug, Clone)]
+pub enum MetaSource {
+    Bootstrap(PathBuf),
+    InlineBlob { path: PathBuf, blob_id: String },
+}
+
+pub struct RafsImage {
+    meta: Box<dyn MetaReader>,
+    source: MetaSource,
+    backend: Arc<dyn BlobBackend>,
+    validate: bool,
+    /// Decoded chunk-info arrays of v6 blobs, loaded on first use (not cached when loading fails, so a
+    /// backend that recovers is tried again).
+    blob_meta: Mutex<Vec<Option<Arc<ChunkInfoArray>>>>,
+    /// The last decompressed batch: small files of one batch are usually read one after another.
+    last_batch: Mutex<Option<(u32, u32, Arc<Vec<u8>>)>>,
+}
+
+impl RafsImage {
+    /// Open `path` (a bootstrap, or a data blob with inlined metadata) over `backend`.
+    pub fn open(path: &Path, backend: Arc<dyn BlobBackend>, opts: ImageOptions) -> Result<Self> {
+        let (bytes, source) = load_metadata(path)?;
+        Self::from_metadata(bytes, source, backend, opts)
+    }
+
+    /// Build an image from bootstrap bytes already in memory (used by the fuzz target and by embedders
+    /// that fetch metadata themselves).
+    pub fn from_metadata(
+        bytes: MetaBytes,
+        source: MetaSource,
+        backend: Arc<dyn BlobBackend>,
+        opts: ImageOptions,
+    ) -> Result<Self> {
+        let inline_id = match &source {
+            MetaSource::InlineBlob { blob_id, .. } => Some(blob_id.as_str()),
+            MetaSource::Bootstrap(_) => None,
+        };
+        let path = match &source {
+            MetaSource::Bootstrap(p) | MetaSource::InlineBlob { path: p, .. } => p.clone(),
+        };
+        let meta: Box<dyn MetaReader> = if v5::detect(&bytes) {
+            Box::new(v5::V5Meta::parse(bytes)?)
+        } else if v6::detect(&bytes) {
+            Box::new(v6::V6Meta::parse(bytes, inline_id)?)
+        } else {
+            return Err(corrupt!("{}: neither a RAFS v5 nor a RAFS v6 bootstrap", path.display()));
+        };
+        let nblobs = meta.info().blobs.len();
+        Ok(RafsImage {
+            meta,
+            source,
+            backend,
+            validate: opts.validate,
+            blob_meta: Mutex::new(vec![None; nblobs]),
+            last_batch: Mutex::new(None),
+        })
+    }
+
+    /// Open with a localfs backend over `blob_dir`; without one, blobs are looked for beside an inline-meta
+    /// blob, or in `<bootstrap dir>/blobs` and the bootstrap's own directory.
+    pub fn open_local(path: &Path, blob_dir: Option<&Path>, opts: ImageOptions) -> Result<Self> {
+        let parent = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+        let backend = match blob_dir {
+            Some(dir) => LocalFs::with_dir(dir),
+            None => LocalFs::new(Some(parent.join("blobs")), vec![parent], None)?,
+        };
+        Self::open(path, Arc::new(backend), opts)
+    }
+
+    pub fn info(&self) -> &SuperInfo {
+        self.meta.info()
+    }
+
+    pub fn source(&self) -> &MetaSource {
+        &self.source
+    }
+
+    pub fn meta(&self) -> &dyn MetaReader {
+        self.meta.as_ref()
+    }
+
+    pub fn root_ino(&self) -> u64 {
+        self.info().root_ino
+    }
+
+    pub fn inode(&self, ino: u64) -> Result<InodeAttr> {
+        self.meta.inode(ino)
+    }
+
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Option<u64>> {
+        self.meta.lookup(&self.meta.inode(parent)?, name)
+    }
+
+    pub fn read_dir(&self, dir: u64, offset: u64, f: &mut dyn FnMut(DirEntry) -> Result<bool>) -> Result<()> {
+        self.meta.read_dir(&self.meta.inode(dir)?, offset, f)
+    }
+
+    pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
+        self.meta.readlink(&self.meta.inode(ino)?)
+    }
+
+    pub fn xattrs(&self, ino: u64) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.meta.xattrs(&self.meta.inode(ino)?)
+    }
+
+    /// Read file data at `offset` into `buf`; returns the bytes read (short only at end of file).
+    pub fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let inode = self.meta.inode(ino)?;
+        if !inode.is_reg() {
+            return Err(Error::Invalid(format!("inode {ino} is not a regular file")));
+        }
+        if offset >= inode.size || buf.is_empty() {
+            return Ok(0);
+        }
+        let len = (buf.len() as u64).min(inode.size - offset) as usize;
+        let end = offset + len as u64;
+        let buf = &mut buf[..len];
+        // Ranges no chunk covers (v5 holes) read as zeros.
+        buf.fill(0);
+        for (file_offset, addr) in self.meta.file_chunks(&inode, offset, len as u64)? {
+            let info = self.resolve(&addr)?;
+            let expected = (self.info().chunk_size as u64).min(inode.size - file_offset);
+            if self.info().version == 6 && info.uncompressed_size as u64 != expected {
+                return Err(corrupt!(
+                    "inode {ino}: chunk at file offset {file_offset} holds {} bytes, the file needs {expected}",
+                    info.uncompressed_size
+                ));
+            }
+            let data = self.chunk_data(&info).map_err(|e| match e {
+                Error::Integrity(m) => Error::Integrity(format!("inode {ino} at file offset {file_offset}: {m}")),
+                other => other,
+            })?;
+            let from = offset.max(file_offset);
+            let to = end.min(file_offset + data.len() as u64);
+            if from < to {
+                buf[(from - offset) as usize..(to - offset) as usize]
+                    .copy_from_slice(&data[(from - file_offset) as usize..(to - file_offset) as usize]);
+            }
+        }
+        Ok(len)
+    }
+
+    /// Full chunk information (location, digest, CRC) for a chunk address.
+    pub fn resolve(&self, addr: &ChunkAddr) -> Result<ChunkInfo> {
+        match addr {
+            ChunkAddr::Full(info) => Ok(info.clone()),
+            ChunkAddr::Indexed { blob_index, ci_index, blk_addr } => {
+                let mut info = self.chunk_info_array(*blob_index)?.get(*ci_index)?;
+                let blob_id = &self.info().blobs[*blob_index as usize].id;
+                let block = self.info().block_size as u64;
+                if info.uncompressed_offset != *blk_addr as u64 * block {
+                    return Err(corrupt!(
+                        "blob {blob_id} chunk {ci_index}: inode says block {blk_addr}, blob meta says offset {}",
+                        info.uncompressed_offset
+                    ));
+                }
+                if let Some(row) = self.meta.chunk_table_entry(*blob_index, *ci_index)? {
+                    if row.uncompressed_size != info.uncompressed_size {
+                        return Err(corrupt!(
+                            "blob {blob_id} chunk {ci_index}: chunk table says {} bytes, blob meta says {}",
+                            row.uncompressed_size,
+                            info.uncompressed_size
+                        ));
+                    }
+                    info.digest = row.digest;
+                    info.crc32 = info.crc32.or(row.crc32);
+                }
+                Ok(info)
+            }
+        }
+    }
+
+    /// The verified, uncompressed bytes of one chunk.
+    pub fn chunk_data(&self, info: &ChunkInfo) -> Result<Vec<u8>> {
+        let blob = self
+            .info()
+            .blobs
+            .get(info.blob_index as usize)
+            .ok_or_else(|| corrupt!("chunk names blob {} which does not exist", info.blob_index))?;
+        let limit = blob.chunk_size.max(self.info().chunk_size);
+        let what = format!("blob {} chunk {}", blob.id, info.index);
+        if info.uncompressed_size > limit || info.compressed_size > limit {
+            return Err(corrupt!(
+                "{what}: sizes {}/{} exceed the chunk size {limit}",
+                info.compressed_size,
+                info.uncompressed_size
+            ));
+        }
+        let data = match info.batch {
+            Some((batch, inner)) => {
+                let buffer = self.batch_data(info.blob_index, batch, info.compressed_offset)?;
+                let range = inner as usize..inner as usize + info.uncompressed_size as usize;
+                buffer
+                    .get(range)
+                    .ok_or_else(|| corrupt!("{what}: lies outside its batch {batch}"))?
+                    .to_vec()
+            }
+            None => {
+                let stored = self.backend.read_exact_at(&blob.id, info.compressed_offset, info.compressed_size as usize)?;
+                if info.compressed {
+                    compress::decompress(blob.compressor, &stored, info.uncompressed_size as usize)
+                        .map_err(|e| Error::Integrity(format!("{what}: {e}")))?
+                } else if stored.len() != info.uncompressed_size as usize {
+                    return Err(Error::Integrity(format!("{what}: stored raw but sizes differ")));
+                } else {
+                    stored
+                }
+            }
+        };
+        if let Some(want) = info.crc32 {
+            let got = crc32c(&data);
+            if got != want {
+                return Err(Error::Integrity(format!("{what}: CRC32C {got:#010x}, expected {want:#010x}")));
+            }
+        }
+        if self.validate {
+            let want = info
+                .digest
+                .ok_or_else(|| Error::Integrity(format!("{what}: no digest recorded to validate against")))?;
+            let got = digest(blob.digester, &data);
+            if got != want {
+                return Err(Error::Integrity(format!(
+                    "{what}: {} digest {} does not match the recorded {}",
+                    blob.digester.name(),
+                    hex(&got),
+                    hex(&want)
+                )));
+            }
+        }
+        Ok(data)
+    }
+
+    fn batch_data(&self, blob_index: u32, batch: u32, compressed_offset: u64) -> Result<Arc<Vec<u8>>> {
+        {
+            let last = self.last_batch.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((b, k, data)) = last.as_ref() {
+                if *b == blob_index && *k == batch {
+                    return Ok(data.clone());
+                }
+            }
+        }
+        let blob = &self.info().blobs[blob_index as usize];
+        let (compressed, uncompressed) = self.chunk_info_array(blob_index)?.batch(batch)?;
+        let limit = blob.chunk_size;
+        if uncompressed > limit || compressed > uncompressed {
+            return Err(corrupt!("blob {} batch {batch}: sizes {compressed}/{uncompressed} out of range", blob.id));
+        }
+        let stored = self.backend.read_exact_at(&blob.id, compressed_offset, compressed as usize)?;
+        let data = if compressed == uncompressed {
+            stored
+        } else {
+            compress::decompress(blob.compressor, &stored, uncompressed as usize)
+                .map_err(|e| Error::Integrity(format!("blob {} batch {batch}: {e}", blob.id)))?
+        };
+        let data = Arc::new(data);
+        *self.last_batch.lock().unwrap_or_else(|e| e.into_inner()) = Some((blob_index, batch, data.clone()));
+        Ok(data)
+    }
+
+    /// The decoded chunk-info array of v6 blob `index`, read from the blob on first use.
+    pub fn chunk_info_array(&self, index: u32) -> Result<Arc<ChunkInfoArray>> {
+        let mut cache = self.blob_meta.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = cache
+            .get_mut(index as usize)
+            .ok_or_else(|| corrupt!("blob index {index} does not exist"))?;
+        if let Some(arr) = slot {
+            return Ok(arr.clone());
+        }
+        let blob = &self.meta.info().blobs[index as usize];
+        let ci = blob.ci.ok_or_else(|| corrupt!("blob {} has no chunk-info array", blob.id))?;
+        let len = ci
+            .compressed_size
+            .checked_add(crate::format::blob_meta::CI_HEADER_SIZE)
+            .ok_or_else(|| corrupt!("blob {}: chunk-info size overflows", blob.id))?;
+        let blob_size = self.backend.blob_size(&blob.id)?;
+        if ci.offset.checked_add(len).is_none_or(|end| end > blob_size) {
+            return Err(corrupt!(
+                "blob {}: chunk-info array at {}+{len} lies past the blob's {blob_size} bytes",
+                blob.id,
+                ci.offset
+            ));
+        }
+        let raw = self.backend.read_exact_at(&blob.id, ci.offset, len as usize)?;
+        let arr = Arc::new(ChunkInfoArray::parse(blob, &ci, &raw)?);
+        *slot = Some(arr.clone());
+        Ok(arr)
+    }
+
+    /// Visit every entry below the root, depth first, parents before children. Directories are also
+    /// reported after their contents (`WalkEvent::DirDone`), which is when their mtime can be set.
+    /// A directory reached twice (a cycle in a hostile image) is an error, not an endless walk.
+    pub fn walk(&self, visit: &mut dyn FnMut(&Path, &InodeAttr, WalkEvent) -> Result<()>) -> Result<()> {
+        struct Frame {
+            path: PathBuf,
+            attr: InodeAttr,
+            entries: std::vec::IntoIter<DirEntry>,
+        }
+        let root = self.inode(self.root_ino())?;
+        let mut seen_dirs = HashSet::from([root.ino]);
+        visit(Path::new(""), &root, WalkEvent::Node)?;
+        let mut stack = vec![Frame { path: PathBuf::new(), entries: self.list_dir(&root)?.into_iter(), attr: root }];
+        while let Some(frame) = stack.last_mut() {
+            let Some(entry) = frame.entries.next() else {
+                let done = stack.pop().unwrap();
+                visit(&done.path, &done.attr, WalkEvent::DirDone)?;
+                continue;
+            };
+            let path = frame.path.join(std::ffi::OsStr::from_encoded_bytes_checked(&entry.name));
+            let attr = self.inode(entry.ino)?;
+            visit(&path, &attr, WalkEvent::Node)?;
+            if attr.is_dir() {
+                if !seen_dirs.insert(attr.ino) {
+                    return Err(corrupt!("directory inode {} is reached a second time at {} (a cycle)", attr.ino, path.display()));
+                }
+                let entries = self.list_dir(&attr)?.into_iter();
+                stack.push(Frame { path, attr, entries });
+            }
+        }
+        Ok(())
+    }
+
+    fn list_dir(&self, dir: &InodeAttr) -> Result<Vec<DirEntry>> {
+        let mut entries = Vec::new();
+        self.meta.read_dir(dir, 0, &mut |e| {
+            entries.push(e);
+            Ok(true)
+        })?;
+        Ok(entries)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WalkEvent {
+    Node,
+    DirDone,
+}
+
+/// Name bytes to an OsStr without any conversion (Unix names are bytes).
+trait FromBytes {
+    fn from_encoded_bytes_checked(b: &[u8]) -> &std::ffi::OsStr;
+}
+impl FromBytes for std::ffi::OsStr {
+    fn from_encoded_bytes_checked(b: &[u8]) -> &std::ffi::OsStr {
+        std::os::unix::ffi::OsStrExt::from_bytes(b)
+    }
+}
+
+/// Read the metadata at `path`: map a bootstrap, or extract the bootstrap from an inline-meta blob.
+fn load_metadata(path: &Path) -> Result<(MetaBytes, MetaSource)> {
+    let file = File::open(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+    let size = file.metadata().map_err(|e| Error::io(format!("stat {}", path.display()), e))?.len();
+    let mut head = [0u8; 1028];
+    let n = read_at(&file, 0, &mut head)?;
+    if v5::detect(&head[..n]) || v6::detect(&head[..n]) {
+        // SAFETY: the mapping is read-only and private; bootstraps are immutable image files.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(format!("mmap {}", path.display()), e))?;
+        return Ok((MetaBytes::Mapped(map), MetaSource::Bootstrap(path.to_path_buf())));
+    }
+    let blob_id = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| Error::Invalid(format!("{}: no usable file name for a blob id", path.display())))?
+        .to_string();
+    let bytes = extract_inline_bootstrap(&file, size).map_err(|e| match e {
+        Error::Corrupt(m) => corrupt!("{}: not a RAFS bootstrap, and not a blob with inlined metadata ({m})", path.display()),
+        other => other,
+    })?;
+    crate::format::check_blob_id(&blob_id)?;
+    Ok((MetaBytes::Owned(bytes), MetaSource::InlineBlob { path: path.to_path_buf(), blob_id }))
+}
+
+fn read_at(file: &File, offset: u64, buf: &mut [u8]) -> Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::io("read metadata", e)),
+        }
+    }
+    Ok(done)
+}
+
+fn read_section(file: &File, size: u64, offset: u64, len: u64, what: &str) -> Result<Vec<u8>> {
+    if offset.checked_add(len).is_none_or(|end| end > size) || len > MAX_INLINE_BOOTSTRAP {
+        return Err(corrupt!("{what} at {offset}+{len} lies outside the {size}-byte blob"));
+    }
+    let mut buf = vec![0u8; len as usize];
+    if read_at(file, offset, &mut buf)? != buf.len() {
+        return Err(corrupt!("{what}: short read"));
+    }
+    Ok(buf)
+}
+
+/// The last tar header of a blob and the offset where its payload starts.
+fn tail_section(file: &File, size: u64) -> Result<(TarHeader, u64)> {
+    if size < TAR_HEADER_SIZE {
+        return Err(corrupt!("file of {size} bytes is too short"));
+    }
+    let header = toc::parse_tar_header(&read_section(file, size, size - TAR_HEADER_SIZE, TAR_HEADER_SIZE, "tar header")?)?;
+    let start = (size - TAR_HEADER_SIZE)
+        .checked_sub(header.size)
+        .ok_or_else(|| corrupt!("last section claims {} bytes, more than the blob holds", header.size))?;
+    Ok((header, start))
+}
+
+fn extract_inline_bootstrap(file: &File, size: u64) -> Result<Vec<u8>> {
+    let (header, start) = tail_section(file, size)?;
+    if header.name == b"image.boot" {
+        return read_section(file, size, start, header.size, "image.boot");
+    }
+    if header.name != toc::TOC_NAME {
+        return Err(corrupt!("last section is {:?}, not a ToC or image.boot", String::from_utf8_lossy(&header.name)));
+    }
+    let entries = toc::parse_toc(&read_section(file, size, start, header.size, "blob ToC")?)?;
+    let boot = entries
+        .iter()
+        .find(|e| e.name == b"image.boot")
+        .ok_or_else(|| corrupt!("blob ToC has no image.boot entry"))?;
+    if boot.uncompressed_size > MAX_INLINE_BOOTSTRAP {
+        return Err(corrupt!("image.boot claims {} bytes", boot.uncompressed_size));
+    }
+    let stored = read_section(file, size, boot.compressed_offset, boot.compressed_size, "image.boot")?;
+    let bytes = match boot.compression {
+        toc::TOC_COMPRESS_NONE => stored,
+        toc::TOC_COMPRESS_ZSTD => {
+            compress::decompress(crate::format::Compressor::Zstd, &stored, boot.uncompressed_size as usize)?
+        }
+        other => return Err(Error::Unsupported(format!("image.boot compressed with ToC flag {other:#x}"))),
+    };
+    let got = digest(crate::format::Digester::Sha256, &bytes);
+    if got != boot.uncompressed_digest {
+        return Err(Error::Integrity(format!(
+            "image.boot sha256 {} does not match the ToC's {}",
+            hex(&got),
+            hex(&boot.uncompressed_digest)
+        )));
+    }
+    Ok(bytes)
+}

@@ -1,0 +1,18 @@
+//! rafsd: serve RAFS (Dragonfly Nydus) v5 and v6 container images.
+//!
+//! Layout, one module per concern:
+//! - [`format`]: on-disk structures of bootstraps and blobs (parsing only).
+//! - [`storage`]: blob backends, chunk codecs and digests.
+//! - [`image`]: an opened image: metadata plus verified chunk reads.
+//! - [`unpack`], [`check`], [`inspect`]: the offline tools built on [`image`].
+
+pub mod check;
+pub mod error;
+pub mod format;
+pub mod image;
+pub mod inspect;
+pub mod storage;
+pub mod unpack;
+
+pub use error::{Error, Result};
+pub use image::{ImageOptions, RafsImage};

@@ -1,0 +1,29 @@
+//! Where chunk bytes come from: backends that read ranges of blobs by id, and the codecs and digests
+//! that turn stored chunks back into verified file data.
+
+pub mod compress;
+pub mod digest;
+pub mod localfs;
+
+use crate::error::{Error, Result};
+
+/// A source of blob bytes. Implementations must be safe to call from many threads at once.
+pub trait BlobBackend: Send + Sync {
+    /// Backend type name, for metrics and logs.
+    fn kind(&self) -> &'static str;
+    /// Read up to `buf.len()` bytes of blob `blob_id` at `offset`; fewer only at the end of the blob.
+    fn read_at(&self, blob_id: &str, offset: u64, buf: &mut [u8]) -> Result<usize>;
+    fn blob_size(&self, blob_id: &str) -> Result<u64>;
+
+    /// Read exactly `len` bytes, or fail naming the short read.
+    fn read_exact_at(&self, blob_id: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        let n = self.read_at(blob_id, offset, &mut buf)?;
+        if n != len {
+            return Err(Error::Corrupt(format!(
+                "blob {blob_id}: wanted {len} bytes at offset {offset}, the blob ends after {n}"
+            )));
+        }
+        Ok(buf)
+    }
+}
