@@ -237,12 +237,7 @@ impl RafsImage {
                 }
             }
         };
-        if let Some(want) = info.crc32 {
-            let got = crc32c(&data);
-            if got != want {
-                return Err(Error::Integrity(format!("{what}: CRC32C {got:#010x}, expected {want:#010x}")));
-            }
-        }
+        // Digest first when validating: it is the stronger check and names the algorithm the image chose.
         if self.validate {
             let want = info
                 .digest
@@ -255,6 +250,12 @@ impl RafsImage {
                     hex(&got),
                     hex(&want)
                 )));
+            }
+        }
+        if let Some(want) = info.crc32 {
+            let got = crc32c(&data);
+            if got != want {
+                return Err(Error::Integrity(format!("{what}: CRC32C {got:#010x}, expected {want:#010x}")));
             }
         }
         Ok(data)
