@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The project's test command: formatting, lints, then every unit and integration test.
+# Integration tests read the reference images in ../shared/fixtures/rafs (override with RAFSD_FIXTURES)
+# and must run as root (they create device nodes, set owners and trusted.* xattrs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ci/install-deps.sh
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo test --workspace 2>&1 | tee target/test.log
+# Fail loudly if no test ran at all (a broken filter would otherwise pass).
+grep -q "test result: ok" target/test.log
