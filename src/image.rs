@@ -7,8 +7,10 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::cache::BlobCache;
 use crate::corrupt;
 use crate::error::{Error, Result};
 use crate::format::blob_meta::ChunkInfoArray;
@@ -25,6 +27,54 @@ const MAX_INLINE_BOOTSTRAP: u64 = 1 << 30;
 pub struct ImageOptions {
     /// Verify every chunk's digest after decompression (`digest_validate` / `cache.validate`).
     pub validate: bool,
+    /// Keep fetched chunks, uncompressed, in this directory (`blobcache` work_dir).
+    pub cache_dir: Option<PathBuf>,
+    /// Widen a backend fetch to this many compressed bytes of following chunks (0 = off).
+    pub amplify_io: u64,
+}
+
+/// A piece of a file read: a range of a cache file, verified bytes, or a hole.
+pub enum Segment {
+    Cached { file: Arc<File>, offset: u64, len: usize },
+    Bytes(Vec<u8>),
+    Zeros(usize),
+}
+
+impl Segment {
+    pub fn len(&self) -> usize {
+        match self {
+            Segment::Cached { len, .. } => *len,
+            Segment::Bytes(b) => b.len(),
+            Segment::Zeros(n) => *n,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Backend traffic of one image.
+#[derive(Default)]
+pub struct ReadStats {
+    pub backend_reads: AtomicU64,
+    pub backend_bytes: AtomicU64,
+}
+
+/// Counts a user read for as long as it lives.
+struct UserRead<'a>(&'a AtomicUsize);
+
+impl<'a> UserRead<'a> {
+    fn enter(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        UserRead(counter)
+    }
+}
+
+impl Drop for UserRead<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Where the metadata came from: a bootstrap file, or the tail of an inline-meta data blob.
@@ -44,6 +94,10 @@ pub struct RafsImage {
     blob_meta: Mutex<Vec<Option<Arc<ChunkInfoArray>>>>,
     /// The last decompressed batch: small files of one batch are usually read one after another.
     last_batch: Mutex<Option<(u32, u32, Arc<Vec<u8>>)>>,
+    cache: Option<Arc<BlobCache>>,
+    amplify_io: u64,
+    user_reads: AtomicUsize,
+    stats: ReadStats,
 }
 
 impl RafsImage {
@@ -76,6 +130,16 @@ impl RafsImage {
             return Err(corrupt!("{}: neither a RAFS v5 nor a RAFS v6 bootstrap", path.display()));
         };
         let nblobs = meta.info().blobs.len();
+        let cache = match &opts.cache_dir {
+            Some(dir) => match BlobCache::open(dir, &meta.info().blobs) {
+                Ok(c) => Some(Arc::new(c)),
+                Err(e) => {
+                    log::warn!("blob cache unavailable ({e}); reading every chunk from the backend");
+                    None
+                }
+            },
+            None => None,
+        };
         Ok(RafsImage {
             meta,
             source,
@@ -83,6 +147,10 @@ impl RafsImage {
             validate: opts.validate,
             blob_meta: Mutex::new(vec![None; nblobs]),
             last_batch: Mutex::new(None),
+            cache,
+            amplify_io: opts.amplify_io,
+            user_reads: AtomicUsize::new(0),
+            stats: ReadStats::default(),
         })
     }
 
@@ -133,21 +201,21 @@ impl RafsImage {
         self.meta.xattrs(&self.meta.inode(ino)?)
     }
 
-    /// Read file data at `offset` into `buf`; returns the bytes read (short only at end of file).
-    pub fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<usize> {
+    /// The pieces that make up `[offset, offset + size)` of a regular file: ranges of cache files (served
+    /// without copying when validation is off), verified chunk bytes, and zeros for holes.
+    pub fn read_segments(&self, ino: u64, offset: u64, size: usize) -> Result<Vec<Segment>> {
+        let _user = UserRead::enter(&self.user_reads);
         let inode = self.meta.inode(ino)?;
         if !inode.is_reg() {
             return Err(Error::Invalid(format!("inode {ino} is not a regular file")));
         }
-        if offset >= inode.size || buf.is_empty() {
-            return Ok(0);
+        if offset >= inode.size || size == 0 {
+            return Ok(Vec::new());
         }
-        let len = (buf.len() as u64).min(inode.size - offset) as usize;
-        let end = offset + len as u64;
-        let buf = &mut buf[..len];
-        // Ranges no chunk covers (v5 holes) read as zeros.
-        buf.fill(0);
-        for (file_offset, addr) in self.meta.file_chunks(&inode, offset, len as u64)? {
+        let end = offset + (size as u64).min(inode.size - offset);
+        let mut segments = Vec::new();
+        let mut pos = offset;
+        for (file_offset, addr) in self.meta.file_chunks(&inode, offset, end - offset)? {
             let info = self.resolve(&addr)?;
             let expected = (self.info().chunk_size as u64).min(inode.size - file_offset);
             if self.info().version == 6 && info.uncompressed_size as u64 != expected {
@@ -156,93 +224,271 @@ impl RafsImage {
                     info.uncompressed_size
                 ));
             }
-            let data = self.chunk_data(&info).map_err(|e| match e {
-                Error::Integrity(m) => Error::Integrity(format!("inode {ino} at file offset {file_offset}: {m}")),
-                other => other,
-            })?;
-            let from = offset.max(file_offset);
-            let to = end.min(file_offset + data.len() as u64);
-            if from < to {
-                buf[(from - offset) as usize..(to - offset) as usize]
-                    .copy_from_slice(&data[(from - file_offset) as usize..(to - file_offset) as usize]);
+            let from = pos.max(file_offset);
+            let to = end.min(file_offset + info.uncompressed_size as u64);
+            if from >= to {
+                continue;
             }
+            if from > pos {
+                segments.push(Segment::Zeros((from - pos) as usize));
+            }
+            let inner = (from - file_offset) as usize;
+            let len = (to - from) as usize;
+            let cached = if self.validate { None } else { self.cache.as_ref().and_then(|c| c.ready_location(&info)) };
+            match cached {
+                Some((file, chunk_offset)) => {
+                    self.count_hit();
+                    segments.push(Segment::Cached { file, offset: chunk_offset + inner as u64, len })
+                }
+                None => {
+                    let data = self.chunk_data(&info).map_err(|e| match e {
+                        Error::Integrity(m) => Error::Integrity(format!("inode {ino} at file offset {file_offset}: {m}")),
+                        other => other,
+                    })?;
+                    segments.push(Segment::Bytes(data[inner..inner + len].to_vec()));
+                }
+            }
+            pos = to;
         }
-        Ok(len)
+        if pos < end {
+            segments.push(Segment::Zeros((end - pos) as usize));
+        }
+        Ok(segments)
+    }
+
+    /// Read file data at `offset` into `buf`; returns the bytes read (short only at end of file).
+    pub fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let mut done = 0;
+        for segment in self.read_segments(ino, offset, buf.len())? {
+            let len = segment.len();
+            let dst = &mut buf[done..done + len];
+            match segment {
+                Segment::Cached { file, offset, .. } => {
+                    file.read_exact_at(dst, offset).map_err(|e| Error::io("read blob cache", e))?
+                }
+                Segment::Bytes(data) => dst.copy_from_slice(&data),
+                Segment::Zeros(_) => dst.fill(0),
+            }
+            done += len;
+        }
+        Ok(done)
     }
 
     /// Full chunk information (location, digest, CRC) for a chunk address.
     pub fn resolve(&self, addr: &ChunkAddr) -> Result<ChunkInfo> {
         match addr {
-            ChunkAddr::Full(info) => Ok(info.clone()),
+            ChunkAddr::Full(info) => {
+                self.check_extent(info)?;
+                Ok(info.clone())
+            }
             ChunkAddr::Indexed { blob_index, ci_index, blk_addr } => {
-                let mut info = self.chunk_info_array(*blob_index)?.get(*ci_index)?;
-                let blob_id = &self.info().blobs[*blob_index as usize].id;
-                let block = self.info().block_size as u64;
-                if info.uncompressed_offset != *blk_addr as u64 * block {
+                let info = self.resolve_ci(*blob_index, *ci_index)?;
+                if info.uncompressed_offset != *blk_addr as u64 * self.info().block_size as u64 {
                     return Err(corrupt!(
-                        "blob {blob_id} chunk {ci_index}: inode says block {blk_addr}, blob meta says offset {}",
+                        "blob {} chunk {ci_index}: inode says block {blk_addr}, blob meta says offset {}",
+                        self.info().blobs[*blob_index as usize].id,
                         info.uncompressed_offset
                     ));
-                }
-                if let Some(row) = self.meta.chunk_table_entry(*blob_index, *ci_index)? {
-                    if row.uncompressed_size != info.uncompressed_size {
-                        return Err(corrupt!(
-                            "blob {blob_id} chunk {ci_index}: chunk table says {} bytes, blob meta says {}",
-                            row.uncompressed_size,
-                            info.uncompressed_size
-                        ));
-                    }
-                    info.digest = row.digest;
-                    info.crc32 = info.crc32.or(row.crc32);
                 }
                 Ok(info)
             }
         }
     }
 
-    /// The verified, uncompressed bytes of one chunk.
-    pub fn chunk_data(&self, info: &ChunkInfo) -> Result<Vec<u8>> {
+    /// Chunk `ci_index` of v6 blob `blob_index`: location from the blob meta, digest and CRC from the
+    /// bootstrap's chunk table.
+    fn resolve_ci(&self, blob_index: u32, ci_index: u32) -> Result<ChunkInfo> {
+        let mut info = self.chunk_info_array(blob_index)?.get(ci_index)?;
+        if let Some(row) = self.meta.chunk_table_entry(blob_index, ci_index)? {
+            if row.uncompressed_size != info.uncompressed_size {
+                return Err(corrupt!(
+                    "blob {} chunk {ci_index}: chunk table says {} bytes, blob meta says {}",
+                    self.info().blobs[blob_index as usize].id,
+                    row.uncompressed_size,
+                    info.uncompressed_size
+                ));
+            }
+            info.digest = row.digest;
+            info.crc32 = info.crc32.or(row.crc32);
+        }
+        self.check_extent(&info)?;
+        Ok(info)
+    }
+
+    /// A chunk must fit its blob: it becomes a cache-file offset and a backend read size.
+    fn check_extent(&self, info: &ChunkInfo) -> Result<()> {
         let blob = self
             .info()
             .blobs
             .get(info.blob_index as usize)
             .ok_or_else(|| corrupt!("chunk names blob {} which does not exist", info.blob_index))?;
         let limit = blob.chunk_size.max(self.info().chunk_size);
-        let what = format!("blob {} chunk {}", blob.id, info.index);
         if info.uncompressed_size > limit || info.compressed_size > limit {
             return Err(corrupt!(
-                "{what}: sizes {}/{} exceed the chunk size {limit}",
+                "blob {} chunk {}: sizes {}/{} exceed the chunk size {limit}",
+                blob.id,
+                info.index,
                 info.compressed_size,
                 info.uncompressed_size
             ));
         }
+        let known_size = blob.uncompressed_size > 0 && blob.chunk_count > 0;
+        if known_size && (info.index >= blob.chunk_count || info.uncompressed_offset + info.uncompressed_size as u64 > blob.uncompressed_size) {
+            return Err(corrupt!(
+                "blob {} chunk {}: index or extent {}+{} lies outside the blob ({} chunks, {} bytes)",
+                blob.id,
+                info.index,
+                info.uncompressed_offset,
+                info.uncompressed_size,
+                blob.chunk_count,
+                blob.uncompressed_size
+            ));
+        }
+        Ok(())
+    }
+
+    /// The verified, uncompressed bytes of one chunk: from the cache when it holds them, else from the
+    /// backend (widened by `amplify_io` to the following chunks of the blob) and then kept in the cache.
+    pub fn chunk_data(&self, info: &ChunkInfo) -> Result<Vec<u8>> {
+        let Some(cache) = &self.cache else { return self.fetch_run(std::slice::from_ref(info)).map(|mut v| v.remove(0)) };
+        if let Some(data) = self.cached_chunk(cache, info)? {
+            return Ok(data);
+        }
+        let mut claim = cache.claim(info);
+        // Another thread may have fetched it while we waited for the claim.
+        if let Some(data) = self.cached_chunk(cache, info)? {
+            return Ok(data);
+        }
+        let run = self.amplified_run(cache, &mut claim, info);
+        let mut fetched = self.fetch_run(&run)?;
+        for (chunk, data) in run.iter().zip(&fetched) {
+            cache.store(chunk, data);
+        }
+        Ok(fetched.swap_remove(0))
+    }
+
+    fn cached_chunk(&self, cache: &BlobCache, info: &ChunkInfo) -> Result<Option<Vec<u8>>> {
+        let Some(data) = cache.read(info)? else { return Ok(None) };
+        match self.verify(info, &data) {
+            Ok(()) => {
+                self.count_hit();
+                Ok(Some(data))
+            }
+            Err(e) => {
+                log::error!("blob cache {}: {e}; dropping the cached chunk", cache.work_dir().display());
+                cache.invalidate(info);
+                Err(e)
+            }
+        }
+    }
+
+    fn count_hit(&self) {
+        if let Some(c) = &self.cache {
+            c.metrics.whole_hits.fetch_add(1, Ordering::Relaxed);
+            c.metrics.total.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// `info` plus the chunks that follow it contiguously in the blob, up to `amplify_io` compressed bytes,
+    /// that are neither cached nor being fetched by someone else (v6: chunk order is known from the blob meta).
+    fn amplified_run(&self, cache: &BlobCache, claim: &mut crate::cache::Claim, info: &ChunkInfo) -> Vec<ChunkInfo> {
+        let mut run = vec![info.clone()];
+        if self.amplify_io <= info.compressed_size as u64 || info.batch.is_some() || self.info().version != 6 {
+            return run;
+        }
+        let Ok(array) = self.chunk_info_array(info.blob_index) else { return run };
+        let mut end = info.compressed_offset + info.compressed_size as u64;
+        let mut total = info.compressed_size as u64;
+        for index in info.index + 1..array.len() {
+            let Ok(next) = self.resolve_ci(info.blob_index, index) else { break };
+            if next.batch.is_some() || next.compressed_offset != end || total + next.compressed_size as u64 > self.amplify_io {
+                break;
+            }
+            if !cache.try_claim_more(claim, &next) {
+                break;
+            }
+            end += next.compressed_size as u64;
+            total += next.compressed_size as u64;
+            run.push(next);
+        }
+        run
+    }
+
+    /// Fetch chunks whose compressed bytes are contiguous in one blob with one backend read; decode and
+    /// verify each.
+    fn fetch_run(&self, run: &[ChunkInfo]) -> Result<Vec<Vec<u8>>> {
+        let first = &run[0];
+        let blob = &self.info().blobs[first.blob_index as usize];
+        if run.len() == 1 || first.batch.is_some() {
+            let data = self.fetch_one(first)?;
+            return Ok(vec![data]);
+        }
+        let last = &run[run.len() - 1];
+        let len = (last.compressed_offset + last.compressed_size as u64 - first.compressed_offset) as usize;
+        let stored = self.backend_read(&blob.id, first.compressed_offset, len)?;
+        run.iter()
+            .map(|c| {
+                let at = (c.compressed_offset - first.compressed_offset) as usize;
+                let data = self.decode(c, &stored[at..at + c.compressed_size as usize])?;
+                self.verify(c, &data)?;
+                Ok(data)
+            })
+            .collect()
+    }
+
+    fn backend_read(&self, blob_id: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let data = self.backend.read_exact_at(blob_id, offset, len)?;
+        self.stats.backend_reads.fetch_add(1, Ordering::Relaxed);
+        self.stats.backend_bytes.fetch_add(len as u64, Ordering::Relaxed);
+        Ok(data)
+    }
+
+    /// One chunk straight from the backend, decoded and verified.
+    fn fetch_one(&self, info: &ChunkInfo) -> Result<Vec<u8>> {
+        let blob = &self.info().blobs[info.blob_index as usize];
         let data = match info.batch {
             Some((batch, inner)) => {
                 let buffer = self.batch_data(info.blob_index, batch, info.compressed_offset)?;
                 let range = inner as usize..inner as usize + info.uncompressed_size as usize;
                 buffer
                     .get(range)
-                    .ok_or_else(|| corrupt!("{what}: lies outside its batch {batch}"))?
+                    .ok_or_else(|| corrupt!("blob {} chunk {}: lies outside its batch {batch}", blob.id, info.index))?
                     .to_vec()
             }
             None => {
-                let stored = self.backend.read_exact_at(&blob.id, info.compressed_offset, info.compressed_size as usize)?;
-                if info.compressed {
-                    compress::decompress(blob.compressor, &stored, info.uncompressed_size as usize)
-                        .map_err(|e| Error::Integrity(format!("{what}: {e}")))?
-                } else if stored.len() != info.uncompressed_size as usize {
-                    return Err(Error::Integrity(format!("{what}: stored raw but sizes differ")));
-                } else {
-                    stored
-                }
+                let stored = self.backend_read(&blob.id, info.compressed_offset, info.compressed_size as usize)?;
+                self.decode(info, &stored)?
             }
         };
+        self.verify(info, &data)?;
+        Ok(data)
+    }
+
+    fn decode(&self, info: &ChunkInfo, stored: &[u8]) -> Result<Vec<u8>> {
+        let blob = &self.info().blobs[info.blob_index as usize];
+        if info.compressed {
+            compress::decompress(blob.compressor, stored, info.uncompressed_size as usize)
+                .map_err(|e| Error::Integrity(format!("blob {} chunk {}: {e}", blob.id, info.index)))
+        } else if stored.len() != info.uncompressed_size as usize {
+            Err(Error::Integrity(format!("blob {} chunk {}: stored raw but sizes differ", blob.id, info.index)))
+        } else {
+            Ok(stored.to_vec())
+        }
+    }
+
+    /// Size, digest (when validating) and CRC32C (when recorded) of a chunk's uncompressed bytes.
+    fn verify(&self, info: &ChunkInfo, data: &[u8]) -> Result<()> {
+        let blob = &self.info().blobs[info.blob_index as usize];
+        let what = format!("blob {} chunk {}", blob.id, info.index);
+        if data.len() != info.uncompressed_size as usize {
+            return Err(Error::Integrity(format!("{what}: {} bytes, expected {}", data.len(), info.uncompressed_size)));
+        }
         // Digest first when validating: it is the stronger check and names the algorithm the image chose.
         if self.validate {
             let want = info
                 .digest
                 .ok_or_else(|| Error::Integrity(format!("{what}: no digest recorded to validate against")))?;
-            let got = digest(blob.digester, &data);
+            let got = digest(blob.digester, data);
             if got != want {
                 return Err(Error::Integrity(format!(
                     "{what}: {} digest {} does not match the recorded {}",
@@ -253,12 +499,71 @@ impl RafsImage {
             }
         }
         if let Some(want) = info.crc32 {
-            let got = crc32c(&data);
+            let got = crc32c(data);
             if got != want {
                 return Err(Error::Integrity(format!("{what}: CRC32C {got:#010x}, expected {want:#010x}")));
             }
         }
-        Ok(data)
+        Ok(())
+    }
+
+    /// Every chunk of a regular file, resolved (for prefetch).
+    pub fn file_chunks(&self, ino: u64) -> Result<Vec<ChunkInfo>> {
+        let inode = self.meta.inode(ino)?;
+        self.meta.file_chunks(&inode, 0, inode.size)?.iter().map(|(_, addr)| self.resolve(addr)).collect()
+    }
+
+    /// Bring `chunks` (sorted by compressed offset, one blob) into the cache, skipping those cached or
+    /// being fetched; returns the compressed bytes read from the backend.
+    pub fn prefetch(&self, chunks: &[ChunkInfo]) -> Result<u64> {
+        let Some(cache) = &self.cache else { return Ok(0) };
+        let mut fetched = 0;
+        let mut i = 0;
+        while i < chunks.len() {
+            let mut claim = cache.claim_none();
+            if !cache.try_claim_more(&mut claim, &chunks[i]) {
+                i += 1;
+                continue;
+            }
+            let mut run = vec![chunks[i].clone()];
+            i += 1;
+            while i < chunks.len() && chunks[i].batch.is_none() && run[0].batch.is_none() {
+                let prev = &run[run.len() - 1];
+                let next = &chunks[i];
+                if next.blob_index != prev.blob_index
+                    || next.compressed_offset != prev.compressed_offset + prev.compressed_size as u64
+                    || !cache.try_claim_more(&mut claim, next)
+                {
+                    break;
+                }
+                run.push(next.clone());
+                i += 1;
+            }
+            let data = self.fetch_run(&run)?;
+            for (chunk, bytes) in run.iter().zip(&data) {
+                cache.store(chunk, bytes);
+                fetched += chunk.compressed_size as u64;
+            }
+            cache.metrics.prefetch_unmerged_chunks.fetch_add(run.len() as u64, Ordering::Relaxed);
+        }
+        Ok(fetched)
+    }
+
+    /// Reads from users in progress; prefetch workers yield while this is non-zero.
+    pub fn user_reads_in_flight(&self) -> usize {
+        self.user_reads.load(Ordering::Relaxed)
+    }
+
+    pub fn cache(&self) -> Option<&Arc<BlobCache>> {
+        self.cache.as_ref()
+    }
+
+    pub fn stats(&self) -> &ReadStats {
+        &self.stats
+    }
+
+    pub fn validates(&self) -> bool {
+        self.validate
     }
 
     fn batch_data(&self, blob_index: u32, batch: u32, compressed_offset: u64) -> Result<Arc<Vec<u8>>> {
@@ -272,11 +577,11 @@ impl RafsImage {
         }
         let blob = &self.info().blobs[blob_index as usize];
         let (compressed, uncompressed) = self.chunk_info_array(blob_index)?.batch(batch)?;
-        let limit = blob.chunk_size;
-        if uncompressed > limit || compressed > uncompressed {
+        if uncompressed > blob.chunk_size || compressed > uncompressed {
             return Err(corrupt!("blob {} batch {batch}: sizes {compressed}/{uncompressed} out of range", blob.id));
         }
-        let stored = self.backend.read_exact_at(&blob.id, compressed_offset, compressed as usize)?;
+        let stored = self.backend_read(&blob.id, compressed_offset, compressed as usize)?;
+        // A batch that did not shrink under compression is stored raw.
         let data = if compressed == uncompressed {
             stored
         } else {

@@ -6,11 +6,16 @@
 //! - [`image`]: an opened image: metadata plus verified chunk reads.
 //! - [`unpack`], [`check`], [`inspect`]: the offline tools built on [`image`].
 
+pub mod cache;
 pub mod check;
+pub mod config;
 pub mod error;
 pub mod format;
+pub mod fs;
+pub mod fusedev;
 pub mod image;
 pub mod inspect;
+pub mod service;
 pub mod storage;
 pub mod unpack;
 

@@ -8,7 +8,7 @@ use std::process::Command;
 use rafsd::{check, ImageOptions, RafsImage};
 
 fn open(case: &str, validate: bool) -> RafsImage {
-    RafsImage::open_local(&manifest::case_bootstrap(case), Some(&manifest::case_blob_dir(case)), ImageOptions { validate })
+    RafsImage::open_local(&manifest::case_bootstrap(case), Some(&manifest::case_blob_dir(case)), ImageOptions { validate, ..Default::default() })
         .unwrap_or_else(|e| panic!("open {case}: {e}"))
 }
 

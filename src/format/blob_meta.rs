@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 
 pub const CI_HEADER_SIZE: u64 = 4096;
 pub const CI_MAGIC: u32 = 0xB10B_B10B;
-const CI_V1_SIZE: u64 = 16;
+pub const CI_V1_SIZE: u64 = 16;
 const CI_V2_SIZE: u64 = 24;
 const BATCH_CONTEXT_SIZE: u64 = 40;
 /// Largest CI buffer we accept per chunk: a V2 entry plus one batch context.

@@ -82,6 +82,26 @@ impl Compressor {
         })
     }
 
+    /// The number blob tables and CI headers use (inverse of `from_u32`).
+    pub fn to_u32(self) -> u32 {
+        match self {
+            Compressor::None => 0,
+            Compressor::Lz4Block => 1,
+            Compressor::Gzip => 2,
+            Compressor::Zstd => 3,
+        }
+    }
+
+    /// The superblock flag naming this compressor.
+    pub fn flag(self) -> u64 {
+        match self {
+            Compressor::None => flags::COMPRESSION_NONE,
+            Compressor::Lz4Block => flags::COMPRESSION_LZ4,
+            Compressor::Gzip => flags::COMPRESSION_GZIP,
+            Compressor::Zstd => flags::COMPRESSION_ZSTD,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Compressor::None => "none",
@@ -114,6 +134,22 @@ impl Digester {
             0 | flags::HASH_BLAKE3 => Ok(Digester::Blake3),
             flags::HASH_SHA256 => Ok(Digester::Sha256),
             _ => Err(corrupt!("superblock flags {f:#x} name two digest algorithms")),
+        }
+    }
+
+    /// The number blob tables use (inverse of `from_u32`).
+    pub fn to_u32(self) -> u32 {
+        match self {
+            Digester::Blake3 => 0,
+            Digester::Sha256 => 1,
+        }
+    }
+
+    /// The superblock flag naming this digester.
+    pub fn flag(self) -> u64 {
+        match self {
+            Digester::Blake3 => flags::HASH_BLAKE3,
+            Digester::Sha256 => flags::HASH_SHA256,
         }
     }
 
@@ -275,6 +311,8 @@ pub trait MetaReader: Send + Sync {
     fn file_chunks(&self, inode: &InodeAttr, offset: u64, len: u64) -> Result<Vec<(u64, ChunkAddr)>>;
     /// The bootstrap's own record of a blob chunk (v6 chunk table): digest, sizes and CRC used to verify
     /// data located through the blob's chunk-info array. v5 records carry these inline, so v5 has none.
+    /// The largest inode number the image can name.
+    fn max_ino(&self) -> u64;
     fn chunk_table_entry(&self, _blob_index: u32, _ci_index: u32) -> Result<Option<ChunkInfo>> {
         Ok(None)
     }

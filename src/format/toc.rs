@@ -50,6 +50,7 @@ pub struct TocEntry {
 
 pub const TOC_COMPRESS_NONE: u32 = 0x1;
 pub const TOC_COMPRESS_ZSTD: u32 = 0x2;
+pub const TOC_COMPRESS_LZ4: u32 = 0x4;
 
 pub fn parse_toc(entries: &[u8]) -> Result<Vec<TocEntry>> {
     if entries.len() as u64 % TOC_ENTRY_SIZE != 0 {

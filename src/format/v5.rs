@@ -14,18 +14,18 @@ use crate::corrupt;
 use crate::error::{Error, Result};
 
 pub const RAFS_V5_MAGIC: u32 = 0x5241_4653;
-const SUPER_SIZE: u64 = 8192;
-const INODE_SIZE: u64 = 128;
-const CHUNK_SIZE: u64 = 80;
-const EXT_BLOB_ENTRY_SIZE: u64 = 64;
+pub const SUPER_SIZE: u64 = 8192;
+pub const INODE_SIZE: u64 = 128;
+pub const CHUNK_SIZE: u64 = 80;
+pub const EXT_BLOB_ENTRY_SIZE: u64 = 64;
 
-const I_SYMLINK: u64 = 0x1;
-const I_XATTR: u64 = 0x4;
+pub const I_SYMLINK: u64 = 0x1;
+pub const I_XATTR: u64 = 0x4;
 
-const CHUNK_COMPRESSED: u32 = 0x1;
+pub const CHUNK_COMPRESSED: u32 = 0x1;
 const CHUNK_ENCRYPTED: u32 = 0x4;
 const CHUNK_BATCH: u32 = 0x8;
-const CHUNK_HAS_CRC32: u32 = 0x10;
+pub const CHUNK_HAS_CRC32: u32 = 0x10;
 
 pub fn detect(data: &[u8]) -> bool {
     slice(data, 0, 8, "").map(|b| b.u32_at(0) == RAFS_V5_MAGIC).unwrap_or(false)
@@ -354,6 +354,10 @@ impl MetaReader for V5Meta {
             pos += 4 + size;
         }
         Ok(out)
+    }
+
+    fn max_ino(&self) -> u64 {
+        self.inode_table.1 as u64
     }
 
     fn file_chunks(&self, inode: &InodeAttr, offset: u64, len: u64) -> Result<Vec<(u64, ChunkAddr)>> {

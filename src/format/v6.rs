@@ -16,21 +16,21 @@ use crate::error::{Error, Result};
 
 pub const EROFS_MAGIC: u32 = 0xE0F5_E1E2;
 pub const SUPER_OFFSET: u64 = 1024;
-const EXT_SUPER_OFFSET: u64 = 1152;
-const COMPAT_RAFS_V6: u32 = 0x4000_0000;
-const INCOMPAT_CHUNKED_FILE: u32 = 0x4;
-const INCOMPAT_DEVICE_TABLE: u32 = 0x8;
-const DEVICE_SLOT_SIZE: u64 = 128;
-const BLOB_ENTRY_SIZE: u64 = 256;
-const CHUNK_TABLE_ENTRY_SIZE: u64 = 80;
-const DIRENT_SIZE: usize = 12;
+pub const EXT_SUPER_OFFSET: u64 = 1152;
+pub const COMPAT_RAFS_V6: u32 = 0x4000_0000;
+pub const INCOMPAT_CHUNKED_FILE: u32 = 0x4;
+pub const INCOMPAT_DEVICE_TABLE: u32 = 0x8;
+pub const DEVICE_SLOT_SIZE: u64 = 128;
+pub const BLOB_ENTRY_SIZE: u64 = 256;
+pub const CHUNK_TABLE_ENTRY_SIZE: u64 = 80;
+pub const DIRENT_SIZE: usize = 12;
 /// The id the builder writes for the blob that will carry the bootstrap itself (inline-meta images).
 pub const INLINE_BLOB_PLACEHOLDER: &str =
     "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx";
 
-const LAYOUT_FLAT_PLAIN: u16 = 0;
-const LAYOUT_FLAT_INLINE: u16 = 2;
-const LAYOUT_CHUNK_BASED: u16 = 4;
+pub const LAYOUT_FLAT_PLAIN: u16 = 0;
+pub const LAYOUT_FLAT_INLINE: u16 = 2;
+pub const LAYOUT_CHUNK_BASED: u16 = 4;
 
 /// Is this a RAFS v6 bootstrap (EROFS magic at 1024)?
 pub fn detect(data: &[u8]) -> bool {
@@ -408,7 +408,7 @@ fn dirent_type(t: u8) -> u32 {
     }
 }
 
-fn xattr_prefix(index: u8) -> Result<&'static [u8]> {
+pub fn xattr_prefix(index: u8) -> Result<&'static [u8]> {
     Ok(match index {
         0 => b"",
         1 => b"user.",
@@ -558,6 +558,10 @@ impl MetaReader for V6Meta {
             out.push((k * chunk_size, addr));
         }
         Ok(out)
+    }
+
+    fn max_ino(&self) -> u64 {
+        (self.data.len() as u64).saturating_sub(self.meta_base) / 32
     }
 
     fn chunk_table_entry(&self, blob_index: u32, ci_index: u32) -> Result<Option<ChunkInfo>> {

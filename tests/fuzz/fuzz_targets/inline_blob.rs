@@ -23,7 +23,7 @@ fuzz_target!(|data: &[u8]| {
     let path = blob_path();
     std::fs::write(path, data).expect("write fuzz input");
     let dir = path.parent().unwrap();
-    if let Ok(image) = RafsImage::open_local(path, Some(dir), ImageOptions { validate: true }) {
+    if let Ok(image) = RafsImage::open_local(path, Some(dir), ImageOptions { validate: true, ..Default::default() }) {
         let _ = rafsd::check::check(&image, 64);
         let _ = rafsd::inspect::to_json(&image);
     }

@@ -41,7 +41,7 @@ fuzz_target!(|data: &[u8]| {
         MetaBytes::Owned(data.to_vec()),
         MetaSource::Bootstrap("fuzz".into()),
         backend,
-        ImageOptions { validate: true },
+        ImageOptions { validate: true, ..Default::default() },
     );
     if let Ok(image) = opened {
         let _ = rafsd::check::check(&image, 64);

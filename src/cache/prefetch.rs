@@ -1,0 +1,217 @@
+//! Background prefetch: bring the chunks of chosen files (the image's prefetch table, `--prefetch-files`,
+//! or everything) into the blob cache before anyone asks, without getting in the way of user reads.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::config::PrefetchConfig;
+use crate::error::Result;
+use crate::format::ChunkInfo;
+use crate::image::{RafsImage, WalkEvent};
+
+/// What to prefetch.
+#[derive(Debug, Clone)]
+pub enum PrefetchTarget {
+    /// Files and directories (everything below) by inode number.
+    Inodes(Vec<u64>),
+    All,
+}
+
+pub struct Prefetcher {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Prefetcher {
+    /// Plan and run the prefetch on `cfg.threads` workers. Returns at once; planning happens on a worker.
+    pub fn start(image: Arc<RafsImage>, cfg: &PrefetchConfig, target: PrefetchTarget) -> Prefetcher {
+        let stop = Arc::new(AtomicBool::new(false));
+        let queue: Arc<Mutex<Option<VecDeque<Vec<ChunkInfo>>>>> = Arc::new(Mutex::new(None));
+        let limiter = Arc::new(Bandwidth::new(cfg.bandwidth_limit));
+        let merge = cfg.merging_size.max(128 << 10);
+        let mut threads = Vec::new();
+        for worker in 0..cfg.threads.max(1) {
+            let (image, stop, queue, limiter, target) = (image.clone(), stop.clone(), queue.clone(), limiter.clone(), target.clone());
+            let spawned = std::thread::Builder::new().name(format!("prefetch-{worker}")).spawn(move || {
+                if worker == 0 {
+                    let started = Instant::now();
+                    let runs = match plan(&image, &target, merge) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            log::warn!("prefetch: cannot plan ({e}); skipping prefetch");
+                            VecDeque::new()
+                        }
+                    };
+                    log::info!("prefetch: {} merged requests planned in {:?}", runs.len(), started.elapsed());
+                    *queue.lock().unwrap_or_else(|e| e.into_inner()) = Some(runs);
+                }
+                run_worker(&image, &stop, &queue, &limiter);
+            });
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => log::warn!("prefetch: cannot start worker {worker}: {e}"),
+            }
+        }
+        Prefetcher { stop, threads }
+    }
+
+    /// Wait for the workers to finish the plan (tests, `--prefetch-wait`).
+    pub fn wait(mut self) {
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Prefetcher {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run_worker(image: &RafsImage, stop: &AtomicBool, queue: &Mutex<Option<VecDeque<Vec<ChunkInfo>>>>, limiter: &Bandwidth) {
+    let metrics = image.cache().map(|c| &c.metrics);
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let next = {
+            let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
+            match q.as_mut() {
+                None => None,
+                Some(runs) => match runs.pop_front() {
+                    Some(run) => Some(run),
+                    None => return,
+                },
+            }
+        };
+        let Some(run) = next else {
+            std::thread::sleep(Duration::from_millis(5)); // plan not ready yet
+            continue;
+        };
+        // User reads first: wait while any is in progress.
+        while image.user_reads_in_flight() > 0 && !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let bytes: u64 = run.iter().map(|c| c.compressed_size as u64).sum();
+        limiter.take(bytes, stop);
+        match image.prefetch(&run) {
+            Ok(fetched) => {
+                if let Some(m) = metrics {
+                    m.prefetch_data_amount.fetch_add(fetched, Ordering::Relaxed);
+                    m.prefetch_requests_count.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err(e) => log::warn!("prefetch: {e}"),
+        }
+    }
+}
+
+/// The chunks to prefetch, deduplicated, sorted by blob and compressed offset, merged into runs of
+/// contiguous compressed bytes of at most `merge` bytes.
+fn plan(image: &RafsImage, target: &PrefetchTarget, merge: u64) -> Result<VecDeque<Vec<ChunkInfo>>> {
+    let mut files = HashSet::new();
+    match target {
+        PrefetchTarget::All => image.walk(&mut |_, attr, ev| {
+            if ev == WalkEvent::Node && attr.is_reg() {
+                files.insert(attr.ino);
+            }
+            Ok(())
+        })?,
+        PrefetchTarget::Inodes(inos) => {
+            for &ino in inos {
+                collect_below(image, ino, &mut files)?;
+            }
+        }
+    }
+    let mut seen = HashSet::new();
+    let mut chunks = Vec::new();
+    for ino in files {
+        for c in image.file_chunks(ino)? {
+            if seen.insert((c.blob_index, c.index)) {
+                chunks.push(c);
+            }
+        }
+    }
+    chunks.sort_by_key(|c| (c.blob_index, c.compressed_offset, c.index));
+    let mut runs: VecDeque<Vec<ChunkInfo>> = VecDeque::new();
+    let mut size = 0u64;
+    for c in chunks {
+        let extend = runs.back().and_then(|r| r.last()).is_some_and(|last| {
+            last.blob_index == c.blob_index
+                && last.batch.is_none()
+                && c.batch.is_none()
+                && c.compressed_offset == last.compressed_offset + last.compressed_size as u64
+                && size + c.compressed_size as u64 <= merge
+        });
+        if extend {
+            size += c.compressed_size as u64;
+            runs.back_mut().unwrap().push(c);
+        } else {
+            size = c.compressed_size as u64;
+            runs.push_back(vec![c]);
+        }
+    }
+    Ok(runs)
+}
+
+/// Regular files at or below inode `ino` (a directory means everything under it).
+fn collect_below(image: &RafsImage, ino: u64, files: &mut HashSet<u64>) -> Result<()> {
+    let mut stack = vec![ino];
+    let mut seen_dirs = HashSet::new();
+    while let Some(ino) = stack.pop() {
+        let attr = image.inode(ino)?;
+        if attr.is_reg() {
+            files.insert(ino);
+        } else if attr.is_dir() && seen_dirs.insert(ino) {
+            image.read_dir(ino, 0, &mut |e| {
+                stack.push(e.ino);
+                Ok(true)
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// A token bucket: `limit` bytes per second, refilled continuously, burst of one second (at least 16 MiB
+/// so one merged request always fits).
+struct Bandwidth {
+    limit: u64,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl Bandwidth {
+    fn new(limit: u64) -> Self {
+        Bandwidth { limit, state: Mutex::new((limit.max(16 << 20) as f64, Instant::now())) }
+    }
+
+    fn take(&self, bytes: u64, stop: &AtomicBool) {
+        if self.limit == 0 {
+            return;
+        }
+        let capacity = self.limit.max(16 << 20) as f64;
+        loop {
+            let wait = {
+                let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                let now = Instant::now();
+                s.0 = (s.0 + now.duration_since(s.1).as_secs_f64() * self.limit as f64).min(capacity);
+                s.1 = now;
+                if s.0 >= bytes as f64 {
+                    s.0 -= bytes as f64;
+                    return;
+                }
+                (bytes as f64 - s.0) / self.limit as f64
+            };
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            std::thread::sleep(Duration::from_secs_f64(wait.min(0.1)));
+        }
+    }
+}

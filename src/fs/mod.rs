@@ -1,0 +1,455 @@
+//! The read-only filesystem service over a RAFS image: fuse-backend-rs `FileSystem` +
+//! `BackendFileSystem`, shared by the host FUSE mount and the virtio-fs device (where several images are
+//! pseudo mounts of one `Vfs`).
+//!
+//! Inode numbers are the image's own (v6 nids, v5 inode numbers); the image is immutable, so attributes
+//! and entries can be cached by the kernel for long.
+
+pub mod metrics;
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::ffi::CStr;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, CreateIn, FsOptions, OpenOptions, SetattrValid};
+use fuse_backend_rs::api::filesystem::{
+    Context, DirEntry, Entry, FileSystem, GetxattrReply, ListxattrReply, ZeroCopyReader, ZeroCopyWriter,
+};
+use fuse_backend_rs::api::BackendFileSystem;
+
+use crate::cache::prefetch::Prefetcher;
+use crate::format::InodeAttr;
+use crate::image::{RafsImage, Segment};
+use metrics::{Fop, FsMetrics};
+
+/// How long the kernel may cache attributes and entries of an immutable image.
+pub const CACHE_TIMEOUT: Duration = Duration::from_secs(1 << 32);
+/// Inodes above this cannot be encoded by `Vfs` (it keeps the top 8 bits for the mount index).
+const MAX_INO: u64 = (1 << 56) - 1;
+
+pub struct RafsFs {
+    image: Arc<RafsImage>,
+    /// xattr requests are answered when the image records xattrs or the config asks for them.
+    xattr_enabled: bool,
+    /// Owner reported for every entry of an image built without uid/gid (`--repeatable`).
+    default_owner: (u32, u32),
+    /// Kernel lookup counts per inode (FUSE LOOKUP/READDIRPLUS minus FORGET).
+    lookups: Mutex<HashMap<u64, u64>>,
+    pub metrics: FsMetrics,
+    prefetcher: Mutex<Option<Prefetcher>>,
+}
+
+fn eno(errno: i32) -> io::Error {
+    io::Error::from_raw_os_error(errno)
+}
+
+/// Turn an image error into the errno the kernel sees, logging what the reader cannot see.
+fn to_io(e: crate::Error, what: &str) -> io::Error {
+    match &e {
+        crate::Error::NotFound(_) => {}
+        crate::Error::Integrity(_) | crate::Error::Corrupt(_) => log::error!("{what}: {e}"),
+        _ => log::warn!("{what}: {e}"),
+    }
+    eno(e.errno())
+}
+
+impl RafsFs {
+    pub fn new(image: Arc<RafsImage>, enable_xattr: bool) -> Self {
+        // SAFETY: plain getters.
+        let owner = unsafe { (libc::geteuid(), libc::getegid()) };
+        let xattr_enabled = enable_xattr || image.info().has_xattr();
+        RafsFs {
+            image,
+            xattr_enabled,
+            default_owner: owner,
+            lookups: Mutex::new(HashMap::new()),
+            metrics: FsMetrics::default(),
+            prefetcher: Mutex::new(None),
+        }
+    }
+
+    pub fn image(&self) -> &Arc<RafsImage> {
+        &self.image
+    }
+
+    /// Keep a running prefetch alive as long as the filesystem (stopped on unmount).
+    pub fn set_prefetcher(&self, p: Prefetcher) {
+        *self.prefetcher.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
+    }
+
+    /// Outstanding kernel lookups of `ino` (for tests and diagnostics).
+    pub fn lookup_count(&self, ino: u64) -> u64 {
+        self.lookups.lock().unwrap_or_else(|e| e.into_inner()).get(&ino).copied().unwrap_or(0)
+    }
+
+    fn attr(&self, ino: u64) -> io::Result<InodeAttr> {
+        if ino > MAX_INO {
+            return Err(eno(libc::EIO));
+        }
+        self.image.inode(ino).map_err(|e| to_io(e, &format!("inode {ino}")))
+    }
+
+    fn stat(&self, a: &InodeAttr) -> stat64 {
+        // SAFETY: stat64 is plain old data; all-zero is a valid value.
+        let mut st: stat64 = unsafe { std::mem::zeroed() };
+        let (uid, gid) = if self.image.info().explicit_uid_gid() { (a.uid, a.gid) } else { self.default_owner };
+        st.st_ino = a.ino;
+        st.st_mode = a.mode;
+        st.st_nlink = a.nlink as _;
+        st.st_uid = uid;
+        st.st_gid = gid;
+        st.st_rdev = a.rdev as _;
+        st.st_size = a.size as _;
+        st.st_blksize = 4096;
+        st.st_blocks = a.blocks() as _;
+        for (sec, nsec) in [(&mut st.st_atime, &mut st.st_atime_nsec), (&mut st.st_mtime, &mut st.st_mtime_nsec), (&mut st.st_ctime, &mut st.st_ctime_nsec)] {
+            *sec = a.mtime as _;
+            *nsec = a.mtime_nsec as _;
+        }
+        st
+    }
+
+    fn entry(&self, a: &InodeAttr) -> Entry {
+        Entry {
+            inode: a.ino,
+            generation: 0,
+            attr: self.stat(a),
+            attr_flags: 0,
+            attr_timeout: CACHE_TIMEOUT,
+            entry_timeout: CACHE_TIMEOUT,
+        }
+    }
+
+    fn add_lookup(&self, ino: u64) {
+        *self.lookups.lock().unwrap_or_else(|e| e.into_inner()).entry(ino).or_insert(0) += 1;
+    }
+
+    fn do_lookup(&self, parent: u64, name: &CStr) -> io::Result<Entry> {
+        let found = self.image.lookup(parent, name.to_bytes()).map_err(|e| to_io(e, &format!("lookup in {parent}")))?;
+        match found {
+            // A negative entry the kernel may cache: the image never changes.
+            None => Ok(Entry { inode: 0, generation: 0, attr: self.stat(&self.attr(parent)?), attr_flags: 0, attr_timeout: CACHE_TIMEOUT, entry_timeout: CACHE_TIMEOUT }),
+            Some(ino) => {
+                let entry = self.entry(&self.attr(ino)?);
+                self.add_lookup(ino);
+                Ok(entry)
+            }
+        }
+    }
+
+    fn do_read(&self, ino: u64, w: &mut dyn ZeroCopyWriter, size: u32, offset: u64) -> io::Result<usize> {
+        let segments = self.image.read_segments(ino, offset, size as usize).map_err(|e| to_io(e, &format!("read inode {ino}")))?;
+        let mut total = 0;
+        for segment in segments {
+            match segment {
+                Segment::Cached { file, offset, len } => {
+                    // Zero copy from the cache file into the request buffer. The trait wants `&mut File`: borrow
+                    // the descriptor without taking ownership (ManuallyDrop never closes it; `file` keeps it open).
+                    // SAFETY: the fd is valid for as long as `file` lives, which outlasts `borrowed`.
+                    let mut borrowed = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(file.as_raw_fd()) });
+                    let mut done = 0;
+                    while done < len {
+                        let n = w.write_from(&mut *borrowed, len - done, offset + done as u64)?;
+                        if n == 0 {
+                            return Err(eno(libc::EIO));
+                        }
+                        done += n;
+                    }
+                    total += len;
+                }
+                Segment::Bytes(data) => {
+                    w.write_all(&data)?;
+                    total += data.len();
+                }
+                Segment::Zeros(n) => {
+                    w.write_all(&vec![0u8; n])?;
+                    total += n;
+                }
+            }
+        }
+        self.metrics.record_read(total);
+        Ok(total)
+    }
+
+    fn do_readdir(
+        &self,
+        dir: u64,
+        offset: u64,
+        plus: bool,
+        add: &mut dyn FnMut(DirEntry, Option<Entry>) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        let mut failure = None;
+        let walked = self.image.read_dir(dir, offset, &mut |e| {
+            let dirent = DirEntry { ino: e.ino, offset: e.offset, type_: dtype(e.file_type), name: &e.name };
+            let entry = if plus {
+                match self.attr(e.ino) {
+                    Ok(a) => Some(self.entry(&a)),
+                    Err(err) => {
+                        failure = Some(err);
+                        return Ok(false);
+                    }
+                }
+            } else {
+                None
+            };
+            match add(dirent, entry) {
+                // 0: the reply buffer is full; this entry was not sent, so it gets no lookup count.
+                Ok(0) => Ok(false),
+                Ok(_) => {
+                    if plus {
+                        self.add_lookup(e.ino);
+                    }
+                    Ok(true)
+                }
+                Err(err) => {
+                    failure = Some(err);
+                    Ok(false)
+                }
+            }
+        });
+        walked.map_err(|e| to_io(e, &format!("readdir {dir}")))?;
+        failure.map_or(Ok(()), Err)
+    }
+
+    fn xattr_list(&self, ino: u64) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        if !self.xattr_enabled {
+            return Err(eno(libc::ENOSYS));
+        }
+        self.image.xattrs(ino).map_err(|e| to_io(e, &format!("xattrs of {ino}")))
+    }
+}
+
+fn dtype(file_type: u32) -> u32 {
+    (match file_type {
+        libc::S_IFREG => libc::DT_REG,
+        libc::S_IFDIR => libc::DT_DIR,
+        libc::S_IFLNK => libc::DT_LNK,
+        libc::S_IFCHR => libc::DT_CHR,
+        libc::S_IFBLK => libc::DT_BLK,
+        libc::S_IFIFO => libc::DT_FIFO,
+        libc::S_IFSOCK => libc::DT_SOCK,
+        _ => libc::DT_UNKNOWN,
+    }) as u32
+}
+
+/// Every request that would change the image.
+macro_rules! read_only {
+    ($($name:ident($($arg:ident: $ty:ty),*) -> $ret:ty;)*) => {
+        $(fn $name(&self, $(_: $ty),*) -> io::Result<$ret> { Err(eno(libc::EROFS)) })*
+    };
+}
+
+impl FileSystem for RafsFs {
+    type Inode = u64;
+    type Handle = u64;
+
+    fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
+        let wanted = FsOptions::ASYNC_READ
+            | FsOptions::PARALLEL_DIROPS
+            | FsOptions::BIG_WRITES
+            | FsOptions::DO_READDIRPLUS
+            | FsOptions::READDIRPLUS_AUTO
+            | FsOptions::CACHE_SYMLINKS
+            | FsOptions::MAX_PAGES
+            | FsOptions::ZERO_MESSAGE_OPENDIR;
+        Ok(capable & wanted)
+    }
+
+    fn destroy(&self) {
+        // Stop background prefetch with the filesystem.
+        self.prefetcher.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
+    fn lookup(&self, _ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
+        let r = self.do_lookup(parent, name);
+        self.metrics.record(Fop::Lookup, &r);
+        r
+    }
+
+    fn forget(&self, _ctx: &Context, inode: u64, count: u64) {
+        let mut lookups = self.lookups.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = lookups.get_mut(&inode) {
+            *n = n.saturating_sub(count);
+            if *n == 0 {
+                lookups.remove(&inode);
+            }
+        }
+        drop(lookups);
+        self.metrics.record::<()>(Fop::Forget, &Ok(()));
+    }
+
+    fn batch_forget(&self, ctx: &Context, requests: Vec<(u64, u64)>) {
+        for (inode, count) in requests {
+            self.forget(ctx, inode, count);
+        }
+        self.metrics.record::<()>(Fop::BatchForget, &Ok(()));
+    }
+
+    fn getattr(&self, _ctx: &Context, inode: u64, _handle: Option<u64>) -> io::Result<(stat64, Duration)> {
+        let r = self.attr(inode).map(|a| (self.stat(&a), CACHE_TIMEOUT));
+        self.metrics.record(Fop::Getattr, &r);
+        r
+    }
+
+    fn readlink(&self, _ctx: &Context, inode: u64) -> io::Result<Vec<u8>> {
+        let r = self.image.readlink(inode).map_err(|e| to_io(e, &format!("readlink {inode}")));
+        self.metrics.record(Fop::Readlink, &r);
+        r
+    }
+
+    fn open(&self, _ctx: &Context, inode: u64, flags: u32, _fuse_flags: u32) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
+        let r = if flags as i32 & (libc::O_WRONLY | libc::O_RDWR | libc::O_TRUNC | libc::O_APPEND) != 0 {
+            Err(eno(libc::EROFS))
+        } else {
+            self.attr(inode).map(|_| (None, OpenOptions::KEEP_CACHE, None))
+        };
+        if r.is_ok() {
+            self.metrics.nr_opens.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.metrics.record(Fop::Open, &r);
+        r
+    }
+
+    fn release(&self, _ctx: &Context, _inode: u64, _flags: u32, _handle: u64, _flush: bool, _flock_release: bool, _lock_owner: Option<u64>) -> io::Result<()> {
+        self.metrics.record::<()>(Fop::Release, &Ok(()));
+        Ok(())
+    }
+
+    fn read(&self, _ctx: &Context, inode: u64, _handle: u64, w: &mut dyn ZeroCopyWriter, size: u32, offset: u64, _lock_owner: Option<u64>, _flags: u32) -> io::Result<usize> {
+        let r = self.do_read(inode, w, size, offset);
+        self.metrics.record(Fop::Read, &r);
+        r
+    }
+
+    fn statfs(&self, _ctx: &Context, _inode: u64) -> io::Result<statvfs64> {
+        // SAFETY: statvfs64 is plain old data.
+        let mut st: statvfs64 = unsafe { std::mem::zeroed() };
+        let info = self.image.info();
+        st.f_bsize = 4096;
+        st.f_frsize = 4096;
+        st.f_blocks = info.blobs.iter().map(|b| b.uncompressed_size / 4096).sum();
+        st.f_files = info.inode_count;
+        st.f_namemax = 255;
+        let r = Ok(st);
+        self.metrics.record(Fop::Statfs, &r);
+        r
+    }
+
+    fn getxattr(&self, _ctx: &Context, inode: u64, name: &CStr, size: u32) -> io::Result<GetxattrReply> {
+        let r = self.xattr_list(inode).and_then(|list| {
+            let value = list.into_iter().find(|(n, _)| n.as_slice() == name.to_bytes()).map(|(_, v)| v).ok_or_else(|| eno(libc::ENODATA))?;
+            if size == 0 {
+                Ok(GetxattrReply::Count(value.len() as u32))
+            } else if value.len() > size as usize {
+                Err(eno(libc::ERANGE))
+            } else {
+                Ok(GetxattrReply::Value(value))
+            }
+        });
+        self.metrics.record(Fop::Getxattr, &r);
+        r
+    }
+
+    fn listxattr(&self, _ctx: &Context, inode: u64, size: u32) -> io::Result<ListxattrReply> {
+        let r = self.xattr_list(inode).and_then(|list| {
+            let mut names = Vec::new();
+            for (n, _) in list {
+                names.extend_from_slice(&n);
+                names.push(0);
+            }
+            if size == 0 {
+                Ok(ListxattrReply::Count(names.len() as u32))
+            } else if names.len() > size as usize {
+                Err(eno(libc::ERANGE))
+            } else {
+                Ok(ListxattrReply::Names(names))
+            }
+        });
+        self.metrics.record(Fop::Listxattr, &r);
+        r
+    }
+
+    fn opendir(&self, _ctx: &Context, inode: u64, _flags: u32) -> io::Result<(Option<u64>, OpenOptions)> {
+        let r = self.attr(inode).and_then(|a| if a.is_dir() { Ok((None, OpenOptions::CACHE_DIR | OpenOptions::KEEP_CACHE)) } else { Err(eno(libc::ENOTDIR)) });
+        self.metrics.record(Fop::Opendir, &r);
+        r
+    }
+
+    fn releasedir(&self, _ctx: &Context, _inode: u64, _flags: u32, _handle: u64) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn readdir(&self, _ctx: &Context, inode: u64, _handle: u64, _size: u32, offset: u64, add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>) -> io::Result<()> {
+        let r = self.do_readdir(inode, offset, false, &mut |d, _| add_entry(d));
+        self.metrics.record(Fop::Readdir, &r);
+        r
+    }
+
+    fn readdirplus(&self, _ctx: &Context, inode: u64, _handle: u64, _size: u32, offset: u64, add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>) -> io::Result<()> {
+        let r = self.do_readdir(inode, offset, true, &mut |d, e| add_entry(d, e.expect("readdirplus entries carry attributes")));
+        self.metrics.record(Fop::Readdirplus, &r);
+        r
+    }
+
+    fn access(&self, ctx: &Context, inode: u64, mask: u32) -> io::Result<()> {
+        let r = self.attr(inode).and_then(|a| {
+            let mask = mask as i32;
+            if mask & libc::W_OK != 0 {
+                return Err(eno(libc::EROFS));
+            }
+            let st = self.stat(&a);
+            let mode = st.st_mode;
+            let granted = if ctx.uid == 0 {
+                // root reads anything; executes only what some x bit (or a directory) allows.
+                libc::R_OK | if a.is_dir() || mode & 0o111 != 0 { libc::X_OK } else { 0 }
+            } else {
+                let bits = if ctx.uid == st.st_uid {
+                    mode >> 6
+                } else if ctx.gid == st.st_gid {
+                    mode >> 3
+                } else {
+                    mode
+                } & 0o7;
+                (if bits & 0o4 != 0 { libc::R_OK } else { 0 }) | (if bits & 0o1 != 0 { libc::X_OK } else { 0 })
+            };
+            if mask & !granted & (libc::R_OK | libc::X_OK) != 0 {
+                Err(eno(libc::EACCES))
+            } else {
+                Ok(())
+            }
+        });
+        self.metrics.record(Fop::Access, &r);
+        r
+    }
+
+    read_only! {
+        setattr(ctx: &Context, inode: u64, attr: stat64, handle: Option<u64>, valid: SetattrValid) -> (stat64, Duration);
+        symlink(ctx: &Context, linkname: &CStr, parent: u64, name: &CStr) -> Entry;
+        mknod(ctx: &Context, parent: u64, name: &CStr, mode: u32, rdev: u32, umask: u32) -> Entry;
+        mkdir(ctx: &Context, parent: u64, name: &CStr, mode: u32, umask: u32) -> Entry;
+        unlink(ctx: &Context, parent: u64, name: &CStr) -> ();
+        rmdir(ctx: &Context, parent: u64, name: &CStr) -> ();
+        rename(ctx: &Context, olddir: u64, oldname: &CStr, newdir: u64, newname: &CStr, flags: u32) -> ();
+        link(ctx: &Context, inode: u64, newparent: u64, newname: &CStr) -> Entry;
+        create(ctx: &Context, parent: u64, name: &CStr, args: CreateIn) -> (Entry, Option<u64>, OpenOptions, Option<u32>);
+        write(ctx: &Context, inode: u64, handle: u64, r: &mut dyn ZeroCopyReader, size: u32, offset: u64, lock_owner: Option<u64>, delayed_write: bool, flags: u32, fuse_flags: u32) -> usize;
+        fallocate(ctx: &Context, inode: u64, handle: u64, mode: u32, offset: u64, length: u64) -> ();
+        setxattr(ctx: &Context, inode: u64, name: &CStr, value: &[u8], flags: u32) -> ();
+        removexattr(ctx: &Context, inode: u64, name: &CStr) -> ();
+    }
+}
+
+impl BackendFileSystem for RafsFs {
+    fn mount(&self) -> io::Result<(Entry, u64)> {
+        let root = self.attr(self.image.root_ino())?;
+        Ok((self.entry(&root), self.image.meta().max_ino().min(MAX_INO)))
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}

@@ -1,0 +1,92 @@
+//! The host FUSE front end: mount a `Vfs` through /dev/fuse, serve it from worker threads, and unmount
+//! cleanly on SIGTERM/SIGINT (or exit when someone else unmounts it).
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::api::Vfs;
+use fuse_backend_rs::transport::FuseSession;
+
+use crate::error::{Error, Result};
+
+/// Block SIGINT/SIGTERM in this thread and every thread it starts later, so they can be collected with
+/// [`wait_for_signal`]. Call before starting any thread.
+pub fn block_shutdown_signals() -> libc::sigset_t {
+    // SAFETY: sigset manipulation on a local, zeroed set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// Wait up to `timeout` for one of `set`; returns the signal number.
+pub fn wait_for_signal(set: &libc::sigset_t, timeout: Duration) -> Option<i32> {
+    let ts = libc::timespec { tv_sec: timeout.as_secs() as _, tv_nsec: timeout.subsec_nanos() as _ };
+    // SAFETY: valid set and timeout.
+    let sig = unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &ts) };
+    (sig > 0).then_some(sig)
+}
+
+/// Serve `vfs` at `mountpoint` with `threads` workers until a shutdown signal or an external unmount.
+pub fn serve(vfs: Arc<Vfs>, mountpoint: &Path, threads: usize, signals: &libc::sigset_t) -> Result<()> {
+    let mut session = FuseSession::new(mountpoint, "rafs", "", true)
+        .map_err(|e| Error::Invalid(format!("FUSE mountpoint {}: {e}", mountpoint.display())))?;
+    session.mount().map_err(|e| Error::Invalid(format!("mount FUSE at {}: {e}", mountpoint.display())))?;
+    log::info!("FUSE filesystem mounted at {}", mountpoint.display());
+    let server = Arc::new(Server::new(vfs));
+    let running = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for i in 0..threads.max(1) {
+        let mut channel = session.new_channel().map_err(|e| Error::Invalid(format!("FUSE channel: {e}")))?;
+        let (server, running) = (server.clone(), running.clone());
+        running.fetch_add(1, Ordering::SeqCst);
+        let worker = std::thread::Builder::new().name(format!("fuse-{i}")).spawn(move || {
+            loop {
+                match channel.get_request() {
+                    Ok(Some((reader, writer))) => {
+                        // A failed request is answered or dropped by the server; the worker carries on.
+                        if let Err(e) = server.handle_message(reader, writer.into(), None, None) {
+                            log::debug!("FUSE request: {e}");
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        log::warn!("FUSE channel: {e}");
+                        break;
+                    }
+                }
+            }
+            running.fetch_sub(1, Ordering::SeqCst);
+        });
+        workers.push(worker.map_err(|e| Error::io("start FUSE worker", e))?);
+    }
+    loop {
+        if let Some(sig) = wait_for_signal(signals, Duration::from_millis(200)) {
+            log::info!("signal {sig}: unmounting {}", mountpoint.display());
+            break;
+        }
+        if running.load(Ordering::SeqCst) < workers.len() {
+            log::info!("FUSE session ended (unmounted from outside)");
+            break;
+        }
+    }
+    // Wake the workers first so they stop reading the device, then take the mount down.
+    if let Err(e) = session.wake() {
+        log::warn!("waking FUSE workers: {e}");
+    }
+    for w in workers {
+        let _ = w.join();
+    }
+    if let Err(e) = session.umount() {
+        log::warn!("unmount {}: {e}", mountpoint.display());
+    }
+    log::info!("FUSE filesystem at {} unmounted", mountpoint.display());
+    Ok(())
+}
