@@ -333,7 +333,8 @@ impl RafsImage {
             ));
         }
         let known_size = blob.uncompressed_size > 0 && blob.chunk_count > 0;
-        if known_size && (info.index >= blob.chunk_count || info.uncompressed_offset + info.uncompressed_size as u64 > blob.uncompressed_size) {
+        let past_end = info.uncompressed_offset.checked_add(info.uncompressed_size as u64).is_none_or(|end| end > blob.uncompressed_size);
+        if known_size && (info.index >= blob.chunk_count || past_end) {
             return Err(corrupt!(
                 "blob {} chunk {}: index or extent {}+{} lies outside the blob ({} chunks, {} bytes)",
                 blob.id,
@@ -359,6 +360,7 @@ impl RafsImage {
         if let Some(data) = self.cached_chunk(cache, info)? {
             return Ok(data);
         }
+        // Not cached, or the cached copy failed verification and was dropped: fetch a verified copy.
         let run = self.amplified_run(cache, &mut claim, info);
         let mut fetched = self.fetch_run(&run)?;
         for (chunk, data) in run.iter().zip(&fetched) {
@@ -367,6 +369,8 @@ impl RafsImage {
         Ok(fetched.swap_remove(0))
     }
 
+    /// A cached chunk, verified. A copy that fails verification (a damaged cache file) is logged and
+    /// dropped, and reported as absent so the caller fetches a verified copy from the backend.
     fn cached_chunk(&self, cache: &BlobCache, info: &ChunkInfo) -> Result<Option<Vec<u8>>> {
         let Some(data) = cache.read(info)? else { return Ok(None) };
         match self.verify(info, &data) {
@@ -375,9 +379,9 @@ impl RafsImage {
                 Ok(Some(data))
             }
             Err(e) => {
-                log::error!("blob cache {}: {e}; dropping the cached chunk", cache.work_dir().display());
+                log::error!("blob cache {}: {e}; dropping the cached chunk and fetching it again", cache.work_dir().display());
                 cache.invalidate(info);
-                Err(e)
+                Ok(None)
             }
         }
     }
@@ -467,8 +471,14 @@ impl RafsImage {
     fn decode(&self, info: &ChunkInfo, stored: &[u8]) -> Result<Vec<u8>> {
         let blob = &self.info().blobs[info.blob_index as usize];
         if info.compressed {
-            compress::decompress(blob.compressor, stored, info.uncompressed_size as usize)
-                .map_err(|e| Error::Integrity(format!("blob {} chunk {}: {e}", blob.id, info.index)))
+            compress::decompress(blob.compressor, stored, info.uncompressed_size as usize).map_err(|e| {
+                // The codec's own message, without a second "integrity check failed" prefix.
+                let why = match e {
+                    Error::Integrity(m) => m,
+                    other => other.to_string(),
+                };
+                Error::Integrity(format!("blob {} chunk {}: {why}", blob.id, info.index))
+            })
         } else if stored.len() != info.uncompressed_size as usize {
             Err(Error::Integrity(format!("blob {} chunk {}: stored raw but sizes differ", blob.id, info.index)))
         } else {

@@ -137,7 +137,6 @@ mod v6 {
 
     /// §1.8: what an inode slot says.
     pub struct Inode {
-        pub nid: u64,
         /// File offset of the inode.
         pub off: usize,
         /// i_format bits 1..3: 0 FLAT_PLAIN, 2 FLAT_INLINE, 4 CHUNK_BASED.
@@ -164,7 +163,6 @@ mod v6 {
         let extended = i_format & 1 == 1;
         let i_xattr_icount = u16_at(b, off + 2) as usize;
         Inode {
-            nid,
             off,
             layout: (i_format >> 1) & 7,
             extended,
@@ -259,8 +257,6 @@ mod v6 {
 
     /// §1.9 `RafsV6InodeChunkAddr` of chunk `k` of a chunk-based file.
     pub struct ChunkIndex {
-        /// File offset of the 8-byte entry.
-        pub at: usize,
         pub blob_index: u32,
         pub ci_index: u32,
     }
@@ -272,7 +268,7 @@ mod v6 {
         let at = ino.off + (ino.inode_size() + ino.xattr_size).next_multiple_of(8) + 8 * k;
         let (lo, hi) = (u16_at(b, at) as u32, u16_at(b, at + 2) as u32);
         // c_blob_addr_hi: low byte = blob index + 1 (the EROFS device id), high byte = CI index bits 16..23.
-        ChunkIndex { at, blob_index: (hi & 0xff) - 1, ci_index: lo | (hi >> 8) << 16 }
+        ChunkIndex { blob_index: (hi & 0xff) - 1, ci_index: lo | (hi >> 8) << 16 }
     }
 
     /// A decoded V1 chunk-info entry (§1.16).
@@ -316,6 +312,7 @@ mod v5 {
     pub const S_INODE_TABLE_OFFSET: usize = 32;
     pub const S_BLOB_TABLE_OFFSET: usize = 48;
     pub const S_INODE_TABLE_ENTRIES: usize = 56;
+    pub const S_BLOB_TABLE_SIZE: usize = 64;
     /// §2.6 `RafsV5Inode` (128-byte record) fields.
     pub const INODE_SIZE: usize = 128;
     pub const I_INO: usize = 40;
@@ -335,6 +332,7 @@ mod v5 {
     pub const C_COMPRESSED_SIZE: usize = 40;
     pub const C_UNCOMPRESSED_SIZE: usize = 44;
     pub const C_COMPRESSED_OFFSET: usize = 48;
+    pub const C_UNCOMPRESSED_OFFSET: usize = 56;
     pub const C_FILE_OFFSET: usize = 64;
     pub const C_INDEX: usize = 72;
     /// Chunk flag COMPRESSED.
@@ -419,8 +417,11 @@ mod v5 {
     /// §2.4: the first blob table entry is `u32 readahead_offset, u32 readahead_size, blob id`; returns the
     /// file offset of the id and the id.
     pub fn first_blob_id(b: &[u8]) -> (usize, String) {
-        let at = u64_at(b, S_BLOB_TABLE_OFFSET) as usize + 8;
-        let len = b[at..].iter().position(|&c| c == 0).unwrap_or(b.len() - at);
+        let table = u64_at(b, S_BLOB_TABLE_OFFSET) as usize;
+        let end = table + u32_at(b, S_BLOB_TABLE_SIZE) as usize;
+        let at = table + 8;
+        // Entries are separated by one NUL; the last one may run to the end of the table.
+        let len = b[at..end].iter().position(|&c| c == 0).unwrap_or(end - at);
         (at, String::from_utf8(b[at..at + len].to_vec()).unwrap())
     }
 
@@ -451,6 +452,8 @@ struct Img {
     case: &'static str,
     bootstrap: PathBuf,
     blob_dir: PathBuf,
+    /// The image's only blob, as named in the fixture's blob directory.
+    blob: String,
     boot: Vec<u8>,
 }
 
@@ -468,11 +471,11 @@ impl Img {
         fs::write(&bootstrap, &boot).unwrap();
         let blob_dir = dir.path().join(blob_dir);
         fs::create_dir_all(&blob_dir).unwrap();
-        for e in fs::read_dir(src.join("blobs")).unwrap() {
-            let e = e.unwrap();
-            std::os::unix::fs::symlink(e.path(), blob_dir.join(e.file_name())).unwrap();
-        }
-        Img { dir, case, bootstrap, blob_dir, boot }
+        let mut ids: Vec<OsString> = fs::read_dir(src.join("blobs")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(ids.len(), 1, "{case}: one blob");
+        let blob = ids.pop().unwrap().into_string().unwrap();
+        std::os::unix::fs::symlink(src.join("blobs").join(&blob), blob_dir.join(&blob)).unwrap();
+        Img { dir, case, bootstrap, blob_dir, blob, boot }
     }
 
     fn save(&self) {
@@ -484,25 +487,19 @@ impl Img {
         self.save();
     }
 
-    fn blob_id(&self) -> String {
-        let mut ids: Vec<OsString> = fs::read_dir(&self.blob_dir).unwrap().map(|e| e.unwrap().file_name()).collect();
-        assert_eq!(ids.len(), 1, "{}: one blob", self.case);
-        ids.pop().unwrap().into_string().unwrap()
-    }
-
     fn read_blob(&self) -> Vec<u8> {
-        fs::read(self.blob_dir.join(self.blob_id())).unwrap()
+        fs::read(self.blob_dir.join(&self.blob)).unwrap()
     }
 
     /// Replace the blob symlink with a patched private copy.
     fn write_blob(&self, data: &[u8]) {
-        let path = self.blob_dir.join(self.blob_id());
+        let path = self.blob_dir.join(&self.blob);
         fs::remove_file(&path).unwrap();
         fs::write(&path, data).unwrap();
     }
 
     fn open(&self, validate: bool) -> rafsd::Result<RafsImage> {
-        RafsImage::open_local(&self.bootstrap, Some(&self.blob_dir), ImageOptions { validate })
+        RafsImage::open_local(&self.bootstrap, Some(&self.blob_dir), ImageOptions { validate, ..Default::default() })
     }
 
     fn opened(&self, validate: bool) -> RafsImage {
@@ -539,7 +536,7 @@ impl Img {
 
 fn pristine(case: &str) -> RafsImage {
     let dir = fixtures().join(case);
-    RafsImage::open_local(&dir.join("bootstrap"), Some(&dir.join("blobs")), ImageOptions { validate: true }).unwrap()
+    RafsImage::open_local(&dir.join("bootstrap"), Some(&dir.join("blobs")), ImageOptions { validate: true, ..Default::default() }).unwrap()
 }
 
 /// The whole content of regular file `ino`.
@@ -740,8 +737,10 @@ fn truncated_v6_bootstrap_is_refused_at_every_cut() {
             }
             Ok(image) => {
                 expect_corrupt(walk(&image), &[&format!("lies outside the {cut}-byte metadata")]);
-                let run = img.run_check();
-                assert_clean_failure(&run, &["error: ", &format!("lies outside the {cut}-byte metadata")]);
+                // (`rafsd check` would first report every file's missing digest, the chunk table being
+                // gone; `unpack` does not validate, so it meets the cut.)
+                let (run, _) = img.run_unpack(&[]);
+                assert_clean_failure(&run, &["rafsd: ", &format!("lies outside the {cut}-byte metadata")]);
             }
         }
     }
@@ -879,7 +878,8 @@ fn v5_inode_table_slot_past_the_end_is_refused() {
     let mut img = Img::new("v5-lz4-blake3-repeatable");
     let owned = v5::find(&img.boot, "special/owned");
     // The slot's value is the record offset >> 3: u32::MAX points 32 GiB into a 745 KiB file.
-    le::put_u32(&mut img.boot, v5::slot_entry(&img.boot, owned.slot), u32::MAX);
+    let slot = v5::slot_entry(&img.boot, owned.slot);
+    le::put_u32(&mut img.boot, slot, u32::MAX);
     img.save();
     let image = img.opened(true);
     let far = (u32::MAX as u64) << 3;
@@ -890,7 +890,8 @@ fn v5_inode_table_slot_past_the_end_is_refused() {
 
     // The root's own slot: refused at open.
     let mut img = Img::new("v5-lz4-blake3-repeatable");
-    le::put_u32(&mut img.boot, v5::slot_entry(&img.boot, 1), u32::MAX);
+    let slot = v5::slot_entry(&img.boot, 1);
+    le::put_u32(&mut img.boot, slot, u32::MAX);
     img.save();
     expect_corrupt(img.open(true), &["inode record: range"]);
 }
@@ -919,12 +920,28 @@ fn v5_chunk_count_and_file_offset_past_the_end_are_refused() {
 }
 
 #[test]
+fn v5_chunk_uncompressed_offset_past_the_end_of_the_blob_is_refused() {
+    // The first value makes offset + size overflow (special/owned holds 6 bytes).
+    for bad in [u64::MAX - 2, 1 << 50] {
+        let mut img = Img::new("v5-lz4-blake3-repeatable");
+        let rec = v5::find(&img.boot, "special/owned");
+        let at = v5::chunk_record(&img.boot, &rec, 0);
+        le::put_u64(&mut img.boot, at + v5::C_UNCOMPRESSED_OFFSET, bad);
+        img.save();
+        let image = img.opened(true);
+        let mut buf = vec![0u8; 4096];
+        let blob = v5::first_blob_id(&img.boot).1;
+        expect_corrupt(image.read(rec.ino, 0, &mut buf), &[&format!("blob {blob} chunk"), "lies outside the blob"]);
+    }
+}
+
+#[test]
 fn v5_huge_file_size_without_chunks_is_refused() {
     // special/empty has no chunk records; claim it is 2^62 bytes long. Reading it must not produce 2^62
     // bytes of zeros (which `check` would spend forever on).
     let mut img = Img::new("v5-lz4-blake3-repeatable");
     let rec = v5::find(&img.boot, "special/empty");
-    assert_eq!(rec.child_count, 0);
+    assert_eq!((rec.size, rec.child_count), (0, 0));
     le::put_u64(&mut img.boot, rec.off + v5::I_SIZE, 1 << 62);
     img.save();
     let image = img.opened(true);
@@ -988,7 +1005,8 @@ fn v5_child_slot_pointing_at_an_ancestor_is_a_cycle() {
     // The child's inode-table slot now holds special/deep's record offset (>> 3): d0's only child is a
     // directory named "deep" whose inode is special/deep.
     let deep_value = le::u32_at(&img.boot, v5::slot_entry(&img.boot, deep.slot));
-    le::put_u32(&mut img.boot, v5::slot_entry(&img.boot, child.slot), deep_value);
+    let slot = v5::slot_entry(&img.boot, child.slot);
+    le::put_u32(&mut img.boot, slot, deep_value);
     img.save();
     let image = img.opened(true);
     expect_corrupt(walk(&image), &["cycle", &format!("directory inode {}", deep.ino), "special/deep/d0/deep"]);
@@ -1150,7 +1168,7 @@ fn assert_id_refused(img: &Img, evil_id: &str) {
     expect_corrupt(img.open(true), &[&shown, "not a plain name"]);
     // Through a recording backend: the image is refused before any blob is asked for.
     let backend = Arc::new(Recording { inner: LocalFs::with_dir(&img.blob_dir), asked: Mutex::new(Vec::new()) });
-    let opened = RafsImage::open(&img.bootstrap, backend.clone(), ImageOptions { validate: true });
+    let opened = RafsImage::open(&img.bootstrap, backend.clone(), ImageOptions { validate: true, ..Default::default() });
     expect_corrupt(opened, &[&shown]);
     assert!(backend.asked.lock().unwrap().is_empty(), "blobs were requested: {:?}", backend.asked.lock().unwrap());
     // The localfs backend refuses the id on its own too, although a file exists where it leads.
@@ -1470,24 +1488,50 @@ fn flipped_bytes_in_a_zstd_v6_chunk() {
 
 #[test]
 fn v5_chunk_with_wrong_uncompressed_size() {
-    for (case, delta) in [("v5-lz4-blake3-repeatable", 1i64), ("v5-lz4-blake3-repeatable", -1), ("v5-zstd-sha256-128k", -1)] {
-        let mut img = Img::new(case);
+    // (case, change of the chunk's uncompressed size, what the codec says when the metadata is consistent)
+    let cases = [
+        ("v5-lz4-blake3-repeatable", 1i64, "lz4_block data decompressed to {size} bytes, expected {wrong}"),
+        ("v5-lz4-blake3-repeatable", -1, "lz4_block data does not decompress"),
+        ("v5-zstd-sha256-128k", -1, "zstd data decompresses past the expected {wrong} bytes"),
+        ("v5-zstd-sha256-128k", 1, "zstd data decompressed to {size} bytes, expected {wrong}"),
+    ];
+    for (case, delta, codec_says) in cases {
+        let img = Img::new(case);
         let files = v5::files_in(&img.boot, "etc");
         let t = v5_target(&img, &files, 0).unwrap();
         let rec = v5::find(&img.boot, &t.path);
+        assert_eq!(rec.child_count, 1, "{}: a single-chunk file", t.path);
         let c = v5::chunk_record(&img.boot, &rec, 0);
         let size = le::u32_at(&img.boot, c + v5::C_UNCOMPRESSED_SIZE);
-        le::put_u32(&mut img.boot, c + v5::C_UNCOMPRESSED_SIZE, (size as i64 + delta) as u32);
-        img.save();
-        let image = img.opened(false);
+        let wrong = (size as i64 + delta) as u32;
+        let names_chunk = format!("blob {} chunk {}", t.blob_id, t.chunk);
+
+        // Only the chunk record's uncompressed_size changed: it no longer matches what the file needs.
+        let mut bad = Img::new(case);
+        le::put_u32(&mut bad.boot, c + v5::C_UNCOMPRESSED_SIZE, wrong);
+        bad.save();
+        let image = bad.opened(false);
         let mut buf = vec![0u8; 1 << 20];
-        let msg = expect_integrity(image.read(t.ino, 0, &mut buf), &[&format!("blob {} chunk {}", t.blob_id, t.chunk)]);
-        assert!(
-            msg.contains(&format!("expected {}", size as i64 + delta)) || msg.contains("does not decompress"),
-            "{case}: {msg}"
+        expect_corrupt(
+            image.read(t.ino, 0, &mut buf),
+            &[&format!("chunks of inode {}: chunk 0 holds {wrong} bytes", t.ino), &format!("the file needs {size}")],
         );
-        let run = img.run_check();
-        assert_clean_failure(&run, &[&format!("error: {}: ", t.path), &format!("chunk {}", t.chunk)]);
+        let run = bad.run_check();
+        assert_clean_failure(&run, &[&format!("error: {}: ", t.path), &format!("chunk 0 holds {wrong} bytes")]);
+
+        // The record and i_size agree on the wrong size, so only the codec can tell: the stored chunk
+        // decompresses to `size` bytes, not `wrong`.
+        let mut forged = Img::new(case);
+        le::put_u32(&mut forged.boot, c + v5::C_UNCOMPRESSED_SIZE, wrong);
+        le::put_u64(&mut forged.boot, rec.off + v5::I_SIZE, wrong as u64);
+        forged.save();
+        let image = forged.opened(false);
+        let msg = expect_integrity(image.read(t.ino, 0, &mut buf), &[&format!("inode {} at file offset 0", t.ino), &names_chunk]);
+        let codec_says = codec_says.replace("{size}", &size.to_string()).replace("{wrong}", &wrong.to_string());
+        assert_mentions(&msg, &[&format!("chunk {}: {codec_says}", t.chunk)]);
+        assert_eq!(msg.matches("integrity check failed").count(), 1, "one prefix: {msg}");
+        let run = forged.run_check();
+        assert_clean_failure(&run, &[&format!("error: {}: integrity check failed: ", t.path), &names_chunk]);
     }
 }
 

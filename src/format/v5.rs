@@ -21,6 +21,8 @@ pub const EXT_BLOB_ENTRY_SIZE: u64 = 64;
 
 pub const I_SYMLINK: u64 = 0x1;
 pub const I_XATTR: u64 = 0x4;
+/// The file may have ranges no chunk covers (read as zeros); without it, chunk k covers the k-th chunk.
+pub const I_HAS_HOLE: u64 = 0x8;
 
 pub const CHUNK_COMPRESSED: u32 = 0x1;
 const CHUNK_ENCRYPTED: u32 = 0x4;
@@ -365,30 +367,56 @@ impl MetaReader for V5Meta {
         if !rec.attr.is_reg() {
             return Err(Error::Invalid(format!("inode {} is not a regular file", inode.ino)));
         }
-        let end = offset.saturating_add(len).min(rec.attr.size);
+        let what = format!("chunks of inode {}", inode.ino);
+        let size = rec.attr.size;
+        let chunk_size = self.info.chunk_size as u64;
+        // Without HAS_HOLE, chunk k holds bytes [k * chunk size, (k + 1) * chunk size) of the file, all of
+        // them: a range no chunk covers is corrupt, not zeros (so a huge i_size over few chunks cannot read
+        // as endless zeros, nor a misplaced chunk leave a silent gap).
+        let dense = rec.flags & I_HAS_HOLE == 0;
+        let needed = size.div_ceil(chunk_size);
+        if dense && needed != rec.child_count as u64 {
+            return Err(corrupt!(
+                "{what}: a {size}-byte file needs {needed} chunks of {chunk_size} bytes, its record has {}",
+                rec.child_count
+            ));
+        }
+        let end = offset.saturating_add(len).min(size);
         if offset >= end || rec.child_count == 0 {
             return Ok(Vec::new());
         }
         let base = self.chunks_offset(&rec)?;
-        let what = format!("chunks of inode {}", inode.ino);
         let records = slice(&self.data, base, rec.child_count as u64 * CHUNK_SIZE, &what)?;
         let chunk = |k: usize| chunk_record(&records[k * 80..k * 80 + 80]);
         let file_offset = |k: usize| records[k * 80..k * 80 + 80].u64_at(64);
-        // Records are in file order; find the first one that ends after `offset`.
         let n = rec.child_count as usize;
-        let (mut lo, mut hi) = (0usize, n);
-        while lo < hi {
-            let mid = (lo + hi) / 2;
-            if file_offset(mid) + chunk(mid).uncompressed_size as u64 <= offset {
-                lo = mid + 1;
-            } else {
-                hi = mid;
+        let mut lo = (offset / chunk_size) as usize;
+        if !dense {
+            // Records are in file order; find the first one that ends after `offset`.
+            let mut hi = n;
+            lo = 0;
+            while lo < hi {
+                let mid = (lo + hi) / 2;
+                if file_offset(mid).saturating_add(chunk(mid).uncompressed_size as u64) <= offset {
+                    lo = mid + 1;
+                } else {
+                    hi = mid;
+                }
             }
         }
         let mut out = Vec::new();
         let mut previous_end = 0u64;
         for k in lo..n {
             let (foff, info) = (file_offset(k), chunk(k));
+            if dense {
+                let (want_offset, want_size) = (k as u64 * chunk_size, chunk_size.min(size - k as u64 * chunk_size));
+                if foff != want_offset || info.uncompressed_size as u64 != want_size {
+                    return Err(corrupt!(
+                        "{what}: chunk {k} holds {} bytes at file offset {foff}, the file needs {want_size} at {want_offset}",
+                        info.uncompressed_size
+                    ));
+                }
+            }
             if foff >= end {
                 break;
             }
@@ -401,7 +429,10 @@ impl MetaReader for V5Meta {
             if info.blob_index as usize >= self.info.blobs.len() {
                 return Err(corrupt!("{what}: chunk {k} names blob {} of {}", info.blob_index, self.info.blobs.len()));
             }
-            previous_end = foff + info.uncompressed_size as u64;
+            previous_end = foff
+                .checked_add(info.uncompressed_size as u64)
+                .filter(|&chunk_end| chunk_end <= size)
+                .ok_or_else(|| corrupt!("{what}: chunk {k} at file offset {foff} runs past the end of the {size}-byte file"))?;
             out.push((foff, ChunkAddr::Full(info)));
         }
         Ok(out)

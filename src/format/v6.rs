@@ -464,8 +464,18 @@ impl MetaReader for V6Meta {
         let raw = self.dir_raw(dir)?;
         let mut ordinal = 0u64;
         let mut previous: Option<Vec<u8>> = None;
+        // "." and ".." are each allowed once; a second one (a renamed entry) is named before the order is.
+        let (mut dot, mut dot_dot) = (false, false);
         for block in 0..raw.attr.size.div_ceil(self.block_size) {
             for (name, nid, t) in dir_block_entries(self.data_block(&raw, block)?, dir.ino)? {
+                let seen = if name == b"." { Some(&mut dot) } else if name == b".." { Some(&mut dot_dot) } else { None };
+                if seen.is_some_and(|seen| std::mem::replace(seen, true)) {
+                    return Err(corrupt!(
+                        "directory nid {}: more than one entry named {:?}",
+                        dir.ino,
+                        String::from_utf8_lossy(name)
+                    ));
+                }
                 if previous.as_deref().is_some_and(|p| p >= name) {
                     return Err(corrupt!("directory nid {}: entries are not in sorted order", dir.ino));
                 }

@@ -1,0 +1,338 @@
+//! The data blob writer. Chunks are appended as they are committed; v6 blobs then get the chunk-info
+//! (CI) array and its 4096-byte header, and with inline metadata also the chunk digest array, the
+//! compressed bootstrap and a ToC, each section followed by a "reverse" tar header naming it.
+//!
+//! The blob id is the sha256 of everything written except the chunk digest array (doc §1.18), so it is
+//! hashed while streaming and the file is renamed to `<blob dir>/<id>` at the end.
+
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest as _, Sha256};
+
+use crate::error::{Error, Result};
+use crate::format::blob_features as bf;
+use crate::format::blob_meta::{CI_HEADER_SIZE, CI_MAGIC, CI_V1_SIZE};
+use crate::format::toc::{TAR_HEADER_SIZE, TOC_COMPRESS_LZ4, TOC_COMPRESS_NONE, TOC_COMPRESS_ZSTD, TOC_ENTRY_SIZE, TOC_NAME};
+use crate::format::{CiLocation, Compressor};
+use crate::storage::compress;
+
+/// Uncompressed chunk offsets of v6 blobs start on 4 KiB boundaries (the EROFS block size).
+const ALIGNMENT: u64 = 4096;
+
+#[derive(Debug, Clone, Copy)]
+pub struct BlobOptions {
+    /// 5: bare concatenated chunks. 6: chunks, CI array and header.
+    pub fs_version: u32,
+    pub compressor: Compressor,
+    /// Write the sections a ToC needs and the ToC itself (used with inline metadata).
+    pub toc: bool,
+}
+
+/// Where one chunk landed.
+#[derive(Debug, Clone, Copy)]
+pub struct ChunkLocation {
+    pub index: u32,
+    pub compressed_offset: u64,
+    pub uncompressed_offset: u64,
+}
+
+/// What the bootstrap's blob table needs to know about a finished blob.
+#[derive(Debug, Clone, Copy)]
+pub struct BlobLayout {
+    pub chunk_count: u32,
+    pub features: u32,
+    /// Bytes written so far: the whole blob, or the part before an inlined bootstrap.
+    pub compressed_size: u64,
+    pub uncompressed_size: u64,
+    pub ci: Option<CiLocation>,
+}
+
+struct TocRecord {
+    name: &'static [u8],
+    flags: u32,
+    digest: [u8; 32],
+    offset: u64,
+    compressed_size: u64,
+    uncompressed_size: u64,
+}
+
+pub struct BlobWriter {
+    opts: BlobOptions,
+    out: BufWriter<File>,
+    tmp: PathBuf,
+    dir: PathBuf,
+    /// Running sha256 of the bytes that make up the blob id.
+    id_hash: Sha256,
+    pos: u64,
+    uncompressed_end: u64,
+    chunk_count: u32,
+    /// V1 chunk-info entries (v6 only).
+    ci: Vec<u8>,
+    /// Chunk digests in CI order, for the blob.digest section.
+    digests: Vec<u8>,
+    toc: Vec<TocRecord>,
+    features: u32,
+    committed: bool,
+}
+
+impl BlobWriter {
+    /// Start a blob in a temporary file inside `dir`.
+    pub fn create(dir: &Path, opts: BlobOptions) -> Result<Self> {
+        fs::create_dir_all(dir).map_err(|e| Error::io(format!("create blob directory {}", dir.display()), e))?;
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let tmp = dir.join(format!(".rafsd-blob-{}-{nanos}.tmp", std::process::id()));
+        let file = File::options()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| Error::io(format!("create {}", tmp.display()), e))?;
+        Ok(BlobWriter {
+            opts,
+            out: BufWriter::with_capacity(1 << 20, file),
+            tmp,
+            dir: dir.to_path_buf(),
+            id_hash: Sha256::new(),
+            pos: 0,
+            uncompressed_end: 0,
+            chunk_count: 0,
+            ci: Vec::new(),
+            digests: Vec::new(),
+            toc: Vec::new(),
+            features: bf::CAP_TAR_TOC | if opts.fs_version == 6 { bf::ALIGNED } else { 0 },
+            committed: false,
+        })
+    }
+
+    pub fn chunk_count(&self) -> u32 {
+        self.chunk_count
+    }
+
+    fn write(&mut self, bytes: &[u8], hashed: bool) -> Result<()> {
+        self.out.write_all(bytes).map_err(|e| Error::io(format!("write {}", self.tmp.display()), e))?;
+        if hashed {
+            self.id_hash.update(bytes);
+        }
+        self.pos += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Append one chunk as stored (compressed or raw) and record it in the CI array.
+    pub fn write_chunk(&mut self, stored: &[u8], size: u32, compressed: bool, digest: &[u8; 32]) -> Result<ChunkLocation> {
+        if self.chunk_count >= 1 << 24 {
+            return Err(Error::Invalid("more than 2^24 chunks in one blob (use a larger chunk size)".into()));
+        }
+        let compressed_offset = self.pos;
+        let uncompressed_offset =
+            if self.features & bf::ALIGNED != 0 { self.uncompressed_end.div_ceil(ALIGNMENT) * ALIGNMENT } else { self.uncompressed_end };
+        debug_assert_eq!(compressed, stored.len() as u32 != size);
+        self.write(stored, true)?;
+        self.uncompressed_end = uncompressed_offset + size as u64;
+        if self.opts.fs_version == 6 {
+            self.ci.extend_from_slice(&ci_v1_entry(compressed_offset, stored.len() as u32, uncompressed_offset, size));
+        }
+        self.digests.extend_from_slice(digest);
+        let index = self.chunk_count;
+        self.chunk_count += 1;
+        Ok(ChunkLocation { index, compressed_offset, uncompressed_offset })
+    }
+
+    /// Size of the blob's uncompressed image: v6 rounds the last chunk up to a block.
+    fn uncompressed_size(&self) -> u64 {
+        if self.features & bf::ALIGNED != 0 {
+            self.uncompressed_end.div_ceil(ALIGNMENT) * ALIGNMENT
+        } else {
+            self.uncompressed_end
+        }
+    }
+
+    /// Write what follows the chunk data (v6: CI array and header; with a ToC also the digest array)
+    /// and describe the blob for the bootstrap.
+    pub fn finish_data(&mut self) -> Result<BlobLayout> {
+        if self.opts.fs_version != 6 {
+            return Ok(BlobLayout {
+                chunk_count: self.chunk_count,
+                features: self.features,
+                compressed_size: self.pos,
+                uncompressed_size: self.uncompressed_size(),
+                ci: None,
+            });
+        }
+        if self.opts.toc {
+            self.features |= bf::HAS_TAR_HEADER | bf::HAS_TOC | bf::INLINED_CHUNK_DIGEST;
+            let data_digest: [u8; 32] = self.id_hash.clone().finalize().into();
+            let (data_size, usize_) = (self.pos, self.uncompressed_size());
+            self.toc.push(TocRecord {
+                name: b"image.blob",
+                flags: TOC_COMPRESS_NONE,
+                digest: data_digest,
+                offset: 0,
+                compressed_size: data_size,
+                uncompressed_size: usize_,
+            });
+            self.write(&tar_header(b"image.blob", data_size), true)?;
+        }
+        // The CI array is compressed like the chunks, and kept raw when that is not smaller.
+        let ci_raw = std::mem::take(&mut self.ci);
+        let (ci_stored, ci_compressor) = match self.opts.compressor {
+            Compressor::None => (ci_raw.clone(), Compressor::None),
+            c => match compress::compress(c, &ci_raw)? {
+                packed if packed.len() < ci_raw.len() => (packed, c),
+                _ => (ci_raw.clone(), Compressor::None),
+            },
+        };
+        let ci = CiLocation {
+            compressor: ci_compressor,
+            offset: self.pos,
+            compressed_size: ci_stored.len() as u64,
+            uncompressed_size: ci_raw.len() as u64,
+        };
+        if self.opts.toc {
+            self.features |= bf::INLINED_FS_META;
+        }
+        let header = ci_header(self.features, &ci, self.chunk_count);
+        self.write(&ci_stored, true)?;
+        self.write(&header, true)?;
+        if self.opts.toc {
+            let flags = match ci_compressor {
+                Compressor::Zstd => TOC_COMPRESS_ZSTD,
+                Compressor::Lz4Block => TOC_COMPRESS_LZ4,
+                _ => TOC_COMPRESS_NONE,
+            };
+            self.toc.push(TocRecord {
+                name: b"blob.meta",
+                flags,
+                digest: sha256(&ci_raw),
+                offset: ci.offset,
+                compressed_size: ci.compressed_size,
+                uncompressed_size: ci.uncompressed_size,
+            });
+            self.toc.push(TocRecord {
+                name: b"blob.meta.header",
+                flags: TOC_COMPRESS_NONE,
+                digest: sha256(&header),
+                offset: ci.offset + ci.compressed_size,
+                compressed_size: CI_HEADER_SIZE,
+                uncompressed_size: CI_HEADER_SIZE,
+            });
+            self.write(&tar_header(b"blob.meta", ci.compressed_size + CI_HEADER_SIZE), true)?;
+            // The digest array is left out of the blob id (upstream's rule), its tar header is not.
+            let digests = std::mem::take(&mut self.digests);
+            self.toc.push(TocRecord {
+                name: b"blob.digest",
+                flags: TOC_COMPRESS_NONE,
+                digest: sha256(&digests),
+                offset: self.pos,
+                compressed_size: digests.len() as u64,
+                uncompressed_size: digests.len() as u64,
+            });
+            self.write(&digests, false)?;
+            self.write(&tar_header(b"blob.digest", digests.len() as u64), true)?;
+        }
+        Ok(BlobLayout {
+            chunk_count: self.chunk_count,
+            features: self.features,
+            compressed_size: self.pos,
+            uncompressed_size: self.uncompressed_size(),
+            ci: Some(ci),
+        })
+    }
+
+    /// Inline metadata: append the bootstrap (zstd-compressed) and the ToC that locates every section.
+    pub fn append_bootstrap(&mut self, bootstrap: &[u8]) -> Result<()> {
+        let packed = compress::compress(Compressor::Zstd, bootstrap)?;
+        self.toc.push(TocRecord {
+            name: b"image.boot",
+            flags: TOC_COMPRESS_ZSTD,
+            digest: sha256(bootstrap),
+            offset: self.pos,
+            compressed_size: packed.len() as u64,
+            uncompressed_size: bootstrap.len() as u64,
+        });
+        self.write(&packed, true)?;
+        self.write(&tar_header(b"image.boot", packed.len() as u64), true)?;
+        let mut toc = Vec::with_capacity(self.toc.len() * TOC_ENTRY_SIZE as usize);
+        for r in &self.toc {
+            let mut e = [0u8; TOC_ENTRY_SIZE as usize];
+            e[0..4].copy_from_slice(&r.flags.to_le_bytes());
+            e[8..8 + r.name.len()].copy_from_slice(r.name);
+            e[24..56].copy_from_slice(&r.digest);
+            e[56..64].copy_from_slice(&r.offset.to_le_bytes());
+            e[64..72].copy_from_slice(&r.compressed_size.to_le_bytes());
+            e[72..80].copy_from_slice(&r.uncompressed_size.to_le_bytes());
+            toc.extend_from_slice(&e);
+        }
+        self.write(&toc, true)?;
+        self.write(&tar_header(TOC_NAME, toc.len() as u64), true)
+    }
+
+    /// Flush, name the blob by its id and move it into place. Returns (id, size, path).
+    pub fn commit(mut self) -> Result<(String, u64, PathBuf)> {
+        self.out.flush().map_err(|e| Error::io(format!("write {}", self.tmp.display()), e))?;
+        self.out.get_ref().sync_all().map_err(|e| Error::io(format!("sync {}", self.tmp.display()), e))?;
+        let id = crate::storage::digest::hex(&self.id_hash.clone().finalize());
+        let path = self.dir.join(&id);
+        fs::rename(&self.tmp, &path).map_err(|e| Error::io(format!("rename blob to {}", path.display()), e))?;
+        self.committed = true;
+        Ok((id, self.pos, path))
+    }
+}
+
+impl Drop for BlobWriter {
+    /// A blob that was not committed (error, or no chunks) leaves no file behind.
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// A V1 chunk-info entry (doc §1.16): sizes are stored minus one, split into low 20 and high 4 bits.
+pub fn ci_v1_entry(compressed_offset: u64, compressed_size: u32, uncompressed_offset: u64, uncompressed_size: u32) -> [u8; 16] {
+    let (us, cs) = ((uncompressed_size - 1) as u64, (compressed_size - 1) as u64);
+    let uncomp = (uncompressed_offset & 0xFFF_FFFF_F000) | (us & 0xF_FFFF) << 44 | (us >> 20 & 0xF) << 8;
+    let comp = (compressed_offset & 0xFF_FFFF_FFFF) | (cs & 0xF_FFFF) << 44 | (cs >> 20 & 0xF) << 40;
+    let mut e = [0u8; CI_V1_SIZE as usize];
+    e[..8].copy_from_slice(&uncomp.to_le_bytes());
+    e[8..].copy_from_slice(&comp.to_le_bytes());
+    e
+}
+
+/// The 4096-byte header that follows the CI array; the reader checks it against the blob table.
+fn ci_header(features: u32, ci: &CiLocation, chunk_count: u32) -> Vec<u8> {
+    let mut h = vec![0u8; CI_HEADER_SIZE as usize];
+    h[0..4].copy_from_slice(&CI_MAGIC.to_le_bytes());
+    h[4..8].copy_from_slice(&features.to_le_bytes());
+    h[8..12].copy_from_slice(&ci.compressor.to_u32().to_le_bytes());
+    h[12..16].copy_from_slice(&chunk_count.to_le_bytes());
+    h[16..24].copy_from_slice(&ci.offset.to_le_bytes());
+    h[24..32].copy_from_slice(&ci.compressed_size.to_le_bytes());
+    h[32..40].copy_from_slice(&ci.uncompressed_size.to_le_bytes());
+    h[4092..4096].copy_from_slice(&CI_MAGIC.to_le_bytes());
+    h
+}
+
+/// A GNU tar header for a section that precedes it: name, regular file, size and checksum.
+pub fn tar_header(name: &[u8], size: u64) -> [u8; TAR_HEADER_SIZE as usize] {
+    let mut h = [0u8; TAR_HEADER_SIZE as usize];
+    h[..name.len()].copy_from_slice(name);
+    if size < 1 << 33 {
+        h[124..136].copy_from_slice(format!("{size:011o}\0").as_bytes());
+    } else {
+        // Too big for 11 octal digits: GNU base-256 (high bit set, big-endian value).
+        h[124] = 0x80;
+        h[128..136].copy_from_slice(&size.to_be_bytes());
+    }
+    h[136..148].copy_from_slice(b"00000000000\0");
+    h[156] = b'0';
+    h[257..265].copy_from_slice(b"ustar  \0");
+    h[148..156].fill(b' ');
+    let sum: u32 = h.iter().map(|&b| b as u32).sum();
+    h[148..156].copy_from_slice(format!("{sum:07o}\0").as_bytes());
+    h
+}

@@ -1,0 +1,238 @@
+//! The RAFS v5 bootstrap writer (doc §2): an 8 KiB superblock, the inode table, prefetch table, blob
+//! table and extended blob table, then one 128-byte record per name in depth-first pre-order, each
+//! followed by its name, symlink target, xattrs and chunk records.
+//!
+//! Inode numbers are table slots assigned breadth first, so a directory's children are consecutive
+//! (`[child_index, child_index + child_count)`) and lookup is a binary search. A hard link's later names
+//! keep their own slot and record, but carry the first name's inode number.
+
+use super::chunker::ChunkTable;
+use super::tree::{Kind, NodeId, Tree, ROOT};
+use super::v6::{chunk_record, put16, put32, put64, ImageParams};
+use crate::error::{Error, Result};
+use crate::format::bytes::round_up;
+use crate::format::v5::{CHUNK_SIZE, EXT_BLOB_ENTRY_SIZE, INODE_SIZE, I_SYMLINK, I_XATTR, RAFS_V5_MAGIC, SUPER_SIZE};
+use crate::format::{flags, BlobInfo};
+use crate::storage::digest::digest;
+
+const ALIGN: u64 = 8;
+
+pub fn write(tree: &Tree, chunks: &ChunkTable, blobs: &[BlobInfo], p: &ImageParams) -> Result<Vec<u8>> {
+    // Slots (1-based) breadth first: each directory's children get consecutive slots.
+    let order = tree.bfs();
+    let mut slot = vec![0u32; tree.nodes.len()];
+    let mut parent = vec![ROOT; tree.nodes.len()];
+    for (i, &(node, par)) in order.iter().enumerate() {
+        slot[node] = u32::try_from(i + 1).map_err(|_| Error::Invalid("more than 2^32 entries".into()))?;
+        parent[node] = par;
+    }
+    // A hard link's inode number is the slot of its first name.
+    let mut file_ino = vec![0u32; tree.files.len()];
+    let mut file_names = vec![0u32; tree.files.len()];
+    let mut ino = vec![0u32; tree.nodes.len()];
+    for &(node, _) in &order {
+        ino[node] = slot[node];
+        if let Kind::File(f) = tree.nodes[node].kind {
+            if file_ino[f] == 0 {
+                file_ino[f] = slot[node];
+            }
+            ino[node] = file_ino[f];
+            file_names[f] += 1;
+        }
+    }
+    let unique = order.iter().filter(|&&(n, _)| ino[n] == slot[n]).count() as u64;
+
+    // Merkle-style inode digests, children before parents (reverse breadth-first order).
+    let mut digests = vec![[0u8; 32]; tree.nodes.len()];
+    for &(node, _) in order.iter().rev() {
+        digests[node] = match &tree.nodes[node].kind {
+            Kind::File(f) => {
+                let mut all = Vec::with_capacity(tree.files[*f].chunks.len() * 32);
+                for &c in &tree.files[*f].chunks {
+                    all.extend_from_slice(&chunks.get(c).digest);
+                }
+                digest(p.digester, &all)
+            }
+            Kind::Symlink(target) => digest(p.digester, target),
+            Kind::Special => digest(p.digester, b""),
+            Kind::Dir(children) => {
+                let all: Vec<u8> = children.iter().flat_map(|&c| digests[c]).collect();
+                digest(p.digester, &all)
+            }
+        };
+    }
+
+    // Tables after the superblock, each padded to 8 bytes.
+    let entries = order.len() as u64;
+    let inode_table_off = SUPER_SIZE;
+    let prefetch_off = inode_table_off + round_up(4 * entries, ALIGN);
+    let prefetch: Vec<u32> = if blobs.is_empty() { Vec::new() } else { p.prefetch.iter().map(|&n| ino[n]).filter(|&i| i != 0).collect() };
+    let blob_table_off = prefetch_off + round_up(4 * prefetch.len() as u64, ALIGN);
+    let mut blob_table = Vec::new();
+    for (i, blob) in blobs.iter().enumerate() {
+        if i > 0 {
+            blob_table.push(0);
+        }
+        blob_table.extend_from_slice(&blob.readahead.0.to_le_bytes());
+        blob_table.extend_from_slice(&blob.readahead.1.to_le_bytes());
+        blob_table.extend_from_slice(blob.id.as_bytes());
+    }
+    blob_table.resize(round_up(blob_table.len() as u64, ALIGN) as usize, 0);
+    let ext_off = blob_table_off + blob_table.len() as u64;
+    let records_off = ext_off + EXT_BLOB_ENTRY_SIZE * blobs.len() as u64;
+
+    // Record sizes and offsets, depth-first pre-order.
+    let xattrs: Vec<Vec<u8>> = tree.nodes.iter().map(|n| xattr_area(&n.meta.xattrs)).collect();
+    let mut record_off = vec![0u64; tree.nodes.len()];
+    let mut pos = records_off;
+    let mut stack = vec![ROOT];
+    let mut dfs = Vec::with_capacity(order.len());
+    while let Some(node) = stack.pop() {
+        dfs.push(node);
+        record_off[node] = pos;
+        pos += record_size(tree, node, &xattrs[node]);
+        stack.extend(tree.children(node).iter().rev());
+    }
+    let total = pos;
+    let mut out = vec![0u8; usize::try_from(total).map_err(|_| Error::Invalid("bootstrap too large".into()))?];
+
+    let has_xattr = xattrs.iter().any(|x| !x.is_empty());
+    let sflags = p.compressor.flag()
+        | p.digester.flag()
+        | if p.explicit_uid_gid { flags::EXPLICIT_UID_GID } else { 0 }
+        | if has_xattr { flags::HAS_XATTR } else { 0 };
+    {
+        let sb = &mut out[..SUPER_SIZE as usize];
+        put32(sb, 0, RAFS_V5_MAGIC);
+        put32(sb, 4, 0x500);
+        put32(sb, 8, SUPER_SIZE as u32);
+        put32(sb, 12, p.chunk_size);
+        put64(sb, 16, sflags);
+        put64(sb, 24, unique);
+        put64(sb, 32, inode_table_off);
+        put64(sb, 40, prefetch_off);
+        put64(sb, 48, blob_table_off);
+        put32(sb, 56, entries as u32);
+        put32(sb, 60, prefetch.len() as u32);
+        put32(sb, 64, blob_table.len() as u32);
+        put32(sb, 68, blobs.len() as u32);
+        put64(sb, 72, ext_off);
+    }
+    for &(node, _) in &order {
+        let off = record_off[node];
+        if off >> 3 > u32::MAX as u64 {
+            return Err(Error::Invalid("v5 bootstrap over 32 GiB".into()));
+        }
+        put32(&mut out, (inode_table_off + 4 * (slot[node] as u64 - 1)) as usize, (off >> 3) as u32);
+    }
+    for (i, &n) in prefetch.iter().enumerate() {
+        put32(&mut out, prefetch_off as usize + 4 * i, n);
+    }
+    out[blob_table_off as usize..ext_off as usize].copy_from_slice(&blob_table);
+    for (i, blob) in blobs.iter().enumerate() {
+        let e = &mut out[(ext_off + EXT_BLOB_ENTRY_SIZE * i as u64) as usize..][..EXT_BLOB_ENTRY_SIZE as usize];
+        put32(e, 0, blob.chunk_count);
+        put32(e, 4, blob.features);
+        put64(e, 8, blob.uncompressed_size);
+        put64(e, 16, blob.compressed_size);
+    }
+
+    for node in dfs {
+        let n = &tree.nodes[node];
+        let at = record_off[node] as usize;
+        let name: &[u8] = if node == ROOT { b"/" } else { &n.name };
+        let (mut size, mut child_index, mut child_count, mut nlink, mut iflags) = (0u64, 0u32, 0u32, 1u32, 0u64);
+        let mut symlink: &[u8] = &[];
+        let mut file_chunks: &[u32] = &[];
+        match &n.kind {
+            Kind::Dir(children) => {
+                let names: u64 = children.iter().map(|&c| tree.nodes[c].name.len() as u64 + 8).sum();
+                size = round_up(names, 4096).max(4096);
+                child_index = children.first().map(|&c| slot[c]).unwrap_or(0);
+                child_count = children.len() as u32;
+                nlink = 2 + children.iter().filter(|&&c| tree.is_dir(c)).count() as u32;
+            }
+            Kind::File(f) => {
+                size = tree.files[*f].size;
+                file_chunks = &tree.files[*f].chunks;
+                child_count = file_chunks.len() as u32;
+                nlink = file_names[*f];
+            }
+            Kind::Symlink(target) => {
+                symlink = target;
+                size = target.len() as u64;
+                iflags |= I_SYMLINK;
+            }
+            Kind::Special => {}
+        }
+        if !xattrs[node].is_empty() {
+            iflags |= I_XATTR;
+        }
+        let (uid, gid) = if p.explicit_uid_gid { (n.meta.uid, n.meta.gid) } else { (0, 0) };
+        let rdev = match n.meta.file_type() {
+            libc::S_IFCHR | libc::S_IFBLK => libc::makedev(n.meta.rdev_major, n.meta.rdev_minor) as u32,
+            _ => 0,
+        };
+        let r = &mut out[at..at + INODE_SIZE as usize];
+        r[..32].copy_from_slice(&digests[node]);
+        put64(r, 32, if node == ROOT { 0 } else { ino[parent[node]] as u64 });
+        put64(r, 40, ino[node] as u64);
+        put32(r, 48, uid);
+        put32(r, 52, gid);
+        put32(r, 60, n.meta.mode);
+        put64(r, 64, size);
+        put64(r, 72, (size + xattrs[node].len() as u64).div_ceil(512));
+        put64(r, 80, iflags);
+        put32(r, 88, nlink);
+        put32(r, 92, child_index);
+        put32(r, 96, child_count);
+        put16(r, 100, name.len() as u16);
+        put16(r, 102, symlink.len() as u16);
+        put32(r, 104, rdev);
+        put32(r, 108, n.meta.mtime_nsec);
+        put64(r, 112, n.meta.mtime);
+        let mut pos = at + INODE_SIZE as usize;
+        out[pos..pos + name.len()].copy_from_slice(name);
+        pos += round_up(name.len() as u64, ALIGN) as usize;
+        out[pos..pos + symlink.len()].copy_from_slice(symlink);
+        pos += round_up(symlink.len() as u64, ALIGN) as usize;
+        out[pos..pos + xattrs[node].len()].copy_from_slice(&xattrs[node]);
+        pos += xattrs[node].len();
+        for (k, &c) in file_chunks.iter().enumerate() {
+            let chunk = chunks.get(c);
+            let rec = chunk_record(chunk, k as u64 * p.chunk_size as u64);
+            out[pos..pos + CHUNK_SIZE as usize].copy_from_slice(&rec);
+            pos += CHUNK_SIZE as usize;
+        }
+    }
+    Ok(out)
+}
+
+fn record_size(tree: &Tree, node: NodeId, xattrs: &[u8]) -> u64 {
+    let n = &tree.nodes[node];
+    let name_len = if node == ROOT { 1 } else { n.name.len() as u64 };
+    let (symlink, chunks) = match &n.kind {
+        Kind::Symlink(t) => (t.len() as u64, 0),
+        Kind::File(f) => (0, tree.files[*f].chunks.len() as u64),
+        _ => (0, 0),
+    };
+    INODE_SIZE + round_up(name_len, ALIGN) + round_up(symlink, ALIGN) + xattrs.len() as u64 + CHUNK_SIZE * chunks
+}
+
+/// `u64 total`, then `u32 pair size, name, NUL, value` pairs; the area is padded to 8 bytes.
+fn xattr_area(xattrs: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
+    if xattrs.is_empty() {
+        return Vec::new();
+    }
+    let mut pairs = Vec::new();
+    for (name, value) in xattrs {
+        pairs.extend_from_slice(&((name.len() + 1 + value.len()) as u32).to_le_bytes());
+        pairs.extend_from_slice(name);
+        pairs.push(0);
+        pairs.extend_from_slice(value);
+    }
+    let mut area = (pairs.len() as u64).to_le_bytes().to_vec();
+    area.extend_from_slice(&pairs);
+    area.resize(round_up(area.len() as u64, ALIGN) as usize, 0);
+    area
+}

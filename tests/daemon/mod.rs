@@ -1,0 +1,141 @@
+//! Run `rafsd` as a real daemon in tests: start it, wait for its FUSE mount, stop it by pid, and never
+//! leave a mount or a process behind (cleanup on drop, also when a test fails).
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Daemon {
+    child: Option<Child>,
+    pub mountpoint: PathBuf,
+    pub log: PathBuf,
+}
+
+pub fn is_mounted(mountpoint: &Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let want = mountpoint.to_string_lossy();
+    info.lines().any(|l| l.split(' ').nth(4) == Some(&*want))
+}
+
+pub fn lazy_unmount(mountpoint: &Path) {
+    let c = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: valid path.
+    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+}
+
+impl Daemon {
+    /// Start `rafsd ARGS --mountpoint MOUNTPOINT` and wait until the mount is up.
+    pub fn start(args: &[&str], mountpoint: &Path, log: &Path) -> Daemon {
+        std::fs::create_dir_all(mountpoint).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_rafsd"))
+            .args(args)
+            .arg("--mountpoint")
+            .arg(mountpoint)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(log).unwrap())
+            .stderr(std::fs::OpenOptions::new().append(true).open(log).unwrap())
+            .spawn()
+            .expect("spawn rafsd");
+        let mut d = Daemon { child: Some(child), mountpoint: mountpoint.to_path_buf(), log: log.to_path_buf() };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !is_mounted(mountpoint) {
+            if let Some(status) = d.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("rafsd exited with {status} before mounting:\n{}", d.log_text());
+            }
+            assert!(Instant::now() < deadline, "rafsd did not mount within 30 s:\n{}", d.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    /// SIGTERM, then wait (bounded) for a clean exit; the mount must be gone.
+    pub fn stop(mut self) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = wait_bounded(&mut child, Duration::from_secs(20)).unwrap_or_else(|| {
+            let _ = child.kill();
+            panic!("rafsd did not exit within 20 s of SIGTERM:\n{}", self.log_text())
+        });
+        assert!(!is_mounted(&self.mountpoint), "rafsd exited but left {} mounted", self.mountpoint.display());
+        status
+    }
+
+    /// kill -9: the daemon gets no chance to clean up; the dead mount is detached by us.
+    pub fn kill9(mut self) {
+        let mut child = self.child.take().unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        lazy_unmount(&self.mountpoint);
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if is_mounted(&self.mountpoint) {
+            lazy_unmount(&self.mountpoint);
+        }
+    }
+}
+
+pub fn wait_bounded(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Run `rafsd ARGS` to completion within `limit`; returns (exit code, combined output).
+pub fn run_bounded(args: &[&std::ffi::OsStr], limit: Duration) -> (Option<i32>, String) {
+    let out_path = std::env::temp_dir().join(format!("rafsd-run-{}-{:?}.log", std::process::id(), std::thread::current().id()));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rafsd"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::OpenOptions::new().append(true).open(&out_path).unwrap())
+        .spawn()
+        .unwrap();
+    let status = wait_bounded(&mut child, limit);
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let text = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let _ = std::fs::remove_file(&out_path);
+    (status.and_then(|s| s.code()), text)
+}
+
+/// A nydusd v1 config for a localfs blob dir with a blob cache.
+pub fn v1_config(blob_dir: &Path, work_dir: &Path, validate: bool, extra: &str) -> String {
+    format!(
+        r#"{{"device":{{"backend":{{"type":"localfs","config":{{"dir":"{}"}}}},
+             "cache":{{"type":"blobcache","config":{{"work_dir":"{}"}}}}}},
+            "mode":"direct","digest_validate":{validate}{extra}}}"#,
+        blob_dir.display(),
+        work_dir.display()
+    )
+}

@@ -1,0 +1,351 @@
+//! The host FUSE fallback, through real /dev/fuse mounts of `rafsd` daemons: every reference image, cold
+//! and warm, concurrent readers, crash recovery of the blob cache, cache corruption, bad configuration.
+//! Needs root (mounting).
+
+mod daemon;
+mod manifest;
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use daemon::{run_bounded, v1_config, Daemon};
+use rafsd::{ImageOptions, RafsImage};
+
+struct Case {
+    name: String,
+    bootstrap: PathBuf,
+    blobs: PathBuf,
+}
+
+fn case(name: &str) -> Case {
+    Case { name: name.into(), bootstrap: manifest::case_bootstrap(name), blobs: manifest::case_blob_dir(name) }
+}
+
+fn start(c: &Case, dir: &Path, validate: bool, extra: &str) -> Daemon {
+    let config = dir.join("config.json");
+    std::fs::write(&config, v1_config(&c.blobs, &dir.join("cache"), validate, extra)).unwrap();
+    Daemon::start(
+        &["--config", config.to_str().unwrap(), "--bootstrap", c.bootstrap.to_str().unwrap(), "--thread-num", "4"],
+        &dir.join("mnt"),
+        &dir.join("rafsd.log"),
+    )
+}
+
+fn assert_tree(d: &Daemon, c: &Case, pass: &str) {
+    let problems = manifest::compare_tree(&d.mountpoint, manifest::allowances_for(&c.name));
+    assert!(problems.is_empty(), "{} ({pass}): {} mismatches, first: {:#?}\nlog:\n{}", c.name, problems.len(), &problems[..problems.len().min(10)], d.log_text());
+}
+
+#[test]
+fn every_fixture_mounts_and_matches_the_manifest_cold_and_warm() {
+    manifest::assert_root("FUSE mounts");
+    for name in manifest::cases() {
+        let c = case(&name);
+        let dir = tempfile::tempdir().unwrap();
+        let d = start(&c, dir.path(), false, "");
+        assert_tree(&d, &c, "cold: chunks from the blob dir");
+        assert!(d.stop().success());
+        // A new daemon on the same cache serves everything from it (zero-copy path).
+        let d = start(&c, dir.path(), false, "");
+        assert_tree(&d, &c, "warm: chunks from the cache");
+        assert!(d.stop().success());
+    }
+}
+
+/// Expected bytes of every regular file, read through the library without a cache.
+fn reference_files(c: &Case) -> Vec<(String, Vec<u8>)> {
+    let image = RafsImage::open_local(&c.bootstrap, Some(&c.blobs), ImageOptions { validate: true, ..Default::default() }).unwrap();
+    let mut files = Vec::new();
+    image
+        .walk(&mut |rel, attr, ev| {
+            if ev == rafsd::image::WalkEvent::Node && attr.is_reg() && attr.size > 0 {
+                let mut buf = vec![0u8; attr.size as usize];
+                image.read(attr.ino, 0, &mut buf)?;
+                files.push((rel.to_string_lossy().into_owned(), buf));
+            }
+            Ok(())
+        })
+        .unwrap();
+    files
+}
+
+/// xorshift64*: deterministic, dependency-free randomness for the readers.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+fn random_reads(root: &Path, files: &[(String, Vec<u8>)], seed: u64, count: usize) -> Vec<String> {
+    let mut rng = Rng(seed);
+    let mut wrong = Vec::new();
+    for _ in 0..count {
+        let (path, want) = &files[(rng.next() % files.len() as u64) as usize];
+        let off = rng.next() % want.len() as u64;
+        let len = 1 + (rng.next() % (256 << 10)) as usize;
+        let mut got = vec![0u8; len];
+        let f = std::fs::File::open(root.join(path)).unwrap();
+        let n = f.read_at(&mut got, off).unwrap();
+        let expect = &want[off as usize..(off as usize + len).min(want.len())];
+        if &got[..n] != expect {
+            wrong.push(format!("{path} at {off}+{len}: got {n} bytes, want {}", expect.len()));
+        }
+    }
+    wrong
+}
+
+#[test]
+fn eight_concurrent_random_readers_get_the_right_bytes_cold_and_warm() {
+    manifest::assert_root("FUSE mounts");
+    for name in ["v6-zstd-blake3", "v5-lz4-blake3-repeatable", "v6-zstd-batch"] {
+        let c = case(name);
+        let files = reference_files(&c);
+        let dir = tempfile::tempdir().unwrap();
+        for pass in ["cold", "warm"] {
+            let d = start(&c, dir.path(), false, r#","amplify_io":262144"#);
+            let root = d.mountpoint.clone();
+            let wrong: Vec<String> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..8).map(|t| {
+                    let (root, files) = (&root, &files);
+                    s.spawn(move || random_reads(root, files, 0x9E37_79B9_7F4A_7C15 ^ (t + 1), 300))
+                }).collect();
+                handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+            });
+            assert!(wrong.is_empty(), "{name} {pass}: {wrong:#?}");
+            assert!(d.stop().success());
+        }
+    }
+}
+
+fn chunk_map_ready_bits(cache: &Path) -> (u32, u64) {
+    let mut ready = 0;
+    let mut total_bytes = 0;
+    for e in std::fs::read_dir(cache).unwrap() {
+        let p = e.unwrap().path();
+        if p.to_string_lossy().ends_with(".chunk_map") {
+            let bytes = std::fs::read(&p).unwrap();
+            ready += bytes[4096..].iter().map(|b| b.count_ones()).sum::<u32>();
+            total_bytes += bytes.len() as u64;
+        }
+    }
+    (ready, total_bytes)
+}
+
+#[test]
+fn kill_9_during_cold_reads_never_leaves_a_torn_chunk() {
+    manifest::assert_root("FUSE mounts");
+    let c = case("v6-none-blake3-4k"); // 3174 small chunks: many cache writes to interrupt
+    let dir = tempfile::tempdir().unwrap();
+    for delay_ms in [30u64, 120, 400] {
+        let d = start(&c, dir.path(), false, r#","amplify_io":0"#);
+        let root = d.mountpoint.clone();
+        let reader = std::thread::spawn(move || {
+            // Read everything until the daemon dies under us; errors are expected then.
+            for e in walk(&root) {
+                let _ = std::fs::read(&e);
+            }
+        });
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        d.kill9();
+        reader.join().unwrap();
+    }
+    let (ready, _) = chunk_map_ready_bits(&dir.path().join("cache"));
+    assert!(ready > 0, "the killed daemons cached nothing; the test did not exercise a partial cache");
+    // Restart on the same cache without validation: whatever is marked ready is served as-is.
+    let d = start(&c, dir.path(), false, "");
+    assert_tree(&d, &c, "after kill -9 restarts");
+    assert!(d.stop().success());
+}
+
+fn walk(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for e in entries.flatten() {
+            let Ok(ft) = e.file_type() else { continue };
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file() {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+/// Flip 16 bytes at `offset` of `path`.
+fn flip(path: &Path, offset: u64) {
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let mut b = [0u8; 16];
+    f.read_exact_at(&mut b, offset).unwrap();
+    for x in &mut b {
+        *x ^= 0x5a;
+    }
+    f.write_all_at(&b, offset).unwrap();
+}
+
+#[test]
+fn flipped_bytes_in_the_cache_are_caught_with_validation() {
+    manifest::assert_root("FUSE mounts");
+    let c = case("v6-zstd-blake3");
+    let dir = tempfile::tempdir().unwrap();
+    // Our own copy of the blob, so the second half can damage it too.
+    let blobs = dir.path().join("blobs");
+    std::fs::create_dir_all(&blobs).unwrap();
+    for e in std::fs::read_dir(&c.blobs).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), blobs.join(e.file_name())).unwrap();
+    }
+    let c = Case { blobs, ..c };
+    let d = start(&c, dir.path(), true, "");
+    let victim = d.mountpoint.join("special/random-2m5");
+    let good = std::fs::read(&victim).unwrap();
+    assert!(d.stop().success());
+
+    let image = RafsImage::open_local(&c.bootstrap, Some(&c.blobs), ImageOptions::default()).unwrap();
+    let special = image.lookup(image.root_ino(), b"special").unwrap().unwrap();
+    let ino = image.lookup(special, b"random-2m5").unwrap().unwrap();
+    let chunk = image.file_chunks(ino).unwrap()[1].clone();
+    let blob_id = image.info().blobs[chunk.blob_index as usize].id.clone();
+    let cache_file = dir.path().join("cache").join(format!("{blob_id}.blob.data"));
+    let pristine = std::fs::read(&cache_file).unwrap();
+
+    // 1. Only the cache is damaged: caught, logged, and repaired from the backend; never wrong bytes.
+    flip(&cache_file, chunk.uncompressed_offset + 100);
+    let mut d = start(&c, dir.path(), true, "");
+    let read = std::fs::read(&victim).map_err(|e| e.to_string());
+    assert!(read.as_ref().is_ok_and(|r| *r == good), "damaged cache must be repaired, got {:?}", read.map(|r| r.len()));
+    let log = d.log_text();
+    assert!(log.contains("digest") && log.contains(&format!("chunk {}", chunk.index)) && log.contains("dropping the cached chunk"), "log must name the failed chunk:\n{log}");
+    assert!(d.is_running());
+    assert!(d.stop().success());
+    assert!(std::fs::read(&cache_file).unwrap() == pristine, "the cache file holds the verified chunk again");
+
+    // 2. Cache and blob both damaged: no verified copy exists, so the reader gets EIO; the daemon stays up.
+    flip(&cache_file, chunk.uncompressed_offset + 100);
+    flip(&c.blobs.join(&blob_id), chunk.compressed_offset + 10);
+    let mut d = start(&c, dir.path(), true, "");
+    match std::fs::read(&victim) {
+        Ok(bytes) => panic!("{} bytes served from a corrupt chunk", bytes.len()),
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}"),
+    }
+    assert!(d.is_running(), "daemon must stay up");
+    assert!(std::fs::read(d.mountpoint.join("special/xattrs")).is_ok(), "other files still read");
+    assert!(d.log_text().contains(&format!("chunk {}", chunk.index)));
+    assert!(d.stop().success());
+}
+
+#[test]
+fn a_full_cache_disk_degrades_to_backend_reads() {
+    manifest::assert_root("tmpfs and FUSE mounts");
+    let c = case("v5-zstd-sha256-128k");
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    let tiny = std::ffi::CString::new(cache.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mounting a 256 KiB tmpfs on our own temp dir.
+    let rc = unsafe { libc::mount(c"tmpfs".as_ptr(), tiny.as_ptr(), c"tmpfs".as_ptr(), 0, c"size=256k".as_ptr().cast()) };
+    assert_eq!(rc, 0, "mount tmpfs: {}", std::io::Error::last_os_error());
+    let d = start(&c, dir.path(), false, "");
+    assert_tree(&d, &c, "cache disk full");
+    let log = d.log_text();
+    assert!(d.stop().success());
+    daemon::lazy_unmount(&cache);
+    assert!(log.contains("serving from the backend without caching"), "expected one warning about the full cache:\n{log}");
+}
+
+#[test]
+fn prefetch_all_fills_the_cache_without_reads() {
+    manifest::assert_root("FUSE mounts");
+    let c = case("v6-lz4-sha256-64k");
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(&c, dir.path(), false, r#","fs_prefetch":{"enable":true,"threads_count":2,"merging_size":131072,"prefetch_all":true}"#);
+    let image = RafsImage::open_local(&c.bootstrap, Some(&c.blobs), ImageOptions::default()).unwrap();
+    let chunks: u32 = image.info().blobs.iter().map(|b| b.chunk_count).sum();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (ready, _) = chunk_map_ready_bits(&dir.path().join("cache"));
+        if ready == chunks {
+            break;
+        }
+        assert!(Instant::now() < deadline, "prefetch cached {ready} of {chunks} chunks in 60 s:\n{}", d.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_tree(&d, &c, "after prefetch");
+    assert!(d.stop().success());
+}
+
+#[test]
+fn write_requests_are_refused_with_erofs() {
+    manifest::assert_root("FUSE mounts");
+    let c = case("v6-zstd-blake3");
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(&c, dir.path(), false, "");
+    let m = &d.mountpoint;
+    let errno = |r: std::io::Result<()>| r.err().and_then(|e| e.raw_os_error());
+    assert_eq!(errno(std::fs::OpenOptions::new().write(true).open(m.join("special/xattrs")).map(drop)), Some(libc::EROFS));
+    assert_eq!(errno(std::fs::create_dir(m.join("newdir"))), Some(libc::EROFS));
+    assert_eq!(errno(std::fs::write(m.join("new-file"), b"x")), Some(libc::EROFS));
+    assert_eq!(errno(std::fs::remove_file(m.join("special/xattrs"))), Some(libc::EROFS));
+    assert_eq!(errno(std::fs::rename(m.join("special/xattrs"), m.join("special/x2"))), Some(libc::EROFS));
+    // xattr size queries and ERANGE through the kernel.
+    let path = std::ffi::CString::new(m.join("special/xattrs").as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: valid path and name; a NULL buffer asks for the size.
+    let size = unsafe { libc::lgetxattr(path.as_ptr(), c"user.color".as_ptr(), std::ptr::null_mut(), 0) };
+    assert_eq!(size, 4);
+    let mut small = [0u8; 2];
+    // SAFETY: valid buffer of the given length.
+    let rc = unsafe { libc::lgetxattr(path.as_ptr(), c"user.color".as_ptr(), small.as_mut_ptr().cast(), small.len()) };
+    assert_eq!((rc, std::io::Error::last_os_error().raw_os_error()), (-1, Some(libc::ERANGE)));
+    // SAFETY: as above.
+    let rc = unsafe { libc::lgetxattr(path.as_ptr(), c"user.absent".as_ptr(), small.as_mut_ptr().cast(), small.len()) };
+    assert_eq!((rc, std::io::Error::last_os_error().raw_os_error()), (-1, Some(libc::ENODATA)));
+    assert!(d.stop().success());
+}
+
+#[test]
+fn bad_configs_and_missing_files_exit_with_a_clear_error() {
+    manifest::assert_root("FUSE mounts");
+    let c = case("v6-zstd-blake3");
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let empty_blobs = dir.path().join("no-blobs");
+    std::fs::create_dir_all(&empty_blobs).unwrap();
+    let good = write("good.json", &v1_config(&c.blobs, &dir.path().join("cache"), false, ""));
+    let cases: Vec<(Vec<std::ffi::OsString>, &str)> = vec![
+        (vec!["--config".into(), write("syntax.json", "{not json").into(), "--bootstrap".into(), c.bootstrap.clone().into()], "not valid JSON"),
+        (vec!["--config".into(), write("type.json", &v1_config(&c.blobs, dir.path(), false, "").replace("\"digest_validate\":false", "\"digest_validate\":1")).into(), "--bootstrap".into(), c.bootstrap.clone().into()], "`digest_validate`: expected true or false"),
+        (vec!["--config".into(), good.clone().into(), "--bootstrap".into(), dir.path().join("missing-bootstrap").into()], "missing-bootstrap: No such file"),
+        (vec!["--config".into(), write("noblob.json", &v1_config(&empty_blobs, &dir.path().join("cache"), false, "")).into(), "--bootstrap".into(), c.bootstrap.clone().into()], "blob 7d5a286946361db8a441e2a8a4af051955540213fb2623a4e58303d8f192e959"),
+        (vec!["--config".into(), dir.path().join("absent.json").into(), "--bootstrap".into(), c.bootstrap.clone().into()], "absent.json"),
+        (vec!["--config".into(), good.clone().into(), "--bootstrap".into(), good.clone().into()], "not a RAFS bootstrap"),
+    ];
+    for (mut args, want) in cases {
+        args.push("--mountpoint".into());
+        args.push(mnt.clone().into());
+        let argv: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        let (code, out) = run_bounded(&argv, Duration::from_secs(20));
+        assert_eq!(code, Some(1), "{args:?} should exit 1:\n{out}");
+        assert!(out.contains(want), "{args:?}: output lacks {want:?}:\n{out}");
+        assert!(!out.contains("panicked"), "{args:?} panicked:\n{out}");
+        assert!(!daemon::is_mounted(&mnt), "{args:?} left a mount behind");
+    }
+    // A mountpoint that does not exist.
+    let bad_mnt = dir.path().join("no/such/dir");
+    let argv: Vec<&std::ffi::OsStr> = vec!["--config".as_ref(), good.as_os_str(), "--bootstrap".as_ref(), c.bootstrap.as_os_str(), "--mountpoint".as_ref(), bad_mnt.as_os_str()];
+    let (code, out) = run_bounded(&argv, Duration::from_secs(20));
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("mountpoint"), "{out}");
+}
