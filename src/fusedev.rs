@@ -35,7 +35,7 @@ pub fn wait_for_signal(set: &libc::sigset_t, timeout: Duration) -> Option<i32> {
 }
 
 /// Serve `vfs` at `mountpoint` with `threads` workers until a shutdown signal or an external unmount.
-pub fn serve(vfs: Arc<Vfs>, mountpoint: &Path, threads: usize, signals: &libc::sigset_t) -> Result<()> {
+pub fn serve(vfs: Arc<Vfs>, mountpoint: &Path, threads: usize, signals: &libc::sigset_t, daemon: &crate::daemon::Daemon) -> Result<()> {
     let mut session = FuseSession::new(mountpoint, "rafs", "", true)
         .map_err(|e| Error::Invalid(format!("FUSE mountpoint {}: {e}", mountpoint.display())))?;
     session.mount().map_err(|e| Error::Invalid(format!("mount FUSE at {}: {e}", mountpoint.display())))?;
@@ -70,6 +70,10 @@ pub fn serve(vfs: Arc<Vfs>, mountpoint: &Path, threads: usize, signals: &libc::s
     loop {
         if let Some(sig) = wait_for_signal(signals, Duration::from_millis(200)) {
             log::info!("signal {sig}: unmounting {}", mountpoint.display());
+            break;
+        }
+        if daemon.exit_requested() {
+            log::info!("exit requested: unmounting {}", mountpoint.display());
             break;
         }
         if running.load(Ordering::SeqCst) < workers.len() {

@@ -333,7 +333,8 @@ impl RafsImage {
             ));
         }
         let known_size = blob.uncompressed_size > 0 && blob.chunk_count > 0;
-        let past_end = info.uncompressed_offset.checked_add(info.uncompressed_size as u64).is_none_or(|end| end > blob.uncompressed_size);
+        let past_end = (info.uncompressed_offset.checked_add(info.uncompressed_size as u64))
+            .map_or(true, |end| end > blob.uncompressed_size);
         if known_size && (info.index >= blob.chunk_count || past_end) {
             return Err(corrupt!(
                 "blob {} chunk {}: index or extent {}+{} lies outside the blob ({} chunks, {} bytes)",

@@ -5,19 +5,25 @@
 //! - [`storage`]: blob backends, chunk codecs and digests.
 //! - [`image`]: an opened image: metadata plus verified chunk reads.
 //! - [`unpack`], [`check`], [`inspect`]: the offline tools built on [`image`].
+//! - [`builder`]: `rafsd build` / `rafsd merge`, the RAFS v5/v6 image builder.
 
+pub mod builder;
+pub mod api;
 pub mod cache;
 pub mod check;
 pub mod config;
+pub mod daemon;
 pub mod error;
 pub mod format;
 pub mod fs;
 pub mod fusedev;
 pub mod image;
 pub mod inspect;
+pub mod passthrough;
 pub mod service;
 pub mod storage;
 pub mod unpack;
+pub mod vhost_user;
 
 pub use error::{Error, Result};
 pub use image::{ImageOptions, RafsImage};

@@ -19,6 +19,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve images to a VM as a vhost-user-fs backend (what Kata runs as its nydusd).
+    Virtiofs(VirtiofsArgs),
     /// Serve an image on the host through /dev/fuse (also the default when no subcommand is given).
     Fuse(FuseArgs),
     /// Show an image's format version, flags, algorithms, counts and blob table.
@@ -39,6 +41,20 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         max_errors: usize,
     },
+    /// Build a RAFS image from a directory, .tar or .tar.gz: a bootstrap plus one data blob.
+    Build(BuildArgs),
+    /// Merge layer bootstraps (lowest first) into one image, applying whiteouts.
+    Merge {
+        /// Layer bootstraps, lowest first.
+        #[arg(required = true)]
+        sources: Vec<PathBuf>,
+        /// Output bootstrap.
+        #[arg(long, short = 'B')]
+        bootstrap: PathBuf,
+        /// oci, overlayfs or none.
+        #[arg(long, default_value = "oci")]
+        whiteout_spec: rafsd::builder::WhiteoutSpec,
+    },
     /// Write the image's tree to a directory (owners, modes, mtimes, xattrs, links, devices).
     Unpack {
         bootstrap: PathBuf,
@@ -51,6 +67,48 @@ enum Command {
         #[arg(long)]
         validate: bool,
     },
+}
+
+/// Options of `rafsd build`, spelled as `nydus-image create` spells them.
+#[derive(clap::Args)]
+struct BuildArgs {
+    /// A directory, a .tar or a .tar.gz (OCI layer).
+    source: PathBuf,
+    /// Output bootstrap (with --blob-inline-meta: an optional standalone copy).
+    #[arg(long, short = 'B')]
+    bootstrap: Option<PathBuf>,
+    /// Where the data blob goes, named by its id (sha256 of the blob).
+    #[arg(long, short = 'D')]
+    blob_dir: PathBuf,
+    #[arg(long, short = 'v', default_value_t = 6, value_parser = clap::value_parser!(u32).range(5..=6))]
+    fs_version: u32,
+    /// Hex (0x...) or decimal; a power of two from 0x1000 to 0x1000000.
+    #[arg(long, default_value = "0x100000", value_parser = rafsd::builder::parse_chunk_size)]
+    chunk_size: u32,
+    /// none, lz4_block or zstd.
+    #[arg(long, default_value = "zstd", value_parser = rafsd::builder::parse_compressor)]
+    compressor: rafsd::format::Compressor,
+    /// blake3 or sha256.
+    #[arg(long, default_value = "blake3", value_parser = rafsd::builder::parse_digester)]
+    digester: rafsd::format::Digester,
+    /// Build an upper layer on this image (whiteouts applied, chunks deduplicated, blobs kept).
+    #[arg(long)]
+    parent_bootstrap: Option<PathBuf>,
+    /// oci, overlayfs or none.
+    #[arg(long, default_value = "oci")]
+    whiteout_spec: rafsd::builder::WhiteoutSpec,
+    /// File with absolute paths to put first in the blob and in the prefetch table, one per line.
+    #[arg(long)]
+    prefetch_files: Option<PathBuf>,
+    /// Record no owners, for reproducible images.
+    #[arg(long)]
+    repeatable: bool,
+    /// Put the bootstrap into the data blob (with a ToC).
+    #[arg(long, alias = "inline-bootstrap")]
+    blob_inline_meta: bool,
+    /// Compression threads (default: one per CPU).
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 /// Options of a FUSE daemon, spelled as nydusd spells them.
@@ -85,6 +143,47 @@ struct FuseArgs {
     rlimit_nofile: u64,
 }
 
+/// Options of the virtio-fs daemon. Kata runs `virtiofs --log-level info --apisock A --sock S` and
+/// appends the virtiofsd options `--thread-pool-size=N --announce-submounts` by default.
+#[derive(clap::Args)]
+struct VirtiofsArgs {
+    /// vhost-user socket the VMM connects to.
+    #[arg(long)]
+    sock: PathBuf,
+    /// Admin API socket.
+    #[arg(long, short = 'A')]
+    apisock: Option<PathBuf>,
+    /// An image to serve from the start (more can be mounted through the API).
+    #[arg(long, short = 'B', requires = "config")]
+    bootstrap: Option<PathBuf>,
+    #[arg(long, short = 'C')]
+    config: Option<PathBuf>,
+    /// A host directory to share read-write (passthrough_fs).
+    #[arg(long, short = 's', conflicts_with = "bootstrap")]
+    shared_dir: Option<PathBuf>,
+    /// Where in the share --bootstrap or --shared-dir appears.
+    #[arg(long, short = 'm', default_value = "/")]
+    virtual_mountpoint: String,
+    /// Request queues offered to the VMM (its num-request-queues must not be larger).
+    #[arg(long, default_value_t = rafsd::vhost_user::DEFAULT_REQUEST_QUEUES as u32, value_parser = clap::value_parser!(u32).range(1..=64))]
+    thread_num: u32,
+    #[arg(long)]
+    prefetch_files: Option<PathBuf>,
+    #[arg(long)]
+    id: Option<String>,
+    #[arg(long, default_value_t = 1_000_000)]
+    rlimit_nofile: u64,
+    /// Accepted for nydusd compatibility; every mount is already available.
+    #[arg(long)]
+    hybrid_mode: bool,
+    /// virtiofsd option Kata appends; ignored (each queue has its own worker).
+    #[arg(long)]
+    thread_pool_size: Option<u32>,
+    /// virtiofsd option Kata appends; ignored.
+    #[arg(long)]
+    announce_submounts: bool,
+}
+
 /// nydusd runs its FUSE daemon when called with options only; so do we.
 fn args_with_default_subcommand() -> Vec<std::ffi::OsString> {
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
@@ -114,6 +213,7 @@ fn main() -> ExitCode {
 fn run(command: Command) -> rafsd::Result<ExitCode> {
     match command {
         Command::Fuse(args) => run_fuse(args),
+        Command::Virtiofs(args) => run_virtiofs(args),
         Command::Inspect { bootstrap, json } => {
             let image = RafsImage::open_local(&bootstrap, None, ImageOptions::default())?;
             if json {
@@ -142,6 +242,18 @@ fn run(command: Command) -> rafsd::Result<ExitCode> {
             );
             Ok(if report.errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
+        Command::Build(args) => run_build(args),
+        Command::Merge { sources, bootstrap, whiteout_spec } => {
+            let report = rafsd::builder::merge(&sources, &bootstrap, whiteout_spec)?;
+            println!(
+                "merged {} layers into {}: {} entries, {} blobs",
+                report.layers,
+                bootstrap.display(),
+                report.entries,
+                report.blobs
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Unpack { bootstrap, blob_dir, output, validate } => {
             let image = RafsImage::open_local(&bootstrap, blob_dir.as_deref(), ImageOptions { validate, ..Default::default() })?;
             let stats = unpack::unpack(&image, &output)?;
@@ -151,6 +263,48 @@ fn run(command: Command) -> rafsd::Result<ExitCode> {
     }
 }
 
+fn run_build(args: BuildArgs) -> rafsd::Result<ExitCode> {
+    use rafsd::builder::{build, read_prefetch_list, BuildOptions};
+    let defaults = BuildOptions::default();
+    let opts = BuildOptions {
+        fs_version: args.fs_version,
+        chunk_size: args.chunk_size,
+        compressor: args.compressor,
+        digester: args.digester,
+        parent_bootstrap: args.parent_bootstrap,
+        whiteout_spec: args.whiteout_spec,
+        prefetch_files: args.prefetch_files.as_deref().map(read_prefetch_list).transpose()?.unwrap_or_default(),
+        repeatable: args.repeatable,
+        blob_inline_meta: args.blob_inline_meta,
+        threads: args.threads.unwrap_or(defaults.threads).max(1),
+    };
+    let start = std::time::Instant::now();
+    let report = build(&args.source, args.bootstrap.as_deref(), &args.blob_dir, &opts)?;
+    let secs = start.elapsed().as_secs_f64();
+    if let Some(b) = &report.bootstrap {
+        println!("bootstrap: {}", b.display());
+    }
+    match (&report.blob_id, &report.blob_path) {
+        (Some(id), Some(path)) => println!("blob: {id} ({} bytes, {})", report.blob_size, path.display()),
+        _ => println!("blob: none (the layer adds no file data)"),
+    }
+    let c = &report.chunks;
+    println!(
+        "{} entries; read {} bytes in {secs:.2}s ({:.1} MB/s); wrote {} chunks, {} bytes; deduplicated {} chunks, {} bytes",
+        report.entries,
+        c.bytes_read,
+        c.bytes_read as f64 / 1e6 / secs.max(1e-9),
+        c.chunks_written,
+        c.bytes_written,
+        c.chunks_deduped,
+        c.bytes_deduped
+    );
+    for s in &report.skipped {
+        eprintln!("skipped: {s}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn run_fuse(args: FuseArgs) -> rafsd::Result<ExitCode> {
     use fuse_backend_rs::api::{Vfs, VfsOptions};
     use rafsd::config::DaemonConfig;
@@ -158,9 +312,6 @@ fn run_fuse(args: FuseArgs) -> rafsd::Result<ExitCode> {
     // Before any thread exists, so every thread inherits the mask and signals reach our wait loop.
     let signals = rafsd::fusedev::block_shutdown_signals();
     rafsd::service::raise_nofile_limit(args.rlimit_nofile);
-    if args.apisock.is_some() {
-        log::warn!("--apisock: the admin API is not served by the FUSE daemon yet; ignoring it");
-    }
     let mut config = match (&args.config, &args.localfs_dir) {
         (Some(path), _) => DaemonConfig::from_file(path)?,
         (None, Some(dir)) => DaemonConfig::localfs(dir.clone(), Some(dir.clone())),
@@ -173,11 +324,67 @@ fn run_fuse(args: FuseArgs) -> rafsd::Result<ExitCode> {
         config.id = args.id.clone();
     }
     let vfs = Arc::new(Vfs::new(VfsOptions { no_open: false, no_opendir: false, no_writeback: true, ..Default::default() }));
+    let daemon = rafsd::daemon::Daemon::new(config.id.clone(), vfs.clone());
     if let Some(bootstrap) = &args.bootstrap {
         let prefetch_files = args.prefetch_files.as_deref().map(read_prefetch_list).transpose()?.unwrap_or_default();
         let fs = build_rafs(&RafsMount { bootstrap: bootstrap.clone(), config, prefetch_files })?;
         vfs.mount(Box::new(fs), "/").map_err(|e| rafsd::Error::Invalid(format!("mount image: {e:?}")))?;
     }
-    rafsd::fusedev::serve(vfs, &args.mountpoint, args.thread_num as usize, &signals)?;
+    let _api = args.apisock.as_deref().map(|p| rafsd::api::start(p, daemon.clone())).transpose()?;
+    rafsd::fusedev::serve(vfs, &args.mountpoint, args.thread_num as usize, &signals, &daemon)?;
+    if let Some(p) = &args.apisock {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_virtiofs(args: VirtiofsArgs) -> rafsd::Result<ExitCode> {
+    use fuse_backend_rs::api::{Vfs, VfsOptions};
+    use rafsd::daemon::{Daemon, FsType, MountCmd};
+    let signals = rafsd::fusedev::block_shutdown_signals();
+    rafsd::service::raise_nofile_limit(args.rlimit_nofile);
+    if let Some(n) = args.thread_pool_size {
+        log::warn!("--thread-pool-size={n} is a virtiofsd option; ignored (each virtqueue has its own worker)");
+    }
+    if args.announce_submounts {
+        log::warn!("--announce-submounts is a virtiofsd option; ignored");
+    }
+    let vfs = Arc::new(Vfs::new(VfsOptions { no_open: false, no_opendir: false, no_writeback: true, ..Default::default() }));
+    let daemon = Daemon::new(args.id.clone(), vfs.clone());
+    let prefetch_files = args.prefetch_files.as_deref().map(rafsd::service::read_prefetch_list).transpose()?.unwrap_or_default();
+    if let (Some(bootstrap), Some(config)) = (&args.bootstrap, &args.config) {
+        let text = std::fs::read_to_string(config).map_err(|e| rafsd::Error::io(format!("read config {}", config.display()), e))?;
+        daemon.mount(&args.virtual_mountpoint, MountCmd { fs_type: FsType::Rafs, source: bootstrap.clone(), config: text, prefetch_files })?;
+    } else if let Some(dir) = &args.shared_dir {
+        daemon.mount(&args.virtual_mountpoint, MountCmd { fs_type: FsType::Passthrough, source: dir.clone(), config: String::new(), prefetch_files })?;
+    }
+    let _api = args.apisock.as_deref().map(|p| rafsd::api::start(p, daemon.clone())).transpose()?;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (sock, queues, stop2) = (args.sock.clone(), args.thread_num as usize, stop.clone());
+    let server = std::thread::Builder::new()
+        .name("vhost-user".into())
+        .spawn(move || rafsd::vhost_user::serve(vfs, &sock, queues, stop2))
+        .map_err(|e| rafsd::Error::io("start vhost-user thread", e))?;
+    loop {
+        if let Some(sig) = rafsd::fusedev::wait_for_signal(&signals, std::time::Duration::from_millis(200)) {
+            log::info!("signal {sig}: shutting down");
+            break;
+        }
+        if daemon.exit_requested() {
+            break;
+        }
+        if server.is_finished() {
+            match server.join() {
+                Ok(Err(e)) => return Err(e),
+                _ => break,
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    // The vhost-user thread may sit in accept(); the process exits without waiting for it.
+    for p in [Some(&args.sock), args.apisock.as_ref()].into_iter().flatten() {
+        let _ = std::fs::remove_file(p);
+    }
+    log::info!("rafsd virtiofs stopped");
     Ok(ExitCode::SUCCESS)
 }

@@ -323,8 +323,9 @@ mod v5 {
     pub const I_CHILD_COUNT: usize = 96;
     pub const I_NAME_SIZE: usize = 100;
     pub const I_SYMLINK_SIZE: usize = 102;
-    /// i_flags bit: an xattr table follows the name and symlink target.
+    /// i_flags bits: an xattr table follows the name and symlink target; the file may have holes.
     const I_XATTR: u64 = 0x4;
+    pub const I_HAS_HOLE: u64 = 0x8;
     /// §2.7 `RafsV5ChunkInfo` (80-byte record) fields.
     pub const CHUNK_RECORD: usize = 80;
     pub const C_BLOB_INDEX: usize = 32;
@@ -520,7 +521,7 @@ impl Img {
 
     /// Run `rafsd unpack` on this copy into a fresh directory, which is returned with the run.
     fn run_unpack(&self, extra: &[&str]) -> (Run, PathBuf) {
-        let out = self.scratch("unpacked-by-cli");
+        let out = (0..).map(|n| self.scratch(&format!("unpacked-by-cli-{n}"))).find(|p| !p.exists()).unwrap();
         let mut args = vec![
             OsStr::new("unpack"),
             self.bootstrap.as_os_str(),
@@ -898,14 +899,21 @@ fn v5_inode_table_slot_past_the_end_is_refused() {
 
 #[test]
 fn v5_chunk_count_and_file_offset_past_the_end_are_refused() {
-    // i_child_count of a regular file (its chunk count) far beyond what the bootstrap holds.
+    // i_child_count of a regular file (its chunk count) far beyond what the bootstrap holds: a 6-byte file
+    // has exactly one chunk.
     let mut img = Img::new("v5-lz4-blake3-repeatable");
     let rec = v5::find(&img.boot, "special/owned");
     le::put_u32(&mut img.boot, rec.off + v5::I_CHILD_COUNT, u32::MAX);
     img.save();
     let image = img.opened(true);
     let mut buf = vec![0u8; 4096];
-    expect_corrupt(image.read(rec.ino, 0, &mut buf), &[&format!("inode {}", rec.ino)]);
+    let what = format!("chunks of inode {}", rec.ino);
+    expect_corrupt(image.read(rec.ino, 0, &mut buf), &[&what, "needs 1 chunks", &format!("its record has {}", u32::MAX)]);
+    // With HAS_HOLE (chunks need not cover the file) the count is still bounded by the records present.
+    le::put_u64(&mut img.boot, rec.off + v5::I_FLAGS, rec.flags | v5::I_HAS_HOLE);
+    img.save();
+    let image = img.opened(true);
+    expect_corrupt(image.read(rec.ino, 0, &mut buf), &[&format!("{what}: range"), "lies outside"]);
 
     // A chunk record whose file_offset is near 2^64 (its end would overflow).
     let mut img = Img::new("v5-lz4-blake3-repeatable");
@@ -1420,7 +1428,7 @@ fn assert_flipped_chunk_detected(img: &Img, t: &Target) {
 
     // unpack through the library without validation (CRC) ...
     let out = img.scratch("unpacked");
-    let e = rafsd::unpack::unpack(&unvalidated, &out).err().expect("unpack fails");
+    let e = rafsd::unpack::unpack(&unvalidated, &out).expect_err("unpack fails");
     assert!(matches!(e, Error::Integrity(_)), "{e:?}");
     assert_mentions(&e.to_string(), &[&t.path, &names_chunk, "CRC32C"]);
     // ... and what it wrote of the file is a correct prefix: no wrong byte reached the disk.

@@ -97,6 +97,9 @@ pub struct ChunkStats {
     pub bytes_deduped: u64,
 }
 
+/// (file, chunk position in the file, chunk table index) of one committed chunk.
+pub type Assignment = (FileId, u32, u32);
+
 struct Job {
     seq: u64,
     data: Vec<u8>,
@@ -141,8 +144,7 @@ pub struct Chunker<'a> {
     pending: BTreeMap<u64, Done>,
     /// (file, chunk position in file) of every chunk submitted and not yet committed, in order.
     targets: std::collections::VecDeque<(FileId, u32)>,
-    /// (file, chunk position, chunk table index) of every committed chunk.
-    assignments: Vec<(FileId, u32, u32)>,
+    assignments: Vec<Assignment>,
     stats: ChunkStats,
 }
 
@@ -279,7 +281,7 @@ impl<'a> Chunker<'a> {
     }
 
     /// Wait for every chunk in flight; returns (file, chunk position, chunk index) for every chunk.
-    pub fn finish(mut self) -> Result<(Vec<(FileId, u32, u32)>, ChunkStats)> {
+    pub fn finish(mut self) -> Result<(Vec<Assignment>, ChunkStats)> {
         while self.next_commit < self.next_seq {
             self.wait_one()?;
         }

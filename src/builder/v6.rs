@@ -346,7 +346,7 @@ fn chunk_table(tree: &Tree, inodes: &[Ino], chunks: &ChunkTable) -> Vec<Chunk> {
     used.sort_unstable();
     used.dedup();
     let mut table: Vec<Chunk> = used.iter().map(|&i| *chunks.get(i)).collect();
-    table.sort_by(|a, b| (a.digest, a.blob_index, a.index).cmp(&(b.digest, b.blob_index, b.index)));
+    table.sort_by_key(|c| (c.digest, c.blob_index, c.index));
     table
 }
 

@@ -409,10 +409,12 @@ impl MetaReader for V5Meta {
         for k in lo..n {
             let (foff, info) = (file_offset(k), chunk(k));
             if dense {
-                let (want_offset, want_size) = (k as u64 * chunk_size, chunk_size.min(size - k as u64 * chunk_size));
+                let want_offset = k as u64 * chunk_size;
+                let want_size = chunk_size.min(size - want_offset);
                 if foff != want_offset || info.uncompressed_size as u64 != want_size {
                     return Err(corrupt!(
-                        "{what}: chunk {k} holds {} bytes at file offset {foff}, the file needs {want_size} at {want_offset}",
+                        "{what}: chunk {k} holds {} bytes at file offset {foff}, the file needs {want_size} at \
+                         {want_offset}",
                         info.uncompressed_size
                     ));
                 }
@@ -432,7 +434,7 @@ impl MetaReader for V5Meta {
             previous_end = foff
                 .checked_add(info.uncompressed_size as u64)
                 .filter(|&chunk_end| chunk_end <= size)
-                .ok_or_else(|| corrupt!("{what}: chunk {k} at file offset {foff} runs past the end of the {size}-byte file"))?;
+                .ok_or_else(|| corrupt!("{what}: chunk {k} at file offset {foff} runs past the {size}-byte file"))?;
             out.push((foff, ChunkAddr::Full(info)));
         }
         Ok(out)

@@ -468,7 +468,11 @@ impl MetaReader for V6Meta {
         let (mut dot, mut dot_dot) = (false, false);
         for block in 0..raw.attr.size.div_ceil(self.block_size) {
             for (name, nid, t) in dir_block_entries(self.data_block(&raw, block)?, dir.ino)? {
-                let seen = if name == b"." { Some(&mut dot) } else if name == b".." { Some(&mut dot_dot) } else { None };
+                let seen = match name {
+                    b"." => Some(&mut dot),
+                    b".." => Some(&mut dot_dot),
+                    _ => None,
+                };
                 if seen.is_some_and(|seen| std::mem::replace(seen, true)) {
                     return Err(corrupt!(
                         "directory nid {}: more than one entry named {:?}",

@@ -1,0 +1,237 @@
+//! A deliberately small HTTP/1.1 server for the admin API on a Unix socket: one thread per connection (at
+//! most `MAX_CONNECTIONS`), bounded request line, headers and body, and a read timeout so a slow or silent
+//! client cannot hold a thread for long. Bodies are never logged (mount configs carry credentials).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+const MAX_HEADER_BYTES: usize = 16 << 10;
+/// Mount bodies carry a whole daemon config (itself at most 1 MiB) as a JSON string.
+pub const MAX_BODY_BYTES: usize = 2 << 20;
+const MAX_CONNECTIONS: usize = 32;
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Request {
+    pub method: String,
+    pub path: String,
+    pub query: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Request {
+    pub fn query(&self, key: &str) -> Option<&str> {
+        self.query.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+}
+
+pub struct Response {
+    pub status: u16,
+    pub body: Option<String>,
+}
+
+impl Response {
+    pub fn json(status: u16, value: &serde_json::Value) -> Self {
+        Response { status, body: Some(value.to_string()) }
+    }
+    pub fn no_content() -> Self {
+        Response { status: 204, body: None }
+    }
+    pub fn error(status: u16, code: &str, message: impl Into<String>) -> Self {
+        Response::json(status, &serde_json::json!({ "code": code, "message": message.into() }))
+    }
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        204 => "No Content",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        409 => "Conflict",
+        411 => "Length Required",
+        413 => "Payload Too Large",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        503 => "Service Unavailable",
+        _ => "",
+    }
+}
+
+/// Bind `path` (replacing a stale socket) and serve `handler` on a background thread.
+pub fn serve(path: &Path, handler: Arc<dyn Fn(&Request) -> Response + Send + Sync>) -> Result<std::thread::JoinHandle<()>> {
+    if path.exists() {
+        std::fs::remove_file(path).map_err(|e| Error::io(format!("remove stale API socket {}", path.display()), e))?;
+    }
+    let listener = UnixListener::bind(path).map_err(|e| Error::io(format!("bind API socket {}", path.display()), e))?;
+    log::info!("admin API listening on {}", path.display());
+    let active = Arc::new(AtomicUsize::new(0));
+    std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                if active.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
+                    let _ = write_response(&mut stream, &Response::error(503, "Busy", "too many API connections"), false);
+                    continue;
+                }
+                active.fetch_add(1, Ordering::SeqCst);
+                let (handler, active) = (handler.clone(), active.clone());
+                let spawned = std::thread::Builder::new().name("api-conn".into()).spawn(move || {
+                    handle_connection(stream, handler.as_ref());
+                    active.fetch_sub(1, Ordering::SeqCst);
+                });
+                if spawned.is_err() {
+                    log::warn!("admin API: cannot start a connection thread");
+                }
+            }
+        })
+        .map_err(|e| Error::io("start API thread", e))
+}
+
+fn handle_connection(stream: UnixStream, handler: &(dyn Fn(&Request) -> Response + Send + Sync)) {
+    let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(READ_TIMEOUT));
+    let Ok(mut writer) = stream.try_clone() else { return };
+    let mut reader = BufReader::new(stream);
+    loop {
+        match read_request(&mut reader) {
+            Ok(None) => return,
+            Ok(Some((request, keep_alive))) => {
+                let response = handler(&request);
+                if write_response(&mut writer, &response, keep_alive).is_err() || !keep_alive {
+                    return;
+                }
+            }
+            Err(response) => {
+                let _ = write_response(&mut writer, &response, false);
+                return;
+            }
+        }
+    }
+}
+
+/// Read one request. `Ok(None)` is a clean end of the connection; `Err` carries the error to send.
+fn read_request(reader: &mut BufReader<UnixStream>) -> std::result::Result<Option<(Request, bool)>, Response> {
+    let mut head = Vec::new();
+    loop {
+        let mut line = Vec::new();
+        let n = reader.by_ref().take((MAX_HEADER_BYTES + 1 - head.len().min(MAX_HEADER_BYTES)) as u64).read_until(b'\n', &mut line);
+        match n {
+            Ok(0) if head.is_empty() => return Ok(None),
+            Ok(0) => return Err(Response::error(400, "BadRequest", "connection closed inside the request head")),
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                return if head.is_empty() { Ok(None) } else { Err(Response::error(408, "Timeout", "request not received in time")) };
+            }
+            Err(_) => return Ok(None),
+        }
+        if head.len() + line.len() > MAX_HEADER_BYTES {
+            return Err(Response::error(431, "BadRequest", "request head larger than 16 KiB"));
+        }
+        let end = line == b"\r\n" || line == b"\n";
+        head.extend_from_slice(&line);
+        if end {
+            break;
+        }
+    }
+    let text = String::from_utf8(head).map_err(|_| Response::error(400, "BadRequest", "request head is not UTF-8"))?;
+    let mut lines = text.lines();
+    let request_line = lines.next().unwrap_or_default();
+    let mut parts = request_line.split(' ');
+    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(Response::error(400, "BadRequest", "malformed request line"));
+    };
+    if !version.starts_with("HTTP/1.") {
+        return Err(Response::error(400, "BadRequest", "only HTTP/1.x is served"));
+    }
+    let mut length = 0usize;
+    let mut keep_alive = version == "HTTP/1.1";
+    for line in lines.filter(|l| !l.is_empty()) {
+        let Some((name, value)) = line.split_once(':') else {
+            return Err(Response::error(400, "BadRequest", "malformed header line"));
+        };
+        let value = value.trim();
+        match name.trim().to_ascii_lowercase().as_str() {
+            "content-length" => {
+                length = value.parse().map_err(|_| Response::error(400, "BadRequest", "bad Content-Length"))?;
+            }
+            "transfer-encoding" => return Err(Response::error(411, "BadRequest", "send a Content-Length, not a chunked body")),
+            "connection" => keep_alive = !value.eq_ignore_ascii_case("close"),
+            _ => {}
+        }
+    }
+    if length > MAX_BODY_BYTES {
+        return Err(Response::error(413, "BadRequest", format!("body of {length} bytes is larger than {MAX_BODY_BYTES}")));
+    }
+    let mut body = vec![0u8; length];
+    reader.read_exact(&mut body).map_err(|_| Response::error(408, "Timeout", "body shorter than its Content-Length or too slow"))?;
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p, parse_query(q)),
+        None => (target, Vec::new()),
+    };
+    Ok(Some((Request { method: method.to_string(), path: percent_decode(path), query, body }, keep_alive)))
+}
+
+fn parse_query(q: &str) -> Vec<(String, String)> {
+    q.split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+/// Decode %XX escapes (clients percent-encode mountpoints); malformed escapes are kept literally.
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn write_response(w: &mut UnixStream, r: &Response, keep_alive: bool) -> std::io::Result<()> {
+    let body = r.body.as_deref().unwrap_or("");
+    let head = format!(
+        "HTTP/1.1 {} {}\r\nServer: rafsd\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n",
+        r.status,
+        reason(r.status),
+        body.len(),
+        if keep_alive { "keep-alive" } else { "close" }
+    );
+    w.write_all(head.as_bytes())?;
+    w.write_all(body.as_bytes())?;
+    w.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queries_are_percent_decoded() {
+        assert_eq!(parse_query("mountpoint=%2Frafs%2Fa%2Blowerdir&x"), vec![("mountpoint".into(), "/rafs/a+lowerdir".into()), ("x".into(), "".into())]);
+        assert_eq!(percent_decode("%zz%2"), "%zz%2");
+    }
+}

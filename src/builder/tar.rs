@@ -1,0 +1,219 @@
+//! Read a tar stream (an OCI layer, plain or gzip-compressed) into a tree. A tar can only be read once
+//! and in order, so file contents are chunked while the entries go by.
+//!
+//! Later entries replace earlier ones of the same path (a directory over a directory only updates its
+//! attributes); parents missing from the tar are created as 0755 root-owned directories. Whiteouts are
+//! kept as plain entries here: they only mean something when the layer is put on a parent.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::Path;
+use std::rc::Rc;
+
+use super::chunker::Chunker;
+use super::tree::{check_name, check_xattr, FileData, Kind, Meta, Node, NodeId, Tree, ROOT};
+use crate::error::{Error, Result};
+
+/// Counts the bytes the tar parser pulls and notices when the stream runs dry, so an archive cut off
+/// at an entry boundary (no end-of-archive blocks) is reported instead of taken as complete.
+struct Tracked<R> {
+    inner: R,
+    ended: Rc<Cell<bool>>,
+}
+
+impl<R: Read> Read for Tracked<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            self.ended.set(true);
+        }
+        Ok(n)
+    }
+}
+
+struct Builder {
+    tree: Tree,
+    /// (directory, name) → child, so replacing and linking entries is not a linear search.
+    index: HashMap<(NodeId, Vec<u8>), NodeId>,
+}
+
+fn dir_meta() -> Meta {
+    Meta { mode: libc::S_IFDIR | 0o755, ..Default::default() }
+}
+
+impl Builder {
+    /// The directory at `parts`, creating missing ones.
+    fn ensure_dir(&mut self, parts: &[Vec<u8>], path: &str) -> Result<NodeId> {
+        let mut dir = ROOT;
+        for part in parts {
+            dir = match self.index.get(&(dir, part.clone())) {
+                Some(&c) if self.tree.is_dir(c) => c,
+                Some(_) => return Err(Error::Invalid(format!("tar entry {path}: a parent is not a directory"))),
+                None => self.insert(dir, Node { name: part.clone(), meta: dir_meta(), kind: Kind::Dir(Vec::new()) }),
+            };
+        }
+        Ok(dir)
+    }
+
+    /// Add `node` to `dir`, replacing an entry of the same name (a directory over a directory keeps
+    /// its contents and takes the new attributes).
+    fn insert(&mut self, dir: NodeId, node: Node) -> NodeId {
+        let key = (dir, node.name.clone());
+        if let Some(&old) = self.index.get(&key) {
+            if self.tree.is_dir(old) && matches!(node.kind, Kind::Dir(_)) {
+                self.tree.nodes[old].meta = node.meta;
+                return old;
+            }
+            self.tree.children_mut(dir).retain(|&c| c != old);
+        }
+        let id = self.tree.push_child(dir, node);
+        self.index.insert(key, id);
+        id
+    }
+
+    fn lookup(&self, parts: &[Vec<u8>]) -> Option<NodeId> {
+        let mut node = ROOT;
+        for part in parts {
+            node = *self.index.get(&(node, part.clone()))?;
+        }
+        Some(node)
+    }
+}
+
+/// Path components of a tar name: "./a//b/" → [a, b]. ".." is refused (it would escape the root).
+fn components(raw: &[u8], shown: &str) -> Result<Vec<Vec<u8>>> {
+    let mut parts = Vec::new();
+    for part in raw.split(|&b| b == b'/') {
+        match part {
+            b"" | b"." => {}
+            b".." => return Err(Error::Invalid(format!("tar entry {shown}: path contains \"..\""))),
+            p => {
+                check_name(Path::new(shown), p)?;
+                parts.push(p.to_vec());
+            }
+        }
+    }
+    Ok(parts)
+}
+
+/// Read the whole archive, chunking file contents with `chunker`. `source` names the tar in errors.
+pub fn scan(reader: impl Read, chunker: &mut Chunker, source: &Path) -> Result<Tree> {
+    let ended = Rc::new(Cell::new(false));
+    let mut archive = tar::Archive::new(Tracked { inner: reader, ended: ended.clone() });
+    let broken = |e: std::io::Error| Error::Invalid(format!("{}: broken tar: {e}", source.display()));
+    let mut b = Builder { tree: Tree::new(dir_meta()), index: HashMap::new() };
+    for entry in archive.entries().map_err(broken)? {
+        let mut entry = entry.map_err(broken)?;
+        let header = entry.header().clone();
+        let etype = header.entry_type();
+        if etype.is_pax_global_extensions() {
+            continue;
+        }
+        let raw_path = entry.path_bytes().into_owned();
+        let shown = String::from_utf8_lossy(&raw_path).into_owned();
+        let parts = components(&raw_path, &shown)?;
+        let bad = |what: &str, e: std::io::Error| Error::Invalid(format!("{}: tar entry {shown}: {what}: {e}", source.display()));
+
+        let mut meta = Meta {
+            mode: header.mode().map_err(|e| bad("mode", e))? & 0o7777,
+            uid: header.uid().map_err(|e| bad("uid", e))? as u32,
+            gid: header.gid().map_err(|e| bad("gid", e))? as u32,
+            mtime: header.mtime().map_err(|e| bad("mtime", e))?,
+            ..Default::default()
+        };
+        if let Some(exts) = entry.pax_extensions().map_err(|e| bad("pax header", e))? {
+            for ext in exts {
+                let ext = ext.map_err(|e| bad("pax header", e))?;
+                let key = ext.key_bytes();
+                if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
+                    check_xattr(Path::new(&shown), name, ext.value_bytes())?;
+                    meta.xattrs.push((name.to_vec(), ext.value_bytes().to_vec()));
+                } else if key == b"mtime" {
+                    // "seconds[.fraction]": keep the nanoseconds the ustar field cannot hold.
+                    let text = String::from_utf8_lossy(ext.value_bytes()).into_owned();
+                    let (secs, frac) = text.split_once('.').unwrap_or((&text, ""));
+                    if let Ok(s) = secs.parse::<u64>() {
+                        meta.mtime = s;
+                        let digits: String = frac.chars().take(9).collect();
+                        meta.mtime_nsec = format!("{digits:0<9}").parse().unwrap_or(0);
+                    }
+                }
+            }
+        }
+        meta.xattrs.sort();
+
+        let kind_bits = match etype {
+            tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => libc::S_IFREG,
+            tar::EntryType::Directory => libc::S_IFDIR,
+            tar::EntryType::Symlink => libc::S_IFLNK,
+            tar::EntryType::Char => libc::S_IFCHR,
+            tar::EntryType::Block => libc::S_IFBLK,
+            tar::EntryType::Fifo => libc::S_IFIFO,
+            tar::EntryType::Link => 0,
+            other => {
+                return Err(Error::Invalid(format!(
+                    "{}: tar entry {shown}: unsupported entry type {:?}",
+                    source.display(),
+                    other.as_byte() as char
+                )))
+            }
+        };
+        meta.mode |= kind_bits;
+
+        let Some((name, parents)) = parts.split_last() else {
+            // The archive root ("./"): its attributes become the image root's.
+            if kind_bits != libc::S_IFDIR {
+                return Err(Error::Invalid(format!("{}: tar entry {shown} names the root but is not a directory", source.display())));
+            }
+            b.tree.nodes[ROOT].meta = meta;
+            continue;
+        };
+        let dir = b.ensure_dir(parents, &shown)?;
+        let name = name.clone();
+        let node = match etype {
+            tar::EntryType::Link => {
+                let target_raw = entry.link_name_bytes().map(|l| l.into_owned()).unwrap_or_default();
+                let target_shown = String::from_utf8_lossy(&target_raw).into_owned();
+                let target = b.lookup(&components(&target_raw, &target_shown)?).ok_or_else(|| {
+                    Error::Invalid(format!("{}: hard link {shown} to {target_shown}, which is not earlier in the tar", source.display()))
+                })?;
+                let t = &b.tree.nodes[target];
+                if matches!(t.kind, Kind::Dir(_)) {
+                    return Err(Error::Invalid(format!("{}: hard link {shown} to directory {target_shown}", source.display())));
+                }
+                // A regular file shares the target's contents (one inode); other types get a copy.
+                Node { name, meta: t.meta.clone(), kind: t.kind.clone() }
+            }
+            tar::EntryType::Directory => Node { name, meta, kind: Kind::Dir(Vec::new()) },
+            tar::EntryType::Symlink => {
+                let target = entry.link_name_bytes().map(|l| l.into_owned()).unwrap_or_default();
+                if target.is_empty() || target.len() > 4095 {
+                    return Err(Error::Invalid(format!("{}: symlink {shown} has a target of {} bytes", source.display(), target.len())));
+                }
+                Node { name, meta, kind: Kind::Symlink(target) }
+            }
+            tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
+                if kind_bits != libc::S_IFIFO {
+                    meta.rdev_major = header.device_major().map_err(|e| bad("device major", e))?.unwrap_or(0);
+                    meta.rdev_minor = header.device_minor().map_err(|e| bad("device minor", e))?.unwrap_or(0);
+                }
+                Node { name, meta, kind: Kind::Special }
+            }
+            _ => {
+                let size = entry.size();
+                let file = b.tree.add_file(FileData { size, source: None, chunks: Vec::new() });
+                chunker.add_file(file, &mut entry, size, &format!("{}: tar entry {shown}", source.display()))?;
+                Node { name, meta, kind: Kind::File(file) }
+            }
+        };
+        b.insert(dir, node);
+    }
+    if ended.get() {
+        return Err(Error::Invalid(format!(
+            "{}: broken tar: the archive ends without its end-of-archive blocks (truncated?)",
+            source.display()
+        )));
+    }
+    Ok(b.tree)
+}

@@ -1,0 +1,205 @@
+//! The virtio-fs device: a vhost-user backend that feeds FUSE requests from the guest's virtqueues to a
+//! fuse-backend-rs `Server` over the daemon's `Vfs` (where each image is a pseudo mount).
+//!
+//! Queue 0 is the hiprio queue (FORGET, INTERRUPT), queues 1.. carry requests; each queue has its own
+//! worker thread. A request that fails is answered (or dropped) by the server and logged; it never ends a
+//! worker. When the VMM disconnects we listen again for the next one.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::api::Vfs;
+use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::Backend;
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::QueueOwnedT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+
+use crate::error::{Error, Result};
+
+/// Descriptors per queue (QEMU asks for 128 by default; nydusd offers 1024).
+pub const QUEUE_SIZE: usize = 1024;
+/// hiprio + request queues offered; the VMM's `num-request-queues` must not exceed `QUEUES - 1`.
+pub const DEFAULT_REQUEST_QUEUES: usize = 4;
+
+type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
+
+pub struct VirtioFsBackend {
+    server: Arc<Server<Arc<Vfs>>>,
+    mem: RwLock<Option<GuestMem>>,
+    event_idx: AtomicBool,
+    queues: usize,
+    /// One exit event per worker thread, so the workers stop when a connection ends.
+    exits: Vec<(EventConsumer, EventNotifier)>,
+    backend_req: Mutex<Option<Backend>>,
+}
+
+impl VirtioFsBackend {
+    pub fn new(vfs: Arc<Vfs>, request_queues: usize) -> io::Result<Self> {
+        let queues = 1 + request_queues.max(1);
+        let exits = (0..queues)
+            .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK))
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(VirtioFsBackend {
+            server: Arc::new(Server::new(vfs)),
+            mem: RwLock::new(None),
+            event_idx: AtomicBool::new(false),
+            queues,
+            exits,
+            backend_req: Mutex::new(None),
+        })
+    }
+
+    fn process_queue(&self, vring: &VringRwLock) -> io::Result<()> {
+        let mem = self
+            .mem
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .ok_or_else(|| io::Error::other("virtqueue kicked before the guest memory table was set"))?
+            .memory();
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        loop {
+            if event_idx {
+                vring.disable_notification().map_err(io::Error::other)?;
+            }
+            let chains: Vec<_> = vring
+                .get_mut()
+                .get_queue_mut()
+                .iter(mem.clone())
+                .map_err(io::Error::other)?
+                .collect();
+            for chain in chains {
+                let head = chain.head_index();
+                let used = self.handle_chain(chain);
+                vring.add_used(head, used).map_err(io::Error::other)?;
+            }
+            if !event_idx || vring.needs_notification().map_err(io::Error::other)? {
+                vring.signal_used_queue()?;
+            }
+            // With EVENT_IDX, re-enable notifications and drain again if more arrived meanwhile.
+            if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// One FUSE request; returns the bytes written to the guest (0 when no reply could be built).
+    fn handle_chain(&self, chain: virtio_queue::DescriptorChain<vm_memory::GuestMemoryLoadGuard<GuestMemoryMmap>>) -> u32 {
+        let mem = chain.memory();
+        let reader = match Reader::from_descriptor_chain(mem, chain.clone()) {
+            Ok(r) => r,
+            Err(e) => {
+                log::warn!("virtio-fs: malformed request descriptors: {e}");
+                return 0;
+            }
+        };
+        let writer = match VirtioFsWriter::new(mem, chain.clone()) {
+            Ok(w) => w,
+            Err(e) => {
+                log::warn!("virtio-fs: malformed reply descriptors: {e}");
+                return 0;
+            }
+        };
+        match self.server.handle_message(reader, writer.into(), None, None) {
+            Ok(n) => n as u32,
+            Err(e) => {
+                log::warn!("virtio-fs: request failed: {e}");
+                0
+            }
+        }
+    }
+}
+
+impl VhostUserBackend for VirtioFsBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        self.queues
+    }
+
+    fn max_queue_size(&self) -> usize {
+        QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        (1 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::BACKEND_REQ | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
+        *self.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(mem);
+        Ok(())
+    }
+
+    fn set_backend_req_fd(&self, backend: Backend) {
+        *self.backend_req.lock().unwrap_or_else(|e| e.into_inner()) = Some(backend);
+    }
+
+    /// One worker thread per queue: a slow read on one request queue does not hold up the others.
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.queues).map(|q| 1u64 << q).collect()
+    }
+
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (c, n) = self.exits.get(thread_index)?;
+        Some((c.try_clone().ok()?, n.try_clone().ok()?))
+    }
+
+    fn handle_event(&self, device_event: u16, evset: EventSet, vrings: &[VringRwLock], _thread: usize) -> io::Result<()> {
+        if evset != EventSet::IN {
+            log::warn!("virtio-fs: unexpected event set {evset:?}");
+            return Ok(());
+        }
+        let Some(vring) = vrings.get(device_event as usize) else {
+            log::warn!("virtio-fs: event for unknown queue {device_event}");
+            return Ok(());
+        };
+        // Never return an error: that would end this worker thread for good.
+        if let Err(e) = self.process_queue(vring) {
+            log::error!("virtio-fs: queue processing: {e}");
+        }
+        Ok(())
+    }
+}
+
+/// Serve `vfs` on the vhost-user socket `sock` until `stop` is set: one VMM connection at a time, and a
+/// fresh listener after each disconnect.
+pub fn serve(vfs: Arc<Vfs>, sock: &Path, request_queues: usize, stop: Arc<AtomicBool>) -> Result<()> {
+    let sock: PathBuf = sock.to_path_buf();
+    while !stop.load(Ordering::Relaxed) {
+        let backend = Arc::new(
+            VirtioFsBackend::new(vfs.clone(), request_queues).map_err(|e| Error::io("create virtio-fs backend", e))?,
+        );
+        let mut daemon = VhostUserDaemon::new("rafsd-virtiofs".into(), backend.clone(), GuestMemoryAtomic::new(GuestMemoryMmap::new()))
+            .map_err(|e| Error::Invalid(format!("vhost-user daemon: {e}")))?;
+        log::info!("virtio-fs: waiting for a VMM on {}", sock.display());
+        let result = daemon.serve(&sock);
+        // The next guest starts from FUSE_INIT again; reset the Vfs session (mounts stay).
+        fuse_backend_rs::api::filesystem::FileSystem::destroy(&*vfs);
+        match result {
+            Ok(()) => log::info!("virtio-fs: VMM disconnected"),
+            Err(e) => log::warn!("virtio-fs: connection ended: {e}"),
+        }
+    }
+    Ok(())
+}
