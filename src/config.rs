@@ -232,7 +232,7 @@ fn invalid(path: String, msg: &str) -> Error {
 fn parse_backend(kind: &str, config: Option<Obj>, path: &str) -> Result<BackendConfig> {
     match kind {
         "localfs" => {
-            let c = config.ok_or_else(|| invalid(format!("{path}"), "localfs needs `dir` or `blob_file`"))?;
+            let c = config.ok_or_else(|| invalid(path.to_string(), "localfs needs `dir` or `blob_file`"))?;
             let dir = c.string("dir")?.map(PathBuf::from);
             let blob_file = c.string("blob_file")?.map(PathBuf::from);
             let alt_dirs = c.paths("alt_dirs")?;

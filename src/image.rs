@@ -84,6 +84,9 @@ pub enum MetaSource {
     InlineBlob { path: PathBuf, blob_id: String },
 }
 
+/// (blob index, batch index, decompressed batch).
+type DecodedBatch = (u32, u32, Arc<Vec<u8>>);
+
 pub struct RafsImage {
     meta: Box<dyn MetaReader>,
     source: MetaSource,
@@ -93,7 +96,7 @@ pub struct RafsImage {
     /// backend that recovers is tried again).
     blob_meta: Mutex<Vec<Option<Arc<ChunkInfoArray>>>>,
     /// The last decompressed batch: small files of one batch are usually read one after another.
-    last_batch: Mutex<Option<(u32, u32, Arc<Vec<u8>>)>>,
+    last_batch: Mutex<Option<DecodedBatch>>,
     cache: Option<Arc<BlobCache>>,
     amplify_io: u64,
     user_reads: AtomicUsize,
@@ -334,7 +337,7 @@ impl RafsImage {
         }
         let known_size = blob.uncompressed_size > 0 && blob.chunk_count > 0;
         let past_end = (info.uncompressed_offset.checked_add(info.uncompressed_size as u64))
-            .map_or(true, |end| end > blob.uncompressed_size);
+            .is_none_or(|end| end > blob.uncompressed_size);
         if known_size && (info.index >= blob.chunk_count || past_end) {
             return Err(corrupt!(
                 "blob {} chunk {}: index or extent {}+{} lies outside the blob ({} chunks, {} bytes)",

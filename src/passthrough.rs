@@ -154,4 +154,28 @@ mod tests {
         assert!(check(c"file").is_ok());
         assert!(check(c"...").is_ok());
     }
+
+    #[test]
+    fn lookups_cannot_leave_the_shared_directory() {
+        let outer = tempfile::tempdir().unwrap();
+        std::fs::write(outer.path().join("secret"), b"host only").unwrap();
+        let share = outer.path().join("share");
+        std::fs::create_dir(&share).unwrap();
+        std::fs::write(share.join("file"), b"shared").unwrap();
+        std::os::unix::fs::symlink("../secret", share.join("escape")).unwrap();
+        let fs = ConfinedPassthrough::new(&share).unwrap();
+        let ctx = Context::default();
+        let root = fuse_backend_rs::api::filesystem::ROOT_ID;
+        fs.init(FsOptions::empty()).unwrap();
+        for bad in [c"..", c"."] {
+            assert_eq!(fs.lookup(&ctx, root, bad).unwrap_err().raw_os_error(), Some(libc::EPERM), "{bad:?}");
+            assert_eq!(fs.mkdir(&ctx, root, bad, 0o755, 0).unwrap_err().raw_os_error(), Some(libc::EPERM));
+        }
+        assert!(fs.lookup(&ctx, root, c"file").unwrap().inode != 0);
+        // A symlink is returned as a link (the guest resolves it in its own tree), never followed here.
+        let link = fs.lookup(&ctx, root, c"escape").unwrap();
+        assert_eq!(link.attr.st_mode & libc::S_IFMT, libc::S_IFLNK);
+        assert_eq!(fs.readlink(&ctx, link.inode).unwrap(), b"../secret");
+        assert!(fs.lookup(&ctx, link.inode, c"secret").is_err(), "a symlink is not a directory to look into");
+    }
 }

@@ -5,17 +5,15 @@
 
 mod manifest;
 
-use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::fs::{self, File};
-use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 
-use rafsd::builder::{self, BuildOptions, BuildReport, WhiteoutSpec};
+use rafsd::builder::{self, BuildOptions, BuildReport};
 use rafsd::format::{Compressor, Digester};
 use rafsd::{check, ImageOptions, RafsImage};
 

@@ -195,7 +195,7 @@ mod v6 {
             let len = (dir.size as usize - k * BLOCK).min(BLOCK);
             // The last, partial block of a FLAT_INLINE directory follows the inode and its xattrs;
             // every other block is at block address `i_u + k`.
-            let start = if dir.layout == LAYOUT_FLAT_INLINE && k == nblocks - 1 && dir.size as usize % BLOCK != 0 {
+            let start = if dir.layout == LAYOUT_FLAT_INLINE && k == nblocks - 1 && !(dir.size as usize).is_multiple_of(BLOCK) {
                 dir.off + dir.inode_size() + dir.xattr_size
             } else {
                 (dir.i_u as usize + k) * BLOCK

@@ -371,7 +371,7 @@ pub fn chunk_record(c: &Chunk, file_offset: u64) -> [u8; 80] {
 /// An 8-byte chunk index: CI index split 16 + 8 bits around the device id (blob index + 1), then the
 /// chunk's block in the blob's uncompressed space (doc §1.9).
 fn chunk_addr(c: &Chunk) -> Result<[u8; 8]> {
-    if c.blob_index >= 255 || c.index >= 1 << 24 || c.uncompressed_offset % BLOCK != 0 {
+    if c.blob_index >= 255 || c.index >= 1 << 24 || !c.uncompressed_offset.is_multiple_of(BLOCK) {
         return Err(Error::Invalid(format!(
             "chunk {} of blob {} cannot be addressed in v6 (blob index, CI index or unaligned offset {})",
             c.index, c.blob_index, c.uncompressed_offset

@@ -53,7 +53,7 @@ pub const TOC_COMPRESS_ZSTD: u32 = 0x2;
 pub const TOC_COMPRESS_LZ4: u32 = 0x4;
 
 pub fn parse_toc(entries: &[u8]) -> Result<Vec<TocEntry>> {
-    if entries.len() as u64 % TOC_ENTRY_SIZE != 0 {
+    if !(entries.len() as u64).is_multiple_of(TOC_ENTRY_SIZE) {
         return Err(corrupt!("blob ToC of {} bytes is not a whole number of entries", entries.len()));
     }
     Ok(entries

@@ -48,6 +48,9 @@ struct RawInode {
     xattr_size: u64,
 }
 
+/// (blob index, CI index) → row of the chunk table.
+type ChunkRows = HashMap<(u32, u32), u32>;
+
 pub struct V6Meta {
     data: MetaBytes,
     info: SuperInfo,
@@ -55,7 +58,7 @@ pub struct V6Meta {
     block_size: u64,
     chunk_table: (u64, u64),
     /// (blob index, CI index) → chunk-table row, built on first use.
-    chunk_rows: OnceLock<std::result::Result<HashMap<(u32, u32), u32>, String>>,
+    chunk_rows: OnceLock<std::result::Result<ChunkRows, String>>,
 }
 
 impl V6Meta {
@@ -269,7 +272,7 @@ impl V6Meta {
         let nblocks = size.div_ceil(self.block_size);
         let what = format!("data of inode nid {}", raw.attr.ino);
         match raw.layout {
-            LAYOUT_FLAT_INLINE if index == nblocks - 1 && size % self.block_size != 0 => {
+            LAYOUT_FLAT_INLINE if index == nblocks - 1 && !size.is_multiple_of(self.block_size) => {
                 let off = raw.offset + raw.inode_size + raw.xattr_size;
                 if off % self.block_size + len > self.block_size {
                     return Err(corrupt!("inode nid {}: inline data crosses a block boundary", raw.attr.ino));
@@ -292,7 +295,7 @@ impl V6Meta {
         Ok(raw)
     }
 
-    fn chunk_rows(&self) -> Result<&HashMap<(u32, u32), u32>> {
+    fn chunk_rows(&self) -> Result<&ChunkRows> {
         let rows = self.chunk_rows.get_or_init(|| {
             let (off, size) = self.chunk_table;
             let table = slice(&self.data, off, size, "chunk table").map_err(|e| e.to_string())?;
@@ -371,7 +374,7 @@ fn dir_block_entries(block: &[u8], nid: u64) -> Result<Vec<(&[u8], u64, u8)>> {
         return Err(corrupt!("directory nid {nid}: block of {} bytes holds no entry", block.len()));
     }
     let first = block.u16_at(8) as usize;
-    if first < DIRENT_SIZE || first % DIRENT_SIZE != 0 || first > block.len() {
+    if first < DIRENT_SIZE || !first.is_multiple_of(DIRENT_SIZE) || first > block.len() {
         return Err(corrupt!("directory nid {nid}: bad first name offset {first}"));
     }
     let count = first / DIRENT_SIZE;
