@@ -13,6 +13,7 @@ command -v dpkg-deb >/dev/null || need_apt+=(dpkg)
 command -v xz >/dev/null || need_apt+=(xz-utils)
 command -v zstd >/dev/null || need_apt+=(zstd)
 command -v timeout >/dev/null || need_apt+=(coreutils)
+command -v curl >/dev/null || need_apt+=(curl) # ci/demo-vm.sh talks to the admin API with it
 if [ ${#need_apt[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq

@@ -5,6 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ci/install-deps.sh
+# tests/vm.rs boots a QEMU guest: QEMU, busybox-static and cpio, and the guest kernel (cached in target/guest).
+ci/install-vm-deps.sh
+ci/guest-kernel.sh >/dev/null
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace 2>&1 | tee target/test.log

@@ -17,12 +17,12 @@ virtiofsd=/usr/lib/qemu/virtiofsd
 [ -x "$virtiofsd" ] || { echo "vm-standin: $virtiofsd missing (package qemu-system-common)" >&2; exit 1; }
 
 work=$(mktemp -d /tmp/rafsd-standin.XXXXXX)
-vfs_pid= qemu_pid=
+vfs_pid='' qemu_pid=''
 cleanup() {
-    [ -n "$qemu_pid" ] && kill "$qemu_pid" 2>/dev/null || true
-    [ -n "$vfs_pid" ] && kill "$vfs_pid" 2>/dev/null || true
+    if [ -n "$qemu_pid" ]; then kill "$qemu_pid" 2>/dev/null || true; fi
+    if [ -n "$vfs_pid" ]; then kill "$vfs_pid" 2>/dev/null || true; fi
     wait 2>/dev/null || true
-    rm -rf "$work"
+    if [ -n "${RAFSD_KEEP:-}" ]; then echo "vm-standin: kept $work" >&2; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
 
@@ -89,7 +89,7 @@ done
 grep -aq "UNMOUNTED-GONE" "$log" || { echo "vm-standin: emptied image still visible" >&2; fail=1; }
 grep -aq "BADREAD" "$log" || { echo "vm-standin: no BADREAD line" >&2; fail=1; }
 grep -q "$nonce" "$share/containers/from-guest" || { echo "vm-standin: guest did not write from-guest" >&2; fail=1; }
-tr -d '\r' <"$log" | grep -aE 'GUEST-UP|MOUNTED|LIST|GO-SEEN|UNMOUNTED|BADREAD|WROTE|DONE' | sed 's/^.*\(GUEST-UP\|MOUNTED\|LIST\|GO-SEEN\|UNMOUNTED\|BADREAD\|WROTE\|DONE\)/\1/'
+tr -d '\r' <"$log" | grep -aoE '(GUEST-UP|MOUNTED|LIST|PHASE1-DONE|GO-SEEN|UNMOUNTED-[A-Z-]+|BADREAD|WROTE|DONE) .*'
 awk -v a="$start" -v b="$t1" -v c="$t2" 'BEGIN { printf "boot+hash %.1f s, phase 2 %.1f s\n", b - a, c - b }'
 kill "$vfs_pid" 2>/dev/null || true
 [ $fail -eq 0 ] && echo "vm-standin: OK ($(wc -l <"$work/hashes") files hashed in the guest)"

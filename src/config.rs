@@ -17,7 +17,11 @@ const MAX_CONFIG_SIZE: usize = 1 << 20;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum BackendConfig {
-    LocalFs { dir: Option<PathBuf>, alt_dirs: Vec<PathBuf>, blob_file: Option<PathBuf> },
+    LocalFs {
+        dir: Option<PathBuf>,
+        alt_dirs: Vec<PathBuf>,
+        blob_file: Option<PathBuf>,
+    },
     /// A network backend (`registry`, `oss`, `s3`, `http-proxy`): its type and raw settings.
     Remote { kind: String, config: Value },
 }
@@ -43,7 +47,13 @@ pub struct PrefetchConfig {
 
 impl Default for PrefetchConfig {
     fn default() -> Self {
-        PrefetchConfig { enable: false, threads: 8, merging_size: 1 << 20, bandwidth_limit: 0, prefetch_all: false }
+        PrefetchConfig {
+            enable: false,
+            threads: 8,
+            merging_size: 1 << 20,
+            bandwidth_limit: 0,
+            prefetch_all: false,
+        }
     }
 }
 
@@ -96,9 +106,17 @@ impl DaemonConfig {
     pub fn localfs(dir: PathBuf, work_dir: Option<PathBuf>) -> Self {
         DaemonConfig {
             id: None,
-            backend: BackendConfig::LocalFs { dir: Some(dir), alt_dirs: Vec::new(), blob_file: None },
+            backend: BackendConfig::LocalFs {
+                dir: Some(dir),
+                alt_dirs: Vec::new(),
+                blob_file: None,
+            },
             cache: CacheConfig {
-                kind: if work_dir.is_some() { CacheKind::BlobCache } else { CacheKind::None },
+                kind: if work_dir.is_some() {
+                    CacheKind::BlobCache
+                } else {
+                    CacheKind::None
+                },
                 work_dir,
                 validate: false,
                 compressed: false,
@@ -113,7 +131,8 @@ impl DaemonConfig {
     }
 
     pub fn from_file(path: &std::path::Path) -> Result<Self> {
-        let text = std::fs::read(path).map_err(|e| Error::io(format!("read config {}", path.display()), e))?;
+        let text = std::fs::read(path)
+            .map_err(|e| Error::io(format!("read config {}", path.display()), e))?;
         Self::from_slice(&text).map_err(|e| match e {
             Error::Invalid(m) => Error::Invalid(format!("config {}: {m}", path.display())),
             other => other,
@@ -122,14 +141,21 @@ impl DaemonConfig {
 
     pub fn from_slice(text: &[u8]) -> Result<Self> {
         if text.len() > MAX_CONFIG_SIZE {
-            return Err(Error::Invalid(format!("config is {} bytes, larger than 1 MiB", text.len())));
+            return Err(Error::Invalid(format!(
+                "config is {} bytes, larger than 1 MiB",
+                text.len()
+            )));
         }
-        let value: Value =
-            serde_json::from_slice(text).map_err(|e| Error::Invalid(format!("config is not valid JSON: {e}")))?;
+        let value: Value = serde_json::from_slice(text)
+            .map_err(|e| Error::Invalid(format!("config is not valid JSON: {e}")))?;
         let root = Obj::new(&value, "")?;
         let config = match root.value.get("version") {
             Some(Value::Number(n)) if n.as_u64() == Some(2) => parse_v2(&root)?,
-            Some(v) => return Err(Error::Invalid(format!("config key `version`: {v} (only 2 is known)"))),
+            Some(v) => {
+                return Err(Error::Invalid(format!(
+                    "config key `version`: {v} (only 2 is known)"
+                )))
+            }
             None => parse_v1(&root)?,
         };
         root.finish();
@@ -146,8 +172,14 @@ struct Obj<'a> {
 
 impl<'a> Obj<'a> {
     fn new(value: &'a Value, path: &str) -> Result<Self> {
-        let map = value.as_object().ok_or_else(|| type_error(path, "an object", value))?;
-        Ok(Obj { value: map, path: path.to_string(), used: Default::default() })
+        let map = value
+            .as_object()
+            .ok_or_else(|| type_error(path, "an object", value))?;
+        Ok(Obj {
+            value: map,
+            path: path.to_string(),
+            used: Default::default(),
+        })
     }
 
     fn key_path(&self, key: &str) -> String {
@@ -175,7 +207,13 @@ impl<'a> Obj<'a> {
     fn u64(&self, key: &'a str, default: u64) -> Result<u64> {
         match self.get(key) {
             None => Ok(default),
-            Some(Value::Number(n)) => n.as_u64().ok_or_else(|| type_error(&self.key_path(key), "a non-negative integer", &Value::Number(n.clone()))),
+            Some(Value::Number(n)) => n.as_u64().ok_or_else(|| {
+                type_error(
+                    &self.key_path(key),
+                    "a non-negative integer",
+                    &Value::Number(n.clone()),
+                )
+            }),
             Some(v) => Err(type_error(&self.key_path(key), "a non-negative integer", v)),
         }
     }
@@ -189,7 +227,9 @@ impl<'a> Obj<'a> {
     }
 
     fn obj(&self, key: &'a str) -> Result<Option<Obj<'a>>> {
-        self.get(key).map(|v| Obj::new(v, &self.key_path(key))).transpose()
+        self.get(key)
+            .map(|v| Obj::new(v, &self.key_path(key)))
+            .transpose()
     }
 
     fn paths(&self, key: &'a str) -> Result<Vec<PathBuf>> {
@@ -197,7 +237,11 @@ impl<'a> Obj<'a> {
             None => Ok(Vec::new()),
             Some(Value::Array(items)) => items
                 .iter()
-                .map(|v| v.as_str().map(PathBuf::from).ok_or_else(|| type_error(&self.key_path(key), "a list of strings", v)))
+                .map(|v| {
+                    v.as_str()
+                        .map(PathBuf::from)
+                        .ok_or_else(|| type_error(&self.key_path(key), "a list of strings", v))
+                })
                 .collect(),
             Some(v) => Err(type_error(&self.key_path(key), "a list of strings", v)),
         }
@@ -222,7 +266,9 @@ fn type_error(path: &str, want: &str, got: &Value) -> Error {
         Value::Object(_) => "an object",
     };
     let path = if path.is_empty() { "(top level)" } else { path };
-    Error::Invalid(format!("config key `{path}`: expected {want}, found {kind}"))
+    Error::Invalid(format!(
+        "config key `{path}`: expected {want}, found {kind}"
+    ))
 }
 
 fn invalid(path: String, msg: &str) -> Error {
@@ -232,7 +278,8 @@ fn invalid(path: String, msg: &str) -> Error {
 fn parse_backend(kind: &str, config: Option<Obj>, path: &str) -> Result<BackendConfig> {
     match kind {
         "localfs" => {
-            let c = config.ok_or_else(|| invalid(path.to_string(), "localfs needs `dir` or `blob_file`"))?;
+            let c = config
+                .ok_or_else(|| invalid(path.to_string(), "localfs needs `dir` or `blob_file`"))?;
             let dir = c.string("dir")?.map(PathBuf::from);
             let blob_file = c.string("blob_file")?.map(PathBuf::from);
             let alt_dirs = c.paths("alt_dirs")?;
@@ -241,16 +288,31 @@ fn parse_backend(kind: &str, config: Option<Obj>, path: &str) -> Result<BackendC
                 c.get(ignored);
             }
             if dir.is_none() && blob_file.is_none() {
-                return Err(invalid(c.path.clone(), "localfs needs `dir` or `blob_file`"));
+                return Err(invalid(
+                    c.path.clone(),
+                    "localfs needs `dir` or `blob_file`",
+                ));
             }
             c.finish();
-            Ok(BackendConfig::LocalFs { dir, alt_dirs, blob_file })
+            Ok(BackendConfig::LocalFs {
+                dir,
+                alt_dirs,
+                blob_file,
+            })
         }
         "registry" | "oss" | "s3" | "http-proxy" | "localdisk" => {
-            let raw = config.map(|c| Value::Object(c.value.clone())).unwrap_or(Value::Null);
-            Ok(BackendConfig::Remote { kind: kind.to_string(), config: raw })
+            let raw = config
+                .map(|c| Value::Object(c.value.clone()))
+                .unwrap_or(Value::Null);
+            Ok(BackendConfig::Remote {
+                kind: kind.to_string(),
+                config: raw,
+            })
         }
-        other => Err(invalid(format!("{path}.type"), &format!("unknown backend type {other:?}"))),
+        other => Err(invalid(
+            format!("{path}.type"),
+            &format!("unknown backend type {other:?}"),
+        )),
     }
 }
 
@@ -258,7 +320,10 @@ fn parse_cache_kind(kind: Option<String>, path: String) -> Result<CacheKind> {
     match kind.as_deref() {
         None | Some("") | Some("dummycache") => Ok(CacheKind::None),
         Some("blobcache") | Some("filecache") => Ok(CacheKind::BlobCache),
-        Some("fscache") => Err(invalid(path, "fscache is served by the in-guest helper, not by a FUSE/virtio-fs mount")),
+        Some("fscache") => Err(invalid(
+            path,
+            "fscache is served by the in-guest helper, not by a FUSE/virtio-fs mount",
+        )),
         Some(other) => Err(invalid(path, &format!("unknown cache type {other:?}"))),
     }
 }
@@ -266,20 +331,39 @@ fn parse_cache_kind(kind: Option<String>, path: String) -> Result<CacheKind> {
 /// `fs_prefetch` (v1) or `prefetch` (v2) block; v1 and v2 spell some keys differently.
 fn parse_prefetch(p: &Obj, legacy: bool) -> Result<PrefetchConfig> {
     let d = PrefetchConfig::default();
-    let threads = p.u64(if legacy { "threads_count" } else { "threads" }, d.threads as u64)?;
+    let threads = p.u64(
+        if legacy { "threads_count" } else { "threads" },
+        d.threads as u64,
+    )?;
     let enable = p.bool("enable", false)?;
     if enable && !(1..=1024).contains(&threads) {
-        return Err(invalid(p.key_path(if legacy { "threads_count" } else { "threads" }), "must be 1..1024"));
+        return Err(invalid(
+            p.key_path(if legacy { "threads_count" } else { "threads" }),
+            "must be 1..1024",
+        ));
     }
-    let merging_size = p.u64(if legacy { "merging_size" } else { "batch_size" }, d.merging_size)?;
+    let merging_size = p.u64(
+        if legacy { "merging_size" } else { "batch_size" },
+        d.merging_size,
+    )?;
     if merging_size > 0x1000_0000 {
-        return Err(invalid(p.key_path(if legacy { "merging_size" } else { "batch_size" }), "must be at most 256 MiB"));
+        return Err(invalid(
+            p.key_path(if legacy { "merging_size" } else { "batch_size" }),
+            "must be at most 256 MiB",
+        ));
     }
     let cfg = PrefetchConfig {
         enable,
         threads: threads as usize,
         merging_size,
-        bandwidth_limit: p.u64(if legacy { "bandwidth_rate" } else { "bandwidth_limit" }, 0)?,
+        bandwidth_limit: p.u64(
+            if legacy {
+                "bandwidth_rate"
+            } else {
+                "bandwidth_limit"
+            },
+            0,
+        )?,
         // nydusd's legacy format defaults prefetch_all to true, v2 to false.
         prefetch_all: p.bool("prefetch_all", legacy)?,
     };
@@ -289,10 +373,19 @@ fn parse_prefetch(p: &Obj, legacy: bool) -> Result<PrefetchConfig> {
 }
 
 fn parse_v1(root: &Obj) -> Result<DaemonConfig> {
-    let device = root.obj("device")?.ok_or_else(|| invalid("device".into(), "missing (a v1 config needs `device.backend`)"))?;
+    let device = root.obj("device")?.ok_or_else(|| {
+        invalid(
+            "device".into(),
+            "missing (a v1 config needs `device.backend`)",
+        )
+    })?;
     let id = device.string("id")?;
-    let backend_obj = device.obj("backend")?.ok_or_else(|| invalid("device.backend".into(), "missing"))?;
-    let kind = backend_obj.string("type")?.ok_or_else(|| invalid("device.backend.type".into(), "missing"))?;
+    let backend_obj = device
+        .obj("backend")?
+        .ok_or_else(|| invalid("device.backend".into(), "missing"))?;
+    let kind = backend_obj
+        .string("type")?
+        .ok_or_else(|| invalid("device.backend.type".into(), "missing"))?;
     let backend = parse_backend(&kind, backend_obj.obj("config")?, "device.backend.config")?;
     backend_obj.finish();
     let cache = match device.obj("cache")? {
@@ -307,21 +400,37 @@ fn parse_v1(root: &Obj) -> Result<DaemonConfig> {
                 }
                 None => None,
             };
-            let cache = CacheConfig { kind, work_dir, validate: c.bool("validate", false)?, compressed: c.bool("compressed", false)? };
+            let cache = CacheConfig {
+                kind,
+                work_dir,
+                validate: c.bool("validate", false)?,
+                compressed: c.bool("compressed", false)?,
+            };
             c.finish();
             cache
         }
-        None => CacheConfig { kind: CacheKind::None, work_dir: None, validate: false, compressed: false },
+        None => CacheConfig {
+            kind: CacheKind::None,
+            work_dir: None,
+            validate: false,
+            compressed: false,
+        },
     };
     device.get("external_backends");
     device.finish();
     let mode = root.string("mode")?.unwrap_or_else(|| "direct".into());
     if mode != "direct" && mode != "cached" {
-        return Err(invalid("mode".into(), &format!("{mode:?} (expected \"direct\" or \"cached\")")));
+        return Err(invalid(
+            "mode".into(),
+            &format!("{mode:?} (expected \"direct\" or \"cached\")"),
+        ));
     }
     let prefetch = match root.obj("fs_prefetch")? {
         Some(p) => parse_prefetch(&p, true)?,
-        None => PrefetchConfig { prefetch_all: true, ..Default::default() },
+        None => PrefetchConfig {
+            prefetch_all: true,
+            ..Default::default()
+        },
     };
     let rafs = RafsConfig {
         mode,
@@ -333,15 +442,24 @@ fn parse_v1(root: &Obj) -> Result<DaemonConfig> {
         amplify_io: checked_amplify(root.u64("amplify_io", 1 << 20)?, "amplify_io")?,
         prefetch,
     };
-    let config = DaemonConfig { id, backend, cache, rafs };
+    let config = DaemonConfig {
+        id,
+        backend,
+        cache,
+        rafs,
+    };
     check_cache(&config, "device.cache.config.work_dir")?;
     Ok(config)
 }
 
 fn parse_v2(root: &Obj) -> Result<DaemonConfig> {
     let id = root.string("id")?;
-    let backend_obj = root.obj("backend")?.ok_or_else(|| invalid("backend".into(), "missing"))?;
-    let kind = backend_obj.string("type")?.ok_or_else(|| invalid("backend.type".into(), "missing"))?;
+    let backend_obj = root
+        .obj("backend")?
+        .ok_or_else(|| invalid("backend".into(), "missing"))?;
+    let kind = backend_obj
+        .string("type")?
+        .ok_or_else(|| invalid("backend.type".into(), "missing"))?;
     let sub_key: &'static str = match kind.as_str() {
         "localfs" => "localfs",
         "registry" => "registry",
@@ -349,9 +467,18 @@ fn parse_v2(root: &Obj) -> Result<DaemonConfig> {
         "s3" => "s3",
         "http-proxy" => "http-proxy",
         "localdisk" => "localdisk",
-        other => return Err(invalid("backend.type".into(), &format!("unknown backend type {other:?}"))),
+        other => {
+            return Err(invalid(
+                "backend.type".into(),
+                &format!("unknown backend type {other:?}"),
+            ))
+        }
     };
-    let backend = parse_backend(&kind, backend_obj.obj(sub_key)?, &format!("backend.{sub_key}"))?;
+    let backend = parse_backend(
+        &kind,
+        backend_obj.obj(sub_key)?,
+        &format!("backend.{sub_key}"),
+    )?;
     backend_obj.finish();
     let (cache, cache_prefetch) = match root.obj("cache")? {
         Some(c) => {
@@ -361,7 +488,9 @@ fn parse_v2(root: &Obj) -> Result<DaemonConfig> {
                     let w = f.string("work_dir")?.map(PathBuf::from);
                     f.get("disable_indexed_map");
                     if f.bool("enable_encryption", false)? {
-                        return Err(Error::Unsupported("encrypted blob cache (cache.filecache.enable_encryption)".into()));
+                        return Err(Error::Unsupported(
+                            "encrypted blob cache (cache.filecache.enable_encryption)".into(),
+                        ));
                     }
                     f.finish();
                     w
@@ -369,18 +498,37 @@ fn parse_v2(root: &Obj) -> Result<DaemonConfig> {
                 None => None,
             };
             c.get("fscache");
-            let prefetch = c.obj("prefetch")?.map(|p| parse_prefetch(&p, false)).transpose()?;
-            let cache = CacheConfig { kind, work_dir, validate: c.bool("validate", false)?, compressed: c.bool("compressed", false)? };
+            let prefetch = c
+                .obj("prefetch")?
+                .map(|p| parse_prefetch(&p, false))
+                .transpose()?;
+            let cache = CacheConfig {
+                kind,
+                work_dir,
+                validate: c.bool("validate", false)?,
+                compressed: c.bool("compressed", false)?,
+            };
             c.finish();
             (cache, prefetch)
         }
-        None => (CacheConfig { kind: CacheKind::None, work_dir: None, validate: false, compressed: false }, None),
+        None => (
+            CacheConfig {
+                kind: CacheKind::None,
+                work_dir: None,
+                validate: false,
+                compressed: false,
+            },
+            None,
+        ),
     };
     let mut rafs = RafsConfig::default();
     if let Some(r) = root.obj("rafs")? {
         rafs.mode = r.string("mode")?.unwrap_or_else(|| "direct".into());
         if rafs.mode != "direct" && rafs.mode != "cached" {
-            return Err(invalid("rafs.mode".into(), &format!("{:?} (expected \"direct\" or \"cached\")", rafs.mode)));
+            return Err(invalid(
+                "rafs.mode".into(),
+                &format!("{:?} (expected \"direct\" or \"cached\")", rafs.mode),
+            ));
         }
         rafs.validate = r.bool("validate", false)?;
         rafs.enable_xattr = r.bool("enable_xattr", false)?;
@@ -403,7 +551,12 @@ fn parse_v2(root: &Obj) -> Result<DaemonConfig> {
     root.get("external_backends");
     root.get("overlay");
     root.get("metadata_path");
-    let config = DaemonConfig { id, backend, cache, rafs };
+    let config = DaemonConfig {
+        id,
+        backend,
+        cache,
+        rafs,
+    };
     check_cache(&config, "cache.filecache.work_dir")?;
     Ok(config)
 }
@@ -435,14 +588,30 @@ mod tests {
                 "fs_prefetch":{"enable":true,"threads_count":4,"merging_size":262144,"bandwidth_rate":1000}}"#,
         )
         .unwrap();
-        assert_eq!(c.backend, BackendConfig::LocalFs { dir: Some("/b".into()), alt_dirs: vec![], blob_file: None });
+        assert_eq!(
+            c.backend,
+            BackendConfig::LocalFs {
+                dir: Some("/b".into()),
+                alt_dirs: vec![],
+                blob_file: None
+            }
+        );
         assert_eq!(c.cache.kind, CacheKind::BlobCache);
-        assert_eq!(c.cache.work_dir.as_deref(), Some(std::path::Path::new("/c")));
+        assert_eq!(
+            c.cache.work_dir.as_deref(),
+            Some(std::path::Path::new("/c"))
+        );
         assert!(c.validate() && c.rafs.iostats_files && c.rafs.enable_xattr);
         assert_eq!(c.rafs.amplify_io, 131072);
         let p = &c.rafs.prefetch;
-        assert!(p.enable && p.prefetch_all, "legacy prefetch_all defaults to true");
-        assert_eq!((p.threads, p.merging_size, p.bandwidth_limit), (4, 262144, 1000));
+        assert!(
+            p.enable && p.prefetch_all,
+            "legacy prefetch_all defaults to true"
+        );
+        assert_eq!(
+            (p.threads, p.merging_size, p.bandwidth_limit),
+            (4, 262144, 1000)
+        );
     }
 
     #[test]
@@ -457,10 +626,15 @@ mod tests {
         assert_eq!(c.id.as_deref(), Some("img1"));
         assert!(c.validate());
         assert_eq!(c.rafs.amplify_io, 0);
-        assert!(c.rafs.prefetch.enable && !c.rafs.prefetch.prefetch_all, "v2 prefetch_all defaults to false");
+        assert!(
+            c.rafs.prefetch.enable && !c.rafs.prefetch.prefetch_all,
+            "v2 prefetch_all defaults to false"
+        );
         assert_eq!(c.rafs.prefetch.threads, 2);
         match c.backend {
-            BackendConfig::LocalFs { alt_dirs, .. } => assert_eq!(alt_dirs, vec![PathBuf::from("/x")]),
+            BackendConfig::LocalFs { alt_dirs, .. } => {
+                assert_eq!(alt_dirs, vec![PathBuf::from("/x")])
+            }
             other => panic!("{other:?}"),
         }
     }
@@ -481,7 +655,11 @@ mod tests {
         ];
         for (text, want) in cases {
             let err = DaemonConfig::from_slice(text).unwrap_err().to_string();
-            assert!(err.contains(want), "{} -> {err:?} lacks {want:?}", String::from_utf8_lossy(text));
+            assert!(
+                err.contains(want),
+                "{} -> {err:?} lacks {want:?}",
+                String::from_utf8_lossy(text)
+            );
         }
     }
 
@@ -503,6 +681,9 @@ mod tests {
     #[test]
     fn oversized_config_is_refused() {
         let big = vec![b' '; MAX_CONFIG_SIZE + 1];
-        assert!(DaemonConfig::from_slice(&big).unwrap_err().to_string().contains("larger than 1 MiB"));
+        assert!(DaemonConfig::from_slice(&big)
+            .unwrap_err()
+            .to_string()
+            .contains("larger than 1 MiB"));
     }
 }

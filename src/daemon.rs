@@ -26,8 +26,12 @@ impl FsType {
         match s {
             "rafs" => Ok(FsType::Rafs),
             "passthrough" | "passthroughfs" | "passthrough_fs" => Ok(FsType::Passthrough),
-            "" => Err(Error::Invalid("fs_type is required (\"rafs\" or \"passthrough_fs\")".into())),
-            other => Err(Error::Invalid(format!("unknown fs_type {other:?} (\"rafs\" or \"passthrough_fs\")"))),
+            "" => Err(Error::Invalid(
+                "fs_type is required (\"rafs\" or \"passthrough_fs\")".into(),
+            )),
+            other => Err(Error::Invalid(format!(
+                "unknown fs_type {other:?} (\"rafs\" or \"passthrough_fs\")"
+            ))),
         }
     }
 
@@ -68,13 +72,30 @@ pub struct Daemon {
 }
 
 /// Keys whose values are credentials: never echoed or logged.
-const SECRET_KEYS: &[&str] = &["auth", "registry_token", "access_key_id", "access_key_secret", "password", "token", "encryption_key"];
+const SECRET_KEYS: &[&str] = &[
+    "auth",
+    "registry_token",
+    "access_key_id",
+    "access_key_secret",
+    "password",
+    "token",
+    "encryption_key",
+];
 
 pub fn redact(v: &Value) -> Value {
     match v {
         Value::Object(m) => Value::Object(
             m.iter()
-                .map(|(k, v)| (k.clone(), if SECRET_KEYS.contains(&k.as_str()) && !v.is_null() { json!("") } else { redact(v) }))
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        if SECRET_KEYS.contains(&k.as_str()) && !v.is_null() {
+                            json!("")
+                        } else {
+                            redact(v)
+                        },
+                    )
+                })
                 .collect(),
         ),
         Value::Array(a) => Value::Array(a.iter().map(redact).collect()),
@@ -108,13 +129,21 @@ fn nested(a: &str, b: &str) -> bool {
 }
 
 fn now_string() -> String {
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     format!("{}.{:09}", t.as_secs(), t.subsec_nanos())
 }
 
 impl Daemon {
     pub fn new(id: Option<String>, vfs: Arc<Vfs>) -> Arc<Self> {
-        Arc::new(Daemon { id, vfs, mounts: Mutex::new(BTreeMap::new()), mount_lock: Mutex::new(()), shutdown: AtomicBool::new(false) })
+        Arc::new(Daemon {
+            id,
+            vfs,
+            mounts: Mutex::new(BTreeMap::new()),
+            mount_lock: Mutex::new(()),
+            shutdown: AtomicBool::new(false),
+        })
     }
 
     pub fn request_exit(&self) {
@@ -137,12 +166,21 @@ impl Daemon {
         match cmd.fs_type {
             FsType::Rafs => {
                 let config = DaemonConfig::from_slice(cmd.config.as_bytes())?;
-                let shown = redact(&serde_json::from_str::<Value>(&cmd.config).unwrap_or(Value::Null));
+                let shown =
+                    redact(&serde_json::from_str::<Value>(&cmd.config).unwrap_or(Value::Null));
                 let id = config.id.clone();
-                let fs = build_rafs(&RafsMount { bootstrap: cmd.source.clone(), config, prefetch_files: cmd.prefetch_files.clone() })?;
+                let fs = build_rafs(&RafsMount {
+                    bootstrap: cmd.source.clone(),
+                    config,
+                    prefetch_files: cmd.prefetch_files.clone(),
+                })?;
                 Ok((Box::new(fs), id, shown))
             }
-            FsType::Passthrough => Ok((Box::new(ConfinedPassthrough::new(&cmd.source)?), None, Value::Null)),
+            FsType::Passthrough => Ok((
+                Box::new(ConfinedPassthrough::new(&cmd.source)?),
+                None,
+                Value::Null,
+            )),
         }
     }
 
@@ -156,14 +194,59 @@ impl Daemon {
                 return Err(Error::Invalid(format!("{mountpoint} is already mounted")));
             }
             if let Some(other) = mounts.keys().find(|m| nested(m, mountpoint)) {
-                return Err(Error::Invalid(format!("{mountpoint} would overlap the mount at {other}")));
+                return Err(Error::Invalid(format!(
+                    "{mountpoint} would overlap the mount at {other}"
+                )));
             }
         }
         let (fs, config_id, config) = self.build(&cmd)?;
-        self.vfs.mount(fs, mountpoint).map_err(|e| Error::Invalid(format!("attach {mountpoint}: {e:?}")))?;
-        log::info!("mounted {:?} {} at {mountpoint}", cmd.fs_type, cmd.source.display());
-        let record = MountRecord { fs_type: cmd.fs_type, source: cmd.source, config_id, config, mounted_time: now_string() };
-        self.mounts.lock().unwrap_or_else(|e| e.into_inner()).insert(mountpoint.to_string(), record);
+        self.vfs
+            .mount(fs, mountpoint)
+            .map_err(|e| Error::Invalid(format!("attach {mountpoint}: {e:?}")))?;
+        log::info!(
+            "mounted {:?} {} at {mountpoint}",
+            cmd.fs_type,
+            cmd.source.display()
+        );
+        let record = MountRecord {
+            fs_type: cmd.fs_type,
+            source: cmd.source,
+            config_id,
+            config,
+            mounted_time: now_string(),
+        };
+        self.mounts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(mountpoint.to_string(), record);
+        Ok(())
+    }
+
+    /// Attach a filesystem built by the caller (the command line's `--bootstrap`), recorded like API mounts.
+    pub fn attach(
+        &self,
+        mountpoint: &str,
+        fs_type: FsType,
+        source: PathBuf,
+        fs: BackFileSystem,
+        config_id: Option<String>,
+    ) -> Result<()> {
+        check_mountpoint(mountpoint)?;
+        let _serial = self.mount_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.vfs
+            .mount(fs, mountpoint)
+            .map_err(|e| Error::Invalid(format!("attach {mountpoint}: {e:?}")))?;
+        let record = MountRecord {
+            fs_type,
+            source,
+            config_id,
+            config: Value::Null,
+            mounted_time: now_string(),
+        };
+        self.mounts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(mountpoint.to_string(), record);
         Ok(())
     }
 
@@ -172,31 +255,71 @@ impl Daemon {
     pub fn remount(&self, mountpoint: &str, cmd: MountCmd) -> Result<()> {
         check_mountpoint(mountpoint)?;
         if cmd.fs_type != FsType::Rafs {
-            return Err(Error::Unsupported("only rafs mounts can be remounted".into()));
+            return Err(Error::Unsupported(
+                "only rafs mounts can be remounted".into(),
+            ));
         }
         let _serial = self.mount_lock.lock().unwrap_or_else(|e| e.into_inner());
-        match self.mounts.lock().unwrap_or_else(|e| e.into_inner()).get(mountpoint) {
-            None => return Err(Error::NotFound(format!("nothing is mounted at {mountpoint}"))),
-            Some(r) if r.fs_type != FsType::Rafs => return Err(Error::Unsupported(format!("{mountpoint} is not a rafs mount"))),
+        match self
+            .mounts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(mountpoint)
+        {
+            None => {
+                return Err(Error::NotFound(format!(
+                    "nothing is mounted at {mountpoint}"
+                )))
+            }
+            Some(r) if r.fs_type != FsType::Rafs => {
+                return Err(Error::Unsupported(format!(
+                    "{mountpoint} is not a rafs mount"
+                )))
+            }
             Some(_) => {}
         }
         let (fs, config_id, config) = self.build(&cmd)?;
-        self.vfs.umount(mountpoint).map_err(|e| Error::Invalid(format!("detach {mountpoint}: {e:?}")))?;
-        self.vfs.mount(fs, mountpoint).map_err(|e| Error::Invalid(format!("attach {mountpoint}: {e:?}")))?;
+        self.vfs
+            .umount(mountpoint)
+            .map_err(|e| Error::Invalid(format!("detach {mountpoint}: {e:?}")))?;
+        self.vfs
+            .mount(fs, mountpoint)
+            .map_err(|e| Error::Invalid(format!("attach {mountpoint}: {e:?}")))?;
         log::info!("remounted {} at {mountpoint}", cmd.source.display());
-        let record = MountRecord { fs_type: cmd.fs_type, source: cmd.source, config_id, config, mounted_time: now_string() };
-        self.mounts.lock().unwrap_or_else(|e| e.into_inner()).insert(mountpoint.to_string(), record);
+        let record = MountRecord {
+            fs_type: cmd.fs_type,
+            source: cmd.source,
+            config_id,
+            config,
+            mounted_time: now_string(),
+        };
+        self.mounts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(mountpoint.to_string(), record);
         Ok(())
     }
 
     pub fn umount(&self, mountpoint: &str) -> Result<()> {
         check_mountpoint(mountpoint)?;
         let _serial = self.mount_lock.lock().unwrap_or_else(|e| e.into_inner());
-        if !self.mounts.lock().unwrap_or_else(|e| e.into_inner()).contains_key(mountpoint) {
-            return Err(Error::NotFound(format!("nothing is mounted at {mountpoint}")));
+        if !self
+            .mounts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(mountpoint)
+        {
+            return Err(Error::NotFound(format!(
+                "nothing is mounted at {mountpoint}"
+            )));
         }
-        self.vfs.umount(mountpoint).map_err(|e| Error::Invalid(format!("detach {mountpoint}: {e:?}")))?;
-        self.mounts.lock().unwrap_or_else(|e| e.into_inner()).remove(mountpoint);
+        self.vfs
+            .umount(mountpoint)
+            .map_err(|e| Error::Invalid(format!("detach {mountpoint}: {e:?}")))?;
+        self.mounts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(mountpoint);
         log::info!("unmounted {mountpoint}");
         Ok(())
     }
@@ -207,13 +330,16 @@ impl Daemon {
         let collection: serde_json::Map<String, Value> = mounts
             .iter()
             .map(|(mp, r)| {
-                (mp.clone(), json!({
-                    "backend_type": r.fs_type.backend_type(),
-                    "mountpoint": mp,
-                    "source": r.source,
-                    "mounted_time": r.mounted_time,
-                    "config": r.config,
-                }))
+                (
+                    mp.clone(),
+                    json!({
+                        "backend_type": r.fs_type.backend_type(),
+                        "mountpoint": mp,
+                        "source": r.source,
+                        "mounted_time": r.mounted_time,
+                        "config": r.config,
+                    }),
+                )
             })
             .collect();
         json!({
@@ -234,16 +360,28 @@ impl Daemon {
     /// The RAFS filesystem named by a mountpoint or config id; with no id, the only one there is.
     pub fn rafs(&self, id: Option<&str>) -> Result<(String, Arc<BackFileSystem>)> {
         let mounts = self.mounts.lock().unwrap_or_else(|e| e.into_inner());
-        let rafs: Vec<(&String, &MountRecord)> = mounts.iter().filter(|(_, r)| r.fs_type == FsType::Rafs).collect();
+        let rafs: Vec<(&String, &MountRecord)> = mounts
+            .iter()
+            .filter(|(_, r)| r.fs_type == FsType::Rafs)
+            .collect();
         let found = match id {
             None if rafs.len() == 1 => Some(rafs[0].0.clone()),
             None => None,
             Some(id) => rafs
                 .iter()
-                .find(|(mp, r)| mp.as_str() == id || r.config_id.as_deref() == Some(id) || mp.trim_start_matches('/') == id)
+                .find(|(mp, r)| {
+                    mp.as_str() == id
+                        || r.config_id.as_deref() == Some(id)
+                        || mp.trim_start_matches('/') == id
+                })
                 .map(|(mp, _)| (*mp).clone()),
         };
-        let mp = found.ok_or_else(|| Error::NotFound(format!("no rafs instance {}", id.unwrap_or("(none given, and not exactly one mounted)"))))?;
+        let mp = found.ok_or_else(|| {
+            Error::NotFound(format!(
+                "no rafs instance {}",
+                id.unwrap_or("(none given, and not exactly one mounted)")
+            ))
+        })?;
         let fs = self
             .vfs
             .get_rootfs(&mp)
@@ -257,7 +395,10 @@ impl Daemon {
     /// Run `f` on the RafsFs named by `id`.
     pub fn with_rafs<T>(&self, id: Option<&str>, f: impl FnOnce(&str, &RafsFs) -> T) -> Result<T> {
         let (mp, fs) = self.rafs(id)?;
-        let rafs = fs.as_any().downcast_ref::<RafsFs>().ok_or_else(|| Error::NotFound(format!("{mp} is not rafs")))?;
+        let rafs = fs
+            .as_any()
+            .downcast_ref::<RafsFs>()
+            .ok_or_else(|| Error::NotFound(format!("{mp} is not rafs")))?;
         Ok(f(&mp, rafs))
     }
 }

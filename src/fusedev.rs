@@ -28,45 +28,102 @@ pub fn block_shutdown_signals() -> libc::sigset_t {
 
 /// Wait up to `timeout` for one of `set`; returns the signal number.
 pub fn wait_for_signal(set: &libc::sigset_t, timeout: Duration) -> Option<i32> {
-    let ts = libc::timespec { tv_sec: timeout.as_secs() as _, tv_nsec: timeout.subsec_nanos() as _ };
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as _,
+        tv_nsec: timeout.subsec_nanos() as _,
+    };
     // SAFETY: valid set and timeout.
     let sig = unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &ts) };
     (sig > 0).then_some(sig)
 }
 
+/// Kernel readahead for the mount. FUSE starts at 128 KiB and FUSE_INIT can only lower it, which caps
+/// sequential reads at one 128 KiB round trip each; a larger window keeps several 1 MiB requests in flight.
+const READAHEAD_KB: u32 = 4096;
+
+/// Raise the readahead of the mount's backing device info (best effort: sysfs may be read-only). The
+/// device number comes from /proc/self/mountinfo: stat()ing our own mountpoint here would wait for a FUSE
+/// reply that no worker is running yet to send.
+fn raise_readahead(mountpoint: &Path, kb: u32) {
+    let Ok(canonical) = mountpoint.canonicalize() else {
+        return;
+    };
+    let want = canonical.to_string_lossy();
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    // Fields: id parent major:minor root mountpoint ...; the last mount at a path is the one on top.
+    let Some(dev) = info
+        .lines()
+        .rev()
+        .find(|l| l.split(' ').nth(4) == Some(&*want))
+        .and_then(|l| l.split(' ').nth(2))
+    else {
+        return;
+    };
+    let knob = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+    // FUSE_INIT's reply lowers the window again, so repeat until the kernel has processed it.
+    for _ in 0..40 {
+        if let Err(e) = std::fs::write(&knob, kb.to_string()) {
+            log::info!("cannot raise readahead through {knob}: {e}");
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        if std::fs::read_to_string(&knob).is_ok_and(|v| v.trim() == kb.to_string()) {
+            log::debug!("readahead of {} set to {kb} KiB", mountpoint.display());
+            return;
+        }
+    }
+}
+
 /// Serve `vfs` at `mountpoint` with `threads` workers until a shutdown signal or an external unmount.
-pub fn serve(vfs: Arc<Vfs>, mountpoint: &Path, threads: usize, signals: &libc::sigset_t, daemon: &crate::daemon::Daemon) -> Result<()> {
+pub fn serve(
+    vfs: Arc<Vfs>,
+    mountpoint: &Path,
+    threads: usize,
+    signals: &libc::sigset_t,
+    daemon: &crate::daemon::Daemon,
+) -> Result<()> {
     let mut session = FuseSession::new(mountpoint, "rafs", "", true)
         .map_err(|e| Error::Invalid(format!("FUSE mountpoint {}: {e}", mountpoint.display())))?;
-    session.mount().map_err(|e| Error::Invalid(format!("mount FUSE at {}: {e}", mountpoint.display())))?;
+    session
+        .mount()
+        .map_err(|e| Error::Invalid(format!("mount FUSE at {}: {e}", mountpoint.display())))?;
     log::info!("FUSE filesystem mounted at {}", mountpoint.display());
     let server = Arc::new(Server::new(vfs));
     let running = Arc::new(AtomicUsize::new(0));
     let mut workers = Vec::new();
     for i in 0..threads.max(1) {
-        let mut channel = session.new_channel().map_err(|e| Error::Invalid(format!("FUSE channel: {e}")))?;
+        let mut channel = session
+            .new_channel()
+            .map_err(|e| Error::Invalid(format!("FUSE channel: {e}")))?;
         let (server, running) = (server.clone(), running.clone());
         running.fetch_add(1, Ordering::SeqCst);
-        let worker = std::thread::Builder::new().name(format!("fuse-{i}")).spawn(move || {
-            loop {
-                match channel.get_request() {
-                    Ok(Some((reader, writer))) => {
-                        // A failed request is answered or dropped by the server; the worker carries on.
-                        if let Err(e) = server.handle_message(reader, writer.into(), None, None) {
-                            log::debug!("FUSE request: {e}");
+        let worker = std::thread::Builder::new()
+            .name(format!("fuse-{i}"))
+            .spawn(move || {
+                loop {
+                    match channel.get_request() {
+                        Ok(Some((reader, writer))) => {
+                            // A failed request is answered or dropped by the server; the worker carries on.
+                            if let Err(e) = server.handle_message(reader, writer.into(), None, None)
+                            {
+                                log::debug!("FUSE request: {e}");
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            log::warn!("FUSE channel: {e}");
+                            break;
                         }
                     }
-                    Ok(None) => break,
-                    Err(e) => {
-                        log::warn!("FUSE channel: {e}");
-                        break;
-                    }
                 }
-            }
-            running.fetch_sub(1, Ordering::SeqCst);
-        });
+                running.fetch_sub(1, Ordering::SeqCst);
+            });
         workers.push(worker.map_err(|e| Error::io("start FUSE worker", e))?);
     }
+    let mp = mountpoint.to_path_buf();
+    let _ = std::thread::Builder::new()
+        .name("readahead".into())
+        .spawn(move || raise_readahead(&mp, READAHEAD_KB));
     loop {
         if let Some(sig) = wait_for_signal(signals, Duration::from_millis(200)) {
             log::info!("signal {sig}: unmounting {}", mountpoint.display());

@@ -15,7 +15,9 @@ use crate::corrupt;
 use crate::error::{Error, Result};
 use crate::format::blob_meta::ChunkInfoArray;
 use crate::format::toc::{self, TarHeader, TAR_HEADER_SIZE};
-use crate::format::{v5, v6, ChunkAddr, ChunkInfo, DirEntry, InodeAttr, MetaBytes, MetaReader, SuperInfo};
+use crate::format::{
+    v5, v6, ChunkAddr, ChunkInfo, DirEntry, InodeAttr, MetaBytes, MetaReader, SuperInfo,
+};
 use crate::storage::digest::{crc32c, digest, hex};
 use crate::storage::localfs::LocalFs;
 use crate::storage::{compress, BlobBackend};
@@ -35,7 +37,11 @@ pub struct ImageOptions {
 
 /// A piece of a file read: a range of a cache file, verified bytes, or a hole.
 pub enum Segment {
-    Cached { file: Arc<File>, offset: u64, len: usize },
+    Cached {
+        file: Arc<File>,
+        offset: u64,
+        len: usize,
+    },
     Bytes(Vec<u8>),
     Zeros(usize),
 }
@@ -130,14 +136,19 @@ impl RafsImage {
         } else if v6::detect(&bytes) {
             Box::new(v6::V6Meta::parse(bytes, inline_id)?)
         } else {
-            return Err(corrupt!("{}: neither a RAFS v5 nor a RAFS v6 bootstrap", path.display()));
+            return Err(corrupt!(
+                "{}: neither a RAFS v5 nor a RAFS v6 bootstrap",
+                path.display()
+            ));
         };
         let nblobs = meta.info().blobs.len();
         let cache = match &opts.cache_dir {
             Some(dir) => match BlobCache::open(dir, &meta.info().blobs) {
                 Ok(c) => Some(Arc::new(c)),
                 Err(e) => {
-                    log::warn!("blob cache unavailable ({e}); reading every chunk from the backend");
+                    log::warn!(
+                        "blob cache unavailable ({e}); reading every chunk from the backend"
+                    );
                     None
                 }
             },
@@ -160,7 +171,10 @@ impl RafsImage {
     /// Open with a localfs backend over `blob_dir`; without one, blobs are looked for beside an inline-meta
     /// blob, or in `<bootstrap dir>/blobs` and the bootstrap's own directory.
     pub fn open_local(path: &Path, blob_dir: Option<&Path>, opts: ImageOptions) -> Result<Self> {
-        let parent = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+        let parent = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
         let backend = match blob_dir {
             Some(dir) => LocalFs::with_dir(dir),
             None => LocalFs::new(Some(parent.join("blobs")), vec![parent], None)?,
@@ -192,7 +206,12 @@ impl RafsImage {
         self.meta.lookup(&self.meta.inode(parent)?, name)
     }
 
-    pub fn read_dir(&self, dir: u64, offset: u64, f: &mut dyn FnMut(DirEntry) -> Result<bool>) -> Result<()> {
+    pub fn read_dir(
+        &self,
+        dir: u64,
+        offset: u64,
+        f: &mut dyn FnMut(DirEntry) -> Result<bool>,
+    ) -> Result<()> {
         self.meta.read_dir(&self.meta.inode(dir)?, offset, f)
     }
 
@@ -237,15 +256,25 @@ impl RafsImage {
             }
             let inner = (from - file_offset) as usize;
             let len = (to - from) as usize;
-            let cached = if self.validate { None } else { self.cache.as_ref().and_then(|c| c.ready_location(&info)) };
+            let cached = if self.validate {
+                None
+            } else {
+                self.cache.as_ref().and_then(|c| c.ready_location(&info))
+            };
             match cached {
                 Some((file, chunk_offset)) => {
                     self.count_hit();
-                    segments.push(Segment::Cached { file, offset: chunk_offset + inner as u64, len })
+                    segments.push(Segment::Cached {
+                        file,
+                        offset: chunk_offset + inner as u64,
+                        len,
+                    })
                 }
                 None => {
                     let data = self.chunk_data(&info).map_err(|e| match e {
-                        Error::Integrity(m) => Error::Integrity(format!("inode {ino} at file offset {file_offset}: {m}")),
+                        Error::Integrity(m) => Error::Integrity(format!(
+                            "inode {ino} at file offset {file_offset}: {m}"
+                        )),
                         other => other,
                     })?;
                     segments.push(Segment::Bytes(data[inner..inner + len].to_vec()));
@@ -266,9 +295,9 @@ impl RafsImage {
             let len = segment.len();
             let dst = &mut buf[done..done + len];
             match segment {
-                Segment::Cached { file, offset, .. } => {
-                    file.read_exact_at(dst, offset).map_err(|e| Error::io("read blob cache", e))?
-                }
+                Segment::Cached { file, offset, .. } => file
+                    .read_exact_at(dst, offset)
+                    .map_err(|e| Error::io("read blob cache", e))?,
                 Segment::Bytes(data) => dst.copy_from_slice(&data),
                 Segment::Zeros(_) => dst.fill(0),
             }
@@ -284,7 +313,11 @@ impl RafsImage {
                 self.check_extent(info)?;
                 Ok(info.clone())
             }
-            ChunkAddr::Indexed { blob_index, ci_index, blk_addr } => {
+            ChunkAddr::Indexed {
+                blob_index,
+                ci_index,
+                blk_addr,
+            } => {
                 let info = self.resolve_ci(*blob_index, *ci_index)?;
                 if info.uncompressed_offset != *blk_addr as u64 * self.info().block_size as u64 {
                     return Err(corrupt!(
@@ -336,8 +369,10 @@ impl RafsImage {
             ));
         }
         let known_size = blob.uncompressed_size > 0 && blob.chunk_count > 0;
-        let past_end = (info.uncompressed_offset.checked_add(info.uncompressed_size as u64))
-            .is_none_or(|end| end > blob.uncompressed_size);
+        let past_end = (info
+            .uncompressed_offset
+            .checked_add(info.uncompressed_size as u64))
+        .is_none_or(|end| end > blob.uncompressed_size);
         if known_size && (info.index >= blob.chunk_count || past_end) {
             return Err(corrupt!(
                 "blob {} chunk {}: index or extent {}+{} lies outside the blob ({} chunks, {} bytes)",
@@ -355,7 +390,11 @@ impl RafsImage {
     /// The verified, uncompressed bytes of one chunk: from the cache when it holds them, else from the
     /// backend (widened by `amplify_io` to the following chunks of the blob) and then kept in the cache.
     pub fn chunk_data(&self, info: &ChunkInfo) -> Result<Vec<u8>> {
-        let Some(cache) = &self.cache else { return self.fetch_run(std::slice::from_ref(info)).map(|mut v| v.remove(0)) };
+        let Some(cache) = &self.cache else {
+            return self
+                .fetch_run(std::slice::from_ref(info))
+                .map(|mut v| v.remove(0));
+        };
         if let Some(data) = self.cached_chunk(cache, info)? {
             return Ok(data);
         }
@@ -376,14 +415,19 @@ impl RafsImage {
     /// A cached chunk, verified. A copy that fails verification (a damaged cache file) is logged and
     /// dropped, and reported as absent so the caller fetches a verified copy from the backend.
     fn cached_chunk(&self, cache: &BlobCache, info: &ChunkInfo) -> Result<Option<Vec<u8>>> {
-        let Some(data) = cache.read(info)? else { return Ok(None) };
+        let Some(data) = cache.read(info)? else {
+            return Ok(None);
+        };
         match self.verify(info, &data) {
             Ok(()) => {
                 self.count_hit();
                 Ok(Some(data))
             }
             Err(e) => {
-                log::error!("blob cache {}: {e}; dropping the cached chunk and fetching it again", cache.work_dir().display());
+                log::error!(
+                    "blob cache {}: {e}; dropping the cached chunk and fetching it again",
+                    cache.work_dir().display()
+                );
                 cache.invalidate(info);
                 Ok(None)
             }
@@ -399,17 +443,32 @@ impl RafsImage {
 
     /// `info` plus the chunks that follow it contiguously in the blob, up to `amplify_io` compressed bytes,
     /// that are neither cached nor being fetched by someone else (v6: chunk order is known from the blob meta).
-    fn amplified_run(&self, cache: &BlobCache, claim: &mut crate::cache::Claim, info: &ChunkInfo) -> Vec<ChunkInfo> {
+    fn amplified_run(
+        &self,
+        cache: &BlobCache,
+        claim: &mut crate::cache::Claim,
+        info: &ChunkInfo,
+    ) -> Vec<ChunkInfo> {
         let mut run = vec![info.clone()];
-        if self.amplify_io <= info.compressed_size as u64 || info.batch.is_some() || self.info().version != 6 {
+        if self.amplify_io <= info.compressed_size as u64
+            || info.batch.is_some()
+            || self.info().version != 6
+        {
             return run;
         }
-        let Ok(array) = self.chunk_info_array(info.blob_index) else { return run };
+        let Ok(array) = self.chunk_info_array(info.blob_index) else {
+            return run;
+        };
         let mut end = info.compressed_offset + info.compressed_size as u64;
         let mut total = info.compressed_size as u64;
         for index in info.index + 1..array.len() {
-            let Ok(next) = self.resolve_ci(info.blob_index, index) else { break };
-            if next.batch.is_some() || next.compressed_offset != end || total + next.compressed_size as u64 > self.amplify_io {
+            let Ok(next) = self.resolve_ci(info.blob_index, index) else {
+                break;
+            };
+            if next.batch.is_some()
+                || next.compressed_offset != end
+                || total + next.compressed_size as u64 > self.amplify_io
+            {
                 break;
             }
             if !cache.try_claim_more(claim, &next) {
@@ -432,7 +491,8 @@ impl RafsImage {
             return Ok(vec![data]);
         }
         let last = &run[run.len() - 1];
-        let len = (last.compressed_offset + last.compressed_size as u64 - first.compressed_offset) as usize;
+        let len = (last.compressed_offset + last.compressed_size as u64 - first.compressed_offset)
+            as usize;
         let stored = self.backend_read(&blob.id, first.compressed_offset, len)?;
         run.iter()
             .map(|c| {
@@ -447,7 +507,9 @@ impl RafsImage {
     fn backend_read(&self, blob_id: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
         let data = self.backend.read_exact_at(blob_id, offset, len)?;
         self.stats.backend_reads.fetch_add(1, Ordering::Relaxed);
-        self.stats.backend_bytes.fetch_add(len as u64, Ordering::Relaxed);
+        self.stats
+            .backend_bytes
+            .fetch_add(len as u64, Ordering::Relaxed);
         Ok(data)
     }
 
@@ -460,11 +522,21 @@ impl RafsImage {
                 let range = inner as usize..inner as usize + info.uncompressed_size as usize;
                 buffer
                     .get(range)
-                    .ok_or_else(|| corrupt!("blob {} chunk {}: lies outside its batch {batch}", blob.id, info.index))?
+                    .ok_or_else(|| {
+                        corrupt!(
+                            "blob {} chunk {}: lies outside its batch {batch}",
+                            blob.id,
+                            info.index
+                        )
+                    })?
                     .to_vec()
             }
             None => {
-                let stored = self.backend_read(&blob.id, info.compressed_offset, info.compressed_size as usize)?;
+                let stored = self.backend_read(
+                    &blob.id,
+                    info.compressed_offset,
+                    info.compressed_size as usize,
+                )?;
                 self.decode(info, &stored)?
             }
         };
@@ -475,16 +547,21 @@ impl RafsImage {
     fn decode(&self, info: &ChunkInfo, stored: &[u8]) -> Result<Vec<u8>> {
         let blob = &self.info().blobs[info.blob_index as usize];
         if info.compressed {
-            compress::decompress(blob.compressor, stored, info.uncompressed_size as usize).map_err(|e| {
-                // The codec's own message, without a second "integrity check failed" prefix.
-                let why = match e {
-                    Error::Integrity(m) => m,
-                    other => other.to_string(),
-                };
-                Error::Integrity(format!("blob {} chunk {}: {why}", blob.id, info.index))
-            })
+            compress::decompress(blob.compressor, stored, info.uncompressed_size as usize).map_err(
+                |e| {
+                    // The codec's own message, without a second "integrity check failed" prefix.
+                    let why = match e {
+                        Error::Integrity(m) => m,
+                        other => other.to_string(),
+                    };
+                    Error::Integrity(format!("blob {} chunk {}: {why}", blob.id, info.index))
+                },
+            )
         } else if stored.len() != info.uncompressed_size as usize {
-            Err(Error::Integrity(format!("blob {} chunk {}: stored raw but sizes differ", blob.id, info.index)))
+            Err(Error::Integrity(format!(
+                "blob {} chunk {}: stored raw but sizes differ",
+                blob.id, info.index
+            )))
         } else {
             Ok(stored.to_vec())
         }
@@ -495,13 +572,17 @@ impl RafsImage {
         let blob = &self.info().blobs[info.blob_index as usize];
         let what = format!("blob {} chunk {}", blob.id, info.index);
         if data.len() != info.uncompressed_size as usize {
-            return Err(Error::Integrity(format!("{what}: {} bytes, expected {}", data.len(), info.uncompressed_size)));
+            return Err(Error::Integrity(format!(
+                "{what}: {} bytes, expected {}",
+                data.len(),
+                info.uncompressed_size
+            )));
         }
         // Digest first when validating: it is the stronger check and names the algorithm the image chose.
         if self.validate {
-            let want = info
-                .digest
-                .ok_or_else(|| Error::Integrity(format!("{what}: no digest recorded to validate against")))?;
+            let want = info.digest.ok_or_else(|| {
+                Error::Integrity(format!("{what}: no digest recorded to validate against"))
+            })?;
             let got = digest(blob.digester, data);
             if got != want {
                 return Err(Error::Integrity(format!(
@@ -515,7 +596,9 @@ impl RafsImage {
         if let Some(want) = info.crc32 {
             let got = crc32c(data);
             if got != want {
-                return Err(Error::Integrity(format!("{what}: CRC32C {got:#010x}, expected {want:#010x}")));
+                return Err(Error::Integrity(format!(
+                    "{what}: CRC32C {got:#010x}, expected {want:#010x}"
+                )));
             }
         }
         Ok(())
@@ -524,13 +607,45 @@ impl RafsImage {
     /// Every chunk of a regular file, resolved (for prefetch).
     pub fn file_chunks(&self, ino: u64) -> Result<Vec<ChunkInfo>> {
         let inode = self.meta.inode(ino)?;
-        self.meta.file_chunks(&inode, 0, inode.size)?.iter().map(|(_, addr)| self.resolve(addr)).collect()
+        self.meta
+            .file_chunks(&inode, 0, inode.size)?
+            .iter()
+            .map(|(_, addr)| self.resolve(addr))
+            .collect()
+    }
+
+    /// The byte ranges `[start, end)` of a regular file that chunks hold, in file order, merged where they
+    /// touch. The rest of the file (v5 HAS_HOLE files) is holes, zeros by definition: tools that visit every
+    /// byte (`check`, `unpack`) skip them instead of reading them, so a sparse file's size, which a hostile
+    /// image sets freely (2^62 over no chunk at all), does not decide how long they take.
+    pub fn data_extents(&self, ino: u64) -> Result<Vec<(u64, u64)>> {
+        let inode = self.meta.inode(ino)?;
+        if !inode.is_reg() {
+            return Err(Error::Invalid(format!("inode {ino} is not a regular file")));
+        }
+        let chunk_size = self.info().chunk_size as u64;
+        let mut extents: Vec<(u64, u64)> = Vec::new();
+        for (start, addr) in self.meta.file_chunks(&inode, 0, inode.size)? {
+            let len = match &addr {
+                ChunkAddr::Full(info) => info.uncompressed_size as u64,
+                ChunkAddr::Indexed { .. } => chunk_size,
+            };
+            let end = start.saturating_add(len).min(inode.size);
+            match extents.last_mut() {
+                Some(last) if last.1 >= start => last.1 = last.1.max(end),
+                _ if start < end => extents.push((start, end)),
+                _ => {}
+            }
+        }
+        Ok(extents)
     }
 
     /// Bring `chunks` (sorted by compressed offset, one blob) into the cache, skipping those cached or
     /// being fetched; returns the compressed bytes read from the backend.
     pub fn prefetch(&self, chunks: &[ChunkInfo]) -> Result<u64> {
-        let Some(cache) = &self.cache else { return Ok(0) };
+        let Some(cache) = &self.cache else {
+            return Ok(0);
+        };
         let mut fetched = 0;
         let mut i = 0;
         while i < chunks.len() {
@@ -545,7 +660,8 @@ impl RafsImage {
                 let prev = &run[run.len() - 1];
                 let next = &chunks[i];
                 if next.blob_index != prev.blob_index
-                    || next.compressed_offset != prev.compressed_offset + prev.compressed_size as u64
+                    || next.compressed_offset
+                        != prev.compressed_offset + prev.compressed_size as u64
                     || !cache.try_claim_more(&mut claim, next)
                 {
                     break;
@@ -558,7 +674,10 @@ impl RafsImage {
                 cache.store(chunk, bytes);
                 fetched += chunk.compressed_size as u64;
             }
-            cache.metrics.prefetch_unmerged_chunks.fetch_add(run.len() as u64, Ordering::Relaxed);
+            cache
+                .metrics
+                .prefetch_unmerged_chunks
+                .fetch_add(run.len() as u64, Ordering::Relaxed);
         }
         Ok(fetched)
     }
@@ -580,7 +699,12 @@ impl RafsImage {
         self.validate
     }
 
-    fn batch_data(&self, blob_index: u32, batch: u32, compressed_offset: u64) -> Result<Arc<Vec<u8>>> {
+    fn batch_data(
+        &self,
+        blob_index: u32,
+        batch: u32,
+        compressed_offset: u64,
+    ) -> Result<Arc<Vec<u8>>> {
         {
             let last = self.last_batch.lock().unwrap_or_else(|e| e.into_inner());
             if let Some((b, k, data)) = last.as_ref() {
@@ -592,7 +716,10 @@ impl RafsImage {
         let blob = &self.info().blobs[blob_index as usize];
         let (compressed, uncompressed) = self.chunk_info_array(blob_index)?.batch(batch)?;
         if uncompressed > blob.chunk_size || compressed > uncompressed {
-            return Err(corrupt!("blob {} batch {batch}: sizes {compressed}/{uncompressed} out of range", blob.id));
+            return Err(corrupt!(
+                "blob {} batch {batch}: sizes {compressed}/{uncompressed} out of range",
+                blob.id
+            ));
         }
         let stored = self.backend_read(&blob.id, compressed_offset, compressed as usize)?;
         // A batch that did not shrink under compression is stored raw.
@@ -603,7 +730,8 @@ impl RafsImage {
                 .map_err(|e| Error::Integrity(format!("blob {} batch {batch}: {e}", blob.id)))?
         };
         let data = Arc::new(data);
-        *self.last_batch.lock().unwrap_or_else(|e| e.into_inner()) = Some((blob_index, batch, data.clone()));
+        *self.last_batch.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((blob_index, batch, data.clone()));
         Ok(data)
     }
 
@@ -617,7 +745,9 @@ impl RafsImage {
             return Ok(arr.clone());
         }
         let blob = &self.meta.info().blobs[index as usize];
-        let ci = blob.ci.ok_or_else(|| corrupt!("blob {} has no chunk-info array", blob.id))?;
+        let ci = blob
+            .ci
+            .ok_or_else(|| corrupt!("blob {} has no chunk-info array", blob.id))?;
         let len = ci
             .compressed_size
             .checked_add(crate::format::blob_meta::CI_HEADER_SIZE)
@@ -630,7 +760,9 @@ impl RafsImage {
                 ci.offset
             ));
         }
-        let raw = self.backend.read_exact_at(&blob.id, ci.offset, len as usize)?;
+        let raw = self
+            .backend
+            .read_exact_at(&blob.id, ci.offset, len as usize)?;
         let arr = Arc::new(ChunkInfoArray::parse(blob, &ci, &raw)?);
         *slot = Some(arr.clone());
         Ok(arr)
@@ -639,7 +771,10 @@ impl RafsImage {
     /// Visit every entry below the root, depth first, parents before children. Directories are also
     /// reported after their contents (`WalkEvent::DirDone`), which is when their mtime can be set.
     /// A directory reached twice (a cycle in a hostile image) is an error, not an endless walk.
-    pub fn walk(&self, visit: &mut dyn FnMut(&Path, &InodeAttr, WalkEvent) -> Result<()>) -> Result<()> {
+    pub fn walk(
+        &self,
+        visit: &mut dyn FnMut(&Path, &InodeAttr, WalkEvent) -> Result<()>,
+    ) -> Result<()> {
         struct Frame {
             path: PathBuf,
             attr: InodeAttr,
@@ -648,22 +783,36 @@ impl RafsImage {
         let root = self.inode(self.root_ino())?;
         let mut seen_dirs = HashSet::from([root.ino]);
         visit(Path::new(""), &root, WalkEvent::Node)?;
-        let mut stack = vec![Frame { path: PathBuf::new(), entries: self.list_dir(&root)?.into_iter(), attr: root }];
+        let mut stack = vec![Frame {
+            path: PathBuf::new(),
+            entries: self.list_dir(&root)?.into_iter(),
+            attr: root,
+        }];
         while let Some(frame) = stack.last_mut() {
             let Some(entry) = frame.entries.next() else {
                 let done = stack.pop().unwrap();
                 visit(&done.path, &done.attr, WalkEvent::DirDone)?;
                 continue;
             };
-            let path = frame.path.join(std::ffi::OsStr::from_encoded_bytes_checked(&entry.name));
+            let path = frame
+                .path
+                .join(std::ffi::OsStr::from_encoded_bytes_checked(&entry.name));
             let attr = self.inode(entry.ino)?;
             visit(&path, &attr, WalkEvent::Node)?;
             if attr.is_dir() {
                 if !seen_dirs.insert(attr.ino) {
-                    return Err(corrupt!("directory inode {} is reached a second time at {} (a cycle)", attr.ino, path.display()));
+                    return Err(corrupt!(
+                        "directory inode {} is reached a second time at {} (a cycle)",
+                        attr.ino,
+                        path.display()
+                    ));
                 }
                 let entries = self.list_dir(&attr)?.into_iter();
-                stack.push(Frame { path, attr, entries });
+                stack.push(Frame {
+                    path,
+                    attr,
+                    entries,
+                });
             }
         }
         Ok(())
@@ -698,25 +847,46 @@ impl FromBytes for std::ffi::OsStr {
 /// Read the metadata at `path`: map a bootstrap, or extract the bootstrap from an inline-meta blob.
 fn load_metadata(path: &Path) -> Result<(MetaBytes, MetaSource)> {
     let file = File::open(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
-    let size = file.metadata().map_err(|e| Error::io(format!("stat {}", path.display()), e))?.len();
+    let size = file
+        .metadata()
+        .map_err(|e| Error::io(format!("stat {}", path.display()), e))?
+        .len();
     let mut head = [0u8; 1028];
     let n = read_at(&file, 0, &mut head)?;
     if v5::detect(&head[..n]) || v6::detect(&head[..n]) {
         // SAFETY: the mapping is read-only and private; bootstraps are immutable image files.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(format!("mmap {}", path.display()), e))?;
-        return Ok((MetaBytes::Mapped(map), MetaSource::Bootstrap(path.to_path_buf())));
+        let map = unsafe { memmap2::Mmap::map(&file) }
+            .map_err(|e| Error::io(format!("mmap {}", path.display()), e))?;
+        return Ok((
+            MetaBytes::Mapped(map),
+            MetaSource::Bootstrap(path.to_path_buf()),
+        ));
     }
     let blob_id = path
         .file_name()
         .and_then(|n| n.to_str())
-        .ok_or_else(|| Error::Invalid(format!("{}: no usable file name for a blob id", path.display())))?
+        .ok_or_else(|| {
+            Error::Invalid(format!(
+                "{}: no usable file name for a blob id",
+                path.display()
+            ))
+        })?
         .to_string();
     let bytes = extract_inline_bootstrap(&file, size).map_err(|e| match e {
-        Error::Corrupt(m) => corrupt!("{}: not a RAFS bootstrap, and not a blob with inlined metadata ({m})", path.display()),
+        Error::Corrupt(m) => corrupt!(
+            "{}: not a RAFS bootstrap, and not a blob with inlined metadata ({m})",
+            path.display()
+        ),
         other => other,
     })?;
     crate::format::check_blob_id(&blob_id)?;
-    Ok((MetaBytes::Owned(bytes), MetaSource::InlineBlob { path: path.to_path_buf(), blob_id }))
+    Ok((
+        MetaBytes::Owned(bytes),
+        MetaSource::InlineBlob {
+            path: path.to_path_buf(),
+            blob_id,
+        },
+    ))
 }
 
 fn read_at(file: &File, offset: u64, buf: &mut [u8]) -> Result<usize> {
@@ -734,7 +904,9 @@ fn read_at(file: &File, offset: u64, buf: &mut [u8]) -> Result<usize> {
 
 fn read_section(file: &File, size: u64, offset: u64, len: u64, what: &str) -> Result<Vec<u8>> {
     if offset.checked_add(len).is_none_or(|end| end > size) || len > MAX_INLINE_BOOTSTRAP {
-        return Err(corrupt!("{what} at {offset}+{len} lies outside the {size}-byte blob"));
+        return Err(corrupt!(
+            "{what} at {offset}+{len} lies outside the {size}-byte blob"
+        ));
     }
     let mut buf = vec![0u8; len as usize];
     if read_at(file, offset, &mut buf)? != buf.len() {
@@ -748,10 +920,21 @@ fn tail_section(file: &File, size: u64) -> Result<(TarHeader, u64)> {
     if size < TAR_HEADER_SIZE {
         return Err(corrupt!("file of {size} bytes is too short"));
     }
-    let header = toc::parse_tar_header(&read_section(file, size, size - TAR_HEADER_SIZE, TAR_HEADER_SIZE, "tar header")?)?;
+    let header = toc::parse_tar_header(&read_section(
+        file,
+        size,
+        size - TAR_HEADER_SIZE,
+        TAR_HEADER_SIZE,
+        "tar header",
+    )?)?;
     let start = (size - TAR_HEADER_SIZE)
         .checked_sub(header.size)
-        .ok_or_else(|| corrupt!("last section claims {} bytes, more than the blob holds", header.size))?;
+        .ok_or_else(|| {
+            corrupt!(
+                "last section claims {} bytes, more than the blob holds",
+                header.size
+            )
+        })?;
     Ok((header, start))
 }
 
@@ -761,7 +944,10 @@ fn extract_inline_bootstrap(file: &File, size: u64) -> Result<Vec<u8>> {
         return read_section(file, size, start, header.size, "image.boot");
     }
     if header.name != toc::TOC_NAME {
-        return Err(corrupt!("last section is {:?}, not a ToC or image.boot", String::from_utf8_lossy(&header.name)));
+        return Err(corrupt!(
+            "last section is {:?}, not a ToC or image.boot",
+            String::from_utf8_lossy(&header.name)
+        ));
     }
     let entries = toc::parse_toc(&read_section(file, size, start, header.size, "blob ToC")?)?;
     let boot = entries
@@ -769,15 +955,30 @@ fn extract_inline_bootstrap(file: &File, size: u64) -> Result<Vec<u8>> {
         .find(|e| e.name == b"image.boot")
         .ok_or_else(|| corrupt!("blob ToC has no image.boot entry"))?;
     if boot.uncompressed_size > MAX_INLINE_BOOTSTRAP {
-        return Err(corrupt!("image.boot claims {} bytes", boot.uncompressed_size));
+        return Err(corrupt!(
+            "image.boot claims {} bytes",
+            boot.uncompressed_size
+        ));
     }
-    let stored = read_section(file, size, boot.compressed_offset, boot.compressed_size, "image.boot")?;
+    let stored = read_section(
+        file,
+        size,
+        boot.compressed_offset,
+        boot.compressed_size,
+        "image.boot",
+    )?;
     let bytes = match boot.compression {
         toc::TOC_COMPRESS_NONE => stored,
-        toc::TOC_COMPRESS_ZSTD => {
-            compress::decompress(crate::format::Compressor::Zstd, &stored, boot.uncompressed_size as usize)?
+        toc::TOC_COMPRESS_ZSTD => compress::decompress(
+            crate::format::Compressor::Zstd,
+            &stored,
+            boot.uncompressed_size as usize,
+        )?,
+        other => {
+            return Err(Error::Unsupported(format!(
+                "image.boot compressed with ToC flag {other:#x}"
+            )))
         }
-        other => return Err(Error::Unsupported(format!("image.boot compressed with ToC flag {other:#x}"))),
     };
     let got = digest(crate::format::Digester::Sha256, &bytes);
     if got != boot.uncompressed_digest {

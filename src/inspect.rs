@@ -36,8 +36,15 @@ const FEATURE_NAMES: &[(u32, &str)] = &[
     (bf::CAP_TAR_TOC, "CAP_TAR_TOC"),
 ];
 
-fn names<T: Copy + std::ops::BitAnd<Output = T> + PartialEq + Default>(v: T, table: &[(T, &str)]) -> Vec<String> {
-    table.iter().filter(|(bit, _)| v & *bit != T::default()).map(|(_, n)| n.to_string()).collect()
+fn names<T: Copy + std::ops::BitAnd<Output = T> + PartialEq + Default>(
+    v: T,
+    table: &[(T, &str)],
+) -> Vec<String> {
+    table
+        .iter()
+        .filter(|(bit, _)| v & *bit != T::default())
+        .map(|(_, n)| n.to_string())
+        .collect()
 }
 
 pub fn to_json(image: &RafsImage) -> Value {
@@ -68,7 +75,9 @@ pub fn to_json(image: &RafsImage) -> Value {
         .collect();
     let source = match image.source() {
         MetaSource::Bootstrap(p) => json!({"bootstrap": p}),
-        MetaSource::InlineBlob { path, blob_id } => json!({"inline_meta_blob": path, "blob_id": blob_id}),
+        MetaSource::InlineBlob { path, blob_id } => {
+            json!({"inline_meta_blob": path, "blob_id": blob_id})
+        }
     };
     json!({
         "source": source,
@@ -93,7 +102,14 @@ pub fn to_text(image: &RafsImage) -> String {
     let mut out = String::new();
     let mut line = |k: &str, v: String| out.push_str(&format!("{k:<18}{v}\n"));
     line("format", format!("RAFS v{}", info.version));
-    line("flags", format!("{:#x} {}", info.flags, names(info.flags, FLAG_NAMES).join("|")));
+    line(
+        "flags",
+        format!(
+            "{:#x} {}",
+            info.flags,
+            names(info.flags, FLAG_NAMES).join("|")
+        ),
+    );
     line("compressor", info.compressor.name().into());
     line("digester", info.digester.name().into());
     line("chunk size", format!("{:#x}", info.chunk_size));

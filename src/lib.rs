@@ -7,8 +7,8 @@
 //! - [`unpack`], [`check`], [`inspect`]: the offline tools built on [`image`].
 //! - [`builder`]: `rafsd build` / `rafsd merge`, the RAFS v5/v6 image builder.
 
-pub mod builder;
 pub mod api;
+pub mod builder;
 pub mod cache;
 pub mod check;
 pub mod config;

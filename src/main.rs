@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use rafsd::{check, inspect, unpack, ImageOptions, RafsImage};
 
 #[derive(Parser)]
-#[command(name = "rafsd", version, about = "Serve RAFS (Nydus) v5/v6 images to VMs and hosts")]
+#[command(
+    name = "rafsd",
+    version,
+    about = "Serve RAFS (Nydus) v5/v6 images to VMs and hosts"
+)]
 struct Cli {
     /// trace, debug, info, warn, error or off.
     #[arg(long, short = 'l', global = true, default_value = "info")]
@@ -217,14 +221,28 @@ fn run(command: Command) -> rafsd::Result<ExitCode> {
         Command::Inspect { bootstrap, json } => {
             let image = RafsImage::open_local(&bootstrap, None, ImageOptions::default())?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&inspect::to_json(&image)).unwrap_or_default());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&inspect::to_json(&image)).unwrap_or_default()
+                );
             } else {
                 print!("{}", inspect::to_text(&image));
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Check { bootstrap, blob_dir, max_errors } => {
-            let image = RafsImage::open_local(&bootstrap, blob_dir.as_deref(), ImageOptions { validate: true, ..Default::default() })?;
+        Command::Check {
+            bootstrap,
+            blob_dir,
+            max_errors,
+        } => {
+            let image = RafsImage::open_local(
+                &bootstrap,
+                blob_dir.as_deref(),
+                ImageOptions {
+                    validate: true,
+                    ..Default::default()
+                },
+            )?;
             let start = std::time::Instant::now();
             let report = check::check(&image, max_errors.max(1))?;
             for e in &report.errors {
@@ -240,10 +258,18 @@ fn run(command: Command) -> rafsd::Result<ExitCode> {
                 report.bytes as f64 / 1e6 / secs.max(1e-9),
                 report.errors.len()
             );
-            Ok(if report.errors.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            Ok(if report.errors.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         Command::Build(args) => run_build(args),
-        Command::Merge { sources, bootstrap, whiteout_spec } => {
+        Command::Merge {
+            sources,
+            bootstrap,
+            whiteout_spec,
+        } => {
             let report = rafsd::builder::merge(&sources, &bootstrap, whiteout_spec)?;
             println!(
                 "merged {} layers into {}: {} entries, {} blobs",
@@ -254,10 +280,28 @@ fn run(command: Command) -> rafsd::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Unpack { bootstrap, blob_dir, output, validate } => {
-            let image = RafsImage::open_local(&bootstrap, blob_dir.as_deref(), ImageOptions { validate, ..Default::default() })?;
+        Command::Unpack {
+            bootstrap,
+            blob_dir,
+            output,
+            validate,
+        } => {
+            let image = RafsImage::open_local(
+                &bootstrap,
+                blob_dir.as_deref(),
+                ImageOptions {
+                    validate,
+                    ..Default::default()
+                },
+            )?;
             let stats = unpack::unpack(&image, &output)?;
-            println!("unpacked {} entries, {} files, {} bytes into {}", stats.entries, stats.files, stats.bytes, output.display());
+            println!(
+                "unpacked {} entries, {} files, {} bytes into {}",
+                stats.entries,
+                stats.files,
+                stats.bytes,
+                output.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -273,19 +317,33 @@ fn run_build(args: BuildArgs) -> rafsd::Result<ExitCode> {
         digester: args.digester,
         parent_bootstrap: args.parent_bootstrap,
         whiteout_spec: args.whiteout_spec,
-        prefetch_files: args.prefetch_files.as_deref().map(read_prefetch_list).transpose()?.unwrap_or_default(),
+        prefetch_files: args
+            .prefetch_files
+            .as_deref()
+            .map(read_prefetch_list)
+            .transpose()?
+            .unwrap_or_default(),
         repeatable: args.repeatable,
         blob_inline_meta: args.blob_inline_meta,
         threads: args.threads.unwrap_or(defaults.threads).max(1),
     };
     let start = std::time::Instant::now();
-    let report = build(&args.source, args.bootstrap.as_deref(), &args.blob_dir, &opts)?;
+    let report = build(
+        &args.source,
+        args.bootstrap.as_deref(),
+        &args.blob_dir,
+        &opts,
+    )?;
     let secs = start.elapsed().as_secs_f64();
     if let Some(b) = &report.bootstrap {
         println!("bootstrap: {}", b.display());
     }
     match (&report.blob_id, &report.blob_path) {
-        (Some(id), Some(path)) => println!("blob: {id} ({} bytes, {})", report.blob_size, path.display()),
+        (Some(id), Some(path)) => println!(
+            "blob: {id} ({} bytes, {})",
+            report.blob_size,
+            path.display()
+        ),
         _ => println!("blob: none (the layer adds no file data)"),
     }
     let c = &report.chunks;
@@ -316,22 +374,55 @@ fn run_fuse(args: FuseArgs) -> rafsd::Result<ExitCode> {
         (Some(path), _) => DaemonConfig::from_file(path)?,
         (None, Some(dir)) => DaemonConfig::localfs(dir.clone(), Some(dir.clone())),
         (None, None) if args.bootstrap.is_some() => {
-            return Err(rafsd::Error::Invalid("--bootstrap needs --config or --localfs-dir".into()))
+            return Err(rafsd::Error::Invalid(
+                "--bootstrap needs --config or --localfs-dir".into(),
+            ))
         }
         (None, None) => DaemonConfig::localfs(PathBuf::from("."), None),
     };
     if config.id.is_none() {
         config.id = args.id.clone();
     }
-    let vfs = Arc::new(Vfs::new(VfsOptions { no_open: false, no_opendir: false, no_writeback: true, ..Default::default() }));
+    let vfs = Arc::new(Vfs::new(VfsOptions {
+        no_open: false,
+        no_opendir: false,
+        no_writeback: true,
+        ..Default::default()
+    }));
     let daemon = rafsd::daemon::Daemon::new(config.id.clone(), vfs.clone());
     if let Some(bootstrap) = &args.bootstrap {
-        let prefetch_files = args.prefetch_files.as_deref().map(read_prefetch_list).transpose()?.unwrap_or_default();
-        let fs = build_rafs(&RafsMount { bootstrap: bootstrap.clone(), config, prefetch_files })?;
-        vfs.mount(Box::new(fs), "/").map_err(|e| rafsd::Error::Invalid(format!("mount image: {e:?}")))?;
+        let prefetch_files = args
+            .prefetch_files
+            .as_deref()
+            .map(read_prefetch_list)
+            .transpose()?
+            .unwrap_or_default();
+        let id = config.id.clone();
+        let fs = build_rafs(&RafsMount {
+            bootstrap: bootstrap.clone(),
+            config,
+            prefetch_files,
+        })?;
+        daemon.attach(
+            "/",
+            rafsd::daemon::FsType::Rafs,
+            bootstrap.clone(),
+            Box::new(fs),
+            id,
+        )?;
     }
-    let _api = args.apisock.as_deref().map(|p| rafsd::api::start(p, daemon.clone())).transpose()?;
-    rafsd::fusedev::serve(vfs, &args.mountpoint, args.thread_num as usize, &signals, &daemon)?;
+    let _api = args
+        .apisock
+        .as_deref()
+        .map(|p| rafsd::api::start(p, daemon.clone()))
+        .transpose()?;
+    rafsd::fusedev::serve(
+        vfs,
+        &args.mountpoint,
+        args.thread_num as usize,
+        &signals,
+        &daemon,
+    )?;
     if let Some(p) = &args.apisock {
         let _ = std::fs::remove_file(p);
     }
@@ -349,24 +440,58 @@ fn run_virtiofs(args: VirtiofsArgs) -> rafsd::Result<ExitCode> {
     if args.announce_submounts {
         log::warn!("--announce-submounts is a virtiofsd option; ignored");
     }
-    let vfs = Arc::new(Vfs::new(VfsOptions { no_open: false, no_opendir: false, no_writeback: true, ..Default::default() }));
+    let vfs = Arc::new(Vfs::new(VfsOptions {
+        no_open: false,
+        no_opendir: false,
+        no_writeback: true,
+        ..Default::default()
+    }));
     let daemon = Daemon::new(args.id.clone(), vfs.clone());
-    let prefetch_files = args.prefetch_files.as_deref().map(rafsd::service::read_prefetch_list).transpose()?.unwrap_or_default();
+    let prefetch_files = args
+        .prefetch_files
+        .as_deref()
+        .map(rafsd::service::read_prefetch_list)
+        .transpose()?
+        .unwrap_or_default();
     if let (Some(bootstrap), Some(config)) = (&args.bootstrap, &args.config) {
-        let text = std::fs::read_to_string(config).map_err(|e| rafsd::Error::io(format!("read config {}", config.display()), e))?;
-        daemon.mount(&args.virtual_mountpoint, MountCmd { fs_type: FsType::Rafs, source: bootstrap.clone(), config: text, prefetch_files })?;
+        let text = std::fs::read_to_string(config)
+            .map_err(|e| rafsd::Error::io(format!("read config {}", config.display()), e))?;
+        daemon.mount(
+            &args.virtual_mountpoint,
+            MountCmd {
+                fs_type: FsType::Rafs,
+                source: bootstrap.clone(),
+                config: text,
+                prefetch_files,
+            },
+        )?;
     } else if let Some(dir) = &args.shared_dir {
-        daemon.mount(&args.virtual_mountpoint, MountCmd { fs_type: FsType::Passthrough, source: dir.clone(), config: String::new(), prefetch_files })?;
+        daemon.mount(
+            &args.virtual_mountpoint,
+            MountCmd {
+                fs_type: FsType::Passthrough,
+                source: dir.clone(),
+                config: String::new(),
+                prefetch_files,
+            },
+        )?;
     }
-    let _api = args.apisock.as_deref().map(|p| rafsd::api::start(p, daemon.clone())).transpose()?;
+    let listener = rafsd::vhost_user::bind(&args.sock)?;
+    let _api = args
+        .apisock
+        .as_deref()
+        .map(|p| rafsd::api::start(p, daemon.clone()))
+        .transpose()?;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (sock, queues, stop2) = (args.sock.clone(), args.thread_num as usize, stop.clone());
     let server = std::thread::Builder::new()
         .name("vhost-user".into())
-        .spawn(move || rafsd::vhost_user::serve(vfs, &sock, queues, stop2))
+        .spawn(move || rafsd::vhost_user::serve(vfs, listener, &sock, queues, stop2))
         .map_err(|e| rafsd::Error::io("start vhost-user thread", e))?;
     loop {
-        if let Some(sig) = rafsd::fusedev::wait_for_signal(&signals, std::time::Duration::from_millis(200)) {
+        if let Some(sig) =
+            rafsd::fusedev::wait_for_signal(&signals, std::time::Duration::from_millis(200))
+        {
             log::info!("signal {sig}: shutting down");
             break;
         }
@@ -382,7 +507,10 @@ fn run_virtiofs(args: VirtiofsArgs) -> rafsd::Result<ExitCode> {
     }
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     // The vhost-user thread may sit in accept(); the process exits without waiting for it.
-    for p in [Some(&args.sock), args.apisock.as_ref()].into_iter().flatten() {
+    for p in [Some(&args.sock), args.apisock.as_ref()]
+        .into_iter()
+        .flatten()
+    {
         let _ = std::fs::remove_file(p);
     }
     log::info!("rafsd virtiofs stopped");

@@ -12,11 +12,13 @@ use std::io;
 use std::path::Path;
 use std::time::Duration;
 
-use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, CreateIn, FsOptions, OpenOptions, SetattrValid};
+use fuse_backend_rs::abi::fuse_abi::{
+    stat64, statvfs64, CreateIn, FsOptions, OpenOptions, SetattrValid,
+};
 use fuse_backend_rs::abi::virtio_fs::RemovemappingOne;
 use fuse_backend_rs::api::filesystem::{
-    Context, DirEntry, Entry, FileLock, FileSystem, GetxattrReply, IoctlData, ListxattrReply, ZeroCopyReader,
-    ZeroCopyWriter,
+    Context, DirEntry, Entry, FileLock, FileSystem, GetxattrReply, IoctlData, ListxattrReply,
+    ZeroCopyReader, ZeroCopyWriter,
 };
 use fuse_backend_rs::api::BackendFileSystem;
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
@@ -30,9 +32,14 @@ pub struct ConfinedPassthrough {
 
 impl ConfinedPassthrough {
     pub fn new(dir: &Path) -> Result<Self> {
-        let root = dir.canonicalize().map_err(|e| Error::io(format!("passthrough source {}", dir.display()), e))?;
+        let root = dir
+            .canonicalize()
+            .map_err(|e| Error::io(format!("passthrough source {}", dir.display()), e))?;
         if !root.is_dir() {
-            return Err(Error::Invalid(format!("passthrough source {} is not a directory", root.display())));
+            return Err(Error::Invalid(format!(
+                "passthrough source {} is not a directory",
+                root.display()
+            )));
         }
         let cfg = Config {
             root_dir: root.to_string_lossy().into_owned(),
@@ -44,8 +51,11 @@ impl ConfinedPassthrough {
             entry_timeout: Duration::from_secs(1),
             ..Default::default()
         };
-        let inner = PassthroughFs::<()>::new(cfg).map_err(|e| Error::io("create passthrough filesystem", e))?;
-        inner.import().map_err(|e| Error::io(format!("open passthrough root {}", root.display()), e))?;
+        let inner = PassthroughFs::<()>::new(cfg)
+            .map_err(|e| Error::io("create passthrough filesystem", e))?;
+        inner
+            .import()
+            .map_err(|e| Error::io(format!("open passthrough root {}", root.display()), e))?;
         Ok(ConfinedPassthrough { inner })
     }
 }
@@ -127,8 +137,18 @@ impl FileSystem for ConfinedPassthrough {
         self.inner.destroy()
     }
 
-    fn ioctl(&self, ctx: &Context, inode: u64, handle: u64, flags: u32, cmd: u32, data: IoctlData, out_size: u32) -> io::Result<IoctlData<'_>> {
-        self.inner.ioctl(ctx, inode, handle, flags, cmd, data, out_size)
+    fn ioctl(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        flags: u32,
+        cmd: u32,
+        data: IoctlData,
+        out_size: u32,
+    ) -> io::Result<IoctlData<'_>> {
+        self.inner
+            .ioctl(ctx, inode, handle, flags, cmd, data, out_size)
     }
 }
 
@@ -149,7 +169,11 @@ mod tests {
     #[test]
     fn dot_names_are_refused() {
         for bad in [c".", c"..", c"a/b", c""] {
-            assert_eq!(check(bad).unwrap_err().raw_os_error(), Some(libc::EPERM), "{bad:?}");
+            assert_eq!(
+                check(bad).unwrap_err().raw_os_error(),
+                Some(libc::EPERM),
+                "{bad:?}"
+            );
         }
         assert!(check(c"file").is_ok());
         assert!(check(c"...").is_ok());
@@ -168,14 +192,26 @@ mod tests {
         let root = fuse_backend_rs::api::filesystem::ROOT_ID;
         fs.init(FsOptions::empty()).unwrap();
         for bad in [c"..", c"."] {
-            assert_eq!(fs.lookup(&ctx, root, bad).unwrap_err().raw_os_error(), Some(libc::EPERM), "{bad:?}");
-            assert_eq!(fs.mkdir(&ctx, root, bad, 0o755, 0).unwrap_err().raw_os_error(), Some(libc::EPERM));
+            assert_eq!(
+                fs.lookup(&ctx, root, bad).unwrap_err().raw_os_error(),
+                Some(libc::EPERM),
+                "{bad:?}"
+            );
+            assert_eq!(
+                fs.mkdir(&ctx, root, bad, 0o755, 0)
+                    .unwrap_err()
+                    .raw_os_error(),
+                Some(libc::EPERM)
+            );
         }
         assert!(fs.lookup(&ctx, root, c"file").unwrap().inode != 0);
         // A symlink is returned as a link (the guest resolves it in its own tree), never followed here.
         let link = fs.lookup(&ctx, root, c"escape").unwrap();
         assert_eq!(link.attr.st_mode & libc::S_IFMT, libc::S_IFLNK);
         assert_eq!(fs.readlink(&ctx, link.inode).unwrap(), b"../secret");
-        assert!(fs.lookup(&ctx, link.inode, c"secret").is_err(), "a symlink is not a directory to look into");
+        assert!(
+            fs.lookup(&ctx, link.inode, c"secret").is_err(),
+            "a symlink is not a directory to look into"
+        );
     }
 }

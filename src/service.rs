@@ -28,12 +28,19 @@ pub fn build_rafs(mount: &RafsMount) -> Result<RafsFs> {
         CacheKind::BlobCache => config.cache.work_dir.clone(),
         CacheKind::None => None,
     };
-    let opts = ImageOptions { validate: config.validate(), cache_dir, amplify_io: config.rafs.amplify_io };
+    let opts = ImageOptions {
+        validate: config.validate(),
+        cache_dir,
+        amplify_io: config.rafs.amplify_io,
+    };
     let image = Arc::new(RafsImage::open(&mount.bootstrap, backend.clone(), opts)?);
     // Fail at mount time, not at the first read, when a blob is missing.
     for blob in &image.info().blobs {
         backend.blob_size(&blob.id).map_err(|e| match e {
-            Error::NotFound(m) => Error::NotFound(format!("data {m} (needed by {})", mount.bootstrap.display())),
+            Error::NotFound(m) => Error::NotFound(format!(
+                "data {m} (needed by {})",
+                mount.bootstrap.display()
+            )),
             other => other,
         })?;
     }
@@ -41,8 +48,14 @@ pub fn build_rafs(mount: &RafsMount) -> Result<RafsFs> {
     if config.rafs.prefetch.enable {
         if image.cache().is_none() {
             log::warn!("prefetch is enabled but there is no blob cache to fill; not prefetching");
-        } else if let Some(target) = prefetch_target(&image, mount, config.rafs.prefetch.prefetch_all)? {
-            log::info!("prefetch: starting {:?} with {} threads", target_summary(&target), config.rafs.prefetch.threads);
+        } else if let Some(target) =
+            prefetch_target(&image, mount, config.rafs.prefetch.prefetch_all)?
+        {
+            log::info!(
+                "prefetch: starting {:?} with {} threads",
+                target_summary(&target),
+                config.rafs.prefetch.threads
+            );
             fs.set_prefetcher(Prefetcher::start(image, &config.rafs.prefetch, target));
         }
     }
@@ -57,7 +70,11 @@ fn target_summary(t: &PrefetchTarget) -> String {
 }
 
 /// Which files to prefetch: the mount's list, else the image's prefetch table, else all when asked.
-fn prefetch_target(image: &RafsImage, mount: &RafsMount, prefetch_all: bool) -> Result<Option<PrefetchTarget>> {
+fn prefetch_target(
+    image: &RafsImage,
+    mount: &RafsMount,
+    prefetch_all: bool,
+) -> Result<Option<PrefetchTarget>> {
     if !mount.prefetch_files.is_empty() {
         if mount.prefetch_files.iter().any(|p| p == "/") {
             return Ok(Some(PrefetchTarget::All));
@@ -84,7 +101,9 @@ fn prefetch_target(image: &RafsImage, mount: &RafsMount, prefetch_all: bool) -> 
 /// Inode of an absolute path inside the image.
 pub fn resolve_path(image: &RafsImage, path: &str) -> Result<Option<u64>> {
     if !path.starts_with('/') {
-        return Err(Error::Invalid(format!("prefetch path {path:?} is not absolute")));
+        return Err(Error::Invalid(format!(
+            "prefetch path {path:?} is not absolute"
+        )));
     }
     let mut ino = image.root_ino();
     for part in path.split('/').filter(|p| !p.is_empty()) {
@@ -98,8 +117,14 @@ pub fn resolve_path(image: &RafsImage, path: &str) -> Result<Option<u64>> {
 
 /// `--prefetch-files FILE`: one absolute path per line.
 pub fn read_prefetch_list(file: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(file).map_err(|e| Error::io(format!("read prefetch list {}", file.display()), e))?;
-    Ok(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect())
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| Error::io(format!("read prefetch list {}", file.display()), e))?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect())
 }
 
 /// Raise RLIMIT_NOFILE as far as allowed; failure (EPERM in some sandboxes) is only a warning.
@@ -107,18 +132,30 @@ pub fn raise_nofile_limit(want: u64) {
     if want == 0 {
         return;
     }
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: valid pointer to an rlimit.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 || lim.rlim_cur >= want {
         return;
     }
-    let new = libc::rlimit { rlim_cur: want, rlim_max: want.max(lim.rlim_max) };
+    let new = libc::rlimit {
+        rlim_cur: want,
+        rlim_max: want.max(lim.rlim_max),
+    };
     // SAFETY: valid pointer to an rlimit.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } != 0 {
         let e = std::io::Error::last_os_error();
-        let capped = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+        let capped = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
         // SAFETY: as above.
         unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &capped) };
-        log::warn!("cannot raise RLIMIT_NOFILE to {want} ({e}); continuing with {}", lim.rlim_max);
+        log::warn!(
+            "cannot raise RLIMIT_NOFILE to {want} ({e}); continuing with {}",
+            lim.rlim_max
+        );
     }
 }

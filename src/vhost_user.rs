@@ -14,14 +14,20 @@ use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::api::Vfs;
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost::vhost_user::Backend;
-use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use vhost::vhost_user::{Backend, Error as VhostUserError, Listener};
+use vhost_user_backend::{
+    Error as DaemonError, VhostUserBackend, VhostUserDaemon, VringRwLock, VringT,
+};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_bindings::bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
 use virtio_queue::QueueOwnedT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 use crate::error::{Error, Result};
 
@@ -64,7 +70,9 @@ impl VirtioFsBackend {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
-            .ok_or_else(|| io::Error::other("virtqueue kicked before the guest memory table was set"))?
+            .ok_or_else(|| {
+                io::Error::other("virtqueue kicked before the guest memory table was set")
+            })?
             .memory();
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         loop {
@@ -93,7 +101,10 @@ impl VirtioFsBackend {
     }
 
     /// One FUSE request; returns the bytes written to the guest (0 when no reply could be built).
-    fn handle_chain(&self, chain: virtio_queue::DescriptorChain<vm_memory::GuestMemoryLoadGuard<GuestMemoryMmap>>) -> u32 {
+    fn handle_chain(
+        &self,
+        chain: virtio_queue::DescriptorChain<vm_memory::GuestMemoryLoadGuard<GuestMemoryMmap>>,
+    ) -> u32 {
         let mem = chain.memory();
         let reader = match Reader::from_descriptor_chain(mem, chain.clone()) {
             Ok(r) => r,
@@ -109,7 +120,10 @@ impl VirtioFsBackend {
                 return 0;
             }
         };
-        match self.server.handle_message(reader, writer.into(), None, None) {
+        match self
+            .server
+            .handle_message(reader, writer.into(), None, None)
+        {
             Ok(n) => n as u32,
             Err(e) => {
                 log::warn!("virtio-fs: request failed: {e}");
@@ -139,7 +153,9 @@ impl VhostUserBackend for VirtioFsBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::BACKEND_REQ | VhostUserProtocolFeatures::REPLY_ACK
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::REPLY_ACK
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -165,7 +181,13 @@ impl VhostUserBackend for VirtioFsBackend {
         Some((c.try_clone().ok()?, n.try_clone().ok()?))
     }
 
-    fn handle_event(&self, device_event: u16, evset: EventSet, vrings: &[VringRwLock], _thread: usize) -> io::Result<()> {
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread: usize,
+    ) -> io::Result<()> {
         if evset != EventSet::IN {
             log::warn!("virtio-fs: unexpected event set {evset:?}");
             return Ok(());
@@ -182,22 +204,56 @@ impl VhostUserBackend for VirtioFsBackend {
     }
 }
 
-/// Serve `vfs` on the vhost-user socket `sock` until `stop` is set: one VMM connection at a time, and a
-/// fresh listener after each disconnect.
-pub fn serve(vfs: Arc<Vfs>, sock: &Path, request_queues: usize, stop: Arc<AtomicBool>) -> Result<()> {
+/// Serve `vfs` on the vhost-user socket `sock` until `stop` is set: one VMM connection at a time, each
+/// with a fresh backend and vring workers.
+///
+/// The listening socket is bound once and kept for the daemon's life. (Re-binding it per connection, as
+/// `VhostUserDaemon::serve` does, loses a VMM that reconnects right away: its connection lands in the old
+/// listener's backlog and is reset when that listener closes, or finds no socket file at all.)
+/// Bind the vhost-user socket (replacing a stale one). Done before the API reports RUNNING, because the
+/// VMM connects as soon as it sees that state.
+pub fn bind(sock: &Path) -> Result<Listener> {
+    Listener::new(sock, true)
+        .map_err(|e| Error::Invalid(format!("vhost-user socket {}: {e}", sock.display())))
+}
+
+pub fn serve(
+    vfs: Arc<Vfs>,
+    mut listener: Listener,
+    sock: &Path,
+    request_queues: usize,
+    stop: Arc<AtomicBool>,
+) -> Result<()> {
     let sock: PathBuf = sock.to_path_buf();
     while !stop.load(Ordering::Relaxed) {
         let backend = Arc::new(
-            VirtioFsBackend::new(vfs.clone(), request_queues).map_err(|e| Error::io("create virtio-fs backend", e))?,
+            VirtioFsBackend::new(vfs.clone(), request_queues)
+                .map_err(|e| Error::io("create virtio-fs backend", e))?,
         );
-        let mut daemon = VhostUserDaemon::new("rafsd-virtiofs".into(), backend.clone(), GuestMemoryAtomic::new(GuestMemoryMmap::new()))
-            .map_err(|e| Error::Invalid(format!("vhost-user daemon: {e}")))?;
+        let mut daemon = VhostUserDaemon::new(
+            "rafsd-virtiofs".into(),
+            backend.clone(),
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
+        .map_err(|e| Error::Invalid(format!("vhost-user daemon: {e}")))?;
         log::info!("virtio-fs: waiting for a VMM on {}", sock.display());
-        let result = daemon.serve(&sock);
+        let result = daemon.start(&mut listener).and_then(|()| daemon.wait());
+        for worker in daemon.get_epoll_handlers() {
+            worker.send_exit_event();
+        }
         // The next guest starts from FUSE_INIT again; reset the Vfs session (mounts stay).
         fuse_backend_rs::api::filesystem::FileSystem::destroy(&*vfs);
         match result {
-            Ok(()) => log::info!("virtio-fs: VMM disconnected"),
+            Ok(())
+            | Err(DaemonError::HandleRequest(
+                VhostUserError::Disconnected | VhostUserError::PartialMessage,
+            )) => {
+                log::info!("virtio-fs: VMM disconnected")
+            }
+            Err(e @ DaemonError::CreateBackendListener(_)) => {
+                log::warn!("virtio-fs: accept: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
             Err(e) => log::warn!("virtio-fs: connection ended: {e}"),
         }
     }

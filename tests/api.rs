@@ -20,7 +20,11 @@ struct Virtiofs {
 
 impl Virtiofs {
     fn start(dir: &Path) -> Virtiofs {
-        let (api, sock, log) = (dir.join("api.sock"), dir.join("vhost.sock"), dir.join("rafsd.log"));
+        let (api, sock, log) = (
+            dir.join("api.sock"),
+            dir.join("vhost.sock"),
+            dir.join("rafsd.log"),
+        );
         let child = Command::new(env!("CARGO_BIN_EXE_rafsd"))
             .args(["virtiofs", "--log-level", "info", "--apisock"])
             .arg(&api)
@@ -32,10 +36,19 @@ impl Virtiofs {
             .stderr(std::fs::OpenOptions::new().append(true).open(&log).unwrap())
             .spawn()
             .unwrap();
-        let v = Virtiofs { child, api, sock, log };
+        let v = Virtiofs {
+            child,
+            api,
+            sock,
+            log,
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         while UnixStream::connect(&v.api).is_err() {
-            assert!(Instant::now() < deadline, "API socket never appeared:\n{}", v.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "API socket never appeared:\n{}",
+                v.log_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         v
@@ -77,8 +90,15 @@ fn read_response(s: &mut UnixStream) -> (u16, String) {
         raw.extend_from_slice(&buf[..n]);
     }
     let text = String::from_utf8_lossy(&raw).into_owned();
-    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -99,10 +119,21 @@ fn daemon_info_has_the_fields_kata_reads() {
     assert_eq!(status, 200, "{body}");
     let info: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(info["state"], "RUNNING");
-    for k in ["package_ver", "git_commit", "build_time", "profile", "rustc"] {
-        assert!(info["version"][k].is_string(), "version.{k} missing: {body}");
+    for k in [
+        "package_ver",
+        "git_commit",
+        "build_time",
+        "profile",
+        "rustc",
+    ] {
+        assert!(
+            info["version"][k].is_string(),
+            "version.{k} missing: {body}"
+        );
     }
-    assert!(v.log_text().contains("--thread-pool-size=1 is a virtiofsd option; ignored"));
+    assert!(v
+        .log_text()
+        .contains("--thread-pool-size=1 is a virtiofsd option; ignored"));
     assert!(v.sock.exists(), "vhost-user socket is listening");
 }
 
@@ -117,39 +148,93 @@ fn mount_remount_and_unmount_while_running() {
         "mode": "direct"
     });
     let body = serde_json::json!({"source": manifest::case_bootstrap("v6-zstd-blake3"), "fs_type": "rafs", "config": secret_config.to_string()}).to_string();
-    assert_eq!(v.call("POST", "/api/v1/mount?mountpoint=/rafs/c1/lowerdir", &body).0, 204);
-    assert_eq!(v.call("POST", "/api/v1/mount?mountpoint=%2Frafs%2Fc2%2Flowerdir", &rafs_body("v5-zstd-sha256-128k", &cache)).0, 204, "percent-encoded mountpoints (runtime-rs) work");
+    assert_eq!(
+        v.call("POST", "/api/v1/mount?mountpoint=/rafs/c1/lowerdir", &body)
+            .0,
+        204
+    );
+    assert_eq!(
+        v.call(
+            "POST",
+            "/api/v1/mount?mountpoint=%2Frafs%2Fc2%2Flowerdir",
+            &rafs_body("v5-zstd-sha256-128k", &cache)
+        )
+        .0,
+        204,
+        "percent-encoded mountpoints (runtime-rs) work"
+    );
     let share = dir.path().join("share");
     std::fs::create_dir_all(&share).unwrap();
-    let pt = serde_json::json!({"source": share, "fs_type": "passthrough_fs", "config": ""}).to_string();
-    assert_eq!(v.call("POST", "/api/v1/mount?mountpoint=/containers", &pt).0, 204);
+    let pt =
+        serde_json::json!({"source": share, "fs_type": "passthrough_fs", "config": ""}).to_string();
+    assert_eq!(
+        v.call("POST", "/api/v1/mount?mountpoint=/containers", &pt)
+            .0,
+        204
+    );
 
     let (_, info) = v.call("GET", "/api/v1/daemon", "");
     let info: serde_json::Value = serde_json::from_str(&info).unwrap();
     let coll = &info["backend_collection"];
     assert_eq!(coll["/rafs/c1/lowerdir"]["backend_type"], "Rafs");
     assert_eq!(coll["/containers"]["backend_type"], "PassthroughFs");
-    assert!(!info.to_string().contains("c2VjcmV0OnBhc3M="), "credentials must never be echoed");
-    assert!(!v.log_text().contains("c2VjcmV0OnBhc3M="), "credentials must never be logged");
+    assert!(
+        !info.to_string().contains("c2VjcmV0OnBhc3M="),
+        "credentials must never be echoed"
+    );
+    assert!(
+        !v.log_text().contains("c2VjcmV0OnBhc3M="),
+        "credentials must never be logged"
+    );
 
     let (status, metrics) = v.call("GET", "/api/v1/metrics?id=/rafs/c1/lowerdir", "");
     assert_eq!(status, 200, "{metrics}");
     assert!(metrics.contains("fop_hits"));
-    let (status, cache_metrics) = v.call("GET", "/api/v1/metrics/blobcache?id=/rafs/c2/lowerdir", "");
+    let (status, cache_metrics) =
+        v.call("GET", "/api/v1/metrics/blobcache?id=/rafs/c2/lowerdir", "");
     assert_eq!(status, 200);
-    assert!(cache_metrics.contains("06d5431df82a7f75ff2cd9c9989b603df88f65fe5db4000536806db10240ebea.blob.data"), "{cache_metrics}");
-    assert_eq!(v.call("GET", "/api/v1/metrics", "").0, 404, "no id and two instances: no counter");
+    assert!(
+        cache_metrics
+            .contains("06d5431df82a7f75ff2cd9c9989b603df88f65fe5db4000536806db10240ebea.blob.data"),
+        "{cache_metrics}"
+    );
+    assert_eq!(
+        v.call("GET", "/api/v1/metrics", "").0,
+        404,
+        "no id and two instances: no counter"
+    );
     assert_eq!(v.call("GET", "/api/v1/metrics/inflight", "").0, 204);
 
     // Remount swaps the image in place; a bad remount leaves the old one.
-    assert_eq!(v.call("PUT", "/api/v1/mount?mountpoint=/rafs/c1/lowerdir", &rafs_body("v6-lz4-sha256-64k", &cache)).0, 204);
-    let broken = rafs_body("v6-lz4-sha256-64k", &cache).replace("v6-lz4-sha256-64k/bootstrap", "v6-lz4-sha256-64k/missing");
-    assert_eq!(v.call("PUT", "/api/v1/mount?mountpoint=/rafs/c1/lowerdir", &broken).0, 500);
+    assert_eq!(
+        v.call(
+            "PUT",
+            "/api/v1/mount?mountpoint=/rafs/c1/lowerdir",
+            &rafs_body("v6-lz4-sha256-64k", &cache)
+        )
+        .0,
+        204
+    );
+    let broken = rafs_body("v6-lz4-sha256-64k", &cache)
+        .replace("v6-lz4-sha256-64k/bootstrap", "v6-lz4-sha256-64k/missing");
+    assert_eq!(
+        v.call("PUT", "/api/v1/mount?mountpoint=/rafs/c1/lowerdir", &broken)
+            .0,
+        500
+    );
     let (_, info) = v.call("GET", "/api/v1/daemon", "");
     assert!(info.contains("v6-lz4-sha256-64k/bootstrap"), "{info}");
 
-    assert_eq!(v.call("DELETE", "/api/v1/mount?mountpoint=/rafs/c1/lowerdir", "").0, 204);
-    assert_eq!(v.call("DELETE", "/api/v1/mount?mountpoint=/rafs/c1/lowerdir", "").0, 404);
+    assert_eq!(
+        v.call("DELETE", "/api/v1/mount?mountpoint=/rafs/c1/lowerdir", "")
+            .0,
+        204
+    );
+    assert_eq!(
+        v.call("DELETE", "/api/v1/mount?mountpoint=/rafs/c1/lowerdir", "")
+            .0,
+        404
+    );
     let (_, info) = v.call("GET", "/api/v1/daemon", "");
     assert!(!info.contains("/rafs/c1/lowerdir") && info.contains("/rafs/c2/lowerdir"));
 }
@@ -160,38 +245,139 @@ fn hostile_requests_get_clear_errors_and_the_daemon_stays_up() {
     let mut v = Virtiofs::start(dir.path());
     let cache = dir.path().join("cache");
     let good = rafs_body("v6-zstd-blake3", &cache);
-    assert_eq!(v.call("POST", "/api/v1/mount?mountpoint=/img", &good).0, 204);
+    assert_eq!(
+        v.call("POST", "/api/v1/mount?mountpoint=/img", &good).0,
+        204
+    );
     let cases: Vec<(&str, String, &str, u16, &str)> = vec![
-        ("POST", "/api/v1/mount?mountpoint=/img".into(), good.as_str(), 409, "already mounted"),
-        ("POST", "/api/v1/mount?mountpoint=/img/inner".into(), good.as_str(), 409, "overlap"),
-        ("POST", "/api/v1/mount?mountpoint=/rafs/../../etc".into(), good.as_str(), 400, "plain names"),
-        ("POST", "/api/v1/mount?mountpoint=relative".into(), good.as_str(), 400, "absolute"),
-        ("POST", "/api/v1/mount".into(), good.as_str(), 400, "'mountpoint' should be specified"),
-        ("POST", "/api/v1/mount?mountpoint=/x".into(), "{not json", 400, "not valid JSON"),
-        ("POST", "/api/v1/mount?mountpoint=/x".into(), r#"{"source":"/x","fs_type":"","config":""}"#, 400, "fs_type is required"),
-        ("POST", "/api/v1/mount?mountpoint=/x".into(), r#"{"source":"/x","fs_type":"ext4","config":""}"#, 400, "unknown fs_type"),
-        ("POST", "/api/v1/mount?mountpoint=/x".into(), r#"{"source":"rel","fs_type":"rafs","config":"{}"}"#, 400, "absolute path"),
-        ("POST", "/api/v1/mount?mountpoint=/x".into(), r#"{"source":"/x","fs_type":"rafs","config":"{\"device\":1}"}"#, 400, "config key `device`"),
-        ("POST", "/api/v1/mount?mountpoint=/x".into(), r#"{"source":"/nonexistent","fs_type":"passthrough_fs","config":""}"#, 500, "passthrough source"),
+        (
+            "POST",
+            "/api/v1/mount?mountpoint=/img".into(),
+            good.as_str(),
+            409,
+            "already mounted",
+        ),
+        (
+            "POST",
+            "/api/v1/mount?mountpoint=/img/inner".into(),
+            good.as_str(),
+            409,
+            "overlap",
+        ),
+        (
+            "POST",
+            "/api/v1/mount?mountpoint=/rafs/../../etc".into(),
+            good.as_str(),
+            400,
+            "plain names",
+        ),
+        (
+            "POST",
+            "/api/v1/mount?mountpoint=relative".into(),
+            good.as_str(),
+            400,
+            "absolute",
+        ),
+        (
+            "POST",
+            "/api/v1/mount".into(),
+            good.as_str(),
+            400,
+            "'mountpoint' should be specified",
+        ),
+        (
+            "POST",
+            "/api/v1/mount?mountpoint=/x".into(),
+            "{not json",
+            400,
+            "not valid JSON",
+        ),
+        (
+            "POST",
+            "/api/v1/mount?mountpoint=/x".into(),
+            r#"{"source":"/x","fs_type":"","config":""}"#,
+            400,
+            "fs_type is required",
+        ),
+        (
+            "POST",
+            "/api/v1/mount?mountpoint=/x".into(),
+            r#"{"source":"/x","fs_type":"ext4","config":""}"#,
+            400,
+            "unknown fs_type",
+        ),
+        (
+            "POST",
+            "/api/v1/mount?mountpoint=/x".into(),
+            r#"{"source":"rel","fs_type":"rafs","config":"{}"}"#,
+            400,
+            "absolute path",
+        ),
+        (
+            "POST",
+            "/api/v1/mount?mountpoint=/x".into(),
+            r#"{"source":"/x","fs_type":"rafs","config":"{\"device\":1}"}"#,
+            400,
+            "config key `device`",
+        ),
+        (
+            "POST",
+            "/api/v1/mount?mountpoint=/x".into(),
+            r#"{"source":"/nonexistent","fs_type":"passthrough_fs","config":""}"#,
+            500,
+            "passthrough source",
+        ),
         ("GET", "/api/v1/nowhere".into(), "", 404, "no route"),
-        ("PATCH", "/api/v1/mount?mountpoint=/img".into(), "", 405, "not allowed"),
-        ("PUT", "/api/v1/daemon".into(), r#"{"log_level":"loud"}"#, 400, "log_level"),
-        ("PUT", "/api/v1/daemon/start".into(), "", 400, "already RUNNING"),
+        (
+            "PATCH",
+            "/api/v1/mount?mountpoint=/img".into(),
+            "",
+            405,
+            "not allowed",
+        ),
+        (
+            "PUT",
+            "/api/v1/daemon".into(),
+            r#"{"log_level":"loud"}"#,
+            400,
+            "log_level",
+        ),
+        (
+            "PUT",
+            "/api/v1/daemon/start".into(),
+            "",
+            400,
+            "already RUNNING",
+        ),
     ];
     for (method, target, body, want_status, want_text) in cases {
         let (status, text) = v.call(method, &target, body);
         assert_eq!(status, want_status, "{method} {target}: {text}");
-        let err: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{method} {target}: not JSON: {text}"));
-        assert!(err["code"].is_string() && err["message"].as_str().unwrap().contains(want_text), "{method} {target}: {text}");
+        let err: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|_| panic!("{method} {target}: not JSON: {text}"));
+        assert!(
+            err["code"].is_string() && err["message"].as_str().unwrap().contains(want_text),
+            "{method} {target}: {text}"
+        );
     }
 
     // A body larger than the limit is refused before it is read.
     let mut s = UnixStream::connect(&v.api).unwrap();
-    write!(s, "POST /api/v1/mount?mountpoint=/big HTTP/1.1\r\nContent-Length: 999999999\r\n\r\n").unwrap();
+    write!(
+        s,
+        "POST /api/v1/mount?mountpoint=/big HTTP/1.1\r\nContent-Length: 999999999\r\n\r\n"
+    )
+    .unwrap();
     assert_eq!(read_response(&mut s).0, 413);
     // An endless header is cut off.
     let mut s = UnixStream::connect(&v.api).unwrap();
-    let _ = s.write_all(format!("GET /api/v1/daemon HTTP/1.1\r\nX: {}\r\n", "a".repeat(64 << 10)).as_bytes());
+    let _ = s.write_all(
+        format!(
+            "GET /api/v1/daemon HTTP/1.1\r\nX: {}\r\n",
+            "a".repeat(64 << 10)
+        )
+        .as_bytes(),
+    );
     assert_eq!(read_response(&mut s).0, 431);
     // Garbage instead of HTTP.
     let mut s = UnixStream::connect(&v.api).unwrap();
@@ -199,13 +385,24 @@ fn hostile_requests_get_clear_errors_and_the_daemon_stays_up() {
     assert_eq!(read_response(&mut s).0, 400);
     // A slow client that never finishes its body does not block others.
     let mut slow = UnixStream::connect(&v.api).unwrap();
-    write!(slow, "POST /api/v1/mount?mountpoint=/slow HTTP/1.1\r\nContent-Length: 100\r\n\r\n{{").unwrap();
+    write!(
+        slow,
+        "POST /api/v1/mount?mountpoint=/slow HTTP/1.1\r\nContent-Length: 100\r\n\r\n{{"
+    )
+    .unwrap();
     let started = Instant::now();
     assert_eq!(v.call("GET", "/api/v1/daemon", "").0, 200);
-    assert!(started.elapsed() < Duration::from_secs(5), "a stalled client must not delay others");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "a stalled client must not delay others"
+    );
     drop(slow);
 
-    assert!(v.alive(), "daemon must survive hostile requests:\n{}", v.log_text());
+    assert!(
+        v.alive(),
+        "daemon must survive hostile requests:\n{}",
+        v.log_text()
+    );
     assert_eq!(v.call("GET", "/api/v1/daemon", "").0, 200);
     // Keep-alive: two requests on one connection.
     let mut s = UnixStream::connect(&v.api).unwrap();
@@ -217,9 +414,13 @@ fn hostile_requests_get_clear_errors_and_the_daemon_stays_up() {
 
     // PUT /daemon/exit stops the daemon and removes its sockets.
     assert_eq!(v.call("PUT", "/api/v1/daemon/exit", "").0, 204);
-    let status = daemon::wait_bounded(&mut v.child, Duration::from_secs(10)).expect("daemon exits after PUT /daemon/exit");
+    let status = daemon::wait_bounded(&mut v.child, Duration::from_secs(10))
+        .expect("daemon exits after PUT /daemon/exit");
     assert!(status.success());
-    assert!(!v.api.exists() && !v.sock.exists(), "sockets removed at exit");
+    assert!(
+        !v.api.exists() && !v.sock.exists(),
+        "sockets removed at exit"
+    );
 }
 
 #[test]
@@ -228,7 +429,8 @@ fn sigterm_stops_the_virtiofs_daemon() {
     let mut v = Virtiofs::start(dir.path());
     // SAFETY: signalling our own child.
     unsafe { libc::kill(v.child.id() as i32, libc::SIGTERM) };
-    let status = daemon::wait_bounded(&mut v.child, Duration::from_secs(10)).expect("exits on SIGTERM");
+    let status =
+        daemon::wait_bounded(&mut v.child, Duration::from_secs(10)).expect("exits on SIGTERM");
     assert!(status.success(), "{}", v.log_text());
     assert!(!v.api.exists() && !v.sock.exists());
 }

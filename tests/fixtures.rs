@@ -8,8 +8,15 @@ use std::process::Command;
 use rafsd::{check, ImageOptions, RafsImage};
 
 fn open(case: &str, validate: bool) -> RafsImage {
-    RafsImage::open_local(&manifest::case_bootstrap(case), Some(&manifest::case_blob_dir(case)), ImageOptions { validate, ..Default::default() })
-        .unwrap_or_else(|e| panic!("open {case}: {e}"))
+    RafsImage::open_local(
+        &manifest::case_bootstrap(case),
+        Some(&manifest::case_blob_dir(case)),
+        ImageOptions {
+            validate,
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("open {case}: {e}"))
 }
 
 #[test]
@@ -19,10 +26,16 @@ fn every_fixture_unpacks_to_the_manifest() {
         let image = open(&case, true);
         let out = tempfile::tempdir().unwrap();
         let dest = out.path().join("tree");
-        let stats = rafsd::unpack::unpack(&image, &dest).unwrap_or_else(|e| panic!("unpack {case}: {e}"));
+        let stats =
+            rafsd::unpack::unpack(&image, &dest).unwrap_or_else(|e| panic!("unpack {case}: {e}"));
         assert_eq!(stats.entries, 3405, "{case}: entries written");
         let problems = manifest::compare_tree(&dest, manifest::allowances_for(&case));
-        assert!(problems.is_empty(), "{case}: {} mismatches, first: {:#?}", problems.len(), &problems[..problems.len().min(10)]);
+        assert!(
+            problems.is_empty(),
+            "{case}: {} mismatches, first: {:#?}",
+            problems.len(),
+            &problems[..problems.len().min(10)]
+        );
     }
 }
 
@@ -45,32 +58,81 @@ fn check_and_inspect_commands_agree_with_the_builder_report() {
     for case in manifest::cases() {
         let bootstrap = manifest::case_bootstrap(&case);
         let blob_dir = manifest::case_blob_dir(&case);
-        let out = Command::new(bin).arg("check").arg(&bootstrap).arg("--blob-dir").arg(&blob_dir).output().unwrap();
-        assert!(out.status.success(), "{case}: rafsd check failed: {}", String::from_utf8_lossy(&out.stderr));
-        assert!(String::from_utf8_lossy(&out.stdout).contains(": 0 errors"), "{case}");
+        let out = Command::new(bin)
+            .arg("check")
+            .arg(&bootstrap)
+            .arg("--blob-dir")
+            .arg(&blob_dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{case}: rafsd check failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains(": 0 errors"),
+            "{case}"
+        );
 
-        let out = Command::new(bin).args(["inspect", "--json"]).arg(&bootstrap).output().unwrap();
-        assert!(out.status.success(), "{case}: rafsd inspect failed: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(bin)
+            .args(["inspect", "--json"])
+            .arg(&bootstrap)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{case}: rafsd inspect failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let build: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(manifest::fixtures_dir().join(&case).join("build.json")).unwrap()).unwrap();
-        assert_eq!(got["fs_version"].to_string(), build["fs_version"].as_str().unwrap(), "{case}: fs version");
+        let build: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(manifest::fixtures_dir().join(&case).join("build.json"))
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            got["fs_version"].to_string(),
+            build["fs_version"].as_str().unwrap(),
+            "{case}: fs version"
+        );
         assert_eq!(got["compressor"], build["compressor"], "{case}: compressor");
-        let ids: Vec<&serde_json::Value> = got["blobs"].as_array().unwrap().iter().map(|b| &b["id"]).collect();
+        let ids: Vec<&serde_json::Value> = got["blobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| &b["id"])
+            .collect();
         let want: Vec<&serde_json::Value> = build["blobs"].as_array().unwrap().iter().collect();
         assert_eq!(ids, want, "{case}: blob ids");
-        assert!(got["inode_count"].as_u64().unwrap() >= 3400, "{case}: inode count");
+        assert!(
+            got["inode_count"].as_u64().unwrap() >= 3400,
+            "{case}: inode count"
+        );
     }
 }
 
 #[test]
 fn text_inspect_names_version_algorithms_and_blobs() {
     let case = "v6-lz4-sha256-64k";
-    let out = Command::new(env!("CARGO_BIN_EXE_rafsd")).arg("inspect").arg(manifest::case_bootstrap(case)).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_rafsd"))
+        .arg("inspect")
+        .arg(manifest::case_bootstrap(case))
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
-    for want in ["RAFS v6", "lz4_block", "sha256", "0x10000", "6a4871799aac978c2a2e2942a3a4d9223c14d274141ca71264df888d40cdc3af"] {
-        assert!(text.contains(want), "inspect output lacks {want:?}:\n{text}");
+    for want in [
+        "RAFS v6",
+        "lz4_block",
+        "sha256",
+        "0x10000",
+        "6a4871799aac978c2a2e2942a3a4d9223c14d274141ca71264df888d40cdc3af",
+    ] {
+        assert!(
+            text.contains(want),
+            "inspect output lacks {want:?}:\n{text}"
+        );
     }
 }
 
@@ -78,8 +140,14 @@ fn text_inspect_names_version_algorithms_and_blobs() {
 fn lookup_and_readdir_agree_on_a_3000_entry_directory() {
     for case in ["v5-none-aligned", "v6-zstd-blake3"] {
         let image = open(case, false);
-        let special = image.lookup(image.root_ino(), b"special").unwrap().expect("special/");
-        let bigdir = image.lookup(special, b"bigdir").unwrap().expect("special/bigdir");
+        let special = image
+            .lookup(image.root_ino(), b"special")
+            .unwrap()
+            .expect("special/");
+        let bigdir = image
+            .lookup(special, b"bigdir")
+            .unwrap()
+            .expect("special/bigdir");
         let mut names = Vec::new();
         image
             .read_dir(bigdir, 0, &mut |e| {
@@ -90,7 +158,12 @@ fn lookup_and_readdir_agree_on_a_3000_entry_directory() {
         assert_eq!(names.len(), 3000, "{case}");
         for (i, (name, ino, offset)) in names.iter().enumerate() {
             assert_eq!(*offset, i as u64 + 1, "{case}: cookies are ordinals");
-            assert_eq!(image.lookup(bigdir, name).unwrap(), Some(*ino), "{case}: lookup {:?}", String::from_utf8_lossy(name));
+            assert_eq!(
+                image.lookup(bigdir, name).unwrap(),
+                Some(*ino),
+                "{case}: lookup {:?}",
+                String::from_utf8_lossy(name)
+            );
         }
         // Resuming from any cookie continues exactly after that entry.
         let mut resumed = Vec::new();
@@ -100,7 +173,15 @@ fn lookup_and_readdir_agree_on_a_3000_entry_directory() {
                 Ok(resumed.len() < 3)
             })
             .unwrap();
-        assert_eq!(resumed, vec![names[1234].0.clone(), names[1235].0.clone(), names[1236].0.clone()], "{case}");
+        assert_eq!(
+            resumed,
+            vec![
+                names[1234].0.clone(),
+                names[1235].0.clone(),
+                names[1236].0.clone()
+            ],
+            "{case}"
+        );
         assert_eq!(image.lookup(bigdir, b"f99999").unwrap(), None, "{case}");
     }
 }
@@ -108,7 +189,12 @@ fn lookup_and_readdir_agree_on_a_3000_entry_directory() {
 #[test]
 fn partial_reads_match_whole_file_reads() {
     // tail-unaligned spans two 1 MiB chunks with a one-byte tail; random-2m5 spans several chunks.
-    for case in ["v5-zstd-sha256-128k", "v6-none-blake3-4k", "v6-zstd-batch", "v6-inline-meta"] {
+    for case in [
+        "v5-zstd-sha256-128k",
+        "v6-none-blake3-4k",
+        "v6-zstd-batch",
+        "v6-inline-meta",
+    ] {
         let image = open(case, true);
         let special = image.lookup(image.root_ino(), b"special").unwrap().unwrap();
         for name in [&b"tail-unaligned"[..], b"random-2m5", b"xattrs"] {
@@ -116,13 +202,29 @@ fn partial_reads_match_whole_file_reads() {
             let size = image.inode(ino).unwrap().size as usize;
             let mut whole = vec![0u8; size + 100];
             assert_eq!(image.read(ino, 0, &mut whole).unwrap(), size);
-            for (off, len) in [(0usize, 1usize), (4095, 2), (size.saturating_sub(1), 10), (size / 2, 70_000), (size, 5)] {
+            for (off, len) in [
+                (0usize, 1usize),
+                (4095, 2),
+                (size.saturating_sub(1), 10),
+                (size / 2, 70_000),
+                (size, 5),
+            ] {
                 let mut part = vec![0u8; len];
                 let n = image.read(ino, off as u64, &mut part).unwrap();
                 let want_n = len.min(size.saturating_sub(off));
-                assert_eq!(n, want_n, "{case} {:?} at {off}", String::from_utf8_lossy(name));
+                assert_eq!(
+                    n,
+                    want_n,
+                    "{case} {:?} at {off}",
+                    String::from_utf8_lossy(name)
+                );
                 let from = off.min(size);
-                assert_eq!(&part[..n], &whole[from..from + n], "{case} {:?} at {off}", String::from_utf8_lossy(name));
+                assert_eq!(
+                    &part[..n],
+                    &whole[from..from + n],
+                    "{case} {:?} at {off}",
+                    String::from_utf8_lossy(name)
+                );
             }
         }
     }

@@ -19,14 +19,29 @@ struct Case {
 }
 
 fn case(name: &str) -> Case {
-    Case { name: name.into(), bootstrap: manifest::case_bootstrap(name), blobs: manifest::case_blob_dir(name) }
+    Case {
+        name: name.into(),
+        bootstrap: manifest::case_bootstrap(name),
+        blobs: manifest::case_blob_dir(name),
+    }
 }
 
 fn start(c: &Case, dir: &Path, validate: bool, extra: &str) -> Daemon {
     let config = dir.join("config.json");
-    std::fs::write(&config, v1_config(&c.blobs, &dir.join("cache"), validate, extra)).unwrap();
+    std::fs::write(
+        &config,
+        v1_config(&c.blobs, &dir.join("cache"), validate, extra),
+    )
+    .unwrap();
     Daemon::start(
-        &["--config", config.to_str().unwrap(), "--bootstrap", c.bootstrap.to_str().unwrap(), "--thread-num", "4"],
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--bootstrap",
+            c.bootstrap.to_str().unwrap(),
+            "--thread-num",
+            "4",
+        ],
         &dir.join("mnt"),
         &dir.join("rafsd.log"),
     )
@@ -34,7 +49,14 @@ fn start(c: &Case, dir: &Path, validate: bool, extra: &str) -> Daemon {
 
 fn assert_tree(d: &Daemon, c: &Case, pass: &str) {
     let problems = manifest::compare_tree(&d.mountpoint, manifest::allowances_for(&c.name));
-    assert!(problems.is_empty(), "{} ({pass}): {} mismatches, first: {:#?}\nlog:\n{}", c.name, problems.len(), &problems[..problems.len().min(10)], d.log_text());
+    assert!(
+        problems.is_empty(),
+        "{} ({pass}): {} mismatches, first: {:#?}\nlog:\n{}",
+        c.name,
+        problems.len(),
+        &problems[..problems.len().min(10)],
+        d.log_text()
+    );
 }
 
 #[test]
@@ -55,7 +77,15 @@ fn every_fixture_mounts_and_matches_the_manifest_cold_and_warm() {
 
 /// Expected bytes of every regular file, read through the library without a cache.
 fn reference_files(c: &Case) -> Vec<(String, Vec<u8>)> {
-    let image = RafsImage::open_local(&c.bootstrap, Some(&c.blobs), ImageOptions { validate: true, ..Default::default() }).unwrap();
+    let image = RafsImage::open_local(
+        &c.bootstrap,
+        Some(&c.blobs),
+        ImageOptions {
+            validate: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let mut files = Vec::new();
     image
         .walk(&mut |rel, attr, ev| {
@@ -93,7 +123,10 @@ fn random_reads(root: &Path, files: &[(String, Vec<u8>)], seed: u64, count: usiz
         let n = f.read_at(&mut got, off).unwrap();
         let expect = &want[off as usize..(off as usize + len).min(want.len())];
         if &got[..n] != expect {
-            wrong.push(format!("{path} at {off}+{len}: got {n} bytes, want {}", expect.len()));
+            wrong.push(format!(
+                "{path} at {off}+{len}: got {n} bytes, want {}",
+                expect.len()
+            ));
         }
     }
     wrong
@@ -102,7 +135,11 @@ fn random_reads(root: &Path, files: &[(String, Vec<u8>)], seed: u64, count: usiz
 #[test]
 fn eight_concurrent_random_readers_get_the_right_bytes_cold_and_warm() {
     manifest::assert_root("FUSE mounts");
-    for name in ["v6-zstd-blake3", "v5-lz4-blake3-repeatable", "v6-zstd-batch"] {
+    for name in [
+        "v6-zstd-blake3",
+        "v5-lz4-blake3-repeatable",
+        "v6-zstd-batch",
+    ] {
         let c = case(name);
         let files = reference_files(&c);
         let dir = tempfile::tempdir().unwrap();
@@ -110,11 +147,18 @@ fn eight_concurrent_random_readers_get_the_right_bytes_cold_and_warm() {
             let d = start(&c, dir.path(), false, r#","amplify_io":262144"#);
             let root = d.mountpoint.clone();
             let wrong: Vec<String> = std::thread::scope(|s| {
-                let handles: Vec<_> = (0..8).map(|t| {
-                    let (root, files) = (&root, &files);
-                    s.spawn(move || random_reads(root, files, 0x9E37_79B9_7F4A_7C15 ^ (t + 1), 300))
-                }).collect();
-                handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+                let handles: Vec<_> = (0..8)
+                    .map(|t| {
+                        let (root, files) = (&root, &files);
+                        s.spawn(move || {
+                            random_reads(root, files, 0x9E37_79B9_7F4A_7C15 ^ (t + 1), 300)
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .flat_map(|h| h.join().unwrap())
+                    .collect()
             });
             assert!(wrong.is_empty(), "{name} {pass}: {wrong:#?}");
             assert!(d.stop().success());
@@ -155,7 +199,10 @@ fn kill_9_during_cold_reads_never_leaves_a_torn_chunk() {
         reader.join().unwrap();
     }
     let (ready, _) = chunk_map_ready_bits(&dir.path().join("cache"));
-    assert!(ready > 0, "the killed daemons cached nothing; the test did not exercise a partial cache");
+    assert!(
+        ready > 0,
+        "the killed daemons cached nothing; the test did not exercise a partial cache"
+    );
     // Restart on the same cache without validation: whatever is marked ready is served as-is.
     let d = start(&c, dir.path(), false, "");
     assert_tree(&d, &c, "after kill -9 restarts");
@@ -166,7 +213,9 @@ fn walk(root: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         for e in entries.flatten() {
             let Ok(ft) = e.file_type() else { continue };
             if ft.is_dir() {
@@ -181,7 +230,11 @@ fn walk(root: &Path) -> Vec<PathBuf> {
 
 /// Flip 16 bytes at `offset` of `path`.
 fn flip(path: &Path, offset: u64) {
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
     let mut b = [0u8; 16];
     f.read_exact_at(&mut b, offset).unwrap();
     for x in &mut b {
@@ -208,24 +261,40 @@ fn flipped_bytes_in_the_cache_are_caught_with_validation() {
     let good = std::fs::read(&victim).unwrap();
     assert!(d.stop().success());
 
-    let image = RafsImage::open_local(&c.bootstrap, Some(&c.blobs), ImageOptions::default()).unwrap();
+    let image =
+        RafsImage::open_local(&c.bootstrap, Some(&c.blobs), ImageOptions::default()).unwrap();
     let special = image.lookup(image.root_ino(), b"special").unwrap().unwrap();
     let ino = image.lookup(special, b"random-2m5").unwrap().unwrap();
     let chunk = image.file_chunks(ino).unwrap()[1].clone();
     let blob_id = image.info().blobs[chunk.blob_index as usize].id.clone();
-    let cache_file = dir.path().join("cache").join(format!("{blob_id}.blob.data"));
+    let cache_file = dir
+        .path()
+        .join("cache")
+        .join(format!("{blob_id}.blob.data"));
     let pristine = std::fs::read(&cache_file).unwrap();
 
     // 1. Only the cache is damaged: caught, logged, and repaired from the backend; never wrong bytes.
     flip(&cache_file, chunk.uncompressed_offset + 100);
     let mut d = start(&c, dir.path(), true, "");
     let read = std::fs::read(&victim).map_err(|e| e.to_string());
-    assert!(read.as_ref().is_ok_and(|r| *r == good), "damaged cache must be repaired, got {:?}", read.map(|r| r.len()));
+    assert!(
+        read.as_ref().is_ok_and(|r| *r == good),
+        "damaged cache must be repaired, got {:?}",
+        read.map(|r| r.len())
+    );
     let log = d.log_text();
-    assert!(log.contains("digest") && log.contains(&format!("chunk {}", chunk.index)) && log.contains("dropping the cached chunk"), "log must name the failed chunk:\n{log}");
+    assert!(
+        log.contains("digest")
+            && log.contains(&format!("chunk {}", chunk.index))
+            && log.contains("dropping the cached chunk"),
+        "log must name the failed chunk:\n{log}"
+    );
     assert!(d.is_running());
     assert!(d.stop().success());
-    assert!(std::fs::read(&cache_file).unwrap() == pristine, "the cache file holds the verified chunk again");
+    assert!(
+        std::fs::read(&cache_file).unwrap() == pristine,
+        "the cache file holds the verified chunk again"
+    );
 
     // 2. Cache and blob both damaged: no verified copy exists, so the reader gets EIO; the daemon stays up.
     flip(&cache_file, chunk.uncompressed_offset + 100);
@@ -236,7 +305,10 @@ fn flipped_bytes_in_the_cache_are_caught_with_validation() {
         Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}"),
     }
     assert!(d.is_running(), "daemon must stay up");
-    assert!(std::fs::read(d.mountpoint.join("special/xattrs")).is_ok(), "other files still read");
+    assert!(
+        std::fs::read(d.mountpoint.join("special/xattrs")).is_ok(),
+        "other files still read"
+    );
     assert!(d.log_text().contains(&format!("chunk {}", chunk.index)));
     assert!(d.stop().success());
 }
@@ -250,14 +322,25 @@ fn a_full_cache_disk_degrades_to_backend_reads() {
     std::fs::create_dir_all(&cache).unwrap();
     let tiny = std::ffi::CString::new(cache.as_os_str().as_encoded_bytes()).unwrap();
     // SAFETY: mounting a 256 KiB tmpfs on our own temp dir.
-    let rc = unsafe { libc::mount(c"tmpfs".as_ptr(), tiny.as_ptr(), c"tmpfs".as_ptr(), 0, c"size=256k".as_ptr().cast()) };
+    let rc = unsafe {
+        libc::mount(
+            c"tmpfs".as_ptr(),
+            tiny.as_ptr(),
+            c"tmpfs".as_ptr(),
+            0,
+            c"size=256k".as_ptr().cast(),
+        )
+    };
     assert_eq!(rc, 0, "mount tmpfs: {}", std::io::Error::last_os_error());
     let d = start(&c, dir.path(), false, "");
     assert_tree(&d, &c, "cache disk full");
     let log = d.log_text();
     assert!(d.stop().success());
     daemon::lazy_unmount(&cache);
-    assert!(log.contains("serving from the backend without caching"), "expected one warning about the full cache:\n{log}");
+    assert!(
+        log.contains("serving from the backend without caching"),
+        "expected one warning about the full cache:\n{log}"
+    );
 }
 
 #[test]
@@ -265,8 +348,14 @@ fn prefetch_all_fills_the_cache_without_reads() {
     manifest::assert_root("FUSE mounts");
     let c = case("v6-lz4-sha256-64k");
     let dir = tempfile::tempdir().unwrap();
-    let d = start(&c, dir.path(), false, r#","fs_prefetch":{"enable":true,"threads_count":2,"merging_size":131072,"prefetch_all":true}"#);
-    let image = RafsImage::open_local(&c.bootstrap, Some(&c.blobs), ImageOptions::default()).unwrap();
+    let d = start(
+        &c,
+        dir.path(),
+        false,
+        r#","fs_prefetch":{"enable":true,"threads_count":2,"merging_size":131072,"prefetch_all":true}"#,
+    );
+    let image =
+        RafsImage::open_local(&c.bootstrap, Some(&c.blobs), ImageOptions::default()).unwrap();
     let chunks: u32 = image.info().blobs.iter().map(|b| b.chunk_count).sum();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -274,7 +363,11 @@ fn prefetch_all_fills_the_cache_without_reads() {
         if ready == chunks {
             break;
         }
-        assert!(Instant::now() < deadline, "prefetch cached {ready} of {chunks} chunks in 60 s:\n{}", d.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "prefetch cached {ready} of {chunks} chunks in 60 s:\n{}",
+            d.log_text()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_tree(&d, &c, "after prefetch");
@@ -289,23 +382,74 @@ fn write_requests_are_refused_with_erofs() {
     let d = start(&c, dir.path(), false, "");
     let m = &d.mountpoint;
     let errno = |r: std::io::Result<()>| r.err().and_then(|e| e.raw_os_error());
-    assert_eq!(errno(std::fs::OpenOptions::new().write(true).open(m.join("special/xattrs")).map(drop)), Some(libc::EROFS));
-    assert_eq!(errno(std::fs::create_dir(m.join("newdir"))), Some(libc::EROFS));
-    assert_eq!(errno(std::fs::write(m.join("new-file"), b"x")), Some(libc::EROFS));
-    assert_eq!(errno(std::fs::remove_file(m.join("special/xattrs"))), Some(libc::EROFS));
-    assert_eq!(errno(std::fs::rename(m.join("special/xattrs"), m.join("special/x2"))), Some(libc::EROFS));
+    assert_eq!(
+        errno(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(m.join("special/xattrs"))
+                .map(drop)
+        ),
+        Some(libc::EROFS)
+    );
+    assert_eq!(
+        errno(std::fs::create_dir(m.join("newdir"))),
+        Some(libc::EROFS)
+    );
+    assert_eq!(
+        errno(std::fs::write(m.join("new-file"), b"x")),
+        Some(libc::EROFS)
+    );
+    assert_eq!(
+        errno(std::fs::remove_file(m.join("special/xattrs"))),
+        Some(libc::EROFS)
+    );
+    assert_eq!(
+        errno(std::fs::rename(
+            m.join("special/xattrs"),
+            m.join("special/x2")
+        )),
+        Some(libc::EROFS)
+    );
     // xattr size queries and ERANGE through the kernel.
-    let path = std::ffi::CString::new(m.join("special/xattrs").as_os_str().as_encoded_bytes()).unwrap();
+    let path =
+        std::ffi::CString::new(m.join("special/xattrs").as_os_str().as_encoded_bytes()).unwrap();
     // SAFETY: valid path and name; a NULL buffer asks for the size.
-    let size = unsafe { libc::lgetxattr(path.as_ptr(), c"user.color".as_ptr(), std::ptr::null_mut(), 0) };
+    let size = unsafe {
+        libc::lgetxattr(
+            path.as_ptr(),
+            c"user.color".as_ptr(),
+            std::ptr::null_mut(),
+            0,
+        )
+    };
     assert_eq!(size, 4);
     let mut small = [0u8; 2];
     // SAFETY: valid buffer of the given length.
-    let rc = unsafe { libc::lgetxattr(path.as_ptr(), c"user.color".as_ptr(), small.as_mut_ptr().cast(), small.len()) };
-    assert_eq!((rc, std::io::Error::last_os_error().raw_os_error()), (-1, Some(libc::ERANGE)));
+    let rc = unsafe {
+        libc::lgetxattr(
+            path.as_ptr(),
+            c"user.color".as_ptr(),
+            small.as_mut_ptr().cast(),
+            small.len(),
+        )
+    };
+    assert_eq!(
+        (rc, std::io::Error::last_os_error().raw_os_error()),
+        (-1, Some(libc::ERANGE))
+    );
     // SAFETY: as above.
-    let rc = unsafe { libc::lgetxattr(path.as_ptr(), c"user.absent".as_ptr(), small.as_mut_ptr().cast(), small.len()) };
-    assert_eq!((rc, std::io::Error::last_os_error().raw_os_error()), (-1, Some(libc::ENODATA)));
+    let rc = unsafe {
+        libc::lgetxattr(
+            path.as_ptr(),
+            c"user.absent".as_ptr(),
+            small.as_mut_ptr().cast(),
+            small.len(),
+        )
+    };
+    assert_eq!(
+        (rc, std::io::Error::last_os_error().raw_os_error()),
+        (-1, Some(libc::ENODATA))
+    );
     assert!(d.stop().success());
 }
 
@@ -323,14 +467,74 @@ fn bad_configs_and_missing_files_exit_with_a_clear_error() {
     };
     let empty_blobs = dir.path().join("no-blobs");
     std::fs::create_dir_all(&empty_blobs).unwrap();
-    let good = write("good.json", &v1_config(&c.blobs, &dir.path().join("cache"), false, ""));
+    let good = write(
+        "good.json",
+        &v1_config(&c.blobs, &dir.path().join("cache"), false, ""),
+    );
     let cases: Vec<(Vec<std::ffi::OsString>, &str)> = vec![
-        (vec!["--config".into(), write("syntax.json", "{not json").into(), "--bootstrap".into(), c.bootstrap.clone().into()], "not valid JSON"),
-        (vec!["--config".into(), write("type.json", &v1_config(&c.blobs, dir.path(), false, "").replace("\"digest_validate\":false", "\"digest_validate\":1")).into(), "--bootstrap".into(), c.bootstrap.clone().into()], "`digest_validate`: expected true or false"),
-        (vec!["--config".into(), good.clone().into(), "--bootstrap".into(), dir.path().join("missing-bootstrap").into()], "missing-bootstrap: No such file"),
-        (vec!["--config".into(), write("noblob.json", &v1_config(&empty_blobs, &dir.path().join("cache"), false, "")).into(), "--bootstrap".into(), c.bootstrap.clone().into()], "blob 7d5a286946361db8a441e2a8a4af051955540213fb2623a4e58303d8f192e959"),
-        (vec!["--config".into(), dir.path().join("absent.json").into(), "--bootstrap".into(), c.bootstrap.clone().into()], "absent.json"),
-        (vec!["--config".into(), good.clone().into(), "--bootstrap".into(), good.clone().into()], "not a RAFS bootstrap"),
+        (
+            vec![
+                "--config".into(),
+                write("syntax.json", "{not json").into(),
+                "--bootstrap".into(),
+                c.bootstrap.clone().into(),
+            ],
+            "not valid JSON",
+        ),
+        (
+            vec![
+                "--config".into(),
+                write(
+                    "type.json",
+                    &v1_config(&c.blobs, dir.path(), false, "")
+                        .replace("\"digest_validate\":false", "\"digest_validate\":1"),
+                )
+                .into(),
+                "--bootstrap".into(),
+                c.bootstrap.clone().into(),
+            ],
+            "`digest_validate`: expected true or false",
+        ),
+        (
+            vec![
+                "--config".into(),
+                good.clone().into(),
+                "--bootstrap".into(),
+                dir.path().join("missing-bootstrap").into(),
+            ],
+            "missing-bootstrap: No such file",
+        ),
+        (
+            vec![
+                "--config".into(),
+                write(
+                    "noblob.json",
+                    &v1_config(&empty_blobs, &dir.path().join("cache"), false, ""),
+                )
+                .into(),
+                "--bootstrap".into(),
+                c.bootstrap.clone().into(),
+            ],
+            "blob 7d5a286946361db8a441e2a8a4af051955540213fb2623a4e58303d8f192e959",
+        ),
+        (
+            vec![
+                "--config".into(),
+                dir.path().join("absent.json").into(),
+                "--bootstrap".into(),
+                c.bootstrap.clone().into(),
+            ],
+            "absent.json",
+        ),
+        (
+            vec![
+                "--config".into(),
+                good.clone().into(),
+                "--bootstrap".into(),
+                good.clone().into(),
+            ],
+            "not a RAFS bootstrap",
+        ),
     ];
     for (mut args, want) in cases {
         args.push("--mountpoint".into());
@@ -338,13 +542,23 @@ fn bad_configs_and_missing_files_exit_with_a_clear_error() {
         let argv: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
         let (code, out) = run_bounded(&argv, Duration::from_secs(20));
         assert_eq!(code, Some(1), "{args:?} should exit 1:\n{out}");
-        assert!(out.contains(want), "{args:?}: output lacks {want:?}:\n{out}");
+        assert!(
+            out.contains(want),
+            "{args:?}: output lacks {want:?}:\n{out}"
+        );
         assert!(!out.contains("panicked"), "{args:?} panicked:\n{out}");
         assert!(!daemon::is_mounted(&mnt), "{args:?} left a mount behind");
     }
     // A mountpoint that does not exist.
     let bad_mnt = dir.path().join("no/such/dir");
-    let argv: Vec<&std::ffi::OsStr> = vec!["--config".as_ref(), good.as_os_str(), "--bootstrap".as_ref(), c.bootstrap.as_os_str(), "--mountpoint".as_ref(), bad_mnt.as_os_str()];
+    let argv: Vec<&std::ffi::OsStr> = vec![
+        "--config".as_ref(),
+        good.as_os_str(),
+        "--bootstrap".as_ref(),
+        c.bootstrap.as_os_str(),
+        "--mountpoint".as_ref(),
+        bad_mnt.as_os_str(),
+    ];
     let (code, out) = run_bounded(&argv, Duration::from_secs(20));
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("mountpoint"), "{out}");

@@ -128,10 +128,16 @@ mod v6 {
 
     /// §1.13: the chunk table row whose (blob_index, index) is the given chunk.
     pub fn chunk_row(b: &[u8], blob_index: u32, ci_index: u32) -> usize {
-        let (off, size) = (u64_at(b, S_CHUNK_TABLE_OFFSET) as usize, u64_at(b, S_CHUNK_TABLE_SIZE) as usize);
+        let (off, size) = (
+            u64_at(b, S_CHUNK_TABLE_OFFSET) as usize,
+            u64_at(b, S_CHUNK_TABLE_SIZE) as usize,
+        );
         (off..off + size)
             .step_by(80)
-            .find(|&row| u32_at(b, row + ROW_BLOB_INDEX) == blob_index && u32_at(b, row + ROW_INDEX) == ci_index)
+            .find(|&row| {
+                u32_at(b, row + ROW_BLOB_INDEX) == blob_index
+                    && u32_at(b, row + ROW_INDEX) == ci_index
+            })
             .unwrap_or_else(|| panic!("no chunk table row for blob {blob_index} chunk {ci_index}"))
     }
 
@@ -167,10 +173,18 @@ mod v6 {
             layout: (i_format >> 1) & 7,
             extended,
             // i_size: u32 in the compact inode, u64 in the extended one (both at offset 8).
-            size: if extended { u64_at(b, off + I_SIZE) } else { u32_at(b, off + I_SIZE) as u64 },
+            size: if extended {
+                u64_at(b, off + I_SIZE)
+            } else {
+                u32_at(b, off + I_SIZE) as u64
+            },
             i_u: u32_at(b, off + 16),
             // §1.12: `12 + 4 * (n - 1)` bytes of inline xattrs when i_xattr_icount = n > 0.
-            xattr_size: if i_xattr_icount == 0 { 0 } else { 12 + 4 * (i_xattr_icount - 1) },
+            xattr_size: if i_xattr_icount == 0 {
+                0
+            } else {
+                12 + 4 * (i_xattr_icount - 1)
+            },
         }
     }
 
@@ -195,7 +209,10 @@ mod v6 {
             let len = (dir.size as usize - k * BLOCK).min(BLOCK);
             // The last, partial block of a FLAT_INLINE directory follows the inode and its xattrs;
             // every other block is at block address `i_u + k`.
-            let start = if dir.layout == LAYOUT_FLAT_INLINE && k == nblocks - 1 && !(dir.size as usize).is_multiple_of(BLOCK) {
+            let start = if dir.layout == LAYOUT_FLAT_INLINE
+                && k == nblocks - 1
+                && !(dir.size as usize).is_multiple_of(BLOCK)
+            {
                 dir.off + dir.inode_size() + dir.xattr_size
             } else {
                 (dir.i_u as usize + k) * BLOCK
@@ -205,7 +222,11 @@ mod v6 {
             for i in 0..count {
                 let d = i * 12;
                 let name_start = u16_at(block, d + 8) as usize;
-                let name_end = if i + 1 < count { u16_at(block, d + 12 + 8) as usize } else { len };
+                let name_end = if i + 1 < count {
+                    u16_at(block, d + 12 + 8) as usize
+                } else {
+                    len
+                };
                 let mut name = &block[name_start..name_end];
                 if i + 1 == count {
                     // The last name runs to the end of the block, or to the first NUL.
@@ -264,11 +285,17 @@ mod v6 {
     /// The chunk index array follows the inode and its xattrs at `round_up(inode_size + xattr_size, 8)`.
     pub fn chunk_index(b: &[u8], nid: u64, k: usize) -> ChunkIndex {
         let ino = inode(b, nid);
-        assert_eq!(ino.layout, LAYOUT_CHUNK_BASED, "nid {nid} is not a chunk-based file");
+        assert_eq!(
+            ino.layout, LAYOUT_CHUNK_BASED,
+            "nid {nid} is not a chunk-based file"
+        );
         let at = ino.off + (ino.inode_size() + ino.xattr_size).next_multiple_of(8) + 8 * k;
         let (lo, hi) = (u16_at(b, at) as u32, u16_at(b, at + 2) as u32);
         // c_blob_addr_hi: low byte = blob index + 1 (the EROFS device id), high byte = CI index bits 16..23.
-        ChunkIndex { blob_index: (hi & 0xff) - 1, ci_index: lo | (hi >> 8) << 16 }
+        ChunkIndex {
+            blob_index: (hi & 0xff) - 1,
+            ci_index: lo | (hi >> 8) << 16,
+        }
     }
 
     /// A decoded V1 chunk-info entry (§1.16).
@@ -378,7 +405,9 @@ mod v5 {
 
     /// A directory's children occupy slots `[i_child_index, i_child_index + i_child_count)` (§2.2).
     pub fn children(b: &[u8], dir: &Record) -> Vec<Record> {
-        (0..dir.child_count).map(|k| record(b, dir.child_index + k)).collect()
+        (0..dir.child_count)
+            .map(|k| record(b, dir.child_index + k))
+            .collect()
     }
 
     /// The record (and slot) of `path`, found from the root (slot 1) by name.
@@ -407,8 +436,16 @@ mod v5 {
     /// §2.6: after the record come the name and the symlink target (each padded to 8), then the xattr
     /// table (`u64 total_size` + pairs, padded to 8) when I_XATTR is set, then the chunk records.
     pub fn chunk_record(b: &[u8], rec: &Record, k: usize) -> usize {
-        assert!(k < rec.child_count as usize, "{:?} has {} chunks", String::from_utf8_lossy(&rec.name), rec.child_count);
-        let mut off = rec.off + INODE_SIZE + rec.name.len().next_multiple_of(8) + rec.symlink_size.next_multiple_of(8);
+        assert!(
+            k < rec.child_count as usize,
+            "{:?} has {} chunks",
+            String::from_utf8_lossy(&rec.name),
+            rec.child_count
+        );
+        let mut off = rec.off
+            + INODE_SIZE
+            + rec.name.len().next_multiple_of(8)
+            + rec.symlink_size.next_multiple_of(8);
         if rec.flags & I_XATTR != 0 {
             off += 8 + (u64_at(b, off) as usize).next_multiple_of(8);
         }
@@ -467,16 +504,27 @@ impl Img {
     fn with_blob_dir(case: &'static str, blob_dir: &str) -> Img {
         let dir = tempfile::tempdir().unwrap();
         let src = fixtures().join(case);
-        let boot = fs::read(src.join("bootstrap")).unwrap_or_else(|e| panic!("{case}: read bootstrap: {e}"));
+        let boot = fs::read(src.join("bootstrap"))
+            .unwrap_or_else(|e| panic!("{case}: read bootstrap: {e}"));
         let bootstrap = dir.path().join("bootstrap");
         fs::write(&bootstrap, &boot).unwrap();
         let blob_dir = dir.path().join(blob_dir);
         fs::create_dir_all(&blob_dir).unwrap();
-        let mut ids: Vec<OsString> = fs::read_dir(src.join("blobs")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let mut ids: Vec<OsString> = fs::read_dir(src.join("blobs"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(ids.len(), 1, "{case}: one blob");
         let blob = ids.pop().unwrap().into_string().unwrap();
         std::os::unix::fs::symlink(src.join("blobs").join(&blob), blob_dir.join(&blob)).unwrap();
-        Img { dir, case, bootstrap, blob_dir, blob, boot }
+        Img {
+            dir,
+            case,
+            bootstrap,
+            blob_dir,
+            blob,
+            boot,
+        }
     }
 
     fn save(&self) {
@@ -500,11 +548,19 @@ impl Img {
     }
 
     fn open(&self, validate: bool) -> rafsd::Result<RafsImage> {
-        RafsImage::open_local(&self.bootstrap, Some(&self.blob_dir), ImageOptions { validate, ..Default::default() })
+        RafsImage::open_local(
+            &self.bootstrap,
+            Some(&self.blob_dir),
+            ImageOptions {
+                validate,
+                ..Default::default()
+            },
+        )
     }
 
     fn opened(&self, validate: bool) -> RafsImage {
-        self.open(validate).unwrap_or_else(|e| panic!("{}: open the patched image: {e}", self.case))
+        self.open(validate)
+            .unwrap_or_else(|e| panic!("{}: open the patched image: {e}", self.case))
     }
 
     fn scratch(&self, name: &str) -> PathBuf {
@@ -514,14 +570,22 @@ impl Img {
     /// Run `rafsd check` on this copy.
     fn run_check(&self) -> Run {
         run_rafsd(
-            &[OsStr::new("check"), self.bootstrap.as_os_str(), OsStr::new("-D"), self.blob_dir.as_os_str()],
+            &[
+                OsStr::new("check"),
+                self.bootstrap.as_os_str(),
+                OsStr::new("-D"),
+                self.blob_dir.as_os_str(),
+            ],
             self.dir.path(),
         )
     }
 
     /// Run `rafsd unpack` on this copy into a fresh directory, which is returned with the run.
     fn run_unpack(&self, extra: &[&str]) -> (Run, PathBuf) {
-        let out = (0..).map(|n| self.scratch(&format!("unpacked-by-cli-{n}"))).find(|p| !p.exists()).unwrap();
+        let out = (0..)
+            .map(|n| self.scratch(&format!("unpacked-by-cli-{n}")))
+            .find(|p| !p.exists())
+            .unwrap();
         let mut args = vec![
             OsStr::new("unpack"),
             self.bootstrap.as_os_str(),
@@ -537,7 +601,15 @@ impl Img {
 
 fn pristine(case: &str) -> RafsImage {
     let dir = fixtures().join(case);
-    RafsImage::open_local(&dir.join("bootstrap"), Some(&dir.join("blobs")), ImageOptions { validate: true, ..Default::default() }).unwrap()
+    RafsImage::open_local(
+        &dir.join("bootstrap"),
+        Some(&dir.join("blobs")),
+        ImageOptions {
+            validate: true,
+            ..Default::default()
+        },
+    )
+    .unwrap()
 }
 
 /// The whole content of regular file `ino`.
@@ -564,7 +636,10 @@ fn expect_corrupt<T>(r: rafsd::Result<T>, needles: &[&str]) -> String {
         Ok(_) => panic!("expected a corrupt-image error mentioning {needles:?}, got success"),
         Err(e) => e,
     };
-    assert!(matches!(e, Error::Corrupt(_)), "expected Error::Corrupt, got {e:?}");
+    assert!(
+        matches!(e, Error::Corrupt(_)),
+        "expected Error::Corrupt, got {e:?}"
+    );
     assert_mentions(&e.to_string(), needles);
     e.to_string()
 }
@@ -576,7 +651,10 @@ fn expect_integrity<T>(r: rafsd::Result<T>, needles: &[&str]) -> String {
         Ok(_) => panic!("expected an integrity error mentioning {needles:?}, got success"),
         Err(e) => e,
     };
-    assert!(matches!(e, Error::Integrity(_)), "expected Error::Integrity, got {e:?}");
+    assert!(
+        matches!(e, Error::Integrity(_)),
+        "expected Error::Integrity, got {e:?}"
+    );
     assert_mentions(&e.to_string(), needles);
     e.to_string()
 }
@@ -584,7 +662,10 @@ fn expect_integrity<T>(r: rafsd::Result<T>, needles: &[&str]) -> String {
 #[track_caller]
 fn assert_mentions(message: &str, needles: &[&str]) {
     for n in needles {
-        assert!(message.contains(n), "error {message:?} does not mention {n:?}");
+        assert!(
+            message.contains(n),
+            "error {message:?} does not mention {n:?}"
+        );
     }
 }
 
@@ -635,14 +716,27 @@ fn run_rafsd(args: &[&OsStr], scratch: &Path) -> Run {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    Run { code: status.code(), stderr: fs::read_to_string(&err_path).unwrap(), elapsed: start.elapsed() }
+    Run {
+        code: status.code(),
+        stderr: fs::read_to_string(&err_path).unwrap(),
+        elapsed: start.elapsed(),
+    }
 }
 
 /// Exit status 1, no panic, and one stderr line mentioning every needle.
 #[track_caller]
 fn assert_clean_failure(run: &Run, needles: &[&str]) {
-    assert!(!run.stderr.contains("panicked"), "rafsd panicked:\n{}", run.stderr);
-    assert_eq!(run.code, Some(1), "rafsd exit status; stderr:\n{}", run.stderr);
+    assert!(
+        !run.stderr.contains("panicked"),
+        "rafsd panicked:\n{}",
+        run.stderr
+    );
+    assert_eq!(
+        run.code,
+        Some(1),
+        "rafsd exit status; stderr:\n{}",
+        run.stderr
+    );
     let lines: Vec<String> = run.stderr.lines().map(str::to_string).collect();
     assert_some_line(&lines, needles);
 }
@@ -684,17 +778,29 @@ fn truncated_v5_bootstrap_is_refused_at_every_cut() {
     let cut = b.len() / 2;
     img.truncate(cut);
     let image = img.opened(true);
-    expect_corrupt(walk(&image), &[&format!("lies outside the {cut}-byte metadata")]);
-    assert_some_line(&check_errors(&image), &[&format!("lies outside the {cut}-byte metadata")]);
+    expect_corrupt(
+        walk(&image),
+        &[&format!("lies outside the {cut}-byte metadata")],
+    );
+    assert_some_line(
+        &check_errors(&image),
+        &[&format!("lies outside the {cut}-byte metadata")],
+    );
     let run = img.run_check();
-    assert_clean_failure(&run, &["error: ", &format!("lies outside the {cut}-byte metadata")]);
+    assert_clean_failure(
+        &run,
+        &["error: ", &format!("lies outside the {cut}-byte metadata")],
+    );
 
     // Cut inside the last record's chunk records.
     let mut img = Img::new("v5-lz4-blake3-repeatable");
     let cut = b.len() - 40;
     img.truncate(cut);
     let image = img.opened(true);
-    assert_some_line(&check_errors(&image), &[&format!("lies outside the {cut}-byte metadata")]);
+    assert_some_line(
+        &check_errors(&image),
+        &[&format!("lies outside the {cut}-byte metadata")],
+    );
 }
 
 #[test]
@@ -734,14 +840,26 @@ fn truncated_v6_bootstrap_is_refused_at_every_cut() {
             // The root inode itself was cut.
             Err(e) => {
                 assert!(cut < root.off + 64);
-                expect_corrupt::<()>(Err(e), &["inode nid", &format!("lies outside the {cut}-byte metadata")]);
+                expect_corrupt::<()>(
+                    Err(e),
+                    &[
+                        "inode nid",
+                        &format!("lies outside the {cut}-byte metadata"),
+                    ],
+                );
             }
             Ok(image) => {
-                expect_corrupt(walk(&image), &[&format!("lies outside the {cut}-byte metadata")]);
+                expect_corrupt(
+                    walk(&image),
+                    &[&format!("lies outside the {cut}-byte metadata")],
+                );
                 // (`rafsd check` would first report every file's missing digest, the chunk table being
                 // gone; `unpack` does not validate, so it meets the cut.)
                 let (run, _) = img.run_unpack(&[]);
-                assert_clean_failure(&run, &["rafsd: ", &format!("lies outside the {cut}-byte metadata")]);
+                assert_clean_failure(
+                    &run,
+                    &["rafsd: ", &format!("lies outside the {cut}-byte metadata")],
+                );
             }
         }
     }
@@ -788,7 +906,13 @@ fn v6_table_offsets_past_the_end_are_refused() {
     let mut img = Img::new("v6-zstd-blake3");
     le::put_u64(&mut img.boot, v6::S_BLOB_TABLE_OFFSET, len + 4096);
     img.save();
-    expect_corrupt(img.open(true), &["blob table: range", &format!("outside the {len}-byte metadata")]);
+    expect_corrupt(
+        img.open(true),
+        &[
+            "blob table: range",
+            &format!("outside the {len}-byte metadata"),
+        ],
+    );
 
     // s_blob_table_offset so large that offset + size overflows.
     let mut img = Img::new("v6-zstd-blake3");
@@ -800,7 +924,13 @@ fn v6_table_offsets_past_the_end_are_refused() {
     let mut img = Img::new("v6-zstd-blake3");
     le::put_u64(&mut img.boot, v6::S_CHUNK_TABLE_SIZE, 80 << 40);
     img.save();
-    expect_corrupt(img.open(true), &["chunk table: range", &format!("outside the {len}-byte metadata")]);
+    expect_corrupt(
+        img.open(true),
+        &[
+            "chunk table: range",
+            &format!("outside the {len}-byte metadata"),
+        ],
+    );
 
     // s_chunk_table_offset near 2^64.
     let mut img = Img::new("v6-zstd-blake3");
@@ -813,10 +943,16 @@ fn v6_table_offsets_past_the_end_are_refused() {
     le::put_u32(&mut img.boot, v6::S_META_BLKADDR, (len / 4096) as u32 + 1);
     img.save();
     let root = v6::root_nid(&img.boot);
-    expect_corrupt(img.open(true), &[&format!("inode nid {root}: range"), "lies outside"]);
+    expect_corrupt(
+        img.open(true),
+        &[&format!("inode nid {root}: range"), "lies outside"],
+    );
     le::put_u32(&mut img.boot, v6::S_META_BLKADDR, u32::MAX);
     img.save();
-    expect_corrupt(img.open(true), &[&format!("inode nid {root}: range"), "lies outside"]);
+    expect_corrupt(
+        img.open(true),
+        &[&format!("inode nid {root}: range"), "lies outside"],
+    );
     let run = img.run_check();
     assert_clean_failure(&run, &["rafsd: ", "inode nid", "lies outside"]);
 }
@@ -829,7 +965,10 @@ fn v6_dirent_nid_past_the_end_is_refused() {
     le::put_u64(&mut img.boot, e.at, 1 << 40);
     img.save();
     let image = img.opened(true);
-    expect_corrupt(walk(&image), &[&format!("inode nid {}: range", 1u64 << 40), "lies outside"]);
+    expect_corrupt(
+        walk(&image),
+        &[&format!("inode nid {}: range", 1u64 << 40), "lies outside"],
+    );
 }
 
 #[test]
@@ -837,16 +976,31 @@ fn v6_huge_file_size_runs_the_chunk_index_array_past_the_end() {
     let mut img = Img::new("v6-zstd-blake3");
     let nid = v6::nid(&img.boot, "special/owned");
     let ino = v6::inode(&img.boot, nid);
-    assert!(ino.extended, "special/owned has an extended inode (u64 i_size)");
+    assert!(
+        ino.extended,
+        "special/owned has an extended inode (u64 i_size)"
+    );
     // i_size = 2^50: ceil(2^50 / chunk size) chunk indexes of 8 bytes cannot fit in the bootstrap.
     le::put_u64(&mut img.boot, ino.off + v6::I_SIZE, 1 << 50);
     img.save();
     let image = img.opened(true);
     let mut buf = vec![0u8; 4096];
-    expect_corrupt(image.read(nid, 0, &mut buf), &[&format!("chunk index array of nid {nid}: range"), "lies outside"]);
+    expect_corrupt(
+        image.read(nid, 0, &mut buf),
+        &[
+            &format!("chunk index array of nid {nid}: range"),
+            "lies outside",
+        ],
+    );
     // Reading near the end of the claimed size fails the same way instead of allocating for it.
-    expect_corrupt(image.read(nid, (1 << 50) - 10, &mut buf), &[&format!("chunk index array of nid {nid}")]);
-    assert_some_line(&check_errors(&image), &["special/owned: ", "chunk index array", "lies outside"]);
+    expect_corrupt(
+        image.read(nid, (1 << 50) - 10, &mut buf),
+        &[&format!("chunk index array of nid {nid}")],
+    );
+    assert_some_line(
+        &check_errors(&image),
+        &["special/owned: ", "chunk index array", "lies outside"],
+    );
     let run = img.run_check();
     assert_clean_failure(&run, &["error: special/owned: ", "chunk index array"]);
 }
@@ -860,7 +1014,10 @@ fn v6_ci_offset_past_the_end_of_the_blob_is_refused() {
     let image = img.opened(true);
     let nid = v6::nid(&img.boot, "etc/adduser.conf");
     let mut buf = vec![0u8; 4096];
-    expect_corrupt(image.read(nid, 0, &mut buf), &["chunk-info array", "lies past the blob"]);
+    expect_corrupt(
+        image.read(nid, 0, &mut buf),
+        &["chunk-info array", "lies past the blob"],
+    );
 }
 
 #[test]
@@ -869,7 +1026,13 @@ fn v5_huge_inode_table_entries_are_refused() {
     le::put_u32(&mut img.boot, v5::S_INODE_TABLE_ENTRIES, u32::MAX);
     img.save();
     let len = img.boot.len();
-    expect_corrupt(img.open(true), &["inode table: range", &format!("outside the {len}-byte metadata")]);
+    expect_corrupt(
+        img.open(true),
+        &[
+            "inode table: range",
+            &format!("outside the {len}-byte metadata"),
+        ],
+    );
     let run = img.run_check();
     assert_clean_failure(&run, &["rafsd: ", "inode table"]);
 }
@@ -908,12 +1071,26 @@ fn v5_chunk_count_and_file_offset_past_the_end_are_refused() {
     let image = img.opened(true);
     let mut buf = vec![0u8; 4096];
     let what = format!("chunks of inode {}", rec.ino);
-    expect_corrupt(image.read(rec.ino, 0, &mut buf), &[&what, "needs 1 chunks", &format!("its record has {}", u32::MAX)]);
+    expect_corrupt(
+        image.read(rec.ino, 0, &mut buf),
+        &[
+            &what,
+            "needs 1 chunks",
+            &format!("its record has {}", u32::MAX),
+        ],
+    );
     // With HAS_HOLE (chunks need not cover the file) the count is still bounded by the records present.
-    le::put_u64(&mut img.boot, rec.off + v5::I_FLAGS, rec.flags | v5::I_HAS_HOLE);
+    le::put_u64(
+        &mut img.boot,
+        rec.off + v5::I_FLAGS,
+        rec.flags | v5::I_HAS_HOLE,
+    );
     img.save();
     let image = img.opened(true);
-    expect_corrupt(image.read(rec.ino, 0, &mut buf), &[&format!("{what}: range"), "lies outside"]);
+    expect_corrupt(
+        image.read(rec.ino, 0, &mut buf),
+        &[&format!("{what}: range"), "lies outside"],
+    );
 
     // A chunk record whose file_offset is near 2^64 (its end would overflow).
     let mut img = Img::new("v5-lz4-blake3-repeatable");
@@ -923,8 +1100,14 @@ fn v5_chunk_count_and_file_offset_past_the_end_are_refused() {
     img.save();
     let image = img.opened(true);
     let mut buf = vec![0u8; 1 << 20];
-    expect_corrupt(image.read(rec.ino, 1 << 20, &mut buf), &[&format!("chunks of inode {}", rec.ino), "chunk 1"]);
-    assert_some_line(&check_errors(&image), &["special/tail-unaligned: ", "chunk 1"]);
+    expect_corrupt(
+        image.read(rec.ino, 1 << 20, &mut buf),
+        &[&format!("chunks of inode {}", rec.ino), "chunk 1"],
+    );
+    assert_some_line(
+        &check_errors(&image),
+        &["special/tail-unaligned: ", "chunk 1"],
+    );
 }
 
 #[test]
@@ -939,7 +1122,10 @@ fn v5_chunk_uncompressed_offset_past_the_end_of_the_blob_is_refused() {
         let image = img.opened(true);
         let mut buf = vec![0u8; 4096];
         let blob = v5::first_blob_id(&img.boot).1;
-        expect_corrupt(image.read(rec.ino, 0, &mut buf), &[&format!("blob {blob} chunk"), "lies outside the blob"]);
+        expect_corrupt(
+            image.read(rec.ino, 0, &mut buf),
+            &[&format!("blob {blob} chunk"), "lies outside the blob"],
+        );
     }
 }
 
@@ -954,7 +1140,10 @@ fn v5_huge_file_size_without_chunks_is_refused() {
     img.save();
     let image = img.opened(true);
     let mut buf = vec![0u8; 4096];
-    expect_corrupt(image.read(rec.ino, 0, &mut buf), &[&format!("inode {}", rec.ino), "chunks"]);
+    expect_corrupt(
+        image.read(rec.ino, 0, &mut buf),
+        &[&format!("inode {}", rec.ino), "chunks"],
+    );
     let run = img.run_check();
     assert_clean_failure(&run, &["error: special/empty: ", "chunks"]);
 }
@@ -973,7 +1162,14 @@ fn v6_directory_pointing_back_at_the_root_is_a_cycle() {
     img.save();
     let image = img.opened(true);
     let start = Instant::now();
-    expect_corrupt(walk(&image), &["cycle", &format!("directory inode {root}"), "special/sticky"]);
+    expect_corrupt(
+        walk(&image),
+        &[
+            "cycle",
+            &format!("directory inode {root}"),
+            "special/sticky",
+        ],
+    );
     assert!(start.elapsed() < RUN_TIMEOUT);
 
     let run = img.run_check();
@@ -989,14 +1185,19 @@ fn v6_directory_pointing_at_an_ancestor_is_a_cycle() {
     // special/deep/d0/d1/...: point d0's child at special/deep.
     let deep = v6::nid(&img.boot, "special/deep");
     let d0 = v6::nid(&img.boot, "special/deep/d0");
-    let child = v6::dirents(&img.boot, d0).into_iter().find(|e| e.file_type == 2 && e.name != b"." && e.name != b"..");
+    let child = v6::dirents(&img.boot, d0)
+        .into_iter()
+        .find(|e| e.file_type == 2 && e.name != b"." && e.name != b"..");
     let child = child.expect("special/deep/d0 has a subdirectory");
     let name = String::from_utf8(child.name.clone()).unwrap();
     le::put_u64(&mut img.boot, child.at, deep);
     img.save();
     let image = img.opened(true);
     let cycle_at = format!("special/deep/d0/{name}");
-    expect_corrupt(walk(&image), &["cycle", &format!("directory inode {deep}"), &cycle_at]);
+    expect_corrupt(
+        walk(&image),
+        &["cycle", &format!("directory inode {deep}"), &cycle_at],
+    );
     let run = img.run_check();
     assert_clean_failure(&run, &["error: walk: ", "cycle", &cycle_at]);
     let (run, _) = img.run_unpack(&[]);
@@ -1008,7 +1209,9 @@ fn v5_child_slot_pointing_at_an_ancestor_is_a_cycle() {
     let mut img = Img::new("v5-lz4-blake3-repeatable");
     let deep = v5::find(&img.boot, "special/deep");
     let d0 = v5::find(&img.boot, "special/deep/d0");
-    let child = v5::children(&img.boot, &d0).into_iter().find(|c| c.mode & 0o170000 == 0o040000);
+    let child = v5::children(&img.boot, &d0)
+        .into_iter()
+        .find(|c| c.mode & 0o170000 == 0o040000);
     let child = child.expect("special/deep/d0 has a subdirectory");
     // The child's inode-table slot now holds special/deep's record offset (>> 3): d0's only child is a
     // directory named "deep" whose inode is special/deep.
@@ -1017,7 +1220,14 @@ fn v5_child_slot_pointing_at_an_ancestor_is_a_cycle() {
     le::put_u32(&mut img.boot, slot, deep_value);
     img.save();
     let image = img.opened(true);
-    expect_corrupt(walk(&image), &["cycle", &format!("directory inode {}", deep.ino), "special/deep/d0/deep"]);
+    expect_corrupt(
+        walk(&image),
+        &[
+            "cycle",
+            &format!("directory inode {}", deep.ino),
+            "special/deep/d0/deep",
+        ],
+    );
     let run = img.run_check();
     assert_clean_failure(&run, &["error: walk: ", "cycle", "special/deep/d0/deep"]);
     let (run, _) = img.run_unpack(&[]);
@@ -1034,7 +1244,14 @@ fn v5_directory_whose_children_include_itself_is_a_cycle() {
     le::put_u32(&mut img.boot, d0.off + v5::I_CHILD_COUNT, deep.child_count);
     img.save();
     let image = img.opened(true);
-    expect_corrupt(walk(&image), &["cycle", &format!("directory inode {}", d0.ino), "special/deep/d0/d0"]);
+    expect_corrupt(
+        walk(&image),
+        &[
+            "cycle",
+            &format!("directory inode {}", d0.ino),
+            "special/deep/d0/d0",
+        ],
+    );
 }
 
 // ------------------------------------------------------------------------------------------------------
@@ -1049,7 +1266,10 @@ fn v5_name_with_a_slash_is_refused() {
     img.save();
     let image = img.opened(true);
     let special = v5::find(&img.boot, "special");
-    expect_corrupt(walk(&image), &[&format!("directory {}", special.ino), "\"ow/ed\"", "'/'"]);
+    expect_corrupt(
+        walk(&image),
+        &[&format!("directory {}", special.ino), "\"ow/ed\"", "'/'"],
+    );
     expect_corrupt(image.lookup(special.ino, b"owned"), &["\"ow/ed\""]);
     let (run, out) = img.run_unpack(&[]);
     assert_clean_failure(&run, &["rafsd: ", "\"ow/ed\"", "'/'"]);
@@ -1089,7 +1309,10 @@ fn v6_name_with_a_slash_is_refused() {
     img.save();
     let image = img.opened(true);
     let special = v6::nid(&img.boot, "special");
-    expect_corrupt(walk(&image), &[&format!("directory nid {special}"), "\"ow/ed\"", "'/'"]);
+    expect_corrupt(
+        walk(&image),
+        &[&format!("directory nid {special}"), "\"ow/ed\"", "'/'"],
+    );
     let run = img.run_check();
     assert_clean_failure(&run, &["error: walk: ", "\"ow/ed\"", "'/'"]);
     let (run, out) = img.run_unpack(&[]);
@@ -1163,7 +1386,10 @@ impl BlobBackend for Recording {
 /// the FIFO for reading would block, so a reader that followed the id would hang instead of failing.
 fn plant_decoys(img: &Img, evil_id: &str) {
     let target = img.blob_dir.join(evil_id);
-    assert!(target.starts_with(img.dir.path()), "decoy stays inside the test's directory");
+    assert!(
+        target.starts_with(img.dir.path()),
+        "decoy stays inside the test's directory"
+    );
     fs::create_dir_all(target.parent().unwrap()).unwrap();
     fs::write(&target, img.read_blob()).unwrap();
     let fifo = std::ffi::CString::new(format!("{}.fifo", target.display())).unwrap();
@@ -1175,21 +1401,41 @@ fn assert_id_refused(img: &Img, evil_id: &str) {
     let shown = format!("blob id {:?}", evil_id);
     expect_corrupt(img.open(true), &[&shown, "not a plain name"]);
     // Through a recording backend: the image is refused before any blob is asked for.
-    let backend = Arc::new(Recording { inner: LocalFs::with_dir(&img.blob_dir), asked: Mutex::new(Vec::new()) });
-    let opened = RafsImage::open(&img.bootstrap, backend.clone(), ImageOptions { validate: true, ..Default::default() });
+    let backend = Arc::new(Recording {
+        inner: LocalFs::with_dir(&img.blob_dir),
+        asked: Mutex::new(Vec::new()),
+    });
+    let opened = RafsImage::open(
+        &img.bootstrap,
+        backend.clone(),
+        ImageOptions {
+            validate: true,
+            ..Default::default()
+        },
+    );
     expect_corrupt(opened, &[&shown]);
-    assert!(backend.asked.lock().unwrap().is_empty(), "blobs were requested: {:?}", backend.asked.lock().unwrap());
+    assert!(
+        backend.asked.lock().unwrap().is_empty(),
+        "blobs were requested: {:?}",
+        backend.asked.lock().unwrap()
+    );
     // The localfs backend refuses the id on its own too, although a file exists where it leads.
     let direct = LocalFs::with_dir(&img.blob_dir);
     assert!(img.blob_dir.join(evil_id).exists());
     expect_corrupt(direct.blob_size(evil_id), &[&shown]);
-    expect_corrupt(direct.read_exact_at(&format!("{evil_id}.fifo"), 0, 1), &["not a plain name"]);
+    expect_corrupt(
+        direct.read_exact_at(&format!("{evil_id}.fifo"), 0, 1),
+        &["not a plain name"],
+    );
     // And the binary fails quickly (it did not block on the FIFO) with the id in its message.
     let run = img.run_check();
     assert_clean_failure(&run, &["rafsd: ", &shown]);
     let (run, out) = img.run_unpack(&[]);
     assert_clean_failure(&run, &["rafsd: ", &shown]);
-    assert!(!out.exists() || fs::read_dir(&out).unwrap().next().is_none(), "nothing unpacked");
+    assert!(
+        !out.exists() || fs::read_dir(&out).unwrap().next().is_none(),
+        "nothing unpacked"
+    );
 }
 
 #[test]
@@ -1287,7 +1533,12 @@ fn literal_byte(compressor: u32, compressed: bool, stored: &[u8]) -> Option<usiz
                     let (header, size) = match (h >> 2) & 3 {
                         0 | 2 => (1, (h >> 3) as usize),
                         1 => (2, (h >> 4) as usize | (stored[pos + 1] as usize) << 4),
-                        _ => (3, (h >> 4) as usize | (stored[pos + 1] as usize) << 4 | (stored[pos + 2] as usize) << 12),
+                        _ => (
+                            3,
+                            (h >> 4) as usize
+                                | (stored[pos + 1] as usize) << 4
+                                | (stored[pos + 2] as usize) << 12,
+                        ),
                     };
                     (size > 0).then_some(pos + header + size / 2)
                 }
@@ -1329,7 +1580,10 @@ fn v5_target(img: &Img, paths: &[String], file_chunk: usize) -> Option<Target> {
             continue; // looking for a chunk the codec really decodes
         }
         assert_eq!(le::u32_at(b, c + v5::C_BLOB_INDEX), 0);
-        assert_eq!(le::u64_at(b, c + v5::C_FILE_OFFSET), file_chunk as u64 * le::u32_at(b, v5::S_BLOCK_SIZE) as u64);
+        assert_eq!(
+            le::u64_at(b, c + v5::C_FILE_OFFSET),
+            file_chunk as u64 * le::u32_at(b, v5::S_BLOCK_SIZE) as u64
+        );
         if let Some(k) = literal_byte(compressor, compressed, &blob[coff..coff + csize]) {
             return Some(Target {
                 path: path.clone(),
@@ -1347,7 +1601,11 @@ fn v5_target(img: &Img, paths: &[String], file_chunk: usize) -> Option<Target> {
 /// The blob's CI array, decompressed (§1.16; the CI compressor numbering is §1.6's).
 fn v6_ci_array(b: &[u8], blob: &[u8]) -> Vec<u8> {
     let e = v6::blob_entry(b, 0);
-    assert_eq!(le::u32_at(b, e + v6::BLOB_FEATURES) & v6::CHUNK_INFO_V2, 0, "V1 chunk-info entries");
+    assert_eq!(
+        le::u32_at(b, e + v6::BLOB_FEATURES) & v6::CHUNK_INFO_V2,
+        0,
+        "V1 chunk-info entries"
+    );
     let off = le::u64_at(b, e + v6::BLOB_CI_OFFSET) as usize;
     let csize = le::u64_at(b, e + v6::BLOB_CI_COMPRESSED_SIZE) as usize;
     let usize_ = le::u64_at(b, e + v6::BLOB_CI_UNCOMPRESSED_SIZE) as usize;
@@ -1414,17 +1672,34 @@ fn assert_flipped_chunk_detected(img: &Img, t: &Target) {
     // Library read with validation: the digest names the damage.
     let image = img.opened(true);
     let mut buf = vec![0u8; chunk_size as usize];
-    let msg = expect_integrity(image.read(t.ino, file_offset, &mut buf), &[&at, &names_chunk]);
+    let msg = expect_integrity(
+        image.read(t.ino, file_offset, &mut buf),
+        &[&at, &names_chunk],
+    );
     assert_mentions(&msg, &digest);
     // Without validation the recorded CRC32C still catches it.
     let unvalidated = img.opened(false);
-    expect_integrity(unvalidated.read(t.ino, file_offset, &mut buf), &[&names_chunk, "CRC32C"]);
+    expect_integrity(
+        unvalidated.read(t.ino, file_offset, &mut buf),
+        &[&names_chunk, "CRC32C"],
+    );
 
     // check, through the library and the binary.
     let line = format!("{}: integrity check failed: ", t.path);
-    assert_some_line(&check_errors(&image), &[&line, &names_chunk, digest[0], digest[1]]);
+    assert_some_line(
+        &check_errors(&image),
+        &[&line, &names_chunk, digest[0], digest[1]],
+    );
     let run = img.run_check();
-    assert_clean_failure(&run, &[&format!("error: {line}"), &names_chunk, digest[0], digest[1]]);
+    assert_clean_failure(
+        &run,
+        &[
+            &format!("error: {line}"),
+            &names_chunk,
+            digest[0],
+            digest[1],
+        ],
+    );
 
     // unpack through the library without validation (CRC) ...
     let out = img.scratch("unpacked");
@@ -1433,13 +1708,25 @@ fn assert_flipped_chunk_detected(img: &Img, t: &Target) {
     assert_mentions(&e.to_string(), &[&t.path, &names_chunk, "CRC32C"]);
     // ... and what it wrote of the file is a correct prefix: no wrong byte reached the disk.
     let written = fs::read(out.join(&t.path)).unwrap_or_default();
-    assert!(written.len() < original.len() && original.starts_with(&written), "unpack wrote wrong bytes");
-    assert!(written.len() as u64 <= file_offset, "unpack wrote past the last good chunk");
+    assert!(
+        written.len() < original.len() && original.starts_with(&written),
+        "unpack wrote wrong bytes"
+    );
+    assert!(
+        written.len() as u64 <= file_offset,
+        "unpack wrote past the last good chunk"
+    );
     // ... and the binary with --validate (digest).
     let (run, out) = img.run_unpack(&["--validate"]);
-    assert_clean_failure(&run, &["rafsd: ", &t.path, &names_chunk, digest[0], digest[1]]);
+    assert_clean_failure(
+        &run,
+        &["rafsd: ", &t.path, &names_chunk, digest[0], digest[1]],
+    );
     let written = fs::read(out.join(&t.path)).unwrap_or_default();
-    assert!(written.len() < original.len() && original.starts_with(&written), "unpack --validate wrote wrong bytes");
+    assert!(
+        written.len() < original.len() && original.starts_with(&written),
+        "unpack --validate wrote wrong bytes"
+    );
 }
 
 #[test]
@@ -1498,10 +1785,26 @@ fn flipped_bytes_in_a_zstd_v6_chunk() {
 fn v5_chunk_with_wrong_uncompressed_size() {
     // (case, change of the chunk's uncompressed size, what the codec says when the metadata is consistent)
     let cases = [
-        ("v5-lz4-blake3-repeatable", 1i64, "lz4_block data decompressed to {size} bytes, expected {wrong}"),
-        ("v5-lz4-blake3-repeatable", -1, "lz4_block data does not decompress"),
-        ("v5-zstd-sha256-128k", -1, "zstd data decompresses past the expected {wrong} bytes"),
-        ("v5-zstd-sha256-128k", 1, "zstd data decompressed to {size} bytes, expected {wrong}"),
+        (
+            "v5-lz4-blake3-repeatable",
+            1i64,
+            "lz4_block data decompressed to {size} bytes, expected {wrong}",
+        ),
+        (
+            "v5-lz4-blake3-repeatable",
+            -1,
+            "lz4_block data does not decompress",
+        ),
+        (
+            "v5-zstd-sha256-128k",
+            -1,
+            "zstd data decompresses past the expected {wrong} bytes",
+        ),
+        (
+            "v5-zstd-sha256-128k",
+            1,
+            "zstd data decompressed to {size} bytes, expected {wrong}",
+        ),
     ];
     for (case, delta, codec_says) in cases {
         let img = Img::new(case);
@@ -1522,10 +1825,19 @@ fn v5_chunk_with_wrong_uncompressed_size() {
         let mut buf = vec![0u8; 1 << 20];
         expect_corrupt(
             image.read(t.ino, 0, &mut buf),
-            &[&format!("chunks of inode {}: chunk 0 holds {wrong} bytes", t.ino), &format!("the file needs {size}")],
+            &[
+                &format!("chunks of inode {}: chunk 0 holds {wrong} bytes", t.ino),
+                &format!("the file needs {size}"),
+            ],
         );
         let run = bad.run_check();
-        assert_clean_failure(&run, &[&format!("error: {}: ", t.path), &format!("chunk 0 holds {wrong} bytes")]);
+        assert_clean_failure(
+            &run,
+            &[
+                &format!("error: {}: ", t.path),
+                &format!("chunk 0 holds {wrong} bytes"),
+            ],
+        );
 
         // The record and i_size agree on the wrong size, so only the codec can tell: the stored chunk
         // decompresses to `size` bytes, not `wrong`.
@@ -1534,12 +1846,27 @@ fn v5_chunk_with_wrong_uncompressed_size() {
         le::put_u64(&mut forged.boot, rec.off + v5::I_SIZE, wrong as u64);
         forged.save();
         let image = forged.opened(false);
-        let msg = expect_integrity(image.read(t.ino, 0, &mut buf), &[&format!("inode {} at file offset 0", t.ino), &names_chunk]);
-        let codec_says = codec_says.replace("{size}", &size.to_string()).replace("{wrong}", &wrong.to_string());
+        let msg = expect_integrity(
+            image.read(t.ino, 0, &mut buf),
+            &[&format!("inode {} at file offset 0", t.ino), &names_chunk],
+        );
+        let codec_says = codec_says
+            .replace("{size}", &size.to_string())
+            .replace("{wrong}", &wrong.to_string());
         assert_mentions(&msg, &[&format!("chunk {}: {codec_says}", t.chunk)]);
-        assert_eq!(msg.matches("integrity check failed").count(), 1, "one prefix: {msg}");
+        assert_eq!(
+            msg.matches("integrity check failed").count(),
+            1,
+            "one prefix: {msg}"
+        );
         let run = forged.run_check();
-        assert_clean_failure(&run, &[&format!("error: {}: integrity check failed: ", t.path), &names_chunk]);
+        assert_clean_failure(
+            &run,
+            &[
+                &format!("error: {}: integrity check failed: ", t.path),
+                &names_chunk,
+            ],
+        );
     }
 }
 
@@ -1557,7 +1884,10 @@ fn v6_chunk_table_row_with_wrong_uncompressed_size() {
     let blob = v6::blob_id(&img.boot, 0);
     expect_corrupt(
         image.read(nid, 0, &mut buf),
-        &[&format!("blob {blob} chunk {}", index.ci_index), &format!("chunk table says {} bytes", size + 1)],
+        &[
+            &format!("blob {blob} chunk {}", index.ci_index),
+            &format!("chunk table says {} bytes", size + 1),
+        ],
     );
     let run = img.run_check();
     assert_clean_failure(&run, &["error: etc/adduser.conf: ", "chunk table says"]);
@@ -1582,7 +1912,10 @@ fn v6_ci_entry_with_wrong_uncompressed_size() {
     // Only the CI entry changed: it disagrees with the chunk table.
     let image = img.opened(true);
     let mut buf = vec![0u8; 4096];
-    expect_corrupt(image.read(nid, 0, &mut buf), &[&format!("chunk {}", index.ci_index), "blob meta says"]);
+    expect_corrupt(
+        image.read(nid, 0, &mut buf),
+        &[&format!("chunk {}", index.ci_index), "blob meta says"],
+    );
 
     // CI entry, chunk table row and i_size all agree on size + 1 bytes, but the stored chunk holds `size`
     // bytes (V1 then calls it compressed, since its two sizes differ): the codec reports the mismatch.
@@ -1600,7 +1933,10 @@ fn v6_ci_entry_with_wrong_uncompressed_size() {
     let image = img2.opened(true);
     expect_integrity(
         image.read(nid, 0, &mut buf),
-        &[&format!("chunk {}", index.ci_index), &format!("decompressed to {size} bytes, expected {}", size + 1)],
+        &[
+            &format!("chunk {}", index.ci_index),
+            &format!("decompressed to {size} bytes, expected {}", size + 1),
+        ],
     );
     let run = img2.run_check();
     assert_clean_failure(&run, &["error: special/owned: ", "decompressed to"]);

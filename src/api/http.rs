@@ -26,7 +26,10 @@ pub struct Request {
 
 impl Request {
     pub fn query(&self, key: &str) -> Option<&str> {
-        self.query.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.query
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -37,13 +40,22 @@ pub struct Response {
 
 impl Response {
     pub fn json(status: u16, value: &serde_json::Value) -> Self {
-        Response { status, body: Some(value.to_string()) }
+        Response {
+            status,
+            body: Some(value.to_string()),
+        }
     }
     pub fn no_content() -> Self {
-        Response { status: 204, body: None }
+        Response {
+            status: 204,
+            body: None,
+        }
     }
     pub fn error(status: u16, code: &str, message: impl Into<String>) -> Self {
-        Response::json(status, &serde_json::json!({ "code": code, "message": message.into() }))
+        Response::json(
+            status,
+            &serde_json::json!({ "code": code, "message": message.into() }),
+        )
     }
 }
 
@@ -67,11 +79,16 @@ fn reason(status: u16) -> &'static str {
 }
 
 /// Bind `path` (replacing a stale socket) and serve `handler` on a background thread.
-pub fn serve(path: &Path, handler: Arc<dyn Fn(&Request) -> Response + Send + Sync>) -> Result<std::thread::JoinHandle<()>> {
+pub fn serve(
+    path: &Path,
+    handler: Arc<dyn Fn(&Request) -> Response + Send + Sync>,
+) -> Result<std::thread::JoinHandle<()>> {
     if path.exists() {
-        std::fs::remove_file(path).map_err(|e| Error::io(format!("remove stale API socket {}", path.display()), e))?;
+        std::fs::remove_file(path)
+            .map_err(|e| Error::io(format!("remove stale API socket {}", path.display()), e))?;
     }
-    let listener = UnixListener::bind(path).map_err(|e| Error::io(format!("bind API socket {}", path.display()), e))?;
+    let listener = UnixListener::bind(path)
+        .map_err(|e| Error::io(format!("bind API socket {}", path.display()), e))?;
     log::info!("admin API listening on {}", path.display());
     let active = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
@@ -80,15 +97,22 @@ pub fn serve(path: &Path, handler: Arc<dyn Fn(&Request) -> Response + Send + Syn
             for stream in listener.incoming() {
                 let Ok(mut stream) = stream else { continue };
                 if active.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
-                    let _ = write_response(&mut stream, &Response::error(503, "Busy", "too many API connections"), false);
+                    let _ = write_response(
+                        &mut stream,
+                        &Response::error(503, "Busy", "too many API connections"),
+                        false,
+                    );
                     continue;
                 }
                 active.fetch_add(1, Ordering::SeqCst);
                 let (handler, active) = (handler.clone(), active.clone());
-                let spawned = std::thread::Builder::new().name("api-conn".into()).spawn(move || {
-                    handle_connection(stream, handler.as_ref());
-                    active.fetch_sub(1, Ordering::SeqCst);
-                });
+                let spawned =
+                    std::thread::Builder::new()
+                        .name("api-conn".into())
+                        .spawn(move || {
+                            handle_connection(stream, handler.as_ref());
+                            active.fetch_sub(1, Ordering::SeqCst);
+                        });
                 if spawned.is_err() {
                     log::warn!("admin API: cannot start a connection thread");
                 }
@@ -100,7 +124,9 @@ pub fn serve(path: &Path, handler: Arc<dyn Fn(&Request) -> Response + Send + Syn
 fn handle_connection(stream: UnixStream, handler: &(dyn Fn(&Request) -> Response + Send + Sync)) {
     let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
     let _ = stream.set_write_timeout(Some(READ_TIMEOUT));
-    let Ok(mut writer) = stream.try_clone() else { return };
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
     let mut reader = BufReader::new(stream);
     loop {
         match read_request(&mut reader) {
@@ -120,22 +146,50 @@ fn handle_connection(stream: UnixStream, handler: &(dyn Fn(&Request) -> Response
 }
 
 /// Read one request. `Ok(None)` is a clean end of the connection; `Err` carries the error to send.
-fn read_request(reader: &mut BufReader<UnixStream>) -> std::result::Result<Option<(Request, bool)>, Response> {
+fn read_request(
+    reader: &mut BufReader<UnixStream>,
+) -> std::result::Result<Option<(Request, bool)>, Response> {
     let mut head = Vec::new();
     loop {
         let mut line = Vec::new();
-        let n = reader.by_ref().take((MAX_HEADER_BYTES + 1 - head.len().min(MAX_HEADER_BYTES)) as u64).read_until(b'\n', &mut line);
+        let n = reader
+            .by_ref()
+            .take((MAX_HEADER_BYTES + 1 - head.len().min(MAX_HEADER_BYTES)) as u64)
+            .read_until(b'\n', &mut line);
         match n {
             Ok(0) if head.is_empty() => return Ok(None),
-            Ok(0) => return Err(Response::error(400, "BadRequest", "connection closed inside the request head")),
+            Ok(0) => {
+                return Err(Response::error(
+                    400,
+                    "BadRequest",
+                    "connection closed inside the request head",
+                ))
+            }
             Ok(_) => {}
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-                return if head.is_empty() { Ok(None) } else { Err(Response::error(408, "Timeout", "request not received in time")) };
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return if head.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(Response::error(
+                        408,
+                        "Timeout",
+                        "request not received in time",
+                    ))
+                };
             }
             Err(_) => return Ok(None),
         }
         if head.len() + line.len() > MAX_HEADER_BYTES {
-            return Err(Response::error(431, "BadRequest", "request head larger than 16 KiB"));
+            return Err(Response::error(
+                431,
+                "BadRequest",
+                "request head larger than 16 KiB",
+            ));
         }
         let end = line == b"\r\n" || line == b"\n";
         head.extend_from_slice(&line);
@@ -143,15 +197,21 @@ fn read_request(reader: &mut BufReader<UnixStream>) -> std::result::Result<Optio
             break;
         }
     }
-    let text = String::from_utf8(head).map_err(|_| Response::error(400, "BadRequest", "request head is not UTF-8"))?;
+    let text = String::from_utf8(head)
+        .map_err(|_| Response::error(400, "BadRequest", "request head is not UTF-8"))?;
     let mut lines = text.lines();
     let request_line = lines.next().unwrap_or_default();
     let mut parts = request_line.split(' ');
-    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next()) else {
+    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next())
+    else {
         return Err(Response::error(400, "BadRequest", "malformed request line"));
     };
     if !version.starts_with("HTTP/1.") {
-        return Err(Response::error(400, "BadRequest", "only HTTP/1.x is served"));
+        return Err(Response::error(
+            400,
+            "BadRequest",
+            "only HTTP/1.x is served",
+        ));
     }
     let mut length = 0usize;
     let mut keep_alive = version == "HTTP/1.1";
@@ -162,23 +222,49 @@ fn read_request(reader: &mut BufReader<UnixStream>) -> std::result::Result<Optio
         let value = value.trim();
         match name.trim().to_ascii_lowercase().as_str() {
             "content-length" => {
-                length = value.parse().map_err(|_| Response::error(400, "BadRequest", "bad Content-Length"))?;
+                length = value
+                    .parse()
+                    .map_err(|_| Response::error(400, "BadRequest", "bad Content-Length"))?;
             }
-            "transfer-encoding" => return Err(Response::error(411, "BadRequest", "send a Content-Length, not a chunked body")),
+            "transfer-encoding" => {
+                return Err(Response::error(
+                    411,
+                    "BadRequest",
+                    "send a Content-Length, not a chunked body",
+                ))
+            }
             "connection" => keep_alive = !value.eq_ignore_ascii_case("close"),
             _ => {}
         }
     }
     if length > MAX_BODY_BYTES {
-        return Err(Response::error(413, "BadRequest", format!("body of {length} bytes is larger than {MAX_BODY_BYTES}")));
+        return Err(Response::error(
+            413,
+            "BadRequest",
+            format!("body of {length} bytes is larger than {MAX_BODY_BYTES}"),
+        ));
     }
     let mut body = vec![0u8; length];
-    reader.read_exact(&mut body).map_err(|_| Response::error(408, "Timeout", "body shorter than its Content-Length or too slow"))?;
+    reader.read_exact(&mut body).map_err(|_| {
+        Response::error(
+            408,
+            "Timeout",
+            "body shorter than its Content-Length or too slow",
+        )
+    })?;
     let (path, query) = match target.split_once('?') {
         Some((p, q)) => (p, parse_query(q)),
         None => (target, Vec::new()),
     };
-    Ok(Some((Request { method: method.to_string(), path: percent_decode(path), query, body }, keep_alive)))
+    Ok(Some((
+        Request {
+            method: method.to_string(),
+            path: percent_decode(path),
+            query,
+            body,
+        },
+        keep_alive,
+    )))
 }
 
 fn parse_query(q: &str) -> Vec<(String, String)> {
@@ -231,7 +317,13 @@ mod tests {
 
     #[test]
     fn queries_are_percent_decoded() {
-        assert_eq!(parse_query("mountpoint=%2Frafs%2Fa%2Blowerdir&x"), vec![("mountpoint".into(), "/rafs/a+lowerdir".into()), ("x".into(), "".into())]);
+        assert_eq!(
+            parse_query("mountpoint=%2Frafs%2Fa%2Blowerdir&x"),
+            vec![
+                ("mountpoint".into(), "/rafs/a+lowerdir".into()),
+                ("x".into(), "".into())
+            ]
+        );
         assert_eq!(percent_decode("%zz%2"), "%zz%2");
     }
 }

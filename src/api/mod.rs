@@ -21,7 +21,9 @@ pub fn start(path: &Path, daemon: Arc<Daemon>) -> crate::Result<std::thread::Joi
 fn error_response(e: &Error) -> Response {
     let (status, code) = match e {
         Error::NotFound(_) => (404, "NotFound"),
-        Error::Invalid(m) if m.contains("already mounted") || m.contains("overlap") => (409, "AlreadyExists"),
+        Error::Invalid(m) if m.contains("already mounted") || m.contains("overlap") => {
+            (409, "AlreadyExists")
+        }
         Error::Invalid(_) | Error::Corrupt(_) | Error::Integrity(_) => (400, "BadRequest"),
         Error::Unsupported(_) => (501, "Unsupported"),
         Error::Io { .. } => (500, "IoError"),
@@ -30,7 +32,11 @@ fn error_response(e: &Error) -> Response {
 }
 
 fn method_not_allowed(req: &Request) -> Response {
-    Response::error(405, "BadRequest", format!("{} is not allowed on {}", req.method, req.path))
+    Response::error(
+        405,
+        "BadRequest",
+        format!("{} is not allowed on {}", req.method, req.path),
+    )
 }
 
 pub fn route(daemon: &Daemon, req: &Request) -> Response {
@@ -41,15 +47,22 @@ pub fn route(daemon: &Daemon, req: &Request) -> Response {
         ("/daemon", "GET") => Response::json(200, &daemon.info()),
         ("/daemon", "PUT") => set_log_level(req),
         ("/daemon", _) => method_not_allowed(req),
-        ("/daemon/events", "GET") => Response::json(200, &json!({"max_errors": 500, "total_errors": 0, "max_size": 51200, "total_size": 0, "errors": []})),
+        ("/daemon/events", "GET") => Response::json(
+            200,
+            &json!({"max_errors": 500, "total_errors": 0, "max_size": 51200, "total_size": 0, "errors": []}),
+        ),
         ("/daemon/backend", "GET") => backend_info(daemon, req),
-        ("/daemon/start", "PUT") => Response::error(400, "UnexpectedEvent", "the daemon is already RUNNING"),
+        ("/daemon/start", "PUT") => {
+            Response::error(400, "UnexpectedEvent", "the daemon is already RUNNING")
+        }
         ("/daemon/exit", "PUT") => {
             log::info!("exit requested through the API");
             daemon.request_exit();
             Response::no_content()
         }
-        ("/daemon/fuse/sendfd" | "/daemon/fuse/takeover", "PUT") => Response::error(501, "Unsupported", "live upgrade is not supported"),
+        ("/daemon/fuse/sendfd" | "/daemon/fuse/takeover", "PUT") => {
+            Response::error(501, "Unsupported", "live upgrade is not supported")
+        }
         ("/mount", "POST" | "PUT" | "DELETE") => mount(daemon, req),
         ("/mount", _) => method_not_allowed(req),
         ("/metrics", "GET") => metrics(daemon, req, |mp, fs| fs.metrics.to_json(mp)),
@@ -65,26 +78,40 @@ pub fn route(daemon: &Daemon, req: &Request) -> Response {
 fn set_log_level(req: &Request) -> Response {
     let level = serde_json::from_slice::<Value>(&req.body)
         .ok()
-        .and_then(|v| v.get("log_level").and_then(Value::as_str).map(str::to_string));
+        .and_then(|v| {
+            v.get("log_level")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        });
     match level.as_deref().map(str::parse::<log::LevelFilter>) {
         Some(Ok(l)) => {
             log::set_max_level(l);
             Response::no_content()
         }
-        _ => Response::error(400, "BadRequest", "body must be {\"log_level\": \"trace|debug|info|warn|error|off\"}"),
+        _ => Response::error(
+            400,
+            "BadRequest",
+            "body must be {\"log_level\": \"trace|debug|info|warn|error|off\"}",
+        ),
     }
 }
 
 fn mount(daemon: &Daemon, req: &Request) -> Response {
     let Some(mountpoint) = req.query("mountpoint") else {
-        return Response::error(400, "BadRequest", "'mountpoint' should be specified in query string");
+        return Response::error(
+            400,
+            "BadRequest",
+            "'mountpoint' should be specified in query string",
+        );
     };
     let result = if req.method == "DELETE" {
         daemon.umount(mountpoint)
     } else {
         match parse_mount_body(&req.body) {
             Err(e) => Err(e),
-            Ok(cmd) if req.method == "PUT" && daemon_has(daemon, mountpoint) => daemon.remount(mountpoint, cmd),
+            Ok(cmd) if req.method == "PUT" && daemon_has(daemon, mountpoint) => {
+                daemon.remount(mountpoint, cmd)
+            }
             Ok(cmd) => daemon.mount(mountpoint, cmd),
         }
     };
@@ -98,23 +125,30 @@ fn mount(daemon: &Daemon, req: &Request) -> Response {
 }
 
 fn daemon_has(daemon: &Daemon, mountpoint: &str) -> bool {
-    daemon.info()["backend_collection"].get(mountpoint).is_some()
+    daemon.info()["backend_collection"]
+        .get(mountpoint)
+        .is_some()
 }
 
 /// `{"source", "fs_type", "config", "prefetch_files"}`; `config` is the daemon config as a JSON string.
 fn parse_mount_body(body: &[u8]) -> crate::Result<MountCmd> {
-    let v: Value = serde_json::from_slice(body).map_err(|e| Error::Invalid(format!("mount body is not valid JSON: {e}")))?;
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| Error::Invalid(format!("mount body is not valid JSON: {e}")))?;
     let field = |k: &str| -> crate::Result<String> {
         match v.get(k) {
             None | Some(Value::Null) => Ok(String::new()),
             Some(Value::String(s)) => Ok(s.clone()),
-            Some(_) => Err(Error::Invalid(format!("mount body: `{k}` must be a string"))),
+            Some(_) => Err(Error::Invalid(format!(
+                "mount body: `{k}` must be a string"
+            ))),
         }
     };
     let fs_type = FsType::parse(&field("fs_type")?)?;
     let source = field("source")?;
     if source.is_empty() || !source.starts_with('/') {
-        return Err(Error::Invalid("mount body: `source` must be an absolute path".into()));
+        return Err(Error::Invalid(
+            "mount body: `source` must be an absolute path".into(),
+        ));
     }
     let prefetch_files = match v.get("prefetch_files") {
         None | Some(Value::Null) => Vec::new(),
@@ -122,17 +156,34 @@ fn parse_mount_body(body: &[u8]) -> crate::Result<MountCmd> {
             .iter()
             .map(|i| i.as_str().filter(|s| s.starts_with('/')).map(String::from))
             .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| Error::Invalid("mount body: `prefetch_files` must be absolute paths".into()))?,
-        Some(_) => return Err(Error::Invalid("mount body: `prefetch_files` must be a list".into())),
+            .ok_or_else(|| {
+                Error::Invalid("mount body: `prefetch_files` must be absolute paths".into())
+            })?,
+        Some(_) => {
+            return Err(Error::Invalid(
+                "mount body: `prefetch_files` must be a list".into(),
+            ))
+        }
     };
     let config = field("config")?;
     if fs_type == FsType::Rafs && config.is_empty() {
-        return Err(Error::Invalid("mount body: a rafs mount needs `config`".into()));
+        return Err(Error::Invalid(
+            "mount body: a rafs mount needs `config`".into(),
+        ));
     }
-    Ok(MountCmd { fs_type, source: source.into(), config, prefetch_files })
+    Ok(MountCmd {
+        fs_type,
+        source: source.into(),
+        config,
+        prefetch_files,
+    })
 }
 
-fn metrics(daemon: &Daemon, req: &Request, f: impl FnOnce(&str, &crate::fs::RafsFs) -> Value) -> Response {
+fn metrics(
+    daemon: &Daemon,
+    req: &Request,
+    f: impl FnOnce(&str, &crate::fs::RafsFs) -> Value,
+) -> Response {
     match daemon.with_rafs(req.query("id"), |mp, fs| f(mp, fs)) {
         Ok(v) => Response::json(200, &v),
         Err(e) => Response::error(404, "NoCounter", e.to_string()),
@@ -150,7 +201,9 @@ fn backend_metrics(fs: &crate::fs::RafsFs) -> Value {
 }
 
 fn blobcache_metrics(fs: &crate::fs::RafsFs) -> Value {
-    let Some(cache) = fs.image().cache() else { return json!({"underlying_files": [], "store_path": null}) };
+    let Some(cache) = fs.image().cache() else {
+        return json!({"underlying_files": [], "store_path": null});
+    };
     let m = &cache.metrics;
     let (ready, total) = cache.ready_counts();
     let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
@@ -170,17 +223,30 @@ fn blobcache_metrics(fs: &crate::fs::RafsFs) -> Value {
 
 fn backend_info(daemon: &Daemon, req: &Request) -> Response {
     let Some(mp) = req.query("mountpoint") else {
-        return Response::error(400, "BadRequest", "'mountpoint' should be specified in query string");
+        return Response::error(
+            400,
+            "BadRequest",
+            "'mountpoint' should be specified in query string",
+        );
     };
-    metrics(daemon, &Request { method: req.method.clone(), path: req.path.clone(), query: vec![("id".into(), mp.into())], body: Vec::new() }, |_, fs| {
-        let info = fs.image().info();
-        json!({
-            "version": if info.version == 6 { 0x600 } else { 0x500 },
-            "chunk_size": info.chunk_size,
-            "inodes_count": info.inode_count,
-            "root_inode": info.root_ino,
-            "flags": {"bits": info.flags},
-            "blob_count": info.blobs.len(),
-        })
-    })
+    metrics(
+        daemon,
+        &Request {
+            method: req.method.clone(),
+            path: req.path.clone(),
+            query: vec![("id".into(), mp.into())],
+            body: Vec::new(),
+        },
+        |_, fs| {
+            let info = fs.image().info();
+            json!({
+                "version": if info.version == 6 { 0x600 } else { 0x500 },
+                "chunk_size": info.chunk_size,
+                "inodes_count": info.inode_count,
+                "root_inode": info.root_ino,
+                "flags": {"bits": info.flags},
+                "blob_count": info.blobs.len(),
+            })
+        },
+    )
 }

@@ -14,7 +14,10 @@ use sha2::{Digest as _, Sha256};
 use crate::error::{Error, Result};
 use crate::format::blob_features as bf;
 use crate::format::blob_meta::{CI_HEADER_SIZE, CI_MAGIC, CI_V1_SIZE};
-use crate::format::toc::{TAR_HEADER_SIZE, TOC_COMPRESS_LZ4, TOC_COMPRESS_NONE, TOC_COMPRESS_ZSTD, TOC_ENTRY_SIZE, TOC_NAME};
+use crate::format::toc::{
+    TAR_HEADER_SIZE, TOC_COMPRESS_LZ4, TOC_COMPRESS_NONE, TOC_COMPRESS_ZSTD, TOC_ENTRY_SIZE,
+    TOC_NAME,
+};
 use crate::format::{CiLocation, Compressor};
 use crate::storage::compress;
 
@@ -80,8 +83,12 @@ pub struct BlobWriter {
 impl BlobWriter {
     /// Start a blob in a temporary file inside `dir`.
     pub fn create(dir: &Path, opts: BlobOptions) -> Result<Self> {
-        fs::create_dir_all(dir).map_err(|e| Error::io(format!("create blob directory {}", dir.display()), e))?;
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("create blob directory {}", dir.display()), e))?;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
         let tmp = dir.join(format!(".rafsd-blob-{}-{nanos}.tmp", std::process::id()));
         let file = File::options()
             .write(true)
@@ -110,7 +117,9 @@ impl BlobWriter {
     }
 
     fn write(&mut self, bytes: &[u8], hashed: bool) -> Result<()> {
-        self.out.write_all(bytes).map_err(|e| Error::io(format!("write {}", self.tmp.display()), e))?;
+        self.out
+            .write_all(bytes)
+            .map_err(|e| Error::io(format!("write {}", self.tmp.display()), e))?;
         if hashed {
             self.id_hash.update(bytes);
         }
@@ -119,23 +128,43 @@ impl BlobWriter {
     }
 
     /// Append one chunk as stored (compressed or raw) and record it in the CI array.
-    pub fn write_chunk(&mut self, stored: &[u8], size: u32, compressed: bool, digest: &[u8; 32]) -> Result<ChunkLocation> {
+    pub fn write_chunk(
+        &mut self,
+        stored: &[u8],
+        size: u32,
+        compressed: bool,
+        digest: &[u8; 32],
+    ) -> Result<ChunkLocation> {
         if self.chunk_count >= 1 << 24 {
-            return Err(Error::Invalid("more than 2^24 chunks in one blob (use a larger chunk size)".into()));
+            return Err(Error::Invalid(
+                "more than 2^24 chunks in one blob (use a larger chunk size)".into(),
+            ));
         }
         let compressed_offset = self.pos;
-        let uncompressed_offset =
-            if self.features & bf::ALIGNED != 0 { self.uncompressed_end.div_ceil(ALIGNMENT) * ALIGNMENT } else { self.uncompressed_end };
+        let uncompressed_offset = if self.features & bf::ALIGNED != 0 {
+            self.uncompressed_end.div_ceil(ALIGNMENT) * ALIGNMENT
+        } else {
+            self.uncompressed_end
+        };
         debug_assert_eq!(compressed, stored.len() as u32 != size);
         self.write(stored, true)?;
         self.uncompressed_end = uncompressed_offset + size as u64;
         if self.opts.fs_version == 6 {
-            self.ci.extend_from_slice(&ci_v1_entry(compressed_offset, stored.len() as u32, uncompressed_offset, size));
+            self.ci.extend_from_slice(&ci_v1_entry(
+                compressed_offset,
+                stored.len() as u32,
+                uncompressed_offset,
+                size,
+            ));
         }
         self.digests.extend_from_slice(digest);
         let index = self.chunk_count;
         self.chunk_count += 1;
-        Ok(ChunkLocation { index, compressed_offset, uncompressed_offset })
+        Ok(ChunkLocation {
+            index,
+            compressed_offset,
+            uncompressed_offset,
+        })
     }
 
     /// Size of the blob's uncompressed image: v6 rounds the last chunk up to a block.
@@ -216,7 +245,10 @@ impl BlobWriter {
                 compressed_size: CI_HEADER_SIZE,
                 uncompressed_size: CI_HEADER_SIZE,
             });
-            self.write(&tar_header(b"blob.meta", ci.compressed_size + CI_HEADER_SIZE), true)?;
+            self.write(
+                &tar_header(b"blob.meta", ci.compressed_size + CI_HEADER_SIZE),
+                true,
+            )?;
             // The digest array is left out of the blob id (upstream's rule), its tar header is not.
             let digests = std::mem::take(&mut self.digests);
             self.toc.push(TocRecord {
@@ -269,11 +301,17 @@ impl BlobWriter {
 
     /// Flush, name the blob by its id and move it into place. Returns (id, size, path).
     pub fn commit(mut self) -> Result<(String, u64, PathBuf)> {
-        self.out.flush().map_err(|e| Error::io(format!("write {}", self.tmp.display()), e))?;
-        self.out.get_ref().sync_all().map_err(|e| Error::io(format!("sync {}", self.tmp.display()), e))?;
+        self.out
+            .flush()
+            .map_err(|e| Error::io(format!("write {}", self.tmp.display()), e))?;
+        self.out
+            .get_ref()
+            .sync_all()
+            .map_err(|e| Error::io(format!("sync {}", self.tmp.display()), e))?;
         let id = crate::storage::digest::hex(&self.id_hash.clone().finalize());
         let path = self.dir.join(&id);
-        fs::rename(&self.tmp, &path).map_err(|e| Error::io(format!("rename blob to {}", path.display()), e))?;
+        fs::rename(&self.tmp, &path)
+            .map_err(|e| Error::io(format!("rename blob to {}", path.display()), e))?;
         self.committed = true;
         Ok((id, self.pos, path))
     }
@@ -293,10 +331,17 @@ fn sha256(bytes: &[u8]) -> [u8; 32] {
 }
 
 /// A V1 chunk-info entry (doc §1.16): sizes are stored minus one, split into low 20 and high 4 bits.
-pub fn ci_v1_entry(compressed_offset: u64, compressed_size: u32, uncompressed_offset: u64, uncompressed_size: u32) -> [u8; 16] {
+pub fn ci_v1_entry(
+    compressed_offset: u64,
+    compressed_size: u32,
+    uncompressed_offset: u64,
+    uncompressed_size: u32,
+) -> [u8; 16] {
     let (us, cs) = ((uncompressed_size - 1) as u64, (compressed_size - 1) as u64);
-    let uncomp = (uncompressed_offset & 0xFFF_FFFF_F000) | (us & 0xF_FFFF) << 44 | (us >> 20 & 0xF) << 8;
-    let comp = (compressed_offset & 0xFF_FFFF_FFFF) | (cs & 0xF_FFFF) << 44 | (cs >> 20 & 0xF) << 40;
+    let uncomp =
+        (uncompressed_offset & 0xFFF_FFFF_F000) | (us & 0xF_FFFF) << 44 | (us >> 20 & 0xF) << 8;
+    let comp =
+        (compressed_offset & 0xFF_FFFF_FFFF) | (cs & 0xF_FFFF) << 44 | (cs >> 20 & 0xF) << 40;
     let mut e = [0u8; CI_V1_SIZE as usize];
     e[..8].copy_from_slice(&uncomp.to_le_bytes());
     e[8..].copy_from_slice(&comp.to_le_bytes());

@@ -49,7 +49,9 @@ impl ChunkTable {
         let i = self.chunks.len() as u32;
         self.chunks.push(chunk);
         self.by_location.insert((chunk.blob_index, chunk.index), i);
-        self.by_content.entry((chunk.digest, chunk.uncompressed_size)).or_insert(i);
+        self.by_content
+            .entry((chunk.digest, chunk.uncompressed_size))
+            .or_insert(i);
         i
     }
 
@@ -121,11 +123,29 @@ fn process(opts: &ChunkOptions, known: &HashSet<([u8; 32], u32)>, job: Job) -> R
     let crc32 = digest::crc32c(&job.data);
     // A chunk the parent already stores will be deduplicated: skip compressing it.
     if opts.compressor == Compressor::None || known.contains(&(d, size)) {
-        return Ok(Done { seq: job.seq, digest: d, crc32, size, stored: job.data, compressed: false });
+        return Ok(Done {
+            seq: job.seq,
+            digest: d,
+            crc32,
+            size,
+            stored: job.data,
+            compressed: false,
+        });
     }
     let packed = compress::compress(opts.compressor, &job.data)?;
-    let (stored, compressed) = if packed.len() < job.data.len() { (packed, true) } else { (job.data, false) };
-    Ok(Done { seq: job.seq, digest: d, crc32, size, stored, compressed })
+    let (stored, compressed) = if packed.len() < job.data.len() {
+        (packed, true)
+    } else {
+        (job.data, false)
+    };
+    Ok(Done {
+        seq: job.seq,
+        digest: d,
+        crc32,
+        size,
+        stored,
+        compressed,
+    })
 }
 
 pub struct Chunker<'a> {
@@ -151,7 +171,12 @@ pub struct Chunker<'a> {
 impl<'a> Chunker<'a> {
     /// Chunks new data into `blob` (blob number `blob_index` of the image), deduplicating against
     /// everything already in `table`.
-    pub fn new(opts: ChunkOptions, blob: &'a mut BlobWriter, table: &'a mut ChunkTable, blob_index: u32) -> Self {
+    pub fn new(
+        opts: ChunkOptions,
+        blob: &'a mut BlobWriter,
+        table: &'a mut ChunkTable,
+        blob_index: u32,
+    ) -> Self {
         let threads = opts.threads.max(1);
         let known = Arc::new(table.content_keys());
         // Two chunks per worker keep every thread busy while the reader fills the next one.
@@ -178,7 +203,8 @@ impl<'a> Chunker<'a> {
             let (done_tx, done_rx) = mpsc::channel::<Result<Done>>();
             let job_rx = Arc::new(Mutex::new(job_rx));
             for _ in 0..threads {
-                let (job_rx, done_tx, known) = (job_rx.clone(), done_tx.clone(), chunker.known.clone());
+                let (job_rx, done_tx, known) =
+                    (job_rx.clone(), done_tx.clone(), chunker.known.clone());
                 chunker.workers.push(std::thread::spawn(move || loop {
                     let job = match job_rx.lock().unwrap_or_else(|e| e.into_inner()).recv() {
                         Ok(job) => job,
@@ -197,20 +223,31 @@ impl<'a> Chunker<'a> {
 
     /// Read `size` bytes of file `file` from `reader` and chunk them. `what` names the file in errors.
     /// The reader must hold exactly `size` bytes: fewer or more means the source changed or is broken.
-    pub fn add_file(&mut self, file: FileId, reader: &mut dyn Read, size: u64, what: &str) -> Result<()> {
+    pub fn add_file(
+        &mut self,
+        file: FileId,
+        reader: &mut dyn Read,
+        size: u64,
+        what: &str,
+    ) -> Result<()> {
         let chunk_size = self.opts.chunk_size as u64;
         let mut offset = 0u64;
         let mut k = 0u32;
         while offset < size {
             let len = chunk_size.min(size - offset) as usize;
             let mut data = vec![0u8; len];
-            read_full(reader, &mut data).map_err(|e| Error::io(format!("read {what}"), e)).and_then(|n| {
-                if n < len {
-                    Err(Error::Invalid(format!("{what}: data ends at {} of {size} bytes (changed or truncated)", offset + n as u64)))
-                } else {
-                    Ok(())
-                }
-            })?;
+            read_full(reader, &mut data)
+                .map_err(|e| Error::io(format!("read {what}"), e))
+                .and_then(|n| {
+                    if n < len {
+                        Err(Error::Invalid(format!(
+                            "{what}: data ends at {} of {size} bytes (changed or truncated)",
+                            offset + n as u64
+                        )))
+                    } else {
+                        Ok(())
+                    }
+                })?;
             self.stats.bytes_read += len as u64;
             self.submit(file, k, data)?;
             offset += len as u64;
@@ -231,7 +268,8 @@ impl<'a> Chunker<'a> {
             let done = process(&self.opts, &self.known, Job { seq, data })?;
             return self.commit(done);
         };
-        jobs.send(Job { seq, data }).map_err(|_| Error::Invalid("chunk worker threads exited".into()))?;
+        jobs.send(Job { seq, data })
+            .map_err(|_| Error::Invalid("chunk worker threads exited".into()))?;
         while self.next_seq - self.next_commit >= self.window as u64 {
             self.wait_one()?;
         }
@@ -241,7 +279,9 @@ impl<'a> Chunker<'a> {
     /// Take one result from the workers and commit everything that is now in order.
     fn wait_one(&mut self) -> Result<()> {
         let results = self.results.as_ref().expect("workers running");
-        let done = results.recv().map_err(|_| Error::Invalid("chunk worker threads exited".into()))??;
+        let done = results
+            .recv()
+            .map_err(|_| Error::Invalid("chunk worker threads exited".into()))??;
         self.pending.insert(done.seq, done);
         while let Some(done) = self.pending.remove(&self.next_commit) {
             self.commit(done)?;
@@ -252,7 +292,10 @@ impl<'a> Chunker<'a> {
     fn commit(&mut self, done: Done) -> Result<()> {
         debug_assert_eq!(done.seq, self.next_commit);
         self.next_commit += 1;
-        let (file, k) = self.targets.pop_front().expect("a target per submitted chunk");
+        let (file, k) = self
+            .targets
+            .pop_front()
+            .expect("a target per submitted chunk");
         let index = match self.table.find(&done.digest, done.size) {
             Some(i) => {
                 self.stats.chunks_deduped += 1;
@@ -260,7 +303,12 @@ impl<'a> Chunker<'a> {
                 i
             }
             None => {
-                let loc = self.blob.write_chunk(&done.stored, done.size, done.compressed, &done.digest)?;
+                let loc = self.blob.write_chunk(
+                    &done.stored,
+                    done.size,
+                    done.compressed,
+                    &done.digest,
+                )?;
                 self.stats.chunks_written += 1;
                 self.stats.bytes_written += done.stored.len() as u64;
                 self.table.add(Chunk {

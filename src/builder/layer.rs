@@ -26,16 +26,26 @@ pub struct Layer {
 /// unless an entry with the same id is already there, and its chunks are added to `table` with blob
 /// indexes renumbered accordingly.
 pub fn load(path: &Path, table: &mut ChunkTable, blobs: &mut Vec<BlobInfo>) -> Result<Layer> {
-    let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    let dir = path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
     // Metadata only: the backend is never asked for blob data.
-    let image = RafsImage::open(path, Arc::new(LocalFs::with_dir(dir)), ImageOptions::default())?;
+    let image = RafsImage::open(
+        path,
+        Arc::new(LocalFs::with_dir(dir)),
+        ImageOptions::default(),
+    )?;
     let info = image.info();
     let mut blob_map = Vec::with_capacity(info.blobs.len());
     for blob in &info.blobs {
         let index = match blobs.iter().position(|b| b.id == blob.id) {
             Some(i) => i,
             None => {
-                blobs.push(BlobInfo { index: blobs.len() as u32, ..blob.clone() });
+                blobs.push(BlobInfo {
+                    index: blobs.len() as u32,
+                    ..blob.clone()
+                });
                 blobs.len() - 1
             }
         };
@@ -70,17 +80,29 @@ pub fn load(path: &Path, table: &mut ChunkTable, blobs: &mut Vec<BlobInfo>) -> R
             tree.nodes[ROOT].meta = node_meta;
             return Ok(());
         }
-        let parent = rel.parent().and_then(|p| dirs.get(p)).copied().ok_or_else(|| {
-            Error::Corrupt(format!("{shown}: {} reached before its directory", rel.display()))
-        })?;
+        let parent = rel
+            .parent()
+            .and_then(|p| dirs.get(p))
+            .copied()
+            .ok_or_else(|| {
+                Error::Corrupt(format!(
+                    "{shown}: {} reached before its directory",
+                    rel.display()
+                ))
+            })?;
         let kind = match attr.file_type() {
             libc::S_IFDIR => Kind::Dir(Vec::new()),
             libc::S_IFLNK => Kind::Symlink(image.readlink(attr.ino)?),
             libc::S_IFREG => match links.get(&attr.ino) {
                 Some(&f) => Kind::File(f),
                 None => {
-                    let chunks = file_chunks(&image, attr, &blob_map, table, chunk_size, &shown, rel)?;
-                    let f = tree.add_file(FileData { size: attr.size, source: None, chunks });
+                    let chunks =
+                        file_chunks(&image, attr, &blob_map, table, chunk_size, &shown, rel)?;
+                    let f = tree.add_file(FileData {
+                        size: attr.size,
+                        source: None,
+                        chunks,
+                    });
                     if attr.nlink > 1 {
                         links.insert(attr.ino, f);
                     }
@@ -90,8 +112,16 @@ pub fn load(path: &Path, table: &mut ChunkTable, blobs: &mut Vec<BlobInfo>) -> R
             _ => Kind::Special,
         };
         let is_dir = matches!(kind, Kind::Dir(_));
-        let name = std::os::unix::ffi::OsStrExt::as_bytes(rel.file_name().unwrap_or_default()).to_vec();
-        let id = tree.push_child(parent, Node { name, meta: node_meta, kind });
+        let name =
+            std::os::unix::ffi::OsStrExt::as_bytes(rel.file_name().unwrap_or_default()).to_vec();
+        let id = tree.push_child(
+            parent,
+            Node {
+                name,
+                meta: node_meta,
+                kind,
+            },
+        );
         if is_dir {
             dirs.insert(rel.to_path_buf(), id);
         }
@@ -120,29 +150,52 @@ fn file_chunks(
 ) -> Result<Vec<u32>> {
     let what = || format!("{shown}: {}", rel.display());
     let mut out = Vec::new();
-    for (k, (file_offset, addr)) in image.meta().file_chunks(attr, 0, attr.size)?.into_iter().enumerate() {
+    for (k, (file_offset, addr)) in image
+        .meta()
+        .file_chunks(attr, 0, attr.size)?
+        .into_iter()
+        .enumerate()
+    {
         if file_offset != k as u64 * chunk_size {
             return Err(Error::Unsupported(format!("{}: file with holes", what())));
         }
         let info = match addr {
             ChunkAddr::Full(info) => info,
-            ChunkAddr::Indexed { blob_index, ci_index, blk_addr } => {
-                let info = image.meta().chunk_table_entry(blob_index, ci_index)?.ok_or_else(|| {
-                    Error::Corrupt(format!("{}: chunk {ci_index} of blob {blob_index} is not in the chunk table", what()))
-                })?;
+            ChunkAddr::Indexed {
+                blob_index,
+                ci_index,
+                blk_addr,
+            } => {
+                let info = image
+                    .meta()
+                    .chunk_table_entry(blob_index, ci_index)?
+                    .ok_or_else(|| {
+                        Error::Corrupt(format!(
+                            "{}: chunk {ci_index} of blob {blob_index} is not in the chunk table",
+                            what()
+                        ))
+                    })?;
                 if info.uncompressed_offset != blk_addr as u64 * 4096 {
-                    return Err(Error::Corrupt(format!("{}: chunk table and chunk index disagree on chunk {ci_index}", what())));
+                    return Err(Error::Corrupt(format!(
+                        "{}: chunk table and chunk index disagree on chunk {ci_index}",
+                        what()
+                    )));
                 }
                 info
             }
         };
         if info.batch.is_some() {
-            return Err(Error::Unsupported(format!("{}: batch chunks cannot be reused by the builder", what())));
+            return Err(Error::Unsupported(format!(
+                "{}: batch chunks cannot be reused by the builder",
+                what()
+            )));
         }
-        let digest = info.digest.ok_or_else(|| Error::Corrupt(format!("{}: chunk without a digest", what())))?;
-        let blob_index = *blob_map
-            .get(info.blob_index as usize)
-            .ok_or_else(|| Error::Corrupt(format!("{}: chunk names blob {}", what(), info.blob_index)))?;
+        let digest = info
+            .digest
+            .ok_or_else(|| Error::Corrupt(format!("{}: chunk without a digest", what())))?;
+        let blob_index = *blob_map.get(info.blob_index as usize).ok_or_else(|| {
+            Error::Corrupt(format!("{}: chunk names blob {}", what(), info.blob_index))
+        })?;
         out.push(table.add(Chunk {
             digest,
             blob_index,
@@ -156,7 +209,12 @@ fn file_chunks(
         }));
     }
     if out.len() as u64 != attr.size.div_ceil(chunk_size) {
-        return Err(Error::Unsupported(format!("{}: {} chunks for {} bytes (holes)", what(), out.len(), attr.size)));
+        return Err(Error::Unsupported(format!(
+            "{}: {} chunks for {} bytes (holes)",
+            what(),
+            out.len(),
+            attr.size
+        )));
     }
     Ok(out)
 }

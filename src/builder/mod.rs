@@ -61,7 +61,9 @@ impl Default for BuildOptions {
             prefetch_files: Vec::new(),
             repeatable: false,
             blob_inline_meta: false,
-            threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
         }
     }
 }
@@ -86,7 +88,9 @@ pub struct BuildReport {
 /// Upstream's limits on the chunk size (doc §4.1).
 pub fn check_chunk_size(size: u32) -> Result<()> {
     if !size.is_power_of_two() || !(0x1000..=0x100_0000).contains(&size) {
-        return Err(Error::Invalid(format!("chunk size {size:#x} must be a power of two from 0x1000 to 0x1000000")));
+        return Err(Error::Invalid(format!(
+            "chunk size {size:#x} must be a power of two from 0x1000 to 0x1000000"
+        )));
     }
     Ok(())
 }
@@ -106,25 +110,43 @@ fn source_kind(path: &Path) -> Result<Source> {
     let n = File::open(path)
         .and_then(|mut f| f.read(&mut magic))
         .map_err(|e| Error::io(format!("read {}", path.display()), e))?;
-    Ok(if n == 2 && magic == [0x1f, 0x8b] { Source::TarGz } else { Source::Tar })
+    Ok(if n == 2 && magic == [0x1f, 0x8b] {
+        Source::TarGz
+    } else {
+        Source::Tar
+    })
 }
 
 /// Build `source` (a directory, .tar or .tar.gz) into `blob_dir/<blob id>` and `bootstrap`.
 /// With `blob_inline_meta` the bootstrap goes into the blob; `bootstrap` then gets a standalone copy
 /// (naming the real blob id) if given.
-pub fn build(source: &Path, bootstrap: Option<&Path>, blob_dir: &Path, opts: &BuildOptions) -> Result<BuildReport> {
+pub fn build(
+    source: &Path,
+    bootstrap: Option<&Path>,
+    blob_dir: &Path,
+    opts: &BuildOptions,
+) -> Result<BuildReport> {
     check_chunk_size(opts.chunk_size)?;
     if opts.fs_version != 5 && opts.fs_version != 6 {
-        return Err(Error::Invalid(format!("fs version {} (5 or 6)", opts.fs_version)));
+        return Err(Error::Invalid(format!(
+            "fs version {} (5 or 6)",
+            opts.fs_version
+        )));
     }
     if opts.blob_inline_meta && opts.fs_version != 6 {
-        return Err(Error::Invalid("--blob-inline-meta needs --fs-version 6".into()));
+        return Err(Error::Invalid(
+            "--blob-inline-meta needs --fs-version 6".into(),
+        ));
     }
     if bootstrap.is_none() && !opts.blob_inline_meta {
-        return Err(Error::Invalid("a bootstrap path is needed unless the metadata is inlined in the blob".into()));
+        return Err(Error::Invalid(
+            "a bootstrap path is needed unless the metadata is inlined in the blob".into(),
+        ));
     }
     if opts.compressor == Compressor::Gzip {
-        return Err(Error::Invalid("gzip chunks are only made by OCI ref conversions; use none, lz4_block or zstd".into()));
+        return Err(Error::Invalid(
+            "gzip chunks are only made by OCI ref conversions; use none, lz4_block or zstd".into(),
+        ));
     }
     let kind = source_kind(source)?;
 
@@ -141,12 +163,18 @@ pub fn build(source: &Path, bootstrap: Option<&Path>, blob_dir: &Path, opts: &Bu
             } else if layer.digester != opts.digester {
                 Some(format!("digester {}", layer.digester.name()))
             } else if opts.fs_version == 5 && layer.compressor != opts.compressor {
-                Some(format!("compressor {} (v5 records one per image)", layer.compressor.name()))
+                Some(format!(
+                    "compressor {} (v5 records one per image)",
+                    layer.compressor.name()
+                ))
             } else {
                 None
             };
             if let Some(c) = clash {
-                return Err(Error::Invalid(format!("parent bootstrap {} is {c}: the new layer must match it", p.display())));
+                return Err(Error::Invalid(format!(
+                    "parent bootstrap {} is {c}: the new layer must match it",
+                    p.display()
+                )));
             }
             Some(layer)
         }
@@ -157,9 +185,20 @@ pub fn build(source: &Path, bootstrap: Option<&Path>, blob_dir: &Path, opts: &Bu
         return Err(Error::Invalid("the parent already names 255 blobs".into()));
     }
 
-    let mut writer =
-        BlobWriter::create(blob_dir, BlobOptions { fs_version: opts.fs_version, compressor: opts.compressor, toc: opts.blob_inline_meta })?;
-    let copts = ChunkOptions { chunk_size: opts.chunk_size, compressor: opts.compressor, digester: opts.digester, threads: opts.threads };
+    let mut writer = BlobWriter::create(
+        blob_dir,
+        BlobOptions {
+            fs_version: opts.fs_version,
+            compressor: opts.compressor,
+            toc: opts.blob_inline_meta,
+        },
+    )?;
+    let copts = ChunkOptions {
+        chunk_size: opts.chunk_size,
+        compressor: opts.compressor,
+        digester: opts.digester,
+        threads: opts.threads,
+    };
     let mut report = BuildReport::default();
     let upper = {
         let mut chunker = Chunker::new(copts, &mut writer, &mut table, blob_index);
@@ -172,10 +211,15 @@ pub fn build(source: &Path, bootstrap: Option<&Path>, blob_dir: &Path, opts: &Bu
                 tree
             }
             Source::Tar | Source::TarGz => {
-                let file = File::open(source).map_err(|e| Error::io(format!("open {}", source.display()), e))?;
+                let file = File::open(source)
+                    .map_err(|e| Error::io(format!("open {}", source.display()), e))?;
                 let reader = BufReader::with_capacity(1 << 20, file);
                 let mut tree = match kind {
-                    Source::TarGz => tar::scan(flate2::read::MultiGzDecoder::new(reader), &mut chunker, source)?,
+                    Source::TarGz => tar::scan(
+                        flate2::read::MultiGzDecoder::new(reader),
+                        &mut chunker,
+                        source,
+                    )?,
                     _ => tar::scan(reader, &mut chunker, source)?,
                 };
                 tree.sort();
@@ -190,6 +234,11 @@ pub fn build(source: &Path, bootstrap: Option<&Path>, blob_dir: &Path, opts: &Bu
             }
             chunks[k as usize] = chunk;
         }
+        if tree.files.iter().any(|f| f.chunks.contains(&u32::MAX)) {
+            return Err(Error::Invalid(
+                "internal error: a file chunk was never committed".into(),
+            ));
+        }
         report.chunks = stats;
         tree
     };
@@ -202,7 +251,9 @@ pub fn build(source: &Path, bootstrap: Option<&Path>, blob_dir: &Path, opts: &Bu
         }
         None => {
             if overlay::has_whiteouts(&upper, opts.whiteout_spec) {
-                log::info!("the layer has whiteouts; they are kept as entries until it is put on a parent");
+                log::info!(
+                    "the layer has whiteouts; they are kept as entries until it is put on a parent"
+                );
             }
             upper
         }
@@ -282,18 +333,30 @@ fn chunk_files(tree: &mut Tree, chunker: &mut Chunker, prefetch: &[Vec<u8>]) -> 
     for path in prefetch {
         match tree.lookup_path(path) {
             Some(node) => order.extend(subtree(tree, node)),
-            None => log::warn!("prefetch path {} is not in the source", String::from_utf8_lossy(path)),
+            None => log::warn!(
+                "prefetch path {} is not in the source",
+                String::from_utf8_lossy(path)
+            ),
         }
     }
     order.extend(tree.bfs().into_iter().map(|(n, _)| n));
     let mut done = vec![false; tree.files.len()];
     for node in order {
-        let Kind::File(f) = tree.nodes[node].kind else { continue };
+        let Kind::File(f) = tree.nodes[node].kind else {
+            continue;
+        };
         if std::mem::replace(&mut done[f], true) {
             continue;
         }
-        let (size, path) = (tree.files[f].size, tree.files[f].source.clone().expect("directory sources record paths"));
-        let mut file = File::open(&path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+        let (size, path) = (
+            tree.files[f].size,
+            tree.files[f]
+                .source
+                .clone()
+                .expect("directory sources record paths"),
+        );
+        let mut file =
+            File::open(&path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
         chunker.add_file(f, &mut file, size, &path.display().to_string())?;
     }
     Ok(())
@@ -316,7 +379,10 @@ fn resolve_prefetch(tree: &Tree, paths: &[Vec<u8>]) -> Vec<NodeId> {
         match tree.lookup_path(path) {
             Some(n) if !out.contains(&n) => out.push(n),
             Some(_) => {}
-            None => log::warn!("prefetch path {} is not in the image; left out of the prefetch table", String::from_utf8_lossy(path)),
+            None => log::warn!(
+                "prefetch path {} is not in the image; left out of the prefetch table",
+                String::from_utf8_lossy(path)
+            ),
         }
     }
     out
@@ -327,9 +393,15 @@ fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
     }
-    let tmp = path.with_file_name(format!(".{}.rafsd-tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("bootstrap")));
+    let tmp = path.with_file_name(format!(
+        ".{}.rafsd-tmp",
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("bootstrap")
+    ));
     fs::write(&tmp, bytes).map_err(|e| Error::io(format!("write {}", tmp.display()), e))?;
-    fs::rename(&tmp, path).map_err(|e| Error::io(format!("rename {} to {}", tmp.display(), path.display()), e))
+    fs::rename(&tmp, path)
+        .map_err(|e| Error::io(format!("rename {} to {}", tmp.display(), path.display()), e))
 }
 
 /// What `merge` produced.
@@ -354,20 +426,36 @@ pub fn merge(sources: &[PathBuf], output: &Path, spec: WhiteoutSpec) -> Result<M
     for path in rest {
         let layer = layer::load(path, &mut table, &mut blobs)?;
         let clash = if layer.version != base.version {
-            Some(format!("RAFS v{} (the first is v{})", layer.version, base.version))
+            Some(format!(
+                "RAFS v{} (the first is v{})",
+                layer.version, base.version
+            ))
         } else if layer.chunk_size != base.chunk_size {
-            Some(format!("chunk size {:#x} (the first has {:#x})", layer.chunk_size, base.chunk_size))
+            Some(format!(
+                "chunk size {:#x} (the first has {:#x})",
+                layer.chunk_size, base.chunk_size
+            ))
         } else if layer.digester != base.digester {
-            Some(format!("digester {} (the first has {})", layer.digester.name(), base.digester.name()))
+            Some(format!(
+                "digester {} (the first has {})",
+                layer.digester.name(),
+                base.digester.name()
+            ))
         } else if layer.explicit_uid_gid != base.explicit_uid_gid {
             Some("built with a different --repeatable setting".to_string())
         } else if base.version == 5 && layer.compressor != base.compressor {
-            Some(format!("compressor {} (v5 records one per image)", layer.compressor.name()))
+            Some(format!(
+                "compressor {} (v5 records one per image)",
+                layer.compressor.name()
+            ))
         } else {
             None
         };
         if let Some(c) = clash {
-            return Err(Error::Invalid(format!("cannot merge {}: it is {c}", path.display())));
+            return Err(Error::Invalid(format!(
+                "cannot merge {}: it is {c}",
+                path.display()
+            )));
         }
         overlay::apply(&mut tree, &layer.tree, spec);
         compressor = layer.compressor;
@@ -386,7 +474,11 @@ pub fn merge(sources: &[PathBuf], output: &Path, spec: WhiteoutSpec) -> Result<M
         v5::write(&tree, &table, &blobs, &params)?
     };
     write_file(output, &bytes)?;
-    Ok(MergeReport { layers: sources.len(), blobs: blobs.len(), entries: tree.bfs().len() as u64 })
+    Ok(MergeReport {
+        layers: sources.len(),
+        blobs: blobs.len(),
+        entries: tree.bfs().len() as u64,
+    })
 }
 
 /// `--chunk-size`: hex (`0x100000`) or decimal.
@@ -405,7 +497,9 @@ pub fn parse_compressor(s: &str) -> std::result::Result<Compressor, String> {
         "none" => Ok(Compressor::None),
         "lz4_block" => Ok(Compressor::Lz4Block),
         "zstd" => Ok(Compressor::Zstd),
-        _ => Err(format!("unknown compressor {s:?} (none, lz4_block or zstd)")),
+        _ => Err(format!(
+            "unknown compressor {s:?} (none, lz4_block or zstd)"
+        )),
     }
 }
 
@@ -421,10 +515,13 @@ pub fn parse_digester(s: &str) -> std::result::Result<Digester, String> {
 pub fn read_prefetch_list(path: &Path) -> Result<Vec<Vec<u8>>> {
     let text = if path.as_os_str() == "-" {
         let mut s = Vec::new();
-        std::io::stdin().read_to_end(&mut s).map_err(|e| Error::io("read prefetch list from stdin", e))?;
+        std::io::stdin()
+            .read_to_end(&mut s)
+            .map_err(|e| Error::io("read prefetch list from stdin", e))?;
         s
     } else {
-        fs::read(path).map_err(|e| Error::io(format!("read prefetch list {}", path.display()), e))?
+        fs::read(path)
+            .map_err(|e| Error::io(format!("read prefetch list {}", path.display()), e))?
     };
     let mut out = Vec::new();
     for line in text.split(|&b| b == b'\n') {
@@ -433,7 +530,10 @@ pub fn read_prefetch_list(path: &Path) -> Result<Vec<Vec<u8>>> {
             continue;
         }
         if !line.starts_with(b"/") {
-            return Err(Error::Invalid(format!("prefetch list entry {:?} is not an absolute path", String::from_utf8_lossy(line))));
+            return Err(Error::Invalid(format!(
+                "prefetch list entry {:?} is not an absolute path",
+                String::from_utf8_lossy(line)
+            )));
         }
         out.push(line.to_vec());
     }

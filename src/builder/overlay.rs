@@ -27,7 +27,9 @@ impl std::str::FromStr for WhiteoutSpec {
             "oci" => Ok(WhiteoutSpec::Oci),
             "overlayfs" => Ok(WhiteoutSpec::Overlayfs),
             "none" => Ok(WhiteoutSpec::None),
-            _ => Err(format!("unknown whiteout spec {s:?} (oci, overlayfs or none)")),
+            _ => Err(format!(
+                "unknown whiteout spec {s:?} (oci, overlayfs or none)"
+            )),
         }
     }
 }
@@ -52,7 +54,9 @@ fn role<'a>(tree: &'a Tree, node: NodeId, spec: WhiteoutSpec) -> Role<'a> {
     let n = &tree.nodes[node];
     match spec {
         WhiteoutSpec::Oci if n.name.starts_with(OCI_META_PREFIX) => Role::Marker,
-        WhiteoutSpec::Oci if n.name.starts_with(OCI_PREFIX) => Role::Whiteout(&n.name[OCI_PREFIX.len()..]),
+        WhiteoutSpec::Oci if n.name.starts_with(OCI_PREFIX) => {
+            Role::Whiteout(&n.name[OCI_PREFIX.len()..])
+        }
         WhiteoutSpec::Overlayfs
             if matches!(n.kind, Kind::Special)
                 && n.meta.file_type() == libc::S_IFCHR
@@ -67,8 +71,15 @@ fn role<'a>(tree: &'a Tree, node: NodeId, spec: WhiteoutSpec) -> Role<'a> {
 
 fn is_opaque(tree: &Tree, dir: NodeId, spec: WhiteoutSpec) -> bool {
     match spec {
-        WhiteoutSpec::Oci => tree.children(dir).iter().any(|&c| tree.nodes[c].name == OCI_OPAQUE),
-        WhiteoutSpec::Overlayfs => tree.nodes[dir].meta.xattrs.iter().any(|(k, v)| k == OVERLAY_OPAQUE && v == b"y"),
+        WhiteoutSpec::Oci => tree
+            .children(dir)
+            .iter()
+            .any(|&c| tree.nodes[c].name == OCI_OPAQUE),
+        WhiteoutSpec::Overlayfs => tree.nodes[dir]
+            .meta
+            .xattrs
+            .iter()
+            .any(|(k, v)| k == OVERLAY_OPAQUE && v == b"y"),
         WhiteoutSpec::None => false,
     }
 }
@@ -77,7 +88,8 @@ fn is_opaque(tree: &Tree, dir: NodeId, spec: WhiteoutSpec) -> bool {
 fn visible(meta: &Meta, spec: WhiteoutSpec) -> Meta {
     let mut meta = meta.clone();
     if spec == WhiteoutSpec::Overlayfs {
-        meta.xattrs.retain(|(k, _)| !k.starts_with(OVERLAY_XATTR_PREFIX));
+        meta.xattrs
+            .retain(|(k, _)| !k.starts_with(OVERLAY_XATTR_PREFIX));
     }
     meta
 }
@@ -91,7 +103,11 @@ pub fn apply(lower: &mut Tree, upper: &Tree, spec: WhiteoutSpec) {
         let mut by_name: HashMap<Vec<u8>, NodeId> = if is_opaque(upper, udir, spec) {
             HashMap::new()
         } else {
-            lower.children(ldir).iter().map(|&c| (lower.nodes[c].name.clone(), c)).collect()
+            lower
+                .children(ldir)
+                .iter()
+                .map(|&c| (lower.nodes[c].name.clone(), c))
+                .collect()
         };
         for &c in upper.children(udir) {
             if let Role::Whiteout(target) = role(upper, c, spec) {
@@ -121,7 +137,13 @@ pub fn apply(lower: &mut Tree, upper: &Tree, spec: WhiteoutSpec) {
 }
 
 /// Copy an upper subtree that has nothing below it: whiteouts in it have nothing to remove.
-fn import(lower: &mut Tree, upper: &Tree, node: NodeId, spec: WhiteoutSpec, files: &mut HashMap<FileId, FileId>) -> NodeId {
+fn import(
+    lower: &mut Tree,
+    upper: &Tree,
+    node: NodeId,
+    spec: WhiteoutSpec,
+    files: &mut HashMap<FileId, FileId>,
+) -> NodeId {
     let root = copy_node(lower, upper, node, spec, files);
     let mut stack = vec![(root, node)];
     while let Some((ldir, udir)) = stack.pop() {
@@ -139,18 +161,34 @@ fn import(lower: &mut Tree, upper: &Tree, node: NodeId, spec: WhiteoutSpec, file
     root
 }
 
-fn copy_node(lower: &mut Tree, upper: &Tree, node: NodeId, spec: WhiteoutSpec, files: &mut HashMap<FileId, FileId>) -> NodeId {
+fn copy_node(
+    lower: &mut Tree,
+    upper: &Tree,
+    node: NodeId,
+    spec: WhiteoutSpec,
+    files: &mut HashMap<FileId, FileId>,
+) -> NodeId {
     let n = &upper.nodes[node];
     let kind = match &n.kind {
         Kind::Dir(_) => Kind::Dir(Vec::new()),
-        Kind::File(f) => Kind::File(*files.entry(*f).or_insert_with(|| lower.add_file(upper.files[*f].clone()))),
+        Kind::File(f) => Kind::File(
+            *files
+                .entry(*f)
+                .or_insert_with(|| lower.add_file(upper.files[*f].clone())),
+        ),
         other => other.clone(),
     };
-    lower.nodes.push(Node { name: n.name.clone(), meta: visible(&n.meta, spec), kind });
+    lower.nodes.push(Node {
+        name: n.name.clone(),
+        meta: visible(&n.meta, spec),
+        kind,
+    });
     lower.nodes.len() - 1
 }
 
 /// Drop nothing, but check whether a standalone layer carries whiteouts (worth a note to the user).
 pub fn has_whiteouts(tree: &Tree, spec: WhiteoutSpec) -> bool {
-    tree.bfs().iter().any(|&(n, _)| !matches!(role(tree, n, spec), Role::Entry) || (tree.is_dir(n) && is_opaque(tree, n, spec)))
+    tree.bfs().iter().any(|&(n, _)| {
+        !matches!(role(tree, n, spec), Role::Entry) || (tree.is_dir(n) && is_opaque(tree, n, spec))
+    })
 }

@@ -39,7 +39,10 @@ struct Builder {
 }
 
 fn dir_meta() -> Meta {
-    Meta { mode: libc::S_IFDIR | 0o755, ..Default::default() }
+    Meta {
+        mode: libc::S_IFDIR | 0o755,
+        ..Default::default()
+    }
 }
 
 impl Builder {
@@ -49,8 +52,19 @@ impl Builder {
         for part in parts {
             dir = match self.index.get(&(dir, part.clone())) {
                 Some(&c) if self.tree.is_dir(c) => c,
-                Some(_) => return Err(Error::Invalid(format!("tar entry {path}: a parent is not a directory"))),
-                None => self.insert(dir, Node { name: part.clone(), meta: dir_meta(), kind: Kind::Dir(Vec::new()) }),
+                Some(_) => {
+                    return Err(Error::Invalid(format!(
+                        "tar entry {path}: a parent is not a directory"
+                    )))
+                }
+                None => self.insert(
+                    dir,
+                    Node {
+                        name: part.clone(),
+                        meta: dir_meta(),
+                        kind: Kind::Dir(Vec::new()),
+                    },
+                ),
             };
         }
         Ok(dir)
@@ -87,7 +101,11 @@ fn components(raw: &[u8], shown: &str) -> Result<Vec<Vec<u8>>> {
     for part in raw.split(|&b| b == b'/') {
         match part {
             b"" | b"." => {}
-            b".." => return Err(Error::Invalid(format!("tar entry {shown}: path contains \"..\""))),
+            b".." => {
+                return Err(Error::Invalid(format!(
+                    "tar entry {shown}: path contains \"..\""
+                )))
+            }
             p => {
                 check_name(Path::new(shown), p)?;
                 parts.push(p.to_vec());
@@ -100,9 +118,16 @@ fn components(raw: &[u8], shown: &str) -> Result<Vec<Vec<u8>>> {
 /// Read the whole archive, chunking file contents with `chunker`. `source` names the tar in errors.
 pub fn scan(reader: impl Read, chunker: &mut Chunker, source: &Path) -> Result<Tree> {
     let ended = Rc::new(Cell::new(false));
-    let mut archive = tar::Archive::new(Tracked { inner: reader, ended: ended.clone() });
-    let broken = |e: std::io::Error| Error::Invalid(format!("{}: broken tar: {e}", source.display()));
-    let mut b = Builder { tree: Tree::new(dir_meta()), index: HashMap::new() };
+    let mut archive = tar::Archive::new(Tracked {
+        inner: reader,
+        ended: ended.clone(),
+    });
+    let broken =
+        |e: std::io::Error| Error::Invalid(format!("{}: broken tar: {e}", source.display()));
+    let mut b = Builder {
+        tree: Tree::new(dir_meta()),
+        index: HashMap::new(),
+    };
     for entry in archive.entries().map_err(broken)? {
         let mut entry = entry.map_err(broken)?;
         let header = entry.header().clone();
@@ -113,13 +138,25 @@ pub fn scan(reader: impl Read, chunker: &mut Chunker, source: &Path) -> Result<T
         let raw_path = entry.path_bytes().into_owned();
         let shown = String::from_utf8_lossy(&raw_path).into_owned();
         let parts = components(&raw_path, &shown)?;
-        let bad = |what: &str, e: std::io::Error| Error::Invalid(format!("{}: tar entry {shown}: {what}: {e}", source.display()));
+        let bad = |what: &str, e: std::io::Error| {
+            Error::Invalid(format!(
+                "{}: tar entry {shown}: {what}: {e}",
+                source.display()
+            ))
+        };
 
+        // Some writers leave numeric fields blank: that reads as 0; anything else unparsable is an error.
+        let old = header.as_old();
+        let number = |value: std::io::Result<u64>, raw: &[u8], what: &str| match value {
+            Ok(v) => Ok(v),
+            Err(_) if raw.iter().all(|&c| c == 0 || c == b' ') => Ok(0),
+            Err(e) => Err(bad(what, e)),
+        };
         let mut meta = Meta {
-            mode: header.mode().map_err(|e| bad("mode", e))? & 0o7777,
-            uid: header.uid().map_err(|e| bad("uid", e))? as u32,
-            gid: header.gid().map_err(|e| bad("gid", e))? as u32,
-            mtime: header.mtime().map_err(|e| bad("mtime", e))?,
+            mode: number(header.mode().map(u64::from), &old.mode, "mode")? as u32 & 0o7777,
+            uid: number(header.uid(), &old.uid, "uid")? as u32,
+            gid: number(header.gid(), &old.gid, "gid")? as u32,
+            mtime: number(header.mtime(), &old.mtime, "mtime")?,
             ..Default::default()
         };
         if let Some(exts) = entry.pax_extensions().map_err(|e| bad("pax header", e))? {
@@ -128,7 +165,8 @@ pub fn scan(reader: impl Read, chunker: &mut Chunker, source: &Path) -> Result<T
                 let key = ext.key_bytes();
                 if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
                     check_xattr(Path::new(&shown), name, ext.value_bytes())?;
-                    meta.xattrs.push((name.to_vec(), ext.value_bytes().to_vec()));
+                    meta.xattrs
+                        .push((name.to_vec(), ext.value_bytes().to_vec()));
                 } else if key == b"mtime" {
                     // "seconds[.fraction]": keep the nanoseconds the ustar field cannot hold.
                     let text = String::from_utf8_lossy(ext.value_bytes()).into_owned();
@@ -144,7 +182,9 @@ pub fn scan(reader: impl Read, chunker: &mut Chunker, source: &Path) -> Result<T
         meta.xattrs.sort();
 
         let kind_bits = match etype {
-            tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => libc::S_IFREG,
+            tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
+                libc::S_IFREG
+            }
             tar::EntryType::Directory => libc::S_IFDIR,
             tar::EntryType::Symlink => libc::S_IFLNK,
             tar::EntryType::Char => libc::S_IFCHR,
@@ -164,7 +204,10 @@ pub fn scan(reader: impl Read, chunker: &mut Chunker, source: &Path) -> Result<T
         let Some((name, parents)) = parts.split_last() else {
             // The archive root ("./"): its attributes become the image root's.
             if kind_bits != libc::S_IFDIR {
-                return Err(Error::Invalid(format!("{}: tar entry {shown} names the root but is not a directory", source.display())));
+                return Err(Error::Invalid(format!(
+                    "{}: tar entry {shown} names the root but is not a directory",
+                    source.display()
+                )));
             }
             b.tree.nodes[ROOT].meta = meta;
             continue;
@@ -173,38 +216,86 @@ pub fn scan(reader: impl Read, chunker: &mut Chunker, source: &Path) -> Result<T
         let name = name.clone();
         let node = match etype {
             tar::EntryType::Link => {
-                let target_raw = entry.link_name_bytes().map(|l| l.into_owned()).unwrap_or_default();
+                let target_raw = entry
+                    .link_name_bytes()
+                    .map(|l| l.into_owned())
+                    .unwrap_or_default();
                 let target_shown = String::from_utf8_lossy(&target_raw).into_owned();
                 let target = b.lookup(&components(&target_raw, &target_shown)?).ok_or_else(|| {
                     Error::Invalid(format!("{}: hard link {shown} to {target_shown}, which is not earlier in the tar", source.display()))
                 })?;
                 let t = &b.tree.nodes[target];
                 if matches!(t.kind, Kind::Dir(_)) {
-                    return Err(Error::Invalid(format!("{}: hard link {shown} to directory {target_shown}", source.display())));
+                    return Err(Error::Invalid(format!(
+                        "{}: hard link {shown} to directory {target_shown}",
+                        source.display()
+                    )));
                 }
                 // A regular file shares the target's contents (one inode); other types get a copy.
-                Node { name, meta: t.meta.clone(), kind: t.kind.clone() }
-            }
-            tar::EntryType::Directory => Node { name, meta, kind: Kind::Dir(Vec::new()) },
-            tar::EntryType::Symlink => {
-                let target = entry.link_name_bytes().map(|l| l.into_owned()).unwrap_or_default();
-                if target.is_empty() || target.len() > 4095 {
-                    return Err(Error::Invalid(format!("{}: symlink {shown} has a target of {} bytes", source.display(), target.len())));
+                Node {
+                    name,
+                    meta: t.meta.clone(),
+                    kind: t.kind.clone(),
                 }
-                Node { name, meta, kind: Kind::Symlink(target) }
+            }
+            tar::EntryType::Directory => Node {
+                name,
+                meta,
+                kind: Kind::Dir(Vec::new()),
+            },
+            tar::EntryType::Symlink => {
+                let target = entry
+                    .link_name_bytes()
+                    .map(|l| l.into_owned())
+                    .unwrap_or_default();
+                if target.is_empty() || target.len() > 4095 {
+                    return Err(Error::Invalid(format!(
+                        "{}: symlink {shown} has a target of {} bytes",
+                        source.display(),
+                        target.len()
+                    )));
+                }
+                Node {
+                    name,
+                    meta,
+                    kind: Kind::Symlink(target),
+                }
             }
             tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
                 if kind_bits != libc::S_IFIFO {
-                    meta.rdev_major = header.device_major().map_err(|e| bad("device major", e))?.unwrap_or(0);
-                    meta.rdev_minor = header.device_minor().map_err(|e| bad("device minor", e))?.unwrap_or(0);
+                    meta.rdev_major = header
+                        .device_major()
+                        .map_err(|e| bad("device major", e))?
+                        .unwrap_or(0);
+                    meta.rdev_minor = header
+                        .device_minor()
+                        .map_err(|e| bad("device minor", e))?
+                        .unwrap_or(0);
                 }
-                Node { name, meta, kind: Kind::Special }
+                Node {
+                    name,
+                    meta,
+                    kind: Kind::Special,
+                }
             }
             _ => {
                 let size = entry.size();
-                let file = b.tree.add_file(FileData { size, source: None, chunks: Vec::new() });
-                chunker.add_file(file, &mut entry, size, &format!("{}: tar entry {shown}", source.display()))?;
-                Node { name, meta, kind: Kind::File(file) }
+                let file = b.tree.add_file(FileData {
+                    size,
+                    source: None,
+                    chunks: Vec::new(),
+                });
+                chunker.add_file(
+                    file,
+                    &mut entry,
+                    size,
+                    &format!("{}: tar entry {shown}", source.display()),
+                )?;
+                Node {
+                    name,
+                    meta,
+                    kind: Kind::File(file),
+                }
             }
         };
         b.insert(dir, node);

@@ -5,7 +5,7 @@
 //! layers and removing whiteouts only edits child lists; unreachable nodes are simply never written.
 
 use std::collections::HashMap;
-use std::ffi::{CString, OsStr};
+use std::ffi::CString;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -76,7 +76,14 @@ pub const ROOT: NodeId = 0;
 
 impl Tree {
     pub fn new(root: Meta) -> Self {
-        Tree { nodes: vec![Node { name: Vec::new(), meta: root, kind: Kind::Dir(Vec::new()) }], files: Vec::new() }
+        Tree {
+            nodes: vec![Node {
+                name: Vec::new(),
+                meta: root,
+                kind: Kind::Dir(Vec::new()),
+            }],
+            files: Vec::new(),
+        }
     }
 
     pub fn children(&self, dir: NodeId) -> &[NodeId] {
@@ -112,7 +119,10 @@ impl Tree {
 
     /// The child of `dir` called `name` (linear: only used on small or not yet sorted lists).
     pub fn child(&self, dir: NodeId, name: &[u8]) -> Option<NodeId> {
-        self.children(dir).iter().copied().find(|&c| self.nodes[c].name == name)
+        self.children(dir)
+            .iter()
+            .copied()
+            .find(|&c| self.nodes[c].name == name)
     }
 
     /// Sort every directory's children bytewise by name, as both formats require.
@@ -128,7 +138,10 @@ impl Tree {
     /// Look up an absolute or relative path ("/a/b", "a/b") below the root.
     pub fn lookup_path(&self, path: &[u8]) -> Option<NodeId> {
         let mut node = ROOT;
-        for part in path.split(|&b| b == b'/').filter(|p| !p.is_empty() && *p != b".") {
+        for part in path
+            .split(|&b| b == b'/')
+            .filter(|p| !p.is_empty() && *p != b".")
+        {
             node = self.child(node, part)?;
         }
         Some(node)
@@ -150,7 +163,9 @@ impl Tree {
 
 /// The only xattr namespaces RAFS can record (v5 and v6 alike): fail early, naming the file.
 pub fn check_xattr(path: &Path, name: &[u8], value: &[u8]) -> Result<()> {
-    let known = [&b"user."[..], b"trusted.", b"security."].iter().any(|p| name.starts_with(p) && name.len() > p.len())
+    let known = [&b"user."[..], b"trusted.", b"security."]
+        .iter()
+        .any(|p| name.starts_with(p) && name.len() > p.len())
         || name == b"system.posix_acl_access"
         || name == b"system.posix_acl_default";
     let shown = || String::from_utf8_lossy(name).into_owned();
@@ -162,30 +177,49 @@ pub fn check_xattr(path: &Path, name: &[u8], value: &[u8]) -> Result<()> {
         )));
     }
     if name.len() > 255 || value.len() > 65535 {
-        return Err(Error::Invalid(format!("{}: xattr {:?} has a name over 255 or a value over 65535 bytes", path.display(), shown())));
+        return Err(Error::Invalid(format!(
+            "{}: xattr {:?} has a name over 255 or a value over 65535 bytes",
+            path.display(),
+            shown()
+        )));
     }
     Ok(())
 }
 
 /// A file name must be one component of at most 255 bytes.
 pub fn check_name(path: &Path, name: &[u8]) -> Result<()> {
-    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0) {
-        return Err(Error::Invalid(format!("{}: {:?} is not a valid file name", path.display(), String::from_utf8_lossy(name))));
+    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0)
+    {
+        return Err(Error::Invalid(format!(
+            "{}: {:?} is not a valid file name",
+            path.display(),
+            String::from_utf8_lossy(name)
+        )));
     }
     if name.len() > 255 {
-        return Err(Error::Invalid(format!("{}: file name is {} bytes, over the 255-byte limit", path.display(), name.len())));
+        return Err(Error::Invalid(format!(
+            "{}: file name is {} bytes, over the 255-byte limit",
+            path.display(),
+            name.len()
+        )));
     }
     Ok(())
 }
 
 fn cpath(path: &Path) -> Result<CString> {
-    CString::new(path.as_os_str().as_bytes()).map_err(|_| Error::Invalid(format!("{} contains NUL", path.display())))
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| Error::Invalid(format!("{} contains NUL", path.display())))
 }
 
 /// The xattrs of `path` itself (not a symlink's target), sorted by name.
 pub fn read_xattrs(path: &Path) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
     let c = cpath(path)?;
-    let fail = |what: &str| Error::io(format!("{what} {}", path.display()), std::io::Error::last_os_error());
+    let fail = |what: &str| {
+        Error::io(
+            format!("{what} {}", path.display()),
+            std::io::Error::last_os_error(),
+        )
+    };
     let mut names = vec![0u8; 4096];
     loop {
         // SAFETY: valid NUL-terminated path and a buffer of the stated length.
@@ -202,11 +236,19 @@ pub fn read_xattrs(path: &Path) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
     }
     let mut out = Vec::new();
     for name in names.split(|&b| b == 0).filter(|n| !n.is_empty()) {
-        let cn = CString::new(name).map_err(|_| Error::Invalid("xattr name contains NUL".into()))?;
+        let cn =
+            CString::new(name).map_err(|_| Error::Invalid("xattr name contains NUL".into()))?;
         let mut value = vec![0u8; 256];
         loop {
             // SAFETY: valid path, name and buffer.
-            let n = unsafe { libc::lgetxattr(c.as_ptr(), cn.as_ptr(), value.as_mut_ptr().cast(), value.len()) };
+            let n = unsafe {
+                libc::lgetxattr(
+                    c.as_ptr(),
+                    cn.as_ptr(),
+                    value.as_mut_ptr().cast(),
+                    value.len(),
+                )
+            };
             if n >= 0 {
                 value.truncate(n as usize);
                 break;
@@ -218,7 +260,12 @@ pub fn read_xattrs(path: &Path) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
                     value.clear();
                     break;
                 }
-                _ => return Err(fail(&format!("read xattr {} of", String::from_utf8_lossy(name)))),
+                _ => {
+                    return Err(fail(&format!(
+                        "read xattr {} of",
+                        String::from_utf8_lossy(name)
+                    )))
+                }
             }
         }
         check_xattr(path, name, &value)?;
@@ -253,9 +300,13 @@ pub struct ScanReport {
 /// Read a host directory into a tree. File contents are not read here, only recorded by path.
 /// Sockets are skipped with a warning; anything unreadable is an error naming the path.
 pub fn scan_dir(root: &Path) -> Result<(Tree, ScanReport)> {
-    let md = fs::symlink_metadata(root).map_err(|e| Error::io(format!("stat {}", root.display()), e))?;
+    let md =
+        fs::symlink_metadata(root).map_err(|e| Error::io(format!("stat {}", root.display()), e))?;
     if !md.is_dir() {
-        return Err(Error::Invalid(format!("{} is not a directory", root.display())));
+        return Err(Error::Invalid(format!(
+            "{} is not a directory",
+            root.display()
+        )));
     }
     let mut tree = Tree::new(meta_of(&md, read_xattrs(root)?));
     let mut report = ScanReport::default();
@@ -263,20 +314,26 @@ pub fn scan_dir(root: &Path) -> Result<(Tree, ScanReport)> {
     let mut links: HashMap<(u64, u64), FileId> = HashMap::new();
     let mut stack: Vec<(NodeId, PathBuf)> = vec![(ROOT, root.to_path_buf())];
     while let Some((dir, path)) = stack.pop() {
-        let listing = fs::read_dir(&path).map_err(|e| Error::io(format!("read directory {}", path.display()), e))?;
+        let listing = fs::read_dir(&path)
+            .map_err(|e| Error::io(format!("read directory {}", path.display()), e))?;
         let mut names = Vec::new();
         for entry in listing {
-            let entry = entry.map_err(|e| Error::io(format!("read directory {}", path.display()), e))?;
+            let entry =
+                entry.map_err(|e| Error::io(format!("read directory {}", path.display()), e))?;
             names.push(entry.file_name());
         }
         names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
         for name in names {
             let child = path.join(&name);
             check_name(&child, name.as_bytes())?;
-            let md = fs::symlink_metadata(&child).map_err(|e| Error::io(format!("stat {}", child.display()), e))?;
+            let md = fs::symlink_metadata(&child)
+                .map_err(|e| Error::io(format!("stat {}", child.display()), e))?;
             let ft = md.file_type();
             if ft.is_socket() {
-                log::warn!("skipping socket {}: sockets cannot be stored in an image", child.display());
+                log::warn!(
+                    "skipping socket {}: sockets cannot be stored in an image",
+                    child.display()
+                );
                 report.skipped.push(format!("{}: socket", child.display()));
                 continue;
             }
@@ -288,7 +345,11 @@ pub fn scan_dir(root: &Path) -> Result<(Tree, ScanReport)> {
                 match links.get(&key) {
                     Some(&f) => Kind::File(f),
                     None => {
-                        let f = tree.add_file(FileData { size: md.len(), source: Some(child.clone()), chunks: Vec::new() });
+                        let f = tree.add_file(FileData {
+                            size: md.len(),
+                            source: Some(child.clone()),
+                            chunks: Vec::new(),
+                        });
                         if md.nlink() > 1 {
                             links.insert(key, f);
                         }
@@ -296,28 +357,39 @@ pub fn scan_dir(root: &Path) -> Result<(Tree, ScanReport)> {
                     }
                 }
             } else if ft.is_symlink() {
-                let target = fs::read_link(&child).map_err(|e| Error::io(format!("read link {}", child.display()), e))?;
+                let target = fs::read_link(&child)
+                    .map_err(|e| Error::io(format!("read link {}", child.display()), e))?;
                 let target = target.as_os_str().as_bytes().to_vec();
                 if target.is_empty() || target.len() > 4095 {
-                    return Err(Error::Invalid(format!("{}: symlink target of {} bytes", child.display(), target.len())));
+                    return Err(Error::Invalid(format!(
+                        "{}: symlink target of {} bytes",
+                        child.display(),
+                        target.len()
+                    )));
                 }
                 Kind::Symlink(target)
             } else if ft.is_char_device() || ft.is_block_device() || ft.is_fifo() {
                 Kind::Special
             } else {
-                return Err(Error::Invalid(format!("{}: unknown file type {:#o}", child.display(), md.mode())));
+                return Err(Error::Invalid(format!(
+                    "{}: unknown file type {:#o}",
+                    child.display(),
+                    md.mode()
+                )));
             };
             let is_dir = matches!(kind, Kind::Dir(_));
-            let id = tree.push_child(dir, Node { name: name.as_bytes().to_vec(), meta, kind });
+            let id = tree.push_child(
+                dir,
+                Node {
+                    name: name.as_bytes().to_vec(),
+                    meta,
+                    kind,
+                },
+            );
             if is_dir {
                 stack.push((id, child));
             }
         }
     }
     Ok((tree, report))
-}
-
-/// Path of a node's name under `dir`, for messages.
-pub fn shown(dir: &Path, name: &[u8]) -> PathBuf {
-    dir.join(OsStr::from_bytes(name))
 }

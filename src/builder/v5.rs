@@ -11,19 +11,27 @@ use super::tree::{Kind, NodeId, Tree, ROOT};
 use super::v6::{chunk_record, put16, put32, put64, ImageParams};
 use crate::error::{Error, Result};
 use crate::format::bytes::round_up;
-use crate::format::v5::{CHUNK_SIZE, EXT_BLOB_ENTRY_SIZE, INODE_SIZE, I_SYMLINK, I_XATTR, RAFS_V5_MAGIC, SUPER_SIZE};
+use crate::format::v5::{
+    CHUNK_SIZE, EXT_BLOB_ENTRY_SIZE, INODE_SIZE, I_SYMLINK, I_XATTR, RAFS_V5_MAGIC, SUPER_SIZE,
+};
 use crate::format::{flags, BlobInfo};
 use crate::storage::digest::digest;
 
 const ALIGN: u64 = 8;
 
-pub fn write(tree: &Tree, chunks: &ChunkTable, blobs: &[BlobInfo], p: &ImageParams) -> Result<Vec<u8>> {
+pub fn write(
+    tree: &Tree,
+    chunks: &ChunkTable,
+    blobs: &[BlobInfo],
+    p: &ImageParams,
+) -> Result<Vec<u8>> {
     // Slots (1-based) breadth first: each directory's children get consecutive slots.
     let order = tree.bfs();
     let mut slot = vec![0u32; tree.nodes.len()];
     let mut parent = vec![ROOT; tree.nodes.len()];
     for (i, &(node, par)) in order.iter().enumerate() {
-        slot[node] = u32::try_from(i + 1).map_err(|_| Error::Invalid("more than 2^32 entries".into()))?;
+        slot[node] =
+            u32::try_from(i + 1).map_err(|_| Error::Invalid("more than 2^32 entries".into()))?;
         parent[node] = par;
     }
     // A hard link's inode number is the slot of its first name.
@@ -66,7 +74,15 @@ pub fn write(tree: &Tree, chunks: &ChunkTable, blobs: &[BlobInfo], p: &ImagePara
     let entries = order.len() as u64;
     let inode_table_off = SUPER_SIZE;
     let prefetch_off = inode_table_off + round_up(4 * entries, ALIGN);
-    let prefetch: Vec<u32> = if blobs.is_empty() { Vec::new() } else { p.prefetch.iter().map(|&n| ino[n]).filter(|&i| i != 0).collect() };
+    let prefetch: Vec<u32> = if blobs.is_empty() {
+        Vec::new()
+    } else {
+        p.prefetch
+            .iter()
+            .map(|&n| ino[n])
+            .filter(|&i| i != 0)
+            .collect()
+    };
     let blob_table_off = prefetch_off + round_up(4 * prefetch.len() as u64, ALIGN);
     let mut blob_table = Vec::new();
     for (i, blob) in blobs.iter().enumerate() {
@@ -82,7 +98,11 @@ pub fn write(tree: &Tree, chunks: &ChunkTable, blobs: &[BlobInfo], p: &ImagePara
     let records_off = ext_off + EXT_BLOB_ENTRY_SIZE * blobs.len() as u64;
 
     // Record sizes and offsets, depth-first pre-order.
-    let xattrs: Vec<Vec<u8>> = tree.nodes.iter().map(|n| xattr_area(&n.meta.xattrs)).collect();
+    let xattrs: Vec<Vec<u8>> = tree
+        .nodes
+        .iter()
+        .map(|n| xattr_area(&n.meta.xattrs))
+        .collect();
     let mut record_off = vec![0u64; tree.nodes.len()];
     let mut pos = records_off;
     let mut stack = vec![ROOT];
@@ -94,12 +114,20 @@ pub fn write(tree: &Tree, chunks: &ChunkTable, blobs: &[BlobInfo], p: &ImagePara
         stack.extend(tree.children(node).iter().rev());
     }
     let total = pos;
-    let mut out = vec![0u8; usize::try_from(total).map_err(|_| Error::Invalid("bootstrap too large".into()))?];
+    let mut out = vec![
+        0u8;
+        usize::try_from(total)
+            .map_err(|_| Error::Invalid("bootstrap too large".into()))?
+    ];
 
     let has_xattr = xattrs.iter().any(|x| !x.is_empty());
     let sflags = p.compressor.flag()
         | p.digester.flag()
-        | if p.explicit_uid_gid { flags::EXPLICIT_UID_GID } else { 0 }
+        | if p.explicit_uid_gid {
+            flags::EXPLICIT_UID_GID
+        } else {
+            0
+        }
         | if has_xattr { flags::HAS_XATTR } else { 0 };
     {
         let sb = &mut out[..SUPER_SIZE as usize];
@@ -123,14 +151,19 @@ pub fn write(tree: &Tree, chunks: &ChunkTable, blobs: &[BlobInfo], p: &ImagePara
         if off >> 3 > u32::MAX as u64 {
             return Err(Error::Invalid("v5 bootstrap over 32 GiB".into()));
         }
-        put32(&mut out, (inode_table_off + 4 * (slot[node] as u64 - 1)) as usize, (off >> 3) as u32);
+        put32(
+            &mut out,
+            (inode_table_off + 4 * (slot[node] as u64 - 1)) as usize,
+            (off >> 3) as u32,
+        );
     }
     for (i, &n) in prefetch.iter().enumerate() {
         put32(&mut out, prefetch_off as usize + 4 * i, n);
     }
     out[blob_table_off as usize..ext_off as usize].copy_from_slice(&blob_table);
     for (i, blob) in blobs.iter().enumerate() {
-        let e = &mut out[(ext_off + EXT_BLOB_ENTRY_SIZE * i as u64) as usize..][..EXT_BLOB_ENTRY_SIZE as usize];
+        let e = &mut out[(ext_off + EXT_BLOB_ENTRY_SIZE * i as u64) as usize..]
+            [..EXT_BLOB_ENTRY_SIZE as usize];
         put32(e, 0, blob.chunk_count);
         put32(e, 4, blob.features);
         put64(e, 8, blob.uncompressed_size);
@@ -141,12 +174,16 @@ pub fn write(tree: &Tree, chunks: &ChunkTable, blobs: &[BlobInfo], p: &ImagePara
         let n = &tree.nodes[node];
         let at = record_off[node] as usize;
         let name: &[u8] = if node == ROOT { b"/" } else { &n.name };
-        let (mut size, mut child_index, mut child_count, mut nlink, mut iflags) = (0u64, 0u32, 0u32, 1u32, 0u64);
+        let (mut size, mut child_index, mut child_count, mut nlink, mut iflags) =
+            (0u64, 0u32, 0u32, 1u32, 0u64);
         let mut symlink: &[u8] = &[];
         let mut file_chunks: &[u32] = &[];
         match &n.kind {
             Kind::Dir(children) => {
-                let names: u64 = children.iter().map(|&c| tree.nodes[c].name.len() as u64 + 8).sum();
+                let names: u64 = children
+                    .iter()
+                    .map(|&c| tree.nodes[c].name.len() as u64 + 8)
+                    .sum();
                 size = round_up(names, 4096).max(4096);
                 child_index = children.first().map(|&c| slot[c]).unwrap_or(0);
                 child_count = children.len() as u32;
@@ -168,14 +205,28 @@ pub fn write(tree: &Tree, chunks: &ChunkTable, blobs: &[BlobInfo], p: &ImagePara
         if !xattrs[node].is_empty() {
             iflags |= I_XATTR;
         }
-        let (uid, gid) = if p.explicit_uid_gid { (n.meta.uid, n.meta.gid) } else { (0, 0) };
+        let (uid, gid) = if p.explicit_uid_gid {
+            (n.meta.uid, n.meta.gid)
+        } else {
+            (0, 0)
+        };
         let rdev = match n.meta.file_type() {
-            libc::S_IFCHR | libc::S_IFBLK => libc::makedev(n.meta.rdev_major, n.meta.rdev_minor) as u32,
+            libc::S_IFCHR | libc::S_IFBLK => {
+                libc::makedev(n.meta.rdev_major, n.meta.rdev_minor) as u32
+            }
             _ => 0,
         };
         let r = &mut out[at..at + INODE_SIZE as usize];
         r[..32].copy_from_slice(&digests[node]);
-        put64(r, 32, if node == ROOT { 0 } else { ino[parent[node]] as u64 });
+        put64(
+            r,
+            32,
+            if node == ROOT {
+                0
+            } else {
+                ino[parent[node]] as u64
+            },
+        );
         put64(r, 40, ino[node] as u64);
         put32(r, 48, uid);
         put32(r, 52, gid);
@@ -216,7 +267,11 @@ fn record_size(tree: &Tree, node: NodeId, xattrs: &[u8]) -> u64 {
         Kind::File(f) => (0, tree.files[*f].chunks.len() as u64),
         _ => (0, 0),
     };
-    INODE_SIZE + round_up(name_len, ALIGN) + round_up(symlink, ALIGN) + xattrs.len() as u64 + CHUNK_SIZE * chunks
+    INODE_SIZE
+        + round_up(name_len, ALIGN)
+        + round_up(symlink, ALIGN)
+        + xattrs.len() as u64
+        + CHUNK_SIZE * chunks
 }
 
 /// `u64 total`, then `u32 pair size, name, NUL, value` pairs; the area is padded to 8 bytes.

@@ -12,9 +12,9 @@ use super::tree::{Kind, NodeId, Tree, ROOT};
 use crate::error::{Error, Result};
 use crate::format::bytes::round_up;
 use crate::format::v6::{
-    xattr_prefix, BLOB_ENTRY_SIZE, CHUNK_TABLE_ENTRY_SIZE, COMPAT_RAFS_V6, DEVICE_SLOT_SIZE, DIRENT_SIZE, EROFS_MAGIC,
-    EXT_SUPER_OFFSET, INCOMPAT_CHUNKED_FILE, INCOMPAT_DEVICE_TABLE, LAYOUT_CHUNK_BASED, LAYOUT_FLAT_INLINE,
-    LAYOUT_FLAT_PLAIN, SUPER_OFFSET,
+    xattr_prefix, BLOB_ENTRY_SIZE, CHUNK_TABLE_ENTRY_SIZE, COMPAT_RAFS_V6, DEVICE_SLOT_SIZE,
+    DIRENT_SIZE, EROFS_MAGIC, EXT_SUPER_OFFSET, INCOMPAT_CHUNKED_FILE, INCOMPAT_DEVICE_TABLE,
+    LAYOUT_CHUNK_BASED, LAYOUT_FLAT_INLINE, LAYOUT_FLAT_PLAIN, SUPER_OFFSET,
 };
 use crate::format::{blob_features as bf, flags, BlobInfo, Compressor, Digester};
 
@@ -64,9 +64,17 @@ impl Ino {
     }
 }
 
-pub fn write(tree: &Tree, chunks: &ChunkTable, blobs: &[BlobInfo], p: &ImageParams) -> Result<Vec<u8>> {
+pub fn write(
+    tree: &Tree,
+    chunks: &ChunkTable,
+    blobs: &[BlobInfo],
+    p: &ImageParams,
+) -> Result<Vec<u8>> {
     if blobs.len() > 255 {
-        return Err(Error::Invalid(format!("{} blobs: a v6 image can name at most 255", blobs.len())));
+        return Err(Error::Invalid(format!(
+            "{} blobs: a v6 image can name at most 255",
+            blobs.len()
+        )));
     }
     let (inodes, node_ino, parents) = collect(tree, p)?;
 
@@ -74,7 +82,11 @@ pub fn write(tree: &Tree, chunks: &ChunkTable, blobs: &[BlobInfo], p: &ImagePara
     let nblobs = blobs.len() as u64;
     let blob_table_off = round_up(DEVICE_TABLE_OFFSET + DEVICE_SLOT_SIZE * nblobs, BLOCK);
     let blob_table_size = BLOB_ENTRY_SIZE * nblobs;
-    let prefetch: Vec<NodeId> = if blobs.is_empty() { Vec::new() } else { p.prefetch.to_vec() };
+    let prefetch: Vec<NodeId> = if blobs.is_empty() {
+        Vec::new()
+    } else {
+        p.prefetch.to_vec()
+    };
     let prefetch_off = blob_table_off + blob_table_size;
     let prefetch_size = 4 * prefetch.len() as u64;
     let meta_base = round_up(prefetch_off + prefetch_size, BLOCK);
@@ -90,7 +102,11 @@ pub fn write(tree: &Tree, chunks: &ChunkTable, blobs: &[BlobInfo], p: &ImagePara
             pos = round_up(pos, BLOCK);
         }
         ino.offset = pos;
-        let total = if ino.index_bytes > 0 { round_up(core, 8) + ino.index_bytes } else { together };
+        let total = if ino.index_bytes > 0 {
+            round_up(core, 8) + ino.index_bytes
+        } else {
+            together
+        };
         pos += round_up(total, 32);
     }
     let mut cursor = round_up(meta_base + pos, BLOCK);
@@ -101,20 +117,38 @@ pub fn write(tree: &Tree, chunks: &ChunkTable, blobs: &[BlobInfo], p: &ImagePara
         }
     }
     let table = chunk_table(tree, &inodes, chunks);
-    let (chunk_table_off, chunk_table_size) =
-        if table.is_empty() { (0, 0) } else { (cursor, CHUNK_TABLE_ENTRY_SIZE * table.len() as u64) };
+    let (chunk_table_off, chunk_table_size) = if table.is_empty() {
+        (0, 0)
+    } else {
+        (cursor, CHUNK_TABLE_ENTRY_SIZE * table.len() as u64)
+    };
     let total = round_up(cursor + chunk_table_size, BLOCK);
-    let mut out = vec![0u8; usize::try_from(total).map_err(|_| Error::Invalid("bootstrap too large".into()))?];
+    let mut out = vec![
+        0u8;
+        usize::try_from(total)
+            .map_err(|_| Error::Invalid("bootstrap too large".into()))?
+    ];
 
     // Superblock (EROFS) and extended superblock (RAFS).
     let has_xattr = inodes.iter().any(|i| !i.xattrs.is_empty());
-    let all_digests = !blobs.is_empty() && blobs.iter().all(|b| b.features & bf::INLINED_CHUNK_DIGEST != 0);
+    let all_digests = !blobs.is_empty()
+        && blobs
+            .iter()
+            .all(|b| b.features & bf::INLINED_CHUNK_DIGEST != 0);
     let sflags = p.compressor.flag()
         | p.digester.flag()
         | flags::ENCRYPTION_NONE
-        | if p.explicit_uid_gid { flags::EXPLICIT_UID_GID } else { 0 }
+        | if p.explicit_uid_gid {
+            flags::EXPLICIT_UID_GID
+        } else {
+            0
+        }
         | if has_xattr { flags::HAS_XATTR } else { 0 }
-        | if all_digests { flags::INLINED_CHUNK_DIGEST } else { 0 };
+        | if all_digests {
+            flags::INLINED_CHUNK_DIGEST
+        } else {
+            0
+        };
     let root_nid = inodes[node_ino[ROOT]].nid();
     let total_blocks: u64 = blobs.iter().map(|b| b.uncompressed_size / BLOCK).sum();
     {
@@ -148,17 +182,22 @@ pub fn write(tree: &Tree, chunks: &ChunkTable, blobs: &[BlobInfo], p: &ImagePara
     let mut mapped_pos = total;
     for (i, blob) in blobs.iter().enumerate() {
         if blob.id.len() > 64 {
-            return Err(Error::Invalid(format!("blob id {:?} is longer than 64 bytes", blob.id)));
+            return Err(Error::Invalid(format!(
+                "blob id {:?} is longer than 64 bytes",
+                blob.id
+            )));
         }
         let blocks = blob.uncompressed_size / BLOCK;
         let mapped = round_up(mapped_pos, MAPPED_ALIGN) / BLOCK;
         mapped_pos = (mapped + blocks) * BLOCK;
-        let slot = &mut out[(DEVICE_TABLE_OFFSET + DEVICE_SLOT_SIZE * i as u64) as usize..][..DEVICE_SLOT_SIZE as usize];
+        let slot = &mut out[(DEVICE_TABLE_OFFSET + DEVICE_SLOT_SIZE * i as u64) as usize..]
+            [..DEVICE_SLOT_SIZE as usize];
         slot[..blob.id.len()].copy_from_slice(blob.id.as_bytes());
         put32(slot, 64, blocks as u32);
         put32(slot, 68, mapped as u32);
 
-        let e = &mut out[(blob_table_off + BLOB_ENTRY_SIZE * i as u64) as usize..][..BLOB_ENTRY_SIZE as usize];
+        let e = &mut out[(blob_table_off + BLOB_ENTRY_SIZE * i as u64) as usize..]
+            [..BLOB_ENTRY_SIZE as usize];
         e[..blob.id.len()].copy_from_slice(blob.id.as_bytes());
         put32(e, 64, i as u32);
         put32(e, 68, p.chunk_size);
@@ -179,7 +218,8 @@ pub fn write(tree: &Tree, chunks: &ChunkTable, blobs: &[BlobInfo], p: &ImagePara
     }
     for (i, &node) in prefetch.iter().enumerate() {
         let nid = inodes[node_ino[node]].nid();
-        let nid = u32::try_from(nid).map_err(|_| Error::Invalid(format!("prefetch nid {nid} does not fit 32 bits")))?;
+        let nid = u32::try_from(nid)
+            .map_err(|_| Error::Invalid(format!("prefetch nid {nid} does not fit 32 bits")))?;
         put32(&mut out[prefetch_off as usize..], 4 * i, nid);
     }
 
@@ -191,10 +231,16 @@ pub fn write(tree: &Tree, chunks: &ChunkTable, blobs: &[BlobInfo], p: &ImagePara
         let data: Vec<u8> = match &node.kind {
             Kind::Dir(children) => {
                 let parent = parents[ino.node];
-                let mut entries: Vec<(&[u8], u64, u8)> =
-                    vec![(b".", ino.nid(), 2), (b"..", inodes[node_ino[parent]].nid(), 2)];
+                let mut entries: Vec<(&[u8], u64, u8)> = vec![
+                    (b".", ino.nid(), 2),
+                    (b"..", inodes[node_ino[parent]].nid(), 2),
+                ];
                 for &c in children {
-                    entries.push((&tree.nodes[c].name, inodes[node_ino[c]].nid(), dirent_type(tree, c)));
+                    entries.push((
+                        &tree.nodes[c].name,
+                        inodes[node_ino[c]].nid(),
+                        dirent_type(tree, c),
+                    ));
                 }
                 entries.sort_by(|a, b| a.0.cmp(b.0));
                 pack_dir(&entries)
@@ -207,8 +253,16 @@ pub fn write(tree: &Tree, chunks: &ChunkTable, blobs: &[BlobInfo], p: &ImagePara
             Kind::File(_) => CHUNK_FORMAT_INDEXES | (chunk_bits - BLOCK_BITS),
             Kind::Special => encode_dev(node.meta.rdev_major, node.meta.rdev_minor),
         };
-        let (uid, gid) = if p.explicit_uid_gid { (node.meta.uid, node.meta.gid) } else { (0, 0) };
-        let icount = if ino.xattrs.is_empty() { 0 } else { (ino.xattrs.len() - 12) / 4 + 1 };
+        let (uid, gid) = if p.explicit_uid_gid {
+            (node.meta.uid, node.meta.gid)
+        } else {
+            (0, 0)
+        };
+        let icount = if ino.xattrs.is_empty() {
+            0
+        } else {
+            (ino.xattrs.len() - 12) / 4 + 1
+        };
         let core = &mut out[at..at + INODE_SIZE as usize];
         put16(core, 0, 1 | ino.layout << 1);
         put16(core, 2, icount as u16);
@@ -237,7 +291,8 @@ pub fn write(tree: &Tree, chunks: &ChunkTable, blobs: &[BlobInfo], p: &ImagePara
             let base = at + round_up(INODE_SIZE + ino.xattrs.len() as u64, 8) as usize;
             for (k, &c) in tree.files[f].chunks.iter().enumerate() {
                 let addr = chunk_addr(chunks.get(c))?;
-                out[base + k * CHUNK_ADDR_SIZE as usize..][..CHUNK_ADDR_SIZE as usize].copy_from_slice(&addr);
+                out[base + k * CHUNK_ADDR_SIZE as usize..][..CHUNK_ADDR_SIZE as usize]
+                    .copy_from_slice(&addr);
             }
         }
     }
@@ -291,8 +346,18 @@ fn collect(tree: &Tree, p: &ImageParams) -> Result<(Vec<Ino>, Vec<usize>, Vec<No
 fn new_ino(tree: &Tree, node: NodeId, names_of_file: &[u32], p: &ImageParams) -> Result<Ino> {
     let n = &tree.nodes[node];
     let xattrs = xattr_area(&n.meta.xattrs)?;
-    let mut ino =
-        Ino { node, layout: LAYOUT_FLAT_PLAIN, xattrs, size: 0, nlink: 1, inline_len: 0, blocks: 0, index_bytes: 0, offset: 0, blkaddr: 0 };
+    let mut ino = Ino {
+        node,
+        layout: LAYOUT_FLAT_PLAIN,
+        xattrs,
+        size: 0,
+        nlink: 1,
+        inline_len: 0,
+        blocks: 0,
+        index_bytes: 0,
+        offset: 0,
+        blkaddr: 0,
+    };
     let data_len = match &n.kind {
         Kind::Dir(children) => {
             ino.nlink = 2 + children.iter().filter(|&&c| tree.is_dir(c)).count() as u32;
@@ -356,7 +421,12 @@ pub fn chunk_record(c: &Chunk, file_offset: u64) -> [u8; 80] {
     let mut e = [0u8; 80];
     e[..32].copy_from_slice(&c.digest);
     put32(&mut e, 32, c.blob_index);
-    let flags = if c.compressed { CHUNK_COMPRESSED } else { 0 } | if c.crc32.is_some() { CHUNK_HAS_CRC32 } else { 0 };
+    let flags = if c.compressed { CHUNK_COMPRESSED } else { 0 }
+        | if c.crc32.is_some() {
+            CHUNK_HAS_CRC32
+        } else {
+            0
+        };
     put32(&mut e, 36, flags);
     put32(&mut e, 40, c.compressed_size);
     put32(&mut e, 44, c.uncompressed_size);
@@ -379,13 +449,21 @@ fn chunk_addr(c: &Chunk) -> Result<[u8; 8]> {
     }
     let mut e = [0u8; 8];
     put16(&mut e, 0, (c.index & 0xffff) as u16);
-    put16(&mut e, 2, ((c.blob_index + 1) | (c.index >> 16) << 8) as u16);
+    put16(
+        &mut e,
+        2,
+        ((c.blob_index + 1) | (c.index >> 16) << 8) as u16,
+    );
     put32(&mut e, 4, block_addr(c.uncompressed_offset)?);
     Ok(e)
 }
 
 fn block_addr(offset: u64) -> Result<u32> {
-    u32::try_from(offset / BLOCK).map_err(|_| Error::Invalid(format!("offset {offset} is past the 16 TiB a block address reaches")))
+    u32::try_from(offset / BLOCK).map_err(|_| {
+        Error::Invalid(format!(
+            "offset {offset} is past the 16 TiB a block address reaches"
+        ))
+    })
 }
 
 fn dirent_type(tree: &Tree, node: NodeId) -> u8 {
@@ -435,7 +513,14 @@ fn pack_dir(entries: &[(&[u8], u64, u8)]) -> Vec<u8> {
     let mut out = Vec::with_capacity(blocks.len() * BLOCK as usize);
     let mut next = 0;
     for (i, &(count, used)) in blocks.iter().enumerate() {
-        let mut block = vec![0u8; if i + 1 == blocks.len() { used as usize } else { BLOCK as usize }];
+        let mut block = vec![
+            0u8;
+            if i + 1 == blocks.len() {
+                used as usize
+            } else {
+                BLOCK as usize
+            }
+        ];
         let mut name_off = count * DIRENT_SIZE;
         for (k, (name, nid, t)) in entries[next..next + count].iter().enumerate() {
             let d = &mut block[k * DIRENT_SIZE..(k + 1) * DIRENT_SIZE];
@@ -459,7 +544,8 @@ fn xattr_area(xattrs: &[(Vec<u8>, Vec<u8>)]) -> Result<Vec<u8>> {
     let mut area = vec![0u8; 12];
     for (name, value) in xattrs {
         let (index, suffix) = split_xattr_name(name)?;
-        let value_len = u16::try_from(value.len()).map_err(|_| Error::Invalid("xattr value over 65535 bytes".into()))?;
+        let value_len = u16::try_from(value.len())
+            .map_err(|_| Error::Invalid("xattr value over 65535 bytes".into()))?;
         area.push(suffix.len() as u8);
         area.push(index);
         area.extend_from_slice(&value_len.to_le_bytes());
@@ -468,7 +554,10 @@ fn xattr_area(xattrs: &[(Vec<u8>, Vec<u8>)]) -> Result<Vec<u8>> {
         area.resize(round_up(area.len() as u64, 4) as usize, 0);
     }
     if area.len() > 12 + 4 * 65534 {
-        return Err(Error::Invalid(format!("{} bytes of xattrs on one inode (v6 holds at most 256 KiB)", area.len())));
+        return Err(Error::Invalid(format!(
+            "{} bytes of xattrs on one inode (v6 holds at most 256 KiB)",
+            area.len()
+        )));
     }
     Ok(area)
 }
@@ -488,7 +577,10 @@ fn split_xattr_name(name: &[u8]) -> Result<(u8, &[u8])> {
             }
         }
     }
-    Err(Error::Invalid(format!("xattr {:?} cannot be stored in RAFS", String::from_utf8_lossy(name))))
+    Err(Error::Invalid(format!(
+        "xattr {:?} cannot be stored in RAFS",
+        String::from_utf8_lossy(name)
+    )))
 }
 
 /// The kernel's new_encode_dev layout.
@@ -531,9 +623,18 @@ mod tests {
     #[test]
     fn xattr_names_map_to_erofs_indexes() {
         assert_eq!(split_xattr_name(b"user.foo").unwrap(), (1, &b"foo"[..]));
-        assert_eq!(split_xattr_name(b"trusted.overlay.opaque").unwrap(), (4, &b"overlay.opaque"[..]));
-        assert_eq!(split_xattr_name(b"security.capability").unwrap(), (6, &b"capability"[..]));
-        assert_eq!(split_xattr_name(b"system.posix_acl_access").unwrap(), (2, &b""[..]));
+        assert_eq!(
+            split_xattr_name(b"trusted.overlay.opaque").unwrap(),
+            (4, &b"overlay.opaque"[..])
+        );
+        assert_eq!(
+            split_xattr_name(b"security.capability").unwrap(),
+            (6, &b"capability"[..])
+        );
+        assert_eq!(
+            split_xattr_name(b"system.posix_acl_access").unwrap(),
+            (2, &b""[..])
+        );
         assert!(split_xattr_name(b"system.other").is_err());
         assert!(split_xattr_name(b"user.").is_err());
     }

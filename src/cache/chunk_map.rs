@@ -33,21 +33,36 @@ impl ChunkMap {
             .truncate(false)
             .open(path)
             .map_err(|e| Error::io(format!("open chunk map {}", path.display()), e))?;
-        let len = file.metadata().map_err(|e| Error::io(format!("stat {}", path.display()), e))?.len();
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io(format!("stat {}", path.display()), e))?
+            .len();
         let mut reset = len != size;
         if reset {
             if len != 0 {
-                log::warn!("chunk map {} has size {len}, expected {size}: starting it afresh", path.display());
+                log::warn!(
+                    "chunk map {} has size {len}, expected {size}: starting it afresh",
+                    path.display()
+                );
             }
-            file.set_len(0).and_then(|_| file.set_len(size)).map_err(|e| Error::io(format!("size {}", path.display()), e))?;
+            file.set_len(0)
+                .and_then(|_| file.set_len(size))
+                .map_err(|e| Error::io(format!("size {}", path.display()), e))?;
         }
         // SAFETY: the file is ours (under the cache work_dir) and stays at this size while mapped; bits are
         // only touched through atomics.
-        let mut map = unsafe { memmap2::MmapMut::map_mut(&file) }.map_err(|e| Error::io(format!("mmap {}", path.display()), e))?;
+        let mut map = unsafe { memmap2::MmapMut::map_mut(&file) }
+            .map_err(|e| Error::io(format!("mmap {}", path.display()), e))?;
         let header = |m: &[u8], at: usize| u32::from_le_bytes(m[at..at + 4].try_into().unwrap());
         let zero_header = map[..16].iter().all(|&b| b == 0);
-        if !reset && !zero_header && (header(&map, 0) != MAGIC || header(&map, 8) != MAGIC2 || header(&map, 4) != VERSION) {
-            log::warn!("chunk map {} has a foreign header: starting it afresh", path.display());
+        if !reset
+            && !zero_header
+            && (header(&map, 0) != MAGIC || header(&map, 8) != MAGIC2 || header(&map, 4) != VERSION)
+        {
+            log::warn!(
+                "chunk map {} has a foreign header: starting it afresh",
+                path.display()
+            );
             map[HEADER_SIZE..].fill(0);
             reset = true;
         }
@@ -76,13 +91,15 @@ impl ChunkMap {
 
     pub fn set_ready(&self, index: u32) {
         if index < self.count {
-            self.byte(index).fetch_or(0x80 >> (index % 8), Ordering::Release);
+            self.byte(index)
+                .fetch_or(0x80 >> (index % 8), Ordering::Release);
         }
     }
 
     pub fn clear(&self, index: u32) {
         if index < self.count {
-            self.byte(index).fetch_and(!(0x80 >> (index % 8)), Ordering::Release);
+            self.byte(index)
+                .fetch_and(!(0x80 >> (index % 8)), Ordering::Release);
         }
     }
 
@@ -96,7 +113,8 @@ impl ChunkMap {
             let slot = &self.map[12];
             // SAFETY: as in `byte`; the u32 is written one byte at a time, each atomically.
             for (i, b) in ALL_READY.to_le_bytes().iter().enumerate() {
-                unsafe { &*((slot as *const u8).add(i) as *const AtomicU8) }.store(*b, Ordering::Release);
+                unsafe { &*((slot as *const u8).add(i) as *const AtomicU8) }
+                    .store(*b, Ordering::Release);
             }
         }
     }

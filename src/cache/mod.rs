@@ -57,13 +57,17 @@ pub struct BlobCache {
 impl BlobCache {
     /// Open (or create) the cache files of `blobs` under `work_dir`.
     pub fn open(work_dir: &Path, blobs: &[BlobInfo]) -> Result<Self> {
-        std::fs::create_dir_all(work_dir).map_err(|e| Error::io(format!("create cache dir {}", work_dir.display()), e))?;
+        std::fs::create_dir_all(work_dir)
+            .map_err(|e| Error::io(format!("create cache dir {}", work_dir.display()), e))?;
         let mut slots = Vec::with_capacity(blobs.len());
         for blob in blobs {
             match open_blob(work_dir, blob) {
                 Ok(b) => slots.push(Some(b)),
                 Err(e) => {
-                    log::warn!("blob cache: cannot cache blob {} ({e}); reading it from the backend", blob.id);
+                    log::warn!(
+                        "blob cache: cannot cache blob {} ({e}); reading it from the backend",
+                        blob.id
+                    );
                     slots.push(None);
                 }
             }
@@ -84,7 +88,11 @@ impl BlobCache {
 
     /// The cache data files, for metrics (`underlying_files`).
     pub fn files(&self) -> Vec<String> {
-        self.blobs.iter().flatten().map(|b| format!("{}.blob.data", b.id)).collect()
+        self.blobs
+            .iter()
+            .flatten()
+            .map(|b| format!("{}.blob.data", b.id))
+            .collect()
     }
 
     pub fn is_degraded(&self) -> bool {
@@ -96,41 +104,62 @@ impl BlobCache {
     }
 
     pub fn is_ready(&self, chunk: &ChunkInfo) -> bool {
-        self.blob(chunk.blob_index).is_some_and(|b| b.map.is_ready(chunk.index))
+        self.blob(chunk.blob_index)
+            .is_some_and(|b| b.map.is_ready(chunk.index))
     }
 
     /// (ready, total) chunks over all cached blobs.
     pub fn ready_counts(&self) -> (u64, u64) {
-        self.blobs.iter().flatten().fold((0, 0), |(r, t), b| (r + b.map.ready_count() as u64, t + b.map.count() as u64))
+        self.blobs.iter().flatten().fold((0, 0), |(r, t), b| {
+            (r + b.map.ready_count() as u64, t + b.map.count() as u64)
+        })
     }
 
     /// The data file and offset of a ready chunk, for zero-copy reads.
     pub fn ready_location(&self, chunk: &ChunkInfo) -> Option<(Arc<File>, u64)> {
         let b = self.blob(chunk.blob_index)?;
-        b.map.is_ready(chunk.index).then(|| (b.data.clone(), chunk.uncompressed_offset))
+        b.map
+            .is_ready(chunk.index)
+            .then(|| (b.data.clone(), chunk.uncompressed_offset))
     }
 
     /// The bytes of a ready chunk, or `None` when it is not cached.
     pub fn read(&self, chunk: &ChunkInfo) -> Result<Option<Vec<u8>>> {
-        let Some(b) = self.blob(chunk.blob_index) else { return Ok(None) };
+        let Some(b) = self.blob(chunk.blob_index) else {
+            return Ok(None);
+        };
         if !b.map.is_ready(chunk.index) {
             return Ok(None);
         }
         let mut buf = vec![0u8; chunk.uncompressed_size as usize];
         b.data
             .read_exact_at(&mut buf, chunk.uncompressed_offset)
-            .map_err(|e| Error::io(format!("read cache file of blob {} at {}", b.id, chunk.uncompressed_offset), e))?;
+            .map_err(|e| {
+                Error::io(
+                    format!(
+                        "read cache file of blob {} at {}",
+                        b.id, chunk.uncompressed_offset
+                    ),
+                    e,
+                )
+            })?;
         Ok(Some(buf))
     }
 
     /// Keep a verified chunk. Best effort: a failed write turns the cache off with one warning.
     pub fn store(&self, chunk: &ChunkInfo, data: &[u8]) {
-        let Some(b) = self.blob(chunk.blob_index) else { return };
+        let Some(b) = self.blob(chunk.blob_index) else {
+            return;
+        };
         if self.is_degraded() || b.map.is_ready(chunk.index) {
             return;
         }
         if chunk.uncompressed_offset + data.len() as u64 > b.size {
-            log::warn!("blob cache: chunk {} of blob {} lies past the blob's uncompressed size", chunk.index, b.id);
+            log::warn!(
+                "blob cache: chunk {} of blob {} lies past the blob's uncompressed size",
+                chunk.index,
+                b.id
+            );
             return;
         }
         // Data first, bit second: the bit is the commit point.
@@ -159,15 +188,24 @@ impl BlobCache {
         let key = (chunk.blob_index, chunk.index);
         let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
         while inflight.contains(&key) {
-            inflight = self.inflight_done.wait(inflight).unwrap_or_else(|e| e.into_inner());
+            inflight = self
+                .inflight_done
+                .wait(inflight)
+                .unwrap_or_else(|e| e.into_inner());
         }
         inflight.insert(key);
-        Claim { cache: self.clone(), keys: vec![key] }
+        Claim {
+            cache: self.clone(),
+            keys: vec![key],
+        }
     }
 
     /// An empty claim, to be grown with [`BlobCache::try_claim_more`].
     pub fn claim_none(self: &Arc<Self>) -> Claim {
-        Claim { cache: self.clone(), keys: Vec::new() }
+        Claim {
+            cache: self.clone(),
+            keys: Vec::new(),
+        }
     }
 
     /// Claim `chunk` too if nobody is fetching it and it is not cached yet; false otherwise.
@@ -199,7 +237,11 @@ pub struct Claim {
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        let mut inflight = self.cache.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inflight = self
+            .cache
+            .inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         for k in &self.keys {
             inflight.remove(k);
         }
@@ -209,7 +251,9 @@ impl Drop for Claim {
 
 fn open_blob(work_dir: &Path, blob: &BlobInfo) -> Result<CachedBlob> {
     if blob.chunk_count == 0 || blob.uncompressed_size == 0 {
-        return Err(Error::Invalid("blob table gives no chunk count or uncompressed size".into()));
+        return Err(Error::Invalid(
+            "blob table gives no chunk count or uncompressed size".into(),
+        ));
     }
     let path = work_dir.join(format!("{}.blob.data", blob.id));
     let data = OpenOptions::new()
@@ -219,14 +263,26 @@ fn open_blob(work_dir: &Path, blob: &BlobInfo) -> Result<CachedBlob> {
         .truncate(false)
         .open(&path)
         .map_err(|e| Error::io(format!("open {}", path.display()), e))?;
-    let len = data.metadata().map_err(|e| Error::io(format!("stat {}", path.display()), e))?.len();
-    let map = ChunkMap::open(&work_dir.join(format!("{}.blob.data.chunk_map", blob.id)), blob.chunk_count)?;
+    let len = data
+        .metadata()
+        .map_err(|e| Error::io(format!("stat {}", path.display()), e))?
+        .len();
+    let map = ChunkMap::open(
+        &work_dir.join(format!("{}.blob.data.chunk_map", blob.id)),
+        blob.chunk_count,
+    )?;
     if len != blob.uncompressed_size {
         // A data file of another size cannot hold what the bitmap claims.
         for i in 0..blob.chunk_count {
             map.clear(i);
         }
-        data.set_len(blob.uncompressed_size).map_err(|e| Error::io(format!("size {}", path.display()), e))?;
+        data.set_len(blob.uncompressed_size)
+            .map_err(|e| Error::io(format!("size {}", path.display()), e))?;
     }
-    Ok(CachedBlob { id: blob.id.clone(), data: Arc::new(data), map, size: blob.uncompressed_size })
+    Ok(CachedBlob {
+        id: blob.id.clone(),
+        data: Arc::new(data),
+        map,
+        size: blob.uncompressed_size,
+    })
 }

@@ -27,29 +27,45 @@ pub struct Prefetcher {
 
 impl Prefetcher {
     /// Plan and run the prefetch on `cfg.threads` workers. Returns at once; planning happens on a worker.
-    pub fn start(image: Arc<RafsImage>, cfg: &PrefetchConfig, target: PrefetchTarget) -> Prefetcher {
+    pub fn start(
+        image: Arc<RafsImage>,
+        cfg: &PrefetchConfig,
+        target: PrefetchTarget,
+    ) -> Prefetcher {
         let stop = Arc::new(AtomicBool::new(false));
         let queue: Arc<Mutex<Option<VecDeque<Vec<ChunkInfo>>>>> = Arc::new(Mutex::new(None));
         let limiter = Arc::new(Bandwidth::new(cfg.bandwidth_limit));
         let merge = cfg.merging_size.max(128 << 10);
         let mut threads = Vec::new();
         for worker in 0..cfg.threads.max(1) {
-            let (image, stop, queue, limiter, target) = (image.clone(), stop.clone(), queue.clone(), limiter.clone(), target.clone());
-            let spawned = std::thread::Builder::new().name(format!("prefetch-{worker}")).spawn(move || {
-                if worker == 0 {
-                    let started = Instant::now();
-                    let runs = match plan(&image, &target, merge) {
-                        Ok(r) => r,
-                        Err(e) => {
-                            log::warn!("prefetch: cannot plan ({e}); skipping prefetch");
-                            VecDeque::new()
-                        }
-                    };
-                    log::info!("prefetch: {} merged requests planned in {:?}", runs.len(), started.elapsed());
-                    *queue.lock().unwrap_or_else(|e| e.into_inner()) = Some(runs);
-                }
-                run_worker(&image, &stop, &queue, &limiter);
-            });
+            let (image, stop, queue, limiter, target) = (
+                image.clone(),
+                stop.clone(),
+                queue.clone(),
+                limiter.clone(),
+                target.clone(),
+            );
+            let spawned = std::thread::Builder::new()
+                .name(format!("prefetch-{worker}"))
+                .spawn(move || {
+                    if worker == 0 {
+                        let started = Instant::now();
+                        let runs = match plan(&image, &target, merge) {
+                            Ok(r) => r,
+                            Err(e) => {
+                                log::warn!("prefetch: cannot plan ({e}); skipping prefetch");
+                                VecDeque::new()
+                            }
+                        };
+                        log::info!(
+                            "prefetch: {} merged requests planned in {:?}",
+                            runs.len(),
+                            started.elapsed()
+                        );
+                        *queue.lock().unwrap_or_else(|e| e.into_inner()) = Some(runs);
+                    }
+                    run_worker(&image, &stop, &queue, &limiter);
+                });
             match spawned {
                 Ok(t) => threads.push(t),
                 Err(e) => log::warn!("prefetch: cannot start worker {worker}: {e}"),
@@ -75,7 +91,12 @@ impl Drop for Prefetcher {
     }
 }
 
-fn run_worker(image: &RafsImage, stop: &AtomicBool, queue: &Mutex<Option<VecDeque<Vec<ChunkInfo>>>>, limiter: &Bandwidth) {
+fn run_worker(
+    image: &RafsImage,
+    stop: &AtomicBool,
+    queue: &Mutex<Option<VecDeque<Vec<ChunkInfo>>>>,
+    limiter: &Bandwidth,
+) {
     let metrics = image.cache().map(|c| &c.metrics);
     loop {
         if stop.load(Ordering::Relaxed) {
@@ -115,7 +136,11 @@ fn run_worker(image: &RafsImage, stop: &AtomicBool, queue: &Mutex<Option<VecDequ
 
 /// The chunks to prefetch, deduplicated, sorted by blob and compressed offset, merged into runs of
 /// contiguous compressed bytes of at most `merge` bytes.
-fn plan(image: &RafsImage, target: &PrefetchTarget, merge: u64) -> Result<VecDeque<Vec<ChunkInfo>>> {
+fn plan(
+    image: &RafsImage,
+    target: &PrefetchTarget,
+    merge: u64,
+) -> Result<VecDeque<Vec<ChunkInfo>>> {
     let mut files = HashSet::new();
     match target {
         PrefetchTarget::All => image.walk(&mut |_, attr, ev| {
@@ -188,7 +213,10 @@ struct Bandwidth {
 
 impl Bandwidth {
     fn new(limit: u64) -> Self {
-        Bandwidth { limit, state: Mutex::new((limit.max(16 << 20) as f64, Instant::now())) }
+        Bandwidth {
+            limit,
+            state: Mutex::new((limit.max(16 << 20) as f64, Instant::now())),
+        }
     }
 
     fn take(&self, bytes: u64, stop: &AtomicBool) {
@@ -200,7 +228,8 @@ impl Bandwidth {
             let wait = {
                 let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
                 let now = Instant::now();
-                s.0 = (s.0 + now.duration_since(s.1).as_secs_f64() * self.limit as f64).min(capacity);
+                s.0 =
+                    (s.0 + now.duration_since(s.1).as_secs_f64() * self.limit as f64).min(capacity);
                 s.1 = now;
                 if s.0 >= bytes as f64 {
                     s.0 -= bytes as f64;

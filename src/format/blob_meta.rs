@@ -44,7 +44,9 @@ impl ChunkInfoArray {
             && header.u64_at(24) == ci.compressed_size
             && header.u64_at(32) == ci.uncompressed_size;
         if !fields_match {
-            return Err(corrupt!("blob {id}: blob meta header disagrees with the bootstrap's blob table"));
+            return Err(corrupt!(
+                "blob {id}: blob meta header disagrees with the bootstrap's blob table"
+            ));
         }
         Ok(())
     }
@@ -58,7 +60,9 @@ impl ChunkInfoArray {
         let v2 = blob.features & bf::CHUNK_INFO_V2 != 0;
         let entry_size = if v2 { CI_V2_SIZE } else { CI_V1_SIZE };
         let count = blob.chunk_count as u64;
-        if ci.uncompressed_size < entry_size * count || ci.uncompressed_size > MAX_CI_BYTES_PER_CHUNK * count.max(1) {
+        if ci.uncompressed_size < entry_size * count
+            || ci.uncompressed_size > MAX_CI_BYTES_PER_CHUNK * count.max(1)
+        {
             return Err(corrupt!(
                 "blob {id}: chunk-info array of {} bytes does not fit {count} chunks",
                 ci.uncompressed_size
@@ -68,14 +72,24 @@ impl ChunkInfoArray {
         let buf = if ci.compressed_size == ci.uncompressed_size {
             stored.to_vec()
         } else {
-            crate::storage::compress::decompress(ci.compressor, stored, ci.uncompressed_size as usize)
-                .map_err(|e| corrupt!("blob {id}: chunk-info array: {e}"))?
+            crate::storage::compress::decompress(
+                ci.compressor,
+                stored,
+                ci.uncompressed_size as usize,
+            )
+            .map_err(|e| corrupt!("blob {id}: chunk-info array: {e}"))?
         };
         let mut batches = Vec::new();
         if blob.features & bf::BATCH != 0 {
-            let (off, size, n) = (header.u64_at(40), header.u64_at(48), header.u32_at(56) as u64);
+            let (off, size, n) = (
+                header.u64_at(40),
+                header.u64_at(48),
+                header.u32_at(56) as u64,
+            );
             if off != entry_size * count || size != n * BATCH_CONTEXT_SIZE {
-                return Err(corrupt!("blob {id}: batch table at {off} size {size} for {n} batches"));
+                return Err(corrupt!(
+                    "blob {id}: batch table at {off} size {size} for {n} batches"
+                ));
             }
             let table = slice(&buf, off, size, "batch table")?;
             for k in 0..n as usize {
@@ -83,7 +97,13 @@ impl ChunkInfoArray {
                 batches.push((c.u32_at(0), c.u32_at(4)));
             }
         }
-        Ok(ChunkInfoArray { blob_index: blob.index, buf, v2, count: blob.chunk_count, batches })
+        Ok(ChunkInfoArray {
+            blob_index: blob.index,
+            buf,
+            v2,
+            count: blob.chunk_count,
+            batches,
+        })
     }
 
     pub fn len(&self) -> u32 {
@@ -97,14 +117,20 @@ impl ChunkInfoArray {
     /// Chunk `index` of this blob (digest and CRC are filled in by the caller from the chunk table).
     pub fn get(&self, index: u32) -> Result<ChunkInfo> {
         if index >= self.count {
-            return Err(corrupt!("chunk index {index} past the {} chunks of blob {}", self.count, self.blob_index));
+            return Err(corrupt!(
+                "chunk index {index} past the {} chunks of blob {}",
+                self.count,
+                self.blob_index
+            ));
         }
         let mut info = if self.v2 {
             let e = &self.buf[index as usize * 24..index as usize * 24 + 24];
             let (u, c, data) = (e.u64_at(0), e.u64_at(8), e.u64_at(16));
             let flags = u >> 56;
             if flags & (CI_ZRAN | CI_ENCRYPTED) != 0 {
-                return Err(Error::Unsupported(format!("chunk {index}: zran or encrypted chunk")));
+                return Err(Error::Unsupported(format!(
+                    "chunk {index}: zran or encrypted chunk"
+                )));
             }
             let batch = (flags & CI_BATCH != 0).then_some(((data >> 32) as u32, data as u32));
             ChunkInfo {

@@ -78,7 +78,11 @@ impl Compressor {
             flags::COMPRESSION_NONE => Compressor::None,
             flags::COMPRESSION_GZIP => Compressor::Gzip,
             flags::COMPRESSION_ZSTD => Compressor::Zstd,
-            _ => return Err(corrupt!("superblock flags {f:#x} name more than one compressor")),
+            _ => {
+                return Err(corrupt!(
+                    "superblock flags {f:#x} name more than one compressor"
+                ))
+            }
         })
     }
 
@@ -133,7 +137,9 @@ impl Digester {
         match f & (flags::HASH_BLAKE3 | flags::HASH_SHA256) {
             0 | flags::HASH_BLAKE3 => Ok(Digester::Blake3),
             flags::HASH_SHA256 => Ok(Digester::Sha256),
-            _ => Err(corrupt!("superblock flags {f:#x} name two digest algorithms")),
+            _ => Err(corrupt!(
+                "superblock flags {f:#x} name two digest algorithms"
+            )),
         }
     }
 
@@ -288,7 +294,11 @@ pub struct ChunkInfo {
 pub enum ChunkAddr {
     Full(ChunkInfo),
     /// v6: chunk `ci_index` of blob `blob_index`, whose uncompressed data starts at block `blk_addr`.
-    Indexed { blob_index: u32, ci_index: u32, blk_addr: u32 },
+    Indexed {
+        blob_index: u32,
+        ci_index: u32,
+        blk_addr: u32,
+    },
 }
 
 /// Read access to one bootstrap's metadata. Implemented by the v5 and v6 parsers over an mmap: nothing is
@@ -308,7 +318,12 @@ pub trait MetaReader: Send + Sync {
     fn readlink(&self, inode: &InodeAttr) -> Result<Vec<u8>>;
     fn xattrs(&self, inode: &InodeAttr) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
     /// The chunks of a regular file overlapping `[offset, offset + len)`, each with its file offset.
-    fn file_chunks(&self, inode: &InodeAttr, offset: u64, len: u64) -> Result<Vec<(u64, ChunkAddr)>>;
+    fn file_chunks(
+        &self,
+        inode: &InodeAttr,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<(u64, ChunkAddr)>>;
     /// The bootstrap's own record of a blob chunk (v6 chunk table): digest, sizes and CRC used to verify
     /// data located through the blob's chunk-info array. v5 records carry these inline, so v5 has none.
     /// The largest inode number the image can name.
@@ -346,7 +361,9 @@ pub fn check_blob_id(id: &str) -> Result<()> {
     let ok = !id.is_empty()
         && id.len() <= 255
         && !id.starts_with('.')
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
     if ok {
         Ok(())
     } else {

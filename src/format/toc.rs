@@ -19,13 +19,29 @@ pub struct TarHeader {
 /// Parse a 512-byte tar header, checking its checksum so random bytes are not taken for one.
 pub fn parse_tar_header(h: &[u8]) -> Result<TarHeader> {
     let h = slice(h, 0, TAR_HEADER_SIZE, "tar header")?;
-    let stored = parse_octal(&h[148..156]).ok_or_else(|| corrupt!("tar header: unreadable checksum"))?;
-    let sum: u64 = h.iter().enumerate().map(|(i, &b)| if (148..156).contains(&i) { 32 } else { b as u64 }).sum();
+    let stored =
+        parse_octal(&h[148..156]).ok_or_else(|| corrupt!("tar header: unreadable checksum"))?;
+    let sum: u64 = h
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| {
+            if (148..156).contains(&i) {
+                32
+            } else {
+                b as u64
+            }
+        })
+        .sum();
     if stored != sum {
-        return Err(corrupt!("tar header: checksum {stored} does not match {sum}"));
+        return Err(corrupt!(
+            "tar header: checksum {stored} does not match {sum}"
+        ));
     }
     let size = parse_octal(&h[124..136]).ok_or_else(|| corrupt!("tar header: unreadable size"))?;
-    Ok(TarHeader { name: padded_str(&h[..100]).to_vec(), size })
+    Ok(TarHeader {
+        name: padded_str(&h[..100]).to_vec(),
+        size,
+    })
 }
 
 fn parse_octal(field: &[u8]) -> Option<u64> {
@@ -54,7 +70,10 @@ pub const TOC_COMPRESS_LZ4: u32 = 0x4;
 
 pub fn parse_toc(entries: &[u8]) -> Result<Vec<TocEntry>> {
     if !(entries.len() as u64).is_multiple_of(TOC_ENTRY_SIZE) {
-        return Err(corrupt!("blob ToC of {} bytes is not a whole number of entries", entries.len()));
+        return Err(corrupt!(
+            "blob ToC of {} bytes is not a whole number of entries",
+            entries.len()
+        ));
     }
     Ok(entries
         .chunks_exact(TOC_ENTRY_SIZE as usize)

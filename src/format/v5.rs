@@ -7,8 +7,8 @@
 
 use super::bytes::{round_up, slice, Le};
 use super::{
-    blob_features as bf, check_blob_id, check_name, flags, BlobInfo, ChunkAddr, ChunkInfo, Compressor, DirEntry,
-    Digester, InodeAttr, MetaBytes, MetaReader, SuperInfo,
+    blob_features as bf, check_blob_id, check_name, flags, BlobInfo, ChunkAddr, ChunkInfo,
+    Compressor, Digester, DirEntry, InodeAttr, MetaBytes, MetaReader, SuperInfo,
 };
 use crate::corrupt;
 use crate::error::{Error, Result};
@@ -30,7 +30,9 @@ const CHUNK_BATCH: u32 = 0x8;
 pub const CHUNK_HAS_CRC32: u32 = 0x10;
 
 pub fn detect(data: &[u8]) -> bool {
-    slice(data, 0, 8, "").map(|b| b.u32_at(0) == RAFS_V5_MAGIC).unwrap_or(false)
+    slice(data, 0, 8, "")
+        .map(|b| b.u32_at(0) == RAFS_V5_MAGIC)
+        .unwrap_or(false)
 }
 
 /// Decode an 80-byte `RafsV5ChunkInfo` (v5 chunk records and the v6 chunk table share it).
@@ -68,25 +70,39 @@ pub struct V5Meta {
 
 impl V5Meta {
     pub fn parse(data: MetaBytes) -> Result<Self> {
-        let sb = slice(&data, 0, SUPER_SIZE, "RAFS v5 superblock")
-            .map_err(|_| corrupt!("v5 bootstrap is {} bytes, shorter than its 8 KiB superblock", data.len()))?;
+        let sb = slice(&data, 0, SUPER_SIZE, "RAFS v5 superblock").map_err(|_| {
+            corrupt!(
+                "v5 bootstrap is {} bytes, shorter than its 8 KiB superblock",
+                data.len()
+            )
+        })?;
         if sb.u32_at(0) != RAFS_V5_MAGIC {
             return Err(corrupt!("bad RAFS v5 magic {:#x}", sb.u32_at(0)));
         }
         let version = sb.u32_at(4);
         if version != 0x500 && version != 0x400 {
-            return Err(Error::Unsupported(format!("RAFS v5 superblock version {version:#x}")));
+            return Err(Error::Unsupported(format!(
+                "RAFS v5 superblock version {version:#x}"
+            )));
         }
         if sb.u32_at(8) as u64 != SUPER_SIZE {
-            return Err(corrupt!("v5 superblock size {} (expected 8192)", sb.u32_at(8)));
+            return Err(corrupt!(
+                "v5 superblock size {} (expected 8192)",
+                sb.u32_at(8)
+            ));
         }
         let chunk_size = sb.u32_at(12);
         if !chunk_size.is_power_of_two() || !(0x1000..=0x100_0000).contains(&chunk_size) {
-            return Err(corrupt!("chunk size {chunk_size:#x} is not a power of two in 4 KiB..16 MiB"));
+            return Err(corrupt!(
+                "chunk size {chunk_size:#x} is not a power of two in 4 KiB..16 MiB"
+            ));
         }
         let sflags = sb.u64_at(16);
         if sflags & !flags::KNOWN != 0 {
-            return Err(corrupt!("unknown superblock flags {:#x}", sflags & !flags::KNOWN));
+            return Err(corrupt!(
+                "unknown superblock flags {:#x}",
+                sflags & !flags::KNOWN
+            ));
         }
         let inode_count = sb.u64_at(24);
         let inode_table_off = sb.u64_at(32);
@@ -98,7 +114,12 @@ impl V5Meta {
         let ext_entries = sb.u32_at(68) as u64;
         let ext_off = sb.u64_at(72);
 
-        slice(&data, inode_table_off, inode_entries as u64 * 4, "inode table")?;
+        slice(
+            &data,
+            inode_table_off,
+            inode_entries as u64 * 4,
+            "inode table",
+        )?;
         if inode_entries == 0 {
             return Err(corrupt!("inode table is empty"));
         }
@@ -106,7 +127,12 @@ impl V5Meta {
         let digester = Digester::from_flags(sflags)?;
 
         let table = slice(&data, blob_table_off, blob_table_size, "blob table")?;
-        let ext = slice(&data, ext_off, ext_entries * EXT_BLOB_ENTRY_SIZE, "extended blob table")?;
+        let ext = slice(
+            &data,
+            ext_off,
+            ext_entries * EXT_BLOB_ENTRY_SIZE,
+            "extended blob table",
+        )?;
         let mut blobs = Vec::new();
         let mut pos = 0usize;
         while pos + 8 <= table.len() {
@@ -119,12 +145,13 @@ impl V5Meta {
             let id = String::from_utf8_lossy(&rest[..id_len]).into_owned();
             check_blob_id(&id)?;
             let index = blobs.len() as u32;
-            let (chunk_count, features, uncompressed_size, compressed_size) = if (index as u64) < ext_entries {
-                let e = &ext[index as usize * 64..index as usize * 64 + 64];
-                (e.u32_at(0), e.u32_at(4), e.u64_at(8), e.u64_at(16))
-            } else {
-                (0, bf::V5_NO_EXT_BLOB_TABLE, 0, 0)
-            };
+            let (chunk_count, features, uncompressed_size, compressed_size) =
+                if (index as u64) < ext_entries {
+                    let e = &ext[index as usize * 64..index as usize * 64 + 64];
+                    (e.u32_at(0), e.u32_at(4), e.u64_at(8), e.u64_at(16))
+                } else {
+                    (0, bf::V5_NO_EXT_BLOB_TABLE, 0, 0)
+                };
             if features & bf::ENCRYPTED != 0 {
                 return Err(Error::Unsupported(format!("blob {id}: encrypted chunks")));
             }
@@ -170,7 +197,11 @@ impl V5Meta {
             prefetch,
             build_time: 0,
         };
-        let meta = V5Meta { data, info, inode_table: (inode_table_off, inode_entries) };
+        let meta = V5Meta {
+            data,
+            info,
+            inode_table: (inode_table_off, inode_entries),
+        };
         if !meta.inode(1)?.is_dir() {
             return Err(corrupt!("root inode is not a directory"));
         }
@@ -181,12 +212,16 @@ impl V5Meta {
     fn slot_offset(&self, slot: u64) -> Result<u64> {
         let (table_off, entries) = self.inode_table;
         if slot == 0 || slot > entries as u64 {
-            return Err(corrupt!("inode {slot} is outside the inode table (1..={entries})"));
+            return Err(corrupt!(
+                "inode {slot} is outside the inode table (1..={entries})"
+            ));
         }
         let v = slice(&self.data, table_off + (slot - 1) * 4, 4, "inode table")?.u32_at(0) as u64;
         let offset = v << 3;
         if offset < SUPER_SIZE {
-            return Err(corrupt!("inode table slot {slot} points into the superblock ({offset})"));
+            return Err(corrupt!(
+                "inode table slot {slot} points into the superblock ({offset})"
+            ));
         }
         Ok(offset)
     }
@@ -208,7 +243,12 @@ impl V5Meta {
             record: offset,
         };
         match attr.file_type() {
-            libc::S_IFREG | libc::S_IFDIR | libc::S_IFLNK | libc::S_IFCHR | libc::S_IFBLK | libc::S_IFIFO
+            libc::S_IFREG
+            | libc::S_IFDIR
+            | libc::S_IFLNK
+            | libc::S_IFCHR
+            | libc::S_IFBLK
+            | libc::S_IFIFO
             | libc::S_IFSOCK => {}
             t => return Err(corrupt!("inode {ino}: unknown file type {t:#o}")),
         }
@@ -225,13 +265,21 @@ impl V5Meta {
     fn record(&self, ino: u64) -> Result<Record> {
         let rec = self.record_at(self.slot_offset(ino)?)?;
         if rec.attr.ino != ino {
-            return Err(corrupt!("inode table slot {ino} holds a record for inode {}", rec.attr.ino));
+            return Err(corrupt!(
+                "inode table slot {ino} holds a record for inode {}",
+                rec.attr.ino
+            ));
         }
         Ok(rec)
     }
 
     fn name_of(&self, rec: &Record) -> Result<&[u8]> {
-        slice(&self.data, rec.attr.record + INODE_SIZE, rec.name_size, "inode name")
+        slice(
+            &self.data,
+            rec.attr.record + INODE_SIZE,
+            rec.name_size,
+            "inode name",
+        )
     }
 
     /// Offset just past name and symlink target, where xattrs (then chunks) begin.
@@ -244,9 +292,9 @@ impl V5Meta {
         let mut off = self.after_names(rec);
         if rec.flags & I_XATTR != 0 {
             let total = slice(&self.data, off, 8, "xattr area size")?.u64_at(0);
-            off = off
-                .checked_add(8 + round_up(total, 8))
-                .ok_or_else(|| corrupt!("inode {}: xattr area size {total} overflows", rec.attr.ino))?;
+            off = off.checked_add(8 + round_up(total, 8)).ok_or_else(|| {
+                corrupt!("inode {}: xattr area size {total} overflows", rec.attr.ino)
+            })?;
         }
         Ok(off)
     }
@@ -254,7 +302,10 @@ impl V5Meta {
     fn dir_record(&self, dir: &InodeAttr) -> Result<Record> {
         let rec = self.record(dir.ino)?;
         if !rec.attr.is_dir() {
-            return Err(Error::Invalid(format!("inode {} is not a directory", dir.ino)));
+            return Err(Error::Invalid(format!(
+                "inode {} is not a directory",
+                dir.ino
+            )));
         }
         let end = rec.child_index as u64 + rec.child_count as u64;
         if rec.child_count > 0 && (rec.child_index < 2 || end - 1 > self.inode_table.1 as u64) {
@@ -311,10 +362,18 @@ impl MetaReader for V5Meta {
         for k in offset.min(rec.child_count as u64) as u32..rec.child_count {
             let (name, child) = self.child(&rec, k)?;
             if previous.as_deref().is_some_and(|p| p >= name.as_slice()) {
-                return Err(corrupt!("directory {}: entries are not in sorted order", dir.ino));
+                return Err(corrupt!(
+                    "directory {}: entries are not in sorted order",
+                    dir.ino
+                ));
             }
             previous = Some(name.clone());
-            let entry = DirEntry { name, ino: child.attr.ino, file_type: child.attr.file_type(), offset: k as u64 + 1 };
+            let entry = DirEntry {
+                name,
+                ino: child.attr.ino,
+                file_type: child.attr.file_type(),
+                offset: k as u64 + 1,
+            };
             if !f(entry)? {
                 break;
             }
@@ -325,7 +384,10 @@ impl MetaReader for V5Meta {
     fn readlink(&self, inode: &InodeAttr) -> Result<Vec<u8>> {
         let rec = self.record(inode.ino)?;
         if !rec.attr.is_symlink() || rec.flags & I_SYMLINK == 0 {
-            return Err(Error::Invalid(format!("inode {} is not a symlink", inode.ino)));
+            return Err(Error::Invalid(format!(
+                "inode {} is not a symlink",
+                inode.ino
+            )));
         }
         if rec.symlink_size == 0 {
             return Err(corrupt!("symlink {} has an empty target", inode.ino));
@@ -346,9 +408,17 @@ impl MetaReader for V5Meta {
         let mut out = Vec::new();
         let mut pos = 0usize;
         while pos < area.len() {
-            let size = area.get(pos..pos + 4).ok_or_else(|| corrupt!("{what}: truncated pair"))?.u32_at(0) as usize;
-            let pair = area.get(pos + 4..pos + 4 + size).ok_or_else(|| corrupt!("{what}: pair runs past the area"))?;
-            let nul = pair.iter().position(|&b| b == 0).ok_or_else(|| corrupt!("{what}: name without NUL"))?;
+            let size = area
+                .get(pos..pos + 4)
+                .ok_or_else(|| corrupt!("{what}: truncated pair"))?
+                .u32_at(0) as usize;
+            let pair = area
+                .get(pos + 4..pos + 4 + size)
+                .ok_or_else(|| corrupt!("{what}: pair runs past the area"))?;
+            let nul = pair
+                .iter()
+                .position(|&b| b == 0)
+                .ok_or_else(|| corrupt!("{what}: name without NUL"))?;
             if nul == 0 {
                 return Err(corrupt!("{what}: empty name"));
             }
@@ -362,10 +432,18 @@ impl MetaReader for V5Meta {
         self.inode_table.1 as u64
     }
 
-    fn file_chunks(&self, inode: &InodeAttr, offset: u64, len: u64) -> Result<Vec<(u64, ChunkAddr)>> {
+    fn file_chunks(
+        &self,
+        inode: &InodeAttr,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<(u64, ChunkAddr)>> {
         let rec = self.record(inode.ino)?;
         if !rec.attr.is_reg() {
-            return Err(Error::Invalid(format!("inode {} is not a regular file", inode.ino)));
+            return Err(Error::Invalid(format!(
+                "inode {} is not a regular file",
+                inode.ino
+            )));
         }
         let what = format!("chunks of inode {}", inode.ino);
         let size = rec.attr.size;
@@ -425,16 +503,28 @@ impl MetaReader for V5Meta {
             if foff < previous_end {
                 return Err(corrupt!("{what}: chunk {k} overlaps the one before it"));
             }
-            if info.batch.is_some() || records[k * 80 + 36..].u32_at(0) & (CHUNK_BATCH | CHUNK_ENCRYPTED) != 0 {
-                return Err(Error::Unsupported(format!("{what}: batch or encrypted chunk in a v5 image")));
+            if info.batch.is_some()
+                || records[k * 80 + 36..].u32_at(0) & (CHUNK_BATCH | CHUNK_ENCRYPTED) != 0
+            {
+                return Err(Error::Unsupported(format!(
+                    "{what}: batch or encrypted chunk in a v5 image"
+                )));
             }
             if info.blob_index as usize >= self.info.blobs.len() {
-                return Err(corrupt!("{what}: chunk {k} names blob {} of {}", info.blob_index, self.info.blobs.len()));
+                return Err(corrupt!(
+                    "{what}: chunk {k} names blob {} of {}",
+                    info.blob_index,
+                    self.info.blobs.len()
+                ));
             }
             previous_end = foff
                 .checked_add(info.uncompressed_size as u64)
                 .filter(|&chunk_end| chunk_end <= size)
-                .ok_or_else(|| corrupt!("{what}: chunk {k} at file offset {foff} runs past the {size}-byte file"))?;
+                .ok_or_else(|| {
+                    corrupt!(
+                        "{what}: chunk {k} at file offset {foff} runs past the {size}-byte file"
+                    )
+                })?;
             out.push((foff, ChunkAddr::Full(info)));
         }
         Ok(out)

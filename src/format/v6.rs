@@ -8,8 +8,8 @@ use std::sync::OnceLock;
 
 use super::bytes::{padded_str, round_up, slice, Le};
 use super::{
-    blob_features as bf, check_blob_id, check_name, flags, BlobInfo, ChunkAddr, ChunkInfo, CiLocation,
-    Compressor, DirEntry, Digester, InodeAttr, MetaBytes, MetaReader, SuperInfo,
+    blob_features as bf, check_blob_id, check_name, flags, BlobInfo, ChunkAddr, ChunkInfo,
+    CiLocation, Compressor, Digester, DirEntry, InodeAttr, MetaBytes, MetaReader, SuperInfo,
 };
 use crate::corrupt;
 use crate::error::{Error, Result};
@@ -34,7 +34,9 @@ pub const LAYOUT_CHUNK_BASED: u16 = 4;
 
 /// Is this a RAFS v6 bootstrap (EROFS magic at 1024)?
 pub fn detect(data: &[u8]) -> bool {
-    slice(data, SUPER_OFFSET, 4, "").map(|b| b.u32_at(0) == EROFS_MAGIC).unwrap_or(false)
+    slice(data, SUPER_OFFSET, 4, "")
+        .map(|b| b.u32_at(0) == EROFS_MAGIC)
+        .unwrap_or(false)
 }
 
 /// What the inode slot says, beyond the attributes: where its data and xattrs are.
@@ -66,11 +68,17 @@ impl V6Meta {
     /// was extracted from an inline-meta blob (whose real id is its file name).
     pub fn parse(data: MetaBytes, inline_blob_id: Option<&str>) -> Result<Self> {
         if data.len() < 4096 {
-            return Err(corrupt!("v6 bootstrap is {} bytes, shorter than one 4 KiB block", data.len()));
+            return Err(corrupt!(
+                "v6 bootstrap is {} bytes, shorter than one 4 KiB block",
+                data.len()
+            ));
         }
         let sb = slice(&data, SUPER_OFFSET, 128, "EROFS superblock")?;
         if sb.u32_at(0) != EROFS_MAGIC {
-            return Err(corrupt!("bad EROFS magic {:#x} at offset 1024", sb.u32_at(0)));
+            return Err(corrupt!(
+                "bad EROFS magic {:#x} at offset 1024",
+                sb.u32_at(0)
+            ));
         }
         if sb.u32_at(8) & COMPAT_RAFS_V6 == 0 {
             return Err(Error::Unsupported(
@@ -79,7 +87,9 @@ impl V6Meta {
         }
         let blkszbits = sb.u8_at(12);
         if blkszbits != 12 && blkszbits != 9 {
-            return Err(corrupt!("block size bits {blkszbits} (expected 12, or 9 for tarfs)"));
+            return Err(corrupt!(
+                "block size bits {blkszbits} (expected 12, or 9 for tarfs)"
+            ));
         }
         let block_size = 1u64 << blkszbits;
         let root_nid = sb.u16_at(14) as u64;
@@ -98,7 +108,10 @@ impl V6Meta {
         let ext = slice(&data, EXT_SUPER_OFFSET, 256, "RAFS v6 extended superblock")?;
         let sflags = ext.u64_at(0);
         if sflags & !flags::KNOWN != 0 {
-            return Err(corrupt!("unknown superblock flags {:#x}", sflags & !flags::KNOWN));
+            return Err(corrupt!(
+                "unknown superblock flags {:#x}",
+                sflags & !flags::KNOWN
+            ));
         }
         if sflags & flags::ENCRYPTION_AES128XTS != 0 {
             return Err(Error::Unsupported("encrypted image (AES-128-XTS)".into()));
@@ -111,13 +124,20 @@ impl V6Meta {
         let chunk_table = (ext.u64_at(24), ext.u64_at(32));
         let (prefetch_off, prefetch_size) = (ext.u64_at(40), ext.u32_at(48) as u64);
         if !chunk_size.is_power_of_two() || !(0x1000..=0x100_0000).contains(&chunk_size) {
-            return Err(corrupt!("chunk size {chunk_size:#x} is not a power of two in 4 KiB..16 MiB"));
+            return Err(corrupt!(
+                "chunk size {chunk_size:#x} is not a power of two in 4 KiB..16 MiB"
+            ));
         }
         if blob_table_size % BLOB_ENTRY_SIZE != 0 {
-            return Err(corrupt!("blob table size {blob_table_size} is not a multiple of 256"));
+            return Err(corrupt!(
+                "blob table size {blob_table_size} is not a multiple of 256"
+            ));
         }
         if chunk_table.1 % CHUNK_TABLE_ENTRY_SIZE != 0 {
-            return Err(corrupt!("chunk table size {} is not a multiple of 80", chunk_table.1));
+            return Err(corrupt!(
+                "chunk table size {} is not a multiple of 80",
+                chunk_table.1
+            ));
         }
         slice(&data, chunk_table.0, chunk_table.1, "chunk table")?;
         let compressor = Compressor::from_flags(sflags)?;
@@ -125,13 +145,22 @@ impl V6Meta {
 
         let nblobs = blob_table_size / BLOB_ENTRY_SIZE;
         if nblobs != extra_devices {
-            return Err(corrupt!("{extra_devices} device slots but {nblobs} blob table entries"));
+            return Err(corrupt!(
+                "{extra_devices} device slots but {nblobs} blob table entries"
+            ));
         }
         if nblobs > 255 {
-            return Err(corrupt!("{nblobs} blobs (at most 255 fit in a chunk address)"));
+            return Err(corrupt!(
+                "{nblobs} blobs (at most 255 fit in a chunk address)"
+            ));
         }
         let table = slice(&data, blob_table_off, blob_table_size, "blob table")?;
-        let devices = slice(&data, devt_slotoff * DEVICE_SLOT_SIZE, nblobs * DEVICE_SLOT_SIZE, "device table")?;
+        let devices = slice(
+            &data,
+            devt_slotoff * DEVICE_SLOT_SIZE,
+            nblobs * DEVICE_SLOT_SIZE,
+            "device table",
+        )?;
         let mut blobs = Vec::with_capacity(nblobs as usize);
         for i in 0..nblobs as usize {
             let e = &table[i * 256..(i + 1) * 256];
@@ -143,7 +172,10 @@ impl V6Meta {
                 _ => slot_id,
             };
             if slot_id != blob.id {
-                return Err(corrupt!("device slot {i} names blob {slot_id:?} but blob entry {i} is {:?}", blob.id));
+                return Err(corrupt!(
+                    "device slot {i} names blob {slot_id:?} but blob entry {i} is {:?}",
+                    blob.id
+                ));
             }
             blobs.push(blob);
         }
@@ -156,7 +188,9 @@ impl V6Meta {
         let mut prefetch = Vec::new();
         if prefetch_off != 0 && prefetch_size != 0 {
             if prefetch_size % 4 != 0 {
-                return Err(corrupt!("prefetch table size {prefetch_size} is not a multiple of 4"));
+                return Err(corrupt!(
+                    "prefetch table size {prefetch_size} is not a multiple of 4"
+                ));
             }
             let p = slice(&data, prefetch_off, prefetch_size, "prefetch table")?;
             for i in 0..(prefetch_size / 4) as usize {
@@ -212,7 +246,11 @@ impl V6Meta {
             )));
         }
         let xattr_icount = head.u16_at(2) as u64;
-        let xattr_size = if xattr_icount == 0 { 0 } else { 12 + 4 * (xattr_icount - 1) };
+        let xattr_size = if xattr_icount == 0 {
+            0
+        } else {
+            12 + 4 * (xattr_icount - 1)
+        };
         let mode = head.u16_at(4) as u32;
         let (attr, inode_size, i_u) = if format & 1 == 0 {
             let attr = InodeAttr {
@@ -247,7 +285,12 @@ impl V6Meta {
             (attr, 64, ext.u32_at(16))
         };
         match attr.file_type() {
-            libc::S_IFREG | libc::S_IFDIR | libc::S_IFLNK | libc::S_IFCHR | libc::S_IFBLK | libc::S_IFIFO
+            libc::S_IFREG
+            | libc::S_IFDIR
+            | libc::S_IFLNK
+            | libc::S_IFCHR
+            | libc::S_IFBLK
+            | libc::S_IFIFO
             | libc::S_IFSOCK => {}
             t => return Err(corrupt!("inode nid {nid}: unknown file type {t:#o}")),
         }
@@ -258,7 +301,14 @@ impl V6Meta {
             let (major, minor) = super::decode_rdev(attr.rdev);
             attr.rdev = super::make_dev(major, minor) as u32;
         }
-        Ok(RawInode { attr, offset, layout, i_u, inode_size, xattr_size })
+        Ok(RawInode {
+            attr,
+            offset,
+            layout,
+            i_u,
+            inode_size,
+            xattr_size,
+        })
     }
 
     /// Block `index` of a directory's or symlink's data (the inline tail for FLAT_INLINE).
@@ -266,7 +316,10 @@ impl V6Meta {
         let size = raw.attr.size;
         let start = index * self.block_size;
         if start >= size {
-            return Err(corrupt!("inode nid {}: block {index} past its size {size}", raw.attr.ino));
+            return Err(corrupt!(
+                "inode nid {}: block {index} past its size {size}",
+                raw.attr.ino
+            ));
         }
         let len = (size - start).min(self.block_size);
         let nblocks = size.div_ceil(self.block_size);
@@ -275,7 +328,10 @@ impl V6Meta {
             LAYOUT_FLAT_INLINE if index == nblocks - 1 && !size.is_multiple_of(self.block_size) => {
                 let off = raw.offset + raw.inode_size + raw.xattr_size;
                 if off % self.block_size + len > self.block_size {
-                    return Err(corrupt!("inode nid {}: inline data crosses a block boundary", raw.attr.ino));
+                    return Err(corrupt!(
+                        "inode nid {}: inline data crosses a block boundary",
+                        raw.attr.ino
+                    ));
                 }
                 slice(&self.data, off, len, &what)
             }
@@ -283,14 +339,20 @@ impl V6Meta {
                 let off = (raw.i_u as u64 + index) * self.block_size;
                 slice(&self.data, off, len, &what)
             }
-            _ => Err(corrupt!("inode nid {}: directory or symlink with chunk-based layout", raw.attr.ino)),
+            _ => Err(corrupt!(
+                "inode nid {}: directory or symlink with chunk-based layout",
+                raw.attr.ino
+            )),
         }
     }
 
     fn dir_raw(&self, dir: &InodeAttr) -> Result<RawInode> {
         let raw = self.raw(dir.ino)?;
         if !raw.attr.is_dir() {
-            return Err(Error::Invalid(format!("nid {} is not a directory", dir.ino)));
+            return Err(Error::Invalid(format!(
+                "nid {} is not a directory",
+                dir.ino
+            )));
         }
         Ok(raw)
     }
@@ -302,7 +364,8 @@ impl V6Meta {
             let mut map = HashMap::with_capacity((size / CHUNK_TABLE_ENTRY_SIZE) as usize);
             for row in 0..(size / CHUNK_TABLE_ENTRY_SIZE) as usize {
                 let e = &table[row * 80..row * 80 + 80];
-                map.entry((e.u32_at(32), e.u32_at(72))).or_insert(row as u32);
+                map.entry((e.u32_at(32), e.u32_at(72)))
+                    .or_insert(row as u32);
             }
             Ok(map)
         });
@@ -310,7 +373,12 @@ impl V6Meta {
     }
 }
 
-fn parse_blob_entry(e: &[u8], index: u32, chunk_size: u32, inline_id: Option<&str>) -> Result<BlobInfo> {
+fn parse_blob_entry(
+    e: &[u8],
+    index: u32,
+    chunk_size: u32,
+    inline_id: Option<&str>,
+) -> Result<BlobInfo> {
     let raw_id = String::from_utf8_lossy(padded_str(&e[..64])).into_owned();
     let id = match inline_id {
         Some(real) if raw_id == INLINE_BLOB_PLACEHOLDER => real.to_string(),
@@ -318,10 +386,16 @@ fn parse_blob_entry(e: &[u8], index: u32, chunk_size: u32, inline_id: Option<&st
     };
     check_blob_id(&id)?;
     if e.u32_at(64) != index {
-        return Err(corrupt!("blob entry {index} says it is blob {}", e.u32_at(64)));
+        return Err(corrupt!(
+            "blob entry {index} says it is blob {}",
+            e.u32_at(64)
+        ));
     }
     if e.u32_at(68) != chunk_size {
-        return Err(corrupt!("blob {id}: chunk size {:#x} differs from the image's {chunk_size:#x}", e.u32_at(68)));
+        return Err(corrupt!(
+            "blob {id}: chunk size {:#x} differs from the image's {chunk_size:#x}",
+            e.u32_at(68)
+        ));
     }
     let chunk_count = e.u32_at(72);
     if chunk_count > 1 << 24 {
@@ -349,7 +423,9 @@ fn parse_blob_entry(e: &[u8], index: u32, chunk_size: u32, inline_id: Option<&st
         uncompressed_size: e.u64_at(128),
     };
     if ci.compressed_size > ci.uncompressed_size {
-        return Err(corrupt!("blob {id}: chunk-info array compressed size exceeds its uncompressed size"));
+        return Err(corrupt!(
+            "blob {id}: chunk-info array compressed size exceeds its uncompressed size"
+        ));
     }
     Ok(BlobInfo {
         index,
@@ -371,20 +447,31 @@ fn parse_blob_entry(e: &[u8], index: u32, chunk_size: u32, inline_id: Option<&st
 /// One directory block's entries: (name, nid, dirent file type).
 fn dir_block_entries(block: &[u8], nid: u64) -> Result<Vec<(&[u8], u64, u8)>> {
     if block.len() < DIRENT_SIZE {
-        return Err(corrupt!("directory nid {nid}: block of {} bytes holds no entry", block.len()));
+        return Err(corrupt!(
+            "directory nid {nid}: block of {} bytes holds no entry",
+            block.len()
+        ));
     }
     let first = block.u16_at(8) as usize;
     if first < DIRENT_SIZE || !first.is_multiple_of(DIRENT_SIZE) || first > block.len() {
-        return Err(corrupt!("directory nid {nid}: bad first name offset {first}"));
+        return Err(corrupt!(
+            "directory nid {nid}: bad first name offset {first}"
+        ));
     }
     let count = first / DIRENT_SIZE;
     let mut out = Vec::with_capacity(count);
     for i in 0..count {
         let d = &block[i * DIRENT_SIZE..(i + 1) * DIRENT_SIZE];
         let start = d.u16_at(8) as usize;
-        let end = if i + 1 < count { block.u16_at((i + 1) * DIRENT_SIZE + 8) as usize } else { block.len() };
+        let end = if i + 1 < count {
+            block.u16_at((i + 1) * DIRENT_SIZE + 8) as usize
+        } else {
+            block.len()
+        };
         if start < first || start > end || end > block.len() {
-            return Err(corrupt!("directory nid {nid}: entry {i} has name range {start}..{end}"));
+            return Err(corrupt!(
+                "directory nid {nid}: entry {i} has name range {start}..{end}"
+            ));
         }
         let mut name = &block[start..end];
         if i + 1 == count {
@@ -484,7 +571,10 @@ impl MetaReader for V6Meta {
                     ));
                 }
                 if previous.as_deref().is_some_and(|p| p >= name) {
-                    return Err(corrupt!("directory nid {}: entries are not in sorted order", dir.ino));
+                    return Err(corrupt!(
+                        "directory nid {}: entries are not in sorted order",
+                        dir.ino
+                    ));
                 }
                 previous = Some(name.to_vec());
                 if name == b"." || name == b".." {
@@ -494,7 +584,12 @@ impl MetaReader for V6Meta {
                 if ordinal <= offset {
                     continue;
                 }
-                let entry = DirEntry { name: name.to_vec(), ino: nid, file_type: dirent_type(t), offset: ordinal };
+                let entry = DirEntry {
+                    name: name.to_vec(),
+                    ino: nid,
+                    file_type: dirent_type(t),
+                    offset: ordinal,
+                };
                 if !f(entry)? {
                     return Ok(());
                 }
@@ -506,10 +601,17 @@ impl MetaReader for V6Meta {
     fn readlink(&self, inode: &InodeAttr) -> Result<Vec<u8>> {
         let raw = self.raw(inode.ino)?;
         if !raw.attr.is_symlink() {
-            return Err(Error::Invalid(format!("nid {} is not a symlink", inode.ino)));
+            return Err(Error::Invalid(format!(
+                "nid {} is not a symlink",
+                inode.ino
+            )));
         }
         if raw.attr.size == 0 || raw.attr.size > 4096 {
-            return Err(corrupt!("symlink nid {}: target length {}", inode.ino, raw.attr.size));
+            return Err(corrupt!(
+                "symlink nid {}: target length {}",
+                inode.ino,
+                raw.attr.size
+            ));
         }
         let mut target = Vec::with_capacity(raw.attr.size as usize);
         for block in 0..raw.attr.size.div_ceil(self.block_size) {
@@ -524,14 +626,21 @@ impl MetaReader for V6Meta {
             return Ok(Vec::new());
         }
         let what = format!("xattrs of nid {}", inode.ino);
-        let area = slice(&self.data, raw.offset + raw.inode_size, raw.xattr_size, &what)?;
+        let area = slice(
+            &self.data,
+            raw.offset + raw.inode_size,
+            raw.xattr_size,
+            &what,
+        )?;
         if area[4] != 0 {
             return Err(Error::Unsupported(format!("{what}: shared xattrs")));
         }
         let mut out = Vec::new();
         let mut pos = 12usize;
         while pos < area.len() {
-            let head = area.get(pos..pos + 4).ok_or_else(|| corrupt!("{what}: truncated entry"))?;
+            let head = area
+                .get(pos..pos + 4)
+                .ok_or_else(|| corrupt!("{what}: truncated entry"))?;
             let (name_len, index, value_len) = (head[0] as usize, head[1], head.u16_at(2) as usize);
             let body = area
                 .get(pos + 4..pos + 4 + name_len + value_len)
@@ -547,20 +656,30 @@ impl MetaReader for V6Meta {
         Ok(out)
     }
 
-    fn file_chunks(&self, inode: &InodeAttr, offset: u64, len: u64) -> Result<Vec<(u64, ChunkAddr)>> {
+    fn file_chunks(
+        &self,
+        inode: &InodeAttr,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<(u64, ChunkAddr)>> {
         let raw = self.raw(inode.ino)?;
         let size = raw.attr.size;
         if size == 0 || offset >= size || len == 0 {
             return Ok(Vec::new());
         }
         if raw.layout != LAYOUT_CHUNK_BASED {
-            return Err(Error::Unsupported(format!("regular file nid {} with flat data layout", inode.ino)));
+            return Err(Error::Unsupported(format!(
+                "regular file nid {} with flat data layout",
+                inode.ino
+            )));
         }
         let chunk_size = self.info.chunk_size as u64;
         let total = size.div_ceil(chunk_size);
         let index_off = raw.offset + round_up(raw.inode_size + raw.xattr_size, 8);
         let what = format!("chunk index array of nid {}", inode.ino);
-        let bytes = total.checked_mul(8).ok_or_else(|| corrupt!("{what}: size {size} overflows"))?;
+        let bytes = total
+            .checked_mul(8)
+            .ok_or_else(|| corrupt!("{what}: size {size} overflows"))?;
         let array = slice(&self.data, index_off, bytes, &what)?;
         let end = offset.saturating_add(len).min(size);
         let mut out = Vec::new();
@@ -569,9 +688,16 @@ impl MetaReader for V6Meta {
             let (lo, hi, blk_addr) = (e.u16_at(0) as u32, e.u16_at(2) as u32, e.u32_at(4));
             let device = hi & 0xff;
             if device == 0 || device as usize > self.info.blobs.len() {
-                return Err(corrupt!("nid {} chunk {k}: device id {device} names no blob", inode.ino));
+                return Err(corrupt!(
+                    "nid {} chunk {k}: device id {device} names no blob",
+                    inode.ino
+                ));
             }
-            let addr = ChunkAddr::Indexed { blob_index: device - 1, ci_index: lo | (hi >> 8) << 16, blk_addr };
+            let addr = ChunkAddr::Indexed {
+                blob_index: device - 1,
+                ci_index: lo | (hi >> 8) << 16,
+                blk_addr,
+            };
             out.push((k * chunk_size, addr));
         }
         Ok(out)
@@ -585,7 +711,12 @@ impl MetaReader for V6Meta {
         let Some(&row) = self.chunk_rows()?.get(&(blob_index, ci_index)) else {
             return Ok(None);
         };
-        let e = slice(&self.data, self.chunk_table.0 + row as u64 * 80, 80, "chunk table row")?;
+        let e = slice(
+            &self.data,
+            self.chunk_table.0 + row as u64 * 80,
+            80,
+            "chunk table row",
+        )?;
         Ok(Some(super::v5::chunk_record(e)))
     }
 }

@@ -58,7 +58,11 @@ impl FsMetrics {
     }
 
     pub fn to_json(&self, id: &str) -> serde_json::Value {
-        let load = |v: &[AtomicU64]| v.iter().map(|a| a.load(Ordering::Relaxed)).collect::<Vec<_>>();
+        let load = |v: &[AtomicU64]| {
+            v.iter()
+                .map(|a| a.load(Ordering::Relaxed))
+                .collect::<Vec<_>>()
+        };
         serde_json::json!({
             "files_account_enabled": false,
             "access_pattern_enabled": false,

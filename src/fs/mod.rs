@@ -15,9 +15,12 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, CreateIn, FsOptions, OpenOptions, SetattrValid};
+use fuse_backend_rs::abi::fuse_abi::{
+    stat64, statvfs64, CreateIn, FsOptions, OpenOptions, SetattrValid,
+};
 use fuse_backend_rs::api::filesystem::{
-    Context, DirEntry, Entry, FileSystem, GetxattrReply, ListxattrReply, ZeroCopyReader, ZeroCopyWriter,
+    Context, DirEntry, Entry, FileSystem, GetxattrReply, ListxattrReply, ZeroCopyReader,
+    ZeroCopyWriter,
 };
 use fuse_backend_rs::api::BackendFileSystem;
 
@@ -83,20 +86,31 @@ impl RafsFs {
 
     /// Outstanding kernel lookups of `ino` (for tests and diagnostics).
     pub fn lookup_count(&self, ino: u64) -> u64 {
-        self.lookups.lock().unwrap_or_else(|e| e.into_inner()).get(&ino).copied().unwrap_or(0)
+        self.lookups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&ino)
+            .copied()
+            .unwrap_or(0)
     }
 
     fn attr(&self, ino: u64) -> io::Result<InodeAttr> {
         if ino > MAX_INO {
             return Err(eno(libc::EIO));
         }
-        self.image.inode(ino).map_err(|e| to_io(e, &format!("inode {ino}")))
+        self.image
+            .inode(ino)
+            .map_err(|e| to_io(e, &format!("inode {ino}")))
     }
 
     fn stat(&self, a: &InodeAttr) -> stat64 {
         // SAFETY: stat64 is plain old data; all-zero is a valid value.
         let mut st: stat64 = unsafe { std::mem::zeroed() };
-        let (uid, gid) = if self.image.info().explicit_uid_gid() { (a.uid, a.gid) } else { self.default_owner };
+        let (uid, gid) = if self.image.info().explicit_uid_gid() {
+            (a.uid, a.gid)
+        } else {
+            self.default_owner
+        };
         st.st_ino = a.ino;
         st.st_mode = a.mode;
         st.st_nlink = a.nlink as _;
@@ -106,7 +120,11 @@ impl RafsFs {
         st.st_size = a.size as _;
         st.st_blksize = 4096;
         st.st_blocks = a.blocks() as _;
-        for (sec, nsec) in [(&mut st.st_atime, &mut st.st_atime_nsec), (&mut st.st_mtime, &mut st.st_mtime_nsec), (&mut st.st_ctime, &mut st.st_ctime_nsec)] {
+        for (sec, nsec) in [
+            (&mut st.st_atime, &mut st.st_atime_nsec),
+            (&mut st.st_mtime, &mut st.st_mtime_nsec),
+            (&mut st.st_ctime, &mut st.st_ctime_nsec),
+        ] {
             *sec = a.mtime as _;
             *nsec = a.mtime_nsec as _;
         }
@@ -125,14 +143,29 @@ impl RafsFs {
     }
 
     fn add_lookup(&self, ino: u64) {
-        *self.lookups.lock().unwrap_or_else(|e| e.into_inner()).entry(ino).or_insert(0) += 1;
+        *self
+            .lookups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(ino)
+            .or_insert(0) += 1;
     }
 
     fn do_lookup(&self, parent: u64, name: &CStr) -> io::Result<Entry> {
-        let found = self.image.lookup(parent, name.to_bytes()).map_err(|e| to_io(e, &format!("lookup in {parent}")))?;
+        let found = self
+            .image
+            .lookup(parent, name.to_bytes())
+            .map_err(|e| to_io(e, &format!("lookup in {parent}")))?;
         match found {
             // A negative entry the kernel may cache: the image never changes.
-            None => Ok(Entry { inode: 0, generation: 0, attr: self.stat(&self.attr(parent)?), attr_flags: 0, attr_timeout: CACHE_TIMEOUT, entry_timeout: CACHE_TIMEOUT }),
+            None => Ok(Entry {
+                inode: 0,
+                generation: 0,
+                attr: self.stat(&self.attr(parent)?),
+                attr_flags: 0,
+                attr_timeout: CACHE_TIMEOUT,
+                entry_timeout: CACHE_TIMEOUT,
+            }),
             Some(ino) => {
                 let entry = self.entry(&self.attr(ino)?);
                 self.add_lookup(ino);
@@ -141,8 +174,17 @@ impl RafsFs {
         }
     }
 
-    fn do_read(&self, ino: u64, w: &mut dyn ZeroCopyWriter, size: u32, offset: u64) -> io::Result<usize> {
-        let segments = self.image.read_segments(ino, offset, size as usize).map_err(|e| to_io(e, &format!("read inode {ino}")))?;
+    fn do_read(
+        &self,
+        ino: u64,
+        w: &mut dyn ZeroCopyWriter,
+        size: u32,
+        offset: u64,
+    ) -> io::Result<usize> {
+        let segments = self
+            .image
+            .read_segments(ino, offset, size as usize)
+            .map_err(|e| to_io(e, &format!("read inode {ino}")))?;
         let mut total = 0;
         for segment in segments {
             match segment {
@@ -150,7 +192,9 @@ impl RafsFs {
                     // Zero copy from the cache file into the request buffer. The trait wants `&mut File`: borrow
                     // the descriptor without taking ownership (ManuallyDrop never closes it; `file` keeps it open).
                     // SAFETY: the fd is valid for as long as `file` lives, which outlasts `borrowed`.
-                    let mut borrowed = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(file.as_raw_fd()) });
+                    let mut borrowed = std::mem::ManuallyDrop::new(unsafe {
+                        std::fs::File::from_raw_fd(file.as_raw_fd())
+                    });
                     let mut done = 0;
                     while done < len {
                         let n = w.write_from(&mut *borrowed, len - done, offset + done as u64)?;
@@ -184,7 +228,12 @@ impl RafsFs {
     ) -> io::Result<()> {
         let mut failure = None;
         let walked = self.image.read_dir(dir, offset, &mut |e| {
-            let dirent = DirEntry { ino: e.ino, offset: e.offset, type_: dtype(e.file_type), name: &e.name };
+            let dirent = DirEntry {
+                ino: e.ino,
+                offset: e.offset,
+                type_: dtype(e.file_type),
+                name: &e.name,
+            };
             let entry = if plus {
                 match self.attr(e.ino) {
                     Ok(a) => Some(self.entry(&a)),
@@ -219,7 +268,9 @@ impl RafsFs {
         if !self.xattr_enabled {
             return Err(eno(libc::ENOSYS));
         }
-        self.image.xattrs(ino).map_err(|e| to_io(e, &format!("xattrs of {ino}")))
+        self.image
+            .xattrs(ino)
+            .map_err(|e| to_io(e, &format!("xattrs of {ino}")))
     }
 }
 
@@ -261,7 +312,10 @@ impl FileSystem for RafsFs {
 
     fn destroy(&self) {
         // Stop background prefetch with the filesystem.
-        self.prefetcher.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self.prefetcher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
     }
 
     fn lookup(&self, _ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
@@ -289,37 +343,75 @@ impl FileSystem for RafsFs {
         self.metrics.record::<()>(Fop::BatchForget, &Ok(()));
     }
 
-    fn getattr(&self, _ctx: &Context, inode: u64, _handle: Option<u64>) -> io::Result<(stat64, Duration)> {
+    fn getattr(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        _handle: Option<u64>,
+    ) -> io::Result<(stat64, Duration)> {
         let r = self.attr(inode).map(|a| (self.stat(&a), CACHE_TIMEOUT));
         self.metrics.record(Fop::Getattr, &r);
         r
     }
 
     fn readlink(&self, _ctx: &Context, inode: u64) -> io::Result<Vec<u8>> {
-        let r = self.image.readlink(inode).map_err(|e| to_io(e, &format!("readlink {inode}")));
+        let r = self
+            .image
+            .readlink(inode)
+            .map_err(|e| to_io(e, &format!("readlink {inode}")));
         self.metrics.record(Fop::Readlink, &r);
         r
     }
 
-    fn open(&self, _ctx: &Context, inode: u64, flags: u32, _fuse_flags: u32) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
-        let r = if flags as i32 & (libc::O_WRONLY | libc::O_RDWR | libc::O_TRUNC | libc::O_APPEND) != 0 {
+    fn open(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        flags: u32,
+        _fuse_flags: u32,
+    ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
+        let r = if flags as i32 & (libc::O_WRONLY | libc::O_RDWR | libc::O_TRUNC | libc::O_APPEND)
+            != 0
+        {
             Err(eno(libc::EROFS))
         } else {
-            self.attr(inode).map(|_| (None, OpenOptions::KEEP_CACHE, None))
+            self.attr(inode)
+                .map(|_| (None, OpenOptions::KEEP_CACHE, None))
         };
         if r.is_ok() {
-            self.metrics.nr_opens.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.metrics
+                .nr_opens
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         self.metrics.record(Fop::Open, &r);
         r
     }
 
-    fn release(&self, _ctx: &Context, _inode: u64, _flags: u32, _handle: u64, _flush: bool, _flock_release: bool, _lock_owner: Option<u64>) -> io::Result<()> {
+    fn release(
+        &self,
+        _ctx: &Context,
+        _inode: u64,
+        _flags: u32,
+        _handle: u64,
+        _flush: bool,
+        _flock_release: bool,
+        _lock_owner: Option<u64>,
+    ) -> io::Result<()> {
         self.metrics.record::<()>(Fop::Release, &Ok(()));
         Ok(())
     }
 
-    fn read(&self, _ctx: &Context, inode: u64, _handle: u64, w: &mut dyn ZeroCopyWriter, size: u32, offset: u64, _lock_owner: Option<u64>, _flags: u32) -> io::Result<usize> {
+    fn read(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        _handle: u64,
+        w: &mut dyn ZeroCopyWriter,
+        size: u32,
+        offset: u64,
+        _lock_owner: Option<u64>,
+        _flags: u32,
+    ) -> io::Result<usize> {
         let r = self.do_read(inode, w, size, offset);
         self.metrics.record(Fop::Read, &r);
         r
@@ -339,9 +431,19 @@ impl FileSystem for RafsFs {
         r
     }
 
-    fn getxattr(&self, _ctx: &Context, inode: u64, name: &CStr, size: u32) -> io::Result<GetxattrReply> {
+    fn getxattr(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        name: &CStr,
+        size: u32,
+    ) -> io::Result<GetxattrReply> {
         let r = self.xattr_list(inode).and_then(|list| {
-            let value = list.into_iter().find(|(n, _)| n.as_slice() == name.to_bytes()).map(|(_, v)| v).ok_or_else(|| eno(libc::ENODATA))?;
+            let value = list
+                .into_iter()
+                .find(|(n, _)| n.as_slice() == name.to_bytes())
+                .map(|(_, v)| v)
+                .ok_or_else(|| eno(libc::ENODATA))?;
             if size == 0 {
                 Ok(GetxattrReply::Count(value.len() as u32))
             } else if value.len() > size as usize {
@@ -373,8 +475,19 @@ impl FileSystem for RafsFs {
         r
     }
 
-    fn opendir(&self, _ctx: &Context, inode: u64, _flags: u32) -> io::Result<(Option<u64>, OpenOptions)> {
-        let r = self.attr(inode).and_then(|a| if a.is_dir() { Ok((None, OpenOptions::CACHE_DIR | OpenOptions::KEEP_CACHE)) } else { Err(eno(libc::ENOTDIR)) });
+    fn opendir(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        _flags: u32,
+    ) -> io::Result<(Option<u64>, OpenOptions)> {
+        let r = self.attr(inode).and_then(|a| {
+            if a.is_dir() {
+                Ok((None, OpenOptions::CACHE_DIR | OpenOptions::KEEP_CACHE))
+            } else {
+                Err(eno(libc::ENOTDIR))
+            }
+        });
         self.metrics.record(Fop::Opendir, &r);
         r
     }
@@ -383,14 +496,32 @@ impl FileSystem for RafsFs {
         Ok(())
     }
 
-    fn readdir(&self, _ctx: &Context, inode: u64, _handle: u64, _size: u32, offset: u64, add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>) -> io::Result<()> {
+    fn readdir(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        _handle: u64,
+        _size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
+    ) -> io::Result<()> {
         let r = self.do_readdir(inode, offset, false, &mut |d, _| add_entry(d));
         self.metrics.record(Fop::Readdir, &r);
         r
     }
 
-    fn readdirplus(&self, _ctx: &Context, inode: u64, _handle: u64, _size: u32, offset: u64, add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>) -> io::Result<()> {
-        let r = self.do_readdir(inode, offset, true, &mut |d, e| add_entry(d, e.expect("readdirplus entries carry attributes")));
+    fn readdirplus(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        _handle: u64,
+        _size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        let r = self.do_readdir(inode, offset, true, &mut |d, e| {
+            add_entry(d, e.expect("readdirplus entries carry attributes"))
+        });
         self.metrics.record(Fop::Readdirplus, &r);
         r
     }
@@ -405,7 +536,12 @@ impl FileSystem for RafsFs {
             let mode = st.st_mode;
             let granted = if ctx.uid == 0 {
                 // root reads anything; executes only what some x bit (or a directory) allows.
-                libc::R_OK | if a.is_dir() || mode & 0o111 != 0 { libc::X_OK } else { 0 }
+                libc::R_OK
+                    | if a.is_dir() || mode & 0o111 != 0 {
+                        libc::X_OK
+                    } else {
+                        0
+                    }
             } else {
                 let bits = if ctx.uid == st.st_uid {
                     mode >> 6
@@ -414,7 +550,8 @@ impl FileSystem for RafsFs {
                 } else {
                     mode
                 } & 0o7;
-                (if bits & 0o4 != 0 { libc::R_OK } else { 0 }) | (if bits & 0o1 != 0 { libc::X_OK } else { 0 })
+                (if bits & 0o4 != 0 { libc::R_OK } else { 0 })
+                    | (if bits & 0o1 != 0 { libc::X_OK } else { 0 })
             };
             if mask & !granted & (libc::R_OK | libc::X_OK) != 0 {
                 Err(eno(libc::EACCES))

@@ -15,8 +15,12 @@ pub fn decompress(algo: Compressor, src: &[u8], out_len: usize) -> Result<Vec<u8
 /// Decompress `src` into exactly `out.len()` bytes.
 pub fn decompress_into(algo: Compressor, src: &[u8], out: &mut [u8]) -> Result<()> {
     let want = out.len();
-    let wrong_size =
-        |got: usize| Error::Integrity(format!("{} data decompressed to {got} bytes, expected {want}", algo.name()));
+    let wrong_size = |got: usize| {
+        Error::Integrity(format!(
+            "{} data decompressed to {got} bytes, expected {want}",
+            algo.name()
+        ))
+    };
     match algo {
         Compressor::None => {
             if src.len() != out.len() {
@@ -25,8 +29,9 @@ pub fn decompress_into(algo: Compressor, src: &[u8], out: &mut [u8]) -> Result<(
             out.copy_from_slice(src);
         }
         Compressor::Lz4Block => {
-            let n = lz4_flex::block::decompress_into(src, out)
-                .map_err(|e| Error::Integrity(format!("lz4_block data does not decompress: {e}")))?;
+            let n = lz4_flex::block::decompress_into(src, out).map_err(|e| {
+                Error::Integrity(format!("lz4_block data does not decompress: {e}"))
+            })?;
             if n != out.len() {
                 return Err(wrong_size(n));
             }
@@ -40,7 +45,11 @@ pub fn decompress_into(algo: Compressor, src: &[u8], out: &mut [u8]) -> Result<(
                 match decoder.read(&mut out[filled..]) {
                     Ok(0) => break,
                     Ok(n) => filled += n,
-                    Err(e) => return Err(Error::Integrity(format!("zstd data does not decompress: {e}"))),
+                    Err(e) => {
+                        return Err(Error::Integrity(format!(
+                            "zstd data does not decompress: {e}"
+                        )))
+                    }
                 }
             }
             if filled != out.len() {
@@ -48,10 +57,17 @@ pub fn decompress_into(algo: Compressor, src: &[u8], out: &mut [u8]) -> Result<(
             }
             let mut extra = [0u8; 1];
             if matches!(decoder.read(&mut extra), Ok(n) if n > 0) {
-                return Err(Error::Integrity(format!("zstd data decompresses past the expected {} bytes", out.len())));
+                return Err(Error::Integrity(format!(
+                    "zstd data decompresses past the expected {} bytes",
+                    out.len()
+                )));
             }
         }
-        Compressor::Gzip => return Err(Error::Unsupported("gzip chunks (OCI ref / zran images)".into())),
+        Compressor::Gzip => {
+            return Err(Error::Unsupported(
+                "gzip chunks (OCI ref / zran images)".into(),
+            ))
+        }
     }
     Ok(())
 }
@@ -60,7 +76,9 @@ pub fn compress(algo: Compressor, src: &[u8]) -> Result<Vec<u8>> {
     match algo {
         Compressor::None => Ok(src.to_vec()),
         Compressor::Lz4Block => Ok(lz4_flex::block::compress(src)),
-        Compressor::Zstd => zstd::bulk::compress(src, 3).map_err(|e| Error::io("zstd compression", e)),
+        Compressor::Zstd => {
+            zstd::bulk::compress(src, 3).map_err(|e| Error::io("zstd compression", e))
+        }
         Compressor::Gzip => Err(Error::Unsupported("gzip compression".into())),
     }
 }

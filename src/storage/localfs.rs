@@ -18,15 +18,31 @@ pub struct LocalFs {
 }
 
 impl LocalFs {
-    pub fn new(dir: Option<PathBuf>, alt_dirs: Vec<PathBuf>, blob_file: Option<PathBuf>) -> Result<Self> {
+    pub fn new(
+        dir: Option<PathBuf>,
+        alt_dirs: Vec<PathBuf>,
+        blob_file: Option<PathBuf>,
+    ) -> Result<Self> {
         if dir.is_none() && blob_file.is_none() {
-            return Err(Error::Invalid("localfs backend needs `dir` or `blob_file`".into()));
+            return Err(Error::Invalid(
+                "localfs backend needs `dir` or `blob_file`".into(),
+            ));
         }
-        Ok(LocalFs { dir, alt_dirs, blob_file, open: Mutex::new(HashMap::new()) })
+        Ok(LocalFs {
+            dir,
+            alt_dirs,
+            blob_file,
+            open: Mutex::new(HashMap::new()),
+        })
     }
 
     pub fn with_dir(dir: impl Into<PathBuf>) -> Self {
-        LocalFs { dir: Some(dir.into()), alt_dirs: Vec::new(), blob_file: None, open: Mutex::new(HashMap::new()) }
+        LocalFs {
+            dir: Some(dir.into()),
+            alt_dirs: Vec::new(),
+            blob_file: None,
+            open: Mutex::new(HashMap::new()),
+        }
     }
 
     fn path_of(&self, blob_id: &str) -> Result<PathBuf> {
@@ -50,14 +66,20 @@ impl LocalFs {
             return Ok(f.clone());
         }
         let path = self.path_of(blob_id)?;
-        let file = Arc::new(File::open(&path).map_err(|e| Error::io(format!("open blob {}", path.display()), e))?);
+        let file = Arc::new(
+            File::open(&path).map_err(|e| Error::io(format!("open blob {}", path.display()), e))?,
+        );
         open.insert(blob_id.to_string(), file.clone());
         Ok(file)
     }
 }
 
 fn describe(paths: &[PathBuf]) -> String {
-    let dirs: Vec<String> = paths.iter().filter_map(|p| p.parent()).map(|d: &Path| d.display().to_string()).collect();
+    let dirs: Vec<String> = paths
+        .iter()
+        .filter_map(|p| p.parent())
+        .map(|d: &Path| d.display().to_string())
+        .collect();
     dirs.join(", ")
 }
 
@@ -82,6 +104,9 @@ impl BlobBackend for LocalFs {
 
     fn blob_size(&self, blob_id: &str) -> Result<u64> {
         let file = self.file(blob_id)?;
-        Ok(file.metadata().map_err(|e| Error::io(format!("stat blob {blob_id}"), e))?.len())
+        Ok(file
+            .metadata()
+            .map_err(|e| Error::io(format!("stat blob {blob_id}"), e))?
+            .len())
     }
 }

@@ -29,13 +29,21 @@ pub trait BlobBackend: Send + Sync {
 }
 
 /// The backend a daemon config names. Network backends arrive with the storage-backends work.
-pub fn backend_from_config(config: &crate::config::BackendConfig) -> Result<std::sync::Arc<dyn BlobBackend>> {
+pub fn backend_from_config(
+    config: &crate::config::BackendConfig,
+) -> Result<std::sync::Arc<dyn BlobBackend>> {
     match config {
-        crate::config::BackendConfig::LocalFs { dir, alt_dirs, blob_file } => {
-            Ok(std::sync::Arc::new(localfs::LocalFs::new(dir.clone(), alt_dirs.clone(), blob_file.clone())?))
-        }
-        crate::config::BackendConfig::Remote { kind, .. } => {
-            Err(Error::Unsupported(format!("storage backend type {kind:?} is not available in this build yet")))
-        }
+        crate::config::BackendConfig::LocalFs {
+            dir,
+            alt_dirs,
+            blob_file,
+        } => Ok(std::sync::Arc::new(localfs::LocalFs::new(
+            dir.clone(),
+            alt_dirs.clone(),
+            blob_file.clone(),
+        )?)),
+        crate::config::BackendConfig::Remote { kind, .. } => Err(Error::Unsupported(format!(
+            "storage backend type {kind:?} is not available in this build yet"
+        ))),
     }
 }

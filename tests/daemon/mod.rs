@@ -38,13 +38,24 @@ impl Daemon {
             .stderr(std::fs::OpenOptions::new().append(true).open(log).unwrap())
             .spawn()
             .expect("spawn rafsd");
-        let mut d = Daemon { child: Some(child), mountpoint: mountpoint.to_path_buf(), log: log.to_path_buf() };
+        let mut d = Daemon {
+            child: Some(child),
+            mountpoint: mountpoint.to_path_buf(),
+            log: log.to_path_buf(),
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !is_mounted(mountpoint) {
             if let Some(status) = d.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("rafsd exited with {status} before mounting:\n{}", d.log_text());
+                panic!(
+                    "rafsd exited with {status} before mounting:\n{}",
+                    d.log_text()
+                );
             }
-            assert!(Instant::now() < deadline, "rafsd did not mount within 30 s:\n{}", d.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "rafsd did not mount within 30 s:\n{}",
+                d.log_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         d
@@ -59,7 +70,9 @@ impl Daemon {
     }
 
     pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
     }
 
     /// SIGTERM, then wait (bounded) for a clean exit; the mount must be gone.
@@ -69,9 +82,16 @@ impl Daemon {
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let status = wait_bounded(&mut child, Duration::from_secs(20)).unwrap_or_else(|| {
             let _ = child.kill();
-            panic!("rafsd did not exit within 20 s of SIGTERM:\n{}", self.log_text())
+            panic!(
+                "rafsd did not exit within 20 s of SIGTERM:\n{}",
+                self.log_text()
+            )
         });
-        assert!(!is_mounted(&self.mountpoint), "rafsd exited but left {} mounted", self.mountpoint.display());
+        assert!(
+            !is_mounted(&self.mountpoint),
+            "rafsd exited but left {} mounted",
+            self.mountpoint.display()
+        );
         status
     }
 
@@ -111,12 +131,21 @@ pub fn wait_bounded(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
 
 /// Run `rafsd ARGS` to completion within `limit`; returns (exit code, combined output).
 pub fn run_bounded(args: &[&std::ffi::OsStr], limit: Duration) -> (Option<i32>, String) {
-    let out_path = std::env::temp_dir().join(format!("rafsd-run-{}-{:?}.log", std::process::id(), std::thread::current().id()));
+    let out_path = std::env::temp_dir().join(format!(
+        "rafsd-run-{}-{:?}.log",
+        std::process::id(),
+        std::thread::current().id()
+    ));
     let mut child = Command::new(env!("CARGO_BIN_EXE_rafsd"))
         .args(args)
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&out_path).unwrap())
-        .stderr(std::fs::OpenOptions::new().append(true).open(&out_path).unwrap())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&out_path)
+                .unwrap(),
+        )
         .spawn()
         .unwrap();
     let status = wait_bounded(&mut child, limit);

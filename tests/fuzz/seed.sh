@@ -41,10 +41,10 @@ done
 # point the blob table and the header at the copy. Where the CI array is (or, with the zstd tool, can be
 # made) uncompressed, also append the start of the blob's chunk data and move the CI entries' compressed
 # offsets onto it, so some file reads, batches and decompressions succeed end to end.
-python3 - "$fixtures" "$meta" <<'PY'
+python3 - "$fixtures" "$meta" "$inline" <<'PY'
 import os, shutil, struct, subprocess, sys
 
-fixtures, out = sys.argv[1], sys.argv[2]
+fixtures, out, inline_out = sys.argv[1], sys.argv[2], sys.argv[3]
 LIMIT = 1 << 20
 OFFSET_MASK = (1 << 40) - 1
 have_zstd = shutil.which("zstd") is not None
@@ -93,5 +93,46 @@ for case in sorted(os.listdir(fixtures)):
         data += ci + header + blob_head[:max(LIMIT - delta, 0)]
     with open(os.path.join(out, case + "-with-ci"), "wb") as f:
         f.write(data)
+
+# v5 regular files may carry HAS_HOLE (chunks need not cover the file), which the builder never sets: a
+# copy of each v5 bootstrap with the flag on every regular file starts the fuzzer on that read path.
+for case in sorted(os.listdir(fixtures)):
+    boot = os.path.join(fixtures, case, "bootstrap")
+    if not case.startswith("v5-") or not os.path.isfile(boot):
+        continue
+    data = bytearray(open(boot, "rb").read())
+    table, = struct.unpack_from("<Q", data, 32)
+    entries, = struct.unpack_from("<I", data, 56)
+    for slot in range(entries):
+        rec = struct.unpack_from("<I", data, table + slot * 4)[0] << 3
+        mode, = struct.unpack_from("<I", data, rec + 60)
+        if mode & 0o170000 == 0o100000:
+            flags, = struct.unpack_from("<Q", data, rec + 80)
+            struct.pack_into("<Q", data, rec + 80, flags | 0x8)
+    with open(os.path.join(out, case + "-holes"), "wb") as f:
+        f.write(data)
+
+# An inline-meta blob is 5.5 MiB, mostly chunk data. Keep only what follows the chunk data (blob meta,
+# digests, image.boot, ToC, with their tar headers) and move the ToC's offsets to match, so the
+# inline_blob target starts from a blob whose bootstrap extracts and verifies.
+for case in sorted(os.listdir(fixtures)):
+    blobs = os.path.join(fixtures, case, "blobs")
+    if os.path.isfile(os.path.join(fixtures, case, "bootstrap")) or not os.path.isdir(blobs):
+        continue
+    for name in sorted(os.listdir(blobs)):
+        data = open(os.path.join(blobs, name), "rb").read()
+        header = data[-512:]
+        if header[:13] != b"rafs.blob.toc":
+            continue
+        toc_size = int(header[124:136].rstrip(b"\0").strip() or b"0", 8)
+        toc = bytearray(data[-512 - toc_size:-512])
+        entries = [toc[i:i + 128] for i in range(0, len(toc), 128)]
+        cut = min(struct.unpack_from("<Q", e, 56)[0] for e in entries if e[8:24].rstrip(b"\0") != b"image.blob")
+        cut -= 512  # the tar header that precedes the first kept section
+        for i in range(0, len(toc), 128):
+            offset, = struct.unpack_from("<Q", toc, i + 56)
+            struct.pack_into("<Q", toc, i + 56, max(offset - cut, 0))
+        with open(os.path.join(inline_out, case + "-meta-only"), "wb") as f:
+            f.write(data[cut:-512 - toc_size] + toc + header)
 PY
 echo "seeded: $(ls "$meta" | wc -l) metadata inputs, $(ls "$inline" | wc -l) inline_blob inputs"

@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 
 use sha2::Digest;
 
-pub const COLUMNS: [&str; 11] = ["path", "type", "mode", "uid", "gid", "size", "nlink", "mtime", "target", "sha256", "xattrs"];
+pub const COLUMNS: [&str; 11] = [
+    "path", "type", "mode", "uid", "gid", "size", "nlink", "mtime", "target", "sha256", "xattrs",
+];
 
 /// The shared reference images: `$RAFSD_FIXTURES`, else ../shared/fixtures/rafs beside the checkout.
 pub fn fixtures_dir() -> PathBuf {
@@ -24,8 +26,16 @@ pub fn fixtures_dir() -> PathBuf {
 /// Case names from the fixtures' CASES file.
 pub fn cases() -> Vec<String> {
     let text = std::fs::read_to_string(fixtures_dir().join("CASES")).expect("read fixtures CASES");
-    let cases: Vec<String> = text.lines().filter_map(|l| l.split(':').next()).map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
-    assert!(cases.len() >= 9, "expected the nine reference cases, found {cases:?}");
+    let cases: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.split(':').next())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    assert!(
+        cases.len() >= 9,
+        "expected the nine reference cases, found {cases:?}"
+    );
     cases
 }
 
@@ -36,8 +46,15 @@ pub fn case_bootstrap(case: &str) -> PathBuf {
     if bootstrap.exists() {
         return bootstrap;
     }
-    let mut blobs: Vec<_> = std::fs::read_dir(dir.join("blobs")).unwrap().map(|e| e.unwrap().path()).collect();
-    assert_eq!(blobs.len(), 1, "inline-meta case {case} should have one blob");
+    let mut blobs: Vec<_> = std::fs::read_dir(dir.join("blobs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(
+        blobs.len(),
+        1,
+        "inline-meta case {case} should have one blob"
+    );
     blobs.pop().unwrap()
 }
 
@@ -48,7 +65,8 @@ pub fn case_blob_dir(case: &str) -> PathBuf {
 pub type Row = BTreeMap<&'static str, String>;
 
 pub fn load_manifest() -> Vec<Row> {
-    let text = std::fs::read_to_string(fixtures_dir().join("manifest.tsv")).expect("read manifest.tsv");
+    let text =
+        std::fs::read_to_string(fixtures_dir().join("manifest.tsv")).expect("read manifest.tsv");
     let mut lines = text.lines();
     let header: Vec<&str> = lines.next().unwrap().split('\t').collect();
     assert_eq!(header, COLUMNS, "manifest.tsv columns changed");
@@ -56,14 +74,22 @@ pub fn load_manifest() -> Vec<Row> {
         .map(|l| {
             let fields: Vec<&str> = l.split('\t').collect();
             assert_eq!(fields.len(), COLUMNS.len(), "bad manifest line {l:?}");
-            COLUMNS.iter().zip(fields).map(|(c, f)| (*c, f.to_string())).collect()
+            COLUMNS
+                .iter()
+                .zip(fields)
+                .map(|(c, f)| (*c, f.to_string()))
+                .collect()
         })
         .collect()
 }
 
 /// What the tree shows at `root/rel`, in manifest terms.
 pub fn probe(root: &Path, rel: &str) -> std::io::Result<Row> {
-    let path = if rel == "." { root.to_path_buf() } else { root.join(rel) };
+    let path = if rel == "." {
+        root.to_path_buf()
+    } else {
+        root.join(rel)
+    };
     let md = std::fs::symlink_metadata(&path)?;
     let ft = md.file_type();
     let t = if ft.is_file() {
@@ -87,11 +113,28 @@ pub fn probe(root: &Path, rel: &str) -> std::io::Result<Row> {
     row.insert("mode", format!("{:o}", md.mode() & 0o7777));
     row.insert("uid", md.uid().to_string());
     row.insert("gid", md.gid().to_string());
-    row.insert("size", if t == "d" { String::new() } else { md.size().to_string() });
-    row.insert("nlink", if t == "d" { String::new() } else { md.nlink().to_string() });
+    row.insert(
+        "size",
+        if t == "d" {
+            String::new()
+        } else {
+            md.size().to_string()
+        },
+    );
+    row.insert(
+        "nlink",
+        if t == "d" {
+            String::new()
+        } else {
+            md.nlink().to_string()
+        },
+    );
     row.insert("mtime", md.mtime().to_string());
     let target = match t {
-        "l" => std::fs::read_link(&path)?.as_os_str().to_string_lossy().into_owned(),
+        "l" => std::fs::read_link(&path)?
+            .as_os_str()
+            .to_string_lossy()
+            .into_owned(),
         "c" | "b" => format!("{}:{}", libc::major(md.rdev()), libc::minor(md.rdev())),
         _ => String::new(),
     };
@@ -122,20 +165,38 @@ fn xattrs(path: &Path) -> std::io::Result<String> {
     let n = unsafe { libc::llistxattr(c.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
     if n < 0 {
         let e = std::io::Error::last_os_error();
-        return if e.raw_os_error() == Some(libc::ENOTSUP) { Ok(String::new()) } else { Err(e) };
+        return if e.raw_os_error() == Some(libc::ENOTSUP) {
+            Ok(String::new())
+        } else {
+            Err(e)
+        };
     }
-    let mut list: Vec<Vec<u8>> = names[..n as usize].split(|&b| b == 0).filter(|s| !s.is_empty()).map(|s| s.to_vec()).collect();
+    let mut list: Vec<Vec<u8>> = names[..n as usize]
+        .split(|&b| b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.to_vec())
+        .collect();
     list.sort();
     let mut out = Vec::new();
     for name in list {
         let cn = CString::new(name.clone()).unwrap();
         let mut value = vec![0u8; 65536];
         // SAFETY: valid path, name and buffer.
-        let len = unsafe { libc::lgetxattr(c.as_ptr(), cn.as_ptr(), value.as_mut_ptr().cast(), value.len()) };
+        let len = unsafe {
+            libc::lgetxattr(
+                c.as_ptr(),
+                cn.as_ptr(),
+                value.as_mut_ptr().cast(),
+                value.len(),
+            )
+        };
         if len < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        let hex: String = value[..len as usize].iter().map(|b| format!("{b:02x}")).collect();
+        let hex: String = value[..len as usize]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         out.push(format!("{}={hex}", String::from_utf8_lossy(&name)));
     }
     Ok(out.join(","))
@@ -150,7 +211,10 @@ pub struct Allowances {
 }
 
 pub fn allowances_for(case: &str) -> Allowances {
-    Allowances { skip_root_mtime: true, owner_is_reader: case.contains("repeatable") }
+    Allowances {
+        skip_root_mtime: true,
+        owner_is_reader: case.contains("repeatable"),
+    }
 }
 
 /// Every mismatch between the tree at `root` and the manifest, one line each (empty = identical).
@@ -182,7 +246,10 @@ pub fn compare_tree(root: &Path, allow: Allowances) -> Vec<String> {
                 continue;
             }
             if got[col] != expected {
-                problems.push(format!("{rel}: {col}: want {expected:?} got {:?}", got[col]));
+                problems.push(format!(
+                    "{rel}: {col}: want {expected:?} got {:?}",
+                    got[col]
+                ));
             }
         }
     }
@@ -204,5 +271,9 @@ pub fn compare_tree(root: &Path, allow: Allowances) -> Vec<String> {
 
 pub fn assert_root(what: &str) {
     // SAFETY: plain getter.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "{what} needs root (device nodes, owners, trusted.* xattrs); CI runs as root");
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "{what} needs root (device nodes, owners, trusted.* xattrs); CI runs as root"
+    );
 }

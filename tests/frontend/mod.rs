@@ -1,0 +1,1275 @@
+//! A test-only vhost-user *frontend*: it plays the VMM (and the guest's virtio-fs driver) against the
+//! `rafsd virtiofs` device. Guest RAM is a memfd shared through SET_MEM_TABLE; the split virtqueues
+//! (descriptor table, avail ring, used ring) are laid out here by hand; requests are kicked through an
+//! eventfd and completions awaited on the call eventfd, with EVENT_IDX and INDIRECT_DESC as a Linux guest
+//! uses them. FUSE messages are encoded with fuse-backend-rs's ABI structs.
+//!
+//! Every wait is bounded: vhost-user messages (socket timeouts), used-ring completions (`poll` on the
+//! call eventfd), the daemon start and the admin API. Shared by tests/vhost_frontend.rs and the
+//! benchmark tests/bench/virtiofs.rs.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{fence, Ordering};
+use std::time::{Duration, Instant};
+
+use fuse_backend_rs::abi::fuse_abi::{
+    AttrOut, Direntplus, EntryOut, ForgetIn, FsOptions, GetattrIn, GetxattrIn, GetxattrOut,
+    InHeader, InitIn, InitOut, Opcode, OpenIn, OpenOut, OutHeader, ReadIn, ReleaseIn,
+    KERNEL_MINOR_VERSION, KERNEL_VERSION,
+};
+use vhost::vhost_user::message::VhostUserHeaderFlag;
+use vhost::vhost_user::{
+    Frontend, VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use vm_memory::{ByteValued, Bytes, FileOffset, GuestAddress, GuestMemory, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Bound on every single wait: a vhost-user reply, a used-ring completion, an API reply.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+const DESC_F_NEXT: u16 = 1;
+const DESC_F_WRITE: u16 = 2;
+const DESC_F_INDIRECT: u16 = 4;
+const USED_F_NO_NOTIFY: u16 = 1;
+const PAGE: u64 = 4096;
+
+fn err(msg: impl Into<String>) -> io::Error {
+    io::Error::other(msg.into())
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Guest RAM
+// ---------------------------------------------------------------------------------------------------
+
+/// "Guest RAM": one memfd mapped at guest physical address 0, shared with the device by SET_MEM_TABLE.
+pub struct GuestRam {
+    pub mem: GuestMemoryMmap,
+    size: u64,
+    next: u64,
+}
+
+impl GuestRam {
+    pub fn new(size: usize) -> io::Result<Self> {
+        let name = CString::new("rafsd-test-guest-ram").unwrap();
+        // SAFETY: valid NUL-terminated name; the returned fd is owned by the File below.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor nobody else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(size as u64)?;
+        let mem = GuestMemoryMmap::from_ranges_with_files([(
+            GuestAddress(0),
+            size,
+            Some(FileOffset::new(file, 0)),
+        )])
+        .map_err(|e| err(format!("map guest RAM: {e}")))?;
+        Ok(GuestRam {
+            mem,
+            size: size as u64,
+            next: 0,
+        })
+    }
+
+    /// Carve `len` bytes (page aligned) out of guest RAM; never freed (the RAM lives as long as the guest).
+    pub fn alloc(&mut self, len: u64) -> GuestAddress {
+        let start = self.next;
+        self.next = (start + len).div_ceil(PAGE) * PAGE;
+        assert!(
+            self.next <= self.size,
+            "guest RAM of {} bytes exhausted",
+            self.size
+        );
+        GuestAddress(start)
+    }
+
+    pub fn region(&self) -> VhostUserMemoryRegionInfo {
+        VhostUserMemoryRegionInfo::from_guest_region(self.mem.iter().next().expect("one region"))
+            .expect("file-backed region")
+    }
+
+    /// The address of guest memory in this process, which is what SET_VRING_ADDR carries ("VMM addresses").
+    fn vmm_addr(&self, gpa: GuestAddress) -> u64 {
+        self.region().userspace_addr + gpa.0
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Split virtqueue, driver side
+// ---------------------------------------------------------------------------------------------------
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct Desc {
+    addr: u64,
+    len: u32,
+    flags: u16,
+    next: u16,
+}
+// SAFETY: plain old data without padding.
+unsafe impl ByteValued for Desc {}
+
+/// A request as the guest driver builds it: device-readable buffers, then device-writable buffer sizes.
+#[derive(Clone, Default)]
+pub struct Chain {
+    pub readable: Vec<Vec<u8>>,
+    pub writable: Vec<u32>,
+    /// Put the whole chain in an indirect table (one ring descriptor).
+    pub indirect: bool,
+    /// Raw descriptors written as they are (addresses, lengths and flags not checked): hostile input.
+    pub raw: Option<Vec<(u64, u32, u16, u16)>>,
+    /// Copy at most this many reply bytes out of guest RAM (a guest uses the data where it landed).
+    pub peek: Option<u32>,
+}
+
+/// A used-ring entry with the device-written bytes (the first `len` bytes of the writable buffers).
+pub struct Completion {
+    pub head: u16,
+    pub len: u32,
+    pub data: Vec<u8>,
+}
+
+struct Inflight {
+    descs: Vec<u16>,
+    slot: usize,
+    writable: Vec<(GuestAddress, u32)>,
+    peek: Option<u32>,
+}
+
+pub struct Virtqueue {
+    pub index: usize,
+    size: u16,
+    desc: GuestAddress,
+    avail: GuestAddress,
+    used: GuestAddress,
+    pub kick: EventFd,
+    pub call: EventFd,
+    event_idx: bool,
+    avail_idx: u16,
+    /// avail idx when we last decided whether to kick.
+    notified_idx: u16,
+    last_used: u16,
+    free: Vec<u16>,
+    slots: Vec<GuestAddress>,
+    slot_len: u64,
+    free_slots: Vec<usize>,
+    inflight: HashMap<u16, Inflight>,
+    pub kicks: u64,
+    pub kicks_suppressed: u64,
+}
+
+impl Virtqueue {
+    /// Lay the rings out in guest RAM (all zero: avail/used idx 0, no flags), plus `slots` data areas of
+    /// `slot_len` bytes each for requests in flight.
+    fn new(
+        ram: &mut GuestRam,
+        index: usize,
+        size: u16,
+        event_idx: bool,
+        slots: usize,
+        slot_len: u64,
+    ) -> io::Result<Self> {
+        let n = size as u64;
+        let desc = ram.alloc(16 * n);
+        let avail = ram.alloc(6 + 2 * n);
+        let used = ram.alloc(6 + 8 * n);
+        let slots: Vec<GuestAddress> = (0..slots).map(|_| ram.alloc(slot_len)).collect();
+        Ok(Virtqueue {
+            index,
+            size,
+            desc,
+            avail,
+            used,
+            kick: EventFd::new(libc::EFD_NONBLOCK)?,
+            call: EventFd::new(libc::EFD_NONBLOCK)?,
+            event_idx,
+            avail_idx: 0,
+            notified_idx: 0,
+            last_used: 0,
+            free: (0..size).rev().collect(),
+            free_slots: (0..slots.len()).rev().collect(),
+            slots,
+            slot_len,
+            inflight: HashMap::new(),
+            kicks: 0,
+            kicks_suppressed: 0,
+        })
+    }
+
+    fn config(&self, ram: &GuestRam) -> VringConfigData {
+        VringConfigData {
+            queue_max_size: self.size,
+            queue_size: self.size,
+            flags: 0,
+            desc_table_addr: ram.vmm_addr(self.desc),
+            used_ring_addr: ram.vmm_addr(self.used),
+            avail_ring_addr: ram.vmm_addr(self.avail),
+            log_addr: None,
+        }
+    }
+
+    /// The descriptor id the next single-descriptor chain will get.
+    pub fn next_free(&self) -> Option<u16> {
+        self.free.last().copied()
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.inflight.len()
+    }
+
+    fn write_desc(&self, ram: &GuestRam, table: GuestAddress, i: u16, d: Desc) {
+        ram.mem
+            .write_obj(d, GuestAddress(table.0 + 16 * i as u64))
+            .unwrap();
+    }
+
+    /// Write a request into a free slot and publish it in the avail ring (no kick yet: see `notify`).
+    pub fn submit(&mut self, ram: &GuestRam, chain: &Chain) -> io::Result<u16> {
+        let slot = self
+            .free_slots
+            .pop()
+            .ok_or_else(|| err(format!("queue {}: no free request slot", self.index)))?;
+        let base = self.slots[slot];
+        let mut bump = base.0;
+        let mut take = |len: u64| -> io::Result<GuestAddress> {
+            let at = GuestAddress(bump);
+            bump = (bump + len).div_ceil(8) * 8;
+            if bump > base.0 + self.slot_len {
+                return Err(err("request larger than its slot"));
+            }
+            Ok(at)
+        };
+        // The buffers, in order: readable then writable.
+        let mut bufs: Vec<Desc> = Vec::new();
+        let mut writable = Vec::new();
+        if let Some(raw) = &chain.raw {
+            bufs.extend(raw.iter().map(|&(addr, len, flags, next)| Desc {
+                addr,
+                len,
+                flags,
+                next,
+            }));
+        } else {
+            for r in &chain.readable {
+                let at = take(r.len() as u64)?;
+                ram.mem.write_slice(r, at).unwrap();
+                bufs.push(Desc {
+                    addr: at.0,
+                    len: r.len() as u32,
+                    flags: 0,
+                    next: 0,
+                });
+            }
+            for &w in &chain.writable {
+                let at = take(w as u64)?;
+                bufs.push(Desc {
+                    addr: at.0,
+                    len: w,
+                    flags: DESC_F_WRITE,
+                    next: 0,
+                });
+                writable.push((at, w));
+            }
+        }
+        let descs: Vec<u16>;
+        let head;
+        if chain.indirect {
+            let table = take(16 * bufs.len() as u64)?;
+            let last = bufs.len().saturating_sub(1);
+            for (i, mut d) in bufs.into_iter().enumerate() {
+                if chain.raw.is_none() && i < last {
+                    d.flags |= DESC_F_NEXT;
+                    d.next = i as u16 + 1;
+                }
+                self.write_desc(ram, table, i as u16, d);
+            }
+            let d = self
+                .free
+                .pop()
+                .ok_or_else(|| err("descriptor table full"))?;
+            self.write_desc(
+                ram,
+                self.desc,
+                d,
+                Desc {
+                    addr: table.0,
+                    len: (16 * (last + 1)) as u32,
+                    flags: DESC_F_INDIRECT,
+                    next: 0,
+                },
+            );
+            descs = vec![d];
+            head = d;
+        } else {
+            if bufs.len() > self.free.len() {
+                self.free_slots.push(slot);
+                return Err(err("descriptor table full"));
+            }
+            let ids: Vec<u16> = (0..bufs.len()).map(|_| self.free.pop().unwrap()).collect();
+            for (i, mut d) in bufs.into_iter().enumerate() {
+                if chain.raw.is_none() && i + 1 < ids.len() {
+                    d.flags |= DESC_F_NEXT;
+                    d.next = ids[i + 1];
+                }
+                self.write_desc(ram, self.desc, ids[i], d);
+            }
+            head = ids[0];
+            descs = ids;
+        }
+        // Publish: ring entry, then (after a barrier) the new avail idx.
+        let ring = GuestAddress(self.avail.0 + 4 + 2 * (self.avail_idx % self.size) as u64);
+        ram.mem.write_obj(head.to_le(), ring).unwrap();
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        fence(Ordering::SeqCst);
+        ram.mem
+            .store(
+                self.avail_idx.to_le(),
+                GuestAddress(self.avail.0 + 2),
+                Ordering::Release,
+            )
+            .unwrap();
+        self.inflight.insert(
+            head,
+            Inflight {
+                descs,
+                slot,
+                writable,
+                peek: chain.peek,
+            },
+        );
+        Ok(head)
+    }
+
+    /// Kick the device if it asked for it (EVENT_IDX avail_event, or no VRING_USED_F_NO_NOTIFY).
+    pub fn notify(&mut self, ram: &GuestRam) {
+        fence(Ordering::SeqCst);
+        let (old, new) = (self.notified_idx, self.avail_idx);
+        self.notified_idx = new;
+        if old == new {
+            return;
+        }
+        let needed = if self.event_idx {
+            let ev: u16 = ram
+                .mem
+                .load(
+                    GuestAddress(self.used.0 + 4 + 8 * self.size as u64),
+                    Ordering::Acquire,
+                )
+                .unwrap();
+            new.wrapping_sub(ev).wrapping_sub(1) < new.wrapping_sub(old)
+        } else {
+            let flags: u16 = ram.mem.load(self.used, Ordering::Acquire).unwrap();
+            flags & USED_F_NO_NOTIFY == 0
+        };
+        if needed {
+            self.kick.write(1).unwrap();
+            self.kicks += 1;
+        } else {
+            self.kicks_suppressed += 1;
+        }
+    }
+
+    fn used_idx(&self, ram: &GuestRam) -> u16 {
+        u16::from_le(
+            ram.mem
+                .load(GuestAddress(self.used.0 + 2), Ordering::Acquire)
+                .unwrap(),
+        )
+    }
+
+    /// Reap everything the device has put in the used ring; wait (bounded by `timeout`) for at least one.
+    pub fn wait_used(&mut self, ram: &GuestRam, timeout: Duration) -> io::Result<Vec<Completion>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.event_idx {
+                // "Interrupt me when the entry at last_used is written."
+                let at = GuestAddress(self.avail.0 + 4 + 2 * self.size as u64);
+                ram.mem
+                    .store(self.last_used.to_le(), at, Ordering::Release)
+                    .unwrap();
+                fence(Ordering::SeqCst);
+            }
+            let idx = self.used_idx(ram);
+            if idx != self.last_used {
+                let mut done = Vec::new();
+                while self.last_used != idx {
+                    let at =
+                        GuestAddress(self.used.0 + 4 + 8 * (self.last_used % self.size) as u64);
+                    let id = u32::from_le(ram.mem.read_obj::<u32>(at).unwrap());
+                    let len =
+                        u32::from_le(ram.mem.read_obj::<u32>(GuestAddress(at.0 + 4)).unwrap());
+                    self.last_used = self.last_used.wrapping_add(1);
+                    let head = u16::try_from(id).map_err(|_| {
+                        err(format!("queue {}: used id {id} out of range", self.index))
+                    })?;
+                    let f = self.inflight.remove(&head).ok_or_else(|| {
+                        err(format!(
+                            "queue {}: used id {head} was not in flight",
+                            self.index
+                        ))
+                    })?;
+                    if f.writable.iter().map(|w| w.1 as u64).sum::<u64>() < len as u64 {
+                        return Err(err(format!(
+                            "queue {}: used len {len} exceeds the writable buffers",
+                            self.index
+                        )));
+                    }
+                    let mut left = len.min(f.peek.unwrap_or(u32::MAX)) as usize;
+                    let mut data = Vec::with_capacity(left);
+                    for (at, wlen) in &f.writable {
+                        if left == 0 {
+                            break;
+                        }
+                        let n = left.min(*wlen as usize);
+                        let start = data.len();
+                        data.resize(start + n, 0);
+                        ram.mem.read_slice(&mut data[start..], *at).unwrap();
+                        left -= n;
+                    }
+                    self.free.extend(f.descs);
+                    self.free_slots.push(f.slot);
+                    done.push(Completion { head, len, data });
+                }
+                return Ok(done);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("queue {}: no used buffer within {timeout:?}", self.index),
+                ));
+            }
+            let mut pfd = libc::pollfd {
+                fd: self.call.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = (deadline - now).as_millis().clamp(1, i32::MAX as u128) as i32;
+            // SAFETY: one valid pollfd.
+            let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if r < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+                return Err(io::Error::last_os_error());
+            }
+            if r > 0 {
+                let _ = self.call.read();
+            }
+        }
+    }
+
+    /// Whether the call eventfd fired (consumes it): for "no interrupt was sent" checks.
+    pub fn take_interrupt(&self) -> bool {
+        self.call.read().is_ok()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// vhost-user connection
+// ---------------------------------------------------------------------------------------------------
+
+#[derive(Clone)]
+pub struct Options {
+    /// Request queues to set up (the hiprio queue 0 always is).
+    pub request_queues: usize,
+    pub queue_size: u16,
+    pub event_idx: bool,
+    pub indirect: bool,
+    /// Requests that may be in flight per queue, and the guest RAM each may use.
+    pub slots: usize,
+    pub slot_len: u64,
+    /// Split read buffers into descriptors of this size (a guest's pages).
+    pub page: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            request_queues: 2,
+            queue_size: 128,
+            event_idx: true,
+            indirect: true,
+            slots: 4,
+            slot_len: 2 << 20,
+            page: 4096,
+        }
+    }
+}
+
+/// One VMM connection: the vhost-user session, guest RAM and the virtqueues.
+pub struct VhostConn {
+    pub frontend: Frontend,
+    pub ram: GuestRam,
+    /// Queue 0 is hiprio; 1.. are request queues.
+    pub queues: Vec<Virtqueue>,
+    pub features: u64,
+    pub protocol: VhostUserProtocolFeatures,
+    pub device_queues: u64,
+    /// Our end of the backend request channel (SET_BACKEND_REQ_FD), kept open for the session.
+    _backend_req: Option<UnixStream>,
+}
+
+/// Connect to the device socket, retrying (bounded) while it is not there yet or being re-created.
+pub fn connect_socket(sock: &Path, limit: Duration) -> io::Result<UnixStream> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match UnixStream::connect(sock) {
+            Ok(s) => return Ok(s),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(err(format!("connect {}: {e}", sock.display())))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
+
+impl VhostConn {
+    /// The handshake a VMM (QEMU's vhost-user-fs-pci) does, then vrings set up and enabled.
+    pub fn connect(sock: &Path, opts: &Options) -> io::Result<Self> {
+        let stream = connect_socket(sock, WAIT)?;
+        Self::handshake(stream, opts)
+    }
+
+    pub fn handshake(stream: UnixStream, opts: &Options) -> io::Result<Self> {
+        stream.set_read_timeout(Some(WAIT))?;
+        stream.set_write_timeout(Some(WAIT))?;
+        let ve = |what: &'static str| move |e: vhost::Error| err(format!("vhost-user {what}: {e}"));
+        let nq = 1 + opts.request_queues;
+        let mut fe = Frontend::from_stream(stream, nq as u64);
+        fe.set_owner().map_err(ve("SET_OWNER"))?;
+        let offered = fe.get_features().map_err(ve("GET_FEATURES"))?;
+        let mut want =
+            (1u64 << VIRTIO_F_VERSION_1) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if opts.event_idx {
+            want |= 1 << VIRTIO_RING_F_EVENT_IDX;
+        }
+        if opts.indirect {
+            want |= 1 << VIRTIO_RING_F_INDIRECT_DESC;
+        }
+        if offered & want != want {
+            return Err(err(format!(
+                "device offers features {offered:#x}, we need {want:#x}"
+            )));
+        }
+        let offered_pf = fe
+            .get_protocol_features()
+            .map_err(ve("GET_PROTOCOL_FEATURES"))?;
+        let protocol = offered_pf
+            & (VhostUserProtocolFeatures::MQ
+                | VhostUserProtocolFeatures::REPLY_ACK
+                | VhostUserProtocolFeatures::BACKEND_REQ);
+        fe.set_protocol_features(protocol)
+            .map_err(ve("SET_PROTOCOL_FEATURES"))?;
+        if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+            // Every message is acknowledged: the device has applied it before we send the next one.
+            fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        }
+        let device_queues = if protocol.contains(VhostUserProtocolFeatures::MQ) {
+            fe.get_queue_num().map_err(ve("GET_QUEUE_NUM"))?
+        } else {
+            1
+        };
+        if (device_queues as usize) < nq {
+            return Err(err(format!(
+                "device has {device_queues} queues, we want {nq}"
+            )));
+        }
+        let backend_req = if protocol.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
+            let (ours, theirs) = UnixStream::pair()?;
+            fe.set_backend_request_fd(&theirs)
+                .map_err(ve("SET_BACKEND_REQ_FD"))?;
+            Some(ours)
+        } else {
+            None
+        };
+        fe.set_features(want).map_err(ve("SET_FEATURES"))?;
+
+        // Guest RAM: the rings plus request slots for every queue.
+        let per_queue = 16 * opts.queue_size as u64
+            + 3 * PAGE
+            + 8 * opts.queue_size as u64
+            + opts.slots as u64 * opts.slot_len;
+        let mut ram = GuestRam::new(
+            ((per_queue + PAGE) * nq as u64).div_ceil(1 << 20) as usize * (1 << 20) + (1 << 20),
+        )?;
+        let queues: Vec<Virtqueue> = (0..nq)
+            .map(|i| {
+                Virtqueue::new(
+                    &mut ram,
+                    i,
+                    opts.queue_size,
+                    opts.event_idx,
+                    opts.slots,
+                    opts.slot_len,
+                )
+            })
+            .collect::<io::Result<_>>()?;
+        fe.set_mem_table(&[ram.region()])
+            .map_err(ve("SET_MEM_TABLE"))?;
+        for q in &queues {
+            fe.set_vring_num(q.index, q.size)
+                .map_err(ve("SET_VRING_NUM"))?;
+            fe.set_vring_base(q.index, 0)
+                .map_err(ve("SET_VRING_BASE"))?;
+            fe.set_vring_addr(q.index, &q.config(&ram))
+                .map_err(ve("SET_VRING_ADDR"))?;
+            fe.set_vring_kick(q.index, &q.kick)
+                .map_err(ve("SET_VRING_KICK"))?;
+            fe.set_vring_call(q.index, &q.call)
+                .map_err(ve("SET_VRING_CALL"))?;
+        }
+        for q in &queues {
+            fe.set_vring_enable(q.index, true)
+                .map_err(ve("SET_VRING_ENABLE"))?;
+        }
+        Ok(VhostConn {
+            frontend: fe,
+            ram,
+            queues,
+            features: want,
+            protocol,
+            device_queues,
+            _backend_req: backend_req,
+        })
+    }
+
+    /// Submit one chain on queue `q`, kick, and wait (bounded) for its completion.
+    pub fn roundtrip(&mut self, q: usize, chain: &Chain) -> io::Result<Completion> {
+        let vq = &mut self.queues[q];
+        let head = vq.submit(&self.ram, chain)?;
+        vq.notify(&self.ram);
+        let mut done = vq.wait_used(&self.ram, WAIT)?;
+        if done.len() != 1 || done[0].head != head {
+            return Err(err(format!(
+                "queue {q}: expected completion of {head}, got {:?}",
+                done.iter().map(|c| c.head).collect::<Vec<_>>()
+            )));
+        }
+        Ok(done.pop().unwrap())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// FUSE over the virtqueues
+// ---------------------------------------------------------------------------------------------------
+
+/// A FUSE reply: the header and the bytes after it.
+pub struct Reply {
+    pub header: OutHeader,
+    pub body: Vec<u8>,
+}
+
+/// A directory entry from READDIRPLUS.
+#[derive(Debug, Clone)]
+pub struct DirEntryPlus {
+    pub name: Vec<u8>,
+    pub nodeid: u64,
+    pub ino: u64,
+    pub off: u64,
+    pub type_: u32,
+    pub mode: u32,
+    pub size: u64,
+}
+
+pub enum Xattr {
+    Size(u32),
+    Value(Vec<u8>),
+}
+
+fn fuse_errno(h: &OutHeader) -> io::Result<()> {
+    if h.error < 0 {
+        Err(io::Error::from_raw_os_error(-h.error))
+    } else {
+        Ok(())
+    }
+}
+
+fn read_obj<T: ByteValued + Default>(b: &[u8]) -> io::Result<T> {
+    // Reply bytes are not aligned for T: copy through a default value.
+    let mut v = T::default();
+    let n = std::mem::size_of::<T>();
+    if b.len() < n {
+        return Err(err(format!("reply body of {} bytes, want {n}", b.len())));
+    }
+    v.as_mut_slice().copy_from_slice(&b[..n]);
+    Ok(v)
+}
+
+fn cstr(name: &[u8]) -> Vec<u8> {
+    let mut v = name.to_vec();
+    v.push(0);
+    v
+}
+
+/// The guest's FUSE client: what the virtio-fs driver of a Linux guest sends.
+pub struct Guest {
+    pub conn: VhostConn,
+    opts: Options,
+    unique: u64,
+    /// Request queue used by the typed calls below.
+    pub queue: usize,
+    pub init: Option<InitOut>,
+}
+
+pub const ROOT: u64 = 1;
+
+impl Guest {
+    pub fn connect(sock: &Path, opts: Options) -> io::Result<Self> {
+        let conn = VhostConn::connect(sock, &opts)?;
+        Ok(Guest {
+            conn,
+            opts,
+            unique: 0,
+            queue: 1,
+            init: None,
+        })
+    }
+
+    /// Build the chain of one FUSE request: the in-header and each argument in its own readable
+    /// descriptor (as the Linux driver does), the out-header and the reply data in writable ones, reply
+    /// data split into pages.
+    pub fn request_chain(
+        &mut self,
+        opcode: u32,
+        nodeid: u64,
+        args: &[&[u8]],
+        reply_len: u32,
+    ) -> (u64, Chain) {
+        self.unique += 2;
+        let len = std::mem::size_of::<InHeader>() + args.iter().map(|a| a.len()).sum::<usize>();
+        let h = InHeader {
+            len: len as u32,
+            opcode,
+            unique: self.unique,
+            nodeid,
+            uid: 0,
+            gid: 0,
+            pid: 1,
+            padding: 0,
+        };
+        let mut readable = vec![h.as_slice().to_vec()];
+        readable.extend(args.iter().filter(|a| !a.is_empty()).map(|a| a.to_vec()));
+        let mut writable = vec![std::mem::size_of::<OutHeader>() as u32];
+        let mut left = reply_len;
+        while left > 0 {
+            let n = left.min(self.opts.page);
+            writable.push(n);
+            left -= n;
+        }
+        // Direct chains must fit in the ring; a Linux guest uses an indirect table for long ones.
+        let indirect = self.opts.indirect && readable.len() + writable.len() > 2;
+        (
+            self.unique,
+            Chain {
+                readable,
+                writable,
+                indirect,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// Send one request on the current queue and check the reply's framing (unique, len = used len).
+    pub fn call(
+        &mut self,
+        opcode: Opcode,
+        nodeid: u64,
+        args: &[&[u8]],
+        reply_len: u32,
+    ) -> io::Result<Reply> {
+        self.call_peek(opcode, nodeid, args, reply_len, None)
+    }
+
+    /// `call`, copying at most `peek` reply bytes (header included) out of guest RAM.
+    pub fn call_peek(
+        &mut self,
+        opcode: Opcode,
+        nodeid: u64,
+        args: &[&[u8]],
+        reply_len: u32,
+        peek: Option<u32>,
+    ) -> io::Result<Reply> {
+        let (unique, mut chain) = self.request_chain(opcode as u32, nodeid, args, reply_len);
+        chain.peek = peek;
+        let c = self.conn.roundtrip(self.queue, &chain)?;
+        let header: OutHeader = read_obj(&c.data)?;
+        if header.unique != unique {
+            return Err(err(format!(
+                "{opcode:?}: reply for unique {} to request {unique}",
+                header.unique
+            )));
+        }
+        if header.len != c.len {
+            return Err(err(format!(
+                "{opcode:?}: header len {} but used len {}",
+                header.len, c.len
+            )));
+        }
+        let mut body = c.data;
+        body.drain(..std::mem::size_of::<OutHeader>());
+        Ok(Reply { header, body })
+    }
+
+    fn call_ok(
+        &mut self,
+        opcode: Opcode,
+        nodeid: u64,
+        args: &[&[u8]],
+        reply_len: u32,
+    ) -> io::Result<Vec<u8>> {
+        let r = self.call(opcode, nodeid, args, reply_len)?;
+        fuse_errno(&r.header)?;
+        Ok(r.body)
+    }
+
+    pub fn fuse_init(&mut self) -> io::Result<InitOut> {
+        let flags = FsOptions::ASYNC_READ
+            | FsOptions::BIG_WRITES
+            | FsOptions::DO_READDIRPLUS
+            | FsOptions::READDIRPLUS_AUTO
+            | FsOptions::PARALLEL_DIROPS
+            | FsOptions::MAX_PAGES
+            | FsOptions::CACHE_SYMLINKS;
+        let init = InitIn {
+            major: KERNEL_VERSION,
+            minor: KERNEL_MINOR_VERSION,
+            max_readahead: 128 << 10,
+            flags: flags.bits() as u32,
+        };
+        let body = self.call_ok(
+            Opcode::Init,
+            0,
+            &[init.as_slice()],
+            std::mem::size_of::<InitOut>() as u32,
+        )?;
+        let out: InitOut = read_obj(&body)?;
+        self.init = Some(out);
+        Ok(out)
+    }
+
+    pub fn lookup(&mut self, parent: u64, name: &[u8]) -> io::Result<EntryOut> {
+        let name = cstr(name);
+        let e: EntryOut = read_obj(&self.call_ok(
+            Opcode::Lookup,
+            parent,
+            &[&name],
+            std::mem::size_of::<EntryOut>() as u32,
+        )?)?;
+        if e.nodeid == 0 {
+            return Err(io::Error::from_raw_os_error(libc::ENOENT));
+        }
+        Ok(e)
+    }
+
+    /// LOOKUP each component of `path` from `start`.
+    pub fn lookup_path(&mut self, start: u64, path: &str) -> io::Result<EntryOut> {
+        let mut e = None;
+        let mut at = start;
+        for part in path.split('/').filter(|p| !p.is_empty()) {
+            let found = self.lookup(at, part.as_bytes())?;
+            at = found.nodeid;
+            e = Some(found);
+        }
+        e.ok_or_else(|| err("empty path"))
+    }
+
+    pub fn getattr(&mut self, nodeid: u64) -> io::Result<AttrOut> {
+        let a = GetattrIn::default();
+        read_obj(&self.call_ok(
+            Opcode::Getattr,
+            nodeid,
+            &[a.as_slice()],
+            std::mem::size_of::<AttrOut>() as u32,
+        )?)
+    }
+
+    pub fn open(&mut self, nodeid: u64) -> io::Result<OpenOut> {
+        let a = OpenIn {
+            flags: libc::O_RDONLY as u32,
+            fuse_flags: 0,
+        };
+        read_obj(&self.call_ok(
+            Opcode::Open,
+            nodeid,
+            &[a.as_slice()],
+            std::mem::size_of::<OpenOut>() as u32,
+        )?)
+    }
+
+    pub fn opendir(&mut self, nodeid: u64) -> io::Result<OpenOut> {
+        let a = OpenIn {
+            flags: (libc::O_RDONLY | libc::O_DIRECTORY) as u32,
+            fuse_flags: 0,
+        };
+        read_obj(&self.call_ok(
+            Opcode::Opendir,
+            nodeid,
+            &[a.as_slice()],
+            std::mem::size_of::<OpenOut>() as u32,
+        )?)
+    }
+
+    pub fn release(&mut self, nodeid: u64, fh: u64, dir: bool) -> io::Result<()> {
+        let a = ReleaseIn {
+            fh,
+            flags: libc::O_RDONLY as u32,
+            release_flags: 0,
+            lock_owner: 0,
+        };
+        self.call_ok(
+            if dir {
+                Opcode::Releasedir
+            } else {
+                Opcode::Release
+            },
+            nodeid,
+            &[a.as_slice()],
+            0,
+        )
+        .map(|_| ())
+    }
+
+    pub fn read(&mut self, nodeid: u64, fh: u64, offset: u64, size: u32) -> io::Result<Vec<u8>> {
+        let a = ReadIn {
+            fh,
+            offset,
+            size,
+            read_flags: 0,
+            lock_owner: 0,
+            flags: libc::O_RDONLY as u32,
+            padding: 0,
+        };
+        self.call_ok(Opcode::Read, nodeid, &[a.as_slice()], size)
+    }
+
+    /// READ that leaves the data in guest RAM (as a guest's page cache would); returns the bytes read.
+    pub fn read_in_place(
+        &mut self,
+        nodeid: u64,
+        fh: u64,
+        offset: u64,
+        size: u32,
+    ) -> io::Result<usize> {
+        let a = ReadIn {
+            fh,
+            offset,
+            size,
+            read_flags: 0,
+            lock_owner: 0,
+            flags: libc::O_RDONLY as u32,
+            padding: 0,
+        };
+        let r = self.call_peek(
+            Opcode::Read,
+            nodeid,
+            &[a.as_slice()],
+            size,
+            Some(std::mem::size_of::<OutHeader>() as u32),
+        )?;
+        fuse_errno(&r.header)?;
+        Ok(r.header.len as usize - std::mem::size_of::<OutHeader>())
+    }
+
+    pub fn readdirplus(
+        &mut self,
+        nodeid: u64,
+        fh: u64,
+        offset: u64,
+        size: u32,
+    ) -> io::Result<Vec<DirEntryPlus>> {
+        let a = ReadIn {
+            fh,
+            offset,
+            size,
+            read_flags: 0,
+            lock_owner: 0,
+            flags: 0,
+            padding: 0,
+        };
+        let body = self.call_ok(Opcode::Readdirplus, nodeid, &[a.as_slice()], size)?;
+        let mut out = Vec::new();
+        let mut at = 0;
+        let fixed = std::mem::size_of::<Direntplus>();
+        while at < body.len() {
+            let d: Direntplus = read_obj(&body[at..])?;
+            let namelen = d.dirent.namelen as usize;
+            let name = body
+                .get(at + fixed..at + fixed + namelen)
+                .ok_or_else(|| err("dirent name past the reply"))?
+                .to_vec();
+            out.push(DirEntryPlus {
+                name,
+                nodeid: d.entry_out.nodeid,
+                ino: d.dirent.ino,
+                off: d.dirent.off,
+                type_: d.dirent.type_,
+                mode: d.entry_out.attr.mode,
+                size: d.entry_out.attr.size,
+            });
+            at += (fixed + namelen).div_ceil(8) * 8;
+        }
+        Ok(out)
+    }
+
+    /// All entries of a directory: OPENDIR, READDIRPLUS until empty, RELEASEDIR.
+    pub fn list_dir(&mut self, nodeid: u64) -> io::Result<Vec<DirEntryPlus>> {
+        let fh = self.opendir(nodeid)?.fh;
+        let mut all = Vec::new();
+        let mut off = 0;
+        loop {
+            let batch = self.readdirplus(nodeid, fh, off, 64 << 10)?;
+            let Some(last) = batch.last() else { break };
+            off = last.off;
+            all.extend(batch);
+        }
+        // fuse-backend-rs's PseudoFs (the share root and the directories above mounts) has no releasedir
+        // and answers ENOSYS; the kernel does not look at RELEASEDIR replies. Anything else is an error.
+        match self.release(nodeid, fh, true) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOSYS) && nodeid >> 56 == 0 => {}
+            other => other?,
+        }
+        Ok(all)
+    }
+
+    pub fn getxattr(&mut self, nodeid: u64, name: &str, size: u32) -> io::Result<Xattr> {
+        let a = GetxattrIn { size, padding: 0 };
+        let n = cstr(name.as_bytes());
+        let reply_len = if size == 0 {
+            std::mem::size_of::<GetxattrOut>() as u32
+        } else {
+            size
+        };
+        let body = self.call_ok(Opcode::Getxattr, nodeid, &[a.as_slice(), &n], reply_len)?;
+        if size == 0 {
+            Ok(Xattr::Size(read_obj::<GetxattrOut>(&body)?.size))
+        } else {
+            Ok(Xattr::Value(body))
+        }
+    }
+
+    /// FORGET goes on the hiprio queue and gets no reply: the chain has no writable descriptor.
+    pub fn forget(&mut self, nodeid: u64, nlookup: u64) -> io::Result<()> {
+        let a = ForgetIn { nlookup };
+        self.unique += 2;
+        let h = InHeader {
+            len: (std::mem::size_of::<InHeader>() + std::mem::size_of::<ForgetIn>()) as u32,
+            opcode: Opcode::Forget as u32,
+            unique: self.unique,
+            nodeid,
+            ..Default::default()
+        };
+        let chain = Chain {
+            readable: vec![h.as_slice().to_vec(), a.as_slice().to_vec()],
+            ..Default::default()
+        };
+        let c = self.conn.roundtrip(0, &chain)?;
+        if c.len != 0 {
+            return Err(err(format!("FORGET got a {}-byte reply", c.len)));
+        }
+        Ok(())
+    }
+
+    /// Read a whole file with OPEN / READ(chunk) / RELEASE.
+    pub fn read_file(&mut self, nodeid: u64, chunk: u32) -> io::Result<Vec<u8>> {
+        let fh = self.open(nodeid)?.fh;
+        let mut data = Vec::new();
+        loop {
+            let got = self.read(nodeid, fh, data.len() as u64, chunk)?;
+            if got.is_empty() {
+                break;
+            }
+            data.extend_from_slice(&got);
+        }
+        self.release(nodeid, fh, false)?;
+        Ok(data)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The device process
+// ---------------------------------------------------------------------------------------------------
+
+/// `rafsd virtiofs --sock S --apisock A`, killed by pid on drop (also when a test fails).
+pub struct VirtiofsDaemon {
+    child: Option<Child>,
+    pid: i32,
+    pub sock: PathBuf,
+    pub apisock: PathBuf,
+    pub log: PathBuf,
+}
+
+impl VirtiofsDaemon {
+    pub fn start(bin: &str, dir: &Path, extra: &[&str]) -> Self {
+        let (sock, apisock, log) = (
+            dir.join("vhost-user.sock"),
+            dir.join("api.sock"),
+            dir.join("rafsd-virtiofs.log"),
+        );
+        let child = Command::new(bin)
+            .arg("virtiofs")
+            .arg("--sock")
+            .arg(&sock)
+            .arg("--apisock")
+            .arg(&apisock)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(File::create(&log).unwrap())
+            .stderr(std::fs::OpenOptions::new().append(true).open(&log).unwrap())
+            .spawn()
+            .expect("spawn rafsd virtiofs");
+        let pid = child.id() as i32;
+        let mut d = VirtiofsDaemon {
+            child: Some(child),
+            pid,
+            sock,
+            apisock,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = d.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "rafsd virtiofs exited with {status} before serving:\n{}",
+                    d.log_text()
+                );
+            }
+            if d.sock.exists()
+                && d.apisock.exists()
+                && d.api("GET", "/api/v1/daemon", "")
+                    .map(|(s, _)| s == 200)
+                    .unwrap_or(false)
+            {
+                return d;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "rafsd virtiofs did not come up within 30 s:\n{}",
+                d.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    /// One HTTP/1.1 request to the admin API; returns (status, body).
+    pub fn api(&self, method: &str, target: &str, body: &str) -> io::Result<(u16, String)> {
+        let mut s = UnixStream::connect(&self.apisock)?;
+        s.set_read_timeout(Some(WAIT))?;
+        s.set_write_timeout(Some(WAIT))?;
+        write!(
+            s,
+            "{method} {target} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp)?;
+        let status = resp
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| err(format!("bad HTTP response {resp:?}")))?;
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Ok((status, body))
+    }
+
+    /// POST /api/v1/mount?mountpoint=MP with a RAFS image and its nydusd v1 config.
+    pub fn mount_rafs(&self, mountpoint: &str, bootstrap: &Path, config: &str) {
+        let body = serde_json::json!({"source": bootstrap, "fs_type": "rafs", "config": config})
+            .to_string();
+        let (status, text) = self
+            .api(
+                "POST",
+                &format!("/api/v1/mount?mountpoint={mountpoint}"),
+                &body,
+            )
+            .expect("mount API call");
+        assert_eq!(
+            status,
+            204,
+            "mount {mountpoint}: {text}\nlog:\n{}",
+            self.log_text()
+        );
+    }
+
+    /// SIGKILL by pid, reap, and check nothing is left: neither the process nor any other holding our socket.
+    pub fn kill_and_check(mut self) {
+        if std::env::var_os("RAFSD_TEST_SHOW_LOG").is_some() {
+            eprintln!("--- {} ---\n{}", self.log.display(), self.log_text());
+        }
+        self.kill();
+        assert!(
+            !Path::new(&format!("/proc/{}", self.pid)).exists(),
+            "rafsd pid {} still exists after kill",
+            self.pid
+        );
+        let sock = self.sock.to_string_lossy().into_owned();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            assert!(
+                !cmdline.contains(&sock),
+                "a process still serves {sock}: pid {:?}: {cmdline}",
+                entry.file_name()
+            );
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: signalling our own child by its pid.
+            unsafe { libc::kill(self.pid, libc::SIGKILL) };
+            let deadline = Instant::now() + WAIT;
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for VirtiofsDaemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// xorshift64*: deterministic offsets without a dependency.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}

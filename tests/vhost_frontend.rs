@@ -1,0 +1,577 @@
+//! The virtio-fs device end to end: the real `rafsd virtiofs` process, two RAFS images mounted through the
+//! admin API as pseudo mounts of one share, and a vhost-user frontend (tests/frontend) playing the VMM and
+//! the guest driver: memfd guest RAM, hand-laid split virtqueues, EVENT_IDX, indirect descriptors, FUSE
+//! requests checked against the fixtures' manifest.tsv. Every wait is bounded; the daemon is killed by pid.
+
+mod daemon;
+mod frontend;
+mod manifest;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+use frontend::{Chain, Guest, Options, VirtiofsDaemon, Xattr, ROOT};
+use fuse_backend_rs::abi::fuse_abi::{InHeader, Opcode, OutHeader, ReadIn};
+use sha2::Digest;
+use vm_memory::ByteValued;
+
+const BIN: &str = env!("CARGO_BIN_EXE_rafsd");
+/// Image 1 (at /img1) and image 2 (at /layers/img2): one v6 and one v5 image.
+const IMG1: &str = "v6-zstd-blake3";
+const IMG2: &str = "v5-lz4-blake3-repeatable";
+
+fn sha256_hex(data: &[u8]) -> String {
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn manifest_sha(path: &str) -> String {
+    manifest::load_manifest()
+        .into_iter()
+        .find(|r| r["path"] == path)
+        .unwrap_or_else(|| panic!("{path} not in manifest"))["sha256"]
+        .clone()
+}
+
+/// Names directly under `dir` in the manifest.
+fn manifest_children(dir: &str) -> BTreeSet<Vec<u8>> {
+    let prefix = format!("{dir}/");
+    manifest::load_manifest()
+        .into_iter()
+        .filter_map(|r| {
+            r["path"]
+                .strip_prefix(&prefix)
+                .filter(|rest| !rest.contains('/'))
+                .map(|n| n.as_bytes().to_vec())
+        })
+        .collect()
+}
+
+fn names(entries: &[frontend::DirEntryPlus]) -> BTreeSet<Vec<u8>> {
+    entries
+        .iter()
+        .map(|e| e.name.clone())
+        .filter(|n| n != b"." && n != b"..")
+        .collect()
+}
+
+/// Start `rafsd virtiofs` and mount the two reference images through the API.
+fn start_device(dir: &Path) -> VirtiofsDaemon {
+    let d = VirtiofsDaemon::start(BIN, dir, &["--log-level", "info"]);
+    for (mountpoint, case, cache) in [("/img1", IMG1, "cache1"), ("/layers/img2", IMG2, "cache2")] {
+        let config = daemon::v1_config(&manifest::case_blob_dir(case), &dir.join(cache), false, "");
+        d.mount_rafs(mountpoint, &manifest::case_bootstrap(case), &config);
+    }
+    d
+}
+
+/// LOOKUP img1 → special → random-2m5, OPEN, READ it all in 128 KiB reads, RELEASE; check the digest.
+fn read_random_2m5(g: &mut Guest) {
+    let img1 = g.lookup(ROOT, b"img1").unwrap();
+    assert_eq!(
+        img1.attr.mode & libc::S_IFMT,
+        libc::S_IFDIR,
+        "/img1 is the image's root directory"
+    );
+    let special = g.lookup(img1.nodeid, b"special").unwrap();
+    let f = g.lookup(special.nodeid, b"random-2m5").unwrap();
+    assert_eq!(
+        (f.attr.size, f.attr.mode),
+        (2_621_440, libc::S_IFREG | 0o644)
+    );
+    let data = g.read_file(f.nodeid, 128 << 10).unwrap();
+    assert_eq!(data.len(), 2_621_440);
+    assert_eq!(
+        sha256_hex(&data),
+        manifest_sha("special/random-2m5"),
+        "special/random-2m5 read over the virtqueue"
+    );
+}
+
+#[test]
+fn guest_reads_two_pseudo_mounted_images_over_virtqueues_and_reconnects() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = start_device(dir.path());
+    let mut g = Guest::connect(&d.sock, Options::default()).expect("vhost-user handshake");
+    let features = g.conn.features;
+    assert!(features & (1 << virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX) != 0);
+    assert!(
+        features & (1 << virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC) != 0
+    );
+    assert!(
+        g.conn.device_queues >= 3,
+        "hiprio + at least two request queues, got {}",
+        g.conn.device_queues
+    );
+
+    let init = g.fuse_init().unwrap();
+    assert_eq!(init.major, 7);
+    assert!(
+        init.max_pages >= 32,
+        "MAX_PAGES negotiated (128 KiB reads fit): {}",
+        init.max_pages
+    );
+
+    // The file, its attributes, and its bytes.
+    read_random_2m5(&mut g);
+    let img1 = g.lookup(ROOT, b"img1").unwrap().nodeid;
+    let special = g.lookup(img1, b"special").unwrap().nodeid;
+    let random = g.lookup(special, b"random-2m5").unwrap().nodeid;
+    let attr = g.getattr(random).unwrap().attr;
+    assert_eq!(
+        (attr.size, attr.nlink),
+        (2_621_440, 2),
+        "GETATTR of the hard-linked file"
+    );
+    assert_eq!(
+        g.lookup(special, b"no-such-file")
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::ENOENT)
+    );
+
+    // READDIRPLUS: the share's root shows both pseudo mounts; a directory of each image lists its entries.
+    let root = names(&g.list_dir(ROOT).unwrap());
+    assert!(
+        root.contains(b"img1".as_slice()) && root.contains(b"layers".as_slice()),
+        "share root: {root:?}"
+    );
+    let listed = g.list_dir(special).unwrap();
+    assert_eq!(
+        names(&listed),
+        manifest_children("special"),
+        "READDIRPLUS of /img1/special"
+    );
+    let bigdir = listed.iter().find(|e| e.name == b"bigdir").unwrap().nodeid;
+    assert_eq!(
+        names(&g.list_dir(bigdir).unwrap()),
+        manifest_children("special/bigdir"),
+        "3,000 entries over several READDIRPLUS replies"
+    );
+
+    // GETXATTR: a size query, then the value; a missing name is ENODATA.
+    let xattrs = g.lookup(special, b"xattrs").unwrap().nodeid;
+    match g.getxattr(xattrs, "user.color", 0).unwrap() {
+        Xattr::Size(n) => assert_eq!(n, 4),
+        Xattr::Value(v) => panic!("size query answered with a value {v:?}"),
+    }
+    match g.getxattr(xattrs, "user.color", 64).unwrap() {
+        Xattr::Value(v) => assert_eq!(v, b"blue"),
+        Xattr::Size(n) => panic!("value query answered with a size {n}"),
+    }
+    assert_eq!(
+        g.getxattr(xattrs, "user.nope", 64)
+            .err()
+            .and_then(|e| e.raw_os_error()),
+        Some(libc::ENODATA)
+    );
+
+    // The second pseudo mount, through the second request queue (its own worker thread).
+    g.queue = 2;
+    let layers = g.lookup(ROOT, b"layers").unwrap();
+    assert_eq!(layers.attr.mode & libc::S_IFMT, libc::S_IFDIR);
+    let img2 = g.lookup(layers.nodeid, b"img2").unwrap().nodeid;
+    assert_ne!(
+        img2 >> 56,
+        img1 >> 56,
+        "the two images are different Vfs mounts"
+    );
+    let etc = g.lookup(img2, b"etc").unwrap().nodeid;
+    assert_eq!(
+        names(&g.list_dir(etc).unwrap()),
+        manifest_children("etc"),
+        "READDIRPLUS of /layers/img2/etc"
+    );
+    let passwd = g.lookup(etc, b"passwd").unwrap().nodeid;
+    assert_eq!(
+        sha256_hex(&g.read_file(passwd, 128 << 10).unwrap()),
+        manifest_sha("etc/passwd")
+    );
+    let copy = g
+        .lookup_path(img2, "special/random-2m5-copy")
+        .unwrap()
+        .nodeid;
+    assert_eq!(
+        sha256_hex(&g.read_file(copy, 128 << 10).unwrap()),
+        manifest_sha("special/random-2m5-copy")
+    );
+    let x2 = g.lookup_path(img2, "special/xattrs").unwrap().nodeid;
+    assert!(matches!(g.getxattr(x2, "user.color", 64).unwrap(), Xattr::Value(v) if v == b"blue"));
+
+    // FORGET on the hiprio queue: no reply, and the device goes on.
+    g.forget(copy, 1).unwrap();
+    g.queue = 1;
+
+    // A bad request gets an error reply; a truncated one is returned unanswered; the device keeps serving.
+    let fh = g.opendir(special).unwrap().fh;
+    let err = g.read(special, fh, 0, 4096).unwrap_err();
+    assert!(
+        err.raw_os_error().is_some(),
+        "READ on a directory: a FUSE error reply, got {err}"
+    );
+    let truncated = Chain {
+        readable: vec![vec![0u8; 20]],
+        writable: vec![16, 4096],
+        ..Default::default()
+    };
+    assert_eq!(
+        g.conn.roundtrip(1, &truncated).unwrap().len,
+        0,
+        "a 20-byte request has no header to answer"
+    );
+    read_random_2m5(&mut g);
+
+    // Disconnect (the VMM goes away), then a new VMM on the same socket right away: a new FUSE session.
+    // This one negotiates neither EVENT_IDX nor INDIRECT_DESC (plain descriptor chains, always notify).
+    let kicks = g.conn.queues[1].kicks;
+    drop(g);
+    let plain = Options {
+        event_idx: false,
+        indirect: false,
+        ..Options::default()
+    };
+    let mut g = Guest::connect(&d.sock, plain).expect("reconnect after a disconnect");
+    assert_eq!(
+        g.conn.features & (1 << virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX),
+        0
+    );
+    g.fuse_init().expect("FUSE_INIT of the second session");
+    read_random_2m5(&mut g);
+    g.queue = 2;
+    let passwd = g
+        .lookup_path(ROOT, "layers/img2/etc/passwd")
+        .unwrap()
+        .nodeid;
+    assert_eq!(
+        sha256_hex(&g.read_file(passwd, 128 << 10).unwrap()),
+        manifest_sha("etc/passwd")
+    );
+    drop(g);
+
+    assert!(kicks > 0);
+    assert!(d.is_running(), "rafsd exited:\n{}", d.log_text());
+    d.kill_and_check();
+}
+
+/// Raw chains a buggy or hostile guest could post. Each gets a FUSE error reply or is returned with
+/// used len 0, and afterwards the same queue still serves a normal LOOKUP.
+#[test]
+fn malformed_requests_are_answered_or_dropped_and_the_device_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = start_device(dir.path());
+    let mut g = Guest::connect(&d.sock, Options::default()).unwrap();
+    g.fuse_init().unwrap();
+    let img1 = g.lookup(ROOT, b"img1").unwrap().nodeid;
+    let check_alive = |g: &mut Guest, what: &str| {
+        let e = g
+            .lookup(img1, b"special")
+            .unwrap_or_else(|e| panic!("after {what}: LOOKUP failed: {e}"));
+        assert_eq!(e.attr.mode & libc::S_IFMT, libc::S_IFDIR);
+    };
+    let header = |opcode: u32, nodeid: u64, len: u32| InHeader {
+        len,
+        opcode,
+        unique: 77,
+        nodeid,
+        uid: 0,
+        gid: 0,
+        pid: 1,
+        padding: 0,
+    };
+    let hdr_len = std::mem::size_of::<InHeader>() as u32;
+    let out_len = std::mem::size_of::<OutHeader>() as u32;
+    let reply_error = |c: &frontend::Completion| -> i32 {
+        assert!(
+            c.len >= out_len,
+            "expected an error reply, got used len {}",
+            c.len
+        );
+        let mut h = OutHeader::default();
+        h.as_mut_slice().copy_from_slice(&c.data[..16]);
+        assert_eq!(h.unique, 77);
+        h.error
+    };
+
+    // An opcode nobody knows: ENOSYS.
+    let c = g
+        .conn
+        .roundtrip(
+            1,
+            &Chain {
+                readable: vec![header(9999, img1, hdr_len).as_slice().to_vec()],
+                writable: vec![out_len],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(reply_error(&c), -libc::ENOSYS);
+    check_alive(&mut g, "an unknown opcode");
+
+    // READ of a directory inode.
+    let special = g.lookup(img1, b"special").unwrap().nodeid;
+    let read = ReadIn {
+        fh: 0,
+        offset: 0,
+        size: 4096,
+        ..Default::default()
+    };
+    let c = g
+        .conn
+        .roundtrip(
+            1,
+            &Chain {
+                readable: vec![
+                    header(Opcode::Read as u32, special, hdr_len + 40)
+                        .as_slice()
+                        .to_vec(),
+                    read.as_slice().to_vec(),
+                ],
+                writable: vec![out_len, 4096],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert!(reply_error(&c) < 0, "READ on a directory");
+    check_alive(&mut g, "READ on a directory");
+
+    // A header cut short, and a header without its arguments.
+    let c = g
+        .conn
+        .roundtrip(
+            1,
+            &Chain {
+                readable: vec![vec![0xff; 12]],
+                writable: vec![out_len],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(c.len, 0, "truncated header");
+    check_alive(&mut g, "a truncated header");
+    let c = g
+        .conn
+        .roundtrip(
+            1,
+            &Chain {
+                readable: vec![header(Opcode::Read as u32, special, hdr_len + 40)
+                    .as_slice()
+                    .to_vec()],
+                writable: vec![out_len, 4096],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert!(c.len == 0 || reply_error(&c) < 0, "READ without ReadIn");
+    check_alive(&mut g, "READ without its arguments");
+
+    // A LOOKUP name without its NUL, and a reply buffer too small for the reply.
+    let c = g
+        .conn
+        .roundtrip(
+            1,
+            &Chain {
+                readable: vec![
+                    header(Opcode::Lookup as u32, img1, hdr_len + 7)
+                        .as_slice()
+                        .to_vec(),
+                    b"special".to_vec(),
+                ],
+                writable: vec![out_len, 128],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert!(c.len == 0 || reply_error(&c) < 0, "LOOKUP name without NUL");
+    check_alive(&mut g, "a name without NUL");
+    let c = g
+        .conn
+        .roundtrip(
+            1,
+            &Chain {
+                readable: vec![
+                    header(Opcode::Lookup as u32, img1, hdr_len + 8)
+                        .as_slice()
+                        .to_vec(),
+                    b"special\0".to_vec(),
+                ],
+                writable: vec![8],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(c.len, 0, "no room for even the out header");
+    check_alive(&mut g, "a reply buffer too small");
+
+    // No writable descriptor at all for a request that needs a reply.
+    let c = g
+        .conn
+        .roundtrip(
+            1,
+            &Chain {
+                readable: vec![
+                    header(Opcode::Getattr as u32, img1, hdr_len + 16)
+                        .as_slice()
+                        .to_vec(),
+                    vec![0; 16],
+                ],
+                writable: vec![],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(c.len, 0);
+    check_alive(&mut g, "a request without reply buffers");
+
+    // Descriptors outside guest RAM or wrapping the address space, a bad indirect table, a chain whose
+    // NEXT points at itself (bounded by the queue size). Raw descriptors: (addr, len, flags, next).
+    let own = g.conn.queues[1].next_free().unwrap();
+    type RawDesc = (u64, u32, u16, u16);
+    let hostile: Vec<(&str, Vec<RawDesc>)> = vec![
+        ("a buffer outside guest RAM", vec![(1 << 40, 40, 0, 0)]),
+        (
+            "a buffer that wraps the address space",
+            vec![(u64::MAX - 8, 64, 0, 0)],
+        ),
+        ("an indirect table of 7 bytes", vec![(0, 7, 4, 0)]),
+        ("an empty indirect table", vec![(0, 0, 4, 0)]),
+        (
+            "an indirect table outside guest RAM",
+            vec![(1 << 40, 64, 4, 0)],
+        ),
+        ("a chain that loops on itself", vec![(0, 64, 1, own)]),
+    ];
+    for (what, raw) in hostile {
+        assert_eq!(
+            g.conn.queues[1].next_free(),
+            Some(own),
+            "descriptor ids are reused last-in first-out"
+        );
+        let c = g
+            .conn
+            .roundtrip(
+                1,
+                &Chain {
+                    raw: Some(raw),
+                    ..Default::default()
+                },
+            )
+            .unwrap_or_else(|e| panic!("{what}: {e}\nlog:\n{}", d.log_text()));
+        assert_eq!(c.len, 0, "{what}");
+        check_alive(&mut g, what);
+    }
+
+    assert!(d.is_running(), "rafsd exited:\n{}", d.log_text());
+    drop(g);
+    d.kill_and_check();
+}
+
+/// The device keeps answering while several requests are in flight on two queues at once.
+#[test]
+fn requests_in_flight_on_two_queues_complete_with_the_right_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = start_device(dir.path());
+    let mut g = Guest::connect(
+        &d.sock,
+        Options {
+            slots: 8,
+            slot_len: 160 << 10,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    g.fuse_init().unwrap();
+    let f = g
+        .lookup_path(ROOT, "img1/special/random-2m5")
+        .unwrap()
+        .nodeid;
+    let fh = g.open(f).unwrap().fh;
+    let mut want = vec![0u8; 2_621_440];
+    let mut off = 0;
+    while off < want.len() {
+        let got = g.read(f, fh, off as u64, 128 << 10).unwrap();
+        want[off..off + got.len()].copy_from_slice(&got);
+        off += got.len();
+    }
+    assert_eq!(sha256_hex(&want), manifest_sha("special/random-2m5"));
+
+    let mut rng = frontend::Rng(0x1234_5678_9abc_def1);
+    for _round in 0..20 {
+        let mut posted = Vec::new();
+        for q in [1usize, 2] {
+            for _ in 0..4 {
+                let offset = rng.next() % (want.len() as u64 - 4096);
+                let size = 1 + (rng.next() % (128 << 10)) as u32;
+                let a = ReadIn {
+                    fh,
+                    offset,
+                    size,
+                    ..Default::default()
+                };
+                let (unique, chain) =
+                    g.request_chain(Opcode::Read as u32, f, &[a.as_slice()], size);
+                let head = g.conn.queues[q].submit(&g.conn.ram, &chain).unwrap();
+                posted.push((q, head, unique, offset, size));
+            }
+            g.conn.queues[q].notify(&g.conn.ram);
+        }
+        for q in [1usize, 2] {
+            let mut done = Vec::new();
+            while done.len() < 4 {
+                done.extend(
+                    g.conn.queues[q]
+                        .wait_used(&g.conn.ram, Duration::from_secs(10))
+                        .unwrap(),
+                );
+            }
+            for c in done {
+                let &(_, _, unique, offset, size) =
+                    posted.iter().find(|p| p.0 == q && p.1 == c.head).unwrap();
+                let mut h = OutHeader::default();
+                h.as_mut_slice().copy_from_slice(&c.data[..16]);
+                assert_eq!((h.unique, h.error, h.len), (unique, 0, c.len));
+                let end = (offset as usize + size as usize).min(want.len());
+                assert_eq!(
+                    &c.data[16..],
+                    &want[offset as usize..end],
+                    "read at {offset}+{size} on queue {q}"
+                );
+            }
+        }
+    }
+    drop(g);
+    d.kill_and_check();
+}
+
+/// One VMM at a time: a second one that connects while the first is attached waits in the socket's
+/// backlog and is served as soon as the first leaves (it is neither reset nor refused).
+#[test]
+fn a_vmm_connecting_while_another_is_attached_is_served_when_the_first_leaves() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = start_device(dir.path());
+    let mut first = Guest::connect(&d.sock, Options::default()).unwrap();
+    first.fuse_init().unwrap();
+    let sock = d.sock.clone();
+    let second = std::thread::spawn(move || -> std::io::Result<Guest> {
+        let mut g = Guest::connect(&sock, Options::default())?;
+        g.fuse_init()?;
+        Ok(g)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !second.is_finished(),
+        "the second VMM was served while the first is attached"
+    );
+    read_random_2m5(&mut first);
+    drop(first);
+    let mut second = second
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("second VMM: {e}\nlog:\n{}", d.log_text()));
+    read_random_2m5(&mut second);
+    drop(second);
+    assert!(d.is_running());
+    d.kill_and_check();
+}
