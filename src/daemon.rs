@@ -208,9 +208,21 @@ impl Daemon {
             cmd.fs_type,
             cmd.source.display()
         );
+        self.record(mountpoint, cmd.fs_type, cmd.source, config_id, config);
+        Ok(())
+    }
+
+    fn record(
+        &self,
+        mountpoint: &str,
+        fs_type: FsType,
+        source: PathBuf,
+        config_id: Option<String>,
+        config: Value,
+    ) {
         let record = MountRecord {
-            fs_type: cmd.fs_type,
-            source: cmd.source,
+            fs_type,
+            source,
             config_id,
             config,
             mounted_time: now_string(),
@@ -219,7 +231,6 @@ impl Daemon {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(mountpoint.to_string(), record);
-        Ok(())
     }
 
     /// Attach a filesystem built by the caller (the command line's `--bootstrap`), recorded like API mounts.
@@ -236,17 +247,7 @@ impl Daemon {
         self.vfs
             .mount(fs, mountpoint)
             .map_err(|e| Error::Invalid(format!("attach {mountpoint}: {e:?}")))?;
-        let record = MountRecord {
-            fs_type,
-            source,
-            config_id,
-            config: Value::Null,
-            mounted_time: now_string(),
-        };
-        self.mounts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(mountpoint.to_string(), record);
+        self.record(mountpoint, fs_type, source, config_id, Value::Null);
         Ok(())
     }
 
@@ -286,17 +287,7 @@ impl Daemon {
             .mount(fs, mountpoint)
             .map_err(|e| Error::Invalid(format!("attach {mountpoint}: {e:?}")))?;
         log::info!("remounted {} at {mountpoint}", cmd.source.display());
-        let record = MountRecord {
-            fs_type: cmd.fs_type,
-            source: cmd.source,
-            config_id,
-            config,
-            mounted_time: now_string(),
-        };
-        self.mounts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(mountpoint.to_string(), record);
+        self.record(mountpoint, cmd.fs_type, cmd.source, config_id, config);
         Ok(())
     }
 
