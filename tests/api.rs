@@ -64,10 +64,7 @@ impl Virtiofs {
 
     /// One request on a fresh connection; returns (status, body).
     fn call(&self, method: &str, target: &str, body: &str) -> (u16, String) {
-        let mut s = UnixStream::connect(&self.api).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        write!(s, "{method} {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
-        read_response(&mut s)
+        daemon::api_request(&self.api, method, target, body, Duration::from_secs(20)).unwrap()
     }
 }
 
@@ -76,30 +73,6 @@ impl Drop for Virtiofs {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn read_response(s: &mut UnixStream) -> (u16, String) {
-    // The server may close right after an error reply while our request bytes are unread, which resets
-    // the connection: keep whatever arrived before that.
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 4096];
-    while let Ok(n) = s.read(&mut buf) {
-        if n == 0 {
-            break;
-        }
-        raw.extend_from_slice(&buf[..n]);
-    }
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
 }
 
 fn rafs_body(case: &str, cache: &Path) -> String {
@@ -368,7 +341,7 @@ fn hostile_requests_get_clear_errors_and_the_daemon_stays_up() {
         "POST /api/v1/mount?mountpoint=/big HTTP/1.1\r\nContent-Length: 999999999\r\n\r\n"
     )
     .unwrap();
-    assert_eq!(read_response(&mut s).0, 413);
+    assert_eq!(daemon::read_http_response(&mut s).0, 413);
     // An endless header is cut off.
     let mut s = UnixStream::connect(&v.api).unwrap();
     let _ = s.write_all(
@@ -378,11 +351,11 @@ fn hostile_requests_get_clear_errors_and_the_daemon_stays_up() {
         )
         .as_bytes(),
     );
-    assert_eq!(read_response(&mut s).0, 431);
+    assert_eq!(daemon::read_http_response(&mut s).0, 431);
     // Garbage instead of HTTP.
     let mut s = UnixStream::connect(&v.api).unwrap();
     s.write_all(b"\x00\x01\x02 not http\r\n\r\n").unwrap();
-    assert_eq!(read_response(&mut s).0, 400);
+    assert_eq!(daemon::read_http_response(&mut s).0, 400);
     // A slow client that never finishes its body does not block others.
     let mut slow = UnixStream::connect(&v.api).unwrap();
     write!(

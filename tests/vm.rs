@@ -12,7 +12,7 @@ mod daemon;
 mod manifest;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -151,33 +151,10 @@ impl Run {
 
     /// One HTTP/1.1 request on the admin socket; (status, body).
     fn api(&self, method: &str, target: &str, body: &str) -> (u16, String) {
-        let mut s = UnixStream::connect(&self.api)
-            .unwrap_or_else(|e| self.fail(format!("connect {}: {e}", self.api.display())));
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let req = format!("{method} {target} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}", body.len());
-        s.write_all(req.as_bytes())
-            .unwrap_or_else(|e| self.fail(format!("send {method} {target}: {e}")));
-        let mut raw = Vec::new();
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = s.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            raw.extend_from_slice(&buf[..n]);
-        }
-        let text = String::from_utf8_lossy(&raw).into_owned();
-        // "HTTP/1.1 204 No Content"
-        let status = text
-            .lines()
-            .next()
-            .and_then(|l| l.split(' ').nth(1))
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        (status, body)
+        daemon::api_request(&self.api, method, target, body, Duration::from_secs(30))
+            .unwrap_or_else(|e| {
+                self.fail(format!("{method} {target} on {}: {e}", self.api.display()))
+            })
     }
 
     fn expect_api(&self, method: &str, target: &str, body: &str, want: u16) {

@@ -256,6 +256,20 @@ impl InodeAttr {
     pub fn is_symlink(&self) -> bool {
         self.file_type() == libc::S_IFLNK
     }
+    /// Refuse a mode whose type bits name no file type; `what` names the inode in the error.
+    pub fn check_file_type(&self, what: &str) -> Result<()> {
+        match self.file_type() {
+            libc::S_IFREG
+            | libc::S_IFDIR
+            | libc::S_IFLNK
+            | libc::S_IFCHR
+            | libc::S_IFBLK
+            | libc::S_IFIFO
+            | libc::S_IFSOCK => Ok(()),
+            t => Err(corrupt!("{what}: unknown file type {t:#o}")),
+        }
+    }
+
     /// 512-byte blocks, as stat reports them.
     pub fn blocks(&self) -> u64 {
         self.size.div_ceil(512)

@@ -242,16 +242,7 @@ impl V5Meta {
             has_xattr: r.u64_at(80) & I_XATTR != 0,
             record: offset,
         };
-        match attr.file_type() {
-            libc::S_IFREG
-            | libc::S_IFDIR
-            | libc::S_IFLNK
-            | libc::S_IFCHR
-            | libc::S_IFBLK
-            | libc::S_IFIFO
-            | libc::S_IFSOCK => {}
-            t => return Err(corrupt!("inode {ino}: unknown file type {t:#o}")),
-        }
+        attr.check_file_type(&format!("inode {ino}"))?;
         Ok(Record {
             attr,
             flags: r.u64_at(80),

@@ -284,16 +284,7 @@ impl V6Meta {
             };
             (attr, 64, ext.u32_at(16))
         };
-        match attr.file_type() {
-            libc::S_IFREG
-            | libc::S_IFDIR
-            | libc::S_IFLNK
-            | libc::S_IFCHR
-            | libc::S_IFBLK
-            | libc::S_IFIFO
-            | libc::S_IFSOCK => {}
-            t => return Err(corrupt!("inode nid {nid}: unknown file type {t:#o}")),
-        }
+        attr.check_file_type(&format!("inode nid {nid}"))?;
         let mut attr = attr;
         if !matches!(attr.file_type(), libc::S_IFCHR | libc::S_IFBLK) {
             attr.rdev = 0;

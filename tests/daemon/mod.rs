@@ -168,3 +168,50 @@ pub fn v1_config(blob_dir: &Path, work_dir: &Path, validate: bool, extra: &str) 
         work_dir.display()
     )
 }
+
+/// One request to an admin API socket on a fresh connection; returns (status, body), status 0 when the
+/// reply is not HTTP.
+pub fn api_request(
+    sock: &Path,
+    method: &str,
+    target: &str,
+    body: &str,
+    timeout: Duration,
+) -> std::io::Result<(u16, String)> {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(sock)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    write!(
+        s,
+        "{method} {target} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    Ok(read_http_response(&mut s))
+}
+
+/// Read a whole HTTP response. The server may close right after an error reply while request bytes are
+/// unread, which resets the connection: keep whatever arrived before that.
+pub fn read_http_response(s: &mut std::os::unix::net::UnixStream) -> (u16, String) {
+    use std::io::Read;
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text
+        .lines()
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}

@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -1179,26 +1179,7 @@ impl VirtiofsDaemon {
 
     /// One HTTP/1.1 request to the admin API; returns (status, body).
     pub fn api(&self, method: &str, target: &str, body: &str) -> io::Result<(u16, String)> {
-        let mut s = UnixStream::connect(&self.apisock)?;
-        s.set_read_timeout(Some(WAIT))?;
-        s.set_write_timeout(Some(WAIT))?;
-        write!(
-            s,
-            "{method} {target} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        )?;
-        let mut resp = String::new();
-        s.read_to_string(&mut resp)?;
-        let status = resp
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| err(format!("bad HTTP response {resp:?}")))?;
-        let body = resp
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        Ok((status, body))
+        crate::daemon::api_request(&self.apisock, method, target, body, WAIT)
     }
 
     /// POST /api/v1/mount?mountpoint=MP with a RAFS image and its nydusd v1 config.
