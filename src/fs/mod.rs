@@ -274,6 +274,16 @@ impl RafsFs {
     }
 }
 
+/// The xattr reply rule: a size-0 request only asks for the length (false); a buffer too small for `len`
+/// bytes is ERANGE; otherwise the data is sent (true).
+fn reply_fits(len: usize, size: u32) -> io::Result<bool> {
+    match size {
+        0 => Ok(false),
+        s if len > s as usize => Err(eno(libc::ERANGE)),
+        _ => Ok(true),
+    }
+}
+
 fn dtype(file_type: u32) -> u32 {
     (match file_type {
         libc::S_IFREG => libc::DT_REG,
@@ -444,13 +454,10 @@ impl FileSystem for RafsFs {
                 .find(|(n, _)| n.as_slice() == name.to_bytes())
                 .map(|(_, v)| v)
                 .ok_or_else(|| eno(libc::ENODATA))?;
-            if size == 0 {
-                Ok(GetxattrReply::Count(value.len() as u32))
-            } else if value.len() > size as usize {
-                Err(eno(libc::ERANGE))
-            } else {
-                Ok(GetxattrReply::Value(value))
-            }
+            Ok(match reply_fits(value.len(), size)? {
+                true => GetxattrReply::Value(value),
+                false => GetxattrReply::Count(value.len() as u32),
+            })
         });
         self.metrics.record(Fop::Getxattr, &r);
         r
@@ -463,13 +470,10 @@ impl FileSystem for RafsFs {
                 names.extend_from_slice(&n);
                 names.push(0);
             }
-            if size == 0 {
-                Ok(ListxattrReply::Count(names.len() as u32))
-            } else if names.len() > size as usize {
-                Err(eno(libc::ERANGE))
-            } else {
-                Ok(ListxattrReply::Names(names))
-            }
+            Ok(match reply_fits(names.len(), size)? {
+                true => ListxattrReply::Names(names),
+                false => ListxattrReply::Count(names.len() as u32),
+            })
         });
         self.metrics.record(Fop::Listxattr, &r);
         r
