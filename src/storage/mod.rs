@@ -3,7 +3,11 @@
 
 pub mod compress;
 pub mod digest;
+pub mod http;
+pub mod http_proxy;
 pub mod localfs;
+pub mod object_store;
+pub mod registry;
 
 use crate::error::{Error, Result};
 
@@ -28,7 +32,7 @@ pub trait BlobBackend: Send + Sync {
     }
 }
 
-/// The backend a daemon config names. Network backends arrive with the storage-backends work.
+/// The backend a daemon config names.
 pub fn backend_from_config(
     config: &crate::config::BackendConfig,
 ) -> Result<std::sync::Arc<dyn BlobBackend>> {
@@ -42,8 +46,36 @@ pub fn backend_from_config(
             alt_dirs.clone(),
             blob_file.clone(),
         )?)),
-        crate::config::BackendConfig::Remote { kind, .. } => Err(Error::Unsupported(format!(
-            "storage backend type {kind:?} is not available in this build yet"
+        crate::config::BackendConfig::Remote { kind, config } => remote_backend(kind, config),
+    }
+}
+
+fn remote_backend(
+    kind: &str,
+    config: &serde_json::Value,
+) -> Result<std::sync::Arc<dyn BlobBackend>> {
+    use http::{HttpSettings, Keys, RemoteBackend};
+    let keys = Keys::new(kind, config)?;
+    let settings = HttpSettings::from_keys(&keys)?;
+    match kind {
+        "registry" => Ok(std::sync::Arc::new(RemoteBackend::new(
+            registry::Registry::from_keys(&keys)?,
+            settings,
+        )?)),
+        "s3" => Ok(std::sync::Arc::new(RemoteBackend::new(
+            object_store::ObjectStore::s3(&keys)?,
+            settings,
+        )?)),
+        "oss" => Ok(std::sync::Arc::new(RemoteBackend::new(
+            object_store::ObjectStore::oss(&keys)?,
+            settings,
+        )?)),
+        "http-proxy" => Ok(std::sync::Arc::new(RemoteBackend::new(
+            http_proxy::HttpProxyBlobs::from_keys(&keys)?,
+            settings,
+        )?)),
+        other => Err(Error::Unsupported(format!(
+            "storage backend type {other:?} is not available in this build"
         ))),
     }
 }

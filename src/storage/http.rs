@@ -1,0 +1,740 @@
+//! The HTTP layer the network backends share: one blocking client (ureq + rustls) per backend, bounded
+//! timeouts, retries with backoff, `mirrors` failover and a forward `proxy` with fallback, and the range
+//! check that keeps wrong bytes away from readers.
+//!
+//! A backend ([`Remote`]) only knows how to address and authorize a blob; [`RemoteBackend`] turns it into a
+//! [`BlobBackend`] by doing the retries and checking every response against the range it asked for.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::BlobBackend;
+use crate::error::{Error, Result};
+
+/// Longest pause a server's `Retry-After` may impose on one retry: reads stay bounded in time.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(5);
+/// Largest body read for requests that are not blob ranges (token responses, errors, pings).
+const SMALL_BODY_LIMIT: u64 = 1 << 20;
+
+/// A network failure of a blob read: EIO at the filesystem level, with the reason in the log.
+pub fn net_error(msg: String) -> Error {
+    Error::io(msg, std::io::Error::from_raw_os_error(libc::EIO))
+}
+
+/// The settings every network backend shares (nydusd's names and defaults, seconds as integers).
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    pub timeout: Option<Duration>,
+    pub connect_timeout: Option<Duration>,
+    /// Retries after the first attempt of a read.
+    pub retry_limit: u32,
+    pub skip_verify: bool,
+    pub proxy: Option<ProxySettings>,
+    pub mirrors: Vec<MirrorSettings>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    pub url: String,
+    pub ping_url: Option<String>,
+    pub fallback: bool,
+    pub check_interval: Duration,
+    pub use_http: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct MirrorSettings {
+    /// `scheme://host[:port]` replacing the origin's.
+    pub host: String,
+    pub headers: Vec<(String, String)>,
+    /// Send the origin's Authorization to the mirror too.
+    pub auth_through: bool,
+    pub health_check_interval: Duration,
+    pub failure_limit: u32,
+    pub ping_url: String,
+}
+
+/// Typed access to a backend's JSON object with errors naming the key.
+pub struct Keys<'a> {
+    pub kind: &'a str,
+    pub obj: &'a serde_json::Map<String, Value>,
+}
+
+impl<'a> Keys<'a> {
+    pub fn new(kind: &'a str, config: &'a Value) -> Result<Self> {
+        match config {
+            Value::Object(obj) => Ok(Keys { kind, obj }),
+            _ => Err(Error::Invalid(format!(
+                "backend {kind}: its config must be an object"
+            ))),
+        }
+    }
+
+    pub fn string(&self, key: &str) -> Result<Option<String>> {
+        match self.obj.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(Error::Invalid(format!(
+                "backend {}: `{key}` must be a string",
+                self.kind
+            ))),
+        }
+    }
+
+    pub fn required(&self, key: &str) -> Result<String> {
+        match self.string(key)? {
+            Some(s) if !s.is_empty() => Ok(s),
+            _ => Err(Error::Invalid(format!(
+                "backend {}: `{key}` is required",
+                self.kind
+            ))),
+        }
+    }
+
+    pub fn boolean(&self, key: &str, default: bool) -> Result<bool> {
+        match self.obj.get(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(_) => Err(Error::Invalid(format!(
+                "backend {}: `{key}` must be true or false",
+                self.kind
+            ))),
+        }
+    }
+
+    pub fn number(&self, key: &str, default: u64) -> Result<u64> {
+        match self.obj.get(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => v.as_u64().ok_or_else(|| {
+                Error::Invalid(format!(
+                    "backend {}: `{key}` must be a non-negative integer",
+                    self.kind
+                ))
+            }),
+        }
+    }
+
+    fn sub(&self, key: &str) -> Result<Option<Keys<'a>>> {
+        match self.obj.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v @ Value::Object(_)) => Keys::new(self.kind, v).map(Some),
+            Some(_) => Err(Error::Invalid(format!(
+                "backend {}: `{key}` must be an object",
+                self.kind
+            ))),
+        }
+    }
+}
+
+fn seconds(n: u64) -> Option<Duration> {
+    (n > 0).then(|| Duration::from_secs(n))
+}
+
+impl HttpSettings {
+    pub fn from_keys(k: &Keys) -> Result<Self> {
+        let proxy = match k.sub("proxy")? {
+            Some(p) => p.string("url")?.filter(|u| !u.is_empty()).map(|url| {
+                Ok::<_, Error>(ProxySettings {
+                    url,
+                    ping_url: p.string("ping_url")?.filter(|u| !u.is_empty()),
+                    fallback: p.boolean("fallback", true)?,
+                    check_interval: Duration::from_secs(p.number("check_interval", 5)?.max(1)),
+                    use_http: p.boolean("use_http", false)?,
+                })
+            }),
+            None => None,
+        }
+        .transpose()?;
+        let mut mirrors = Vec::new();
+        match k.obj.get("mirrors") {
+            None | Some(Value::Null) => {}
+            Some(Value::Array(list)) => {
+                for m in list {
+                    let m = Keys::new(k.kind, m)?;
+                    let host = m.required("host")?.trim_end_matches('/').to_string();
+                    let headers = match m.obj.get("headers") {
+                        Some(Value::Object(h)) => h
+                            .iter()
+                            .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
+                            .collect(),
+                        _ => Vec::new(),
+                    };
+                    mirrors.push(MirrorSettings {
+                        ping_url: m
+                            .string("ping_url")?
+                            .unwrap_or_else(|| format!("{host}/v2")),
+                        host,
+                        headers,
+                        auth_through: m.boolean("auth_through", false)?,
+                        health_check_interval: Duration::from_secs(
+                            m.number("health_check_interval", 5)?.max(1),
+                        ),
+                        failure_limit: m.number("failure_limit", 5)?.max(1) as u32,
+                    });
+                }
+            }
+            Some(_) => {
+                return Err(Error::Invalid(format!(
+                    "backend {}: `mirrors` must be a list",
+                    k.kind
+                )))
+            }
+        }
+        Ok(HttpSettings {
+            timeout: seconds(k.number("timeout", 5)?),
+            connect_timeout: seconds(k.number("connect_timeout", 5)?),
+            // nydusd parses 0 by default; a read that never retries is too fragile, so absent means 3.
+            retry_limit: k.number("retry_limit", 3)?.min(16) as u32,
+            skip_verify: k.boolean("skip_verify", false)?,
+            proxy,
+            mirrors,
+        })
+    }
+}
+
+/// One HTTP response with its body read (bounded).
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// The body ended early or failed mid-way (the bytes in `body` are what arrived).
+    pub body_error: Option<String>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// What a failed attempt means for the read.
+#[derive(Debug)]
+pub enum Failure {
+    /// Worth another attempt (transport error, 5xx, 429, short body), maybe after `after`.
+    Retry {
+        why: String,
+        after: Option<Duration>,
+    },
+    /// Retrying cannot help (404, 403, bad config): fail the read now.
+    Fatal(Error),
+}
+
+impl Failure {
+    pub fn retry(why: impl Into<String>) -> Self {
+        Failure::Retry {
+            why: why.into(),
+            after: None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Method {
+    Get,
+    Head,
+}
+
+/// A request as a backend describes it; the client decides the route (mirror, proxy, direct).
+pub struct Request<'a> {
+    pub method: Method,
+    pub url: &'a str,
+    pub headers: &'a [(String, String)],
+    /// Inclusive byte range.
+    pub range: Option<(u64, u64)>,
+    /// May be served by a mirror (registry blob and ping URLs; not tokens or redirected storage URLs).
+    pub mirrorable: bool,
+    /// May go through the proxy (token requests never do).
+    pub proxied: bool,
+}
+
+/// Up/down state of a proxy or mirror, re-probed lazily: no thread, no traffic while all is well.
+struct Health {
+    failures: u32,
+    down_since: Option<Instant>,
+}
+
+/// Counters a test or the metrics API can read.
+#[derive(Default)]
+pub struct HttpCounters {
+    pub requests: AtomicU64,
+    pub via_proxy: AtomicU64,
+    pub via_mirror: AtomicU64,
+    pub body_bytes: AtomicU64,
+    pub retries: AtomicU64,
+}
+
+pub struct HttpClient {
+    pub settings: HttpSettings,
+    direct: ureq::Agent,
+    via_proxy: Option<ureq::Agent>,
+    proxy_health: Mutex<Health>,
+    mirror_health: Vec<Mutex<Health>>,
+    pub counters: HttpCounters,
+}
+
+fn agent(settings: &HttpSettings, proxy: Option<&str>) -> Result<ureq::Agent> {
+    let proxy = proxy
+        .map(|p| ureq::Proxy::new(p).map_err(|e| Error::Invalid(format!("proxy url {p:?}: {e}"))))
+        .transpose()?;
+    let config = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .max_redirects(0)
+        // Environment proxies are ignored: only the config decides where blob traffic goes.
+        .proxy(proxy)
+        .timeout_global(settings.timeout)
+        .timeout_connect(settings.connect_timeout)
+        .user_agent("rafsd/0.1")
+        .tls_config(
+            ureq::tls::TlsConfig::builder()
+                .disable_verification(settings.skip_verify)
+                .build(),
+        )
+        .build();
+    Ok(ureq::Agent::new_with_config(config))
+}
+
+fn now_down() -> Health {
+    Health {
+        failures: 0,
+        down_since: None,
+    }
+}
+
+impl HttpClient {
+    pub fn new(settings: HttpSettings) -> Result<Self> {
+        let direct = agent(&settings, None)?;
+        let via_proxy = match &settings.proxy {
+            Some(p) => Some(agent(&settings, Some(&p.url))?),
+            None => None,
+        };
+        let mirror_health = settings
+            .mirrors
+            .iter()
+            .map(|_| Mutex::new(now_down()))
+            .collect();
+        Ok(HttpClient {
+            settings,
+            direct,
+            via_proxy,
+            proxy_health: Mutex::new(now_down()),
+            mirror_health,
+            counters: HttpCounters::default(),
+        })
+    }
+
+    /// One request on one agent, body read up to `limit` bytes.
+    fn send_on(
+        &self,
+        agent: &ureq::Agent,
+        req: &Request,
+        url: &str,
+        extra: &[(String, String)],
+        skip_auth: bool,
+        limit: u64,
+    ) -> std::result::Result<Response, String> {
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        let mut builder = match req.method {
+            Method::Get => agent.get(url),
+            Method::Head => agent.head(url),
+        };
+        for (k, v) in req.headers.iter().chain(extra) {
+            if skip_auth && k.eq_ignore_ascii_case("authorization") {
+                continue;
+            }
+            builder = builder.header(k.as_str(), v.as_str());
+        }
+        if let Some((a, b)) = req.range {
+            builder = builder.header("Range", format!("bytes={a}-{b}"));
+        }
+        let mut resp = builder.call().map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        let headers = resp
+            .headers()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        let mut body = Vec::new();
+        let mut body_error = None;
+        if req.method == Method::Get {
+            let mut reader = resp.body_mut().as_reader().take(limit);
+            if let Err(e) = reader.read_to_end(&mut body) {
+                body_error = Some(e.to_string());
+            }
+        }
+        self.counters
+            .body_bytes
+            .fetch_add(body.len() as u64, Ordering::Relaxed);
+        Ok(Response {
+            status,
+            headers,
+            body,
+            body_error,
+        })
+    }
+
+    /// Whether a proxy or mirror should be tried now. A down one is tried again (pinged first if it
+    /// has a ping URL) once `interval` has passed; only one caller re-probes, the others go elsewhere.
+    fn usable(&self, health: &Mutex<Health>, interval: Duration, ping: Option<&str>) -> bool {
+        let mut h = health.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(since) = h.down_since else {
+            return true;
+        };
+        if since.elapsed() < interval {
+            return false;
+        }
+        // Restart the clock so concurrent readers do not all probe.
+        h.down_since = Some(Instant::now());
+        drop(h);
+        let up = match ping {
+            None => true,
+            Some(url) => self
+                .direct
+                .get(url)
+                .call()
+                .map(|r| r.status().as_u16() < 500)
+                .unwrap_or(false),
+        };
+        if up {
+            let mut h = health.lock().unwrap_or_else(|e| e.into_inner());
+            h.down_since = None;
+            h.failures = 0;
+            log::info!("network route is back up, using it again");
+        }
+        up
+    }
+
+    fn mark(&self, health: &Mutex<Health>, ok: bool, limit: u32, what: &str) {
+        let mut h = health.lock().unwrap_or_else(|e| e.into_inner());
+        if ok {
+            h.failures = 0;
+            return;
+        }
+        h.failures += 1;
+        if h.failures >= limit && h.down_since.is_none() {
+            log::warn!("{what} failed {} times, bypassing it for now", h.failures);
+            h.down_since = Some(Instant::now());
+        }
+    }
+
+    /// Send `req` by the best route: healthy mirrors in order, then the proxy, then the origin.
+    /// A route that fails at the transport level or answers >= 500 is skipped for the next.
+    pub fn send(&self, req: &Request, limit: u64) -> std::result::Result<Response, String> {
+        if req.mirrorable {
+            for (i, m) in self.settings.mirrors.iter().enumerate() {
+                let health = &self.mirror_health[i];
+                if !self.usable(health, m.health_check_interval, Some(&m.ping_url)) {
+                    continue;
+                }
+                let Some(url) = rehost(req.url, &m.host) else {
+                    continue;
+                };
+                self.counters.via_mirror.fetch_add(1, Ordering::Relaxed);
+                match self.send_on(&self.direct, req, &url, &m.headers, !m.auth_through, limit) {
+                    Ok(r) if r.status < 500 => {
+                        self.mark(health, true, m.failure_limit, "mirror");
+                        return Ok(r);
+                    }
+                    Ok(r) => {
+                        log::warn!("mirror {} answered {}", m.host, r.status);
+                        self.mark(health, false, m.failure_limit, "mirror");
+                    }
+                    Err(e) => {
+                        log::warn!("mirror {}: {e}", m.host);
+                        self.mark(health, false, m.failure_limit, "mirror");
+                    }
+                }
+            }
+        }
+        if req.proxied {
+            if let (Some(p), Some(agent)) = (&self.settings.proxy, &self.via_proxy) {
+                if self.usable(&self.proxy_health, p.check_interval, p.ping_url.as_deref()) {
+                    let url = match p.use_http {
+                        true => req.url.replacen("https://", "http://", 1),
+                        false => req.url.to_string(),
+                    };
+                    self.counters.via_proxy.fetch_add(1, Ordering::Relaxed);
+                    let result = self.send_on(agent, req, &url, &[], false, limit);
+                    let failed = match &result {
+                        Ok(r) => r.status >= 500,
+                        Err(_) => true,
+                    };
+                    if !failed || !p.fallback {
+                        if !failed {
+                            self.mark(&self.proxy_health, true, 1, "proxy");
+                        }
+                        return result;
+                    }
+                    log::warn!(
+                        "proxy failed ({}), falling back to direct",
+                        match &result {
+                            Ok(r) => format!("status {}", r.status),
+                            Err(e) => e.clone(),
+                        }
+                    );
+                    // One failure is enough: every read would otherwise pay for the dead proxy first.
+                    self.mark(&self.proxy_health, false, 1, "proxy");
+                }
+            }
+        }
+        self.send_on(&self.direct, req, req.url, &[], false, limit)
+    }
+
+    /// A small request straight to the origin (token endpoints): no mirror, no proxy.
+    pub fn send_small_direct(
+        &self,
+        url: &str,
+        headers: &[(String, String)],
+    ) -> std::result::Result<Response, String> {
+        let req = Request {
+            method: Method::Get,
+            url,
+            headers,
+            range: None,
+            mirrorable: false,
+            proxied: false,
+        };
+        self.send_on(&self.direct, &req, url, &[], false, SMALL_BODY_LIMIT)
+    }
+
+    /// Backoff before retry `n` (1-based): 100 ms doubling, at most 2 s.
+    fn backoff(n: u32) -> Duration {
+        Duration::from_millis(100u64 << n.min(5).saturating_sub(1)).min(Duration::from_secs(2))
+    }
+}
+
+/// Replace `scheme://host[:port]` of `url` with `base`.
+pub fn rehost(url: &str, base: &str) -> Option<String> {
+    let rest = url.split_once("://")?.1;
+    let path = rest.find('/').map(|i| &rest[i..]).unwrap_or("/");
+    Some(format!("{}{path}", base.trim_end_matches('/')))
+}
+
+/// `Retry-After` in seconds (the HTTP-date form is treated as "soon").
+fn retry_after(resp: &Response) -> Option<Duration> {
+    let v = resp.header("retry-after")?;
+    let d = v
+        .trim()
+        .parse::<u64>()
+        .map(Duration::from_secs)
+        .unwrap_or(Duration::from_secs(1));
+    Some(d.min(MAX_RETRY_AFTER))
+}
+
+/// Status classes shared by all backends, for a response that is not what was asked for.
+pub fn classify(resp: &Response, what: &str) -> Failure {
+    match resp.status {
+        408 | 429 | 500..=599 => Failure::Retry {
+            why: format!("{what}: status {}", resp.status),
+            after: retry_after(resp),
+        },
+        s => Failure::Fatal(net_error(format!("{what}: status {s}"))),
+    }
+}
+
+/// How a backend addresses, authorizes and fetches one blob. `range` is inclusive; `None` is a HEAD.
+pub trait Remote: Send + Sync + 'static {
+    fn kind(&self) -> &'static str;
+    fn fetch(
+        &self,
+        http: &HttpClient,
+        blob_id: &str,
+        range: Option<(u64, u64)>,
+    ) -> std::result::Result<Response, Failure>;
+}
+
+/// A [`Remote`] with retries, size caching and range checks: a [`BlobBackend`].
+pub struct RemoteBackend<R: Remote> {
+    pub remote: R,
+    pub http: HttpClient,
+    sizes: Mutex<HashMap<String, u64>>,
+}
+
+/// `Content-Range: bytes a-b/total` → (a, b, total).
+fn content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
+    let v = v.trim().strip_prefix("bytes ")?;
+    let (span, total) = v.split_once('/')?;
+    let (a, b) = span.split_once('-')?;
+    Some((
+        a.trim().parse().ok()?,
+        b.trim().parse().ok()?,
+        total.trim().parse().ok(),
+    ))
+}
+
+impl<R: Remote> RemoteBackend<R> {
+    pub fn new(remote: R, settings: HttpSettings) -> Result<Self> {
+        Ok(RemoteBackend {
+            remote,
+            http: HttpClient::new(settings)?,
+            sizes: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Run `attempt` up to 1 + retry_limit times with backoff; the last failure becomes EIO.
+    fn with_retries<T>(
+        &self,
+        what: &str,
+        mut attempt: impl FnMut() -> std::result::Result<T, Failure>,
+    ) -> Result<T> {
+        let limit = self.http.settings.retry_limit;
+        let mut n = 0;
+        loop {
+            match attempt() {
+                Ok(v) => return Ok(v),
+                Err(Failure::Fatal(e)) => return Err(e),
+                Err(Failure::Retry { why, after }) => {
+                    if n >= limit {
+                        return Err(net_error(format!(
+                            "{} {what}: giving up after {} attempts: {why}",
+                            self.remote.kind(),
+                            n + 1
+                        )));
+                    }
+                    n += 1;
+                    self.http.counters.retries.fetch_add(1, Ordering::Relaxed);
+                    let pause = after.unwrap_or_else(|| HttpClient::backoff(n));
+                    log::warn!(
+                        "{} {what}: {why}; retry {n}/{limit} in {pause:?}",
+                        self.remote.kind()
+                    );
+                    std::thread::sleep(pause);
+                }
+            }
+        }
+    }
+
+    fn fetch_range(&self, blob_id: &str, start: u64, end: u64, blob_size: u64) -> Result<Vec<u8>> {
+        let want = (end - start + 1) as usize;
+        self.with_retries(&format!("blob {blob_id} bytes {start}-{end}"), || {
+            let resp = self.remote.fetch(&self.http, blob_id, Some((start, end)))?;
+            match resp.status {
+                206 => {
+                    let Some((a, b, total)) = resp.header("content-range").and_then(content_range)
+                    else {
+                        return Err(Failure::retry("206 without a valid Content-Range"));
+                    };
+                    if a != start || b != end || total.is_some_and(|t| t != blob_size) {
+                        return Err(Failure::retry(format!(
+                            "asked for {start}-{end}/{blob_size}, got Content-Range {a}-{b}/{total:?}"
+                        )));
+                    }
+                    check_body(resp, want)
+                }
+                // A server that ignores Range sends the whole blob; take our slice of it.
+                200 => {
+                    let whole = check_body(resp, blob_size as usize)?;
+                    Ok(whole[start as usize..=end as usize].to_vec())
+                }
+                _ => Err(classify(&resp, "read")),
+            }
+        })
+    }
+}
+
+/// The body must be complete and exactly `want` bytes, whatever Content-Length said.
+fn check_body(resp: Response, want: usize) -> std::result::Result<Vec<u8>, Failure> {
+    if let Some(e) = resp.body_error {
+        return Err(Failure::retry(format!(
+            "body failed after {} of {want} bytes: {e}",
+            resp.body.len()
+        )));
+    }
+    if let Some(cl) = resp.header("content-length") {
+        if cl.trim().parse::<u64>().ok() != Some(want as u64) {
+            return Err(Failure::retry(format!(
+                "Content-Length {cl} for a {want}-byte range"
+            )));
+        }
+    }
+    if resp.body.len() != want {
+        return Err(Failure::retry(format!(
+            "body has {} bytes, wanted {want}",
+            resp.body.len()
+        )));
+    }
+    Ok(resp.body)
+}
+
+impl<R: Remote> BlobBackend for RemoteBackend<R> {
+    fn kind(&self) -> &'static str {
+        self.remote.kind()
+    }
+
+    fn blob_size(&self, blob_id: &str) -> Result<u64> {
+        crate::format::check_blob_id(blob_id)?;
+        if let Some(s) = self
+            .sizes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(blob_id)
+        {
+            return Ok(*s);
+        }
+        let size = self.with_retries(&format!("blob {blob_id} size"), || {
+            let resp = self.remote.fetch(&self.http, blob_id, None)?;
+            if resp.status != 200 {
+                return Err(classify(&resp, "size"));
+            }
+            resp.header("content-length")
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .ok_or_else(|| Failure::retry("HEAD without Content-Length"))
+        })?;
+        self.sizes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(blob_id.to_string(), size);
+        Ok(size)
+    }
+
+    fn read_at(&self, blob_id: &str, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let size = self.blob_size(blob_id)?;
+        if buf.is_empty() || offset >= size {
+            return Ok(0);
+        }
+        let end = (offset + buf.len() as u64).min(size) - 1;
+        let data = self.fetch_range(blob_id, offset, end, size)?;
+        buf[..data.len()].copy_from_slice(&data);
+        Ok(data.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_range_parses() {
+        assert_eq!(content_range("bytes 0-9/100"), Some((0, 9, Some(100))));
+        assert_eq!(content_range("bytes 5-6/*"), Some((5, 6, None)));
+        assert_eq!(content_range("items 0-1/2"), None);
+    }
+
+    #[test]
+    fn rehost_keeps_the_path() {
+        assert_eq!(
+            rehost("https://reg:5000/v2/a/b/blobs/sha256:x", "http://m:1/"),
+            Some("http://m:1/v2/a/b/blobs/sha256:x".into())
+        );
+    }
+
+    #[test]
+    fn backoff_is_bounded() {
+        assert_eq!(HttpClient::backoff(1), Duration::from_millis(100));
+        assert_eq!(HttpClient::backoff(2), Duration::from_millis(200));
+        assert!(HttpClient::backoff(30) <= Duration::from_secs(2));
+    }
+}

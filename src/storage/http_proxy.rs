@@ -1,0 +1,56 @@
+//! The `http-proxy` backend: blobs served by a plain HTTP(S) server at `<addr><path>/<blob_id>` (HEAD for
+//! the size, ranged GETs for data), e.g. a local blob cache or P2P peer in front of a registry.
+
+use super::http::{Failure, HttpClient, Keys, Method, Remote, Request, Response};
+use crate::error::{Error, Result};
+
+pub struct HttpProxyBlobs {
+    base: String,
+}
+
+impl HttpProxyBlobs {
+    pub fn from_keys(k: &Keys) -> Result<Self> {
+        let addr = k.required("addr")?;
+        if !(addr.starts_with("http://") || addr.starts_with("https://")) {
+            // nydusd also takes a Unix socket path here; this build speaks TCP only.
+            return Err(Error::Unsupported(format!(
+                "backend http-proxy: `addr` {addr:?} must be an http:// or https:// URL"
+            )));
+        }
+        let path = k.string("path")?.unwrap_or_default();
+        Ok(HttpProxyBlobs {
+            base: format!("{}/{}", addr.trim_end_matches('/'), path.trim_matches('/'))
+                .trim_end_matches('/')
+                .to_string(),
+        })
+    }
+}
+
+impl Remote for HttpProxyBlobs {
+    fn kind(&self) -> &'static str {
+        "http-proxy"
+    }
+
+    fn fetch(
+        &self,
+        http: &HttpClient,
+        blob_id: &str,
+        range: Option<(u64, u64)>,
+    ) -> std::result::Result<Response, Failure> {
+        let url = format!("{}/{blob_id}", self.base);
+        let req = Request {
+            method: if range.is_some() {
+                Method::Get
+            } else {
+                Method::Head
+            },
+            url: &url,
+            headers: &[],
+            range,
+            mirrorable: true,
+            proxied: true,
+        };
+        http.send(&req, range.map_or(0, |(a, b)| b - a + 1))
+            .map_err(|e| Failure::retry(format!("http-proxy: {e}")))
+    }
+}
