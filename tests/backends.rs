@@ -1,0 +1,715 @@
+//! Network storage backends against real servers the tests start and stop themselves: Debian's
+//! `docker-registry` (htpasswd auth) and `tinyproxy`, moto's S3 server (SigV4 checked by the server), and a
+//! fault-injecting blob server of our own (tests/services) for Bearer tokens, redirects, mirrors, 500s,
+//! 429s, resets, truncated bodies, wrong lengths and stalls. Images are mounted with real FUSE daemons and
+//! compared with manifest.tsv. Needs root (mounting) and the packages of ci/install-deps.sh.
+
+mod daemon;
+mod manifest;
+mod services;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use daemon::{run_bounded, Daemon};
+use rafsd::storage::http::{HttpSettings, Keys, RemoteBackend};
+use rafsd::storage::registry::Registry;
+use rafsd::storage::BlobBackend;
+use serde_json::json;
+use services::{FakeOptions, FakeServer, Fault};
+use sha2::Digest;
+
+const REPO: &str = "rafsd/test";
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("rafsd-backends-")
+        .tempdir()
+        .unwrap()
+}
+
+fn registry_backend(cfg: serde_json::Value) -> RemoteBackend<Registry> {
+    let keys = Keys::new("registry", &cfg).unwrap();
+    RemoteBackend::new(
+        Registry::from_keys(&keys).unwrap(),
+        HttpSettings::from_keys(&keys).unwrap(),
+    )
+    .unwrap()
+}
+
+/// Deterministic incompressible bytes (splitmix64).
+fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Blob bytes the registry sent, from its access log (combined format: `"GET ..." status size`).
+fn registry_bytes_served(log: &str) -> u64 {
+    log.lines()
+        .filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/sha256:"))
+        .filter_map(|l| {
+            let after = l.split("HTTP/1.1\" ").nth(1)?;
+            let mut f = after.split_whitespace();
+            let status = f.next()?;
+            let size = f.next()?.parse::<u64>().ok()?;
+            matches!(status, "200" | "206").then_some(size)
+        })
+        .sum()
+}
+
+fn case_blobs(case: &str) -> Vec<(String, Vec<u8>)> {
+    std::fs::read_dir(manifest::case_blob_dir(case))
+        .unwrap()
+        .map(|e| {
+            let p = e.unwrap().path();
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// A v1 daemon config for a network backend, with a blob cache and digest validation.
+fn net_config(dir: &Path, kind: &str, backend: serde_json::Value) -> PathBuf {
+    let cfg = json!({
+        "device": {
+            "backend": {"type": kind, "config": backend},
+            "cache": {"type": "blobcache", "config": {"work_dir": dir.join("cache")}}
+        },
+        "mode": "direct",
+        "digest_validate": true
+    });
+    let path = dir.join("config.json");
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    path
+}
+
+fn mount(dir: &Path, config: &Path, bootstrap: &Path) -> Daemon {
+    Daemon::start(
+        &[
+            "fuse",
+            "--config",
+            config.to_str().unwrap(),
+            "--bootstrap",
+            bootstrap.to_str().unwrap(),
+            "--thread-num",
+            "4",
+        ],
+        &dir.join("mnt"),
+        &dir.join("rafsd.log"),
+    )
+}
+
+fn assert_matches_manifest(d: &Daemon, case: &str) {
+    let problems = manifest::compare_tree(&d.mountpoint, manifest::allowances_for(case));
+    assert!(
+        problems.is_empty(),
+        "{case}: {} mismatches, first: {:#?}\nlog:\n{}",
+        problems.len(),
+        &problems[..problems.len().min(10)],
+        d.log_text()
+    );
+}
+
+/// The largest regular file of the manifest: (path, sha256).
+fn largest_file() -> (String, String) {
+    let rows = manifest::load_manifest();
+    let row = rows
+        .iter()
+        .filter(|r| r["type"] == "f")
+        .max_by_key(|r| r["size"].parse::<u64>().unwrap_or(0))
+        .unwrap();
+    (row["path"].clone(), row["sha256"].clone())
+}
+
+fn sha256_of(path: &Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(format!("{:x}", h.finalize()))
+}
+
+/// Drop the host's page cache for one file so the next read goes to the daemon again.
+fn drop_cache(path: &Path) {
+    if let Ok(f) = std::fs::File::open(path) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: valid fd.
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Fault injection (library level: exact counts and timings).
+
+#[test]
+fn faults_are_retried_and_never_return_wrong_bytes() {
+    let server = FakeServer::start(FakeOptions {
+        repo: REPO.into(),
+        bearer: None,
+        token_basic: None,
+        redirect_to: None,
+    });
+    let data = pseudo_random(3 << 20, 7);
+    let id = server.add_blob(data.clone());
+    let backend = registry_backend(json!({
+        "scheme": "http", "host": format!("127.0.0.1:{}", server.port), "repo": REPO,
+        "timeout": 1, "connect_timeout": 1, "retry_limit": 3
+    }));
+    assert_eq!(backend.blob_size(&id).unwrap(), data.len() as u64);
+    let faults = [
+        Fault::Status(500),
+        Fault::Status(503),
+        Fault::TooMany(1),
+        Fault::Reset,
+        Fault::Truncate,
+        Fault::WrongLength,
+        Fault::Stall(Duration::from_secs(3)),
+    ];
+    for (i, fault) in faults.iter().enumerate() {
+        server.queue(&[fault.clone(), fault.clone()]);
+        let offset = (i as u64 * 300_000) % (2 << 20);
+        let before = backend.http.counters.retries.load(Ordering::Relaxed);
+        let start = Instant::now();
+        let got = backend
+            .read_exact_at(&id, offset, 1 << 20)
+            .unwrap_or_else(|e| panic!("{fault:?}: {e}"));
+        assert!(
+            got == data[offset as usize..offset as usize + (1 << 20)],
+            "{fault:?}: wrong bytes"
+        );
+        assert_eq!(
+            backend.http.counters.retries.load(Ordering::Relaxed) - before,
+            2,
+            "{fault:?}: two failed attempts, then success"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(8),
+            "{fault:?}: {:?}",
+            start.elapsed()
+        );
+    }
+    // A read at the very end of the blob is clamped, not an error.
+    let mut tail = vec![0u8; 100];
+    assert_eq!(
+        backend
+            .read_at(&id, data.len() as u64 - 10, &mut tail)
+            .unwrap(),
+        10
+    );
+    assert_eq!(&tail[..10], &data[data.len() - 10..]);
+
+    // Persistent faults: EIO within a bound set by timeout, retry_limit and the backoff.
+    for fault in [
+        Fault::Status(500),
+        Fault::Reset,
+        Fault::Stall(Duration::from_secs(10)),
+        Fault::Status(404),
+    ] {
+        server.set_always(Some(fault.clone()));
+        let start = Instant::now();
+        let err = backend.read_exact_at(&id, 0, 4096).unwrap_err();
+        let took = start.elapsed();
+        assert_eq!(err.errno(), libc::EIO, "{fault:?}: {err}");
+        // 4 attempts of at most 1 s each plus 0.1 + 0.2 + 0.4 s of backoff.
+        assert!(took < Duration::from_secs(6), "{fault:?} took {took:?}");
+        if fault == Fault::Status(404) {
+            assert!(took < Duration::from_millis(500), "a 404 is not retried");
+        }
+    }
+    server.set_always(None);
+    assert_eq!(backend.read_exact_at(&id, 5, 5).unwrap(), data[5..10]);
+}
+
+#[test]
+fn bearer_tokens_are_cached_refreshed_and_fetched_once_under_load() {
+    let server = FakeServer::start(FakeOptions {
+        repo: REPO.into(),
+        bearer: Some(2),
+        token_basic: Some(services::basic_auth("alice", "s3cret")),
+        redirect_to: None,
+    });
+    let data = pseudo_random(1 << 20, 3);
+    let id = server.add_blob(data.clone());
+    let backend = Arc::new(registry_backend(json!({
+        "scheme": "http", "host": format!("127.0.0.1:{}", server.port), "repo": REPO,
+        "auth": services::basic_auth("alice", "s3cret"), "timeout": 5
+    })));
+    // 4 readers for ~4.5 s across two token lifetimes.
+    let deadline = Instant::now() + Duration::from_millis(4500);
+    let readers: Vec<_> = (0..4)
+        .map(|t| {
+            let (b, id, data) = (backend.clone(), id.clone(), data.clone());
+            std::thread::spawn(move || {
+                let mut n = 0;
+                while Instant::now() < deadline {
+                    let off = (t * 4096 + n * 8192) % (data.len() - 4096);
+                    let got = b.read_exact_at(&id, off as u64, 4096).unwrap();
+                    assert!(got == data[off..off + 4096]);
+                    n += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                n
+            })
+        })
+        .collect();
+    let reads: usize = readers.into_iter().map(|r| r.join().unwrap()).sum();
+    let tokens = server.counters.token_requests.load(Ordering::Relaxed);
+    assert!(reads > 100, "{reads} reads");
+    // One token to start, then proactive refreshes every ~1.5 s: no token per request.
+    assert!(
+        (2..=6).contains(&tokens),
+        "{tokens} token requests for {reads} reads"
+    );
+
+    // Revoked mid-run: 8 concurrent readers hit 401 together and share one new token.
+    server.revoke_tokens();
+    let before = server.counters.token_requests.load(Ordering::Relaxed);
+    let barrier = Arc::new(std::sync::Barrier::new(8));
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let (b, id, data, bar) = (backend.clone(), id.clone(), data.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                bar.wait();
+                let off = t * 65536;
+                assert!(b.read_exact_at(&id, off as u64, 65536).unwrap() == data[off..off + 65536]);
+            })
+        })
+        .collect();
+    threads.into_iter().for_each(|t| t.join().unwrap());
+    let fetched = server.counters.token_requests.load(Ordering::Relaxed) - before;
+    assert!(
+        fetched <= 2,
+        "{fetched} token requests after a revocation (a storm)"
+    );
+
+    // Wrong credentials at the realm: a clear error, not a retry loop.
+    let bad = registry_backend(json!({
+        "scheme": "http", "host": format!("127.0.0.1:{}", server.port), "repo": REPO,
+        "auth": services::basic_auth("alice", "wrong")
+    }));
+    let start = Instant::now();
+    let err = bad.blob_size(&id).unwrap_err().to_string();
+    assert!(err.contains("refused"), "{err}");
+    assert!(start.elapsed() < Duration::from_secs(2));
+}
+
+#[test]
+fn redirects_to_blob_storage_carry_no_registry_credentials() {
+    let server = FakeServer::start(FakeOptions {
+        repo: REPO.into(),
+        bearer: Some(60),
+        token_basic: None,
+        redirect_to: Some("storage.invalid:1".into()),
+    });
+    let data = pseudo_random(2 << 20, 11);
+    let id = server.add_blob(data.clone());
+    let backend = registry_backend(json!({
+        "scheme": "http", "host": format!("127.0.0.1:{}", server.port), "repo": REPO,
+        "blob_url_scheme": "http", "blob_redirected_host": format!("127.0.0.1:{}", server.port)
+    }));
+    for off in [0usize, 4096, 1 << 20] {
+        assert!(backend.read_exact_at(&id, off as u64, 8192).unwrap() == data[off..off + 8192]);
+    }
+    let c = &server.counters;
+    assert!(c.storage_requests.load(Ordering::Relaxed) >= 3);
+    assert_eq!(
+        c.storage_auth_leaks.load(Ordering::Relaxed),
+        0,
+        "Authorization leaked to storage"
+    );
+    assert_eq!(c.token_requests.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn mirrors_fail_over_to_the_origin_and_recover() {
+    let opts = || FakeOptions {
+        repo: REPO.into(),
+        bearer: None,
+        token_basic: None,
+        redirect_to: None,
+    };
+    let (origin, mirror) = (FakeServer::start(opts()), FakeServer::start(opts()));
+    let data = pseudo_random(1 << 20, 5);
+    let id = origin.add_blob(data.clone());
+    mirror.add_blob(data.clone());
+    let backend = registry_backend(json!({
+        "scheme": "http", "host": format!("127.0.0.1:{}", origin.port), "repo": REPO, "retry_limit": 0,
+        "mirrors": [{"host": format!("http://127.0.0.1:{}", mirror.port), "failure_limit": 2,
+                     "health_check_interval": 1, "headers": {"X-Mirror": "yes"}}]
+    }));
+    let read = |off: usize| {
+        assert!(backend.read_exact_at(&id, off as u64, 4096).unwrap() == data[off..off + 4096])
+    };
+    read(0);
+    assert_eq!(mirror.counters.data_requests.load(Ordering::Relaxed), 1);
+    assert_eq!(origin.counters.data_requests.load(Ordering::Relaxed), 0);
+
+    mirror.set_always(Some(Fault::Status(502)));
+    for i in 1..6 {
+        read(i * 4096);
+    }
+    // Two failures disable the mirror; the rest go straight to the origin.
+    assert_eq!(mirror.counters.data_requests.load(Ordering::Relaxed), 3);
+    assert_eq!(origin.counters.data_requests.load(Ordering::Relaxed), 5);
+
+    mirror.set_always(None);
+    std::thread::sleep(Duration::from_millis(1200));
+    read(100_000);
+    assert_eq!(
+        mirror.counters.data_requests.load(Ordering::Relaxed),
+        4,
+        "mirror back in use"
+    );
+    assert_eq!(origin.counters.data_requests.load(Ordering::Relaxed), 5);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Real servers.
+
+fn need(tools: &[&str]) {
+    for t in tools {
+        assert!(
+            services::have(t),
+            "`{t}` is missing: run ci/install-deps.sh (docker-registry, tinyproxy, apache2-utils, moto)"
+        );
+    }
+}
+
+#[test]
+fn registry_with_htpasswd_serves_images_that_match_the_manifest() {
+    manifest::assert_root("registry mounts");
+    need(&["docker-registry", "htpasswd"]);
+    let dir = tmp();
+    let reg = services::start_registry(dir.path(), Some(("alice", "pa55word")));
+    let auth = services::basic_auth("alice", "pa55word");
+    for case in ["v6-zstd-blake3", "v5-zstd-sha256-128k"] {
+        for (id, data) in case_blobs(case) {
+            assert_eq!(services::push_blob(reg.port, REPO, Some(&auth), &data), id);
+        }
+        let cdir = dir.path().join(case);
+        std::fs::create_dir_all(&cdir).unwrap();
+        let config = net_config(
+            &cdir,
+            "registry",
+            json!({"scheme": "http", "host": format!("127.0.0.1:{}", reg.port), "repo": REPO,
+                   "auth": auth, "timeout": 10, "retry_limit": 2}),
+        );
+        let d = mount(&cdir, &config, &manifest::case_bootstrap(case));
+        assert_matches_manifest(&d, case);
+        let log = d.log_text();
+        assert!(!log.contains(&auth), "credentials in the daemon log");
+        d.stop();
+    }
+    let access = reg.log_text();
+    assert!(
+        access.contains("\"GET /v2/rafsd/test/blobs/sha256:") && access.contains(" 206 "),
+        "the registry served ranged blob reads:\n{}",
+        &access[access.len().saturating_sub(2000)..]
+    );
+
+    // A wrong password is refused at mount time with a clear message, in bounded time.
+    let cdir = dir.path().join("bad");
+    std::fs::create_dir_all(&cdir).unwrap();
+    let config = net_config(
+        &cdir,
+        "registry",
+        json!({"scheme": "http", "host": format!("127.0.0.1:{}", reg.port), "repo": REPO,
+               "auth": services::basic_auth("alice", "nope")}),
+    );
+    std::fs::create_dir_all(cdir.join("mnt")).unwrap();
+    let bootstrap = manifest::case_bootstrap("v6-zstd-blake3");
+    let (code, out) = run_bounded(
+        &[
+            "fuse".as_ref(),
+            "--config".as_ref(),
+            config.as_os_str(),
+            "--bootstrap".as_ref(),
+            bootstrap.as_os_str(),
+            "--mountpoint".as_ref(),
+            cdir.join("mnt").as_os_str(),
+        ],
+        Duration::from_secs(20),
+    );
+    assert!(code.is_some_and(|c| c != 0), "{code:?}: {out}");
+    assert!(out.contains("refused the credentials"), "{out}");
+    assert!(!out.contains("nope") && !out.contains(&services::basic_auth("alice", "nope")));
+}
+
+#[test]
+fn daemon_returns_eio_on_backend_faults_and_serves_again_after_recovery() {
+    manifest::assert_root("FUSE mounts");
+    let case = "v6-zstd-blake3";
+    let dir = tmp();
+    let server = FakeServer::start(FakeOptions {
+        repo: REPO.into(),
+        bearer: Some(60),
+        token_basic: None,
+        redirect_to: None,
+    });
+    for (id, data) in case_blobs(case) {
+        assert_eq!(server.add_blob(data), id);
+    }
+    let config = net_config(
+        dir.path(),
+        "registry",
+        json!({"scheme": "http", "host": format!("127.0.0.1:{}", server.port), "repo": REPO,
+               "timeout": 1, "connect_timeout": 1, "retry_limit": 2}),
+    );
+    let mut d = mount(dir.path(), &config, &manifest::case_bootstrap(case));
+    let (rel, want) = largest_file();
+    let path = d.mountpoint.join(&rel);
+    for fault in [
+        Fault::Status(500),
+        Fault::Stall(Duration::from_secs(5)),
+        Fault::Corrupt,
+    ] {
+        server.set_always(Some(fault.clone()));
+        drop_cache(&path);
+        let start = Instant::now();
+        let err = sha256_of(&path).expect_err("a read through a broken backend must fail");
+        assert_eq!(err.raw_os_error(), Some(libc::EIO), "{fault:?}: {err}");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{fault:?}: {:?}",
+            start.elapsed()
+        );
+        assert!(d.is_running(), "daemon died on {fault:?}");
+    }
+    server.set_always(None);
+    drop_cache(&path);
+    assert_eq!(sha256_of(&path).unwrap(), want, "after recovery");
+    assert_matches_manifest(&d, case);
+    d.stop();
+}
+
+#[test]
+fn proxy_down_falls_back_to_direct_and_traffic_returns_when_it_is_back() {
+    need(&["docker-registry", "tinyproxy"]);
+    let dir = tmp();
+    let reg = services::start_registry(dir.path(), None);
+    let data = pseudo_random(2 << 20, 9);
+    let id = services::push_blob(reg.port, REPO, None, &data);
+    let pport = services::free_port();
+    let connects = |dir: &Path| {
+        std::fs::read_to_string(dir.join("tinyproxy.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("CONNECT") || l.contains("Established connection"))
+            .count()
+    };
+    let mut proxy = services::start_tinyproxy(dir.path(), pport);
+    let backend = registry_backend(json!({
+        "scheme": "http", "host": format!("127.0.0.1:{}", reg.port), "repo": REPO, "timeout": 5,
+        "proxy": {"url": format!("http://127.0.0.1:{pport}"), "fallback": true, "check_interval": 1}
+    }));
+    let read = |off: usize| {
+        assert!(backend.read_exact_at(&id, off as u64, 65536).unwrap() == data[off..off + 65536])
+    };
+    read(0);
+    let via = |b: &RemoteBackend<Registry>| b.http.counters.via_proxy.load(Ordering::Relaxed);
+    assert!(via(&backend) >= 1);
+    let seen = connects(dir.path());
+    assert!(
+        seen >= 1,
+        "tinyproxy saw no connection:\n{}",
+        std::fs::read_to_string(dir.path().join("tinyproxy.log")).unwrap_or_default()
+    );
+
+    proxy.kill();
+    for i in 1..5 {
+        read(i * 65536);
+    }
+    let via_down = via(&backend);
+
+    let _proxy = services::start_tinyproxy(dir.path(), pport);
+    std::thread::sleep(Duration::from_millis(1200));
+    for i in 5..8 {
+        read(i * 65536);
+    }
+    assert!(
+        via(&backend) > via_down,
+        "traffic did not return to the proxy"
+    );
+    assert!(
+        connects(dir.path()) > seen,
+        "tinyproxy saw no new connection after its restart"
+    );
+}
+
+/// moto's S3 server with IAM auth on: our SigV4 signatures are checked by the server.
+#[test]
+fn s3_backend_with_sigv4_serves_an_image_from_moto() {
+    manifest::assert_root("FUSE mounts");
+    need(&["python3"]);
+    let case = "v6-lz4-sha256-64k";
+    let dir = tmp();
+    let moto = services::start_moto(dir.path(), &[("INITIAL_NO_AUTH_ACTION_COUNT", "3")]);
+    let blob_dir = manifest::case_blob_dir(case);
+    let setup = format!(
+        r#"
+import boto3, os, sys
+ep = "http://127.0.0.1:{port}"
+iam = boto3.client("iam", endpoint_url=ep, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="y")
+iam.create_user(UserName="rafsd")
+iam.put_user_policy(UserName="rafsd", PolicyName="all", PolicyDocument='{{"Version":"2012-10-17","Statement":[{{"Effect":"Allow","Action":"*","Resource":"*"}}]}}')
+k = iam.create_access_key(UserName="rafsd")["AccessKey"]
+s3 = boto3.client("s3", endpoint_url=ep, region_name="us-east-1", aws_access_key_id=k["AccessKeyId"], aws_secret_access_key=k["SecretAccessKey"])
+s3.create_bucket(Bucket="blobs")
+for name in os.listdir("{blobs}"):
+    with open(os.path.join("{blobs}", name), "rb") as f:
+        s3.put_object(Bucket="blobs", Key="layers/" + name, Body=f.read())
+print(k["AccessKeyId"], k["SecretAccessKey"])
+"#,
+        port = moto.port,
+        blobs = blob_dir.display()
+    );
+    let out = std::process::Command::new("python3")
+        .args(["-c", &setup])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "moto setup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut keys = text.split_whitespace();
+    let (key_id, secret) = (
+        keys.next().unwrap().to_string(),
+        keys.next().unwrap().to_string(),
+    );
+
+    let s3 = |secret: &str| {
+        json!({"scheme": "http", "endpoint": format!("127.0.0.1:{}", moto.port), "region": "us-east-1",
+               "bucket_name": "blobs", "object_prefix": "layers/", "access_key_id": key_id,
+               "access_key_secret": secret, "retry_limit": 1})
+    };
+    let config = net_config(dir.path(), "s3", s3(&secret));
+    let d = mount(dir.path(), &config, &manifest::case_bootstrap(case));
+    assert_matches_manifest(&d, case);
+    assert!(!d.log_text().contains(&secret), "secret in the daemon log");
+    d.stop();
+
+    // The server rejects a wrong secret: the mount fails with a clear error.
+    let bad = dir.path().join("bad");
+    std::fs::create_dir_all(bad.join("mnt")).unwrap();
+    let config = net_config(&bad, "s3", s3("not-the-secret"));
+    let bootstrap = manifest::case_bootstrap(case);
+    let (code, out) = run_bounded(
+        &[
+            "fuse".as_ref(),
+            "--config".as_ref(),
+            config.as_os_str(),
+            "--bootstrap".as_ref(),
+            bootstrap.as_os_str(),
+            "--mountpoint".as_ref(),
+            bad.join("mnt").as_os_str(),
+        ],
+        Duration::from_secs(20),
+    );
+    assert!(code.is_some_and(|c| c != 0), "{code:?}: {out}");
+    assert!(out.contains("status 403"), "{out}");
+}
+
+/// Lazy pull, measured at the server: a ~120 MiB image in the real registry, a few files read, the blob
+/// bytes the registry sent summed from its access log.
+#[test]
+fn lazy_pull_fetches_only_what_is_read() {
+    manifest::assert_root("FUSE mounts");
+    need(&["docker-registry"]);
+    let dir = tmp();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(src.join("data")).unwrap();
+    // 120 files of 1 MiB of incompressible bytes and a few small text files.
+    for i in 0..120 {
+        std::fs::write(
+            src.join(format!("data/f{i:03}")),
+            pseudo_random(1 << 20, i + 100),
+        )
+        .unwrap();
+    }
+    for name in ["hostname", "os-release", "motd"] {
+        std::fs::write(
+            src.join(name),
+            format!("{name} of the lazy-pull test\n").repeat(20),
+        )
+        .unwrap();
+    }
+    let blobs = dir.path().join("blobs");
+    let bootstrap = dir.path().join("bootstrap");
+    let (code, out) = run_bounded(
+        &[
+            "build".as_ref(),
+            "--blob-dir".as_ref(),
+            blobs.as_os_str(),
+            "--bootstrap".as_ref(),
+            bootstrap.as_os_str(),
+            src.as_os_str(),
+        ],
+        Duration::from_secs(300),
+    );
+    assert_eq!(code, Some(0), "build: {out}");
+    let blob = std::fs::read_dir(&blobs)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let image_size = std::fs::metadata(&blob).unwrap().len();
+    assert!(image_size > 100 << 20, "image of {image_size} bytes");
+
+    let reg = services::start_registry(dir.path(), None);
+    services::push_blob(reg.port, REPO, None, &std::fs::read(&blob).unwrap());
+    let before = registry_bytes_served(&reg.log_text());
+    let config = net_config(
+        dir.path(),
+        "registry",
+        json!({"scheme": "http", "host": format!("127.0.0.1:{}", reg.port), "repo": REPO}),
+    );
+    let d = mount(dir.path(), &config, &bootstrap);
+    let mut read_bytes = 0;
+    for name in ["hostname", "os-release", "data/f007", "data/f100"] {
+        let got = std::fs::read(d.mountpoint.join(name)).unwrap();
+        let want = std::fs::read(src.join(name)).unwrap();
+        assert!(got == want, "{name}");
+        read_bytes += got.len() as u64;
+    }
+    d.stop();
+    // The access log is written as requests finish; give it a moment.
+    std::thread::sleep(Duration::from_millis(300));
+    let fetched = registry_bytes_served(&reg.log_text()) - before;
+    println!(
+        "lazy pull: read {read_bytes} bytes of files, the registry sent {fetched} of {image_size} blob bytes ({:.2}%)",
+        fetched as f64 * 100.0 / image_size as f64
+    );
+    assert!(
+        fetched >= read_bytes / 2,
+        "fetched {fetched} for {read_bytes} read:\n{}",
+        reg.log_text()
+    );
+    // Two 1 MiB files plus metadata and read amplification: well under a tenth of the image.
+    assert!(
+        fetched < image_size / 10,
+        "fetched {fetched} of {image_size}"
+    );
+}

@@ -1,0 +1,546 @@
+//! Servers the backend tests run: Debian's `docker-registry` (CNCF distribution) and `tinyproxy`, moto's
+//! S3 server, and a fault-injecting blob server of our own. Each listens on a free loopback port, keeps
+//! its files in a temp dir and is killed by pid when dropped.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use sha2::Digest;
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn wait_for_port(port: u16, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+pub fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A child process killed (SIGKILL, by pid) and reaped on drop.
+pub struct Service {
+    pub name: &'static str,
+    child: Option<Child>,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+impl Service {
+    pub fn spawn(name: &'static str, cmd: &mut Command, port: u16, log: &Path) -> Service {
+        let out = std::fs::File::create(log).unwrap();
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        let mut s = Service {
+            name,
+            child: Some(child),
+            port,
+            log: log.to_path_buf(),
+        };
+        if !wait_for_port(port, Duration::from_secs(30)) {
+            let text = s.log_text();
+            s.kill();
+            panic!("{name} did not listen on {port} within 30 s:\n{text}");
+        }
+        s
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: signalling our own child by pid.
+            unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn basic_auth(user: &str, pass: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+}
+
+/// `docker-registry` on a free port with filesystem storage in `dir`; htpasswd auth when `user` is given.
+pub fn start_registry(dir: &Path, user: Option<(&str, &str)>) -> Service {
+    let port = free_port();
+    let mut auth = String::new();
+    if let Some((u, p)) = user {
+        let out = Command::new("htpasswd")
+            .args(["-Bbn", u, p])
+            .output()
+            .expect("htpasswd (apache2-utils)");
+        assert!(out.status.success());
+        std::fs::write(dir.join("htpasswd"), out.stdout).unwrap();
+        auth = format!(
+            "auth:\n  htpasswd:\n    realm: rafsd-test\n    path: {}\n",
+            dir.join("htpasswd").display()
+        );
+    }
+    let config = format!(
+        "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: rafsd-test-secret\n{auth}",
+        dir.join("storage").display()
+    );
+    std::fs::write(dir.join("registry.yml"), config).unwrap();
+    Service::spawn(
+        "docker-registry",
+        Command::new("docker-registry")
+            .arg("serve")
+            .arg(dir.join("registry.yml")),
+        port,
+        &dir.join("registry.log"),
+    )
+}
+
+/// Push `data` as a blob with the monolithic upload (POST, then PUT with the digest). Returns its id.
+pub fn push_blob(port: u16, repo: &str, auth: Option<&str>, data: &[u8]) -> String {
+    let id = format!("{:x}", sha2::Sha256::digest(data));
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .build()
+        .into();
+    let with_auth = |mut b: ureq::RequestBuilder<ureq::typestate::WithBody>| {
+        if let Some(a) = auth {
+            b = b.header("Authorization", format!("Basic {a}"));
+        }
+        b
+    };
+    let resp = with_auth(agent.post(format!("http://127.0.0.1:{port}/v2/{repo}/blobs/uploads/")))
+        .send_empty()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 202, "start upload");
+    let location = resp.headers()["location"].to_str().unwrap().to_string();
+    let location = if location.starts_with('/') {
+        format!("http://127.0.0.1:{port}{location}")
+    } else {
+        location
+    };
+    let sep = if location.contains('?') { '&' } else { '?' };
+    let resp = with_auth(agent.put(format!("{location}{sep}digest=sha256:{id}")))
+        .header("Content-Type", "application/octet-stream")
+        .send(data)
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201, "finish upload of {id}");
+    id
+}
+
+/// `tinyproxy` in the foreground on `port`, logging connections to `dir/tinyproxy.log`.
+pub fn start_tinyproxy(dir: &Path, port: u16) -> Service {
+    let log = dir.join("tinyproxy.log");
+    let config = format!(
+        "Port {port}\nListen 127.0.0.1\nTimeout 30\nLogFile \"{}\"\nLogLevel Connect\nMaxClients 50\nAllow 127.0.0.1\n",
+        log.display()
+    );
+    std::fs::write(dir.join("tinyproxy.conf"), config).unwrap();
+    Service::spawn(
+        "tinyproxy",
+        Command::new("tinyproxy")
+            .arg("-d")
+            .arg("-c")
+            .arg(dir.join("tinyproxy.conf")),
+        port,
+        &dir.join("tinyproxy.out"),
+    )
+}
+
+/// moto's S3 server (`moto_server`, or `python3 -m moto.server`).
+pub fn start_moto(dir: &Path, env: &[(&str, &str)]) -> Service {
+    let port = free_port();
+    let mut cmd = if have("moto_server") {
+        Command::new("moto_server")
+    } else {
+        let mut c = Command::new("python3");
+        c.args(["-m", "moto.server"]);
+        c
+    };
+    cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Service::spawn("moto_server", &mut cmd, port, &dir.join("moto.log"))
+}
+
+// ---------------------------------------------------------------------------------------------------
+// A blob server of our own that misbehaves on demand.
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Fault {
+    Status(u16),
+    /// 429 with `Retry-After: N`.
+    TooMany(u64),
+    /// Close the connection without answering.
+    Reset,
+    /// Promise the full length, send half, close.
+    Truncate,
+    /// A Content-Length that does not match the range (and a body of that wrong length).
+    WrongLength,
+    /// Headers, then nothing for this long.
+    Stall(Duration),
+    /// The wrong bytes with a plausible 206 (a cache gone bad): must be caught by digests, not here.
+    Corrupt,
+}
+
+#[derive(Default)]
+pub struct FaultState {
+    /// Applied to the next GETs of blob data, one each.
+    pub queue: Vec<Fault>,
+    /// Applied to every GET of blob data while set.
+    pub always: Option<Fault>,
+}
+
+#[derive(Default)]
+pub struct Counters {
+    pub requests: AtomicU64,
+    pub data_requests: AtomicU64,
+    pub bytes: AtomicU64,
+    pub token_requests: AtomicU64,
+    pub unauthorized: AtomicU64,
+    /// Requests at the storage path that carried an Authorization header (must stay 0).
+    pub storage_auth_leaks: AtomicU64,
+    pub storage_requests: AtomicU64,
+}
+
+pub struct FakeOptions {
+    /// Serve under `/v2/<repo>/blobs/sha256:<id>`; also plain `/<anything>/<id>`.
+    pub repo: String,
+    /// Require Bearer tokens from `/token` (issued with `expires_in` seconds).
+    pub bearer: Option<u64>,
+    /// Require this Basic credential (base64 user:pass) at the token endpoint.
+    pub token_basic: Option<String>,
+    /// Answer blob GETs with a 307 to `/storage/<id>` on this host:port (which this server also serves).
+    pub redirect_to: Option<String>,
+}
+
+pub struct FakeServer {
+    pub port: u16,
+    pub faults: Arc<Mutex<FaultState>>,
+    pub counters: Arc<Counters>,
+    blobs: Arc<Mutex<HashMap<String, Vec<u8>>>>,
+    /// Valid tokens and their expiry.
+    tokens: Arc<Mutex<HashMap<String, Instant>>>,
+    stop: Arc<AtomicBool>,
+}
+
+struct Shared {
+    opts: FakeOptions,
+    port: u16,
+    faults: Arc<Mutex<FaultState>>,
+    counters: Arc<Counters>,
+    blobs: Arc<Mutex<HashMap<String, Vec<u8>>>>,
+    tokens: Arc<Mutex<HashMap<String, Instant>>>,
+    next_token: AtomicU64,
+    stop: Arc<AtomicBool>,
+}
+
+impl FakeServer {
+    pub fn start(opts: FakeOptions) -> FakeServer {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let shared = Arc::new(Shared {
+            opts,
+            port,
+            faults: Default::default(),
+            counters: Default::default(),
+            blobs: Default::default(),
+            tokens: Default::default(),
+            next_token: AtomicU64::new(1),
+            stop: Default::default(),
+        });
+        let server = FakeServer {
+            port,
+            faults: shared.faults.clone(),
+            counters: shared.counters.clone(),
+            blobs: shared.blobs.clone(),
+            tokens: shared.tokens.clone(),
+            stop: shared.stop.clone(),
+        };
+        listener.set_nonblocking(true).unwrap();
+        std::thread::spawn(move || {
+            while !shared.stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        let shared = shared.clone();
+                        std::thread::spawn(move || serve_conn(&shared, conn));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        server
+    }
+
+    pub fn add_blob(&self, data: Vec<u8>) -> String {
+        let id = format!("{:x}", sha2::Sha256::digest(&data));
+        self.blobs.lock().unwrap().insert(id.clone(), data);
+        id
+    }
+
+    pub fn revoke_tokens(&self) {
+        self.tokens.lock().unwrap().clear();
+    }
+
+    pub fn set_always(&self, f: Option<Fault>) {
+        self.faults.lock().unwrap().always = f;
+    }
+
+    pub fn queue(&self, faults: &[Fault]) {
+        self.faults.lock().unwrap().queue.extend_from_slice(faults);
+    }
+}
+
+impl Drop for FakeServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn respond(conn: &mut TcpStream, status: u16, headers: &[(&str, String)], body: &[u8]) -> bool {
+    let mut head = format!("HTTP/1.1 {status} X\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+    {
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
+    conn.write_all(head.as_bytes()).is_ok() && conn.write_all(body).is_ok()
+}
+
+fn serve_conn(s: &Shared, mut conn: TcpStream) {
+    conn.set_read_timeout(Some(Duration::from_secs(30))).ok();
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut parts = line.split_whitespace();
+        let (method, target) = (
+            parts.next().unwrap_or("").to_string(),
+            parts.next().unwrap_or("").to_string(),
+        );
+        let mut headers = HashMap::new();
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h).unwrap_or(0) == 0 {
+                return;
+            }
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+            }
+        }
+        if let Some(n) = headers
+            .get("content-length")
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            let mut sink = vec![0u8; n as usize];
+            if reader.read_exact(&mut sink).is_err() {
+                return;
+            }
+        }
+        s.counters.requests.fetch_add(1, Ordering::Relaxed);
+        if !handle(s, &mut conn, &method, &target, &headers) {
+            return;
+        }
+    }
+}
+
+/// Answer one request; false closes the connection.
+fn handle(
+    s: &Shared,
+    conn: &mut TcpStream,
+    method: &str,
+    target: &str,
+    headers: &HashMap<String, String>,
+) -> bool {
+    let path = target.split('?').next().unwrap_or("");
+    if path == "/token" {
+        s.counters.token_requests.fetch_add(1, Ordering::Relaxed);
+        if let Some(want) = &s.opts.token_basic {
+            if headers.get("authorization") != Some(&format!("Basic {want}")) {
+                return respond(conn, 401, &[], b"{}");
+            }
+        }
+        let ttl = s.opts.bearer.unwrap_or(60);
+        let token = format!("tok{}", s.next_token.fetch_add(1, Ordering::Relaxed));
+        s.tokens
+            .lock()
+            .unwrap()
+            .insert(token.clone(), Instant::now() + Duration::from_secs(ttl));
+        let body = format!(r#"{{"token":"{token}","expires_in":{ttl}}}"#);
+        return respond(
+            conn,
+            200,
+            &[("Content-Type", "application/json".into())],
+            body.as_bytes(),
+        );
+    }
+    if path == "/v2" || path == "/v2/" {
+        return respond(conn, 200, &[], b"{}");
+    }
+    let id = path.rsplit('/').next().unwrap_or("");
+    let id = id.strip_prefix("sha256:").unwrap_or(id).to_string();
+    let at_storage = path.starts_with("/storage/");
+    if at_storage {
+        s.counters.storage_requests.fetch_add(1, Ordering::Relaxed);
+        if headers.contains_key("authorization") {
+            s.counters
+                .storage_auth_leaks
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    } else if let Some(_ttl) = s.opts.bearer {
+        let ok = headers
+            .get("authorization")
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .is_some_and(|t| {
+                s.tokens
+                    .lock()
+                    .unwrap()
+                    .get(t)
+                    .is_some_and(|exp| Instant::now() < *exp)
+            });
+        if !ok {
+            s.counters.unauthorized.fetch_add(1, Ordering::Relaxed);
+            let www = format!(
+                r#"Bearer realm="http://127.0.0.1:{}/token",service="fake",scope="repository:{}:pull""#,
+                s.port, s.opts.repo
+            );
+            return respond(conn, 401, &[("WWW-Authenticate", www)], b"");
+        }
+    }
+    let Some(blob) = s.blobs.lock().unwrap().get(&id).cloned() else {
+        return respond(conn, 404, &[], b"");
+    };
+    if !at_storage {
+        if let Some(host) = &s.opts.redirect_to {
+            return respond(
+                conn,
+                307,
+                &[("Location", format!("https://{host}/storage/{id}?sig=x"))],
+                b"",
+            );
+        }
+    }
+    if method == "HEAD" {
+        return respond(
+            conn,
+            200,
+            &[("Content-Length", blob.len().to_string())],
+            b"",
+        ) && conn.flush().is_ok();
+    }
+    // GET with a range.
+    let (a, b) = headers
+        .get("range")
+        .and_then(|r| r.strip_prefix("bytes="))
+        .and_then(|r| r.split_once('-'))
+        .and_then(|(a, b)| Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?)))
+        .unwrap_or((0, blob.len().saturating_sub(1)));
+    let b = b.min(blob.len().saturating_sub(1));
+    s.counters.data_requests.fetch_add(1, Ordering::Relaxed);
+    let fault = {
+        let mut f = s.faults.lock().unwrap();
+        if f.queue.is_empty() {
+            f.always.clone()
+        } else {
+            Some(f.queue.remove(0))
+        }
+    };
+    let body = &blob[a..=b];
+    let range = format!("bytes {a}-{b}/{}", blob.len());
+    match fault {
+        None => {
+            s.counters
+                .bytes
+                .fetch_add(body.len() as u64, Ordering::Relaxed);
+            respond(conn, 206, &[("Content-Range", range)], body)
+        }
+        Some(Fault::Status(code)) => respond(conn, code, &[], b"fault") && false,
+        Some(Fault::TooMany(secs)) => {
+            respond(conn, 429, &[("Retry-After", secs.to_string())], b"") && false
+        }
+        Some(Fault::Reset) => {
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+            false
+        }
+        Some(Fault::Truncate) => {
+            let head = format!(
+                "HTTP/1.1 206 X\r\nContent-Range: {range}\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            let _ = conn.write_all(head.as_bytes());
+            let _ = conn.write_all(&body[..body.len() / 2]);
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+            false
+        }
+        Some(Fault::WrongLength) => {
+            let short = &body[..body.len().saturating_sub(1).max(1).min(body.len())];
+            respond(
+                conn,
+                206,
+                &[
+                    ("Content-Range", range),
+                    ("Content-Length", short.len().to_string()),
+                ],
+                short,
+            ) && false
+        }
+        Some(Fault::Stall(d)) => {
+            let head = format!(
+                "HTTP/1.1 206 X\r\nContent-Range: {range}\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            let _ = conn.write_all(head.as_bytes());
+            std::thread::sleep(d);
+            false
+        }
+        Some(Fault::Corrupt) => {
+            let bad: Vec<u8> = body.iter().map(|b| b ^ 0x5a).collect();
+            respond(conn, 206, &[("Content-Range", range)], &bad)
+        }
+    }
+}
