@@ -19,7 +19,7 @@ use rafsd::storage::http::{HttpSettings, Keys, RemoteBackend};
 use rafsd::storage::registry::Registry;
 use rafsd::storage::BlobBackend;
 use serde_json::json;
-use services::{FakeOptions, FakeServer, Fault};
+use services::{FakeOptions, FakeServer, Fault, RegistryAuth};
 use sha2::Digest;
 
 const REPO: &str = "rafsd/test";
@@ -400,11 +400,12 @@ fn registry_with_htpasswd_serves_images_that_match_the_manifest() {
     manifest::assert_root("registry mounts");
     need(&["docker-registry", "htpasswd"]);
     let dir = tmp();
-    let reg = services::start_registry(dir.path(), Some(("alice", "pa55word")));
+    let reg = services::start_registry(dir.path(), RegistryAuth::Htpasswd("alice", "pa55word"));
     let auth = services::basic_auth("alice", "pa55word");
+    let basic = format!("Basic {auth}");
     for case in ["v6-zstd-blake3", "v5-zstd-sha256-128k"] {
         for (id, data) in case_blobs(case) {
-            assert_eq!(services::push_blob(reg.port, REPO, Some(&auth), &data), id);
+            assert_eq!(services::push_blob(reg.port, REPO, Some(&basic), &data), id);
         }
         let cdir = dir.path().join(case);
         std::fs::create_dir_all(&cdir).unwrap();
@@ -453,6 +454,79 @@ fn registry_with_htpasswd_serves_images_that_match_the_manifest() {
     assert!(code.is_some_and(|c| c != 0), "{code:?}: {out}");
     assert!(out.contains("refused the credentials"), "{out}");
     assert!(!out.contains("nope") && !out.contains(&services::basic_auth("alice", "nope")));
+}
+
+/// docker-registry in token mode with tokens from tests/services/token_issuer.py (RS256 JWTs): the 401
+/// challenge is followed to the realm, short-lived tokens are refreshed, and the image matches.
+#[test]
+fn registry_with_bearer_tokens_from_a_real_token_flow() {
+    manifest::assert_root("registry mounts");
+    need(&["docker-registry", "python3"]);
+    let case = "v6-none-blake3-4k";
+    let dir = tmp();
+    let auth = services::basic_auth("bob", "t0ken-pass");
+    let (issuer, cert) = services::start_token_issuer(dir.path(), "bob", "t0ken-pass", 3);
+    let reg = services::start_registry(
+        dir.path(),
+        RegistryAuth::Token {
+            realm: format!("http://127.0.0.1:{}/token", issuer.port),
+            cert,
+        },
+    );
+    let push = format!("Bearer {}", services::issue_token(issuer.port, &auth, REPO));
+    for (id, data) in case_blobs(case) {
+        assert_eq!(services::push_blob(reg.port, REPO, Some(&push), &data), id);
+    }
+    let tokens = || {
+        std::fs::read_to_string(dir.path().join("tokens.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("granted"))
+            .count()
+    };
+    let pushed = tokens();
+
+    // Library level: concurrent readers across three token lifetimes.
+    let data = case_blobs(case).pop().unwrap().1;
+    let id = format!("{:x}", sha2::Sha256::digest(&data));
+    let backend = Arc::new(registry_backend(json!({
+        "scheme": "http", "host": format!("127.0.0.1:{}", reg.port), "repo": REPO, "auth": auth
+    })));
+    let deadline = Instant::now() + Duration::from_secs(7);
+    let readers: Vec<_> = (0..4)
+        .map(|t| {
+            let (b, id, data) = (backend.clone(), id.clone(), data.clone());
+            std::thread::spawn(move || {
+                let mut n = 0usize;
+                while Instant::now() < deadline {
+                    let off = (t * 7919 + n * 65536) % (data.len() - 4096);
+                    assert!(
+                        b.read_exact_at(&id, off as u64, 4096).unwrap() == data[off..off + 4096]
+                    );
+                    n += 1;
+                    std::thread::sleep(Duration::from_millis(25));
+                }
+                n
+            })
+        })
+        .collect();
+    let reads: usize = readers.into_iter().map(|r| r.join().unwrap()).sum();
+    let fetched = tokens() - pushed;
+    assert!(reads > 100, "{reads} reads");
+    assert!(
+        (2..=8).contains(&fetched),
+        "{fetched} tokens for {reads} reads over 7 s with a 3 s ttl"
+    );
+
+    // Daemon level: the whole image through a FUSE mount.
+    let config = net_config(
+        dir.path(),
+        "registry",
+        json!({"scheme": "http", "host": format!("127.0.0.1:{}", reg.port), "repo": REPO, "auth": auth}),
+    );
+    let d = mount(dir.path(), &config, &manifest::case_bootstrap(case));
+    assert_matches_manifest(&d, case);
+    d.stop();
 }
 
 #[test]
@@ -506,7 +580,7 @@ fn daemon_returns_eio_on_backend_faults_and_serves_again_after_recovery() {
 fn proxy_down_falls_back_to_direct_and_traffic_returns_when_it_is_back() {
     need(&["docker-registry", "tinyproxy"]);
     let dir = tmp();
-    let reg = services::start_registry(dir.path(), None);
+    let reg = services::start_registry(dir.path(), RegistryAuth::None);
     let data = pseudo_random(2 << 20, 9);
     let id = services::push_blob(reg.port, REPO, None, &data);
     let pport = services::free_port();
@@ -678,7 +752,7 @@ fn lazy_pull_fetches_only_what_is_read() {
     let image_size = std::fs::metadata(&blob).unwrap().len();
     assert!(image_size > 100 << 20, "image of {image_size} bytes");
 
-    let reg = services::start_registry(dir.path(), None);
+    let reg = services::start_registry(dir.path(), RegistryAuth::None);
     services::push_blob(reg.port, REPO, None, &std::fs::read(&blob).unwrap());
     let before = registry_bytes_served(&reg.log_text());
     let config = net_config(

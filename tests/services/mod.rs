@@ -97,22 +97,40 @@ pub fn basic_auth(user: &str, pass: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
 }
 
-/// `docker-registry` on a free port with filesystem storage in `dir`; htpasswd auth when `user` is given.
-pub fn start_registry(dir: &Path, user: Option<(&str, &str)>) -> Service {
+pub enum RegistryAuth<'a> {
+    None,
+    Htpasswd(&'a str, &'a str),
+    /// Token auth with tokens from `realm`, signed by the certificate in `cert`.
+    Token {
+        realm: String,
+        cert: PathBuf,
+    },
+}
+
+pub const TOKEN_SERVICE: &str = "rafsd-registry";
+
+/// `docker-registry` on a free port with filesystem storage in `dir`.
+pub fn start_registry(dir: &Path, auth: RegistryAuth) -> Service {
     let port = free_port();
-    let mut auth = String::new();
-    if let Some((u, p)) = user {
-        let out = Command::new("htpasswd")
-            .args(["-Bbn", u, p])
-            .output()
-            .expect("htpasswd (apache2-utils)");
-        assert!(out.status.success());
-        std::fs::write(dir.join("htpasswd"), out.stdout).unwrap();
-        auth = format!(
-            "auth:\n  htpasswd:\n    realm: rafsd-test\n    path: {}\n",
-            dir.join("htpasswd").display()
-        );
-    }
+    let auth = match auth {
+        RegistryAuth::None => String::new(),
+        RegistryAuth::Htpasswd(u, p) => {
+            let out = Command::new("htpasswd")
+                .args(["-Bbn", u, p])
+                .output()
+                .expect("htpasswd (apache2-utils)");
+            assert!(out.status.success());
+            std::fs::write(dir.join("htpasswd"), out.stdout).unwrap();
+            format!(
+                "auth:\n  htpasswd:\n    realm: rafsd-test\n    path: {}\n",
+                dir.join("htpasswd").display()
+            )
+        }
+        RegistryAuth::Token { realm, cert } => format!(
+            "auth:\n  token:\n    realm: {realm}\n    service: {TOKEN_SERVICE}\n    issuer: rafsd-test-issuer\n    rootcertbundle: {}\n",
+            cert.display()
+        ),
+    };
     let config = format!(
         "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: rafsd-test-secret\n{auth}",
         dir.join("storage").display()
@@ -128,8 +146,45 @@ pub fn start_registry(dir: &Path, user: Option<(&str, &str)>) -> Service {
     )
 }
 
-/// Push `data` as a blob with the monolithic upload (POST, then PUT with the digest). Returns its id.
-pub fn push_blob(port: u16, repo: &str, auth: Option<&str>, data: &[u8]) -> String {
+/// tests/services/token_issuer.py on a free port: tokens for `user:pass`, valid `ttl` seconds, one log
+/// line per token request in `dir/tokens.log`. Returns the service and the certificate path.
+pub fn start_token_issuer(dir: &Path, user: &str, pass: &str, ttl: u64) -> (Service, PathBuf) {
+    let port = free_port();
+    let cert = dir.join("token-cert.pem");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/services/token_issuer.py");
+    let svc = Service::spawn(
+        "token issuer",
+        Command::new("python3")
+            .arg(script)
+            .args(["--port", &port.to_string(), "--ttl", &ttl.to_string()])
+            .args(["--user", user, "--password", pass])
+            .arg("--cert")
+            .arg(&cert)
+            .arg("--log")
+            .arg(dir.join("tokens.log")),
+        port,
+        &dir.join("token-issuer.out"),
+    );
+    (svc, cert)
+}
+
+/// A token for `repo` (pull and push) straight from the issuer, for pushing test blobs.
+pub fn issue_token(issuer_port: u16, basic: &str, repo: &str) -> String {
+    let url = format!(
+        "http://127.0.0.1:{issuer_port}/token?service={TOKEN_SERVICE}&scope=repository:{repo}:pull,push"
+    );
+    let mut resp = ureq::get(&url)
+        .header("Authorization", format!("Basic {basic}"))
+        .call()
+        .unwrap();
+    let v: serde_json::Value =
+        serde_json::from_slice(&resp.body_mut().read_to_vec().unwrap()).unwrap();
+    v["token"].as_str().unwrap().to_string()
+}
+
+/// Push `data` as a blob with the monolithic upload (POST, then PUT with the digest), sending
+/// `authorization` as the Authorization header. Returns its id.
+pub fn push_blob(port: u16, repo: &str, authorization: Option<&str>, data: &[u8]) -> String {
     let id = format!("{:x}", sha2::Sha256::digest(data));
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
@@ -137,8 +192,8 @@ pub fn push_blob(port: u16, repo: &str, auth: Option<&str>, data: &[u8]) -> Stri
         .build()
         .into();
     let with_auth = |mut b: ureq::RequestBuilder<ureq::typestate::WithBody>| {
-        if let Some(a) = auth {
-            b = b.header("Authorization", format!("Basic {a}"));
+        if let Some(a) = authorization {
+            b = b.header("Authorization", a);
         }
         b
     };
