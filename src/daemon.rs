@@ -80,6 +80,8 @@ const SECRET_KEYS: &[&str] = &[
     "password",
     "token",
     "encryption_key",
+    // Mirror headers of network backends often carry credentials of their own.
+    "headers",
 ];
 
 pub fn redact(v: &Value) -> Value {

@@ -69,11 +69,16 @@ fn registry_bytes_served(log: &str) -> u64 {
         .sum()
 }
 
+/// The data blobs of a fixture case (files named by a 64-hex blob id; anything else is not a blob).
 fn case_blobs(case: &str) -> Vec<(String, Vec<u8>)> {
     std::fs::read_dir(manifest::case_blob_dir(case))
         .unwrap()
-        .map(|e| {
-            let p = e.unwrap().path();
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy();
+            name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit())
+        })
+        .map(|p| {
             (
                 p.file_name().unwrap().to_string_lossy().into_owned(),
                 std::fs::read(&p).unwrap(),

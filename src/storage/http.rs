@@ -367,7 +367,7 @@ impl HttpClient {
                 )
             })
             .collect();
-        let mut body = Vec::new();
+        let mut body = Vec::with_capacity(limit.min(16 << 20) as usize);
         let mut body_error = None;
         if req.method == Method::Get {
             let mut reader = resp.body_mut().as_reader().take(limit);

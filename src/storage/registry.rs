@@ -113,7 +113,7 @@ impl Registry {
         let _gate = self.refresh_gate.lock().unwrap_or_else(|e| e.into_inner());
         let challenge = {
             let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            if !st.expires_at.is_some_and(|t| Instant::now() >= t) {
+            if st.expires_at.is_none_or(|t| Instant::now() < t) {
                 return st.header.clone();
             }
             st.bearer.clone()

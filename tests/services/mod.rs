@@ -554,9 +554,14 @@ fn handle(
                 .fetch_add(body.len() as u64, Ordering::Relaxed);
             respond(conn, 206, &[("Content-Range", range)], body)
         }
-        Some(Fault::Status(code)) => respond(conn, code, &[], b"fault") && false,
+        // Error answers close the connection, as many servers do.
+        Some(Fault::Status(code)) => {
+            respond(conn, code, &[], b"fault");
+            false
+        }
         Some(Fault::TooMany(secs)) => {
-            respond(conn, 429, &[("Retry-After", secs.to_string())], b"") && false
+            respond(conn, 429, &[("Retry-After", secs.to_string())], b"");
+            false
         }
         Some(Fault::Reset) => {
             let _ = conn.shutdown(std::net::Shutdown::Both);
@@ -582,7 +587,8 @@ fn handle(
                     ("Content-Length", short.len().to_string()),
                 ],
                 short,
-            ) && false
+            );
+            false
         }
         Some(Fault::Stall(d)) => {
             let head = format!(

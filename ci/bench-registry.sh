@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Registry backend benchmark: a cold sequential read of one large file through `rafsd fuse` with the
+# `registry` backend, against `curl` fetching the same blob from the same registry, in the same run.
+# Both go to a local Debian `docker-registry` over loopback. Prints MB/s of each and their ratio.
+#   ci/bench-registry.sh [SIZE_MIB]     (default 256)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ci/install-deps.sh
+cargo build --release -q
+bin=$PWD/target/release/rafsd
+size_mib=${1:-256}
+repo=bench/rafsd
+work=$(mktemp -d /tmp/rafsd-bench-registry.XXXXXX)
+pid=
+reg=
+cleanup() {
+    [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
+    mountpoint -q "$work/mnt" && umount -l "$work/mnt" || true
+    [ -n "$reg" ] && kill "$reg" 2>/dev/null && wait "$reg" 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+now() { date +%s.%N; }
+mbps() { awk -v n="$1" -v a="$2" -v b="$3" 'BEGIN {printf "%.1f", n / (b - a) / 1e6}'; }
+drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+
+mkdir -p "$work/src" "$work/blobs" "$work/mnt"
+head -c "$((size_mib << 20))" /dev/urandom >"$work/src/big"
+"$bin" build "$work/src" --bootstrap "$work/bootstrap" --blob-dir "$work/blobs" -l warn >/dev/null
+blob=$(ls "$work/blobs")
+blob_bytes=$(stat -c %s "$work/blobs/$blob")
+
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+cat >"$work/registry.yml" <<YML
+version: 0.1
+log:
+  level: warn
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: $work/storage
+http:
+  addr: 127.0.0.1:$port
+  secret: bench
+YML
+docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
+reg=$!
+for _ in $(seq 200); do curl -s -o /dev/null "http://127.0.0.1:$port/v2/" && break; sleep 0.05; done
+
+# Monolithic upload: POST for a session, PUT the bytes with their digest.
+location=$(curl -s -D - -o /dev/null -X POST "http://127.0.0.1:$port/v2/$repo/blobs/uploads/" |
+    awk 'tolower($1) == "location:" {print $2}' | tr -d '\r')
+case $location in /*) location="http://127.0.0.1:$port$location" ;; esac
+code=$(curl -s -o /dev/null -w '%{http_code}' -X PUT -H 'Content-Type: application/octet-stream' \
+    --data-binary "@$work/blobs/$blob" "$location&digest=sha256:$blob")
+[ "$code" = 201 ] || { echo "blob upload failed: $code" >&2; exit 1; }
+url="http://127.0.0.1:$port/v2/$repo/blobs/sha256:$blob"
+echo "image: one ${size_mib} MiB file, blob of $((blob_bytes / 1048576)) MiB in a local docker-registry"
+
+drop
+t0=$(now); curl -s -o /dev/null "$url"; t1=$(now)
+curl_mbps=$(mbps "$blob_bytes" "$t0" "$t1")
+
+cat >"$work/config.json" <<JSON
+{"device":{"backend":{"type":"registry","config":{"scheme":"http","host":"127.0.0.1:$port","repo":"$repo",
+                                                  "timeout":30}},
+           "cache":{"type":"blobcache","config":{"work_dir":"$work/cache"}}},
+ "mode":"direct","amplify_io":1048576}
+JSON
+"$bin" fuse --config "$work/config.json" --bootstrap "$work/bootstrap" --mountpoint "$work/mnt" \
+    --thread-num 4 -l warn &
+pid=$!
+for _ in $(seq 200); do mountpoint -q "$work/mnt" && break; sleep 0.05; done
+mountpoint -q "$work/mnt" || { echo "rafsd did not mount" >&2; exit 1; }
+drop
+file_bytes=$(stat -c %s "$work/mnt/big")
+t0=$(now); cat "$work/mnt/big" >/dev/null; t1=$(now)
+rafsd_mbps=$(mbps "$file_bytes" "$t0" "$t1")
+cmp -s "$work/mnt/big" "$work/src/big" || { echo "content mismatch" >&2; exit 1; }
+
+echo "curl, whole blob:          $curl_mbps MB/s"
+echo "rafsd registry, cold read: $rafsd_mbps MB/s"
+awk -v a="$rafsd_mbps" -v b="$curl_mbps" 'BEGIN {printf "ratio rafsd/curl:          %.2f\n", a / b}'
