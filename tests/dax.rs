@@ -515,3 +515,107 @@ fn passthrough_files_map_directly() {
     drop(dg);
     d.kill_and_check();
 }
+
+/// Manifest sizes and digests of regular files, by path.
+fn manifest_files() -> HashMap<String, (u64, String)> {
+    manifest::load_manifest()
+        .into_iter()
+        .filter(|r| r["type"] == "f")
+        .map(|r| {
+            (
+                r["path"].clone(),
+                (r["size"].parse().unwrap(), r["sha256"].clone()),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn images_without_a_cache_map_copies_and_corrupt_chunks_are_never_mapped() {
+    manifest::assert_root("dax");
+    let dir = tempfile::tempdir().unwrap();
+    let d = VirtiofsDaemon::start(BIN, dir.path(), &["--dax-window", "64M"]);
+    // No cache at all: every byte comes from a verified copy.
+    let case = "v6-zstd-blake3";
+    let nocache = format!(
+        r#"{{"device":{{"backend":{{"type":"localfs","config":{{"dir":"{}"}}}},"cache":{{"type":"dummycache"}}}},"mode":"direct","digest_validate":true}}"#,
+        manifest::case_blob_dir(case).display()
+    );
+    d.mount_rafs("/nocache", &manifest::case_bootstrap(case), &nocache);
+    // An uncompressed image whose blob has a flipped byte in the middle, digests checked.
+    let case = "v6-none-blake3-4k";
+    let blobs = dir.path().join("corrupt-blobs");
+    std::fs::create_dir(&blobs).unwrap();
+    for e in std::fs::read_dir(manifest::case_blob_dir(case)).unwrap() {
+        let e = e.unwrap();
+        let mut bytes = std::fs::read(e.path()).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x5a;
+        std::fs::write(blobs.join(e.file_name()), bytes).unwrap();
+    }
+    let config = daemon::v1_config(&blobs, &dir.path().join("cache"), true, "");
+    d.mount_rafs("/corrupt", &manifest::case_bootstrap(case), &config);
+    let sizes = manifest_files();
+    let mut dg = connect(&d.sock);
+    dg.g.fuse_init().unwrap();
+
+    let nocache = dg.g.lookup(ROOT, b"nocache").unwrap().nodeid;
+    let t = map_every_file(&mut dg, nocache, &sizes);
+    assert_eq!(t.from_cache, 0, "no cache file to map from");
+    assert!(t.from_memfd >= t.bytes, "every byte from a copy");
+
+    let corrupt = dg.g.lookup(ROOT, b"corrupt").unwrap().nodeid;
+    let mut files = BTreeMap::new();
+    walk(&mut dg.g, corrupt, "", &mut files);
+    let (mut refused, mut whole) = (0, 0);
+    for (path, nodeid) in &files {
+        let size = sizes[path].0;
+        let mut data = Vec::new();
+        let mut foffset = 0;
+        let mut failed = false;
+        while foffset < size {
+            let len = (size - foffset).min(RANGE);
+            let fh = dg.g.open(*nodeid).unwrap().fh;
+            let read = dg.g.read(*nodeid, fh, foffset, 4096);
+            dg.g.release(*nodeid, fh, false).unwrap();
+            match dg.g.setupmapping(*nodeid, 0, foffset, RANGE, READ, 0) {
+                Ok(()) => {
+                    data.extend_from_slice(dg.window.bytes(0, len));
+                    dg.g.removemapping(*nodeid, &[(0, RANGE)]).unwrap();
+                }
+                Err(e) => {
+                    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{path} at {foffset:#x}");
+                    assert!(!dg.window.is_mapped(0), "{path}: nothing mapped on failure");
+                    // FUSE_READ of the range agrees that some chunk of it is bad.
+                    let mut bad = read.is_err();
+                    let fh = dg.g.open(*nodeid).unwrap().fh;
+                    let mut at = foffset;
+                    while !bad && at < foffset + len {
+                        bad = dg.g.read(*nodeid, fh, at, 512 << 10).is_err();
+                        at += 512 << 10;
+                    }
+                    dg.g.release(*nodeid, fh, false).unwrap();
+                    assert!(
+                        bad,
+                        "{path} at {foffset:#x}: refused to map a range FUSE_READ serves"
+                    );
+                    failed = true;
+                }
+            }
+            foffset += RANGE;
+        }
+        if failed {
+            refused += 1;
+        } else {
+            assert_eq!(sha256_hex(&data), sizes[path].1, "{path}");
+            whole += 1;
+        }
+    }
+    assert!(
+        refused >= 1,
+        "the flipped byte belongs to some file's chunk"
+    );
+    assert!(whole > 100, "the other files map fine");
+    drop(dg);
+    d.kill_and_check();
+}
