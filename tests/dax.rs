@@ -77,27 +77,6 @@ fn connect(sock: &Path) -> DaxGuest {
     }
 }
 
-/// Ranges of the window backed by a file, from /proc/self/maps: (window offset, len, backing name).
-fn window_backing(w: &Window, base_probe: &[u8]) -> Vec<(u64, u64, String)> {
-    let base = base_probe.as_ptr() as u64;
-    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-    let mut out = Vec::new();
-    for line in maps.lines() {
-        let mut cols = line.split_whitespace();
-        let range = cols.next().unwrap();
-        let name = cols.nth(4).unwrap_or("").to_string();
-        let (s, e) = range.split_once('-').unwrap();
-        let (s, e) = (
-            u64::from_str_radix(s, 16).unwrap(),
-            u64::from_str_radix(e, 16).unwrap(),
-        );
-        if s >= base && e <= base + w.size && !name.is_empty() {
-            out.push((s - base, e - s, name));
-        }
-    }
-    out
-}
-
 /// Regular files of the tree under `dir` (path relative to the image root -> nodeid), by READDIRPLUS.
 fn walk(g: &mut Guest, dir: u64, prefix: &str, out: &mut BTreeMap<String, u64>) {
     for e in g.list_dir(dir).unwrap() {
@@ -124,8 +103,7 @@ fn flush(
     sizes: &HashMap<String, (u64, String)>,
 ) {
     // Which file backs the file's bytes (page-rounded) in each slot: the blob cache or a copy.
-    let probe = d.window.bytes(0, 0);
-    let backing = window_backing(&d.window, probe);
+    let backing = d.window.backing();
     for (slot, (path, foffset, _)) in round.iter().enumerate() {
         let start = slot as u64 * RANGE;
         let end = start + (sizes[path].0 - foffset).min(RANGE).div_ceil(PAGE) * PAGE;
@@ -497,8 +475,7 @@ fn passthrough_files_map_directly() {
         slot += RANGE;
     }
     assert_eq!(sha256_hex(&got), sha256_hex(&data));
-    let probe = dg.window.bytes(0, 0);
-    let backing = window_backing(&dg.window, probe);
+    let backing = dg.window.backing();
     assert!(
         backing
             .iter()

@@ -67,6 +67,27 @@ impl Window {
         }
     }
 
+    /// The file-backed ranges of the window, from /proc/self/maps: (window offset, len, backing name).
+    pub fn backing(&self) -> Vec<(u64, u64, String)> {
+        let base = self.base as u64;
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let mut out = Vec::new();
+        for line in maps.lines() {
+            let mut cols = line.split_whitespace();
+            let Some((s, e)) = cols.next().and_then(|r| r.split_once('-')) else {
+                continue;
+            };
+            let name = cols.nth(4).unwrap_or("").to_string();
+            let (Ok(s), Ok(e)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16)) else {
+                continue;
+            };
+            if s >= base && e <= base + self.size && !name.is_empty() {
+                out.push((s - base, e - s, name));
+            }
+        }
+        out
+    }
+
     /// Whether the page at `offset` is readable. Asked of the kernel: `write(2)` of one byte from it into
     /// a pipe copies with fault handling, so an inaccessible page gives EFAULT instead of a SIGSEGV here.
     pub fn is_mapped(&self, offset: u64) -> bool {
