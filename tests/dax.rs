@@ -41,7 +41,12 @@ struct DaxGuest {
 }
 
 fn connect(sock: &Path) -> DaxGuest {
-    let window = Window::new(WINDOW).unwrap();
+    connect_with_window(sock, WINDOW)
+}
+
+/// `connect`, with a VMM-side window of `vmm_window` bytes (a VMM that disagrees with the device).
+fn connect_with_window(sock: &Path, vmm_window: u64) -> DaxGuest {
+    let window = Window::new(vmm_window).unwrap();
     let server = WindowServer::start(window.clone()).unwrap();
     let opts = Options {
         extra_protocol: VhostUserProtocolFeatures::SHMEM
@@ -594,5 +599,52 @@ fn images_without_a_cache_map_copies_and_corrupt_chunks_are_never_mapped() {
     );
     assert!(whole > 100, "the other files map fine");
     drop(dg);
+    d.kill_and_check();
+}
+
+#[test]
+fn a_vmm_that_refuses_or_drops_maps_gets_eio_and_reads_keep_working() {
+    manifest::assert_root("dax");
+    let dir = tempfile::tempdir().unwrap();
+    let d = VirtiofsDaemon::start(BIN, dir.path(), &["--dax-window", "64M"]);
+    let case = "v6-zstd-blake3";
+    let config = daemon::v1_config(
+        &manifest::case_blob_dir(case),
+        &dir.path().join("cache"),
+        false,
+        "",
+    );
+    d.mount_rafs("/img", &manifest::case_bootstrap(case), &config);
+    // The VMM reserved only half of the window the device announced, and refuses maps beyond it.
+    let DaxGuest {
+        mut g,
+        window,
+        _server: server,
+    } = connect_with_window(&d.sock, WINDOW / 2);
+    g.fuse_init().unwrap();
+    let img = g.lookup(ROOT, b"img").unwrap();
+    let special = g.lookup(img.nodeid, b"special").unwrap();
+    let f = g.lookup(special.nodeid, b"random-2m5").unwrap();
+    let e = g
+        .setupmapping(f.nodeid, 0, 0, RANGE, READ, WINDOW / 2 + RANGE)
+        .unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "the VMM said no");
+    // The refused range is not booked: mapping it elsewhere and there again later is not an overlap.
+    g.setupmapping(f.nodeid, 0, 0, RANGE, READ, 0).unwrap();
+    let want = read_range(&mut g, f.nodeid, 0, RANGE);
+    assert_eq!(window.bytes(0, RANGE), &want[..]);
+    g.removemapping(f.nodeid, &[(0, RANGE)]).unwrap();
+    // The VMM stops serving the backend channel: maps fail with EIO, not a hang; reads still work.
+    drop(server);
+    let e = g.setupmapping(f.nodeid, 0, 0, RANGE, READ, 0).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO));
+    assert!(!window.is_mapped(0));
+    let data = read_range(&mut g, f.nodeid, 0, f.attr.size);
+    assert_eq!(
+        sha256_hex(&data),
+        manifest_files()["special/random-2m5"].1,
+        "FUSE_READ after the DAX channel broke"
+    );
+    drop(g);
     d.kill_and_check();
 }
