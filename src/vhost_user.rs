@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use fuse_backend_rs::abi::fuse_abi::{InHeader, Opcode};
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::api::Vfs;
 use fuse_backend_rs::transport::FsCacheReqHandler;
@@ -130,12 +131,13 @@ impl VirtioFsBackend {
             }
         };
         // Without a window SETUPMAPPING/REMOVEMAPPING get EINVAL from the server.
-        let mut dax = self
-            .dax
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .map(DaxWindow::requests);
+        let window = self.dax.read().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(w) = &window {
+            if is_fuse_init(mem, &chain) {
+                w.reset();
+            }
+        }
+        let mut dax = window.as_ref().map(DaxWindow::requests);
         let dax = dax.as_mut().map(|d| d as &mut dyn FsCacheReqHandler);
         match self.server.handle_message(reader, writer.into(), dax, None) {
             Ok(n) => n as u32,
@@ -145,6 +147,17 @@ impl VirtioFsBackend {
             }
         }
     }
+}
+
+/// Whether a request is FUSE_INIT (peeked from a second reader over the same descriptors).
+fn is_fuse_init(
+    mem: &GuestMemoryMmap,
+    chain: &virtio_queue::DescriptorChain<vm_memory::GuestMemoryLoadGuard<GuestMemoryMmap>>,
+) -> bool {
+    Reader::from_descriptor_chain(mem, chain.clone())
+        .ok()
+        .and_then(|mut r| r.read_obj::<InHeader>().ok())
+        .is_some_and(|h| h.opcode == Opcode::Init as u32)
 }
 
 impl VhostUserBackend for VirtioFsBackend {

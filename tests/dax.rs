@@ -648,3 +648,50 @@ fn a_vmm_that_refuses_or_drops_maps_gets_eio_and_reads_keep_working() {
     drop(g);
     d.kill_and_check();
 }
+
+#[test]
+fn a_new_fuse_session_starts_with_an_empty_window() {
+    manifest::assert_root("dax");
+    let dir = tempfile::tempdir().unwrap();
+    let d = VirtiofsDaemon::start(BIN, dir.path(), &["--dax-window", "64M"]);
+    let case = "v5-none-aligned";
+    let config = daemon::v1_config(
+        &manifest::case_blob_dir(case),
+        &dir.path().join("cache"),
+        false,
+        "",
+    );
+    d.mount_rafs("/img", &manifest::case_bootstrap(case), &config);
+    let mut dg = connect(&d.sock);
+    let lookup = |g: &mut Guest| {
+        let img = g.lookup(ROOT, b"img").unwrap();
+        let special = g.lookup(img.nodeid, b"special").unwrap();
+        g.lookup(special.nodeid, b"random-2m5").unwrap().nodeid
+    };
+    dg.g.fuse_init().unwrap();
+    let f = lookup(&mut dg.g);
+    dg.g.setupmapping(f, 0, 0, 2 * RANGE, READ, 0).unwrap();
+    assert!(dg.window.is_mapped(RANGE));
+    // The guest unmounts (FUSE_DESTROY, no REMOVEMAPPING) and mounts again: its new session believes
+    // the window is empty, and so must the device.
+    // (fuse-backend-rs writes the DESTROY reply but reports 0 bytes used; only completion is checked.)
+    let (_, chain) = dg.g.request_chain(
+        fuse_backend_rs::abi::fuse_abi::Opcode::Destroy as u32,
+        0,
+        &[],
+        0,
+    );
+    let q = dg.g.queue;
+    dg.g.conn.roundtrip(q, &chain).unwrap();
+    dg.g.fuse_init().unwrap();
+    assert!(
+        !dg.window.is_mapped(0) && !dg.window.is_mapped(RANGE),
+        "the previous session's mappings are gone"
+    );
+    let f = lookup(&mut dg.g);
+    dg.g.setupmapping(f, 0, 0, RANGE, READ, RANGE).unwrap();
+    let want = read_range(&mut dg.g, f, 0, RANGE);
+    assert_eq!(dg.window.bytes(RANGE, RANGE), &want[..]);
+    drop(dg);
+    d.kill_and_check();
+}

@@ -138,6 +138,25 @@ impl DaxWindow {
         Ok(())
     }
 
+    /// A new FUSE session (FUSE_INIT) starts with an empty window: the guest's DAX code assumes so after
+    /// a remount or reboot, and never removes what the previous session left. Unmap it all.
+    pub fn reset(&self) {
+        let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+        if maps.is_empty() {
+            return;
+        }
+        let msg = VhostUserMMap {
+            shmid: 0,
+            shm_offset: 0,
+            len: self.size,
+            ..Default::default()
+        };
+        match self.backend.shmem_unmap(&msg) {
+            Ok(_) => maps.clear(),
+            Err(e) => log::warn!("DAX: unmapping the window for a new session: {e}"),
+        }
+    }
+
     fn unmap(&self, requests: &[RemovemappingOne]) -> io::Result<()> {
         // Check every range before unmapping any, so a bad list changes nothing.
         for r in requests {
