@@ -13,6 +13,7 @@ pub mod cache;
 pub mod check;
 pub mod config;
 pub mod daemon;
+pub mod dax;
 pub mod error;
 pub mod format;
 pub mod fs;

@@ -186,6 +186,10 @@ struct VirtiofsArgs {
     /// virtiofsd option Kata appends; ignored.
     #[arg(long)]
     announce_submounts: bool,
+    /// Offer a DAX window of this size (e.g. 8G, 512M; a multiple of 2 MiB) through the vhost-user
+    /// SHMEM protocol feature; off by default.
+    #[arg(long, value_parser = rafsd::dax::parse_size)]
+    dax_window: Option<u64>,
 }
 
 /// nydusd runs its FUSE daemon when called with options only; so do we.
@@ -484,9 +488,10 @@ fn run_virtiofs(args: VirtiofsArgs) -> rafsd::Result<ExitCode> {
         .transpose()?;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (sock, queues, stop2) = (args.sock.clone(), args.thread_num as usize, stop.clone());
+    let dax_window = args.dax_window.unwrap_or(0);
     let server = std::thread::Builder::new()
         .name("vhost-user".into())
-        .spawn(move || rafsd::vhost_user::serve(vfs, listener, &sock, queues, stop2))
+        .spawn(move || rafsd::vhost_user::serve(vfs, listener, &sock, queues, dax_window, stop2))
         .map_err(|e| rafsd::Error::io("start vhost-user thread", e))?;
     loop {
         if let Some(sig) =

@@ -10,10 +10,14 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use fuse_backend_rs::abi::fuse_abi::{InHeader, Opcode};
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::api::Vfs;
+use fuse_backend_rs::transport::FsCacheReqHandler;
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserVirtioFeatures,
+};
 use vhost::vhost_user::{Backend, Error as VhostUserError, Listener};
 use vhost_user_backend::{
     Error as DaemonError, VhostUserBackend, VhostUserDaemon, VringRwLock, VringT,
@@ -29,6 +33,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use crate::dax::DaxWindow;
 use crate::error::{Error, Result};
 
 /// Descriptors per queue (QEMU asks for 128 by default; nydusd offers 1024).
@@ -46,10 +51,13 @@ pub struct VirtioFsBackend {
     /// One exit event per worker thread, so the workers stop when a connection ends.
     exits: Vec<(EventConsumer, EventNotifier)>,
     backend_req: Mutex<Option<Backend>>,
+    /// DAX window size in bytes (0: no window), and the window once the backend channel is up.
+    dax_window_size: u64,
+    dax: RwLock<Option<Arc<DaxWindow>>>,
 }
 
 impl VirtioFsBackend {
-    pub fn new(vfs: Arc<Vfs>, request_queues: usize) -> io::Result<Self> {
+    pub fn new(vfs: Arc<Vfs>, request_queues: usize, dax_window_size: u64) -> io::Result<Self> {
         let queues = 1 + request_queues.max(1);
         let exits = (0..queues)
             .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK))
@@ -61,6 +69,8 @@ impl VirtioFsBackend {
             queues,
             exits,
             backend_req: Mutex::new(None),
+            dax_window_size,
+            dax: RwLock::new(None),
         })
     }
 
@@ -120,10 +130,16 @@ impl VirtioFsBackend {
                 return 0;
             }
         };
-        match self
-            .server
-            .handle_message(reader, writer.into(), None, None)
-        {
+        // Without a window SETUPMAPPING/REMOVEMAPPING get EINVAL from the server.
+        let window = self.dax.read().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(w) = &window {
+            if is_fuse_init(mem, &chain) {
+                w.reset();
+            }
+        }
+        let mut dax = window.as_ref().map(DaxWindow::requests);
+        let dax = dax.as_mut().map(|d| d as &mut dyn FsCacheReqHandler);
+        match self.server.handle_message(reader, writer.into(), dax, None) {
             Ok(n) => n as u32,
             Err(e) => {
                 log::warn!("virtio-fs: request failed: {e}");
@@ -131,6 +147,17 @@ impl VirtioFsBackend {
             }
         }
     }
+}
+
+/// Whether a request is FUSE_INIT (peeked from a second reader over the same descriptors).
+fn is_fuse_init(
+    mem: &GuestMemoryMmap,
+    chain: &virtio_queue::DescriptorChain<vm_memory::GuestMemoryLoadGuard<GuestMemoryMmap>>,
+) -> bool {
+    Reader::from_descriptor_chain(mem, chain.clone())
+        .ok()
+        .and_then(|mut r| r.read_obj::<InHeader>().ok())
+        .is_some_and(|h| h.opcode == Opcode::Init as u32)
 }
 
 impl VhostUserBackend for VirtioFsBackend {
@@ -153,9 +180,25 @@ impl VhostUserBackend for VirtioFsBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
+        let base = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::BACKEND_REQ
-            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::REPLY_ACK;
+        if self.dax_window_size == 0 {
+            return base;
+        }
+        // SHMEM_MAP carries the file descriptor (BACKEND_SEND_FD) and is acknowledged (REPLY_ACK).
+        base | VhostUserProtocolFeatures::BACKEND_SEND_FD | VhostUserProtocolFeatures::SHMEM
+    }
+
+    fn get_shmem_config(&self) -> io::Result<VhostUserShMemConfig> {
+        if self.dax_window_size == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "no DAX window (--dax-window)",
+            ));
+        }
+        // One VIRTIO Shared Memory Region, shmid 0: the virtio-fs DAX window.
+        Ok(VhostUserShMemConfig::new(1, &[self.dax_window_size]))
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -168,6 +211,10 @@ impl VhostUserBackend for VirtioFsBackend {
     }
 
     fn set_backend_req_fd(&self, backend: Backend) {
+        if self.dax_window_size != 0 {
+            *self.dax.write().unwrap_or_else(|e| e.into_inner()) =
+                Some(DaxWindow::new(self.dax_window_size, backend.clone()));
+        }
         *self.backend_req.lock().unwrap_or_else(|e| e.into_inner()) = Some(backend);
     }
 
@@ -222,12 +269,13 @@ pub fn serve(
     mut listener: Listener,
     sock: &Path,
     request_queues: usize,
+    dax_window_size: u64,
     stop: Arc<AtomicBool>,
 ) -> Result<()> {
     let sock: PathBuf = sock.to_path_buf();
     while !stop.load(Ordering::Relaxed) {
         let backend = Arc::new(
-            VirtioFsBackend::new(vfs.clone(), request_queues)
+            VirtioFsBackend::new(vfs.clone(), request_queues, dax_window_size)
                 .map_err(|e| Error::io("create virtio-fs backend", e))?,
         );
         let mut daemon = VhostUserDaemon::new(

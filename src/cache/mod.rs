@@ -23,6 +23,8 @@ use crate::format::{BlobInfo, ChunkInfo};
 struct CachedBlob {
     id: String,
     data: Arc<File>,
+    /// The data file opened read-only, for handing to a VMM (DAX maps), opened on first use.
+    data_read_only: std::sync::OnceLock<Option<Arc<File>>>,
     map: ChunkMap,
     size: u64,
 }
@@ -121,6 +123,25 @@ impl BlobCache {
         b.map
             .is_ready(chunk.index)
             .then(|| (b.data.clone(), chunk.uncompressed_offset))
+    }
+
+    /// Like [`Self::ready_location`], through a read-only descriptor of the data file: what a DAX map
+    /// gives the VMM, so that it can never write into the cache.
+    pub fn ready_location_read_only(&self, chunk: &ChunkInfo) -> Option<(Arc<File>, u64)> {
+        let b = self.blob(chunk.blob_index)?;
+        let file = b
+            .data_read_only
+            .get_or_init(|| {
+                let path = self.work_dir.join(format!("{}.blob.data", b.id));
+                File::open(&path)
+                    .map_err(|e| log::warn!("blob cache: reopen {} read-only: {e}", path.display()))
+                    .ok()
+                    .map(Arc::new)
+            })
+            .clone()?;
+        b.map
+            .is_ready(chunk.index)
+            .then_some((file, chunk.uncompressed_offset))
     }
 
     /// The bytes of a ready chunk, or `None` when it is not cached.
@@ -282,6 +303,7 @@ fn open_blob(work_dir: &Path, blob: &BlobInfo) -> Result<CachedBlob> {
     Ok(CachedBlob {
         id: blob.id.clone(),
         data: Arc::new(data),
+        data_read_only: std::sync::OnceLock::new(),
         map,
         size: blob.uncompressed_size,
     })

@@ -12,17 +12,20 @@ use std::collections::HashMap;
 use std::ffi::CStr;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::{
     stat64, statvfs64, CreateIn, FsOptions, OpenOptions, SetattrValid,
 };
+use fuse_backend_rs::abi::virtio_fs::RemovemappingOne;
 use fuse_backend_rs::api::filesystem::{
     Context, DirEntry, Entry, FileSystem, GetxattrReply, ListxattrReply, ZeroCopyReader,
     ZeroCopyWriter,
 };
 use fuse_backend_rs::api::BackendFileSystem;
+use fuse_backend_rs::transport::FsCacheReqHandler;
 
 use crate::cache::prefetch::Prefetcher;
 use crate::format::InodeAttr;
@@ -44,6 +47,8 @@ pub struct RafsFs {
     lookups: Mutex<HashMap<u64, u64>>,
     pub metrics: FsMetrics,
     prefetcher: Mutex<Option<Prefetcher>>,
+    /// The guest mounted with `dax=inode` (FUSE_PERFILE_DAX): mark regular files FUSE_ATTR_DAX.
+    perfile_dax: AtomicBool,
 }
 
 fn eno(errno: i32) -> io::Error {
@@ -72,6 +77,7 @@ impl RafsFs {
             lookups: Mutex::new(HashMap::new()),
             metrics: FsMetrics::default(),
             prefetcher: Mutex::new(None),
+            perfile_dax: AtomicBool::new(false),
         }
     }
 
@@ -136,7 +142,13 @@ impl RafsFs {
             inode: a.ino,
             generation: 0,
             attr: self.stat(a),
-            attr_flags: 0,
+            // Every regular file may be mapped: its bytes never change. (The kernel ignores the flag when
+            // the device has no DAX window.)
+            attr_flags: if a.is_reg() && self.perfile_dax.load(Ordering::Relaxed) {
+                fuse_backend_rs::abi::fuse_abi::FUSE_ATTR_DAX
+            } else {
+                0
+            },
             attr_timeout: CACHE_TIMEOUT,
             entry_timeout: CACHE_TIMEOUT,
         }
@@ -316,7 +328,10 @@ impl FileSystem for RafsFs {
             | FsOptions::READDIRPLUS_AUTO
             | FsOptions::CACHE_SYMLINKS
             | FsOptions::MAX_PAGES
-            | FsOptions::ZERO_MESSAGE_OPENDIR;
+            | FsOptions::ZERO_MESSAGE_OPENDIR
+            | FsOptions::PERFILE_DAX;
+        self.perfile_dax
+            .store(capable.contains(FsOptions::PERFILE_DAX), Ordering::Relaxed);
         Ok(capable & wanted)
     }
 
@@ -425,6 +440,30 @@ impl FileSystem for RafsFs {
         let r = self.do_read(inode, w, size, offset);
         self.metrics.record(Fop::Read, &r);
         r
+    }
+
+    fn setupmapping(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        _handle: u64,
+        foffset: u64,
+        len: u64,
+        flags: u64,
+        moffset: u64,
+        vu_req: &mut dyn FsCacheReqHandler,
+    ) -> io::Result<()> {
+        crate::dax::rafs::setup(&self.image, inode, foffset, len, flags, moffset, vu_req)
+    }
+
+    fn removemapping(
+        &self,
+        _ctx: &Context,
+        _inode: u64,
+        requests: Vec<RemovemappingOne>,
+        vu_req: &mut dyn FsCacheReqHandler,
+    ) -> io::Result<()> {
+        vu_req.unmap(requests)
     }
 
     fn statfs(&self, _ctx: &Context, _inode: u64) -> io::Result<statvfs64> {

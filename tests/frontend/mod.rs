@@ -10,6 +10,8 @@
 
 #![allow(dead_code)]
 
+pub mod window;
+
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs::File;
@@ -493,6 +495,11 @@ pub struct Options {
     pub slot_len: u64,
     /// Split read buffers into descriptors of this size (a guest's pages).
     pub page: u32,
+    /// Protocol features to negotiate beyond MQ, REPLY_ACK and BACKEND_REQ (e.g. SHMEM for DAX).
+    pub extra_protocol: VhostUserProtocolFeatures,
+    /// Send this as the backend request channel (e.g. a `window::WindowServer`'s) instead of a socket
+    /// nobody reads.
+    pub backend_req_fd: Option<std::os::fd::RawFd>,
 }
 
 impl Default for Options {
@@ -505,6 +512,8 @@ impl Default for Options {
             slots: 4,
             slot_len: 2 << 20,
             page: 4096,
+            extra_protocol: VhostUserProtocolFeatures::empty(),
+            backend_req_fd: None,
         }
     }
 }
@@ -570,7 +579,8 @@ impl VhostConn {
         let protocol = offered_pf
             & (VhostUserProtocolFeatures::MQ
                 | VhostUserProtocolFeatures::REPLY_ACK
-                | VhostUserProtocolFeatures::BACKEND_REQ);
+                | VhostUserProtocolFeatures::BACKEND_REQ
+                | opts.extra_protocol);
         fe.set_protocol_features(protocol)
             .map_err(ve("SET_PROTOCOL_FEATURES"))?;
         if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
@@ -587,7 +597,14 @@ impl VhostConn {
                 "device has {device_queues} queues, we want {nq}"
             )));
         }
-        let backend_req = if protocol.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
+        let backend_req = if let (Some(fd), true) = (
+            opts.backend_req_fd,
+            protocol.contains(VhostUserProtocolFeatures::BACKEND_REQ),
+        ) {
+            fe.set_backend_request_fd(&fd)
+                .map_err(ve("SET_BACKEND_REQ_FD"))?;
+            None
+        } else if protocol.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
             let (ours, theirs) = UnixStream::pair()?;
             fe.set_backend_request_fd(&theirs)
                 .map_err(ve("SET_BACKEND_REQ_FD"))?;
@@ -836,28 +853,83 @@ impl Guest {
     }
 
     pub fn fuse_init(&mut self) -> io::Result<InitOut> {
-        let flags = FsOptions::ASYNC_READ
+        self.fuse_init_with(FsOptions::empty())
+    }
+
+    /// FUSE_INIT offering `extra` flags too (flags above bit 31 go in the INIT_EXT word, as Linux sends
+    /// FUSE_PERFILE_DAX for `dax=inode`).
+    pub fn fuse_init_with(&mut self, extra: FsOptions) -> io::Result<InitOut> {
+        let mut flags = extra
+            | FsOptions::ASYNC_READ
             | FsOptions::BIG_WRITES
             | FsOptions::DO_READDIRPLUS
             | FsOptions::READDIRPLUS_AUTO
             | FsOptions::PARALLEL_DIROPS
             | FsOptions::MAX_PAGES
             | FsOptions::CACHE_SYMLINKS;
+        if flags.bits() >> 32 != 0 {
+            flags |= FsOptions::INIT_EXT;
+        }
         let init = InitIn {
             major: KERNEL_VERSION,
             minor: KERNEL_MINOR_VERSION,
             max_readahead: 128 << 10,
             flags: flags.bits() as u32,
         };
+        let ext = fuse_backend_rs::abi::fuse_abi::InitIn2 {
+            flags2: (flags.bits() >> 32) as u32,
+            unused: [0; 11],
+        };
+        let args: Vec<&[u8]> = if flags.contains(FsOptions::INIT_EXT) {
+            vec![init.as_slice(), ext.as_slice()]
+        } else {
+            vec![init.as_slice()]
+        };
         let body = self.call_ok(
             Opcode::Init,
             0,
-            &[init.as_slice()],
+            &args,
             std::mem::size_of::<InitOut>() as u32,
         )?;
         let out: InitOut = read_obj(&body)?;
         self.init = Some(out);
         Ok(out)
+    }
+
+    /// FUSE_SETUPMAPPING: map `len` bytes of the file at `foffset` to `moffset` in the DAX window.
+    pub fn setupmapping(
+        &mut self,
+        nodeid: u64,
+        fh: u64,
+        foffset: u64,
+        len: u64,
+        flags: u64,
+        moffset: u64,
+    ) -> io::Result<()> {
+        let arg = fuse_backend_rs::abi::virtio_fs::SetupmappingIn {
+            fh,
+            foffset,
+            len,
+            flags,
+            moffset,
+        };
+        self.call_ok(Opcode::SetupMapping, nodeid, &[arg.as_slice()], 0)
+            .map(drop)
+    }
+
+    /// FUSE_REMOVEMAPPING of `(moffset, len)` ranges of the DAX window.
+    pub fn removemapping(&mut self, nodeid: u64, ranges: &[(u64, u64)]) -> io::Result<()> {
+        let head = fuse_backend_rs::abi::virtio_fs::RemovemappingIn {
+            count: ranges.len() as u32,
+        };
+        let mut body = head.as_slice().to_vec();
+        for &(moffset, len) in ranges {
+            body.extend_from_slice(
+                fuse_backend_rs::abi::virtio_fs::RemovemappingOne { moffset, len }.as_slice(),
+            );
+        }
+        self.call_ok(Opcode::RemoveMapping, nodeid, &[&body], 0)
+            .map(drop)
     }
 
     pub fn lookup(&mut self, parent: u64, name: &[u8]) -> io::Result<EntryOut> {

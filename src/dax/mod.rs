@@ -1,0 +1,288 @@
+//! The virtio-fs DAX window: the guest maps file data straight from host pages instead of copying it
+//! through FUSE_READ.
+//!
+//! The VMM reserves a VIRTIO Shared Memory Region (shmid 0) of `--dax-window` bytes and learns its size
+//! through GET_SHMEM_CONFIG. The guest's FUSE_SETUPMAPPING asks us to place `len` bytes of a file at
+//! `moffset` in that window; we answer with SHMEM_MAP requests on the backend channel (the fd travels as
+//! SCM_RIGHTS), and FUSE_REMOVEMAPPING with SHMEM_UNMAP. [`DaxWindow`] is the connection's side of that
+//! channel and the bookkeeping that refuses requests outside the window, unaligned or overlapping a live
+//! mapping; [`rafs`] decides which bytes back a RAFS file range.
+
+pub mod rafs;
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex};
+
+use fuse_backend_rs::abi::virtio_fs::{RemovemappingOne, SetupmappingFlags};
+use fuse_backend_rs::transport::FsCacheReqHandler;
+use vhost::vhost_user::message::{VhostUserMMap, VhostUserMMapFlags};
+use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
+
+use crate::error::{Error, Result};
+
+/// Mappings are made of whole host pages.
+pub const PAGE: u64 = 4096;
+/// The Linux guest manages its window in 2 MiB ranges (FUSE_DAX_SZ), so the window is a multiple of that.
+pub const WINDOW_ALIGN: u64 = 2 << 20;
+
+fn einval() -> io::Error {
+    io::Error::from_raw_os_error(libc::EINVAL)
+}
+
+/// Parse a window size: bytes, or a number with a binary suffix K, M, G or T (`8G`, `512M`, `512MiB`).
+pub fn parse_size(text: &str) -> Result<u64> {
+    let t = text.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (digits, shift) = match t.chars().last() {
+        Some('k' | 'K') => (&t[..t.len() - 1], 10),
+        Some('m' | 'M') => (&t[..t.len() - 1], 20),
+        Some('g' | 'G') => (&t[..t.len() - 1], 30),
+        Some('t' | 'T') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    let size = digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1u64 << shift))
+        .ok_or_else(|| Error::Invalid(format!("DAX window size {text:?}: not a size")))?;
+    if size == 0 || !size.is_multiple_of(WINDOW_ALIGN) {
+        return Err(Error::Invalid(format!(
+            "DAX window size {text:?}: must be a non-zero multiple of 2 MiB"
+        )));
+    }
+    Ok(size)
+}
+
+/// One connection's DAX window: the backend request channel and the ranges mapped in it.
+pub struct DaxWindow {
+    size: u64,
+    backend: Backend,
+    /// Live mappings, start -> end (window offsets). Held across a request so two queues cannot race
+    /// for the same range.
+    maps: Mutex<BTreeMap<u64, u64>>,
+}
+
+impl DaxWindow {
+    /// `backend` must come from a frontend that negotiated SHMEM and REPLY_ACK: every map is
+    /// acknowledged before the guest hears that its SETUPMAPPING succeeded.
+    pub fn new(size: u64, backend: Backend) -> Arc<Self> {
+        backend.set_shmem_flag(true);
+        backend.set_reply_ack_flag(true);
+        Arc::new(DaxWindow {
+            size,
+            backend,
+            maps: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The handler fuse-backend-rs passes to `FileSystem::setupmapping`/`removemapping`.
+    pub fn requests(self: &Arc<Self>) -> WindowRequests {
+        WindowRequests(self.clone())
+    }
+
+    /// `[moffset, moffset + len)` lies inside the window on page boundaries.
+    fn check_range(&self, moffset: u64, len: u64) -> io::Result<u64> {
+        let end = moffset.checked_add(len).ok_or_else(einval)?;
+        if len == 0 || !moffset.is_multiple_of(PAGE) || !len.is_multiple_of(PAGE) || end > self.size
+        {
+            return Err(einval());
+        }
+        Ok(end)
+    }
+
+    fn map(&self, foffset: u64, moffset: u64, len: u64, flags: u64, fd: RawFd) -> io::Result<()> {
+        let end = self.check_range(moffset, len)?;
+        if !foffset.is_multiple_of(PAGE) || foffset.checked_add(len).is_none() {
+            return Err(einval());
+        }
+        let flags = SetupmappingFlags::from_bits(flags).ok_or_else(einval)?;
+        let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+        // A live mapping in the way: only the very same range may be mapped again (the guest re-maps a
+        // range in place to make it writable); anything else would silently replace part of another file.
+        let clash = maps
+            .range(..end)
+            .next_back()
+            .filter(|(&s, &e)| e > moffset && (s, e) != (moffset, end));
+        if let Some((s, e)) = clash {
+            log::warn!(
+                "DAX: map of window [{moffset:#x}, {end:#x}) overlaps the mapping [{s:#x}, {e:#x})"
+            );
+            return Err(einval());
+        }
+        let msg = VhostUserMMap {
+            shmid: 0,
+            fd_offset: foffset,
+            shm_offset: moffset,
+            len,
+            flags: if flags.contains(SetupmappingFlags::WRITE) {
+                VhostUserMMapFlags::WRITABLE.bits()
+            } else {
+                VhostUserMMapFlags::empty().bits()
+            },
+            ..Default::default()
+        };
+        self.backend.shmem_map(&msg, &fd).map_err(|e| {
+            log::warn!("DAX: SHMEM_MAP [{moffset:#x}, {end:#x}): {e}");
+            io::Error::from_raw_os_error(libc::EIO)
+        })?;
+        maps.insert(moffset, end);
+        Ok(())
+    }
+
+    /// A new FUSE session (FUSE_INIT) starts with an empty window: the guest's DAX code assumes so after
+    /// a remount or reboot, and never removes what the previous session left. Unmap it all.
+    pub fn reset(&self) {
+        let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+        if maps.is_empty() {
+            return;
+        }
+        let msg = VhostUserMMap {
+            shmid: 0,
+            shm_offset: 0,
+            len: self.size,
+            ..Default::default()
+        };
+        match self.backend.shmem_unmap(&msg) {
+            Ok(_) => maps.clear(),
+            Err(e) => log::warn!("DAX: unmapping the window for a new session: {e}"),
+        }
+    }
+
+    fn unmap(&self, requests: &[RemovemappingOne]) -> io::Result<()> {
+        // Check every range before unmapping any, so a bad list changes nothing.
+        for r in requests {
+            self.check_range(r.moffset, r.len)?;
+        }
+        let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+        for r in requests {
+            let (start, end) = (r.moffset, r.moffset + r.len);
+            let msg = VhostUserMMap {
+                shmid: 0,
+                shm_offset: start,
+                len: r.len,
+                ..Default::default()
+            };
+            self.backend.shmem_unmap(&msg).map_err(|e| {
+                log::warn!("DAX: SHMEM_UNMAP [{start:#x}, {end:#x}): {e}");
+                io::Error::from_raw_os_error(libc::EIO)
+            })?;
+            carve(&mut maps, start, end);
+        }
+        Ok(())
+    }
+}
+
+/// Remove `[start, end)` from the set of live ranges, keeping the parts of ranges outside it.
+fn carve(maps: &mut BTreeMap<u64, u64>, start: u64, end: u64) {
+    let hit: Vec<(u64, u64)> = maps
+        .range(..end)
+        .rev()
+        .take_while(|(_, &e)| e > start)
+        .map(|(&s, &e)| (s, e))
+        .collect();
+    for (s, e) in hit {
+        maps.remove(&s);
+        if s < start {
+            maps.insert(s, start);
+        }
+        if e > end {
+            maps.insert(end, e);
+        }
+    }
+}
+
+/// `FsCacheReqHandler` over one connection's window (the trait wants an owned, `'static` value).
+pub struct WindowRequests(Arc<DaxWindow>);
+
+impl FsCacheReqHandler for WindowRequests {
+    fn map(
+        &mut self,
+        foffset: u64,
+        moffset: u64,
+        len: u64,
+        flags: u64,
+        fd: RawFd,
+    ) -> io::Result<()> {
+        self.0.map(foffset, moffset, len, flags, fd)
+    }
+
+    fn unmap(&mut self, requests: Vec<RemovemappingOne>) -> io::Result<()> {
+        self.0.unmap(&requests)
+    }
+}
+
+/// An anonymous, sealed, read-only file holding `len` bytes: zeros except where `parts` put bytes. It
+/// backs the pieces of a mapping that no cache file can (holes, the page after end of file, chunks that
+/// are not page-aligned in the cache, images without a cache).
+pub fn sealed_copy(len: u64, parts: &[(u64, Vec<u8>)]) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::FileExt;
+    // SAFETY: a NUL-terminated name and flags; the result is checked.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"rafsd-dax".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor we own.
+    let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    file.set_len(len)?;
+    for (offset, bytes) in parts {
+        file.write_all_at(bytes, *offset)?;
+    }
+    // The VMM gets this fd: seal it so the guest-visible bytes cannot change under the mapping.
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl on our own descriptor.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_take_binary_suffixes_and_must_fit_the_guest() {
+        assert_eq!(parse_size("8G").unwrap(), 8 << 30);
+        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_size("2097152").unwrap(), 2 << 20);
+        for bad in ["", "0", "1M", "3M", "abc", "-2M", "99999999999T", "2X"] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn carving_keeps_the_outer_parts() {
+        let mut m = BTreeMap::from([(0, 8192), (8192, 16384), (32768, 40960)]);
+        carve(&mut m, 4096, 12288);
+        assert_eq!(
+            m.into_iter().collect::<Vec<_>>(),
+            vec![(0, 4096), (12288, 16384), (32768, 40960)]
+        );
+    }
+
+    #[test]
+    fn sealed_copies_hold_the_parts_and_refuse_writes() {
+        use std::os::unix::fs::FileExt;
+        let f = sealed_copy(3 * PAGE, &[(PAGE, b"abc".to_vec())]).unwrap();
+        let mut buf = vec![1u8; 3 * PAGE as usize];
+        f.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf[PAGE as usize..PAGE as usize + 3], b"abc");
+        assert!(buf[..PAGE as usize].iter().all(|&b| b == 0));
+        assert!(f.write_all_at(b"x", 0).is_err(), "sealed against writes");
+    }
+}
