@@ -4,7 +4,9 @@
 # source (package linux-source-6.12, fetched with the same private apt configuration as ci/guest-kernel.sh:
 # /etc/apt is never read or written) from `tinyconfig` plus what the test guest needs: serial console,
 # initramfs, virtio-pci, virtio-fs, EROFS (file-backed and on-demand), fscache and cachefiles on demand,
-# tmpfs with xattrs (the cachefiles cache), ACPI power-off. Everything is built in (no modules).
+# ext4 (the cachefiles cache: it needs user xattrs, sync_fs and real SEEK_HOLE; tmpfs lacks sync_fs, ext2
+# reports holes as data), loop devices,
+# ACPI power-off. Everything is built in (no modules).
 #
 # Usage: ci/fscache-kernel.sh     cache: $RAFSD_FSCACHE_KERNEL_DIR, default target/fscache-kernel
 # Prints: KERNEL=<bzImage> VERSION=<release>. Idempotent: a second run only prints the paths.
@@ -70,7 +72,7 @@ make -s tinyconfig
 want=(
     64BIT PRINTK TTY SERIAL_8250 SERIAL_8250_CONSOLE BLK_DEV_INITRD BINFMT_ELF BINFMT_SCRIPT
     PROC_FS SYSFS DEVTMPFS DEVTMPFS_MOUNT MULTIUSER FUTEX EPOLL SIGNALFD TIMERFD EVENTFD SHMEM TMPFS
-    TMPFS_XATTR FILE_LOCKING POSIX_TIMERS ACPI PCI PCI_MSI VIRTIO_MENU VIRTIO VIRTIO_PCI FUSE_FS VIRTIO_FS
+    TMPFS_XATTR EXT4_FS FILE_LOCKING POSIX_TIMERS ACPI PCI PCI_MSI VIRTIO_MENU VIRTIO VIRTIO_PCI FUSE_FS VIRTIO_FS
     BLOCK BLK_DEV BLK_DEV_LOOP MISC_FILESYSTEMS NETFS_SUPPORT FSCACHE CACHEFILES CACHEFILES_ONDEMAND
     EROFS_FS EROFS_FS_XATTR EROFS_FS_POSIX_ACL EROFS_FS_SECURITY EROFS_FS_BACKED_BY_FILE EROFS_FS_ONDEMAND
 )

@@ -65,14 +65,11 @@ pub fn run(args: &FscacheArgs) -> Result<(), String> {
             format!("/dev/cachefiles: {e} (a kernel with CONFIG_CACHEFILES and CONFIG_CACHEFILES_ONDEMAND is needed)")
         })?;
     let dir = args.cache_dir.to_str().ok_or("cache dir is not UTF-8")?;
-    for cmd in [
-        format!("dir {dir}"),
-        "tag rafs".into(),
-        "bind ondemand".into(),
-    ] {
+    // No `tag`: EROFS asks for the default cache.
+    for cmd in [format!("dir {dir}"), "bind ondemand".into()] {
         dev.write_all(cmd.as_bytes()).map_err(|e| {
             let hint = if cmd == "bind ondemand" && e.raw_os_error() == Some(libc::EOPNOTSUPP) {
-                " (the kernel was built without CONFIG_CACHEFILES_ONDEMAND)"
+                " (a kernel without CONFIG_CACHEFILES_ONDEMAND, or a cache directory on a filesystem cachefiles cannot use: it needs user xattrs, O_TMPFILE and sync_fs, e.g. ext4, xfs or ext2 -o user_xattr, not tmpfs)"
             } else {
                 ""
             };
@@ -96,14 +93,19 @@ pub fn run(args: &FscacheArgs) -> Result<(), String> {
                     "rafs-guest fscache: mounted fsid {fsid} on {}",
                     target.display()
                 ),
-                Err(e) => eprintln!(
-                    "rafs-guest fscache: mount -t erofs -o {opts} {}: {e}; kernel log: {:?}",
-                    target.display(),
-                    sys::kernel_log_lines("erofs:")
-                ),
+                Err(e) => {
+                    // Nothing to serve without the mount: fail the daemon so the caller sees it.
+                    eprintln!(
+                        "rafs-guest: error: mount -t erofs -o {opts} none {}: {e}; kernel log: {:?}",
+                        target.display(),
+                        sys::kernel_log_lines("erofs:")
+                    );
+                    std::process::exit(1);
+                }
             }
         });
     }
+    let verbose = std::env::var_os("RAFS_GUEST_VERBOSE").is_some();
     let mut objects: HashMap<u32, Object> = HashMap::new();
     let mut buf = vec![0u8; 4096];
     loop {
@@ -136,6 +138,9 @@ pub fn run(args: &FscacheArgs) -> Result<(), String> {
         }
         let (msg_id, opcode, object_id) = (u32_at(msg, 0), u32_at(msg, 4), u32_at(msg, 12));
         let body = &msg[MSG_HEADER..];
+        if verbose {
+            eprintln!("rafs-guest fscache: message {msg_id} opcode {opcode} object {object_id} body {body:02x?}");
+        }
         match opcode {
             OP_OPEN => {
                 let reply = open(args, &mut objects, msg_id, object_id, body);
