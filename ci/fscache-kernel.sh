@@ -10,7 +10,7 @@
 #
 # Usage: ci/fscache-kernel.sh     cache: $RAFSD_FSCACHE_KERNEL_DIR, default target/fscache-kernel
 # Prints: KERNEL=<bzImage> VERSION=<release>. Idempotent: a second run only prints the paths.
-# Needs: gcc, make, flex, bison, bc, libelf-dev (ci/install-vm-deps.sh installs them with FSCACHE=1).
+# Needs: gcc, make, flex, bison, bc, libelf-dev (ci/install-vm-deps.sh installs them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=${RAFSD_FSCACHE_KERNEL_DIR:-target/fscache-kernel}
@@ -28,9 +28,9 @@ if [ -f "$stamp" ]; then
 fi
 
 for tool in gcc make flex bison bc; do
-    command -v "$tool" >/dev/null || { echo "fscache-kernel: $tool missing; run FSCACHE=1 ci/install-vm-deps.sh" >&2; exit 1; }
+    command -v "$tool" >/dev/null || { echo "fscache-kernel: $tool missing; run ci/install-vm-deps.sh" >&2; exit 1; }
 done
-[ -f /usr/include/libelf.h ] || { echo "fscache-kernel: libelf-dev missing; run FSCACHE=1 ci/install-vm-deps.sh" >&2; exit 1; }
+[ -f /usr/include/libelf.h ] || { echo "fscache-kernel: libelf-dev missing; run ci/install-vm-deps.sh" >&2; exit 1; }
 
 apt_dir=$dir/apt
 mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial" "$apt_dir/download"

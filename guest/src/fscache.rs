@@ -106,6 +106,7 @@ pub fn run(args: &FscacheArgs) -> Result<(), String> {
         });
     }
     let verbose = std::env::var_os("RAFS_GUEST_VERBOSE").is_some();
+    let mut copy_buf = AlignedBuf::new(COPY_BUF);
     let mut objects: HashMap<u32, Object> = HashMap::new();
     let mut buf = vec![0u8; 4096];
     loop {
@@ -151,7 +152,7 @@ pub fn run(args: &FscacheArgs) -> Result<(), String> {
                 let (off, len) = (u64_at(body, 0), u64_at(body, 8));
                 match objects.get(&object_id) {
                     Some(obj) => {
-                        if let Err(e) = fill(obj, off, len) {
+                        if let Err(e) = fill(obj, &mut copy_buf, off, len) {
                             // The kernel sees the range still missing and fails the read with EIO.
                             eprintln!(
                                 "rafs-guest fscache: object {object_id} read {off}+{len}: {e}"
@@ -237,15 +238,54 @@ fn open(
     format!("copen {msg_id},{size}")
 }
 
-/// Copy `[off, off + len)` of the source into the cache file.
-fn fill(obj: &Object, off: u64, len: u64) -> io::Result<()> {
+/// Block alignment of writes into the cache file: cachefiles writes its backing files with O_DIRECT, so
+/// the buffer, the offset and the length must all be aligned.
+const ALIGN: usize = 4096;
+
+/// A zeroed, `ALIGN`-aligned buffer for O_DIRECT writes.
+struct AlignedBuf {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl AlignedBuf {
+    fn new(len: usize) -> Self {
+        let layout = std::alloc::Layout::from_size_align(len, ALIGN).expect("valid layout");
+        // SAFETY: the layout has a non-zero size (COPY_BUF).
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        AlignedBuf { ptr, len }
+    }
+
+    fn as_mut(&mut self) -> &mut [u8] {
+        // SAFETY: `ptr` points to `len` initialised bytes owned by us.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        let layout = std::alloc::Layout::from_size_align(self.len, ALIGN).expect("valid layout");
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr, layout) };
+    }
+}
+
+/// Copy `[off, off + len)` of the source into the cache file, widened to whole blocks (zeros past the
+/// end of the source).
+fn fill(obj: &Object, buf: &mut AlignedBuf, off: u64, len: u64) -> io::Result<()> {
+    let start = off - off % ALIGN as u64;
     let end = obj.size.min(off.saturating_add(len));
-    let mut buf = vec![0u8; COPY_BUF.min(end.saturating_sub(off) as usize)];
-    let mut pos = off;
+    let mut pos = start;
     while pos < end {
-        let n = ((end - pos) as usize).min(buf.len());
-        obj.source.read_exact_at(&mut buf[..n], pos)?;
-        obj.anon.write_all_at(&buf[..n], pos)?;
+        let n = ((end - pos) as usize).min(buf.len);
+        let padded = n.div_ceil(ALIGN) * ALIGN;
+        let data = &mut buf.as_mut()[..padded];
+        obj.source.read_exact_at(&mut data[..n], pos)?;
+        data[n..].fill(0);
+        obj.anon.write_all_at(data, pos)?;
         pos += n as u64;
     }
     Ok(())
