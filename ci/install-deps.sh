@@ -38,3 +38,7 @@ if ! python3 -c "import moto.server, boto3, cryptography, flask_cors" 2>/dev/nul
 fi
 command -v cargo >/dev/null || { echo "install-deps: cargo is required (rustup toolchain)" >&2; exit 1; }
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
+# rafs-guest (the in-guest helper) is linked statically against musl; without the target, ci/guest-helper.sh
+# falls back to glibc with crt-static.
+rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl ||
+    rustup target add x86_64-unknown-linux-musl || echo "install-deps: no musl target; rafs-guest uses glibc crt-static" >&2

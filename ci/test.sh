@@ -8,6 +8,8 @@ ci/install-deps.sh
 # tests/vm.rs boots a QEMU guest: QEMU, busybox-static and cpio, and the guest kernel (cached in target/guest).
 ci/install-vm-deps.sh
 ci/guest-kernel.sh >/dev/null
+# tests/vm_fscache.rs needs a kernel with EROFS over fscache: compiled once (~4 min), cached in target/.
+ci/fscache-kernel.sh >/dev/null
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace 2>&1 | tee target/test.log

@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 
 use crate::config::DaemonConfig;
 use crate::error::{Error, Result};
+use crate::fs::blob_view::BlobViewFs;
 use crate::fs::RafsFs;
 use crate::passthrough::ConfinedPassthrough;
 use crate::service::{build_rafs, RafsMount};
@@ -19,6 +20,8 @@ use crate::service::{build_rafs, RafsMount};
 pub enum FsType {
     Rafs,
     Passthrough,
+    /// The bootstrap and uncompressed blobs of a RAFS v6 image, for the guest's EROFS driver.
+    BlobView,
 }
 
 impl FsType {
@@ -26,11 +29,12 @@ impl FsType {
         match s {
             "rafs" => Ok(FsType::Rafs),
             "passthrough" | "passthroughfs" | "passthrough_fs" => Ok(FsType::Passthrough),
+            "blob_view" => Ok(FsType::BlobView),
             "" => Err(Error::Invalid(
-                "fs_type is required (\"rafs\" or \"passthrough_fs\")".into(),
+                "fs_type is required (\"rafs\", \"passthrough_fs\" or \"blob_view\")".into(),
             )),
             other => Err(Error::Invalid(format!(
-                "unknown fs_type {other:?} (\"rafs\" or \"passthrough_fs\")"
+                "unknown fs_type {other:?} (\"rafs\", \"passthrough_fs\" or \"blob_view\")"
             ))),
         }
     }
@@ -39,6 +43,7 @@ impl FsType {
         match self {
             FsType::Rafs => "Rafs",
             FsType::Passthrough => "PassthroughFs",
+            FsType::BlobView => "BlobView",
         }
     }
 }
@@ -166,17 +171,22 @@ impl Daemon {
 
     fn build(&self, cmd: &MountCmd) -> Result<(BackFileSystem, Option<String>, Value)> {
         match cmd.fs_type {
-            FsType::Rafs => {
+            FsType::Rafs | FsType::BlobView => {
                 let config = DaemonConfig::from_slice(cmd.config.as_bytes())?;
                 let shown =
                     redact(&serde_json::from_str::<Value>(&cmd.config).unwrap_or(Value::Null));
                 let id = config.id.clone();
-                let fs = build_rafs(&RafsMount {
+                let mount = RafsMount {
                     bootstrap: cmd.source.clone(),
                     config,
                     prefetch_files: cmd.prefetch_files.clone(),
-                })?;
-                Ok((Box::new(fs), id, shown))
+                };
+                let fs: BackFileSystem = if cmd.fs_type == FsType::Rafs {
+                    Box::new(build_rafs(&mount)?)
+                } else {
+                    Box::new(BlobViewFs::build(&mount)?)
+                };
+                Ok((fs, id, shown))
             }
             FsType::Passthrough => Ok((
                 Box::new(ConfinedPassthrough::new(&cmd.source)?),

@@ -331,6 +331,12 @@ impl RafsImage {
         }
     }
 
+    /// Chunk `ci_index` of v6 blob `blob_index`, checked like a chunk a file names (the blob view reads
+    /// blobs by chunk, not by file).
+    pub fn blob_chunk(&self, blob_index: u32, ci_index: u32) -> Result<ChunkInfo> {
+        self.resolve_ci(blob_index, ci_index)
+    }
+
     /// Chunk `ci_index` of v6 blob `blob_index`: location from the blob meta, digest and CRC from the
     /// bootstrap's chunk table.
     fn resolve_ci(&self, blob_index: u32, ci_index: u32) -> Result<ChunkInfo> {
@@ -845,7 +851,7 @@ impl FromBytes for std::ffi::OsStr {
 }
 
 /// Read the metadata at `path`: map a bootstrap, or extract the bootstrap from an inline-meta blob.
-fn load_metadata(path: &Path) -> Result<(MetaBytes, MetaSource)> {
+pub fn load_metadata(path: &Path) -> Result<(MetaBytes, MetaSource)> {
     let file = File::open(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
     let size = file
         .metadata()

@@ -20,8 +20,8 @@ pub struct RafsMount {
     pub prefetch_files: Vec<String>,
 }
 
-/// Open the image, check its blobs are reachable, and start prefetch if configured.
-pub fn build_rafs(mount: &RafsMount) -> Result<RafsFs> {
+/// Open the image with the mount's backend and cache, and check its blobs are reachable.
+pub fn open_image(mount: &RafsMount) -> Result<Arc<RafsImage>> {
     let config = &mount.config;
     let backend = backend_from_config(&config.backend)?;
     let cache_dir = match config.cache.kind {
@@ -44,6 +44,13 @@ pub fn build_rafs(mount: &RafsMount) -> Result<RafsFs> {
             other => other,
         })?;
     }
+    Ok(image)
+}
+
+/// Open the image, check its blobs are reachable, and start prefetch if configured.
+pub fn build_rafs(mount: &RafsMount) -> Result<RafsFs> {
+    let config = &mount.config;
+    let image = open_image(mount)?;
     let fs = RafsFs::new(image.clone(), config.rafs.enable_xattr);
     if config.rafs.prefetch.enable {
         if image.cache().is_none() {

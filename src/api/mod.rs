@@ -166,9 +166,9 @@ fn parse_mount_body(body: &[u8]) -> crate::Result<MountCmd> {
         }
     };
     let config = field("config")?;
-    if fs_type == FsType::Rafs && config.is_empty() {
+    if matches!(fs_type, FsType::Rafs | FsType::BlobView) && config.is_empty() {
         return Err(Error::Invalid(
-            "mount body: a rafs mount needs `config`".into(),
+            "mount body: a rafs or blob_view mount needs `config`".into(),
         ));
     }
     Ok(MountCmd {

@@ -5,6 +5,7 @@
 //! Inode numbers are the image's own (v6 nids, v5 inode numbers); the image is immutable, so attributes
 //! and entries can be cached by the kernel for long.
 
+pub mod blob_view;
 pub mod metrics;
 
 use std::any::Any;

@@ -1,0 +1,168 @@
+//! EROFS over fscache in a real guest: a kernel built by ci/fscache-kernel.sh (Debian's 6.12 source with
+//! CONFIG_EROFS_FS_ONDEMAND and CONFIG_CACHEFILES_ONDEMAND, which Debian's own kernels lack) runs
+//! `rafs-guest fscache`, the on-demand daemon, over rafsd's blob view of a RAFS v6 image. The kernel asks
+//! the daemon for every bootstrap and blob range it lacks (OPEN/READ/CLOSE on /dev/cachefiles); the guest
+//! hashes every file and the host compares with manifest.tsv. A damaged blob read through the same path
+//! must fail with EIO while the daemons stay up.
+//!
+//! Needs the kernel from ci/fscache-kernel.sh (about 4 minutes of compiling on 2 cores; cached in
+//! target/fscache-kernel, `RAFSD_FSCACHE_KERNEL_DIR`), plus what tests/vm_erofs.rs needs.
+
+mod daemon;
+mod guestvm;
+mod manifest;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use guestvm::{compare_with_manifest, parse_hashes, Vm, HASH_TREE_SH};
+
+const IMAGE: &str = "v6-zstd-batch";
+const QEMU_LIMIT: u64 = 300;
+
+fn guest_script(nonce: &str) -> String {
+    format!(
+        r#"N={nonce}
+G=/mnt/containers/rafs-guest
+{HASH_TREE_SH}
+grep -q '^nodev.*erofs' /proc/filesystems && echo "EROFS-BUILTIN $N"
+# cachefiles needs a cache filesystem with user xattrs, sync_fs and real SEEK_HOLE (it asks for what is
+# missing by looking for holes): ext4, made by the host, on a loop device.
+mkdir -p /fscache /e/a
+loopdev=$(losetup -f)
+losetup "$loopdev" /mnt/containers/cache.ext4
+mount -t ext4 "$loopdev" /fscache || echo "CACHE-MOUNT-FAILED $N"
+$G fscache --dir /fscache --bootstrap /mnt/rafs/a/blobs/bootstrap --blob-dir /mnt/rafs/a/blobs --fsid rafs-a --mount /e/a >/tmp/fscache.log 2>&1 &
+daemon=$!
+i=0
+while ! grep -q ' /e/a erofs ' /proc/mounts; do
+    i=$((i + 1))
+    if [ $i -gt 120 ] || ! kill -0 $daemon 2>/dev/null; then
+        echo "FSCACHE-MOUNT-FAILED $N $(tr '\n' ' ' </tmp/fscache.log)"
+        dmesg | tail -n 25 | sed "s|^|DMESG $N |"
+        break
+    fi
+    sleep 0.5
+done
+grep ' /e/a ' /proc/mounts | sed "s|^|FSCACHE-MOUNT $N |"
+hash_tree /e/a /fscache/a
+umount /e/a && echo "UMOUNTED $N"
+kill -0 $daemon && echo "DAEMON-ALIVE $N"
+kill $daemon
+sleep 1
+# cachefiles links its objects into the cache tree when they are let go.
+echo "CACHE-FILES $N $(find /fscache/cache -type f | wc -l)"
+sed "s|^|FSCACHE-LOG $N |" /tmp/fscache.log | head -n 20
+"#
+    )
+}
+
+#[test]
+fn guest_reads_an_image_through_erofs_over_fscache() {
+    manifest::assert_root("the EROFS-over-fscache guest test");
+    guestvm::require_tools();
+    let kernel = guestvm::kernel_from_env(
+        "RAFSD_FSCACHE_KERNEL_DIR",
+        "target/fscache-kernel",
+        "ci/fscache-kernel.sh",
+    );
+    let mut tmp = tempfile::Builder::new()
+        .prefix("rafsd-vm-fscache.")
+        .tempdir()
+        .unwrap();
+    tmp.disable_cleanup(std::env::var_os("RAFSD_VM_KEEP").is_some());
+    let vm = Vm::new(tmp.path());
+    // Everything is built into this kernel: no modules.
+    let (helper, initrd) = guestvm::guest_files(&vm.dir, "");
+    let shared = vm.dir.join("containers");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::copy(&helper, shared.join("rafs-guest")).unwrap();
+    std::fs::write(shared.join("fscache.sh"), guest_script(&vm.nonce)).unwrap();
+    // The guest's cache filesystem (busybox cannot make ext4): e2fsprogs is part of every Debian install.
+    let out = std::process::Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-b", "4096"])
+        .arg(shared.join("cache.ext4"))
+        .arg("96M")
+        .output()
+        .expect("run mkfs.ext4 (e2fsprogs)");
+    assert!(
+        out.status.success(),
+        "mkfs.ext4: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mut rafsd = vm.start_rafsd(&[]);
+    let (status, reply) = vm.mount_image(
+        "/rafs/a/blobs",
+        "blob_view",
+        &manifest::case_bootstrap(IMAGE),
+        &manifest::case_blob_dir(IMAGE),
+        true,
+    );
+    if status != 204 {
+        vm.fail(format!("mount blob_view: {status} {reply}"));
+    }
+    vm.share("/containers", &shared);
+    let mut qemu = vm.start_qemu(
+        &kernel,
+        &initrd,
+        "rafs_run=/containers/fscache.sh",
+        512,
+        QEMU_LIMIT,
+    );
+    vm.wait_for(
+        &format!("DONE {}", vm.nonce),
+        Duration::from_secs(QEMU_LIMIT - 20),
+        &mut qemu,
+        &mut rafsd,
+    );
+    let serial = vm.serial_text();
+    let n = &vm.nonce;
+    let seen = |words: &str| guestvm::marker_at(&serial, &format!("{words}\n")).is_some();
+    if let Some(l) = vm.line(&format!("FSCACHE-MOUNT-FAILED {n} ")) {
+        vm.fail(format!("the fscache mount did not come up: {l}"));
+    }
+    match vm.line(&format!("FSCACHE-MOUNT {n} ")) {
+        Some(l) if l.contains("/e/a erofs") && l.contains("fsid=rafs-a") => {}
+        other => vm.fail(format!(
+            "want an fscache-backed EROFS mount at /e/a, /proc/mounts: {other:?}"
+        )),
+    }
+    let manifest_files: BTreeMap<String, String> = manifest::load_manifest()
+        .into_iter()
+        .filter(|r| r["type"] == "f")
+        .map(|r| (r["path"].clone(), r["sha256"].clone()))
+        .collect();
+    let problems = compare_with_manifest(&parse_hashes(&serial, "/fscache/a"), &manifest_files);
+    if !problems.is_empty() {
+        vm.fail(format!(
+            "{} mismatches with manifest.tsv, first: {:#?}",
+            problems.len(),
+            &problems[..problems.len().min(15)]
+        ));
+    }
+    // The kernel kept what it fetched as cache files under the cachefiles directory.
+    let cached: u64 = vm
+        .line(&format!("CACHE-FILES {n} "))
+        .and_then(|l| l.split(' ').nth(2).and_then(|c| c.trim().parse().ok()))
+        .unwrap_or(0);
+    if cached < 2 {
+        vm.fail(format!(
+            "want the bootstrap and the blob as cache files, found {cached}"
+        ));
+    }
+    for marker in ["UMOUNTED", "DAEMON-ALIVE"] {
+        if !seen(&format!("{marker} {n}")) {
+            vm.fail(format!("no {marker} from the guest"));
+        }
+    }
+    if rafsd.exited().is_some() {
+        vm.fail("rafsd exited during the guest's run");
+    }
+    let qemu_status = daemon::wait_bounded(qemu.child.as_mut().unwrap(), Duration::from_secs(30));
+    eprintln!(
+        "vm_fscache: OK in {:.1} s: {} files through EROFS over fscache; QEMU exit {qemu_status:?}",
+        vm.started.elapsed().as_secs_f64(),
+        manifest_files.len()
+    );
+}
