@@ -69,6 +69,8 @@ pub struct Daemon {
     /// Serialises mount changes so checks and the Vfs update happen as one step.
     mount_lock: Mutex<()>,
     shutdown: AtomicBool,
+    /// Set once the sandbox is up: the paths mounts may use.
+    allowed: std::sync::OnceLock<crate::sandbox::AllowedPaths>,
 }
 
 /// Keys whose values are credentials: never echoed or logged.
@@ -143,6 +145,7 @@ impl Daemon {
             mounts: Mutex::new(BTreeMap::new()),
             mount_lock: Mutex::new(()),
             shutdown: AtomicBool::new(false),
+            allowed: std::sync::OnceLock::new(),
         })
     }
 
@@ -162,7 +165,21 @@ impl Daemon {
         }
     }
 
+    /// From now on, refuse mounts whose paths lie outside `allowed` (the sandbox could not reach them).
+    pub fn confine(&self, allowed: crate::sandbox::AllowedPaths) {
+        let _ = self.allowed.set(allowed);
+    }
+
     fn build(&self, cmd: &MountCmd) -> Result<(BackFileSystem, Option<String>, Value)> {
+        if let Some(allowed) = self.allowed.get() {
+            match cmd.fs_type {
+                FsType::Rafs => allowed.check_rafs(
+                    &cmd.source,
+                    &DaemonConfig::from_slice(cmd.config.as_bytes())?,
+                )?,
+                FsType::Passthrough => allowed.check_share(&cmd.source)?,
+            }
+        }
         match cmd.fs_type {
             FsType::Rafs => {
                 let config = DaemonConfig::from_slice(cmd.config.as_bytes())?;
