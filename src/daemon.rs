@@ -171,33 +171,31 @@ impl Daemon {
     }
 
     fn build(&self, cmd: &MountCmd) -> Result<(BackFileSystem, Option<String>, Value)> {
-        if let Some(allowed) = self.allowed.get() {
-            match cmd.fs_type {
-                FsType::Rafs => allowed.check_rafs(
-                    &cmd.source,
-                    &DaemonConfig::from_slice(cmd.config.as_bytes())?,
-                )?,
-                FsType::Passthrough => allowed.check_share(&cmd.source)?,
-            }
-        }
+        let allowed = self.allowed.get();
         match cmd.fs_type {
             FsType::Rafs => {
-                let config = DaemonConfig::from_slice(cmd.config.as_bytes())?;
+                let mut config = DaemonConfig::from_slice(cmd.config.as_bytes())?;
+                let mut bootstrap = cmd.source.clone();
+                if let Some(allowed) = allowed {
+                    allowed.confine_rafs(&mut bootstrap, &mut config)?;
+                }
                 let shown =
                     redact(&serde_json::from_str::<Value>(&cmd.config).unwrap_or(Value::Null));
                 let id = config.id.clone();
                 let fs = build_rafs(&RafsMount {
-                    bootstrap: cmd.source.clone(),
+                    bootstrap,
                     config,
                     prefetch_files: cmd.prefetch_files.clone(),
                 })?;
                 Ok((Box::new(fs), id, shown))
             }
-            FsType::Passthrough => Ok((
-                Box::new(ConfinedPassthrough::new(&cmd.source)?),
-                None,
-                Value::Null,
-            )),
+            FsType::Passthrough => {
+                let mut dir = cmd.source.clone();
+                if let Some(allowed) = allowed {
+                    allowed.confine_share(&mut dir)?;
+                }
+                Ok((Box::new(ConfinedPassthrough::new(&dir)?), None, Value::Null))
+            }
         }
     }
 

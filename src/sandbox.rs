@@ -177,10 +177,14 @@ impl AllowedPaths {
         Ok(())
     }
 
-    fn check(&self, what: &str, p: &Path, write: bool) -> Result<()> {
+    /// Resolve `p` the way the sandbox sees it ("." and ".." lexically, symlinks of the existing part),
+    /// check it lies beneath an allowed path, and replace it by the resolved path: inside the mount
+    /// namespace a path like `/a/b/../c` would not resolve when `/a/b` is not in the view.
+    fn confine(&self, what: &str, p: &mut PathBuf, write: bool) -> Result<()> {
         let real = normalize(p)?;
         let ok = beneath(&real, &self.read_write) || (!write && beneath(&real, &self.read_only));
         if ok {
+            *p = real;
             return Ok(());
         }
         Err(Error::Invalid(format!(
@@ -193,40 +197,40 @@ impl AllowedPaths {
         )))
     }
 
-    /// Refuse a mount whose files lie outside the allowed paths (or that needs a network the sandbox
-    /// does not have).
-    pub fn check_rafs(&self, bootstrap: &Path, config: &DaemonConfig) -> Result<()> {
-        self.check("bootstrap", bootstrap, false)?;
-        match &config.backend {
+    /// Refuse a RAFS mount whose files lie outside the allowed paths (or that needs a network the
+    /// sandbox does not have); resolve its paths in place.
+    pub fn confine_rafs(&self, bootstrap: &mut PathBuf, config: &mut DaemonConfig) -> Result<()> {
+        self.confine("bootstrap", bootstrap, false)?;
+        match &mut config.backend {
             BackendConfig::LocalFs {
                 dir,
                 alt_dirs,
                 blob_file,
             } => {
-                for d in dir.iter().chain(alt_dirs) {
-                    self.check("blob directory", d, false)?;
+                for d in dir.iter_mut().chain(alt_dirs.iter_mut()) {
+                    self.confine("blob directory", d, false)?;
                 }
                 if let Some(f) = blob_file {
-                    self.check("blob file", f, false)?;
+                    self.confine("blob file", f, false)?;
                 }
             }
             BackendConfig::Remote { kind, .. } if !self.network => {
                 return Err(Error::Invalid(format!(
                     "backend {kind:?} needs the network, but the sandbox has none: start rafsd with \
-                     --allow-network or with a network backend in --config (outside the sandbox's \
-                     allowed paths)"
+                     --allow-network or with a network backend in --config"
                 )))
             }
             BackendConfig::Remote { .. } => {}
         }
-        if let Some(w) = &config.cache.work_dir {
-            self.check("cache work_dir", w, true)?;
+        if let Some(w) = &mut config.cache.work_dir {
+            self.confine("cache work_dir", w, true)?;
         }
         Ok(())
     }
 
-    pub fn check_share(&self, dir: &Path) -> Result<()> {
-        self.check("shared directory", dir, true)
+    /// Refuse a passthrough share outside the read-write paths; resolve it in place.
+    pub fn confine_share(&self, dir: &mut PathBuf) -> Result<()> {
+        self.confine("shared directory", dir, true)
     }
 }
 
@@ -531,6 +535,15 @@ pub fn restrict_filesystem(paths: &AllowedPaths, extra_rw: &[&str]) {
         read.extend(NETWORK_FILES.iter().map(PathBuf::from));
     }
     read.extend(paths.read_only.iter().cloned());
+    // Rules only attach to existing paths: create read-write dirs (cache work dirs) now, as the daemon
+    // would anyway, so they are not silently left out.
+    for p in &paths.read_write {
+        if !p.exists() {
+            if let Err(e) = std::fs::create_dir_all(p) {
+                log::warn!("landlock: cannot create {}: {e}", p.display());
+            }
+        }
+    }
     let mut write: Vec<PathBuf> = DEVICES.iter().map(PathBuf::from).collect();
     write.extend(extra_rw.iter().map(PathBuf::from));
     write.extend(paths.read_write.iter().cloned());
