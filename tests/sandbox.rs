@@ -443,3 +443,97 @@ fn symlinks_in_a_share_do_not_lead_out_of_it() {
     assert!(!far.exists(), "{far:?} visible in the sandbox");
     d.kill_and_check();
 }
+
+#[test]
+fn fuse_daemon_threads_are_confined_and_the_supervisor_unmounts() {
+    let dir = tempfile::tempdir().unwrap();
+    let case = "v6-zstd-blake3";
+    let config = dir.path().join("config.json");
+    std::fs::write(
+        &config,
+        daemon::v1_config(
+            &manifest::case_blob_dir(case),
+            &dir.path().join("cache"),
+            true,
+            "",
+        ),
+    )
+    .unwrap();
+    let d = daemon::Daemon::start(
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--bootstrap",
+            manifest::case_bootstrap(case).to_str().unwrap(),
+            "--seccomp",
+            "kill",
+        ],
+        &dir.path().join("mnt"),
+        &dir.path().join("rafsd.log"),
+    );
+    // Reads through the mount work under the filter (and fill the cache in the allowed work dir).
+    let data = std::fs::read(d.mountpoint.join("special/random-2m5")).unwrap();
+    assert_eq!(data.len(), 2_621_440);
+    assert!(std::fs::read_dir(dir.path().join("cache")).unwrap().count() > 0);
+    let pid = daemon_child(d.pid());
+    let threads = assert_every_thread_confined(pid);
+    assert!(threads >= 5, "API and four FUSE workers: {threads}");
+    // No namespaces for the FUSE daemon: the host sees its mount.
+    assert_eq!(ns(&pid.to_string(), "mnt"), ns("self", "mnt"));
+    let log = d.log_text();
+    assert!(
+        log.contains("landlock: fully enforced")
+            || log.contains("landlock: partially")
+            || log.contains("landlock: not enforced"),
+        "{log}"
+    );
+    // SIGTERM to the supervisor: the daemon stops and the supervisor unmounts (stop() checks the mount).
+    let status = d.stop();
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn fuse_refuses_namespace_sandbox_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out) = daemon::run_bounded(
+        &[
+            "fuse".as_ref(),
+            "--mountpoint".as_ref(),
+            dir.path().as_os_str(),
+            "--sandbox".as_ref(),
+            "namespace".as_ref(),
+        ],
+        Duration::from_secs(20),
+    );
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("supports --sandbox none only"), "{out}");
+}
+
+#[test]
+fn chroot_mode_and_allow_network_choose_the_namespaces() {
+    // chroot: the minimal root in a private mount namespace, host pid and network namespaces, no
+    // supervisor (the process we started is the daemon).
+    let dir = tempfile::tempdir().unwrap();
+    let d = VirtiofsDaemon::start(BIN, dir.path(), &["--sandbox", "chroot"]);
+    let pid = d.pid().to_string();
+    assert_ne!(ns(&pid, "mnt"), ns("self", "mnt"));
+    assert_eq!(ns(&pid, "pid"), ns("self", "pid"));
+    assert_eq!(ns(&pid, "net"), ns("self", "net"));
+    assert_every_thread_confined(d.pid());
+    assert!(!PathBuf::from(format!("/proc/{pid}/root/etc/passwd")).exists());
+    drop(d);
+
+    // namespace + --allow-network: new mount and pid namespaces, the host network, resolver files visible.
+    let dir = tempfile::tempdir().unwrap();
+    let d = VirtiofsDaemon::start(BIN, dir.path(), &["--allow-network"]);
+    let pid = daemon_child(d.pid()).to_string();
+    assert_ne!(ns(&pid, "mnt"), ns("self", "mnt"));
+    assert_ne!(ns(&pid, "pid"), ns("self", "pid"));
+    assert_eq!(ns(&pid, "net"), ns("self", "net"));
+    if Path::new("/etc/resolv.conf").exists() {
+        assert!(PathBuf::from(format!("/proc/{pid}/root/etc/resolv.conf")).exists());
+    }
+    assert!(!PathBuf::from(format!("/proc/{pid}/root/etc/passwd")).exists());
+    assert_every_thread_confined(pid.parse().unwrap());
+    d.kill_and_check();
+}
