@@ -465,7 +465,9 @@ fn run_fuse(args: FuseArgs) -> rafsd::Result<ExitCode> {
         .map(rafsd::api::http::bind)
         .transpose()?;
     // The sandboxed daemon may not unmount; a supervisor outside the sandbox does it when the daemon ends.
-    if let Role::Supervisor(exit) = fork_supervised(false, 0, &signals)? {
+    if let Role::Supervisor(exit) =
+        fork_supervised(false, 0, &signals, rafsd::sandbox::SUPERVISOR_CAPS_FUSE)?
+    {
         drop(api_listener);
         rafsd::sandbox::unmount_fuse(&args.mountpoint);
         if let Some(p) = &args.apisock {
@@ -578,7 +580,12 @@ fn run_virtiofs(args: VirtiofsArgs) -> rafsd::Result<ExitCode> {
             if !allowed.network {
                 flags |= libc::CLONE_NEWNET;
             }
-            if let Role::Supervisor(exit) = fork_supervised(true, flags, &signals)? {
+            if let Role::Supervisor(exit) = fork_supervised(
+                true,
+                flags,
+                &signals,
+                rafsd::sandbox::SUPERVISOR_CAPS_VIRTIOFS,
+            )? {
                 drop(api_listener);
                 drop(listener);
                 for p in [Some(&args.sock), args.apisock.as_ref()]

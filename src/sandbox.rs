@@ -57,6 +57,14 @@ pub const KEPT_CAPS: &[caps::Capability] = &[
     caps::Capability::CAP_SETFCAP,
 ];
 
+/// The virtio-fs supervisor removes the sockets when the daemon ends, in directories it may not own.
+pub const SUPERVISOR_CAPS_VIRTIOFS: &[caps::Capability] = &[caps::Capability::CAP_DAC_OVERRIDE];
+/// The FUSE supervisor also unmounts the daemon's mount.
+pub const SUPERVISOR_CAPS_FUSE: &[caps::Capability] = &[
+    caps::Capability::CAP_DAC_OVERRIDE,
+    caps::Capability::CAP_SYS_ADMIN,
+];
+
 /// Host files a network backend needs for name resolution and TLS, made visible (read-only) when the
 /// network is allowed.
 const NETWORK_FILES: &[&str] = &[
@@ -323,11 +331,13 @@ impl Exit {
 /// `new_pid_ns` the child is pid 1 of a new pid namespace; it then unshares `child_flags` (mount, network)
 /// itself, so the supervisor stays in the host's namespaces and can clean up there. The supervisor
 /// forwards the shutdown signals in `signals` (blocked by the caller) to the child and waits for it.
+/// The supervisor keeps only `supervisor_caps` (what its clean-up needs).
 /// Must be called while the process has a single thread.
 pub fn fork_supervised(
     new_pid_ns: bool,
     child_flags: libc::c_int,
     signals: &libc::sigset_t,
+    supervisor_caps: &[caps::Capability],
 ) -> Result<Role> {
     if new_pid_ns {
         // SAFETY: unshare of the pid namespace only affects the children we fork next.
@@ -360,6 +370,10 @@ pub fn fork_supervised(
         return Ok(Role::Child);
     }
     log::info!("sandbox: supervisor {supervisor} started the daemon as pid {pid}");
+    // The supervisor reads no guest input, but it need not stay all-powerful either.
+    if let Err(e) = drop_capabilities_to(supervisor_caps, "supervisor") {
+        log::warn!("supervisor: {e}");
+    }
     loop {
         if let Some(sig) =
             crate::fusedev::wait_for_signal(signals, std::time::Duration::from_millis(100))
@@ -571,8 +585,13 @@ pub fn restrict_filesystem(paths: &AllowedPaths, extra_rw: &[&str]) {
 /// Keep only [`KEPT_CAPS`] (none of them inheritable or ambient), drop the bounding set, set
 /// NO_NEW_PRIVS. Covers the calling thread and the threads it starts afterwards.
 pub fn drop_capabilities() -> Result<()> {
+    drop_capabilities_to(KEPT_CAPS, "daemon")
+}
+
+/// Keep only `keep` of the capabilities `who` has, in every set (see [`drop_capabilities`]).
+pub fn drop_capabilities_to(keep: &[caps::Capability], who: &str) -> Result<()> {
     use caps::{CapSet, CapsHashSet};
-    let keep: CapsHashSet = KEPT_CAPS.iter().copied().collect();
+    let keep: CapsHashSet = keep.iter().copied().collect();
     let err = |what: &str, e: caps::errors::CapsError| Error::Invalid(format!("{what}: {e}"));
     // Bounding first: dropping from it needs CAP_SETPCAP, which goes next.
     for c in caps::all() {
@@ -593,7 +612,7 @@ pub fn drop_capabilities() -> Result<()> {
     })?;
     let mut names: Vec<String> = kept.iter().map(|c| c.to_string()).collect();
     names.sort();
-    log::info!("capabilities: kept {}", names.join(","));
+    log::info!("capabilities of the {who}: kept {}", names.join(","));
     Ok(())
 }
 

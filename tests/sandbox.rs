@@ -83,6 +83,16 @@ fn assert_every_thread_confined(pid: i32) -> usize {
     tasks.len()
 }
 
+/// The supervisor (not filtered: it reads no guest input) keeps `caps` only, in every set.
+fn assert_supervisor_caps(pid: i32, caps: u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    for set in ["CapEff", "CapPrm", "CapBnd"] {
+        let v = u64::from_str_radix(&status_field(&status, set), 16).unwrap();
+        assert_eq!(v, caps, "supervisor {set}: {v:#x}");
+    }
+    assert_eq!(status_field(&status, "NoNewPrivs"), "1");
+}
+
 fn ns(pid: &str, kind: &str) -> PathBuf {
     std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).unwrap()
 }
@@ -163,8 +173,9 @@ fn virtiofs_daemon_threads_are_confined_in_their_own_namespaces() {
             "/{hidden} is visible in the sandbox"
         );
     }
-    // The supervisor itself stays in the host's namespaces.
+    // The supervisor stays in the host's namespaces, with only what its clean-up needs.
     assert_eq!(ns(&d.pid().to_string(), "mnt"), ns("self", "mnt"));
+    assert_supervisor_caps(d.pid(), 1 << 1);
     d.kill_and_check();
 }
 
@@ -478,6 +489,8 @@ fn fuse_daemon_threads_are_confined_and_the_supervisor_unmounts() {
     let pid = daemon_child(d.pid());
     let threads = assert_every_thread_confined(pid);
     assert!(threads >= 5, "API and four FUSE workers: {threads}");
+    // The supervisor keeps DAC_OVERRIDE and SYS_ADMIN, to unmount when the daemon ends.
+    assert_supervisor_caps(d.pid(), (1 << 1) | (1 << 21));
     // No namespaces for the FUSE daemon: the host sees its mount.
     assert_eq!(ns(&pid.to_string(), "mnt"), ns("self", "mnt"));
     let log = d.log_text();
