@@ -74,6 +74,8 @@ pub struct Daemon {
     /// Serialises mount changes so checks and the Vfs update happen as one step.
     mount_lock: Mutex<()>,
     shutdown: AtomicBool,
+    /// Set once the sandbox is up: the paths mounts may use.
+    allowed: std::sync::OnceLock<crate::sandbox::AllowedPaths>,
 }
 
 /// Keys whose values are credentials: never echoed or logged.
@@ -150,6 +152,7 @@ impl Daemon {
             mounts: Mutex::new(BTreeMap::new()),
             mount_lock: Mutex::new(()),
             shutdown: AtomicBool::new(false),
+            allowed: std::sync::OnceLock::new(),
         })
     }
 
@@ -169,15 +172,25 @@ impl Daemon {
         }
     }
 
+    /// From now on, refuse mounts whose paths lie outside `allowed` (the sandbox could not reach them).
+    pub fn confine(&self, allowed: crate::sandbox::AllowedPaths) {
+        let _ = self.allowed.set(allowed);
+    }
+
     fn build(&self, cmd: &MountCmd) -> Result<(BackFileSystem, Option<String>, Value)> {
+        let allowed = self.allowed.get();
         match cmd.fs_type {
             FsType::Rafs | FsType::BlobView => {
-                let config = DaemonConfig::from_slice(cmd.config.as_bytes())?;
+                let mut config = DaemonConfig::from_slice(cmd.config.as_bytes())?;
+                let mut bootstrap = cmd.source.clone();
+                if let Some(allowed) = allowed {
+                    allowed.confine_rafs(&mut bootstrap, &mut config)?;
+                }
                 let shown =
                     redact(&serde_json::from_str::<Value>(&cmd.config).unwrap_or(Value::Null));
                 let id = config.id.clone();
                 let mount = RafsMount {
-                    bootstrap: cmd.source.clone(),
+                    bootstrap,
                     config,
                     prefetch_files: cmd.prefetch_files.clone(),
                 };
@@ -188,11 +201,13 @@ impl Daemon {
                 };
                 Ok((fs, id, shown))
             }
-            FsType::Passthrough => Ok((
-                Box::new(ConfinedPassthrough::new(&cmd.source)?),
-                None,
-                Value::Null,
-            )),
+            FsType::Passthrough => {
+                let mut dir = cmd.source.clone();
+                if let Some(allowed) = allowed {
+                    allowed.confine_share(&mut dir)?;
+                }
+                Ok((Box::new(ConfinedPassthrough::new(&dir)?), None, Value::Null))
+            }
         }
     }
 

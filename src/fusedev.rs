@@ -75,12 +75,17 @@ fn raise_readahead(mountpoint: &Path, kb: u32) {
 }
 
 /// Serve `vfs` at `mountpoint` with `threads` workers until a shutdown signal or an external unmount.
+///
+/// `start` runs once the mount and its channels exist and before any worker starts (the sandbox goes
+/// up there). The mount is left in place at the end: the sandboxed daemon may not unmount, so the
+/// supervisor process does it ([`crate::sandbox::unmount_fuse`]).
 pub fn serve(
     vfs: Arc<Vfs>,
     mountpoint: &Path,
     threads: usize,
     signals: &libc::sigset_t,
     daemon: &crate::daemon::Daemon,
+    start: impl FnOnce() -> Result<()>,
 ) -> Result<()> {
     let mut session = FuseSession::new(mountpoint, "rafs", "", true)
         .map_err(|e| Error::Invalid(format!("FUSE mountpoint {}: {e}", mountpoint.display())))?;
@@ -91,10 +96,17 @@ pub fn serve(
     let server = Arc::new(Server::new(vfs));
     let running = Arc::new(AtomicUsize::new(0));
     let mut workers = Vec::new();
-    for i in 0..threads.max(1) {
-        let mut channel = session
-            .new_channel()
-            .map_err(|e| Error::Invalid(format!("FUSE channel: {e}")))?;
+    // Each channel opens /dev/fuse again, which the sandbox will not allow: open them all first.
+    let channels = (0..threads.max(1))
+        .map(|_| session.new_channel())
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::Invalid(format!("FUSE channel: {e}")))?;
+    if let Err(e) = start() {
+        // Nobody will serve this mount; the supervisor unmounts it.
+        std::mem::forget(session);
+        return Err(e);
+    }
+    for (i, mut channel) in channels.into_iter().enumerate() {
         let (server, running) = (server.clone(), running.clone());
         running.fetch_add(1, Ordering::SeqCst);
         let worker = std::thread::Builder::new()
@@ -145,9 +157,11 @@ pub fn serve(
     for w in workers {
         let _ = w.join();
     }
-    if let Err(e) = session.umount() {
-        log::warn!("unmount {}: {e}", mountpoint.display());
-    }
-    log::info!("FUSE filesystem at {} unmounted", mountpoint.display());
+    // Dropping the session would unmount, which the sandbox forbids; the supervisor unmounts instead.
+    std::mem::forget(session);
+    log::info!(
+        "FUSE workers stopped; leaving the unmount of {} to the supervisor",
+        mountpoint.display()
+    );
     Ok(())
 }

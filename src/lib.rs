@@ -21,6 +21,8 @@ pub mod fusedev;
 pub mod image;
 pub mod inspect;
 pub mod passthrough;
+pub mod sandbox;
+pub mod seccomp;
 pub mod service;
 pub mod storage;
 pub mod unpack;

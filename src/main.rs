@@ -115,6 +115,59 @@ struct BuildArgs {
     threads: Option<usize>,
 }
 
+/// Sandbox options of both daemons (see `src/sandbox.rs` and the README's "Sandbox" section).
+#[derive(clap::Args)]
+struct SandboxArgs {
+    /// namespace, chroot or none [default: namespace for virtiofs; fuse supports none only].
+    #[arg(long, value_enum)]
+    sandbox: Option<rafsd::sandbox::SandboxMode>,
+    /// What a syscall outside the policy does: kill, log, trap or none.
+    #[arg(long, value_enum, default_value = "kill")]
+    seccomp: rafsd::seccomp::SeccompMode,
+    /// A directory (or file) the daemon may read: images and blobs of later API mounts. Repeatable.
+    #[arg(long = "allow-path", value_name = "PATH")]
+    allow_path: Vec<PathBuf>,
+    /// A directory the daemon may write: cache work dirs and passthrough shares of later API mounts.
+    /// Repeatable.
+    #[arg(long = "allow-path-rw", value_name = "PATH")]
+    allow_path_rw: Vec<PathBuf>,
+    /// Keep the host network (no network namespace) so API mounts may use network backends.
+    #[arg(long)]
+    allow_network: bool,
+}
+
+impl SandboxArgs {
+    fn allowed_paths(&self) -> rafsd::Result<rafsd::sandbox::AllowedPaths> {
+        let mut allowed = rafsd::sandbox::AllowedPaths {
+            network: self.allow_network,
+            ..Default::default()
+        };
+        for p in &self.allow_path {
+            allowed.add_read_only(p)?;
+        }
+        for p in &self.allow_path_rw {
+            allowed.add_read_write(p)?;
+        }
+        Ok(allowed)
+    }
+}
+
+/// Landlock, capabilities and seccomp, in that order, on the (still single) calling thread; seccomp
+/// also covers any other thread. Then the daemon refuses mounts outside `allowed`.
+fn enter_sandbox(
+    daemon: &rafsd::daemon::Daemon,
+    allowed: rafsd::sandbox::AllowedPaths,
+    extra_rw: &[&str],
+    seccomp: rafsd::seccomp::SeccompMode,
+) -> rafsd::Result<()> {
+    rafsd::sandbox::restrict_filesystem(&allowed, extra_rw);
+    rafsd::sandbox::drop_capabilities()?;
+    rafsd::seccomp::install(seccomp)?;
+    rafsd::seccomp::test_hook_forbidden_syscall();
+    daemon.confine(allowed);
+    Ok(())
+}
+
 /// Options of a FUSE daemon, spelled as nydusd spells them.
 #[derive(clap::Args)]
 struct FuseArgs {
@@ -145,6 +198,8 @@ struct FuseArgs {
     /// Raise RLIMIT_NOFILE to this (best effort; 0 leaves it alone).
     #[arg(long, default_value_t = 1_000_000)]
     rlimit_nofile: u64,
+    #[command(flatten)]
+    sandbox: SandboxArgs,
 }
 
 /// Options of the virtio-fs daemon. Kata runs `virtiofs --log-level info --apisock A --sock S` and
@@ -190,6 +245,8 @@ struct VirtiofsArgs {
     /// SHMEM protocol feature; off by default.
     #[arg(long, value_parser = rafsd::dax::parse_size)]
     dax_window: Option<u64>,
+    #[command(flatten)]
+    sandbox: SandboxArgs,
 }
 
 /// nydusd runs its FUSE daemon when called with options only; so do we.
@@ -370,10 +427,18 @@ fn run_build(args: BuildArgs) -> rafsd::Result<ExitCode> {
 fn run_fuse(args: FuseArgs) -> rafsd::Result<ExitCode> {
     use fuse_backend_rs::api::{Vfs, VfsOptions};
     use rafsd::config::DaemonConfig;
+    use rafsd::sandbox::{fork_supervised, Role, SandboxMode};
     use rafsd::service::{build_rafs, read_prefetch_list, RafsMount};
     // Before any thread exists, so every thread inherits the mask and signals reach our wait loop.
     let signals = rafsd::fusedev::block_shutdown_signals();
     rafsd::service::raise_nofile_limit(args.rlimit_nofile);
+    if !matches!(args.sandbox.sandbox, None | Some(SandboxMode::None)) {
+        // A private mount namespace would keep the FUSE mount from the host that wants to see it.
+        return Err(rafsd::Error::Unsupported(
+            "rafsd fuse supports --sandbox none only (Landlock, capabilities and seccomp still apply)"
+                .into(),
+        ));
+    }
     let mut config = match (&args.config, &args.localfs_dir) {
         (Some(path), _) => DaemonConfig::from_file(path)?,
         (None, Some(dir)) => DaemonConfig::localfs(dir.clone(), Some(dir.clone())),
@@ -387,6 +452,33 @@ fn run_fuse(args: FuseArgs) -> rafsd::Result<ExitCode> {
     if config.id.is_none() {
         config.id = args.id.clone();
     }
+    let prefetch_files = args
+        .prefetch_files
+        .as_deref()
+        .map(read_prefetch_list)
+        .transpose()?
+        .unwrap_or_default();
+    let mut allowed = args.sandbox.allowed_paths()?;
+    if let Some(bootstrap) = &args.bootstrap {
+        allowed.add_read_only(bootstrap.parent().unwrap_or(bootstrap))?;
+        allowed.add_config(&config)?;
+    }
+    let api_listener = args
+        .apisock
+        .as_deref()
+        .map(rafsd::api::http::bind)
+        .transpose()?;
+    // The sandboxed daemon may not unmount; a supervisor outside the sandbox does it when the daemon ends.
+    if let Role::Supervisor(exit) =
+        fork_supervised(false, 0, &signals, rafsd::sandbox::SUPERVISOR_CAPS_FUSE)?
+    {
+        drop(api_listener);
+        rafsd::sandbox::unmount_fuse(&args.mountpoint);
+        if let Some(p) = &args.apisock {
+            let _ = std::fs::remove_file(p);
+        }
+        exit.propagate();
+    }
     let vfs = Arc::new(Vfs::new(VfsOptions {
         no_open: false,
         no_opendir: false,
@@ -394,48 +486,47 @@ fn run_fuse(args: FuseArgs) -> rafsd::Result<ExitCode> {
         ..Default::default()
     }));
     let daemon = rafsd::daemon::Daemon::new(config.id.clone(), vfs.clone());
-    if let Some(bootstrap) = &args.bootstrap {
-        let prefetch_files = args
-            .prefetch_files
-            .as_deref()
-            .map(read_prefetch_list)
-            .transpose()?
-            .unwrap_or_default();
-        let id = config.id.clone();
-        let fs = build_rafs(&RafsMount {
-            bootstrap: bootstrap.clone(),
-            config,
-            prefetch_files,
-        })?;
-        daemon.attach(
-            "/",
-            rafsd::daemon::FsType::Rafs,
-            bootstrap.clone(),
-            Box::new(fs),
-            id,
-        )?;
-    }
-    let _api = args
-        .apisock
-        .as_deref()
-        .map(|p| rafsd::api::start(p, daemon.clone()))
-        .transpose()?;
+    let seccomp = args.sandbox.seccomp;
+    let mut api = None;
+    // Runs once the FUSE device is mounted and its channels are open, before any thread starts.
+    let start = || -> rafsd::Result<()> {
+        // The readahead knob of our mount lives in sysfs.
+        enter_sandbox(&daemon, allowed, &["/sys/devices/virtual/bdi"], seccomp)?;
+        if let Some(bootstrap) = &args.bootstrap {
+            let id = config.id.clone();
+            let fs = build_rafs(&RafsMount {
+                bootstrap: bootstrap.clone(),
+                config,
+                prefetch_files,
+            })?;
+            daemon.attach(
+                "/",
+                rafsd::daemon::FsType::Rafs,
+                bootstrap.clone(),
+                Box::new(fs),
+                id,
+            )?;
+        }
+        api = api_listener
+            .map(|l| rafsd::api::start_on(l, daemon.clone()))
+            .transpose()?;
+        Ok(())
+    };
     rafsd::fusedev::serve(
-        vfs,
+        vfs.clone(),
         &args.mountpoint,
         args.thread_num as usize,
         &signals,
         &daemon,
+        start,
     )?;
-    if let Some(p) = &args.apisock {
-        let _ = std::fs::remove_file(p);
-    }
     Ok(ExitCode::SUCCESS)
 }
 
 fn run_virtiofs(args: VirtiofsArgs) -> rafsd::Result<ExitCode> {
     use fuse_backend_rs::api::{Vfs, VfsOptions};
     use rafsd::daemon::{Daemon, FsType, MountCmd};
+    use rafsd::sandbox::{fork_supervised, Role, SandboxMode};
     let signals = rafsd::fusedev::block_shutdown_signals();
     rafsd::service::raise_nofile_limit(args.rlimit_nofile);
     if let Some(n) = args.thread_pool_size {
@@ -457,34 +548,78 @@ fn run_virtiofs(args: VirtiofsArgs) -> rafsd::Result<ExitCode> {
         .map(rafsd::service::read_prefetch_list)
         .transpose()?
         .unwrap_or_default();
+    let mut allowed = args.sandbox.allowed_paths()?;
+    let mut startup = None;
     if let (Some(bootstrap), Some(config)) = (&args.bootstrap, &args.config) {
         let text = std::fs::read_to_string(config)
             .map_err(|e| rafsd::Error::io(format!("read config {}", config.display()), e))?;
-        daemon.mount(
-            &args.virtual_mountpoint,
-            MountCmd {
-                fs_type: FsType::Rafs,
-                source: bootstrap.clone(),
-                config: text,
-                prefetch_files,
-            },
-        )?;
+        allowed.add_read_only(bootstrap.parent().unwrap_or(bootstrap))?;
+        allowed.add_config(&rafsd::config::DaemonConfig::from_slice(text.as_bytes())?)?;
+        startup = Some(MountCmd {
+            fs_type: FsType::Rafs,
+            source: bootstrap.clone(),
+            config: text,
+            prefetch_files,
+        });
     } else if let Some(dir) = &args.shared_dir {
-        daemon.mount(
-            &args.virtual_mountpoint,
-            MountCmd {
-                fs_type: FsType::Passthrough,
-                source: dir.clone(),
-                config: String::new(),
-                prefetch_files,
-            },
-        )?;
+        allowed.add_read_write(dir)?;
+        startup = Some(MountCmd {
+            fs_type: FsType::Passthrough,
+            source: dir.clone(),
+            config: String::new(),
+            prefetch_files,
+        });
     }
+    // Both sockets are bound on the host before the sandbox hides their paths.
     let listener = rafsd::vhost_user::bind(&args.sock)?;
-    let _api = args
+    let api_listener = args
         .apisock
         .as_deref()
-        .map(|p| rafsd::api::start(p, daemon.clone()))
+        .map(rafsd::api::http::bind)
+        .transpose()?;
+    match args.sandbox.sandbox.unwrap_or(SandboxMode::Namespace) {
+        SandboxMode::Namespace => {
+            // Registry/OSS/S3 backends need the host network: keep it when one may be used.
+            let mut flags = libc::CLONE_NEWNS;
+            if !allowed.network {
+                flags |= libc::CLONE_NEWNET;
+            }
+            if let Role::Supervisor(exit) = fork_supervised(
+                true,
+                flags,
+                &signals,
+                rafsd::sandbox::SUPERVISOR_CAPS_VIRTIOFS,
+            )? {
+                drop(api_listener);
+                drop(listener);
+                for p in [Some(&args.sock), args.apisock.as_ref()]
+                    .into_iter()
+                    .flatten()
+                {
+                    let _ = std::fs::remove_file(p);
+                }
+                exit.propagate();
+            }
+            rafsd::sandbox::build_root(&allowed)?;
+        }
+        SandboxMode::Chroot => {
+            // SAFETY: unshare of the mount namespace; single-threaded here.
+            if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
+                return Err(rafsd::Error::io(
+                    "unshare the mount namespace (needs root)",
+                    std::io::Error::last_os_error(),
+                ));
+            }
+            rafsd::sandbox::build_root(&allowed)?;
+        }
+        SandboxMode::None => {}
+    }
+    enter_sandbox(&daemon, allowed, &[], args.sandbox.seccomp)?;
+    if let Some(cmd) = startup {
+        daemon.mount(&args.virtual_mountpoint, cmd)?;
+    }
+    let _api = api_listener
+        .map(|l| rafsd::api::start_on(l, daemon.clone()))
         .transpose()?;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (sock, queues, stop2) = (args.sock.clone(), args.thread_num as usize, stop.clone());

@@ -414,7 +414,17 @@ fn guest_reads_images_mounted_through_the_api() {
         &mut Command::new(env!("CARGO_BIN_EXE_rafsd")),
         libc::SIGKILL,
     )
-    .args(["virtiofs", "--log-level", "info", "--sock"])
+    .args([
+        "virtiofs",
+        "--log-level",
+        "info",
+        "--seccomp",
+        "kill",
+        "--sandbox",
+        "namespace",
+    ])
+    .args(daemon::sandbox_allow_args(&run.dir))
+    .arg("--sock")
     .arg(&sock)
     .arg("--apisock")
     .arg(&run.api)

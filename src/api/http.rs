@@ -83,6 +83,11 @@ pub fn serve(
     path: &Path,
     handler: Arc<dyn Fn(&Request) -> Response + Send + Sync>,
 ) -> Result<std::thread::JoinHandle<()>> {
+    serve_on(bind(path)?, handler)
+}
+
+/// Bind the API socket at `path`, replacing a stale one.
+pub fn bind(path: &Path) -> Result<UnixListener> {
     if path.exists() {
         std::fs::remove_file(path)
             .map_err(|e| Error::io(format!("remove stale API socket {}", path.display()), e))?;
@@ -90,6 +95,14 @@ pub fn serve(
     let listener = UnixListener::bind(path)
         .map_err(|e| Error::io(format!("bind API socket {}", path.display()), e))?;
     log::info!("admin API listening on {}", path.display());
+    Ok(listener)
+}
+
+/// Serve `handler` on `listener` from a background thread (one more thread per connection).
+pub fn serve_on(
+    listener: UnixListener,
+    handler: Arc<dyn Fn(&Request) -> Response + Send + Sync>,
+) -> Result<std::thread::JoinHandle<()>> {
     let active = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("api".into())

@@ -15,7 +15,15 @@ use http::{Request, Response};
 
 /// Start serving the API for `daemon` on the Unix socket `path`.
 pub fn start(path: &Path, daemon: Arc<Daemon>) -> crate::Result<std::thread::JoinHandle<()>> {
-    http::serve(path, Arc::new(move |req: &Request| route(&daemon, req)))
+    start_on(http::bind(path)?, daemon)
+}
+
+/// Serve the API on a socket bound earlier with [`http::bind`] (bound before the sandbox hides its path).
+pub fn start_on(
+    listener: std::os::unix::net::UnixListener,
+    daemon: Arc<Daemon>,
+) -> crate::Result<std::thread::JoinHandle<()>> {
+    http::serve_on(listener, Arc::new(move |req: &Request| route(&daemon, req)))
 }
 
 fn error_response(e: &Error) -> Response {
@@ -23,6 +31,11 @@ fn error_response(e: &Error) -> Response {
         Error::NotFound(_) => (404, "NotFound"),
         Error::Invalid(m) if m.contains("already mounted") || m.contains("overlap") => {
             (409, "AlreadyExists")
+        }
+        Error::Invalid(m)
+            if m.contains("outside the sandbox") || m.contains("sandbox has none") =>
+        {
+            (403, "Forbidden")
         }
         Error::Invalid(_) | Error::Corrupt(_) | Error::Integrity(_) => (400, "BadRequest"),
         Error::Unsupported(_) => (501, "Unsupported"),

@@ -158,6 +158,20 @@ pub fn run_bounded(args: &[&std::ffi::OsStr], limit: Duration) -> (Option<i32>, 
     (status.and_then(|s| s.code()), text)
 }
 
+/// `rafsd virtiofs` runs sandboxed (a mount namespace showing only allowed paths): let its API mounts use
+/// the fixtures (read-only) and anything under the test's `dir` (read-write).
+pub fn sandbox_allow_args(dir: &Path) -> Vec<std::ffi::OsString> {
+    let fixtures = std::env::var_os("RAFSD_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/rafs"));
+    vec![
+        "--allow-path".into(),
+        fixtures.into(),
+        "--allow-path-rw".into(),
+        dir.into(),
+    ]
+}
+
 /// A nydusd v1 config for a localfs blob dir with a blob cache.
 pub fn v1_config(blob_dir: &Path, work_dir: &Path, validate: bool, extra: &str) -> String {
     format!(

@@ -1196,6 +1196,7 @@ impl VirtiofsDaemon {
             .arg(&sock)
             .arg("--apisock")
             .arg(&apisock)
+            .args(crate::daemon::sandbox_allow_args(dir))
             .args(extra)
             .stdin(Stdio::null())
             .stdout(File::create(&log).unwrap())
@@ -1285,14 +1286,28 @@ impl VirtiofsDaemon {
             self.pid
         );
         let sock = self.sock.to_string_lossy().into_owned();
-        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-            let cmdline = String::from_utf8_lossy(&cmdline);
+        // The sandboxed daemon (the supervisor's child) dies of PDEATHSIG right after: allow a moment.
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let holders: Vec<String> = std::fs::read_dir("/proc")
+                .unwrap()
+                .flatten()
+                .filter_map(|entry| {
+                    let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+                    let cmdline = String::from_utf8_lossy(&cmdline).into_owned();
+                    cmdline
+                        .contains(&sock)
+                        .then(|| format!("pid {:?}: {cmdline}", entry.file_name()))
+                })
+                .collect();
+            if holders.is_empty() {
+                break;
+            }
             assert!(
-                !cmdline.contains(&sock),
-                "a process still serves {sock}: pid {:?}: {cmdline}",
-                entry.file_name()
+                Instant::now() < deadline,
+                "a process still serves {sock}: {holders:?}"
             );
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 

@@ -1,0 +1,657 @@
+//! The daemon's sandbox: what a bug reachable from guest requests could still do on the host.
+//!
+//! Layers, set up in this order before any thread starts (each is per thread; threads inherit them):
+//! 1. `--sandbox namespace`: a supervisor forks; the child is pid 1 of new pid and mount namespaces (and a
+//!    new network namespace when no network backend may be used). Its root becomes a small read-only
+//!    tmpfs into which only the allowed paths are bind-mounted, **at their host paths**, so paths in API
+//!    calls keep their meaning. `--sandbox chroot` builds the same view in a private mount namespace
+//!    without new pid/network namespaces and without a supervisor (for runtimes that isolate those
+//!    already). `--sandbox none` changes no namespace.
+//! 2. Landlock (best effort, status logged): read-only access beneath the image/blob paths, read-write
+//!    beneath cache work dirs and passthrough shares, nothing else.
+//! 3. Capabilities: only [`KEPT_CAPS`] stay, dropped from every other set including the bounding set;
+//!    NO_NEW_PRIVS is set.
+//! 4. seccomp ([`crate::seccomp`]), on every thread.
+//!
+//! Mounts added through the API after start-up must lie beneath the allowed paths ([`AllowedPaths`]);
+//! others are refused with an API error rather than failing later with EACCES.
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+
+use crate::config::{BackendConfig, DaemonConfig};
+use crate::error::{Error, Result};
+
+/// `--sandbox`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SandboxMode {
+    /// New mount, pid (and network) namespaces with a minimal root; a supervisor process waits outside.
+    Namespace,
+    /// The same minimal root in a private mount namespace, without pid/network namespaces or supervisor.
+    Chroot,
+    /// No namespaces (Landlock, capabilities and seccomp still apply).
+    None,
+}
+
+/// Capabilities the daemon keeps, all for passthrough shares (Kata's `/containers`), where the daemon
+/// acts for the guest's users on host files:
+/// - CHOWN: chown/fchownat and creating files owned by the guest's uid/gid.
+/// - DAC_OVERRIDE: root in the guest may read and write files whatever their mode.
+/// - FOWNER: chmod, utimensat and xattrs on files the daemon's uid does not own.
+/// - FSETID: keep setuid/setgid bits on write and chmod as the guest asked.
+/// - SETUID / SETGID: switch the thread's fs credentials to the requesting guest user for create/mkdir.
+/// - MKNOD: mknod of device nodes and FIFOs the guest creates.
+/// - SETFCAP: set security.capability xattrs (file capabilities) the guest writes.
+///
+/// Not kept: SYS_ADMIN (mounts are done before dropping; the FUSE unmount is done by the supervisor),
+/// DAC_READ_SEARCH (no file-handle lookups), NET_* (plain client sockets need none), and the rest.
+pub const KEPT_CAPS: &[caps::Capability] = &[
+    caps::Capability::CAP_CHOWN,
+    caps::Capability::CAP_DAC_OVERRIDE,
+    caps::Capability::CAP_FOWNER,
+    caps::Capability::CAP_FSETID,
+    caps::Capability::CAP_SETUID,
+    caps::Capability::CAP_SETGID,
+    caps::Capability::CAP_MKNOD,
+    caps::Capability::CAP_SETFCAP,
+];
+
+/// The virtio-fs supervisor removes the sockets when the daemon ends, in directories it may not own.
+pub const SUPERVISOR_CAPS_VIRTIOFS: &[caps::Capability] = &[caps::Capability::CAP_DAC_OVERRIDE];
+/// The FUSE supervisor also unmounts the daemon's mount.
+pub const SUPERVISOR_CAPS_FUSE: &[caps::Capability] = &[
+    caps::Capability::CAP_DAC_OVERRIDE,
+    caps::Capability::CAP_SYS_ADMIN,
+];
+
+/// Host files a network backend needs for name resolution and TLS, made visible (read-only) when the
+/// network is allowed.
+const NETWORK_FILES: &[&str] = &[
+    "/etc/resolv.conf",
+    "/etc/hosts",
+    "/etc/nsswitch.conf",
+    "/etc/gai.conf",
+    "/etc/host.conf",
+    "/etc/ssl",
+    "/etc/pki",
+    "/etc/ca-certificates",
+    "/usr/share/ca-certificates",
+];
+
+/// Shared libraries (glibc loads NSS modules and libgcc_s with dlopen), always visible read-only.
+const LIBRARY_PATHS: &[&str] = &[
+    "/lib",
+    "/lib64",
+    "/usr/lib",
+    "/usr/lib64",
+    "/etc/ld.so.cache",
+];
+
+/// Device nodes that libraries open by path.
+const DEVICES: &[&str] = &["/dev/null", "/dev/zero", "/dev/urandom", "/dev/random"];
+
+/// The host paths the daemon may use: read-only (images, blobs) and read-write (caches, shares).
+#[derive(Debug, Clone, Default)]
+pub struct AllowedPaths {
+    pub read_only: Vec<PathBuf>,
+    pub read_write: Vec<PathBuf>,
+    /// A network backend may be used: no network namespace, resolver files visible.
+    pub network: bool,
+}
+
+/// An absolute path with "." and ".." resolved lexically, symlinks resolved for the part that exists.
+fn normalize(p: &Path) -> Result<PathBuf> {
+    let p = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map_err(|e| Error::io("current directory", e))?
+            .join(p)
+    };
+    let mut out = PathBuf::from("/");
+    for c in p.components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::ParentDir => {
+                out.pop();
+            }
+            _ => {}
+        }
+    }
+    // Resolve symlinks in the longest existing prefix, so a link cannot point a path elsewhere.
+    let mut existing = out.clone();
+    let mut rest = Vec::new();
+    while !existing.exists() {
+        match (
+            existing.file_name().map(|n| n.to_owned()),
+            existing.parent(),
+        ) {
+            (Some(n), Some(parent)) => {
+                rest.push(n);
+                existing = parent.to_path_buf();
+            }
+            _ => break,
+        }
+    }
+    let mut real = existing.canonicalize().unwrap_or(existing);
+    for n in rest.into_iter().rev() {
+        real.push(n);
+    }
+    Ok(real)
+}
+
+fn beneath(path: &Path, roots: &[PathBuf]) -> bool {
+    roots.iter().any(|r| path.starts_with(r))
+}
+
+impl AllowedPaths {
+    pub fn add_read_only(&mut self, p: &Path) -> Result<()> {
+        let p = normalize(p)?;
+        if !beneath(&p, &self.read_only) {
+            self.read_only.push(p);
+        }
+        Ok(())
+    }
+
+    pub fn add_read_write(&mut self, p: &Path) -> Result<()> {
+        let p = normalize(p)?;
+        if !beneath(&p, &self.read_write) {
+            self.read_write.push(p);
+        }
+        Ok(())
+    }
+
+    /// The paths a RAFS config names: blob directories read-only, the cache work dir read-write.
+    pub fn add_config(&mut self, config: &DaemonConfig) -> Result<()> {
+        match &config.backend {
+            BackendConfig::LocalFs {
+                dir,
+                alt_dirs,
+                blob_file,
+            } => {
+                for d in dir.iter().chain(alt_dirs) {
+                    self.add_read_only(d)?;
+                }
+                if let Some(parent) = blob_file.as_deref().and_then(Path::parent) {
+                    self.add_read_only(parent)?;
+                }
+            }
+            BackendConfig::Remote { .. } => self.network = true,
+        }
+        if let Some(w) = &config.cache.work_dir {
+            self.add_read_write(w)?;
+        }
+        Ok(())
+    }
+
+    /// Resolve `p` the way the sandbox sees it ("." and ".." lexically, symlinks of the existing part),
+    /// check it lies beneath an allowed path, and replace it by the resolved path: inside the mount
+    /// namespace a path like `/a/b/../c` would not resolve when `/a/b` is not in the view.
+    fn confine(&self, what: &str, p: &mut PathBuf, write: bool) -> Result<()> {
+        let real = normalize(p)?;
+        let ok = beneath(&real, &self.read_write) || (!write && beneath(&real, &self.read_only));
+        if ok {
+            *p = real;
+            return Ok(());
+        }
+        Err(Error::Invalid(format!(
+            "{what} {} is outside the sandbox's allowed paths (read-only: {:?}, read-write: {:?}); \
+             start rafsd with --allow-path{} for it",
+            p.display(),
+            self.read_only,
+            self.read_write,
+            if write { "-rw" } else { "" }
+        )))
+    }
+
+    /// Refuse a RAFS mount whose files lie outside the allowed paths (or that needs a network the
+    /// sandbox does not have); resolve its paths in place.
+    pub fn confine_rafs(&self, bootstrap: &mut PathBuf, config: &mut DaemonConfig) -> Result<()> {
+        self.confine("bootstrap", bootstrap, false)?;
+        match &mut config.backend {
+            BackendConfig::LocalFs {
+                dir,
+                alt_dirs,
+                blob_file,
+            } => {
+                for d in dir.iter_mut().chain(alt_dirs.iter_mut()) {
+                    self.confine("blob directory", d, false)?;
+                }
+                if let Some(f) = blob_file {
+                    self.confine("blob file", f, false)?;
+                }
+            }
+            BackendConfig::Remote { kind, .. } if !self.network => {
+                return Err(Error::Invalid(format!(
+                    "backend {kind:?} needs the network, but the sandbox has none: start rafsd with \
+                     --allow-network or with a network backend in --config"
+                )))
+            }
+            BackendConfig::Remote { .. } => {}
+        }
+        if let Some(w) = &mut config.cache.work_dir {
+            self.confine("cache work_dir", w, true)?;
+        }
+        Ok(())
+    }
+
+    /// Refuse a passthrough share outside the read-write paths; resolve it in place.
+    pub fn confine_share(&self, dir: &mut PathBuf) -> Result<()> {
+        self.confine("shared directory", dir, true)
+    }
+}
+
+fn cstr(p: &Path) -> Result<CString> {
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| Error::Invalid(format!("{} contains NUL", p.display())))
+}
+
+fn check_errno(what: impl Into<String>, r: libc::c_int) -> Result<()> {
+    if r < 0 {
+        return Err(Error::io(what, std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+fn mount(
+    src: Option<&Path>,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> Result<()> {
+    let src_c = src.map(cstr).transpose()?;
+    let target_c = cstr(target)?;
+    let fstype_c = fstype.map(|f| CString::new(f).unwrap_or_default());
+    let data_c = data.map(|d| CString::new(d).unwrap_or_default());
+    let ptr = |c: &Option<CString>| c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+    // SAFETY: NUL-terminated strings or null pointers, as mount(2) takes them.
+    let r = unsafe {
+        libc::mount(
+            ptr(&src_c),
+            target_c.as_ptr(),
+            ptr(&fstype_c),
+            flags,
+            ptr(&data_c).cast(),
+        )
+    };
+    check_errno(
+        format!(
+            "mount {} on {}",
+            src.map_or("-".into(), |s| s.display().to_string()),
+            target.display()
+        ),
+        r,
+    )
+}
+
+/// What a supervised process turns out to be after [`fork_supervised`].
+pub enum Role {
+    /// The sandboxed daemon.
+    Child,
+    /// The supervisor, after the child ended: the exit status to pass on.
+    Supervisor(Exit),
+}
+
+/// How the child ended.
+#[derive(Debug, Clone, Copy)]
+pub enum Exit {
+    Code(u8),
+    Signal(i32),
+}
+
+impl Exit {
+    /// End the supervisor the way the child ended (same exit code, or the same fatal signal).
+    pub fn propagate(self) -> ! {
+        match self {
+            Exit::Code(c) => std::process::exit(c.into()),
+            Exit::Signal(sig) => {
+                // SAFETY: plain libc calls; no core file for a signal the child already took.
+                unsafe {
+                    let none = libc::rlimit {
+                        rlim_cur: 0,
+                        rlim_max: 0,
+                    };
+                    libc::setrlimit(libc::RLIMIT_CORE, &none);
+                    libc::signal(sig, libc::SIG_DFL);
+                    let mut set: libc::sigset_t = std::mem::zeroed();
+                    libc::sigemptyset(&mut set);
+                    libc::sigaddset(&mut set, sig);
+                    libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+                    libc::raise(sig);
+                }
+                std::process::exit(128 + sig)
+            }
+        }
+    }
+}
+
+/// Fork a supervisor and a daemon child; the child dies with the supervisor (PDEATHSIG). With
+/// `new_pid_ns` the child is pid 1 of a new pid namespace; it then unshares `child_flags` (mount, network)
+/// itself, so the supervisor stays in the host's namespaces and can clean up there. The supervisor
+/// forwards the shutdown signals in `signals` (blocked by the caller) to the child and waits for it.
+/// The supervisor keeps only `supervisor_caps` (what its clean-up needs).
+/// Must be called while the process has a single thread.
+pub fn fork_supervised(
+    new_pid_ns: bool,
+    child_flags: libc::c_int,
+    signals: &libc::sigset_t,
+    supervisor_caps: &[caps::Capability],
+) -> Result<Role> {
+    if new_pid_ns {
+        // SAFETY: unshare of the pid namespace only affects the children we fork next.
+        check_errno("unshare the pid namespace (needs root)", unsafe {
+            libc::unshare(libc::CLONE_NEWPID)
+        })?;
+    }
+    // SAFETY: getpid has no preconditions.
+    let supervisor = unsafe { libc::getpid() };
+    // SAFETY: single-threaded here (documented precondition), so the child may run normal Rust code.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(Error::io("fork", std::io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        // SAFETY: prctl/getppid have no memory preconditions.
+        unsafe {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+            // In a new pid namespace our parent is invisible (getppid() is 0); otherwise check it lives.
+            if !new_pid_ns && libc::getppid() != supervisor {
+                libc::_exit(1);
+            }
+        }
+        if child_flags != 0 {
+            // SAFETY: unshare with namespace flags; this process is single-threaded.
+            check_errno("unshare namespaces (needs root)", unsafe {
+                libc::unshare(child_flags)
+            })?;
+        }
+        return Ok(Role::Child);
+    }
+    log::info!("sandbox: supervisor {supervisor} started the daemon as pid {pid}");
+    // The supervisor reads no guest input, but it need not stay all-powerful either.
+    if let Err(e) = drop_capabilities_to(supervisor_caps, "supervisor") {
+        log::warn!("supervisor: {e}");
+    }
+    loop {
+        if let Some(sig) =
+            crate::fusedev::wait_for_signal(signals, std::time::Duration::from_millis(100))
+        {
+            log::info!("supervisor: forwarding signal {sig} to {pid}");
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(pid, sig) };
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r == pid {
+            let exit = if libc::WIFSIGNALED(status) {
+                Exit::Signal(libc::WTERMSIG(status))
+            } else {
+                Exit::Code(libc::WEXITSTATUS(status) as u8)
+            };
+            log::info!("supervisor: daemon {pid} ended: {exit:?}");
+            return Ok(Role::Supervisor(exit));
+        }
+        if r < 0 {
+            return Err(Error::io("waitpid", std::io::Error::last_os_error()));
+        }
+    }
+}
+
+/// Create `path` (and its parents) in the new root as a directory or an empty file, like `like`.
+fn make_mount_point(path: &Path, like: &Path) -> Result<()> {
+    let is_dir = like.is_dir();
+    let dir = if is_dir { Some(path) } else { path.parent() };
+    if let Some(d) = dir {
+        std::fs::create_dir_all(d).map_err(|e| Error::io(format!("mkdir {}", d.display()), e))?;
+    }
+    if !is_dir && !path.exists() {
+        std::fs::File::create(path)
+            .map_err(|e| Error::io(format!("create {}", path.display()), e))?;
+    }
+    Ok(())
+}
+
+/// Make `path` (a host path) visible in the new root at the same path; `old` is where the old root is.
+/// System paths that are symlinks (`/lib` -> `usr/lib`) are recreated as symlinks.
+fn expose(old: &Path, path: &Path, read_only: bool) -> Result<()> {
+    let src = old.join(path.strip_prefix("/").unwrap_or(path));
+    if !read_only && !src.exists() {
+        // A cache work dir the daemon would create later: create it now, while it can.
+        let _ = std::fs::create_dir_all(&src);
+    }
+    let Ok(meta) = std::fs::symlink_metadata(&src) else {
+        log::debug!("sandbox: {} does not exist; not exposed", path.display());
+        return Ok(());
+    };
+    if meta.file_type().is_symlink() {
+        if let Ok(target) = std::fs::read_link(&src) {
+            if let Some(parent) = path.parent() {
+                let _ = std::fs::create_dir_all(parent);
+            }
+            let _ = std::os::unix::fs::symlink(&target, path);
+            // Expose what the link points at too.
+            let resolved = path.parent().unwrap_or(Path::new("/")).join(&target);
+            if let Ok(resolved) = normalize(&resolved) {
+                if !resolved.exists() {
+                    return expose(old, &resolved, read_only);
+                }
+            }
+        }
+        return Ok(());
+    }
+    if path.exists() && std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Ok(());
+    }
+    make_mount_point(path, &src)?;
+    mount(Some(&src), path, None, libc::MS_BIND | libc::MS_REC, None)?;
+    if read_only {
+        // Best effort: a locked mount may refuse; Landlock still keeps writes out.
+        let flags =
+            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
+        if let Err(e) = mount(None, path, None, flags, None) {
+            log::debug!("sandbox: read-only remount of {}: {e}", path.display());
+        }
+    }
+    Ok(())
+}
+
+/// In a fresh mount namespace: make a tmpfs the root, with only the allowed paths, libraries, a few
+/// device nodes and a new /proc visible, each at its host path. Needs CAP_SYS_ADMIN.
+pub fn build_root(paths: &AllowedPaths) -> Result<()> {
+    let staging = Path::new("/tmp");
+    // Keep our mount changes out of the host, but still see host mounts appearing beneath shares.
+    mount(
+        None,
+        Path::new("/"),
+        None,
+        libc::MS_SLAVE | libc::MS_REC,
+        None,
+    )?;
+    mount(
+        Some(Path::new("tmpfs")),
+        staging,
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        Some("mode=0755,size=4m"),
+    )?;
+    std::fs::create_dir(staging.join("oldroot")).map_err(|e| Error::io("mkdir oldroot", e))?;
+    std::env::set_current_dir(staging).map_err(|e| Error::io("chdir to the new root", e))?;
+    let dot = cstr(Path::new("."))?;
+    let put_old = cstr(Path::new("oldroot"))?;
+    // SAFETY: valid C strings.
+    check_errno("pivot_root", unsafe {
+        libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), put_old.as_ptr()) as libc::c_int
+    })?;
+    std::env::set_current_dir("/").map_err(|e| Error::io("chdir /", e))?;
+    let old = Path::new("/oldroot");
+
+    let mut exposed: Vec<(PathBuf, bool)> = Vec::new();
+    for p in LIBRARY_PATHS.iter().chain(DEVICES) {
+        exposed.push((PathBuf::from(p), !p.starts_with("/dev/")));
+    }
+    if paths.network {
+        exposed.extend(NETWORK_FILES.iter().map(|p| (PathBuf::from(p), true)));
+    }
+    exposed.extend(paths.read_only.iter().map(|p| (p.clone(), true)));
+    exposed.extend(paths.read_write.iter().map(|p| (p.clone(), false)));
+    // Parents before children, so a bind beneath another bind is not hidden by it.
+    exposed.sort_by_key(|(p, _)| p.components().count());
+    for (p, ro) in &exposed {
+        expose(old, p, *ro)?;
+    }
+    std::fs::create_dir_all("/proc").map_err(|e| Error::io("mkdir /proc", e))?;
+    mount(
+        Some(Path::new("proc")),
+        Path::new("/proc"),
+        Some("proc"),
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        None,
+    )?;
+    let old_c = cstr(old)?;
+    // SAFETY: valid C string.
+    check_errno("detach the old root", unsafe {
+        libc::umount2(old_c.as_ptr(), libc::MNT_DETACH)
+    })?;
+    let _ = std::fs::remove_dir(old);
+    // Nothing may create files in the new root itself.
+    mount(
+        None,
+        Path::new("/"),
+        None,
+        libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+        None,
+    )?;
+    log::info!(
+        "sandbox: new root with {} paths exposed (read-only {:?}, read-write {:?}, network: {})",
+        exposed.len(),
+        paths.read_only,
+        paths.read_write,
+        paths.network
+    );
+    Ok(())
+}
+
+/// Landlock, best effort: reads beneath the read-only paths, libraries and /proc; everything beneath
+/// the read-write paths; nothing else. `extra_rw` adds front-end specific paths.
+pub fn restrict_filesystem(paths: &AllowedPaths, extra_rw: &[&str]) {
+    use landlock::{
+        path_beneath_rules, Access, AccessFs, CompatLevel, Compatible, Ruleset, RulesetAttr,
+        RulesetCreatedAttr, RulesetStatus, ABI,
+    };
+    // The newest ABI this code was tested with; older kernels get what they support.
+    let abi = ABI::V5;
+    let mut read: Vec<PathBuf> = LIBRARY_PATHS.iter().map(PathBuf::from).collect();
+    read.push("/proc".into());
+    if paths.network {
+        read.extend(NETWORK_FILES.iter().map(PathBuf::from));
+    }
+    read.extend(paths.read_only.iter().cloned());
+    // Rules only attach to existing paths: create read-write dirs (cache work dirs) now, as the daemon
+    // would anyway, so they are not silently left out.
+    for p in &paths.read_write {
+        if !p.exists() {
+            if let Err(e) = std::fs::create_dir_all(p) {
+                log::warn!("landlock: cannot create {}: {e}", p.display());
+            }
+        }
+    }
+    let mut write: Vec<PathBuf> = DEVICES.iter().map(PathBuf::from).collect();
+    write.extend(extra_rw.iter().map(PathBuf::from));
+    write.extend(paths.read_write.iter().cloned());
+    let result = Ruleset::default()
+        .set_compatibility(CompatLevel::BestEffort)
+        .handle_access(AccessFs::from_all(abi))
+        .and_then(|r| r.create())
+        .and_then(|r| r.add_rules(path_beneath_rules(&read, AccessFs::from_read(abi))))
+        .and_then(|r| r.add_rules(path_beneath_rules(&write, AccessFs::from_all(abi))))
+        .and_then(|r| r.restrict_self());
+    match result {
+        Ok(status) => match status.ruleset {
+            RulesetStatus::FullyEnforced => log::info!("landlock: fully enforced"),
+            RulesetStatus::PartiallyEnforced => {
+                log::warn!("landlock: partially enforced (older kernel ABI)")
+            }
+            RulesetStatus::NotEnforced => {
+                log::warn!("landlock: not enforced (not supported by this kernel)")
+            }
+        },
+        Err(e) => log::warn!("landlock: not enforced: {e}"),
+    }
+}
+
+/// Keep only [`KEPT_CAPS`] (none of them inheritable or ambient), drop the bounding set, set
+/// NO_NEW_PRIVS. Covers the calling thread and the threads it starts afterwards.
+pub fn drop_capabilities() -> Result<()> {
+    drop_capabilities_to(KEPT_CAPS, "daemon")
+}
+
+/// Keep only `keep` of the capabilities `who` has, in every set (see [`drop_capabilities`]).
+pub fn drop_capabilities_to(keep: &[caps::Capability], who: &str) -> Result<()> {
+    use caps::{CapSet, CapsHashSet};
+    let keep: CapsHashSet = keep.iter().copied().collect();
+    let err = |what: &str, e: caps::errors::CapsError| Error::Invalid(format!("{what}: {e}"));
+    // Bounding first: dropping from it needs CAP_SETPCAP, which goes next.
+    for c in caps::all() {
+        if !keep.contains(&c) && caps::has_cap(None, CapSet::Bounding, c).unwrap_or(false) {
+            caps::drop(None, CapSet::Bounding, c)
+                .map_err(|e| err("drop bounding capability", e))?;
+        }
+    }
+    caps::clear(None, CapSet::Ambient).map_err(|e| err("clear ambient capabilities", e))?;
+    caps::clear(None, CapSet::Inheritable).map_err(|e| err("clear inheritable capabilities", e))?;
+    let have = caps::read(None, CapSet::Permitted).map_err(|e| err("read capabilities", e))?;
+    let kept: CapsHashSet = keep.intersection(&have).copied().collect();
+    caps::set(None, CapSet::Effective, &kept).map_err(|e| err("set effective capabilities", e))?;
+    caps::set(None, CapSet::Permitted, &kept).map_err(|e| err("set permitted capabilities", e))?;
+    // SAFETY: prctl with plain integer arguments.
+    check_errno("set NO_NEW_PRIVS", unsafe {
+        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    })?;
+    let mut names: Vec<String> = kept.iter().map(|c| c.to_string()).collect();
+    names.sort();
+    log::info!("capabilities of the {who}: kept {}", names.join(","));
+    Ok(())
+}
+
+/// Is `mountpoint` a FUSE mount of ours (fstype fuse, source "rafs"), per /proc/self/mountinfo?
+pub fn is_our_fuse_mount(mountpoint: &Path) -> bool {
+    let want = mountpoint.to_string_lossy();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| {
+            let fields: Vec<&str> = l.split(' ').collect();
+            let Some(dash) = fields.iter().position(|f| *f == "-") else {
+                return false;
+            };
+            fields.get(4) == Some(&&*want)
+                && fields.get(dash + 1).is_some_and(|t| t.starts_with("fuse"))
+                && fields.get(dash + 2) == Some(&"rafs")
+        })
+}
+
+/// Lazily unmount our FUSE mount at `mountpoint` if it is still there (the supervisor's cleanup: the
+/// sandboxed daemon may not unmount).
+pub fn unmount_fuse(mountpoint: &Path) {
+    let mp = mountpoint
+        .canonicalize()
+        .unwrap_or(mountpoint.to_path_buf());
+    if !is_our_fuse_mount(&mp) {
+        return;
+    }
+    if let Ok(c) = cstr(&mp) {
+        // SAFETY: valid C string.
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+            log::info!("supervisor: unmounted {}", mp.display());
+        } else {
+            log::warn!(
+                "supervisor: unmount {}: {}",
+                mp.display(),
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
