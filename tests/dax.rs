@@ -695,3 +695,23 @@ fn a_new_fuse_session_starts_with_an_empty_window() {
     drop(dg);
     d.kill_and_check();
 }
+
+#[test]
+fn bad_window_sizes_are_refused_on_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    for bad in ["0", "3M", "1K", "lots", "-2M", "99999999999999T"] {
+        let out = std::process::Command::new(BIN)
+            .args(["virtiofs", "--sock"])
+            .arg(dir.path().join("s.sock"))
+            .arg(format!("--dax-window={bad}"))
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "--dax-window {bad} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("DAX window size"), "--dax-window {bad}: {err}");
+        assert!(
+            !dir.path().join("s.sock").exists(),
+            "refused before binding the socket"
+        );
+    }
+}
