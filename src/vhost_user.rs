@@ -4,6 +4,9 @@
 //! Queue 0 is the hiprio queue (FORGET, INTERRUPT), queues 1.. carry requests; each queue has its own
 //! worker thread. A request that fails is answered (or dropped) by the server and logged; it never ends a
 //! worker. When the VMM disconnects we listen again for the next one.
+//!
+//! With `--dax-window` the device also offers a DAX window (SHMEM, GET_SHMEM_CONFIG) and answers
+//! SETUPMAPPING/REMOVEMAPPING through the backend request channel: see [`crate::dax`].
 
 use std::io;
 use std::path::{Path, PathBuf};

@@ -214,7 +214,6 @@ fn map_every_file(d: &mut DaxGuest, image: u64, sizes: &HashMap<String, (u64, St
 
 #[test]
 fn every_fixture_maps_every_file_through_the_dax_window() {
-    manifest::assert_root("dax");
     let dir = tempfile::tempdir().unwrap();
     let d = VirtiofsDaemon::start(BIN, dir.path(), &["--dax-window", "64M"]);
     let cases = manifest::cases();
@@ -317,7 +316,6 @@ fn read_range(g: &mut Guest, ino: u64, offset: u64, len: u64) -> Vec<u8> {
 
 #[test]
 fn hostile_mapping_requests_are_refused_and_map_nothing() {
-    manifest::assert_root("dax");
     let dir = tempfile::tempdir().unwrap();
     let d = VirtiofsDaemon::start(BIN, dir.path(), &["--dax-window", "64M"]);
     let case = "v6-zstd-blake3";
@@ -454,7 +452,6 @@ fn hostile_mapping_requests_are_refused_and_map_nothing() {
 
 #[test]
 fn passthrough_files_map_directly() {
-    manifest::assert_root("dax");
     let dir = tempfile::tempdir().unwrap();
     let share = dir.path().join("share");
     std::fs::create_dir(&share).unwrap();
@@ -514,7 +511,6 @@ fn manifest_files() -> HashMap<String, (u64, String)> {
 
 #[test]
 fn images_without_a_cache_map_copies_and_corrupt_chunks_are_never_mapped() {
-    manifest::assert_root("dax");
     let dir = tempfile::tempdir().unwrap();
     let d = VirtiofsDaemon::start(BIN, dir.path(), &["--dax-window", "64M"]);
     // No cache at all: every byte comes from a verified copy.
@@ -604,7 +600,6 @@ fn images_without_a_cache_map_copies_and_corrupt_chunks_are_never_mapped() {
 
 #[test]
 fn a_vmm_that_refuses_or_drops_maps_gets_eio_and_reads_keep_working() {
-    manifest::assert_root("dax");
     let dir = tempfile::tempdir().unwrap();
     let d = VirtiofsDaemon::start(BIN, dir.path(), &["--dax-window", "64M"]);
     let case = "v6-zstd-blake3";
@@ -651,7 +646,6 @@ fn a_vmm_that_refuses_or_drops_maps_gets_eio_and_reads_keep_working() {
 
 #[test]
 fn a_new_fuse_session_starts_with_an_empty_window() {
-    manifest::assert_root("dax");
     let dir = tempfile::tempdir().unwrap();
     let d = VirtiofsDaemon::start(BIN, dir.path(), &["--dax-window", "64M"]);
     let case = "v5-none-aligned";
@@ -694,4 +688,24 @@ fn a_new_fuse_session_starts_with_an_empty_window() {
     assert_eq!(dg.window.bytes(RANGE, RANGE), &want[..]);
     drop(dg);
     d.kill_and_check();
+}
+
+#[test]
+fn bad_window_sizes_are_refused_on_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    for bad in ["0", "3M", "1K", "lots", "-2M", "99999999999999T"] {
+        let out = std::process::Command::new(BIN)
+            .args(["virtiofs", "--sock"])
+            .arg(dir.path().join("s.sock"))
+            .arg(format!("--dax-window={bad}"))
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "--dax-window {bad} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("DAX window size"), "--dax-window {bad}: {err}");
+        assert!(
+            !dir.path().join("s.sock").exists(),
+            "refused before binding the socket"
+        );
+    }
 }

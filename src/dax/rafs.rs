@@ -94,6 +94,14 @@ pub fn plan(image: &RafsImage, ino: u64, foffset: u64, len: u64) -> Result<Plan>
         .file_chunks(&inode, foffset, data_end - foffset)?
     {
         let info = image.resolve(&addr)?;
+        // As the read path: a v6 chunk holds exactly the file's bytes at its offset, never fewer.
+        let expected = (image.info().chunk_size as u64).min(inode.size.saturating_sub(file_offset));
+        if image.info().version == 6 && info.uncompressed_size as u64 != expected {
+            return Err(crate::corrupt!(
+                "inode {ino}: chunk at file offset {file_offset} holds {} bytes, the file needs {expected}",
+                info.uncompressed_size
+            ));
+        }
         let chunk_end = file_offset.saturating_add(info.uncompressed_size as u64);
         let (from, to) = (pos.max(file_offset), data_end.min(chunk_end));
         if from >= to {

@@ -5,8 +5,8 @@
 //! uses them. FUSE messages are encoded with fuse-backend-rs's ABI structs.
 //!
 //! Every wait is bounded: vhost-user messages (socket timeouts), used-ring completions (`poll` on the
-//! call eventfd), the daemon start and the admin API. Shared by tests/vhost_frontend.rs and the
-//! benchmark tests/bench/virtiofs.rs.
+//! call eventfd), the daemon start and the admin API. Shared by tests/vhost_frontend.rs, tests/dax.rs and
+//! the benchmarks tests/bench/virtiofs.rs and tests/bench/dax.rs; `window` is the VMM's side of a DAX window.
 
 #![allow(dead_code)]
 
