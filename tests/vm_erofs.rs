@@ -14,8 +14,6 @@ mod guestvm;
 mod manifest;
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::{FileExt, PermissionsExt};
-use std::path::Path;
 use std::time::Duration;
 
 use guestvm::{compare_with_manifest, parse_hashes, Vm, HASH_TREE_SH};
@@ -28,42 +26,6 @@ const IMAGE_B: &str = "v6-lz4-sha256-64k";
 const IMAGE_BAD: &str = "v6-none-blake3-4k";
 const BAD_FILE: &str = "special/random-2m5";
 const QEMU_LIMIT: u64 = 300;
-
-/// Copy `case`'s blobs to `dest` and flip one byte in every chunk of `file`.
-fn corrupt_copy(case: &str, file: &str, dest: &Path) -> usize {
-    std::fs::create_dir_all(dest).unwrap();
-    for e in std::fs::read_dir(manifest::case_blob_dir(case)).unwrap() {
-        let e = e.unwrap();
-        let to = dest.join(e.file_name());
-        std::fs::copy(e.path(), &to).unwrap();
-        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o644)).unwrap();
-    }
-    let image = rafsd::RafsImage::open_local(
-        &manifest::case_bootstrap(case),
-        Some(dest),
-        rafsd::ImageOptions::default(),
-    )
-    .unwrap();
-    let ino = rafsd::service::resolve_path(&image, &format!("/{file}"))
-        .unwrap()
-        .unwrap_or_else(|| panic!("{case} has no {file}"));
-    let chunks = image.file_chunks(ino).unwrap();
-    assert!(!chunks.is_empty());
-    for c in &chunks {
-        let blob = dest.join(&image.info().blobs[c.blob_index as usize].id);
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(blob)
-            .unwrap();
-        let at = c.compressed_offset + u64::from(c.compressed_size) / 2;
-        let mut b = [0u8; 1];
-        f.read_exact_at(&mut b, at).unwrap();
-        b[0] ^= 0x5a;
-        f.write_all_at(&b, at).unwrap();
-    }
-    chunks.len()
-}
 
 fn blob_ids(case: &str) -> Vec<(String, u64)> {
     let image = rafsd::RafsImage::open_local(
@@ -153,7 +115,7 @@ fn guest_mounts_blob_views_with_its_erofs_driver() {
         std::fs::write(shared.join("shortblobs").join(id), vec![0u8; 4096]).unwrap();
     }
     let bad_blobs = vm.dir.join("bad-blobs");
-    let damaged = corrupt_copy(IMAGE_BAD, BAD_FILE, &bad_blobs);
+    let damaged = guestvm::corrupt_copy(IMAGE_BAD, BAD_FILE, &bad_blobs);
 
     let mut rafsd = vm.start_rafsd(&[]);
     let fixture = |case: &str| {

@@ -18,6 +18,9 @@ use std::time::Duration;
 use guestvm::{compare_with_manifest, parse_hashes, Vm, HASH_TREE_SH};
 
 const IMAGE: &str = "v6-zstd-batch";
+/// Uncompressed chunks with a flipped byte each: caught by the digest on the host.
+const IMAGE_BAD: &str = "v6-none-blake3-4k";
+const BAD_FILE: &str = "special/random-2m5";
 const QEMU_LIMIT: u64 = 300;
 
 fn guest_script(nonce: &str) -> String {
@@ -28,31 +31,49 @@ G=/mnt/containers/rafs-guest
 grep -q '^nodev.*erofs' /proc/filesystems && echo "EROFS-BUILTIN $N"
 # cachefiles needs a cache filesystem with user xattrs, sync_fs and real SEEK_HOLE (it asks for what is
 # missing by looking for holes): ext4, made by the host, on a loop device.
-mkdir -p /fscache /e/a
+mkdir -p /fscache
 loopdev=$(losetup -f)
 losetup "$loopdev" /mnt/containers/cache.ext4
 mount -t ext4 "$loopdev" /fscache || echo "CACHE-MOUNT-FAILED $N"
-$G fscache --dir /fscache --bootstrap /mnt/rafs/a/blobs/bootstrap --blob-dir /mnt/rafs/a/blobs --fsid rafs-a --mount /e/a >/tmp/fscache.log 2>&1 &
-daemon=$!
-i=0
-while ! grep -q ' /e/a erofs ' /proc/mounts; do
-    i=$((i + 1))
-    if [ $i -gt 120 ] || ! kill -0 $daemon 2>/dev/null; then
-        echo "FSCACHE-MOUNT-FAILED $N $(tr '\n' ' ' </tmp/fscache.log)"
-        dmesg | tail -n 25 | sed "s|^|DMESG $N |"
-        break
-    fi
-    sleep 0.5
-done
-grep ' /e/a ' /proc/mounts | sed "s|^|FSCACHE-MOUNT $N |"
+# start_daemon NAME FSID: serve /mnt/rafs/NAME/blobs and mount it at /e/NAME; sets $daemon.
+start_daemon() {{
+    mkdir -p /e/$1
+    $G fscache --dir /fscache --bootstrap /mnt/rafs/$1/blobs/bootstrap --blob-dir /mnt/rafs/$1/blobs \
+        --fsid $2 --mount /e/$1 >/tmp/fscache-$1.log 2>&1 &
+    daemon=$!
+    i=0
+    while ! grep -q " /e/$1 erofs " /proc/mounts; do
+        i=$((i + 1))
+        if [ $i -gt 120 ] || ! kill -0 $daemon 2>/dev/null; then
+            echo "FSCACHE-MOUNT-FAILED $N $1 $(tr '\n' ' ' </tmp/fscache-$1.log)"
+            dmesg | tail -n 25 | sed "s|^|DMESG $N |"
+            break
+        fi
+        sleep 0.5
+    done
+    grep " /e/$1 " /proc/mounts | sed "s|^|FSCACHE-MOUNT $N |"
+}}
+start_daemon a rafs-a
 hash_tree /e/a /fscache/a
 umount /e/a && echo "UMOUNTED $N"
 kill -0 $daemon && echo "DAEMON-ALIVE $N"
 kill $daemon
-sleep 1
+wait $daemon
 # cachefiles links its objects into the cache tree when they are let go.
 echo "CACHE-FILES $N $(find /fscache/cache -type f | wc -l)"
-sed "s|^|FSCACHE-LOG $N |" /tmp/fscache.log | head -n 20
+sed "s|^|FSCACHE-LOG $N |" /tmp/fscache-a.log | head -n 20
+# A blob whose chunks fail verification on the host: EIO in the guest, both daemons stay up.
+start_daemon bad rafs-bad
+if sum=$(sha256sum /e/bad/{BAD_FILE} 2>/tmp/bad.err); then
+    echo "BADREAD $N OK ${{sum%% *}}"
+elif grep -qE 'I/O error|Input/output error' /tmp/bad.err; then
+    echo "BADREAD $N EIO"
+else
+    echo "BADREAD $N ERR $(tr '\n' ' ' </tmp/bad.err)"
+fi
+kill -0 $daemon && echo "BAD-DAEMON-ALIVE $N"
+umount /e/bad
+kill $daemon
 "#
     )
 }
@@ -102,6 +123,18 @@ fn guest_reads_an_image_through_erofs_over_fscache() {
     if status != 204 {
         vm.fail(format!("mount blob_view: {status} {reply}"));
     }
+    let bad_blobs = vm.dir.join("bad-blobs");
+    guestvm::corrupt_copy(IMAGE_BAD, BAD_FILE, &bad_blobs);
+    let (status, reply) = vm.mount_image(
+        "/rafs/bad/blobs",
+        "blob_view",
+        &manifest::case_bootstrap(IMAGE_BAD),
+        &bad_blobs,
+        true,
+    );
+    if status != 204 {
+        vm.fail(format!("mount the damaged blob_view: {status} {reply}"));
+    }
     vm.share("/containers", &shared);
     let mut qemu = vm.start_qemu(
         &kernel,
@@ -120,6 +153,7 @@ fn guest_reads_an_image_through_erofs_over_fscache() {
     let n = &vm.nonce;
     let seen = |words: &str| guestvm::marker_at(&serial, &format!("{words}\n")).is_some();
     if let Some(l) = vm.line(&format!("FSCACHE-MOUNT-FAILED {n} ")) {
+        // Either mount: the damaged image's bootstrap is intact, so it must mount too.
         vm.fail(format!("the fscache mount did not come up: {l}"));
     }
     match vm.line(&format!("FSCACHE-MOUNT {n} ")) {
@@ -151,7 +185,13 @@ fn guest_reads_an_image_through_erofs_over_fscache() {
             "want the bootstrap and the blob as cache files, found {cached}"
         ));
     }
-    for marker in ["UMOUNTED", "DAEMON-ALIVE"] {
+    match vm.line(&format!("BADREAD {n} ")) {
+        Some(l) if l.contains("EIO") => {}
+        other => vm.fail(format!(
+            "reading {BAD_FILE} of the damaged image over fscache: want EIO, got {other:?}"
+        )),
+    }
+    for marker in ["UMOUNTED", "DAEMON-ALIVE", "BAD-DAEMON-ALIVE"] {
         if !seen(&format!("{marker} {n}")) {
             vm.fail(format!("no {marker} from the guest"));
         }

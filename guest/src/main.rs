@@ -1,7 +1,7 @@
 //! `rafs-guest`: the in-guest helper that mounts RAFS v6 images with the guest kernel's EROFS driver, so
 //! the host stays out of every metadata operation. Statically linked; runs in a busybox initramfs.
 //!
-//! - `rafs-guest mount --bootstrap P --blob-dir D [--file|--loop] TARGET`: EROFS from the bootstrap, each
+//! - `rafs-guest mount --bootstrap P --blob-dir D [--file|--loop] [-o OPTIONS] TARGET`: EROFS from the bootstrap, each
 //!   blob of its device table (`D/<blob id>`, uncompressed, as rafsd's blob view serves them) a device.
 //! - `rafs-guest fscache --dir CACHE --bootstrap P --blob-dir D --fsid F [--mount TARGET]`: the
 //!   EROFS-over-fscache on-demand daemon (kernels with CONFIG_EROFS_FS_ONDEMAND).
@@ -14,7 +14,7 @@ mod sys;
 use std::path::PathBuf;
 
 const USAGE: &str = "usage:
-  rafs-guest mount --bootstrap BOOTSTRAP --blob-dir DIR [--file | --loop] TARGET
+  rafs-guest mount --bootstrap BOOTSTRAP --blob-dir DIR [--file | --loop] [-o OPTIONS] TARGET
   rafs-guest fscache --dir CACHE_DIR --bootstrap BOOTSTRAP --blob-dir DIR --fsid FSID [--mount TARGET]
   rafs-guest devices BOOTSTRAP";
 
@@ -34,7 +34,7 @@ impl Args {
         while let Some(w) = it.next() {
             if flags.contains(&w.as_str()) {
                 a.opts.push((w.clone(), None));
-            } else if w.starts_with("--") {
+            } else if w.starts_with("--") || w == "-o" {
                 let v = it.next().ok_or_else(|| format!("{w} needs a value"))?;
                 a.opts.push((w.clone(), Some(v.clone())));
             } else {
@@ -89,7 +89,7 @@ fn main() {
 
 fn cmd_mount(raw: &[String]) -> Result<(), String> {
     let a = Args::parse(raw, &["--file", "--loop"])?;
-    a.check_known(&["--bootstrap", "--blob-dir", "--file", "--loop"])?;
+    a.check_known(&["--bootstrap", "--blob-dir", "--file", "--loop", "-o"])?;
     let [target] = a.words.as_slice() else {
         return Err(format!("mount takes one TARGET\n{USAGE}"));
     };
@@ -104,6 +104,7 @@ fn cmd_mount(raw: &[String]) -> Result<(), String> {
         blob_dir: a.need("--blob-dir")?,
         target: PathBuf::from(target),
         backing,
+        options: a.get("-o").map(String::from),
     })
 }
 

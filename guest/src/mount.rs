@@ -20,6 +20,8 @@ pub struct MountArgs {
     pub blob_dir: PathBuf,
     pub target: PathBuf,
     pub backing: Backing,
+    /// Extra EROFS mount options (e.g. `directio`), appended to the `device=` list.
+    pub options: Option<String>,
 }
 
 pub fn run(args: &MountArgs) -> Result<(), String> {
@@ -52,7 +54,7 @@ pub fn run(args: &MountArgs) -> Result<(), String> {
         other => other,
     };
     match backing {
-        Backing::File => mount_erofs(&args.bootstrap, &blobs, &args.target),
+        Backing::File => mount_erofs(&args.bootstrap, &blobs, &args.target, &args.options),
         _ => {
             // The loop devices detach themselves (AUTOCLEAR) once the mount is gone and our fds are closed.
             let main = sys::LoopDevice::attach(&args.bootstrap)?;
@@ -61,13 +63,18 @@ pub fn run(args: &MountArgs) -> Result<(), String> {
                 devs.push(sys::LoopDevice::attach(b)?);
             }
             let dev_paths: Vec<PathBuf> = devs.iter().map(|d| d.path.clone()).collect();
-            mount_erofs(&main.path, &dev_paths, &args.target)
+            mount_erofs(&main.path, &dev_paths, &args.target, &args.options)
         }
     }
 }
 
-fn mount_erofs(source: &Path, devices: &[PathBuf], target: &Path) -> Result<(), String> {
-    let mut opts = String::new();
+fn mount_erofs(
+    source: &Path,
+    devices: &[PathBuf],
+    target: &Path,
+    extra: &Option<String>,
+) -> Result<(), String> {
+    let mut opts = extra.clone().unwrap_or_default();
     for d in devices {
         if !opts.is_empty() {
             opts.push(',');

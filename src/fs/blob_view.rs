@@ -10,7 +10,7 @@
 
 use std::any::Any;
 use std::ffi::CStr;
-use std::io;
+use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -169,14 +169,31 @@ impl BlobViewFs {
         Ok(list)
     }
 
+    /// Read `[offset, offset + size)` of the view's file `name` (`bootstrap` or a blob id), as the guest
+    /// would see it.
+    pub fn read_file(&self, name: &str, offset: u64, size: usize) -> Result<Vec<u8>> {
+        let (ino, _) = self
+            .children()
+            .find(|(_, n)| *n == name)
+            .ok_or_else(|| Error::NotFound(format!("blob view has no file {name:?}")))?;
+        let mut out = Vec::with_capacity(size);
+        match self.blob_of(ino) {
+            Some(b) => {
+                self.read_blob(b, &mut out, offset, size)?;
+            }
+            None => out.extend_from_slice(self.bootstrap_range(offset, size)),
+        }
+        Ok(out)
+    }
+
+    fn bootstrap_range(&self, offset: u64, size: usize) -> &[u8] {
+        let data: &[u8] = &self.bootstrap;
+        let start = offset.min(data.len() as u64) as usize;
+        &data[start..data.len().min(start.saturating_add(size))]
+    }
+
     /// `[offset, offset + size)` of uncompressed blob `b` into `w`: verified chunk bytes, zeros between.
-    fn read_blob(
-        &self,
-        b: u32,
-        w: &mut dyn ZeroCopyWriter,
-        offset: u64,
-        size: usize,
-    ) -> Result<usize> {
+    fn read_blob(&self, b: u32, w: &mut dyn Write, offset: u64, size: usize) -> Result<usize> {
         let blob_size = self.image.info().blobs[b as usize].uncompressed_size;
         if offset >= blob_size {
             return Ok(0);
@@ -219,7 +236,7 @@ impl BlobViewFs {
     }
 }
 
-fn write_zeros(w: &mut dyn ZeroCopyWriter, mut n: usize) -> io::Result<()> {
+fn write_zeros(w: &mut dyn Write, mut n: usize) -> io::Result<()> {
     const ZEROS: [u8; 4096] = [0; 4096];
     while n > 0 {
         let k = n.min(ZEROS.len());
@@ -303,14 +320,12 @@ impl FileSystem for BlobViewFs {
         _flags: u32,
     ) -> io::Result<usize> {
         if inode == BOOTSTRAP_INO {
-            let data: &[u8] = &self.bootstrap;
-            let start = (offset.min(data.len() as u64)) as usize;
-            let end = data.len().min(start + size as usize);
-            w.write_all(&data[start..end])?;
-            return Ok(end - start);
+            let data = self.bootstrap_range(offset, size as usize);
+            w.write_all(data)?;
+            return Ok(data.len());
         }
         let b = self.blob_of(inode).ok_or_else(|| eno(libc::EBADF))?;
-        self.read_blob(b, w, offset, size as usize)
+        self.read_blob(b, w as &mut dyn Write, offset, size as usize)
             .map_err(|e| to_io(e, &format!("read blob {b} at {offset}+{size}")))
     }
 

@@ -1,7 +1,9 @@
 //! In-guest benchmark (not a timed test): one QEMU (TCG) guest reads the same RAFS v6 image through the
 //! virtio-fs FUSE path (`rafsd`'s RAFS pseudo mount: every lookup, getattr, readdir and read is a FUSE
 //! request to the host) and through the EROFS helper path (`rafs-guest mount` over the blob view: the
-//! guest kernel parses the metadata itself and only reads bootstrap and blob blocks from the host).
+//! guest kernel parses the metadata itself and only reads bootstrap and blob blocks from the host), once
+//! with EROFS's default buffered reads of the blob files and once mounted `-o directio` (no second copy
+//! in the guest's page cache).
 //! Per round and path, with the guest's caches dropped first: a metadata walk (`find -ls` over every
 //! entry), a sequential read of one large file, and a read of every small file. Round 1 is cold on the
 //! host too (each path has its own empty blob cache); later rounds are host-warm, guest-cold. Prints
@@ -15,6 +17,8 @@
 mod daemon;
 #[path = "../guestvm/mod.rs"]
 mod guestvm;
+#[path = "../manifest/mod.rs"]
+mod manifest;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -121,24 +125,27 @@ fn build_image(a: &Args) -> (PathBuf, PathBuf, u64, u64) {
     (bootstrap, blobs, bytes, files)
 }
 
-/// Each round, for each path: drop the guest's caches, then time (from /proc/uptime) the walk, the
-/// large read and the small-file reads.
+/// Each round, for each path: drop the guest's caches, then time (from /proc/uptime) the walk (`ls -lR`:
+/// readdir and lstat of every entry), the large read and the small-file reads.
 fn guest_script(nonce: &str, rounds: usize) -> String {
     format!(
         r#"N={nonce}
 G=/mnt/containers/rafs-guest
 now() {{ cut -d' ' -f1 /proc/uptime; }}
 mkdir -p /e
+mkdir -p /e2
 if ! $G mount --bootstrap /mnt/img/blobs/bootstrap --blob-dir /mnt/img/blobs /e 2>/tmp/err; then
     echo "BENCH-ERR $N $(tr '\n' ' ' </tmp/err)"
 fi
+$G mount -o directio --bootstrap /mnt/img/blobs/bootstrap --blob-dir /mnt/img/blobs /e2 ||
+    echo "BENCH-ERR $N directio"
 for r in $(seq 1 {rounds}); do
-    for side in fuse erofs; do
-        if [ $side = fuse ]; then d=/mnt/img/fuse; else d=/e; fi
+    for side in fuse erofs erofsdio; do
+        if [ $side = fuse ]; then d=/mnt/img/fuse; elif [ $side = erofs ]; then d=/e; else d=/e2; fi
         sync
         echo 3 >/proc/sys/vm/drop_caches
         t0=$(now)
-        n=$(find $d -ls | wc -l)
+        n=$(ls -lR $d | wc -l)
         t1=$(now)
         cat $d/big.bin >/dev/null
         t2=$(now)
@@ -215,7 +222,7 @@ fn main() {
         }
     }
     let rounds = secs.get(&("fuse".into(), "walk")).map_or(0, Vec::len);
-    if rounds < 2 || entries.len() != 2 {
+    if rounds < 2 || entries.len() != 3 {
         vm.fail(format!("expected {} rounds of both paths", a.rounds));
     }
     let (n_entries, big) = (entries["fuse"] as f64, (a.size_mib << 20) as f64);
@@ -227,8 +234,8 @@ fn main() {
         entries["erofs"]
     );
     println!(
-        "{:<62} {:>14} {:>14} {:>8}",
-        "", "virtio-fs FUSE", "EROFS helper", "ratio"
+        "{:<62} {:>14} {:>14} {:>8} {:>16} {:>8}",
+        "", "virtio-fs FUSE", "EROFS helper", "ratio", "EROFS directio", "ratio"
     );
     for (phase, pick) in [
         ("cold host + guest", 0usize..1),
@@ -242,11 +249,12 @@ fn main() {
             let rate = |side: &str| {
                 amount / median(secs[&(side.to_string(), metric)][pick.clone()].to_vec())
             };
-            let (fuse, erofs) = (rate("fuse"), rate("erofs"));
+            let (fuse, erofs, dio) = (rate("fuse"), rate("erofs"), rate("erofsdio"));
             println!(
-                "{:<62} {fuse:>14.1} {erofs:>14.1} {:>7.2}x",
+                "{:<62} {fuse:>14.1} {erofs:>14.1} {:>7.2}x {dio:>16.1} {:>7.2}x",
                 format!("{label} [{phase}]"),
-                erofs / fuse
+                erofs / fuse,
+                dio / fuse
             );
         }
     }

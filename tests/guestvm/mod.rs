@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Read;
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -496,3 +497,39 @@ hash_tree() {
     echo "LIST $2 $(cat /tmp/sums /tmp/sums.err | wc -l)"
 }
 "#;
+
+/// Copy `case`'s blobs to `dest` and flip one byte in every chunk of `file`.
+pub fn corrupt_copy(case: &str, file: &str, dest: &Path) -> usize {
+    std::fs::create_dir_all(dest).unwrap();
+    for e in std::fs::read_dir(crate::manifest::case_blob_dir(case)).unwrap() {
+        let e = e.unwrap();
+        let to = dest.join(e.file_name());
+        std::fs::copy(e.path(), &to).unwrap();
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let image = rafsd::RafsImage::open_local(
+        &crate::manifest::case_bootstrap(case),
+        Some(dest),
+        rafsd::ImageOptions::default(),
+    )
+    .unwrap();
+    let ino = rafsd::service::resolve_path(&image, &format!("/{file}"))
+        .unwrap()
+        .unwrap_or_else(|| panic!("{case} has no {file}"));
+    let chunks = image.file_chunks(ino).unwrap();
+    assert!(!chunks.is_empty());
+    for c in &chunks {
+        let blob = dest.join(&image.info().blobs[c.blob_index as usize].id);
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(blob)
+            .unwrap();
+        let at = c.compressed_offset + u64::from(c.compressed_size) / 2;
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at).unwrap();
+        b[0] ^= 0x5a;
+        f.write_all_at(&b, at).unwrap();
+    }
+    chunks.len()
+}
