@@ -41,6 +41,26 @@ fn daemon_child(supervisor: i32) -> i32 {
     }
 }
 
+/// The daemon's pid as the supervisor logs it (usable after the daemon died, unlike /proc).
+fn daemon_pid_from_log(log: &Path) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(pid) = text
+            .lines()
+            .find_map(|l| l.split("started the daemon as pid ").nth(1))
+            .and_then(|p| p.trim().parse().ok())
+        {
+            return pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no daemon pid in the log:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn status_field(status: &str, key: &str) -> String {
     status
         .lines()
@@ -221,15 +241,17 @@ fn spawn_with_forbidden_syscall(dir: &Path, extra: &[&str]) -> (Child, PathBuf) 
     (child, log)
 }
 
-/// The kernel's audit record of a seccomp decision on `pid` for personality(2), if the kernel log has it.
+/// The kernel's audit record (type 1326) of a seccomp decision on `pid` for personality(2), if logged.
 fn audit_record(pid: i32) -> Option<String> {
     #[cfg(target_arch = "x86_64")]
     let nr = 135;
     #[cfg(target_arch = "aarch64")]
     let nr = 92;
+    // Without auditd the kernel log has the record; with auditd running, its log does.
     let out = Command::new("dmesg").output().ok()?;
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&std::fs::read_to_string("/var/log/audit/audit.log").unwrap_or_default());
+    text.lines()
         .find(|l| {
             l.contains("type=1326")
                 && l.contains(&format!(" pid={pid} "))
@@ -242,7 +264,7 @@ fn audit_record(pid: i32) -> Option<String> {
 fn a_syscall_outside_the_policy_kills_in_kill_mode() {
     let dir = tempfile::tempdir().unwrap();
     let (mut child, log) = spawn_with_forbidden_syscall(dir.path(), &["--seccomp", "kill"]);
-    let pid = daemon_child(child.id() as i32);
+    let pid = daemon_pid_from_log(&log);
     let status = daemon::wait_bounded(&mut child, Duration::from_secs(20))
         .expect("the daemon was not killed");
     let text = std::fs::read_to_string(&log).unwrap();
@@ -263,7 +285,7 @@ fn a_syscall_outside_the_policy_kills_in_kill_mode() {
 fn a_syscall_outside_the_policy_is_logged_in_log_mode() {
     let dir = tempfile::tempdir().unwrap();
     let (mut child, log) = spawn_with_forbidden_syscall(dir.path(), &["--seccomp", "log"]);
-    let pid = daemon_child(child.id() as i32);
+    let pid = daemon_pid_from_log(&log);
     let deadline = Instant::now() + Duration::from_secs(20);
     let record = loop {
         if let Some(r) = audit_record(pid) {
