@@ -570,5 +570,17 @@ fn chroot_mode_and_allow_network_choose_the_namespaces() {
     }
     assert!(!PathBuf::from(format!("/proc/{pid}/root/etc/passwd")).exists());
     assert_every_thread_confined(pid.parse().unwrap());
+    // A network backend is let through the network check, but a CA file it names must be allowed too.
+    let outside = tempfile::tempdir().unwrap();
+    let registry = serde_json::json!({"device": {"backend": {"type": "registry", "config":
+        {"host": "127.0.0.1:9", "repo": "x/y", "scheme": "https",
+         "ca_cert_files": [outside.path().join("ca.pem")]}}}, "mode": "direct"});
+    let body = serde_json::json!({"source": manifest::case_bootstrap("v6-zstd-blake3"),
+        "fs_type": "rafs", "config": registry.to_string()});
+    let (s, t) = d
+        .api("POST", "/api/v1/mount?mountpoint=/net", &body.to_string())
+        .unwrap();
+    assert_eq!(s, 403, "{t}");
+    assert!(t.contains("backend file") && t.contains("ca.pem"), "{t}");
     d.kill_and_check();
 }
