@@ -78,8 +78,13 @@ fn assert_every_thread_confined(pid: i32) -> usize {
         .flatten()
         .map(|e| e.path())
         .collect();
+    let mut checked = 0;
     for task in &tasks {
-        let status = std::fs::read_to_string(task.join("status")).unwrap();
+        // A short-lived thread (an API connection) may end between the listing and the read.
+        let Ok(status) = std::fs::read_to_string(task.join("status")) else {
+            continue;
+        };
+        checked += 1;
         let name = status_field(&status, "Name");
         let cap = |k: &str| u64::from_str_radix(&status_field(&status, k), 16).unwrap();
         assert_eq!(status_field(&status, "Seccomp"), "2", "{task:?} ({name})");
@@ -100,7 +105,8 @@ fn assert_every_thread_confined(pid: i32) -> usize {
             assert_eq!(cap(set), 0, "{set} of {task:?} ({name})");
         }
     }
-    tasks.len()
+    assert!(checked > 0, "no thread of {pid} could be read");
+    checked
 }
 
 /// The supervisor (not filtered: it reads no guest input) keeps `caps` only, in every set.
@@ -283,34 +289,44 @@ fn a_syscall_outside_the_policy_kills_in_kill_mode() {
 
 #[test]
 fn a_syscall_outside_the_policy_is_logged_in_log_mode() {
-    let dir = tempfile::tempdir().unwrap();
-    let (mut child, log) = spawn_with_forbidden_syscall(dir.path(), &["--seccomp", "log"]);
-    let pid = daemon_pid_from_log(&log);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let record = loop {
-        if let Some(r) = audit_record(pid) {
-            break r;
+    // Without auditd the kernel prints audit records rate-limited ("kauditd_printk_skb: N callbacks
+    // suppressed"), so one record can be dropped when other tests log at the same moment: a few
+    // daemons in turn, each a fresh pid, each given longer than the 5 s rate-limit window.
+    for attempt in 1..=3 {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut child, log) = spawn_with_forbidden_syscall(dir.path(), &["--seccomp", "log"]);
+        let pid = daemon_pid_from_log(&log);
+        let deadline = Instant::now() + Duration::from_secs(7);
+        let record = loop {
+            if let Some(r) = audit_record(pid) {
+                break Some(r);
+            }
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "the daemon died in log mode:\n{}",
+                std::fs::read_to_string(&log).unwrap()
+            );
+            if Instant::now() > deadline {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(text.contains("still alive"), "{text}");
+        assert!(child.try_wait().unwrap().is_none(), "still serving");
+        // SAFETY: signalling the process we started.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = daemon::wait_bounded(&mut child, Duration::from_secs(10)).expect("exit");
+        assert_eq!(status.code(), Some(0));
+        match record {
+            Some(record) => {
+                assert!(record.contains("sig=0"), "logged, not killed: {record}");
+                return;
+            }
+            None => eprintln!("attempt {attempt}: no audit record for pid {pid} (rate-limited?)"),
         }
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the daemon died in log mode:\n{}",
-            std::fs::read_to_string(&log).unwrap()
-        );
-        assert!(
-            Instant::now() < deadline,
-            "no seccomp audit record for pid {pid} in the kernel log:\n{}",
-            std::fs::read_to_string(&log).unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(record.contains("sig=0"), "logged, not killed: {record}");
-    let text = std::fs::read_to_string(&log).unwrap();
-    assert!(text.contains("still alive"), "{text}");
-    assert!(child.try_wait().unwrap().is_none(), "still serving");
-    // SAFETY: signalling the process we started.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = daemon::wait_bounded(&mut child, Duration::from_secs(10)).expect("exit");
-    assert_eq!(status.code(), Some(0));
+    }
+    panic!("no seccomp audit record for the forbidden syscall in 3 attempts");
 }
 
 #[test]
