@@ -459,6 +459,8 @@ fn run_fuse(args: FuseArgs) -> rafsd::Result<ExitCode> {
         .transpose()?
         .unwrap_or_default();
     let mut allowed = args.sandbox.allowed_paths()?;
+    // No network namespace for the FUSE daemon: API mounts may use network backends.
+    allowed.network = true;
     if let Some(bootstrap) = &args.bootstrap {
         allowed.add_read_only(bootstrap.parent().unwrap_or(bootstrap))?;
         allowed.add_config(&config)?;

@@ -141,6 +141,29 @@ fn normalize(p: &Path) -> Result<PathBuf> {
     Ok(real)
 }
 
+/// Remote backend kinds that talk to a server (`localdisk` reads a local device).
+fn needs_network(kind: &str) -> bool {
+    kind != "localdisk"
+}
+
+/// The host files a remote backend's settings name and read at run time: CA certificates
+/// (`ca_cert_files`) and a local disk (`device_path`).
+fn remote_files(config: &mut serde_json::Value) -> Vec<&mut serde_json::Value> {
+    let mut files = Vec::new();
+    if let Some(obj) = config.as_object_mut() {
+        for (key, value) in obj.iter_mut() {
+            match (key.as_str(), value) {
+                ("ca_cert_files", serde_json::Value::Array(items)) => {
+                    files.extend(items.iter_mut().filter(|i| i.is_string()))
+                }
+                ("device_path", v @ serde_json::Value::String(_)) => files.push(v),
+                _ => {}
+            }
+        }
+    }
+    files
+}
+
 fn beneath(path: &Path, roots: &[PathBuf]) -> bool {
     roots.iter().any(|r| path.starts_with(r))
 }
@@ -177,7 +200,14 @@ impl AllowedPaths {
                     self.add_read_only(parent)?;
                 }
             }
-            BackendConfig::Remote { .. } => self.network = true,
+            BackendConfig::Remote { kind, config } => {
+                self.network |= needs_network(kind);
+                for f in remote_files(&mut config.clone()) {
+                    if let Some(p) = f.as_str() {
+                        self.add_read_only(Path::new(p))?;
+                    }
+                }
+            }
         }
         if let Some(w) = &config.cache.work_dir {
             self.add_read_write(w)?;
@@ -222,13 +252,19 @@ impl AllowedPaths {
                     self.confine("blob file", f, false)?;
                 }
             }
-            BackendConfig::Remote { kind, .. } if !self.network => {
-                return Err(Error::Invalid(format!(
-                    "backend {kind:?} needs the network, but the sandbox has none: start rafsd with \
-                     --allow-network or with a network backend in --config"
-                )))
+            BackendConfig::Remote { kind, config } => {
+                if needs_network(kind) && !self.network {
+                    return Err(Error::Invalid(format!(
+                        "backend {kind:?} needs the network, but the sandbox has none: start rafsd \
+                         with --allow-network or with a network backend in --config"
+                    )));
+                }
+                for f in remote_files(config) {
+                    let mut p = PathBuf::from(f.as_str().unwrap_or_default());
+                    self.confine("backend file", &mut p, false)?;
+                    *f = serde_json::Value::String(p.to_string_lossy().into_owned());
+                }
             }
-            BackendConfig::Remote { .. } => {}
         }
         if let Some(w) = &mut config.cache.work_dir {
             self.confine("cache work_dir", w, true)?;

@@ -41,6 +41,26 @@ fn daemon_child(supervisor: i32) -> i32 {
     }
 }
 
+/// The daemon's pid as the supervisor logs it (usable after the daemon died, unlike /proc).
+fn daemon_pid_from_log(log: &Path) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(pid) = text
+            .lines()
+            .find_map(|l| l.split("started the daemon as pid ").nth(1))
+            .and_then(|p| p.trim().parse().ok())
+        {
+            return pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no daemon pid in the log:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn status_field(status: &str, key: &str) -> String {
     status
         .lines()
@@ -58,8 +78,13 @@ fn assert_every_thread_confined(pid: i32) -> usize {
         .flatten()
         .map(|e| e.path())
         .collect();
+    let mut checked = 0;
     for task in &tasks {
-        let status = std::fs::read_to_string(task.join("status")).unwrap();
+        // A short-lived thread (an API connection) may end between the listing and the read.
+        let Ok(status) = std::fs::read_to_string(task.join("status")) else {
+            continue;
+        };
+        checked += 1;
         let name = status_field(&status, "Name");
         let cap = |k: &str| u64::from_str_radix(&status_field(&status, k), 16).unwrap();
         assert_eq!(status_field(&status, "Seccomp"), "2", "{task:?} ({name})");
@@ -80,7 +105,8 @@ fn assert_every_thread_confined(pid: i32) -> usize {
             assert_eq!(cap(set), 0, "{set} of {task:?} ({name})");
         }
     }
-    tasks.len()
+    assert!(checked > 0, "no thread of {pid} could be read");
+    checked
 }
 
 /// The supervisor (not filtered: it reads no guest input) keeps `caps` only, in every set.
@@ -221,15 +247,17 @@ fn spawn_with_forbidden_syscall(dir: &Path, extra: &[&str]) -> (Child, PathBuf) 
     (child, log)
 }
 
-/// The kernel's audit record of a seccomp decision on `pid` for personality(2), if the kernel log has it.
+/// The kernel's audit record (type 1326) of a seccomp decision on `pid` for personality(2), if logged.
 fn audit_record(pid: i32) -> Option<String> {
     #[cfg(target_arch = "x86_64")]
     let nr = 135;
     #[cfg(target_arch = "aarch64")]
     let nr = 92;
+    // Without auditd the kernel log has the record; with auditd running, its log does.
     let out = Command::new("dmesg").output().ok()?;
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&std::fs::read_to_string("/var/log/audit/audit.log").unwrap_or_default());
+    text.lines()
         .find(|l| {
             l.contains("type=1326")
                 && l.contains(&format!(" pid={pid} "))
@@ -242,7 +270,7 @@ fn audit_record(pid: i32) -> Option<String> {
 fn a_syscall_outside_the_policy_kills_in_kill_mode() {
     let dir = tempfile::tempdir().unwrap();
     let (mut child, log) = spawn_with_forbidden_syscall(dir.path(), &["--seccomp", "kill"]);
-    let pid = daemon_child(child.id() as i32);
+    let pid = daemon_pid_from_log(&log);
     let status = daemon::wait_bounded(&mut child, Duration::from_secs(20))
         .expect("the daemon was not killed");
     let text = std::fs::read_to_string(&log).unwrap();
@@ -261,34 +289,44 @@ fn a_syscall_outside_the_policy_kills_in_kill_mode() {
 
 #[test]
 fn a_syscall_outside_the_policy_is_logged_in_log_mode() {
-    let dir = tempfile::tempdir().unwrap();
-    let (mut child, log) = spawn_with_forbidden_syscall(dir.path(), &["--seccomp", "log"]);
-    let pid = daemon_child(child.id() as i32);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let record = loop {
-        if let Some(r) = audit_record(pid) {
-            break r;
+    // Without auditd the kernel prints audit records rate-limited ("kauditd_printk_skb: N callbacks
+    // suppressed"), so one record can be dropped when other tests log at the same moment: a few
+    // daemons in turn, each a fresh pid, each given longer than the 5 s rate-limit window.
+    for attempt in 1..=3 {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut child, log) = spawn_with_forbidden_syscall(dir.path(), &["--seccomp", "log"]);
+        let pid = daemon_pid_from_log(&log);
+        let deadline = Instant::now() + Duration::from_secs(7);
+        let record = loop {
+            if let Some(r) = audit_record(pid) {
+                break Some(r);
+            }
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "the daemon died in log mode:\n{}",
+                std::fs::read_to_string(&log).unwrap()
+            );
+            if Instant::now() > deadline {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(text.contains("still alive"), "{text}");
+        assert!(child.try_wait().unwrap().is_none(), "still serving");
+        // SAFETY: signalling the process we started.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = daemon::wait_bounded(&mut child, Duration::from_secs(10)).expect("exit");
+        assert_eq!(status.code(), Some(0));
+        match record {
+            Some(record) => {
+                assert!(record.contains("sig=0"), "logged, not killed: {record}");
+                return;
+            }
+            None => eprintln!("attempt {attempt}: no audit record for pid {pid} (rate-limited?)"),
         }
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the daemon died in log mode:\n{}",
-            std::fs::read_to_string(&log).unwrap()
-        );
-        assert!(
-            Instant::now() < deadline,
-            "no seccomp audit record for pid {pid} in the kernel log:\n{}",
-            std::fs::read_to_string(&log).unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(record.contains("sig=0"), "logged, not killed: {record}");
-    let text = std::fs::read_to_string(&log).unwrap();
-    assert!(text.contains("still alive"), "{text}");
-    assert!(child.try_wait().unwrap().is_none(), "still serving");
-    // SAFETY: signalling the process we started.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = daemon::wait_bounded(&mut child, Duration::from_secs(10)).expect("exit");
-    assert_eq!(status.code(), Some(0));
+    }
+    panic!("no seccomp audit record for the forbidden syscall in 3 attempts");
 }
 
 #[test]
@@ -548,5 +586,17 @@ fn chroot_mode_and_allow_network_choose_the_namespaces() {
     }
     assert!(!PathBuf::from(format!("/proc/{pid}/root/etc/passwd")).exists());
     assert_every_thread_confined(pid.parse().unwrap());
+    // A network backend is let through the network check, but a CA file it names must be allowed too.
+    let outside = tempfile::tempdir().unwrap();
+    let registry = serde_json::json!({"device": {"backend": {"type": "registry", "config":
+        {"host": "127.0.0.1:9", "repo": "x/y", "scheme": "https",
+         "ca_cert_files": [outside.path().join("ca.pem")]}}}, "mode": "direct"});
+    let body = serde_json::json!({"source": manifest::case_bootstrap("v6-zstd-blake3"),
+        "fs_type": "rafs", "config": registry.to_string()});
+    let (s, t) = d
+        .api("POST", "/api/v1/mount?mountpoint=/net", &body.to_string())
+        .unwrap();
+    assert_eq!(s, 403, "{t}");
+    assert!(t.contains("backend file") && t.contains("ca.pem"), "{t}");
     d.kill_and_check();
 }

@@ -42,6 +42,16 @@ struct Args {
     work: PathBuf,
 }
 
+/// More daemon options for both sides, from `RAFSD_BENCH_DAEMON_ARGS` (whitespace separated), e.g.
+/// `--seccomp none --sandbox none` to measure what the sandbox costs (`ci/bench-sandbox.sh`).
+fn daemon_extra_args() -> Vec<String> {
+    std::env::var("RAFSD_BENCH_DAEMON_ARGS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(String::from)
+        .collect()
+}
+
 fn parse_args() -> Args {
     let mut a = Args {
         rounds: 5,
@@ -312,7 +322,16 @@ fn main() {
     // --- virtio-fs: the device process, the image mounted through the API, one guest. ---
     let vdir = run.join("virtiofs");
     std::fs::create_dir_all(&vdir).unwrap();
-    let dev = VirtiofsDaemon::start(BIN, &vdir, &["--log-level", "warn"]);
+    // The sandboxed device sees only allowed paths: the image lives in the work dir.
+    let extra = daemon_extra_args();
+    let mut dev_args = vec![
+        "--log-level",
+        "warn",
+        "--allow-path",
+        a.work.to_str().unwrap(),
+    ];
+    dev_args.extend(extra.iter().map(String::as_str));
+    let dev = VirtiofsDaemon::start(BIN, &vdir, &dev_args);
     watchdog.watch(dev.pid(), None);
     dev.mount_rafs(
         "/bench",
@@ -383,7 +402,10 @@ fn main() {
                 "4",
                 "-l",
                 "warn",
-            ],
+            ]
+            .into_iter()
+            .chain(extra.iter().map(String::as_str))
+            .collect::<Vec<_>>(),
             &mnt,
             &hdir.join("rafsd-fuse.log"),
         );
