@@ -432,7 +432,11 @@ fn hostile_mapping_requests_are_refused_and_map_nothing() {
 
     // Without --dax-window: no SHMEM feature, and SETUPMAPPING is refused.
     let dir2 = tempfile::tempdir().unwrap();
-    let d2 = VirtiofsDaemon::start(BIN, dir2.path(), &[]);
+    let d2 = VirtiofsDaemon::start(
+        BIN,
+        dir2.path(),
+        &["--allow-path-rw", dir.path().to_str().unwrap()],
+    );
     d2.mount_rafs("/img", &manifest::case_bootstrap(case), &config);
     let mut g2 = Guest::connect(&d2.sock, Options::default()).unwrap();
     let offered = g2.conn.frontend.get_protocol_features().unwrap();

@@ -278,6 +278,7 @@ impl Vm {
         .arg(&self.sock)
         .arg("--apisock")
         .arg(&self.api)
+        .args(daemon::sandbox_allow_args(&self.dir))
         .args(extra)
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
