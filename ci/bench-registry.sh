@@ -2,7 +2,7 @@
 # Registry backend benchmark: a cold sequential read of one large file through `rafsd fuse` with the
 # `registry` backend, against `curl` fetching the same blob from the same registry, in the same run.
 # Both go to a local Debian `docker-registry` over loopback. Prints MB/s of each and their ratio.
-#   ci/bench-registry.sh [SIZE_MIB]     (default 256)
+#   [AMPLIFY_IO=BYTES] ci/bench-registry.sh [SIZE_MIB]     (default 256 MiB; amplify_io 1 MiB)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ci/install-deps.sh
@@ -66,7 +66,7 @@ cat >"$work/config.json" <<JSON
 {"device":{"backend":{"type":"registry","config":{"scheme":"http","host":"127.0.0.1:$port","repo":"$repo",
                                                   "timeout":30}},
            "cache":{"type":"blobcache","config":{"work_dir":"$work/cache"}}},
- "mode":"direct","amplify_io":1048576}
+ "mode":"direct","amplify_io":${AMPLIFY_IO:-1048576}}
 JSON
 "$bin" fuse --config "$work/config.json" --bootstrap "$work/bootstrap" --mountpoint "$work/mnt" \
     --thread-num 4 -l warn &

@@ -388,6 +388,36 @@ fn mirrors_fail_over_to_the_origin_and_recover() {
     assert_eq!(origin.counters.data_requests.load(Ordering::Relaxed), 5);
 }
 
+/// The `http-proxy` backend (`addr` + `path` + `/<blob id>`) through the daemon's own config parser.
+#[test]
+fn http_proxy_backend_reads_ranges() {
+    let server = FakeServer::start(FakeOptions {
+        repo: REPO.into(),
+        bearer: None,
+        token_basic: None,
+        redirect_to: None,
+    });
+    let data = pseudo_random(600_000, 13);
+    let id = server.add_blob(data.clone());
+    let config = rafsd::config::DaemonConfig::from_slice(
+        json!({"version": 2, "backend": {"type": "http-proxy", "http-proxy": {
+            "addr": format!("http://127.0.0.1:{}", server.port), "path": "/namespace/x/blobs"}}})
+        .to_string()
+        .as_bytes(),
+    )
+    .unwrap();
+    let backend = rafsd::storage::backend_from_config(&config.backend).unwrap();
+    assert_eq!(backend.kind(), "http-proxy");
+    assert_eq!(backend.blob_size(&id).unwrap(), data.len() as u64);
+    assert!(backend.read_exact_at(&id, 599_000, 1000).unwrap() == data[599_000..]);
+    // Past the end: a short read, then nothing.
+    let mut buf = vec![0u8; 4096];
+    assert_eq!(backend.read_at(&id, 599_990, &mut buf).unwrap(), 10);
+    assert_eq!(backend.read_at(&id, 600_000, &mut buf).unwrap(), 0);
+    // Ids that are not blob ids never reach a URL.
+    assert!(backend.blob_size("../../etc/passwd").is_err());
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Real servers.
 
@@ -532,6 +562,42 @@ fn registry_with_bearer_tokens_from_a_real_token_flow() {
     let d = mount(dir.path(), &config, &manifest::case_bootstrap(case));
     assert_matches_manifest(&d, case);
     d.stop();
+}
+
+/// docker-registry over HTTPS with a certificate from a private CA: refused by default, accepted with
+/// `skip_verify`, and verified against `ca_cert_files`.
+#[test]
+fn tls_registry_needs_skip_verify_or_its_ca() {
+    need(&["docker-registry", "openssl"]);
+    let dir = tmp();
+    let (ca, cert, key) = services::test_ca_and_server_cert(dir.path());
+    let reg = services::start_registry_with(dir.path(), RegistryAuth::None, Some((cert, key)));
+    let data = pseudo_random(1 << 20, 21);
+    let id = services::push_blob_to(
+        &format!("https://127.0.0.1:{}", reg.port),
+        REPO,
+        None,
+        &data,
+    );
+    let with = |extra: serde_json::Value| {
+        let mut cfg =
+            json!({"host": format!("127.0.0.1:{}", reg.port), "repo": REPO, "retry_limit": 1});
+        cfg.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        registry_backend(cfg)
+    };
+    let start = Instant::now();
+    let err = with(json!({})).blob_size(&id).unwrap_err();
+    assert_eq!(err.errno(), libc::EIO, "{err}");
+    assert!(start.elapsed() < Duration::from_secs(5));
+    for extra in [json!({"skip_verify": true}), json!({"ca_cert_files": [ca]})] {
+        let b = with(extra.clone());
+        assert!(
+            b.read_exact_at(&id, 1000, 50_000).unwrap() == data[1000..51_000],
+            "{extra}"
+        );
+    }
 }
 
 #[test]

@@ -34,6 +34,8 @@ pub struct HttpSettings {
     /// Retries after the first attempt of a read.
     pub retry_limit: u32,
     pub skip_verify: bool,
+    /// PEM files whose certificates replace the bundled web PKI roots (a private registry's CA).
+    pub ca_cert_files: Vec<std::path::PathBuf>,
     pub proxy: Option<ProxySettings>,
     pub mirrors: Vec<MirrorSettings>,
 }
@@ -191,6 +193,25 @@ impl HttpSettings {
             // nydusd parses 0 by default; a read that never retries is too fragile, so absent means 3.
             retry_limit: k.number("retry_limit", 3)?.min(16) as u32,
             skip_verify: k.boolean("skip_verify", false)?,
+            ca_cert_files: match k.obj.get("ca_cert_files") {
+                None | Some(Value::Null) => Vec::new(),
+                Some(Value::Array(list)) => list
+                    .iter()
+                    .map(|v| v.as_str().map(std::path::PathBuf::from))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| {
+                        Error::Invalid(format!(
+                            "backend {}: `ca_cert_files` must be a list of paths",
+                            k.kind
+                        ))
+                    })?,
+                Some(_) => {
+                    return Err(Error::Invalid(format!(
+                        "backend {}: `ca_cert_files` must be a list of paths",
+                        k.kind
+                    )))
+                }
+            },
             proxy,
             mirrors,
         })
@@ -281,6 +302,29 @@ pub struct HttpClient {
     pub counters: HttpCounters,
 }
 
+/// The TLS roots: the bundled web PKI roots (no system CA files are read), or the configured CA files.
+fn tls_roots(settings: &HttpSettings) -> Result<ureq::tls::RootCerts> {
+    if settings.ca_cert_files.is_empty() {
+        return Ok(ureq::tls::RootCerts::WebPki);
+    }
+    let mut certs = Vec::new();
+    for path in &settings.ca_cert_files {
+        let pem = std::fs::read(path)
+            .map_err(|e| Error::io(format!("read CA file {}", path.display()), e))?;
+        for item in ureq::tls::parse_pem(&pem) {
+            match item {
+                Ok(ureq::tls::PemItem::Certificate(c)) => certs.push(c),
+                Ok(_) => {}
+                Err(e) => return Err(Error::Invalid(format!("CA file {}: {e}", path.display()))),
+            }
+        }
+    }
+    if certs.is_empty() {
+        return Err(Error::Invalid("`ca_cert_files` hold no certificate".into()));
+    }
+    Ok(ureq::tls::RootCerts::new_with_certs(&certs))
+}
+
 fn agent(settings: &HttpSettings, proxy: Option<&str>) -> Result<ureq::Agent> {
     let proxy = proxy
         .map(|p| ureq::Proxy::new(p).map_err(|e| Error::Invalid(format!("proxy url {p:?}: {e}"))))
@@ -295,6 +339,7 @@ fn agent(settings: &HttpSettings, proxy: Option<&str>) -> Result<ureq::Agent> {
         .user_agent("rafsd/0.1")
         .tls_config(
             ureq::tls::TlsConfig::builder()
+                .root_certs(tls_roots(settings)?)
                 .disable_verification(settings.skip_verify)
                 .build(),
         )
