@@ -173,6 +173,7 @@ fn faults_are_retried_and_never_return_wrong_bytes() {
         bearer: None,
         token_basic: None,
         redirect_to: None,
+        storage_head_403: false,
     });
     let data = pseudo_random(3 << 20, 7);
     let id = server.add_blob(data.clone());
@@ -181,6 +182,19 @@ fn faults_are_retried_and_never_return_wrong_bytes() {
         "timeout": 1, "connect_timeout": 1, "retry_limit": 3
     }));
     assert_eq!(backend.blob_size(&id).unwrap(), data.len() as u64);
+    // Healthy reads reuse one pooled connection.
+    let conns = server.counters.connections.load(Ordering::Relaxed);
+    for i in 0..10 {
+        assert!(
+            backend.read_exact_at(&id, i * 1000, 1000).unwrap()
+                == data[i as usize * 1000..(i as usize + 1) * 1000]
+        );
+    }
+    assert_eq!(
+        server.counters.connections.load(Ordering::Relaxed),
+        conns,
+        "a connection per request"
+    );
     let faults = [
         Fault::Status(500),
         Fault::Status(503),
@@ -252,6 +266,7 @@ fn bearer_tokens_are_cached_refreshed_and_fetched_once_under_load() {
         bearer: Some(2),
         token_basic: Some(services::basic_auth("alice", "s3cret")),
         redirect_to: None,
+        storage_head_403: false,
     });
     let data = pseudo_random(1 << 20, 3);
     let id = server.add_blob(data.clone());
@@ -325,6 +340,7 @@ fn redirects_to_blob_storage_carry_no_registry_credentials() {
         bearer: Some(60),
         token_basic: None,
         redirect_to: Some("storage.invalid:1".into()),
+        storage_head_403: true,
     });
     let data = pseudo_random(2 << 20, 11);
     let id = server.add_blob(data.clone());
@@ -335,6 +351,8 @@ fn redirects_to_blob_storage_carry_no_registry_credentials() {
     for off in [0usize, 4096, 1 << 20] {
         assert!(backend.read_exact_at(&id, off as u64, 8192).unwrap() == data[off..off + 8192]);
     }
+    // The size came from a one-byte GET: the storage refuses HEAD, as pre-signed GET URLs do.
+    assert_eq!(backend.blob_size(&id).unwrap(), data.len() as u64);
     let c = &server.counters;
     assert!(c.storage_requests.load(Ordering::Relaxed) >= 3);
     assert_eq!(
@@ -352,6 +370,7 @@ fn mirrors_fail_over_to_the_origin_and_recover() {
         bearer: None,
         token_basic: None,
         redirect_to: None,
+        storage_head_403: false,
     };
     let (origin, mirror) = (FakeServer::start(opts()), FakeServer::start(opts()));
     let data = pseudo_random(1 << 20, 5);
@@ -396,6 +415,7 @@ fn http_proxy_backend_reads_ranges() {
         bearer: None,
         token_basic: None,
         redirect_to: None,
+        storage_head_403: false,
     });
     let data = pseudo_random(600_000, 13);
     let id = server.add_blob(data.clone());
@@ -610,6 +630,7 @@ fn daemon_returns_eio_on_backend_faults_and_serves_again_after_recovery() {
         bearer: Some(60),
         token_basic: None,
         redirect_to: None,
+        storage_head_403: false,
     });
     for (id, data) in case_blobs(case) {
         assert_eq!(server.add_blob(data), id);

@@ -415,7 +415,9 @@ impl HttpClient {
         let mut body = Vec::with_capacity(limit.min(16 << 20) as usize);
         let mut body_error = None;
         if req.method == Method::Get {
-            let mut reader = resp.body_mut().as_reader().take(limit);
+            // ureq's own limit (not `Read::take`) so the body is read to its end and the connection
+            // goes back to the pool; a body longer than asked for is an error.
+            let mut reader = resp.body_mut().with_config().limit(limit).reader();
             if let Err(e) = reader.read_to_end(&mut body) {
                 body_error = Some(e.to_string());
             }
@@ -731,12 +733,25 @@ impl<R: Remote> BlobBackend for RemoteBackend<R> {
         }
         let size = self.with_retries(&format!("blob {blob_id} size"), || {
             let resp = self.remote.fetch(&self.http, blob_id, None)?;
-            if resp.status != 200 {
-                return Err(classify(&resp, "size"));
+            match resp.status {
+                200 => resp
+                    .header("content-length")
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .ok_or_else(|| Failure::retry("HEAD without Content-Length")),
+                // Pre-signed storage URLs are often valid for GET only: ask for one byte instead.
+                403 | 405 => {
+                    let resp = self.remote.fetch(&self.http, blob_id, Some((0, 0)))?;
+                    match resp.status {
+                        206 => resp
+                            .header("content-range")
+                            .and_then(content_range)
+                            .and_then(|(_, _, total)| total)
+                            .ok_or_else(|| Failure::retry("206 without a blob size")),
+                        _ => Err(classify(&resp, "size")),
+                    }
+                }
+                _ => Err(classify(&resp, "size")),
             }
-            resp.header("content-length")
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .ok_or_else(|| Failure::retry("HEAD without Content-Length"))
         })?;
         self.sizes
             .lock()
@@ -774,6 +789,38 @@ mod tests {
             rehost("https://reg:5000/v2/a/b/blobs/sha256:x", "http://m:1/"),
             Some("http://m:1/v2/a/b/blobs/sha256:x".into())
         );
+    }
+
+    #[test]
+    fn settings_parse_with_defaults_and_named_errors() {
+        let v = serde_json::json!({"timeout": 0, "retry_limit": 1,
+            "proxy": {"url": "http://p:1", "fallback": false},
+            "mirrors": [{"host": "http://m:2/", "headers": {"X-A": "b"}}]});
+        let s = HttpSettings::from_keys(&Keys::new("registry", &v).unwrap()).unwrap();
+        assert_eq!(s.timeout, None);
+        assert_eq!(s.connect_timeout, Some(Duration::from_secs(5)));
+        assert_eq!(s.retry_limit, 1);
+        let p = s.proxy.unwrap();
+        assert!(!p.fallback && p.check_interval == Duration::from_secs(5));
+        assert_eq!(s.mirrors[0].host, "http://m:2");
+        assert_eq!(s.mirrors[0].ping_url, "http://m:2/v2");
+        assert_eq!(s.mirrors[0].failure_limit, 5);
+        assert_eq!(
+            s.mirrors[0].headers,
+            vec![("X-A".to_string(), "b".to_string())]
+        );
+        for (bad, key) in [
+            (serde_json::json!({"timeout": "5"}), "`timeout`"),
+            (serde_json::json!({"mirrors": {}}), "`mirrors`"),
+            (serde_json::json!({"mirrors": [{}]}), "`host`"),
+            (serde_json::json!({"skip_verify": 1}), "`skip_verify`"),
+            (serde_json::json!({"ca_cert_files": [1]}), "`ca_cert_files`"),
+        ] {
+            let err = HttpSettings::from_keys(&Keys::new("s3", &bad).unwrap())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{bad} -> {err}");
+        }
     }
 
     #[test]

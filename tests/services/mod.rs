@@ -382,6 +382,7 @@ pub struct FaultState {
 
 #[derive(Default)]
 pub struct Counters {
+    pub connections: AtomicU64,
     pub requests: AtomicU64,
     pub data_requests: AtomicU64,
     pub bytes: AtomicU64,
@@ -401,6 +402,8 @@ pub struct FakeOptions {
     pub token_basic: Option<String>,
     /// Answer blob GETs with a 307 to `/storage/<id>` on this host:port (which this server also serves).
     pub redirect_to: Option<String>,
+    /// Refuse HEAD at `/storage/` with 403 (pre-signed URLs valid for GET only).
+    pub storage_head_403: bool,
 }
 
 pub struct FakeServer {
@@ -451,6 +454,7 @@ impl FakeServer {
             while !shared.stop.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((conn, _)) => {
+                        shared.counters.connections.fetch_add(1, Ordering::Relaxed);
                         let shared = shared.clone();
                         std::thread::spawn(move || serve_conn(&shared, conn));
                     }
@@ -619,6 +623,9 @@ fn handle(
                 b"",
             );
         }
+    }
+    if method == "HEAD" && at_storage && s.opts.storage_head_403 {
+        return respond(conn, 403, &[], b"");
     }
     if method == "HEAD" {
         return respond(
