@@ -666,7 +666,8 @@ impl<R: Remote> RemoteBackend<R> {
 
     fn fetch_range(&self, blob_id: &str, start: u64, end: u64, blob_size: u64) -> Result<Vec<u8>> {
         let want = (end - start + 1) as usize;
-        self.with_retries(&format!("blob {blob_id} bytes {start}-{end}"), || {
+        let what = format!("blob {blob_id} bytes {start}-{end}");
+        self.with_retries(&what, || {
             let resp = self.remote.fetch(&self.http, blob_id, Some((start, end)))?;
             match resp.status {
                 206 => {
@@ -686,7 +687,7 @@ impl<R: Remote> RemoteBackend<R> {
                     let whole = check_body(resp, blob_size as usize)?;
                     Ok(whole[start as usize..=end as usize].to_vec())
                 }
-                _ => Err(classify(&resp, "read")),
+                _ => Err(classify(&resp, &format!("{} {what}", self.remote.kind()))),
             }
         })
     }
@@ -731,7 +732,8 @@ impl<R: Remote> BlobBackend for RemoteBackend<R> {
         {
             return Ok(*s);
         }
-        let size = self.with_retries(&format!("blob {blob_id} size"), || {
+        let what = format!("{} blob {blob_id} size", self.remote.kind());
+        let size = self.with_retries(&what, || {
             let resp = self.remote.fetch(&self.http, blob_id, None)?;
             match resp.status {
                 200 => resp
@@ -747,10 +749,10 @@ impl<R: Remote> BlobBackend for RemoteBackend<R> {
                             .and_then(content_range)
                             .and_then(|(_, _, total)| total)
                             .ok_or_else(|| Failure::retry("206 without a blob size")),
-                        _ => Err(classify(&resp, "size")),
+                        _ => Err(classify(&resp, &what)),
                     }
                 }
-                _ => Err(classify(&resp, "size")),
+                _ => Err(classify(&resp, &what)),
             }
         })?;
         self.sizes
