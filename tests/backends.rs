@@ -641,7 +641,20 @@ fn daemon_returns_eio_on_backend_faults_and_serves_again_after_recovery() {
         json!({"scheme": "http", "host": format!("127.0.0.1:{}", server.port), "repo": REPO,
                "timeout": 1, "connect_timeout": 1, "retry_limit": 2}),
     );
-    let mut d = mount(dir.path(), &config, &manifest::case_bootstrap(case));
+    let sock = dir.path().join("api.sock");
+    let mut d = Daemon::start(
+        &[
+            "fuse",
+            "--config",
+            config.to_str().unwrap(),
+            "--bootstrap",
+            manifest::case_bootstrap(case).to_str().unwrap(),
+            "--apisock",
+            sock.to_str().unwrap(),
+        ],
+        &dir.path().join("mnt"),
+        &dir.path().join("rafsd.log"),
+    );
     let (rel, want) = largest_file();
     let path = d.mountpoint.join(&rel);
     for fault in [
@@ -661,6 +674,23 @@ fn daemon_returns_eio_on_backend_faults_and_serves_again_after_recovery() {
         );
         assert!(d.is_running(), "daemon died on {fault:?}");
     }
+    // The failures are in the daemon's event ring, as nydusd's API shows them.
+    let (status, body) = daemon::api_request(
+        &sock,
+        "GET",
+        "/api/v1/daemon/events",
+        "",
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let events: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(events["total_errors"].as_u64().unwrap() >= 2, "{body}");
+    assert!(
+        body.contains("giving up after 3 attempts") && body.contains("status 500"),
+        "{body}"
+    );
+
     server.set_always(None);
     drop_cache(&path);
     assert_eq!(sha256_of(&path).unwrap(), want, "after recovery");

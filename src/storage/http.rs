@@ -642,14 +642,19 @@ impl<R: Remote> RemoteBackend<R> {
         loop {
             match attempt() {
                 Ok(v) => return Ok(v),
-                Err(Failure::Fatal(e)) => return Err(e),
+                Err(Failure::Fatal(e)) => {
+                    super::events::record(&e.to_string());
+                    return Err(e);
+                }
                 Err(Failure::Retry { why, after }) => {
                     if n >= limit {
-                        return Err(net_error(format!(
+                        let e = net_error(format!(
                             "{} {what}: giving up after {} attempts: {why}",
                             self.remote.kind(),
                             n + 1
-                        )));
+                        ));
+                        super::events::record(&e.to_string());
+                        return Err(e);
                     }
                     n += 1;
                     self.http.counters.retries.fetch_add(1, Ordering::Relaxed);
