@@ -18,10 +18,6 @@ use crate::error::{Error, Result};
 
 /// Longest pause a server's `Retry-After` may impose on one retry: reads stay bounded in time.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(5);
-/// Reads larger than two of these are split into parts of this size fetched in parallel.
-const PART_SIZE: usize = 1 << 20;
-/// Connections one large read uses at most.
-const PARALLEL_PARTS: usize = 4;
 /// Largest body read for requests that are not blob ranges (token responses, errors, pings).
 const SMALL_BODY_LIMIT: u64 = 1 << 20;
 
@@ -776,54 +772,10 @@ impl<R: Remote> BlobBackend for RemoteBackend<R> {
         if buf.is_empty() || offset >= size {
             return Ok(0);
         }
-        let len = (buf.len() as u64).min(size - offset) as usize;
-        let buf = &mut buf[..len];
-        if len <= 2 * PART_SIZE {
-            let data = self.fetch_range(blob_id, offset, offset + len as u64 - 1, size)?;
-            buf.copy_from_slice(&data);
-            return Ok(len);
-        }
-        // Large reads (merged or amplified requests) go out as parts on parallel connections: a
-        // registry answers each range after a fixed delay, which serial requests would pay in full.
-        let parts: Vec<(usize, &mut [u8])> = buf
-            .chunks_mut(PART_SIZE)
-            .enumerate()
-            .map(|(i, part)| (i * PART_SIZE, part))
-            .collect();
-        let mut queues: Vec<Vec<(usize, &mut [u8])>> =
-            (0..PARALLEL_PARTS).map(|_| Vec::new()).collect();
-        for (i, part) in parts.into_iter().enumerate() {
-            queues[i % PARALLEL_PARTS].push(part);
-        }
-        std::thread::scope(|scope| {
-            let workers: Vec<_> = queues
-                .into_iter()
-                .filter(|q| !q.is_empty())
-                .map(|queue| {
-                    scope.spawn(move || -> Result<()> {
-                        for (at, part) in queue {
-                            let start = offset + at as u64;
-                            let data = self.fetch_range(
-                                blob_id,
-                                start,
-                                start + part.len() as u64 - 1,
-                                size,
-                            )?;
-                            part.copy_from_slice(&data);
-                        }
-                        Ok(())
-                    })
-                })
-                .collect();
-            workers
-                .into_iter()
-                .map(|w| {
-                    w.join()
-                        .unwrap_or_else(|_| Err(net_error("a range reader panicked".into())))
-                })
-                .collect::<Result<Vec<()>>>()
-        })?;
-        Ok(len)
+        let end = (offset + buf.len() as u64).min(size) - 1;
+        let data = self.fetch_range(blob_id, offset, end, size)?;
+        buf[..data.len()].copy_from_slice(&data);
+        Ok(data.len())
     }
 }
 
