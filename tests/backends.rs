@@ -227,6 +227,17 @@ fn faults_are_retried_and_never_return_wrong_bytes() {
             start.elapsed()
         );
     }
+    // The whole blob in one read, through two faults.
+    server.queue(&[Fault::Truncate, Fault::Status(500)]);
+    let before = backend.http.counters.requests.load(Ordering::Relaxed);
+    assert!(
+        backend.read_exact_at(&id, 0, data.len()).unwrap() == data,
+        "whole blob"
+    );
+    assert_eq!(
+        backend.http.counters.requests.load(Ordering::Relaxed) - before,
+        3
+    );
     // A read at the very end of the blob is clamped, not an error.
     let mut tail = vec![0u8; 100];
     assert_eq!(
