@@ -2,13 +2,16 @@
 # Registry backend benchmark: a cold sequential read of one large file through `rafsd fuse` with the
 # `registry` backend, against `curl` fetching the same blob from the same registry, in the same run.
 # Both go to a local Debian `docker-registry` over loopback. Prints MB/s of each and their ratio.
-#   ci/bench-registry.sh [SIZE_MIB]     (default 256)
+#   [AMPLIFY_IO=BYTES] ci/bench-registry.sh [SIZE_MIB] [ROUNDS]   (default 256 MiB, 3 rounds, amplify_io 1 MiB)
+# Each round drops the page cache and starts rafsd with an empty blob cache; curl and rafsd alternate, and
+# the medians are compared, since a shared machine makes single runs noisy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ci/install-deps.sh
 cargo build --release -q
 bin=$PWD/target/release/rafsd
 size_mib=${1:-256}
+rounds=${2:-3}
 repo=bench/rafsd
 work=$(mktemp -d /tmp/rafsd-bench-registry.XXXXXX)
 pid=
@@ -58,27 +61,36 @@ code=$(curl -s -o /dev/null -w '%{http_code}' -X PUT -H 'Content-Type: applicati
 url="http://127.0.0.1:$port/v2/$repo/blobs/sha256:$blob"
 echo "image: one ${size_mib} MiB file, blob of $((blob_bytes / 1048576)) MiB in a local docker-registry"
 
-drop
-t0=$(now); curl -s -o /dev/null "$url"; t1=$(now)
-curl_mbps=$(mbps "$blob_bytes" "$t0" "$t1")
-
 cat >"$work/config.json" <<JSON
 {"device":{"backend":{"type":"registry","config":{"scheme":"http","host":"127.0.0.1:$port","repo":"$repo",
                                                   "timeout":30}},
            "cache":{"type":"blobcache","config":{"work_dir":"$work/cache"}}},
- "mode":"direct","amplify_io":1048576}
+ "mode":"direct","amplify_io":${AMPLIFY_IO:-1048576}}
 JSON
-"$bin" fuse --config "$work/config.json" --bootstrap "$work/bootstrap" --mountpoint "$work/mnt" \
-    --thread-num 4 -l warn &
-pid=$!
-for _ in $(seq 200); do mountpoint -q "$work/mnt" && break; sleep 0.05; done
-mountpoint -q "$work/mnt" || { echo "rafsd did not mount" >&2; exit 1; }
-drop
-file_bytes=$(stat -c %s "$work/mnt/big")
-t0=$(now); cat "$work/mnt/big" >/dev/null; t1=$(now)
-rafsd_mbps=$(mbps "$file_bytes" "$t0" "$t1")
-cmp -s "$work/mnt/big" "$work/src/big" || { echo "content mismatch" >&2; exit 1; }
+median() { sort -g | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
+curl_runs=()
+rafsd_runs=()
+for round in $(seq "$rounds"); do
+    drop
+    t0=$(now); curl -s -o /dev/null "$url"; t1=$(now)
+    curl_runs+=("$(mbps "$blob_bytes" "$t0" "$t1")")
 
-echo "curl, whole blob:          $curl_mbps MB/s"
-echo "rafsd registry, cold read: $rafsd_mbps MB/s"
-awk -v a="$rafsd_mbps" -v b="$curl_mbps" 'BEGIN {printf "ratio rafsd/curl:          %.2f\n", a / b}'
+    rm -rf "$work/cache"
+    "$bin" fuse --config "$work/config.json" --bootstrap "$work/bootstrap" --mountpoint "$work/mnt" \
+        --thread-num 4 -l error &
+    pid=$!
+    for _ in $(seq 200); do mountpoint -q "$work/mnt" && break; sleep 0.05; done
+    mountpoint -q "$work/mnt" || { echo "rafsd did not mount" >&2; exit 1; }
+    drop
+    file_bytes=$(stat -c %s "$work/mnt/big")
+    t0=$(now); cat "$work/mnt/big" >/dev/null; t1=$(now)
+    rafsd_runs+=("$(mbps "$file_bytes" "$t0" "$t1")")
+    [ "$round" = 1 ] && { cmp -s "$work/mnt/big" "$work/src/big" || { echo "content mismatch" >&2; exit 1; }; }
+    kill "$pid"; wait "$pid" || true; pid=
+    echo "round $round: curl ${curl_runs[-1]} MB/s, rafsd ${rafsd_runs[-1]} MB/s"
+done
+curl_mbps=$(printf '%s\n' "${curl_runs[@]}" | median)
+rafsd_mbps=$(printf '%s\n' "${rafsd_runs[@]}" | median)
+echo "curl, whole blob (median):          $curl_mbps MB/s"
+echo "rafsd registry, cold read (median): $rafsd_mbps MB/s"
+awk -v a="$rafsd_mbps" -v b="$curl_mbps" 'BEGIN {printf "ratio rafsd/curl:                   %.2f\n", a / b}'

@@ -14,6 +14,7 @@ command -v docker-registry >/dev/null || net_apt+=(docker-registry)
 command -v tinyproxy >/dev/null || net_apt+=(tinyproxy)
 command -v htpasswd >/dev/null || net_apt+=(apache2-utils)
 command -v curl >/dev/null || net_apt+=(curl)
+command -v openssl >/dev/null || net_apt+=(openssl)
 need_apt+=("${net_apt[@]}")
 if [ ${#need_apt[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive

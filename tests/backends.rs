@@ -173,6 +173,7 @@ fn faults_are_retried_and_never_return_wrong_bytes() {
         bearer: None,
         token_basic: None,
         redirect_to: None,
+        storage_head_403: false,
     });
     let data = pseudo_random(3 << 20, 7);
     let id = server.add_blob(data.clone());
@@ -181,6 +182,19 @@ fn faults_are_retried_and_never_return_wrong_bytes() {
         "timeout": 1, "connect_timeout": 1, "retry_limit": 3
     }));
     assert_eq!(backend.blob_size(&id).unwrap(), data.len() as u64);
+    // Healthy reads reuse one pooled connection.
+    let conns = server.counters.connections.load(Ordering::Relaxed);
+    for i in 0..10 {
+        assert!(
+            backend.read_exact_at(&id, i * 1000, 1000).unwrap()
+                == data[i as usize * 1000..(i as usize + 1) * 1000]
+        );
+    }
+    assert_eq!(
+        server.counters.connections.load(Ordering::Relaxed),
+        conns,
+        "a connection per request"
+    );
     let faults = [
         Fault::Status(500),
         Fault::Status(503),
@@ -213,6 +227,17 @@ fn faults_are_retried_and_never_return_wrong_bytes() {
             start.elapsed()
         );
     }
+    // The whole blob in one read, through two faults.
+    server.queue(&[Fault::Truncate, Fault::Status(500)]);
+    let before = backend.http.counters.requests.load(Ordering::Relaxed);
+    assert!(
+        backend.read_exact_at(&id, 0, data.len()).unwrap() == data,
+        "whole blob"
+    );
+    assert_eq!(
+        backend.http.counters.requests.load(Ordering::Relaxed) - before,
+        3
+    );
     // A read at the very end of the blob is clamped, not an error.
     let mut tail = vec![0u8; 100];
     assert_eq!(
@@ -252,6 +277,7 @@ fn bearer_tokens_are_cached_refreshed_and_fetched_once_under_load() {
         bearer: Some(2),
         token_basic: Some(services::basic_auth("alice", "s3cret")),
         redirect_to: None,
+        storage_head_403: false,
     });
     let data = pseudo_random(1 << 20, 3);
     let id = server.add_blob(data.clone());
@@ -325,6 +351,7 @@ fn redirects_to_blob_storage_carry_no_registry_credentials() {
         bearer: Some(60),
         token_basic: None,
         redirect_to: Some("storage.invalid:1".into()),
+        storage_head_403: true,
     });
     let data = pseudo_random(2 << 20, 11);
     let id = server.add_blob(data.clone());
@@ -335,6 +362,8 @@ fn redirects_to_blob_storage_carry_no_registry_credentials() {
     for off in [0usize, 4096, 1 << 20] {
         assert!(backend.read_exact_at(&id, off as u64, 8192).unwrap() == data[off..off + 8192]);
     }
+    // The size came from a one-byte GET: the storage refuses HEAD, as pre-signed GET URLs do.
+    assert_eq!(backend.blob_size(&id).unwrap(), data.len() as u64);
     let c = &server.counters;
     assert!(c.storage_requests.load(Ordering::Relaxed) >= 3);
     assert_eq!(
@@ -352,6 +381,7 @@ fn mirrors_fail_over_to_the_origin_and_recover() {
         bearer: None,
         token_basic: None,
         redirect_to: None,
+        storage_head_403: false,
     };
     let (origin, mirror) = (FakeServer::start(opts()), FakeServer::start(opts()));
     let data = pseudo_random(1 << 20, 5);
@@ -386,6 +416,37 @@ fn mirrors_fail_over_to_the_origin_and_recover() {
         "mirror back in use"
     );
     assert_eq!(origin.counters.data_requests.load(Ordering::Relaxed), 5);
+}
+
+/// The `http-proxy` backend (`addr` + `path` + `/<blob id>`) through the daemon's own config parser.
+#[test]
+fn http_proxy_backend_reads_ranges() {
+    let server = FakeServer::start(FakeOptions {
+        repo: REPO.into(),
+        bearer: None,
+        token_basic: None,
+        redirect_to: None,
+        storage_head_403: false,
+    });
+    let data = pseudo_random(600_000, 13);
+    let id = server.add_blob(data.clone());
+    let config = rafsd::config::DaemonConfig::from_slice(
+        json!({"version": 2, "backend": {"type": "http-proxy", "http-proxy": {
+            "addr": format!("http://127.0.0.1:{}", server.port), "path": "/namespace/x/blobs"}}})
+        .to_string()
+        .as_bytes(),
+    )
+    .unwrap();
+    let backend = rafsd::storage::backend_from_config(&config.backend).unwrap();
+    assert_eq!(backend.kind(), "http-proxy");
+    assert_eq!(backend.blob_size(&id).unwrap(), data.len() as u64);
+    assert!(backend.read_exact_at(&id, 599_000, 1000).unwrap() == data[599_000..]);
+    // Past the end: a short read, then nothing.
+    let mut buf = vec![0u8; 4096];
+    assert_eq!(backend.read_at(&id, 599_990, &mut buf).unwrap(), 10);
+    assert_eq!(backend.read_at(&id, 600_000, &mut buf).unwrap(), 0);
+    // Ids that are not blob ids never reach a URL.
+    assert!(backend.blob_size("../../etc/passwd").is_err());
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -534,6 +595,42 @@ fn registry_with_bearer_tokens_from_a_real_token_flow() {
     d.stop();
 }
 
+/// docker-registry over HTTPS with a certificate from a private CA: refused by default, accepted with
+/// `skip_verify`, and verified against `ca_cert_files`.
+#[test]
+fn tls_registry_needs_skip_verify_or_its_ca() {
+    need(&["docker-registry", "openssl"]);
+    let dir = tmp();
+    let (ca, cert, key) = services::test_ca_and_server_cert(dir.path());
+    let reg = services::start_registry_with(dir.path(), RegistryAuth::None, Some((cert, key)));
+    let data = pseudo_random(1 << 20, 21);
+    let id = services::push_blob_to(
+        &format!("https://127.0.0.1:{}", reg.port),
+        REPO,
+        None,
+        &data,
+    );
+    let with = |extra: serde_json::Value| {
+        let mut cfg =
+            json!({"host": format!("127.0.0.1:{}", reg.port), "repo": REPO, "retry_limit": 1});
+        cfg.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        registry_backend(cfg)
+    };
+    let start = Instant::now();
+    let err = with(json!({})).blob_size(&id).unwrap_err();
+    assert_eq!(err.errno(), libc::EIO, "{err}");
+    assert!(start.elapsed() < Duration::from_secs(5));
+    for extra in [json!({"skip_verify": true}), json!({"ca_cert_files": [ca]})] {
+        let b = with(extra.clone());
+        assert!(
+            b.read_exact_at(&id, 1000, 50_000).unwrap() == data[1000..51_000],
+            "{extra}"
+        );
+    }
+}
+
 #[test]
 fn daemon_returns_eio_on_backend_faults_and_serves_again_after_recovery() {
     manifest::assert_root("FUSE mounts");
@@ -544,6 +641,7 @@ fn daemon_returns_eio_on_backend_faults_and_serves_again_after_recovery() {
         bearer: Some(60),
         token_basic: None,
         redirect_to: None,
+        storage_head_403: false,
     });
     for (id, data) in case_blobs(case) {
         assert_eq!(server.add_blob(data), id);
@@ -554,7 +652,20 @@ fn daemon_returns_eio_on_backend_faults_and_serves_again_after_recovery() {
         json!({"scheme": "http", "host": format!("127.0.0.1:{}", server.port), "repo": REPO,
                "timeout": 1, "connect_timeout": 1, "retry_limit": 2}),
     );
-    let mut d = mount(dir.path(), &config, &manifest::case_bootstrap(case));
+    let sock = dir.path().join("api.sock");
+    let mut d = Daemon::start(
+        &[
+            "fuse",
+            "--config",
+            config.to_str().unwrap(),
+            "--bootstrap",
+            manifest::case_bootstrap(case).to_str().unwrap(),
+            "--apisock",
+            sock.to_str().unwrap(),
+        ],
+        &dir.path().join("mnt"),
+        &dir.path().join("rafsd.log"),
+    );
     let (rel, want) = largest_file();
     let path = d.mountpoint.join(&rel);
     for fault in [
@@ -574,6 +685,23 @@ fn daemon_returns_eio_on_backend_faults_and_serves_again_after_recovery() {
         );
         assert!(d.is_running(), "daemon died on {fault:?}");
     }
+    // The failures are in the daemon's event ring, as nydusd's API shows them.
+    let (status, body) = daemon::api_request(
+        &sock,
+        "GET",
+        "/api/v1/daemon/events",
+        "",
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let events: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(events["total_errors"].as_u64().unwrap() >= 2, "{body}");
+    assert!(
+        body.contains("giving up after 3 attempts") && body.contains("status 500"),
+        "{body}"
+    );
+
     server.set_always(None);
     drop_cache(&path);
     assert_eq!(sha256_of(&path).unwrap(), want, "after recovery");

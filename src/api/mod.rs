@@ -60,10 +60,7 @@ pub fn route(daemon: &Daemon, req: &Request) -> Response {
         ("/daemon", "GET") => Response::json(200, &daemon.info()),
         ("/daemon", "PUT") => set_log_level(req),
         ("/daemon", _) => method_not_allowed(req),
-        ("/daemon/events", "GET") => Response::json(
-            200,
-            &json!({"max_errors": 500, "total_errors": 0, "max_size": 51200, "total_size": 0, "errors": []}),
-        ),
+        ("/daemon/events", "GET") => Response::json(200, &crate::storage::events::snapshot()),
         ("/daemon/backend", "GET") => backend_info(daemon, req),
         ("/daemon/start", "PUT") => {
             Response::error(400, "UnexpectedEvent", "the daemon is already RUNNING")

@@ -34,6 +34,8 @@ pub struct HttpSettings {
     /// Retries after the first attempt of a read.
     pub retry_limit: u32,
     pub skip_verify: bool,
+    /// PEM files whose certificates replace the bundled web PKI roots (a private registry's CA).
+    pub ca_cert_files: Vec<std::path::PathBuf>,
     pub proxy: Option<ProxySettings>,
     pub mirrors: Vec<MirrorSettings>,
 }
@@ -191,6 +193,25 @@ impl HttpSettings {
             // nydusd parses 0 by default; a read that never retries is too fragile, so absent means 3.
             retry_limit: k.number("retry_limit", 3)?.min(16) as u32,
             skip_verify: k.boolean("skip_verify", false)?,
+            ca_cert_files: match k.obj.get("ca_cert_files") {
+                None | Some(Value::Null) => Vec::new(),
+                Some(Value::Array(list)) => list
+                    .iter()
+                    .map(|v| v.as_str().map(std::path::PathBuf::from))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| {
+                        Error::Invalid(format!(
+                            "backend {}: `ca_cert_files` must be a list of paths",
+                            k.kind
+                        ))
+                    })?,
+                Some(_) => {
+                    return Err(Error::Invalid(format!(
+                        "backend {}: `ca_cert_files` must be a list of paths",
+                        k.kind
+                    )))
+                }
+            },
             proxy,
             mirrors,
         })
@@ -281,6 +302,29 @@ pub struct HttpClient {
     pub counters: HttpCounters,
 }
 
+/// The TLS roots: the bundled web PKI roots (no system CA files are read), or the configured CA files.
+fn tls_roots(settings: &HttpSettings) -> Result<ureq::tls::RootCerts> {
+    if settings.ca_cert_files.is_empty() {
+        return Ok(ureq::tls::RootCerts::WebPki);
+    }
+    let mut certs = Vec::new();
+    for path in &settings.ca_cert_files {
+        let pem = std::fs::read(path)
+            .map_err(|e| Error::io(format!("read CA file {}", path.display()), e))?;
+        for item in ureq::tls::parse_pem(&pem) {
+            match item {
+                Ok(ureq::tls::PemItem::Certificate(c)) => certs.push(c),
+                Ok(_) => {}
+                Err(e) => return Err(Error::Invalid(format!("CA file {}: {e}", path.display()))),
+            }
+        }
+    }
+    if certs.is_empty() {
+        return Err(Error::Invalid("`ca_cert_files` hold no certificate".into()));
+    }
+    Ok(ureq::tls::RootCerts::new_with_certs(&certs))
+}
+
 fn agent(settings: &HttpSettings, proxy: Option<&str>) -> Result<ureq::Agent> {
     let proxy = proxy
         .map(|p| ureq::Proxy::new(p).map_err(|e| Error::Invalid(format!("proxy url {p:?}: {e}"))))
@@ -295,6 +339,7 @@ fn agent(settings: &HttpSettings, proxy: Option<&str>) -> Result<ureq::Agent> {
         .user_agent("rafsd/0.1")
         .tls_config(
             ureq::tls::TlsConfig::builder()
+                .root_certs(tls_roots(settings)?)
                 .disable_verification(settings.skip_verify)
                 .build(),
         )
@@ -370,7 +415,9 @@ impl HttpClient {
         let mut body = Vec::with_capacity(limit.min(16 << 20) as usize);
         let mut body_error = None;
         if req.method == Method::Get {
-            let mut reader = resp.body_mut().as_reader().take(limit);
+            // ureq's own limit (not `Read::take`) so the body is read to its end and the connection
+            // goes back to the pool; a body longer than asked for is an error.
+            let mut reader = resp.body_mut().with_config().limit(limit).reader();
             if let Err(e) = reader.read_to_end(&mut body) {
                 body_error = Some(e.to_string());
             }
@@ -595,14 +642,19 @@ impl<R: Remote> RemoteBackend<R> {
         loop {
             match attempt() {
                 Ok(v) => return Ok(v),
-                Err(Failure::Fatal(e)) => return Err(e),
+                Err(Failure::Fatal(e)) => {
+                    super::events::record(&e.to_string());
+                    return Err(e);
+                }
                 Err(Failure::Retry { why, after }) => {
                     if n >= limit {
-                        return Err(net_error(format!(
+                        let e = net_error(format!(
                             "{} {what}: giving up after {} attempts: {why}",
                             self.remote.kind(),
                             n + 1
-                        )));
+                        ));
+                        super::events::record(&e.to_string());
+                        return Err(e);
                     }
                     n += 1;
                     self.http.counters.retries.fetch_add(1, Ordering::Relaxed);
@@ -619,7 +671,8 @@ impl<R: Remote> RemoteBackend<R> {
 
     fn fetch_range(&self, blob_id: &str, start: u64, end: u64, blob_size: u64) -> Result<Vec<u8>> {
         let want = (end - start + 1) as usize;
-        self.with_retries(&format!("blob {blob_id} bytes {start}-{end}"), || {
+        let what = format!("blob {blob_id} bytes {start}-{end}");
+        self.with_retries(&what, || {
             let resp = self.remote.fetch(&self.http, blob_id, Some((start, end)))?;
             match resp.status {
                 206 => {
@@ -639,7 +692,7 @@ impl<R: Remote> RemoteBackend<R> {
                     let whole = check_body(resp, blob_size as usize)?;
                     Ok(whole[start as usize..=end as usize].to_vec())
                 }
-                _ => Err(classify(&resp, "read")),
+                _ => Err(classify(&resp, &format!("{} {what}", self.remote.kind()))),
             }
         })
     }
@@ -684,14 +737,28 @@ impl<R: Remote> BlobBackend for RemoteBackend<R> {
         {
             return Ok(*s);
         }
-        let size = self.with_retries(&format!("blob {blob_id} size"), || {
+        let what = format!("{} blob {blob_id} size", self.remote.kind());
+        let size = self.with_retries(&what, || {
             let resp = self.remote.fetch(&self.http, blob_id, None)?;
-            if resp.status != 200 {
-                return Err(classify(&resp, "size"));
+            match resp.status {
+                200 => resp
+                    .header("content-length")
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .ok_or_else(|| Failure::retry("HEAD without Content-Length")),
+                // Pre-signed storage URLs are often valid for GET only: ask for one byte instead.
+                403 | 405 => {
+                    let resp = self.remote.fetch(&self.http, blob_id, Some((0, 0)))?;
+                    match resp.status {
+                        206 => resp
+                            .header("content-range")
+                            .and_then(content_range)
+                            .and_then(|(_, _, total)| total)
+                            .ok_or_else(|| Failure::retry("206 without a blob size")),
+                        _ => Err(classify(&resp, &what)),
+                    }
+                }
+                _ => Err(classify(&resp, &what)),
             }
-            resp.header("content-length")
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .ok_or_else(|| Failure::retry("HEAD without Content-Length"))
         })?;
         self.sizes
             .lock()
@@ -729,6 +796,38 @@ mod tests {
             rehost("https://reg:5000/v2/a/b/blobs/sha256:x", "http://m:1/"),
             Some("http://m:1/v2/a/b/blobs/sha256:x".into())
         );
+    }
+
+    #[test]
+    fn settings_parse_with_defaults_and_named_errors() {
+        let v = serde_json::json!({"timeout": 0, "retry_limit": 1,
+            "proxy": {"url": "http://p:1", "fallback": false},
+            "mirrors": [{"host": "http://m:2/", "headers": {"X-A": "b"}}]});
+        let s = HttpSettings::from_keys(&Keys::new("registry", &v).unwrap()).unwrap();
+        assert_eq!(s.timeout, None);
+        assert_eq!(s.connect_timeout, Some(Duration::from_secs(5)));
+        assert_eq!(s.retry_limit, 1);
+        let p = s.proxy.unwrap();
+        assert!(!p.fallback && p.check_interval == Duration::from_secs(5));
+        assert_eq!(s.mirrors[0].host, "http://m:2");
+        assert_eq!(s.mirrors[0].ping_url, "http://m:2/v2");
+        assert_eq!(s.mirrors[0].failure_limit, 5);
+        assert_eq!(
+            s.mirrors[0].headers,
+            vec![("X-A".to_string(), "b".to_string())]
+        );
+        for (bad, key) in [
+            (serde_json::json!({"timeout": "5"}), "`timeout`"),
+            (serde_json::json!({"mirrors": {}}), "`mirrors`"),
+            (serde_json::json!({"mirrors": [{}]}), "`host`"),
+            (serde_json::json!({"skip_verify": 1}), "`skip_verify`"),
+            (serde_json::json!({"ca_cert_files": [1]}), "`ca_cert_files`"),
+        ] {
+            let err = HttpSettings::from_keys(&Keys::new("s3", &bad).unwrap())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{bad} -> {err}");
+        }
     }
 
     #[test]

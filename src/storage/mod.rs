@@ -3,6 +3,7 @@
 
 pub mod compress;
 pub mod digest;
+pub mod events;
 pub mod http;
 pub mod http_proxy;
 pub mod localfs;

@@ -111,6 +111,83 @@ pub const TOKEN_SERVICE: &str = "rafsd-registry";
 
 /// `docker-registry` on a free port with filesystem storage in `dir`.
 pub fn start_registry(dir: &Path, auth: RegistryAuth) -> Service {
+    start_registry_with(dir, auth, None)
+}
+
+/// A test CA and a server certificate for 127.0.0.1 signed by it, made with `openssl`:
+/// (ca.pem, server-cert.pem, server-key.pem).
+pub fn test_ca_and_server_cert(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let p = |n: &str| dir.join(n);
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=rafsd test CA",
+        "-keyout",
+        "ca-key.pem",
+        "-out",
+        "ca.pem",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server-key.pem",
+        "-out",
+        "server.csr",
+    ]);
+    std::fs::write(
+        p("server.ext"),
+        "basicConstraints=critical,CA:FALSE\nsubjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca-key.pem",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "server.ext",
+        "-out",
+        "server-cert.pem",
+    ]);
+    (p("ca.pem"), p("server-cert.pem"), p("server-key.pem"))
+}
+
+/// As [`start_registry`], serving HTTPS with `tls` = (cert, key) when given.
+pub fn start_registry_with(
+    dir: &Path,
+    auth: RegistryAuth,
+    tls: Option<(PathBuf, PathBuf)>,
+) -> Service {
     let port = free_port();
     let auth = match auth {
         RegistryAuth::None => String::new(),
@@ -131,8 +208,16 @@ pub fn start_registry(dir: &Path, auth: RegistryAuth) -> Service {
             cert.display()
         ),
     };
+    let tls = match tls {
+        Some((cert, key)) => format!(
+            "  tls:\n    certificate: {}\n    key: {}\n",
+            cert.display(),
+            key.display()
+        ),
+        None => String::new(),
+    };
     let config = format!(
-        "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: rafsd-test-secret\n{auth}",
+        "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: rafsd-test-secret\n{tls}{auth}",
         dir.join("storage").display()
     );
     std::fs::write(dir.join("registry.yml"), config).unwrap();
@@ -185,10 +270,25 @@ pub fn issue_token(issuer_port: u16, basic: &str, repo: &str) -> String {
 /// Push `data` as a blob with the monolithic upload (POST, then PUT with the digest), sending
 /// `authorization` as the Authorization header. Returns its id.
 pub fn push_blob(port: u16, repo: &str, authorization: Option<&str>, data: &[u8]) -> String {
+    push_blob_to(
+        &format!("http://127.0.0.1:{port}"),
+        repo,
+        authorization,
+        data,
+    )
+}
+
+/// As [`push_blob`], to a registry at `base` (`http://` or `https://` with any certificate).
+pub fn push_blob_to(base: &str, repo: &str, authorization: Option<&str>, data: &[u8]) -> String {
     let id = format!("{:x}", sha2::Sha256::digest(data));
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .max_redirects(0)
+        .tls_config(
+            ureq::tls::TlsConfig::builder()
+                .disable_verification(true)
+                .build(),
+        )
         .build()
         .into();
     let with_auth = |mut b: ureq::RequestBuilder<ureq::typestate::WithBody>| {
@@ -197,13 +297,13 @@ pub fn push_blob(port: u16, repo: &str, authorization: Option<&str>, data: &[u8]
         }
         b
     };
-    let resp = with_auth(agent.post(format!("http://127.0.0.1:{port}/v2/{repo}/blobs/uploads/")))
+    let resp = with_auth(agent.post(format!("{base}/v2/{repo}/blobs/uploads/")))
         .send_empty()
         .unwrap();
     assert_eq!(resp.status().as_u16(), 202, "start upload");
     let location = resp.headers()["location"].to_str().unwrap().to_string();
     let location = if location.starts_with('/') {
-        format!("http://127.0.0.1:{port}{location}")
+        format!("{base}{location}")
     } else {
         location
     };
@@ -282,6 +382,7 @@ pub struct FaultState {
 
 #[derive(Default)]
 pub struct Counters {
+    pub connections: AtomicU64,
     pub requests: AtomicU64,
     pub data_requests: AtomicU64,
     pub bytes: AtomicU64,
@@ -301,6 +402,8 @@ pub struct FakeOptions {
     pub token_basic: Option<String>,
     /// Answer blob GETs with a 307 to `/storage/<id>` on this host:port (which this server also serves).
     pub redirect_to: Option<String>,
+    /// Refuse HEAD at `/storage/` with 403 (pre-signed URLs valid for GET only).
+    pub storage_head_403: bool,
 }
 
 pub struct FakeServer {
@@ -351,6 +454,7 @@ impl FakeServer {
             while !shared.stop.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((conn, _)) => {
+                        shared.counters.connections.fetch_add(1, Ordering::Relaxed);
                         let shared = shared.clone();
                         std::thread::spawn(move || serve_conn(&shared, conn));
                     }
@@ -519,6 +623,9 @@ fn handle(
                 b"",
             );
         }
+    }
+    if method == "HEAD" && at_storage && s.opts.storage_head_403 {
+        return respond(conn, 403, &[], b"");
     }
     if method == "HEAD" {
         return respond(
