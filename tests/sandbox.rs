@@ -602,9 +602,11 @@ fn chroot_mode_and_allow_network_choose_the_namespaces() {
 }
 
 /// Directories a test makes under fixed host paths (Kata's and nydus-snapshotter's), removed on drop, also
-/// when the test fails: each tree whole, then the parents it had to create, if they are empty by then.
+/// when the test fails: its bind mounts first (last made, first gone), each tree whole, then the parents it
+/// had to create, if they are empty by then.
 #[derive(Default)]
 struct HostDirs {
+    mounts: Vec<PathBuf>,
     trees: Vec<PathBuf>,
     created_parents: Vec<PathBuf>,
 }
@@ -622,10 +624,54 @@ impl HostDirs {
         self.trees.push(tree.to_path_buf());
         tree.to_path_buf()
     }
+
+    /// Bind-mount `src` on `target` with `propagation` (MS_SHARED...), as Kata's runtime does on the host.
+    fn bind(&mut self, src: &Path, target: &Path, propagation: libc::c_ulong) {
+        let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        let (src_c, target_c) = (c(src), c(target));
+        // SAFETY: valid C strings; null fstype and data are allowed for bind and propagation changes.
+        let r = unsafe {
+            libc::mount(
+                src_c.as_ptr(),
+                target_c.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(
+            r,
+            0,
+            "bind {src:?} on {target:?}: {}",
+            std::io::Error::last_os_error()
+        );
+        self.mounts.push(target.to_path_buf());
+        if propagation != 0 {
+            // SAFETY: as above.
+            let r = unsafe {
+                libc::mount(
+                    std::ptr::null(),
+                    target_c.as_ptr(),
+                    std::ptr::null(),
+                    propagation,
+                    std::ptr::null(),
+                )
+            };
+            assert_eq!(
+                r,
+                0,
+                "propagation of {target:?}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
 }
 
 impl Drop for HostDirs {
     fn drop(&mut self) {
+        for m in self.mounts.iter().rev() {
+            daemon::lazy_unmount(m);
+        }
         for t in &self.trees {
             let _ = std::fs::remove_dir_all(t);
         }
@@ -662,6 +708,9 @@ fn kata_launch_works_with_the_default_roots_and_stays_confined() {
     let sandbox = host.make(&Path::new("/run/kata-containers/shared/sandboxes").join(&tag));
     let share = sandbox.join("rw");
     std::fs::create_dir(&share).unwrap();
+    // A shared mount, as /run is on a systemd host: Kata's later per-container bind mounts into the share
+    // must reach the sandboxed daemon's view (its mounts are slaves of the host's).
+    host.bind(&share, &share, libc::MS_SHARED);
     std::fs::write(share.join("hello"), b"from the host share\n").unwrap();
     let snapshot = host.make(&Path::new("/var/lib/containerd-nydus/snapshots").join(&tag));
     let case = "v6-zstd-blake3";
@@ -727,6 +776,20 @@ fn kata_launch_works_with_the_default_roots_and_stays_confined() {
     assert_eq!(
         g.read_file(hello.nodeid, 4096).unwrap(),
         b"from the host share\n"
+    );
+    // Per container, Kata bind-mounts the snapshotter's snapshot dir into the share after the daemon
+    // started (the overlay's upper layer): it must appear in the guest through /containers.
+    std::fs::create_dir_all(snapshot.join("fs")).unwrap();
+    std::fs::write(snapshot.join("fs/upper-file"), b"from the snapshot dir\n").unwrap();
+    let snapshotdir = share.join(&tag).join("snapshotdir");
+    std::fs::create_dir_all(&snapshotdir).unwrap();
+    host.bind(&snapshot, &snapshotdir, libc::MS_SLAVE);
+    let upper = g
+        .lookup_path(ROOT, &format!("containers/{tag}/snapshotdir/fs/upper-file"))
+        .unwrap();
+    assert_eq!(
+        g.read_file(upper.nodeid, 4096).unwrap(),
+        b"from the snapshot dir\n"
     );
     let rel = "special/random-2m5";
     let want = manifest::load_manifest()
