@@ -14,7 +14,8 @@
 //! 4. seccomp ([`crate::seccomp`]), on every thread.
 //!
 //! Mounts added through the API after start-up must lie beneath the allowed paths ([`AllowedPaths`]);
-//! others are refused with an API error rather than failing later with EACCES.
+//! others are refused with an API error rather than failing later with EACCES. A daemon started as Kata
+//! starts nydusd gets Kata's and nydus-snapshotter's roots ([`AllowedPaths::kata_defaults`]).
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;

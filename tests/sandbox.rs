@@ -859,3 +859,32 @@ fn kata_launch_works_with_the_default_roots_and_stays_confined() {
     assert!(log.contains("rafsd virtiofs stopped"), "{log}");
     assert!(log.contains("ended: Code(0)"), "{log}");
 }
+
+/// Any `--allow-*` option means the user chose: the Kata defaults are not added to it.
+#[test]
+fn an_explicit_allow_option_switches_the_kata_defaults_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, apisock) = VirtiofsDaemon::sockets(dir.path());
+    let args: Vec<std::ffi::OsString> = vec![
+        "virtiofs".into(),
+        "--apisock".into(),
+        apisock.into(),
+        "--sock".into(),
+        sock.into(),
+        "--allow-network".into(),
+    ];
+    let d = VirtiofsDaemon::start_with_args(BIN, dir.path(), &args);
+    let log = d.log_text();
+    assert!(!log.contains("Kata/nydus-snapshotter defaults"), "{log}");
+    let body = serde_json::json!({"fs_type": "passthrough_fs", "config": "",
+        "source": "/run/kata-containers/shared/sandboxes/x/rw"});
+    let (s, t) = d
+        .api(
+            "POST",
+            "/api/v1/mount?mountpoint=/containers",
+            &body.to_string(),
+        )
+        .unwrap();
+    assert_eq!(s, 403, "{t}");
+    d.kill_and_check();
+}
