@@ -137,6 +137,11 @@ struct SandboxArgs {
 }
 
 impl SandboxArgs {
+    /// Did the user say what the daemon may use (which switches the Kata defaults off)?
+    fn paths_given(&self) -> bool {
+        self.allow_network || !self.allow_path.is_empty() || !self.allow_path_rw.is_empty()
+    }
+
     fn allowed_paths(&self) -> rafsd::Result<rafsd::sandbox::AllowedPaths> {
         let mut allowed = rafsd::sandbox::AllowedPaths {
             network: self.allow_network,
@@ -571,6 +576,14 @@ fn run_virtiofs(args: VirtiofsArgs) -> rafsd::Result<ExitCode> {
             config: String::new(),
             prefetch_files,
         });
+    }
+    // Kata starts nydusd with nothing to serve and no room for our options (only
+    // virtio_fs_extra_args): without defaults every one of its API mounts would be refused.
+    if startup.is_none() && !args.sandbox.paths_given() {
+        allowed = rafsd::sandbox::AllowedPaths::kata_defaults(
+            rafsd::sandbox::KATA_SHARED_ROOTS,
+            rafsd::sandbox::SNAPSHOTTER_ROOTS,
+        )?;
     }
     // Both sockets are bound on the host before the sandbox hides their paths.
     let listener = rafsd::vhost_user::bind(&args.sock)?;

@@ -14,7 +14,8 @@
 //! 4. seccomp ([`crate::seccomp`]), on every thread.
 //!
 //! Mounts added through the API after start-up must lie beneath the allowed paths ([`AllowedPaths`]);
-//! others are refused with an API error rather than failing later with EACCES.
+//! others are refused with an API error rather than failing later with EACCES. A daemon started as Kata
+//! starts nydusd gets Kata's and nydus-snapshotter's roots ([`AllowedPaths::kata_defaults`]).
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -90,6 +91,20 @@ const LIBRARY_PATHS: &[&str] = &[
 
 /// Device nodes that libraries open by path.
 const DEVICES: &[&str] = &["/dev/null", "/dev/zero", "/dev/urandom", "/dev/random"];
+
+/// Kata's host shared dirs (`/run/kata-containers/shared/sandboxes/<sid>/...`): the passthrough share
+/// it mounts at `/containers`. Read-write.
+pub const KATA_SHARED_ROOTS: &[&str] = &["/run/kata-containers/shared"];
+
+/// nydus-snapshotter roots (the current default and the older containerd plugin path): bootstraps and
+/// blobs beneath them are read; the blob cache, `<root>/cache` by default, is written.
+pub const SNAPSHOTTER_ROOTS: &[&str] = &[
+    "/var/lib/containerd-nydus",
+    "/var/lib/containerd/io.containerd.snapshotter.v1.nydus",
+];
+
+/// The snapshotter's cache work dir, relative to its root.
+const SNAPSHOTTER_CACHE: &str = "cache";
 
 /// The host paths the daemon may use: read-only (images, blobs) and read-write (caches, shares).
 #[derive(Debug, Clone, Default)]
@@ -183,6 +198,44 @@ impl AllowedPaths {
             self.read_write.push(p);
         }
         Ok(())
+    }
+
+    /// What a daemon started the way Kata starts nydusd (nothing to serve, no `--allow-*`) may use:
+    /// `shared_roots` read-write, `snapshotter_roots` read-only with their `cache` read-write, and (when
+    /// a snapshotter root exists) the host network: Kata already runs the daemon in the sandbox's network
+    /// namespace, and registry backends only arrive with API mounts. Roots missing now are left out, with a warning: the
+    /// namespace root can only bind what exists, and a guessed path is not worth creating on the host.
+    pub fn kata_defaults(shared_roots: &[&str], snapshotter_roots: &[&str]) -> Result<Self> {
+        let mut allowed = AllowedPaths::default();
+        let mut missing = Vec::new();
+        for root in shared_roots.iter().chain(snapshotter_roots).map(Path::new) {
+            if !root.is_dir() {
+                missing.push(root);
+            } else if snapshotter_roots.iter().any(|r| Path::new(r) == root) {
+                allowed.add_read_only(root)?;
+                allowed.add_read_write(&root.join(SNAPSHOTTER_CACHE))?;
+                // Registry configs come with RAFS mounts, whose bootstraps live here.
+                allowed.network = true;
+            } else {
+                allowed.add_read_write(root)?;
+            }
+        }
+        log::info!(
+            "sandbox: nothing to serve and no --allow-path/--allow-path-rw/--allow-network given: \
+             applying the Kata/nydus-snapshotter defaults: read-write {:?}, read-only {:?}, host \
+             network kept: {}; give any --allow-path, --allow-path-rw or --allow-network to choose \
+             instead",
+            allowed.read_write,
+            allowed.read_only,
+            allowed.network
+        );
+        if !missing.is_empty() {
+            log::warn!(
+                "sandbox: default roots {missing:?} do not exist now and are not exposed: API mounts \
+                 beneath them will be refused (create them before starting rafsd, or pass --allow-path*)"
+            );
+        }
+        Ok(allowed)
     }
 
     /// The paths a RAFS config names: blob directories read-only, the cache work dir read-write.
@@ -689,5 +742,50 @@ pub fn unmount_fuse(mountpoint: &Path) {
                 std::io::Error::last_os_error()
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kata_defaults_take_existing_roots_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().canonicalize().unwrap();
+        let (shared, snapshotter) = (base.join("shared"), base.join("snapshotter"));
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::create_dir(&snapshotter).unwrap();
+        let s = |p: &Path| p.to_str().unwrap().to_string();
+        let (shared_s, snap_s) = (s(&shared), s(&snapshotter));
+        let (gone_shared, gone_snap) = (s(&base.join("no-shared")), s(&base.join("no-snap")));
+        let allowed = AllowedPaths::kata_defaults(
+            &[gone_shared.as_str(), shared_s.as_str()],
+            &[snap_s.as_str(), gone_snap.as_str()],
+        )
+        .unwrap();
+        assert!(allowed.network);
+        assert_eq!(
+            allowed.read_write,
+            [shared.clone(), snapshotter.join("cache")]
+        );
+        assert_eq!(allowed.read_only, std::slice::from_ref(&snapshotter));
+        // Bootstraps under the snapshotter root are readable, not writable; shares are writable.
+        let mut share = shared.join("sandboxes/x/rw");
+        allowed.confine_share(&mut share).unwrap();
+        assert!(allowed
+            .confine_share(&mut snapshotter.join("snapshots"))
+            .is_err());
+        let mut cache = snapshotter.join("cache/x");
+        allowed.confine("cache work_dir", &mut cache, true).unwrap();
+        let mut boot = snapshotter.join("snapshots/1/fs/image/image.boot");
+        allowed.confine("bootstrap", &mut boot, false).unwrap();
+        // Nothing exists: nothing is allowed, so every API mount is refused (403), none half-works.
+        let none =
+            AllowedPaths::kata_defaults(&[gone_shared.as_str()], &[gone_snap.as_str()]).unwrap();
+        assert!(none.read_only.is_empty() && none.read_write.is_empty() && !none.network);
+        assert!(none
+            .confine_share(&mut PathBuf::from(&gone_shared).join("x"))
+            .is_err());
     }
 }

@@ -600,3 +600,292 @@ fn chroot_mode_and_allow_network_choose_the_namespaces() {
     assert!(t.contains("backend file") && t.contains("ca.pem"), "{t}");
     d.kill_and_check();
 }
+
+/// Directories a test makes under fixed host paths (Kata's and nydus-snapshotter's), removed on drop, also
+/// when the test fails: its bind mounts first (last made, first gone), each tree whole, then the parents it
+/// had to create, if they are empty by then.
+#[derive(Default)]
+struct HostDirs {
+    mounts: Vec<PathBuf>,
+    trees: Vec<PathBuf>,
+    created_parents: Vec<PathBuf>,
+}
+
+impl HostDirs {
+    fn make(&mut self, tree: &Path) -> PathBuf {
+        assert!(!tree.exists(), "{tree:?} exists already");
+        self.created_parents.extend(
+            tree.ancestors()
+                .skip(1)
+                .take_while(|a| !a.exists())
+                .map(Path::to_path_buf),
+        );
+        std::fs::create_dir_all(tree).unwrap();
+        self.trees.push(tree.to_path_buf());
+        tree.to_path_buf()
+    }
+
+    /// Bind-mount `src` on `target` with `propagation` (MS_SHARED...), as Kata's runtime does on the host.
+    fn bind(&mut self, src: &Path, target: &Path, propagation: libc::c_ulong) {
+        let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        let (src_c, target_c) = (c(src), c(target));
+        // SAFETY: valid C strings; null fstype and data are allowed for bind and propagation changes.
+        let r = unsafe {
+            libc::mount(
+                src_c.as_ptr(),
+                target_c.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(
+            r,
+            0,
+            "bind {src:?} on {target:?}: {}",
+            std::io::Error::last_os_error()
+        );
+        self.mounts.push(target.to_path_buf());
+        if propagation != 0 {
+            // SAFETY: as above.
+            let r = unsafe {
+                libc::mount(
+                    std::ptr::null(),
+                    target_c.as_ptr(),
+                    std::ptr::null(),
+                    propagation,
+                    std::ptr::null(),
+                )
+            };
+            assert_eq!(
+                r,
+                0,
+                "propagation of {target:?}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+impl Drop for HostDirs {
+    fn drop(&mut self) {
+        for m in self.mounts.iter().rev() {
+            daemon::lazy_unmount(m);
+        }
+        for t in &self.trees {
+            let _ = std::fs::remove_dir_all(t);
+        }
+        // The daemon may have made a parent too (the snapshotter's cache dir): deepest first.
+        self.created_parents
+            .sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        for p in &self.created_parents {
+            let _ = std::fs::remove_dir(p);
+        }
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+/// Kata's launch and API sequence, exactly: `virtiofs --log-level info --apisock A --sock S
+/// --thread-pool-size=1 --announce-submounts` with no paths allowed on the command line, a passthrough
+/// share under /run/kata-containers/shared and a RAFS image under the nydus-snapshotter root.
+#[test]
+fn kata_launch_works_with_the_default_roots_and_stays_confined() {
+    let mut host = HostDirs::default();
+    let tag = format!(
+        "rafsd-test-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos()
+    );
+    let sandbox = host.make(&Path::new("/run/kata-containers/shared/sandboxes").join(&tag));
+    let share = sandbox.join("rw");
+    std::fs::create_dir(&share).unwrap();
+    // A shared mount, as /run is on a systemd host: Kata's later per-container bind mounts into the share
+    // must reach the sandboxed daemon's view (its mounts are slaves of the host's).
+    host.bind(&share, &share, libc::MS_SHARED);
+    std::fs::write(share.join("hello"), b"from the host share\n").unwrap();
+    let snapshot = host.make(&Path::new("/var/lib/containerd-nydus/snapshots").join(&tag));
+    let case = "v6-zstd-blake3";
+    let bootstrap = snapshot.join("fs/image/image.boot");
+    std::fs::create_dir_all(bootstrap.parent().unwrap()).unwrap();
+    std::fs::copy(manifest::case_bootstrap(case), &bootstrap).unwrap();
+    let blobs = snapshot.join("blobs");
+    copy_dir(&manifest::case_blob_dir(case), &blobs);
+    let cache = host.make(&Path::new("/var/lib/containerd-nydus/cache").join(&tag));
+
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, apisock) = VirtiofsDaemon::sockets(dir.path());
+    let args: Vec<std::ffi::OsString> = vec![
+        "virtiofs".into(),
+        "--log-level".into(),
+        "info".into(),
+        "--apisock".into(),
+        apisock.into(),
+        "--sock".into(),
+        sock.into(),
+        "--thread-pool-size=1".into(),
+        "--announce-submounts".into(),
+    ];
+    let mut d = VirtiofsDaemon::start_with_args(BIN, dir.path(), &args);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (s, t) = d.api("GET", "/api/v1/daemon", "").unwrap();
+        let v: serde_json::Value = serde_json::from_str(&t).unwrap_or_default();
+        if s == 200 && v["state"] == "RUNNING" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not RUNNING: {s} {t}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = d.log_text();
+    assert!(log.contains("Kata/nydus-snapshotter defaults"), "{log}");
+
+    let mount = |mp: &str, body: serde_json::Value| {
+        d.api(
+            "POST",
+            &format!("/api/v1/mount?mountpoint={mp}"),
+            &body.to_string(),
+        )
+        .unwrap()
+    };
+    let (s, t) = mount(
+        "/containers",
+        serde_json::json!({"fs_type": "passthrough_fs", "source": share, "config": ""}),
+    );
+    assert_eq!(s, 204, "{t}\n{}", d.log_text());
+    let config = daemon::v1_config(&blobs, &cache, true, "");
+    let lowerdir = format!("/rafs/{tag}/lowerdir");
+    let (s, t) = mount(
+        &lowerdir,
+        serde_json::json!({"fs_type": "rafs", "source": bootstrap, "config": config}),
+    );
+    assert_eq!(s, 204, "{t}\n{}", d.log_text());
+
+    // The guest reads both through the one share, as the Kata agent's overlay would.
+    let mut g = Guest::connect(&d.sock, Options::default()).expect("vhost-user handshake");
+    g.fuse_init().unwrap();
+    let hello = g.lookup_path(ROOT, "containers/hello").unwrap();
+    assert_eq!(
+        g.read_file(hello.nodeid, 4096).unwrap(),
+        b"from the host share\n"
+    );
+    // Per container, Kata bind-mounts the snapshotter's snapshot dir into the share after the daemon
+    // started (the overlay's upper layer): it must appear in the guest through /containers.
+    std::fs::create_dir_all(snapshot.join("fs")).unwrap();
+    std::fs::write(snapshot.join("fs/upper-file"), b"from the snapshot dir\n").unwrap();
+    let snapshotdir = share.join(&tag).join("snapshotdir");
+    std::fs::create_dir_all(&snapshotdir).unwrap();
+    host.bind(&snapshot, &snapshotdir, libc::MS_SLAVE);
+    let upper = g
+        .lookup_path(ROOT, &format!("containers/{tag}/snapshotdir/fs/upper-file"))
+        .unwrap();
+    assert_eq!(
+        g.read_file(upper.nodeid, 4096).unwrap(),
+        b"from the snapshot dir\n"
+    );
+    let rel = "special/random-2m5";
+    let want = manifest::load_manifest()
+        .into_iter()
+        .find(|r| r["path"] == rel)
+        .unwrap()["sha256"]
+        .clone();
+    let file = g
+        .lookup_path(ROOT, &format!("rafs/{tag}/lowerdir/{rel}"))
+        .unwrap();
+    let data = g.read_file(file.nodeid, 128 * 1024).unwrap();
+    let got: String = <sha2::Sha256 as sha2::Digest>::digest(&data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(got, want, "{rel} through the share");
+    assert!(
+        std::fs::read_dir(&cache).unwrap().count() > 0,
+        "blob cache written under the snapshotter's cache dir"
+    );
+
+    // Still confined: outside the roots is refused, every thread filtered, host network on purpose.
+    let outside = tempfile::tempdir().unwrap();
+    let (s, t) = mount(
+        "/elsewhere",
+        serde_json::json!({"fs_type": "passthrough_fs", "source": outside.path(), "config": ""}),
+    );
+    assert_eq!(s, 403, "{t}");
+    let (s, t) = mount(
+        "/rafs/other/lowerdir",
+        serde_json::json!({"fs_type": "rafs", "source": manifest::case_bootstrap(case),
+            "config": daemon::v1_config(&blobs, &cache, true, "")}),
+    );
+    assert_eq!(s, 403, "{t}");
+    // A registry backend (what nydus-snapshotter usually sends) is not refused for want of a network.
+    let registry = serde_json::json!({"device": {"backend": {"type": "registry", "config":
+        {"host": "127.0.0.1:9", "repo": "x/y", "scheme": "http"}},
+        "cache": {"type": "blobcache", "config": {"work_dir": cache}}}, "mode": "direct"});
+    let (s, t) = mount(
+        "/rafs/registry/lowerdir",
+        serde_json::json!({"fs_type": "rafs", "source": bootstrap, "config": registry.to_string()}),
+    );
+    // It gets as far as the host's loopback (an empty network namespace would say unreachable).
+    assert!(s != 403 && t.contains("Connection refused"), "{s} {t}");
+    let pid = daemon_child(d.pid());
+    assert_every_thread_confined(pid);
+    assert_eq!(ns(&pid.to_string(), "net"), ns("self", "net"));
+    assert_ne!(ns(&pid.to_string(), "mnt"), ns("self", "mnt"));
+    assert!(!PathBuf::from(format!("/proc/{pid}/root/etc/passwd")).exists());
+
+    let (s, t) = d
+        .api(
+            "DELETE",
+            &format!("/api/v1/mount?mountpoint={lowerdir}"),
+            "",
+        )
+        .unwrap();
+    assert_eq!(s, 204, "{t}");
+    drop(g);
+    // SAFETY: signalling the process we started.
+    unsafe { libc::kill(d.pid(), libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while d.is_running() {
+        assert!(Instant::now() < deadline, "no exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = d.log_text();
+    assert!(log.contains("rafsd virtiofs stopped"), "{log}");
+    assert!(log.contains("ended: Code(0)"), "{log}");
+}
+
+/// Any `--allow-*` option means the user chose: the Kata defaults are not added to it.
+#[test]
+fn an_explicit_allow_option_switches_the_kata_defaults_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, apisock) = VirtiofsDaemon::sockets(dir.path());
+    let args: Vec<std::ffi::OsString> = vec![
+        "virtiofs".into(),
+        "--apisock".into(),
+        apisock.into(),
+        "--sock".into(),
+        sock.into(),
+        "--allow-network".into(),
+    ];
+    let d = VirtiofsDaemon::start_with_args(BIN, dir.path(), &args);
+    let log = d.log_text();
+    assert!(!log.contains("Kata/nydus-snapshotter defaults"), "{log}");
+    let body = serde_json::json!({"fs_type": "passthrough_fs", "config": "",
+        "source": "/run/kata-containers/shared/sandboxes/x/rw"});
+    let (s, t) = d
+        .api(
+            "POST",
+            "/api/v1/mount?mountpoint=/containers",
+            &body.to_string(),
+        )
+        .unwrap();
+    assert_eq!(s, 403, "{t}");
+    d.kill_and_check();
+}

@@ -1185,19 +1185,30 @@ pub struct VirtiofsDaemon {
 
 impl VirtiofsDaemon {
     pub fn start(bin: &str, dir: &Path, extra: &[&str]) -> Self {
-        let (sock, apisock, log) = (
-            dir.join("vhost-user.sock"),
-            dir.join("api.sock"),
-            dir.join("rafsd-virtiofs.log"),
-        );
+        let (sock, apisock) = Self::sockets(dir);
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "virtiofs".into(),
+            "--sock".into(),
+            sock.into(),
+            "--apisock".into(),
+            apisock.into(),
+        ];
+        args.extend(crate::daemon::sandbox_allow_args(dir));
+        args.extend(extra.iter().map(Into::into));
+        Self::start_with_args(bin, dir, &args)
+    }
+
+    /// Where [`Self::start`] puts the vhost-user and API sockets for `dir`.
+    pub fn sockets(dir: &Path) -> (PathBuf, PathBuf) {
+        (dir.join("vhost-user.sock"), dir.join("api.sock"))
+    }
+
+    /// `bin ARGS` exactly (the sockets in `args` must be [`Self::sockets`]); waits until the API answers.
+    pub fn start_with_args(bin: &str, dir: &Path, args: &[std::ffi::OsString]) -> Self {
+        let (sock, apisock) = Self::sockets(dir);
+        let log = dir.join("rafsd-virtiofs.log");
         let child = Command::new(bin)
-            .arg("virtiofs")
-            .arg("--sock")
-            .arg(&sock)
-            .arg("--apisock")
-            .arg(&apisock)
-            .args(crate::daemon::sandbox_allow_args(dir))
-            .args(extra)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(File::create(&log).unwrap())
             .stderr(std::fs::OpenOptions::new().append(true).open(&log).unwrap())
