@@ -44,9 +44,12 @@ echo "== rafsd build $source"
 "$RAFSD_BIN" build "$source" --bootstrap "$work/image/bootstrap" --blob-dir "$work/image/blobs" --log-level warn
 "$RAFSD_BIN" inspect "$work/image/bootstrap" | head -n 12
 
-# 2. The daemon, started empty, as Kata starts nydusd.
+# 2. The daemon, started empty, as Kata starts nydusd, in its default sandbox (pid/mount/network namespaces,
+#    Landlock, seccomp kill mode): the paths the API mounts will name must be allowed up front.
 api=$work/api.sock sock=$work/vhost-fs.sock
-"$RAFSD_BIN" virtiofs --sock "$sock" --apisock "$api" --log-level info >"$work/rafsd.log" 2>&1 &
+mkdir -p "$work/cache" "$work/shared"
+"$RAFSD_BIN" virtiofs --sock "$sock" --apisock "$api" --log-level info --sandbox namespace --seccomp kill \
+    --allow-path "$work/image" --allow-path-rw "$work/cache" --allow-path-rw "$work/shared" >"$work/rafsd.log" 2>&1 &
 rafsd_pid=$!
 call() { # METHOD PATH [BODY]: prints the HTTP status
     curl -s -o "$work/reply" -w '%{http_code}' --unix-socket "$api" -X "$1" "http://localhost$2" \
@@ -58,12 +61,14 @@ for _ in $(seq 100); do
     sleep 0.1
 done
 echo "== rafsd virtiofs (pid $rafsd_pid) is RUNNING"
+# The supervisor stays in the host namespaces; the daemon is its child, pid 1 of a new pid namespace.
+daemon_pid=$(sed -n 's/.*started the daemon as pid \([0-9]*\).*/\1/p' "$work/rafsd.log" | head -n 1)
+[ -n "$daemon_pid" ] && grep -E '^(Seccomp|NoNewPrivs|CapEff):' "/proc/$daemon_pid/status" | sed 's/^/   daemon /'
 
 # 3. Mount the image and a read-write share through the API.
 config=$(printf '{"device":{"backend":{"type":"localfs","config":{"dir":"%s"}},"cache":{"type":"blobcache","config":{"work_dir":"%s"}}},"mode":"direct","digest_validate":true}' \
     "$work/image/blobs" "$work/cache")
 config_str=${config//\"/\\\"}
-mkdir -p "$work/shared"
 for req in "/rafs/demo/lowerdir|{\"source\":\"$work/image/bootstrap\",\"fs_type\":\"rafs\",\"config\":\"$config_str\"}" \
     "/containers|{\"source\":\"$work/shared\",\"fs_type\":\"passthrough_fs\",\"config\":\"\"}"; do
     status=$(call POST "/api/v1/mount?mountpoint=${req%%|*}" "${req#*|}")
