@@ -105,7 +105,15 @@ fn main() {
     let dev = VirtiofsDaemon::start(
         BIN,
         run,
-        &["--log-level", "warn", "--dax-window", &window_arg],
+        &[
+            "--log-level",
+            "warn",
+            "--dax-window",
+            &window_arg,
+            // The image lives in the target dir, outside the paths the test daemons allow by default.
+            "--allow-path",
+            work.to_str().unwrap(),
+        ],
     );
     dev.mount_rafs(
         "/img",
