@@ -180,7 +180,9 @@ fn main() {
     std::fs::copy(&helper, shared.join("rafs-guest")).unwrap();
     std::fs::write(shared.join("bench.sh"), guest_script(&vm.nonce, a.rounds)).unwrap();
     // Validation off, as a production mount would run with CRC32C only.
-    let mut rafsd = vm.start_rafsd(&[]);
+    // The image lives in the target dir, outside the paths the test daemons allow by default.
+    let image_dir = bootstrap.parent().unwrap().to_str().unwrap();
+    let mut rafsd = vm.start_rafsd(&["--allow-path", image_dir]);
     for (mp, fs_type) in [("/img/fuse", "rafs"), ("/img/blobs", "blob_view")] {
         let (status, reply) = vm.mount_image(mp, fs_type, &bootstrap, &blobs, false);
         assert_eq!(status, 204, "mount {fs_type}: {reply}");
