@@ -118,6 +118,22 @@ fn mount(dir: &Path, config: &Path, bootstrap: &Path) -> Daemon {
     )
 }
 
+/// `rafsd fuse` run to its end (a mount meant to fail), bounded to 20 s: (exit code, output).
+fn fuse_bounded(config: &Path, bootstrap: &Path, mountpoint: &Path) -> (Option<i32>, String) {
+    run_bounded(
+        &[
+            "fuse".as_ref(),
+            "--config".as_ref(),
+            config.as_os_str(),
+            "--bootstrap".as_ref(),
+            bootstrap.as_os_str(),
+            "--mountpoint".as_ref(),
+            mountpoint.as_os_str(),
+        ],
+        Duration::from_secs(20),
+    )
+}
+
 fn assert_matches_manifest(d: &Daemon, case: &str) {
     let problems = manifest::compare_tree(&d.mountpoint, manifest::allowances_for(case));
     assert!(
@@ -505,18 +521,7 @@ fn registry_with_htpasswd_serves_images_that_match_the_manifest() {
     );
     std::fs::create_dir_all(cdir.join("mnt")).unwrap();
     let bootstrap = manifest::case_bootstrap("v6-zstd-blake3");
-    let (code, out) = run_bounded(
-        &[
-            "fuse".as_ref(),
-            "--config".as_ref(),
-            config.as_os_str(),
-            "--bootstrap".as_ref(),
-            bootstrap.as_os_str(),
-            "--mountpoint".as_ref(),
-            cdir.join("mnt").as_os_str(),
-        ],
-        Duration::from_secs(20),
-    );
+    let (code, out) = fuse_bounded(&config, &bootstrap, &cdir.join("mnt"));
     assert!(code.is_some_and(|c| c != 0), "{code:?}: {out}");
     assert!(out.contains("refused the credentials"), "{out}");
     assert!(!out.contains("nope") && !out.contains(&services::basic_auth("alice", "nope")));
@@ -822,18 +827,7 @@ print(k["AccessKeyId"], k["SecretAccessKey"])
     std::fs::create_dir_all(bad.join("mnt")).unwrap();
     let config = net_config(&bad, "s3", s3("not-the-secret"));
     let bootstrap = manifest::case_bootstrap(case);
-    let (code, out) = run_bounded(
-        &[
-            "fuse".as_ref(),
-            "--config".as_ref(),
-            config.as_os_str(),
-            "--bootstrap".as_ref(),
-            bootstrap.as_os_str(),
-            "--mountpoint".as_ref(),
-            bad.join("mnt").as_os_str(),
-        ],
-        Duration::from_secs(20),
-    );
+    let (code, out) = fuse_bounded(&config, &bootstrap, &bad.join("mnt"));
     assert!(code.is_some_and(|c| c != 0), "{code:?}: {out}");
     assert!(out.contains("status 403"), "{out}");
 }
