@@ -8,7 +8,6 @@ mod daemon;
 mod manifest;
 mod services;
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -154,20 +153,6 @@ fn largest_file() -> (String, String) {
         .max_by_key(|r| r["size"].parse::<u64>().unwrap_or(0))
         .unwrap();
     (row["path"].clone(), row["sha256"].clone())
-}
-
-fn sha256_of(path: &Path) -> std::io::Result<String> {
-    let mut f = std::fs::File::open(path)?;
-    let mut h = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(format!("{:x}", h.finalize()))
 }
 
 /// Drop the host's page cache for one file so the next read goes to the daemon again.
@@ -681,7 +666,8 @@ fn daemon_returns_eio_on_backend_faults_and_serves_again_after_recovery() {
         server.set_always(Some(fault.clone()));
         drop_cache(&path);
         let start = Instant::now();
-        let err = sha256_of(&path).expect_err("a read through a broken backend must fail");
+        let err =
+            manifest::sha256_file(&path).expect_err("a read through a broken backend must fail");
         assert_eq!(err.raw_os_error(), Some(libc::EIO), "{fault:?}: {err}");
         assert!(
             start.elapsed() < Duration::from_secs(20),
@@ -709,7 +695,11 @@ fn daemon_returns_eio_on_backend_faults_and_serves_again_after_recovery() {
 
     server.set_always(None);
     drop_cache(&path);
-    assert_eq!(sha256_of(&path).unwrap(), want, "after recovery");
+    assert_eq!(
+        manifest::sha256_file(&path).unwrap(),
+        want,
+        "after recovery"
+    );
     assert_matches_manifest(&d, case);
     d.stop();
 }
