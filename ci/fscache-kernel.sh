@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Build the small guest kernel for the EROFS-over-fscache test: Debian's kernels leave out
 # CONFIG_EROFS_FS_ONDEMAND and CONFIG_CACHEFILES_ONDEMAND, so this compiles bookworm-backports' own 6.12
-# source (package linux-source-6.12, fetched with the same private apt configuration as ci/guest-kernel.sh:
-# /etc/apt is never read or written) from `tinyconfig` plus what the test guest needs: serial console,
+# source (package linux-source-6.12, fetched with the private apt configuration of ci/lib/private-apt.sh
+# that ci/guest-kernel.sh uses too: /etc/apt is never read or written) from `tinyconfig` plus what the test guest needs: serial console,
 # initramfs, virtio-pci, virtio-fs, EROFS (file-backed and on-demand), fscache and cachefiles on demand,
 # ext4 (the cachefiles cache: it needs user xattrs, sync_fs and real SEEK_HOLE; tmpfs lacks sync_fs, ext2
 # reports holes as data), loop devices,
@@ -32,25 +32,9 @@ for tool in gcc make flex bison bc; do
 done
 [ -f /usr/include/libelf.h ] || { echo "fscache-kernel: libelf-dev missing; run ci/install-vm-deps.sh" >&2; exit 1; }
 
-apt_dir=$dir/apt
-mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial" "$apt_dir/download"
-keyring=/usr/share/keyrings/debian-archive-keyring.gpg
-[ -f "$keyring" ] || { echo "fscache-kernel: $keyring missing (package debian-archive-keyring)" >&2; exit 1; }
-mirror=${RAFSD_GUEST_MIRROR:-http://deb.debian.org/debian}
-echo "deb [signed-by=$keyring] $mirror bookworm-backports main" >"$apt_dir/sources.list"
-apt_opts=(
-    -o "Dir::Etc::SourceList=$apt_dir/sources.list"
-    -o "Dir::Etc::SourceParts=/dev/null"
-    -o "Dir::Etc::Preferences=/dev/null"
-    -o "Dir::Etc::PreferencesParts=/dev/null"
-    -o "Dir::State::Lists=$apt_dir/lists"
-    -o "Dir::Cache=$apt_dir/cache"
-    -o "Dir::Cache::pkgcache="
-    -o "Dir::Cache::srcpkgcache="
-    -o "APT::Get::List-Cleanup=false"
-    -o "Acquire::Languages=none"
-    -o "Acquire::Retries=3"
-)
+# shellcheck source=ci/lib/private-apt.sh
+. ci/lib/private-apt.sh
+private_apt fscache-kernel "$dir"
 src=$dir/src
 if [ ! -f "$src/Makefile" ]; then
     echo "fscache-kernel: fetching the bookworm-backports package list into $apt_dir" >&2

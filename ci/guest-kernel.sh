@@ -27,26 +27,9 @@ command -v dpkg-deb >/dev/null || { echo "guest-kernel: needs dpkg-deb" >&2; exi
 depmod=$(command -v depmod || echo /usr/sbin/depmod)
 [ -x "$depmod" ] || { echo "guest-kernel: needs depmod (package kmod); run ci/install-vm-deps.sh" >&2; exit 1; }
 
-# The private apt world: its own source list, package lists, caches and (empty) preferences.
-apt_dir=$dir/apt
-mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial" "$apt_dir/download"
-keyring=/usr/share/keyrings/debian-archive-keyring.gpg
-[ -f "$keyring" ] || { echo "guest-kernel: $keyring missing (package debian-archive-keyring)" >&2; exit 1; }
-mirror=${RAFSD_GUEST_MIRROR:-http://deb.debian.org/debian}
-echo "deb [signed-by=$keyring] $mirror bookworm-backports main" >"$apt_dir/sources.list"
-apt_opts=(
-    -o "Dir::Etc::SourceList=$apt_dir/sources.list"
-    -o "Dir::Etc::SourceParts=/dev/null"
-    -o "Dir::Etc::Preferences=/dev/null"
-    -o "Dir::Etc::PreferencesParts=/dev/null"
-    -o "Dir::State::Lists=$apt_dir/lists"
-    -o "Dir::Cache=$apt_dir/cache"
-    -o "Dir::Cache::pkgcache="
-    -o "Dir::Cache::srcpkgcache="
-    -o "APT::Get::List-Cleanup=false"
-    -o "Acquire::Languages=none"
-    -o "Acquire::Retries=3"
-)
+# shellcheck source=ci/lib/private-apt.sh
+. ci/lib/private-apt.sh
+private_apt guest-kernel "$dir"
 echo "guest-kernel: fetching the bookworm-backports package list into $apt_dir" >&2
 apt-get "${apt_opts[@]}" -qq update
 

@@ -8,7 +8,6 @@ mod daemon;
 mod manifest;
 mod services;
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -118,6 +117,22 @@ fn mount(dir: &Path, config: &Path, bootstrap: &Path) -> Daemon {
     )
 }
 
+/// `rafsd fuse` run to its end (a mount meant to fail), bounded to 20 s: (exit code, output).
+fn fuse_bounded(config: &Path, bootstrap: &Path, mountpoint: &Path) -> (Option<i32>, String) {
+    run_bounded(
+        &[
+            "fuse".as_ref(),
+            "--config".as_ref(),
+            config.as_os_str(),
+            "--bootstrap".as_ref(),
+            bootstrap.as_os_str(),
+            "--mountpoint".as_ref(),
+            mountpoint.as_os_str(),
+        ],
+        Duration::from_secs(20),
+    )
+}
+
 fn assert_matches_manifest(d: &Daemon, case: &str) {
     let problems = manifest::compare_tree(&d.mountpoint, manifest::allowances_for(case));
     assert!(
@@ -138,20 +153,6 @@ fn largest_file() -> (String, String) {
         .max_by_key(|r| r["size"].parse::<u64>().unwrap_or(0))
         .unwrap();
     (row["path"].clone(), row["sha256"].clone())
-}
-
-fn sha256_of(path: &Path) -> std::io::Result<String> {
-    let mut f = std::fs::File::open(path)?;
-    let mut h = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(format!("{:x}", h.finalize()))
 }
 
 /// Drop the host's page cache for one file so the next read goes to the daemon again.
@@ -505,18 +506,7 @@ fn registry_with_htpasswd_serves_images_that_match_the_manifest() {
     );
     std::fs::create_dir_all(cdir.join("mnt")).unwrap();
     let bootstrap = manifest::case_bootstrap("v6-zstd-blake3");
-    let (code, out) = run_bounded(
-        &[
-            "fuse".as_ref(),
-            "--config".as_ref(),
-            config.as_os_str(),
-            "--bootstrap".as_ref(),
-            bootstrap.as_os_str(),
-            "--mountpoint".as_ref(),
-            cdir.join("mnt").as_os_str(),
-        ],
-        Duration::from_secs(20),
-    );
+    let (code, out) = fuse_bounded(&config, &bootstrap, &cdir.join("mnt"));
     assert!(code.is_some_and(|c| c != 0), "{code:?}: {out}");
     assert!(out.contains("refused the credentials"), "{out}");
     assert!(!out.contains("nope") && !out.contains(&services::basic_auth("alice", "nope")));
@@ -676,7 +666,8 @@ fn daemon_returns_eio_on_backend_faults_and_serves_again_after_recovery() {
         server.set_always(Some(fault.clone()));
         drop_cache(&path);
         let start = Instant::now();
-        let err = sha256_of(&path).expect_err("a read through a broken backend must fail");
+        let err =
+            manifest::sha256_file(&path).expect_err("a read through a broken backend must fail");
         assert_eq!(err.raw_os_error(), Some(libc::EIO), "{fault:?}: {err}");
         assert!(
             start.elapsed() < Duration::from_secs(20),
@@ -704,7 +695,11 @@ fn daemon_returns_eio_on_backend_faults_and_serves_again_after_recovery() {
 
     server.set_always(None);
     drop_cache(&path);
-    assert_eq!(sha256_of(&path).unwrap(), want, "after recovery");
+    assert_eq!(
+        manifest::sha256_file(&path).unwrap(),
+        want,
+        "after recovery"
+    );
     assert_matches_manifest(&d, case);
     d.stop();
 }
@@ -822,18 +817,7 @@ print(k["AccessKeyId"], k["SecretAccessKey"])
     std::fs::create_dir_all(bad.join("mnt")).unwrap();
     let config = net_config(&bad, "s3", s3("not-the-secret"));
     let bootstrap = manifest::case_bootstrap(case);
-    let (code, out) = run_bounded(
-        &[
-            "fuse".as_ref(),
-            "--config".as_ref(),
-            config.as_os_str(),
-            "--bootstrap".as_ref(),
-            bootstrap.as_os_str(),
-            "--mountpoint".as_ref(),
-            bad.join("mnt").as_os_str(),
-        ],
-        Duration::from_secs(20),
-    );
+    let (code, out) = fuse_bounded(&config, &bootstrap, &bad.join("mnt"));
     assert!(code.is_some_and(|c| c != 0), "{code:?}: {out}");
     assert!(out.contains("status 403"), "{out}");
 }

@@ -296,6 +296,20 @@ fn every_fixture_maps_every_file_through_the_dax_window() {
     d.kill_and_check();
 }
 
+/// A daemon with a 64 MiB DAX window serving fixture `case` at /img (blob cache under `dir`, chunks not
+/// validated on read).
+fn daemon_with_image(dir: &Path, case: &str) -> VirtiofsDaemon {
+    let d = VirtiofsDaemon::start(BIN, dir, &["--dax-window", "64M"]);
+    let config = daemon::v1_config(
+        &manifest::case_blob_dir(case),
+        &dir.join("cache"),
+        false,
+        "",
+    );
+    d.mount_rafs("/img", &manifest::case_bootstrap(case), &config);
+    d
+}
+
 /// FUSE_READ of `[offset, offset + len)` (short at end of file), in reads that fit a request slot.
 fn read_range(g: &mut Guest, ino: u64, offset: u64, len: u64) -> Vec<u8> {
     let fh = g.open(ino).unwrap().fh;
@@ -605,15 +619,7 @@ fn images_without_a_cache_map_copies_and_corrupt_chunks_are_never_mapped() {
 #[test]
 fn a_vmm_that_refuses_or_drops_maps_gets_eio_and_reads_keep_working() {
     let dir = tempfile::tempdir().unwrap();
-    let d = VirtiofsDaemon::start(BIN, dir.path(), &["--dax-window", "64M"]);
-    let case = "v6-zstd-blake3";
-    let config = daemon::v1_config(
-        &manifest::case_blob_dir(case),
-        &dir.path().join("cache"),
-        false,
-        "",
-    );
-    d.mount_rafs("/img", &manifest::case_bootstrap(case), &config);
+    let d = daemon_with_image(dir.path(), "v6-zstd-blake3");
     // The VMM reserved only half of the window the device announced, and refuses maps beyond it.
     let DaxGuest {
         mut g,
@@ -651,15 +657,7 @@ fn a_vmm_that_refuses_or_drops_maps_gets_eio_and_reads_keep_working() {
 #[test]
 fn a_new_fuse_session_starts_with_an_empty_window() {
     let dir = tempfile::tempdir().unwrap();
-    let d = VirtiofsDaemon::start(BIN, dir.path(), &["--dax-window", "64M"]);
-    let case = "v5-none-aligned";
-    let config = daemon::v1_config(
-        &manifest::case_blob_dir(case),
-        &dir.path().join("cache"),
-        false,
-        "",
-    );
-    d.mount_rafs("/img", &manifest::case_bootstrap(case), &config);
+    let d = daemon_with_image(dir.path(), "v5-none-aligned");
     let mut dg = connect(&d.sock);
     let lookup = |g: &mut Guest| {
         let img = g.lookup(ROOT, b"img").unwrap();

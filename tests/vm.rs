@@ -9,18 +9,18 @@
 //! ci/test.sh provides all three. A missing piece fails the test: it is never skipped.
 
 mod daemon;
+mod guestvm;
 mod manifest;
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const TAG: &str = "kataShared";
+use guestvm::{die_with_parent, marker_at, Guard, Vm};
+
 const IMAGE_A: (&str, &str) = ("/rafs/a/lowerdir", "v6-zstd-blake3");
 const IMAGE_B: (&str, &str) = ("/rafs/b/lowerdir", "v5-lz4-blake3-repeatable");
 /// Uncompressed chunks: a flipped byte is caught by the digest alone, not by a decompressor.
@@ -31,215 +31,21 @@ const QEMU_LIMIT: u64 = 240;
 const PHASE1_LIMIT: Duration = Duration::from_secs(150);
 const PHASE2_LIMIT: Duration = Duration::from_secs(90);
 
-/// A process we started, killed by pid (and reaped) when dropped: also when the test panics.
-struct Guard {
-    name: &'static str,
-    child: Option<Child>,
-    /// QEMU's own pid (from -pidfile): `timeout` would not pass on a SIGKILL to it.
-    inner_pidfile: Option<PathBuf>,
-}
-
-impl Guard {
-    fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, |c| c.id())
+/// Mount RAFS image `case` (its blobs read from `blob_dir`) at `mountpoint` the way Kata does, with
+/// validation on.
+fn mount_rafs(vm: &Vm, mountpoint: &str, case: &str, blob_dir: &Path) {
+    let (status, reply) = vm.mount_image(
+        mountpoint,
+        "rafs",
+        &manifest::case_bootstrap(case),
+        blob_dir,
+        true,
+    );
+    if status != 204 {
+        vm.fail(format!(
+            "POST /api/v1/mount?mountpoint={mountpoint}: status {status}, want 204; reply {reply:?}"
+        ));
     }
-
-    fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child
-            .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten())
-    }
-
-    /// SIGTERM, up to `grace` for an exit, then SIGKILL.
-    fn stop(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
-        if let Some(pidfile) = &self.inner_pidfile {
-            let pid = std::fs::read_to_string(pidfile)
-                .ok()
-                .and_then(|s| s.trim().parse::<i32>().ok());
-            // Only while it is still the child of our `timeout` (a reaped pid may have been reused).
-            if let (Some(pid), Some(parent)) = (pid, self.child.as_ref().map(|c| c.id())) {
-                if parent_of(pid) == Some(parent) {
-                    // SAFETY: signalling the QEMU process this test started.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-            }
-        }
-        let mut child = self.child.take()?;
-        if let Ok(Some(status)) = child.try_wait() {
-            return Some(status);
-        }
-        // SAFETY: signalling our own child by pid.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let status = daemon::wait_bounded(&mut child, grace);
-        if status.is_none() {
-            eprintln!(
-                "vm: {} (pid {}) ignored SIGTERM for {grace:?}; SIGKILL",
-                self.name,
-                child.id()
-            );
-            let _ = child.kill();
-            return child.wait().ok();
-        }
-        status
-    }
-}
-
-/// The parent pid of `pid`, from /proc/PID/stat (the field after the parenthesised command name).
-fn parent_of(pid: i32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-/// Have the kernel send `sig` to the child if the test dies without running its guards (SIGKILL, abort).
-fn die_with_parent(cmd: &mut Command, sig: libc::c_int) -> &mut Command {
-    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong, 0, 0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        })
-    }
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        self.stop(Duration::from_secs(5));
-    }
-}
-
-/// Everything a failure message needs.
-struct Run {
-    dir: PathBuf,
-    api: PathBuf,
-    serial: PathBuf,
-    daemon_log: PathBuf,
-    nonce: String,
-    started: Instant,
-}
-
-impl Run {
-    fn serial_text(&self) -> String {
-        let raw = std::fs::read(&self.serial).unwrap_or_default();
-        String::from_utf8_lossy(&raw).replace('\r', "")
-    }
-
-    fn logs(&self) -> String {
-        let serial = self.serial_text();
-        let tail: Vec<&str> = serial.lines().rev().take(40).collect();
-        let daemon = std::fs::read_to_string(&self.daemon_log).unwrap_or_default();
-        let dtail: Vec<&str> = daemon.lines().rev().take(60).collect();
-        format!(
-            "\n--- serial log tail ({}) ---\n{}\n--- rafsd log tail ({}) ---\n{}\n--- {:.1} s into the run",
-            self.serial.display(),
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
-            self.daemon_log.display(),
-            dtail.into_iter().rev().collect::<Vec<_>>().join("\n"),
-            self.started.elapsed().as_secs_f64()
-        )
-    }
-
-    fn fail(&self, what: impl std::fmt::Display) -> ! {
-        panic!("vm: {what}{}", self.logs())
-    }
-
-    /// One HTTP/1.1 request on the admin socket; (status, body).
-    fn api(&self, method: &str, target: &str, body: &str) -> (u16, String) {
-        daemon::api_request(&self.api, method, target, body, Duration::from_secs(30))
-            .unwrap_or_else(|e| {
-                self.fail(format!("{method} {target} on {}: {e}", self.api.display()))
-            })
-    }
-
-    fn expect_api(&self, method: &str, target: &str, body: &str, want: u16) {
-        let (status, reply) = self.api(method, target, body);
-        if status != want {
-            self.fail(format!(
-                "{method} {target}: status {status}, want {want}; reply {reply:?}"
-            ));
-        }
-    }
-
-    /// Poll the serial log until `marker` (never anchored: the console adds escape codes) shows up.
-    fn wait_for(&self, marker: &str, limit: Duration, qemu: &mut Guard, rafsd: &mut Guard) {
-        let deadline = Instant::now() + limit;
-        loop {
-            if has_marker(&self.serial_text(), marker) {
-                return;
-            }
-            if let Some(status) = rafsd.exited() {
-                self.fail(format!(
-                    "rafsd exited ({status}) while waiting for {marker:?}"
-                ));
-            }
-            if let Some(status) = qemu.exited() {
-                // One last look: the marker may have been written just before QEMU ended.
-                if has_marker(&self.serial_text(), marker) {
-                    return;
-                }
-                self.fail(format!(
-                    "QEMU exited ({status}) before the guest printed {marker:?}"
-                ));
-            }
-            if Instant::now() > deadline {
-                self.fail(format!("no {marker:?} in the serial log within {limit:?}"));
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        }
-    }
-}
-
-/// `marker` as a word of its own anywhere in `text` (so "DONE x" does not match "PHASE1-DONE x").
-fn has_marker(text: &str, marker: &str) -> bool {
-    marker_at(text, marker).is_some()
-}
-
-fn marker_at(text: &str, marker: &str) -> Option<usize> {
-    text.match_indices(marker)
-        .map(|(i, _)| i)
-        .find(|&i| !text[..i].ends_with(|c: char| c.is_ascii_alphanumeric() || c == '-'))
-}
-
-/// `KERNEL=...` from ci/guest-kernel.sh's cache.
-fn guest_kernel(root: &Path) -> PathBuf {
-    let dir = std::env::var_os("RAFSD_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target/guest"));
-    let env = dir.join("kernel.env");
-    let text = std::fs::read_to_string(&env).unwrap_or_else(|e| {
-        panic!("vm: no guest kernel ({}: {e}); run ci/guest-kernel.sh (ci/test.sh does) or set RAFSD_GUEST_DIR", env.display())
-    });
-    let kernel = text
-        .lines()
-        .find_map(|l| l.strip_prefix("KERNEL="))
-        .map(PathBuf::from);
-    match kernel {
-        Some(k) if k.is_file() => k,
-        _ => panic!(
-            "vm: {} names no existing KERNEL; rerun ci/guest-kernel.sh",
-            env.display()
-        ),
-    }
-}
-
-fn nonce() -> String {
-    let mut b = [0u8; 8];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut b))
-        .unwrap();
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// The request body Kata sends for a RAFS mount (config is the nydusd v1 config as a string).
-fn rafs_mount_body(bootstrap: &Path, blob_dir: &Path, cache: &Path, validate: bool) -> String {
-    let config = daemon::v1_config(blob_dir, cache, validate, "");
-    serde_json::json!({"source": bootstrap, "fs_type": "rafs", "config": config}).to_string()
 }
 
 /// Copy `case`'s blobs to `dest` and flip one byte in the middle of every chunk of `file`: the copy then
@@ -360,47 +166,18 @@ fn compare_with_manifest(g: &GuestImage, want: &BTreeMap<String, String>) -> Vec
 #[test]
 fn guest_reads_images_mounted_through_the_api() {
     manifest::assert_root("the VM test (vhost-user sockets, QEMU, owner-preserving passthrough)");
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let kernel = guest_kernel(root);
-    for tool in ["qemu-system-x86_64", "timeout"] {
-        let found = Command::new("sh")
-            .arg("-c")
-            .arg(format!("command -v {tool}"))
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(
-            found,
-            "vm: {tool} is missing; run ci/install-vm-deps.sh (ci/test.sh does)"
-        );
-    }
-    let mut tmp = tempfile::Builder::new()
-        .prefix("rafsd-vm.")
-        .tempdir()
-        .unwrap();
-    // RAFSD_VM_KEEP=1 keeps the work dir (serial log, daemon log, sockets) for a look afterwards.
-    tmp.disable_cleanup(std::env::var_os("RAFSD_VM_KEEP").is_some());
-    let dir = tmp.path().to_path_buf();
-    let run = Run {
-        api: dir.join("api.sock"),
-        serial: dir.join("serial.log"),
-        daemon_log: dir.join("rafsd.log"),
-        nonce: nonce(),
-        started: Instant::now(),
-        dir,
-    };
+    let kernel = guestvm::debian_kernel();
+    guestvm::require_tools();
+    let tmp = guestvm::work_dir("rafsd-vm.");
+    let run = Vm::new(tmp.path());
 
     // The initramfs is cheap to pack, so it always carries the current ci/guest/init.
     let initrd = run.dir.join("initramfs.cpio");
-    let out = Command::new(root.join("ci/guest-initramfs.sh"))
-        .arg(&initrd)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "vm: ci/guest-initramfs.sh failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    guestvm::ci_value(
+        "ci/guest-initramfs.sh",
+        &[initrd.to_str().unwrap()],
+        &[],
+        "INITRD",
     );
 
     let bad_blobs = run.dir.join("bad-blobs");
@@ -408,8 +185,7 @@ fn guest_reads_images_mounted_through_the_api() {
     let shared = run.dir.join("containers");
     std::fs::create_dir(&shared).unwrap();
 
-    // The daemon starts empty, as Kata starts it.
-    let sock = run.dir.join("vhost-fs.sock");
+    // The daemon starts empty, as Kata starts it, with the sandbox's defaults spelled out.
     let child = die_with_parent(
         &mut Command::new(env!("CARGO_BIN_EXE_rafsd")),
         libc::SIGKILL,
@@ -425,7 +201,7 @@ fn guest_reads_images_mounted_through_the_api() {
     ])
     .args(daemon::sandbox_allow_args(&run.dir))
     .arg("--sock")
-    .arg(&sock)
+    .arg(&run.sock)
     .arg("--apisock")
     .arg(&run.api)
     .stdin(Stdio::null())
@@ -463,11 +239,11 @@ fn guest_reads_images_mounted_through_the_api() {
     // Kata starts the VMM once the API says RUNNING, so the vhost-user socket should be there by then. rafsd
     // binds it on its own thread, which can lag: wait (bounded) and say so, rather than fail at random.
     let running_at = Instant::now();
-    while !sock.exists() {
+    while !run.sock.exists() {
         if running_at.elapsed() > Duration::from_secs(10) {
             run.fail(format!(
                 "no vhost-user socket at {} 10 s after RUNNING",
-                sock.display()
+                run.sock.display()
             ));
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -479,89 +255,17 @@ fn guest_reads_images_mounted_through_the_api() {
         );
     }
 
-    for (i, (mountpoint, case)) in [IMAGE_A, IMAGE_B].into_iter().enumerate() {
-        let body = rafs_mount_body(
-            &manifest::case_bootstrap(case),
-            &manifest::case_blob_dir(case),
-            &run.dir.join(format!("cache-{i}")),
-            true,
-        );
-        run.expect_api(
-            "POST",
-            &format!("/api/v1/mount?mountpoint={mountpoint}"),
-            &body,
-            204,
-        );
+    for (mountpoint, case) in [IMAGE_A, IMAGE_B] {
+        mount_rafs(&run, mountpoint, case, &manifest::case_blob_dir(case));
     }
-    let body = rafs_mount_body(
-        &manifest::case_bootstrap(IMAGE_BAD.1),
-        &bad_blobs,
-        &run.dir.join("cache-bad"),
-        true,
-    );
-    run.expect_api(
-        "POST",
-        &format!("/api/v1/mount?mountpoint={}", IMAGE_BAD.0),
-        &body,
-        204,
-    );
-    let body = serde_json::json!({"source": shared, "fs_type": "passthrough_fs", "config": ""})
-        .to_string();
-    run.expect_api("POST", "/api/v1/mount?mountpoint=/containers", &body, 204);
+    mount_rafs(&run, IMAGE_BAD.0, IMAGE_BAD.1, &bad_blobs);
+    run.share("/containers", &shared);
 
     let append = format!(
-        "console=ttyS0 panic=-1 loglevel=4 rafs_tag={TAG} rafs_nonce={} rafs_images={},{} rafs_unmounted={} rafs_bad={}/{BAD_FILE} rafs_rw=/containers rafs_wait=120",
-        run.nonce, IMAGE_A.0, IMAGE_B.0, IMAGE_B.0, IMAGE_BAD.0
+        "rafs_images={},{} rafs_unmounted={} rafs_bad={}/{BAD_FILE} rafs_rw=/containers rafs_wait=120",
+        IMAGE_A.0, IMAGE_B.0, IMAGE_B.0, IMAGE_BAD.0
     );
-    let pidfile = run.dir.join("qemu.pid");
-    // SIGTERM for `timeout`: it passes that on to QEMU.
-    let child = die_with_parent(&mut Command::new("timeout"), libc::SIGTERM)
-        .args(["-k", "5", &QEMU_LIMIT.to_string(), "qemu-system-x86_64"])
-        .args([
-            "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", "512M",
-        ])
-        .args([
-            "-object",
-            "memory-backend-memfd,id=mem,size=512M,share=on",
-            "-numa",
-            "node,memdev=mem",
-        ])
-        .arg("-chardev")
-        .arg(format!("socket,id=char0,path={}", sock.display()))
-        .arg("-device")
-        .arg(format!("vhost-user-fs-pci,chardev=char0,tag={TAG}"))
-        .arg("-kernel")
-        .arg(&kernel)
-        .arg("-initrd")
-        .arg(&initrd)
-        .args(["-append", &append])
-        .args([
-            "-nographic",
-            "-no-reboot",
-            "-nic",
-            "none",
-            "-monitor",
-            "none",
-        ])
-        .arg("-serial")
-        .arg(format!("file:{}", run.serial.display()))
-        .arg("-pidfile")
-        .arg(&pidfile)
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(run.dir.join("qemu.log")).unwrap())
-        .stderr(
-            std::fs::OpenOptions::new()
-                .append(true)
-                .open(run.dir.join("qemu.log"))
-                .unwrap(),
-        )
-        .spawn()
-        .expect("spawn timeout qemu-system-x86_64");
-    let mut qemu = Guard {
-        name: "qemu",
-        child: Some(child),
-        inner_pidfile: Some(pidfile),
-    };
+    let mut qemu = run.start_qemu(&kernel, &initrd, &append, 512, QEMU_LIMIT);
     eprintln!(
         "vm: rafsd pid {}, QEMU (under timeout) pid {}, work dir {}",
         rafsd.pid(),

@@ -44,6 +44,7 @@ fn blob_ids(case: &str) -> Vec<(String, u64)> {
 
 /// The guest's script: mount, hash, then every error case, each reported on one line.
 fn guest_script(nonce: &str) -> String {
+    let badread = guestvm::badread_sh(&format!("/e/bad/{BAD_FILE}"));
     format!(
         r#"N={nonce}
 G=/mnt/containers/rafs-guest
@@ -68,13 +69,7 @@ try bad-incompat --bootstrap /mnt/containers/bad-incompat --blob-dir /mnt/rafs/a
 try no-blob --bootstrap /mnt/rafs/a/blobs/bootstrap --blob-dir /mnt/containers/noblobs /e/x
 try short-blob --bootstrap /mnt/rafs/a/blobs/bootstrap --blob-dir /mnt/containers/shortblobs /e/x
 try bad --bootstrap /mnt/rafs/bad/blobs/bootstrap --blob-dir /mnt/rafs/bad/blobs /e/bad
-if sum=$(sha256sum /e/bad/{BAD_FILE} 2>/tmp/bad.err); then
-    echo "BADREAD $N OK ${{sum%% *}}"
-elif grep -qE 'I/O error|Input/output error' /tmp/bad.err; then
-    echo "BADREAD $N EIO"
-else
-    echo "BADREAD $N ERR $(tr '\n' ' ' </tmp/bad.err)"
-fi
+{badread}
 sha256sum /e/a/{BAD_FILE} | sed "s|^|AFTER $N erofs |"
 sha256sum /mnt/rafs/a/lowerdir/{BAD_FILE} | sed "s|^|AFTER $N fuse |"
 umount /e/a && umount /e/b && umount /e/bad && echo "UMOUNTED $N"
@@ -87,11 +82,7 @@ fn guest_mounts_blob_views_with_its_erofs_driver() {
     manifest::assert_root("the in-guest EROFS test (QEMU, vhost-user, mount in the guest)");
     guestvm::require_tools();
     let kernel = guestvm::debian_kernel();
-    let mut tmp = tempfile::Builder::new()
-        .prefix("rafsd-vm-erofs.")
-        .tempdir()
-        .unwrap();
-    tmp.disable_cleanup(std::env::var_os("RAFSD_VM_KEEP").is_some());
+    let tmp = guestvm::work_dir("rafsd-vm-erofs.");
     let vm = Vm::new(tmp.path());
     let (helper, initrd) = guestvm::guest_files(&vm.dir, "erofs loop");
 

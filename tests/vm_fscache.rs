@@ -24,6 +24,7 @@ const BAD_FILE: &str = "special/random-2m5";
 const QEMU_LIMIT: u64 = 300;
 
 fn guest_script(nonce: &str) -> String {
+    let badread = guestvm::badread_sh(&format!("/e/bad/{BAD_FILE}"));
     format!(
         r#"N={nonce}
 G=/mnt/containers/rafs-guest
@@ -64,13 +65,7 @@ echo "CACHE-FILES $N $(find /fscache/cache -type f | wc -l)"
 sed "s|^|FSCACHE-LOG $N |" /tmp/fscache-a.log | head -n 20
 # A blob whose chunks fail verification on the host: EIO in the guest, both daemons stay up.
 start_daemon bad rafs-bad
-if sum=$(sha256sum /e/bad/{BAD_FILE} 2>/tmp/bad.err); then
-    echo "BADREAD $N OK ${{sum%% *}}"
-elif grep -qE 'I/O error|Input/output error' /tmp/bad.err; then
-    echo "BADREAD $N EIO"
-else
-    echo "BADREAD $N ERR $(tr '\n' ' ' </tmp/bad.err)"
-fi
+{badread}
 kill -0 $daemon && echo "BAD-DAEMON-ALIVE $N"
 umount /e/bad
 kill $daemon
@@ -87,11 +82,7 @@ fn guest_reads_an_image_through_erofs_over_fscache() {
         "target/fscache-kernel",
         "ci/fscache-kernel.sh",
     );
-    let mut tmp = tempfile::Builder::new()
-        .prefix("rafsd-vm-fscache.")
-        .tempdir()
-        .unwrap();
-    tmp.disable_cleanup(std::env::var_os("RAFSD_VM_KEEP").is_some());
+    let tmp = guestvm::work_dir("rafsd-vm-fscache.");
     let vm = Vm::new(tmp.path());
     // Everything is built into this kernel: no modules.
     let (helper, initrd) = guestvm::guest_files(&vm.dir, "");

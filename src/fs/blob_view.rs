@@ -18,7 +18,7 @@ use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, FsOptions, OpenOptions};
 use fuse_backend_rs::api::filesystem::{Context, DirEntry, Entry, FileSystem, ZeroCopyWriter};
 use fuse_backend_rs::api::BackendFileSystem;
 
-use super::CACHE_TIMEOUT;
+use super::{cached_entry, eno, image_statfs, CACHE_TIMEOUT};
 use crate::error::{Error, Result};
 use crate::format::MetaBytes;
 use crate::image::{load_metadata, MetaSource, RafsImage};
@@ -40,10 +40,6 @@ pub struct BlobViewFs {
     /// Per blob, its chunks sorted by uncompressed offset; built on the first read of that blob.
     placements: Mutex<Vec<Option<Arc<Vec<Placement>>>>>,
     owner: (u32, u32),
-}
-
-fn eno(errno: i32) -> io::Error {
-    io::Error::from_raw_os_error(errno)
 }
 
 fn to_io(e: Error, what: &str) -> io::Error {
@@ -134,14 +130,7 @@ impl BlobViewFs {
     }
 
     fn entry(&self, ino: u64) -> io::Result<Entry> {
-        Ok(Entry {
-            inode: ino,
-            generation: 0,
-            attr: self.stat(ino)?,
-            attr_flags: 0,
-            attr_timeout: CACHE_TIMEOUT,
-            entry_timeout: CACHE_TIMEOUT,
-        })
+        Ok(cached_entry(ino, self.stat(ino)?, 0))
     }
 
     /// The files of the root directory, in readdir order.
@@ -372,18 +361,11 @@ impl FileSystem for BlobViewFs {
     }
 
     fn statfs(&self, _ctx: &Context, _inode: u64) -> io::Result<statvfs64> {
-        // SAFETY: statvfs64 is plain old data.
-        let mut st: statvfs64 = unsafe { std::mem::zeroed() };
-        st.f_bsize = 4096;
-        st.f_frsize = 4096;
-        st.f_blocks = (self
-            .children()
-            .map(|(ino, _)| self.size_of(ino))
-            .sum::<u64>())
-            / 4096;
-        st.f_files = self.children().count() as u64 + 1;
-        st.f_namemax = 255;
-        Ok(st)
+        let bytes: u64 = self.children().map(|(ino, _)| self.size_of(ino)).sum();
+        Ok(image_statfs(
+            bytes / 4096,
+            self.children().count() as u64 + 1,
+        ))
     }
 
     fn access(&self, _ctx: &Context, inode: u64, mask: u32) -> io::Result<()> {

@@ -56,6 +56,30 @@ fn eno(errno: i32) -> io::Error {
     io::Error::from_raw_os_error(errno)
 }
 
+/// An entry the kernel may cache as long as it likes: image contents never change.
+fn cached_entry(inode: u64, attr: stat64, attr_flags: u32) -> Entry {
+    Entry {
+        inode,
+        generation: 0,
+        attr,
+        attr_flags,
+        attr_timeout: CACHE_TIMEOUT,
+        entry_timeout: CACHE_TIMEOUT,
+    }
+}
+
+/// statfs of a read-only image: 4 KiB blocks, none free, 255-byte names.
+fn image_statfs(blocks: u64, files: u64) -> statvfs64 {
+    // SAFETY: statvfs64 is plain old data.
+    let mut st: statvfs64 = unsafe { std::mem::zeroed() };
+    st.f_bsize = 4096;
+    st.f_frsize = 4096;
+    st.f_blocks = blocks;
+    st.f_files = files;
+    st.f_namemax = 255;
+    st
+}
+
 /// Turn an image error into the errno the kernel sees, logging what the reader cannot see.
 fn to_io(e: crate::Error, what: &str) -> io::Error {
     match &e {
@@ -139,20 +163,14 @@ impl RafsFs {
     }
 
     fn entry(&self, a: &InodeAttr) -> Entry {
-        Entry {
-            inode: a.ino,
-            generation: 0,
-            attr: self.stat(a),
-            // Every regular file may be mapped: its bytes never change. (The kernel ignores the flag when
-            // the device has no DAX window.)
-            attr_flags: if a.is_reg() && self.perfile_dax.load(Ordering::Relaxed) {
-                fuse_backend_rs::abi::fuse_abi::FUSE_ATTR_DAX
-            } else {
-                0
-            },
-            attr_timeout: CACHE_TIMEOUT,
-            entry_timeout: CACHE_TIMEOUT,
-        }
+        // Every regular file may be mapped: its bytes never change. (The kernel ignores the flag when
+        // the device has no DAX window.)
+        let attr_flags = if a.is_reg() && self.perfile_dax.load(Ordering::Relaxed) {
+            fuse_backend_rs::abi::fuse_abi::FUSE_ATTR_DAX
+        } else {
+            0
+        };
+        cached_entry(a.ino, self.stat(a), attr_flags)
     }
 
     fn add_lookup(&self, ino: u64) {
@@ -171,14 +189,7 @@ impl RafsFs {
             .map_err(|e| to_io(e, &format!("lookup in {parent}")))?;
         match found {
             // A negative entry the kernel may cache: the image never changes.
-            None => Ok(Entry {
-                inode: 0,
-                generation: 0,
-                attr: self.stat(&self.attr(parent)?),
-                attr_flags: 0,
-                attr_timeout: CACHE_TIMEOUT,
-                entry_timeout: CACHE_TIMEOUT,
-            }),
+            None => Ok(cached_entry(0, self.stat(&self.attr(parent)?), 0)),
             Some(ino) => {
                 let entry = self.entry(&self.attr(ino)?);
                 self.add_lookup(ino);
@@ -468,15 +479,11 @@ impl FileSystem for RafsFs {
     }
 
     fn statfs(&self, _ctx: &Context, _inode: u64) -> io::Result<statvfs64> {
-        // SAFETY: statvfs64 is plain old data.
-        let mut st: statvfs64 = unsafe { std::mem::zeroed() };
         let info = self.image.info();
-        st.f_bsize = 4096;
-        st.f_frsize = 4096;
-        st.f_blocks = info.blobs.iter().map(|b| b.uncompressed_size / 4096).sum();
-        st.f_files = info.inode_count;
-        st.f_namemax = 255;
-        let r = Ok(st);
+        let r = Ok(image_statfs(
+            info.blobs.iter().map(|b| b.uncompressed_size / 4096).sum(),
+            info.inode_count,
+        ));
         self.metrics.record(Fop::Statfs, &r);
         r
     }

@@ -277,6 +277,25 @@ pub struct Request<'a> {
     pub proxied: bool,
 }
 
+impl<'a> Request<'a> {
+    /// A blob request: a ranged GET for data, or a HEAD for the size when `range` is `None`. Mirrors and
+    /// the proxy may serve it; a caller that must reach one host only turns `mirrorable` off.
+    pub fn blob(url: &'a str, headers: &'a [(String, String)], range: Option<(u64, u64)>) -> Self {
+        Request {
+            method: if range.is_some() {
+                Method::Get
+            } else {
+                Method::Head
+            },
+            url,
+            headers,
+            range,
+            mirrorable: true,
+            proxied: true,
+        }
+    }
+}
+
 /// Up/down state of a proxy or mirror, re-probed lazily: no thread, no traffic while all is well.
 struct Health {
     failures: u32,
@@ -538,6 +557,13 @@ impl HttpClient {
             }
         }
         self.send_on(&self.direct, req, req.url, &[], false, limit)
+    }
+
+    /// Send a blob request, reading no more body than its range asks for; a transport failure is worth a
+    /// retry and its message starts with `who`.
+    pub fn send_blob(&self, req: &Request, who: &str) -> std::result::Result<Response, Failure> {
+        self.send(req, req.range.map_or(0, |(a, b)| b - a + 1))
+            .map_err(|e| Failure::retry(format!("{who}: {e}")))
     }
 
     /// A small request straight to the origin (token endpoints): no mirror, no proxy.

@@ -1,7 +1,7 @@
 //! The `http-proxy` backend: blobs served by a plain HTTP(S) server at `<addr><path>/<blob_id>` (HEAD for
 //! the size, ranged GETs for data), e.g. a local blob cache or P2P peer in front of a registry.
 
-use super::http::{Failure, HttpClient, Keys, Method, Remote, Request, Response};
+use super::http::{Failure, HttpClient, Keys, Remote, Request, Response};
 use crate::error::{Error, Result};
 
 pub struct HttpProxyBlobs {
@@ -38,19 +38,7 @@ impl Remote for HttpProxyBlobs {
         range: Option<(u64, u64)>,
     ) -> std::result::Result<Response, Failure> {
         let url = format!("{}/{blob_id}", self.base);
-        let req = Request {
-            method: if range.is_some() {
-                Method::Get
-            } else {
-                Method::Head
-            },
-            url: &url,
-            headers: &[],
-            range,
-            mirrorable: true,
-            proxied: true,
-        };
-        http.send(&req, range.map_or(0, |(a, b)| b - a + 1))
-            .map_err(|e| Failure::retry(format!("http-proxy: {e}")))
+        let req = Request::blob(&url, &[], range);
+        http.send_blob(&req, "http-proxy")
     }
 }

@@ -55,28 +55,26 @@ fn remote_backend(
     kind: &str,
     config: &serde_json::Value,
 ) -> Result<std::sync::Arc<dyn BlobBackend>> {
-    use http::{HttpSettings, Keys, RemoteBackend};
+    use http::{HttpSettings, Keys};
     let keys = Keys::new(kind, config)?;
     let settings = HttpSettings::from_keys(&keys)?;
     match kind {
-        "registry" => Ok(std::sync::Arc::new(RemoteBackend::new(
-            registry::Registry::from_keys(&keys)?,
-            settings,
-        )?)),
-        "s3" => Ok(std::sync::Arc::new(RemoteBackend::new(
-            object_store::ObjectStore::s3(&keys)?,
-            settings,
-        )?)),
-        "oss" => Ok(std::sync::Arc::new(RemoteBackend::new(
-            object_store::ObjectStore::oss(&keys)?,
-            settings,
-        )?)),
-        "http-proxy" => Ok(std::sync::Arc::new(RemoteBackend::new(
-            http_proxy::HttpProxyBlobs::from_keys(&keys)?,
-            settings,
-        )?)),
+        "registry" => over_http(registry::Registry::from_keys(&keys)?, settings),
+        "s3" => over_http(object_store::ObjectStore::s3(&keys)?, settings),
+        "oss" => over_http(object_store::ObjectStore::oss(&keys)?, settings),
+        "http-proxy" => over_http(http_proxy::HttpProxyBlobs::from_keys(&keys)?, settings),
         other => Err(Error::Unsupported(format!(
             "storage backend type {other:?} is not available in this build"
         ))),
     }
+}
+
+/// A network backend behind the shared HTTP client (retries, mirrors, proxy, range checks).
+fn over_http(
+    remote: impl http::Remote,
+    settings: http::HttpSettings,
+) -> Result<std::sync::Arc<dyn BlobBackend>> {
+    Ok(std::sync::Arc::new(http::RemoteBackend::new(
+        remote, settings,
+    )?))
 }

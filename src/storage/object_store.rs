@@ -9,7 +9,7 @@ use base64::Engine;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
-use super::http::{Failure, HttpClient, Keys, Method, Remote, Request, Response};
+use super::http::{Failure, HttpClient, Keys, Remote, Request, Response};
 use super::registry::percent_encode;
 use crate::error::Result;
 
@@ -157,20 +157,8 @@ impl Remote for ObjectStore {
         let (url, host, path) = self.locate(blob_id);
         let method = if range.is_some() { "GET" } else { "HEAD" };
         let headers = self.sign(method, &host, &path, SystemTime::now());
-        let req = Request {
-            method: if range.is_some() {
-                Method::Get
-            } else {
-                Method::Head
-            },
-            url: &url,
-            headers: &headers,
-            range,
-            mirrorable: true,
-            proxied: true,
-        };
-        http.send(&req, range.map_or(0, |(a, b)| b - a + 1))
-            .map_err(|e| Failure::retry(format!("{}: {e}", self.kind())))
+        let req = Request::blob(&url, &headers, range);
+        http.send_blob(&req, self.kind())
     }
 }
 

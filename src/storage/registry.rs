@@ -18,9 +18,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 
-use super::http::{
-    classify, net_error, Failure, HttpClient, Keys, Method, Remote, Request, Response,
-};
+use super::http::{classify, net_error, Failure, HttpClient, Keys, Remote, Request, Response};
 use crate::error::{Error, Result};
 
 /// Refresh a Bearer token this long before the registry says it expires.
@@ -277,20 +275,12 @@ impl Registry {
         url: &str,
         range: Option<(u64, u64)>,
     ) -> std::result::Result<Response, Failure> {
+        // A redirected storage URL belongs to that one host: no mirror serves it.
         let req = Request {
-            method: if range.is_some() {
-                Method::Get
-            } else {
-                Method::Head
-            },
-            url,
-            headers: &[],
-            range,
             mirrorable: false,
-            proxied: true,
+            ..Request::blob(url, &[], range)
         };
-        http.send(&req, range.map_or(0, |(a, b)| b - a + 1))
-            .map_err(|e| Failure::retry(format!("blob storage: {e}")))
+        http.send_blob(&req, "blob storage")
     }
 }
 
@@ -327,7 +317,6 @@ impl Remote for Registry {
                 .remove(blob_id);
         }
         let url = self.blob_url(blob_id);
-        let limit = range.map_or(0, |(a, b)| b - a + 1);
         let mut sent = self.current_header(http);
         let mut reauthorized = false;
         loop {
@@ -335,21 +324,8 @@ impl Remote for Registry {
                 .iter()
                 .map(|h| ("Authorization".to_string(), h.clone()))
                 .collect();
-            let req = Request {
-                method: if range.is_some() {
-                    Method::Get
-                } else {
-                    Method::Head
-                },
-                url: &url,
-                headers: &headers,
-                range,
-                mirrorable: true,
-                proxied: true,
-            };
-            let resp = http
-                .send(&req, limit)
-                .map_err(|e| Failure::retry(format!("registry: {e}")))?;
+            let req = Request::blob(&url, &headers, range);
+            let resp = http.send_blob(&req, "registry")?;
             if resp.status == 401 && !reauthorized {
                 reauthorized = true;
                 sent = Some(self.reauthorize(http, sent.as_deref(), &resp)?);

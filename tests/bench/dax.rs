@@ -16,11 +16,9 @@
 mod daemon;
 #[path = "../frontend/mod.rs"]
 mod frontend;
+mod image;
 
-use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Instant;
 
 use frontend::window::{Window, WindowServer};
@@ -52,30 +50,8 @@ fn build_image(work: &Path, size_mib: u64) -> (PathBuf, PathBuf) {
     std::fs::create_dir_all(&src).unwrap();
     std::fs::create_dir_all(&blobs).unwrap();
     let mut rng = Rng(0xda7a_0fb1_6f11);
-    let mut big = File::create(src.join("big.bin")).unwrap();
-    let mut block = vec![0u8; MIB as usize];
-    for _ in 0..size_mib {
-        for c in block.chunks_mut(8) {
-            c.copy_from_slice(&rng.next().to_le_bytes());
-        }
-        big.write_all(&block).unwrap();
-    }
-    drop(big);
-    let out = Command::new(BIN)
-        .arg("build")
-        .arg(&src)
-        .arg("--bootstrap")
-        .arg(&bootstrap)
-        .arg("--blob-dir")
-        .arg(&blobs)
-        .args(["-l", "warn"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "rafsd build: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    image::write_random_file(&src.join("big.bin"), size_mib, || rng.next());
+    image::rafsd_build(&src, &bootstrap, &blobs);
     (bootstrap, blobs)
 }
 

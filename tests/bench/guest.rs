@@ -17,18 +17,16 @@
 mod daemon;
 #[path = "../guestvm/mod.rs"]
 mod guestvm;
+mod image;
 #[path = "../manifest/mod.rs"]
 mod manifest;
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use guestvm::Vm;
-
-const BIN: &str = env!("CARGO_BIN_EXE_rafsd");
 
 struct Args {
     rounds: usize,
@@ -79,34 +77,14 @@ fn build_image(a: &Args) -> (PathBuf, PathBuf, u64, u64) {
         assert!(ok, "cp -a /usr/include");
         // xorshift: incompressible, so the blob holds the full size.
         let mut x: u64 = 0x5eed_0fb1_6f11;
-        let mut big = std::fs::File::create(src.join("big.bin")).unwrap();
-        let mut block = vec![0u8; 1 << 20];
-        for _ in 0..a.size_mib {
-            for c in block.chunks_mut(8) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                c.copy_from_slice(&x.to_le_bytes());
-            }
-            big.write_all(&block).unwrap();
-        }
-        drop(big);
+        image::write_random_file(&src.join("big.bin"), a.size_mib, || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        });
         std::fs::create_dir_all(&blobs).unwrap();
-        let out = Command::new(BIN)
-            .arg("build")
-            .arg(&src)
-            .arg("--bootstrap")
-            .arg(&bootstrap)
-            .arg("--blob-dir")
-            .arg(&blobs)
-            .args(["-l", "warn"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "rafsd build: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        image::rafsd_build(&src, &bootstrap, &blobs);
     }
     let (mut bytes, mut files) = (0, 0);
     let mut stack = vec![src.join("include")];

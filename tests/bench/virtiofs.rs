@@ -14,6 +14,7 @@
 mod daemon;
 #[path = "../frontend/mod.rs"]
 mod frontend;
+mod image;
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -115,31 +116,9 @@ fn build_image(a: &Args) -> (PathBuf, PathBuf, PathBuf) {
         }
     }
     let mut rng = Rng(0x5eed_0fb1_6f11);
-    let mut big = File::create(src.join("big.bin")).unwrap();
-    let mut block = vec![0u8; MIB as usize];
-    for _ in 0..a.size_mib {
-        for c in block.chunks_mut(8) {
-            c.copy_from_slice(&rng.next().to_le_bytes());
-        }
-        big.write_all(&block).unwrap();
-    }
-    drop(big);
+    image::write_random_file(&src.join("big.bin"), a.size_mib, || rng.next());
     let t = Instant::now();
-    let out = Command::new(BIN)
-        .arg("build")
-        .arg(&src)
-        .arg("--bootstrap")
-        .arg(&bootstrap)
-        .arg("--blob-dir")
-        .arg(&blobs)
-        .args(["-l", "warn"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "rafsd build: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = image::rafsd_build(&src, &bootstrap, &blobs);
     eprintln!(
         "built the image in {:.1}s: {}",
         t.elapsed().as_secs_f64(),

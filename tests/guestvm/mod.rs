@@ -59,6 +59,11 @@ impl Guard {
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let status = daemon::wait_bounded(&mut child, grace);
         if status.is_none() {
+            eprintln!(
+                "vm: {} (pid {}) ignored SIGTERM for {grace:?}; SIGKILL",
+                self.name,
+                child.id()
+            );
             let _ = child.kill();
             return child.wait().ok();
         }
@@ -72,6 +77,7 @@ impl Drop for Guard {
     }
 }
 
+/// The parent pid of `pid`, from /proc/PID/stat (the field after the parenthesised command name).
 fn parent_of(pid: i32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     stat.rsplit_once(')')?
@@ -82,8 +88,8 @@ fn parent_of(pid: i32) -> Option<u32> {
         .ok()
 }
 
-/// Have the kernel send `sig` to the child if the test dies without running its guards.
-fn die_with_parent(cmd: &mut Command, sig: libc::c_int) -> &mut Command {
+/// Have the kernel send `sig` to the child if the test dies without running its guards (SIGKILL, abort).
+pub fn die_with_parent(cmd: &mut Command, sig: libc::c_int) -> &mut Command {
     // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
@@ -93,6 +99,14 @@ fn die_with_parent(cmd: &mut Command, sig: libc::c_int) -> &mut Command {
             Ok(())
         })
     }
+}
+
+/// A fresh work dir `<prefix>XXXXXX` under the temp dir; RAFSD_VM_KEEP=1 keeps it (serial log, daemon
+/// log, sockets) for a look afterwards.
+pub fn work_dir(prefix: &str) -> tempfile::TempDir {
+    let mut tmp = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
+    tmp.disable_cleanup(std::env::var_os("RAFSD_VM_KEEP").is_some());
+    tmp
 }
 
 pub fn root() -> &'static Path {
@@ -498,6 +512,20 @@ hash_tree() {
     echo "LIST $2 $(cat /tmp/sums /tmp/sums.err | wc -l)"
 }
 "#;
+
+/// Guest shell lines that read `path` (a file of a damaged image) and say how it went: `BADREAD $N OK
+/// <sha256>`, `BADREAD $N EIO` or `BADREAD $N ERR <message>`.
+pub fn badread_sh(path: &str) -> String {
+    format!(
+        r#"if sum=$(sha256sum {path} 2>/tmp/bad.err); then
+    echo "BADREAD $N OK ${{sum%% *}}"
+elif grep -qE 'I/O error|Input/output error' /tmp/bad.err; then
+    echo "BADREAD $N EIO"
+else
+    echo "BADREAD $N ERR $(tr '\n' ' ' </tmp/bad.err)"
+fi"#
+    )
+}
 
 /// Copy `case`'s blobs to `dest` and flip one byte in every chunk of `file`.
 pub fn corrupt_copy(case: &str, file: &str, dest: &Path) -> usize {

@@ -141,21 +141,26 @@ pub fn probe(root: &Path, rel: &str) -> std::io::Result<Row> {
     row.insert("target", target);
     let mut sha = String::new();
     if t == "f" {
-        let mut h = sha2::Sha256::new();
-        let mut f = std::fs::File::open(&path)?;
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = f.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-        }
-        sha = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        sha = sha256_file(&path)?;
     }
     row.insert("sha256", sha);
     row.insert("xattrs", xattrs(&path)?);
     Ok(row)
+}
+
+/// sha256 of a file's contents, lower-case hex (the manifest's form).
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(format!("{:x}", h.finalize()))
 }
 
 fn xattrs(path: &Path) -> std::io::Result<String> {
