@@ -1,4 +1,4 @@
-//! The seccomp allow-list: `seccomp/<arch>.json`, compiled into BPF by `build.rs` (one program per
+//! The seccomp allow-list: `seccomp/<arch>.json`, compiled into BPF by `seccomp/build.rs` (one program per
 //! mismatch action) and installed on every thread of the daemon.
 //!
 //! Why unusual syscalls are on the list is written down in `seccomp/README.md`.
