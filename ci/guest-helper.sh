@@ -5,12 +5,14 @@
 # target/ (the VM tests call it).
 #
 # Usage: ci/guest-helper.sh      Prints: RAFS_GUEST=<path of the static binary>
+# RAFS_GUEST_LIBC=gnu forces the glibc fallback (what a machine without the musl target gets).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${RAFSD_GUEST_HELPER_TARGET:-target/rafs-guest}
 # Small: no debug info in a binary that is copied into every guest.
 export CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_STRIP=symbols
-if rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl; then
+if [ "${RAFS_GUEST_LIBC:-}" != gnu ] &&
+    rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl; then
     target=x86_64-unknown-linux-musl
     cargo build -q --release -p rafs-guest --target "$target" >&2
 else
