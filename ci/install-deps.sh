@@ -42,4 +42,4 @@ rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup comp
 # rafs-guest (the in-guest helper) is linked statically against musl; without the target, ci/guest-helper.sh
 # falls back to glibc with crt-static.
 rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl ||
-    rustup target add x86_64-unknown-linux-musl || echo "install-deps: no musl target; rafs-guest uses glibc crt-static" >&2
+    timeout 300 rustup target add x86_64-unknown-linux-musl || echo "install-deps: no musl target; rafs-guest uses glibc crt-static" >&2
