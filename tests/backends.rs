@@ -712,12 +712,14 @@ fn proxy_down_falls_back_to_direct_and_traffic_returns_when_it_is_back() {
     let data = pseudo_random(2 << 20, 9);
     let id = services::push_blob(reg.port, REPO, None, &data);
     let pport = services::free_port();
+    let blob_gets = format!(
+        "): GET http://127.0.0.1:{}/v2/{REPO}/blobs/sha256:{id} ",
+        reg.port
+    );
     let connects = |dir: &Path| {
-        std::fs::read_to_string(dir.join("tinyproxy.log"))
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.contains("CONNECT") || l.contains("Established connection"))
-            .count()
+        let log = std::fs::read_to_string(dir.join("tinyproxy.log")).unwrap_or_default();
+        assert!(!log.contains("): CONNECT "), "a CONNECT tunnel:\n{log}");
+        log.lines().filter(|l| l.contains(&blob_gets)).count()
     };
     let mut proxy = services::start_tinyproxy(dir.path(), pport);
     let backend = registry_backend(json!({
@@ -733,7 +735,7 @@ fn proxy_down_falls_back_to_direct_and_traffic_returns_when_it_is_back() {
     let seen = connects(dir.path());
     assert!(
         seen >= 1,
-        "tinyproxy saw no connection:\n{}",
+        "tinyproxy saw no absolute-form blob GET:\n{}",
         std::fs::read_to_string(dir.path().join("tinyproxy.log")).unwrap_or_default()
     );
 
@@ -754,8 +756,211 @@ fn proxy_down_falls_back_to_direct_and_traffic_returns_when_it_is_back() {
     );
     assert!(
         connects(dir.path()) > seen,
-        "tinyproxy saw no new connection after its restart"
+        "tinyproxy saw no new blob GET after its restart"
     );
+}
+
+/// Request lines tinyproxy logged (`Request (file descriptor N): GET http://... HTTP/1.1`).
+fn tinyproxy_requests(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(dir.join("tinyproxy.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once("): ").filter(|_| l.contains("Request (")))
+        .map(|(_, r)| r.to_string())
+        .collect()
+}
+
+/// An image mounted through tinyproxy (no fallback, so every byte comes through it) from a registry with
+/// htpasswd auth: plain absolute-form requests reach the proxy, the Authorization goes through it to the
+/// registry, and the tree matches the manifest.
+#[test]
+fn registry_through_tinyproxy_gets_absolute_form_requests_and_the_image_matches() {
+    manifest::assert_root("registry mounts");
+    need(&["docker-registry", "tinyproxy", "htpasswd"]);
+    let dir = tmp();
+    let reg = services::start_registry(dir.path(), RegistryAuth::Htpasswd("alice", "pa55word"));
+    let auth = services::basic_auth("alice", "pa55word");
+    let case = "v6-zstd-blake3";
+    for (id, data) in case_blobs(case) {
+        assert_eq!(
+            services::push_blob(reg.port, REPO, Some(&format!("Basic {auth}")), &data),
+            id
+        );
+    }
+    let pport = services::free_port();
+    let _proxy = services::start_tinyproxy(dir.path(), pport);
+    let config = net_config(
+        dir.path(),
+        "registry",
+        json!({"scheme": "http", "host": format!("127.0.0.1:{}", reg.port), "repo": REPO,
+               "auth": auth, "timeout": 10, "retry_limit": 2,
+               "proxy": {"url": format!("http://127.0.0.1:{pport}"), "fallback": false}}),
+    );
+    let d = mount(dir.path(), &config, &manifest::case_bootstrap(case));
+    assert_matches_manifest(&d, case);
+    d.stop();
+    let requests = tinyproxy_requests(dir.path());
+    let blob_prefix = format!("GET http://127.0.0.1:{}/v2/{REPO}/blobs/sha256:", reg.port);
+    assert!(
+        requests.iter().any(|r| r.starts_with(&blob_prefix)),
+        "no absolute-form blob GET: {requests:#?}"
+    );
+    assert!(
+        requests.iter().all(|r| !r.starts_with("CONNECT ")),
+        "a CONNECT tunnel: {requests:#?}"
+    );
+    let access = reg.log_text();
+    assert!(
+        access.contains("\"GET /v2/rafsd/test/blobs/sha256:") && access.contains(" 206 "),
+        "the registry served ranged reads through the proxy:\n{}",
+        &access[access.len().saturating_sub(2000)..]
+    );
+}
+
+/// Bearer tokens with the proxy in the way: the token request goes straight to the issuer, the blob
+/// requests go through tinyproxy (which adds `Via`) and carry the token on to the registry.
+#[test]
+fn token_fetches_bypass_the_proxy_and_tokens_reach_the_registry_through_it() {
+    need(&["tinyproxy"]);
+    let dir = tmp();
+    let origin = FakeServer::start(FakeOptions {
+        repo: REPO.into(),
+        bearer: Some(60),
+        token_basic: None,
+        redirect_to: None,
+        storage_head_403: false,
+    });
+    let data = pseudo_random(1 << 20, 21);
+    let id = origin.add_blob(data.clone());
+    let pport = services::free_port();
+    let _proxy = services::start_tinyproxy(dir.path(), pport);
+    let backend = registry_backend(json!({
+        "scheme": "http", "host": format!("127.0.0.1:{}", origin.port), "repo": REPO,
+        "proxy": {"url": format!("http://127.0.0.1:{pport}"), "fallback": false}
+    }));
+    for off in [0usize, 300_000, 700_000] {
+        assert!(backend.read_exact_at(&id, off as u64, 4096).unwrap() == data[off..off + 4096]);
+    }
+    let seen = origin.seen.lock().unwrap().clone();
+    let tokens: Vec<_> = seen.iter().filter(|r| r.line.contains(" /token")).collect();
+    assert!(!tokens.is_empty(), "no token request: {seen:#?}");
+    assert!(
+        tokens.iter().all(|r| !r.headers.contains_key("via")),
+        "a token request went through the proxy: {tokens:#?}"
+    );
+    let authorized: Vec<_> = seen
+        .iter()
+        .filter(|r| r.line.starts_with("GET /v2/") && r.headers.contains_key("authorization"))
+        .collect();
+    assert!(authorized.len() >= 3, "{seen:#?}");
+    assert!(
+        authorized.iter().all(|r| r
+            .headers
+            .get("via")
+            .is_some_and(|v| v.contains("tinyproxy"))),
+        "blob reads that bypassed the proxy: {authorized:#?}"
+    );
+    assert!(
+        tinyproxy_requests(dir.path())
+            .iter()
+            .all(|r| !r.contains("/token")),
+        "the proxy saw a token request"
+    );
+}
+
+/// Our fault server playing a Dragonfly-style proxy (serving from its own copy of the blob): it sees
+/// absolute-form requests with the Dragonfly headers; hostile answers fall back to the origin with the
+/// right bytes; a proxy 429 sends one request direct and keeps the proxy, a proxy 403 is final.
+#[test]
+fn a_hostile_forward_proxy_falls_back_to_direct_with_the_right_bytes() {
+    let opts = || FakeOptions {
+        repo: REPO.into(),
+        bearer: None,
+        token_basic: None,
+        redirect_to: None,
+        storage_head_403: false,
+    };
+    let origin = FakeServer::start(opts());
+    let proxy = FakeServer::start(opts());
+    let data = pseudo_random(1 << 20, 33);
+    let id = origin.add_blob(data.clone());
+    assert_eq!(proxy.add_blob(data.clone()), id);
+    let backend = || {
+        registry_backend(json!({
+            "scheme": "http", "host": format!("127.0.0.1:{}", origin.port), "repo": REPO,
+            "timeout": 2, "connect_timeout": 1, "retry_limit": 2,
+            "proxy": {"url": format!("http://127.0.0.1:{}", proxy.port), "fallback": true,
+                      "check_interval": 60}
+        }))
+    };
+    let data_at = |s: &FakeServer| s.counters.data_requests.load(Ordering::Relaxed);
+
+    let b = backend();
+    assert!(b.read_exact_at(&id, 1000, 5000).unwrap() == data[1000..6000]);
+    assert_eq!(data_at(&origin), 0, "the healthy proxy was bypassed");
+    let seen = proxy.seen.lock().unwrap().clone();
+    let url = format!(
+        "http://127.0.0.1:{}/v2/{REPO}/blobs/sha256:{id}",
+        origin.port
+    );
+    assert!(seen
+        .iter()
+        .any(|r| r.line == format!("HEAD {url} HTTP/1.1")));
+    let get = seen
+        .iter()
+        .find(|r| r.line == format!("GET {url} HTTP/1.1"))
+        .unwrap_or_else(|| panic!("no absolute-form GET: {seen:#?}"));
+    let h = |k: &str| get.headers.get(k).map(String::as_str);
+    assert_eq!(
+        h("host"),
+        Some(format!("127.0.0.1:{}", origin.port).as_str())
+    );
+    assert_eq!(h("range"), Some("bytes=1000-5999"));
+    assert_eq!(h("x-dragonfly-priority"), Some("6"));
+    assert_eq!(h("x-dragonfly-use-p2p"), Some("true"));
+
+    for fault in [
+        Fault::Garbage,
+        Fault::EndlessHead,
+        Fault::Reset,
+        Fault::Truncate,
+        Fault::WrongLength,
+        Fault::OtherRange,
+        Fault::Status(502),
+        Fault::Stall(Duration::from_secs(4)),
+    ] {
+        proxy.set_always(Some(fault.clone()));
+        let b = backend();
+        let (before, start) = (data_at(&origin), Instant::now());
+        for off in [0usize, 400_000, 900_000] {
+            let got = b.read_exact_at(&id, off as u64, 65536);
+            assert!(
+                got.as_ref().is_ok_and(|g| *g == data[off..off + 65536]),
+                "{fault:?}: {:?}",
+                got.map(|g| g.len())
+            );
+        }
+        assert!(b.http.counters.via_proxy.load(Ordering::Relaxed) >= 1);
+        assert_eq!(data_at(&origin), before + 3, "{fault:?}: not served direct");
+        assert!(start.elapsed() < Duration::from_secs(6), "{fault:?}: slow");
+    }
+
+    // Rate limited by the proxy: that request goes direct, the next one uses the proxy again.
+    let b = backend();
+    proxy.set_always(None);
+    proxy.queue(&[Fault::ProxyRefuses(429)]);
+    let (o, p) = (data_at(&origin), data_at(&proxy));
+    assert!(b.read_exact_at(&id, 0, 4096).unwrap() == data[..4096]);
+    assert!(b.read_exact_at(&id, 8192, 4096).unwrap() == data[8192..12288]);
+    assert_eq!((data_at(&origin), data_at(&proxy)), (o + 1, p + 2));
+
+    // Forbidden by the proxy: one request, no retries against it, no detour.
+    proxy.set_always(Some(Fault::ProxyRefuses(403)));
+    let (o, p) = (data_at(&origin), data_at(&proxy));
+    let err = b.read_exact_at(&id, 0, 4096).unwrap_err().to_string();
+    assert!(err.contains("403"), "{err}");
+    assert_eq!((data_at(&origin), data_at(&proxy)), (o, p + 1));
+    proxy.set_always(None);
 }
 
 /// moto's S3 server with IAM auth on: our SigV4 signatures are checked by the server.

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use super::forward_proxy::{self, ForwardProxy};
 use super::BlobBackend;
 use crate::error::{Error, Result};
 
@@ -315,7 +316,10 @@ pub struct HttpCounters {
 pub struct HttpClient {
     pub settings: HttpSettings,
     direct: ureq::Agent,
+    /// The proxy as ureq speaks to it: CONNECT tunnels, used for https:// targets.
     via_proxy: Option<ureq::Agent>,
+    /// The proxy as a plain forward proxy, used for http:// targets (absolute-form requests).
+    forward: Option<ForwardProxy>,
     proxy_health: Mutex<Health>,
     mirror_health: Vec<Mutex<Health>>,
     pub counters: HttpCounters,
@@ -380,6 +384,10 @@ impl HttpClient {
             Some(p) => Some(agent(&settings, Some(&p.url))?),
             None => None,
         };
+        let forward = settings
+            .proxy
+            .as_ref()
+            .and_then(|p| ForwardProxy::from_url(&p.url));
         let mirror_health = settings
             .mirrors
             .iter()
@@ -389,6 +397,7 @@ impl HttpClient {
             settings,
             direct,
             via_proxy,
+            forward,
             proxy_health: Mutex::new(now_down()),
             mirror_health,
             counters: HttpCounters::default(),
@@ -450,6 +459,79 @@ impl HttpClient {
             body,
             body_error,
         })
+    }
+
+    /// One absolute-form request through the plain forward proxy, with the headers Dragonfly's dfdaemon
+    /// reads. The registry's Authorization goes along: the proxy fetches from the registry for us.
+    fn send_forward(
+        &self,
+        proxy: &ForwardProxy,
+        req: &Request,
+        url: &str,
+        limit: u64,
+    ) -> std::result::Result<Response, String> {
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        let range = req.range.map(|(a, b)| format!("bytes={a}-{b}"));
+        let mut headers: Vec<(&str, &str)> = req
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        if let Some(r) = &range {
+            headers.push(("Range", r));
+        }
+        // Every read here is on demand (priority 6); prefetch (3) is not told apart yet.
+        headers.push(("X-Dragonfly-Priority", "6"));
+        headers.push(("X-Dragonfly-Use-P2P", "true"));
+        let answer = forward_proxy::exchange(
+            proxy,
+            &forward_proxy::Exchange {
+                head_only: req.method == Method::Head,
+                url,
+                headers: &headers,
+                connect_timeout: self.settings.connect_timeout,
+                timeout: self.settings.timeout,
+                limit,
+            },
+        )?;
+        self.counters
+            .body_bytes
+            .fetch_add(answer.body.len() as u64, Ordering::Relaxed);
+        Ok(Response {
+            status: answer.status,
+            headers: answer.headers,
+            body: answer.body,
+            body_error: answer.body_error,
+        })
+    }
+
+    /// Why a proxy answer should not be used, if it should not: the proxy is the suspect for transport
+    /// failures, 5xx, broken bodies and ranges other than the one asked for.
+    fn proxy_fault(
+        req: &Request,
+        result: &std::result::Result<Response, String>,
+    ) -> Option<String> {
+        let r = match result {
+            Err(e) => return Some(e.clone()),
+            Ok(r) => r,
+        };
+        if r.status >= 500 {
+            return Some(format!("status {}", r.status));
+        }
+        if let Some(e) = &r.body_error {
+            return Some(format!("body: {e}"));
+        }
+        if let (206, Some((a, b))) = (r.status, req.range) {
+            let got = r.header("content-range").and_then(content_range);
+            if got.is_none_or(|(x, y, _)| (x, y) != (a, b)) || r.body.len() as u64 != b - a + 1 {
+                return Some(format!(
+                    "asked for bytes {a}-{b}, got {:?} with {} bytes",
+                    r.header("content-range"),
+                    r.body.len()
+                ));
+            }
+        }
+        None
     }
 
     /// Whether a proxy or mirror should be tried now. A down one is tried again (pinged first if it
@@ -533,26 +615,46 @@ impl HttpClient {
                         false => req.url.to_string(),
                     };
                     self.counters.via_proxy.fetch_add(1, Ordering::Relaxed);
-                    let result = self.send_on(agent, req, &url, &[], false, limit);
-                    let failed = match &result {
-                        Ok(r) => r.status >= 500,
-                        Err(_) => true,
+                    // http:// targets go as absolute-form requests the proxy can see and cache; an
+                    // https:// target (no `use_http`) keeps ureq's CONNECT tunnel, opaque to the proxy.
+                    let result = match (&self.forward, url.starts_with("http://")) {
+                        (Some(fp), true) => self.send_forward(fp, req, &url, limit),
+                        _ => self.send_on(agent, req, &url, &[], false, limit),
                     };
-                    if !failed || !p.fallback {
-                        if !failed {
+                    let refused = match &result {
+                        Ok(r) if r.header("x-dragonfly-error-type") == Some("proxy") => {
+                            Some(r.status)
+                        }
+                        _ => None,
+                    };
+                    match (Self::proxy_fault(req, &result), refused) {
+                        // The proxy is rate limiting: this request goes direct, the proxy stays in use.
+                        (None, Some(429)) if p.fallback => {
+                            log::warn!("proxy is rate limiting (429), this request goes direct");
+                        }
+                        // Anything else the proxy refuses (403) is final: no retry storm against it.
+                        (None, _) => {
+                            if let Some(status) = refused {
+                                log::warn!("proxy refused the request with status {status}");
+                            }
                             self.mark(&self.proxy_health, true, 1, "proxy");
+                            return result;
                         }
-                        return result;
+                        (Some(why), _) if !p.fallback => {
+                            log::warn!("proxy failed ({why}), no fallback configured");
+                            // A body the proxy broke must not reach the caller as a good answer.
+                            return result.and_then(|r| match r.body_error {
+                                Some(_) => Ok(r),
+                                None if r.status >= 500 => Ok(r),
+                                None => Err(format!("proxy: {why}")),
+                            });
+                        }
+                        (Some(why), _) => {
+                            log::warn!("proxy failed ({why}), falling back to direct");
+                            // One failure is enough: every read would otherwise pay for the dead proxy first.
+                            self.mark(&self.proxy_health, false, 1, "proxy");
+                        }
                     }
-                    log::warn!(
-                        "proxy failed ({}), falling back to direct",
-                        match &result {
-                            Ok(r) => format!("status {}", r.status),
-                            Err(e) => e.clone(),
-                        }
-                    );
-                    // One failure is enough: every read would otherwise pay for the dead proxy first.
-                    self.mark(&self.proxy_health, false, 1, "proxy");
                 }
             }
         }

@@ -4,6 +4,7 @@
 pub mod compress;
 pub mod digest;
 pub mod events;
+pub mod forward_proxy;
 pub mod http;
 pub mod http_proxy;
 pub mod localfs;

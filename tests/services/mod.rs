@@ -370,6 +370,14 @@ pub enum Fault {
     Stall(Duration),
     /// The wrong bytes with a plausible 206 (a cache gone bad): must be caught by digests, not here.
     Corrupt,
+    /// Not HTTP at all.
+    Garbage,
+    /// A status line, then header lines without end.
+    EndlessHead,
+    /// A 206 whose Content-Range names another range than the one asked for.
+    OtherRange,
+    /// A Dragonfly proxy refusing: this status with `X-Dragonfly-Error-Type: proxy`.
+    ProxyRefuses(u16),
 }
 
 #[derive(Default)]
@@ -414,6 +422,14 @@ pub struct FakeServer {
     /// Valid tokens and their expiry.
     tokens: Arc<Mutex<HashMap<String, Instant>>>,
     stop: Arc<AtomicBool>,
+    /// Every request's line and headers (names lowercased), in arrival order.
+    pub seen: Arc<Mutex<Vec<SeenRequest>>>,
+}
+
+#[derive(Clone, Debug)]
+pub struct SeenRequest {
+    pub line: String,
+    pub headers: HashMap<String, String>,
 }
 
 struct Shared {
@@ -425,6 +441,7 @@ struct Shared {
     tokens: Arc<Mutex<HashMap<String, Instant>>>,
     next_token: AtomicU64,
     stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Vec<SeenRequest>>>,
 }
 
 impl FakeServer {
@@ -440,6 +457,7 @@ impl FakeServer {
             tokens: Default::default(),
             next_token: AtomicU64::new(1),
             stop: Default::default(),
+            seen: Default::default(),
         });
         let server = FakeServer {
             port,
@@ -448,6 +466,7 @@ impl FakeServer {
             blobs: shared.blobs.clone(),
             tokens: shared.tokens.clone(),
             stop: shared.stop.clone(),
+            seen: shared.seen.clone(),
         };
         listener.set_nonblocking(true).unwrap();
         std::thread::spawn(move || {
@@ -542,6 +561,10 @@ fn serve_conn(s: &Shared, mut conn: TcpStream) {
             }
         }
         s.counters.requests.fetch_add(1, Ordering::Relaxed);
+        s.seen.lock().unwrap().push(SeenRequest {
+            line: line.trim_end().to_string(),
+            headers: headers.clone(),
+        });
         if !handle(s, &mut conn, &method, &target, &headers) {
             return;
         }
@@ -556,6 +579,11 @@ fn handle(
     target: &str,
     headers: &HashMap<String, String>,
 ) -> bool {
+    // An absolute-form target (the server playing a forward proxy that serves from its own store).
+    let target = match target.strip_prefix("http://") {
+        Some(rest) => rest.find('/').map_or("/", |i| &rest[i..]),
+        None => target,
+    };
     let path = target.split('?').next().unwrap_or("");
     if path == "/token" {
         s.counters.token_requests.fetch_add(1, Ordering::Relaxed);
@@ -709,6 +737,34 @@ fn handle(
         Some(Fault::Corrupt) => {
             let bad: Vec<u8> = body.iter().map(|b| b ^ 0x5a).collect();
             respond(conn, 206, &[("Content-Range", range)], &bad)
+        }
+        Some(Fault::Garbage) => {
+            let _ = conn.write_all(b"SSH-2.0-OpenSSH_9.2\r\n\x00\x01\x02 not http at all\r\n\r\n");
+            false
+        }
+        Some(Fault::EndlessHead) => {
+            let _ = conn.write_all(b"HTTP/1.1 206 X\r\n");
+            let line = format!("X-Filler: {}\r\n", "a".repeat(1000));
+            for _ in 0..10_000 {
+                if conn.write_all(line.as_bytes()).is_err() {
+                    break;
+                }
+            }
+            false
+        }
+        Some(Fault::OtherRange) => {
+            let other = format!("bytes {}-{}/{}", a + 1, b + 1, blob.len());
+            respond(conn, 206, &[("Content-Range", other)], body);
+            false
+        }
+        Some(Fault::ProxyRefuses(code)) => {
+            respond(
+                conn,
+                code,
+                &[("X-Dragonfly-Error-Type", "proxy".into())],
+                b"refused",
+            );
+            false
         }
     }
 }
