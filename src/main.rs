@@ -220,6 +220,7 @@ struct VirtiofsArgs {
     /// An image to serve from the start (more can be mounted through the API).
     #[arg(long, short = 'B', requires = "config")]
     bootstrap: Option<PathBuf>,
+    /// Daemon config for --bootstrap: nydusd v1 or v2 JSON.
     #[arg(long, short = 'C')]
     config: Option<PathBuf>,
     /// A host directory to share read-write (passthrough_fs).
@@ -231,10 +232,13 @@ struct VirtiofsArgs {
     /// Request queues offered to the VMM (its num-request-queues must not be larger).
     #[arg(long, default_value_t = rafsd::vhost_user::DEFAULT_REQUEST_QUEUES as u32, value_parser = clap::value_parser!(u32).range(1..=64))]
     thread_num: u32,
+    /// File with absolute paths of --bootstrap to prefetch, one per line ("/" = everything).
     #[arg(long)]
     prefetch_files: Option<PathBuf>,
+    /// Instance id.
     #[arg(long)]
     id: Option<String>,
+    /// Raise RLIMIT_NOFILE to this (best effort; 0 leaves it alone).
     #[arg(long, default_value_t = 1_000_000)]
     rlimit_nofile: u64,
     /// Accepted for nydusd compatibility; every mount is already available.
