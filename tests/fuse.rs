@@ -563,3 +563,190 @@ fn bad_configs_and_missing_files_exit_with_a_clear_error() {
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("mountpoint"), "{out}");
 }
+
+/// Regular non-empty files of an image as (path, RAFS ino, size), in walk order.
+fn regular_files(c: &Case) -> Vec<(String, u64, u64)> {
+    let image =
+        RafsImage::open_local(&c.bootstrap, Some(&c.blobs), ImageOptions::default()).unwrap();
+    let mut files = Vec::new();
+    image
+        .walk(&mut |rel, attr, ev| {
+            if ev == rafsd::image::WalkEvent::Node && attr.is_reg() && attr.size > 0 {
+                files.push((rel.to_string_lossy().into_owned(), attr.ino, attr.size));
+            }
+            Ok(())
+        })
+        .unwrap();
+    files
+}
+
+fn api_json(sock: &Path, target: &str) -> serde_json::Value {
+    let (status, body) =
+        daemon::api_request(sock, "GET", target, "", Duration::from_secs(10)).unwrap();
+    assert_eq!(status, 200, "GET {target}: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {target}: {e}: {body}"))
+}
+
+/// Start a FUSE daemon with an admin socket, with `extra` config keys.
+fn start_with_api(c: &Case, dir: &Path, extra: &str) -> (Daemon, PathBuf) {
+    let config = dir.join("config.json");
+    std::fs::write(
+        &config,
+        v1_config(&c.blobs, &dir.join("cache"), false, extra),
+    )
+    .unwrap();
+    let sock = dir.join("api.sock");
+    let d = Daemon::start(
+        &[
+            "fuse",
+            "--config",
+            config.to_str().unwrap(),
+            "--bootstrap",
+            c.bootstrap.to_str().unwrap(),
+            "--apisock",
+            sock.to_str().unwrap(),
+        ],
+        &dir.join("mnt"),
+        &dir.join("rafsd.log"),
+    );
+    (d, sock)
+}
+
+#[test]
+fn per_file_metrics_count_reads_by_rafs_inode_when_enabled() {
+    manifest::assert_root("FUSE mounts");
+    let c = case(&manifest::cases()[0]);
+    let mut files = regular_files(&c);
+    assert!(files.len() >= 3, "{}: too few regular files", c.name);
+    // The smallest, the largest and one in between: several size buckets.
+    files.sort_by_key(|f| f.2);
+    let picked = [
+        files[0].clone(),
+        files[files.len() / 2].clone(),
+        files[files.len() - 1].clone(),
+    ];
+
+    let dir = tempfile::tempdir().unwrap();
+    let (d, sock) = start_with_api(
+        &c,
+        dir.path(),
+        r#","iostats_files":true,"access_pattern":true,"latest_read_files":true"#,
+    );
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let fs_stats = api_json(&sock, "/api/v1/metrics?id=/");
+    assert_eq!(fs_stats["files_account_enabled"], true);
+    assert_eq!(fs_stats["access_pattern_enabled"], true);
+    assert_eq!(fs_stats["record_latest_read_files_enabled"], true);
+    // Nothing read yet.
+    assert_eq!(
+        api_json(&sock, "/api/v1/metrics/files?id=/&latest=true"),
+        serde_json::json!([])
+    );
+
+    let mut inos = Vec::new();
+    for (rel, ino, size) in &picked {
+        let path = d.mountpoint.join(rel);
+        use std::os::unix::fs::MetadataExt;
+        // The kernel sees the VFS's numbers: mount index 1 in the top byte, the image's inode below. The
+        // metrics are keyed by the image's own numbers, as nydusd's are.
+        let kernel_ino = std::fs::metadata(&path).unwrap().ino();
+        assert_eq!(kernel_ino, (1 << 56) | *ino, "{rel}");
+        assert_eq!(std::fs::read(&path).unwrap().len() as u64, *size, "{rel}");
+        inos.push(*ino);
+    }
+    inos.sort_unstable();
+    inos.dedup();
+
+    let stats = api_json(&sock, "/api/v1/metrics/files?id=/");
+    for (rel, ino, size) in &picked {
+        let s = &stats[ino.to_string()];
+        assert_eq!(s["data_read"], *size, "{rel} (ino {ino}): {s}");
+        let reads = s["fop_hits"][4].as_u64().unwrap();
+        assert!(reads >= 1, "{rel}: no Read hits: {s}");
+        assert_eq!(s["fop_errors"][4], 0, "{rel}: {s}");
+        let buckets: u64 = s["block_count_read"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_u64().unwrap())
+            .sum();
+        assert_eq!(buckets, reads, "{rel}: one bucket count per read: {s}");
+        assert!(
+            s["fop_hits"][2].as_u64().unwrap() >= 1,
+            "{rel}: no Open hit: {s}"
+        );
+        assert!(s["total_fops"].as_u64().unwrap() > reads, "{rel}: {s}");
+    }
+
+    // Runs of consecutive inode numbers, as nydusd prints them.
+    let mut want: Vec<Vec<u64>> = Vec::new();
+    for &ino in &inos {
+        match want.last_mut() {
+            Some(run) if *run.last().unwrap() + 1 == ino => {
+                run.truncate(1);
+                run.push(ino);
+            }
+            _ => want.push(vec![ino]),
+        }
+    }
+    assert_eq!(
+        api_json(&sock, "/api/v1/metrics/files?id=/&latest=true"),
+        serde_json::json!(want)
+    );
+    assert_eq!(
+        api_json(&sock, "/api/v1/metrics/files?id=/&latest=true"),
+        serde_json::json!([]),
+        "reading the latest set clears it"
+    );
+
+    let pattern = api_json(&sock, "/api/v1/metrics/pattern?id=/");
+    let listed: Vec<u64> = pattern
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["ino"].as_u64().unwrap())
+        .collect();
+    assert_eq!(listed, inos, "only the files read: {pattern}");
+    let now = before + 60;
+    for p in pattern.as_array().unwrap() {
+        assert!(p["nr_read"].as_u64().unwrap() >= 1, "{p}");
+        let secs = p["first_access_time_secs"].as_u64().unwrap();
+        assert!((before..now).contains(&secs), "{p}");
+        assert!(
+            p["first_access_time_nanos"].as_u64().unwrap() < 1_000_000_000,
+            "{p}"
+        );
+    }
+    assert!(d.stop().success());
+
+    // With the options off the endpoints show nothing, even after reads.
+    let dir = tempfile::tempdir().unwrap();
+    let (d, sock) = start_with_api(&c, dir.path(), "");
+    let (rel, _, size) = &picked[2];
+    assert_eq!(
+        std::fs::read(d.mountpoint.join(rel)).unwrap().len() as u64,
+        *size
+    );
+    let fs_stats = api_json(&sock, "/api/v1/metrics?id=/");
+    assert_eq!(fs_stats["files_account_enabled"], false);
+    assert_eq!(
+        fs_stats["data_read"], *size,
+        "the filesystem totals still count"
+    );
+    assert_eq!(
+        api_json(&sock, "/api/v1/metrics/files?id=/"),
+        serde_json::json!({})
+    );
+    assert_eq!(
+        api_json(&sock, "/api/v1/metrics/files?id=/&latest=true"),
+        serde_json::json!([])
+    );
+    assert_eq!(
+        api_json(&sock, "/api/v1/metrics/pattern?id=/"),
+        serde_json::json!([])
+    );
+    assert!(d.stop().success());
+}

@@ -76,8 +76,11 @@ pub fn route(daemon: &Daemon, req: &Request) -> Response {
         ("/mount", "POST" | "PUT" | "DELETE") => mount(daemon, req),
         ("/mount", _) => method_not_allowed(req),
         ("/metrics", "GET") => metrics(daemon, req, |mp, fs| fs.metrics.to_json(mp)),
-        ("/metrics/files", "GET") => metrics(daemon, req, |_, _| json!({})),
-        ("/metrics/pattern", "GET") => metrics(daemon, req, |_, _| json!([])),
+        ("/metrics/files", "GET") if req.query("latest") == Some("true") => {
+            metrics(daemon, req, |_, fs| fs.metrics.take_latest_read_json())
+        }
+        ("/metrics/files", "GET") => metrics(daemon, req, |_, fs| fs.metrics.files_json()),
+        ("/metrics/pattern", "GET") => metrics(daemon, req, |_, fs| fs.metrics.pattern_json()),
         ("/metrics/backend", "GET") => metrics(daemon, req, |_, fs| backend_metrics(fs)),
         ("/metrics/blobcache", "GET") => metrics(daemon, req, |_, fs| blobcache_metrics(fs)),
         ("/metrics/inflight", "GET") => Response::no_content(),

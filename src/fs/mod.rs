@@ -31,7 +31,7 @@ use fuse_backend_rs::transport::FsCacheReqHandler;
 use crate::cache::prefetch::Prefetcher;
 use crate::format::InodeAttr;
 use crate::image::{RafsImage, Segment};
-use metrics::{Fop, FsMetrics};
+use metrics::{FileMetricsOptions, Fop, FsMetrics};
 
 /// How long the kernel may cache attributes and entries of an immutable image.
 pub const CACHE_TIMEOUT: Duration = Duration::from_secs(1 << 32);
@@ -104,6 +104,13 @@ impl RafsFs {
             prefetcher: Mutex::new(None),
             perfile_dax: AtomicBool::new(false),
         }
+    }
+
+    /// Keep the per-file records the config asks for (`iostats_files`, `access_pattern`,
+    /// `latest_read_files`); without this call none are kept.
+    pub fn with_file_metrics(mut self, opts: FileMetricsOptions) -> Self {
+        self.metrics = FsMetrics::new(opts);
+        self
     }
 
     pub fn image(&self) -> &Arc<RafsImage> {
@@ -239,7 +246,7 @@ impl RafsFs {
                 }
             }
         }
-        self.metrics.record_read(total);
+        self.metrics.record_read(ino, total);
         Ok(total)
     }
 
@@ -387,7 +394,7 @@ impl FileSystem for RafsFs {
         _handle: Option<u64>,
     ) -> io::Result<(stat64, Duration)> {
         let r = self.attr(inode).map(|a| (self.stat(&a), CACHE_TIMEOUT));
-        self.metrics.record(Fop::Getattr, &r);
+        self.metrics.record_on(inode, Fop::Getattr, &r);
         r
     }
 
@@ -396,7 +403,7 @@ impl FileSystem for RafsFs {
             .image
             .readlink(inode)
             .map_err(|e| to_io(e, &format!("readlink {inode}")));
-        self.metrics.record(Fop::Readlink, &r);
+        self.metrics.record_on(inode, Fop::Readlink, &r);
         r
     }
 
@@ -420,21 +427,21 @@ impl FileSystem for RafsFs {
                 .nr_opens
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        self.metrics.record(Fop::Open, &r);
+        self.metrics.record_on(inode, Fop::Open, &r);
         r
     }
 
     fn release(
         &self,
         _ctx: &Context,
-        _inode: u64,
+        inode: u64,
         _flags: u32,
         _handle: u64,
         _flush: bool,
         _flock_release: bool,
         _lock_owner: Option<u64>,
     ) -> io::Result<()> {
-        self.metrics.record::<()>(Fop::Release, &Ok(()));
+        self.metrics.record_on::<()>(inode, Fop::Release, &Ok(()));
         Ok(())
     }
 
@@ -450,7 +457,7 @@ impl FileSystem for RafsFs {
         _flags: u32,
     ) -> io::Result<usize> {
         let r = self.do_read(inode, w, size, offset);
-        self.metrics.record(Fop::Read, &r);
+        self.metrics.record_on(inode, Fop::Read, &r);
         r
     }
 
@@ -506,7 +513,7 @@ impl FileSystem for RafsFs {
                 false => GetxattrReply::Count(value.len() as u32),
             })
         });
-        self.metrics.record(Fop::Getxattr, &r);
+        self.metrics.record_on(inode, Fop::Getxattr, &r);
         r
     }
 
@@ -522,7 +529,7 @@ impl FileSystem for RafsFs {
                 false => ListxattrReply::Count(names.len() as u32),
             })
         });
-        self.metrics.record(Fop::Listxattr, &r);
+        self.metrics.record_on(inode, Fop::Listxattr, &r);
         r
     }
 
@@ -539,7 +546,7 @@ impl FileSystem for RafsFs {
                 Err(eno(libc::ENOTDIR))
             }
         });
-        self.metrics.record(Fop::Opendir, &r);
+        self.metrics.record_on(inode, Fop::Opendir, &r);
         r
     }
 
@@ -557,7 +564,7 @@ impl FileSystem for RafsFs {
         add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
     ) -> io::Result<()> {
         let r = self.do_readdir(inode, offset, false, &mut |d, _| add_entry(d));
-        self.metrics.record(Fop::Readdir, &r);
+        self.metrics.record_on(inode, Fop::Readdir, &r);
         r
     }
 
@@ -573,7 +580,7 @@ impl FileSystem for RafsFs {
         let r = self.do_readdir(inode, offset, true, &mut |d, e| {
             add_entry(d, e.expect("readdirplus entries carry attributes"))
         });
-        self.metrics.record(Fop::Readdirplus, &r);
+        self.metrics.record_on(inode, Fop::Readdirplus, &r);
         r
     }
 
@@ -610,7 +617,7 @@ impl FileSystem for RafsFs {
                 Ok(())
             }
         });
-        self.metrics.record(Fop::Access, &r);
+        self.metrics.record_on(inode, Fop::Access, &r);
         r
     }
 
