@@ -750,3 +750,75 @@ fn per_file_metrics_count_reads_by_rafs_inode_when_enabled() {
     );
     assert!(d.stop().success());
 }
+
+/// Every entry `readdir(3)` returns for `dir`, as (name, d_ino), in order.
+fn raw_readdir(dir: &Path) -> Vec<(String, u64)> {
+    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path; the stream is closed below and entries are copied out first.
+    let stream = unsafe { libc::opendir(path.as_ptr()) };
+    assert!(!stream.is_null(), "opendir {}", dir.display());
+    let mut entries = Vec::new();
+    loop {
+        // SAFETY: `stream` is open; the returned entry stays valid until the next readdir call.
+        let e = unsafe { libc::readdir(stream) };
+        if e.is_null() {
+            break;
+        }
+        // SAFETY: d_name is NUL-terminated within the entry.
+        let name = unsafe { std::ffi::CStr::from_ptr((*e).d_name.as_ptr()) };
+        entries.push((name.to_string_lossy().into_owned(), unsafe { (*e).d_ino }));
+    }
+    // SAFETY: opened above, closed once.
+    unsafe { libc::closedir(stream) };
+    entries
+}
+
+#[test]
+fn readdir_lists_dot_and_dot_dot_first_with_their_inodes() {
+    use std::os::unix::fs::MetadataExt;
+    manifest::assert_root("FUSE mounts");
+    for name in ["v5-zstd-sha256-128k", "v6-zstd-blake3"] {
+        let c = case(name);
+        let dir = tempfile::tempdir().unwrap();
+        let d = start(&c, dir.path(), false, "");
+        let m = &d.mountpoint;
+        // A directory two levels down, so that its ".." is neither the mount root nor itself.
+        // (`walk` lists files: take the second-level ancestor of a deeper file.)
+        let nested = walk(m)
+            .into_iter()
+            .find(|p| p.strip_prefix(m).unwrap().components().count() >= 3)
+            .map(|p| {
+                let rel: PathBuf = p.strip_prefix(m).unwrap().components().take(2).collect();
+                m.join(rel)
+            })
+            .expect("a directory two levels down");
+        let parent = nested.parent().unwrap();
+        for (dir, up) in [(nested.as_path(), parent), (m.as_path(), m.as_path())] {
+            let entries = raw_readdir(dir);
+            assert!(entries.len() >= 2, "{name}: {}: {entries:?}", dir.display());
+            assert_eq!(
+                entries[0],
+                (".".into(), std::fs::metadata(dir).unwrap().ino()),
+                "{name}"
+            );
+            assert_eq!(entries[1].0, "..", "{name}");
+            if dir != m {
+                assert_eq!(entries[1].1, std::fs::metadata(up).unwrap().ino(), "{name}");
+            }
+            // The rest is exactly what std's read_dir (which hides the dots) lists, in image order.
+            let rest: Vec<String> = entries[2..].iter().map(|e| e.0.clone()).collect();
+            let mut listed: Vec<String> = std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            let mut sorted = rest.clone();
+            sorted.sort();
+            listed.sort();
+            assert_eq!(sorted, listed, "{name}: {}", dir.display());
+            assert!(
+                !rest.iter().any(|n| n == "." || n == ".."),
+                "{name}: dots listed twice"
+            );
+        }
+    }
+}

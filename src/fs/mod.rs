@@ -46,6 +46,9 @@ pub struct RafsFs {
     default_owner: (u32, u32),
     /// Kernel lookup counts per inode (FUSE LOOKUP/READDIRPLUS minus FORGET).
     lookups: Mutex<HashMap<u64, u64>>,
+    /// Parent of each directory the kernel has looked up, for the ".." entry of readdir (the formats keep
+    /// no parent pointer that both versions share). Pruned with the lookup counts.
+    parents: Mutex<HashMap<u64, u64>>,
     pub metrics: FsMetrics,
     prefetcher: Mutex<Option<Prefetcher>>,
     /// The guest mounted with `dax=inode` (FUSE_PERFILE_DAX): mark regular files FUSE_ATTR_DAX.
@@ -100,6 +103,7 @@ impl RafsFs {
             xattr_enabled,
             default_owner: owner,
             lookups: Mutex::new(HashMap::new()),
+            parents: Mutex::new(HashMap::new()),
             metrics: FsMetrics::default(),
             prefetcher: Mutex::new(None),
             perfile_dax: AtomicBool::new(false),
@@ -180,6 +184,27 @@ impl RafsFs {
         cached_entry(a.ino, self.stat(a), attr_flags)
     }
 
+    fn remember_parent(&self, dir: u64, parent: u64) {
+        self.parents
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(dir, parent);
+    }
+
+    /// The ".." of `dir`: the root is its own parent; a directory the kernel never looked up (it cannot
+    /// list one it holds no reference to) falls back to itself.
+    fn parent_of(&self, dir: u64) -> u64 {
+        if dir == self.image.root_ino() {
+            return dir;
+        }
+        self.parents
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&dir)
+            .copied()
+            .unwrap_or(dir)
+    }
+
     fn add_lookup(&self, ino: u64) {
         *self
             .lookups
@@ -198,7 +223,11 @@ impl RafsFs {
             // A negative entry the kernel may cache: the image never changes.
             None => Ok(cached_entry(0, self.stat(&self.attr(parent)?), 0)),
             Some(ino) => {
-                let entry = self.entry(&self.attr(ino)?);
+                let attr = self.attr(ino)?;
+                let entry = self.entry(&attr);
+                if attr.is_dir() {
+                    self.remember_parent(ino, parent);
+                }
                 self.add_lookup(ino);
                 Ok(entry)
             }
@@ -257,40 +286,70 @@ impl RafsFs {
         plus: bool,
         add: &mut dyn FnMut(DirEntry, Option<Entry>) -> io::Result<usize>,
     ) -> io::Result<()> {
-        let mut failure = None;
-        let walked = self.image.read_dir(dir, offset, &mut |e| {
+        if !self.attr(dir)?.is_dir() {
+            return Err(eno(libc::ENOTDIR));
+        }
+        // "." and ".." come first, with cookies 1 and 2, as readdir(3) callers expect; the image's own
+        // entries follow with their cookies moved up by two. The kernel takes no reference for the two
+        // dot entries of READDIRPLUS, so they add no lookup count.
+        for (cookie, name, ino) in [(1, &b"."[..], dir), (2, &b".."[..], self.parent_of(dir))] {
+            if offset >= cookie {
+                continue;
+            }
             let dirent = DirEntry {
-                ino: e.ino,
-                offset: e.offset,
-                type_: dtype(e.file_type),
-                name: &e.name,
+                ino,
+                offset: cookie,
+                type_: libc::DT_DIR as u32,
+                name,
             };
             let entry = if plus {
-                match self.attr(e.ino) {
-                    Ok(a) => Some(self.entry(&a)),
-                    Err(err) => {
-                        failure = Some(err);
-                        return Ok(false);
-                    }
-                }
+                Some(self.entry(&self.attr(ino)?))
             } else {
                 None
             };
-            match add(dirent, entry) {
-                // 0: the reply buffer is full; this entry was not sent, so it gets no lookup count.
-                Ok(0) => Ok(false),
-                Ok(_) => {
-                    if plus {
-                        self.add_lookup(e.ino);
-                    }
-                    Ok(true)
-                }
-                Err(err) => {
-                    failure = Some(err);
-                    Ok(false)
-                }
+            if add(dirent, entry)? == 0 {
+                return Ok(());
             }
-        });
+        }
+        let mut failure = None;
+        let walked = self
+            .image
+            .read_dir(dir, offset.saturating_sub(2), &mut |e| {
+                let dirent = DirEntry {
+                    ino: e.ino,
+                    offset: e.offset + 2,
+                    type_: dtype(e.file_type),
+                    name: &e.name,
+                };
+                let entry = if plus {
+                    match self.attr(e.ino) {
+                        Ok(a) => Some(self.entry(&a)),
+                        Err(err) => {
+                            failure = Some(err);
+                            return Ok(false);
+                        }
+                    }
+                } else {
+                    None
+                };
+                match add(dirent, entry) {
+                    // 0: the reply buffer is full; this entry was not sent, so it gets no lookup count.
+                    Ok(0) => Ok(false),
+                    Ok(_) => {
+                        if plus {
+                            if e.file_type == libc::S_IFDIR {
+                                self.remember_parent(e.ino, dir);
+                            }
+                            self.add_lookup(e.ino);
+                        }
+                        Ok(true)
+                    }
+                    Err(err) => {
+                        failure = Some(err);
+                        Ok(false)
+                    }
+                }
+            });
         walked.map_err(|e| to_io(e, &format!("readdir {dir}")))?;
         failure.map_or(Ok(()), Err)
     }
@@ -374,6 +433,10 @@ impl FileSystem for RafsFs {
             *n = n.saturating_sub(count);
             if *n == 0 {
                 lookups.remove(&inode);
+                self.parents
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&inode);
             }
         }
         drop(lookups);
