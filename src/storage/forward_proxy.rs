@@ -344,7 +344,8 @@ fn read_chunked(
             while !read_line(rest, conn)?.is_empty() {}
             return Ok(());
         }
-        if body.len() as u64 + size > limit {
+        // Compared without adding: a hostile chunk size near u64::MAX must not wrap past the limit.
+        if size > limit.saturating_sub(body.len() as u64) {
             return Err(format!("body over the {limit}-byte limit"));
         }
         let mut part = Vec::new();

@@ -237,8 +237,14 @@ impl Registry {
             .and_then(|t| t.as_str())
             .filter(|t| !t.is_empty())
             .ok_or_else(|| Failure::retry("token response without a token"))?;
-        // The distribution spec's default lifetime is 60 s.
-        let ttl = Duration::from_secs(v.get("expires_in").and_then(|e| e.as_u64()).unwrap_or(60));
+        // The distribution spec's default lifetime is 60 s. A day at most: a server's huge value must not
+        // overflow the Instant below.
+        let ttl = Duration::from_secs(
+            v.get("expires_in")
+                .and_then(|e| e.as_u64())
+                .unwrap_or(60)
+                .min(86_400),
+        );
         let margin = TOKEN_MARGIN.min(ttl / 4);
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         st.header = Some(format!("Bearer {token}"));
