@@ -505,9 +505,9 @@ impl HttpClient {
         })
     }
 
-    /// Why a proxy answer should not be used, if it should not: the proxy is the suspect for transport
-    /// failures, 5xx, broken bodies and ranges other than the one asked for.
-    fn proxy_fault(
+    /// Why a mirror's or proxy's answer should not be used, if it should not: the route is the suspect
+    /// for transport failures, 5xx, broken bodies and ranges other than the one asked for.
+    fn route_fault(
         req: &Request,
         result: &std::result::Result<Response, String>,
     ) -> Option<String> {
@@ -591,17 +591,15 @@ impl HttpClient {
                     continue;
                 };
                 self.counters.via_mirror.fetch_add(1, Ordering::Relaxed);
-                match self.send_on(&self.direct, req, &url, &m.headers, !m.auth_through, limit) {
-                    Ok(r) if r.status < 500 => {
+                let result =
+                    self.send_on(&self.direct, req, &url, &m.headers, !m.auth_through, limit);
+                match Self::route_fault(req, &result) {
+                    None => {
                         self.mark(health, true, m.failure_limit, "mirror");
-                        return Ok(r);
+                        return result;
                     }
-                    Ok(r) => {
-                        log::warn!("mirror {} answered {}", m.host, r.status);
-                        self.mark(health, false, m.failure_limit, "mirror");
-                    }
-                    Err(e) => {
-                        log::warn!("mirror {}: {e}", m.host);
+                    Some(why) => {
+                        log::warn!("mirror {}: {why}", m.host);
                         self.mark(health, false, m.failure_limit, "mirror");
                     }
                 }
@@ -627,7 +625,7 @@ impl HttpClient {
                         }
                         _ => None,
                     };
-                    match (Self::proxy_fault(req, &result), refused) {
+                    match (Self::route_fault(req, &result), refused) {
                         // The proxy is rate limiting: this request goes direct, the proxy stays in use.
                         (None, Some(429)) if p.fallback => {
                             log::warn!("proxy is rate limiting (429), this request goes direct");
