@@ -136,7 +136,9 @@ impl VirtioFsBackend {
         // Without a window SETUPMAPPING/REMOVEMAPPING get EINVAL from the server.
         let window = self.dax.read().unwrap_or_else(|e| e.into_inner()).clone();
         if let Some(w) = &window {
-            if is_fuse_init(mem, &chain) {
+            // A new FUSE session starts with an empty window (header peeked through a copy of the reader).
+            let init = reader.clone().read_obj::<InHeader>();
+            if init.is_ok_and(|h| h.opcode == Opcode::Init as u32) {
                 w.reset();
             }
         }
@@ -150,17 +152,6 @@ impl VirtioFsBackend {
             }
         }
     }
-}
-
-/// Whether a request is FUSE_INIT (peeked from a second reader over the same descriptors).
-fn is_fuse_init(
-    mem: &GuestMemoryMmap,
-    chain: &virtio_queue::DescriptorChain<vm_memory::GuestMemoryLoadGuard<GuestMemoryMmap>>,
-) -> bool {
-    Reader::from_descriptor_chain(mem, chain.clone())
-        .ok()
-        .and_then(|mut r| r.read_obj::<InHeader>().ok())
-        .is_some_and(|h| h.opcode == Opcode::Init as u32)
 }
 
 impl VhostUserBackend for VirtioFsBackend {
