@@ -27,6 +27,9 @@ pub enum Error {
     /// The named inode, entry or attribute does not exist.
     #[error("not found: {0}")]
     NotFound(String),
+    /// Refused by the sandbox: a path outside the allowed ones, or the network where there is none.
+    #[error("{0}")]
+    Forbidden(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -47,6 +50,7 @@ impl Error {
             Error::Unsupported(_) => libc::EOPNOTSUPP,
             Error::Invalid(_) => libc::EINVAL,
             Error::NotFound(_) => libc::ENOENT,
+            Error::Forbidden(_) => libc::EACCES,
         }
     }
 }

@@ -278,7 +278,7 @@ impl AllowedPaths {
             *p = real;
             return Ok(());
         }
-        Err(Error::Invalid(format!(
+        Err(Error::Forbidden(format!(
             "{what} {} is outside the sandbox's allowed paths (read-only: {:?}, read-write: {:?}); \
              start rafsd with --allow-path{} for it",
             p.display(),
@@ -307,7 +307,7 @@ impl AllowedPaths {
             }
             BackendConfig::Remote { kind, config } => {
                 if needs_network(kind) && !self.network {
-                    return Err(Error::Invalid(format!(
+                    return Err(Error::Forbidden(format!(
                         "backend {kind:?} needs the network, but the sandbox has none: start rafsd \
                          with --allow-network or with a network backend in --config"
                     )));

@@ -32,11 +32,7 @@ fn error_response(e: &Error) -> Response {
         Error::Invalid(m) if m.contains("already mounted") || m.contains("overlap") => {
             (409, "AlreadyExists")
         }
-        Error::Invalid(m)
-            if m.contains("outside the sandbox") || m.contains("sandbox has none") =>
-        {
-            (403, "Forbidden")
-        }
+        Error::Forbidden(_) => (403, "Forbidden"),
         Error::Invalid(_) | Error::Corrupt(_) | Error::Integrity(_) => (400, "BadRequest"),
         Error::Unsupported(_) => (501, "Unsupported"),
         Error::Io { .. } => (500, "IoError"),
