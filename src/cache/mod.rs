@@ -93,7 +93,7 @@ impl BlobCache {
         self.blobs
             .iter()
             .flatten()
-            .map(|b| format!("{}.blob.data", b.id))
+            .map(|b| data_file_name(&b.id))
             .collect()
     }
 
@@ -132,7 +132,7 @@ impl BlobCache {
         let file = b
             .data_read_only
             .get_or_init(|| {
-                let path = self.work_dir.join(format!("{}.blob.data", b.id));
+                let path = self.work_dir.join(data_file_name(&b.id));
                 File::open(&path)
                     .map_err(|e| log::warn!("blob cache: reopen {} read-only: {e}", path.display()))
                     .ok()
@@ -270,13 +270,18 @@ impl Drop for Claim {
     }
 }
 
+/// The cache data file of a blob, as nydusd names it (the ready bitmap adds `.chunk_map`).
+fn data_file_name(blob_id: &str) -> String {
+    format!("{blob_id}.blob.data")
+}
+
 fn open_blob(work_dir: &Path, blob: &BlobInfo) -> Result<CachedBlob> {
     if blob.chunk_count == 0 || blob.uncompressed_size == 0 {
         return Err(Error::Invalid(
             "blob table gives no chunk count or uncompressed size".into(),
         ));
     }
-    let path = work_dir.join(format!("{}.blob.data", blob.id));
+    let path = work_dir.join(data_file_name(&blob.id));
     let data = OpenOptions::new()
         .read(true)
         .write(true)
@@ -289,7 +294,7 @@ fn open_blob(work_dir: &Path, blob: &BlobInfo) -> Result<CachedBlob> {
         .map_err(|e| Error::io(format!("stat {}", path.display()), e))?
         .len();
     let map = ChunkMap::open(
-        &work_dir.join(format!("{}.blob.data.chunk_map", blob.id)),
+        &work_dir.join(format!("{}.chunk_map", data_file_name(&blob.id))),
         blob.chunk_count,
     )?;
     if len != blob.uncompressed_size {

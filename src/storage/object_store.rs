@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 use super::http::{Failure, HttpClient, Keys, Remote, Request, Response};
 use super::registry::percent_encode;
 use crate::error::Result;
+use crate::storage::digest::hex;
 
 /// Hex SHA-256 of the empty body: every request here is a GET or HEAD.
 const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
@@ -168,10 +169,6 @@ fn hmac256(key: &[u8], data: &str) -> Vec<u8> {
     let mut m = HmacSha256::new_from_slice(key).expect("HMAC takes any key length");
     m.update(data.as_bytes());
     m.finalize().into_bytes().to_vec()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// AWS SigV4 `Authorization` for a request without query string and an empty body. `headers` are the
