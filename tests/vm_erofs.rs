@@ -87,10 +87,7 @@ fn guest_mounts_blob_views_with_its_erofs_driver() {
     let (helper, initrd) = guestvm::guest_files(&vm.dir, "erofs loop");
 
     // The passthrough share: the helper, the script, and the bad inputs.
-    let shared = vm.dir.join("containers");
-    std::fs::create_dir(&shared).unwrap();
-    std::fs::copy(&helper, shared.join("rafs-guest")).unwrap();
-    std::fs::write(shared.join("erofs.sh"), guest_script(&vm.nonce)).unwrap();
+    let shared = vm.helper_share(&helper, "erofs.sh", &guest_script(&vm.nonce));
     std::fs::copy(
         manifest::case_bootstrap("v5-zstd-sha256-128k"),
         shared.join("not-erofs"),

@@ -86,10 +86,7 @@ fn guest_reads_an_image_through_erofs_over_fscache() {
     let vm = Vm::new(tmp.path());
     // Everything is built into this kernel: no modules.
     let (helper, initrd) = guestvm::guest_files(&vm.dir, "");
-    let shared = vm.dir.join("containers");
-    std::fs::create_dir(&shared).unwrap();
-    std::fs::copy(&helper, shared.join("rafs-guest")).unwrap();
-    std::fs::write(shared.join("fscache.sh"), guest_script(&vm.nonce)).unwrap();
+    let shared = vm.helper_share(&helper, "fscache.sh", &guest_script(&vm.nonce));
     // The guest's cache filesystem (busybox cannot make ext4): e2fsprogs is part of every Debian install.
     let out = std::process::Command::new("mkfs.ext4")
         .args(["-q", "-F", "-b", "4096"])

@@ -153,10 +153,7 @@ fn main() {
         .unwrap();
     let vm = Vm::new(tmp.path());
     let (helper, initrd) = guestvm::guest_files(&vm.dir, "erofs");
-    let shared = vm.dir.join("containers");
-    std::fs::create_dir(&shared).unwrap();
-    std::fs::copy(&helper, shared.join("rafs-guest")).unwrap();
-    std::fs::write(shared.join("bench.sh"), guest_script(&vm.nonce, a.rounds)).unwrap();
+    let shared = vm.helper_share(&helper, "bench.sh", &guest_script(&vm.nonce, a.rounds));
     // Validation off, as a production mount would run with CRC32C only.
     // The image lives in the target dir, outside the paths the test daemons allow by default.
     let image_dir = bootstrap.parent().unwrap().to_str().unwrap();

@@ -852,6 +852,16 @@ impl Guest {
         Ok(r.body)
     }
 
+    /// A request whose successful reply is one fixed-size `T`.
+    fn call_for<T: ByteValued + Default>(
+        &mut self,
+        opcode: Opcode,
+        nodeid: u64,
+        args: &[&[u8]],
+    ) -> io::Result<T> {
+        read_obj(&self.call_ok(opcode, nodeid, args, std::mem::size_of::<T>() as u32)?)
+    }
+
     pub fn fuse_init(&mut self) -> io::Result<InitOut> {
         self.fuse_init_with(FsOptions::empty())
     }
@@ -934,12 +944,7 @@ impl Guest {
 
     pub fn lookup(&mut self, parent: u64, name: &[u8]) -> io::Result<EntryOut> {
         let name = cstr(name);
-        let e: EntryOut = read_obj(&self.call_ok(
-            Opcode::Lookup,
-            parent,
-            &[&name],
-            std::mem::size_of::<EntryOut>() as u32,
-        )?)?;
+        let e: EntryOut = self.call_for(Opcode::Lookup, parent, &[&name])?;
         if e.nodeid == 0 {
             return Err(io::Error::from_raw_os_error(libc::ENOENT));
         }
@@ -960,12 +965,7 @@ impl Guest {
 
     pub fn getattr(&mut self, nodeid: u64) -> io::Result<AttrOut> {
         let a = GetattrIn::default();
-        read_obj(&self.call_ok(
-            Opcode::Getattr,
-            nodeid,
-            &[a.as_slice()],
-            std::mem::size_of::<AttrOut>() as u32,
-        )?)
+        self.call_for::<AttrOut>(Opcode::Getattr, nodeid, &[a.as_slice()])
     }
 
     pub fn open(&mut self, nodeid: u64) -> io::Result<OpenOut> {
@@ -973,12 +973,7 @@ impl Guest {
             flags: libc::O_RDONLY as u32,
             fuse_flags: 0,
         };
-        read_obj(&self.call_ok(
-            Opcode::Open,
-            nodeid,
-            &[a.as_slice()],
-            std::mem::size_of::<OpenOut>() as u32,
-        )?)
+        self.call_for::<OpenOut>(Opcode::Open, nodeid, &[a.as_slice()])
     }
 
     pub fn opendir(&mut self, nodeid: u64) -> io::Result<OpenOut> {
@@ -986,12 +981,7 @@ impl Guest {
             flags: (libc::O_RDONLY | libc::O_DIRECTORY) as u32,
             fuse_flags: 0,
         };
-        read_obj(&self.call_ok(
-            Opcode::Opendir,
-            nodeid,
-            &[a.as_slice()],
-            std::mem::size_of::<OpenOut>() as u32,
-        )?)
+        self.call_for::<OpenOut>(Opcode::Opendir, nodeid, &[a.as_slice()])
     }
 
     pub fn release(&mut self, nodeid: u64, fh: u64, dir: bool) -> io::Result<()> {

@@ -269,6 +269,16 @@ impl Vm {
         )
     }
 
+    /// The host side of the guest's `/containers` share: a fresh directory holding the static
+    /// `rafs-guest` helper and the script the guest's `/init` runs.
+    pub fn helper_share(&self, helper: &Path, script_name: &str, script: &str) -> PathBuf {
+        let shared = self.dir.join("containers");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::copy(helper, shared.join("rafs-guest")).unwrap();
+        std::fs::write(shared.join(script_name), script).unwrap();
+        shared
+    }
+
     pub fn share(&self, mountpoint: &str, dir: &Path) {
         let body = serde_json::json!({"source": dir, "fs_type": "passthrough_fs", "config": ""})
             .to_string();
