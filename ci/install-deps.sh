@@ -32,13 +32,16 @@ fi
 if ! python3 -c "import moto.server, boto3, cryptography, flask_cors" 2>/dev/null; then
     python3 -m pip --version >/dev/null 2>&1 || {
         export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
         apt-get install -y -qq python3-pip
     }
     python3 -m pip install -q "moto[server]==5.2.1" ||
         python3 -m pip install -q --break-system-packages "moto[server]==5.2.1"
 fi
 command -v cargo >/dev/null || { echo "install-deps: cargo is required (rustup toolchain)" >&2; exit 1; }
-rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
+for component in clippy rustfmt; do
+    rustup component list --installed 2>/dev/null | grep -q "^$component" || rustup component add "$component"
+done
 # rafs-guest (the in-guest helper) is linked statically against musl; without the target, ci/guest-helper.sh
 # falls back to glibc with crt-static.
 rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl ||

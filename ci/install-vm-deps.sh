@@ -15,7 +15,7 @@ command -v zstd >/dev/null || need_apt+=(zstd)
 command -v timeout >/dev/null || need_apt+=(coreutils)
 command -v curl >/dev/null || need_apt+=(curl) # ci/demo-vm.sh talks to the admin API with it
 # ci/fscache-kernel.sh compiles the fscache guest kernel; tests/vm_fscache.rs makes its cache fs with mkfs.ext4.
-for tool in flex bison bc; do command -v "$tool" >/dev/null || need_apt+=("$tool"); done
+for tool in gcc make flex bison bc; do command -v "$tool" >/dev/null || need_apt+=("$tool"); done
 [ -f /usr/include/libelf.h ] || need_apt+=(libelf-dev)
 command -v mkfs.ext4 >/dev/null || [ -x /usr/sbin/mkfs.ext4 ] || [ -x /sbin/mkfs.ext4 ] || need_apt+=(e2fsprogs)
 if [ ${#need_apt[@]} -gt 0 ]; then
