@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 ci/install-deps.sh
 cargo build --release -q
 rounds=${1:-5}
-fixtures=${RAFSD_FIXTURES:-../shared/fixtures/rafs}
+fixtures=${RAFSD_FIXTURES:-tests/fixtures/rafs}
 work=$(mktemp -d /tmp/rafsd-bench.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 bin=target/release/rafsd

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ci/install-deps.sh
 cargo build --release -q
-fixtures=${RAFSD_FIXTURES:-../shared/fixtures/rafs}
+fixtures=${RAFSD_FIXTURES:-tests/fixtures/rafs}
 case=${1:-v6-zstd-blake3}
 bootstrap=$fixtures/$case/bootstrap
 [ -f "$bootstrap" ] || bootstrap=$(ls "$fixtures/$case"/blobs/*)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The project's test command: formatting, lints, then every unit and integration test.
-# Integration tests read the reference images in ../shared/fixtures/rafs (override with RAFSD_FIXTURES)
+# Integration tests read the reference images in tests/fixtures/rafs (override with RAFSD_FIXTURES)
 # and must run as root (they create device nodes, set owners and trusted.* xattrs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,3 +16,9 @@ cargo test --workspace 2>&1 | tee target/test.log
 # Fail loudly if no test ran at all (a broken filter would otherwise pass): empty binaries and doc-tests
 # also print "test result: ok. 0 passed", so count the passed tests.
 awk '/^test result:/ { n += $4 } END { exit !(n > 0) }' target/test.log
+# The tests copy the reference images before changing anything; the originals must be untouched.
+if [ -n "$(git status --porcelain -- tests/fixtures 2>/dev/null)" ]; then
+    echo "ci/test.sh: the tests changed tests/fixtures:" >&2
+    git status --porcelain -- tests/fixtures >&2
+    exit 1
+fi

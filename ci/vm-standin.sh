@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ci/install-vm-deps.sh
 eval "$(ci/guest-kernel.sh)"
-fixtures=${RAFSD_FIXTURES:-../shared/fixtures/rafs}
+fixtures=${RAFSD_FIXTURES:-tests/fixtures/rafs}
 bin=${1:-target/debug/rafsd}
 [ -x "$bin" ] || cargo build -q
 virtiofsd=/usr/lib/qemu/virtiofsd

@@ -1,12 +1,12 @@
 //! Hostile input: a damaged or forged bootstrap or blob must give a clear error naming what is wrong, never
 //! a panic, a hang or an unbounded allocation.
 //!
-//! Every case copies one reference image (`../shared/fixtures/rafs/<case>`, see its README) into a temporary
+//! Every case copies one reference image (`tests/fixtures/rafs/<case>`, see its README) into a temporary
 //! directory and patches bytes at offsets found by parsing the structures with the small readers in the
-//! `le`, `v6` and `v5` modules below. Those follow `../shared/docs/nydus-format-and-interfaces.md` (§1 for v6,
-//! §2 for v5) and name the fields as the document does. They are written independently of the crate's
-//! parsers on purpose: a test that found its target through the code under test could not notice that code
-//! misreading the format.
+//! `le`, `v6` and `v5` modules below. Those follow the Nydus format reference (the shared docs'
+//! `nydus-format-and-interfaces.md`, §1 for v6, §2 for v5) and name the fields as the document does. They
+//! are written independently of the crate's parsers on purpose: a test that found its target through the
+//! code under test could not notice that code misreading the format.
 
 use std::ffi::{OsStr, OsString};
 use std::fs;
@@ -19,6 +19,8 @@ use rafsd::format::MetaBytes;
 use rafsd::storage::localfs::LocalFs;
 use rafsd::storage::BlobBackend;
 use rafsd::{Error, ImageOptions, RafsImage};
+
+mod manifest;
 
 /// How long one `rafsd` run may take before it counts as a hang.
 const RUN_TIMEOUT: Duration = Duration::from_secs(20);
@@ -478,9 +480,7 @@ mod v5 {
 // Fixture copies and runners.
 
 fn fixtures() -> PathBuf {
-    std::env::var_os("RAFSD_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/rafs"))
+    manifest::fixtures_dir()
 }
 
 /// A private copy of one reference image: the bootstrap is copied (and patched in `boot`), the blob

@@ -161,9 +161,7 @@ pub fn run_bounded(args: &[&std::ffi::OsStr], limit: Duration) -> (Option<i32>, 
 /// `rafsd virtiofs` runs sandboxed (a mount namespace showing only allowed paths): let its API mounts use
 /// the fixtures (read-only) and anything under the test's `dir` (read-write).
 pub fn sandbox_allow_args(dir: &Path) -> Vec<std::ffi::OsString> {
-    let fixtures = std::env::var_os("RAFSD_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/rafs"));
+    let fixtures = super::manifest::fixtures_dir();
     vec![
         "--allow-path".into(),
         fixtures.into(),

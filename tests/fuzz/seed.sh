@@ -1,10 +1,10 @@
 #!/bin/sh
-# Build the seed corpora of the fuzz targets from the reference images in ../shared/fixtures/rafs.
+# Build the seed corpora of the fuzz targets from the reference images in tests/fixtures/rafs.
 # Usage: tests/fuzz/seed.sh [FIXTURES_DIR]   (run from anywhere; writes tests/fuzz/corpus/<target>/)
 # Needs sh, head, tail, python3 (standard library only) and, optionally, the zstd tool.
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
-fixtures=${1:-$here/../../../shared/fixtures/rafs}
+fixtures=${1:-$here/../fixtures/rafs}
 [ -d "$fixtures" ] || { echo "no fixtures at $fixtures" >&2; exit 1; }
 
 meta=$here/corpus/metadata

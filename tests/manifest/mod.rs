@@ -1,5 +1,5 @@
 //! Compare a host tree (an unpacked image, later a FUSE or virtio-fs mount) with the fixtures'
-//! `manifest.tsv`, entry by entry and column by column, like ../shared/tools/check-tree.py.
+//! `manifest.tsv`, entry by entry and column by column, like the reference `check-tree.py` tool.
 
 #![allow(dead_code)]
 
@@ -16,11 +16,11 @@ pub const COLUMNS: [&str; 11] = [
     "path", "type", "mode", "uid", "gid", "size", "nlink", "mtime", "target", "sha256", "xattrs",
 ];
 
-/// The shared reference images: `$RAFSD_FIXTURES`, else ../shared/fixtures/rafs beside the checkout.
+/// The reference images: `$RAFSD_FIXTURES`, else the repository's own `tests/fixtures/rafs`.
 pub fn fixtures_dir() -> PathBuf {
     std::env::var_os("RAFSD_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/rafs"))
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/rafs"))
 }
 
 /// Case names from the fixtures' CASES file.
