@@ -17,6 +17,8 @@ mod daemon;
 #[path = "../frontend/mod.rs"]
 mod frontend;
 mod image;
+#[path = "../manifest/mod.rs"]
+mod manifest;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;

@@ -15,6 +15,8 @@ mod daemon;
 #[path = "../frontend/mod.rs"]
 mod frontend;
 mod image;
+#[path = "../manifest/mod.rs"]
+mod manifest;
 
 use std::collections::HashMap;
 use std::ffi::CString;
