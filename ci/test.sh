@@ -12,6 +12,7 @@ ci/guest-kernel.sh >/dev/null
 ci/fscache-kernel.sh >/dev/null
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 cargo test --workspace 2>&1 | tee target/test.log
 # Fail loudly if no test ran at all (a broken filter would otherwise pass): empty binaries and doc-tests
 # also print "test result: ok. 0 passed", so count the passed tests.

@@ -124,55 +124,73 @@ pub(crate) mod tests {
     /// (inode 2), a HAS_HOLE regular file of `size` bytes whose only chunk, 4096 bytes of 0xAB, sits at
     /// file offset `SPARSE_CHUNK_AT`. Everything else in it is a hole.
     pub(crate) fn sparse_v5_image(size: u64) -> RafsImage {
+        use rafs_layout::v5::{ChunkRecord, ExtBlobEntry, Inode, SuperBlock, I_HAS_HOLE};
+        use rafs_layout::{Field, Record};
         let chunk = vec![0xABu8; 4096];
         let mut b = vec![0u8; 8624];
-        let put32 =
-            |b: &mut Vec<u8>, at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_le_bytes());
-        let put64 =
-            |b: &mut Vec<u8>, at: usize, v: u64| b[at..at + 8].copy_from_slice(&v.to_le_bytes());
-        // Superblock: magic, version, size, chunk size, flags (COMPRESSION_NONE | HASH_BLAKE3), 2 inodes,
-        // inode table at 8192, blob table at 8200 (16 bytes), extended blob table at 8216 (1 entry).
-        put32(&mut b, 0, 0x5241_4653);
-        put32(&mut b, 4, 0x500);
-        put32(&mut b, 8, 8192);
-        put32(&mut b, 12, 4096);
-        put64(&mut b, 16, 0x1 | 0x4);
-        put64(&mut b, 24, 2);
-        put64(&mut b, 32, 8192);
-        put64(&mut b, 48, 8200);
-        put32(&mut b, 56, 2);
-        put32(&mut b, 64, 16);
-        put32(&mut b, 68, 1);
-        put64(&mut b, 72, 8216);
+        // Superblock: chunk size 4 KiB, COMPRESSION_NONE | HASH_BLAKE3, 2 inodes, inode table at 8192,
+        // blob table at 8200 (16 bytes), extended blob table at 8216 (1 entry).
+        SuperBlock {
+            magic: rafs_layout::v5::RAFS_V5_MAGIC,
+            fs_version: rafs_layout::v5::RAFS_V5_VERSION,
+            sb_size: 8192,
+            block_size: 4096,
+            flags: 0x1 | 0x4,
+            inodes_count: 2,
+            inode_table_offset: 8192,
+            prefetch_table_offset: 0,
+            blob_table_offset: 8200,
+            inode_table_entries: 2,
+            prefetch_table_entries: 0,
+            blob_table_size: 16,
+            extended_blob_table_entries: 1,
+            extended_blob_table_offset: 8216,
+        }
+        .write_to(&mut b);
         // Inode table: records at 8280 and 8408, as offsets >> 3.
-        put32(&mut b, 8192, 8280 >> 3);
-        put32(&mut b, 8196, 8408 >> 3);
+        (8280u32 >> 3).put(&mut b, 8192);
+        (8408u32 >> 3).put(&mut b, 8196);
         // Blob table: readahead (0, 0), id "blob0". Extended entry: 1 chunk, 4096 bytes both ways.
         b[8208..8213].copy_from_slice(b"blob0");
-        put32(&mut b, 8216, 1);
-        put64(&mut b, 8216 + 8, 4096);
-        put64(&mut b, 8216 + 16, 4096);
+        ExtBlobEntry {
+            chunk_count: 1,
+            features: 0,
+            uncompressed_size: 4096,
+            compressed_size: 4096,
+        }
+        .write_to(&mut b[8216..]);
         // Root directory: ino 1, drwxr-xr-x, one child in slot 2.
-        put64(&mut b, 8280 + 40, 1);
-        put32(&mut b, 8280 + 60, libc::S_IFDIR | 0o755);
-        put64(&mut b, 8280 + 64, 4096);
-        put32(&mut b, 8280 + 88, 2);
-        put32(&mut b, 8280 + 92, 2);
-        put32(&mut b, 8280 + 96, 1);
+        Inode {
+            ino: 1,
+            mode: libc::S_IFDIR | 0o755,
+            size: 4096,
+            nlink: 2,
+            child_index: 2,
+            child_count: 1,
+            ..Inode::default()
+        }
+        .write_to(&mut b[8280..]);
         // "file": ino 2, -rw-r--r--, `size` bytes, HAS_HOLE, one chunk record after its padded name.
-        put64(&mut b, 8408 + 40, 2);
-        put32(&mut b, 8408 + 60, libc::S_IFREG | 0o644);
-        put64(&mut b, 8408 + 64, size);
-        put64(&mut b, 8408 + 80, 0x8);
-        put32(&mut b, 8408 + 88, 1);
-        put32(&mut b, 8408 + 96, 1);
-        b[8408 + 100..8408 + 102].copy_from_slice(&4u16.to_le_bytes());
+        Inode {
+            ino: 2,
+            mode: libc::S_IFREG | 0o644,
+            size,
+            flags: I_HAS_HOLE,
+            nlink: 1,
+            child_count: 1,
+            name_size: 4,
+            ..Inode::default()
+        }
+        .write_to(&mut b[8408..]);
         b[8536..8540].copy_from_slice(b"file");
-        let rec = 8544;
-        b[rec..rec + 32].copy_from_slice(&digest(Digester::Blake3, &chunk));
-        put32(&mut b, rec + 40, 4096);
-        put32(&mut b, rec + 44, 4096);
-        put64(&mut b, rec + 64, SPARSE_CHUNK_AT);
+        ChunkRecord {
+            digest: digest(Digester::Blake3, &chunk),
+            compressed_size: 4096,
+            uncompressed_size: 4096,
+            file_offset: SPARSE_CHUNK_AT,
+            ..ChunkRecord::default()
+        }
+        .write_to(&mut b[8544..]);
         RafsImage::from_metadata(
             MetaBytes::Owned(b),
             MetaSource::Bootstrap("sparse".into()),

@@ -1,7 +1,8 @@
 //! rafsd: serve RAFS (Dragonfly Nydus) v5 and v6 container images.
 //!
 //! Layout, one module per concern:
-//! - [`format`]: on-disk structures of bootstraps and blobs (parsing only).
+//! - [`layout`]: every on-disk record, defined once (the `rafs-layout` crate, shared with the builder
+//!   and the in-guest helper); [`mod@format`]: parsing whole bootstraps and blob sections over those records.
 //! - [`storage`]: blob backends, chunk codecs and digests.
 //! - [`image`]: an opened image: metadata plus verified chunk reads.
 //! - [`unpack`], [`check`], [`inspect`]: the offline tools built on [`image`].
@@ -30,3 +31,4 @@ pub mod vhost_user;
 
 pub use error::{Error, Result};
 pub use image::{ImageOptions, RafsImage};
+pub use rafs_layout as layout;

@@ -1,14 +1,13 @@
 //! The few EROFS superblock fields the helper needs: the block size and the device table, whose slot tags
-//! are the blob ids of a RAFS v6 image (device `i + 1` is blob `i`). Parsed here rather than through the
-//! rafsd crate so the static binary stays small.
+//! are the blob ids of a RAFS v6 image (device `i + 1` is blob `i`). The records come from `rafs-layout`,
+//! the daemon's own definitions (a dependency-free crate, so the static binary stays small).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-const SUPER_OFFSET: u64 = 1024;
-const EROFS_MAGIC: u32 = 0xE0F5_E1E2;
-const SLOT_SIZE: usize = 128;
+use rafs_layout::erofs::{DeviceSlot, SuperBlock, EROFS_MAGIC, SUPER_OFFSET};
+use rafs_layout::{padded, Record};
 
 /// One device slot: the blob id and how many blocks of it the image addresses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,19 +22,11 @@ pub struct Bootstrap {
     pub devices: Vec<Device>,
 }
 
-fn u16_at(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
 /// Read the superblock and device table of `path`; any error names the file and what is wrong.
 pub fn read_bootstrap(path: &Path) -> Result<Bootstrap, String> {
     let what = path.display();
     let file = File::open(path).map_err(|e| format!("open bootstrap {what}: {e}"))?;
-    let mut sb = [0u8; 128];
+    let mut sb = [0u8; SuperBlock::SIZE];
     file.read_exact_at(&mut sb, SUPER_OFFSET).map_err(|e| {
         format!("{what}: cannot read an EROFS superblock at byte {SUPER_OFFSET}: {e}")
     })?;
@@ -44,30 +35,30 @@ pub fn read_bootstrap(path: &Path) -> Result<Bootstrap, String> {
 
 /// Parse the superblock `sb` (128 bytes at 1024); `read_at` fetches the device table.
 pub fn parse(
-    sb: &[u8; 128],
+    sb: &[u8; SuperBlock::SIZE],
     read_at: impl Fn(u64, &mut [u8]) -> std::io::Result<()>,
 ) -> Result<Bootstrap, String> {
-    let magic = u32_at(sb, 0);
-    if magic != EROFS_MAGIC {
+    let sb = SuperBlock::read(sb).expect("a whole superblock");
+    if sb.magic != EROFS_MAGIC {
         return Err(format!(
-            "not an EROFS (RAFS v6) bootstrap: magic {magic:#010x}, want {EROFS_MAGIC:#010x} (RAFS v5 images cannot be mounted by the kernel)"
+            "not an EROFS (RAFS v6) bootstrap: magic {:#010x}, want {EROFS_MAGIC:#010x} (RAFS v5 images cannot be mounted by the kernel)",
+            sb.magic
         ));
     }
-    let blkszbits = sb[12];
+    let blkszbits = sb.blkszbits;
     if !(9..=16).contains(&blkszbits) {
         return Err(format!("block size 2^{blkszbits} is out of range"));
     }
-    let extra_devices = u16_at(sb, 86) as usize;
-    let slot_off = u16_at(sb, 88) as u64 * SLOT_SIZE as u64;
-    let mut table = vec![0u8; extra_devices * SLOT_SIZE];
+    let extra_devices = sb.extra_devices as usize;
+    let slot_off = sb.devt_slotoff as u64 * DeviceSlot::SIZE as u64;
+    let mut table = vec![0u8; extra_devices * DeviceSlot::SIZE];
     read_at(slot_off, &mut table).map_err(|e| {
         format!("cannot read the device table ({extra_devices} slots at {slot_off}): {e}")
     })?;
     let mut devices = Vec::with_capacity(extra_devices);
-    for (i, slot) in table.chunks_exact(SLOT_SIZE).enumerate() {
-        let raw = &slot[..64];
-        let len = raw.iter().position(|&c| c == 0).unwrap_or(64);
-        let tag = std::str::from_utf8(&raw[..len])
+    for (i, slot) in table.chunks_exact(DeviceSlot::SIZE).enumerate() {
+        let slot = DeviceSlot::read(slot).expect("a whole slot");
+        let tag = std::str::from_utf8(padded(&slot.tag))
             .map_err(|_| format!("device slot {i}: tag is not UTF-8"))?;
         // Tags become file names under --blob-dir: plain names only.
         if tag.is_empty() || tag.contains('/') || tag == "." || tag == ".." {
@@ -75,7 +66,7 @@ pub fn parse(
         }
         devices.push(Device {
             tag: tag.to_string(),
-            blocks: u32_at(slot, 64) as u64,
+            blocks: slot.blocks as u64,
         });
     }
     Ok(Bootstrap {
@@ -89,11 +80,15 @@ mod tests {
     use super::*;
 
     fn sb(devices: u16) -> [u8; 128] {
+        let record = SuperBlock {
+            magic: EROFS_MAGIC,
+            blkszbits: 12,
+            extra_devices: devices,
+            devt_slotoff: 11,
+            ..Default::default()
+        };
         let mut sb = [0u8; 128];
-        sb[..4].copy_from_slice(&EROFS_MAGIC.to_le_bytes());
-        sb[12] = 12;
-        sb[86..88].copy_from_slice(&devices.to_le_bytes());
-        sb[88..90].copy_from_slice(&11u16.to_le_bytes());
+        record.write_to(&mut sb);
         sb
     }
 

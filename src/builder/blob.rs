@@ -13,13 +13,14 @@ use sha2::{Digest as _, Sha256};
 
 use crate::error::{Error, Result};
 use crate::format::blob_features as bf;
-use crate::format::blob_meta::{CI_HEADER_SIZE, CI_MAGIC, CI_V1_SIZE};
-use crate::format::toc::{
-    TAR_HEADER_SIZE, TOC_COMPRESS_LZ4, TOC_COMPRESS_NONE, TOC_COMPRESS_ZSTD, TOC_ENTRY_SIZE,
-    TOC_NAME,
-};
+use crate::format::blob_meta::CI_HEADER_SIZE;
 use crate::format::{CiLocation, Compressor};
 use crate::storage::compress;
+use rafs_layout::blob::{
+    CiHeader, CiV1, TarHeader, TocEntry, CI_MAGIC, TAR_HEADER_SIZE, TOC_COMPRESS_LZ4,
+    TOC_COMPRESS_NONE, TOC_COMPRESS_ZSTD, TOC_NAME,
+};
+use rafs_layout::{pad, Record};
 
 /// Uncompressed chunk offsets of v6 blobs start on 4 KiB boundaries (the EROFS block size).
 const ALIGNMENT: u64 = 4096;
@@ -150,12 +151,13 @@ impl BlobWriter {
         self.write(stored, true)?;
         self.uncompressed_end = uncompressed_offset + size as u64;
         if self.opts.fs_version == 6 {
-            self.ci.extend_from_slice(&ci_v1_entry(
+            let entry = CiV1::new(
                 compressed_offset,
                 stored.len() as u32,
                 uncompressed_offset,
                 size,
-            ));
+            );
+            self.ci.extend_from_slice(&entry.to_bytes());
         }
         self.digests.extend_from_slice(digest);
         let index = self.chunk_count;
@@ -284,16 +286,17 @@ impl BlobWriter {
         });
         self.write(&packed, true)?;
         self.write(&tar_header(b"image.boot", packed.len() as u64), true)?;
-        let mut toc = Vec::with_capacity(self.toc.len() * TOC_ENTRY_SIZE as usize);
+        let mut toc = Vec::with_capacity(self.toc.len() * TocEntry::SIZE);
         for r in &self.toc {
-            let mut e = [0u8; TOC_ENTRY_SIZE as usize];
-            e[0..4].copy_from_slice(&r.flags.to_le_bytes());
-            e[8..8 + r.name.len()].copy_from_slice(r.name);
-            e[24..56].copy_from_slice(&r.digest);
-            e[56..64].copy_from_slice(&r.offset.to_le_bytes());
-            e[64..72].copy_from_slice(&r.compressed_size.to_le_bytes());
-            e[72..80].copy_from_slice(&r.uncompressed_size.to_le_bytes());
-            toc.extend_from_slice(&e);
+            let entry = TocEntry {
+                flags: r.flags,
+                name: pad(r.name).expect("section names fit 16 bytes"),
+                uncompressed_digest: r.digest,
+                compressed_offset: r.offset,
+                compressed_size: r.compressed_size,
+                uncompressed_size: r.uncompressed_size,
+            };
+            toc.extend_from_slice(&entry.to_bytes());
         }
         self.write(&toc, true)?;
         self.write(&tar_header(TOC_NAME, toc.len() as u64), true)
@@ -330,54 +333,25 @@ fn sha256(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
 
-/// A V1 chunk-info entry (doc §1.16): sizes are stored minus one, split into low 20 and high 4 bits.
-pub fn ci_v1_entry(
-    compressed_offset: u64,
-    compressed_size: u32,
-    uncompressed_offset: u64,
-    uncompressed_size: u32,
-) -> [u8; 16] {
-    let (us, cs) = ((uncompressed_size - 1) as u64, (compressed_size - 1) as u64);
-    let uncomp =
-        (uncompressed_offset & 0xFFF_FFFF_F000) | (us & 0xF_FFFF) << 44 | (us >> 20 & 0xF) << 8;
-    let comp =
-        (compressed_offset & 0xFF_FFFF_FFFF) | (cs & 0xF_FFFF) << 44 | (cs >> 20 & 0xF) << 40;
-    let mut e = [0u8; CI_V1_SIZE as usize];
-    e[..8].copy_from_slice(&uncomp.to_le_bytes());
-    e[8..].copy_from_slice(&comp.to_le_bytes());
-    e
-}
-
 /// The 4096-byte header that follows the CI array; the reader checks it against the blob table.
 fn ci_header(features: u32, ci: &CiLocation, chunk_count: u32) -> Vec<u8> {
-    let mut h = vec![0u8; CI_HEADER_SIZE as usize];
-    h[0..4].copy_from_slice(&CI_MAGIC.to_le_bytes());
-    h[4..8].copy_from_slice(&features.to_le_bytes());
-    h[8..12].copy_from_slice(&ci.compressor.to_u32().to_le_bytes());
-    h[12..16].copy_from_slice(&chunk_count.to_le_bytes());
-    h[16..24].copy_from_slice(&ci.offset.to_le_bytes());
-    h[24..32].copy_from_slice(&ci.compressed_size.to_le_bytes());
-    h[32..40].copy_from_slice(&ci.uncompressed_size.to_le_bytes());
-    h[4092..4096].copy_from_slice(&CI_MAGIC.to_le_bytes());
-    h
+    CiHeader {
+        magic: CI_MAGIC,
+        features,
+        ci_compressor: ci.compressor.to_u32(),
+        ci_entries: chunk_count,
+        ci_offset: ci.offset,
+        ci_compressed_size: ci.compressed_size,
+        ci_uncompressed_size: ci.uncompressed_size,
+        ci_zran_offset: 0,
+        ci_zran_size: 0,
+        ci_zran_count: 0,
+        magic2: CI_MAGIC,
+    }
+    .to_bytes()
 }
 
 /// A GNU tar header for a section that precedes it: name, regular file, size and checksum.
-pub fn tar_header(name: &[u8], size: u64) -> [u8; TAR_HEADER_SIZE as usize] {
-    let mut h = [0u8; TAR_HEADER_SIZE as usize];
-    h[..name.len()].copy_from_slice(name);
-    if size < 1 << 33 {
-        h[124..136].copy_from_slice(format!("{size:011o}\0").as_bytes());
-    } else {
-        // Too big for 11 octal digits: GNU base-256 (high bit set, big-endian value).
-        h[124] = 0x80;
-        h[128..136].copy_from_slice(&size.to_be_bytes());
-    }
-    h[136..148].copy_from_slice(b"00000000000\0");
-    h[156] = b'0';
-    h[257..265].copy_from_slice(b"ustar  \0");
-    h[148..156].fill(b' ');
-    let sum: u32 = h.iter().map(|&b| b as u32).sum();
-    h[148..156].copy_from_slice(format!("{sum:07o}\0").as_bytes());
-    h
+fn tar_header(name: &[u8], size: u64) -> [u8; TAR_HEADER_SIZE as usize] {
+    TarHeader::section(name, size).expect("section names are short constants")
 }

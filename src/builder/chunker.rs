@@ -16,21 +16,9 @@ use crate::error::{Error, Result};
 use crate::format::{Compressor, Digester};
 use crate::storage::{compress, digest};
 
-/// One chunk as the bootstrap records it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Chunk {
-    /// Digest of the uncompressed bytes.
-    pub digest: [u8; 32],
-    pub blob_index: u32,
-    /// Index of the chunk in its blob (the CI index).
-    pub index: u32,
-    pub compressed_offset: u64,
-    pub compressed_size: u32,
-    pub uncompressed_offset: u64,
-    pub uncompressed_size: u32,
-    pub compressed: bool,
-    pub crc32: Option<u32>,
-}
+/// One chunk as the bootstrap records it: the on-disk chunk record itself (its `file_offset` is set per
+/// file when a v5 writer places it after an inode).
+pub use rafs_layout::v5::ChunkRecord as Chunk;
 
 /// Every chunk an image refers to, each once. Files hold indexes into it.
 #[derive(Debug, Default, Clone)]
@@ -311,17 +299,22 @@ impl<'a> Chunker<'a> {
                 )?;
                 self.stats.chunks_written += 1;
                 self.stats.bytes_written += done.stored.len() as u64;
-                self.table.add(Chunk {
-                    digest: done.digest,
-                    blob_index: self.blob_index,
-                    index: loc.index,
-                    compressed_offset: loc.compressed_offset,
-                    compressed_size: done.stored.len() as u32,
-                    uncompressed_offset: loc.uncompressed_offset,
-                    uncompressed_size: done.size,
-                    compressed: done.compressed,
-                    crc32: Some(done.crc32),
-                })
+                self.table.add(
+                    crate::format::ChunkInfo {
+                        blob_index: self.blob_index,
+                        index: loc.index,
+                        compressed_offset: loc.compressed_offset,
+                        compressed_size: done.stored.len() as u32,
+                        uncompressed_offset: loc.uncompressed_offset,
+                        uncompressed_size: done.size,
+                        compressed: done.compressed,
+                        batch: None,
+                        digest: Some(done.digest),
+                        crc32: Some(done.crc32),
+                    }
+                    .to_record()
+                    .expect("a chunk with a digest"),
+                )
             }
         };
         self.assignments.push((file, k, index));

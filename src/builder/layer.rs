@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::chunker::{Chunk, ChunkTable};
+use super::chunker::ChunkTable;
 use super::tree::{FileData, FileId, Kind, Meta, Node, NodeId, Tree, ROOT};
 use crate::error::{Error, Result};
 use crate::format::{BlobInfo, ChunkAddr, Compressor, Digester, InodeAttr};
@@ -190,23 +190,13 @@ fn file_chunks(
                 what()
             )));
         }
-        let digest = info
-            .digest
+        let mut chunk = info
+            .to_record()
             .ok_or_else(|| Error::Corrupt(format!("{}: chunk without a digest", what())))?;
-        let blob_index = *blob_map.get(info.blob_index as usize).ok_or_else(|| {
+        chunk.blob_index = *blob_map.get(info.blob_index as usize).ok_or_else(|| {
             Error::Corrupt(format!("{}: chunk names blob {}", what(), info.blob_index))
         })?;
-        out.push(table.add(Chunk {
-            digest,
-            blob_index,
-            index: info.index,
-            compressed_offset: info.compressed_offset,
-            compressed_size: info.compressed_size,
-            uncompressed_offset: info.uncompressed_offset,
-            uncompressed_size: info.uncompressed_size,
-            compressed: info.compressed,
-            crc32: info.crc32,
-        }));
+        out.push(table.add(chunk));
     }
     if out.len() as u64 != attr.size.div_ceil(chunk_size) {
         return Err(Error::Unsupported(format!(

@@ -8,7 +8,7 @@
 
 use super::chunker::ChunkTable;
 use super::tree::{Kind, NodeId, Tree, ROOT};
-use super::v6::{chunk_record, put16, put32, put64, ImageParams};
+use super::v6::ImageParams;
 use crate::error::{Error, Result};
 use crate::format::bytes::round_up;
 use crate::format::v5::{
@@ -16,6 +16,8 @@ use crate::format::v5::{
 };
 use crate::format::{flags, BlobInfo};
 use crate::storage::digest::digest;
+use rafs_layout::v5::{ChunkRecord, ExtBlobEntry, Inode, SuperBlock, RAFS_V5_VERSION};
+use rafs_layout::{Field, Record};
 
 const ALIGN: u64 = 8;
 
@@ -129,45 +131,45 @@ pub fn write(
             0
         }
         | if has_xattr { flags::HAS_XATTR } else { 0 };
-    {
-        let sb = &mut out[..SUPER_SIZE as usize];
-        put32(sb, 0, RAFS_V5_MAGIC);
-        put32(sb, 4, 0x500);
-        put32(sb, 8, SUPER_SIZE as u32);
-        put32(sb, 12, p.chunk_size);
-        put64(sb, 16, sflags);
-        put64(sb, 24, unique);
-        put64(sb, 32, inode_table_off);
-        put64(sb, 40, prefetch_off);
-        put64(sb, 48, blob_table_off);
-        put32(sb, 56, entries as u32);
-        put32(sb, 60, prefetch.len() as u32);
-        put32(sb, 64, blob_table.len() as u32);
-        put32(sb, 68, blobs.len() as u32);
-        put64(sb, 72, ext_off);
+    SuperBlock {
+        magic: RAFS_V5_MAGIC,
+        fs_version: RAFS_V5_VERSION,
+        sb_size: SUPER_SIZE as u32,
+        block_size: p.chunk_size,
+        flags: sflags,
+        inodes_count: unique,
+        inode_table_offset: inode_table_off,
+        prefetch_table_offset: prefetch_off,
+        blob_table_offset: blob_table_off,
+        inode_table_entries: entries as u32,
+        prefetch_table_entries: prefetch.len() as u32,
+        blob_table_size: blob_table.len() as u32,
+        extended_blob_table_entries: blobs.len() as u32,
+        extended_blob_table_offset: ext_off,
     }
+    .write_to(&mut out);
     for &(node, _) in &order {
         let off = record_off[node];
         if off >> 3 > u32::MAX as u64 {
             return Err(Error::Invalid("v5 bootstrap over 32 GiB".into()));
         }
-        put32(
+        ((off >> 3) as u32).put(
             &mut out,
             (inode_table_off + 4 * (slot[node] as u64 - 1)) as usize,
-            (off >> 3) as u32,
         );
     }
     for (i, &n) in prefetch.iter().enumerate() {
-        put32(&mut out, prefetch_off as usize + 4 * i, n);
+        n.put(&mut out, prefetch_off as usize + 4 * i);
     }
     out[blob_table_off as usize..ext_off as usize].copy_from_slice(&blob_table);
     for (i, blob) in blobs.iter().enumerate() {
-        let e = &mut out[(ext_off + EXT_BLOB_ENTRY_SIZE * i as u64) as usize..]
-            [..EXT_BLOB_ENTRY_SIZE as usize];
-        put32(e, 0, blob.chunk_count);
-        put32(e, 4, blob.features);
-        put64(e, 8, blob.uncompressed_size);
-        put64(e, 16, blob.compressed_size);
+        ExtBlobEntry {
+            chunk_count: blob.chunk_count,
+            features: blob.features,
+            uncompressed_size: blob.uncompressed_size,
+            compressed_size: blob.compressed_size,
+        }
+        .write_to(&mut out[(ext_off + EXT_BLOB_ENTRY_SIZE * i as u64) as usize..]);
     }
 
     for node in dfs {
@@ -216,32 +218,31 @@ pub fn write(
             }
             _ => 0,
         };
-        let r = &mut out[at..at + INODE_SIZE as usize];
-        r[..32].copy_from_slice(&digests[node]);
-        put64(
-            r,
-            32,
-            if node == ROOT {
+        Inode {
+            digest: digests[node],
+            parent: if node == ROOT {
                 0
             } else {
                 ino[parent[node]] as u64
             },
-        );
-        put64(r, 40, ino[node] as u64);
-        put32(r, 48, uid);
-        put32(r, 52, gid);
-        put32(r, 60, n.meta.mode);
-        put64(r, 64, size);
-        put64(r, 72, (size + xattrs[node].len() as u64).div_ceil(512));
-        put64(r, 80, iflags);
-        put32(r, 88, nlink);
-        put32(r, 92, child_index);
-        put32(r, 96, child_count);
-        put16(r, 100, name.len() as u16);
-        put16(r, 102, symlink.len() as u16);
-        put32(r, 104, rdev);
-        put32(r, 108, n.meta.mtime_nsec);
-        put64(r, 112, n.meta.mtime);
+            ino: ino[node] as u64,
+            uid,
+            gid,
+            projid: 0,
+            mode: n.meta.mode,
+            size,
+            blocks: (size + xattrs[node].len() as u64).div_ceil(512),
+            flags: iflags,
+            nlink,
+            child_index,
+            child_count,
+            name_size: name.len() as u16,
+            symlink_size: symlink.len() as u16,
+            rdev,
+            mtime_nsec: n.meta.mtime_nsec,
+            mtime: n.meta.mtime,
+        }
+        .write_to(&mut out[at..]);
         let mut pos = at + INODE_SIZE as usize;
         out[pos..pos + name.len()].copy_from_slice(name);
         pos += round_up(name.len() as u64, ALIGN) as usize;
@@ -250,9 +251,11 @@ pub fn write(
         out[pos..pos + xattrs[node].len()].copy_from_slice(&xattrs[node]);
         pos += xattrs[node].len();
         for (k, &c) in file_chunks.iter().enumerate() {
-            let chunk = chunks.get(c);
-            let rec = chunk_record(chunk, k as u64 * p.chunk_size as u64);
-            out[pos..pos + CHUNK_SIZE as usize].copy_from_slice(&rec);
+            ChunkRecord {
+                file_offset: k as u64 * p.chunk_size as u64,
+                ..*chunks.get(c)
+            }
+            .write_to(&mut out[pos..]);
             pos += CHUNK_SIZE as usize;
         }
     }

@@ -13,23 +13,28 @@ use crate::error::{Error, Result};
 use crate::format::bytes::round_up;
 use crate::format::v6::{
     xattr_prefix, BLOB_ENTRY_SIZE, CHUNK_TABLE_ENTRY_SIZE, COMPAT_RAFS_V6, DEVICE_SLOT_SIZE,
-    DIRENT_SIZE, EROFS_MAGIC, EXT_SUPER_OFFSET, INCOMPAT_CHUNKED_FILE, INCOMPAT_DEVICE_TABLE,
-    LAYOUT_CHUNK_BASED, LAYOUT_FLAT_INLINE, LAYOUT_FLAT_PLAIN, SUPER_OFFSET,
+    DIRENT_SIZE, EROFS_MAGIC, EXT_SUPER_OFFSET, FORMAT_EXTENDED, INCOMPAT_CHUNKED_FILE,
+    INCOMPAT_DEVICE_TABLE, LAYOUT_CHUNK_BASED, LAYOUT_FLAT_INLINE, LAYOUT_FLAT_PLAIN, SUPER_OFFSET,
 };
 use crate::format::{blob_features as bf, flags, BlobInfo, Compressor, Digester};
+use rafs_layout::erofs::{
+    file_type, BlobEntry, ChunkIndex, DeviceSlot, Dirent, ExtSuperBlock, InodeExtended, SuperBlock,
+    XattrEntry, XattrIbodyHeader, CHUNK_FORMAT_INDEXES,
+};
+use rafs_layout::{pad, Field, Record};
 
 const BLOCK: u64 = 4096;
 const BLOCK_BITS: u32 = 12;
-const INODE_SIZE: u64 = 64;
+/// Every inode is written extended, so mtimes and 32-bit owners are kept.
+const INODE_SIZE: u64 = InodeExtended::SIZE as u64;
 const DEVICE_TABLE_OFFSET: u64 = 1408;
 /// Device slots start at 1408 = 11 * 128.
 const DEVT_SLOTOFF: u16 = 11;
 /// The root inode sits one block into the meta area, so nid 0 never names an inode.
 const ROOT_OFFSET: u64 = BLOCK;
-const CHUNK_FORMAT_INDEXES: u32 = 0x20;
 /// Device slots map blobs into one address space at this granularity (512 KiB).
 const MAPPED_ALIGN: u64 = 0x8_0000;
-const CHUNK_ADDR_SIZE: u64 = 8;
+const CHUNK_ADDR_SIZE: u64 = ChunkIndex::SIZE as u64;
 
 /// Whole-image settings the writer records.
 pub struct ImageParams<'a> {
@@ -151,76 +156,83 @@ pub fn write(
         };
     let root_nid = inodes[node_ino[ROOT]].nid();
     let total_blocks: u64 = blobs.iter().map(|b| b.uncompressed_size / BLOCK).sum();
-    {
-        let sb = &mut out[SUPER_OFFSET as usize..SUPER_OFFSET as usize + 128];
-        put32(sb, 0, EROFS_MAGIC);
-        put32(sb, 8, COMPAT_RAFS_V6);
-        sb[12] = BLOCK_BITS as u8;
-        put16(sb, 14, root_nid as u16);
-        put64(sb, 16, inodes.len() as u64);
-        put32(sb, 36, total_blocks as u32);
-        put32(sb, 40, block_addr(meta_base)?);
-        put32(sb, 80, INCOMPAT_CHUNKED_FILE | INCOMPAT_DEVICE_TABLE);
-        put16(sb, 86, blobs.len() as u16);
-        put16(sb, 88, DEVT_SLOTOFF);
+    SuperBlock {
+        magic: EROFS_MAGIC,
+        feature_compat: COMPAT_RAFS_V6,
+        blkszbits: BLOCK_BITS as u8,
+        root_nid: root_nid as u16,
+        inos: inodes.len() as u64,
+        blocks: total_blocks as u32,
+        meta_blkaddr: block_addr(meta_base)?,
+        feature_incompat: INCOMPAT_CHUNKED_FILE | INCOMPAT_DEVICE_TABLE,
+        extra_devices: blobs.len() as u16,
+        devt_slotoff: DEVT_SLOTOFF,
+        ..Default::default()
     }
-    {
-        let ext = &mut out[EXT_SUPER_OFFSET as usize..EXT_SUPER_OFFSET as usize + 256];
-        put64(ext, 0, sflags);
-        put64(ext, 8, blob_table_off);
-        put32(ext, 16, blob_table_size as u32);
-        put32(ext, 20, p.chunk_size);
-        put64(ext, 24, chunk_table_off);
-        put64(ext, 32, chunk_table_size);
-        if !prefetch.is_empty() {
-            put64(ext, 40, prefetch_off);
-            put32(ext, 48, prefetch_size as u32);
-        }
+    .write_to(&mut out[SUPER_OFFSET as usize..]);
+    let (prefetch_table_offset, prefetch_table_size) = if prefetch.is_empty() {
+        (0, 0)
+    } else {
+        (prefetch_off, prefetch_size as u32)
+    };
+    ExtSuperBlock {
+        flags: sflags,
+        blob_table_offset: blob_table_off,
+        blob_table_size: blob_table_size as u32,
+        chunk_size: p.chunk_size,
+        chunk_table_offset: chunk_table_off,
+        chunk_table_size,
+        prefetch_table_offset,
+        prefetch_table_size,
     }
+    .write_to(&mut out[EXT_SUPER_OFFSET as usize..]);
 
     // Device slots and blob table, in the same order; device ids in chunk indexes are slot + 1.
     let mut mapped_pos = total;
     for (i, blob) in blobs.iter().enumerate() {
-        if blob.id.len() > 64 {
-            return Err(Error::Invalid(format!(
-                "blob id {:?} is longer than 64 bytes",
-                blob.id
-            )));
-        }
+        let tag: [u8; 64] = pad(blob.id.as_bytes()).ok_or_else(|| {
+            Error::Invalid(format!("blob id {:?} is longer than 64 bytes", blob.id))
+        })?;
         let blocks = blob.uncompressed_size / BLOCK;
         let mapped = round_up(mapped_pos, MAPPED_ALIGN) / BLOCK;
         mapped_pos = (mapped + blocks) * BLOCK;
-        let slot = &mut out[(DEVICE_TABLE_OFFSET + DEVICE_SLOT_SIZE * i as u64) as usize..]
-            [..DEVICE_SLOT_SIZE as usize];
-        slot[..blob.id.len()].copy_from_slice(blob.id.as_bytes());
-        put32(slot, 64, blocks as u32);
-        put32(slot, 68, mapped as u32);
-
-        let e = &mut out[(blob_table_off + BLOB_ENTRY_SIZE * i as u64) as usize..]
-            [..BLOB_ENTRY_SIZE as usize];
-        e[..blob.id.len()].copy_from_slice(blob.id.as_bytes());
-        put32(e, 64, i as u32);
-        put32(e, 68, p.chunk_size);
-        put32(e, 72, blob.chunk_count);
-        put32(e, 76, blob.compressor.to_u32());
-        put32(e, 80, blob.digester.to_u32());
-        put32(e, 84, blob.features);
-        put64(e, 88, blob.compressed_size);
-        put64(e, 96, blob.uncompressed_size);
-        put32(e, 104, blob.toc_size);
-        if let Some(ci) = blob.ci {
-            put32(e, 108, ci.compressor.to_u32());
-            put64(e, 112, ci.offset);
-            put64(e, 120, ci.compressed_size);
-            put64(e, 128, ci.uncompressed_size);
+        DeviceSlot {
+            tag,
+            blocks: blocks as u32,
+            mapped_blkaddr: mapped as u32,
         }
-        e[136..168].copy_from_slice(&blob.toc_digest);
+        .write_to(&mut out[(DEVICE_TABLE_OFFSET + DEVICE_SLOT_SIZE * i as u64) as usize..]);
+        let ci = blob.ci.unwrap_or(crate::format::CiLocation {
+            compressor: Compressor::None,
+            offset: 0,
+            compressed_size: 0,
+            uncompressed_size: 0,
+        });
+        BlobEntry {
+            blob_id: tag,
+            blob_index: i as u32,
+            chunk_size: p.chunk_size,
+            chunk_count: blob.chunk_count,
+            compression_algo: blob.compressor.to_u32(),
+            digest_algo: blob.digester.to_u32(),
+            features: blob.features,
+            compressed_size: blob.compressed_size,
+            uncompressed_size: blob.uncompressed_size,
+            blob_toc_size: blob.toc_size,
+            ci_compressor: ci.compressor.to_u32(),
+            ci_offset: ci.offset,
+            ci_compressed_size: ci.compressed_size,
+            ci_uncompressed_size: ci.uncompressed_size,
+            blob_toc_digest: blob.toc_digest,
+            ..Default::default()
+        }
+        .write_to(&mut out[(blob_table_off + BLOB_ENTRY_SIZE * i as u64) as usize..]);
     }
     for (i, &node) in prefetch.iter().enumerate() {
         let nid = inodes[node_ino[node]].nid();
         let nid = u32::try_from(nid)
             .map_err(|_| Error::Invalid(format!("prefetch nid {nid} does not fit 32 bits")))?;
-        put32(&mut out[prefetch_off as usize..], 4 * i, nid);
+        nid.put(&mut out, prefetch_off as usize + 4 * i);
     }
 
     // Inodes and their data.
@@ -232,8 +244,8 @@ pub fn write(
             Kind::Dir(children) => {
                 let parent = parents[ino.node];
                 let mut entries: Vec<(&[u8], u64, u8)> = vec![
-                    (b".", ino.nid(), 2),
-                    (b"..", inodes[node_ino[parent]].nid(), 2),
+                    (b".", ino.nid(), file_type::DIR),
+                    (b"..", inodes[node_ino[parent]].nid(), file_type::DIR),
                 ];
                 for &c in children {
                     entries.push((
@@ -263,18 +275,20 @@ pub fn write(
         } else {
             (ino.xattrs.len() - 12) / 4 + 1
         };
-        let core = &mut out[at..at + INODE_SIZE as usize];
-        put16(core, 0, 1 | ino.layout << 1);
-        put16(core, 2, icount as u16);
-        put16(core, 4, node.meta.mode as u16);
-        put64(core, 8, ino.size);
-        put32(core, 16, i_u);
-        put32(core, 20, seq as u32 + 1);
-        put32(core, 24, uid);
-        put32(core, 28, gid);
-        put64(core, 32, node.meta.mtime);
-        put32(core, 40, node.meta.mtime_nsec);
-        put32(core, 44, ino.nlink);
+        InodeExtended {
+            format: FORMAT_EXTENDED | ino.layout << 1,
+            xattr_icount: icount as u16,
+            mode: node.meta.mode as u16,
+            size: ino.size,
+            i_u,
+            ino: seq as u32 + 1,
+            uid,
+            gid,
+            mtime: node.meta.mtime,
+            mtime_nsec: node.meta.mtime_nsec,
+            nlink: ino.nlink,
+        }
+        .write_to(&mut out[at..]);
         let after_core = at + INODE_SIZE as usize;
         out[after_core..after_core + ino.xattrs.len()].copy_from_slice(&ino.xattrs);
         let after_xattrs = after_core + ino.xattrs.len();
@@ -290,16 +304,14 @@ pub fn write(
         if let Kind::File(f) = node.kind {
             let base = at + round_up(INODE_SIZE + ino.xattrs.len() as u64, 8) as usize;
             for (k, &c) in tree.files[f].chunks.iter().enumerate() {
-                let addr = chunk_addr(chunks.get(c))?;
-                out[base + k * CHUNK_ADDR_SIZE as usize..][..CHUNK_ADDR_SIZE as usize]
-                    .copy_from_slice(&addr);
+                chunk_addr(chunks.get(c))?
+                    .write_to(&mut out[base + k * CHUNK_ADDR_SIZE as usize..]);
             }
         }
     }
 
     for (i, c) in table.iter().enumerate() {
-        let at = (chunk_table_off + CHUNK_TABLE_ENTRY_SIZE * i as u64) as usize;
-        out[at..at + CHUNK_TABLE_ENTRY_SIZE as usize].copy_from_slice(&chunk_record(c, 0));
+        c.write_to(&mut out[(chunk_table_off + CHUNK_TABLE_ENTRY_SIZE * i as u64) as usize..]);
     }
     Ok(out)
 }
@@ -415,47 +427,20 @@ fn chunk_table(tree: &Tree, inodes: &[Ino], chunks: &ChunkTable) -> Vec<Chunk> {
     table
 }
 
-/// The 80-byte `RafsV5ChunkInfo` record (v6 chunk table and v5 chunk records).
-pub fn chunk_record(c: &Chunk, file_offset: u64) -> [u8; 80] {
-    use crate::format::v5::{CHUNK_COMPRESSED, CHUNK_HAS_CRC32};
-    let mut e = [0u8; 80];
-    e[..32].copy_from_slice(&c.digest);
-    put32(&mut e, 32, c.blob_index);
-    let flags = if c.compressed { CHUNK_COMPRESSED } else { 0 }
-        | if c.crc32.is_some() {
-            CHUNK_HAS_CRC32
-        } else {
-            0
-        };
-    put32(&mut e, 36, flags);
-    put32(&mut e, 40, c.compressed_size);
-    put32(&mut e, 44, c.uncompressed_size);
-    put64(&mut e, 48, c.compressed_offset);
-    put64(&mut e, 56, c.uncompressed_offset);
-    put64(&mut e, 64, file_offset);
-    put32(&mut e, 72, c.index);
-    put32(&mut e, 76, c.crc32.unwrap_or(0));
-    e
-}
-
-/// An 8-byte chunk index: CI index split 16 + 8 bits around the device id (blob index + 1), then the
-/// chunk's block in the blob's uncompressed space (doc §1.9).
-fn chunk_addr(c: &Chunk) -> Result<[u8; 8]> {
+/// A chunk's 8-byte index entry: its CI index, its blob as device (index + 1), and its block in the
+/// blob's uncompressed space (doc §1.9).
+fn chunk_addr(c: &Chunk) -> Result<ChunkIndex> {
     if c.blob_index >= 255 || c.index >= 1 << 24 || !c.uncompressed_offset.is_multiple_of(BLOCK) {
         return Err(Error::Invalid(format!(
             "chunk {} of blob {} cannot be addressed in v6 (blob index, CI index or unaligned offset {})",
             c.index, c.blob_index, c.uncompressed_offset
         )));
     }
-    let mut e = [0u8; 8];
-    put16(&mut e, 0, (c.index & 0xffff) as u16);
-    put16(
-        &mut e,
-        2,
-        ((c.blob_index + 1) | (c.index >> 16) << 8) as u16,
-    );
-    put32(&mut e, 4, block_addr(c.uncompressed_offset)?);
-    Ok(e)
+    Ok(ChunkIndex::new(
+        c.blob_index,
+        c.index,
+        block_addr(c.uncompressed_offset)?,
+    ))
 }
 
 fn block_addr(offset: u64) -> Result<u32> {
@@ -469,15 +454,15 @@ fn block_addr(offset: u64) -> Result<u32> {
 fn dirent_type(tree: &Tree, node: NodeId) -> u8 {
     let n = &tree.nodes[node];
     match &n.kind {
-        Kind::Dir(_) => 2,
-        Kind::File(_) => 1,
-        Kind::Symlink(_) => 7,
+        Kind::Dir(_) => file_type::DIR,
+        Kind::File(_) => file_type::REG,
+        Kind::Symlink(_) => file_type::SYMLINK,
         Kind::Special => match n.meta.file_type() {
-            libc::S_IFCHR => 3,
-            libc::S_IFBLK => 4,
-            libc::S_IFIFO => 5,
-            libc::S_IFSOCK => 6,
-            _ => 0,
+            libc::S_IFCHR => file_type::CHR,
+            libc::S_IFBLK => file_type::BLK,
+            libc::S_IFIFO => file_type::FIFO,
+            libc::S_IFSOCK => file_type::SOCK,
+            _ => file_type::UNKNOWN,
         },
     }
 }
@@ -523,10 +508,12 @@ fn pack_dir(entries: &[(&[u8], u64, u8)]) -> Vec<u8> {
         ];
         let mut name_off = count * DIRENT_SIZE;
         for (k, (name, nid, t)) in entries[next..next + count].iter().enumerate() {
-            let d = &mut block[k * DIRENT_SIZE..(k + 1) * DIRENT_SIZE];
-            put64(d, 0, *nid);
-            put16(d, 8, name_off as u16);
-            d[10] = *t;
+            Dirent {
+                nid: *nid,
+                nameoff: name_off as u16,
+                file_type: *t,
+            }
+            .write_to(&mut block[k * DIRENT_SIZE..]);
             block[name_off..name_off + name.len()].copy_from_slice(name);
             name_off += name.len();
         }
@@ -541,19 +528,25 @@ fn xattr_area(xattrs: &[(Vec<u8>, Vec<u8>)]) -> Result<Vec<u8>> {
     if xattrs.is_empty() {
         return Ok(Vec::new());
     }
-    let mut area = vec![0u8; 12];
+    // The header (name filter 0, no shared xattrs) is all zeros.
+    let mut area = XattrIbodyHeader::default().to_bytes();
     for (name, value) in xattrs {
         let (index, suffix) = split_xattr_name(name)?;
         let value_len = u16::try_from(value.len())
             .map_err(|_| Error::Invalid("xattr value over 65535 bytes".into()))?;
-        area.push(suffix.len() as u8);
-        area.push(index);
-        area.extend_from_slice(&value_len.to_le_bytes());
+        area.extend_from_slice(
+            &XattrEntry {
+                name_len: suffix.len() as u8,
+                name_index: index,
+                value_size: value_len,
+            }
+            .to_bytes(),
+        );
         area.extend_from_slice(suffix);
         area.extend_from_slice(value);
         area.resize(round_up(area.len() as u64, 4) as usize, 0);
     }
-    if area.len() > 12 + 4 * 65534 {
+    if area.len() as u64 > rafs_layout::erofs::xattr_area_size(u16::MAX) {
         return Err(Error::Invalid(format!(
             "{} bytes of xattrs on one inode (v6 holds at most 256 KiB)",
             area.len()
@@ -586,16 +579,6 @@ fn split_xattr_name(name: &[u8]) -> Result<(u8, &[u8])> {
 /// The kernel's new_encode_dev layout.
 fn encode_dev(major: u32, minor: u32) -> u32 {
     (minor & 0xff) | (major & 0xfff) << 8 | (minor & !0xff) << 12
-}
-
-pub(crate) fn put16(b: &mut [u8], off: usize, v: u16) {
-    b[off..off + 2].copy_from_slice(&v.to_le_bytes());
-}
-pub(crate) fn put32(b: &mut [u8], off: usize, v: u32) {
-    b[off..off + 4].copy_from_slice(&v.to_le_bytes());
-}
-pub(crate) fn put64(b: &mut [u8], off: usize, v: u64) {
-    b[off..off + 8].copy_from_slice(&v.to_le_bytes());
 }
 
 #[cfg(test)]

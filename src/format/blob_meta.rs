@@ -1,24 +1,21 @@
 //! The blob meta ("blob.meta") of a v6 data blob: the chunk-info (CI) array that locates every chunk in
 //! compressed and uncompressed space, its 4096-byte header, and the batch contexts of batched blobs.
 
-use super::bytes::{slice, Le};
+use rafs_layout::blob::{ci_flags, BatchContext, CiHeader, CiV1, CiV2};
+use rafs_layout::Record;
+
+use super::bytes::{record, slice};
 use super::{blob_features as bf, BlobInfo, ChunkInfo, CiLocation};
 use crate::corrupt;
 use crate::error::{Error, Result};
 
-pub const CI_HEADER_SIZE: u64 = 4096;
-pub const CI_MAGIC: u32 = 0xB10B_B10B;
-pub const CI_V1_SIZE: u64 = 16;
-const CI_V2_SIZE: u64 = 24;
-const BATCH_CONTEXT_SIZE: u64 = 40;
+pub use rafs_layout::blob::CI_MAGIC;
+pub const CI_HEADER_SIZE: u64 = CiHeader::SIZE as u64;
+pub const CI_V1_SIZE: u64 = CiV1::SIZE as u64;
+const CI_V2_SIZE: u64 = CiV2::SIZE as u64;
+const BATCH_CONTEXT_SIZE: u64 = BatchContext::SIZE as u64;
 /// Largest CI buffer we accept per chunk: a V2 entry plus one batch context.
 const MAX_CI_BYTES_PER_CHUNK: u64 = CI_V2_SIZE + BATCH_CONTEXT_SIZE;
-
-const CI_COMPRESSED: u64 = 0x01;
-const CI_ZRAN: u64 = 0x02;
-const CI_BATCH: u64 = 0x04;
-const CI_ENCRYPTED: u64 = 0x08;
-const CI_HAS_CRC32: u64 = 0x10;
 
 /// A decoded chunk-info array for one blob.
 pub struct ChunkInfoArray {
@@ -33,16 +30,16 @@ pub struct ChunkInfoArray {
 impl ChunkInfoArray {
     /// Check the 4096-byte header at the end of `raw` against the bootstrap's record of the blob.
     pub fn check_header(blob: &BlobInfo, ci: &CiLocation, raw: &[u8]) -> Result<()> {
-        let header = slice(raw, ci.compressed_size, CI_HEADER_SIZE, "blob meta header")?;
+        let header: CiHeader = record(raw, ci.compressed_size, "blob meta header")?;
         let id = &blob.id;
-        if header.u32_at(0) != CI_MAGIC || header.u32_at(4092) != CI_MAGIC {
+        if header.magic != CI_MAGIC || header.magic2 != CI_MAGIC {
             return Err(corrupt!("blob {id}: blob meta header has bad magic"));
         }
-        let fields_match = header.u32_at(8) == compressor_number(ci)
-            && header.u32_at(12) == blob.chunk_count
-            && header.u64_at(16) == ci.offset
-            && header.u64_at(24) == ci.compressed_size
-            && header.u64_at(32) == ci.uncompressed_size;
+        let fields_match = header.ci_compressor == ci.compressor.to_u32()
+            && header.ci_entries == blob.chunk_count
+            && header.ci_offset == ci.offset
+            && header.ci_compressed_size == ci.compressed_size
+            && header.ci_uncompressed_size == ci.uncompressed_size;
         if !fields_match {
             return Err(corrupt!(
                 "blob {id}: blob meta header disagrees with the bootstrap's blob table"
@@ -56,7 +53,7 @@ impl ChunkInfoArray {
     pub fn parse(blob: &BlobInfo, ci: &CiLocation, raw: &[u8]) -> Result<Self> {
         let id = &blob.id;
         Self::check_header(blob, ci, raw)?;
-        let header = &raw[ci.compressed_size as usize..];
+        let header: CiHeader = record(raw, ci.compressed_size, "blob meta header")?;
         let v2 = blob.features & bf::CHUNK_INFO_V2 != 0;
         let entry_size = if v2 { CI_V2_SIZE } else { CI_V1_SIZE };
         let count = blob.chunk_count as u64;
@@ -82,9 +79,9 @@ impl ChunkInfoArray {
         let mut batches = Vec::new();
         if blob.features & bf::BATCH != 0 {
             let (off, size, n) = (
-                header.u64_at(40),
-                header.u64_at(48),
-                header.u32_at(56) as u64,
+                header.ci_zran_offset,
+                header.ci_zran_size,
+                header.ci_zran_count as u64,
             );
             if off != entry_size * count || size != n * BATCH_CONTEXT_SIZE {
                 return Err(corrupt!(
@@ -92,9 +89,9 @@ impl ChunkInfoArray {
                 ));
             }
             let table = slice(&buf, off, size, "batch table")?;
-            for k in 0..n as usize {
-                let c = &table[k * 40..k * 40 + 40];
-                batches.push((c.u32_at(0), c.u32_at(4)));
+            for c in table.chunks_exact(BATCH_CONTEXT_SIZE as usize) {
+                let c = BatchContext::read(c).expect("a whole context");
+                batches.push((c.compressed_size, c.uncompressed_batch_size));
             }
         }
         Ok(ChunkInfoArray {
@@ -124,38 +121,37 @@ impl ChunkInfoArray {
             ));
         }
         let mut info = if self.v2 {
-            let e = &self.buf[index as usize * 24..index as usize * 24 + 24];
-            let (u, c, data) = (e.u64_at(0), e.u64_at(8), e.u64_at(16));
-            let flags = u >> 56;
-            if flags & (CI_ZRAN | CI_ENCRYPTED) != 0 {
+            let e = CiV2::read(&self.buf[index as usize * CI_V2_SIZE as usize..])
+                .expect("the array holds count entries");
+            let flags = e.flags();
+            if flags & (ci_flags::ZRAN | ci_flags::ENCRYPTED) != 0 {
                 return Err(Error::Unsupported(format!(
                     "chunk {index}: zran or encrypted chunk"
                 )));
             }
-            let batch = (flags & CI_BATCH != 0).then_some(((data >> 32) as u32, data as u32));
+            let batch = (flags & ci_flags::BATCH != 0).then(|| e.position());
             ChunkInfo {
                 blob_index: self.blob_index,
                 index,
-                compressed_offset: c & ((1 << 40) - 1),
-                compressed_size: (c >> 40) as u32,
-                uncompressed_offset: (u & 0xFFFF_FFFF) << 12,
-                uncompressed_size: ((u >> 32) & 0xFF_FFFF) as u32 + 1,
-                compressed: flags & CI_COMPRESSED != 0,
+                compressed_offset: e.compressed_offset(),
+                compressed_size: e.compressed_size(),
+                uncompressed_offset: e.uncompressed_offset(),
+                uncompressed_size: e.uncompressed_size(),
+                compressed: flags & ci_flags::COMPRESSED != 0,
                 batch,
                 digest: None,
-                crc32: (flags & CI_HAS_CRC32 != 0 && batch.is_none()).then_some(data as u32),
+                crc32: e.crc32(),
             }
         } else {
-            let e = &self.buf[index as usize * 16..index as usize * 16 + 16];
-            let (u, c) = (e.u64_at(0), e.u64_at(8));
-            let usize_ = ((u >> 44) | ((u >> 8) & 0xF) << 20) as u32 + 1;
-            let csize = ((c >> 44) | ((c >> 40) & 0xF) << 20) as u32 + 1;
+            let e = CiV1::read(&self.buf[index as usize * CI_V1_SIZE as usize..])
+                .expect("the array holds count entries");
+            let (csize, usize_) = (e.compressed_size(), e.uncompressed_size());
             ChunkInfo {
                 blob_index: self.blob_index,
                 index,
-                compressed_offset: c & ((1 << 40) - 1),
+                compressed_offset: e.compressed_offset(),
                 compressed_size: csize,
-                uncompressed_offset: u & 0xFFF_FFFF_F000,
+                uncompressed_offset: e.uncompressed_offset(),
                 uncompressed_size: usize_,
                 compressed: csize != usize_,
                 batch: None,
@@ -176,14 +172,5 @@ impl ChunkInfoArray {
             .get(index as usize)
             .copied()
             .ok_or_else(|| corrupt!("batch {index} of blob {} does not exist", self.blob_index))
-    }
-}
-
-fn compressor_number(ci: &CiLocation) -> u32 {
-    match ci.compressor {
-        super::Compressor::None => 0,
-        super::Compressor::Lz4Block => 1,
-        super::Compressor::Gzip => 2,
-        super::Compressor::Zstd => 3,
     }
 }

@@ -1,6 +1,8 @@
 //! Bounds-checked little-endian access to on-disk structures. Every offset read from an image goes through
 //! here, so a hostile offset becomes a `Corrupt` error instead of a panic or an out-of-bounds read.
 
+use rafs_layout::Record;
+
 use crate::corrupt;
 use crate::error::Result;
 
@@ -18,8 +20,14 @@ pub fn slice<'a>(data: &'a [u8], off: u64, len: u64, what: &str) -> Result<&'a [
     Ok(&data[off as usize..end as usize])
 }
 
+/// The record `R` at `off` of `data`, or an error naming `what` when it does not fit.
+pub fn record<R: Record>(data: &[u8], off: u64, what: &str) -> Result<R> {
+    let bytes = slice(data, off, R::SIZE as u64, what)?;
+    Ok(R::read(bytes).expect("slice has the record's size"))
+}
+
 /// Fixed-layout little-endian field reads on a slice already known to be long enough for the structure.
-/// Callers obtain that slice with [`slice`], so the indexing below cannot fail.
+/// Callers obtain that slice with [`fn@slice`], so the indexing below cannot fail.
 pub trait Le {
     fn u8_at(&self, off: usize) -> u8;
     fn u16_at(&self, off: usize) -> u16;
@@ -44,10 +52,4 @@ impl Le for [u8] {
 
 pub fn round_up(v: u64, align: u64) -> u64 {
     v.div_ceil(align) * align
-}
-
-/// A NUL-padded ASCII field (blob ids, ToC names).
-pub fn padded_str(field: &[u8]) -> &[u8] {
-    let end = field.iter().position(|&b| b == 0).unwrap_or(field.len());
-    &field[..end]
 }

@@ -303,6 +303,31 @@ pub struct ChunkInfo {
     pub crc32: Option<u32>,
 }
 
+impl ChunkInfo {
+    /// The on-disk chunk record of this chunk (file offset 0), or `None` without a digest to record.
+    /// The inverse of [`v5::chunk_info`].
+    pub fn to_record(&self) -> Option<rafs_layout::v5::ChunkRecord> {
+        use rafs_layout::v5::{CHUNK_COMPRESSED, CHUNK_HAS_CRC32};
+        Some(rafs_layout::v5::ChunkRecord {
+            digest: self.digest?,
+            blob_index: self.blob_index,
+            flags: if self.compressed { CHUNK_COMPRESSED } else { 0 }
+                | if self.crc32.is_some() {
+                    CHUNK_HAS_CRC32
+                } else {
+                    0
+                },
+            compressed_size: self.compressed_size,
+            uncompressed_size: self.uncompressed_size,
+            compressed_offset: self.compressed_offset,
+            uncompressed_offset: self.uncompressed_offset,
+            file_offset: 0,
+            index: self.index,
+            crc32: self.crc32.unwrap_or(0),
+        })
+    }
+}
+
 /// How a file's chunk is named in the metadata: v5 records carry everything, v6 names a CI slot in a blob.
 #[derive(Debug, Clone)]
 pub enum ChunkAddr {

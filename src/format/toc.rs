@@ -1,13 +1,19 @@
 //! The tail of a v6 data blob: "reverse tar" headers that follow each section, and the table of contents
-//! (ToC) that names the sections. Used to find the bootstrap inside an inline-meta blob.
+//! (ToC) that names the sections. Used to find the bootstrap inside an inline-meta blob. The records
+//! themselves are defined in `rafs_layout::blob`.
 
-use super::bytes::{padded_str, slice, Le};
+use rafs_layout::blob::TocEntry as TocRecord;
+use rafs_layout::{padded, Record};
+
+use super::bytes::record;
 use crate::corrupt;
 use crate::error::Result;
 
-pub const TAR_HEADER_SIZE: u64 = 512;
-pub const TOC_NAME: &[u8] = b"rafs.blob.toc";
-pub const TOC_ENTRY_SIZE: u64 = 128;
+pub use rafs_layout::blob::{
+    TarHeader as TarHeaderRecord, TAR_HEADER_SIZE, TOC_COMPRESS_LZ4, TOC_COMPRESS_NONE,
+    TOC_COMPRESS_ZSTD, TOC_NAME,
+};
+pub const TOC_ENTRY_SIZE: u64 = TocRecord::SIZE as u64;
 
 /// A GNU tar header written after its payload: the section's name and size.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,38 +24,17 @@ pub struct TarHeader {
 
 /// Parse a 512-byte tar header, checking its checksum so random bytes are not taken for one.
 pub fn parse_tar_header(h: &[u8]) -> Result<TarHeader> {
-    let h = slice(h, 0, TAR_HEADER_SIZE, "tar header")?;
-    let stored =
-        parse_octal(&h[148..156]).ok_or_else(|| corrupt!("tar header: unreadable checksum"))?;
-    let sum: u64 = h
-        .iter()
-        .enumerate()
-        .map(|(i, &b)| {
-            if (148..156).contains(&i) {
-                32
-            } else {
-                b as u64
-            }
-        })
-        .sum();
-    if stored != sum {
-        return Err(corrupt!(
-            "tar header: checksum {stored} does not match {sum}"
-        ));
+    let header: TarHeaderRecord = record(h, 0, "tar header")?;
+    if !header.checksum_matches(h) {
+        return Err(corrupt!("tar header: checksum does not match its bytes"));
     }
-    let size = parse_octal(&h[124..136]).ok_or_else(|| corrupt!("tar header: unreadable size"))?;
+    let size = header
+        .size()
+        .ok_or_else(|| corrupt!("tar header: unreadable size"))?;
     Ok(TarHeader {
-        name: padded_str(&h[..100]).to_vec(),
+        name: padded(&header.name).to_vec(),
         size,
     })
-}
-
-fn parse_octal(field: &[u8]) -> Option<u64> {
-    let text = std::str::from_utf8(padded_str(field)).ok()?.trim();
-    if text.is_empty() {
-        return Some(0);
-    }
-    u64::from_str_radix(text, 8).ok()
 }
 
 /// One ToC entry.
@@ -64,10 +49,6 @@ pub struct TocEntry {
     pub uncompressed_size: u64,
 }
 
-pub const TOC_COMPRESS_NONE: u32 = 0x1;
-pub const TOC_COMPRESS_ZSTD: u32 = 0x2;
-pub const TOC_COMPRESS_LZ4: u32 = 0x4;
-
 pub fn parse_toc(entries: &[u8]) -> Result<Vec<TocEntry>> {
     if !(entries.len() as u64).is_multiple_of(TOC_ENTRY_SIZE) {
         return Err(corrupt!(
@@ -77,13 +58,16 @@ pub fn parse_toc(entries: &[u8]) -> Result<Vec<TocEntry>> {
     }
     Ok(entries
         .chunks_exact(TOC_ENTRY_SIZE as usize)
-        .map(|e| TocEntry {
-            name: padded_str(&e[8..24]).to_vec(),
-            compression: e.u32_at(0) & 0xF,
-            uncompressed_digest: e[24..56].try_into().unwrap(),
-            compressed_offset: e.u64_at(56),
-            compressed_size: e.u64_at(64),
-            uncompressed_size: e.u64_at(72),
+        .map(|e| {
+            let e = TocRecord::read(e).expect("a whole entry");
+            TocEntry {
+                name: padded(&e.name).to_vec(),
+                compression: e.flags & 0xF,
+                uncompressed_digest: e.uncompressed_digest,
+                compressed_offset: e.compressed_offset,
+                compressed_size: e.compressed_size,
+                uncompressed_size: e.uncompressed_size,
+            }
         })
         .collect())
 }

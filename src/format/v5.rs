@@ -5,7 +5,10 @@
 //! slots, sorted by name. A hard link's extra names have their own slot whose record carries the first
 //! link's inode number.
 
-use super::bytes::{round_up, slice, Le};
+use rafs_layout::v5::{ChunkRecord, ExtBlobEntry, Inode, SuperBlock};
+use rafs_layout::Record;
+
+use super::bytes::{record, round_up, slice, Le};
 use super::{
     blob_features as bf, check_blob_id, check_name, flags, BlobInfo, ChunkAddr, ChunkInfo,
     Compressor, Digester, DirEntry, InodeAttr, MetaBytes, MetaReader, SuperInfo,
@@ -13,47 +16,37 @@ use super::{
 use crate::corrupt;
 use crate::error::{Error, Result};
 
-pub const RAFS_V5_MAGIC: u32 = 0x5241_4653;
-pub const SUPER_SIZE: u64 = 8192;
-pub const INODE_SIZE: u64 = 128;
-pub const CHUNK_SIZE: u64 = 80;
-pub const EXT_BLOB_ENTRY_SIZE: u64 = 64;
-
-pub const I_SYMLINK: u64 = 0x1;
-pub const I_XATTR: u64 = 0x4;
-/// The file may have ranges no chunk covers (read as zeros); without it, chunk k covers the k-th chunk.
-pub const I_HAS_HOLE: u64 = 0x8;
-
-pub const CHUNK_COMPRESSED: u32 = 0x1;
-const CHUNK_ENCRYPTED: u32 = 0x4;
-const CHUNK_BATCH: u32 = 0x8;
-pub const CHUNK_HAS_CRC32: u32 = 0x10;
+pub use rafs_layout::v5::{
+    CHUNK_BATCH, CHUNK_COMPRESSED, CHUNK_ENCRYPTED, CHUNK_HAS_CRC32, I_HAS_HOLE, I_SYMLINK,
+    I_XATTR, RAFS_V5_MAGIC, SUPER_SIZE,
+};
+pub const INODE_SIZE: u64 = Inode::SIZE as u64;
+pub const CHUNK_SIZE: u64 = ChunkRecord::SIZE as u64;
+pub const EXT_BLOB_ENTRY_SIZE: u64 = ExtBlobEntry::SIZE as u64;
 
 pub fn detect(data: &[u8]) -> bool {
-    slice(data, 0, 8, "")
-        .map(|b| b.u32_at(0) == RAFS_V5_MAGIC)
-        .unwrap_or(false)
+    // The magic and the version word: anything shorter is not recognisably a bootstrap.
+    slice(data, 0, 8, "").is_ok_and(|b| b.u32_at(0) == RAFS_V5_MAGIC)
 }
 
-/// Decode an 80-byte `RafsV5ChunkInfo` (v5 chunk records and the v6 chunk table share it).
-pub fn chunk_record(e: &[u8]) -> ChunkInfo {
-    let flags = e.u32_at(36);
+/// The data path's view of a `RafsV5ChunkInfo` record (v5 chunk records and the v6 chunk table).
+pub fn chunk_info(e: &ChunkRecord) -> ChunkInfo {
     ChunkInfo {
-        blob_index: e.u32_at(32),
-        index: e.u32_at(72),
-        compressed_offset: e.u64_at(48),
-        compressed_size: e.u32_at(40),
-        uncompressed_offset: e.u64_at(56),
-        uncompressed_size: e.u32_at(44),
-        compressed: flags & CHUNK_COMPRESSED != 0,
+        blob_index: e.blob_index,
+        index: e.index,
+        compressed_offset: e.compressed_offset,
+        compressed_size: e.compressed_size,
+        uncompressed_offset: e.uncompressed_offset,
+        uncompressed_size: e.uncompressed_size,
+        compressed: e.flags & CHUNK_COMPRESSED != 0,
         batch: None,
-        digest: Some(e[..32].try_into().unwrap()),
-        crc32: (flags & CHUNK_HAS_CRC32 != 0).then(|| e.u32_at(76)),
+        digest: Some(e.digest),
+        crc32: (e.flags & CHUNK_HAS_CRC32 != 0).then_some(e.crc32),
     }
 }
 
 /// The fields of one inode record that locate its trailing data.
-struct Record {
+struct InodeRecord {
     attr: InodeAttr,
     flags: u64,
     child_index: u32,
@@ -70,49 +63,49 @@ pub struct V5Meta {
 
 impl V5Meta {
     pub fn parse(data: MetaBytes) -> Result<Self> {
-        let sb = slice(&data, 0, SUPER_SIZE, "RAFS v5 superblock").map_err(|_| {
+        let sb: SuperBlock = record(&data, 0, "RAFS v5 superblock").map_err(|_| {
             corrupt!(
                 "v5 bootstrap is {} bytes, shorter than its 8 KiB superblock",
                 data.len()
             )
         })?;
-        if sb.u32_at(0) != RAFS_V5_MAGIC {
-            return Err(corrupt!("bad RAFS v5 magic {:#x}", sb.u32_at(0)));
+        if sb.magic != RAFS_V5_MAGIC {
+            return Err(corrupt!("bad RAFS v5 magic {:#x}", sb.magic));
         }
-        let version = sb.u32_at(4);
+        let version = sb.fs_version;
         if version != 0x500 && version != 0x400 {
             return Err(Error::Unsupported(format!(
                 "RAFS v5 superblock version {version:#x}"
             )));
         }
-        if sb.u32_at(8) as u64 != SUPER_SIZE {
+        if sb.sb_size as u64 != SUPER_SIZE {
             return Err(corrupt!(
                 "v5 superblock size {} (expected 8192)",
-                sb.u32_at(8)
+                sb.sb_size
             ));
         }
-        let chunk_size = sb.u32_at(12);
+        let chunk_size = sb.block_size;
         if !chunk_size.is_power_of_two() || !(0x1000..=0x100_0000).contains(&chunk_size) {
             return Err(corrupt!(
                 "chunk size {chunk_size:#x} is not a power of two in 4 KiB..16 MiB"
             ));
         }
-        let sflags = sb.u64_at(16);
+        let sflags = sb.flags;
         if sflags & !flags::KNOWN != 0 {
             return Err(corrupt!(
                 "unknown superblock flags {:#x}",
                 sflags & !flags::KNOWN
             ));
         }
-        let inode_count = sb.u64_at(24);
-        let inode_table_off = sb.u64_at(32);
-        let prefetch_off = sb.u64_at(40);
-        let blob_table_off = sb.u64_at(48);
-        let inode_entries = sb.u32_at(56);
-        let prefetch_entries = sb.u32_at(60) as u64;
-        let blob_table_size = sb.u32_at(64) as u64;
-        let ext_entries = sb.u32_at(68) as u64;
-        let ext_off = sb.u64_at(72);
+        let inode_count = sb.inodes_count;
+        let inode_table_off = sb.inode_table_offset;
+        let prefetch_off = sb.prefetch_table_offset;
+        let blob_table_off = sb.blob_table_offset;
+        let inode_entries = sb.inode_table_entries;
+        let prefetch_entries = sb.prefetch_table_entries as u64;
+        let blob_table_size = sb.blob_table_size as u64;
+        let ext_entries = sb.extended_blob_table_entries as u64;
+        let ext_off = sb.extended_blob_table_offset;
 
         slice(
             &data,
@@ -147,8 +140,17 @@ impl V5Meta {
             let index = blobs.len() as u32;
             let (chunk_count, features, uncompressed_size, compressed_size) =
                 if (index as u64) < ext_entries {
-                    let e = &ext[index as usize * 64..index as usize * 64 + 64];
-                    (e.u32_at(0), e.u32_at(4), e.u64_at(8), e.u64_at(16))
+                    let e: ExtBlobEntry = record(
+                        ext,
+                        index as u64 * EXT_BLOB_ENTRY_SIZE,
+                        "extended blob entry",
+                    )?;
+                    (
+                        e.chunk_count,
+                        e.features,
+                        e.uncompressed_size,
+                        e.compressed_size,
+                    )
                 } else {
                     (0, bf::V5_NO_EXT_BLOB_TABLE, 0, 0)
                 };
@@ -226,34 +228,34 @@ impl V5Meta {
         Ok(offset)
     }
 
-    fn record_at(&self, offset: u64) -> Result<Record> {
-        let r = slice(&self.data, offset, INODE_SIZE, "inode record")?;
-        let ino = r.u64_at(40);
+    fn record_at(&self, offset: u64) -> Result<InodeRecord> {
+        let r: Inode = record(&self.data, offset, "inode record")?;
+        let ino = r.ino;
         let attr = InodeAttr {
             ino,
-            mode: r.u32_at(60),
-            uid: r.u32_at(48),
-            gid: r.u32_at(52),
-            size: r.u64_at(64),
-            nlink: r.u32_at(88),
-            mtime: r.u64_at(112),
-            mtime_nsec: r.u32_at(108),
-            rdev: r.u32_at(104),
-            has_xattr: r.u64_at(80) & I_XATTR != 0,
+            mode: r.mode,
+            uid: r.uid,
+            gid: r.gid,
+            size: r.size,
+            nlink: r.nlink,
+            mtime: r.mtime,
+            mtime_nsec: r.mtime_nsec,
+            rdev: r.rdev,
+            has_xattr: r.flags & I_XATTR != 0,
             record: offset,
         };
         attr.check_file_type(&format!("inode {ino}"))?;
-        Ok(Record {
+        Ok(InodeRecord {
             attr,
-            flags: r.u64_at(80),
-            child_index: r.u32_at(92),
-            child_count: r.u32_at(96),
-            name_size: r.u16_at(100) as u64,
-            symlink_size: r.u16_at(102) as u64,
+            flags: r.flags,
+            child_index: r.child_index,
+            child_count: r.child_count,
+            name_size: r.name_size as u64,
+            symlink_size: r.symlink_size as u64,
         })
     }
 
-    fn record(&self, ino: u64) -> Result<Record> {
+    fn record(&self, ino: u64) -> Result<InodeRecord> {
         let rec = self.record_at(self.slot_offset(ino)?)?;
         if rec.attr.ino != ino {
             return Err(corrupt!(
@@ -264,7 +266,7 @@ impl V5Meta {
         Ok(rec)
     }
 
-    fn name_of(&self, rec: &Record) -> Result<&[u8]> {
+    fn name_of(&self, rec: &InodeRecord) -> Result<&[u8]> {
         slice(
             &self.data,
             rec.attr.record + INODE_SIZE,
@@ -274,12 +276,12 @@ impl V5Meta {
     }
 
     /// Offset just past name and symlink target, where xattrs (then chunks) begin.
-    fn after_names(&self, rec: &Record) -> u64 {
+    fn after_names(&self, rec: &InodeRecord) -> u64 {
         rec.attr.record + INODE_SIZE + round_up(rec.name_size, 8) + round_up(rec.symlink_size, 8)
     }
 
     /// Offset of the chunk records: after name, symlink and xattr area.
-    fn chunks_offset(&self, rec: &Record) -> Result<u64> {
+    fn chunks_offset(&self, rec: &InodeRecord) -> Result<u64> {
         let mut off = self.after_names(rec);
         if rec.flags & I_XATTR != 0 {
             let total = slice(&self.data, off, 8, "xattr area size")?.u64_at(0);
@@ -290,7 +292,7 @@ impl V5Meta {
         Ok(off)
     }
 
-    fn dir_record(&self, dir: &InodeAttr) -> Result<Record> {
+    fn dir_record(&self, dir: &InodeAttr) -> Result<InodeRecord> {
         let rec = self.record(dir.ino)?;
         if !rec.attr.is_dir() {
             return Err(Error::Invalid(format!(
@@ -310,7 +312,7 @@ impl V5Meta {
     }
 
     /// Child `k` of a directory: its name and the inode number it names.
-    fn child(&self, dir: &Record, k: u32) -> Result<(Vec<u8>, Record)> {
+    fn child(&self, dir: &InodeRecord, k: u32) -> Result<(Vec<u8>, InodeRecord)> {
         let rec = self.record_at(self.slot_offset(dir.child_index as u64 + k as u64)?)?;
         let name = self.name_of(&rec)?.to_vec();
         check_name(&name, &format!("directory {}", dir.attr.ino))?;
@@ -456,8 +458,12 @@ impl MetaReader for V5Meta {
         }
         let base = self.chunks_offset(&rec)?;
         let records = slice(&self.data, base, rec.child_count as u64 * CHUNK_SIZE, &what)?;
-        let chunk = |k: usize| chunk_record(&records[k * 80..k * 80 + 80]);
-        let file_offset = |k: usize| records[k * 80..k * 80 + 80].u64_at(64);
+        let raw = |k: usize| {
+            ChunkRecord::read(&records[k * CHUNK_SIZE as usize..])
+                .expect("inside the checked array")
+        };
+        let chunk = |k: usize| chunk_info(&raw(k));
+        let file_offset = |k: usize| raw(k).file_offset;
         let n = rec.child_count as usize;
         let mut lo = (offset / chunk_size) as usize;
         if !dense {
@@ -494,9 +500,7 @@ impl MetaReader for V5Meta {
             if foff < previous_end {
                 return Err(corrupt!("{what}: chunk {k} overlaps the one before it"));
             }
-            if info.batch.is_some()
-                || records[k * 80 + 36..].u32_at(0) & (CHUNK_BATCH | CHUNK_ENCRYPTED) != 0
-            {
+            if info.batch.is_some() || raw(k).flags & (CHUNK_BATCH | CHUNK_ENCRYPTED) != 0 {
                 return Err(Error::Unsupported(format!(
                     "{what}: batch or encrypted chunk in a v5 image"
                 )));

@@ -6,7 +6,14 @@
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
-use super::bytes::{padded_str, round_up, slice, Le};
+use rafs_layout::erofs::{
+    BlobEntry, ChunkIndex, DeviceSlot, Dirent, ExtSuperBlock, InodeCompact, InodeExtended,
+    SuperBlock, XattrEntry, XattrIbodyHeader,
+};
+use rafs_layout::v5::ChunkRecord;
+use rafs_layout::{padded, Record};
+
+use super::bytes::{record, round_up, slice, Le};
 use super::{
     blob_features as bf, check_blob_id, check_name, flags, BlobInfo, ChunkAddr, ChunkInfo,
     CiLocation, Compressor, Digester, DirEntry, InodeAttr, MetaBytes, MetaReader, SuperInfo,
@@ -14,29 +21,22 @@ use super::{
 use crate::corrupt;
 use crate::error::{Error, Result};
 
-pub const EROFS_MAGIC: u32 = 0xE0F5_E1E2;
-pub const SUPER_OFFSET: u64 = 1024;
-pub const EXT_SUPER_OFFSET: u64 = 1152;
-pub const COMPAT_RAFS_V6: u32 = 0x4000_0000;
-pub const INCOMPAT_CHUNKED_FILE: u32 = 0x4;
-pub const INCOMPAT_DEVICE_TABLE: u32 = 0x8;
-pub const DEVICE_SLOT_SIZE: u64 = 128;
-pub const BLOB_ENTRY_SIZE: u64 = 256;
-pub const CHUNK_TABLE_ENTRY_SIZE: u64 = 80;
-pub const DIRENT_SIZE: usize = 12;
+pub use rafs_layout::erofs::{
+    COMPAT_RAFS_V6, EROFS_MAGIC, EXT_SUPER_OFFSET, FORMAT_EXTENDED, INCOMPAT_CHUNKED_FILE,
+    INCOMPAT_DEVICE_TABLE, LAYOUT_CHUNK_BASED, LAYOUT_FLAT_INLINE, LAYOUT_FLAT_PLAIN, SUPER_OFFSET,
+};
+pub const DEVICE_SLOT_SIZE: u64 = DeviceSlot::SIZE as u64;
+pub const BLOB_ENTRY_SIZE: u64 = BlobEntry::SIZE as u64;
+pub const CHUNK_TABLE_ENTRY_SIZE: u64 = rafs_layout::v5::ChunkRecord::SIZE as u64;
+pub const DIRENT_SIZE: usize = Dirent::SIZE;
 /// The id the builder writes for the blob that will carry the bootstrap itself (inline-meta images).
 pub const INLINE_BLOB_PLACEHOLDER: &str =
     "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx";
 
-pub const LAYOUT_FLAT_PLAIN: u16 = 0;
-pub const LAYOUT_FLAT_INLINE: u16 = 2;
-pub const LAYOUT_CHUNK_BASED: u16 = 4;
-
 /// Is this a RAFS v6 bootstrap (EROFS magic at 1024)?
 pub fn detect(data: &[u8]) -> bool {
-    slice(data, SUPER_OFFSET, 4, "")
-        .map(|b| b.u32_at(0) == EROFS_MAGIC)
-        .unwrap_or(false)
+    // Only the magic: callers may hand just the first 1028 bytes of a file.
+    slice(data, SUPER_OFFSET, 4, "").is_ok_and(|b| b.u32_at(0) == EROFS_MAGIC)
 }
 
 /// What the inode slot says, beyond the attributes: where its data and xattrs are.
@@ -73,40 +73,37 @@ impl V6Meta {
                 data.len()
             ));
         }
-        let sb = slice(&data, SUPER_OFFSET, 128, "EROFS superblock")?;
-        if sb.u32_at(0) != EROFS_MAGIC {
-            return Err(corrupt!(
-                "bad EROFS magic {:#x} at offset 1024",
-                sb.u32_at(0)
-            ));
+        let sb: SuperBlock = record(&data, SUPER_OFFSET, "EROFS superblock")?;
+        if sb.magic != EROFS_MAGIC {
+            return Err(corrupt!("bad EROFS magic {:#x} at offset 1024", sb.magic));
         }
-        if sb.u32_at(8) & COMPAT_RAFS_V6 == 0 {
+        if sb.feature_compat & COMPAT_RAFS_V6 == 0 {
             return Err(Error::Unsupported(
                 "EROFS image without the RAFS v6 compat bit (a plain EROFS image, not RAFS)".into(),
             ));
         }
-        let blkszbits = sb.u8_at(12);
+        let blkszbits = sb.blkszbits;
         if blkszbits != 12 && blkszbits != 9 {
             return Err(corrupt!(
                 "block size bits {blkszbits} (expected 12, or 9 for tarfs)"
             ));
         }
         let block_size = 1u64 << blkszbits;
-        let root_nid = sb.u16_at(14) as u64;
-        let inode_count = sb.u64_at(16);
-        let build_time = sb.u64_at(24);
-        let meta_blkaddr = sb.u32_at(40) as u64;
-        let incompat = sb.u32_at(80);
+        let root_nid = sb.root_nid as u64;
+        let inode_count = sb.inos;
+        let build_time = sb.build_time;
+        let meta_blkaddr = sb.meta_blkaddr as u64;
+        let incompat = sb.feature_incompat;
         if incompat & !(INCOMPAT_CHUNKED_FILE | INCOMPAT_DEVICE_TABLE) != 0 {
             return Err(Error::Unsupported(format!(
                 "EROFS incompat features {incompat:#x} (only chunked files and the device table are RAFS)"
             )));
         }
-        let extra_devices = sb.u16_at(86) as u64;
-        let devt_slotoff = sb.u16_at(88) as u64;
+        let extra_devices = sb.extra_devices as u64;
+        let devt_slotoff = sb.devt_slotoff as u64;
 
-        let ext = slice(&data, EXT_SUPER_OFFSET, 256, "RAFS v6 extended superblock")?;
-        let sflags = ext.u64_at(0);
+        let ext: ExtSuperBlock = record(&data, EXT_SUPER_OFFSET, "RAFS v6 extended superblock")?;
+        let sflags = ext.flags;
         if sflags & !flags::KNOWN != 0 {
             return Err(corrupt!(
                 "unknown superblock flags {:#x}",
@@ -119,21 +116,22 @@ impl V6Meta {
         if sflags & flags::TARFS_MODE != 0 {
             return Err(Error::Unsupported("tar-tarfs image".into()));
         }
-        let (blob_table_off, blob_table_size) = (ext.u64_at(8), ext.u32_at(16) as u64);
-        let chunk_size = ext.u32_at(20);
-        let chunk_table = (ext.u64_at(24), ext.u64_at(32));
-        let (prefetch_off, prefetch_size) = (ext.u64_at(40), ext.u32_at(48) as u64);
+        let (blob_table_off, blob_table_size) = (ext.blob_table_offset, ext.blob_table_size as u64);
+        let chunk_size = ext.chunk_size;
+        let chunk_table = (ext.chunk_table_offset, ext.chunk_table_size);
+        let (prefetch_off, prefetch_size) =
+            (ext.prefetch_table_offset, ext.prefetch_table_size as u64);
         if !chunk_size.is_power_of_two() || !(0x1000..=0x100_0000).contains(&chunk_size) {
             return Err(corrupt!(
                 "chunk size {chunk_size:#x} is not a power of two in 4 KiB..16 MiB"
             ));
         }
-        if blob_table_size % BLOB_ENTRY_SIZE != 0 {
+        if !blob_table_size.is_multiple_of(BLOB_ENTRY_SIZE) {
             return Err(corrupt!(
                 "blob table size {blob_table_size} is not a multiple of 256"
             ));
         }
-        if chunk_table.1 % CHUNK_TABLE_ENTRY_SIZE != 0 {
+        if !chunk_table.1.is_multiple_of(CHUNK_TABLE_ENTRY_SIZE) {
             return Err(corrupt!(
                 "chunk table size {} is not a multiple of 80",
                 chunk_table.1
@@ -163,10 +161,10 @@ impl V6Meta {
         )?;
         let mut blobs = Vec::with_capacity(nblobs as usize);
         for i in 0..nblobs as usize {
-            let e = &table[i * 256..(i + 1) * 256];
-            let blob = parse_blob_entry(e, i as u32, chunk_size, inline_blob_id)?;
-            let slot = &devices[i * 128..(i + 1) * 128];
-            let slot_id = String::from_utf8_lossy(padded_str(&slot[..64])).into_owned();
+            let e: BlobEntry = record(table, i as u64 * BLOB_ENTRY_SIZE, "blob table entry")?;
+            let blob = parse_blob_entry(&e, i as u32, chunk_size, inline_blob_id)?;
+            let slot: DeviceSlot = record(devices, i as u64 * DEVICE_SLOT_SIZE, "device slot")?;
+            let slot_id = String::from_utf8_lossy(padded(&slot.tag)).into_owned();
             let slot_id = match inline_blob_id {
                 Some(id) if slot_id == INLINE_BLOB_PLACEHOLDER => id.to_string(),
                 _ => slot_id,
@@ -231,11 +229,11 @@ impl V6Meta {
 
     fn raw(&self, nid: u64) -> Result<RawInode> {
         let offset = nid
-            .checked_mul(32)
+            .checked_mul(rafs_layout::erofs::INODE_SLOT)
             .and_then(|o| o.checked_add(self.meta_base))
             .ok_or_else(|| corrupt!("nid {nid} is out of range"))?;
-        let head = slice(&self.data, offset, 32, &format!("inode nid {nid}"))?;
-        let format = head.u16_at(0);
+        let head: InodeCompact = record(&self.data, offset, &format!("inode nid {nid}"))?;
+        let format = head.format;
         if format >> 4 != 0 {
             return Err(corrupt!("inode nid {nid}: unknown i_format {format:#x}"));
         }
@@ -245,44 +243,41 @@ impl V6Meta {
                 "inode nid {nid}: data layout {layout} (EROFS compression is not used by RAFS)"
             )));
         }
-        let xattr_icount = head.u16_at(2) as u64;
-        let xattr_size = if xattr_icount == 0 {
-            0
-        } else {
-            12 + 4 * (xattr_icount - 1)
-        };
-        let mode = head.u16_at(4) as u32;
-        let (attr, inode_size, i_u) = if format & 1 == 0 {
+        let xattr_icount = head.xattr_icount;
+        let xattr_size = rafs_layout::erofs::xattr_area_size(xattr_icount);
+        let mode = head.mode as u32;
+        let (attr, inode_size, i_u) = if format & FORMAT_EXTENDED == 0 {
             let attr = InodeAttr {
                 ino: nid,
                 mode,
-                uid: head.u16_at(24) as u32,
-                gid: head.u16_at(26) as u32,
-                size: head.u32_at(8) as u64,
-                nlink: head.u16_at(6) as u32,
+                uid: head.uid as u32,
+                gid: head.gid as u32,
+                size: head.size as u64,
+                nlink: head.nlink as u32,
                 mtime: self.info.build_time,
                 mtime_nsec: 0,
-                rdev: head.u32_at(16),
+                rdev: head.i_u,
                 has_xattr: xattr_icount > 0,
                 record: offset,
             };
-            (attr, 32, head.u32_at(16))
+            (attr, InodeCompact::SIZE as u64, head.i_u)
         } else {
-            let ext = slice(&self.data, offset, 64, &format!("extended inode nid {nid}"))?;
+            let ext: InodeExtended =
+                record(&self.data, offset, &format!("extended inode nid {nid}"))?;
             let attr = InodeAttr {
                 ino: nid,
                 mode,
-                uid: ext.u32_at(24),
-                gid: ext.u32_at(28),
-                size: ext.u64_at(8),
-                nlink: ext.u32_at(44),
-                mtime: ext.u64_at(32),
-                mtime_nsec: ext.u32_at(40),
-                rdev: ext.u32_at(16),
+                uid: ext.uid,
+                gid: ext.gid,
+                size: ext.size,
+                nlink: ext.nlink,
+                mtime: ext.mtime,
+                mtime_nsec: ext.mtime_nsec,
+                rdev: ext.i_u,
                 has_xattr: xattr_icount > 0,
                 record: offset,
             };
-            (attr, 64, ext.u32_at(16))
+            (attr, InodeExtended::SIZE as u64, ext.i_u)
         };
         attr.check_file_type(&format!("inode nid {nid}"))?;
         let mut attr = attr;
@@ -353,10 +348,12 @@ impl V6Meta {
             let (off, size) = self.chunk_table;
             let table = slice(&self.data, off, size, "chunk table").map_err(|e| e.to_string())?;
             let mut map = HashMap::with_capacity((size / CHUNK_TABLE_ENTRY_SIZE) as usize);
-            for row in 0..(size / CHUNK_TABLE_ENTRY_SIZE) as usize {
-                let e = &table[row * 80..row * 80 + 80];
-                map.entry((e.u32_at(32), e.u32_at(72)))
-                    .or_insert(row as u32);
+            for (row, e) in table
+                .chunks_exact(CHUNK_TABLE_ENTRY_SIZE as usize)
+                .enumerate()
+            {
+                let e = ChunkRecord::read(e).expect("a whole row");
+                map.entry((e.blob_index, e.index)).or_insert(row as u32);
             }
             Ok(map)
         });
@@ -365,34 +362,34 @@ impl V6Meta {
 }
 
 fn parse_blob_entry(
-    e: &[u8],
+    e: &BlobEntry,
     index: u32,
     chunk_size: u32,
     inline_id: Option<&str>,
 ) -> Result<BlobInfo> {
-    let raw_id = String::from_utf8_lossy(padded_str(&e[..64])).into_owned();
+    let raw_id = String::from_utf8_lossy(padded(&e.blob_id)).into_owned();
     let id = match inline_id {
         Some(real) if raw_id == INLINE_BLOB_PLACEHOLDER => real.to_string(),
         _ => raw_id,
     };
     check_blob_id(&id)?;
-    if e.u32_at(64) != index {
+    if e.blob_index != index {
         return Err(corrupt!(
             "blob entry {index} says it is blob {}",
-            e.u32_at(64)
+            e.blob_index
         ));
     }
-    if e.u32_at(68) != chunk_size {
+    if e.chunk_size != chunk_size {
         return Err(corrupt!(
             "blob {id}: chunk size {:#x} differs from the image's {chunk_size:#x}",
-            e.u32_at(68)
+            e.chunk_size
         ));
     }
-    let chunk_count = e.u32_at(72);
+    let chunk_count = e.chunk_count;
     if chunk_count > 1 << 24 {
         return Err(corrupt!("blob {id}: {chunk_count} chunks (at most 2^24)"));
     }
-    let features = e.u32_at(84);
+    let features = e.features;
     if features & 0xF000 != 0 || features & bf::V5_NO_EXT_BLOB_TABLE != 0 {
         return Err(corrupt!("blob {id}: unknown feature bits {features:#x}"));
     }
@@ -408,10 +405,10 @@ fn parse_blob_entry(
         }
     }
     let ci = CiLocation {
-        compressor: Compressor::from_u32(e.u32_at(108))?,
-        offset: e.u64_at(112),
-        compressed_size: e.u64_at(120),
-        uncompressed_size: e.u64_at(128),
+        compressor: Compressor::from_u32(e.ci_compressor)?,
+        offset: e.ci_offset,
+        compressed_size: e.ci_compressed_size,
+        uncompressed_size: e.ci_uncompressed_size,
     };
     if ci.compressed_size > ci.uncompressed_size {
         return Err(corrupt!(
@@ -423,14 +420,14 @@ fn parse_blob_entry(
         id,
         chunk_size,
         chunk_count,
-        compressor: Compressor::from_u32(e.u32_at(76))?,
-        digester: Digester::from_u32(e.u32_at(80))?,
+        compressor: Compressor::from_u32(e.compression_algo)?,
+        digester: Digester::from_u32(e.digest_algo)?,
         features,
-        compressed_size: e.u64_at(88),
-        uncompressed_size: e.u64_at(96),
+        compressed_size: e.compressed_size,
+        uncompressed_size: e.uncompressed_size,
         ci: Some(ci),
-        toc_size: e.u32_at(104),
-        toc_digest: e[136..168].try_into().unwrap(),
+        toc_size: e.blob_toc_size,
+        toc_digest: e.blob_toc_digest,
         readahead: (0, 0),
     })
 }
@@ -443,7 +440,12 @@ fn dir_block_entries(block: &[u8], nid: u64) -> Result<Vec<(&[u8], u64, u8)>> {
             block.len()
         ));
     }
-    let first = block.u16_at(8) as usize;
+    let nameoff = |i: usize| {
+        Dirent::read(&block[i * DIRENT_SIZE..])
+            .expect("entry i lies before the first name")
+            .nameoff as usize
+    };
+    let first = Dirent::read(block).map_or(0, |d| d.nameoff as usize);
     if first < DIRENT_SIZE || !first.is_multiple_of(DIRENT_SIZE) || first > block.len() {
         return Err(corrupt!(
             "directory nid {nid}: bad first name offset {first}"
@@ -452,10 +454,11 @@ fn dir_block_entries(block: &[u8], nid: u64) -> Result<Vec<(&[u8], u64, u8)>> {
     let count = first / DIRENT_SIZE;
     let mut out = Vec::with_capacity(count);
     for i in 0..count {
-        let d = &block[i * DIRENT_SIZE..(i + 1) * DIRENT_SIZE];
-        let start = d.u16_at(8) as usize;
+        let d =
+            Dirent::read(&block[i * DIRENT_SIZE..]).expect("entry i lies before the first name");
+        let start = d.nameoff as usize;
         let end = if i + 1 < count {
-            block.u16_at((i + 1) * DIRENT_SIZE + 8) as usize
+            nameoff(i + 1)
         } else {
             block.len()
         };
@@ -466,12 +469,12 @@ fn dir_block_entries(block: &[u8], nid: u64) -> Result<Vec<(&[u8], u64, u8)>> {
         }
         let mut name = &block[start..end];
         if i + 1 == count {
-            name = padded_str(name);
+            name = padded(name);
         }
         if name != b"." && name != b".." {
             check_name(name, &format!("directory nid {nid}"))?;
         }
-        out.push((name, d.u64_at(0), d.u8_at(10)));
+        out.push((name, d.nid, d.file_type));
     }
     Ok(out)
 }
@@ -623,16 +626,20 @@ impl MetaReader for V6Meta {
             raw.xattr_size,
             &what,
         )?;
-        if area[4] != 0 {
+        let header: XattrIbodyHeader = record(area, 0, &what)?;
+        if header.shared_count != 0 {
             return Err(Error::Unsupported(format!("{what}: shared xattrs")));
         }
         let mut out = Vec::new();
-        let mut pos = 12usize;
+        let mut pos = XattrIbodyHeader::SIZE;
         while pos < area.len() {
-            let head = area
-                .get(pos..pos + 4)
+            let head = XattrEntry::read(&area[pos..])
                 .ok_or_else(|| corrupt!("{what}: truncated entry"))?;
-            let (name_len, index, value_len) = (head[0] as usize, head[1], head.u16_at(2) as usize);
+            let (name_len, index, value_len) = (
+                head.name_len as usize,
+                head.name_index,
+                head.value_size as usize,
+            );
             let body = area
                 .get(pos + 4..pos + 4 + name_len + value_len)
                 .ok_or_else(|| corrupt!("{what}: entry runs past the xattr area"))?;
@@ -675,9 +682,8 @@ impl MetaReader for V6Meta {
         let end = offset.saturating_add(len).min(size);
         let mut out = Vec::new();
         for k in offset / chunk_size..end.div_ceil(chunk_size) {
-            let e = &array[k as usize * 8..k as usize * 8 + 8];
-            let (lo, hi, blk_addr) = (e.u16_at(0) as u32, e.u16_at(2) as u32, e.u32_at(4));
-            let device = hi & 0xff;
+            let e = ChunkIndex::read(&array[k as usize * 8..]).expect("inside the checked array");
+            let device = e.device();
             if device == 0 || device as usize > self.info.blobs.len() {
                 return Err(corrupt!(
                     "nid {} chunk {k}: device id {device} names no blob",
@@ -686,8 +692,8 @@ impl MetaReader for V6Meta {
             }
             let addr = ChunkAddr::Indexed {
                 blob_index: device - 1,
-                ci_index: lo | (hi >> 8) << 16,
-                blk_addr,
+                ci_index: e.ci_index(),
+                blk_addr: e.blkaddr,
             };
             out.push((k * chunk_size, addr));
         }
@@ -695,19 +701,18 @@ impl MetaReader for V6Meta {
     }
 
     fn max_ino(&self) -> u64 {
-        (self.data.len() as u64).saturating_sub(self.meta_base) / 32
+        (self.data.len() as u64).saturating_sub(self.meta_base) / rafs_layout::erofs::INODE_SLOT
     }
 
     fn chunk_table_entry(&self, blob_index: u32, ci_index: u32) -> Result<Option<ChunkInfo>> {
         let Some(&row) = self.chunk_rows()?.get(&(blob_index, ci_index)) else {
             return Ok(None);
         };
-        let e = slice(
+        let e: ChunkRecord = record(
             &self.data,
-            self.chunk_table.0 + row as u64 * 80,
-            80,
+            self.chunk_table.0 + row as u64 * CHUNK_TABLE_ENTRY_SIZE,
             "chunk table row",
         )?;
-        Ok(Some(super::v5::chunk_record(e)))
+        Ok(Some(super::v5::chunk_info(&e)))
     }
 }
