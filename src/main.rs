@@ -168,7 +168,7 @@ fn enter_sandbox(
     rafsd::sandbox::restrict_filesystem(&allowed, extra_rw);
     rafsd::sandbox::drop_capabilities()?;
     rafsd::seccomp::install(seccomp)?;
-    rafsd::seccomp::test_hook_forbidden_syscall();
+    rafsd::sandbox::probe::daemon();
     daemon.confine(allowed);
     Ok(())
 }
@@ -480,9 +480,13 @@ fn run_fuse(args: FuseArgs) -> rafsd::Result<ExitCode> {
         .map(rafsd::api::http::bind)
         .transpose()?;
     // The sandboxed daemon may not unmount; a supervisor outside the sandbox does it when the daemon ends.
-    if let Role::Supervisor(exit) =
-        fork_supervised(false, 0, &signals, rafsd::sandbox::SUPERVISOR_CAPS_FUSE)?
-    {
+    if let Role::Supervisor(exit) = fork_supervised(
+        false,
+        0,
+        &signals,
+        rafsd::sandbox::SUPERVISOR_CAPS_FUSE,
+        args.sandbox.seccomp,
+    )? {
         drop(api_listener);
         rafsd::sandbox::unmount_fuse(&args.mountpoint);
         if let Some(p) = &args.apisock {
@@ -583,9 +587,14 @@ fn run_virtiofs(args: VirtiofsArgs) -> rafsd::Result<ExitCode> {
     }
     // Kata starts nydusd with nothing to serve and no room for our options (only
     // virtio_fs_extra_args): without defaults every one of its API mounts would be refused.
+    // Kata names the sandbox in the socket paths: only that sandbox's share is exposed.
     if startup.is_none() && !args.sandbox.paths_given() {
+        let sockets: Vec<&std::path::Path> = [Some(args.sock.as_path()), args.apisock.as_deref()]
+            .into_iter()
+            .flatten()
+            .collect();
         allowed = rafsd::sandbox::AllowedPaths::kata_defaults(
-            rafsd::sandbox::KATA_SHARED_ROOTS,
+            rafsd::sandbox::kata_sandbox_dir(&sockets).as_deref(),
             rafsd::sandbox::SNAPSHOTTER_ROOTS,
         )?;
     }
@@ -608,6 +617,7 @@ fn run_virtiofs(args: VirtiofsArgs) -> rafsd::Result<ExitCode> {
                 flags,
                 &signals,
                 rafsd::sandbox::SUPERVISOR_CAPS_VIRTIOFS,
+                args.sandbox.seccomp,
             )? {
                 drop(api_listener);
                 drop(listener);
