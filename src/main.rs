@@ -565,6 +565,8 @@ fn run_virtiofs(args: VirtiofsArgs) -> rafsd::Result<ExitCode> {
         .unwrap_or_default();
     let mut allowed = args.sandbox.allowed_paths()?;
     let mut startup = None;
+    // The sandboxed daemon mounts these from its own root: a relative path must name the host's file.
+    let absolute = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
     if let (Some(bootstrap), Some(config)) = (&args.bootstrap, &args.config) {
         let text = std::fs::read_to_string(config)
             .map_err(|e| rafsd::Error::io(format!("read config {}", config.display()), e))?;
@@ -572,7 +574,7 @@ fn run_virtiofs(args: VirtiofsArgs) -> rafsd::Result<ExitCode> {
         allowed.add_config(&rafsd::config::DaemonConfig::from_slice(text.as_bytes())?)?;
         startup = Some(MountCmd {
             fs_type: FsType::Rafs,
-            source: bootstrap.clone(),
+            source: absolute(bootstrap),
             config: text,
             prefetch_files,
         });
@@ -580,7 +582,7 @@ fn run_virtiofs(args: VirtiofsArgs) -> rafsd::Result<ExitCode> {
         allowed.add_read_write(dir)?;
         startup = Some(MountCmd {
             fs_type: FsType::Passthrough,
-            source: dir.clone(),
+            source: absolute(dir),
             config: String::new(),
             prefetch_files,
         });

@@ -689,6 +689,41 @@ fn the_supervisor_is_filtered_too() {
     assert!(!sock.exists(), "socket removed");
 }
 
+/// Start-up paths relative to the working directory name the host's files, also for the sandboxed
+/// daemon, whose working directory is the root of its own view.
+#[test]
+fn relative_startup_paths_name_host_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("share")).unwrap();
+    std::fs::write(dir.path().join("share/hello"), b"relative\n").unwrap();
+    let log = dir.path().join("rafsd.log");
+    let child = Command::new(BIN)
+        .current_dir(dir.path())
+        .args(["virtiofs", "--sock", "vhost.sock", "--shared-dir", "share"])
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::OpenOptions::new().append(true).open(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut p = Probed {
+        child,
+        log,
+        probe: "none".into(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !p.log_text().contains("waiting for a VMM") {
+        assert!(p.child.try_wait().unwrap().is_none(), "{}", p.log_text());
+        assert!(Instant::now() < deadline, "{}", p.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut g = Guest::connect(&dir.path().join("vhost.sock"), Options::default()).unwrap();
+    g.fuse_init().unwrap();
+    let hello = g.lookup(ROOT, b"hello").unwrap();
+    assert_eq!(g.read_file(hello.nodeid, 4096).unwrap(), b"relative\n");
+    drop(g);
+    p.stop();
+}
+
 #[test]
 fn api_mounts_outside_the_allowed_paths_are_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -1200,6 +1235,24 @@ fn kata_launch_works_with_the_default_roots_and_stays_confined() {
         g.read_file(upper.nodeid, 4096).unwrap(),
         b"from the snapshot dir\n"
     );
+    // That bind arrived after start, with the host's flags (not nodev): the filter still refuses device
+    // nodes there, while the guest's overlay can make its whiteouts.
+    let upper_dir = g
+        .lookup_path(ROOT, &format!("containers/{tag}/snapshotdir/fs"))
+        .unwrap()
+        .nodeid;
+    let (major, minor) = a_block_device();
+    let e = g
+        .mknod(
+            upper_dir,
+            b"blk",
+            libc::S_IFBLK | 0o600,
+            libc::makedev(major, minor) as u32,
+        )
+        .unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+    g.mknod(upper_dir, b"whiteout", libc::S_IFCHR, 0).unwrap();
+    assert!(snapshot.join("fs/whiteout").exists() && !snapshot.join("fs/blk").exists());
     let rel = "special/random-2m5";
     let want = manifest::load_manifest()
         .into_iter()
