@@ -619,8 +619,9 @@ fn restrict_mounts(path: &Path, attrs: u64) -> Result<()> {
             r as libc::c_int,
         );
     }
-    // SAFETY: statvfs fills the zeroed struct for a valid C string.
+    // SAFETY: statvfs is plain data; all zeroes is a valid value.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and a statvfs to fill.
     check_errno(format!("statvfs {}", path.display()), unsafe {
         libc::statvfs(c.as_ptr(), &mut st)
     })?;

@@ -485,6 +485,58 @@ fn sockets_are_unix_or_ip_only() {
     p.stop();
 }
 
+/// The real resolver under the socket rule: a registry host with two addresses (glibc's getaddrinfo
+/// then asks netlink for the interface addresses, gets EAFNOSUPPORT and carries on), looked up in a
+/// private /etc/hosts; the connection is refused and the daemon, in kill mode, serves on.
+#[test]
+fn the_resolver_copes_with_the_socket_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = dir.path().join("hosts");
+    std::fs::write(
+        &hosts,
+        "127.0.0.1 localhost\n127.0.0.1 rafsd-two\n::1 rafsd-two\n",
+    )
+    .unwrap();
+    let (sock, apisock) = VirtiofsDaemon::sockets(dir.path());
+    // In a mount namespace of its own, where that file is /etc/hosts.
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "-m".into(),
+        "--propagation".into(),
+        "private".into(),
+        "sh".into(),
+        "-c".into(),
+        format!(
+            "mount --bind {} /etc/hosts && exec \"$0\" \"$@\"",
+            hosts.display()
+        )
+        .into(),
+        BIN.into(),
+        "virtiofs".into(),
+        "--sock".into(),
+        sock.clone().into(),
+        "--apisock".into(),
+        apisock.clone().into(),
+        "--allow-network".into(),
+        "--seccomp".into(),
+        "kill".into(),
+    ];
+    args.extend(daemon::sandbox_allow_args(dir.path()));
+    let d = VirtiofsDaemon::start_at("unshare", sock, apisock, dir.path(), &args);
+    let registry = serde_json::json!({"device": {"backend": {"type": "registry", "config":
+        {"host": "rafsd-two:1", "repo": "x/y", "scheme": "http", "retry_limit": 0}}},
+        "mode": "direct"});
+    let body = serde_json::json!({"source": manifest::case_bootstrap("v6-zstd-blake3"),
+        "fs_type": "rafs", "config": registry.to_string()});
+    let (s, t) = d
+        .api("POST", "/api/v1/mount?mountpoint=/r", &body.to_string())
+        .unwrap();
+    assert!(s >= 400 && t.contains("Connection refused"), "{s} {t}");
+    let (s, t) = d.api("GET", "/api/v1/daemon", "").unwrap();
+    assert_eq!(s, 200, "{t}\n{}", d.log_text());
+    assert_every_thread_confined(daemon_child(d.pid()));
+    d.kill_and_check();
+}
+
 /// `tgkill` reaches the daemon's own threads only (what `abort()` and `raise()` do), in a pid namespace
 /// (where the daemon is pid 1) and outside one: a signal to another process kills the daemon, even the
 /// harmless signal 0 to this test.
