@@ -577,11 +577,11 @@ fn mount_options(pid: i32, mountpoint: &Path) -> String {
     let info = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
     let want = mountpoint.to_str().unwrap();
     info.lines()
-        .filter_map(|l| {
+        .rev()
+        .find_map(|l| {
             let f: Vec<&str> = l.split(' ').collect();
             (f.get(4) == Some(&want)).then(|| f[5].to_string())
         })
-        .last()
         .unwrap_or_else(|| panic!("{want} is not a mount point of {pid}:\n{info}"))
 }
 
