@@ -418,6 +418,11 @@ fn a_syscall_outside_the_policy_is_logged_in_log_mode() {
             }
             std::thread::sleep(Duration::from_millis(50));
         };
+        // The audit record is written during the call; the daemon logs its survival right after.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !p.log_text().contains("still alive") && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let text = p.log_text();
         assert!(text.contains("still alive"), "{text}");
         assert!(p.child.try_wait().unwrap().is_none(), "still serving");
