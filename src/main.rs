@@ -168,7 +168,7 @@ fn enter_sandbox(
     rafsd::sandbox::restrict_filesystem(&allowed, extra_rw);
     rafsd::sandbox::drop_capabilities()?;
     rafsd::seccomp::install(seccomp)?;
-    rafsd::seccomp::test_hook_forbidden_syscall();
+    rafsd::sandbox::probe::daemon();
     daemon.confine(allowed);
     Ok(())
 }
@@ -480,9 +480,13 @@ fn run_fuse(args: FuseArgs) -> rafsd::Result<ExitCode> {
         .map(rafsd::api::http::bind)
         .transpose()?;
     // The sandboxed daemon may not unmount; a supervisor outside the sandbox does it when the daemon ends.
-    if let Role::Supervisor(exit) =
-        fork_supervised(false, 0, &signals, rafsd::sandbox::SUPERVISOR_CAPS_FUSE)?
-    {
+    if let Role::Supervisor(exit) = fork_supervised(
+        false,
+        0,
+        &signals,
+        rafsd::sandbox::SUPERVISOR_CAPS_FUSE,
+        args.sandbox.seccomp,
+    )? {
         drop(api_listener);
         rafsd::sandbox::unmount_fuse(&args.mountpoint);
         if let Some(p) = &args.apisock {
@@ -561,6 +565,8 @@ fn run_virtiofs(args: VirtiofsArgs) -> rafsd::Result<ExitCode> {
         .unwrap_or_default();
     let mut allowed = args.sandbox.allowed_paths()?;
     let mut startup = None;
+    // The sandboxed daemon mounts these from its own root: a relative path must name the host's file.
+    let absolute = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
     if let (Some(bootstrap), Some(config)) = (&args.bootstrap, &args.config) {
         let text = std::fs::read_to_string(config)
             .map_err(|e| rafsd::Error::io(format!("read config {}", config.display()), e))?;
@@ -568,7 +574,7 @@ fn run_virtiofs(args: VirtiofsArgs) -> rafsd::Result<ExitCode> {
         allowed.add_config(&rafsd::config::DaemonConfig::from_slice(text.as_bytes())?)?;
         startup = Some(MountCmd {
             fs_type: FsType::Rafs,
-            source: bootstrap.clone(),
+            source: absolute(bootstrap),
             config: text,
             prefetch_files,
         });
@@ -576,16 +582,21 @@ fn run_virtiofs(args: VirtiofsArgs) -> rafsd::Result<ExitCode> {
         allowed.add_read_write(dir)?;
         startup = Some(MountCmd {
             fs_type: FsType::Passthrough,
-            source: dir.clone(),
+            source: absolute(dir),
             config: String::new(),
             prefetch_files,
         });
     }
     // Kata starts nydusd with nothing to serve and no room for our options (only
     // virtio_fs_extra_args): without defaults every one of its API mounts would be refused.
+    // Kata names the sandbox in the socket paths: only that sandbox's share is exposed.
     if startup.is_none() && !args.sandbox.paths_given() {
+        let sockets: Vec<&std::path::Path> = [Some(args.sock.as_path()), args.apisock.as_deref()]
+            .into_iter()
+            .flatten()
+            .collect();
         allowed = rafsd::sandbox::AllowedPaths::kata_defaults(
-            rafsd::sandbox::KATA_SHARED_ROOTS,
+            rafsd::sandbox::kata_sandbox_dir(&sockets).as_deref(),
             rafsd::sandbox::SNAPSHOTTER_ROOTS,
         )?;
     }
@@ -608,6 +619,7 @@ fn run_virtiofs(args: VirtiofsArgs) -> rafsd::Result<ExitCode> {
                 flags,
                 &signals,
                 rafsd::sandbox::SUPERVISOR_CAPS_VIRTIOFS,
+                args.sandbox.seccomp,
             )? {
                 drop(api_listener);
                 drop(listener);

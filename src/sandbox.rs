@@ -15,7 +15,11 @@
 //!
 //! Mounts added through the API after start-up must lie beneath the allowed paths ([`AllowedPaths`]);
 //! others are refused with an API error rather than failing later with EACCES. A daemon started as Kata
-//! starts nydusd gets Kata's and nydus-snapshotter's roots ([`AllowedPaths::kata_defaults`]).
+//! starts nydusd gets its own Kata sandbox's share and nydus-snapshotter's roots
+//! ([`AllowedPaths::kata_defaults`], [`kata_sandbox_dir`]).
+//!
+//! The supervisor gets its own capabilities and seccomp allow-list once it has forked the daemon
+//! ([`fork_supervised`]).
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -23,6 +27,9 @@ use std::path::{Component, Path, PathBuf};
 
 use crate::config::{BackendConfig, DaemonConfig};
 use crate::error::{Error, Result};
+use crate::seccomp::SeccompMode;
+
+pub mod probe;
 
 /// `--sandbox`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -92,9 +99,10 @@ const LIBRARY_PATHS: &[&str] = &[
 /// Device nodes that libraries open by path.
 const DEVICES: &[&str] = &["/dev/null", "/dev/zero", "/dev/urandom", "/dev/random"];
 
-/// Kata's host shared dirs (`/run/kata-containers/shared/sandboxes/<sid>/...`): the passthrough share
-/// it mounts at `/containers`. Read-write.
-pub const KATA_SHARED_ROOTS: &[&str] = &["/run/kata-containers/shared"];
+/// Kata's host shared dirs, one per sandbox (`<root>/<sid>/shared` for the Go runtime, `<root>/<sid>/rw`
+/// for runtime-rs): the passthrough share it mounts at `/containers`. A daemon gets its own sandbox's
+/// directory read-write, never the root.
+pub const KATA_SANDBOXES_ROOT: &str = "/run/kata-containers/shared/sandboxes";
 
 /// nydus-snapshotter roots (the current default and the older containerd plugin path): bootstraps and
 /// blobs beneath them are read; the blob cache, `<root>/cache` by default, is written.
@@ -183,6 +191,47 @@ fn beneath(path: &Path, roots: &[PathBuf]) -> bool {
     roots.iter().any(|r| path.starts_with(r))
 }
 
+/// Kata's sandbox ids are container ids: a letter or digit, then letters, digits, `_`, `.`, `-`.
+fn plausible_sandbox_id(id: &str) -> bool {
+    let mut chars = id.chars();
+    id.len() <= 255
+        && chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+}
+
+/// The Kata sandbox id in the daemon's socket paths, which Kata builds from it: the Go runtime puts both
+/// sockets in `<VMStorePath>/<sid>/` (`vhost-fs.sock` or `virtiofsd.sock`, and `nydusd-api.sock`),
+/// runtime-rs in `/run/kata/<sid>/root/`. `None` when the sockets disagree or name no plausible id.
+pub fn kata_sandbox_id(sockets: &[&Path]) -> Option<String> {
+    let mut id: Option<String> = None;
+    for sock in sockets {
+        let path = normalize(sock).ok()?;
+        let mut dir = path.parent()?;
+        if dir.file_name() == Some("root".as_ref()) {
+            dir = dir.parent()?;
+        }
+        let this = dir.file_name()?.to_str()?;
+        if id.as_ref().is_some_and(|id| id != this) {
+            return None;
+        }
+        id = Some(this.to_string());
+    }
+    id.filter(|id| plausible_sandbox_id(id))
+}
+
+/// The Kata share directory of the sandbox named in `sockets` (`KATA_SANDBOXES_ROOT/<sid>`), or `None`,
+/// with a warning, when the socket paths name no sandbox.
+pub fn kata_sandbox_dir(sockets: &[&Path]) -> Option<PathBuf> {
+    let dir = kata_sandbox_id(sockets).map(|id| Path::new(KATA_SANDBOXES_ROOT).join(id));
+    if dir.is_none() {
+        log::warn!(
+            "sandbox: the socket paths {sockets:?} name no Kata sandbox (<dir>/<sid>/<socket> or \
+             /run/kata/<sid>/root/<socket>): no Kata share is exposed; pass --allow-path-rw for it"
+        );
+    }
+    dir
+}
+
 impl AllowedPaths {
     pub fn add_read_only(&mut self, p: &Path) -> Result<()> {
         let p = normalize(p)?;
@@ -201,24 +250,30 @@ impl AllowedPaths {
     }
 
     /// What a daemon started the way Kata starts nydusd (nothing to serve, no `--allow-*`) may use:
-    /// `shared_roots` read-write, `snapshotter_roots` read-only with their `cache` read-write, and (when
-    /// a snapshotter root exists) the host network: Kata already runs the daemon in the sandbox's network
-    /// namespace, and registry backends only arrive with API mounts. Roots missing now are left out, with a warning: the
-    /// namespace root can only bind what exists, and a guessed path is not worth creating on the host.
-    pub fn kata_defaults(shared_roots: &[&str], snapshotter_roots: &[&str]) -> Result<Self> {
+    /// its Kata sandbox's share directory `kata_share` (see [`kata_sandbox_dir`]) read-write,
+    /// `snapshotter_roots` read-only with their `cache` read-write, and (when a snapshotter root exists)
+    /// the host network: Kata already runs the daemon in the sandbox's network namespace, and registry
+    /// backends only arrive with API mounts. Paths missing now are left out, with a warning: the namespace
+    /// root can only bind what exists, and a guessed path is not worth creating on the host.
+    pub fn kata_defaults(kata_share: Option<&Path>, snapshotter_roots: &[&str]) -> Result<Self> {
         let mut allowed = AllowedPaths::default();
         let mut missing = Vec::new();
-        for root in shared_roots.iter().chain(snapshotter_roots).map(Path::new) {
+        if let Some(share) = kata_share {
+            if share.is_dir() {
+                allowed.add_read_write(share)?;
+            } else {
+                missing.push(share);
+            }
+        }
+        for root in snapshotter_roots.iter().map(Path::new) {
             if !root.is_dir() {
                 missing.push(root);
-            } else if snapshotter_roots.iter().any(|r| Path::new(r) == root) {
-                allowed.add_read_only(root)?;
-                allowed.add_read_write(&root.join(SNAPSHOTTER_CACHE))?;
-                // Registry configs come with RAFS mounts, whose bootstraps live here.
-                allowed.network = true;
-            } else {
-                allowed.add_read_write(root)?;
+                continue;
             }
+            allowed.add_read_only(root)?;
+            allowed.add_read_write(&root.join(SNAPSHOTTER_CACHE))?;
+            // Registry configs come with RAFS mounts, whose bootstraps live here.
+            allowed.network = true;
         }
         log::info!(
             "sandbox: nothing to serve and no --allow-path/--allow-path-rw/--allow-network given: \
@@ -420,13 +475,15 @@ impl Exit {
 /// `new_pid_ns` the child is pid 1 of a new pid namespace; it then unshares `child_flags` (mount, network)
 /// itself, so the supervisor stays in the host's namespaces and can clean up there. The supervisor
 /// forwards the shutdown signals in `signals` (blocked by the caller) to the child and waits for it.
-/// The supervisor keeps only `supervisor_caps` (what its clean-up needs).
+/// The supervisor keeps only `supervisor_caps` (what its clean-up needs) and runs under its own seccomp
+/// allow-list (`seccomp`: the daemon's `--seccomp`), which lets it signal and wait for the child only.
 /// Must be called while the process has a single thread.
 pub fn fork_supervised(
     new_pid_ns: bool,
     child_flags: libc::c_int,
     signals: &libc::sigset_t,
     supervisor_caps: &[caps::Capability],
+    seccomp: SeccompMode,
 ) -> Result<Role> {
     if new_pid_ns {
         // SAFETY: unshare of the pid namespace only affects the children we fork next.
@@ -463,6 +520,8 @@ pub fn fork_supervised(
     if let Err(e) = drop_capabilities_to(supervisor_caps, "supervisor") {
         log::warn!("supervisor: {e}");
     }
+    crate::seccomp::install_supervisor(seccomp, pid)?;
+    probe::supervisor();
     loop {
         if let Some(sig) =
             crate::fusedev::wait_for_signal(signals, std::time::Duration::from_millis(100))
@@ -503,11 +562,96 @@ fn make_mount_point(path: &Path, like: &Path) -> Result<()> {
     Ok(())
 }
 
+/// How a path is mounted in the new root. Every kind is nosuid (the daemon never executes anything);
+/// all but the device nodes are nodev, down the whole bound tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Images, blobs, libraries, resolver files: read-only.
+    ReadOnly,
+    /// Caches and shares: writable, but a device node in them (the daemon keeps CAP_MKNOD for the
+    /// guest) never opens as a device.
+    ReadWrite,
+    /// One of [`DEVICES`].
+    Device,
+}
+
+/// `mount_setattr(2)` (Linux 5.12) attributes and flag, from linux/mount.h (not in the libc crate).
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const MOUNT_ATTR_NOSUID: u64 = 0x2;
+const MOUNT_ATTR_NODEV: u64 = 0x4;
+const AT_RECURSIVE: libc::c_int = 0x8000;
+
+/// `struct mount_attr`, version 0.
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// Set `attrs` (MOUNT_ATTR_*) on the mount at `path` and on every mount beneath it, leaving their other
+/// flags as they are. Kernels before 5.12 lack `mount_setattr`: there the top mount is remounted with
+/// its current flags plus `attrs` (mounts beneath it keep theirs).
+fn restrict_mounts(path: &Path, attrs: u64) -> Result<()> {
+    let c = cstr(path)?;
+    let attr = MountAttr {
+        attr_set: attrs,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: a valid C string and a mount_attr of the size passed.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            AT_RECURSIVE,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    let e = std::io::Error::last_os_error();
+    if r == 0 || e.raw_os_error() != Some(libc::ENOSYS) {
+        return check_errno(
+            format!("mount_setattr {}", path.display()),
+            r as libc::c_int,
+        );
+    }
+    // SAFETY: statvfs is plain data; all zeroes is a valid value.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and a statvfs to fill.
+    check_errno(format!("statvfs {}", path.display()), unsafe {
+        libc::statvfs(c.as_ptr(), &mut st)
+    })?;
+    let keep = [
+        (libc::ST_RDONLY, libc::MS_RDONLY),
+        (libc::ST_NOSUID, libc::MS_NOSUID),
+        (libc::ST_NODEV, libc::MS_NODEV),
+        (libc::ST_NOEXEC, libc::MS_NOEXEC),
+        (libc::ST_NOATIME, libc::MS_NOATIME),
+        (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
+        (libc::ST_RELATIME, libc::MS_RELATIME),
+    ];
+    let want = [
+        (MOUNT_ATTR_RDONLY, libc::MS_RDONLY),
+        (MOUNT_ATTR_NOSUID, libc::MS_NOSUID),
+        (MOUNT_ATTR_NODEV, libc::MS_NODEV),
+    ];
+    let flags = keep
+        .iter()
+        .filter(|(st_flag, _)| st.f_flag & st_flag != 0)
+        .chain(want.iter().filter(|(attr, _)| attrs & attr != 0))
+        .fold(libc::MS_BIND | libc::MS_REMOUNT, |f, (_, ms)| f | ms);
+    mount(None, path, None, flags, None)
+}
+
 /// Make `path` (a host path) visible in the new root at the same path; `old` is where the old root is.
 /// System paths that are symlinks (`/lib` -> `usr/lib`) are recreated as symlinks.
-fn expose(old: &Path, path: &Path, read_only: bool) -> Result<()> {
+fn expose(old: &Path, path: &Path, access: Access) -> Result<()> {
     let src = old.join(path.strip_prefix("/").unwrap_or(path));
-    if !read_only && !src.exists() {
+    if access == Access::ReadWrite && !src.exists() {
         // A cache work dir the daemon would create later: create it now, while it can.
         let _ = std::fs::create_dir_all(&src);
     }
@@ -525,7 +669,7 @@ fn expose(old: &Path, path: &Path, read_only: bool) -> Result<()> {
             let resolved = path.parent().unwrap_or(Path::new("/")).join(&target);
             if let Ok(resolved) = normalize(&resolved) {
                 if !resolved.exists() {
-                    return expose(old, &resolved, read_only);
+                    return expose(old, &resolved, access);
                 }
             }
         }
@@ -536,15 +680,20 @@ fn expose(old: &Path, path: &Path, read_only: bool) -> Result<()> {
     }
     make_mount_point(path, &src)?;
     mount(Some(&src), path, None, libc::MS_BIND | libc::MS_REC, None)?;
-    if read_only {
-        // Best effort: a locked mount may refuse; Landlock still keeps writes out.
-        let flags =
-            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV;
-        if let Err(e) = mount(None, path, None, flags, None) {
-            log::debug!("sandbox: read-only remount of {}: {e}", path.display());
+    let attrs = match access {
+        Access::ReadOnly => MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+        Access::ReadWrite => MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+        Access::Device => MOUNT_ATTR_NOSUID,
+    };
+    match restrict_mounts(path, attrs) {
+        Ok(()) => Ok(()),
+        // The guarantee for writable paths; elsewhere Landlock still keeps writes out.
+        Err(e) if access == Access::ReadWrite => Err(e),
+        Err(e) => {
+            log::debug!("sandbox: restricting the mount at {}: {e}", path.display());
+            Ok(())
         }
     }
-    Ok(())
 }
 
 /// In a fresh mount namespace: make a tmpfs the root, with only the allowed paths, libraries, a few
@@ -577,19 +726,28 @@ pub fn build_root(paths: &AllowedPaths) -> Result<()> {
     std::env::set_current_dir("/").map_err(|e| Error::io("chdir /", e))?;
     let old = Path::new("/oldroot");
 
-    let mut exposed: Vec<(PathBuf, bool)> = Vec::new();
-    for p in LIBRARY_PATHS.iter().chain(DEVICES) {
-        exposed.push((PathBuf::from(p), !p.starts_with("/dev/")));
-    }
+    let mut exposed: Vec<(PathBuf, Access)> = Vec::new();
+    exposed.extend(LIBRARY_PATHS.iter().map(|p| (p.into(), Access::ReadOnly)));
+    exposed.extend(DEVICES.iter().map(|p| (p.into(), Access::Device)));
     if paths.network {
-        exposed.extend(NETWORK_FILES.iter().map(|p| (PathBuf::from(p), true)));
+        exposed.extend(NETWORK_FILES.iter().map(|p| (p.into(), Access::ReadOnly)));
     }
-    exposed.extend(paths.read_only.iter().map(|p| (p.clone(), true)));
-    exposed.extend(paths.read_write.iter().map(|p| (p.clone(), false)));
+    exposed.extend(
+        paths
+            .read_only
+            .iter()
+            .map(|p| (p.clone(), Access::ReadOnly)),
+    );
+    exposed.extend(
+        paths
+            .read_write
+            .iter()
+            .map(|p| (p.clone(), Access::ReadWrite)),
+    );
     // Parents before children, so a bind beneath another bind is not hidden by it.
     exposed.sort_by_key(|(p, _)| p.components().count());
-    for (p, ro) in &exposed {
-        expose(old, p, *ro)?;
+    for (p, access) in &exposed {
+        expose(old, p, *access)?;
     }
     std::fs::create_dir_all("/proc").map_err(|e| Error::io("mkdir /proc", e))?;
     mount(
@@ -753,26 +911,32 @@ mod tests {
     fn kata_defaults_take_existing_roots_only() {
         let dir = tempfile::tempdir().unwrap();
         let base = dir.path().canonicalize().unwrap();
-        let (shared, snapshotter) = (base.join("shared"), base.join("snapshotter"));
-        std::fs::create_dir(&shared).unwrap();
+        let (shared, snapshotter) = (base.join("sandboxes/sid"), base.join("snapshotter"));
+        std::fs::create_dir_all(&shared).unwrap();
+        std::fs::create_dir_all(base.join("sandboxes/other")).unwrap();
         std::fs::create_dir(&snapshotter).unwrap();
         let s = |p: &Path| p.to_str().unwrap().to_string();
-        let (shared_s, snap_s) = (s(&shared), s(&snapshotter));
-        let (gone_shared, gone_snap) = (s(&base.join("no-shared")), s(&base.join("no-snap")));
-        let allowed = AllowedPaths::kata_defaults(
-            &[gone_shared.as_str(), shared_s.as_str()],
-            &[snap_s.as_str(), gone_snap.as_str()],
-        )
-        .unwrap();
+        let snap_s = s(&snapshotter);
+        let (gone_shared, gone_snap) = (base.join("sandboxes/gone"), s(&base.join("no-snap")));
+        let allowed =
+            AllowedPaths::kata_defaults(Some(&shared), &[snap_s.as_str(), gone_snap.as_str()])
+                .unwrap();
         assert!(allowed.network);
         assert_eq!(
             allowed.read_write,
             [shared.clone(), snapshotter.join("cache")]
         );
         assert_eq!(allowed.read_only, std::slice::from_ref(&snapshotter));
-        // Bootstraps under the snapshotter root are readable, not writable; shares are writable.
-        let mut share = shared.join("sandboxes/x/rw");
+        // Bootstraps under the snapshotter root are readable, not writable; the sandbox's share is
+        // writable, another sandbox's is not allowed at all.
+        let mut share = shared.join("rw");
         allowed.confine_share(&mut share).unwrap();
+        assert!(allowed
+            .confine_share(&mut base.join("sandboxes/other/rw"))
+            .is_err());
+        assert!(allowed
+            .confine("bootstrap", &mut base.join("sandboxes/other/x"), false)
+            .is_err());
         assert!(allowed
             .confine_share(&mut snapshotter.join("snapshots"))
             .is_err());
@@ -781,11 +945,52 @@ mod tests {
         let mut boot = snapshotter.join("snapshots/1/fs/image/image.boot");
         allowed.confine("bootstrap", &mut boot, false).unwrap();
         // Nothing exists: nothing is allowed, so every API mount is refused (403), none half-works.
-        let none =
-            AllowedPaths::kata_defaults(&[gone_shared.as_str()], &[gone_snap.as_str()]).unwrap();
-        assert!(none.read_only.is_empty() && none.read_write.is_empty() && !none.network);
-        assert!(none
-            .confine_share(&mut PathBuf::from(&gone_shared).join("x"))
-            .is_err());
+        for share in [Some(gone_shared.as_path()), None] {
+            let none = AllowedPaths::kata_defaults(share, &[gone_snap.as_str()]).unwrap();
+            assert!(none.read_only.is_empty() && none.read_write.is_empty() && !none.network);
+            assert!(none.confine_share(&mut gone_shared.join("x")).is_err());
+        }
+    }
+
+    #[test]
+    fn the_kata_sandbox_id_comes_from_the_socket_paths() {
+        let id = |socks: &[&str]| {
+            let paths: Vec<&Path> = socks.iter().map(Path::new).collect();
+            kata_sandbox_id(&paths)
+        };
+        let sid = "3c0b9d0e5b8f4a7a9e0f1d2c3b4a5968";
+        // Go runtime (QEMU, Cloud Hypervisor) and runtime-rs.
+        let go = [
+            format!("/run/vc/vm/{sid}/vhost-fs.sock"),
+            format!("/run/vc/vm/{sid}/nydusd-api.sock"),
+        ];
+        assert_eq!(id(&[&go[0], &go[1]]).as_deref(), Some(sid));
+        assert_eq!(
+            id(&[&format!("/run/vc/vm/{sid}/virtiofsd.sock")]).as_deref(),
+            Some(sid)
+        );
+        let rs = [
+            format!("/run/kata/{sid}/root/virtiofsd.sock"),
+            format!("/run/kata/{sid}/root/nydusd-api.sock"),
+        ];
+        assert_eq!(id(&[&rs[0], &rs[1]]).as_deref(), Some(sid));
+        // Sockets in different sandboxes' dirs, or dirs that are no id: none.
+        assert_eq!(id(&[&go[0], "/run/vc/vm/other/nydusd-api.sock"]), None);
+        assert_eq!(id(&["/tmp/.tmpAbC/vhost.sock"]), None);
+        assert_eq!(id(&["/vhost.sock"]), None);
+        assert_eq!(
+            id(&["/run/vc/vm/a b/vhost-fs.sock"]),
+            None,
+            "not a container id"
+        );
+        // "..": resolved before the id is taken.
+        assert_eq!(
+            id(&[&format!("/run/vc/vm/{sid}/x/../vhost-fs.sock")]).as_deref(),
+            Some(sid)
+        );
+        assert_eq!(
+            kata_sandbox_dir(&[Path::new(&rs[0])]),
+            Some(Path::new(KATA_SANDBOXES_ROOT).join(sid))
+        );
     }
 }

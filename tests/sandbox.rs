@@ -6,6 +6,7 @@ mod daemon;
 mod frontend;
 mod manifest;
 
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -109,14 +110,23 @@ fn assert_every_thread_confined(pid: i32) -> usize {
     checked
 }
 
-/// The supervisor (not filtered: it reads no guest input) keeps `caps` only, in every set.
-fn assert_supervisor_caps(pid: i32, caps: u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+/// The supervisor keeps `caps` only, in every set, and runs under its own seccomp filter (installed,
+/// after the capabilities are dropped, while the daemon starts: allow it a moment).
+fn assert_supervisor_confined(pid: i32, caps: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        if status_field(&status, "Seccomp") == "2" || Instant::now() > deadline {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     for set in ["CapEff", "CapPrm", "CapBnd"] {
         let v = u64::from_str_radix(&status_field(&status, set), 16).unwrap();
         assert_eq!(v, caps, "supervisor {set}: {v:#x}");
     }
     assert_eq!(status_field(&status, "NoNewPrivs"), "1");
+    assert_eq!(status_field(&status, "Seccomp"), "2", "supervisor");
 }
 
 fn ns(pid: &str, kind: &str) -> PathBuf {
@@ -201,7 +211,7 @@ fn virtiofs_daemon_threads_are_confined_in_their_own_namespaces() {
     }
     // The supervisor stays in the host's namespaces, with only what its clean-up needs.
     assert_eq!(ns(&d.pid().to_string(), "mnt"), ns("self", "mnt"));
-    assert_supervisor_caps(d.pid(), 1 << 1);
+    assert_supervisor_confined(d.pid(), 1 << 1);
     d.kill_and_check();
 }
 
@@ -222,6 +232,8 @@ fn sigterm_to_the_supervisor_stops_the_sandboxed_daemon_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let mut d = VirtiofsDaemon::start(BIN, dir.path(), &[]);
     let pid = daemon_child(d.pid());
+    // The filtered supervisor forwards the signal, reports the exit code and removes the sockets.
+    assert_supervisor_confined(d.pid(), 1 << 1);
     let log = sigterm_and_wait(&mut d);
     assert!(log.contains("rafsd virtiofs stopped"), "{log}");
     assert!(
@@ -231,25 +243,117 @@ fn sigterm_to_the_supervisor_stops_the_sandboxed_daemon_cleanly() {
     assert!(!d.sock.exists() && !d.apisock.exists(), "sockets removed");
 }
 
-/// `rafsd virtiofs` with a share, the test hook's environment and `extra` options.
-fn spawn_with_forbidden_syscall(dir: &Path, extra: &[&str]) -> (Child, PathBuf) {
-    let share = dir.join("share");
-    std::fs::create_dir_all(&share).unwrap();
-    let log = dir.join("rafsd.log");
-    let child = Command::new(BIN)
-        .arg("virtiofs")
-        .arg("--sock")
-        .arg(dir.join("vhost.sock"))
-        .arg("--shared-dir")
-        .arg(&share)
-        .args(extra)
-        .env("RAFSD_TEST_FORBIDDEN_SYSCALL", "1")
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(std::fs::OpenOptions::new().append(true).open(&log).unwrap())
-        .spawn()
-        .unwrap();
-    (child, log)
+/// `rafsd virtiofs` sharing `dir/share`, with `extra` options and the test probe
+/// `RAFSD_TEST_FORBIDDEN_SYSCALL=<probe>` (src/sandbox/probe.rs): right after its sandbox is complete the
+/// daemon does one thing a rule must stop and logs what happened. Killed by pid on drop.
+struct Probed {
+    child: Child,
+    log: PathBuf,
+    probe: String,
+}
+
+impl Probed {
+    fn start(dir: &Path, probe: &str, extra: &[&str]) -> Self {
+        let share = dir.join("share");
+        std::fs::create_dir_all(&share).unwrap();
+        let log = dir.join("rafsd.log");
+        let child = Command::new(BIN)
+            .arg("virtiofs")
+            .arg("--sock")
+            .arg(dir.join("vhost.sock"))
+            .arg("--shared-dir")
+            .arg(&share)
+            .args(extra)
+            .env("RAFSD_TEST_FORBIDDEN_SYSCALL", probe)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::OpenOptions::new().append(true).open(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Probed {
+            child,
+            log,
+            probe: probe.to_string(),
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Wait (20 s at most) for the process we started to end; returns how it ended and the log.
+    fn ended(&mut self) -> (std::process::ExitStatus, String) {
+        let status = daemon::wait_bounded(&mut self.child, Duration::from_secs(20));
+        let text = self.log_text();
+        let probe = &self.probe;
+        let status =
+            status.unwrap_or_else(|| panic!("probe {probe}: the daemon was not stopped:\n{text}"));
+        (status, text)
+    }
+
+    /// Wait (20 s at most) until the probe reports it is done with the daemon still serving.
+    fn done(&mut self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = self.log_text();
+            if text.contains("done; still alive") {
+                return text;
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "probe {}: the daemon ended ({status:?}):\n{text}",
+                    self.probe
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "probe {}: not done:\n{text}",
+                self.probe
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM; the daemon must stop with exit code 0. Returns the log.
+    fn stop(mut self) -> String {
+        // SAFETY: signalling the process we started.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let (status, text) = self.ended();
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "probe {}: {status:?}\n{text}",
+            self.probe
+        );
+        text
+    }
+}
+
+impl Drop for Probed {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            // SAFETY: killing the process we started, by its pid.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Run `probe` in a fresh daemon (kill mode, `extra` options) that the filter must kill: the process we
+/// started (the supervisor passes the daemon's death on) ends by SIGSYS, before the probe reports back.
+fn killed_by_the_filter(probe: &str, extra: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = Probed::start(dir.path(), probe, extra);
+    let (status, text) = p.ended();
+    let name = probe.split(':').next().unwrap();
+    assert!(text.contains(&format!("probe \"{name}\"")), "{text}");
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGSYS),
+        "{probe}: {status:?}\n{text}"
+    );
+    assert!(!text.contains("still alive"), "{probe}:\n{text}");
+    text
 }
 
 /// The kernel's audit record (type 1326) of a seccomp decision on `pid` for personality(2), if logged.
@@ -274,11 +378,9 @@ fn audit_record(pid: i32) -> Option<String> {
 #[test]
 fn a_syscall_outside_the_policy_kills_in_kill_mode() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, log) = spawn_with_forbidden_syscall(dir.path(), &["--seccomp", "kill"]);
-    let pid = daemon_pid_from_log(&log);
-    let status = daemon::wait_bounded(&mut child, Duration::from_secs(20))
-        .expect("the daemon was not killed");
-    let text = std::fs::read_to_string(&log).unwrap();
+    let mut p = Probed::start(dir.path(), "1", &["--seccomp", "kill"]);
+    let pid = daemon_pid_from_log(&p.log);
+    let (status, text) = p.ended();
     assert_eq!(
         status.signal(),
         Some(libc::SIGSYS),
@@ -299,30 +401,32 @@ fn a_syscall_outside_the_policy_is_logged_in_log_mode() {
     // daemons in turn, each a fresh pid, each given longer than the 5 s rate-limit window.
     for attempt in 1..=3 {
         let dir = tempfile::tempdir().unwrap();
-        let (mut child, log) = spawn_with_forbidden_syscall(dir.path(), &["--seccomp", "log"]);
-        let pid = daemon_pid_from_log(&log);
+        let mut p = Probed::start(dir.path(), "1", &["--seccomp", "log"]);
+        let pid = daemon_pid_from_log(&p.log);
         let deadline = Instant::now() + Duration::from_secs(7);
         let record = loop {
             if let Some(r) = audit_record(pid) {
                 break Some(r);
             }
             assert!(
-                child.try_wait().unwrap().is_none(),
+                p.child.try_wait().unwrap().is_none(),
                 "the daemon died in log mode:\n{}",
-                std::fs::read_to_string(&log).unwrap()
+                p.log_text()
             );
             if Instant::now() > deadline {
                 break None;
             }
             std::thread::sleep(Duration::from_millis(50));
         };
-        let text = std::fs::read_to_string(&log).unwrap();
+        // The audit record is written during the call; the daemon logs its survival right after.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !p.log_text().contains("still alive") && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let text = p.log_text();
         assert!(text.contains("still alive"), "{text}");
-        assert!(child.try_wait().unwrap().is_none(), "still serving");
-        // SAFETY: signalling the process we started.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let status = daemon::wait_bounded(&mut child, Duration::from_secs(10)).expect("exit");
-        assert_eq!(status.code(), Some(0));
+        assert!(p.child.try_wait().unwrap().is_none(), "still serving");
+        p.stop();
         match record {
             Some(record) => {
                 assert!(record.contains("sig=0"), "logged, not killed: {record}");
@@ -332,6 +436,349 @@ fn a_syscall_outside_the_policy_is_logged_in_log_mode() {
         }
     }
     panic!("no seccomp audit record for the forbidden syscall in 3 attempts");
+}
+
+/// `clone` makes threads only: a fork, or a thread in a new namespace, kills the daemon. `clone3` keeps
+/// its flags in memory the filter cannot read: it answers ENOSYS, and std threads still start (glibc
+/// falls back to `clone`).
+#[test]
+fn clone_makes_threads_only() {
+    for probe in ["fork", "clone-namespace"] {
+        killed_by_the_filter(probe, &[]);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = Probed::start(dir.path(), "clone3", &[]);
+    let text = p.done();
+    assert!(
+        text.contains("clone3 returned -1 (Function not implemented (os error 38))"),
+        "{text}"
+    );
+    assert!(
+        text.contains("a std::thread ran and returned Ok(42)"),
+        "{text}"
+    );
+    p.stop();
+}
+
+/// The value a probe logged for `what` ("... {what} returned N"), as a number.
+fn returned(text: &str, what: &str) -> i64 {
+    let key = format!("{what} returned ");
+    text.lines()
+        .find_map(|l| l.split(&key).nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.trim_end_matches(';').parse().ok())
+        .unwrap_or_else(|| panic!("no {key:?} in:\n{text}"))
+}
+
+/// Sockets are AF_UNIX, AF_INET or AF_INET6: AF_VSOCK (a host daemon could reach every VM's vsock
+/// services) kills; AF_NETLINK, which glibc's resolver tries when a name has several addresses, is
+/// refused with EAFNOSUPPORT so the resolver carries on without it.
+#[test]
+fn sockets_are_unix_or_ip_only() {
+    killed_by_the_filter("socket-vsock", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = Probed::start(dir.path(), "socket-netlink", &[]);
+    let text = p.done();
+    assert!(returned(&text, "socket(AF_UNIX)") >= 0, "{text}");
+    assert!(returned(&text, "socket(AF_INET)") >= 0, "{text}");
+    assert!(
+        text.contains(
+            "socket(AF_NETLINK) returned -1 (Address family not supported by protocol (os error 97))"
+        ),
+        "{text}"
+    );
+    p.stop();
+}
+
+/// The real resolver under the socket rule: a registry host with two addresses (glibc's getaddrinfo
+/// then asks netlink for the interface addresses, gets EAFNOSUPPORT and carries on), looked up in a
+/// private /etc/hosts; the connection is refused and the daemon, in kill mode, serves on.
+#[test]
+fn the_resolver_copes_with_the_socket_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = dir.path().join("hosts");
+    std::fs::write(
+        &hosts,
+        "127.0.0.1 localhost\n127.0.0.1 rafsd-two\n::1 rafsd-two\n",
+    )
+    .unwrap();
+    let (sock, apisock) = VirtiofsDaemon::sockets(dir.path());
+    // In a mount namespace of its own, where that file is /etc/hosts.
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "-m".into(),
+        "--propagation".into(),
+        "private".into(),
+        "sh".into(),
+        "-c".into(),
+        format!(
+            "mount --bind {} /etc/hosts && exec \"$0\" \"$@\"",
+            hosts.display()
+        )
+        .into(),
+        BIN.into(),
+        "virtiofs".into(),
+        "--sock".into(),
+        sock.clone().into(),
+        "--apisock".into(),
+        apisock.clone().into(),
+        "--allow-network".into(),
+        "--seccomp".into(),
+        "kill".into(),
+    ];
+    args.extend(daemon::sandbox_allow_args(dir.path()));
+    let d = VirtiofsDaemon::start_at("unshare", sock, apisock, dir.path(), &args);
+    let registry = serde_json::json!({"device": {"backend": {"type": "registry", "config":
+        {"host": "rafsd-two:1", "repo": "x/y", "scheme": "http", "retry_limit": 0}}},
+        "mode": "direct"});
+    let body = serde_json::json!({"source": manifest::case_bootstrap("v6-zstd-blake3"),
+        "fs_type": "rafs", "config": registry.to_string()});
+    let (s, t) = d
+        .api("POST", "/api/v1/mount?mountpoint=/r", &body.to_string())
+        .unwrap();
+    assert!(s >= 400 && t.contains("Connection refused"), "{s} {t}");
+    let (s, t) = d.api("GET", "/api/v1/daemon", "").unwrap();
+    assert_eq!(s, 200, "{t}\n{}", d.log_text());
+    assert_every_thread_confined(daemon_child(d.pid()));
+    d.kill_and_check();
+}
+
+/// `tgkill` reaches the daemon's own threads only (what `abort()` and `raise()` do), in a pid namespace
+/// (where the daemon is pid 1) and outside one: a signal to another process kills the daemon, even the
+/// harmless signal 0 to this test.
+#[test]
+fn tgkill_reaches_the_daemons_own_threads_only() {
+    let me = std::process::id();
+    for sandbox in ["namespace", "chroot"] {
+        let text = killed_by_the_filter(&format!("tgkill:{me}"), &["--sandbox", sandbox]);
+        assert_eq!(returned(&text, "tgkill of our own thread"), 0, "{sandbox}");
+        assert!(!text.contains("tgkill of pid"), "{sandbox}:\n{text}");
+    }
+}
+
+/// A block device of this host (a loop device if there is one): "major:minor" names in /sys/dev/block.
+fn a_block_device() -> (u32, u32) {
+    let mut devs: Vec<(u32, u32)> = std::fs::read_dir("/sys/dev/block")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let (major, minor) = name.split_once(':')?;
+            Some((major.parse().ok()?, minor.parse().ok()?))
+        })
+        .collect();
+    devs.sort_by_key(|&(major, minor)| (major != 7, major, minor));
+    *devs.first().expect("no block device on this host")
+}
+
+fn mknod(path: &Path, mode: libc::mode_t, dev: libc::dev_t) {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid C string.
+    let r = unsafe { libc::mknod(c.as_ptr(), mode, dev) };
+    assert_eq!(r, 0, "mknod {path:?}: {}", std::io::Error::last_os_error());
+}
+
+/// The per-mount options of the mount at `mountpoint` (the top one) in `pid`'s mount namespace.
+fn mount_options(pid: i32, mountpoint: &Path) -> String {
+    let info = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let want = mountpoint.to_str().unwrap();
+    info.lines()
+        .rev()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f.get(4) == Some(&want)).then(|| f[5].to_string())
+        })
+        .unwrap_or_else(|| panic!("{want} is not a mount point of {pid}:\n{info}"))
+}
+
+/// Writable paths are bound nosuid,nodev down the whole tree: a block device node in a share, or in a
+/// mount beneath it, does not open as a device inside the sandbox, though it does on the host. The
+/// sandbox's own /dev/null still opens.
+#[test]
+fn device_nodes_in_a_writable_share_do_not_open_as_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let share = dir.path().join("share");
+    let sub = share.join("sub");
+    std::fs::create_dir_all(&sub).unwrap();
+    let mut host = HostDirs::default();
+    host.tmpfs(&sub);
+    let (major, minor) = a_block_device();
+    let nodes = [share.join("blk"), sub.join("blk")];
+    for node in &nodes {
+        mknod(node, libc::S_IFBLK | 0o600, libc::makedev(major, minor));
+        std::fs::File::open(node).expect("the node opens as a device on the host");
+    }
+    let paths: Vec<String> = nodes
+        .iter()
+        .map(|n| n.display().to_string())
+        .chain(["/dev/null".to_string()])
+        .collect();
+    let mut p = Probed::start(dir.path(), &format!("open:{}", paths.join(",")), &[]);
+    let text = p.done();
+    for node in &nodes {
+        assert!(
+            text.contains(&format!(
+                "open {} failed: Permission denied",
+                node.display()
+            )),
+            "{text}"
+        );
+    }
+    assert!(text.contains("open /dev/null succeeded"), "{text}");
+    let pid = daemon_child(p.child.id() as i32);
+    for mp in [&share, &sub] {
+        let opts = mount_options(pid, mp);
+        assert!(
+            opts.split(',').any(|o| o == "nodev") && opts.split(',').any(|o| o == "nosuid"),
+            "{mp:?}: {opts}"
+        );
+    }
+    p.stop();
+}
+
+/// A guest may make fifos, sockets, regular files and overlayfs whiteouts (character device 0/0, which
+/// the guest's overlay makes in Kata's upper layers) in a passthrough share, but no device node: the
+/// filter answers EPERM, as the daemon keeps CAP_MKNOD (whiteouts, RENAME_WHITEOUT) and a compromised
+/// daemon could otherwise make one in a share mounted after start (not nodev) and open it.
+#[test]
+fn guests_make_fifos_and_whiteouts_but_no_device_nodes_in_shares() {
+    let dir = tempfile::tempdir().unwrap();
+    let share = dir.path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    std::fs::write(share.join("hello"), b"hello\n").unwrap();
+    let d = VirtiofsDaemon::start(BIN, dir.path(), &[]);
+    let body = serde_json::json!({"source": share, "fs_type": "passthrough_fs"}).to_string();
+    let (status, text) = d
+        .api("POST", "/api/v1/mount?mountpoint=/share", &body)
+        .unwrap();
+    assert_eq!(status, 204, "{text}");
+    let mut g = Guest::connect(&d.sock, Options::default()).expect("vhost-user handshake");
+    g.fuse_init().unwrap();
+    let s = g.lookup(ROOT, b"share").unwrap().nodeid;
+    let (major, minor) = a_block_device();
+    let dev = |major, minor| libc::makedev(major, minor) as u32;
+    let allowed = [
+        ("fifo", libc::S_IFIFO | 0o644, 0),
+        ("sock", libc::S_IFSOCK | 0o644, 0),
+        ("file", libc::S_IFREG | 0o644, 0),
+        ("whiteout", libc::S_IFCHR, 0),
+    ];
+    for (name, mode, rdev) in allowed {
+        let e = g.mknod(s, name.as_bytes(), mode, rdev).unwrap();
+        assert_eq!(e.attr.mode & libc::S_IFMT, mode & libc::S_IFMT, "{name}");
+        let meta = std::fs::symlink_metadata(share.join(name)).unwrap();
+        assert_eq!(
+            meta.mode() & libc::S_IFMT,
+            mode & libc::S_IFMT,
+            "{name} on the host"
+        );
+        assert_eq!(meta.rdev(), 0, "{name}");
+    }
+    let refused = [
+        ("blk", libc::S_IFBLK | 0o600, dev(major, minor)),
+        ("blk0", libc::S_IFBLK | 0o600, 0),
+        ("null", libc::S_IFCHR | 0o666, dev(1, 3)),
+    ];
+    for (name, mode, rdev) in refused {
+        let e = g.mknod(s, name.as_bytes(), mode, rdev).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{name}: {e}");
+        assert!(!share.join(name).exists(), "{name} made on the host");
+    }
+    // The share still serves the guest, and the daemon is still the confined one.
+    let hello = g.lookup(s, b"hello").unwrap();
+    assert_eq!(g.read_file(hello.nodeid, 4096).unwrap(), b"hello\n");
+    assert_every_thread_confined(daemon_child(d.pid()));
+    d.kill_and_check();
+}
+
+/// The supervisor runs under its own allow-list: a syscall outside it kills the supervisor (and the
+/// daemon with it, PDEATHSIG), and a daemon that fails passes its exit code on through the filtered
+/// supervisor.
+#[test]
+fn the_supervisor_is_filtered_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = Probed::start(dir.path(), "supervisor", &[]);
+    let daemon = daemon_pid_from_log(&p.log);
+    let (status, text) = p.ended();
+    assert_eq!(status.signal(), Some(libc::SIGSYS), "{status:?}\n{text}");
+    assert!(
+        text.contains("supervisor: seccomp filter installed"),
+        "{text}"
+    );
+    assert!(text.contains("calling personality"), "{text}");
+    assert!(!text.contains("still alive"), "{text}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{daemon}")).exists() {
+        assert!(
+            Instant::now() < deadline,
+            "daemon {daemon} outlived its supervisor"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // A bootstrap that is no image: the daemon fails after the fork, the supervisor exits 1 too.
+    let bad = dir.path().join("bad.boot");
+    std::fs::write(&bad, b"not a bootstrap").unwrap();
+    let config = dir.path().join("config.json");
+    std::fs::write(
+        &config,
+        daemon::v1_config(dir.path(), &dir.path().join("cache"), true, ""),
+    )
+    .unwrap();
+    let sock = dir.path().join("exit.sock");
+    let (code, out) = daemon::run_bounded(
+        &[
+            "virtiofs".as_ref(),
+            "--sock".as_ref(),
+            sock.as_os_str(),
+            "--bootstrap".as_ref(),
+            bad.as_os_str(),
+            "--config".as_ref(),
+            config.as_os_str(),
+        ],
+        Duration::from_secs(20),
+    );
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("supervisor: seccomp filter installed"),
+        "{out}"
+    );
+    assert!(out.contains("ended: Code(1)"), "{out}");
+    assert!(!sock.exists(), "socket removed");
+}
+
+/// Start-up paths relative to the working directory name the host's files, also for the sandboxed
+/// daemon, whose working directory is the root of its own view.
+#[test]
+fn relative_startup_paths_name_host_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("share")).unwrap();
+    std::fs::write(dir.path().join("share/hello"), b"relative\n").unwrap();
+    let log = dir.path().join("rafsd.log");
+    let child = Command::new(BIN)
+        .current_dir(dir.path())
+        .args(["virtiofs", "--sock", "vhost.sock", "--shared-dir", "share"])
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::OpenOptions::new().append(true).open(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut p = Probed {
+        child,
+        log,
+        probe: "none".into(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !p.log_text().contains("waiting for a VMM") {
+        assert!(p.child.try_wait().unwrap().is_none(), "{}", p.log_text());
+        assert!(Instant::now() < deadline, "{}", p.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut g = Guest::connect(&dir.path().join("vhost.sock"), Options::default()).unwrap();
+    g.fuse_init().unwrap();
+    let hello = g.lookup(ROOT, b"hello").unwrap();
+    assert_eq!(g.read_file(hello.nodeid, 4096).unwrap(), b"relative\n");
+    drop(g);
+    p.stop();
 }
 
 #[test]
@@ -533,7 +980,7 @@ fn fuse_daemon_threads_are_confined_and_the_supervisor_unmounts() {
     let threads = assert_every_thread_confined(pid);
     assert!(threads >= 5, "API and four FUSE workers: {threads}");
     // The supervisor keeps DAC_OVERRIDE and SYS_ADMIN, to unmount when the daemon ends.
-    assert_supervisor_caps(d.pid(), (1 << 1) | (1 << 21));
+    assert_supervisor_confined(d.pid(), (1 << 1) | (1 << 21));
     // No namespaces for the FUSE daemon: the host sees its mount.
     assert_eq!(ns(&pid.to_string(), "mnt"), ns("self", "mnt"));
     let log = d.log_text();
@@ -644,6 +1091,28 @@ impl HostDirs {
         tree.to_path_buf()
     }
 
+    /// Mount a small tmpfs (device nodes allowed) on `target`.
+    fn tmpfs(&mut self, target: &Path) {
+        let c = std::ffi::CString::new(target.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: valid C strings.
+        let r = unsafe {
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                c.as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                c"size=1m".as_ptr().cast(),
+            )
+        };
+        assert_eq!(
+            r,
+            0,
+            "tmpfs on {target:?}: {}",
+            std::io::Error::last_os_error()
+        );
+        self.mounts.push(target.to_path_buf());
+    }
+
     /// Bind-mount `src` on `target` with `propagation` (MS_SHARED...), as Kata's runtime does on the host.
     fn bind(&mut self, src: &Path, target: &Path, propagation: libc::c_ulong) {
         let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
@@ -710,9 +1179,11 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-/// Kata's launch and API sequence, exactly: `virtiofs --log-level info --apisock A --sock S
-/// --thread-pool-size=1 --announce-submounts` with no paths allowed on the command line, a passthrough
-/// share under /run/kata-containers/shared and a RAFS image under the nydus-snapshotter root.
+/// Kata's launch and API sequence, exactly (Go runtime with QEMU): `virtiofs --log-level info --apisock
+/// /run/vc/vm/<sid>/nydusd-api.sock --sock /run/vc/vm/<sid>/vhost-fs.sock --thread-pool-size=1
+/// --announce-submounts` with no paths allowed on the command line, the passthrough share
+/// /run/kata-containers/shared/sandboxes/<sid>/shared and a RAFS image under the nydus-snapshotter root.
+/// Another sandbox's share directory is neither mountable nor visible.
 #[test]
 fn kata_launch_works_with_the_default_roots_and_stays_confined() {
     let mut host = HostDirs::default();
@@ -724,9 +1195,14 @@ fn kata_launch_works_with_the_default_roots_and_stays_confined() {
             .unwrap()
             .subsec_nanos()
     );
-    let sandbox = host.make(&Path::new("/run/kata-containers/shared/sandboxes").join(&tag));
-    let share = sandbox.join("rw");
+    let sandboxes = Path::new(rafsd::sandbox::KATA_SANDBOXES_ROOT);
+    let sandbox = host.make(&sandboxes.join(&tag));
+    let share = sandbox.join("shared");
     std::fs::create_dir(&share).unwrap();
+    // A co-tenant: another sandbox's share, there before our daemon starts.
+    let other = host.make(&sandboxes.join(format!("{tag}-other")));
+    std::fs::create_dir(other.join("shared")).unwrap();
+    std::fs::write(other.join("shared/secret"), b"another sandbox's file\n").unwrap();
     // A shared mount, as /run is on a systemd host: Kata's later per-container bind mounts into the share
     // must reach the sandboxed daemon's view (its mounts are slaves of the host's).
     host.bind(&share, &share, libc::MS_SHARED);
@@ -740,20 +1216,22 @@ fn kata_launch_works_with_the_default_roots_and_stays_confined() {
     copy_dir(&manifest::case_blob_dir(case), &blobs);
     let cache = host.make(&Path::new("/var/lib/containerd-nydus/cache").join(&tag));
 
+    // Kata's sockets: <VMStorePath>/<sid>/ (VMStorePath is /run/vc/vm).
+    let vm = host.make(&Path::new("/run/vc/vm").join(&tag));
+    let (sock, apisock) = (vm.join("vhost-fs.sock"), vm.join("nydusd-api.sock"));
     let dir = tempfile::tempdir().unwrap();
-    let (sock, apisock) = VirtiofsDaemon::sockets(dir.path());
     let args: Vec<std::ffi::OsString> = vec![
         "virtiofs".into(),
         "--log-level".into(),
         "info".into(),
         "--apisock".into(),
-        apisock.into(),
+        apisock.clone().into(),
         "--sock".into(),
-        sock.into(),
+        sock.clone().into(),
         "--thread-pool-size=1".into(),
         "--announce-submounts".into(),
     ];
-    let mut d = VirtiofsDaemon::start_with_args(BIN, dir.path(), &args);
+    let mut d = VirtiofsDaemon::start_at(BIN, sock, apisock, dir.path(), &args);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let (s, t) = d.api("GET", "/api/v1/daemon", "").unwrap();
@@ -766,6 +1244,10 @@ fn kata_launch_works_with_the_default_roots_and_stays_confined() {
     }
     let log = d.log_text();
     assert!(log.contains("Kata/nydus-snapshotter defaults"), "{log}");
+    assert!(
+        log.contains(&format!("read-write [\"{}\"", sandbox.display())),
+        "{log}"
+    );
 
     let mount = |mp: &str, body: serde_json::Value| {
         d.api(
@@ -810,6 +1292,24 @@ fn kata_launch_works_with_the_default_roots_and_stays_confined() {
         g.read_file(upper.nodeid, 4096).unwrap(),
         b"from the snapshot dir\n"
     );
+    // That bind arrived after start, with the host's flags (not nodev): the filter still refuses device
+    // nodes there, while the guest's overlay can make its whiteouts.
+    let upper_dir = g
+        .lookup_path(ROOT, &format!("containers/{tag}/snapshotdir/fs"))
+        .unwrap()
+        .nodeid;
+    let (major, minor) = a_block_device();
+    let e = g
+        .mknod(
+            upper_dir,
+            b"blk",
+            libc::S_IFBLK | 0o600,
+            libc::makedev(major, minor) as u32,
+        )
+        .unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+    g.mknod(upper_dir, b"whiteout", libc::S_IFCHR, 0).unwrap();
+    assert!(snapshot.join("fs/whiteout").exists() && !snapshot.join("fs/blk").exists());
     let rel = "special/random-2m5";
     let want = manifest::load_manifest()
         .into_iter()
@@ -837,6 +1337,33 @@ fn kata_launch_works_with_the_default_roots_and_stays_confined() {
         serde_json::json!({"fs_type": "passthrough_fs", "source": outside.path(), "config": ""}),
     );
     assert_eq!(s, 403, "{t}");
+    // The other sandbox's share: refused, and not in the view, so a symlink in ours leads nowhere.
+    let (s, t) = mount(
+        "/other",
+        serde_json::json!({"fs_type": "passthrough_fs", "source": other.join("shared"), "config": ""}),
+    );
+    assert_eq!(s, 403, "{t}");
+    assert!(t.contains("outside the sandbox's allowed paths"), "{t}");
+    std::os::unix::fs::symlink(&other, share.join("to-other")).unwrap();
+    let (s, t) = mount(
+        "/other",
+        serde_json::json!({"fs_type": "passthrough_fs", "source": share.join("to-other/shared"),
+            "config": ""}),
+    );
+    assert!(
+        s >= 400 && t.contains("No such file or directory"),
+        "{s} {t}"
+    );
+    let view = PathBuf::from(format!("/proc/{}/root", daemon_child(d.pid())));
+    let inside = |p: &Path| view.join(p.strip_prefix("/").unwrap());
+    assert!(inside(&share).join("hello").exists());
+    assert!(!inside(&other).exists(), "{other:?} visible in the sandbox");
+    assert!(
+        std::fs::read_dir(inside(sandboxes)).unwrap().count() == 1,
+        "only our sandbox's directory"
+    );
+    let opts = mount_options(daemon_child(d.pid()), &sandbox);
+    assert!(opts.contains("nodev") && opts.contains("nosuid"), "{opts}");
     let (s, t) = mount(
         "/rafs/other/lowerdir",
         serde_json::json!({"fs_type": "rafs", "source": manifest::case_bootstrap(case),

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use fuse_backend_rs::abi::fuse_abi::{
     AttrOut, Direntplus, EntryOut, ForgetIn, FsOptions, GetattrIn, GetxattrIn, GetxattrOut,
-    InHeader, InitIn, InitOut, Opcode, OpenIn, OpenOut, OutHeader, ReadIn, ReleaseIn,
+    InHeader, InitIn, InitOut, MknodIn, Opcode, OpenIn, OpenOut, OutHeader, ReadIn, ReleaseIn,
     KERNEL_MINOR_VERSION, KERNEL_VERSION,
 };
 use vhost::vhost_user::message::VhostUserHeaderFlag;
@@ -963,6 +963,24 @@ impl Guest {
         e.ok_or_else(|| err("empty path"))
     }
 
+    /// FUSE_MKNOD `name` in `parent`: `mode` holds the file type and permissions, `rdev` the device.
+    pub fn mknod(
+        &mut self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        rdev: u32,
+    ) -> io::Result<EntryOut> {
+        let a = MknodIn {
+            mode,
+            rdev,
+            umask: 0,
+            padding: 0,
+        };
+        let name = cstr(name);
+        self.call_for::<EntryOut>(Opcode::Mknod, parent, &[a.as_slice(), &name])
+    }
+
     pub fn getattr(&mut self, nodeid: u64) -> io::Result<AttrOut> {
         let a = GetattrIn::default();
         self.call_for::<AttrOut>(Opcode::Getattr, nodeid, &[a.as_slice()])
@@ -1196,6 +1214,18 @@ impl VirtiofsDaemon {
     /// `bin ARGS` exactly (the sockets in `args` must be [`Self::sockets`]); waits until the API answers.
     pub fn start_with_args(bin: &str, dir: &Path, args: &[std::ffi::OsString]) -> Self {
         let (sock, apisock) = Self::sockets(dir);
+        Self::start_at(bin, sock, apisock, dir, args)
+    }
+
+    /// `bin ARGS` exactly, with the sockets `args` names (where a client such as Kata puts them) and the
+    /// log in `dir`; waits until the API answers.
+    pub fn start_at(
+        bin: &str,
+        sock: PathBuf,
+        apisock: PathBuf,
+        dir: &Path,
+        args: &[std::ffi::OsString],
+    ) -> Self {
         let log = dir.join("rafsd-virtiofs.log");
         let child = Command::new(bin)
             .args(args)
