@@ -386,6 +386,7 @@ fn run_build(args: BuildArgs) -> rafsd::Result<ExitCode> {
         compressor: args.compressor,
         digester: args.digester,
         parent_bootstrap: args.parent_bootstrap,
+        chunk_dict: Vec::new(),
         whiteout_spec: args.whiteout_spec,
         prefetch_files: args
             .prefetch_files

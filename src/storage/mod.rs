@@ -10,6 +10,7 @@ pub mod http_proxy;
 pub mod localfs;
 pub mod object_store;
 pub mod registry;
+pub mod registry_auth;
 
 use crate::error::{Error, Result};
 
