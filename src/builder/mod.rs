@@ -135,8 +135,8 @@ pub fn build(
     match source_kind(source)? {
         Source::Dir => build_input(Input::Dir(source), bootstrap, blob_dir, opts),
         kind => {
-            let file =
-                File::open(source).map_err(|e| Error::io(format!("open {}", source.display()), e))?;
+            let file = File::open(source)
+                .map_err(|e| Error::io(format!("open {}", source.display()), e))?;
             let reader = BufReader::with_capacity(1 << 20, file);
             let mut reader: Box<dyn Read> = match kind {
                 Source::TarGz => Box::new(flate2::read::MultiGzDecoder::new(reader)),

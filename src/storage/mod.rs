@@ -2,7 +2,9 @@
 //! that turn stored chunks back into verified file data.
 
 pub mod compress;
+pub mod credentials;
 pub mod digest;
+pub mod distribution;
 pub mod events;
 pub mod forward_proxy;
 pub mod http;

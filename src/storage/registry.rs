@@ -144,7 +144,8 @@ impl Remote for Registry {
             let resp = http.send_blob(&req, "registry")?;
             if resp.status == 401 && !reauthorized {
                 reauthorized = true;
-                sent = Some(self.auth.reauthorize(http, sent.as_deref(), &resp)?);
+                let challenge = resp.header("www-authenticate").unwrap_or("");
+                sent = Some(self.auth.reauthorize(http, sent.as_deref(), challenge)?);
                 continue;
             }
             if resp.status == 401 {

@@ -12,7 +12,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::http::{classify, net_error, Failure, HttpClient, Response};
+use super::http::{classify, net_error, Failure, HttpClient};
 use super::registry::percent_encode;
 
 /// Refresh a Bearer token this long before the registry says it expires.
@@ -93,13 +93,13 @@ impl RegistryAuth {
             .clone()
     }
 
-    /// After a 401 to a request sent with `sent`: work out a new header from the challenge. Returns
-    /// the header to retry with.
+    /// After a 401 to a request sent with `sent`: work out a new header from the response's
+    /// `WWW-Authenticate` challenge. Returns the header to retry with.
     pub fn reauthorize(
         &self,
         http: &HttpClient,
         sent: Option<&str>,
-        resp: &Response,
+        www_authenticate: &str,
     ) -> std::result::Result<String, Failure> {
         let _gate = self.refresh_gate.lock().unwrap_or_else(|e| e.into_inner());
         {
@@ -111,8 +111,7 @@ impl RegistryAuth {
                 }
             }
         }
-        let www = resp.header("www-authenticate").unwrap_or("");
-        let (scheme, params) = parse_challenge(www);
+        let (scheme, params) = parse_challenge(www_authenticate);
         match scheme.to_ascii_lowercase().as_str() {
             "basic" => {
                 let auth = self.credentials.as_ref().ok_or_else(|| {
@@ -161,14 +160,16 @@ impl RegistryAuth {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut url = c.realm.clone();
         let mut sep = if url.contains('?') { '&' } else { '?' };
-        for (k, v) in [("service", &c.service), ("scope", &c.scope)] {
-            if let Some(v) = v {
-                url.push(sep);
-                url.push_str(k);
-                url.push('=');
-                url.push_str(&percent_encode(v));
-                sep = '&';
-            }
+        // A challenge may ask for several scopes at once (a cross-repository mount), separated by
+        // spaces; each goes as its own `scope` parameter.
+        let scopes = c.scope.iter().flat_map(|s| s.split_whitespace());
+        let params = c.service.iter().map(|v| ("service", v.as_str()));
+        for (k, v) in params.chain(scopes.map(|v| ("scope", v))) {
+            url.push(sep);
+            url.push_str(k);
+            url.push('=');
+            url.push_str(&percent_encode(v));
+            sep = '&';
         }
         url.push(sep);
         url.push_str("client_id=rafsd");
@@ -246,4 +247,3 @@ pub fn parse_challenge(v: &str) -> (String, HashMap<String, String>) {
     }
     (scheme.to_string(), params)
 }
-
