@@ -42,14 +42,10 @@ impl Reference {
     pub fn parse(s: &str) -> Result<Self> {
         let bad = |why: &str| Error::Invalid(format!("image reference {s:?}: {why}"));
         let (rest, digest) = match s.split_once('@') {
-            Some((r, d)) => (
-                r,
-                Some(
-                    check_digest(d)
-                        .map_err(|e| bad(&e.to_string()))?
-                        .to_string(),
-                ),
-            ),
+            Some((r, d)) => {
+                check_digest(d).map_err(|e| bad(&e.to_string()))?;
+                (r, Some(d.to_string()))
+            }
             None => (s, None),
         };
         let (registry, path) = match rest.split_once('/') {
