@@ -161,6 +161,7 @@ pub struct Index {
 }
 
 /// A fetched top-level document.
+#[derive(Debug)]
 pub enum Document {
     Manifest(Manifest),
     Index(Index),
