@@ -87,7 +87,14 @@ pub struct ConvertArgs {
 pub struct MountImageArgs {
     /// The Nydus image: REGISTRY/REPO[:TAG][@DIGEST].
     pub image: String,
-    pub mountpoint: PathBuf,
+    /// Where to mount it (or `--mountpoint`, as nydusd spells it).
+    #[arg(
+        required_unless_present = "mountpoint_flag",
+        conflicts_with = "mountpoint_flag"
+    )]
+    pub mountpoint: Option<PathBuf>,
+    #[arg(long = "mountpoint", value_name = "MOUNTPOINT")]
+    pub mountpoint_flag: Option<PathBuf>,
     /// os/arch[/variant] to pick from an index [default: this machine's].
     #[arg(long)]
     pub platform: Option<String>,
@@ -163,6 +170,10 @@ pub fn run_convert(args: ConvertArgs) -> Result<ExitCode> {
 pub fn run_mount_image(args: MountImageArgs) -> Result<ExitCode> {
     use std::os::unix::process::CommandExt;
     let reference = Reference::parse(&args.image)?;
+    let mountpoint = args
+        .mountpoint
+        .or(args.mountpoint_flag)
+        .ok_or_else(|| Error::Invalid("a mountpoint is needed".into()))?;
     let platform = match &args.platform {
         Some(p) => Platform::parse(p)?,
         None => Platform::host(),
@@ -186,7 +197,7 @@ pub fn run_mount_image(args: MountImageArgs) -> Result<ExitCode> {
         .arg("--bootstrap")
         .arg(&prepared.bootstrap)
         .arg("--mountpoint")
-        .arg(&args.mountpoint)
+        .arg(&mountpoint)
         .args(["--thread-num", &args.thread_num.to_string()])
         .exec();
     Err(Error::io("run rafsd fuse", err))
