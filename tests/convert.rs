@@ -438,7 +438,8 @@ impl Registry {
 
     fn manifest(&self, repo: &str, reference: &str) -> Value {
         let accept =
-            "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json";
+            "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, \
+                      application/vnd.docker.distribution.manifest.v2+json";
         let (status, body) = self.get(repo, &format!("manifests/{reference}"), accept);
         assert_eq!(
             status,
@@ -914,4 +915,305 @@ fn a_multi_layer_image_converts_and_mounts_as_its_flattened_tree() {
         manifest,
         "the conversion is reproducible"
     );
+}
+
+fn arch_layers(arch: &'static str) -> Vec<Vec<Entry>> {
+    vec![
+        vec![
+            Entry::Dir("etc", 0o755, 0),
+            Entry::File("etc/arch", 0o644, 0, arch.as_bytes().to_vec(), vec![]),
+            Entry::File("etc/common", 0o644, 0, pseudo_random(200_000, 9), vec![]),
+        ],
+        vec![
+            Entry::Dir("usr", 0o755, 0),
+            Entry::File(
+                "usr/only-on",
+                0o755,
+                0,
+                format!("#!{arch}\n").into_bytes(),
+                vec![],
+            ),
+        ],
+    ]
+}
+
+/// A Docker manifest list with linux/amd64 and linux/arm64/v8 images: `--platform` picks one (Docker
+/// schema 2 source, converted to one OCI manifest); `--merge-platform` pushes an index holding both
+/// source manifests (mounted into the target repository) and both Nydus manifests (marked with the
+/// `nydus.remoteimage.v1` os.feature), and `mount-image --platform` picks the Nydus one.
+#[test]
+fn an_index_of_two_platforms_converts_one_or_merges_both() {
+    manifest::assert_root("convert and mount");
+    need(&["docker-registry"]);
+    let dir = tmp();
+    let reg = Registry {
+        svc: services::start_registry(dir.path(), RegistryAuth::None),
+        authorization: None,
+    };
+    let mut amd = push_image(
+        &reg,
+        "src/multi",
+        "amd64",
+        &arch_layers("amd64"),
+        "amd64",
+        true,
+    );
+    let mut arm = push_image(
+        &reg,
+        "src/multi",
+        "arm64",
+        &arch_layers("arm64"),
+        "arm64",
+        true,
+    );
+    amd["platform"] = json!({"architecture": "amd64", "os": "linux"});
+    arm["platform"] = json!({"architecture": "arm64", "os": "linux", "variant": "v8"});
+    let list_type = "application/vnd.docker.distribution.manifest.list.v2+json";
+    reg.put_manifest(
+        "src/multi",
+        "v1",
+        list_type,
+        &json!({"schemaVersion": 2, "mediaType": list_type, "manifests": [amd, arm]}),
+    );
+    let host = reg.host();
+    let source = format!("{host}/src/multi:v1");
+    let no_cache = ["--no-cache"];
+
+    // One platform: a plain manifest.
+    let target = format!("{host}/nydus/multi:arm");
+    convert(
+        &source,
+        &target,
+        &["--no-cache", "--platform", "linux/arm64"],
+        &[],
+    );
+    let manifest = reg.manifest("nydus/multi", "arm");
+    check_nydus_manifest(&reg, "nydus/multi", &manifest, "6", dir.path());
+    let config: Value = serde_json::from_slice(&reg.blob(
+        "nydus/multi",
+        manifest["config"]["digest"].as_str().unwrap(),
+    ))
+    .unwrap();
+    assert_eq!(config["architecture"], "arm64");
+    {
+        let m = mount_with_fuse(
+            &reg,
+            "nydus/multi",
+            &manifest,
+            &dir.path().join("arm"),
+            None,
+        );
+        assert_tree(&m, &flatten(&arch_layers("arm64")), "linux/arm64");
+    }
+
+    // A platform the index does not have.
+    let (code, out) = rafsd(
+        &[
+            "convert",
+            "--source",
+            &source,
+            "--target",
+            &target,
+            "--plain-http",
+            "--no-cache",
+            "--platform",
+            "linux/s390x",
+        ],
+        &[],
+    );
+    assert_ne!(code, Some(0));
+    assert!(
+        out.contains("linux/s390x") && out.contains("linux/arm64/v8"),
+        "{out}"
+    );
+
+    // Both, merged with the source manifests.
+    let target = format!("{host}/nydus/multi:all");
+    let mut args = vec!["--platform", "linux/amd64,linux/arm64", "--merge-platform"];
+    args.extend_from_slice(&no_cache);
+    convert(&source, &target, &args, &[]);
+    let index = reg.manifest("nydus/multi", "all");
+    assert_eq!(
+        index["mediaType"],
+        "application/vnd.oci.image.index.v1+json"
+    );
+    let entries = index["manifests"].as_array().unwrap();
+    assert_eq!(entries.len(), 4, "{index:#}");
+    for (src, arch) in [(&amd, "amd64"), (&arm, "arm64")] {
+        let original = entries
+            .iter()
+            .find(|e| e["digest"] == src["digest"])
+            .unwrap_or_else(|| panic!("no source {arch} manifest in {index:#}"));
+        assert_eq!(original["platform"]["architecture"], arch);
+        // The source manifest and its blobs are in the target repository.
+        let (status, _) = reg.get(
+            "nydus/multi",
+            &format!("manifests/{}", src["digest"].as_str().unwrap()),
+            "*/*",
+        );
+        assert_eq!(
+            status, 200,
+            "source {arch} manifest in the target repository"
+        );
+        let nydus = entries
+            .iter()
+            .find(|e| {
+                e["platform"]["architecture"] == arch
+                    && e["platform"]["os.features"] == json!(["nydus.remoteimage.v1"])
+            })
+            .unwrap_or_else(|| panic!("no Nydus {arch} manifest in {index:#}"));
+        assert_eq!(nydus["mediaType"], OCI_MANIFEST);
+        let m = reg.manifest("nydus/multi", nydus["digest"].as_str().unwrap());
+        check_nydus_manifest(&reg, "nydus/multi", &m, "6", dir.path());
+    }
+    let source_layers = reg.manifest("src/multi", "amd64")["layers"].clone();
+    for l in source_layers.as_array().unwrap() {
+        reg.blob("nydus/multi", l["digest"].as_str().unwrap());
+    }
+    assert!(
+        reg.requests("\"POST /v2/nydus/multi/blobs/uploads/?mount=") > 0,
+        "the source blobs were mounted from src/multi"
+    );
+    let mnt = dir.path().join("mount-image/mnt");
+    let m = Mounted::spawn(
+        &[
+            "mount-image",
+            &target,
+            "--mountpoint",
+            mnt.to_str().unwrap(),
+            "--plain-http",
+            "--platform",
+            "linux/amd64",
+            "--work-dir",
+            dir.path().join("mount-image/work").to_str().unwrap(),
+        ],
+        &[],
+        &mnt,
+        &dir.path().join("mount-image.log"),
+    );
+    assert_tree(
+        &m,
+        &flatten(&arch_layers("amd64")),
+        "mount-image linux/amd64",
+    );
+}
+
+/// docker-registry in token mode (tests/services/token_issuer.py): the source is pulled with a pull
+/// token, the target pushed with a token of the wider scope the push's challenge asks for; a RAFS v5
+/// image, mounted with `rafsd fuse` on the registry backend with the same credentials.
+#[test]
+fn a_token_registry_converts_with_pull_and_push_tokens() {
+    manifest::assert_root("convert and mount");
+    need(&["docker-registry", "python3"]);
+    let dir = tmp();
+    let (issuer, cert) = services::start_token_issuer(dir.path(), "bob", "t0ken-pass", 60);
+    let svc = services::start_registry(
+        dir.path(),
+        RegistryAuth::Token {
+            realm: format!("http://127.0.0.1:{}/token", issuer.port),
+            cert,
+        },
+    );
+    let basic = services::basic_auth("bob", "t0ken-pass");
+    let token = services::issue_token(issuer.port, &basic, "src/tok");
+    let reg = Registry {
+        svc,
+        authorization: Some(format!("Bearer {token}")),
+    };
+    let layers = sample_layers();
+    push_image(&reg, "src/tok", "v1", &layers, "amd64", false);
+    let host = reg.host();
+    let creds = docker_config(dir.path(), &host, "bob", "t0ken-pass");
+    let env = [("DOCKER_CONFIG", creds.as_path())];
+    let (source, target) = (format!("{host}/src/tok:v1"), format!("{host}/nydus/tok:v5"));
+    let out = convert(&source, &target, &["--no-cache", "--fs-version", "5"], &env);
+    assert!(out.output.contains("3 layers built"), "{}", out.output);
+    let tokens = std::fs::read_to_string(dir.path().join("tokens.log")).unwrap();
+    // The converter asked the realm for tokens for both repositories (the issuer grants push with any
+    // scope, so the target's first token already allows the upload) and was never refused.
+    assert!(
+        tokens.contains("granted scope=['repository:src/tok:pull']"),
+        "{tokens}"
+    );
+    assert!(
+        tokens.contains("granted scope=['repository:nydus/tok:pull"),
+        "{tokens}"
+    );
+    assert!(!tokens.contains("refused"), "{tokens}");
+
+    let reg = Registry {
+        authorization: Some(format!(
+            "Bearer {}",
+            services::issue_token(issuer.port, &basic, "nydus/tok")
+        )),
+        ..reg
+    };
+    let manifest = reg.manifest("nydus/tok", "v5");
+    check_nydus_manifest(&reg, "nydus/tok", &manifest, "5", dir.path());
+    let m = mount_with_fuse(
+        &reg,
+        "nydus/tok",
+        &manifest,
+        &dir.path().join("fuse"),
+        Some(&basic),
+    );
+    assert_tree(&m, &flatten(&layers), "RAFS v5 through a token registry");
+}
+
+/// A layer that is not a tar (after a good one) fails the conversion with an error naming the layer, and
+/// nothing reaches the target: no upload, no manifest.
+#[test]
+fn a_layer_that_is_not_a_tar_fails_and_pushes_nothing() {
+    need(&["docker-registry"]);
+    let dir = tmp();
+    let reg = Registry {
+        svc: services::start_registry(dir.path(), RegistryAuth::None),
+        authorization: None,
+    };
+    let good = gzip(&layer_tar(&sample_layers()[0]));
+    let garbage = pseudo_random(100_000, 5);
+    let mut descs = Vec::new();
+    for (bytes, mt) in [
+        (&good, "application/vnd.oci.image.layer.v1.tar+gzip"),
+        (&garbage, "application/vnd.oci.image.layer.v1.tar"),
+    ] {
+        let mut d = reg.push_blob("src/bad", bytes);
+        d["mediaType"] = mt.into();
+        descs.push(d);
+    }
+    let bad_digest = descs[1]["digest"].as_str().unwrap().to_string();
+    let config = json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}});
+    let mut config_desc = reg.push_blob("src/bad", &serde_json::to_vec(&config).unwrap());
+    config_desc["mediaType"] = "application/vnd.oci.image.config.v1+json".into();
+    reg.put_manifest(
+        "src/bad",
+        "v1",
+        OCI_MANIFEST,
+        &json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config_desc, "layers": descs}),
+    );
+    let host = reg.host();
+    let start = Instant::now();
+    let (code, out) = rafsd(
+        &[
+            "convert",
+            "--source",
+            &format!("{host}/src/bad:v1"),
+            "--target",
+            &format!("{host}/nydus/bad:v1"),
+            "--plain-http",
+            "--no-cache",
+        ],
+        &[],
+    );
+    assert_eq!(code, Some(1), "{out}");
+    assert!(start.elapsed() < Duration::from_secs(60));
+    assert!(out.contains(&bad_digest) && out.contains("tar"), "{out}");
+    assert!(out.contains("layer 2/2"), "{out}");
+    assert_eq!(
+        reg.requests("/v2/nydus/bad/blobs/uploads/"),
+        0,
+        "something was pushed"
+    );
+    let (status, _) = reg.get("nydus/bad", "manifests/v1", OCI_MANIFEST);
+    assert_eq!(status, 404);
 }
