@@ -42,10 +42,10 @@ impl NetArgs {
 /// Options of `rafsd convert`, spelled as `nydusify convert` spells them.
 #[derive(clap::Args, Debug)]
 pub struct ConvertArgs {
-    /// The OCI/Docker image: REGISTRY/REPO[:TAG][@DIGEST].
+    /// The OCI/Docker image: `REGISTRY/REPO[:TAG][@DIGEST]`.
     #[arg(long)]
     pub source: String,
-    /// Where the Nydus image goes: REGISTRY/REPO[:TAG].
+    /// Where the Nydus image goes: `REGISTRY/REPO[:TAG]`.
     #[arg(long)]
     pub target: String,
     #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(5..=6))]
@@ -85,7 +85,7 @@ pub struct ConvertArgs {
 /// Options of `rafsd mount-image`.
 #[derive(clap::Args, Debug)]
 pub struct MountImageArgs {
-    /// The Nydus image: REGISTRY/REPO[:TAG][@DIGEST].
+    /// The Nydus image: `REGISTRY/REPO[:TAG][@DIGEST]`.
     pub image: String,
     /// Where to mount it (or `--mountpoint`, as nydusd spells it).
     #[arg(

@@ -285,7 +285,7 @@ fn build_image(
         None => src.manifest(&source_desc.digest, &oci::ACCEPT)?,
     };
     let manifest = match oci::parse_document(&fetched.media_type, &fetched.bytes, &shown)? {
-        Document::Manifest(m) => m,
+        Document::Manifest(m) => *m,
         Document::Index(_) => {
             return Err(Error::Invalid(format!(
                 "{shown}: an index inside an index is not supported"

@@ -30,7 +30,7 @@ fn nydus_manifest(
     let shown = reference.to_string();
     let top = client.manifest(reference.reference(), &oci::ACCEPT)?;
     let (manifest, digest) = match oci::parse_document(&top.media_type, &top.bytes, &shown)? {
-        Document::Manifest(m) => (m, top.digest),
+        Document::Manifest(m) => (*m, top.digest),
         Document::Index(index) => {
             let entry = index
                 .manifests
@@ -48,7 +48,7 @@ fn nydus_manifest(
                 })?;
             let m = client.manifest(&entry.digest, &oci::ACCEPT)?;
             match oci::parse_document(&m.media_type, &m.bytes, &shown)? {
-                Document::Manifest(manifest) => (manifest, m.digest),
+                Document::Manifest(manifest) => (*manifest, m.digest),
                 Document::Index(_) => return Err(Error::Invalid(format!("{shown}: nested index"))),
             }
         }

@@ -163,7 +163,7 @@ pub struct Index {
 /// A fetched top-level document.
 #[derive(Debug)]
 pub enum Document {
-    Manifest(Manifest),
+    Manifest(Box<Manifest>),
     Index(Index),
 }
 
@@ -187,9 +187,9 @@ pub fn parse_document(media_type: &str, bytes: &[u8], shown: &str) -> Result<Doc
             serde_json::from_value(v).map_err(|e| bad(format!("not an image index: {e}")))?,
         )
     } else {
-        Document::Manifest(
+        Document::Manifest(Box::new(
             serde_json::from_value(v).map_err(|e| bad(format!("not an image manifest: {e}")))?,
-        )
+        ))
     };
     let descriptors: Vec<&Descriptor> = match &doc {
         Document::Index(i) => i.manifests.iter().collect(),

@@ -546,7 +546,7 @@ impl Client {
             };
             let mut resp = self.exchange(&call)?;
             match resp.status().as_u16() {
-                200 | 201 | 202 => Ok(()),
+                200..=202 => Ok(()),
                 _ => Err(failed(&mut resp, &what)),
             }
         })
