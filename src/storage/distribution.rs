@@ -692,6 +692,8 @@ impl Client {
             let call = Call {
                 payload,
                 long: true,
+                // The registry's credentials go to the registry only, wherever the session lives.
+                auth: location.starts_with(&format!("{}/", self.base)),
                 ..self.call(
                     Method::Put,
                     format!("{location}{sep}digest={digest}"),

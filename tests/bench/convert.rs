@@ -39,7 +39,8 @@ fn median(v: &mut [f64]) -> f64 {
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().expect("run");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{cmd:?}:\n{text}");
     text
 }
@@ -58,8 +59,13 @@ fn pushed(summary: &str) -> (u64, u64) {
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let (mut registry, mut rafsd, mut work, mut rounds, mut layers) =
-        (String::new(), PathBuf::new(), PathBuf::new(), 3usize, Vec::<PathBuf>::new());
+    let (mut registry, mut rafsd, mut work, mut rounds, mut layers) = (
+        String::new(),
+        PathBuf::new(),
+        PathBuf::new(),
+        3usize,
+        Vec::<PathBuf>::new(),
+    );
     while let Some(a) = args.next() {
         match a.as_str() {
             "--registry" => registry = args.next().unwrap(),
@@ -70,7 +76,10 @@ fn main() {
             other => layers.push(other.into()),
         }
     }
-    assert!(!registry.is_empty() && !layers.is_empty(), "see the header of tests/bench/convert.rs");
+    assert!(
+        !registry.is_empty() && !layers.is_empty(),
+        "see the header of tests/bench/convert.rs"
+    );
     let net = NetOptions {
         plain_http: true,
         ..Default::default()
@@ -106,7 +115,11 @@ fn main() {
     }))
     .unwrap();
     client
-        .put_manifest("src", "application/vnd.oci.image.manifest.v1+json", &manifest)
+        .put_manifest(
+            "src",
+            "application/vnd.oci.image.manifest.v1+json",
+            &manifest,
+        )
         .unwrap();
     println!(
         "source: {} layers, {source_bytes} bytes compressed",
@@ -116,7 +129,16 @@ fn main() {
     let convert = |target: &str, extra: &[&str]| -> (f64, String) {
         let start = Instant::now();
         let out = run(Command::new(&rafsd)
-            .args(["-l", "warn", "convert", "--source", &source.to_string(), "--target", target, "--plain-http"])
+            .args([
+                "-l",
+                "warn",
+                "convert",
+                "--source",
+                &source.to_string(),
+                "--target",
+                target,
+                "--plain-http",
+            ])
             .args(["--work-dir", work.to_str().unwrap()])
             .args(extra));
         (start.elapsed().as_secs_f64(), out)
@@ -129,7 +151,10 @@ fn main() {
     convert(&format!("{registry}/bench/nydus-warm:v1"), &cache_args);
     for round in 0..rounds {
         // Cold: an empty target repository, no cache.
-        let (secs, out) = convert(&format!("{registry}/bench/nydus-{round}:v1"), &["--no-cache"]);
+        let (secs, out) = convert(
+            &format!("{registry}/bench/nydus-{round}:v1"),
+            &["--no-cache"],
+        );
         cold_pushed = pushed(&out);
         cold.push(secs);
         // Warm: the same target, the layer cache filled.
@@ -143,15 +168,18 @@ fn main() {
         for (i, d) in descs.iter().enumerate() {
             let digest = d["digest"].as_str().unwrap();
             let file = dir.join(format!("layer-{i}.tar.gz"));
-            run(Command::new("curl").args(["-sfo", file.to_str().unwrap()]).arg(format!(
-                "http://{registry}/v2/bench/debian/blobs/{digest}"
-            )));
-            run(Command::new(&rafsd).args(["-l", "warn", "build"]).arg(&file).args([
-                "--bootstrap",
-                dir.join(format!("boot-{i}")).to_str().unwrap(),
-                "--blob-dir",
-                dir.join("blobs").to_str().unwrap(),
-            ]));
+            run(Command::new("curl")
+                .args(["-sfo", file.to_str().unwrap()])
+                .arg(format!("http://{registry}/v2/bench/debian/blobs/{digest}")));
+            run(Command::new(&rafsd)
+                .args(["-l", "warn", "build"])
+                .arg(&file)
+                .args([
+                    "--bootstrap",
+                    dir.join(format!("boot-{i}")).to_str().unwrap(),
+                    "--blob-dir",
+                    dir.join("blobs").to_str().unwrap(),
+                ]));
         }
         base.push(start.elapsed().as_secs_f64());
         let _ = std::fs::remove_dir_all(&dir);
