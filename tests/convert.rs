@@ -1217,3 +1217,134 @@ fn a_layer_that_is_not_a_tar_fails_and_pushes_nothing() {
     let (status, _) = reg.get("nydus/bad", "manifests/v1", OCI_MANIFEST);
     assert_eq!(status, 404);
 }
+
+/// What the hostile proxy does to GETs of one blob.
+#[derive(Clone, Copy, PartialEq)]
+enum Harm {
+    /// Cut the first answer in the middle of the body (later ones pass).
+    CutOnce,
+    /// Flip one byte of every answer.
+    Corrupt,
+}
+
+/// A loopback proxy in front of the registry that harms the GETs of `digest`: one request per
+/// connection, answered and closed. Returns its port and the number of harmed answers so far.
+fn hostile_proxy(
+    upstream: u16,
+    digest: String,
+    harm: Harm,
+) -> (u16, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use std::io::{BufRead, BufReader, Read};
+    use std::net::{TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let harmed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let count = harmed.clone();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(mut client) = client else { return };
+            let (digest, count) = (digest.clone(), count.clone());
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(client.try_clone().unwrap());
+                let mut head = Vec::new();
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                    if !line.to_ascii_lowercase().starts_with("connection:") {
+                        head.push(line);
+                    }
+                }
+                let target = head[0].starts_with("GET ") && head[0].contains(&digest);
+                let mut up = TcpStream::connect(("127.0.0.1", upstream)).unwrap();
+                let request = head.concat() + "Connection: close\r\n\r\n";
+                up.write_all(request.as_bytes()).unwrap();
+                let mut answer = Vec::new();
+                up.read_to_end(&mut answer).unwrap();
+                let body_at = answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                if target && answer.len() > body_at + 1000 {
+                    match harm {
+                        Harm::CutOnce if count.load(std::sync::atomic::Ordering::SeqCst) == 0 => {
+                            let cut = body_at + (answer.len() - body_at) / 2;
+                            answer.truncate(cut);
+                            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        Harm::Corrupt => {
+                            answer[body_at + 500] ^= 0x40;
+                            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        _ => {}
+                    }
+                }
+                let _ = client.write_all(&answer);
+            });
+        }
+    });
+    (port, harmed)
+}
+
+/// A source registry whose answer for a layer breaks off half-way: the stream resumes with a Range
+/// request where it stopped and the image is right. One that sends wrong bytes: the layer's digest
+/// does not match, the conversion fails naming it, and nothing is pushed.
+#[test]
+fn a_broken_layer_stream_is_resumed_and_wrong_bytes_are_refused() {
+    manifest::assert_root("convert and mount");
+    need(&["docker-registry"]);
+    let dir = tmp();
+    let reg = Registry {
+        svc: services::start_registry(dir.path(), RegistryAuth::None),
+        authorization: None,
+    };
+    let layers = sample_layers();
+    push_image(&reg, "src/app", "v1", &layers, "amd64", false);
+    let big_layer = reg.manifest("src/app", "v1")["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let host = reg.host();
+
+    let (port, harmed) = hostile_proxy(reg.svc.port, big_layer.clone(), Harm::CutOnce);
+    let source = format!("127.0.0.1:{port}/src/app:v1");
+    let out = convert(
+        &source,
+        &format!("{host}/nydus/cut:v1"),
+        &["--no-cache"],
+        &[],
+    );
+    assert_eq!(harmed.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert!(out.output.contains("resuming at byte"), "{}", out.output);
+    assert!(reg.requests("\"GET /v2/src/app/blobs/") > 0);
+    let manifest = reg.manifest("nydus/cut", "v1");
+    let m = mount_with_fuse(&reg, "nydus/cut", &manifest, &dir.path().join("cut"), None);
+    assert_tree(&m, &flatten(&layers), "after a resumed layer");
+    drop(m);
+
+    let (port, harmed) = hostile_proxy(reg.svc.port, big_layer.clone(), Harm::Corrupt);
+    let (code, out) = rafsd(
+        &[
+            "convert",
+            "--source",
+            &format!("127.0.0.1:{port}/src/app:v1"),
+            "--target",
+            &format!("{host}/nydus/corrupt:v1"),
+            "--plain-http",
+            "--no-cache",
+        ],
+        &[],
+    );
+    assert_eq!(code, Some(1), "{out}");
+    assert!(harmed.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    assert!(
+        out.contains(&big_layer) && out.contains("arrived with digest"),
+        "{out}"
+    );
+    assert_eq!(
+        reg.requests("/v2/nydus/corrupt/blobs/uploads/"),
+        0,
+        "something was pushed"
+    );
+}

@@ -48,6 +48,7 @@ pub struct ConvertArgs {
     /// Where the Nydus image goes: `REGISTRY/REPO[:TAG]`.
     #[arg(long)]
     pub target: String,
+    /// RAFS version of the image: 5 or 6.
     #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(5..=6))]
     pub fs_version: u32,
     /// none, lz4_block or zstd.
