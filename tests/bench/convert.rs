@@ -130,9 +130,9 @@ fn main() {
         let start = Instant::now();
         let out = run(Command::new(&rafsd)
             .args([
+                "convert",
                 "-l",
                 "warn",
-                "convert",
                 "--source",
                 &source.to_string(),
                 "--target",
@@ -172,7 +172,7 @@ fn main() {
                 .args(["-sfo", file.to_str().unwrap()])
                 .arg(format!("http://{registry}/v2/bench/debian/blobs/{digest}")));
             run(Command::new(&rafsd)
-                .args(["-l", "warn", "build"])
+                .args(["build", "-l", "warn"])
                 .arg(&file)
                 .args([
                     "--bootstrap",
