@@ -471,7 +471,11 @@ impl RafsImage {
             let Ok(next) = self.resolve_ci(info.blob_index, index) else {
                 break;
             };
+            // A chunk no file of this image references (a file a later layer deleted or hid) has no
+            // digest in the chunk table: with validation on it could never be verified, and must not
+            // fail the read that only wanted its neighbour.
             if next.batch.is_some()
+                || (self.validate && next.digest.is_none())
                 || next.compressed_offset != end
                 || total + next.compressed_size as u64 > self.amplify_io
             {

@@ -7,12 +7,14 @@
 //! - [`image`]: an opened image: metadata plus verified chunk reads.
 //! - [`unpack`], [`check`], [`inspect`]: the offline tools built on [`image`].
 //! - [`builder`]: `rafsd build` / `rafsd merge`, the RAFS v5/v6 image builder.
+//! - [`convert`]: `rafsd convert` / `rafsd mount-image`, OCI images in registries to Nydus images.
 
 pub mod api;
 pub mod builder;
 pub mod cache;
 pub mod check;
 pub mod config;
+pub mod convert;
 pub mod daemon;
 pub mod dax;
 pub mod error;

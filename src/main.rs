@@ -47,6 +47,10 @@ enum Command {
     },
     /// Build a RAFS image from a directory, .tar or .tar.gz: a bootstrap plus one data blob.
     Build(BuildArgs),
+    /// Convert an OCI image in a registry into a Nydus image in a registry (as `nydusify convert`).
+    Convert(rafsd::convert::cli::ConvertArgs),
+    /// Mount a Nydus image straight from its registry, read lazily through the registry backend.
+    MountImage(rafsd::convert::cli::MountImageArgs),
     /// Merge layer bootstraps (lowest first) into one image, applying whiteouts.
     Merge {
         /// Layer bootstraps, lowest first.
@@ -335,6 +339,8 @@ fn run(command: Command) -> rafsd::Result<ExitCode> {
             })
         }
         Command::Build(args) => run_build(args),
+        Command::Convert(args) => rafsd::convert::cli::run_convert(args),
+        Command::MountImage(args) => rafsd::convert::cli::run_mount_image(args),
         Command::Merge {
             sources,
             bootstrap,
@@ -386,6 +392,7 @@ fn run_build(args: BuildArgs) -> rafsd::Result<ExitCode> {
         compressor: args.compressor,
         digester: args.digester,
         parent_bootstrap: args.parent_bootstrap,
+        chunk_dict: Vec::new(),
         whiteout_spec: args.whiteout_spec,
         prefetch_files: args
             .prefetch_files

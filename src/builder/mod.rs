@@ -39,6 +39,10 @@ pub struct BuildOptions {
     pub digester: Digester,
     /// Build an upper layer on this image: whiteouts applied, its chunks reused, its blobs kept.
     pub parent_bootstrap: Option<PathBuf>,
+    /// Bootstraps whose chunks the new blob reuses instead of storing again (`nydus-image create
+    /// --chunk-dict`): their blobs join the blob table, their trees are not applied. A standalone layer
+    /// built this way keeps its whiteouts and deduplicates against the layers below it.
+    pub chunk_dict: Vec<PathBuf>,
     pub whiteout_spec: WhiteoutSpec,
     /// Absolute paths whose data goes first in the blob and whose inodes fill the prefetch table.
     pub prefetch_files: Vec<Vec<u8>>,
@@ -57,6 +61,7 @@ impl Default for BuildOptions {
             compressor: Compressor::Zstd,
             digester: Digester::Blake3,
             parent_bootstrap: None,
+            chunk_dict: Vec::new(),
             whiteout_spec: WhiteoutSpec::Oci,
             prefetch_files: Vec::new(),
             repeatable: false,
@@ -126,6 +131,42 @@ pub fn build(
     blob_dir: &Path,
     opts: &BuildOptions,
 ) -> Result<BuildReport> {
+    check_options(bootstrap, opts)?;
+    match source_kind(source)? {
+        Source::Dir => build_input(Input::Dir(source), bootstrap, blob_dir, opts),
+        kind => {
+            let file = File::open(source)
+                .map_err(|e| Error::io(format!("open {}", source.display()), e))?;
+            let reader = BufReader::with_capacity(1 << 20, file);
+            let mut reader: Box<dyn Read> = match kind {
+                Source::TarGz => Box::new(flate2::read::MultiGzDecoder::new(reader)),
+                _ => Box::new(reader),
+            };
+            build_input(Input::Tar(&mut reader, source), bootstrap, blob_dir, opts)
+        }
+    }
+}
+
+/// Build an uncompressed tar stream (an OCI layer read as it arrives, never held whole) into
+/// `blob_dir/<blob id>` and `bootstrap`. `name` stands for the stream in errors.
+pub fn build_tar_stream(
+    reader: &mut dyn Read,
+    name: &Path,
+    bootstrap: Option<&Path>,
+    blob_dir: &Path,
+    opts: &BuildOptions,
+) -> Result<BuildReport> {
+    check_options(bootstrap, opts)?;
+    build_input(Input::Tar(reader, name), bootstrap, blob_dir, opts)
+}
+
+/// What a build reads: a directory, or a tar stream with the name it goes by in errors.
+enum Input<'a> {
+    Dir(&'a Path),
+    Tar(&'a mut dyn Read, &'a Path),
+}
+
+fn check_options(bootstrap: Option<&Path>, opts: &BuildOptions) -> Result<()> {
     check_chunk_size(opts.chunk_size)?;
     if opts.fs_version != 5 && opts.fs_version != 6 {
         return Err(Error::Invalid(format!(
@@ -148,29 +189,40 @@ pub fn build(
             "gzip chunks are only made by OCI ref conversions; use none, lz4_block or zstd".into(),
         ));
     }
-    let kind = source_kind(source)?;
+    Ok(())
+}
 
+/// Why a loaded layer cannot share chunks or a tree with the image being built, if it cannot.
+fn layer_clash(layer: &layer::Layer, opts: &BuildOptions) -> Option<String> {
+    if layer.version != opts.fs_version {
+        Some(format!("RAFS v{}", layer.version))
+    } else if layer.chunk_size != opts.chunk_size {
+        Some(format!("chunk size {:#x}", layer.chunk_size))
+    } else if layer.digester != opts.digester {
+        Some(format!("digester {}", layer.digester.name()))
+    } else if opts.fs_version == 5 && layer.compressor != opts.compressor {
+        Some(format!(
+            "compressor {} (v5 records one per image)",
+            layer.compressor.name()
+        ))
+    } else {
+        None
+    }
+}
+
+fn build_input(
+    input: Input,
+    bootstrap: Option<&Path>,
+    blob_dir: &Path,
+    opts: &BuildOptions,
+) -> Result<BuildReport> {
     // The parent's blobs come first, so its chunk addresses stay valid.
     let mut table = ChunkTable::default();
     let mut blobs: Vec<BlobInfo> = Vec::new();
     let parent = match &opts.parent_bootstrap {
         Some(p) => {
             let layer = layer::load(p, &mut table, &mut blobs)?;
-            let clash = if layer.version != opts.fs_version {
-                Some(format!("RAFS v{}", layer.version))
-            } else if layer.chunk_size != opts.chunk_size {
-                Some(format!("chunk size {:#x}", layer.chunk_size))
-            } else if layer.digester != opts.digester {
-                Some(format!("digester {}", layer.digester.name()))
-            } else if opts.fs_version == 5 && layer.compressor != opts.compressor {
-                Some(format!(
-                    "compressor {} (v5 records one per image)",
-                    layer.compressor.name()
-                ))
-            } else {
-                None
-            };
-            if let Some(c) = clash {
+            if let Some(c) = layer_clash(&layer, opts) {
                 return Err(Error::Invalid(format!(
                     "parent bootstrap {} is {c}: the new layer must match it",
                     p.display()
@@ -180,6 +232,15 @@ pub fn build(
         }
         None => None,
     };
+    for p in &opts.chunk_dict {
+        let dict = layer::load(p, &mut table, &mut blobs)?;
+        if let Some(c) = layer_clash(&dict, opts) {
+            return Err(Error::Invalid(format!(
+                "chunk dict {} is {c}: the new layer must match it",
+                p.display()
+            )));
+        }
+    }
     let blob_index = blobs.len() as u32;
     if blob_index >= 255 {
         return Err(Error::Invalid("the parent already names 255 blobs".into()));
@@ -202,26 +263,16 @@ pub fn build(
     let mut report = BuildReport::default();
     let upper = {
         let mut chunker = Chunker::new(copts, &mut writer, &mut table, blob_index);
-        let mut tree = match kind {
-            Source::Dir => {
+        let mut tree = match input {
+            Input::Dir(source) => {
                 let (mut tree, scan) = tree::scan_dir(source)?;
                 report.skipped = scan.skipped;
                 tree.sort();
                 chunk_files(&mut tree, &mut chunker, &opts.prefetch_files)?;
                 tree
             }
-            Source::Tar | Source::TarGz => {
-                let file = File::open(source)
-                    .map_err(|e| Error::io(format!("open {}", source.display()), e))?;
-                let reader = BufReader::with_capacity(1 << 20, file);
-                let mut tree = match kind {
-                    Source::TarGz => tar::scan(
-                        flate2::read::MultiGzDecoder::new(reader),
-                        &mut chunker,
-                        source,
-                    )?,
-                    _ => tar::scan(reader, &mut chunker, source)?,
-                };
+            Input::Tar(reader, name) => {
+                let mut tree = tar::scan(reader, &mut chunker, name)?;
                 tree.sort();
                 tree
             }
@@ -415,6 +466,16 @@ pub struct MergeReport {
 /// Merge layer bootstraps (lowest first) into one image at `output`, applying each layer's whiteouts
 /// to the layers below. All layers must agree on format version, chunk size, digester and owners.
 pub fn merge(sources: &[PathBuf], output: &Path, spec: WhiteoutSpec) -> Result<MergeReport> {
+    merge_with_prefetch(sources, output, spec, &[])
+}
+
+/// As [`merge`], filling the merged image's prefetch table with these absolute paths.
+pub fn merge_with_prefetch(
+    sources: &[PathBuf],
+    output: &Path,
+    spec: WhiteoutSpec,
+    prefetch_files: &[Vec<u8>],
+) -> Result<MergeReport> {
     let Some((first, rest)) = sources.split_first() else {
         return Err(Error::Invalid("merge needs at least one bootstrap".into()));
     };
@@ -461,12 +522,13 @@ pub fn merge(sources: &[PathBuf], output: &Path, spec: WhiteoutSpec) -> Result<M
         compressor = layer.compressor;
     }
     tree.sort();
+    let prefetch = resolve_prefetch(&tree, prefetch_files);
     let params = v6::ImageParams {
         chunk_size: base.chunk_size,
         compressor,
         digester: base.digester,
         explicit_uid_gid: base.explicit_uid_gid,
-        prefetch: &[],
+        prefetch: &prefetch,
     };
     let bytes = if base.version == 6 {
         v6::write(&tree, &table, &blobs, &params)?

@@ -349,15 +349,35 @@ fn tls_roots(settings: &HttpSettings) -> Result<ureq::tls::RootCerts> {
 }
 
 fn agent(settings: &HttpSettings, proxy: Option<&str>) -> Result<ureq::Agent> {
+    agent_with(settings, proxy, false)
+}
+
+/// An agent for long transfers (whole layers pulled or pushed by `rafsd convert`): no deadline for the
+/// whole exchange, but every read and write must make progress within the `timeout`.
+pub fn streaming_agent(settings: &HttpSettings) -> Result<ureq::Agent> {
+    agent_with(settings, None, true)
+}
+
+fn agent_with(
+    settings: &HttpSettings,
+    proxy: Option<&str>,
+    streaming: bool,
+) -> Result<ureq::Agent> {
     let proxy = proxy
         .map(|p| ureq::Proxy::new(p).map_err(|e| Error::Invalid(format!("proxy url {p:?}: {e}"))))
         .transpose()?;
+    let (global, per_io) = match streaming {
+        true => (None, settings.timeout),
+        false => (settings.timeout, None),
+    };
     let config = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .max_redirects(0)
         // Environment proxies are ignored: only the config decides where blob traffic goes.
         .proxy(proxy)
-        .timeout_global(settings.timeout)
+        .timeout_global(global)
+        .timeout_per_read(per_io)
+        .timeout_per_write(per_io)
         .timeout_connect(settings.connect_timeout)
         .user_agent("rafsd/0.1")
         .tls_config(
@@ -402,6 +422,11 @@ impl HttpClient {
             mirror_health,
             counters: HttpCounters::default(),
         })
+    }
+
+    /// The agent for requests straight to the origin (no proxy), with the overall timeout.
+    pub fn direct_agent(&self) -> &ureq::Agent {
+        &self.direct
     }
 
     /// One request on one agent, body read up to `limit` bytes.

@@ -2,7 +2,9 @@
 //! that turn stored chunks back into verified file data.
 
 pub mod compress;
+pub mod credentials;
 pub mod digest;
+pub mod distribution;
 pub mod events;
 pub mod forward_proxy;
 pub mod http;
@@ -10,6 +12,7 @@ pub mod http_proxy;
 pub mod localfs;
 pub mod object_store;
 pub mod registry;
+pub mod registry_auth;
 
 use crate::error::{Error, Result};
 
