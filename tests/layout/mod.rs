@@ -449,7 +449,10 @@ pub mod v5 {
     /// and the symlink target, each padded to 8.
     pub fn xattr_table(rec: &Record) -> usize {
         assert!(rec.flags & I_XATTR != 0, "record has no xattrs");
-        rec.off + INODE_SIZE + rec.name.len().next_multiple_of(8) + rec.symlink_size.next_multiple_of(8)
+        rec.off
+            + INODE_SIZE
+            + rec.name.len().next_multiple_of(8)
+            + rec.symlink_size.next_multiple_of(8)
     }
 
     /// §2.4: the first blob table entry is `u32 readahead_offset, u32 readahead_size, blob id`; returns the
