@@ -2,6 +2,7 @@
 //! compressed and uncompressed space, its 4096-byte header, and the batch contexts of batched blobs.
 
 use super::bytes::{slice, Le};
+use super::limits;
 use super::{blob_features as bf, BlobInfo, ChunkInfo, CiLocation};
 use crate::corrupt;
 use crate::error::{Error, Result};
@@ -60,14 +61,7 @@ impl ChunkInfoArray {
         let v2 = blob.features & bf::CHUNK_INFO_V2 != 0;
         let entry_size = if v2 { CI_V2_SIZE } else { CI_V1_SIZE };
         let count = blob.chunk_count as u64;
-        if ci.uncompressed_size < entry_size * count
-            || ci.uncompressed_size > MAX_CI_BYTES_PER_CHUNK * count.max(1)
-        {
-            return Err(corrupt!(
-                "blob {id}: chunk-info array of {} bytes does not fit {count} chunks",
-                ci.uncompressed_size
-            ));
-        }
+        check_size(blob, ci)?;
         let stored = &raw[..ci.compressed_size as usize];
         let buf = if ci.compressed_size == ci.uncompressed_size {
             stored.to_vec()
@@ -177,6 +171,36 @@ impl ChunkInfoArray {
             .copied()
             .ok_or_else(|| corrupt!("batch {index} of blob {} does not exist", self.blob_index))
     }
+}
+
+/// The chunk-info array's decoded size, as the bootstrap records it, must fit the blob's chunk count and
+/// the memory limits: checked when the image is opened, before anything is read or decompressed.
+pub fn check_size(blob: &BlobInfo, ci: &CiLocation) -> Result<()> {
+    let entry_size = if blob.features & bf::CHUNK_INFO_V2 != 0 {
+        CI_V2_SIZE
+    } else {
+        CI_V1_SIZE
+    };
+    let count = blob.chunk_count as u64;
+    if ci.uncompressed_size < entry_size * count
+        || ci.uncompressed_size > MAX_CI_BYTES_PER_CHUNK * count.max(1)
+    {
+        return Err(corrupt!(
+            "blob {}: chunk-info array of {} bytes does not fit {count} chunks",
+            blob.id,
+            ci.uncompressed_size
+        ));
+    }
+    if ci.uncompressed_size > limits::MAX_CI_ARRAY_BYTES {
+        return Err(limits::exceeded(
+            format!(
+                "blob {}: its chunk-info array takes {} bytes decoded",
+                blob.id, ci.uncompressed_size
+            ),
+            "64 MiB per blob",
+        ));
+    }
+    Ok(())
 }
 
 fn compressor_number(ci: &CiLocation) -> u32 {

@@ -3,6 +3,7 @@
 
 pub mod blob_meta;
 pub mod bytes;
+pub mod limits;
 pub mod toc;
 pub mod v5;
 pub mod v6;

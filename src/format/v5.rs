@@ -6,6 +6,7 @@
 //! link's inode number.
 
 use super::bytes::{round_up, slice, Le};
+use super::limits;
 use super::{
     blob_features as bf, check_blob_id, check_name, flags, BlobInfo, ChunkAddr, ChunkInfo,
     Compressor, Digester, DirEntry, InodeAttr, MetaBytes, MetaReader, SuperInfo,
@@ -144,6 +145,11 @@ impl V5Meta {
             }
             let id = String::from_utf8_lossy(&rest[..id_len]).into_owned();
             check_blob_id(&id)?;
+            // Chunks name blobs by index; two indexes for one blob would share its cache files while
+            // describing it differently.
+            if blobs.iter().any(|b: &BlobInfo| b.id == id) {
+                return Err(corrupt!("blob {id:?} appears twice in the blob table"));
+            }
             let index = blobs.len() as u32;
             let (chunk_count, features, uncompressed_size, compressed_size) =
                 if (index as u64) < ext_entries {
@@ -205,7 +211,36 @@ impl V5Meta {
         if !meta.inode(1)?.is_dir() {
             return Err(corrupt!("root inode is not a directory"));
         }
+        meta.check_xattr_areas()?;
         Ok(meta)
+    }
+
+    /// Refuse an inode whose xattr area is larger than [`limits::MAX_XATTR_AREA`]: GETXATTR decodes the
+    /// area whole, so its size bounds the work of every call. One pass over the inode table; records
+    /// that cannot be read are left to fail when they are used, as without this check.
+    fn check_xattr_areas(&self) -> Result<()> {
+        for slot in 1..=self.inode_table.1 as u64 {
+            let Ok(rec) = self.slot_offset(slot).and_then(|o| self.record_at(o)) else {
+                continue;
+            };
+            if rec.flags & I_XATTR == 0 {
+                continue;
+            }
+            let Ok(total) = slice(&self.data, self.after_names(&rec), 8, "").map(|b| b.u64_at(0))
+            else {
+                continue;
+            };
+            if total > limits::MAX_XATTR_AREA {
+                return Err(limits::exceeded(
+                    format!(
+                        "the xattr area of inode {} takes {total} bytes",
+                        rec.attr.ino
+                    ),
+                    "256 KiB per inode",
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Byte offset of the record in inode-table slot `slot` (1-based, like inode numbers).

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::OnceLock;
 
 use super::bytes::{padded_str, round_up, slice, Le};
+use super::limits;
 use super::{
     blob_features as bf, check_blob_id, check_name, flags, BlobInfo, ChunkAddr, ChunkInfo,
     CiLocation, Compressor, Digester, DirEntry, InodeAttr, MetaBytes, MetaReader, SuperInfo,
@@ -183,6 +184,21 @@ impl V6Meta {
             if blobs[..i].iter().any(|b| b.id == a.id) {
                 return Err(corrupt!("blob {:?} appears twice in the blob table", a.id));
             }
+        }
+        let mut ci_total = 0u64;
+        for blob in &blobs {
+            let ci = blob
+                .ci
+                .as_ref()
+                .expect("v6 blobs have a chunk-info location");
+            super::blob_meta::check_size(blob, ci)?;
+            ci_total += ci.uncompressed_size;
+        }
+        if ci_total > limits::MAX_IMAGE_CI_BYTES {
+            return Err(limits::exceeded(
+                format!("its chunk-info arrays take {ci_total} bytes decoded"),
+                "256 MiB per image",
+            ));
         }
 
         let mut prefetch = Vec::new();

@@ -20,7 +20,8 @@ use fuse_backend_rs::api::BackendFileSystem;
 
 use super::{cached_entry, eno, image_statfs, CACHE_TIMEOUT};
 use crate::error::{Error, Result};
-use crate::format::MetaBytes;
+use crate::format::blob_meta::ChunkInfoArray;
+use crate::format::{limits, MetaBytes};
 use crate::image::{load_metadata, MetaSource, RafsImage};
 use crate::service::{open_image, RafsMount};
 
@@ -37,8 +38,9 @@ type Placement = (u64, u32, u32);
 pub struct BlobViewFs {
     image: Arc<RafsImage>,
     bootstrap: MetaBytes,
-    /// Per blob, its chunks sorted by uncompressed offset; built on the first read of that blob.
-    placements: Mutex<Vec<Option<Arc<Vec<Placement>>>>>,
+    /// Per blob, the CI indexes of its chunks sorted by uncompressed offset (4 bytes a chunk, at most
+    /// [`limits::MAX_VIEW_CHUNKS`] over the image); built on the first read of that blob.
+    placements: Mutex<Vec<Option<Arc<Vec<u32>>>>>,
     owner: (u32, u32),
 }
 
@@ -70,6 +72,18 @@ impl BlobViewFs {
                 )))
             }
         };
+        let chunks: u64 = image
+            .info()
+            .blobs
+            .iter()
+            .map(|b| b.chunk_count as u64)
+            .sum();
+        if chunks > limits::MAX_VIEW_CHUNKS {
+            return Err(limits::exceeded(
+                format!("the blob view would index its {chunks} chunks"),
+                "4 Mi chunks per image",
+            ));
+        }
         let (bootstrap, _) = load_metadata(&path)?;
         let nblobs = image.info().blobs.len();
         // SAFETY: plain getters.
@@ -141,21 +155,26 @@ impl BlobViewFs {
             .filter_map(|ino| self.name_of(ino).map(|n| (ino, n)))
     }
 
-    /// Chunks of blob `b` by uncompressed offset, from its chunk-info array.
-    fn placements(&self, b: u32) -> Result<Arc<Vec<Placement>>> {
+    /// CI indexes of blob `b`'s chunks by uncompressed offset, from its chunk-info array.
+    fn placements(&self, b: u32) -> Result<Arc<Vec<u32>>> {
         if let Some(p) = &self.placements.lock().unwrap_or_else(|e| e.into_inner())[b as usize] {
             return Ok(p.clone());
         }
         let array = self.image.chunk_info_array(b)?;
-        let mut list = Vec::with_capacity(array.len() as usize);
+        let mut keyed = Vec::with_capacity(array.len() as usize);
         for ci in 0..array.len() {
-            let c = array.get(ci)?;
-            list.push((c.uncompressed_offset, c.uncompressed_size, ci));
+            keyed.push((array.get(ci)?.uncompressed_offset, ci));
         }
-        list.sort_unstable();
-        let list = Arc::new(list);
+        keyed.sort_unstable();
+        let list = Arc::new(keyed.into_iter().map(|(_, ci)| ci).collect::<Vec<u32>>());
         self.placements.lock().unwrap_or_else(|e| e.into_inner())[b as usize] = Some(list.clone());
         Ok(list)
+    }
+
+    /// Placement `k` of blob `b`: its chunk's (uncompressed offset, uncompressed size, CI index).
+    fn placement(&self, array: &ChunkInfoArray, list: &[u32], k: usize) -> Result<Placement> {
+        let c = array.get(list[k])?;
+        Ok((c.uncompressed_offset, c.uncompressed_size, list[k]))
     }
 
     /// Read `[offset, offset + size)` of the view's file `name` (`bootstrap` or a blob id), as the guest
@@ -188,11 +207,17 @@ impl BlobViewFs {
             return Ok(0);
         }
         let end = blob_size.min(offset.saturating_add(size as u64));
-        let placements = self.placements(b)?;
-        let first = placements.partition_point(|&(at, len, _)| at + len as u64 <= offset);
+        let array = self.image.chunk_info_array(b)?;
+        let list = self.placements(b)?;
+        let first = list.partition_point(|&ci| {
+            array.get(ci).map_or(true, |c| {
+                c.uncompressed_offset + c.uncompressed_size as u64 <= offset
+            })
+        });
         let mut pos = offset;
         let io = |e: io::Error| Error::io("write the FUSE reply", e);
-        for &(at, len, ci) in &placements[first..] {
+        for k in first..list.len() {
+            let (at, len, ci) = self.placement(&array, &list, k)?;
             if at >= end {
                 break;
             }
