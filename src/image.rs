@@ -35,18 +35,22 @@ pub struct ImageOptions {
     pub amplify_io: u64,
 }
 
-/// A piece of a file read: a range of a cache file, verified bytes, or a hole.
-pub enum Segment {
+/// A piece of a file read, handed to the reader's sink as it is produced.
+pub enum Segment<'a> {
+    /// `len` bytes at `offset` of a cache file: a chunk whose digest was checked when it was stored, to be
+    /// copied straight from the file.
     Cached {
-        file: Arc<File>,
+        file: &'a File,
         offset: u64,
         len: usize,
     },
-    Bytes(Vec<u8>),
+    /// Verified bytes of a chunk.
+    Bytes(&'a [u8]),
+    /// A hole.
     Zeros(usize),
 }
 
-impl Segment {
+impl Segment<'_> {
     pub fn len(&self) -> usize {
         match self {
             Segment::Cached { len, .. } => *len,
@@ -223,19 +227,26 @@ impl RafsImage {
         self.meta.xattrs(&self.meta.inode(ino)?)
     }
 
-    /// The pieces that make up `[offset, offset + size)` of a regular file: ranges of cache files (served
-    /// without copying when validation is off), verified chunk bytes, and zeros for holes.
-    pub fn read_segments(&self, ino: u64, offset: u64, size: usize) -> Result<Vec<Segment>> {
+    /// Produce `[offset, offset + size)` of a regular file into `sink`, piece by piece as each chunk is
+    /// ready: ranges of cache files (when validation is off), verified chunk bytes, zeros for holes. One
+    /// chunk is held at a time, whatever `size` says; callers bound `size` by what they can take. Returns
+    /// the bytes produced (fewer than `size` only at end of file).
+    pub fn read_with(
+        &self,
+        ino: u64,
+        offset: u64,
+        size: usize,
+        sink: &mut dyn FnMut(Segment<'_>) -> Result<()>,
+    ) -> Result<usize> {
         let _user = UserRead::enter(&self.user_reads);
         let inode = self.meta.inode(ino)?;
         if !inode.is_reg() {
             return Err(Error::Invalid(format!("inode {ino} is not a regular file")));
         }
         if offset >= inode.size || size == 0 {
-            return Ok(Vec::new());
+            return Ok(0);
         }
         let end = offset + (size as u64).min(inode.size - offset);
-        let mut segments = Vec::new();
         let mut pos = offset;
         for (file_offset, addr) in self.meta.file_chunks(&inode, offset, end - offset)? {
             let info = self.resolve(&addr)?;
@@ -252,7 +263,7 @@ impl RafsImage {
                 continue;
             }
             if from > pos {
-                segments.push(Segment::Zeros((from - pos) as usize));
+                sink(Segment::Zeros((from - pos) as usize))?;
             }
             let inner = (from - file_offset) as usize;
             let len = (to - from) as usize;
@@ -264,11 +275,11 @@ impl RafsImage {
             match cached {
                 Some((file, chunk_offset)) => {
                     self.count_hit();
-                    segments.push(Segment::Cached {
-                        file,
+                    sink(Segment::Cached {
+                        file: &file,
                         offset: chunk_offset + inner as u64,
                         len,
-                    })
+                    })?;
                 }
                 None => {
                     let data = self.chunk_data(&info).map_err(|e| match e {
@@ -277,33 +288,32 @@ impl RafsImage {
                         )),
                         other => other,
                     })?;
-                    segments.push(Segment::Bytes(data[inner..inner + len].to_vec()));
+                    sink(Segment::Bytes(&data[inner..inner + len]))?;
                 }
             }
             pos = to;
         }
         if pos < end {
-            segments.push(Segment::Zeros((end - pos) as usize));
+            sink(Segment::Zeros((end - pos) as usize))?;
         }
-        Ok(segments)
+        Ok((end - offset) as usize)
     }
 
     /// Read file data at `offset` into `buf`; returns the bytes read (short only at end of file).
     pub fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<usize> {
         let mut done = 0;
-        for segment in self.read_segments(ino, offset, buf.len())? {
-            let len = segment.len();
-            let dst = &mut buf[done..done + len];
+        self.read_with(ino, offset, buf.len(), &mut |segment| {
+            let dst = &mut buf[done..done + segment.len()];
             match segment {
                 Segment::Cached { file, offset, .. } => file
                     .read_exact_at(dst, offset)
                     .map_err(|e| Error::io("read blob cache", e))?,
-                Segment::Bytes(data) => dst.copy_from_slice(&data),
+                Segment::Bytes(data) => dst.copy_from_slice(data),
                 Segment::Zeros(_) => dst.fill(0),
             }
-            done += len;
-        }
-        Ok(done)
+            done += dst.len();
+            Ok(())
+        })
     }
 
     /// Full chunk information (location, digest, CRC) for a chunk address.

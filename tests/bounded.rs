@@ -15,10 +15,14 @@ use std::path::Path;
 
 use built::{build_tree, pseudo_random, Built};
 use frontend::{Guest, Options, VirtiofsDaemon, ROOT};
+use fuse_backend_rs::abi::fuse_abi::{Opcode, ReadIn};
 use layout::{le, v5, v6};
 use manifest::{manifest_sha, sha256_hex};
+use vm_memory::ByteValued;
 
 const BIN: &str = env!("CARGO_BIN_EXE_rafsd");
+/// 4 KiB chunks, stored uncompressed: backend bytes = chunks fetched x 4096.
+const CASE_4K: &str = "v6-none-blake3-4k";
 const GOOD: &str = "v6-zstd-blake3";
 
 /// A fixture case's config: localfs over its blobs, a blob cache under `dir`, no read amplification (so
@@ -32,6 +36,82 @@ fn start(dir: &Path) -> (VirtiofsDaemon, Guest) {
     let mut g = Guest::connect(&d.sock, Options::default()).expect("vhost-user handshake");
     g.fuse_init().unwrap();
     (d, g)
+}
+
+/// `read_amount_total` of a mount's backend metrics.
+fn backend_bytes(d: &VirtiofsDaemon, mountpoint: &str) -> u64 {
+    let (status, body) = d
+        .api(
+            "GET",
+            &format!("/api/v1/metrics/backend?id={mountpoint}"),
+            "",
+        )
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["read_amount_total"].as_u64().unwrap()
+}
+
+/// FUSE_READ of `size` bytes at `offset` with a reply buffer of `reply_len` bytes, as a guest driver may
+/// send it; returns the data of a successful reply or the errno.
+fn raw_read(
+    g: &mut Guest,
+    node: u64,
+    fh: u64,
+    offset: u64,
+    size: u32,
+    reply_len: u32,
+) -> Result<Vec<u8>, i32> {
+    let a = ReadIn {
+        fh,
+        offset,
+        size,
+        flags: libc::O_RDONLY as u32,
+        ..Default::default()
+    };
+    let r = g
+        .call(Opcode::Read, node, &[a.as_slice()], reply_len)
+        .expect("an answer to the READ");
+    if r.header.error < 0 {
+        return Err(-r.header.error);
+    }
+    Ok(r.body)
+}
+
+#[test]
+fn a_read_asking_for_4_gib_with_a_4_kib_buffer_fetches_one_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, mut g) = start(dir.path());
+    let config = config(&manifest::case_blob_dir(CASE_4K), dir.path());
+    d.mount_rafs("/img", &manifest::case_bootstrap(CASE_4K), &config);
+    let node = g
+        .lookup_path(ROOT, "img/special/random-2m5")
+        .unwrap()
+        .nodeid;
+    let fh = g.open(node).unwrap().fh;
+    assert_eq!(backend_bytes(&d, "/img"), 0);
+
+    // At the start of the file, then in the middle (chunk 300 of 640).
+    let mut expected_bytes = 0;
+    for offset in [0u64, 300 * 4096 + 100] {
+        let got = raw_read(&mut g, node, fh, offset, u32::MAX, 4096)
+            .unwrap_or_else(|e| panic!("READ at {offset}: errno {e}\n{}", d.log_text()));
+        assert_eq!(got.len(), 4096, "the reply holds what its buffer holds");
+        let again = g.read(node, fh, offset, 4096).unwrap();
+        assert_eq!(got, again, "the same bytes as an ordinary 4 KiB READ");
+        // The second range straddles two chunks.
+        expected_bytes += if offset % 4096 == 0 { 4096 } else { 8192 };
+        let fetched = backend_bytes(&d, "/img");
+        assert!(
+            fetched <= expected_bytes,
+            "READ at {offset} of u32::MAX bytes into a 4 KiB buffer made the daemon fetch {fetched} bytes \
+             (the chunks under the reply are {expected_bytes})"
+        );
+    }
+    // The file still reads whole and right, and the daemon serves on.
+    let data = g.read_file(node, 128 << 10).unwrap();
+    assert_eq!(sha256_hex(&data), manifest_sha("special/random-2m5"));
+    g.release(node, fh, false).unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------------

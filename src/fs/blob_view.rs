@@ -18,7 +18,7 @@ use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, FsOptions, OpenOptions};
 use fuse_backend_rs::api::filesystem::{Context, DirEntry, Entry, FileSystem, ZeroCopyWriter};
 use fuse_backend_rs::api::BackendFileSystem;
 
-use super::{cached_entry, eno, image_statfs, CACHE_TIMEOUT};
+use super::{cached_entry, eno, image_statfs, write_zeros, CACHE_TIMEOUT};
 use crate::error::{Error, Result};
 use crate::format::blob_meta::ChunkInfoArray;
 use crate::format::{limits, MetaBytes};
@@ -250,16 +250,6 @@ impl BlobViewFs {
     }
 }
 
-fn write_zeros(w: &mut dyn Write, mut n: usize) -> io::Result<()> {
-    const ZEROS: [u8; 4096] = [0; 4096];
-    while n > 0 {
-        let k = n.min(ZEROS.len());
-        w.write_all(&ZEROS[..k])?;
-        n -= k;
-    }
-    Ok(())
-}
-
 impl FileSystem for BlobViewFs {
     type Inode = u64;
     type Handle = u64;
@@ -334,12 +324,14 @@ impl FileSystem for BlobViewFs {
         _flags: u32,
     ) -> io::Result<usize> {
         if inode == BOOTSTRAP_INO {
-            let data = self.bootstrap_range(offset, size as usize);
+            let data = self.bootstrap_range(offset, (size as usize).min(w.available_bytes()));
             w.write_all(data)?;
             return Ok(data.len());
         }
         let b = self.blob_of(inode).ok_or_else(|| eno(libc::EBADF))?;
-        self.read_blob(b, w as &mut dyn Write, offset, size as usize)
+        // The guest's size is not checked by the FUSE layer: never fetch more than the reply can carry.
+        let size = (size as usize).min(w.available_bytes());
+        self.read_blob(b, w as &mut dyn Write, offset, size)
             .map_err(|e| to_io(e, &format!("read blob {b} at {offset}+{size}")))
     }
 
