@@ -9,7 +9,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
+use crate::cache::key::cache_keys;
 use crate::cache::BlobCache;
 use crate::corrupt;
 use crate::error::{Error, Result};
@@ -33,6 +35,9 @@ pub struct ImageOptions {
     pub cache_dir: Option<PathBuf>,
     /// Widen a backend fetch to this many compressed bytes of following chunks (0 = off).
     pub amplify_io: u64,
+    /// Where the blobs come from (backend type and location, no credentials): part of the cache key of
+    /// images whose chunks carry no digest (see [`crate::cache::key`]). Empty: such images are not cached.
+    pub backend_location: String,
 }
 
 /// A piece of a file read, handed to the reader's sink as it is produced.
@@ -147,15 +152,24 @@ impl RafsImage {
         };
         let nblobs = meta.info().blobs.len();
         let cache = match &opts.cache_dir {
-            Some(dir) => match BlobCache::open(dir, &meta.info().blobs) {
-                Ok(c) => Some(Arc::new(c)),
-                Err(e) => {
-                    log::warn!(
-                        "blob cache unavailable ({e}); reading every chunk from the backend"
-                    );
-                    None
+            Some(dir) => {
+                // An image the cache could not trust is refused, not served uncached.
+                let started = Instant::now();
+                let keys = cache_keys(meta.as_ref(), &opts.backend_location)?;
+                log::info!(
+                    "blob cache: keys of {nblobs} blobs computed in {:?}",
+                    started.elapsed()
+                );
+                match BlobCache::open(dir, &meta.info().blobs, &keys) {
+                    Ok(c) => Some(Arc::new(c)),
+                    Err(e) => {
+                        log::warn!(
+                            "blob cache unavailable ({e}); reading every chunk from the backend"
+                        );
+                        None
+                    }
                 }
-            },
+            }
             None => None,
         };
         Ok(RafsImage {
@@ -249,14 +263,7 @@ impl RafsImage {
         let end = offset + (size as u64).min(inode.size - offset);
         let mut pos = offset;
         for (file_offset, addr) in self.meta.file_chunks(&inode, offset, end - offset)? {
-            let info = self.resolve(&addr)?;
-            let expected = (self.info().chunk_size as u64).min(inode.size - file_offset);
-            if self.info().version == 6 && info.uncompressed_size as u64 != expected {
-                return Err(corrupt!(
-                    "inode {ino}: chunk at file offset {file_offset} holds {} bytes, the file needs {expected}",
-                    info.uncompressed_size
-                ));
-            }
+            let info = self.file_chunk(&inode, file_offset, &addr)?;
             let from = pos.max(file_offset);
             let to = end.min(file_offset + info.uncompressed_size as u64);
             if from >= to {
@@ -316,29 +323,132 @@ impl RafsImage {
         })
     }
 
-    /// Full chunk information (location, digest, CRC) for a chunk address.
-    pub fn resolve(&self, addr: &ChunkAddr) -> Result<ChunkInfo> {
-        match addr {
+    /// The chunk at `file_offset` of a regular file, as the image records it. A v6 chunk holds exactly the
+    /// bytes the file needs there (a whole chunk, or the file's tail).
+    fn file_chunk(
+        &self,
+        inode: &InodeAttr,
+        file_offset: u64,
+        addr: &ChunkAddr,
+    ) -> Result<ChunkInfo> {
+        let need = (self.info().version == 6)
+            .then(|| (self.info().chunk_size as u64).min(inode.size - file_offset) as u32);
+        self.expected(addr, need)
+    }
+
+    /// The chunk a chunk address names, as the image's own records describe it: blob, CI index,
+    /// uncompressed offset and size, digest and CRC. Enough to find it in the cache and to check its
+    /// bytes; `locate` adds where it is stored in the blob. v5 chunk records say it all. For v6
+    /// the offset is the inode's block address and the rest comes from the bootstrap's chunk table, so a
+    /// cache hit needs nothing from the blob; without a chunk table row, the size is `need` (what the
+    /// file needs) or, without that, the blob's chunk-info array says it. A v6 chunk must hold exactly
+    /// `need` bytes.
+    fn expected(&self, addr: &ChunkAddr, need: Option<u32>) -> Result<ChunkInfo> {
+        let (blob_index, ci_index, blk_addr) = match addr {
             ChunkAddr::Full(info) => {
                 self.check_extent(info)?;
-                Ok(info.clone())
+                return Ok(info.clone());
             }
             ChunkAddr::Indexed {
                 blob_index,
                 ci_index,
                 blk_addr,
-            } => {
-                let info = self.resolve_ci(*blob_index, *ci_index)?;
-                if info.uncompressed_offset != *blk_addr as u64 * self.info().block_size as u64 {
+            } => (*blob_index, *ci_index, *blk_addr),
+        };
+        let offset = blk_addr as u64 * self.info().block_size as u64;
+        let info = match (self.meta.chunk_table_entry(blob_index, ci_index)?, need) {
+            (Some(row), need) => {
+                if row.uncompressed_offset != offset {
                     return Err(corrupt!(
-                        "blob {} chunk {ci_index}: inode says block {blk_addr}, blob meta says offset {}",
-                        self.info().blobs[*blob_index as usize].id,
-                        info.uncompressed_offset
+                        "blob {} chunk {ci_index}: the inode says block {blk_addr}, the chunk table says \
+                         offset {}",
+                        self.blob_id(blob_index),
+                        row.uncompressed_offset
                     ));
                 }
-                Ok(info)
+                if let Some(need) = need.filter(|&n| n != row.uncompressed_size) {
+                    return Err(corrupt!(
+                        "blob {} chunk {ci_index}: the chunk table says {} bytes, the file needs {need}",
+                        self.blob_id(blob_index),
+                        row.uncompressed_size
+                    ));
+                }
+                ChunkInfo {
+                    blob_index,
+                    index: ci_index,
+                    uncompressed_offset: offset,
+                    uncompressed_size: row.uncompressed_size,
+                    digest: row.digest,
+                    crc32: row.crc32,
+                    ..Default::default()
+                }
             }
+            (None, Some(size)) => ChunkInfo {
+                blob_index,
+                index: ci_index,
+                uncompressed_offset: offset,
+                uncompressed_size: size,
+                ..Default::default()
+            },
+            (None, None) => self.resolve_ci(blob_index, ci_index)?,
+        };
+        if info.uncompressed_offset != offset {
+            return Err(corrupt!(
+                "blob {} chunk {ci_index}: the inode says block {blk_addr}, the blob meta says offset {}",
+                self.blob_id(blob_index),
+                info.uncompressed_offset
+            ));
         }
+        self.check_extent(&info)?;
+        Ok(info)
+    }
+
+    /// The chunk a chunk address names, as the image's own records describe it (index, uncompressed offset
+    /// and size, digest, CRC): enough to find it in the cache. For v6 where it is stored in the blob is
+    /// left out (unless the bootstrap has no chunk table): [`Self::chunk_data`] looks that up when it must
+    /// fetch the chunk, so cache hits need nothing from the blob.
+    pub fn resolve(&self, addr: &ChunkAddr) -> Result<ChunkInfo> {
+        self.expected(addr, None)
+    }
+
+    /// `info` (as the image records it) with where its bytes are stored in the blob: v6 reads the blob's
+    /// chunk-info array, which must agree with the image on the chunk's uncompressed offset and size.
+    fn locate(&self, info: &ChunkInfo) -> Result<ChunkInfo> {
+        if self.info().version != 6 {
+            return Ok(info.clone());
+        }
+        let located = self.chunk_info_array(info.blob_index)?.get(info.index)?;
+        self.join(located, info, "the bootstrap")
+    }
+
+    /// A chunk-info array entry joined with the image's own record of that chunk (`record`, from `source`):
+    /// both must place it at the same uncompressed offset and size; the digest comes from the record, and
+    /// the record's CRC is preferred.
+    fn join(&self, mut located: ChunkInfo, record: &ChunkInfo, source: &str) -> Result<ChunkInfo> {
+        if (located.uncompressed_offset, located.uncompressed_size)
+            != (record.uncompressed_offset, record.uncompressed_size)
+        {
+            return Err(corrupt!(
+                "blob {} chunk {}: {source} says {}+{}, the blob meta says {}+{}",
+                self.blob_id(located.blob_index),
+                located.index,
+                record.uncompressed_offset,
+                record.uncompressed_size,
+                located.uncompressed_offset,
+                located.uncompressed_size
+            ));
+        }
+        located.digest = record.digest;
+        located.crc32 = record.crc32.or(located.crc32);
+        self.check_extent(&located)?;
+        Ok(located)
+    }
+
+    fn blob_id(&self, blob_index: u32) -> &str {
+        self.info()
+            .blobs
+            .get(blob_index as usize)
+            .map_or("?", |b| &b.id)
     }
 
     /// Chunk `ci_index` of v6 blob `blob_index`, checked like a chunk a file names (the blob view reads
@@ -348,23 +458,16 @@ impl RafsImage {
     }
 
     /// Chunk `ci_index` of v6 blob `blob_index`: location from the blob meta, digest and CRC from the
-    /// bootstrap's chunk table.
+    /// bootstrap's chunk table, whose offset and size the blob meta must agree with.
     fn resolve_ci(&self, blob_index: u32, ci_index: u32) -> Result<ChunkInfo> {
-        let mut info = self.chunk_info_array(blob_index)?.get(ci_index)?;
-        if let Some(row) = self.meta.chunk_table_entry(blob_index, ci_index)? {
-            if row.uncompressed_size != info.uncompressed_size {
-                return Err(corrupt!(
-                    "blob {} chunk {ci_index}: chunk table says {} bytes, blob meta says {}",
-                    self.info().blobs[blob_index as usize].id,
-                    row.uncompressed_size,
-                    info.uncompressed_size
-                ));
+        let info = self.chunk_info_array(blob_index)?.get(ci_index)?;
+        match self.meta.chunk_table_entry(blob_index, ci_index)? {
+            Some(row) => self.join(info, &row, "the chunk table"),
+            None => {
+                self.check_extent(&info)?;
+                Ok(info)
             }
-            info.digest = row.digest;
-            info.crc32 = info.crc32.or(row.crc32);
         }
-        self.check_extent(&info)?;
-        Ok(info)
     }
 
     /// A chunk must fit its blob: it becomes a cache-file offset and a backend read size.
@@ -403,13 +506,15 @@ impl RafsImage {
         Ok(())
     }
 
-    /// The verified, uncompressed bytes of one chunk: from the cache when it holds them, else from the
-    /// backend (widened by `amplify_io` to the following chunks of the blob) and then kept in the cache.
+    /// The verified, uncompressed bytes of one chunk (as [`Self::resolve`] gives it):
+    /// from the cache when it holds them, else from the backend (widened by `amplify_io` to the following
+    /// chunks of the blob) and then kept in the cache.
     pub fn chunk_data(&self, info: &ChunkInfo) -> Result<Vec<u8>> {
         let Some(cache) = &self.cache else {
+            let located = self.locate(info)?;
             return self
-                .fetch_run(std::slice::from_ref(info))
-                .map(|mut v| v.remove(0));
+                .fetch_run(std::slice::from_ref(&located))
+                .map(|mut v| v.remove(0).0);
         };
         if let Some(data) = self.cached_chunk(cache, info)? {
             return Ok(data);
@@ -420,12 +525,13 @@ impl RafsImage {
             return Ok(data);
         }
         // Not cached, or the cached copy failed verification and was dropped: fetch a verified copy.
-        let run = self.amplified_run(cache, &mut claim, info);
+        let located = self.locate(info)?;
+        let run = self.amplified_run(cache, &mut claim, &located);
         let mut fetched = self.fetch_run(&run)?;
-        for (chunk, data) in run.iter().zip(&fetched) {
-            cache.store(chunk, data);
+        for (chunk, (data, digest_checked)) in run.iter().zip(&fetched) {
+            cache.store(chunk, data, *digest_checked);
         }
-        Ok(fetched.swap_remove(0))
+        Ok(fetched.swap_remove(0).0)
     }
 
     /// A cached chunk, verified. A copy that fails verification (a damaged cache file) is logged and
@@ -435,7 +541,7 @@ impl RafsImage {
             return Ok(None);
         };
         match self.verify(info, &data) {
-            Ok(()) => {
+            Ok(_) => {
                 self.count_hit();
                 Ok(Some(data))
             }
@@ -498,13 +604,12 @@ impl RafsImage {
     }
 
     /// Fetch chunks whose compressed bytes are contiguous in one blob with one backend read; decode and
-    /// verify each.
-    fn fetch_run(&self, run: &[ChunkInfo]) -> Result<Vec<Vec<u8>>> {
+    /// verify each. Each comes with whether its digest was checked.
+    fn fetch_run(&self, run: &[ChunkInfo]) -> Result<Vec<(Vec<u8>, bool)>> {
         let first = &run[0];
         let blob = &self.info().blobs[first.blob_index as usize];
         if run.len() == 1 || first.batch.is_some() {
-            let data = self.fetch_one(first)?;
-            return Ok(vec![data]);
+            return Ok(vec![self.fetch_one(first)?]);
         }
         let last = &run[run.len() - 1];
         let len = (last.compressed_offset + last.compressed_size as u64 - first.compressed_offset)
@@ -514,8 +619,8 @@ impl RafsImage {
             .map(|c| {
                 let at = (c.compressed_offset - first.compressed_offset) as usize;
                 let data = self.decode(c, &stored[at..at + c.compressed_size as usize])?;
-                self.verify(c, &data)?;
-                Ok(data)
+                let checked = self.verify(c, &data)?;
+                Ok((data, checked))
             })
             .collect()
     }
@@ -530,7 +635,7 @@ impl RafsImage {
     }
 
     /// One chunk straight from the backend, decoded and verified.
-    fn fetch_one(&self, info: &ChunkInfo) -> Result<Vec<u8>> {
+    fn fetch_one(&self, info: &ChunkInfo) -> Result<(Vec<u8>, bool)> {
         let blob = &self.info().blobs[info.blob_index as usize];
         let data = match info.batch {
             Some((batch, inner)) => {
@@ -556,8 +661,8 @@ impl RafsImage {
                 self.decode(info, &stored)?
             }
         };
-        self.verify(info, &data)?;
-        Ok(data)
+        let checked = self.verify(info, &data)?;
+        Ok((data, checked))
     }
 
     fn decode(&self, info: &ChunkInfo, stored: &[u8]) -> Result<Vec<u8>> {
@@ -583,8 +688,10 @@ impl RafsImage {
         }
     }
 
-    /// Size, digest (when validating) and CRC32C (when recorded) of a chunk's uncompressed bytes.
-    fn verify(&self, info: &ChunkInfo, data: &[u8]) -> Result<()> {
+    /// Size, digest and CRC32C (when recorded) of a chunk's uncompressed bytes. The digest is checked when
+    /// validating (then it must be recorded) and whenever the chunk may go into a cache shared by images,
+    /// which takes nothing unchecked. Returns whether the digest was checked.
+    fn verify(&self, info: &ChunkInfo, data: &[u8]) -> Result<bool> {
         let blob = &self.info().blobs[info.blob_index as usize];
         let what = format!("blob {} chunk {}", blob.id, info.index);
         if data.len() != info.uncompressed_size as usize {
@@ -594,21 +701,31 @@ impl RafsImage {
                 info.uncompressed_size
             )));
         }
-        // Digest first when validating: it is the stronger check and names the algorithm the image chose.
-        if self.validate {
-            let want = info.digest.ok_or_else(|| {
-                Error::Integrity(format!("{what}: no digest recorded to validate against"))
-            })?;
-            let got = digest(blob.digester, data);
-            if got != want {
-                return Err(Error::Integrity(format!(
-                    "{what}: {} digest {} does not match the recorded {}",
-                    blob.digester.name(),
-                    hex(&got),
-                    hex(&want)
-                )));
-            }
+        let for_cache = self
+            .cache
+            .as_ref()
+            .is_some_and(|c| c.needs_digest(info.blob_index));
+        if self.validate && info.digest.is_none() {
+            return Err(Error::Integrity(format!(
+                "{what}: no digest recorded to validate against"
+            )));
         }
+        // Digest first: it is the stronger check and names the algorithm the image chose.
+        let checked = match info.digest {
+            Some(want) if self.validate || for_cache => {
+                let got = digest(blob.digester, data);
+                if got != want {
+                    return Err(Error::Integrity(format!(
+                        "{what}: {} digest {} does not match the recorded {}",
+                        blob.digester.name(),
+                        hex(&got),
+                        hex(&want)
+                    )));
+                }
+                true
+            }
+            _ => false,
+        };
         if let Some(want) = info.crc32 {
             let got = crc32c(data);
             if got != want {
@@ -617,16 +734,17 @@ impl RafsImage {
                 )));
             }
         }
-        Ok(())
+        Ok(checked)
     }
 
-    /// Every chunk of a regular file, resolved (for prefetch).
+    /// Every chunk of a regular file, located in its blob (for prefetch; v6 reads the blob's chunk-info
+    /// array).
     pub fn file_chunks(&self, ino: u64) -> Result<Vec<ChunkInfo>> {
         let inode = self.meta.inode(ino)?;
         self.meta
             .file_chunks(&inode, 0, inode.size)?
             .iter()
-            .map(|(_, addr)| self.resolve(addr))
+            .map(|(file_offset, addr)| self.locate(&self.file_chunk(&inode, *file_offset, addr)?))
             .collect()
     }
 
@@ -686,8 +804,8 @@ impl RafsImage {
                 i += 1;
             }
             let data = self.fetch_run(&run)?;
-            for (chunk, bytes) in run.iter().zip(&data) {
-                cache.store(chunk, bytes);
+            for (chunk, (bytes, digest_checked)) in run.iter().zip(&data) {
+                cache.store(chunk, bytes, *digest_checked);
                 fetched += chunk.compressed_size as u64;
             }
             cache

@@ -32,6 +32,7 @@ pub fn open_image(mount: &RafsMount) -> Result<Arc<RafsImage>> {
         validate: config.validate(),
         cache_dir,
         amplify_io: config.rafs.amplify_io,
+        backend_location: config.backend.location(),
     };
     let image = Arc::new(RafsImage::open(&mount.bootstrap, backend.clone(), opts)?);
     // Fail at mount time, not at the first read, when a blob is missing.

@@ -458,6 +458,52 @@ impl MetaReader for V5Meta {
         self.inode_table.1 as u64
     }
 
+    fn bytes(&self) -> &[u8] {
+        &self.data
+    }
+
+    fn has_chunk_digests(&self) -> bool {
+        true
+    }
+
+    fn chunk_records(&self, f: &mut dyn FnMut(&ChunkInfo) -> Result<()>) -> Result<()> {
+        // Each record is visited once however many slots name it, and records may not overlap: in all,
+        // no more chunk records than the bootstrap has room for.
+        let mut seen = std::collections::HashSet::new();
+        let mut budget = self.data.len() as u64 / CHUNK_SIZE;
+        for slot in 1..=self.inode_table.1 as u64 {
+            let Ok(rec) = self.slot_offset(slot).and_then(|o| self.record_at(o)) else {
+                continue; // fails when used, as without this pass
+            };
+            if !rec.attr.is_reg() || rec.child_count == 0 || !seen.insert(rec.attr.record) {
+                continue;
+            }
+            let what = format!("chunks of inode {}", rec.attr.ino);
+            let count = rec.child_count as u64;
+            budget = budget.checked_sub(count).ok_or_else(|| {
+                corrupt!("{what}: chunk records overlap (more of them than the bootstrap holds)")
+            })?;
+            let Ok(records) = self
+                .chunks_offset(&rec)
+                .and_then(|base| slice(&self.data, base, count * CHUNK_SIZE, &what))
+            else {
+                continue;
+            };
+            for e in records.chunks_exact(CHUNK_SIZE as usize) {
+                let info = chunk_record(e);
+                if info.blob_index as usize >= self.info.blobs.len() {
+                    return Err(corrupt!(
+                        "{what}: a chunk names blob {} of {}",
+                        info.blob_index,
+                        self.info.blobs.len()
+                    ));
+                }
+                f(&info)?;
+            }
+        }
+        Ok(())
+    }
+
     fn file_chunks(
         &self,
         inode: &InodeAttr,

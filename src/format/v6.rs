@@ -714,6 +714,23 @@ impl MetaReader for V6Meta {
         (self.data.len() as u64).saturating_sub(self.meta_base) / 32
     }
 
+    fn bytes(&self) -> &[u8] {
+        &self.data
+    }
+
+    fn has_chunk_digests(&self) -> bool {
+        self.chunk_table.1 > 0
+    }
+
+    fn chunk_records(&self, f: &mut dyn FnMut(&ChunkInfo) -> Result<()>) -> Result<()> {
+        let (off, size) = self.chunk_table;
+        let table = slice(&self.data, off, size, "chunk table")?;
+        for row in table.chunks_exact(CHUNK_TABLE_ENTRY_SIZE as usize) {
+            f(&super::v5::chunk_record(row))?;
+        }
+        Ok(())
+    }
+
     fn chunk_table_entry(&self, blob_index: u32, ci_index: u32) -> Result<Option<ChunkInfo>> {
         let Some(&row) = self.chunk_rows()?.get(&(blob_index, ci_index)) else {
             return Ok(None);
