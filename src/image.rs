@@ -8,8 +8,8 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::cache::key::cache_keys;
 use crate::cache::BlobCache;
@@ -102,14 +102,60 @@ pub enum MetaSource {
 /// (blob index, batch index, decompressed batch).
 type DecodedBatch = (u32, u32, Arc<Vec<u8>>);
 
+/// How long a failed chunk-info array load is remembered: readers of that blob get the error at once for
+/// this long, then the next reader loads it again. About one backend request timeout (5 s by default): an
+/// unreachable layer does not cost every reader a full round of retries, and a backend that recovers is
+/// used again within seconds.
+pub const FAILED_LOAD_RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// The chunk-info array of one v6 blob, loaded on first use by one reader while the others of that blob
+/// wait for it (readers of other blobs are not held up: no lock is kept across backend I/O).
+#[derive(Default)]
+struct BlobMetaSlot {
+    state: Mutex<LoadState>,
+    done: Condvar,
+}
+
+#[derive(Default)]
+enum LoadState {
+    #[default]
+    Idle,
+    Loading,
+    Ready(Arc<ChunkInfoArray>),
+    Failed {
+        at: Instant,
+        error: Error,
+    },
+}
+
+/// Puts a slot back to `Idle` if its loader unwinds, so waiters do not wait forever.
+struct Loading<'a>(Option<&'a BlobMetaSlot>);
+
+impl Loading<'_> {
+    fn finish(mut self, state: LoadState) {
+        if let Some(slot) = self.0.take() {
+            *slot.state.lock().unwrap_or_else(|e| e.into_inner()) = state;
+            slot.done.notify_all();
+        }
+    }
+}
+
+impl Drop for Loading<'_> {
+    fn drop(&mut self) {
+        if let Some(slot) = self.0.take() {
+            *slot.state.lock().unwrap_or_else(|e| e.into_inner()) = LoadState::Idle;
+            slot.done.notify_all();
+        }
+    }
+}
+
 pub struct RafsImage {
     meta: Box<dyn MetaReader>,
     source: MetaSource,
     backend: Arc<dyn BlobBackend>,
     validate: bool,
-    /// Decoded chunk-info arrays of v6 blobs, loaded on first use (not cached when loading fails, so a
-    /// backend that recovers is tried again).
-    blob_meta: Mutex<Vec<Option<Arc<ChunkInfoArray>>>>,
+    /// One per blob: its decoded chunk-info array (v6).
+    blob_meta: Vec<BlobMetaSlot>,
     /// The last decompressed batch: small files of one batch are usually read one after another.
     last_batch: Mutex<Option<DecodedBatch>>,
     cache: Option<Arc<BlobCache>>,
@@ -126,7 +172,8 @@ impl RafsImage {
     }
 
     /// Build an image from bootstrap bytes already in memory (used by the fuzz target and by embedders
-    /// that fetch metadata themselves).
+    /// that fetch metadata themselves). Nothing is asked of the backend: blobs are first read when a
+    /// read needs them.
     pub fn from_metadata(
         bytes: MetaBytes,
         source: MetaSource,
@@ -177,7 +224,7 @@ impl RafsImage {
             source,
             backend,
             validate: opts.validate,
-            blob_meta: Mutex::new(vec![None; nblobs]),
+            blob_meta: (0..nblobs).map(|_| BlobMetaSlot::default()).collect(),
             last_batch: Mutex::new(None),
             cache,
             amplify_io: opts.amplify_io,
@@ -869,15 +916,41 @@ impl RafsImage {
         Ok(data)
     }
 
-    /// The decoded chunk-info array of v6 blob `index`, read from the blob on first use.
+    /// The decoded chunk-info array of v6 blob `index`, read from the blob on first use. Concurrent first
+    /// readers of one blob share one load; a failed load is remembered for [`FAILED_LOAD_RETRY_AFTER`].
     pub fn chunk_info_array(&self, index: u32) -> Result<Arc<ChunkInfoArray>> {
-        let mut cache = self.blob_meta.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = cache
-            .get_mut(index as usize)
+        let slot = self
+            .blob_meta
+            .get(index as usize)
             .ok_or_else(|| corrupt!("blob index {index} does not exist"))?;
-        if let Some(arr) = slot {
-            return Ok(arr.clone());
+        let mut state = slot.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            match &*state {
+                LoadState::Ready(array) => return Ok(array.clone()),
+                LoadState::Failed { at, error } if at.elapsed() < FAILED_LOAD_RETRY_AFTER => {
+                    return Err(error.replay())
+                }
+                LoadState::Loading => {
+                    state = slot.done.wait(state).unwrap_or_else(|e| e.into_inner());
+                }
+                LoadState::Idle | LoadState::Failed { .. } => break,
+            }
         }
+        *state = LoadState::Loading;
+        drop(state);
+        let loading = Loading(Some(slot));
+        let loaded = self.load_chunk_info_array(index).map(Arc::new);
+        loading.finish(match &loaded {
+            Ok(array) => LoadState::Ready(array.clone()),
+            Err(e) => LoadState::Failed {
+                at: Instant::now(),
+                error: e.replay(),
+            },
+        });
+        loaded
+    }
+
+    fn load_chunk_info_array(&self, index: u32) -> Result<ChunkInfoArray> {
         let blob = &self.meta.info().blobs[index as usize];
         let ci = blob
             .ci
@@ -886,20 +959,20 @@ impl RafsImage {
             .compressed_size
             .checked_add(crate::format::blob_meta::CI_HEADER_SIZE)
             .ok_or_else(|| corrupt!("blob {}: chunk-info size overflows", blob.id))?;
-        let blob_size = self.backend.blob_size(&blob.id)?;
-        if ci.offset.checked_add(len).is_none_or(|end| end > blob_size) {
-            return Err(corrupt!(
-                "blob {}: chunk-info array at {}+{len} lies past the blob's {blob_size} bytes",
-                blob.id,
-                ci.offset
-            ));
-        }
+        // Its size was checked against the limits when the image was opened; the blob's own size is not
+        // asked for (a network round trip): a range past its end is a short read.
         let raw = self
             .backend
-            .read_exact_at(&blob.id, ci.offset, len as usize)?;
-        let arr = Arc::new(ChunkInfoArray::parse(blob, &ci, &raw)?);
-        *slot = Some(arr.clone());
-        Ok(arr)
+            .read_exact_at(&blob.id, ci.offset, len as usize)
+            .map_err(|e| match e {
+                Error::Corrupt(m) => corrupt!(
+                    "blob {}: chunk-info array at {}+{len} lies past the blob's end ({m})",
+                    blob.id,
+                    ci.offset
+                ),
+                other => other,
+            })?;
+        ChunkInfoArray::parse(blob, &ci, &raw)
     }
 
     /// Visit every entry below the root, depth first, parents before children. Directories are also
