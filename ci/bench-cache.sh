@@ -8,22 +8,12 @@
 # BASE_BIN: e.g. a release build of main (`git archive main | tar -x -C /tmp/base`, `cargo build --release`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-base=$(realpath "$1") rounds=${2:-5}; shift 2 || shift $#
-sources=("$@"); [ ${#sources[@]} -gt 0 ] || sources=(/usr/lib/python3.11 /usr/lib/gcc /usr/share/doc)
+base=$(realpath "$1") rounds=${2:-5}
+shift 2 || shift $#
 cargo build --release -q
 new=$PWD/target/release/rafsd
-work=$(mktemp -d /tmp/rafsd-bench-cache.XXXXXX)
-pid=
-cleanup() {
-    [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
-    mountpoint -q "$work/mnt" && umount -l "$work/mnt" || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-mkdir -p "$work/src" "$work/blobs" "$work/mnt"
-for s in "${sources[@]}"; do
-    [ -d "$s" ] && cp -a "$s" "$work/src/$(basename "$s")-$(echo "$s" | md5sum | cut -c1-6)"
-done
+. ci/lib/fuse-bench.sh
+fuse_bench_work bench-cache "$@"
 bytes=$(find "$work/src" -type f -printf '%s\n' | awk '{s+=$1} END {print s}')
 echo "source tree: $((bytes / 1048576)) MiB in $(find "$work/src" -type f | wc -l) files, digester ${DIGESTER:-blake3}"
 "$new" build "$work/src" --bootstrap "$work/bootstrap" --blob-dir "$work/blobs" --digester "${DIGESTER:-blake3}" -l warn >/dev/null
