@@ -9,21 +9,8 @@ cd "$(dirname "$0")/.."
 ci/install-deps.sh
 cargo build --release -q
 bin=$PWD/target/release/rafsd
-work=$(mktemp -d /tmp/rafsd-bench-fuse.XXXXXX)
-pid=
-cleanup() {
-    [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
-    mountpoint -q "$work/mnt" && umount -l "$work/mnt" || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-sources=("$@")
-[ ${#sources[@]} -gt 0 ] || sources=(/usr/lib/python3.11 /usr/lib/gcc /usr/share/doc)
-
-mkdir -p "$work/src" "$work/blobs" "$work/mnt"
-for s in "${sources[@]}"; do
-    [ -d "$s" ] && cp -a "$s" "$work/src/$(basename "$s")-$(echo "$s" | md5sum | cut -c1-6)"
-done
+. ci/lib/fuse-bench.sh
+fuse_bench_work bench-fuse "$@"
 bytes=$(du -sb "$work/src" | cut -f1)
 files=$(find "$work/src" -type f | wc -l)
 echo "source tree: $((bytes / 1048576)) MiB, $files files"

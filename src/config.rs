@@ -26,6 +26,40 @@ pub enum BackendConfig {
     Remote { kind: String, config: Value },
 }
 
+impl BackendConfig {
+    /// Where the blobs come from, without credentials or tuning: the backend type and the settings that
+    /// choose the location (directories, host and repository, bucket and prefix, address and path).
+    pub fn location(&self) -> String {
+        match self {
+            BackendConfig::LocalFs {
+                dir,
+                alt_dirs,
+                blob_file,
+            } => format!("localfs dir={dir:?} alt_dirs={alt_dirs:?} blob_file={blob_file:?}"),
+            BackendConfig::Remote { kind, config } => {
+                let keys = [
+                    "scheme",
+                    "host",
+                    "repo",
+                    "endpoint",
+                    "region",
+                    "bucket_name",
+                    "object_prefix",
+                    "addr",
+                    "path",
+                ];
+                let mut out = kind.clone();
+                for k in keys {
+                    if let Some(v) = config.get(k) {
+                        out.push_str(&format!(" {k}={v}"));
+                    }
+                }
+                out
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheKind {
     /// `blobcache` / `filecache`: uncompressed chunks in local files with a ready bitmap.

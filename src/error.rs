@@ -42,6 +42,25 @@ impl Error {
         }
     }
 
+    /// The same error again (a remembered failure handed to a later caller): same variant and message.
+    pub fn replay(&self) -> Error {
+        match self {
+            Error::Io { context, source } => Error::Io {
+                context: context.clone(),
+                source: match source.raw_os_error() {
+                    Some(errno) => io::Error::from_raw_os_error(errno),
+                    None => io::Error::new(source.kind(), source.to_string()),
+                },
+            },
+            Error::Corrupt(m) => Error::Corrupt(m.clone()),
+            Error::Unsupported(m) => Error::Unsupported(m.clone()),
+            Error::Integrity(m) => Error::Integrity(m.clone()),
+            Error::Invalid(m) => Error::Invalid(m.clone()),
+            Error::NotFound(m) => Error::NotFound(m.clone()),
+            Error::Forbidden(m) => Error::Forbidden(m.clone()),
+        }
+    }
+
     /// The errno a filesystem front end answers with. Damaged or unverifiable data is EIO, never bytes.
     pub fn errno(&self) -> i32 {
         match self {

@@ -8,8 +8,10 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
+use crate::cache::key::cache_keys;
 use crate::cache::BlobCache;
 use crate::corrupt;
 use crate::error::{Error, Result};
@@ -33,20 +35,27 @@ pub struct ImageOptions {
     pub cache_dir: Option<PathBuf>,
     /// Widen a backend fetch to this many compressed bytes of following chunks (0 = off).
     pub amplify_io: u64,
+    /// Where the blobs come from (backend type and location, no credentials): part of the cache key of
+    /// images whose chunks carry no digest (see [`crate::cache::key`]). Empty: such images are not cached.
+    pub backend_location: String,
 }
 
-/// A piece of a file read: a range of a cache file, verified bytes, or a hole.
-pub enum Segment {
+/// A piece of a file read, handed to the reader's sink as it is produced.
+pub enum Segment<'a> {
+    /// `len` bytes at `offset` of a cache file: a chunk whose digest was checked when it was stored, to be
+    /// copied straight from the file.
     Cached {
-        file: Arc<File>,
+        file: &'a File,
         offset: u64,
         len: usize,
     },
-    Bytes(Vec<u8>),
+    /// Verified bytes of a chunk.
+    Bytes(&'a [u8]),
+    /// A hole.
     Zeros(usize),
 }
 
-impl Segment {
+impl Segment<'_> {
     pub fn len(&self) -> usize {
         match self {
             Segment::Cached { len, .. } => *len,
@@ -93,14 +102,60 @@ pub enum MetaSource {
 /// (blob index, batch index, decompressed batch).
 type DecodedBatch = (u32, u32, Arc<Vec<u8>>);
 
+/// How long a failed chunk-info array load is remembered: readers of that blob get the error at once for
+/// this long, then the next reader loads it again. About one backend request timeout (5 s by default): an
+/// unreachable layer does not cost every reader a full round of retries, and a backend that recovers is
+/// used again within seconds.
+pub const FAILED_LOAD_RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// The chunk-info array of one v6 blob, loaded on first use by one reader while the others of that blob
+/// wait for it (readers of other blobs are not held up: no lock is kept across backend I/O).
+#[derive(Default)]
+struct BlobMetaSlot {
+    state: Mutex<LoadState>,
+    done: Condvar,
+}
+
+#[derive(Default)]
+enum LoadState {
+    #[default]
+    Idle,
+    Loading,
+    Ready(Arc<ChunkInfoArray>),
+    Failed {
+        at: Instant,
+        error: Error,
+    },
+}
+
+/// Puts a slot back to `Idle` if its loader unwinds, so waiters do not wait forever.
+struct Loading<'a>(Option<&'a BlobMetaSlot>);
+
+impl Loading<'_> {
+    fn finish(mut self, state: LoadState) {
+        if let Some(slot) = self.0.take() {
+            *slot.state.lock().unwrap_or_else(|e| e.into_inner()) = state;
+            slot.done.notify_all();
+        }
+    }
+}
+
+impl Drop for Loading<'_> {
+    fn drop(&mut self) {
+        if let Some(slot) = self.0.take() {
+            *slot.state.lock().unwrap_or_else(|e| e.into_inner()) = LoadState::Idle;
+            slot.done.notify_all();
+        }
+    }
+}
+
 pub struct RafsImage {
     meta: Box<dyn MetaReader>,
     source: MetaSource,
     backend: Arc<dyn BlobBackend>,
     validate: bool,
-    /// Decoded chunk-info arrays of v6 blobs, loaded on first use (not cached when loading fails, so a
-    /// backend that recovers is tried again).
-    blob_meta: Mutex<Vec<Option<Arc<ChunkInfoArray>>>>,
+    /// One per blob: its decoded chunk-info array (v6).
+    blob_meta: Vec<BlobMetaSlot>,
     /// The last decompressed batch: small files of one batch are usually read one after another.
     last_batch: Mutex<Option<DecodedBatch>>,
     cache: Option<Arc<BlobCache>>,
@@ -117,7 +172,8 @@ impl RafsImage {
     }
 
     /// Build an image from bootstrap bytes already in memory (used by the fuzz target and by embedders
-    /// that fetch metadata themselves).
+    /// that fetch metadata themselves). Nothing is asked of the backend: blobs are first read when a
+    /// read needs them.
     pub fn from_metadata(
         bytes: MetaBytes,
         source: MetaSource,
@@ -143,15 +199,24 @@ impl RafsImage {
         };
         let nblobs = meta.info().blobs.len();
         let cache = match &opts.cache_dir {
-            Some(dir) => match BlobCache::open(dir, &meta.info().blobs) {
-                Ok(c) => Some(Arc::new(c)),
-                Err(e) => {
-                    log::warn!(
-                        "blob cache unavailable ({e}); reading every chunk from the backend"
-                    );
-                    None
+            Some(dir) => {
+                // An image the cache could not trust is refused, not served uncached.
+                let started = Instant::now();
+                let keys = cache_keys(meta.as_ref(), &opts.backend_location)?;
+                log::info!(
+                    "blob cache: keys of {nblobs} blobs computed in {:?}",
+                    started.elapsed()
+                );
+                match BlobCache::open(dir, &meta.info().blobs, &keys) {
+                    Ok(c) => Some(Arc::new(c)),
+                    Err(e) => {
+                        log::warn!(
+                            "blob cache unavailable ({e}); reading every chunk from the backend"
+                        );
+                        None
+                    }
                 }
-            },
+            }
             None => None,
         };
         Ok(RafsImage {
@@ -159,7 +224,7 @@ impl RafsImage {
             source,
             backend,
             validate: opts.validate,
-            blob_meta: Mutex::new(vec![None; nblobs]),
+            blob_meta: (0..nblobs).map(|_| BlobMetaSlot::default()).collect(),
             last_batch: Mutex::new(None),
             cache,
             amplify_io: opts.amplify_io,
@@ -223,36 +288,36 @@ impl RafsImage {
         self.meta.xattrs(&self.meta.inode(ino)?)
     }
 
-    /// The pieces that make up `[offset, offset + size)` of a regular file: ranges of cache files (served
-    /// without copying when validation is off), verified chunk bytes, and zeros for holes.
-    pub fn read_segments(&self, ino: u64, offset: u64, size: usize) -> Result<Vec<Segment>> {
+    /// Produce `[offset, offset + size)` of a regular file into `sink`, piece by piece as each chunk is
+    /// ready: ranges of cache files (when validation is off), verified chunk bytes, zeros for holes. One
+    /// chunk is held at a time, whatever `size` says; callers bound `size` by what they can take. Returns
+    /// the bytes produced (fewer than `size` only at end of file).
+    pub fn read_with(
+        &self,
+        ino: u64,
+        offset: u64,
+        size: usize,
+        sink: &mut dyn FnMut(Segment<'_>) -> Result<()>,
+    ) -> Result<usize> {
         let _user = UserRead::enter(&self.user_reads);
         let inode = self.meta.inode(ino)?;
         if !inode.is_reg() {
             return Err(Error::Invalid(format!("inode {ino} is not a regular file")));
         }
         if offset >= inode.size || size == 0 {
-            return Ok(Vec::new());
+            return Ok(0);
         }
         let end = offset + (size as u64).min(inode.size - offset);
-        let mut segments = Vec::new();
         let mut pos = offset;
         for (file_offset, addr) in self.meta.file_chunks(&inode, offset, end - offset)? {
-            let info = self.resolve(&addr)?;
-            let expected = (self.info().chunk_size as u64).min(inode.size - file_offset);
-            if self.info().version == 6 && info.uncompressed_size as u64 != expected {
-                return Err(corrupt!(
-                    "inode {ino}: chunk at file offset {file_offset} holds {} bytes, the file needs {expected}",
-                    info.uncompressed_size
-                ));
-            }
+            let info = self.file_chunk(&inode, file_offset, &addr)?;
             let from = pos.max(file_offset);
             let to = end.min(file_offset + info.uncompressed_size as u64);
             if from >= to {
                 continue;
             }
             if from > pos {
-                segments.push(Segment::Zeros((from - pos) as usize));
+                sink(Segment::Zeros((from - pos) as usize))?;
             }
             let inner = (from - file_offset) as usize;
             let len = (to - from) as usize;
@@ -264,11 +329,11 @@ impl RafsImage {
             match cached {
                 Some((file, chunk_offset)) => {
                     self.count_hit();
-                    segments.push(Segment::Cached {
-                        file,
+                    sink(Segment::Cached {
+                        file: &file,
                         offset: chunk_offset + inner as u64,
                         len,
-                    })
+                    })?;
                 }
                 None => {
                     let data = self.chunk_data(&info).map_err(|e| match e {
@@ -277,58 +342,160 @@ impl RafsImage {
                         )),
                         other => other,
                     })?;
-                    segments.push(Segment::Bytes(data[inner..inner + len].to_vec()));
+                    sink(Segment::Bytes(&data[inner..inner + len]))?;
                 }
             }
             pos = to;
         }
         if pos < end {
-            segments.push(Segment::Zeros((end - pos) as usize));
+            sink(Segment::Zeros((end - pos) as usize))?;
         }
-        Ok(segments)
+        Ok((end - offset) as usize)
     }
 
     /// Read file data at `offset` into `buf`; returns the bytes read (short only at end of file).
     pub fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<usize> {
         let mut done = 0;
-        for segment in self.read_segments(ino, offset, buf.len())? {
-            let len = segment.len();
-            let dst = &mut buf[done..done + len];
+        self.read_with(ino, offset, buf.len(), &mut |segment| {
+            let dst = &mut buf[done..done + segment.len()];
             match segment {
                 Segment::Cached { file, offset, .. } => file
                     .read_exact_at(dst, offset)
                     .map_err(|e| Error::io("read blob cache", e))?,
-                Segment::Bytes(data) => dst.copy_from_slice(&data),
+                Segment::Bytes(data) => dst.copy_from_slice(data),
                 Segment::Zeros(_) => dst.fill(0),
             }
-            done += len;
-        }
-        Ok(done)
+            done += dst.len();
+            Ok(())
+        })
     }
 
-    /// Full chunk information (location, digest, CRC) for a chunk address.
-    pub fn resolve(&self, addr: &ChunkAddr) -> Result<ChunkInfo> {
-        match addr {
+    /// The chunk at `file_offset` of a regular file, as the image records it. A v6 chunk holds exactly the
+    /// bytes the file needs there (a whole chunk, or the file's tail).
+    fn file_chunk(
+        &self,
+        inode: &InodeAttr,
+        file_offset: u64,
+        addr: &ChunkAddr,
+    ) -> Result<ChunkInfo> {
+        let need = (self.info().version == 6)
+            .then(|| (self.info().chunk_size as u64).min(inode.size - file_offset) as u32);
+        self.expected(addr, need)
+    }
+
+    /// The chunk a chunk address names, as the image's own records describe it: blob, CI index,
+    /// uncompressed offset and size, digest and CRC. Enough to find it in the cache and to check its
+    /// bytes; `locate` adds where it is stored in the blob. v5 chunk records say it all. For v6
+    /// the offset is the inode's block address and the rest comes from the bootstrap's chunk table, so a
+    /// cache hit needs nothing from the blob; without a chunk table row, the size is `need` (what the
+    /// file needs) or, without that, the blob's chunk-info array says it. A v6 chunk must hold exactly
+    /// `need` bytes.
+    fn expected(&self, addr: &ChunkAddr, need: Option<u32>) -> Result<ChunkInfo> {
+        let (blob_index, ci_index, blk_addr) = match addr {
             ChunkAddr::Full(info) => {
                 self.check_extent(info)?;
-                Ok(info.clone())
+                return Ok(info.clone());
             }
             ChunkAddr::Indexed {
                 blob_index,
                 ci_index,
                 blk_addr,
-            } => {
-                let info = self.resolve_ci(*blob_index, *ci_index)?;
-                if info.uncompressed_offset != *blk_addr as u64 * self.info().block_size as u64 {
+            } => (*blob_index, *ci_index, *blk_addr),
+        };
+        let offset = blk_addr as u64 * self.info().block_size as u64;
+        let info = match (self.meta.chunk_table_entry(blob_index, ci_index)?, need) {
+            (Some(row), need) => {
+                if row.uncompressed_offset != offset {
                     return Err(corrupt!(
-                        "blob {} chunk {ci_index}: inode says block {blk_addr}, blob meta says offset {}",
-                        self.info().blobs[*blob_index as usize].id,
-                        info.uncompressed_offset
+                        "blob {} chunk {ci_index}: the inode says block {blk_addr}, the chunk table says \
+                         offset {}",
+                        self.blob_id(blob_index),
+                        row.uncompressed_offset
                     ));
                 }
-                Ok(info)
+                if let Some(need) = need.filter(|&n| n != row.uncompressed_size) {
+                    return Err(corrupt!(
+                        "blob {} chunk {ci_index}: the chunk table says {} bytes, the file needs {need}",
+                        self.blob_id(blob_index),
+                        row.uncompressed_size
+                    ));
+                }
+                ChunkInfo {
+                    blob_index,
+                    index: ci_index,
+                    uncompressed_offset: offset,
+                    uncompressed_size: row.uncompressed_size,
+                    digest: row.digest,
+                    crc32: row.crc32,
+                    ..Default::default()
+                }
             }
+            (None, Some(size)) => ChunkInfo {
+                blob_index,
+                index: ci_index,
+                uncompressed_offset: offset,
+                uncompressed_size: size,
+                ..Default::default()
+            },
+            (None, None) => self.resolve_ci(blob_index, ci_index)?,
+        };
+        if info.uncompressed_offset != offset {
+            return Err(corrupt!(
+                "blob {} chunk {ci_index}: the inode says block {blk_addr}, the blob meta says offset {}",
+                self.blob_id(blob_index),
+                info.uncompressed_offset
+            ));
         }
+        self.check_extent(&info)?;
+        Ok(info)
+    }
+
+    /// The chunk a chunk address names, as the image's own records describe it (index, uncompressed offset
+    /// and size, digest, CRC): enough to find it in the cache. For v6 where it is stored in the blob is
+    /// left out (unless the bootstrap has no chunk table): [`Self::chunk_data`] looks that up when it must
+    /// fetch the chunk, so cache hits need nothing from the blob.
+    pub fn resolve(&self, addr: &ChunkAddr) -> Result<ChunkInfo> {
+        self.expected(addr, None)
+    }
+
+    /// `info` (as the image records it) with where its bytes are stored in the blob: v6 reads the blob's
+    /// chunk-info array, which must agree with the image on the chunk's uncompressed offset and size.
+    fn locate(&self, info: &ChunkInfo) -> Result<ChunkInfo> {
+        if self.info().version != 6 {
+            return Ok(info.clone());
+        }
+        let located = self.chunk_info_array(info.blob_index)?.get(info.index)?;
+        self.join(located, info, "the bootstrap")
+    }
+
+    /// A chunk-info array entry joined with the image's own record of that chunk (`record`, from `source`):
+    /// both must place it at the same uncompressed offset and size; the digest comes from the record, and
+    /// the record's CRC is preferred.
+    fn join(&self, mut located: ChunkInfo, record: &ChunkInfo, source: &str) -> Result<ChunkInfo> {
+        if (located.uncompressed_offset, located.uncompressed_size)
+            != (record.uncompressed_offset, record.uncompressed_size)
+        {
+            return Err(corrupt!(
+                "blob {} chunk {}: {source} says {}+{}, the blob meta says {}+{}",
+                self.blob_id(located.blob_index),
+                located.index,
+                record.uncompressed_offset,
+                record.uncompressed_size,
+                located.uncompressed_offset,
+                located.uncompressed_size
+            ));
+        }
+        located.digest = record.digest;
+        located.crc32 = record.crc32.or(located.crc32);
+        self.check_extent(&located)?;
+        Ok(located)
+    }
+
+    fn blob_id(&self, blob_index: u32) -> &str {
+        self.info()
+            .blobs
+            .get(blob_index as usize)
+            .map_or("?", |b| &b.id)
     }
 
     /// Chunk `ci_index` of v6 blob `blob_index`, checked like a chunk a file names (the blob view reads
@@ -338,23 +505,16 @@ impl RafsImage {
     }
 
     /// Chunk `ci_index` of v6 blob `blob_index`: location from the blob meta, digest and CRC from the
-    /// bootstrap's chunk table.
+    /// bootstrap's chunk table, whose offset and size the blob meta must agree with.
     fn resolve_ci(&self, blob_index: u32, ci_index: u32) -> Result<ChunkInfo> {
-        let mut info = self.chunk_info_array(blob_index)?.get(ci_index)?;
-        if let Some(row) = self.meta.chunk_table_entry(blob_index, ci_index)? {
-            if row.uncompressed_size != info.uncompressed_size {
-                return Err(corrupt!(
-                    "blob {} chunk {ci_index}: chunk table says {} bytes, blob meta says {}",
-                    self.info().blobs[blob_index as usize].id,
-                    row.uncompressed_size,
-                    info.uncompressed_size
-                ));
+        let info = self.chunk_info_array(blob_index)?.get(ci_index)?;
+        match self.meta.chunk_table_entry(blob_index, ci_index)? {
+            Some(row) => self.join(info, &row, "the chunk table"),
+            None => {
+                self.check_extent(&info)?;
+                Ok(info)
             }
-            info.digest = row.digest;
-            info.crc32 = info.crc32.or(row.crc32);
         }
-        self.check_extent(&info)?;
-        Ok(info)
     }
 
     /// A chunk must fit its blob: it becomes a cache-file offset and a backend read size.
@@ -393,13 +553,15 @@ impl RafsImage {
         Ok(())
     }
 
-    /// The verified, uncompressed bytes of one chunk: from the cache when it holds them, else from the
-    /// backend (widened by `amplify_io` to the following chunks of the blob) and then kept in the cache.
+    /// The verified, uncompressed bytes of one chunk (as [`Self::resolve`] gives it):
+    /// from the cache when it holds them, else from the backend (widened by `amplify_io` to the following
+    /// chunks of the blob) and then kept in the cache.
     pub fn chunk_data(&self, info: &ChunkInfo) -> Result<Vec<u8>> {
         let Some(cache) = &self.cache else {
+            let located = self.locate(info)?;
             return self
-                .fetch_run(std::slice::from_ref(info))
-                .map(|mut v| v.remove(0));
+                .fetch_run(std::slice::from_ref(&located))
+                .map(|mut v| v.remove(0).0);
         };
         if let Some(data) = self.cached_chunk(cache, info)? {
             return Ok(data);
@@ -410,12 +572,13 @@ impl RafsImage {
             return Ok(data);
         }
         // Not cached, or the cached copy failed verification and was dropped: fetch a verified copy.
-        let run = self.amplified_run(cache, &mut claim, info);
+        let located = self.locate(info)?;
+        let run = self.amplified_run(cache, &mut claim, &located);
         let mut fetched = self.fetch_run(&run)?;
-        for (chunk, data) in run.iter().zip(&fetched) {
-            cache.store(chunk, data);
+        for (chunk, (data, digest_checked)) in run.iter().zip(&fetched) {
+            cache.store(chunk, data, *digest_checked);
         }
-        Ok(fetched.swap_remove(0))
+        Ok(fetched.swap_remove(0).0)
     }
 
     /// A cached chunk, verified. A copy that fails verification (a damaged cache file) is logged and
@@ -425,7 +588,7 @@ impl RafsImage {
             return Ok(None);
         };
         match self.verify(info, &data) {
-            Ok(()) => {
+            Ok(_) => {
                 self.count_hit();
                 Ok(Some(data))
             }
@@ -492,13 +655,12 @@ impl RafsImage {
     }
 
     /// Fetch chunks whose compressed bytes are contiguous in one blob with one backend read; decode and
-    /// verify each.
-    fn fetch_run(&self, run: &[ChunkInfo]) -> Result<Vec<Vec<u8>>> {
+    /// verify each. Each comes with whether its digest was checked.
+    fn fetch_run(&self, run: &[ChunkInfo]) -> Result<Vec<(Vec<u8>, bool)>> {
         let first = &run[0];
         let blob = &self.info().blobs[first.blob_index as usize];
         if run.len() == 1 || first.batch.is_some() {
-            let data = self.fetch_one(first)?;
-            return Ok(vec![data]);
+            return Ok(vec![self.fetch_one(first)?]);
         }
         let last = &run[run.len() - 1];
         let len = (last.compressed_offset + last.compressed_size as u64 - first.compressed_offset)
@@ -508,8 +670,8 @@ impl RafsImage {
             .map(|c| {
                 let at = (c.compressed_offset - first.compressed_offset) as usize;
                 let data = self.decode(c, &stored[at..at + c.compressed_size as usize])?;
-                self.verify(c, &data)?;
-                Ok(data)
+                let checked = self.verify(c, &data)?;
+                Ok((data, checked))
             })
             .collect()
     }
@@ -524,7 +686,7 @@ impl RafsImage {
     }
 
     /// One chunk straight from the backend, decoded and verified.
-    fn fetch_one(&self, info: &ChunkInfo) -> Result<Vec<u8>> {
+    fn fetch_one(&self, info: &ChunkInfo) -> Result<(Vec<u8>, bool)> {
         let blob = &self.info().blobs[info.blob_index as usize];
         let data = match info.batch {
             Some((batch, inner)) => {
@@ -550,8 +712,8 @@ impl RafsImage {
                 self.decode(info, &stored)?
             }
         };
-        self.verify(info, &data)?;
-        Ok(data)
+        let checked = self.verify(info, &data)?;
+        Ok((data, checked))
     }
 
     fn decode(&self, info: &ChunkInfo, stored: &[u8]) -> Result<Vec<u8>> {
@@ -577,8 +739,10 @@ impl RafsImage {
         }
     }
 
-    /// Size, digest (when validating) and CRC32C (when recorded) of a chunk's uncompressed bytes.
-    fn verify(&self, info: &ChunkInfo, data: &[u8]) -> Result<()> {
+    /// Size, digest and CRC32C (when recorded) of a chunk's uncompressed bytes. The digest is checked when
+    /// validating (then it must be recorded) and whenever the chunk may go into a cache shared by images,
+    /// which takes nothing unchecked. Returns whether the digest was checked.
+    fn verify(&self, info: &ChunkInfo, data: &[u8]) -> Result<bool> {
         let blob = &self.info().blobs[info.blob_index as usize];
         let what = format!("blob {} chunk {}", blob.id, info.index);
         if data.len() != info.uncompressed_size as usize {
@@ -588,21 +752,31 @@ impl RafsImage {
                 info.uncompressed_size
             )));
         }
-        // Digest first when validating: it is the stronger check and names the algorithm the image chose.
-        if self.validate {
-            let want = info.digest.ok_or_else(|| {
-                Error::Integrity(format!("{what}: no digest recorded to validate against"))
-            })?;
-            let got = digest(blob.digester, data);
-            if got != want {
-                return Err(Error::Integrity(format!(
-                    "{what}: {} digest {} does not match the recorded {}",
-                    blob.digester.name(),
-                    hex(&got),
-                    hex(&want)
-                )));
-            }
+        let for_cache = self
+            .cache
+            .as_ref()
+            .is_some_and(|c| c.needs_digest(info.blob_index));
+        if self.validate && info.digest.is_none() {
+            return Err(Error::Integrity(format!(
+                "{what}: no digest recorded to validate against"
+            )));
         }
+        // Digest first: it is the stronger check and names the algorithm the image chose.
+        let checked = match info.digest {
+            Some(want) if self.validate || for_cache => {
+                let got = digest(blob.digester, data);
+                if got != want {
+                    return Err(Error::Integrity(format!(
+                        "{what}: {} digest {} does not match the recorded {}",
+                        blob.digester.name(),
+                        hex(&got),
+                        hex(&want)
+                    )));
+                }
+                true
+            }
+            _ => false,
+        };
         if let Some(want) = info.crc32 {
             let got = crc32c(data);
             if got != want {
@@ -611,16 +785,17 @@ impl RafsImage {
                 )));
             }
         }
-        Ok(())
+        Ok(checked)
     }
 
-    /// Every chunk of a regular file, resolved (for prefetch).
+    /// Every chunk of a regular file, located in its blob (for prefetch; v6 reads the blob's chunk-info
+    /// array).
     pub fn file_chunks(&self, ino: u64) -> Result<Vec<ChunkInfo>> {
         let inode = self.meta.inode(ino)?;
         self.meta
             .file_chunks(&inode, 0, inode.size)?
             .iter()
-            .map(|(_, addr)| self.resolve(addr))
+            .map(|(file_offset, addr)| self.locate(&self.file_chunk(&inode, *file_offset, addr)?))
             .collect()
     }
 
@@ -680,8 +855,8 @@ impl RafsImage {
                 i += 1;
             }
             let data = self.fetch_run(&run)?;
-            for (chunk, bytes) in run.iter().zip(&data) {
-                cache.store(chunk, bytes);
+            for (chunk, (bytes, digest_checked)) in run.iter().zip(&data) {
+                cache.store(chunk, bytes, *digest_checked);
                 fetched += chunk.compressed_size as u64;
             }
             cache
@@ -745,15 +920,41 @@ impl RafsImage {
         Ok(data)
     }
 
-    /// The decoded chunk-info array of v6 blob `index`, read from the blob on first use.
+    /// The decoded chunk-info array of v6 blob `index`, read from the blob on first use. Concurrent first
+    /// readers of one blob share one load; a failed load is remembered for [`FAILED_LOAD_RETRY_AFTER`].
     pub fn chunk_info_array(&self, index: u32) -> Result<Arc<ChunkInfoArray>> {
-        let mut cache = self.blob_meta.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = cache
-            .get_mut(index as usize)
+        let slot = self
+            .blob_meta
+            .get(index as usize)
             .ok_or_else(|| corrupt!("blob index {index} does not exist"))?;
-        if let Some(arr) = slot {
-            return Ok(arr.clone());
+        let mut state = slot.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            match &*state {
+                LoadState::Ready(array) => return Ok(array.clone()),
+                LoadState::Failed { at, error } if at.elapsed() < FAILED_LOAD_RETRY_AFTER => {
+                    return Err(error.replay())
+                }
+                LoadState::Loading => {
+                    state = slot.done.wait(state).unwrap_or_else(|e| e.into_inner());
+                }
+                LoadState::Idle | LoadState::Failed { .. } => break,
+            }
         }
+        *state = LoadState::Loading;
+        drop(state);
+        let loading = Loading(Some(slot));
+        let loaded = self.load_chunk_info_array(index).map(Arc::new);
+        loading.finish(match &loaded {
+            Ok(array) => LoadState::Ready(array.clone()),
+            Err(e) => LoadState::Failed {
+                at: Instant::now(),
+                error: e.replay(),
+            },
+        });
+        loaded
+    }
+
+    fn load_chunk_info_array(&self, index: u32) -> Result<ChunkInfoArray> {
         let blob = &self.meta.info().blobs[index as usize];
         let ci = blob
             .ci
@@ -762,20 +963,20 @@ impl RafsImage {
             .compressed_size
             .checked_add(crate::format::blob_meta::CI_HEADER_SIZE)
             .ok_or_else(|| corrupt!("blob {}: chunk-info size overflows", blob.id))?;
-        let blob_size = self.backend.blob_size(&blob.id)?;
-        if ci.offset.checked_add(len).is_none_or(|end| end > blob_size) {
-            return Err(corrupt!(
-                "blob {}: chunk-info array at {}+{len} lies past the blob's {blob_size} bytes",
-                blob.id,
-                ci.offset
-            ));
-        }
+        // Its size was checked against the limits when the image was opened; the blob's own size is not
+        // asked for (a network round trip): a range past its end is a short read.
         let raw = self
             .backend
-            .read_exact_at(&blob.id, ci.offset, len as usize)?;
-        let arr = Arc::new(ChunkInfoArray::parse(blob, &ci, &raw)?);
-        *slot = Some(arr.clone());
-        Ok(arr)
+            .read_exact_at(&blob.id, ci.offset, len as usize)
+            .map_err(|e| match e {
+                Error::Corrupt(m) => corrupt!(
+                    "blob {}: chunk-info array at {}+{len} lies past the blob's end ({m})",
+                    blob.id,
+                    ci.offset
+                ),
+                other => other,
+            })?;
+        ChunkInfoArray::parse(blob, &ci, &raw)
     }
 
     /// Visit every entry below the root, depth first, parents before children. Directories are also

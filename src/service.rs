@@ -20,7 +20,7 @@ pub struct RafsMount {
     pub prefetch_files: Vec<String>,
 }
 
-/// Open the image with the mount's backend and cache, and check its blobs are reachable.
+/// Open the image with the mount's backend and cache (and check that local blobs are there).
 pub fn open_image(mount: &RafsMount) -> Result<Arc<RafsImage>> {
     let config = &mount.config;
     let backend = backend_from_config(&config.backend)?;
@@ -32,22 +32,27 @@ pub fn open_image(mount: &RafsMount) -> Result<Arc<RafsImage>> {
         validate: config.validate(),
         cache_dir,
         amplify_io: config.rafs.amplify_io,
+        backend_location: config.backend.location(),
     };
     let image = Arc::new(RafsImage::open(&mount.bootstrap, backend.clone(), opts)?);
-    // Fail at mount time, not at the first read, when a blob is missing.
-    for blob in &image.info().blobs {
-        backend.blob_size(&blob.id).map_err(|e| match e {
-            Error::NotFound(m) => Error::NotFound(format!(
-                "data {m} (needed by {})",
-                mount.bootstrap.display()
-            )),
-            other => other,
-        })?;
+    // A missing local blob fails the mount, not the first read. Network backends are not asked: a mount
+    // must not need the network (an unreachable registry or an expired token would fail container start
+    // even with every chunk in the cache); a missing blob is an error at the first read that needs it.
+    if !backend.is_remote() {
+        for blob in &image.info().blobs {
+            backend.blob_size(&blob.id).map_err(|e| match e {
+                Error::NotFound(m) => Error::NotFound(format!(
+                    "data {m} (needed by {})",
+                    mount.bootstrap.display()
+                )),
+                other => other,
+            })?;
+        }
     }
     Ok(image)
 }
 
-/// Open the image, check its blobs are reachable, and start prefetch if configured.
+/// Open the image and start prefetch if configured.
 pub fn build_rafs(mount: &RafsMount) -> Result<RafsFs> {
     let config = &mount.config;
     let image = open_image(mount)?;

@@ -167,9 +167,11 @@ fn mount_remount_and_unmount_while_running() {
     let (status, cache_metrics) =
         v.call("GET", "/api/v1/metrics/blobcache?id=/rafs/c2/lowerdir", "");
     assert_eq!(status, 200);
+    // `<blob id>.<cache key>.blob.data`
     assert!(
         cache_metrics
-            .contains("06d5431df82a7f75ff2cd9c9989b603df88f65fe5db4000536806db10240ebea.blob.data"),
+            .contains("\"06d5431df82a7f75ff2cd9c9989b603df88f65fe5db4000536806db10240ebea.")
+            && cache_metrics.contains(".blob.data\""),
         "{cache_metrics}"
     );
     assert_eq!(

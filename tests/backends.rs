@@ -4,7 +4,9 @@
 //! 429s, resets, truncated bodies, wrong lengths and stalls. Images are mounted with real FUSE daemons and
 //! compared with manifest.tsv. Needs root (mounting) and the packages of ci/install-deps.sh.
 
+mod built;
 mod daemon;
+mod layout;
 mod manifest;
 mod services;
 
@@ -13,6 +15,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use built::pseudo_random;
 use daemon::{run_bounded, Daemon};
 use rafsd::storage::http::{HttpSettings, Keys, RemoteBackend};
 use rafsd::storage::registry::Registry;
@@ -37,21 +40,6 @@ fn registry_backend(cfg: serde_json::Value) -> RemoteBackend<Registry> {
         HttpSettings::from_keys(&keys).unwrap(),
     )
     .unwrap()
-}
-
-/// Deterministic incompressible bytes (splitmix64).
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = x;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 /// Blob bytes the registry sent, from its access log (combined format: `"GET ..." status size`).
@@ -114,22 +102,6 @@ fn mount(dir: &Path, config: &Path, bootstrap: &Path) -> Daemon {
         ],
         &dir.join("mnt"),
         &dir.join("rafsd.log"),
-    )
-}
-
-/// `rafsd fuse` run to its end (a mount meant to fail), bounded to 20 s: (exit code, output).
-fn fuse_bounded(config: &Path, bootstrap: &Path, mountpoint: &Path) -> (Option<i32>, String) {
-    run_bounded(
-        &[
-            "fuse".as_ref(),
-            "--config".as_ref(),
-            config.as_os_str(),
-            "--bootstrap".as_ref(),
-            bootstrap.as_os_str(),
-            "--mountpoint".as_ref(),
-            mountpoint.as_os_str(),
-        ],
-        Duration::from_secs(20),
     )
 }
 
@@ -495,7 +467,7 @@ fn registry_with_htpasswd_serves_images_that_match_the_manifest() {
         &access[access.len().saturating_sub(2000)..]
     );
 
-    // A wrong password is refused at mount time with a clear message, in bounded time.
+    // A wrong password: the mount does not ask the registry, the first read is refused with a clear message.
     let cdir = dir.path().join("bad");
     std::fs::create_dir_all(&cdir).unwrap();
     let config = net_config(
@@ -504,12 +476,25 @@ fn registry_with_htpasswd_serves_images_that_match_the_manifest() {
         json!({"scheme": "http", "host": format!("127.0.0.1:{}", reg.port), "repo": REPO,
                "auth": services::basic_auth("alice", "nope")}),
     );
-    std::fs::create_dir_all(cdir.join("mnt")).unwrap();
-    let bootstrap = manifest::case_bootstrap("v6-zstd-blake3");
-    let (code, out) = fuse_bounded(&config, &bootstrap, &cdir.join("mnt"));
-    assert!(code.is_some_and(|c| c != 0), "{code:?}: {out}");
-    assert!(out.contains("refused the credentials"), "{out}");
+    let out = mount_and_fail_first_read(&cdir, &config, "refused the credentials");
     assert!(!out.contains("nope") && !out.contains(&services::basic_auth("alice", "nope")));
+}
+
+/// Mount `v6-zstd-blake3` with a backend that refuses us: the mount succeeds (it needs no network), the
+/// first read fails with EIO in bounded time, and the log says `why`. Returns the log.
+fn mount_and_fail_first_read(dir: &Path, config: &Path, why: &str) -> String {
+    let mut d = mount(dir, config, &manifest::case_bootstrap("v6-zstd-blake3"));
+    let (r, took) = timed_read(&d.mountpoint.join("etc/adduser.conf"));
+    assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EIO));
+    assert!(
+        took < Duration::from_secs(20),
+        "the refused read took {took:?}"
+    );
+    let log = d.log_text();
+    assert!(log.contains(why), "the log does not say {why:?}:\n{log}");
+    assert!(d.is_running());
+    d.stop();
+    log
 }
 
 /// docker-registry in token mode with tokens from tests/services/token_issuer.py (RS256 JWTs): the 401
@@ -658,6 +643,9 @@ fn daemon_returns_eio_on_backend_faults_and_serves_again_after_recovery() {
     );
     let (rel, want) = largest_file();
     let path = d.mountpoint.join(&rel);
+    // One read first, so that the faults meet chunk reads rather than the blob's chunk-info array (whose
+    // failed load would be remembered for a few seconds).
+    assert!(manifest::sha256_file(&d.mountpoint.join("etc/adduser.conf")).is_ok());
     for fault in [
         Fault::Status(500),
         Fault::Stall(Duration::from_secs(5)),
@@ -1017,14 +1005,12 @@ print(k["AccessKeyId"], k["SecretAccessKey"])
     assert!(!d.log_text().contains(&secret), "secret in the daemon log");
     d.stop();
 
-    // The server rejects a wrong secret: the mount fails with a clear error.
+    // The server rejects a wrong secret: the first read fails with a clear error.
     let bad = dir.path().join("bad");
-    std::fs::create_dir_all(bad.join("mnt")).unwrap();
+    std::fs::create_dir_all(&bad).unwrap();
     let config = net_config(&bad, "s3", s3("not-the-secret"));
-    let bootstrap = manifest::case_bootstrap(case);
-    let (code, out) = fuse_bounded(&config, &bootstrap, &bad.join("mnt"));
-    assert!(code.is_some_and(|c| c != 0), "{code:?}: {out}");
-    assert!(out.contains("status 403"), "{out}");
+    let log = mount_and_fail_first_read(&bad, &config, "status 403");
+    assert!(!log.contains("not-the-secret"), "secret in the daemon log");
 }
 
 /// Lazy pull, measured at the server: a ~120 MiB image in the real registry, a few files read, the blob
@@ -1108,4 +1094,203 @@ fn lazy_pull_fetches_only_what_is_read() {
         fetched < image_size / 10,
         "fetched {fetched} of {image_size}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Blob metadata loads and mounting without the network.
+
+/// How long a failed chunk-info load is remembered: readers of that blob fail fast for this long
+/// (`image::FAILED_LOAD_RETRY_AFTER`).
+const FAILED_LOAD_RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// Read a file of a FUSE mount past the host's page cache; the outcome and how long it took.
+fn timed_read(path: &Path) -> (std::io::Result<Vec<u8>>, Duration) {
+    drop_cache(path);
+    let start = Instant::now();
+    let r = std::fs::read(path);
+    (r, start.elapsed())
+}
+
+#[test]
+fn a_stalled_layer_stalls_neither_other_layers_nor_cached_data_and_its_failure_is_remembered() {
+    manifest::assert_root("FUSE mounts");
+    let dir = tmp();
+    let file = |name: &str, seed| (name.to_string(), pseudo_random(100_000, seed));
+    let base = built::build_tree(
+        dir.path(),
+        "base",
+        vec![file("a1", 1), file("a2", 2)],
+        None,
+        &[],
+    );
+    let upper = built::build_tree(
+        dir.path(),
+        "upper",
+        vec![file("b1", 3), file("b2", 4)],
+        Some(&base),
+        &[],
+    );
+    let server = FakeServer::start(FakeOptions::plain(REPO));
+    for id in [&base.blob_id, &upper.blob_id] {
+        assert_eq!(
+            &server.add_blob(std::fs::read(base.blob_dir.join(id)).unwrap()),
+            id
+        );
+    }
+    let config = dir.path().join("config.json");
+    std::fs::write(
+        &config,
+        json!({
+            "device": {
+                "backend": {"type": "http-proxy", "config": {
+                    "addr": format!("http://127.0.0.1:{}", server.port), "path": "/blobs",
+                    "timeout": 2, "connect_timeout": 2, "retry_limit": 0}},
+                "cache": {"type": "blobcache", "config": {"work_dir": dir.path().join("cache")}}
+            },
+            "mode": "direct", "digest_validate": false, "amplify_io": 0
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let content = |name: &str| {
+        let files = base.files.iter().chain(&upper.files);
+        files
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .unwrap()
+            .1
+            .clone()
+    };
+
+    // A first daemon caches b1 (upper layer), then goes away.
+    let d = mount(dir.path(), &config, &upper.bootstrap);
+    assert!(std::fs::read(d.mountpoint.join("b1")).unwrap() == content("b1"));
+    d.stop();
+
+    // The upper layer's blob now stalls (headers, then nothing) for every request.
+    server.set_blob_fault(&upper.blob_id, Some(Fault::Stall(Duration::from_secs(30))));
+    let mut d = mount(dir.path(), &config, &upper.bootstrap);
+    let b2 = d.mountpoint.join("b2");
+    let stalled = std::thread::spawn(move || timed_read(&b2));
+    std::thread::sleep(Duration::from_millis(500));
+    // Meanwhile: cached data of the stalled layer, and a layer whose metadata was never loaded.
+    for name in ["b1", "a1"] {
+        let (r, took) = timed_read(&d.mountpoint.join(name));
+        let data = r.unwrap_or_else(|e| panic!("{name}: {e}\n{}", d.log_text()));
+        assert!(data == content(name), "{name}: wrong bytes");
+        assert!(
+            took < Duration::from_millis(1500),
+            "{name} took {took:?} while another layer's blob stalled"
+        );
+    }
+    let (r, took) = stalled.join().unwrap();
+    assert_eq!(
+        r.expect_err("a read of the stalled layer fails")
+            .raw_os_error(),
+        Some(libc::EIO)
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "the stalled read took {took:?}"
+    );
+
+    // The failure is remembered: the next reader fails at once, without asking the server again.
+    let asked = server.counters.data_requests.load(Ordering::Relaxed);
+    let (r, took) = timed_read(&d.mountpoint.join("b2"));
+    assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EIO));
+    assert!(
+        took < Duration::from_millis(500),
+        "a remembered failure took {took:?}"
+    );
+    assert_eq!(
+        server.counters.data_requests.load(Ordering::Relaxed),
+        asked,
+        "a remembered failure asked the server again"
+    );
+
+    // Once the server answers again, the load is retried after the documented time.
+    server.set_blob_fault(&upper.blob_id, None);
+    std::thread::sleep(FAILED_LOAD_RETRY_AFTER + Duration::from_millis(200));
+    let (r, _) = timed_read(&d.mountpoint.join("b2"));
+    assert!(
+        r.unwrap_or_else(|e| panic!("b2 after recovery: {e}\n{}", d.log_text())) == content("b2")
+    );
+    assert!(d.is_running());
+    d.stop();
+}
+
+#[test]
+fn a_warm_cache_mounts_and_serves_with_the_registry_gone() {
+    manifest::assert_root("registry mounts");
+    need(&["docker-registry"]);
+    let case = "v6-zstd-blake3";
+    let dir = tmp();
+    let mut reg = services::start_registry(dir.path(), RegistryAuth::None);
+    for (id, data) in case_blobs(case) {
+        assert_eq!(services::push_blob(reg.port, REPO, None, &data), id);
+    }
+    let config = dir.path().join("config.json");
+    std::fs::write(
+        &config,
+        json!({
+            "device": {
+                "backend": {"type": "registry", "config": {
+                    "scheme": "http", "host": format!("127.0.0.1:{}", reg.port), "repo": REPO,
+                    "timeout": 2, "connect_timeout": 2, "retry_limit": 1}},
+                "cache": {"type": "blobcache", "config": {"work_dir": dir.path().join("cache")}}
+            },
+            "mode": "direct", "digest_validate": false, "amplify_io": 0
+        })
+        .to_string(),
+    )
+    .unwrap();
+    // One file stays cold: the first non-empty one of at most one chunk whose content no other file has.
+    let rows: Vec<manifest::Row> = manifest::load_manifest()
+        .into_iter()
+        .filter(|r| r["type"] == "f")
+        .collect();
+    let cold = rows
+        .iter()
+        .find(|r| {
+            let size: u64 = r["size"].parse().unwrap();
+            size > 0
+                && size <= 1 << 20
+                && rows.iter().filter(|o| o["sha256"] == r["sha256"]).count() == 1
+        })
+        .unwrap()
+        .clone();
+    let warm: Vec<&manifest::Row> = rows.iter().filter(|r| r["path"] != cold["path"]).collect();
+
+    let d = mount(dir.path(), &config, &manifest::case_bootstrap(case));
+    for r in &warm {
+        let got = manifest::sha256_file(&d.mountpoint.join(&r["path"])).unwrap();
+        assert_eq!(got, r["sha256"], "{}", r["path"]);
+    }
+    d.stop();
+
+    reg.kill();
+    let d = mount(dir.path(), &config, &manifest::case_bootstrap(case));
+    for r in &warm {
+        let got = manifest::sha256_file(&d.mountpoint.join(&r["path"])).unwrap_or_else(|e| {
+            panic!(
+                "{} with the registry gone: {e}\n{}",
+                r["path"],
+                d.log_text()
+            )
+        });
+        assert_eq!(got, r["sha256"], "{} with the registry gone", r["path"]);
+    }
+    let (r, took) = timed_read(&d.mountpoint.join(&cold["path"]));
+    assert_eq!(
+        r.expect_err("an uncached file needs the registry")
+            .raw_os_error(),
+        Some(libc::EIO),
+        "{}",
+        cold["path"]
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "the failed read took {took:?}"
+    );
+    d.stop();
 }

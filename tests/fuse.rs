@@ -267,10 +267,15 @@ fn flipped_bytes_in_the_cache_are_caught_with_validation() {
     let ino = image.lookup(special, b"random-2m5").unwrap().unwrap();
     let chunk = image.file_chunks(ino).unwrap()[1].clone();
     let blob_id = image.info().blobs[chunk.blob_index as usize].id.clone();
-    let cache_file = dir
-        .path()
-        .join("cache")
-        .join(format!("{blob_id}.blob.data"));
+    // `<blob id>.<cache key>.blob.data`: the only data file of this blob in the cache.
+    let cache_file = std::fs::read_dir(dir.path().join("cache"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            let name = p.file_name().unwrap().to_string_lossy();
+            name.starts_with(&format!("{blob_id}.")) && name.ends_with(".blob.data")
+        })
+        .expect("the blob's cache data file");
     let pristine = std::fs::read(&cache_file).unwrap();
 
     // 1. Only the cache is damaged: caught, logged, and repaired from the backend; never wrong bytes.

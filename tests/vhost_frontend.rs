@@ -13,28 +13,13 @@ use std::time::Duration;
 
 use frontend::{Chain, Guest, Options, VirtiofsDaemon, Xattr, ROOT};
 use fuse_backend_rs::abi::fuse_abi::{InHeader, Opcode, OutHeader, ReadIn};
-use sha2::Digest;
+use manifest::{manifest_sha, sha256_hex};
 use vm_memory::ByteValued;
 
 const BIN: &str = env!("CARGO_BIN_EXE_rafsd");
 /// Image 1 (at /img1) and image 2 (at /layers/img2): one v6 and one v5 image.
 const IMG1: &str = "v6-zstd-blake3";
 const IMG2: &str = "v5-lz4-blake3-repeatable";
-
-fn sha256_hex(data: &[u8]) -> String {
-    sha2::Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-fn manifest_sha(path: &str) -> String {
-    manifest::load_manifest()
-        .into_iter()
-        .find(|r| r["path"] == path)
-        .unwrap_or_else(|| panic!("{path} not in manifest"))["sha256"]
-        .clone()
-}
 
 /// Names directly under `dir` in the manifest.
 fn manifest_children(dir: &str) -> BTreeSet<Vec<u8>> {

@@ -1,13 +1,19 @@
-//! The persistent ready-bitmap of a cached blob, `<blob id>.blob.data.chunk_map`, in nydusd's layout so
-//! cache directories can be shared: a 4096-byte header, then one bit per chunk (MSB first).
+//! The persistent ready-bitmap of a cached blob, in nydusd's layout: a 4096-byte header, then one bit per
+//! chunk (MSB first).
 //!
 //! A bit is set only after the chunk's bytes were written to the data file, so a daemon killed at any
 //! point leaves either a ready chunk or a missing one, never a torn one marked ready.
+//!
+//! Other daemons may have the same bitmap mapped: a file is never resized or rewritten in place (a shrunk
+//! mapping kills its other users with SIGBUS). A bitmap that does not fit is replaced by a fresh file
+//! renamed over it; whoever has the old one keeps it.
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU8, Ordering};
 
+use super::install;
 use crate::error::{Error, Result};
 
 const HEADER_SIZE: usize = 4096;
@@ -21,58 +27,74 @@ pub struct ChunkMap {
     count: u32,
 }
 
+fn file_size(count: u32) -> u64 {
+    HEADER_SIZE as u64 + (count as u64).div_ceil(8)
+}
+
+/// The header of a fresh bitmap (no chunk ready).
+fn fresh_header() -> [u8; 16] {
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+    h[4..8].copy_from_slice(&VERSION.to_le_bytes());
+    h[8..12].copy_from_slice(&MAGIC2.to_le_bytes());
+    h
+}
+
+/// Size and header of an existing bitmap file agree with `count` chunks.
+fn fits(file: &File, count: u32) -> Result<bool> {
+    let len = file
+        .metadata()
+        .map_err(|e| Error::io("stat chunk map", e))?
+        .len();
+    let mut head = [0u8; 16];
+    if len != file_size(count) || file.read_exact_at(&mut head, 0).is_err() {
+        return Ok(false);
+    }
+    let at = |i: usize| u32::from_le_bytes(head[i..i + 4].try_into().unwrap());
+    Ok(at(0) == MAGIC && at(4) == VERSION && at(8) == MAGIC2)
+}
+
 impl ChunkMap {
-    /// Open or create the bitmap for `count` chunks. A file of the wrong size or with a foreign header is
-    /// reset (its state cannot be trusted); a zero header (crash right after creation) is repaired.
+    /// Open the bitmap at `path` for `count` chunks. A missing one is created (all clear); one of another
+    /// size or with a foreign header is replaced by a fresh one (its state cannot be trusted).
     pub fn open(path: &Path, count: u32) -> Result<Self> {
-        let size = HEADER_SIZE as u64 + (count as u64).div_ceil(8);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(|e| Error::io(format!("open chunk map {}", path.display()), e))?;
-        let len = file
-            .metadata()
-            .map_err(|e| Error::io(format!("stat {}", path.display()), e))?
-            .len();
-        let mut reset = len != size;
-        if reset {
-            if len != 0 {
+        for _ in 0..4 {
+            let file = match OpenOptions::new().read(true).write(true).open(path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    install(path, false, |f| Self::prepare(f, count))?;
+                    continue;
+                }
+                Err(e) => return Err(Error::io(format!("open chunk map {}", path.display()), e)),
+            };
+            if !fits(&file, count)? {
                 log::warn!(
-                    "chunk map {} has size {len}, expected {size}: starting it afresh",
+                    "chunk map {} does not fit {count} chunks: replacing it with an empty one",
                     path.display()
                 );
+                Self::reset(path, count)?;
+                continue;
             }
-            file.set_len(0)
-                .and_then(|_| file.set_len(size))
-                .map_err(|e| Error::io(format!("size {}", path.display()), e))?;
+            // SAFETY: the file has its final size and is never resized or rewritten in place by rafsd
+            // (replacements are renamed over it); bits are only touched through atomics.
+            let map = unsafe { memmap2::MmapMut::map_mut(&file) }
+                .map_err(|e| Error::io(format!("mmap {}", path.display()), e))?;
+            return Ok(ChunkMap { map, count });
         }
-        // SAFETY: the file is ours (under the cache work_dir) and stays at this size while mapped; bits are
-        // only touched through atomics.
-        let mut map = unsafe { memmap2::MmapMut::map_mut(&file) }
-            .map_err(|e| Error::io(format!("mmap {}", path.display()), e))?;
-        let header = |m: &[u8], at: usize| u32::from_le_bytes(m[at..at + 4].try_into().unwrap());
-        let zero_header = map[..16].iter().all(|&b| b == 0);
-        if !reset
-            && !zero_header
-            && (header(&map, 0) != MAGIC || header(&map, 8) != MAGIC2 || header(&map, 4) != VERSION)
-        {
-            log::warn!(
-                "chunk map {} has a foreign header: starting it afresh",
-                path.display()
-            );
-            map[HEADER_SIZE..].fill(0);
-            reset = true;
-        }
-        if reset || zero_header {
-            map[0..4].copy_from_slice(&MAGIC.to_le_bytes());
-            map[4..8].copy_from_slice(&VERSION.to_le_bytes());
-            map[8..12].copy_from_slice(&MAGIC2.to_le_bytes());
-            map[12..16].copy_from_slice(&0u32.to_le_bytes());
-        }
-        Ok(ChunkMap { map, count })
+        Err(Error::Invalid(format!(
+            "chunk map {} keeps being replaced under us",
+            path.display()
+        )))
+    }
+
+    /// Put a fresh bitmap (no chunk ready) at `path`, replacing whatever is there.
+    pub fn reset(path: &Path, count: u32) -> Result<()> {
+        install(path, true, |f| Self::prepare(f, count)).map(drop)
+    }
+
+    fn prepare(f: &File, count: u32) -> std::io::Result<()> {
+        f.set_len(file_size(count))?;
+        f.write_all_at(&fresh_header(), 0)
     }
 
     fn byte(&self, index: u32) -> &AtomicU8 {
@@ -123,9 +145,10 @@ impl ChunkMap {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt;
 
     #[test]
-    fn bits_persist_and_bad_files_are_reset() {
+    fn bits_persist_and_bad_files_are_replaced_not_rewritten() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("b.blob.data.chunk_map");
         {
@@ -143,12 +166,16 @@ mod tests {
         assert!(m.is_ready(3) && m.is_ready(19) && !m.is_ready(4));
         m.clear(3);
         assert!(!m.is_ready(3));
-        drop(m);
-        // A different chunk count means a different blob layout: nothing may be trusted.
-        let m = ChunkMap::open(&path, 30).unwrap();
-        assert_eq!(m.ready_count(), 0);
-        drop(m);
-        // Zeroed header (crash between create and header write) is repaired, bitmap kept.
+
+        // Another chunk count: a new, empty file takes the name; the one still mapped is left as it was.
+        let old_inode = std::fs::metadata(&path).unwrap().ino();
+        let other = ChunkMap::open(&path, 30).unwrap();
+        assert_eq!(other.ready_count(), 0);
+        assert_ne!(std::fs::metadata(&path).unwrap().ino(), old_inode);
+        assert!(m.is_ready(19), "the first map still reads its own file");
+        drop((m, other));
+
+        // A foreign or zeroed header is not trusted either.
         let m = ChunkMap::open(&path, 30).unwrap();
         m.set_ready(7);
         drop(m);
@@ -156,7 +183,9 @@ mod tests {
         bytes[..16].fill(0);
         std::fs::write(&path, &bytes).unwrap();
         let m = ChunkMap::open(&path, 30).unwrap();
-        assert!(m.is_ready(7));
+        assert!(!m.is_ready(7));
         assert_eq!(&std::fs::read(&path).unwrap()[0..4], &MAGIC.to_le_bytes());
+        // No temporary file is left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 }

@@ -1,27 +1,43 @@
 //! The local blob cache (`blobcache` / `filecache`): each blob's chunks, uncompressed, at their
-//! uncompressed offsets in `<work_dir>/<blob id>.blob.data`, with a persistent ready-bitmap beside it.
-//! The cache survives restarts and can be shared with nydusd.
+//! uncompressed offsets in a data file, with a persistent ready-bitmap beside it (nydusd's `.chunk_map`
+//! layout). The cache survives restarts and kill -9.
+//!
+//! The files of a blob are named `<blob id>.<key>.blob.data` and `<...>.blob.data.chunk_map`, where the
+//! key ([`key`]) fingerprints everything a reader relies on for that blob: every chunk's index, place,
+//! size and digest as the mounting image records them. Images that expect the same bytes at every place
+//! (genuine images sharing a layer) share the files; an image that names another's blob id but describes
+//! it differently (a forged bootstrap) gets files of its own. Only chunks whose digest was checked against
+//! the image's record are stored, whatever `digest_validate` says, so a ready chunk holds exactly the
+//! bytes every image using those files expects and can be served without another check.
 //!
 //! The cache is an optimisation, never a requirement: a cache that cannot be created or written (full or
 //! read-only disk) is logged once and reads go to the backend.
 
 pub mod chunk_map;
+pub mod key;
 pub mod prefetch;
 
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use chunk_map::ChunkMap;
+pub use key::CacheKey;
 
 use crate::error::{Error, Result};
 use crate::format::{BlobInfo, ChunkInfo};
 
 struct CachedBlob {
     id: String,
+    /// The data file's name in the work dir.
+    name: String,
+    /// Chunks are stored only with their digest checked (false: a cache private to one bootstrap whose
+    /// chunks have no digest to check, see [`key`]).
+    verified: bool,
     data: Arc<File>,
     /// The data file opened read-only, for handing to a VMM (DAX maps), opened on first use.
     data_read_only: std::sync::OnceLock<Option<Arc<File>>>,
@@ -57,13 +73,18 @@ pub struct BlobCache {
 }
 
 impl BlobCache {
-    /// Open (or create) the cache files of `blobs` under `work_dir`.
-    pub fn open(work_dir: &Path, blobs: &[BlobInfo]) -> Result<Self> {
+    /// Open (or create) the cache files of `blobs` under `work_dir`, named by their `keys` (a blob whose
+    /// key is `None` is not cached).
+    pub fn open(work_dir: &Path, blobs: &[BlobInfo], keys: &[Option<CacheKey>]) -> Result<Self> {
         std::fs::create_dir_all(work_dir)
             .map_err(|e| Error::io(format!("create cache dir {}", work_dir.display()), e))?;
         let mut slots = Vec::with_capacity(blobs.len());
-        for blob in blobs {
-            match open_blob(work_dir, blob) {
+        for (blob, key) in blobs.iter().zip(keys) {
+            let Some(key) = key else {
+                slots.push(None);
+                continue;
+            };
+            match open_blob(work_dir, blob, key) {
                 Ok(b) => slots.push(Some(b)),
                 Err(e) => {
                     log::warn!(
@@ -93,8 +114,13 @@ impl BlobCache {
         self.blobs
             .iter()
             .flatten()
-            .map(|b| data_file_name(&b.id))
+            .map(|b| b.name.clone())
             .collect()
+    }
+
+    /// Chunks of blob `blob_index` enter the cache only with their digest checked.
+    pub fn needs_digest(&self, blob_index: u32) -> bool {
+        self.blob(blob_index).is_some_and(|b| b.verified)
     }
 
     pub fn is_degraded(&self) -> bool {
@@ -132,9 +158,10 @@ impl BlobCache {
         let file = b
             .data_read_only
             .get_or_init(|| {
-                let path = self.work_dir.join(data_file_name(&b.id));
+                // Through the descriptor, not the name: the name may lead to another file by now.
+                let path = format!("/proc/self/fd/{}", b.data.as_raw_fd());
                 File::open(&path)
-                    .map_err(|e| log::warn!("blob cache: reopen {} read-only: {e}", path.display()))
+                    .map_err(|e| log::warn!("blob cache: reopen {} read-only: {e}", b.name))
                     .ok()
                     .map(Arc::new)
             })
@@ -167,12 +194,14 @@ impl BlobCache {
         Ok(Some(buf))
     }
 
-    /// Keep a verified chunk. Best effort: a failed write turns the cache off with one warning.
-    pub fn store(&self, chunk: &ChunkInfo, data: &[u8]) {
+    /// Keep a verified chunk; `digest_checked` says whether its digest was checked against the image's
+    /// record (a cache shared by images takes nothing less). Best effort: a failed write turns the cache
+    /// off with one warning.
+    pub fn store(&self, chunk: &ChunkInfo, data: &[u8], digest_checked: bool) {
         let Some(b) = self.blob(chunk.blob_index) else {
             return;
         };
-        if self.is_degraded() || b.map.is_ready(chunk.index) {
+        if self.is_degraded() || b.map.is_ready(chunk.index) || (b.verified && !digest_checked) {
             return;
         }
         if chunk.uncompressed_offset + data.len() as u64 > b.size {
@@ -270,46 +299,107 @@ impl Drop for Claim {
     }
 }
 
-/// The cache data file of a blob, as nydusd names it (the ready bitmap adds `.chunk_map`).
-fn data_file_name(blob_id: &str) -> String {
-    format!("{blob_id}.blob.data")
+/// The cache data file of a blob under `key` (the ready bitmap adds `.chunk_map`).
+fn data_file_name(blob_id: &str, key: &CacheKey) -> String {
+    format!("{blob_id}.{}.blob.data", key.tag)
 }
 
-fn open_blob(work_dir: &Path, blob: &BlobInfo) -> Result<CachedBlob> {
+/// Put a new file at `path`, never exposing it half-made: `prepare` sizes and fills it under a temporary
+/// name in the same directory, then it is linked to `path` if nothing is there (`Ok(false)` when another
+/// process got there first: theirs stays), or with `replace` renamed over whatever is (whoever has the old
+/// file open keeps it, unchanged).
+fn install(
+    path: &Path,
+    replace: bool,
+    prepare: impl FnOnce(&File) -> std::io::Result<()>,
+) -> Result<bool> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(
+        ".new.{}.{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let tmp = PathBuf::from(tmp);
+    let made = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .and_then(|f| prepare(&f));
+    let placed = made.and_then(|()| {
+        if replace {
+            std::fs::rename(&tmp, path).map(|()| true)
+        } else {
+            match std::fs::hard_link(&tmp, path) {
+                Ok(()) => Ok(true),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+                Err(e) => Err(e),
+            }
+        }
+    });
+    if !(replace && placed.is_ok()) {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    placed.map_err(|e| Error::io(format!("create {}", path.display()), e))
+}
+
+fn open_blob(work_dir: &Path, blob: &BlobInfo, key: &CacheKey) -> Result<CachedBlob> {
     if blob.chunk_count == 0 || blob.uncompressed_size == 0 {
         return Err(Error::Invalid(
             "blob table gives no chunk count or uncompressed size".into(),
         ));
     }
-    let path = work_dir.join(data_file_name(&blob.id));
-    let data = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|e| Error::io(format!("open {}", path.display()), e))?;
-    let len = data
-        .metadata()
-        .map_err(|e| Error::io(format!("stat {}", path.display()), e))?
-        .len();
-    let map = ChunkMap::open(
-        &work_dir.join(format!("{}.chunk_map", data_file_name(&blob.id))),
-        blob.chunk_count,
-    )?;
-    if len != blob.uncompressed_size {
-        // A data file of another size cannot hold what the bitmap claims.
-        for i in 0..blob.chunk_count {
-            map.clear(i);
+    let name = data_file_name(&blob.id, key);
+    let path = work_dir.join(&name);
+    let map_path = work_dir.join(format!("{name}.chunk_map"));
+    let size = blob.uncompressed_size;
+    for _ in 0..4 {
+        let data = match OpenOptions::new().read(true).write(true).open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // The bitmap first: bits left by an older data file of this name must never describe the
+                // new one, and whoever finds the new data file finds the new bitmap too.
+                ChunkMap::reset(&map_path, blob.chunk_count)?;
+                install(&path, false, |f| f.set_len(size))?;
+                continue;
+            }
+            Err(e) => return Err(Error::io(format!("open {}", path.display()), e)),
+        };
+        let meta = data
+            .metadata()
+            .map_err(|e| Error::io(format!("stat {}", path.display()), e))?;
+        if meta.len() != size {
+            // Only tampering makes one: every file of this name is made at this size. Others may have
+            // it mapped, so it is replaced, not resized.
+            log::warn!(
+                "blob cache: {} has {} bytes, not the blob's {size}: replacing it",
+                path.display(),
+                meta.len()
+            );
+            ChunkMap::reset(&map_path, blob.chunk_count)?;
+            install(&path, true, |f| f.set_len(size))?;
+            continue;
         }
-        data.set_len(blob.uncompressed_size)
-            .map_err(|e| Error::io(format!("size {}", path.display()), e))?;
+        let map = ChunkMap::open(&map_path, blob.chunk_count)?;
+        // The name may have been given to a new data file (and a new bitmap) since we opened ours: start
+        // over rather than pair our data file with a bitmap made for another.
+        let now = std::fs::metadata(&path).ok();
+        if now.is_none_or(|m| (m.dev(), m.ino()) != (meta.dev(), meta.ino())) {
+            continue;
+        }
+        return Ok(CachedBlob {
+            id: blob.id.clone(),
+            name,
+            verified: key.verified,
+            data: Arc::new(data),
+            data_read_only: std::sync::OnceLock::new(),
+            map,
+            size,
+        });
     }
-    Ok(CachedBlob {
-        id: blob.id.clone(),
-        data: Arc::new(data),
-        data_read_only: std::sync::OnceLock::new(),
-        map,
-        size: blob.uncompressed_size,
-    })
+    Err(Error::Invalid(format!(
+        "{} keeps being replaced under us",
+        path.display()
+    )))
 }

@@ -5,6 +5,7 @@ use rafs_layout::blob::{ci_flags, BatchContext, CiHeader, CiV1, CiV2};
 use rafs_layout::Record;
 
 use super::bytes::{record, slice};
+use super::limits;
 use super::{blob_features as bf, BlobInfo, ChunkInfo, CiLocation};
 use crate::corrupt;
 use crate::error::{Error, Result};
@@ -57,14 +58,7 @@ impl ChunkInfoArray {
         let v2 = blob.features & bf::CHUNK_INFO_V2 != 0;
         let entry_size = if v2 { CI_V2_SIZE } else { CI_V1_SIZE };
         let count = blob.chunk_count as u64;
-        if ci.uncompressed_size < entry_size * count
-            || ci.uncompressed_size > MAX_CI_BYTES_PER_CHUNK * count.max(1)
-        {
-            return Err(corrupt!(
-                "blob {id}: chunk-info array of {} bytes does not fit {count} chunks",
-                ci.uncompressed_size
-            ));
-        }
+        check_size(blob, ci)?;
         let stored = &raw[..ci.compressed_size as usize];
         let buf = if ci.compressed_size == ci.uncompressed_size {
             stored.to_vec()
@@ -173,4 +167,34 @@ impl ChunkInfoArray {
             .copied()
             .ok_or_else(|| corrupt!("batch {index} of blob {} does not exist", self.blob_index))
     }
+}
+
+/// The chunk-info array's decoded size, as the bootstrap records it, must fit the blob's chunk count and
+/// the memory limits: checked when the image is opened, before anything is read or decompressed.
+pub fn check_size(blob: &BlobInfo, ci: &CiLocation) -> Result<()> {
+    let entry_size = if blob.features & bf::CHUNK_INFO_V2 != 0 {
+        CI_V2_SIZE
+    } else {
+        CI_V1_SIZE
+    };
+    let count = blob.chunk_count as u64;
+    if ci.uncompressed_size < entry_size * count
+        || ci.uncompressed_size > MAX_CI_BYTES_PER_CHUNK * count.max(1)
+    {
+        return Err(corrupt!(
+            "blob {}: chunk-info array of {} bytes does not fit {count} chunks",
+            blob.id,
+            ci.uncompressed_size
+        ));
+    }
+    if ci.uncompressed_size > limits::MAX_CI_ARRAY_BYTES {
+        return Err(limits::exceeded(
+            format!(
+                "blob {}: its chunk-info array takes {} bytes decoded",
+                blob.id, ci.uncompressed_size
+            ),
+            "64 MiB per blob",
+        ));
+    }
+    Ok(())
 }

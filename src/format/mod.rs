@@ -3,6 +3,7 @@
 
 pub mod blob_meta;
 pub mod bytes;
+pub mod limits;
 pub mod toc;
 pub mod v5;
 pub mod v6;
@@ -287,7 +288,7 @@ pub struct DirEntry {
 }
 
 /// A chunk as the data path needs it: where its bytes are in the blob and how to check them.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ChunkInfo {
     pub blob_index: u32,
     /// Index of the chunk inside its blob (the CI index).
@@ -363,13 +364,20 @@ pub trait MetaReader: Send + Sync {
         offset: u64,
         len: u64,
     ) -> Result<Vec<(u64, ChunkAddr)>>;
-    /// The bootstrap's own record of a blob chunk (v6 chunk table): digest, sizes and CRC used to verify
-    /// data located through the blob's chunk-info array. v5 records carry these inline, so v5 has none.
     /// The largest inode number the image can name.
     fn max_ino(&self) -> u64;
+    /// The bootstrap's own record of a blob chunk (v6 chunk table): digest, sizes and CRC used to verify
+    /// data located through the blob's chunk-info array. v5 records carry these inline, so v5 has none.
     fn chunk_table_entry(&self, _blob_index: u32, _ci_index: u32) -> Result<Option<ChunkInfo>> {
         Ok(None)
     }
+    /// The bootstrap's bytes.
+    fn bytes(&self) -> &[u8];
+    /// Whether the bootstrap records a digest for its chunks (v5 always; v6 in its chunk table).
+    fn has_chunk_digests(&self) -> bool;
+    /// Visit every chunk record of the bootstrap (v5: those of every file, in inode-table order, a chunk
+    /// shared by several files once per file; v6: the chunk table). Bounded by the bootstrap's size.
+    fn chunk_records(&self, f: &mut dyn FnMut(&ChunkInfo) -> Result<()>) -> Result<()>;
 }
 
 /// A directory entry name must be a single path component.

@@ -9,6 +9,7 @@ use rafs_layout::v5::{ChunkRecord, ExtBlobEntry, Inode, SuperBlock};
 use rafs_layout::Record;
 
 use super::bytes::{record, round_up, slice, Le};
+use super::limits;
 use super::{
     blob_features as bf, check_blob_id, check_name, flags, BlobInfo, ChunkAddr, ChunkInfo,
     Compressor, Digester, DirEntry, InodeAttr, MetaBytes, MetaReader, SuperInfo,
@@ -137,6 +138,11 @@ impl V5Meta {
             }
             let id = String::from_utf8_lossy(&rest[..id_len]).into_owned();
             check_blob_id(&id)?;
+            // Chunks name blobs by index; two indexes for one blob would share its cache files while
+            // describing it differently.
+            if blobs.iter().any(|b: &BlobInfo| b.id == id) {
+                return Err(corrupt!("blob {id:?} appears twice in the blob table"));
+            }
             let index = blobs.len() as u32;
             let (chunk_count, features, uncompressed_size, compressed_size) =
                 if (index as u64) < ext_entries {
@@ -207,7 +213,36 @@ impl V5Meta {
         if !meta.inode(1)?.is_dir() {
             return Err(corrupt!("root inode is not a directory"));
         }
+        meta.check_xattr_areas()?;
         Ok(meta)
+    }
+
+    /// Refuse an inode whose xattr area is larger than [`limits::MAX_XATTR_AREA`]: GETXATTR decodes the
+    /// area whole, so its size bounds the work of every call. One pass over the inode table; records
+    /// that cannot be read are left to fail when they are used, as without this check.
+    fn check_xattr_areas(&self) -> Result<()> {
+        for slot in 1..=self.inode_table.1 as u64 {
+            let Ok(rec) = self.slot_offset(slot).and_then(|o| self.record_at(o)) else {
+                continue;
+            };
+            if rec.flags & I_XATTR == 0 {
+                continue;
+            }
+            let Ok(total) = slice(&self.data, self.after_names(&rec), 8, "").map(|b| b.u64_at(0))
+            else {
+                continue;
+            };
+            if total > limits::MAX_XATTR_AREA {
+                return Err(limits::exceeded(
+                    format!(
+                        "the xattr area of inode {} takes {total} bytes",
+                        rec.attr.ino
+                    ),
+                    "256 KiB per inode",
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Byte offset of the record in inode-table slot `slot` (1-based, like inode numbers).
@@ -423,6 +458,52 @@ impl MetaReader for V5Meta {
 
     fn max_ino(&self) -> u64 {
         self.inode_table.1 as u64
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.data
+    }
+
+    fn has_chunk_digests(&self) -> bool {
+        true
+    }
+
+    fn chunk_records(&self, f: &mut dyn FnMut(&ChunkInfo) -> Result<()>) -> Result<()> {
+        // Each record is visited once however many slots name it, and records may not overlap: in all,
+        // no more chunk records than the bootstrap has room for.
+        let mut seen = std::collections::HashSet::new();
+        let mut budget = self.data.len() as u64 / CHUNK_SIZE;
+        for slot in 1..=self.inode_table.1 as u64 {
+            let Ok(rec) = self.slot_offset(slot).and_then(|o| self.record_at(o)) else {
+                continue; // fails when used, as without this pass
+            };
+            if !rec.attr.is_reg() || rec.child_count == 0 || !seen.insert(rec.attr.record) {
+                continue;
+            }
+            let what = format!("chunks of inode {}", rec.attr.ino);
+            let count = rec.child_count as u64;
+            budget = budget.checked_sub(count).ok_or_else(|| {
+                corrupt!("{what}: chunk records overlap (more of them than the bootstrap holds)")
+            })?;
+            let Ok(records) = self
+                .chunks_offset(&rec)
+                .and_then(|base| slice(&self.data, base, count * CHUNK_SIZE, &what))
+            else {
+                continue;
+            };
+            for e in records.chunks_exact(CHUNK_SIZE as usize) {
+                let info = chunk_info(&ChunkRecord::read(e).expect("a whole record"));
+                if info.blob_index as usize >= self.info.blobs.len() {
+                    return Err(corrupt!(
+                        "{what}: a chunk names blob {} of {}",
+                        info.blob_index,
+                        self.info.blobs.len()
+                    ));
+                }
+                f(&info)?;
+            }
+        }
+        Ok(())
     }
 
     fn file_chunks(

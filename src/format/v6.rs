@@ -14,6 +14,7 @@ use rafs_layout::v5::ChunkRecord;
 use rafs_layout::{padded, Record};
 
 use super::bytes::{record, round_up, slice, Le};
+use super::limits;
 use super::{
     blob_features as bf, check_blob_id, check_name, flags, BlobInfo, ChunkAddr, ChunkInfo,
     CiLocation, Compressor, Digester, DirEntry, InodeAttr, MetaBytes, MetaReader, SuperInfo,
@@ -181,6 +182,21 @@ impl V6Meta {
             if blobs[..i].iter().any(|b| b.id == a.id) {
                 return Err(corrupt!("blob {:?} appears twice in the blob table", a.id));
             }
+        }
+        let mut ci_total = 0u64;
+        for blob in &blobs {
+            let ci = blob
+                .ci
+                .as_ref()
+                .expect("v6 blobs have a chunk-info location");
+            super::blob_meta::check_size(blob, ci)?;
+            ci_total += ci.uncompressed_size;
+        }
+        if ci_total > limits::MAX_IMAGE_CI_BYTES {
+            return Err(limits::exceeded(
+                format!("its chunk-info arrays take {ci_total} bytes decoded"),
+                "256 MiB per image",
+            ));
         }
 
         let mut prefetch = Vec::new();
@@ -702,6 +718,25 @@ impl MetaReader for V6Meta {
 
     fn max_ino(&self) -> u64 {
         (self.data.len() as u64).saturating_sub(self.meta_base) / rafs_layout::erofs::INODE_SLOT
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.data
+    }
+
+    fn has_chunk_digests(&self) -> bool {
+        self.chunk_table.1 > 0
+    }
+
+    fn chunk_records(&self, f: &mut dyn FnMut(&ChunkInfo) -> Result<()>) -> Result<()> {
+        let (off, size) = self.chunk_table;
+        let table = slice(&self.data, off, size, "chunk table")?;
+        for row in table.chunks_exact(CHUNK_TABLE_ENTRY_SIZE as usize) {
+            f(&super::v5::chunk_info(
+                &ChunkRecord::read(row).expect("a whole row"),
+            ))?;
+        }
+        Ok(())
     }
 
     fn chunk_table_entry(&self, blob_index: u32, ci_index: u32) -> Result<Option<ChunkInfo>> {

@@ -18,9 +18,10 @@ use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, FsOptions, OpenOptions};
 use fuse_backend_rs::api::filesystem::{Context, DirEntry, Entry, FileSystem, ZeroCopyWriter};
 use fuse_backend_rs::api::BackendFileSystem;
 
-use super::{cached_entry, eno, image_statfs, CACHE_TIMEOUT};
+use super::{cached_entry, eno, image_statfs, write_zeros, CACHE_TIMEOUT};
 use crate::error::{Error, Result};
-use crate::format::MetaBytes;
+use crate::format::blob_meta::ChunkInfoArray;
+use crate::format::{limits, MetaBytes};
 use crate::image::{load_metadata, MetaSource, RafsImage};
 use crate::service::{open_image, RafsMount};
 
@@ -37,8 +38,9 @@ type Placement = (u64, u32, u32);
 pub struct BlobViewFs {
     image: Arc<RafsImage>,
     bootstrap: MetaBytes,
-    /// Per blob, its chunks sorted by uncompressed offset; built on the first read of that blob.
-    placements: Mutex<Vec<Option<Arc<Vec<Placement>>>>>,
+    /// Per blob, the CI indexes of its chunks sorted by uncompressed offset (4 bytes a chunk, at most
+    /// [`limits::MAX_VIEW_CHUNKS`] over the image); built on the first read of that blob.
+    placements: Mutex<Vec<Option<Arc<Vec<u32>>>>>,
     owner: (u32, u32),
 }
 
@@ -70,6 +72,18 @@ impl BlobViewFs {
                 )))
             }
         };
+        let chunks: u64 = image
+            .info()
+            .blobs
+            .iter()
+            .map(|b| b.chunk_count as u64)
+            .sum();
+        if chunks > limits::MAX_VIEW_CHUNKS {
+            return Err(limits::exceeded(
+                format!("the blob view would index its {chunks} chunks"),
+                "4 Mi chunks per image",
+            ));
+        }
         let (bootstrap, _) = load_metadata(&path)?;
         let nblobs = image.info().blobs.len();
         // SAFETY: plain getters.
@@ -141,21 +155,26 @@ impl BlobViewFs {
             .filter_map(|ino| self.name_of(ino).map(|n| (ino, n)))
     }
 
-    /// Chunks of blob `b` by uncompressed offset, from its chunk-info array.
-    fn placements(&self, b: u32) -> Result<Arc<Vec<Placement>>> {
+    /// CI indexes of blob `b`'s chunks by uncompressed offset, from its chunk-info array.
+    fn placements(&self, b: u32) -> Result<Arc<Vec<u32>>> {
         if let Some(p) = &self.placements.lock().unwrap_or_else(|e| e.into_inner())[b as usize] {
             return Ok(p.clone());
         }
         let array = self.image.chunk_info_array(b)?;
-        let mut list = Vec::with_capacity(array.len() as usize);
+        let mut keyed = Vec::with_capacity(array.len() as usize);
         for ci in 0..array.len() {
-            let c = array.get(ci)?;
-            list.push((c.uncompressed_offset, c.uncompressed_size, ci));
+            keyed.push((array.get(ci)?.uncompressed_offset, ci));
         }
-        list.sort_unstable();
-        let list = Arc::new(list);
+        keyed.sort_unstable();
+        let list = Arc::new(keyed.into_iter().map(|(_, ci)| ci).collect::<Vec<u32>>());
         self.placements.lock().unwrap_or_else(|e| e.into_inner())[b as usize] = Some(list.clone());
         Ok(list)
+    }
+
+    /// Placement `k` of blob `b`: its chunk's (uncompressed offset, uncompressed size, CI index).
+    fn placement(&self, array: &ChunkInfoArray, list: &[u32], k: usize) -> Result<Placement> {
+        let c = array.get(list[k])?;
+        Ok((c.uncompressed_offset, c.uncompressed_size, list[k]))
     }
 
     /// Read `[offset, offset + size)` of the view's file `name` (`bootstrap` or a blob id), as the guest
@@ -188,11 +207,17 @@ impl BlobViewFs {
             return Ok(0);
         }
         let end = blob_size.min(offset.saturating_add(size as u64));
-        let placements = self.placements(b)?;
-        let first = placements.partition_point(|&(at, len, _)| at + len as u64 <= offset);
+        let array = self.image.chunk_info_array(b)?;
+        let list = self.placements(b)?;
+        let first = list.partition_point(|&ci| {
+            array.get(ci).map_or(true, |c| {
+                c.uncompressed_offset + c.uncompressed_size as u64 <= offset
+            })
+        });
         let mut pos = offset;
         let io = |e: io::Error| Error::io("write the FUSE reply", e);
-        for &(at, len, ci) in &placements[first..] {
+        for k in first..list.len() {
+            let (at, len, ci) = self.placement(&array, &list, k)?;
             if at >= end {
                 break;
             }
@@ -223,16 +248,6 @@ impl BlobViewFs {
         }
         Ok((end - offset) as usize)
     }
-}
-
-fn write_zeros(w: &mut dyn Write, mut n: usize) -> io::Result<()> {
-    const ZEROS: [u8; 4096] = [0; 4096];
-    while n > 0 {
-        let k = n.min(ZEROS.len());
-        w.write_all(&ZEROS[..k])?;
-        n -= k;
-    }
-    Ok(())
 }
 
 impl FileSystem for BlobViewFs {
@@ -309,12 +324,14 @@ impl FileSystem for BlobViewFs {
         _flags: u32,
     ) -> io::Result<usize> {
         if inode == BOOTSTRAP_INO {
-            let data = self.bootstrap_range(offset, size as usize);
+            let data = self.bootstrap_range(offset, (size as usize).min(w.available_bytes()));
             w.write_all(data)?;
             return Ok(data.len());
         }
         let b = self.blob_of(inode).ok_or_else(|| eno(libc::EBADF))?;
-        self.read_blob(b, w as &mut dyn Write, offset, size as usize)
+        // The guest's size is not checked by the FUSE layer: never fetch more than the reply can carry.
+        let size = (size as usize).min(w.available_bytes());
+        self.read_blob(b, w as &mut dyn Write, offset, size)
             .map_err(|e| to_io(e, &format!("read blob {b} at {offset}+{size}")))
     }
 

@@ -241,40 +241,35 @@ impl RafsFs {
         size: u32,
         offset: u64,
     ) -> io::Result<usize> {
-        let segments = self
+        // The guest's size is not checked by the FUSE layer: never fetch more than the reply can carry.
+        let size = (size as usize).min(w.available_bytes());
+        let reply = |e: io::Error| crate::Error::io("write the FUSE reply", e);
+        let total = self
             .image
-            .read_segments(ino, offset, size as usize)
-            .map_err(|e| to_io(e, &format!("read inode {ino}")))?;
-        let mut total = 0;
-        for segment in segments {
-            match segment {
-                Segment::Cached { file, offset, len } => {
-                    // Zero copy from the cache file into the request buffer. The trait wants `&mut File`: borrow
-                    // the descriptor without taking ownership (ManuallyDrop never closes it; `file` keeps it open).
-                    // SAFETY: the fd is valid for as long as `file` lives, which outlasts `borrowed`.
-                    let mut borrowed = std::mem::ManuallyDrop::new(unsafe {
-                        std::fs::File::from_raw_fd(file.as_raw_fd())
-                    });
-                    let mut done = 0;
-                    while done < len {
-                        let n = w.write_from(&mut *borrowed, len - done, offset + done as u64)?;
-                        if n == 0 {
-                            return Err(eno(libc::EIO));
+            .read_with(ino, offset, size, &mut |segment| {
+                match segment {
+                    Segment::Cached { file, offset, len } => {
+                        // Zero copy from the cache file into the request buffer. The trait wants `&mut File`:
+                        // borrow the descriptor without taking ownership (ManuallyDrop never closes it).
+                        // SAFETY: the fd is valid for as long as `file` lives, which outlasts `borrowed`.
+                        let mut borrowed = std::mem::ManuallyDrop::new(unsafe {
+                            std::fs::File::from_raw_fd(file.as_raw_fd())
+                        });
+                        let mut done = 0;
+                        while done < len {
+                            match w.write_from(&mut *borrowed, len - done, offset + done as u64) {
+                                Ok(0) => return Err(reply(eno(libc::EIO))),
+                                Ok(n) => done += n,
+                                Err(e) => return Err(reply(e)),
+                            }
                         }
-                        done += n;
                     }
-                    total += len;
+                    Segment::Bytes(data) => w.write_all(data).map_err(reply)?,
+                    Segment::Zeros(n) => write_zeros(w, n).map_err(reply)?,
                 }
-                Segment::Bytes(data) => {
-                    w.write_all(&data)?;
-                    total += data.len();
-                }
-                Segment::Zeros(n) => {
-                    w.write_all(&vec![0u8; n])?;
-                    total += n;
-                }
-            }
-        }
+                Ok(())
+            })
+            .map_err(|e| to_io(e, &format!("read inode {ino}")))?;
         self.metrics.record_read(ino, total);
         Ok(total)
     }
@@ -362,6 +357,17 @@ impl RafsFs {
             .xattrs(ino)
             .map_err(|e| to_io(e, &format!("xattrs of {ino}")))
     }
+}
+
+/// `n` zero bytes into `w`, from a small static buffer (a hole costs no allocation).
+fn write_zeros(w: &mut dyn io::Write, mut n: usize) -> io::Result<()> {
+    const ZEROS: [u8; 4096] = [0; 4096];
+    while n > 0 {
+        let k = n.min(ZEROS.len());
+        w.write_all(&ZEROS[..k])?;
+        n -= k;
+    }
+    Ok(())
 }
 
 /// The xattr reply rule: a size-0 request only asks for the length (false); a buffer too small for `len`

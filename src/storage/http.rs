@@ -878,6 +878,10 @@ impl<R: Remote> BlobBackend for RemoteBackend<R> {
         self.remote.kind()
     }
 
+    fn is_remote(&self) -> bool {
+        true
+    }
+
     fn blob_size(&self, blob_id: &str) -> Result<u64> {
         crate::format::check_blob_id(blob_id)?;
         if let Some(s) = self

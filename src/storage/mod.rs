@@ -23,6 +23,10 @@ pub trait BlobBackend: Send + Sync {
     /// Read up to `buf.len()` bytes of blob `blob_id` at `offset`; fewer only at the end of the blob.
     fn read_at(&self, blob_id: &str, offset: u64, buf: &mut [u8]) -> Result<usize>;
     fn blob_size(&self, blob_id: &str) -> Result<u64>;
+    /// Reaching the blobs takes the network (not asked at mount time).
+    fn is_remote(&self) -> bool {
+        false
+    }
 
     /// Read exactly `len` bytes, or fail naming the short read.
     fn read_exact_at(&self, blob_id: &str, offset: u64, len: usize) -> Result<Vec<u8>> {

@@ -1286,17 +1286,27 @@ impl VirtiofsDaemon {
         crate::daemon::api_request(&self.apisock, method, target, body, WAIT)
     }
 
+    /// POST /api/v1/mount?mountpoint=MP of `source` as `fs_type` with a nydusd v1 config: (status, body).
+    pub fn try_mount(
+        &self,
+        mountpoint: &str,
+        fs_type: &str,
+        source: &Path,
+        config: &str,
+    ) -> (u16, String) {
+        let body =
+            serde_json::json!({"source": source, "fs_type": fs_type, "config": config}).to_string();
+        self.api(
+            "POST",
+            &format!("/api/v1/mount?mountpoint={mountpoint}"),
+            &body,
+        )
+        .expect("mount API call")
+    }
+
     /// POST /api/v1/mount?mountpoint=MP with a RAFS image and its nydusd v1 config.
     pub fn mount_rafs(&self, mountpoint: &str, bootstrap: &Path, config: &str) {
-        let body = serde_json::json!({"source": bootstrap, "fs_type": "rafs", "config": config})
-            .to_string();
-        let (status, text) = self
-            .api(
-                "POST",
-                &format!("/api/v1/mount?mountpoint={mountpoint}"),
-                &body,
-            )
-            .expect("mount API call");
+        let (status, text) = self.try_mount(mountpoint, "rafs", bootstrap, config);
         assert_eq!(
             status,
             204,

@@ -148,6 +148,20 @@ pub fn probe(root: &Path, rel: &str) -> std::io::Result<Row> {
     Ok(row)
 }
 
+/// sha256 of `data`, lower-case hex (the manifest's form).
+pub fn sha256_hex(data: &[u8]) -> String {
+    format!("{:x}", sha2::Sha256::digest(data))
+}
+
+/// The manifest's sha256 of the regular file at `path` (relative to the image root).
+pub fn manifest_sha(path: &str) -> String {
+    load_manifest()
+        .into_iter()
+        .find(|r| r["path"] == path)
+        .unwrap_or_else(|| panic!("{path} not in manifest"))["sha256"]
+        .clone()
+}
+
 /// sha256 of a file's contents, lower-case hex (the manifest's form).
 pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     let mut f = std::fs::File::open(path)?;

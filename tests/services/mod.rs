@@ -386,6 +386,8 @@ pub struct FaultState {
     pub queue: Vec<Fault>,
     /// Applied to every GET of blob data while set.
     pub always: Option<Fault>,
+    /// Applied to every GET of one blob's data (by blob id) while set, before the others.
+    pub per_blob: HashMap<String, Fault>,
 }
 
 #[derive(Default)]
@@ -412,6 +414,19 @@ pub struct FakeOptions {
     pub redirect_to: Option<String>,
     /// Refuse HEAD at `/storage/` with 403 (pre-signed URLs valid for GET only).
     pub storage_head_403: bool,
+}
+
+impl FakeOptions {
+    /// Blobs under `/v2/<repo>/blobs/` (and any path), no auth, no redirects.
+    pub fn plain(repo: &str) -> FakeOptions {
+        FakeOptions {
+            repo: repo.into(),
+            bearer: None,
+            token_basic: None,
+            redirect_to: None,
+            storage_head_403: false,
+        }
+    }
 }
 
 pub struct FakeServer {
@@ -496,6 +511,15 @@ impl FakeServer {
 
     pub fn set_always(&self, f: Option<Fault>) {
         self.faults.lock().unwrap().always = f;
+    }
+
+    /// Every GET of blob `id`'s data meets `f` (None: served normally again).
+    pub fn set_blob_fault(&self, id: &str, f: Option<Fault>) {
+        let mut faults = self.faults.lock().unwrap();
+        match f {
+            Some(f) => faults.per_blob.insert(id.to_string(), f),
+            None => faults.per_blob.remove(id),
+        };
     }
 
     pub fn queue(&self, faults: &[Fault]) {
@@ -674,7 +698,9 @@ fn handle(
     s.counters.data_requests.fetch_add(1, Ordering::Relaxed);
     let fault = {
         let mut f = s.faults.lock().unwrap();
-        if f.queue.is_empty() {
+        if let Some(fault) = f.per_blob.get(&id) {
+            Some(fault.clone())
+        } else if f.queue.is_empty() {
             f.always.clone()
         } else {
             Some(f.queue.remove(0))

@@ -1,0 +1,32 @@
+//! How much memory an image may make the daemon hold. Each size below is recorded in the bootstrap, so an
+//! image beyond a limit is refused when it is opened (at mount time), with an error naming the limit,
+//! instead of costing memory or CPU later at a guest's request. Each value is far above what real images
+//! use (the reason is given with it); raising one is a deliberate choice, not a tuning knob.
+
+use crate::error::Error;
+
+/// Largest decoded chunk-info array of one v6 blob: 64 MiB. It is read from the blob and kept decoded
+/// while the image is mounted, and a few KiB of zstd can claim it (a decompression bomb). 64 MiB holds
+/// 4 Mi 16-byte (V1) or 2.8 Mi 24-byte (V2) entries: a 4 TiB layer in the default 1 MiB chunks, 16 GiB
+/// in 4 KiB chunks.
+pub const MAX_CI_ARRAY_BYTES: u64 = 64 << 20;
+
+/// Largest sum of the decoded chunk-info arrays of one image: 256 MiB, so that an image of many blobs (up
+/// to 255) cannot multiply the per-blob limit.
+pub const MAX_IMAGE_CI_BYTES: u64 = 256 << 20;
+
+/// Largest xattr area of one v5 inode: 256 KiB, the most a v6 (EROFS) inode can carry (a 16-bit count of
+/// 4-byte units). GETXATTR and LISTXATTR decode the area whole on every call.
+pub const MAX_XATTR_AREA: u64 = 256 << 10;
+
+/// Most chunks the blob view indexes for one image: 4 Mi, i.e. 16 MiB of 4-byte placements (the view
+/// keeps each blob's chunks sorted by uncompressed offset). 4 Mi chunks are 4 TiB in 1 MiB chunks.
+pub const MAX_VIEW_CHUNKS: u64 = 4 << 20;
+
+/// The error for a size beyond one of the limits above: `what` says whose size it is and how large,
+/// `limit` the limit in words ("64 MiB per blob").
+pub fn exceeded(what: String, limit: &str) -> Error {
+    Error::Invalid(format!(
+        "image refused: {what}, more than the limit of {limit}"
+    ))
+}
