@@ -48,6 +48,29 @@ impl FsType {
     }
 }
 
+/// The lifecycle states nydusd reports in `GET /api/v1/daemon` and nydus-snapshotter waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DaemonState {
+    /// Started, not serving: a live upgrade or failover waits here for PUT /daemon/fuse/takeover.
+    Init,
+    /// The FUSE connection and mounts are in place (taken over), not yet serving: PUT /daemon/start.
+    Ready,
+    Running,
+    /// Shutting down.
+    Stopped,
+}
+
+impl DaemonState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DaemonState::Init => "INIT",
+            DaemonState::Ready => "READY",
+            DaemonState::Running => "RUNNING",
+            DaemonState::Stopped => "STOPPED",
+        }
+    }
+}
+
 /// A mount request, as the API and the command line give it.
 #[derive(Debug, Clone)]
 pub struct MountCmd {
@@ -74,6 +97,7 @@ pub struct Daemon {
     /// Serialises mount changes so checks and the Vfs update happen as one step.
     mount_lock: Mutex<()>,
     shutdown: AtomicBool,
+    state: Mutex<DaemonState>,
     /// Set once the sandbox is up: the paths mounts may use.
     allowed: std::sync::OnceLock<crate::sandbox::AllowedPaths>,
 }
@@ -152,6 +176,7 @@ impl Daemon {
             mounts: Mutex::new(BTreeMap::new()),
             mount_lock: Mutex::new(()),
             shutdown: AtomicBool::new(false),
+            state: Mutex::new(DaemonState::Init),
             allowed: std::sync::OnceLock::new(),
         })
     }
@@ -164,12 +189,16 @@ impl Daemon {
         self.shutdown.load(Ordering::SeqCst)
     }
 
-    pub fn state(&self) -> &'static str {
+    pub fn state(&self) -> DaemonState {
         if self.exit_requested() {
-            "STOPPED"
-        } else {
-            "RUNNING"
+            return DaemonState::Stopped;
         }
+        *self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn set_state(&self, state: DaemonState) {
+        log::info!("daemon state: {}", state.as_str());
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = state;
     }
 
     /// From now on, refuse mounts whose paths lie outside `allowed` (the sandbox could not reach them).
@@ -361,16 +390,10 @@ impl Daemon {
             })
             .collect();
         json!({
-            "version": {
-                "package_ver": env!("CARGO_PKG_VERSION"),
-                "git_commit": option_env!("RAFSD_GIT_COMMIT").unwrap_or("unknown"),
-                "build_time": option_env!("RAFSD_BUILD_TIME").unwrap_or("unknown"),
-                "profile": if cfg!(debug_assertions) { "debug" } else { "release" },
-                "rustc": option_env!("RAFSD_RUSTC").unwrap_or("unknown"),
-            },
+            "version": crate::version::to_json(),
             "id": self.id,
             "supervisor": null,
-            "state": self.state(),
+            "state": self.state().as_str(),
             "backend_collection": collection,
         })
     }

@@ -12,6 +12,18 @@ use fuse_backend_rs::transport::FuseSession;
 
 use crate::error::{Error, Result};
 
+/// `--failover-policy`: what a daemon that takes over a FUSE connection does with the requests its
+/// predecessor had read but not answered (their callers would otherwise wait forever).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FailoverPolicy {
+    /// Leave them.
+    None,
+    /// Have the kernel queue them again (FUSE_NOTIFY_RESEND, Linux 6.9+), so they are served.
+    Resend,
+    /// Fail them with EIO.
+    Flush,
+}
+
 /// Block SIGINT/SIGTERM in this thread and every thread it starts later, so they can be collected with
 /// [`wait_for_signal`]. Call before starting any thread.
 pub fn block_shutdown_signals() -> libc::sigset_t {
@@ -132,6 +144,7 @@ pub fn serve(
             });
         workers.push(worker.map_err(|e| Error::io("start FUSE worker", e))?);
     }
+    daemon.set_state(crate::daemon::DaemonState::Running);
     let mp = mountpoint.to_path_buf();
     let _ = std::thread::Builder::new()
         .name("readahead".into())

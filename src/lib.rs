@@ -20,12 +20,14 @@ pub mod fs;
 pub mod fusedev;
 pub mod image;
 pub mod inspect;
+pub mod logging;
 pub mod passthrough;
 pub mod sandbox;
 pub mod seccomp;
 pub mod service;
 pub mod storage;
 pub mod unpack;
+pub mod version;
 pub mod vhost_user;
 
 pub use error::{Error, Result};

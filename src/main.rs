@@ -10,13 +10,20 @@ use rafsd::{check, inspect, unpack, ImageOptions, RafsImage};
 #[derive(Parser)]
 #[command(
     name = "rafsd",
-    version,
-    about = "Serve RAFS (Nydus) v5/v6 images to VMs and hosts"
+    about = "Serve RAFS (Nydus) v5/v6 images to VMs and hosts",
+    after_help = "rafsd --version (or -V) prints the version, git commit, build time, profile and compiler."
 )]
 struct Cli {
     /// trace, debug, info, warn, error or off.
     #[arg(long, short = 'l', global = true, default_value = "info")]
     log_level: String,
+    /// Write the log to this file instead of stderr (created with its folder; ".log" is added to a
+    /// name without an extension).
+    #[arg(long, short = 'L', global = true)]
+    log_file: Option<PathBuf>,
+    /// Rotate the log file once it reaches this many MiB, keeping 5 older files; 0 never rotates.
+    #[arg(long, global = true, default_value_t = 0)]
+    log_rotation_size: u64,
     #[command(subcommand)]
     command: Command,
 }
@@ -197,12 +204,25 @@ struct FuseArgs {
     /// File with absolute paths to prefetch, one per line ("/" = everything).
     #[arg(long)]
     prefetch_files: Option<PathBuf>,
-    /// Instance id.
+    /// Instance id (nydus-snapshotter's daemon id; names the state sent to --supervisor).
     #[arg(long)]
     id: Option<String>,
     /// Raise RLIMIT_NOFILE to this (best effort; 0 leaves it alone).
     #[arg(long, default_value_t = 1_000_000)]
     rlimit_nofile: u64,
+    /// Unix socket of the supervisor (nydus-snapshotter) that keeps this daemon's state and FUSE
+    /// connection for failover and live upgrade: PUT /api/v1/daemon/fuse/sendfd sends them there,
+    /// PUT /api/v1/daemon/fuse/takeover fetches them.
+    #[arg(long)]
+    supervisor: Option<PathBuf>,
+    /// Start as the new daemon of a live upgrade: mount nothing, wait in state INIT for
+    /// PUT /api/v1/daemon/fuse/takeover.
+    #[arg(long)]
+    upgrade: bool,
+    /// What happens at takeover to requests the previous daemon read but never answered: resend
+    /// (the kernel sends them again), flush (they fail with EIO) or none (left alone).
+    #[arg(long, value_enum, default_value = "resend")]
+    failover_policy: rafsd::fusedev::FailoverPolicy,
     #[command(flatten)]
     sandbox: SandboxArgs,
 }
@@ -270,12 +290,24 @@ fn args_with_default_subcommand() -> Vec<std::ffi::OsString> {
 }
 
 fn main() -> ExitCode {
+    // nydusd's clients run `nydusd --version` and parse its `Git Commit:` line.
+    let first = std::env::args_os().nth(1);
+    if std::env::args_os().len() == 2
+        && first
+            .as_deref()
+            .is_some_and(|a| a == "--version" || a == "-V")
+    {
+        print!("{}", rafsd::version::long_text());
+        return ExitCode::SUCCESS;
+    }
     let cli = Cli::parse_from(args_with_default_subcommand());
-    env_logger::Builder::new()
-        .parse_filters(&cli.log_level)
-        .format_timestamp_millis()
-        .init();
-    match run(cli.command) {
+    let log_file = cli.log_file.as_deref().map(rafsd::logging::log_file_path);
+    if let Err(e) = rafsd::logging::init(&cli.log_level, log_file.as_deref(), cli.log_rotation_size)
+    {
+        eprintln!("rafsd: {e}");
+        return ExitCode::from(1);
+    }
+    match run(cli.command, log_file.as_deref()) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("rafsd: {e}");
@@ -284,10 +316,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(command: Command) -> rafsd::Result<ExitCode> {
+fn run(command: Command, log_file: Option<&std::path::Path>) -> rafsd::Result<ExitCode> {
+    // The sandboxed daemon keeps writing (and rotating) its log in the log file's folder.
+    let log_dir = log_file.and_then(std::path::Path::parent);
     match command {
-        Command::Fuse(args) => run_fuse(args),
-        Command::Virtiofs(args) => run_virtiofs(args),
+        Command::Fuse(args) => run_fuse(args, log_dir),
+        Command::Virtiofs(args) => run_virtiofs(args, log_dir),
         Command::Inspect { bootstrap, json } => {
             let image = RafsImage::open_local(&bootstrap, None, ImageOptions::default())?;
             if json {
@@ -433,7 +467,14 @@ fn run_build(args: BuildArgs) -> rafsd::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn run_fuse(args: FuseArgs) -> rafsd::Result<ExitCode> {
+/// The sandbox may write the log file's folder (it rotates files there); resolved now, while it exists.
+fn allow_log_dir(allowed: &mut rafsd::sandbox::AllowedPaths, log_dir: Option<&std::path::Path>) {
+    if let Some(dir) = log_dir.and_then(|d| d.canonicalize().ok()) {
+        allowed.private_rw.push(dir);
+    }
+}
+
+fn run_fuse(args: FuseArgs, log_dir: Option<&std::path::Path>) -> rafsd::Result<ExitCode> {
     use fuse_backend_rs::api::{Vfs, VfsOptions};
     use rafsd::config::DaemonConfig;
     use rafsd::sandbox::{fork_supervised, Role, SandboxMode};
@@ -467,13 +508,22 @@ fn run_fuse(args: FuseArgs) -> rafsd::Result<ExitCode> {
         .map(read_prefetch_list)
         .transpose()?
         .unwrap_or_default();
+    if args.upgrade || args.supervisor.is_some() {
+        log::warn!("--upgrade and --supervisor are accepted but live upgrade and failover are not implemented yet");
+    }
     let mut allowed = args.sandbox.allowed_paths()?;
-    // No network namespace for the FUSE daemon: API mounts may use network backends.
-    allowed.network = true;
     if let Some(bootstrap) = &args.bootstrap {
         allowed.add_read_only(bootstrap.parent().unwrap_or(bootstrap))?;
         allowed.add_config(&config)?;
+    } else if !args.sandbox.paths_given() {
+        // nydus-snapshotter's shared daemon starts with nothing to serve and mounts every image
+        // through the API, from its root; it cannot pass --allow-path.
+        allowed =
+            rafsd::sandbox::AllowedPaths::kata_defaults(&[], rafsd::sandbox::SNAPSHOTTER_ROOTS)?;
     }
+    // No network namespace for the FUSE daemon: API mounts may use network backends.
+    allowed.network = true;
+    allow_log_dir(&mut allowed, log_dir);
     let api_listener = args
         .apisock
         .as_deref()
@@ -534,7 +584,7 @@ fn run_fuse(args: FuseArgs) -> rafsd::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn run_virtiofs(args: VirtiofsArgs) -> rafsd::Result<ExitCode> {
+fn run_virtiofs(args: VirtiofsArgs, log_dir: Option<&std::path::Path>) -> rafsd::Result<ExitCode> {
     use fuse_backend_rs::api::{Vfs, VfsOptions};
     use rafsd::daemon::{Daemon, FsType, MountCmd};
     use rafsd::sandbox::{fork_supervised, Role, SandboxMode};
@@ -589,6 +639,7 @@ fn run_virtiofs(args: VirtiofsArgs) -> rafsd::Result<ExitCode> {
             rafsd::sandbox::SNAPSHOTTER_ROOTS,
         )?;
     }
+    allow_log_dir(&mut allowed, log_dir);
     // Both sockets are bound on the host before the sandbox hides their paths.
     let listener = rafsd::vhost_user::bind(&args.sock)?;
     let api_listener = args
@@ -637,6 +688,8 @@ fn run_virtiofs(args: VirtiofsArgs) -> rafsd::Result<ExitCode> {
     if let Some(cmd) = startup {
         daemon.mount(&args.virtual_mountpoint, cmd)?;
     }
+    // Serving as soon as the API answers: Kata waits for RUNNING before it starts the VMM.
+    daemon.set_state(rafsd::daemon::DaemonState::Running);
     let _api = api_listener
         .map(|l| rafsd::api::start_on(l, daemon.clone()))
         .transpose()?;

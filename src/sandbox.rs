@@ -113,6 +113,9 @@ pub struct AllowedPaths {
     pub read_write: Vec<PathBuf>,
     /// A network backend may be used: no network namespace, resolver files visible.
     pub network: bool,
+    /// The daemon's own files (the folder of its rotated log): visible and writable in the sandbox, but
+    /// never offered to API mounts.
+    pub private_rw: Vec<PathBuf>,
 }
 
 /// An absolute path with "." and ".." resolved lexically, symlinks resolved for the part that exists.
@@ -586,6 +589,7 @@ pub fn build_root(paths: &AllowedPaths) -> Result<()> {
     }
     exposed.extend(paths.read_only.iter().map(|p| (p.clone(), true)));
     exposed.extend(paths.read_write.iter().map(|p| (p.clone(), false)));
+    exposed.extend(paths.private_rw.iter().map(|p| (p.clone(), false)));
     // Parents before children, so a bind beneath another bind is not hidden by it.
     exposed.sort_by_key(|(p, _)| p.components().count());
     for (p, ro) in &exposed {
@@ -650,6 +654,7 @@ pub fn restrict_filesystem(paths: &AllowedPaths, extra_rw: &[&str]) {
     let mut write: Vec<PathBuf> = DEVICES.iter().map(PathBuf::from).collect();
     write.extend(extra_rw.iter().map(PathBuf::from));
     write.extend(paths.read_write.iter().cloned());
+    write.extend(paths.private_rw.iter().cloned());
     let result = Ruleset::default()
         .set_compatibility(CompatLevel::BestEffort)
         .handle_access(AccessFs::from_all(abi))

@@ -58,9 +58,14 @@ pub fn route(daemon: &Daemon, req: &Request) -> Response {
         ("/daemon", _) => method_not_allowed(req),
         ("/daemon/events", "GET") => Response::json(200, &crate::storage::events::snapshot()),
         ("/daemon/backend", "GET") => backend_info(daemon, req),
-        ("/daemon/start", "PUT") => {
-            Response::error(400, "UnexpectedEvent", "the daemon is already RUNNING")
-        }
+        ("/daemon/start", "PUT") => Response::error(
+            400,
+            "UnexpectedEvent",
+            format!(
+                "start is only valid in state READY; the daemon is {}",
+                daemon.state().as_str()
+            ),
+        ),
         ("/daemon/exit", "PUT") => {
             log::info!("exit requested through the API");
             daemon.request_exit();
