@@ -477,8 +477,9 @@ fn allow_log_dir(allowed: &mut rafsd::sandbox::AllowedPaths, log_dir: Option<&st
 fn run_fuse(args: FuseArgs, log_dir: Option<&std::path::Path>) -> rafsd::Result<ExitCode> {
     use fuse_backend_rs::api::{Vfs, VfsOptions};
     use rafsd::config::DaemonConfig;
+    use rafsd::daemon::{FsType, MountCmd};
     use rafsd::sandbox::{fork_supervised, Role, SandboxMode};
-    use rafsd::service::{build_rafs, read_prefetch_list, RafsMount};
+    use rafsd::service::read_prefetch_list;
     // Before any thread exists, so every thread inherits the mask and signals reach our wait loop.
     let signals = rafsd::fusedev::block_shutdown_signals();
     rafsd::service::raise_nofile_limit(args.rlimit_nofile);
@@ -489,32 +490,39 @@ fn run_fuse(args: FuseArgs, log_dir: Option<&std::path::Path>) -> rafsd::Result<
                 .into(),
         ));
     }
-    let mut config = match (&args.config, &args.localfs_dir) {
-        (Some(path), _) => DaemonConfig::from_file(path)?,
-        (None, Some(dir)) => DaemonConfig::localfs(dir.clone(), Some(dir.clone())),
+    // The image given on the command line, as a mount request (kept whole for a successor daemon).
+    let config_text = match (&args.config, &args.localfs_dir) {
+        (Some(path), _) => {
+            DaemonConfig::from_file(path)?;
+            Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| rafsd::Error::io(format!("read config {}", path.display()), e))?,
+            )
+        }
+        (None, Some(dir)) => Some(localfs_config(dir)),
         (None, None) if args.bootstrap.is_some() => {
             return Err(rafsd::Error::Invalid(
                 "--bootstrap needs --config or --localfs-dir".into(),
             ))
         }
-        (None, None) => DaemonConfig::localfs(PathBuf::from("."), None),
+        (None, None) => None,
     };
-    if config.id.is_none() {
-        config.id = args.id.clone();
-    }
+    let config = config_text
+        .as_deref()
+        .map(|t| DaemonConfig::from_slice(t.as_bytes()))
+        .transpose()?;
     let prefetch_files = args
         .prefetch_files
         .as_deref()
         .map(read_prefetch_list)
         .transpose()?
         .unwrap_or_default();
-    if args.upgrade || args.supervisor.is_some() {
-        log::warn!("--upgrade and --supervisor are accepted but live upgrade and failover are not implemented yet");
-    }
     let mut allowed = args.sandbox.allowed_paths()?;
     if let Some(bootstrap) = &args.bootstrap {
         allowed.add_read_only(bootstrap.parent().unwrap_or(bootstrap))?;
-        allowed.add_config(&config)?;
+        if let Some(c) = &config {
+            allowed.add_config(c)?;
+        }
     } else if !args.sandbox.paths_given() {
         // nydus-snapshotter's shared daemon starts with nothing to serve and mounts every image
         // through the API, from its root; it cannot pass --allow-path.
@@ -524,64 +532,104 @@ fn run_fuse(args: FuseArgs, log_dir: Option<&std::path::Path>) -> rafsd::Result<
     // No network namespace for the FUSE daemon: API mounts may use network backends.
     allowed.network = true;
     allow_log_dir(&mut allowed, log_dir);
+    // A restarted daemon whose predecessor was killed finds that daemon's mount still there and its
+    // API socket dead: it waits for the takeover (nydusd does the same), as a live upgrade does.
+    let crashed = !args.upgrade
+        && args
+            .apisock
+            .as_deref()
+            .is_some_and(|a| rafsd::fusedev::predecessor_crashed(&args.mountpoint, a));
+    if crashed && args.supervisor.is_none() {
+        // Nobody holds its connection for a takeover (nydus-snapshotter's recover_policy "restart"):
+        // the dead mount only hides the mountpoint, and a fresh mount replaces it.
+        log::warn!(
+            "the previous daemon at {} died and no --supervisor can hand its connection over: detaching its mount",
+            args.mountpoint.display()
+        );
+        rafsd::sandbox::unmount_fuse(&args.mountpoint);
+    } else if crashed {
+        log::warn!(
+            "the previous daemon at {} died: waiting for PUT /api/v1/daemon/fuse/takeover",
+            args.mountpoint.display()
+        );
+    }
+    let crashed = crashed && args.supervisor.is_some();
     let api_listener = args
         .apisock
         .as_deref()
         .map(rafsd::api::http::bind)
         .transpose()?;
-    // The sandboxed daemon may not unmount; a supervisor outside the sandbox does it when the daemon ends.
+    let (fate, fate_reader) = rafsd::takeover::mount_fate_pipe()?;
+    // The sandboxed daemon may not unmount; a supervisor outside the sandbox does it when the daemon
+    // ends, unless the daemon said the mount outlives it (a successor takes it over).
     if let Role::Supervisor(exit) =
         fork_supervised(false, 0, &signals, rafsd::sandbox::SUPERVISOR_CAPS_FUSE)?
     {
         drop(api_listener);
-        rafsd::sandbox::unmount_fuse(&args.mountpoint);
+        drop(fate);
+        if fate_reader.should_unmount() {
+            rafsd::sandbox::unmount_fuse(&args.mountpoint);
+        } else {
+            log::info!(
+                "supervisor: leaving the FUSE mount at {} to the next daemon",
+                args.mountpoint.display()
+            );
+        }
         if let Some(p) = &args.apisock {
             let _ = std::fs::remove_file(p);
         }
         exit.propagate();
     }
+    drop(fate_reader);
     let vfs = Arc::new(Vfs::new(VfsOptions {
         no_open: false,
         no_opendir: false,
         no_writeback: true,
         ..Default::default()
     }));
-    let daemon = rafsd::daemon::Daemon::new(config.id.clone(), vfs.clone());
+    let id = config
+        .as_ref()
+        .and_then(|c| c.id.clone())
+        .or_else(|| args.id.clone());
+    let daemon = rafsd::daemon::Daemon::new(id, vfs.clone());
     let seccomp = args.sandbox.seccomp;
     let mut api = None;
-    // Runs once the FUSE device is mounted and its channels are open, before any thread starts.
-    let start = || -> rafsd::Result<()> {
+    // Runs once the FUSE device is mounted (or, taking over, before waiting), before any worker starts.
+    let start = |mount_image: bool| -> rafsd::Result<()> {
         // The readahead knob of our mount lives in sysfs.
         enter_sandbox(&daemon, allowed, &["/sys/devices/virtual/bdi"], seccomp)?;
-        if let Some(bootstrap) = &args.bootstrap {
-            let id = config.id.clone();
-            let fs = build_rafs(&RafsMount {
-                bootstrap: bootstrap.clone(),
-                config,
-                prefetch_files,
-            })?;
-            daemon.attach(
-                "/",
-                rafsd::daemon::FsType::Rafs,
-                bootstrap.clone(),
-                Box::new(fs),
-                id,
-            )?;
+        if let (true, Some(bootstrap), Some(text)) = (mount_image, &args.bootstrap, config_text) {
+            let mut cmd = MountCmd::new(FsType::Rafs, bootstrap.clone(), text);
+            cmd.prefetch_files = prefetch_files;
+            cmd.id = args.id.clone();
+            daemon.mount("/", cmd)?;
         }
         api = api_listener
             .map(|l| rafsd::api::start_on(l, daemon.clone()))
             .transpose()?;
         Ok(())
     };
-    rafsd::fusedev::serve(
-        vfs.clone(),
-        &args.mountpoint,
-        args.thread_num as usize,
-        &signals,
-        &daemon,
-        start,
-    )?;
+    let opts = rafsd::fusedev::FuseOptions {
+        mountpoint: args.mountpoint.clone(),
+        threads: args.thread_num as usize,
+        failover_policy: args.failover_policy,
+        supervisor: args.supervisor.clone(),
+        take_over: args.upgrade || crashed,
+    };
+    rafsd::fusedev::run(vfs, opts, &signals, &daemon, fate, start)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--localfs-dir DIR` as the nydusd config it stands for: blobs in DIR, cached in DIR.
+fn localfs_config(dir: &std::path::Path) -> String {
+    serde_json::json!({
+        "device": {
+            "backend": {"type": "localfs", "config": {"dir": dir}},
+            "cache": {"type": "blobcache", "config": {"work_dir": dir}},
+        },
+        "mode": "direct",
+    })
+    .to_string()
 }
 
 fn run_virtiofs(args: VirtiofsArgs, log_dir: Option<&std::path::Path>) -> rafsd::Result<ExitCode> {
@@ -621,6 +669,7 @@ fn run_virtiofs(args: VirtiofsArgs, log_dir: Option<&std::path::Path>) -> rafsd:
             source: bootstrap.clone(),
             config: text,
             prefetch_files,
+            id: args.id.clone(),
         });
     } else if let Some(dir) = &args.shared_dir {
         allowed.add_read_write(dir)?;
@@ -629,6 +678,7 @@ fn run_virtiofs(args: VirtiofsArgs, log_dir: Option<&std::path::Path>) -> rafsd:
             source: dir.clone(),
             config: String::new(),
             prefetch_files,
+            id: None,
         });
     }
     // Kata starts nydusd with nothing to serve and no room for our options (only

@@ -727,12 +727,28 @@ pub fn is_our_fuse_mount(mountpoint: &Path) -> bool {
         })
 }
 
+/// The absolute path of `mountpoint` as /proc/self/mountinfo shows it. Only the parent is resolved: a
+/// stat of the mountpoint itself waits on its FUSE connection, which nobody may be serving any more
+/// (the snapshotter's supervisor can keep it open across daemons).
+pub fn resolve_mountpoint(mountpoint: &Path) -> PathBuf {
+    let (Some(parent), Some(name)) = (mountpoint.parent(), mountpoint.file_name()) else {
+        return mountpoint.to_path_buf();
+    };
+    let parent = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
+    parent
+        .canonicalize()
+        .map(|p| p.join(name))
+        .unwrap_or(mountpoint.to_path_buf())
+}
+
 /// Lazily unmount our FUSE mount at `mountpoint` if it is still there (the supervisor's cleanup: the
 /// sandboxed daemon may not unmount).
 pub fn unmount_fuse(mountpoint: &Path) {
-    let mp = mountpoint
-        .canonicalize()
-        .unwrap_or(mountpoint.to_path_buf());
+    let mp = resolve_mountpoint(mountpoint);
     if !is_our_fuse_mount(&mp) {
         return;
     }

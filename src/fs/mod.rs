@@ -38,6 +38,9 @@ pub const CACHE_TIMEOUT: Duration = Duration::from_secs(1 << 32);
 /// Inodes above this cannot be encoded by `Vfs` (it keeps the top 8 bits for the mount index).
 const MAX_INO: u64 = (1 << 56) - 1;
 
+/// (inode, value) pairs: lookup counts, or the parents of directories.
+pub type InodePairs = Vec<(u64, u64)>;
+
 pub struct RafsFs {
     image: Arc<RafsImage>,
     /// xattr requests are answered when the image records xattrs or the config asks for them.
@@ -134,6 +137,29 @@ impl RafsFs {
             .get(&ino)
             .copied()
             .unwrap_or(0)
+    }
+
+    /// The kernel's references into this filesystem, for a successor daemon: (inode, lookups) and
+    /// (directory, parent) pairs.
+    pub fn export_lookups(&self) -> (InodePairs, InodePairs) {
+        let lookups = self.lookups.lock().unwrap_or_else(|e| e.into_inner());
+        let parents = self.parents.lock().unwrap_or_else(|e| e.into_inner());
+        (
+            lookups.iter().map(|(k, v)| (*k, *v)).collect(),
+            parents.iter().map(|(k, v)| (*k, *v)).collect(),
+        )
+    }
+
+    /// Take over the references a predecessor daemon handed down (see [`RafsFs::export_lookups`]).
+    pub fn import_lookups(&self, lookups: &[(u64, u64)], parents: &[(u64, u64)]) {
+        self.lookups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(lookups.iter().copied());
+        self.parents
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(parents.iter().copied());
     }
 
     fn attr(&self, ino: u64) -> io::Result<InodeAttr> {

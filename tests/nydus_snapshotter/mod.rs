@@ -215,9 +215,11 @@ impl DaemonSpec {
     }
 }
 
-/// One started daemon process (the pid the snapshotter waits on).
+/// One started daemon process (the pid the snapshotter waits on). Once reaped it is never signalled
+/// again (its pid may belong to someone else by then).
 pub struct Process {
-    pub child: Option<Child>,
+    child: Option<Child>,
+    status: Option<std::process::ExitStatus>,
     pub stderr: PathBuf,
 }
 
@@ -238,21 +240,31 @@ impl Process {
             .expect("start the daemon");
         Process {
             child: Some(child),
+            status: None,
             stderr: stderr.to_path_buf(),
         }
     }
 
+    /// The pid of the running process.
     pub fn pid(&self) -> i32 {
-        self.child.as_ref().unwrap().id() as i32
+        self.child.as_ref().expect("the process was reaped").id() as i32
     }
 
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().unwrap())
+        if let Some(c) = &mut self.child {
+            if let Some(status) = c.try_wait().unwrap() {
+                self.status = Some(status);
+                self.child = None;
+            }
+        }
+        self.status
     }
 
     pub fn signal(&self, sig: i32) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.pid(), sig) };
+        if let Some(c) = &self.child {
+            // SAFETY: signalling our own, not yet reaped, child.
+            unsafe { libc::kill(c.id() as i32, sig) };
+        }
     }
 
     /// `p.Wait()`, bounded so a test cannot hang.
@@ -734,6 +746,11 @@ impl Supervisor {
         })
     }
 
+    /// Replace what the supervisor holds (to play a supervisor with foreign or broken state).
+    pub fn store(&self, data: Vec<u8>, fd: OwnedFd) {
+        *self.stored.lock().unwrap() = (data, Some(fd));
+    }
+
     pub fn has_fd(&self) -> bool {
         self.stored.lock().unwrap().1.is_some()
     }
@@ -746,4 +763,442 @@ impl Supervisor {
     pub fn destroy(&self) {
         self.stored.lock().unwrap().1 = None;
     }
+}
+
+/// `buildNextAPISocket`: api.sock -> api1.sock -> api2.sock ...
+pub fn next_api_socket(cur: &Path) -> PathBuf {
+    let name = cur.file_name().unwrap().to_string_lossy().into_owned();
+    let stem = name.split('.').next().unwrap();
+    let digits: String = stem.chars().filter(|c| c.is_ascii_digit()).collect();
+    let n = digits.parse::<u32>().map_or(1, |n| n + 1);
+    cur.with_file_name(format!("api{n}.sock"))
+}
+
+/// Times of one recovery, from the event that started it.
+#[derive(Debug, Clone, Copy)]
+pub struct Recovery {
+    /// The snapshotter's own waits (reaping the process, WaitUntilUnmounted) before it starts the
+    /// new daemon.
+    pub snapshotter_wait: Duration,
+    /// New process started -> RUNNING (INIT, takeover, start).
+    pub daemon: Duration,
+    /// Death (or exit request) -> RUNNING.
+    pub total: Duration,
+}
+
+/// One daemon as the snapshotter's manager drives it (pkg/manager).
+pub struct Managed {
+    pub s: Snapshotter,
+    pub spec: DaemonSpec,
+    pub process: Process,
+    pub client: Client,
+    pub live: Option<Liveness>,
+    pub supervisor: Option<Arc<Supervisor>>,
+    pub stderr: PathBuf,
+}
+
+impl Drop for Managed {
+    /// A failed test must not leave a mount behind, nor readers blocked on a connection nobody serves:
+    /// kill the daemon, close the supervisor's descriptor (the kernel then aborts the connection) and
+    /// detach the mount.
+    fn drop(&mut self) {
+        if let Some(mut c) = self.process.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(sup) = &self.supervisor {
+            sup.destroy();
+        }
+        let mp = self.spec.mountpoint(&self.s);
+        let c = std::ffi::CString::new(mp.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid path; detaching a mount of our own test.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+impl Managed {
+    /// `StartDaemon` and its goroutine: start, WaitUntilSocketExisted, subscribe, RUNNING, SendStates.
+    pub fn start(s: &Snapshotter, spec: DaemonSpec, stderr: &Path) -> Result<Managed, String> {
+        std::fs::create_dir_all(spec.mountpoint(s)).unwrap();
+        std::fs::create_dir_all(spec.apisock.parent().unwrap()).unwrap();
+        let supervisor = (s.recover == Recover::Failover)
+            .then(|| Arc::new(Supervisor::new(&spec.supervisor_sock(s))));
+        let process = Process::start(s, &spec.argv(s, false), stderr);
+        let mut m = Managed {
+            s: s.clone(),
+            client: Client::new(&spec.apisock),
+            spec,
+            process,
+            live: None,
+            supervisor,
+            stderr: stderr.to_path_buf(),
+        };
+        m.after_start()?;
+        Ok(m)
+    }
+
+    /// What the StartDaemon goroutine does once the process runs.
+    fn after_start(&mut self) -> Result<(), String> {
+        wait_until_socket_existed(&self.spec.apisock)?;
+        self.live = Some(Liveness::subscribe(&self.spec.apisock));
+        self.client.wait_until_state("RUNNING")?;
+        self.send_states()
+    }
+
+    /// `SendStates`: FetchDaemonStates around PUT /api/v1/daemon/fuse/sendfd (failover only).
+    pub fn send_states(&self) -> Result<(), String> {
+        let Some(sup) = &self.supervisor else {
+            return Ok(());
+        };
+        sup.fetch_daemon_states(Duration::from_secs(20), || {
+            self.client.put("/api/v1/daemon/fuse/sendfd")
+        })
+    }
+
+    /// `SharedMount`: POST /api/v1/mount?mountpoint=/<sid>, then SendStates.
+    pub fn shared_mount(&self, sid: &str, config: &str) -> Result<(), String> {
+        let r = self
+            .client
+            .mount(&format!("/{sid}"), &self.s.bootstrap(sid), config);
+        let sent = self.send_states();
+        if !r.ok() {
+            return Err(r.error());
+        }
+        sent
+    }
+
+    pub fn log(&self) -> String {
+        let daemon_log = std::fs::read_to_string(self.spec.log_file(&self.s)).unwrap_or_default();
+        let stderr = std::fs::read_to_string(&self.stderr).unwrap_or_default();
+        format!("{daemon_log}\n--- stderr ---\n{stderr}")
+    }
+
+    /// `doDaemonFailover`, after the liveness monitor reported the death at `died`: Wait (reap, then
+    /// WaitUntilUnmounted, which fails: the mount stays), SendStatesTimeout(10 s), StartDaemon,
+    /// WaitUntilState(INIT), TakeOver, Start; then the StartDaemon goroutine.
+    pub fn failover(&mut self, died: Instant) -> Result<Recovery, String> {
+        self.process.wait(Duration::from_secs(20));
+        let _ = wait_until_unmounted(&self.spec.mountpoint(&self.s));
+        self.live = None;
+        let sup = self
+            .supervisor
+            .clone()
+            .ok_or("failover needs a supervisor")?;
+        let sender = sup.send_states_timeout(Duration::from_secs(10));
+        let started = Instant::now();
+        let snapshotter_wait = started - died;
+        self.process = Process::start(&self.s, &self.spec.argv(&self.s, false), &self.stderr);
+        self.client = Client::new(&self.spec.apisock);
+        // StartDaemon's goroutine runs alongside; here its steps come after Start.
+        wait_until_socket_existed(&self.spec.apisock).map_err(|e| {
+            let pid = self.process.pid();
+            format!(
+                "{e}; the new daemon {pid}: {:?} {:?}",
+                std::fs::read_to_string(format!("/proc/{pid}/stack")),
+                std::fs::read_to_string(format!("/proc/{pid}/stat")),
+            )
+        })?;
+        self.client.wait_until_state("INIT")?;
+        let r = self.client.put("/api/v1/daemon/fuse/takeover");
+        if !r.ok() {
+            return Err(format!("takeover: {}", r.error()));
+        }
+        sender.join().unwrap()?;
+        let r = self.client.put("/api/v1/daemon/start");
+        if !r.ok() {
+            return Err(format!("start: {}", r.error()));
+        }
+        self.live = Some(Liveness::subscribe(&self.spec.apisock));
+        self.client.wait_until_state("RUNNING")?;
+        let running = Instant::now();
+        self.send_states()?;
+        Ok(Recovery {
+            snapshotter_wait,
+            daemon: running - started,
+            total: running - died,
+        })
+    }
+
+    /// `doDaemonRestart` (recover_policy "restart"): Wait (reap, WaitUntilUnmounted), ClearVestige
+    /// (unmount if IsMountpoint says so, remove the API socket), StartDaemon, then SharedMount of every
+    /// instance of a shared daemon.
+    pub fn restart(
+        &mut self,
+        died: Instant,
+        shared_instances: &[(String, String)],
+    ) -> Result<Recovery, String> {
+        self.process.wait(Duration::from_secs(20));
+        let mp = self.spec.mountpoint(&self.s);
+        let _ = wait_until_unmounted(&mp);
+        self.live = None;
+        if is_mountpoint(&mp) {
+            let c = std::ffi::CString::new(mp.as_os_str().as_encoded_bytes()).unwrap();
+            // SAFETY: a valid path (syscall.Unmount(target, 0)).
+            unsafe { libc::umount2(c.as_ptr(), 0) };
+        }
+        let _ = std::fs::remove_file(&self.spec.apisock);
+        let started = Instant::now();
+        self.process = Process::start(&self.s, &self.spec.argv(&self.s, false), &self.stderr);
+        self.client = Client::new(&self.spec.apisock);
+        self.after_start()?;
+        for (sid, config) in shared_instances {
+            self.shared_mount(sid, config)?;
+        }
+        let running = Instant::now();
+        Ok(Recovery {
+            snapshotter_wait: started - died,
+            daemon: running - started,
+            total: running - died,
+        })
+    }
+
+    /// `DoDaemonUpgrade` to the same binary: new API socket, `--upgrade`, SendStatesTimeout, INIT,
+    /// TakeOver, READY, exit of the old daemon (which must leave the mount), Start, RUNNING, then
+    /// RecoverRafsInstances (SharedMount of each known instance) for a shared daemon.
+    pub fn upgrade(&mut self, shared_instances: &[(String, String)]) -> Result<Recovery, String> {
+        let sup = self
+            .supervisor
+            .clone()
+            .ok_or("upgrade needs a supervisor")?;
+        let mut next = self.spec.clone();
+        next.apisock = next_api_socket(&self.spec.apisock);
+        let sender = sup.send_states_timeout(Duration::from_secs(10));
+        let began = Instant::now();
+        let mut process = Process::start(&self.s, &next.argv(&self.s, true), &self.stderr);
+        let client = Client::new(&next.apisock);
+        wait_until_socket_existed(&next.apisock)?;
+        client.wait_until_state("INIT")?;
+        let r = client.put("/api/v1/daemon/fuse/takeover");
+        if !r.ok() {
+            return Err(format!("takeover: {}", r.error()));
+        }
+        sender.join().unwrap()?;
+        client.wait_until_state("READY")?;
+        self.live = None;
+        let exit_at = Instant::now();
+        let r = self.client.put("/api/v1/daemon/exit");
+        if !r.ok() {
+            return Err(format!("exit: {}", r.error()));
+        }
+        self.process.wait(Duration::from_secs(30));
+        let r = client.put("/api/v1/daemon/start");
+        if !r.ok() {
+            return Err(format!("start: {}", r.error()));
+        }
+        let live = Liveness::subscribe(&next.apisock);
+        client.wait_until_state("RUNNING")?;
+        let running = Instant::now();
+        std::mem::swap(&mut self.process, &mut process);
+        drop(process);
+        self.client = client;
+        self.spec = next;
+        self.live = Some(live);
+        for (sid, config) in shared_instances {
+            self.shared_mount(sid, config)?;
+        }
+        Ok(Recovery {
+            snapshotter_wait: exit_at - began,
+            daemon: running - exit_at,
+            total: running - began,
+        })
+    }
+
+    /// `DestroyDaemon` for the shared or dedicated daemon: unmount instances, destroy the supervisor
+    /// (closing the held fd), SIGTERM, Wait (reap, WaitUntilUnmounted).
+    pub fn destroy(&mut self, shared_instances: &[String]) -> Result<(), String> {
+        for sid in shared_instances {
+            let r = self.client.umount(&format!("/{sid}"));
+            if !r.ok() {
+                return Err(format!("umount {sid}: {}", r.error()));
+            }
+        }
+        if let Some(sup) = &self.supervisor {
+            sup.destroy();
+        }
+        self.live = None;
+        self.process.signal(libc::SIGTERM);
+        let status = self.process.wait(Duration::from_secs(20));
+        if !status.success() {
+            return Err(format!("exit after SIGTERM: {status}"));
+        }
+        if !wait_until_unmounted(&self.spec.mountpoint(&self.s)) {
+            return Err("still mounted after the daemon exited".into());
+        }
+        Ok(())
+    }
+}
+
+/// Readers of the mount run in processes of their own (this test binary, re-executed with
+/// `RAFSD_TEST_READER` set): a process that holds a file of a FUSE mount open cannot start a daemon
+/// for that mount while nobody serves it, because exec closes the file and the close waits for the
+/// daemon to answer FLUSH. The test process itself therefore holds no such file while it fails over.
+#[derive(serde::Serialize, serde::Deserialize, Clone, Debug)]
+pub struct ReaderJob {
+    /// Files to read whole: (path, sha256, size).
+    pub files: Vec<(PathBuf, String, u64)>,
+    /// Read size.
+    pub chunk: usize,
+    /// Where the result goes (JSON [`ReaderResult`]).
+    pub out: PathBuf,
+    /// Hold the first file half read until this file appears (an open handle across a failover).
+    pub hold_until: Option<PathBuf>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize, Clone, Debug, Default)]
+pub struct ReaderResult {
+    pub files_ok: usize,
+    pub errors: Vec<String>,
+    pub reads: u64,
+    /// The slowest single read(), in ms.
+    pub max_read_ms: f64,
+}
+
+pub const READER_ENV: &str = "RAFSD_TEST_READER";
+
+/// The reader process's body.
+pub fn run_reader(job: &ReaderJob) -> ReaderResult {
+    use sha2::Digest;
+    let mut r = ReaderResult::default();
+    for (i, (path, want, size)) in job.files.iter().enumerate() {
+        let mut f = match std::fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) => {
+                r.errors.push(format!("open {}: {e}", path.display()));
+                continue;
+            }
+        };
+        let mut h = sha2::Sha256::new();
+        let mut buf = vec![0u8; job.chunk];
+        let mut got = 0u64;
+        let mut failed = false;
+        loop {
+            if i == 0 && got >= size / 2 {
+                if let Some(go) = &job.hold_until {
+                    let _ = std::fs::write(job.out.with_extension("holding"), b"");
+                    while !go.exists() {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+            }
+            let t = Instant::now();
+            let n = match f.read(&mut buf) {
+                Ok(n) => n,
+                Err(e) => {
+                    r.errors
+                        .push(format!("read {} at {got}: {e}", path.display()));
+                    failed = true;
+                    break;
+                }
+            };
+            r.max_read_ms = r.max_read_ms.max(t.elapsed().as_secs_f64() * 1e3);
+            r.reads += 1;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+            got += n as u64;
+        }
+        if failed {
+            continue;
+        }
+        let sha = format!("{:x}", h.finalize());
+        if got != *size || sha != *want {
+            r.errors.push(format!(
+                "{}: {got} bytes, sha256 {sha}, want {size} {want}",
+                path.display()
+            ));
+        } else {
+            r.files_ok += 1;
+        }
+    }
+    r
+}
+
+/// A reader process.
+pub struct Reader {
+    child: Child,
+    pub job: ReaderJob,
+}
+
+impl Reader {
+    /// Start `job` in a new process running the test named `test` of this binary.
+    pub fn spawn(test: &str, job: ReaderJob) -> Reader {
+        let child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", test, "--nocapture", "--test-threads=1"])
+            .env(READER_ENV, serde_json::to_string(&job).unwrap())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Reader { child, job }
+    }
+
+    /// A process that opens `file`, reads half of it and keeps it open until the returned path exists;
+    /// returns once the file is open.
+    pub fn hold_open(
+        test: &str,
+        file: (PathBuf, String, u64),
+        dir: &Path,
+        tag: &str,
+    ) -> (Reader, PathBuf) {
+        let go = dir.join(format!("{tag}.go"));
+        let r = Reader::spawn(
+            test,
+            ReaderJob {
+                files: vec![file],
+                chunk: 4096,
+                out: dir.join(format!("{tag}.json")),
+                hold_until: Some(go.clone()),
+            },
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !r.holding() {
+            assert!(
+                Instant::now() < deadline,
+                "the holder never got its file open"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        (r, go)
+    }
+
+    pub fn holding(&self) -> bool {
+        self.job.out.with_extension("holding").exists()
+    }
+
+    /// Wait (bounded) for the reader to finish; `None` if it did not.
+    pub fn finish(&mut self, limit: Duration) -> Option<ReaderResult> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(_status) = self.child.try_wait().unwrap() {
+                let text = std::fs::read_to_string(&self.job.out).ok()?;
+                return serde_json::from_str(&text).ok();
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The body of the reader test: does nothing unless started by [`Reader::spawn`].
+pub fn reader_main() {
+    let Some(job) = std::env::var_os(READER_ENV) else {
+        return;
+    };
+    let job: ReaderJob = serde_json::from_str(&job.to_string_lossy()).unwrap();
+    let result = run_reader(&job);
+    std::fs::write(&job.out, serde_json::to_string(&result).unwrap()).unwrap();
+    std::process::exit(0);
 }
