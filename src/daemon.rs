@@ -571,6 +571,45 @@ impl Daemon {
         Ok(())
     }
 
+    /// `PUT /api/v1/config?id=`: settings of a running RAFS instance. Only `registry_auth` (base64
+    /// `user:pass`, empty to clear) is known: the backend switches to the new credentials without a
+    /// remount, and the mount's record (what a successor daemon is handed) carries them too.
+    pub fn update_config(
+        &self,
+        id: Option<&str>,
+        params: &serde_json::Map<String, Value>,
+    ) -> Result<()> {
+        for key in params.keys() {
+            if key != "registry_auth" {
+                return Err(Error::Invalid(format!(
+                    "unknown config key {key:?} (only \"registry_auth\" can be changed)"
+                )));
+            }
+        }
+        let Some(value) = params.get("registry_auth") else {
+            return Ok(());
+        };
+        let auth = value
+            .as_str()
+            .ok_or_else(|| Error::Invalid("`registry_auth` must be a string".into()))?;
+        let auth = Some(auth.trim()).filter(|a| !a.is_empty());
+        let _serial = self.mount_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let (mp, fs) = self.rafs(id)?;
+        let rafs = fs
+            .as_any()
+            .downcast_ref::<RafsFs>()
+            .ok_or_else(|| Error::NotFound(format!("{mp} is not rafs")))?;
+        let mut mounts = self.mounts.lock().unwrap_or_else(|e| e.into_inner());
+        let record = mounts
+            .get_mut(&mp)
+            .ok_or_else(|| Error::NotFound(format!("nothing is mounted at {mp}")))?;
+        let config = crate::config::with_registry_auth(&record.cmd.config, auth)?;
+        rafs.image().backend().set_registry_auth(auth)?;
+        record.cmd.config = config;
+        log::info!("registry credentials of {mp} updated");
+        Ok(())
+    }
+
     /// nydusd's DaemonInfo.
     pub fn info(&self) -> Value {
         let mounts = self.mounts.lock().unwrap_or_else(|e| e.into_inner());

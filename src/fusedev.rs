@@ -130,8 +130,6 @@ struct Shared {
     flush_resent: AtomicBool,
     /// The /dev/fuse descriptor, for replies written outside the server.
     fd: AtomicI32,
-    /// Requests the kernel sent again after a takeover, served so far.
-    resent: AtomicUsize,
 }
 
 impl Shared {
@@ -258,6 +256,8 @@ pub fn run(
     };
     daemon.set_inflight(d.inflight.clone());
     if take_over {
+        // The mount is the predecessor's: whatever happens to this daemon, it is not ours to remove.
+        d.fate.tell(Fate::Keep);
         log::info!(
             "waiting in state INIT for PUT /api/v1/daemon/fuse/takeover (the FUSE connection of {} comes from the supervisor)",
             d.opts.mountpoint.display()
@@ -592,7 +592,6 @@ impl FuseDaemon<'_> {
                                     capture_init(reader.clone(), &shared);
                                 }
                                 if h.unique & FUSE_UNIQUE_RESEND != 0 {
-                                    shared.resent.fetch_add(1, Ordering::Relaxed);
                                     log::info!(
                                         "request {:#x} (opcode {}) sent again by the kernel after the takeover",
                                         h.unique,

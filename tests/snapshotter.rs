@@ -193,6 +193,11 @@ fn dedicated_daemon_started_as_the_snapshotter_starts_it() {
     assert!(m.ok(), "{}", m.error());
     assert!(m.json()["underlying_files"].is_array());
     assert_image(&spec.mountpoint(&s), "dedicated", &log_of(&s, &spec));
+    // GetInflightMetrics: nothing in flight is a 204 (the snapshotter decodes only other answers).
+    let r = client
+        .request("GET", "/api/v1/metrics/inflight", &[], None)
+        .unwrap();
+    assert_eq!(r.status, 204, "{}", r.body);
     // The log went to --log-file, in a folder the daemon created.
     let log = std::fs::read_to_string(log_of(&s, &spec)).unwrap();
     assert!(log.contains("FUSE filesystem mounted"), "{log}");
@@ -986,4 +991,234 @@ fn failed_handovers_are_clear_errors_and_hang_nobody() {
     assert!(nydus_snapshotter::wait_until_unmounted(
         &spec.mountpoint(&s)
     ));
+}
+
+/// Regular files of the image read through `root`: how many have the manifest's bytes, and the first
+/// errors (a file the daemon cannot fetch reads as an error).
+fn read_files(root: &Path, files: &[(String, String, u64)]) -> (usize, Vec<String>) {
+    use sha2::Digest;
+    let (mut ok, mut errors) = (0, Vec::new());
+    for (path, sha, _) in files {
+        match std::fs::read(root.join(path)) {
+            Ok(data) if format!("{:x}", sha2::Sha256::digest(&data)) == *sha => ok += 1,
+            Ok(_) => errors.push(format!("{path}: wrong bytes")),
+            Err(e) => errors.push(format!("{path}: {e}")),
+        }
+    }
+    (ok, errors)
+}
+
+/// Credential renewal: the registry's password is rotated under a running shared daemon; reads of data
+/// not yet cached fail with the old credentials, and after the snapshotter's
+/// `PUT /api/v1/config?id=/<sid>` `{"registry_auth": ...}` they succeed, with no remount. The renewed
+/// credentials also travel with the state to a successor after kill -9.
+#[test]
+fn registry_credentials_are_renewed_without_a_remount() {
+    manifest::assert_root("FUSE mounts");
+    for tool in ["docker-registry", "htpasswd"] {
+        assert!(
+            services::have(tool),
+            "`{tool}` is missing: run ci/install-deps.sh"
+        );
+    }
+    let root = DefaultRoot::take();
+    let s = Snapshotter::new(&root.path, Recover::Failover);
+    let work = tempfile::tempdir().unwrap();
+    let repo = "rafsd/renewal";
+    let reg_dir = work.path().join("registry");
+    std::fs::create_dir_all(&reg_dir).unwrap();
+    let mut reg = services::start_registry(
+        &reg_dir,
+        services::RegistryAuth::Htpasswd("alice", "old-pass"),
+    );
+    let old = services::basic_auth("alice", "old-pass");
+    for blob in std::fs::read_dir(manifest::case_blob_dir(CASE)).unwrap() {
+        let data = std::fs::read(blob.unwrap().path()).unwrap();
+        services::push_blob(reg.port, repo, Some(&format!("Basic {old}")), &data);
+    }
+    let sid = format!("t{}cred", std::process::id());
+    s.install_image(
+        &sid,
+        &manifest::case_bootstrap(CASE),
+        &manifest::case_blob_dir(CASE),
+    );
+    let config = |auth: &str| {
+        serde_json::json!({
+            "device": {
+                "id": format!("/{sid}"),
+                "backend": {"type": "registry", "config": {
+                    "scheme": "http", "host": format!("127.0.0.1:{}", reg.port), "repo": repo,
+                    "auth": auth, "timeout": 5, "retry_limit": 1}},
+                "cache": {"type": "blobcache", "config": {"work_dir": s.root.join("cache").join(&sid)}}
+            },
+            "mode": "direct",
+            "digest_validate": true,
+            "amplify_io": 0
+        })
+        .to_string()
+    };
+    let spec = DaemonSpec::new(&s, None);
+    let mut m = nydus_snapshotter::Managed::start(&s, spec, &work.path().join("stderr"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    m.shared_mount(&sid, &config(&old))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mnt = m.spec.mountpoint(&s).join(&sid);
+    let mut files = manifest_hashes();
+    files.retain(|(_, _, size)| *size > 64 << 10);
+    files.sort();
+    let third = files.len() / 3;
+    let (ok, errors) = read_files(&mnt, &files[..third]);
+    assert!(
+        errors.is_empty() && ok == third,
+        "before the rotation: {errors:?}"
+    );
+
+    // Rotate the password: the registry now knows only the new one.
+    let port = reg.port;
+    reg.kill();
+    let out = std::process::Command::new("htpasswd")
+        .args(["-Bbn", "alice", "new-pass"])
+        .output()
+        .unwrap();
+    std::fs::write(reg_dir.join("htpasswd"), out.stdout).unwrap();
+    let _reg = services::Service::spawn(
+        "docker-registry",
+        std::process::Command::new("docker-registry")
+            .arg("serve")
+            .arg(reg_dir.join("registry.yml")),
+        port,
+        &reg_dir.join("registry-rotated.log"),
+    );
+    let (_, errors) = read_files(&mnt, &files[third..third + 1]);
+    assert!(
+        !errors.is_empty(),
+        "the old password still works: the rotation did not happen"
+    );
+
+    // The snapshotter's UpdateAuthConfig: a Basic credential goes to the running daemon.
+    let new = services::basic_auth("alice", "new-pass");
+    let body = serde_json::json!({"registry_auth": new}).to_string();
+    let r = m
+        .client
+        .request(
+            "PUT",
+            "/api/v1/config",
+            &[("id", &format!("/{sid}"))],
+            Some(&body),
+        )
+        .unwrap();
+    assert!(r.ok(), "{}", r.error());
+    let (ok, errors) = read_files(&mnt, &files[third..2 * third]);
+    assert!(
+        errors.is_empty() && ok == third,
+        "after the renewal: {:?}",
+        &errors[..errors.len().min(5)]
+    );
+    // A bad value or an unknown key is refused; an unknown instance is 404.
+    for (query, body, status) in [
+        (
+            format!("/{sid}"),
+            r#"{"registry_auth":"not base64!"}"#.to_string(),
+            400,
+        ),
+        (
+            format!("/{sid}"),
+            r#"{"log_level":"debug"}"#.to_string(),
+            400,
+        ),
+        ("/nothing".to_string(), body.clone(), 404),
+    ] {
+        let r = m
+            .client
+            .request("PUT", "/api/v1/config", &[("id", &query)], Some(&body))
+            .unwrap();
+        assert_eq!(r.status, status, "{query} {body}: {}", r.body);
+    }
+
+    // The next handover carries the new credentials: after kill -9 the successor reads the rest.
+    m.send_states().unwrap();
+    kill_9(&m, "daemon");
+    assert!(m.live.as_ref().unwrap().died_within(Duration::from_secs(5)));
+    m.failover(std::time::Instant::now())
+        .unwrap_or_else(|e| panic!("{e}\n{}", m.log()));
+    let (ok, errors) = read_files(&mnt, &files[2 * third..]);
+    assert!(
+        errors.is_empty() && ok == files.len() - 2 * third,
+        "after the failover: {errors:?}"
+    );
+    let log = m.log();
+    assert!(
+        !log.contains(&new) && !log.contains(&old),
+        "credentials in the daemon log"
+    );
+    m.destroy(std::slice::from_ref(&sid))
+        .unwrap_or_else(|e| panic!("{e}"));
+    root.forget(&s, &[&m.spec.id], &[sid]);
+}
+
+/// `id_mapping` in a mount's config (nydus-snapshotter, for pods with a user namespace): owners in the
+/// mapped range are reported shifted to the host range, others unchanged; a mount without it reports
+/// the image's owners.
+#[test]
+fn id_mapping_reports_owners_in_the_host_range() {
+    use std::os::unix::fs::MetadataExt;
+    manifest::assert_root("FUSE mounts");
+    let root = DefaultRoot::take();
+    let s = Snapshotter::new(&root.path, Recover::Restart);
+    let work = tempfile::tempdir().unwrap();
+    let (plain, mapped) = (
+        format!("t{}plain", std::process::id()),
+        format!("t{}userns-100000", std::process::id()),
+    );
+    let spec = DaemonSpec::new(&s, None);
+    let mut m = nydus_snapshotter::Managed::start(&s, spec, &work.path().join("stderr"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    for (sid, extra) in [
+        (&plain, serde_json::json!({})),
+        // Only IDs 0..1000 are in the range: others (65534, nobody) stay as they are.
+        (
+            &mapped,
+            serde_json::json!({"id_mapping": [0, 100000, 1000]}),
+        ),
+    ] {
+        s.install_image(
+            sid,
+            &manifest::case_bootstrap(CASE),
+            &manifest::case_blob_dir(CASE),
+        );
+        m.shared_mount(sid, &s.instance_config(sid, &extra))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let log = std::fs::read_to_string(m.spec.log_file(&s)).unwrap();
+    assert!(!log.contains("unknown key `id_mapping`"), "{log}");
+    let mnt = m.spec.mountpoint(&s);
+    let (mut shifted, mut kept) = (0, 0);
+    for row in manifest::load_manifest() {
+        let rel = &row["path"];
+        let (want_uid, want_gid): (u32, u32) =
+            (row["uid"].parse().unwrap(), row["gid"].parse().unwrap());
+        let p = std::fs::symlink_metadata(mnt.join(&plain).join(rel)).unwrap();
+        let q = std::fs::symlink_metadata(mnt.join(&mapped).join(rel)).unwrap();
+        assert_eq!(
+            (p.uid(), p.gid()),
+            (want_uid, want_gid),
+            "{rel} without mapping"
+        );
+        let map = |id: u32| if id < 1000 { id + 100000 } else { id };
+        assert_eq!(
+            (q.uid(), q.gid()),
+            (map(want_uid), map(want_gid)),
+            "{rel} with the mapping"
+        );
+        if want_uid < 1000 {
+            shifted += 1;
+        } else {
+            kept += 1;
+        }
+    }
+    assert!(shifted > 0, "no owner in the mapped range");
+    let _ = kept;
+    let sids = vec![plain, mapped];
+    m.destroy(&sids).unwrap_or_else(|e| panic!("{e}"));
+    root.forget(&s, &[&m.spec.id], &sids);
 }

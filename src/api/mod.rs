@@ -66,6 +66,8 @@ pub fn route(daemon: &Daemon, req: &Request) -> Response {
         }
         ("/daemon/fuse/sendfd", "PUT") => control(daemon, Control::SendFd),
         ("/daemon/fuse/takeover", "PUT") => control(daemon, Control::Takeover),
+        ("/config", "PUT") => update_config(daemon, req),
+        ("/config", _) => method_not_allowed(req),
         ("/mount", "POST" | "PUT" | "DELETE") => mount(daemon, req),
         ("/mount", _) => method_not_allowed(req),
         ("/metrics", "GET") => metrics(daemon, req, |mp, fs| fs.metrics.to_json(mp)),
@@ -108,6 +110,26 @@ fn control(daemon: &Daemon, c: Control) -> Response {
     match daemon.control(c) {
         Ok(()) => Response::no_content(),
         Err(e) => error_response(&e),
+    }
+}
+
+/// `PUT /config?id=<mountpoint>` with a JSON object of strings (nydus-snapshotter's credential renewal).
+fn update_config(daemon: &Daemon, req: &Request) -> Response {
+    let params =
+        match serde_json::from_slice::<Value>(&req.body) {
+            Ok(Value::Object(m)) => m,
+            _ => return Response::error(
+                400,
+                "BadRequest",
+                "body must be a JSON object such as {\"registry_auth\": \"<base64 user:pass>\"}",
+            ),
+        };
+    match daemon.update_config(req.query("id"), &params) {
+        Ok(()) => Response::no_content(),
+        Err(e) => {
+            log::warn!("PUT /api/v1/config: {e}");
+            error_response(&e)
+        }
     }
 }
 

@@ -47,6 +47,9 @@ pub struct RafsFs {
     xattr_enabled: bool,
     /// Owner reported for every entry of an image built without uid/gid (`--repeatable`).
     default_owner: (u32, u32),
+    /// The mount's `id_mapping`: owners are reported as the host sees them (see
+    /// [`crate::config::IdMapping`]).
+    id_mapping: Option<crate::config::IdMapping>,
     /// Kernel lookup counts per inode (FUSE LOOKUP/READDIRPLUS minus FORGET).
     lookups: Mutex<HashMap<u64, u64>>,
     /// Parent of each directory the kernel has looked up, for the ".." entry of readdir (the formats keep
@@ -105,6 +108,7 @@ impl RafsFs {
             image,
             xattr_enabled,
             default_owner: owner,
+            id_mapping: None,
             lookups: Mutex::new(HashMap::new()),
             parents: Mutex::new(HashMap::new()),
             metrics: FsMetrics::default(),
@@ -117,6 +121,12 @@ impl RafsFs {
     /// `latest_read_files`); without this call none are kept.
     pub fn with_file_metrics(mut self, opts: FileMetricsOptions) -> Self {
         self.metrics = FsMetrics::new(opts);
+        self
+    }
+
+    /// Report owners through `mapping` (a pod in a user namespace).
+    pub fn with_id_mapping(mut self, mapping: Option<crate::config::IdMapping>) -> Self {
+        self.id_mapping = mapping;
         self
     }
 
@@ -178,6 +188,10 @@ impl RafsFs {
             (a.uid, a.gid)
         } else {
             self.default_owner
+        };
+        let (uid, gid) = match &self.id_mapping {
+            Some(m) => (m.to_external(uid), m.to_external(gid)),
+            None => (uid, gid),
         };
         st.st_ino = a.ino;
         st.st_mode = a.mode;

@@ -42,8 +42,8 @@ struct Challenge {
 pub struct Registry {
     base: String,
     repo: String,
-    /// base64 `user:pass`.
-    auth: Option<String>,
+    /// base64 `user:pass`; replaced at run time by `PUT /api/v1/config`.
+    auth: Mutex<Option<String>>,
     blob_url_scheme: Option<String>,
     blob_redirected_host: Option<String>,
     state: Mutex<AuthState>,
@@ -68,20 +68,13 @@ impl Registry {
             .filter(|s| !s.is_empty())
             .or(k.string("auth")?.filter(|s| !s.is_empty()));
         if let Some(a) = &auth {
-            let raw = base64::engine::general_purpose::STANDARD
-                .decode(a.trim())
-                .map_err(|_| Error::Invalid("backend registry: `auth` is not base64".into()))?;
-            if !raw.contains(&b':') {
-                return Err(Error::Invalid(
-                    "backend registry: `auth` must encode user:password".into(),
-                ));
-            }
+            check_auth(a)?;
         }
         let token = k.string("registry_token")?.filter(|s| !s.is_empty());
         Ok(Registry {
             base: format!("{scheme}://{host}"),
             repo,
-            auth,
+            auth: Mutex::new(auth),
             blob_url_scheme: k.string("blob_url_scheme")?.filter(|s| !s.is_empty()),
             blob_redirected_host: k.string("blob_redirected_host")?.filter(|s| !s.is_empty()),
             state: Mutex::new(AuthState {
@@ -93,6 +86,10 @@ impl Registry {
             redirects: Mutex::new(HashMap::new()),
             token_fetches: Default::default(),
         })
+    }
+
+    fn auth(&self) -> Option<String> {
+        self.auth.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn blob_url(&self, blob_id: &str) -> String {
@@ -155,7 +152,7 @@ impl Registry {
         let (scheme, params) = parse_challenge(www);
         match scheme.to_ascii_lowercase().as_str() {
             "basic" => {
-                let auth = self.auth.as_ref().ok_or_else(|| {
+                let auth = self.auth().ok_or_else(|| {
                     Failure::Fatal(net_error(
                         "registry asks for Basic auth and no `auth` is configured".into(),
                     ))
@@ -213,7 +210,7 @@ impl Registry {
         url.push(sep);
         url.push_str("client_id=rafsd");
         let headers: Vec<(String, String)> = self
-            .auth
+            .auth()
             .iter()
             .map(|a| ("Authorization".to_string(), format!("Basic {a}")))
             .collect();
@@ -290,6 +287,19 @@ impl Registry {
     }
 }
 
+/// `auth` must be base64 of `user:password`.
+fn check_auth(auth: &str) -> Result<()> {
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(auth.trim())
+        .map_err(|_| Error::Invalid("backend registry: `auth` is not base64".into()))?;
+    if !raw.contains(&b':') {
+        return Err(Error::Invalid(
+            "backend registry: `auth` must encode user:password".into(),
+        ));
+    }
+    Ok(())
+}
+
 fn is_redirect(status: u16) -> bool {
     matches!(status, 301 | 302 | 303 | 307 | 308)
 }
@@ -297,6 +307,32 @@ fn is_redirect(status: u16) -> bool {
 impl Remote for Registry {
     fn kind(&self) -> &'static str {
         "registry"
+    }
+
+    /// New credentials: a Basic header in use switches to them now; a Bearer token in use stays until
+    /// it expires or is refused, and the next token request presents them.
+    fn set_registry_auth(&self, auth: Option<&str>) -> Result<()> {
+        let auth = auth.map(str::trim).filter(|a| !a.is_empty());
+        if let Some(a) = auth {
+            check_auth(a)?;
+        }
+        let _gate = self.refresh_gate.lock().unwrap_or_else(|e| e.into_inner());
+        *self.auth.lock().unwrap_or_else(|e| e.into_inner()) = auth.map(String::from);
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st
+            .header
+            .as_deref()
+            .is_some_and(|h| h.starts_with("Basic "))
+        {
+            st.header = auth.map(|a| format!("Basic {a}"));
+        }
+        log::info!(
+            "registry credentials of {}/{} replaced{}",
+            self.base,
+            self.repo,
+            if auth.is_none() { " (cleared)" } else { "" }
+        );
+        Ok(())
     }
 
     fn fetch(
