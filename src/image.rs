@@ -872,6 +872,11 @@ impl RafsImage {
         self.user_reads.load(Ordering::Relaxed)
     }
 
+    /// Where the image's blobs come from.
+    pub fn backend(&self) -> &Arc<dyn BlobBackend> {
+        &self.backend
+    }
+
     pub fn cache(&self) -> Option<&Arc<BlobCache>> {
         self.cache.as_ref()
     }

@@ -22,13 +22,17 @@ pub mod format;
 pub mod fs;
 pub mod fusedev;
 pub mod image;
+pub mod inflight;
 pub mod inspect;
+pub mod logging;
 pub mod passthrough;
 pub mod sandbox;
 pub mod seccomp;
 pub mod service;
 pub mod storage;
+pub mod takeover;
 pub mod unpack;
+pub mod version;
 pub mod vhost_user;
 
 pub use error::{Error, Result};

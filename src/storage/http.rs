@@ -746,6 +746,14 @@ pub fn classify(resp: &Response, what: &str) -> Failure {
 /// How a backend addresses, authorizes and fetches one blob. `range` is inclusive; `None` is a HEAD.
 pub trait Remote: Send + Sync + 'static {
     fn kind(&self) -> &'static str;
+    /// See [`super::BlobBackend::set_registry_auth`].
+    fn set_registry_auth(&self, auth: Option<&str>) -> Result<()> {
+        let _ = auth;
+        Err(Error::Unsupported(format!(
+            "the {} backend has no registry credentials",
+            self.kind()
+        )))
+    }
     fn fetch(
         &self,
         http: &HttpClient,
@@ -880,6 +888,10 @@ impl<R: Remote> BlobBackend for RemoteBackend<R> {
 
     fn is_remote(&self) -> bool {
         true
+    }
+
+    fn set_registry_auth(&self, auth: Option<&str>) -> Result<()> {
+        self.remote.set_registry_auth(auth)
     }
 
     fn blob_size(&self, blob_id: &str) -> Result<u64> {

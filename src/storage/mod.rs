@@ -28,6 +28,16 @@ pub trait BlobBackend: Send + Sync {
         false
     }
 
+    /// Replace the registry credentials (base64 `user:pass`; `None` clears them) of a running backend:
+    /// the next request or token fetch uses them (`PUT /api/v1/config` `registry_auth`).
+    fn set_registry_auth(&self, auth: Option<&str>) -> Result<()> {
+        let _ = auth;
+        Err(Error::Unsupported(format!(
+            "the {} backend has no registry credentials",
+            self.kind()
+        )))
+    }
+
     /// Read exactly `len` bytes, or fail naming the short read.
     fn read_exact_at(&self, blob_id: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; len];

@@ -368,6 +368,8 @@ pub enum Fault {
     WrongLength,
     /// Headers, then nothing for this long.
     Stall(Duration),
+    /// A correct answer, after this long (a slow backend).
+    Slow(Duration),
     /// The wrong bytes with a plausible 206 (a cache gone bad): must be caught by digests, not here.
     Corrupt,
     /// Not HTTP at all.
@@ -708,8 +710,11 @@ fn handle(
     };
     let body = &blob[a..=b];
     let range = format!("bytes {a}-{b}/{}", blob.len());
+    if let Some(Fault::Slow(d)) = fault {
+        std::thread::sleep(d);
+    }
     match fault {
-        None => {
+        None | Some(Fault::Slow(_)) => {
             s.counters
                 .bytes
                 .fetch_add(body.len() as u64, Ordering::Relaxed);
