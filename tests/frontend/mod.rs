@@ -24,7 +24,7 @@ use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
 use fuse_backend_rs::abi::fuse_abi::{
-    AttrOut, Direntplus, EntryOut, ForgetIn, FsOptions, GetattrIn, GetxattrIn, GetxattrOut,
+    AttrOut, Dirent, Direntplus, EntryOut, ForgetIn, FsOptions, GetattrIn, GetxattrIn, GetxattrOut,
     InHeader, InitIn, InitOut, Opcode, OpenIn, OpenOut, OutHeader, ReadIn, ReleaseIn,
     KERNEL_MINOR_VERSION, KERNEL_VERSION,
 };
@@ -1081,6 +1081,40 @@ impl Guest {
                 mode: d.entry_out.attr.mode,
                 size: d.entry_out.attr.size,
             });
+            at += (fixed + namelen).div_ceil(8) * 8;
+        }
+        Ok(out)
+    }
+
+    /// FUSE_READDIR from cookie `offset` into a reply of `size` bytes: (name, ino, cookie) per entry.
+    pub fn readdir(
+        &mut self,
+        nodeid: u64,
+        fh: u64,
+        offset: u64,
+        size: u32,
+    ) -> io::Result<Vec<(Vec<u8>, u64, u64)>> {
+        let a = ReadIn {
+            fh,
+            offset,
+            size,
+            read_flags: 0,
+            lock_owner: 0,
+            flags: 0,
+            padding: 0,
+        };
+        let body = self.call_ok(Opcode::Readdir, nodeid, &[a.as_slice()], size)?;
+        let mut out = Vec::new();
+        let mut at = 0;
+        let fixed = std::mem::size_of::<Dirent>();
+        while at < body.len() {
+            let d: Dirent = read_obj(&body[at..])?;
+            let namelen = d.namelen as usize;
+            let name = body
+                .get(at + fixed..at + fixed + namelen)
+                .ok_or_else(|| err("dirent name past the reply"))?
+                .to_vec();
+            out.push((name, d.ino, d.off));
             at += (fixed + namelen).div_ceil(8) * 8;
         }
         Ok(out)
