@@ -709,3 +709,150 @@ fn listing_a_huge_directory_with_small_buffers_costs_linear_time() {
     drop(g);
     d.kill_and_check();
 }
+
+/// Resident set size of process `pid`, in KiB.
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// A guest naming inode numbers the image does not have (GETATTR, OPEN, READ, GETXATTR, READLINK,
+/// ACCESS on 100k of them) gets errors, and the per-file metrics (`iostats_files`, `access_pattern`,
+/// `latest_read_files`) keep records only for inodes of the image: `/metrics/files` lists no more than
+/// the image's inode count and none of the bogus numbers, and the daemon's RSS does not grow with the
+/// number of bogus inodes.
+#[test]
+fn bogus_inode_numbers_do_not_grow_the_per_file_metrics() {
+    const BOGUS: u64 = 100_000;
+    let dir = tempfile::tempdir().unwrap();
+    // No sandbox: the process we started is the daemon whose memory we watch.
+    let d = VirtiofsDaemon::start(BIN, dir.path(), &["--sandbox", "none"]);
+    let extra = r#","iostats_files":true,"access_pattern":true,"latest_read_files":true"#;
+    let config = daemon::v1_config(
+        &manifest::case_blob_dir(IMG1),
+        &dir.path().join("c1"),
+        false,
+        extra,
+    );
+    d.mount_rafs("/img1", &manifest::case_bootstrap(IMG1), &config);
+    let config = daemon::v1_config(
+        &manifest::case_blob_dir(IMG2),
+        &dir.path().join("c2"),
+        false,
+        extra,
+    );
+    d.mount_rafs("/img2", &manifest::case_bootstrap(IMG2), &config);
+    let mut g = Guest::connect(&d.sock, Options::default()).unwrap();
+    g.fuse_init().unwrap();
+    // A legitimate read first, so the records are not empty.
+    read_random_2m5(&mut g);
+    let img1 = g.lookup(ROOT, b"img1").unwrap().nodeid;
+    let mount_bits = img1 & !((1u64 << 56) - 1);
+    let inodes = {
+        let (status, body) = d
+            .api("GET", "/api/v1/daemon/backend?mountpoint=/img1", "")
+            .unwrap();
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["inodes_count"]
+            .as_u64()
+            .unwrap()
+    };
+    let rss_before = rss_kib(d.pid());
+    let mut rng = frontend::Rng(0x5eed);
+    let getxattr = fuse_backend_rs::abi::fuse_abi::GetxattrIn {
+        size: 64,
+        padding: 0,
+    };
+    let access = fuse_backend_rs::abi::fuse_abi::AccessIn {
+        mask: libc::R_OK as u32,
+        padding: 0,
+    };
+    let read = ReadIn {
+        fh: 0,
+        offset: 0,
+        size: 4096,
+        ..Default::default()
+    };
+    let getattr = fuse_backend_rs::abi::fuse_abi::GetattrIn::default();
+    let open = fuse_backend_rs::abi::fuse_abi::OpenIn {
+        flags: 0,
+        fuse_flags: 0,
+    };
+    let mut bogus = std::collections::HashSet::new();
+    for i in 0..BOGUS {
+        // Numbers past the bootstrap, and small ones that land inside it.
+        let ino = if i % 2 == 0 {
+            rng.next() % (1 << 56)
+        } else {
+            i
+        };
+        let nodeid = mount_bits | ino;
+        let (op, arg): (Opcode, &[u8]) = match i % 6 {
+            0 => (Opcode::Getattr, getattr.as_slice()),
+            1 => (Opcode::Open, open.as_slice()),
+            2 => (Opcode::Read, read.as_slice()),
+            3 => (Opcode::Getxattr, getxattr.as_slice()),
+            4 => (Opcode::Readlink, &[]),
+            _ => (Opcode::Access, access.as_slice()),
+        };
+        let mut args = vec![arg];
+        if i % 6 == 3 {
+            args.push(b"user.x\0");
+        }
+        let r = g.call(op, nodeid, &args, 4096).unwrap();
+        if r.header.error != 0 {
+            bogus.insert(ino);
+        }
+    }
+    let rss_after = rss_kib(d.pid());
+    let (status, body) = d.api("GET", "/api/v1/metrics/files?id=/img1", "").unwrap();
+    assert_eq!(status, 200, "{body}");
+    let files: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let recorded: Vec<u64> = files
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| k.parse().unwrap())
+        .collect();
+    eprintln!(
+        "{} requests on bogus inodes: {} per-file records (image: {inodes} inodes), RSS {rss_before} -> {rss_after} KiB",
+        BOGUS,
+        recorded.len()
+    );
+    assert!(
+        recorded.len() as u64 <= inodes,
+        "{} records for an image of {inodes} inodes",
+        recorded.len()
+    );
+    let named: Vec<&u64> = recorded
+        .iter()
+        .filter(|i| bogus.contains(i) && **i > (1 << 32))
+        .collect();
+    assert!(
+        named.is_empty(),
+        "records for bogus inodes {:?}",
+        &named[..named.len().min(5)]
+    );
+    let (_, pattern) = d
+        .api("GET", "/api/v1/metrics/pattern?id=/img1", "")
+        .unwrap();
+    let pattern: serde_json::Value = serde_json::from_str(&pattern).unwrap();
+    assert!(
+        pattern.as_array().unwrap().len() as u64 <= inodes,
+        "{pattern}"
+    );
+    assert!(
+        rss_after < rss_before + 16 * 1024,
+        "RSS grew from {rss_before} to {rss_after} KiB"
+    );
+    // The daemon serves both images as before.
+    read_random_2m5(&mut g);
+    let img2 = g.lookup(ROOT, b"img2").unwrap().nodeid;
+    assert!(names(&g.list_dir(img2).unwrap()).contains(&b"special"[..]));
+    drop(g);
+    d.kill_and_check();
+}
