@@ -13,7 +13,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use fuse_backend_rs::abi::fuse_abi::{InHeader, Opcode};
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::api::Vfs;
 use fuse_backend_rs::transport::FsCacheReqHandler;
@@ -36,7 +35,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::dax::DaxWindow;
+use crate::dax::{Admission, DaxWindow};
 use crate::error::{Error, Result};
 
 /// Descriptors per queue (QEMU asks for 128 by default; nydusd offers 1024).
@@ -133,14 +132,14 @@ impl VirtioFsBackend {
                 return 0;
             }
         };
-        // Without a window SETUPMAPPING/REMOVEMAPPING get EINVAL from the server.
-        let window = self.dax.read().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some(w) = &window {
-            // A new FUSE session starts with an empty window (header peeked through a copy of the reader).
-            let init = reader.clone().read_obj::<InHeader>();
-            if init.is_ok_and(|h| h.opcode == Opcode::Init as u32) {
-                w.reset();
-            }
+        // Without a window SETUPMAPPING/REMOVEMAPPING get EINVAL from the server; so does a SETUPMAPPING
+        // the window cannot take, before any filesystem fetches the range it names.
+        let mut window = self.dax.read().unwrap_or_else(|e| e.into_inner()).clone();
+        match window.as_ref().map(|w| w.admit(&reader)) {
+            // A new FUSE session starts with an empty window.
+            Some(Admission::NewSession) => window.as_ref().map_or((), |w| w.reset()),
+            Some(Admission::Refuse) => window = None,
+            Some(Admission::Pass) | None => {}
         }
         let mut dax = window.as_ref().map(DaxWindow::requests);
         let dax = dax.as_mut().map(|d| d as &mut dyn FsCacheReqHandler);
