@@ -5,6 +5,7 @@
 //! compared with manifest.tsv. Needs root (mounting) and the packages of ci/install-deps.sh.
 
 mod daemon;
+mod frontend;
 mod manifest;
 mod services;
 
@@ -1108,4 +1109,119 @@ fn lazy_pull_fetches_only_what_is_read() {
         fetched < image_size / 10,
         "fetched {fetched} of {image_size}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Metrics of the backend, per mount.
+
+/// `/api/v1/metrics/backend?id=MP` of a running virtio-fs daemon.
+fn backend_metrics(d: &frontend::VirtiofsDaemon, id: Option<&str>) -> (u16, serde_json::Value) {
+    let target = match id {
+        Some(id) => format!("/api/v1/metrics/backend?id={id}"),
+        None => "/api/v1/metrics/backend".into(),
+    };
+    let (status, body) = d.api("GET", &target, "").unwrap();
+    (
+        status,
+        serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// `/api/v1/metrics/backend?id=` reports each mount's own backend, as nydusd's BackendMetrics: the
+/// registry mount says "registry" and counts the reads that failed (a server answering 500), the localfs
+/// mount says "localfs" with no errors; every count is in the size distribution.
+#[test]
+fn backend_metrics_report_each_mounts_backend_type_and_failed_reads() {
+    use frontend::{Guest, Options, VirtiofsDaemon, ROOT};
+    let case = "v6-zstd-blake3";
+    let dir = tmp();
+    let server = FakeServer::start(FakeOptions {
+        repo: REPO.into(),
+        bearer: Some(60),
+        token_basic: None,
+        redirect_to: None,
+        storage_head_403: false,
+    });
+    for (id, data) in case_blobs(case) {
+        assert_eq!(server.add_blob(data), id);
+    }
+    let d = VirtiofsDaemon::start(
+        env!("CARGO_BIN_EXE_rafsd"),
+        dir.path(),
+        &["--allow-network"],
+    );
+    let registry = json!({
+        "device": {
+            "backend": {"type": "registry", "config": {"scheme": "http",
+                "host": format!("127.0.0.1:{}", server.port), "repo": REPO,
+                "timeout": 1, "connect_timeout": 1, "retry_limit": 1}},
+            "cache": {"type": "blobcache", "config": {"work_dir": dir.path().join("cache-reg")}}
+        },
+        "mode": "direct",
+        "digest_validate": true
+    });
+    d.mount_rafs(
+        "/reg",
+        &manifest::case_bootstrap(case),
+        &registry.to_string(),
+    );
+    let local = daemon::v1_config(
+        &manifest::case_blob_dir(case),
+        &dir.path().join("cache-local"),
+        true,
+        "",
+    );
+    d.mount_rafs("/local", &manifest::case_bootstrap(case), &local);
+    let mut g = Guest::connect(&d.sock, Options::default()).unwrap();
+    g.fuse_init().unwrap();
+    let (rel, want) = largest_file();
+    let file = |g: &mut Guest, mp: &str| {
+        let root = g.lookup(ROOT, mp.as_bytes()).unwrap().nodeid;
+        g.lookup_path(root, &rel).unwrap().nodeid
+    };
+    // The registry fails every data request: the read is EIO.
+    server.set_always(Some(Fault::Status(500)));
+    let f = file(&mut g, "reg");
+    let e = g.read_file(f, 128 << 10).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    let (status, failed) = backend_metrics(&d, Some("/reg"));
+    assert_eq!(status, 200, "{failed}");
+    assert_eq!(failed["backend_type"], "registry", "{failed}");
+    assert!(failed["read_errors"].as_u64().unwrap() >= 1, "{failed}");
+    // Back up: both mounts serve the file.
+    server.set_always(None);
+    for mp in ["reg", "local"] {
+        let f = file(&mut g, mp);
+        let data = g.read_file(f, 128 << 10).unwrap();
+        assert_eq!(hex(&sha2::Sha256::digest(&data)), want, "/{mp}");
+    }
+    for (mp, kind) in [("/reg", "registry"), ("/local", "localfs")] {
+        let (status, m) = backend_metrics(&d, Some(mp));
+        assert_eq!(status, 200, "{m}");
+        assert_eq!(m["backend_type"], kind, "{mp}: {m}");
+        let count = m["read_count"].as_u64().unwrap();
+        let errors = m["read_errors"].as_u64().unwrap();
+        let by_size: u64 = m["read_count_block_size_dist"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .sum();
+        assert_eq!(by_size, count, "{mp}: {m}");
+        assert!(count > errors, "{mp}: {m}");
+        assert!(m["read_amount_total"].as_u64().unwrap() > 0, "{mp}: {m}");
+        if kind == "localfs" {
+            assert_eq!(errors, 0, "{mp}: {m}");
+        } else {
+            assert!(errors >= failed["read_errors"].as_u64().unwrap(), "{m}");
+        }
+    }
+    // Two RAFS mounts: without `id` there is no single answer.
+    assert_eq!(backend_metrics(&d, None).0, 404);
+    drop(g);
+    d.kill_and_check();
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }

@@ -200,13 +200,8 @@ fn metrics(
 }
 
 fn backend_metrics(fs: &crate::fs::RafsFs) -> Value {
-    let stats = fs.image().stats();
-    json!({
-        "backend_type": "localfs",
-        "read_count": stats.backend_reads.load(Ordering::Relaxed),
-        "read_errors": 0,
-        "read_amount_total": stats.backend_bytes.load(Ordering::Relaxed),
-    })
+    let (metrics, kind) = fs.image().backend_metrics();
+    metrics.to_json(kind)
 }
 
 fn blobcache_metrics(fs: &crate::fs::RafsFs) -> Value {

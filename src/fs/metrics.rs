@@ -76,8 +76,8 @@ pub struct FsMetrics {
     files: Option<FileMetrics>,
 }
 
-/// Size bucket of one read, as in `block_count_read`.
-fn size_bucket(bytes: usize) -> usize {
+/// Size bucket of one read, as in `block_count_read` (and the backend's `read_count_block_size_dist`).
+pub(crate) fn size_bucket(bytes: usize) -> usize {
     match bytes {
         0..1024 => 0,
         1024..4096 => 1,
