@@ -21,6 +21,7 @@ pub mod fusedev;
 pub mod image;
 pub mod inspect;
 pub mod passthrough;
+pub mod redact;
 pub mod sandbox;
 pub mod seccomp;
 pub mod service;

@@ -273,12 +273,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse_from(args_with_default_subcommand());
     env_logger::Builder::new()
         .parse_filters(&cli.log_level)
-        .format_timestamp_millis()
+        .format(rafsd::redact::log_format)
         .init();
     match run(cli.command) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("rafsd: {e}");
+            eprintln!("rafsd: {}", rafsd::redact::text(&e.to_string()));
             ExitCode::from(1)
         }
     }

@@ -1225,3 +1225,99 @@ fn backend_metrics_report_each_mounts_backend_type_and_failed_reads() {
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
+
+/// Credentials in URLs of a mount config (a proxy `user:password@`, a mirror's) never leave the daemon:
+/// not in `GET /api/v1/daemon` (which shows `***@host`), not in error answers or `/daemon/events`, not
+/// in any log line, even at debug level, while the dead proxy and mirror make it log their failures.
+#[test]
+fn url_credentials_never_appear_in_api_answers_or_logs() {
+    use frontend::{Guest, Options, VirtiofsDaemon, ROOT};
+    const PASSWORD: &str = "Pr0xyS3cretPw";
+    let case = "v6-zstd-blake3";
+    let dir = tmp();
+    let server = FakeServer::start(FakeOptions {
+        repo: REPO.into(),
+        bearer: None,
+        token_basic: None,
+        redirect_to: None,
+        storage_head_403: false,
+    });
+    for (id, data) in case_blobs(case) {
+        assert_eq!(server.add_blob(data), id);
+    }
+    let (dead_proxy, dead_mirror) = (services::free_port(), services::free_port());
+    let d = VirtiofsDaemon::start(
+        env!("CARGO_BIN_EXE_rafsd"),
+        dir.path(),
+        &["--allow-network", "--log-level", "debug"],
+    );
+    let config = |proxy: &str, fallback: bool, cache: &str| {
+        json!({
+            "device": {
+                "backend": {"type": "registry", "config": {"scheme": "http",
+                    "host": format!("127.0.0.1:{}", server.port), "repo": REPO,
+                    "timeout": 2, "connect_timeout": 1, "retry_limit": 1,
+                    "proxy": {"url": proxy, "fallback": fallback},
+                    "mirrors": [{"host": format!("http://mirror:{PASSWORD}@127.0.0.1:{dead_mirror}")}]}},
+                "cache": {"type": "blobcache", "config": {"work_dir": dir.path().join(cache)}}
+            },
+            "mode": "direct"
+        })
+        .to_string()
+    };
+    let proxy = format!("http://user:{PASSWORD}@127.0.0.1:{dead_proxy}");
+    d.mount_rafs(
+        "/fallback",
+        &manifest::case_bootstrap(case),
+        &config(&proxy, true, "c1"),
+    );
+    // Without fallback the dead proxy fails the mount (the blob size cannot be fetched): an error
+    // answer, a log line and an event.
+    let strict = json!({"source": manifest::case_bootstrap(case), "fs_type": "rafs",
+        "config": config(&proxy, false, "c2")});
+    let (status, failed) = d
+        .api(
+            "POST",
+            "/api/v1/mount?mountpoint=/strict",
+            &strict.to_string(),
+        )
+        .unwrap();
+    assert_eq!(status, 500, "{failed}");
+    // A proxy URL the HTTP client refuses: the error names it, masked.
+    let bad = json!({"source": manifest::case_bootstrap(case), "fs_type": "rafs",
+        "config": config(&format!("ftp://user:{PASSWORD}@127.0.0.1:1"), true, "c3")});
+    let (status, refused) = d
+        .api("POST", "/api/v1/mount?mountpoint=/bad", &bad.to_string())
+        .unwrap();
+    assert!((400..500).contains(&status), "{status} {refused}");
+    assert!(refused.contains("proxy url"), "{refused}");
+    // Mirror and proxy are down: reads go direct.
+    let mut g = Guest::connect(&d.sock, Options::default()).unwrap();
+    g.fuse_init().unwrap();
+    let (rel, want) = largest_file();
+    let root = g.lookup(ROOT, b"fallback").unwrap().nodeid;
+    let f = g.lookup_path(root, &rel).unwrap().nodeid;
+    let got = g.read_file(f, 128 << 10).unwrap();
+    assert_eq!(hex(&sha2::Sha256::digest(got)), want);
+    let (_, info) = d.api("GET", "/api/v1/daemon", "").unwrap();
+    assert!(
+        info.contains(&format!("http://***@127.0.0.1:{dead_proxy}")),
+        "GET /daemon shows the proxy without its credentials: {info}"
+    );
+    let (_, events) = d.api("GET", "/api/v1/daemon/events", "").unwrap();
+    assert!(events.contains("giving up"), "{events}");
+    let log = d.log_text();
+    assert!(log.contains("mirror") && log.contains("proxy"), "{log}");
+    for (what, text) in [
+        ("GET /api/v1/daemon", &info),
+        ("the refused mount's answer", &refused),
+        ("the failed mount's answer", &failed),
+        ("GET /api/v1/daemon/events", &events),
+        ("the log", &log),
+    ] {
+        let leak = text.lines().find(|l| l.contains(PASSWORD));
+        assert!(leak.is_none(), "{what} holds the password: {leak:?}");
+    }
+    drop(g);
+    d.kill_and_check();
+}

@@ -37,7 +37,7 @@ fn error_response(e: &Error) -> Response {
         Error::Unsupported(_) => (501, "Unsupported"),
         Error::Io { .. } => (500, "IoError"),
     };
-    Response::error(status, code, e.to_string())
+    Response::error(status, code, crate::redact::text(&e.to_string()))
 }
 
 fn method_not_allowed(req: &Request) -> Response {

@@ -350,7 +350,10 @@ fn tls_roots(settings: &HttpSettings) -> Result<ureq::tls::RootCerts> {
 
 fn agent(settings: &HttpSettings, proxy: Option<&str>) -> Result<ureq::Agent> {
     let proxy = proxy
-        .map(|p| ureq::Proxy::new(p).map_err(|e| Error::Invalid(format!("proxy url {p:?}: {e}"))))
+        .map(|p| {
+            ureq::Proxy::new(p)
+                .map_err(|e| Error::Invalid(format!("proxy url {:?}: {e}", crate::redact::text(p))))
+        })
         .transpose()?;
     let config = ureq::Agent::config_builder()
         .http_status_as_error(false)
