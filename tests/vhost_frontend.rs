@@ -856,3 +856,53 @@ fn bogus_inode_numbers_do_not_grow_the_per_file_metrics() {
     drop(g);
     d.kill_and_check();
 }
+
+/// Opcodes inside fuse-backend-rs's range that name no request (0, 7, 19) get ENOSYS from the device
+/// itself: with trace logging on, the server would first turn them into an `Opcode` by transmute, an
+/// invalid enum value (undefined behaviour) that its trace line then formats.
+#[test]
+fn opcodes_without_a_request_get_enosys_even_with_trace_logging() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = VirtiofsDaemon::start(BIN, dir.path(), &["--log-level", "trace"]);
+    let config = daemon::v1_config(
+        &manifest::case_blob_dir(IMG1),
+        &dir.path().join("c1"),
+        false,
+        "",
+    );
+    d.mount_rafs("/img1", &manifest::case_bootstrap(IMG1), &config);
+    let mut g = Guest::connect(&d.sock, Options::default()).unwrap();
+    g.fuse_init().unwrap();
+    let img1 = g.lookup(ROOT, b"img1").unwrap().nodeid;
+    for opcode in [0u32, 7, 19, 50, 51, 4096] {
+        let h = InHeader {
+            len: std::mem::size_of::<InHeader>() as u32,
+            opcode,
+            unique: 1000 + opcode as u64,
+            nodeid: img1,
+            ..Default::default()
+        };
+        let c = g
+            .conn
+            .roundtrip(
+                1,
+                &Chain {
+                    readable: vec![h.as_slice().to_vec()],
+                    writable: vec![std::mem::size_of::<OutHeader>() as u32],
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let mut out = OutHeader::default();
+        out.as_mut_slice().copy_from_slice(&c.data[..16]);
+        assert_eq!(
+            (c.len, out.error, out.unique),
+            (16, -libc::ENOSYS, 1000 + opcode as u64),
+            "opcode {opcode}"
+        );
+        assert!(d.is_running(), "opcode {opcode}");
+    }
+    read_random_2m5(&mut g);
+    drop(g);
+    d.kill_and_check();
+}
