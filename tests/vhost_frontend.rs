@@ -906,3 +906,74 @@ fn opcodes_without_a_request_get_enosys_even_with_trace_logging() {
     drop(g);
     d.kill_and_check();
 }
+
+/// Peak virtual memory of process `pid`, in KiB.
+fn vm_peak_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmPeak:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// GETXATTR / LISTXATTR on a passthrough share with a 4 GiB `size` (found by the virtiofs fuzz target):
+/// the passthrough filesystem allocated the guest's size before asking the kernel, 4 GiB per request.
+/// Now the size is capped at Linux's 64 KiB limit; the answers are the same.
+#[test]
+fn huge_xattr_sizes_on_a_share_allocate_nothing_large() {
+    let dir = tempfile::tempdir().unwrap();
+    let share = dir.path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    std::fs::write(share.join("f"), b"x").unwrap();
+    // No sandbox: the process we started is the daemon whose memory we watch.
+    let d = VirtiofsDaemon::start(BIN, dir.path(), &["--sandbox", "none"]);
+    let body = serde_json::json!({"source": share, "fs_type": "passthrough_fs"}).to_string();
+    let (status, text) = d
+        .api("POST", "/api/v1/mount?mountpoint=/share", &body)
+        .unwrap();
+    assert_eq!(status, 204, "{text}");
+    let config = daemon::v1_config(
+        &manifest::case_blob_dir(IMG1),
+        &dir.path().join("c1"),
+        false,
+        "",
+    );
+    d.mount_rafs("/img1", &manifest::case_bootstrap(IMG1), &config);
+    let mut g = Guest::connect(&d.sock, Options::default()).unwrap();
+    g.fuse_init().unwrap();
+    let root = g.lookup(ROOT, b"share").unwrap().nodeid;
+    let f = g.lookup(root, b"f").unwrap().nodeid;
+    let set = fuse_backend_rs::abi::fuse_abi::SetxattrIn { size: 3, flags: 0 };
+    g.call(
+        Opcode::Setxattr,
+        f,
+        &[set.as_slice(), b"user.k\0", b"val"],
+        16,
+    )
+    .unwrap();
+    let peak = vm_peak_kib(d.pid());
+    let huge = 0xFFFF_FF40u32;
+    let get = fuse_backend_rs::abi::fuse_abi::GetxattrIn {
+        size: huge,
+        padding: 0,
+    };
+    let r = g
+        .call(Opcode::Getxattr, f, &[get.as_slice(), b"user.k\0"], 4096)
+        .unwrap();
+    assert_eq!(
+        (r.header.error, &r.body[..]),
+        (0, &b"val"[..]),
+        "the value, as before"
+    );
+    let r = g
+        .call(Opcode::Listxattr, f, &[get.as_slice()], 4096)
+        .unwrap();
+    assert_eq!(r.header.error, 0);
+    assert!(r.body.windows(7).any(|w| w == b"user.k\0"), "{:?}", r.body);
+    let grown = vm_peak_kib(d.pid()).saturating_sub(peak);
+    assert!(grown < 256 << 10, "peak virtual memory grew by {grown} KiB");
+    read_random_2m5(&mut g);
+    drop(g);
+    d.kill_and_check();
+}
