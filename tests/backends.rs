@@ -87,6 +87,21 @@ fn case_blobs(case: &str) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
+/// Our fault-injecting registry (Bearer tokens valid `bearer` seconds, if any) serving the blobs of `case`.
+fn fake_registry_with(case: &str, bearer: Option<u64>) -> FakeServer {
+    let server = FakeServer::start(FakeOptions {
+        repo: REPO.into(),
+        bearer,
+        token_basic: None,
+        redirect_to: None,
+        storage_head_403: false,
+    });
+    for (id, data) in case_blobs(case) {
+        assert_eq!(server.add_blob(data), id);
+    }
+    server
+}
+
 /// A v1 daemon config for a network backend, with a blob cache and digest validation.
 fn net_config(dir: &Path, kind: &str, backend: serde_json::Value) -> PathBuf {
     let cfg = json!({
@@ -627,16 +642,7 @@ fn daemon_returns_eio_on_backend_faults_and_serves_again_after_recovery() {
     manifest::assert_root("FUSE mounts");
     let case = "v6-zstd-blake3";
     let dir = tmp();
-    let server = FakeServer::start(FakeOptions {
-        repo: REPO.into(),
-        bearer: Some(60),
-        token_basic: None,
-        redirect_to: None,
-        storage_head_403: false,
-    });
-    for (id, data) in case_blobs(case) {
-        assert_eq!(server.add_blob(data), id);
-    }
+    let server = fake_registry_with(case, Some(60));
     let config = net_config(
         dir.path(),
         "registry",
@@ -1135,16 +1141,7 @@ fn backend_metrics_report_each_mounts_backend_type_and_failed_reads() {
     use frontend::{Guest, Options, VirtiofsDaemon, ROOT};
     let case = "v6-zstd-blake3";
     let dir = tmp();
-    let server = FakeServer::start(FakeOptions {
-        repo: REPO.into(),
-        bearer: Some(60),
-        token_basic: None,
-        redirect_to: None,
-        storage_head_403: false,
-    });
-    for (id, data) in case_blobs(case) {
-        assert_eq!(server.add_blob(data), id);
-    }
+    let server = fake_registry_with(case, Some(60));
     let d = VirtiofsDaemon::start(
         env!("CARGO_BIN_EXE_rafsd"),
         dir.path(),
@@ -1235,16 +1232,7 @@ fn url_credentials_never_appear_in_api_answers_or_logs() {
     const PASSWORD: &str = "Pr0xyS3cretPw";
     let case = "v6-zstd-blake3";
     let dir = tmp();
-    let server = FakeServer::start(FakeOptions {
-        repo: REPO.into(),
-        bearer: None,
-        token_basic: None,
-        redirect_to: None,
-        storage_head_403: false,
-    });
-    for (id, data) in case_blobs(case) {
-        assert_eq!(server.add_blob(data), id);
-    }
+    let server = fake_registry_with(case, None);
     let (dead_proxy, dead_mirror) = (services::free_port(), services::free_port());
     let d = VirtiofsDaemon::start(
         env!("CARGO_BIN_EXE_rafsd"),

@@ -576,6 +576,24 @@ fn a_vmm_connecting_while_another_is_attached_is_served_when_the_first_leaves() 
     d.kill_and_check();
 }
 
+/// Mount reference image 1 at /img1 (blob cache under `dir`; `extra` config keys).
+fn mount_img1(d: &VirtiofsDaemon, dir: &Path, extra: &str) {
+    let config = daemon::v1_config(
+        &manifest::case_blob_dir(IMG1),
+        &dir.join("c1"),
+        false,
+        extra,
+    );
+    d.mount_rafs("/img1", &manifest::case_bootstrap(IMG1), &config);
+}
+
+/// A guest connected to `d` with a FUSE session.
+fn guest(d: &VirtiofsDaemon) -> Guest {
+    let mut g = Guest::connect(&d.sock, Options::default()).unwrap();
+    g.fuse_init().unwrap();
+    g
+}
+
 /// CPU time (user + system, in clock ticks) the process `pid` has used so far.
 fn cpu_ticks(pid: i32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -665,15 +683,8 @@ fn listing_a_huge_directory_with_small_buffers_costs_linear_time() {
             &config,
         );
     }
-    let config = daemon::v1_config(
-        &manifest::case_blob_dir(IMG1),
-        &dir.path().join("c1"),
-        false,
-        "",
-    );
-    d.mount_rafs("/img1", &manifest::case_bootstrap(IMG1), &config);
-    let mut g = Guest::connect(&d.sock, Options::default()).unwrap();
-    g.fuse_init().unwrap();
+    mount_img1(&d, dir.path(), "");
+    let mut g = guest(&d);
     for version in ["6", "5"] {
         let root = g.lookup(ROOT, format!("v{version}").as_bytes()).unwrap();
         let big = g.lookup(root.nodeid, b"big").unwrap().nodeid;
@@ -710,12 +721,12 @@ fn listing_a_huge_directory_with_small_buffers_costs_linear_time() {
     d.kill_and_check();
 }
 
-/// Resident set size of process `pid`, in KiB.
-fn rss_kib(pid: i32) -> u64 {
+/// A `/proc/<pid>/status` figure in KiB (`VmRSS`, `VmPeak`).
+fn status_kib(pid: i32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap()
 }
@@ -732,13 +743,7 @@ fn bogus_inode_numbers_do_not_grow_the_per_file_metrics() {
     // No sandbox: the process we started is the daemon whose memory we watch.
     let d = VirtiofsDaemon::start(BIN, dir.path(), &["--sandbox", "none"]);
     let extra = r#","iostats_files":true,"access_pattern":true,"latest_read_files":true"#;
-    let config = daemon::v1_config(
-        &manifest::case_blob_dir(IMG1),
-        &dir.path().join("c1"),
-        false,
-        extra,
-    );
-    d.mount_rafs("/img1", &manifest::case_bootstrap(IMG1), &config);
+    mount_img1(&d, dir.path(), extra);
     let config = daemon::v1_config(
         &manifest::case_blob_dir(IMG2),
         &dir.path().join("c2"),
@@ -746,8 +751,7 @@ fn bogus_inode_numbers_do_not_grow_the_per_file_metrics() {
         extra,
     );
     d.mount_rafs("/img2", &manifest::case_bootstrap(IMG2), &config);
-    let mut g = Guest::connect(&d.sock, Options::default()).unwrap();
-    g.fuse_init().unwrap();
+    let mut g = guest(&d);
     // A legitimate read first, so the records are not empty.
     read_random_2m5(&mut g);
     let img1 = g.lookup(ROOT, b"img1").unwrap().nodeid;
@@ -761,7 +765,7 @@ fn bogus_inode_numbers_do_not_grow_the_per_file_metrics() {
             .as_u64()
             .unwrap()
     };
-    let rss_before = rss_kib(d.pid());
+    let rss_before = status_kib(d.pid(), "VmRSS");
     let mut rng = frontend::Rng(0x5eed);
     let getxattr = fuse_backend_rs::abi::fuse_abi::GetxattrIn {
         size: 64,
@@ -808,7 +812,7 @@ fn bogus_inode_numbers_do_not_grow_the_per_file_metrics() {
             bogus.insert(ino);
         }
     }
-    let rss_after = rss_kib(d.pid());
+    let rss_after = status_kib(d.pid(), "VmRSS");
     let (status, body) = d.api("GET", "/api/v1/metrics/files?id=/img1", "").unwrap();
     assert_eq!(status, 200, "{body}");
     let files: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -864,15 +868,8 @@ fn bogus_inode_numbers_do_not_grow_the_per_file_metrics() {
 fn opcodes_without_a_request_get_enosys_even_with_trace_logging() {
     let dir = tempfile::tempdir().unwrap();
     let mut d = VirtiofsDaemon::start(BIN, dir.path(), &["--log-level", "trace"]);
-    let config = daemon::v1_config(
-        &manifest::case_blob_dir(IMG1),
-        &dir.path().join("c1"),
-        false,
-        "",
-    );
-    d.mount_rafs("/img1", &manifest::case_bootstrap(IMG1), &config);
-    let mut g = Guest::connect(&d.sock, Options::default()).unwrap();
-    g.fuse_init().unwrap();
+    mount_img1(&d, dir.path(), "");
+    let mut g = guest(&d);
     let img1 = g.lookup(ROOT, b"img1").unwrap().nodeid;
     for opcode in [0u32, 7, 19, 50, 51, 4096] {
         let h = InHeader {
@@ -907,16 +904,6 @@ fn opcodes_without_a_request_get_enosys_even_with_trace_logging() {
     d.kill_and_check();
 }
 
-/// Peak virtual memory of process `pid`, in KiB.
-fn vm_peak_kib(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmPeak:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap()
-}
-
 /// GETXATTR / LISTXATTR on a passthrough share with a 4 GiB `size` (found by the virtiofs fuzz target):
 /// the passthrough filesystem allocated the guest's size before asking the kernel, 4 GiB per request.
 /// Now the size is capped at Linux's 64 KiB limit; the answers are the same.
@@ -933,15 +920,8 @@ fn huge_xattr_sizes_on_a_share_allocate_nothing_large() {
         .api("POST", "/api/v1/mount?mountpoint=/share", &body)
         .unwrap();
     assert_eq!(status, 204, "{text}");
-    let config = daemon::v1_config(
-        &manifest::case_blob_dir(IMG1),
-        &dir.path().join("c1"),
-        false,
-        "",
-    );
-    d.mount_rafs("/img1", &manifest::case_bootstrap(IMG1), &config);
-    let mut g = Guest::connect(&d.sock, Options::default()).unwrap();
-    g.fuse_init().unwrap();
+    mount_img1(&d, dir.path(), "");
+    let mut g = guest(&d);
     let root = g.lookup(ROOT, b"share").unwrap().nodeid;
     let f = g.lookup(root, b"f").unwrap().nodeid;
     let set = fuse_backend_rs::abi::fuse_abi::SetxattrIn { size: 3, flags: 0 };
@@ -952,7 +932,7 @@ fn huge_xattr_sizes_on_a_share_allocate_nothing_large() {
         16,
     )
     .unwrap();
-    let peak = vm_peak_kib(d.pid());
+    let peak = status_kib(d.pid(), "VmPeak");
     let huge = 0xFFFF_FF40u32;
     let get = fuse_backend_rs::abi::fuse_abi::GetxattrIn {
         size: huge,
@@ -971,7 +951,7 @@ fn huge_xattr_sizes_on_a_share_allocate_nothing_large() {
         .unwrap();
     assert_eq!(r.header.error, 0);
     assert!(r.body.windows(7).any(|w| w == b"user.k\0"), "{:?}", r.body);
-    let grown = vm_peak_kib(d.pid()).saturating_sub(peak);
+    let grown = status_kib(d.pid(), "VmPeak").saturating_sub(peak);
     assert!(grown < 256 << 10, "peak virtual memory grew by {grown} KiB");
     read_random_2m5(&mut g);
     drop(g);
