@@ -1,7 +1,7 @@
 //! rafsd: serve RAFS (Dragonfly Nydus) v5 and v6 container images.
 //!
 //! Layout, one module per concern:
-//! - [`format`]: on-disk structures of bootstraps and blobs (parsing only).
+//! - [`format`](mod@format): on-disk structures of bootstraps and blobs (parsing only).
 //! - [`storage`]: blob backends, chunk codecs and digests.
 //! - [`image`]: an opened image: metadata plus verified chunk reads.
 //! - [`unpack`], [`check`], [`inspect`]: the offline tools built on [`image`].

@@ -19,7 +19,7 @@ pub fn slice<'a>(data: &'a [u8], off: u64, len: u64, what: &str) -> Result<&'a [
 }
 
 /// Fixed-layout little-endian field reads on a slice already known to be long enough for the structure.
-/// Callers obtain that slice with [`slice`], so the indexing below cannot fail.
+/// Callers obtain that slice with [`slice`](fn@slice), so the indexing below cannot fail.
 pub trait Le {
     fn u8_at(&self, off: usize) -> u8;
     fn u16_at(&self, off: usize) -> u16;
