@@ -80,7 +80,21 @@ const OP_SETUPMAPPING: u32 = 48;
 
 /// Reply buffer sizes a request may come with (one selector past the end takes a raw size).
 const REPLY_SIZES: [u32; 15] = [
-    0, 16, 24, 40, 64, 120, 144, 160, 256, 1024, 4096, 8192, 65536, 131072, 1 << 20,
+    0,
+    16,
+    24,
+    40,
+    64,
+    120,
+    144,
+    160,
+    256,
+    1024,
+    4096,
+    8192,
+    65536,
+    131072,
+    1 << 20,
 ];
 /// Request flags: a raw header length follows; patch the argument's first 8 bytes with a handle, a node
 /// id of the table, or (both bits) a node id learnt from a reply; bits 3-4: readable descriptors - 1;
@@ -106,7 +120,9 @@ struct Harness {
 fn fixtures() -> PathBuf {
     std::env::var_os("RAFSD_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/rafs"))
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/rafs")
+        })
 }
 
 /// Private mount namespace with a read-only root mount; /dev/shm and this crate's directory (corpus,
@@ -116,8 +132,20 @@ fn confine() {
     // SAFETY: mount-namespace syscalls on this thread with valid NUL-terminated strings.
     let ok = unsafe {
         libc::unshare(libc::CLONE_NEWNS) == 0
-            && libc::mount(std::ptr::null(), c"/".as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()) == 0
-            && libc::mount(keep.as_ptr(), keep.as_ptr(), std::ptr::null(), libc::MS_BIND | libc::MS_REC, std::ptr::null()) == 0
+            && libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) == 0
+            && libc::mount(
+                keep.as_ptr(),
+                keep.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REC,
+                std::ptr::null(),
+            ) == 0
             && libc::mount(
                 std::ptr::null(),
                 c"/".as_ptr(),
@@ -132,7 +160,10 @@ fn confine() {
             std::io::Error::last_os_error()
         );
     }
-    let limit = libc::rlimit { rlim_cur: FSIZE_LIMIT, rlim_max: FSIZE_LIMIT };
+    let limit = libc::rlimit {
+        rlim_cur: FSIZE_LIMIT,
+        rlim_max: FSIZE_LIMIT,
+    };
     // SAFETY: plain process settings; writes past the limit then fail with EFBIG instead of SIGXFSZ.
     unsafe {
         libc::setrlimit(libc::RLIMIT_FSIZE, &limit);
@@ -178,11 +209,17 @@ fn share_cmd(share: &Path) -> MountCmd {
 impl Harness {
     fn new() -> Harness {
         confine();
-        let dir = PathBuf::from(format!("/dev/shm/rafsd-fuzz-virtiofs-{}", std::process::id()));
+        let dir = PathBuf::from(format!(
+            "/dev/shm/rafsd-fuzz-virtiofs-{}",
+            std::process::id()
+        ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         extern "C" fn cleanup() {
-            let _ = std::fs::remove_dir_all(format!("/dev/shm/rafsd-fuzz-virtiofs-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(format!(
+                "/dev/shm/rafsd-fuzz-virtiofs-{}",
+                std::process::id()
+            ));
         }
         // SAFETY: registering a plain function to run at exit.
         unsafe { libc::atexit(cleanup) };
@@ -201,20 +238,42 @@ impl Harness {
         let v5 = f.join("v5-zstd-sha256-128k");
         let mount = |mp: &str, fs_type, source: PathBuf, config: String| {
             daemon
-                .mount(mp, MountCmd { fs_type, source, config, prefetch_files: Vec::new() })
+                .mount(
+                    mp,
+                    MountCmd {
+                        fs_type,
+                        source,
+                        config,
+                        prefetch_files: Vec::new(),
+                    },
+                )
                 .unwrap_or_else(|e| panic!("mount {mp}: {e}"));
         };
-        mount("/rafs", FsType::Rafs, v6.join("bootstrap"), rafs_config(&v6.join("blobs"), Some(&dir.join("cache6")), true));
-        mount("/v5", FsType::Rafs, v5.join("bootstrap"), rafs_config(&v5.join("blobs"), None, false));
-        mount("/blobs", FsType::BlobView, v6.join("bootstrap"), rafs_config(&v6.join("blobs"), Some(&dir.join("cacheview")), true));
+        mount(
+            "/rafs",
+            FsType::Rafs,
+            v6.join("bootstrap"),
+            rafs_config(&v6.join("blobs"), Some(&dir.join("cache6")), true),
+        );
+        mount(
+            "/v5",
+            FsType::Rafs,
+            v5.join("bootstrap"),
+            rafs_config(&v5.join("blobs"), None, false),
+        );
+        mount(
+            "/blobs",
+            FsType::BlobView,
+            v6.join("bootstrap"),
+            rafs_config(&v6.join("blobs"), Some(&dir.join("cacheview")), true),
+        );
         daemon.mount("/share", share_cmd(&share)).unwrap();
 
         let vmm = Window::new(WINDOW).unwrap();
         let vmm_server = WindowServer::start(vmm.clone()).unwrap();
         // SAFETY: a duplicate of the channel's device end, owned by the stream from here on.
-        let stream = unsafe {
-            std::os::unix::net::UnixStream::from_raw_fd(libc::dup(vmm_server.device_fd))
-        };
+        let stream =
+            unsafe { std::os::unix::net::UnixStream::from_raw_fd(libc::dup(vmm_server.device_fd)) };
         let dax = DaxWindow::new(WINDOW, vhost::vhost_user::Backend::from_stream(stream));
 
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
@@ -235,7 +294,13 @@ impl Harness {
 
     /// One request (`bytes`, over `pieces` readable descriptors) through the device path; returns the
     /// reply (header and body) if there is one.
-    fn request(&mut self, bytes: &[u8], pieces: usize, reply_len: u32, layout: u8) -> Option<(OutHeader, Vec<u8>)> {
+    fn request(
+        &mut self,
+        bytes: &[u8],
+        pieces: usize,
+        reply_len: u32,
+        layout: u8,
+    ) -> Option<(OutHeader, Vec<u8>)> {
         if bytes.len() > REQ_MAX {
             return None;
         }
@@ -243,7 +308,12 @@ impl Harness {
         let mut at = REQ_ADDR;
         for part in bytes.chunks(bytes.len().div_ceil(pieces.max(1)).max(1)) {
             self.mem.write_slice(part, GuestAddress(at)).unwrap();
-            descs.push(RawDescriptor::from(SplitDescriptor::new(at, part.len() as u32, 0, 0)));
+            descs.push(RawDescriptor::from(SplitDescriptor::new(
+                at,
+                part.len() as u32,
+                0,
+                0,
+            )));
             at += part.len() as u64;
         }
         // Reply buffers: pages as a Linux guest gives them, one block, a tiny first piece, or odd pieces.
@@ -258,7 +328,12 @@ impl Harness {
                 2 => left,
                 _ => left.min(1000),
             };
-            descs.push(RawDescriptor::from(SplitDescriptor::new(at, n, VRING_DESC_F_WRITE, 0)));
+            descs.push(RawDescriptor::from(SplitDescriptor::new(
+                at,
+                n,
+                VRING_DESC_F_WRITE,
+                0,
+            )));
             at += n as u64;
             left -= n;
             first = false;
@@ -267,32 +342,64 @@ impl Harness {
             return None;
         }
         // Stale reply bytes must not pass for a reply.
-        self.mem.write_obj(OutHeader::default(), GuestAddress(REP_ADDR)).unwrap();
+        self.mem
+            .write_obj(OutHeader::default(), GuestAddress(REP_ADDR))
+            .unwrap();
         let queue = MockSplitQueue::create(&self.mem, GuestAddress(0), QUEUE_LEN);
         let chain = queue.build_desc_chain(&descs).ok()?;
         let reader = Reader::from_descriptor_chain(&self.mem, chain.clone()).ok()?;
         let writer = VirtioFsWriter::new(&self.mem, chain).ok()?;
-        let unique = bytes.get(8..16).map(|u| u64::from_le_bytes(u.try_into().unwrap()));
+        let unique = bytes
+            .get(8..16)
+            .map(|u| u64::from_le_bytes(u.try_into().unwrap()));
         let n = rafsd::vhost_user::handle_request(&self.server, reader, writer, Some(&self.dax));
         if n == 0 {
             return None;
         }
-        assert!(n <= reply_len, "reply of {n} bytes in a {reply_len}-byte buffer");
+        assert!(
+            n <= reply_len,
+            "reply of {n} bytes in a {reply_len}-byte buffer"
+        );
         let header: OutHeader = self.mem.read_obj(GuestAddress(REP_ADDR)).unwrap();
-        assert_eq!(header.len, n, "reply header length vs bytes written: {header:?}");
-        assert_eq!(Some(header.unique), unique, "reply to another request: {header:?}");
+        assert_eq!(
+            header.len, n,
+            "reply header length vs bytes written: {header:?}"
+        );
+        assert_eq!(
+            Some(header.unique),
+            unique,
+            "reply to another request: {header:?}"
+        );
         let mut body = vec![0u8; n as usize - std::mem::size_of::<OutHeader>()];
         self.mem
-            .read_slice(&mut body, GuestAddress(REP_ADDR + std::mem::size_of::<OutHeader>() as u64))
+            .read_slice(
+                &mut body,
+                GuestAddress(REP_ADDR + std::mem::size_of::<OutHeader>() as u64),
+            )
             .unwrap();
         Some((header, body))
     }
 
     /// A well-formed request; returns the reply body when it succeeded.
-    fn call(&mut self, opcode: u32, nodeid: u64, args: &[&[u8]], reply_len: u32) -> Option<Vec<u8>> {
+    fn call(
+        &mut self,
+        opcode: u32,
+        nodeid: u64,
+        args: &[&[u8]],
+        reply_len: u32,
+    ) -> Option<Vec<u8>> {
         self.unique += 1;
         let len = std::mem::size_of::<InHeader>() + args.iter().map(|a| a.len()).sum::<usize>();
-        let h = InHeader { len: len as u32, opcode, unique: self.unique, nodeid, uid: 0, gid: 0, pid: 1, padding: 0 };
+        let h = InHeader {
+            len: len as u32,
+            opcode,
+            unique: self.unique,
+            nodeid,
+            uid: 0,
+            gid: 0,
+            pid: 1,
+            padding: 0,
+        };
         let mut bytes = h.as_slice().to_vec();
         for a in args {
             bytes.extend_from_slice(a);
@@ -304,15 +411,22 @@ impl Harness {
     }
 
     fn init(&mut self, xor: u32) {
-        let flags = FsOptions::ASYNC_READ | FsOptions::DO_READDIRPLUS | FsOptions::READDIRPLUS_AUTO
-            | FsOptions::PARALLEL_DIROPS | FsOptions::MAX_PAGES | FsOptions::INIT_EXT;
+        let flags = FsOptions::ASYNC_READ
+            | FsOptions::DO_READDIRPLUS
+            | FsOptions::READDIRPLUS_AUTO
+            | FsOptions::PARALLEL_DIROPS
+            | FsOptions::MAX_PAGES
+            | FsOptions::INIT_EXT;
         let init = InitIn {
             major: KERNEL_VERSION,
             minor: KERNEL_MINOR_VERSION,
             max_readahead: 128 << 10,
             flags: flags.bits() as u32 ^ xor,
         };
-        let init2 = InitIn2 { flags2: (FsOptions::PERFILE_DAX.bits() >> 32) as u32, unused: [0; 11] };
+        let init2 = InitIn2 {
+            flags2: (FsOptions::PERFILE_DAX.bits() >> 32) as u32,
+            unused: [0; 11],
+        };
         self.call(OP_INIT, 0, &[init.as_slice(), init2.as_slice()], 256);
     }
 
@@ -324,12 +438,20 @@ impl Harness {
         while at < nodes.len() && nodes.len() < MAX_NODES - 16 {
             let dir = nodes[at];
             at += 1;
-            let read = fuse_backend_rs::abi::fuse_abi::ReadIn { size: 4096, ..Default::default() };
+            let read = fuse_backend_rs::abi::fuse_abi::ReadIn {
+                size: 4096,
+                ..Default::default()
+            };
             let Some(body) = self.call(OP_READDIRPLUS, dir, &[read.as_slice()], 4096) else {
                 continue;
             };
             for (i, (name, nodeid)) in direntplus(&body).into_iter().enumerate() {
-                if i >= 24 || name == b"." || name == b".." || name == b"share" || nodes.contains(&nodeid) {
+                if i >= 24
+                    || name == b"."
+                    || name == b".."
+                    || name == b"share"
+                    || nodes.contains(&nodeid)
+                {
                     continue;
                 }
                 nodes.push(nodeid);
@@ -377,9 +499,14 @@ impl Harness {
     /// Touch every page of a successful SETUPMAPPING of a RAFS file or blob-view file: all of it must be
     /// readable (zeros past end of file), or the VMM would fault on the guest's access.
     fn touch_window(&self, nodeid: u64, args: &[u8]) {
-        let Some(m) = read::<SetupmappingIn>(args) else { return };
+        let Some(m) = read::<SetupmappingIn>(args) else {
+            return;
+        };
         let share_idx = self.share_index();
-        if Some(nodeid >> 56) == share_idx || m.len == 0 || m.moffset.checked_add(m.len).is_none_or(|e| e > WINDOW) {
+        if Some(nodeid >> 56) == share_idx
+            || m.len == 0
+            || m.moffset.checked_add(m.len).is_none_or(|e| e > WINDOW)
+        {
             return;
         }
         let bytes = self.vmm.bytes(m.moffset, m.len);
@@ -414,7 +541,9 @@ fn direntplus(body: &[u8]) -> Vec<(Vec<u8>, u64)> {
     let fixed = std::mem::size_of::<Direntplus>();
     while let Some(d) = body.get(at..).and_then(read::<Direntplus>) {
         let len = d.dirent.namelen as usize;
-        let Some(name) = body.get(at + fixed..at + fixed + len) else { break };
+        let Some(name) = body.get(at + fixed..at + fixed + len) else {
+            break;
+        };
         out.push((name.to_vec(), d.entry_out.nodeid));
         at += (fixed + len).div_ceil(8) * 8;
     }
@@ -437,13 +566,16 @@ impl Input<'_> {
         self.take(1).map(|b| b[0])
     }
     fn u16(&mut self) -> Option<u16> {
-        self.take(2).map(|b| u16::from_le_bytes(b.try_into().unwrap()))
+        self.take(2)
+            .map(|b| u16::from_le_bytes(b.try_into().unwrap()))
     }
     fn u32(&mut self) -> Option<u32> {
-        self.take(4).map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+        self.take(4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
     }
     fn u64(&mut self) -> Option<u64> {
-        self.take(8).map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+        self.take(8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
     }
 }
 
@@ -456,7 +588,9 @@ fn run(h: &mut Harness, data: &[u8]) {
     let Some(xor) = input.u32() else { return };
     h.init(xor);
     while let Some(op) = input.u8() {
-        let (Some(node), Some(reply), Some(flags)) = (input.u8(), input.u8(), input.u8()) else { return };
+        let (Some(node), Some(reply), Some(flags)) = (input.u8(), input.u8(), input.u8()) else {
+            return;
+        };
         let opcode = match op {
             sel @ 0..=49 => sel as u32 + 1,
             _ => match input.u32() {
@@ -466,7 +600,9 @@ fn run(h: &mut Harness, data: &[u8]) {
         };
         let nodeid = match node {
             // The node learnt k requests ago (the file just created, the entry just looked up).
-            200..=239 if !learned.is_empty() => learned[learned.len() - 1 - (node as usize - 200) % learned.len()],
+            200..=239 if !learned.is_empty() => {
+                learned[learned.len() - 1 - (node as usize - 200) % learned.len()]
+            }
             0..=239 => nodes[node as usize % nodes.len()],
             240..=254 => match input.u64() {
                 Some(raw) => raw,
@@ -490,7 +626,9 @@ fn run(h: &mut Harness, data: &[u8]) {
             None
         };
         let Some(arg_len) = input.u16() else { return };
-        let Some(args) = input.take((arg_len as usize).min(input.0.len())) else { return };
+        let Some(args) = input.take((arg_len as usize).min(input.0.len())) else {
+            return;
+        };
         let mut args = args.to_vec();
         // The argument may start with a handle (READ, RELEASE, WRITE, ...) or a node id (RENAME's
         // new directory, LINK's inode) the guest was given: its first byte says which one.
@@ -525,7 +663,10 @@ fn run(h: &mut Harness, data: &[u8]) {
         let reply = h.request(&request, pieces, reply_len, flags >> 5);
         if trace() {
             let answer = reply.as_ref().map(|(o, b)| (o.error, b.len()));
-            eprintln!("opcode {opcode} node {nodeid:#x} args {} reply {reply_len}: {answer:?}", args.len());
+            eprintln!(
+                "opcode {opcode} node {nodeid:#x} args {} reply {reply_len}: {answer:?}",
+                args.len()
+            );
         }
         let Some((out, body)) = reply else { continue };
         if out.error != 0 {
@@ -547,7 +688,10 @@ fn run(h: &mut Harness, data: &[u8]) {
                 if let Some(e) = read::<EntryOut>(&body) {
                     learn(e.nodeid, &mut learned, MAX_NODES);
                 }
-                if let Some(o) = body.get(std::mem::size_of::<EntryOut>()..).and_then(read::<OpenOut>) {
+                if let Some(o) = body
+                    .get(std::mem::size_of::<EntryOut>()..)
+                    .and_then(read::<OpenOut>)
+                {
                     learn(o.fh, &mut handles, MAX_HANDLES);
                 }
             }
