@@ -117,7 +117,7 @@ struct MountRecord {
     /// What was asked, kept to hand the mount over to a successor daemon.
     cmd: MountCmd,
     config_id: Option<String>,
-    /// The mount's config with credentials blanked, for `GET /daemon`.
+    /// The mount's config with credentials blanked and URL userinfo masked, for `GET /daemon`.
     config: Value,
     mounted_time: String,
 }
@@ -154,40 +154,6 @@ pub struct Daemon {
     supervisor: std::sync::OnceLock<String>,
     /// The requests the front end is serving now (the FUSE daemon only).
     inflight: std::sync::OnceLock<Arc<crate::inflight::Inflight>>,
-}
-
-/// Keys whose values are credentials: never echoed or logged.
-const SECRET_KEYS: &[&str] = &[
-    "auth",
-    "registry_token",
-    "access_key_id",
-    "access_key_secret",
-    "password",
-    "token",
-    "encryption_key",
-    // Mirror headers of network backends often carry credentials of their own.
-    "headers",
-];
-
-pub fn redact(v: &Value) -> Value {
-    match v {
-        Value::Object(m) => Value::Object(
-            m.iter()
-                .map(|(k, v)| {
-                    (
-                        k.clone(),
-                        if SECRET_KEYS.contains(&k.as_str()) && !v.is_null() {
-                            json!("")
-                        } else {
-                            redact(v)
-                        },
-                    )
-                })
-                .collect(),
-        ),
-        Value::Array(a) => Value::Array(a.iter().map(redact).collect()),
-        other => other.clone(),
-    }
 }
 
 /// Mountpoints are absolute paths of plain components: no "." or "..", no empty or over-long parts.
@@ -314,8 +280,9 @@ impl Daemon {
                 if let Some(allowed) = allowed {
                     allowed.confine_rafs(&mut bootstrap, &mut config)?;
                 }
-                let shown =
-                    redact(&serde_json::from_str::<Value>(&cmd.config).unwrap_or(Value::Null));
+                let shown = crate::redact::json(
+                    &serde_json::from_str::<Value>(&cmd.config).unwrap_or(Value::Null),
+                );
                 if config.id.is_none() {
                     config.id = cmd.id.clone();
                 }

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,6 +22,7 @@ use crate::format::{
 };
 use crate::storage::digest::{crc32c, digest, hex};
 use crate::storage::localfs::LocalFs;
+use crate::storage::metrics::{BackendMetrics, Metered};
 use crate::storage::{compress, BlobBackend};
 
 /// Largest bootstrap we extract from an inline-meta blob into memory.
@@ -67,13 +68,6 @@ impl Segment<'_> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-}
-
-/// Backend traffic of one image.
-#[derive(Default)]
-pub struct ReadStats {
-    pub backend_reads: AtomicU64,
-    pub backend_bytes: AtomicU64,
 }
 
 /// Counts a user read for as long as it lives.
@@ -161,7 +155,8 @@ pub struct RafsImage {
     cache: Option<Arc<BlobCache>>,
     amplify_io: u64,
     user_reads: AtomicUsize,
-    stats: ReadStats,
+    /// Every read of the backend (`backend` counts into it).
+    backend_metrics: Arc<BackendMetrics>,
 }
 
 impl RafsImage {
@@ -197,6 +192,9 @@ impl RafsImage {
                 path.display()
             ));
         };
+        let backend_metrics = Arc::new(BackendMetrics::default());
+        let backend: Arc<dyn BlobBackend> =
+            Arc::new(Metered::new(backend, backend_metrics.clone()));
         let nblobs = meta.info().blobs.len();
         let cache = match &opts.cache_dir {
             Some(dir) => {
@@ -229,7 +227,7 @@ impl RafsImage {
             cache,
             amplify_io: opts.amplify_io,
             user_reads: AtomicUsize::new(0),
-            stats: ReadStats::default(),
+            backend_metrics,
         })
     }
 
@@ -677,12 +675,7 @@ impl RafsImage {
     }
 
     fn backend_read(&self, blob_id: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
-        let data = self.backend.read_exact_at(blob_id, offset, len)?;
-        self.stats.backend_reads.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .backend_bytes
-            .fetch_add(len as u64, Ordering::Relaxed);
-        Ok(data)
+        self.backend.read_exact_at(blob_id, offset, len)
     }
 
     /// One chunk straight from the backend, decoded and verified.
@@ -881,8 +874,9 @@ impl RafsImage {
         self.cache.as_ref()
     }
 
-    pub fn stats(&self) -> &ReadStats {
-        &self.stats
+    /// Backend reads of this image, and the backend's type.
+    pub fn backend_metrics(&self) -> (&BackendMetrics, &'static str) {
+        (&self.backend_metrics, self.backend.kind())
     }
 
     pub fn validates(&self) -> bool {

@@ -26,6 +26,7 @@ pub mod inflight;
 pub mod inspect;
 pub mod logging;
 pub mod passthrough;
+pub mod redact;
 pub mod sandbox;
 pub mod seccomp;
 pub mod service;

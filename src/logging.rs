@@ -122,7 +122,10 @@ impl Write for RotatingFile {
 /// Install the process logger at `level`, writing to `file` (rotated at `rotation_mib` MiB) or stderr.
 pub fn init(level: &str, file: Option<&Path>, rotation_mib: u64) -> Result<()> {
     let mut builder = env_logger::Builder::new();
-    builder.parse_filters(level).format_timestamp_millis();
+    // Every line goes through the credential filter (`user:pass@` in URLs is masked).
+    builder
+        .parse_filters(level)
+        .format(crate::redact::log_format);
     if let Some(path) = file {
         builder.target(env_logger::Target::Pipe(Box::new(RotatingFile::open(
             path,

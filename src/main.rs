@@ -314,7 +314,7 @@ fn main() -> ExitCode {
     match run(cli.command, log_file.as_deref()) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("rafsd: {e}");
+            eprintln!("rafsd: {}", rafsd::redact::text(&e.to_string()));
             ExitCode::from(1)
         }
     }

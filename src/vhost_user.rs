@@ -8,12 +8,12 @@
 //! With `--dax-window` the device also offers a DAX window (SHMEM, GET_SHMEM_CONFIG) and answers
 //! SETUPMAPPING/REMOVEMAPPING through the backend request channel: see [`crate::dax`].
 
-use std::io;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use fuse_backend_rs::abi::fuse_abi::{InHeader, Opcode};
+use fuse_backend_rs::abi::fuse_abi::{InHeader, OutHeader};
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::api::Vfs;
 use fuse_backend_rs::transport::FsCacheReqHandler;
@@ -30,13 +30,14 @@ use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use virtio_queue::QueueOwnedT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::bitmap::BitmapSlice;
+use vm_memory::{ByteValued, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::dax::DaxWindow;
+use crate::dax::{Admission, DaxWindow};
 use crate::error::{Error, Result};
 
 /// Descriptors per queue (QEMU asks for 128 by default; nydusd offers 1024).
@@ -133,23 +134,63 @@ impl VirtioFsBackend {
                 return 0;
             }
         };
-        // Without a window SETUPMAPPING/REMOVEMAPPING get EINVAL from the server.
         let window = self.dax.read().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some(w) = &window {
-            // A new FUSE session starts with an empty window (header peeked through a copy of the reader).
-            let init = reader.clone().read_obj::<InHeader>();
-            if init.is_ok_and(|h| h.opcode == Opcode::Init as u32) {
-                w.reset();
-            }
+        handle_request(&self.server, reader, writer, window.as_ref())
+    }
+}
+
+/// Opcodes below fuse-backend-rs's `MaxOpcode` (50) that name no request. The server's trace line turns
+/// every opcode into its `Opcode` enum by transmute, and these are not variants of it: undefined
+/// behaviour (a crash, in practice) whenever trace logging is on. The device answers them itself.
+const NO_REQUEST_OPCODES: [u32; 3] = [0, 7, 19];
+
+/// One FUSE request from the guest, as the device handles it: an opcode the server must not see is
+/// answered ENOSYS here; the DAX window screens the request (a SETUPMAPPING it cannot take is refused
+/// before any filesystem fetches the range; FUSE_INIT starts a new session with an empty window); then
+/// the server dispatches it to the `Vfs`. Returns the bytes written for the guest (0: no reply). Public
+/// so the fuzz target (tests/fuzz) feeds requests through exactly this path.
+pub fn handle_request<S: BitmapSlice>(
+    server: &Server<Arc<Vfs>>,
+    reader: Reader<'_, S>,
+    writer: VirtioFsWriter<'_, S>,
+    window: Option<&Arc<DaxWindow>>,
+) -> u32 {
+    if let Ok(header) = reader.clone().read_obj::<InHeader>() {
+        if NO_REQUEST_OPCODES.contains(&header.opcode) {
+            return reply_error(writer, header.unique, libc::ENOSYS);
         }
-        let mut dax = window.as_ref().map(DaxWindow::requests);
-        let dax = dax.as_mut().map(|d| d as &mut dyn FsCacheReqHandler);
-        match self.server.handle_message(reader, writer.into(), dax, None) {
-            Ok(n) => n as u32,
-            Err(e) => {
-                log::warn!("virtio-fs: request failed: {e}");
-                0
-            }
+    }
+    // Without a window SETUPMAPPING/REMOVEMAPPING get EINVAL from the server; so does a SETUPMAPPING
+    // the window refuses.
+    let mut window = window;
+    match window.map(|w| w.admit(&reader)) {
+        Some(Admission::NewSession) => window.map_or((), |w| w.reset()),
+        Some(Admission::Refuse) => window = None,
+        Some(Admission::Pass) | None => {}
+    }
+    let mut dax = window.map(DaxWindow::requests);
+    let dax = dax.as_mut().map(|d| d as &mut dyn FsCacheReqHandler);
+    match server.handle_message(reader, writer.into(), dax, None) {
+        Ok(n) => n as u32,
+        Err(e) => {
+            log::warn!("virtio-fs: request failed: {e}");
+            0
+        }
+    }
+}
+
+/// A reply carrying only `-errno`, as the server writes it.
+fn reply_error<S: BitmapSlice>(mut writer: VirtioFsWriter<'_, S>, unique: u64, errno: i32) -> u32 {
+    let out = OutHeader {
+        len: std::mem::size_of::<OutHeader>() as u32,
+        error: -errno,
+        unique,
+    };
+    match writer.write_all(out.as_slice()) {
+        Ok(()) => out.len,
+        Err(e) => {
+            log::warn!("virtio-fs: cannot write a reply: {e}");
+            0
         }
     }
 }

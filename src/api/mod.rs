@@ -37,7 +37,7 @@ fn error_response(e: &Error) -> Response {
         Error::Unsupported(_) => (501, "Unsupported"),
         Error::Io { .. } => (500, "IoError"),
     };
-    Response::error(status, code, e.to_string())
+    Response::error(status, code, crate::redact::text(&e.to_string()))
 }
 
 fn method_not_allowed(req: &Request) -> Response {
@@ -250,13 +250,8 @@ fn metrics(
 }
 
 fn backend_metrics(fs: &crate::fs::RafsFs) -> Value {
-    let stats = fs.image().stats();
-    json!({
-        "backend_type": "localfs",
-        "read_count": stats.backend_reads.load(Ordering::Relaxed),
-        "read_errors": 0,
-        "read_amount_total": stats.backend_bytes.load(Ordering::Relaxed),
-    })
+    let (metrics, kind) = fs.image().backend_metrics();
+    metrics.to_json(kind)
 }
 
 fn blobcache_metrics(fs: &crate::fs::RafsFs) -> Value {

@@ -31,7 +31,7 @@ use fuse_backend_rs::transport::FsCacheReqHandler;
 use crate::cache::prefetch::Prefetcher;
 use crate::format::InodeAttr;
 use crate::image::{RafsImage, Segment};
-use metrics::{FileMetricsOptions, Fop, FsMetrics};
+use metrics::{FileLimit, FileMetricsOptions, Fop, FsMetrics};
 
 /// How long the kernel may cache attributes and entries of an immutable image.
 pub const CACHE_TIMEOUT: Duration = Duration::from_secs(1 << 32);
@@ -120,7 +120,11 @@ impl RafsFs {
     /// Keep the per-file records the config asks for (`iostats_files`, `access_pattern`,
     /// `latest_read_files`); without this call none are kept.
     pub fn with_file_metrics(mut self, opts: FileMetricsOptions) -> Self {
-        self.metrics = FsMetrics::new(opts);
+        let image = self.image.clone();
+        let limit = FileLimit::new(self.image.info().inode_count, move |ino| {
+            ino <= MAX_INO && image.inode(ino).is_ok()
+        });
+        self.metrics = FsMetrics::new(opts, limit);
         self
     }
 

@@ -364,7 +364,10 @@ fn agent_with(
     streaming: bool,
 ) -> Result<ureq::Agent> {
     let proxy = proxy
-        .map(|p| ureq::Proxy::new(p).map_err(|e| Error::Invalid(format!("proxy url {p:?}: {e}"))))
+        .map(|p| {
+            ureq::Proxy::new(p)
+                .map_err(|e| Error::Invalid(format!("proxy url {:?}: {e}", crate::redact::text(p))))
+        })
         .transpose()?;
     let (global, per_io) = match streaming {
         true => (None, settings.timeout),

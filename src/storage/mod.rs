@@ -10,6 +10,7 @@ pub mod forward_proxy;
 pub mod http;
 pub mod http_proxy;
 pub mod localfs;
+pub mod metrics;
 pub mod object_store;
 pub mod registry;
 pub mod registry_auth;

@@ -24,7 +24,7 @@ use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
 use fuse_backend_rs::abi::fuse_abi::{
-    AttrOut, Direntplus, EntryOut, ForgetIn, FsOptions, GetattrIn, GetxattrIn, GetxattrOut,
+    AttrOut, Dirent, Direntplus, EntryOut, ForgetIn, FsOptions, GetattrIn, GetxattrIn, GetxattrOut,
     InHeader, InitIn, InitOut, MknodIn, Opcode, OpenIn, OpenOut, OutHeader, ReadIn, ReleaseIn,
     KERNEL_MINOR_VERSION, KERNEL_VERSION,
 };
@@ -725,6 +725,29 @@ fn read_obj<T: ByteValued + Default>(b: &[u8]) -> io::Result<T> {
     Ok(v)
 }
 
+/// The entries of a READDIR(PLUS) reply: fixed part `T` (whose name length `namelen` gives), name, padding
+/// to 8 bytes; each turned into an `E` by `entry`.
+fn dirents<T: ByteValued + Default, E>(
+    body: &[u8],
+    namelen: impl Fn(&T) -> u32,
+    entry: impl Fn(T, Vec<u8>) -> E,
+) -> io::Result<Vec<E>> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    let fixed = std::mem::size_of::<T>();
+    while at < body.len() {
+        let d: T = read_obj(&body[at..])?;
+        let len = namelen(&d) as usize;
+        let name = body
+            .get(at + fixed..at + fixed + len)
+            .ok_or_else(|| err("dirent name past the reply"))?
+            .to_vec();
+        out.push(entry(d, name));
+        at += (fixed + len).div_ceil(8) * 8;
+    }
+    Ok(out)
+}
+
 fn cstr(name: &[u8]) -> Vec<u8> {
     let mut v = name.to_vec();
     v.push(0);
@@ -1070,6 +1093,47 @@ impl Guest {
         offset: u64,
         size: u32,
     ) -> io::Result<Vec<DirEntryPlus>> {
+        let body = self.dir_reply(Opcode::Readdirplus, nodeid, fh, offset, size)?;
+        dirents(
+            &body,
+            |d: &Direntplus| d.dirent.namelen,
+            |d, name| DirEntryPlus {
+                name,
+                nodeid: d.entry_out.nodeid,
+                ino: d.dirent.ino,
+                off: d.dirent.off,
+                type_: d.dirent.type_,
+                mode: d.entry_out.attr.mode,
+                size: d.entry_out.attr.size,
+            },
+        )
+    }
+
+    /// FUSE_READDIR from cookie `offset` into a reply of `size` bytes: (name, ino, cookie) per entry.
+    pub fn readdir(
+        &mut self,
+        nodeid: u64,
+        fh: u64,
+        offset: u64,
+        size: u32,
+    ) -> io::Result<Vec<(Vec<u8>, u64, u64)>> {
+        let body = self.dir_reply(Opcode::Readdir, nodeid, fh, offset, size)?;
+        dirents(
+            &body,
+            |d: &Dirent| d.namelen,
+            |d, name| (name, d.ino, d.off),
+        )
+    }
+
+    /// The body of a READDIR or READDIRPLUS reply.
+    fn dir_reply(
+        &mut self,
+        opcode: Opcode,
+        nodeid: u64,
+        fh: u64,
+        offset: u64,
+        size: u32,
+    ) -> io::Result<Vec<u8>> {
         let a = ReadIn {
             fh,
             offset,
@@ -1079,29 +1143,7 @@ impl Guest {
             flags: 0,
             padding: 0,
         };
-        let body = self.call_ok(Opcode::Readdirplus, nodeid, &[a.as_slice()], size)?;
-        let mut out = Vec::new();
-        let mut at = 0;
-        let fixed = std::mem::size_of::<Direntplus>();
-        while at < body.len() {
-            let d: Direntplus = read_obj(&body[at..])?;
-            let namelen = d.dirent.namelen as usize;
-            let name = body
-                .get(at + fixed..at + fixed + namelen)
-                .ok_or_else(|| err("dirent name past the reply"))?
-                .to_vec();
-            out.push(DirEntryPlus {
-                name,
-                nodeid: d.entry_out.nodeid,
-                ino: d.dirent.ino,
-                off: d.dirent.off,
-                type_: d.dirent.type_,
-                mode: d.entry_out.attr.mode,
-                size: d.entry_out.attr.size,
-            });
-            at += (fixed + namelen).div_ceil(8) * 8;
-        }
-        Ok(out)
+        self.call_ok(opcode, nodeid, &[a.as_slice()], size)
     }
 
     /// All entries of a directory: OPENDIR, READDIRPLUS until empty, RELEASEDIR.

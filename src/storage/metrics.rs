@@ -1,0 +1,129 @@
+//! Backend traffic of one image in the shape of nydusd's `BackendMetrics` (`/api/v1/metrics/backend`):
+//! every read of a blob range, failed or not, with its size and latency.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::BlobBackend;
+use crate::error::Result;
+use crate::fs::metrics::size_bucket;
+
+/// Latency buckets in milliseconds, as nydusd's: <=1, <=20, <=50, <=100, <=500, <=1000, <=2000, more.
+const LATENCY_MS: [u64; 7] = [1, 20, 50, 100, 500, 1000, 2000];
+
+fn latency_bucket(ms: u64) -> usize {
+    LATENCY_MS.iter().position(|&l| ms <= l).unwrap_or(7)
+}
+
+#[derive(Default)]
+pub struct BackendMetrics {
+    read_count: AtomicU64,
+    read_errors: AtomicU64,
+    read_amount_total: AtomicU64,
+    latency_millis_total: AtomicU64,
+    /// Per request-size bucket (as `block_count_read`): cumulative latency, and request count.
+    latency_millis_by_size: [AtomicU64; 8],
+    count_by_size: [AtomicU64; 8],
+    /// [size bucket][latency bucket] request counts.
+    latency_by_size: [[AtomicU64; 8]; 8],
+}
+
+fn load(v: &[AtomicU64]) -> Vec<u64> {
+    v.iter().map(|a| a.load(Ordering::Relaxed)).collect()
+}
+
+impl BackendMetrics {
+    /// One read of `len` bytes that took `elapsed`; `got` is what it returned (0 when it failed).
+    pub fn record(&self, len: usize, got: Option<usize>, elapsed: Duration) {
+        let ms = elapsed.as_millis().min(u64::MAX as u128) as u64;
+        let size = size_bucket(len);
+        self.read_count.fetch_add(1, Ordering::Relaxed);
+        if got.is_none() {
+            self.read_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        self.read_amount_total
+            .fetch_add(got.unwrap_or(0) as u64, Ordering::Relaxed);
+        self.latency_millis_total.fetch_add(ms, Ordering::Relaxed);
+        self.latency_millis_by_size[size].fetch_add(ms, Ordering::Relaxed);
+        self.count_by_size[size].fetch_add(1, Ordering::Relaxed);
+        self.latency_by_size[size][latency_bucket(ms)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Reads so far, failed ones included.
+    pub fn reads(&self) -> u64 {
+        self.read_count.load(Ordering::Relaxed)
+    }
+
+    /// nydusd's JSON keys, for a backend of type `kind` (`localfs`, `registry`, `s3`, `oss`, `http-proxy`).
+    pub fn to_json(&self, kind: &str) -> serde_json::Value {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        serde_json::json!({
+            "backend_type": kind,
+            "read_count": get(&self.read_count),
+            "read_errors": get(&self.read_errors),
+            "read_amount_total": get(&self.read_amount_total),
+            "read_cumulative_latency_millis_total": get(&self.latency_millis_total),
+            "read_cumulative_latency_millis_dist": load(&self.latency_millis_by_size),
+            "read_count_block_size_dist": load(&self.count_by_size),
+            "read_latency_sizes_dist": self.latency_by_size.iter().map(|r| load(r)).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// A backend whose reads are counted in a [`BackendMetrics`].
+pub struct Metered {
+    inner: Arc<dyn BlobBackend>,
+    metrics: Arc<BackendMetrics>,
+}
+
+impl Metered {
+    pub fn new(inner: Arc<dyn BlobBackend>, metrics: Arc<BackendMetrics>) -> Self {
+        Metered { inner, metrics }
+    }
+}
+
+impl BlobBackend for Metered {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+
+    fn read_at(&self, blob_id: &str, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let start = Instant::now();
+        let r = self.inner.read_at(blob_id, offset, buf);
+        self.metrics
+            .record(buf.len(), r.as_ref().ok().copied(), start.elapsed());
+        r
+    }
+
+    fn blob_size(&self, blob_id: &str) -> Result<u64> {
+        self.inner.blob_size(blob_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_are_counted_by_outcome_size_and_latency() {
+        let m = BackendMetrics::default();
+        m.record(4096, Some(4096), Duration::from_micros(300));
+        m.record(1 << 20, None, Duration::from_millis(30));
+        m.record(100, Some(60), Duration::from_secs(3));
+        let j = m.to_json("registry");
+        assert_eq!(j["backend_type"], "registry");
+        assert_eq!(j["read_count"], 3);
+        assert_eq!(j["read_errors"], 1);
+        assert_eq!(j["read_amount_total"], 4156);
+        assert_eq!(j["read_cumulative_latency_millis_total"], 3030);
+        assert_eq!(
+            j["read_count_block_size_dist"],
+            serde_json::json!([1, 0, 1, 0, 0, 0, 0, 1])
+        );
+        assert_eq!(j["read_latency_sizes_dist"][2][0], 1);
+        assert_eq!(j["read_latency_sizes_dist"][7][2], 1);
+        assert_eq!(j["read_latency_sizes_dist"][0][7], 1);
+        assert_eq!(j["read_cumulative_latency_millis_dist"][7], 30);
+    }
+}
