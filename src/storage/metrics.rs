@@ -99,11 +99,50 @@ impl BlobBackend for Metered {
     fn blob_size(&self, blob_id: &str) -> Result<u64> {
         self.inner.blob_size(blob_id)
     }
+
+    // Every other method forwards too: the meter must not change what the backend is.
+    fn is_remote(&self) -> bool {
+        self.inner.is_remote()
+    }
+
+    fn set_registry_auth(&self, auth: Option<&str>) -> Result<()> {
+        self.inner.set_registry_auth(auth)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A remote backend that takes credentials, to see the meter forward what it does not measure.
+    struct Remote;
+    impl BlobBackend for Remote {
+        fn kind(&self) -> &'static str {
+            "remote"
+        }
+        fn read_at(&self, _: &str, _: u64, _: &mut [u8]) -> Result<usize> {
+            Ok(0)
+        }
+        fn blob_size(&self, _: &str) -> Result<u64> {
+            Ok(0)
+        }
+        fn is_remote(&self) -> bool {
+            true
+        }
+        fn set_registry_auth(&self, _: Option<&str>) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_meter_is_the_backend_it_wraps() {
+        let m = Metered::new(Arc::new(Remote), Arc::new(BackendMetrics::default()));
+        assert!(m.is_remote(), "no network at mount depends on it");
+        assert!(
+            m.set_registry_auth(Some("dTpw")).is_ok(),
+            "credential renewal depends on it"
+        );
+    }
 
     #[test]
     fn reads_are_counted_by_outcome_size_and_latency() {
