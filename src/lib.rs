@@ -27,6 +27,7 @@ pub mod service;
 pub mod storage;
 pub mod unpack;
 pub mod vhost_user;
+pub mod worker_pool;
 
 pub use error::{Error, Result};
 pub use image::{ImageOptions, RafsImage};

@@ -244,8 +244,9 @@ struct VirtiofsArgs {
     /// Accepted for nydusd compatibility; every mount is already available.
     #[arg(long)]
     hybrid_mode: bool,
-    /// virtiofsd option Kata appends; ignored (each queue has its own worker).
-    #[arg(long)]
+    /// Workers answering each request queue, which is also how many of its requests may be in flight
+    /// (default 16; Kata's `=1` gets the default too); 0 answers them one at a time, in order.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=1024))]
     thread_pool_size: Option<u32>,
     /// virtiofsd option Kata appends; ignored.
     #[arg(long)]
@@ -540,9 +541,7 @@ fn run_virtiofs(args: VirtiofsArgs) -> rafsd::Result<ExitCode> {
     use rafsd::sandbox::{fork_supervised, Role, SandboxMode};
     let signals = rafsd::fusedev::block_shutdown_signals();
     rafsd::service::raise_nofile_limit(args.rlimit_nofile);
-    if let Some(n) = args.thread_pool_size {
-        log::warn!("--thread-pool-size={n} is a virtiofsd option; ignored (each virtqueue has its own worker)");
-    }
+    let pool_size = rafsd::vhost_user::pool_size(args.thread_pool_size);
     if args.announce_submounts {
         log::warn!("--announce-submounts is a virtiofsd option; ignored");
     }
@@ -641,11 +640,15 @@ fn run_virtiofs(args: VirtiofsArgs) -> rafsd::Result<ExitCode> {
         .map(|l| rafsd::api::start_on(l, daemon.clone()))
         .transpose()?;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (sock, queues, stop2) = (args.sock.clone(), args.thread_num as usize, stop.clone());
-    let dax_window = args.dax_window.unwrap_or(0);
+    let (sock, stop2) = (args.sock.clone(), stop.clone());
+    let device = rafsd::vhost_user::DeviceOptions {
+        request_queues: args.thread_num as usize,
+        pool_size,
+        dax_window_size: args.dax_window.unwrap_or(0),
+    };
     let server = std::thread::Builder::new()
         .name("vhost-user".into())
-        .spawn(move || rafsd::vhost_user::serve(vfs, listener, &sock, queues, dax_window, stop2))
+        .spawn(move || rafsd::vhost_user::serve(vfs, listener, &sock, device, stop2))
         .map_err(|e| rafsd::Error::io("start vhost-user thread", e))?;
     loop {
         if let Some(sig) =
