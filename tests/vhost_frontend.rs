@@ -6,13 +6,17 @@
 mod daemon;
 mod frontend;
 mod manifest;
+mod services;
 
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
-use frontend::{Chain, Guest, Options, VirtiofsDaemon, Xattr, ROOT};
-use fuse_backend_rs::abi::fuse_abi::{InHeader, Opcode, OutHeader, ReadIn};
+use frontend::{Chain, Guest, Options, Posted, VirtiofsDaemon, Xattr, ROOT};
+use fuse_backend_rs::abi::fuse_abi::{
+    AttrOut, EntryOut, GetattrIn, InHeader, Opcode, OutHeader, ReadIn,
+};
+use services::{FakeOptions, FakeServer};
 use sha2::Digest;
 use vm_memory::ByteValued;
 
@@ -573,5 +577,314 @@ fn a_vmm_connecting_while_another_is_attached_is_served_when_the_first_leaves() 
     read_random_2m5(&mut second);
     drop(second);
     assert!(d.is_running());
+    d.kill_and_check();
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Requests complete out of order: one waiting on the network holds back nobody on its queue.
+
+/// An image with 64 KiB chunks, so reads at different offsets of one file are separate backend requests.
+const IMG_64K: &str = "v6-lz4-sha256-64k";
+const REPO: &str = "rafsd/queues";
+
+/// `rafsd virtiofs EXTRA` with `IMG_64K` mounted at /img from a registry the test controls (the fault
+/// server of tests/services, whose blob data answers can be held back), with a blob cache and no read
+/// amplification (each read fetches just its own chunks).
+fn start_device_on_registry(dir: &Path, extra: &[&str]) -> (VirtiofsDaemon, FakeServer) {
+    let server = FakeServer::start(FakeOptions {
+        repo: REPO.into(),
+        bearer: None,
+        token_basic: None,
+        redirect_to: None,
+        storage_head_403: false,
+    });
+    for entry in std::fs::read_dir(manifest::case_blob_dir(IMG_64K)).unwrap() {
+        let path = entry.unwrap().path();
+        let id = server.add_blob(std::fs::read(&path).unwrap());
+        assert_eq!(path.file_name().unwrap().to_string_lossy(), id);
+    }
+    let mut args = vec!["--allow-network", "--log-level", "info"];
+    args.extend_from_slice(extra);
+    let d = VirtiofsDaemon::start(BIN, dir, &args);
+    let config = serde_json::json!({
+        "device": {
+            "backend": {"type": "registry", "config": {
+                "scheme": "http", "host": format!("127.0.0.1:{}", server.port), "repo": REPO,
+                "timeout": 60
+            }},
+            "cache": {"type": "blobcache", "config": {"work_dir": dir.join("cache")}}
+        },
+        "mode": "direct", "digest_validate": true, "amplify_io": 0
+    });
+    d.mount_rafs(
+        "/img",
+        &manifest::case_bootstrap(IMG_64K),
+        &config.to_string(),
+    );
+    (d, server)
+}
+
+/// One request queue, room for 12 requests in flight.
+fn one_queue() -> Options {
+    Options {
+        request_queues: 1,
+        slots: 12,
+        slot_len: 160 << 10,
+        ..Default::default()
+    }
+}
+
+fn read_in(fh: u64, offset: u64, size: u32) -> ReadIn {
+    ReadIn {
+        fh,
+        offset,
+        size,
+        flags: libc::O_RDONLY as u32,
+        ..Default::default()
+    }
+}
+
+/// Post READs of 64 KiB at `offsets` of `nodeid`.
+fn post_reads(g: &mut Guest, nodeid: u64, fh: u64, offsets: &[u64]) -> Vec<Posted> {
+    offsets
+        .iter()
+        .map(|&off| {
+            g.post(
+                Opcode::Read,
+                nodeid,
+                &[read_in(fh, off, 64 << 10).as_slice()],
+                64 << 10,
+            )
+            .unwrap()
+        })
+        .collect()
+}
+
+/// Reap until every one of `want` is answered (bounded by `limit`); the replies in used-ring order.
+fn reap_all(
+    g: &mut Guest,
+    posted: &[Posted],
+    want: &[Posted],
+    limit: Duration,
+    d: &VirtiofsDaemon,
+) -> Vec<(Posted, frontend::Reply)> {
+    let deadline = std::time::Instant::now() + limit;
+    let mut got: Vec<(Posted, frontend::Reply)> = Vec::new();
+    while !want
+        .iter()
+        .all(|w| got.iter().any(|(p, _)| p.head == w.head))
+    {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let more = g.reap(posted, left).unwrap_or_else(|e| {
+            let answered: Vec<_> = got.iter().map(|(p, _)| p.opcode).collect();
+            panic!(
+                "{e}: answered so far: {answered:?} of {:?}\nlog:\n{}",
+                want.iter().map(|w| w.opcode).collect::<Vec<_>>(),
+                d.log_text()
+            )
+        });
+        got.extend(more);
+    }
+    got
+}
+
+/// The whole of `special/random-2m5` through the device (checked against the manifest), to compare
+/// the replies of single reads with.
+fn random_2m5(g: &mut Guest, nodeid: u64) -> Vec<u8> {
+    let data = g.read_file(nodeid, 128 << 10).unwrap();
+    assert_eq!(sha256_hex(&data), manifest_sha("special/random-2m5"));
+    data
+}
+
+#[test]
+fn reads_stalled_on_the_backend_hold_back_no_other_request_on_their_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, server) = start_device_on_registry(dir.path(), &[]);
+    let mut g = Guest::connect(&d.sock, one_queue()).unwrap();
+    g.fuse_init().unwrap();
+    let img = g.lookup(ROOT, b"img").unwrap().nodeid;
+    // Warm up: a small file's chunks (and the blob's chunk-info array) come into the cache.
+    let passwd = g.lookup_path(img, "etc/passwd").unwrap().nodeid;
+    let passwd_data = g.read_file(passwd, 128 << 10).unwrap();
+    assert_eq!(sha256_hex(&passwd_data), manifest_sha("etc/passwd"));
+    let random = g.lookup_path(img, "special/random-2m5").unwrap().nodeid;
+    let (fh, pfh) = (g.open(random).unwrap().fh, g.open(passwd).unwrap().fh);
+
+    // Three reads of uncached chunks: each one's backend request stalls at the server.
+    server.hold_data(true);
+    let offsets = [0u64, 1 << 20, 2 << 20];
+    let slow = post_reads(&mut g, random, fh, &offsets);
+    assert!(
+        server.wait_held(3, Duration::from_secs(10)),
+        "{} of 3 reads reached the backend: the queue's requests are served one at a time\nlog:\n{}",
+        server.held(),
+        d.log_text()
+    );
+    // Behind them on the same queue: GETATTR, LOOKUP and a READ the cache answers.
+    let getattr = GetattrIn::default();
+    let fast = vec![
+        g.post(
+            Opcode::Getattr,
+            random,
+            &[getattr.as_slice()],
+            std::mem::size_of::<AttrOut>() as u32,
+        )
+        .unwrap(),
+        g.post(
+            Opcode::Lookup,
+            img,
+            &[b"etc\0"],
+            std::mem::size_of::<EntryOut>() as u32,
+        )
+        .unwrap(),
+        g.post(
+            Opcode::Read,
+            passwd,
+            &[read_in(pfh, 0, 4096).as_slice()],
+            4096,
+        )
+        .unwrap(),
+    ];
+    let posted: Vec<Posted> = slow.iter().chain(&fast).copied().collect();
+    let first = reap_all(&mut g, &posted, &fast, Duration::from_secs(10), &d);
+    assert_eq!(
+        first.len(),
+        3,
+        "only the three later requests are answered while the reads wait on the backend"
+    );
+    assert_eq!(
+        server.held(),
+        3,
+        "the three reads still wait on the backend"
+    );
+    for (p, r) in &first {
+        assert_eq!(r.header.error, 0, "{:?}", p.opcode);
+        let mut attr = AttrOut::default();
+        let mut entry = EntryOut::default();
+        match p.opcode {
+            Opcode::Getattr => {
+                attr.as_mut_slice()
+                    .copy_from_slice(&r.body[..std::mem::size_of::<AttrOut>()]);
+                assert_eq!(attr.attr.size, 2_621_440);
+            }
+            Opcode::Lookup => {
+                entry
+                    .as_mut_slice()
+                    .copy_from_slice(&r.body[..std::mem::size_of::<EntryOut>()]);
+                assert_eq!(entry.attr.mode & libc::S_IFMT, libc::S_IFDIR);
+            }
+            _ => assert_eq!(r.body, passwd_data[..r.body.len()]),
+        }
+    }
+
+    // Let the backend go on: the reads complete with the right bytes.
+    server.hold_data(false);
+    let rest = reap_all(&mut g, &posted, &slow, Duration::from_secs(20), &d);
+    let whole = random_2m5(&mut g, random);
+    for (p, r) in rest {
+        let i = slow.iter().position(|s| s.head == p.head).unwrap();
+        let off = offsets[i] as usize;
+        assert_eq!(r.header.error, 0);
+        assert!(
+            r.body == whole[off..off + (64 << 10)],
+            "read at {off} after the stall"
+        );
+    }
+    drop(g);
+    d.kill_and_check();
+}
+
+/// `--thread-pool-size 0`: the queue's requests are answered one at a time, in order (the old way, and the
+/// benchmarks' baseline).
+#[test]
+fn pool_size_zero_answers_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, server) = start_device_on_registry(dir.path(), &["--thread-pool-size", "0"]);
+    let mut g = Guest::connect(&d.sock, one_queue()).unwrap();
+    g.fuse_init().unwrap();
+    let random = g
+        .lookup_path(ROOT, "img/special/random-2m5")
+        .unwrap()
+        .nodeid;
+    let fh = g.open(random).unwrap().fh;
+    g.read(random, fh, 0, 4096).unwrap(); // chunk-info array loaded
+    server.hold_data(true);
+    let mut posted = post_reads(&mut g, random, fh, &[1 << 20]);
+    assert!(server.wait_held(1, Duration::from_secs(10)));
+    let getattr = GetattrIn::default();
+    posted.push(
+        g.post(
+            Opcode::Getattr,
+            random,
+            &[getattr.as_slice()],
+            std::mem::size_of::<AttrOut>() as u32,
+        )
+        .unwrap(),
+    );
+    let early = g.reap(&posted, Duration::from_millis(500));
+    assert!(
+        early
+            .as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::TimedOut),
+        "GETATTR answered while the read before it waits: {:?}",
+        early.map(|v| v.len())
+    );
+    server.hold_data(false);
+    let order: Vec<u16> = reap_all(&mut g, &posted, &posted, Duration::from_secs(20), &d)
+        .iter()
+        .map(|(p, _)| p.head)
+        .collect();
+    assert_eq!(order, [posted[0].head, posted[1].head], "in order");
+    drop(g);
+    d.kill_and_check();
+}
+
+/// `--thread-pool-size 2`: two requests in flight at most. A third waits in the ring until one of them
+/// finishes (the worker then wakes the queue thread), and nothing is lost on the way.
+#[test]
+fn requests_beyond_the_pool_size_wait_in_the_ring_until_a_worker_is_free() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, server) = start_device_on_registry(dir.path(), &["--thread-pool-size", "2"]);
+    let mut g = Guest::connect(&d.sock, one_queue()).unwrap();
+    g.fuse_init().unwrap();
+    let random = g
+        .lookup_path(ROOT, "img/special/random-2m5")
+        .unwrap()
+        .nodeid;
+    let fh = g.open(random).unwrap().fh;
+    g.read(random, fh, 0, 4096).unwrap();
+    server.hold_data(true);
+    let offsets = [512 << 10, 1 << 20, 3 << 19];
+    let mut posted = post_reads(&mut g, random, fh, &offsets);
+    assert!(server.wait_held(2, Duration::from_secs(10)));
+    let getattr = GetattrIn::default();
+    posted.push(
+        g.post(
+            Opcode::Getattr,
+            random,
+            &[getattr.as_slice()],
+            std::mem::size_of::<AttrOut>() as u32,
+        )
+        .unwrap(),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(server.held(), 2, "a third request was taken off the ring");
+    let early = g.reap(&posted, Duration::from_millis(200));
+    assert!(
+        early.is_err(),
+        "a reply while both workers wait on the backend"
+    );
+    server.hold_data(false);
+    let done = reap_all(&mut g, &posted, &posted, Duration::from_secs(20), &d);
+    assert_eq!(done.len(), 4);
+    let whole = random_2m5(&mut g, random);
+    for (p, r) in done {
+        assert_eq!(r.header.error, 0);
+        if let Some(i) = posted[..3].iter().position(|s| s.head == p.head) {
+            let off = offsets[i] as usize;
+            assert!(r.body == whole[off..off + (64 << 10)], "read at {off}");
+        }
+    }
+    drop(g);
     d.kill_and_check();
 }

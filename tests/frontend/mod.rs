@@ -706,7 +706,35 @@ pub enum Xattr {
     Value(Vec<u8>),
 }
 
-fn fuse_errno(h: &OutHeader) -> io::Result<()> {
+/// A request in flight, from [`Guest::post`].
+#[derive(Clone, Copy, Debug)]
+pub struct Posted {
+    pub head: u16,
+    pub unique: u64,
+    pub opcode: Opcode,
+}
+
+/// Check a completion's framing (unique, header len = used len) and split it into header and body.
+fn parse_reply(opcode: Opcode, unique: u64, c: Completion) -> io::Result<Reply> {
+    let header: OutHeader = read_obj(&c.data)?;
+    if header.unique != unique {
+        return Err(err(format!(
+            "{opcode:?}: reply for unique {} to request {unique}",
+            header.unique
+        )));
+    }
+    if header.len != c.len {
+        return Err(err(format!(
+            "{opcode:?}: header len {} but used len {}",
+            header.len, c.len
+        )));
+    }
+    let mut body = c.data;
+    body.drain(..std::mem::size_of::<OutHeader>());
+    Ok(Reply { header, body })
+}
+
+pub fn fuse_errno(h: &OutHeader) -> io::Result<()> {
     if h.error < 0 {
         Err(io::Error::from_raw_os_error(-h.error))
     } else {
@@ -822,22 +850,48 @@ impl Guest {
         let (unique, mut chain) = self.request_chain(opcode as u32, nodeid, args, reply_len);
         chain.peek = peek;
         let c = self.conn.roundtrip(self.queue, &chain)?;
-        let header: OutHeader = read_obj(&c.data)?;
-        if header.unique != unique {
-            return Err(err(format!(
-                "{opcode:?}: reply for unique {} to request {unique}",
-                header.unique
-            )));
-        }
-        if header.len != c.len {
-            return Err(err(format!(
-                "{opcode:?}: header len {} but used len {}",
-                header.len, c.len
-            )));
-        }
-        let mut body = c.data;
-        body.drain(..std::mem::size_of::<OutHeader>());
-        Ok(Reply { header, body })
+        parse_reply(opcode, unique, c)
+    }
+
+    /// Put one request on the current queue and kick the device without waiting for the reply, which
+    /// [`Guest::reap`] collects: several requests in flight on one queue, as a guest with several busy
+    /// processes has.
+    pub fn post(
+        &mut self,
+        opcode: Opcode,
+        nodeid: u64,
+        args: &[&[u8]],
+        reply_len: u32,
+    ) -> io::Result<Posted> {
+        let (unique, chain) = self.request_chain(opcode as u32, nodeid, args, reply_len);
+        let q = &mut self.conn.queues[self.queue];
+        let head = q.submit(&self.conn.ram, &chain)?;
+        q.notify(&self.conn.ram);
+        Ok(Posted {
+            head,
+            unique,
+            opcode,
+        })
+    }
+
+    /// The replies the device has put in the current queue's used ring, in that order, each checked
+    /// against the request in `posted` it answers; waits (bounded by `timeout`) for at least one.
+    pub fn reap(
+        &mut self,
+        posted: &[Posted],
+        timeout: Duration,
+    ) -> io::Result<Vec<(Posted, Reply)>> {
+        let done = self.conn.queues[self.queue].wait_used(&self.conn.ram, timeout)?;
+        done.into_iter()
+            .map(|c| {
+                let p = posted
+                    .iter()
+                    .find(|p| p.head == c.head)
+                    .copied()
+                    .ok_or_else(|| err(format!("used head {} was not posted", c.head)))?;
+                Ok((p, parse_reply(p.opcode, p.unique, c)?))
+            })
+            .collect()
     }
 
     fn call_ok(
