@@ -188,8 +188,9 @@ struct FuseArgs {
     /// Blobs in DIR, cached in DIR (instead of --config).
     #[arg(long, short = 'D', conflicts_with = "config")]
     localfs_dir: Option<PathBuf>,
-    /// FUSE worker threads.
-    #[arg(long, alias = "fuse-threads", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    /// FUSE worker threads: how many requests are answered at once (a read waiting on the network
+    /// occupies one; the kernel queues the rest).
+    #[arg(long, alias = "fuse-threads", default_value_t = rafsd::fusedev::DEFAULT_THREADS as u32, value_parser = clap::value_parser!(u32).range(1..=1024))]
     thread_num: u32,
     /// Admin API socket.
     #[arg(long, short = 'A')]

@@ -711,7 +711,7 @@ fn reads_stalled_on_the_backend_hold_back_no_other_request_on_their_queue() {
     let (fh, pfh) = (g.open(random).unwrap().fh, g.open(passwd).unwrap().fh);
 
     // Three reads of uncached chunks: each one's backend request stalls at the server.
-    server.hold_data(true);
+    let held = server.hold_data();
     let offsets = [0u64, 1 << 20, 2 << 20];
     let slow = post_reads(&mut g, random, fh, &offsets);
     assert!(
@@ -778,7 +778,7 @@ fn reads_stalled_on_the_backend_hold_back_no_other_request_on_their_queue() {
     }
 
     // Let the backend go on: the reads complete with the right bytes.
-    server.hold_data(false);
+    drop(held);
     let rest = reap_all(&mut g, &posted, &slow, Duration::from_secs(20), &d);
     let whole = random_2m5(&mut g, random);
     for (p, r) in rest {
@@ -808,7 +808,7 @@ fn pool_size_zero_answers_in_order() {
         .nodeid;
     let fh = g.open(random).unwrap().fh;
     g.read(random, fh, 0, 4096).unwrap(); // chunk-info array loaded
-    server.hold_data(true);
+    let held = server.hold_data();
     let mut posted = post_reads(&mut g, random, fh, &[1 << 20]);
     assert!(server.wait_held(1, Duration::from_secs(10)));
     let getattr = GetattrIn::default();
@@ -829,7 +829,7 @@ fn pool_size_zero_answers_in_order() {
         "GETATTR answered while the read before it waits: {:?}",
         early.map(|v| v.len())
     );
-    server.hold_data(false);
+    drop(held);
     let order: Vec<u16> = reap_all(&mut g, &posted, &posted, Duration::from_secs(20), &d)
         .iter()
         .map(|(p, _)| p.head)
@@ -853,7 +853,7 @@ fn requests_beyond_the_pool_size_wait_in_the_ring_until_a_worker_is_free() {
         .nodeid;
     let fh = g.open(random).unwrap().fh;
     g.read(random, fh, 0, 4096).unwrap();
-    server.hold_data(true);
+    let held = server.hold_data();
     let offsets = [512 << 10, 1 << 20, 3 << 19];
     let mut posted = post_reads(&mut g, random, fh, &offsets);
     assert!(server.wait_held(2, Duration::from_secs(10)));
@@ -874,7 +874,7 @@ fn requests_beyond_the_pool_size_wait_in_the_ring_until_a_worker_is_free() {
         early.is_err(),
         "a reply while both workers wait on the backend"
     );
-    server.hold_data(false);
+    drop(held);
     let done = reap_all(&mut g, &posted, &posted, Duration::from_secs(20), &d);
     assert_eq!(done.len(), 4);
     let whole = random_2m5(&mut g, random);

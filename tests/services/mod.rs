@@ -475,6 +475,16 @@ impl Pacer {
     }
 }
 
+/// From [`FakeServer::hold_data`]: opens the gate when dropped.
+pub struct HeldData<'a>(&'a Gate);
+
+impl Drop for HeldData<'_> {
+    fn drop(&mut self) {
+        self.0.state.lock().unwrap().0 = false;
+        self.0.opened.notify_all();
+    }
+}
+
 pub struct FakeServer {
     pub port: u16,
     pub faults: Arc<Mutex<FaultState>>,
@@ -562,13 +572,12 @@ impl FakeServer {
         id
     }
 
-    /// While `hold` is set, blob data answers (GETs of a range) wait before they are sent: a backend
-    /// read stalls until the test lets it go on; then it gets the right bytes.
-    pub fn hold_data(&self, hold: bool) {
-        self.gate.state.lock().unwrap().0 = hold;
-        if !hold {
-            self.gate.opened.notify_all();
-        }
+    /// Until the guard is dropped, blob data answers (GETs of a range) wait before they are sent: a
+    /// backend read stalls until the test lets it go on (also when the test fails), then gets the right
+    /// bytes.
+    pub fn hold_data(&self) -> HeldData<'_> {
+        self.gate.state.lock().unwrap().0 = true;
+        HeldData(&self.gate)
     }
 
     /// Blob data answers waiting at the gate now.
