@@ -783,6 +783,38 @@ impl Guest {
         })
     }
 
+    /// One `Guest` per request queue, for one driver thread each (as a guest's vCPUs use their queues):
+    /// each owns its queue (as its queue 0, so it has no hiprio queue of its own) and numbers its requests
+    /// apart from the others. `self` keeps the hiprio queue; the session lasts while any of them lives.
+    pub fn split_queues(&mut self) -> Vec<Guest> {
+        let rest = self.conn.queues.split_off(1);
+        self.queue = 0;
+        rest.into_iter()
+            .map(|vq| {
+                let q = vq.index;
+                Guest {
+                    conn: VhostConn {
+                        frontend: self.conn.frontend.clone(),
+                        ram: GuestRam {
+                            mem: self.conn.ram.mem.clone(),
+                            size: self.conn.ram.size,
+                            next: self.conn.ram.size,
+                        },
+                        queues: vec![vq],
+                        features: self.conn.features,
+                        protocol: self.conn.protocol,
+                        device_queues: self.conn.device_queues,
+                        _backend_req: None,
+                    },
+                    opts: self.opts.clone(),
+                    unique: (q as u64) << 48,
+                    queue: 0,
+                    init: self.init,
+                }
+            })
+            .collect()
+    }
+
     /// Build the chain of one FUSE request: the in-header and each argument in its own readable
     /// descriptor (as the Linux driver does), the out-header and the reply data in writable ones, reply
     /// data split into pages.
@@ -863,7 +895,20 @@ impl Guest {
         args: &[&[u8]],
         reply_len: u32,
     ) -> io::Result<Posted> {
-        let (unique, chain) = self.request_chain(opcode as u32, nodeid, args, reply_len);
+        self.post_peek(opcode, nodeid, args, reply_len, None)
+    }
+
+    /// `post`, copying at most `peek` reply bytes (header included) out of guest RAM when it is reaped.
+    pub fn post_peek(
+        &mut self,
+        opcode: Opcode,
+        nodeid: u64,
+        args: &[&[u8]],
+        reply_len: u32,
+        peek: Option<u32>,
+    ) -> io::Result<Posted> {
+        let (unique, mut chain) = self.request_chain(opcode as u32, nodeid, args, reply_len);
+        chain.peek = peek;
         let q = &mut self.conn.queues[self.queue];
         let head = q.submit(&self.conn.ram, &chain)?;
         q.notify(&self.conn.ram);
