@@ -158,12 +158,11 @@ impl Requests {
         }
         // The ring lock is held just for the used entry and the notification check (a few stores and
         // loads), so workers finishing together do not queue up behind each other for long.
+        // A ring stopped by GET_VRING_BASE still gets the entry: the VMM expects a stop to drain the
+        // requests in flight (vhost-user-backend answers it without waiting for them, so they drain late);
+        // a pause then resumes with every request answered.
         let notify = {
             let mut state = vring.get_mut();
-            // GET_VRING_BASE stopped the ring: the VMM no longer takes used entries from it.
-            if !state.get_queue().ready() {
-                return Ok(());
-            }
             state.add_used(head, len).map_err(io::Error::other)?;
             // With EVENT_IDX each check covers the entries added since the previous one, whichever
             // worker added them, so an entry is never left without its interrupt.
