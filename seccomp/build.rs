@@ -30,7 +30,9 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
     let policy = PathBuf::from("seccomp").join(format!("{arch}.json"));
     println!("cargo:rerun-if-changed={}", policy.display());
-    println!("cargo:rerun-if-changed=build.rs");
+    // Paths are relative to the package root, where this script is not: a path that does not exist
+    // would make cargo rerun the script, and rebuild the crate, on every build.
+    println!("cargo:rerun-if-changed=seccomp/build.rs");
     let Ok(text) = std::fs::read_to_string(&policy) else {
         // No policy for this architecture: the daemon refuses `--seccomp kill|log|trap` at run time.
         for (name, _) in ACTIONS {
