@@ -2,13 +2,10 @@
 //! fuse-backend-rs `Server` over the daemon's `Vfs` (where each image is a pseudo mount).
 //!
 //! Queue 0 is the hiprio queue (FORGET, INTERRUPT), queues 1.. carry requests; each queue has its own
-//! thread. The hiprio queue's thread answers its requests itself, in order (they are cheap and the guest
-//! expects FORGETs in the order sent). A request queue's thread only takes requests off the ring and hands
-//! them to the queue's [`WorkerPool`] (`--thread-pool-size` workers, started as needed): a request waiting
-//! on the network then holds back nobody, and each request goes into the used ring when it is done, in any
-//! order (virtio allows that; the guest matches replies by descriptor). At most pool-size requests of a
-//! queue are in flight: then the queue thread stops taking requests, so the guest's ring fills up and the
-//! guest waits, until a worker finishes and wakes the queue thread through its resume event. With
+//! thread. The hiprio queue's thread answers its requests itself, in order (they are cheap, and the
+//! guest expects FORGETs in the order sent). Each request queue also has a pool of `--thread-pool-size`
+//! workers, so that a request waiting on the network holds back nobody and requests finish in any order;
+//! [`queue`] says how the queue thread, the workers and a watcher share the work. With
 //! `--thread-pool-size 0` request queues are answered like the hiprio queue, one at a time in order.
 //!
 //! A request that fails is answered (or dropped) by the server and logged; it never ends a thread. When
@@ -18,31 +15,25 @@
 //! With `--dax-window` the device also offers a DAX window (SHMEM, GET_SHMEM_CONFIG) and answers
 //! SETUPMAPPING/REMOVEMAPPING through the backend request channel: see [`crate::dax`].
 
+pub mod queue;
+
 use std::io;
 use std::os::fd::AsRawFd;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use fuse_backend_rs::abi::fuse_abi::{InHeader, Opcode};
-use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::api::Vfs;
-use fuse_backend_rs::transport::FsCacheReqHandler;
-use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
 use vhost::vhost_user::message::{
     VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Backend, Error as VhostUserError, Listener};
-use vhost_user_backend::{
-    Error as DaemonError, VhostUserBackend, VhostUserDaemon, VringRwLock, VringT,
-};
+use vhost_user_backend::{Error as DaemonError, VhostUserBackend, VhostUserDaemon, VringRwLock};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
-use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -50,135 +41,40 @@ use vmm_sys_util::event::{
 
 use crate::dax::DaxWindow;
 use crate::error::{Error, Result};
-use crate::worker_pool::WorkerPool;
+use queue::{Memory, RequestQueue, Requests};
 
 /// Descriptors per queue (QEMU asks for 128 by default; nydusd offers 1024).
 pub const QUEUE_SIZE: usize = 1024;
 /// hiprio + request queues offered; the VMM's `num-request-queues` must not exceed `QUEUES - 1`.
 pub const DEFAULT_REQUEST_QUEUES: usize = 4;
-/// Workers per request queue, which is also the cap on its requests in flight. Workers start only when
-/// requests overlap, so an idle or one-request-at-a-time guest costs one thread per queue. 16 leaves room
-/// for the reads a few streaming readers keep in flight (a Linux guest's readahead keeps one or two per
-/// file) to wait on the network while metadata and cached reads still find a free worker; the cap bounds
-/// memory to 16 replies (at most 1 MiB each, written straight into guest memory) plus the chunk buffers
-/// of 16 reads per queue.
+/// Requests of one request queue in flight at most, the queue thread's own included, and so workers at
+/// most. Workers start only when requests overlap, so a guest that sends one request at a time costs one
+/// idle worker per queue. 16 leaves room for the reads a few streaming readers keep in flight (a Linux
+/// guest's readahead keeps one or two per file) to wait on the network while metadata and cached reads
+/// still get through; the cap bounds memory to 16 replies (at most 1 MiB each, written straight into
+/// guest memory) plus the chunk buffers of 16 reads per queue.
 pub const DEFAULT_POOL_SIZE: usize = 16;
 
 type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
-type Chain = DescriptorChain<GuestMemoryLoadGuard<GuestMemoryMmap>>;
-/// A request handed to a worker: its descriptor chain and the ring it goes back to.
-type Job = (Chain, VringRwLock);
 
 /// The pool size for `--thread-pool-size`: absent means [`DEFAULT_POOL_SIZE`]; 0 means no pool (each
 /// queue answered in order by its own thread, as virtiofsd's 0 does). Kata passes `=1` to every
-/// virtio-fs daemon by default, a virtiofsd tuning for local passthrough I/O; one worker would put every
-/// request of the guest behind any chunk being fetched from a registry, which is what the pool is for,
-/// so 1 also gets the default (0 still gives in-order service to whoever wants it).
+/// virtio-fs daemon by default, a virtiofsd tuning for local passthrough I/O; one at a time would put
+/// every request of the guest behind any chunk being fetched from a registry, which is what the pool is
+/// for, so 1 also gets the default (0 still gives in-order service to whoever wants it).
 pub fn pool_size(requested: Option<u32>) -> usize {
     match requested {
         None => DEFAULT_POOL_SIZE,
         Some(1) => {
             log::info!(
                 "--thread-pool-size=1 (Kata's default for virtiofsd) means the default pool of \
-                 {DEFAULT_POOL_SIZE} workers per request queue here, so that a request waiting on a \
-                 backend does not hold back the others; --thread-pool-size=0 answers requests in order"
+                 {DEFAULT_POOL_SIZE} per request queue here, so that a request waiting on a backend \
+                 does not hold back the others; --thread-pool-size=0 answers requests in order"
             );
             DEFAULT_POOL_SIZE
         }
         Some(n) => n as usize,
     }
-}
-
-/// What answering a request needs; shared by the queue threads and the workers of one connection.
-struct Requests {
-    server: Arc<Server<Arc<Vfs>>>,
-    event_idx: AtomicBool,
-    /// The DAX window once the backend channel is up.
-    dax: RwLock<Option<Arc<DaxWindow>>>,
-    /// False once the connection is over: requests finishing later stay out of its rings.
-    live: RwLock<bool>,
-}
-
-impl Requests {
-    /// One FUSE request; returns the bytes written to the guest (0 when no reply could be built).
-    fn handle_chain(&self, chain: Chain) -> u32 {
-        let mem = chain.memory();
-        let reader = match Reader::from_descriptor_chain(mem, chain.clone()) {
-            Ok(r) => r,
-            Err(e) => {
-                log::warn!("virtio-fs: malformed request descriptors: {e}");
-                return 0;
-            }
-        };
-        let writer = match VirtioFsWriter::new(mem, chain.clone()) {
-            Ok(w) => w,
-            Err(e) => {
-                log::warn!("virtio-fs: malformed reply descriptors: {e}");
-                return 0;
-            }
-        };
-        // Without a window SETUPMAPPING/REMOVEMAPPING get EINVAL from the server.
-        let window = self.dax.read().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some(w) = &window {
-            // A new FUSE session starts with an empty window (header peeked through a copy of the reader).
-            let init = reader.clone().read_obj::<InHeader>();
-            if init.is_ok_and(|h| h.opcode == Opcode::Init as u32) {
-                w.reset();
-            }
-        }
-        let mut dax = window.as_ref().map(DaxWindow::requests);
-        let dax = dax.as_mut().map(|d| d as &mut dyn FsCacheReqHandler);
-        match self.server.handle_message(reader, writer.into(), dax, None) {
-            Ok(n) => n as u32,
-            Err(e) => {
-                log::warn!("virtio-fs: request failed: {e}");
-                0
-            }
-        }
-    }
-
-    /// A worker's request: answer it, put it in the used ring, interrupt the guest if it wants that now.
-    fn run(&self, (chain, vring): Job) {
-        let head = chain.head_index();
-        // A panic in the server must still give the descriptor back, or the guest waits for it forever.
-        let len =
-            catch_unwind(AssertUnwindSafe(|| self.handle_chain(chain))).unwrap_or_else(|_| {
-                log::error!("virtio-fs: request handler panicked; returning the descriptor empty");
-                0
-            });
-        if let Err(e) = self.complete(&vring, head, len) {
-            log::warn!("virtio-fs: returning descriptor {head}: {e}");
-        }
-    }
-
-    fn complete(&self, vring: &VringRwLock, head: u16, len: u32) -> io::Result<()> {
-        let live = self.live.read().unwrap_or_else(|e| e.into_inner());
-        if !*live {
-            return Ok(());
-        }
-        // The ring lock is held just for the used entry and the notification check (a few stores and
-        // loads), so workers finishing together do not queue up behind each other for long.
-        // A ring stopped by GET_VRING_BASE still gets the entry: the VMM expects a stop to drain the
-        // requests in flight (vhost-user-backend answers it without waiting for them, so they drain late);
-        // a pause then resumes with every request answered.
-        let notify = {
-            let mut state = vring.get_mut();
-            state.add_used(head, len).map_err(io::Error::other)?;
-            // With EVENT_IDX each check covers the entries added since the previous one, whichever
-            // worker added them, so an entry is never left without its interrupt.
-            !self.event_idx.load(Ordering::Relaxed) || state.needs_notification().unwrap_or(true)
-        };
-        if notify {
-            vring.signal_used_queue()?;
-        }
-        Ok(())
-    }
-}
-
-/// A request queue's workers, and the event its queue thread waits on after finding the pool full.
-struct QueuePool {
-    pool: WorkerPool<Job>,
-    resume: EventConsumer,
 }
 
 pub struct VirtioFsBackend {
@@ -187,8 +83,8 @@ pub struct VirtioFsBackend {
     queues: usize,
     /// One exit event per queue thread, so the threads stop when a connection ends.
     exits: Vec<(EventConsumer, EventNotifier)>,
-    /// Per queue: its worker pool (request queues, unless the pool size is 0).
-    pools: Vec<Option<QueuePool>>,
+    /// Per queue: how a request queue is served (none for the hiprio queue, or with pool size 0).
+    pools: Vec<Option<Arc<RequestQueue>>>,
     backend_req: Mutex<Option<Backend>>,
     /// DAX window size in bytes (0: no window).
     dax_window_size: u64,
@@ -205,32 +101,14 @@ impl VirtioFsBackend {
         let exits = (0..queues)
             .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK))
             .collect::<io::Result<Vec<_>>>()?;
-        let requests = Arc::new(Requests {
-            server: Arc::new(Server::new(vfs)),
-            event_idx: AtomicBool::new(false),
-            dax: RwLock::new(None),
-            live: RwLock::new(true),
-        });
-        let mut pools = Vec::with_capacity(queues);
-        for q in 0..queues {
-            if q == 0 || pool_size == 0 {
-                pools.push(None);
-                continue;
-            }
-            let (resume, wake) = new_event_consumer_and_notifier(EventFlag::NONBLOCK)?;
-            let r = requests.clone();
-            let pool = WorkerPool::new(
-                format!("vq{q}-worker"),
-                pool_size,
-                Box::new(move |job| r.run(job)),
-                Box::new(move || {
-                    if let Err(e) = wake.notify() {
-                        log::error!("virtio-fs: cannot wake queue {q}'s thread: {e}");
-                    }
-                }),
-            )?;
-            pools.push(Some(QueuePool { pool, resume }));
-        }
+        let requests = Arc::new(Requests::new(vfs));
+        let pools = (0..queues)
+            .map(|q| {
+                (q > 0 && pool_size > 0)
+                    .then(|| RequestQueue::new(q, requests.clone(), pool_size))
+                    .transpose()
+            })
+            .collect::<io::Result<Vec<_>>>()?;
         Ok(VirtioFsBackend {
             requests,
             mem: RwLock::new(None),
@@ -247,19 +125,15 @@ impl VirtioFsBackend {
         self.queues as u16 + 1
     }
 
-    /// End of the connection: no more used entries or interrupts; idle workers exit.
+    /// End of the connection: no more used entries or interrupts; watchers and idle workers exit.
     fn close(&self) {
-        *self
-            .requests
-            .live
-            .write()
-            .unwrap_or_else(|e| e.into_inner()) = false;
-        for qp in self.pools.iter().flatten() {
-            qp.pool.close();
+        self.requests.close();
+        for q in self.pools.iter().flatten() {
+            q.close();
         }
     }
 
-    fn memory(&self) -> io::Result<GuestMemoryLoadGuard<GuestMemoryMmap>> {
+    fn memory(&self) -> io::Result<Memory> {
         Ok(self
             .mem
             .read()
@@ -269,70 +143,6 @@ impl VirtioFsBackend {
                 io::Error::other("virtqueue kicked before the guest memory table was set")
             })?
             .memory())
-    }
-
-    /// Answer every available request on this thread, in order, then notify once.
-    fn process_in_order(&self, vring: &VringRwLock) -> io::Result<()> {
-        let mem = self.memory()?;
-        let event_idx = self.requests.event_idx.load(Ordering::Relaxed);
-        loop {
-            if event_idx {
-                vring.disable_notification().map_err(io::Error::other)?;
-            }
-            let chains: Vec<_> = vring
-                .get_mut()
-                .get_queue_mut()
-                .iter(mem.clone())
-                .map_err(io::Error::other)?
-                .collect();
-            for chain in chains {
-                let head = chain.head_index();
-                let used = self.requests.handle_chain(chain);
-                vring.add_used(head, used).map_err(io::Error::other)?;
-            }
-            if !event_idx || vring.needs_notification().map_err(io::Error::other)? {
-                vring.signal_used_queue()?;
-            }
-            // With EVENT_IDX, re-enable notifications and drain again if more arrived meanwhile.
-            if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
-                return Ok(());
-            }
-        }
-    }
-
-    /// Hand every available request to the pool, as long as it has room. The workers return them.
-    fn dispatch(&self, vring: &VringRwLock, pool: &WorkerPool<Job>) -> io::Result<()> {
-        {
-            // The resume event does not go through the library's enabled check the kick goes through.
-            let state = vring.get_ref();
-            if !state.get_queue().ready() || !state.is_enabled() {
-                return Ok(());
-            }
-        }
-        let mem = self.memory()?;
-        let event_idx = self.requests.event_idx.load(Ordering::Relaxed);
-        loop {
-            if event_idx {
-                vring.disable_notification().map_err(io::Error::other)?;
-            }
-            loop {
-                if !pool.has_room() {
-                    // The ring keeps the rest (with EVENT_IDX the guest stops kicking, since we do not
-                    // re-enable notifications); the next request to finish sends the resume event.
-                    return Ok(());
-                }
-                // The ring lock is held for one pop only.
-                let chain = vring
-                    .get_mut()
-                    .get_queue_mut()
-                    .pop_descriptor_chain(mem.clone());
-                let Some(chain) = chain else { break };
-                pool.submit((chain, vring.clone()));
-            }
-            if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
-                return Ok(());
-            }
-        }
     }
 }
 
@@ -378,7 +188,7 @@ impl VhostUserBackend for VirtioFsBackend {
     }
 
     fn set_event_idx(&self, enabled: bool) {
-        self.requests.event_idx.store(enabled, Ordering::Relaxed);
+        self.requests.set_event_idx(enabled);
     }
 
     fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
@@ -388,8 +198,8 @@ impl VhostUserBackend for VirtioFsBackend {
 
     fn set_backend_req_fd(&self, backend: Backend) {
         if self.dax_window_size != 0 {
-            *self.requests.dax.write().unwrap_or_else(|e| e.into_inner()) =
-                Some(DaxWindow::new(self.dax_window_size, backend.clone()));
+            self.requests
+                .set_dax(DaxWindow::new(self.dax_window_size, backend.clone()));
         }
         *self.backend_req.lock().unwrap_or_else(|e| e.into_inner()) = Some(backend);
     }
@@ -420,15 +230,18 @@ impl VhostUserBackend for VirtioFsBackend {
             log::warn!("virtio-fs: event {device_event} on thread {thread} without a queue");
             return Ok(());
         };
-        let result = match self.pools.get(thread).and_then(Option::as_ref) {
-            Some(qp) => {
-                if device_event == self.resume_event() {
-                    let _ = qp.resume.consume();
-                }
-                self.dispatch(vring, &qp.pool)
-            }
-            None => self.process_in_order(vring),
-        };
+        let result =
+            self.memory().and_then(
+                |mem| match self.pools.get(thread).and_then(Option::as_ref) {
+                    Some(q) => {
+                        if device_event == self.resume_event() {
+                            let _ = q.resume.consume();
+                        }
+                        q.serve(vring, mem)
+                    }
+                    None => self.requests.process_in_order(vring, mem),
+                },
+            );
         // Never return an error: that would end this queue's thread for good.
         if let Err(e) = result {
             log::error!("virtio-fs: queue {thread}: {e}");

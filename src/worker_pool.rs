@@ -1,15 +1,15 @@
 //! A bounded pool of worker threads for one request queue: requests run side by side and finish in any
 //! order, so one that waits on the network does not hold back the ones behind it.
 //!
-//! The queue's own thread takes requests off its queue and [`WorkerPool::submit`]s them, asking
+//! Whoever takes requests off the queue [`WorkerPool::submit`]s them, or runs one itself with
+//! [`WorkerPool::run_here`] (which spares the hand-over to another thread), asking
 //! [`WorkerPool::has_room`] first. When `capacity` requests are in flight it stops taking them (they stay
 //! where they are, which pushes back on whoever queues them), and the next request to finish calls the
-//! pool's `on_room` hook once, which tells the queue thread to go on. Memory therefore stays bounded by
+//! pool's `on_room` hook once, which tells the queue's thread to go on. Memory therefore stays bounded by
 //! `capacity` requests per queue.
 //!
 //! Workers start on demand, when a request arrives and no worker is free (up to `capacity`; the first one
-//! at once), and stay until [`WorkerPool::close`]: a pool that only ever sees one request at a time has one
-//! thread.
+//! at once), and stay until [`WorkerPool::close`].
 
 use std::collections::VecDeque;
 use std::io;
@@ -126,6 +126,14 @@ impl<J: Send + 'static> WorkerPool<J> {
         }
     }
 
+    /// Run `job` on the calling thread, counted in flight like a submitted job while it runs (so
+    /// `capacity` bounds both). Saves the hand-over to a worker when the caller has nothing else to do.
+    pub fn run_here(&self, job: J) {
+        self.shared.lock().in_flight += 1;
+        self.shared.run(job);
+        self.shared.finish();
+    }
+
     /// Stop the workers: idle ones exit now, busy ones after the job they run (queued jobs still run).
     pub fn close(&self) {
         self.shared.lock().closed = true;
@@ -152,6 +160,24 @@ impl<J> Shared<J> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn run(&self, job: J) {
+        // A panicking handler costs its job, never the thread or the pool's accounting.
+        if catch_unwind(AssertUnwindSafe(|| (self.run)(job))).is_err() {
+            log::error!("{}: a request handler panicked", self.name);
+        }
+    }
+
+    /// A job is done: one more slot, and `on_room` if someone was refused one.
+    fn finish(&self) {
+        let mut st = self.lock();
+        st.in_flight -= 1;
+        if st.full {
+            st.full = false;
+            drop(st);
+            (self.on_room)();
+        }
+    }
+
     fn work_loop(&self, counted_idle: bool) {
         let mut st = self.lock();
         if counted_idle {
@@ -160,18 +186,9 @@ impl<J> Shared<J> {
         loop {
             if let Some(job) = st.jobs.pop_front() {
                 drop(st);
-                // A panicking handler costs its job, never the worker or the pool's accounting.
-                if catch_unwind(AssertUnwindSafe(|| (self.run)(job))).is_err() {
-                    log::error!("{}: a request handler panicked", self.name);
-                }
+                self.run(job);
+                self.finish();
                 st = self.lock();
-                st.in_flight -= 1;
-                if st.full {
-                    st.full = false;
-                    drop(st);
-                    (self.on_room)();
-                    st = self.lock();
-                }
                 continue;
             }
             if st.closed {
@@ -321,6 +338,27 @@ mod tests {
         wait_until("both jobs", || ran.load(Ordering::SeqCst) == 2);
         wait_until("in_flight 0", || p.in_flight() == 0);
         assert!(p.has_room());
+    }
+
+    #[test]
+    fn a_job_run_here_counts_against_the_capacity() {
+        let (p, done, rooms) = pool(2);
+        let (a, ga) = job(1);
+        p.submit(a);
+        let (b, gb) = job(2);
+        std::thread::scope(|s| {
+            s.spawn(|| p.run_here(b));
+            wait_until("two in flight", || p.in_flight() == 2);
+            assert!(!p.has_room(), "one on a worker, one run here: full");
+            gb.send(()).unwrap();
+            assert_eq!(done.recv_timeout(Duration::from_secs(10)).unwrap(), 2);
+        });
+        wait_until("on_room", || rooms.load(Ordering::SeqCst) == 1);
+        assert!(p.has_room());
+        ga.send(()).unwrap();
+        assert_eq!(done.recv_timeout(Duration::from_secs(10)).unwrap(), 1);
+        wait_until("in_flight 0", || p.in_flight() == 0);
+        assert_eq!(p.workers(), 1, "the job run here needed no worker");
     }
 
     #[test]

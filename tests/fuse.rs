@@ -838,18 +838,8 @@ fn reads_stalled_on_the_backend_hold_back_no_other_fuse_request() {
     use std::sync::mpsc;
     manifest::assert_root("FUSE mounts");
     let case = "v6-lz4-sha256-64k";
-    let server = services::FakeServer::start(services::FakeOptions {
-        repo: "rafsd/queues".into(),
-        bearer: None,
-        token_basic: None,
-        redirect_to: None,
-        storage_head_403: false,
-    });
-    for entry in std::fs::read_dir(manifest::case_blob_dir(case)).unwrap() {
-        let path = entry.unwrap().path();
-        let id = server.add_blob(std::fs::read(&path).unwrap());
-        assert_eq!(path.file_name().unwrap().to_string_lossy(), id);
-    }
+    let server =
+        services::FakeServer::with_blobs_of("rafsd/queues", &manifest::case_blob_dir(case));
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.json");
     let cfg = serde_json::json!({

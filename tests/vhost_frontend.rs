@@ -16,7 +16,7 @@ use frontend::{Chain, Guest, Options, Posted, VirtiofsDaemon, Xattr, ROOT};
 use fuse_backend_rs::abi::fuse_abi::{
     AttrOut, EntryOut, GetattrIn, InHeader, Opcode, OutHeader, ReadIn,
 };
-use services::{FakeOptions, FakeServer};
+use services::FakeServer;
 use sha2::Digest;
 use vm_memory::ByteValued;
 
@@ -587,22 +587,12 @@ fn a_vmm_connecting_while_another_is_attached_is_served_when_the_first_leaves() 
 const IMG_64K: &str = "v6-lz4-sha256-64k";
 const REPO: &str = "rafsd/queues";
 
-/// `rafsd virtiofs EXTRA` with `IMG_64K` mounted at /img from a registry the test controls (the fault
-/// server of tests/services, whose blob data answers can be held back), with a blob cache and no read
-/// amplification (each read fetches just its own chunks).
-fn start_device_on_registry(dir: &Path, extra: &[&str]) -> (VirtiofsDaemon, FakeServer) {
-    let server = FakeServer::start(FakeOptions {
-        repo: REPO.into(),
-        bearer: None,
-        token_basic: None,
-        redirect_to: None,
-        storage_head_403: false,
-    });
-    for entry in std::fs::read_dir(manifest::case_blob_dir(IMG_64K)).unwrap() {
-        let path = entry.unwrap().path();
-        let id = server.add_blob(std::fs::read(&path).unwrap());
-        assert_eq!(path.file_name().unwrap().to_string_lossy(), id);
-    }
+/// A guest of `rafsd virtiofs EXTRA` with `IMG_64K` mounted at /img from a registry the test controls
+/// (the fault server of tests/services, whose blob data answers can be held back), with a blob cache and
+/// no read amplification (each read fetches just its own chunks). One request queue, room for 12
+/// requests in flight; FUSE_INIT done.
+fn guest_on_registry(dir: &Path, extra: &[&str]) -> (VirtiofsDaemon, FakeServer, Guest) {
+    let server = FakeServer::with_blobs_of(REPO, &manifest::case_blob_dir(IMG_64K));
     let mut args = vec!["--allow-network", "--log-level", "info"];
     args.extend_from_slice(extra);
     let d = VirtiofsDaemon::start(BIN, dir, &args);
@@ -621,27 +611,27 @@ fn start_device_on_registry(dir: &Path, extra: &[&str]) -> (VirtiofsDaemon, Fake
         &manifest::case_bootstrap(IMG_64K),
         &config.to_string(),
     );
-    (d, server)
-}
-
-/// One request queue, room for 12 requests in flight.
-fn one_queue() -> Options {
-    Options {
+    let opts = Options {
         request_queues: 1,
         slots: 12,
         slot_len: 160 << 10,
         ..Default::default()
-    }
+    };
+    let mut g = Guest::connect(&d.sock, opts).unwrap();
+    g.fuse_init().unwrap();
+    (d, server, g)
 }
 
-fn read_in(fh: u64, offset: u64, size: u32) -> ReadIn {
-    ReadIn {
-        fh,
-        offset,
-        size,
-        flags: libc::O_RDONLY as u32,
-        ..Default::default()
-    }
+/// `special/random-2m5` opened: (nodeid, fh). Its first page is read, which loads the blob's chunk-info
+/// array (so later reads fetch only chunk data).
+fn open_random_2m5(g: &mut Guest) -> (u64, u64) {
+    let random = g
+        .lookup_path(ROOT, "img/special/random-2m5")
+        .unwrap()
+        .nodeid;
+    let fh = g.open(random).unwrap().fh;
+    g.read(random, fh, 0, 4096).unwrap();
+    (random, fh)
 }
 
 /// Post READs of 64 KiB at `offsets` of `nodeid`.
@@ -649,15 +639,23 @@ fn post_reads(g: &mut Guest, nodeid: u64, fh: u64, offsets: &[u64]) -> Vec<Poste
     offsets
         .iter()
         .map(|&off| {
-            g.post(
-                Opcode::Read,
-                nodeid,
-                &[read_in(fh, off, 64 << 10).as_slice()],
-                64 << 10,
-            )
-            .unwrap()
+            let a = frontend::read_in(fh, off, 64 << 10);
+            g.post(Opcode::Read, nodeid, &[a.as_slice()], 64 << 10, None)
+                .unwrap()
         })
         .collect()
+}
+
+fn post_getattr(g: &mut Guest, nodeid: u64) -> Posted {
+    let a = GetattrIn::default();
+    g.post(
+        Opcode::Getattr,
+        nodeid,
+        &[a.as_slice()],
+        std::mem::size_of::<AttrOut>() as u32,
+        None,
+    )
+    .unwrap()
 }
 
 /// Reap until every one of `want` is answered (bounded by `limit`); the replies in used-ring order.
@@ -688,31 +686,40 @@ fn reap_all(
     got
 }
 
-/// The whole of `special/random-2m5` through the device (checked against the manifest), to compare
-/// the replies of single reads with.
-fn random_2m5(g: &mut Guest, nodeid: u64) -> Vec<u8> {
-    let data = g.read_file(nodeid, 128 << 10).unwrap();
-    assert_eq!(sha256_hex(&data), manifest_sha("special/random-2m5"));
-    data
+/// Check the READ replies among `replies` against the whole file (read through the device afterwards
+/// and checked against the manifest): each is the 64 KiB at its offset.
+fn check_reads(
+    g: &mut Guest,
+    random: u64,
+    reads: &[Posted],
+    offsets: &[u64],
+    replies: &[(Posted, frontend::Reply)],
+) {
+    let whole = g.read_file(random, 128 << 10).unwrap();
+    assert_eq!(sha256_hex(&whole), manifest_sha("special/random-2m5"));
+    for (p, r) in replies {
+        assert_eq!(r.header.error, 0, "{:?}", p.opcode);
+        if let Some(i) = reads.iter().position(|s| s.head == p.head) {
+            let off = offsets[i] as usize;
+            assert!(r.body == whole[off..off + (64 << 10)], "read at {off}");
+        }
+    }
 }
 
 #[test]
 fn reads_stalled_on_the_backend_hold_back_no_other_request_on_their_queue() {
     let dir = tempfile::tempdir().unwrap();
-    let (d, server) = start_device_on_registry(dir.path(), &[]);
-    let mut g = Guest::connect(&d.sock, one_queue()).unwrap();
-    g.fuse_init().unwrap();
+    let (d, server, mut g) = guest_on_registry(dir.path(), &[]);
+    let (random, fh) = open_random_2m5(&mut g);
     let img = g.lookup(ROOT, b"img").unwrap().nodeid;
-    // Warm up: a small file's chunks (and the blob's chunk-info array) come into the cache.
     let passwd = g.lookup_path(img, "etc/passwd").unwrap().nodeid;
     let passwd_data = g.read_file(passwd, 128 << 10).unwrap();
     assert_eq!(sha256_hex(&passwd_data), manifest_sha("etc/passwd"));
-    let random = g.lookup_path(img, "special/random-2m5").unwrap().nodeid;
-    let (fh, pfh) = (g.open(random).unwrap().fh, g.open(passwd).unwrap().fh);
+    let pfh = g.open(passwd).unwrap().fh;
 
     // Three reads of uncached chunks: each one's backend request stalls at the server.
     let held = server.hold_data();
-    let offsets = [0u64, 1 << 20, 2 << 20];
+    let offsets = [256 << 10, 1 << 20, 2 << 20];
     let slow = post_reads(&mut g, random, fh, &offsets);
     assert!(
         server.wait_held(3, Duration::from_secs(10)),
@@ -721,29 +728,19 @@ fn reads_stalled_on_the_backend_hold_back_no_other_request_on_their_queue() {
         d.log_text()
     );
     // Behind them on the same queue: GETATTR, LOOKUP and a READ the cache answers.
-    let getattr = GetattrIn::default();
+    let read = frontend::read_in(pfh, 0, 4096);
     let fast = vec![
-        g.post(
-            Opcode::Getattr,
-            random,
-            &[getattr.as_slice()],
-            std::mem::size_of::<AttrOut>() as u32,
-        )
-        .unwrap(),
+        post_getattr(&mut g, random),
         g.post(
             Opcode::Lookup,
             img,
             &[b"etc\0"],
             std::mem::size_of::<EntryOut>() as u32,
+            None,
         )
         .unwrap(),
-        g.post(
-            Opcode::Read,
-            passwd,
-            &[read_in(pfh, 0, 4096).as_slice()],
-            4096,
-        )
-        .unwrap(),
+        g.post(Opcode::Read, passwd, &[read.as_slice()], 4096, None)
+            .unwrap(),
     ];
     let posted: Vec<Posted> = slow.iter().chain(&fast).copied().collect();
     let first = reap_all(&mut g, &posted, &fast, Duration::from_secs(10), &d);
@@ -759,15 +756,15 @@ fn reads_stalled_on_the_backend_hold_back_no_other_request_on_their_queue() {
     );
     for (p, r) in &first {
         assert_eq!(r.header.error, 0, "{:?}", p.opcode);
-        let mut attr = AttrOut::default();
-        let mut entry = EntryOut::default();
         match p.opcode {
             Opcode::Getattr => {
+                let mut attr = AttrOut::default();
                 attr.as_mut_slice()
                     .copy_from_slice(&r.body[..std::mem::size_of::<AttrOut>()]);
                 assert_eq!(attr.attr.size, 2_621_440);
             }
             Opcode::Lookup => {
+                let mut entry = EntryOut::default();
                 entry
                     .as_mut_slice()
                     .copy_from_slice(&r.body[..std::mem::size_of::<EntryOut>()]);
@@ -780,16 +777,7 @@ fn reads_stalled_on_the_backend_hold_back_no_other_request_on_their_queue() {
     // Let the backend go on: the reads complete with the right bytes.
     drop(held);
     let rest = reap_all(&mut g, &posted, &slow, Duration::from_secs(20), &d);
-    let whole = random_2m5(&mut g, random);
-    for (p, r) in rest {
-        let i = slow.iter().position(|s| s.head == p.head).unwrap();
-        let off = offsets[i] as usize;
-        assert_eq!(r.header.error, 0);
-        assert!(
-            r.body == whole[off..off + (64 << 10)],
-            "read at {off} after the stall"
-        );
-    }
+    check_reads(&mut g, random, &slow, &offsets, &rest);
     drop(g);
     d.kill_and_check();
 }
@@ -799,28 +787,13 @@ fn reads_stalled_on_the_backend_hold_back_no_other_request_on_their_queue() {
 #[test]
 fn pool_size_zero_answers_in_order() {
     let dir = tempfile::tempdir().unwrap();
-    let (d, server) = start_device_on_registry(dir.path(), &["--thread-pool-size", "0"]);
-    let mut g = Guest::connect(&d.sock, one_queue()).unwrap();
-    g.fuse_init().unwrap();
-    let random = g
-        .lookup_path(ROOT, "img/special/random-2m5")
-        .unwrap()
-        .nodeid;
-    let fh = g.open(random).unwrap().fh;
-    g.read(random, fh, 0, 4096).unwrap(); // chunk-info array loaded
+    let (d, server, mut g) = guest_on_registry(dir.path(), &["--thread-pool-size", "0"]);
+    let (random, fh) = open_random_2m5(&mut g);
     let held = server.hold_data();
-    let mut posted = post_reads(&mut g, random, fh, &[1 << 20]);
+    let offsets = [1 << 20];
+    let mut posted = post_reads(&mut g, random, fh, &offsets);
     assert!(server.wait_held(1, Duration::from_secs(10)));
-    let getattr = GetattrIn::default();
-    posted.push(
-        g.post(
-            Opcode::Getattr,
-            random,
-            &[getattr.as_slice()],
-            std::mem::size_of::<AttrOut>() as u32,
-        )
-        .unwrap(),
-    );
+    posted.push(post_getattr(&mut g, random));
     let early = g.reap(&posted, Duration::from_millis(500));
     assert!(
         early
@@ -830,11 +803,10 @@ fn pool_size_zero_answers_in_order() {
         early.map(|v| v.len())
     );
     drop(held);
-    let order: Vec<u16> = reap_all(&mut g, &posted, &posted, Duration::from_secs(20), &d)
-        .iter()
-        .map(|(p, _)| p.head)
-        .collect();
+    let done = reap_all(&mut g, &posted, &posted, Duration::from_secs(20), &d);
+    let order: Vec<u16> = done.iter().map(|(p, _)| p.head).collect();
     assert_eq!(order, [posted[0].head, posted[1].head], "in order");
+    check_reads(&mut g, random, &posted[..1], &offsets, &done);
     drop(g);
     d.kill_and_check();
 }
@@ -844,29 +816,13 @@ fn pool_size_zero_answers_in_order() {
 #[test]
 fn requests_beyond_the_pool_size_wait_in_the_ring_until_a_worker_is_free() {
     let dir = tempfile::tempdir().unwrap();
-    let (d, server) = start_device_on_registry(dir.path(), &["--thread-pool-size", "2"]);
-    let mut g = Guest::connect(&d.sock, one_queue()).unwrap();
-    g.fuse_init().unwrap();
-    let random = g
-        .lookup_path(ROOT, "img/special/random-2m5")
-        .unwrap()
-        .nodeid;
-    let fh = g.open(random).unwrap().fh;
-    g.read(random, fh, 0, 4096).unwrap();
+    let (d, server, mut g) = guest_on_registry(dir.path(), &["--thread-pool-size", "2"]);
+    let (random, fh) = open_random_2m5(&mut g);
     let held = server.hold_data();
     let offsets = [512 << 10, 1 << 20, 3 << 19];
     let mut posted = post_reads(&mut g, random, fh, &offsets);
     assert!(server.wait_held(2, Duration::from_secs(10)));
-    let getattr = GetattrIn::default();
-    posted.push(
-        g.post(
-            Opcode::Getattr,
-            random,
-            &[getattr.as_slice()],
-            std::mem::size_of::<AttrOut>() as u32,
-        )
-        .unwrap(),
-    );
+    posted.push(post_getattr(&mut g, random));
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(server.held(), 2, "a third request was taken off the ring");
     let early = g.reap(&posted, Duration::from_millis(200));
@@ -877,13 +833,45 @@ fn requests_beyond_the_pool_size_wait_in_the_ring_until_a_worker_is_free() {
     drop(held);
     let done = reap_all(&mut g, &posted, &posted, Duration::from_secs(20), &d);
     assert_eq!(done.len(), 4);
-    let whole = random_2m5(&mut g, random);
-    for (p, r) in done {
-        assert_eq!(r.header.error, 0);
-        if let Some(i) = posted[..3].iter().position(|s| s.head == p.head) {
-            let off = offsets[i] as usize;
-            assert!(r.body == whole[off..off + (64 << 10)], "read at {off}");
-        }
+    check_reads(&mut g, random, &posted[..3], &offsets, &done);
+    drop(g);
+    d.kill_and_check();
+}
+
+/// A request that is alone in the ring is answered by the queue's own thread (no hand-over); when it
+/// waits on the backend, the queue's watcher takes the requests behind it to the workers. Twice, so the
+/// watcher goes back to sleep and wakes again.
+#[test]
+fn requests_behind_a_lone_slow_request_are_taken_over_by_the_watcher() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, server, mut g) = guest_on_registry(dir.path(), &[]);
+    let (random, fh) = open_random_2m5(&mut g);
+    let mut got = Vec::new();
+    for offset in [1u64 << 20, 2 << 20] {
+        let held = server.hold_data();
+        let mut posted = post_reads(&mut g, random, fh, &[offset]);
+        assert!(server.wait_held(1, Duration::from_secs(10)));
+        posted.push(post_getattr(&mut g, random));
+        let start = std::time::Instant::now();
+        let first = reap_all(&mut g, &posted, &posted[1..], Duration::from_secs(10), &d);
+        assert_eq!(
+            first.len(),
+            1,
+            "the GETATTR, not the read held at the backend"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "GETATTR took {:?}",
+            start.elapsed()
+        );
+        drop(held);
+        let rest = reap_all(&mut g, &posted, &posted[..1], Duration::from_secs(20), &d);
+        got.push((offset, rest));
+    }
+    // Only now: reading the whole file for the check fills the cache. (Descriptor heads are reused, so
+    // each round's reply is checked on its own.)
+    for (offset, replies) in got {
+        check_reads(&mut g, random, &[replies[0].0], &[offset], &replies);
     }
     drop(g);
     d.kill_and_check();

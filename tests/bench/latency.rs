@@ -30,10 +30,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use frontend::{Guest, Options, Posted, Rng, VirtiofsDaemon, ROOT};
-use fuse_backend_rs::abi::fuse_abi::{AttrOut, EntryOut, GetattrIn, Opcode, ReadIn};
+use frontend::{read_in, Guest, Options, Posted, Rng, VirtiofsDaemon, ROOT};
+use fuse_backend_rs::abi::fuse_abi::{AttrOut, EntryOut, GetattrIn, Opcode};
 use harness::{median, percentile, Watchdog};
-use services::{FakeOptions, FakeServer};
+use services::FakeServer;
 use vm_memory::ByteValued;
 
 const BIN: &str = env!("CARGO_BIN_EXE_rafsd");
@@ -248,7 +248,7 @@ impl Bench {
             while big_reader && big_reads < self.depth && big_off < self.size {
                 let a = read_in(big_fh, big_off, MIB as u32);
                 let p = g
-                    .post_peek(Opcode::Read, big, &[a.as_slice()], MIB as u32, Some(16))
+                    .post(Opcode::Read, big, &[a.as_slice()], MIB as u32, Some(16))
                     .unwrap();
                 in_flight.push(p);
                 big_off += MIB;
@@ -271,14 +271,22 @@ impl Bench {
                         node,
                         &[GetattrIn::default().as_slice()],
                         std::mem::size_of::<AttrOut>() as u32,
+                        None,
                     ),
                     1 => g.post(
                         Opcode::Lookup,
                         small_dir,
                         &[format!("missing-{n}\0").as_bytes()],
                         std::mem::size_of::<EntryOut>() as u32,
+                        None,
                     ),
-                    _ => g.post(Opcode::Read, node, &[read_in(fh, 0, 4096).as_slice()], 4096),
+                    _ => g.post(
+                        Opcode::Read,
+                        node,
+                        &[read_in(fh, 0, 4096).as_slice()],
+                        4096,
+                        None,
+                    ),
                 }
                 .unwrap();
                 in_flight.push(p);
@@ -402,16 +410,6 @@ impl Bench {
     }
 }
 
-fn read_in(fh: u64, offset: u64, size: u32) -> ReadIn {
-    ReadIn {
-        fh,
-        offset,
-        size,
-        flags: libc::O_RDONLY as u32,
-        ..Default::default()
-    }
-}
-
 /// statx(2) of `path`: 0 or the errno.
 fn statx(path: &CString, flags: i32) -> i32 {
     // SAFETY: statx is plain old data; valid path and buffer.
@@ -452,15 +450,7 @@ fn main() {
     assert_eq!(unsafe { libc::geteuid() }, 0, "FUSE mounts need root");
     let watchdog = Watchdog::start(Duration::from_secs(a.limit_secs));
     let (bootstrap, blob) = build_image(&a);
-    let server = FakeServer::start(FakeOptions {
-        repo: REPO.into(),
-        bearer: None,
-        token_basic: None,
-        redirect_to: None,
-        storage_head_403: false,
-    });
-    let id = server.add_blob(std::fs::read(&blob).unwrap());
-    assert_eq!(blob.file_name().unwrap().to_string_lossy(), id);
+    let server = FakeServer::with_blobs_of(REPO, blob.parent().unwrap());
     let bench = Bench {
         bootstrap,
         work: a.work.clone(),

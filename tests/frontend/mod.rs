@@ -706,6 +706,19 @@ pub enum Xattr {
     Value(Vec<u8>),
 }
 
+/// The argument of a FUSE_READ of a regular file opened read-only.
+pub fn read_in(fh: u64, offset: u64, size: u32) -> ReadIn {
+    ReadIn {
+        fh,
+        offset,
+        size,
+        read_flags: 0,
+        lock_owner: 0,
+        flags: libc::O_RDONLY as u32,
+        padding: 0,
+    }
+}
+
 /// A request in flight, from [`Guest::post`].
 #[derive(Clone, Copy, Debug)]
 pub struct Posted {
@@ -879,27 +892,21 @@ impl Guest {
         reply_len: u32,
         peek: Option<u32>,
     ) -> io::Result<Reply> {
-        let (unique, mut chain) = self.request_chain(opcode as u32, nodeid, args, reply_len);
-        chain.peek = peek;
-        let c = self.conn.roundtrip(self.queue, &chain)?;
-        parse_reply(opcode, unique, c)
+        let p = self.post(opcode, nodeid, args, reply_len, peek)?;
+        let mut done = self.reap(&[p], WAIT)?;
+        match (done.pop(), done.is_empty()) {
+            (Some((_, reply)), true) => Ok(reply),
+            _ => Err(err(format!(
+                "queue {}: more than one completion for one request",
+                self.queue
+            ))),
+        }
     }
 
     /// Put one request on the current queue and kick the device without waiting for the reply, which
     /// [`Guest::reap`] collects: several requests in flight on one queue, as a guest with several busy
-    /// processes has.
+    /// processes has. At most `peek` reply bytes (header included) are copied out of guest RAM.
     pub fn post(
-        &mut self,
-        opcode: Opcode,
-        nodeid: u64,
-        args: &[&[u8]],
-        reply_len: u32,
-    ) -> io::Result<Posted> {
-        self.post_peek(opcode, nodeid, args, reply_len, None)
-    }
-
-    /// `post`, copying at most `peek` reply bytes (header included) out of guest RAM when it is reaped.
-    pub fn post_peek(
         &mut self,
         opcode: Opcode,
         nodeid: u64,
@@ -1104,15 +1111,7 @@ impl Guest {
     }
 
     pub fn read(&mut self, nodeid: u64, fh: u64, offset: u64, size: u32) -> io::Result<Vec<u8>> {
-        let a = ReadIn {
-            fh,
-            offset,
-            size,
-            read_flags: 0,
-            lock_owner: 0,
-            flags: libc::O_RDONLY as u32,
-            padding: 0,
-        };
+        let a = read_in(fh, offset, size);
         self.call_ok(Opcode::Read, nodeid, &[a.as_slice()], size)
     }
 
@@ -1124,15 +1123,7 @@ impl Guest {
         offset: u64,
         size: u32,
     ) -> io::Result<usize> {
-        let a = ReadIn {
-            fh,
-            offset,
-            size,
-            read_flags: 0,
-            lock_owner: 0,
-            flags: libc::O_RDONLY as u32,
-            padding: 0,
-        };
+        let a = read_in(fh, offset, size);
         let r = self.call_peek(
             Opcode::Read,
             nodeid,

@@ -414,6 +414,19 @@ pub struct FakeOptions {
     pub storage_head_403: bool,
 }
 
+impl FakeOptions {
+    /// Blobs of `repo`, no authentication, no redirects.
+    pub fn plain(repo: &str) -> Self {
+        FakeOptions {
+            repo: repo.into(),
+            bearer: None,
+            token_basic: None,
+            redirect_to: None,
+            storage_head_403: false,
+        }
+    }
+}
+
 /// Blob data answers wait here while the gate is closed ([`FakeServer::hold_data`]).
 #[derive(Default)]
 pub struct Gate {
@@ -570,6 +583,22 @@ impl FakeServer {
             .unwrap()
             .insert(id.clone(), Arc::new(data));
         id
+    }
+
+    /// A plain server of `repo` holding every data blob of `dir` (files named by their sha256, as image
+    /// builders name them).
+    pub fn with_blobs_of(repo: &str, dir: &Path) -> FakeServer {
+        let server = FakeServer::start(FakeOptions::plain(repo));
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let id = server.add_blob(std::fs::read(&path).unwrap());
+            assert_eq!(
+                path.file_name().unwrap().to_string_lossy(),
+                id,
+                "blob named by its sha256"
+            );
+        }
+        server
     }
 
     /// Until the guard is dropped, blob data answers (GETs of a range) wait before they are sent: a

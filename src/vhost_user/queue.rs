@@ -1,0 +1,410 @@
+//! Answering one virtqueue's requests: in order on the queue's thread (the hiprio queue, and every queue
+//! with `--thread-pool-size 0`), or through a [`RequestQueue`]: a worker pool, with the queue's thread
+//! answering a request itself when it is the only one waiting, and a watcher that takes over the ring
+//! when such a request turns out slow.
+//!
+//! The queue thread answering the lone request itself costs no hand-over to another thread, which is
+//! what most requests are (a guest process waits for each of its LOOKUPs, GETATTRs and READs); several
+//! requests waiting at once go to the workers and run side by side. Either way a request goes into the
+//! used ring as soon as it is done, in any order (virtio allows that; the guest matches replies by
+//! descriptor). Only the queue's thread learns of new requests (the guest kicks its eventfd), so while
+//! it answers one itself nobody would take the next off the ring: a one-shot timer, armed for
+//! [`SLOW_REQUEST`] at the start of each such request (no thread is woken for that), wakes the watcher
+//! when a request takes longer, say a chunk being fetched from a registry; the watcher then hands what
+//! arrives to the workers, looking every [`WATCH_INTERVAL`], until the queue thread is back.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use fuse_backend_rs::abi::fuse_abi::{InHeader, Opcode};
+use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::api::Vfs;
+use fuse_backend_rs::transport::FsCacheReqHandler;
+use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use vm_memory::{GuestMemoryLoadGuard, GuestMemoryMmap};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::dax::DaxWindow;
+use crate::worker_pool::WorkerPool;
+
+/// How long the queue thread may answer one request itself before the watcher takes requests off the
+/// ring for the workers: far above a metadata request or a cached read (tens of microseconds), far below
+/// a fetch from a registry.
+pub const SLOW_REQUEST: Duration = Duration::from_millis(1);
+/// How often the watcher looks at the ring while the queue thread is held up.
+pub const WATCH_INTERVAL: Duration = Duration::from_micros(250);
+
+pub type Memory = GuestMemoryLoadGuard<GuestMemoryMmap>;
+type Chain = DescriptorChain<Memory>;
+/// A request to answer: its descriptor chain and the ring it goes back to.
+type Job = (Chain, VringRwLock);
+
+/// What answering a request needs; shared by the queue threads, watchers and workers of one connection.
+pub struct Requests {
+    server: Server<Arc<Vfs>>,
+    event_idx: AtomicBool,
+    /// The DAX window once the backend channel is up.
+    dax: RwLock<Option<Arc<DaxWindow>>>,
+    /// False once the connection is over: requests finishing later stay out of its rings.
+    live: RwLock<bool>,
+}
+
+impl Requests {
+    pub fn new(vfs: Arc<Vfs>) -> Self {
+        Requests {
+            server: Server::new(vfs),
+            event_idx: AtomicBool::new(false),
+            dax: RwLock::new(None),
+            live: RwLock::new(true),
+        }
+    }
+
+    pub fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    pub fn set_dax(&self, window: Arc<DaxWindow>) {
+        *self.dax.write().unwrap_or_else(|e| e.into_inner()) = Some(window);
+    }
+
+    /// End of the connection: no more used entries or interrupts.
+    pub fn close(&self) {
+        *self.live.write().unwrap_or_else(|e| e.into_inner()) = false;
+    }
+
+    /// One FUSE request; returns the bytes written to the guest (0 when no reply could be built).
+    fn handle_chain(&self, chain: Chain) -> u32 {
+        let mem = chain.memory();
+        let reader = match Reader::from_descriptor_chain(mem, chain.clone()) {
+            Ok(r) => r,
+            Err(e) => {
+                log::warn!("virtio-fs: malformed request descriptors: {e}");
+                return 0;
+            }
+        };
+        let writer = match VirtioFsWriter::new(mem, chain.clone()) {
+            Ok(w) => w,
+            Err(e) => {
+                log::warn!("virtio-fs: malformed reply descriptors: {e}");
+                return 0;
+            }
+        };
+        // Without a window SETUPMAPPING/REMOVEMAPPING get EINVAL from the server.
+        let window = self.dax.read().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(w) = &window {
+            // A new FUSE session starts with an empty window (header peeked through a copy of the reader).
+            let init = reader.clone().read_obj::<InHeader>();
+            if init.is_ok_and(|h| h.opcode == Opcode::Init as u32) {
+                w.reset();
+            }
+        }
+        let mut dax = window.as_ref().map(DaxWindow::requests);
+        let dax = dax.as_mut().map(|d| d as &mut dyn FsCacheReqHandler);
+        match self.server.handle_message(reader, writer.into(), dax, None) {
+            Ok(n) => n as u32,
+            Err(e) => {
+                log::warn!("virtio-fs: request failed: {e}");
+                0
+            }
+        }
+    }
+
+    /// Answer a request, put it in the used ring, interrupt the guest if it wants that now.
+    fn run(&self, (chain, vring): Job) {
+        let head = chain.head_index();
+        // A panic in the server must still give the descriptor back, or the guest waits for it forever.
+        let len =
+            catch_unwind(AssertUnwindSafe(|| self.handle_chain(chain))).unwrap_or_else(|_| {
+                log::error!("virtio-fs: request handler panicked; returning the descriptor empty");
+                0
+            });
+        if let Err(e) = self.complete(&vring, head, len) {
+            log::warn!("virtio-fs: returning descriptor {head}: {e}");
+        }
+    }
+
+    fn complete(&self, vring: &VringRwLock, head: u16, len: u32) -> io::Result<()> {
+        let live = self.live.read().unwrap_or_else(|e| e.into_inner());
+        if !*live {
+            return Ok(());
+        }
+        // The ring lock is held just for the used entry and the notification check (a few stores and
+        // loads), so requests finishing together do not queue up behind each other for long.
+        // A ring stopped by GET_VRING_BASE still gets the entry: the VMM expects a stop to drain the
+        // requests in flight (vhost-user-backend answers it without waiting for them, so they drain late);
+        // a pause then resumes with every request answered.
+        let notify = {
+            let mut state = vring.get_mut();
+            state.add_used(head, len).map_err(io::Error::other)?;
+            // With EVENT_IDX each check covers the entries added since the previous one, whichever
+            // thread added them, so an entry is never left without its interrupt.
+            !self.event_idx.load(Ordering::Relaxed) || state.needs_notification().unwrap_or(true)
+        };
+        if notify {
+            vring.signal_used_queue()?;
+        }
+        Ok(())
+    }
+
+    /// Answer every available request on this thread, in order, then notify once.
+    pub fn process_in_order(&self, vring: &VringRwLock, mem: Memory) -> io::Result<()> {
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        loop {
+            if event_idx {
+                vring.disable_notification().map_err(io::Error::other)?;
+            }
+            let chains: Vec<_> = vring
+                .get_mut()
+                .get_queue_mut()
+                .iter(mem.clone())
+                .map_err(io::Error::other)?
+                .collect();
+            for chain in chains {
+                let head = chain.head_index();
+                let used = self.handle_chain(chain);
+                vring.add_used(head, used).map_err(io::Error::other)?;
+            }
+            if !event_idx || vring.needs_notification().map_err(io::Error::other)? {
+                vring.signal_used_queue()?;
+            }
+            // With EVENT_IDX, re-enable notifications and drain again if more arrived meanwhile.
+            if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// What taking a request off the ring gave.
+enum Pop {
+    Request(Chain),
+    /// Nothing available.
+    Empty,
+    /// The pool is at capacity: leave the rest in the ring (a finishing request sends the resume event).
+    Full,
+}
+
+/// A request queue served with a worker pool (see the module doc).
+pub struct RequestQueue {
+    index: usize,
+    requests: Arc<Requests>,
+    pool: WorkerPool<Job>,
+    /// A worker writes it when the pool has room again after being full; the queue thread waits on it.
+    pub resume: EventConsumer,
+    /// Fires [`SLOW_REQUEST`] after the queue thread started answering a request itself.
+    alarm: Alarm,
+    /// While the queue thread answers a request itself: its ring and memory, for the watcher.
+    busy: Mutex<Option<(VringRwLock, Memory)>>,
+    /// Ends the watcher.
+    stop: (EventConsumer, EventNotifier),
+}
+
+impl RequestQueue {
+    /// Queue `index` answered with up to `pool_size` requests in flight; starts its watcher and first
+    /// worker.
+    pub fn new(index: usize, requests: Arc<Requests>, pool_size: usize) -> io::Result<Arc<Self>> {
+        let (resume, wake) = new_event_consumer_and_notifier(EventFlag::NONBLOCK)?;
+        let r = requests.clone();
+        let pool = WorkerPool::new(
+            format!("vq{index}-worker"),
+            pool_size,
+            Box::new(move |job| r.run(job)),
+            Box::new(move || {
+                if let Err(e) = wake.notify() {
+                    log::error!("virtio-fs: cannot wake queue {index}'s thread: {e}");
+                }
+            }),
+        )?;
+        let q = Arc::new(RequestQueue {
+            index,
+            requests,
+            pool,
+            resume,
+            alarm: Alarm::new()?,
+            busy: Mutex::new(None),
+            stop: new_event_consumer_and_notifier(EventFlag::NONBLOCK)?,
+        });
+        let watched = q.clone();
+        std::thread::Builder::new()
+            .name(format!("vq{index}-watch"))
+            .spawn(move || watched.watch())?;
+        Ok(q)
+    }
+
+    /// End of the connection: the watcher and idle workers exit, busy workers after their request.
+    pub fn close(&self) {
+        self.pool.close();
+        if let Err(e) = self.stop.1.notify() {
+            log::error!("virtio-fs: cannot stop queue {}'s watcher: {e}", self.index);
+        }
+    }
+
+    /// The queue thread, on a kick or a resume event: take requests off the ring as long as the pool
+    /// has room; answer the last one here, hand the others to workers.
+    pub fn serve(&self, vring: &VringRwLock, mem: Memory) -> io::Result<()> {
+        {
+            // The resume event does not go through the library's enabled check the kick goes through.
+            let state = vring.get_ref();
+            if !state.get_queue().ready() || !state.is_enabled() {
+                return Ok(());
+            }
+        }
+        let event_idx = self.requests.event_idx.load(Ordering::Relaxed);
+        loop {
+            if event_idx {
+                vring.disable_notification().map_err(io::Error::other)?;
+            }
+            loop {
+                match self.pop(vring, &mem) {
+                    Pop::Request(chain) if more_available(vring, &mem) => {
+                        self.pool.submit((chain, vring.clone()))
+                    }
+                    Pop::Request(chain) => self.answer_here(chain, vring, &mem),
+                    Pop::Empty => break,
+                    // The ring keeps the rest (with EVENT_IDX the guest stops kicking, since we do not
+                    // re-enable notifications) until the resume event.
+                    Pop::Full => return Ok(()),
+                }
+            }
+            if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
+                return Ok(());
+            }
+        }
+    }
+
+    fn pop(&self, vring: &VringRwLock, mem: &Memory) -> Pop {
+        if !self.pool.has_room() {
+            return Pop::Full;
+        }
+        // The ring lock is held for one pop only.
+        let chain = vring
+            .get_mut()
+            .get_queue_mut()
+            .pop_descriptor_chain(mem.clone());
+        chain.map_or(Pop::Empty, Pop::Request)
+    }
+
+    /// Answer a request on the queue thread, with the watcher ready to take over the ring if it is slow.
+    fn answer_here(&self, chain: Chain, vring: &VringRwLock, mem: &Memory) {
+        *self.busy.lock().unwrap_or_else(|e| e.into_inner()) = Some((vring.clone(), mem.clone()));
+        self.alarm.set(Some(SLOW_REQUEST));
+        self.pool.run_here((chain, vring.clone()));
+        self.alarm.set(None);
+        *self.busy.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// The watcher thread: asleep until the alarm says the queue thread is held up by a slow request;
+    /// then, while it is, every [`WATCH_INTERVAL`] hand the requests that arrived to the workers.
+    fn watch(&self) {
+        loop {
+            if wait_readable([self.alarm.fd(), self.stop.0.as_raw_fd()], None)
+                .is_some_and(|ready| ready[1])
+            {
+                return;
+            }
+            self.alarm.clear();
+            loop {
+                let held_up = self.busy.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let Some((vring, mem)) = held_up else { break };
+                while let Pop::Request(chain) = self.pop(&vring, &mem) {
+                    self.pool.submit((chain, vring.clone()));
+                }
+                drop((vring, mem));
+                if wait_readable([self.stop.0.as_raw_fd()], Some(WATCH_INTERVAL))
+                    .is_some_and(|ready| ready[0])
+                {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// More requests in the ring than we have taken.
+fn more_available(vring: &VringRwLock, mem: &Memory) -> bool {
+    let state = vring.get_ref();
+    let queue = state.get_queue();
+    queue
+        .avail_idx(&**mem, Ordering::Acquire)
+        .is_ok_and(|idx| idx.0 != queue.next_avail())
+}
+
+/// Wait until one of `fds` is readable (bounded by `timeout` if given); which ones are, or None on a
+/// timeout or error (EINTR included: the callers loop).
+fn wait_readable<const N: usize>(fds: [i32; N], timeout: Option<Duration>) -> Option<[bool; N]> {
+    let mut pfds = fds.map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    let ms = timeout.map_or(-1, |t| {
+        t.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32
+    });
+    // SAFETY: `pfds` is a valid array of N pollfds.
+    let n = unsafe { libc::poll(pfds.as_mut_ptr(), N as libc::nfds_t, ms) };
+    (n > 0).then(|| pfds.map(|p| p.revents & libc::POLLIN != 0))
+}
+
+/// A one-shot CLOCK_MONOTONIC timer (timerfd): armed and disarmed by one thread, waited on by another.
+struct Alarm(OwnedFd);
+
+impl Alarm {
+    fn new() -> io::Result<Self> {
+        // SAFETY: plain syscall; the fd is checked and then owned here.
+        let fd = unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_CLOEXEC | libc::TFD_NONBLOCK,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor nobody else owns.
+        Ok(Alarm(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    fn fd(&self) -> i32 {
+        self.0.as_raw_fd()
+    }
+
+    /// Fire once after `after`, or never (None).
+    fn set(&self, after: Option<Duration>) {
+        let after = after.unwrap_or_default();
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: after.as_secs() as libc::time_t,
+                tv_nsec: after.subsec_nanos() as libc::c_long,
+            },
+        };
+        // SAFETY: valid fd and itimerspec; the old value is not asked for.
+        if unsafe { libc::timerfd_settime(self.fd(), 0, &spec, std::ptr::null_mut()) } != 0 {
+            log::error!("virtio-fs: timerfd_settime: {}", io::Error::last_os_error());
+        }
+    }
+
+    /// Consume an expiry (nothing to do if there was none: the fd is non-blocking).
+    fn clear(&self) {
+        let mut count = 0u64;
+        // SAFETY: reads at most 8 bytes into `count`.
+        unsafe {
+            libc::read(
+                self.fd(),
+                (&mut count as *mut u64).cast(),
+                std::mem::size_of::<u64>(),
+            )
+        };
+    }
+}
