@@ -306,15 +306,20 @@ mod tests {
         assert_eq!(p.workers(), 2, "never more workers than capacity");
     }
 
+    /// Submit job `id`, let it run, wait until it is done.
+    fn submit_and_finish(p: &WorkerPool<Job>, done: &mpsc::Receiver<usize>, id: usize) {
+        let (j, g) = job(id);
+        p.submit(j);
+        g.send(()).unwrap();
+        assert_eq!(done.recv_timeout(Duration::from_secs(10)).unwrap(), id);
+        wait_until("in_flight 0", || p.in_flight() == 0);
+    }
+
     #[test]
     fn one_request_at_a_time_needs_one_worker() {
         let (p, done, _) = pool(8);
         for id in 0..20 {
-            let (j, g) = job(id);
-            p.submit(j);
-            g.send(()).unwrap();
-            assert_eq!(done.recv_timeout(Duration::from_secs(10)).unwrap(), id);
-            wait_until("in_flight 0", || p.in_flight() == 0);
+            submit_and_finish(&p, &done, id);
         }
         assert_eq!(p.workers(), 1);
     }
@@ -363,13 +368,10 @@ mod tests {
 
     #[test]
     fn close_stops_idle_workers() {
-        let (p, _done, _) = pool(3);
+        let (p, done, _) = pool(3);
         for id in 0..3 {
-            let (j, g) = job(id);
-            p.submit(j);
-            g.send(()).unwrap();
+            submit_and_finish(&p, &done, id);
         }
-        wait_until("in_flight 0", || p.in_flight() == 0);
         p.close();
         wait_until("workers gone", || p.workers() == 0);
     }

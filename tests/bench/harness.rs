@@ -22,6 +22,19 @@ pub fn percentile(v: &[f64], p: f64) -> f64 {
     v[rank.clamp(1, v.len()) - 1]
 }
 
+/// Walk the benchmark's command line: `on(flag, value)` for each flag, where `value()` takes the word
+/// after it. The `--bench` cargo adds is skipped.
+pub fn parse_flags(mut on: impl FnMut(&str, &mut dyn FnMut() -> String)) {
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        if flag == "--bench" {
+            continue;
+        }
+        let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        on(&flag, &mut value);
+    }
+}
+
 /// More daemon options for every daemon a benchmark starts, from `RAFSD_BENCH_DAEMON_ARGS` (whitespace
 /// separated), e.g. `--seccomp none --sandbox none` to measure what the sandbox costs
 /// (`ci/bench-sandbox.sh`).

@@ -72,32 +72,25 @@ fn parse_args() -> Args {
         virtiofs: true,
         fuse: true,
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let mut value = || it.next().unwrap_or_else(|| panic!("{arg} needs a value"));
-        match arg.as_str() {
-            "--rounds" => a.rounds = value().parse().expect("--rounds N"),
-            "--size-mib" => a.size_mib = value().parse().expect("--size-mib M"),
-            "--rate-mb" => a.rate_mb = value().parse().expect("--rate-mb R"),
-            "--gap-us" => a.gap = Duration::from_micros(value().parse().expect("--gap-us U")),
-            "--depth" => a.depth = value().parse().expect("--depth D"),
-            "--idle-secs" => {
-                a.idle = Duration::from_secs_f64(value().parse().expect("--idle-secs S"))
-            }
-            "--limit-secs" => a.limit_secs = value().parse().expect("--limit-secs S"),
-            "--work" => a.work = PathBuf::from(value()),
-            "--only" => match value().as_str() {
-                "virtiofs" => a.fuse = false,
-                "fuse" => a.virtiofs = false,
-                other => panic!("--only virtiofs|fuse, not {other}"),
-            },
-            "--bench" => {}
-            other => panic!(
-                "unknown argument {other}; use --rounds N --size-mib M --rate-mb R --gap-us U \
-                 --depth D --idle-secs S --only virtiofs|fuse --work DIR --limit-secs S"
-            ),
-        }
-    }
+    harness::parse_flags(|flag, value| match flag {
+        "--rounds" => a.rounds = value().parse().expect("--rounds N"),
+        "--size-mib" => a.size_mib = value().parse().expect("--size-mib M"),
+        "--rate-mb" => a.rate_mb = value().parse().expect("--rate-mb R"),
+        "--gap-us" => a.gap = Duration::from_micros(value().parse().expect("--gap-us U")),
+        "--depth" => a.depth = value().parse().expect("--depth D"),
+        "--idle-secs" => a.idle = Duration::from_secs_f64(value().parse().expect("--idle-secs S")),
+        "--limit-secs" => a.limit_secs = value().parse().expect("--limit-secs S"),
+        "--work" => a.work = PathBuf::from(value()),
+        "--only" => match value().as_str() {
+            "virtiofs" => a.fuse = false,
+            "fuse" => a.virtiofs = false,
+            other => panic!("--only virtiofs|fuse, not {other}"),
+        },
+        other => panic!(
+            "unknown argument {other}; use --rounds N --size-mib M --rate-mb R --gap-us U \
+             --depth D --idle-secs S --only virtiofs|fuse --work DIR --limit-secs S"
+        ),
+    });
     a.rounds = a.rounds.max(1);
     a.depth = a.depth.max(1);
     a

@@ -60,26 +60,24 @@ fn parse_args() -> Args {
         work: Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-virtiofs"),
         queues: vec![1, 4],
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let mut value = || it.next().unwrap_or_else(|| panic!("{arg} needs a value"));
-        match arg.as_str() {
-            "--rounds" => a.rounds = value().parse().expect("--rounds N"),
-            "--size-mib" => a.size_mib = value().parse().expect("--size-mib M"),
-            "--random" => a.random = value().parse().expect("--random N"),
-            "--work" => a.work = PathBuf::from(value()),
-            "--limit-secs" => a.limit_secs = value().parse().expect("--limit-secs S"),
-            "--pin-cpu" => a.pin_cpu = Some(value().parse().expect("--pin-cpu N")),
-            "--queues" => {
-                a.queues = value()
-                    .split(',')
-                    .map(|q| q.parse().expect("--queues 1,4"))
-                    .collect()
-            }
-            "--bench" => {}
-            other => panic!("unknown argument {other}; use --rounds N --size-mib M --random N --queues 1,4 --pin-cpu N --work DIR --limit-secs S"),
+    harness::parse_flags(|flag, value| match flag {
+        "--rounds" => a.rounds = value().parse().expect("--rounds N"),
+        "--size-mib" => a.size_mib = value().parse().expect("--size-mib M"),
+        "--random" => a.random = value().parse().expect("--random N"),
+        "--work" => a.work = PathBuf::from(value()),
+        "--limit-secs" => a.limit_secs = value().parse().expect("--limit-secs S"),
+        "--pin-cpu" => a.pin_cpu = Some(value().parse().expect("--pin-cpu N")),
+        "--queues" => {
+            a.queues = value()
+                .split(',')
+                .map(|q| q.parse().expect("--queues 1,4"))
+                .collect()
         }
-    }
+        other => panic!(
+            "unknown argument {other}; use --rounds N --size-mib M --random N --queues 1,4 \
+             --pin-cpu N --work DIR --limit-secs S"
+        ),
+    });
     a.rounds = a.rounds.max(1);
     assert!(
         a.queues.iter().all(|&q| (1..=4).contains(&q)),
