@@ -102,13 +102,24 @@ impl VirtioFsBackend {
             .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK))
             .collect::<io::Result<Vec<_>>>()?;
         let requests = Arc::new(Requests::new(vfs));
-        let pools = (0..queues)
-            .map(|q| {
-                (q > 0 && pool_size > 0)
-                    .then(|| RequestQueue::new(q, requests.clone(), pool_size))
-                    .transpose()
-            })
-            .collect::<io::Result<Vec<_>>>()?;
+        let mut pools = Vec::with_capacity(queues);
+        for q in 0..queues {
+            if q == 0 || pool_size == 0 {
+                pools.push(None);
+                continue;
+            }
+            match RequestQueue::new(q, requests.clone(), pool_size) {
+                Ok(rq) => pools.push(Some(rq)),
+                Err(e) => {
+                    // The queues made so far have threads of their own: stop them.
+                    pools
+                        .iter()
+                        .flatten()
+                        .for_each(|rq: &Arc<RequestQueue>| rq.close());
+                    return Err(e);
+                }
+            }
+        }
         Ok(VirtioFsBackend {
             requests,
             mem: RwLock::new(None),

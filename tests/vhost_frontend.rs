@@ -838,41 +838,139 @@ fn requests_beyond_the_pool_size_wait_in_the_ring_until_a_worker_is_free() {
     d.kill_and_check();
 }
 
-/// A request that is alone in the ring is answered by the queue's own thread (no hand-over); when it
-/// waits on the backend, the queue's watcher takes the requests behind it to the workers. Twice, so the
-/// watcher goes back to sleep and wakes again.
+/// SIGCONT for a stopped process, also when the test fails.
+struct Stopped(i32);
+
+impl Stopped {
+    /// SIGSTOP `pid` and wait (bounded) until it is stopped.
+    fn stop(pid: i32) -> Self {
+        // SAFETY: signalling a process this test started.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+            if status
+                .lines()
+                .any(|l| l.starts_with("State:") && l.contains("T (stopped)"))
+            {
+                return Stopped(pid);
+            }
+            assert!(std::time::Instant::now() < deadline, "{pid} did not stop");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
+/// A metadata request alone in the ring is answered by the queue's own thread (no hand-over to a
+/// worker). When it turns out slow, here a LOOKUP in a passthrough share whose host directory is a FUSE
+/// mount with its daemon stopped (a stand-in for a hung disk or network filesystem), the queue's watcher
+/// takes the requests behind it to the workers. Twice, so the watcher goes back to sleep and wakes again.
 #[test]
-fn requests_behind_a_lone_slow_request_are_taken_over_by_the_watcher() {
+fn requests_behind_a_slow_metadata_request_are_taken_over_by_the_watcher() {
     let dir = tempfile::tempdir().unwrap();
-    let (d, server, mut g) = guest_on_registry(dir.path(), &[]);
-    let (random, fh) = open_random_2m5(&mut g);
-    let mut got = Vec::new();
-    for offset in [1u64 << 20, 2 << 20] {
-        let held = server.hold_data();
-        let mut posted = post_reads(&mut g, random, fh, &[offset]);
-        assert!(server.wait_held(1, Duration::from_secs(10)));
-        posted.push(post_getattr(&mut g, random));
+    // The host directory: a `rafsd fuse` mount of an image, served by a process we can stop.
+    let config = dir.path().join("fuse.json");
+    std::fs::write(
+        &config,
+        daemon::v1_config(
+            &manifest::case_blob_dir(IMG2),
+            &dir.path().join("fuse-cache"),
+            false,
+            "",
+        ),
+    )
+    .unwrap();
+    let bootstrap = manifest::case_bootstrap(IMG2);
+    let fuse = daemon::Daemon::start(
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--bootstrap",
+            bootstrap.to_str().unwrap(),
+        ],
+        &dir.path().join("hostdir"),
+        &dir.path().join("fuse.log"),
+    );
+    // `rafsd fuse` runs under a supervisor: the mount is served by its child.
+    let children =
+        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", fuse.pid())).unwrap();
+    let server: i32 = children.split_whitespace().next().unwrap().parse().unwrap();
+
+    // The device: the image of the other tests at /img, the FUSE mount shared at /share.
+    let d = VirtiofsDaemon::start(BIN, dir.path(), &["--sandbox", "none"]);
+    let cfg = daemon::v1_config(
+        &manifest::case_blob_dir(IMG1),
+        &dir.path().join("cache"),
+        false,
+        "",
+    );
+    d.mount_rafs("/img", &manifest::case_bootstrap(IMG1), &cfg);
+    let body = serde_json::json!({"source": dir.path().join("hostdir"), "fs_type": "passthrough_fs",
+        "config": ""});
+    let (status, text) = d
+        .api("POST", "/api/v1/mount?mountpoint=/share", &body.to_string())
+        .unwrap();
+    assert_eq!(status, 204, "{text}");
+    let mut g = Guest::connect(
+        &d.sock,
+        Options {
+            request_queues: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    g.fuse_init().unwrap();
+    let share = g.lookup(ROOT, b"share").unwrap().nodeid;
+    let random = g
+        .lookup_path(ROOT, "img/special/random-2m5")
+        .unwrap()
+        .nodeid;
+    // Names nobody else looks up on the host (a fresh mount may be probed by other programs): the LOOKUP
+    // reaches the stopped daemon for sure, and finds nothing once it goes on.
+    for round in 0..2 {
+        let name = format!("no-such-entry-{round}-{}", std::process::id());
+        let stopped = Stopped::stop(server);
+        let lookup = g
+            .post(
+                Opcode::Lookup,
+                share,
+                &[format!("{name}\0").as_bytes()],
+                std::mem::size_of::<EntryOut>() as u32,
+                None,
+            )
+            .unwrap();
+        // Give the queue thread time to take the LOOKUP and get stuck in it.
+        std::thread::sleep(Duration::from_millis(200));
+        let getattr = post_getattr(&mut g, random);
+        let posted = [lookup, getattr];
         let start = std::time::Instant::now();
         let first = reap_all(&mut g, &posted, &posted[1..], Duration::from_secs(10), &d);
         assert_eq!(
             first.len(),
             1,
-            "the GETATTR, not the read held at the backend"
+            "round {round}: only the GETATTR is answered while the LOOKUP waits: {:?}",
+            first
+                .iter()
+                .map(|(p, r)| (p.opcode, r.header.error))
+                .collect::<Vec<_>>()
         );
         assert!(
             start.elapsed() < Duration::from_secs(2),
             "GETATTR took {:?}",
             start.elapsed()
         );
-        drop(held);
-        let rest = reap_all(&mut g, &posted, &posted[..1], Duration::from_secs(20), &d);
-        got.push((offset, rest));
-    }
-    // Only now: reading the whole file for the check fills the cache. (Descriptor heads are reused, so
-    // each round's reply is checked on its own.)
-    for (offset, replies) in got {
-        check_reads(&mut g, random, &[replies[0].0], &[offset], &replies);
+        drop(stopped);
+        let rest = reap_all(&mut g, &posted, &posted[..1], Duration::from_secs(10), &d);
+        assert_eq!(rest[0].1.header.error, -libc::ENOENT, "/share/{name}");
     }
     drop(g);
     d.kill_and_check();
+    assert!(fuse.stop().success());
 }

@@ -1,17 +1,19 @@
 //! Answering one virtqueue's requests: in order on the queue's thread (the hiprio queue, and every queue
 //! with `--thread-pool-size 0`), or through a [`RequestQueue`]: a worker pool, with the queue's thread
-//! answering a request itself when it is the only one waiting, and a watcher that takes over the ring
-//! when such a request turns out slow.
+//! answering some requests itself, and a watcher that takes over the ring when one of those turns slow.
 //!
-//! The queue thread answering the lone request itself costs no hand-over to another thread, which is
-//! what most requests are (a guest process waits for each of its LOOKUPs, GETATTRs and READs); several
-//! requests waiting at once go to the workers and run side by side. Either way a request goes into the
-//! used ring as soon as it is done, in any order (virtio allows that; the guest matches replies by
-//! descriptor). Only the queue's thread learns of new requests (the guest kicks its eventfd), so while
-//! it answers one itself nobody would take the next off the ring: a one-shot timer, armed for
-//! [`SLOW_REQUEST`] at the start of each such request (no thread is woken for that), wakes the watcher
-//! when a request takes longer, say a chunk being fetched from a registry; the watcher then hands what
-//! arrives to the workers, looking every [`WATCH_INTERVAL`], until the queue thread is back.
+//! Requests that read or write file data (READ, WRITE, SETUPMAPPING, ...) may wait on a registry or a
+//! disk, so they always go to a worker, and so does every request that finds others waiting with it:
+//! they run side by side. A metadata request alone in the ring (the common case: a guest process waits
+//! for each of its LOOKUPs and GETATTRs) the queue thread answers itself, from the image's metadata,
+//! which spares it a hand-over to another thread. Either way a request goes into the used ring as soon
+//! as it is done, in any order (virtio allows that; the guest matches replies by descriptor).
+//!
+//! Only the queue's thread learns of new requests (the guest kicks its eventfd), so while it answers one
+//! itself nobody would take the next off the ring. Should that request be slow after all (a passthrough
+//! share on a slow disk), a one-shot timer, armed for [`SLOW_REQUEST`] at the start of each such request
+//! (no thread is woken for that), wakes the watcher, which then hands what arrives to the workers,
+//! looking every [`WATCH_INTERVAL`], until the queue thread is back.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -27,7 +29,7 @@ use fuse_backend_rs::transport::FsCacheReqHandler;
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
-use vm_memory::{GuestMemoryLoadGuard, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestMemoryLoadGuard, GuestMemoryMmap};
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
@@ -36,8 +38,7 @@ use crate::dax::DaxWindow;
 use crate::worker_pool::WorkerPool;
 
 /// How long the queue thread may answer one request itself before the watcher takes requests off the
-/// ring for the workers: far above a metadata request or a cached read (tens of microseconds), far below
-/// a fetch from a registry.
+/// ring for the workers: far above a metadata request (microseconds), well below what a guest notices.
 pub const SLOW_REQUEST: Duration = Duration::from_millis(1);
 /// How often the watcher looks at the ring while the queue thread is held up.
 pub const WATCH_INTERVAL: Duration = Duration::from_micros(250);
@@ -264,7 +265,9 @@ impl RequestQueue {
             }
             loop {
                 match self.pop(vring, &mem) {
-                    Pop::Request(chain) if more_available(vring, &mem) => {
+                    Pop::Request(chain)
+                        if touches_file_data(&chain) || more_available(vring, &mem) =>
+                    {
                         self.pool.submit((chain, vring.clone()))
                     }
                     Pop::Request(chain) => self.answer_here(chain, vring, &mem),
@@ -326,6 +329,34 @@ impl RequestQueue {
             }
         }
     }
+}
+
+/// Requests that read or write file data, which may wait on a backend (a registry) or a disk: FUSE
+/// opcodes, read from the request's first descriptor (a header split across descriptors counts as not).
+fn touches_file_data(chain: &Chain) -> bool {
+    const DATA: [Opcode; 7] = [
+        Opcode::Read,
+        Opcode::Write,
+        Opcode::Fsync,
+        Opcode::Fsyncdir,
+        Opcode::Fallocate,
+        Opcode::CopyFileRange,
+        Opcode::SetupMapping,
+    ];
+    let Some(first) = chain.clone().next() else {
+        return false;
+    };
+    // InHeader: len (u32), then opcode (u32).
+    let Some(opcode) = first.addr().checked_add(4) else {
+        return false;
+    };
+    if first.is_write_only() || first.len() < 8 {
+        return false;
+    }
+    chain
+        .memory()
+        .read_obj::<u32>(opcode)
+        .is_ok_and(|op| DATA.iter().any(|&d| d as u32 == u32::from_le(op)))
 }
 
 /// More requests in the ring than we have taken.
