@@ -540,15 +540,8 @@ fn main() {
         a.rounds
     );
     println!(
-        "{:<10} {:<20} {:>9} {:>9} {:>10} {:>10} {:>10} {:>9}",
-        "front end",
-        "workers",
-        "idle p50",
-        "idle p99",
-        "read p50",
-        "read p99",
-        "p99 ratio",
-        "big MB/s"
+        "{:<10} {:<20} {:>9} {:>9} {:>10} {:>10} {:>9}",
+        "front end", "workers", "idle p50", "idle p99", "read p50", "read p99", "big MB/s"
     );
     let ms = |us: f64| us / 1000.0;
     for row in &rows {

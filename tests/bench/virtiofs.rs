@@ -243,14 +243,34 @@ struct Bench {
     size: u64,
     meta_paths: Vec<PathBuf>,
     rand: Vec<u64>,
-    rounds: usize,
     watchdog: Watchdog,
 }
 
+/// A `rafsd virtiofs` device with the image at /bench and a guest driving it, one thread per request
+/// queue; every entry resolved and the blob cache filled.
+struct Device {
+    dev: VirtiofsDaemon,
+    /// Keeps the session (and the hiprio queue); `queues` drive the request queues.
+    _session: Guest,
+    queues: Vec<Guest>,
+    /// (parent nodeid, name) for LOOKUP, nodeids for GETATTR.
+    lookups: Vec<(u64, Vec<u8>)>,
+    attrs: Vec<u64>,
+    big: (u64, u64),
+}
+
+/// The host FUSE side: a config and a mountpoint, mounted afresh for each round.
+struct Fuse {
+    config: PathBuf,
+    mnt: PathBuf,
+    apisock: PathBuf,
+    log: PathBuf,
+}
+
 impl Bench {
-    /// `rafsd virtiofs DEVICE_ARGS` with the image at /bench; each `queues` value in turn: a guest with
-    /// that many request queues, one driver thread each.
-    fn virtiofs(&self, run: &Path, device_args: &[&str], queues: &[usize]) -> Vec<Rates> {
+    /// `rafsd virtiofs DEVICE_ARGS` in `run` with a guest of `nq` request queues.
+    fn device(&self, run: &Path, device_args: &[&str], nq: usize) -> Device {
+        std::fs::create_dir_all(run).unwrap();
         let extra = daemon_extra_args();
         let mut args = vec![
             "--log-level",
@@ -267,123 +287,152 @@ impl Bench {
             &self.bootstrap,
             &daemon::v1_config(&self.blobs, &run.join("cache"), false, ""),
         );
-        let metrics = || fops(&dev.apisock, "/bench");
-        let mut out = Vec::new();
-        for &nq in queues {
-            let opts = Options {
-                request_queues: nq,
-                queue_size: 128,
-                slots: 1,
-                slot_len: MIB + (64 << 10),
-                ..Default::default()
-            };
-            let mut g = Guest::connect(&dev.sock, opts).expect("vhost-user handshake");
-            g.fuse_init().unwrap();
-            let top = g.lookup(ROOT, b"bench").unwrap().nodeid;
-            // Resolve every entry once: (parent nodeid, name) for LOOKUP, nodeid for GETATTR.
-            let mut nodeids: HashMap<&Path, u64> = HashMap::new();
-            let mut lookups = Vec::new();
-            for p in &self.meta_paths {
-                let parent = p
-                    .parent()
-                    .filter(|q| !q.as_os_str().is_empty())
-                    .map(|q| nodeids[q])
-                    .unwrap_or(top);
-                let name = p.file_name().unwrap().as_bytes().to_vec();
-                let e = g
-                    .lookup(parent, &name)
-                    .unwrap_or_else(|e| panic!("LOOKUP {}: {e}", p.display()));
-                nodeids.insert(p, e.nodeid);
-                lookups.push((parent, name));
-            }
-            let attrs: Vec<u64> = self.meta_paths.iter().map(|p| nodeids[&**p]).collect();
-            let big = g.lookup(top, b"big.bin").unwrap().nodeid;
-            let fh = g.open(big).unwrap().fh;
-            let seq: Vec<u64> = (0..self.size / MIB).map(|i| i * MIB).collect();
-            let mut guests = g.split_queues();
-            let read_seq = |g: &mut Guest, off: &u64| {
-                assert_eq!(
-                    g.read_in_place(big, fh, *off, MIB as u32).unwrap() as u64,
-                    MIB
-                );
-            };
-            split_run(&mut guests, &seq, read_seq); // fills the device's blob cache
-            let n_meta = self.meta_paths.len() as f64;
-            let mut r = Rates::default();
-            for _ in 0..self.rounds {
-                r.measure(0, self.size as f64 / 1e6, &metrics, || {
-                    split_run(&mut guests, &seq, read_seq)
-                });
-                r.measure(1, self.rand.len() as f64, &metrics, || {
-                    split_run(&mut guests, &self.rand, |g, &off| {
-                        assert_eq!(g.read_in_place(big, fh, off, 4096).unwrap(), 4096)
-                    })
-                });
-                r.measure(2, n_meta, &metrics, || {
-                    split_run(&mut guests, &lookups, |g, (parent, name)| {
-                        g.lookup(*parent, name).unwrap();
-                    })
-                });
-                r.measure(3, n_meta, &metrics, || {
-                    split_run(&mut guests, &attrs, |g, &n| {
-                        g.getattr(n).unwrap();
-                    })
-                });
-            }
-            drop(guests);
-            drop(g);
-            out.push(r);
+        let opts = Options {
+            request_queues: nq,
+            queue_size: 128,
+            slots: 1,
+            slot_len: MIB + (64 << 10),
+            ..Default::default()
+        };
+        let mut g = Guest::connect(&dev.sock, opts).expect("vhost-user handshake");
+        g.fuse_init().unwrap();
+        let top = g.lookup(ROOT, b"bench").unwrap().nodeid;
+        let mut nodeids: HashMap<&Path, u64> = HashMap::new();
+        let mut lookups = Vec::new();
+        for p in &self.meta_paths {
+            let parent = p
+                .parent()
+                .filter(|q| !q.as_os_str().is_empty())
+                .map(|q| nodeids[q])
+                .unwrap_or(top);
+            let name = p.file_name().unwrap().as_bytes().to_vec();
+            let e = g
+                .lookup(parent, &name)
+                .unwrap_or_else(|e| panic!("LOOKUP {}: {e}", p.display()));
+            nodeids.insert(p, e.nodeid);
+            lookups.push((parent, name));
         }
-        self.watchdog.unwatch(dev.pid());
-        dev.kill_and_check();
-        out
+        let attrs = self.meta_paths.iter().map(|p| nodeids[&**p]).collect();
+        let big = g.lookup(top, b"big.bin").unwrap().nodeid;
+        let fh = g.open(big).unwrap().fh;
+        let queues = g.split_queues();
+        let mut d = Device {
+            dev,
+            _session: g,
+            queues,
+            lookups,
+            attrs,
+            big: (big, fh),
+        };
+        self.read_seq(&mut d); // fills the device's blob cache
+        d
     }
 
-    /// A host FUSE mount of the image (its own cache, warmed once), for each `threads` value: statx and
-    /// O_DIRECT reads from that many threads; a fresh mount per round, so LOOKUPs reach the daemon.
-    fn fuse(&self, run: &Path, threads: &[usize]) -> Vec<Rates> {
-        let extra = daemon_extra_args();
-        let config = run.join("config.json");
+    fn read_seq(&self, d: &mut Device) {
+        let (big, fh) = d.big;
+        let seq: Vec<u64> = (0..self.size / MIB).map(|i| i * MIB).collect();
+        split_run(&mut d.queues, &seq, |g, off| {
+            assert_eq!(
+                g.read_in_place(big, fh, *off, MIB as u32).unwrap() as u64,
+                MIB
+            );
+        });
+    }
+
+    /// One round of the four operations through `d`.
+    fn measure_device(&self, d: &mut Device, r: &mut Rates) {
+        let apisock = d.dev.apisock.clone();
+        let metrics = || fops(&apisock, "/bench");
+        let (big, fh) = d.big;
+        let n_meta = self.meta_paths.len() as f64;
+        r.measure(0, self.size as f64 / 1e6, &metrics, || self.read_seq(d));
+        r.measure(1, self.rand.len() as f64, &metrics, || {
+            split_run(&mut d.queues, &self.rand, |g, &off| {
+                assert_eq!(g.read_in_place(big, fh, off, 4096).unwrap(), 4096)
+            })
+        });
+        r.measure(2, n_meta, &metrics, || {
+            split_run(&mut d.queues, &d.lookups, |g, (parent, name)| {
+                g.lookup(*parent, name).unwrap();
+            })
+        });
+        r.measure(3, n_meta, &metrics, || {
+            split_run(&mut d.queues, &d.attrs, |g, &n| {
+                g.getattr(n).unwrap();
+            })
+        });
+    }
+
+    fn stop_device(&self, d: Device) {
+        let Device {
+            dev,
+            _session,
+            queues,
+            ..
+        } = d;
+        drop(queues);
+        drop(_session);
+        self.watchdog.unwatch(dev.pid());
+        dev.kill_and_check();
+    }
+
+    /// The host FUSE side in `run`: its own cache, filled once.
+    fn fuse(&self, run: &Path) -> Fuse {
+        std::fs::create_dir_all(run).unwrap();
+        let f = Fuse {
+            config: run.join("config.json"),
+            mnt: run.join("mnt"),
+            apisock: run.join("api.sock"),
+            log: run.join("rafsd-fuse.log"),
+        };
         std::fs::write(
-            &config,
+            &f.config,
             daemon::v1_config(&self.blobs, &run.join("cache"), false, ""),
         )
         .unwrap();
-        let mnt = run.join("mnt");
-        let apisock = run.join("api.sock");
-        let start = || {
-            let mut args = vec![
-                "--config",
-                config.to_str().unwrap(),
-                "--bootstrap",
-                self.bootstrap.to_str().unwrap(),
-                "--apisock",
-                apisock.to_str().unwrap(),
-                "-l",
-                "warn",
-            ];
-            args.extend(extra.iter().map(String::as_str));
-            let d = daemon::Daemon::start(&args, &mnt, &run.join("rafsd-fuse.log"));
-            self.watchdog.watch(d.pid(), Some(&mnt));
-            d
-        };
-        let stop = |h: daemon::Daemon| {
-            let pid = h.pid();
-            assert!(h.stop().success());
-            self.watchdog.unwatch(pid);
-        };
-        let h = start();
+        let h = self.mount(&f);
         std::io::copy(
-            &mut File::open(mnt.join("big.bin")).unwrap(),
+            &mut File::open(f.mnt.join("big.bin")).unwrap(),
             &mut std::io::sink(),
         )
         .unwrap();
-        stop(h);
-        let metrics = || fops(&apisock, "/");
+        self.unmount(h);
+        f
+    }
+
+    fn mount(&self, f: &Fuse) -> daemon::Daemon {
+        let extra = daemon_extra_args();
+        let mut args = vec![
+            "--config",
+            f.config.to_str().unwrap(),
+            "--bootstrap",
+            self.bootstrap.to_str().unwrap(),
+            "--apisock",
+            f.apisock.to_str().unwrap(),
+            "-l",
+            "warn",
+        ];
+        args.extend(extra.iter().map(String::as_str));
+        let d = daemon::Daemon::start(&args, &f.mnt, &f.log);
+        self.watchdog.watch(d.pid(), Some(&f.mnt));
+        d
+    }
+
+    fn unmount(&self, h: daemon::Daemon) {
+        let pid = h.pid();
+        assert!(h.stop().success());
+        self.watchdog.unwatch(pid);
+    }
+
+    /// One round through a fresh mount (so LOOKUPs reach the daemon): statx and O_DIRECT reads from
+    /// `nt` threads.
+    fn measure_fuse(&self, f: &Fuse, nt: usize, r: &mut Rates) {
+        let h = self.mount(f);
+        let metrics = || fops(&f.apisock, "/");
         let cpaths: Vec<CString> = self
             .meta_paths
             .iter()
-            .map(|p| CString::new(mnt.join(p).as_os_str().as_bytes()).unwrap())
+            .map(|p| CString::new(f.mnt.join(p).as_os_str().as_bytes()).unwrap())
             .collect();
         let statx = |c: &CString, flags: i32| {
             // SAFETY: statx is plain old data; valid path and buffer.
@@ -401,51 +450,42 @@ impl Bench {
         };
         let seq: Vec<u64> = (0..self.size / MIB).map(|i| i * MIB).collect();
         let n_meta = self.meta_paths.len() as f64;
-        let mut out = Vec::new();
-        for &nt in threads {
-            // One O_DIRECT-aligned 1 MiB buffer per thread.
-            let mut bufs: Vec<(Vec<u8>, usize)> = (0..nt)
-                .map(|_| {
-                    let raw = vec![0u8; (MIB + 4096) as usize];
-                    let skew = raw.as_ptr().align_offset(4096);
-                    (raw, skew)
-                })
-                .collect();
-            let mut r = Rates::default();
-            for _ in 0..self.rounds {
-                let h = start();
-                let mut nothing = vec![(); nt];
-                r.measure(2, n_meta, &metrics, || {
-                    split_run(&mut nothing, &cpaths, |_, c| statx(c, 0))
-                });
-                r.measure(3, n_meta, &metrics, || {
-                    split_run(&mut nothing, &cpaths, |_, c| {
-                        statx(c, libc::AT_STATX_FORCE_SYNC)
-                    })
-                });
-                let f = std::fs::OpenOptions::new()
-                    .read(true)
-                    .custom_flags(libc::O_DIRECT)
-                    .open(mnt.join("big.bin"))
-                    .unwrap();
-                r.measure(0, self.size as f64 / 1e6, &metrics, || {
-                    split_run(&mut bufs, &seq, |(raw, skew), &off| {
-                        let buf = &mut raw[*skew..*skew + MIB as usize];
-                        assert_eq!(f.read_at(buf, off).unwrap() as u64, MIB);
-                    })
-                });
-                r.measure(1, self.rand.len() as f64, &metrics, || {
-                    split_run(&mut bufs, &self.rand, |(raw, skew), &off| {
-                        let buf = &mut raw[*skew..*skew + 4096];
-                        assert_eq!(f.read_at(buf, off).unwrap(), 4096);
-                    })
-                });
-                drop(f);
-                stop(h);
-            }
-            out.push(r);
-        }
-        out
+        // One O_DIRECT-aligned 1 MiB buffer per thread.
+        let mut bufs: Vec<(Vec<u8>, usize)> = (0..nt)
+            .map(|_| {
+                let raw = vec![0u8; (MIB + 4096) as usize];
+                let skew = raw.as_ptr().align_offset(4096);
+                (raw, skew)
+            })
+            .collect();
+        let mut nothing = vec![(); nt];
+        r.measure(2, n_meta, &metrics, || {
+            split_run(&mut nothing, &cpaths, |_, c| statx(c, 0))
+        });
+        r.measure(3, n_meta, &metrics, || {
+            split_run(&mut nothing, &cpaths, |_, c| {
+                statx(c, libc::AT_STATX_FORCE_SYNC)
+            })
+        });
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(f.mnt.join("big.bin"))
+            .unwrap();
+        r.measure(0, self.size as f64 / 1e6, &metrics, || {
+            split_run(&mut bufs, &seq, |(raw, skew), &off| {
+                let buf = &mut raw[*skew..*skew + MIB as usize];
+                assert_eq!(file.read_at(buf, off).unwrap() as u64, MIB);
+            })
+        });
+        r.measure(1, self.rand.len() as f64, &metrics, || {
+            split_run(&mut bufs, &self.rand, |(raw, skew), &off| {
+                let buf = &mut raw[*skew..*skew + 4096];
+                assert_eq!(file.read_at(buf, off).unwrap(), 4096);
+            })
+        });
+        drop(file);
+        self.unmount(h);
     }
 }
 
@@ -483,24 +523,34 @@ fn main() {
         size,
         rand: offsets(size, a.random),
         meta_paths,
-        rounds: a.rounds,
         watchdog,
     };
     let run = tempfile::Builder::new()
         .prefix("rafsd-bench-virtiofs")
         .tempdir()
         .unwrap();
-    let dir = |name: &str| {
-        let d = run.path().join(name);
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    };
-    eprintln!("virtio-fs with worker pools (the default)");
-    let pool = bench.virtiofs(&dir("pool"), &[], &a.queues);
-    eprintln!("virtio-fs in order (--thread-pool-size 0)");
-    let in_order = bench.virtiofs(&dir("in-order"), &["--thread-pool-size", "0"], &a.queues);
-    eprintln!("host FUSE");
-    let fuse = bench.fuse(&dir("fuse"), &a.queues);
+    let fuse = bench.fuse(&run.path().join("fuse"));
+    // Per queue count: (worker pools, in order, host FUSE), the three measured in turn in each round so
+    // that the machine's other load falls on all of them alike.
+    let mut results: Vec<[Rates; 3]> = Vec::new();
+    for &nq in &a.queues {
+        let mut pool = bench.device(&run.path().join(format!("pool-{nq}")), &[], nq);
+        let mut in_order = bench.device(
+            &run.path().join(format!("in-order-{nq}")),
+            &["--thread-pool-size", "0"],
+            nq,
+        );
+        let mut r: [Rates; 3] = Default::default();
+        for round in 0..a.rounds {
+            eprintln!("{nq} queue(s): round {}/{}", round + 1, a.rounds);
+            bench.measure_device(&mut pool, &mut r[0]);
+            bench.measure_device(&mut in_order, &mut r[1]);
+            bench.measure_fuse(&fuse, nq, &mut r[2]);
+        }
+        bench.stop_device(pool);
+        bench.stop_device(in_order);
+        results.push(r);
+    }
 
     println!();
     println!("{}", harness::load_note());
@@ -532,21 +582,18 @@ fn main() {
             "pool/in order",
             "reqs v/h"
         );
+        let [pool, in_order, fuse] = &results[i];
         for (op, (name, unit, _)) in OPS.iter().enumerate() {
             let (p, o, f) = (
-                median(&pool[i].rates[op]),
-                median(&in_order[i].rates[op]),
-                median(&fuse[i].rates[op]),
+                median(&pool.rates[op]),
+                median(&in_order.rates[op]),
+                median(&fuse.rates[op]),
             );
             println!(
                 "{name:<22} {unit:>5} {p:>10.0} {o:>10.0} {f:>10.0} {:>12.2} {:>14.2} {:>12}",
                 p / f,
                 p / o,
-                format!(
-                    "{}/{}",
-                    count(pool[i].requests[op]),
-                    count(fuse[i].requests[op])
-                )
+                format!("{}/{}", count(pool.requests[op]), count(fuse.requests[op]))
             );
         }
     }
