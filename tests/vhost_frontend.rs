@@ -589,8 +589,9 @@ const REPO: &str = "rafsd/queues";
 
 /// A guest of `rafsd virtiofs EXTRA` with `IMG_64K` mounted at /img from a registry the test controls
 /// (the fault server of tests/services, whose blob data answers can be held back), with a blob cache and
-/// no read amplification (each read fetches just its own chunks). One request queue, room for 12
-/// requests in flight; FUSE_INIT done.
+/// no read amplification (each read fetches just its own chunks); no digest validation, so that a cached
+/// READ is fast even in a debug build (the tests compare bytes with the manifest themselves). One request
+/// queue, room for 12 requests in flight; FUSE_INIT done.
 fn guest_on_registry(dir: &Path, extra: &[&str]) -> (VirtiofsDaemon, FakeServer, Guest) {
     let server = FakeServer::with_blobs_of(REPO, &manifest::case_blob_dir(IMG_64K));
     let mut args = vec!["--allow-network", "--log-level", "info"];
@@ -604,7 +605,7 @@ fn guest_on_registry(dir: &Path, extra: &[&str]) -> (VirtiofsDaemon, FakeServer,
             }},
             "cache": {"type": "blobcache", "config": {"work_dir": dir.join("cache")}}
         },
-        "mode": "direct", "digest_validate": true, "amplify_io": 0
+        "mode": "direct", "digest_validate": false, "amplify_io": 0
     });
     d.mount_rafs(
         "/img",
@@ -973,4 +974,45 @@ fn requests_behind_a_slow_metadata_request_are_taken_over_by_the_watcher() {
     drop(g);
     d.kill_and_check();
     assert!(fuse.stop().success());
+}
+
+/// After a run of READs the cache answers, the queue thread answers lone READs itself; the first one that
+/// has to wait on the registry then holds it up, and the watcher takes the requests behind it to the
+/// workers. READs go to workers again after that one, so a second held READ leaves the queue thread free.
+#[test]
+fn a_cold_read_after_cached_ones_is_covered_by_the_watcher() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, server, mut g) = guest_on_registry(dir.path(), &[]);
+    let (random, fh) = open_random_2m5(&mut g);
+    // Twenty cached READs (the first page, read by open_random_2m5), one at a time.
+    for _ in 0..20 {
+        g.read(random, fh, 0, 4096).unwrap();
+    }
+    let mut got = Vec::new();
+    for offset in [1u64 << 20, 2 << 20] {
+        let held = server.hold_data();
+        let mut posted = post_reads(&mut g, random, fh, &[offset]);
+        assert!(server.wait_held(1, Duration::from_secs(10)));
+        posted.push(post_getattr(&mut g, random));
+        let start = std::time::Instant::now();
+        let first = reap_all(&mut g, &posted, &posted[1..], Duration::from_secs(10), &d);
+        assert_eq!(first.len(), 1, "the GETATTR, not the held READ");
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "GETATTR took {:?}",
+            start.elapsed()
+        );
+        drop(held);
+        got.push((
+            offset,
+            reap_all(&mut g, &posted, &posted[..1], Duration::from_secs(20), &d),
+        ));
+    }
+    // Only now: reading the whole file for the check fills the cache. (Descriptor heads are reused, so
+    // each round's reply is checked on its own.)
+    for (offset, replies) in got {
+        check_reads(&mut g, random, &[replies[0].0], &[offset], &replies);
+    }
+    drop(g);
+    d.kill_and_check();
 }

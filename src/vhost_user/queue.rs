@@ -2,25 +2,27 @@
 //! with `--thread-pool-size 0`), or through a [`RequestQueue`]: a worker pool, with the queue's thread
 //! answering some requests itself, and a watcher that takes over the ring when one of those turns slow.
 //!
-//! Requests that read or write file data (READ, WRITE, SETUPMAPPING, ...) may wait on a registry or a
-//! disk, so they always go to a worker, and so does every request that finds others waiting with it:
-//! they run side by side. A metadata request alone in the ring (the common case: a guest process waits
-//! for each of its LOOKUPs and GETATTRs) the queue thread answers itself, from the image's metadata,
-//! which spares it a hand-over to another thread. Either way a request goes into the used ring as soon
-//! as it is done, in any order (virtio allows that; the guest matches replies by descriptor).
+//! A request that finds others waiting with it goes to a worker, so they run side by side; so do
+//! requests on file data other than READ (WRITE, FSYNC, SETUPMAPPING, ...), which may wait on a disk or a
+//! backend. A lone metadata request (the common case: a guest process waits for each of its LOOKUPs and
+//! GETATTRs) the queue thread answers itself, which spares it a hand-over to another thread; a lone READ
+//! too, as long as the last [`FAST_READS`] READs each took less than [`SLOW_REQUEST`] (they came from the
+//! cache), and otherwise a worker does: a cold read streaming from a registry then runs on workers while
+//! the queue thread stays free. Either way a request goes into the used ring as soon as it is done, in
+//! any order (virtio allows that; the guest matches replies by descriptor).
 //!
 //! Only the queue's thread learns of new requests (the guest kicks its eventfd), so while it answers one
-//! itself nobody would take the next off the ring. Should that request be slow after all (a passthrough
-//! share on a slow disk), a one-shot timer, armed for [`SLOW_REQUEST`] at the start of each such request
-//! (no thread is woken for that), wakes the watcher, which then hands what arrives to the workers,
-//! looking every [`WATCH_INTERVAL`], until the queue thread is back.
+//! itself nobody would take the next off the ring. Should that request be slow after all (the first
+//! cold READ after cached ones, a passthrough share on a hung disk), a one-shot timer armed for
+//! [`SLOW_REQUEST`] at its start (no thread is woken for that) wakes the watcher, which then hands what
+//! arrives to the workers, looking every [`WATCH_INTERVAL`], until the queue thread is back.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fuse_backend_rs::abi::fuse_abi::{InHeader, Opcode};
 use fuse_backend_rs::api::server::Server;
@@ -38,15 +40,19 @@ use crate::dax::DaxWindow;
 use crate::worker_pool::WorkerPool;
 
 /// How long the queue thread may answer one request itself before the watcher takes requests off the
-/// ring for the workers: far above a metadata request (microseconds), well below what a guest notices.
+/// ring for the workers: far above a metadata request or a cached 4 KiB read (microseconds), above a
+/// cached 1 MiB read, well below a fetch from a registry.
 pub const SLOW_REQUEST: Duration = Duration::from_millis(1);
 /// How often the watcher looks at the ring while the queue thread is held up.
 pub const WATCH_INTERVAL: Duration = Duration::from_micros(250);
+/// READs in a row that finished within [`SLOW_REQUEST`] before the queue thread answers lone READs
+/// itself (again). One that takes longer sends READs back to the workers.
+pub const FAST_READS: u32 = 8;
 
 pub type Memory = GuestMemoryLoadGuard<GuestMemoryMmap>;
 type Chain = DescriptorChain<Memory>;
 /// A request to answer: its descriptor chain and the ring it goes back to.
-type Job = (Chain, VringRwLock);
+type Job = (Chain, VringRwLock, Kind);
 
 /// What answering a request needs; shared by the queue threads, watchers and workers of one connection.
 pub struct Requests {
@@ -119,7 +125,7 @@ impl Requests {
     }
 
     /// Answer a request, put it in the used ring, interrupt the guest if it wants that now.
-    fn run(&self, (chain, vring): Job) {
+    fn run(&self, chain: Chain, vring: VringRwLock) {
         let head = chain.head_index();
         // A panic in the server must still give the descriptor back, or the guest waits for it forever.
         let len =
@@ -184,6 +190,78 @@ impl Requests {
     }
 }
 
+/// What a request does, as far as where to answer it goes.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    /// Answered from metadata (LOOKUP, GETATTR, OPEN, READDIR, ...).
+    Metadata,
+    /// READ: from the cache, or from a backend (a registry) when the data is not cached yet.
+    Read,
+    /// Other requests on file data (WRITE, FSYNC, SETUPMAPPING, ...), which may wait on a disk or backend.
+    Data,
+}
+
+impl Kind {
+    /// From the FUSE opcode in the request's first descriptor (a header split across descriptors, or
+    /// one that cannot be read, is taken for metadata: the server answers it with an error).
+    fn of(chain: &Chain) -> Kind {
+        const DATA: [Opcode; 6] = [
+            Opcode::Write,
+            Opcode::Fsync,
+            Opcode::Fsyncdir,
+            Opcode::Fallocate,
+            Opcode::CopyFileRange,
+            Opcode::SetupMapping,
+        ];
+        let Some(first) = chain.clone().next() else {
+            return Kind::Metadata;
+        };
+        // InHeader: len (u32), then opcode (u32).
+        let Some(at) = first.addr().checked_add(4) else {
+            return Kind::Metadata;
+        };
+        if first.is_write_only() || first.len() < 8 {
+            return Kind::Metadata;
+        }
+        match chain.memory().read_obj::<u32>(at).map(u32::from_le) {
+            Ok(op) if op == Opcode::Read as u32 => Kind::Read,
+            Ok(op) if DATA.iter().any(|&d| d as u32 == op) => Kind::Data,
+            _ => Kind::Metadata,
+        }
+    }
+}
+
+/// READs that finished within [`SLOW_REQUEST`], in a row (up to [`FAST_READS`]).
+#[derive(Default)]
+struct ReadStreak(AtomicU32);
+
+impl ReadStreak {
+    fn record(&self, took: Duration) {
+        if took < SLOW_REQUEST {
+            let _ = self
+                .0
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    Some((n + 1).min(FAST_READS))
+                });
+        } else {
+            self.0.store(0, Ordering::Relaxed);
+        }
+    }
+
+    fn fast(&self) -> bool {
+        self.0.load(Ordering::Relaxed) >= FAST_READS
+    }
+}
+
+/// Answer `chain`, timing it when it is a READ.
+fn run_timed(requests: &Requests, streak: &ReadStreak, (chain, vring, kind): Job) {
+    let start = Instant::now();
+    requests.run(chain, vring);
+    if kind == Kind::Read {
+        streak.record(start.elapsed());
+    }
+}
+
 /// What taking a request off the ring gave.
 enum Pop {
     Request(Chain),
@@ -202,6 +280,8 @@ pub struct RequestQueue {
     pub resume: EventConsumer,
     /// Fires [`SLOW_REQUEST`] after the queue thread started answering a request itself.
     alarm: Alarm,
+    /// Whether lone READs have been fast lately (answered from the cache).
+    reads: Arc<ReadStreak>,
     /// While the queue thread answers a request itself: its ring and memory, for the watcher.
     busy: Mutex<Option<(VringRwLock, Memory)>>,
     /// Ends the watcher.
@@ -213,11 +293,12 @@ impl RequestQueue {
     /// worker.
     pub fn new(index: usize, requests: Arc<Requests>, pool_size: usize) -> io::Result<Arc<Self>> {
         let (resume, wake) = new_event_consumer_and_notifier(EventFlag::NONBLOCK)?;
-        let r = requests.clone();
+        let (r, reads) = (requests.clone(), Arc::new(ReadStreak::default()));
+        let streak = reads.clone();
         let pool = WorkerPool::new(
             format!("vq{index}-worker"),
             pool_size,
-            Box::new(move |job| r.run(job)),
+            Box::new(move |job| run_timed(&r, &streak, job)),
             Box::new(move || {
                 if let Err(e) = wake.notify() {
                     log::error!("virtio-fs: cannot wake queue {index}'s thread: {e}");
@@ -230,6 +311,7 @@ impl RequestQueue {
             pool,
             resume,
             alarm: Alarm::new()?,
+            reads,
             busy: Mutex::new(None),
             stop: new_event_consumer_and_notifier(EventFlag::NONBLOCK)?,
         });
@@ -249,7 +331,8 @@ impl RequestQueue {
     }
 
     /// The queue thread, on a kick or a resume event: take requests off the ring as long as the pool
-    /// has room; answer the last one here, hand the others to workers.
+    /// has room; answer a lone metadata request here (a lone READ too while READs are fast), hand the
+    /// others to workers.
     pub fn serve(&self, vring: &VringRwLock, mem: Memory) -> io::Result<()> {
         {
             // The resume event does not go through the library's enabled check the kick goes through.
@@ -265,12 +348,19 @@ impl RequestQueue {
             }
             loop {
                 match self.pop(vring, &mem) {
-                    Pop::Request(chain)
-                        if touches_file_data(&chain) || more_available(vring, &mem) =>
-                    {
-                        self.pool.submit((chain, vring.clone()))
+                    Pop::Request(chain) => {
+                        let kind = Kind::of(&chain);
+                        let here = match kind {
+                            Kind::Metadata => true,
+                            Kind::Read => self.reads.fast(),
+                            Kind::Data => false,
+                        };
+                        if here && !more_available(vring, &mem) {
+                            self.answer_here((chain, vring.clone(), kind), &mem);
+                        } else {
+                            self.pool.submit((chain, vring.clone(), kind));
+                        }
                     }
-                    Pop::Request(chain) => self.answer_here(chain, vring, &mem),
                     Pop::Empty => break,
                     // The ring keeps the rest (with EVENT_IDX the guest stops kicking, since we do not
                     // re-enable notifications) until the resume event.
@@ -296,10 +386,10 @@ impl RequestQueue {
     }
 
     /// Answer a request on the queue thread, with the watcher ready to take over the ring if it is slow.
-    fn answer_here(&self, chain: Chain, vring: &VringRwLock, mem: &Memory) {
-        *self.busy.lock().unwrap_or_else(|e| e.into_inner()) = Some((vring.clone(), mem.clone()));
+    fn answer_here(&self, job: Job, mem: &Memory) {
+        *self.busy.lock().unwrap_or_else(|e| e.into_inner()) = Some((job.1.clone(), mem.clone()));
         self.alarm.set(Some(SLOW_REQUEST));
-        self.pool.run_here((chain, vring.clone()));
+        self.pool.run_here(job);
         self.alarm.set(None);
         *self.busy.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
@@ -318,7 +408,8 @@ impl RequestQueue {
                 let held_up = self.busy.lock().unwrap_or_else(|e| e.into_inner()).clone();
                 let Some((vring, mem)) = held_up else { break };
                 while let Pop::Request(chain) = self.pop(&vring, &mem) {
-                    self.pool.submit((chain, vring.clone()));
+                    let kind = Kind::of(&chain);
+                    self.pool.submit((chain, vring.clone(), kind));
                 }
                 drop((vring, mem));
                 if wait_readable([self.stop.0.as_raw_fd()], Some(WATCH_INTERVAL))
@@ -329,34 +420,6 @@ impl RequestQueue {
             }
         }
     }
-}
-
-/// Requests that read or write file data, which may wait on a backend (a registry) or a disk: FUSE
-/// opcodes, read from the request's first descriptor (a header split across descriptors counts as not).
-fn touches_file_data(chain: &Chain) -> bool {
-    const DATA: [Opcode; 7] = [
-        Opcode::Read,
-        Opcode::Write,
-        Opcode::Fsync,
-        Opcode::Fsyncdir,
-        Opcode::Fallocate,
-        Opcode::CopyFileRange,
-        Opcode::SetupMapping,
-    ];
-    let Some(first) = chain.clone().next() else {
-        return false;
-    };
-    // InHeader: len (u32), then opcode (u32).
-    let Some(opcode) = first.addr().checked_add(4) else {
-        return false;
-    };
-    if first.is_write_only() || first.len() < 8 {
-        return false;
-    }
-    chain
-        .memory()
-        .read_obj::<u32>(opcode)
-        .is_ok_and(|op| DATA.iter().any(|&d| d as u32 == u32::from_le(op)))
 }
 
 /// More requests in the ring than we have taken.
@@ -437,5 +500,25 @@ impl Alarm {
                 std::mem::size_of::<u64>(),
             )
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_count_as_fast_after_a_streak_and_one_slow_read_resets_it() {
+        let s = ReadStreak::default();
+        for _ in 0..FAST_READS - 1 {
+            s.record(Duration::from_micros(50));
+        }
+        assert!(!s.fast(), "one short of the streak");
+        s.record(Duration::from_micros(50));
+        assert!(s.fast());
+        s.record(Duration::from_micros(50));
+        assert!(s.fast(), "stays fast");
+        s.record(SLOW_REQUEST);
+        assert!(!s.fast(), "a read as slow as the watcher's alarm resets it");
     }
 }
