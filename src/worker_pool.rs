@@ -293,17 +293,28 @@ mod tests {
         assert_eq!(rooms.load(Ordering::SeqCst), 0);
         gb.send(()).unwrap();
         assert_eq!(done.recv_timeout(Duration::from_secs(10)).unwrap(), 2);
-        wait_until("on_room", || rooms.load(Ordering::SeqCst) == 1);
-        assert!(p.has_room());
-        ga.send(()).unwrap();
-        assert_eq!(done.recv_timeout(Duration::from_secs(10)).unwrap(), 1);
-        wait_until("in_flight 0", || p.in_flight() == 0);
+        room_again_then_last_job(&p, &done, &rooms, ga);
         assert_eq!(
             rooms.load(Ordering::SeqCst),
             1,
             "on_room only after a refusal"
         );
         assert_eq!(p.workers(), 2, "never more workers than capacity");
+    }
+
+    /// After a refusal and one job done: `on_room` was called, there is room; then job 1 (gated by `gate`)
+    /// finishes and nothing is left in flight.
+    fn room_again_then_last_job(
+        p: &WorkerPool<Job>,
+        done: &mpsc::Receiver<usize>,
+        rooms: &AtomicUsize,
+        gate: mpsc::Sender<()>,
+    ) {
+        wait_until("on_room", || rooms.load(Ordering::SeqCst) == 1);
+        assert!(p.has_room());
+        gate.send(()).unwrap();
+        assert_eq!(done.recv_timeout(Duration::from_secs(10)).unwrap(), 1);
+        wait_until("in_flight 0", || p.in_flight() == 0);
     }
 
     /// Submit job `id`, let it run, wait until it is done.
@@ -358,11 +369,7 @@ mod tests {
             gb.send(()).unwrap();
             assert_eq!(done.recv_timeout(Duration::from_secs(10)).unwrap(), 2);
         });
-        wait_until("on_room", || rooms.load(Ordering::SeqCst) == 1);
-        assert!(p.has_room());
-        ga.send(()).unwrap();
-        assert_eq!(done.recv_timeout(Duration::from_secs(10)).unwrap(), 1);
-        wait_until("in_flight 0", || p.in_flight() == 0);
+        room_again_then_last_job(&p, &done, &rooms, ga);
         assert_eq!(p.workers(), 1, "the job run here needed no worker");
     }
 
