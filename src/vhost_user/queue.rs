@@ -13,14 +13,16 @@
 //!
 //! Only the queue's thread learns of new requests (the guest kicks its eventfd), so while it answers one
 //! itself nobody would take the next off the ring. Should that request be slow after all (the first
-//! cold READ after cached ones, a passthrough share on a hung disk), a one-shot timer armed for
-//! [`SLOW_REQUEST`] at its start (no thread is woken for that) wakes the watcher, which then hands what
-//! arrives to the workers, looking every [`WATCH_INTERVAL`], until the queue thread is back.
+//! cold READ after cached ones, a passthrough share on a hung disk), the watcher notices: a one-shot
+//! timer (set by the queue thread when it starts answering after a pause, then by the watcher itself)
+//! wakes it at most once per [`SLOW_REQUEST`] while the queue thread is busy, never while it is idle.
+//! When the queue thread has been on one request for [`SLOW_REQUEST`], the watcher hands what arrives
+//! behind it to the workers, looking every [`WATCH_INTERVAL`], until the queue thread is done with it.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -278,12 +280,18 @@ pub struct RequestQueue {
     pool: WorkerPool<Job>,
     /// A worker writes it when the pool has room again after being full; the queue thread waits on it.
     pub resume: EventConsumer,
-    /// Fires [`SLOW_REQUEST`] after the queue thread started answering a request itself.
+    /// Wakes the watcher to look at how long the queue thread has been answering its request.
     alarm: Alarm,
+    /// The alarm is set (or the watcher is about to decide whether to set it again).
+    armed: AtomicBool,
+    /// When the queue thread started answering the request it answers itself (nanoseconds since
+    /// `epoch`, never 0), or 0.
+    busy_since: AtomicU64,
+    epoch: Instant,
     /// Whether lone READs have been fast lately (answered from the cache).
     reads: Arc<ReadStreak>,
     /// While the queue thread answers a request itself: its ring and memory, for the watcher.
-    busy: Mutex<Option<(VringRwLock, Memory)>>,
+    ring: Mutex<Option<(VringRwLock, Memory)>>,
     /// Ends the watcher.
     stop: (EventConsumer, EventNotifier),
 }
@@ -311,8 +319,11 @@ impl RequestQueue {
             pool,
             resume,
             alarm: Alarm::new()?,
+            armed: AtomicBool::new(false),
+            busy_since: AtomicU64::new(0),
+            epoch: Instant::now(),
             reads,
-            busy: Mutex::new(None),
+            ring: Mutex::new(None),
             stop: new_event_consumer_and_notifier(EventFlag::NONBLOCK)?,
         });
         let watched = q.clone();
@@ -386,16 +397,28 @@ impl RequestQueue {
     }
 
     /// Answer a request on the queue thread, with the watcher ready to take over the ring if it is slow.
+    /// The alarm is set only when it is not set already: while requests keep coming, the watcher wakes
+    /// once per [`SLOW_REQUEST`] to look (and sets it again), instead of two timer syscalls per request.
     fn answer_here(&self, job: Job, mem: &Memory) {
-        *self.busy.lock().unwrap_or_else(|e| e.into_inner()) = Some((job.1.clone(), mem.clone()));
-        self.alarm.set(Some(SLOW_REQUEST));
+        *self.ring.lock().unwrap_or_else(|e| e.into_inner()) = Some((job.1.clone(), mem.clone()));
+        self.busy_since.store(self.now(), Ordering::SeqCst);
+        if !self.armed.swap(true, Ordering::SeqCst) {
+            self.alarm.set(Some(SLOW_REQUEST));
+        }
         self.pool.run_here(job);
-        self.alarm.set(None);
-        *self.busy.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.busy_since.store(0, Ordering::SeqCst);
+        *self.ring.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
-    /// The watcher thread: asleep until the alarm says the queue thread is held up by a slow request;
-    /// then, while it is, every [`WATCH_INTERVAL`] hand the requests that arrived to the workers.
+    /// Nanoseconds since `epoch`, never 0.
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64 | 1
+    }
+
+    /// The watcher thread: asleep until the alarm; then, if the queue thread has been answering one
+    /// request for [`SLOW_REQUEST`], hand the requests arriving behind it to the workers every
+    /// [`WATCH_INTERVAL`] until it is done with that one; set the alarm again while the queue thread is
+    /// busy, leave it unset when it is idle.
     fn watch(&self) {
         loop {
             if wait_readable([self.alarm.fd(), self.stop.0.as_raw_fd()], None)
@@ -405,17 +428,37 @@ impl RequestQueue {
             }
             self.alarm.clear();
             loop {
-                let held_up = self.busy.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                let Some((vring, mem)) = held_up else { break };
-                while let Pop::Request(chain) = self.pop(&vring, &mem) {
-                    let kind = Kind::of(&chain);
-                    self.pool.submit((chain, vring.clone(), kind));
+                let since = self.busy_since.load(Ordering::SeqCst);
+                if since == 0 {
+                    // Idle: unset. The queue thread sets the alarm for its next request, unless it
+                    // started one just now and still saw it set: then we do.
+                    self.armed.store(false, Ordering::SeqCst);
+                    if self.busy_since.load(Ordering::SeqCst) != 0
+                        && !self.armed.swap(true, Ordering::SeqCst)
+                    {
+                        self.alarm.set(Some(SLOW_REQUEST));
+                    }
+                    break;
                 }
-                drop((vring, mem));
-                if wait_readable([self.stop.0.as_raw_fd()], Some(WATCH_INTERVAL))
-                    .is_some_and(|ready| ready[0])
-                {
-                    return;
+                let age = Duration::from_nanos(self.now().saturating_sub(since));
+                if age < SLOW_REQUEST {
+                    self.alarm.set(Some(SLOW_REQUEST - age));
+                    break;
+                }
+                // Held up by this request: take over the ring until the queue thread is done with it.
+                while self.busy_since.load(Ordering::SeqCst) == since {
+                    let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    if let Some((vring, mem)) = ring {
+                        while let Pop::Request(chain) = self.pop(&vring, &mem) {
+                            let kind = Kind::of(&chain);
+                            self.pool.submit((chain, vring.clone(), kind));
+                        }
+                    }
+                    if wait_readable([self.stop.0.as_raw_fd()], Some(WATCH_INTERVAL))
+                        .is_some_and(|ready| ready[0])
+                    {
+                        return;
+                    }
                 }
             }
         }
