@@ -591,8 +591,12 @@ const REPO: &str = "rafsd/queues";
 /// (the fault server of tests/services, whose blob data answers can be held back), with a blob cache and
 /// no read amplification (each read fetches just its own chunks); no digest validation, so that a cached
 /// READ is fast even in a debug build (the tests compare bytes with the manifest themselves). One request
-/// queue, room for 12 requests in flight; FUSE_INIT done.
-fn guest_on_registry(dir: &Path, extra: &[&str]) -> (VirtiofsDaemon, FakeServer, Guest) {
+/// queue, room for 12 requests in flight, EVENT_IDX as `event_idx` says; FUSE_INIT done.
+fn guest_on_registry(
+    dir: &Path,
+    extra: &[&str],
+    event_idx: bool,
+) -> (VirtiofsDaemon, FakeServer, Guest) {
     let server = FakeServer::with_blobs_of(REPO, &manifest::case_blob_dir(IMG_64K));
     let mut args = vec!["--allow-network", "--log-level", "info"];
     args.extend_from_slice(extra);
@@ -616,6 +620,7 @@ fn guest_on_registry(dir: &Path, extra: &[&str]) -> (VirtiofsDaemon, FakeServer,
         request_queues: 1,
         slots: 12,
         slot_len: 160 << 10,
+        event_idx,
         ..Default::default()
     };
     let mut g = Guest::connect(&d.sock, opts).unwrap();
@@ -709,8 +714,18 @@ fn check_reads(
 
 #[test]
 fn reads_stalled_on_the_backend_hold_back_no_other_request_on_their_queue() {
+    reads_stalled_hold_back_no_other_request(true);
+}
+
+/// The same without EVENT_IDX: every used entry interrupts the guest.
+#[test]
+fn reads_stalled_hold_back_no_other_request_without_event_idx() {
+    reads_stalled_hold_back_no_other_request(false);
+}
+
+fn reads_stalled_hold_back_no_other_request(event_idx: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let (d, server, mut g) = guest_on_registry(dir.path(), &[]);
+    let (d, server, mut g) = guest_on_registry(dir.path(), &[], event_idx);
     let (random, fh) = open_random_2m5(&mut g);
     let img = g.lookup(ROOT, b"img").unwrap().nodeid;
     let passwd = g.lookup_path(img, "etc/passwd").unwrap().nodeid;
@@ -788,7 +803,7 @@ fn reads_stalled_on_the_backend_hold_back_no_other_request_on_their_queue() {
 #[test]
 fn pool_size_zero_answers_in_order() {
     let dir = tempfile::tempdir().unwrap();
-    let (d, server, mut g) = guest_on_registry(dir.path(), &["--thread-pool-size", "0"]);
+    let (d, server, mut g) = guest_on_registry(dir.path(), &["--thread-pool-size", "0"], true);
     let (random, fh) = open_random_2m5(&mut g);
     let held = server.hold_data();
     let offsets = [1 << 20];
@@ -817,7 +832,7 @@ fn pool_size_zero_answers_in_order() {
 #[test]
 fn requests_beyond_the_pool_size_wait_in_the_ring_until_a_worker_is_free() {
     let dir = tempfile::tempdir().unwrap();
-    let (d, server, mut g) = guest_on_registry(dir.path(), &["--thread-pool-size", "2"]);
+    let (d, server, mut g) = guest_on_registry(dir.path(), &["--thread-pool-size", "2"], true);
     let (random, fh) = open_random_2m5(&mut g);
     let held = server.hold_data();
     let offsets = [512 << 10, 1 << 20, 3 << 19];
@@ -982,7 +997,7 @@ fn requests_behind_a_slow_metadata_request_are_taken_over_by_the_watcher() {
 #[test]
 fn a_cold_read_after_cached_ones_is_covered_by_the_watcher() {
     let dir = tempfile::tempdir().unwrap();
-    let (d, server, mut g) = guest_on_registry(dir.path(), &[]);
+    let (d, server, mut g) = guest_on_registry(dir.path(), &[], true);
     let (random, fh) = open_random_2m5(&mut g);
     // Twenty cached READs (the first page, read by open_random_2m5), one at a time.
     for _ in 0..20 {
