@@ -87,7 +87,8 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
     let policy = PathBuf::from("seccomp").join(format!("{arch}.json"));
     println!("cargo:rerun-if-changed={}", policy.display());
-    // Paths are relative to the package root, where this script does not live.
+    // Paths are relative to the package root, where this script is not: a path that does not exist
+    // would make cargo rerun the script, and rebuild the crate, on every build.
     println!("cargo:rerun-if-changed=seccomp/build.rs");
     println!("cargo:rerun-if-changed=seccomp/build_info.rs");
     let Ok(text) = std::fs::read_to_string(&policy) else {

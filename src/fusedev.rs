@@ -48,6 +48,13 @@ pub enum FailoverPolicy {
     Flush,
 }
 
+/// Default `--thread-num`. Each worker answers one request at a time and the kernel hands each request
+/// to a free one, so requests finish out of order and one waiting on the network holds back only its own
+/// worker. With the 4 MiB readahead below, one streaming reader keeps four 1 MiB reads in flight, all of
+/// which may wait on a fetch; 16 leaves room for a few such readers while metadata requests and cached
+/// reads still find a free worker. An idle worker costs a blocked thread and an untouched buffer.
+pub const DEFAULT_THREADS: usize = 16;
+
 /// Block SIGINT/SIGTERM in this thread and every thread it starts later, so they can be collected with
 /// [`wait_for_signal`]. Call before starting any thread.
 pub fn block_shutdown_signals() -> libc::sigset_t {

@@ -35,6 +35,7 @@ pub mod takeover;
 pub mod unpack;
 pub mod version;
 pub mod vhost_user;
+pub mod worker_pool;
 
 pub use error::{Error, Result};
 pub use image::{ImageOptions, RafsImage};

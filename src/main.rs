@@ -199,8 +199,9 @@ struct FuseArgs {
     /// Blobs in DIR, cached in DIR (instead of --config).
     #[arg(long, short = 'D', conflicts_with = "config")]
     localfs_dir: Option<PathBuf>,
-    /// FUSE worker threads.
-    #[arg(long, alias = "fuse-threads", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    /// FUSE worker threads: how many requests are answered at once (a read waiting on the network
+    /// occupies one; the kernel queues the rest).
+    #[arg(long, alias = "fuse-threads", default_value_t = rafsd::fusedev::DEFAULT_THREADS as u32, value_parser = clap::value_parser!(u32).range(1..=1024))]
     thread_num: u32,
     /// Admin API socket.
     #[arg(long, short = 'A')]
@@ -268,8 +269,9 @@ struct VirtiofsArgs {
     /// Accepted for nydusd compatibility; every mount is already available.
     #[arg(long)]
     hybrid_mode: bool,
-    /// virtiofsd option Kata appends; ignored (each queue has its own worker).
-    #[arg(long)]
+    /// Workers answering each request queue, which is also how many of its requests may be in flight
+    /// (default 16; Kata's `=1` gets the default too); 0 answers them one at a time, in order.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=1024))]
     thread_pool_size: Option<u32>,
     /// virtiofsd option Kata appends; ignored.
     #[arg(long)]
@@ -649,9 +651,7 @@ fn run_virtiofs(args: VirtiofsArgs, log_dir: Option<&std::path::Path>) -> rafsd:
     use rafsd::sandbox::{fork_supervised, Role, SandboxMode};
     let signals = rafsd::fusedev::block_shutdown_signals();
     rafsd::service::raise_nofile_limit(args.rlimit_nofile);
-    if let Some(n) = args.thread_pool_size {
-        log::warn!("--thread-pool-size={n} is a virtiofsd option; ignored (each virtqueue has its own worker)");
-    }
+    let pool_size = rafsd::vhost_user::pool_size(args.thread_pool_size);
     if args.announce_submounts {
         log::warn!("--announce-submounts is a virtiofsd option; ignored");
     }
@@ -763,11 +763,15 @@ fn run_virtiofs(args: VirtiofsArgs, log_dir: Option<&std::path::Path>) -> rafsd:
         .map(|l| rafsd::api::start_on(l, daemon.clone()))
         .transpose()?;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (sock, queues, stop2) = (args.sock.clone(), args.thread_num as usize, stop.clone());
-    let dax_window = args.dax_window.unwrap_or(0);
+    let (sock, stop2) = (args.sock.clone(), stop.clone());
+    let device = rafsd::vhost_user::DeviceOptions {
+        request_queues: args.thread_num as usize,
+        pool_size,
+        dax_window_size: args.dax_window.unwrap_or(0),
+    };
     let server = std::thread::Builder::new()
         .name("vhost-user".into())
-        .spawn(move || rafsd::vhost_user::serve(vfs, listener, &sock, queues, dax_window, stop2))
+        .spawn(move || rafsd::vhost_user::serve(vfs, listener, &sock, device, stop2))
         .map_err(|e| rafsd::Error::io("start vhost-user thread", e))?;
     loop {
         if let Some(sig) =
