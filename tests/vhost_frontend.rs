@@ -18,7 +18,6 @@ use fuse_backend_rs::abi::fuse_abi::{
 };
 use manifest::{manifest_sha, sha256_hex};
 use services::FakeServer;
-use sha2::Digest;
 use vm_memory::ByteValued;
 
 const BIN: &str = env!("CARGO_BIN_EXE_rafsd");
@@ -890,6 +889,63 @@ fn opcodes_without_a_request_get_enosys_even_with_trace_logging() {
         assert!(d.is_running(), "opcode {opcode}");
     }
     read_random_2m5(&mut g);
+    drop(g);
+    d.kill_and_check();
+}
+
+/// GETXATTR / LISTXATTR on a passthrough share with a 4 GiB `size` (found by the virtiofs fuzz target):
+/// the passthrough filesystem allocated the guest's size before asking the kernel, 4 GiB per request.
+/// Now the size is capped at Linux's 64 KiB limit; the answers are the same.
+#[test]
+fn huge_xattr_sizes_on_a_share_allocate_nothing_large() {
+    let dir = tempfile::tempdir().unwrap();
+    let share = dir.path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    std::fs::write(share.join("f"), b"x").unwrap();
+    // No sandbox: the process we started is the daemon whose memory we watch.
+    let d = VirtiofsDaemon::start(BIN, dir.path(), &["--sandbox", "none"]);
+    let body = serde_json::json!({"source": share, "fs_type": "passthrough_fs"}).to_string();
+    let (status, text) = d
+        .api("POST", "/api/v1/mount?mountpoint=/share", &body)
+        .unwrap();
+    assert_eq!(status, 204, "{text}");
+    mount_img1(&d, dir.path(), "");
+    let mut g = guest(&d);
+    let root = g.lookup(ROOT, b"share").unwrap().nodeid;
+    let f = g.lookup(root, b"f").unwrap().nodeid;
+    let set = fuse_backend_rs::abi::fuse_abi::SetxattrIn { size: 3, flags: 0 };
+    g.call(
+        Opcode::Setxattr,
+        f,
+        &[set.as_slice(), b"user.k\0", b"val"],
+        16,
+    )
+    .unwrap();
+    let peak = status_kib(d.pid(), "VmPeak");
+    let huge = 0xFFFF_FF40u32;
+    let get = fuse_backend_rs::abi::fuse_abi::GetxattrIn {
+        size: huge,
+        padding: 0,
+    };
+    let r = g
+        .call(Opcode::Getxattr, f, &[get.as_slice(), b"user.k\0"], 4096)
+        .unwrap();
+    assert_eq!(
+        (r.header.error, &r.body[..]),
+        (0, &b"val"[..]),
+        "the value, as before"
+    );
+    let r = g
+        .call(Opcode::Listxattr, f, &[get.as_slice()], 4096)
+        .unwrap();
+    assert_eq!(r.header.error, 0);
+    assert!(r.body.windows(7).any(|w| w == b"user.k\0"), "{:?}", r.body);
+    let grown = status_kib(d.pid(), "VmPeak").saturating_sub(peak);
+    assert!(grown < 256 << 10, "peak virtual memory grew by {grown} KiB");
+    read_random_2m5(&mut g);
+    drop(g);
+    d.kill_and_check();
+}
 
 // ---------------------------------------------------------------------------------------------------
 // Requests complete out of order: one waiting on the network holds back nobody on its queue.
@@ -1108,57 +1164,6 @@ fn reads_stalled_hold_back_no_other_request(event_idx: bool) {
     drop(g);
     d.kill_and_check();
 }
-
-/// GETXATTR / LISTXATTR on a passthrough share with a 4 GiB `size` (found by the virtiofs fuzz target):
-/// the passthrough filesystem allocated the guest's size before asking the kernel, 4 GiB per request.
-/// Now the size is capped at Linux's 64 KiB limit; the answers are the same.
-#[test]
-fn huge_xattr_sizes_on_a_share_allocate_nothing_large() {
-    let dir = tempfile::tempdir().unwrap();
-    let share = dir.path().join("share");
-    std::fs::create_dir(&share).unwrap();
-    std::fs::write(share.join("f"), b"x").unwrap();
-    // No sandbox: the process we started is the daemon whose memory we watch.
-    let d = VirtiofsDaemon::start(BIN, dir.path(), &["--sandbox", "none"]);
-    let body = serde_json::json!({"source": share, "fs_type": "passthrough_fs"}).to_string();
-    let (status, text) = d
-        .api("POST", "/api/v1/mount?mountpoint=/share", &body)
-        .unwrap();
-    assert_eq!(status, 204, "{text}");
-    mount_img1(&d, dir.path(), "");
-    let mut g = guest(&d);
-    let root = g.lookup(ROOT, b"share").unwrap().nodeid;
-    let f = g.lookup(root, b"f").unwrap().nodeid;
-    let set = fuse_backend_rs::abi::fuse_abi::SetxattrIn { size: 3, flags: 0 };
-    g.call(
-        Opcode::Setxattr,
-        f,
-        &[set.as_slice(), b"user.k\0", b"val"],
-        16,
-    )
-    .unwrap();
-    let peak = status_kib(d.pid(), "VmPeak");
-    let huge = 0xFFFF_FF40u32;
-    let get = fuse_backend_rs::abi::fuse_abi::GetxattrIn {
-        size: huge,
-        padding: 0,
-    };
-    let r = g
-        .call(Opcode::Getxattr, f, &[get.as_slice(), b"user.k\0"], 4096)
-        .unwrap();
-    assert_eq!(
-        (r.header.error, &r.body[..]),
-        (0, &b"val"[..]),
-        "the value, as before"
-    );
-    let r = g
-        .call(Opcode::Listxattr, f, &[get.as_slice()], 4096)
-        .unwrap();
-    assert_eq!(r.header.error, 0);
-    assert!(r.body.windows(7).any(|w| w == b"user.k\0"), "{:?}", r.body);
-    let grown = status_kib(d.pid(), "VmPeak").saturating_sub(peak);
-    assert!(grown < 256 << 10, "peak virtual memory grew by {grown} KiB");
-    read_random_2m5(&mut g);
 
 /// `--thread-pool-size 0`: the queue's requests are answered one at a time, in order (the old way, and the
 /// benchmarks' baseline).

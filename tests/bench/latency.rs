@@ -20,6 +20,8 @@ mod daemon;
 mod frontend;
 mod harness;
 mod image;
+#[path = "../manifest/mod.rs"]
+mod manifest;
 #[path = "../services/mod.rs"]
 mod services;
 
