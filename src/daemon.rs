@@ -500,6 +500,9 @@ impl Daemon {
                 "cannot take over into a daemon that already has mounts".into(),
             ));
         }
+        for d in dirs {
+            check_mountpoint(&d.path)?;
+        }
         crate::takeover::vfs_index::replay_pseudo_dirs(&self.vfs, dirs)?;
         *self.pseudo_paths.lock().unwrap_or_else(|e| e.into_inner()) =
             dirs.iter().map(|d| d.path.clone()).collect();

@@ -4,11 +4,13 @@
 //! `PUT /daemon/exit` or when someone else unmounts.
 //!
 //! The daemon never unmounts itself (the sandbox forbids it): it tells the sandbox supervisor process
-//! whether to ([`MountFate`]); a mount whose connection the snapshotter's supervisor also holds
+//! whether to ([`MountFate`]), which then calls [`unmount_fuse`]; a mount whose connection the snapshotter's supervisor also holds
 //! survives the daemon's crash and an upgrade's exit.
 
+use std::ffi::CString;
 use std::mem::ManuallyDrop;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,6 +25,7 @@ use vm_memory::ByteValued;
 
 use crate::daemon::{Control, Daemon, DaemonState};
 use crate::error::{Error, Result};
+use crate::signals::wait_for_signal;
 use crate::takeover::state::{self, State};
 use crate::takeover::{supervisor, Fate, MountFate};
 
@@ -54,31 +57,6 @@ pub enum FailoverPolicy {
 /// which may wait on a fetch; 16 leaves room for a few such readers while metadata requests and cached
 /// reads still find a free worker. An idle worker costs a blocked thread and an untouched buffer.
 pub const DEFAULT_THREADS: usize = 16;
-
-/// Block SIGINT/SIGTERM in this thread and every thread it starts later, so they can be collected with
-/// [`wait_for_signal`]. Call before starting any thread.
-pub fn block_shutdown_signals() -> libc::sigset_t {
-    // SAFETY: sigset manipulation on a local, zeroed set.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    }
-}
-
-/// Wait up to `timeout` for one of `set`; returns the signal number.
-pub fn wait_for_signal(set: &libc::sigset_t, timeout: Duration) -> Option<i32> {
-    let ts = libc::timespec {
-        tv_sec: timeout.as_secs() as _,
-        tv_nsec: timeout.subsec_nanos() as _,
-    };
-    // SAFETY: valid set and timeout.
-    let sig = unsafe { libc::sigtimedwait(set, std::ptr::null_mut(), &ts) };
-    (sig > 0).then_some(sig)
-}
 
 /// Kernel readahead for the mount. FUSE starts at 128 KiB and FUSE_INIT can only lower it, which caps
 /// sequential reads at one 128 KiB round trip each; a larger window keeps several 1 MiB requests in flight.
@@ -653,6 +631,62 @@ fn check_fuse_device(file: &std::fs::File) -> Result<()> {
 /// the API socket (nydusd's test for a crash, which makes a restarted daemon wait for a takeover).
 /// The mountpoint itself is never stat'ed: that would wait on the connection nobody serves.
 pub fn predecessor_crashed(mountpoint: &Path, apisock: &Path) -> bool {
-    crate::sandbox::is_our_fuse_mount(&crate::sandbox::resolve_mountpoint(mountpoint))
+    is_our_fuse_mount(&resolve_mountpoint(mountpoint))
         && std::os::unix::net::UnixStream::connect(apisock).is_err()
+}
+
+/// Is `mountpoint` a FUSE mount of ours (fstype fuse, source "rafs"), per /proc/self/mountinfo?
+pub fn is_our_fuse_mount(mountpoint: &Path) -> bool {
+    let want = mountpoint.to_string_lossy();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| {
+            let fields: Vec<&str> = l.split(' ').collect();
+            let Some(dash) = fields.iter().position(|f| *f == "-") else {
+                return false;
+            };
+            fields.get(4) == Some(&&*want)
+                && fields.get(dash + 1).is_some_and(|t| t.starts_with("fuse"))
+                && fields.get(dash + 2) == Some(&"rafs")
+        })
+}
+
+/// The absolute path of `mountpoint` as /proc/self/mountinfo shows it. Only the parent is resolved: a
+/// stat of the mountpoint itself waits on its FUSE connection, which nobody may be serving any more
+/// (the snapshotter's supervisor can keep it open across daemons).
+pub fn resolve_mountpoint(mountpoint: &Path) -> PathBuf {
+    let (Some(parent), Some(name)) = (mountpoint.parent(), mountpoint.file_name()) else {
+        return mountpoint.to_path_buf();
+    };
+    let parent = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
+    parent
+        .canonicalize()
+        .map(|p| p.join(name))
+        .unwrap_or(mountpoint.to_path_buf())
+}
+
+/// Lazily unmount our FUSE mount at `mountpoint` if it is still there (the supervisor's cleanup: the
+/// sandboxed daemon may not unmount).
+pub fn unmount_fuse(mountpoint: &Path) {
+    let mp = resolve_mountpoint(mountpoint);
+    if !is_our_fuse_mount(&mp) {
+        return;
+    }
+    if let Ok(c) = CString::new(mp.as_os_str().as_bytes()) {
+        // SAFETY: valid C string.
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+            log::info!("supervisor: unmounted {}", mp.display());
+        } else {
+            log::warn!(
+                "supervisor: unmount {}: {}",
+                mp.display(),
+                std::io::Error::last_os_error()
+            );
+        }
+    }
 }

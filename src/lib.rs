@@ -30,6 +30,7 @@ pub mod redact;
 pub mod sandbox;
 pub mod seccomp;
 pub mod service;
+pub mod signals;
 pub mod storage;
 pub mod takeover;
 pub mod unpack;

@@ -490,7 +490,7 @@ fn run_fuse(args: FuseArgs, log_dir: Option<&std::path::Path>) -> rafsd::Result<
     use rafsd::sandbox::{fork_supervised, Role, SandboxMode};
     use rafsd::service::read_prefetch_list;
     // Before any thread exists, so every thread inherits the mask and signals reach our wait loop.
-    let signals = rafsd::fusedev::block_shutdown_signals();
+    let signals = rafsd::signals::block_shutdown_signals();
     rafsd::service::raise_nofile_limit(args.rlimit_nofile);
     if !matches!(args.sandbox.sandbox, None | Some(SandboxMode::None)) {
         // A private mount namespace would keep the FUSE mount from the host that wants to see it.
@@ -555,7 +555,7 @@ fn run_fuse(args: FuseArgs, log_dir: Option<&std::path::Path>) -> rafsd::Result<
             "the previous daemon at {} died and no --supervisor can hand its connection over: detaching its mount",
             args.mountpoint.display()
         );
-        rafsd::sandbox::unmount_fuse(&args.mountpoint);
+        rafsd::fusedev::unmount_fuse(&args.mountpoint);
     } else if crashed {
         log::warn!(
             "the previous daemon at {} died: waiting for PUT /api/v1/daemon/fuse/takeover",
@@ -581,7 +581,7 @@ fn run_fuse(args: FuseArgs, log_dir: Option<&std::path::Path>) -> rafsd::Result<
         drop(api_listener);
         drop(fate);
         if fate_reader.should_unmount() {
-            rafsd::sandbox::unmount_fuse(&args.mountpoint);
+            rafsd::fusedev::unmount_fuse(&args.mountpoint);
         } else {
             log::info!(
                 "supervisor: leaving the FUSE mount at {} to the next daemon",
@@ -649,7 +649,7 @@ fn run_virtiofs(args: VirtiofsArgs, log_dir: Option<&std::path::Path>) -> rafsd:
     use fuse_backend_rs::api::{Vfs, VfsOptions};
     use rafsd::daemon::{Daemon, FsType, MountCmd};
     use rafsd::sandbox::{fork_supervised, Role, SandboxMode};
-    let signals = rafsd::fusedev::block_shutdown_signals();
+    let signals = rafsd::signals::block_shutdown_signals();
     rafsd::service::raise_nofile_limit(args.rlimit_nofile);
     let pool_size = rafsd::vhost_user::pool_size(args.thread_pool_size);
     if args.announce_submounts {
@@ -775,7 +775,7 @@ fn run_virtiofs(args: VirtiofsArgs, log_dir: Option<&std::path::Path>) -> rafsd:
         .map_err(|e| rafsd::Error::io("start vhost-user thread", e))?;
     loop {
         if let Some(sig) =
-            rafsd::fusedev::wait_for_signal(&signals, std::time::Duration::from_millis(200))
+            rafsd::signals::wait_for_signal(&signals, std::time::Duration::from_millis(200))
         {
             log::info!("signal {sig}: shutting down");
             break;

@@ -527,7 +527,7 @@ pub fn fork_supervised(
     probe::supervisor();
     loop {
         if let Some(sig) =
-            crate::fusedev::wait_for_signal(signals, std::time::Duration::from_millis(100))
+            crate::signals::wait_for_signal(signals, std::time::Duration::from_millis(100))
         {
             log::info!("supervisor: forwarding signal {sig} to {pid}");
             // SAFETY: signalling our own child.
@@ -871,62 +871,6 @@ pub fn drop_capabilities_to(keep: &[caps::Capability], who: &str) -> Result<()> 
     names.sort();
     log::info!("capabilities of the {who}: kept {}", names.join(","));
     Ok(())
-}
-
-/// Is `mountpoint` a FUSE mount of ours (fstype fuse, source "rafs"), per /proc/self/mountinfo?
-pub fn is_our_fuse_mount(mountpoint: &Path) -> bool {
-    let want = mountpoint.to_string_lossy();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| {
-            let fields: Vec<&str> = l.split(' ').collect();
-            let Some(dash) = fields.iter().position(|f| *f == "-") else {
-                return false;
-            };
-            fields.get(4) == Some(&&*want)
-                && fields.get(dash + 1).is_some_and(|t| t.starts_with("fuse"))
-                && fields.get(dash + 2) == Some(&"rafs")
-        })
-}
-
-/// The absolute path of `mountpoint` as /proc/self/mountinfo shows it. Only the parent is resolved: a
-/// stat of the mountpoint itself waits on its FUSE connection, which nobody may be serving any more
-/// (the snapshotter's supervisor can keep it open across daemons).
-pub fn resolve_mountpoint(mountpoint: &Path) -> PathBuf {
-    let (Some(parent), Some(name)) = (mountpoint.parent(), mountpoint.file_name()) else {
-        return mountpoint.to_path_buf();
-    };
-    let parent = if parent.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        parent
-    };
-    parent
-        .canonicalize()
-        .map(|p| p.join(name))
-        .unwrap_or(mountpoint.to_path_buf())
-}
-
-/// Lazily unmount our FUSE mount at `mountpoint` if it is still there (the supervisor's cleanup: the
-/// sandboxed daemon may not unmount).
-pub fn unmount_fuse(mountpoint: &Path) {
-    let mp = resolve_mountpoint(mountpoint);
-    if !is_our_fuse_mount(&mp) {
-        return;
-    }
-    if let Ok(c) = cstr(&mp) {
-        // SAFETY: valid C string.
-        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
-            log::info!("supervisor: unmounted {}", mp.display());
-        } else {
-            log::warn!(
-                "supervisor: unmount {}: {}",
-                mp.display(),
-                std::io::Error::last_os_error()
-            );
-        }
-    }
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ pub const PROFILE: &str = if cfg!(debug_assertions) {
 pub fn build_time() -> String {
     let secs = BUILD_EPOCH.parse::<u64>().unwrap_or(0);
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
-    let (y, mo, d, h, mi, s, _) = crate::storage::object_store::civil(t);
+    let (y, mo, d, h, mi, s, _) = crate::storage::http_text::civil(t);
     format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z")
 }
 

@@ -26,7 +26,7 @@ static RING: Mutex<Ring> = Mutex::new(Ring {
 pub fn record(msg: &str) {
     let line = format!(
         "{} - {}",
-        super::object_store::http_date(SystemTime::now()),
+        super::http_text::http_date(SystemTime::now()),
         crate::redact::text(msg)
     );
     let mut r = RING.lock().unwrap_or_else(|e| e.into_inner());

@@ -9,6 +9,7 @@ pub mod events;
 pub mod forward_proxy;
 pub mod http;
 pub mod http_proxy;
+pub mod http_text;
 pub mod localfs;
 pub mod metrics;
 pub mod object_store;

@@ -3,14 +3,14 @@
 //! signers are written from the providers' public specifications and checked against their worked
 //! examples in the tests below.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
 use super::http::{Failure, HttpClient, Keys, Remote, Request, Response};
-use super::registry::percent_encode;
+use super::http_text::{civil, percent_encode};
 use crate::error::Result;
 use crate::storage::digest::hex;
 
@@ -123,7 +123,7 @@ impl ObjectStore {
                 ]
             }
             Flavor::Oss => {
-                let date = http_date(now);
+                let date = super::http_text::http_date(now);
                 let sts = oss_string_to_sign(method, "", "", &date, &[], path);
                 vec![
                     ("Date".into(), date),
@@ -232,60 +232,16 @@ fn oss_signature(secret: &str, string_to_sign: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(m.finalize().into_bytes())
 }
 
-/// Civil date (UTC) of a Unix time: (year, month, day, hour, min, sec, weekday 0=Sunday).
-pub(crate) fn civil(t: SystemTime) -> (i64, u32, u32, u32, u32, u32, u32) {
-    let secs = t
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0) as i64;
-    let days = secs.div_euclid(86400);
-    let rem = secs.rem_euclid(86400);
-    // Days-to-civil conversion (proleptic Gregorian), era-based.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    let weekday = (days + 4).rem_euclid(7) as u32;
-    (
-        y,
-        m,
-        d,
-        (rem / 3600) as u32,
-        (rem % 3600 / 60) as u32,
-        (rem % 60) as u32,
-        weekday,
-    )
-}
-
 /// `20130524T000000Z`
 fn amz_date(t: SystemTime) -> String {
     let (y, mo, d, h, mi, s, _) = civil(t);
     format!("{y:04}{mo:02}{d:02}T{h:02}{mi:02}{s:02}Z")
 }
 
-/// `Thu, 17 Nov 2005 18:49:58 GMT`
-pub(crate) fn http_date(t: SystemTime) -> String {
-    const DAYS: [&str; 7] = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"];
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let (y, mo, d, h, mi, s, wd) = civil(t);
-    format!(
-        "{}, {d:02} {} {y:04} {h:02}:{mi:02}:{s:02} GMT",
-        DAYS[wd as usize],
-        MONTHS[mo as usize - 1]
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+    use std::time::{Duration, UNIX_EPOCH};
 
     /// AWS's published SigV4 example for S3 (GET Object, first 10 bytes of test.txt in examplebucket).
     #[test]
@@ -335,8 +291,6 @@ mod tests {
 
     #[test]
     fn dates() {
-        let t = UNIX_EPOCH + Duration::from_secs(1_132_253_398); // 2005-11-17 18:49:58 UTC
-        assert_eq!(http_date(t), "Thu, 17 Nov 2005 18:49:58 GMT");
         assert_eq!(
             amz_date(UNIX_EPOCH + Duration::from_secs(1_369_353_600)),
             "20130524T000000Z"

@@ -191,19 +191,6 @@ impl Remote for Registry {
     }
 }
 
-/// RFC 3986 unreserved characters pass; everything else is %XX.
-pub fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::registry_auth::parse_challenge;

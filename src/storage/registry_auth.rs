@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::http::{classify, net_error, Failure, HttpClient};
-use super::registry::percent_encode;
+use super::http_text::percent_encode;
 
 /// Refresh a Bearer token this long before the registry says it expires.
 const TOKEN_MARGIN: Duration = Duration::from_secs(20);

@@ -20,7 +20,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use crate::error::{Error, Result};
 
 /// What the daemon tells the sandbox supervisor process (which unmounts for it, see
-/// [`crate::sandbox::unmount_fuse`]) about its FUSE mount, through a pipe. The last `Unmount` or
+/// [`crate::fusedev::unmount_fuse`]) about its FUSE mount, through a pipe. The last `Unmount` or
 /// `Keep` counts; a daemon that never said either (it crashed) leaves the mount if it said
 /// `HeldElsewhere`, and has it unmounted otherwise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

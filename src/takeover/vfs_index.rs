@@ -19,10 +19,10 @@ use super::state::PseudoDir;
 use crate::error::{Error, Result};
 
 /// Recreate the pseudo directories in order and check each gets the inode number the kernel knows.
+/// The caller has checked their paths ([`crate::daemon::check_mountpoint`]).
 pub fn replay_pseudo_dirs(vfs: &Vfs, dirs: &[PseudoDir]) -> Result<()> {
     let root = vfs.get_root_pseudofs();
     for d in dirs {
-        crate::daemon::check_mountpoint(&d.path)?;
         let ino = root
             .mount(&d.path)
             .map_err(|e| Error::Invalid(format!("recreate pseudo directory {}: {e}", d.path)))?;
