@@ -104,6 +104,9 @@ pub struct FuseOptions {
     pub supervisor: Option<PathBuf>,
     /// Mount nothing; wait in state INIT for a takeover (`--upgrade`, or a crashed predecessor).
     pub take_over: bool,
+    /// No supervisor process unmounts: the daemon does it itself when it stops serving and the mount
+    /// is not left for a successor (a daemon embedded in another program, [`crate::embed`]).
+    pub unmount_on_exit: bool,
 }
 
 /// What the workers share with the main loop.
@@ -359,12 +362,18 @@ impl FuseDaemon<'_> {
         log::info!(
             "FUSE workers stopped; the mount at {} is {}",
             self.opts.mountpoint.display(),
-            if fate == Fate::Keep {
-                "left for a successor"
-            } else {
-                "unmounted by the supervisor process"
+            match fate {
+                Fate::Keep => "left for a successor",
+                _ if self.opts.unmount_on_exit => "unmounted",
+                _ => "unmounted by the supervisor process",
             }
         );
+        if fate != Fate::Keep && self.opts.unmount_on_exit {
+            // Dropping the session unmounts and closes the connection.
+            if let Some(session) = self.session.take() {
+                drop(ManuallyDrop::into_inner(session));
+            }
+        }
     }
 
     /// How far the daemon got (the reported state is STOPPED once exit was requested).

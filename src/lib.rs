@@ -8,6 +8,9 @@
 //! - [`unpack`], [`check`], [`inspect`]: the offline tools built on [`image`].
 //! - [`builder`]: `rafsd build` / `rafsd merge`, the RAFS v5/v6 image builder.
 //! - [`convert`]: `rafsd convert` / `rafsd mount-image`, OCI images in registries to Nydus images.
+//! - [`daemon`], [`api`]: the serving daemon's mounts and state, and its nydusd-compatible admin API;
+//!   [`fusedev`] and [`vhost_user`]: its two front ends (FUSE on the host, vhost-user-fs for a VMM).
+//! - [`launch`]: how `rafsd fuse` and `rafsd virtiofs` start (sandbox via [`sandbox`], [`signals`]).
 
 pub mod api;
 pub mod builder;
@@ -24,6 +27,7 @@ pub mod fusedev;
 pub mod image;
 pub mod inflight;
 pub mod inspect;
+pub mod launch;
 pub mod logging;
 pub mod passthrough;
 pub mod redact;

@@ -433,6 +433,104 @@ fn mount(
     )
 }
 
+/// How a front end's sandbox is built ([`Sandbox::enter`]).
+pub struct Policy {
+    /// What the daemon may use: paths, and whether the host network stays.
+    pub allowed: AllowedPaths,
+    /// What a syscall outside the daemon's allow-list does (`--seccomp`).
+    pub seccomp: SeccompMode,
+    /// Fork a supervisor outside the sandbox even without new namespaces (the FUSE daemon's, which
+    /// unmounts when the daemon ends). `--sandbox namespace` always has one.
+    pub supervise: bool,
+    /// What the supervisor keeps ([`SUPERVISOR_CAPS_FUSE`], [`SUPERVISOR_CAPS_VIRTIOFS`]).
+    pub supervisor_caps: &'static [caps::Capability],
+    /// Paths beyond `allowed` the daemon may write (the FUSE mount's readahead knob in sysfs).
+    pub extra_rw: &'static [&'static str],
+    /// The shutdown signals (blocked by the caller) a supervisor forwards to the daemon.
+    pub signals: libc::sigset_t,
+}
+
+/// Where [`Sandbox::enter`] leaves the calling process.
+pub enum Entered {
+    /// The daemon, isolated (namespaces, new root) as the mode asked; [`Sandbox::lock`] finishes.
+    Daemon(Sandbox),
+    /// The supervisor, after the daemon process ended: clean up, then [`Exit::propagate`].
+    Supervisor(Exit),
+}
+
+/// A daemon process inside its namespaces and root, not yet restricted (Landlock, capabilities,
+/// seccomp): the front end still mounts /dev/fuse or binds what it needs, then calls [`Sandbox::lock`].
+pub struct Sandbox {
+    allowed: AllowedPaths,
+    seccomp: SeccompMode,
+    extra_rw: &'static [&'static str],
+}
+
+impl Sandbox {
+    /// The one way into the sandbox, for both front ends. Must be called while the process has a single
+    /// thread.
+    /// - `Namespace`: a supervisor forks; the daemon child gets new pid and mount namespaces (and a new
+    ///   network namespace unless `policy.allowed.network`) and the minimal root ([`build_root`]).
+    /// - `Chroot`: a private mount namespace and the same root, no supervisor.
+    /// - `None`: no namespaces; a supervisor forks only if `policy.supervise`.
+    pub fn enter(mode: SandboxMode, policy: &Policy) -> Result<Entered> {
+        let supervised = |flags| {
+            fork_supervised(
+                mode == SandboxMode::Namespace,
+                flags,
+                &policy.signals,
+                policy.supervisor_caps,
+                policy.seccomp,
+            )
+        };
+        match mode {
+            SandboxMode::Namespace => {
+                // Registry/OSS/S3 backends need the host network: keep it when one may be used.
+                let mut flags = libc::CLONE_NEWNS;
+                if !policy.allowed.network {
+                    flags |= libc::CLONE_NEWNET;
+                }
+                if let Role::Supervisor(exit) = supervised(flags)? {
+                    return Ok(Entered::Supervisor(exit));
+                }
+                build_root(&policy.allowed)?;
+            }
+            SandboxMode::Chroot => {
+                // SAFETY: unshare of the mount namespace; single-threaded here.
+                if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
+                    return Err(Error::io(
+                        "unshare the mount namespace (needs root)",
+                        std::io::Error::last_os_error(),
+                    ));
+                }
+                build_root(&policy.allowed)?;
+            }
+            SandboxMode::None if policy.supervise => {
+                if let Role::Supervisor(exit) = supervised(0)? {
+                    return Ok(Entered::Supervisor(exit));
+                }
+            }
+            SandboxMode::None => {}
+        }
+        Ok(Entered::Daemon(Sandbox {
+            allowed: policy.allowed.clone(),
+            seccomp: policy.seccomp,
+            extra_rw: policy.extra_rw,
+        }))
+    }
+
+    /// Landlock, capabilities and seccomp, in that order, on the (still single) calling thread; seccomp
+    /// also covers any later thread. Returns the paths the daemon must keep its mounts to
+    /// ([`crate::daemon::Daemon::confine`]).
+    pub fn lock(self) -> Result<AllowedPaths> {
+        restrict_filesystem(&self.allowed, self.extra_rw);
+        drop_capabilities()?;
+        crate::seccomp::install(self.seccomp)?;
+        probe::daemon();
+        Ok(self.allowed)
+    }
+}
+
 /// What a supervised process turns out to be after [`fork_supervised`].
 pub enum Role {
     /// The sandboxed daemon.

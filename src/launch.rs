@@ -1,0 +1,578 @@
+//! Start-up of the two serving daemons, `rafsd fuse` and `rafsd virtiofs`, in one place. Both go
+//! through the same steps, in this order, before the first thread starts:
+//!
+//! 1. block the shutdown signals ([`crate::signals`]) and raise the descriptor limit;
+//! 2. read the start-up mount (`--bootstrap` with its config, or `--shared-dir`) and work out what the
+//!    sandbox allows: the command line's `--allow-path*`, what that mount needs, or, when neither says
+//!    anything, what the real clients need (Kata's share and nydus-snapshotter's roots), plus the log
+//!    file's folder;
+//! 3. bind the sockets the sandbox will hide (API, vhost-user);
+//! 4. [`Sandbox::enter`] (namespaces and root, or the FUSE daemon's unmounting supervisor), then
+//!    [`Sandbox::lock`] (Landlock, capabilities, seccomp) once the front end holds what it needs;
+//! 5. mount the start-up image, start the API, serve until a shutdown signal or `PUT /daemon/exit`.
+//!
+//! The command-line options live here too (`src/main.rs` only parses and dispatches); another program
+//! that wants a daemon without these steps uses [`crate::embed`].
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuse_backend_rs::api::{Vfs, VfsOptions};
+
+use crate::config::DaemonConfig;
+use crate::daemon::{Daemon, DaemonState, FsType, MountCmd};
+use crate::error::{Error, Result};
+use crate::sandbox::{self, AllowedPaths, Entered, Policy, Sandbox, SandboxMode};
+use crate::seccomp::SeccompMode;
+use crate::signals::{block_shutdown_signals, wait_for_signal};
+
+/// Sandbox options of both daemons (see `src/sandbox.rs` and the README's "Sandbox" section).
+#[derive(clap::Args)]
+pub struct SandboxArgs {
+    /// namespace, chroot or none [default: namespace for virtiofs; fuse supports none only].
+    #[arg(long, value_enum)]
+    pub sandbox: Option<SandboxMode>,
+    /// What a syscall outside the policy does: kill, log, trap or none.
+    #[arg(long, value_enum, default_value = "kill")]
+    pub seccomp: SeccompMode,
+    /// A directory (or file) the daemon may read: images and blobs of later API mounts. Repeatable.
+    #[arg(long = "allow-path", value_name = "PATH")]
+    pub allow_path: Vec<PathBuf>,
+    /// A directory the daemon may write: cache work dirs and passthrough shares of later API mounts.
+    /// Repeatable.
+    #[arg(long = "allow-path-rw", value_name = "PATH")]
+    pub allow_path_rw: Vec<PathBuf>,
+    /// Keep the host network (no network namespace) so API mounts may use network backends.
+    #[arg(long)]
+    pub allow_network: bool,
+}
+
+impl SandboxArgs {
+    /// Did the user say what the daemon may use (which switches the Kata defaults off)?
+    fn paths_given(&self) -> bool {
+        self.allow_network || !self.allow_path.is_empty() || !self.allow_path_rw.is_empty()
+    }
+
+    fn allowed_paths(&self) -> Result<AllowedPaths> {
+        let mut allowed = AllowedPaths {
+            network: self.allow_network,
+            ..Default::default()
+        };
+        for p in &self.allow_path {
+            allowed.add_read_only(p)?;
+        }
+        for p in &self.allow_path_rw {
+            allowed.add_read_write(p)?;
+        }
+        Ok(allowed)
+    }
+}
+
+/// Options of a FUSE daemon, spelled as nydusd spells them.
+#[derive(clap::Args)]
+pub struct FuseArgs {
+    /// Where to mount.
+    #[arg(long, short = 'M')]
+    pub mountpoint: PathBuf,
+    /// RAFS bootstrap (or inline-meta blob); without one an empty root waits for API mounts.
+    #[arg(long, short = 'B')]
+    pub bootstrap: Option<PathBuf>,
+    /// Daemon config: nydusd v1 or v2 JSON.
+    #[arg(long, short = 'C')]
+    pub config: Option<PathBuf>,
+    /// Blobs in DIR, cached in DIR (instead of --config).
+    #[arg(long, short = 'D', conflicts_with = "config")]
+    pub localfs_dir: Option<PathBuf>,
+    /// FUSE worker threads: how many requests are answered at once (a read waiting on the network
+    /// occupies one; the kernel queues the rest).
+    #[arg(long, alias = "fuse-threads", default_value_t = crate::fusedev::DEFAULT_THREADS as u32, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub thread_num: u32,
+    /// Admin API socket.
+    #[arg(long, short = 'A')]
+    pub apisock: Option<PathBuf>,
+    /// File with absolute paths to prefetch, one per line ("/" = everything).
+    #[arg(long)]
+    pub prefetch_files: Option<PathBuf>,
+    /// Instance id (nydus-snapshotter's daemon id; names the state sent to --supervisor).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Raise RLIMIT_NOFILE to this (best effort; 0 leaves it alone).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub rlimit_nofile: u64,
+    /// Unix socket of the supervisor (nydus-snapshotter) that keeps this daemon's state and FUSE
+    /// connection for failover and live upgrade: PUT /api/v1/daemon/fuse/sendfd sends them there,
+    /// PUT /api/v1/daemon/fuse/takeover fetches them.
+    #[arg(long)]
+    pub supervisor: Option<PathBuf>,
+    /// Start as the new daemon of a live upgrade: mount nothing, wait in state INIT for
+    /// PUT /api/v1/daemon/fuse/takeover.
+    #[arg(long)]
+    pub upgrade: bool,
+    /// What happens at takeover to requests the previous daemon read but never answered: resend
+    /// (the kernel sends them again), flush (they fail with EIO) or none (left alone).
+    #[arg(long, value_enum, default_value = "resend")]
+    pub failover_policy: crate::fusedev::FailoverPolicy,
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
+}
+
+/// Options of the virtio-fs daemon. Kata runs `virtiofs --log-level info --apisock A --sock S` and
+/// appends the virtiofsd options `--thread-pool-size=N --announce-submounts` by default.
+#[derive(clap::Args)]
+pub struct VirtiofsArgs {
+    /// vhost-user socket the VMM connects to.
+    #[arg(long)]
+    pub sock: PathBuf,
+    /// Admin API socket.
+    #[arg(long, short = 'A')]
+    pub apisock: Option<PathBuf>,
+    /// An image to serve from the start (more can be mounted through the API).
+    #[arg(long, short = 'B', requires = "config")]
+    pub bootstrap: Option<PathBuf>,
+    /// Daemon config for --bootstrap: nydusd v1 or v2 JSON.
+    #[arg(long, short = 'C')]
+    pub config: Option<PathBuf>,
+    /// A host directory to share read-write (passthrough_fs).
+    #[arg(long, short = 's', conflicts_with = "bootstrap")]
+    pub shared_dir: Option<PathBuf>,
+    /// Where in the share --bootstrap or --shared-dir appears.
+    #[arg(long, short = 'm', default_value = "/")]
+    pub virtual_mountpoint: String,
+    /// Request queues offered to the VMM (its num-request-queues must not be larger).
+    #[arg(long, default_value_t = crate::vhost_user::DEFAULT_REQUEST_QUEUES as u32, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub thread_num: u32,
+    /// File with absolute paths of --bootstrap to prefetch, one per line ("/" = everything).
+    #[arg(long)]
+    pub prefetch_files: Option<PathBuf>,
+    /// Instance id.
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Raise RLIMIT_NOFILE to this (best effort; 0 leaves it alone).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub rlimit_nofile: u64,
+    /// Accepted for nydusd compatibility; every mount is already available.
+    #[arg(long)]
+    pub hybrid_mode: bool,
+    /// Workers answering each request queue, which is also how many of its requests may be in flight
+    /// (default 16; Kata's `=1` gets the default too); 0 answers them one at a time, in order.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=1024))]
+    pub thread_pool_size: Option<u32>,
+    /// virtiofsd option Kata appends; ignored.
+    #[arg(long)]
+    pub announce_submounts: bool,
+    /// Offer a DAX window of this size (e.g. 8G, 512M; a multiple of 2 MiB) through the vhost-user
+    /// SHMEM protocol feature; off by default.
+    #[arg(long, value_parser = crate::dax::parse_size)]
+    pub dax_window: Option<u64>,
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
+}
+
+/// The Vfs both front ends serve: opens and opendirs reach the filesystems (RAFS keeps per-handle state),
+/// no writeback cache (passthrough shares see every write as it happens).
+pub fn new_vfs() -> Arc<Vfs> {
+    Arc::new(Vfs::new(VfsOptions {
+        no_open: false,
+        no_opendir: false,
+        no_writeback: true,
+        ..Default::default()
+    }))
+}
+
+/// Step 1, before any thread exists: every thread inherits the signal mask, so shutdown signals reach
+/// the loop that waits for them.
+fn begin(rlimit_nofile: u64) -> libc::sigset_t {
+    let signals = block_shutdown_signals();
+    crate::service::raise_nofile_limit(rlimit_nofile);
+    signals
+}
+
+fn prefetch_list(file: Option<&Path>) -> Result<Vec<String>> {
+    Ok(file
+        .map(crate::service::read_prefetch_list)
+        .transpose()?
+        .unwrap_or_default())
+}
+
+/// The mount a daemon starts with, from its command line.
+struct Startup {
+    cmd: MountCmd,
+    /// The parsed config of a RAFS mount: the sandbox allows its blob and cache paths.
+    config: Option<DaemonConfig>,
+}
+
+impl Startup {
+    fn rafs(
+        bootstrap: &Path,
+        text: String,
+        config: DaemonConfig,
+        prefetch_files: Vec<String>,
+        id: Option<String>,
+    ) -> Self {
+        let mut cmd = MountCmd::new(FsType::Rafs, bootstrap.to_path_buf(), text);
+        cmd.prefetch_files = prefetch_files;
+        cmd.id = id;
+        Startup {
+            cmd,
+            config: Some(config),
+        }
+    }
+}
+
+/// Step 2: what the sandbox lets the daemon use. `defaults` apply when neither the command line's
+/// `--allow-path*` nor a start-up mount say anything (the real clients start the daemon with nothing
+/// to serve and cannot pass our options).
+fn allowed_paths(
+    sandbox: &SandboxArgs,
+    startup: Option<&Startup>,
+    defaults: impl FnOnce() -> Result<AllowedPaths>,
+    log_dir: Option<&Path>,
+) -> Result<AllowedPaths> {
+    let mut allowed = sandbox.allowed_paths()?;
+    match startup {
+        Some(Startup { cmd, config }) if cmd.fs_type == FsType::Passthrough => {
+            allowed.add_read_write(&cmd.source)?;
+            debug_assert!(config.is_none());
+        }
+        Some(Startup { cmd, config }) => {
+            allowed.add_read_only(cmd.source.parent().unwrap_or(&cmd.source))?;
+            if let Some(c) = config {
+                allowed.add_config(c)?;
+            }
+        }
+        None if !sandbox.paths_given() => allowed = defaults()?,
+        None => {}
+    }
+    // The sandboxed daemon keeps writing (and rotating) its log there; resolved now, while it exists.
+    if let Some(dir) = log_dir.and_then(|d| d.canonicalize().ok()) {
+        allowed.private_rw.push(dir);
+    }
+    Ok(allowed)
+}
+
+/// Lock the sandbox and bound the daemon's later mounts to what it allows.
+fn lock(sandbox: Sandbox, daemon: &Daemon) -> Result<()> {
+    daemon.confine(sandbox.lock()?);
+    Ok(())
+}
+
+/// `rafsd fuse`: serve on the host through /dev/fuse until a shutdown signal, `PUT /daemon/exit` or an
+/// external unmount. Returns in the daemon process; the supervisor process exits as the daemon did.
+/// `log_dir` is the log file's folder, which the sandboxed daemon may write.
+pub fn fuse(args: FuseArgs, log_dir: Option<&Path>) -> Result<()> {
+    let signals = begin(args.rlimit_nofile);
+    if !matches!(args.sandbox.sandbox, None | Some(SandboxMode::None)) {
+        // A private mount namespace would keep the FUSE mount from the host that wants to see it.
+        return Err(Error::Unsupported(
+            "rafsd fuse supports --sandbox none only (Landlock, capabilities and seccomp still apply)"
+                .into(),
+        ));
+    }
+    // The image given on the command line, as a mount request (kept whole for a successor daemon).
+    let config_text = match (&args.config, &args.localfs_dir) {
+        (Some(path), _) => {
+            DaemonConfig::from_file(path)?;
+            Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| Error::io(format!("read config {}", path.display()), e))?,
+            )
+        }
+        (None, Some(dir)) => Some(localfs_config(dir)),
+        (None, None) if args.bootstrap.is_some() => {
+            return Err(Error::Invalid(
+                "--bootstrap needs --config or --localfs-dir".into(),
+            ))
+        }
+        (None, None) => None,
+    };
+    let config = config_text
+        .as_deref()
+        .map(|t| DaemonConfig::from_slice(t.as_bytes()))
+        .transpose()?;
+    let id = config
+        .as_ref()
+        .and_then(|c| c.id.clone())
+        .or_else(|| args.id.clone());
+    let prefetch_files = prefetch_list(args.prefetch_files.as_deref())?;
+    let startup = match (&args.bootstrap, config_text, config) {
+        (Some(bootstrap), Some(text), Some(config)) => Some(Startup::rafs(
+            bootstrap,
+            text,
+            config,
+            prefetch_files,
+            args.id.clone(),
+        )),
+        _ => None,
+    };
+    // nydus-snapshotter's shared daemon starts with nothing to serve and mounts every image through
+    // the API, from its root; it cannot pass --allow-path.
+    let snapshotter = || AllowedPaths::kata_defaults(None, sandbox::SNAPSHOTTER_ROOTS);
+    let mut allowed = allowed_paths(&args.sandbox, startup.as_ref(), snapshotter, log_dir)?;
+    // No network namespace for the FUSE daemon: API mounts may use network backends.
+    allowed.network = true;
+    let crashed = detach_crashed_predecessor(&args);
+    let api_listener = args
+        .apisock
+        .as_deref()
+        .map(crate::api::http::bind)
+        .transpose()?;
+    let (fate, fate_reader) = crate::takeover::mount_fate_pipe()?;
+    // The sandboxed daemon may not unmount; a supervisor outside the sandbox does it when the daemon
+    // ends, unless the daemon said the mount outlives it (a successor takes it over).
+    let policy = Policy {
+        allowed,
+        seccomp: args.sandbox.seccomp,
+        supervise: true,
+        supervisor_caps: sandbox::SUPERVISOR_CAPS_FUSE,
+        // The readahead knob of our mount lives in sysfs.
+        extra_rw: &["/sys/devices/virtual/bdi"],
+        signals,
+    };
+    let sandbox = match Sandbox::enter(SandboxMode::None, &policy)? {
+        Entered::Supervisor(exit) => {
+            drop(api_listener);
+            drop(fate);
+            if fate_reader.should_unmount() {
+                crate::fusedev::unmount_fuse(&args.mountpoint);
+            } else {
+                log::info!(
+                    "supervisor: leaving the FUSE mount at {} to the next daemon",
+                    args.mountpoint.display()
+                );
+            }
+            if let Some(p) = &args.apisock {
+                let _ = std::fs::remove_file(p);
+            }
+            exit.propagate();
+        }
+        Entered::Daemon(sandbox) => sandbox,
+    };
+    drop(fate_reader);
+    let vfs = new_vfs();
+    let daemon = Daemon::new(id, vfs.clone());
+    let mut api = None;
+    // Runs once the FUSE device is mounted (or, taking over, before waiting), before any worker starts.
+    let start = |mount_image: bool| -> Result<()> {
+        lock(sandbox, &daemon)?;
+        if let (true, Some(startup)) = (mount_image, startup) {
+            daemon.mount("/", startup.cmd)?;
+        }
+        api = api_listener
+            .map(|l| crate::api::start_on(l, daemon.clone()))
+            .transpose()?;
+        Ok(())
+    };
+    let opts = crate::fusedev::FuseOptions {
+        mountpoint: args.mountpoint.clone(),
+        threads: args.thread_num as usize,
+        failover_policy: args.failover_policy,
+        supervisor: args.supervisor.clone(),
+        take_over: args.upgrade || crashed,
+        unmount_on_exit: false,
+    };
+    crate::fusedev::run(vfs, opts, &signals, &daemon, fate, start)
+}
+
+/// A restarted daemon whose predecessor was killed finds that daemon's mount still there and its API
+/// socket dead: with a `--supervisor` holding the connection it waits for the takeover (nydusd does the
+/// same, and so does a live upgrade); returns whether it should. Without one, the dead mount only hides
+/// the mountpoint: it is detached and a fresh mount replaces it.
+fn detach_crashed_predecessor(args: &FuseArgs) -> bool {
+    let crashed = !args.upgrade
+        && args
+            .apisock
+            .as_deref()
+            .is_some_and(|a| crate::fusedev::predecessor_crashed(&args.mountpoint, a));
+    if crashed && args.supervisor.is_none() {
+        // nydus-snapshotter's recover_policy "restart".
+        log::warn!(
+            "the previous daemon at {} died and no --supervisor can hand its connection over: detaching its mount",
+            args.mountpoint.display()
+        );
+        crate::fusedev::unmount_fuse(&args.mountpoint);
+    } else if crashed {
+        log::warn!(
+            "the previous daemon at {} died: waiting for PUT /api/v1/daemon/fuse/takeover",
+            args.mountpoint.display()
+        );
+    }
+    crashed && args.supervisor.is_some()
+}
+
+/// `--localfs-dir DIR` as the nydusd config it stands for: blobs in DIR, cached in DIR.
+fn localfs_config(dir: &Path) -> String {
+    serde_json::json!({
+        "device": {
+            "backend": {"type": "localfs", "config": {"dir": dir}},
+            "cache": {"type": "blobcache", "config": {"work_dir": dir}},
+        },
+        "mode": "direct",
+    })
+    .to_string()
+}
+
+/// `rafsd virtiofs`: serve one VMM at a time on the vhost-user socket until a shutdown signal or
+/// `PUT /daemon/exit`. Returns in the daemon process; a supervisor process exits as the daemon did.
+pub fn virtiofs(args: VirtiofsArgs, log_dir: Option<&Path>) -> Result<()> {
+    let signals = begin(args.rlimit_nofile);
+    let pool_size = crate::vhost_user::pool_size(args.thread_pool_size);
+    if args.announce_submounts {
+        log::warn!("--announce-submounts is a virtiofsd option; ignored");
+    }
+    let vfs = new_vfs();
+    let daemon = Daemon::new(args.id.clone(), vfs.clone());
+    let prefetch_files = prefetch_list(args.prefetch_files.as_deref())?;
+    let startup = if let (Some(bootstrap), Some(config)) = (&args.bootstrap, &args.config) {
+        let text = std::fs::read_to_string(config)
+            .map_err(|e| Error::io(format!("read config {}", config.display()), e))?;
+        let config = DaemonConfig::from_slice(text.as_bytes())?;
+        Some(Startup::rafs(
+            bootstrap,
+            text,
+            config,
+            prefetch_files,
+            args.id.clone(),
+        ))
+    } else {
+        args.shared_dir.as_ref().map(|dir| {
+            let mut cmd = MountCmd::new(FsType::Passthrough, dir.clone(), String::new());
+            cmd.prefetch_files = prefetch_files;
+            Startup { cmd, config: None }
+        })
+    };
+    // Kata starts nydusd with nothing to serve and no room for our options (only
+    // virtio_fs_extra_args): without defaults every one of its API mounts would be refused.
+    // Kata names the sandbox in the socket paths: only that sandbox's share is exposed.
+    let kata = || {
+        let sockets: Vec<&Path> = [Some(args.sock.as_path()), args.apisock.as_deref()]
+            .into_iter()
+            .flatten()
+            .collect();
+        AllowedPaths::kata_defaults(
+            sandbox::kata_sandbox_dir(&sockets).as_deref(),
+            sandbox::SNAPSHOTTER_ROOTS,
+        )
+    };
+    let allowed = allowed_paths(&args.sandbox, startup.as_ref(), kata, log_dir)?;
+    // The sandboxed daemon mounts these from its own root: a relative path must name the host's file.
+    let startup = startup.map(|mut s| {
+        s.cmd.source = std::path::absolute(&s.cmd.source).unwrap_or(s.cmd.source);
+        s.cmd
+    });
+    // Both sockets are bound on the host before the sandbox hides their paths.
+    let listener = crate::vhost_user::bind(&args.sock)?;
+    let api_listener = args
+        .apisock
+        .as_deref()
+        .map(crate::api::http::bind)
+        .transpose()?;
+    let sockets: Vec<&PathBuf> = [Some(&args.sock), args.apisock.as_ref()]
+        .into_iter()
+        .flatten()
+        .collect();
+    let policy = Policy {
+        allowed,
+        seccomp: args.sandbox.seccomp,
+        supervise: false,
+        supervisor_caps: sandbox::SUPERVISOR_CAPS_VIRTIOFS,
+        extra_rw: &[],
+        signals,
+    };
+    let mode = args.sandbox.sandbox.unwrap_or(SandboxMode::Namespace);
+    match Sandbox::enter(mode, &policy)? {
+        Entered::Supervisor(exit) => {
+            drop(api_listener);
+            drop(listener);
+            remove_files(&sockets);
+            exit.propagate();
+        }
+        Entered::Daemon(sandbox) => lock(sandbox, &daemon)?,
+    }
+    if let Some(cmd) = startup {
+        daemon.mount(&args.virtual_mountpoint, cmd)?;
+    }
+    // Serving as soon as the API answers: Kata waits for RUNNING before it starts the VMM.
+    daemon.set_state(DaemonState::Running);
+    let _api = api_listener
+        .map(|l| crate::api::start_on(l, daemon.clone()))
+        .transpose()?;
+    let device = crate::vhost_user::DeviceOptions {
+        request_queues: args.thread_num as usize,
+        pool_size,
+        dax_window_size: args.dax_window.unwrap_or(0),
+    };
+    let mut server = VhostUserServer::start(vfs, listener, &args.sock, device)?;
+    let result = loop {
+        if let Some(sig) = wait_for_signal(&signals, Duration::from_millis(200)) {
+            log::info!("signal {sig}: shutting down");
+            break Ok(());
+        }
+        if daemon.exit_requested() {
+            break Ok(());
+        }
+        if let Some(result) = server.finished() {
+            break result;
+        }
+    };
+    // The vhost-user thread may sit in accept(); the process exits without waiting for it.
+    server.stop();
+    remove_files(&sockets);
+    result?;
+    log::info!("rafsd virtiofs stopped");
+    Ok(())
+}
+
+fn remove_files(paths: &[&PathBuf]) {
+    for p in paths {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+/// The vhost-user device served from a thread of its own ([`crate::vhost_user::serve`]).
+pub(crate) struct VhostUserServer {
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl VhostUserServer {
+    pub(crate) fn start(
+        vfs: Arc<Vfs>,
+        listener: vhost::vhost_user::Listener,
+        sock: &Path,
+        device: crate::vhost_user::DeviceOptions,
+    ) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (sock, stop2) = (sock.to_path_buf(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("vhost-user".into())
+            .spawn(move || crate::vhost_user::serve(vfs, listener, &sock, device, stop2))
+            .map_err(|e| Error::io("start vhost-user thread", e))?;
+        Ok(VhostUserServer {
+            thread: Some(thread),
+            stop,
+        })
+    }
+
+    pub(crate) fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// The server's result once its thread ended by itself (an error, or a panic taken as an end).
+    pub(crate) fn finished(&mut self) -> Option<Result<()>> {
+        if !self.thread.as_ref()?.is_finished() {
+            return None;
+        }
+        match self.thread.take()?.join() {
+            Ok(Err(e)) => Some(Err(e)),
+            _ => Some(Ok(())),
+        }
+    }
+
+    /// Ask the server to stop after the current VMM connection; returns its thread, if still running.
+    pub(crate) fn stop(self) -> Option<std::thread::JoinHandle<Result<()>>> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread
+    }
+}
