@@ -12,8 +12,13 @@ ci/guest-kernel.sh >/dev/null
 ci/fscache-kernel.sh >/dev/null
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+# The library's modules import each other without circles.
+python3 ci/import-graph.py
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 cargo test --workspace 2>&1 | tee target/test.log
+# The embedding example (tests/examples/embed.rs): a program serving a reference image through
+# rafsd::embed over FUSE, checked against the manifest.
+cargo run --quiet --example embed
 # Fail loudly if no test ran at all (a broken filter would otherwise pass): empty binaries and doc-tests
 # also print "test result: ok. 0 passed", so count the passed tests.
 awk '/^test result:/ { n += $4 } END { exit !(n > 0) }' target/test.log

@@ -11,6 +11,8 @@
 //! - [`daemon`], [`api`]: the serving daemon's mounts and state, and its nydusd-compatible admin API;
 //!   [`fusedev`] and [`vhost_user`]: its two front ends (FUSE on the host, vhost-user-fs for a VMM).
 //! - [`launch`]: how `rafsd fuse` and `rafsd virtiofs` start (sandbox via [`sandbox`], [`signals`]).
+//! - [`embed`]: the same daemon inside another Rust program: build it, add mounts, serve it over FUSE
+//!   or vhost-user, optionally with the admin API, shut it down.
 
 pub mod api;
 pub mod builder;
@@ -20,6 +22,7 @@ pub mod config;
 pub mod convert;
 pub mod daemon;
 pub mod dax;
+pub mod embed;
 pub mod error;
 pub mod format;
 pub mod fs;

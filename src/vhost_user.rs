@@ -286,6 +286,18 @@ pub struct DeviceOptions {
     pub dax_window_size: u64,
 }
 
+impl Default for DeviceOptions {
+    /// What `rafsd virtiofs` offers without options: [`DEFAULT_REQUEST_QUEUES`] queues of
+    /// [`DEFAULT_POOL_SIZE`] workers each, no DAX window.
+    fn default() -> Self {
+        DeviceOptions {
+            request_queues: DEFAULT_REQUEST_QUEUES,
+            pool_size: DEFAULT_POOL_SIZE,
+            dax_window_size: 0,
+        }
+    }
+}
+
 pub fn serve(
     vfs: Arc<Vfs>,
     mut listener: Listener,

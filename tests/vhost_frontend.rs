@@ -1398,3 +1398,49 @@ fn a_cold_read_after_cached_ones_is_covered_by_the_watcher() {
     drop(g);
     d.kill_and_check();
 }
+
+/// The embedding API's vhost-user front end ([`rafsd::embed`]), in this process: a daemon built with a
+/// RAFS image and a passthrough share serves a VMM, serves the next VMM after the first disconnects,
+/// and stops on `shutdown()` without a VMM attached, removing its sockets and refusing connections.
+#[test]
+fn an_embedded_daemon_serves_vmms_over_vhost_user_and_shuts_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let share = dir.path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    std::fs::write(share.join("hello"), b"from the host").unwrap();
+    let config = daemon::v1_config(
+        &manifest::case_blob_dir(IMG1),
+        &dir.path().join("cache"),
+        true,
+        "",
+    );
+    let (sock, api) = (dir.path().join("vhost.sock"), dir.path().join("api.sock"));
+    let running = rafsd::embed::Builder::new()
+        .rafs("/img1", manifest::case_bootstrap(IMG1), &config)
+        .passthrough("/share", &share)
+        .api_socket(&api)
+        .build()
+        .expect("build the embedded daemon")
+        .serve_virtiofs(&sock, rafsd::embed::DeviceOptions::default())
+        .expect("serve over vhost-user");
+    for _vmm in 0..2 {
+        let mut g = Guest::connect(&sock, Options::default()).expect("vhost-user handshake");
+        g.fuse_init().unwrap();
+        read_random_2m5(&mut g);
+        let shared = g.lookup_path(ROOT, "share/hello").unwrap();
+        assert_eq!(g.read_file(shared.nodeid, 4096).unwrap(), b"from the host");
+    }
+    let (status, body) =
+        daemon::api_request(&api, "GET", "/api/v1/daemon", "", Duration::from_secs(5)).unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"state\":\"RUNNING\""), "{body}");
+    let start = std::time::Instant::now();
+    running.shutdown().expect("shutdown");
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "shutdown took {:?}",
+        start.elapsed()
+    );
+    assert!(!sock.exists() && !api.exists(), "sockets removed");
+    assert!(std::os::unix::net::UnixStream::connect(&sock).is_err());
+}

@@ -116,7 +116,12 @@ pub fn serve_on(
         .name("api".into())
         .spawn(move || {
             for stream in listener.incoming() {
-                let Ok(mut stream) = stream else { continue };
+                let mut stream = match stream {
+                    Ok(s) => s,
+                    // The listener was shut down (an embedded daemon stopping): serving ends.
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break,
+                    Err(_) => continue,
+                };
                 if active.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
                     let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
                     let _ = write_response(
