@@ -232,9 +232,8 @@ fn allowed_paths(
 ) -> Result<AllowedPaths> {
     let mut allowed = sandbox.allowed_paths()?;
     match startup {
-        Some(Startup { cmd, config }) if cmd.fs_type == FsType::Passthrough => {
+        Some(Startup { cmd, .. }) if cmd.fs_type == FsType::Passthrough => {
             allowed.add_read_write(&cmd.source)?;
-            debug_assert!(config.is_none());
         }
         Some(Startup { cmd, config }) => {
             allowed.add_read_only(cmd.source.parent().unwrap_or(&cmd.source))?;
@@ -270,6 +269,87 @@ pub fn fuse(args: FuseArgs, log_dir: Option<&Path>) -> Result<()> {
                 .into(),
         ));
     }
+    let (id, startup) = fuse_startup(&args)?;
+    // nydus-snapshotter's shared daemon starts with nothing to serve and mounts every image through
+    // the API, from its root; it cannot pass --allow-path.
+    let snapshotter = || AllowedPaths::kata_defaults(None, sandbox::SNAPSHOTTER_ROOTS);
+    let mut allowed = allowed_paths(&args.sandbox, startup.as_ref(), snapshotter, log_dir)?;
+    // No network namespace for the FUSE daemon: API mounts may use network backends.
+    allowed.network = true;
+    let crashed = detach_crashed_predecessor(&args);
+    let api_listener = args
+        .apisock
+        .as_deref()
+        .map(crate::api::http::bind)
+        .transpose()?;
+    let (fate, fate_reader) = crate::takeover::mount_fate_pipe()?;
+    // The sandboxed daemon may not unmount; a supervisor outside the sandbox does it when the daemon
+    // ends, unless the daemon said the mount outlives it (a successor takes it over).
+    let policy = Policy {
+        allowed,
+        seccomp: args.sandbox.seccomp,
+        supervise: true,
+        supervisor_caps: sandbox::SUPERVISOR_CAPS_FUSE,
+        // The readahead knob of our mount lives in sysfs.
+        extra_rw: &["/sys/devices/virtual/bdi"],
+        signals,
+    };
+    let sandbox = match Sandbox::enter(SandboxMode::None, &policy)? {
+        Entered::Supervisor(exit) => {
+            drop((api_listener, fate));
+            fuse_supervisor_ends(&args, fate_reader, exit)
+        }
+        Entered::Daemon(sandbox) => sandbox,
+    };
+    drop(fate_reader);
+    let vfs = new_vfs();
+    let daemon = Daemon::new(id, vfs.clone());
+    let mut api = None;
+    // Runs once the FUSE device is mounted (or, taking over, before waiting), before any worker starts.
+    let start = |mount_image: bool| -> Result<()> {
+        lock(sandbox, &daemon)?;
+        if let (true, Some(startup)) = (mount_image, startup) {
+            daemon.mount("/", startup.cmd)?;
+        }
+        api = api_listener
+            .map(|l| crate::api::start_on(l, daemon.clone()))
+            .transpose()?;
+        Ok(())
+    };
+    let opts = crate::fusedev::FuseOptions {
+        mountpoint: args.mountpoint.clone(),
+        threads: args.thread_num as usize,
+        failover_policy: args.failover_policy,
+        supervisor: args.supervisor.clone(),
+        take_over: args.upgrade || crashed,
+        unmount_on_exit: false,
+    };
+    crate::fusedev::run(vfs, opts, &signals, &daemon, fate, start)
+}
+
+/// The FUSE daemon's supervisor, once the daemon ended: unmount unless the daemon left the mount to a
+/// successor, remove the API socket, exit as the daemon did.
+fn fuse_supervisor_ends(
+    args: &FuseArgs,
+    fate: crate::takeover::MountFateReader,
+    exit: sandbox::Exit,
+) -> ! {
+    if fate.should_unmount() {
+        crate::fusedev::unmount_fuse(&args.mountpoint);
+    } else {
+        log::info!(
+            "supervisor: leaving the FUSE mount at {} to the next daemon",
+            args.mountpoint.display()
+        );
+    }
+    if let Some(p) = &args.apisock {
+        let _ = std::fs::remove_file(p);
+    }
+    exit.propagate()
+}
+
+/// The FUSE daemon's instance id (the config's, else `--id`) and its start-up mount, if any.
+fn fuse_startup(args: &FuseArgs) -> Result<(Option<String>, Option<Startup>)> {
     // The image given on the command line, as a mount request (kept whole for a successor daemon).
     let config_text = match (&args.config, &args.localfs_dir) {
         (Some(path), _) => {
@@ -306,73 +386,7 @@ pub fn fuse(args: FuseArgs, log_dir: Option<&Path>) -> Result<()> {
         )),
         _ => None,
     };
-    // nydus-snapshotter's shared daemon starts with nothing to serve and mounts every image through
-    // the API, from its root; it cannot pass --allow-path.
-    let snapshotter = || AllowedPaths::kata_defaults(None, sandbox::SNAPSHOTTER_ROOTS);
-    let mut allowed = allowed_paths(&args.sandbox, startup.as_ref(), snapshotter, log_dir)?;
-    // No network namespace for the FUSE daemon: API mounts may use network backends.
-    allowed.network = true;
-    let crashed = detach_crashed_predecessor(&args);
-    let api_listener = args
-        .apisock
-        .as_deref()
-        .map(crate::api::http::bind)
-        .transpose()?;
-    let (fate, fate_reader) = crate::takeover::mount_fate_pipe()?;
-    // The sandboxed daemon may not unmount; a supervisor outside the sandbox does it when the daemon
-    // ends, unless the daemon said the mount outlives it (a successor takes it over).
-    let policy = Policy {
-        allowed,
-        seccomp: args.sandbox.seccomp,
-        supervise: true,
-        supervisor_caps: sandbox::SUPERVISOR_CAPS_FUSE,
-        // The readahead knob of our mount lives in sysfs.
-        extra_rw: &["/sys/devices/virtual/bdi"],
-        signals,
-    };
-    let sandbox = match Sandbox::enter(SandboxMode::None, &policy)? {
-        Entered::Supervisor(exit) => {
-            drop(api_listener);
-            drop(fate);
-            if fate_reader.should_unmount() {
-                crate::fusedev::unmount_fuse(&args.mountpoint);
-            } else {
-                log::info!(
-                    "supervisor: leaving the FUSE mount at {} to the next daemon",
-                    args.mountpoint.display()
-                );
-            }
-            if let Some(p) = &args.apisock {
-                let _ = std::fs::remove_file(p);
-            }
-            exit.propagate();
-        }
-        Entered::Daemon(sandbox) => sandbox,
-    };
-    drop(fate_reader);
-    let vfs = new_vfs();
-    let daemon = Daemon::new(id, vfs.clone());
-    let mut api = None;
-    // Runs once the FUSE device is mounted (or, taking over, before waiting), before any worker starts.
-    let start = |mount_image: bool| -> Result<()> {
-        lock(sandbox, &daemon)?;
-        if let (true, Some(startup)) = (mount_image, startup) {
-            daemon.mount("/", startup.cmd)?;
-        }
-        api = api_listener
-            .map(|l| crate::api::start_on(l, daemon.clone()))
-            .transpose()?;
-        Ok(())
-    };
-    let opts = crate::fusedev::FuseOptions {
-        mountpoint: args.mountpoint.clone(),
-        threads: args.thread_num as usize,
-        failover_policy: args.failover_policy,
-        supervisor: args.supervisor.clone(),
-        take_over: args.upgrade || crashed,
-        unmount_on_exit: false,
-    };
-    crate::fusedev::run(vfs, opts, &signals, &daemon, fate, start)
+    Ok((id, startup))
 }
 
 /// A restarted daemon whose predecessor was killed finds that daemon's mount still there and its API
@@ -423,25 +437,7 @@ pub fn virtiofs(args: VirtiofsArgs, log_dir: Option<&Path>) -> Result<()> {
     }
     let vfs = new_vfs();
     let daemon = Daemon::new(args.id.clone(), vfs.clone());
-    let prefetch_files = prefetch_list(args.prefetch_files.as_deref())?;
-    let startup = if let (Some(bootstrap), Some(config)) = (&args.bootstrap, &args.config) {
-        let text = std::fs::read_to_string(config)
-            .map_err(|e| Error::io(format!("read config {}", config.display()), e))?;
-        let config = DaemonConfig::from_slice(text.as_bytes())?;
-        Some(Startup::rafs(
-            bootstrap,
-            text,
-            config,
-            prefetch_files,
-            args.id.clone(),
-        ))
-    } else {
-        args.shared_dir.as_ref().map(|dir| {
-            let mut cmd = MountCmd::new(FsType::Passthrough, dir.clone(), String::new());
-            cmd.prefetch_files = prefetch_files;
-            Startup { cmd, config: None }
-        })
-    };
+    let startup = virtiofs_startup(&args)?;
     // Kata starts nydusd with nothing to serve and no room for our options (only
     // virtio_fs_extra_args): without defaults every one of its API mounts would be refused.
     // Kata names the sandbox in the socket paths: only that sandbox's share is exposed.
@@ -504,24 +500,58 @@ pub fn virtiofs(args: VirtiofsArgs, log_dir: Option<&Path>) -> Result<()> {
         dax_window_size: args.dax_window.unwrap_or(0),
     };
     let mut server = VhostUserServer::start(vfs, listener, &args.sock, device)?;
-    let result = loop {
-        if let Some(sig) = wait_for_signal(&signals, Duration::from_millis(200)) {
-            log::info!("signal {sig}: shutting down");
-            break Ok(());
-        }
-        if daemon.exit_requested() {
-            break Ok(());
-        }
-        if let Some(result) = server.finished() {
-            break result;
-        }
-    };
+    let result = serve_until_stopped(&mut server, &daemon, &signals);
     // The vhost-user thread may sit in accept(); the process exits without waiting for it.
     server.stop();
     remove_files(&sockets);
     result?;
     log::info!("rafsd virtiofs stopped");
     Ok(())
+}
+
+/// The virtio-fs daemon's start-up mount: `--bootstrap` with `--config`, or `--shared-dir`.
+fn virtiofs_startup(args: &VirtiofsArgs) -> Result<Option<Startup>> {
+    let prefetch_files = prefetch_list(args.prefetch_files.as_deref())?;
+    Ok(
+        if let (Some(bootstrap), Some(config)) = (&args.bootstrap, &args.config) {
+            let text = std::fs::read_to_string(config)
+                .map_err(|e| Error::io(format!("read config {}", config.display()), e))?;
+            let config = DaemonConfig::from_slice(text.as_bytes())?;
+            Some(Startup::rafs(
+                bootstrap,
+                text,
+                config,
+                prefetch_files,
+                args.id.clone(),
+            ))
+        } else {
+            args.shared_dir.as_ref().map(|dir| {
+                let mut cmd = MountCmd::new(FsType::Passthrough, dir.clone(), String::new());
+                cmd.prefetch_files = prefetch_files;
+                Startup { cmd, config: None }
+            })
+        },
+    )
+}
+
+/// Until a shutdown signal, `PUT /daemon/exit`, or the vhost-user server's end (with its error).
+fn serve_until_stopped(
+    server: &mut VhostUserServer,
+    daemon: &Daemon,
+    signals: &libc::sigset_t,
+) -> Result<()> {
+    loop {
+        if let Some(sig) = wait_for_signal(signals, Duration::from_millis(200)) {
+            log::info!("signal {sig}: shutting down");
+            return Ok(());
+        }
+        if daemon.exit_requested() {
+            return Ok(());
+        }
+        if let Some(result) = server.finished() {
+            return result;
+        }
+    }
 }
 
 fn remove_files(paths: &[&PathBuf]) {

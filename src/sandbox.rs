@@ -18,8 +18,10 @@
 //! starts nydusd gets its own Kata sandbox's share and nydus-snapshotter's roots
 //! ([`AllowedPaths::kata_defaults`], [`kata_sandbox_dir`]).
 //!
-//! The supervisor gets its own capabilities and seccomp allow-list once it has forked the daemon
-//! ([`fork_supervised`]).
+//! Both front ends come in through [`Sandbox::enter`] (layer 1, and the FUSE daemon's supervisor that
+//! unmounts) and finish with [`Sandbox::lock`] (layers 2-4) once they hold what they need; the start-up
+//! sequence around them is [`crate::launch`]'s. The supervisor gets its own capabilities and seccomp
+//! allow-list once it has forked the daemon ([`fork_supervised`]).
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;

@@ -1444,3 +1444,43 @@ fn an_embedded_daemon_serves_vmms_over_vhost_user_and_shuts_down() {
     assert!(!sock.exists() && !api.exists(), "sockets removed");
     assert!(std::os::unix::net::UnixStream::connect(&sock).is_err());
 }
+
+/// An embedded daemon's `Running::wait` returns once the admin API is asked to exit, having stopped
+/// the device and removed both sockets.
+#[test]
+fn an_embedded_daemon_waits_until_the_api_asks_it_to_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, api) = (dir.path().join("vhost.sock"), dir.path().join("api.sock"));
+    let running = rafsd::embed::Builder::new()
+        .passthrough("/share", dir.path())
+        .api_socket(&api)
+        .build()
+        .unwrap()
+        .serve_virtiofs(&sock, rafsd::embed::DeviceOptions::default())
+        .unwrap();
+    let waiting = std::thread::spawn(move || running.wait());
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        !waiting.is_finished(),
+        "wait returned before anything asked"
+    );
+    let (status, body) = daemon::api_request(
+        &api,
+        "PUT",
+        "/api/v1/daemon/exit",
+        "",
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert_eq!(status, 204, "{body}");
+    let start = std::time::Instant::now();
+    while !waiting.is_finished() {
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "wait did not return"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    waiting.join().unwrap().expect("a clean stop");
+    assert!(!sock.exists() && !api.exists(), "sockets removed");
+}
