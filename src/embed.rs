@@ -179,7 +179,7 @@ impl Service {
             thread,
             _fate: fate_reader,
         };
-        Ok(self.running(front))
+        self.running(front)
     }
 
     /// Serve the daemon's share as a vhost-user-fs device on the Unix socket `sock` (replacing a stale
@@ -195,19 +195,42 @@ impl Service {
         let wake = dup(&listener)?;
         let server = VhostUserServer::start(self.daemon.vfs.clone(), listener, &sock, device)?;
         self.daemon.set_state(DaemonState::Running);
-        Ok(self.running(Front::Virtiofs { server, wake, sock }))
+        self.running(Front::Virtiofs { server, wake, sock })
     }
 
-    fn running(self, front: Front) -> Running {
-        let api = self.api.and_then(|(listener, path)| {
-            let wake = dup(&listener).ok()?;
-            let thread = crate::api::start_on(listener, self.daemon.clone()).ok()?;
-            Some(Api { thread, wake, path })
-        });
-        Running {
-            daemon: self.daemon,
+    /// The front end serves: start the API too. If it cannot start, the front end stops again.
+    fn running(mut self, front: Front) -> Result<Running> {
+        let mut running = Running {
+            daemon: self.daemon.clone(),
             front: Some(front),
-            api,
+            api: None,
+        };
+        if let Some((listener, path)) = self.api.take() {
+            let started = dup(&listener).and_then(|wake| {
+                let thread = crate::api::start_on(listener, self.daemon.clone())?;
+                Ok(Api {
+                    thread,
+                    wake,
+                    path: path.clone(),
+                })
+            });
+            match started {
+                Ok(api) => running.api = Some(api),
+                Err(e) => {
+                    let _ = std::fs::remove_file(&path);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(running)
+    }
+}
+
+impl Drop for Service {
+    /// A service that never served leaves no API socket behind.
+    fn drop(&mut self) {
+        if let Some((_, path)) = self.api.take() {
+            let _ = std::fs::remove_file(path);
         }
     }
 }

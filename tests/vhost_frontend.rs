@@ -1446,11 +1446,19 @@ fn an_embedded_daemon_serves_vmms_over_vhost_user_and_shuts_down() {
 }
 
 /// An embedded daemon's `Running::wait` returns once the admin API is asked to exit, having stopped
-/// the device and removed both sockets.
+/// the device and removed both sockets; a built service dropped without serving removes its API socket.
 #[test]
 fn an_embedded_daemon_waits_until_the_api_asks_it_to_exit() {
     let dir = tempfile::tempdir().unwrap();
     let (sock, api) = (dir.path().join("vhost.sock"), dir.path().join("api.sock"));
+    // A service that never serves leaves no socket behind.
+    let unused = rafsd::embed::Builder::new()
+        .api_socket(&api)
+        .build()
+        .unwrap();
+    assert!(api.exists());
+    drop(unused);
+    assert!(!api.exists(), "the unused service's API socket is removed");
     let running = rafsd::embed::Builder::new()
         .passthrough("/share", dir.path())
         .api_socket(&api)
