@@ -11,10 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
 use super::forward_proxy::{self, ForwardProxy};
 use super::BlobBackend;
+use crate::config::HttpConfig;
 use crate::error::{Error, Result};
 
 /// Longest pause a server's `Retry-After` may impose on one retry: reads stay bounded in time.
@@ -62,160 +61,44 @@ pub struct MirrorSettings {
     pub ping_url: String,
 }
 
-/// Typed access to a backend's JSON object with errors naming the key.
-pub struct Keys<'a> {
-    pub kind: &'a str,
-    pub obj: &'a serde_json::Map<String, Value>,
-}
-
-impl<'a> Keys<'a> {
-    pub fn new(kind: &'a str, config: &'a Value) -> Result<Self> {
-        match config {
-            Value::Object(obj) => Ok(Keys { kind, obj }),
-            _ => Err(Error::Invalid(format!(
-                "backend {kind}: its config must be an object"
-            ))),
-        }
-    }
-
-    pub fn string(&self, key: &str) -> Result<Option<String>> {
-        match self.obj.get(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(_) => Err(Error::Invalid(format!(
-                "backend {}: `{key}` must be a string",
-                self.kind
-            ))),
-        }
-    }
-
-    pub fn required(&self, key: &str) -> Result<String> {
-        match self.string(key)? {
-            Some(s) if !s.is_empty() => Ok(s),
-            _ => Err(Error::Invalid(format!(
-                "backend {}: `{key}` is required",
-                self.kind
-            ))),
-        }
-    }
-
-    pub fn boolean(&self, key: &str, default: bool) -> Result<bool> {
-        match self.obj.get(key) {
-            None | Some(Value::Null) => Ok(default),
-            Some(Value::Bool(b)) => Ok(*b),
-            Some(_) => Err(Error::Invalid(format!(
-                "backend {}: `{key}` must be true or false",
-                self.kind
-            ))),
-        }
-    }
-
-    pub fn number(&self, key: &str, default: u64) -> Result<u64> {
-        match self.obj.get(key) {
-            None | Some(Value::Null) => Ok(default),
-            Some(v) => v.as_u64().ok_or_else(|| {
-                Error::Invalid(format!(
-                    "backend {}: `{key}` must be a non-negative integer",
-                    self.kind
-                ))
-            }),
-        }
-    }
-
-    fn sub(&self, key: &str) -> Result<Option<Keys<'a>>> {
-        match self.obj.get(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v @ Value::Object(_)) => Keys::new(self.kind, v).map(Some),
-            Some(_) => Err(Error::Invalid(format!(
-                "backend {}: `{key}` must be an object",
-                self.kind
-            ))),
-        }
-    }
-}
-
 fn seconds(n: u64) -> Option<Duration> {
     (n > 0).then(|| Duration::from_secs(n))
 }
 
 impl HttpSettings {
-    pub fn from_keys(k: &Keys) -> Result<Self> {
-        let proxy = match k.sub("proxy")? {
-            Some(p) => p.string("url")?.filter(|u| !u.is_empty()).map(|url| {
-                Ok::<_, Error>(ProxySettings {
-                    url,
-                    ping_url: p.string("ping_url")?.filter(|u| !u.is_empty()),
-                    fallback: p.boolean("fallback", true)?,
-                    check_interval: Duration::from_secs(p.number("check_interval", 5)?.max(1)),
-                    use_http: p.boolean("use_http", false)?,
-                })
+    /// The transport's settings from a backend's (checked) config: 0 s means no timeout, intervals are at
+    /// least a second, a proxy without a URL is none.
+    pub fn new(c: &HttpConfig) -> Self {
+        let p = &c.proxy;
+        HttpSettings {
+            timeout: seconds(c.timeout),
+            connect_timeout: seconds(c.connect_timeout),
+            retry_limit: c.retry_limit.min(16) as u32,
+            skip_verify: c.skip_verify,
+            ca_cert_files: c.ca_cert_files.clone(),
+            proxy: (!p.url.is_empty()).then(|| ProxySettings {
+                url: p.url.clone(),
+                ping_url: Some(p.ping_url.clone()).filter(|u| !u.is_empty()),
+                fallback: p.fallback,
+                check_interval: Duration::from_secs(p.check_interval.max(1)),
+                use_http: p.use_http,
             }),
-            None => None,
-        }
-        .transpose()?;
-        let mut mirrors = Vec::new();
-        match k.obj.get("mirrors") {
-            None | Some(Value::Null) => {}
-            Some(Value::Array(list)) => {
-                for m in list {
-                    let m = Keys::new(k.kind, m)?;
-                    let host = m.required("host")?.trim_end_matches('/').to_string();
-                    let headers = match m.obj.get("headers") {
-                        Some(Value::Object(h)) => h
-                            .iter()
-                            .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
-                            .collect(),
-                        _ => Vec::new(),
-                    };
-                    mirrors.push(MirrorSettings {
-                        ping_url: m
-                            .string("ping_url")?
-                            .unwrap_or_else(|| format!("{host}/v2")),
+            mirrors: c
+                .mirrors
+                .iter()
+                .map(|m| {
+                    let host = m.host.trim_end_matches('/').to_string();
+                    MirrorSettings {
+                        ping_url: m.ping_url.clone().unwrap_or_else(|| format!("{host}/v2")),
                         host,
-                        headers,
-                        auth_through: m.boolean("auth_through", false)?,
-                        health_check_interval: Duration::from_secs(
-                            m.number("health_check_interval", 5)?.max(1),
-                        ),
-                        failure_limit: m.number("failure_limit", 5)?.max(1) as u32,
-                    });
-                }
-            }
-            Some(_) => {
-                return Err(Error::Invalid(format!(
-                    "backend {}: `mirrors` must be a list",
-                    k.kind
-                )))
-            }
+                        headers: m.headers.clone().into_iter().collect(),
+                        auth_through: m.auth_through,
+                        health_check_interval: Duration::from_secs(m.health_check_interval.max(1)),
+                        failure_limit: m.failure_limit.clamp(1, u32::MAX as u64) as u32,
+                    }
+                })
+                .collect(),
         }
-        Ok(HttpSettings {
-            timeout: seconds(k.number("timeout", 5)?),
-            connect_timeout: seconds(k.number("connect_timeout", 5)?),
-            // nydusd parses 0 by default; a read that never retries is too fragile, so absent means 3.
-            retry_limit: k.number("retry_limit", 3)?.min(16) as u32,
-            skip_verify: k.boolean("skip_verify", false)?,
-            ca_cert_files: match k.obj.get("ca_cert_files") {
-                None | Some(Value::Null) => Vec::new(),
-                Some(Value::Array(list)) => list
-                    .iter()
-                    .map(|v| v.as_str().map(std::path::PathBuf::from))
-                    .collect::<Option<Vec<_>>>()
-                    .ok_or_else(|| {
-                        Error::Invalid(format!(
-                            "backend {}: `ca_cert_files` must be a list of paths",
-                            k.kind
-                        ))
-                    })?,
-                Some(_) => {
-                    return Err(Error::Invalid(format!(
-                        "backend {}: `ca_cert_files` must be a list of paths",
-                        k.kind
-                    )))
-                }
-            },
-            proxy,
-            mirrors,
-        })
     }
 }
 
@@ -968,12 +851,27 @@ mod tests {
         );
     }
 
+    /// The transport settings of a registry backend whose block holds `keys` (besides host and repo).
+    fn settings(keys: serde_json::Value) -> Result<HttpSettings> {
+        let mut block = serde_json::json!({"host": "h", "repo": "r"});
+        block
+            .as_object_mut()
+            .unwrap()
+            .extend(keys.as_object().unwrap().clone());
+        let text =
+            serde_json::json!({"version": 2, "backend": {"type": "registry", "registry": block}});
+        match crate::config::DaemonConfig::from_slice(text.to_string().as_bytes())?.backend {
+            crate::config::BackendConfig::Network { http, .. } => Ok(HttpSettings::new(&http)),
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn settings_parse_with_defaults_and_named_errors() {
         let v = serde_json::json!({"timeout": 0, "retry_limit": 1,
             "proxy": {"url": "http://p:1", "fallback": false},
             "mirrors": [{"host": "http://m:2/", "headers": {"X-A": "b"}}]});
-        let s = HttpSettings::from_keys(&Keys::new("registry", &v).unwrap()).unwrap();
+        let s = settings(v).unwrap();
         assert_eq!(s.timeout, None);
         assert_eq!(s.connect_timeout, Some(Duration::from_secs(5)));
         assert_eq!(s.retry_limit, 1);
@@ -986,16 +884,30 @@ mod tests {
             s.mirrors[0].headers,
             vec![("X-A".to_string(), "b".to_string())]
         );
+        // Errors name the key by its full path.
         for (bad, key) in [
-            (serde_json::json!({"timeout": "5"}), "`timeout`"),
-            (serde_json::json!({"mirrors": {}}), "`mirrors`"),
-            (serde_json::json!({"mirrors": [{}]}), "`host`"),
-            (serde_json::json!({"skip_verify": 1}), "`skip_verify`"),
-            (serde_json::json!({"ca_cert_files": [1]}), "`ca_cert_files`"),
+            (
+                serde_json::json!({"timeout": "5"}),
+                "`backend.registry.timeout`",
+            ),
+            (
+                serde_json::json!({"mirrors": {}}),
+                "`backend.registry.mirrors`",
+            ),
+            (
+                serde_json::json!({"mirrors": [{}]}),
+                "`backend.registry.mirrors[0].host`",
+            ),
+            (
+                serde_json::json!({"skip_verify": 1}),
+                "`backend.registry.skip_verify`",
+            ),
+            (
+                serde_json::json!({"ca_cert_files": [1]}),
+                "`backend.registry.ca_cert_files[0]`",
+            ),
         ] {
-            let err = HttpSettings::from_keys(&Keys::new("s3", &bad).unwrap())
-                .unwrap_err()
-                .to_string();
+            let err = settings(bad.clone()).unwrap_err().to_string();
             assert!(err.contains(key), "{bad} -> {err}");
         }
     }
