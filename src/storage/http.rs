@@ -14,17 +14,12 @@ use std::time::{Duration, Instant};
 use super::forward_proxy::{self, ForwardProxy};
 use super::BlobBackend;
 use crate::config::HttpConfig;
-use crate::error::{Error, Result};
+use crate::error::{BackendErrorKind, Error, Result};
 
 /// Longest pause a server's `Retry-After` may impose on one retry: reads stay bounded in time.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(5);
 /// Largest body read for requests that are not blob ranges (token responses, errors, pings).
 const SMALL_BODY_LIMIT: u64 = 1 << 20;
-
-/// A network failure of a blob read: EIO at the filesystem level, with the reason in the log.
-pub fn net_error(msg: String) -> Error {
-    Error::io(msg, std::io::Error::from_raw_os_error(libc::EIO))
-}
 
 /// The settings every network backend shares (nydusd's names and defaults, seconds as integers).
 #[derive(Debug, Clone)]
@@ -118,6 +113,61 @@ impl Response {
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Why a request got no usable HTTP answer: the kind of failure, for callers that branch on it, and the
+/// sentence for the log.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct TransportError {
+    pub kind: TransportErrorKind,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportErrorKind {
+    /// No connection: refused, unreachable, unknown host, a CONNECT tunnel refused.
+    Connect,
+    /// The connect or overall timeout passed, or the body stalled.
+    Timeout,
+    /// The TLS handshake or the server's certificate failed.
+    Tls,
+    /// The plain forward proxy broke the exchange (bad head, short or oversized body).
+    Proxy,
+    /// Anything else (protocol violations, I/O errors mid-request).
+    Other,
+}
+
+impl TransportError {
+    pub fn new(kind: TransportErrorKind, message: impl Into<String>) -> Self {
+        TransportError {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<ureq::Error> for TransportError {
+    fn from(e: ureq::Error) -> Self {
+        use std::io::ErrorKind as Io;
+        use ureq::Error as U;
+        let kind = match &e {
+            U::Timeout(_) | U::BodyStalled => TransportErrorKind::Timeout,
+            U::HostNotFound | U::ConnectionFailed | U::ConnectProxyFailed(_) => {
+                TransportErrorKind::Connect
+            }
+            U::Tls(_) | U::Pem(_) | U::Rustls(_) | U::TlsRequired => TransportErrorKind::Tls,
+            U::Io(io) => match io.kind() {
+                Io::TimedOut | Io::WouldBlock => TransportErrorKind::Timeout,
+                Io::ConnectionRefused | Io::HostUnreachable | Io::NetworkUnreachable => {
+                    TransportErrorKind::Connect
+                }
+                _ => TransportErrorKind::Other,
+            },
+            _ => TransportErrorKind::Other,
+        };
+        TransportError::new(kind, e.to_string())
     }
 }
 
@@ -324,7 +374,7 @@ impl HttpClient {
         extra: &[(String, String)],
         skip_auth: bool,
         limit: u64,
-    ) -> std::result::Result<Response, String> {
+    ) -> std::result::Result<Response, TransportError> {
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
         let mut builder = match req.method {
             Method::Get => agent.get(url),
@@ -339,7 +389,7 @@ impl HttpClient {
         if let Some((a, b)) = req.range {
             builder = builder.header("Range", format!("bytes={a}-{b}"));
         }
-        let mut resp = builder.call().map_err(|e| e.to_string())?;
+        let mut resp = builder.call().map_err(TransportError::from)?;
         let status = resp.status().as_u16();
         let headers = resp
             .headers()
@@ -380,7 +430,7 @@ impl HttpClient {
         req: &Request,
         url: &str,
         limit: u64,
-    ) -> std::result::Result<Response, String> {
+    ) -> std::result::Result<Response, TransportError> {
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
         let range = req.range.map(|(a, b)| format!("bytes={a}-{b}"));
         let mut headers: Vec<(&str, &str)> = req
@@ -404,7 +454,8 @@ impl HttpClient {
                 timeout: self.settings.timeout,
                 limit,
             },
-        )?;
+        )
+        .map_err(|e| TransportError::new(TransportErrorKind::Proxy, e))?;
         self.counters
             .body_bytes
             .fetch_add(answer.body.len() as u64, Ordering::Relaxed);
@@ -420,10 +471,10 @@ impl HttpClient {
     /// for transport failures, 5xx, broken bodies and ranges other than the one asked for.
     fn route_fault(
         req: &Request,
-        result: &std::result::Result<Response, String>,
+        result: &std::result::Result<Response, TransportError>,
     ) -> Option<String> {
         let r = match result {
-            Err(e) => return Some(e.clone()),
+            Err(e) => return Some(e.to_string()),
             Ok(r) => r,
         };
         if r.status >= 500 {
@@ -491,7 +542,7 @@ impl HttpClient {
 
     /// Send `req` by the best route: healthy mirrors in order, then the proxy, then the origin.
     /// A route that fails at the transport level or answers >= 500 is skipped for the next.
-    pub fn send(&self, req: &Request, limit: u64) -> std::result::Result<Response, String> {
+    pub fn send(&self, req: &Request, limit: u64) -> std::result::Result<Response, TransportError> {
         if req.mirrorable {
             for (i, m) in self.settings.mirrors.iter().enumerate() {
                 let health = &self.mirror_health[i];
@@ -555,7 +606,10 @@ impl HttpClient {
                             return result.and_then(|r| match r.body_error {
                                 Some(_) => Ok(r),
                                 None if r.status >= 500 => Ok(r),
-                                None => Err(format!("proxy: {why}")),
+                                None => Err(TransportError::new(
+                                    TransportErrorKind::Proxy,
+                                    format!("proxy: {why}"),
+                                )),
                             });
                         }
                         (Some(why), _) => {
@@ -582,7 +636,7 @@ impl HttpClient {
         &self,
         url: &str,
         headers: &[(String, String)],
-    ) -> std::result::Result<Response, String> {
+    ) -> std::result::Result<Response, TransportError> {
         let req = Request {
             method: Method::Get,
             url,
@@ -625,7 +679,10 @@ pub fn classify(resp: &Response, what: &str) -> Failure {
             why: format!("{what}: status {}", resp.status),
             after: retry_after(resp),
         },
-        s => Failure::Fatal(net_error(format!("{what}: status {s}"))),
+        s => Failure::Fatal(Error::backend(
+            BackendErrorKind::Status(s),
+            format!("{what}: status {s}"),
+        )),
     }
 }
 
@@ -693,11 +750,14 @@ impl<R: Remote> RemoteBackend<R> {
                 }
                 Err(Failure::Retry { why, after }) => {
                     if n >= limit {
-                        let e = net_error(format!(
-                            "{} {what}: giving up after {} attempts: {why}",
-                            self.remote.kind(),
-                            n + 1
-                        ));
+                        let e = Error::backend(
+                            BackendErrorKind::Unavailable,
+                            format!(
+                                "{} {what}: giving up after {} attempts: {why}",
+                                self.remote.kind(),
+                                n + 1
+                            ),
+                        );
                         super::events::record(&e.to_string());
                         return Err(e);
                     }
@@ -910,6 +970,56 @@ mod tests {
             let err = settings(bad.clone()).unwrap_err().to_string();
             assert!(err.contains(key), "{bad} -> {err}");
         }
+    }
+
+    #[test]
+    fn transport_errors_say_what_failed() {
+        let config = HttpConfig {
+            timeout: 1,
+            connect_timeout: 1,
+            ..Default::default()
+        };
+        let client = HttpClient::new(HttpSettings::new(&config)).unwrap();
+        let send = |url: &str| {
+            client
+                .send(&Request::blob(url, &[], Some((0, 9))), 10)
+                .unwrap_err()
+        };
+        // Nothing listens on a port just released.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/b", closed.local_addr().unwrap());
+        drop(closed);
+        let e = send(&url);
+        assert_eq!(e.kind, TransportErrorKind::Connect, "{e}");
+        // A server that takes the connection (kernel backlog) and never answers.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let e = send(&format!("http://{}/b", silent.local_addr().unwrap()));
+        assert_eq!(e.kind, TransportErrorKind::Timeout, "{e}");
+    }
+
+    #[test]
+    fn final_statuses_are_typed_backend_errors() {
+        let resp = |status| Response {
+            status,
+            headers: Vec::new(),
+            body: Vec::new(),
+            body_error: None,
+        };
+        match classify(&resp(404), "blob x") {
+            Failure::Fatal(Error::Backend(b)) => {
+                assert_eq!(b.kind, BackendErrorKind::Status(404));
+                assert_eq!(b.message, "blob x: status 404");
+            }
+            other => panic!("{other:?}"),
+        }
+        for status in [408, 429, 503] {
+            assert!(matches!(
+                classify(&resp(status), "b"),
+                Failure::Retry { .. }
+            ));
+        }
+        let e = Error::backend(BackendErrorKind::Unavailable, "gone");
+        assert_eq!((e.errno(), e.to_string()), (libc::EIO, "gone".to_string()));
     }
 
     #[test]

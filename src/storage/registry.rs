@@ -13,10 +13,10 @@ use std::sync::Mutex;
 
 use base64::Engine;
 
-use super::http::{net_error, Failure, HttpClient, Remote, Request, Response};
+use super::http::{Failure, HttpClient, Remote, Request, Response};
 use super::registry_auth::RegistryAuth;
 use crate::config::RegistryConfig;
-use crate::error::{Error, Result};
+use crate::error::{BackendErrorKind, Error, Result};
 
 pub struct Registry {
     base: String,
@@ -170,8 +170,9 @@ impl Remote for Registry {
                 continue;
             }
             if resp.status == 401 {
-                return Err(Failure::Fatal(net_error(
-                    "registry refused the credentials (401 after a fresh token)".into(),
+                return Err(Failure::Fatal(Error::backend(
+                    BackendErrorKind::Auth,
+                    "registry refused the credentials (401 after a fresh token)",
                 )));
             }
             if is_redirect(resp.status) {
