@@ -170,7 +170,7 @@ impl Service {
             if thread.is_finished() {
                 return match thread.join() {
                     Ok(Err(e)) => Err(e),
-                    _ => Err(Error::Invalid("the FUSE front end ended at start".into())),
+                    _ => Err(Error::Internal("the FUSE front end ended at start".into())),
                 };
             }
             std::thread::sleep(Duration::from_millis(5));
@@ -320,7 +320,7 @@ impl Running {
             // The FUSE main loop sees the exit request within a few milliseconds.
             Some(Front::Fuse { thread, _fate }) => match thread.join() {
                 Ok(r) => r,
-                Err(_) => Err(Error::Invalid("the FUSE front end panicked".into())),
+                Err(_) => Err(Error::Internal("the FUSE front end panicked".into())),
             },
             Some(Front::Virtiofs {
                 server,
@@ -332,7 +332,7 @@ impl Running {
                 let _ = std::fs::remove_file(&sock);
                 match thread.and_then(|t| join_by(t, deadline)) {
                     Some(Ok(r)) => r,
-                    Some(Err(_)) => Err(Error::Invalid("the vhost-user server panicked".into())),
+                    Some(Err(_)) => Err(Error::Internal("the vhost-user server panicked".into())),
                     None => {
                         log::warn!(
                             "vhost-user: a VMM is still connected; its session is left to end"
