@@ -50,6 +50,13 @@ impl DefaultRoot {
             .last()
             .map(Path::to_path_buf);
         std::fs::create_dir_all(&path).unwrap();
+        // A mount some earlier run left there would make our daemon take it for a crashed
+        // predecessor's and wait for a takeover in state INIT.
+        let mnt = path.join("mnt");
+        if daemon::is_mounted(&mnt) {
+            eprintln!("detaching a stale mount at {}", mnt.display());
+            daemon::lazy_unmount(&mnt);
+        }
         DefaultRoot {
             path,
             created,

@@ -840,7 +840,9 @@ impl Managed {
     fn after_start(&mut self) -> Result<(), String> {
         wait_until_socket_existed(&self.spec.apisock)?;
         self.live = Some(Liveness::subscribe(&self.spec.apisock));
-        self.client.wait_until_state("RUNNING")?;
+        self.client
+            .wait_until_state("RUNNING")
+            .map_err(|e| format!("{e}\n{}", self.log()))?;
         self.send_states()
     }
 
