@@ -1,5 +1,6 @@
 //! Run `rafsd` as a real daemon in tests: start it, wait for its FUSE mount, stop it by pid, and never
-//! leave a mount or a process behind (cleanup on drop, also when a test fails).
+//! leave a mount or a process behind (cleanup on drop, also when a test fails). [`spawn_ready`] is the
+//! start-up wait every daemon and server of the kit goes through.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -26,21 +27,13 @@ pub fn lazy_unmount(mountpoint: &Path) {
 impl Daemon {
     /// Start `rafsd ARGS --mountpoint MOUNTPOINT` and wait until the mount is up.
     pub fn start(args: &[&str], mountpoint: &Path, log: &Path) -> Daemon {
-        Self::start_with(&mut rafsd(), args, mountpoint, log, Duration::from_secs(30))
-    }
-
-    /// [`Self::start`] for a prepared `cmd` (environment, a working directory) and start-up `limit`.
-    pub fn start_with(
-        cmd: &mut Command,
-        args: &[&str],
-        mountpoint: &Path,
-        log: &Path,
-        limit: Duration,
-    ) -> Daemon {
         std::fs::create_dir_all(mountpoint).unwrap();
+        let mut cmd = rafsd();
         cmd.args(args).arg("--mountpoint").arg(mountpoint);
-        let child = spawn_ready(cmd, log, limit, || is_mounted(mountpoint))
-            .unwrap_or_else(|e| panic!("rafsd {e}:\n{}", read_log(log)));
+        let child = spawn_ready(&mut cmd, log, Duration::from_secs(30), || {
+            is_mounted(mountpoint)
+        })
+        .unwrap_or_else(|e| panic!("rafsd {e} (mounted):\n{}", read_log(log)));
         Daemon {
             child: Some(child),
             mountpoint: mountpoint.to_path_buf(),
