@@ -38,6 +38,8 @@ pub struct ImageOptions {
     /// Where the blobs come from (backend type and location, no credentials): part of the cache key of
     /// images whose chunks carry no digest (see [`crate::cache::key`]). Empty: such images are not cached.
     pub backend_location: String,
+    /// Keep the set of chunks user reads asked for ([`RafsImage::demand`]; the config's `access_pattern`).
+    pub record_demand: bool,
 }
 
 /// A piece of a file read, handed to the reader's sink as it is produced.
@@ -74,6 +76,42 @@ impl Segment<'_> {
 pub struct ReadStats {
     pub backend_reads: AtomicU64,
     pub backend_bytes: AtomicU64,
+}
+
+/// The chunks user reads asked for (not what amplification or prefetch added), one bit per chunk of each
+/// blob, grown up to the highest chunk read (at most 2^24 bits per blob): what a program needed from an
+/// image, to compare with what was fetched.
+struct Demand {
+    blobs: Vec<Mutex<Vec<u64>>>,
+    /// Compressed bytes of the chunks whose records carry their size (v5); v6 sizes are looked up when
+    /// asked ([`RafsImage::demand`]).
+    recorded_bytes: AtomicU64,
+}
+
+impl Demand {
+    /// Mark a chunk; true the first time.
+    fn mark(&self, blob: u32, index: u32) -> bool {
+        let Some(bits) = self.blobs.get(blob as usize) else {
+            return false;
+        };
+        let mut bits = bits.lock().unwrap_or_else(|e| e.into_inner());
+        let word = index as usize / 64;
+        if bits.len() <= word {
+            bits.resize(word + 1, 0);
+        }
+        let mask = 1u64 << (index % 64);
+        let first = bits[word] & mask == 0;
+        bits[word] |= mask;
+        first
+    }
+}
+
+/// What user reads of an image asked for: distinct chunks and, when every blob's chunk sizes are known
+/// without the network, their compressed size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DemandSummary {
+    pub chunks: u64,
+    pub compressed_bytes: Option<u64>,
 }
 
 /// Counts a user read for as long as it lives.
@@ -162,6 +200,7 @@ pub struct RafsImage {
     amplify_io: u64,
     user_reads: AtomicUsize,
     stats: ReadStats,
+    demand: Option<Demand>,
 }
 
 impl RafsImage {
@@ -230,6 +269,10 @@ impl RafsImage {
             amplify_io: opts.amplify_io,
             user_reads: AtomicUsize::new(0),
             stats: ReadStats::default(),
+            demand: opts.record_demand.then(|| Demand {
+                blobs: (0..nblobs).map(|_| Mutex::new(Vec::new())).collect(),
+                recorded_bytes: AtomicU64::new(0),
+            }),
         })
     }
 
@@ -321,6 +364,13 @@ impl RafsImage {
             }
             let inner = (from - file_offset) as usize;
             let len = (to - from) as usize;
+            if let Some(d) = &self.demand {
+                // v5 records carry the compressed size; v6 sizes are looked up when asked.
+                if d.mark(info.blob_index, info.index) && self.info().version != 6 {
+                    d.recorded_bytes
+                        .fetch_add(info.compressed_size as u64, Ordering::Relaxed);
+                }
+            }
             let cached = if self.validate {
                 None
             } else {
@@ -880,6 +930,37 @@ impl RafsImage {
         &self.stats
     }
 
+    /// The chunks user reads asked for, when the image records them ([`ImageOptions::record_demand`]).
+    /// Compressed sizes of v6 chunks come from the blobs' chunk-info arrays already loaded; `None` when
+    /// one is not (only cache hits on that blob so far) rather than a network round trip.
+    pub fn demand(&self) -> Option<DemandSummary> {
+        let d = self.demand.as_ref()?;
+        let mut chunks = 0;
+        let mut bytes = Some(d.recorded_bytes.load(Ordering::Relaxed));
+        for (blob, bits) in d.blobs.iter().enumerate() {
+            let bits = bits.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let marked: u64 = bits.iter().map(|w| w.count_ones() as u64).sum();
+            chunks += marked;
+            if marked == 0 || self.info().version != 6 {
+                continue;
+            }
+            let array = self.loaded_chunk_info_array(blob as u32);
+            for (word, w) in bits.iter().enumerate() {
+                for bit in (0..64).filter(|b| w & (1 << b) != 0) {
+                    let size = array
+                        .as_ref()
+                        .and_then(|a| a.get((word * 64 + bit) as u32).ok())
+                        .map(|c| c.compressed_size as u64);
+                    bytes = bytes.zip(size).map(|(a, b)| a + b);
+                }
+            }
+        }
+        Some(DemandSummary {
+            chunks,
+            compressed_bytes: bytes,
+        })
+    }
+
     pub fn validates(&self) -> bool {
         self.validate
     }
@@ -952,6 +1033,15 @@ impl RafsImage {
             },
         });
         loaded
+    }
+
+    /// The chunk-info array of v6 blob `index` if it is loaded already (never loads it).
+    fn loaded_chunk_info_array(&self, index: u32) -> Option<Arc<ChunkInfoArray>> {
+        let slot = self.blob_meta.get(index as usize)?;
+        match &*slot.state.lock().unwrap_or_else(|e| e.into_inner()) {
+            LoadState::Ready(array) => Some(array.clone()),
+            _ => None,
+        }
     }
 
     fn load_chunk_info_array(&self, index: u32) -> Result<ChunkInfoArray> {

@@ -201,12 +201,18 @@ fn metrics(
 
 fn backend_metrics(fs: &crate::fs::RafsFs) -> Value {
     let stats = fs.image().stats();
-    json!({
+    let mut v = json!({
         "backend_type": "localfs",
         "read_count": stats.backend_reads.load(Ordering::Relaxed),
         "read_errors": 0,
         "read_amount_total": stats.backend_bytes.load(Ordering::Relaxed),
-    })
+    });
+    // With `access_pattern`: what user reads asked for, to set against `read_amount_total`.
+    if let Some(d) = fs.image().demand() {
+        v["demand_chunks"] = json!(d.chunks);
+        v["demand_compressed_bytes"] = json!(d.compressed_bytes);
+    }
+    v
 }
 
 fn blobcache_metrics(fs: &crate::fs::RafsFs) -> Value {
