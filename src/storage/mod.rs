@@ -28,6 +28,20 @@ pub trait BlobBackend: Send + Sync {
         false
     }
 
+    /// `len` bytes of blob `blob_id` from `offset` as a reader, for large fetches used piece by piece as
+    /// they arrive (fewer bytes only at the end of the blob). The default reads the range whole.
+    fn open_range(
+        &self,
+        blob_id: &str,
+        offset: u64,
+        len: usize,
+    ) -> Result<Box<dyn std::io::Read + Send>> {
+        let mut buf = vec![0u8; len];
+        let n = self.read_at(blob_id, offset, &mut buf)?;
+        buf.truncate(n);
+        Ok(Box::new(std::io::Cursor::new(buf)))
+    }
+
     /// Read exactly `len` bytes, or fail naming the short read.
     fn read_exact_at(&self, blob_id: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; len];
