@@ -9,6 +9,8 @@
 
 use std::path::PathBuf;
 
+mod build_info;
+
 /// The mismatch actions `--seccomp` can choose, as seccompiler's JSON spells them.
 const ACTIONS: &[(&str, &str)] = &[
     ("kill", "\"kill_process\""),
@@ -71,6 +73,7 @@ fn check_layout(path: &str, text: &str) {
 }
 
 fn main() {
+    build_info::emit();
     for other in POLICIES {
         let path = format!("seccomp/{other}.json");
         println!("cargo:rerun-if-changed={path}");
@@ -84,7 +87,10 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
     let policy = PathBuf::from("seccomp").join(format!("{arch}.json"));
     println!("cargo:rerun-if-changed={}", policy.display());
-    println!("cargo:rerun-if-changed=build.rs");
+    // Paths are relative to the package root, where this script is not: a path that does not exist
+    // would make cargo rerun the script, and rebuild the crate, on every build.
+    println!("cargo:rerun-if-changed=seccomp/build.rs");
+    println!("cargo:rerun-if-changed=seccomp/build_info.rs");
     let Ok(text) = std::fs::read_to_string(&policy) else {
         // No policy for this architecture: the daemon refuses `--seccomp kill|log|trap` at run time.
         for (name, _) in ACTIONS {

@@ -99,6 +99,36 @@ pub struct CacheConfig {
     pub compressed: bool,
 }
 
+/// `id_mapping: [internal, external, range]` (nydus-snapshotter, for pods in a user namespace): the
+/// image's IDs `internal..internal+range` are reported to the kernel as `external..external+range`, so
+/// the pod's root (mapped to `external` on the host) owns what the image's root owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdMapping {
+    pub internal: u32,
+    pub external: u32,
+    pub range: u32,
+}
+
+impl IdMapping {
+    /// The host ID for an ID of the image (IDs outside the range are reported unchanged).
+    pub fn to_external(&self, id: u32) -> u32 {
+        if id >= self.internal && id - self.internal < self.range {
+            id - self.internal + self.external
+        } else {
+            id
+        }
+    }
+
+    /// The image's ID for a host ID (the inverse, for permission checks of callers).
+    pub fn to_internal(&self, id: u32) -> u32 {
+        if id >= self.external && id - self.external < self.range {
+            id - self.external + self.internal
+        } else {
+            id
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct RafsConfig {
     pub mode: String,
@@ -110,6 +140,7 @@ pub struct RafsConfig {
     /// User I/O amplification: small reads are widened to this many bytes of backend data.
     pub amplify_io: u64,
     pub prefetch: PrefetchConfig,
+    pub id_mapping: Option<IdMapping>,
 }
 
 impl Default for RafsConfig {
@@ -123,6 +154,7 @@ impl Default for RafsConfig {
             latest_read_files: false,
             amplify_io: 1 << 20,
             prefetch: PrefetchConfig::default(),
+            id_mapping: None,
         }
     }
 }
@@ -195,6 +227,26 @@ impl DaemonConfig {
         root.finish();
         Ok(config)
     }
+}
+
+/// `text` (a v1 or v2 config whose backend is a registry) with its registry credentials replaced by
+/// `auth` (removed when `None`): what a successor daemon must use after `PUT /api/v1/config`.
+pub fn with_registry_auth(text: &str, auth: Option<&str>) -> Result<String> {
+    let mut v: Value = serde_json::from_str(text)
+        .map_err(|e| Error::Invalid(format!("config is not valid JSON: {e}")))?;
+    let backend = if v.get("version").is_some() {
+        v.pointer_mut("/backend/registry")
+    } else {
+        v.pointer_mut("/device/backend/config")
+    };
+    let backend = backend
+        .and_then(Value::as_object_mut)
+        .ok_or_else(|| Error::Invalid("the config has no registry backend settings".into()))?;
+    match auth {
+        Some(a) => backend.insert("auth".into(), Value::String(a.to_string())),
+        None => backend.remove("auth"),
+    };
+    Ok(v.to_string())
 }
 
 /// A JSON object being read: remembers which keys were consumed so the rest can be reported.
@@ -475,6 +527,7 @@ fn parse_v1(root: &Obj) -> Result<DaemonConfig> {
         latest_read_files: root.bool("latest_read_files", false)?,
         amplify_io: checked_amplify(root.u64("amplify_io", 1 << 20)?, "amplify_io")?,
         prefetch,
+        id_mapping: parse_id_mapping(root.get("id_mapping"), "id_mapping")?,
     };
     let config = DaemonConfig {
         id,
@@ -573,6 +626,7 @@ fn parse_v2(root: &Obj) -> Result<DaemonConfig> {
         if let Some(p) = r.obj("prefetch")? {
             rafs.prefetch = parse_prefetch(&p, false)?;
         }
+        rafs.id_mapping = parse_id_mapping(r.get("id_mapping"), "rafs.id_mapping")?;
         r.finish();
     }
     // Either prefetch block turns prefetch on; the fs-level one wins where both are given.
@@ -593,6 +647,42 @@ fn parse_v2(root: &Obj) -> Result<DaemonConfig> {
     };
     check_cache(&config, "cache.filecache.work_dir")?;
     Ok(config)
+}
+
+/// `[internal, external, range]`, three IDs whose ranges stay below 2^32; a zero range maps nothing.
+fn parse_id_mapping(v: Option<&Value>, key: &str) -> Result<Option<IdMapping>> {
+    let Some(v) = v else {
+        return Ok(None);
+    };
+    let ids: Option<[u32; 3]> = v
+        .as_array()
+        .and_then(|a| {
+            a.iter()
+                .map(|x| x.as_u64().and_then(|n| u32::try_from(n).ok()))
+                .collect::<Option<Vec<u32>>>()
+        })
+        .and_then(|ids| ids.try_into().ok());
+    let Some([internal, external, range]) = ids else {
+        return Err(type_error(
+            key,
+            "[internal, external, range] (three 32-bit IDs)",
+            v,
+        ));
+    };
+    if range == 0 {
+        return Ok(None);
+    }
+    if internal.checked_add(range).is_none() || external.checked_add(range).is_none() {
+        return Err(invalid(
+            key.into(),
+            "internal + range and external + range must stay below 2^32",
+        ));
+    }
+    Ok(Some(IdMapping {
+        internal,
+        external,
+        range,
+    }))
 }
 
 fn checked_amplify(v: u64, key: &str) -> Result<u64> {
@@ -710,6 +800,57 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn id_mapping_is_parsed_and_checked() {
+        let v1 = |m: &str| {
+            DaemonConfig::from_slice(format!(
+            r#"{{"device":{{"backend":{{"type":"localfs","config":{{"dir":"/b"}}}}}},"id_mapping":{m}}}"#
+        ).as_bytes())
+        };
+        let m = v1("[0, 100000, 65536]").unwrap().rafs.id_mapping.unwrap();
+        assert_eq!(
+            (m.to_external(0), m.to_external(65535), m.to_external(65536)),
+            (100000, 165535, 65536)
+        );
+        assert_eq!((m.to_internal(100001), m.to_internal(5)), (1, 5));
+        assert_eq!(v1("[1, 2, 0]").unwrap().rafs.id_mapping, None);
+        for bad in [
+            "[1, 2]",
+            "[1, 2, 3, 4]",
+            "\"0:1:2\"",
+            "[-1, 2, 3]",
+            "[0, 4294967295, 2]",
+            "[4294967296, 0, 1]",
+        ] {
+            let e = v1(bad).unwrap_err().to_string();
+            assert!(e.contains("id_mapping"), "{bad}: {e}");
+        }
+        let v2 = DaemonConfig::from_slice(
+            br#"{"version":2,"backend":{"type":"localfs","localfs":{"dir":"/b"}},"rafs":{"id_mapping":[0,1000,10]}}"#,
+        )
+        .unwrap();
+        assert_eq!(v2.rafs.id_mapping.unwrap().external, 1000);
+    }
+
+    #[test]
+    fn registry_credentials_are_replaced_in_v1_and_v2() {
+        let v1 = r#"{"device":{"backend":{"type":"registry","config":{"host":"h","repo":"r","auth":"b2xk"}}}}"#;
+        let out = with_registry_auth(v1, Some("bmV3OnB3")).unwrap();
+        let c = DaemonConfig::from_slice(out.as_bytes()).unwrap();
+        let BackendConfig::Remote { config, .. } = c.backend else {
+            panic!("remote")
+        };
+        assert_eq!(config["auth"], "bmV3OnB3");
+        let v2 =
+            r#"{"version":2,"backend":{"type":"registry","registry":{"host":"h","repo":"r"}}}"#;
+        let out = with_registry_auth(v2, Some("bmV3OnB3")).unwrap();
+        assert!(out.contains("\"auth\":\"bmV3OnB3\""), "{out}");
+        let cleared = with_registry_auth(&out, None).unwrap();
+        assert!(!cleared.contains("auth"), "{cleared}");
+        let local = r#"{"device":{"backend":{"type":"localfs"}}}"#;
+        assert!(with_registry_auth(local, Some("x")).is_err());
     }
 
     #[test]

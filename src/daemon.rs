@@ -15,6 +15,7 @@ use crate::fs::blob_view::BlobViewFs;
 use crate::fs::RafsFs;
 use crate::passthrough::ConfinedPassthrough;
 use crate::service::{build_rafs, RafsMount};
+use crate::takeover::state::{Mount as SavedMount, PseudoDir};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FsType {
@@ -39,11 +40,43 @@ impl FsType {
         }
     }
 
+    /// The name mount requests use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FsType::Rafs => "rafs",
+            FsType::Passthrough => "passthrough_fs",
+            FsType::BlobView => "blob_view",
+        }
+    }
+
     fn backend_type(self) -> &'static str {
         match self {
             FsType::Rafs => "Rafs",
             FsType::Passthrough => "PassthroughFs",
             FsType::BlobView => "BlobView",
+        }
+    }
+}
+
+/// The lifecycle states nydusd reports in `GET /api/v1/daemon` and nydus-snapshotter waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DaemonState {
+    /// Started, not serving: a live upgrade or failover waits here for PUT /daemon/fuse/takeover.
+    Init,
+    /// The FUSE connection and mounts are in place (taken over), not yet serving: PUT /daemon/start.
+    Ready,
+    Running,
+    /// Shutting down.
+    Stopped,
+}
+
+impl DaemonState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DaemonState::Init => "INIT",
+            DaemonState::Ready => "READY",
+            DaemonState::Running => "RUNNING",
+            DaemonState::Stopped => "STOPPED",
         }
     }
 }
@@ -56,16 +89,51 @@ pub struct MountCmd {
     /// The daemon config as JSON text (empty for passthrough).
     pub config: String,
     pub prefetch_files: Vec<String>,
+    /// The instance id when the config names none (the command line's `--id`).
+    pub id: Option<String>,
+}
+
+impl MountCmd {
+    /// The same filesystem from the same source with the same config (the id aside).
+    fn same_as(&self, other: &MountCmd) -> bool {
+        self.fs_type == other.fs_type
+            && self.source == other.source
+            && self.config == other.config
+            && self.prefetch_files == other.prefetch_files
+    }
+
+    pub fn new(fs_type: FsType, source: PathBuf, config: String) -> Self {
+        MountCmd {
+            fs_type,
+            source,
+            config,
+            prefetch_files: Vec::new(),
+            id: None,
+        }
+    }
 }
 
 struct MountRecord {
-    fs_type: FsType,
-    source: PathBuf,
+    /// What was asked, kept to hand the mount over to a successor daemon.
+    cmd: MountCmd,
     config_id: Option<String>,
-    /// The mount's config with credentials blanked, for `GET /daemon`.
+    /// The mount's config with credentials blanked and URL userinfo masked, for `GET /daemon`.
     config: Value,
     mounted_time: String,
 }
+
+/// A request the admin API passes to the front end's main loop, answered there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// PUT /daemon/fuse/sendfd: hand state and connection to the supervisor.
+    SendFd,
+    /// PUT /daemon/fuse/takeover: fetch them from the supervisor.
+    Takeover,
+    /// PUT /daemon/start: start serving what was taken over.
+    Start,
+}
+
+type ControlRequest = (Control, std::sync::mpsc::Sender<Result<()>>);
 
 pub struct Daemon {
     pub id: Option<String>,
@@ -74,42 +142,18 @@ pub struct Daemon {
     /// Serialises mount changes so checks and the Vfs update happen as one step.
     mount_lock: Mutex<()>,
     shutdown: AtomicBool,
+    state: Mutex<DaemonState>,
     /// Set once the sandbox is up: the paths mounts may use.
     allowed: std::sync::OnceLock<crate::sandbox::AllowedPaths>,
-}
-
-/// Keys whose values are credentials: never echoed or logged.
-const SECRET_KEYS: &[&str] = &[
-    "auth",
-    "registry_token",
-    "access_key_id",
-    "access_key_secret",
-    "password",
-    "token",
-    "encryption_key",
-    // Mirror headers of network backends often carry credentials of their own.
-    "headers",
-];
-
-pub fn redact(v: &Value) -> Value {
-    match v {
-        Value::Object(m) => Value::Object(
-            m.iter()
-                .map(|(k, v)| {
-                    (
-                        k.clone(),
-                        if SECRET_KEYS.contains(&k.as_str()) && !v.is_null() {
-                            json!("")
-                        } else {
-                            redact(v)
-                        },
-                    )
-                })
-                .collect(),
-        ),
-        Value::Array(a) => Value::Array(a.iter().map(redact).collect()),
-        other => other.clone(),
-    }
+    /// Every path a filesystem was mounted at, in order of first use: the pseudo directories the Vfs
+    /// created for them (it keeps them after unmounts) get their inode numbers in this order.
+    pseudo_paths: Mutex<Vec<String>>,
+    /// The front end's main loop, for [`Control`] requests (the FUSE daemon only).
+    control: Mutex<Option<std::sync::mpsc::Sender<ControlRequest>>>,
+    /// `--supervisor`, reported by `GET /daemon`.
+    supervisor: std::sync::OnceLock<String>,
+    /// The requests the front end is serving now (the FUSE daemon only).
+    inflight: std::sync::OnceLock<Arc<crate::inflight::Inflight>>,
 }
 
 /// Mountpoints are absolute paths of plain components: no "." or "..", no empty or over-long parts.
@@ -152,8 +196,54 @@ impl Daemon {
             mounts: Mutex::new(BTreeMap::new()),
             mount_lock: Mutex::new(()),
             shutdown: AtomicBool::new(false),
+            state: Mutex::new(DaemonState::Init),
             allowed: std::sync::OnceLock::new(),
+            pseudo_paths: Mutex::new(Vec::new()),
+            control: Mutex::new(None),
+            supervisor: std::sync::OnceLock::new(),
+            inflight: std::sync::OnceLock::new(),
         })
+    }
+
+    pub fn set_inflight(&self, inflight: Arc<crate::inflight::Inflight>) {
+        let _ = self.inflight.set(inflight);
+    }
+
+    /// The requests being served now, as nydusd lists them; `None` when there are none.
+    pub fn inflight(&self) -> Option<Value> {
+        let ops = self.inflight.get()?.to_json();
+        (!ops.as_array().is_some_and(Vec::is_empty)).then_some(ops)
+    }
+
+    pub fn set_supervisor(&self, path: &std::path::Path) {
+        let _ = self.supervisor.set(path.to_string_lossy().into_owned());
+    }
+
+    /// Receive the admin API's [`Control`] requests from now on.
+    pub fn control_channel(&self) -> std::sync::mpsc::Receiver<ControlRequest> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        *self.control.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        rx
+    }
+
+    /// Ask the front end's main loop to carry out `c` and wait for its answer.
+    pub fn control(&self, c: Control) -> Result<()> {
+        let tx = self
+            .control
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| {
+                Error::Unsupported(format!(
+                    "{c:?} is only supported by the FUSE daemon (live upgrade of virtio-fs is not implemented)"
+                ))
+            })?;
+        let (reply, answer) = std::sync::mpsc::channel();
+        tx.send((c, reply))
+            .map_err(|_| Error::Invalid("the daemon is shutting down".into()))?;
+        answer
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .map_err(|_| Error::Invalid(format!("{c:?} got no answer from the daemon")))?
     }
 
     pub fn request_exit(&self) {
@@ -164,12 +254,16 @@ impl Daemon {
         self.shutdown.load(Ordering::SeqCst)
     }
 
-    pub fn state(&self) -> &'static str {
+    pub fn state(&self) -> DaemonState {
         if self.exit_requested() {
-            "STOPPED"
-        } else {
-            "RUNNING"
+            return DaemonState::Stopped;
         }
+        *self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn set_state(&self, state: DaemonState) {
+        log::info!("daemon state: {}", state.as_str());
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = state;
     }
 
     /// From now on, refuse mounts whose paths lie outside `allowed` (the sandbox could not reach them).
@@ -186,8 +280,12 @@ impl Daemon {
                 if let Some(allowed) = allowed {
                     allowed.confine_rafs(&mut bootstrap, &mut config)?;
                 }
-                let shown =
-                    redact(&serde_json::from_str::<Value>(&cmd.config).unwrap_or(Value::Null));
+                let shown = crate::redact::json(
+                    &serde_json::from_str::<Value>(&cmd.config).unwrap_or(Value::Null),
+                );
+                if config.id.is_none() {
+                    config.id = cmd.id.clone();
+                }
                 let id = config.id.clone();
                 let mount = RafsMount {
                     bootstrap,
@@ -217,7 +315,13 @@ impl Daemon {
         let _serial = self.mount_lock.lock().unwrap_or_else(|e| e.into_inner());
         {
             let mounts = self.mounts.lock().unwrap_or_else(|e| e.into_inner());
-            if mounts.contains_key(mountpoint) {
+            if let Some(r) = mounts.get(mountpoint) {
+                // nydus-snapshotter mounts every instance again on a daemon it has just upgraded,
+                // which already serves them all: the very same request is a success, not a conflict.
+                if r.cmd.same_as(&cmd) {
+                    log::info!("{mountpoint} is already mounted from the same source and config");
+                    return Ok(());
+                }
                 return Err(Error::Invalid(format!("{mountpoint} is already mounted")));
             }
             if let Some(other) = mounts.keys().find(|m| nested(m, mountpoint)) {
@@ -227,29 +331,35 @@ impl Daemon {
             }
         }
         let (fs, config_id, config) = self.build(&cmd)?;
-        self.vfs
-            .mount(fs, mountpoint)
-            .map_err(|e| Error::Invalid(format!("attach {mountpoint}: {e:?}")))?;
+        let attached = self.vfs.mount(fs, mountpoint);
+        self.note_pseudo_path(mountpoint);
+        attached.map_err(|e| Error::Invalid(format!("attach {mountpoint}: {e:?}")))?;
         log::info!(
             "mounted {:?} {} at {mountpoint}",
             cmd.fs_type,
             cmd.source.display()
         );
-        self.record(mountpoint, cmd.fs_type, cmd.source, config_id, config);
+        self.record(mountpoint, cmd, config_id, config);
         Ok(())
     }
 
-    fn record(
-        &self,
-        mountpoint: &str,
-        fs_type: FsType,
-        source: PathBuf,
-        config_id: Option<String>,
-        config: Value,
-    ) {
+    /// Remember `mountpoint` if the Vfs now has a pseudo directory for it (also after a failed mount,
+    /// which may have created it).
+    fn note_pseudo_path(&self, mountpoint: &str) {
+        let exists = self
+            .vfs
+            .get_root_pseudofs()
+            .path_walk(mountpoint)
+            .is_ok_and(|i| i.is_some());
+        let mut paths = self.pseudo_paths.lock().unwrap_or_else(|e| e.into_inner());
+        if exists && !paths.iter().any(|p| p == mountpoint) {
+            paths.push(mountpoint.to_string());
+        }
+    }
+
+    fn record(&self, mountpoint: &str, cmd: MountCmd, config_id: Option<String>, config: Value) {
         let record = MountRecord {
-            fs_type,
-            source,
+            cmd,
             config_id,
             config,
             mounted_time: now_string(),
@@ -258,24 +368,6 @@ impl Daemon {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(mountpoint.to_string(), record);
-    }
-
-    /// Attach a filesystem built by the caller (the command line's `--bootstrap`), recorded like API mounts.
-    pub fn attach(
-        &self,
-        mountpoint: &str,
-        fs_type: FsType,
-        source: PathBuf,
-        fs: BackFileSystem,
-        config_id: Option<String>,
-    ) -> Result<()> {
-        check_mountpoint(mountpoint)?;
-        let _serial = self.mount_lock.lock().unwrap_or_else(|e| e.into_inner());
-        self.vfs
-            .mount(fs, mountpoint)
-            .map_err(|e| Error::Invalid(format!("attach {mountpoint}: {e:?}")))?;
-        self.record(mountpoint, fs_type, source, config_id, Value::Null);
-        Ok(())
     }
 
     /// Replace the image at `mountpoint` with a new bootstrap/config (RAFS only). The new image is built
@@ -299,7 +391,7 @@ impl Daemon {
                     "nothing is mounted at {mountpoint}"
                 )))
             }
-            Some(r) if r.fs_type != FsType::Rafs => {
+            Some(r) if r.cmd.fs_type != FsType::Rafs => {
                 return Err(Error::Unsupported(format!(
                     "{mountpoint} is not a rafs mount"
                 )))
@@ -314,7 +406,7 @@ impl Daemon {
             .mount(fs, mountpoint)
             .map_err(|e| Error::Invalid(format!("attach {mountpoint}: {e:?}")))?;
         log::info!("remounted {} at {mountpoint}", cmd.source.display());
-        self.record(mountpoint, cmd.fs_type, cmd.source, config_id, config);
+        self.record(mountpoint, cmd, config_id, config);
         Ok(())
     }
 
@@ -342,6 +434,149 @@ impl Daemon {
         Ok(())
     }
 
+    /// The pseudo directories and mounts a successor needs to serve the same kernel connection with
+    /// the same inode numbers (see [`crate::takeover`]).
+    pub fn export(&self) -> Result<(Vec<PseudoDir>, Vec<SavedMount>)> {
+        let _serial = self.mount_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let root = self.vfs.get_root_pseudofs();
+        let mut dirs = Vec::new();
+        for path in self
+            .pseudo_paths
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            if let Ok(Some(ino)) = root.path_walk(path) {
+                dirs.push(PseudoDir {
+                    path: path.clone(),
+                    ino,
+                });
+            }
+        }
+        let mounts = self.mounts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut saved = Vec::new();
+        for (mp, r) in mounts.iter() {
+            if r.cmd.fs_type == FsType::Passthrough {
+                return Err(Error::Unsupported(format!(
+                    "{mp} is a passthrough share, whose inodes cannot be handed to another daemon"
+                )));
+            }
+            let (fs, fs_index) = self
+                .vfs
+                .get_rootfs(mp)
+                .ok()
+                .flatten()
+                .ok_or_else(|| Error::NotFound(format!("mount {mp} is gone")))?;
+            let (lookups, parents) = fs
+                .as_any()
+                .downcast_ref::<RafsFs>()
+                .map(RafsFs::export_lookups)
+                .unwrap_or_default();
+            saved.push(SavedMount {
+                mountpoint: mp.clone(),
+                fs_index,
+                fs_type: r.cmd.fs_type.as_str().into(),
+                source: r.cmd.source.clone(),
+                config: r.cmd.config.clone(),
+                id: r.cmd.id.clone(),
+                prefetch_files: r.cmd.prefetch_files.clone(),
+                lookups,
+                parents,
+            });
+        }
+        Ok((dirs, saved))
+    }
+
+    /// Rebuild what a predecessor exported, into this daemon's still empty Vfs.
+    pub fn restore(&self, dirs: &[PseudoDir], saved: &[SavedMount]) -> Result<()> {
+        let _serial = self.mount_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if !self
+            .mounts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+        {
+            return Err(Error::Invalid(
+                "cannot take over into a daemon that already has mounts".into(),
+            ));
+        }
+        crate::takeover::vfs_index::replay_pseudo_dirs(&self.vfs, dirs)?;
+        *self.pseudo_paths.lock().unwrap_or_else(|e| e.into_inner()) =
+            dirs.iter().map(|d| d.path.clone()).collect();
+        let mut order: Vec<&SavedMount> = saved.iter().collect();
+        order.sort_by_key(|m| m.fs_index);
+        let mut indexes = crate::takeover::vfs_index::IndexReplay::default();
+        for m in order {
+            check_mountpoint(&m.mountpoint)?;
+            let cmd = MountCmd {
+                fs_type: FsType::parse(&m.fs_type)?,
+                source: m.source.clone(),
+                config: m.config.clone(),
+                prefetch_files: m.prefetch_files.clone(),
+                id: m.id.clone(),
+            };
+            if cmd.fs_type == FsType::Passthrough {
+                return Err(Error::Unsupported(
+                    "passthrough shares cannot be taken over".into(),
+                ));
+            }
+            let (fs, config_id, config) = self.build(&cmd)?;
+            if let Some(rafs) = fs.as_any().downcast_ref::<RafsFs>() {
+                rafs.import_lookups(&m.lookups, &m.parents);
+            }
+            indexes.mount_at(&self.vfs, fs, &m.mountpoint, m.fs_index)?;
+            log::info!(
+                "took over {} {} at {} (mount index {}, {} inodes the kernel holds)",
+                m.fs_type,
+                m.source.display(),
+                m.mountpoint,
+                m.fs_index,
+                m.lookups.len()
+            );
+            self.record(&m.mountpoint, cmd, config_id, config);
+        }
+        Ok(())
+    }
+
+    /// `PUT /api/v1/config?id=`: settings of a running RAFS instance. Only `registry_auth` (base64
+    /// `user:pass`, empty to clear) is known: the backend switches to the new credentials without a
+    /// remount, and the mount's record (what a successor daemon is handed) carries them too.
+    pub fn update_config(
+        &self,
+        id: Option<&str>,
+        params: &serde_json::Map<String, Value>,
+    ) -> Result<()> {
+        for key in params.keys() {
+            if key != "registry_auth" {
+                return Err(Error::Invalid(format!(
+                    "unknown config key {key:?} (only \"registry_auth\" can be changed)"
+                )));
+            }
+        }
+        let Some(value) = params.get("registry_auth") else {
+            return Ok(());
+        };
+        let auth = value
+            .as_str()
+            .ok_or_else(|| Error::Invalid("`registry_auth` must be a string".into()))?;
+        let auth = Some(auth.trim()).filter(|a| !a.is_empty());
+        let _serial = self.mount_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let (mp, fs) = self.rafs(id)?;
+        let rafs = fs
+            .as_any()
+            .downcast_ref::<RafsFs>()
+            .ok_or_else(|| Error::NotFound(format!("{mp} is not rafs")))?;
+        let mut mounts = self.mounts.lock().unwrap_or_else(|e| e.into_inner());
+        let record = mounts
+            .get_mut(&mp)
+            .ok_or_else(|| Error::NotFound(format!("nothing is mounted at {mp}")))?;
+        let config = crate::config::with_registry_auth(&record.cmd.config, auth)?;
+        rafs.image().backend().set_registry_auth(auth)?;
+        record.cmd.config = config;
+        log::info!("registry credentials of {mp} updated");
+        Ok(())
+    }
+
     /// nydusd's DaemonInfo.
     pub fn info(&self) -> Value {
         let mounts = self.mounts.lock().unwrap_or_else(|e| e.into_inner());
@@ -351,9 +586,9 @@ impl Daemon {
                 (
                     mp.clone(),
                     json!({
-                        "backend_type": r.fs_type.backend_type(),
+                        "backend_type": r.cmd.fs_type.backend_type(),
                         "mountpoint": mp,
-                        "source": r.source,
+                        "source": r.cmd.source,
                         "mounted_time": r.mounted_time,
                         "config": r.config,
                     }),
@@ -361,16 +596,10 @@ impl Daemon {
             })
             .collect();
         json!({
-            "version": {
-                "package_ver": env!("CARGO_PKG_VERSION"),
-                "git_commit": option_env!("RAFSD_GIT_COMMIT").unwrap_or("unknown"),
-                "build_time": option_env!("RAFSD_BUILD_TIME").unwrap_or("unknown"),
-                "profile": if cfg!(debug_assertions) { "debug" } else { "release" },
-                "rustc": option_env!("RAFSD_RUSTC").unwrap_or("unknown"),
-            },
+            "version": crate::version::to_json(),
             "id": self.id,
-            "supervisor": null,
-            "state": self.state(),
+            "supervisor": self.supervisor.get(),
+            "state": self.state().as_str(),
             "backend_collection": collection,
         })
     }
@@ -380,7 +609,7 @@ impl Daemon {
         let mounts = self.mounts.lock().unwrap_or_else(|e| e.into_inner());
         let rafs: Vec<(&String, &MountRecord)> = mounts
             .iter()
-            .filter(|(_, r)| r.fs_type == FsType::Rafs)
+            .filter(|(_, r)| r.cmd.fs_type == FsType::Rafs)
             .collect();
         let found = match id {
             None if rafs.len() == 1 => Some(rafs[0].0.clone()),

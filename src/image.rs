@@ -24,6 +24,7 @@ use crate::format::{
 };
 use crate::storage::digest::{crc32c, digest, hex};
 use crate::storage::localfs::LocalFs;
+use crate::storage::metrics::{BackendMetrics, Metered};
 use crate::storage::{compress, BlobBackend};
 use stream::{Pending, StreamCtx, Streams};
 
@@ -74,13 +75,6 @@ impl Segment<'_> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-}
-
-/// Backend traffic of one image.
-#[derive(Default)]
-pub struct ReadStats {
-    pub backend_reads: AtomicU64,
-    pub backend_bytes: AtomicU64,
 }
 
 /// The chunks user reads asked for (not what amplification or prefetch added), one bit per chunk of each
@@ -204,7 +198,8 @@ pub struct RafsImage {
     cache: Option<Arc<BlobCache>>,
     amplify_io: u64,
     user_reads: AtomicUsize,
-    stats: ReadStats,
+    /// Every read of the backend (`backend` counts into it).
+    backend_metrics: Arc<BackendMetrics>,
     demand: Option<Demand>,
     /// Runs of predicted chunks being stored in the background.
     streams: Streams,
@@ -249,6 +244,9 @@ impl RafsImage {
                 path.display()
             ));
         };
+        let backend_metrics = Arc::new(BackendMetrics::default());
+        let backend: Arc<dyn BlobBackend> =
+            Arc::new(Metered::new(backend, backend_metrics.clone()));
         let nblobs = meta.info().blobs.len();
         let cache = match &opts.cache_dir {
             Some(dir) => {
@@ -281,7 +279,7 @@ impl RafsImage {
             cache,
             amplify_io: opts.amplify_io,
             user_reads: AtomicUsize::new(0),
-            stats: ReadStats::default(),
+            backend_metrics,
             demand: opts.record_demand.then(|| Demand {
                 blobs: (0..nblobs).map(|_| Mutex::new(Vec::new())).collect(),
                 recorded_bytes: AtomicU64::new(0),
@@ -866,28 +864,18 @@ impl RafsImage {
         }
     }
 
-    /// `len` bytes of a blob as a stream, counted as one backend read.
+    /// `len` bytes of a blob as a stream (one backend read in the metrics).
     fn backend_stream(
         &self,
         blob_id: &str,
         offset: u64,
         len: usize,
     ) -> Result<Box<dyn std::io::Read + Send>> {
-        let reader = self.backend.open_range(blob_id, offset, len)?;
-        self.stats.backend_reads.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .backend_bytes
-            .fetch_add(len as u64, Ordering::Relaxed);
-        Ok(reader)
+        self.backend.open_range(blob_id, offset, len)
     }
 
     fn backend_read(&self, blob_id: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
-        let data = self.backend.read_exact_at(blob_id, offset, len)?;
-        self.stats.backend_reads.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .backend_bytes
-            .fetch_add(len as u64, Ordering::Relaxed);
-        Ok(data)
+        self.backend.read_exact_at(blob_id, offset, len)
     }
 
     /// One chunk straight from the backend, decoded and verified.
@@ -1048,12 +1036,18 @@ impl RafsImage {
         self.user_reads.load(Ordering::Relaxed)
     }
 
+    /// Where the image's blobs come from.
+    pub fn backend(&self) -> &Arc<dyn BlobBackend> {
+        &self.backend
+    }
+
     pub fn cache(&self) -> Option<&Arc<BlobCache>> {
         self.cache.as_ref()
     }
 
-    pub fn stats(&self) -> &ReadStats {
-        &self.stats
+    /// Backend reads of this image, and the backend's type.
+    pub fn backend_metrics(&self) -> (&BackendMetrics, &'static str) {
+        (&self.backend_metrics, self.backend.kind())
     }
 
     /// The chunks user reads asked for, when the image records them ([`ImageOptions::record_demand`]).

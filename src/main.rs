@@ -10,13 +10,20 @@ use rafsd::{check, inspect, unpack, ImageOptions, RafsImage};
 #[derive(Parser)]
 #[command(
     name = "rafsd",
-    version,
-    about = "Serve RAFS (Nydus) v5/v6 images to VMs and hosts"
+    about = "Serve RAFS (Nydus) v5/v6 images to VMs and hosts",
+    after_help = "rafsd --version (or -V) prints the version, git commit, build time, profile and compiler."
 )]
 struct Cli {
     /// trace, debug, info, warn, error or off.
     #[arg(long, short = 'l', global = true, default_value = "info")]
     log_level: String,
+    /// Write the log to this file instead of stderr (created with its folder; ".log" is added to a
+    /// name without an extension).
+    #[arg(long, short = 'L', global = true)]
+    log_file: Option<PathBuf>,
+    /// Rotate the log file once it reaches this many MiB, keeping 5 older files; 0 never rotates.
+    #[arg(long, global = true, default_value_t = 0)]
+    log_rotation_size: u64,
     #[command(subcommand)]
     command: Command,
 }
@@ -204,8 +211,9 @@ struct FuseArgs {
     /// Blobs in DIR, cached in DIR (instead of --config).
     #[arg(long, short = 'D', conflicts_with = "config")]
     localfs_dir: Option<PathBuf>,
-    /// FUSE worker threads.
-    #[arg(long, alias = "fuse-threads", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    /// FUSE worker threads: how many requests are answered at once (a read waiting on the network
+    /// occupies one; the kernel queues the rest).
+    #[arg(long, alias = "fuse-threads", default_value_t = rafsd::fusedev::DEFAULT_THREADS as u32, value_parser = clap::value_parser!(u32).range(1..=1024))]
     thread_num: u32,
     /// Admin API socket.
     #[arg(long, short = 'A')]
@@ -213,12 +221,25 @@ struct FuseArgs {
     /// File with absolute paths to prefetch, one per line ("/" = everything).
     #[arg(long)]
     prefetch_files: Option<PathBuf>,
-    /// Instance id.
+    /// Instance id (nydus-snapshotter's daemon id; names the state sent to --supervisor).
     #[arg(long)]
     id: Option<String>,
     /// Raise RLIMIT_NOFILE to this (best effort; 0 leaves it alone).
     #[arg(long, default_value_t = 1_000_000)]
     rlimit_nofile: u64,
+    /// Unix socket of the supervisor (nydus-snapshotter) that keeps this daemon's state and FUSE
+    /// connection for failover and live upgrade: PUT /api/v1/daemon/fuse/sendfd sends them there,
+    /// PUT /api/v1/daemon/fuse/takeover fetches them.
+    #[arg(long)]
+    supervisor: Option<PathBuf>,
+    /// Start as the new daemon of a live upgrade: mount nothing, wait in state INIT for
+    /// PUT /api/v1/daemon/fuse/takeover.
+    #[arg(long)]
+    upgrade: bool,
+    /// What happens at takeover to requests the previous daemon read but never answered: resend
+    /// (the kernel sends them again), flush (they fail with EIO) or none (left alone).
+    #[arg(long, value_enum, default_value = "resend")]
+    failover_policy: rafsd::fusedev::FailoverPolicy,
     #[command(flatten)]
     sandbox: SandboxArgs,
 }
@@ -260,8 +281,9 @@ struct VirtiofsArgs {
     /// Accepted for nydusd compatibility; every mount is already available.
     #[arg(long)]
     hybrid_mode: bool,
-    /// virtiofsd option Kata appends; ignored (each queue has its own worker).
-    #[arg(long)]
+    /// Workers answering each request queue, which is also how many of its requests may be in flight
+    /// (default 16; Kata's `=1` gets the default too); 0 answers them one at a time, in order.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=1024))]
     thread_pool_size: Option<u32>,
     /// virtiofsd option Kata appends; ignored.
     #[arg(long)]
@@ -286,24 +308,38 @@ fn args_with_default_subcommand() -> Vec<std::ffi::OsString> {
 }
 
 fn main() -> ExitCode {
+    // nydusd's clients run `nydusd --version` and parse its `Git Commit:` line.
+    let first = std::env::args_os().nth(1);
+    if std::env::args_os().len() == 2
+        && first
+            .as_deref()
+            .is_some_and(|a| a == "--version" || a == "-V")
+    {
+        print!("{}", rafsd::version::long_text());
+        return ExitCode::SUCCESS;
+    }
     let cli = Cli::parse_from(args_with_default_subcommand());
-    env_logger::Builder::new()
-        .parse_filters(&cli.log_level)
-        .format_timestamp_millis()
-        .init();
-    match run(cli.command) {
+    let log_file = cli.log_file.as_deref().map(rafsd::logging::log_file_path);
+    if let Err(e) = rafsd::logging::init(&cli.log_level, log_file.as_deref(), cli.log_rotation_size)
+    {
+        eprintln!("rafsd: {e}");
+        return ExitCode::from(1);
+    }
+    match run(cli.command, log_file.as_deref()) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("rafsd: {e}");
+            eprintln!("rafsd: {}", rafsd::redact::text(&e.to_string()));
             ExitCode::from(1)
         }
     }
 }
 
-fn run(command: Command) -> rafsd::Result<ExitCode> {
+fn run(command: Command, log_file: Option<&std::path::Path>) -> rafsd::Result<ExitCode> {
+    // The sandboxed daemon keeps writing (and rotating) its log in the log file's folder.
+    let log_dir = log_file.and_then(std::path::Path::parent);
     match command {
-        Command::Fuse(args) => run_fuse(args),
-        Command::Virtiofs(args) => run_virtiofs(args),
+        Command::Fuse(args) => run_fuse(args, log_dir),
+        Command::Virtiofs(args) => run_virtiofs(args, log_dir),
         Command::Inspect { bootstrap, json } => {
             let image = RafsImage::open_local(&bootstrap, None, ImageOptions::default())?;
             if json {
@@ -501,11 +537,19 @@ fn run_build(args: BuildArgs) -> rafsd::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn run_fuse(args: FuseArgs) -> rafsd::Result<ExitCode> {
+/// The sandbox may write the log file's folder (it rotates files there); resolved now, while it exists.
+fn allow_log_dir(allowed: &mut rafsd::sandbox::AllowedPaths, log_dir: Option<&std::path::Path>) {
+    if let Some(dir) = log_dir.and_then(|d| d.canonicalize().ok()) {
+        allowed.private_rw.push(dir);
+    }
+}
+
+fn run_fuse(args: FuseArgs, log_dir: Option<&std::path::Path>) -> rafsd::Result<ExitCode> {
     use fuse_backend_rs::api::{Vfs, VfsOptions};
     use rafsd::config::DaemonConfig;
+    use rafsd::daemon::{FsType, MountCmd};
     use rafsd::sandbox::{fork_supervised, Role, SandboxMode};
-    use rafsd::service::{build_rafs, read_prefetch_list, RafsMount};
+    use rafsd::service::read_prefetch_list;
     // Before any thread exists, so every thread inherits the mask and signals reach our wait loop.
     let signals = rafsd::fusedev::block_shutdown_signals();
     rafsd::service::raise_nofile_limit(args.rlimit_nofile);
@@ -516,19 +560,27 @@ fn run_fuse(args: FuseArgs) -> rafsd::Result<ExitCode> {
                 .into(),
         ));
     }
-    let mut config = match (&args.config, &args.localfs_dir) {
-        (Some(path), _) => DaemonConfig::from_file(path)?,
-        (None, Some(dir)) => DaemonConfig::localfs(dir.clone(), Some(dir.clone())),
+    // The image given on the command line, as a mount request (kept whole for a successor daemon).
+    let config_text = match (&args.config, &args.localfs_dir) {
+        (Some(path), _) => {
+            DaemonConfig::from_file(path)?;
+            Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| rafsd::Error::io(format!("read config {}", path.display()), e))?,
+            )
+        }
+        (None, Some(dir)) => Some(localfs_config(dir)),
         (None, None) if args.bootstrap.is_some() => {
             return Err(rafsd::Error::Invalid(
                 "--bootstrap needs --config or --localfs-dir".into(),
             ))
         }
-        (None, None) => DaemonConfig::localfs(PathBuf::from("."), None),
+        (None, None) => None,
     };
-    if config.id.is_none() {
-        config.id = args.id.clone();
-    }
+    let config = config_text
+        .as_deref()
+        .map(|t| DaemonConfig::from_slice(t.as_bytes()))
+        .transpose()?;
     let prefetch_files = args
         .prefetch_files
         .as_deref()
@@ -536,18 +588,50 @@ fn run_fuse(args: FuseArgs) -> rafsd::Result<ExitCode> {
         .transpose()?
         .unwrap_or_default();
     let mut allowed = args.sandbox.allowed_paths()?;
-    // No network namespace for the FUSE daemon: API mounts may use network backends.
-    allowed.network = true;
     if let Some(bootstrap) = &args.bootstrap {
         allowed.add_read_only(bootstrap.parent().unwrap_or(bootstrap))?;
-        allowed.add_config(&config)?;
+        if let Some(c) = &config {
+            allowed.add_config(c)?;
+        }
+    } else if !args.sandbox.paths_given() {
+        // nydus-snapshotter's shared daemon starts with nothing to serve and mounts every image
+        // through the API, from its root; it cannot pass --allow-path.
+        allowed =
+            rafsd::sandbox::AllowedPaths::kata_defaults(None, rafsd::sandbox::SNAPSHOTTER_ROOTS)?;
     }
+    // No network namespace for the FUSE daemon: API mounts may use network backends.
+    allowed.network = true;
+    allow_log_dir(&mut allowed, log_dir);
+    // A restarted daemon whose predecessor was killed finds that daemon's mount still there and its
+    // API socket dead: it waits for the takeover (nydusd does the same), as a live upgrade does.
+    let crashed = !args.upgrade
+        && args
+            .apisock
+            .as_deref()
+            .is_some_and(|a| rafsd::fusedev::predecessor_crashed(&args.mountpoint, a));
+    if crashed && args.supervisor.is_none() {
+        // Nobody holds its connection for a takeover (nydus-snapshotter's recover_policy "restart"):
+        // the dead mount only hides the mountpoint, and a fresh mount replaces it.
+        log::warn!(
+            "the previous daemon at {} died and no --supervisor can hand its connection over: detaching its mount",
+            args.mountpoint.display()
+        );
+        rafsd::sandbox::unmount_fuse(&args.mountpoint);
+    } else if crashed {
+        log::warn!(
+            "the previous daemon at {} died: waiting for PUT /api/v1/daemon/fuse/takeover",
+            args.mountpoint.display()
+        );
+    }
+    let crashed = crashed && args.supervisor.is_some();
     let api_listener = args
         .apisock
         .as_deref()
         .map(rafsd::api::http::bind)
         .transpose()?;
-    // The sandboxed daemon may not unmount; a supervisor outside the sandbox does it when the daemon ends.
+    let (fate, fate_reader) = rafsd::takeover::mount_fate_pipe()?;
+    // The sandboxed daemon may not unmount; a supervisor outside the sandbox does it when the daemon
+    // ends, unless the daemon said the mount outlives it (a successor takes it over).
     if let Role::Supervisor(exit) = fork_supervised(
         false,
         0,
@@ -556,65 +640,79 @@ fn run_fuse(args: FuseArgs) -> rafsd::Result<ExitCode> {
         args.sandbox.seccomp,
     )? {
         drop(api_listener);
-        rafsd::sandbox::unmount_fuse(&args.mountpoint);
+        drop(fate);
+        if fate_reader.should_unmount() {
+            rafsd::sandbox::unmount_fuse(&args.mountpoint);
+        } else {
+            log::info!(
+                "supervisor: leaving the FUSE mount at {} to the next daemon",
+                args.mountpoint.display()
+            );
+        }
         if let Some(p) = &args.apisock {
             let _ = std::fs::remove_file(p);
         }
         exit.propagate();
     }
+    drop(fate_reader);
     let vfs = Arc::new(Vfs::new(VfsOptions {
         no_open: false,
         no_opendir: false,
         no_writeback: true,
         ..Default::default()
     }));
-    let daemon = rafsd::daemon::Daemon::new(config.id.clone(), vfs.clone());
+    let id = config
+        .as_ref()
+        .and_then(|c| c.id.clone())
+        .or_else(|| args.id.clone());
+    let daemon = rafsd::daemon::Daemon::new(id, vfs.clone());
     let seccomp = args.sandbox.seccomp;
     let mut api = None;
-    // Runs once the FUSE device is mounted and its channels are open, before any thread starts.
-    let start = || -> rafsd::Result<()> {
+    // Runs once the FUSE device is mounted (or, taking over, before waiting), before any worker starts.
+    let start = |mount_image: bool| -> rafsd::Result<()> {
         // The readahead knob of our mount lives in sysfs.
         enter_sandbox(&daemon, allowed, &["/sys/devices/virtual/bdi"], seccomp)?;
-        if let Some(bootstrap) = &args.bootstrap {
-            let id = config.id.clone();
-            let fs = build_rafs(&RafsMount {
-                bootstrap: bootstrap.clone(),
-                config,
-                prefetch_files,
-            })?;
-            daemon.attach(
-                "/",
-                rafsd::daemon::FsType::Rafs,
-                bootstrap.clone(),
-                Box::new(fs),
-                id,
-            )?;
+        if let (true, Some(bootstrap), Some(text)) = (mount_image, &args.bootstrap, config_text) {
+            let mut cmd = MountCmd::new(FsType::Rafs, bootstrap.clone(), text);
+            cmd.prefetch_files = prefetch_files;
+            cmd.id = args.id.clone();
+            daemon.mount("/", cmd)?;
         }
         api = api_listener
             .map(|l| rafsd::api::start_on(l, daemon.clone()))
             .transpose()?;
         Ok(())
     };
-    rafsd::fusedev::serve(
-        vfs.clone(),
-        &args.mountpoint,
-        args.thread_num as usize,
-        &signals,
-        &daemon,
-        start,
-    )?;
+    let opts = rafsd::fusedev::FuseOptions {
+        mountpoint: args.mountpoint.clone(),
+        threads: args.thread_num as usize,
+        failover_policy: args.failover_policy,
+        supervisor: args.supervisor.clone(),
+        take_over: args.upgrade || crashed,
+    };
+    rafsd::fusedev::run(vfs, opts, &signals, &daemon, fate, start)?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn run_virtiofs(args: VirtiofsArgs) -> rafsd::Result<ExitCode> {
+/// `--localfs-dir DIR` as the nydusd config it stands for: blobs in DIR, cached in DIR.
+fn localfs_config(dir: &std::path::Path) -> String {
+    serde_json::json!({
+        "device": {
+            "backend": {"type": "localfs", "config": {"dir": dir}},
+            "cache": {"type": "blobcache", "config": {"work_dir": dir}},
+        },
+        "mode": "direct",
+    })
+    .to_string()
+}
+
+fn run_virtiofs(args: VirtiofsArgs, log_dir: Option<&std::path::Path>) -> rafsd::Result<ExitCode> {
     use fuse_backend_rs::api::{Vfs, VfsOptions};
     use rafsd::daemon::{Daemon, FsType, MountCmd};
     use rafsd::sandbox::{fork_supervised, Role, SandboxMode};
     let signals = rafsd::fusedev::block_shutdown_signals();
     rafsd::service::raise_nofile_limit(args.rlimit_nofile);
-    if let Some(n) = args.thread_pool_size {
-        log::warn!("--thread-pool-size={n} is a virtiofsd option; ignored (each virtqueue has its own worker)");
-    }
+    let pool_size = rafsd::vhost_user::pool_size(args.thread_pool_size);
     if args.announce_submounts {
         log::warn!("--announce-submounts is a virtiofsd option; ignored");
     }
@@ -645,6 +743,7 @@ fn run_virtiofs(args: VirtiofsArgs) -> rafsd::Result<ExitCode> {
             source: absolute(bootstrap),
             config: text,
             prefetch_files,
+            id: args.id.clone(),
         });
     } else if let Some(dir) = &args.shared_dir {
         allowed.add_read_write(dir)?;
@@ -653,6 +752,7 @@ fn run_virtiofs(args: VirtiofsArgs) -> rafsd::Result<ExitCode> {
             source: absolute(dir),
             config: String::new(),
             prefetch_files,
+            id: None,
         });
     }
     // Kata starts nydusd with nothing to serve and no room for our options (only
@@ -668,6 +768,7 @@ fn run_virtiofs(args: VirtiofsArgs) -> rafsd::Result<ExitCode> {
             rafsd::sandbox::SNAPSHOTTER_ROOTS,
         )?;
     }
+    allow_log_dir(&mut allowed, log_dir);
     // Both sockets are bound on the host before the sandbox hides their paths.
     let listener = rafsd::vhost_user::bind(&args.sock)?;
     let api_listener = args
@@ -717,15 +818,21 @@ fn run_virtiofs(args: VirtiofsArgs) -> rafsd::Result<ExitCode> {
     if let Some(cmd) = startup {
         daemon.mount(&args.virtual_mountpoint, cmd)?;
     }
+    // Serving as soon as the API answers: Kata waits for RUNNING before it starts the VMM.
+    daemon.set_state(rafsd::daemon::DaemonState::Running);
     let _api = api_listener
         .map(|l| rafsd::api::start_on(l, daemon.clone()))
         .transpose()?;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (sock, queues, stop2) = (args.sock.clone(), args.thread_num as usize, stop.clone());
-    let dax_window = args.dax_window.unwrap_or(0);
+    let (sock, stop2) = (args.sock.clone(), stop.clone());
+    let device = rafsd::vhost_user::DeviceOptions {
+        request_queues: args.thread_num as usize,
+        pool_size,
+        dax_window_size: args.dax_window.unwrap_or(0),
+    };
     let server = std::thread::Builder::new()
         .name("vhost-user".into())
-        .spawn(move || rafsd::vhost_user::serve(vfs, listener, &sock, queues, dax_window, stop2))
+        .spawn(move || rafsd::vhost_user::serve(vfs, listener, &sock, device, stop2))
         .map_err(|e| rafsd::Error::io("start vhost-user thread", e))?;
     loop {
         if let Some(sig) =

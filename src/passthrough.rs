@@ -60,6 +60,9 @@ impl ConfinedPassthrough {
     }
 }
 
+/// Linux's XATTR_SIZE_MAX and XATTR_LIST_MAX: no xattr value or name list is longer.
+const XATTR_MAX: u32 = 65536;
+
 /// A name a request may create or look up: one component, never "." or "..".
 fn check(name: &CStr) -> io::Result<()> {
     let b = name.to_bytes();
@@ -116,8 +119,6 @@ impl FileSystem for ConfinedPassthrough {
         release(ctx: &Context, inode: u64, flags: u32, handle: u64, flush: bool, flock_release: bool, lock_owner: Option<u64>) -> io::Result<()>;
         statfs(ctx: &Context, inode: u64) -> io::Result<statvfs64>;
         setxattr(ctx: &Context, inode: u64, name: &CStr, value: &[u8], flags: u32) -> io::Result<()>;
-        getxattr(ctx: &Context, inode: u64, name: &CStr, size: u32) -> io::Result<GetxattrReply>;
-        listxattr(ctx: &Context, inode: u64, size: u32) -> io::Result<ListxattrReply>;
         removexattr(ctx: &Context, inode: u64, name: &CStr) -> io::Result<()>;
         opendir(ctx: &Context, inode: u64, flags: u32) -> io::Result<(Option<u64>, OpenOptions)>;
         readdir(ctx: &Context, inode: u64, handle: u64, size: u32, offset: u64, add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>) -> io::Result<()>;
@@ -135,6 +136,23 @@ impl FileSystem for ConfinedPassthrough {
 
     fn destroy(&self) {
         self.inner.destroy()
+    }
+
+    // The passthrough filesystem allocates the guest's `size` up front (up to 4 GiB per request);
+    // Linux never returns more than XATTR_SIZE_MAX / XATTR_LIST_MAX bytes, so larger sizes change nothing
+    // but the allocation.
+    fn getxattr(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        name: &CStr,
+        size: u32,
+    ) -> io::Result<GetxattrReply> {
+        self.inner.getxattr(ctx, inode, name, size.min(XATTR_MAX))
+    }
+
+    fn listxattr(&self, ctx: &Context, inode: u64, size: u32) -> io::Result<ListxattrReply> {
+        self.inner.listxattr(ctx, inode, size.min(XATTR_MAX))
     }
 
     fn ioctl(

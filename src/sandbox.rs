@@ -121,6 +121,9 @@ pub struct AllowedPaths {
     pub read_write: Vec<PathBuf>,
     /// A network backend may be used: no network namespace, resolver files visible.
     pub network: bool,
+    /// The daemon's own files (the folder of its rotated log): visible and writable in the sandbox, but
+    /// never offered to API mounts.
+    pub private_rw: Vec<PathBuf>,
 }
 
 /// An absolute path with "." and ".." resolved lexically, symlinks resolved for the part that exists.
@@ -744,6 +747,12 @@ pub fn build_root(paths: &AllowedPaths) -> Result<()> {
             .iter()
             .map(|p| (p.clone(), Access::ReadWrite)),
     );
+    exposed.extend(
+        paths
+            .private_rw
+            .iter()
+            .map(|p| (p.clone(), Access::ReadWrite)),
+    );
     // Parents before children, so a bind beneath another bind is not hidden by it.
     exposed.sort_by_key(|(p, _)| p.components().count());
     for (p, access) in &exposed {
@@ -808,6 +817,7 @@ pub fn restrict_filesystem(paths: &AllowedPaths, extra_rw: &[&str]) {
     let mut write: Vec<PathBuf> = DEVICES.iter().map(PathBuf::from).collect();
     write.extend(extra_rw.iter().map(PathBuf::from));
     write.extend(paths.read_write.iter().cloned());
+    write.extend(paths.private_rw.iter().cloned());
     let result = Ruleset::default()
         .set_compatibility(CompatLevel::BestEffort)
         .handle_access(AccessFs::from_all(abi))
@@ -880,12 +890,28 @@ pub fn is_our_fuse_mount(mountpoint: &Path) -> bool {
         })
 }
 
+/// The absolute path of `mountpoint` as /proc/self/mountinfo shows it. Only the parent is resolved: a
+/// stat of the mountpoint itself waits on its FUSE connection, which nobody may be serving any more
+/// (the snapshotter's supervisor can keep it open across daemons).
+pub fn resolve_mountpoint(mountpoint: &Path) -> PathBuf {
+    let (Some(parent), Some(name)) = (mountpoint.parent(), mountpoint.file_name()) else {
+        return mountpoint.to_path_buf();
+    };
+    let parent = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
+    parent
+        .canonicalize()
+        .map(|p| p.join(name))
+        .unwrap_or(mountpoint.to_path_buf())
+}
+
 /// Lazily unmount our FUSE mount at `mountpoint` if it is still there (the supervisor's cleanup: the
 /// sandboxed daemon may not unmount).
 pub fn unmount_fuse(mountpoint: &Path) {
-    let mp = mountpoint
-        .canonicalize()
-        .unwrap_or(mountpoint.to_path_buf());
+    let mp = resolve_mountpoint(mountpoint);
     if !is_our_fuse_mount(&mp) {
         return;
     }

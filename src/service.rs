@@ -57,13 +57,13 @@ pub fn open_image(mount: &RafsMount) -> Result<Arc<RafsImage>> {
 pub fn build_rafs(mount: &RafsMount) -> Result<RafsFs> {
     let config = &mount.config;
     let image = open_image(mount)?;
-    let fs = RafsFs::new(image.clone(), config.rafs.enable_xattr).with_file_metrics(
-        crate::fs::metrics::FileMetricsOptions {
+    let fs = RafsFs::new(image.clone(), config.rafs.enable_xattr)
+        .with_id_mapping(config.rafs.id_mapping)
+        .with_file_metrics(crate::fs::metrics::FileMetricsOptions {
             iostats_files: config.rafs.iostats_files,
             access_pattern: config.rafs.access_pattern,
             latest_read_files: config.rafs.latest_read_files,
-        },
-    );
+        });
     if config.rafs.prefetch.enable {
         if image.cache().is_none() {
             log::warn!("prefetch is enabled but there is no blob cache to fill; not prefetching");

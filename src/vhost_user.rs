@@ -2,34 +2,37 @@
 //! fuse-backend-rs `Server` over the daemon's `Vfs` (where each image is a pseudo mount).
 //!
 //! Queue 0 is the hiprio queue (FORGET, INTERRUPT), queues 1.. carry requests; each queue has its own
-//! worker thread. A request that fails is answered (or dropped) by the server and logged; it never ends a
-//! worker. When the VMM disconnects we listen again for the next one.
+//! thread. The hiprio queue's thread answers its requests itself, in order (they are cheap, and the
+//! guest expects FORGETs in the order sent). Each request queue also has a pool of `--thread-pool-size`
+//! workers, so that a request waiting on the network holds back nobody and requests finish in any order;
+//! [`queue`] says how the queue thread, the workers and a watcher share the work. With
+//! `--thread-pool-size 0` request queues are answered like the hiprio queue, one at a time in order.
+//!
+//! A request that fails is answered (or dropped) by the server and logged; it never ends a thread. When
+//! the VMM disconnects we listen again for the next one; requests still running then are not put in the
+//! old connection's rings.
 //!
 //! With `--dax-window` the device also offers a DAX window (SHMEM, GET_SHMEM_CONFIG) and answers
 //! SETUPMAPPING/REMOVEMAPPING through the backend request channel: see [`crate::dax`].
 
+pub mod queue;
+
 use std::io;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use fuse_backend_rs::abi::fuse_abi::{InHeader, Opcode};
-use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::api::Vfs;
-use fuse_backend_rs::transport::FsCacheReqHandler;
-use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
 use vhost::vhost_user::message::{
     VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Backend, Error as VhostUserError, Listener};
-use vhost_user_backend::{
-    Error as DaemonError, VhostUserBackend, VhostUserDaemon, VringRwLock, VringT,
-};
+use vhost_user_backend::{Error as DaemonError, VhostUserBackend, VhostUserDaemon, VringRwLock};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
-use virtio_queue::QueueOwnedT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -38,47 +41,112 @@ use vmm_sys_util::event::{
 
 use crate::dax::DaxWindow;
 use crate::error::{Error, Result};
+pub use queue::handle_request;
+use queue::{Memory, RequestQueue, Requests};
 
 /// Descriptors per queue (QEMU asks for 128 by default; nydusd offers 1024).
 pub const QUEUE_SIZE: usize = 1024;
 /// hiprio + request queues offered; the VMM's `num-request-queues` must not exceed `QUEUES - 1`.
 pub const DEFAULT_REQUEST_QUEUES: usize = 4;
+/// Requests of one request queue in flight at most, the queue thread's own included, and so workers at
+/// most. Workers start only when requests overlap, so a guest that sends one request at a time costs one
+/// idle worker per queue. 16 leaves room for the reads a few streaming readers keep in flight (a Linux
+/// guest's readahead keeps one or two per file) to wait on the network while metadata and cached reads
+/// still get through; the cap bounds memory to 16 replies (at most 1 MiB each, written straight into
+/// guest memory) plus the chunk buffers of 16 reads per queue.
+pub const DEFAULT_POOL_SIZE: usize = 16;
 
 type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
 
+/// The pool size for `--thread-pool-size`: absent means [`DEFAULT_POOL_SIZE`]; 0 means no pool (each
+/// queue answered in order by its own thread, as virtiofsd's 0 does). Kata passes `=1` to every
+/// virtio-fs daemon by default, a virtiofsd tuning for local passthrough I/O; one at a time would put
+/// every request of the guest behind any chunk being fetched from a registry, which is what the pool is
+/// for, so 1 also gets the default (0 still gives in-order service to whoever wants it).
+pub fn pool_size(requested: Option<u32>) -> usize {
+    match requested {
+        None => DEFAULT_POOL_SIZE,
+        Some(1) => {
+            log::info!(
+                "--thread-pool-size=1 (Kata's default for virtiofsd) means the default pool of \
+                 {DEFAULT_POOL_SIZE} per request queue here, so that a request waiting on a backend \
+                 does not hold back the others; --thread-pool-size=0 answers requests in order"
+            );
+            DEFAULT_POOL_SIZE
+        }
+        Some(n) => n as usize,
+    }
+}
+
 pub struct VirtioFsBackend {
-    server: Arc<Server<Arc<Vfs>>>,
+    requests: Arc<Requests>,
     mem: RwLock<Option<GuestMem>>,
-    event_idx: AtomicBool,
     queues: usize,
-    /// One exit event per worker thread, so the workers stop when a connection ends.
+    /// One exit event per queue thread, so the threads stop when a connection ends.
     exits: Vec<(EventConsumer, EventNotifier)>,
+    /// Per queue: how a request queue is served (none for the hiprio queue, or with pool size 0).
+    pools: Vec<Option<Arc<RequestQueue>>>,
     backend_req: Mutex<Option<Backend>>,
-    /// DAX window size in bytes (0: no window), and the window once the backend channel is up.
+    /// DAX window size in bytes (0: no window).
     dax_window_size: u64,
-    dax: RwLock<Option<Arc<DaxWindow>>>,
 }
 
 impl VirtioFsBackend {
-    pub fn new(vfs: Arc<Vfs>, request_queues: usize, dax_window_size: u64) -> io::Result<Self> {
+    pub fn new(
+        vfs: Arc<Vfs>,
+        request_queues: usize,
+        pool_size: usize,
+        dax_window_size: u64,
+    ) -> io::Result<Self> {
         let queues = 1 + request_queues.max(1);
         let exits = (0..queues)
             .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK))
             .collect::<io::Result<Vec<_>>>()?;
+        let requests = Arc::new(Requests::new(vfs));
+        let mut pools = Vec::with_capacity(queues);
+        for q in 0..queues {
+            if q == 0 || pool_size == 0 {
+                pools.push(None);
+                continue;
+            }
+            match RequestQueue::new(q, requests.clone(), pool_size) {
+                Ok(rq) => pools.push(Some(rq)),
+                Err(e) => {
+                    // The queues made so far have threads of their own: stop them.
+                    pools
+                        .iter()
+                        .flatten()
+                        .for_each(|rq: &Arc<RequestQueue>| rq.close());
+                    return Err(e);
+                }
+            }
+        }
         Ok(VirtioFsBackend {
-            server: Arc::new(Server::new(vfs)),
+            requests,
             mem: RwLock::new(None),
-            event_idx: AtomicBool::new(false),
             queues,
             exits,
+            pools,
             backend_req: Mutex::new(None),
             dax_window_size,
-            dax: RwLock::new(None),
         })
     }
 
-    fn process_queue(&self, vring: &VringRwLock) -> io::Result<()> {
-        let mem = self
+    /// The event (epoll data) of a queue's resume eventfd: past the queue and exit events.
+    fn resume_event(&self) -> u16 {
+        self.queues as u16 + 1
+    }
+
+    /// End of the connection: no more used entries or interrupts; watchers and idle workers exit.
+    fn close(&self) {
+        self.requests.close();
+        for q in self.pools.iter().flatten() {
+            q.close();
+        }
+    }
+
+    fn memory(&self) -> io::Result<Memory> {
+        Ok(self
             .mem
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -86,71 +154,7 @@ impl VirtioFsBackend {
             .ok_or_else(|| {
                 io::Error::other("virtqueue kicked before the guest memory table was set")
             })?
-            .memory();
-        let event_idx = self.event_idx.load(Ordering::Relaxed);
-        loop {
-            if event_idx {
-                vring.disable_notification().map_err(io::Error::other)?;
-            }
-            let chains: Vec<_> = vring
-                .get_mut()
-                .get_queue_mut()
-                .iter(mem.clone())
-                .map_err(io::Error::other)?
-                .collect();
-            for chain in chains {
-                let head = chain.head_index();
-                let used = self.handle_chain(chain);
-                vring.add_used(head, used).map_err(io::Error::other)?;
-            }
-            if !event_idx || vring.needs_notification().map_err(io::Error::other)? {
-                vring.signal_used_queue()?;
-            }
-            // With EVENT_IDX, re-enable notifications and drain again if more arrived meanwhile.
-            if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
-                return Ok(());
-            }
-        }
-    }
-
-    /// One FUSE request; returns the bytes written to the guest (0 when no reply could be built).
-    fn handle_chain(
-        &self,
-        chain: virtio_queue::DescriptorChain<vm_memory::GuestMemoryLoadGuard<GuestMemoryMmap>>,
-    ) -> u32 {
-        let mem = chain.memory();
-        let reader = match Reader::from_descriptor_chain(mem, chain.clone()) {
-            Ok(r) => r,
-            Err(e) => {
-                log::warn!("virtio-fs: malformed request descriptors: {e}");
-                return 0;
-            }
-        };
-        let writer = match VirtioFsWriter::new(mem, chain.clone()) {
-            Ok(w) => w,
-            Err(e) => {
-                log::warn!("virtio-fs: malformed reply descriptors: {e}");
-                return 0;
-            }
-        };
-        // Without a window SETUPMAPPING/REMOVEMAPPING get EINVAL from the server.
-        let window = self.dax.read().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some(w) = &window {
-            // A new FUSE session starts with an empty window (header peeked through a copy of the reader).
-            let init = reader.clone().read_obj::<InHeader>();
-            if init.is_ok_and(|h| h.opcode == Opcode::Init as u32) {
-                w.reset();
-            }
-        }
-        let mut dax = window.as_ref().map(DaxWindow::requests);
-        let dax = dax.as_mut().map(|d| d as &mut dyn FsCacheReqHandler);
-        match self.server.handle_message(reader, writer.into(), dax, None) {
-            Ok(n) => n as u32,
-            Err(e) => {
-                log::warn!("virtio-fs: request failed: {e}");
-                0
-            }
-        }
+            .memory())
     }
 }
 
@@ -196,7 +200,7 @@ impl VhostUserBackend for VirtioFsBackend {
     }
 
     fn set_event_idx(&self, enabled: bool) {
-        self.event_idx.store(enabled, Ordering::Relaxed);
+        self.requests.set_event_idx(enabled);
     }
 
     fn update_memory(&self, mem: GuestMem) -> io::Result<()> {
@@ -206,8 +210,8 @@ impl VhostUserBackend for VirtioFsBackend {
 
     fn set_backend_req_fd(&self, backend: Backend) {
         if self.dax_window_size != 0 {
-            *self.dax.write().unwrap_or_else(|e| e.into_inner()) =
-                Some(DaxWindow::new(self.dax_window_size, backend.clone()));
+            self.requests
+                .set_dax(DaxWindow::new(self.dax_window_size, backend.clone()));
         }
         *self.backend_req.lock().unwrap_or_else(|e| e.into_inner()) = Some(backend);
     }
@@ -227,19 +231,32 @@ impl VhostUserBackend for VirtioFsBackend {
         device_event: u16,
         evset: EventSet,
         vrings: &[VringRwLock],
-        _thread: usize,
+        thread: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {
             log::warn!("virtio-fs: unexpected event set {evset:?}");
             return Ok(());
         }
-        let Some(vring) = vrings.get(device_event as usize) else {
-            log::warn!("virtio-fs: event for unknown queue {device_event}");
+        // One thread per queue (`queues_per_thread`): thread `q` serves queue `q`, its only vring.
+        let Some(vring) = vrings.first() else {
+            log::warn!("virtio-fs: event {device_event} on thread {thread} without a queue");
             return Ok(());
         };
-        // Never return an error: that would end this worker thread for good.
-        if let Err(e) = self.process_queue(vring) {
-            log::error!("virtio-fs: queue processing: {e}");
+        let result =
+            self.memory().and_then(
+                |mem| match self.pools.get(thread).and_then(Option::as_ref) {
+                    Some(q) => {
+                        if device_event == self.resume_event() {
+                            let _ = q.resume.consume();
+                        }
+                        q.serve(vring, mem)
+                    }
+                    None => self.requests.process_in_order(vring, mem),
+                },
+            );
+        // Never return an error: that would end this queue's thread for good.
+        if let Err(e) = result {
+            log::error!("virtio-fs: queue {thread}: {e}");
         }
         Ok(())
     }
@@ -258,19 +275,34 @@ pub fn bind(sock: &Path) -> Result<Listener> {
         .map_err(|e| Error::Invalid(format!("vhost-user socket {}: {e}", sock.display())))
 }
 
+/// Options of the device that stay the same across VMM connections.
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceOptions {
+    /// Request queues offered (the hiprio queue comes on top).
+    pub request_queues: usize,
+    /// Workers per request queue (see [`pool_size`]); 0 answers requests in order on the queue's thread.
+    pub pool_size: usize,
+    /// DAX window size in bytes; 0 offers none.
+    pub dax_window_size: u64,
+}
+
 pub fn serve(
     vfs: Arc<Vfs>,
     mut listener: Listener,
     sock: &Path,
-    request_queues: usize,
-    dax_window_size: u64,
+    opts: DeviceOptions,
     stop: Arc<AtomicBool>,
 ) -> Result<()> {
     let sock: PathBuf = sock.to_path_buf();
     while !stop.load(Ordering::Relaxed) {
         let backend = Arc::new(
-            VirtioFsBackend::new(vfs.clone(), request_queues, dax_window_size)
-                .map_err(|e| Error::io("create virtio-fs backend", e))?,
+            VirtioFsBackend::new(
+                vfs.clone(),
+                opts.request_queues,
+                opts.pool_size,
+                opts.dax_window_size,
+            )
+            .map_err(|e| Error::io("create virtio-fs backend", e))?,
         );
         let mut daemon = VhostUserDaemon::new(
             "rafsd-virtiofs".into(),
@@ -278,8 +310,21 @@ pub fn serve(
             GuestMemoryAtomic::new(GuestMemoryMmap::new()),
         )
         .map_err(|e| Error::Invalid(format!("vhost-user daemon: {e}")))?;
+        // Each pooled queue's thread also waits on its resume event (a worker's "room again").
+        for (q, handler) in daemon.get_epoll_handlers().iter().enumerate() {
+            if let Some(qp) = backend.pools.get(q).and_then(Option::as_ref) {
+                handler
+                    .register_listener(
+                        qp.resume.as_raw_fd(),
+                        EventSet::IN,
+                        u64::from(backend.resume_event()),
+                    )
+                    .map_err(|e| Error::io(format!("register queue {q}'s resume event"), e))?;
+            }
+        }
         log::info!("virtio-fs: waiting for a VMM on {}", sock.display());
         let result = daemon.start(&mut listener).and_then(|()| daemon.wait());
+        backend.close();
         for worker in daemon.get_epoll_handlers() {
             worker.send_exit_event();
         }

@@ -225,11 +225,18 @@ fn hostile_requests_get_clear_errors_and_the_daemon_stays_up() {
         v.call("POST", "/api/v1/mount?mountpoint=/img", &good).0,
         204
     );
+    // The very same request again is a success (nydus-snapshotter repeats its mounts on an upgraded
+    // daemon); another image at the same place is a conflict.
+    assert_eq!(
+        v.call("POST", "/api/v1/mount?mountpoint=/img", &good).0,
+        204
+    );
+    let other = rafs_body("v6-zstd-batch", &cache);
     let cases: Vec<(&str, String, &str, u16, &str)> = vec![
         (
             "POST",
             "/api/v1/mount?mountpoint=/img".into(),
-            good.as_str(),
+            other.as_str(),
             409,
             "already mounted",
         ),
@@ -323,7 +330,7 @@ fn hostile_requests_get_clear_errors_and_the_daemon_stays_up() {
             "/api/v1/daemon/start".into(),
             "",
             400,
-            "already RUNNING",
+            "only valid in state READY; the daemon is RUNNING",
         ),
     ];
     for (method, target, body, want_status, want_text) in cases {
@@ -409,4 +416,109 @@ fn sigterm_stops_the_virtiofs_daemon() {
         daemon::wait_bounded(&mut v.child, Duration::from_secs(10)).expect("exits on SIGTERM");
     assert!(status.success(), "{}", v.log_text());
     assert!(!v.api.exists() && !v.sock.exists());
+}
+
+/// Did the server hang up on `s` (POLLHUP/POLLRDHUP/EOF readable) within `ms`?
+fn hung_up(s: &UnixStream, ms: i32) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut p = libc::pollfd {
+        fd: s.as_raw_fd(),
+        events: libc::POLLIN | libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::poll(&mut p, 1, ms) };
+    n > 0 && p.revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLIN) != 0
+}
+
+/// nydus-snapshotter keeps one connection idle for the daemon's whole life and takes a hang-up for its
+/// death; a slow client, by contrast, must not hold a connection for longer than the request deadline
+/// however it spaces its bytes.
+#[test]
+fn idle_connections_stay_open_and_slow_requests_hit_a_whole_request_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut v = Virtiofs::start(dir.path());
+    let idle = UnixStream::connect(&v.api).unwrap();
+    // One byte every 2 s: each read is quick, the request as a whole is not.
+    let api = v.api.clone();
+    let trickler = std::thread::spawn(move || {
+        let mut s = UnixStream::connect(&api).unwrap();
+        let started = Instant::now();
+        s.write_all(b"GET /api/v1/daemon HTTP/1.1\r\nX-Slow: ")
+            .unwrap();
+        while started.elapsed() < Duration::from_secs(16) {
+            if hung_up(&s, 2000) {
+                break;
+            }
+            if s.write_all(b"a").is_err() {
+                break;
+            }
+        }
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let (status, _) = daemon::read_http_response(&mut s);
+        (status, started.elapsed())
+    });
+    assert!(
+        !hung_up(&idle, 13_000),
+        "an idle API connection was closed within 13 s"
+    );
+    let (status, took) = trickler.join().unwrap();
+    assert_eq!(status, 408, "a trickling request must time out as a whole");
+    assert!(
+        took < Duration::from_secs(13),
+        "the deadline counts from the first byte: took {took:?}"
+    );
+    // The idle connection still serves requests afterwards.
+    let mut idle = idle;
+    write!(
+        idle,
+        "GET /api/v1/daemon HTTP/1.1\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert_eq!(daemon::read_http_response(&mut idle).0, 200);
+    assert!(v.alive());
+}
+
+#[test]
+fn duplicate_content_length_and_too_many_connections_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut v = Virtiofs::start(dir.path());
+    for lengths in [
+        "Content-Length: 2\r\nContent-Length: 2",
+        "Content-Length: 2\r\ncontent-length: 5",
+    ] {
+        let mut s = UnixStream::connect(&v.api).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(s, "PUT /api/v1/daemon HTTP/1.1\r\n{lengths}\r\n\r\n{{}}").unwrap();
+        let (status, body) = daemon::read_http_response(&mut s);
+        assert_eq!(status, 400, "{lengths:?}: {body}");
+        assert!(body.contains("Content-Length"), "{body}");
+    }
+    // Idle connections count against the cap; the next one is turned away, not left hanging.
+    let held: Vec<UnixStream> = (0..32)
+        .map(|_| UnixStream::connect(&v.api).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut extra = UnixStream::connect(&v.api).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let _ = write!(extra, "GET /api/v1/daemon HTTP/1.1\r\n\r\n");
+    assert_eq!(daemon::read_http_response(&mut extra).0, 503);
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, _) = v.call("GET", "/api/v1/daemon", "");
+        if status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "freed connections are not reused: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(v.alive());
 }

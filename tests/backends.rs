@@ -6,6 +6,7 @@
 
 mod built;
 mod daemon;
+mod frontend;
 mod layout;
 mod manifest;
 mod services;
@@ -72,6 +73,21 @@ fn case_blobs(case: &str) -> Vec<(String, Vec<u8>)> {
             )
         })
         .collect()
+}
+
+/// Our fault-injecting registry (Bearer tokens valid `bearer` seconds, if any) serving the blobs of `case`.
+fn fake_registry_with(case: &str, bearer: Option<u64>) -> FakeServer {
+    let server = FakeServer::start(FakeOptions {
+        repo: REPO.into(),
+        bearer,
+        token_basic: None,
+        redirect_to: None,
+        storage_head_403: false,
+    });
+    for (id, data) in case_blobs(case) {
+        assert_eq!(server.add_blob(data), id);
+    }
+    server
 }
 
 /// A v1 daemon config for a network backend, with a blob cache and digest validation.
@@ -611,16 +627,7 @@ fn daemon_returns_eio_on_backend_faults_and_serves_again_after_recovery() {
     manifest::assert_root("FUSE mounts");
     let case = "v6-zstd-blake3";
     let dir = tmp();
-    let server = FakeServer::start(FakeOptions {
-        repo: REPO.into(),
-        bearer: Some(60),
-        token_basic: None,
-        redirect_to: None,
-        storage_head_403: false,
-    });
-    for (id, data) in case_blobs(case) {
-        assert_eq!(server.add_blob(data), id);
-    }
+    let server = fake_registry_with(case, Some(60));
     let config = net_config(
         dir.path(),
         "registry",
@@ -1293,4 +1300,203 @@ fn a_warm_cache_mounts_and_serves_with_the_registry_gone() {
         "the failed read took {took:?}"
     );
     d.stop();
+}
+
+// Metrics of the backend, per mount.
+
+/// `/api/v1/metrics/backend?id=MP` of a running virtio-fs daemon.
+fn backend_metrics(d: &frontend::VirtiofsDaemon, id: Option<&str>) -> (u16, serde_json::Value) {
+    let target = match id {
+        Some(id) => format!("/api/v1/metrics/backend?id={id}"),
+        None => "/api/v1/metrics/backend".into(),
+    };
+    let (status, body) = d.api("GET", &target, "").unwrap();
+    (
+        status,
+        serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// `/api/v1/metrics/backend?id=` reports each mount's own backend, as nydusd's BackendMetrics: the
+/// registry mount says "registry" and counts the reads that failed (a server answering 500), the localfs
+/// mount says "localfs" with no errors; every count is in the size distribution.
+#[test]
+fn backend_metrics_report_each_mounts_backend_type_and_failed_reads() {
+    use frontend::{Guest, Options, VirtiofsDaemon, ROOT};
+    let case = "v6-zstd-blake3";
+    let dir = tmp();
+    let server = fake_registry_with(case, Some(60));
+    let d = VirtiofsDaemon::start(
+        env!("CARGO_BIN_EXE_rafsd"),
+        dir.path(),
+        &["--allow-network"],
+    );
+    let registry = json!({
+        "device": {
+            "backend": {"type": "registry", "config": {"scheme": "http",
+                "host": format!("127.0.0.1:{}", server.port), "repo": REPO,
+                "timeout": 1, "connect_timeout": 1, "retry_limit": 1}},
+            "cache": {"type": "blobcache", "config": {"work_dir": dir.path().join("cache-reg")}}
+        },
+        "mode": "direct",
+        "digest_validate": true
+    });
+    d.mount_rafs(
+        "/reg",
+        &manifest::case_bootstrap(case),
+        &registry.to_string(),
+    );
+    let local = daemon::v1_config(
+        &manifest::case_blob_dir(case),
+        &dir.path().join("cache-local"),
+        true,
+        "",
+    );
+    d.mount_rafs("/local", &manifest::case_bootstrap(case), &local);
+    let mut g = Guest::connect(&d.sock, Options::default()).unwrap();
+    g.fuse_init().unwrap();
+    let (rel, want) = largest_file();
+    let file = |g: &mut Guest, mp: &str| {
+        let root = g.lookup(ROOT, mp.as_bytes()).unwrap().nodeid;
+        g.lookup_path(root, &rel).unwrap().nodeid
+    };
+    // A first read loads the blob's chunk-info array (a failed load would be remembered for a few
+    // seconds, `image::FAILED_LOAD_RETRY_AFTER`); then the registry fails every data request: EIO.
+    let reg = g.lookup(ROOT, b"reg").unwrap().nodeid;
+    let small = g.lookup_path(reg, "etc/adduser.conf").unwrap().nodeid;
+    g.read_file(small, 4096).unwrap();
+    server.set_always(Some(Fault::Status(500)));
+    let f = file(&mut g, "reg");
+    let e = g.read_file(f, 128 << 10).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    let (status, failed) = backend_metrics(&d, Some("/reg"));
+    assert_eq!(status, 200, "{failed}");
+    assert_eq!(failed["backend_type"], "registry", "{failed}");
+    assert!(failed["read_errors"].as_u64().unwrap() >= 1, "{failed}");
+    // Back up: both mounts serve the file.
+    server.set_always(None);
+    for mp in ["reg", "local"] {
+        let f = file(&mut g, mp);
+        let data = g.read_file(f, 128 << 10).unwrap();
+        assert_eq!(hex(&sha2::Sha256::digest(&data)), want, "/{mp}");
+    }
+    for (mp, kind) in [("/reg", "registry"), ("/local", "localfs")] {
+        let (status, m) = backend_metrics(&d, Some(mp));
+        assert_eq!(status, 200, "{m}");
+        assert_eq!(m["backend_type"], kind, "{mp}: {m}");
+        let count = m["read_count"].as_u64().unwrap();
+        let errors = m["read_errors"].as_u64().unwrap();
+        let by_size: u64 = m["read_count_block_size_dist"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .sum();
+        assert_eq!(by_size, count, "{mp}: {m}");
+        assert!(count > errors, "{mp}: {m}");
+        assert!(m["read_amount_total"].as_u64().unwrap() > 0, "{mp}: {m}");
+        if kind == "localfs" {
+            assert_eq!(errors, 0, "{mp}: {m}");
+        } else {
+            assert!(errors >= failed["read_errors"].as_u64().unwrap(), "{m}");
+        }
+    }
+    // Two RAFS mounts: without `id` there is no single answer.
+    assert_eq!(backend_metrics(&d, None).0, 404);
+    drop(g);
+    d.kill_and_check();
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Credentials in URLs of a mount config (a proxy `user:password@`, a mirror's) never leave the daemon:
+/// not in `GET /api/v1/daemon` (which shows `***@host`), not in error answers or `/daemon/events`, not
+/// in any log line, even at debug level, while the dead proxy and mirror make it log their failures.
+#[test]
+fn url_credentials_never_appear_in_api_answers_or_logs() {
+    use frontend::{Guest, Options, VirtiofsDaemon, ROOT};
+    const PASSWORD: &str = "Pr0xyS3cretPw";
+    let case = "v6-zstd-blake3";
+    let dir = tmp();
+    let server = fake_registry_with(case, None);
+    let (dead_proxy, dead_mirror) = (services::free_port(), services::free_port());
+    let d = VirtiofsDaemon::start(
+        env!("CARGO_BIN_EXE_rafsd"),
+        dir.path(),
+        &["--allow-network", "--log-level", "debug"],
+    );
+    let config = |proxy: &str, fallback: bool, cache: &str| {
+        json!({
+            "device": {
+                "backend": {"type": "registry", "config": {"scheme": "http",
+                    "host": format!("127.0.0.1:{}", server.port), "repo": REPO,
+                    "timeout": 2, "connect_timeout": 1, "retry_limit": 1,
+                    "proxy": {"url": proxy, "fallback": fallback},
+                    "mirrors": [{"host": format!("http://mirror:{PASSWORD}@127.0.0.1:{dead_mirror}")}]}},
+                "cache": {"type": "blobcache", "config": {"work_dir": dir.path().join(cache)}}
+            },
+            "mode": "direct"
+        })
+        .to_string()
+    };
+    let proxy = format!("http://user:{PASSWORD}@127.0.0.1:{dead_proxy}");
+    d.mount_rafs(
+        "/fallback",
+        &manifest::case_bootstrap(case),
+        &config(&proxy, true, "c1"),
+    );
+    // Without fallback the dead proxy fails the first read (a mount asks the network nothing): a log
+    // line and an event.
+    let strict = json!({"source": manifest::case_bootstrap(case), "fs_type": "rafs",
+        "config": config(&proxy, false, "c2")});
+    let (status, mounted) = d
+        .api(
+            "POST",
+            "/api/v1/mount?mountpoint=/strict",
+            &strict.to_string(),
+        )
+        .unwrap();
+    assert_eq!(status, 204, "{mounted}");
+    // A proxy URL the HTTP client refuses: the error names it, masked.
+    let bad = json!({"source": manifest::case_bootstrap(case), "fs_type": "rafs",
+        "config": config(&format!("ftp://user:{PASSWORD}@127.0.0.1:1"), true, "c3")});
+    let (status, refused) = d
+        .api("POST", "/api/v1/mount?mountpoint=/bad", &bad.to_string())
+        .unwrap();
+    assert!((400..500).contains(&status), "{status} {refused}");
+    assert!(refused.contains("proxy url"), "{refused}");
+    // Mirror and proxy are down: reads go direct.
+    let mut g = Guest::connect(&d.sock, Options::default()).unwrap();
+    g.fuse_init().unwrap();
+    let (rel, want) = largest_file();
+    let strict_root = g.lookup(ROOT, b"strict").unwrap().nodeid;
+    let f = g.lookup_path(strict_root, &rel).unwrap().nodeid;
+    let e = g.read_file(f, 128 << 10).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    let root = g.lookup(ROOT, b"fallback").unwrap().nodeid;
+    let f = g.lookup_path(root, &rel).unwrap().nodeid;
+    let got = g.read_file(f, 128 << 10).unwrap();
+    assert_eq!(hex(&sha2::Sha256::digest(got)), want);
+    let (_, info) = d.api("GET", "/api/v1/daemon", "").unwrap();
+    assert!(
+        info.contains(&format!("http://***@127.0.0.1:{dead_proxy}")),
+        "GET /daemon shows the proxy without its credentials: {info}"
+    );
+    let (_, events) = d.api("GET", "/api/v1/daemon/events", "").unwrap();
+    assert!(events.contains("giving up"), "{events}");
+    let log = d.log_text();
+    assert!(log.contains("mirror") && log.contains("proxy"), "{log}");
+    for (what, text) in [
+        ("GET /api/v1/daemon", &info),
+        ("the refused mount's answer", &refused),
+        ("GET /api/v1/daemon/events", &events),
+        ("the log", &log),
+    ] {
+        let leak = text.lines().find(|l| l.contains(PASSWORD));
+        assert!(leak.is_none(), "{what} holds the password: {leak:?}");
+    }
+    drop(g);
+    d.kill_and_check();
 }

@@ -711,3 +711,82 @@ fn bad_window_sizes_are_refused_on_the_command_line() {
         );
     }
 }
+
+/// The image's backend reads so far, from `/api/v1/metrics/backend?id=MP`.
+fn backend_reads(d: &VirtiofsDaemon, mountpoint: &str) -> u64 {
+    let (status, body) = d
+        .api(
+            "GET",
+            &format!("/api/v1/metrics/backend?id={mountpoint}"),
+            "",
+        )
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str::<serde_json::Value>(&body).unwrap()["read_count"]
+        .as_u64()
+        .unwrap()
+}
+
+/// A SETUPMAPPING whose window range cannot fit (1 TiB, past the window's end, overflowing) or whose
+/// flags are unknown is refused with EINVAL before the file's chunks are fetched: zero backend reads,
+/// nothing mapped, and both images (with and without a cache) keep serving.
+#[test]
+fn oversized_mappings_are_refused_before_any_backend_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = daemon_with_image(dir.path(), "v6-zstd-blake3");
+    let case = "v5-zstd-sha256-128k";
+    let nocache = format!(
+        r#"{{"device":{{"backend":{{"type":"localfs","config":{{"dir":"{}"}}}},"cache":{{"type":"dummycache"}}}},"mode":"direct","digest_validate":true}}"#,
+        manifest::case_blob_dir(case).display()
+    );
+    d.mount_rafs("/nocache", &manifest::case_bootstrap(case), &nocache);
+    let mut dg = connect(&d.sock);
+    dg.g.fuse_init().unwrap();
+    let einval = Some(libc::EINVAL);
+    for mp in ["img", "nocache"] {
+        let root = dg.g.lookup(ROOT, mp.as_bytes()).unwrap();
+        let special = dg.g.lookup(root.nodeid, b"special").unwrap();
+        let f = dg.g.lookup(special.nodeid, b"random-2m5").unwrap().nodeid;
+        assert_eq!(
+            backend_reads(&d, &format!("/{mp}")),
+            0,
+            "{mp}: nothing read yet"
+        );
+        let maps_before = dg.window.maps.lock().unwrap().len();
+        for (len, moffset, flags) in [
+            (1 << 40, 0, READ),
+            (WINDOW + RANGE, 0, READ),
+            (2 * RANGE, WINDOW - RANGE, READ),
+            (RANGE, u64::MAX - PAGE + 1, READ),
+            (RANGE, 0, READ | 0x80),
+        ] {
+            let e = dg.g.setupmapping(f, 0, 0, len, flags, moffset).unwrap_err();
+            assert_eq!(
+                e.raw_os_error(),
+                einval,
+                "{mp}: len {len:#x} at {moffset:#x}"
+            );
+            assert_eq!(
+                backend_reads(&d, &format!("/{mp}")),
+                0,
+                "{mp}: SETUPMAPPING of {len:#x} bytes at {moffset:#x} read the backend before it was refused"
+            );
+        }
+        assert_eq!(
+            dg.window.maps.lock().unwrap().len(),
+            maps_before,
+            "{mp}: nothing mapped"
+        );
+        // A mapping that fits works, and FUSE_READ agrees with it.
+        dg.g.setupmapping(f, 0, 0, RANGE, READ, 0).unwrap();
+        let want = read_range(&mut dg.g, f, 0, RANGE);
+        assert_eq!(dg.window.bytes(0, RANGE), &want[..], "{mp}");
+        dg.g.removemapping(f, &[(0, RANGE)]).unwrap();
+    }
+    let sizes = manifest_files();
+    let img = dg.g.lookup(ROOT, b"img").unwrap().nodeid;
+    let t = map_every_file(&mut dg, img, &sizes);
+    assert!(t.files > 100);
+    drop(dg);
+    d.kill_and_check();
+}

@@ -157,7 +157,11 @@ fn lookup_and_readdir_agree_on_a_3000_entry_directory() {
             .unwrap();
         assert_eq!(names.len(), 3000, "{case}");
         for (i, (name, ino, offset)) in names.iter().enumerate() {
-            assert_eq!(*offset, i as u64 + 1, "{case}: cookies are ordinals");
+            // Cookies are unique and increase in listing order (v5: ordinals; v6: block and slot).
+            assert!(
+                *offset > 0 && (i == 0 || *offset > names[i - 1].2),
+                "{case}: cookie {offset} of entry {i}"
+            );
             assert_eq!(
                 image.lookup(bigdir, name).unwrap(),
                 Some(*ino),
@@ -168,7 +172,7 @@ fn lookup_and_readdir_agree_on_a_3000_entry_directory() {
         // Resuming from any cookie continues exactly after that entry.
         let mut resumed = Vec::new();
         image
-            .read_dir(bigdir, 1234, &mut |e| {
+            .read_dir(bigdir, names[1233].2, &mut |e| {
                 resumed.push(e.name);
                 Ok(resumed.len() < 3)
             })
@@ -182,6 +186,29 @@ fn lookup_and_readdir_agree_on_a_3000_entry_directory() {
             ],
             "{case}"
         );
+        // Every cookie resumes at the very next entry.
+        for (i, pair) in names.windows(2).enumerate() {
+            let mut next = None;
+            image
+                .read_dir(bigdir, pair[0].2, &mut |e| {
+                    next = Some((e.name, e.offset));
+                    Ok(false)
+                })
+                .unwrap();
+            assert_eq!(
+                next,
+                Some((pair[1].0.clone(), pair[1].2)),
+                "{case}: after entry {i}"
+            );
+        }
+        let mut after_last = 0;
+        image
+            .read_dir(bigdir, names[names.len() - 1].2, &mut |_| {
+                after_last += 1;
+                Ok(true)
+            })
+            .unwrap();
+        assert_eq!(after_last, 0, "{case}: nothing after the last cookie");
         assert_eq!(image.lookup(bigdir, b"f99999").unwrap(), None, "{case}");
     }
 }

@@ -492,7 +492,8 @@ fn sockets_are_unix_or_ip_only() {
 
 /// The real resolver under the socket rule: a registry host with two addresses (glibc's getaddrinfo
 /// then asks netlink for the interface addresses, gets EAFNOSUPPORT and carries on), looked up in a
-/// private /etc/hosts; the connection is refused and the daemon, in kill mode, serves on.
+/// private /etc/hosts, at the first read of the mount; the connection is refused and the daemon, in kill
+/// mode, serves on.
 #[test]
 fn the_resolver_copes_with_the_socket_rule() {
     let dir = tempfile::tempdir().unwrap();
@@ -535,7 +536,17 @@ fn the_resolver_copes_with_the_socket_rule() {
     let (s, t) = d
         .api("POST", "/api/v1/mount?mountpoint=/r", &body.to_string())
         .unwrap();
-    assert!(s >= 400 && t.contains("Connection refused"), "{s} {t}");
+    // The mount asks the registry nothing; the first read resolves the name and is refused.
+    assert_eq!(s, 204, "{t}");
+    let mut g = Guest::connect(&d.sock, Options::default()).expect("vhost-user handshake");
+    let cold = g.lookup_path(ROOT, "r/etc/adduser.conf").unwrap();
+    let err = g.read_file(cold.nodeid, 4096).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(
+        d.log_text().contains("Connection refused"),
+        "{}",
+        d.log_text()
+    );
     let (s, t) = d.api("GET", "/api/v1/daemon", "").unwrap();
     assert_eq!(s, 200, "{t}\n{}", d.log_text());
     assert_every_thread_confined(daemon_child(d.pid()));

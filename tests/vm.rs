@@ -185,7 +185,8 @@ fn guest_reads_images_mounted_through_the_api() {
     let shared = run.dir.join("containers");
     std::fs::create_dir(&shared).unwrap();
 
-    // The daemon starts empty, as Kata starts it, with the sandbox's defaults spelled out.
+    // The daemon starts empty, as Kata starts it (with Kata's default virtio_fs_extra_args, so its
+    // `--thread-pool-size=1` gets the worker pools), with the sandbox's defaults spelled out.
     let child = die_with_parent(
         &mut Command::new(env!("CARGO_BIN_EXE_rafsd")),
         libc::SIGKILL,
@@ -198,6 +199,8 @@ fn guest_reads_images_mounted_through_the_api() {
         "kill",
         "--sandbox",
         "namespace",
+        "--thread-pool-size=1",
+        "--announce-submounts",
     ])
     .args(daemon::sandbox_allow_args(&run.dir))
     .arg("--sock")

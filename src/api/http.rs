@@ -1,21 +1,29 @@
 //! A deliberately small HTTP/1.1 server for the admin API on a Unix socket: one thread per connection (at
-//! most `MAX_CONNECTIONS`), bounded request line, headers and body, and a read timeout so a slow or silent
-//! client cannot hold a thread for long. Bodies are never logged (mount configs carry credentials).
+//! most `MAX_CONNECTIONS`; more are answered 503 and closed), bounded request line, headers and body.
+//! Bodies are never logged (mount configs carry credentials).
+//!
+//! An idle connection stays open as long as the daemon lives: nydus-snapshotter keeps one open and takes
+//! its hang-up for the daemon's death. A request, once its first byte has arrived, must be complete
+//! within `REQUEST_DEADLINE` however slowly it trickles in, so a slow client holds a thread for a
+//! bounded time only.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 
 const MAX_HEADER_BYTES: usize = 16 << 10;
 /// Mount bodies carry a whole daemon config (itself at most 1 MiB) as a JSON string.
 pub const MAX_BODY_BYTES: usize = 2 << 20;
-const MAX_CONNECTIONS: usize = 32;
-const READ_TIMEOUT: Duration = Duration::from_secs(10);
+pub const MAX_CONNECTIONS: usize = 32;
+/// From the first byte of a request to its last.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
+/// A client that does not take its reply within this long is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Request {
     pub method: String,
@@ -110,6 +118,7 @@ pub fn serve_on(
             for stream in listener.incoming() {
                 let Ok(mut stream) = stream else { continue };
                 if active.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
+                    let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
                     let _ = write_response(
                         &mut stream,
                         &Response::error(503, "Busy", "too many API connections"),
@@ -118,15 +127,16 @@ pub fn serve_on(
                     continue;
                 }
                 active.fetch_add(1, Ordering::SeqCst);
-                let (handler, active) = (handler.clone(), active.clone());
+                let (handler, count) = (handler.clone(), active.clone());
                 let spawned =
                     std::thread::Builder::new()
                         .name("api-conn".into())
                         .spawn(move || {
                             handle_connection(stream, handler.as_ref());
-                            active.fetch_sub(1, Ordering::SeqCst);
+                            count.fetch_sub(1, Ordering::SeqCst);
                         });
                 if spawned.is_err() {
+                    active.fetch_sub(1, Ordering::SeqCst);
                     log::warn!("admin API: cannot start a connection thread");
                 }
             }
@@ -134,14 +144,47 @@ pub fn serve_on(
         .map_err(|e| Error::io("start API thread", e))
 }
 
+/// The connection's socket with an optional deadline: reads wait without limit while there is none
+/// (an idle connection) and fail with `TimedOut` once it has passed.
+struct DeadlineStream {
+    stream: UnixStream,
+    deadline: Option<Instant>,
+}
+
+impl Read for DeadlineStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let timeout = match self.deadline {
+            None => None,
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(std::io::ErrorKind::TimedOut.into());
+                }
+                Some(left)
+            }
+        };
+        self.stream.set_read_timeout(timeout)?;
+        self.stream.read(buf)
+    }
+}
+
 fn handle_connection(stream: UnixStream, handler: &(dyn Fn(&Request) -> Response + Send + Sync)) {
-    let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
-    let _ = stream.set_write_timeout(Some(READ_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
     let Ok(mut writer) = stream.try_clone() else {
         return;
     };
-    let mut reader = BufReader::new(stream);
+    let mut reader = BufReader::new(DeadlineStream {
+        stream,
+        deadline: None,
+    });
     loop {
+        // Idle until the next request starts (or the client hangs up), however long that takes.
+        reader.get_mut().deadline = None;
+        match reader.fill_buf() {
+            Ok([]) | Err(_) => return,
+            Ok(_) => {}
+        }
+        reader.get_mut().deadline = Some(Instant::now() + REQUEST_DEADLINE);
         match read_request(&mut reader) {
             Ok(None) => return,
             Ok(Some((request, keep_alive))) => {
@@ -158,9 +201,16 @@ fn handle_connection(stream: UnixStream, handler: &(dyn Fn(&Request) -> Response
     }
 }
 
+fn timed_out(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
+
 /// Read one request. `Ok(None)` is a clean end of the connection; `Err` carries the error to send.
 fn read_request(
-    reader: &mut BufReader<UnixStream>,
+    reader: &mut BufReader<DeadlineStream>,
 ) -> std::result::Result<Option<(Request, bool)>, Response> {
     let mut head = Vec::new();
     loop {
@@ -170,7 +220,7 @@ fn read_request(
             .take((MAX_HEADER_BYTES + 1 - head.len().min(MAX_HEADER_BYTES)) as u64)
             .read_until(b'\n', &mut line);
         match n {
-            Ok(0) if head.is_empty() => return Ok(None),
+            Ok(0) if head.is_empty() && line.is_empty() => return Ok(None),
             Ok(0) => {
                 return Err(Response::error(
                     400,
@@ -179,21 +229,15 @@ fn read_request(
                 ))
             }
             Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                return if head.is_empty() {
-                    Ok(None)
-                } else {
-                    Err(Response::error(
-                        408,
-                        "Timeout",
-                        "request not received in time",
-                    ))
-                };
+            Err(e) if timed_out(&e) => {
+                return Err(Response::error(
+                    408,
+                    "Timeout",
+                    format!(
+                        "request not complete within {} s of its first byte",
+                        REQUEST_DEADLINE.as_secs()
+                    ),
+                ));
             }
             Err(_) => return Ok(None),
         }
@@ -226,7 +270,7 @@ fn read_request(
             "only HTTP/1.x is served",
         ));
     }
-    let mut length = 0usize;
+    let mut length: Option<usize> = None;
     let mut keep_alive = version == "HTTP/1.1";
     for line in lines.filter(|l| !l.is_empty()) {
         let Some((name, value)) = line.split_once(':') else {
@@ -235,9 +279,19 @@ fn read_request(
         let value = value.trim();
         match name.trim().to_ascii_lowercase().as_str() {
             "content-length" => {
-                length = value
-                    .parse()
-                    .map_err(|_| Response::error(400, "BadRequest", "bad Content-Length"))?;
+                // Two lengths leave the body's end ambiguous (request smuggling): refuse, even if equal.
+                if length.is_some() {
+                    return Err(Response::error(
+                        400,
+                        "BadRequest",
+                        "more than one Content-Length header",
+                    ));
+                }
+                length = Some(
+                    value
+                        .parse()
+                        .map_err(|_| Response::error(400, "BadRequest", "bad Content-Length"))?,
+                );
             }
             "transfer-encoding" => {
                 return Err(Response::error(
@@ -250,6 +304,7 @@ fn read_request(
             _ => {}
         }
     }
+    let length = length.unwrap_or(0);
     if length > MAX_BODY_BYTES {
         return Err(Response::error(
             413,
@@ -258,12 +313,19 @@ fn read_request(
         ));
     }
     let mut body = vec![0u8; length];
-    reader.read_exact(&mut body).map_err(|_| {
-        Response::error(
-            408,
-            "Timeout",
-            "body shorter than its Content-Length or too slow",
-        )
+    reader.read_exact(&mut body).map_err(|e| {
+        if timed_out(&e) {
+            Response::error(
+                408,
+                "Timeout",
+                format!(
+                    "request not complete within {} s of its first byte",
+                    REQUEST_DEADLINE.as_secs()
+                ),
+            )
+        } else {
+            Response::error(400, "BadRequest", "body shorter than its Content-Length")
+        }
     })?;
     let (path, query) = match target.split_once('?') {
         Some((p, q)) => (p, parse_query(q)),

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
-use crate::daemon::{Daemon, FsType, MountCmd};
+use crate::daemon::{Control, Daemon, DaemonState, FsType, MountCmd};
 use crate::error::Error;
 use http::{Request, Response};
 
@@ -37,7 +37,7 @@ fn error_response(e: &Error) -> Response {
         Error::Unsupported(_) => (501, "Unsupported"),
         Error::Io { .. } => (500, "IoError"),
     };
-    Response::error(status, code, e.to_string())
+    Response::error(status, code, crate::redact::text(&e.to_string()))
 }
 
 fn method_not_allowed(req: &Request) -> Response {
@@ -58,17 +58,16 @@ pub fn route(daemon: &Daemon, req: &Request) -> Response {
         ("/daemon", _) => method_not_allowed(req),
         ("/daemon/events", "GET") => Response::json(200, &crate::storage::events::snapshot()),
         ("/daemon/backend", "GET") => backend_info(daemon, req),
-        ("/daemon/start", "PUT") => {
-            Response::error(400, "UnexpectedEvent", "the daemon is already RUNNING")
-        }
+        ("/daemon/start", "PUT") => control(daemon, Control::Start),
         ("/daemon/exit", "PUT") => {
             log::info!("exit requested through the API");
             daemon.request_exit();
             Response::no_content()
         }
-        ("/daemon/fuse/sendfd" | "/daemon/fuse/takeover", "PUT") => {
-            Response::error(501, "Unsupported", "live upgrade is not supported")
-        }
+        ("/daemon/fuse/sendfd", "PUT") => control(daemon, Control::SendFd),
+        ("/daemon/fuse/takeover", "PUT") => control(daemon, Control::Takeover),
+        ("/config", "PUT") => update_config(daemon, req),
+        ("/config", _) => method_not_allowed(req),
         ("/mount", "POST" | "PUT" | "DELETE") => mount(daemon, req),
         ("/mount", _) => method_not_allowed(req),
         ("/metrics", "GET") => metrics(daemon, req, |mp, fs| fs.metrics.to_json(mp)),
@@ -79,8 +78,58 @@ pub fn route(daemon: &Daemon, req: &Request) -> Response {
         ("/metrics/pattern", "GET") => metrics(daemon, req, |_, fs| fs.metrics.pattern_json()),
         ("/metrics/backend", "GET") => metrics(daemon, req, |_, fs| backend_metrics(fs)),
         ("/metrics/blobcache", "GET") => metrics(daemon, req, |_, fs| blobcache_metrics(fs)),
-        ("/metrics/inflight", "GET") => Response::no_content(),
+        // nydusd answers 204 when nothing is in flight.
+        ("/metrics/inflight", "GET") => match daemon.inflight() {
+            Some(ops) => Response::json(200, &ops),
+            None => Response::no_content(),
+        },
         (_, _) => Response::error(404, "NoRoute", format!("no route for {}", req.path)),
+    }
+}
+
+/// Failover and live upgrade requests, carried out by the front end's main loop. Like nydusd's state
+/// machine, takeover is an event of state INIT and start one of READY.
+fn control(daemon: &Daemon, c: Control) -> Response {
+    let state = daemon.state();
+    let valid_in = match c {
+        Control::Takeover => Some(DaemonState::Init),
+        Control::Start => Some(DaemonState::Ready),
+        Control::SendFd => None,
+    };
+    if let Some(want) = valid_in.filter(|w| *w != state) {
+        return Response::error(
+            400,
+            "UnexpectedEvent",
+            format!(
+                "{c:?} is only valid in state {}; the daemon is {}",
+                want.as_str(),
+                state.as_str()
+            ),
+        );
+    }
+    match daemon.control(c) {
+        Ok(()) => Response::no_content(),
+        Err(e) => error_response(&e),
+    }
+}
+
+/// `PUT /config?id=<mountpoint>` with a JSON object of strings (nydus-snapshotter's credential renewal).
+fn update_config(daemon: &Daemon, req: &Request) -> Response {
+    let params =
+        match serde_json::from_slice::<Value>(&req.body) {
+            Ok(Value::Object(m)) => m,
+            _ => return Response::error(
+                400,
+                "BadRequest",
+                "body must be a JSON object such as {\"registry_auth\": \"<base64 user:pass>\"}",
+            ),
+        };
+    match daemon.update_config(req.query("id"), &params) {
+        Ok(()) => Response::no_content(),
+        Err(e) => {
+            log::warn!("PUT /api/v1/config: {e}");
+            error_response(&e)
+        }
     }
 }
 
@@ -185,6 +234,7 @@ fn parse_mount_body(body: &[u8]) -> crate::Result<MountCmd> {
         source: source.into(),
         config,
         prefetch_files,
+        id: None,
     })
 }
 
@@ -200,15 +250,11 @@ fn metrics(
 }
 
 fn backend_metrics(fs: &crate::fs::RafsFs) -> Value {
-    let stats = fs.image().stats();
-    let mut v = json!({
-        "backend_type": "localfs",
-        "read_count": stats.backend_reads.load(Ordering::Relaxed),
-        "read_errors": 0,
-        "read_amount_total": stats.backend_bytes.load(Ordering::Relaxed),
-    });
+    let image = fs.image();
+    let (metrics, kind) = image.backend_metrics();
+    let mut v = metrics.to_json(kind);
     // With `access_pattern`: what user reads asked for, to set against `read_amount_total`.
-    if let Some(d) = fs.image().demand() {
+    if let Some(d) = image.demand() {
         v["demand_chunks"] = json!(d.chunks);
         v["demand_compressed_bytes"] = json!(d.compressed_bytes);
     }

@@ -35,7 +35,8 @@ impl Prefetcher {
         let stop = Arc::new(AtomicBool::new(false));
         let queue: Arc<Mutex<Option<VecDeque<Vec<ChunkInfo>>>>> = Arc::new(Mutex::new(None));
         let limiter = Arc::new(Bandwidth::new(cfg.bandwidth_limit));
-        let merge = cfg.merging_size.max(128 << 10);
+        // A merged request never outgrows the limiter's bucket: it could never be paid for at once.
+        let merge = cfg.merging_size.max(128 << 10).min(limiter.burst());
         let mut threads = Vec::new();
         for worker in 0..cfg.threads.max(1) {
             let (image, stop, queue, limiter, target) = (
@@ -219,11 +220,22 @@ impl Bandwidth {
         }
     }
 
+    /// The most one request may take at once (no limit: unbounded).
+    fn burst(&self) -> u64 {
+        match self.limit {
+            0 => u64::MAX,
+            l => l.max(16 << 20),
+        }
+    }
+
+    /// Wait until `bytes` may be fetched. A request larger than the bucket (one huge chunk) waits for a
+    /// full bucket and leaves it in debt, so it neither waits forever nor beats the rate.
     fn take(&self, bytes: u64, stop: &AtomicBool) {
         if self.limit == 0 {
             return;
         }
-        let capacity = self.limit.max(16 << 20) as f64;
+        let capacity = self.burst() as f64;
+        let need = (bytes as f64).min(capacity);
         loop {
             let wait = {
                 let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -231,16 +243,41 @@ impl Bandwidth {
                 s.0 =
                     (s.0 + now.duration_since(s.1).as_secs_f64() * self.limit as f64).min(capacity);
                 s.1 = now;
-                if s.0 >= bytes as f64 {
+                if s.0 >= need {
                     s.0 -= bytes as f64;
                     return;
                 }
-                (bytes as f64 - s.0) / self.limit as f64
+                (need - s.0) / self.limit as f64
             };
             if stop.load(Ordering::Relaxed) {
                 return;
             }
             std::thread::sleep(Duration::from_secs_f64(wait.min(0.1)));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_larger_than_the_bucket_are_paid_for_not_waited_on_forever() {
+        let stop = AtomicBool::new(false);
+        let b = Bandwidth::new(64 << 20);
+        assert_eq!(b.burst(), 64 << 20);
+        let start = Instant::now();
+        // Twice the bucket: goes at once (the bucket starts full) and leaves a debt of one bucket...
+        b.take(128 << 20, &stop);
+        assert!(start.elapsed() < Duration::from_millis(500));
+        // ...which the next request pays: about a second for 64 MiB at 64 MiB/s, then 0.1 s for its own.
+        b.take(6 << 20, &stop);
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+            "{took:?}"
+        );
+        assert_eq!(Bandwidth::new(0).burst(), u64::MAX);
+        assert_eq!(Bandwidth::new(1 << 20).burst(), 16 << 20);
     }
 }

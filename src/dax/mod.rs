@@ -6,7 +6,8 @@
 //! `moffset` in that window; we answer with SHMEM_MAP requests on the backend channel (the fd travels as
 //! SCM_RIGHTS), and FUSE_REMOVEMAPPING with SHMEM_UNMAP. [`DaxWindow`] is the connection's side of that
 //! channel and the bookkeeping that refuses requests outside the window, unaligned or overlapping a live
-//! mapping; [`rafs`] decides which bytes back a RAFS file range.
+//! mapping; [`admit`] refuses a SETUPMAPPING outside the window before any filesystem works on it;
+//! [`rafs`] decides which bytes back a RAFS file range.
 
 pub mod rafs;
 
@@ -15,10 +16,12 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
-use fuse_backend_rs::abi::virtio_fs::{RemovemappingOne, SetupmappingFlags};
-use fuse_backend_rs::transport::FsCacheReqHandler;
+use fuse_backend_rs::abi::fuse_abi::{InHeader, Opcode};
+use fuse_backend_rs::abi::virtio_fs::{RemovemappingOne, SetupmappingFlags, SetupmappingIn};
+use fuse_backend_rs::transport::{FsCacheReqHandler, Reader};
 use vhost::vhost_user::message::{VhostUserMMap, VhostUserMMapFlags};
 use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
+use vm_memory::bitmap::BitmapSlice;
 
 use crate::error::{Error, Result};
 
@@ -58,6 +61,49 @@ pub fn parse_size(text: &str) -> Result<u64> {
     Ok(size)
 }
 
+/// `[moffset, moffset + len)` lies inside a window of `size` bytes, on page boundaries; returns its end.
+fn window_range(size: u64, moffset: u64, len: u64) -> io::Result<u64> {
+    let end = moffset.checked_add(len).ok_or_else(einval)?;
+    if len == 0 || !moffset.is_multiple_of(PAGE) || !len.is_multiple_of(PAGE) || end > size {
+        return Err(einval());
+    }
+    Ok(end)
+}
+
+/// What the device makes of a request before the server hands it to a filesystem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// FUSE_INIT: a new session, which starts with an empty window.
+    NewSession,
+    /// A SETUPMAPPING outside the window, unaligned or with unknown flags: answered EINVAL without
+    /// reaching a filesystem (a RAFS file would otherwise fetch and copy the range before the window
+    /// refused it).
+    Refuse,
+    /// Anything else, for the server and the filesystem to handle.
+    Pass,
+}
+
+/// Screen `request` for a window of `window` bytes (the virtio-fs device does this for every request;
+/// the fuzz target too). Reads a copy of the reader: the request itself is left for the server.
+pub fn admit<S: BitmapSlice>(window: u64, request: &Reader<'_, S>) -> Admission {
+    let mut r = request.clone();
+    let Ok(header) = r.read_obj::<InHeader>() else {
+        return Admission::Pass;
+    };
+    if header.opcode == Opcode::Init as u32 {
+        return Admission::NewSession;
+    }
+    if header.opcode != Opcode::SetupMapping as u32 {
+        return Admission::Pass;
+    }
+    // A truncated argument is the server's to refuse.
+    match r.read_obj::<SetupmappingIn>() {
+        Ok(a) if window_range(window, a.moffset, a.len).is_err() => Admission::Refuse,
+        Ok(a) if SetupmappingFlags::from_bits(a.flags).is_none() => Admission::Refuse,
+        _ => Admission::Pass,
+    }
+}
+
 /// One connection's DAX window: the backend request channel and the ranges mapped in it.
 pub struct DaxWindow {
     size: u64,
@@ -89,14 +135,13 @@ impl DaxWindow {
         WindowRequests(self.clone())
     }
 
-    /// `[moffset, moffset + len)` lies inside the window on page boundaries.
+    /// Look at a request before the server hands it to a filesystem: see [`admit`].
+    pub fn admit<S: BitmapSlice>(&self, request: &Reader<'_, S>) -> Admission {
+        admit(self.size, request)
+    }
+
     fn check_range(&self, moffset: u64, len: u64) -> io::Result<u64> {
-        let end = moffset.checked_add(len).ok_or_else(einval)?;
-        if len == 0 || !moffset.is_multiple_of(PAGE) || !len.is_multiple_of(PAGE) || end > self.size
-        {
-            return Err(einval());
-        }
-        Ok(end)
+        window_range(self.size, moffset, len)
     }
 
     fn map(&self, foffset: u64, moffset: u64, len: u64, flags: u64, fd: RawFd) -> io::Result<()> {

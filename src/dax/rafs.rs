@@ -223,6 +223,11 @@ pub fn setup(
     moffset: u64,
     req: &mut dyn FsCacheReqHandler,
 ) -> io::Result<()> {
+    // Flags, offsets and length are checked before anything is fetched (the device has already
+    // checked that the range fits the window).
+    if SetupmappingFlags::from_bits(flags).is_none() {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
     if flags & SetupmappingFlags::WRITE.bits() != 0 {
         return Err(io::Error::from_raw_os_error(libc::EROFS));
     }

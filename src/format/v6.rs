@@ -30,6 +30,12 @@ pub const DEVICE_SLOT_SIZE: u64 = DeviceSlot::SIZE as u64;
 pub const BLOB_ENTRY_SIZE: u64 = BlobEntry::SIZE as u64;
 pub const CHUNK_TABLE_ENTRY_SIZE: u64 = rafs_layout::v5::ChunkRecord::SIZE as u64;
 pub const DIRENT_SIZE: usize = Dirent::SIZE;
+/// A directory cookie is `block << COOKIE_SLOT_BITS | slot`: the directory block and the entry's
+/// 1-based position in it. Unique, increasing in listing order, stable for the image, and a listing
+/// resumes in the cookie's block instead of parsing every block before it again. A block holds at most
+/// 4096 / 12 = 341 entries, below 2^9.
+const COOKIE_SLOT_BITS: u32 = 9;
+const COOKIE_SLOT_MASK: u64 = (1 << COOKIE_SLOT_BITS) - 1;
 /// The id the builder writes for the blob that will carry the bootstrap itself (inline-meta images).
 pub const INLINE_BLOB_PLACEHOLDER: &str =
     "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx";
@@ -562,12 +568,17 @@ impl MetaReader for V6Meta {
         f: &mut dyn FnMut(DirEntry) -> Result<bool>,
     ) -> Result<()> {
         let raw = self.dir_raw(dir)?;
-        let mut ordinal = 0u64;
-        let mut previous: Option<Vec<u8>> = None;
+        // Resume in the block the cookie names: no block before it is parsed again.
+        let (first_block, skip) = match offset {
+            0 => (0, 0),
+            c => (c >> COOKIE_SLOT_BITS, c & COOKIE_SLOT_MASK),
+        };
+        let mut previous: Option<&[u8]> = None;
         // "." and ".." are each allowed once; a second one (a renamed entry) is named before the order is.
         let (mut dot, mut dot_dot) = (false, false);
-        for block in 0..raw.attr.size.div_ceil(self.block_size) {
-            for (name, nid, t) in dir_block_entries(self.data_block(&raw, block)?, dir.ino)? {
+        for block in first_block..raw.attr.size.div_ceil(self.block_size) {
+            let entries = dir_block_entries(self.data_block(&raw, block)?, dir.ino)?;
+            for (slot, (name, nid, t)) in (1u64..).zip(entries) {
                 let seen = match name {
                     b"." => Some(&mut dot),
                     b".." => Some(&mut dot_dot),
@@ -580,25 +591,22 @@ impl MetaReader for V6Meta {
                         String::from_utf8_lossy(name)
                     ));
                 }
-                if previous.as_deref().is_some_and(|p| p >= name) {
+                if previous.is_some_and(|p| p >= name) {
                     return Err(corrupt!(
                         "directory nid {}: entries are not in sorted order",
                         dir.ino
                     ));
                 }
-                previous = Some(name.to_vec());
-                if name == b"." || name == b".." {
-                    continue;
-                }
-                ordinal += 1;
-                if ordinal <= offset {
+                previous = Some(name);
+                if name == b"." || name == b".." || (block == first_block && slot <= skip) {
                     continue;
                 }
                 let entry = DirEntry {
                     name: name.to_vec(),
                     ino: nid,
                     file_type: dirent_type(t),
-                    offset: ordinal,
+                    // The block is inside the bootstrap (it was just read), far below 2^55.
+                    offset: block << COOKIE_SLOT_BITS | slot,
                 };
                 if !f(entry)? {
                     return Ok(());

@@ -3,7 +3,7 @@
 //! `access_pattern`, `latest_read_files`).
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -43,6 +43,27 @@ impl FileMetricsOptions {
     }
 }
 
+/// Most inodes that get per-file records, whatever the image claims (about 360 bytes each, so at most
+/// ~380 MB for an image of a million files or more).
+pub const MAX_FILE_RECORDS: usize = 1 << 20;
+
+/// Which inodes may get a per-file record: only inodes of the image (`exists`), and at most `max` of
+/// them (the image's inode count, capped at [`MAX_FILE_RECORDS`]). A guest naming inode numbers the image
+/// does not have cannot grow the records.
+pub struct FileLimit {
+    pub max: usize,
+    pub exists: Box<dyn Fn(u64) -> bool + Send + Sync>,
+}
+
+impl FileLimit {
+    pub fn new(inode_count: u64, exists: impl Fn(u64) -> bool + Send + Sync + 'static) -> Self {
+        FileLimit {
+            max: inode_count.min(MAX_FILE_RECORDS as u64) as usize,
+            exists: Box::new(exists),
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct FsMetrics {
     pub nr_opens: AtomicU64,
@@ -55,8 +76,8 @@ pub struct FsMetrics {
     files: Option<FileMetrics>,
 }
 
-/// Size bucket of one read, as in `block_count_read`.
-fn size_bucket(bytes: usize) -> usize {
+/// Size bucket of one read, as in `block_count_read` (and the backend's `read_count_block_size_dist`).
+pub(crate) fn size_bucket(bytes: usize) -> usize {
     match bytes {
         0..1024 => 0,
         1024..4096 => 1,
@@ -74,10 +95,12 @@ fn load(v: &[AtomicU64]) -> Vec<u64> {
 }
 
 impl FsMetrics {
-    pub fn new(opts: FileMetricsOptions) -> Self {
+    pub fn new(opts: FileMetricsOptions, limit: FileLimit) -> Self {
         FsMetrics {
             files: opts.any().then(|| FileMetrics {
                 opts,
+                limit,
+                full_warned: AtomicBool::new(false),
                 inodes: RwLock::default(),
                 latest: Mutex::default(),
             }),
@@ -207,19 +230,23 @@ fn runs(sorted: impl Iterator<Item = u64>) -> Vec<Vec<u64>> {
     out
 }
 
-/// Per-file records: one entry per inode touched (344 bytes of counters plus the map slot), so memory is
-/// bounded by the inodes the workload touched, never by the image size.
+/// Per-file records: one entry per inode of the image touched (344 bytes of counters plus the map slot),
+/// so memory is bounded by the inodes the workload touched and by `limit`.
 struct FileMetrics {
     opts: FileMetricsOptions,
+    limit: FileLimit,
+    /// The limit was reached and said so once in the log.
+    full_warned: AtomicBool,
     /// Read-locked on every counted operation; write-locked only the first time an inode is seen.
     inodes: RwLock<HashMap<u64, InodeStats>>,
-    /// Inodes read since the last `latest=true` query.
+    /// Inodes read since the last `latest=true` query (at most `limit.max`).
     latest: Mutex<BTreeSet<u64>>,
 }
 
 impl FileMetrics {
-    /// Run `f` on the record of `ino` under the read lock (no refcount traffic); the first sighting of an
-    /// inode takes the write lock once to add its record.
+    /// Run `f` on the record of `ino` under the read lock (no refcount traffic). The first sighting of an
+    /// inode checks that the image has it and that there is room, then takes the write lock once to add
+    /// its record; an inode that gets none is only counted filesystem-wide.
     fn with_inode(&self, ino: u64, f: impl Fn(&InodeStats)) {
         if let Some(s) = self
             .inodes
@@ -229,12 +256,28 @@ impl FileMetrics {
         {
             return f(s);
         }
-        f(self
-            .inodes
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(ino)
-            .or_default());
+        if !(self.limit.exists)(ino) {
+            return;
+        }
+        let mut inodes = self.inodes.write().unwrap_or_else(|e| e.into_inner());
+        if !inodes.contains_key(&ino) && !self.room(inodes.len()) {
+            return;
+        }
+        f(inodes.entry(ino).or_default());
+    }
+
+    /// Whether a set of `len` records may take one more.
+    fn room(&self, len: usize) -> bool {
+        if len < self.limit.max {
+            return true;
+        }
+        if !self.full_warned.swap(true, Ordering::Relaxed) {
+            log::warn!(
+                "per-file metrics: {} inodes recorded, the most this image gets; others are not recorded",
+                self.limit.max
+            );
+        }
+        false
     }
 
     fn record_read(&self, ino: u64, bytes: u64, bucket: usize) {
@@ -255,10 +298,10 @@ impl FileMetrics {
             });
         }
         if self.opts.latest_read_files {
-            self.latest
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(ino);
+            let mut latest = self.latest.lock().unwrap_or_else(|e| e.into_inner());
+            if latest.contains(&ino) || ((self.limit.exists)(ino) && self.room(latest.len())) {
+                latest.insert(ino);
+            }
         }
     }
 }
@@ -316,11 +359,14 @@ mod tests {
         assert_eq!(off.pattern_json(), serde_json::json!([]));
         assert_eq!(off.take_latest_read_json(), serde_json::json!([]));
 
-        let on = FsMetrics::new(FileMetricsOptions {
-            iostats_files: true,
-            access_pattern: true,
-            latest_read_files: true,
-        });
+        let on = FsMetrics::new(
+            FileMetricsOptions {
+                iostats_files: true,
+                access_pattern: true,
+                latest_read_files: true,
+            },
+            FileLimit::new(100, |ino| ino < 10),
+        );
         on.record_read(7, 5000);
         on.record_on(7, Fop::Read, &Ok(()));
         on.record_on::<()>(8, Fop::Getattr, &Err(std::io::Error::from_raw_os_error(2)));
@@ -338,5 +384,39 @@ mod tests {
         assert_eq!(pattern[0]["ino"], 7);
         assert_eq!(on.take_latest_read_json(), serde_json::json!([[7]]));
         assert_eq!(on.take_latest_read_json(), serde_json::json!([]));
+    }
+
+    #[test]
+    fn records_are_kept_only_for_inodes_of_the_image_and_up_to_the_limit() {
+        let m = FsMetrics::new(
+            FileMetricsOptions {
+                iostats_files: true,
+                access_pattern: true,
+                latest_read_files: true,
+            },
+            FileLimit::new(3, |ino| ino % 2 == 0),
+        );
+        for ino in 0..1000u64 {
+            m.record_on::<()>(
+                ino,
+                Fop::Getattr,
+                &Err(std::io::Error::from_raw_os_error(5)),
+            );
+            m.record_read(ino, 10);
+        }
+        let files = m.files_json();
+        let keys: Vec<&String> = files.as_object().unwrap().keys().collect();
+        assert_eq!(keys, ["0", "2", "4"], "three inodes that exist");
+        assert_eq!(m.pattern_json().as_array().unwrap().len(), 3);
+        assert_eq!(
+            m.take_latest_read_json(),
+            serde_json::json!([[0], [2], [4]])
+        );
+        // Filesystem-wide counters still see every request.
+        assert_eq!(
+            m.fop_errors[Fop::Getattr as usize].load(Ordering::Relaxed),
+            1000
+        );
+        assert_eq!(m.data_read.load(Ordering::Relaxed), 10_000);
     }
 }

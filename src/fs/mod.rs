@@ -31,12 +31,15 @@ use fuse_backend_rs::transport::FsCacheReqHandler;
 use crate::cache::prefetch::Prefetcher;
 use crate::format::InodeAttr;
 use crate::image::{RafsImage, Segment};
-use metrics::{FileMetricsOptions, Fop, FsMetrics};
+use metrics::{FileLimit, FileMetricsOptions, Fop, FsMetrics};
 
 /// How long the kernel may cache attributes and entries of an immutable image.
 pub const CACHE_TIMEOUT: Duration = Duration::from_secs(1 << 32);
 /// Inodes above this cannot be encoded by `Vfs` (it keeps the top 8 bits for the mount index).
 const MAX_INO: u64 = (1 << 56) - 1;
+
+/// (inode, value) pairs: lookup counts, or the parents of directories.
+pub type InodePairs = Vec<(u64, u64)>;
 
 pub struct RafsFs {
     image: Arc<RafsImage>,
@@ -44,6 +47,9 @@ pub struct RafsFs {
     xattr_enabled: bool,
     /// Owner reported for every entry of an image built without uid/gid (`--repeatable`).
     default_owner: (u32, u32),
+    /// The mount's `id_mapping`: owners are reported as the host sees them (see
+    /// [`crate::config::IdMapping`]).
+    id_mapping: Option<crate::config::IdMapping>,
     /// Kernel lookup counts per inode (FUSE LOOKUP/READDIRPLUS minus FORGET).
     lookups: Mutex<HashMap<u64, u64>>,
     /// Parent of each directory the kernel has looked up, for the ".." entry of readdir (the formats keep
@@ -102,6 +108,7 @@ impl RafsFs {
             image,
             xattr_enabled,
             default_owner: owner,
+            id_mapping: None,
             lookups: Mutex::new(HashMap::new()),
             parents: Mutex::new(HashMap::new()),
             metrics: FsMetrics::default(),
@@ -113,7 +120,17 @@ impl RafsFs {
     /// Keep the per-file records the config asks for (`iostats_files`, `access_pattern`,
     /// `latest_read_files`); without this call none are kept.
     pub fn with_file_metrics(mut self, opts: FileMetricsOptions) -> Self {
-        self.metrics = FsMetrics::new(opts);
+        let image = self.image.clone();
+        let limit = FileLimit::new(self.image.info().inode_count, move |ino| {
+            ino <= MAX_INO && image.inode(ino).is_ok()
+        });
+        self.metrics = FsMetrics::new(opts, limit);
+        self
+    }
+
+    /// Report owners through `mapping` (a pod in a user namespace).
+    pub fn with_id_mapping(mut self, mapping: Option<crate::config::IdMapping>) -> Self {
+        self.id_mapping = mapping;
         self
     }
 
@@ -136,6 +153,29 @@ impl RafsFs {
             .unwrap_or(0)
     }
 
+    /// The kernel's references into this filesystem, for a successor daemon: (inode, lookups) and
+    /// (directory, parent) pairs.
+    pub fn export_lookups(&self) -> (InodePairs, InodePairs) {
+        let lookups = self.lookups.lock().unwrap_or_else(|e| e.into_inner());
+        let parents = self.parents.lock().unwrap_or_else(|e| e.into_inner());
+        (
+            lookups.iter().map(|(k, v)| (*k, *v)).collect(),
+            parents.iter().map(|(k, v)| (*k, *v)).collect(),
+        )
+    }
+
+    /// Take over the references a predecessor daemon handed down (see [`RafsFs::export_lookups`]).
+    pub fn import_lookups(&self, lookups: &[(u64, u64)], parents: &[(u64, u64)]) {
+        self.lookups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(lookups.iter().copied());
+        self.parents
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(parents.iter().copied());
+    }
+
     fn attr(&self, ino: u64) -> io::Result<InodeAttr> {
         if ino > MAX_INO {
             return Err(eno(libc::EIO));
@@ -152,6 +192,10 @@ impl RafsFs {
             (a.uid, a.gid)
         } else {
             self.default_owner
+        };
+        let (uid, gid) = match &self.id_mapping {
+            Some(m) => (m.to_external(uid), m.to_external(gid)),
+            None => (uid, gid),
         };
         st.st_ino = a.ino;
         st.st_mode = a.mode;

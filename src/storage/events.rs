@@ -22,11 +22,12 @@ static RING: Mutex<Ring> = Mutex::new(Ring {
     total_size: 0,
 });
 
-/// Remember one failure as `<HTTP-date> - <msg>` (the message must hold no credentials).
+/// Remember one failure as `<HTTP-date> - <msg>` (URL credentials in `msg` are masked).
 pub fn record(msg: &str) {
     let line = format!(
-        "{} - {msg}",
-        super::object_store::http_date(SystemTime::now())
+        "{} - {}",
+        super::object_store::http_date(SystemTime::now()),
+        crate::redact::text(msg)
     );
     let mut r = RING.lock().unwrap_or_else(|e| e.into_inner());
     r.total_errors += 1;

@@ -18,7 +18,7 @@ const MAX_HEAD: usize = 64 << 10;
 const MAX_HEADERS: usize = 64;
 
 /// Where the proxy listens and how to authenticate to it, from `proxy.url` (`http://[user:pass@]host[:port]`).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ForwardProxy {
     host: String,
     port: u16,
@@ -57,6 +57,17 @@ impl ForwardProxy {
                 )
             }),
         })
+    }
+}
+
+/// The credentials stay out of debug output.
+impl std::fmt::Debug for ForwardProxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ForwardProxy")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("authorization", &self.authorization.as_ref().map(|_| "***"))
+            .finish()
     }
 }
 

@@ -405,7 +405,10 @@ fn agent_with(
     streaming: bool,
 ) -> Result<ureq::Agent> {
     let proxy = proxy
-        .map(|p| ureq::Proxy::new(p).map_err(|e| Error::Invalid(format!("proxy url {p:?}: {e}"))))
+        .map(|p| {
+            ureq::Proxy::new(p)
+                .map_err(|e| Error::Invalid(format!("proxy url {:?}: {e}", crate::redact::text(p))))
+        })
         .transpose()?;
     let (global, per_io) = match streaming {
         true => (None, settings.timeout),
@@ -826,6 +829,14 @@ pub fn classify(resp: &Response, what: &str) -> Failure {
 /// How a backend addresses, authorizes and fetches one blob. `range` is inclusive; `None` is a HEAD.
 pub trait Remote: Send + Sync + 'static {
     fn kind(&self) -> &'static str;
+    /// See [`super::BlobBackend::set_registry_auth`].
+    fn set_registry_auth(&self, auth: Option<&str>) -> Result<()> {
+        let _ = auth;
+        Err(Error::Unsupported(format!(
+            "the {} backend has no registry credentials",
+            self.kind()
+        )))
+    }
     fn fetch(
         &self,
         http: &HttpClient,
@@ -1043,6 +1054,10 @@ impl<R: Remote> BlobBackend for RemoteBackend<R> {
 
     fn is_remote(&self) -> bool {
         true
+    }
+
+    fn set_registry_auth(&self, auth: Option<&str>) -> Result<()> {
+        self.remote.set_registry_auth(auth)
     }
 
     fn blob_size(&self, blob_id: &str) -> Result<u64> {

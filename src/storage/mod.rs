@@ -10,6 +10,7 @@ pub mod forward_proxy;
 pub mod http;
 pub mod http_proxy;
 pub mod localfs;
+pub mod metrics;
 pub mod object_store;
 pub mod registry;
 pub mod registry_auth;
@@ -40,6 +41,16 @@ pub trait BlobBackend: Send + Sync {
         let n = self.read_at(blob_id, offset, &mut buf)?;
         buf.truncate(n);
         Ok(Box::new(std::io::Cursor::new(buf)))
+    }
+
+    /// Replace the registry credentials (base64 `user:pass`; `None` clears them) of a running backend:
+    /// the next request or token fetch uses them (`PUT /api/v1/config` `registry_auth`).
+    fn set_registry_auth(&self, auth: Option<&str>) -> Result<()> {
+        let _ = auth;
+        Err(Error::Unsupported(format!(
+            "the {} backend has no registry credentials",
+            self.kind()
+        )))
     }
 
     /// Read exactly `len` bytes, or fail naming the short read.

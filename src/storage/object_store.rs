@@ -233,7 +233,7 @@ fn oss_signature(secret: &str, string_to_sign: &str) -> String {
 }
 
 /// Civil date (UTC) of a Unix time: (year, month, day, hour, min, sec, weekday 0=Sunday).
-fn civil(t: SystemTime) -> (i64, u32, u32, u32, u32, u32, u32) {
+pub(crate) fn civil(t: SystemTime) -> (i64, u32, u32, u32, u32, u32, u32) {
     let secs = t
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())

@@ -40,14 +40,7 @@ impl Registry {
             .filter(|s| !s.is_empty())
             .or(k.string("auth")?.filter(|s| !s.is_empty()));
         if let Some(a) = &auth {
-            let raw = base64::engine::general_purpose::STANDARD
-                .decode(a.trim())
-                .map_err(|_| Error::Invalid("backend registry: `auth` is not base64".into()))?;
-            if !raw.contains(&b':') {
-                return Err(Error::Invalid(
-                    "backend registry: `auth` must encode user:password".into(),
-                ));
-            }
+            check_auth(a)?;
         }
         let token = k.string("registry_token")?.filter(|s| !s.is_empty());
         Ok(Registry {
@@ -100,6 +93,19 @@ impl Registry {
     }
 }
 
+/// `auth` must be base64 of `user:password`.
+fn check_auth(auth: &str) -> Result<()> {
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(auth.trim())
+        .map_err(|_| Error::Invalid("backend registry: `auth` is not base64".into()))?;
+    if !raw.contains(&b':') {
+        return Err(Error::Invalid(
+            "backend registry: `auth` must encode user:password".into(),
+        ));
+    }
+    Ok(())
+}
+
 fn is_redirect(status: u16) -> bool {
     matches!(status, 301 | 302 | 303 | 307 | 308)
 }
@@ -107,6 +113,22 @@ fn is_redirect(status: u16) -> bool {
 impl Remote for Registry {
     fn kind(&self) -> &'static str {
         "registry"
+    }
+
+    /// New credentials for the next request or token fetch (see [`RegistryAuth::set_credentials`]).
+    fn set_registry_auth(&self, auth: Option<&str>) -> Result<()> {
+        let auth = auth.map(str::trim).filter(|a| !a.is_empty());
+        if let Some(a) = auth {
+            check_auth(a)?;
+        }
+        self.auth.set_credentials(auth);
+        log::info!(
+            "registry credentials of {}/{} replaced{}",
+            self.base,
+            self.repo,
+            if auth.is_none() { " (cleared)" } else { "" }
+        );
+        Ok(())
     }
 
     fn fetch(

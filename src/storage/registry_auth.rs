@@ -35,8 +35,8 @@ struct Challenge {
 
 /// The Authorization state of one repository on one registry.
 pub struct RegistryAuth {
-    /// base64 `user:pass`.
-    credentials: Option<String>,
+    /// base64 `user:pass`; replaced at run time by `PUT /api/v1/config` ([`Self::set_credentials`]).
+    credentials: Mutex<Option<String>>,
     state: Mutex<AuthState>,
     /// Serializes token fetches.
     refresh_gate: Mutex<()>,
@@ -48,7 +48,7 @@ impl RegistryAuth {
     /// `credentials`: base64 `user:pass`; `token`: a registry token to start with.
     pub fn new(credentials: Option<String>, token: Option<String>) -> Self {
         RegistryAuth {
-            credentials,
+            credentials: Mutex::new(credentials),
             state: Mutex::new(AuthState {
                 header: token.map(|t| format!("Bearer {t}")),
                 expires_at: None,
@@ -56,6 +56,29 @@ impl RegistryAuth {
             }),
             refresh_gate: Mutex::new(()),
             token_fetches: Default::default(),
+        }
+    }
+
+    fn credentials(&self) -> Option<String> {
+        self.credentials
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// New credentials (base64 `user:pass`, `None` clears them): a Basic header in use switches to them
+    /// now; a Bearer token in use stays until it expires or is refused, and the next token request
+    /// presents them.
+    pub fn set_credentials(&self, credentials: Option<&str>) {
+        let _gate = self.refresh_gate.lock().unwrap_or_else(|e| e.into_inner());
+        *self.credentials.lock().unwrap_or_else(|e| e.into_inner()) = credentials.map(String::from);
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st
+            .header
+            .as_deref()
+            .is_some_and(|h| h.starts_with("Basic "))
+        {
+            st.header = credentials.map(|a| format!("Basic {a}"));
         }
     }
 
@@ -114,7 +137,7 @@ impl RegistryAuth {
         let (scheme, params) = parse_challenge(www_authenticate);
         match scheme.to_ascii_lowercase().as_str() {
             "basic" => {
-                let auth = self.credentials.as_ref().ok_or_else(|| {
+                let auth = self.credentials().ok_or_else(|| {
                     Failure::Fatal(net_error(
                         "registry asks for Basic auth and no credentials are configured".into(),
                     ))
@@ -174,7 +197,7 @@ impl RegistryAuth {
         url.push(sep);
         url.push_str("client_id=rafsd");
         let headers: Vec<(String, String)> = self
-            .credentials
+            .credentials()
             .iter()
             .map(|a| ("Authorization".to_string(), format!("Basic {a}")))
             .collect();

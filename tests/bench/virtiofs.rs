@@ -1,11 +1,15 @@
 //! virtio-fs benchmark (not a timed test): the same image served by `rafsd virtiofs` to a vhost-user frontend
-//! (tests/frontend: the guest's FUSE requests on a split virtqueue, one request in flight, like a guest's
-//! synchronous O_DIRECT reader) and by a host FUSE mount (`rafsd --config C --bootstrap B --mountpoint M`,
-//! read with O_DIRECT and statx so that every operation reaches the daemon), in one run. Operations:
-//! FUSE_READ 1 MiB sequential over a large file, 4 KiB random reads, LOOKUP and GETATTR ops/s.
+//! (tests/frontend: the guest's FUSE requests on split virtqueues, one request in flight per queue, like a
+//! guest's synchronous O_DIRECT reader on each vCPU) and by a host FUSE mount (`rafsd --config C
+//! --bootstrap B --mountpoint M`, read with O_DIRECT and statx so that every operation reaches the daemon),
+//! in one run. Operations: FUSE_READ 1 MiB sequential over a large file, 4 KiB random reads, LOOKUP and
+//! GETATTR ops/s. Each is measured with 1 request queue against 1 host thread, and with 4 request queues
+//! (one driver thread each, the work split between them) against 4 host threads; the device once with its
+//! worker pools (the default) and once answering in order (`--thread-pool-size 0`, the old way).
 //! Each side's daemon counts the requests it served (admin API metrics), printed next to the rates.
 //!
-//!   cargo bench --bench virtiofs -- [--rounds N] [--size-mib M] [--random N] [--pin-cpu N]  (ci/bench-virtiofs.sh)
+//!   cargo bench --bench virtiofs -- [--rounds N] [--size-mib M] [--random N] [--queues 1,4] [--pin-cpu N]
+//!   (ci/bench-virtiofs.sh)
 //!
 //! Needs root (FUSE mount). The image (a copy of /usr/include plus an M MiB random file) is built once with
 //! `rafsd build` under the target dir and reused.
@@ -14,6 +18,7 @@
 mod daemon;
 #[path = "../frontend/mod.rs"]
 mod frontend;
+mod harness;
 mod image;
 #[path = "../manifest/mod.rs"]
 mod manifest;
@@ -26,10 +31,10 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use frontend::{Guest, Options, Rng, VirtiofsDaemon, ROOT};
+use harness::{daemon_extra_args, median, Watchdog};
 
 const BIN: &str = env!("CARGO_BIN_EXE_rafsd");
 const MIB: u64 = 1 << 20;
@@ -43,16 +48,8 @@ struct Args {
     size_mib: u64,
     random: usize,
     work: PathBuf,
-}
-
-/// More daemon options for both sides, from `RAFSD_BENCH_DAEMON_ARGS` (whitespace separated), e.g.
-/// `--seccomp none --sandbox none` to measure what the sandbox costs (`ci/bench-sandbox.sh`).
-fn daemon_extra_args() -> Vec<String> {
-    std::env::var("RAFSD_BENCH_DAEMON_ARGS")
-        .unwrap_or_default()
-        .split_whitespace()
-        .map(String::from)
-        .collect()
+    /// Request queues (and host threads) to measure with.
+    queues: Vec<usize>,
 }
 
 fn parse_args() -> Args {
@@ -63,22 +60,31 @@ fn parse_args() -> Args {
         size_mib: 256,
         random: 20_000,
         work: Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-virtiofs"),
+        queues: vec![1, 4],
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let mut value = || it.next().unwrap_or_else(|| panic!("{arg} needs a value"));
-        match arg.as_str() {
-            "--rounds" => a.rounds = value().parse().expect("--rounds N"),
-            "--size-mib" => a.size_mib = value().parse().expect("--size-mib M"),
-            "--random" => a.random = value().parse().expect("--random N"),
-            "--work" => a.work = PathBuf::from(value()),
-            "--limit-secs" => a.limit_secs = value().parse().expect("--limit-secs S"),
-            "--pin-cpu" => a.pin_cpu = Some(value().parse().expect("--pin-cpu N")),
-            "--bench" => {}
-            other => panic!("unknown argument {other}; use --rounds N --size-mib M --random N --pin-cpu N --work DIR --limit-secs S"),
+    harness::parse_flags(|flag, value| match flag {
+        "--rounds" => a.rounds = value().parse().expect("--rounds N"),
+        "--size-mib" => a.size_mib = value().parse().expect("--size-mib M"),
+        "--random" => a.random = value().parse().expect("--random N"),
+        "--work" => a.work = PathBuf::from(value()),
+        "--limit-secs" => a.limit_secs = value().parse().expect("--limit-secs S"),
+        "--pin-cpu" => a.pin_cpu = Some(value().parse().expect("--pin-cpu N")),
+        "--queues" => {
+            a.queues = value()
+                .split(',')
+                .map(|q| q.parse().expect("--queues 1,4"))
+                .collect()
         }
-    }
+        other => panic!(
+            "unknown argument {other}; use --rounds N --size-mib M --random N --queues 1,4 \
+             --pin-cpu N --work DIR --limit-secs S"
+        ),
+    });
     a.rounds = a.rounds.max(1);
+    assert!(
+        a.queues.iter().all(|&q| (1..=4).contains(&q)),
+        "--queues: 1 to 4 each (the device offers 4 request queues)"
+    );
     a
 }
 
@@ -178,42 +184,39 @@ const GETATTR: usize = 0;
 const READ: usize = 4;
 const LOOKUP: usize = 9;
 
+/// The four operations, in table order: (name, unit, fop_hits index).
+const OPS: [(&str, &str, usize); 4] = [
+    ("READ 1 MiB sequential", "MB/s", READ),
+    ("READ 4 KiB random", "op/s", READ),
+    ("LOOKUP", "op/s", LOOKUP),
+    ("GETATTR", "op/s", GETATTR),
+];
+
+/// One side measured: per operation, the rate of each round and the requests the daemon saw in the
+/// last one.
 #[derive(Default, Clone)]
-struct Sample {
-    /// ops (or bytes) per second of each round.
-    rates: Vec<f64>,
-    /// Requests the daemon served for the last round's pass (when it reports counters).
-    requests: Option<u64>,
+struct Rates {
+    rates: [Vec<f64>; 4],
+    requests: [Option<u64>; 4],
 }
 
-#[derive(Default)]
-struct Results {
-    seq: [Sample; 2],
-    rand: [Sample; 2],
-    lookup: [Sample; 2],
-    getattr: [Sample; 2],
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
-/// Time `f`, and count the requests of kind `fop` the daemon saw meanwhile.
-fn measure(
-    count: f64,
-    fop: usize,
-    metrics: &dyn Fn() -> Option<Vec<u64>>,
-    sample: &mut Sample,
-    f: &mut dyn FnMut(),
-) {
-    let before = metrics().map(|m| m[fop]);
-    let t = Instant::now();
-    f();
-    let secs = t.elapsed().as_secs_f64();
-    sample.requests = before.zip(metrics().map(|m| m[fop])).map(|(b, a)| a - b);
-    sample.rates.push(count / secs);
+impl Rates {
+    /// Time `f` (which does `count` units of operation `op`), counting the daemon's requests meanwhile.
+    fn measure(
+        &mut self,
+        op: usize,
+        count: f64,
+        metrics: &dyn Fn() -> Option<Vec<u64>>,
+        f: impl FnOnce(),
+    ) {
+        let fop = OPS[op].2;
+        let before = metrics().map(|m| m[fop]);
+        let t = Instant::now();
+        f();
+        let secs = t.elapsed().as_secs_f64();
+        self.requests[op] = before.zip(metrics().map(|m| m[fop])).map(|(b, a)| a - b);
+        self.rates[op].push(count / secs);
+    }
 }
 
 fn offsets(size: u64, n: usize) -> Vec<u64> {
@@ -223,45 +226,268 @@ fn offsets(size: u64, n: usize) -> Vec<u64> {
         .collect()
 }
 
-/// Pids to kill and a mount to detach if the run overstays `--limit-secs` (a hung FUSE request would
-/// otherwise block this process for good).
-#[derive(Clone, Default)]
-struct Watchdog(Arc<Mutex<(Vec<i32>, Option<PathBuf>)>>);
-
-impl Watchdog {
-    fn start(limit: Duration) -> Self {
-        let w = Watchdog::default();
-        let state = w.0.clone();
-        std::thread::spawn(move || {
-            std::thread::sleep(limit);
-            let (pids, mnt) = &*state.lock().unwrap_or_else(|e| e.into_inner());
-            eprintln!("benchmark exceeded {limit:?}: killing {pids:?}");
-            for &pid in pids {
-                // SAFETY: signalling our own children by pid.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-            if let Some(m) = mnt {
-                daemon::lazy_unmount(m);
-            }
-            std::process::exit(2);
-        });
-        w
-    }
-
-    fn unwatch(&self, pid: i32) {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .0
-            .retain(|&p| p != pid);
-    }
-
-    fn watch(&self, pid: i32, mnt: Option<&Path>) {
-        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        s.0.push(pid);
-        if let Some(m) = mnt {
-            s.1 = Some(m.to_path_buf());
+/// Run `f` over `items` with one thread per worker, each taking a contiguous share.
+fn split_run<W: Send, T: Sync>(workers: &mut [W], items: &[T], f: impl Fn(&mut W, &T) + Sync) {
+    let per = items.len().div_ceil(workers.len());
+    std::thread::scope(|s| {
+        for (w, share) in workers.iter_mut().zip(items.chunks(per.max(1))) {
+            let f = &f;
+            s.spawn(move || share.iter().for_each(|item| f(w, item)));
         }
+    });
+}
+
+/// The image and what the passes go through.
+struct Bench {
+    bootstrap: PathBuf,
+    blobs: PathBuf,
+    work: PathBuf,
+    size: u64,
+    meta_paths: Vec<PathBuf>,
+    rand: Vec<u64>,
+    watchdog: Watchdog,
+}
+
+/// A `rafsd virtiofs` device with the image at /bench and a guest driving it, one thread per request
+/// queue; every entry resolved and the blob cache filled.
+struct Device {
+    dev: VirtiofsDaemon,
+    /// Keeps the session (and the hiprio queue); `queues` drive the request queues.
+    _session: Guest,
+    queues: Vec<Guest>,
+    /// (parent nodeid, name) for LOOKUP, nodeids for GETATTR.
+    lookups: Vec<(u64, Vec<u8>)>,
+    attrs: Vec<u64>,
+    big: (u64, u64),
+}
+
+/// The host FUSE side: a config and a mountpoint, mounted afresh for each round.
+struct Fuse {
+    config: PathBuf,
+    mnt: PathBuf,
+    apisock: PathBuf,
+    log: PathBuf,
+}
+
+impl Bench {
+    /// `rafsd virtiofs DEVICE_ARGS` in `run` with a guest of `nq` request queues.
+    fn device(&self, run: &Path, device_args: &[&str], nq: usize) -> Device {
+        std::fs::create_dir_all(run).unwrap();
+        let extra = daemon_extra_args();
+        let mut args = vec![
+            "--log-level",
+            "warn",
+            "--allow-path",
+            self.work.to_str().unwrap(),
+        ];
+        args.extend_from_slice(device_args);
+        args.extend(extra.iter().map(String::as_str));
+        let dev = VirtiofsDaemon::start(BIN, run, &args);
+        self.watchdog.watch(dev.pid(), None);
+        dev.mount_rafs(
+            "/bench",
+            &self.bootstrap,
+            &daemon::v1_config(&self.blobs, &run.join("cache"), false, ""),
+        );
+        let opts = Options {
+            request_queues: nq,
+            queue_size: 128,
+            slots: 1,
+            slot_len: MIB + (64 << 10),
+            ..Default::default()
+        };
+        let mut g = Guest::connect(&dev.sock, opts).expect("vhost-user handshake");
+        g.fuse_init().unwrap();
+        let top = g.lookup(ROOT, b"bench").unwrap().nodeid;
+        let mut nodeids: HashMap<&Path, u64> = HashMap::new();
+        let mut lookups = Vec::new();
+        for p in &self.meta_paths {
+            let parent = p
+                .parent()
+                .filter(|q| !q.as_os_str().is_empty())
+                .map(|q| nodeids[q])
+                .unwrap_or(top);
+            let name = p.file_name().unwrap().as_bytes().to_vec();
+            let e = g
+                .lookup(parent, &name)
+                .unwrap_or_else(|e| panic!("LOOKUP {}: {e}", p.display()));
+            nodeids.insert(p, e.nodeid);
+            lookups.push((parent, name));
+        }
+        let attrs = self.meta_paths.iter().map(|p| nodeids[&**p]).collect();
+        let big = g.lookup(top, b"big.bin").unwrap().nodeid;
+        let fh = g.open(big).unwrap().fh;
+        let queues = g.split_queues();
+        let mut d = Device {
+            dev,
+            _session: g,
+            queues,
+            lookups,
+            attrs,
+            big: (big, fh),
+        };
+        self.read_seq(&mut d); // fills the device's blob cache
+        d
+    }
+
+    fn read_seq(&self, d: &mut Device) {
+        let (big, fh) = d.big;
+        let seq: Vec<u64> = (0..self.size / MIB).map(|i| i * MIB).collect();
+        split_run(&mut d.queues, &seq, |g, off| {
+            assert_eq!(
+                g.read_in_place(big, fh, *off, MIB as u32).unwrap() as u64,
+                MIB
+            );
+        });
+    }
+
+    /// One round of the four operations through `d`.
+    fn measure_device(&self, d: &mut Device, r: &mut Rates) {
+        let apisock = d.dev.apisock.clone();
+        let metrics = || fops(&apisock, "/bench");
+        let (big, fh) = d.big;
+        let n_meta = self.meta_paths.len() as f64;
+        r.measure(0, self.size as f64 / 1e6, &metrics, || self.read_seq(d));
+        r.measure(1, self.rand.len() as f64, &metrics, || {
+            split_run(&mut d.queues, &self.rand, |g, &off| {
+                assert_eq!(g.read_in_place(big, fh, off, 4096).unwrap(), 4096)
+            })
+        });
+        r.measure(2, n_meta, &metrics, || {
+            split_run(&mut d.queues, &d.lookups, |g, (parent, name)| {
+                g.lookup(*parent, name).unwrap();
+            })
+        });
+        r.measure(3, n_meta, &metrics, || {
+            split_run(&mut d.queues, &d.attrs, |g, &n| {
+                g.getattr(n).unwrap();
+            })
+        });
+    }
+
+    fn stop_device(&self, d: Device) {
+        let Device {
+            dev,
+            _session,
+            queues,
+            ..
+        } = d;
+        drop(queues);
+        drop(_session);
+        self.watchdog.unwatch(dev.pid());
+        dev.kill_and_check();
+    }
+
+    /// The host FUSE side in `run`: its own cache, filled once.
+    fn fuse(&self, run: &Path) -> Fuse {
+        std::fs::create_dir_all(run).unwrap();
+        let f = Fuse {
+            config: run.join("config.json"),
+            mnt: run.join("mnt"),
+            apisock: run.join("api.sock"),
+            log: run.join("rafsd-fuse.log"),
+        };
+        std::fs::write(
+            &f.config,
+            daemon::v1_config(&self.blobs, &run.join("cache"), false, ""),
+        )
+        .unwrap();
+        let h = self.mount(&f);
+        std::io::copy(
+            &mut File::open(f.mnt.join("big.bin")).unwrap(),
+            &mut std::io::sink(),
+        )
+        .unwrap();
+        self.unmount(h);
+        f
+    }
+
+    fn mount(&self, f: &Fuse) -> daemon::Daemon {
+        let extra = daemon_extra_args();
+        let mut args = vec![
+            "--config",
+            f.config.to_str().unwrap(),
+            "--bootstrap",
+            self.bootstrap.to_str().unwrap(),
+            "--apisock",
+            f.apisock.to_str().unwrap(),
+            "-l",
+            "warn",
+        ];
+        args.extend(extra.iter().map(String::as_str));
+        let d = daemon::Daemon::start(&args, &f.mnt, &f.log);
+        self.watchdog.watch(d.pid(), Some(&f.mnt));
+        d
+    }
+
+    fn unmount(&self, h: daemon::Daemon) {
+        let pid = h.pid();
+        assert!(h.stop().success());
+        self.watchdog.unwatch(pid);
+    }
+
+    /// One round through a fresh mount (so LOOKUPs reach the daemon): statx and O_DIRECT reads from
+    /// `nt` threads.
+    fn measure_fuse(&self, f: &Fuse, nt: usize, r: &mut Rates) {
+        let h = self.mount(f);
+        let metrics = || fops(&f.apisock, "/");
+        let cpaths: Vec<CString> = self
+            .meta_paths
+            .iter()
+            .map(|p| CString::new(f.mnt.join(p).as_os_str().as_bytes()).unwrap())
+            .collect();
+        let statx = |c: &CString, flags: i32| {
+            // SAFETY: statx is plain old data; valid path and buffer.
+            let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+            let r = unsafe {
+                libc::statx(
+                    libc::AT_FDCWD,
+                    c.as_ptr(),
+                    libc::AT_SYMLINK_NOFOLLOW | flags,
+                    libc::STATX_BASIC_STATS,
+                    &mut stx,
+                )
+            };
+            assert_eq!(r, 0, "statx {c:?}: {}", std::io::Error::last_os_error());
+        };
+        let seq: Vec<u64> = (0..self.size / MIB).map(|i| i * MIB).collect();
+        let n_meta = self.meta_paths.len() as f64;
+        // One O_DIRECT-aligned 1 MiB buffer per thread.
+        let mut bufs: Vec<(Vec<u8>, usize)> = (0..nt)
+            .map(|_| {
+                let raw = vec![0u8; (MIB + 4096) as usize];
+                let skew = raw.as_ptr().align_offset(4096);
+                (raw, skew)
+            })
+            .collect();
+        let mut nothing = vec![(); nt];
+        r.measure(2, n_meta, &metrics, || {
+            split_run(&mut nothing, &cpaths, |_, c| statx(c, 0))
+        });
+        r.measure(3, n_meta, &metrics, || {
+            split_run(&mut nothing, &cpaths, |_, c| {
+                statx(c, libc::AT_STATX_FORCE_SYNC)
+            })
+        });
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(f.mnt.join("big.bin"))
+            .unwrap();
+        r.measure(0, self.size as f64 / 1e6, &metrics, || {
+            split_run(&mut bufs, &seq, |(raw, skew), &off| {
+                let buf = &mut raw[*skew..*skew + MIB as usize];
+                assert_eq!(file.read_at(buf, off).unwrap() as u64, MIB);
+            })
+        });
+        r.measure(1, self.rand.len() as f64, &metrics, || {
+            split_run(&mut bufs, &self.rand, |(raw, skew), &off| {
+                let buf = &mut raw[*skew..*skew + 4096];
+                assert_eq!(file.read_at(buf, off).unwrap(), 4096);
+            })
+        });
+        drop(file);
+        self.unmount(h);
     }
 }
 
@@ -288,268 +514,89 @@ fn main() {
     );
     let (src, bootstrap, blobs) = build_image(&a);
     let size = a.size_mib * MIB;
-    let paths = walk(&src);
-    let meta_paths: Vec<&PathBuf> = paths
-        .iter()
+    let meta_paths: Vec<PathBuf> = walk(&src)
+        .into_iter()
         .filter(|p| p.as_os_str() != "big.bin")
         .collect();
-    let rand = offsets(size, a.random);
+    let bench = Bench {
+        bootstrap,
+        blobs,
+        work: a.work.clone(),
+        size,
+        rand: offsets(size, a.random),
+        meta_paths,
+        watchdog,
+    };
     let run = tempfile::Builder::new()
         .prefix("rafsd-bench-virtiofs")
         .tempdir()
         .unwrap();
-    let run = run.path();
-
-    // --- virtio-fs: the device process, the image mounted through the API, one guest. ---
-    let vdir = run.join("virtiofs");
-    std::fs::create_dir_all(&vdir).unwrap();
-    // The sandboxed device sees only allowed paths: the image lives in the work dir.
-    let extra = daemon_extra_args();
-    let mut dev_args = vec![
-        "--log-level",
-        "warn",
-        "--allow-path",
-        a.work.to_str().unwrap(),
-    ];
-    dev_args.extend(extra.iter().map(String::as_str));
-    let dev = VirtiofsDaemon::start(BIN, &vdir, &dev_args);
-    watchdog.watch(dev.pid(), None);
-    dev.mount_rafs(
-        "/bench",
-        &bootstrap,
-        &daemon::v1_config(&blobs, &vdir.join("cache"), false, ""),
-    );
-    let opts = Options {
-        request_queues: 1,
-        queue_size: 128,
-        slots: 1,
-        slot_len: MIB + (64 << 10),
-        ..Default::default()
-    };
-    let mut g = Guest::connect(&dev.sock, opts).expect("vhost-user handshake");
-    g.fuse_init().unwrap();
-    let top = g.lookup(ROOT, b"bench").unwrap().nodeid;
-    // Resolve every entry once: (parent nodeid, name) for LOOKUP, nodeid for GETATTR.
-    let mut nodeids: HashMap<PathBuf, u64> = HashMap::new();
-    let mut lookups = Vec::new();
-    for p in &meta_paths {
-        let parent = p
-            .parent()
-            .filter(|q| !q.as_os_str().is_empty())
-            .map(|q| nodeids[q])
-            .unwrap_or(top);
-        let name = p.file_name().unwrap().as_bytes().to_vec();
-        let e = g
-            .lookup(parent, &name)
-            .unwrap_or_else(|e| panic!("LOOKUP {}: {e}", p.display()));
-        nodeids.insert((*p).clone(), e.nodeid);
-        lookups.push((parent, name));
-    }
-    let attrs: Vec<u64> = meta_paths.iter().map(|p| nodeids[*p]).collect();
-    let big = g.lookup(top, b"big.bin").unwrap().nodeid;
-    let fh = g.open(big).unwrap().fh;
-    let vread_all = |g: &mut Guest| {
-        let mut off = 0;
-        while off < size {
-            let n = g.read_in_place(big, fh, off, MIB as u32).unwrap() as u64;
-            assert!(n > 0);
-            off += n;
+    let fuse = bench.fuse(&run.path().join("fuse"));
+    // Per queue count: (worker pools, in order, host FUSE), the three measured in turn in each round so
+    // that the machine's other load falls on all of them alike.
+    let mut results: Vec<[Rates; 3]> = Vec::new();
+    for &nq in &a.queues {
+        let mut pool = bench.device(&run.path().join(format!("pool-{nq}")), &[], nq);
+        let mut in_order = bench.device(
+            &run.path().join(format!("in-order-{nq}")),
+            &["--thread-pool-size", "0"],
+            nq,
+        );
+        let mut r: [Rates; 3] = Default::default();
+        for round in 0..a.rounds {
+            eprintln!("{nq} queue(s): round {}/{}", round + 1, a.rounds);
+            bench.measure_device(&mut pool, &mut r[0]);
+            bench.measure_device(&mut in_order, &mut r[1]);
+            bench.measure_fuse(&fuse, nq, &mut r[2]);
         }
-    };
-    vread_all(&mut g); // warm the device's blob cache
-    let vmetrics = || fops(&dev.apisock, "/bench");
-
-    // --- host FUSE: the same image, its own cache; warmed once. ---
-    let hdir = run.join("fuse");
-    std::fs::create_dir_all(&hdir).unwrap();
-    let config = hdir.join("config.json");
-    std::fs::write(
-        &config,
-        daemon::v1_config(&blobs, &hdir.join("cache"), false, ""),
-    )
-    .unwrap();
-    let mnt = hdir.join("mnt");
-    let apisock = hdir.join("api.sock");
-    let start_fuse = || {
-        let d = daemon::Daemon::start(
-            &[
-                "--config",
-                config.to_str().unwrap(),
-                "--bootstrap",
-                bootstrap.to_str().unwrap(),
-                "--apisock",
-                apisock.to_str().unwrap(),
-                "--thread-num",
-                "4",
-                "-l",
-                "warn",
-            ]
-            .into_iter()
-            .chain(extra.iter().map(String::as_str))
-            .collect::<Vec<_>>(),
-            &mnt,
-            &hdir.join("rafsd-fuse.log"),
-        );
-        watchdog.watch(d.pid(), Some(&mnt));
-        d
-    };
-    let h = start_fuse();
-    std::io::copy(
-        &mut File::open(mnt.join("big.bin")).unwrap(),
-        &mut std::io::sink(),
-    )
-    .unwrap();
-    let stop_fuse = |h: daemon::Daemon| {
-        let pid = h.pid();
-        assert!(h.stop().success());
-        watchdog.unwatch(pid);
-    };
-    stop_fuse(h);
-    let hmetrics = || fops(&apisock, "/");
-    let cpaths: Vec<CString> = meta_paths
-        .iter()
-        .map(|p| CString::new(mnt.join(p).as_os_str().as_bytes()).unwrap())
-        .collect();
-    let statx = |c: &CString, flags: i32| {
-        // SAFETY: statx is plain old data; valid path and buffer.
-        let mut stx: libc::statx = unsafe { std::mem::zeroed() };
-        let r = unsafe {
-            libc::statx(
-                libc::AT_FDCWD,
-                c.as_ptr(),
-                libc::AT_SYMLINK_NOFOLLOW | flags,
-                libc::STATX_BASIC_STATS,
-                &mut stx,
-            )
-        };
-        assert_eq!(r, 0, "statx {c:?}: {}", std::io::Error::last_os_error());
-    };
-    // O_DIRECT needs an aligned buffer.
-    let mut raw = vec![0u8; (MIB + 4096) as usize];
-    let skew = raw.as_ptr().align_offset(4096);
-    let buf = &mut raw[skew..skew + MIB as usize];
-
-    let mut r = Results::default();
-    let n_meta = meta_paths.len() as f64;
-    for round in 0..a.rounds {
-        eprintln!("round {}/{}", round + 1, a.rounds);
-        // virtio-fs
-        measure(n_meta, LOOKUP, &vmetrics, &mut r.lookup[0], &mut || {
-            for (parent, name) in &lookups {
-                g.lookup(*parent, name).unwrap();
-            }
-        });
-        measure(n_meta, GETATTR, &vmetrics, &mut r.getattr[0], &mut || {
-            for &n in &attrs {
-                g.getattr(n).unwrap();
-            }
-        });
-        measure(
-            size as f64 / 1e6,
-            READ,
-            &vmetrics,
-            &mut r.seq[0],
-            &mut || vread_all(&mut g),
-        );
-        measure(
-            rand.len() as f64,
-            READ,
-            &vmetrics,
-            &mut r.rand[0],
-            &mut || {
-                for &off in &rand {
-                    assert_eq!(g.read_in_place(big, fh, off, 4096).unwrap(), 4096);
-                }
-            },
-        );
-
-        // host FUSE: a fresh mount per round, so the kernel's dentry cache is cold for the LOOKUP pass.
-        let h = start_fuse();
-        measure(n_meta, LOOKUP, &hmetrics, &mut r.lookup[1], &mut || {
-            cpaths.iter().for_each(|c| statx(c, 0))
-        });
-        measure(n_meta, GETATTR, &hmetrics, &mut r.getattr[1], &mut || {
-            cpaths
-                .iter()
-                .for_each(|c| statx(c, libc::AT_STATX_FORCE_SYNC))
-        });
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(mnt.join("big.bin"))
-            .unwrap();
-        measure(
-            size as f64 / 1e6,
-            READ,
-            &hmetrics,
-            &mut r.seq[1],
-            &mut || {
-                let mut off = 0;
-                while off < size {
-                    let n = f.read_at(buf, off).unwrap() as u64;
-                    assert!(n > 0);
-                    off += n;
-                }
-            },
-        );
-        measure(
-            rand.len() as f64,
-            READ,
-            &hmetrics,
-            &mut r.rand[1],
-            &mut || {
-                for &off in &rand {
-                    assert_eq!(f.read_at(&mut buf[..4096], off).unwrap(), 4096);
-                }
-            },
-        );
-        drop(f);
-        stop_fuse(h);
+        bench.stop_device(pool);
+        bench.stop_device(in_order);
+        results.push(r);
     }
-    g.release(big, fh, false).unwrap();
-    drop(g);
-    watchdog.unwatch(dev.pid());
-    dev.kill_and_check();
 
     println!();
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let load: Vec<&str> = load.split(' ').take(3).collect();
-    println!(
-        "load average at the end: {} (2+ means other work competed for the CPUs)",
-        load.join(" ")
-    );
+    println!("{}", harness::load_note());
     let cpus = a.pin_cpu.map_or("any CPU".to_string(), |c| {
         format!("all processes pinned to CPU {c}")
     });
-    println!("image: {} entries + big.bin of {} MiB; {} rounds; one request in flight on each side; {cpus}", meta_paths.len(), a.size_mib, a.rounds);
     println!(
-        "{:<22} {:>5} {:>21} {:>21} {:>14} {:>16}",
-        "operation",
-        "unit",
-        "virtio-fs med/best",
-        "host FUSE med/best",
-        "ratio med/best",
-        "daemon reqs v/h"
+        "image: {} entries + big.bin of {} MiB; median of {} rounds; one request in flight per queue or \
+         thread; {cpus}",
+        bench.meta_paths.len(),
+        a.size_mib,
+        a.rounds
     );
     let count = |n: Option<u64>| n.map_or("-".to_string(), |n| n.to_string());
-    let best = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
-    let row = |name: &str, unit: &str, s: &[Sample; 2]| {
-        let (vm, hm, vb, hb) = (
-            median(&s[0].rates),
-            median(&s[1].rates),
-            best(&s[0].rates),
-            best(&s[1].rates),
+    for (i, &nq) in a.queues.iter().enumerate() {
+        println!();
+        println!(
+            "{nq} request queue(s) / {nq} host thread(s): virtio-fs (worker pools), virtio-fs in order \
+             (--thread-pool-size 0), host FUSE"
         );
         println!(
-            "{name:<22} {unit:>5} {:>21} {:>21} {:>14} {:>16}",
-            format!("{vm:.0} / {vb:.0}"),
-            format!("{hm:.0} / {hb:.0}"),
-            format!("{:.2} / {:.2}", vm / hm, vb / hb),
-            format!("{}/{}", count(s[0].requests), count(s[1].requests))
+            "{:<22} {:>5} {:>10} {:>10} {:>10} {:>12} {:>14} {:>12}",
+            "operation",
+            "unit",
+            "virtio-fs",
+            "in order",
+            "host FUSE",
+            "virtio/FUSE",
+            "pool/in order",
+            "reqs v/h"
         );
-    };
-    row("READ 1 MiB sequential", "MB/s", &r.seq);
-    row("READ 4 KiB random", "op/s", &r.rand);
-    row("LOOKUP", "op/s", &r.lookup);
-    row("GETATTR", "op/s", &r.getattr);
+        let [pool, in_order, fuse] = &results[i];
+        for (op, (name, unit, _)) in OPS.iter().enumerate() {
+            let (p, o, f) = (
+                median(&pool.rates[op]),
+                median(&in_order.rates[op]),
+                median(&fuse.rates[op]),
+            );
+            println!(
+                "{name:<22} {unit:>5} {p:>10.0} {o:>10.0} {f:>10.0} {:>12.2} {:>14.2} {:>12}",
+                p / f,
+                p / o,
+                format!("{}/{}", count(pool.requests[op]), count(fuse.requests[op]))
+            );
+        }
+    }
 }

@@ -24,7 +24,7 @@ use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
 use fuse_backend_rs::abi::fuse_abi::{
-    AttrOut, Direntplus, EntryOut, ForgetIn, FsOptions, GetattrIn, GetxattrIn, GetxattrOut,
+    AttrOut, Dirent, Direntplus, EntryOut, ForgetIn, FsOptions, GetattrIn, GetxattrIn, GetxattrOut,
     InHeader, InitIn, InitOut, MknodIn, Opcode, OpenIn, OpenOut, OutHeader, ReadIn, ReleaseIn,
     KERNEL_MINOR_VERSION, KERNEL_VERSION,
 };
@@ -706,7 +706,48 @@ pub enum Xattr {
     Value(Vec<u8>),
 }
 
-fn fuse_errno(h: &OutHeader) -> io::Result<()> {
+/// The argument of a FUSE_READ of a regular file opened read-only.
+pub fn read_in(fh: u64, offset: u64, size: u32) -> ReadIn {
+    ReadIn {
+        fh,
+        offset,
+        size,
+        read_flags: 0,
+        lock_owner: 0,
+        flags: libc::O_RDONLY as u32,
+        padding: 0,
+    }
+}
+
+/// A request in flight, from [`Guest::post`].
+#[derive(Clone, Copy, Debug)]
+pub struct Posted {
+    pub head: u16,
+    pub unique: u64,
+    pub opcode: Opcode,
+}
+
+/// Check a completion's framing (unique, header len = used len) and split it into header and body.
+fn parse_reply(opcode: Opcode, unique: u64, c: Completion) -> io::Result<Reply> {
+    let header: OutHeader = read_obj(&c.data)?;
+    if header.unique != unique {
+        return Err(err(format!(
+            "{opcode:?}: reply for unique {} to request {unique}",
+            header.unique
+        )));
+    }
+    if header.len != c.len {
+        return Err(err(format!(
+            "{opcode:?}: header len {} but used len {}",
+            header.len, c.len
+        )));
+    }
+    let mut body = c.data;
+    body.drain(..std::mem::size_of::<OutHeader>());
+    Ok(Reply { header, body })
+}
+
+pub fn fuse_errno(h: &OutHeader) -> io::Result<()> {
     if h.error < 0 {
         Err(io::Error::from_raw_os_error(-h.error))
     } else {
@@ -723,6 +764,29 @@ fn read_obj<T: ByteValued + Default>(b: &[u8]) -> io::Result<T> {
     }
     v.as_mut_slice().copy_from_slice(&b[..n]);
     Ok(v)
+}
+
+/// The entries of a READDIR(PLUS) reply: fixed part `T` (whose name length `namelen` gives), name, padding
+/// to 8 bytes; each turned into an `E` by `entry`.
+fn dirents<T: ByteValued + Default, E>(
+    body: &[u8],
+    namelen: impl Fn(&T) -> u32,
+    entry: impl Fn(T, Vec<u8>) -> E,
+) -> io::Result<Vec<E>> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    let fixed = std::mem::size_of::<T>();
+    while at < body.len() {
+        let d: T = read_obj(&body[at..])?;
+        let len = namelen(&d) as usize;
+        let name = body
+            .get(at + fixed..at + fixed + len)
+            .ok_or_else(|| err("dirent name past the reply"))?
+            .to_vec();
+        out.push(entry(d, name));
+        at += (fixed + len).div_ceil(8) * 8;
+    }
+    Ok(out)
 }
 
 fn cstr(name: &[u8]) -> Vec<u8> {
@@ -753,6 +817,38 @@ impl Guest {
             queue: 1,
             init: None,
         })
+    }
+
+    /// One `Guest` per request queue, for one driver thread each (as a guest's vCPUs use their queues):
+    /// each owns its queue (as its queue 0, so it has no hiprio queue of its own) and numbers its requests
+    /// apart from the others. `self` keeps the hiprio queue; the session lasts while any of them lives.
+    pub fn split_queues(&mut self) -> Vec<Guest> {
+        let rest = self.conn.queues.split_off(1);
+        self.queue = 0;
+        rest.into_iter()
+            .map(|vq| {
+                let q = vq.index;
+                Guest {
+                    conn: VhostConn {
+                        frontend: self.conn.frontend.clone(),
+                        ram: GuestRam {
+                            mem: self.conn.ram.mem.clone(),
+                            size: self.conn.ram.size,
+                            next: self.conn.ram.size,
+                        },
+                        queues: vec![vq],
+                        features: self.conn.features,
+                        protocol: self.conn.protocol,
+                        device_queues: self.conn.device_queues,
+                        _backend_req: None,
+                    },
+                    opts: self.opts.clone(),
+                    unique: (q as u64) << 48,
+                    queue: 0,
+                    init: self.init,
+                }
+            })
+            .collect()
     }
 
     /// Build the chain of one FUSE request: the in-header and each argument in its own readable
@@ -819,25 +915,58 @@ impl Guest {
         reply_len: u32,
         peek: Option<u32>,
     ) -> io::Result<Reply> {
+        let p = self.post(opcode, nodeid, args, reply_len, peek)?;
+        let mut done = self.reap(&[p], WAIT)?;
+        match (done.pop(), done.is_empty()) {
+            (Some((_, reply)), true) => Ok(reply),
+            _ => Err(err(format!(
+                "queue {}: more than one completion for one request",
+                self.queue
+            ))),
+        }
+    }
+
+    /// Put one request on the current queue and kick the device without waiting for the reply, which
+    /// [`Guest::reap`] collects: several requests in flight on one queue, as a guest with several busy
+    /// processes has. At most `peek` reply bytes (header included) are copied out of guest RAM.
+    pub fn post(
+        &mut self,
+        opcode: Opcode,
+        nodeid: u64,
+        args: &[&[u8]],
+        reply_len: u32,
+        peek: Option<u32>,
+    ) -> io::Result<Posted> {
         let (unique, mut chain) = self.request_chain(opcode as u32, nodeid, args, reply_len);
         chain.peek = peek;
-        let c = self.conn.roundtrip(self.queue, &chain)?;
-        let header: OutHeader = read_obj(&c.data)?;
-        if header.unique != unique {
-            return Err(err(format!(
-                "{opcode:?}: reply for unique {} to request {unique}",
-                header.unique
-            )));
-        }
-        if header.len != c.len {
-            return Err(err(format!(
-                "{opcode:?}: header len {} but used len {}",
-                header.len, c.len
-            )));
-        }
-        let mut body = c.data;
-        body.drain(..std::mem::size_of::<OutHeader>());
-        Ok(Reply { header, body })
+        let q = &mut self.conn.queues[self.queue];
+        let head = q.submit(&self.conn.ram, &chain)?;
+        q.notify(&self.conn.ram);
+        Ok(Posted {
+            head,
+            unique,
+            opcode,
+        })
+    }
+
+    /// The replies the device has put in the current queue's used ring, in that order, each checked
+    /// against the request in `posted` it answers; waits (bounded by `timeout`) for at least one.
+    pub fn reap(
+        &mut self,
+        posted: &[Posted],
+        timeout: Duration,
+    ) -> io::Result<Vec<(Posted, Reply)>> {
+        let done = self.conn.queues[self.queue].wait_used(&self.conn.ram, timeout)?;
+        done.into_iter()
+            .map(|c| {
+                let p = posted
+                    .iter()
+                    .find(|p| p.head == c.head)
+                    .copied()
+                    .ok_or_else(|| err(format!("used head {} was not posted", c.head)))?;
+                Ok((p, parse_reply(p.opcode, p.unique, c)?))
+            })
+            .collect()
     }
 
     fn call_ok(
@@ -1023,15 +1152,7 @@ impl Guest {
     }
 
     pub fn read(&mut self, nodeid: u64, fh: u64, offset: u64, size: u32) -> io::Result<Vec<u8>> {
-        let a = ReadIn {
-            fh,
-            offset,
-            size,
-            read_flags: 0,
-            lock_owner: 0,
-            flags: libc::O_RDONLY as u32,
-            padding: 0,
-        };
+        let a = read_in(fh, offset, size);
         self.call_ok(Opcode::Read, nodeid, &[a.as_slice()], size)
     }
 
@@ -1043,15 +1164,7 @@ impl Guest {
         offset: u64,
         size: u32,
     ) -> io::Result<usize> {
-        let a = ReadIn {
-            fh,
-            offset,
-            size,
-            read_flags: 0,
-            lock_owner: 0,
-            flags: libc::O_RDONLY as u32,
-            padding: 0,
-        };
+        let a = read_in(fh, offset, size);
         let r = self.call_peek(
             Opcode::Read,
             nodeid,
@@ -1070,6 +1183,47 @@ impl Guest {
         offset: u64,
         size: u32,
     ) -> io::Result<Vec<DirEntryPlus>> {
+        let body = self.dir_reply(Opcode::Readdirplus, nodeid, fh, offset, size)?;
+        dirents(
+            &body,
+            |d: &Direntplus| d.dirent.namelen,
+            |d, name| DirEntryPlus {
+                name,
+                nodeid: d.entry_out.nodeid,
+                ino: d.dirent.ino,
+                off: d.dirent.off,
+                type_: d.dirent.type_,
+                mode: d.entry_out.attr.mode,
+                size: d.entry_out.attr.size,
+            },
+        )
+    }
+
+    /// FUSE_READDIR from cookie `offset` into a reply of `size` bytes: (name, ino, cookie) per entry.
+    pub fn readdir(
+        &mut self,
+        nodeid: u64,
+        fh: u64,
+        offset: u64,
+        size: u32,
+    ) -> io::Result<Vec<(Vec<u8>, u64, u64)>> {
+        let body = self.dir_reply(Opcode::Readdir, nodeid, fh, offset, size)?;
+        dirents(
+            &body,
+            |d: &Dirent| d.namelen,
+            |d, name| (name, d.ino, d.off),
+        )
+    }
+
+    /// The body of a READDIR or READDIRPLUS reply.
+    fn dir_reply(
+        &mut self,
+        opcode: Opcode,
+        nodeid: u64,
+        fh: u64,
+        offset: u64,
+        size: u32,
+    ) -> io::Result<Vec<u8>> {
         let a = ReadIn {
             fh,
             offset,
@@ -1079,29 +1233,7 @@ impl Guest {
             flags: 0,
             padding: 0,
         };
-        let body = self.call_ok(Opcode::Readdirplus, nodeid, &[a.as_slice()], size)?;
-        let mut out = Vec::new();
-        let mut at = 0;
-        let fixed = std::mem::size_of::<Direntplus>();
-        while at < body.len() {
-            let d: Direntplus = read_obj(&body[at..])?;
-            let namelen = d.dirent.namelen as usize;
-            let name = body
-                .get(at + fixed..at + fixed + namelen)
-                .ok_or_else(|| err("dirent name past the reply"))?
-                .to_vec();
-            out.push(DirEntryPlus {
-                name,
-                nodeid: d.entry_out.nodeid,
-                ino: d.dirent.ino,
-                off: d.dirent.off,
-                type_: d.dirent.type_,
-                mode: d.entry_out.attr.mode,
-                size: d.entry_out.attr.size,
-            });
-            at += (fixed + namelen).div_ceil(8) * 8;
-        }
-        Ok(out)
+        self.call_ok(opcode, nodeid, &[a.as_slice()], size)
     }
 
     /// All entries of a directory: OPENDIR, READDIRPLUS until empty, RELEASEDIR.

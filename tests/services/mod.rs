@@ -10,7 +10,7 @@ use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -368,6 +368,8 @@ pub enum Fault {
     WrongLength,
     /// Headers, then nothing for this long.
     Stall(Duration),
+    /// A correct answer, after this long (a slow backend).
+    Slow(Duration),
     /// The wrong bytes with a plausible 206 (a cache gone bad): must be caught by digests, not here.
     Corrupt,
     /// Not HTTP at all.
@@ -429,11 +431,84 @@ impl FakeOptions {
     }
 }
 
+/// Blob data answers wait here while the gate is closed ([`FakeServer::hold_data`]).
+#[derive(Default)]
+pub struct Gate {
+    /// (closed, answers waiting)
+    state: Mutex<(bool, usize)>,
+    opened: Condvar,
+}
+
+impl Gate {
+    /// Wait while closed (at most 60 s, so a test that forgets to open it still ends).
+    fn pass(&self) {
+        let mut st = self.state.lock().unwrap();
+        if !st.0 {
+            return;
+        }
+        st.1 += 1;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while st.0 && Instant::now() < deadline {
+            st = self
+                .opened
+                .wait_timeout(st, Duration::from_millis(100))
+                .unwrap()
+                .0;
+        }
+        st.1 -= 1;
+    }
+}
+
+/// Paces blob data answers, all connections together, like one link of a given rate.
+#[derive(Default)]
+pub struct Pacer {
+    /// (bytes per second, when the link is free again)
+    state: Mutex<(Option<u64>, Option<Instant>)>,
+}
+
+impl Pacer {
+    /// Write `body` in 64 KiB pieces, each sent once the link has carried the ones before it.
+    fn write(&self, conn: &mut TcpStream, body: &[u8]) -> bool {
+        for piece in body.chunks(64 << 10) {
+            let start = {
+                let mut st = self.state.lock().unwrap();
+                let Some(rate) = st.0 else {
+                    drop(st);
+                    return conn.write_all(body).is_ok();
+                };
+                let now = Instant::now();
+                let start = st.1.map_or(now, |free| free.max(now));
+                st.1 = Some(start + Duration::from_secs_f64(piece.len() as f64 / rate as f64));
+                start
+            };
+            if let Some(wait) = start.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            if conn.write_all(piece).is_err() {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// From [`FakeServer::hold_data`]: opens the gate when dropped.
+pub struct HeldData<'a>(&'a Gate);
+
+impl Drop for HeldData<'_> {
+    fn drop(&mut self) {
+        self.0.state.lock().unwrap().0 = false;
+        self.0.opened.notify_all();
+    }
+}
+
 pub struct FakeServer {
     pub port: u16,
     pub faults: Arc<Mutex<FaultState>>,
     pub counters: Arc<Counters>,
-    blobs: Arc<Mutex<HashMap<String, Vec<u8>>>>,
+    gate: Arc<Gate>,
+    pacer: Arc<Pacer>,
+    blobs: Arc<Mutex<HashMap<String, Arc<Vec<u8>>>>>,
     /// Valid tokens and their expiry.
     tokens: Arc<Mutex<HashMap<String, Instant>>>,
     stop: Arc<AtomicBool>,
@@ -452,7 +527,9 @@ struct Shared {
     port: u16,
     faults: Arc<Mutex<FaultState>>,
     counters: Arc<Counters>,
-    blobs: Arc<Mutex<HashMap<String, Vec<u8>>>>,
+    gate: Arc<Gate>,
+    pacer: Arc<Pacer>,
+    blobs: Arc<Mutex<HashMap<String, Arc<Vec<u8>>>>>,
     tokens: Arc<Mutex<HashMap<String, Instant>>>,
     next_token: AtomicU64,
     stop: Arc<AtomicBool>,
@@ -468,6 +545,8 @@ impl FakeServer {
             port,
             faults: Default::default(),
             counters: Default::default(),
+            gate: Default::default(),
+            pacer: Default::default(),
             blobs: Default::default(),
             tokens: Default::default(),
             next_token: AtomicU64::new(1),
@@ -478,6 +557,8 @@ impl FakeServer {
             port,
             faults: shared.faults.clone(),
             counters: shared.counters.clone(),
+            gate: shared.gate.clone(),
+            pacer: shared.pacer.clone(),
             blobs: shared.blobs.clone(),
             tokens: shared.tokens.clone(),
             stop: shared.stop.clone(),
@@ -501,8 +582,57 @@ impl FakeServer {
 
     pub fn add_blob(&self, data: Vec<u8>) -> String {
         let id = format!("{:x}", sha2::Sha256::digest(&data));
-        self.blobs.lock().unwrap().insert(id.clone(), data);
+        self.blobs
+            .lock()
+            .unwrap()
+            .insert(id.clone(), Arc::new(data));
         id
+    }
+
+    /// A plain server of `repo` holding every data blob of `dir` (files named by their sha256, as image
+    /// builders name them).
+    pub fn with_blobs_of(repo: &str, dir: &Path) -> FakeServer {
+        let server = FakeServer::start(FakeOptions::plain(repo));
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let id = server.add_blob(std::fs::read(&path).unwrap());
+            assert_eq!(
+                path.file_name().unwrap().to_string_lossy(),
+                id,
+                "blob named by its sha256"
+            );
+        }
+        server
+    }
+
+    /// Until the guard is dropped, blob data answers (GETs of a range) wait before they are sent: a
+    /// backend read stalls until the test lets it go on (also when the test fails), then gets the right
+    /// bytes.
+    pub fn hold_data(&self) -> HeldData<'_> {
+        self.gate.state.lock().unwrap().0 = true;
+        HeldData(&self.gate)
+    }
+
+    /// Blob data answers waiting at the gate now.
+    pub fn held(&self) -> usize {
+        self.gate.state.lock().unwrap().1
+    }
+
+    /// Wait (bounded) until at least `n` answers wait at the gate.
+    pub fn wait_held(&self, n: usize, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while self.held() < n {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+
+    /// Send blob data at `bytes_per_sec` at most, all connections together (None: as fast as possible).
+    pub fn set_rate(&self, bytes_per_sec: Option<u64>) {
+        *self.pacer.state.lock().unwrap() = (bytes_per_sec, None);
     }
 
     pub fn revoke_tokens(&self) {
@@ -708,12 +838,20 @@ fn handle(
     };
     let body = &blob[a..=b];
     let range = format!("bytes {a}-{b}/{}", blob.len());
+    s.gate.pass();
+    if let Some(Fault::Slow(d)) = fault {
+        std::thread::sleep(d);
+    }
     match fault {
-        None => {
+        None | Some(Fault::Slow(_)) => {
             s.counters
                 .bytes
                 .fetch_add(body.len() as u64, Ordering::Relaxed);
-            respond(conn, 206, &[("Content-Range", range)], body)
+            let head = format!(
+                "HTTP/1.1 206 X\r\nContent-Range: {range}\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            conn.write_all(head.as_bytes()).is_ok() && s.pacer.write(conn, body)
         }
         // Error answers close the connection, as many servers do.
         Some(Fault::Status(code)) => {

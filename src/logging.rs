@@ -1,0 +1,168 @@
+//! Where the daemon's log goes: stderr, or the file `--log-file` names (created with its folder), which
+//! is rotated once it would grow past `--log-rotation-size` MiB: `F` becomes `F.1`, `F.1` becomes `F.2`,
+//! and so on, keeping [`KEEP_ROTATED`] old files.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// Rotated files kept beside the current one.
+pub const KEEP_ROTATED: usize = 5;
+
+/// A log file that rotates itself by size. Writes never fail for lack of rotation: if renaming or
+/// reopening fails, logging continues in the current file.
+///
+/// Two processes write it (the daemon and its supervisor, which share the open file after fork), so
+/// sizes come from the file, not from a private count, and a writer whose file was rotated away by the
+/// other reopens the path.
+pub struct RotatingFile {
+    path: PathBuf,
+    file: File,
+    /// Bytes after which the file is rotated; 0 never rotates.
+    limit: u64,
+    /// The size at which rotation last failed: the next try waits for another `limit` bytes.
+    failed_at: Option<u64>,
+}
+
+/// nydusd adds ".log" to a log file name without an extension; so do we.
+pub fn log_file_path(path: &Path) -> PathBuf {
+    if path.extension().is_some() {
+        path.to_path_buf()
+    } else {
+        path.with_extension("log")
+    }
+}
+
+fn rotated(path: &Path, n: usize) -> PathBuf {
+    let mut name = path.as_os_str().to_os_string();
+    name.push(format!(".{n}"));
+    PathBuf::from(name)
+}
+
+fn open_append(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+impl RotatingFile {
+    /// Open (or create, with its folder) `path` for appending; rotate at `limit_mib` MiB (0: never).
+    pub fn open(path: &Path, limit_mib: u64) -> Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::io(format!("create log folder {}", dir.display()), e))?;
+        }
+        let file = open_append(path)
+            .map_err(|e| Error::io(format!("open log file {}", path.display()), e))?;
+        Ok(RotatingFile {
+            path: path.to_path_buf(),
+            file,
+            limit: limit_mib.saturating_mul(1 << 20),
+            failed_at: None,
+        })
+    }
+
+    /// The current file's size, after switching to the file at `path` if another writer rotated ours.
+    fn current_size(&mut self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(ours) = self.file.metadata() else {
+            return 0;
+        };
+        if let Ok(at_path) = std::fs::metadata(&self.path) {
+            if (at_path.dev(), at_path.ino()) != (ours.dev(), ours.ino()) {
+                if let Ok(f) = open_append(&self.path) {
+                    self.file = f;
+                    return at_path.len();
+                }
+            }
+        }
+        ours.len()
+    }
+
+    fn rotate(&mut self) -> std::io::Result<()> {
+        for n in (1..KEEP_ROTATED).rev() {
+            let from = rotated(&self.path, n);
+            if from.exists() {
+                std::fs::rename(&from, rotated(&self.path, n + 1))?;
+            }
+        }
+        std::fs::rename(&self.path, rotated(&self.path, 1))?;
+        self.file = open_append(&self.path)?;
+        Ok(())
+    }
+}
+
+impl Write for RotatingFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.limit > 0 {
+            let size = self.current_size();
+            let due = self.failed_at.map_or(self.limit, |f| f + self.limit);
+            if size > 0 && size + buf.len() as u64 > due {
+                self.failed_at = None;
+                if let Err(e) = self.rotate() {
+                    self.failed_at = Some(size);
+                    // Keep logging where we are, saying why the file keeps growing.
+                    let _ = writeln!(
+                        self.file,
+                        "log rotation of {} failed: {e}",
+                        self.path.display()
+                    );
+                }
+            }
+        }
+        self.file.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// Install the process logger at `level`, writing to `file` (rotated at `rotation_mib` MiB) or stderr.
+pub fn init(level: &str, file: Option<&Path>, rotation_mib: u64) -> Result<()> {
+    let mut builder = env_logger::Builder::new();
+    // Every line goes through the credential filter (`user:pass@` in URLs is masked).
+    builder
+        .parse_filters(level)
+        .format(crate::redact::log_format);
+    if let Some(path) = file {
+        builder.target(env_logger::Target::Pipe(Box::new(RotatingFile::open(
+            path,
+            rotation_mib,
+        )?)));
+    }
+    builder.init();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotates_by_size_and_keeps_a_few_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("logs/id/nydusd.log");
+        let mut f = RotatingFile::open(&path, 1).unwrap();
+        let line = vec![b'x'; 300 << 10];
+        for _ in 0..40 {
+            f.write_all(&line).unwrap();
+        }
+        assert!(std::fs::metadata(&path).unwrap().len() <= 1 << 20);
+        for n in 1..=KEEP_ROTATED {
+            let len = std::fs::metadata(rotated(&path, n)).unwrap().len();
+            assert!(len > 0 && len <= 1 << 20, "{n}: {len}");
+        }
+        assert!(!rotated(&path, KEEP_ROTATED + 1).exists());
+    }
+
+    #[test]
+    fn a_name_without_extension_gets_dot_log() {
+        assert_eq!(
+            log_file_path(Path::new("/x/nydusd")),
+            Path::new("/x/nydusd.log")
+        );
+        assert_eq!(log_file_path(Path::new("/x/a.txt")), Path::new("/x/a.txt"));
+    }
+}

@@ -1,0 +1,608 @@
+//! Answering one virtqueue's requests: in order on the queue's thread (the hiprio queue, and every queue
+//! with `--thread-pool-size 0`), or through a [`RequestQueue`]: a worker pool, with the queue's thread
+//! answering some requests itself, and a watcher that takes over the ring when one of those turns slow.
+//!
+//! A request that finds others waiting with it goes to a worker, so they run side by side; so do
+//! requests on file data other than READ (WRITE, FSYNC, SETUPMAPPING, ...), which may wait on a disk or a
+//! backend. A lone metadata request (the common case: a guest process waits for each of its LOOKUPs and
+//! GETATTRs) the queue thread answers itself, which spares it a hand-over to another thread; a lone READ
+//! too, as long as the last [`FAST_READS`] READs each took less than [`SLOW_REQUEST`] (they came from the
+//! cache), and otherwise a worker does: a cold read streaming from a registry then runs on workers while
+//! the queue thread stays free. Either way a request goes into the used ring as soon as it is done, in
+//! any order (virtio allows that; the guest matches replies by descriptor).
+//!
+//! Only the queue's thread learns of new requests (the guest kicks its eventfd), so while it answers one
+//! itself nobody would take the next off the ring. Should that request be slow after all (the first
+//! cold READ after cached ones, a passthrough share on a hung disk), the watcher notices: a one-shot
+//! timer (set by the queue thread when it starts answering after a pause, then by the watcher itself)
+//! wakes it at most once per [`SLOW_REQUEST`] while the queue thread is busy, never while it is idle.
+//! When the queue thread has been on one request for [`SLOW_REQUEST`], the watcher hands what arrives
+//! behind it to the workers, looking every [`WATCH_INTERVAL`], until the queue thread is done with it.
+
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use fuse_backend_rs::abi::fuse_abi::{InHeader, Opcode, OutHeader};
+use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::api::Vfs;
+use fuse_backend_rs::transport::FsCacheReqHandler;
+use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use vm_memory::bitmap::BitmapSlice;
+use vm_memory::{Address, ByteValued, Bytes, GuestMemoryLoadGuard, GuestMemoryMmap};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::dax::{Admission, DaxWindow};
+use crate::worker_pool::WorkerPool;
+
+/// How long the queue thread may answer one request itself before the watcher takes requests off the
+/// ring for the workers: far above a metadata request or a cached 4 KiB read (microseconds), above a
+/// cached 1 MiB read, well below a fetch from a registry.
+pub const SLOW_REQUEST: Duration = Duration::from_millis(1);
+/// How often the watcher looks at the ring while the queue thread is held up.
+pub const WATCH_INTERVAL: Duration = Duration::from_micros(250);
+/// READs in a row that finished within [`SLOW_REQUEST`] before the queue thread answers lone READs
+/// itself (again). One that takes longer sends READs back to the workers.
+pub const FAST_READS: u32 = 8;
+
+pub type Memory = GuestMemoryLoadGuard<GuestMemoryMmap>;
+type Chain = DescriptorChain<Memory>;
+/// A request to answer: its descriptor chain and the ring it goes back to.
+type Job = (Chain, VringRwLock, Kind);
+
+/// What answering a request needs; shared by the queue threads, watchers and workers of one connection.
+pub struct Requests {
+    server: Server<Arc<Vfs>>,
+    event_idx: AtomicBool,
+    /// The DAX window once the backend channel is up.
+    dax: RwLock<Option<Arc<DaxWindow>>>,
+    /// False once the connection is over: requests finishing later stay out of its rings.
+    live: RwLock<bool>,
+}
+
+impl Requests {
+    pub fn new(vfs: Arc<Vfs>) -> Self {
+        Requests {
+            server: Server::new(vfs),
+            event_idx: AtomicBool::new(false),
+            dax: RwLock::new(None),
+            live: RwLock::new(true),
+        }
+    }
+
+    pub fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    pub fn set_dax(&self, window: Arc<DaxWindow>) {
+        *self.dax.write().unwrap_or_else(|e| e.into_inner()) = Some(window);
+    }
+
+    /// End of the connection: no more used entries or interrupts.
+    pub fn close(&self) {
+        *self.live.write().unwrap_or_else(|e| e.into_inner()) = false;
+    }
+
+    /// One FUSE request; returns the bytes written to the guest (0 when no reply could be built).
+    fn handle_chain(&self, chain: Chain) -> u32 {
+        let mem = chain.memory();
+        let reader = match Reader::from_descriptor_chain(mem, chain.clone()) {
+            Ok(r) => r,
+            Err(e) => {
+                log::warn!("virtio-fs: malformed request descriptors: {e}");
+                return 0;
+            }
+        };
+        let writer = match VirtioFsWriter::new(mem, chain.clone()) {
+            Ok(w) => w,
+            Err(e) => {
+                log::warn!("virtio-fs: malformed reply descriptors: {e}");
+                return 0;
+            }
+        };
+        let window = self.dax.read().unwrap_or_else(|e| e.into_inner()).clone();
+        handle_request(&self.server, reader, writer, window.as_ref())
+    }
+
+    /// Answer a request, put it in the used ring, interrupt the guest if it wants that now.
+    fn run(&self, chain: Chain, vring: VringRwLock) {
+        let head = chain.head_index();
+        // A panic in the server must still give the descriptor back, or the guest waits for it forever.
+        let len =
+            catch_unwind(AssertUnwindSafe(|| self.handle_chain(chain))).unwrap_or_else(|_| {
+                log::error!("virtio-fs: request handler panicked; returning the descriptor empty");
+                0
+            });
+        if let Err(e) = self.complete(&vring, head, len) {
+            log::warn!("virtio-fs: returning descriptor {head}: {e}");
+        }
+    }
+
+    fn complete(&self, vring: &VringRwLock, head: u16, len: u32) -> io::Result<()> {
+        let live = self.live.read().unwrap_or_else(|e| e.into_inner());
+        if !*live {
+            return Ok(());
+        }
+        // The ring lock is held just for the used entry and the notification check (a few stores and
+        // loads), so requests finishing together do not queue up behind each other for long.
+        // A ring stopped by GET_VRING_BASE still gets the entry: the VMM expects a stop to drain the
+        // requests in flight (vhost-user-backend answers it without waiting for them, so they drain late);
+        // a pause then resumes with every request answered.
+        let notify = {
+            let mut state = vring.get_mut();
+            state.add_used(head, len).map_err(io::Error::other)?;
+            // With EVENT_IDX each check covers the entries added since the previous one, whichever
+            // thread added them, so an entry is never left without its interrupt.
+            !self.event_idx.load(Ordering::Relaxed) || state.needs_notification().unwrap_or(true)
+        };
+        if notify {
+            vring.signal_used_queue()?;
+        }
+        Ok(())
+    }
+
+    /// Answer every available request on this thread, in order, then notify once.
+    pub fn process_in_order(&self, vring: &VringRwLock, mem: Memory) -> io::Result<()> {
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        loop {
+            if event_idx {
+                vring.disable_notification().map_err(io::Error::other)?;
+            }
+            let chains: Vec<_> = vring
+                .get_mut()
+                .get_queue_mut()
+                .iter(mem.clone())
+                .map_err(io::Error::other)?
+                .collect();
+            for chain in chains {
+                let head = chain.head_index();
+                let used = self.handle_chain(chain);
+                vring.add_used(head, used).map_err(io::Error::other)?;
+            }
+            if !event_idx || vring.needs_notification().map_err(io::Error::other)? {
+                vring.signal_used_queue()?;
+            }
+            // With EVENT_IDX, re-enable notifications and drain again if more arrived meanwhile.
+            if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// What a request does, as far as where to answer it goes.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    /// Answered from metadata (LOOKUP, GETATTR, OPEN, READDIR, ...).
+    Metadata,
+    /// READ: from the cache, or from a backend (a registry) when the data is not cached yet.
+    Read,
+    /// Other requests on file data (WRITE, FSYNC, SETUPMAPPING, ...), which may wait on a disk or backend.
+    Data,
+}
+
+impl Kind {
+    /// From the FUSE opcode in the request's first descriptor (a header split across descriptors, or
+    /// one that cannot be read, is taken for metadata: the server answers it with an error).
+    fn of(chain: &Chain) -> Kind {
+        const DATA: [Opcode; 6] = [
+            Opcode::Write,
+            Opcode::Fsync,
+            Opcode::Fsyncdir,
+            Opcode::Fallocate,
+            Opcode::CopyFileRange,
+            Opcode::SetupMapping,
+        ];
+        let Some(first) = chain.clone().next() else {
+            return Kind::Metadata;
+        };
+        // InHeader: len (u32), then opcode (u32).
+        let Some(at) = first.addr().checked_add(4) else {
+            return Kind::Metadata;
+        };
+        if first.is_write_only() || first.len() < 8 {
+            return Kind::Metadata;
+        }
+        match chain.memory().read_obj::<u32>(at).map(u32::from_le) {
+            Ok(op) if op == Opcode::Read as u32 => Kind::Read,
+            Ok(op) if DATA.iter().any(|&d| d as u32 == op) => Kind::Data,
+            _ => Kind::Metadata,
+        }
+    }
+}
+
+/// READs that finished within [`SLOW_REQUEST`], in a row (up to [`FAST_READS`]).
+#[derive(Default)]
+struct ReadStreak(AtomicU32);
+
+impl ReadStreak {
+    fn record(&self, took: Duration) {
+        if took < SLOW_REQUEST {
+            let _ = self
+                .0
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    Some((n + 1).min(FAST_READS))
+                });
+        } else {
+            self.0.store(0, Ordering::Relaxed);
+        }
+    }
+
+    fn fast(&self) -> bool {
+        self.0.load(Ordering::Relaxed) >= FAST_READS
+    }
+}
+
+/// Answer `chain`, timing it when it is a READ.
+fn run_timed(requests: &Requests, streak: &ReadStreak, (chain, vring, kind): Job) {
+    let start = Instant::now();
+    requests.run(chain, vring);
+    if kind == Kind::Read {
+        streak.record(start.elapsed());
+    }
+}
+
+/// What taking a request off the ring gave.
+enum Pop {
+    Request(Chain),
+    /// Nothing available.
+    Empty,
+    /// The pool is at capacity: leave the rest in the ring (a finishing request sends the resume event).
+    Full,
+}
+
+/// A request queue served with a worker pool (see the module doc).
+pub struct RequestQueue {
+    index: usize,
+    requests: Arc<Requests>,
+    pool: WorkerPool<Job>,
+    /// A worker writes it when the pool has room again after being full; the queue thread waits on it.
+    pub resume: EventConsumer,
+    /// Wakes the watcher to look at how long the queue thread has been answering its request.
+    alarm: Alarm,
+    /// The alarm is set (or the watcher is about to decide whether to set it again).
+    armed: AtomicBool,
+    /// When the queue thread started answering the request it answers itself (nanoseconds since
+    /// `epoch`, never 0), or 0.
+    busy_since: AtomicU64,
+    epoch: Instant,
+    /// Whether lone READs have been fast lately (answered from the cache).
+    reads: Arc<ReadStreak>,
+    /// While the queue thread answers a request itself: its ring and memory, for the watcher.
+    ring: Mutex<Option<(VringRwLock, Memory)>>,
+    /// Ends the watcher.
+    stop: (EventConsumer, EventNotifier),
+}
+
+impl RequestQueue {
+    /// Queue `index` answered with up to `pool_size` requests in flight; starts its watcher and first
+    /// worker.
+    pub fn new(index: usize, requests: Arc<Requests>, pool_size: usize) -> io::Result<Arc<Self>> {
+        let (resume, wake) = new_event_consumer_and_notifier(EventFlag::NONBLOCK)?;
+        let (r, reads) = (requests.clone(), Arc::new(ReadStreak::default()));
+        let streak = reads.clone();
+        let pool = WorkerPool::new(
+            format!("vq{index}-worker"),
+            pool_size,
+            Box::new(move |job| run_timed(&r, &streak, job)),
+            Box::new(move || {
+                if let Err(e) = wake.notify() {
+                    log::error!("virtio-fs: cannot wake queue {index}'s thread: {e}");
+                }
+            }),
+        )?;
+        let q = Arc::new(RequestQueue {
+            index,
+            requests,
+            pool,
+            resume,
+            alarm: Alarm::new()?,
+            armed: AtomicBool::new(false),
+            busy_since: AtomicU64::new(0),
+            epoch: Instant::now(),
+            reads,
+            ring: Mutex::new(None),
+            stop: new_event_consumer_and_notifier(EventFlag::NONBLOCK)?,
+        });
+        let watched = q.clone();
+        std::thread::Builder::new()
+            .name(format!("vq{index}-watch"))
+            .spawn(move || watched.watch())?;
+        Ok(q)
+    }
+
+    /// End of the connection: the watcher and idle workers exit, busy workers after their request.
+    pub fn close(&self) {
+        self.pool.close();
+        if let Err(e) = self.stop.1.notify() {
+            log::error!("virtio-fs: cannot stop queue {}'s watcher: {e}", self.index);
+        }
+    }
+
+    /// The queue thread, on a kick or a resume event: take requests off the ring as long as the pool
+    /// has room; answer a lone metadata request here (a lone READ too while READs are fast), hand the
+    /// others to workers.
+    pub fn serve(&self, vring: &VringRwLock, mem: Memory) -> io::Result<()> {
+        {
+            // The resume event does not go through the library's enabled check the kick goes through.
+            let state = vring.get_ref();
+            if !state.get_queue().ready() || !state.is_enabled() {
+                return Ok(());
+            }
+        }
+        let event_idx = self.requests.event_idx.load(Ordering::Relaxed);
+        loop {
+            if event_idx {
+                vring.disable_notification().map_err(io::Error::other)?;
+            }
+            loop {
+                match self.pop(vring, &mem) {
+                    Pop::Request(chain) => {
+                        let kind = Kind::of(&chain);
+                        let here = match kind {
+                            Kind::Metadata => true,
+                            Kind::Read => self.reads.fast(),
+                            Kind::Data => false,
+                        };
+                        if here && !more_available(vring, &mem) {
+                            self.answer_here((chain, vring.clone(), kind), &mem);
+                        } else {
+                            self.pool.submit((chain, vring.clone(), kind));
+                        }
+                    }
+                    Pop::Empty => break,
+                    // The ring keeps the rest (with EVENT_IDX the guest stops kicking, since we do not
+                    // re-enable notifications) until the resume event.
+                    Pop::Full => return Ok(()),
+                }
+            }
+            if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
+                return Ok(());
+            }
+        }
+    }
+
+    fn pop(&self, vring: &VringRwLock, mem: &Memory) -> Pop {
+        if !self.pool.has_room() {
+            return Pop::Full;
+        }
+        // The ring lock is held for one pop only.
+        let chain = vring
+            .get_mut()
+            .get_queue_mut()
+            .pop_descriptor_chain(mem.clone());
+        chain.map_or(Pop::Empty, Pop::Request)
+    }
+
+    /// Answer a request on the queue thread, with the watcher ready to take over the ring if it is slow.
+    /// The alarm is set only when it is not set already: while requests keep coming, the watcher wakes
+    /// once per [`SLOW_REQUEST`] to look (and sets it again), instead of two timer syscalls per request.
+    fn answer_here(&self, job: Job, mem: &Memory) {
+        *self.ring.lock().unwrap_or_else(|e| e.into_inner()) = Some((job.1.clone(), mem.clone()));
+        self.busy_since.store(self.now(), Ordering::SeqCst);
+        if !self.armed.swap(true, Ordering::SeqCst) {
+            self.alarm.set(Some(SLOW_REQUEST));
+        }
+        self.pool.run_here(job);
+        self.busy_since.store(0, Ordering::SeqCst);
+        *self.ring.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Nanoseconds since `epoch`, never 0.
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64 | 1
+    }
+
+    /// The watcher thread: asleep until the alarm; then, if the queue thread has been answering one
+    /// request for [`SLOW_REQUEST`], hand the requests arriving behind it to the workers every
+    /// [`WATCH_INTERVAL`] until it is done with that one; set the alarm again while the queue thread is
+    /// busy, leave it unset when it is idle.
+    fn watch(&self) {
+        loop {
+            if wait_readable([self.alarm.fd(), self.stop.0.as_raw_fd()], None)
+                .is_some_and(|ready| ready[1])
+            {
+                return;
+            }
+            self.alarm.clear();
+            loop {
+                let since = self.busy_since.load(Ordering::SeqCst);
+                if since == 0 {
+                    // Idle: unset. The queue thread sets the alarm for its next request, unless it
+                    // started one just now and still saw it set: then we do.
+                    self.armed.store(false, Ordering::SeqCst);
+                    if self.busy_since.load(Ordering::SeqCst) != 0
+                        && !self.armed.swap(true, Ordering::SeqCst)
+                    {
+                        self.alarm.set(Some(SLOW_REQUEST));
+                    }
+                    break;
+                }
+                let age = Duration::from_nanos(self.now().saturating_sub(since));
+                if age < SLOW_REQUEST {
+                    self.alarm.set(Some(SLOW_REQUEST - age));
+                    break;
+                }
+                // Held up by this request: take over the ring until the queue thread is done with it.
+                while self.busy_since.load(Ordering::SeqCst) == since {
+                    let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    if let Some((vring, mem)) = ring {
+                        while let Pop::Request(chain) = self.pop(&vring, &mem) {
+                            let kind = Kind::of(&chain);
+                            self.pool.submit((chain, vring.clone(), kind));
+                        }
+                    }
+                    if wait_readable([self.stop.0.as_raw_fd()], Some(WATCH_INTERVAL))
+                        .is_some_and(|ready| ready[0])
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// More requests in the ring than we have taken.
+fn more_available(vring: &VringRwLock, mem: &Memory) -> bool {
+    let state = vring.get_ref();
+    let queue = state.get_queue();
+    queue
+        .avail_idx(&**mem, Ordering::Acquire)
+        .is_ok_and(|idx| idx.0 != queue.next_avail())
+}
+
+/// Wait until one of `fds` is readable (bounded by `timeout` if given); which ones are, or None on a
+/// timeout or error (EINTR included: the callers loop).
+fn wait_readable<const N: usize>(fds: [i32; N], timeout: Option<Duration>) -> Option<[bool; N]> {
+    let mut pfds = fds.map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    let ms = timeout.map_or(-1, |t| {
+        t.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32
+    });
+    // SAFETY: `pfds` is a valid array of N pollfds.
+    let n = unsafe { libc::poll(pfds.as_mut_ptr(), N as libc::nfds_t, ms) };
+    (n > 0).then(|| pfds.map(|p| p.revents & libc::POLLIN != 0))
+}
+
+/// A one-shot CLOCK_MONOTONIC timer (timerfd): armed and disarmed by one thread, waited on by another.
+struct Alarm(OwnedFd);
+
+impl Alarm {
+    fn new() -> io::Result<Self> {
+        // SAFETY: plain syscall; the fd is checked and then owned here.
+        let fd = unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_CLOEXEC | libc::TFD_NONBLOCK,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor nobody else owns.
+        Ok(Alarm(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    fn fd(&self) -> i32 {
+        self.0.as_raw_fd()
+    }
+
+    /// Fire once after `after`, or never (None).
+    fn set(&self, after: Option<Duration>) {
+        let after = after.unwrap_or_default();
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: after.as_secs() as libc::time_t,
+                tv_nsec: after.subsec_nanos() as libc::c_long,
+            },
+        };
+        // SAFETY: valid fd and itimerspec; the old value is not asked for.
+        if unsafe { libc::timerfd_settime(self.fd(), 0, &spec, std::ptr::null_mut()) } != 0 {
+            log::error!("virtio-fs: timerfd_settime: {}", io::Error::last_os_error());
+        }
+    }
+
+    /// Consume an expiry (nothing to do if there was none: the fd is non-blocking).
+    fn clear(&self) {
+        let mut count = 0u64;
+        // SAFETY: reads at most 8 bytes into `count`.
+        unsafe {
+            libc::read(
+                self.fd(),
+                (&mut count as *mut u64).cast(),
+                std::mem::size_of::<u64>(),
+            )
+        };
+    }
+}
+
+/// Opcodes below fuse-backend-rs's `MaxOpcode` (50) that name no request. The server's trace line turns
+/// every opcode into its `Opcode` enum by transmute, and these are not variants of it: undefined
+/// behaviour (a crash, in practice) whenever trace logging is on. The device answers them itself.
+const NO_REQUEST_OPCODES: [u32; 3] = [0, 7, 19];
+
+/// One FUSE request from the guest, as the device handles it: an opcode the server must not see is
+/// answered ENOSYS here; the DAX window screens the request (a SETUPMAPPING it cannot take is refused
+/// before any filesystem fetches the range; FUSE_INIT starts a new session with an empty window); then
+/// the server dispatches it to the `Vfs`. Returns the bytes written for the guest (0: no reply). Public
+/// so the fuzz target (tests/fuzz) feeds requests through exactly this path.
+pub fn handle_request<S: BitmapSlice>(
+    server: &Server<Arc<Vfs>>,
+    reader: Reader<'_, S>,
+    writer: VirtioFsWriter<'_, S>,
+    window: Option<&Arc<DaxWindow>>,
+) -> u32 {
+    if let Ok(header) = reader.clone().read_obj::<InHeader>() {
+        if NO_REQUEST_OPCODES.contains(&header.opcode) {
+            return reply_error(writer, header.unique, libc::ENOSYS);
+        }
+    }
+    // Without a window SETUPMAPPING/REMOVEMAPPING get EINVAL from the server; so does a SETUPMAPPING
+    // the window refuses.
+    let mut window = window;
+    match window.map(|w| w.admit(&reader)) {
+        Some(Admission::NewSession) => window.map_or((), |w| w.reset()),
+        Some(Admission::Refuse) => window = None,
+        Some(Admission::Pass) | None => {}
+    }
+    let mut dax = window.map(DaxWindow::requests);
+    let dax = dax.as_mut().map(|d| d as &mut dyn FsCacheReqHandler);
+    match server.handle_message(reader, writer.into(), dax, None) {
+        Ok(n) => n as u32,
+        Err(e) => {
+            log::warn!("virtio-fs: request failed: {e}");
+            0
+        }
+    }
+}
+
+/// A reply carrying only `-errno`, as the server writes it.
+fn reply_error<S: BitmapSlice>(mut writer: VirtioFsWriter<'_, S>, unique: u64, errno: i32) -> u32 {
+    let out = OutHeader {
+        len: std::mem::size_of::<OutHeader>() as u32,
+        error: -errno,
+        unique,
+    };
+    match writer.write_all(out.as_slice()) {
+        Ok(()) => out.len,
+        Err(e) => {
+            log::warn!("virtio-fs: cannot write a reply: {e}");
+            0
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_count_as_fast_after_a_streak_and_one_slow_read_resets_it() {
+        let s = ReadStreak::default();
+        for _ in 0..FAST_READS - 1 {
+            s.record(Duration::from_micros(50));
+        }
+        assert!(!s.fast(), "one short of the streak");
+        s.record(Duration::from_micros(50));
+        assert!(s.fast());
+        s.record(Duration::from_micros(50));
+        assert!(s.fast(), "stays fast");
+        s.record(SLOW_REQUEST);
+        assert!(!s.fast(), "a read as slow as the watcher's alarm resets it");
+    }
+}
