@@ -10,13 +10,14 @@
 #   - from upstream nydusd (when $NYDUSD names its binary), the same config;
 #   - from `rafsd fuse` on the image rebuilt with a prefetch list made from the access trace of a first
 #     run (`/api/v1/metrics/pattern` → `rafsd prefetch-list` → `rafsd build --prefetch-files`), prefetch on;
-#   - from `rafsd virtiofs` in a QEMU (TCG) guest (tests/bench/startup.rs; STARTUP_GUEST=0 skips it),
-#     both images, with a warm run of the same program in the guest as its CPU floor.
-# For each: median time over the rounds (rounds interleave the configurations, caches are dropped before
+#   - with STARTUP_GUEST=1, from `rafsd virtiofs` in a QEMU (TCG) guest (tests/bench/startup.rs), both
+#     images, with a warm run of the same program in the guest as its CPU floor (not run yet: untried).
+# For each: median time over the rounds (from the daemon's start for the FUSE columns, so a mount's prefetch
+# counts; from the first byte for the pull; rounds interleave the configurations, caches are dropped before
 # each run), bytes fetched from the registry (counted by the forwarder), and for rafsd the compressed size
 # of the chunks the program read (the daemon's access records), with the ratios the issue's targets use.
-#   [NYDUSD=/path/to/nydusd] [STARTUP_GUEST=0] [STARTUP_PREFETCH=0] [RAFSD_BIN=...] ci/bench-startup.sh [ROUNDS]
-# (default 3 rounds; STARTUP_GUEST=0 / STARTUP_PREFETCH=0 leave those columns out)
+#   [NYDUSD=/path/to/nydusd] [STARTUP_GUEST=1] [STARTUP_PREFETCH=0] [RAFSD_BIN=...] ci/bench-startup.sh [ROUNDS]
+# (default 3 rounds; STARTUP_PREFETCH=0 leaves the prefetch-list column out)
 # Needs root, debootstrap, docker-registry, tc and nsenter; the guest column also QEMU and the guest kernel.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,7 +45,7 @@ fi
 # RAFSD_BIN: another build of rafsd to measure (the guest column always uses this tree's).
 if [ -z "${RAFSD_BIN:-}" ]; then cargo build --release -q; fi
 bin=${RAFSD_BIN:-$PWD/target/release/rafsd}
-if [ "${STARTUP_GUEST:-1}" != 0 ]; then
+if [ "${STARTUP_GUEST:-0}" != 0 ]; then
     ci/install-vm-deps.sh
     ci/guest-kernel.sh >/dev/null
     cargo bench --bench startup --no-run -q 2>/dev/null
@@ -141,6 +142,11 @@ cold_start() {
     local kind=$1 bootstrap=$2 extra=$3 daemon_pid d0 d1 t0 t1 needed=-
     rm -rf "$work/cache" "$work/api.sock"
     config "$work/cache" "$extra" >"$work/config.json"
+    # The clock runs from the daemon's start: what it does before the program's first read (mounting,
+    # prefetch under way) is part of the start-up.
+    drop
+    d0=$(proxy_down)
+    t0=$(now)
     if [ "$kind" = nydusd ]; then
         "${in_ns[@]}" "$NYDUSD" --config "$work/config.json" --bootstrap "$bootstrap" --mountpoint "$mnt" \
             --apisock "$work/api.sock" --log-level warn --rlimit-nofile 0 >"$work/daemon.log" 2>&1 &
@@ -150,11 +156,8 @@ cold_start() {
     fi
     daemon_pid=$!
     pids+=("$daemon_pid")
-    for _ in $(seq 400); do mountpoint -q "$mnt" && break; sleep 0.05; done
+    for _ in $(seq 2000); do mountpoint -q "$mnt" && break; sleep 0.01; done
     mountpoint -q "$mnt" || { cat "$work/daemon.log" >&2; echo "$kind did not mount" >&2; exit 1; }
-    drop
-    d0=$(proxy_down)
-    t0=$(now)
     chroot "$mnt" "${program[@]}" >/dev/null || { echo "the program failed under $kind" >&2; exit 1; }
     t1=$(now)
     sleep 0.2 # let readahead and amplification that were in flight land in the count
@@ -215,7 +218,7 @@ for round in $(seq "$rounds"); do
     echo "round $round: $(for l in "${labels[@]}"; do printf '%s [%s] ' "$l" "$(echo "${runs[$l]}" | tr ';' '\n' | grep . | tail -1)"; done)"
 done
 
-if [ "${STARTUP_GUEST:-1}" != 0 ]; then
+if [ "${STARTUP_GUEST:-0}" != 0 ]; then
     echo "guest: booting QEMU (TCG) in the namespace ..."
     images=(--image "plain:0:$work/plain/bootstrap")
     [ "$prefetch" != 0 ] && images+=(--image "prefetch:1:$work/prefetch/bootstrap")

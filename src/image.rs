@@ -3,6 +3,7 @@
 //! This is the read path every front end shares: file range → chunks → blob ranges → decompress →
 //! verify (CRC always when recorded, digest when validation is on, for v5 and v6 alike) → bytes.
 
+mod speculate;
 mod stream;
 
 use std::collections::HashSet;
@@ -206,6 +207,8 @@ pub struct RafsImage {
     /// The chunks of the files in the image's prefetch table, computed on the first miss (`None`: no
     /// table, or too many chunks to index).
     prefetch_chunks: OnceLock<Option<HashSet<(u32, u32)>>>,
+    /// Misses near each other, and the bytes fetched past them on that guess.
+    speculation: speculate::Speculation,
 }
 
 /// Most chunks [`RafsImage`] indexes for its prefetch table (16 bytes each in a set).
@@ -286,6 +289,7 @@ impl RafsImage {
             }),
             streams: Streams::default(),
             prefetch_chunks: OnceLock::new(),
+            speculation: speculate::Speculation::new(nblobs),
         })
     }
 
@@ -669,23 +673,43 @@ impl RafsImage {
                 claim,
             },
         );
-        let fetched = self.fetch_streamed(cache, run);
-        if fetched.is_err() {
-            self.streams.cancel();
-        }
-        fetched
+        self.fetch_streamed(cache, run)
     }
 
     /// Fetch `run` (back to back in one blob, all claimed) with one request: the first chunk is read here
-    /// and returned, the others are stored by a background stream (whose slot the caller reserved).
+    /// and returned, the others are stored by a background stream (whose slot the caller reserved; given
+    /// back here when no stream starts). A body that breaks before the first chunk is in is not the
+    /// reader's failure: its chunk is fetched alone, with the backend's retries, and the rest released.
     fn fetch_streamed(&self, cache: &Arc<BlobCache>, mut run: Vec<Pending>) -> Result<Vec<u8>> {
         let first = run.remove(0);
         let ctx = self.stream_ctx(cache, first.info.blob_index);
         let last = run.last().map_or(&first.info, |p| &p.info);
         let len = (last.compressed_offset + last.compressed_size as u64
             - first.info.compressed_offset) as usize;
-        let mut reader = self.backend_stream(&ctx.blob.id, first.info.compressed_offset, len)?;
-        let (data, checked) = stream::read_chunk(&ctx, &mut *reader, &first.info, &mut Vec::new())?;
+        let opened = self
+            .backend_stream(&ctx.blob.id, first.info.compressed_offset, len)
+            .and_then(|mut reader| {
+                let got = stream::read_chunk(&ctx, &mut *reader, &first.info, &mut Vec::new())?;
+                Ok((reader, got))
+            });
+        let (reader, (data, checked)) = match opened {
+            Ok(v) => v,
+            Err(e) => {
+                self.streams.cancel();
+                drop(run);
+                if matches!(e, Error::Integrity(_)) {
+                    return Err(e);
+                }
+                log::warn!(
+                    "streamed fetch of blob {} chunk {}: {e}; fetching it alone",
+                    ctx.blob.id,
+                    first.info.index
+                );
+                let (data, checked) = self.fetch_one(&first.info)?;
+                cache.store(&first.info, &data, checked);
+                return Ok(data);
+            }
+        };
         cache.store(&first.info, &data, checked);
         drop(first.claim);
         self.streams.spawn(ctx, reader, run);
@@ -703,60 +727,80 @@ impl RafsImage {
 
     /// The chunks to fetch with `first` (located): those of `follow` that lie back to back after it in its
     /// blob, or else, when `first` belongs to a file of the prefetch table, the chunks after it in the blob
-    /// that do too; each claimed, up to the link's window. Empty when nothing is predicted.
+    /// that do too, up to the link's window; or else, when `first` lies near the blob's previous miss, the
+    /// chunks after it up to what [`speculate::Speculation`] grants. Each is claimed. Empty when nothing is
+    /// predicted.
     fn predicted_run(
         &self,
         cache: &Arc<BlobCache>,
         first: &ChunkInfo,
         follow: &[ChunkInfo],
     ) -> Vec<Pending> {
-        let window = self.streams.window_bytes();
+        let first_end = first.compressed_offset + first.compressed_size as u64;
+        // Counted for every miss (the share of speculation follows them), granted only when nothing
+        // else predicts the run.
+        let granted = self.speculation.miss(
+            first.blob_index,
+            first.compressed_offset,
+            first.compressed_size as u64,
+        );
+        let mut window = self.streams.window_bytes();
         let mut run = Vec::new();
-        let mut end = first.compressed_offset + first.compressed_size as u64;
-        let mut take = |next: ChunkInfo, run: &mut Vec<Pending>| -> bool {
+        let mut end = first_end;
+        let take = |next: ChunkInfo, run: &mut Vec<Pending>, end: &mut u64, window: u64| -> bool {
             if next.blob_index != first.blob_index
                 || next.batch.is_some()
-                || next.compressed_offset != end
-                || end + next.compressed_size as u64 - first.compressed_offset > window
+                || next.compressed_offset != *end
+                || *end + next.compressed_size as u64 - first.compressed_offset > window
             {
                 return false;
             }
             let Some(claim) = cache.try_claim(&next) else {
                 return false;
             };
-            end += next.compressed_size as u64;
+            *end += next.compressed_size as u64;
             run.push(Pending { info: next, claim });
             true
         };
         if !follow.is_empty() {
+            self.speculation.refund(granted);
             for f in follow {
                 let Ok(next) = self.locate(f) else { break };
-                if !take(next, &mut run) {
+                if !take(next, &mut run, &mut end, window) {
                     break;
                 }
             }
             return run;
         }
-        let Some(predicted) = self.prefetch_chunks() else {
-            return run;
-        };
-        if self.info().version != 6 || !predicted.contains(&(first.blob_index, first.index)) {
-            return run;
+        let table = self
+            .prefetch_chunks()
+            .filter(|p| p.contains(&(first.blob_index, first.index)));
+        if table.is_some() {
+            self.speculation.refund(granted);
+        } else {
+            // Near the previous miss: the chunks right after it, within what was granted.
+            window = first_end - first.compressed_offset + granted;
         }
-        let Ok(array) = self.chunk_info_array(first.blob_index) else {
-            return run;
-        };
-        for index in first.index + 1..array.len() {
-            if !predicted.contains(&(first.blob_index, index)) {
-                break;
+        if self.info().version == 6 && window > first_end - first.compressed_offset {
+            if let Ok(array) = self.chunk_info_array(first.blob_index) {
+                for index in first.index + 1..array.len() {
+                    if table.is_some_and(|p| !p.contains(&(first.blob_index, index))) {
+                        break;
+                    }
+                    let Ok(next) = self.resolve_ci(first.blob_index, index) else {
+                        break;
+                    };
+                    // A chunk without a digest cannot be validated (a chunk no file references).
+                    if (self.validate && next.digest.is_none())
+                        || !take(next, &mut run, &mut end, window)
+                    {
+                        break;
+                    }
+                }
             }
-            let Ok(next) = self.resolve_ci(first.blob_index, index) else {
-                break;
-            };
-            // A chunk without a digest cannot be validated (a chunk no file references).
-            if (self.validate && next.digest.is_none()) || !take(next, &mut run) {
-                break;
-            }
+        }
+        if table.is_none() {
+            self.speculation.refund(granted - (end - first_end));
         }
         run
     }
@@ -1048,6 +1092,12 @@ impl RafsImage {
     /// Backend reads of this image, and the backend's type.
     pub fn backend_metrics(&self) -> (&BackendMetrics, &'static str) {
         (&self.backend_metrics, self.backend.kind())
+    }
+
+    /// Compressed bytes of the chunks reads missed (as far as they could start a run), and of those
+    /// fetched past such misses on speculation ([`speculate`]).
+    pub fn speculation(&self) -> (u64, u64) {
+        self.speculation.totals()
     }
 
     /// The chunks user reads asked for, when the image records them ([`ImageOptions::record_demand`]).

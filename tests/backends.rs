@@ -43,6 +43,25 @@ fn registry_backend(cfg: serde_json::Value) -> RemoteBackend<Registry> {
     .unwrap()
 }
 
+/// A fault server holding one 3 MiB pseudo-random blob (from `seed`), and a registry backend on it with
+/// 1 s timeouts and 3 retries.
+fn fake_registry_blob(seed: u64) -> (FakeServer, Vec<u8>, String, RemoteBackend<Registry>) {
+    let server = FakeServer::start(FakeOptions {
+        repo: REPO.into(),
+        bearer: None,
+        token_basic: None,
+        redirect_to: None,
+        storage_head_403: false,
+    });
+    let data = pseudo_random(3 << 20, seed);
+    let id = server.add_blob(data.clone());
+    let backend = registry_backend(json!({
+        "scheme": "http", "host": format!("127.0.0.1:{}", server.port), "repo": REPO,
+        "timeout": 1, "connect_timeout": 1, "retry_limit": 3
+    }));
+    (server, data, id, backend)
+}
+
 /// Blob bytes the registry sent, from its access log (combined format: `"GET ..." status size`).
 fn registry_bytes_served(log: &str) -> u64 {
     log.lines()
@@ -157,19 +176,7 @@ fn drop_cache(path: &Path) {
 
 #[test]
 fn faults_are_retried_and_never_return_wrong_bytes() {
-    let server = FakeServer::start(FakeOptions {
-        repo: REPO.into(),
-        bearer: None,
-        token_basic: None,
-        redirect_to: None,
-        storage_head_403: false,
-    });
-    let data = pseudo_random(3 << 20, 7);
-    let id = server.add_blob(data.clone());
-    let backend = registry_backend(json!({
-        "scheme": "http", "host": format!("127.0.0.1:{}", server.port), "repo": REPO,
-        "timeout": 1, "connect_timeout": 1, "retry_limit": 3
-    }));
+    let (server, data, id, backend) = fake_registry_blob(7);
     assert_eq!(backend.blob_size(&id).unwrap(), data.len() as u64);
     // Healthy reads reuse one pooled connection.
     let conns = server.counters.connections.load(Ordering::Relaxed);
@@ -1499,4 +1506,33 @@ fn url_credentials_never_appear_in_api_answers_or_logs() {
     }
     drop(g);
     d.kill_and_check();
+}
+
+#[test]
+fn streamed_ranges_reuse_connections_and_a_broken_body_is_an_error_never_short_data() {
+    use std::io::Read;
+    let (server, data, id, backend) = fake_registry_blob(11);
+    let read_all = |offset: u64, len: usize| -> std::io::Result<Vec<u8>> {
+        let mut r = backend.open_range(&id, offset, len).unwrap();
+        let mut got = Vec::new();
+        r.read_to_end(&mut got)?;
+        Ok(got)
+    };
+    assert!(read_all(0, 1 << 20).unwrap() == data[..1 << 20]);
+    // A stream read to its end gives its connection back: the next ranges use it.
+    let conns = server.counters.connections.load(Ordering::Relaxed);
+    for i in 1..6u64 {
+        let at = i * 300_000;
+        assert!(read_all(at, 200_000).unwrap() == data[at as usize..at as usize + 200_000]);
+    }
+    assert_eq!(
+        server.counters.connections.load(Ordering::Relaxed),
+        conns,
+        "a connection per streamed range"
+    );
+    // Past the end: clamped to the blob.
+    assert_eq!(read_all(data.len() as u64 - 10, 100).unwrap().len(), 10);
+    // A body cut short fails the reader; it never ends early as if the range were shorter.
+    server.queue(&[Fault::Truncate]);
+    read_all(1000, 1 << 20).expect_err("a truncated body must fail the stream");
 }

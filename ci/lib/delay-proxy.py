@@ -8,12 +8,17 @@ round trip, as a TCP handshake over such a link would.
 
 UPSTREAM is host:port or the path of a unix socket. Connecting to 127.0.0.1:STATS_PORT returns one line,
 "down up connections": bytes sent to clients, bytes sent upstream and connections accepted so far.
+With $DELAY_PROXY_LOG set, the Range header of every request is appended to that file ("time first last").
 """
 import asyncio
+import os
+import re
 import sys
 import time
 
 stats = {"down": 0, "up": 0, "connections": 0}
+LOG = open(os.environ["DELAY_PROXY_LOG"], "a") if os.environ.get("DELAY_PROXY_LOG") else None
+RANGE = re.compile(rb"(?i)range: bytes=(\d+)-(\d+)")
 
 
 async def pump(reader, writer, delay, key):
@@ -39,6 +44,10 @@ async def pump(reader, writer, delay, key):
                 return
             writer.write(data)
             stats[key] += len(data)
+            if key == "up" and LOG:
+                for m in RANGE.finditer(data):
+                    LOG.write(f"{time.monotonic():.4f} {int(m[1])} {int(m[2])}\n")
+                    LOG.flush()
             await writer.drain()
 
     try:

@@ -258,6 +258,9 @@ fn backend_metrics(fs: &crate::fs::RafsFs) -> Value {
         v["demand_chunks"] = json!(d.chunks);
         v["demand_compressed_bytes"] = json!(d.compressed_bytes);
     }
+    let (missed, speculative) = image.speculation();
+    v["missed_compressed_bytes"] = json!(missed);
+    v["speculative_compressed_bytes"] = json!(speculative);
     v
 }
 

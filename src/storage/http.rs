@@ -1001,6 +1001,11 @@ impl Read for ExactBody {
             ));
         }
         self.left -= n as u64;
+        if self.left == 0 {
+            // Let ureq see the body's end now: only then does the connection go back to the pool (the
+            // caller, reading exact pieces, may never ask again).
+            let _ = self.inner.read(&mut [0u8; 1]);
+        }
         Ok(n)
     }
 }
