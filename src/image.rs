@@ -40,7 +40,7 @@ pub struct ImageOptions {
     pub cache_dir: Option<PathBuf>,
     /// Fetch the chunks a read predicts (the rest of a file read front to back, the prefetch table's files)
     /// with the one it misses, in one streamed request; 0 turns that off. Any other value enables it: the
-    /// size of such a run follows the link's rate ([`stream::STREAM_SECONDS`]), not this number.
+    /// size of such a run follows the link's rate, not this number.
     pub amplify_io: u64,
     /// Where the blobs come from (backend type and location, no credentials): part of the cache key of
     /// images whose chunks carry no digest (see [`crate::cache::key`]). Empty: such images are not cached.
@@ -629,7 +629,7 @@ impl RafsImage {
 
     /// The verified, uncompressed bytes of one chunk (as [`Self::resolve`] gives it): from the cache when it
     /// holds them, else from the backend (with the chunks after it that the image's prefetch table
-    /// predicts, see [`Self::chunk_data_with`]) and then kept in the cache.
+    /// predicts) and then kept in the cache.
     pub fn chunk_data(&self, info: &ChunkInfo) -> Result<Vec<u8>> {
         self.chunk_data_with(info, &[])
     }
@@ -1095,7 +1095,7 @@ impl RafsImage {
     }
 
     /// Compressed bytes of the chunks reads missed (as far as they could start a run), and of those
-    /// fetched past such misses on speculation ([`speculate`]).
+    /// fetched past such misses on speculation (see the README's read path).
     pub fn speculation(&self) -> (u64, u64) {
         self.speculation.totals()
     }
