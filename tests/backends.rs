@@ -1536,3 +1536,89 @@ fn streamed_ranges_reuse_connections_and_a_broken_body_is_an_error_never_short_d
     server.queue(&[Fault::Truncate]);
     read_all(1000, 1 << 20).expect_err("a truncated body must fail the stream");
 }
+
+/// Local blobs whose streamed ranges break after their first 16 bytes.
+struct CutStreams {
+    inner: rafsd::storage::localfs::LocalFs,
+    opened: std::sync::atomic::AtomicUsize,
+}
+
+struct CutAfter<R>(R, usize);
+
+impl<R: std::io::Read> std::io::Read for CutAfter<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.1 == 0 {
+            return Err(std::io::Error::other("connection reset"));
+        }
+        let n = buf.len().min(self.1);
+        let got = self.0.read(&mut buf[..n])?;
+        self.1 -= got;
+        Ok(got)
+    }
+}
+
+impl BlobBackend for CutStreams {
+    fn kind(&self) -> &'static str {
+        "localfs"
+    }
+    fn read_at(&self, blob_id: &str, offset: u64, buf: &mut [u8]) -> rafsd::Result<usize> {
+        self.inner.read_at(blob_id, offset, buf)
+    }
+    fn blob_size(&self, blob_id: &str) -> rafsd::Result<u64> {
+        self.inner.blob_size(blob_id)
+    }
+    fn open_range(
+        &self,
+        blob_id: &str,
+        offset: u64,
+        len: usize,
+    ) -> rafsd::Result<Box<dyn std::io::Read + Send>> {
+        self.opened.fetch_add(1, Ordering::Relaxed);
+        let r = self.inner.open_range(blob_id, offset, len)?;
+        Ok(Box::new(CutAfter(r, 16)))
+    }
+}
+
+#[test]
+fn a_streamed_run_cut_before_the_readers_chunk_falls_back_to_that_chunk_alone() {
+    let case = "v6-zstd-blake3";
+    let dir = tmp();
+    let backend = Arc::new(CutStreams {
+        inner: rafsd::storage::localfs::LocalFs::with_dir(manifest::case_blob_dir(case)),
+        opened: Default::default(),
+    });
+    let image = rafsd::RafsImage::open(
+        &manifest::case_bootstrap(case),
+        backend.clone(),
+        rafsd::ImageOptions {
+            cache_dir: Some(dir.path().join("cache")),
+            amplify_io: 1 << 20,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    // The largest file read front to back: after its first chunk, misses stream the chunks after them.
+    let (rel, want) = largest_file();
+    let mut ino = image.root_ino();
+    for name in rel.split('/') {
+        ino = image.lookup(ino, name.as_bytes()).unwrap().unwrap();
+    }
+    let mut hash = sha2::Sha256::new();
+    let mut buf = vec![0u8; 128 << 10];
+    let mut at = 0;
+    loop {
+        let n = image
+            .read(ino, at, &mut buf)
+            .unwrap_or_else(|e| panic!("read at {at}: {e}"));
+        if n == 0 {
+            break;
+        }
+        hash.update(&buf[..n]);
+        at += n as u64;
+    }
+    assert!(
+        backend.opened.load(Ordering::Relaxed) > 0,
+        "no run was streamed: the test proves nothing"
+    );
+    assert_eq!(format!("{:x}", hash.finalize()), want);
+}
