@@ -1,62 +1,344 @@
 //! Daemon configuration in nydusd's formats: the legacy v1 JSON (`device`, `mode`, `digest_validate`,
-//! `fs_prefetch`, ...) and the v2 JSON (`version: 2`, `backend`, `cache`, `rafs`). Both become one
-//! [`DaemonConfig`].
+//! `fs_prefetch`, ...) and the v2 JSON (`version: 2`, `backend`, `cache`, `rafs`), read into typed serde
+//! structs and turned into one [`DaemonConfig`]. Key names and shapes follow nydusd's.
 //!
-//! Unknown keys are logged as warnings (by name only: values may hold credentials) so configs written for
-//! newer or older nydusd still load; a known key with a wrong type or value is an error naming its path.
+//! - Every default is declared once, in the `Default` impl of the struct its key belongs to.
+//! - A known key with a wrong type or value is an error naming its full path
+//!   (`device.backend.config.timeout`), tracked by `serde_path_to_error`.
+//! - Unknown keys are logged as warnings by full path (`device.backend.config.timout`), tracked by
+//!   `serde_ignored`: configs written for newer or older nydusd still load. Names only, never values:
+//!   values may hold credentials.
+//! - Keys nydusd knows that this daemon accepts but does not act on are listed once, in [`NO_EFFECT`],
+//!   and warned about when their value asks for something.
+//! - JSON `null` is the same as an absent key (Go clients write nil fields as `null`).
 
-use std::collections::HashSet;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 
 /// Configs larger than this are refused (nydusd's limit too).
 const MAX_CONFIG_SIZE: usize = 1 << 20;
+/// Largest I/O amplification and prefetch request nydusd accepts (256 MiB).
+const MAX_IO_SIZE: u64 = 0x1000_0000;
+/// Default I/O amplification and prefetch request size.
+const DEFAULT_IO_SIZE: u64 = 1 << 20;
+
+/// Keys nydusd knows that are accepted here but change nothing: (full path, the value that asks for
+/// nothing or `None` when any value is worth a warning, why). Configs carrying them still load; a value
+/// that asks for something is warned about, so nothing looks supported that is not.
+pub const NO_EFFECT: &[(&str, Option<&str>, &str)] = &[
+    ("mode", Some("\"direct\""), MODE),
+    ("rafs.mode", Some("\"direct\""), MODE),
+    ("device.cache.compressed", Some("false"), COMPRESSED),
+    ("cache.compressed", Some("false"), COMPRESSED),
+    (
+        "device.cache.config.disable_indexed_map",
+        Some("false"),
+        INDEXED_MAP,
+    ),
+    (
+        "cache.filecache.disable_indexed_map",
+        Some("false"),
+        INDEXED_MAP,
+    ),
+    ("device.backend.config.readahead", Some("false"), READAHEAD),
+    ("device.backend.config.readahead_sec", None, READAHEAD),
+    ("backend.localfs.readahead", Some("false"), READAHEAD),
+    ("backend.localfs.readahead_sec", None, READAHEAD),
+    ("fs_prefetch.stream_prefetch", Some("false"), STREAM),
+    ("cache.prefetch.stream_prefetch", Some("false"), STREAM),
+    ("rafs.prefetch.stream_prefetch", Some("false"), STREAM),
+    ("device.external_backends", None, EXTERNAL),
+    ("external_backends", None, EXTERNAL),
+    ("overlay", None, "writable overlays are not implemented"),
+    (
+        "metadata_path",
+        None,
+        "the bootstrap comes from the mount request",
+    ),
+    (
+        "cache.fscache",
+        None,
+        "fscache is served by the in-guest helper",
+    ),
+];
+const MODE: &str =
+    "inodes are always read from the mapped bootstrap (\"cached\" is \"direct\" here)";
+const COMPRESSED: &str = "the blob cache always keeps chunks uncompressed";
+const INDEXED_MAP: &str = "the blob cache always keeps one ready bit per chunk";
+const READAHEAD: &str = "no access log is recorded to build a prefetch list";
+const STREAM: &str = "prefetch always reads merged ranges";
+const EXTERNAL: &str = "external blob backends are not implemented";
+
+// ---------------------------------------------------------------------------------------------------
+// What the daemon uses.
 
 #[derive(Debug, Clone, PartialEq)]
+pub struct DaemonConfig {
+    pub id: Option<String>,
+    pub backend: BackendConfig,
+    pub cache: CacheConfig,
+    pub rafs: RafsConfig,
+}
+
+// One per mount, built once: a box would only add noise.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum BackendConfig {
-    LocalFs {
-        dir: Option<PathBuf>,
-        alt_dirs: Vec<PathBuf>,
-        blob_file: Option<PathBuf>,
+    LocalFs(LocalFsConfig),
+    /// A network backend: where its blobs are, and how to reach them over HTTP.
+    Network {
+        remote: RemoteConfig,
+        http: HttpConfig,
     },
-    /// A network backend (`registry`, `oss`, `s3`, `http-proxy`): its type and raw settings.
-    Remote { kind: String, config: Value },
+    /// `localdisk` (blobs on a block device): parsed so its device path is confined; not served by this
+    /// build.
+    LocalDisk(LocalDiskConfig),
+}
+
+/// The network backends (`registry`, `s3`, `oss`, `http-proxy`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RemoteConfig {
+    Registry(RegistryConfig),
+    S3(ObjectStoreConfig),
+    Oss(ObjectStoreConfig),
+    HttpProxy(HttpProxyConfig),
+}
+
+/// What a host path named by a backend is, for the sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostPath {
+    /// A directory of blobs (read-only).
+    BlobDir,
+    /// One blob file (its directory is exposed read-only).
+    BlobFile,
+    /// A file a network or disk backend reads at run time (CA certificates, a block device).
+    BackendFile,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct LocalFsConfig {
+    pub dir: Option<PathBuf>,
+    pub alt_dirs: Vec<PathBuf>,
+    pub blob_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct LocalDiskConfig {
+    pub device_path: Option<PathBuf>,
+}
+
+/// `registry`: blobs of an OCI distribution repository.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct RegistryConfig {
+    /// `http` or (anything else, the default) `https`.
+    pub scheme: Option<String>,
+    pub host: String,
+    pub repo: String,
+    /// base64 `user:pass` (`IMAGE_PULL_AUTH` overrides it).
+    pub auth: Option<String>,
+    /// A bearer token to start with.
+    pub registry_token: Option<String>,
+    pub blob_url_scheme: Option<String>,
+    pub blob_redirected_host: Option<String>,
+}
+
+/// `s3` and `oss`: blobs as objects `<object_prefix><blob id>` of a bucket.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct ObjectStoreConfig {
+    /// `https` when absent.
+    pub scheme: Option<String>,
+    /// Required for OSS; S3 uses `s3.amazonaws.com` when absent or empty.
+    pub endpoint: Option<String>,
+    /// Required for S3.
+    pub region: Option<String>,
+    pub bucket_name: String,
+    pub object_prefix: Option<String>,
+    pub access_key_id: Option<String>,
+    pub access_key_secret: Option<String>,
+}
+
+/// `http-proxy`: blobs at `<addr><path>/<blob id>` of a plain HTTP(S) server.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct HttpProxyConfig {
+    pub addr: String,
+    pub path: Option<String>,
+}
+
+/// The keys every network backend shares (nydusd's names and defaults; seconds as integers, 0 = none).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct HttpConfig {
+    pub timeout: u64,
+    pub connect_timeout: u64,
+    /// Retries after the first attempt of a read (at most 16 are made).
+    pub retry_limit: u64,
+    pub skip_verify: bool,
+    /// PEM files whose certificates replace the bundled web PKI roots (a private registry's CA).
+    pub ca_cert_files: Vec<PathBuf>,
+    pub proxy: ProxyConfig,
+    pub mirrors: Vec<MirrorConfig>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            timeout: 5,
+            connect_timeout: 5,
+            // nydusd parses 0 by default; a read that never retries is too fragile.
+            retry_limit: 3,
+            skip_verify: false,
+            ca_cert_files: Vec::new(),
+            proxy: ProxyConfig::default(),
+            mirrors: Vec::new(),
+        }
+    }
+}
+
+/// A forward proxy for blob reads; unused while `url` is empty.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct ProxyConfig {
+    pub url: String,
+    pub ping_url: String,
+    /// Read from the origin while the proxy is unhealthy.
+    pub fallback: bool,
+    pub check_interval: u64,
+    pub use_http: bool,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            url: String::new(),
+            ping_url: String::new(),
+            fallback: true,
+            check_interval: 5,
+            use_http: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct MirrorConfig {
+    /// `scheme://host[:port]` replacing the origin's (required).
+    pub host: String,
+    /// `<host>/v2` when absent.
+    pub ping_url: Option<String>,
+    pub headers: BTreeMap<String, String>,
+    /// Send the origin's Authorization to the mirror too.
+    pub auth_through: bool,
+    pub health_check_interval: u64,
+    pub failure_limit: u64,
+}
+
+impl Default for MirrorConfig {
+    fn default() -> Self {
+        MirrorConfig {
+            host: String::new(),
+            ping_url: None,
+            headers: BTreeMap::new(),
+            auth_through: false,
+            health_check_interval: 5,
+            failure_limit: 5,
+        }
+    }
 }
 
 impl BackendConfig {
-    /// Where the blobs come from, without credentials or tuning: the backend type and the settings that
-    /// choose the location (directories, host and repository, bucket and prefix, address and path).
-    pub fn location(&self) -> String {
+    /// The backend's type name, as configs spell it.
+    pub fn kind(&self) -> &'static str {
         match self {
-            BackendConfig::LocalFs {
-                dir,
-                alt_dirs,
-                blob_file,
-            } => format!("localfs dir={dir:?} alt_dirs={alt_dirs:?} blob_file={blob_file:?}"),
-            BackendConfig::Remote { kind, config } => {
-                let keys = [
-                    "scheme",
-                    "host",
-                    "repo",
-                    "endpoint",
-                    "region",
-                    "bucket_name",
-                    "object_prefix",
-                    "addr",
-                    "path",
-                ];
-                let mut out = kind.clone();
-                for k in keys {
-                    if let Some(v) = config.get(k) {
-                        out.push_str(&format!(" {k}={v}"));
-                    }
-                }
-                out
+            BackendConfig::LocalFs(_) => "localfs",
+            BackendConfig::LocalDisk(_) => "localdisk",
+            BackendConfig::Network { remote, .. } => match remote {
+                RemoteConfig::Registry(_) => "registry",
+                RemoteConfig::S3(_) => "s3",
+                RemoteConfig::Oss(_) => "oss",
+                RemoteConfig::HttpProxy(_) => "http-proxy",
+            },
+        }
+    }
+
+    /// Reaching the blobs takes the network.
+    pub fn needs_network(&self) -> bool {
+        matches!(self, BackendConfig::Network { .. })
+    }
+
+    /// The host paths the backend reads, with what each is: what the sandbox exposes and confines
+    /// (resolving them in place).
+    pub fn host_paths_mut(&mut self) -> Vec<(HostPath, &mut PathBuf)> {
+        match self {
+            BackendConfig::LocalFs(c) => c
+                .dir
+                .iter_mut()
+                .chain(c.alt_dirs.iter_mut())
+                .map(|p| (HostPath::BlobDir, p))
+                .chain(c.blob_file.iter_mut().map(|p| (HostPath::BlobFile, p)))
+                .collect(),
+            BackendConfig::LocalDisk(c) => c
+                .device_path
+                .iter_mut()
+                .map(|p| (HostPath::BackendFile, p))
+                .collect(),
+            BackendConfig::Network { http, .. } => http
+                .ca_cert_files
+                .iter_mut()
+                .map(|p| (HostPath::BackendFile, p))
+                .collect(),
+        }
+    }
+
+    /// Where the blobs come from, without credentials or tuning: the backend type and the settings that
+    /// choose the location (directories, host and repository, bucket and prefix, address and path). Part
+    /// of the blob cache's key: the text must stay the same for the same config.
+    pub fn location(&self) -> String {
+        let remote = match self {
+            BackendConfig::LocalFs(c) => {
+                return format!(
+                    "localfs dir={:?} alt_dirs={:?} blob_file={:?}",
+                    c.dir, c.alt_dirs, c.blob_file
+                )
+            }
+            BackendConfig::LocalDisk(c) => {
+                return format!("localdisk device_path={:?}", c.device_path)
+            }
+            BackendConfig::Network { remote, .. } => remote,
+        };
+        let given = |v: &str| Some(v.to_string());
+        let keys: Vec<(&str, Option<String>)> = match remote {
+            RemoteConfig::Registry(c) => vec![
+                ("scheme", c.scheme.clone()),
+                ("host", given(&c.host)),
+                ("repo", given(&c.repo)),
+            ],
+            RemoteConfig::S3(c) | RemoteConfig::Oss(c) => vec![
+                ("scheme", c.scheme.clone()),
+                ("endpoint", c.endpoint.clone()),
+                ("region", c.region.clone()),
+                ("bucket_name", given(&c.bucket_name)),
+                ("object_prefix", c.object_prefix.clone()),
+            ],
+            RemoteConfig::HttpProxy(c) => vec![("addr", given(&c.addr)), ("path", c.path.clone())],
+        };
+        let mut out = self.kind().to_string();
+        for (k, v) in keys {
+            if let Some(v) = v {
+                out.push_str(&format!(" {k}={}", Value::String(v)));
             }
         }
+        out
     }
 }
 
@@ -66,6 +348,23 @@ pub enum CacheKind {
     BlobCache,
     /// `""` / `dummycache`: every read goes to the backend.
     None,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheConfig {
+    pub kind: CacheKind,
+    pub work_dir: Option<PathBuf>,
+    pub validate: bool,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            kind: CacheKind::None,
+            work_dir: None,
+            validate: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -84,19 +383,11 @@ impl Default for PrefetchConfig {
         PrefetchConfig {
             enable: false,
             threads: 8,
-            merging_size: 1 << 20,
+            merging_size: DEFAULT_IO_SIZE,
             bandwidth_limit: 0,
             prefetch_all: false,
         }
     }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct CacheConfig {
-    pub kind: CacheKind,
-    pub work_dir: Option<PathBuf>,
-    pub validate: bool,
-    pub compressed: bool,
 }
 
 /// `id_mapping: [internal, external, range]` (nydus-snapshotter, for pods in a user namespace): the
@@ -131,7 +422,6 @@ impl IdMapping {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct RafsConfig {
-    pub mode: String,
     pub validate: bool,
     pub enable_xattr: bool,
     pub iostats_files: bool,
@@ -146,25 +436,16 @@ pub struct RafsConfig {
 impl Default for RafsConfig {
     fn default() -> Self {
         RafsConfig {
-            mode: "direct".into(),
             validate: false,
             enable_xattr: false,
             iostats_files: false,
             access_pattern: false,
             latest_read_files: false,
-            amplify_io: 1 << 20,
+            amplify_io: DEFAULT_IO_SIZE,
             prefetch: PrefetchConfig::default(),
             id_mapping: None,
         }
     }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct DaemonConfig {
-    pub id: Option<String>,
-    pub backend: BackendConfig,
-    pub cache: CacheConfig,
-    pub rafs: RafsConfig,
 }
 
 impl DaemonConfig {
@@ -172,11 +453,10 @@ impl DaemonConfig {
     pub fn localfs(dir: PathBuf, work_dir: Option<PathBuf>) -> Self {
         DaemonConfig {
             id: None,
-            backend: BackendConfig::LocalFs {
+            backend: BackendConfig::LocalFs(LocalFsConfig {
                 dir: Some(dir),
-                alt_dirs: Vec::new(),
-                blob_file: None,
-            },
+                ..Default::default()
+            }),
             cache: CacheConfig {
                 kind: if work_dir.is_some() {
                     CacheKind::BlobCache
@@ -185,7 +465,6 @@ impl DaemonConfig {
                 },
                 work_dir,
                 validate: false,
-                compressed: false,
             },
             rafs: RafsConfig::default(),
         }
@@ -214,23 +493,41 @@ impl DaemonConfig {
         }
         let value: Value = serde_json::from_slice(text)
             .map_err(|e| Error::Invalid(format!("config is not valid JSON: {e}")))?;
-        let root = Obj::new(&value, "")?;
-        let config = match root.value.get("version") {
-            Some(Value::Number(n)) if n.as_u64() == Some(2) => parse_v2(&root)?,
+        let doc = without_nulls(&value);
+        if !doc.is_object() {
+            return Err(invalid(
+                "",
+                &format!("expected an object, found {}", kind_of(&doc)),
+            ));
+        }
+        let (config, notes) = Self::parse(&doc)?;
+        for note in notes {
+            log::warn!("config: {note}");
+        }
+        Ok(config)
+    }
+
+    /// The config in `doc` (a JSON object without nulls), and what to warn about.
+    fn parse(doc: &Value) -> Result<(Self, Vec<String>)> {
+        let mut unknown = Vec::new();
+        let config = match doc.get("version") {
+            Some(Value::Number(n)) if n.as_u64() == Some(2) => {
+                typed::<V2>(doc, "", &mut unknown)?.into_config(&mut unknown)?
+            }
             Some(v) => {
                 return Err(Error::Invalid(format!(
                     "config key `version`: {v} (only 2 is known)"
                 )))
             }
-            None => parse_v1(&root)?,
+            None => typed::<V1>(doc, "", &mut unknown)?.into_config(&mut unknown)?,
         };
-        root.finish();
-        Ok(config)
+        Ok((config, unused_notes(doc, &unknown)))
     }
 }
 
 /// `text` (a v1 or v2 config whose backend is a registry) with its registry credentials replaced by
-/// `auth` (removed when `None`): what a successor daemon must use after `PUT /api/v1/config`.
+/// `auth` (removed when `None`): what a successor daemon must use after `PUT /api/v1/config`. The text is
+/// edited, not re-generated, so the successor gets every other key as the client wrote it.
 pub fn with_registry_auth(text: &str, auth: Option<&str>) -> Result<String> {
     let mut v: Value = serde_json::from_str(text)
         .map_err(|e| Error::Invalid(format!("config is not valid JSON: {e}")))?;
@@ -249,160 +546,431 @@ pub fn with_registry_auth(text: &str, auth: Option<&str>) -> Result<String> {
     Ok(v.to_string())
 }
 
-/// A JSON object being read: remembers which keys were consumed so the rest can be reported.
-struct Obj<'a> {
-    value: &'a Map<String, Value>,
-    path: String,
-    used: std::cell::RefCell<HashSet<&'a str>>,
+// ---------------------------------------------------------------------------------------------------
+// The two file formats, as nydusd spells them.
+
+/// The legacy (v1) format.
+#[derive(Deserialize)]
+#[serde(default)]
+struct V1 {
+    device: Option<V1Device>,
+    /// Validated only (see [`NO_EFFECT`]).
+    #[serde(rename = "mode")]
+    _mode: Mode,
+    digest_validate: bool,
+    enable_xattr: bool,
+    iostats_files: bool,
+    access_pattern: bool,
+    latest_read_files: bool,
+    amplify_io: u64,
+    fs_prefetch: Option<V1Prefetch>,
+    id_mapping: Option<Value>,
 }
 
-impl<'a> Obj<'a> {
-    fn new(value: &'a Value, path: &str) -> Result<Self> {
-        let map = value
-            .as_object()
-            .ok_or_else(|| type_error(path, "an object", value))?;
-        Ok(Obj {
-            value: map,
-            path: path.to_string(),
-            used: Default::default(),
-        })
-    }
-
-    fn key_path(&self, key: &str) -> String {
-        if self.path.is_empty() {
-            key.to_string()
-        } else {
-            format!("{}.{key}", self.path)
-        }
-    }
-
-    fn get(&self, key: &'a str) -> Option<&'a Value> {
-        let (k, v) = self.value.get_key_value(key)?;
-        self.used.borrow_mut().insert(k.as_str());
-        (!v.is_null()).then_some(v)
-    }
-
-    fn bool(&self, key: &'a str, default: bool) -> Result<bool> {
-        match self.get(key) {
-            None => Ok(default),
-            Some(Value::Bool(b)) => Ok(*b),
-            Some(v) => Err(type_error(&self.key_path(key), "true or false", v)),
-        }
-    }
-
-    fn u64(&self, key: &'a str, default: u64) -> Result<u64> {
-        match self.get(key) {
-            None => Ok(default),
-            Some(Value::Number(n)) => n.as_u64().ok_or_else(|| {
-                type_error(
-                    &self.key_path(key),
-                    "a non-negative integer",
-                    &Value::Number(n.clone()),
-                )
-            }),
-            Some(v) => Err(type_error(&self.key_path(key), "a non-negative integer", v)),
-        }
-    }
-
-    fn string(&self, key: &'a str) -> Result<Option<String>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(v) => Err(type_error(&self.key_path(key), "a string", v)),
-        }
-    }
-
-    fn obj(&self, key: &'a str) -> Result<Option<Obj<'a>>> {
-        self.get(key)
-            .map(|v| Obj::new(v, &self.key_path(key)))
-            .transpose()
-    }
-
-    fn paths(&self, key: &'a str) -> Result<Vec<PathBuf>> {
-        match self.get(key) {
-            None => Ok(Vec::new()),
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|v| {
-                    v.as_str()
-                        .map(PathBuf::from)
-                        .ok_or_else(|| type_error(&self.key_path(key), "a list of strings", v))
-                })
-                .collect(),
-            Some(v) => Err(type_error(&self.key_path(key), "a list of strings", v)),
-        }
-    }
-
-    /// Warn about keys nobody read (names only).
-    fn finish(&self) {
-        let used = self.used.borrow();
-        for key in self.value.keys().filter(|k| !used.contains(k.as_str())) {
-            log::warn!("config: ignoring unknown key `{}`", self.key_path(key));
+impl Default for V1 {
+    fn default() -> Self {
+        V1 {
+            device: None,
+            _mode: Mode::Direct,
+            digest_validate: false,
+            enable_xattr: false,
+            iostats_files: false,
+            access_pattern: false,
+            latest_read_files: false,
+            amplify_io: DEFAULT_IO_SIZE,
+            fs_prefetch: None,
+            id_mapping: None,
         }
     }
 }
 
-fn type_error(path: &str, want: &str, got: &Value) -> Error {
-    let kind = match got {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "an object",
-    };
-    let path = if path.is_empty() { "(top level)" } else { path };
-    Error::Invalid(format!(
-        "config key `{path}`: expected {want}, found {kind}"
-    ))
+#[derive(Deserialize, Default, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum Mode {
+    #[default]
+    Direct,
+    Cached,
 }
 
-fn invalid(path: String, msg: &str) -> Error {
-    Error::Invalid(format!("config key `{path}`: {msg}"))
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct V1Device {
+    id: Option<String>,
+    backend: Option<V1Backend>,
+    cache: Option<V1Cache>,
 }
 
-fn parse_backend(kind: &str, config: Option<Obj>, path: &str) -> Result<BackendConfig> {
-    match kind {
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct V1Backend {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    /// Typed by `kind` (see [`parse_backend`]).
+    config: Option<Value>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct V1Cache {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    config: Option<WorkDir>,
+    validate: bool,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct WorkDir {
+    work_dir: Option<PathBuf>,
+}
+
+/// `fs_prefetch` (v1): v1 spells some keys differently and defaults `prefetch_all` to true.
+#[derive(Deserialize)]
+#[serde(default)]
+struct V1Prefetch {
+    enable: bool,
+    threads_count: u64,
+    merging_size: u64,
+    bandwidth_rate: u64,
+    prefetch_all: bool,
+}
+
+impl Default for V1Prefetch {
+    fn default() -> Self {
+        let d = PrefetchConfig::default();
+        V1Prefetch {
+            enable: d.enable,
+            threads_count: d.threads as u64,
+            merging_size: d.merging_size,
+            bandwidth_rate: d.bandwidth_limit,
+            prefetch_all: true,
+        }
+    }
+}
+
+/// The v2 format.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct V2 {
+    /// Checked before (only 2 is known).
+    #[serde(rename = "version")]
+    _version: Option<Value>,
+    id: Option<String>,
+    backend: Option<V2Backend>,
+    cache: Option<V2Cache>,
+    rafs: Option<V2Rafs>,
+}
+
+/// `backend`: the type and one settings block per type, named after it.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct V2Backend {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    localfs: Option<Value>,
+    registry: Option<Value>,
+    oss: Option<Value>,
+    s3: Option<Value>,
+    #[serde(rename = "http-proxy")]
+    http_proxy: Option<Value>,
+    localdisk: Option<Value>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct V2Cache {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    validate: bool,
+    filecache: Option<V2FileCache>,
+    prefetch: Option<V2Prefetch>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct V2FileCache {
+    work_dir: Option<PathBuf>,
+    enable_encryption: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(default)]
+struct V2Rafs {
+    /// Validated only (see [`NO_EFFECT`]).
+    #[serde(rename = "mode")]
+    _mode: Mode,
+    validate: bool,
+    enable_xattr: bool,
+    iostats_files: bool,
+    access_pattern: bool,
+    latest_read_files: bool,
+    batch_size: u64,
+    prefetch: Option<V2Prefetch>,
+    id_mapping: Option<Value>,
+}
+
+impl Default for V2Rafs {
+    fn default() -> Self {
+        let d = RafsConfig::default();
+        V2Rafs {
+            _mode: Mode::Direct,
+            validate: d.validate,
+            enable_xattr: d.enable_xattr,
+            iostats_files: d.iostats_files,
+            access_pattern: d.access_pattern,
+            latest_read_files: d.latest_read_files,
+            batch_size: d.amplify_io,
+            prefetch: None,
+            id_mapping: None,
+        }
+    }
+}
+
+/// `prefetch` (v2, under `cache` or `rafs`).
+#[derive(Deserialize)]
+#[serde(default)]
+struct V2Prefetch {
+    enable: bool,
+    threads: u64,
+    batch_size: u64,
+    bandwidth_limit: u64,
+    prefetch_all: bool,
+}
+
+impl Default for V2Prefetch {
+    fn default() -> Self {
+        let d = PrefetchConfig::default();
+        V2Prefetch {
+            enable: d.enable,
+            threads: d.threads as u64,
+            batch_size: d.merging_size,
+            bandwidth_limit: d.bandwidth_limit,
+            prefetch_all: d.prefetch_all,
+        }
+    }
+}
+
+impl V1 {
+    fn into_config(self, unknown: &mut Vec<String>) -> Result<DaemonConfig> {
+        let device = self
+            .device
+            .ok_or_else(|| invalid("device", "missing (a v1 config needs `device.backend`)"))?;
+        let backend = device
+            .backend
+            .ok_or_else(|| invalid("device.backend", "missing"))?;
+        let kind = backend
+            .kind
+            .ok_or_else(|| invalid("device.backend.type", "missing"))?;
+        let backend = parse_backend(
+            &kind,
+            backend.config.as_ref(),
+            "device.backend",
+            "device.backend.config",
+            unknown,
+        )?;
+        let cache = match device.cache {
+            Some(c) => CacheConfig {
+                kind: parse_cache_kind(c.kind, "device.cache.type")?,
+                work_dir: c.config.and_then(|w| w.work_dir),
+                validate: c.validate,
+            },
+            None => CacheConfig::default(),
+        };
+        let prefetch = self.fs_prefetch.unwrap_or_default();
+        let rafs = RafsConfig {
+            validate: self.digest_validate,
+            enable_xattr: self.enable_xattr,
+            iostats_files: self.iostats_files,
+            access_pattern: self.access_pattern,
+            latest_read_files: self.latest_read_files,
+            amplify_io: checked_io_size(self.amplify_io, "amplify_io")?,
+            prefetch: prefetch_config(
+                prefetch.enable,
+                (prefetch.threads_count, "fs_prefetch.threads_count"),
+                (prefetch.merging_size, "fs_prefetch.merging_size"),
+                prefetch.bandwidth_rate,
+                prefetch.prefetch_all,
+            )?,
+            id_mapping: parse_id_mapping(self.id_mapping.as_ref(), "id_mapping")?,
+        };
+        let config = DaemonConfig {
+            id: device.id,
+            backend,
+            cache,
+            rafs,
+        };
+        check_cache(&config, "device.cache.config.work_dir")?;
+        Ok(config)
+    }
+}
+
+impl V2Prefetch {
+    fn into_config(self, path: &str) -> Result<PrefetchConfig> {
+        prefetch_config(
+            self.enable,
+            (self.threads, &format!("{path}.threads")),
+            (self.batch_size, &format!("{path}.batch_size")),
+            self.bandwidth_limit,
+            self.prefetch_all,
+        )
+    }
+}
+
+impl V2 {
+    fn into_config(self, unknown: &mut Vec<String>) -> Result<DaemonConfig> {
+        let b = self.backend.ok_or_else(|| invalid("backend", "missing"))?;
+        let kind = b.kind.ok_or_else(|| invalid("backend.type", "missing"))?;
+        let blocks = [
+            ("localfs", &b.localfs),
+            ("registry", &b.registry),
+            ("oss", &b.oss),
+            ("s3", &b.s3),
+            ("http-proxy", &b.http_proxy),
+            ("localdisk", &b.localdisk),
+        ];
+        let Some((key, block)) = blocks.iter().find(|(key, _)| *key == kind) else {
+            return Err(invalid(
+                "backend.type",
+                &format!("unknown backend type {kind:?}"),
+            ));
+        };
+        for (other, _) in blocks.iter().filter(|(k, v)| k != key && v.is_some()) {
+            unknown.push(format!("backend.{other}"));
+        }
+        let path = format!("backend.{key}");
+        let backend = parse_backend(&kind, block.as_ref(), "backend", &path, unknown)?;
+        let (cache, cache_prefetch) = match self.cache {
+            Some(c) => {
+                let filecache = c.filecache.unwrap_or_default();
+                if filecache.enable_encryption {
+                    return Err(Error::Unsupported(
+                        "encrypted blob cache (cache.filecache.enable_encryption)".into(),
+                    ));
+                }
+                let cache = CacheConfig {
+                    kind: parse_cache_kind(c.kind, "cache.type")?,
+                    work_dir: filecache.work_dir,
+                    validate: c.validate,
+                };
+                let prefetch = c.prefetch.map(|p| p.into_config("cache.prefetch"));
+                (cache, prefetch.transpose()?)
+            }
+            None => (CacheConfig::default(), None),
+        };
+        let r = self.rafs.unwrap_or_default();
+        let mut rafs = RafsConfig {
+            validate: r.validate,
+            enable_xattr: r.enable_xattr,
+            iostats_files: r.iostats_files,
+            access_pattern: r.access_pattern,
+            latest_read_files: r.latest_read_files,
+            amplify_io: checked_io_size(r.batch_size, "rafs.batch_size")?,
+            prefetch: match r.prefetch {
+                Some(p) => p.into_config("rafs.prefetch")?,
+                None => PrefetchConfig::default(),
+            },
+            id_mapping: parse_id_mapping(r.id_mapping.as_ref(), "rafs.id_mapping")?,
+        };
+        // Either prefetch block turns prefetch on; the fs-level one wins where both are given.
+        if !rafs.prefetch.enable {
+            if let Some(p) = cache_prefetch {
+                rafs.prefetch = p;
+            }
+        }
+        let config = DaemonConfig {
+            id: self.id,
+            backend,
+            cache,
+            rafs,
+        };
+        check_cache(&config, "cache.filecache.work_dir")?;
+        Ok(config)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Backends.
+
+/// The backend of type `kind` from its settings block `value` (at `path`; `parent` holds `type`).
+fn parse_backend(
+    kind: &str,
+    value: Option<&Value>,
+    parent: &str,
+    path: &str,
+    unknown: &mut Vec<String>,
+) -> Result<BackendConfig> {
+    let empty = Value::Object(Map::new());
+    let value = value.unwrap_or(&empty);
+    // The network backends' blocks hold two sets of keys, read in two passes: a key is unknown when
+    // neither pass knows it (or the value that holds it).
+    let (mut own, mut shared) = (Vec::new(), Vec::new());
+    let remote = match kind {
         "localfs" => {
-            let c = config
-                .ok_or_else(|| invalid(path.to_string(), "localfs needs `dir` or `blob_file`"))?;
-            let dir = c.string("dir")?.map(PathBuf::from);
-            let blob_file = c.string("blob_file")?.map(PathBuf::from);
-            let alt_dirs = c.paths("alt_dirs")?;
-            // Keys nydusd's sample configs carry for localfs that mean nothing here.
-            for ignored in ["readahead", "readahead_sec"] {
-                c.get(ignored);
+            let c: LocalFsConfig = typed(value, path, unknown)?;
+            if c.dir.is_none() && c.blob_file.is_none() {
+                return Err(invalid(path, "localfs needs `dir` or `blob_file`"));
             }
-            if dir.is_none() && blob_file.is_none() {
-                return Err(invalid(
-                    c.path.clone(),
-                    "localfs needs `dir` or `blob_file`",
-                ));
+            return Ok(BackendConfig::LocalFs(c));
+        }
+        "localdisk" => return Ok(BackendConfig::LocalDisk(typed(value, path, unknown)?)),
+        "registry" => {
+            let c: RegistryConfig = typed(value, path, &mut own)?;
+            required(&c.host, path, "host")?;
+            required(&c.repo, path, "repo")?;
+            RemoteConfig::Registry(c)
+        }
+        "s3" | "oss" => {
+            let c: ObjectStoreConfig = typed(value, path, &mut own)?;
+            required(&c.bucket_name, path, "bucket_name")?;
+            if kind == "s3" {
+                required(c.region.as_deref().unwrap_or(""), path, "region")?;
+                RemoteConfig::S3(c)
+            } else {
+                required(c.endpoint.as_deref().unwrap_or(""), path, "endpoint")?;
+                RemoteConfig::Oss(c)
             }
-            c.finish();
-            Ok(BackendConfig::LocalFs {
-                dir,
-                alt_dirs,
-                blob_file,
-            })
         }
-        "registry" | "oss" | "s3" | "http-proxy" | "localdisk" => {
-            let raw = config
-                .map(|c| Value::Object(c.value.clone()))
-                .unwrap_or(Value::Null);
-            Ok(BackendConfig::Remote {
-                kind: kind.to_string(),
-                config: raw,
-            })
+        "http-proxy" => {
+            let c: HttpProxyConfig = typed(value, path, &mut own)?;
+            required(&c.addr, path, "addr")?;
+            RemoteConfig::HttpProxy(c)
         }
-        other => Err(invalid(
-            format!("{path}.type"),
-            &format!("unknown backend type {other:?}"),
-        )),
+        other => {
+            return Err(invalid(
+                &format!("{parent}.type"),
+                &format!("unknown backend type {other:?}"),
+            ))
+        }
+    };
+    let http: HttpConfig = typed(value, path, &mut shared)?;
+    for (i, m) in http.mirrors.iter().enumerate() {
+        required(&m.host, &format!("{path}.mirrors[{i}]"), "host")?;
     }
+    let covered = |p: &String, by: &[String]| by.iter().any(|a| p == a || is_beneath(p, a));
+    unknown.extend(own.iter().filter(|p| covered(p, &shared)).cloned());
+    unknown.extend(
+        shared
+            .iter()
+            .filter(|p| covered(p, &own) && !own.contains(p))
+            .cloned(),
+    );
+    Ok(BackendConfig::Network { remote, http })
 }
 
-fn parse_cache_kind(kind: Option<String>, path: String) -> Result<CacheKind> {
+fn required(value: &str, path: &str, key: &str) -> Result<()> {
+    if value.is_empty() {
+        return Err(invalid(
+            &format!("{path}.{key}"),
+            "missing (this backend needs it)",
+        ));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Checks.
+
+fn parse_cache_kind(kind: Option<String>, path: &str) -> Result<CacheKind> {
     match kind.as_deref() {
         None | Some("") | Some("dummycache") => Ok(CacheKind::None),
         Some("blobcache") | Some("filecache") => Ok(CacheKind::BlobCache),
@@ -414,239 +982,24 @@ fn parse_cache_kind(kind: Option<String>, path: String) -> Result<CacheKind> {
     }
 }
 
-/// `fs_prefetch` (v1) or `prefetch` (v2) block; v1 and v2 spell some keys differently.
-fn parse_prefetch(p: &Obj, legacy: bool) -> Result<PrefetchConfig> {
-    let d = PrefetchConfig::default();
-    let threads = p.u64(
-        if legacy { "threads_count" } else { "threads" },
-        d.threads as u64,
-    )?;
-    let enable = p.bool("enable", false)?;
-    if enable && !(1..=1024).contains(&threads) {
-        return Err(invalid(
-            p.key_path(if legacy { "threads_count" } else { "threads" }),
-            "must be 1..1024",
-        ));
+/// A prefetch block's values, checked: `threads` and `merging` are (value, key path).
+fn prefetch_config(
+    enable: bool,
+    threads: (u64, &str),
+    merging: (u64, &str),
+    bandwidth_limit: u64,
+    prefetch_all: bool,
+) -> Result<PrefetchConfig> {
+    if enable && !(1..=1024).contains(&threads.0) {
+        return Err(invalid(threads.1, "must be 1..1024"));
     }
-    let merging_size = p.u64(
-        if legacy { "merging_size" } else { "batch_size" },
-        d.merging_size,
-    )?;
-    if merging_size > 0x1000_0000 {
-        return Err(invalid(
-            p.key_path(if legacy { "merging_size" } else { "batch_size" }),
-            "must be at most 256 MiB",
-        ));
-    }
-    let cfg = PrefetchConfig {
+    Ok(PrefetchConfig {
         enable,
-        threads: threads as usize,
-        merging_size,
-        bandwidth_limit: p.u64(
-            if legacy {
-                "bandwidth_rate"
-            } else {
-                "bandwidth_limit"
-            },
-            0,
-        )?,
-        // nydusd's legacy format defaults prefetch_all to true, v2 to false.
-        prefetch_all: p.bool("prefetch_all", legacy)?,
-    };
-    p.get("stream_prefetch");
-    p.finish();
-    Ok(cfg)
-}
-
-fn parse_v1(root: &Obj) -> Result<DaemonConfig> {
-    let device = root.obj("device")?.ok_or_else(|| {
-        invalid(
-            "device".into(),
-            "missing (a v1 config needs `device.backend`)",
-        )
-    })?;
-    let id = device.string("id")?;
-    let backend_obj = device
-        .obj("backend")?
-        .ok_or_else(|| invalid("device.backend".into(), "missing"))?;
-    let kind = backend_obj
-        .string("type")?
-        .ok_or_else(|| invalid("device.backend.type".into(), "missing"))?;
-    let backend = parse_backend(&kind, backend_obj.obj("config")?, "device.backend.config")?;
-    backend_obj.finish();
-    let cache = match device.obj("cache")? {
-        Some(c) => {
-            let kind = parse_cache_kind(c.string("type")?, c.key_path("type"))?;
-            let work_dir = match c.obj("config")? {
-                Some(cc) => {
-                    let w = cc.string("work_dir")?.map(PathBuf::from);
-                    cc.get("disable_indexed_map");
-                    cc.finish();
-                    w
-                }
-                None => None,
-            };
-            let cache = CacheConfig {
-                kind,
-                work_dir,
-                validate: c.bool("validate", false)?,
-                compressed: c.bool("compressed", false)?,
-            };
-            c.finish();
-            cache
-        }
-        None => CacheConfig {
-            kind: CacheKind::None,
-            work_dir: None,
-            validate: false,
-            compressed: false,
-        },
-    };
-    device.get("external_backends");
-    device.finish();
-    let mode = root.string("mode")?.unwrap_or_else(|| "direct".into());
-    if mode != "direct" && mode != "cached" {
-        return Err(invalid(
-            "mode".into(),
-            &format!("{mode:?} (expected \"direct\" or \"cached\")"),
-        ));
-    }
-    let prefetch = match root.obj("fs_prefetch")? {
-        Some(p) => parse_prefetch(&p, true)?,
-        None => PrefetchConfig {
-            prefetch_all: true,
-            ..Default::default()
-        },
-    };
-    let rafs = RafsConfig {
-        mode,
-        validate: root.bool("digest_validate", false)?,
-        enable_xattr: root.bool("enable_xattr", false)?,
-        iostats_files: root.bool("iostats_files", false)?,
-        access_pattern: root.bool("access_pattern", false)?,
-        latest_read_files: root.bool("latest_read_files", false)?,
-        amplify_io: checked_amplify(root.u64("amplify_io", 1 << 20)?, "amplify_io")?,
-        prefetch,
-        id_mapping: parse_id_mapping(root.get("id_mapping"), "id_mapping")?,
-    };
-    let config = DaemonConfig {
-        id,
-        backend,
-        cache,
-        rafs,
-    };
-    check_cache(&config, "device.cache.config.work_dir")?;
-    Ok(config)
-}
-
-fn parse_v2(root: &Obj) -> Result<DaemonConfig> {
-    let id = root.string("id")?;
-    let backend_obj = root
-        .obj("backend")?
-        .ok_or_else(|| invalid("backend".into(), "missing"))?;
-    let kind = backend_obj
-        .string("type")?
-        .ok_or_else(|| invalid("backend.type".into(), "missing"))?;
-    let sub_key: &'static str = match kind.as_str() {
-        "localfs" => "localfs",
-        "registry" => "registry",
-        "oss" => "oss",
-        "s3" => "s3",
-        "http-proxy" => "http-proxy",
-        "localdisk" => "localdisk",
-        other => {
-            return Err(invalid(
-                "backend.type".into(),
-                &format!("unknown backend type {other:?}"),
-            ))
-        }
-    };
-    let backend = parse_backend(
-        &kind,
-        backend_obj.obj(sub_key)?,
-        &format!("backend.{sub_key}"),
-    )?;
-    backend_obj.finish();
-    let (cache, cache_prefetch) = match root.obj("cache")? {
-        Some(c) => {
-            let kind = parse_cache_kind(c.string("type")?, c.key_path("type"))?;
-            let work_dir = match c.obj("filecache")? {
-                Some(f) => {
-                    let w = f.string("work_dir")?.map(PathBuf::from);
-                    f.get("disable_indexed_map");
-                    if f.bool("enable_encryption", false)? {
-                        return Err(Error::Unsupported(
-                            "encrypted blob cache (cache.filecache.enable_encryption)".into(),
-                        ));
-                    }
-                    f.finish();
-                    w
-                }
-                None => None,
-            };
-            c.get("fscache");
-            let prefetch = c
-                .obj("prefetch")?
-                .map(|p| parse_prefetch(&p, false))
-                .transpose()?;
-            let cache = CacheConfig {
-                kind,
-                work_dir,
-                validate: c.bool("validate", false)?,
-                compressed: c.bool("compressed", false)?,
-            };
-            c.finish();
-            (cache, prefetch)
-        }
-        None => (
-            CacheConfig {
-                kind: CacheKind::None,
-                work_dir: None,
-                validate: false,
-                compressed: false,
-            },
-            None,
-        ),
-    };
-    let mut rafs = RafsConfig::default();
-    if let Some(r) = root.obj("rafs")? {
-        rafs.mode = r.string("mode")?.unwrap_or_else(|| "direct".into());
-        if rafs.mode != "direct" && rafs.mode != "cached" {
-            return Err(invalid(
-                "rafs.mode".into(),
-                &format!("{:?} (expected \"direct\" or \"cached\")", rafs.mode),
-            ));
-        }
-        rafs.validate = r.bool("validate", false)?;
-        rafs.enable_xattr = r.bool("enable_xattr", false)?;
-        rafs.iostats_files = r.bool("iostats_files", false)?;
-        rafs.access_pattern = r.bool("access_pattern", false)?;
-        rafs.latest_read_files = r.bool("latest_read_files", false)?;
-        rafs.amplify_io = checked_amplify(r.u64("batch_size", 1 << 20)?, "rafs.batch_size")?;
-        if let Some(p) = r.obj("prefetch")? {
-            rafs.prefetch = parse_prefetch(&p, false)?;
-        }
-        rafs.id_mapping = parse_id_mapping(r.get("id_mapping"), "rafs.id_mapping")?;
-        r.finish();
-    }
-    // Either prefetch block turns prefetch on; the fs-level one wins where both are given.
-    if !rafs.prefetch.enable {
-        if let Some(p) = cache_prefetch {
-            rafs.prefetch = p;
-        }
-    }
-    root.get("version");
-    root.get("external_backends");
-    root.get("overlay");
-    root.get("metadata_path");
-    let config = DaemonConfig {
-        id,
-        backend,
-        cache,
-        rafs,
-    };
-    check_cache(&config, "cache.filecache.work_dir")?;
-    Ok(config)
+        threads: threads.0 as usize,
+        merging_size: checked_io_size(merging.0, merging.1)?,
+        bandwidth_limit,
+        prefetch_all,
+    })
 }
 
 /// `[internal, external, range]`, three IDs whose ranges stay below 2^32; a zero range maps nothing.
@@ -663,10 +1016,12 @@ fn parse_id_mapping(v: Option<&Value>, key: &str) -> Result<Option<IdMapping>> {
         })
         .and_then(|ids| ids.try_into().ok());
     let Some([internal, external, range]) = ids else {
-        return Err(type_error(
+        return Err(invalid(
             key,
-            "[internal, external, range] (three 32-bit IDs)",
-            v,
+            &format!(
+                "expected [internal, external, range] (three 32-bit IDs), found {}",
+                kind_of(v)
+            ),
         ));
     };
     if range == 0 {
@@ -674,7 +1029,7 @@ fn parse_id_mapping(v: Option<&Value>, key: &str) -> Result<Option<IdMapping>> {
     }
     if internal.checked_add(range).is_none() || external.checked_add(range).is_none() {
         return Err(invalid(
-            key.into(),
+            key,
             "internal + range and external + range must stay below 2^32",
         ));
     }
@@ -685,18 +1040,154 @@ fn parse_id_mapping(v: Option<&Value>, key: &str) -> Result<Option<IdMapping>> {
     }))
 }
 
-fn checked_amplify(v: u64, key: &str) -> Result<u64> {
-    if v > 0x1000_0000 {
-        return Err(invalid(key.into(), "must be at most 256 MiB"));
+fn checked_io_size(v: u64, key: &str) -> Result<u64> {
+    if v > MAX_IO_SIZE {
+        return Err(invalid(key, "must be at most 256 MiB"));
     }
     Ok(v)
 }
 
 fn check_cache(config: &DaemonConfig, work_dir_key: &str) -> Result<()> {
     if config.cache.kind == CacheKind::BlobCache && config.cache.work_dir.is_none() {
-        return Err(invalid(work_dir_key.into(), "a blobcache needs a work_dir"));
+        return Err(invalid(work_dir_key, "a blobcache needs a work_dir"));
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Typed reading with full key paths.
+
+fn invalid(path: &str, msg: &str) -> Error {
+    let path = if path.is_empty() { "(top level)" } else { path };
+    Error::Invalid(format!("config key `{path}`: {msg}"))
+}
+
+/// `prefix.key`, or `key` at the top level.
+fn join(prefix: &str, rest: &str) -> String {
+    match (prefix.is_empty(), rest.is_empty() || rest.starts_with('[')) {
+        (true, _) => rest.to_string(),
+        (false, true) => format!("{prefix}{rest}"),
+        (false, false) => format!("{prefix}.{rest}"),
+    }
+}
+
+/// `path` lies inside the value at `ancestor` (`a.b` inside `a`, `a[0]` inside `a`).
+fn is_beneath(path: &str, ancestor: &str) -> bool {
+    path.strip_prefix(ancestor)
+        .is_some_and(|rest| rest.starts_with('.') || rest.starts_with('['))
+}
+
+/// Read `value` (found at `path`) as a `T`: a type error names the full path of the key; the full paths
+/// of keys `T` does not know are added to `unknown`.
+fn typed<T: DeserializeOwned>(value: &Value, path: &str, unknown: &mut Vec<String>) -> Result<T> {
+    let mut note = |p: serde_ignored::Path| unknown.push(join(path, &ignored_path(&p)));
+    let ignored = serde_ignored::Deserializer::new(value, &mut note);
+    serde_path_to_error::deserialize(ignored).map_err(|e| {
+        let mut at = value;
+        let mut rel = String::new();
+        for seg in e.path().iter() {
+            use serde_path_to_error::Segment;
+            match seg {
+                Segment::Seq { index } => {
+                    at = at.get(index).unwrap_or(&Value::Null);
+                    rel.push_str(&format!("[{index}]"));
+                }
+                Segment::Map { key } => {
+                    at = at.get(key).unwrap_or(&Value::Null);
+                    rel = join(&rel, key);
+                }
+                Segment::Enum { .. } | Segment::Unknown => {}
+            }
+        }
+        invalid(
+            &join(path, &rel),
+            &serde_message(&e.inner().to_string(), at),
+        )
+    })
+}
+
+fn ignored_path(p: &serde_ignored::Path) -> String {
+    use serde_ignored::Path;
+    match p {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", ignored_path(parent)),
+        Path::Map { parent, key } => join(&ignored_path(parent), key),
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => ignored_path(parent),
+    }
+}
+
+/// serde's "invalid type: <value>, expected <what>" in this module's words, naming the kind of the
+/// value found (`found`) but never the value: it may be a credential in the wrong place.
+fn serde_message(msg: &str, found: &Value) -> String {
+    let want = match msg.split_once(", expected ") {
+        Some((head, want))
+            if head.starts_with("invalid type") || head.starts_with("invalid value") =>
+        {
+            want
+        }
+        _ => return msg.to_string(),
+    };
+    let want = match want {
+        "a boolean" => "true or false",
+        "u8" | "u16" | "u32" | "u64" | "usize" => "a non-negative integer",
+        "a string" | "path string" => "a string",
+        "a sequence" => "a list",
+        w if w == "a map" || w.starts_with("struct ") => "an object",
+        w => w,
+    };
+    format!("expected {want}, found {}", kind_of(found))
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(n) if n.as_i64().is_some_and(|n| n < 0) => "a negative number",
+        Value::Number(n) if n.is_f64() => "a fractional number",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// `v` with every `null` object member removed: null means "not given", as for nydusd's Go clients.
+fn without_nulls(v: &Value) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k.clone(), without_nulls(v)))
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.iter().map(without_nulls).collect()),
+        other => other.clone(),
+    }
+}
+
+/// Warnings about unknown keys (by path) and about [`NO_EFFECT`] keys whose value asks for something.
+fn unused_notes(doc: &Value, unknown: &[String]) -> Vec<String> {
+    let mut notes = Vec::new();
+    for (path, inert, why) in NO_EFFECT {
+        let pointer = format!("/{}", path.replace('.', "/"));
+        let Some(v) = doc.pointer(&pointer) else {
+            continue;
+        };
+        let asks = inert.is_none_or(|i| serde_json::from_str::<Value>(i).ok().as_ref() != Some(v));
+        if asks {
+            notes.push(format!(
+                "`{path}` is accepted but has no effect here: {why}"
+            ));
+        }
+    }
+    for path in unknown {
+        if !NO_EFFECT.iter().any(|(p, _, _)| p == path) {
+            notes.push(format!("ignoring unknown key `{path}`"));
+        }
+    }
+    notes
 }
 
 #[cfg(test)]
@@ -714,11 +1205,11 @@ mod tests {
         .unwrap();
         assert_eq!(
             c.backend,
-            BackendConfig::LocalFs {
+            BackendConfig::LocalFs(LocalFsConfig {
                 dir: Some("/b".into()),
                 alt_dirs: vec![],
                 blob_file: None
-            }
+            })
         );
         assert_eq!(c.cache.kind, CacheKind::BlobCache);
         assert_eq!(
@@ -756,7 +1247,7 @@ mod tests {
         );
         assert_eq!(c.rafs.prefetch.threads, 2);
         match c.backend {
-            BackendConfig::LocalFs { alt_dirs, .. } => {
+            BackendConfig::LocalFs(LocalFsConfig { alt_dirs, .. }) => {
                 assert_eq!(alt_dirs, vec![PathBuf::from("/x")])
             }
             other => panic!("{other:?}"),
@@ -793,10 +1284,13 @@ mod tests {
             br#"{"version":2,"backend":{"type":"registry","registry":{"host":"h:5000","repo":"r","auth":"c2VjcmV0"}}}"#,
         )
         .unwrap();
+        assert_eq!(c.backend.kind(), "registry");
         match c.backend {
-            BackendConfig::Remote { kind, config } => {
-                assert_eq!(kind, "registry");
-                assert_eq!(config["host"], "h:5000");
+            BackendConfig::Network {
+                remote: RemoteConfig::Registry(config),
+                ..
+            } => {
+                assert_eq!(config.host, "h:5000");
             }
             other => panic!("{other:?}"),
         }
@@ -839,10 +1333,14 @@ mod tests {
         let v1 = r#"{"device":{"backend":{"type":"registry","config":{"host":"h","repo":"r","auth":"b2xk"}}}}"#;
         let out = with_registry_auth(v1, Some("bmV3OnB3")).unwrap();
         let c = DaemonConfig::from_slice(out.as_bytes()).unwrap();
-        let BackendConfig::Remote { config, .. } = c.backend else {
+        let BackendConfig::Network {
+            remote: RemoteConfig::Registry(config),
+            ..
+        } = c.backend
+        else {
             panic!("remote")
         };
-        assert_eq!(config["auth"], "bmV3OnB3");
+        assert_eq!(config.auth.as_deref(), Some("bmV3OnB3"));
         let v2 =
             r#"{"version":2,"backend":{"type":"registry","registry":{"host":"h","repo":"r"}}}"#;
         let out = with_registry_auth(v2, Some("bmV3OnB3")).unwrap();
@@ -860,5 +1358,321 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("larger than 1 MiB"));
+    }
+
+    /// The config and its warnings.
+    fn parse(v: Value) -> Result<(DaemonConfig, Vec<String>)> {
+        DaemonConfig::parse(&without_nulls(&v))
+    }
+
+    fn unknown(path: &str) -> String {
+        format!("ignoring unknown key `{path}`")
+    }
+
+    #[test]
+    fn unknown_keys_are_reported_by_full_path() {
+        let (_, notes) = parse(serde_json::json!({"device": {
+            "backend": {"type": "registry", "config": {"host": "h", "repo": "r", "timeout": 3,
+                "timout": 3, "proxy": {"url": "http://p", "urll": 1},
+                "mirrors": [{"host": "http://m"}, {"host": "http://n", "hots": "x"}]}},
+            "cache": {"type": "blobcache", "config": {"work_dir": "/c", "wrk_dir": "/d"}}},
+            "fs_prefetch": {"enable": true, "thread": 2}, "id_mapping": [0, 1, 1], "nope": {"a": 1}}))
+        .unwrap();
+        let mut want = [
+            "device.backend.config.timout",
+            "device.backend.config.proxy.urll",
+            "device.backend.config.mirrors[1].hots",
+            "device.cache.config.wrk_dir",
+            "fs_prefetch.thread",
+            "nope",
+        ]
+        .map(unknown);
+        let mut notes = notes;
+        notes.sort();
+        want.sort();
+        assert_eq!(notes, want);
+        let (_, notes) = parse(serde_json::json!({"version": 2, "idd": "x",
+            "backend": {"type": "s3", "s3": {"bucket_name": "b", "region": "r", "retry_limt": 1}},
+            "cache": {"type": "", "prefetch": {"enable": false, "batchsize": 1}},
+            "rafs": {"iostat_files": true}}))
+        .unwrap();
+        let mut want = [
+            "idd",
+            "backend.s3.retry_limt",
+            "cache.prefetch.batchsize",
+            "rafs.iostat_files",
+        ]
+        .map(unknown);
+        let mut notes = notes;
+        notes.sort();
+        want.sort();
+        assert_eq!(notes, want);
+    }
+
+    #[test]
+    fn every_known_key_loads_without_warnings() {
+        let http = serde_json::json!({"timeout": 5, "connect_timeout": 5, "retry_limit": 2,
+            "skip_verify": false, "ca_cert_files": ["/ca.pem"],
+            "proxy": {"url": "http://p", "ping_url": "http://p/ping", "fallback": true,
+                      "check_interval": 5, "use_http": false},
+            "mirrors": [{"host": "http://m", "ping_url": "http://m/v2", "headers": {"X": "y"},
+                         "auth_through": false, "health_check_interval": 5, "failure_limit": 5}]});
+        let with_http = |mut v: Value| {
+            v.as_object_mut()
+                .unwrap()
+                .extend(http.as_object().unwrap().clone());
+            v
+        };
+        let backends = [
+            (
+                "localfs",
+                serde_json::json!({"dir": "/b", "alt_dirs": ["/a"], "blob_file": "/b/x",
+                "readahead": false}),
+            ),
+            (
+                "registry",
+                with_http(
+                    serde_json::json!({"scheme": "https", "host": "h", "repo": "r",
+                "auth": "dTpw", "registry_token": "t", "blob_url_scheme": "http",
+                "blob_redirected_host": "c"}),
+                ),
+            ),
+            (
+                "s3",
+                with_http(
+                    serde_json::json!({"scheme": "https", "endpoint": "e", "region": "r",
+                "bucket_name": "b", "object_prefix": "p/", "access_key_id": "i",
+                "access_key_secret": "s"}),
+                ),
+            ),
+            (
+                "oss",
+                with_http(serde_json::json!({"endpoint": "e", "bucket_name": "b"})),
+            ),
+            (
+                "http-proxy",
+                with_http(serde_json::json!({"addr": "http://a", "path": "/x"})),
+            ),
+            ("localdisk", serde_json::json!({"device_path": "/dev/vdb"})),
+        ];
+        for (kind, block) in backends {
+            let v1 = serde_json::json!({"device": {"id": "i", "backend": {"type": kind, "config": block},
+                    "cache": {"type": "blobcache", "compressed": false, "validate": true,
+                              "config": {"work_dir": "/c", "disable_indexed_map": false}}},
+                "mode": "direct", "digest_validate": true, "enable_xattr": true, "iostats_files": true,
+                "access_pattern": true, "latest_read_files": true, "amplify_io": 4096,
+                "id_mapping": [0, 1000, 10],
+                "fs_prefetch": {"enable": true, "threads_count": 2, "merging_size": 4096,
+                                "bandwidth_rate": 0, "prefetch_all": true, "stream_prefetch": false}});
+            let (c, notes) = parse(v1).unwrap();
+            assert_eq!((c.backend.kind(), notes), (kind, vec![]));
+            let prefetch = serde_json::json!({"enable": true, "threads": 2, "batch_size": 4096,
+                "bandwidth_limit": 0, "prefetch_all": false, "stream_prefetch": false});
+            let v2 = serde_json::json!({"version": 2, "id": "i", "backend": {"type": kind, kind: block},
+                "cache": {"type": "filecache", "compressed": false, "validate": false,
+                          "filecache": {"work_dir": "/c", "disable_indexed_map": false,
+                                        "enable_encryption": false},
+                          "prefetch": prefetch},
+                "rafs": {"mode": "direct", "validate": true, "enable_xattr": true, "iostats_files": true,
+                         "access_pattern": true, "latest_read_files": true, "batch_size": 4096,
+                         "id_mapping": [0, 1000, 10], "prefetch": prefetch}});
+            let (c, notes) = parse(v2).unwrap();
+            assert_eq!((c.backend.kind(), notes), (kind, vec![]));
+        }
+    }
+
+    #[test]
+    fn keys_without_effect_are_warned_about_when_they_ask_for_something() {
+        let (_, notes) = parse(serde_json::json!({"device": {
+            "backend": {"type": "localfs", "config": {"dir": "/b", "readahead": true}},
+            "cache": {"type": "", "compressed": true}, "external_backends": []}, "mode": "cached"}))
+        .unwrap();
+        let paths: Vec<&str> = notes.iter().map(|n| n.split('`').nth(1).unwrap()).collect();
+        assert_eq!(
+            paths,
+            [
+                "mode",
+                "device.cache.compressed",
+                "device.backend.config.readahead",
+                "device.external_backends"
+            ]
+        );
+        assert!(
+            notes.iter().all(|n| n.contains("has no effect")),
+            "{notes:?}"
+        );
+        let (_, notes) = parse(serde_json::json!({"version": 2,
+            "backend": {"type": "localfs", "localfs": {"dir": "/b"}},
+            "cache": {"compressed": false}, "rafs": {"mode": "direct"}}))
+        .unwrap();
+        assert_eq!(notes, Vec::<String>::new());
+        // Still checked: a mode that nydusd would refuse is refused.
+        let e = parse(serde_json::json!({"version": 2,
+            "backend": {"type": "localfs", "localfs": {"dir": "/b"}}, "rafs": {"mode": 1}}))
+        .unwrap_err();
+        assert!(e.to_string().contains("`rafs.mode`"), "{e}");
+    }
+
+    #[test]
+    fn nested_type_errors_name_the_full_path_but_not_the_value() {
+        let v1 = |config: Value| serde_json::json!({"device": {"backend": {"type": "registry", "config": config}}});
+        let cases = [
+            (
+                v1(serde_json::json!({"host": "h", "repo": "r",
+                    "mirrors": [{"host": "http://m"}, {"host": "http://n", "failure_limit": "s3cr3t"}]})),
+                "config key `device.backend.config.mirrors[1].failure_limit`: expected a \
+                 non-negative integer, found a string",
+            ),
+            (
+                v1(serde_json::json!({"host": "h", "repo": "r", "proxy": {"fallback": 1}})),
+                "config key `device.backend.config.proxy.fallback`: expected true or false, found a number",
+            ),
+            (
+                v1(serde_json::json!({"host": "h", "repo": "r", "retry_limit": -1})),
+                "config key `device.backend.config.retry_limit`: expected a non-negative integer, \
+                 found a negative number",
+            ),
+            (
+                v1(serde_json::json!({"host": "h", "repo": "r", "mirrors": [{"host": "m",
+                    "headers": {"Authorization": ["s3cr3t"]}}]})),
+                "config key `device.backend.config.mirrors[0].headers.Authorization`: expected a \
+                 string, found a list",
+            ),
+            (
+                serde_json::json!({"version": 2, "backend": {"type": "localfs", "localfs": "/b"}}),
+                "config key `backend.localfs`: expected an object, found a string",
+            ),
+            (
+                serde_json::json!({"version": 2, "backend": {"type": "localfs",
+                    "localfs": {"dir": "/b"}}, "cache": {"prefetch": {"threads": 1.5}}}),
+                "config key `cache.prefetch.threads`: expected a non-negative integer, found a \
+                 fractional number",
+            ),
+        ];
+        for (config, want) in cases {
+            let e = parse(config.clone()).unwrap_err().to_string();
+            assert_eq!(e, want, "{config}");
+            assert!(!e.contains("s3cr3t"));
+        }
+    }
+
+    #[test]
+    fn backends_name_their_missing_keys() {
+        for (kind, block, key) in [
+            ("registry", serde_json::json!({"host": "h"}), "repo"),
+            (
+                "registry",
+                serde_json::json!({"repo": "r", "host": ""}),
+                "host",
+            ),
+            ("s3", serde_json::json!({"bucket_name": "b"}), "region"),
+            ("s3", serde_json::json!({"region": "r"}), "bucket_name"),
+            ("oss", serde_json::json!({"bucket_name": "b"}), "endpoint"),
+            ("http-proxy", serde_json::json!({}), "addr"),
+            ("localfs", serde_json::json!({"alt_dirs": ["/a"]}), ""),
+        ] {
+            let v2 = serde_json::json!({"version": 2, "backend": {"type": kind, kind: block}});
+            let e = parse(v2).unwrap_err().to_string();
+            let path = format!("backend.{kind}.{key}");
+            assert!(
+                e.contains(&format!("`{}`", path.trim_end_matches('.'))),
+                "{kind}: {e}"
+            );
+        }
+        let mirror = serde_json::json!({"device": {"backend": {"type": "registry", "config":
+            {"host": "h", "repo": "r", "mirrors": [{"ping_url": "http://m/v2"}]}}}});
+        let e = parse(mirror).unwrap_err().to_string();
+        assert!(
+            e.contains("`device.backend.config.mirrors[0].host`: missing"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn null_is_the_same_as_absent() {
+        let (c, notes) = parse(serde_json::json!({"device": {"id": null,
+            "backend": {"type": "registry", "config": {"host": "h", "repo": "r", "auth": null,
+                "mirrors": null, "proxy": null, "timeout": null}},
+            "cache": null}, "fs_prefetch": null, "id_mapping": null, "mode": null}))
+        .unwrap();
+        assert!(notes.is_empty(), "{notes:?}");
+        let BackendConfig::Network { http, .. } = c.backend else {
+            panic!()
+        };
+        assert_eq!(http, HttpConfig::default());
+        assert!(c.rafs.prefetch.prefetch_all && c.id.is_none());
+    }
+
+    #[test]
+    fn location_text_is_that_of_the_config_keys() {
+        let location = |kind: &str, block: Value| {
+            let v2 = serde_json::json!({"version": 2, "backend": {"type": kind, kind: block}});
+            parse(v2).unwrap().0.backend.location()
+        };
+        assert_eq!(
+            location(
+                "registry",
+                serde_json::json!({"host": "h:5000", "repo": "a/b", "auth": "dTpw"})
+            ),
+            r#"registry host="h:5000" repo="a/b""#
+        );
+        assert_eq!(
+            location(
+                "s3",
+                serde_json::json!({"scheme": "http", "endpoint": "e:9000", "region": "r",
+                "bucket_name": "b", "object_prefix": "p/", "access_key_secret": "k"})
+            ),
+            r#"s3 scheme="http" endpoint="e:9000" region="r" bucket_name="b" object_prefix="p/""#
+        );
+        assert_eq!(
+            location(
+                "http-proxy",
+                serde_json::json!({"addr": "http://a:1", "path": "/x"})
+            ),
+            r#"http-proxy addr="http://a:1" path="/x""#
+        );
+        assert_eq!(
+            location("localfs", serde_json::json!({"dir": "/b"})),
+            r#"localfs dir=Some("/b") alt_dirs=[] blob_file=None"#
+        );
+    }
+
+    #[test]
+    fn host_paths_are_what_the_backend_reads() {
+        let paths = |v: Value| {
+            let mut c = parse(v).unwrap().0;
+            let out: Vec<(HostPath, PathBuf)> = c
+                .backend
+                .host_paths_mut()
+                .into_iter()
+                .map(|(k, p)| (k, p.clone()))
+                .collect();
+            out
+        };
+        assert_eq!(
+            paths(
+                serde_json::json!({"device": {"backend": {"type": "localfs", "config":
+                {"dir": "/b", "alt_dirs": ["/a"], "blob_file": "/f/blob"}}}})
+            ),
+            [
+                (HostPath::BlobDir, "/b".into()),
+                (HostPath::BlobDir, "/a".into()),
+                (HostPath::BlobFile, "/f/blob".into())
+            ]
+        );
+        assert_eq!(
+            paths(
+                serde_json::json!({"version": 2, "backend": {"type": "registry", "registry":
+                {"host": "h", "repo": "r", "ca_cert_files": ["/ca.pem"]}}})
+            ),
+            [(HostPath::BackendFile, "/ca.pem".into())]
+        );
+        assert_eq!(
+            paths(
+                serde_json::json!({"version": 2, "backend": {"type": "localdisk", "localdisk":
+                {"device_path": "/dev/vdb"}}})
+            ),
+            [(HostPath::BackendFile, "/dev/vdb".into())]
+        );
     }
 }

@@ -240,10 +240,10 @@ impl Daemon {
             })?;
         let (reply, answer) = std::sync::mpsc::channel();
         tx.send((c, reply))
-            .map_err(|_| Error::Invalid("the daemon is shutting down".into()))?;
+            .map_err(|_| Error::Internal("the daemon is shutting down".into()))?;
         answer
             .recv_timeout(std::time::Duration::from_secs(120))
-            .map_err(|_| Error::Invalid(format!("{c:?} got no answer from the daemon")))?
+            .map_err(|_| Error::Internal(format!("{c:?} got no answer from the daemon")))?
     }
 
     pub fn request_exit(&self) {
@@ -322,10 +322,10 @@ impl Daemon {
                     log::info!("{mountpoint} is already mounted from the same source and config");
                     return Ok(());
                 }
-                return Err(Error::Invalid(format!("{mountpoint} is already mounted")));
+                return Err(Error::Conflict(format!("{mountpoint} is already mounted")));
             }
             if let Some(other) = mounts.keys().find(|m| nested(m, mountpoint)) {
-                return Err(Error::Invalid(format!(
+                return Err(Error::Conflict(format!(
                     "{mountpoint} would overlap the mount at {other}"
                 )));
             }
@@ -333,7 +333,7 @@ impl Daemon {
         let (fs, config_id, config) = self.build(&cmd)?;
         let attached = self.vfs.mount(fs, mountpoint);
         self.note_pseudo_path(mountpoint);
-        attached.map_err(|e| Error::Invalid(format!("attach {mountpoint}: {e:?}")))?;
+        attached.map_err(|e| Error::Internal(format!("attach {mountpoint}: {e:?}")))?;
         log::info!(
             "mounted {:?} {} at {mountpoint}",
             cmd.fs_type,
@@ -401,10 +401,10 @@ impl Daemon {
         let (fs, config_id, config) = self.build(&cmd)?;
         self.vfs
             .umount(mountpoint)
-            .map_err(|e| Error::Invalid(format!("detach {mountpoint}: {e:?}")))?;
+            .map_err(|e| Error::Internal(format!("detach {mountpoint}: {e:?}")))?;
         self.vfs
             .mount(fs, mountpoint)
-            .map_err(|e| Error::Invalid(format!("attach {mountpoint}: {e:?}")))?;
+            .map_err(|e| Error::Internal(format!("attach {mountpoint}: {e:?}")))?;
         log::info!("remounted {} at {mountpoint}", cmd.source.display());
         self.record(mountpoint, cmd, config_id, config);
         Ok(())
@@ -425,7 +425,7 @@ impl Daemon {
         }
         self.vfs
             .umount(mountpoint)
-            .map_err(|e| Error::Invalid(format!("detach {mountpoint}: {e:?}")))?;
+            .map_err(|e| Error::Internal(format!("detach {mountpoint}: {e:?}")))?;
         self.mounts
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -30,11 +30,50 @@ pub enum Error {
     /// Refused by the sandbox: a path outside the allowed ones, or the network where there is none.
     #[error("{0}")]
     Forbidden(String),
+    /// The place is taken: a mountpoint already mounted, or one that would overlap another mount.
+    #[error("{0}")]
+    Conflict(String),
+    /// A storage backend could not deliver (network, server, credentials): EIO to readers.
+    #[error("{0}")]
+    Backend(BackendError),
+    /// The daemon itself failed (a thread or channel gone, a library refusing what we checked before):
+    /// not the caller's input.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// A storage backend's failure: what went wrong, for callers that branch on it, and the sentence for
+/// people.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct BackendError {
+    pub kind: BackendErrorKind,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendErrorKind {
+    /// Unreachable or failing after every retry (transport errors, timeouts, 5xx, 429, broken bodies).
+    Unavailable,
+    /// A final answer that is not the data (404, 400, a redirect without a target, ...): the status.
+    Status(u16),
+    /// Credentials missing or refused (401/403 from a registry or its token realm).
+    Auth,
+    /// An answer that breaks the protocol (an unsupported challenge, a malformed redirect).
+    Protocol,
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    /// A backend failure of `kind`, described by `message`.
+    pub fn backend(kind: BackendErrorKind, message: impl Into<String>) -> Self {
+        Error::Backend(BackendError {
+            kind,
+            message: message.into(),
+        })
+    }
+
     pub fn io(context: impl Into<String>, source: io::Error) -> Self {
         Error::Io {
             context: context.into(),
@@ -58,6 +97,9 @@ impl Error {
             Error::Invalid(m) => Error::Invalid(m.clone()),
             Error::NotFound(m) => Error::NotFound(m.clone()),
             Error::Forbidden(m) => Error::Forbidden(m.clone()),
+            Error::Conflict(m) => Error::Conflict(m.clone()),
+            Error::Backend(b) => Error::Backend(b.clone()),
+            Error::Internal(m) => Error::Internal(m.clone()),
         }
     }
 
@@ -70,6 +112,8 @@ impl Error {
             Error::Invalid(_) => libc::EINVAL,
             Error::NotFound(_) => libc::ENOENT,
             Error::Forbidden(_) => libc::EACCES,
+            Error::Conflict(_) => libc::EEXIST,
+            Error::Backend(_) | Error::Internal(_) => libc::EIO,
         }
     }
 }

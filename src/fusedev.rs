@@ -498,7 +498,7 @@ impl FuseDaemon<'_> {
         // The mountpoint is not looked at (stat would wait on the connection nobody serves yet); the
         // session only carries the device file.
         let mut session = FuseSession::new(Path::new("/"), "rafs", "", true)
-            .map_err(|e| Error::Invalid(format!("FUSE session: {e}")))?;
+            .map_err(|e| Error::Internal(format!("FUSE session: {e}")))?;
         session.set_fuse_file(file);
         self.adopt_session(session);
         self.handed_over = true;
@@ -575,7 +575,7 @@ impl FuseDaemon<'_> {
         let channels = (0..self.opts.threads.max(1))
             .map(|_| session.new_channel())
             .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| Error::Invalid(format!("FUSE channel: {e}")))?;
+            .map_err(|e| Error::Internal(format!("FUSE channel: {e}")))?;
         for (i, mut channel) in channels.into_iter().enumerate() {
             let (server, running, shared, inflight) = (
                 self.server.clone(),

@@ -25,7 +25,7 @@ use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
-use crate::config::{BackendConfig, DaemonConfig};
+use crate::config::{DaemonConfig, HostPath};
 use crate::error::{Error, Result};
 use crate::seccomp::SeccompMode;
 
@@ -167,29 +167,6 @@ fn normalize(p: &Path) -> Result<PathBuf> {
     Ok(real)
 }
 
-/// Remote backend kinds that talk to a server (`localdisk` reads a local device).
-fn needs_network(kind: &str) -> bool {
-    kind != "localdisk"
-}
-
-/// The host files a remote backend's settings name and read at run time: CA certificates
-/// (`ca_cert_files`) and a local disk (`device_path`).
-fn remote_files(config: &mut serde_json::Value) -> Vec<&mut serde_json::Value> {
-    let mut files = Vec::new();
-    if let Some(obj) = config.as_object_mut() {
-        for (key, value) in obj.iter_mut() {
-            match (key.as_str(), value) {
-                ("ca_cert_files", serde_json::Value::Array(items)) => {
-                    files.extend(items.iter_mut().filter(|i| i.is_string()))
-                }
-                ("device_path", v @ serde_json::Value::String(_)) => files.push(v),
-                _ => {}
-            }
-        }
-    }
-    files
-}
-
 fn beneath(path: &Path, roots: &[PathBuf]) -> bool {
     roots.iter().any(|r| path.starts_with(r))
 }
@@ -296,28 +273,19 @@ impl AllowedPaths {
         Ok(allowed)
     }
 
-    /// The paths a RAFS config names: blob directories read-only, the cache work dir read-write.
+    /// The paths a RAFS config names: blob directories (a blob file's directory) and backend files
+    /// read-only, the cache work dir read-write; the network when the backend needs it.
     pub fn add_config(&mut self, config: &DaemonConfig) -> Result<()> {
-        match &config.backend {
-            BackendConfig::LocalFs {
-                dir,
-                alt_dirs,
-                blob_file,
-            } => {
-                for d in dir.iter().chain(alt_dirs) {
-                    self.add_read_only(d)?;
-                }
-                if let Some(parent) = blob_file.as_deref().and_then(Path::parent) {
-                    self.add_read_only(parent)?;
-                }
-            }
-            BackendConfig::Remote { kind, config } => {
-                self.network |= needs_network(kind);
-                for f in remote_files(&mut config.clone()) {
-                    if let Some(p) = f.as_str() {
-                        self.add_read_only(Path::new(p))?;
+        let mut backend = config.backend.clone();
+        self.network |= backend.needs_network();
+        for (what, p) in backend.host_paths_mut() {
+            match what {
+                HostPath::BlobFile => {
+                    if let Some(parent) = p.parent() {
+                        self.add_read_only(parent)?;
                     }
                 }
+                HostPath::BlobDir | HostPath::BackendFile => self.add_read_only(p)?,
             }
         }
         if let Some(w) = &config.cache.work_dir {
@@ -350,32 +318,20 @@ impl AllowedPaths {
     /// sandbox does not have); resolve its paths in place.
     pub fn confine_rafs(&self, bootstrap: &mut PathBuf, config: &mut DaemonConfig) -> Result<()> {
         self.confine("bootstrap", bootstrap, false)?;
-        match &mut config.backend {
-            BackendConfig::LocalFs {
-                dir,
-                alt_dirs,
-                blob_file,
-            } => {
-                for d in dir.iter_mut().chain(alt_dirs.iter_mut()) {
-                    self.confine("blob directory", d, false)?;
-                }
-                if let Some(f) = blob_file {
-                    self.confine("blob file", f, false)?;
-                }
-            }
-            BackendConfig::Remote { kind, config } => {
-                if needs_network(kind) && !self.network {
-                    return Err(Error::Forbidden(format!(
-                        "backend {kind:?} needs the network, but the sandbox has none: start rafsd \
-                         with --allow-network or with a network backend in --config"
-                    )));
-                }
-                for f in remote_files(config) {
-                    let mut p = PathBuf::from(f.as_str().unwrap_or_default());
-                    self.confine("backend file", &mut p, false)?;
-                    *f = serde_json::Value::String(p.to_string_lossy().into_owned());
-                }
-            }
+        if config.backend.needs_network() && !self.network {
+            return Err(Error::Forbidden(format!(
+                "backend {:?} needs the network, but the sandbox has none: start rafsd \
+                 with --allow-network or with a network backend in --config",
+                config.backend.kind()
+            )));
+        }
+        for (what, p) in config.backend.host_paths_mut() {
+            let what = match what {
+                HostPath::BlobDir => "blob directory",
+                HostPath::BlobFile => "blob file",
+                HostPath::BackendFile => "backend file",
+            };
+            self.confine(what, p, false)?;
         }
         if let Some(w) = &mut config.cache.work_dir {
             self.confine("cache work_dir", w, true)?;

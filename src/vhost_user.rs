@@ -309,7 +309,7 @@ pub fn serve(
             backend.clone(),
             GuestMemoryAtomic::new(GuestMemoryMmap::new()),
         )
-        .map_err(|e| Error::Invalid(format!("vhost-user daemon: {e}")))?;
+        .map_err(|e| Error::Internal(format!("vhost-user daemon: {e}")))?;
         // Each pooled queue's thread also waits on its resume event (a worker's "room again").
         for (q, handler) in daemon.get_epoll_handlers().iter().enumerate() {
             if let Some(qp) = backend.pools.get(q).and_then(Option::as_ref) {

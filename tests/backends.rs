@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use built::pseudo_random;
 use daemon::{run_bounded, Daemon};
-use rafsd::storage::http::{HttpSettings, Keys, RemoteBackend};
+use rafsd::config::{BackendConfig, DaemonConfig, RemoteConfig};
+use rafsd::storage::http::{HttpSettings, RemoteBackend};
 use rafsd::storage::registry::Registry;
 use rafsd::storage::BlobBackend;
 use serde_json::json;
@@ -34,13 +35,18 @@ fn tmp() -> tempfile::TempDir {
         .unwrap()
 }
 
+/// A registry backend with the settings block `cfg` (v2 `backend.registry`), read by the config parser.
 fn registry_backend(cfg: serde_json::Value) -> RemoteBackend<Registry> {
-    let keys = Keys::new("registry", &cfg).unwrap();
-    RemoteBackend::new(
-        Registry::from_keys(&keys).unwrap(),
-        HttpSettings::from_keys(&keys).unwrap(),
-    )
-    .unwrap()
+    let text = json!({"version": 2, "backend": {"type": "registry", "registry": cfg}});
+    let config = DaemonConfig::from_slice(text.to_string().as_bytes()).unwrap();
+    let BackendConfig::Network {
+        remote: RemoteConfig::Registry(registry),
+        http,
+    } = config.backend
+    else {
+        panic!("not a registry: {:?}", config.backend)
+    };
+    RemoteBackend::new(Registry::new(&registry).unwrap(), HttpSettings::new(&http)).unwrap()
 }
 
 /// A fault server holding one 3 MiB pseudo-random blob (from `seed`), and a registry backend on it with

@@ -26,17 +26,22 @@ pub fn start_on(
     http::serve_on(listener, Arc::new(move |req: &Request| route(&daemon, req)))
 }
 
-fn error_response(e: &Error) -> Response {
-    let (status, code) = match e {
+/// The status and nydusd error code of each kind of error.
+fn status_of(e: &Error) -> (u16, &'static str) {
+    match e {
         Error::NotFound(_) => (404, "NotFound"),
-        Error::Invalid(m) if m.contains("already mounted") || m.contains("overlap") => {
-            (409, "AlreadyExists")
-        }
+        Error::Conflict(_) => (409, "AlreadyExists"),
         Error::Forbidden(_) => (403, "Forbidden"),
         Error::Invalid(_) | Error::Corrupt(_) | Error::Integrity(_) => (400, "BadRequest"),
         Error::Unsupported(_) => (501, "Unsupported"),
+        Error::Backend(_) => (502, "BackendError"),
         Error::Io { .. } => (500, "IoError"),
-    };
+        Error::Internal(_) => (500, "InternalError"),
+    }
+}
+
+fn error_response(e: &Error) -> Response {
+    let (status, code) = status_of(e);
     Response::error(status, code, crate::redact::text(&e.to_string()))
 }
 
@@ -313,4 +318,38 @@ fn backend_info(daemon: &Daemon, req: &Request) -> Response {
             })
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_follow_the_kind_of_error_not_its_words() {
+        use crate::error::BackendErrorKind;
+        let cases = [
+            (
+                Error::Conflict("/a would overlap the mount at /a/b".into()),
+                409,
+            ),
+            (
+                Error::Invalid("already mounted, overlap: words only".into()),
+                400,
+            ),
+            (Error::NotFound("x".into()), 404),
+            (Error::Forbidden("x".into()), 403),
+            (Error::Corrupt("x".into()), 400),
+            (Error::Integrity("x".into()), 400),
+            (Error::Unsupported("x".into()), 501),
+            (Error::backend(BackendErrorKind::Auth, "x"), 502),
+            (Error::Internal("x".into()), 500),
+            (
+                Error::io("x", std::io::Error::from_raw_os_error(libc::EIO)),
+                500,
+            ),
+        ];
+        for (e, status) in cases {
+            assert_eq!(status_of(&e).0, status, "{e:?}");
+        }
+    }
 }

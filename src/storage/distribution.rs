@@ -16,9 +16,9 @@ use std::time::Duration;
 
 use sha2::{Digest as _, Sha256};
 
-use super::http::{net_error, streaming_agent, Failure, HttpClient, HttpSettings};
+use super::http::{streaming_agent, Failure, HttpClient, HttpSettings};
 use super::registry_auth::RegistryAuth;
-use crate::error::{Error, Result};
+use crate::error::{BackendErrorKind, Error, Result};
 
 /// Largest manifest or index accepted (distribution's own limit is 4 MiB).
 pub const MANIFEST_LIMIT: u64 = 4 << 20;
@@ -301,7 +301,7 @@ fn failed(resp: &mut HttpResponse, what: &str) -> Failure {
     let why = format!("{what}: {}", explain(resp));
     match status {
         408 | 429 | 500..=599 => Failure::retry(why),
-        _ => Failure::Fatal(net_error(why)),
+        s => Failure::Fatal(Error::backend(BackendErrorKind::Status(s), why)),
     }
 }
 
@@ -420,10 +420,13 @@ impl Client {
                 return Ok(resp);
             }
             if reauthorized {
-                return Err(Failure::Fatal(net_error(format!(
-                    "{}: the registry refused the credentials for {} (401 after authorizing)",
-                    self.base, self.repo
-                ))));
+                return Err(Failure::Fatal(Error::backend(
+                    BackendErrorKind::Auth,
+                    format!(
+                        "{}: the registry refused the credentials for {} (401 after authorizing)",
+                        self.base, self.repo
+                    ),
+                )));
             }
             reauthorized = true;
             let challenge = header(&resp, "www-authenticate").unwrap_or_default();
@@ -447,10 +450,10 @@ impl Client {
                 Err(Failure::Fatal(e)) => return Err(e),
                 Err(Failure::Retry { why, after }) => {
                     if n >= self.retry_limit {
-                        return Err(net_error(format!(
-                            "{what}: giving up after {} attempts: {why}",
-                            n + 1
-                        )));
+                        return Err(Error::backend(
+                            BackendErrorKind::Unavailable,
+                            format!("{what}: giving up after {} attempts: {why}", n + 1),
+                        ));
                     }
                     n += 1;
                     let pause = after.unwrap_or_else(|| backoff(n));
@@ -595,7 +598,9 @@ impl Client {
         let mut out = Vec::with_capacity(size as usize);
         self.open_blob(digest, size)?
             .read_to_end(&mut out)
-            .map_err(|e| net_error(format!("blob {digest}: {e}")))?;
+            .map_err(|e| {
+                Error::backend(BackendErrorKind::Unavailable, format!("blob {digest}: {e}"))
+            })?;
         Ok(out)
     }
 
@@ -624,9 +629,10 @@ impl Client {
             let location = header(&resp, "location")
                 .ok_or_else(|| Failure::retry(format!("{what}: redirect without a Location")))?;
             if hops > MAX_REDIRECTS {
-                return Err(Failure::Fatal(net_error(format!(
-                    "{what}: too many redirects"
-                ))));
+                return Err(Failure::Fatal(Error::backend(
+                    BackendErrorKind::Protocol,
+                    format!("{what}: too many redirects"),
+                )));
             }
             call.url = self.absolute(&location);
             call.auth = false;
@@ -684,9 +690,10 @@ impl Client {
         let what = format!("push blob {digest} to {}/{}", self.base, self.repo);
         self.retrying(&what, || {
             let location = self.start_upload(&what, None)?.ok_or_else(|| {
-                Failure::Fatal(net_error(format!(
-                    "{what}: the registry mounted an unasked blob"
-                )))
+                Failure::Fatal(Error::backend(
+                    BackendErrorKind::Protocol,
+                    format!("{what}: the registry mounted an unasked blob"),
+                ))
             })?;
             let sep = if location.contains('?') { '&' } else { '?' };
             let call = Call {

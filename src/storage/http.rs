@@ -11,11 +11,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
 use super::forward_proxy::{self, ForwardProxy};
 use super::BlobBackend;
-use crate::error::{Error, Result};
+use crate::config::HttpConfig;
+use crate::error::{BackendErrorKind, Error, Result};
 
 /// Longest pause a server's `Retry-After` may impose on one retry: reads stay bounded in time.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(5);
@@ -23,11 +22,6 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(5);
 const SMALL_BODY_LIMIT: u64 = 1 << 20;
 /// Idle connections kept per host: about the number of readers that fetch at once.
 const MAX_IDLE_CONNECTIONS: usize = 32;
-
-/// A network failure of a blob read: EIO at the filesystem level, with the reason in the log.
-pub fn net_error(msg: String) -> Error {
-    Error::io(msg, std::io::Error::from_raw_os_error(libc::EIO))
-}
 
 /// The settings every network backend shares (nydusd's names and defaults, seconds as integers).
 #[derive(Debug, Clone)]
@@ -64,160 +58,44 @@ pub struct MirrorSettings {
     pub ping_url: String,
 }
 
-/// Typed access to a backend's JSON object with errors naming the key.
-pub struct Keys<'a> {
-    pub kind: &'a str,
-    pub obj: &'a serde_json::Map<String, Value>,
-}
-
-impl<'a> Keys<'a> {
-    pub fn new(kind: &'a str, config: &'a Value) -> Result<Self> {
-        match config {
-            Value::Object(obj) => Ok(Keys { kind, obj }),
-            _ => Err(Error::Invalid(format!(
-                "backend {kind}: its config must be an object"
-            ))),
-        }
-    }
-
-    pub fn string(&self, key: &str) -> Result<Option<String>> {
-        match self.obj.get(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(_) => Err(Error::Invalid(format!(
-                "backend {}: `{key}` must be a string",
-                self.kind
-            ))),
-        }
-    }
-
-    pub fn required(&self, key: &str) -> Result<String> {
-        match self.string(key)? {
-            Some(s) if !s.is_empty() => Ok(s),
-            _ => Err(Error::Invalid(format!(
-                "backend {}: `{key}` is required",
-                self.kind
-            ))),
-        }
-    }
-
-    pub fn boolean(&self, key: &str, default: bool) -> Result<bool> {
-        match self.obj.get(key) {
-            None | Some(Value::Null) => Ok(default),
-            Some(Value::Bool(b)) => Ok(*b),
-            Some(_) => Err(Error::Invalid(format!(
-                "backend {}: `{key}` must be true or false",
-                self.kind
-            ))),
-        }
-    }
-
-    pub fn number(&self, key: &str, default: u64) -> Result<u64> {
-        match self.obj.get(key) {
-            None | Some(Value::Null) => Ok(default),
-            Some(v) => v.as_u64().ok_or_else(|| {
-                Error::Invalid(format!(
-                    "backend {}: `{key}` must be a non-negative integer",
-                    self.kind
-                ))
-            }),
-        }
-    }
-
-    fn sub(&self, key: &str) -> Result<Option<Keys<'a>>> {
-        match self.obj.get(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v @ Value::Object(_)) => Keys::new(self.kind, v).map(Some),
-            Some(_) => Err(Error::Invalid(format!(
-                "backend {}: `{key}` must be an object",
-                self.kind
-            ))),
-        }
-    }
-}
-
 fn seconds(n: u64) -> Option<Duration> {
     (n > 0).then(|| Duration::from_secs(n))
 }
 
 impl HttpSettings {
-    pub fn from_keys(k: &Keys) -> Result<Self> {
-        let proxy = match k.sub("proxy")? {
-            Some(p) => p.string("url")?.filter(|u| !u.is_empty()).map(|url| {
-                Ok::<_, Error>(ProxySettings {
-                    url,
-                    ping_url: p.string("ping_url")?.filter(|u| !u.is_empty()),
-                    fallback: p.boolean("fallback", true)?,
-                    check_interval: Duration::from_secs(p.number("check_interval", 5)?.max(1)),
-                    use_http: p.boolean("use_http", false)?,
-                })
+    /// The transport's settings from a backend's (checked) config: 0 s means no timeout, intervals are at
+    /// least a second, a proxy without a URL is none.
+    pub fn new(c: &HttpConfig) -> Self {
+        let p = &c.proxy;
+        HttpSettings {
+            timeout: seconds(c.timeout),
+            connect_timeout: seconds(c.connect_timeout),
+            retry_limit: c.retry_limit.min(16) as u32,
+            skip_verify: c.skip_verify,
+            ca_cert_files: c.ca_cert_files.clone(),
+            proxy: (!p.url.is_empty()).then(|| ProxySettings {
+                url: p.url.clone(),
+                ping_url: Some(p.ping_url.clone()).filter(|u| !u.is_empty()),
+                fallback: p.fallback,
+                check_interval: Duration::from_secs(p.check_interval.max(1)),
+                use_http: p.use_http,
             }),
-            None => None,
-        }
-        .transpose()?;
-        let mut mirrors = Vec::new();
-        match k.obj.get("mirrors") {
-            None | Some(Value::Null) => {}
-            Some(Value::Array(list)) => {
-                for m in list {
-                    let m = Keys::new(k.kind, m)?;
-                    let host = m.required("host")?.trim_end_matches('/').to_string();
-                    let headers = match m.obj.get("headers") {
-                        Some(Value::Object(h)) => h
-                            .iter()
-                            .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
-                            .collect(),
-                        _ => Vec::new(),
-                    };
-                    mirrors.push(MirrorSettings {
-                        ping_url: m
-                            .string("ping_url")?
-                            .unwrap_or_else(|| format!("{host}/v2")),
+            mirrors: c
+                .mirrors
+                .iter()
+                .map(|m| {
+                    let host = m.host.trim_end_matches('/').to_string();
+                    MirrorSettings {
+                        ping_url: m.ping_url.clone().unwrap_or_else(|| format!("{host}/v2")),
                         host,
-                        headers,
-                        auth_through: m.boolean("auth_through", false)?,
-                        health_check_interval: Duration::from_secs(
-                            m.number("health_check_interval", 5)?.max(1),
-                        ),
-                        failure_limit: m.number("failure_limit", 5)?.max(1) as u32,
-                    });
-                }
-            }
-            Some(_) => {
-                return Err(Error::Invalid(format!(
-                    "backend {}: `mirrors` must be a list",
-                    k.kind
-                )))
-            }
+                        headers: m.headers.clone().into_iter().collect(),
+                        auth_through: m.auth_through,
+                        health_check_interval: Duration::from_secs(m.health_check_interval.max(1)),
+                        failure_limit: m.failure_limit.clamp(1, u32::MAX as u64) as u32,
+                    }
+                })
+                .collect(),
         }
-        Ok(HttpSettings {
-            timeout: seconds(k.number("timeout", 5)?),
-            connect_timeout: seconds(k.number("connect_timeout", 5)?),
-            // nydusd parses 0 by default; a read that never retries is too fragile, so absent means 3.
-            retry_limit: k.number("retry_limit", 3)?.min(16) as u32,
-            skip_verify: k.boolean("skip_verify", false)?,
-            ca_cert_files: match k.obj.get("ca_cert_files") {
-                None | Some(Value::Null) => Vec::new(),
-                Some(Value::Array(list)) => list
-                    .iter()
-                    .map(|v| v.as_str().map(std::path::PathBuf::from))
-                    .collect::<Option<Vec<_>>>()
-                    .ok_or_else(|| {
-                        Error::Invalid(format!(
-                            "backend {}: `ca_cert_files` must be a list of paths",
-                            k.kind
-                        ))
-                    })?,
-                Some(_) => {
-                    return Err(Error::Invalid(format!(
-                        "backend {}: `ca_cert_files` must be a list of paths",
-                        k.kind
-                    )))
-                }
-            },
-            proxy,
-            mirrors,
-        })
     }
 }
 
@@ -251,6 +129,61 @@ impl Response {
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Why a request got no usable HTTP answer: the kind of failure, for callers that branch on it, and the
+/// sentence for the log.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct TransportError {
+    pub kind: TransportErrorKind,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportErrorKind {
+    /// No connection: refused, unreachable, unknown host, a CONNECT tunnel refused.
+    Connect,
+    /// The connect or overall timeout passed, or the body stalled.
+    Timeout,
+    /// The TLS handshake or the server's certificate failed.
+    Tls,
+    /// The plain forward proxy broke the exchange (bad head, short or oversized body).
+    Proxy,
+    /// Anything else (protocol violations, I/O errors mid-request).
+    Other,
+}
+
+impl TransportError {
+    pub fn new(kind: TransportErrorKind, message: impl Into<String>) -> Self {
+        TransportError {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<ureq::Error> for TransportError {
+    fn from(e: ureq::Error) -> Self {
+        use std::io::ErrorKind as Io;
+        use ureq::Error as U;
+        let kind = match &e {
+            U::Timeout(_) | U::BodyStalled => TransportErrorKind::Timeout,
+            U::HostNotFound | U::ConnectionFailed | U::ConnectProxyFailed(_) => {
+                TransportErrorKind::Connect
+            }
+            U::Tls(_) | U::Pem(_) | U::Rustls(_) | U::TlsRequired => TransportErrorKind::Tls,
+            U::Io(io) => match io.kind() {
+                Io::TimedOut | Io::WouldBlock => TransportErrorKind::Timeout,
+                Io::ConnectionRefused | Io::HostUnreachable | Io::NetworkUnreachable => {
+                    TransportErrorKind::Connect
+                }
+                _ => TransportErrorKind::Other,
+            },
+            _ => TransportErrorKind::Other,
+        };
+        TransportError::new(kind, e.to_string())
     }
 }
 
@@ -496,7 +429,7 @@ impl HttpClient {
         extra: &[(String, String)],
         skip_auth: bool,
         limit: u64,
-    ) -> std::result::Result<Response, String> {
+    ) -> std::result::Result<Response, TransportError> {
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
         let mut builder = match req.method {
             Method::Get => agent.get(url),
@@ -511,7 +444,7 @@ impl HttpClient {
         if let Some((a, b)) = req.range {
             builder = builder.header("Range", format!("bytes={a}-{b}"));
         }
-        let mut resp = builder.call().map_err(|e| e.to_string())?;
+        let mut resp = builder.call().map_err(TransportError::from)?;
         let status = resp.status().as_u16();
         let headers = resp
             .headers()
@@ -564,7 +497,7 @@ impl HttpClient {
         req: &Request,
         url: &str,
         limit: u64,
-    ) -> std::result::Result<Response, String> {
+    ) -> std::result::Result<Response, TransportError> {
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
         let range = req.range.map(|(a, b)| format!("bytes={a}-{b}"));
         let mut headers: Vec<(&str, &str)> = req
@@ -588,7 +521,8 @@ impl HttpClient {
                 timeout: self.settings.timeout,
                 limit,
             },
-        )?;
+        )
+        .map_err(|e| TransportError::new(TransportErrorKind::Proxy, e))?;
         self.counters
             .body_bytes
             .fetch_add(answer.body.len() as u64, Ordering::Relaxed);
@@ -605,10 +539,10 @@ impl HttpClient {
     /// for transport failures, 5xx, broken bodies and ranges other than the one asked for.
     fn route_fault(
         req: &Request,
-        result: &std::result::Result<Response, String>,
+        result: &std::result::Result<Response, TransportError>,
     ) -> Option<String> {
         let r = match result {
-            Err(e) => return Some(e.clone()),
+            Err(e) => return Some(e.to_string()),
             Ok(r) => r,
         };
         if r.status >= 500 {
@@ -681,7 +615,7 @@ impl HttpClient {
 
     /// Send `req` by the best route: healthy mirrors in order, then the proxy, then the origin.
     /// A route that fails at the transport level or answers >= 500 is skipped for the next.
-    pub fn send(&self, req: &Request, limit: u64) -> std::result::Result<Response, String> {
+    pub fn send(&self, req: &Request, limit: u64) -> std::result::Result<Response, TransportError> {
         if req.mirrorable {
             for (i, m) in self.settings.mirrors.iter().enumerate() {
                 let health = &self.mirror_health[i];
@@ -751,7 +685,10 @@ impl HttpClient {
                             return result.and_then(|r| match r.body_error {
                                 Some(_) => Ok(r),
                                 None if r.status >= 500 => Ok(r),
-                                None => Err(format!("proxy: {why}")),
+                                None => Err(TransportError::new(
+                                    TransportErrorKind::Proxy,
+                                    format!("proxy: {why}"),
+                                )),
                             });
                         }
                         (Some(why), _) => {
@@ -778,7 +715,7 @@ impl HttpClient {
         &self,
         url: &str,
         headers: &[(String, String)],
-    ) -> std::result::Result<Response, String> {
+    ) -> std::result::Result<Response, TransportError> {
         let req = Request {
             method: Method::Get,
             url,
@@ -822,7 +759,10 @@ pub fn classify(resp: &Response, what: &str) -> Failure {
             why: format!("{what}: status {}", resp.status),
             after: retry_after(resp),
         },
-        s => Failure::Fatal(net_error(format!("{what}: status {s}"))),
+        s => Failure::Fatal(Error::backend(
+            BackendErrorKind::Status(s),
+            format!("{what}: status {s}"),
+        )),
     }
 }
 
@@ -890,11 +830,14 @@ impl<R: Remote> RemoteBackend<R> {
                 }
                 Err(Failure::Retry { why, after }) => {
                     if n >= limit {
-                        let e = net_error(format!(
-                            "{} {what}: giving up after {} attempts: {why}",
-                            self.remote.kind(),
-                            n + 1
-                        ));
+                        let e = Error::backend(
+                            BackendErrorKind::Unavailable,
+                            format!(
+                                "{} {what}: giving up after {} attempts: {why}",
+                                self.remote.kind(),
+                                n + 1
+                            ),
+                        );
                         super::events::record(&e.to_string());
                         return Err(e);
                     }
@@ -1147,12 +1090,27 @@ mod tests {
         );
     }
 
+    /// The transport settings of a registry backend whose block holds `keys` (besides host and repo).
+    fn settings(keys: serde_json::Value) -> Result<HttpSettings> {
+        let mut block = serde_json::json!({"host": "h", "repo": "r"});
+        block
+            .as_object_mut()
+            .unwrap()
+            .extend(keys.as_object().unwrap().clone());
+        let text =
+            serde_json::json!({"version": 2, "backend": {"type": "registry", "registry": block}});
+        match crate::config::DaemonConfig::from_slice(text.to_string().as_bytes())?.backend {
+            crate::config::BackendConfig::Network { http, .. } => Ok(HttpSettings::new(&http)),
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn settings_parse_with_defaults_and_named_errors() {
         let v = serde_json::json!({"timeout": 0, "retry_limit": 1,
             "proxy": {"url": "http://p:1", "fallback": false},
             "mirrors": [{"host": "http://m:2/", "headers": {"X-A": "b"}}]});
-        let s = HttpSettings::from_keys(&Keys::new("registry", &v).unwrap()).unwrap();
+        let s = settings(v).unwrap();
         assert_eq!(s.timeout, None);
         assert_eq!(s.connect_timeout, Some(Duration::from_secs(5)));
         assert_eq!(s.retry_limit, 1);
@@ -1165,18 +1123,82 @@ mod tests {
             s.mirrors[0].headers,
             vec![("X-A".to_string(), "b".to_string())]
         );
+        // Errors name the key by its full path.
         for (bad, key) in [
-            (serde_json::json!({"timeout": "5"}), "`timeout`"),
-            (serde_json::json!({"mirrors": {}}), "`mirrors`"),
-            (serde_json::json!({"mirrors": [{}]}), "`host`"),
-            (serde_json::json!({"skip_verify": 1}), "`skip_verify`"),
-            (serde_json::json!({"ca_cert_files": [1]}), "`ca_cert_files`"),
+            (
+                serde_json::json!({"timeout": "5"}),
+                "`backend.registry.timeout`",
+            ),
+            (
+                serde_json::json!({"mirrors": {}}),
+                "`backend.registry.mirrors`",
+            ),
+            (
+                serde_json::json!({"mirrors": [{}]}),
+                "`backend.registry.mirrors[0].host`",
+            ),
+            (
+                serde_json::json!({"skip_verify": 1}),
+                "`backend.registry.skip_verify`",
+            ),
+            (
+                serde_json::json!({"ca_cert_files": [1]}),
+                "`backend.registry.ca_cert_files[0]`",
+            ),
         ] {
-            let err = HttpSettings::from_keys(&Keys::new("s3", &bad).unwrap())
-                .unwrap_err()
-                .to_string();
+            let err = settings(bad.clone()).unwrap_err().to_string();
             assert!(err.contains(key), "{bad} -> {err}");
         }
+    }
+
+    #[test]
+    fn transport_errors_say_what_failed() {
+        let config = HttpConfig {
+            timeout: 1,
+            connect_timeout: 1,
+            ..Default::default()
+        };
+        let client = HttpClient::new(HttpSettings::new(&config)).unwrap();
+        let send = |url: &str| {
+            client
+                .send(&Request::blob(url, &[], Some((0, 9))), 10)
+                .unwrap_err()
+        };
+        // Nothing listens on a port just released.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/b", closed.local_addr().unwrap());
+        drop(closed);
+        let e = send(&url);
+        assert_eq!(e.kind, TransportErrorKind::Connect, "{e}");
+        // A server that takes the connection (kernel backlog) and never answers.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let e = send(&format!("http://{}/b", silent.local_addr().unwrap()));
+        assert_eq!(e.kind, TransportErrorKind::Timeout, "{e}");
+    }
+
+    #[test]
+    fn final_statuses_are_typed_backend_errors() {
+        let resp = |status| Response {
+            status,
+            headers: Vec::new(),
+            body: Vec::new(),
+            body_error: None,
+        };
+        match classify(&resp(404), "blob x") {
+            Failure::Fatal(Error::Backend(b)) => {
+                assert_eq!(b.kind, BackendErrorKind::Status(404));
+                assert_eq!(b.message, "blob x: status 404");
+            }
+            other => panic!("{other:?}"),
+        }
+        for status in [408, 429, 503] {
+            assert!(matches!(
+                classify(&resp(status), "b"),
+                Failure::Retry { .. }
+            ));
+        }
+        let e = Error::backend(BackendErrorKind::Unavailable, "gone");
+        assert_eq!((e.errno(), e.to_string()), (libc::EIO, "gone".to_string()));
     }
 
     #[test]

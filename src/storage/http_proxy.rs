@@ -1,7 +1,8 @@
 //! The `http-proxy` backend: blobs served by a plain HTTP(S) server at `<addr><path>/<blob_id>` (HEAD for
 //! the size, ranged GETs for data), e.g. a local blob cache or P2P peer in front of a registry.
 
-use super::http::{BlobRange, Failure, HttpClient, Keys, Remote, Request, Response};
+use super::http::{BlobRange, Failure, HttpClient, Remote, Request, Response};
+use crate::config::HttpProxyConfig;
 use crate::error::{Error, Result};
 
 pub struct HttpProxyBlobs {
@@ -9,15 +10,15 @@ pub struct HttpProxyBlobs {
 }
 
 impl HttpProxyBlobs {
-    pub fn from_keys(k: &Keys) -> Result<Self> {
-        let addr = k.required("addr")?;
+    pub fn new(c: &HttpProxyConfig) -> Result<Self> {
+        let addr = &c.addr;
         if !(addr.starts_with("http://") || addr.starts_with("https://")) {
             // nydusd also takes a Unix socket path here; this build speaks TCP only.
             return Err(Error::Unsupported(format!(
                 "backend http-proxy: `addr` {addr:?} must be an http:// or https:// URL"
             )));
         }
-        let path = k.string("path")?.unwrap_or_default();
+        let path = c.path.as_deref().unwrap_or_default();
         Ok(HttpProxyBlobs {
             base: format!("{}/{}", addr.trim_end_matches('/'), path.trim_matches('/'))
                 .trim_end_matches('/')

@@ -70,35 +70,27 @@ pub trait BlobBackend: Send + Sync {
 pub fn backend_from_config(
     config: &crate::config::BackendConfig,
 ) -> Result<std::sync::Arc<dyn BlobBackend>> {
-    match config {
-        crate::config::BackendConfig::LocalFs {
-            dir,
-            alt_dirs,
-            blob_file,
-        } => Ok(std::sync::Arc::new(localfs::LocalFs::new(
-            dir.clone(),
-            alt_dirs.clone(),
-            blob_file.clone(),
-        )?)),
-        crate::config::BackendConfig::Remote { kind, config } => remote_backend(kind, config),
-    }
-}
-
-fn remote_backend(
-    kind: &str,
-    config: &serde_json::Value,
-) -> Result<std::sync::Arc<dyn BlobBackend>> {
-    use http::{HttpSettings, Keys};
-    let keys = Keys::new(kind, config)?;
-    let settings = HttpSettings::from_keys(&keys)?;
-    match kind {
-        "registry" => over_http(registry::Registry::from_keys(&keys)?, settings),
-        "s3" => over_http(object_store::ObjectStore::s3(&keys)?, settings),
-        "oss" => over_http(object_store::ObjectStore::oss(&keys)?, settings),
-        "http-proxy" => over_http(http_proxy::HttpProxyBlobs::from_keys(&keys)?, settings),
-        other => Err(Error::Unsupported(format!(
-            "storage backend type {other:?} is not available in this build"
-        ))),
+    use crate::config::{BackendConfig, RemoteConfig};
+    let (remote, http) = match config {
+        BackendConfig::LocalFs(c) => {
+            return Ok(std::sync::Arc::new(localfs::LocalFs::new(
+                c.dir.clone(),
+                c.alt_dirs.clone(),
+                c.blob_file.clone(),
+            )?))
+        }
+        BackendConfig::LocalDisk(_) => {
+            return Err(Error::Unsupported(
+                "storage backend type \"localdisk\" is not available in this build".into(),
+            ))
+        }
+        BackendConfig::Network { remote, http } => (remote, http::HttpSettings::new(http)),
+    };
+    match remote {
+        RemoteConfig::Registry(c) => over_http(registry::Registry::new(c)?, http),
+        RemoteConfig::S3(c) => over_http(object_store::ObjectStore::s3(c)?, http),
+        RemoteConfig::Oss(c) => over_http(object_store::ObjectStore::oss(c)?, http),
+        RemoteConfig::HttpProxy(c) => over_http(http_proxy::HttpProxyBlobs::new(c)?, http),
     }
 }
 

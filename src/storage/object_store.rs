@@ -9,8 +9,9 @@ use base64::Engine;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
-use super::http::{BlobRange, Failure, HttpClient, Keys, Remote, Request, Response};
+use super::http::{BlobRange, Failure, HttpClient, Remote, Request, Response};
 use super::registry::percent_encode;
+use crate::config::ObjectStoreConfig;
 use crate::error::Result;
 use crate::storage::digest::hex;
 
@@ -35,35 +36,34 @@ pub struct ObjectStore {
 }
 
 impl ObjectStore {
-    pub fn s3(k: &Keys) -> Result<Self> {
-        Self::new(Flavor::S3, k)
+    pub fn s3(c: &ObjectStoreConfig) -> Result<Self> {
+        Ok(Self::new(Flavor::S3, c))
     }
 
-    pub fn oss(k: &Keys) -> Result<Self> {
-        Self::new(Flavor::Oss, k)
+    pub fn oss(c: &ObjectStoreConfig) -> Result<Self> {
+        Ok(Self::new(Flavor::Oss, c))
     }
 
-    fn new(flavor: Flavor, k: &Keys) -> Result<Self> {
-        let endpoint = match flavor {
-            Flavor::S3 => k
-                .string("endpoint")?
-                .filter(|e| !e.is_empty())
-                .unwrap_or_else(|| "s3.amazonaws.com".into()),
-            Flavor::Oss => k.required("endpoint")?,
+    /// From a checked config (S3 has a region, OSS an endpoint).
+    fn new(flavor: Flavor, c: &ObjectStoreConfig) -> Self {
+        let text = |v: &Option<String>| v.clone().unwrap_or_default();
+        let endpoint = match (flavor, c.endpoint.as_deref()) {
+            (Flavor::S3, None | Some("")) => "s3.amazonaws.com".into(),
+            _ => text(&c.endpoint),
         };
-        Ok(ObjectStore {
+        ObjectStore {
             flavor,
-            scheme: k.string("scheme")?.unwrap_or_else(|| "https".into()),
+            scheme: c.scheme.clone().unwrap_or_else(|| "https".into()),
             endpoint,
-            bucket: k.required("bucket_name")?,
-            prefix: k.string("object_prefix")?.unwrap_or_default(),
+            bucket: c.bucket_name.clone(),
+            prefix: text(&c.object_prefix),
             region: match flavor {
-                Flavor::S3 => k.required("region")?,
+                Flavor::S3 => text(&c.region),
                 Flavor::Oss => String::new(),
             },
-            key_id: k.string("access_key_id")?.unwrap_or_default(),
-            key_secret: k.string("access_key_secret")?.unwrap_or_default(),
-        })
+            key_id: text(&c.access_key_id),
+            key_secret: text(&c.access_key_secret),
+        }
     }
 
     /// (url, host, canonical path of the object).
@@ -345,11 +345,17 @@ mod tests {
 
     #[test]
     fn urls() {
-        let v = serde_json::json!({"endpoint": "127.0.0.1:9000", "scheme": "http", "region": "r",
-            "bucket_name": "b", "object_prefix": "p/"});
-        let s3 = ObjectStore::s3(&Keys::new("s3", &v).unwrap()).unwrap();
+        let v = ObjectStoreConfig {
+            endpoint: Some("127.0.0.1:9000".into()),
+            scheme: Some("http".into()),
+            region: Some("r".into()),
+            bucket_name: "b".into(),
+            object_prefix: Some("p/".into()),
+            ..Default::default()
+        };
+        let s3 = ObjectStore::s3(&v).unwrap();
         assert_eq!(s3.locate("ab").0, "http://127.0.0.1:9000/b/p/ab");
-        let oss = ObjectStore::oss(&Keys::new("oss", &v).unwrap()).unwrap();
+        let oss = ObjectStore::oss(&v).unwrap();
         let (url, host, res) = oss.locate("ab");
         assert_eq!(
             (url.as_str(), host.as_str(), res.as_str()),

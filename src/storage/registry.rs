@@ -13,9 +13,10 @@ use std::sync::Mutex;
 
 use base64::Engine;
 
-use super::http::{net_error, BlobRange, Failure, HttpClient, Keys, Remote, Request, Response};
+use super::http::{BlobRange, Failure, HttpClient, Remote, Request, Response};
 use super::registry_auth::RegistryAuth;
-use crate::error::{Error, Result};
+use crate::config::RegistryConfig;
+use crate::error::{BackendErrorKind, Error, Result};
 
 pub struct Registry {
     base: String,
@@ -27,28 +28,26 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub fn from_keys(k: &Keys) -> Result<Self> {
-        let scheme = match k.string("scheme")?.as_deref() {
+    pub fn new(c: &RegistryConfig) -> Result<Self> {
+        let scheme = match c.scheme.as_deref() {
             Some("http") => "http",
             _ => "https",
         };
-        let host = k.required("host")?;
-        let repo = k.required("repo")?;
+        let given = |v: &Option<String>| v.clone().filter(|s| !s.is_empty());
         // IMAGE_PULL_AUTH overrides the file, as with nydusd.
         let auth = std::env::var("IMAGE_PULL_AUTH")
             .ok()
             .filter(|s| !s.is_empty())
-            .or(k.string("auth")?.filter(|s| !s.is_empty()));
+            .or(given(&c.auth));
         if let Some(a) = &auth {
             check_auth(a)?;
         }
-        let token = k.string("registry_token")?.filter(|s| !s.is_empty());
         Ok(Registry {
-            base: format!("{scheme}://{host}"),
-            repo,
-            auth: RegistryAuth::new(auth, token),
-            blob_url_scheme: k.string("blob_url_scheme")?.filter(|s| !s.is_empty()),
-            blob_redirected_host: k.string("blob_redirected_host")?.filter(|s| !s.is_empty()),
+            base: format!("{scheme}://{}", c.host),
+            repo: c.repo.clone(),
+            auth: RegistryAuth::new(auth, given(&c.registry_token)),
+            blob_url_scheme: given(&c.blob_url_scheme),
+            blob_redirected_host: given(&c.blob_redirected_host),
             redirects: Mutex::new(HashMap::new()),
         })
     }
@@ -171,8 +170,9 @@ impl Remote for Registry {
                 continue;
             }
             if resp.status == 401 {
-                return Err(Failure::Fatal(net_error(
-                    "registry refused the credentials (401 after a fresh token)".into(),
+                return Err(Failure::Fatal(Error::backend(
+                    BackendErrorKind::Auth,
+                    "registry refused the credentials (401 after a fresh token)",
                 )));
             }
             if is_redirect(resp.status) {
@@ -227,9 +227,15 @@ mod tests {
 
     #[test]
     fn redirect_rewrite() {
-        let v = serde_json::json!({"host": "reg:5000", "repo": "a/b", "scheme": "http",
-            "blob_url_scheme": "http", "blob_redirected_host": "127.0.0.1:9"});
-        let r = Registry::from_keys(&Keys::new("registry", &v).unwrap()).unwrap();
+        let r = Registry::new(&RegistryConfig {
+            host: "reg:5000".into(),
+            repo: "a/b".into(),
+            scheme: Some("http".into()),
+            blob_url_scheme: Some("http".into()),
+            blob_redirected_host: Some("127.0.0.1:9".into()),
+            ..Default::default()
+        })
+        .unwrap();
         assert_eq!(
             r.redirect_target("https://s3.example/bucket/x?sig=1"),
             "http://127.0.0.1:9/bucket/x?sig=1"
@@ -239,7 +245,12 @@ mod tests {
 
     #[test]
     fn bad_auth_is_refused() {
-        let v = serde_json::json!({"host": "h", "repo": "r", "auth": "bm9jb2xvbg=="});
-        assert!(Registry::from_keys(&Keys::new("registry", &v).unwrap()).is_err());
+        assert!(Registry::new(&RegistryConfig {
+            host: "h".into(),
+            repo: "r".into(),
+            auth: Some("bm9jb2xvbg==".into()),
+            ..Default::default()
+        })
+        .is_err());
     }
 }

@@ -12,8 +12,9 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::http::{classify, net_error, Failure, HttpClient};
+use super::http::{classify, Failure, HttpClient};
 use super::registry::percent_encode;
+use crate::error::{BackendErrorKind, Error};
 
 /// Refresh a Bearer token this long before the registry says it expires.
 const TOKEN_MARGIN: Duration = Duration::from_secs(20);
@@ -138,14 +139,16 @@ impl RegistryAuth {
         match scheme.to_ascii_lowercase().as_str() {
             "basic" => {
                 let auth = self.credentials().ok_or_else(|| {
-                    Failure::Fatal(net_error(
-                        "registry asks for Basic auth and no credentials are configured".into(),
+                    Failure::Fatal(Error::backend(
+                        BackendErrorKind::Auth,
+                        "registry asks for Basic auth and no credentials are configured",
                     ))
                 })?;
                 let header = format!("Basic {auth}");
                 if sent == Some(header.as_str()) {
-                    return Err(Failure::Fatal(net_error(
-                        "registry refused the configured credentials".into(),
+                    return Err(Failure::Fatal(Error::backend(
+                        BackendErrorKind::Auth,
+                        "registry refused the configured credentials",
                     )));
                 }
                 let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -155,8 +158,9 @@ impl RegistryAuth {
             }
             "bearer" => {
                 let realm = params.get("realm").cloned().ok_or_else(|| {
-                    Failure::Fatal(net_error(
-                        "registry Bearer challenge without a realm".into(),
+                    Failure::Fatal(Error::backend(
+                        BackendErrorKind::Protocol,
+                        "registry Bearer challenge without a realm",
                     ))
                 })?;
                 let challenge = Challenge {
@@ -170,10 +174,10 @@ impl RegistryAuth {
                     .clone()
                     .ok_or_else(|| Failure::retry("token fetch left no header"))
             }
-            _ => Err(Failure::Fatal(net_error(format!(
-                "registry answered 401 with an unsupported challenge {:?}",
-                scheme
-            )))),
+            _ => Err(Failure::Fatal(Error::backend(
+                BackendErrorKind::Protocol,
+                format!("registry answered 401 with an unsupported challenge {scheme:?}"),
+            ))),
         }
     }
 
@@ -206,10 +210,13 @@ impl RegistryAuth {
             .map_err(|e| Failure::retry(format!("token request: {e}")))?;
         if resp.status != 200 {
             return Err(match resp.status {
-                401 | 403 => Failure::Fatal(net_error(format!(
-                    "token realm refused the credentials (status {})",
-                    resp.status
-                ))),
+                401 | 403 => Failure::Fatal(Error::backend(
+                    BackendErrorKind::Auth,
+                    format!(
+                        "token realm refused the credentials (status {})",
+                        resp.status
+                    ),
+                )),
                 _ => classify(&resp, "token request"),
             });
         }

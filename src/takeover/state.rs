@@ -78,7 +78,7 @@ impl State {
     pub fn encode(&self) -> Result<Vec<u8>> {
         let mut out = MAGIC.to_vec();
         serde_json::to_writer(&mut out, self)
-            .map_err(|e| Error::Invalid(format!("encode the daemon state: {e}")))?;
+            .map_err(|e| Error::Internal(format!("encode the daemon state: {e}")))?;
         if out.len() > MAX_BYTES {
             return Err(Error::Unsupported(format!(
                 "the daemon state is {} bytes, more than {MAX_BYTES}",

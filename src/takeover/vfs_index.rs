@@ -112,7 +112,7 @@ impl IndexReplay {
         loop {
             let next = self
                 .predict()
-                .ok_or_else(|| Error::Invalid("no free mount index left".into()))?;
+                .ok_or_else(|| Error::Internal("no free mount index left".into()))?;
             if next == want {
                 break;
             }
@@ -120,7 +120,7 @@ impl IndexReplay {
                 .mount(Box::new(Placeholder), path)
                 .map_err(|e| Error::Invalid(format!("placeholder at {path}: {e}")))?;
             if got != next {
-                return Err(Error::Invalid(format!(
+                return Err(Error::Internal(format!(
                     "the Vfs gave index {got} where {next} was expected"
                 )));
             }
