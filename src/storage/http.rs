@@ -1161,7 +1161,7 @@ mod tests {
         let client = HttpClient::new(HttpSettings::new(&config)).unwrap();
         let send = |url: &str| {
             client
-                .send(&Request::blob(url, &[], Some((0, 9))), 10)
+                .send(&Request::blob(url, &[], Some(BlobRange::new(0, 9))), 10)
                 .unwrap_err()
         };
         // Nothing listens on a port just released.
@@ -1183,6 +1183,7 @@ mod tests {
             headers: Vec::new(),
             body: Vec::new(),
             body_error: None,
+            live: None,
         };
         match classify(&resp(404), "blob x") {
             Failure::Fatal(Error::Backend(b)) => {
