@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Latency benchmark: p50/p99 of small operations (GETATTR, LOOKUP, 4 KiB cached READs) without and while one
-# reader streams a 256 MiB file cold from a registry paced at ~20 MB/s (the fault server of tests/services),
-# through the virtio-fs device (tests/frontend, one request queue) and a host FUSE mount; each with its
+# reader streams a 256 MiB file cold from a registry paced at ~20 MB/s (the fault server of `kit::services`),
+# through the virtio-fs device (`kit::frontend`, one request queue) and a host FUSE mount; each with its
 # worker pool and with the old one-at-a-time service as the baseline of the same run (virtio-fs
 # --thread-pool-size 0, FUSE --thread-num 1); median of the rounds; prints the ratios.
 #   ci/bench-latency.sh [--rounds N] [--size-mib M] [--rate-mb R] [--gap-us U] [--depth D] [--only virtiofs|fuse]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # virtio-fs benchmark: FUSE_READ (1 MiB sequential over a large file, 4 KiB random), LOOKUP and GETATTR ops/s
-# through the vhost-user device's virtqueue (tests/frontend plays the VMM and the guest driver) and through a
+# through the vhost-user device's virtqueue (`kit::frontend` plays the VMM and the guest driver) and through a
 # host FUSE mount of the same image (O_DIRECT reads, statx), in one run; prints a table with ratios.
 # It runs twice: processes placed by the scheduler, then everything pinned to one CPU, which shows the
 # per-request cost without the cross-CPU eventfd wakeups that dominate small requests on a VM host.

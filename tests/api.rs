@@ -2,13 +2,12 @@
 //! and hostile requests (bad JSON, huge or slow bodies, `..` in mountpoints, used paths) that get a clear
 //! error while the daemon stays up.
 
-mod daemon;
-mod manifest;
+use kit::{daemon, manifest};
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 struct Virtiofs {
@@ -25,34 +24,25 @@ impl Virtiofs {
             dir.join("vhost.sock"),
             dir.join("rafsd.log"),
         );
-        let child = Command::new(env!("CARGO_BIN_EXE_rafsd"))
-            .args(["virtiofs", "--log-level", "info", "--apisock"])
-            .arg(&api)
-            .arg("--sock")
-            .arg(&sock)
-            .args(["--thread-pool-size=1", "--announce-submounts"]) // what Kata appends
-            .args(daemon::sandbox_allow_args(dir))
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(std::fs::OpenOptions::new().append(true).open(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let v = Virtiofs {
+        let child = daemon::spawn_ready(
+            daemon::rafsd()
+                .args(["virtiofs", "--log-level", "info", "--apisock"])
+                .arg(&api)
+                .arg("--sock")
+                .arg(&sock)
+                .args(["--thread-pool-size=1", "--announce-submounts"]) // what Kata appends
+                .args(daemon::sandbox_allow_args(dir)),
+            &log,
+            Duration::from_secs(20),
+            || UnixStream::connect(&api).is_ok(),
+        )
+        .unwrap_or_else(|e| panic!("rafsd {e} (API socket):\n{}", daemon::read_log(&log)));
+        Virtiofs {
             child,
             api,
             sock,
             log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while UnixStream::connect(&v.api).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "API socket never appeared:\n{}",
-                v.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
         }
-        v
     }
 
     fn log_text(&self) -> String {
@@ -86,6 +76,7 @@ fn rafs_body(case: &str, cache: &Path) -> String {
 }
 
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn daemon_info_has_the_fields_kata_reads() {
     let dir = tempfile::tempdir().unwrap();
     let v = Virtiofs::start(dir.path());
@@ -113,6 +104,7 @@ fn daemon_info_has_the_fields_kata_reads() {
 }
 
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn mount_remount_and_unmount_while_running() {
     let dir = tempfile::tempdir().unwrap();
     let v = Virtiofs::start(dir.path());
@@ -217,6 +209,7 @@ fn mount_remount_and_unmount_while_running() {
 }
 
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn hostile_requests_get_clear_errors_and_the_daemon_stays_up() {
     let dir = tempfile::tempdir().unwrap();
     let mut v = Virtiofs::start(dir.path());
@@ -408,6 +401,7 @@ fn hostile_requests_get_clear_errors_and_the_daemon_stays_up() {
 }
 
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn sigterm_stops_the_virtiofs_daemon() {
     let dir = tempfile::tempdir().unwrap();
     let mut v = Virtiofs::start(dir.path());
@@ -436,6 +430,7 @@ fn hung_up(s: &UnixStream, ms: i32) -> bool {
 /// death; a slow client, by contrast, must not hold a connection for longer than the request deadline
 /// however it spaces its bytes.
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn idle_connections_stay_open_and_slow_requests_hit_a_whole_request_deadline() {
     let dir = tempfile::tempdir().unwrap();
     let mut v = Virtiofs::start(dir.path());
@@ -483,6 +478,7 @@ fn idle_connections_stay_open_and_slow_requests_hit_a_whole_request_deadline() {
 }
 
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn duplicate_content_length_and_too_many_connections_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let mut v = Virtiofs::start(dir.path());

@@ -4,7 +4,7 @@
 //! straddle chunk boundaries. Images the EROFS driver cannot take (v5, inline metadata) are refused.
 //! The guest side of the same files is tests/vm_erofs.rs.
 
-mod manifest;
+use kit::manifest;
 
 use std::sync::Arc;
 

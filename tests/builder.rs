@@ -3,7 +3,7 @@
 //! kernel's EROFS driver), for every format version, compressor, digester and a range of chunk sizes;
 //! from a directory, a tar and a tar.gz; on a parent layer and merged, against a real overlayfs mount.
 
-mod manifest;
+use kit::manifest;
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
@@ -129,6 +129,7 @@ fn assert_reads_back(what: &str, bootstrap: &Path, blob_dir: &Path, allow: manif
 }
 
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn v6_from_a_directory_reads_back_as_the_manifest() {
     let built = build(source_tree(), &BuildOptions::default());
     assert_reads_back(
@@ -164,6 +165,7 @@ fn v6_from_a_directory_reads_back_as_the_manifest() {
 }
 
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn v6_bootstrap_mounts_with_the_kernel_erofs_driver() {
     manifest::assert_root("mounting EROFS");
     require_erofs();
@@ -319,6 +321,7 @@ impl Drop for ErofsMount {
 }
 
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn every_version_compressor_and_digester_reads_back() {
     let mut cases = Vec::new();
     for fs_version in [5, 6] {
@@ -361,6 +364,7 @@ fn every_version_compressor_and_digester_reads_back() {
 }
 
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn builds_are_reproducible_whatever_the_thread_count() {
     let one = build(
         source_tree(),
@@ -400,6 +404,7 @@ fn builds_are_reproducible_whatever_the_thread_count() {
 }
 
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn v5_hard_links_share_the_first_names_inode_number() {
     let built = build(
         source_tree(),
@@ -454,6 +459,7 @@ fn gnu_tar(src: &Path, out: &Path, gzip: bool) {
 }
 
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn tar_and_tar_gz_layers_read_back_as_the_manifest() {
     let dir = tempfile::tempdir().unwrap();
     for (gzip, name) in [(false, "layer.tar"), (true, "layer.tar.gz")] {
@@ -883,6 +889,7 @@ fn assert_same(what: &str, want: &BTreeMap<String, String>, got: &BTreeMap<Strin
 }
 
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn upper_layers_match_an_overlayfs_mount() {
     manifest::assert_root("mounting overlayfs and making whiteout devices");
     let dir = tempfile::tempdir().unwrap();
@@ -996,6 +1003,7 @@ fn upper_layers_match_an_overlayfs_mount() {
 // Inline metadata, prefetch, the command line, bad input
 
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn inline_meta_blob_is_readable_on_its_own() {
     for compressor in [Compressor::Zstd, Compressor::None] {
         inline_meta_case(compressor);
@@ -1085,6 +1093,7 @@ fn inline_meta_case(compressor: Compressor) {
 }
 
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn prefetch_list_fills_the_prefetch_table_and_leads_the_blob() {
     for fs_version in [6, 5] {
         let list = vec![b"/special/random-2m5".to_vec(), b"/etc/apt".to_vec()];
@@ -1111,6 +1120,7 @@ fn prefetch_list_fills_the_prefetch_table_and_leads_the_blob() {
 }
 
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn command_line_build_and_check() {
     let dir = tempfile::tempdir().unwrap();
     let bin = env!("CARGO_BIN_EXE_rafsd");
@@ -1185,6 +1195,7 @@ fn command_line_build_and_check() {
 }
 
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn sockets_are_skipped_and_unreadable_files_fail_the_build() {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src");

@@ -1,12 +1,10 @@
 //! The virtio-fs DAX window end to end: the real `rafsd virtiofs --dax-window` process, and the test
-//! frontend playing a VMM that owns a VIRTIO Shared Memory Region (tests/frontend/window.rs): it answers
+//! frontend playing a VMM that owns a VIRTIO Shared Memory Region (kit::frontend::window): it answers
 //! the device's SHMEM_MAP by mmapping the received fd into its window and SHMEM_UNMAP by making the range
 //! inaccessible again. The guest's FUSE_SETUPMAPPING / REMOVEMAPPING go through the virtqueue; the
 //! window's bytes are compared with manifest.tsv for every file of every fixture.
 
-mod daemon;
-mod frontend;
-mod manifest;
+use kit::{daemon, frontend, manifest};
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -213,6 +211,7 @@ fn map_every_file(d: &mut DaxGuest, image: u64, sizes: &HashMap<String, (u64, St
 }
 
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn every_fixture_maps_every_file_through_the_dax_window() {
     let dir = tempfile::tempdir().unwrap();
     let d = VirtiofsDaemon::start(BIN, dir.path(), &["--dax-window", "64M"]);
@@ -329,6 +328,7 @@ fn read_range(g: &mut Guest, ino: u64, offset: u64, len: u64) -> Vec<u8> {
 }
 
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn hostile_mapping_requests_are_refused_and_map_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let d = VirtiofsDaemon::start(BIN, dir.path(), &["--dax-window", "64M"]);
@@ -469,6 +469,7 @@ fn hostile_mapping_requests_are_refused_and_map_nothing() {
 }
 
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn passthrough_files_map_directly() {
     let dir = tempfile::tempdir().unwrap();
     let share = dir.path().join("share");
@@ -528,6 +529,7 @@ fn manifest_files() -> HashMap<String, (u64, String)> {
 }
 
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn images_without_a_cache_map_copies_and_corrupt_chunks_are_never_mapped() {
     let dir = tempfile::tempdir().unwrap();
     let d = VirtiofsDaemon::start(BIN, dir.path(), &["--dax-window", "64M"]);
@@ -617,6 +619,7 @@ fn images_without_a_cache_map_copies_and_corrupt_chunks_are_never_mapped() {
 }
 
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn a_vmm_that_refuses_or_drops_maps_gets_eio_and_reads_keep_working() {
     let dir = tempfile::tempdir().unwrap();
     let d = daemon_with_image(dir.path(), "v6-zstd-blake3");
@@ -655,6 +658,7 @@ fn a_vmm_that_refuses_or_drops_maps_gets_eio_and_reads_keep_working() {
 }
 
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn a_new_fuse_session_starts_with_an_empty_window() {
     let dir = tempfile::tempdir().unwrap();
     let d = daemon_with_image(dir.path(), "v5-none-aligned");
@@ -731,6 +735,7 @@ fn backend_reads(d: &VirtiofsDaemon, mountpoint: &str) -> u64 {
 /// flags are unknown is refused with EINVAL before the file's chunks are fetched: zero backend reads,
 /// nothing mapped, and both images (with and without a cache) keep serving.
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn oversized_mappings_are_refused_before_any_backend_read() {
     let dir = tempfile::tempdir().unwrap();
     let d = daemon_with_image(dir.path(), "v6-zstd-blake3");

@@ -2,9 +2,7 @@
 //! and warm, concurrent readers, crash recovery of the blob cache, cache corruption, bad configuration.
 //! Needs root (mounting).
 
-mod daemon;
-mod manifest;
-mod services;
+use kit::{daemon, manifest, services};
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -61,6 +59,7 @@ fn assert_tree(d: &Daemon, c: &Case, pass: &str) {
 }
 
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn every_fixture_mounts_and_matches_the_manifest_cold_and_warm() {
     manifest::assert_root("FUSE mounts");
     for name in manifest::cases() {
@@ -134,6 +133,7 @@ fn random_reads(root: &Path, files: &[(String, Vec<u8>)], seed: u64, count: usiz
 }
 
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn eight_concurrent_random_readers_get_the_right_bytes_cold_and_warm() {
     manifest::assert_root("FUSE mounts");
     for name in [
@@ -184,6 +184,7 @@ fn chunk_map_ready_bits(cache: &Path) -> (u32, u64) {
 }
 
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn kill_9_during_cold_reads_never_leaves_a_torn_chunk() {
     manifest::assert_root("FUSE mounts");
     let c = case("v6-none-blake3-4k"); // 3174 small chunks: many cache writes to interrupt
@@ -247,6 +248,7 @@ fn flip(path: &Path, offset: u64) {
 }
 
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn flipped_bytes_in_the_cache_are_caught_with_validation() {
     manifest::assert_root("FUSE mounts");
     let c = case("v6-zstd-blake3");
@@ -322,6 +324,7 @@ fn flipped_bytes_in_the_cache_are_caught_with_validation() {
 }
 
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn a_full_cache_disk_degrades_to_backend_reads() {
     manifest::assert_root("tmpfs and FUSE mounts");
     let c = case("v5-zstd-sha256-128k");
@@ -352,6 +355,7 @@ fn a_full_cache_disk_degrades_to_backend_reads() {
 }
 
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn prefetch_all_fills_the_cache_without_reads() {
     manifest::assert_root("FUSE mounts");
     let c = case("v6-lz4-sha256-64k");
@@ -386,6 +390,7 @@ fn prefetch_all_fills_the_cache_without_reads() {
 /// 40 MiB of one uncompressed blob, contiguous, used to become one merged request the limiter never
 /// granted, so prefetch hung. It now completes, at about the configured rate.
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn prefetch_with_a_bandwidth_limit_completes_runs_larger_than_the_bucket() {
     manifest::assert_root("FUSE mounts");
     let dir = tempfile::tempdir().unwrap();
@@ -446,6 +451,7 @@ fn prefetch_with_a_bandwidth_limit_completes_runs_larger_than_the_bucket() {
 }
 
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn write_requests_are_refused_with_erofs() {
     manifest::assert_root("FUSE mounts");
     let c = case("v6-zstd-blake3");
@@ -525,6 +531,7 @@ fn write_requests_are_refused_with_erofs() {
 }
 
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn bad_configs_and_missing_files_exit_with_a_clear_error() {
     manifest::assert_root("FUSE mounts");
     let c = case("v6-zstd-blake3");
@@ -684,6 +691,7 @@ fn start_with_api(c: &Case, dir: &Path, extra: &str) -> (Daemon, PathBuf) {
 }
 
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn per_file_metrics_count_reads_by_rafs_inode_when_enabled() {
     manifest::assert_root("FUSE mounts");
     let c = case(&manifest::cases()[0]);
@@ -845,6 +853,7 @@ fn raw_readdir(dir: &Path) -> Vec<(String, u64)> {
 }
 
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn readdir_lists_dot_and_dot_dot_first_with_their_inodes() {
     use std::os::unix::fs::MetadataExt;
     manifest::assert_root("FUSE mounts");
@@ -898,11 +907,12 @@ fn readdir_lists_dot_and_dot_dot_first_with_their_inodes() {
 // Requests complete out of order: reads waiting on the network hold back nobody.
 
 /// `rafsd fuse` with the default worker count, serving `v6-lz4-sha256-64k` (64 KiB chunks) from a
-/// registry the test controls (the fault server of tests/services). While eight O_DIRECT reads of
+/// registry the test controls (the fault server of `kit::services`). While eight O_DIRECT reads of
 /// uncached chunks wait on the backend (more than a streaming reader's 4 MiB readahead keeps in flight,
 /// and more than the 4 workers the daemon had before), a GETATTR, a LOOKUP and a cached read are
 /// answered; then the eight reads finish with the right bytes.
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn reads_stalled_on_the_backend_hold_back_no_other_fuse_request() {
     use std::os::unix::fs::OpenOptionsExt;
     use std::sync::mpsc;

@@ -3,7 +3,7 @@
 //! narrow, loses bytes), and the fields hold what the format says they hold (a field at the wrong offset
 //! reads the wrong value). The parsers' own tests (tests/fixtures.rs) check the rest through the manifest.
 
-mod manifest;
+use kit::manifest;
 
 use rafsd::layout::blob::{CiHeader, TarHeader, TocEntry, CI_MAGIC, TAR_HEADER_SIZE};
 use rafsd::layout::erofs::{

@@ -1,12 +1,9 @@
 //! The virtio-fs device end to end: the real `rafsd virtiofs` process, two RAFS images mounted through the
-//! admin API as pseudo mounts of one share, and a vhost-user frontend (tests/frontend) playing the VMM and
+//! admin API as pseudo mounts of one share, and a vhost-user frontend (`kit::frontend`) playing the VMM and
 //! the guest driver: memfd guest RAM, hand-laid split virtqueues, EVENT_IDX, indirect descriptors, FUSE
 //! requests checked against the fixtures' manifest.tsv. Every wait is bounded; the daemon is killed by pid.
 
-mod daemon;
-mod frontend;
-mod manifest;
-mod services;
+use kit::{daemon, frontend, manifest, services};
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -81,6 +78,7 @@ fn read_random_2m5(g: &mut Guest) {
 }
 
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn guest_reads_two_pseudo_mounted_images_over_virtqueues_and_reconnects() {
     let dir = tempfile::tempdir().unwrap();
     let mut d = start_device(dir.path());
@@ -248,6 +246,7 @@ fn guest_reads_two_pseudo_mounted_images_over_virtqueues_and_reconnects() {
 /// Raw chains a buggy or hostile guest could post. Each gets a FUSE error reply or is returned with
 /// used len 0, and afterwards the same queue still serves a normal LOOKUP.
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn malformed_requests_are_answered_or_dropped_and_the_device_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
     let mut d = start_device(dir.path());
@@ -459,6 +458,7 @@ fn malformed_requests_are_answered_or_dropped_and_the_device_keeps_serving() {
 
 /// The device keeps answering while several requests are in flight on two queues at once.
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn requests_in_flight_on_two_queues_complete_with_the_right_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let d = start_device(dir.path());
@@ -537,6 +537,7 @@ fn requests_in_flight_on_two_queues_complete_with_the_right_bytes() {
 /// One VMM at a time: a second one that connects while the first is attached waits in the socket's
 /// backlog and is served as soon as the first leaves (it is neither reset nor refused).
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn a_vmm_connecting_while_another_is_attached_is_served_when_the_first_leaves() {
     let dir = tempfile::tempdir().unwrap();
     let mut d = start_device(dir.path());
@@ -642,6 +643,7 @@ fn tar_of_empty_files(path: &Path, n: usize) -> Vec<Vec<u8>> {
 /// of parsing every block before it again (which made small-buffer listings quadratic). Both listings
 /// return every name exactly once, in order, with the same cookies, for a v6 and a v5 image.
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn listing_a_huge_directory_with_small_buffers_costs_linear_time() {
     const N: usize = 100_000;
     let dir = tempfile::tempdir().unwrap();
@@ -726,6 +728,7 @@ fn status_kib(pid: i32, field: &str) -> u64 {
 /// the image's inode count and none of the bogus numbers, and the daemon's RSS does not grow with the
 /// number of bogus inodes.
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn bogus_inode_numbers_do_not_grow_the_per_file_metrics() {
     const BOGUS: u64 = 100_000;
     let dir = tempfile::tempdir().unwrap();
@@ -854,6 +857,7 @@ fn bogus_inode_numbers_do_not_grow_the_per_file_metrics() {
 /// itself: with trace logging on, the server would first turn them into an `Opcode` by transmute, an
 /// invalid enum value (undefined behaviour) that its trace line then formats.
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn opcodes_without_a_request_get_enosys_even_with_trace_logging() {
     let dir = tempfile::tempdir().unwrap();
     let mut d = VirtiofsDaemon::start(BIN, dir.path(), &["--log-level", "trace"]);
@@ -897,6 +901,7 @@ fn opcodes_without_a_request_get_enosys_even_with_trace_logging() {
 /// the passthrough filesystem allocated the guest's size before asking the kernel, 4 GiB per request.
 /// Now the size is capped at Linux's 64 KiB limit; the answers are the same.
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn huge_xattr_sizes_on_a_share_allocate_nothing_large() {
     let dir = tempfile::tempdir().unwrap();
     let share = dir.path().join("share");
@@ -955,7 +960,7 @@ const IMG_64K: &str = "v6-lz4-sha256-64k";
 const REPO: &str = "rafsd/queues";
 
 /// A guest of `rafsd virtiofs EXTRA` with `IMG_64K` mounted at /img from a registry the test controls
-/// (the fault server of tests/services, whose blob data answers can be held back), with a blob cache and
+/// (the fault server of `kit::services`, whose blob data answers can be held back), with a blob cache and
 /// no read amplification (each read fetches just its own chunks); no digest validation, so that a cached
 /// READ is fast even in a debug build (the tests compare bytes with the manifest themselves). One request
 /// queue, room for 12 requests in flight, EVENT_IDX as `event_idx` says; FUSE_INIT done.
@@ -1080,12 +1085,14 @@ fn check_reads(
 }
 
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn reads_stalled_on_the_backend_hold_back_no_other_request_on_their_queue() {
     reads_stalled_hold_back_no_other_request(true);
 }
 
 /// The same without EVENT_IDX: every used entry interrupts the guest.
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn reads_stalled_hold_back_no_other_request_without_event_idx() {
     reads_stalled_hold_back_no_other_request(false);
 }
@@ -1168,6 +1175,7 @@ fn reads_stalled_hold_back_no_other_request(event_idx: bool) {
 /// `--thread-pool-size 0`: the queue's requests are answered one at a time, in order (the old way, and the
 /// benchmarks' baseline).
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn pool_size_zero_answers_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let (d, server, mut g) = guest_on_registry(dir.path(), &["--thread-pool-size", "0"], true);
@@ -1197,6 +1205,7 @@ fn pool_size_zero_answers_in_order() {
 /// `--thread-pool-size 2`: two requests in flight at most. A third waits in the ring until one of them
 /// finishes (the worker then wakes the queue thread), and nothing is lost on the way.
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn requests_beyond_the_pool_size_wait_in_the_ring_until_a_worker_is_free() {
     let dir = tempfile::tempdir().unwrap();
     let (d, server, mut g) = guest_on_registry(dir.path(), &["--thread-pool-size", "2"], true);
@@ -1256,6 +1265,7 @@ impl Drop for Stopped {
 /// mount with its daemon stopped (a stand-in for a hung disk or network filesystem), the queue's watcher
 /// takes the requests behind it to the workers. Twice, so the watcher goes back to sleep and wakes again.
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn requests_behind_a_slow_metadata_request_are_taken_over_by_the_watcher() {
     let dir = tempfile::tempdir().unwrap();
     // The host directory: a `rafsd fuse` mount of an image, served by a process we can stop.
@@ -1362,6 +1372,7 @@ fn requests_behind_a_slow_metadata_request_are_taken_over_by_the_watcher() {
 /// has to wait on the registry then holds it up, and the watcher takes the requests behind it to the
 /// workers. READs go to workers again after that one, so a second held READ leaves the queue thread free.
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn a_cold_read_after_cached_ones_is_covered_by_the_watcher() {
     let dir = tempfile::tempdir().unwrap();
     let (d, server, mut g) = guest_on_registry(dir.path(), &[], true);

@@ -8,15 +8,11 @@
 //! Needs root, QEMU and busybox-static (ci/install-vm-deps.sh) and the guest kernel (ci/guest-kernel.sh);
 //! ci/test.sh provides all three. A missing piece fails the test: it is never skipped.
 
-mod daemon;
-mod guestvm;
-mod manifest;
+use kit::{daemon, guestvm, manifest};
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::{FileExt, PermissionsExt};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use guestvm::{die_with_parent, marker_at, Guard, Vm};
@@ -164,6 +160,7 @@ fn compare_with_manifest(g: &GuestImage, want: &BTreeMap<String, String>) -> Vec
 }
 
 #[test]
+#[ignore = "needs root, QEMU: ci/test.sh"]
 fn guest_reads_images_mounted_through_the_api() {
     manifest::assert_root("the VM test (vhost-user sockets, QEMU, owner-preserving passthrough)");
     let kernel = guestvm::debian_kernel();
@@ -187,58 +184,33 @@ fn guest_reads_images_mounted_through_the_api() {
 
     // The daemon starts empty, as Kata starts it (with Kata's default virtio_fs_extra_args, so its
     // `--thread-pool-size=1` gets the worker pools), with the sandbox's defaults spelled out.
-    let child = die_with_parent(
-        &mut Command::new(env!("CARGO_BIN_EXE_rafsd")),
-        libc::SIGKILL,
-    )
-    .args([
-        "virtiofs",
-        "--log-level",
-        "info",
-        "--seccomp",
-        "kill",
-        "--sandbox",
-        "namespace",
-        "--thread-pool-size=1",
-        "--announce-submounts",
-    ])
-    .args(daemon::sandbox_allow_args(&run.dir))
-    .arg("--sock")
-    .arg(&run.sock)
-    .arg("--apisock")
-    .arg(&run.api)
-    .stdin(Stdio::null())
-    .stdout(std::fs::File::create(&run.daemon_log).unwrap())
-    .stderr(
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(&run.daemon_log)
-            .unwrap(),
-    )
-    .spawn()
-    .expect("spawn rafsd virtiofs");
+    let mut cmd = daemon::rafsd();
+    die_with_parent(&mut cmd, libc::SIGKILL)
+        .args([
+            "virtiofs",
+            "--log-level",
+            "info",
+            "--seccomp",
+            "kill",
+            "--sandbox",
+            "namespace",
+            "--thread-pool-size=1",
+            "--announce-submounts",
+        ])
+        .args(daemon::sandbox_allow_args(&run.dir))
+        .arg("--sock")
+        .arg(&run.sock)
+        .arg("--apisock")
+        .arg(&run.api);
+    let child = daemon::spawn_ready(&mut cmd, &run.daemon_log, Duration::from_secs(20), || {
+        guestvm::api_says_running(&run.api)
+    })
+    .unwrap_or_else(|e| run.fail(format!("rafsd {e} (GET /api/v1/daemon reports RUNNING)")));
     let mut rafsd = Guard {
         name: "rafsd",
         child: Some(child),
         inner_pidfile: None,
     };
-
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(status) = rafsd.exited() {
-            run.fail(format!("rafsd exited ({status}) at start-up"));
-        }
-        if UnixStream::connect(&run.api).is_ok() {
-            let (status, body) = run.api("GET", "/api/v1/daemon", "");
-            if status == 200 && body.contains("\"RUNNING\"") {
-                break;
-            }
-        }
-        if Instant::now() > deadline {
-            run.fail("GET /api/v1/daemon never reported RUNNING within 20 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
     // Kata starts the VMM once the API says RUNNING, so the vhost-user socket should be there by then. rafsd
     // binds it on its own thread, which can lag: wait (bounded) and say so, rather than fail at random.
     let running_at = Instant::now();

@@ -9,9 +9,7 @@
 //! Needs root, QEMU, busybox-static (ci/install-vm-deps.sh), the guest kernel (ci/guest-kernel.sh) and a
 //! Rust target for the static helper (ci/guest-helper.sh); never skipped.
 
-mod daemon;
-mod guestvm;
-mod manifest;
+use kit::{daemon, guestvm, manifest};
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -78,6 +76,7 @@ umount /e/a && umount /e/b && umount /e/bad && echo "UMOUNTED $N"
 }
 
 #[test]
+#[ignore = "needs root, QEMU: ci/test.sh"]
 fn guest_mounts_blob_views_with_its_erofs_driver() {
     manifest::assert_root("the in-guest EROFS test (QEMU, vhost-user, mount in the guest)");
     guestvm::require_tools();

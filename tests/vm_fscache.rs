@@ -8,9 +8,7 @@
 //! Needs the kernel from ci/fscache-kernel.sh (about 4 minutes of compiling on 2 cores; cached in
 //! target/fscache-kernel, `RAFSD_FSCACHE_KERNEL_DIR`), plus what tests/vm_erofs.rs needs.
 
-mod daemon;
-mod guestvm;
-mod manifest;
+use kit::{daemon, guestvm, manifest};
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -74,6 +72,7 @@ kill $daemon
 }
 
 #[test]
+#[ignore = "needs root, QEMU, the fscache kernel: ci/test.sh"]
 fn guest_reads_an_image_through_erofs_over_fscache() {
     manifest::assert_root("the EROFS-over-fscache guest test");
     guestvm::require_tools();

@@ -1,6 +1,6 @@
 //! DAX benchmark (not a timed test): bytes/s reading one large RAFS file through the virtio-fs DAX window
 //! vs. through FUSE_READ, in one run, against one `rafsd virtiofs --dax-window` process. The test frontend
-//! (tests/frontend) plays the VMM and the guest driver; its window answers SHMEM_MAP by mmapping the fd.
+//! (`kit::frontend`) plays the VMM and the guest driver; its window answers SHMEM_MAP by mmapping the fd.
 //!
 //! - FUSE_READ: 1 MiB reads, one in flight, the data landing in guest RAM (a guest's page cache).
 //! - DAX: per 2 MiB range a SETUPMAPPING, then the guest copies the range out of the window into a 1 MiB
@@ -12,13 +12,7 @@
 //!
 //!   cargo bench --bench dax -- [--rounds N] [--size-mib M]       (ci/bench-dax.sh)
 
-#[path = "../daemon/mod.rs"]
-mod daemon;
-#[path = "../frontend/mod.rs"]
-mod frontend;
-mod image;
-#[path = "../manifest/mod.rs"]
-mod manifest;
+use kit::{bench::image, daemon, frontend};
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;

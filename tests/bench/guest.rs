@@ -13,13 +13,7 @@
 //!
 //! The image (a copy of /usr/include plus an M MiB random file) is built once under target/tmp.
 
-#[path = "../daemon/mod.rs"]
-mod daemon;
-#[path = "../guestvm/mod.rs"]
-mod guestvm;
-mod image;
-#[path = "../manifest/mod.rs"]
-mod manifest;
+use kit::{bench::image, daemon, guestvm};
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -1,6 +1,6 @@
 //! Latency benchmark (not a timed test): how long small operations take while a cold read streams from a
 //! slow registry. One reader streams `big.bin` (256 MiB, not cached) through a registry backend paced at
-//! ~20 MB/s (the fault server of tests/services, pacing its blob answers like one link), while another
+//! ~20 MB/s (the fault server of `kit::services`, pacing its blob answers like one link), while another
 //! issues GETATTR, LOOKUP (of a name not in the image) and 4 KiB READs of cached small files in turn, one
 //! every millisecond; p50/p99 of those small operations, without and then with the big reader.
 //!
@@ -14,16 +14,7 @@
 //!   cargo bench --bench latency -- [--rounds N] [--size-mib M] [--rate-mb R] [--gap-us U] [--depth D]
 //!                                   [--only virtiofs|fuse]          (ci/bench-latency.sh; needs root)
 
-#[path = "../daemon/mod.rs"]
-mod daemon;
-#[path = "../frontend/mod.rs"]
-mod frontend;
-mod harness;
-mod image;
-#[path = "../manifest/mod.rs"]
-mod manifest;
-#[path = "../services/mod.rs"]
-mod services;
+use kit::{bench::harness, bench::image, daemon, frontend, services};
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;

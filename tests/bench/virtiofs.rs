@@ -1,5 +1,5 @@
 //! virtio-fs benchmark (not a timed test): the same image served by `rafsd virtiofs` to a vhost-user frontend
-//! (tests/frontend: the guest's FUSE requests on split virtqueues, one request in flight per queue, like a
+//! (`kit::frontend`: the guest's FUSE requests on split virtqueues, one request in flight per queue, like a
 //! guest's synchronous O_DIRECT reader on each vCPU) and by a host FUSE mount (`rafsd --config C
 //! --bootstrap B --mountpoint M`, read with O_DIRECT and statx so that every operation reaches the daemon),
 //! in one run. Operations: FUSE_READ 1 MiB sequential over a large file, 4 KiB random reads, LOOKUP and
@@ -14,14 +14,7 @@
 //! Needs root (FUSE mount). The image (a copy of /usr/include plus an M MiB random file) is built once with
 //! `rafsd build` under the target dir and reused.
 
-#[path = "../daemon/mod.rs"]
-mod daemon;
-#[path = "../frontend/mod.rs"]
-mod frontend;
-mod harness;
-mod image;
-#[path = "../manifest/mod.rs"]
-mod manifest;
+use kit::{bench::harness, bench::image, daemon, frontend};
 
 use std::collections::HashMap;
 use std::ffi::CString;

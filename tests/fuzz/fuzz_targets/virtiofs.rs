@@ -12,7 +12,7 @@
 //! digest validation, every per-file metric on) at /rafs, a RAFS v5 image without a cache at /v5, the v6
 //! image's blob view at /blobs, and a passthrough share of a scratch directory at /share (re-created for
 //! every input). The DAX window is the device's `DaxWindow` over a real backend channel, answered by the
-//! test VMM of tests/frontend/window.rs (mmap of each received fd into a reserved region).
+//! test VMM of kit::frontend::window (mmap of each received fd into a reserved region).
 //!
 //! Checks beyond "no panic, no hang, no runaway memory": every reply's header names the request and the
 //! length the server reports; every byte of a RAFS or blob-view range the device maps into the window
@@ -28,7 +28,7 @@
 #![no_main]
 
 #[allow(dead_code)]
-#[path = "../../frontend/window.rs"]
+#[path = "../../kit/src/frontend/window.rs"]
 mod window;
 
 use std::ffi::CString;

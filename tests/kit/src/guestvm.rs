@@ -3,12 +3,9 @@
 //! ci/guest/init that runs a script from the passthrough share (`rafs_run=`) and reports on the serial
 //! console. Processes are ours, killed by pid when dropped (also on panic).
 
-#![allow(dead_code)]
-
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::os::unix::fs::{FileExt, PermissionsExt};
-use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -88,6 +85,12 @@ fn parent_of(pid: i32) -> Option<u32> {
         .ok()
 }
 
+/// Whether the admin API at `api` answers `GET /api/v1/daemon` with the state RUNNING.
+pub fn api_says_running(api: &Path) -> bool {
+    daemon::api_request(api, "GET", "/api/v1/daemon", "", Duration::from_secs(30))
+        .is_ok_and(|(status, body)| status == 200 && body.contains("\"RUNNING\""))
+}
+
 /// Have the kernel send `sig` to the child if the test dies without running its guards (SIGKILL, abort).
 pub fn die_with_parent(cmd: &mut Command, sig: libc::c_int) -> &mut Command {
     // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
@@ -110,7 +113,7 @@ pub fn work_dir(prefix: &str) -> tempfile::TempDir {
 }
 
 pub fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    crate::repo_root()
 }
 
 /// Run a ci/ script that prints `KEY=value` lines; the value of `key`.
@@ -194,6 +197,7 @@ pub struct Vm {
 
 impl Vm {
     pub fn new(dir: &Path) -> Self {
+        crate::tier::require_full("a QEMU guest");
         Vm {
             dir: dir.to_path_buf(),
             api: dir.join("api.sock"),
@@ -293,42 +297,23 @@ impl Vm {
     /// `rafsd virtiofs` started empty, as Kata starts it; returns once the API says RUNNING and the
     /// vhost-user socket exists.
     pub fn start_rafsd(&self, extra: &[&str]) -> Guard {
-        let log = std::fs::File::create(&self.daemon_log).unwrap();
-        let child = die_with_parent(
-            &mut Command::new(env!("CARGO_BIN_EXE_rafsd")),
-            libc::SIGKILL,
-        )
-        .args(["virtiofs", "--log-level", "info", "--sock"])
-        .arg(&self.sock)
-        .arg("--apisock")
-        .arg(&self.api)
-        .args(daemon::sandbox_allow_args(&self.dir))
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .expect("spawn rafsd virtiofs");
-        let mut rafsd = Guard {
+        let mut cmd = daemon::rafsd();
+        die_with_parent(&mut cmd, libc::SIGKILL)
+            .args(["virtiofs", "--log-level", "info", "--sock"])
+            .arg(&self.sock)
+            .arg("--apisock")
+            .arg(&self.api)
+            .args(daemon::sandbox_allow_args(&self.dir))
+            .args(extra);
+        let child =
+            daemon::spawn_ready(&mut cmd, &self.daemon_log, Duration::from_secs(20), || {
+                self.sock.exists() && api_says_running(&self.api)
+            })
+            .unwrap_or_else(|e| self.fail(format!("rafsd {e}")));
+        Guard {
             name: "rafsd",
             child: Some(child),
             inner_pidfile: None,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = rafsd.exited() {
-                self.fail(format!("rafsd exited ({status}) at start-up"));
-            }
-            if UnixStream::connect(&self.api).is_ok() && self.sock.exists() {
-                let (status, body) = self.api("GET", "/api/v1/daemon", "");
-                if status == 200 && body.contains("\"RUNNING\"") {
-                    return rafsd;
-                }
-            }
-            if Instant::now() > deadline {
-                self.fail("rafsd: no RUNNING daemon and vhost-user socket within 20 s");
-            }
-            std::thread::sleep(Duration::from_millis(50));
         }
     }
 

@@ -8,8 +8,6 @@
 //! call eventfd), the daemon start and the admin API. Shared by tests/vhost_frontend.rs, tests/dax.rs and
 //! the benchmarks tests/bench/virtiofs.rs and tests/bench/dax.rs; `window` is the VMM's side of a DAX window.
 
-#![allow(dead_code)]
-
 pub mod window;
 
 use std::collections::HashMap;
@@ -19,7 +17,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
@@ -1359,43 +1357,24 @@ impl VirtiofsDaemon {
         args: &[std::ffi::OsString],
     ) -> Self {
         let log = dir.join("rafsd-virtiofs.log");
-        let child = Command::new(bin)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(File::create(&log).unwrap())
-            .stderr(std::fs::OpenOptions::new().append(true).open(&log).unwrap())
-            .spawn()
-            .expect("spawn rafsd virtiofs");
-        let pid = child.id() as i32;
-        let mut d = VirtiofsDaemon {
+        let child = crate::daemon::spawn_ready(
+            Command::new(bin).args(args),
+            &log,
+            Duration::from_secs(30),
+            || {
+                sock.exists()
+                    && apisock.exists()
+                    && crate::daemon::api_request(&apisock, "GET", "/api/v1/daemon", "", WAIT)
+                        .is_ok_and(|(s, _)| s == 200)
+            },
+        )
+        .unwrap_or_else(|e| panic!("rafsd virtiofs {e}:\n{}", crate::daemon::read_log(&log)));
+        VirtiofsDaemon {
+            pid: child.id() as i32,
             child: Some(child),
-            pid,
             sock,
             apisock,
             log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = d.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!(
-                    "rafsd virtiofs exited with {status} before serving:\n{}",
-                    d.log_text()
-                );
-            }
-            if d.sock.exists()
-                && d.apisock.exists()
-                && d.api("GET", "/api/v1/daemon", "")
-                    .map(|(s, _)| s == 200)
-                    .unwrap_or(false)
-            {
-                return d;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "rafsd virtiofs did not come up within 30 s:\n{}",
-                d.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -1507,6 +1486,8 @@ impl Drop for VirtiofsDaemon {
 pub struct Rng(pub u64);
 
 impl Rng {
+    // Named like the tests and benchmarks call it; an Iterator would hand out Options they never need.
+    #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;

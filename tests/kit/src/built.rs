@@ -1,10 +1,7 @@
 //! Small images made by `rafsd build` for tests that need content of their own (a known byte pattern,
-//! a chunk count, a second layer), with helpers to forge their bootstraps (through tests/layout).
-
-#![allow(dead_code)]
+//! a chunk count, a second layer), with helpers to forge their bootstraps (through `kit::layout`).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use crate::layout::{le, v5, v6};
 
@@ -43,7 +40,7 @@ pub fn build_tree(
     let bootstrap = root.join("bootstrap");
     let blob_dir = parent.map_or_else(|| root.join("blobs"), |p| p.blob_dir.clone());
     let before = blob_ids(&blob_dir);
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rafsd"));
+    let mut cmd = crate::daemon::rafsd();
     cmd.arg("build")
         .arg(&src)
         .arg("--bootstrap")

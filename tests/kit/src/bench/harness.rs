@@ -1,7 +1,5 @@
 //! What the benchmarks share besides images: statistics, a watchdog for the whole run, daemon options
-//! from the environment. The benchmark including it also includes tests/daemon as `daemon`.
-
-#![allow(dead_code)]
+//! from the environment.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};

@@ -2,8 +2,8 @@
 //! source does it (containerd/nydus-snapshotter a7a1f07; file:line facts in
 //! ../shared/docs/clients-contract.md):
 //! - the daemon's argv, built field by field in the order of `DaemonCommand` (pkg/daemon/command);
-//! - its file layout under the root (socket/<id>/api.sock, logs/<id>/nydusd.log, supervisor/<id>.sock,
-//!   snapshots/<sid>/fs/image/image.boot, snapshots/<sid>/mnt or the shared mnt);
+//! - its file layout under the root (`socket/<id>/api.sock`, `logs/<id>/nydusd.log`, `supervisor/<id>.sock`,
+//!   `snapshots/<sid>/fs/image/image.boot`, `snapshots/<sid>/mnt` or the shared mnt);
 //! - its HTTP requests as Go's net/http writes them (Host "unix", User-Agent, `Content-Length: 0` on
 //!   body-less PUT/POST, none on DELETE, `Accept-Encoding: gzip`, query values `url.Values`-encoded),
 //!   on a kept-alive connection, and its decoding (200 or 204 is success, else `{code,message}`);
@@ -12,8 +12,6 @@
 //!   with 256 KiB reads until EOF plus the FUSE fd as SCM_RIGHTS, and sends them back to a new daemon;
 //! - its waits: WaitUntilSocketExisted (100 x 100 ms), WaitUntilState (20 x 100 ms),
 //!   WaitUntilUnmounted (20 x 50 ms).
-
-#![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -71,7 +69,7 @@ impl Snapshotter {
     pub fn new(root: &Path, recover: Recover) -> Self {
         Snapshotter {
             root: root.to_path_buf(),
-            nydusd_path: PathBuf::from(env!("CARGO_BIN_EXE_rafsd")),
+            nydusd_path: crate::rafsd_bin().to_path_buf(),
             threads: 4,
             log_level: "info".into(),
             log_rotation_size: 100,
@@ -94,7 +92,7 @@ impl Snapshotter {
     }
 
     /// Put a fixture image where the snapshotter keeps an unpacked layer: the bootstrap at
-    /// snapshots/<sid>/fs/image/image.boot, its blobs under <root>/blobs (read through localfs).
+    /// `snapshots/<sid>/fs/image/image.boot`, its blobs under `<root>/blobs` (read through localfs).
     pub fn install_image(&self, sid: &str, case_bootstrap: &Path, case_blobs: &Path) {
         let boot = self.bootstrap(sid);
         std::fs::create_dir_all(boot.parent().unwrap()).unwrap();
@@ -226,6 +224,7 @@ pub struct Process {
 impl Process {
     /// `cmd.Start()` with stdout/stderr going where the snapshotter's go (a file here).
     pub fn start(s: &Snapshotter, argv: &[String], stderr: &Path) -> Process {
+        crate::tier::require_full("a daemon started as nydus-snapshotter starts it");
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -857,7 +856,7 @@ impl Managed {
         })
     }
 
-    /// `SharedMount`: POST /api/v1/mount?mountpoint=/<sid>, then SendStates.
+    /// `SharedMount`: `POST /api/v1/mount?mountpoint=/<sid>`, then SendStates.
     pub fn shared_mount(&self, sid: &str, config: &str) -> Result<(), String> {
         let r = self
             .client

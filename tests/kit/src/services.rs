@@ -2,8 +2,6 @@
 //! S3 server, and a fault-injecting blob server of our own. Each listens on a free loopback port, keeps
 //! its files in a temp dir and is killed by pid when dropped.
 
-#![allow(dead_code)]
-
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -24,17 +22,6 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-pub fn wait_for_port(port: u16, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
-}
-
 pub fn have(tool: &str) -> bool {
     Command::new("sh")
         .args(["-c", &format!("command -v {tool}")])
@@ -52,26 +39,23 @@ pub struct Service {
 }
 
 impl Service {
+    /// Start `cmd` and wait (30 s at most) until it listens on `port`.
     pub fn spawn(name: &'static str, cmd: &mut Command, port: u16, log: &Path) -> Service {
-        let out = std::fs::File::create(log).unwrap();
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
-        let mut s = Service {
+        let child = crate::daemon::spawn_ready(cmd, log, Duration::from_secs(30), || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        })
+        .unwrap_or_else(|e| {
+            panic!(
+                "{name} {e} (listening on {port}):\n{}",
+                crate::daemon::read_log(log)
+            )
+        });
+        Service {
             name,
             child: Some(child),
             port,
             log: log.to_path_buf(),
-        };
-        if !wait_for_port(port, Duration::from_secs(30)) {
-            let text = s.log_text();
-            s.kill();
-            panic!("{name} did not listen on {port} within 30 s:\n{text}");
         }
-        s
     }
 
     pub fn log_text(&self) -> String {
@@ -188,6 +172,7 @@ pub fn start_registry_with(
     auth: RegistryAuth,
     tls: Option<(PathBuf, PathBuf)>,
 ) -> Service {
+    crate::tier::require_full("docker-registry");
     let port = free_port();
     let auth = match auth {
         RegistryAuth::None => String::new(),
@@ -231,12 +216,12 @@ pub fn start_registry_with(
     )
 }
 
-/// tests/services/token_issuer.py on a free port: tokens for `user:pass`, valid `ttl` seconds, one log
+/// src/token_issuer.py (beside this module) on a free port: tokens for `user:pass`, valid `ttl` seconds, one log
 /// line per token request in `dir/tokens.log`. Returns the service and the certificate path.
 pub fn start_token_issuer(dir: &Path, user: &str, pass: &str, ttl: u64) -> (Service, PathBuf) {
     let port = free_port();
     let cert = dir.join("token-cert.pem");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/services/token_issuer.py");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/token_issuer.py");
     let svc = Service::spawn(
         "token issuer",
         Command::new("python3")

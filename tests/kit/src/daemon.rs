@@ -1,7 +1,6 @@
 //! Run `rafsd` as a real daemon in tests: start it, wait for its FUSE mount, stop it by pid, and never
-//! leave a mount or a process behind (cleanup on drop, also when a test fails).
-
-#![allow(dead_code)]
+//! leave a mount or a process behind (cleanup on drop, also when a test fails). [`spawn_ready`] is the
+//! start-up wait every daemon and server of the kit goes through.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -29,36 +28,17 @@ impl Daemon {
     /// Start `rafsd ARGS --mountpoint MOUNTPOINT` and wait until the mount is up.
     pub fn start(args: &[&str], mountpoint: &Path, log: &Path) -> Daemon {
         std::fs::create_dir_all(mountpoint).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_rafsd"))
-            .args(args)
-            .arg("--mountpoint")
-            .arg(mountpoint)
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(log).unwrap())
-            .stderr(std::fs::OpenOptions::new().append(true).open(log).unwrap())
-            .spawn()
-            .expect("spawn rafsd");
-        let mut d = Daemon {
+        let mut cmd = rafsd();
+        cmd.args(args).arg("--mountpoint").arg(mountpoint);
+        let child = spawn_ready(&mut cmd, log, Duration::from_secs(30), || {
+            is_mounted(mountpoint)
+        })
+        .unwrap_or_else(|e| panic!("rafsd {e} (mounted):\n{}", read_log(log)));
+        Daemon {
             child: Some(child),
             mountpoint: mountpoint.to_path_buf(),
             log: log.to_path_buf(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !is_mounted(mountpoint) {
-            if let Some(status) = d.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!(
-                    "rafsd exited with {status} before mounting:\n{}",
-                    d.log_text()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "rafsd did not mount within 30 s:\n{}",
-                d.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
         }
-        d
     }
 
     pub fn pid(&self) -> i32 {
@@ -66,7 +46,7 @@ impl Daemon {
     }
 
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        read_log(&self.log)
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -116,6 +96,50 @@ impl Drop for Daemon {
     }
 }
 
+/// A `Command` for the `rafsd` binary under test.
+pub fn rafsd() -> Command {
+    Command::new(crate::rafsd_bin())
+}
+
+/// The text of a log file, empty when there is none yet.
+pub fn read_log(log: &Path) -> String {
+    std::fs::read_to_string(log).unwrap_or_default()
+}
+
+/// Start `cmd` (stdin from /dev/null, stdout and stderr to a new file `log`) and poll `ready` every 20 ms
+/// until it holds: the one start-up wait of every daemon the tests run. When the process ends first or
+/// `limit` passes, it is killed and reaped, and the error says which ("exited with .. before it was
+/// ready", "was not ready within ..").
+pub fn spawn_ready(
+    cmd: &mut Command,
+    log: &Path,
+    limit: Duration,
+    mut ready: impl FnMut() -> bool,
+) -> Result<Child, String> {
+    crate::tier::require_full("starting a daemon or server");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(log).unwrap())
+        .stderr(std::fs::OpenOptions::new().append(true).open(log).unwrap())
+        .spawn()
+        .map_err(|e| format!("could not be started: {e}"))?;
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Err(format!("exited with {status} before it was ready"));
+        }
+        if ready() {
+            return Ok(child);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("was not ready within {limit:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub fn wait_bounded(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
     let deadline = Instant::now() + limit;
     loop {
@@ -136,7 +160,7 @@ pub fn run_bounded(args: &[&std::ffi::OsStr], limit: Duration) -> (Option<i32>, 
         std::process::id(),
         std::thread::current().id()
     ));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rafsd"))
+    let mut child = rafsd()
         .args(args)
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&out_path).unwrap())

@@ -2,7 +2,7 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 /// Write `size_mib` MiB of `next()`'s 64-bit words (little-endian) to `path`: data no compressor shrinks,
 /// so the blob holds the full size.
@@ -19,7 +19,7 @@ pub fn write_random_file(path: &Path, size_mib: u64, mut next: impl FnMut() -> u
 
 /// `rafsd build SRC --bootstrap BOOTSTRAP --blob-dir BLOBS -l warn`, which must succeed; its output.
 pub fn rafsd_build(src: &Path, bootstrap: &Path, blobs: &Path) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_rafsd"))
+    let out = crate::daemon::rafsd()
         .arg("build")
         .arg(src)
         .arg("--bootstrap")

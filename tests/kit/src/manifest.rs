@@ -1,8 +1,6 @@
 //! Compare a host tree (an unpacked image, later a FUSE or virtio-fs mount) with the fixtures'
 //! `manifest.tsv`, entry by entry and column by column, like the reference `check-tree.py` tool.
 
-#![allow(dead_code)]
-
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::CString;
 use std::io::Read;
@@ -20,7 +18,7 @@ pub const COLUMNS: [&str; 11] = [
 pub fn fixtures_dir() -> PathBuf {
     std::env::var_os("RAFSD_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/rafs"))
+        .unwrap_or_else(|| crate::repo_root().join("tests/fixtures/rafs"))
 }
 
 /// Case names from the fixtures' CASES file.
@@ -288,7 +286,9 @@ pub fn compare_tree(root: &Path, allow: Allowances) -> Vec<String> {
     problems
 }
 
+#[track_caller]
 pub fn assert_root(what: &str) {
+    crate::tier::require_full(what);
     // SAFETY: plain getter.
     assert_eq!(
         unsafe { libc::geteuid() },

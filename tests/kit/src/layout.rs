@@ -4,8 +4,6 @@
 //! purpose: a test that found its target through the code under test could not notice that code
 //! misreading the format.
 
-#![allow(dead_code)]
-
 // ------------------------------------------------------------------------------------------------------
 // Little-endian field access.
 
