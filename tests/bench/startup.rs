@@ -13,12 +13,7 @@
 //! the chunks the program read, from the mount's backend metrics), `STARTUP warm 0 SECONDS 0 0` last.
 //! Run it inside the benchmark's network namespace (the registry address is a loopback one there).
 
-#[path = "../daemon/mod.rs"]
-mod daemon;
-#[path = "../guestvm/mod.rs"]
-mod guestvm;
-#[path = "../manifest/mod.rs"]
-mod manifest;
+use kit::{daemon, guestvm};
 
 use std::path::PathBuf;
 use std::time::Duration;
