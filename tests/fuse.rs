@@ -1058,6 +1058,7 @@ fn reads_stalled_on_the_backend_hold_back_no_other_fuse_request() {
 }
 
 #[test]
+#[ignore = "needs root: ci/test.sh"]
 fn an_access_trace_becomes_a_prefetch_list_in_first_read_order() {
     manifest::assert_root("FUSE mounts");
     let c = case(&manifest::cases()[0]);
