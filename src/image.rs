@@ -3,12 +3,15 @@
 //! This is the read path every front end shares: file range → chunks → blob ranges → decompress →
 //! verify (CRC always when recorded, digest when validation is on, for v5 and v6 alike) → bytes.
 
+mod speculate;
+mod stream;
+
 use std::collections::HashSet;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::cache::key::cache_keys;
@@ -18,12 +21,13 @@ use crate::error::{Error, Result};
 use crate::format::blob_meta::ChunkInfoArray;
 use crate::format::toc::{self, TarHeader, TAR_HEADER_SIZE};
 use crate::format::{
-    v5, v6, ChunkAddr, ChunkInfo, DirEntry, InodeAttr, MetaBytes, MetaReader, SuperInfo,
+    v5, v6, BlobInfo, ChunkAddr, ChunkInfo, DirEntry, InodeAttr, MetaBytes, MetaReader, SuperInfo,
 };
 use crate::storage::digest::{crc32c, digest, hex};
 use crate::storage::localfs::LocalFs;
 use crate::storage::metrics::{BackendMetrics, Metered};
 use crate::storage::{compress, BlobBackend};
+use stream::{Pending, StreamCtx, Streams};
 
 /// Largest bootstrap we extract from an inline-meta blob into memory.
 const MAX_INLINE_BOOTSTRAP: u64 = 1 << 30;
@@ -34,11 +38,15 @@ pub struct ImageOptions {
     pub validate: bool,
     /// Keep fetched chunks, uncompressed, in this directory (`blobcache` work_dir).
     pub cache_dir: Option<PathBuf>,
-    /// Widen a backend fetch to this many compressed bytes of following chunks (0 = off).
+    /// Fetch the chunks a read predicts (the rest of a file read front to back, the prefetch table's files)
+    /// with the one it misses, in one streamed request; 0 turns that off. Any other value enables it: the
+    /// size of such a run follows the link's rate, not this number.
     pub amplify_io: u64,
     /// Where the blobs come from (backend type and location, no credentials): part of the cache key of
     /// images whose chunks carry no digest (see [`crate::cache::key`]). Empty: such images are not cached.
     pub backend_location: String,
+    /// Keep the set of chunks user reads asked for ([`RafsImage::demand`]; the config's `access_pattern`).
+    pub record_demand: bool,
 }
 
 /// A piece of a file read, handed to the reader's sink as it is produced.
@@ -68,6 +76,42 @@ impl Segment<'_> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// The chunks user reads asked for (not what amplification or prefetch added), one bit per chunk of each
+/// blob, grown up to the highest chunk read (at most 2^24 bits per blob): what a program needed from an
+/// image, to compare with what was fetched.
+struct Demand {
+    blobs: Vec<Mutex<Vec<u64>>>,
+    /// Compressed bytes of the chunks whose records carry their size (v5); v6 sizes are looked up when
+    /// asked ([`RafsImage::demand`]).
+    recorded_bytes: AtomicU64,
+}
+
+impl Demand {
+    /// Mark a chunk; true the first time.
+    fn mark(&self, blob: u32, index: u32) -> bool {
+        let Some(bits) = self.blobs.get(blob as usize) else {
+            return false;
+        };
+        let mut bits = bits.lock().unwrap_or_else(|e| e.into_inner());
+        let word = index as usize / 64;
+        if bits.len() <= word {
+            bits.resize(word + 1, 0);
+        }
+        let mask = 1u64 << (index % 64);
+        let first = bits[word] & mask == 0;
+        bits[word] |= mask;
+        first
+    }
+}
+
+/// What user reads of an image asked for: distinct chunks and, when every blob's chunk sizes are known
+/// without the network, their compressed size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DemandSummary {
+    pub chunks: u64,
+    pub compressed_bytes: Option<u64>,
 }
 
 /// Counts a user read for as long as it lives.
@@ -157,7 +201,18 @@ pub struct RafsImage {
     user_reads: AtomicUsize,
     /// Every read of the backend (`backend` counts into it).
     backend_metrics: Arc<BackendMetrics>,
+    demand: Option<Demand>,
+    /// Runs of predicted chunks being stored in the background.
+    streams: Streams,
+    /// The chunks of the files in the image's prefetch table, computed on the first miss (`None`: no
+    /// table, or too many chunks to index).
+    prefetch_chunks: OnceLock<Option<HashSet<(u32, u32)>>>,
+    /// Misses near each other, and the bytes fetched past them on that guess.
+    speculation: speculate::Speculation,
 }
+
+/// Most chunks [`RafsImage`] indexes for its prefetch table (16 bytes each in a set).
+const MAX_PREFETCH_CHUNKS: usize = 1 << 20;
 
 impl RafsImage {
     /// Open `path` (a bootstrap, or a data blob with inlined metadata) over `backend`.
@@ -228,6 +283,13 @@ impl RafsImage {
             amplify_io: opts.amplify_io,
             user_reads: AtomicUsize::new(0),
             backend_metrics,
+            demand: opts.record_demand.then(|| Demand {
+                blobs: (0..nblobs).map(|_| Mutex::new(Vec::new())).collect(),
+                recorded_bytes: AtomicU64::new(0),
+            }),
+            streams: Streams::default(),
+            prefetch_chunks: OnceLock::new(),
+            speculation: speculate::Speculation::new(nblobs),
         })
     }
 
@@ -319,6 +381,13 @@ impl RafsImage {
             }
             let inner = (from - file_offset) as usize;
             let len = (to - from) as usize;
+            if let Some(d) = &self.demand {
+                // v5 records carry the compressed size; v6 sizes are looked up when asked.
+                if d.mark(info.blob_index, info.index) && self.info().version != 6 {
+                    d.recorded_bytes
+                        .fetch_add(info.compressed_size as u64, Ordering::Relaxed);
+                }
+            }
             let cached = if self.validate {
                 None
             } else {
@@ -334,7 +403,14 @@ impl RafsImage {
                     })?;
                 }
                 None => {
-                    let data = self.chunk_data(&info).map_err(|e| match e {
+                    // Followers only for a miss (with validation on, hits come this way too).
+                    let follow = match &self.cache {
+                        Some(cache) if self.amplify_io > 0 && !cache.is_ready(&info) => {
+                            self.sequential_followers(cache, &inode, file_offset)
+                        }
+                        _ => Vec::new(),
+                    };
+                    let data = self.chunk_data_with(&info, &follow).map_err(|e| match e {
                         Error::Integrity(m) => Error::Integrity(format!(
                             "inode {ino} at file offset {file_offset}: {m}"
                         )),
@@ -551,32 +627,256 @@ impl RafsImage {
         Ok(())
     }
 
-    /// The verified, uncompressed bytes of one chunk (as [`Self::resolve`] gives it):
-    /// from the cache when it holds them, else from the backend (widened by `amplify_io` to the following
-    /// chunks of the blob) and then kept in the cache.
+    /// The verified, uncompressed bytes of one chunk (as [`Self::resolve`] gives it): from the cache when it
+    /// holds them, else from the backend (with the chunks after it that the image's prefetch table
+    /// predicts) and then kept in the cache.
     pub fn chunk_data(&self, info: &ChunkInfo) -> Result<Vec<u8>> {
+        self.chunk_data_with(info, &[])
+    }
+
+    /// [`Self::chunk_data`], fetching `follow` (chunks a reader predicts it will want next, as
+    /// [`Self::resolve`] gives them, in order) in the same backend request when they lie right after it in
+    /// the blob and nobody has them or fetches them yet.
+    fn chunk_data_with(&self, info: &ChunkInfo, follow: &[ChunkInfo]) -> Result<Vec<u8>> {
         let Some(cache) = &self.cache else {
             let located = self.locate(info)?;
-            return self
-                .fetch_run(std::slice::from_ref(&located))
-                .map(|mut v| v.remove(0).0);
+            return self.fetch_one(&located).map(|(data, _)| data);
         };
         if let Some(data) = self.cached_chunk(cache, info)? {
             return Ok(data);
         }
-        let mut claim = cache.claim(info);
+        let claim = cache.claim(info);
         // Another thread may have fetched it while we waited for the claim.
         if let Some(data) = self.cached_chunk(cache, info)? {
             return Ok(data);
         }
         // Not cached, or the cached copy failed verification and was dropped: fetch a verified copy.
         let located = self.locate(info)?;
-        let run = self.amplified_run(cache, &mut claim, &located);
-        let mut fetched = self.fetch_run(&run)?;
-        for (chunk, (data, digest_checked)) in run.iter().zip(&fetched) {
-            cache.store(chunk, data, *digest_checked);
+        if located.batch.is_some() || self.amplify_io == 0 || !self.streams.reserve() {
+            let (data, checked) = self.fetch_one(&located)?;
+            cache.store(&located, &data, checked);
+            drop(claim);
+            return Ok(data);
         }
-        Ok(fetched.swap_remove(0).0)
+        let mut run = self.predicted_run(cache, &located, follow);
+        if run.is_empty() {
+            self.streams.cancel();
+            let (data, checked) = self.fetch_one(&located)?;
+            cache.store(&located, &data, checked);
+            drop(claim);
+            return Ok(data);
+        }
+        run.insert(
+            0,
+            Pending {
+                info: located,
+                claim,
+            },
+        );
+        self.fetch_streamed(cache, run)
+    }
+
+    /// Fetch `run` (back to back in one blob, all claimed) with one request: the first chunk is read here
+    /// and returned, the others are stored by a background stream (whose slot the caller reserved; given
+    /// back here when no stream starts). A body that breaks before the first chunk is in is not the
+    /// reader's failure: its chunk is fetched alone, with the backend's retries, and the rest released.
+    fn fetch_streamed(&self, cache: &Arc<BlobCache>, mut run: Vec<Pending>) -> Result<Vec<u8>> {
+        let first = run.remove(0);
+        let ctx = self.stream_ctx(cache, first.info.blob_index);
+        let last = run.last().map_or(&first.info, |p| &p.info);
+        let len = (last.compressed_offset + last.compressed_size as u64
+            - first.info.compressed_offset) as usize;
+        let opened = self
+            .backend_stream(&ctx.blob.id, first.info.compressed_offset, len)
+            .and_then(|mut reader| {
+                let got = stream::read_chunk(&ctx, &mut *reader, &first.info, &mut Vec::new())?;
+                Ok((reader, got))
+            });
+        let (reader, (data, checked)) = match opened {
+            Ok(v) => v,
+            Err(e) => {
+                self.streams.cancel();
+                drop(run);
+                if matches!(e, Error::Integrity(_)) {
+                    return Err(e);
+                }
+                log::warn!(
+                    "streamed fetch of blob {} chunk {}: {e}; fetching it alone",
+                    ctx.blob.id,
+                    first.info.index
+                );
+                let (data, checked) = self.fetch_one(&first.info)?;
+                cache.store(&first.info, &data, checked);
+                return Ok(data);
+            }
+        };
+        cache.store(&first.info, &data, checked);
+        drop(first.claim);
+        self.streams.spawn(ctx, reader, run);
+        Ok(data)
+    }
+
+    fn stream_ctx(&self, cache: &Arc<BlobCache>, blob_index: u32) -> StreamCtx {
+        StreamCtx {
+            blob: self.info().blobs[blob_index as usize].clone(),
+            validate: self.validate,
+            for_cache: cache.needs_digest(blob_index),
+            cache: cache.clone(),
+        }
+    }
+
+    /// The chunks to fetch with `first` (located): those of `follow` that lie back to back after it in its
+    /// blob, or else, when `first` belongs to a file of the prefetch table, the chunks after it in the blob
+    /// that do too, up to the link's window; or else, when `first` lies near the blob's previous miss, the
+    /// chunks after it up to what [`speculate::Speculation`] grants. Each is claimed. Empty when nothing is
+    /// predicted.
+    fn predicted_run(
+        &self,
+        cache: &Arc<BlobCache>,
+        first: &ChunkInfo,
+        follow: &[ChunkInfo],
+    ) -> Vec<Pending> {
+        let first_end = first.compressed_offset + first.compressed_size as u64;
+        // Counted for every miss (the share of speculation follows them), granted only when nothing
+        // else predicts the run.
+        let granted = self.speculation.miss(
+            first.blob_index,
+            first.compressed_offset,
+            first.compressed_size as u64,
+        );
+        let mut window = self.streams.window_bytes();
+        let mut run = Vec::new();
+        let mut end = first_end;
+        let take = |next: ChunkInfo, run: &mut Vec<Pending>, end: &mut u64, window: u64| -> bool {
+            if next.blob_index != first.blob_index
+                || next.batch.is_some()
+                || next.compressed_offset != *end
+                || *end + next.compressed_size as u64 - first.compressed_offset > window
+            {
+                return false;
+            }
+            let Some(claim) = cache.try_claim(&next) else {
+                return false;
+            };
+            *end += next.compressed_size as u64;
+            run.push(Pending { info: next, claim });
+            true
+        };
+        if !follow.is_empty() {
+            self.speculation.refund(granted);
+            for f in follow {
+                let Ok(next) = self.locate(f) else { break };
+                if !take(next, &mut run, &mut end, window) {
+                    break;
+                }
+            }
+            return run;
+        }
+        let table = self
+            .prefetch_chunks()
+            .filter(|p| p.contains(&(first.blob_index, first.index)));
+        if table.is_some() {
+            self.speculation.refund(granted);
+        } else {
+            // Near the previous miss: the chunks right after it, within what was granted.
+            window = first_end - first.compressed_offset + granted;
+        }
+        if self.info().version == 6 && window > first_end - first.compressed_offset {
+            if let Ok(array) = self.chunk_info_array(first.blob_index) {
+                for index in first.index + 1..array.len() {
+                    if table.is_some_and(|p| !p.contains(&(first.blob_index, index))) {
+                        break;
+                    }
+                    let Ok(next) = self.resolve_ci(first.blob_index, index) else {
+                        break;
+                    };
+                    // A chunk without a digest cannot be validated (a chunk no file references).
+                    if (self.validate && next.digest.is_none())
+                        || !take(next, &mut run, &mut end, window)
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+        if table.is_none() {
+            self.speculation.refund(granted - (end - first_end));
+        }
+        run
+    }
+
+    /// The chunks of `inode` after the one at `file_offset`, when the file is being read front to back:
+    /// the chunks before it are cached or being fetched. As many follow as came before (so the runs double
+    /// as the reader keeps going), within the link's window; none for a first or random read.
+    fn sequential_followers(
+        &self,
+        cache: &BlobCache,
+        inode: &InodeAttr,
+        file_offset: u64,
+    ) -> Vec<ChunkInfo> {
+        let chunk = self.info().chunk_size as u64;
+        if chunk == 0 {
+            return Vec::new();
+        }
+        let limit = (self.streams.window_bytes() / chunk).max(1);
+        let mut behind = 0;
+        while behind < limit && file_offset >= (behind + 1) * chunk {
+            let at = file_offset - (behind + 1) * chunk;
+            let seen = self
+                .meta
+                .file_chunks(inode, at, 1)
+                .ok()
+                .and_then(|c| c.into_iter().next())
+                .and_then(|(o, addr)| self.file_chunk(inode, o, &addr).ok())
+                .is_some_and(|c| cache.is_ready(&c) || cache.is_claimed(&c));
+            if !seen {
+                break;
+            }
+            behind += 1;
+        }
+        if behind == 0 {
+            return Vec::new();
+        }
+        let from = file_offset + chunk;
+        let to = from.saturating_add(behind * chunk).min(inode.size);
+        if from >= to {
+            return Vec::new();
+        }
+        let Ok(chunks) = self.meta.file_chunks(inode, from, to - from) else {
+            return Vec::new();
+        };
+        chunks
+            .into_iter()
+            .map_while(|(o, addr)| self.file_chunk(inode, o, &addr).ok())
+            .collect()
+    }
+
+    /// The chunks of the files in the image's prefetch table (a table naming the root predicts nothing:
+    /// that is everything).
+    fn prefetch_chunks(&self) -> Option<&HashSet<(u32, u32)>> {
+        self.prefetch_chunks
+            .get_or_init(|| {
+                let table = &self.info().prefetch;
+                if table.is_empty() || table.contains(&self.root_ino()) {
+                    return None;
+                }
+                let mut set = HashSet::new();
+                for &ino in table {
+                    let inode = self.meta.inode(ino).ok()?;
+                    if !inode.is_reg() {
+                        continue;
+                    }
+                    for (o, addr) in self.meta.file_chunks(&inode, 0, inode.size).ok()? {
+                        let c = self.file_chunk(&inode, o, &addr).ok()?;
+                        set.insert((c.blob_index, c.index));
+                        if set.len() > MAX_PREFETCH_CHUNKS {
+                            return None;
+                        }
+                    }
+                }
+                Some(set)
+            })
+            .as_ref()
     }
 
     /// A cached chunk, verified. A copy that fails verification (a damaged cache file) is logged and
@@ -608,70 +908,14 @@ impl RafsImage {
         }
     }
 
-    /// `info` plus the chunks that follow it contiguously in the blob, up to `amplify_io` compressed bytes,
-    /// that are neither cached nor being fetched by someone else (v6: chunk order is known from the blob meta).
-    fn amplified_run(
+    /// `len` bytes of a blob as a stream (one backend read in the metrics).
+    fn backend_stream(
         &self,
-        cache: &BlobCache,
-        claim: &mut crate::cache::Claim,
-        info: &ChunkInfo,
-    ) -> Vec<ChunkInfo> {
-        let mut run = vec![info.clone()];
-        if self.amplify_io <= info.compressed_size as u64
-            || info.batch.is_some()
-            || self.info().version != 6
-        {
-            return run;
-        }
-        let Ok(array) = self.chunk_info_array(info.blob_index) else {
-            return run;
-        };
-        let mut end = info.compressed_offset + info.compressed_size as u64;
-        let mut total = info.compressed_size as u64;
-        for index in info.index + 1..array.len() {
-            let Ok(next) = self.resolve_ci(info.blob_index, index) else {
-                break;
-            };
-            // A chunk no file of this image references (a file a later layer deleted or hid) has no
-            // digest in the chunk table: with validation on it could never be verified, and must not
-            // fail the read that only wanted its neighbour.
-            if next.batch.is_some()
-                || (self.validate && next.digest.is_none())
-                || next.compressed_offset != end
-                || total + next.compressed_size as u64 > self.amplify_io
-            {
-                break;
-            }
-            if !cache.try_claim_more(claim, &next) {
-                break;
-            }
-            end += next.compressed_size as u64;
-            total += next.compressed_size as u64;
-            run.push(next);
-        }
-        run
-    }
-
-    /// Fetch chunks whose compressed bytes are contiguous in one blob with one backend read; decode and
-    /// verify each. Each comes with whether its digest was checked.
-    fn fetch_run(&self, run: &[ChunkInfo]) -> Result<Vec<(Vec<u8>, bool)>> {
-        let first = &run[0];
-        let blob = &self.info().blobs[first.blob_index as usize];
-        if run.len() == 1 || first.batch.is_some() {
-            return Ok(vec![self.fetch_one(first)?]);
-        }
-        let last = &run[run.len() - 1];
-        let len = (last.compressed_offset + last.compressed_size as u64 - first.compressed_offset)
-            as usize;
-        let stored = self.backend_read(&blob.id, first.compressed_offset, len)?;
-        run.iter()
-            .map(|c| {
-                let at = (c.compressed_offset - first.compressed_offset) as usize;
-                let data = self.decode(c, &stored[at..at + c.compressed_size as usize])?;
-                let checked = self.verify(c, &data)?;
-                Ok((data, checked))
-            })
-            .collect()
+        blob_id: &str,
+        offset: u64,
+        len: usize,
+    ) -> Result<Box<dyn std::io::Read + Send>> {
+        self.backend.open_range(blob_id, offset, len)
     }
 
     fn backend_read(&self, blob_id: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
@@ -710,75 +954,23 @@ impl RafsImage {
     }
 
     fn decode(&self, info: &ChunkInfo, stored: &[u8]) -> Result<Vec<u8>> {
-        let blob = &self.info().blobs[info.blob_index as usize];
-        if info.compressed {
-            compress::decompress(blob.compressor, stored, info.uncompressed_size as usize).map_err(
-                |e| {
-                    // The codec's own message, without a second "integrity check failed" prefix.
-                    let why = match e {
-                        Error::Integrity(m) => m,
-                        other => other.to_string(),
-                    };
-                    Error::Integrity(format!("blob {} chunk {}: {why}", blob.id, info.index))
-                },
-            )
-        } else if stored.len() != info.uncompressed_size as usize {
-            Err(Error::Integrity(format!(
-                "blob {} chunk {}: stored raw but sizes differ",
-                blob.id, info.index
-            )))
-        } else {
-            Ok(stored.to_vec())
-        }
+        decode_chunk(&self.info().blobs[info.blob_index as usize], info, stored)
     }
 
-    /// Size, digest and CRC32C (when recorded) of a chunk's uncompressed bytes. The digest is checked when
-    /// validating (then it must be recorded) and whenever the chunk may go into a cache shared by images,
-    /// which takes nothing unchecked. Returns whether the digest was checked.
+    /// Size, digest and CRC32C of a chunk's uncompressed bytes (see [`verify_chunk`]). Returns whether the
+    /// digest was checked.
     fn verify(&self, info: &ChunkInfo, data: &[u8]) -> Result<bool> {
-        let blob = &self.info().blobs[info.blob_index as usize];
-        let what = format!("blob {} chunk {}", blob.id, info.index);
-        if data.len() != info.uncompressed_size as usize {
-            return Err(Error::Integrity(format!(
-                "{what}: {} bytes, expected {}",
-                data.len(),
-                info.uncompressed_size
-            )));
-        }
         let for_cache = self
             .cache
             .as_ref()
             .is_some_and(|c| c.needs_digest(info.blob_index));
-        if self.validate && info.digest.is_none() {
-            return Err(Error::Integrity(format!(
-                "{what}: no digest recorded to validate against"
-            )));
-        }
-        // Digest first: it is the stronger check and names the algorithm the image chose.
-        let checked = match info.digest {
-            Some(want) if self.validate || for_cache => {
-                let got = digest(blob.digester, data);
-                if got != want {
-                    return Err(Error::Integrity(format!(
-                        "{what}: {} digest {} does not match the recorded {}",
-                        blob.digester.name(),
-                        hex(&got),
-                        hex(&want)
-                    )));
-                }
-                true
-            }
-            _ => false,
-        };
-        if let Some(want) = info.crc32 {
-            let got = crc32c(data);
-            if got != want {
-                return Err(Error::Integrity(format!(
-                    "{what}: CRC32C {got:#010x}, expected {want:#010x}"
-                )));
-            }
-        }
-        Ok(checked)
+        verify_chunk(
+            &self.info().blobs[info.blob_index as usize],
+            info,
+            data,
+            self.validate,
+            for_cache,
+        )
     }
 
     /// Every chunk of a regular file, located in its blob (for prefetch; v6 reads the blob's chunk-info
@@ -819,7 +1011,8 @@ impl RafsImage {
     }
 
     /// Bring `chunks` (sorted by compressed offset, one blob) into the cache, skipping those cached or
-    /// being fetched; returns the compressed bytes read from the backend.
+    /// being fetched; chunks back to back in the blob come in one streamed request. Returns the compressed
+    /// bytes read from the backend.
     pub fn prefetch(&self, chunks: &[ChunkInfo]) -> Result<u64> {
         let Some(cache) = &self.cache else {
             return Ok(0);
@@ -827,35 +1020,57 @@ impl RafsImage {
         let mut fetched = 0;
         let mut i = 0;
         while i < chunks.len() {
-            let mut claim = cache.claim_none();
-            if !cache.try_claim_more(&mut claim, &chunks[i]) {
+            let Some(claim) = cache.try_claim(&chunks[i]) else {
                 i += 1;
                 continue;
-            }
-            let mut run = vec![chunks[i].clone()];
+            };
+            let mut run = vec![Pending {
+                info: chunks[i].clone(),
+                claim,
+            }];
             i += 1;
-            while i < chunks.len() && chunks[i].batch.is_none() && run[0].batch.is_none() {
-                let prev = &run[run.len() - 1];
+            while i < chunks.len() && chunks[i].batch.is_none() && run[0].info.batch.is_none() {
+                let prev = &run[run.len() - 1].info;
                 let next = &chunks[i];
                 if next.blob_index != prev.blob_index
                     || next.compressed_offset
                         != prev.compressed_offset + prev.compressed_size as u64
-                    || !cache.try_claim_more(&mut claim, next)
                 {
                     break;
                 }
-                run.push(next.clone());
+                let Some(claim) = cache.try_claim(next) else {
+                    break;
+                };
+                run.push(Pending {
+                    info: next.clone(),
+                    claim,
+                });
                 i += 1;
             }
-            let data = self.fetch_run(&run)?;
-            for (chunk, (bytes, digest_checked)) in run.iter().zip(&data) {
-                cache.store(chunk, bytes, *digest_checked);
-                fetched += chunk.compressed_size as u64;
+            let bytes: u64 = run.iter().map(|p| p.info.compressed_size as u64).sum();
+            let count = run.len() as u64;
+            if run.len() == 1 {
+                let p = run.remove(0);
+                let (data, checked) = self.fetch_one(&p.info)?;
+                cache.store(&p.info, &data, checked);
+            } else {
+                let ctx = self.stream_ctx(cache, run[0].info.blob_index);
+                let started = Instant::now();
+                let mut reader = self.backend_stream(
+                    &ctx.blob.id,
+                    run[0].info.compressed_offset,
+                    bytes as usize,
+                )?;
+                stream::store_run(&ctx, &mut *reader, run)?;
+                self.streams
+                    .link()
+                    .record(bytes, started.elapsed().as_secs_f64());
             }
+            fetched += bytes;
             cache
                 .metrics
                 .prefetch_unmerged_chunks
-                .fetch_add(run.len() as u64, Ordering::Relaxed);
+                .fetch_add(count, Ordering::Relaxed);
         }
         Ok(fetched)
     }
@@ -877,6 +1092,43 @@ impl RafsImage {
     /// Backend reads of this image, and the backend's type.
     pub fn backend_metrics(&self) -> (&BackendMetrics, &'static str) {
         (&self.backend_metrics, self.backend.kind())
+    }
+
+    /// Compressed bytes of the chunks reads missed (as far as they could start a run), and of those
+    /// fetched past such misses on speculation (see the README's read path).
+    pub fn speculation(&self) -> (u64, u64) {
+        self.speculation.totals()
+    }
+
+    /// The chunks user reads asked for, when the image records them ([`ImageOptions::record_demand`]).
+    /// Compressed sizes of v6 chunks come from the blobs' chunk-info arrays already loaded; `None` when
+    /// one is not (only cache hits on that blob so far) rather than a network round trip.
+    pub fn demand(&self) -> Option<DemandSummary> {
+        let d = self.demand.as_ref()?;
+        let mut chunks = 0;
+        let mut bytes = Some(d.recorded_bytes.load(Ordering::Relaxed));
+        for (blob, bits) in d.blobs.iter().enumerate() {
+            let bits = bits.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let marked: u64 = bits.iter().map(|w| w.count_ones() as u64).sum();
+            chunks += marked;
+            if marked == 0 || self.info().version != 6 {
+                continue;
+            }
+            let array = self.loaded_chunk_info_array(blob as u32);
+            for (word, w) in bits.iter().enumerate() {
+                for bit in (0..64).filter(|b| w & (1 << b) != 0) {
+                    let size = array
+                        .as_ref()
+                        .and_then(|a| a.get((word * 64 + bit) as u32).ok())
+                        .map(|c| c.compressed_size as u64);
+                    bytes = bytes.zip(size).map(|(a, b)| a + b);
+                }
+            }
+        }
+        Some(DemandSummary {
+            chunks,
+            compressed_bytes: bytes,
+        })
     }
 
     pub fn validates(&self) -> bool {
@@ -951,6 +1203,15 @@ impl RafsImage {
             },
         });
         loaded
+    }
+
+    /// The chunk-info array of v6 blob `index` if it is loaded already (never loads it).
+    fn loaded_chunk_info_array(&self, index: u32) -> Option<Arc<ChunkInfoArray>> {
+        let slot = self.blob_meta.get(index as usize)?;
+        match &*slot.state.lock().unwrap_or_else(|e| e.into_inner()) {
+            LoadState::Ready(array) => Some(array.clone()),
+            _ => None,
+        }
     }
 
     fn load_chunk_info_array(&self, index: u32) -> Result<ChunkInfoArray> {
@@ -1052,6 +1313,81 @@ impl FromBytes for std::ffi::OsStr {
     fn from_encoded_bytes_checked(b: &[u8]) -> &std::ffi::OsStr {
         std::os::unix::ffi::OsStrExt::from_bytes(b)
     }
+}
+
+/// The uncompressed bytes of a chunk from its stored bytes (a raw chunk is copied).
+fn decode_chunk(blob: &BlobInfo, info: &ChunkInfo, stored: &[u8]) -> Result<Vec<u8>> {
+    if info.compressed {
+        compress::decompress(blob.compressor, stored, info.uncompressed_size as usize).map_err(
+            |e| {
+                // The codec's own message, without a second "integrity check failed" prefix.
+                let why = match e {
+                    Error::Integrity(m) => m,
+                    other => other.to_string(),
+                };
+                Error::Integrity(format!("blob {} chunk {}: {why}", blob.id, info.index))
+            },
+        )
+    } else if stored.len() != info.uncompressed_size as usize {
+        Err(Error::Integrity(format!(
+            "blob {} chunk {}: stored raw but sizes differ",
+            blob.id, info.index
+        )))
+    } else {
+        Ok(stored.to_vec())
+    }
+}
+
+/// Size, digest and CRC32C (when recorded) of a chunk's uncompressed bytes. The digest is checked when
+/// validating (then it must be recorded) and whenever the chunk may go into a cache shared by images
+/// (`for_cache`), which takes nothing unchecked. Returns whether the digest was checked.
+fn verify_chunk(
+    blob: &BlobInfo,
+    info: &ChunkInfo,
+    data: &[u8],
+    validate: bool,
+    for_cache: bool,
+) -> Result<bool> {
+    let what = || format!("blob {} chunk {}", blob.id, info.index);
+    if data.len() != info.uncompressed_size as usize {
+        return Err(Error::Integrity(format!(
+            "{}: {} bytes, expected {}",
+            what(),
+            data.len(),
+            info.uncompressed_size
+        )));
+    }
+    if validate && info.digest.is_none() {
+        return Err(Error::Integrity(format!(
+            "{}: no digest recorded to validate against",
+            what()
+        )));
+    }
+    // Digest first: it is the stronger check and names the algorithm the image chose.
+    let mut checked = false;
+    if let Some(want) = info.digest.filter(|_| validate || for_cache) {
+        let got = digest(blob.digester, data);
+        if got != want {
+            return Err(Error::Integrity(format!(
+                "{}: {} digest {} does not match the recorded {}",
+                what(),
+                blob.digester.name(),
+                hex(&got),
+                hex(&want)
+            )));
+        }
+        checked = true;
+    }
+    if let Some(want) = info.crc32 {
+        let got = crc32c(data);
+        if got != want {
+            return Err(Error::Integrity(format!(
+                "{}: CRC32C {got:#010x}, expected {want:#010x}",
+                what()
+            )));
+        }
+    }
+    Ok(checked)
 }
 
 /// Read the metadata at `path`: map a bootstrap, or extract the bootstrap from an inline-meta blob.

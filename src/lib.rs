@@ -5,7 +5,7 @@
 //!   and the in-guest helper); [`mod@format`]: parsing whole bootstraps and blob sections over those records.
 //! - [`storage`]: blob backends, chunk codecs and digests.
 //! - [`image`]: an opened image: metadata plus verified chunk reads.
-//! - [`unpack`], [`check`], [`inspect`]: the offline tools built on [`image`].
+//! - [`unpack`], [`check`], [`inspect`], [`prefetch_list`]: the offline tools built on [`image`].
 //! - [`builder`]: `rafsd build` / `rafsd merge`, the RAFS v5/v6 image builder.
 //! - [`convert`]: `rafsd convert` / `rafsd mount-image`, OCI images in registries to Nydus images.
 //! - [`daemon`], [`api`]: the serving daemon's mounts and state, and its nydusd-compatible admin API;
@@ -33,6 +33,7 @@ pub mod inspect;
 pub mod launch;
 pub mod logging;
 pub mod passthrough;
+pub mod prefetch_list;
 pub mod redact;
 pub mod sandbox;
 pub mod seccomp;

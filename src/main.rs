@@ -69,6 +69,18 @@ enum Command {
         #[arg(long, default_value = "oci")]
         whiteout_spec: rafsd::builder::WhiteoutSpec,
     },
+    /// Turn an access trace (`/api/v1/metrics/pattern`) into a prefetch list for `rafsd build
+    /// --prefetch-files`: the files read, as absolute paths, in the order they were first read.
+    PrefetchList {
+        /// The image the trace was recorded on.
+        bootstrap: PathBuf,
+        /// The trace (JSON); `-` for standard input.
+        #[arg(default_value = "-")]
+        trace: PathBuf,
+        /// Write the list here instead of standard output.
+        #[arg(long, short = 'o')]
+        output: Option<PathBuf>,
+    },
     /// Write the image's tree to a directory (owners, modes, mtimes, xattrs, links, devices).
     Unpack {
         bootstrap: PathBuf,
@@ -235,6 +247,11 @@ fn run(command: Command, log_file: Option<&std::path::Path>) -> rafsd::Result<Ex
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::PrefetchList {
+            bootstrap,
+            trace,
+            output,
+        } => run_prefetch_list(&bootstrap, &trace, output.as_deref()),
         Command::Unpack {
             bootstrap,
             blob_dir,
@@ -260,6 +277,50 @@ fn run(command: Command, log_file: Option<&std::path::Path>) -> rafsd::Result<Ex
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn run_prefetch_list(
+    bootstrap: &std::path::Path,
+    trace: &std::path::Path,
+    output: Option<&std::path::Path>,
+) -> rafsd::Result<ExitCode> {
+    use std::io::Read;
+    let mut json = Vec::new();
+    if trace == std::path::Path::new("-") {
+        std::io::stdin()
+            .read_to_end(&mut json)
+            .map_err(|e| rafsd::Error::io("read the access trace from stdin", e))?;
+    } else {
+        json = std::fs::read(trace)
+            .map_err(|e| rafsd::Error::io(format!("read {}", trace.display()), e))?;
+    }
+    let accesses = rafsd::prefetch_list::parse_pattern(&json)?;
+    let image = RafsImage::open_local(bootstrap, None, ImageOptions::default())?;
+    let list = rafsd::prefetch_list::prefetch_list(&image, &accesses)?;
+    if !list.unknown.is_empty() {
+        eprintln!(
+            "rafsd: {} traced inodes are no listable regular file of {} (left out): {:?}",
+            list.unknown.len(),
+            bootstrap.display(),
+            &list.unknown[..list.unknown.len().min(20)]
+        );
+    }
+    let mut text = Vec::new();
+    for p in &list.paths {
+        text.extend_from_slice(p);
+        text.push(b'\n');
+    }
+    match output {
+        Some(path) => std::fs::write(path, &text)
+            .map_err(|e| rafsd::Error::io(format!("write {}", path.display()), e))?,
+        None => {
+            use std::io::Write;
+            std::io::stdout()
+                .write_all(&text)
+                .map_err(|e| rafsd::Error::io("write the prefetch list", e))?
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn run_build(args: BuildArgs) -> rafsd::Result<ExitCode> {

@@ -33,6 +33,7 @@ pub fn open_image(mount: &RafsMount) -> Result<Arc<RafsImage>> {
         cache_dir,
         amplify_io: config.rafs.amplify_io,
         backend_location: config.backend.location(),
+        record_demand: config.rafs.access_pattern,
     };
     let image = Arc::new(RafsImage::open(&mount.bootstrap, backend.clone(), opts)?);
     // A missing local blob fails the mount, not the first read. Network backends are not asked: a mount

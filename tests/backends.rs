@@ -44,6 +44,25 @@ fn registry_backend(cfg: serde_json::Value) -> RemoteBackend<Registry> {
     RemoteBackend::new(Registry::new(&registry).unwrap(), HttpSettings::new(&http)).unwrap()
 }
 
+/// A fault server holding one 3 MiB pseudo-random blob (from `seed`), and a registry backend on it with
+/// 1 s timeouts and 3 retries.
+fn fake_registry_blob(seed: u64) -> (FakeServer, Vec<u8>, String, RemoteBackend<Registry>) {
+    let server = FakeServer::start(FakeOptions {
+        repo: REPO.into(),
+        bearer: None,
+        token_basic: None,
+        redirect_to: None,
+        storage_head_403: false,
+    });
+    let data = pseudo_random(3 << 20, seed);
+    let id = server.add_blob(data.clone());
+    let backend = registry_backend(json!({
+        "scheme": "http", "host": format!("127.0.0.1:{}", server.port), "repo": REPO,
+        "timeout": 1, "connect_timeout": 1, "retry_limit": 3
+    }));
+    (server, data, id, backend)
+}
+
 /// Blob bytes the registry sent, from its access log (combined format: `"GET ..." status size`).
 fn registry_bytes_served(log: &str) -> u64 {
     log.lines()
@@ -158,19 +177,7 @@ fn drop_cache(path: &Path) {
 
 #[test]
 fn faults_are_retried_and_never_return_wrong_bytes() {
-    let server = FakeServer::start(FakeOptions {
-        repo: REPO.into(),
-        bearer: None,
-        token_basic: None,
-        redirect_to: None,
-        storage_head_403: false,
-    });
-    let data = pseudo_random(3 << 20, 7);
-    let id = server.add_blob(data.clone());
-    let backend = registry_backend(json!({
-        "scheme": "http", "host": format!("127.0.0.1:{}", server.port), "repo": REPO,
-        "timeout": 1, "connect_timeout": 1, "retry_limit": 3
-    }));
+    let (server, data, id, backend) = fake_registry_blob(7);
     assert_eq!(backend.blob_size(&id).unwrap(), data.len() as u64);
     // Healthy reads reuse one pooled connection.
     let conns = server.counters.connections.load(Ordering::Relaxed);
@@ -1513,4 +1520,119 @@ fn url_credentials_never_appear_in_api_answers_or_logs() {
     }
     drop(g);
     d.kill_and_check();
+}
+
+#[test]
+fn streamed_ranges_reuse_connections_and_a_broken_body_is_an_error_never_short_data() {
+    use std::io::Read;
+    let (server, data, id, backend) = fake_registry_blob(11);
+    let read_all = |offset: u64, len: usize| -> std::io::Result<Vec<u8>> {
+        let mut r = backend.open_range(&id, offset, len).unwrap();
+        let mut got = Vec::new();
+        r.read_to_end(&mut got)?;
+        Ok(got)
+    };
+    assert!(read_all(0, 1 << 20).unwrap() == data[..1 << 20]);
+    // A stream read to its end gives its connection back: the next ranges use it.
+    let conns = server.counters.connections.load(Ordering::Relaxed);
+    for i in 1..6u64 {
+        let at = i * 300_000;
+        assert!(read_all(at, 200_000).unwrap() == data[at as usize..at as usize + 200_000]);
+    }
+    assert_eq!(
+        server.counters.connections.load(Ordering::Relaxed),
+        conns,
+        "a connection per streamed range"
+    );
+    // Past the end: clamped to the blob.
+    assert_eq!(read_all(data.len() as u64 - 10, 100).unwrap().len(), 10);
+    // A body cut short fails the reader; it never ends early as if the range were shorter.
+    server.queue(&[Fault::Truncate]);
+    read_all(1000, 1 << 20).expect_err("a truncated body must fail the stream");
+}
+
+/// Local blobs whose streamed ranges break after their first 16 bytes.
+struct CutStreams {
+    inner: rafsd::storage::localfs::LocalFs,
+    opened: std::sync::atomic::AtomicUsize,
+}
+
+struct CutAfter<R>(R, usize);
+
+impl<R: std::io::Read> std::io::Read for CutAfter<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.1 == 0 {
+            return Err(std::io::Error::other("connection reset"));
+        }
+        let n = buf.len().min(self.1);
+        let got = self.0.read(&mut buf[..n])?;
+        self.1 -= got;
+        Ok(got)
+    }
+}
+
+impl BlobBackend for CutStreams {
+    fn kind(&self) -> &'static str {
+        "localfs"
+    }
+    fn read_at(&self, blob_id: &str, offset: u64, buf: &mut [u8]) -> rafsd::Result<usize> {
+        self.inner.read_at(blob_id, offset, buf)
+    }
+    fn blob_size(&self, blob_id: &str) -> rafsd::Result<u64> {
+        self.inner.blob_size(blob_id)
+    }
+    fn open_range(
+        &self,
+        blob_id: &str,
+        offset: u64,
+        len: usize,
+    ) -> rafsd::Result<Box<dyn std::io::Read + Send>> {
+        self.opened.fetch_add(1, Ordering::Relaxed);
+        let r = self.inner.open_range(blob_id, offset, len)?;
+        Ok(Box::new(CutAfter(r, 16)))
+    }
+}
+
+#[test]
+fn a_streamed_run_cut_before_the_readers_chunk_falls_back_to_that_chunk_alone() {
+    let case = "v6-zstd-blake3";
+    let dir = tmp();
+    let backend = Arc::new(CutStreams {
+        inner: rafsd::storage::localfs::LocalFs::with_dir(manifest::case_blob_dir(case)),
+        opened: Default::default(),
+    });
+    let image = rafsd::RafsImage::open(
+        &manifest::case_bootstrap(case),
+        backend.clone(),
+        rafsd::ImageOptions {
+            cache_dir: Some(dir.path().join("cache")),
+            amplify_io: 1 << 20,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    // The largest file read front to back: after its first chunk, misses stream the chunks after them.
+    let (rel, want) = largest_file();
+    let mut ino = image.root_ino();
+    for name in rel.split('/') {
+        ino = image.lookup(ino, name.as_bytes()).unwrap().unwrap();
+    }
+    let mut hash = sha2::Sha256::new();
+    let mut buf = vec![0u8; 128 << 10];
+    let mut at = 0;
+    loop {
+        let n = image
+            .read(ino, at, &mut buf)
+            .unwrap_or_else(|e| panic!("read at {at}: {e}"));
+        if n == 0 {
+            break;
+        }
+        hash.update(&buf[..n]);
+        at += n as u64;
+    }
+    assert!(
+        backend.opened.load(Ordering::Relaxed) > 0,
+        "no run was streamed: the test proves nothing"
+    );
+    assert_eq!(format!("{:x}", hash.finalize()), want);
 }

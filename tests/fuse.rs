@@ -1056,3 +1056,49 @@ fn reads_stalled_on_the_backend_hold_back_no_other_fuse_request() {
     }
     assert!(d.stop().success());
 }
+
+#[test]
+#[ignore = "needs root: ci/test.sh"]
+fn an_access_trace_becomes_a_prefetch_list_in_first_read_order() {
+    manifest::assert_root("FUSE mounts");
+    let c = case(&manifest::cases()[0]);
+    let mut files = regular_files(&c);
+    files.sort_by_key(|f| f.2);
+    // Read the largest file first, then the smallest: the list follows the reads, not the image's order.
+    let picked = [files[files.len() - 1].clone(), files[0].clone()];
+    let dir = tempfile::tempdir().unwrap();
+    let (d, sock) = start_with_api(&c, dir.path(), r#","access_pattern":true"#);
+    for (rel, _, size) in &picked {
+        assert_eq!(
+            std::fs::read(d.mountpoint.join(rel)).unwrap().len() as u64,
+            *size
+        );
+        // First-read times are kept to the nanosecond; keep them apart anyway.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let trace = api_json(&sock, "/api/v1/metrics/pattern");
+    let backend = api_json(&sock, "/api/v1/metrics/backend");
+    assert!(d.stop().success());
+    let trace_file = dir.path().join("trace.json");
+    std::fs::write(&trace_file, trace.to_string()).unwrap();
+    let list_file = dir.path().join("prefetch.list");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rafsd"))
+        .arg("prefetch-list")
+        .arg(&c.bootstrap)
+        .arg(&trace_file)
+        .arg("-o")
+        .arg(&list_file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let list = std::fs::read_to_string(&list_file).unwrap();
+    let want: Vec<String> = picked.iter().map(|(rel, _, _)| format!("/{rel}")).collect();
+    assert_eq!(list.lines().collect::<Vec<_>>(), want, "trace: {trace}");
+    // What the reads needed is reported beside what was fetched.
+    let needed = backend["demand_compressed_bytes"].as_u64().unwrap();
+    assert!(needed > 0, "{backend}");
+    assert!(
+        backend["read_amount_total"].as_u64().unwrap() >= needed,
+        "{backend}"
+    );
+}

@@ -255,8 +255,18 @@ fn metrics(
 }
 
 fn backend_metrics(fs: &crate::fs::RafsFs) -> Value {
-    let (metrics, kind) = fs.image().backend_metrics();
-    metrics.to_json(kind)
+    let image = fs.image();
+    let (metrics, kind) = image.backend_metrics();
+    let mut v = metrics.to_json(kind);
+    // With `access_pattern`: what user reads asked for, to set against `read_amount_total`.
+    if let Some(d) = image.demand() {
+        v["demand_chunks"] = json!(d.chunks);
+        v["demand_compressed_bytes"] = json!(d.compressed_bytes);
+    }
+    let (missed, speculative) = image.speculation();
+    v["missed_compressed_bytes"] = json!(missed);
+    v["speculative_compressed_bytes"] = json!(speculative);
+    v
 }
 
 fn blobcache_metrics(fs: &crate::fs::RafsFs) -> Value {

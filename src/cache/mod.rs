@@ -258,6 +258,20 @@ impl BlobCache {
         }
     }
 
+    /// A claim on `chunk` alone if nobody is fetching it and it is not cached yet.
+    pub fn try_claim(self: &Arc<Self>, chunk: &ChunkInfo) -> Option<Claim> {
+        let mut claim = self.claim_none();
+        self.try_claim_more(&mut claim, chunk).then_some(claim)
+    }
+
+    /// Someone is fetching `chunk` right now.
+    pub fn is_claimed(&self, chunk: &ChunkInfo) -> bool {
+        self.inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&(chunk.blob_index, chunk.index))
+    }
+
     /// Claim `chunk` too if nobody is fetching it and it is not cached yet; false otherwise.
     pub fn try_claim_more(&self, claim: &mut Claim, chunk: &ChunkInfo) -> bool {
         let key = (chunk.blob_index, chunk.index);

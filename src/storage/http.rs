@@ -20,6 +20,8 @@ use crate::error::{BackendErrorKind, Error, Result};
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(5);
 /// Largest body read for requests that are not blob ranges (token responses, errors, pings).
 const SMALL_BODY_LIMIT: u64 = 1 << 20;
+/// Idle connections kept per host: about the number of readers that fetch at once.
+const MAX_IDLE_CONNECTIONS: usize = 32;
 
 /// The settings every network backend shares (nydusd's names and defaults, seconds as integers).
 #[derive(Debug, Clone)]
@@ -97,14 +99,28 @@ impl HttpSettings {
     }
 }
 
-/// One HTTP response with its body read (bounded).
-#[derive(Debug)]
+/// One HTTP response with its body read (bounded), or for a streamed range ([`BlobRange::stream`]) answered
+/// with 206 on a ureq route, still to be read from `live`.
 pub struct Response {
     pub status: u16,
     headers: Vec<(String, String)>,
     pub body: Vec<u8>,
     /// The body ended early or failed mid-way (the bytes in `body` are what arrived).
     pub body_error: Option<String>,
+    /// The unread body of a streamed range, limited to the range's length.
+    pub live: Option<ureq::BodyReader<'static>>,
+}
+
+impl std::fmt::Debug for Response {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Response")
+            .field("status", &self.status)
+            .field("headers", &self.headers)
+            .field("body_len", &self.body.len())
+            .field("body_error", &self.body_error)
+            .field("live", &self.live.is_some())
+            .finish()
+    }
 }
 
 impl Response {
@@ -198,6 +214,25 @@ pub enum Method {
     Head,
 }
 
+/// An inclusive byte range of a blob; `stream` asks for the body to be handed over unread
+/// ([`Response::live`]), for ranges read front to back in pieces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlobRange {
+    pub first: u64,
+    pub last: u64,
+    pub stream: bool,
+}
+
+impl BlobRange {
+    pub fn new(first: u64, last: u64) -> Self {
+        BlobRange {
+            first,
+            last,
+            stream: false,
+        }
+    }
+}
+
 /// A request as a backend describes it; the client decides the route (mirror, proxy, direct).
 pub struct Request<'a> {
     pub method: Method,
@@ -205,6 +240,8 @@ pub struct Request<'a> {
     pub headers: &'a [(String, String)],
     /// Inclusive byte range.
     pub range: Option<(u64, u64)>,
+    /// Hand a 206 body over unread (see [`BlobRange::stream`]).
+    pub stream: bool,
     /// May be served by a mirror (registry blob and ping URLs; not tokens or redirected storage URLs).
     pub mirrorable: bool,
     /// May go through the proxy (token requests never do).
@@ -214,7 +251,7 @@ pub struct Request<'a> {
 impl<'a> Request<'a> {
     /// A blob request: a ranged GET for data, or a HEAD for the size when `range` is `None`. Mirrors and
     /// the proxy may serve it; a caller that must reach one host only turns `mirrorable` off.
-    pub fn blob(url: &'a str, headers: &'a [(String, String)], range: Option<(u64, u64)>) -> Self {
+    pub fn blob(url: &'a str, headers: &'a [(String, String)], range: Option<BlobRange>) -> Self {
         Request {
             method: if range.is_some() {
                 Method::Get
@@ -223,7 +260,8 @@ impl<'a> Request<'a> {
             },
             url,
             headers,
-            range,
+            range: range.map(|r| (r.first, r.last)),
+            stream: range.is_some_and(|r| r.stream),
             mirrorable: true,
             proxied: true,
         }
@@ -249,6 +287,9 @@ pub struct HttpCounters {
 pub struct HttpClient {
     pub settings: HttpSettings,
     direct: ureq::Agent,
+    /// Like `direct` for streamed ranges: no deadline for the whole exchange (a large range over a slow
+    /// link may take longer than `timeout`), but every read must make progress within it.
+    direct_stream: ureq::Agent,
     /// The proxy as ureq speaks to it: CONNECT tunnels, used for https:// targets.
     via_proxy: Option<ureq::Agent>,
     /// The proxy as a plain forward proxy, used for http:// targets (absolute-form requests).
@@ -309,6 +350,10 @@ fn agent_with(
     let config = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .max_redirects(0)
+        // Keep a connection per concurrent reader (FUSE workers, prefetch threads) instead of ureq's
+        // 3 per host: a new connection costs a round trip before the request can even go out.
+        .max_idle_connections(MAX_IDLE_CONNECTIONS)
+        .max_idle_connections_per_host(MAX_IDLE_CONNECTIONS)
         // Environment proxies are ignored: only the config decides where blob traffic goes.
         .proxy(proxy)
         .timeout_global(global)
@@ -336,6 +381,7 @@ fn now_down() -> Health {
 impl HttpClient {
     pub fn new(settings: HttpSettings) -> Result<Self> {
         let direct = agent(&settings, None)?;
+        let direct_stream = streaming_agent(&settings)?;
         let via_proxy = match &settings.proxy {
             Some(p) => Some(agent(&settings, Some(&p.url))?),
             None => None,
@@ -352,6 +398,7 @@ impl HttpClient {
         Ok(HttpClient {
             settings,
             direct,
+            direct_stream,
             via_proxy,
             forward,
             proxy_health: Mutex::new(now_down()),
@@ -363,6 +410,14 @@ impl HttpClient {
     /// The agent for requests straight to the origin (no proxy), with the overall timeout.
     pub fn direct_agent(&self) -> &ureq::Agent {
         &self.direct
+    }
+
+    /// The agent for `req` on a direct route (origin or mirror): streamed ranges have no overall deadline.
+    fn direct_for(&self, req: &Request) -> &ureq::Agent {
+        match req.stream {
+            true => &self.direct_stream,
+            false => &self.direct,
+        }
     }
 
     /// One request on one agent, body read up to `limit` bytes.
@@ -401,6 +456,17 @@ impl HttpClient {
                 )
             })
             .collect();
+        if req.stream && status == 206 {
+            // The caller reads it as it arrives; ureq's limit keeps it to the range's length.
+            let live = resp.into_body().into_with_config().limit(limit).reader();
+            return Ok(Response {
+                status,
+                headers,
+                body: Vec::new(),
+                body_error: None,
+                live: Some(live),
+            });
+        }
         let mut body = Vec::with_capacity(limit.min(16 << 20) as usize);
         let mut body_error = None;
         if req.method == Method::Get {
@@ -419,6 +485,7 @@ impl HttpClient {
             headers,
             body,
             body_error,
+            live: None,
         })
     }
 
@@ -464,6 +531,7 @@ impl HttpClient {
             headers: answer.headers,
             body: answer.body,
             body_error: answer.body_error,
+            live: None,
         })
     }
 
@@ -485,7 +553,12 @@ impl HttpClient {
         }
         if let (206, Some((a, b))) = (r.status, req.range) {
             let got = r.header("content-range").and_then(content_range);
-            if got.is_none_or(|(x, y, _)| (x, y) != (a, b)) || r.body.len() as u64 != b - a + 1 {
+            // A streamed body is checked by its reader as it arrives.
+            let body_len = match &r.live {
+                Some(_) => b - a + 1,
+                None => r.body.len() as u64,
+            };
+            if got.is_none_or(|(x, y, _)| (x, y) != (a, b)) || body_len != b - a + 1 {
                 return Some(format!(
                     "asked for bytes {a}-{b}, got {:?} with {} bytes",
                     r.header("content-range"),
@@ -553,8 +626,14 @@ impl HttpClient {
                     continue;
                 };
                 self.counters.via_mirror.fetch_add(1, Ordering::Relaxed);
-                let result =
-                    self.send_on(&self.direct, req, &url, &m.headers, !m.auth_through, limit);
+                let result = self.send_on(
+                    self.direct_for(req),
+                    req,
+                    &url,
+                    &m.headers,
+                    !m.auth_through,
+                    limit,
+                );
                 match Self::route_fault(req, &result) {
                     None => {
                         self.mark(health, true, m.failure_limit, "mirror");
@@ -621,7 +700,7 @@ impl HttpClient {
                 }
             }
         }
-        self.send_on(&self.direct, req, req.url, &[], false, limit)
+        self.send_on(self.direct_for(req), req, req.url, &[], false, limit)
     }
 
     /// Send a blob request, reading no more body than its range asks for; a transport failure is worth a
@@ -642,6 +721,7 @@ impl HttpClient {
             url,
             headers,
             range: None,
+            stream: false,
             mirrorable: false,
             proxied: false,
         };
@@ -701,7 +781,7 @@ pub trait Remote: Send + Sync + 'static {
         &self,
         http: &HttpClient,
         blob_id: &str,
-        range: Option<(u64, u64)>,
+        range: Option<BlobRange>,
     ) -> std::result::Result<Response, Failure>;
 }
 
@@ -778,18 +858,12 @@ impl<R: Remote> RemoteBackend<R> {
         let want = (end - start + 1) as usize;
         let what = format!("blob {blob_id} bytes {start}-{end}");
         self.with_retries(&what, || {
-            let resp = self.remote.fetch(&self.http, blob_id, Some((start, end)))?;
+            let resp = self
+                .remote
+                .fetch(&self.http, blob_id, Some(BlobRange::new(start, end)))?;
             match resp.status {
                 206 => {
-                    let Some((a, b, total)) = resp.header("content-range").and_then(content_range)
-                    else {
-                        return Err(Failure::retry("206 without a valid Content-Range"));
-                    };
-                    if a != start || b != end || total.is_some_and(|t| t != blob_size) {
-                        return Err(Failure::retry(format!(
-                            "asked for {start}-{end}/{blob_size}, got Content-Range {a}-{b}/{total:?}"
-                        )));
-                    }
+                    check_range(&resp, start, end, blob_size)?;
                     check_body(resp, want)
                 }
                 // A server that ignores Range sends the whole blob; take our slice of it.
@@ -801,6 +875,100 @@ impl<R: Remote> RemoteBackend<R> {
             }
         })
     }
+}
+
+impl<R: Remote> RemoteBackend<R> {
+    /// `start..=end` as a reader over the response body as it arrives; the reader fails if the body ends
+    /// early. Retries cover everything up to the response head; a body that breaks later is the reader's
+    /// error, for the caller to handle (it has used what arrived).
+    fn stream_range(
+        &self,
+        blob_id: &str,
+        start: u64,
+        end: u64,
+        blob_size: u64,
+    ) -> Result<Box<dyn Read + Send>> {
+        let want = end - start + 1;
+        let what = format!("blob {blob_id} bytes {start}-{end}");
+        let range = BlobRange {
+            first: start,
+            last: end,
+            stream: true,
+        };
+        self.with_retries(&what, || {
+            let mut resp = self.remote.fetch(&self.http, blob_id, Some(range))?;
+            match resp.status {
+                206 => {
+                    check_range(&resp, start, end, blob_size)?;
+                    match resp.live.take() {
+                        Some(live) => Ok(Box::new(ExactBody {
+                            inner: live,
+                            left: want,
+                            what: what.clone(),
+                        }) as Box<dyn Read + Send>),
+                        // Routes that read bodies whole (the forward proxy) hand the range over read.
+                        None => check_body(resp, want as usize)
+                            .map(|b| Box::new(std::io::Cursor::new(b)) as Box<dyn Read + Send>),
+                    }
+                }
+                200 => {
+                    let whole = check_body(resp, blob_size as usize)?;
+                    Ok(Box::new(std::io::Cursor::new(
+                        whole[start as usize..=end as usize].to_vec(),
+                    )) as Box<dyn Read + Send>)
+                }
+                _ => Err(classify(&resp, &format!("{} {what}", self.remote.kind()))),
+            }
+        })
+    }
+}
+
+/// A streamed body that must deliver exactly `left` more bytes: ending early is an error, not EOF.
+struct ExactBody {
+    inner: ureq::BodyReader<'static>,
+    left: u64,
+    what: String,
+}
+
+impl Read for ExactBody {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.left == 0 || buf.is_empty() {
+            return Ok(0);
+        }
+        let max = buf.len().min(self.left.min(usize::MAX as u64) as usize);
+        let n = self.inner.read(&mut buf[..max])?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("{}: the body ended {} bytes early", self.what, self.left),
+            ));
+        }
+        self.left -= n as u64;
+        if self.left == 0 {
+            // Let ureq see the body's end now: only then does the connection go back to the pool (the
+            // caller, reading exact pieces, may never ask again).
+            let _ = self.inner.read(&mut [0u8; 1]);
+        }
+        Ok(n)
+    }
+}
+
+/// A 206 must carry exactly the range asked for, of a blob of the size we know.
+fn check_range(
+    resp: &Response,
+    start: u64,
+    end: u64,
+    blob_size: u64,
+) -> std::result::Result<(), Failure> {
+    let Some((a, b, total)) = resp.header("content-range").and_then(content_range) else {
+        return Err(Failure::retry("206 without a valid Content-Range"));
+    };
+    if a != start || b != end || total.is_some_and(|t| t != blob_size) {
+        return Err(Failure::retry(format!(
+            "asked for {start}-{end}/{blob_size}, got Content-Range {a}-{b}/{total:?}"
+        )));
+    }
+    Ok(())
 }
 
 /// The body must be complete and exactly `want` bytes, whatever Content-Length said.
@@ -860,7 +1028,9 @@ impl<R: Remote> BlobBackend for RemoteBackend<R> {
                     .ok_or_else(|| Failure::retry("HEAD without Content-Length")),
                 // Pre-signed storage URLs are often valid for GET only: ask for one byte instead.
                 403 | 405 => {
-                    let resp = self.remote.fetch(&self.http, blob_id, Some((0, 0)))?;
+                    let resp =
+                        self.remote
+                            .fetch(&self.http, blob_id, Some(BlobRange::new(0, 0)))?;
                     match resp.status {
                         206 => resp
                             .header("content-range")
@@ -889,6 +1059,15 @@ impl<R: Remote> BlobBackend for RemoteBackend<R> {
         let data = self.fetch_range(blob_id, offset, end, size)?;
         buf[..data.len()].copy_from_slice(&data);
         Ok(data.len())
+    }
+
+    fn open_range(&self, blob_id: &str, offset: u64, len: usize) -> Result<Box<dyn Read + Send>> {
+        let size = self.blob_size(blob_id)?;
+        if len == 0 || offset >= size {
+            return Ok(Box::new(std::io::empty()));
+        }
+        let end = (offset + len as u64).min(size) - 1;
+        self.stream_range(blob_id, offset, end, size)
     }
 }
 
@@ -982,7 +1161,7 @@ mod tests {
         let client = HttpClient::new(HttpSettings::new(&config)).unwrap();
         let send = |url: &str| {
             client
-                .send(&Request::blob(url, &[], Some((0, 9))), 10)
+                .send(&Request::blob(url, &[], Some(BlobRange::new(0, 9))), 10)
                 .unwrap_err()
         };
         // Nothing listens on a port just released.
@@ -1004,6 +1183,7 @@ mod tests {
             headers: Vec::new(),
             body: Vec::new(),
             body_error: None,
+            live: None,
         };
         match classify(&resp(404), "blob x") {
             Failure::Fatal(Error::Backend(b)) => {

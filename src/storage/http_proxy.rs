@@ -1,7 +1,7 @@
 //! The `http-proxy` backend: blobs served by a plain HTTP(S) server at `<addr><path>/<blob_id>` (HEAD for
 //! the size, ranged GETs for data), e.g. a local blob cache or P2P peer in front of a registry.
 
-use super::http::{Failure, HttpClient, Remote, Request, Response};
+use super::http::{BlobRange, Failure, HttpClient, Remote, Request, Response};
 use crate::config::HttpProxyConfig;
 use crate::error::{Error, Result};
 
@@ -36,7 +36,7 @@ impl Remote for HttpProxyBlobs {
         &self,
         http: &HttpClient,
         blob_id: &str,
-        range: Option<(u64, u64)>,
+        range: Option<BlobRange>,
     ) -> std::result::Result<Response, Failure> {
         let url = format!("{}/{blob_id}", self.base);
         let req = Request::blob(&url, &[], range);

@@ -74,6 +74,25 @@ impl LocalFs {
     }
 }
 
+/// `[pos, end)` of a blob file, read in the caller's pieces.
+struct FileRange {
+    file: Arc<File>,
+    pos: u64,
+    end: u64,
+}
+
+impl std::io::Read for FileRange {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let max = buf.len().min(self.end.saturating_sub(self.pos) as usize);
+        if max == 0 {
+            return Ok(0);
+        }
+        let n = self.file.read_at(&mut buf[..max], self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
 fn describe(paths: &[PathBuf]) -> String {
     let dirs: Vec<String> = paths
         .iter()
@@ -100,6 +119,19 @@ impl BlobBackend for LocalFs {
             }
         }
         Ok(done)
+    }
+
+    fn open_range(
+        &self,
+        blob_id: &str,
+        offset: u64,
+        len: usize,
+    ) -> Result<Box<dyn std::io::Read + Send>> {
+        Ok(Box::new(FileRange {
+            file: self.file(blob_id)?,
+            pos: offset,
+            end: offset.saturating_add(len as u64),
+        }))
     }
 
     fn blob_size(&self, blob_id: &str) -> Result<u64> {

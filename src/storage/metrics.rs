@@ -1,6 +1,7 @@
 //! Backend traffic of one image in the shape of nydusd's `BackendMetrics` (`/api/v1/metrics/backend`):
 //! every read of a blob range, failed or not, with its size and latency.
 
+use std::io::Read;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -50,6 +51,13 @@ impl BackendMetrics {
         self.latency_by_size[size][latency_bucket(ms)].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Bytes of a streamed read ([`BlobBackend::open_range`]) as they arrive; the read itself was recorded
+    /// when it opened, with none.
+    pub fn add_amount(&self, n: usize) {
+        self.read_amount_total
+            .fetch_add(n as u64, Ordering::Relaxed);
+    }
+
     /// Reads so far, failed ones included.
     pub fn reads(&self) -> u64 {
         self.read_count.load(Ordering::Relaxed)
@@ -96,6 +104,17 @@ impl BlobBackend for Metered {
         r
     }
 
+    fn open_range(&self, blob_id: &str, offset: u64, len: usize) -> Result<Box<dyn Read + Send>> {
+        let start = Instant::now();
+        let r = self.inner.open_range(blob_id, offset, len);
+        self.metrics
+            .record(len, r.as_ref().ok().map(|_| 0), start.elapsed());
+        Ok(Box::new(MeteredRead {
+            inner: r?,
+            metrics: self.metrics.clone(),
+        }))
+    }
+
     fn blob_size(&self, blob_id: &str) -> Result<u64> {
         self.inner.blob_size(blob_id)
     }
@@ -107,6 +126,20 @@ impl BlobBackend for Metered {
 
     fn set_registry_auth(&self, auth: Option<&str>) -> Result<()> {
         self.inner.set_registry_auth(auth)
+    }
+}
+
+/// A streamed read counting its bytes as they arrive.
+struct MeteredRead {
+    inner: Box<dyn Read + Send>,
+    metrics: Arc<BackendMetrics>,
+}
+
+impl Read for MeteredRead {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.metrics.add_amount(n);
+        Ok(n)
     }
 }
 
@@ -141,6 +174,46 @@ mod tests {
         assert!(
             m.set_registry_auth(Some("dTpw")).is_ok(),
             "credential renewal depends on it"
+        );
+    }
+
+    /// A local blob of 100 bytes, 0..100.
+    struct Local;
+    impl BlobBackend for Local {
+        fn kind(&self) -> &'static str {
+            "localfs"
+        }
+        fn read_at(&self, _: &str, offset: u64, buf: &mut [u8]) -> Result<usize> {
+            let n = buf.len().min(100usize.saturating_sub(offset as usize));
+            for (i, b) in buf[..n].iter_mut().enumerate() {
+                *b = (offset as usize + i) as u8;
+            }
+            Ok(n)
+        }
+        fn blob_size(&self, _: &str) -> Result<u64> {
+            Ok(100)
+        }
+    }
+
+    #[test]
+    fn a_streamed_read_counts_once_with_the_bytes_that_arrived() {
+        let metrics = Arc::new(BackendMetrics::default());
+        let m = Metered::new(Arc::new(Local), metrics.clone());
+        let mut r = m.open_range("b", 10, 50).unwrap();
+        let mut got = [0u8; 20];
+        r.read_exact(&mut got).unwrap();
+        assert_eq!(got[0], 10);
+        assert_eq!(
+            metrics.to_json("x")["read_amount_total"],
+            20,
+            "only what arrived"
+        );
+        let mut rest = Vec::new();
+        r.read_to_end(&mut rest).unwrap();
+        let j = metrics.to_json("x");
+        assert_eq!(
+            (j["read_count"].clone(), j["read_amount_total"].clone()),
+            (1.into(), 50.into())
         );
     }
 

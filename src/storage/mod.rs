@@ -30,6 +30,20 @@ pub trait BlobBackend: Send + Sync {
         false
     }
 
+    /// `len` bytes of blob `blob_id` from `offset` as a reader, for large fetches used piece by piece as
+    /// they arrive (fewer bytes only at the end of the blob). The default reads the range whole.
+    fn open_range(
+        &self,
+        blob_id: &str,
+        offset: u64,
+        len: usize,
+    ) -> Result<Box<dyn std::io::Read + Send>> {
+        let mut buf = vec![0u8; len];
+        let n = self.read_at(blob_id, offset, &mut buf)?;
+        buf.truncate(n);
+        Ok(Box::new(std::io::Cursor::new(buf)))
+    }
+
     /// Replace the registry credentials (base64 `user:pass`; `None` clears them) of a running backend:
     /// the next request or token fetch uses them (`PUT /api/v1/config` `registry_auth`).
     fn set_registry_auth(&self, auth: Option<&str>) -> Result<()> {

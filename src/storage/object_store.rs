@@ -9,7 +9,7 @@ use base64::Engine;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
-use super::http::{Failure, HttpClient, Remote, Request, Response};
+use super::http::{BlobRange, Failure, HttpClient, Remote, Request, Response};
 use super::http_text::{civil, percent_encode};
 use crate::config::ObjectStoreConfig;
 use crate::error::Result;
@@ -153,7 +153,7 @@ impl Remote for ObjectStore {
         &self,
         http: &HttpClient,
         blob_id: &str,
-        range: Option<(u64, u64)>,
+        range: Option<BlobRange>,
     ) -> std::result::Result<Response, Failure> {
         let (url, host, path) = self.locate(blob_id);
         let method = if range.is_some() { "GET" } else { "HEAD" };

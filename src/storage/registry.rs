@@ -13,7 +13,7 @@ use std::sync::Mutex;
 
 use base64::Engine;
 
-use super::http::{Failure, HttpClient, Remote, Request, Response};
+use super::http::{BlobRange, Failure, HttpClient, Remote, Request, Response};
 use super::registry_auth::RegistryAuth;
 use crate::config::RegistryConfig;
 use crate::error::{BackendErrorKind, Error, Result};
@@ -81,7 +81,7 @@ impl Registry {
         &self,
         http: &HttpClient,
         url: &str,
-        range: Option<(u64, u64)>,
+        range: Option<BlobRange>,
     ) -> std::result::Result<Response, Failure> {
         // A redirected storage URL belongs to that one host: no mirror serves it.
         let req = Request {
@@ -134,7 +134,7 @@ impl Remote for Registry {
         &self,
         http: &HttpClient,
         blob_id: &str,
-        range: Option<(u64, u64)>,
+        range: Option<BlobRange>,
     ) -> std::result::Result<Response, Failure> {
         let cached = self
             .redirects
