@@ -8,6 +8,7 @@
 #   ci/bench-convert.sh [ROUNDS]   (default 3; mirror: $RAFSD_BENCH_MIRROR, default http://deb.debian.org/debian)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. ci/lib/registry.sh
 ci/install-deps.sh
 command -v debootstrap >/dev/null || { apt-get update -qq && apt-get install -y -qq debootstrap >/dev/null; }
 rounds=${1:-3}
@@ -32,22 +33,10 @@ cleanup() {
 }
 trap cleanup EXIT
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-cat >"$work/registry.yml" <<YML
-version: 0.1
-log:
-  level: warn
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: $work/storage
-http:
-  addr: 127.0.0.1:$port
-  secret: bench
-YML
+registry_config "$work/registry.yml" "$work/storage" tcp "127.0.0.1:$port"
 docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
 reg=$!
-for _ in $(seq 200); do curl -s -o /dev/null "http://127.0.0.1:$port/v2/" && break; sleep 0.05; done
+wait_for_url "http://127.0.0.1:$port/v2/"
 mkdir -p "$work/convert"
 cargo bench -q --bench convert -- --registry "127.0.0.1:$port" --rafsd "$PWD/target/release/rafsd" \
     --work "$work/convert" --rounds "$rounds" "$cache/layer-1.tar.gz" "$cache/layer-2.tar.gz"

@@ -7,6 +7,7 @@
 # the medians are compared, since a shared machine makes single runs noisy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. ci/lib/registry.sh
 ci/install-deps.sh
 cargo build --release -q
 bin=$PWD/target/release/rafsd
@@ -34,22 +35,10 @@ blob=$(ls "$work/blobs")
 blob_bytes=$(stat -c %s "$work/blobs/$blob")
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-cat >"$work/registry.yml" <<YML
-version: 0.1
-log:
-  level: warn
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: $work/storage
-http:
-  addr: 127.0.0.1:$port
-  secret: bench
-YML
+registry_config "$work/registry.yml" "$work/storage" tcp "127.0.0.1:$port"
 docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
 reg=$!
-for _ in $(seq 200); do curl -s -o /dev/null "http://127.0.0.1:$port/v2/" && break; sleep 0.05; done
+wait_for_url "http://127.0.0.1:$port/v2/"
 
 # Monolithic upload: POST for a session, PUT the bytes with their digest.
 location=$(curl -s -D - -o /dev/null -X POST "http://127.0.0.1:$port/v2/$repo/blobs/uploads/" |

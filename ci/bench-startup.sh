@@ -21,6 +21,7 @@
 # Needs root, debootstrap, docker-registry, tc and nsenter; the guest column also QEMU and the guest kernel.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. ci/lib/registry.sh
 ci/install-deps.sh
 command -v debootstrap >/dev/null || { apt-get update -qq && apt-get install -y -qq debootstrap >/dev/null; }
 rounds=${1:-3}
@@ -73,30 +74,14 @@ median() { sort -g | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
 ip netns add "$ns"
 ip -n "$ns" link set lo mtu 1500 up
 tc -n "$ns" qdisc add dev lo root tbf rate "${rate_mbit}mbit" burst 32kb latency 100ms
-cat >"$work/registry.yml" <<YML
-version: 0.1
-log:
-  level: warn
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: $work/storage
-http:
-  net: unix
-  addr: $work/registry.sock
-  secret: bench
-YML
+registry_config "$work/registry.yml" "$work/storage" unix "$work/registry.sock"
 "${in_ns[@]}" docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
 pids+=($!)
 # Clients reach the registry through the forwarder only: 127.0.0.1:5000 (the registry's own socket is a
 # unix socket, off the shaped link, so each byte crosses the link once).
 "${in_ns[@]}" python3 ci/lib/delay-proxy.py 5000 "$work/registry.sock" "$delay_ms" 5001 &
 pids+=($!)
-for _ in $(seq 200); do
-    "${in_ns[@]}" curl -s -o /dev/null "http://127.0.0.1:5000/v2/" && break
-    sleep 0.05
-done
+wait_for_url "http://127.0.0.1:5000/v2/" "${in_ns[@]}"
 proxy_down() { "${in_ns[@]}" python3 -c 'import socket; s = socket.create_connection(("127.0.0.1", 5001)); print(s.makefile().readline().split()[0])'; }
 repo=bench/startup
 push() { # FILE DIGEST: monolithic upload over the registry's own socket
