@@ -97,68 +97,6 @@ fn corrupt_copy(case: &str, file: &str, dest: &Path) -> usize {
     chunks.len()
 }
 
-/// `HASH <image> <sha256> <path>` lines of one image (the path is last and may hold spaces), plus the
-/// LIST count and any HASHERR lines.
-struct GuestImage {
-    hashes: BTreeMap<String, String>,
-    duplicates: Vec<String>,
-    errors: Vec<String>,
-    listed: Option<i64>,
-}
-
-fn parse_guest(serial: &str, image: &str) -> GuestImage {
-    let mut g = GuestImage {
-        hashes: BTreeMap::new(),
-        duplicates: Vec::new(),
-        errors: Vec::new(),
-        listed: None,
-    };
-    let hash_tag = format!("HASH {image} ");
-    let err_tag = format!("HASHERR {image} ");
-    let list_tag = format!("LIST {image} ");
-    for line in serial.lines() {
-        if let Some(i) = line.find(&hash_tag) {
-            let rest = &line[i + hash_tag.len()..];
-            if let Some((sha, path)) = rest.split_once(' ') {
-                if g.hashes.insert(path.to_string(), sha.to_string()).is_some() {
-                    g.duplicates.push(path.to_string());
-                }
-            } else {
-                g.errors.push(format!("malformed: {line}"));
-            }
-        } else if let Some(i) = line.find(&err_tag) {
-            g.errors.push(line[i + err_tag.len()..].to_string());
-        } else if let Some(i) = line.find(&list_tag) {
-            g.listed = line[i + list_tag.len()..]
-                .split(' ')
-                .next()
-                .and_then(|n| n.parse().ok());
-        }
-    }
-    g
-}
-
-/// Every regular file of the manifest, with the right sha256, and nothing else.
-fn compare_with_manifest(g: &GuestImage, want: &BTreeMap<String, String>) -> Vec<String> {
-    let mut problems = Vec::new();
-    for (path, sha) in want {
-        match g.hashes.get(path) {
-            None => problems.push(format!("{path}: missing")),
-            Some(got) if got != sha => problems.push(format!("{path}: sha256 {got}, want {sha}")),
-            Some(_) => {}
-        }
-    }
-    for path in g.hashes.keys().filter(|p| !want.contains_key(*p)) {
-        problems.push(format!("{path}: not in the manifest"));
-    }
-    problems.extend(g.duplicates.iter().map(|p| format!("{p}: listed twice")));
-    problems.extend(g.errors.iter().map(|e| format!("guest error: {e}")));
-    if g.listed != Some(want.len() as i64) {
-        problems.push(format!("LIST count {:?}, want {}", g.listed, want.len()));
-    }
-    problems
-}
-
 #[test]
 #[ignore = "needs root, QEMU: ci/test.sh"]
 fn guest_reads_images_mounted_through_the_api() {
@@ -264,9 +202,9 @@ fn guest_reads_images_mounted_through_the_api() {
         .collect();
     let mut problems = Vec::new();
     for (mountpoint, case) in [IMAGE_A, IMAGE_B] {
-        let g = parse_guest(&serial, mountpoint);
+        let g = guestvm::parse_hashes(&serial, mountpoint);
         problems.extend(
-            compare_with_manifest(&g, &manifest_files)
+            guestvm::compare_with_manifest(&g, &manifest_files)
                 .into_iter()
                 .map(|p| format!("{case} at {mountpoint}: {p}")),
         );
