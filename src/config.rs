@@ -475,13 +475,16 @@ impl DaemonConfig {
         self.rafs.validate || self.cache.validate
     }
 
-    pub fn from_file(path: &std::path::Path) -> Result<Self> {
-        let text = std::fs::read(path)
+    /// The config file at `path`: its text (kept whole for the mount request, which a successor daemon
+    /// receives) and what it says; errors name the file.
+    pub fn load(path: &std::path::Path) -> Result<(String, Self)> {
+        let text = std::fs::read_to_string(path)
             .map_err(|e| Error::io(format!("read config {}", path.display()), e))?;
-        Self::from_slice(&text).map_err(|e| match e {
+        let config = Self::from_slice(text.as_bytes()).map_err(|e| match e {
             Error::Invalid(m) => Error::Invalid(format!("config {}: {m}", path.display())),
             other => other,
-        })
+        })?;
+        Ok((text, config))
     }
 
     pub fn from_slice(text: &[u8]) -> Result<Self> {

@@ -351,26 +351,23 @@ fn fuse_supervisor_ends(
 /// The FUSE daemon's instance id (the config's, else `--id`) and its start-up mount, if any.
 fn fuse_startup(args: &FuseArgs) -> Result<(Option<String>, Option<Startup>)> {
     // The image given on the command line, as a mount request (kept whole for a successor daemon).
-    let config_text = match (&args.config, &args.localfs_dir) {
+    let (config_text, config) = match (&args.config, &args.localfs_dir) {
         (Some(path), _) => {
-            DaemonConfig::from_file(path)?;
-            Some(
-                std::fs::read_to_string(path)
-                    .map_err(|e| Error::io(format!("read config {}", path.display()), e))?,
-            )
+            let (text, config) = DaemonConfig::load(path)?;
+            (Some(text), Some(config))
         }
-        (None, Some(dir)) => Some(localfs_config(dir)),
+        (None, Some(dir)) => {
+            let text = localfs_config(dir);
+            let config = DaemonConfig::from_slice(text.as_bytes())?;
+            (Some(text), Some(config))
+        }
         (None, None) if args.bootstrap.is_some() => {
             return Err(Error::Invalid(
                 "--bootstrap needs --config or --localfs-dir".into(),
             ))
         }
-        (None, None) => None,
+        (None, None) => (None, None),
     };
-    let config = config_text
-        .as_deref()
-        .map(|t| DaemonConfig::from_slice(t.as_bytes()))
-        .transpose()?;
     let id = config
         .as_ref()
         .and_then(|c| c.id.clone())
@@ -514,9 +511,7 @@ fn virtiofs_startup(args: &VirtiofsArgs) -> Result<Option<Startup>> {
     let prefetch_files = prefetch_list(args.prefetch_files.as_deref())?;
     Ok(
         if let (Some(bootstrap), Some(config)) = (&args.bootstrap, &args.config) {
-            let text = std::fs::read_to_string(config)
-                .map_err(|e| Error::io(format!("read config {}", config.display()), e))?;
-            let config = DaemonConfig::from_slice(text.as_bytes())?;
+            let (text, config) = DaemonConfig::load(config)?;
             Some(Startup::rafs(
                 bootstrap,
                 text,
