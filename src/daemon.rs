@@ -154,7 +154,12 @@ pub struct Daemon {
     supervisor: std::sync::OnceLock<String>,
     /// The requests the front end is serving now (the FUSE daemon only).
     inflight: std::sync::OnceLock<Arc<crate::inflight::Inflight>>,
+    /// Where `PUT /api/v1/daemon/upgrade` hands the new daemon's connection (the virtio-fs daemon only).
+    upgrade: std::sync::OnceLock<UpgradeHook>,
 }
+
+/// Takes the API connection of a new daemon asking for a live upgrade.
+pub type UpgradeHook = Arc<dyn Fn(std::os::unix::net::UnixStream) + Send + Sync>;
 
 /// Mountpoints are absolute paths of plain components: no "." or "..", no empty or over-long parts.
 pub fn check_mountpoint(mp: &str) -> Result<()> {
@@ -202,6 +207,7 @@ impl Daemon {
             control: Mutex::new(None),
             supervisor: std::sync::OnceLock::new(),
             inflight: std::sync::OnceLock::new(),
+            upgrade: std::sync::OnceLock::new(),
         })
     }
 
@@ -213,6 +219,15 @@ impl Daemon {
     pub fn inflight(&self) -> Option<Value> {
         let ops = self.inflight.get()?.to_json();
         (!ops.as_array().is_some_and(Vec::is_empty)).then_some(ops)
+    }
+
+    pub fn set_upgrade_hook(&self, hook: UpgradeHook) {
+        let _ = self.upgrade.set(hook);
+    }
+
+    /// Where a live upgrade's connection goes, if this daemon can be upgraded live.
+    pub fn upgrade_hook(&self) -> Option<UpgradeHook> {
+        self.upgrade.get().cloned()
     }
 
     pub fn set_supervisor(&self, path: &std::path::Path) {

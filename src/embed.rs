@@ -193,7 +193,7 @@ impl Service {
         let sock = sock.into();
         let listener = crate::vhost_user::bind(&sock)?;
         let wake = dup(&listener)?;
-        let server = VhostUserServer::start(self.daemon.vfs.clone(), listener, &sock, device)?;
+        let server = VhostUserServer::start(self.daemon.clone(), listener, &sock, device, None)?;
         self.daemon.set_state(DaemonState::Running);
         self.running(Front::Virtiofs { server, wake, sock })
     }
@@ -331,7 +331,7 @@ impl Running {
                 wake(&w);
                 let _ = std::fs::remove_file(&sock);
                 match thread.and_then(|t| join_by(t, deadline)) {
-                    Some(Ok(r)) => r,
+                    Some(Ok(r)) => r.map(drop),
                     Some(Err(_)) => Err(Error::Internal("the vhost-user server panicked".into())),
                     None => {
                         log::warn!(

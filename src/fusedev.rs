@@ -425,6 +425,7 @@ impl FuseDaemon<'_> {
                 fuse: self.fuse_init()?,
                 pseudo_dirs,
                 mounts,
+                device: None,
             }
             .encode()?;
             supervisor::send(&sock, &bytes, file.as_fd())?;
@@ -464,7 +465,7 @@ impl FuseDaemon<'_> {
         }
         let sock = self.supervisor()?;
         let (bytes, file) = supervisor::receive(&sock)?;
-        let taken = State::decode(&bytes).and_then(|state| {
+        let taken = State::decode(&bytes, "fusedev").and_then(|state| {
             check_fuse_device(&file)?;
             Ok(state)
         })?;

@@ -122,9 +122,14 @@ pub struct FuseArgs {
 /// appends the virtiofsd options `--thread-pool-size=N --announce-submounts` by default.
 #[derive(clap::Args)]
 pub struct VirtiofsArgs {
-    /// vhost-user socket the VMM connects to.
-    #[arg(long)]
-    pub sock: PathBuf,
+    /// vhost-user socket the VMM connects to (with --upgrade-from: the predecessor's, handed over).
+    #[arg(long, required_unless_present = "upgrade_from")]
+    pub sock: Option<PathBuf>,
+    /// Live upgrade: take the device, VMM connection and mounts over from the virtio-fs daemon whose
+    /// API socket this is (`PUT /api/v1/daemon/upgrade` there), instead of serving a new socket.
+    /// The predecessor exits once this daemon serves; if this one cannot read its state it carries on.
+    #[arg(long, conflicts_with_all = ["bootstrap", "shared_dir", "sock"])]
+    pub upgrade_from: Option<PathBuf>,
     /// Admin API socket.
     #[arg(long, short = 'A')]
     pub apisock: Option<PathBuf>,
@@ -435,11 +440,28 @@ pub fn virtiofs(args: VirtiofsArgs, log_dir: Option<&Path>) -> Result<()> {
     let vfs = new_vfs();
     let daemon = Daemon::new(args.id.clone(), vfs.clone());
     let startup = virtiofs_startup(&args)?;
+    // Live upgrade: the running daemon's API socket is reached before the sandbox hides its path,
+    // and a state this binary cannot read is refused here, before anything else happens.
+    let successor = args
+        .upgrade_from
+        .as_deref()
+        .map(crate::vhost_user::upgrade::Successor::connect)
+        .transpose()?;
+    let sock: PathBuf = match (&successor, &args.sock) {
+        (Some(s), _) => s
+            .offered
+            .device
+            .as_ref()
+            .map(|d| d.socket_path.clone())
+            .unwrap_or_default(),
+        (None, Some(sock)) => sock.clone(),
+        (None, None) => return Err(Error::Invalid("--sock is required".into())),
+    };
     // Kata starts nydusd with nothing to serve and no room for our options (only
     // virtio_fs_extra_args): without defaults every one of its API mounts would be refused.
     // Kata names the sandbox in the socket paths: only that sandbox's share is exposed.
     let kata = || {
-        let sockets: Vec<&Path> = [Some(args.sock.as_path()), args.apisock.as_deref()]
+        let sockets: Vec<&Path> = [Some(sock.as_path()), args.apisock.as_deref()]
             .into_iter()
             .flatten()
             .collect();
@@ -454,17 +476,24 @@ pub fn virtiofs(args: VirtiofsArgs, log_dir: Option<&Path>) -> Result<()> {
         s.cmd.source = std::path::absolute(&s.cmd.source).unwrap_or(s.cmd.source);
         s.cmd
     });
-    // Both sockets are bound on the host before the sandbox hides their paths.
-    let listener = crate::vhost_user::bind(&args.sock)?;
+    // Both sockets are bound on the host before the sandbox hides their paths (a successor gets the
+    // vhost-user one from its predecessor).
+    let listener = match successor {
+        None => Some(crate::vhost_user::bind(&sock)?),
+        Some(_) => None,
+    };
     let api_listener = args
         .apisock
         .as_deref()
         .map(crate::api::http::bind)
         .transpose()?;
-    let sockets: Vec<&PathBuf> = [Some(&args.sock), args.apisock.as_ref()]
+    let sockets: Vec<&PathBuf> = [Some(&sock), args.apisock.as_ref()]
         .into_iter()
         .flatten()
         .collect();
+    // A daemon that handed its device over says so: its supervisor then leaves the sockets, which
+    // now belong to the successor.
+    let (fate, fate_reader) = crate::takeover::mount_fate_pipe()?;
     let policy = Policy {
         allowed,
         seccomp: args.sandbox.seccomp,
@@ -476,16 +505,26 @@ pub fn virtiofs(args: VirtiofsArgs, log_dir: Option<&Path>) -> Result<()> {
     let mode = args.sandbox.sandbox.unwrap_or(SandboxMode::Namespace);
     match Sandbox::enter(mode, &policy)? {
         Entered::Supervisor(exit) => {
-            drop(api_listener);
-            drop(listener);
-            remove_files(&sockets);
+            drop((api_listener, listener, successor, fate));
+            if fate_reader.should_unmount() {
+                remove_files(&sockets);
+            }
             exit.propagate();
         }
         Entered::Daemon(sandbox) => lock(sandbox, &daemon)?,
     }
+    drop(fate_reader);
     if let Some(cmd) = startup {
         daemon.mount(&args.virtual_mountpoint, cmd)?;
     }
+    let (listener, restore) = match successor {
+        None => (listener, None),
+        Some(s) => {
+            let (listener, restore) = take_over_device(&daemon, s)?;
+            (Some(listener), Some(restore))
+        }
+    };
+    let listener = listener.ok_or_else(|| Error::Internal("no vhost-user socket".into()))?;
     // Serving as soon as the API answers: Kata waits for RUNNING before it starts the VMM.
     daemon.set_state(DaemonState::Running);
     let _api = api_listener
@@ -496,14 +535,62 @@ pub fn virtiofs(args: VirtiofsArgs, log_dir: Option<&Path>) -> Result<()> {
         pool_size,
         dax_window_size: args.dax_window.unwrap_or(0),
     };
-    let mut server = VhostUserServer::start(vfs, listener, &args.sock, device)?;
+    let mut server = VhostUserServer::start(daemon.clone(), listener, &sock, device, restore)?;
     let result = serve_until_stopped(&mut server, &daemon, &signals);
     // The vhost-user thread may sit in accept(); the process exits without waiting for it.
     server.stop();
+    if let Ok(true) = result {
+        fate.tell(crate::takeover::Fate::Keep);
+        log::info!("rafsd virtiofs handed its device over and stops");
+        return Ok(());
+    }
+    fate.tell(crate::takeover::Fate::Unmount);
     remove_files(&sockets);
     result?;
     log::info!("rafsd virtiofs stopped");
     Ok(())
+}
+
+/// The successor's side of a live upgrade, in the sandbox: accept the predecessor's state, mount its
+/// filesystems with the inode numbers the guest knows; the device is carried on by the vhost-user
+/// thread ([`crate::vhost_user::Restore`]).
+fn take_over_device(
+    daemon: &Daemon,
+    successor: crate::vhost_user::upgrade::Successor,
+) -> Result<(
+    std::os::unix::net::UnixListener,
+    crate::vhost_user::Restore,
+)> {
+    let mut handover = successor.accept()?;
+    let restored = (|| {
+        let state = &handover.state;
+        daemon.restore(&state.pseudo_dirs, &state.mounts)?;
+        fuse_backend_rs::api::filesystem::FileSystem::init(
+            &*daemon.vfs,
+            fuse_backend_rs::abi::fuse_abi::FsOptions::from_bits_truncate(state.fuse.flags),
+        )
+            .map_err(|e| Error::io("initialize the taken-over session", e))?;
+        let at = state.device.as_ref().map_or(usize::MAX, |d| d.listener_fd as usize);
+        handover
+            .files
+            .get_mut(at)
+            .and_then(Option::take)
+            .map(|f| std::os::unix::net::UnixListener::from(std::os::fd::OwnedFd::from(f)))
+            .ok_or_else(|| Error::Invalid("no listening socket in the state".into()))
+    })();
+    match restored {
+        Ok(listener) => {
+            log::info!(
+                "live upgrade: took over {} mounts from the predecessor",
+                handover.state.mounts.len()
+            );
+            Ok((listener, crate::vhost_user::Restore { handover }))
+        }
+        Err(e) => {
+            handover.done(&Err(Error::Internal(e.to_string())));
+            Err(e)
+        }
+    }
 }
 
 /// The virtio-fs daemon's start-up mount: `--bootstrap` with `--config`, or `--shared-dir`.
@@ -530,18 +617,19 @@ fn virtiofs_startup(args: &VirtiofsArgs) -> Result<Option<Startup>> {
 }
 
 /// Until a shutdown signal, `PUT /daemon/exit`, or the vhost-user server's end (with its error).
+/// `Ok(true)`: the device was handed over to a new daemon.
 fn serve_until_stopped(
     server: &mut VhostUserServer,
     daemon: &Daemon,
     signals: &libc::sigset_t,
-) -> Result<()> {
+) -> Result<bool> {
     loop {
         if let Some(sig) = wait_for_signal(signals, Duration::from_millis(200)) {
             log::info!("signal {sig}: shutting down");
-            return Ok(());
+            return Ok(false);
         }
         if daemon.exit_requested() {
-            return Ok(());
+            return Ok(false);
         }
         if let Some(result) = server.finished() {
             return result;
@@ -557,22 +645,31 @@ fn remove_files(paths: &[&PathBuf]) {
 
 /// The vhost-user device served from a thread of its own ([`crate::vhost_user::serve`]).
 pub(crate) struct VhostUserServer {
-    thread: Option<std::thread::JoinHandle<Result<()>>>,
+    thread: Option<std::thread::JoinHandle<Result<bool>>>,
     stop: Arc<AtomicBool>,
 }
 
 impl VhostUserServer {
+    /// Serve `daemon`'s share on `listener`; live-upgrade requests arrive through `daemon`'s
+    /// upgrade hook, set here; with `restore`, first carry on a predecessor's device.
     pub(crate) fn start(
-        vfs: Arc<Vfs>,
-        listener: vhost::vhost_user::Listener,
+        daemon: Arc<Daemon>,
+        listener: std::os::unix::net::UnixListener,
         sock: &Path,
         device: crate::vhost_user::DeviceOptions,
+        restore: Option<crate::vhost_user::Restore>,
     ) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let (sock, stop2) = (sock.to_path_buf(), stop.clone());
+        let upgrades = crate::vhost_user::Upgrades::new()
+            .map_err(|e| Error::io("live upgrade event", e))?;
+        let requests = upgrades.clone();
+        daemon.set_upgrade_hook(Arc::new(move |peer| requests.request(peer)));
         let thread = std::thread::Builder::new()
             .name("vhost-user".into())
-            .spawn(move || crate::vhost_user::serve(vfs, listener, &sock, device, stop2))
+            .spawn(move || {
+                crate::vhost_user::serve(daemon, listener, &sock, device, stop2, upgrades, restore)
+            })
             .map_err(|e| Error::io("start vhost-user thread", e))?;
         Ok(VhostUserServer {
             thread: Some(thread),
@@ -585,18 +682,19 @@ impl VhostUserServer {
     }
 
     /// The server's result once its thread ended by itself (an error, or a panic taken as an end).
-    pub(crate) fn finished(&mut self) -> Option<Result<()>> {
+    /// `Ok(true)`: the device was handed over to a new daemon (live upgrade).
+    pub(crate) fn finished(&mut self) -> Option<Result<bool>> {
         if !self.thread.as_ref()?.is_finished() {
             return None;
         }
         match self.thread.take()?.join() {
-            Ok(Err(e)) => Some(Err(e)),
-            _ => Some(Ok(())),
+            Ok(r) => Some(r),
+            Err(_) => Some(Ok(false)),
         }
     }
 
     /// Ask the server to stop after the current VMM connection; returns its thread, if still running.
-    pub(crate) fn stop(self) -> Option<std::thread::JoinHandle<Result<()>>> {
+    pub(crate) fn stop(self) -> Option<std::thread::JoinHandle<Result<bool>>> {
         self.stop.store(true, Ordering::SeqCst);
         self.thread
     }

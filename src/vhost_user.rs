@@ -16,10 +16,14 @@
 //! SETUPMAPPING/REMOVEMAPPING through the backend request channel: see [`crate::dax`].
 
 pub mod queue;
+pub mod relay;
+pub mod upgrade;
+pub mod wire;
 
 use std::io;
-use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -28,7 +32,10 @@ use vhost::vhost_user::message::{
     VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Backend, Error as VhostUserError, Listener};
-use vhost_user_backend::{Error as DaemonError, VhostUserBackend, VhostUserDaemon, VringRwLock};
+use vmm_sys_util::eventfd::EventFd;
+use vhost_user_backend::{
+    Error as DaemonError, VhostUserBackend, VhostUserDaemon, VringRwLock, VringT,
+};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
@@ -39,8 +46,10 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use crate::daemon::Daemon;
 use crate::dax::DaxWindow;
 use crate::error::{Error, Result};
+use crate::takeover::state::{self, State};
 pub use queue::handle_request;
 use queue::{Memory, RequestQueue, Requests};
 
@@ -89,6 +98,9 @@ pub struct VirtioFsBackend {
     backend_req: Mutex<Option<Backend>>,
     /// DAX window size in bytes (0: no window).
     dax_window_size: u64,
+    /// Per queue: take the used index from guest memory before the first request (a ring handed
+    /// over by a predecessor; the library starts counting at 0).
+    resync_used: Vec<AtomicBool>,
 }
 
 impl VirtioFsBackend {
@@ -129,7 +141,15 @@ impl VirtioFsBackend {
             pools,
             backend_req: Mutex::new(None),
             dax_window_size,
+            resync_used: (0..queues).map(|_| AtomicBool::new(false)).collect(),
         })
+    }
+
+    /// The rings come from a predecessor: each continues at the used index in guest memory.
+    fn resync_used_rings(&self) {
+        for r in &self.resync_used {
+            r.store(true, Ordering::SeqCst);
+        }
     }
 
     /// The event (epoll data) of a queue's resume eventfd: past the queue and exit events.
@@ -242,6 +262,16 @@ impl VhostUserBackend for VirtioFsBackend {
             log::warn!("virtio-fs: event {device_event} on thread {thread} without a queue");
             return Ok(());
         };
+        if self
+            .resync_used
+            .get(thread)
+            .is_some_and(|r| r.swap(false, Ordering::SeqCst))
+        {
+            match vring.queue_used_idx() {
+                Ok(used) => vring.set_queue_next_used(used),
+                Err(e) => log::error!("virtio-fs: queue {thread}: used index: {e}"),
+            }
+        }
         let result =
             self.memory().and_then(
                 |mem| match self.pools.get(thread).and_then(Option::as_ref) {
@@ -262,16 +292,14 @@ impl VhostUserBackend for VirtioFsBackend {
     }
 }
 
-/// Serve `vfs` on the vhost-user socket `sock` until `stop` is set: one VMM connection at a time, each
-/// with a fresh backend and vring workers.
-///
-/// The listening socket is bound once and kept for the daemon's life. (Re-binding it per connection, as
-/// `VhostUserDaemon::serve` does, loses a VMM that reconnects right away: its connection lands in the old
-/// listener's backlog and is reset when that listener closes, or finds no socket file at all.)
 /// Bind the vhost-user socket (replacing a stale one). Done before the API reports RUNNING, because the
-/// VMM connects as soon as it sees that state.
-pub fn bind(sock: &Path) -> Result<Listener> {
-    Listener::new(sock, true)
+/// VMM connects as soon as it sees that state. The listening socket is kept for the daemon's life (and
+/// handed to a successor): re-binding it per connection, as `VhostUserDaemon::serve` does, loses a VMM
+/// that reconnects right away (its connection lands in the old listener's backlog and is reset when
+/// that listener closes, or finds no socket file at all).
+pub fn bind(sock: &Path) -> Result<UnixListener> {
+    let _ = std::fs::remove_file(sock);
+    UnixListener::bind(sock)
         .map_err(|e| Error::Invalid(format!("vhost-user socket {}: {e}", sock.display())))
 }
 
@@ -298,15 +326,140 @@ impl Default for DeviceOptions {
     }
 }
 
+/// Live-upgrade requests from the admin API (`PUT /api/v1/daemon/upgrade`): the connections of new
+/// processes asking for the hand-over, for the serving thread.
+pub struct Upgrades {
+    waiting: Mutex<Vec<UnixStream>>,
+    wake: EventFd,
+}
+
+impl Upgrades {
+    pub fn new() -> io::Result<Arc<Self>> {
+        Ok(Arc::new(Upgrades {
+            waiting: Mutex::new(Vec::new()),
+            wake: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
+        }))
+    }
+
+    /// Queue a new process's connection (already switched to the hand-over protocol).
+    pub fn request(&self, peer: UnixStream) {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(peer);
+        if let Err(e) = self.wake.write(1) {
+            log::error!("live upgrade: cannot wake the vhost-user thread: {e}");
+        }
+    }
+
+    fn take(&self) -> Vec<UnixStream> {
+        let _ = self.wake.read();
+        std::mem::take(&mut *self.waiting.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// A device handed over by a predecessor, to serve first (see [`upgrade`]).
+pub struct Restore {
+    pub handover: upgrade::Handover,
+}
+
+/// What serving one VMM connection needs.
+struct Connection<'a> {
+    daemon: &'a Arc<Daemon>,
+    listener: &'a UnixListener,
+    sock: &'a Path,
+    opts: DeviceOptions,
+}
+
+/// Serve the daemon's share on `listener` until `stop` is set or the device was handed over (then
+/// `Ok(true)`): one VMM connection at a time, each with a fresh backend and vring workers behind a
+/// [`relay`]. With `restore`, first carry on the predecessor's connection.
 pub fn serve(
-    vfs: Arc<Vfs>,
-    mut listener: Listener,
+    daemon: Arc<Daemon>,
+    listener: UnixListener,
     sock: &Path,
     opts: DeviceOptions,
     stop: Arc<AtomicBool>,
-) -> Result<()> {
-    let sock: PathBuf = sock.to_path_buf();
+    upgrades: Arc<Upgrades>,
+    restore: Option<Restore>,
+) -> Result<bool> {
+    let c = Connection {
+        daemon: &daemon,
+        listener: &listener,
+        sock,
+        opts,
+    };
+    if let Some(r) = restore {
+        if c.session(Start::Restored(r), &upgrades)? {
+            return Ok(true);
+        }
+    }
     while !stop.load(Ordering::Relaxed) {
+        log::info!("virtio-fs: waiting for a VMM on {}", sock.display());
+        let ready = wait_readable(&[listener.as_raw_fd(), upgrades.wake.as_raw_fd()]);
+        if ready[1] {
+            for peer in upgrades.take() {
+                upgrade::refuse(
+                    &peer,
+                    &Error::Invalid(
+                        "no VMM is connected: start the new daemon on the socket instead".into(),
+                    ),
+                );
+            }
+        }
+        if !ready[0] {
+            continue;
+        }
+        let vmm = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break,
+            Err(e) => {
+                log::warn!("virtio-fs: accept: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                continue;
+            }
+        };
+        if c.session(Start::Fresh(vmm), &upgrades)? {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+enum Start {
+    Fresh(UnixStream),
+    Restored(Restore),
+}
+
+/// poll() for readability; which of `fds` are readable (none on EINTR).
+fn wait_readable<const N: usize>(fds: &[RawFd; N]) -> [bool; N] {
+    let mut p = fds.map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    // SAFETY: N valid pollfds.
+    let n = unsafe { libc::poll(p.as_mut_ptr(), N as libc::nfds_t, -1) };
+    p.map(|p| n > 0 && p.revents != 0)
+}
+
+/// A listening socket in the abstract namespace only this process knows the name of, for the library's
+/// side of the relay.
+fn private_listener() -> io::Result<(UnixListener, std::os::unix::net::SocketAddr)> {
+    use std::os::linux::net::SocketAddrExt;
+    let mut nonce = [0u8; 16];
+    // SAFETY: getrandom into a local buffer.
+    unsafe { libc::getrandom(nonce.as_mut_ptr().cast(), nonce.len(), 0) };
+    let name: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(format!("rafsd-vu-{name}"))?;
+    Ok((UnixListener::bind_addr(&addr)?, addr))
+}
+
+impl Connection<'_> {
+    /// One VMM connection, to its end (`Ok(false)`) or its hand-over to a new process (`Ok(true)`).
+    fn session(&self, start: Start, upgrades: &Upgrades) -> Result<bool> {
+        let opts = self.opts;
+        let vfs = self.daemon.vfs.clone();
         let backend = Arc::new(
             VirtioFsBackend::new(
                 vfs.clone(),
@@ -334,27 +487,186 @@ pub fn serve(
                     .map_err(|e| Error::io(format!("register queue {q}'s resume event"), e))?;
             }
         }
-        log::info!("virtio-fs: waiting for a VMM on {}", sock.display());
-        let result = daemon.start(&mut listener).and_then(|()| daemon.wait());
+        let (private, addr) =
+            private_listener().map_err(|e| Error::io("private vhost-user socket", e))?;
+        let inner = UnixStream::connect_addr(&addr)
+            .map_err(|e| Error::io("connect the private vhost-user socket", e))?;
+        let mut private = Listener::from(private);
+        daemon
+            .start(&mut private)
+            .map_err(|e| Error::Internal(format!("vhost-user daemon: {e}")))?;
+        drop(private);
+        let (vmm, mut journal) = match start {
+            Start::Fresh(vmm) => (vmm, relay::Journal::default()),
+            Start::Restored(r) => {
+                let restored = self.restore(&backend, &inner, r.handover);
+                match restored {
+                    Ok(x) => x,
+                    Err(e) => {
+                        log::error!("live upgrade: carrying on the predecessor's device failed: {e}");
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        let handed = relay::run(&vmm, &inner, &mut journal, upgrades.wake.as_raw_fd(), |journal| {
+            upgrades
+                .take()
+                .into_iter()
+                .any(|peer| self.hand_over(peer, journal, &vmm, &inner, &backend))
+        });
         backend.close();
+        drop(inner);
         for worker in daemon.get_epoll_handlers() {
             worker.send_exit_event();
         }
-        // The next guest starts from FUSE_INIT again; reset the Vfs session (mounts stay).
-        fuse_backend_rs::api::filesystem::FileSystem::destroy(&*vfs);
-        match result {
+        let ended = daemon.wait();
+        match handed {
+            Ok(relay::End::HandedOver) => {
+                log::info!("virtio-fs: the device now belongs to the new daemon");
+                return Ok(true);
+            }
+            Ok(relay::End::Disconnected) => log::info!("virtio-fs: VMM disconnected"),
+            Err(e) => log::warn!("virtio-fs: connection ended: {e}"),
+        }
+        match ended {
             Ok(())
             | Err(DaemonError::HandleRequest(
                 VhostUserError::Disconnected | VhostUserError::PartialMessage,
-            )) => {
-                log::info!("virtio-fs: VMM disconnected")
+            )) => {}
+            Err(e) => log::warn!("virtio-fs: the backend ended: {e}"),
+        }
+        // The next guest starts from FUSE_INIT again; reset the Vfs session (mounts stay).
+        fuse_backend_rs::api::filesystem::FileSystem::destroy(&*vfs);
+        Ok(false)
+    }
+
+    /// The state to hand over: filesystems and device as they are now.
+    fn export(
+        &self,
+        journal: &relay::Journal,
+        vmm: &UnixStream,
+        backend: &VirtioFsBackend,
+    ) -> Result<(Vec<u8>, Vec<std::fs::File>)> {
+        let fuse = backend.requests.fuse_session().ok_or_else(|| {
+            Error::Invalid("the guest has not initialised its FUSE session yet; try again".into())
+        })?;
+        let (pseudo_dirs, mounts) = self.daemon.export()?;
+        let (device, files) = journal
+            .export(vmm, self.listener.as_raw_fd(), self.sock)
+            .map_err(|e| Error::io("export the device", e))?;
+        let bytes = State {
+            version: state::VERSION,
+            front_end: "virtiofs".into(),
+            daemon_id: self.daemon.id.clone(),
+            fuse,
+            pseudo_dirs,
+            mounts,
+            device: Some(device),
+        }
+        .encode()?;
+        Ok((bytes, files))
+    }
+
+    /// The running daemon's side of [`upgrade`]; true once the new process serves the connection.
+    fn hand_over(
+        &self,
+        peer: UnixStream,
+        journal: &mut relay::Journal,
+        vmm: &UnixStream,
+        inner: &UnixStream,
+        backend: &VirtioFsBackend,
+    ) -> bool {
+        log::info!("live upgrade: a new daemon asks for the device");
+        let offered = upgrade::prepare(&peer).and_then(|()| {
+            let (bytes, _) = self.export(journal, vmm, backend)?;
+            upgrade::send(&peer, b'S', &bytes, &[])?;
+            upgrade::recv(&peer)
+        });
+        if let Err(e) = offered {
+            log::error!("live upgrade not done, still serving: {e}");
+            upgrade::refuse(&peer, &e);
+            return false;
+        }
+        let started = std::time::Instant::now();
+        if !backend.requests.pause(upgrade::DRAIN_TIMEOUT) {
+            let e = Error::Invalid(format!(
+                "requests in flight did not finish within {:?}",
+                upgrade::DRAIN_TIMEOUT
+            ));
+            log::error!("live upgrade not done, still serving: {e}");
+            upgrade::refuse(&peer, &e);
+            return false;
+        }
+        let rings = journal.started_rings();
+        let stopped = relay::stop_rings(inner, &rings)
+            .map_err(|e| Error::io("stop the rings", e))
+            .and_then(|bases| {
+                for (i, b) in bases {
+                    journal.set_base(i, b);
+                }
+                let (bytes, files) = self.export(journal, vmm, backend)?;
+                let fds: Vec<RawFd> = files.iter().map(AsRawFd::as_raw_fd).collect();
+                upgrade::send(&peer, b'S', &bytes, &fds)?;
+                upgrade::recv(&peer)
+            });
+        match stopped {
+            Ok(_) => {
+                log::info!(
+                    "live upgrade: handed over after {} ms without serving",
+                    started.elapsed().as_millis()
+                );
+                true
             }
-            Err(e @ DaemonError::CreateBackendListener(_)) => {
-                log::warn!("virtio-fs: accept: {e}");
-                std::thread::sleep(std::time::Duration::from_millis(100));
+            Err(e) => {
+                log::error!("live upgrade failed after the rings stopped ({e}); serving again");
+                upgrade::refuse(&peer, &e);
+                if let Err(e) = relay::restart_rings(inner, journal, &rings) {
+                    log::error!("live upgrade: cannot restart the rings: {e}");
+                }
+                backend.requests.resume();
+                false
             }
-            Err(e) => log::warn!("virtio-fs: connection ended: {e}"),
         }
     }
-    Ok(())
+
+    /// The new process's side: set the fresh backend up as the predecessor's was, start serving, and
+    /// tell the predecessor.
+    fn restore(
+        &self,
+        backend: &VirtioFsBackend,
+        inner: &UnixStream,
+        mut handover: upgrade::Handover,
+    ) -> Result<(UnixStream, relay::Journal)> {
+        let result = (|| -> Result<(UnixStream, relay::Journal)> {
+            let device = handover
+                .state
+                .device
+                .clone()
+                .ok_or_else(|| Error::Invalid("the state has no device".into()))?;
+            let vmm: UnixStream = handover
+                .files
+                .get_mut(device.connection_fd as usize)
+                .and_then(Option::take)
+                .map(std::os::fd::OwnedFd::from)
+                .ok_or_else(|| Error::Invalid("no VMM connection in the state".into()))?
+                .into();
+            let mut journal = relay::Journal::import(&device, &mut handover.files)
+                .map_err(|e| Error::io("the device's descriptors", e))?;
+            backend.requests.set_fuse_session(handover.state.fuse);
+            backend.resync_used_rings();
+            journal
+                .replay(inner)
+                .map_err(|e| Error::io("set the backend up", e))?;
+            journal.kick_all();
+            Ok((vmm, journal))
+        })();
+        handover.done(
+            &result
+                .as_ref()
+                .map(|_| ())
+                .map_err(|e| Error::Internal(e.to_string())),
+        );
+        result
+    }
 }

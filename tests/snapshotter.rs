@@ -950,9 +950,9 @@ fn failed_handovers_are_clear_errors_and_hang_nobody() {
         (
             format!(
                 "rafsd-state\n{}",
-                serde_json::json!({"version": 1, "front_end": "fusedev", "daemon_id": null,
+                serde_json::json!({"version": 2, "front_end": "fusedev", "daemon_id": null,
                 "fuse": {"major": 7, "minor": 45, "max_readahead": 0, "flags": 0},
-                "pseudo_dirs": [], "mounts": []})
+                "pseudo_dirs": [], "mounts": [], "device": null})
             )
             .into_bytes(),
             "not a /dev/fuse connection",

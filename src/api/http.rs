@@ -44,19 +44,34 @@ impl Request {
 pub struct Response {
     pub status: u16,
     pub body: Option<String>,
+    /// `101 Switching Protocols`: the connection goes to this function after the answer's head.
+    pub switch: Option<Switch>,
 }
+
+/// Takes over a connection that left HTTP.
+pub type Switch = Box<dyn FnOnce(UnixStream) + Send>;
 
 impl Response {
     pub fn json(status: u16, value: &serde_json::Value) -> Self {
         Response {
             status,
             body: Some(value.to_string()),
+            switch: None,
         }
     }
     pub fn no_content() -> Self {
         Response {
             status: 204,
             body: None,
+            switch: None,
+        }
+    }
+    /// Answer `head` (a complete `101` head) and give the connection to `to`.
+    pub fn switch(to: Switch) -> Self {
+        Response {
+            status: 101,
+            body: None,
+            switch: Some(to),
         }
     }
     pub fn error(status: u16, code: &str, message: impl Into<String>) -> Self {
@@ -193,7 +208,15 @@ fn handle_connection(stream: UnixStream, handler: &(dyn Fn(&Request) -> Response
         match read_request(&mut reader) {
             Ok(None) => return,
             Ok(Some((request, keep_alive))) => {
-                let response = handler(&request);
+                let mut response = handler(&request);
+                if let Some(to) = response.switch.take() {
+                    let head = crate::vhost_user::upgrade::SWITCH_HEAD;
+                    if writer.write_all(head.as_bytes()).is_ok() {
+                        let _ = writer.set_write_timeout(None);
+                        to(writer);
+                    }
+                    return;
+                }
                 if write_response(&mut writer, &response, keep_alive).is_err() || !keep_alive {
                     return;
                 }

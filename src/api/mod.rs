@@ -70,6 +70,7 @@ pub fn route(daemon: &Daemon, req: &Request) -> Response {
             Response::no_content()
         }
         ("/daemon/fuse/sendfd", "PUT") => control(daemon, Control::SendFd),
+        ("/daemon/upgrade", "PUT") => upgrade(daemon),
         ("/daemon/fuse/takeover", "PUT") => control(daemon, Control::Takeover),
         ("/config", "PUT") => update_config(daemon, req),
         ("/config", _) => method_not_allowed(req),
@@ -89,6 +90,19 @@ pub fn route(daemon: &Daemon, req: &Request) -> Response {
             None => Response::no_content(),
         },
         (_, _) => Response::error(404, "NoRoute", format!("no route for {}", req.path)),
+    }
+}
+
+/// `PUT /daemon/upgrade`: a new virtio-fs daemon asks for the device (see
+/// [`crate::vhost_user::upgrade`]); the connection leaves HTTP for the hand-over protocol.
+fn upgrade(daemon: &Daemon) -> Response {
+    match daemon.upgrade_hook() {
+        Some(hook) => Response::switch(Box::new(move |peer| hook(peer))),
+        None => error_response(&Error::Unsupported(
+            "live upgrade through /daemon/upgrade is for the virtio-fs daemon \
+             (the FUSE daemon uses /daemon/fuse/sendfd and takeover)"
+                .into(),
+        )),
     }
 }
 

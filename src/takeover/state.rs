@@ -5,8 +5,9 @@
 //! Encoding: the line `rafsd-state` followed by JSON. The JSON's `version` is checked before anything
 //! else, and every object refuses fields it does not know, so a state written by a newer daemon is
 //! refused with a clear error instead of being half understood. Bump [`VERSION`] for any change a
-//! reader of the previous version would misread; issue 17 (virtio-fs live upgrade) adds vrings, the
-//! memory table and DAX mappings as new fields of a new version.
+//! reader of the previous version would misread. Version 2 added [`Device`]: what a virtio-fs daemon
+//! hands to its successor besides the filesystems (the vhost-user connection's negotiated features,
+//! memory table, vrings and DAX mappings; the descriptors travel beside the bytes, named by index).
 
 use std::path::PathBuf;
 
@@ -15,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 /// The version this daemon writes and the only one it reads.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// A state larger than this is refused (a lookup table of millions of inodes stays well below it).
 pub const MAX_BYTES: usize = 64 << 20;
 const MAGIC: &[u8] = b"rafsd-state\n";
@@ -66,12 +67,89 @@ pub struct Mount {
 #[serde(deny_unknown_fields)]
 pub struct State {
     pub version: u32,
-    /// "fusedev" (virtio-fs comes with issue 17).
+    /// "fusedev" or "virtiofs".
     pub front_end: String,
     pub daemon_id: Option<String>,
     pub fuse: FuseSession,
     pub pseudo_dirs: Vec<PseudoDir>,
     pub mounts: Vec<Mount>,
+    /// The virtio-fs device (front end "virtiofs" only).
+    pub device: Option<Device>,
+}
+
+/// The virtio-fs device as the VMM set it up over vhost-user. Descriptors are indexes into the list
+/// sent with the state (SCM_RIGHTS).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Device {
+    /// The connected vhost-user socket.
+    pub connection_fd: u32,
+    /// The listening socket and its path (for the VMM's next connection).
+    pub listener_fd: u32,
+    pub socket_path: PathBuf,
+    pub owner: bool,
+    /// Virtio features the VMM acked (SET_FEATURES), if it did.
+    pub features: Option<u64>,
+    /// Protocol features the VMM acked (SET_PROTOCOL_FEATURES), if it did.
+    pub protocol_features: Option<u64>,
+    /// VIRTIO_RING_F_EVENT_IDX among the acked features.
+    pub event_idx: bool,
+    /// SET_MEM_TABLE's regions, if it was sent.
+    pub memory: Option<Vec<MemoryRegion>>,
+    pub vrings: Vec<Vring>,
+    /// The backend request channel (SET_BACKEND_REQ_FD).
+    pub backend_req_fd: Option<u32>,
+    /// The DAX window's live mappings, as the VMM holds them.
+    pub dax_mappings: Vec<DaxMapping>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryRegion {
+    pub guest_phys_addr: u64,
+    pub memory_size: u64,
+    /// The address in the VMM's process (vring addresses are given in these).
+    pub user_addr: u64,
+    pub mmap_offset: u64,
+    pub fd: u32,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Vring {
+    pub index: u32,
+    /// SET_VRING_NUM.
+    pub size: Option<u32>,
+    /// SET_VRING_ADDR.
+    pub addr: Option<VringAddr>,
+    /// Where the successor starts taking requests: the old daemon's next avail index once it has
+    /// stopped the ring with every request it took answered (so also the used index).
+    pub next_avail: Option<u32>,
+    pub kick_fd: Option<u32>,
+    pub call_fd: Option<u32>,
+    pub err_fd: Option<u32>,
+    /// SET_VRING_ENABLE.
+    pub enabled: Option<bool>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VringAddr {
+    pub flags: u32,
+    pub descriptor: u64,
+    pub used: u64,
+    pub available: u64,
+    pub log: u64,
+}
+
+/// A live mapping of the DAX window (FUSE_SETUPMAPPING): window offset and length, what is mapped
+/// there, writable or not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaxMapping {
+    pub offset: u64,
+    pub len: u64,
+    pub writable: bool,
 }
 
 impl State {
@@ -88,7 +166,8 @@ impl State {
         Ok(out)
     }
 
-    pub fn decode(bytes: &[u8]) -> Result<State> {
+    /// Read a state for a daemon serving `front_end` ("fusedev" or "virtiofs").
+    pub fn decode(bytes: &[u8], front_end: &str) -> Result<State> {
         if bytes.len() > MAX_BYTES {
             return Err(Error::Invalid(format!(
                 "daemon state of {} bytes is larger than {MAX_BYTES}",
@@ -114,10 +193,16 @@ impl State {
         }
         let state: State = serde_json::from_value(value)
             .map_err(|e| Error::Invalid(format!("daemon state version {VERSION}: {e}")))?;
-        if state.front_end != "fusedev" {
+        if state.front_end != front_end {
             return Err(Error::Unsupported(format!(
-                "daemon state of a {:?} front end; this daemon serves fusedev",
+                "daemon state of a {:?} front end; this daemon serves {front_end}",
                 state.front_end
+            )));
+        }
+        if (front_end == "virtiofs") != state.device.is_some() {
+            return Err(Error::Invalid(format!(
+                "a {front_end} daemon state {} a device",
+                if state.device.is_some() { "with" } else { "without" }
             )));
         }
         Ok(state)
@@ -154,29 +239,32 @@ mod tests {
                 lookups: vec![(1, 3), (12, 1)],
                 parents: vec![(12, 1)],
             }],
+            device: None,
         }
     }
 
     #[test]
     fn round_trips() {
         let s = sample();
-        assert_eq!(State::decode(&s.encode().unwrap()).unwrap(), s);
+        assert_eq!(State::decode(&s.encode().unwrap(), "fusedev").unwrap(), s);
     }
 
     #[test]
     fn newer_versions_unknown_fields_and_foreign_bytes_are_refused() {
         let text = String::from_utf8(sample().encode().unwrap()).unwrap();
-        let newer = text.replace("\"version\":1", "\"version\":2");
-        let e = State::decode(newer.as_bytes()).unwrap_err().to_string();
-        assert!(e.contains("version 2"), "{e}");
+        let newer = text.replace("\"version\":2", "\"version\":3");
+        let e = State::decode(newer.as_bytes(), "fusedev")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("version 3"), "{e}");
         let extra = text.replace("\"fs_index\":1", "\"fs_index\":1,\"dax\":[]");
-        let e = State::decode(extra.as_bytes()).unwrap_err().to_string();
+        let e = State::decode(extra.as_bytes(), "fusedev").unwrap_err().to_string();
         assert!(e.contains("unknown field"), "{e}");
         let top = text.replacen('{', "{\"vrings\":[],", 1);
-        assert!(State::decode(top.as_bytes()).is_err());
-        assert!(State::decode(b"\x01\x00versionize bytes").is_err());
-        assert!(State::decode(b"rafsd-state\n{").is_err());
+        assert!(State::decode(top.as_bytes(), "fusedev").is_err());
+        assert!(State::decode(b"\x01\x00versionize bytes", "fusedev").is_err());
+        assert!(State::decode(b"rafsd-state\n{", "fusedev").is_err());
         let index = text.replace("\"fs_index\":1", "\"fs_index\":300");
-        assert!(State::decode(index.as_bytes()).is_err());
+        assert!(State::decode(index.as_bytes(), "fusedev").is_err());
     }
 }

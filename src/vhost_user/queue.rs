@@ -23,10 +23,10 @@ use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use fuse_backend_rs::abi::fuse_abi::{InHeader, Opcode, OutHeader};
+use fuse_backend_rs::abi::fuse_abi::{InHeader, InitIn, InitIn2, Opcode, OutHeader};
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::api::Vfs;
 use fuse_backend_rs::transport::FsCacheReqHandler;
@@ -40,6 +40,7 @@ use vmm_sys_util::event::{
 };
 
 use crate::dax::{Admission, DaxWindow};
+use crate::takeover::state::FuseSession;
 use crate::worker_pool::WorkerPool;
 
 /// How long the queue thread may answer one request itself before the watcher takes requests off the
@@ -65,6 +66,41 @@ pub struct Requests {
     dax: RwLock<Option<Arc<DaxWindow>>>,
     /// False once the connection is over: requests finishing later stay out of its rings.
     live: RwLock<bool>,
+    /// Taking requests off the rings, stopped for a live upgrade.
+    gate: Gate,
+    /// The guest's last FUSE_INIT, handed to a successor (which never sees it).
+    init: Mutex<Option<FuseSession>>,
+}
+
+/// Whether requests may be taken off the rings, and how many taken are not answered yet. A live
+/// upgrade closes it and waits until none is left, so that each ring's next avail index is also its
+/// used index when the successor takes over.
+#[derive(Default)]
+struct Gate {
+    closed: RwLock<bool>,
+    taken: Mutex<usize>,
+    answered: Condvar,
+}
+
+impl Gate {
+    /// Take requests with `pop` (which returns how many it took) unless the gate is closed: `None`.
+    fn take<T>(&self, pop: impl FnOnce() -> (T, usize)) -> Option<T> {
+        let closed = self.closed.read().unwrap_or_else(|e| e.into_inner());
+        if *closed {
+            return None;
+        }
+        let (t, n) = pop();
+        *self.taken.lock().unwrap_or_else(|e| e.into_inner()) += n;
+        Some(t)
+    }
+
+    fn answered(&self) {
+        let mut taken = self.taken.lock().unwrap_or_else(|e| e.into_inner());
+        *taken = taken.saturating_sub(1);
+        if *taken == 0 {
+            self.answered.notify_all();
+        }
+    }
 }
 
 impl Requests {
@@ -74,7 +110,42 @@ impl Requests {
             event_idx: AtomicBool::new(false),
             dax: RwLock::new(None),
             live: RwLock::new(true),
+            gate: Gate::default(),
+            init: Mutex::new(None),
         }
+    }
+
+    /// The guest's FUSE_INIT parameters, if it sent one on this connection.
+    pub fn fuse_session(&self) -> Option<FuseSession> {
+        *self.init.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A successor's connection: the guest initialised the session with the predecessor.
+    pub fn set_fuse_session(&self, init: FuseSession) {
+        *self.init.lock().unwrap_or_else(|e| e.into_inner()) = Some(init);
+    }
+
+    /// Stop taking requests off the rings and wait (at most `timeout`) until every request taken is
+    /// answered; false (and the gate open again) if some are still running then.
+    pub fn pause(&self, timeout: Duration) -> bool {
+        *self.gate.closed.write().unwrap_or_else(|e| e.into_inner()) = true;
+        let taken = self.gate.taken.lock().unwrap_or_else(|e| e.into_inner());
+        let (taken, _) = self
+            .gate
+            .answered
+            .wait_timeout_while(taken, timeout, |n| *n > 0)
+            .unwrap_or_else(|e| e.into_inner());
+        let drained = *taken == 0;
+        drop(taken);
+        if !drained {
+            self.resume();
+        }
+        drained
+    }
+
+    /// Take requests again (a hand-over that did not happen).
+    pub fn resume(&self) {
+        *self.gate.closed.write().unwrap_or_else(|e| e.into_inner()) = false;
     }
 
     pub fn set_event_idx(&self, enabled: bool) {
@@ -107,6 +178,9 @@ impl Requests {
                 return 0;
             }
         };
+        if let Some(init) = fuse_init(&reader) {
+            *self.init.lock().unwrap_or_else(|e| e.into_inner()) = Some(init);
+        }
         let window = self.dax.read().unwrap_or_else(|e| e.into_inner()).clone();
         handle_request(&self.server, reader, writer, window.as_ref())
     }
@@ -123,6 +197,7 @@ impl Requests {
         if let Err(e) = self.complete(&vring, head, len) {
             log::warn!("virtio-fs: returning descriptor {head}: {e}");
         }
+        self.gate.answered();
     }
 
     fn complete(&self, vring: &VringRwLock, head: u16, len: u32) -> io::Result<()> {
@@ -155,16 +230,24 @@ impl Requests {
             if event_idx {
                 vring.disable_notification().map_err(io::Error::other)?;
             }
-            let chains: Vec<_> = vring
-                .get_mut()
-                .get_queue_mut()
-                .iter(mem.clone())
-                .map_err(io::Error::other)?
-                .collect();
-            for chain in chains {
+            let Some(chains) = self.gate.take(|| {
+                let chains: io::Result<Vec<_>> = vring
+                    .get_mut()
+                    .get_queue_mut()
+                    .iter(mem.clone())
+                    .map(Iterator::collect)
+                    .map_err(io::Error::other);
+                let n = chains.as_ref().map_or(0, Vec::len);
+                (chains, n)
+            }) else {
+                return Ok(());
+            };
+            for chain in chains? {
                 let head = chain.head_index();
                 let used = self.handle_chain(chain);
-                vring.add_used(head, used).map_err(io::Error::other)?;
+                let added = vring.add_used(head, used).map_err(io::Error::other);
+                self.gate.answered();
+                added?;
             }
             if !event_idx || vring.needs_notification().map_err(io::Error::other)? {
                 vring.signal_used_queue()?;
@@ -254,6 +337,8 @@ enum Pop {
     Request(Chain),
     /// Nothing available.
     Empty,
+    /// Taking requests is stopped for a live upgrade.
+    Paused,
     /// The pool is at capacity: leave the rest in the ring (a finishing request sends the resume event).
     Full,
 }
@@ -358,6 +443,7 @@ impl RequestQueue {
                         }
                     }
                     Pop::Empty => break,
+                    Pop::Paused => return Ok(()),
                     // The ring keeps the rest (with EVENT_IDX the guest stops kicking, since we do not
                     // re-enable notifications) until the resume event.
                     Pop::Full => return Ok(()),
@@ -374,11 +460,18 @@ impl RequestQueue {
             return Pop::Full;
         }
         // The ring lock is held for one pop only.
-        let chain = vring
-            .get_mut()
-            .get_queue_mut()
-            .pop_descriptor_chain(mem.clone());
-        chain.map_or(Pop::Empty, Pop::Request)
+        let chain = self.requests.gate.take(|| {
+            let chain = vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(mem.clone());
+            let n = usize::from(chain.is_some());
+            (chain, n)
+        });
+        match chain {
+            None => Pop::Paused,
+            Some(c) => c.map_or(Pop::Empty, Pop::Request),
+        }
     }
 
     /// Answer a request on the queue thread, with the watcher ready to take over the ring if it is slow.
@@ -569,6 +662,29 @@ pub fn handle_request<S: BitmapSlice>(
             0
         }
     }
+}
+
+/// The parameters of a FUSE_INIT request (the flags as 64 bits, flags2 in the high half).
+fn fuse_init<S: BitmapSlice>(reader: &Reader<'_, S>) -> Option<FuseSession> {
+    let mut r = reader.clone();
+    let header = r.read_obj::<InHeader>().ok()?;
+    if header.opcode != Opcode::Init as u32 {
+        return None;
+    }
+    let init = r.read_obj::<InitIn>().ok()?;
+    let mut flags = u64::from(init.flags);
+    // FUSE_INIT_EXT (bit 30): flags2 follows.
+    if init.flags & (1 << 30) != 0 {
+        if let Ok(more) = r.read_obj::<InitIn2>() {
+            flags |= u64::from(more.flags2) << 32;
+        }
+    }
+    Some(FuseSession {
+        major: init.major,
+        minor: init.minor,
+        max_readahead: init.max_readahead,
+        flags,
+    })
 }
 
 /// A reply carrying only `-errno`, as the server writes it.

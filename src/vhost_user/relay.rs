@@ -1,0 +1,554 @@
+//! The vhost-user message relay that makes the device replaceable under a running VMM.
+//!
+//! vhost-user-backend serves only a connection it accepted itself and cannot be rebuilt from state, and
+//! QEMU's vhost-user-fs never reconnects. So the process keeps the VMM's connected socket itself and
+//! gives the library a private connection: [`run`] forwards each message (with its descriptors) from
+//! the VMM to the library and the library's reply back, and keeps a [`Journal`] of what the messages
+//! set up (features, memory table, vrings, backend request channel) with its own copies of their
+//! descriptors. A successor process (or this one after a failed hand-over) gets the VMM's socket and
+//! the journal, and [`Journal::replay`]s it into a fresh library instance: the VMM sees nothing.
+//!
+//! Messages are rare control messages (set-up, reset, stop); requests and replies of the guest go
+//! through shared memory and eventfds, which the relay never touches, so it costs nothing per I/O.
+//! The protocol is strictly request/reply, so the relay reads one request, forwards it, and reads one
+//! reply when the request has one ([`has_reply`]).
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use super::wire::{Msg, FLAG_NEED_REPLY};
+use crate::takeover::state::{Device, MemoryRegion, Vring, VringAddr};
+
+// vhost-user request codes (the specification's numbers).
+pub const GET_FEATURES: u32 = 1;
+pub const SET_FEATURES: u32 = 2;
+pub const SET_OWNER: u32 = 3;
+pub const RESET_OWNER: u32 = 4;
+pub const SET_MEM_TABLE: u32 = 5;
+pub const SET_LOG_BASE: u32 = 6;
+pub const SET_VRING_NUM: u32 = 8;
+pub const SET_VRING_ADDR: u32 = 9;
+pub const SET_VRING_BASE: u32 = 10;
+pub const GET_VRING_BASE: u32 = 11;
+pub const SET_VRING_KICK: u32 = 12;
+pub const SET_VRING_CALL: u32 = 13;
+pub const SET_VRING_ERR: u32 = 14;
+pub const GET_PROTOCOL_FEATURES: u32 = 15;
+pub const SET_PROTOCOL_FEATURES: u32 = 16;
+pub const GET_QUEUE_NUM: u32 = 17;
+pub const SET_VRING_ENABLE: u32 = 18;
+pub const SET_BACKEND_REQ_FD: u32 = 21;
+pub const GET_CONFIG: u32 = 24;
+pub const POSTCOPY_ADVISE: u32 = 28;
+pub const GET_INFLIGHT_FD: u32 = 31;
+pub const RESET_DEVICE: u32 = 34;
+pub const GET_MAX_MEM_SLOTS: u32 = 36;
+pub const GET_STATUS: u32 = 40;
+pub const GET_SHARED_OBJECT: u32 = 41;
+pub const SET_DEVICE_STATE_FD: u32 = 42;
+pub const CHECK_DEVICE_STATE: u32 = 43;
+pub const GET_SHMEM_CONFIG: u32 = 44;
+
+/// VHOST_USER_F_PROTOCOL_FEATURES and VHOST_USER_PROTOCOL_F_REPLY_ACK.
+const F_PROTOCOL_FEATURES: u64 = 1 << 30;
+const PROTOCOL_F_REPLY_ACK: u64 = 1 << 3;
+const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+/// SET_VRING_KICK/CALL/ERR: the ring index is the low byte; this bit says "no descriptor".
+const VRING_NOFD: u64 = 1 << 8;
+
+/// Whether the backend answers `msg` (as vhost 0.16's request handler does): the GET_ requests and a
+/// few others always; any other only when it asks for an ack and REPLY_ACK was negotiated.
+pub fn has_reply(request: u32, flags: u32, reply_ack: bool) -> bool {
+    matches!(
+        request,
+        GET_FEATURES
+            | GET_VRING_BASE
+            | GET_PROTOCOL_FEATURES
+            | GET_QUEUE_NUM
+            | GET_CONFIG
+            | GET_INFLIGHT_FD
+            | GET_MAX_MEM_SLOTS
+            | GET_STATUS
+            | GET_SHARED_OBJECT
+            | SET_DEVICE_STATE_FD
+            | CHECK_DEVICE_STATE
+            | GET_SHMEM_CONFIG
+            | SET_LOG_BASE
+            | POSTCOPY_ADVISE
+    ) || (reply_ack && flags & FLAG_NEED_REPLY != 0)
+}
+
+/// One vring as the VMM set it up.
+#[derive(Default)]
+struct RingJournal {
+    size: Option<u32>,
+    addr: Option<VringAddr>,
+    base: Option<u32>,
+    kick: Option<File>,
+    call: Option<File>,
+    err: Option<File>,
+    enabled: Option<bool>,
+}
+
+/// What the VMM's messages set up on this connection, with our own copies of their descriptors.
+#[derive(Default)]
+pub struct Journal {
+    /// What the backend offered (GET_FEATURES): with PROTOCOL_FEATURES among them and REPLY_ACK acked,
+    /// requests that ask for an ack get one.
+    offered: Option<u64>,
+    owner: bool,
+    features: Option<u64>,
+    protocol_features: Option<u64>,
+    memory: Option<(Vec<MemoryRegion>, Vec<File>)>,
+    rings: Vec<RingJournal>,
+    backend_req: Option<File>,
+}
+
+fn le_u32(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+fn le_u64(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
+}
+
+fn dup(f: &File) -> io::Result<File> {
+    f.try_clone()
+}
+
+impl Journal {
+    /// Rings beyond this index are not journaled (the backend refuses them anyway).
+    const MAX_RINGS: usize = 256;
+
+    fn ring(&mut self, index: u64) -> Option<&mut RingJournal> {
+        let i = usize::try_from(index).ok().filter(|i| *i < Self::MAX_RINGS)?;
+        if self.rings.len() <= i {
+            self.rings.resize_with(i + 1, RingJournal::default);
+        }
+        self.rings.get_mut(i)
+    }
+
+    /// Acks were negotiated: requests with NEED_REPLY get one.
+    pub fn reply_ack(&self) -> bool {
+        self.offered.unwrap_or(0) & F_PROTOCOL_FEATURES != 0
+            && self.protocol_features.unwrap_or(0) & PROTOCOL_F_REPLY_ACK != 0
+    }
+
+    /// Note what a request from the VMM sets up (before it is forwarded; a request the backend then
+    /// refuses ends the connection, journal and all). Malformed requests are not noted: the backend
+    /// refuses them.
+    pub fn record(&mut self, m: &Msg) -> io::Result<()> {
+        let p = &m.payload;
+        let first = m.files.first();
+        match m.request {
+            SET_OWNER => self.owner = true,
+            RESET_OWNER | RESET_DEVICE => {
+                *self = Journal {
+                    offered: self.offered,
+                    ..Journal::default()
+                }
+            }
+            SET_FEATURES => self.features = m.u64().or(self.features),
+            SET_PROTOCOL_FEATURES => {
+                self.protocol_features = m.u64().or(self.protocol_features)
+            }
+            SET_MEM_TABLE => {
+                let n = le_u32(p, 0).unwrap_or(0) as usize;
+                if n != m.files.len() || p.len() < 8 + 32 * n {
+                    return Ok(());
+                }
+                let regions = (0..n)
+                    .map(|i| {
+                        let at = 8 + 32 * i;
+                        MemoryRegion {
+                            guest_phys_addr: le_u64(p, at).unwrap_or(0),
+                            memory_size: le_u64(p, at + 8).unwrap_or(0),
+                            user_addr: le_u64(p, at + 16).unwrap_or(0),
+                            mmap_offset: le_u64(p, at + 24).unwrap_or(0),
+                            fd: i as u32,
+                        }
+                    })
+                    .collect();
+                let files = m.files.iter().map(dup).collect::<io::Result<_>>()?;
+                self.memory = Some((regions, files));
+            }
+            SET_VRING_NUM | SET_VRING_BASE | SET_VRING_ENABLE => {
+                let (Some(index), Some(value)) = (le_u32(p, 0), le_u32(p, 4)) else {
+                    return Ok(());
+                };
+                let request = m.request;
+                if let Some(r) = self.ring(index.into()) {
+                    match request {
+                        SET_VRING_NUM => r.size = Some(value),
+                        SET_VRING_BASE => r.base = Some(value),
+                        _ => r.enabled = Some(value != 0),
+                    }
+                }
+            }
+            SET_VRING_ADDR => {
+                let (Some(index), Some(flags)) = (le_u32(p, 0), le_u32(p, 4)) else {
+                    return Ok(());
+                };
+                let addr = VringAddr {
+                    flags,
+                    descriptor: le_u64(p, 8).unwrap_or(0),
+                    used: le_u64(p, 16).unwrap_or(0),
+                    available: le_u64(p, 24).unwrap_or(0),
+                    log: le_u64(p, 32).unwrap_or(0),
+                };
+                if let Some(r) = self.ring(index.into()) {
+                    r.addr = Some(addr);
+                }
+            }
+            SET_VRING_KICK | SET_VRING_CALL | SET_VRING_ERR => {
+                let Some(v) = m.u64() else { return Ok(()) };
+                let file = match first {
+                    Some(f) if v & VRING_NOFD == 0 => Some(dup(f)?),
+                    _ => None,
+                };
+                let request = m.request;
+                if let Some(r) = self.ring(v & 0xff) {
+                    match request {
+                        SET_VRING_KICK => r.kick = file,
+                        SET_VRING_CALL => r.call = file,
+                        _ => r.err = file,
+                    }
+                }
+            }
+            SET_BACKEND_REQ_FD => self.backend_req = first.map(dup).transpose()?,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The backend's reply to a request, for what it says about the rings: GET_VRING_BASE stops one
+    /// (vhost-user-backend drops its kick and call descriptors; a successor must not restart it).
+    pub fn record_reply(&mut self, m: &Msg) {
+        if m.request == GET_FEATURES {
+            self.offered = m.u64().or(self.offered);
+        }
+        if m.request == GET_VRING_BASE {
+            if let (Some(index), Some(base)) = (le_u32(&m.payload, 0), le_u32(&m.payload, 4)) {
+                if let Some(r) = self.ring(index.into()) {
+                    r.base = Some(base);
+                    r.kick = None;
+                    r.call = None;
+                }
+            }
+        }
+    }
+
+    /// Rings the VMM started (they have a kick descriptor): the ones to stop and hand over.
+    pub fn started_rings(&self) -> Vec<u32> {
+        (0..self.rings.len() as u32)
+            .filter(|i| self.rings[*i as usize].kick.is_some())
+            .collect()
+    }
+
+    pub fn set_base(&mut self, index: u32, base: u32) {
+        if let Some(r) = self.ring(index.into()) {
+            r.base = Some(base);
+        }
+    }
+
+    /// The serialisable form, with the descriptors it names (duplicates: the journal keeps its own).
+    /// Descriptors 0 and 1 are the connection and the listener, given by the caller.
+    pub fn export(
+        &self,
+        connection: &UnixStream,
+        listener: RawFd,
+        socket_path: &std::path::Path,
+    ) -> io::Result<(Device, Vec<File>)> {
+        let mut files: Vec<File> = vec![dup_raw(connection.as_raw_fd())?, dup_raw(listener)?];
+        let mut add = |f: &File| -> io::Result<u32> {
+            files.push(dup(f)?);
+            Ok(files.len() as u32 - 1)
+        };
+        let memory = match &self.memory {
+            None => None,
+            Some((regions, mem)) => {
+                let mut out = Vec::with_capacity(regions.len());
+                for r in regions {
+                    let f = mem.get(r.fd as usize).ok_or_else(|| {
+                        io::Error::other("memory region without its descriptor")
+                    })?;
+                    out.push(MemoryRegion { fd: add(f)?, ..*r });
+                }
+                Some(out)
+            }
+        };
+        let mut vrings = Vec::new();
+        for (i, r) in self.rings.iter().enumerate() {
+            let opt = |f: &Option<File>, add: &mut dyn FnMut(&File) -> io::Result<u32>| {
+                f.as_ref().map(add).transpose()
+            };
+            vrings.push(Vring {
+                index: i as u32,
+                size: r.size,
+                addr: r.addr,
+                next_avail: r.base,
+                kick_fd: opt(&r.kick, &mut add)?,
+                call_fd: opt(&r.call, &mut add)?,
+                err_fd: opt(&r.err, &mut add)?,
+                enabled: r.enabled,
+            });
+        }
+        let backend_req_fd = self.backend_req.as_ref().map(&mut add).transpose()?;
+        let features = self.features;
+        Ok((
+            Device {
+                connection_fd: 0,
+                listener_fd: 1,
+                socket_path: socket_path.to_path_buf(),
+                owner: self.owner,
+                features,
+                protocol_features: self.protocol_features,
+                event_idx: features.unwrap_or(0) & VIRTIO_RING_F_EVENT_IDX != 0,
+                memory,
+                vrings,
+                backend_req_fd,
+                dax_mappings: Vec::new(),
+            },
+            files,
+        ))
+    }
+
+    /// The journal of a device handed over, taking its descriptors out of `files`.
+    pub fn import(d: &Device, files: &mut [Option<File>]) -> io::Result<Journal> {
+        let mut take = |i: u32| -> io::Result<File> {
+            files
+                .get_mut(i as usize)
+                .and_then(Option::take)
+                .ok_or_else(|| io::Error::other(format!("descriptor {i} missing or used twice")))
+        };
+        let memory = match &d.memory {
+            None => None,
+            Some(regions) => {
+                let mut out = Vec::new();
+                let mut mem = Vec::new();
+                for (k, r) in regions.iter().enumerate() {
+                    mem.push(take(r.fd)?);
+                    out.push(MemoryRegion { fd: k as u32, ..*r });
+                }
+                Some((out, mem))
+            }
+        };
+        let mut rings = Vec::new();
+        for (i, v) in d.vrings.iter().enumerate() {
+            if v.index as usize != i || i >= Self::MAX_RINGS {
+                return Err(io::Error::other("vrings out of order"));
+            }
+            rings.push(RingJournal {
+                size: v.size,
+                addr: v.addr,
+                base: v.next_avail,
+                kick: v.kick_fd.map(&mut take).transpose()?,
+                call: v.call_fd.map(&mut take).transpose()?,
+                err: v.err_fd.map(&mut take).transpose()?,
+                enabled: v.enabled,
+            });
+        }
+        Ok(Journal {
+            offered: None,
+            owner: d.owner,
+            features: d.features,
+            protocol_features: d.protocol_features,
+            memory,
+            rings,
+            backend_req: d.backend_req_fd.map(&mut take).transpose()?,
+        })
+    }
+
+    /// Set a fresh backend up as the journal says, on its connection `sock`, then make sure it took
+    /// everything (a GET_FEATURES round trip: the backend ends the connection on a request it refuses).
+    pub fn replay(&mut self, sock: &UnixStream) -> io::Result<()> {
+        let ask = |request: u32| -> io::Result<Msg> {
+            Msg::new(request, Vec::new(), Vec::new()).send(sock)?;
+            Msg::recv(sock)?.ok_or_else(|| {
+                io::Error::other(format!("the backend ended the connection at request {request}"))
+            })
+        };
+        let send = |request: u32, payload: Vec<u8>, files: Vec<File>| {
+            Msg::new(request, payload, files).send(sock)
+        };
+        self.offered = ask(GET_FEATURES)?.u64();
+        ask(GET_PROTOCOL_FEATURES)?;
+        if self.owner {
+            send(SET_OWNER, Vec::new(), Vec::new())?;
+        }
+        if let Some(f) = self.protocol_features {
+            send(SET_PROTOCOL_FEATURES, f.to_le_bytes().to_vec(), Vec::new())?;
+        }
+        if let Some(f) = self.features {
+            send(SET_FEATURES, f.to_le_bytes().to_vec(), Vec::new())?;
+        }
+        if let Some((regions, mem)) = &self.memory {
+            let mut p = Vec::with_capacity(8 + 32 * regions.len());
+            p.extend_from_slice(&(regions.len() as u32).to_le_bytes());
+            p.extend_from_slice(&0u32.to_le_bytes());
+            for r in regions {
+                for v in [r.guest_phys_addr, r.memory_size, r.user_addr, r.mmap_offset] {
+                    p.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+            let files = mem.iter().map(dup).collect::<io::Result<_>>()?;
+            send(SET_MEM_TABLE, p, files)?;
+        }
+        if let Some(f) = &self.backend_req {
+            send(SET_BACKEND_REQ_FD, Vec::new(), vec![dup(f)?])?;
+        }
+        let state = |i: usize, v: u32| [(i as u32).to_le_bytes(), v.to_le_bytes()].concat();
+        for (i, r) in self.rings.iter().enumerate() {
+            if let Some(n) = r.size {
+                send(SET_VRING_NUM, state(i, n), Vec::new())?;
+            }
+            if let Some(a) = r.addr {
+                let mut p = state(i, a.flags);
+                for v in [a.descriptor, a.used, a.available, a.log] {
+                    p.extend_from_slice(&v.to_le_bytes());
+                }
+                send(SET_VRING_ADDR, p, Vec::new())?;
+            }
+            if let Some(b) = r.base {
+                send(SET_VRING_BASE, state(i, b), Vec::new())?;
+            }
+            for (request, f) in [
+                (SET_VRING_CALL, &r.call),
+                (SET_VRING_ERR, &r.err),
+                (SET_VRING_KICK, &r.kick),
+            ] {
+                if let Some(f) = f {
+                    send(request, (i as u64).to_le_bytes().to_vec(), vec![dup(f)?])?;
+                }
+            }
+            if let Some(e) = r.enabled {
+                send(SET_VRING_ENABLE, state(i, e.into()), Vec::new())?;
+            }
+        }
+        ask(GET_FEATURES).map(drop)
+    }
+
+    /// Kick every started ring once, so that requests the guest queued while nobody served it are
+    /// taken now rather than at its next kick.
+    pub fn kick_all(&self) {
+        for r in &self.rings {
+            if let Some(k) = &r.kick {
+                let one = 1u64.to_ne_bytes();
+                // SAFETY: an eventfd write of 8 bytes from a local buffer.
+                unsafe { libc::write(k.as_raw_fd(), one.as_ptr().cast(), 8) };
+            }
+        }
+    }
+}
+
+fn dup_raw(fd: RawFd) -> io::Result<File> {
+    // SAFETY: F_DUPFD_CLOEXEC on a descriptor we hold gives a new one we own.
+    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+    if new < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: just created, owned by nobody else.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(new) })
+}
+
+/// Why [`run`] returned.
+pub enum End {
+    /// The VMM hung up (or the backend ended the connection on a request it refused).
+    Disconnected,
+    /// `on_wake` said the connection now belongs to another process.
+    HandedOver,
+}
+
+/// Relay between the VMM's socket and the backend's until one ends, or until `on_wake` (called when
+/// `wake` is readable, between two messages) says the connection was handed over.
+pub fn run(
+    vmm: &UnixStream,
+    backend: &UnixStream,
+    journal: &mut Journal,
+    wake: RawFd,
+    mut on_wake: impl FnMut(&mut Journal) -> bool,
+) -> io::Result<End> {
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: vmm.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: wake,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two valid pollfds.
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if fds[1].revents & libc::POLLIN != 0 && on_wake(journal) {
+            return Ok(End::HandedOver);
+        }
+        if fds[0].revents == 0 {
+            continue;
+        }
+        let Some(m) = Msg::recv(vmm)? else {
+            return Ok(End::Disconnected);
+        };
+        let reply = has_reply(m.request, m.flags, journal.reply_ack());
+        journal.record(&m)?;
+        m.send(backend)?;
+        if reply {
+            let Some(r) = Msg::recv(backend)? else {
+                return Ok(End::Disconnected);
+            };
+            journal.record_reply(&r);
+            r.send(vmm)?;
+        }
+    }
+}
+
+/// Stop the started rings through the backend connection (GET_VRING_BASE) and return where each
+/// stopped: `(ring, next avail index)`.
+pub fn stop_rings(backend: &UnixStream, rings: &[u32]) -> io::Result<Vec<(u32, u32)>> {
+    let mut bases = Vec::new();
+    for &i in rings {
+        let p = [i.to_le_bytes(), 0u32.to_le_bytes()].concat();
+        Msg::new(GET_VRING_BASE, p, Vec::new()).send(backend)?;
+        let r = Msg::recv(backend)?
+            .ok_or_else(|| io::Error::other("the backend ended the connection at GET_VRING_BASE"))?;
+        let base = le_u32(&r.payload, 4)
+            .ok_or_else(|| io::Error::other("short GET_VRING_BASE reply"))?;
+        bases.push((i, base));
+    }
+    Ok(bases)
+}
+
+/// Start rings stopped by [`stop_rings`] again at the same place (a hand-over that failed after the
+/// stop): base, call and kick as before.
+pub fn restart_rings(backend: &UnixStream, journal: &Journal, rings: &[u32]) -> io::Result<()> {
+    for &i in rings {
+        let Some(r) = journal.rings.get(i as usize) else {
+            continue;
+        };
+        if let Some(b) = r.base {
+            let p = [i.to_le_bytes(), b.to_le_bytes()].concat();
+            Msg::new(SET_VRING_BASE, p, Vec::new()).send(backend)?;
+        }
+        for (request, f) in [(SET_VRING_CALL, &r.call), (SET_VRING_KICK, &r.kick)] {
+            if let Some(f) = f {
+                let p = u64::from(i).to_le_bytes().to_vec();
+                Msg::new(request, p, vec![dup(f)?]).send(backend)?;
+            }
+        }
+    }
+    Msg::new(GET_FEATURES, Vec::new(), Vec::new()).send(backend)?;
+    Msg::recv(backend)?.ok_or_else(|| io::Error::other("the backend ended the connection"))?;
+    journal.kick_all();
+    Ok(())
+}

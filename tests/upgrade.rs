@@ -1,0 +1,245 @@
+//! Live upgrade of `rafsd virtiofs` under a running QEMU (TCG) guest: a new process takes the device
+//! over (`rafsd virtiofs --upgrade-from API`, which asks `PUT /api/v1/daemon/upgrade` of the running
+//! one) while the guest reads and hashes files of two RAFS images in a loop (ci/guest/init's
+//! `rafs_loop`, caches dropped each round so every round goes to the daemon).
+//!
+//! Needs root, QEMU and busybox-static (ci/install-vm-deps.sh) and the guest kernel (ci/guest-kernel.sh);
+//! ci/test.sh provides all three. A missing piece fails the test: it is never skipped.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use kit::{daemon, guestvm, manifest};
+
+use guestvm::{die_with_parent, Guard, Vm};
+
+const IMAGE_A: (&str, &str) = ("/rafs/a/lowerdir", "v6-zstd-blake3");
+const IMAGE_B: (&str, &str) = ("/rafs/b/lowerdir", "v5-lz4-blake3-repeatable");
+const QEMU_LIMIT: u64 = 600;
+const UPGRADES: usize = 10;
+
+fn mount_rafs(vm: &Vm, (mountpoint, case): (&str, &str)) {
+    let (status, reply) = vm.mount_image(
+        mountpoint,
+        "rafs",
+        &manifest::case_bootstrap(case),
+        &manifest::case_blob_dir(case),
+        true,
+    );
+    if status != 204 {
+        vm.fail(format!("mount {mountpoint}: {status} {reply}"));
+    }
+}
+
+/// The guest's reading loop: booted, its file lists made, reading.
+fn boot_reading_guest(vm: &Vm, dir: &Path, loop_secs: u32, rafsd: &mut Guard) -> Guard {
+    guestvm::require_tools();
+    let kernel = guestvm::debian_kernel();
+    let (_, initrd) = guestvm::guest_files(dir, "");
+    let append = format!(
+        "rafs_images={},{} rafs_loop={loop_secs} rafs_loop_files=60",
+        IMAGE_A.0, IMAGE_B.0
+    );
+    let mut qemu = vm.start_qemu(&kernel, &initrd, &append, 512, QEMU_LIMIT);
+    vm.wait_for(
+        &format!("LOOP-READY {}", vm.nonce),
+        Duration::from_secs(240),
+        &mut qemu,
+        rafsd,
+    );
+    qemu
+}
+
+/// Start the successor of the daemon serving `vm` and wait until it serves and the predecessor has
+/// exited.
+fn upgrade(vm: &Vm, round: usize, old: &mut Guard) -> Guard {
+    let log = vm.dir.join(format!("rafsd-{round}.log"));
+    let mut cmd = daemon::rafsd();
+    die_with_parent(&mut cmd, libc::SIGKILL)
+        .args(["virtiofs", "--log-level", "info", "--upgrade-from"])
+        .arg(&vm.api)
+        .arg("--apisock")
+        .arg(&vm.api)
+        .args(daemon::sandbox_allow_args(&vm.dir));
+    let child = daemon::spawn_ready(&mut cmd, &log, Duration::from_secs(60), || {
+        old.exited().is_some() && guestvm::api_says_running(&vm.api)
+    })
+    .unwrap_or_else(|e| {
+        vm.fail(format!(
+            "upgrade {round}: rafsd {e}\n--- new daemon log ---\n{}",
+            daemon::read_log(&log)
+        ))
+    });
+    let status = old.exited().unwrap();
+    assert!(
+        status.success(),
+        "upgrade {round}: the old daemon exited with {status}"
+    );
+    Guard {
+        name: "rafsd",
+        child: Some(child),
+        inner_pidfile: None,
+    }
+}
+
+/// Uptimes of the guest's successful reads ("R <uptime>") in `serial`.
+fn reads(serial: &str) -> Vec<f64> {
+    serial
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("R "))
+        .filter_map(|t| t.trim().parse().ok())
+        .collect()
+}
+
+/// The longest time between two successful reads from the last read before `before` reads to the
+/// first one after `after` reads (the reads counted when the event started and ended).
+fn gap_ms(times: &[f64], before: usize, after: usize) -> f64 {
+    let from = before.saturating_sub(1);
+    let to = (after + 1).min(times.len());
+    times[from..to]
+        .windows(2)
+        .map(|w| (w[1] - w[0]) * 1000.0)
+        .fold(0.0, f64::max)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn loop_end(vm: &Vm) -> (u64, u64) {
+    let line = vm
+        .line(&format!("LOOP-END {}", vm.nonce))
+        .unwrap_or_else(|| vm.fail("no LOOP-END"));
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let num = |key: &str| -> u64 {
+        let i = words.iter().position(|w| *w == key).unwrap();
+        words[i + 1].parse().unwrap()
+    };
+    (num("reads"), num("bad"))
+}
+
+#[test]
+#[ignore = "needs root, QEMU: ci/test.sh"]
+fn the_daemon_is_upgraded_ten_times_under_a_reading_guest() {
+    let tmp = guestvm::work_dir("rafsd-upgrade-");
+    let dir = tmp.path();
+    let vm = Vm::new(dir);
+    let mut rafsd = vm.start_rafsd(&[]);
+    mount_rafs(&vm, IMAGE_A);
+    mount_rafs(&vm, IMAGE_B);
+    let mut qemu = boot_reading_guest(&vm, dir, 150, &mut rafsd);
+    let mut pids = vec![rafsd.pid()];
+    let mut gaps = Vec::new();
+    for round in 0..UPGRADES {
+        std::thread::sleep(Duration::from_secs(3));
+        let before = reads(&vm.serial_text()).len();
+        let started = Instant::now();
+        rafsd = upgrade(&vm, round, &mut rafsd);
+        let took = started.elapsed();
+        let serving = reads(&vm.serial_text()).len();
+        // Wait until the guest has read on, so the gap is closed.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let n = reads(&vm.serial_text()).len();
+            if n > serving + 3 {
+                break;
+            }
+            if Instant::now() > deadline {
+                vm.fail(format!("upgrade {round}: the guest reads no more"));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let times = reads(&vm.serial_text());
+        let gap = gap_ms(&times, before, serving);
+        eprintln!(
+            "upgrade {round}: pid {} -> {}, {} ms for the new process to serve, longest gap between guest reads {gap:.0} ms",
+            pids.last().unwrap(),
+            rafsd.pid(),
+            took.as_millis()
+        );
+        assert!(!pids.contains(&rafsd.pid()), "the pid must change");
+        pids.push(rafsd.pid());
+        gaps.push(gap);
+    }
+    vm.wait_for(
+        &format!("LOOP-END {}", vm.nonce),
+        Duration::from_secs(300),
+        &mut qemu,
+        &mut rafsd,
+    );
+    let serial = vm.serial_text();
+    let bad: Vec<&str> = serial.lines().filter(|l| l.contains("BAD ")).collect();
+    assert!(bad.is_empty(), "guest read errors: {bad:#?}{}", vm.logs());
+    let (n, nbad) = loop_end(&vm);
+    assert!(n > 0 && nbad == 0, "reads {n}, bad {nbad}{}", vm.logs());
+    let max = gaps.iter().copied().fold(0.0, f64::max);
+    let med = median(&mut gaps.clone());
+    eprintln!(
+        "live upgrade x{UPGRADES}: service gap median {med:.0} ms, max {max:.0} ms ({n} guest reads, none wrong)"
+    );
+}
+
+/// Play a new daemon that cannot read the state: ask for the hand-over and refuse what comes.
+fn refuse_upgrade(api: &Path) -> String {
+    let mut s = UnixStream::connect(api).unwrap();
+    s.write_all(b"PUT /api/v1/daemon/upgrade HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut b).unwrap(), 1, "the daemon hung up");
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).unwrap();
+    let mut frame = vec![0u8; u32::from_le_bytes(len) as usize];
+    s.read_exact(&mut frame).unwrap();
+    assert_eq!(frame[0], b'S', "the state frame");
+    let why = b"Eunsupported: daemon state version 2; this rafsd reads version 3 only";
+    s.write_all(&(why.len() as u32).to_le_bytes()).unwrap();
+    s.write_all(why).unwrap();
+    String::from_utf8_lossy(&frame[1..]).into_owned()
+}
+
+#[test]
+#[ignore = "needs root, QEMU: ci/test.sh"]
+fn a_refused_upgrade_leaves_the_old_daemon_serving() {
+    let tmp = guestvm::work_dir("rafsd-upgrade-refused-");
+    let dir = tmp.path();
+    let vm = Vm::new(dir);
+    let mut rafsd = vm.start_rafsd(&[]);
+    mount_rafs(&vm, IMAGE_A);
+    mount_rafs(&vm, IMAGE_B);
+    let mut qemu = boot_reading_guest(&vm, dir, 25, &mut rafsd);
+    std::thread::sleep(Duration::from_secs(2));
+    let state = refuse_upgrade(&vm.api);
+    assert!(state.starts_with("rafsd-state\n"), "{state}");
+    let json: serde_json::Value = serde_json::from_str(&state["rafsd-state\n".len()..]).unwrap();
+    assert_eq!(json["front_end"], "virtiofs");
+    assert_eq!(json["mounts"].as_array().unwrap().len(), 2);
+    let before = reads(&vm.serial_text()).len();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        reads(&vm.serial_text()).len() > before,
+        "the guest reads no more after a refused upgrade{}",
+        vm.logs()
+    );
+    assert!(rafsd.exited().is_none(), "the old daemon must carry on");
+    assert!(guestvm::api_says_running(&vm.api));
+    vm.wait_for(
+        &format!("LOOP-END {}", vm.nonce),
+        Duration::from_secs(120),
+        &mut qemu,
+        &mut rafsd,
+    );
+    let (n, nbad) = loop_end(&vm);
+    assert!(n > 0 && nbad == 0, "reads {n}, bad {nbad}{}", vm.logs());
+}
