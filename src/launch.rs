@@ -530,11 +530,25 @@ pub fn virtiofs(args: VirtiofsArgs, log_dir: Option<&Path>) -> Result<()> {
     let _api = api_listener
         .map(|l| crate::api::start_on(l, daemon.clone()))
         .transpose()?;
-    let device = crate::vhost_user::DeviceOptions {
+    let mut device = crate::vhost_user::DeviceOptions {
         request_queues: args.thread_num as usize,
         pool_size,
         dax_window_size: args.dax_window.unwrap_or(0),
     };
+    // A successor offers the device its predecessor offered (the VMM set it up for that).
+    if let Some(d) = restore
+        .as_ref()
+        .and_then(|r| r.handover.state.device.as_ref())
+    {
+        if !(1..=64).contains(&d.request_queues) || !d.dax_window.is_multiple_of(2 << 20) {
+            return Err(Error::Invalid(format!(
+                "the predecessor's device has {} request queues and a DAX window of {} bytes",
+                d.request_queues, d.dax_window
+            )));
+        }
+        device.request_queues = d.request_queues as usize;
+        device.dax_window_size = d.dax_window;
+    }
     let mut server = VhostUserServer::start(daemon.clone(), listener, &sock, device, restore)?;
     let result = serve_until_stopped(&mut server, &daemon, &signals);
     // The vhost-user thread may sit in accept(); the process exits without waiting for it.
@@ -557,10 +571,7 @@ pub fn virtiofs(args: VirtiofsArgs, log_dir: Option<&Path>) -> Result<()> {
 fn take_over_device(
     daemon: &Daemon,
     successor: crate::vhost_user::upgrade::Successor,
-) -> Result<(
-    std::os::unix::net::UnixListener,
-    crate::vhost_user::Restore,
-)> {
+) -> Result<(std::os::unix::net::UnixListener, crate::vhost_user::Restore)> {
     let mut handover = successor.accept()?;
     let restored = (|| {
         let state = &handover.state;
@@ -569,8 +580,11 @@ fn take_over_device(
             &*daemon.vfs,
             fuse_backend_rs::abi::fuse_abi::FsOptions::from_bits_truncate(state.fuse.flags),
         )
-            .map_err(|e| Error::io("initialize the taken-over session", e))?;
-        let at = state.device.as_ref().map_or(usize::MAX, |d| d.listener_fd as usize);
+        .map_err(|e| Error::io("initialize the taken-over session", e))?;
+        let at = state
+            .device
+            .as_ref()
+            .map_or(usize::MAX, |d| d.listener_fd as usize);
         handover
             .files
             .get_mut(at)
@@ -661,8 +675,8 @@ impl VhostUserServer {
     ) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let (sock, stop2) = (sock.to_path_buf(), stop.clone());
-        let upgrades = crate::vhost_user::Upgrades::new()
-            .map_err(|e| Error::io("live upgrade event", e))?;
+        let upgrades =
+            crate::vhost_user::Upgrades::new().map_err(|e| Error::io("live upgrade event", e))?;
         let requests = upgrades.clone();
         daemon.set_upgrade_hook(Arc::new(move |peer| requests.request(peer)));
         let thread = std::thread::Builder::new()

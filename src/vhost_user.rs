@@ -32,7 +32,6 @@ use vhost::vhost_user::message::{
     VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Backend, Error as VhostUserError, Listener};
-use vmm_sys_util::eventfd::EventFd;
 use vhost_user_backend::{
     Error as DaemonError, VhostUserBackend, VhostUserDaemon, VringRwLock, VringT,
 };
@@ -45,6 +44,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::daemon::Daemon;
 use crate::dax::DaxWindow;
@@ -390,7 +390,7 @@ pub fn serve(
         opts,
     };
     if let Some(r) = restore {
-        if c.session(Start::Restored(r), &upgrades)? {
+        if c.session(Start::Restored(Box::new(r)), &upgrades)? {
             return Ok(true);
         }
     }
@@ -428,7 +428,7 @@ pub fn serve(
 
 enum Start {
     Fresh(UnixStream),
-    Restored(Restore),
+    Restored(Box<Restore>),
 }
 
 /// poll() for readability; which of `fds` are readable (none on EINTR).
@@ -503,18 +503,26 @@ impl Connection<'_> {
                 match restored {
                     Ok(x) => x,
                     Err(e) => {
-                        log::error!("live upgrade: carrying on the predecessor's device failed: {e}");
+                        log::error!(
+                            "live upgrade: carrying on the predecessor's device failed: {e}"
+                        );
                         return Err(e);
                     }
                 }
             }
         };
-        let handed = relay::run(&vmm, &inner, &mut journal, upgrades.wake.as_raw_fd(), |journal| {
-            upgrades
-                .take()
-                .into_iter()
-                .any(|peer| self.hand_over(peer, journal, &vmm, &inner, &backend))
-        });
+        let handed = relay::run(
+            &vmm,
+            &inner,
+            &mut journal,
+            upgrades.wake.as_raw_fd(),
+            |journal| {
+                upgrades
+                    .take()
+                    .into_iter()
+                    .any(|peer| self.hand_over(peer, journal, &vmm, &inner, &backend))
+            },
+        );
         backend.close();
         drop(inner);
         for worker in daemon.get_epoll_handlers() {
@@ -552,9 +560,18 @@ impl Connection<'_> {
             Error::Invalid("the guest has not initialised its FUSE session yet; try again".into())
         })?;
         let (pseudo_dirs, mounts) = self.daemon.export()?;
-        let (device, files) = journal
+        let (mut device, files) = journal
             .export(vmm, self.listener.as_raw_fd(), self.sock)
             .map_err(|e| Error::io("export the device", e))?;
+        device.request_queues = self.opts.request_queues as u32;
+        device.dax_window = self.opts.dax_window_size;
+        if let Some(window) = backend.requests.dax() {
+            device.dax_mappings = window
+                .live()
+                .into_iter()
+                .map(|(offset, len)| state::DaxMapping { offset, len })
+                .collect();
+        }
         let bytes = State {
             version: state::VERSION,
             front_end: "virtiofs".into(),
@@ -658,6 +675,19 @@ impl Connection<'_> {
             journal
                 .replay(inner)
                 .map_err(|e| Error::io("set the backend up", e))?;
+            if !device.dax_mappings.is_empty() {
+                let live: Vec<(u64, u64)> = device
+                    .dax_mappings
+                    .iter()
+                    .map(|m| (m.offset, m.len))
+                    .collect();
+                backend
+                    .requests
+                    .dax()
+                    .ok_or_else(|| Error::Invalid("DAX mappings but no DAX window".into()))?
+                    .adopt(&live)
+                    .map_err(|e| Error::io("the DAX window's live mappings", e))?;
+            }
             journal.kick_all();
             Ok((vmm, journal))
         })();

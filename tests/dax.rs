@@ -697,6 +697,43 @@ fn a_new_fuse_session_starts_with_an_empty_window() {
 }
 
 #[test]
+#[ignore = "needs root: ci/test.sh"]
+fn live_mappings_survive_a_live_upgrade_and_are_unmapped_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut d = daemon_with_image(dir.path(), "v5-none-aligned");
+    let mut dg = connect(&d.sock);
+    dg.g.fuse_init().unwrap();
+    let img = dg.g.lookup(ROOT, b"img").unwrap();
+    let special = dg.g.lookup(img.nodeid, b"special").unwrap();
+    let f = dg.g.lookup(special.nodeid, b"random-2m5").unwrap().nodeid;
+    let want = read_range(&mut dg.g, f, 0, 2 * RANGE);
+    dg.g.setupmapping(f, 0, 0, 2 * RANGE, READ, 0).unwrap();
+    let n = want.len() as u64; // 2.5 MiB: the file ends in the second range
+    assert!(dg.window.bytes(0, n) == &want[..], "window bytes");
+    let old = d.pid();
+    d.upgrade(BIN, dir.path());
+    assert_ne!(d.pid(), old);
+    // The VMM kept the mapping; the guest reads it as before.
+    assert!(dg.window.bytes(0, n) == &want[..], "window bytes");
+    // The new daemon knows it: an overlapping map of another file range is refused, nothing changes.
+    let e = dg.g.setupmapping(f, 0, 0, RANGE, READ, RANGE).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{e}");
+    assert!(dg.window.bytes(0, n) == &want[..], "window bytes");
+    // And unmaps it when the guest asks.
+    dg.g.removemapping(f, &[(0, 2 * RANGE)]).unwrap();
+    assert!(!dg.window.is_mapped(0) && !dg.window.is_mapped(RANGE));
+    dg.g.setupmapping(f, 0, RANGE, RANGE, READ, 0).unwrap();
+    assert!(
+        dg.window.bytes(0, n - RANGE) == &want[RANGE as usize..],
+        "window bytes"
+    );
+    // Requests go on through the rings the new daemon took over.
+    assert!(read_range(&mut dg.g, f, 0, 2 * RANGE) == want, "read");
+    drop(dg);
+    d.kill_and_check();
+}
+
+#[test]
 fn bad_window_sizes_are_refused_on_the_command_line() {
     let dir = tempfile::tempdir().unwrap();
     for bad in ["0", "3M", "1K", "lots", "-2M", "99999999999999T"] {

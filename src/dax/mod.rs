@@ -183,6 +183,32 @@ impl DaxWindow {
         Ok(())
     }
 
+    /// The live mappings, `(window offset, length)`, for a successor (live upgrade).
+    pub fn live(&self) -> Vec<(u64, u64)> {
+        let maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+        maps.iter().map(|(&s, &e)| (s, e - s)).collect()
+    }
+
+    /// Take over a predecessor's live mappings (they stay mapped in the VMM), so that later overlap
+    /// checks and REMOVEMAPPINGs know them. Ranges outside the window, unaligned or overlapping are
+    /// refused, and then none is taken.
+    pub fn adopt(&self, live: &[(u64, u64)]) -> io::Result<()> {
+        let mut taken = BTreeMap::new();
+        for &(start, len) in live {
+            let end = self.check_range(start, len)?;
+            if taken
+                .range(..end)
+                .next_back()
+                .is_some_and(|(_, &e)| e > start)
+            {
+                return Err(einval());
+            }
+            taken.insert(start, end);
+        }
+        *self.maps.lock().unwrap_or_else(|e| e.into_inner()) = taken;
+        Ok(())
+    }
+
     /// A new FUSE session (FUSE_INIT) starts with an empty window: the guest's DAX code assumes so after
     /// a remount or reboot, and never removes what the previous session left. Unmap it all.
     pub fn reset(&self) {

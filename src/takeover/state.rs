@@ -99,7 +99,10 @@ pub struct Device {
     pub vrings: Vec<Vring>,
     /// The backend request channel (SET_BACKEND_REQ_FD).
     pub backend_req_fd: Option<u32>,
-    /// The DAX window's live mappings, as the VMM holds them.
+    /// Request queues offered (the hiprio queue comes on top): the successor offers the same.
+    pub request_queues: u32,
+    /// The DAX window's size (0: none) and its live mappings, which the VMM keeps mapped.
+    pub dax_window: u64,
     pub dax_mappings: Vec<DaxMapping>,
 }
 
@@ -142,14 +145,12 @@ pub struct VringAddr {
     pub log: u64,
 }
 
-/// A live mapping of the DAX window (FUSE_SETUPMAPPING): window offset and length, what is mapped
-/// there, writable or not.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A live mapping of the DAX window (FUSE_SETUPMAPPING): window offset and length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DaxMapping {
     pub offset: u64,
     pub len: u64,
-    pub writable: bool,
 }
 
 impl State {
@@ -202,7 +203,11 @@ impl State {
         if (front_end == "virtiofs") != state.device.is_some() {
             return Err(Error::Invalid(format!(
                 "a {front_end} daemon state {} a device",
-                if state.device.is_some() { "with" } else { "without" }
+                if state.device.is_some() {
+                    "with"
+                } else {
+                    "without"
+                }
             )));
         }
         Ok(state)
@@ -258,7 +263,9 @@ mod tests {
             .to_string();
         assert!(e.contains("version 3"), "{e}");
         let extra = text.replace("\"fs_index\":1", "\"fs_index\":1,\"dax\":[]");
-        let e = State::decode(extra.as_bytes(), "fusedev").unwrap_err().to_string();
+        let e = State::decode(extra.as_bytes(), "fusedev")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unknown field"), "{e}");
         let top = text.replacen('{', "{\"vrings\":[],", 1);
         assert!(State::decode(top.as_bytes(), "fusedev").is_err());

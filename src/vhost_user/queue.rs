@@ -152,6 +152,10 @@ impl Requests {
         self.event_idx.store(enabled, Ordering::Relaxed);
     }
 
+    pub fn dax(&self) -> Option<Arc<DaxWindow>> {
+        self.dax.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     pub fn set_dax(&self, window: Arc<DaxWindow>) {
         *self.dax.write().unwrap_or_else(|e| e.into_inner()) = Some(window);
     }

@@ -106,7 +106,9 @@ impl Successor {
         let mut head = Vec::new();
         let mut byte = [0u8; 1];
         while !head.ends_with(b"\r\n\r\n") {
-            if head.len() > 16 << 10 || (&peer).read(&mut byte).map_err(|e| io_err("answer", e))? == 0 {
+            if head.len() > 16 << 10
+                || (&peer).read(&mut byte).map_err(|e| io_err("answer", e))? == 0
+            {
                 break;
             }
             head.push(byte[0]);

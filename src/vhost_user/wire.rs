@@ -186,7 +186,11 @@ mod tests {
         assert_eq!((data, files.len()), (vec![1, 2, 3], 2));
         send_frame(&a, &[0; 11], &[]).unwrap();
         assert!(recv_frame(&b, 10, 4).is_err(), "a frame over the limit");
+        let (a, b) = UnixStream::pair().unwrap();
         drop(a);
-        assert!(Msg::recv(&b).unwrap().is_none());
+        assert!(
+            Msg::recv(&b).unwrap().is_none(),
+            "a hang-up between messages"
+        );
     }
 }

@@ -1382,6 +1382,38 @@ impl VirtiofsDaemon {
         self.pid
     }
 
+    /// Live upgrade: start `bin virtiofs --upgrade-from API --apisock API` (with the sandbox allow
+    /// arguments for `dir`), wait until it serves and this daemon has exited, and become it.
+    pub fn upgrade(&mut self, bin: &str, dir: &Path) {
+        let log = dir.join(format!("rafsd-virtiofs-{}.log", self.pid));
+        let mut cmd = Command::new(bin);
+        cmd.arg("virtiofs")
+            .arg("--upgrade-from")
+            .arg(&self.apisock)
+            .arg("--apisock")
+            .arg(&self.apisock)
+            .args(crate::daemon::sandbox_allow_args(dir));
+        let apisock = self.apisock.clone();
+        let mut old = self.child.take().expect("a running daemon");
+        let child = crate::daemon::spawn_ready(&mut cmd, &log, Duration::from_secs(30), || {
+            old.try_wait().unwrap().is_some()
+                && crate::daemon::api_request(&apisock, "GET", "/api/v1/daemon", "", WAIT)
+                    .is_ok_and(|(s, _)| s == 200)
+        })
+        .unwrap_or_else(|e| {
+            panic!(
+                "rafsd virtiofs --upgrade-from {e}:\n{}\n--- the old daemon's log ---\n{}",
+                crate::daemon::read_log(&log),
+                self.log_text()
+            )
+        });
+        let status = old.wait().unwrap();
+        assert!(status.success(), "the old daemon exited with {status}");
+        self.pid = child.id() as i32;
+        self.child = Some(child);
+        self.log = log;
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
