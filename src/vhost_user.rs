@@ -12,6 +12,9 @@
 //! the VMM disconnects we listen again for the next one; requests still running then are not put in the
 //! old connection's rings.
 //!
+//! The VMM's connection goes through a [`relay`] to the library's (vhost-user-backend) private one, so
+//! that the device can be handed to a new process under a running guest: see [`upgrade`].
+//!
 //! With `--dax-window` the device also offers a DAX window (SHMEM, GET_SHMEM_CONFIG) and answers
 //! SETUPMAPPING/REMOVEMAPPING through the backend request channel: see [`crate::dax`].
 

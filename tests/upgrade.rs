@@ -234,6 +234,29 @@ fn a_refused_upgrade_leaves_the_old_daemon_serving() {
     );
     assert!(rafsd.exited().is_none(), "the old daemon must carry on");
     assert!(guestvm::api_says_running(&vm.api));
+    // A passthrough share's inodes and open files cannot be handed over yet: the running daemon
+    // refuses, the new process says why and exits, the old one carries on.
+    let share = dir.join("share");
+    std::fs::create_dir(&share).unwrap();
+    vm.share("/share", &share);
+    let out = daemon::rafsd()
+        .args(["virtiofs", "--upgrade-from"])
+        .arg(&vm.api)
+        .arg("--apisock")
+        .arg(dir.join("api2.sock"))
+        .args(daemon::sandbox_allow_args(dir))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("passthrough share"),
+        "{}: {err}",
+        out.status
+    );
+    let before = reads(&vm.serial_text()).len();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(reads(&vm.serial_text()).len() > before, "{}", vm.logs());
+    assert!(rafsd.exited().is_none(), "the old daemon must carry on");
     vm.wait_for(
         &format!("LOOP-END {}", vm.nonce),
         Duration::from_secs(120),
