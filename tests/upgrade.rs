@@ -3,12 +3,17 @@
 //! one) while the guest reads and hashes files of two RAFS images in a loop (ci/guest/init's
 //! `rafs_loop`, caches dropped each round so every round goes to the daemon).
 //!
-//! Needs root, QEMU and busybox-static (ci/install-vm-deps.sh) and the guest kernel (ci/guest-kernel.sh);
-//! ci/test.sh provides all three. A missing piece fails the test: it is never skipped.
+//! The upgrades alternate between this build and a second build of the same sources with another version
+//! string; the refusal test upgrades to a build whose state format is one version ahead. Both come from
+//! ci/upgrade-builds.sh (target/upgrade-builds/).
+//!
+//! Needs root, QEMU and busybox-static (ci/install-vm-deps.sh), the guest kernel (ci/guest-kernel.sh) and
+//! the second builds (ci/upgrade-builds.sh); ci/test.sh provides all of them. A missing piece fails the
+//! test: it is never skipped.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use kit::{daemon, guestvm, manifest};
@@ -19,6 +24,25 @@ const IMAGE_A: (&str, &str) = ("/rafs/a/lowerdir", "v6-zstd-blake3");
 const IMAGE_B: (&str, &str) = ("/rafs/b/lowerdir", "v5-lz4-blake3-repeatable");
 const QEMU_LIMIT: u64 = 600;
 const UPGRADES: usize = 10;
+
+/// A binary of ci/upgrade-builds.sh.
+fn second_build(name: &str) -> PathBuf {
+    let bin = guestvm::root().join("target/upgrade-builds").join(name);
+    assert!(
+        bin.is_file(),
+        "{} is missing: run ci/upgrade-builds.sh (ci/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+/// `package_ver` of the daemon answering at `api`.
+fn package_version(api: &Path) -> String {
+    let (_, body) =
+        daemon::api_request(api, "GET", "/api/v1/daemon", "", Duration::from_secs(10)).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["version"]["package_ver"].as_str().unwrap().to_string()
+}
 
 fn mount_rafs(vm: &Vm, (mountpoint, case): (&str, &str)) {
     let (status, reply) = vm.mount_image(
@@ -52,11 +76,11 @@ fn boot_reading_guest(vm: &Vm, dir: &Path, loop_secs: u32, rafsd: &mut Guard) ->
     qemu
 }
 
-/// Start the successor of the daemon serving `vm` and wait until it serves and the predecessor has
-/// exited.
-fn upgrade(vm: &Vm, round: usize, old: &mut Guard) -> Guard {
+/// Start `bin` as the successor of the daemon serving `vm` and wait until it serves and the
+/// predecessor has exited.
+fn upgrade(vm: &Vm, bin: &Path, round: usize, old: &mut Guard) -> Guard {
     let log = vm.dir.join(format!("rafsd-{round}.log"));
-    let mut cmd = daemon::rafsd();
+    let mut cmd = std::process::Command::new(bin);
     die_with_parent(&mut cmd, libc::SIGKILL)
         .args(["virtiofs", "--log-level", "info", "--upgrade-from"])
         .arg(&vm.api)
@@ -133,11 +157,16 @@ fn the_daemon_is_upgraded_ten_times_under_a_reading_guest() {
     let mut qemu = boot_reading_guest(&vm, dir, 150, &mut rafsd);
     let mut pids = vec![rafsd.pid()];
     let mut gaps = Vec::new();
+    let this = (kit::rafsd_bin().to_path_buf(), package_version(&vm.api));
+    let other = second_build("rafsd-b");
+    let other = (other, format!("{}-upgrade-b", this.1));
     for round in 0..UPGRADES {
         std::thread::sleep(Duration::from_secs(3));
         let before = reads(&vm.serial_text()).len();
         let started = Instant::now();
-        rafsd = upgrade(&vm, round, &mut rafsd);
+        let (bin, version) = if round % 2 == 0 { &other } else { &this };
+        rafsd = upgrade(&vm, Path::new(bin), round, &mut rafsd);
+        assert_eq!(&package_version(&vm.api), version, "upgrade {round}");
         let took = started.elapsed();
         let serving = reads(&vm.serial_text()).len();
         // Wait until the guest has read on, so the gap is closed.
@@ -155,7 +184,7 @@ fn the_daemon_is_upgraded_ten_times_under_a_reading_guest() {
         let times = reads(&vm.serial_text());
         let gap = gap_ms(&times, before, serving);
         eprintln!(
-            "upgrade {round}: pid {} -> {}, {} ms for the new process to serve, longest gap between guest reads {gap:.0} ms",
+            "upgrade {round} to {version}: pid {} -> {}, {} ms for the new process to serve, longest gap between guest reads {gap:.0} ms",
             pids.last().unwrap(),
             rafsd.pid(),
             took.as_millis()
@@ -218,8 +247,28 @@ fn a_refused_upgrade_leaves_the_old_daemon_serving() {
     let mut rafsd = vm.start_rafsd(&[]);
     mount_rafs(&vm, IMAGE_A);
     mount_rafs(&vm, IMAGE_B);
-    let mut qemu = boot_reading_guest(&vm, dir, 25, &mut rafsd);
+    let mut qemu = boot_reading_guest(&vm, dir, 30, &mut rafsd);
     std::thread::sleep(Duration::from_secs(2));
+    // A real build one state version ahead cannot read this daemon's state: it says so and exits.
+    let out = std::process::Command::new(second_build("rafsd-next-state"))
+        .args(["virtiofs", "--upgrade-from"])
+        .arg(&vm.api)
+        .arg("--apisock")
+        .arg(dir.join("api-next.sock"))
+        .args(daemon::sandbox_allow_args(dir))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("reads version 3 only"),
+        "{}: {err}",
+        out.status
+    );
+    let before = reads(&vm.serial_text()).len();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(reads(&vm.serial_text()).len() > before, "{}", vm.logs());
+    assert!(rafsd.exited().is_none(), "the old daemon must carry on");
+    // The same, played by hand: the state offered, then refused.
     let state = refuse_upgrade(&vm.api);
     assert!(state.starts_with("rafsd-state\n"), "{state}");
     let json: serde_json::Value = serde_json::from_str(&state["rafsd-state\n".len()..]).unwrap();
