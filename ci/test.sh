@@ -15,6 +15,8 @@ cargo clippy --workspace --all-targets -- -D warnings
 # The library's modules import each other without circles.
 python3 ci/import-graph.py
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
+# tests/upgrade.rs upgrades to a second build with another version string and to one a state version ahead.
+ci/upgrade-builds.sh >/dev/null
 # Two tiers (README, "Tests"); every test runs in exactly one of them.
 # The fast tier, as user nobody: it must pass without root (a test that needs root fails here instead of
 # passing only because CI is root). Cargo runs each test executable through setpriv (so the checkout must
