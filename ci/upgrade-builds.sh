@@ -6,7 +6,9 @@
 #   target/upgrade-builds/rafsd-next-state  the daemon state format's VERSION raised by one: a binary that cannot
 #                                           read this build's state (the refusal test).
 # They share target/ with the main build, so only the rafsd crates are compiled again; the main binary
-# (target/debug/rafsd, which each of them overwrites) is rebuilt at the end.
+# (target/debug/rafsd, which each of them overwrites) is rebuilt at the end. The copies are not git checkouts:
+# their build script runs with SOURCE_DATE_EPOCH set, so that the main build's runs again afterwards (it
+# reruns when that variable changes) and its `Git Commit:` stays this checkout's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -22,7 +24,7 @@ build() { # NAME FILE SED-EXPRESSION: copy the sources, change FILE, build, keep
         echo "upgrade-builds: $expr changed nothing in $file" >&2
         exit 1
     fi
-    (cd "$src" && CARGO_TARGET_DIR="$root/target" cargo build --quiet -p rafsd --bin rafsd)
+    (cd "$src" && SOURCE_DATE_EPOCH=$(date +%s) CARGO_TARGET_DIR="$root/target" cargo build --quiet -p rafsd --bin rafsd)
     cp target/debug/rafsd "$out/$name.tmp"
     mv "$out/$name.tmp" "$out/$name"
     rm -rf "$src"

@@ -193,7 +193,9 @@ impl Service {
         let sock = sock.into();
         let listener = crate::vhost_user::bind(&sock)?;
         let wake = dup(&listener)?;
-        let server = VhostUserServer::start(self.daemon.clone(), listener, &sock, device, None)?;
+        // The embedding program owns the process: no live upgrade hands its device away.
+        let server =
+            VhostUserServer::start(self.daemon.clone(), listener, &sock, device, None, false)?;
         self.daemon.set_state(DaemonState::Running);
         self.running(Front::Virtiofs { server, wake, sock })
     }

@@ -549,7 +549,8 @@ pub fn virtiofs(args: VirtiofsArgs, log_dir: Option<&Path>) -> Result<()> {
         device.request_queues = d.request_queues as usize;
         device.dax_window_size = d.dax_window;
     }
-    let mut server = VhostUserServer::start(daemon.clone(), listener, &sock, device, restore)?;
+    let mut server =
+        VhostUserServer::start(daemon.clone(), listener, &sock, device, restore, true)?;
     let result = serve_until_stopped(&mut server, &daemon, &signals);
     // The vhost-user thread may sit in accept(); the process exits without waiting for it.
     server.stop();
@@ -664,21 +665,24 @@ pub(crate) struct VhostUserServer {
 }
 
 impl VhostUserServer {
-    /// Serve `daemon`'s share on `listener`; live-upgrade requests arrive through `daemon`'s
-    /// upgrade hook, set here; with `restore`, first carry on a predecessor's device.
+    /// Serve `daemon`'s share on `listener`; with `restore`, first carry on a predecessor's device.
+    /// With `upgradable`, live-upgrade requests arrive through `daemon`'s upgrade hook, set here.
     pub(crate) fn start(
         daemon: Arc<Daemon>,
         listener: std::os::unix::net::UnixListener,
         sock: &Path,
         device: crate::vhost_user::DeviceOptions,
         restore: Option<crate::vhost_user::Restore>,
+        upgradable: bool,
     ) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let (sock, stop2) = (sock.to_path_buf(), stop.clone());
         let upgrades =
             crate::vhost_user::Upgrades::new().map_err(|e| Error::io("live upgrade event", e))?;
-        let requests = upgrades.clone();
-        daemon.set_upgrade_hook(Arc::new(move |peer| requests.request(peer)));
+        if upgradable {
+            let requests = upgrades.clone();
+            daemon.set_upgrade_hook(Arc::new(move |peer| requests.request(peer)));
+        }
         let thread = std::thread::Builder::new()
             .name("vhost-user".into())
             .spawn(move || {

@@ -72,8 +72,37 @@ pub fn refuse(peer: &UnixStream, why: &Error) {
     let _ = send(peer, b'E', why.to_string().as_bytes(), &[]);
 }
 
-/// Set the step timeouts on a hand-over connection.
+/// Check who asks and set the step timeouts on a hand-over connection. The state carries the guest's
+/// memory and the VMM's connection: only a process of this daemon's user (or root) gets them, whoever
+/// else may reach the API socket.
 pub fn prepare(peer: &UnixStream) -> Result<()> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: u32::MAX,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED fills a ucred of the size given.
+    let r = unsafe {
+        libc::getsockopt(
+            peer.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io_err("peer credentials", std::io::Error::last_os_error()));
+    }
+    // SAFETY: plain getter.
+    let me = unsafe { libc::geteuid() };
+    if cred.uid != me && cred.uid != 0 {
+        return Err(Error::Forbidden(format!(
+            "live upgrade asked by uid {} (pid {}); only uid {me} or root may take the device",
+            cred.uid, cred.pid
+        )));
+    }
     peer.set_read_timeout(Some(STEP_TIMEOUT))
         .and_then(|()| peer.set_write_timeout(Some(STEP_TIMEOUT)))
         .map_err(|e| io_err("socket timeouts", e))
