@@ -283,6 +283,26 @@ fn a_refused_upgrade_leaves_the_old_daemon_serving() {
     );
     assert!(rafsd.exited().is_none(), "the old daemon must carry on");
     assert!(guestvm::api_says_running(&vm.api));
+    // Another user who can reach the API socket does not get the guest's memory and connection.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).unwrap();
+    std::fs::set_permissions(&vm.api, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(kit::rafsd_bin())
+        .args(["virtiofs", "--upgrade-from"])
+        .arg(&vm.api)
+        .arg("--apisock")
+        .arg(dir.join("api-nobody.sock"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("may take the device"),
+        "{}: {err}",
+        out.status
+    );
+    assert!(rafsd.exited().is_none(), "the old daemon must carry on");
     // A passthrough share's inodes and open files cannot be handed over yet: the running daemon
     // refuses, the new process says why and exits, the old one carries on.
     let share = dir.join("share");
