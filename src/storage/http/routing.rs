@@ -106,90 +106,116 @@ impl HttpClient {
     /// A route that fails at the transport level or answers >= 500 is skipped for the next.
     pub fn send(&self, req: &Request, limit: u64) -> std::result::Result<Response, TransportError> {
         if req.mirrorable {
-            for (i, m) in self.settings.mirrors.iter().enumerate() {
-                let health = &self.mirror_health[i];
-                if !self.usable(health, m.health_check_interval, Some(&m.ping_url)) {
-                    continue;
-                }
-                let Some(url) = rehost(req.url, &m.host) else {
-                    continue;
-                };
-                self.counters.via_mirror.fetch_add(1, Ordering::Relaxed);
-                let result = self.send_on(
-                    self.direct_for(req),
-                    req,
-                    &url,
-                    &m.headers,
-                    !m.auth_through,
-                    limit,
-                );
-                match Self::route_fault(req, &result) {
-                    None => {
-                        self.mark(health, true, m.failure_limit, "mirror");
-                        return result;
-                    }
-                    Some(why) => {
-                        log::warn!("mirror {}: {why}", m.host);
-                        self.mark(health, false, m.failure_limit, "mirror");
-                    }
-                }
+            if let Some(result) = self.send_via_mirrors(req, limit) {
+                return result;
             }
         }
         if req.proxied {
-            if let (Some(p), Some(agent)) = (&self.settings.proxy, &self.via_proxy) {
-                if self.usable(&self.proxy_health, p.check_interval, p.ping_url.as_deref()) {
-                    let url = match p.use_http {
-                        true => req.url.replacen("https://", "http://", 1),
-                        false => req.url.to_string(),
-                    };
-                    self.counters.via_proxy.fetch_add(1, Ordering::Relaxed);
-                    // http:// targets go as absolute-form requests the proxy can see and cache; an
-                    // https:// target (no `use_http`) keeps ureq's CONNECT tunnel, opaque to the proxy.
-                    let result = match (&self.forward, url.starts_with("http://")) {
-                        (Some(fp), true) => self.send_forward(fp, req, &url, limit),
-                        _ => self.send_on(agent, req, &url, &[], false, limit),
-                    };
-                    let refused = match &result {
-                        Ok(r) if r.header("x-dragonfly-error-type") == Some("proxy") => {
-                            Some(r.status)
-                        }
-                        _ => None,
-                    };
-                    match (Self::route_fault(req, &result), refused) {
-                        // The proxy is rate limiting: this request goes direct, the proxy stays in use.
-                        (None, Some(429)) if p.fallback => {
-                            log::warn!("proxy is rate limiting (429), this request goes direct");
-                        }
-                        // Anything else the proxy refuses (403) is final: no retry storm against it.
-                        (None, _) => {
-                            if let Some(status) = refused {
-                                log::warn!("proxy refused the request with status {status}");
-                            }
-                            self.mark(&self.proxy_health, true, 1, "proxy");
-                            return result;
-                        }
-                        (Some(why), _) if !p.fallback => {
-                            log::warn!("proxy failed ({why}), no fallback configured");
-                            // A body the proxy broke must not reach the caller as a good answer.
-                            return result.and_then(|r| match r.body_error {
-                                Some(_) => Ok(r),
-                                None if r.status >= 500 => Ok(r),
-                                None => Err(TransportError::new(
-                                    TransportErrorKind::Proxy,
-                                    format!("proxy: {why}"),
-                                )),
-                            });
-                        }
-                        (Some(why), _) => {
-                            log::warn!("proxy failed ({why}), falling back to direct");
-                            // One failure is enough: every read would otherwise pay for the dead proxy first.
-                            self.mark(&self.proxy_health, false, 1, "proxy");
-                        }
-                    }
-                }
+            if let Some(result) = self.send_via_proxy(req, limit) {
+                return result;
             }
         }
         self.send_on(self.direct_for(req), req, req.url, &[], false, limit)
+    }
+
+    /// The answer of the first healthy mirror that gave a usable one; `None` sends the request on.
+    fn send_via_mirrors(
+        &self,
+        req: &Request,
+        limit: u64,
+    ) -> Option<std::result::Result<Response, TransportError>> {
+        for (i, m) in self.settings.mirrors.iter().enumerate() {
+            let health = &self.mirror_health[i];
+            if !self.usable(health, m.health_check_interval, Some(&m.ping_url)) {
+                continue;
+            }
+            let Some(url) = rehost(req.url, &m.host) else {
+                continue;
+            };
+            self.counters.via_mirror.fetch_add(1, Ordering::Relaxed);
+            let result = self.send_on(
+                self.direct_for(req),
+                req,
+                &url,
+                &m.headers,
+                !m.auth_through,
+                limit,
+            );
+            match Self::route_fault(req, &result) {
+                None => {
+                    self.mark(health, true, m.failure_limit, "mirror");
+                    return Some(result);
+                }
+                Some(why) => {
+                    log::warn!("mirror {}: {why}", m.host);
+                    self.mark(health, false, m.failure_limit, "mirror");
+                }
+            }
+        }
+        None
+    }
+
+    /// The proxy's answer, when there is a healthy proxy and its answer is final; `None` sends the
+    /// request direct (no proxy, a proxy down, or a failure or 429 with `fallback`).
+    fn send_via_proxy(
+        &self,
+        req: &Request,
+        limit: u64,
+    ) -> Option<std::result::Result<Response, TransportError>> {
+        let (Some(p), Some(agent)) = (&self.settings.proxy, &self.via_proxy) else {
+            return None;
+        };
+        if !self.usable(&self.proxy_health, p.check_interval, p.ping_url.as_deref()) {
+            return None;
+        }
+        let url = match p.use_http {
+            true => req.url.replacen("https://", "http://", 1),
+            false => req.url.to_string(),
+        };
+        self.counters.via_proxy.fetch_add(1, Ordering::Relaxed);
+        // http:// targets go as absolute-form requests the proxy can see and cache; an
+        // https:// target (no `use_http`) keeps ureq's CONNECT tunnel, opaque to the proxy.
+        let result = match (&self.forward, url.starts_with("http://")) {
+            (Some(fp), true) => self.send_forward(fp, req, &url, limit),
+            _ => self.send_on(agent, req, &url, &[], false, limit),
+        };
+        let refused = match &result {
+            Ok(r) if r.header("x-dragonfly-error-type") == Some("proxy") => Some(r.status),
+            _ => None,
+        };
+        match (Self::route_fault(req, &result), refused) {
+            // The proxy is rate limiting: this request goes direct, the proxy stays in use.
+            (None, Some(429)) if p.fallback => {
+                log::warn!("proxy is rate limiting (429), this request goes direct");
+                None
+            }
+            // Anything else the proxy refuses (403) is final: no retry storm against it.
+            (None, _) => {
+                if let Some(status) = refused {
+                    log::warn!("proxy refused the request with status {status}");
+                }
+                self.mark(&self.proxy_health, true, 1, "proxy");
+                Some(result)
+            }
+            (Some(why), _) if !p.fallback => {
+                log::warn!("proxy failed ({why}), no fallback configured");
+                // A body the proxy broke must not reach the caller as a good answer.
+                Some(result.and_then(|r| match r.body_error {
+                    Some(_) => Ok(r),
+                    None if r.status >= 500 => Ok(r),
+                    None => Err(TransportError::new(
+                        TransportErrorKind::Proxy,
+                        format!("proxy: {why}"),
+                    )),
+                }))
+            }
+            (Some(why), _) => {
+                log::warn!("proxy failed ({why}), falling back to direct");
+                // One failure is enough: every read would otherwise pay for the dead proxy first.
+                self.mark(&self.proxy_health, false, 1, "proxy");
+                None
+            }
+        }
     }
 
     /// Send a blob request, reading no more body than its range asks for; a transport failure is worth a
