@@ -133,28 +133,7 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
         .as_deref()
         .map(cache::LayerCache::open)
         .transpose()?;
-    let top = src.manifest(opts.source.reference(), &oci::ACCEPT)?;
-    let shown = opts.source.to_string();
-    let platforms = match opts.platforms.is_empty() {
-        true => vec![Platform::host()],
-        false => opts.platforms.clone(),
-    };
-    let selected: Vec<(Descriptor, Option<Fetched>)> =
-        match oci::parse_document(&top.media_type, &top.bytes, &shown)? {
-            Document::Index(index) => select_platforms(&index, &platforms, &shown)?
-                .into_iter()
-                .map(|d| (d, None))
-                .collect(),
-            Document::Manifest(_) => {
-                let desc = Descriptor {
-                    media_type: top.media_type.clone(),
-                    digest: top.digest.clone(),
-                    size: top.bytes.len() as u64,
-                    ..Default::default()
-                };
-                vec![(desc, Some(top))]
-            }
-        };
+    let selected = select_images(&src, opts)?;
 
     let mut report = ConvertReport::default();
     // Build every platform before pushing anything: a bad layer leaves the target untouched.
@@ -176,42 +155,7 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
     for b in &built {
         push_image(&dst, b)?;
     }
-    let target_ref = opts.target.reference();
-    if built.len() == 1 && !opts.merge_platform {
-        let b = &built[0];
-        dst.put_manifest(target_ref, oci::OCI_MANIFEST, &b.manifest)?;
-        report.target_digest = b.digest.clone();
-    } else {
-        let mut entries = Vec::new();
-        for b in &built {
-            dst.put_manifest(&b.digest, oci::OCI_MANIFEST, &b.manifest)?;
-            if opts.merge_platform {
-                copy_source_image(&src, &dst, opts, b, &work.0)?;
-                entries.push(Descriptor {
-                    platform: Some(b.platform.clone()),
-                    ..b.source_desc.clone()
-                });
-            }
-            let mut platform = b.platform.clone();
-            platform.os_features.push(oci::OS_FEATURE_NYDUS.into());
-            entries.push(Descriptor {
-                media_type: oci::OCI_MANIFEST.into(),
-                digest: b.digest.clone(),
-                size: b.manifest.len() as u64,
-                platform: Some(platform),
-                ..Default::default()
-            });
-        }
-        let index = oci::Index {
-            schema_version: 2,
-            media_type: oci::OCI_INDEX.into(),
-            manifests: entries,
-            annotations: Default::default(),
-        };
-        let bytes = serde_json::to_vec(&index).map_err(|e| Error::Invalid(e.to_string()))?;
-        dst.put_manifest(target_ref, oci::OCI_INDEX, &bytes)?;
-        report.target_digest = sha256_digest(&bytes);
-    }
+    report.target_digest = push_manifests(&src, &dst, opts, &built, &work.0)?;
     for b in &built {
         report
             .manifests
@@ -230,6 +174,84 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
     report.bytes_pushed = dst.counters.bytes_pushed.load(Ordering::Relaxed);
     report.blobs_present = dst.counters.blobs_present.load(Ordering::Relaxed);
     Ok(report)
+}
+
+/// The source images to convert: the index entries of the requested platforms (this machine's when none
+/// is), or the one image the source reference names, with its manifest already fetched.
+fn select_images(
+    src: &Client,
+    opts: &ConvertOptions,
+) -> Result<Vec<(Descriptor, Option<Fetched>)>> {
+    let top = src.manifest(opts.source.reference(), &oci::ACCEPT)?;
+    let shown = opts.source.to_string();
+    let platforms = match opts.platforms.is_empty() {
+        true => vec![Platform::host()],
+        false => opts.platforms.clone(),
+    };
+    Ok(
+        match oci::parse_document(&top.media_type, &top.bytes, &shown)? {
+            Document::Index(index) => select_platforms(&index, &platforms, &shown)?
+                .into_iter()
+                .map(|d| (d, None))
+                .collect(),
+            Document::Manifest(_) => {
+                let desc = Descriptor {
+                    media_type: top.media_type.clone(),
+                    digest: top.digest.clone(),
+                    size: top.bytes.len() as u64,
+                    ..Default::default()
+                };
+                vec![(desc, Some(top))]
+            }
+        },
+    )
+}
+
+/// Put the built images' manifests into the target: under the target tag when there is one image (and
+/// no `merge_platform`), else by digest with an index under the tag (listing the source manifests too
+/// with `merge_platform`). Returns what the tag points at.
+fn push_manifests(
+    src: &Client,
+    dst: &Client,
+    opts: &ConvertOptions,
+    built: &[Built],
+    work: &Path,
+) -> Result<String> {
+    let target_ref = opts.target.reference();
+    if built.len() == 1 && !opts.merge_platform {
+        let b = &built[0];
+        dst.put_manifest(target_ref, oci::OCI_MANIFEST, &b.manifest)?;
+        return Ok(b.digest.clone());
+    }
+    let mut entries = Vec::new();
+    for b in built {
+        dst.put_manifest(&b.digest, oci::OCI_MANIFEST, &b.manifest)?;
+        if opts.merge_platform {
+            copy_source_image(src, dst, opts, b, work)?;
+            entries.push(Descriptor {
+                platform: Some(b.platform.clone()),
+                ..b.source_desc.clone()
+            });
+        }
+        let mut platform = b.platform.clone();
+        platform.os_features.push(oci::OS_FEATURE_NYDUS.into());
+        entries.push(Descriptor {
+            media_type: oci::OCI_MANIFEST.into(),
+            digest: b.digest.clone(),
+            size: b.manifest.len() as u64,
+            platform: Some(platform),
+            ..Default::default()
+        });
+    }
+    let index = oci::Index {
+        schema_version: 2,
+        media_type: oci::OCI_INDEX.into(),
+        manifests: entries,
+        annotations: Default::default(),
+    };
+    let bytes = serde_json::to_vec(&index).map_err(|e| Error::Invalid(e.to_string()))?;
+    dst.put_manifest(target_ref, oci::OCI_INDEX, &bytes)?;
+    Ok(sha256_digest(&bytes))
 }
 
 /// The index entries for the requested platforms, each found once.
