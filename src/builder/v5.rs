@@ -258,25 +258,25 @@ fn write_tables(
     Ok(())
 }
 
-/// The record of `node` with its name, symlink target, xattrs and chunk records.
-fn write_record(
-    out: &mut [u8],
-    tree: &Tree,
-    chunks: &ChunkTable,
-    p: &ImageParams,
-    inodes: &Inodes,
-    records: &Records,
-    node: NodeId,
-) {
-    let n = &tree.nodes[node];
-    let xattrs = &records.xattrs[node];
-    let at = records.record_off[node] as usize;
-    let name: &[u8] = if node == ROOT { b"/" } else { &n.name };
+/// What a record says about its node's contents.
+struct Shape<'t> {
+    size: u64,
+    /// A directory's first child slot; 0 otherwise.
+    child_index: u32,
+    /// A directory's children, or a file's chunks.
+    child_count: u32,
+    nlink: u32,
+    iflags: u64,
+    symlink: &'t [u8],
+    file_chunks: &'t [u32],
+}
+
+fn record_shape<'t>(tree: &'t Tree, inodes: &Inodes, node: NodeId) -> Shape<'t> {
     let (mut size, mut child_index, mut child_count, mut nlink, mut iflags) =
         (0u64, 0u32, 0u32, 1u32, 0u64);
     let mut symlink: &[u8] = &[];
     let mut file_chunks: &[u32] = &[];
-    match &n.kind {
+    match &tree.nodes[node].kind {
         Kind::Dir(children) => {
             let names: u64 = children
                 .iter()
@@ -300,6 +300,40 @@ fn write_record(
         }
         Kind::Special => {}
     }
+    Shape {
+        size,
+        child_index,
+        child_count,
+        nlink,
+        iflags,
+        symlink,
+        file_chunks,
+    }
+}
+
+/// The record of `node` with its name, symlink target, xattrs and chunk records.
+fn write_record(
+    out: &mut [u8],
+    tree: &Tree,
+    chunks: &ChunkTable,
+    p: &ImageParams,
+    inodes: &Inodes,
+    records: &Records,
+    node: NodeId,
+) {
+    let n = &tree.nodes[node];
+    let xattrs = &records.xattrs[node];
+    let at = records.record_off[node] as usize;
+    let name: &[u8] = if node == ROOT { b"/" } else { &n.name };
+    let Shape {
+        size,
+        child_index,
+        child_count,
+        nlink,
+        mut iflags,
+        symlink,
+        file_chunks,
+    } = record_shape(tree, inodes, node);
     if !xattrs.is_empty() {
         iflags |= I_XATTR;
     }
