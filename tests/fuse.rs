@@ -198,6 +198,18 @@ fn kill_9_during_cold_reads_never_leaves_a_torn_chunk() {
                 let _ = std::fs::read(&e);
             }
         });
+        // Kill `delay_ms` after this daemon cached its first chunk: a loaded machine may take longer
+        // than any fixed delay just to list the tree, and a kill before any store proves nothing.
+        let cache = dir.path().join("cache");
+        let cached = || match cache.exists() {
+            true => chunk_map_ready_bits(&cache).0,
+            false => 0,
+        };
+        let before = cached();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && cached() <= before {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         std::thread::sleep(Duration::from_millis(delay_ms));
         d.kill9();
         reader.join().unwrap();
