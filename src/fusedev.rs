@@ -13,7 +13,7 @@ use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::{FsOptions, InHeader, InitIn, InitIn2, OutHeader};
@@ -22,6 +22,8 @@ use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::api::Vfs;
 use fuse_backend_rs::transport::FuseSession;
 use vm_memory::ByteValued;
+
+mod channel;
 
 use crate::daemon::{Control, Daemon, DaemonState};
 use crate::error::{Error, Result};
@@ -118,6 +120,8 @@ struct Shared {
     flush_resent: AtomicBool,
     /// The /dev/fuse descriptor, for replies written outside the server.
     fd: AtomicI32,
+    /// Set when the workers are to stop.
+    stop: OnceLock<channel::Stop>,
 }
 
 impl Shared {
@@ -341,8 +345,8 @@ impl FuseDaemon<'_> {
             Ending::Exit if self.handed_over => Fate::Keep,
             _ => Fate::Unmount,
         };
-        if let Some(session) = &self.session {
-            if let Err(e) = session.wake() {
+        if let Some(stop) = self.shared.stop.get() {
+            if let Err(e) = stop.request() {
                 log::warn!("waking FUSE workers: {e}");
             }
         }
@@ -558,12 +562,20 @@ impl FuseDaemon<'_> {
             .session
             .as_ref()
             .ok_or_else(|| Error::Invalid("no FUSE connection to serve".into()))?;
+        let dev = session
+            .get_fuse_file()
+            .ok_or_else(|| Error::Invalid("the FUSE session has no device file".into()))?;
+        if self.shared.stop.get().is_none() {
+            let stop = channel::Stop::new().map_err(|e| Error::io("FUSE stop event", e))?;
+            let _ = self.shared.stop.set(stop);
+        }
+        let stop = self.shared.stop.get().expect("set above");
         // Each channel is a dup of the one device file: all workers share the kernel's queues, and a
         // request a dead worker had read stays on the file the supervisor holds.
         let channels = (0..self.opts.threads.max(1))
-            .map(|_| session.new_channel())
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| Error::Internal(format!("FUSE channel: {e}")))?;
+            .map(|_| channel::Channel::new(dev, stop))
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| Error::io("FUSE channel", e))?;
         for (i, mut channel) in channels.into_iter().enumerate() {
             let (server, running, shared, inflight) = (
                 self.server.clone(),
@@ -575,8 +587,9 @@ impl FuseDaemon<'_> {
             let worker = std::thread::Builder::new()
                 .name(format!("fuse-{i}"))
                 .spawn(move || {
+                    let stop = shared.stop.get().expect("set before the workers start");
                     loop {
-                        match channel.get_request() {
+                        match channel.next(stop) {
                             Ok(Some((reader, writer))) => {
                                 let Ok(h) = reader.clone().read_obj::<InHeader>() else {
                                     // Too short to be a request; the server says so.

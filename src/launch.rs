@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use fuse_backend_rs::abi::fuse_abi::FsOptions;
 use fuse_backend_rs::api::{Vfs, VfsOptions};
 
 use crate::config::DaemonConfig;
@@ -176,13 +177,17 @@ pub struct VirtiofsArgs {
 }
 
 /// The Vfs both front ends serve: opens and opendirs reach the filesystems (RAFS keeps per-handle state),
-/// no writeback cache (passthrough shares see every write as it happens).
+/// no writeback cache (passthrough shares see every write as it happens), and every READDIR is a
+/// READDIRPLUS: without READDIRPLUS_AUTO the kernel asks for attributes with every batch of a directory,
+/// not only the first, so a walk (`find -ls`, `ls -lR`) costs no LOOKUP per entry after the first batch.
 pub fn new_vfs() -> Arc<Vfs> {
+    let defaults = VfsOptions::default();
     Arc::new(Vfs::new(VfsOptions {
         no_open: false,
         no_opendir: false,
         no_writeback: true,
-        ..Default::default()
+        out_opts: defaults.out_opts - FsOptions::READDIRPLUS_AUTO,
+        ..defaults
     }))
 }
 

@@ -183,52 +183,12 @@ fn run(command: Command, log_file: Option<&std::path::Path>) -> rafsd::Result<Ex
         Command::Virtiofs(args) => {
             rafsd::launch::virtiofs(args, log_dir).map(|()| ExitCode::SUCCESS)
         }
-        Command::Inspect { bootstrap, json } => {
-            let image = RafsImage::open_local(&bootstrap, None, ImageOptions::default())?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&inspect::to_json(&image)).unwrap_or_default()
-                );
-            } else {
-                print!("{}", inspect::to_text(&image));
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Inspect { bootstrap, json } => run_inspect(&bootstrap, json),
         Command::Check {
             bootstrap,
             blob_dir,
             max_errors,
-        } => {
-            let image = RafsImage::open_local(
-                &bootstrap,
-                blob_dir.as_deref(),
-                ImageOptions {
-                    validate: true,
-                    ..Default::default()
-                },
-            )?;
-            let start = std::time::Instant::now();
-            let report = check::check(&image, max_errors.max(1))?;
-            for e in &report.errors {
-                eprintln!("error: {e}");
-            }
-            let secs = start.elapsed().as_secs_f64();
-            println!(
-                "checked {} entries, {} files, {} bytes in {:.2}s ({:.1} MB/s): {} errors",
-                report.entries,
-                report.files,
-                report.bytes,
-                secs,
-                report.bytes as f64 / 1e6 / secs.max(1e-9),
-                report.errors.len()
-            );
-            Ok(if report.errors.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
-        }
+        } => run_check(&bootstrap, blob_dir.as_deref(), max_errors),
         Command::Build(args) => run_build(args),
         Command::Convert(args) => rafsd::convert::cli::run_convert(args),
         Command::MountImage(args) => rafsd::convert::cli::run_mount_image(args),
@@ -236,17 +196,7 @@ fn run(command: Command, log_file: Option<&std::path::Path>) -> rafsd::Result<Ex
             sources,
             bootstrap,
             whiteout_spec,
-        } => {
-            let report = rafsd::builder::merge(&sources, &bootstrap, whiteout_spec)?;
-            println!(
-                "merged {} layers into {}: {} entries, {} blobs",
-                report.layers,
-                bootstrap.display(),
-                report.entries,
-                report.blobs
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+        } => run_merge(&sources, &bootstrap, whiteout_spec),
         Command::PrefetchList {
             bootstrap,
             trace,
@@ -257,26 +207,97 @@ fn run(command: Command, log_file: Option<&std::path::Path>) -> rafsd::Result<Ex
             blob_dir,
             output,
             validate,
-        } => {
-            let image = RafsImage::open_local(
-                &bootstrap,
-                blob_dir.as_deref(),
-                ImageOptions {
-                    validate,
-                    ..Default::default()
-                },
-            )?;
-            let stats = unpack::unpack(&image, &output)?;
-            println!(
-                "unpacked {} entries, {} files, {} bytes into {}",
-                stats.entries,
-                stats.files,
-                stats.bytes,
-                output.display()
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+        } => run_unpack(&bootstrap, blob_dir.as_deref(), &output, validate),
     }
+}
+
+fn run_inspect(bootstrap: &std::path::Path, json: bool) -> rafsd::Result<ExitCode> {
+    let image = RafsImage::open_local(bootstrap, None, ImageOptions::default())?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&inspect::to_json(&image)).unwrap_or_default()
+        );
+    } else {
+        print!("{}", inspect::to_text(&image));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_check(
+    bootstrap: &std::path::Path,
+    blob_dir: Option<&std::path::Path>,
+    max_errors: usize,
+) -> rafsd::Result<ExitCode> {
+    let image = RafsImage::open_local(
+        bootstrap,
+        blob_dir,
+        ImageOptions {
+            validate: true,
+            ..Default::default()
+        },
+    )?;
+    let start = std::time::Instant::now();
+    let report = check::check(&image, max_errors.max(1))?;
+    for e in &report.errors {
+        eprintln!("error: {e}");
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "checked {} entries, {} files, {} bytes in {:.2}s ({:.1} MB/s): {} errors",
+        report.entries,
+        report.files,
+        report.bytes,
+        secs,
+        report.bytes as f64 / 1e6 / secs.max(1e-9),
+        report.errors.len()
+    );
+    Ok(if report.errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn run_merge(
+    sources: &[PathBuf],
+    bootstrap: &std::path::Path,
+    whiteout_spec: rafsd::builder::WhiteoutSpec,
+) -> rafsd::Result<ExitCode> {
+    let report = rafsd::builder::merge(sources, bootstrap, whiteout_spec)?;
+    println!(
+        "merged {} layers into {}: {} entries, {} blobs",
+        report.layers,
+        bootstrap.display(),
+        report.entries,
+        report.blobs
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_unpack(
+    bootstrap: &std::path::Path,
+    blob_dir: Option<&std::path::Path>,
+    output: &std::path::Path,
+    validate: bool,
+) -> rafsd::Result<ExitCode> {
+    let image = RafsImage::open_local(
+        bootstrap,
+        blob_dir,
+        ImageOptions {
+            validate,
+            ..Default::default()
+        },
+    )?;
+    let stats = unpack::unpack(&image, output)?;
+    println!(
+        "unpacked {} entries, {} files, {} bytes into {}",
+        stats.entries,
+        stats.files,
+        stats.bytes,
+        output.display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn run_prefetch_list(

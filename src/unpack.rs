@@ -24,21 +24,7 @@ pub struct UnpackStats {
 }
 
 pub fn unpack(image: &RafsImage, output: &Path) -> Result<UnpackStats> {
-    match fs::read_dir(output) {
-        Ok(mut it) => {
-            if it.next().is_some() {
-                return Err(Error::Invalid(format!(
-                    "output directory {} is not empty",
-                    output.display()
-                )));
-            }
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            fs::create_dir_all(output)
-                .map_err(|e| Error::io(format!("create {}", output.display()), e))?;
-        }
-        Err(e) => return Err(Error::io(format!("open {}", output.display()), e)),
-    }
+    prepare_output(output)?;
     let explicit_owner = image.info().explicit_uid_gid();
     let mut stats = UnpackStats::default();
     // First path of each multiply-linked regular file, so later names become hard links to it.
@@ -66,36 +52,7 @@ pub fn unpack(image: &RafsImage, output: &Path) -> Result<UnpackStats> {
                 }
             }
             libc::S_IFREG => {
-                let f = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .mode(0o600)
-                    .open(&path)
-                    .map_err(|e| fail("create", e))?;
-                // Only the ranges chunks hold are read and written; holes (v5 HAS_HOLE) stay holes in the
-                // output, made by the final set_len, so a hostile 2^62-byte sparse file is an error from the
-                // filesystem (EFBIG) rather than exabytes of zeros written.
-                for (start, end) in image.data_extents(attr.ino).map_err(|e| in_file(e, rel))? {
-                    let mut offset = start;
-                    while offset < end {
-                        let want = (end - offset).min(buf.len() as u64) as usize;
-                        let n = image
-                            .read(attr.ino, offset, &mut buf[..want])
-                            .map_err(|e| in_file(e, rel))?;
-                        if n == 0 {
-                            return Err(Error::Corrupt(format!(
-                                "{}: data ends at {offset} of {}",
-                                rel.display(),
-                                attr.size
-                            )));
-                        }
-                        f.write_all_at(&buf[..n], offset)
-                            .map_err(|e| fail("write", e))?;
-                        offset += n as u64;
-                    }
-                }
-                f.set_len(attr.size).map_err(|e| fail("set size of", e))?;
+                write_file(image, attr, rel, &path, &mut buf)?;
                 stats.files += 1;
                 stats.bytes += attr.size;
             }
@@ -120,27 +77,100 @@ pub fn unpack(image: &RafsImage, output: &Path) -> Result<UnpackStats> {
                 )))
             }
         }
-        // Owner before mode (chown clears set-id bits), xattrs after both (chown drops security.capability).
-        if explicit_owner {
-            let c = cpath(&path)?;
-            // SAFETY: c is a valid NUL-terminated path.
-            if unsafe { libc::lchown(c.as_ptr(), attr.uid, attr.gid) } != 0 {
-                return Err(fail("chown", std::io::Error::last_os_error()));
-            }
-        }
-        if ftype != libc::S_IFLNK {
-            fs::set_permissions(&path, fs::Permissions::from_mode(attr.mode & 0o7777))
-                .map_err(|e| fail("chmod", e))?;
-        }
-        for (name, value) in image.xattrs(attr.ino)? {
-            set_xattr(&path, &name, &value)?;
-        }
+        set_owner_mode_xattrs(image, &path, attr, explicit_owner)?;
         if ftype != libc::S_IFDIR {
             set_times(&path, attr)?;
         }
         Ok(())
     })?;
     Ok(stats)
+}
+
+/// `output` as an empty directory: created when missing, refused when it holds anything.
+fn prepare_output(output: &Path) -> Result<()> {
+    match fs::read_dir(output) {
+        Ok(mut it) => {
+            if it.next().is_some() {
+                return Err(Error::Invalid(format!(
+                    "output directory {} is not empty",
+                    output.display()
+                )));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            fs::create_dir_all(output)
+                .map_err(|e| Error::io(format!("create {}", output.display()), e))?;
+        }
+        Err(e) => return Err(Error::io(format!("open {}", output.display()), e)),
+    }
+    Ok(())
+}
+
+/// Create regular file `path` (image path `rel`) and write its data, `buf` at a time.
+fn write_file(
+    image: &RafsImage,
+    attr: &InodeAttr,
+    rel: &Path,
+    path: &Path,
+    buf: &mut [u8],
+) -> Result<()> {
+    let fail = |what: &str, e: std::io::Error| Error::io(format!("{what} {}", path.display()), e);
+    let f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| fail("create", e))?;
+    // Only the ranges chunks hold are read and written; holes (v5 HAS_HOLE) stay holes in the
+    // output, made by the final set_len, so a hostile 2^62-byte sparse file is an error from the
+    // filesystem (EFBIG) rather than exabytes of zeros written.
+    for (start, end) in image.data_extents(attr.ino).map_err(|e| in_file(e, rel))? {
+        let mut offset = start;
+        while offset < end {
+            let want = (end - offset).min(buf.len() as u64) as usize;
+            let n = image
+                .read(attr.ino, offset, &mut buf[..want])
+                .map_err(|e| in_file(e, rel))?;
+            if n == 0 {
+                return Err(Error::Corrupt(format!(
+                    "{}: data ends at {offset} of {}",
+                    rel.display(),
+                    attr.size
+                )));
+            }
+            f.write_all_at(&buf[..n], offset)
+                .map_err(|e| fail("write", e))?;
+            offset += n as u64;
+        }
+    }
+    f.set_len(attr.size).map_err(|e| fail("set size of", e))
+}
+
+/// Owner (when the image records owners), mode (not of symlinks) and xattrs of a new entry.
+fn set_owner_mode_xattrs(
+    image: &RafsImage,
+    path: &Path,
+    attr: &InodeAttr,
+    explicit_owner: bool,
+) -> Result<()> {
+    let fail = |what: &str, e: std::io::Error| Error::io(format!("{what} {}", path.display()), e);
+    // Owner before mode (chown clears set-id bits), xattrs after both (chown drops security.capability).
+    if explicit_owner {
+        let c = cpath(path)?;
+        // SAFETY: c is a valid NUL-terminated path.
+        if unsafe { libc::lchown(c.as_ptr(), attr.uid, attr.gid) } != 0 {
+            return Err(fail("chown", std::io::Error::last_os_error()));
+        }
+    }
+    if attr.file_type() != libc::S_IFLNK {
+        fs::set_permissions(path, fs::Permissions::from_mode(attr.mode & 0o7777))
+            .map_err(|e| fail("chmod", e))?;
+    }
+    for (name, value) in image.xattrs(attr.ino)? {
+        set_xattr(path, &name, &value)?;
+    }
+    Ok(())
 }
 
 fn in_file(e: Error, rel: &Path) -> Error {

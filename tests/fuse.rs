@@ -198,6 +198,18 @@ fn kill_9_during_cold_reads_never_leaves_a_torn_chunk() {
                 let _ = std::fs::read(&e);
             }
         });
+        // Kill `delay_ms` after this daemon cached its first chunk: a loaded machine may take longer
+        // than any fixed delay just to list the tree, and a kill before any store proves nothing.
+        let cache = dir.path().join("cache");
+        let cached = || match cache.exists() {
+            true => chunk_map_ready_bits(&cache).0,
+            false => 0,
+        };
+        let before = cached();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && cached() <= before {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         std::thread::sleep(Duration::from_millis(delay_ms));
         d.kill9();
         reader.join().unwrap();
@@ -1101,4 +1113,64 @@ fn an_access_trace_becomes_a_prefetch_list_in_first_read_order() {
         backend["read_amount_total"].as_u64().unwrap() >= needed,
         "{backend}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------------
+// A tree walk costs one READDIRPLUS per batch of entries and nothing per entry.
+
+/// `find -ls` over a fresh mount of a directory far larger than one READDIRPLUS reply: every batch comes
+/// with attributes (the daemon does not offer READDIRPLUS_AUTO, under which the kernel asks for plain
+/// READDIR after the first batch and then LOOKUPs every entry it stats), so the daemon sees no READDIR
+/// and no LOOKUP but the one on the way to the directory, and the listing matches the tree.
+#[test]
+#[ignore = "needs root: ci/test.sh"]
+fn a_walk_of_a_large_directory_costs_no_lookup_per_entry() {
+    use std::os::unix::fs::MetadataExt;
+    manifest::assert_root("FUSE mounts");
+    let dir = tempfile::tempdir().unwrap();
+    // Long names: 3000 entries are many READDIRPLUS replies whatever buffer the kernel uses.
+    let files: Vec<(String, Vec<u8>)> = (0..3000)
+        .map(|i| {
+            (
+                format!("big/{i:04}-{}", "n".repeat(100)),
+                vec![i as u8; i % 7],
+            )
+        })
+        .collect();
+    let built = kit::built::build_tree(dir.path(), "wide", files.clone(), None, &[]);
+    let c = Case {
+        name: "wide".into(),
+        bootstrap: built.bootstrap.clone(),
+        blobs: built.blob_dir.clone(),
+    };
+    let (d, sock) = start_with_api(&c, dir.path(), "");
+    let big = d.mountpoint.join("big");
+    // As find(1) does: read the whole directory, then stat what it lists.
+    let names: Vec<String> = std::fs::read_dir(&big)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names.len(), files.len());
+    for name in &names {
+        let meta = std::fs::symlink_metadata(big.join(name)).unwrap();
+        let i: usize = name[..4].parse().unwrap();
+        assert_eq!(meta.size(), (i % 7) as u64, "{name}");
+    }
+    let hits = &api_json(&sock, "/api/v1/metrics")["fop_hits"];
+    let count = |fop: usize| hits[fop].as_u64().unwrap();
+    // Fop order: Getattr, Readlink, Open, Release, Read, Statfs, Getxattr, Listxattr, Opendir, Lookup,
+    // Readdir, Readdirplus, ...
+    let (lookups, readdirs, readdirpluses) = (count(9), count(10), count(11));
+    assert!(
+        readdirpluses >= 3,
+        "{readdirpluses} READDIRPLUS for 3000 entries: {hits}"
+    );
+    // The one LOOKUP is that of `big` itself, on the way to it.
+    assert_eq!(
+        (lookups, readdirs),
+        (1, 0),
+        "LOOKUPs and READDIRs during the walk: {hits}\nlog:\n{}",
+        d.log_text()
+    );
+    assert!(d.stop().success());
 }

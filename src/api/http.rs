@@ -240,6 +240,43 @@ fn timed_out(e: &std::io::Error) -> bool {
 fn read_request(
     reader: &mut BufReader<DeadlineStream>,
 ) -> std::result::Result<Option<(Request, bool)>, Response> {
+    let Some(head) = read_head(reader)? else {
+        return Ok(None);
+    };
+    let head = parse_head(&head)?;
+    let body = read_body(reader, head.length)?;
+    let (path, query) = match head.target.split_once('?') {
+        Some((p, q)) => (p, parse_query(q)),
+        None => (head.target, Vec::new()),
+    };
+    Ok(Some((
+        Request {
+            method: head.method.to_string(),
+            path: percent_decode(path),
+            query,
+            body,
+        },
+        head.keep_alive,
+    )))
+}
+
+/// The 408 sent when a request is not complete by its deadline.
+fn deadline_passed() -> Response {
+    Response::error(
+        408,
+        "Timeout",
+        format!(
+            "request not complete within {} s of its first byte",
+            REQUEST_DEADLINE.as_secs()
+        ),
+    )
+}
+
+/// The request line and headers up to the empty line, at most [`MAX_HEADER_BYTES`]. `Ok(None)`: the
+/// connection ended (or failed) before a request began.
+fn read_head(
+    reader: &mut BufReader<DeadlineStream>,
+) -> std::result::Result<Option<String>, Response> {
     let mut head = Vec::new();
     loop {
         let mut line = Vec::new();
@@ -257,16 +294,7 @@ fn read_request(
                 ))
             }
             Ok(_) => {}
-            Err(e) if timed_out(&e) => {
-                return Err(Response::error(
-                    408,
-                    "Timeout",
-                    format!(
-                        "request not complete within {} s of its first byte",
-                        REQUEST_DEADLINE.as_secs()
-                    ),
-                ));
-            }
+            Err(e) if timed_out(&e) => return Err(deadline_passed()),
             Err(_) => return Ok(None),
         }
         if head.len() + line.len() > MAX_HEADER_BYTES {
@@ -282,8 +310,21 @@ fn read_request(
             break;
         }
     }
-    let text = String::from_utf8(head)
-        .map_err(|_| Response::error(400, "BadRequest", "request head is not UTF-8"))?;
+    String::from_utf8(head)
+        .map(Some)
+        .map_err(|_| Response::error(400, "BadRequest", "request head is not UTF-8"))
+}
+
+/// What the request head says: the request line, the body's length and whether the connection stays open.
+struct Head<'a> {
+    method: &'a str,
+    target: &'a str,
+    length: usize,
+    keep_alive: bool,
+}
+
+/// Parse a request head: HTTP/1.x only, at most one Content-Length, no chunked bodies.
+fn parse_head(text: &str) -> std::result::Result<Head<'_>, Response> {
     let mut lines = text.lines();
     let request_line = lines.next().unwrap_or_default();
     let mut parts = request_line.split(' ');
@@ -332,7 +373,19 @@ fn read_request(
             _ => {}
         }
     }
-    let length = length.unwrap_or(0);
+    Ok(Head {
+        method,
+        target,
+        length: length.unwrap_or(0),
+        keep_alive,
+    })
+}
+
+/// The body, exactly `length` bytes, at most [`MAX_BODY_BYTES`].
+fn read_body(
+    reader: &mut BufReader<DeadlineStream>,
+    length: usize,
+) -> std::result::Result<Vec<u8>, Response> {
     if length > MAX_BODY_BYTES {
         return Err(Response::error(
             413,
@@ -343,31 +396,12 @@ fn read_request(
     let mut body = vec![0u8; length];
     reader.read_exact(&mut body).map_err(|e| {
         if timed_out(&e) {
-            Response::error(
-                408,
-                "Timeout",
-                format!(
-                    "request not complete within {} s of its first byte",
-                    REQUEST_DEADLINE.as_secs()
-                ),
-            )
+            deadline_passed()
         } else {
             Response::error(400, "BadRequest", "body shorter than its Content-Length")
         }
     })?;
-    let (path, query) = match target.split_once('?') {
-        Some((p, q)) => (p, parse_query(q)),
-        None => (target, Vec::new()),
-    };
-    Ok(Some((
-        Request {
-            method: method.to_string(),
-            path: percent_decode(path),
-            query,
-            body,
-        },
-        keep_alive,
-    )))
+    Ok(body)
 }
 
 fn parse_query(q: &str) -> Vec<(String, String)> {

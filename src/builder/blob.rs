@@ -191,18 +191,7 @@ impl BlobWriter {
             });
         }
         if self.opts.toc {
-            self.features |= bf::HAS_TAR_HEADER | bf::HAS_TOC | bf::INLINED_CHUNK_DIGEST;
-            let data_digest: [u8; 32] = self.id_hash.clone().finalize().into();
-            let (data_size, usize_) = (self.pos, self.uncompressed_size());
-            self.toc.push(TocRecord {
-                name: b"image.blob",
-                flags: TOC_COMPRESS_NONE,
-                digest: data_digest,
-                offset: 0,
-                compressed_size: data_size,
-                uncompressed_size: usize_,
-            });
-            self.write(&tar_header(b"image.blob", data_size), true)?;
+            self.end_data_section()?;
         }
         // The CI array is compressed like the chunks, and kept raw when that is not smaller.
         let ci_raw = std::mem::take(&mut self.ci);
@@ -226,43 +215,7 @@ impl BlobWriter {
         self.write(&ci_stored, true)?;
         self.write(&header, true)?;
         if self.opts.toc {
-            let flags = match ci_compressor {
-                Compressor::Zstd => TOC_COMPRESS_ZSTD,
-                Compressor::Lz4Block => TOC_COMPRESS_LZ4,
-                _ => TOC_COMPRESS_NONE,
-            };
-            self.toc.push(TocRecord {
-                name: b"blob.meta",
-                flags,
-                digest: sha256(&ci_raw),
-                offset: ci.offset,
-                compressed_size: ci.compressed_size,
-                uncompressed_size: ci.uncompressed_size,
-            });
-            self.toc.push(TocRecord {
-                name: b"blob.meta.header",
-                flags: TOC_COMPRESS_NONE,
-                digest: sha256(&header),
-                offset: ci.offset + ci.compressed_size,
-                compressed_size: CI_HEADER_SIZE,
-                uncompressed_size: CI_HEADER_SIZE,
-            });
-            self.write(
-                &tar_header(b"blob.meta", ci.compressed_size + CI_HEADER_SIZE),
-                true,
-            )?;
-            // The digest array is left out of the blob id (upstream's rule), its tar header is not.
-            let digests = std::mem::take(&mut self.digests);
-            self.toc.push(TocRecord {
-                name: b"blob.digest",
-                flags: TOC_COMPRESS_NONE,
-                digest: sha256(&digests),
-                offset: self.pos,
-                compressed_size: digests.len() as u64,
-                uncompressed_size: digests.len() as u64,
-            });
-            self.write(&digests, false)?;
-            self.write(&tar_header(b"blob.digest", digests.len() as u64), true)?;
+            self.end_meta_sections(&ci, &ci_raw, &header)?;
         }
         Ok(BlobLayout {
             chunk_count: self.chunk_count,
@@ -271,6 +224,64 @@ impl BlobWriter {
             uncompressed_size: self.uncompressed_size(),
             ci: Some(ci),
         })
+    }
+
+    /// With a ToC: close the chunk data as the `image.blob` section (its tar header and ToC record).
+    fn end_data_section(&mut self) -> Result<()> {
+        self.features |= bf::HAS_TAR_HEADER | bf::HAS_TOC | bf::INLINED_CHUNK_DIGEST;
+        let data_digest: [u8; 32] = self.id_hash.clone().finalize().into();
+        let (data_size, usize_) = (self.pos, self.uncompressed_size());
+        self.toc.push(TocRecord {
+            name: b"image.blob",
+            flags: TOC_COMPRESS_NONE,
+            digest: data_digest,
+            offset: 0,
+            compressed_size: data_size,
+            uncompressed_size: usize_,
+        });
+        self.write(&tar_header(b"image.blob", data_size), true)
+    }
+
+    /// With a ToC: close the CI array and header just written as the `blob.meta` section, then write the
+    /// digest array as the `blob.digest` section.
+    fn end_meta_sections(&mut self, ci: &CiLocation, ci_raw: &[u8], header: &[u8]) -> Result<()> {
+        let flags = match ci.compressor {
+            Compressor::Zstd => TOC_COMPRESS_ZSTD,
+            Compressor::Lz4Block => TOC_COMPRESS_LZ4,
+            _ => TOC_COMPRESS_NONE,
+        };
+        self.toc.push(TocRecord {
+            name: b"blob.meta",
+            flags,
+            digest: sha256(ci_raw),
+            offset: ci.offset,
+            compressed_size: ci.compressed_size,
+            uncompressed_size: ci.uncompressed_size,
+        });
+        self.toc.push(TocRecord {
+            name: b"blob.meta.header",
+            flags: TOC_COMPRESS_NONE,
+            digest: sha256(header),
+            offset: ci.offset + ci.compressed_size,
+            compressed_size: CI_HEADER_SIZE,
+            uncompressed_size: CI_HEADER_SIZE,
+        });
+        self.write(
+            &tar_header(b"blob.meta", ci.compressed_size + CI_HEADER_SIZE),
+            true,
+        )?;
+        // The digest array is left out of the blob id (upstream's rule), its tar header is not.
+        let digests = std::mem::take(&mut self.digests);
+        self.toc.push(TocRecord {
+            name: b"blob.digest",
+            flags: TOC_COMPRESS_NONE,
+            digest: sha256(&digests),
+            offset: self.pos,
+            compressed_size: digests.len() as u64,
+            uncompressed_size: digests.len() as u64,
+        });
+        self.write(&digests, false)?;
+        self.write(&tar_header(b"blob.digest", digests.len() as u64), true)
     }
 
     /// Inline metadata: append the bootstrap (zstd-compressed) and the ToC that locates every section.

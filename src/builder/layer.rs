@@ -37,20 +37,7 @@ pub fn load(path: &Path, table: &mut ChunkTable, blobs: &mut Vec<BlobInfo>) -> R
         ImageOptions::default(),
     )?;
     let info = image.info();
-    let mut blob_map = Vec::with_capacity(info.blobs.len());
-    for blob in &info.blobs {
-        let index = match blobs.iter().position(|b| b.id == blob.id) {
-            Some(i) => i,
-            None => {
-                blobs.push(BlobInfo {
-                    index: blobs.len() as u32,
-                    ..blob.clone()
-                });
-                blobs.len() - 1
-            }
-        };
-        blob_map.push(index as u32);
-    }
+    let blob_map = add_blobs(&info.blobs, blobs);
     let chunk_size = info.chunk_size as u64;
     let shown = path.display().to_string();
 
@@ -62,20 +49,7 @@ pub fn load(path: &Path, table: &mut ChunkTable, blobs: &mut Vec<BlobInfo>) -> R
         if event == WalkEvent::DirDone {
             return Ok(());
         }
-        let mut xattrs = image.xattrs(attr.ino)?;
-        xattrs.sort();
-        let device = matches!(attr.file_type(), libc::S_IFCHR | libc::S_IFBLK);
-        let rdev = attr.rdev as libc::dev_t;
-        let node_meta = Meta {
-            mode: attr.mode,
-            uid: attr.uid,
-            gid: attr.gid,
-            mtime: attr.mtime,
-            mtime_nsec: attr.mtime_nsec,
-            rdev_major: if device { libc::major(rdev) } else { 0 },
-            rdev_minor: if device { libc::minor(rdev) } else { 0 },
-            xattrs,
-        };
+        let node_meta = node_meta(&image, attr)?;
         if rel.as_os_str().is_empty() {
             tree.nodes[ROOT].meta = node_meta;
             return Ok(());
@@ -134,6 +108,44 @@ pub fn load(path: &Path, table: &mut ChunkTable, blobs: &mut Vec<BlobInfo>) -> R
         compressor: info.compressor,
         digester: info.digester,
         explicit_uid_gid: info.explicit_uid_gid(),
+    })
+}
+
+/// Append the blobs of a loaded image to `blobs`, except those already there (by id); returns the
+/// index in `blobs` of each of the image's blobs.
+fn add_blobs(image_blobs: &[BlobInfo], blobs: &mut Vec<BlobInfo>) -> Vec<u32> {
+    let mut blob_map = Vec::with_capacity(image_blobs.len());
+    for blob in image_blobs {
+        let index = match blobs.iter().position(|b| b.id == blob.id) {
+            Some(i) => i,
+            None => {
+                blobs.push(BlobInfo {
+                    index: blobs.len() as u32,
+                    ..blob.clone()
+                });
+                blobs.len() - 1
+            }
+        };
+        blob_map.push(index as u32);
+    }
+    blob_map
+}
+
+/// An entry's attributes as the builder keeps them (xattrs sorted, device numbers split).
+fn node_meta(image: &RafsImage, attr: &InodeAttr) -> Result<Meta> {
+    let mut xattrs = image.xattrs(attr.ino)?;
+    xattrs.sort();
+    let device = matches!(attr.file_type(), libc::S_IFCHR | libc::S_IFBLK);
+    let rdev = attr.rdev as libc::dev_t;
+    Ok(Meta {
+        mode: attr.mode,
+        uid: attr.uid,
+        gid: attr.gid,
+        mtime: attr.mtime,
+        mtime_nsec: attr.mtime_nsec,
+        rdev_major: if device { libc::major(rdev) } else { 0 },
+        rdev_minor: if device { libc::minor(rdev) } else { 0 },
+        xattrs,
     })
 }
 

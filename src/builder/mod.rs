@@ -219,28 +219,7 @@ fn build_input(
     // The parent's blobs come first, so its chunk addresses stay valid.
     let mut table = ChunkTable::default();
     let mut blobs: Vec<BlobInfo> = Vec::new();
-    let parent = match &opts.parent_bootstrap {
-        Some(p) => {
-            let layer = layer::load(p, &mut table, &mut blobs)?;
-            if let Some(c) = layer_clash(&layer, opts) {
-                return Err(Error::Invalid(format!(
-                    "parent bootstrap {} is {c}: the new layer must match it",
-                    p.display()
-                )));
-            }
-            Some(layer)
-        }
-        None => None,
-    };
-    for p in &opts.chunk_dict {
-        let dict = layer::load(p, &mut table, &mut blobs)?;
-        if let Some(c) = layer_clash(&dict, opts) {
-            return Err(Error::Invalid(format!(
-                "chunk dict {} is {c}: the new layer must match it",
-                p.display()
-            )));
-        }
-    }
+    let parent = load_lower_layers(opts, &mut table, &mut blobs)?;
     let blob_index = blobs.len() as u32;
     if blob_index >= 255 {
         return Err(Error::Invalid("the parent already names 255 blobs".into()));
@@ -261,54 +240,9 @@ fn build_input(
         threads: opts.threads,
     };
     let mut report = BuildReport::default();
-    let upper = {
-        let mut chunker = Chunker::new(copts, &mut writer, &mut table, blob_index);
-        let mut tree = match input {
-            Input::Dir(source) => {
-                let (mut tree, scan) = tree::scan_dir(source)?;
-                report.skipped = scan.skipped;
-                tree.sort();
-                chunk_files(&mut tree, &mut chunker, &opts.prefetch_files)?;
-                tree
-            }
-            Input::Tar(reader, name) => {
-                let mut tree = tar::scan(reader, &mut chunker, name)?;
-                tree.sort();
-                tree
-            }
-        };
-        let (assignments, stats) = chunker.finish()?;
-        for (file, k, chunk) in assignments {
-            let chunks = &mut tree.files[file].chunks;
-            if chunks.len() <= k as usize {
-                chunks.resize(k as usize + 1, u32::MAX);
-            }
-            chunks[k as usize] = chunk;
-        }
-        if tree.files.iter().any(|f| f.chunks.contains(&u32::MAX)) {
-            return Err(Error::Invalid(
-                "internal error: a file chunk was never committed".into(),
-            ));
-        }
-        report.chunks = stats;
-        tree
-    };
-
-    let mut tree = match parent {
-        Some(mut p) => {
-            overlay::apply(&mut p.tree, &upper, opts.whiteout_spec);
-            p.tree.sort();
-            p.tree
-        }
-        None => {
-            if overlay::has_whiteouts(&upper, opts.whiteout_spec) {
-                log::info!(
-                    "the layer has whiteouts; they are kept as entries until it is put on a parent"
-                );
-            }
-            upper
-        }
-    };
+    let chunker = Chunker::new(copts, &mut writer, &mut table, blob_index);
+    let upper = scan_input(input, chunker, opts, &mut report)?;
+    let mut tree = put_on_parent(parent, upper, opts);
     tree.sort();
     report.entries = tree.bfs().len() as u64;
     let prefetch = resolve_prefetch(&tree, &opts.prefetch_files);
@@ -327,21 +261,7 @@ fn build_input(
         }
     };
 
-    let new_blob = |layout: &blob::BlobLayout, id: &str| BlobInfo {
-        index: blob_index,
-        id: id.to_string(),
-        chunk_size: opts.chunk_size,
-        chunk_count: layout.chunk_count,
-        compressor: opts.compressor,
-        digester: opts.digester,
-        features: layout.features,
-        compressed_size: layout.compressed_size,
-        uncompressed_size: layout.uncompressed_size,
-        ci: layout.ci,
-        toc_size: 0,
-        toc_digest: [0; 32],
-        readahead: (0, 0),
-    };
+    let new_blob = |layout: &blob::BlobLayout, id: &str| new_blob(blob_index, opts, layout, id);
     if opts.blob_inline_meta {
         // The bootstrap travels in the blob, naming it by the placeholder the reader replaces with the
         // blob's file name; a blob is written even without file data, to carry the bootstrap.
@@ -376,6 +296,114 @@ fn build_input(
         report.bootstrap = Some(b.to_path_buf());
     }
     Ok(report)
+}
+
+/// Load the parent bootstrap (returned) and the chunk dictionaries into `table` and `blobs`; each must
+/// match the image being built.
+fn load_lower_layers(
+    opts: &BuildOptions,
+    table: &mut ChunkTable,
+    blobs: &mut Vec<BlobInfo>,
+) -> Result<Option<layer::Layer>> {
+    let parent = match &opts.parent_bootstrap {
+        Some(p) => {
+            let layer = layer::load(p, table, blobs)?;
+            if let Some(c) = layer_clash(&layer, opts) {
+                return Err(Error::Invalid(format!(
+                    "parent bootstrap {} is {c}: the new layer must match it",
+                    p.display()
+                )));
+            }
+            Some(layer)
+        }
+        None => None,
+    };
+    for p in &opts.chunk_dict {
+        let dict = layer::load(p, table, blobs)?;
+        if let Some(c) = layer_clash(&dict, opts) {
+            return Err(Error::Invalid(format!(
+                "chunk dict {} is {c}: the new layer must match it",
+                p.display()
+            )));
+        }
+    }
+    Ok(parent)
+}
+
+/// The new layer's tree, its files chunked into the blob by `chunker` (every chunk committed).
+fn scan_input(
+    input: Input,
+    mut chunker: Chunker,
+    opts: &BuildOptions,
+    report: &mut BuildReport,
+) -> Result<Tree> {
+    let mut tree = match input {
+        Input::Dir(source) => {
+            let (mut tree, scan) = tree::scan_dir(source)?;
+            report.skipped = scan.skipped;
+            tree.sort();
+            chunk_files(&mut tree, &mut chunker, &opts.prefetch_files)?;
+            tree
+        }
+        Input::Tar(reader, name) => {
+            let mut tree = tar::scan(reader, &mut chunker, name)?;
+            tree.sort();
+            tree
+        }
+    };
+    let (assignments, stats) = chunker.finish()?;
+    for (file, k, chunk) in assignments {
+        let chunks = &mut tree.files[file].chunks;
+        if chunks.len() <= k as usize {
+            chunks.resize(k as usize + 1, u32::MAX);
+        }
+        chunks[k as usize] = chunk;
+    }
+    if tree.files.iter().any(|f| f.chunks.contains(&u32::MAX)) {
+        return Err(Error::Invalid(
+            "internal error: a file chunk was never committed".into(),
+        ));
+    }
+    report.chunks = stats;
+    Ok(tree)
+}
+
+/// The image's tree: the new layer put on the parent (whiteouts applied), or the layer alone.
+fn put_on_parent(parent: Option<layer::Layer>, upper: Tree, opts: &BuildOptions) -> Tree {
+    match parent {
+        Some(mut p) => {
+            overlay::apply(&mut p.tree, &upper, opts.whiteout_spec);
+            p.tree.sort();
+            p.tree
+        }
+        None => {
+            if overlay::has_whiteouts(&upper, opts.whiteout_spec) {
+                log::info!(
+                    "the layer has whiteouts; they are kept as entries until it is put on a parent"
+                );
+            }
+            upper
+        }
+    }
+}
+
+/// The blob table entry of the new layer's blob.
+fn new_blob(blob_index: u32, opts: &BuildOptions, layout: &blob::BlobLayout, id: &str) -> BlobInfo {
+    BlobInfo {
+        index: blob_index,
+        id: id.to_string(),
+        chunk_size: opts.chunk_size,
+        chunk_count: layout.chunk_count,
+        compressor: opts.compressor,
+        digester: opts.digester,
+        features: layout.features,
+        compressed_size: layout.compressed_size,
+        uncompressed_size: layout.uncompressed_size,
+        ci: layout.ci,
+        toc_size: 0,
+        toc_digest: [0; 32],
+        readahead: (0, 0),
+    }
 }
 
 /// Chunk every regular file of a directory source: prefetch files first, then breadth-first order.

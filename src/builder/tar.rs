@@ -12,7 +12,9 @@ use std::path::Path;
 use std::rc::Rc;
 
 use super::chunker::Chunker;
-use super::tree::{check_name, check_xattr, FileData, Kind, Meta, Node, NodeId, Tree, ROOT};
+use super::tree::{
+    check_name, check_xattr, FileData, FileId, Kind, Meta, Node, NodeId, Tree, ROOT,
+};
 use crate::error::{Error, Result};
 
 /// Counts the bytes the tar parser pulls and notices when the stream runs dry, so an archive cut off
@@ -138,67 +140,8 @@ pub fn scan(reader: impl Read, chunker: &mut Chunker, source: &Path) -> Result<T
         let raw_path = entry.path_bytes().into_owned();
         let shown = String::from_utf8_lossy(&raw_path).into_owned();
         let parts = components(&raw_path, &shown)?;
-        let bad = |what: &str, e: std::io::Error| {
-            Error::Invalid(format!(
-                "{}: tar entry {shown}: {what}: {e}",
-                source.display()
-            ))
-        };
-
-        // Some writers leave numeric fields blank: that reads as 0; anything else unparsable is an error.
-        let old = header.as_old();
-        let number = |value: std::io::Result<u64>, raw: &[u8], what: &str| match value {
-            Ok(v) => Ok(v),
-            Err(_) if raw.iter().all(|&c| c == 0 || c == b' ') => Ok(0),
-            Err(e) => Err(bad(what, e)),
-        };
-        let mut meta = Meta {
-            mode: number(header.mode().map(u64::from), &old.mode, "mode")? as u32 & 0o7777,
-            uid: number(header.uid(), &old.uid, "uid")? as u32,
-            gid: number(header.gid(), &old.gid, "gid")? as u32,
-            mtime: number(header.mtime(), &old.mtime, "mtime")?,
-            ..Default::default()
-        };
-        if let Some(exts) = entry.pax_extensions().map_err(|e| bad("pax header", e))? {
-            for ext in exts {
-                let ext = ext.map_err(|e| bad("pax header", e))?;
-                let key = ext.key_bytes();
-                if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
-                    check_xattr(Path::new(&shown), name, ext.value_bytes())?;
-                    meta.xattrs
-                        .push((name.to_vec(), ext.value_bytes().to_vec()));
-                } else if key == b"mtime" {
-                    // "seconds[.fraction]": keep the nanoseconds the ustar field cannot hold.
-                    let text = String::from_utf8_lossy(ext.value_bytes()).into_owned();
-                    let (secs, frac) = text.split_once('.').unwrap_or((&text, ""));
-                    if let Ok(s) = secs.parse::<u64>() {
-                        meta.mtime = s;
-                        let digits: String = frac.chars().take(9).collect();
-                        meta.mtime_nsec = format!("{digits:0<9}").parse().unwrap_or(0);
-                    }
-                }
-            }
-        }
-        meta.xattrs.sort();
-
-        let kind_bits = match etype {
-            tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
-                libc::S_IFREG
-            }
-            tar::EntryType::Directory => libc::S_IFDIR,
-            tar::EntryType::Symlink => libc::S_IFLNK,
-            tar::EntryType::Char => libc::S_IFCHR,
-            tar::EntryType::Block => libc::S_IFBLK,
-            tar::EntryType::Fifo => libc::S_IFIFO,
-            tar::EntryType::Link => 0,
-            other => {
-                return Err(Error::Invalid(format!(
-                    "{}: tar entry {shown}: unsupported entry type {:?}",
-                    source.display(),
-                    other.as_byte() as char
-                )))
-            }
-        };
+        let mut meta = entry_meta(&mut entry, &header, &shown, source)?;
+        let kind_bits = type_bits(etype, &shown, source)?;
         meta.mode |= kind_bits;
 
         let Some((name, parents)) = parts.split_last() else {
@@ -215,62 +158,20 @@ pub fn scan(reader: impl Read, chunker: &mut Chunker, source: &Path) -> Result<T
         let dir = b.ensure_dir(parents, &shown)?;
         let name = name.clone();
         let node = match etype {
-            tar::EntryType::Link => {
-                let target_raw = entry
-                    .link_name_bytes()
-                    .map(|l| l.into_owned())
-                    .unwrap_or_default();
-                let target_shown = String::from_utf8_lossy(&target_raw).into_owned();
-                let target = b.lookup(&components(&target_raw, &target_shown)?).ok_or_else(|| {
-                    Error::Invalid(format!("{}: hard link {shown} to {target_shown}, which is not earlier in the tar", source.display()))
-                })?;
-                let t = &b.tree.nodes[target];
-                if matches!(t.kind, Kind::Dir(_)) {
-                    return Err(Error::Invalid(format!(
-                        "{}: hard link {shown} to directory {target_shown}",
-                        source.display()
-                    )));
-                }
-                // A regular file shares the target's contents (one inode); other types get a copy.
-                Node {
-                    name,
-                    meta: t.meta.clone(),
-                    kind: t.kind.clone(),
-                }
-            }
+            tar::EntryType::Link => b.hard_link(&entry, name, &shown, source)?,
             tar::EntryType::Directory => Node {
                 name,
                 meta,
                 kind: Kind::Dir(Vec::new()),
             },
-            tar::EntryType::Symlink => {
-                let target = entry
-                    .link_name_bytes()
-                    .map(|l| l.into_owned())
-                    .unwrap_or_default();
-                if target.is_empty() || target.len() > 4095 {
-                    return Err(Error::Invalid(format!(
-                        "{}: symlink {shown} has a target of {} bytes",
-                        source.display(),
-                        target.len()
-                    )));
-                }
-                Node {
-                    name,
-                    meta,
-                    kind: Kind::Symlink(target),
-                }
-            }
+            tar::EntryType::Symlink => Node {
+                name,
+                meta,
+                kind: Kind::Symlink(symlink_target(&entry, &shown, source)?),
+            },
             tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
                 if kind_bits != libc::S_IFIFO {
-                    meta.rdev_major = header
-                        .device_major()
-                        .map_err(|e| bad("device major", e))?
-                        .unwrap_or(0);
-                    meta.rdev_minor = header
-                        .device_minor()
-                        .map_err(|e| bad("device minor", e))?
-                        .unwrap_or(0);
+                    (meta.rdev_major, meta.rdev_minor) = device_numbers(&header, &shown, source)?;
                 }
                 Node {
                     name,
@@ -278,25 +179,11 @@ pub fn scan(reader: impl Read, chunker: &mut Chunker, source: &Path) -> Result<T
                     kind: Kind::Special,
                 }
             }
-            _ => {
-                let size = entry.size();
-                let file = b.tree.add_file(FileData {
-                    size,
-                    source: None,
-                    chunks: Vec::new(),
-                });
-                chunker.add_file(
-                    file,
-                    &mut entry,
-                    size,
-                    &format!("{}: tar entry {shown}", source.display()),
-                )?;
-                Node {
-                    name,
-                    meta,
-                    kind: Kind::File(file),
-                }
-            }
+            _ => Node {
+                name,
+                meta,
+                kind: Kind::File(b.add_file(&mut entry, chunker, &shown, source)?),
+            },
         };
         b.insert(dir, node);
     }
@@ -307,4 +194,177 @@ pub fn scan(reader: impl Read, chunker: &mut Chunker, source: &Path) -> Result<T
         )));
     }
     Ok(b.tree)
+}
+
+/// An error reading field `what` of tar entry `shown`.
+fn entry_error(source: &Path, shown: &str, what: &str, e: std::io::Error) -> Error {
+    Error::Invalid(format!(
+        "{}: tar entry {shown}: {what}: {e}",
+        source.display()
+    ))
+}
+
+/// An entry's attributes: mode bits, owner and mtime from its header, xattrs and a precise mtime from its
+/// pax extensions. The file type bits are the caller's.
+fn entry_meta<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    header: &tar::Header,
+    shown: &str,
+    source: &Path,
+) -> Result<Meta> {
+    let bad = |what: &str, e: std::io::Error| entry_error(source, shown, what, e);
+    // Some writers leave numeric fields blank: that reads as 0; anything else unparsable is an error.
+    let old = header.as_old();
+    let number = |value: std::io::Result<u64>, raw: &[u8], what: &str| match value {
+        Ok(v) => Ok(v),
+        Err(_) if raw.iter().all(|&c| c == 0 || c == b' ') => Ok(0),
+        Err(e) => Err(bad(what, e)),
+    };
+    let mut meta = Meta {
+        mode: number(header.mode().map(u64::from), &old.mode, "mode")? as u32 & 0o7777,
+        uid: number(header.uid(), &old.uid, "uid")? as u32,
+        gid: number(header.gid(), &old.gid, "gid")? as u32,
+        mtime: number(header.mtime(), &old.mtime, "mtime")?,
+        ..Default::default()
+    };
+    if let Some(exts) = entry.pax_extensions().map_err(|e| bad("pax header", e))? {
+        for ext in exts {
+            let ext = ext.map_err(|e| bad("pax header", e))?;
+            let key = ext.key_bytes();
+            if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
+                check_xattr(Path::new(shown), name, ext.value_bytes())?;
+                meta.xattrs
+                    .push((name.to_vec(), ext.value_bytes().to_vec()));
+            } else if key == b"mtime" {
+                // "seconds[.fraction]": keep the nanoseconds the ustar field cannot hold.
+                let text = String::from_utf8_lossy(ext.value_bytes()).into_owned();
+                let (secs, frac) = text.split_once('.').unwrap_or((&text, ""));
+                if let Ok(s) = secs.parse::<u64>() {
+                    meta.mtime = s;
+                    let digits: String = frac.chars().take(9).collect();
+                    meta.mtime_nsec = format!("{digits:0<9}").parse().unwrap_or(0);
+                }
+            }
+        }
+    }
+    meta.xattrs.sort();
+    Ok(meta)
+}
+
+/// The file type bits of an entry type (0 for a hard link, which takes its target's); other entry
+/// types are refused.
+fn type_bits(etype: tar::EntryType, shown: &str, source: &Path) -> Result<u32> {
+    Ok(match etype {
+        tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
+            libc::S_IFREG
+        }
+        tar::EntryType::Directory => libc::S_IFDIR,
+        tar::EntryType::Symlink => libc::S_IFLNK,
+        tar::EntryType::Char => libc::S_IFCHR,
+        tar::EntryType::Block => libc::S_IFBLK,
+        tar::EntryType::Fifo => libc::S_IFIFO,
+        tar::EntryType::Link => 0,
+        other => {
+            return Err(Error::Invalid(format!(
+                "{}: tar entry {shown}: unsupported entry type {:?}",
+                source.display(),
+                other.as_byte() as char
+            )))
+        }
+    })
+}
+
+/// A device entry's major and minor numbers (0 when the header leaves them out).
+fn device_numbers(header: &tar::Header, shown: &str, source: &Path) -> Result<(u32, u32)> {
+    let bad = |what: &str, e: std::io::Error| entry_error(source, shown, what, e);
+    let major = header
+        .device_major()
+        .map_err(|e| bad("device major", e))?
+        .unwrap_or(0);
+    let minor = header
+        .device_minor()
+        .map_err(|e| bad("device minor", e))?
+        .unwrap_or(0);
+    Ok((major, minor))
+}
+
+/// A symlink entry's target: 1 to 4095 bytes.
+fn symlink_target<R: Read>(
+    entry: &tar::Entry<'_, R>,
+    shown: &str,
+    source: &Path,
+) -> Result<Vec<u8>> {
+    let target = entry
+        .link_name_bytes()
+        .map(|l| l.into_owned())
+        .unwrap_or_default();
+    if target.is_empty() || target.len() > 4095 {
+        return Err(Error::Invalid(format!(
+            "{}: symlink {shown} has a target of {} bytes",
+            source.display(),
+            target.len()
+        )));
+    }
+    Ok(target)
+}
+
+impl Builder {
+    /// A regular file's contents, chunked as they go by.
+    fn add_file<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        chunker: &mut Chunker,
+        shown: &str,
+        source: &Path,
+    ) -> Result<FileId> {
+        let size = entry.size();
+        let file = self.tree.add_file(FileData {
+            size,
+            source: None,
+            chunks: Vec::new(),
+        });
+        chunker.add_file(
+            file,
+            entry,
+            size,
+            &format!("{}: tar entry {shown}", source.display()),
+        )?;
+        Ok(file)
+    }
+
+    /// A hard link named `name` to an earlier entry (not a directory).
+    fn hard_link<R: Read>(
+        &self,
+        entry: &tar::Entry<'_, R>,
+        name: Vec<u8>,
+        shown: &str,
+        source: &Path,
+    ) -> Result<Node> {
+        let target_raw = entry
+            .link_name_bytes()
+            .map(|l| l.into_owned())
+            .unwrap_or_default();
+        let target_shown = String::from_utf8_lossy(&target_raw).into_owned();
+        let target = self
+            .lookup(&components(&target_raw, &target_shown)?)
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "{}: hard link {shown} to {target_shown}, which is not earlier in the tar",
+                    source.display()
+                ))
+            })?;
+        let t = &self.tree.nodes[target];
+        if matches!(t.kind, Kind::Dir(_)) {
+            return Err(Error::Invalid(format!(
+                "{}: hard link {shown} to directory {target_shown}",
+                source.display()
+            )));
+        }
+        // A regular file shares the target's contents (one inode); other types get a copy.
+        Ok(Node {
+            name,
+            meta: t.meta.clone(),
+            kind: t.kind.clone(),
+        })
+    }
 }

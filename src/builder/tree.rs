@@ -314,16 +314,7 @@ pub fn scan_dir(root: &Path) -> Result<(Tree, ScanReport)> {
     let mut links: HashMap<(u64, u64), FileId> = HashMap::new();
     let mut stack: Vec<(NodeId, PathBuf)> = vec![(ROOT, root.to_path_buf())];
     while let Some((dir, path)) = stack.pop() {
-        let listing = fs::read_dir(&path)
-            .map_err(|e| Error::io(format!("read directory {}", path.display()), e))?;
-        let mut names = Vec::new();
-        for entry in listing {
-            let entry =
-                entry.map_err(|e| Error::io(format!("read directory {}", path.display()), e))?;
-            names.push(entry.file_name());
-        }
-        names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
-        for name in names {
+        for name in sorted_names(&path)? {
             let child = path.join(&name);
             check_name(&child, name.as_bytes())?;
             let md = fs::symlink_metadata(&child)
@@ -357,17 +348,7 @@ pub fn scan_dir(root: &Path) -> Result<(Tree, ScanReport)> {
                     }
                 }
             } else if ft.is_symlink() {
-                let target = fs::read_link(&child)
-                    .map_err(|e| Error::io(format!("read link {}", child.display()), e))?;
-                let target = target.as_os_str().as_bytes().to_vec();
-                if target.is_empty() || target.len() > 4095 {
-                    return Err(Error::Invalid(format!(
-                        "{}: symlink target of {} bytes",
-                        child.display(),
-                        target.len()
-                    )));
-                }
-                Kind::Symlink(target)
+                Kind::Symlink(symlink_target(&child)?)
             } else if ft.is_char_device() || ft.is_block_device() || ft.is_fifo() {
                 Kind::Special
             } else {
@@ -392,4 +373,33 @@ pub fn scan_dir(root: &Path) -> Result<(Tree, ScanReport)> {
         }
     }
     Ok((tree, report))
+}
+
+/// The names in directory `path`, sorted by their bytes.
+fn sorted_names(path: &Path) -> Result<Vec<std::ffi::OsString>> {
+    let listing = fs::read_dir(path)
+        .map_err(|e| Error::io(format!("read directory {}", path.display()), e))?;
+    let mut names = Vec::new();
+    for entry in listing {
+        let entry =
+            entry.map_err(|e| Error::io(format!("read directory {}", path.display()), e))?;
+        names.push(entry.file_name());
+    }
+    names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    Ok(names)
+}
+
+/// The target of symlink `child`: 1 to 4095 bytes.
+fn symlink_target(child: &Path) -> Result<Vec<u8>> {
+    let target =
+        fs::read_link(child).map_err(|e| Error::io(format!("read link {}", child.display()), e))?;
+    let target = target.as_os_str().as_bytes().to_vec();
+    if target.is_empty() || target.len() > 4095 {
+        return Err(Error::Invalid(format!(
+            "{}: symlink target of {} bytes",
+            child.display(),
+            target.len()
+        )));
+    }
+    Ok(target)
 }

@@ -21,13 +21,64 @@ use rafs_layout::{Field, Record};
 
 const ALIGN: u64 = 8;
 
+/// Every node's inode-table slot and inode number, and what its record says about its place in the tree.
+struct Inodes {
+    /// Nodes breadth first, each with its parent.
+    order: Vec<(NodeId, NodeId)>,
+    slot: Vec<u32>,
+    parent: Vec<NodeId>,
+    ino: Vec<u32>,
+    /// Names of each regular file (its nlink).
+    file_names: Vec<u32>,
+    /// Distinct inode numbers.
+    unique: u64,
+    /// Merkle-style inode digests.
+    digests: Vec<[u8; 32]>,
+}
+
+/// The tables after the superblock and where each goes (each padded to 8 bytes).
+struct Tables {
+    inode_table_off: u64,
+    prefetch_off: u64,
+    prefetch: Vec<u32>,
+    blob_table_off: u64,
+    blob_table: Vec<u8>,
+    ext_off: u64,
+    records_off: u64,
+}
+
+/// The inode records in depth-first pre-order: each node's xattr area and record offset, and the end.
+struct Records {
+    xattrs: Vec<Vec<u8>>,
+    record_off: Vec<u64>,
+    dfs: Vec<NodeId>,
+    total: u64,
+}
+
 pub fn write(
     tree: &Tree,
     chunks: &ChunkTable,
     blobs: &[BlobInfo],
     p: &ImageParams,
 ) -> Result<Vec<u8>> {
-    // Slots (1-based) breadth first: each directory's children get consecutive slots.
+    let inodes = number_inodes(tree, chunks, p)?;
+    let tables = tables(&inodes, blobs, p);
+    let records = place_records(tree, tables.records_off, inodes.order.len());
+    let mut out = vec![
+        0u8;
+        usize::try_from(records.total)
+            .map_err(|_| Error::Invalid("bootstrap too large".into()))?
+    ];
+    write_tables(&mut out, &tables, &inodes, &records, blobs, p)?;
+    for &node in &records.dfs {
+        write_record(&mut out, tree, chunks, p, &inodes, &records, node);
+    }
+    Ok(out)
+}
+
+/// Slots (1-based) breadth first, so each directory's children get consecutive slots; a hard link's
+/// inode number is the slot of its first name. Digests are computed children before parents.
+fn number_inodes(tree: &Tree, chunks: &ChunkTable, p: &ImageParams) -> Result<Inodes> {
     let order = tree.bfs();
     let mut slot = vec![0u32; tree.nodes.len()];
     let mut parent = vec![ROOT; tree.nodes.len()];
@@ -71,9 +122,21 @@ pub fn write(
             }
         };
     }
+    Ok(Inodes {
+        order,
+        slot,
+        parent,
+        ino,
+        file_names,
+        unique,
+        digests,
+    })
+}
 
+/// Lay out the inode table, prefetch table, blob table and extended blob table after the superblock.
+fn tables(inodes: &Inodes, blobs: &[BlobInfo], p: &ImageParams) -> Tables {
     // Tables after the superblock, each padded to 8 bytes.
-    let entries = order.len() as u64;
+    let entries = inodes.order.len() as u64;
     let inode_table_off = SUPER_SIZE;
     let prefetch_off = inode_table_off + round_up(4 * entries, ALIGN);
     let prefetch: Vec<u32> = if blobs.is_empty() {
@@ -81,7 +144,7 @@ pub fn write(
     } else {
         p.prefetch
             .iter()
-            .map(|&n| ino[n])
+            .map(|&n| inodes.ino[n])
             .filter(|&i| i != 0)
             .collect()
     };
@@ -98,8 +161,19 @@ pub fn write(
     blob_table.resize(round_up(blob_table.len() as u64, ALIGN) as usize, 0);
     let ext_off = blob_table_off + blob_table.len() as u64;
     let records_off = ext_off + EXT_BLOB_ENTRY_SIZE * blobs.len() as u64;
+    Tables {
+        inode_table_off,
+        prefetch_off,
+        prefetch,
+        blob_table_off,
+        blob_table,
+        ext_off,
+        records_off,
+    }
+}
 
-    // Record sizes and offsets, depth-first pre-order.
+/// Record sizes and offsets from `records_off`, depth-first pre-order.
+fn place_records(tree: &Tree, records_off: u64, count: usize) -> Records {
     let xattrs: Vec<Vec<u8>> = tree
         .nodes
         .iter()
@@ -108,21 +182,31 @@ pub fn write(
     let mut record_off = vec![0u64; tree.nodes.len()];
     let mut pos = records_off;
     let mut stack = vec![ROOT];
-    let mut dfs = Vec::with_capacity(order.len());
+    let mut dfs = Vec::with_capacity(count);
     while let Some(node) = stack.pop() {
         dfs.push(node);
         record_off[node] = pos;
         pos += record_size(tree, node, &xattrs[node]);
         stack.extend(tree.children(node).iter().rev());
     }
-    let total = pos;
-    let mut out = vec![
-        0u8;
-        usize::try_from(total)
-            .map_err(|_| Error::Invalid("bootstrap too large".into()))?
-    ];
+    Records {
+        xattrs,
+        record_off,
+        dfs,
+        total: pos,
+    }
+}
 
-    let has_xattr = xattrs.iter().any(|x| !x.is_empty());
+/// The superblock, inode table, prefetch table, blob table and extended blob table.
+fn write_tables(
+    out: &mut [u8],
+    t: &Tables,
+    inodes: &Inodes,
+    records: &Records,
+    blobs: &[BlobInfo],
+    p: &ImageParams,
+) -> Result<()> {
+    let has_xattr = records.xattrs.iter().any(|x| !x.is_empty());
     let sflags = p.compressor.flag()
         | p.digester.flag()
         | if p.explicit_uid_gid {
@@ -137,31 +221,31 @@ pub fn write(
         sb_size: SUPER_SIZE as u32,
         block_size: p.chunk_size,
         flags: sflags,
-        inodes_count: unique,
-        inode_table_offset: inode_table_off,
-        prefetch_table_offset: prefetch_off,
-        blob_table_offset: blob_table_off,
-        inode_table_entries: entries as u32,
-        prefetch_table_entries: prefetch.len() as u32,
-        blob_table_size: blob_table.len() as u32,
+        inodes_count: inodes.unique,
+        inode_table_offset: t.inode_table_off,
+        prefetch_table_offset: t.prefetch_off,
+        blob_table_offset: t.blob_table_off,
+        inode_table_entries: inodes.order.len() as u32,
+        prefetch_table_entries: t.prefetch.len() as u32,
+        blob_table_size: t.blob_table.len() as u32,
         extended_blob_table_entries: blobs.len() as u32,
-        extended_blob_table_offset: ext_off,
+        extended_blob_table_offset: t.ext_off,
     }
-    .write_to(&mut out);
-    for &(node, _) in &order {
-        let off = record_off[node];
+    .write_to(out);
+    for &(node, _) in &inodes.order {
+        let off = records.record_off[node];
         if off >> 3 > u32::MAX as u64 {
             return Err(Error::Invalid("v5 bootstrap over 32 GiB".into()));
         }
         ((off >> 3) as u32).put(
-            &mut out,
-            (inode_table_off + 4 * (slot[node] as u64 - 1)) as usize,
+            out,
+            (t.inode_table_off + 4 * (inodes.slot[node] as u64 - 1)) as usize,
         );
     }
-    for (i, &n) in prefetch.iter().enumerate() {
-        n.put(&mut out, prefetch_off as usize + 4 * i);
+    for (i, &n) in t.prefetch.iter().enumerate() {
+        n.put(out, t.prefetch_off as usize + 4 * i);
     }
-    out[blob_table_off as usize..ext_off as usize].copy_from_slice(&blob_table);
+    out[t.blob_table_off as usize..t.ext_off as usize].copy_from_slice(&t.blob_table);
     for (i, blob) in blobs.iter().enumerate() {
         ExtBlobEntry {
             chunk_count: blob.chunk_count,
@@ -169,97 +253,139 @@ pub fn write(
             uncompressed_size: blob.uncompressed_size,
             compressed_size: blob.compressed_size,
         }
-        .write_to(&mut out[(ext_off + EXT_BLOB_ENTRY_SIZE * i as u64) as usize..]);
+        .write_to(&mut out[(t.ext_off + EXT_BLOB_ENTRY_SIZE * i as u64) as usize..]);
     }
+    Ok(())
+}
 
-    for node in dfs {
-        let n = &tree.nodes[node];
-        let at = record_off[node] as usize;
-        let name: &[u8] = if node == ROOT { b"/" } else { &n.name };
-        let (mut size, mut child_index, mut child_count, mut nlink, mut iflags) =
-            (0u64, 0u32, 0u32, 1u32, 0u64);
-        let mut symlink: &[u8] = &[];
-        let mut file_chunks: &[u32] = &[];
-        match &n.kind {
-            Kind::Dir(children) => {
-                let names: u64 = children
-                    .iter()
-                    .map(|&c| tree.nodes[c].name.len() as u64 + 8)
-                    .sum();
-                size = round_up(names, 4096).max(4096);
-                child_index = children.first().map(|&c| slot[c]).unwrap_or(0);
-                child_count = children.len() as u32;
-                nlink = 2 + children.iter().filter(|&&c| tree.is_dir(c)).count() as u32;
-            }
-            Kind::File(f) => {
-                size = tree.files[*f].size;
-                file_chunks = &tree.files[*f].chunks;
-                child_count = file_chunks.len() as u32;
-                nlink = file_names[*f];
-            }
-            Kind::Symlink(target) => {
-                symlink = target;
-                size = target.len() as u64;
-                iflags |= I_SYMLINK;
-            }
-            Kind::Special => {}
+/// What a record says about its node's contents.
+struct Shape<'t> {
+    size: u64,
+    /// A directory's first child slot; 0 otherwise.
+    child_index: u32,
+    /// A directory's children, or a file's chunks.
+    child_count: u32,
+    nlink: u32,
+    iflags: u64,
+    symlink: &'t [u8],
+    file_chunks: &'t [u32],
+}
+
+fn record_shape<'t>(tree: &'t Tree, inodes: &Inodes, node: NodeId) -> Shape<'t> {
+    let (mut size, mut child_index, mut child_count, mut nlink, mut iflags) =
+        (0u64, 0u32, 0u32, 1u32, 0u64);
+    let mut symlink: &[u8] = &[];
+    let mut file_chunks: &[u32] = &[];
+    match &tree.nodes[node].kind {
+        Kind::Dir(children) => {
+            let names: u64 = children
+                .iter()
+                .map(|&c| tree.nodes[c].name.len() as u64 + 8)
+                .sum();
+            size = round_up(names, 4096).max(4096);
+            child_index = children.first().map(|&c| inodes.slot[c]).unwrap_or(0);
+            child_count = children.len() as u32;
+            nlink = 2 + children.iter().filter(|&&c| tree.is_dir(c)).count() as u32;
         }
-        if !xattrs[node].is_empty() {
-            iflags |= I_XATTR;
+        Kind::File(f) => {
+            size = tree.files[*f].size;
+            file_chunks = &tree.files[*f].chunks;
+            child_count = file_chunks.len() as u32;
+            nlink = inodes.file_names[*f];
         }
-        let (uid, gid) = if p.explicit_uid_gid {
-            (n.meta.uid, n.meta.gid)
-        } else {
-            (0, 0)
-        };
-        let rdev = match n.meta.file_type() {
-            libc::S_IFCHR | libc::S_IFBLK => {
-                libc::makedev(n.meta.rdev_major, n.meta.rdev_minor) as u32
-            }
-            _ => 0,
-        };
-        Inode {
-            digest: digests[node],
-            parent: if node == ROOT {
-                0
-            } else {
-                ino[parent[node]] as u64
-            },
-            ino: ino[node] as u64,
-            uid,
-            gid,
-            projid: 0,
-            mode: n.meta.mode,
-            size,
-            blocks: (size + xattrs[node].len() as u64).div_ceil(512),
-            flags: iflags,
-            nlink,
-            child_index,
-            child_count,
-            name_size: name.len() as u16,
-            symlink_size: symlink.len() as u16,
-            rdev,
-            mtime_nsec: n.meta.mtime_nsec,
-            mtime: n.meta.mtime,
+        Kind::Symlink(target) => {
+            symlink = target;
+            size = target.len() as u64;
+            iflags |= I_SYMLINK;
         }
-        .write_to(&mut out[at..]);
-        let mut pos = at + INODE_SIZE as usize;
-        out[pos..pos + name.len()].copy_from_slice(name);
-        pos += round_up(name.len() as u64, ALIGN) as usize;
-        out[pos..pos + symlink.len()].copy_from_slice(symlink);
-        pos += round_up(symlink.len() as u64, ALIGN) as usize;
-        out[pos..pos + xattrs[node].len()].copy_from_slice(&xattrs[node]);
-        pos += xattrs[node].len();
-        for (k, &c) in file_chunks.iter().enumerate() {
-            ChunkRecord {
-                file_offset: k as u64 * p.chunk_size as u64,
-                ..*chunks.get(c)
-            }
-            .write_to(&mut out[pos..]);
-            pos += CHUNK_SIZE as usize;
-        }
+        Kind::Special => {}
     }
-    Ok(out)
+    Shape {
+        size,
+        child_index,
+        child_count,
+        nlink,
+        iflags,
+        symlink,
+        file_chunks,
+    }
+}
+
+/// The record of `node` with its name, symlink target, xattrs and chunk records.
+fn write_record(
+    out: &mut [u8],
+    tree: &Tree,
+    chunks: &ChunkTable,
+    p: &ImageParams,
+    inodes: &Inodes,
+    records: &Records,
+    node: NodeId,
+) {
+    let n = &tree.nodes[node];
+    let xattrs = &records.xattrs[node];
+    let at = records.record_off[node] as usize;
+    let name: &[u8] = if node == ROOT { b"/" } else { &n.name };
+    let Shape {
+        size,
+        child_index,
+        child_count,
+        nlink,
+        mut iflags,
+        symlink,
+        file_chunks,
+    } = record_shape(tree, inodes, node);
+    if !xattrs.is_empty() {
+        iflags |= I_XATTR;
+    }
+    let (uid, gid) = if p.explicit_uid_gid {
+        (n.meta.uid, n.meta.gid)
+    } else {
+        (0, 0)
+    };
+    let rdev = match n.meta.file_type() {
+        libc::S_IFCHR | libc::S_IFBLK => libc::makedev(n.meta.rdev_major, n.meta.rdev_minor) as u32,
+        _ => 0,
+    };
+    Inode {
+        digest: inodes.digests[node],
+        parent: if node == ROOT {
+            0
+        } else {
+            inodes.ino[inodes.parent[node]] as u64
+        },
+        ino: inodes.ino[node] as u64,
+        uid,
+        gid,
+        projid: 0,
+        mode: n.meta.mode,
+        size,
+        blocks: (size + xattrs.len() as u64).div_ceil(512),
+        flags: iflags,
+        nlink,
+        child_index,
+        child_count,
+        name_size: name.len() as u16,
+        symlink_size: symlink.len() as u16,
+        rdev,
+        mtime_nsec: n.meta.mtime_nsec,
+        mtime: n.meta.mtime,
+    }
+    .write_to(&mut out[at..]);
+    let mut pos = at + INODE_SIZE as usize;
+    out[pos..pos + name.len()].copy_from_slice(name);
+    pos += round_up(name.len() as u64, ALIGN) as usize;
+    out[pos..pos + symlink.len()].copy_from_slice(symlink);
+    pos += round_up(symlink.len() as u64, ALIGN) as usize;
+    out[pos..pos + xattrs.len()].copy_from_slice(xattrs);
+    pos += xattrs.len();
+    for (k, &c) in file_chunks.iter().enumerate() {
+        ChunkRecord {
+            file_offset: k as u64 * p.chunk_size as u64,
+            ..*chunks.get(c)
+        }
+        .write_to(&mut out[pos..]);
+        pos += CHUNK_SIZE as usize;
+    }
 }
 
 fn record_size(tree: &Tree, node: NodeId, xattrs: &[u8]) -> u64 {

@@ -69,6 +69,19 @@ impl Ino {
     }
 }
 
+/// Where the parts of the bootstrap go: byte offsets and sizes in the file.
+struct Layout {
+    blob_table_off: u64,
+    blob_table_size: u64,
+    prefetch_off: u64,
+    prefetch_size: u64,
+    meta_base: u64,
+    chunk_table_off: u64,
+    chunk_table_size: u64,
+    /// The file's size, a whole number of blocks.
+    total: u64,
+}
+
 pub fn write(
     tree: &Tree,
     chunks: &ChunkTable,
@@ -82,213 +95,54 @@ pub fn write(
         )));
     }
     let (inodes, node_ino, parents) = collect(tree, p)?;
-
-    // Tables before the meta area: device slots, blob table, prefetch table.
-    let nblobs = blobs.len() as u64;
-    let blob_table_off = round_up(DEVICE_TABLE_OFFSET + DEVICE_SLOT_SIZE * nblobs, BLOCK);
-    let blob_table_size = BLOB_ENTRY_SIZE * nblobs;
     let prefetch: Vec<NodeId> = if blobs.is_empty() {
         Vec::new()
     } else {
         p.prefetch.to_vec()
     };
-    let prefetch_off = blob_table_off + blob_table_size;
-    let prefetch_size = 4 * prefetch.len() as u64;
-    let meta_base = round_up(prefetch_off + prefetch_size, BLOCK);
-
-    // Inode area, then full data blocks, then the chunk table.
     let mut inodes = inodes;
-    let mut pos = ROOT_OFFSET;
-    for ino in &mut inodes {
-        let core = INODE_SIZE + ino.xattrs.len() as u64;
-        let together = core + ino.inline_len;
-        // An inline tail must not cross a block; keep every small inode inside one block.
-        if together <= BLOCK && pos % BLOCK + together > BLOCK {
-            pos = round_up(pos, BLOCK);
-        }
-        ino.offset = pos;
-        let total = if ino.index_bytes > 0 {
-            round_up(core, 8) + ino.index_bytes
-        } else {
-            together
-        };
-        pos += round_up(total, 32);
-    }
-    let mut cursor = round_up(meta_base + pos, BLOCK);
-    for ino in &mut inodes {
-        if ino.blocks > 0 {
-            ino.blkaddr = block_addr(cursor)?;
-            cursor += ino.blocks * BLOCK;
-        }
-    }
+    let layout = place(&mut inodes, blobs.len() as u64, prefetch.len() as u64)?;
     let table = chunk_table(tree, &inodes, chunks);
     let (chunk_table_off, chunk_table_size) = if table.is_empty() {
         (0, 0)
     } else {
-        (cursor, CHUNK_TABLE_ENTRY_SIZE * table.len() as u64)
+        (layout.total, CHUNK_TABLE_ENTRY_SIZE * table.len() as u64)
     };
-    let total = round_up(cursor + chunk_table_size, BLOCK);
+    let layout = Layout {
+        chunk_table_off,
+        chunk_table_size,
+        total: round_up(layout.total + chunk_table_size, BLOCK),
+        ..layout
+    };
     let mut out = vec![
         0u8;
-        usize::try_from(total)
+        usize::try_from(layout.total)
             .map_err(|_| Error::Invalid("bootstrap too large".into()))?
     ];
-
-    // Superblock (EROFS) and extended superblock (RAFS).
-    let has_xattr = inodes.iter().any(|i| !i.xattrs.is_empty());
-    let all_digests = !blobs.is_empty()
-        && blobs
-            .iter()
-            .all(|b| b.features & bf::INLINED_CHUNK_DIGEST != 0);
-    let sflags = p.compressor.flag()
-        | p.digester.flag()
-        | flags::ENCRYPTION_NONE
-        | if p.explicit_uid_gid {
-            flags::EXPLICIT_UID_GID
-        } else {
-            0
-        }
-        | if has_xattr { flags::HAS_XATTR } else { 0 }
-        | if all_digests {
-            flags::INLINED_CHUNK_DIGEST
-        } else {
-            0
-        };
     let root_nid = inodes[node_ino[ROOT]].nid();
-    let total_blocks: u64 = blobs.iter().map(|b| b.uncompressed_size / BLOCK).sum();
-    SuperBlock {
-        magic: EROFS_MAGIC,
-        feature_compat: COMPAT_RAFS_V6,
-        blkszbits: BLOCK_BITS as u8,
-        root_nid: root_nid as u16,
-        inos: inodes.len() as u64,
-        blocks: total_blocks as u32,
-        meta_blkaddr: block_addr(meta_base)?,
-        feature_incompat: INCOMPAT_CHUNKED_FILE | INCOMPAT_DEVICE_TABLE,
-        extra_devices: blobs.len() as u16,
-        devt_slotoff: DEVT_SLOTOFF,
-        ..Default::default()
-    }
-    .write_to(&mut out[SUPER_OFFSET as usize..]);
-    let (prefetch_table_offset, prefetch_table_size) = if prefetch.is_empty() {
-        (0, 0)
-    } else {
-        (prefetch_off, prefetch_size as u32)
-    };
-    ExtSuperBlock {
-        flags: sflags,
-        blob_table_offset: blob_table_off,
-        blob_table_size: blob_table_size as u32,
-        chunk_size: p.chunk_size,
-        chunk_table_offset: chunk_table_off,
-        chunk_table_size,
-        prefetch_table_offset,
-        prefetch_table_size,
-    }
-    .write_to(&mut out[EXT_SUPER_OFFSET as usize..]);
-
-    // Device slots and blob table, in the same order; device ids in chunk indexes are slot + 1.
-    let mut mapped_pos = total;
-    for (i, blob) in blobs.iter().enumerate() {
-        let tag: [u8; 64] = pad(blob.id.as_bytes()).ok_or_else(|| {
-            Error::Invalid(format!("blob id {:?} is longer than 64 bytes", blob.id))
-        })?;
-        let blocks = blob.uncompressed_size / BLOCK;
-        let mapped = round_up(mapped_pos, MAPPED_ALIGN) / BLOCK;
-        mapped_pos = (mapped + blocks) * BLOCK;
-        DeviceSlot {
-            tag,
-            blocks: blocks as u32,
-            mapped_blkaddr: mapped as u32,
-        }
-        .write_to(&mut out[(DEVICE_TABLE_OFFSET + DEVICE_SLOT_SIZE * i as u64) as usize..]);
-        let ci = blob.ci.unwrap_or(crate::format::CiLocation {
-            compressor: Compressor::None,
-            offset: 0,
-            compressed_size: 0,
-            uncompressed_size: 0,
-        });
-        BlobEntry {
-            blob_id: tag,
-            blob_index: i as u32,
-            chunk_size: p.chunk_size,
-            chunk_count: blob.chunk_count,
-            compression_algo: blob.compressor.to_u32(),
-            digest_algo: blob.digester.to_u32(),
-            features: blob.features,
-            compressed_size: blob.compressed_size,
-            uncompressed_size: blob.uncompressed_size,
-            blob_toc_size: blob.toc_size,
-            ci_compressor: ci.compressor.to_u32(),
-            ci_offset: ci.offset,
-            ci_compressed_size: ci.compressed_size,
-            ci_uncompressed_size: ci.uncompressed_size,
-            blob_toc_digest: blob.toc_digest,
-            ..Default::default()
-        }
-        .write_to(&mut out[(blob_table_off + BLOB_ENTRY_SIZE * i as u64) as usize..]);
-    }
+    write_superblocks(
+        &mut out,
+        &layout,
+        &inodes,
+        root_nid,
+        blobs,
+        p,
+        prefetch.is_empty(),
+    )?;
+    write_blob_tables(&mut out, &layout, blobs, p.chunk_size)?;
     for (i, &node) in prefetch.iter().enumerate() {
         let nid = inodes[node_ino[node]].nid();
         let nid = u32::try_from(nid)
             .map_err(|_| Error::Invalid(format!("prefetch nid {nid} does not fit 32 bits")))?;
-        nid.put(&mut out, prefetch_off as usize + 4 * i);
+        nid.put(&mut out, layout.prefetch_off as usize + 4 * i);
     }
 
     // Inodes and their data.
-    let chunk_bits = p.chunk_size.trailing_zeros();
     for (seq, ino) in inodes.iter().enumerate() {
         let node = &tree.nodes[ino.node];
-        let at = (meta_base + ino.offset) as usize;
-        let data: Vec<u8> = match &node.kind {
-            Kind::Dir(children) => {
-                let parent = parents[ino.node];
-                let mut entries: Vec<(&[u8], u64, u8)> = vec![
-                    (b".", ino.nid(), file_type::DIR),
-                    (b"..", inodes[node_ino[parent]].nid(), file_type::DIR),
-                ];
-                for &c in children {
-                    entries.push((
-                        &tree.nodes[c].name,
-                        inodes[node_ino[c]].nid(),
-                        dirent_type(tree, c),
-                    ));
-                }
-                entries.sort_by(|a, b| a.0.cmp(b.0));
-                pack_dir(&entries)
-            }
-            Kind::Symlink(target) => target.clone(),
-            _ => Vec::new(),
-        };
-        let i_u = match &node.kind {
-            Kind::Dir(_) | Kind::Symlink(_) => ino.blkaddr,
-            Kind::File(_) => CHUNK_FORMAT_INDEXES | (chunk_bits - BLOCK_BITS),
-            Kind::Special => encode_dev(node.meta.rdev_major, node.meta.rdev_minor),
-        };
-        let (uid, gid) = if p.explicit_uid_gid {
-            (node.meta.uid, node.meta.gid)
-        } else {
-            (0, 0)
-        };
-        let icount = if ino.xattrs.is_empty() {
-            0
-        } else {
-            (ino.xattrs.len() - 12) / 4 + 1
-        };
-        InodeExtended {
-            format: FORMAT_EXTENDED | ino.layout << 1,
-            xattr_icount: icount as u16,
-            mode: node.meta.mode as u16,
-            size: ino.size,
-            i_u,
-            ino: seq as u32 + 1,
-            uid,
-            gid,
-            mtime: node.meta.mtime,
-            mtime_nsec: node.meta.mtime_nsec,
-            nlink: ino.nlink,
-        }
-        .write_to(&mut out[at..]);
+        let at = (layout.meta_base + ino.offset) as usize;
+        let data = inode_data(tree, &inodes, &node_ino, &parents, ino);
+        inode_record(tree, ino, seq, p).write_to(&mut out[at..]);
         let after_core = at + INODE_SIZE as usize;
         out[after_core..after_core + ino.xattrs.len()].copy_from_slice(&ino.xattrs);
         let after_xattrs = after_core + ino.xattrs.len();
@@ -314,6 +168,231 @@ pub fn write(
         c.write_to(&mut out[(chunk_table_off + CHUNK_TABLE_ENTRY_SIZE * i as u64) as usize..]);
     }
     Ok(out)
+}
+
+/// Place the tables before the meta area (device slots, blob table, prefetch table), every inode in the
+/// meta area (`offset`) and the full data blocks after it (`blkaddr`). The layout's chunk table is left
+/// empty and its `total` is where the chunk table goes.
+fn place(inodes: &mut [Ino], nblobs: u64, nprefetch: u64) -> Result<Layout> {
+    // Tables before the meta area: device slots, blob table, prefetch table.
+    let blob_table_off = round_up(DEVICE_TABLE_OFFSET + DEVICE_SLOT_SIZE * nblobs, BLOCK);
+    let blob_table_size = BLOB_ENTRY_SIZE * nblobs;
+    let prefetch_off = blob_table_off + blob_table_size;
+    let prefetch_size = 4 * nprefetch;
+    let meta_base = round_up(prefetch_off + prefetch_size, BLOCK);
+
+    // Inode area, then full data blocks, then the chunk table.
+    let mut pos = ROOT_OFFSET;
+    for ino in inodes.iter_mut() {
+        let core = INODE_SIZE + ino.xattrs.len() as u64;
+        let together = core + ino.inline_len;
+        // An inline tail must not cross a block; keep every small inode inside one block.
+        if together <= BLOCK && pos % BLOCK + together > BLOCK {
+            pos = round_up(pos, BLOCK);
+        }
+        ino.offset = pos;
+        let total = if ino.index_bytes > 0 {
+            round_up(core, 8) + ino.index_bytes
+        } else {
+            together
+        };
+        pos += round_up(total, 32);
+    }
+    let mut cursor = round_up(meta_base + pos, BLOCK);
+    for ino in inodes.iter_mut() {
+        if ino.blocks > 0 {
+            ino.blkaddr = block_addr(cursor)?;
+            cursor += ino.blocks * BLOCK;
+        }
+    }
+    Ok(Layout {
+        blob_table_off,
+        blob_table_size,
+        prefetch_off,
+        prefetch_size,
+        meta_base,
+        chunk_table_off: 0,
+        chunk_table_size: 0,
+        total: cursor,
+    })
+}
+
+/// The EROFS superblock and the RAFS extended superblock.
+fn write_superblocks(
+    out: &mut [u8],
+    layout: &Layout,
+    inodes: &[Ino],
+    root_nid: u64,
+    blobs: &[BlobInfo],
+    p: &ImageParams,
+    no_prefetch: bool,
+) -> Result<()> {
+    let has_xattr = inodes.iter().any(|i| !i.xattrs.is_empty());
+    let all_digests = !blobs.is_empty()
+        && blobs
+            .iter()
+            .all(|b| b.features & bf::INLINED_CHUNK_DIGEST != 0);
+    let sflags = p.compressor.flag()
+        | p.digester.flag()
+        | flags::ENCRYPTION_NONE
+        | if p.explicit_uid_gid {
+            flags::EXPLICIT_UID_GID
+        } else {
+            0
+        }
+        | if has_xattr { flags::HAS_XATTR } else { 0 }
+        | if all_digests {
+            flags::INLINED_CHUNK_DIGEST
+        } else {
+            0
+        };
+    let total_blocks: u64 = blobs.iter().map(|b| b.uncompressed_size / BLOCK).sum();
+    SuperBlock {
+        magic: EROFS_MAGIC,
+        feature_compat: COMPAT_RAFS_V6,
+        blkszbits: BLOCK_BITS as u8,
+        root_nid: root_nid as u16,
+        inos: inodes.len() as u64,
+        blocks: total_blocks as u32,
+        meta_blkaddr: block_addr(layout.meta_base)?,
+        feature_incompat: INCOMPAT_CHUNKED_FILE | INCOMPAT_DEVICE_TABLE,
+        extra_devices: blobs.len() as u16,
+        devt_slotoff: DEVT_SLOTOFF,
+        ..Default::default()
+    }
+    .write_to(&mut out[SUPER_OFFSET as usize..]);
+    let (prefetch_table_offset, prefetch_table_size) = if no_prefetch {
+        (0, 0)
+    } else {
+        (layout.prefetch_off, layout.prefetch_size as u32)
+    };
+    ExtSuperBlock {
+        flags: sflags,
+        blob_table_offset: layout.blob_table_off,
+        blob_table_size: layout.blob_table_size as u32,
+        chunk_size: p.chunk_size,
+        chunk_table_offset: layout.chunk_table_off,
+        chunk_table_size: layout.chunk_table_size,
+        prefetch_table_offset,
+        prefetch_table_size,
+    }
+    .write_to(&mut out[EXT_SUPER_OFFSET as usize..]);
+    Ok(())
+}
+
+/// Device slots and blob table, in the same order; device ids in chunk indexes are slot + 1.
+fn write_blob_tables(
+    out: &mut [u8],
+    layout: &Layout,
+    blobs: &[BlobInfo],
+    chunk_size: u32,
+) -> Result<()> {
+    let mut mapped_pos = layout.total;
+    for (i, blob) in blobs.iter().enumerate() {
+        let tag: [u8; 64] = pad(blob.id.as_bytes()).ok_or_else(|| {
+            Error::Invalid(format!("blob id {:?} is longer than 64 bytes", blob.id))
+        })?;
+        let blocks = blob.uncompressed_size / BLOCK;
+        let mapped = round_up(mapped_pos, MAPPED_ALIGN) / BLOCK;
+        mapped_pos = (mapped + blocks) * BLOCK;
+        DeviceSlot {
+            tag,
+            blocks: blocks as u32,
+            mapped_blkaddr: mapped as u32,
+        }
+        .write_to(&mut out[(DEVICE_TABLE_OFFSET + DEVICE_SLOT_SIZE * i as u64) as usize..]);
+        let ci = blob.ci.unwrap_or(crate::format::CiLocation {
+            compressor: Compressor::None,
+            offset: 0,
+            compressed_size: 0,
+            uncompressed_size: 0,
+        });
+        BlobEntry {
+            blob_id: tag,
+            blob_index: i as u32,
+            chunk_size,
+            chunk_count: blob.chunk_count,
+            compression_algo: blob.compressor.to_u32(),
+            digest_algo: blob.digester.to_u32(),
+            features: blob.features,
+            compressed_size: blob.compressed_size,
+            uncompressed_size: blob.uncompressed_size,
+            blob_toc_size: blob.toc_size,
+            ci_compressor: ci.compressor.to_u32(),
+            ci_offset: ci.offset,
+            ci_compressed_size: ci.compressed_size,
+            ci_uncompressed_size: ci.uncompressed_size,
+            blob_toc_digest: blob.toc_digest,
+            ..Default::default()
+        }
+        .write_to(&mut out[(layout.blob_table_off + BLOB_ENTRY_SIZE * i as u64) as usize..]);
+    }
+    Ok(())
+}
+
+/// A directory's entries (`.`, `..` and its children, sorted by name, packed into blocks) or a symlink's
+/// target; nothing for other inodes.
+fn inode_data(
+    tree: &Tree,
+    inodes: &[Ino],
+    node_ino: &[usize],
+    parents: &[NodeId],
+    ino: &Ino,
+) -> Vec<u8> {
+    match &tree.nodes[ino.node].kind {
+        Kind::Dir(children) => {
+            let parent = parents[ino.node];
+            let mut entries: Vec<(&[u8], u64, u8)> = vec![
+                (b".", ino.nid(), file_type::DIR),
+                (b"..", inodes[node_ino[parent]].nid(), file_type::DIR),
+            ];
+            for &c in children {
+                entries.push((
+                    &tree.nodes[c].name,
+                    inodes[node_ino[c]].nid(),
+                    dirent_type(tree, c),
+                ));
+            }
+            entries.sort_by(|a, b| a.0.cmp(b.0));
+            pack_dir(&entries)
+        }
+        Kind::Symlink(target) => target.clone(),
+        _ => Vec::new(),
+    }
+}
+
+/// The extended inode record of `ino`, the `seq`th inode written.
+fn inode_record(tree: &Tree, ino: &Ino, seq: usize, p: &ImageParams) -> InodeExtended {
+    let node = &tree.nodes[ino.node];
+    let chunk_bits = p.chunk_size.trailing_zeros();
+    let i_u = match &node.kind {
+        Kind::Dir(_) | Kind::Symlink(_) => ino.blkaddr,
+        Kind::File(_) => CHUNK_FORMAT_INDEXES | (chunk_bits - BLOCK_BITS),
+        Kind::Special => encode_dev(node.meta.rdev_major, node.meta.rdev_minor),
+    };
+    let (uid, gid) = if p.explicit_uid_gid {
+        (node.meta.uid, node.meta.gid)
+    } else {
+        (0, 0)
+    };
+    let icount = if ino.xattrs.is_empty() {
+        0
+    } else {
+        (ino.xattrs.len() - 12) / 4 + 1
+    };
+    InodeExtended {
+        format: FORMAT_EXTENDED | ino.layout << 1,
+        xattr_icount: icount as u16,
+        mode: node.meta.mode as u16,
+        size: ino.size,
+        i_u,
+        ino: seq as u32 + 1,
+        uid,
+        gid,
+        mtime: node.meta.mtime,
+        mtime_nsec: node.meta.mtime_nsec,
+        nlink: ino.nlink,
+    }
 }
 
 /// Inodes in placement order, the inode of every reachable node, and every directory's parent.

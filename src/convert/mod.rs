@@ -133,28 +133,7 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
         .as_deref()
         .map(cache::LayerCache::open)
         .transpose()?;
-    let top = src.manifest(opts.source.reference(), &oci::ACCEPT)?;
-    let shown = opts.source.to_string();
-    let platforms = match opts.platforms.is_empty() {
-        true => vec![Platform::host()],
-        false => opts.platforms.clone(),
-    };
-    let selected: Vec<(Descriptor, Option<Fetched>)> =
-        match oci::parse_document(&top.media_type, &top.bytes, &shown)? {
-            Document::Index(index) => select_platforms(&index, &platforms, &shown)?
-                .into_iter()
-                .map(|d| (d, None))
-                .collect(),
-            Document::Manifest(_) => {
-                let desc = Descriptor {
-                    media_type: top.media_type.clone(),
-                    digest: top.digest.clone(),
-                    size: top.bytes.len() as u64,
-                    ..Default::default()
-                };
-                vec![(desc, Some(top))]
-            }
-        };
+    let selected = select_images(&src, opts)?;
 
     let mut report = ConvertReport::default();
     // Build every platform before pushing anything: a bad layer leaves the target untouched.
@@ -176,42 +155,7 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
     for b in &built {
         push_image(&dst, b)?;
     }
-    let target_ref = opts.target.reference();
-    if built.len() == 1 && !opts.merge_platform {
-        let b = &built[0];
-        dst.put_manifest(target_ref, oci::OCI_MANIFEST, &b.manifest)?;
-        report.target_digest = b.digest.clone();
-    } else {
-        let mut entries = Vec::new();
-        for b in &built {
-            dst.put_manifest(&b.digest, oci::OCI_MANIFEST, &b.manifest)?;
-            if opts.merge_platform {
-                copy_source_image(&src, &dst, opts, b, &work.0)?;
-                entries.push(Descriptor {
-                    platform: Some(b.platform.clone()),
-                    ..b.source_desc.clone()
-                });
-            }
-            let mut platform = b.platform.clone();
-            platform.os_features.push(oci::OS_FEATURE_NYDUS.into());
-            entries.push(Descriptor {
-                media_type: oci::OCI_MANIFEST.into(),
-                digest: b.digest.clone(),
-                size: b.manifest.len() as u64,
-                platform: Some(platform),
-                ..Default::default()
-            });
-        }
-        let index = oci::Index {
-            schema_version: 2,
-            media_type: oci::OCI_INDEX.into(),
-            manifests: entries,
-            annotations: Default::default(),
-        };
-        let bytes = serde_json::to_vec(&index).map_err(|e| Error::Invalid(e.to_string()))?;
-        dst.put_manifest(target_ref, oci::OCI_INDEX, &bytes)?;
-        report.target_digest = sha256_digest(&bytes);
-    }
+    report.target_digest = push_manifests(&src, &dst, opts, &built, &work.0)?;
     for b in &built {
         report
             .manifests
@@ -230,6 +174,84 @@ pub fn convert(opts: &ConvertOptions) -> Result<ConvertReport> {
     report.bytes_pushed = dst.counters.bytes_pushed.load(Ordering::Relaxed);
     report.blobs_present = dst.counters.blobs_present.load(Ordering::Relaxed);
     Ok(report)
+}
+
+/// The source images to convert: the index entries of the requested platforms (this machine's when none
+/// is), or the one image the source reference names, with its manifest already fetched.
+fn select_images(
+    src: &Client,
+    opts: &ConvertOptions,
+) -> Result<Vec<(Descriptor, Option<Fetched>)>> {
+    let top = src.manifest(opts.source.reference(), &oci::ACCEPT)?;
+    let shown = opts.source.to_string();
+    let platforms = match opts.platforms.is_empty() {
+        true => vec![Platform::host()],
+        false => opts.platforms.clone(),
+    };
+    Ok(
+        match oci::parse_document(&top.media_type, &top.bytes, &shown)? {
+            Document::Index(index) => select_platforms(&index, &platforms, &shown)?
+                .into_iter()
+                .map(|d| (d, None))
+                .collect(),
+            Document::Manifest(_) => {
+                let desc = Descriptor {
+                    media_type: top.media_type.clone(),
+                    digest: top.digest.clone(),
+                    size: top.bytes.len() as u64,
+                    ..Default::default()
+                };
+                vec![(desc, Some(top))]
+            }
+        },
+    )
+}
+
+/// Put the built images' manifests into the target: under the target tag when there is one image (and
+/// no `merge_platform`), else by digest with an index under the tag (listing the source manifests too
+/// with `merge_platform`). Returns what the tag points at.
+fn push_manifests(
+    src: &Client,
+    dst: &Client,
+    opts: &ConvertOptions,
+    built: &[Built],
+    work: &Path,
+) -> Result<String> {
+    let target_ref = opts.target.reference();
+    if built.len() == 1 && !opts.merge_platform {
+        let b = &built[0];
+        dst.put_manifest(target_ref, oci::OCI_MANIFEST, &b.manifest)?;
+        return Ok(b.digest.clone());
+    }
+    let mut entries = Vec::new();
+    for b in built {
+        dst.put_manifest(&b.digest, oci::OCI_MANIFEST, &b.manifest)?;
+        if opts.merge_platform {
+            copy_source_image(src, dst, opts, b, work)?;
+            entries.push(Descriptor {
+                platform: Some(b.platform.clone()),
+                ..b.source_desc.clone()
+            });
+        }
+        let mut platform = b.platform.clone();
+        platform.os_features.push(oci::OS_FEATURE_NYDUS.into());
+        entries.push(Descriptor {
+            media_type: oci::OCI_MANIFEST.into(),
+            digest: b.digest.clone(),
+            size: b.manifest.len() as u64,
+            platform: Some(platform),
+            ..Default::default()
+        });
+    }
+    let index = oci::Index {
+        schema_version: 2,
+        media_type: oci::OCI_INDEX.into(),
+        manifests: entries,
+        annotations: Default::default(),
+    };
+    let bytes = serde_json::to_vec(&index).map_err(|e| Error::Invalid(e.to_string()))?;
+    dst.put_manifest(target_ref, oci::OCI_INDEX, &bytes)?;
+    Ok(sha256_digest(&bytes))
 }
 
 /// The index entries for the requested platforms, each found once.
@@ -280,11 +302,87 @@ fn build_image(
     report: &mut ConvertReport,
 ) -> Result<Built> {
     let shown = format!("{}@{}", opts.source.repo, source_desc.digest);
+    let (fetched, manifest) = source_manifest(src, &source_desc, fetched, &shown)?;
+    let mut config = source_config(src, &manifest, &shown)?;
+    let platform = source_desc.platform.clone().unwrap_or_else(|| {
+        let field = |k: &str| config.get(k).and_then(|v| v.as_str()).map(str::to_string);
+        Platform {
+            os: field("os").unwrap_or_else(|| "linux".into()),
+            architecture: field("architecture").unwrap_or_default(),
+            variant: field("variant"),
+            ..Default::default()
+        }
+    });
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+    let layers = build_layers(src, dst, cache, dir, &manifest, &shown, opts, report)?;
+
+    let merged = dir.join("image.boot");
+    builder::merge_with_prefetch(
+        &layers.bootstraps,
+        &merged,
+        WhiteoutSpec::Oci,
+        &opts.build.prefetch_files,
+    )?;
+    let blob_layers = merged_blob_layers(&merged, dir, &layers.blobs)?;
+
+    let layer_path = dir.join("bootstrap-layer.tar.gz");
+    let (digest, size, diff_id) = write_bootstrap_layer(&merged, &layer_path)?;
+    let bootstrap_desc = Descriptor {
+        media_type: oci::OCI_LAYER_GZIP.into(),
+        digest,
+        size,
+        annotations: BTreeMap::from([
+            (oci::ANNOTATION_NYDUS_BOOTSTRAP.into(), "true".into()),
+            (
+                oci::ANNOTATION_FS_VERSION.into(),
+                opts.build.fs_version.to_string(),
+            ),
+        ]),
+        ..Default::default()
+    };
+    let (config_desc, config_bytes) = nydus_config(&mut config, &blob_layers, diff_id)?;
+    let nydus = Manifest {
+        schema_version: 2,
+        media_type: oci::OCI_MANIFEST.into(),
+        config: config_desc.clone(),
+        layers: blob_layers
+            .iter()
+            .map(|(d, _)| d.clone())
+            .chain(std::iter::once(bootstrap_desc.clone()))
+            .collect(),
+        annotations: Default::default(),
+    };
+    let manifest_bytes = serde_json::to_vec(&nydus).map_err(|e| Error::Invalid(e.to_string()))?;
+    Ok(Built {
+        platform,
+        source_desc: Descriptor {
+            media_type: fetched.media_type.clone(),
+            ..source_desc
+        },
+        source: fetched,
+        source_manifest: manifest,
+        blobs: blob_layers,
+        bootstrap_layer: (bootstrap_desc, layer_path),
+        config: (config_desc, config_bytes),
+        digest: sha256_digest(&manifest_bytes),
+        manifest: manifest_bytes,
+        cache_entries: layers.cache_entries,
+    })
+}
+
+/// The source image's manifest (fetched unless the caller has it): one image with layers, not an index
+/// and not a Nydus image already.
+fn source_manifest(
+    src: &Client,
+    source_desc: &Descriptor,
+    fetched: Option<Fetched>,
+    shown: &str,
+) -> Result<(Fetched, Manifest)> {
     let fetched = match fetched {
         Some(f) => f,
         None => src.manifest(&source_desc.digest, &oci::ACCEPT)?,
     };
-    let manifest = match oci::parse_document(&fetched.media_type, &fetched.bytes, &shown)? {
+    let manifest = match oci::parse_document(&fetched.media_type, &fetched.bytes, shown)? {
         Document::Manifest(m) => *m,
         Document::Index(_) => {
             return Err(Error::Invalid(format!(
@@ -304,40 +402,49 @@ fn build_image(
     if manifest.layers.is_empty() {
         return Err(Error::Invalid(format!("{shown}: the image has no layers")));
     }
+    Ok((fetched, manifest))
+}
+
+/// The source image's config, a JSON object of at most [`CONFIG_LIMIT`] bytes.
+fn source_config(src: &Client, manifest: &Manifest, shown: &str) -> Result<serde_json::Value> {
     let config_bytes =
         src.fetch_blob(&manifest.config.digest, manifest.config.size, CONFIG_LIMIT)?;
-    let mut config: serde_json::Value = serde_json::from_slice(&config_bytes)
+    let config: serde_json::Value = serde_json::from_slice(&config_bytes)
         .map_err(|e| Error::Invalid(format!("{shown}: image config: {e}")))?;
     if !config.is_object() {
         return Err(Error::Invalid(format!(
             "{shown}: the image config is not a JSON object"
         )));
     }
-    let platform = source_desc.platform.clone().unwrap_or_else(|| {
-        let field = |k: &str| config.get(k).and_then(|v| v.as_str()).map(str::to_string);
-        Platform {
-            os: field("os").unwrap_or_else(|| "linux".into()),
-            architecture: field("architecture").unwrap_or_default(),
-            variant: field("variant"),
-            ..Default::default()
-        }
-    });
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+    Ok(config)
+}
 
-    let bopts = BuildOptions {
-        parent_bootstrap: None,
-        chunk_dict: Vec::new(),
-        // Whiteouts stay entries of their layer; the merge applies them.
-        whiteout_spec: WhiteoutSpec::Oci,
-        repeatable: false,
-        blob_inline_meta: false,
-        ..opts.build.clone()
-    };
+/// The layers of one image, converted (or found in the layer cache) lowest first.
+#[derive(Default)]
+struct Layers {
+    bootstraps: Vec<PathBuf>,
+    /// Blob id → (size, source layer digest, local file to push).
+    blobs: BTreeMap<String, (u64, String, Option<PathBuf>)>,
+    /// Cache entries to record once the image is pushed.
+    cache_entries: Vec<(String, cache::Record, PathBuf)>,
+}
+
+/// Convert every layer of `manifest` into a standalone RAFS layer in `dir`, deduplicated against the
+/// layers below it; a layer the cache has (and whose blob the target has) is taken from the cache.
+#[allow(clippy::too_many_arguments)]
+fn build_layers(
+    src: &Client,
+    dst: &Client,
+    cache: Option<&cache::LayerCache>,
+    dir: &Path,
+    manifest: &Manifest,
+    shown: &str,
+    opts: &ConvertOptions,
+    report: &mut ConvertReport,
+) -> Result<Layers> {
+    let bopts = layer_build_options(&opts.build);
     let mut chain: Vec<String> = Vec::new();
-    let mut layer_bootstraps: Vec<PathBuf> = Vec::new();
-    // Blob id → (size, source layer digest, local file to push).
-    let mut blobs: BTreeMap<String, (u64, String, Option<PathBuf>)> = BTreeMap::new();
-    let mut cache_entries = Vec::new();
+    let mut layers = Layers::default();
     let count = manifest.layers.len();
     for (i, layer) in manifest.layers.iter().enumerate() {
         let what = format!("{shown}: layer {}/{count} {}", i + 1, layer.digest);
@@ -346,26 +453,14 @@ fn build_image(
         report.source_bytes += layer.size;
         chain.push(layer.digest.clone());
         let key = cache::layer_key(&chain, &bopts);
-        if let Some((record, bootstrap)) = cache.and_then(|c| c.get(&key)) {
-            let present = match &record.blob {
-                None => true,
-                Some(b) => dst.blob_size(&b.digest)?.is_some(),
-            };
-            if present && record.source_digest == layer.digest {
-                log::info!("{what}: converted before (cache), skipped");
-                if let Some(b) = &record.blob {
-                    let id = crate::storage::distribution::check_digest(&b.digest)?.to_string();
-                    blobs.insert(id, (b.size, layer.digest.clone(), None));
-                }
-                layer_bootstraps.push(bootstrap);
-                report.layers_cached += 1;
-                continue;
-            }
+        if layers.reuse_cached(dst, cache, &key, layer, &what)? {
+            report.layers_cached += 1;
+            continue;
         }
         let layer_dir = dir.join(format!("layer-{i}"));
         let bootstrap = layer_dir.join("bootstrap");
         let layer_opts = BuildOptions {
-            chunk_dict: layer_bootstraps.clone(),
+            chunk_dict: layers.bootstraps.clone(),
             ..bopts.clone()
         };
         log::info!("{what}: pulling and building ({} bytes)", layer.size);
@@ -394,7 +489,7 @@ fn build_image(
         );
         let blob = match (&built.blob_id, &built.blob_path) {
             (Some(id), Some(path)) => {
-                blobs.insert(
+                layers.blobs.insert(
                     id.clone(),
                     (built.blob_size, layer.digest.clone(), Some(path.clone())),
                 );
@@ -405,7 +500,7 @@ fn build_image(
             }
             _ => None,
         };
-        cache_entries.push((
+        layers.cache_entries.push((
             key,
             cache::Record {
                 source_digest: layer.digest.clone(),
@@ -413,20 +508,66 @@ fn build_image(
             },
             bootstrap.clone(),
         ));
-        layer_bootstraps.push(bootstrap);
+        layers.bootstraps.push(bootstrap);
         report.layers_built += 1;
     }
+    Ok(layers)
+}
 
-    let merged = dir.join("image.boot");
-    builder::merge_with_prefetch(
-        &layer_bootstraps,
-        &merged,
-        WhiteoutSpec::Oci,
-        &opts.build.prefetch_files,
-    )?;
-    // The merged blob table, in its order, names the data layers.
+/// What every layer is built with: the image's options, as standalone layers (no parent, no inline
+/// metadata).
+fn layer_build_options(build: &BuildOptions) -> BuildOptions {
+    BuildOptions {
+        parent_bootstrap: None,
+        chunk_dict: Vec::new(),
+        // Whiteouts stay entries of their layer; the merge applies them.
+        whiteout_spec: WhiteoutSpec::Oci,
+        repeatable: false,
+        blob_inline_meta: false,
+        ..build.clone()
+    }
+}
+
+impl Layers {
+    /// Take `layer` from the layer cache when it was converted before from the same source and the
+    /// target still has its blob; false when it has to be built.
+    fn reuse_cached(
+        &mut self,
+        dst: &Client,
+        cache: Option<&cache::LayerCache>,
+        key: &str,
+        layer: &Descriptor,
+        what: &str,
+    ) -> Result<bool> {
+        let Some((record, bootstrap)) = cache.and_then(|c| c.get(key)) else {
+            return Ok(false);
+        };
+        let present = match &record.blob {
+            None => true,
+            Some(b) => dst.blob_size(&b.digest)?.is_some(),
+        };
+        if !(present && record.source_digest == layer.digest) {
+            return Ok(false);
+        }
+        log::info!("{what}: converted before (cache), skipped");
+        if let Some(b) = &record.blob {
+            let id = crate::storage::distribution::check_digest(&b.digest)?.to_string();
+            self.blobs.insert(id, (b.size, layer.digest.clone(), None));
+        }
+        self.bootstraps.push(bootstrap);
+        Ok(true)
+    }
+}
+
+/// The data layers of the merged bootstrap `merged`, in its blob table's order (which names them), with
+/// the local file of each blob that has to be pushed.
+fn merged_blob_layers(
+    merged: &Path,
+    dir: &Path,
+    blobs: &BTreeMap<String, (u64, String, Option<PathBuf>)>,
+) -> Result<Vec<(Descriptor, Option<PathBuf>)>> {
     let image = crate::RafsImage::open(
-        &merged,
+        merged,
         Arc::new(crate::storage::localfs::LocalFs::with_dir(
             dir.to_path_buf(),
         )),
@@ -453,23 +594,16 @@ fn build_image(
         blob_layers.push((desc, path));
     }
     drop(image);
+    Ok(blob_layers)
+}
 
-    let layer_path = dir.join("bootstrap-layer.tar.gz");
-    let (digest, size, diff_id) = write_bootstrap_layer(&merged, &layer_path)?;
-    let bootstrap_desc = Descriptor {
-        media_type: oci::OCI_LAYER_GZIP.into(),
-        digest,
-        size,
-        annotations: BTreeMap::from([
-            (oci::ANNOTATION_NYDUS_BOOTSTRAP.into(), "true".into()),
-            (
-                oci::ANNOTATION_FS_VERSION.into(),
-                opts.build.fs_version.to_string(),
-            ),
-        ]),
-        ..Default::default()
-    };
-
+/// The Nydus image's config: the source's, its `rootfs.diff_ids` following the new layers and a
+/// history entry for the bootstrap layer. Returns its descriptor and bytes.
+fn nydus_config(
+    config: &mut serde_json::Value,
+    blob_layers: &[(Descriptor, Option<PathBuf>)],
+    diff_id: String,
+) -> Result<(Descriptor, Vec<u8>)> {
     // The config's diff_ids follow the new layers: a data blob is its own uncompressed form.
     let diff_ids: Vec<serde_json::Value> = blob_layers
         .iter()
@@ -497,33 +631,7 @@ fn build_image(
         size: config_bytes.len() as u64,
         ..Default::default()
     };
-    let nydus = Manifest {
-        schema_version: 2,
-        media_type: oci::OCI_MANIFEST.into(),
-        config: config_desc.clone(),
-        layers: blob_layers
-            .iter()
-            .map(|(d, _)| d.clone())
-            .chain(std::iter::once(bootstrap_desc.clone()))
-            .collect(),
-        annotations: Default::default(),
-    };
-    let manifest_bytes = serde_json::to_vec(&nydus).map_err(|e| Error::Invalid(e.to_string()))?;
-    Ok(Built {
-        platform,
-        source_desc: Descriptor {
-            media_type: fetched.media_type.clone(),
-            ..source_desc
-        },
-        source: fetched,
-        source_manifest: manifest,
-        blobs: blob_layers,
-        bootstrap_layer: (bootstrap_desc, layer_path),
-        config: (config_desc, config_bytes),
-        digest: sha256_digest(&manifest_bytes),
-        manifest: manifest_bytes,
-        cache_entries,
-    })
+    Ok((config_desc, config_bytes))
 }
 
 /// Reads the buffers a reader thread sends.

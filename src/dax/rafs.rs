@@ -26,6 +26,7 @@ use fuse_backend_rs::transport::FsCacheReqHandler;
 
 use super::{sealed_copy, PAGE};
 use crate::error::{Error, Result};
+use crate::format::{ChunkInfo, InodeAttr};
 use crate::image::RafsImage;
 
 /// Where one page-aligned piece of the requested range comes from.
@@ -62,6 +63,43 @@ fn round_down(v: u64) -> u64 {
 
 /// Plan `[foffset, foffset + len)` of regular file `ino`, fetching and verifying the chunks it needs.
 pub fn plan(image: &RafsImage, ino: u64, foffset: u64, len: u64) -> Result<Plan> {
+    let inode = mappable_file(image, ino, foffset, len)?;
+    let data_end = (foffset + len).min(inode.size);
+    let mut direct: Vec<Piece> = Vec::new();
+    let mut copies: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut pos = foffset;
+    for (file_offset, addr) in image
+        .meta()
+        .file_chunks(&inode, foffset, data_end - foffset)?
+    {
+        let info = image.resolve(&addr)?;
+        // As the read path: a v6 chunk holds exactly the file's bytes at its offset, never fewer.
+        let expected = (image.info().chunk_size as u64).min(inode.size.saturating_sub(file_offset));
+        if image.info().version == 6 && info.uncompressed_size as u64 != expected {
+            return Err(crate::corrupt!(
+                "inode {ino}: chunk at file offset {file_offset} holds {} bytes, the file needs {expected}",
+                info.uncompressed_size
+            ));
+        }
+        let chunk_end = file_offset.saturating_add(info.uncompressed_size as u64);
+        let (from, to) = (pos.max(file_offset), data_end.min(chunk_end));
+        if from >= to {
+            continue;
+        }
+        let chunk = ReadyChunk::get(image, &info, ino, file_offset)?;
+        chunk.place(foffset, from, to, &mut direct, &mut copies)?;
+        pos = to;
+    }
+    Ok(Plan {
+        len,
+        pieces: fill_and_merge(direct, len),
+        copies,
+    })
+}
+
+/// The inode of a request that may be mapped: page-aligned offset and length, a regular file, a start
+/// inside the file.
+fn mappable_file(image: &RafsImage, ino: u64, foffset: u64, len: u64) -> Result<InodeAttr> {
     if len == 0
         || !foffset.is_multiple_of(PAGE)
         || !len.is_multiple_of(PAGE)
@@ -84,58 +122,74 @@ pub fn plan(image: &RafsImage, ino: u64, foffset: u64, len: u64) -> Result<Plan>
             inode.size
         )));
     }
-    let data_end = (foffset + len).min(inode.size);
-    let cache = image.cache();
-    let mut direct: Vec<Piece> = Vec::new();
-    let mut copies: Vec<(u64, Vec<u8>)> = Vec::new();
-    let mut pos = foffset;
-    for (file_offset, addr) in image
-        .meta()
-        .file_chunks(&inode, foffset, data_end - foffset)?
-    {
-        let info = image.resolve(&addr)?;
-        // As the read path: a v6 chunk holds exactly the file's bytes at its offset, never fewer.
-        let expected = (image.info().chunk_size as u64).min(inode.size.saturating_sub(file_offset));
-        if image.info().version == 6 && info.uncompressed_size as u64 != expected {
-            return Err(crate::corrupt!(
-                "inode {ino}: chunk at file offset {file_offset} holds {} bytes, the file needs {expected}",
-                info.uncompressed_size
-            ));
-        }
-        let chunk_end = file_offset.saturating_add(info.uncompressed_size as u64);
-        let (from, to) = (pos.max(file_offset), data_end.min(chunk_end));
-        if from >= to {
-            continue;
-        }
+    Ok(inode)
+}
+
+/// A chunk of the file at `file_offset`, verified: its bytes in hand, or where the cache holds them, or
+/// both.
+struct ReadyChunk {
+    ino: u64,
+    file_offset: u64,
+    location: Option<(Arc<File>, u64)>,
+    data: Option<Vec<u8>>,
+}
+
+impl ReadyChunk {
+    fn get(image: &RafsImage, info: &ChunkInfo, ino: u64, file_offset: u64) -> Result<Self> {
+        let cache = image.cache();
         // Ready and verified in the cache (or at least in hand): never map bytes nobody checked.
-        let ready = |c: &Arc<crate::cache::BlobCache>| c.ready_location_read_only(&info);
+        let ready = |c: &Arc<crate::cache::BlobCache>| c.ready_location_read_only(info);
         let (location, data) = match cache.filter(|_| !image.validates()).and_then(ready) {
             Some(loc) => (Some(loc), None),
             None => {
-                let data = image.chunk_data(&info)?;
+                let data = image.chunk_data(info)?;
                 (cache.and_then(ready), Some(data))
             }
         };
-        let chunk_bytes = |a: u64, b: u64| -> Result<Vec<u8>> {
-            let (i, j) = ((a - file_offset) as usize, (b - file_offset) as usize);
-            match (&data, &location) {
-                (Some(d), _) => d
-                    .get(i..j)
-                    .map(<[u8]>::to_vec)
-                    .ok_or_else(|| crate::corrupt!("chunk of inode {ino} shorter than its extent")),
-                (None, Some((file, offset))) => {
-                    let mut buf = vec![0u8; j - i];
-                    file.read_exact_at(&mut buf, offset + i as u64)
-                        .map_err(|e| Error::io("read blob cache", e))?;
-                    Ok(buf)
-                }
-                (None, None) => unreachable!("either the bytes or their cache location"),
+        Ok(ReadyChunk {
+            ino,
+            file_offset,
+            location,
+            data,
+        })
+    }
+
+    /// The chunk's bytes at file offsets `[a, b)`.
+    fn bytes(&self, a: u64, b: u64) -> Result<Vec<u8>> {
+        let (i, j) = (
+            (a - self.file_offset) as usize,
+            (b - self.file_offset) as usize,
+        );
+        match (&self.data, &self.location) {
+            (Some(d), _) => d.get(i..j).map(<[u8]>::to_vec).ok_or_else(|| {
+                crate::corrupt!("chunk of inode {} shorter than its extent", self.ino)
+            }),
+            (None, Some((file, offset))) => {
+                let mut buf = vec![0u8; j - i];
+                file.read_exact_at(&mut buf, offset + i as u64)
+                    .map_err(|e| Error::io("read blob cache", e))?;
+                Ok(buf)
             }
-        };
+            (None, None) => unreachable!("either the bytes or their cache location"),
+        }
+    }
+
+    /// Map file offsets `[from, to)` of this chunk (relative to `foffset`, the request's start): its
+    /// whole pages straight from the cache file when the cache offset is page-aligned like the file
+    /// offset, the rest copied.
+    fn place(
+        &self,
+        foffset: u64,
+        from: u64,
+        to: u64,
+        direct: &mut Vec<Piece>,
+        copies: &mut Vec<(u64, Vec<u8>)>,
+    ) -> Result<()> {
         let (a, b) = (round_up(from), round_down(to));
-        match location
+        match self
+            .location
             .as_ref()
-            .filter(|(_, off)| off % PAGE == file_offset % PAGE)
+            .filter(|(_, off)| off % PAGE == self.file_offset % PAGE)
         {
             Some((file, offset)) if a < b => {
                 direct.push(Piece {
@@ -143,25 +197,20 @@ pub fn plan(image: &RafsImage, ino: u64, foffset: u64, len: u64) -> Result<Plan>
                     len: b - a,
                     source: Source::Cache {
                         file: file.clone(),
-                        offset: offset + (a - file_offset),
+                        offset: offset + (a - self.file_offset),
                     },
                 });
                 if from < a {
-                    copies.push((from - foffset, chunk_bytes(from, a)?));
+                    copies.push((from - foffset, self.bytes(from, a)?));
                 }
                 if b < to {
-                    copies.push((b - foffset, chunk_bytes(b, to)?));
+                    copies.push((b - foffset, self.bytes(b, to)?));
                 }
             }
-            _ => copies.push((from - foffset, chunk_bytes(from, to)?)),
+            _ => copies.push((from - foffset, self.bytes(from, to)?)),
         }
-        pos = to;
+        Ok(())
     }
-    Ok(Plan {
-        len,
-        pieces: fill_and_merge(direct, len),
-        copies,
-    })
 }
 
 /// Cover `[0, len)`: the direct pieces (sorted, disjoint, page-aligned), gaps from the memfd, and

@@ -70,43 +70,14 @@ impl V5Meta {
                 data.len()
             )
         })?;
-        if sb.magic != RAFS_V5_MAGIC {
-            return Err(corrupt!("bad RAFS v5 magic {:#x}", sb.magic));
-        }
-        let version = sb.fs_version;
-        if version != 0x500 && version != 0x400 {
-            return Err(Error::Unsupported(format!(
-                "RAFS v5 superblock version {version:#x}"
-            )));
-        }
-        if sb.sb_size as u64 != SUPER_SIZE {
-            return Err(corrupt!(
-                "v5 superblock size {} (expected 8192)",
-                sb.sb_size
-            ));
-        }
+        check_superblock(&sb)?;
         let chunk_size = sb.block_size;
-        if !chunk_size.is_power_of_two() || !(0x1000..=0x100_0000).contains(&chunk_size) {
-            return Err(corrupt!(
-                "chunk size {chunk_size:#x} is not a power of two in 4 KiB..16 MiB"
-            ));
-        }
         let sflags = sb.flags;
-        if sflags & !flags::KNOWN != 0 {
-            return Err(corrupt!(
-                "unknown superblock flags {:#x}",
-                sflags & !flags::KNOWN
-            ));
-        }
         let inode_count = sb.inodes_count;
         let inode_table_off = sb.inode_table_offset;
         let prefetch_off = sb.prefetch_table_offset;
-        let blob_table_off = sb.blob_table_offset;
         let inode_entries = sb.inode_table_entries;
         let prefetch_entries = sb.prefetch_table_entries as u64;
-        let blob_table_size = sb.blob_table_size as u64;
-        let ext_entries = sb.extended_blob_table_entries as u64;
-        let ext_off = sb.extended_blob_table_offset;
 
         slice(
             &data,
@@ -119,78 +90,8 @@ impl V5Meta {
         }
         let compressor = Compressor::from_flags(sflags)?;
         let digester = Digester::from_flags(sflags)?;
-
-        let table = slice(&data, blob_table_off, blob_table_size, "blob table")?;
-        let ext = slice(
-            &data,
-            ext_off,
-            ext_entries * EXT_BLOB_ENTRY_SIZE,
-            "extended blob table",
-        )?;
-        let mut blobs = Vec::new();
-        let mut pos = 0usize;
-        while pos + 8 <= table.len() {
-            let readahead = (table.u32_at(pos), table.u32_at(pos + 4));
-            let rest = &table[pos + 8..];
-            let id_len = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
-            if id_len == 0 {
-                break; // zero padding after the last entry
-            }
-            let id = String::from_utf8_lossy(&rest[..id_len]).into_owned();
-            check_blob_id(&id)?;
-            // Chunks name blobs by index; two indexes for one blob would share its cache files while
-            // describing it differently.
-            if blobs.iter().any(|b: &BlobInfo| b.id == id) {
-                return Err(corrupt!("blob {id:?} appears twice in the blob table"));
-            }
-            let index = blobs.len() as u32;
-            let (chunk_count, features, uncompressed_size, compressed_size) =
-                if (index as u64) < ext_entries {
-                    let e: ExtBlobEntry = record(
-                        ext,
-                        index as u64 * EXT_BLOB_ENTRY_SIZE,
-                        "extended blob entry",
-                    )?;
-                    (
-                        e.chunk_count,
-                        e.features,
-                        e.uncompressed_size,
-                        e.compressed_size,
-                    )
-                } else {
-                    (0, bf::V5_NO_EXT_BLOB_TABLE, 0, 0)
-                };
-            if features & bf::ENCRYPTED != 0 {
-                return Err(Error::Unsupported(format!("blob {id}: encrypted chunks")));
-            }
-            blobs.push(BlobInfo {
-                index,
-                id,
-                chunk_size,
-                chunk_count,
-                compressor,
-                digester,
-                features,
-                compressed_size,
-                uncompressed_size,
-                ci: None,
-                toc_size: 0,
-                toc_digest: [0; 32],
-                readahead,
-            });
-            pos += 8 + id_len + 1;
-        }
-
-        let mut prefetch = Vec::new();
-        if prefetch_entries > 0 {
-            let p = slice(&data, prefetch_off, prefetch_entries * 4, "prefetch table")?;
-            for i in 0..prefetch_entries as usize {
-                match p.u32_at(i * 4) {
-                    0 => break,
-                    ino => prefetch.push(ino as u64),
-                }
-            }
-        }
+        let blobs = parse_blob_table(&data, &sb, compressor, digester)?;
+        let prefetch = parse_prefetch_table(&data, prefetch_off, prefetch_entries)?;
 
         let info = SuperInfo {
             version: 5,
@@ -353,6 +254,130 @@ impl V5Meta {
         check_name(&name, &format!("directory {}", dir.attr.ino))?;
         Ok((name, rec))
     }
+}
+
+/// The v5 superblock: magic, a version nydus writes, its own size, a chunk size in range, known flags.
+fn check_superblock(sb: &SuperBlock) -> Result<()> {
+    if sb.magic != RAFS_V5_MAGIC {
+        return Err(corrupt!("bad RAFS v5 magic {:#x}", sb.magic));
+    }
+    let version = sb.fs_version;
+    if version != 0x500 && version != 0x400 {
+        return Err(Error::Unsupported(format!(
+            "RAFS v5 superblock version {version:#x}"
+        )));
+    }
+    if sb.sb_size as u64 != SUPER_SIZE {
+        return Err(corrupt!(
+            "v5 superblock size {} (expected 8192)",
+            sb.sb_size
+        ));
+    }
+    let chunk_size = sb.block_size;
+    if !chunk_size.is_power_of_two() || !(0x1000..=0x100_0000).contains(&chunk_size) {
+        return Err(corrupt!(
+            "chunk size {chunk_size:#x} is not a power of two in 4 KiB..16 MiB"
+        ));
+    }
+    let sflags = sb.flags;
+    if sflags & !flags::KNOWN != 0 {
+        return Err(corrupt!(
+            "unknown superblock flags {:#x}",
+            sflags & !flags::KNOWN
+        ));
+    }
+    Ok(())
+}
+
+/// The blobs of the blob table (readahead, id) with what the extended blob table adds, no id twice and
+/// none encrypted.
+fn parse_blob_table(
+    data: &[u8],
+    sb: &SuperBlock,
+    compressor: Compressor,
+    digester: Digester,
+) -> Result<Vec<BlobInfo>> {
+    let chunk_size = sb.block_size;
+    let blob_table_off = sb.blob_table_offset;
+    let blob_table_size = sb.blob_table_size as u64;
+    let ext_entries = sb.extended_blob_table_entries as u64;
+    let ext_off = sb.extended_blob_table_offset;
+    let table = slice(data, blob_table_off, blob_table_size, "blob table")?;
+    let ext = slice(
+        data,
+        ext_off,
+        ext_entries * EXT_BLOB_ENTRY_SIZE,
+        "extended blob table",
+    )?;
+    let mut blobs = Vec::new();
+    let mut pos = 0usize;
+    while pos + 8 <= table.len() {
+        let readahead = (table.u32_at(pos), table.u32_at(pos + 4));
+        let rest = &table[pos + 8..];
+        let id_len = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+        if id_len == 0 {
+            break; // zero padding after the last entry
+        }
+        let id = String::from_utf8_lossy(&rest[..id_len]).into_owned();
+        check_blob_id(&id)?;
+        // Chunks name blobs by index; two indexes for one blob would share its cache files while
+        // describing it differently.
+        if blobs.iter().any(|b: &BlobInfo| b.id == id) {
+            return Err(corrupt!("blob {id:?} appears twice in the blob table"));
+        }
+        let index = blobs.len() as u32;
+        let (chunk_count, features, uncompressed_size, compressed_size) =
+            if (index as u64) < ext_entries {
+                let e: ExtBlobEntry = record(
+                    ext,
+                    index as u64 * EXT_BLOB_ENTRY_SIZE,
+                    "extended blob entry",
+                )?;
+                (
+                    e.chunk_count,
+                    e.features,
+                    e.uncompressed_size,
+                    e.compressed_size,
+                )
+            } else {
+                (0, bf::V5_NO_EXT_BLOB_TABLE, 0, 0)
+            };
+        if features & bf::ENCRYPTED != 0 {
+            return Err(Error::Unsupported(format!("blob {id}: encrypted chunks")));
+        }
+        blobs.push(BlobInfo {
+            index,
+            id,
+            chunk_size,
+            chunk_count,
+            compressor,
+            digester,
+            features,
+            compressed_size,
+            uncompressed_size,
+            ci: None,
+            toc_size: 0,
+            toc_digest: [0; 32],
+            readahead,
+        });
+        pos += 8 + id_len + 1;
+    }
+    Ok(blobs)
+}
+
+/// The inodes of the prefetch table's `entries` slots, up to the first 0.
+fn parse_prefetch_table(data: &[u8], prefetch_off: u64, entries: u64) -> Result<Vec<u64>> {
+    let mut prefetch = Vec::new();
+    if entries > 0 {
+        let p = slice(data, prefetch_off, entries * 4, "prefetch table")?;
+        for i in 0..entries as usize {
+            match p.u32_at(i * 4) {
+                0 => break,
+                ino => prefetch.push(ino as u64),
+            }
+        }
+    }
+    Ok(prefetch)
 }
 
 impl MetaReader for V5Meta {

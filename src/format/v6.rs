@@ -81,145 +81,25 @@ impl V6Meta {
             ));
         }
         let sb: SuperBlock = record(&data, SUPER_OFFSET, "EROFS superblock")?;
-        if sb.magic != EROFS_MAGIC {
-            return Err(corrupt!("bad EROFS magic {:#x} at offset 1024", sb.magic));
-        }
-        if sb.feature_compat & COMPAT_RAFS_V6 == 0 {
-            return Err(Error::Unsupported(
-                "EROFS image without the RAFS v6 compat bit (a plain EROFS image, not RAFS)".into(),
-            ));
-        }
-        let blkszbits = sb.blkszbits;
-        if blkszbits != 12 && blkszbits != 9 {
-            return Err(corrupt!(
-                "block size bits {blkszbits} (expected 12, or 9 for tarfs)"
-            ));
-        }
-        let block_size = 1u64 << blkszbits;
+        let block_size = check_superblock(&sb)?;
         let root_nid = sb.root_nid as u64;
         let inode_count = sb.inos;
         let build_time = sb.build_time;
         let meta_blkaddr = sb.meta_blkaddr as u64;
-        let incompat = sb.feature_incompat;
-        if incompat & !(INCOMPAT_CHUNKED_FILE | INCOMPAT_DEVICE_TABLE) != 0 {
-            return Err(Error::Unsupported(format!(
-                "EROFS incompat features {incompat:#x} (only chunked files and the device table are RAFS)"
-            )));
-        }
-        let extra_devices = sb.extra_devices as u64;
-        let devt_slotoff = sb.devt_slotoff as u64;
 
         let ext: ExtSuperBlock = record(&data, EXT_SUPER_OFFSET, "RAFS v6 extended superblock")?;
+        check_ext_superblock(&data, &ext)?;
         let sflags = ext.flags;
-        if sflags & !flags::KNOWN != 0 {
-            return Err(corrupt!(
-                "unknown superblock flags {:#x}",
-                sflags & !flags::KNOWN
-            ));
-        }
-        if sflags & flags::ENCRYPTION_AES128XTS != 0 {
-            return Err(Error::Unsupported("encrypted image (AES-128-XTS)".into()));
-        }
-        if sflags & flags::TARFS_MODE != 0 {
-            return Err(Error::Unsupported("tar-tarfs image".into()));
-        }
-        let (blob_table_off, blob_table_size) = (ext.blob_table_offset, ext.blob_table_size as u64);
         let chunk_size = ext.chunk_size;
         let chunk_table = (ext.chunk_table_offset, ext.chunk_table_size);
-        let (prefetch_off, prefetch_size) =
-            (ext.prefetch_table_offset, ext.prefetch_table_size as u64);
-        if !chunk_size.is_power_of_two() || !(0x1000..=0x100_0000).contains(&chunk_size) {
-            return Err(corrupt!(
-                "chunk size {chunk_size:#x} is not a power of two in 4 KiB..16 MiB"
-            ));
-        }
-        if !blob_table_size.is_multiple_of(BLOB_ENTRY_SIZE) {
-            return Err(corrupt!(
-                "blob table size {blob_table_size} is not a multiple of 256"
-            ));
-        }
-        if !chunk_table.1.is_multiple_of(CHUNK_TABLE_ENTRY_SIZE) {
-            return Err(corrupt!(
-                "chunk table size {} is not a multiple of 80",
-                chunk_table.1
-            ));
-        }
-        slice(&data, chunk_table.0, chunk_table.1, "chunk table")?;
         let compressor = Compressor::from_flags(sflags)?;
         let digester = Digester::from_flags(sflags)?;
-
-        let nblobs = blob_table_size / BLOB_ENTRY_SIZE;
-        if nblobs != extra_devices {
-            return Err(corrupt!(
-                "{extra_devices} device slots but {nblobs} blob table entries"
-            ));
-        }
-        if nblobs > 255 {
-            return Err(corrupt!(
-                "{nblobs} blobs (at most 255 fit in a chunk address)"
-            ));
-        }
-        let table = slice(&data, blob_table_off, blob_table_size, "blob table")?;
-        let devices = slice(
+        let blobs = parse_blob_table(&data, &sb, &ext, inline_blob_id)?;
+        let prefetch = parse_prefetch_table(
             &data,
-            devt_slotoff * DEVICE_SLOT_SIZE,
-            nblobs * DEVICE_SLOT_SIZE,
-            "device table",
+            ext.prefetch_table_offset,
+            ext.prefetch_table_size as u64,
         )?;
-        let mut blobs = Vec::with_capacity(nblobs as usize);
-        for i in 0..nblobs as usize {
-            let e: BlobEntry = record(table, i as u64 * BLOB_ENTRY_SIZE, "blob table entry")?;
-            let blob = parse_blob_entry(&e, i as u32, chunk_size, inline_blob_id)?;
-            let slot: DeviceSlot = record(devices, i as u64 * DEVICE_SLOT_SIZE, "device slot")?;
-            let slot_id = String::from_utf8_lossy(padded(&slot.tag)).into_owned();
-            let slot_id = match inline_blob_id {
-                Some(id) if slot_id == INLINE_BLOB_PLACEHOLDER => id.to_string(),
-                _ => slot_id,
-            };
-            if slot_id != blob.id {
-                return Err(corrupt!(
-                    "device slot {i} names blob {slot_id:?} but blob entry {i} is {:?}",
-                    blob.id
-                ));
-            }
-            blobs.push(blob);
-        }
-        for (i, a) in blobs.iter().enumerate() {
-            if blobs[..i].iter().any(|b| b.id == a.id) {
-                return Err(corrupt!("blob {:?} appears twice in the blob table", a.id));
-            }
-        }
-        let mut ci_total = 0u64;
-        for blob in &blobs {
-            let ci = blob
-                .ci
-                .as_ref()
-                .expect("v6 blobs have a chunk-info location");
-            super::blob_meta::check_size(blob, ci)?;
-            ci_total += ci.uncompressed_size;
-        }
-        if ci_total > limits::MAX_IMAGE_CI_BYTES {
-            return Err(limits::exceeded(
-                format!("its chunk-info arrays take {ci_total} bytes decoded"),
-                "256 MiB per image",
-            ));
-        }
-
-        let mut prefetch = Vec::new();
-        if prefetch_off != 0 && prefetch_size != 0 {
-            if prefetch_size % 4 != 0 {
-                return Err(corrupt!(
-                    "prefetch table size {prefetch_size} is not a multiple of 4"
-                ));
-            }
-            let p = slice(&data, prefetch_off, prefetch_size, "prefetch table")?;
-            for i in 0..(prefetch_size / 4) as usize {
-                match p.u32_at(i * 4) {
-                    0 => break,
-                    nid => prefetch.push(nid as u64),
-                }
-            }
-        }
 
         let info = SuperInfo {
             version: 6,
@@ -381,6 +261,162 @@ impl V6Meta {
         });
         rows.as_ref().map_err(|e| Error::Corrupt(e.clone()))
     }
+}
+
+/// The EROFS superblock of a RAFS v6 image: magic, the RAFS compat bit, a block size of 4 KiB (512 for
+/// tarfs) and no EROFS features beyond chunked files and the device table. Returns the block size.
+fn check_superblock(sb: &SuperBlock) -> Result<u64> {
+    if sb.magic != EROFS_MAGIC {
+        return Err(corrupt!("bad EROFS magic {:#x} at offset 1024", sb.magic));
+    }
+    if sb.feature_compat & COMPAT_RAFS_V6 == 0 {
+        return Err(Error::Unsupported(
+            "EROFS image without the RAFS v6 compat bit (a plain EROFS image, not RAFS)".into(),
+        ));
+    }
+    let blkszbits = sb.blkszbits;
+    if blkszbits != 12 && blkszbits != 9 {
+        return Err(corrupt!(
+            "block size bits {blkszbits} (expected 12, or 9 for tarfs)"
+        ));
+    }
+    let incompat = sb.feature_incompat;
+    if incompat & !(INCOMPAT_CHUNKED_FILE | INCOMPAT_DEVICE_TABLE) != 0 {
+        return Err(Error::Unsupported(format!(
+            "EROFS incompat features {incompat:#x} (only chunked files and the device table are RAFS)"
+        )));
+    }
+    Ok(1u64 << blkszbits)
+}
+
+/// The RAFS extended superblock: known flags, no encryption or tarfs, a chunk size in range, whole
+/// blob and chunk table entries, a chunk table inside the bootstrap.
+fn check_ext_superblock(data: &[u8], ext: &ExtSuperBlock) -> Result<()> {
+    let sflags = ext.flags;
+    if sflags & !flags::KNOWN != 0 {
+        return Err(corrupt!(
+            "unknown superblock flags {:#x}",
+            sflags & !flags::KNOWN
+        ));
+    }
+    if sflags & flags::ENCRYPTION_AES128XTS != 0 {
+        return Err(Error::Unsupported("encrypted image (AES-128-XTS)".into()));
+    }
+    if sflags & flags::TARFS_MODE != 0 {
+        return Err(Error::Unsupported("tar-tarfs image".into()));
+    }
+    let blob_table_size = ext.blob_table_size as u64;
+    let chunk_size = ext.chunk_size;
+    let chunk_table = (ext.chunk_table_offset, ext.chunk_table_size);
+    if !chunk_size.is_power_of_two() || !(0x1000..=0x100_0000).contains(&chunk_size) {
+        return Err(corrupt!(
+            "chunk size {chunk_size:#x} is not a power of two in 4 KiB..16 MiB"
+        ));
+    }
+    if !blob_table_size.is_multiple_of(BLOB_ENTRY_SIZE) {
+        return Err(corrupt!(
+            "blob table size {blob_table_size} is not a multiple of 256"
+        ));
+    }
+    if !chunk_table.1.is_multiple_of(CHUNK_TABLE_ENTRY_SIZE) {
+        return Err(corrupt!(
+            "chunk table size {} is not a multiple of 80",
+            chunk_table.1
+        ));
+    }
+    slice(data, chunk_table.0, chunk_table.1, "chunk table")?;
+    Ok(())
+}
+
+/// The blobs of the blob table, each matched with its device slot, no id twice, their chunk-info arrays
+/// within the per-image limit.
+fn parse_blob_table(
+    data: &[u8],
+    sb: &SuperBlock,
+    ext: &ExtSuperBlock,
+    inline_blob_id: Option<&str>,
+) -> Result<Vec<BlobInfo>> {
+    let extra_devices = sb.extra_devices as u64;
+    let devt_slotoff = sb.devt_slotoff as u64;
+    let (blob_table_off, blob_table_size) = (ext.blob_table_offset, ext.blob_table_size as u64);
+    let chunk_size = ext.chunk_size;
+    let nblobs = blob_table_size / BLOB_ENTRY_SIZE;
+    if nblobs != extra_devices {
+        return Err(corrupt!(
+            "{extra_devices} device slots but {nblobs} blob table entries"
+        ));
+    }
+    if nblobs > 255 {
+        return Err(corrupt!(
+            "{nblobs} blobs (at most 255 fit in a chunk address)"
+        ));
+    }
+    let table = slice(data, blob_table_off, blob_table_size, "blob table")?;
+    let devices = slice(
+        data,
+        devt_slotoff * DEVICE_SLOT_SIZE,
+        nblobs * DEVICE_SLOT_SIZE,
+        "device table",
+    )?;
+    let mut blobs = Vec::with_capacity(nblobs as usize);
+    for i in 0..nblobs as usize {
+        let e: BlobEntry = record(table, i as u64 * BLOB_ENTRY_SIZE, "blob table entry")?;
+        let blob = parse_blob_entry(&e, i as u32, chunk_size, inline_blob_id)?;
+        let slot: DeviceSlot = record(devices, i as u64 * DEVICE_SLOT_SIZE, "device slot")?;
+        let slot_id = String::from_utf8_lossy(padded(&slot.tag)).into_owned();
+        let slot_id = match inline_blob_id {
+            Some(id) if slot_id == INLINE_BLOB_PLACEHOLDER => id.to_string(),
+            _ => slot_id,
+        };
+        if slot_id != blob.id {
+            return Err(corrupt!(
+                "device slot {i} names blob {slot_id:?} but blob entry {i} is {:?}",
+                blob.id
+            ));
+        }
+        blobs.push(blob);
+    }
+    for (i, a) in blobs.iter().enumerate() {
+        if blobs[..i].iter().any(|b| b.id == a.id) {
+            return Err(corrupt!("blob {:?} appears twice in the blob table", a.id));
+        }
+    }
+    let mut ci_total = 0u64;
+    for blob in &blobs {
+        let ci = blob
+            .ci
+            .as_ref()
+            .expect("v6 blobs have a chunk-info location");
+        super::blob_meta::check_size(blob, ci)?;
+        ci_total += ci.uncompressed_size;
+    }
+    if ci_total > limits::MAX_IMAGE_CI_BYTES {
+        return Err(limits::exceeded(
+            format!("its chunk-info arrays take {ci_total} bytes decoded"),
+            "256 MiB per image",
+        ));
+    }
+    Ok(blobs)
+}
+
+/// The inodes of the prefetch table (none when it is absent), up to its first 0.
+fn parse_prefetch_table(data: &[u8], prefetch_off: u64, prefetch_size: u64) -> Result<Vec<u64>> {
+    let mut prefetch = Vec::new();
+    if prefetch_off != 0 && prefetch_size != 0 {
+        if !prefetch_size.is_multiple_of(4) {
+            return Err(corrupt!(
+                "prefetch table size {prefetch_size} is not a multiple of 4"
+            ));
+        }
+        let p = slice(data, prefetch_off, prefetch_size, "prefetch table")?;
+        for i in 0..(prefetch_size / 4) as usize {
+            match p.u32_at(i * 4) {
+                0 => break,
+                nid => prefetch.push(nid as u64),
+            }
+        }
+    }
+    Ok(prefetch)
 }
 
 fn parse_blob_entry(

@@ -453,7 +453,6 @@ impl FileSystem for RafsFs {
             | FsOptions::PARALLEL_DIROPS
             | FsOptions::BIG_WRITES
             | FsOptions::DO_READDIRPLUS
-            | FsOptions::READDIRPLUS_AUTO
             | FsOptions::CACHE_SYMLINKS
             | FsOptions::MAX_PAGES
             | FsOptions::ZERO_MESSAGE_OPENDIR

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{decode_chunk, verify_chunk};
+use super::verify::{decode_chunk, verify_chunk};
 use crate::cache::{BlobCache, Claim};
 use crate::error::{Error, Result};
 use crate::format::{BlobInfo, ChunkInfo};

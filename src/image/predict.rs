@@ -1,0 +1,170 @@
+//! Which chunks to fetch with a miss, in the same backend request: the rest of a file read front to back,
+//! the chunks of the image's prefetch table, or (within the `speculate` budget) the chunks after a miss
+//! that lands near the previous one. Each predicted chunk is claimed so nobody fetches it twice.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use super::stream::Pending;
+use super::RafsImage;
+use crate::cache::BlobCache;
+use crate::format::{ChunkInfo, InodeAttr};
+
+/// Most chunks [`RafsImage`] indexes for its prefetch table (16 bytes each in a set).
+const MAX_PREFETCH_CHUNKS: usize = 1 << 20;
+
+impl RafsImage {
+    /// The chunks to fetch with `first` (located): those of `follow` that lie back to back after it in its
+    /// blob, or else, when `first` belongs to a file of the prefetch table, the chunks after it in the blob
+    /// that do too, up to the link's window; or else, when `first` lies near the blob's previous miss, the
+    /// chunks after it up to what [`speculate::Speculation`] grants. Each is claimed. Empty when nothing is
+    /// predicted.
+    pub(super) fn predicted_run(
+        &self,
+        cache: &Arc<BlobCache>,
+        first: &ChunkInfo,
+        follow: &[ChunkInfo],
+    ) -> Vec<Pending> {
+        let first_end = first.compressed_offset + first.compressed_size as u64;
+        // Counted for every miss (the share of speculation follows them), granted only when nothing
+        // else predicts the run.
+        let granted = self.speculation.miss(
+            first.blob_index,
+            first.compressed_offset,
+            first.compressed_size as u64,
+        );
+        let mut window = self.streams.window_bytes();
+        let mut run = Vec::new();
+        let mut end = first_end;
+        let take = |next: ChunkInfo, run: &mut Vec<Pending>, end: &mut u64, window: u64| -> bool {
+            if next.blob_index != first.blob_index
+                || next.batch.is_some()
+                || next.compressed_offset != *end
+                || *end + next.compressed_size as u64 - first.compressed_offset > window
+            {
+                return false;
+            }
+            let Some(claim) = cache.try_claim(&next) else {
+                return false;
+            };
+            *end += next.compressed_size as u64;
+            run.push(Pending { info: next, claim });
+            true
+        };
+        if !follow.is_empty() {
+            self.speculation.refund(granted);
+            for f in follow {
+                let Ok(next) = self.locate(f) else { break };
+                if !take(next, &mut run, &mut end, window) {
+                    break;
+                }
+            }
+            return run;
+        }
+        let table = self
+            .prefetch_chunks()
+            .filter(|p| p.contains(&(first.blob_index, first.index)));
+        if table.is_some() {
+            self.speculation.refund(granted);
+        } else {
+            // Near the previous miss: the chunks right after it, within what was granted.
+            window = first_end - first.compressed_offset + granted;
+        }
+        if self.info().version == 6 && window > first_end - first.compressed_offset {
+            if let Ok(array) = self.chunk_info_array(first.blob_index) {
+                for index in first.index + 1..array.len() {
+                    if table.is_some_and(|p| !p.contains(&(first.blob_index, index))) {
+                        break;
+                    }
+                    let Ok(next) = self.resolve_ci(first.blob_index, index) else {
+                        break;
+                    };
+                    // A chunk without a digest cannot be validated (a chunk no file references).
+                    if (self.validate && next.digest.is_none())
+                        || !take(next, &mut run, &mut end, window)
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+        if table.is_none() {
+            self.speculation.refund(granted - (end - first_end));
+        }
+        run
+    }
+
+    /// The chunks of `inode` after the one at `file_offset`, when the file is being read front to back:
+    /// the chunks before it are cached or being fetched. As many follow as came before (so the runs double
+    /// as the reader keeps going), within the link's window; none for a first or random read.
+    pub(super) fn sequential_followers(
+        &self,
+        cache: &BlobCache,
+        inode: &InodeAttr,
+        file_offset: u64,
+    ) -> Vec<ChunkInfo> {
+        let chunk = self.info().chunk_size as u64;
+        if chunk == 0 {
+            return Vec::new();
+        }
+        let limit = (self.streams.window_bytes() / chunk).max(1);
+        let mut behind = 0;
+        while behind < limit && file_offset >= (behind + 1) * chunk {
+            let at = file_offset - (behind + 1) * chunk;
+            let seen = self
+                .meta
+                .file_chunks(inode, at, 1)
+                .ok()
+                .and_then(|c| c.into_iter().next())
+                .and_then(|(o, addr)| self.file_chunk(inode, o, &addr).ok())
+                .is_some_and(|c| cache.is_ready(&c) || cache.is_claimed(&c));
+            if !seen {
+                break;
+            }
+            behind += 1;
+        }
+        if behind == 0 {
+            return Vec::new();
+        }
+        let from = file_offset + chunk;
+        let to = from.saturating_add(behind * chunk).min(inode.size);
+        if from >= to {
+            return Vec::new();
+        }
+        let Ok(chunks) = self.meta.file_chunks(inode, from, to - from) else {
+            return Vec::new();
+        };
+        chunks
+            .into_iter()
+            .map_while(|(o, addr)| self.file_chunk(inode, o, &addr).ok())
+            .collect()
+    }
+
+    /// The chunks of the files in the image's prefetch table (a table naming the root predicts nothing:
+    /// that is everything).
+    fn prefetch_chunks(&self) -> Option<&HashSet<(u32, u32)>> {
+        self.prefetch_chunks
+            .get_or_init(|| {
+                let table = &self.info().prefetch;
+                if table.is_empty() || table.contains(&self.root_ino()) {
+                    return None;
+                }
+                let mut set = HashSet::new();
+                for &ino in table {
+                    let inode = self.meta.inode(ino).ok()?;
+                    if !inode.is_reg() {
+                        continue;
+                    }
+                    for (o, addr) in self.meta.file_chunks(&inode, 0, inode.size).ok()? {
+                        let c = self.file_chunk(&inode, o, &addr).ok()?;
+                        set.insert((c.blob_index, c.index));
+                        if set.len() > MAX_PREFETCH_CHUNKS {
+                            return None;
+                        }
+                    }
+                }
+                Some(set)
+            })
+            .as_ref()
+    }
+}
