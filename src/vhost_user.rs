@@ -610,6 +610,7 @@ impl Connection<'_> {
         }
         let started = std::time::Instant::now();
         if !backend.requests.pause(upgrade::DRAIN_TIMEOUT) {
+            backend.requests.resume(|| journal.kick_all());
             let e = Error::Invalid(format!(
                 "requests in flight did not finish within {:?}",
                 upgrade::DRAIN_TIMEOUT
@@ -644,7 +645,7 @@ impl Connection<'_> {
                 if let Err(e) = relay::restart_rings(inner, journal, &rings) {
                     log::error!("live upgrade: cannot restart the rings: {e}");
                 }
-                backend.requests.resume();
+                backend.requests.resume(|| journal.kick_all());
                 false
             }
         }

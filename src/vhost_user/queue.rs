@@ -101,6 +101,28 @@ impl Gate {
             self.answered.notify_all();
         }
     }
+
+    /// Answer every request of a batch taken with [`Gate::take`] with `answer`, counting each one as
+    /// answered even when `answer` fails (a guest's bad head index, a failed interrupt): a request
+    /// left counted would make every later pause time out. The first error is returned after the batch.
+    fn answer_each<C>(
+        &self,
+        batch: Vec<C>,
+        mut answer: impl FnMut(C) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let mut first = Ok(());
+        for c in batch {
+            let r = answer(c);
+            self.answered();
+            if let Err(e) = r {
+                log::warn!("virtio-fs: returning a descriptor: {e}");
+                if first.is_ok() {
+                    first = Err(e);
+                }
+            }
+        }
+        first
+    }
 }
 
 impl Requests {
@@ -126,7 +148,7 @@ impl Requests {
     }
 
     /// Stop taking requests off the rings and wait (at most `timeout`) until every request taken is
-    /// answered; false (and the gate open again) if some are still running then.
+    /// answered; false if some are still running then (the gate stays closed: [`Requests::resume`]).
     pub fn pause(&self, timeout: Duration) -> bool {
         *self.gate.closed.write().unwrap_or_else(|e| e.into_inner()) = true;
         let taken = self.gate.taken.lock().unwrap_or_else(|e| e.into_inner());
@@ -137,15 +159,16 @@ impl Requests {
             .unwrap_or_else(|e| e.into_inner());
         let drained = *taken == 0;
         drop(taken);
-        if !drained {
-            self.resume();
-        }
         drained
     }
 
-    /// Take requests again (a hand-over that did not happen).
-    pub fn resume(&self) {
+    /// Take requests again (a hand-over that did not happen), then `kick_all`: a queue thread woken
+    /// while the gate was closed consumed its kick and left without re-enabling notifications, so
+    /// without a kick of every started ring (after the gate opens) a guest using EVENT_IDX would never
+    /// kick that ring again.
+    pub fn resume(&self, kick_all: impl FnOnce()) {
         *self.gate.closed.write().unwrap_or_else(|e| e.into_inner()) = false;
+        kick_all();
     }
 
     pub fn set_event_idx(&self, enabled: bool) {
@@ -246,13 +269,11 @@ impl Requests {
             }) else {
                 return Ok(());
             };
-            for chain in chains? {
+            self.gate.answer_each(chains?, |chain| {
                 let head = chain.head_index();
                 let used = self.handle_chain(chain);
-                let added = vring.add_used(head, used).map_err(io::Error::other);
-                self.gate.answered();
-                added?;
-            }
+                vring.add_used(head, used).map_err(io::Error::other)
+            })?;
             if !event_idx || vring.needs_notification().map_err(io::Error::other)? {
                 vring.signal_used_queue()?;
             }
@@ -724,5 +745,53 @@ mod tests {
         assert!(s.fast(), "stays fast");
         s.record(SLOW_REQUEST);
         assert!(!s.fast(), "a read as slow as the watcher's alarm resets it");
+    }
+
+    /// A hostile guest's bad head (add_used refuses it) in the middle of a batch: every request of the
+    /// batch still counts as answered, so a live upgrade's pause does not wait for them forever.
+    #[test]
+    fn a_failed_answer_in_a_batch_leaves_nothing_counted_as_taken() {
+        let gate = Gate::default();
+        let batch = gate.take(|| (vec![0u16, 0xffff, 2], 3)).unwrap();
+        let mut answered = Vec::new();
+        let r = gate.answer_each(batch, |head| {
+            answered.push(head);
+            if head == 0xffff {
+                return Err(io::Error::other("bad head"));
+            }
+            Ok(())
+        });
+        assert!(r.is_err(), "the error is reported");
+        assert_eq!(
+            answered,
+            [0, 0xffff, 2],
+            "the rest of the batch is answered"
+        );
+        assert_eq!(*gate.taken.lock().unwrap(), 0);
+    }
+
+    /// A failed hand-over opens the gate before kicking: a queue thread woken by the kick must find
+    /// it open, or it consumes the kick without taking anything and the ring stalls.
+    #[test]
+    fn resume_kicks_after_the_gate_opens() {
+        let requests = Requests::new(Arc::new(Vfs::new(Default::default())));
+        assert!(requests.pause(Duration::from_millis(10)));
+        assert!(requests.gate.take(|| ((), 0)).is_none(), "paused");
+        let mut kicked_open = None;
+        requests.resume(|| kicked_open = Some(requests.gate.take(|| ((), 0)).is_some()));
+        assert_eq!(kicked_open, Some(true));
+    }
+
+    /// A pause that times out leaves the gate closed until the caller resumes (and kicks).
+    #[test]
+    fn a_pause_that_times_out_stays_closed_until_resumed() {
+        let requests = Requests::new(Arc::new(Vfs::new(Default::default())));
+        requests.gate.take(|| ((), 1)).unwrap();
+        assert!(!requests.pause(Duration::from_millis(10)));
+        assert!(requests.gate.take(|| ((), 0)).is_none());
+        let mut kicks = 0;
+        requests.resume(|| kicks += 1);
+        assert_eq!(kicks, 1);
+        assert!(requests.gate.take(|| ((), 0)).is_some());
     }
 }

@@ -535,7 +535,7 @@ pub fn stop_rings(backend: &UnixStream, rings: &[u32]) -> io::Result<Vec<(u32, u
 }
 
 /// Start rings stopped by [`stop_rings`] again at the same place (a hand-over that failed after the
-/// stop): base, call and kick as before.
+/// stop): base, call and kick as before. The caller kicks them once the gate is open again.
 pub fn restart_rings(backend: &UnixStream, journal: &Journal, rings: &[u32]) -> io::Result<()> {
     for &i in rings {
         let Some(r) = journal.rings.get(i as usize) else {
@@ -554,7 +554,6 @@ pub fn restart_rings(backend: &UnixStream, journal: &Journal, rings: &[u32]) -> 
     }
     Msg::new(GET_FEATURES, Vec::new(), Vec::new()).send(backend)?;
     Msg::recv(backend)?.ok_or_else(|| io::Error::other("the backend ended the connection"))?;
-    journal.kick_all();
     Ok(())
 }
 
