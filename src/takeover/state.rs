@@ -15,8 +15,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-/// The version this daemon writes and the only one it reads.
+/// The version this daemon writes.
 pub const VERSION: u32 = 2;
+/// Version 1 (rafsd before virtio-fs live upgrade): version 2 without [`State::device`], read for the
+/// "fusedev" front end so that a FUSE daemon can still take over from an older rafsd.
+const FUSEDEV_V1: u32 = 1;
 /// A state larger than this is refused (a lookup table of millions of inodes stays well below it).
 pub const MAX_BYTES: usize = 64 << 20;
 const MAGIC: &[u8] = b"rafsd-state\n";
@@ -183,17 +186,25 @@ impl State {
         };
         let value: serde_json::Value = serde_json::from_slice(json)
             .map_err(|e| Error::Invalid(format!("daemon state is not valid JSON: {e}")))?;
-        match value.get("version").and_then(serde_json::Value::as_u64) {
-            Some(v) if v == u64::from(VERSION) => {}
+        let version = match value.get("version").and_then(serde_json::Value::as_u64) {
+            Some(v) if v == u64::from(VERSION) => VERSION,
+            Some(v)
+                if v == u64::from(FUSEDEV_V1)
+                    && front_end == "fusedev"
+                    && value.get("device").is_none_or(serde_json::Value::is_null) =>
+            {
+                FUSEDEV_V1
+            }
             Some(v) => {
                 return Err(Error::Unsupported(format!(
-                    "daemon state version {v}; this rafsd reads version {VERSION} only"
+                    "daemon state version {v}; this rafsd reads version {VERSION} only (and \
+                     version {FUSEDEV_V1} of a FUSE daemon)"
                 )))
             }
             None => return Err(Error::Invalid("daemon state has no version".into())),
-        }
+        };
         let state: State = serde_json::from_value(value)
-            .map_err(|e| Error::Invalid(format!("daemon state version {VERSION}: {e}")))?;
+            .map_err(|e| Error::Invalid(format!("daemon state version {version}: {e}")))?;
         if state.front_end != front_end {
             return Err(Error::Unsupported(format!(
                 "daemon state of a {:?} front end; this daemon serves {front_end}",
@@ -252,6 +263,25 @@ mod tests {
     fn round_trips() {
         let s = sample();
         assert_eq!(State::decode(&s.encode().unwrap(), "fusedev").unwrap(), s);
+    }
+
+    /// A FUSE daemon takes over from a rafsd that wrote version 1 (no `device` key); a virtio-fs one
+    /// does not, nor does a version 1 state with a device.
+    #[test]
+    fn a_version_1_fusedev_state_is_read() {
+        let text = String::from_utf8(sample().encode().unwrap()).unwrap();
+        let v1 = text
+            .replace("\"version\":2", "\"version\":1")
+            .replace(",\"device\":null", "");
+        assert!(!v1.contains("device"), "{v1}");
+        let s = State::decode(v1.as_bytes(), "fusedev").unwrap();
+        assert_eq!(s.mounts, sample().mounts);
+        assert_eq!(s.device, None);
+        let virtiofs = v1.replace("\"fusedev\"", "\"virtiofs\"");
+        let e = State::decode(virtiofs.as_bytes(), "virtiofs").unwrap_err();
+        assert!(e.to_string().contains("version 1"), "{e}");
+        let with_device = v1.replacen('{', "{\"device\":{},", 1);
+        assert!(State::decode(with_device.as_bytes(), "fusedev").is_err());
     }
 
     #[test]
