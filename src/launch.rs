@@ -14,6 +14,8 @@
 //! The command-line options live here too (`src/main.rs` only parses and dispatches); another program
 //! that wants a daemon without these steps uses [`crate::embed`].
 
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -487,9 +489,16 @@ pub fn virtiofs(args: VirtiofsArgs, log_dir: Option<&Path>) -> Result<()> {
         None => Some(crate::vhost_user::bind(&sock)?),
         Some(_) => None,
     };
-    let api_listener = args
-        .apisock
-        .as_deref()
+    // A successor must not take the predecessor's API socket before the predecessor let go of the
+    // device: it listens on a name of its own and renames it over --apisock once it serves.
+    let api_path = match (&successor, &args.apisock) {
+        (Some(_), Some(api)) => Some(PendingApiSocket::new(api)?),
+        _ => None,
+    };
+    let api_listener = api_path
+        .as_ref()
+        .map(|p| p.temp.as_path())
+        .or(args.apisock.as_deref())
         .map(crate::api::http::bind)
         .transpose()?;
     let sockets: Vec<&PathBuf> = [Some(&sock), args.apisock.as_ref()]
@@ -497,8 +506,14 @@ pub fn virtiofs(args: VirtiofsArgs, log_dir: Option<&Path>) -> Result<()> {
         .flatten()
         .collect();
     // A daemon that handed its device over says so: its supervisor then leaves the sockets, which
-    // now belong to the successor.
+    // now belong to the successor. A successor keeps them (they are its predecessor's) until it
+    // serves the device.
     let (fate, fate_reader) = crate::takeover::mount_fate_pipe()?;
+    let fate = Arc::new(fate);
+    let served = Arc::new(AtomicBool::new(false));
+    if successor.is_some() {
+        fate.tell(crate::takeover::Fate::Keep);
+    }
     let policy = Policy {
         allowed,
         seccomp: args.sandbox.seccomp,
@@ -514,6 +529,10 @@ pub fn virtiofs(args: VirtiofsArgs, log_dir: Option<&Path>) -> Result<()> {
             if fate_reader.should_unmount() {
                 remove_files(&sockets);
             }
+            // Gone already if the successor renamed it over --apisock.
+            if let Some(p) = &api_path {
+                remove_files(&[&p.temp]);
+            }
             exit.propagate();
         }
         Entered::Daemon(sandbox) => lock(sandbox, &daemon)?,
@@ -525,7 +544,15 @@ pub fn virtiofs(args: VirtiofsArgs, log_dir: Option<&Path>) -> Result<()> {
     let (listener, restore) = match successor {
         None => (listener, None),
         Some(s) => {
-            let (listener, restore) = take_over_device(&daemon, s)?;
+            let (fate, served) = (fate.clone(), served.clone());
+            let serving = Box::new(move || {
+                served.store(true, Ordering::SeqCst);
+                fate.tell(crate::takeover::Fate::Unmount);
+                if let Some(p) = api_path {
+                    p.commit();
+                }
+            });
+            let (listener, restore) = take_over_device(&daemon, s, serving)?;
             (Some(listener), Some(restore))
         }
     };
@@ -554,6 +581,7 @@ pub fn virtiofs(args: VirtiofsArgs, log_dir: Option<&Path>) -> Result<()> {
         device.request_queues = d.request_queues as usize;
         device.dax_window_size = d.dax_window;
     }
+    let restoring = restore.is_some();
     let mut server =
         VhostUserServer::start(daemon.clone(), listener, &sock, device, restore, true)?;
     let result = serve_until_stopped(&mut server, &daemon, &signals);
@@ -563,6 +591,11 @@ pub fn virtiofs(args: VirtiofsArgs, log_dir: Option<&Path>) -> Result<()> {
         fate.tell(crate::takeover::Fate::Keep);
         log::info!("rafsd virtiofs handed its device over and stops");
         return Ok(());
+    }
+    if restoring && !served.load(Ordering::SeqCst) {
+        // A successor that never served: the socket files are still its predecessor's.
+        fate.tell(crate::takeover::Fate::Keep);
+        return result.map(drop);
     }
     fate.tell(crate::takeover::Fate::Unmount);
     remove_files(&sockets);
@@ -577,6 +610,7 @@ pub fn virtiofs(args: VirtiofsArgs, log_dir: Option<&Path>) -> Result<()> {
 fn take_over_device(
     daemon: &Daemon,
     successor: crate::vhost_user::upgrade::Successor,
+    serving: Box<dyn FnOnce() + Send>,
 ) -> Result<(std::os::unix::net::UnixListener, crate::vhost_user::Restore)> {
     let mut handover = successor.accept()?;
     let restored = (|| {
@@ -604,7 +638,7 @@ fn take_over_device(
                 "live upgrade: took over {} mounts from the predecessor",
                 handover.state.mounts.len()
             );
-            Ok((listener, crate::vhost_user::Restore { handover }))
+            Ok((listener, crate::vhost_user::Restore { handover, serving }))
         }
         Err(e) => {
             handover.done(&Err(Error::Internal(e.to_string())));
@@ -653,6 +687,58 @@ fn serve_until_stopped(
         }
         if let Some(result) = server.finished() {
             return result;
+        }
+    }
+}
+
+/// A successor's API socket: bound under a name of its own beside `--apisock` (the predecessor still
+/// listens there), renamed over it once the successor serves. The directory is opened before the
+/// sandbox, which may hide its path.
+struct PendingApiSocket {
+    dir: std::fs::File,
+    temp: PathBuf,
+    name: std::ffi::OsString,
+}
+
+impl PendingApiSocket {
+    fn new(api: &Path) -> Result<Self> {
+        let name = api
+            .file_name()
+            .ok_or_else(|| Error::Invalid(format!("--apisock {} names no file", api.display())))?
+            .to_owned();
+        let parent = api.parent().filter(|p| !p.as_os_str().is_empty());
+        let parent = parent.unwrap_or(Path::new("."));
+        let dir = std::fs::File::options()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .open(parent)
+            .map_err(|e| Error::io(format!("open {}", parent.display()), e))?;
+        let mut temp_name = name.clone();
+        temp_name.push(format!(".upgrade-{}", std::process::id()));
+        Ok(PendingApiSocket {
+            dir,
+            temp: parent.join(&temp_name),
+            name,
+        })
+    }
+
+    /// Rename the socket over `--apisock` (the predecessor's file).
+    fn commit(self) {
+        use std::os::unix::ffi::OsStrExt;
+        let c = |p: &std::ffi::OsStr| std::ffi::CString::new(p.as_bytes());
+        let (Ok(from), Ok(to)) = (c(self.temp.file_name().unwrap_or_default()), c(&self.name))
+        else {
+            return;
+        };
+        let fd = self.dir.as_raw_fd();
+        // SAFETY: two NUL-terminated names relative to a directory we hold open.
+        if unsafe { libc::renameat(fd, from.as_ptr(), fd, to.as_ptr()) } != 0 {
+            log::error!(
+                "live upgrade: cannot move the admin API socket {} over {:?}: {}",
+                self.temp.display(),
+                self.name,
+                std::io::Error::last_os_error()
+            );
         }
     }
 }

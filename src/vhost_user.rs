@@ -364,6 +364,9 @@ impl Upgrades {
 /// A device handed over by a predecessor, to serve first (see [`upgrade`]).
 pub struct Restore {
     pub handover: upgrade::Handover,
+    /// Called once this process serves the device (the predecessor has let go): from then on the
+    /// socket files are this process's.
+    pub serving: Box<dyn FnOnce() + Send>,
 }
 
 /// What serving one VMM connection needs.
@@ -502,9 +505,12 @@ impl Connection<'_> {
         let (vmm, mut journal) = match start {
             Start::Fresh(vmm) => (vmm, relay::Journal::default()),
             Start::Restored(r) => {
-                let restored = self.restore(&backend, &inner, r.handover);
-                match restored {
-                    Ok(x) => x,
+                let Restore { handover, serving } = *r;
+                match self.restore(&backend, &inner, handover) {
+                    Ok(x) => {
+                        serving();
+                        x
+                    }
                     Err(e) => {
                         log::error!(
                             "live upgrade: carrying on the predecessor's device failed: {e}"

@@ -16,7 +16,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use kit::{daemon, guestvm, manifest};
+use kit::{daemon, frontend, guestvm, manifest};
 
 use guestvm::{die_with_parent, Guard, Vm};
 
@@ -334,4 +334,55 @@ fn a_refused_upgrade_leaves_the_old_daemon_serving() {
     );
     let (n, nbad) = loop_end(&vm);
     assert!(n > 0 && nbad == 0, "reads {n}, bad {nbad}{}", vm.logs());
+}
+
+/// A successor that fails after its sandbox is up (here its sandbox hides the image it must mount)
+/// leaves the running daemon's socket files alone: the vhost-user socket (the VMM's next connection)
+/// and the admin API socket, although the successor was started with the same `--apisock`. The old
+/// daemon carries on serving the guest's connection, and a new one later. (In-repo frontend, no QEMU.)
+#[test]
+#[ignore = "needs root: ci/test.sh"]
+fn a_failed_successor_leaves_the_running_daemons_sockets() {
+    use frontend::{Guest, Options, VirtiofsDaemon, ROOT};
+    let bin = kit::rafsd_bin();
+    let bin = bin.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = VirtiofsDaemon::start(bin, dir.path(), &[]);
+    let case = "v5-none-aligned";
+    let config = daemon::v1_config(
+        &manifest::case_blob_dir(case),
+        &dir.path().join("cache"),
+        false,
+        "",
+    );
+    d.mount_rafs("/img", &manifest::case_bootstrap(case), &config);
+    let mut g = Guest::connect(&d.sock, Options::default()).unwrap();
+    g.fuse_init().unwrap();
+    let img = g.lookup(ROOT, b"img").unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(bin)
+        .args(["virtiofs", "--upgrade-from"])
+        .arg(&d.apisock)
+        .arg("--apisock")
+        .arg(&d.apisock)
+        .arg("--allow-path-rw")
+        .arg(elsewhere.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the successor cannot mount: {err}");
+    assert!(
+        d.sock.exists() && d.apisock.exists(),
+        "the failed successor removed the running daemon's sockets: {err}"
+    );
+    let (status, body) = d.api("GET", "/api/v1/daemon", "").unwrap();
+    assert_eq!(status, 200, "{body}");
+    g.lookup(img.nodeid, b"special")
+        .unwrap_or_else(|e| panic!("the guest is not served: {e}\n{}", d.log_text()));
+    drop(g);
+    let mut g = Guest::connect(&d.sock, Options::default()).unwrap();
+    g.fuse_init().unwrap();
+    g.lookup(ROOT, b"img").unwrap();
+    drop(g);
+    d.kill_and_check();
 }
