@@ -556,6 +556,24 @@ impl Daemon {
         Ok(())
     }
 
+    /// The kernel's references into each mount as `saved` gives them, replacing those [`Daemon::restore`]
+    /// imported (a live upgrade mounts from an earlier state, then takes the final counts).
+    pub fn set_lookups(&self, saved: &[SavedMount]) -> Result<()> {
+        let _serial = self.mount_lock.lock().unwrap_or_else(|e| e.into_inner());
+        for m in saved {
+            let (fs, _) = self
+                .vfs
+                .get_rootfs(&m.mountpoint)
+                .ok()
+                .flatten()
+                .ok_or_else(|| Error::NotFound(format!("mount {} is gone", m.mountpoint)))?;
+            if let Some(rafs) = fs.as_any().downcast_ref::<RafsFs>() {
+                rafs.replace_lookups(&m.lookups, &m.parents);
+            }
+        }
+        Ok(())
+    }
+
     /// `PUT /api/v1/config?id=`: settings of a running RAFS instance. Only `registry_auth` (base64
     /// `user:pass`, empty to clear) is known: the backend switches to the new credentials without a
     /// remount, and the mount's record (what a successor daemon is handed) carries them too.

@@ -604,18 +604,30 @@ pub fn virtiofs(args: VirtiofsArgs, log_dir: Option<&Path>) -> Result<()> {
     Ok(())
 }
 
-/// The successor's side of a live upgrade, in the sandbox: accept the predecessor's state, mount its
-/// filesystems with the inode numbers the guest knows; the device is carried on by the vhost-user
-/// thread ([`crate::vhost_user::Restore`]).
+/// The successor's side of a live upgrade, in the sandbox: mount the filesystems of the state
+/// offered (the predecessor serves meanwhile), say yes, take the final state's lookup counts; the device
+/// is carried on by the vhost-user thread ([`crate::vhost_user::Restore`]).
 fn take_over_device(
     daemon: &Daemon,
     successor: crate::vhost_user::upgrade::Successor,
     serving: Box<dyn FnOnce() + Send>,
 ) -> Result<(std::os::unix::net::UnixListener, crate::vhost_user::Restore)> {
+    let offered = &successor.offered;
+    if let Err(e) = daemon.restore(&offered.pseudo_dirs, &offered.mounts) {
+        successor.refuse(&e);
+        return Err(e);
+    }
+    let offered = successor.offered.clone();
     let mut handover = successor.accept()?;
     let restored = (|| {
         let state = &handover.state;
-        daemon.restore(&state.pseudo_dirs, &state.mounts)?;
+        // The mounts must be those of the offer (one mounted or unmounted meanwhile: not handed over).
+        if !state.same_mounts(&offered) {
+            return Err(Error::Invalid(
+                "the predecessor's mounts changed during the hand-over".into(),
+            ));
+        }
+        daemon.set_lookups(&state.mounts)?;
         fuse_backend_rs::api::filesystem::FileSystem::init(
             &*daemon.vfs,
             fuse_backend_rs::abi::fuse_abi::FsOptions::from_bits_truncate(state.fuse.flags),
@@ -641,7 +653,7 @@ fn take_over_device(
             Ok((listener, crate::vhost_user::Restore { handover, serving }))
         }
         Err(e) => {
-            handover.done(&Err(Error::Internal(e.to_string())));
+            handover.refuse(&Error::Internal(e.to_string()));
             Err(e)
         }
     }

@@ -594,7 +594,8 @@ impl Connection<'_> {
         Ok((bytes, files))
     }
 
-    /// The running daemon's side of [`upgrade`]; true once the new process serves the connection.
+    /// The running daemon's side of [`upgrade`]; true once it committed the hand-over (from then on
+    /// the new process serves the connection, or nobody does: never both).
     fn hand_over(
         &self,
         peer: UnixStream,
@@ -604,10 +605,11 @@ impl Connection<'_> {
         backend: &VirtioFsBackend,
     ) -> bool {
         log::info!("live upgrade: a new daemon asks for the device");
+        // The new process mounts the filesystems before it says yes; this daemon serves meanwhile.
         let offered = upgrade::prepare(&peer).and_then(|()| {
             let (bytes, _) = self.export(journal, vmm, backend)?;
-            upgrade::send(&peer, b'S', &bytes, &[])?;
-            upgrade::recv(&peer)
+            upgrade::send(&peer, upgrade::STATE, &bytes, &[])?;
+            upgrade::expect(&peer, upgrade::YES, upgrade::MOUNT_TIMEOUT)
         });
         if let Err(e) = offered {
             log::error!("live upgrade not done, still serving: {e}");
@@ -626,7 +628,7 @@ impl Connection<'_> {
             return false;
         }
         let rings = journal.started_rings();
-        let stopped = relay::stop_rings(inner, &rings)
+        let ready = relay::stop_rings(inner, &rings)
             .map_err(|e| Error::io("stop the rings", e))
             .and_then(|bases| {
                 for (i, b) in bases {
@@ -634,11 +636,17 @@ impl Connection<'_> {
                 }
                 let (bytes, files) = self.export(journal, vmm, backend)?;
                 let fds: Vec<RawFd> = files.iter().map(AsRawFd::as_raw_fd).collect();
-                upgrade::send(&peer, b'S', &bytes, &fds)?;
-                upgrade::recv(&peer)
+                upgrade::send(&peer, upgrade::STATE, &bytes, &fds)?;
+                upgrade::expect(&peer, upgrade::READY, upgrade::STEP_TIMEOUT)
             });
-        match stopped {
+        match ready {
             Ok(_) => {
+                // The new process starts the rings only on this word; once it is on its way this
+                // daemon never serves again, even if it cannot be sent (then nobody serves: the new
+                // process, if alive, exits without touching the rings).
+                if let Err(e) = upgrade::send(&peer, upgrade::COMMIT, &[], &[]) {
+                    log::error!("live upgrade: cannot send the commit ({e}); stopping anyway");
+                }
                 log::info!(
                     "live upgrade: handed over after {} ms without serving",
                     started.elapsed().as_millis()
@@ -646,6 +654,7 @@ impl Connection<'_> {
                 true
             }
             Err(e) => {
+                // The new process did not say it is ready: it has not started the rings.
                 log::error!("live upgrade failed after the rings stopped ({e}); serving again");
                 upgrade::refuse(&peer, &e);
                 if let Err(e) = relay::restart_rings(inner, journal, &rings) {
@@ -657,15 +666,15 @@ impl Connection<'_> {
         }
     }
 
-    /// The new process's side: set the fresh backend up as the predecessor's was, start serving, and
-    /// tell the predecessor.
+    /// The new process's side: set the fresh backend up as the predecessor's was with the rings not
+    /// started, say ready, and start them only once the predecessor committed.
     fn restore(
         &self,
         backend: &VirtioFsBackend,
         inner: &UnixStream,
         mut handover: upgrade::Handover,
     ) -> Result<(UnixStream, relay::Journal)> {
-        let result = (|| -> Result<(UnixStream, relay::Journal)> {
+        let prepared = (|| -> Result<(UnixStream, relay::Journal)> {
             let device = handover
                 .state
                 .device
@@ -683,7 +692,7 @@ impl Connection<'_> {
             backend.requests.set_fuse_session(handover.state.fuse);
             backend.resync_used_rings();
             journal
-                .replay(inner)
+                .replay_stopped(inner)
                 .map_err(|e| Error::io("set the backend up", e))?;
             if !device.dax_mappings.is_empty() {
                 let live: Vec<(u64, u64)> = device
@@ -698,15 +707,15 @@ impl Connection<'_> {
                     .adopt(&live)
                     .map_err(|e| Error::io("the DAX window's live mappings", e))?;
             }
-            journal.kick_all();
             Ok((vmm, journal))
         })();
-        handover.done(
-            &result
-                .as_ref()
-                .map(|_| ())
-                .map_err(|e| Error::Internal(e.to_string())),
-        );
-        result
+        let (vmm, journal) =
+            prepared.inspect_err(|e| handover.refuse(&Error::Internal(e.to_string())))?;
+        // Without the commit the rings stay the predecessor's: this process exits untouched.
+        handover.ready()?;
+        journal
+            .start(inner)
+            .map_err(|e| Error::io("start the rings", e))?;
+        Ok((vmm, journal))
     }
 }

@@ -164,6 +164,19 @@ impl RafsFs {
         )
     }
 
+    /// [`RafsFs::import_lookups`] in place of those it holds.
+    pub fn replace_lookups(&self, lookups: &[(u64, u64)], parents: &[(u64, u64)]) {
+        self.lookups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        self.parents
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        self.import_lookups(lookups, parents);
+    }
+
     /// Take over the references a predecessor daemon handed down (see [`RafsFs::export_lookups`]).
     pub fn import_lookups(&self, lookups: &[(u64, u64)], parents: &[(u64, u64)]) {
         self.lookups

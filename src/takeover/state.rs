@@ -171,6 +171,20 @@ impl State {
     }
 
     /// Read a state for a daemon serving `front_end` ("fusedev" or "virtiofs").
+    /// The same filesystems at the same places as `other` (the kernel's lookup counts aside): what a
+    /// live upgrade's successor mounted from the offered state serves the final one.
+    pub fn same_mounts(&self, other: &State) -> bool {
+        let shape = |s: &State| {
+            let mut mounts = s.mounts.clone();
+            for m in &mut mounts {
+                m.lookups.clear();
+                m.parents.clear();
+            }
+            (s.pseudo_dirs.clone(), mounts)
+        };
+        self.front_end == other.front_end && shape(self) == shape(other)
+    }
+
     pub fn decode(bytes: &[u8], front_end: &str) -> Result<State> {
         if bytes.len() > MAX_BYTES {
             return Err(Error::Invalid(format!(
@@ -263,6 +277,26 @@ mod tests {
     fn round_trips() {
         let s = sample();
         assert_eq!(State::decode(&s.encode().unwrap(), "fusedev").unwrap(), s);
+    }
+
+    #[test]
+    fn mounts_are_the_same_whatever_the_lookup_counts() {
+        let a = sample();
+        let mut b = sample();
+        b.mounts[0].lookups = vec![(1, 9)];
+        b.mounts[0].parents.clear();
+        assert!(a.same_mounts(&b));
+        b.mounts[0].config = "{\"other\":1}".into();
+        assert!(!a.same_mounts(&b), "another config");
+        let mut c = sample();
+        c.pseudo_dirs.push(PseudoDir {
+            path: "/s2".into(),
+            ino: 3,
+        });
+        assert!(!a.same_mounts(&c), "a mount added meanwhile");
+        let mut d = sample();
+        d.mounts.clear();
+        assert!(!a.same_mounts(&d), "a mount removed meanwhile");
     }
 
     /// A FUSE daemon takes over from a rafsd that wrote version 1 (no `device` key); a virtio-fs one

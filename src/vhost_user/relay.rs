@@ -363,9 +363,12 @@ impl Journal {
         })
     }
 
-    /// Set a fresh backend up as the journal says, on its connection `sock`, then make sure it took
+    /// Set a fresh backend up as the journal says, on its connection `sock`, except what starts the
+    /// rings (their kick eventfds and SET_VRING_ENABLE: [`Journal::start`]), then make sure it took
     /// everything (a GET_FEATURES round trip: the backend ends the connection on a request it refuses).
-    pub fn replay(&mut self, sock: &UnixStream) -> io::Result<()> {
+    /// Until the rings start the backend takes nothing off them: a successor that is not told to go
+    /// ahead leaves them to its predecessor untouched.
+    pub fn replay_stopped(&mut self, sock: &UnixStream) -> io::Result<()> {
         let ask = |request: u32| -> io::Result<Msg> {
             Msg::new(request, Vec::new(), Vec::new()).send(sock)?;
             Msg::recv(sock)?.ok_or_else(|| {
@@ -418,20 +421,31 @@ impl Journal {
             if let Some(b) = r.base {
                 send(SET_VRING_BASE, state(i, b), Vec::new())?;
             }
-            for (request, f) in [
-                (SET_VRING_CALL, &r.call),
-                (SET_VRING_ERR, &r.err),
-                (SET_VRING_KICK, &r.kick),
-            ] {
+            for (request, f) in [(SET_VRING_CALL, &r.call), (SET_VRING_ERR, &r.err)] {
                 if let Some(f) = f {
                     send(request, (i as u64).to_le_bytes().to_vec(), vec![dup(f)?])?;
                 }
             }
+        }
+        round_trip(sock)
+    }
+
+    /// Start the rings [`Journal::replay_stopped`] left out (kick eventfds, SET_VRING_ENABLE) and kick
+    /// each once.
+    pub fn start(&self, sock: &UnixStream) -> io::Result<()> {
+        let state = |i: usize, v: u32| [(i as u32).to_le_bytes(), v.to_le_bytes()].concat();
+        for (i, r) in self.rings.iter().enumerate() {
+            if let Some(f) = &r.kick {
+                let p = (i as u64).to_le_bytes().to_vec();
+                Msg::new(SET_VRING_KICK, p, vec![dup(f)?]).send(sock)?;
+            }
             if let Some(e) = r.enabled {
-                send(SET_VRING_ENABLE, state(i, e.into()), Vec::new())?;
+                Msg::new(SET_VRING_ENABLE, state(i, e.into()), Vec::new()).send(sock)?;
             }
         }
-        ask(GET_FEATURES).map(drop)
+        round_trip(sock)?;
+        self.kick_all();
+        Ok(())
     }
 
     /// Kick every started ring once, so that requests the guest queued while nobody served it are
@@ -552,6 +566,12 @@ pub fn restart_rings(backend: &UnixStream, journal: &Journal, rings: &[u32]) -> 
             }
         }
     }
+    round_trip(backend)
+}
+
+/// A GET_FEATURES round trip: the backend took every message before it (it ends the connection on
+/// a request it refuses).
+fn round_trip(backend: &UnixStream) -> io::Result<()> {
     Msg::new(GET_FEATURES, Vec::new(), Vec::new()).send(backend)?;
     Msg::recv(backend)?.ok_or_else(|| io::Error::other("the backend ended the connection"))?;
     Ok(())
@@ -638,9 +658,25 @@ mod tests {
             seen
         });
         let mut back = back;
-        back.replay(&ours).unwrap();
+        back.replay_stopped(&ours).unwrap();
+        // Nothing starts a ring before the successor is told to go ahead: the stopped set-up ends
+        // with its round trip, then come the kicks and enables.
+        back.start(&ours).unwrap();
         drop(ours);
         let seen = backend.join().unwrap();
+        let started = seen
+            .iter()
+            .position(|m| matches!(m.request, SET_VRING_KICK | SET_VRING_ENABLE))
+            .unwrap();
+        assert_eq!(seen[started - 1].request, GET_FEATURES);
+        assert_eq!(
+            seen[..started]
+                .iter()
+                .filter(|m| m.request == GET_FEATURES)
+                .count(),
+            2,
+            "replay_stopped (its first question and its round trip) sent no kick or enable"
+        );
         let find = |r: u32| seen.iter().find(|m| m.request == r).unwrap();
         assert_eq!(find(SET_FEATURES).u64(), Some(features));
         assert_eq!(find(SET_VRING_BASE).payload, state(1, 77));

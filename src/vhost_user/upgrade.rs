@@ -3,23 +3,27 @@
 //!
 //! The new process (`rafsd virtiofs --upgrade-from OLD_APISOCK ...`) connects to the running daemon's
 //! API socket and sends `PUT /api/v1/daemon/upgrade`; the daemon answers `101 Switching Protocols` and
-//! the connection carries frames (a 4-byte length, a tag byte, a body; descriptors by SCM_RIGHTS):
+//! the connection carries frames (a 4-byte length, a tag byte, a body; descriptors by SCM_RIGHTS). It
+//! is a two-phase commit: exactly one process serves the rings at any time.
 //!
-//! 1. old → new `S` + state (a dry run: no descriptors). The new process decodes it: a state it
-//!    cannot read (a newer version, an unknown field) is answered `E` + why, and the old daemon
-//!    carries on as if nothing had happened.
-//! 2. new → old `O`: it can. The old daemon stops taking requests off the rings, waits until every
+//! 1. old → new [`STATE`] (a dry run: no descriptors). The new process decodes it and mounts its
+//!    filesystems (the slow part, while the old daemon still serves). A state it cannot read or
+//!    mount is answered [`REFUSE`] + why, and the old daemon carries on as if nothing had happened.
+//! 2. new → old [`YES`]. The old daemon stops taking requests off the rings, waits until every
 //!    request it took is answered (they complete out of order), stops each started ring
 //!    (GET_VRING_BASE on its own backend connection), and exports the state again, now with each
 //!    ring's next avail index (= its used index) and the filesystems' lookup counts as they are.
-//! 3. old → new `S` + state, with the descriptors it names: the VMM connection, the listening socket,
+//! 3. old → new [`STATE`], with the descriptors it names: the VMM connection, the listening socket,
 //!    memory regions, kick/call/err eventfds, the backend request channel.
-//! 4. The new process mounts the filesystems, replays the device set-up into its own backend, kicks
-//!    every ring once and answers `O`; the old daemon exits (its copies of the descriptors close, the
-//!    VMM's connection stays open through the new process's). `E` + why instead: the old daemon starts
-//!    its rings again where they stopped and carries on.
+//! 4. The new process takes the final lookup counts, replays the device set-up into its own backend
+//!    without starting the rings (no kick eventfd, no SET_VRING_ENABLE), adopts the DAX mappings and
+//!    answers [`READY`]; [`REFUSE`] + why instead (or no answer within [`STEP_TIMEOUT`]), and the old
+//!    daemon starts its rings again where they stopped and carries on.
+//! 5. old → new [`COMMIT`]: from then on the old daemon never serves again (it exits, also when the
+//!    frame cannot be sent). Only on [`COMMIT`] does the new process start the rings and kick them;
+//!    without it (an error, the old daemon gone, [`STEP_TIMEOUT`]) it exits without touching them.
 //!
-//! Between 1 and 4 the old daemon reads no vhost-user message, so the set-up cannot change under the
+//! Between 1 and 5 the old daemon reads no vhost-user message, so the set-up cannot change under the
 //! hand-over (a message the VMM sends meanwhile waits in the socket for the new process).
 
 use std::fs::File;
@@ -33,10 +37,21 @@ use super::wire::{recv_frame, send_frame};
 use crate::error::{Error, Result};
 use crate::takeover::state::{self, State};
 
-/// How long either side waits for the other's next frame.
-const STEP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the old daemon waits for the new process's yes: it mounts the filesystems meanwhile
+/// (the old daemon serves the guest all along).
+pub const MOUNT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long either side waits for the other's next frame once the old daemon stopped serving.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long requests in flight may take to finish before a hand-over is given up.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Frame tags: a state (with or without descriptors), the new process's yes, its readiness to serve,
+/// the old daemon's commit, a refusal with its reason.
+pub const STATE: u8 = b'S';
+pub const YES: u8 = b'O';
+pub const READY: u8 = b'R';
+pub const COMMIT: u8 = b'C';
+pub const REFUSE: u8 = b'E';
 /// Descriptors one state may carry: connection, listener, 8 memory regions, 3 per ring, backend.
 const MAX_FDS: usize = 2 + 8 + 3 * 66 + 1;
 /// The answer that switches the API connection to the hand-over protocol.
@@ -54,22 +69,29 @@ pub fn send(peer: &UnixStream, tag: u8, body: &[u8], fds: &[RawFd]) -> Result<()
     send_frame(peer, &data, fds).map_err(|e| io_err("send", e))
 }
 
-/// The next frame: its tag, body and descriptors. `E` frames become errors.
-pub fn recv(peer: &UnixStream) -> Result<(u8, Vec<u8>, Vec<File>)> {
+/// The next frame within `timeout`, which must be tagged `tag`: its body and descriptors. A
+/// [`REFUSE`] frame, another tag, the end of the connection or the timeout are errors.
+pub fn expect(peer: &UnixStream, tag: u8, timeout: Duration) -> Result<(Vec<u8>, Vec<File>)> {
+    peer.set_read_timeout(Some(timeout))
+        .map_err(|e| io_err("socket timeout", e))?;
     let (data, files) =
         recv_frame(peer, state::MAX_BYTES + 1, MAX_FDS).map_err(|e| io_err("receive", e))?;
     match data.split_first() {
-        Some((b'E', why)) => Err(Error::Invalid(format!(
+        Some((&REFUSE, why)) => Err(Error::Invalid(format!(
             "the other daemon refused: {}",
             String::from_utf8_lossy(why)
         ))),
-        Some((tag, body)) => Ok((*tag, body.to_vec(), files)),
+        Some((t, body)) if *t == tag => Ok((body.to_vec(), files)),
+        Some((t, _)) => Err(Error::Invalid(format!(
+            "live upgrade: expected frame {:?}, got {:?}",
+            tag as char, *t as char
+        ))),
         None => Err(Error::Invalid("live upgrade: empty frame".into())),
     }
 }
 
 pub fn refuse(peer: &UnixStream, why: &Error) {
-    let _ = send(peer, b'E', why.to_string().as_bytes(), &[]);
+    let _ = send(peer, REFUSE, why.to_string().as_bytes(), &[]);
 }
 
 /// Check who asks and set the step timeouts on a hand-over connection. The state carries the guest's
@@ -103,8 +125,7 @@ pub fn prepare(peer: &UnixStream) -> Result<()> {
             cred.uid, cred.pid
         )));
     }
-    peer.set_read_timeout(Some(STEP_TIMEOUT))
-        .and_then(|()| peer.set_write_timeout(Some(STEP_TIMEOUT)))
+    peer.set_write_timeout(Some(STEP_TIMEOUT))
         .map_err(|e| io_err("socket timeouts", e))
 }
 
@@ -126,6 +147,8 @@ impl Successor {
             )
         })?;
         prepare(&peer)?;
+        peer.set_read_timeout(Some(STEP_TIMEOUT))
+            .map_err(|e| io_err("socket timeout", e))?;
         (&peer)
             .write_all(
                 b"PUT /api/v1/daemon/upgrade HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n",
@@ -153,10 +176,7 @@ impl Successor {
                 body.trim()
             )));
         }
-        let (tag, bytes, _) = recv(&peer)?;
-        if tag != b'S' {
-            return Err(Error::Invalid("live upgrade: expected the state".into()));
-        }
+        let (bytes, _) = expect(&peer, STATE, STEP_TIMEOUT)?;
         match State::decode(&bytes, "virtiofs") {
             Ok(offered) => Ok(Successor { peer, offered }),
             Err(e) => {
@@ -167,13 +187,15 @@ impl Successor {
         }
     }
 
+    /// Say no (the offered state could not be mounted): the old daemon carries on.
+    pub fn refuse(&self, why: &Error) {
+        refuse(&self.peer, why);
+    }
+
     /// Say yes; get the final state and its descriptors (the old daemon has stopped serving now).
     pub fn accept(self) -> Result<Handover> {
-        send(&self.peer, b'O', &[], &[])?;
-        let (tag, bytes, files) = recv(&self.peer)?;
-        if tag != b'S' {
-            return Err(Error::Invalid("live upgrade: expected the state".into()));
-        }
+        send(&self.peer, YES, &[], &[])?;
+        let (bytes, files) = expect(&self.peer, STATE, DRAIN_TIMEOUT + STEP_TIMEOUT)?;
         let state = State::decode(&bytes, "virtiofs").inspect_err(|e| refuse(&self.peer, e))?;
         Ok(Handover {
             peer: self.peer,
@@ -183,7 +205,8 @@ impl Successor {
     }
 }
 
-/// What the new process got; [`Handover::done`] tells the old daemon how it went.
+/// What the new process got: [`Handover::refuse`] (the old daemon serves again) or
+/// [`Handover::ready`] (and serve only if the old daemon commits).
 pub struct Handover {
     peer: UnixStream,
     pub state: State,
@@ -191,13 +214,15 @@ pub struct Handover {
 }
 
 impl Handover {
-    pub fn done(&self, result: &Result<()>) {
-        match result {
-            Ok(()) => {
-                let _ = send(&self.peer, b'O', &[], &[]);
-            }
-            Err(e) => refuse(&self.peer, e),
-        }
+    pub fn refuse(&self, why: &Error) {
+        refuse(&self.peer, why);
+    }
+
+    /// Say the device is set up, rings not started; Ok once the old daemon committed (it never
+    /// serves again), an error if it did not (then the rings are still the old daemon's).
+    pub fn ready(&self) -> Result<()> {
+        send(&self.peer, READY, &[], &[])?;
+        expect(&self.peer, COMMIT, STEP_TIMEOUT).map(drop)
     }
 
     pub fn peer_fd(&self) -> RawFd {
