@@ -18,6 +18,9 @@
 //! With `--dax-window` the device also offers a DAX window (SHMEM, GET_SHMEM_CONFIG) and answers
 //! SETUPMAPPING/REMOVEMAPPING through the backend request channel: see [`crate::dax`].
 
+/// Rings of the largest device: the hiprio ring and up to 64 request rings (`--thread-num`).
+pub const MAX_RINGS: usize = 1 + 64;
+
 pub mod queue;
 pub mod relay;
 pub mod upgrade;
@@ -570,7 +573,12 @@ impl Connection<'_> {
         })?;
         let (pseudo_dirs, mounts) = self.daemon.export()?;
         let (mut device, files) = journal
-            .export(vmm, self.listener.as_raw_fd(), self.sock)
+            .export(
+                vmm,
+                self.listener.as_raw_fd(),
+                self.sock,
+                1 + self.opts.request_queues.max(1),
+            )
             .map_err(|e| Error::io("export the device", e))?;
         device.request_queues = self.opts.request_queues as u32;
         device.dax_window = self.opts.dax_window_size;

@@ -260,6 +260,7 @@ impl Journal {
         connection: &UnixStream,
         listener: RawFd,
         socket_path: &std::path::Path,
+        rings: usize,
     ) -> io::Result<(Device, Vec<File>)> {
         let mut files: Vec<File> = vec![dup_raw(connection.as_raw_fd())?, dup_raw(listener)?];
         let mut add = |f: &File| -> io::Result<u32> {
@@ -280,7 +281,9 @@ impl Journal {
             }
         };
         let mut vrings = Vec::new();
-        for (i, r) in self.rings.iter().enumerate() {
+        // Only the device's rings (the backend refuses others): the descriptors stay within what one
+        // state may carry.
+        for (i, r) in self.rings.iter().enumerate().take(rings) {
             let opt = |f: &Option<File>, add: &mut dyn FnMut(&File) -> io::Result<u32>| {
                 f.as_ref().map(add).transpose()
             };
@@ -633,7 +636,9 @@ mod tests {
         assert_eq!(j.started_rings(), vec![1]);
         j.set_base(1, 77);
         let (conn, _peer) = UnixStream::pair().unwrap();
-        let (device, files) = j.export(&conn, conn.as_raw_fd(), Path::new("/s")).unwrap();
+        let (device, files) = j
+            .export(&conn, conn.as_raw_fd(), Path::new("/s"), 2)
+            .unwrap();
         assert!(device.event_idx);
         let state_files = files.len();
         let mut files: Vec<Option<File>> = files.into_iter().map(Some).collect();

@@ -52,8 +52,10 @@ pub const YES: u8 = b'O';
 pub const READY: u8 = b'R';
 pub const COMMIT: u8 = b'C';
 pub const REFUSE: u8 = b'E';
-/// Descriptors one state may carry: connection, listener, 8 memory regions, 3 per ring, backend.
-const MAX_FDS: usize = 2 + 8 + 3 * 66 + 1;
+/// Descriptors one state may carry: connection, listener, 8 memory regions, 3 per ring (the hiprio
+/// ring and up to 64 request rings: [`super::MAX_RINGS`]), backend channel. Below the kernel's 253 per
+/// message (SCM_MAX_FD).
+const MAX_STATE_FDS: usize = 2 + 8 + 3 * super::MAX_RINGS + 1;
 /// The answer that switches the API connection to the hand-over protocol.
 pub const SWITCH_HEAD: &str =
     "HTTP/1.1 101 Switching Protocols\r\nUpgrade: rafsd-upgrade\r\nConnection: Upgrade\r\n\r\n";
@@ -75,7 +77,7 @@ pub fn expect(peer: &UnixStream, tag: u8, timeout: Duration) -> Result<(Vec<u8>,
     peer.set_read_timeout(Some(timeout))
         .map_err(|e| io_err("socket timeout", e))?;
     let (data, files) =
-        recv_frame(peer, state::MAX_BYTES + 1, MAX_FDS).map_err(|e| io_err("receive", e))?;
+        recv_frame(peer, state::MAX_BYTES + 1, MAX_STATE_FDS).map_err(|e| io_err("receive", e))?;
     match data.split_first() {
         Some((&REFUSE, why)) => Err(Error::Invalid(format!(
             "the other daemon refused: {}",

@@ -8,8 +8,9 @@ use std::os::unix::net::UnixStream;
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-/// Descriptors accepted with one message (vhost-user's own limit; a memory table has at most 8).
-pub const MAX_FDS: usize = 32;
+/// Descriptors accepted with one vhost-user message (vhost-user's own limit; a memory table has at
+/// most 8).
+pub const MAX_MSG_FDS: usize = 32;
 
 /// Read exactly `buf.len()` bytes, keeping every descriptor that comes with them (at most `max_fds`;
 /// more is an error). `Ok(false)` when the peer hung up before the first byte.
@@ -21,7 +22,8 @@ pub fn read_exact_fds(
 ) -> io::Result<bool> {
     let mut got = 0;
     while got < buf.len() {
-        let mut fds = [-1 as RawFd; MAX_FDS];
+        // Room for one more than allowed: a message with more is refused, not cut short unnoticed.
+        let mut fds = vec![-1 as RawFd; max_fds.saturating_sub(files.len()) + 1];
         let rest = &mut buf[got..];
         let mut iov = [libc::iovec {
             iov_base: rest.as_mut_ptr().cast(),
@@ -36,6 +38,9 @@ pub fn read_exact_fds(
         for fd in &fds[..nfds] {
             // SAFETY: the kernel just gave us these descriptors; nothing else owns them.
             files.push(unsafe { File::from_raw_fd(*fd) });
+            // Not inherited by a process this one starts (recvmsg without MSG_CMSG_CLOEXEC).
+            // SAFETY: fcntl on a descriptor we own.
+            unsafe { libc::fcntl(*fd, libc::F_SETFD, libc::FD_CLOEXEC) };
         }
         if files.len() > max_fds {
             return Err(io::Error::new(
@@ -104,7 +109,7 @@ impl Msg {
     pub fn recv(sock: &UnixStream) -> io::Result<Option<Msg>> {
         let mut head = [0u8; 12];
         let mut files = Vec::new();
-        if !read_exact_fds(sock, &mut head, &mut files, MAX_FDS)? {
+        if !read_exact_fds(sock, &mut head, &mut files, MAX_MSG_FDS)? {
             return Ok(None);
         }
         let word = |i: usize| u32::from_le_bytes(head[i..i + 4].try_into().unwrap_or_default());
@@ -116,7 +121,7 @@ impl Msg {
             ));
         }
         let mut payload = vec![0u8; size];
-        if size > 0 && !read_exact_fds(sock, &mut payload, &mut files, MAX_FDS)? {
+        if size > 0 && !read_exact_fds(sock, &mut payload, &mut files, MAX_MSG_FDS)? {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
         Ok(Some(Msg {
@@ -170,6 +175,26 @@ pub fn recv_frame(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A hand-over state carries up to 3 descriptors per ring: more than a vhost-user message's 32 all
+    /// arrive, and more than allowed is an error, not a frame quietly missing some.
+    #[test]
+    fn frames_carry_as_many_descriptors_as_allowed() {
+        let f = tempfile::tempfile().unwrap();
+        let fds = vec![f.as_raw_fd(); 200];
+        let (a, b) = UnixStream::pair().unwrap();
+        send_frame(&a, b"S-state", &fds).unwrap();
+        let (data, files) = recv_frame(&b, 64, 206).unwrap();
+        assert_eq!(data, b"S-state");
+        assert_eq!(files.len(), 200);
+        for got in &files {
+            // SAFETY: plain fcntl query on a descriptor we own.
+            let flags = unsafe { libc::fcntl(got.as_raw_fd(), libc::F_GETFD) };
+            assert!(flags & libc::FD_CLOEXEC != 0, "close-on-exec");
+        }
+        send_frame(&a, b"S-state", &fds[..40]).unwrap();
+        assert!(recv_frame(&b, 64, 39).is_err(), "one descriptor too many");
+    }
 
     #[test]
     fn messages_and_frames_keep_their_descriptors() {
