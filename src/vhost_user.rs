@@ -26,7 +26,7 @@ pub mod relay;
 pub mod upgrade;
 pub mod wire;
 
-use std::io;
+use std::io::{self, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -347,12 +347,32 @@ impl Upgrades {
         }))
     }
 
-    /// Queue a new process's connection (already switched to the hand-over protocol).
-    pub fn request(&self, peer: UnixStream) {
-        self.waiting
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(peer);
+    /// A new process's API connection asking for the hand-over: answered here, on the API thread.
+    /// Only a process of this daemon's user (or root) gets `101` (others `403`), and only while no
+    /// other request waits (`409`): then the connection waits for the serving thread.
+    pub fn request(&self, mut peer: UnixStream) {
+        let no = |peer: &mut UnixStream, status: u16, code: &str, why: String| {
+            log::warn!("live upgrade refused: {why}");
+            let _ = crate::api::http::answer(
+                peer,
+                &crate::api::http::Response::error(status, code, why),
+            );
+        };
+        if let Err(e) = upgrade::check_peer(&peer) {
+            return no(&mut peer, 403, "Forbidden", e.to_string());
+        }
+        let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        if !waiting.is_empty() {
+            drop(waiting);
+            let why = "another live upgrade is waiting to be served".to_string();
+            return no(&mut peer, 409, "Conflict", why);
+        }
+        if (&peer).write_all(upgrade::SWITCH_HEAD.as_bytes()).is_err() {
+            return;
+        }
+        let _ = peer.set_write_timeout(None);
+        waiting.push(peer);
+        drop(waiting);
         if let Err(e) = self.wake.write(1) {
             log::error!("live upgrade: cannot wake the vhost-user thread: {e}");
         }

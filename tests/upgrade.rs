@@ -484,3 +484,78 @@ fn a_successor_without_the_commit_exits_and_the_old_daemon_serves() {
     drop(g);
     d.kill_and_check();
 }
+
+/// `PUT /api/v1/daemon/upgrade` on `api`: the connection and the answer's head.
+fn ask_upgrade(api: &Path) -> (UnixStream, String) {
+    let mut s = UnixStream::connect(api).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"PUT /api/v1/daemon/upgrade HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && s.read(&mut b).unwrap() == 1 {
+        head.push(b[0]);
+    }
+    (s, String::from_utf8_lossy(&head).into_owned())
+}
+
+/// Upgrade requests are answered on the API thread before anything is queued: a second one while
+/// another waits gets 409, a process of another user 403; the hand-overs refused, the daemon serves.
+/// (In-repo frontend, no QEMU.)
+#[test]
+#[ignore = "needs root: ci/test.sh"]
+fn upgrade_requests_are_bounded_and_checked_before_they_are_queued() {
+    use frontend::{Guest, Options, VirtiofsDaemon, ROOT};
+    use rafsd::vhost_user::wire::{recv_frame, send_frame};
+    let bin = kit::rafsd_bin();
+    let bin = bin.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = VirtiofsDaemon::start(bin, dir.path(), &[]);
+    let case = "v5-none-aligned";
+    let config = daemon::v1_config(
+        &manifest::case_blob_dir(case),
+        &dir.path().join("cache"),
+        false,
+        "",
+    );
+    d.mount_rafs("/img", &manifest::case_bootstrap(case), &config);
+    let mut g = Guest::connect(&d.sock, Options::default()).unwrap();
+    g.fuse_init().unwrap();
+    // The first is being handed over (the daemon waits for its yes), the second waits behind it.
+    let (first, head) = ask_upgrade(&d.apisock);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(recv_frame(&first, 64 << 20, 512).unwrap().0[0], b'S');
+    let (second, head) = ask_upgrade(&d.apisock);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let (_, head) = ask_upgrade(&d.apisock);
+    assert!(
+        head.starts_with("HTTP/1.1 409"),
+        "a third while one waits: {head}"
+    );
+    send_frame(&first, b"Ethe test says no", &[]).unwrap();
+    assert_eq!(recv_frame(&second, 64 << 20, 512).unwrap().0[0], b'S');
+    send_frame(&second, b"Ethe test says no", &[]).unwrap();
+    // Another user reaching the API socket is refused before the hand-over starts.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    std::fs::set_permissions(&d.apisock, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(bin)
+        .args(["virtiofs", "--upgrade-from"])
+        .arg(&d.apisock)
+        .arg("--apisock")
+        .arg(dir.path().join("api-nobody.sock"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("403") && err.contains("may take the device"),
+        "{}: {err}",
+        out.status
+    );
+    let img = g.lookup(ROOT, b"img").unwrap();
+    g.lookup(img.nodeid, b"special").unwrap();
+    drop(g);
+    d.kill_and_check();
+}

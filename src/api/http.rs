@@ -48,7 +48,8 @@ pub struct Response {
     pub switch: Option<Switch>,
 }
 
-/// Takes over a connection that left HTTP.
+/// Takes over a connection that may leave HTTP: it answers the request itself, with `101` (and then
+/// speaks its own protocol) or with an error ([`answer`]).
 pub type Switch = Box<dyn FnOnce(UnixStream) + Send>;
 
 impl Response {
@@ -66,7 +67,7 @@ impl Response {
             switch: None,
         }
     }
-    /// Answer `head` (a complete `101` head) and give the connection to `to`.
+    /// Give the connection to `to`, which answers (see [`Switch`]).
     pub fn switch(to: Switch) -> Self {
         Response {
             status: 101,
@@ -210,11 +211,8 @@ fn handle_connection(stream: UnixStream, handler: &(dyn Fn(&Request) -> Response
             Ok(Some((request, keep_alive))) => {
                 let mut response = handler(&request);
                 if let Some(to) = response.switch.take() {
-                    let head = crate::vhost_user::upgrade::SWITCH_HEAD;
-                    if writer.write_all(head.as_bytes()).is_ok() {
-                        let _ = writer.set_write_timeout(None);
-                        to(writer);
-                    }
+                    // It answers (101, or an error) and keeps the connection or closes it.
+                    to(writer);
                     return;
                 }
                 if write_response(&mut writer, &response, keep_alive).is_err() || !keep_alive {
@@ -432,6 +430,11 @@ fn percent_decode(s: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Answer a connection's last request with `r` (a [`Switch`] that says no).
+pub fn answer(w: &mut UnixStream, r: &Response) -> std::io::Result<()> {
+    write_response(w, r, false)
 }
 
 fn write_response(w: &mut UnixStream, r: &Response, keep_alive: bool) -> std::io::Result<()> {

@@ -96,10 +96,16 @@ pub fn refuse(peer: &UnixStream, why: &Error) {
     let _ = send(peer, REFUSE, why.to_string().as_bytes(), &[]);
 }
 
-/// Check who asks and set the step timeouts on a hand-over connection. The state carries the guest's
-/// memory and the VMM's connection: only a process of this daemon's user (or root) gets them, whoever
-/// else may reach the API socket.
+/// Check who asks and set the write timeout on a hand-over connection.
 pub fn prepare(peer: &UnixStream) -> Result<()> {
+    check_peer(peer)?;
+    peer.set_write_timeout(Some(STEP_TIMEOUT))
+        .map_err(|e| io_err("socket timeouts", e))
+}
+
+/// The state carries the guest's memory and the VMM's connection: only a process of this daemon's
+/// user (or root) gets them, whoever else may reach the API socket.
+pub fn check_peer(peer: &UnixStream) -> Result<()> {
     let mut cred = libc::ucred {
         pid: 0,
         uid: u32::MAX,
@@ -127,8 +133,7 @@ pub fn prepare(peer: &UnixStream) -> Result<()> {
             cred.uid, cred.pid
         )));
     }
-    peer.set_write_timeout(Some(STEP_TIMEOUT))
-        .map_err(|e| io_err("socket timeouts", e))
+    Ok(())
 }
 
 /// The new process's side, up to the dry run: connected to the running daemon, which offered a state
