@@ -655,13 +655,10 @@ impl Connection<'_> {
             upgrade::refuse(&peer, &e);
             return false;
         }
-        let rings = journal.started_rings();
-        let ready = relay::stop_rings(inner, &rings)
+        let (stopped, result) = relay::stop_rings(inner, journal, &journal.started_rings());
+        let ready = result
             .map_err(|e| Error::io("stop the rings", e))
-            .and_then(|bases| {
-                for (i, b) in bases {
-                    journal.set_base(i, b);
-                }
+            .and_then(|()| {
                 let (bytes, files) = self.export(journal, vmm, backend)?;
                 let fds: Vec<RawFd> = files.iter().map(AsRawFd::as_raw_fd).collect();
                 upgrade::send(&peer, upgrade::STATE, &bytes, &fds)?;
@@ -685,7 +682,7 @@ impl Connection<'_> {
                 // The new process did not say it is ready: it has not started the rings.
                 log::error!("live upgrade failed after the rings stopped ({e}); serving again");
                 upgrade::refuse(&peer, &e);
-                if let Err(e) = relay::restart_rings(inner, journal, &rings) {
+                if let Err(e) = relay::restart_rings(inner, journal, &stopped) {
                     log::error!("live upgrade: cannot restart the rings: {e}");
                 }
                 backend.requests.resume(|| journal.kick_all());

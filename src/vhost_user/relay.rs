@@ -534,21 +534,34 @@ pub fn run(
     }
 }
 
-/// Stop the started rings through the backend connection (GET_VRING_BASE) and return where each
-/// stopped: `(ring, next avail index)`.
-pub fn stop_rings(backend: &UnixStream, rings: &[u32]) -> io::Result<Vec<(u32, u32)>> {
-    let mut bases = Vec::new();
+/// Stop `rings` through the backend connection (GET_VRING_BASE), noting in the journal where each
+/// stopped as its reply arrives. Returns the rings stopped, and the error that ended the stop early
+/// if one did: only those rings may be restarted at their noted base (one not stopped still runs,
+/// past the base the journal had).
+pub fn stop_rings(
+    backend: &UnixStream,
+    journal: &mut Journal,
+    rings: &[u32],
+) -> (Vec<u32>, io::Result<()>) {
+    let mut stopped = Vec::new();
     for &i in rings {
-        let p = [i.to_le_bytes(), 0u32.to_le_bytes()].concat();
-        Msg::new(GET_VRING_BASE, p, Vec::new()).send(backend)?;
-        let r = Msg::recv(backend)?.ok_or_else(|| {
-            io::Error::other("the backend ended the connection at GET_VRING_BASE")
-        })?;
-        let base =
-            le_u32(&r.payload, 4).ok_or_else(|| io::Error::other("short GET_VRING_BASE reply"))?;
-        bases.push((i, base));
+        let base = (|| {
+            let p = [i.to_le_bytes(), 0u32.to_le_bytes()].concat();
+            Msg::new(GET_VRING_BASE, p, Vec::new()).send(backend)?;
+            let r = Msg::recv(backend)?.ok_or_else(|| {
+                io::Error::other("the backend ended the connection at GET_VRING_BASE")
+            })?;
+            le_u32(&r.payload, 4).ok_or_else(|| io::Error::other("short GET_VRING_BASE reply"))
+        })();
+        match base {
+            Ok(b) => {
+                journal.set_base(i, b);
+                stopped.push(i);
+            }
+            Err(e) => return (stopped, Err(e)),
+        }
     }
-    Ok(bases)
+    (stopped, Ok(()))
 }
 
 /// Start rings stopped by [`stop_rings`] again at the same place (a hand-over that failed after the
@@ -700,6 +713,34 @@ mod tests {
         let mut j = back;
         j.record_reply(&msg(GET_VRING_BASE, state(1, 80), vec![]));
         assert!(j.started_rings().is_empty());
+    }
+
+    /// A ring stop that fails part way: the rings stopped before the failure have their bases noted
+    /// and are the only ones to restart; the ring that did not answer is not among them.
+    #[test]
+    fn a_partly_failed_stop_notes_the_bases_it_got() {
+        let mut j = Journal::default();
+        for i in 0..3u32 {
+            j.record(&msg(SET_VRING_BASE, state(i, 5), vec![])).unwrap();
+        }
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let backend = std::thread::spawn(move || {
+            for base in [40u32, 70] {
+                let m = Msg::recv(&theirs).unwrap().unwrap();
+                let i = le_u32(&m.payload, 0).unwrap();
+                Msg::new(GET_VRING_BASE, state(i, base), vec![])
+                    .send(&theirs)
+                    .unwrap();
+            }
+            // The third stop: the backend hangs up.
+            Msg::recv(&theirs).unwrap();
+        });
+        let (stopped, result) = stop_rings(&ours, &mut j, &[0, 1, 2]);
+        backend.join().unwrap();
+        assert!(result.is_err());
+        assert_eq!(stopped, [0, 1]);
+        let bases: Vec<_> = j.rings.iter().map(|r| r.base).collect();
+        assert_eq!(bases, [Some(40), Some(70), Some(5)]);
     }
 
     #[test]
