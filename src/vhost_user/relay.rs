@@ -146,9 +146,12 @@ impl Journal {
         let first = m.files.first();
         match m.request {
             SET_OWNER => self.owner = true,
+            // vhost-user-backend keeps what it offered and the acked protocol features (so whether
+            // requests get an ack) across a reset; so does the journal.
             RESET_OWNER | RESET_DEVICE => {
                 *self = Journal {
                     offered: self.offered,
+                    protocol_features: self.protocol_features,
                     ..Journal::default()
                 }
             }
@@ -521,8 +524,9 @@ pub fn run(
         let Some(m) = Msg::recv(vmm)? else {
             return Ok(End::Disconnected);
         };
-        let reply = has_reply(m.request, m.flags, journal.reply_ack());
+        // After the journal took the request: a SET_PROTOCOL_FEATURES changes whether it is acked.
         journal.record(&m)?;
+        let reply = has_reply(m.request, m.flags, journal.reply_ack());
         m.send(backend)?;
         if reply {
             let Some(r) = Msg::recv(backend)? else {
@@ -713,6 +717,29 @@ mod tests {
         let mut j = back;
         j.record_reply(&msg(GET_VRING_BASE, state(1, 80), vec![]));
         assert!(j.started_rings().is_empty());
+    }
+
+    /// After RESET_OWNER the backend still acks requests that ask for it (vhost-user-backend keeps
+    /// the acked protocol features): the relay must keep waiting for those replies.
+    #[test]
+    fn a_reset_keeps_the_acks() {
+        let mut j = Journal::default();
+        j.record_reply(&msg(
+            GET_FEATURES,
+            F_PROTOCOL_FEATURES.to_le_bytes().to_vec(),
+            vec![],
+        ));
+        j.record(&msg(
+            SET_PROTOCOL_FEATURES,
+            PROTOCOL_F_REPLY_ACK.to_le_bytes().to_vec(),
+            vec![],
+        ))
+        .unwrap();
+        assert!(j.reply_ack());
+        j.record(&msg(RESET_OWNER, vec![], vec![])).unwrap();
+        assert!(j.reply_ack(), "RESET_OWNER");
+        j.record(&msg(RESET_DEVICE, vec![], vec![])).unwrap();
+        assert!(j.reply_ack(), "RESET_DEVICE");
     }
 
     /// A ring stop that fails part way: the rings stopped before the failure have their bases noted
