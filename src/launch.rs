@@ -585,6 +585,12 @@ pub fn virtiofs(args: VirtiofsArgs, log_dir: Option<&Path>) -> Result<()> {
     let mut server =
         VhostUserServer::start(daemon.clone(), listener, &sock, device, restore, true)?;
     let result = serve_until_stopped(&mut server, &daemon, &signals);
+    // Stopped by a signal or `PUT /daemon/exit` in the middle of a hand-over: once committed, the
+    // socket files are the successor's.
+    let result = match result {
+        Ok(false) if server.handed_over() => Ok(true),
+        r => r,
+    };
     // The vhost-user thread may sit in accept(); the process exits without waiting for it.
     server.stop();
     if let Ok(true) = result {
@@ -765,6 +771,7 @@ fn remove_files(paths: &[&PathBuf]) {
 pub(crate) struct VhostUserServer {
     thread: Option<std::thread::JoinHandle<Result<bool>>>,
     stop: Arc<AtomicBool>,
+    upgrades: Arc<crate::vhost_user::Upgrades>,
 }
 
 impl VhostUserServer {
@@ -782,6 +789,7 @@ impl VhostUserServer {
         let (sock, stop2) = (sock.to_path_buf(), stop.clone());
         let upgrades =
             crate::vhost_user::Upgrades::new().map_err(|e| Error::io("live upgrade event", e))?;
+        let upgrades_kept = upgrades.clone();
         if upgradable {
             let requests = upgrades.clone();
             daemon.set_upgrade_hook(Arc::new(move |peer| requests.request(peer)));
@@ -795,6 +803,7 @@ impl VhostUserServer {
         Ok(VhostUserServer {
             thread: Some(thread),
             stop,
+            upgrades: upgrades_kept,
         })
     }
 
@@ -817,6 +826,12 @@ impl VhostUserServer {
     /// Ask the server to stop after the current VMM connection; returns its thread, if still running.
     pub(crate) fn stop(self) -> Option<std::thread::JoinHandle<Result<bool>>> {
         self.stop.store(true, Ordering::SeqCst);
+        self.upgrades.stopping();
         self.thread
+    }
+
+    /// Stop any live upgrade from committing now; true if one did already.
+    pub(crate) fn handed_over(&self) -> bool {
+        self.upgrades.stopping()
     }
 }

@@ -337,6 +337,9 @@ impl Default for DeviceOptions {
 pub struct Upgrades {
     waiting: Mutex<Vec<UnixStream>>,
     wake: EventFd,
+    /// (the daemon is stopping, a hand-over was committed): never both, so a daemon stopping on a
+    /// signal knows whether the socket files are still its own.
+    decided: Mutex<(bool, bool)>,
 }
 
 impl Upgrades {
@@ -344,7 +347,23 @@ impl Upgrades {
         Ok(Arc::new(Upgrades {
             waiting: Mutex::new(Vec::new()),
             wake: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
+            decided: Mutex::new((false, false)),
         }))
+    }
+
+    /// The hand-over is about to be committed: true unless the daemon is stopping (then it is not).
+    fn commit(&self) -> bool {
+        let mut d = self.decided.lock().unwrap_or_else(|e| e.into_inner());
+        d.1 = !d.0;
+        d.1
+    }
+
+    /// The daemon stops (a signal, `PUT /daemon/exit`): no hand-over commits from now on. True if
+    /// one did already (the device and its socket files are the successor's).
+    pub fn stopping(&self) -> bool {
+        let mut d = self.decided.lock().unwrap_or_else(|e| e.into_inner());
+        d.0 = true;
+        d.1
     }
 
     /// A new process's API connection asking for the hand-over: answered here, on the API thread.
@@ -552,7 +571,7 @@ impl Connection<'_> {
                 upgrades
                     .take()
                     .into_iter()
-                    .any(|peer| self.hand_over(peer, journal, &vmm, &inner, &backend))
+                    .any(|peer| self.hand_over(peer, journal, &vmm, &inner, &backend, upgrades))
             },
         );
         backend.close();
@@ -631,6 +650,7 @@ impl Connection<'_> {
         vmm: &UnixStream,
         inner: &UnixStream,
         backend: &VirtioFsBackend,
+        upgrades: &Upgrades,
     ) -> bool {
         log::info!("live upgrade: a new daemon asks for the device");
         // The new process mounts the filesystems before it says yes; this daemon serves meanwhile.
@@ -662,7 +682,11 @@ impl Connection<'_> {
                 let (bytes, files) = self.export(journal, vmm, backend)?;
                 let fds: Vec<RawFd> = files.iter().map(AsRawFd::as_raw_fd).collect();
                 upgrade::send(&peer, upgrade::STATE, &bytes, &fds)?;
-                upgrade::expect(&peer, upgrade::READY, upgrade::STEP_TIMEOUT)
+                upgrade::expect(&peer, upgrade::READY, upgrade::STEP_TIMEOUT)?;
+                if !upgrades.commit() {
+                    return Err(Error::Invalid("the running daemon is stopping".into()));
+                }
+                Ok(())
             });
         match ready {
             Ok(_) => {
@@ -742,5 +766,23 @@ impl Connection<'_> {
             .start(inner)
             .map_err(|e| Error::io("start the rings", e))?;
         Ok((vmm, journal))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A daemon stopping on a signal and a hand-over committing decide once: stopping first, the
+    /// hand-over does not commit; committed first, the stopping daemon learns the sockets are no longer
+    /// its own.
+    #[test]
+    fn stopping_and_committing_exclude_each_other() {
+        let u = Upgrades::new().unwrap();
+        assert!(!u.stopping(), "nothing committed");
+        assert!(!u.commit(), "a stopping daemon does not commit");
+        let u = Upgrades::new().unwrap();
+        assert!(u.commit());
+        assert!(u.stopping(), "committed before the stop");
     }
 }
