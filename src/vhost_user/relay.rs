@@ -6,7 +6,8 @@
 //! the VMM to the library and the library's reply back, and keeps a [`Journal`] of what the messages
 //! set up (features, memory table, vrings, backend request channel) with its own copies of their
 //! descriptors. A successor process (or this one after a failed hand-over) gets the VMM's socket and
-//! the journal, and [`Journal::replay`]s it into a fresh library instance: the VMM sees nothing.
+//! the journal, and replays it into a fresh library instance ([`Journal::replay_stopped`], then
+//! [`Journal::start`]): the VMM sees nothing.
 //!
 //! Messages are rare control messages (set-up, reset, stop); requests and replies of the guest go
 //! through shared memory and eventfds, which the relay never touches, so it costs nothing per I/O.
