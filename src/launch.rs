@@ -149,7 +149,7 @@ pub struct VirtiofsArgs {
     #[arg(long, short = 'm', default_value = "/")]
     pub virtual_mountpoint: String,
     /// Request queues offered to the VMM (its num-request-queues must not be larger).
-    #[arg(long, default_value_t = crate::vhost_user::DEFAULT_REQUEST_QUEUES as u32, value_parser = clap::value_parser!(u32).range(1..=64))]
+    #[arg(long, default_value_t = crate::vhost_user::DEFAULT_REQUEST_QUEUES as u32, value_parser = clap::value_parser!(u32).range(1..=crate::vhost_user::MAX_REQUEST_QUEUES as i64))]
     pub thread_num: u32,
     /// File with absolute paths of --bootstrap to prefetch, one per line ("/" = everything).
     #[arg(long)]
@@ -572,7 +572,9 @@ pub fn virtiofs(args: VirtiofsArgs, log_dir: Option<&Path>) -> Result<()> {
         .as_ref()
         .and_then(|r| r.handover.state.device.as_ref())
     {
-        if !(1..=64).contains(&d.request_queues) || !d.dax_window.is_multiple_of(2 << 20) {
+        if !(1..=crate::vhost_user::MAX_REQUEST_QUEUES as u32).contains(&d.request_queues)
+            || !d.dax_window.is_multiple_of(2 << 20)
+        {
             return Err(Error::Invalid(format!(
                 "the predecessor's device has {} request queues and a DAX window of {} bytes",
                 d.request_queues, d.dax_window

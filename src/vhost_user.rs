@@ -18,8 +18,11 @@
 //! With `--dax-window` the device also offers a DAX window (SHMEM, GET_SHMEM_CONFIG) and answers
 //! SETUPMAPPING/REMOVEMAPPING through the backend request channel: see [`crate::dax`].
 
-/// Rings of the largest device: the hiprio ring and up to 64 request rings (`--thread-num`).
-pub const MAX_RINGS: usize = 1 + 64;
+/// Request rings of the largest device (`--thread-num`). vhost-user-backend gives each of its threads
+/// the rings it serves as a `u64` bit mask, and the hiprio ring takes bit 0: 63 request rings fill it.
+pub const MAX_REQUEST_QUEUES: usize = 63;
+/// Rings of the largest device: the hiprio ring and the request rings.
+pub const MAX_RINGS: usize = 1 + MAX_REQUEST_QUEUES;
 
 pub mod queue;
 pub mod relay;
@@ -116,6 +119,12 @@ impl VirtioFsBackend {
         pool_size: usize,
         dax_window_size: u64,
     ) -> io::Result<Self> {
+        if request_queues > MAX_REQUEST_QUEUES {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{request_queues} request queues: at most {MAX_REQUEST_QUEUES}"),
+            ));
+        }
         let queues = 1 + request_queues.max(1);
         let exits = (0..queues)
             .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK))
@@ -772,6 +781,21 @@ impl Connection<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The library's ring masks are 64 bits with the hiprio ring in bit 0: a 64th request ring would
+    /// shift past the mask.
+    #[test]
+    fn the_largest_device_fits_the_ring_masks() {
+        let vfs = Arc::new(Vfs::new(fuse_backend_rs::api::VfsOptions::default()));
+        let largest = VirtioFsBackend::new(vfs.clone(), MAX_REQUEST_QUEUES, 1, 0).unwrap();
+        let masks = largest.queues_per_thread();
+        assert_eq!(masks.len(), MAX_RINGS);
+        assert_eq!(masks.last(), Some(&(1u64 << 63)));
+        let err = VirtioFsBackend::new(vfs, MAX_REQUEST_QUEUES + 1, 1, 0)
+            .err()
+            .unwrap();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+    }
 
     /// A daemon stopping on a signal and a hand-over committing decide once: stopping first, the
     /// hand-over does not commit; committed first, the stopping daemon learns the sockets are no longer
