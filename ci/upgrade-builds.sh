@@ -14,10 +14,17 @@ cd "$(dirname "$0")/.."
 root=$PWD
 out=target/upgrade-builds
 mkdir -p "$out"
+sources() { # the checkout's files, NUL-separated: tracked ones in a git checkout, else all but target/
+    if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+        git ls-files -z
+    else
+        find . \( -path ./target -o -path ./.git \) -prune -o -type f -print0 | sed -z 's|^\./||'
+    fi
+}
 build() { # NAME FILE SED-EXPRESSION: copy the sources, change FILE, build, keep the binary as $out/NAME
     local name=$1 file=$2 expr=$3 src
     src=$(mktemp -d /tmp/rafsd-upgrade-src.XXXXXX)
-    git ls-files -z | grep -zv '^tests/fixtures/' | tar --null -T - -c | tar -x -C "$src"
+    sources | grep -zv '^tests/fixtures/' | tar --null -T - -c | tar -x -C "$src"
     cp "$src/$file" "$src/$file.orig"
     sed -i "$expr" "$src/$file"
     if cmp -s "$src/$file" "$src/$file.orig"; then
