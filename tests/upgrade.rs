@@ -336,6 +336,23 @@ fn a_refused_upgrade_leaves_the_old_daemon_serving() {
     assert!(n > 0 && nbad == 0, "reads {n}, bad {nbad}{}", vm.logs());
 }
 
+/// A daemon (`bin`, files under `dir`) serving fixture v5-none-aligned at /img to an in-repo guest that
+/// has sent FUSE_INIT.
+fn daemon_serving_a_guest(bin: &str, dir: &Path) -> (frontend::VirtiofsDaemon, frontend::Guest) {
+    let d = frontend::VirtiofsDaemon::start(bin, dir, &[]);
+    let case = "v5-none-aligned";
+    let config = daemon::v1_config(
+        &manifest::case_blob_dir(case),
+        &dir.join("cache"),
+        false,
+        "",
+    );
+    d.mount_rafs("/img", &manifest::case_bootstrap(case), &config);
+    let mut g = frontend::Guest::connect(&d.sock, frontend::Options::default()).unwrap();
+    g.fuse_init().unwrap();
+    (d, g)
+}
+
 /// A successor that fails after its sandbox is up (here its sandbox hides the image it must mount)
 /// leaves the running daemon's socket files alone: the vhost-user socket (the VMM's next connection)
 /// and the admin API socket, although the successor was started with the same `--apisock`. The old
@@ -343,21 +360,11 @@ fn a_refused_upgrade_leaves_the_old_daemon_serving() {
 #[test]
 #[ignore = "needs root: ci/test.sh"]
 fn a_failed_successor_leaves_the_running_daemons_sockets() {
-    use frontend::{Guest, Options, VirtiofsDaemon, ROOT};
+    use frontend::{Guest, Options, ROOT};
     let bin = kit::rafsd_bin();
     let bin = bin.to_str().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let d = VirtiofsDaemon::start(bin, dir.path(), &[]);
-    let case = "v5-none-aligned";
-    let config = daemon::v1_config(
-        &manifest::case_blob_dir(case),
-        &dir.path().join("cache"),
-        false,
-        "",
-    );
-    d.mount_rafs("/img", &manifest::case_bootstrap(case), &config);
-    let mut g = Guest::connect(&d.sock, Options::default()).unwrap();
-    g.fuse_init().unwrap();
+    let (d, mut g) = daemon_serving_a_guest(bin, dir.path());
     let img = g.lookup(ROOT, b"img").unwrap();
     let elsewhere = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(bin)
@@ -405,23 +412,13 @@ fn forward_head(from: &mut UnixStream, to: &mut UnixStream) {
 #[test]
 #[ignore = "needs root: ci/test.sh"]
 fn a_successor_without_the_commit_exits_and_the_old_daemon_serves() {
-    use frontend::{Guest, Options, VirtiofsDaemon, ROOT};
+    use frontend::ROOT;
     use rafsd::vhost_user::wire::{recv_frame, send_frame};
     use std::os::fd::AsRawFd;
     let bin = kit::rafsd_bin();
     let bin = bin.to_str().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut d = VirtiofsDaemon::start(bin, dir.path(), &[]);
-    let case = "v5-none-aligned";
-    let config = daemon::v1_config(
-        &manifest::case_blob_dir(case),
-        &dir.path().join("cache"),
-        false,
-        "",
-    );
-    d.mount_rafs("/img", &manifest::case_bootstrap(case), &config);
-    let mut g = Guest::connect(&d.sock, Options::default()).unwrap();
-    g.fuse_init().unwrap();
+    let (mut d, mut g) = daemon_serving_a_guest(bin, dir.path());
     let img = g.lookup(ROOT, b"img").unwrap();
     let proxy_path = dir.path().join("proxy.sock");
     let proxy = std::os::unix::net::UnixListener::bind(&proxy_path).unwrap();
@@ -505,22 +502,12 @@ fn ask_upgrade(api: &Path) -> (UnixStream, String) {
 #[test]
 #[ignore = "needs root: ci/test.sh"]
 fn upgrade_requests_are_bounded_and_checked_before_they_are_queued() {
-    use frontend::{Guest, Options, VirtiofsDaemon, ROOT};
+    use frontend::ROOT;
     use rafsd::vhost_user::wire::{recv_frame, send_frame};
     let bin = kit::rafsd_bin();
     let bin = bin.to_str().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let d = VirtiofsDaemon::start(bin, dir.path(), &[]);
-    let case = "v5-none-aligned";
-    let config = daemon::v1_config(
-        &manifest::case_blob_dir(case),
-        &dir.path().join("cache"),
-        false,
-        "",
-    );
-    d.mount_rafs("/img", &manifest::case_bootstrap(case), &config);
-    let mut g = Guest::connect(&d.sock, Options::default()).unwrap();
-    g.fuse_init().unwrap();
+    let (d, mut g) = daemon_serving_a_guest(bin, dir.path());
     // The first is being handed over (the daemon waits for its yes), the second waits behind it.
     let (first, head) = ask_upgrade(&d.apisock);
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
