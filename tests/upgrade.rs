@@ -14,6 +14,7 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kit::{daemon, frontend, guestvm, manifest};
@@ -76,16 +77,34 @@ fn boot_reading_guest(vm: &Vm, dir: &Path, loop_secs: u32, rafsd: &mut Guard) ->
     qemu
 }
 
+/// `cmd` (a rafsd binary, or `setpriv` before one) with the arguments of a successor taking the device
+/// from the daemon whose API socket is `api`, with its own API socket `new_api`.
+fn successor<'a>(cmd: &'a mut Command, api: &Path, new_api: &Path) -> &'a mut Command {
+    cmd.args(["virtiofs", "--upgrade-from"])
+        .arg(api)
+        .arg("--apisock")
+        .arg(new_api)
+}
+
+/// The successor `cmd` runs, fails and says every one of `says` on stderr, which is returned.
+fn refused(cmd: &mut Command, says: &[&str]) -> String {
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success() && says.iter().all(|s| err.contains(s)),
+        "{}: {err}",
+        out.status
+    );
+    err
+}
+
 /// Start `bin` as the successor of the daemon serving `vm` and wait until it serves and the
 /// predecessor has exited.
 fn upgrade(vm: &Vm, bin: &Path, round: usize, old: &mut Guard) -> Guard {
     let log = vm.dir.join(format!("rafsd-{round}.log"));
-    let mut cmd = std::process::Command::new(bin);
-    die_with_parent(&mut cmd, libc::SIGKILL)
-        .args(["virtiofs", "--log-level", "info", "--upgrade-from"])
-        .arg(&vm.api)
-        .arg("--apisock")
-        .arg(&vm.api)
+    let mut cmd = Command::new(bin);
+    successor(die_with_parent(&mut cmd, libc::SIGKILL), &vm.api, &vm.api)
+        .args(["--log-level", "info"])
         .args(daemon::sandbox_allow_args(&vm.dir));
     let child = daemon::spawn_ready(&mut cmd, &log, Duration::from_secs(60), || {
         old.exited().is_some() && guestvm::api_says_running(&vm.api)
@@ -250,20 +269,9 @@ fn a_refused_upgrade_leaves_the_old_daemon_serving() {
     let mut qemu = boot_reading_guest(&vm, dir, 30, &mut rafsd);
     std::thread::sleep(Duration::from_secs(2));
     // A real build one state version ahead cannot read this daemon's state: it says so and exits.
-    let out = std::process::Command::new(second_build("rafsd-next-state"))
-        .args(["virtiofs", "--upgrade-from"])
-        .arg(&vm.api)
-        .arg("--apisock")
-        .arg(dir.join("api-next.sock"))
-        .args(daemon::sandbox_allow_args(dir))
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("reads version 3 only"),
-        "{}: {err}",
-        out.status
-    );
+    let mut next = Command::new(second_build("rafsd-next-state"));
+    successor(&mut next, &vm.api, &dir.join("api-next.sock")).args(daemon::sandbox_allow_args(dir));
+    refused(&mut next, &["reads version 3 only"]);
     let before = reads(&vm.serial_text()).len();
     std::thread::sleep(Duration::from_secs(2));
     assert!(reads(&vm.serial_text()).len() > before, "{}", vm.logs());
@@ -287,41 +295,21 @@ fn a_refused_upgrade_leaves_the_old_daemon_serving() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).unwrap();
     std::fs::set_permissions(&vm.api, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let out = std::process::Command::new("setpriv")
+    let mut nobody = Command::new("setpriv");
+    nobody
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(kit::rafsd_bin())
-        .args(["virtiofs", "--upgrade-from"])
-        .arg(&vm.api)
-        .arg("--apisock")
-        .arg(dir.join("api-nobody.sock"))
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("may take the device"),
-        "{}: {err}",
-        out.status
-    );
+        .arg(kit::rafsd_bin());
+    successor(&mut nobody, &vm.api, &dir.join("api-nobody.sock"));
+    refused(&mut nobody, &["may take the device"]);
     assert!(rafsd.exited().is_none(), "the old daemon must carry on");
     // A passthrough share's inodes and open files cannot be handed over yet: the running daemon
     // refuses, the new process says why and exits, the old one carries on.
     let share = dir.join("share");
     std::fs::create_dir(&share).unwrap();
     vm.share("/share", &share);
-    let out = daemon::rafsd()
-        .args(["virtiofs", "--upgrade-from"])
-        .arg(&vm.api)
-        .arg("--apisock")
-        .arg(dir.join("api2.sock"))
-        .args(daemon::sandbox_allow_args(dir))
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("passthrough share"),
-        "{}: {err}",
-        out.status
-    );
+    let mut next = daemon::rafsd();
+    successor(&mut next, &vm.api, &dir.join("api2.sock")).args(daemon::sandbox_allow_args(dir));
+    refused(&mut next, &["passthrough share"]);
     let before = reads(&vm.serial_text()).len();
     std::thread::sleep(Duration::from_secs(2));
     assert!(reads(&vm.serial_text()).len() > before, "{}", vm.logs());
@@ -367,17 +355,11 @@ fn a_failed_successor_leaves_the_running_daemons_sockets() {
     let (d, mut g) = daemon_serving_a_guest(bin, dir.path());
     let img = g.lookup(ROOT, b"img").unwrap();
     let elsewhere = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(bin)
-        .args(["virtiofs", "--upgrade-from"])
-        .arg(&d.apisock)
-        .arg("--apisock")
-        .arg(&d.apisock)
+    let mut next = Command::new(bin);
+    successor(&mut next, &d.apisock, &d.apisock)
         .arg("--allow-path-rw")
-        .arg(elsewhere.path())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "the successor cannot mount: {err}");
+        .arg(elsewhere.path());
+    let err = refused(&mut next, &[]);
     assert!(
         d.sock.exists() && d.apisock.exists(),
         "the failed successor removed the running daemon's sockets: {err}"
@@ -443,15 +425,15 @@ fn a_successor_without_the_commit_exits_and_the_old_daemon_serves() {
         drop(new);
         word[0]
     });
-    let mut next = std::process::Command::new(bin)
-        .args(["virtiofs", "--upgrade-from"])
-        .arg(&proxy_path)
-        .arg("--apisock")
-        .arg(dir.path().join("api-next.sock"))
-        .args(daemon::sandbox_allow_args(dir.path()))
-        .stderr(std::fs::File::create(dir.path().join("next.log")).unwrap())
-        .spawn()
-        .unwrap();
+    let mut next = successor(
+        &mut Command::new(bin),
+        &proxy_path,
+        &dir.path().join("api-next.sock"),
+    )
+    .args(daemon::sandbox_allow_args(dir.path()))
+    .stderr(std::fs::File::create(dir.path().join("next.log")).unwrap())
+    .spawn()
+    .unwrap();
     let word = proxy.join().unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
@@ -526,21 +508,12 @@ fn upgrade_requests_are_bounded_and_checked_before_they_are_queued() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
     std::fs::set_permissions(&d.apisock, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let out = std::process::Command::new("setpriv")
+    let mut nobody = Command::new("setpriv");
+    nobody
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(bin)
-        .args(["virtiofs", "--upgrade-from"])
-        .arg(&d.apisock)
-        .arg("--apisock")
-        .arg(dir.path().join("api-nobody.sock"))
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("403") && err.contains("may take the device"),
-        "{}: {err}",
-        out.status
-    );
+        .arg(bin);
+    successor(&mut nobody, &d.apisock, &dir.path().join("api-nobody.sock"));
+    refused(&mut nobody, &["403", "may take the device"]);
     let img = g.lookup(ROOT, b"img").unwrap();
     g.lookup(img.nodeid, b"special").unwrap();
     drop(g);
