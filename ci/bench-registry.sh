@@ -2,9 +2,11 @@
 # Registry backend benchmark: a cold sequential read of one large file through `rafsd fuse` with the
 # `registry` backend, against `curl` fetching the same blob from the same registry, in the same run.
 # Both go to a local Debian `docker-registry` over loopback. Prints MB/s of each and their ratio.
-#   [AMPLIFY_IO=BYTES] ci/bench-registry.sh [SIZE_MIB] [ROUNDS]   (default 256 MiB, 3 rounds, amplify_io 1 MiB)
-# Each round drops the page cache and starts rafsd with an empty blob cache; curl and rafsd alternate, and
-# the medians are compared, since a shared machine makes single runs noisy.
+#   [AMPLIFY_IO=BYTES] [RAFSD_BENCH_BASE=BIN] ci/bench-registry.sh [SIZE_MIB] [ROUNDS]
+# (default 256 MiB, 3 rounds, amplify_io 1 MiB; RAFSD_BENCH_BASE adds another rafsd binary, e.g. a release
+# build of main, measured in the same rounds.) Each round drops the page cache and starts rafsd with an
+# empty blob cache; curl and rafsd alternate, and the medians are compared, since a shared machine makes
+# single runs noisy. Each rafsd read also prints the ranged requests it made (the registry's access log).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . ci/lib/registry.sh
@@ -57,29 +59,48 @@ cat >"$work/config.json" <<JSON
  "mode":"direct","amplify_io":${AMPLIFY_IO:-1048576}}
 JSON
 median() { sort -g | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
-curl_runs=()
-rafsd_runs=()
-for round in $(seq "$rounds"); do
-    drop
-    t0=$(now); curl -s -o /dev/null "$url"; t1=$(now)
-    curl_runs+=("$(mbps "$blob_bytes" "$t0" "$t1")")
-
+cold_read() { # BIN: "MB/s requests" of one cold read of the file (requests: the daemon's backend reads)
     rm -rf "$work/cache"
-    "$bin" fuse --config "$work/config.json" --bootstrap "$work/bootstrap" --mountpoint "$work/mnt" \
-        --thread-num 4 -l error &
+    "$1" fuse --config "$work/config.json" --bootstrap "$work/bootstrap" --mountpoint "$work/mnt" \
+        --thread-num 4 --apisock "$work/api.sock" -l error &
     pid=$!
     for _ in $(seq 200); do mountpoint -q "$work/mnt" && break; sleep 0.05; done
     mountpoint -q "$work/mnt" || { echo "rafsd did not mount" >&2; exit 1; }
     drop
     file_bytes=$(stat -c %s "$work/mnt/big")
     t0=$(now); cat "$work/mnt/big" >/dev/null; t1=$(now)
-    rafsd_runs+=("$(mbps "$file_bytes" "$t0" "$t1")")
+    gets=$(curl -s --unix-socket "$work/api.sock" http://d/api/v1/metrics/backend |
+        python3 -c 'import json, sys; print(json.load(sys.stdin)["read_count"])')
     [ "$round" = 1 ] && { cmp -s "$work/mnt/big" "$work/src/big" || { echo "content mismatch" >&2; exit 1; }; }
     kill "$pid"; wait "$pid" || true; pid=
-    echo "round $round: curl ${curl_runs[-1]} MB/s, rafsd ${rafsd_runs[-1]} MB/s"
+    echo "$(mbps "$file_bytes" "$t0" "$t1") $gets"
+}
+curl_runs=()
+rafsd_runs=()
+base_runs=()
+for round in $(seq "$rounds"); do
+    drop
+    t0=$(now); curl -s -o /dev/null "$url"; t1=$(now)
+    curl_runs+=("$(mbps "$blob_bytes" "$t0" "$t1")")
+    cold_read "$bin" >"$work/run"
+    read -r speed gets <"$work/run"
+    rafsd_runs+=("$speed")
+    line="round $round: curl ${curl_runs[-1]} MB/s, rafsd $speed MB/s ($gets ranged requests)"
+    if [ -n "${RAFSD_BENCH_BASE:-}" ]; then
+        cold_read "$RAFSD_BENCH_BASE" >"$work/run"
+        read -r speed gets <"$work/run"
+        base_runs+=("$speed")
+        line+=", base $speed MB/s ($gets)"
+    fi
+    echo "$line"
 done
 curl_mbps=$(printf '%s\n' "${curl_runs[@]}" | median)
 rafsd_mbps=$(printf '%s\n' "${rafsd_runs[@]}" | median)
 echo "curl, whole blob (median):          $curl_mbps MB/s"
 echo "rafsd registry, cold read (median): $rafsd_mbps MB/s"
 awk -v a="$rafsd_mbps" -v b="$curl_mbps" 'BEGIN {printf "ratio rafsd/curl:                   %.2f\n", a / b}'
+if [ -n "${RAFSD_BENCH_BASE:-}" ]; then
+    base_mbps=$(printf '%s\n' "${base_runs[@]}" | median)
+    echo "base rafsd, cold read (median):     $base_mbps MB/s"
+    awk -v a="$base_mbps" -v b="$curl_mbps" 'BEGIN {printf "ratio base/curl:                    %.2f\n", a / b}'
+fi

@@ -194,7 +194,7 @@ impl RafsImage {
                 blobs: (0..nblobs).map(|_| Mutex::new(Vec::new())).collect(),
                 recorded_bytes: AtomicU64::new(0),
             }),
-            streams: Streams::default(),
+            streams: Streams::new(nblobs),
             prefetch_chunks: OnceLock::new(),
             speculation: speculate::Speculation::new(nblobs),
         })

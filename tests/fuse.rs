@@ -6,6 +6,7 @@ use kit::{daemon, manifest, services};
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use daemon::{run_bounded, v1_config, Daemon};
@@ -1170,6 +1171,129 @@ fn a_walk_of_a_large_directory_costs_no_lookup_per_entry() {
         (lookups, readdirs),
         (1, 0),
         "LOOKUPs and READDIRs during the walk: {hits}\nlog:\n{}",
+        d.log_text()
+    );
+    assert!(d.stop().success());
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Several ranged requests of one blob in flight, within the caps.
+
+/// Background streams (ranged requests) one blob has at most: rafsd's `image::stream::MAX_BLOB_STREAMS`.
+const MAX_BLOB_STREAMS: u64 = 4;
+
+/// `len` bytes that do not compress (xorshift), so the blob holds them as they are.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// `rafsd fuse` over `built` served by the fault server `server` (registry backend, blob cache, the
+/// default 1 MiB amplification), with `--thread-num threads`.
+fn registry_daemon(
+    built: &kit::built::Built,
+    server: &services::FakeServer,
+    repo: &str,
+    dir: &Path,
+    threads: usize,
+) -> Daemon {
+    let config = dir.join("config.json");
+    let cfg = serde_json::json!({
+        "device": {
+            "backend": {"type": "registry", "config": {
+                "scheme": "http", "host": format!("127.0.0.1:{}", server.port),
+                "repo": repo, "timeout": 60
+            }},
+            "cache": {"type": "blobcache", "config": {"work_dir": dir.join("cache")}}
+        },
+        "mode": "direct", "amplify_io": 1048576
+    });
+    std::fs::write(&config, cfg.to_string()).unwrap();
+    Daemon::start(
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--bootstrap",
+            built.bootstrap.to_str().unwrap(),
+            "--thread-num",
+            &threads.to_string(),
+        ],
+        &dir.join("mnt"),
+        &dir.join("rafsd.log"),
+    )
+}
+
+/// A cold front-to-back read of a 24 MiB file (1 MiB chunks) from a registry paced at 40 MB/s, through a
+/// daemon with one FUSE worker: the runs the reader's followers predict go out as several ranged requests
+/// of the blob at once (the fault server counts the GETs it is answering at the same time), never more
+/// than the blob's stream cap besides the worker's own, and the file reads back right. (One request per
+/// run, as before, never had more than one in flight here.)
+#[test]
+#[ignore = "needs root: ci/test.sh"]
+fn a_cold_sequential_read_keeps_several_ranged_requests_of_its_blob_in_flight() {
+    manifest::assert_root("FUSE mounts");
+    let dir = tempfile::tempdir().unwrap();
+    let data = noise(24 << 20, 7);
+    let built = kit::built::build_tree(dir.path(), "big", vec![("big".into(), data)], None, &[]);
+    let server = services::FakeServer::with_blobs_of("rafsd/parts", &built.blob_dir);
+    server.set_rate(Some(40 << 20));
+    let d = registry_daemon(&built, &server, "rafsd/parts", dir.path(), 1);
+    let got = std::fs::read(d.mountpoint.join("big")).unwrap();
+    assert!(got == built.content(), "the file reads back wrong");
+    let c = &server.counters;
+    let peak = c.data_in_flight_peak.load(Ordering::SeqCst);
+    let requests = c.data_requests.load(Ordering::SeqCst);
+    assert!(
+        (3..=MAX_BLOB_STREAMS + 1).contains(&peak),
+        "{peak} ranged requests in flight at once at most ({requests} in all)\nlog:\n{}",
+        d.log_text()
+    );
+    // Each byte fetched once (the chunk-info array aside): parts do not overlap.
+    let fetched = c.bytes.load(Ordering::SeqCst);
+    assert!(
+        fetched < (24 << 20) + (1 << 20),
+        "{fetched} bytes fetched for a 24 MiB file"
+    );
+    assert!(d.stop().success());
+}
+
+/// Eight readers stream eight files of one blob at once, cold, from a registry paced at 40 MB/s, through
+/// a daemon with 2 FUSE workers: the blob never has more ranged requests in flight than its background
+/// streams' cap plus one per worker, and every file reads back right.
+#[test]
+#[ignore = "needs root: ci/test.sh"]
+fn many_readers_of_one_blob_stay_within_its_cap_of_requests_in_flight() {
+    manifest::assert_root("FUSE mounts");
+    const WORKERS: u64 = 2;
+    let dir = tempfile::tempdir().unwrap();
+    let files: Vec<(String, Vec<u8>)> = (0..8)
+        .map(|i| (format!("f{i}"), noise(6 << 20, 100 + i)))
+        .collect();
+    let built = kit::built::build_tree(dir.path(), "many", files.clone(), None, &[]);
+    let server = services::FakeServer::with_blobs_of("rafsd/caps", &built.blob_dir);
+    server.set_rate(Some(40 << 20));
+    let d = registry_daemon(&built, &server, "rafsd/caps", dir.path(), WORKERS as usize);
+    let readers: Vec<_> = files
+        .iter()
+        .map(|(name, _)| {
+            let path = d.mountpoint.join(name);
+            std::thread::spawn(move || std::fs::read(path).unwrap())
+        })
+        .collect();
+    for (h, (name, want)) in readers.into_iter().zip(&files) {
+        assert!(h.join().unwrap() == *want, "{name} reads back wrong");
+    }
+    let peak = server.counters.data_in_flight_peak.load(Ordering::SeqCst);
+    assert!(
+        (2..=MAX_BLOB_STREAMS + WORKERS).contains(&peak),
+        "{peak} ranged requests of one blob in flight at once\nlog:\n{}",
         d.log_text()
     );
     assert!(d.stop().success());

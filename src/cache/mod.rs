@@ -264,6 +264,18 @@ impl BlobCache {
         self.try_claim_more(&mut claim, chunk).then_some(claim)
     }
 
+    /// Wait until nobody fetches `chunk` (without claiming it): then it is cached, or its fetch failed.
+    pub fn wait_unclaimed(&self, chunk: &ChunkInfo) {
+        let key = (chunk.blob_index, chunk.index);
+        let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        while inflight.contains(&key) {
+            inflight = self
+                .inflight_done
+                .wait(inflight)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
     /// Someone is fetching `chunk` right now.
     pub fn is_claimed(&self, chunk: &ChunkInfo) -> bool {
         self.inflight

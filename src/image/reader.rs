@@ -77,10 +77,16 @@ impl RafsImage {
                         .fetch_add(info.compressed_size as u64, Ordering::Relaxed);
                 }
             }
-            let cached = if self.validate {
-                None
-            } else {
-                self.cache.as_ref().and_then(|c| c.ready_location(&info))
+            let cached = match &self.cache {
+                Some(c) if !self.validate => c.ready_location(&info).or_else(|| {
+                    // Being fetched (a background stream): once it is stored, serve it from the cache
+                    // file like a hit, rather than reading it back into a buffer of our own.
+                    if c.is_claimed(&info) {
+                        c.wait_unclaimed(&info);
+                    }
+                    c.ready_location(&info)
+                }),
+                _ => None,
             };
             match cached {
                 Some((file, chunk_offset)) => {
@@ -158,15 +164,22 @@ impl RafsImage {
         }
         // Not cached, or the cached copy failed verification and was dropped: fetch a verified copy.
         let located = self.locate(info)?;
-        if located.batch.is_some() || self.amplify_io == 0 || !self.streams.reserve() {
+        let slot = match located.batch.is_none() && self.amplify_io > 0 {
+            true => self.streams.reserve(
+                located.blob_index,
+                self.stream_buffer_bytes(located.blob_index),
+            ),
+            false => None,
+        };
+        let Some(slot) = slot else {
             let (data, checked) = self.fetch_one(&located)?;
             cache.store(&located, &data, checked);
             drop(claim);
             return Ok(data);
-        }
+        };
         let mut run = self.predicted_run(cache, &located, follow);
         if run.is_empty() {
-            self.streams.cancel();
+            drop(slot);
             let (data, checked) = self.fetch_one(&located)?;
             cache.store(&located, &data, checked);
             drop(claim);
@@ -179,21 +192,54 @@ impl RafsImage {
                 claim,
             },
         );
-        self.fetch_streamed(cache, run)
+        self.fetch_streamed(cache, slot, run)
     }
 
-    /// Fetch `run` (back to back in one blob, all claimed) with one request: the first chunk is read here
-    /// and returned, the others are stored by a background stream (whose slot the caller reserved; given
-    /// back here when no stream starts). A body that breaks before the first chunk is in is not the
+    /// Fetch `run` (back to back in one blob, all claimed): the first chunk is read here and returned, the
+    /// rest of its request is stored by a background stream holding `slot`. A long run is cut into parts,
+    /// one more ranged request each, as far as [`Streams::reserve`](stream::Streams::reserve) grants
+    /// streams: several requests of the blob are in flight at once, so the round trip and the server's
+    /// per-request time overlap, and checking and storing runs on as many threads. A part that gets no
+    /// stream stays in the request before it. A body that breaks before the first chunk is in is not the
     /// reader's failure: its chunk is fetched alone, with the backend's retries, and the rest released.
-    fn fetch_streamed(&self, cache: &Arc<BlobCache>, mut run: Vec<Pending>) -> Result<Vec<u8>> {
+    fn fetch_streamed(
+        &self,
+        cache: &Arc<BlobCache>,
+        slot: stream::Slot,
+        mut run: Vec<Pending>,
+    ) -> Result<Vec<u8>> {
         let first = run.remove(0);
         let ctx = self.stream_ctx(cache, first.info.blob_index);
-        let last = run.last().map_or(&first.info, |p| &p.info);
-        let len = (last.compressed_offset + last.compressed_size as u64
-            - first.info.compressed_offset) as usize;
+        let span = |part: &[Pending]| -> (u64, usize) {
+            let (a, b) = (&part[0].info, &part[part.len() - 1].info);
+            let end = b.compressed_offset + b.compressed_size as u64;
+            (a.compressed_offset, (end - a.compressed_offset) as usize)
+        };
+        let rest_bytes: u64 = run.iter().map(|p| p.info.compressed_size as u64).sum();
+        let mut extra = Vec::new();
+        let wanted = (rest_bytes / stream::MIN_PART_BYTES).min(stream::MAX_BLOB_STREAMS as u64);
+        while (extra.len() as u64) + 1 < wanted {
+            let buffer = self.stream_buffer_bytes(first.info.blob_index);
+            match self.streams.reserve(first.info.blob_index, buffer) {
+                Some(s) => extra.push(s),
+                None => break,
+            }
+        }
+        let mut parts = stream::split_run(run, |p| p.info.compressed_size as u64, extra.len() + 1);
+        extra.truncate(parts.len().saturating_sub(1));
+        let head = match parts.is_empty() {
+            true => Vec::new(),
+            false => parts.remove(0),
+        };
+        let head_len = match head.last() {
+            Some(p) => {
+                (p.info.compressed_offset + p.info.compressed_size as u64
+                    - first.info.compressed_offset) as usize
+            }
+            None => first.info.compressed_size as usize,
+        };
         let opened = self
-            .backend_stream(&ctx.blob.id, first.info.compressed_offset, len)
+            .backend_stream(&ctx.blob.id, first.info.compressed_offset, head_len)
             .and_then(|mut reader| {
                 let got = stream::read_chunk(&ctx, &mut *reader, &first.info, &mut Vec::new())?;
                 Ok((reader, got))
@@ -201,8 +247,7 @@ impl RafsImage {
         let (reader, (data, checked)) = match opened {
             Ok(v) => v,
             Err(e) => {
-                self.streams.cancel();
-                drop(run);
+                drop((slot, extra, head, parts));
                 if matches!(e, Error::Integrity(_)) {
                     return Err(e);
                 }
@@ -218,8 +263,33 @@ impl RafsImage {
         };
         cache.store(&first.info, &data, checked);
         drop(first.claim);
-        self.streams.spawn(ctx, reader, run);
+        let rate = stream::RunRate::new(rest_bytes, 1 + parts.len());
+        for (part, slot) in parts.into_iter().zip(extra) {
+            let backend = self.backend.clone();
+            let id = ctx.blob.id.clone();
+            let (offset, len) = span(&part);
+            let open = move || backend.open_range(&id, offset, len);
+            self.streams
+                .spawn(ctx.clone(), slot, rate.clone(), open, part);
+        }
+        if head.is_empty() {
+            rate.part_done(self.streams.link());
+        } else {
+            self.streams
+                .spawn(ctx, slot, rate, move || Ok(reader), head);
+        }
         Ok(data)
+    }
+
+    /// What one background stream of blob `blob_index` may hold at once: one chunk's stored and decoded
+    /// bytes, each at most the chunk size a located chunk may have.
+    fn stream_buffer_bytes(&self, blob_index: u32) -> u64 {
+        let blob = self
+            .info()
+            .blobs
+            .get(blob_index as usize)
+            .map_or(0, |b| b.chunk_size);
+        2 * blob.max(self.info().chunk_size) as u64
     }
 
     fn stream_ctx(&self, cache: &Arc<BlobCache>, blob_index: u32) -> StreamCtx {

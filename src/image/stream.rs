@@ -2,8 +2,11 @@
 //! of a file read front to back, the image's prefetch table), they are asked for with the missing one in a
 //! single ranged request whose body is used as it arrives. The reader gets its own chunk as soon as that is
 //! in; a background thread stores the others in the blob cache one by one, releasing each to whoever waits
-//! for it the moment it is stored. Memory is one chunk per stream, whatever the request's length; the
-//! round trip and the server's per-request cost are paid once per run, not per chunk.
+//! for it the moment it is stored. A long run is cut into parts, each a ranged request of its own on a
+//! thread of its own, so several requests of a blob are in flight at once: the round trip and the server's
+//! per-request time overlap, and receiving, checking and storing use more than one core. Memory is one
+//! chunk per stream, whatever the request's length, and streams are capped per image, per blob and for the
+//! whole daemon, as are the bytes they may hold.
 
 use std::io::Read;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -17,6 +20,17 @@ use crate::format::{BlobInfo, ChunkInfo};
 
 /// Background streams one image runs at most; a read that would start another fetches its chunk alone.
 pub const MAX_STREAMS: usize = 8;
+/// Background streams of one blob at most: the ranged requests one image keeps in flight for a blob
+/// (besides the readers' own).
+pub const MAX_BLOB_STREAMS: usize = 4;
+/// Background streams of the whole daemon at most, all images together.
+pub const MAX_DAEMON_STREAMS: usize = 32;
+/// Chunk bytes the daemon's background streams may hold at once: each holds one chunk's stored and
+/// decoded bytes, so a stream reserves twice the largest chunk its image may have.
+pub const MAX_DAEMON_STREAM_BYTES: u64 = 256 << 20;
+/// A predicted run is split into parts fetched in parallel (one ranged request each) when each part
+/// gets at least this many compressed bytes: below that the round trip costs more than it saves.
+pub const MIN_PART_BYTES: u64 = 1 << 20;
 
 /// A chunk of a run, claimed (nobody else fetches it) until it is stored.
 pub struct Pending {
@@ -84,40 +98,126 @@ pub fn store_run(ctx: &StreamCtx, reader: &mut dyn Read, run: Vec<Pending>) -> R
     Ok(())
 }
 
+/// Streams and buffered bytes, counted for the whole daemon.
+pub struct DaemonBudget {
+    streams: AtomicUsize,
+    bytes: AtomicU64,
+    max_streams: usize,
+    max_bytes: u64,
+}
+
+impl DaemonBudget {
+    pub const fn new(max_streams: usize, max_bytes: u64) -> Self {
+        DaemonBudget {
+            streams: AtomicUsize::new(0),
+            bytes: AtomicU64::new(0),
+            max_streams,
+            max_bytes,
+        }
+    }
+
+    /// (streams, bytes) reserved now.
+    #[cfg(test)]
+    pub fn in_use(&self) -> (usize, u64) {
+        (
+            self.streams.load(Ordering::Acquire),
+            self.bytes.load(Ordering::Acquire),
+        )
+    }
+}
+
+/// The budget every image of this process shares.
+pub static DAEMON_BUDGET: DaemonBudget =
+    DaemonBudget::new(MAX_DAEMON_STREAMS, MAX_DAEMON_STREAM_BYTES);
+
+/// Add `n` to `counter` if the sum stays within `max`.
+fn take_usize(counter: &AtomicUsize, n: usize, max: usize) -> bool {
+    counter
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+            (v + n <= max).then_some(v + n)
+        })
+        .is_ok()
+}
+
+fn take_u64(counter: &AtomicU64, n: u64, max: u64) -> bool {
+    counter
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+            (v.saturating_add(n) <= max).then_some(v + n)
+        })
+        .is_ok()
+}
+
 /// Streams running in the background for one image, and the rate they see.
-#[derive(Default)]
 pub struct Streams {
     running: Arc<AtomicUsize>,
+    /// Per blob index.
+    per_blob: Arc<Vec<AtomicUsize>>,
+    budget: &'static DaemonBudget,
     link: Arc<LinkRate>,
 }
 
 impl Streams {
-    /// Room for one more background stream? The caller must then [`Streams::spawn`] or [`Streams::cancel`].
-    pub fn reserve(&self) -> bool {
-        self.running
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < MAX_STREAMS).then_some(n + 1)
-            })
-            .is_ok()
+    /// Streams of an image with `blobs` blobs, within the daemon's budget.
+    pub fn new(blobs: usize) -> Self {
+        Self::with_budget(blobs, &DAEMON_BUDGET)
     }
 
-    pub fn cancel(&self) {
-        self.running.fetch_sub(1, Ordering::AcqRel);
+    pub fn with_budget(blobs: usize, budget: &'static DaemonBudget) -> Self {
+        Streams {
+            running: Arc::default(),
+            per_blob: Arc::new((0..blobs).map(|_| AtomicUsize::new(0)).collect()),
+            budget,
+            link: Arc::default(),
+        }
     }
 
-    /// Finish `run` from `reader` on a thread of its own. If no thread can be started the run is dropped:
-    /// its claims are released and its readers fetch their chunks themselves.
-    pub fn spawn(&self, ctx: StreamCtx, mut reader: Box<dyn Read + Send>, run: Vec<Pending>) {
-        let slot = Slot(self.running.clone());
+    /// Room for one more background stream of blob `blob` holding up to `buffer_bytes` at a time: within
+    /// the image's, the blob's and the daemon's stream counts and the daemon's buffered bytes. The slot is
+    /// given back when dropped (or when the stream it is handed to ends).
+    pub fn reserve(&self, blob: u32, buffer_bytes: u64) -> Option<Slot> {
+        let per_blob = self.per_blob.get(blob as usize)?;
+        if !take_usize(&self.running, 1, MAX_STREAMS) {
+            return None;
+        }
+        let mut slot = Slot {
+            running: self.running.clone(),
+            per_blob: None,
+            budget: None,
+            bytes: 0,
+        };
+        if !take_usize(per_blob, 1, MAX_BLOB_STREAMS) {
+            return None;
+        }
+        slot.per_blob = Some((self.per_blob.clone(), blob as usize));
+        if !take_usize(&self.budget.streams, 1, self.budget.max_streams) {
+            return None;
+        }
+        slot.budget = Some(self.budget);
+        if !take_u64(&self.budget.bytes, buffer_bytes, self.budget.max_bytes) {
+            return None;
+        }
+        slot.bytes = buffer_bytes;
+        Some(slot)
+    }
+
+    /// Store `run` on a thread of its own from the reader `open` gives (the rest of a request already
+    /// under way, or a new one), holding `slot` until it ends. If no thread can be started, or the request
+    /// fails, the run is dropped: its claims are released and its readers fetch their chunks themselves.
+    pub fn spawn(
+        &self,
+        ctx: StreamCtx,
+        slot: Slot,
+        run_rate: Arc<RunRate>,
+        open: impl FnOnce() -> Result<Box<dyn Read + Send>> + Send + 'static,
+        run: Vec<Pending>,
+    ) {
         let link = self.link.clone();
-        let bytes: u64 = run.iter().map(|p| p.info.compressed_size as u64).sum();
         let spawned = std::thread::Builder::new()
             .name("rafs-stream".into())
             .spawn(move || {
                 let _slot = slot;
-                let started = Instant::now();
-                match store_run(&ctx, &mut *reader, run) {
-                    Ok(()) => link.record(bytes, started.elapsed().as_secs_f64()),
+                match open().and_then(|mut reader| store_run(&ctx, &mut *reader, run)) {
+                    Ok(()) => run_rate.part_done(&link),
                     Err(e) => log::warn!("background fetch of blob {}: {e}", ctx.blob.id),
                 }
             });
@@ -138,13 +238,70 @@ impl Streams {
     }
 }
 
-/// A reserved stream, given back when its thread ends (or was never started).
-struct Slot(Arc<AtomicUsize>);
+/// A reserved stream, given back when dropped (its thread ended, or it was never started).
+pub struct Slot {
+    running: Arc<AtomicUsize>,
+    per_blob: Option<(Arc<Vec<AtomicUsize>>, usize)>,
+    budget: Option<&'static DaemonBudget>,
+    bytes: u64,
+}
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.running.fetch_sub(1, Ordering::AcqRel);
+        if let Some((blobs, i)) = &self.per_blob {
+            blobs[*i].fetch_sub(1, Ordering::AcqRel);
+        }
+        if let Some(b) = self.budget {
+            b.streams.fetch_sub(1, Ordering::AcqRel);
+            b.bytes.fetch_sub(self.bytes, Ordering::AcqRel);
+        }
     }
+}
+
+/// One run fetched in parallel parts: its rate (all parts together, from the start of the run to the end
+/// of its last part) feeds the link's moving average, which sizes later runs.
+pub struct RunRate {
+    started: Instant,
+    bytes: u64,
+    parts_left: AtomicUsize,
+}
+
+impl RunRate {
+    pub fn new(bytes: u64, parts: usize) -> Arc<Self> {
+        Arc::new(RunRate {
+            started: Instant::now(),
+            bytes,
+            parts_left: AtomicUsize::new(parts),
+        })
+    }
+
+    /// A part stored all its chunks; the last one records the run's rate.
+    pub fn part_done(&self, link: &LinkRate) {
+        if self.parts_left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            link.record(self.bytes, self.started.elapsed().as_secs_f64());
+        }
+    }
+}
+
+/// Cut `run` (chunks back to back in one blob, `size` giving each one's compressed bytes) into at most
+/// `parts` pieces of about equal size, in blob order; none is empty.
+pub fn split_run<T>(run: Vec<T>, size: impl Fn(&T) -> u64, parts: usize) -> Vec<Vec<T>> {
+    let total: u64 = run.iter().map(&size).sum();
+    let parts = parts.clamp(1, run.len().max(1)) as u64;
+    let mut out: Vec<Vec<T>> = Vec::new();
+    let mut done = 0u64;
+    for p in run {
+        // A chunk goes to the part its first byte falls in.
+        let k = ((done as u128 * parts as u128) / total.max(1) as u128).min(parts as u128 - 1);
+        done += size(&p);
+        while out.len() <= k as usize {
+            out.push(Vec::new());
+        }
+        out[k as usize].push(p);
+    }
+    out.retain(|part| !part.is_empty());
+    out
 }
 
 /// Seconds of link time a predicted run may take.
@@ -188,6 +345,56 @@ impl LinkRate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn streams_stay_within_the_image_blob_and_daemon_caps() {
+        static BUDGET: DaemonBudget = DaemonBudget::new(6, 100);
+        let a = Streams::with_budget(2, &BUDGET);
+        // One blob: MAX_BLOB_STREAMS at most, whatever the image and daemon would allow.
+        let blob0: Vec<Slot> = std::iter::from_fn(|| a.reserve(0, 10)).take(100).collect();
+        assert_eq!(blob0.len(), MAX_BLOB_STREAMS);
+        assert!(a.reserve(7, 10).is_none(), "no such blob");
+        // The daemon's stream count binds across images.
+        let b = Streams::with_budget(1, &BUDGET);
+        let blob1 = a.reserve(1, 10).unwrap();
+        let other = b.reserve(0, 10).unwrap();
+        assert_eq!(BUDGET.in_use(), (6, 60));
+        assert!(b.reserve(0, 1).is_none(), "daemon-wide stream cap");
+        drop(blob0);
+        assert_eq!(BUDGET.in_use(), (2, 20), "slots given back on drop");
+        // So does its byte budget: a reservation that would pass it fails and takes nothing.
+        assert!(b.reserve(0, 81).is_none());
+        assert_eq!(BUDGET.in_use(), (2, 20));
+        assert_eq!(a.running.load(Ordering::Acquire), 1);
+        let last = b.reserve(0, 80).unwrap();
+        assert!(a.reserve(0, 1).is_none(), "daemon-wide byte cap");
+        drop((blob1, other, last));
+        assert_eq!(BUDGET.in_use(), (0, 0));
+        assert_eq!(a.running.load(Ordering::Acquire), 0);
+        assert!(a.per_blob.iter().all(|n| n.load(Ordering::Acquire) == 0));
+    }
+
+    #[test]
+    fn a_run_splits_into_contiguous_parts_of_about_equal_bytes() {
+        let sizes =
+            |parts: &[Vec<u64>]| -> Vec<u64> { parts.iter().map(|p| p.iter().sum()).collect() };
+        let run: Vec<u64> = vec![100; 10];
+        let parts = split_run(run.clone(), |s| *s, 4);
+        assert_eq!(sizes(&parts), vec![300, 200, 300, 200]);
+        assert_eq!(parts.concat(), run, "in order, nothing lost");
+        assert_eq!(split_run(run.clone(), |s| *s, 1), vec![run.clone()]);
+        assert_eq!(
+            split_run(vec![6u64, 6], |s| *s, 8),
+            vec![vec![6], vec![6]],
+            "no more parts than chunks"
+        );
+        // A huge chunk goes with the part its first byte falls in; the part it empties is left out.
+        let parts = split_run(vec![1u64, 1000, 1, 1], |s| *s, 3);
+        assert_eq!(parts, vec![vec![1, 1000], vec![1, 1]]);
+        assert!(split_run(Vec::<u64>::new(), |s| *s, 3).is_empty());
+        let zeros = split_run(vec![0u64; 3], |s| *s, 2);
+        assert_eq!(zeros.concat(), vec![0; 3]);
+    }
 
     #[test]
     fn window_follows_the_link_within_bounds() {

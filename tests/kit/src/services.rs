@@ -388,6 +388,26 @@ pub struct Counters {
     /// Requests at the storage path that carried an Authorization header (must stay 0).
     pub storage_auth_leaks: AtomicU64,
     pub storage_requests: AtomicU64,
+    /// Blob data GETs received and not fully answered yet, and the most there were at once.
+    pub data_in_flight: AtomicU64,
+    pub data_in_flight_peak: AtomicU64,
+}
+
+/// Counts one blob data GET as in flight until dropped (its answer written, or the connection given up).
+struct InFlight<'a>(&'a Counters);
+
+impl<'a> InFlight<'a> {
+    fn enter(c: &'a Counters) -> Self {
+        let now = c.data_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        c.data_in_flight_peak.fetch_max(now, Ordering::SeqCst);
+        InFlight(c)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.data_in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 pub struct FakeOptions {
@@ -811,6 +831,7 @@ fn handle(
         .unwrap_or((0, blob.len().saturating_sub(1)));
     let b = b.min(blob.len().saturating_sub(1));
     s.counters.data_requests.fetch_add(1, Ordering::Relaxed);
+    let _in_flight = InFlight::enter(&s.counters);
     let fault = {
         let mut f = s.faults.lock().unwrap();
         if let Some(fault) = f.per_blob.get(&id) {
