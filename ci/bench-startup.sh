@@ -16,8 +16,10 @@
 # counts; from the first byte for the pull; rounds interleave the configurations, caches are dropped before
 # each run), bytes fetched from the registry (counted by the forwarder), and for rafsd the compressed size
 # of the chunks the program read (the daemon's access records), with the ratios the issue's targets use.
-#   [NYDUSD=/path/to/nydusd] [STARTUP_GUEST=1] [STARTUP_PREFETCH=0] [RAFSD_BIN=...] ci/bench-startup.sh [ROUNDS]
-# (default 3 rounds; STARTUP_PREFETCH=0 leaves the prefetch-list column out)
+#   [NYDUSD=/path/to/nydusd] [STARTUP_GUEST=1] [STARTUP_PREFETCH=0] [RAFSD_BIN=...] [RAFSD_BENCH_BASE=BIN]
+#   ci/bench-startup.sh [ROUNDS]
+# (default 3 rounds; STARTUP_PREFETCH=0 leaves the prefetch-list column out; RAFSD_BENCH_BASE adds a column
+# for another rafsd binary, e.g. a release build of main, without a prefetch list, in the same rounds)
 # Needs root, debootstrap, docker-registry, tc and nsenter; the guest column also QEMU and the guest kernel.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -122,9 +124,9 @@ JSON
 }
 mkdir -p "$mnt"
 # One cold start from a FUSE daemon: prints "seconds fetched needed" (needed: "-" unless rafsd).
-# Args: rafsd|nydusd BOOTSTRAP EXTRA_JSON
+# Args: rafsd|nydusd BOOTSTRAP EXTRA_JSON [RAFSD_BINARY]
 cold_start() {
-    local kind=$1 bootstrap=$2 extra=$3 daemon_pid d0 d1 t0 t1 needed=-
+    local kind=$1 bootstrap=$2 extra=$3 rafsd=${4:-$bin} daemon_pid d0 d1 t0 t1 needed=-
     rm -rf "$work/cache" "$work/api.sock"
     config "$work/cache" "$extra" >"$work/config.json"
     # The clock runs from the daemon's start: what it does before the program's first read (mounting,
@@ -136,7 +138,7 @@ cold_start() {
         "${in_ns[@]}" "$NYDUSD" --config "$work/config.json" --bootstrap "$bootstrap" --mountpoint "$mnt" \
             --apisock "$work/api.sock" --log-level warn --rlimit-nofile 0 >"$work/daemon.log" 2>&1 &
     else
-        "${in_ns[@]}" "$bin" fuse --config "$work/config.json" --bootstrap "$bootstrap" --mountpoint "$mnt" \
+        "${in_ns[@]}" "$rafsd" fuse --config "$work/config.json" --bootstrap "$bootstrap" --mountpoint "$mnt" \
             --apisock "$work/api.sock" -l warn >"$work/daemon.log" 2>&1 &
     fi
     daemon_pid=$!
@@ -191,6 +193,7 @@ prefetch_json=',"access_pattern":true,"fs_prefetch":{"enable":true,"threads_coun
 
 declare -A runs
 labels=("full pull" "rafsd FUSE")
+[ -n "${RAFSD_BENCH_BASE:-}" ] && labels+=("base rafsd FUSE")
 [ -n "${NYDUSD:-}" ] && labels+=("nydusd FUSE")
 [ "$prefetch" != 0 ] && labels+=("rafsd FUSE, prefetch list")
 rates=()
@@ -198,6 +201,7 @@ for round in $(seq "$rounds"); do
     rates+=("$(link_rate)")
     runs["full pull"]+="$(full_pull);"
     runs["rafsd FUSE"]+="$(cold_start rafsd "$work/plain/bootstrap" ',"access_pattern":true');"
+    [ -n "${RAFSD_BENCH_BASE:-}" ] && runs["base rafsd FUSE"]+="$(cold_start rafsd "$work/plain/bootstrap" ',"access_pattern":true' "$RAFSD_BENCH_BASE");"
     [ -n "${NYDUSD:-}" ] && runs["nydusd FUSE"]+="$(cold_start nydusd "$work/plain/bootstrap" '');"
     [ "$prefetch" != 0 ] && runs["rafsd FUSE, prefetch list"]+="$(cold_start rafsd "$work/prefetch/bootstrap" "$prefetch_json");"
     echo "round $round: $(for l in "${labels[@]}"; do printf '%s [%s] ' "$l" "$(echo "${runs[$l]}" | tr ';' '\n' | grep . | tail -1)"; done)"
