@@ -1172,6 +1172,47 @@ fn reads_stalled_hold_back_no_other_request(event_idx: bool) {
     d.kill_and_check();
 }
 
+/// Crash restart (`--sandbox namespace`): three reads wait on the backend when the serving process is
+/// killed with SIGKILL. The VMM's connection stays up (the keeper holds it); the daemon the keeper
+/// starts next finds the three in the inflight log and answers them with the right bytes, exactly once
+/// each, and serves the next requests.
+#[test]
+#[ignore = "needs root: ci/test.sh"]
+fn reads_in_flight_when_the_daemon_is_killed_are_answered_by_the_next_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, server, mut g) = guest_on_registry(dir.path(), &[], true);
+    let (random, fh) = open_random_2m5(&mut g);
+    let held = server.hold_data();
+    let offsets = [256 << 10, 1 << 20, 2 << 20];
+    let slow = post_reads(&mut g, random, fh, &offsets);
+    assert!(
+        server.wait_held(3, Duration::from_secs(10)),
+        "{} of 3 reads reached the backend\nlog:\n{}",
+        server.held(),
+        d.log_text()
+    );
+    let (killed, next) = kit::daemon::kill_worker(d.pid(), Duration::from_secs(30));
+    assert!(
+        next.is_some(),
+        "no daemon after {killed}:\n{}",
+        d.log_text()
+    );
+    drop(held);
+    let replies = reap_all(&mut g, &slow, &slow, Duration::from_secs(30), &d);
+    check_reads(&mut g, random, &slow, &offsets, &replies);
+    // The device carries on; an answer given twice would show up here as a head not posted.
+    let getattr = post_getattr(&mut g, random);
+    let r = reap_all(&mut g, &[getattr], &[getattr], Duration::from_secs(10), &d);
+    assert_eq!(r[0].1.header.error, 0);
+    let log = d.log_text();
+    assert!(
+        log.contains("answering again 3 requests"),
+        "the restarted daemon did not take the three reads from the log:\n{log}"
+    );
+    drop(g);
+    d.kill_and_check();
+}
+
 /// `--thread-pool-size 0`: the queue's requests are answered one at a time, in order (the old way, and the
 /// benchmarks' baseline).
 #[test]
