@@ -521,13 +521,15 @@ impl Daemon {
     }
 
     /// Rebuild what a predecessor exported, into this daemon's still empty Vfs. Passthrough shares
-    /// are refused unless `fresh_passthrough` (a crash restart): then they are mounted again at the
-    /// same index, knowing none of the inodes the dead daemon had given out.
+    /// are refused unless `lost_passthrough` (a crash restart): then each keeps its mount index and
+    /// path but answers nothing. Mounting the share again would not do: its inode numbers and file
+    /// handles are given out in order, so the guest's numbers from the dead daemon would name other
+    /// files of the new one.
     pub fn restore(
         &self,
         dirs: &[PseudoDir],
         saved: &[SavedMount],
-        fresh_passthrough: bool,
+        lost_passthrough: bool,
     ) -> Result<()> {
         let _serial = self.mount_lock.lock().unwrap_or_else(|e| e.into_inner());
         if !self
@@ -558,10 +560,26 @@ impl Daemon {
                 prefetch_files: m.prefetch_files.clone(),
                 id: m.id.clone(),
             };
-            if cmd.fs_type == FsType::Passthrough && !fresh_passthrough {
-                return Err(Error::Unsupported(
-                    "passthrough shares cannot be taken over".into(),
-                ));
+            if cmd.fs_type == FsType::Passthrough {
+                if !lost_passthrough {
+                    return Err(Error::Unsupported(
+                        "passthrough shares cannot be taken over".into(),
+                    ));
+                }
+                indexes.mount_at(
+                    &self.vfs,
+                    crate::takeover::vfs_index::placeholder(),
+                    &m.mountpoint,
+                    m.fs_index,
+                )?;
+                log::error!(
+                    "crash restart: the passthrough share {} at {} is lost to the guest (its inodes \
+                     died with the daemon); unmount and mount it again through the API",
+                    m.source.display(),
+                    m.mountpoint
+                );
+                self.record(&m.mountpoint, cmd, None, Value::Null);
+                continue;
             }
             let (fs, config_id, config) = self.build(&cmd)?;
             if let Some(rafs) = fs.as_any().downcast_ref::<RafsFs>() {

@@ -669,11 +669,7 @@ fn take_over_device(
             ));
         }
         daemon.set_lookups(&state.mounts)?;
-        fuse_backend_rs::api::filesystem::FileSystem::init(
-            &*daemon.vfs,
-            fuse_backend_rs::abi::fuse_abi::FsOptions::from_bits_truncate(state.fuse.flags),
-        )
-        .map_err(|e| Error::io("initialize the taken-over session", e))?;
+        init_session(daemon, &state.fuse)?;
         let at = state
             .device
             .as_ref()
@@ -700,6 +696,17 @@ fn take_over_device(
     }
 }
 
+/// Set the `Vfs` up for the FUSE session the guest negotiated with another process (it does not send
+/// FUSE_INIT again).
+fn init_session(daemon: &Daemon, fuse: &crate::takeover::state::FuseSession) -> Result<()> {
+    fuse_backend_rs::api::filesystem::FileSystem::init(
+        &*daemon.vfs,
+        fuse_backend_rs::abi::fuse_abi::FsOptions::from_bits_truncate(fuse.flags),
+    )
+    .map(drop)
+    .map_err(|e| Error::io("initialize the carried-on FUSE session", e))
+}
+
 /// A daemon restarted after a crash: mount the filesystems of the keeper's last checkpoint (passthrough
 /// shares afresh); the device in it is carried on by the vhost-user thread.
 fn recover_filesystems(
@@ -708,6 +715,10 @@ fn recover_filesystems(
 ) -> Result<crate::vhost_user::Recovery> {
     let state = crate::takeover::state::State::decode(&checkpoint.bytes, "virtiofs")?;
     daemon.restore(&state.pseudo_dirs, &state.mounts, true)?;
+    // Unless the checkpoint predates the guest's FUSE_INIT (which then comes to this daemon).
+    if state.fuse.major != 0 {
+        init_session(daemon, &state.fuse)?;
+    }
     let files = checkpoint
         .files
         .iter()

@@ -844,6 +844,11 @@ impl Connection<'_> {
                 if !upgrades.commit() {
                     return Err(Error::Invalid("the running daemon is stopping".into()));
                 }
+                // The device is the new process's from now on: a crash of this one must not have
+                // the keeper start another daemon on it.
+                if let Some(c) = self.crash {
+                    c.checkpoints.forget();
+                }
                 Ok(())
             });
         match ready {

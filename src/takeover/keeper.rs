@@ -55,6 +55,12 @@ impl CheckpointSink {
             log::error!("crash restart: cannot send the state to the keeper: {e}");
         }
     }
+
+    /// The device is no longer this daemon's (handed over by a live upgrade): the keeper drops its
+    /// checkpoint, so a death from now on is not restarted.
+    pub fn forget(&self) {
+        self.save(&[], &[]);
+    }
 }
 
 /// What a forked worker gets.
@@ -193,6 +199,10 @@ fn readable(sock: &UnixStream, timeout: Duration) -> bool {
 /// Take one checkpoint frame; false once the worker's end is closed (or sent something else).
 fn receive(sock: &UnixStream, checkpoint: &mut Option<Checkpoint>) -> bool {
     match upgrade::expect(sock, CHECKPOINT, FRAME_TIMEOUT) {
+        Ok((bytes, _)) if bytes.is_empty() => {
+            *checkpoint = None;
+            true
+        }
         Ok((bytes, files)) => {
             *checkpoint = Some(Checkpoint { bytes, files });
             true
