@@ -156,6 +156,8 @@ pub struct Daemon {
     inflight: std::sync::OnceLock<Arc<crate::inflight::Inflight>>,
     /// Where `PUT /api/v1/daemon/upgrade` hands the new daemon's connection (the virtio-fs daemon only).
     upgrade: std::sync::OnceLock<UpgradeHook>,
+    /// Told when the mounts change (the crash-restart keeper's copy of the state is then stale).
+    on_change: std::sync::OnceLock<Arc<dyn Fn() + Send + Sync>>,
 }
 
 /// Takes the API connection of a new daemon asking for a live upgrade.
@@ -208,6 +210,7 @@ impl Daemon {
             supervisor: std::sync::OnceLock::new(),
             inflight: std::sync::OnceLock::new(),
             upgrade: std::sync::OnceLock::new(),
+            on_change: std::sync::OnceLock::new(),
         })
     }
 
@@ -223,6 +226,17 @@ impl Daemon {
 
     pub fn set_upgrade_hook(&self, hook: UpgradeHook) {
         let _ = self.upgrade.set(hook);
+    }
+
+    /// Call `hook` whenever a filesystem is mounted or unmounted.
+    pub fn on_mounts_changed(&self, hook: Arc<dyn Fn() + Send + Sync>) {
+        let _ = self.on_change.set(hook);
+    }
+
+    fn mounts_changed(&self) {
+        if let Some(f) = self.on_change.get() {
+            f();
+        }
     }
 
     /// Where a live upgrade's connection goes, if this daemon can be upgraded live.
@@ -383,6 +397,7 @@ impl Daemon {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(mountpoint.to_string(), record);
+        self.mounts_changed();
     }
 
     /// Replace the image at `mountpoint` with a new bootstrap/config (RAFS only). The new image is built
@@ -445,13 +460,16 @@ impl Daemon {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(mountpoint);
+        self.mounts_changed();
         log::info!("unmounted {mountpoint}");
         Ok(())
     }
 
     /// The pseudo directories and mounts a successor needs to serve the same kernel connection with
-    /// the same inode numbers (see [`crate::takeover`]).
-    pub fn export(&self) -> Result<(Vec<PseudoDir>, Vec<SavedMount>)> {
+    /// the same inode numbers (see [`crate::takeover`]). A passthrough share is refused (its inodes
+    /// are open files of this process), except in a crash-restart `checkpoint`, where it is listed to
+    /// be mounted again afresh.
+    pub fn export(&self, checkpoint: bool) -> Result<(Vec<PseudoDir>, Vec<SavedMount>)> {
         let _serial = self.mount_lock.lock().unwrap_or_else(|e| e.into_inner());
         let root = self.vfs.get_root_pseudofs();
         let mut dirs = Vec::new();
@@ -471,7 +489,7 @@ impl Daemon {
         let mounts = self.mounts.lock().unwrap_or_else(|e| e.into_inner());
         let mut saved = Vec::new();
         for (mp, r) in mounts.iter() {
-            if r.cmd.fs_type == FsType::Passthrough {
+            if r.cmd.fs_type == FsType::Passthrough && !checkpoint {
                 return Err(Error::Unsupported(format!(
                     "{mp} is a passthrough share, whose inodes cannot be handed to another daemon"
                 )));
@@ -502,8 +520,17 @@ impl Daemon {
         Ok((dirs, saved))
     }
 
-    /// Rebuild what a predecessor exported, into this daemon's still empty Vfs.
-    pub fn restore(&self, dirs: &[PseudoDir], saved: &[SavedMount]) -> Result<()> {
+    /// Rebuild what a predecessor exported, into this daemon's still empty Vfs. Passthrough shares
+    /// are refused unless `lost_passthrough` (a crash restart): then each keeps its mount index and
+    /// path but answers nothing. Mounting the share again would not do: its inode numbers and file
+    /// handles are given out in order, so the guest's numbers from the dead daemon would name other
+    /// files of the new one.
+    pub fn restore(
+        &self,
+        dirs: &[PseudoDir],
+        saved: &[SavedMount],
+        lost_passthrough: bool,
+    ) -> Result<()> {
         let _serial = self.mount_lock.lock().unwrap_or_else(|e| e.into_inner());
         if !self
             .mounts
@@ -534,9 +561,25 @@ impl Daemon {
                 id: m.id.clone(),
             };
             if cmd.fs_type == FsType::Passthrough {
-                return Err(Error::Unsupported(
-                    "passthrough shares cannot be taken over".into(),
-                ));
+                if !lost_passthrough {
+                    return Err(Error::Unsupported(
+                        "passthrough shares cannot be taken over".into(),
+                    ));
+                }
+                indexes.mount_at(
+                    &self.vfs,
+                    crate::takeover::vfs_index::placeholder(),
+                    &m.mountpoint,
+                    m.fs_index,
+                )?;
+                log::error!(
+                    "crash restart: the passthrough share {} at {} is lost to the guest (its inodes \
+                     died with the daemon); unmount and mount it again through the API",
+                    m.source.display(),
+                    m.mountpoint
+                );
+                self.record(&m.mountpoint, cmd, None, Value::Null);
+                continue;
             }
             let (fs, config_id, config) = self.build(&cmd)?;
             if let Some(rafs) = fs.as_any().downcast_ref::<RafsFs>() {

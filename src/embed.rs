@@ -194,8 +194,15 @@ impl Service {
         let listener = crate::vhost_user::bind(&sock)?;
         let wake = dup(&listener)?;
         // The embedding program owns the process: no live upgrade hands its device away.
-        let server =
-            VhostUserServer::start(self.daemon.clone(), listener, &sock, device, None, false)?;
+        let server = VhostUserServer::start(
+            self.daemon.clone(),
+            listener,
+            &sock,
+            device,
+            None,
+            None,
+            false,
+        )?;
         self.daemon.set_state(DaemonState::Running);
         self.running(Front::Virtiofs { server, wake, sock })
     }

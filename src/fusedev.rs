@@ -421,7 +421,7 @@ impl FuseDaemon<'_> {
             let file = session
                 .get_fuse_file()
                 .ok_or_else(|| Error::Invalid("the FUSE session has no device file".into()))?;
-            let (pseudo_dirs, mounts) = self.daemon.export()?;
+            let (pseudo_dirs, mounts) = self.daemon.export(false)?;
             let bytes = State {
                 version: state::VERSION,
                 front_end: "fusedev".into(),
@@ -475,7 +475,7 @@ impl FuseDaemon<'_> {
         })?;
         let restored = self
             .daemon
-            .restore(&taken.pseudo_dirs, &taken.mounts)
+            .restore(&taken.pseudo_dirs, &taken.mounts, false)
             .and_then(|()| {
                 self.vfs
                     .init(FsOptions::from_bits_truncate(taken.fuse.flags))

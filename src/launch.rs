@@ -449,7 +449,7 @@ pub fn virtiofs(args: VirtiofsArgs, log_dir: Option<&Path>) -> Result<()> {
     let startup = virtiofs_startup(&args)?;
     // Live upgrade: the running daemon's API socket is reached before the sandbox hides its path,
     // and a state this binary cannot read is refused here, before anything else happens.
-    let successor = args
+    let mut successor = args
         .upgrade_from
         .as_deref()
         .map(crate::vhost_user::upgrade::Successor::connect)
@@ -523,7 +523,7 @@ pub fn virtiofs(args: VirtiofsArgs, log_dir: Option<&Path>) -> Result<()> {
         signals,
     };
     let mode = args.sandbox.sandbox.unwrap_or(SandboxMode::Namespace);
-    match Sandbox::enter(mode, &policy)? {
+    let worker = match Sandbox::enter(mode, &policy)? {
         Entered::Supervisor(exit) => {
             drop((api_listener, listener, successor, fate));
             if fate_reader.should_unmount() {
@@ -533,16 +533,33 @@ pub fn virtiofs(args: VirtiofsArgs, log_dir: Option<&Path>) -> Result<()> {
             if let Some(p) = &api_path {
                 remove_files(&[&p.temp]);
             }
-            exit.propagate();
+            exit.from_keeper().propagate();
         }
-        Entered::Daemon(sandbox) => lock(sandbox, &daemon)?,
-    }
+        // The sandbox's first process keeps the state and restarts the daemon after a crash; only
+        // the first daemon it forks may take a device over from a predecessor.
+        Entered::Daemon(sandbox) if mode == SandboxMode::Namespace => {
+            sandbox.confine()?;
+            let worker = crate::takeover::keeper::keep(&signals, || drop(successor.take()))?;
+            daemon.confine(sandbox.seal()?);
+            Some(worker)
+        }
+        Entered::Daemon(sandbox) => {
+            lock(sandbox, &daemon)?;
+            None
+        }
+    };
     drop(fate_reader);
-    if let Some(cmd) = startup {
-        daemon.mount(&args.virtual_mountpoint, cmd)?;
-    }
-    let (listener, restore) = match successor {
-        None => (listener, None),
+    let recovery = match worker.as_ref().and_then(|w| w.restart.as_ref()) {
+        Some(checkpoint) => Some(recover_filesystems(&daemon, checkpoint)?),
+        None => {
+            if let Some(cmd) = startup {
+                daemon.mount(&args.virtual_mountpoint, cmd)?;
+            }
+            None
+        }
+    };
+    let (listener, carried) = match successor {
+        None => (listener, recovery.map(crate::vhost_user::Carried::Crash)),
         Some(s) => {
             let (fate, served) = (fate.clone(), served.clone());
             let serving = Box::new(move || {
@@ -553,7 +570,10 @@ pub fn virtiofs(args: VirtiofsArgs, log_dir: Option<&Path>) -> Result<()> {
                 }
             });
             let (listener, restore) = take_over_device(&daemon, s, serving)?;
-            (Some(listener), Some(restore))
+            (
+                Some(listener),
+                Some(crate::vhost_user::Carried::Upgrade(restore)),
+            )
         }
     };
     let listener = listener.ok_or_else(|| Error::Internal("no vhost-user socket".into()))?;
@@ -567,11 +587,13 @@ pub fn virtiofs(args: VirtiofsArgs, log_dir: Option<&Path>) -> Result<()> {
         pool_size,
         dax_window_size: args.dax_window.unwrap_or(0),
     };
-    // A successor offers the device its predecessor offered (the VMM set it up for that).
-    if let Some(d) = restore
-        .as_ref()
-        .and_then(|r| r.handover.state.device.as_ref())
-    {
+    // A successor (or a restarted daemon) offers the device its predecessor offered (the VMM set
+    // it up for that).
+    let carried_device = carried.as_ref().and_then(|c| match c {
+        crate::vhost_user::Carried::Upgrade(r) => r.handover.state.device.as_ref(),
+        crate::vhost_user::Carried::Crash(r) => r.state.device.as_ref(),
+    });
+    if let Some(d) = carried_device {
         if !(1..=crate::vhost_user::MAX_REQUEST_QUEUES as u32).contains(&d.request_queues)
             || !d.dax_window.is_multiple_of(2 << 20)
         {
@@ -583,9 +605,20 @@ pub fn virtiofs(args: VirtiofsArgs, log_dir: Option<&Path>) -> Result<()> {
         device.request_queues = d.request_queues as usize;
         device.dax_window_size = d.dax_window;
     }
-    let restoring = restore.is_some();
-    let mut server =
-        VhostUserServer::start(daemon.clone(), listener, &sock, device, restore, true)?;
+    let restoring = matches!(carried, Some(crate::vhost_user::Carried::Upgrade(_)));
+    let crash = worker.map(|w| crate::vhost_user::CrashRestart {
+        inflight: w.inflight,
+        checkpoints: w.checkpoints,
+    });
+    let mut server = VhostUserServer::start(
+        daemon.clone(),
+        listener,
+        &sock,
+        device,
+        carried,
+        crash,
+        true,
+    )?;
     let result = serve_until_stopped(&mut server, &daemon, &signals);
     // Stopped by a signal or `PUT /daemon/exit` in the middle of a hand-over: once committed, the
     // socket files are the successor's.
@@ -621,7 +654,7 @@ fn take_over_device(
     serving: Box<dyn FnOnce() + Send>,
 ) -> Result<(std::os::unix::net::UnixListener, crate::vhost_user::Restore)> {
     let offered = &successor.offered;
-    if let Err(e) = daemon.restore(&offered.pseudo_dirs, &offered.mounts) {
+    if let Err(e) = daemon.restore(&offered.pseudo_dirs, &offered.mounts, false) {
         successor.refuse(&e);
         return Err(e);
     }
@@ -636,11 +669,7 @@ fn take_over_device(
             ));
         }
         daemon.set_lookups(&state.mounts)?;
-        fuse_backend_rs::api::filesystem::FileSystem::init(
-            &*daemon.vfs,
-            fuse_backend_rs::abi::fuse_abi::FsOptions::from_bits_truncate(state.fuse.flags),
-        )
-        .map_err(|e| Error::io("initialize the taken-over session", e))?;
+        init_session(daemon, &state.fuse)?;
         let at = state
             .device
             .as_ref()
@@ -665,6 +694,42 @@ fn take_over_device(
             Err(e)
         }
     }
+}
+
+/// Set the `Vfs` up for the FUSE session the guest negotiated with another process (it does not send
+/// FUSE_INIT again).
+fn init_session(daemon: &Daemon, fuse: &crate::takeover::state::FuseSession) -> Result<()> {
+    fuse_backend_rs::api::filesystem::FileSystem::init(
+        &*daemon.vfs,
+        fuse_backend_rs::abi::fuse_abi::FsOptions::from_bits_truncate(fuse.flags),
+    )
+    .map(drop)
+    .map_err(|e| Error::io("initialize the carried-on FUSE session", e))
+}
+
+/// A daemon restarted after a crash: mount the filesystems of the keeper's last checkpoint (passthrough
+/// shares afresh); the device in it is carried on by the vhost-user thread.
+fn recover_filesystems(
+    daemon: &Daemon,
+    checkpoint: &crate::takeover::keeper::Checkpoint,
+) -> Result<crate::vhost_user::Recovery> {
+    let state = crate::takeover::state::State::decode(&checkpoint.bytes, "virtiofs")?;
+    daemon.restore(&state.pseudo_dirs, &state.mounts, true)?;
+    // Unless the checkpoint predates the guest's FUSE_INIT (which then comes to this daemon).
+    if state.fuse.major != 0 {
+        init_session(daemon, &state.fuse)?;
+    }
+    let files = checkpoint
+        .files
+        .iter()
+        .map(|f| f.try_clone().map(Some))
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(|e| Error::io("the checkpoint's descriptors", e))?;
+    log::warn!(
+        "crash restart: mounted the {} filesystems of the daemon that died",
+        state.mounts.len()
+    );
+    Ok(crate::vhost_user::Recovery { state, files })
 }
 
 /// The virtio-fs daemon's start-up mount: `--bootstrap` with `--config`, or `--shared-dir`.
@@ -779,12 +844,14 @@ pub(crate) struct VhostUserServer {
 impl VhostUserServer {
     /// Serve `daemon`'s share on `listener`; with `restore`, first carry on a predecessor's device.
     /// With `upgradable`, live-upgrade requests arrive through `daemon`'s upgrade hook, set here.
+    /// With `crash`, the state is sent to the crash-restart keeper whenever it changes.
     pub(crate) fn start(
         daemon: Arc<Daemon>,
         listener: std::os::unix::net::UnixListener,
         sock: &Path,
         device: crate::vhost_user::DeviceOptions,
-        restore: Option<crate::vhost_user::Restore>,
+        carried: Option<crate::vhost_user::Carried>,
+        crash: Option<crate::vhost_user::CrashRestart>,
         upgradable: bool,
     ) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
@@ -796,10 +863,16 @@ impl VhostUserServer {
             let requests = upgrades.clone();
             daemon.set_upgrade_hook(Arc::new(move |peer| requests.request(peer)));
         }
+        if crash.is_some() {
+            let changes = upgrades.clone();
+            daemon.on_mounts_changed(Arc::new(move || changes.state_changed()));
+        }
         let thread = std::thread::Builder::new()
             .name("vhost-user".into())
             .spawn(move || {
-                crate::vhost_user::serve(daemon, listener, &sock, device, stop2, upgrades, restore)
+                crate::vhost_user::serve(
+                    daemon, listener, &sock, device, stop2, upgrades, carried, crash,
+                )
             })
             .map_err(|e| Error::io("start vhost-user thread", e))?;
         Ok(VhostUserServer {

@@ -481,8 +481,20 @@ impl Sandbox {
     /// also covers any later thread. Returns the paths the daemon must keep its mounts to
     /// ([`crate::daemon::Daemon::confine`]).
     pub fn lock(self) -> Result<AllowedPaths> {
+        self.confine()?;
+        self.seal()
+    }
+
+    /// Landlock and capabilities only: what the crash-restart keeper ([`crate::takeover::keeper`])
+    /// takes on before it forks the daemon, which then calls [`Sandbox::seal`] (the seccomp filter
+    /// forbids forking, so the keeper goes without it).
+    pub fn confine(&self) -> Result<()> {
         restrict_filesystem(&self.allowed, self.extra_rw);
-        drop_capabilities()?;
+        drop_capabilities()
+    }
+
+    /// seccomp, after [`Sandbox::confine`].
+    pub fn seal(self) -> Result<AllowedPaths> {
         crate::seccomp::install(self.seccomp)?;
         probe::daemon();
         Ok(self.allowed)
@@ -505,6 +517,16 @@ pub enum Exit {
 }
 
 impl Exit {
+    /// How the daemon under a crash-restart keeper ended, from the keeper's exit: a status above 128
+    /// is the daemon's death by signal status - 128 (the keeper, pid 1 of its namespace, cannot
+    /// die of a signal it raises).
+    pub fn from_keeper(self) -> Exit {
+        match self {
+            Exit::Code(c) if c > 128 => Exit::Signal(i32::from(c - 128)),
+            e => e,
+        }
+    }
+
     /// End the supervisor the way the child ended (same exit code, or the same fatal signal).
     pub fn propagate(self) -> ! {
         match self {

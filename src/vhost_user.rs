@@ -24,6 +24,7 @@ pub const MAX_REQUEST_QUEUES: usize = 63;
 /// Rings of the largest device: the hiprio ring and the request rings.
 pub const MAX_RINGS: usize = 1 + MAX_REQUEST_QUEUES;
 
+pub mod inflight_log;
 pub mod queue;
 pub mod relay;
 pub mod upgrade;
@@ -58,7 +59,9 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::daemon::Daemon;
 use crate::dax::DaxWindow;
 use crate::error::{Error, Result};
+use crate::takeover::keeper::CheckpointSink;
 use crate::takeover::state::{self, State};
+use inflight_log::InflightLog;
 pub use queue::handle_request;
 use queue::{Memory, RequestQueue, Requests};
 
@@ -110,14 +113,18 @@ pub struct VirtioFsBackend {
     /// Per queue: take the used index from guest memory before the first request (a ring handed
     /// over by a predecessor; the library starts counting at 0).
     resync_used: Vec<AtomicBool>,
+    /// The rings come from a daemon that died: answer again what it took and did not answer.
+    recovering: AtomicBool,
 }
 
 impl VirtioFsBackend {
+    /// `inflight`: the log of requests taken and not answered, for crash restart.
     pub fn new(
         vfs: Arc<Vfs>,
         request_queues: usize,
         pool_size: usize,
         dax_window_size: u64,
+        inflight: Option<Arc<InflightLog>>,
     ) -> io::Result<Self> {
         if request_queues > MAX_REQUEST_QUEUES {
             return Err(io::Error::new(
@@ -129,7 +136,7 @@ impl VirtioFsBackend {
         let exits = (0..queues)
             .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK))
             .collect::<io::Result<Vec<_>>>()?;
-        let requests = Arc::new(Requests::new(vfs));
+        let requests = Arc::new(Requests::new(vfs, inflight));
         let mut pools = Vec::with_capacity(queues);
         for q in 0..queues {
             if q == 0 || pool_size == 0 {
@@ -157,6 +164,7 @@ impl VirtioFsBackend {
             backend_req: Mutex::new(None),
             dax_window_size,
             resync_used: (0..queues).map(|_| AtomicBool::new(false)).collect(),
+            recovering: AtomicBool::new(false),
         })
     }
 
@@ -178,6 +186,35 @@ impl VirtioFsBackend {
         for q in self.pools.iter().flatten() {
             q.close();
         }
+    }
+
+    /// At the first event of a ring carried on from another process: continue at the used index in
+    /// guest memory and, after a crash, take back the requests the dead daemon left unanswered.
+    fn resync(&self, ring: usize, vring: &VringRwLock, mem: &Memory) -> Vec<queue::Job> {
+        if !self
+            .resync_used
+            .get(ring)
+            .is_some_and(|r| r.swap(false, Ordering::SeqCst))
+        {
+            return Vec::new();
+        }
+        let used = match vring.queue_used_idx() {
+            Ok(used) => used,
+            Err(e) => {
+                log::error!("virtio-fs: queue {ring}: used index: {e}");
+                return Vec::new();
+            }
+        };
+        vring.set_queue_next_used(used);
+        if !self.recovering.load(Ordering::SeqCst) {
+            return Vec::new();
+        }
+        self.requests
+            .recovered_jobs(ring, vring, mem, used)
+            .unwrap_or_else(|e| {
+                log::error!("virtio-fs: queue {ring}: requests in flight at the crash: {e}");
+                Vec::new()
+            })
     }
 
     fn memory(&self) -> io::Result<Memory> {
@@ -277,28 +314,20 @@ impl VhostUserBackend for VirtioFsBackend {
             log::warn!("virtio-fs: event {device_event} on thread {thread} without a queue");
             return Ok(());
         };
-        if self
-            .resync_used
-            .get(thread)
-            .is_some_and(|r| r.swap(false, Ordering::SeqCst))
-        {
-            match vring.queue_used_idx() {
-                Ok(used) => vring.set_queue_next_used(used),
-                Err(e) => log::error!("virtio-fs: queue {thread}: used index: {e}"),
-            }
-        }
-        let result =
-            self.memory().and_then(
-                |mem| match self.pools.get(thread).and_then(Option::as_ref) {
-                    Some(q) => {
-                        if device_event == self.resume_event() {
-                            let _ = q.resume.consume();
-                        }
-                        q.serve(vring, mem)
+        let result = self.memory().and_then(|mem| {
+            let recovered = self.resync(thread, vring, &mem);
+            match self.pools.get(thread).and_then(Option::as_ref) {
+                Some(q) => {
+                    if device_event == self.resume_event() {
+                        let _ = q.resume.consume();
                     }
-                    None => self.requests.process_in_order(vring, mem),
-                },
-            );
+                    q.serve(vring, mem, recovered)
+                }
+                None => self
+                    .requests
+                    .process_in_order(thread, vring, mem, recovered),
+            }
+        });
         // Never return an error: that would end this queue's thread for good.
         if let Err(e) = result {
             log::error!("virtio-fs: queue {thread}: {e}");
@@ -349,6 +378,9 @@ pub struct Upgrades {
     /// (the daemon is stopping, a hand-over was committed): never both, so a daemon stopping on a
     /// signal knows whether the socket files are still its own.
     decided: Mutex<(bool, bool)>,
+    /// The state a successor or a restarted daemon would get changed (mounts, FUSE_INIT): the
+    /// serving thread sends the keeper a checkpoint.
+    changed: AtomicBool,
 }
 
 impl Upgrades {
@@ -357,7 +389,20 @@ impl Upgrades {
             waiting: Mutex::new(Vec::new()),
             wake: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
             decided: Mutex::new((false, false)),
+            changed: AtomicBool::new(false),
         }))
+    }
+
+    /// The daemon's state changed: have the serving thread send a checkpoint.
+    pub fn state_changed(&self) {
+        self.changed.store(true, Ordering::SeqCst);
+        if let Err(e) = self.wake.write(1) {
+            log::error!("cannot wake the vhost-user thread: {e}");
+        }
+    }
+
+    fn take_changed(&self) -> bool {
+        self.changed.swap(false, Ordering::SeqCst)
     }
 
     /// The hand-over is about to be committed: true unless the daemon is stopping (then it is not).
@@ -420,17 +465,40 @@ pub struct Restore {
     pub serving: Box<dyn FnOnce() + Send>,
 }
 
+/// A device state kept by the crash-restart keeper (see [`crate::takeover::keeper`]), to carry on
+/// after the daemon that served it died.
+pub struct Recovery {
+    pub state: State,
+    pub files: Vec<Option<std::fs::File>>,
+}
+
+/// A device to carry on before serving new VMM connections.
+pub enum Carried {
+    /// Handed over by a running predecessor (live upgrade).
+    Upgrade(Restore),
+    /// Left by a daemon that died (crash restart).
+    Crash(Recovery),
+}
+
+/// Crash restart: where requests in flight are logged and the device's state is sent.
+pub struct CrashRestart {
+    pub inflight: Arc<InflightLog>,
+    pub checkpoints: Arc<CheckpointSink>,
+}
+
 /// What serving one VMM connection needs.
 struct Connection<'a> {
     daemon: &'a Arc<Daemon>,
     listener: &'a UnixListener,
     sock: &'a Path,
     opts: DeviceOptions,
+    crash: Option<&'a CrashRestart>,
 }
 
 /// Serve the daemon's share on `listener` until `stop` is set or the device was handed over (then
 /// `Ok(true)`): one VMM connection at a time, each with a fresh backend and vring workers behind a
 /// [`relay`]. With `restore`, first carry on the predecessor's connection.
+#[allow(clippy::too_many_arguments)]
 pub fn serve(
     daemon: Arc<Daemon>,
     listener: UnixListener,
@@ -438,23 +506,34 @@ pub fn serve(
     opts: DeviceOptions,
     stop: Arc<AtomicBool>,
     upgrades: Arc<Upgrades>,
-    restore: Option<Restore>,
+    carried: Option<Carried>,
+    crash: Option<CrashRestart>,
 ) -> Result<bool> {
     let c = Connection {
         daemon: &daemon,
         listener: &listener,
         sock,
         opts,
+        crash: crash.as_ref(),
     };
-    if let Some(r) = restore {
-        if c.session(Start::Restored(Box::new(r)), &upgrades)? {
+    let start = match carried {
+        Some(Carried::Upgrade(r)) => Some(Start::Restored(Box::new(r))),
+        Some(Carried::Crash(r)) if r.state.device.is_some() => Some(Start::Recovered(Box::new(r))),
+        Some(Carried::Crash(_)) | None => None,
+    };
+    if let Some(start) = start {
+        if c.session(start, &upgrades)? {
             return Ok(true);
         }
     }
     while !stop.load(Ordering::Relaxed) {
         log::info!("virtio-fs: waiting for a VMM on {}", sock.display());
+        c.checkpoint_mounts();
         let ready = wait_readable(&[listener.as_raw_fd(), upgrades.wake.as_raw_fd()]);
         if ready[1] {
+            if upgrades.take_changed() {
+                c.checkpoint_mounts();
+            }
             for peer in upgrades.take() {
                 upgrade::refuse(
                     &peer,
@@ -486,6 +565,7 @@ pub fn serve(
 enum Start {
     Fresh(UnixStream),
     Restored(Box<Restore>),
+    Recovered(Box<Recovery>),
 }
 
 /// poll() for readability; which of `fds` are readable (none on EINTR).
@@ -514,7 +594,7 @@ fn private_listener() -> io::Result<(UnixListener, std::os::unix::net::SocketAdd
 
 impl Connection<'_> {
     /// One VMM connection, to its end (`Ok(false)`) or its hand-over to a new process (`Ok(true)`).
-    fn session(&self, start: Start, upgrades: &Upgrades) -> Result<bool> {
+    fn session(&self, start: Start, upgrades: &Arc<Upgrades>) -> Result<bool> {
         let opts = self.opts;
         let vfs = self.daemon.vfs.clone();
         let backend = Arc::new(
@@ -523,6 +603,7 @@ impl Connection<'_> {
                 opts.request_queues,
                 opts.pool_size,
                 opts.dax_window_size,
+                self.crash.map(|c| c.inflight.clone()),
             )
             .map_err(|e| Error::io("create virtio-fs backend", e))?,
         );
@@ -554,7 +635,15 @@ impl Connection<'_> {
             .map_err(|e| Error::Internal(format!("vhost-user daemon: {e}")))?;
         drop(private);
         let (vmm, mut journal) = match start {
-            Start::Fresh(vmm) => (vmm, relay::Journal::default()),
+            Start::Fresh(vmm) => {
+                if let Some(c) = self.crash {
+                    c.inflight.clear();
+                }
+                (vmm, relay::Journal::default())
+            }
+            Start::Recovered(r) => self.recover(&backend, &inner, *r).inspect_err(|e| {
+                log::error!("crash restart: carrying on the device failed: {e}")
+            })?,
             Start::Restored(r) => {
                 let Restore { handover, serving } = *r;
                 match self.restore(&backend, &inner, handover) {
@@ -571,16 +660,34 @@ impl Connection<'_> {
                 }
             }
         };
+        if self.crash.is_some() {
+            let upgrades = upgrades.clone();
+            backend
+                .requests
+                .on_fuse_init(Box::new(move || upgrades.state_changed()));
+        }
+        self.checkpoint(&journal, &vmm, &backend);
         let handed = relay::run(
             &vmm,
             &inner,
             &mut journal,
             upgrades.wake.as_raw_fd(),
             |journal| {
+                if upgrades.take_changed() {
+                    self.checkpoint(journal, &vmm, &backend);
+                }
                 upgrades
                     .take()
                     .into_iter()
                     .any(|peer| self.hand_over(peer, journal, &vmm, &inner, &backend, upgrades))
+            },
+            |journal, m| {
+                if let (Some(c), relay::SET_VRING_BASE) = (self.crash, m.request) {
+                    if let Some((ring, base)) = m.ring_state() {
+                        c.inflight.reset(ring as usize, Some(base as u16));
+                    }
+                }
+                self.checkpoint(journal, &vmm, &backend);
             },
         );
         backend.close();
@@ -609,17 +716,26 @@ impl Connection<'_> {
         Ok(false)
     }
 
-    /// The state to hand over: filesystems and device as they are now.
+    /// The state to hand over: filesystems and device as they are now. `checkpoint`: for the
+    /// crash-restart keeper, which also takes a device whose guest has not sent FUSE_INIT yet (an
+    /// empty session) and leaves passthrough shares out (see [`crate::daemon::Daemon::export`]).
     fn export(
         &self,
         journal: &relay::Journal,
         vmm: &UnixStream,
         backend: &VirtioFsBackend,
+        checkpoint: bool,
     ) -> Result<(Vec<u8>, Vec<std::fs::File>)> {
-        let fuse = backend.requests.fuse_session().ok_or_else(|| {
-            Error::Invalid("the guest has not initialised its FUSE session yet; try again".into())
-        })?;
-        let (pseudo_dirs, mounts) = self.daemon.export()?;
+        let fuse = match backend.requests.fuse_session() {
+            Some(f) => f,
+            None if checkpoint => state::FuseSession::default(),
+            None => {
+                return Err(Error::Invalid(
+                    "the guest has not initialised its FUSE session yet; try again".into(),
+                ))
+            }
+        };
+        let (pseudo_dirs, mounts) = self.daemon.export(checkpoint)?;
         let (mut device, files) = journal
             .export(
                 vmm,
@@ -650,6 +766,39 @@ impl Connection<'_> {
         Ok((bytes, files))
     }
 
+    /// Send the keeper the state as it is now (crash restart).
+    fn checkpoint(&self, journal: &relay::Journal, vmm: &UnixStream, backend: &VirtioFsBackend) {
+        let Some(c) = self.crash else { return };
+        match self.export(journal, vmm, backend, true) {
+            Ok((bytes, files)) => {
+                let fds: Vec<RawFd> = files.iter().map(AsRawFd::as_raw_fd).collect();
+                c.checkpoints.save(&bytes, &fds);
+            }
+            Err(e) => log::error!("crash restart: cannot export the state: {e}"),
+        }
+    }
+
+    /// Send the keeper the filesystems only (no VMM connected).
+    fn checkpoint_mounts(&self) {
+        let Some(c) = self.crash else { return };
+        let state = self.daemon.export(true).and_then(|(pseudo_dirs, mounts)| {
+            State {
+                version: state::VERSION,
+                front_end: "virtiofs".into(),
+                daemon_id: self.daemon.id.clone(),
+                fuse: state::FuseSession::default(),
+                pseudo_dirs,
+                mounts,
+                device: None,
+            }
+            .encode()
+        });
+        match state {
+            Ok(bytes) => c.checkpoints.save(&bytes, &[]),
+            Err(e) => log::error!("crash restart: cannot export the state: {e}"),
+        }
+    }
+
     /// The running daemon's side of [`upgrade`]; true once it committed the hand-over (from then on
     /// the new process serves the connection, or nobody does: never both).
     fn hand_over(
@@ -664,7 +813,7 @@ impl Connection<'_> {
         log::info!("live upgrade: a new daemon asks for the device");
         // The new process mounts the filesystems before it says yes; this daemon serves meanwhile.
         let offered = upgrade::prepare(&peer).and_then(|()| {
-            let (bytes, _) = self.export(journal, vmm, backend)?;
+            let (bytes, _) = self.export(journal, vmm, backend, false)?;
             upgrade::send(&peer, upgrade::STATE, &bytes, &[])?;
             upgrade::expect(&peer, upgrade::YES, upgrade::MOUNT_TIMEOUT)
         });
@@ -688,12 +837,17 @@ impl Connection<'_> {
         let ready = result
             .map_err(|e| Error::io("stop the rings", e))
             .and_then(|()| {
-                let (bytes, files) = self.export(journal, vmm, backend)?;
+                let (bytes, files) = self.export(journal, vmm, backend, false)?;
                 let fds: Vec<RawFd> = files.iter().map(AsRawFd::as_raw_fd).collect();
                 upgrade::send(&peer, upgrade::STATE, &bytes, &fds)?;
                 upgrade::expect(&peer, upgrade::READY, upgrade::STEP_TIMEOUT)?;
                 if !upgrades.commit() {
                     return Err(Error::Invalid("the running daemon is stopping".into()));
+                }
+                // The device is the new process's from now on: a crash of this one must not have
+                // the keeper start another daemon on it.
+                if let Some(c) = self.crash {
+                    c.checkpoints.forget();
                 }
                 Ok(())
             });
@@ -724,56 +878,111 @@ impl Connection<'_> {
         }
     }
 
-    /// The new process's side: set the fresh backend up as the predecessor's was with the rings not
-    /// started, say ready, and start them only once the predecessor committed.
+    /// Set the fresh backend up as the device in `state` was, with the rings not started (see
+    /// [`relay::Journal::replay_stopped`]); `bases` overrides the rings' next avail indexes.
+    fn replay(
+        &self,
+        backend: &VirtioFsBackend,
+        inner: &UnixStream,
+        state: &State,
+        files: &mut [Option<std::fs::File>],
+        bases: impl Fn(usize) -> Option<u16>,
+    ) -> Result<(UnixStream, relay::Journal)> {
+        let device = state
+            .device
+            .as_ref()
+            .ok_or_else(|| Error::Invalid("the state has no device".into()))?;
+        let vmm: UnixStream = files
+            .get_mut(device.connection_fd as usize)
+            .and_then(Option::take)
+            .map(std::os::fd::OwnedFd::from)
+            .ok_or_else(|| Error::Invalid("no VMM connection in the state".into()))?
+            .into();
+        let mut journal = relay::Journal::import(device, files)
+            .map_err(|e| Error::io("the device's descriptors", e))?;
+        for ring in 0..device.vrings.len() {
+            if let Some(base) = bases(ring) {
+                journal.set_base(ring as u32, base.into());
+            }
+        }
+        // A guest that has not sent FUSE_INIT yet (a checkpoint taken before it) sends it later.
+        if state.fuse.major != 0 {
+            backend.requests.set_fuse_session(state.fuse);
+        }
+        backend.resync_used_rings();
+        journal
+            .replay_stopped(inner)
+            .map_err(|e| Error::io("set the backend up", e))?;
+        if !device.dax_mappings.is_empty() {
+            let live: Vec<(u64, u64)> = device
+                .dax_mappings
+                .iter()
+                .map(|m| (m.offset, m.len))
+                .collect();
+            backend
+                .requests
+                .dax()
+                .ok_or_else(|| Error::Invalid("DAX mappings but no DAX window".into()))?
+                .adopt(&live)
+                .map_err(|e| Error::io("the DAX window's live mappings", e))?;
+        }
+        Ok((vmm, journal))
+    }
+
+    /// The new process's side of a live upgrade: set the fresh backend up as the predecessor's was
+    /// with the rings not started, say ready, and start them only once the predecessor committed.
     fn restore(
         &self,
         backend: &VirtioFsBackend,
         inner: &UnixStream,
         mut handover: upgrade::Handover,
     ) -> Result<(UnixStream, relay::Journal)> {
-        let prepared = (|| -> Result<(UnixStream, relay::Journal)> {
-            let device = handover
-                .state
-                .device
-                .clone()
-                .ok_or_else(|| Error::Invalid("the state has no device".into()))?;
-            let vmm: UnixStream = handover
-                .files
-                .get_mut(device.connection_fd as usize)
-                .and_then(Option::take)
-                .map(std::os::fd::OwnedFd::from)
-                .ok_or_else(|| Error::Invalid("no VMM connection in the state".into()))?
-                .into();
-            let mut journal = relay::Journal::import(&device, &mut handover.files)
-                .map_err(|e| Error::io("the device's descriptors", e))?;
-            backend.requests.set_fuse_session(handover.state.fuse);
-            backend.resync_used_rings();
-            journal
-                .replay_stopped(inner)
-                .map_err(|e| Error::io("set the backend up", e))?;
-            if !device.dax_mappings.is_empty() {
-                let live: Vec<(u64, u64)> = device
-                    .dax_mappings
-                    .iter()
-                    .map(|m| (m.offset, m.len))
-                    .collect();
-                backend
-                    .requests
-                    .dax()
-                    .ok_or_else(|| Error::Invalid("DAX mappings but no DAX window".into()))?
-                    .adopt(&live)
-                    .map_err(|e| Error::io("the DAX window's live mappings", e))?;
-            }
-            Ok((vmm, journal))
-        })();
+        let prepared = self.replay(backend, inner, &handover.state, &mut handover.files, |_| {
+            None
+        });
         let (vmm, journal) =
             prepared.inspect_err(|e| handover.refuse(&Error::Internal(e.to_string())))?;
+        // The predecessor drained its rings: nothing is in flight, each continues at its base.
+        if let Some(c) = self.crash {
+            c.inflight.clear();
+            for (ring, base) in journal.bases() {
+                c.inflight.reset(ring, Some(base));
+            }
+        }
         // Without the commit the rings stay the predecessor's: this process exits untouched.
         handover.ready()?;
         journal
             .start(inner)
             .map_err(|e| Error::io("start the rings", e))?;
+        Ok((vmm, journal))
+    }
+
+    /// A daemon restarted after a crash: carry on the device of the keeper's last checkpoint. Each
+    /// ring continues where the inflight log says the dead daemon stopped taking requests; the ones it
+    /// took and did not answer are answered again at the ring's first event
+    /// ([`VirtioFsBackend::resync`]).
+    fn recover(
+        &self,
+        backend: &VirtioFsBackend,
+        inner: &UnixStream,
+        mut recovery: Recovery,
+    ) -> Result<(UnixStream, relay::Journal)> {
+        let inflight = self
+            .crash
+            .map(|c| c.inflight.clone())
+            .ok_or_else(|| Error::Internal("crash recovery without an inflight log".into()))?;
+        backend.recovering.store(true, Ordering::SeqCst);
+        let (vmm, journal) = self.replay(
+            backend,
+            inner,
+            &recovery.state,
+            &mut recovery.files,
+            |ring| inflight.next_avail(ring),
+        )?;
+        journal
+            .start(inner)
+            .map_err(|e| Error::io("start the rings", e))?;
+        log::warn!("crash restart: carrying on the device of the daemon that died");
         Ok((vmm, journal))
     }
 }
@@ -787,11 +996,11 @@ mod tests {
     #[test]
     fn the_largest_device_fits_the_ring_masks() {
         let vfs = Arc::new(Vfs::new(fuse_backend_rs::api::VfsOptions::default()));
-        let largest = VirtioFsBackend::new(vfs.clone(), MAX_REQUEST_QUEUES, 1, 0).unwrap();
+        let largest = VirtioFsBackend::new(vfs.clone(), MAX_REQUEST_QUEUES, 1, 0, None).unwrap();
         let masks = largest.queues_per_thread();
         assert_eq!(masks.len(), MAX_RINGS);
         assert_eq!(masks.last(), Some(&(1u64 << 63)));
-        let err = VirtioFsBackend::new(vfs, MAX_REQUEST_QUEUES + 1, 1, 0)
+        let err = VirtioFsBackend::new(vfs, MAX_REQUEST_QUEUES + 1, 1, 0, None)
             .err()
             .unwrap();
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);

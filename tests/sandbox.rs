@@ -22,21 +22,41 @@ const KEPT_CAPS: u64 =
 fn daemon_child(supervisor: i32) -> i32 {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let children =
-            std::fs::read_to_string(format!("/proc/{supervisor}/task/{supervisor}/children"))
-                .unwrap_or_default();
-        let pids: Vec<i32> = children
-            .split_whitespace()
-            .filter_map(|p| p.parse().ok())
-            .collect();
-        if let [pid] = pids[..] {
+        if let Some(pid) = kit::daemon::serving_process(supervisor) {
             return pid;
         }
         assert!(
             Instant::now() < deadline,
-            "supervisor {supervisor} has children {pids:?}, expected one daemon"
+            "supervisor {supervisor} has children {:?}, expected one daemon",
+            kit::daemon::children(supervisor)
         );
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The crash-restart keeper (pid 1 of the daemon's namespaces, the serving daemon `worker`'s parent):
+/// NO_NEW_PRIVS, the daemon's capabilities at most, the same namespaces as the daemon. It has no
+/// seccomp filter (it forks the next daemon; see src/takeover/keeper.rs).
+fn assert_keeper_confined(keeper: i32, worker: i32) {
+    let status = std::fs::read_to_string(format!("/proc/{keeper}/status")).unwrap();
+    let nspid = status_field(&status, "NSpid");
+    assert!(
+        nspid.ends_with("\t1") || nspid.ends_with(" 1"),
+        "NSpid: {nspid}"
+    );
+    assert_eq!(status_field(&status, "NoNewPrivs"), "1");
+    assert_eq!(
+        status_field(&status, "Threads"),
+        "1",
+        "the keeper forks: one thread"
+    );
+    for set in ["CapEff", "CapPrm", "CapBnd"] {
+        let caps = u64::from_str_radix(&status_field(&status, set), 16).unwrap();
+        assert_eq!(caps & !KEPT_CAPS, 0, "keeper {set}: {caps:x}");
+    }
+    let ns = |pid: i32, kind: &str| std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).unwrap();
+    for kind in ["mnt", "net"] {
+        assert_eq!(ns(keeper, kind), ns(worker, kind), "{kind} namespace");
     }
 }
 
@@ -169,14 +189,16 @@ fn virtiofs_daemon_threads_are_confined_in_their_own_namespaces() {
         threads >= 4,
         "API, vhost-user and vring worker threads: {threads}"
     );
-    // Pid 1 of its own pid namespace, with its own mount and network namespaces.
+    // Pid 2 of its own pid namespace (pid 1 is the crash-restart keeper, which forked it), with its
+    // own mount and network namespaces.
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let nspid = status_field(&status, "NSpid");
     assert!(
-        status_field(&status, "NSpid").ends_with("\t1")
-            || status_field(&status, "NSpid").ends_with(" 1"),
-        "NSpid: {}",
-        status_field(&status, "NSpid")
+        nspid.ends_with("\t2") || nspid.ends_with(" 2"),
+        "NSpid: {nspid}"
     );
+    let keeper = daemon::children(d.pid())[0];
+    assert_keeper_confined(keeper, pid);
     for kind in ["mnt", "pid", "net"] {
         assert_ne!(
             ns(&pid.to_string(), kind),
@@ -231,7 +253,9 @@ fn sigterm_and_wait(d: &mut VirtiofsDaemon) -> String {
 fn sigterm_to_the_supervisor_stops_the_sandboxed_daemon_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let mut d = VirtiofsDaemon::start(BIN, dir.path(), &[]);
-    let pid = daemon_child(d.pid());
+    // The supervisor's child: the crash-restart keeper, which passes the signal on and exits as the
+    // daemon did.
+    let pid = daemon::children(d.pid())[0];
     // The filtered supervisor forwards the signal, reports the exit code and removes the sockets.
     assert_supervisor_confined(d.pid(), 1 << 1);
     let log = sigterm_and_wait(&mut d);
@@ -404,7 +428,7 @@ fn a_syscall_outside_the_policy_is_logged_in_log_mode() {
     for attempt in 1..=3 {
         let dir = tempfile::tempdir().unwrap();
         let mut p = Probed::start(dir.path(), "1", &["--seccomp", "log"]);
-        let pid = daemon_pid_from_log(&p.log);
+        let pid = daemon_child(p.child.id() as i32);
         let deadline = Instant::now() + Duration::from_secs(7);
         let record = loop {
             if let Some(r) = audit_record(pid) {

@@ -1172,6 +1172,110 @@ fn reads_stalled_hold_back_no_other_request(event_idx: bool) {
     d.kill_and_check();
 }
 
+/// Crash restart (`--sandbox namespace`): three reads wait on the backend when the serving process is
+/// killed with SIGKILL. The VMM's connection stays up (the keeper holds it); the daemon the keeper
+/// starts next finds the three in the inflight log and answers them with the right bytes, exactly once
+/// each, and serves the next requests.
+#[test]
+#[ignore = "needs root: ci/test.sh"]
+fn reads_in_flight_when_the_daemon_is_killed_are_answered_by_the_next_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, server, mut g) = guest_on_registry(dir.path(), &[], true);
+    let (random, fh) = open_random_2m5(&mut g);
+    let held = server.hold_data();
+    let offsets = [256 << 10, 1 << 20, 2 << 20];
+    let slow = post_reads(&mut g, random, fh, &offsets);
+    assert!(
+        server.wait_held(3, Duration::from_secs(10)),
+        "{} of 3 reads reached the backend\nlog:\n{}",
+        server.held(),
+        d.log_text()
+    );
+    let (killed, next) = kit::daemon::kill_worker(d.pid(), Duration::from_secs(30));
+    assert!(
+        next.is_some(),
+        "no daemon after {killed}:\n{}",
+        d.log_text()
+    );
+    drop(held);
+    let replies = reap_all(&mut g, &slow, &slow, Duration::from_secs(30), &d);
+    check_reads(&mut g, random, &slow, &offsets, &replies);
+    // The device carries on; an answer given twice would show up here as a head not posted.
+    let getattr = post_getattr(&mut g, random);
+    let r = reap_all(&mut g, &[getattr], &[getattr], Duration::from_secs(10), &d);
+    assert_eq!(r[0].1.header.error, 0);
+    let log = d.log_text();
+    assert!(
+        log.contains("answering again 3 requests"),
+        "the restarted daemon did not take the three reads from the log:\n{log}"
+    );
+    drop(g);
+    d.kill_and_check();
+}
+
+/// Crash restart with a passthrough share: the share's inode numbers died with the daemon, so after the
+/// restart the guest's references into it get an error — never another file of the share (a fresh mount
+/// would give the same numbers to other files) — while the RAFS image serves on, and the share works
+/// again once unmounted and mounted through the API.
+#[test]
+#[ignore = "needs root: ci/test.sh"]
+fn after_a_crash_a_passthrough_share_answers_errors_never_other_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let share = dir.path().join("share");
+    std::fs::create_dir(&share).unwrap();
+    for name in ["a", "b", "c"] {
+        std::fs::write(share.join(name), name.repeat(100)).unwrap();
+    }
+    let d = VirtiofsDaemon::start(BIN, dir.path(), &[]);
+    let (status, body) = d.try_mount("/share", "passthrough_fs", &share, "");
+    assert_eq!(status, 204, "{body}");
+    d.mount_rafs(
+        "/img",
+        &manifest::case_bootstrap(IMG1),
+        &daemon::v1_config(
+            &manifest::case_blob_dir(IMG1),
+            &dir.path().join("cache"),
+            true,
+            "",
+        ),
+    );
+    let mut g = Guest::connect(&d.sock, Options::default()).unwrap();
+    g.fuse_init().unwrap();
+    let a = g.lookup_path(ROOT, "share/a").unwrap().nodeid;
+    assert_eq!(g.read_file(a, 4096).unwrap(), "a".repeat(100).as_bytes());
+    let passwd = g.lookup_path(ROOT, "img/etc/passwd").unwrap().nodeid;
+
+    let (killed, next) = kit::daemon::kill_worker(d.pid(), Duration::from_secs(30));
+    assert!(
+        next.is_some(),
+        "no daemon after {killed}:\n{}",
+        d.log_text()
+    );
+    // The new daemon looks other files of the share up first: a fresh share would number them as the
+    // dead daemon numbered `a`.
+    assert!(g.lookup_path(ROOT, "share/c").is_err());
+    assert!(g.lookup_path(ROOT, "share/b").is_err());
+    assert!(
+        g.getattr(a).is_err(),
+        "the share's old inode must not name a file"
+    );
+    assert!(g.read_file(a, 4096).is_err());
+    let data = g.read_file(passwd, 4096).unwrap();
+    assert_eq!(sha256_hex(&data), manifest_sha("etc/passwd"));
+    assert!(d.log_text().contains("is lost to the guest"));
+    // Mounted again through the API, the share serves fresh lookups.
+    let (status, body) = d
+        .api("DELETE", "/api/v1/mount?mountpoint=/share", "")
+        .unwrap();
+    assert_eq!(status, 204, "{body}");
+    let (status, body) = d.try_mount("/share", "passthrough_fs", &share, "");
+    assert_eq!(status, 204, "{body}");
+    let b = g.lookup_path(ROOT, "share/b").unwrap().nodeid;
+    assert_eq!(g.read_file(b, 4096).unwrap(), "b".repeat(100).as_bytes());
+    drop(g);
+    d.kill_and_check();
+}
+
 /// `--thread-pool-size 0`: the queue's requests are answered one at a time, in order (the old way, and the
 /// benchmarks' baseline).
 #[test]

@@ -6,10 +6,12 @@
 //! supervisor holds the descriptor.
 //!
 //! - [`state`]: what is handed over, versioned.
+//! - [`keeper`]: crash restart of the virtio-fs daemon (the sandbox's first process keeps its state).
 //! - [`supervisor`]: the supervisor socket protocol (state bytes plus SCM_RIGHTS).
 //! - [`vfs_index`]: rebuilding the `Vfs` with the inode numbers the kernel already knows.
 //! - [`MountFate`]: whether the sandbox supervisor process unmounts when the daemon ends.
 
+pub mod keeper;
 pub mod state;
 pub mod supervisor;
 pub mod vfs_index;

@@ -25,7 +25,7 @@ pub const MAX_BYTES: usize = 64 << 20;
 const MAGIC: &[u8] = b"rafsd-state\n";
 
 /// The FUSE session as the kernel negotiated it at FUSE_INIT (it is not sent again to a successor).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Default, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FuseSession {
     pub major: u32,

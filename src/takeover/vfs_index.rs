@@ -36,8 +36,14 @@ pub fn replay_pseudo_dirs(vfs: &Vfs, dirs: &[PseudoDir]) -> Result<()> {
     Ok(())
 }
 
-/// An empty filesystem that only holds a mount index until the real one replaces it.
+/// An empty filesystem that only holds a mount index until the real one replaces it (or for good, in
+/// place of a filesystem that could not be carried on: every request gets an error).
 struct Placeholder;
+
+/// A [`Placeholder`] to mount.
+pub fn placeholder() -> BackFileSystem {
+    Box::new(Placeholder)
+}
 
 impl FileSystem for Placeholder {
     type Inode = u64;

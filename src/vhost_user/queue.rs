@@ -32,13 +32,14 @@ use fuse_backend_rs::api::Vfs;
 use fuse_backend_rs::transport::FsCacheReqHandler;
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
 use vhost_user_backend::{VringRwLock, VringT};
-use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{Address, ByteValued, Bytes, GuestMemoryLoadGuard, GuestMemoryMmap};
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use super::inflight_log::{InflightLog, Recovered};
 use crate::dax::{Admission, DaxWindow};
 use crate::takeover::state::FuseSession;
 use crate::worker_pool::WorkerPool;
@@ -55,8 +56,17 @@ pub const FAST_READS: u32 = 8;
 
 pub type Memory = GuestMemoryLoadGuard<GuestMemoryMmap>;
 type Chain = DescriptorChain<Memory>;
-/// A request to answer: its descriptor chain and the ring it goes back to.
-type Job = (Chain, VringRwLock, Kind);
+
+/// A request to answer: its descriptor chain, the ring it goes back to (and that ring's index), what
+/// it does, and whether it is to be answered with EIO rather than run (a request that was in flight
+/// in two daemons that died: see [`InflightLog`]).
+pub struct Job {
+    chain: Chain,
+    vring: VringRwLock,
+    ring: usize,
+    kind: Kind,
+    fail: bool,
+}
 
 /// What answering a request needs; shared by the queue threads, watchers and workers of one connection.
 pub struct Requests {
@@ -70,6 +80,10 @@ pub struct Requests {
     gate: Gate,
     /// The guest's last FUSE_INIT, handed to a successor (which never sees it).
     init: Mutex<Option<FuseSession>>,
+    /// Called when the guest sends FUSE_INIT (the state to hand over changed).
+    on_init: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
+    /// Requests taken and not answered yet, for a daemon restarted after a crash.
+    log: Option<Arc<InflightLog>>,
 }
 
 /// Whether requests may be taken off the rings, and how many taken are not answered yet. A live
@@ -126,7 +140,7 @@ impl Gate {
 }
 
 impl Requests {
-    pub fn new(vfs: Arc<Vfs>) -> Self {
+    pub fn new(vfs: Arc<Vfs>, log: Option<Arc<InflightLog>>) -> Self {
         Requests {
             server: Server::new(vfs),
             event_idx: AtomicBool::new(false),
@@ -134,7 +148,14 @@ impl Requests {
             live: RwLock::new(true),
             gate: Gate::default(),
             init: Mutex::new(None),
+            on_init: Mutex::new(None),
+            log,
         }
+    }
+
+    /// Call `f` whenever the guest (re)initialises its FUSE session.
+    pub fn on_fuse_init(&self, f: Box<dyn Fn() + Send + Sync>) {
+        *self.on_init.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
     }
 
     /// The guest's FUSE_INIT parameters, if it sent one on this connection.
@@ -207,27 +228,115 @@ impl Requests {
         };
         if let Some(init) = fuse_init(&reader) {
             *self.init.lock().unwrap_or_else(|e| e.into_inner()) = Some(init);
+            if let Some(f) = &*self.on_init.lock().unwrap_or_else(|e| e.into_inner()) {
+                f();
+            }
         }
         let window = self.dax.read().unwrap_or_else(|e| e.into_inner()).clone();
         handle_request(&self.server, reader, writer, window.as_ref())
     }
 
-    /// Answer a request, put it in the used ring, interrupt the guest if it wants that now.
-    fn run(&self, chain: Chain, vring: VringRwLock) {
+    /// Answer a request (or fail it, see [`Job`]), put it in the used ring, interrupt the guest if it
+    /// wants that now.
+    fn run(&self, job: Job) {
+        let Job {
+            chain,
+            vring,
+            ring,
+            fail,
+            ..
+        } = job;
         let head = chain.head_index();
         // A panic in the server must still give the descriptor back, or the guest waits for it forever.
-        let len =
+        let len = if fail {
+            fail_chain(chain, libc::EIO)
+        } else {
             catch_unwind(AssertUnwindSafe(|| self.handle_chain(chain))).unwrap_or_else(|_| {
                 log::error!("virtio-fs: request handler panicked; returning the descriptor empty");
                 0
-            });
-        if let Err(e) = self.complete(&vring, head, len) {
+            })
+        };
+        if let Err(e) = self.complete(ring, &vring, head, len) {
             log::warn!("virtio-fs: returning descriptor {head}: {e}");
         }
         self.gate.answered();
     }
 
-    fn complete(&self, vring: &VringRwLock, head: u16, len: u32) -> io::Result<()> {
+    /// Put `head` into the used ring with the log's two marks around it (see [`InflightLog`]); the
+    /// caller holds the ring's lock.
+    fn put_used(
+        &self,
+        ring: usize,
+        state: &mut vhost_user_backend::VringState,
+        head: u16,
+        len: u32,
+    ) -> io::Result<()> {
+        if let Some(log) = &self.log {
+            log.completing(ring, head, state.get_queue().next_used());
+        }
+        let r = state.add_used(head, len).map_err(io::Error::other);
+        if let Some(log) = &self.log {
+            log.completed(ring, head);
+        }
+        r
+    }
+
+    /// Take the next request off `vring` (ring `ring`), noting it in the log.
+    fn pop_logged(&self, ring: usize, vring: &VringRwLock, mem: &Memory) -> Option<Chain> {
+        let mut state = vring.get_mut();
+        let chain = state.get_queue_mut().pop_descriptor_chain(mem.clone())?;
+        if let Some(log) = &self.log {
+            log.taken(ring, chain.head_index(), state.get_queue().next_avail());
+        }
+        Some(chain)
+    }
+
+    /// A daemon restarted after a crash, at its first event on `ring`: the used index in guest memory
+    /// is where the ring continues; the requests the dead daemon took and did not answer are rebuilt
+    /// from their heads (the guest does not reuse a head before it is answered) as jobs to answer
+    /// again (or fail).
+    pub fn recovered_jobs(
+        &self,
+        ring: usize,
+        vring: &VringRwLock,
+        mem: &Memory,
+        used: u16,
+    ) -> io::Result<Vec<Job>> {
+        let Some(log) = &self.log else {
+            return Ok(Vec::new());
+        };
+        let Recovered { rerun, fail } = log.recover(ring, used);
+        if rerun.is_empty() && fail.is_empty() {
+            return Ok(Vec::new());
+        }
+        log::warn!(
+            "virtio-fs: queue {ring}: answering again {} requests the previous daemon took and \
+             did not answer; failing {} that were in flight in two daemons that died",
+            rerun.len(),
+            fail.len()
+        );
+        let (desc_table, size) = {
+            let state = vring.get_ref();
+            (state.get_queue().desc_table(), state.get_queue().size())
+        };
+        let heads = rerun.iter().chain(&fail).copied();
+        let chains = chains_at(mem, desc_table, size, heads)?;
+        let taken = chains.len();
+        let jobs = chains
+            .into_iter()
+            .map(|chain| Job {
+                kind: Kind::of(&chain),
+                fail: fail.contains(&chain.head_index()),
+                chain,
+                vring: vring.clone(),
+                ring,
+            })
+            .collect();
+        *self.gate.taken.lock().unwrap_or_else(|e| e.into_inner()) += taken;
+        Ok(jobs)
+    }
+
+    fn complete(&self, ring: usize, vring: &VringRwLock, head: u16, len: u32) -> io::Result<()> {
         let live = self.live.read().unwrap_or_else(|e| e.into_inner());
         if !*live {
             return Ok(());
@@ -239,7 +348,7 @@ impl Requests {
         // a pause then resumes with every request answered.
         let notify = {
             let mut state = vring.get_mut();
-            state.add_used(head, len).map_err(io::Error::other)?;
+            self.put_used(ring, &mut state, head, len)?;
             // With EVENT_IDX each check covers the entries added since the previous one, whichever
             // thread added them, so an entry is never left without its interrupt.
             !self.event_idx.load(Ordering::Relaxed) || state.needs_notification().unwrap_or(true)
@@ -250,29 +359,41 @@ impl Requests {
         Ok(())
     }
 
-    /// Answer every available request on this thread, in order, then notify once.
-    pub fn process_in_order(&self, vring: &VringRwLock, mem: Memory) -> io::Result<()> {
+    /// Answer every available request of ring `ring` on this thread, in order, then notify once.
+    /// `recovered`: requests a dead predecessor took, answered first.
+    pub fn process_in_order(
+        &self,
+        ring: usize,
+        vring: &VringRwLock,
+        mem: Memory,
+        recovered: Vec<Job>,
+    ) -> io::Result<()> {
         let event_idx = self.event_idx.load(Ordering::Relaxed);
+        self.gate.answer_each(recovered, |job| {
+            let head = job.chain.head_index();
+            let used = if job.fail {
+                fail_chain(job.chain, libc::EIO)
+            } else {
+                self.handle_chain(job.chain)
+            };
+            self.put_used(ring, &mut vring.get_mut(), head, used)
+        })?;
         loop {
             if event_idx {
                 vring.disable_notification().map_err(io::Error::other)?;
             }
             let Some(chains) = self.gate.take(|| {
-                let chains: io::Result<Vec<_>> = vring
-                    .get_mut()
-                    .get_queue_mut()
-                    .iter(mem.clone())
-                    .map(Iterator::collect)
-                    .map_err(io::Error::other);
-                let n = chains.as_ref().map_or(0, Vec::len);
+                let chains: Vec<_> =
+                    std::iter::from_fn(|| self.pop_logged(ring, vring, &mem)).collect();
+                let n = chains.len();
                 (chains, n)
             }) else {
                 return Ok(());
             };
-            self.gate.answer_each(chains?, |chain| {
+            self.gate.answer_each(chains, |chain| {
                 let head = chain.head_index();
                 let used = self.handle_chain(chain);
-                vring.add_used(head, used).map_err(io::Error::other)
+                self.put_used(ring, &mut vring.get_mut(), head, used)
             })?;
             if !event_idx || vring.needs_notification().map_err(io::Error::other)? {
                 vring.signal_used_queue()?;
@@ -349,9 +470,10 @@ impl ReadStreak {
 }
 
 /// Answer `chain`, timing it when it is a READ.
-fn run_timed(requests: &Requests, streak: &ReadStreak, (chain, vring, kind): Job) {
+fn run_timed(requests: &Requests, streak: &ReadStreak, job: Job) {
     let start = Instant::now();
-    requests.run(chain, vring);
+    let kind = job.kind;
+    requests.run(job);
     if kind == Kind::Read {
         streak.record(start.elapsed());
     }
@@ -439,7 +561,12 @@ impl RequestQueue {
     /// The queue thread, on a kick or a resume event: take requests off the ring as long as the pool
     /// has room; answer a lone metadata request here (a lone READ too while READs are fast), hand the
     /// others to workers.
-    pub fn serve(&self, vring: &VringRwLock, mem: Memory) -> io::Result<()> {
+    /// `recovered`: requests a dead predecessor took (see [`Requests::recover`]), handed to the
+    /// workers first.
+    pub fn serve(&self, vring: &VringRwLock, mem: Memory, recovered: Vec<Job>) -> io::Result<()> {
+        for job in recovered {
+            self.pool.submit(job);
+        }
         {
             // The resume event does not go through the library's enabled check the kick goes through.
             let state = vring.get_ref();
@@ -462,9 +589,9 @@ impl RequestQueue {
                             Kind::Data => false,
                         };
                         if here && !more_available(vring, &mem) {
-                            self.answer_here((chain, vring.clone(), kind), &mem);
+                            self.answer_here(self.job(chain, vring, kind), &mem);
                         } else {
-                            self.pool.submit((chain, vring.clone(), kind));
+                            self.pool.submit(self.job(chain, vring, kind));
                         }
                     }
                     Pop::Empty => break,
@@ -480,16 +607,23 @@ impl RequestQueue {
         }
     }
 
+    fn job(&self, chain: Chain, vring: &VringRwLock, kind: Kind) -> Job {
+        Job {
+            chain,
+            vring: vring.clone(),
+            ring: self.index,
+            kind,
+            fail: false,
+        }
+    }
+
     fn pop(&self, vring: &VringRwLock, mem: &Memory) -> Pop {
         if !self.pool.has_room() {
             return Pop::Full;
         }
         // The ring lock is held for one pop only.
         let chain = self.requests.gate.take(|| {
-            let chain = vring
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(mem.clone());
+            let chain = self.requests.pop_logged(self.index, vring, mem);
             let n = usize::from(chain.is_some());
             (chain, n)
         });
@@ -503,7 +637,8 @@ impl RequestQueue {
     /// The alarm is set only when it is not set already: while requests keep coming, the watcher wakes
     /// once per [`SLOW_REQUEST`] to look (and sets it again), instead of two timer syscalls per request.
     fn answer_here(&self, job: Job, mem: &Memory) {
-        *self.ring.lock().unwrap_or_else(|e| e.into_inner()) = Some((job.1.clone(), mem.clone()));
+        *self.ring.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((job.vring.clone(), mem.clone()));
         self.busy_since.store(self.now(), Ordering::SeqCst);
         if !self.armed.swap(true, Ordering::SeqCst) {
             self.alarm.set(Some(SLOW_REQUEST));
@@ -554,7 +689,7 @@ impl RequestQueue {
                     if let Some((vring, mem)) = ring {
                         while let Pop::Request(chain) = self.pop(&vring, &mem) {
                             let kind = Kind::of(&chain);
-                            self.pool.submit((chain, vring.clone(), kind));
+                            self.pool.submit(self.job(chain, &vring, kind));
                         }
                     }
                     if wait_readable([self.stop.0.as_raw_fd()], Some(WATCH_INTERVAL))
@@ -712,6 +847,89 @@ fn fuse_init<S: BitmapSlice>(reader: &Reader<'_, S>) -> Option<FuseSession> {
     })
 }
 
+/// Answer `chain` with `-errno` without running it; the bytes written.
+fn fail_chain(chain: Chain, errno: i32) -> u32 {
+    let mem = chain.memory();
+    let (Ok(reader), Ok(writer)) = (
+        Reader::<()>::from_descriptor_chain(mem, chain.clone()),
+        VirtioFsWriter::new(mem, chain.clone()),
+    ) else {
+        return 0;
+    };
+    match reader.clone().read_obj::<InHeader>() {
+        Ok(header) => reply_error(writer, header.unique, errno),
+        Err(_) => 0,
+    }
+}
+
+/// The descriptor chains whose heads are `heads`, in the ring of `size` descriptors whose table is at
+/// `desc_table` (a daemon restarted after a crash answers them again). virtio-queue builds chains only
+/// from an avail ring, and the guest's has moved on: so a private avail ring listing `heads` is put
+/// in a region of our own added above the guest's memory. The chains read and write the guest's
+/// memory like any other (the regions are the same mappings).
+fn chains_at(
+    mem: &Memory,
+    desc_table: u64,
+    size: u16,
+    heads: impl Iterator<Item = u16>,
+) -> io::Result<Vec<Chain>> {
+    use virtio_queue::Queue;
+    use vm_memory::{
+        GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryAtomic, GuestRegionMmap,
+        MmapRegion,
+    };
+    const PAGE: u64 = 4096;
+    // The avail ring (6 + 2 per descriptor bytes) in the first page, the used ring (6 + 8 per
+    // descriptor; never written: answers go to the guest's ring) after it.
+    let len = PAGE + (6 + 8 * u64::from(size)).next_multiple_of(PAGE);
+    let base = mem
+        .last_addr()
+        .raw_value()
+        .checked_add(1)
+        .and_then(|a| a.checked_next_multiple_of(PAGE))
+        .ok_or_else(|| io::Error::other("no room above the guest's memory"))?;
+    let region = GuestRegionMmap::new(
+        MmapRegion::<()>::new(len as usize).map_err(io::Error::other)?,
+        GuestAddress(base),
+    )
+    .ok_or_else(|| io::Error::other("no room above the guest's memory"))?;
+    let extended = mem
+        .insert_region(Arc::new(region))
+        .map_err(io::Error::other)?;
+    let heads: Vec<u16> = heads.collect();
+    let avail = GuestAddress(base);
+    let count = u16::try_from(heads.len()).map_err(io::Error::other)?;
+    extended
+        .write_obj(count.to_le(), avail.unchecked_add(2))
+        .map_err(io::Error::other)?;
+    for (i, h) in heads.iter().enumerate() {
+        extended
+            .write_obj(h.to_le(), avail.unchecked_add(4 + 2 * i as u64))
+            .map_err(io::Error::other)?;
+    }
+    let mem = GuestMemoryAtomic::new(extended).memory();
+    let mut queue = Queue::new(size).map_err(io::Error::other)?;
+    queue.set_size(size);
+    let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
+    let (lo, hi) = split(desc_table);
+    queue.set_desc_table_address(lo, hi);
+    let (lo, hi) = split(base);
+    queue.set_avail_ring_address(lo, hi);
+    let (lo, hi) = split(base + PAGE);
+    queue.set_used_ring_address(lo, hi);
+    queue.set_ready(true);
+    let chains: Vec<Chain> =
+        std::iter::from_fn(|| queue.pop_descriptor_chain(mem.clone())).collect();
+    if chains.len() != heads.len() {
+        log::error!(
+            "virtio-fs: {} of {} requests in flight could not be read again",
+            heads.len() - chains.len(),
+            heads.len()
+        );
+    }
+    Ok(chains)
+}
+
 /// A reply carrying only `-errno`, as the server writes it.
 fn reply_error<S: BitmapSlice>(mut writer: VirtioFsWriter<'_, S>, unique: u64, errno: i32) -> u32 {
     let out = OutHeader {
@@ -774,7 +992,7 @@ mod tests {
     /// it open, or it consumes the kick without taking anything and the ring stalls.
     #[test]
     fn resume_kicks_after_the_gate_opens() {
-        let requests = Requests::new(Arc::new(Vfs::new(Default::default())));
+        let requests = Requests::new(Arc::new(Vfs::new(Default::default())), None);
         assert!(requests.pause(Duration::from_millis(10)));
         assert!(requests.gate.take(|| ((), 0)).is_none(), "paused");
         let mut kicked_open = None;
@@ -785,7 +1003,7 @@ mod tests {
     /// A pause that times out leaves the gate closed until the caller resumes (and kicks).
     #[test]
     fn a_pause_that_times_out_stays_closed_until_resumed() {
-        let requests = Requests::new(Arc::new(Vfs::new(Default::default())));
+        let requests = Requests::new(Arc::new(Vfs::new(Default::default())), None);
         requests.gate.take(|| ((), 1)).unwrap();
         assert!(!requests.pause(Duration::from_millis(10)));
         assert!(requests.gate.take(|| ((), 0)).is_none());

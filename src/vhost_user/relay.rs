@@ -251,6 +251,15 @@ impl Journal {
             .collect()
     }
 
+    /// Each ring's next avail index, where one was set.
+    pub fn bases(&self) -> Vec<(usize, u16)> {
+        self.rings
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| Some((i, r.base? as u16)))
+            .collect()
+    }
+
     pub fn set_base(&mut self, index: u32, base: u32) {
         if let Some(r) = self.ring(index.into()) {
             r.base = Some(base);
@@ -487,13 +496,15 @@ pub enum End {
 }
 
 /// Relay between the VMM's socket and the backend's until one ends, or until `on_wake` (called when
-/// `wake` is readable, between two messages) says the connection was handed over.
+/// `wake` is readable, between two messages) says the connection was handed over. `relayed` is called
+/// after each message (and its reply) went through.
 pub fn run(
     vmm: &UnixStream,
     backend: &UnixStream,
     journal: &mut Journal,
     wake: RawFd,
     mut on_wake: impl FnMut(&mut Journal) -> bool,
+    mut relayed: impl FnMut(&Journal, &Msg),
 ) -> io::Result<End> {
     loop {
         let mut fds = [
@@ -536,6 +547,7 @@ pub fn run(
             journal.record_reply(&r);
             r.send(vmm)?;
         }
+        relayed(journal, &m);
     }
 }
 

@@ -101,6 +101,15 @@ impl Msg {
     }
 
     /// The payload's first 8 bytes as a little-endian u64 (the body of most requests).
+    /// The (ring index, number) of a SET_VRING_NUM/BASE/ENABLE or GET_VRING_BASE payload.
+    pub fn ring_state(&self) -> Option<(u32, u32)> {
+        let p = self.payload.get(..8)?;
+        Some((
+            u32::from_le_bytes(p[..4].try_into().ok()?),
+            u32::from_le_bytes(p[4..].try_into().ok()?),
+        ))
+    }
+
     pub fn u64(&self) -> Option<u64> {
         Some(u64::from_le_bytes(self.payload.get(..8)?.try_into().ok()?))
     }

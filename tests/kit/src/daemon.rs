@@ -251,3 +251,63 @@ pub fn read_http_response(s: &mut std::os::unix::net::UnixStream) -> (u16, Strin
         .unwrap_or_default();
     (status, body)
 }
+
+/// The pids of `pid`'s children.
+pub fn children(pid: i32) -> Vec<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// The process that serves, under the supervisor `supervisor` of a sandboxed daemon: the
+/// supervisor's only child, or under `rafsd virtiofs --sandbox namespace` that child's (the crash-restart
+/// keeper's) only child. `None` while there is not exactly one at each level (a daemon being restarted).
+pub fn serving_process(supervisor: i32) -> Option<i32> {
+    let [child] = children(supervisor)[..] else {
+        return None;
+    };
+    match children(child)[..] {
+        [] => Some(child),
+        [worker] => Some(worker),
+        _ => None,
+    }
+}
+
+/// The daemon a crash-restart keeper serves with (`rafsd virtiofs --sandbox namespace`): the only
+/// child of the supervisor's only child, or `None` while there is none (between a death and a restart).
+pub fn keeper_worker(supervisor: i32) -> Option<i32> {
+    let [keeper] = children(supervisor)[..] else {
+        return None;
+    };
+    let [worker] = children(keeper)[..] else {
+        return None;
+    };
+    Some(worker)
+}
+
+/// Kill the serving process of the crash-restarting daemon under `supervisor` with SIGKILL and wait
+/// (at most `limit`) for its successor: (killed, successor), or `None` for the successor if none came.
+pub fn kill_worker(supervisor: i32, limit: Duration) -> (i32, Option<i32>) {
+    let until = std::time::Instant::now() + limit;
+    let victim = loop {
+        if let Some(p) = keeper_worker(supervisor) {
+            break p;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "no serving daemon under {supervisor}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    // SAFETY: a process of the daemon the test started.
+    unsafe { libc::kill(victim, libc::SIGKILL) };
+    while std::time::Instant::now() < until {
+        match keeper_worker(supervisor) {
+            Some(p) if p != victim => return (victim, Some(p)),
+            _ => std::thread::sleep(Duration::from_millis(2)),
+        }
+    }
+    (victim, None)
+}
