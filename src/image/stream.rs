@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::verify::{decode_chunk, verify_chunk};
+use super::verify::{check_raw_size, decode_chunk_into, verify_chunk};
 use crate::cache::{BlobCache, Claim};
 use crate::error::{Error, Result};
 use crate::format::{BlobInfo, ChunkInfo};
@@ -55,6 +55,21 @@ pub fn read_chunk(
     info: &ChunkInfo,
     scratch: &mut Vec<u8>,
 ) -> Result<(Vec<u8>, bool)> {
+    let mut data = Vec::new();
+    let checked = read_chunk_into(ctx, reader, info, scratch, &mut data)?;
+    Ok((data, checked))
+}
+
+/// [`read_chunk`] into `data`, with `scratch` for the stored bytes of a compressed chunk (a raw one is read
+/// straight into `data`): a stream reuses both from chunk to chunk, so it allocates and zero-fills its
+/// buffers once, not per chunk.
+fn read_chunk_into(
+    ctx: &StreamCtx,
+    reader: &mut dyn Read,
+    info: &ChunkInfo,
+    scratch: &mut Vec<u8>,
+    data: &mut Vec<u8>,
+) -> Result<bool> {
     let stored = info.compressed_size as usize;
     let what = |e: std::io::Error| {
         Error::io(
@@ -65,33 +80,25 @@ pub fn read_chunk(
             e,
         )
     };
-    let data = if info.compressed {
+    if info.compressed {
         scratch.resize(stored, 0);
         reader.read_exact(scratch).map_err(what)?;
-        decode_chunk(&ctx.blob, info, scratch)?
+        decode_chunk_into(&ctx.blob, info, scratch, data)?;
     } else {
-        // Stored raw: read straight into the chunk's buffer (no second copy).
-        let mut data = vec![0u8; stored];
-        reader.read_exact(&mut data).map_err(what)?;
-        if data.len() != info.uncompressed_size as usize {
-            return Err(Error::Integrity(format!(
-                "blob {} chunk {}: stored raw but sizes differ",
-                ctx.blob.id, info.index
-            )));
-        }
-        data
-    };
-    let checked = verify_chunk(&ctx.blob, info, &data, ctx.validate, ctx.for_cache)?;
-    Ok((data, checked))
+        check_raw_size(&ctx.blob, info, stored)?;
+        data.resize(stored, 0);
+        reader.read_exact(data).map_err(what)?;
+    }
+    verify_chunk(&ctx.blob, info, data, ctx.validate, ctx.for_cache)
 }
 
 /// Store the chunks of `run` (back to back in the blob, `reader` positioned at the first) one by one,
 /// releasing each claim once its chunk is in the cache. On an error the chunks not stored yet are released
 /// unstored: their readers fetch them themselves.
 pub fn store_run(ctx: &StreamCtx, reader: &mut dyn Read, run: Vec<Pending>) -> Result<()> {
-    let mut scratch = Vec::new();
+    let (mut scratch, mut data) = (Vec::new(), Vec::new());
     for p in run {
-        let (data, checked) = read_chunk(ctx, reader, &p.info, &mut scratch)?;
+        let checked = read_chunk_into(ctx, reader, &p.info, &mut scratch, &mut data)?;
         ctx.cache.store(&p.info, &data, checked);
         drop(p.claim);
     }

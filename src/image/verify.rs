@@ -8,25 +8,49 @@ use crate::storage::digest::{crc32c, digest, hex};
 
 /// The uncompressed bytes of a chunk from its stored bytes (a raw chunk is copied).
 pub(super) fn decode_chunk(blob: &BlobInfo, info: &ChunkInfo, stored: &[u8]) -> Result<Vec<u8>> {
-    if info.compressed {
-        compress::decompress(blob.compressor, stored, info.uncompressed_size as usize).map_err(
-            |e| {
-                // The codec's own message, without a second "integrity check failed" prefix.
-                let why = match e {
-                    Error::Integrity(m) => m,
-                    other => other.to_string(),
-                };
-                Error::Integrity(format!("blob {} chunk {}: {why}", blob.id, info.index))
-            },
-        )
-    } else if stored.len() != info.uncompressed_size as usize {
-        Err(Error::Integrity(format!(
+    if !info.compressed {
+        check_raw_size(blob, info, stored.len())?;
+        return Ok(stored.to_vec());
+    }
+    let mut out = Vec::new();
+    decode_chunk_into(blob, info, stored, &mut out)?;
+    Ok(out)
+}
+
+/// [`decode_chunk`] into `out`, resized to the chunk: a buffer reused from chunk to chunk is zero-filled
+/// only where it grows.
+pub(super) fn decode_chunk_into(
+    blob: &BlobInfo,
+    info: &ChunkInfo,
+    stored: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    if !info.compressed {
+        check_raw_size(blob, info, stored.len())?;
+        out.clear();
+        out.extend_from_slice(stored);
+        return Ok(());
+    }
+    out.resize(info.uncompressed_size as usize, 0);
+    compress::decompress_into(blob.compressor, stored, out).map_err(|e| {
+        // The codec's own message, without a second "integrity check failed" prefix.
+        let why = match e {
+            Error::Integrity(m) => m,
+            other => other.to_string(),
+        };
+        Error::Integrity(format!("blob {} chunk {}: {why}", blob.id, info.index))
+    })
+}
+
+/// A chunk stored raw is stored at its uncompressed size.
+pub(super) fn check_raw_size(blob: &BlobInfo, info: &ChunkInfo, stored: usize) -> Result<()> {
+    if stored != info.uncompressed_size as usize {
+        return Err(Error::Integrity(format!(
             "blob {} chunk {}: stored raw but sizes differ",
             blob.id, info.index
-        )))
-    } else {
-        Ok(stored.to_vec())
+        )));
     }
+    Ok(())
 }
 
 /// Size, digest and CRC32C (when recorded) of a chunk's uncompressed bytes. The digest is checked when
