@@ -99,8 +99,14 @@ rafsd_mbps=$(printf '%s\n' "${rafsd_runs[@]}" | median)
 echo "curl, whole blob (median):          $curl_mbps MB/s"
 echo "rafsd registry, cold read (median): $rafsd_mbps MB/s"
 awk -v a="$rafsd_mbps" -v b="$curl_mbps" 'BEGIN {printf "ratio rafsd/curl:                   %.2f\n", a / b}'
+# Rounds pair runs made moments apart: the median of the per-round ratios is less noisy than the ratio of
+# medians when the machine's load changes during the run.
+per_round() { paste -d' ' <(printf '%s\n' "${!1}") <(printf '%s\n' "${!2}") | awk '{print $1 / $2}' | median; }
+echo "ratio rafsd/curl, median of rounds: $(per_round 'rafsd_runs[@]' 'curl_runs[@]' | xargs printf '%.2f')"
 if [ -n "${RAFSD_BENCH_BASE:-}" ]; then
     base_mbps=$(printf '%s\n' "${base_runs[@]}" | median)
     echo "base rafsd, cold read (median):     $base_mbps MB/s"
     awk -v a="$base_mbps" -v b="$curl_mbps" 'BEGIN {printf "ratio base/curl:                    %.2f\n", a / b}'
+    echo "ratio base/curl, median of rounds:  $(per_round 'base_runs[@]' 'curl_runs[@]' | xargs printf '%.2f')"
+    echo "ratio rafsd/base, median of rounds: $(per_round 'rafsd_runs[@]' 'base_runs[@]' | xargs printf '%.2f')"
 fi
