@@ -754,7 +754,11 @@ impl Connection<'_> {
                 ))
             }
         };
-        let (pseudo_dirs, mounts) = self.daemon.export(checkpoint)?;
+        let (pseudo_dirs, mounts) = if checkpoint {
+            self.daemon.saved_filesystems()?
+        } else {
+            self.daemon.export(false)?
+        };
         let (mut device, files) = journal
             .export(
                 vmm,
@@ -800,18 +804,21 @@ impl Connection<'_> {
     /// Send the keeper the filesystems only (no VMM connected).
     fn checkpoint_mounts(&self) {
         let Some(c) = self.crash else { return };
-        let state = self.daemon.export(true).and_then(|(pseudo_dirs, mounts)| {
-            State {
-                version: state::VERSION,
-                front_end: "virtiofs".into(),
-                daemon_id: self.daemon.id.clone(),
-                fuse: state::FuseSession::default(),
-                pseudo_dirs,
-                mounts,
-                device: None,
-            }
-            .encode()
-        });
+        let state = self
+            .daemon
+            .saved_filesystems()
+            .and_then(|(pseudo_dirs, mounts)| {
+                State {
+                    version: state::VERSION,
+                    front_end: "virtiofs".into(),
+                    daemon_id: self.daemon.id.clone(),
+                    fuse: state::FuseSession::default(),
+                    pseudo_dirs,
+                    mounts,
+                    device: None,
+                }
+                .encode()
+            });
         match state {
             Ok(bytes) => {
                 c.checkpoints.save(&bytes, &[]);
