@@ -158,6 +158,9 @@ pub struct Daemon {
     upgrade: std::sync::OnceLock<UpgradeHook>,
     /// Told when the mounts change (the crash-restart keeper's copy of the state is then stale).
     on_change: std::sync::OnceLock<Arc<dyn Fn() + Send + Sync>>,
+    /// With `on_change`: the filesystems as of the last mount or unmount, for the crash-restart
+    /// checkpoints, which the device's thread sends without waiting for a mount in progress.
+    saved: Mutex<Option<(Vec<PseudoDir>, Vec<SavedMount>)>>,
 }
 
 /// Takes the API connection of a new daemon asking for a live upgrade.
@@ -211,6 +214,7 @@ impl Daemon {
             inflight: std::sync::OnceLock::new(),
             upgrade: std::sync::OnceLock::new(),
             on_change: std::sync::OnceLock::new(),
+            saved: Mutex::new(None),
         })
     }
 
@@ -228,14 +232,31 @@ impl Daemon {
         let _ = self.upgrade.set(hook);
     }
 
-    /// Call `hook` whenever a filesystem is mounted or unmounted.
+    /// Call `hook` whenever a filesystem is mounted or unmounted, and keep the filesystems as they
+    /// are then for [`Daemon::saved_filesystems`].
     pub fn on_mounts_changed(&self, hook: Arc<dyn Fn() + Send + Sync>) {
+        let _serial = self.mount_lock.lock().unwrap_or_else(|e| e.into_inner());
         let _ = self.on_change.set(hook);
+        self.mounts_changed();
     }
 
+    /// Called with the mount lock held.
     fn mounts_changed(&self) {
         if let Some(f) = self.on_change.get() {
+            let saved = self.export_locked(true).ok();
+            *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = saved;
             f();
+        }
+    }
+
+    /// The filesystems as of the last mount or unmount (see [`Daemon::on_mounts_changed`]), without
+    /// waiting for a mount in progress; the lookup counts are those of then.
+    pub fn saved_filesystems(&self) -> Result<(Vec<PseudoDir>, Vec<SavedMount>)> {
+        match &*self.saved.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(saved) => Ok(saved.clone()),
+            None => Err(Error::Internal(
+                "the filesystems could not be saved at the last change".into(),
+            )),
         }
     }
 
@@ -468,9 +489,14 @@ impl Daemon {
     /// The pseudo directories and mounts a successor needs to serve the same kernel connection with
     /// the same inode numbers (see [`crate::takeover`]). A passthrough share is refused (its inodes
     /// are open files of this process), except in a crash-restart `checkpoint`, where it is listed to
-    /// be mounted again afresh.
+    /// keep its place (see [`Daemon::restore`]).
     pub fn export(&self, checkpoint: bool) -> Result<(Vec<PseudoDir>, Vec<SavedMount>)> {
         let _serial = self.mount_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.export_locked(checkpoint)
+    }
+
+    /// [`Daemon::export`] with the mount lock held.
+    fn export_locked(&self, checkpoint: bool) -> Result<(Vec<PseudoDir>, Vec<SavedMount>)> {
         let root = self.vfs.get_root_pseudofs();
         let mut dirs = Vec::new();
         for path in self

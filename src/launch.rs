@@ -533,7 +533,10 @@ pub fn virtiofs(args: VirtiofsArgs, log_dir: Option<&Path>) -> Result<()> {
             if let Some(p) = &api_path {
                 remove_files(&[&p.temp]);
             }
-            exit.from_keeper().propagate();
+            match mode {
+                SandboxMode::Namespace => exit.from_keeper().propagate(),
+                _ => exit.propagate(),
+            }
         }
         // The sandbox's first process keeps the state and restarts the daemon after a crash; only
         // the first daemon it forks may take a device over from a predecessor.
@@ -549,8 +552,12 @@ pub fn virtiofs(args: VirtiofsArgs, log_dir: Option<&Path>) -> Result<()> {
         }
     };
     drop(fate_reader);
-    let recovery = match worker.as_ref().and_then(|w| w.restart.as_ref()) {
-        Some(checkpoint) => Some(recover_filesystems(&daemon, checkpoint)?),
+    let recovery = match worker.as_ref().and_then(|w| Some((w, w.restart.as_ref()?))) {
+        Some((w, checkpoint)) => Some(recover_filesystems(
+            &daemon,
+            checkpoint,
+            w.inflight.session(),
+        )?),
         None => {
             if let Some(cmd) = startup {
                 daemon.mount(&args.virtual_mountpoint, cmd)?;
@@ -707,13 +714,19 @@ fn init_session(daemon: &Daemon, fuse: &crate::takeover::state::FuseSession) -> 
     .map_err(|e| Error::io("initialize the carried-on FUSE session", e))
 }
 
-/// A daemon restarted after a crash: mount the filesystems of the keeper's last checkpoint (passthrough
-/// shares afresh); the device in it is carried on by the vhost-user thread.
+/// A daemon restarted after a crash: mount the filesystems of the keeper's last checkpoint (a
+/// passthrough share is lost: see [`Daemon::restore`]); the device in it is carried on by the
+/// vhost-user thread. `session`: the guest's FUSE_INIT as the inflight log has it (the checkpoint
+/// may predate it).
 fn recover_filesystems(
     daemon: &Daemon,
     checkpoint: &crate::takeover::keeper::Checkpoint,
+    session: Option<crate::takeover::state::FuseSession>,
 ) -> Result<crate::vhost_user::Recovery> {
-    let state = crate::takeover::state::State::decode(&checkpoint.bytes, "virtiofs")?;
+    let mut state = crate::takeover::state::State::decode(&checkpoint.bytes, "virtiofs")?;
+    if let Some(s) = session {
+        state.fuse = s;
+    }
     daemon.restore(&state.pseudo_dirs, &state.mounts, true)?;
     // Unless the checkpoint predates the guest's FUSE_INIT (which then comes to this daemon).
     if state.fuse.major != 0 {
@@ -863,16 +876,30 @@ impl VhostUserServer {
             let requests = upgrades.clone();
             daemon.set_upgrade_hook(Arc::new(move |peer| requests.request(peer)));
         }
-        if crash.is_some() {
+        let restartable = crash.is_some();
+        if restartable {
             let changes = upgrades.clone();
             daemon.on_mounts_changed(Arc::new(move || changes.state_changed()));
         }
         let thread = std::thread::Builder::new()
             .name("vhost-user".into())
             .spawn(move || {
-                crate::vhost_user::serve(
-                    daemon, listener, &sock, device, stop2, upgrades, carried, crash,
-                )
+                let serve = || {
+                    crate::vhost_user::serve(
+                        daemon, listener, &sock, device, stop2, upgrades, carried, crash,
+                    )
+                };
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(serve)) {
+                    Ok(r) => r,
+                    // The keeper starts a new daemon on the device.
+                    Err(_) if restartable => {
+                        log::error!(
+                            "virtio-fs: the device's thread panicked; aborting to be restarted"
+                        );
+                        std::process::abort()
+                    }
+                    Err(_) => Err(Error::Internal("the device's thread panicked".into())),
+                }
             })
             .map_err(|e| Error::io("start vhost-user thread", e))?;
         Ok(VhostUserServer {

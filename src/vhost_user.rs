@@ -314,20 +314,34 @@ impl VhostUserBackend for VirtioFsBackend {
             log::warn!("virtio-fs: event {device_event} on thread {thread} without a queue");
             return Ok(());
         };
-        let result = self.memory().and_then(|mem| {
-            let recovered = self.resync(thread, vring, &mem);
-            match self.pools.get(thread).and_then(Option::as_ref) {
-                Some(q) => {
-                    if device_event == self.resume_event() {
-                        let _ = q.resume.consume();
+        let serve = || {
+            self.memory().and_then(|mem| {
+                let recovered = self.resync(thread, vring, &mem);
+                match self.pools.get(thread).and_then(Option::as_ref) {
+                    Some(q) => {
+                        if device_event == self.resume_event() {
+                            let _ = q.resume.consume();
+                        }
+                        q.serve(vring, mem, recovered)
                     }
-                    q.serve(vring, mem, recovered)
+                    None => self
+                        .requests
+                        .process_in_order(thread, vring, mem, recovered),
                 }
-                None => self
-                    .requests
-                    .process_in_order(thread, vring, mem, recovered),
+            })
+        };
+        // A panic here would leave the queue without its thread for good; with crash restart, the
+        // keeper starts a whole new daemon instead.
+        let result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(serve)) {
+            Ok(r) => r,
+            Err(_) if self.requests.logged() => {
+                log::error!(
+                    "virtio-fs: queue {thread}'s thread panicked; aborting to be restarted"
+                );
+                std::process::abort();
             }
-        });
+            Err(_) => Err(io::Error::other("the queue's thread panicked")),
+        };
         // Never return an error: that would end this queue's thread for good.
         if let Err(e) = result {
             log::error!("virtio-fs: queue {thread}: {e}");
@@ -696,6 +710,11 @@ impl Connection<'_> {
             worker.send_exit_event();
         }
         let ended = daemon.wait();
+        if !matches!(handed, Ok(relay::End::HandedOver)) {
+            // The crash-restart keeper holds a copy of the connection: shut it down, so the VMM
+            // hears the end now (a copy of a closed descriptor would keep it open).
+            let _ = vmm.shutdown(std::net::Shutdown::Both);
+        }
         match handed {
             Ok(relay::End::HandedOver) => {
                 log::info!("virtio-fs: the device now belongs to the new daemon");
@@ -735,7 +754,11 @@ impl Connection<'_> {
                 ))
             }
         };
-        let (pseudo_dirs, mounts) = self.daemon.export(checkpoint)?;
+        let (pseudo_dirs, mounts) = if checkpoint {
+            self.daemon.saved_filesystems()?
+        } else {
+            self.daemon.export(false)?
+        };
         let (mut device, files) = journal
             .export(
                 vmm,
@@ -781,20 +804,25 @@ impl Connection<'_> {
     /// Send the keeper the filesystems only (no VMM connected).
     fn checkpoint_mounts(&self) {
         let Some(c) = self.crash else { return };
-        let state = self.daemon.export(true).and_then(|(pseudo_dirs, mounts)| {
-            State {
-                version: state::VERSION,
-                front_end: "virtiofs".into(),
-                daemon_id: self.daemon.id.clone(),
-                fuse: state::FuseSession::default(),
-                pseudo_dirs,
-                mounts,
-                device: None,
-            }
-            .encode()
-        });
+        let state = self
+            .daemon
+            .saved_filesystems()
+            .and_then(|(pseudo_dirs, mounts)| {
+                State {
+                    version: state::VERSION,
+                    front_end: "virtiofs".into(),
+                    daemon_id: self.daemon.id.clone(),
+                    fuse: state::FuseSession::default(),
+                    pseudo_dirs,
+                    mounts,
+                    device: None,
+                }
+                .encode()
+            });
         match state {
-            Ok(bytes) => c.checkpoints.save(&bytes, &[]),
+            Ok(bytes) => {
+                c.checkpoints.save(&bytes, &[]);
+            }
             Err(e) => log::error!("crash restart: cannot export the state: {e}"),
         }
     }
@@ -841,13 +869,16 @@ impl Connection<'_> {
                 let fds: Vec<RawFd> = files.iter().map(AsRawFd::as_raw_fd).collect();
                 upgrade::send(&peer, upgrade::STATE, &bytes, &fds)?;
                 upgrade::expect(&peer, upgrade::READY, upgrade::STEP_TIMEOUT)?;
+                // The device is the new process's from the commit on: a crash of this one must not
+                // have the keeper start another daemon on it. Said before the commit (a hand-over
+                // that fails after this sends a checkpoint again as it serves on).
+                if self.crash.is_some_and(|c| !c.checkpoints.forget()) {
+                    return Err(Error::Invalid(
+                        "the crash-restart keeper cannot be told to let the device go".into(),
+                    ));
+                }
                 if !upgrades.commit() {
                     return Err(Error::Invalid("the running daemon is stopping".into()));
-                }
-                // The device is the new process's from now on: a crash of this one must not have
-                // the keeper start another daemon on it.
-                if let Some(c) = self.crash {
-                    c.checkpoints.forget();
                 }
                 Ok(())
             });
@@ -873,6 +904,8 @@ impl Connection<'_> {
                     log::error!("live upgrade: cannot restart the rings: {e}");
                 }
                 backend.requests.resume(|| journal.kick_all());
+                // The keeper may have been told to let the device go: it is ours again.
+                self.checkpoint(journal, vmm, backend);
                 false
             }
         }
@@ -945,6 +978,7 @@ impl Connection<'_> {
         // The predecessor drained its rings: nothing is in flight, each continues at its base.
         if let Some(c) = self.crash {
             c.inflight.clear();
+            c.inflight.set_session(&handover.state.fuse);
             for (ring, base) in journal.bases() {
                 c.inflight.reset(ring, Some(base));
             }
@@ -982,6 +1016,7 @@ impl Connection<'_> {
         journal
             .start(inner)
             .map_err(|e| Error::io("start the rings", e))?;
+        journal.call_all();
         log::warn!("crash restart: carrying on the device of the daemon that died");
         Ok((vmm, journal))
     }

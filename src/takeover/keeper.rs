@@ -21,6 +21,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -44,22 +45,38 @@ pub struct Checkpoint {
     pub files: Vec<File>,
 }
 
-/// The worker's end of the checkpoint channel.
-pub struct CheckpointSink(Mutex<UnixStream>);
+/// The worker's end of the checkpoint channel. A send that fails (the keeper stopped reading within
+/// [`FRAME_TIMEOUT`]) may have left part of a frame, after which the stream means nothing: the sink
+/// is then broken for good and sends no more (the keeper, seeing garbage, forgets the state too).
+pub struct CheckpointSink {
+    sock: Mutex<UnixStream>,
+    broken: AtomicBool,
+}
 
 impl CheckpointSink {
-    /// Send the state now; an error is logged (the previous checkpoint stays the keeper's).
-    pub fn save(&self, bytes: &[u8], fds: &[RawFd]) {
-        let sock = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = upgrade::send(&sock, CHECKPOINT, bytes, fds) {
-            log::error!("crash restart: cannot send the state to the keeper: {e}");
+    /// Send the state now; false if it could not be sent (an error is logged once).
+    pub fn save(&self, bytes: &[u8], fds: &[RawFd]) -> bool {
+        let sock = self.sock.lock().unwrap_or_else(|e| e.into_inner());
+        if self.broken.load(Ordering::SeqCst) {
+            return false;
+        }
+        match upgrade::send(&sock, CHECKPOINT, bytes, fds) {
+            Ok(()) => true,
+            Err(e) => {
+                self.broken.store(true, Ordering::SeqCst);
+                log::error!(
+                    "crash restart: cannot send the state to the keeper ({e}); this daemon will not \
+                     be restarted"
+                );
+                false
+            }
         }
     }
 
     /// The device is no longer this daemon's (handed over by a live upgrade): the keeper drops its
-    /// checkpoint, so a death from now on is not restarted.
-    pub fn forget(&self) {
-        self.save(&[], &[]);
+    /// checkpoint, so a death from now on is not restarted. False if that could not be said.
+    pub fn forget(&self) -> bool {
+        self.save(&[], &[])
     }
 }
 
@@ -77,6 +94,10 @@ pub struct Worker {
 /// blocked shutdown signals, forwarded to the worker.
 pub fn keep(signals: &libc::sigset_t, after_first_fork: impl FnOnce()) -> Result<Worker> {
     let inflight = Arc::new(InflightLog::new().map_err(|e| Error::io("inflight log", e))?);
+    // Not ptrace-able nor its memory writable through /proc by the daemon it forks (which a guest
+    // might take over), on top of seccomp (no ptrace) and Landlock (/proc read-only) there.
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0) };
     let mut after_first_fork = Some(after_first_fork);
     let mut checkpoint: Option<Checkpoint> = None;
     let mut quick_deaths = 0;
@@ -91,12 +112,18 @@ pub fn keep(signals: &libc::sigset_t, after_first_fork: impl FnOnce()) -> Result
         }
         if pid == 0 {
             drop(ours);
+            // The daemon itself stays as it was (its /proc files its own, core dumps as configured).
+            // SAFETY: prctl with integer arguments.
+            unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1) };
             // A keeper that stopped reading must not hold up the device's thread for long.
             if let Err(e) = theirs.set_write_timeout(Some(FRAME_TIMEOUT)) {
                 log::warn!("crash restart: checkpoint channel timeout: {e}");
             }
             return Ok(Worker {
-                checkpoints: Arc::new(CheckpointSink(Mutex::new(theirs))),
+                checkpoints: Arc::new(CheckpointSink {
+                    sock: Mutex::new(theirs),
+                    broken: AtomicBool::new(false),
+                }),
                 restart: checkpoint.take(),
                 inflight,
             });
@@ -196,20 +223,39 @@ fn readable(sock: &UnixStream, timeout: Duration) -> bool {
     n > 0 && p.revents != 0
 }
 
-/// Take one checkpoint frame; false once the worker's end is closed (or sent something else).
+/// Take one checkpoint frame; false once the channel is over. The worker's end closing (it died,
+/// maybe in the middle of a frame) keeps the last whole checkpoint; anything else (a frame that is no
+/// checkpoint, or one not finished within [`FRAME_TIMEOUT`]: the worker's sink broke) leaves the
+/// stream meaningless, and the keeper forgets the state rather than restart from one it cannot trust.
 fn receive(sock: &UnixStream, checkpoint: &mut Option<Checkpoint>) -> bool {
-    match upgrade::expect(sock, CHECKPOINT, FRAME_TIMEOUT) {
-        Ok((bytes, _)) if bytes.is_empty() => {
-            *checkpoint = None;
-            true
-        }
-        Ok((bytes, files)) => {
-            *checkpoint = Some(Checkpoint { bytes, files });
-            true
-        }
-        Err(e) => {
-            log::debug!("crash restart: checkpoint channel: {e}");
-            false
-        }
-    }
+    let frame = sock.set_read_timeout(Some(FRAME_TIMEOUT)).and_then(|()| {
+        crate::vhost_user::wire::recv_frame(
+            sock,
+            crate::takeover::state::MAX_BYTES + 1,
+            upgrade::MAX_STATE_FDS,
+        )
+    });
+    let why = match frame {
+        Ok((data, files)) => match data.split_first() {
+            Some((&CHECKPOINT, [])) => {
+                *checkpoint = None;
+                return true;
+            }
+            Some((&CHECKPOINT, body)) => {
+                *checkpoint = Some(Checkpoint {
+                    bytes: body.to_vec(),
+                    files,
+                });
+                return true;
+            }
+            _ => "a frame that is no checkpoint".to_string(),
+        },
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return false,
+        Err(e) => e.to_string(),
+    };
+    log::error!(
+        "crash restart: checkpoint channel broken ({why}); the daemon will not be restarted"
+    );
+    *checkpoint = None;
+    false
 }

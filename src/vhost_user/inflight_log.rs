@@ -12,9 +12,12 @@
 //!   by the used index in guest memory having moved past the one noted, and the head is not answered
 //!   twice.
 //!
-//! A head is 0 (free), [`TAKEN`] (taken once) or [`RERUN`] (taken again by a restarted daemon). A
-//! head still in flight after it was re-run once killed two daemons: it is answered with EIO instead
-//! of a third try, so one poisonous request cannot keep the device down.
+//! A head is 0 (free), [`TAKEN`] (taken once) or [`RERUN`] (running again in a restarted daemon). A
+//! head still in flight after it started running again killed two daemons: it is answered with EIO
+//! instead of a third try, so one poisonous request cannot keep the device down.
+//!
+//! The log also keeps the guest's FUSE_INIT parameters, written before the reply to FUSE_INIT is
+//! published: a guest never sends FUSE_INIT twice, so a daemon restarted after it must know them.
 //!
 //! The model is the vhost-user INFLIGHT_SHMFD area (per-descriptor in-flight flags plus the last
 //! batch's used index), shrunk to what this daemon's out-of-order completion needs.
@@ -22,10 +25,11 @@
 use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 
 use super::{MAX_RINGS, QUEUE_SIZE};
+use crate::takeover::state::FuseSession;
 
 /// Taken by the daemon that took it off the ring.
 const TAKEN: u8 = 1;
-/// Taken again by a daemon restarted after the one that took it died.
+/// Running again in a daemon restarted after the one that took it died.
 const RERUN: u8 = 2;
 /// The ring's header has been set by a SET_VRING_BASE on this connection.
 const VALID: u32 = 1 << 16;
@@ -39,6 +43,16 @@ struct RingHeader {
     /// An answer being published: head + 1 (low 16 bits), used index before it (high 16), or 0.
     completing: AtomicU32,
     _pad: u32,
+}
+
+/// The guest's FUSE_INIT: valid (1 or 0), major, minor, max_readahead, flags (low, high).
+#[repr(C)]
+struct SessionRecord([AtomicU32; 6]);
+
+#[repr(C)]
+struct Mapping {
+    session: SessionRecord,
+    rings: [RingLog; MAX_RINGS],
 }
 
 #[repr(C)]
@@ -58,7 +72,7 @@ pub struct Recovered {
 /// The log of every ring of the device, in a shared anonymous mapping that every process forked
 /// after [`InflightLog::new`] shares.
 pub struct InflightLog {
-    rings: *mut RingLog,
+    mapping: *mut Mapping,
 }
 
 // SAFETY: the mapping lives as long as the log and is only accessed through atomics.
@@ -73,7 +87,7 @@ fn pack(low: u16, high: u16) -> u32 {
 impl InflightLog {
     /// A zeroed log for [`MAX_RINGS`] rings (about 66 KiB), shared with the children forked later.
     pub fn new() -> std::io::Result<Self> {
-        let len = std::mem::size_of::<RingLog>() * MAX_RINGS;
+        let len = std::mem::size_of::<Mapping>();
         // SAFETY: a fresh anonymous shared mapping; zero-filled by the kernel, which is a valid state
         // of every atomic in it.
         let p = unsafe {
@@ -89,20 +103,56 @@ impl InflightLog {
         if p == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
-        Ok(InflightLog { rings: p.cast() })
+        Ok(InflightLog { mapping: p.cast() })
+    }
+
+    fn mapping(&self) -> &Mapping {
+        // SAFETY: the mapping lives as long as `self`; all of it is atomics.
+        unsafe { &*self.mapping }
     }
 
     fn ring(&self, ring: usize) -> Option<&RingLog> {
-        // SAFETY: within the mapping of MAX_RINGS records, which lives as long as `self`.
-        (ring < MAX_RINGS).then(|| unsafe { &*self.rings.add(ring) })
+        self.mapping().rings.get(ring)
+    }
+
+    /// The guest sent FUSE_INIT with these parameters (call before its reply is published).
+    pub fn set_session(&self, s: &FuseSession) {
+        let r = &self.mapping().session.0;
+        r[0].store(0, Ordering::SeqCst);
+        for (i, v) in [
+            s.major,
+            s.minor,
+            s.max_readahead,
+            s.flags as u32,
+            (s.flags >> 32) as u32,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            r[i + 1].store(v, Ordering::SeqCst);
+        }
+        r[0].store(1, Ordering::SeqCst);
+    }
+
+    /// The guest's FUSE_INIT on this connection, if it sent one.
+    pub fn session(&self) -> Option<FuseSession> {
+        let r = &self.mapping().session.0;
+        let v = |i: usize| r[i].load(Ordering::SeqCst);
+        (v(0) == 1).then(|| FuseSession {
+            major: v(1),
+            minor: v(2),
+            max_readahead: v(3),
+            flags: u64::from(v(4)) | (u64::from(v(5)) << 32),
+        })
     }
 
     fn head(&self, ring: usize, head: u16) -> Option<&AtomicU8> {
         self.ring(ring)?.heads.get(usize::from(head))
     }
 
-    /// A new connection: nothing is known of any ring.
+    /// A new connection: nothing is known of any ring, nor of the guest's session.
     pub fn clear(&self) {
+        self.mapping().session.0[0].store(0, Ordering::SeqCst);
         for r in 0..MAX_RINGS {
             self.reset(r, None);
         }
@@ -175,7 +225,8 @@ impl InflightLog {
     }
 
     /// After a crash, once the used index in guest memory (`used`) is known: the heads to answer
-    /// again, marked [`RERUN`], and those already re-run once, to answer with an error.
+    /// again (each marked when it starts running again: [`InflightLog::rerunning`]), and those that
+    /// were running again already, to answer with an error.
     pub fn recover(&self, ring: usize, used: u16) -> Recovered {
         let mut out = Recovered::default();
         let Some(r) = self.ring(ring) else { return out };
@@ -193,14 +244,18 @@ impl InflightLog {
         for (i, h) in r.heads.iter().enumerate() {
             match h.load(Ordering::SeqCst) {
                 0 => {}
-                TAKEN => {
-                    h.store(RERUN, Ordering::SeqCst);
-                    out.rerun.push(i as u16);
-                }
+                TAKEN => out.rerun.push(i as u16),
                 _ => out.fail.push(i as u16),
             }
         }
         out
+    }
+
+    /// A head of `ring` found by [`InflightLog::recover`] starts running again.
+    pub fn rerunning(&self, ring: usize, head: u16) {
+        if let Some(h) = self.head(ring, head) {
+            let _ = h.compare_exchange(TAKEN, RERUN, Ordering::SeqCst, Ordering::SeqCst);
+        }
     }
 
     /// Heads of `ring` in flight now (for tests and logs).
@@ -217,12 +272,7 @@ impl InflightLog {
 impl Drop for InflightLog {
     fn drop(&mut self) {
         // SAFETY: the mapping made in `new`, of that length.
-        unsafe {
-            libc::munmap(
-                self.rings.cast(),
-                std::mem::size_of::<RingLog>() * MAX_RINGS,
-            )
-        };
+        unsafe { libc::munmap(self.mapping.cast(), std::mem::size_of::<Mapping>()) };
     }
 }
 
@@ -287,9 +337,28 @@ mod tests {
         log.reset(1, Some(0));
         log.taken(1, 8, 1);
         assert_eq!(log.recover(1, 0).rerun, vec![8]);
+        // A restarted daemon that dies before it ran the request again leaves it a first try.
+        assert_eq!(log.recover(1, 0).rerun, vec![8]);
         // The restarted daemon died running it again.
+        log.rerunning(1, 8);
         let again = log.recover(1, 0);
         assert_eq!((again.rerun.len(), again.fail), (0, vec![8]));
+    }
+
+    #[test]
+    fn the_guests_session_is_kept_until_the_next_connection() {
+        let log = InflightLog::new().unwrap();
+        assert_eq!(log.session(), None);
+        let s = FuseSession {
+            major: 7,
+            minor: 38,
+            max_readahead: 1 << 20,
+            flags: 0x1_0000_0001,
+        };
+        log.set_session(&s);
+        assert_eq!(log.session(), Some(s));
+        log.clear();
+        assert_eq!(log.session(), None);
     }
 
     #[test]

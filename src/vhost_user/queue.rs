@@ -58,13 +58,14 @@ pub type Memory = GuestMemoryLoadGuard<GuestMemoryMmap>;
 type Chain = DescriptorChain<Memory>;
 
 /// A request to answer: its descriptor chain, the ring it goes back to (and that ring's index), what
-/// it does, and whether it is to be answered with EIO rather than run (a request that was in flight
-/// in two daemons that died: see [`InflightLog`]).
+/// it does, and whether a dead daemon took it before (`rerun`) or it is to be answered with EIO
+/// rather than run (a request that was running in two daemons that died: see [`InflightLog`]).
 pub struct Job {
     chain: Chain,
     vring: VringRwLock,
     ring: usize,
     kind: Kind,
+    rerun: bool,
     fail: bool,
 }
 
@@ -153,6 +154,11 @@ impl Requests {
         }
     }
 
+    /// Requests are logged for crash restart.
+    pub fn logged(&self) -> bool {
+        self.log.is_some()
+    }
+
     /// Call `f` whenever the guest (re)initialises its FUSE session.
     pub fn on_fuse_init(&self, f: Box<dyn Fn() + Send + Sync>) {
         *self.on_init.lock().unwrap_or_else(|e| e.into_inner()) = Some(f);
@@ -227,6 +233,10 @@ impl Requests {
             }
         };
         if let Some(init) = fuse_init(&reader) {
+            // Before the reply: a daemon restarted after it is answered needs the session.
+            if let Some(log) = &self.log {
+                log.set_session(&init);
+            }
             *self.init.lock().unwrap_or_else(|e| e.into_inner()) = Some(init);
             if let Some(f) = &*self.on_init.lock().unwrap_or_else(|e| e.into_inner()) {
                 f();
@@ -239,27 +249,27 @@ impl Requests {
     /// Answer a request (or fail it, see [`Job`]), put it in the used ring, interrupt the guest if it
     /// wants that now.
     fn run(&self, job: Job) {
-        let Job {
-            chain,
-            vring,
-            ring,
-            fail,
-            ..
-        } = job;
-        let head = chain.head_index();
-        // A panic in the server must still give the descriptor back, or the guest waits for it forever.
-        let len = if fail {
-            fail_chain(chain, libc::EIO)
-        } else {
-            catch_unwind(AssertUnwindSafe(|| self.handle_chain(chain))).unwrap_or_else(|_| {
-                log::error!("virtio-fs: request handler panicked; returning the descriptor empty");
-                0
-            })
-        };
+        let (ring, head, vring) = (job.ring, job.chain.head_index(), job.vring.clone());
+        let len = self.answer(job);
         if let Err(e) = self.complete(ring, &vring, head, len) {
             log::warn!("virtio-fs: returning descriptor {head}: {e}");
         }
         self.gate.answered();
+    }
+
+    /// Write the reply of `job` (or its EIO); the bytes written. A panic in the server must still
+    /// give the descriptor back, or the guest waits for it forever.
+    fn answer(&self, job: Job) -> u32 {
+        if job.fail {
+            return fail_chain(job.chain, libc::EIO);
+        }
+        if let (true, Some(log)) = (job.rerun, &self.log) {
+            log.rerunning(job.ring, job.chain.head_index());
+        }
+        catch_unwind(AssertUnwindSafe(|| self.handle_chain(job.chain))).unwrap_or_else(|_| {
+            log::error!("virtio-fs: request handler panicked; returning the descriptor empty");
+            0
+        })
     }
 
     /// Put `head` into the used ring with the log's two marks around it (see [`InflightLog`]); the
@@ -326,6 +336,7 @@ impl Requests {
             .into_iter()
             .map(|chain| Job {
                 kind: Kind::of(&chain),
+                rerun: true,
                 fail: fail.contains(&chain.head_index()),
                 chain,
                 vring: vring.clone(),
@@ -371,11 +382,7 @@ impl Requests {
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         self.gate.answer_each(recovered, |job| {
             let head = job.chain.head_index();
-            let used = if job.fail {
-                fail_chain(job.chain, libc::EIO)
-            } else {
-                self.handle_chain(job.chain)
-            };
+            let used = self.answer(job);
             self.put_used(ring, &mut vring.get_mut(), head, used)
         })?;
         loop {
@@ -392,7 +399,11 @@ impl Requests {
             };
             self.gate.answer_each(chains, |chain| {
                 let head = chain.head_index();
-                let used = self.handle_chain(chain);
+                let used = catch_unwind(AssertUnwindSafe(|| self.handle_chain(chain)))
+                    .unwrap_or_else(|_| {
+                        log::error!("virtio-fs: request handler panicked; returning it empty");
+                        0
+                    });
                 self.put_used(ring, &mut vring.get_mut(), head, used)
             })?;
             if !event_idx || vring.needs_notification().map_err(io::Error::other)? {
@@ -613,6 +624,7 @@ impl RequestQueue {
             vring: vring.clone(),
             ring: self.index,
             kind,
+            rerun: false,
             fail: false,
         }
     }
@@ -882,10 +894,12 @@ fn chains_at(
     // The avail ring (6 + 2 per descriptor bytes) in the first page, the used ring (6 + 8 per
     // descriptor; never written: answers go to the guest's ring) after it.
     let len = PAGE + (6 + 8 * u64::from(size)).next_multiple_of(PAGE);
+    // A page apart from the guest's memory, so that a descriptor running past the guest's top does
+    // not reach our ring.
     let base = mem
         .last_addr()
         .raw_value()
-        .checked_add(1)
+        .checked_add(1 + PAGE)
         .and_then(|a| a.checked_next_multiple_of(PAGE))
         .ok_or_else(|| io::Error::other("no room above the guest's memory"))?;
     let region = GuestRegionMmap::new(

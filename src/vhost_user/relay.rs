@@ -468,12 +468,25 @@ impl Journal {
     /// taken now rather than at its next kick.
     pub fn kick_all(&self) {
         for r in &self.rings {
-            if let Some(k) = &r.kick {
-                let one = 1u64.to_ne_bytes();
-                // SAFETY: an eventfd write of 8 bytes from a local buffer.
-                unsafe { libc::write(k.as_raw_fd(), one.as_ptr().cast(), 8) };
-            }
+            signal(&r.kick);
         }
+    }
+
+    /// Interrupt the guest once on every ring: answers a process published just before it died
+    /// never got their interrupt (a spurious one costs the guest a look at the used ring).
+    pub fn call_all(&self) {
+        for r in self.rings.iter().filter(|r| r.kick.is_some()) {
+            signal(&r.call);
+        }
+    }
+}
+
+/// Write 1 to an eventfd, if there is one.
+fn signal(eventfd: &Option<File>) {
+    if let Some(f) = eventfd {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: an eventfd write of 8 bytes from a local buffer.
+        unsafe { libc::write(f.as_raw_fd(), one.as_ptr().cast(), 8) };
     }
 }
 
@@ -540,14 +553,22 @@ pub fn run(
         journal.record(&m)?;
         let reply = has_reply(m.request, m.flags, journal.reply_ack());
         m.send(backend)?;
-        if reply {
-            let Some(r) = Msg::recv(backend)? else {
-                return Ok(End::Disconnected);
-            };
-            journal.record_reply(&r);
+        let r = match reply {
+            false => None,
+            true => match Msg::recv(backend)? {
+                Some(r) => Some(r),
+                None => return Ok(End::Disconnected),
+            },
+        };
+        if let Some(r) = &r {
+            journal.record_reply(r);
+        }
+        // Before the VMM hears the reply: whoever carries on after this process sees the set-up the
+        // VMM was told about.
+        relayed(journal, &m);
+        if let Some(r) = r {
             r.send(vmm)?;
         }
-        relayed(journal, &m);
     }
 }
 
