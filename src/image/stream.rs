@@ -21,7 +21,7 @@ use crate::format::{BlobInfo, ChunkInfo};
 /// Background streams one image runs at most; a read that would start another fetches its chunk alone.
 pub const MAX_STREAMS: usize = 8;
 /// Background streams of one blob at most: the ranged requests one image keeps in flight for a blob
-/// (besides the readers' own).
+/// (besides the readers' own; images sharing the blob count apart, the daemon's cap binds them all).
 pub const MAX_BLOB_STREAMS: usize = 4;
 /// Background streams of the whole daemon at most, all images together.
 pub const MAX_DAEMON_STREAMS: usize = 32;
