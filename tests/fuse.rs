@@ -1233,8 +1233,8 @@ fn registry_daemon(
 /// A cold front-to-back read of a 24 MiB file (1 MiB chunks) from a registry paced at 40 MB/s, through a
 /// daemon with one FUSE worker: the runs the reader's followers predict go out as several ranged requests
 /// of the blob at once (the fault server counts the GETs it is answering at the same time), never more
-/// than the blob's stream cap besides the worker's own, and the file reads back right. (One request per
-/// run, as before, never had more than one in flight here.)
+/// than the blob's stream cap besides the worker's own, over connections kept alive from run to run, and
+/// the file reads back right. (One request per run, as before, never had more than one in flight here.)
 #[test]
 #[ignore = "needs root: ci/test.sh"]
 fn a_cold_sequential_read_keeps_several_ranged_requests_of_its_blob_in_flight() {
@@ -1260,6 +1260,12 @@ fn a_cold_sequential_read_keeps_several_ranged_requests_of_its_blob_in_flight() 
     assert!(
         fetched < (24 << 20) + (1 << 20),
         "{fetched} bytes fetched for a 24 MiB file"
+    );
+    // Connections are kept alive and reused by the next runs' parts: never more than were busy at once.
+    let connections = c.connections.load(Ordering::SeqCst);
+    assert!(
+        connections <= MAX_BLOB_STREAMS + 2 && connections < requests,
+        "{connections} connections for {requests} requests"
     );
     assert!(d.stop().success());
 }
