@@ -46,7 +46,7 @@ pub struct Checkpoint {
 }
 
 /// The worker's end of the checkpoint channel. A send that fails (the keeper stopped reading within
-/// [`FRAME_TIMEOUT`]) may have left part of a frame, after which the stream means nothing: the sink
+/// 2 s) may have left part of a frame, after which the stream means nothing: the sink
 /// is then broken for good and sends no more (the keeper, seeing garbage, forgets the state too).
 pub struct CheckpointSink {
     sock: Mutex<UnixStream>,

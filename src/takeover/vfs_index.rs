@@ -40,7 +40,7 @@ pub fn replay_pseudo_dirs(vfs: &Vfs, dirs: &[PseudoDir]) -> Result<()> {
 /// place of a filesystem that could not be carried on: every request gets an error).
 struct Placeholder;
 
-/// A [`Placeholder`] to mount.
+/// An empty filesystem that answers every request with an error, to hold a mount index.
 pub fn placeholder() -> BackFileSystem {
     Box::new(Placeholder)
 }

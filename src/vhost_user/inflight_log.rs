@@ -12,7 +12,7 @@
 //!   by the used index in guest memory having moved past the one noted, and the head is not answered
 //!   twice.
 //!
-//! A head is 0 (free), [`TAKEN`] (taken once) or [`RERUN`] (running again in a restarted daemon). A
+//! A head is 0 (free), taken (once) or re-run (running again in a restarted daemon). A
 //! head still in flight after it started running again killed two daemons: it is answered with EIO
 //! instead of a third try, so one poisonous request cannot keep the device down.
 //!

@@ -572,7 +572,7 @@ impl RequestQueue {
     /// The queue thread, on a kick or a resume event: take requests off the ring as long as the pool
     /// has room; answer a lone metadata request here (a lone READ too while READs are fast), hand the
     /// others to workers.
-    /// `recovered`: requests a dead predecessor took (see [`Requests::recover`]), handed to the
+    /// `recovered`: requests a dead predecessor took (see [`Requests::recovered_jobs`]), handed to the
     /// workers first.
     pub fn serve(&self, vring: &VringRwLock, mem: Memory, recovered: Vec<Job>) -> io::Result<()> {
         for job in recovered {
