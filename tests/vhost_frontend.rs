@@ -1213,6 +1213,58 @@ fn reads_in_flight_when_the_daemon_is_killed_are_answered_by_the_next_one() {
     d.kill_and_check();
 }
 
+/// IMG1 mounted at /img (localfs, cache in `dir`), and a guest connected with its session initialised.
+fn img1_guest(d: &VirtiofsDaemon, dir: &Path) -> Guest {
+    d.mount_rafs(
+        "/img",
+        &manifest::case_bootstrap(IMG1),
+        &daemon::v1_config(&manifest::case_blob_dir(IMG1), &dir.join("cache"), true, ""),
+    );
+    let mut g = Guest::connect(&d.sock, Options::default()).unwrap();
+    g.fuse_init().unwrap();
+    g
+}
+
+/// A request that kills the daemon each time it runs (the debug-build probe `RAFSD_TEST_CRASH_ON_LOOKUP`
+/// aborts on a LOOKUP of its name): the restarted daemon runs it again once and dies too; the third one
+/// answers it EIO instead of a third try, and the device serves on. The guest sees one failed LOOKUP.
+#[test]
+#[ignore = "needs root: ci/test.sh"]
+fn a_request_that_kills_the_daemon_twice_gets_eio_and_the_device_serves_on() {
+    let dir = tempfile::tempdir().unwrap();
+    // Inherited by the daemons this test binary starts; no other test looks this name up.
+    std::env::set_var("RAFSD_TEST_CRASH_ON_LOOKUP", "crash-the-daemon");
+    let d = VirtiofsDaemon::start(BIN, dir.path(), &["--log-level", "info"]);
+    let mut g = img1_guest(&d, dir.path());
+    let lookup = g
+        .post(
+            Opcode::Lookup,
+            ROOT,
+            &[b"crash-the-daemon\0"],
+            std::mem::size_of::<EntryOut>() as u32,
+            None,
+        )
+        .unwrap();
+    let r = reap_all(&mut g, &[lookup], &[lookup], Duration::from_secs(60), &d);
+    assert_eq!(r[0].1.header.error, -libc::EIO, "{}", d.log_text());
+    let log = d.log_text();
+    assert_eq!(
+        log.matches("RAFSD_TEST_CRASH_ON_LOOKUP: aborting").count(),
+        2,
+        "{log}"
+    );
+    assert!(
+        log.contains("failing 1 that were in flight in two daemons"),
+        "{log}"
+    );
+    // The device serves on, the image's bytes right.
+    let passwd = g.lookup_path(ROOT, "img/etc/passwd").unwrap().nodeid;
+    let data = g.read_file(passwd, 4096).unwrap();
+    assert_eq!(sha256_hex(&data), manifest_sha("etc/passwd"));
+    drop(g);
+    d.kill_and_check();
+}
+
 /// Crash restart with a passthrough share: the share's inode numbers died with the daemon, so after the
 /// restart the guest's references into it get an error — never another file of the share (a fresh mount
 /// would give the same numbers to other files) — while the RAFS image serves on, and the share works
@@ -1229,18 +1281,7 @@ fn after_a_crash_a_passthrough_share_answers_errors_never_other_files() {
     let d = VirtiofsDaemon::start(BIN, dir.path(), &[]);
     let (status, body) = d.try_mount("/share", "passthrough_fs", &share, "");
     assert_eq!(status, 204, "{body}");
-    d.mount_rafs(
-        "/img",
-        &manifest::case_bootstrap(IMG1),
-        &daemon::v1_config(
-            &manifest::case_blob_dir(IMG1),
-            &dir.path().join("cache"),
-            true,
-            "",
-        ),
-    );
-    let mut g = Guest::connect(&d.sock, Options::default()).unwrap();
-    g.fuse_init().unwrap();
+    let mut g = img1_guest(&d, dir.path());
     let a = g.lookup_path(ROOT, "share/a").unwrap().nodeid;
     assert_eq!(g.read_file(a, 4096).unwrap(), "a".repeat(100).as_bytes());
     let passwd = g.lookup_path(ROOT, "img/etc/passwd").unwrap().nodeid;

@@ -242,6 +242,7 @@ impl Requests {
                 f();
             }
         }
+        crash_probe(&reader);
         let window = self.dax.read().unwrap_or_else(|e| e.into_inner()).clone();
         handle_request(&self.server, reader, writer, window.as_ref())
     }
@@ -833,6 +834,36 @@ pub fn handle_request<S: BitmapSlice>(
             log::warn!("virtio-fs: request failed: {e}");
             0
         }
+    }
+}
+
+/// Test probe, debug builds only: with `RAFSD_TEST_CRASH_ON_LOOKUP=NAME` in its environment the daemon
+/// aborts on a LOOKUP of NAME, so that the crash-restart tests can kill it with that request in flight
+/// (and again when it is run again). Release builds ignore the variable.
+fn crash_probe<S: BitmapSlice>(reader: &Reader<'_, S>) {
+    static NAME: std::sync::OnceLock<Option<Vec<u8>>> = std::sync::OnceLock::new();
+    if !cfg!(debug_assertions) {
+        return;
+    }
+    let name = NAME.get_or_init(|| {
+        use std::os::unix::ffi::OsStringExt;
+        std::env::var_os("RAFSD_TEST_CRASH_ON_LOOKUP").map(OsStringExt::into_vec)
+    });
+    let Some(name) = name else { return };
+    let mut r = reader.clone();
+    let Ok(header) = r.read_obj::<InHeader>() else {
+        return;
+    };
+    let mut asked = [0u8; 256];
+    let len = (header.len as usize)
+        .saturating_sub(std::mem::size_of::<InHeader>())
+        .min(asked.len());
+    if header.opcode == Opcode::Lookup as u32
+        && std::io::Read::read_exact(&mut r, &mut asked[..len]).is_ok()
+        && asked[..len].strip_suffix(&[0]) == Some(name.as_slice())
+    {
+        log::error!("RAFSD_TEST_CRASH_ON_LOOKUP: aborting on a LOOKUP of {name:?}");
+        std::process::abort();
     }
 }
 
