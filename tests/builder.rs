@@ -3,6 +3,7 @@
 //! kernel's EROFS driver), for every format version, compressor, digester and a range of chunk sizes;
 //! from a directory, a tar and a tar.gz; on a parent layer and merged, against a real overlayfs mount.
 
+use kit::built::pseudo_random;
 use kit::manifest;
 
 use std::collections::BTreeMap;
@@ -606,19 +607,6 @@ fn broken_or_hostile_tars_are_clear_errors() {
 // ---------------------------------------------------------------------------------------------------
 // Layers: whiteouts, --parent-bootstrap and merge, with a real overlayfs mount as the truth
 
-/// Deterministic pseudo-random bytes (xorshift), so layers can hold incompressible data.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn cstr(p: &Path) -> CString {
     CString::new(p.as_os_str().as_bytes()).unwrap()
 }
@@ -695,7 +683,7 @@ fn make_layers(base: &Path) -> (PathBuf, PathBuf) {
     let (lower, upper) = (base.join("lower"), base.join("upper"));
     put(&lower.join("a.txt"), b"lower a");
     put(&lower.join("keep.txt"), b"kept from the lower layer");
-    put(&lower.join("big.bin"), &noise(1, 3 << 20));
+    put(&lower.join("big.bin"), &pseudo_random(3 << 20, 1));
     put(&lower.join("dir1/x.txt"), b"x");
     put(&lower.join("dir1/y.txt"), b"y is whited out");
     put(&lower.join("dir1/sub/z.txt"), b"lower z");
@@ -720,8 +708,8 @@ fn make_layers(base: &Path) -> (PathBuf, PathBuf) {
 
     put(&upper.join("a.txt"), b"upper a replaces lower a");
     // A copy of the parent's big file: its chunks are already stored.
-    put(&upper.join("big-copy.bin"), &noise(1, 3 << 20));
-    put(&upper.join("new.txt"), &noise(2, 10_000));
+    put(&upper.join("big-copy.bin"), &pseudo_random(3 << 20, 1));
+    put(&upper.join("new.txt"), &pseudo_random(10_000, 2));
     put(&upper.join("dir1/new-in-dir1.txt"), b"new");
     mknod(&upper.join("dir1/y.txt"), libc::S_IFCHR, 0, 0);
     put(&upper.join("dir1/sub/z.txt"), b"upper z");

@@ -6,6 +6,7 @@
 //! layers predicts, entry by entry (type, mode, owner, size, link count, mtime, content hash, symlink
 //! target, xattrs, hard links). Needs root (mounts, trusted.* xattrs) and ci/install-deps.sh's packages.
 
+use kit::built::pseudo_random;
 use kit::{daemon, manifest, services};
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -42,19 +43,6 @@ fn need(tools: &[&str]) {
 
 fn sha256(data: &[u8]) -> String {
     format!("sha256:{:x}", sha2::Sha256::digest(data))
-}
-
-/// Deterministic incompressible bytes.
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------------

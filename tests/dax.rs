@@ -299,13 +299,7 @@ fn every_fixture_maps_every_file_through_the_dax_window() {
 /// validated on read).
 fn daemon_with_image(dir: &Path, case: &str) -> VirtiofsDaemon {
     let d = VirtiofsDaemon::start(BIN, dir, &["--dax-window", "64M"]);
-    let config = daemon::v1_config(
-        &manifest::case_blob_dir(case),
-        &dir.join("cache"),
-        false,
-        "",
-    );
-    d.mount_rafs("/img", &manifest::case_bootstrap(case), &config);
+    d.mount_case("/img", case, &dir.join("cache"), false);
     d
 }
 

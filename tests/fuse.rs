@@ -2,6 +2,7 @@
 //! and warm, concurrent readers, crash recovery of the blob cache, cache corruption, bad configuration.
 //! Needs root (mounting).
 
+use kit::built::pseudo_random;
 use kit::{daemon, manifest, services};
 
 use std::os::unix::fs::FileExt;
@@ -1182,19 +1183,6 @@ fn a_walk_of_a_large_directory_costs_no_lookup_per_entry() {
 /// Background streams (ranged requests) one blob has at most: rafsd's `image::stream::MAX_BLOB_STREAMS`.
 const MAX_BLOB_STREAMS: u64 = 4;
 
-/// `len` bytes that do not compress (xorshift), so the blob holds them as they are.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 /// `rafsd fuse` over `built` served by the fault server `server` (registry backend, blob cache, the
 /// default 1 MiB amplification), with `--thread-num threads`.
 fn registry_daemon(
@@ -1240,7 +1228,7 @@ fn registry_daemon(
 fn a_cold_sequential_read_keeps_several_ranged_requests_of_its_blob_in_flight() {
     manifest::assert_root("FUSE mounts");
     let dir = tempfile::tempdir().unwrap();
-    let data = noise(24 << 20, 7);
+    let data = pseudo_random(24 << 20, 7);
     let built = kit::built::build_tree(dir.path(), "big", vec![("big".into(), data)], None, &[]);
     let server = services::FakeServer::with_blobs_of("rafsd/parts", &built.blob_dir);
     server.set_rate(Some(40 << 20));
@@ -1280,7 +1268,7 @@ fn many_readers_of_one_blob_stay_within_its_cap_of_requests_in_flight() {
     const WORKERS: u64 = 2;
     let dir = tempfile::tempdir().unwrap();
     let files: Vec<(String, Vec<u8>)> = (0..8)
-        .map(|i| (format!("f{i}"), noise(6 << 20, 100 + i)))
+        .map(|i| (format!("f{i}"), pseudo_random(6 << 20, 100 + i)))
         .collect();
     let built = kit::built::build_tree(dir.path(), "many", files.clone(), None, &[]);
     let server = services::FakeServer::with_blobs_of("rafsd/caps", &built.blob_dir);
@@ -1314,7 +1302,7 @@ fn failed_parts_leave_their_chunks_to_the_readers() {
     use services::Fault;
     manifest::assert_root("FUSE mounts");
     let dir = tempfile::tempdir().unwrap();
-    let data = noise(24 << 20, 11);
+    let data = pseudo_random(24 << 20, 11);
     let built = kit::built::build_tree(dir.path(), "big", vec![("big".into(), data)], None, &[]);
     let server = services::FakeServer::with_blobs_of("rafsd/faults", &built.blob_dir);
     server.set_rate(Some(40 << 20));

@@ -159,13 +159,7 @@ fn virtiofs_daemon_threads_are_confined_in_their_own_namespaces() {
     std::fs::create_dir(&share).unwrap();
     std::fs::write(share.join("hello"), b"hello from the share\n").unwrap();
     let d = VirtiofsDaemon::start(BIN, dir.path(), &["--seccomp", "kill"]);
-    let config = daemon::v1_config(
-        &manifest::case_blob_dir("v6-zstd-blake3"),
-        &dir.path().join("cache"),
-        true,
-        "",
-    );
-    d.mount_rafs("/img", &manifest::case_bootstrap("v6-zstd-blake3"), &config);
+    d.mount_case("/img", "v6-zstd-blake3", &dir.path().join("cache"), true);
     let body = serde_json::json!({"source": share, "fs_type": "passthrough_fs"}).to_string();
     let (status, text) = d
         .api("POST", "/api/v1/mount?mountpoint=/share", &body)

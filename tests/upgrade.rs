@@ -165,16 +165,55 @@ fn loop_end(vm: &Vm) -> (u64, u64) {
     (num("reads"), num("bad"))
 }
 
-#[test]
-#[ignore = "needs root, QEMU: ci/test.sh"]
-fn the_daemon_is_upgraded_ten_times_under_a_reading_guest() {
-    let tmp = guestvm::work_dir("rafsd-upgrade-");
-    let dir = tmp.path();
-    let vm = Vm::new(dir);
+/// A daemon serving both images to a guest that reads them for `loop_secs`: (work dir, VM, rafsd,
+/// QEMU).
+fn daemon_under_a_reading_guest(
+    prefix: &str,
+    loop_secs: u32,
+) -> (tempfile::TempDir, Vm, Guard, Guard) {
+    let tmp = guestvm::work_dir(prefix);
+    let vm = Vm::new(tmp.path());
     let mut rafsd = vm.start_rafsd(&[]);
     mount_rafs(&vm, IMAGE_A);
     mount_rafs(&vm, IMAGE_B);
-    let mut qemu = boot_reading_guest(&vm, dir, 150, &mut rafsd);
+    let qemu = boot_reading_guest(&vm, tmp.path(), loop_secs, &mut rafsd);
+    (tmp, vm, rafsd, qemu)
+}
+
+/// Once the guest has read on past `serving` reads (the event `what` ended with that many), the longest
+/// gap between its reads from `before` (their count when the event started).
+fn gap_after(vm: &Vm, what: &str, before: usize, serving: usize) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while reads(&vm.serial_text()).len() <= serving + 3 {
+        if Instant::now() > deadline {
+            vm.fail(format!("{what}: the guest reads no more"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    gap_ms(&reads(&vm.serial_text()), before, serving)
+}
+
+/// The end of the guest's loop: every read right, none failed; (reads, median gap, longest gap).
+fn loop_read_right(vm: &Vm, qemu: &mut Guard, rafsd: &mut Guard, gaps: &[f64]) -> (u64, f64, f64) {
+    vm.wait_for(
+        &format!("LOOP-END {}", vm.nonce),
+        Duration::from_secs(300),
+        qemu,
+        rafsd,
+    );
+    let serial = vm.serial_text();
+    let bad: Vec<&str> = serial.lines().filter(|l| l.contains("BAD ")).collect();
+    assert!(bad.is_empty(), "guest read errors: {bad:#?}{}", vm.logs());
+    let (n, nbad) = loop_end(vm);
+    assert!(n > 0 && nbad == 0, "reads {n}, bad {nbad}{}", vm.logs());
+    let max = gaps.iter().copied().fold(0.0, f64::max);
+    (n, median(&mut gaps.to_vec()), max)
+}
+
+#[test]
+#[ignore = "needs root, QEMU: ci/test.sh"]
+fn the_daemon_is_upgraded_ten_times_under_a_reading_guest() {
+    let (_tmp, vm, mut rafsd, mut qemu) = daemon_under_a_reading_guest("rafsd-upgrade-", 150);
     let mut pids = vec![rafsd.pid()];
     let mut gaps = Vec::new();
     let this = (kit::rafsd_bin().to_path_buf(), package_version(&vm.api));
@@ -189,20 +228,7 @@ fn the_daemon_is_upgraded_ten_times_under_a_reading_guest() {
         assert_eq!(&package_version(&vm.api), version, "upgrade {round}");
         let took = started.elapsed();
         let serving = reads(&vm.serial_text()).len();
-        // Wait until the guest has read on, so the gap is closed.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let n = reads(&vm.serial_text()).len();
-            if n > serving + 3 {
-                break;
-            }
-            if Instant::now() > deadline {
-                vm.fail(format!("upgrade {round}: the guest reads no more"));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let times = reads(&vm.serial_text());
-        let gap = gap_ms(&times, before, serving);
+        let gap = gap_after(&vm, &format!("upgrade {round}"), before, serving);
         eprintln!(
             "upgrade {round} to {version}: pid {} -> {}, {} ms for the new process to serve, longest gap between guest reads {gap:.0} ms",
             pids.last().unwrap(),
@@ -213,19 +239,7 @@ fn the_daemon_is_upgraded_ten_times_under_a_reading_guest() {
         pids.push(rafsd.pid());
         gaps.push(gap);
     }
-    vm.wait_for(
-        &format!("LOOP-END {}", vm.nonce),
-        Duration::from_secs(300),
-        &mut qemu,
-        &mut rafsd,
-    );
-    let serial = vm.serial_text();
-    let bad: Vec<&str> = serial.lines().filter(|l| l.contains("BAD ")).collect();
-    assert!(bad.is_empty(), "guest read errors: {bad:#?}{}", vm.logs());
-    let (n, nbad) = loop_end(&vm);
-    assert!(n > 0 && nbad == 0, "reads {n}, bad {nbad}{}", vm.logs());
-    let max = gaps.iter().copied().fold(0.0, f64::max);
-    let med = median(&mut gaps.clone());
+    let (n, med, max) = loop_read_right(&vm, &mut qemu, &mut rafsd, &gaps);
     eprintln!(
         "live upgrade x{UPGRADES}: service gap median {med:.0} ms, max {max:.0} ms ({n} guest reads, none wrong)"
     );
@@ -237,13 +251,7 @@ fn the_daemon_is_upgraded_ten_times_under_a_reading_guest() {
 #[test]
 #[ignore = "needs root, QEMU: ci/test.sh"]
 fn the_daemon_is_killed_ten_times_under_a_reading_guest() {
-    let tmp = guestvm::work_dir("rafsd-crash-");
-    let dir = tmp.path();
-    let vm = Vm::new(dir);
-    let mut rafsd = vm.start_rafsd(&[]);
-    mount_rafs(&vm, IMAGE_A);
-    mount_rafs(&vm, IMAGE_B);
-    let mut qemu = boot_reading_guest(&vm, dir, 120, &mut rafsd);
+    let (_tmp, vm, mut rafsd, mut qemu) = daemon_under_a_reading_guest("rafsd-crash-", 120);
     let supervisor = rafsd.pid() as i32;
     let mut gaps = Vec::new();
     for round in 0..UPGRADES {
@@ -254,15 +262,8 @@ fn the_daemon_is_killed_ten_times_under_a_reading_guest() {
         let next =
             next.unwrap_or_else(|| vm.fail(format!("kill {round}: no new daemon after 30 s")));
         let restarted = killed.elapsed();
-        let serving_reads = reads(&vm.serial_text()).len();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while reads(&vm.serial_text()).len() <= serving_reads + 3 {
-            if Instant::now() > deadline {
-                vm.fail(format!("kill {round}: the guest reads no more"));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let gap = gap_ms(&reads(&vm.serial_text()), before, serving_reads);
+        let serving = reads(&vm.serial_text()).len();
+        let gap = gap_after(&vm, &format!("kill {round}"), before, serving);
         eprintln!(
             "kill {round}: pid {victim} -> {next} in {} ms, longest gap between guest reads {gap:.0} ms",
             restarted.as_millis()
@@ -273,21 +274,8 @@ fn the_daemon_is_killed_ten_times_under_a_reading_guest() {
         );
         gaps.push(gap);
     }
-    vm.wait_for(
-        &format!("LOOP-END {}", vm.nonce),
-        Duration::from_secs(300),
-        &mut qemu,
-        &mut rafsd,
-    );
-    let serial = vm.serial_text();
-    let bad: Vec<&str> = serial.lines().filter(|l| l.contains("BAD ")).collect();
-    assert!(bad.is_empty(), "guest read errors: {bad:#?}{}", vm.logs());
-    let (n, nbad) = loop_end(&vm);
-    assert!(n > 0 && nbad == 0, "reads {n}, bad {nbad}{}", vm.logs());
-    let log = std::fs::read_to_string(&vm.daemon_log).unwrap_or_default();
-    let rerun = log.matches("answering again").count();
-    let max = gaps.iter().copied().fold(0.0, f64::max);
-    let med = median(&mut gaps.clone());
+    let (n, med, max) = loop_read_right(&vm, &mut qemu, &mut rafsd, &gaps);
+    let rerun = vm.daemon_text().matches("answering again").count();
     eprintln!(
         "crash restart x{UPGRADES}: service gap median {med:.0} ms, max {max:.0} ms ({n} guest reads, none wrong; \
          {rerun} times requests in flight were answered again)"
@@ -392,14 +380,7 @@ fn a_refused_upgrade_leaves_the_old_daemon_serving() {
 /// has sent FUSE_INIT.
 fn daemon_serving_a_guest(bin: &str, dir: &Path) -> (frontend::VirtiofsDaemon, frontend::Guest) {
     let d = frontend::VirtiofsDaemon::start(bin, dir, &[]);
-    let case = "v5-none-aligned";
-    let config = daemon::v1_config(
-        &manifest::case_blob_dir(case),
-        &dir.join("cache"),
-        false,
-        "",
-    );
-    d.mount_rafs("/img", &manifest::case_bootstrap(case), &config);
+    d.mount_case("/img", "v5-none-aligned", &dir.join("cache"), false);
     let mut g = frontend::Guest::connect(&d.sock, frontend::Options::default()).unwrap();
     g.fuse_init().unwrap();
     (d, g)

@@ -48,8 +48,7 @@ fn names(entries: &[frontend::DirEntryPlus]) -> BTreeSet<Vec<u8>> {
 fn start_device(dir: &Path) -> VirtiofsDaemon {
     let d = VirtiofsDaemon::start(BIN, dir, &["--log-level", "info"]);
     for (mountpoint, case, cache) in [("/img1", IMG1, "cache1"), ("/layers/img2", IMG2, "cache2")] {
-        let config = daemon::v1_config(&manifest::case_blob_dir(case), &dir.join(cache), false, "");
-        d.mount_rafs(mountpoint, &manifest::case_bootstrap(case), &config);
+        d.mount_case(mountpoint, case, &dir.join(cache), false);
     }
     d
 }
@@ -1215,11 +1214,7 @@ fn reads_in_flight_when_the_daemon_is_killed_are_answered_by_the_next_one() {
 
 /// IMG1 mounted at /img (localfs, cache in `dir`), and a guest connected with its session initialised.
 fn img1_guest(d: &VirtiofsDaemon, dir: &Path) -> Guest {
-    d.mount_rafs(
-        "/img",
-        &manifest::case_bootstrap(IMG1),
-        &daemon::v1_config(&manifest::case_blob_dir(IMG1), &dir.join("cache"), true, ""),
-    );
+    d.mount_case("/img", IMG1, &dir.join("cache"), true);
     let mut g = Guest::connect(&d.sock, Options::default()).unwrap();
     g.fuse_init().unwrap();
     g
@@ -1437,19 +1432,11 @@ fn requests_behind_a_slow_metadata_request_are_taken_over_by_the_watcher() {
         &dir.path().join("fuse.log"),
     );
     // `rafsd fuse` runs under a supervisor: the mount is served by its child.
-    let children =
-        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", fuse.pid())).unwrap();
-    let server: i32 = children.split_whitespace().next().unwrap().parse().unwrap();
+    let server = daemon::children(fuse.pid())[0];
 
     // The device: the image of the other tests at /img, the FUSE mount shared at /share.
     let d = VirtiofsDaemon::start(BIN, dir.path(), &["--sandbox", "none"]);
-    let cfg = daemon::v1_config(
-        &manifest::case_blob_dir(IMG1),
-        &dir.path().join("cache"),
-        false,
-        "",
-    );
-    d.mount_rafs("/img", &manifest::case_bootstrap(IMG1), &cfg);
+    d.mount_case("/img", IMG1, &dir.path().join("cache"), false);
     let body = serde_json::json!({"source": dir.path().join("hostdir"), "fs_type": "passthrough_fs",
         "config": ""});
     let (status, text) = d

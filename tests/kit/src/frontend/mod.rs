@@ -1447,6 +1447,14 @@ impl VirtiofsDaemon {
         .expect("mount API call")
     }
 
+    /// Mount reference image `case` at `mountpoint` from its blob directory (localfs backend), with the
+    /// blob cache in `cache` and chunks checked on read if `validate`.
+    pub fn mount_case(&self, mountpoint: &str, case: &str, cache: &Path, validate: bool) {
+        let config =
+            crate::daemon::v1_config(&crate::manifest::case_blob_dir(case), cache, validate, "");
+        self.mount_rafs(mountpoint, &crate::manifest::case_bootstrap(case), &config);
+    }
+
     /// POST /api/v1/mount?mountpoint=MP with a RAFS image and its nydusd v1 config.
     pub fn mount_rafs(&self, mountpoint: &str, bootstrap: &Path, config: &str) {
         let (status, text) = self.try_mount(mountpoint, "rafs", bootstrap, config);
