@@ -545,9 +545,8 @@ pub fn serve(
         c.checkpoint_mounts();
         let ready = wait_readable(&[listener.as_raw_fd(), upgrades.wake.as_raw_fd()]);
         if ready[1] {
-            if upgrades.take_changed() {
-                c.checkpoint_mounts();
-            }
+            // The mounts changed: the checkpoint at the top of the next round sends them.
+            upgrades.take_changed();
             for peer in upgrades.take() {
                 upgrade::refuse(
                     &peer,
@@ -776,52 +775,54 @@ impl Connection<'_> {
                 .map(|(offset, len)| state::DaxMapping { offset, len })
                 .collect();
         }
-        let bytes = State {
+        let bytes = self.encode(fuse, pseudo_dirs, mounts, Some(device))?;
+        Ok((bytes, files))
+    }
+
+    /// This daemon's state as a successor reads it.
+    fn encode(
+        &self,
+        fuse: state::FuseSession,
+        pseudo_dirs: Vec<state::PseudoDir>,
+        mounts: Vec<state::Mount>,
+        device: Option<state::Device>,
+    ) -> Result<Vec<u8>> {
+        State {
             version: state::VERSION,
             front_end: "virtiofs".into(),
             daemon_id: self.daemon.id.clone(),
             fuse,
             pseudo_dirs,
             mounts,
-            device: Some(device),
+            device,
         }
-        .encode()?;
-        Ok((bytes, files))
+        .encode()
     }
 
     /// Send the keeper the state as it is now (crash restart).
     fn checkpoint(&self, journal: &relay::Journal, vmm: &UnixStream, backend: &VirtioFsBackend) {
-        let Some(c) = self.crash else { return };
-        match self.export(journal, vmm, backend, true) {
-            Ok((bytes, files)) => {
-                let fds: Vec<RawFd> = files.iter().map(AsRawFd::as_raw_fd).collect();
-                c.checkpoints.save(&bytes, &fds);
-            }
-            Err(e) => log::error!("crash restart: cannot export the state: {e}"),
+        if self.crash.is_some() {
+            self.save_checkpoint(self.export(journal, vmm, backend, true));
         }
     }
 
     /// Send the keeper the filesystems only (no VMM connected).
     fn checkpoint_mounts(&self) {
-        let Some(c) = self.crash else { return };
-        let state = self
-            .daemon
-            .saved_filesystems()
-            .and_then(|(pseudo_dirs, mounts)| {
-                State {
-                    version: state::VERSION,
-                    front_end: "virtiofs".into(),
-                    daemon_id: self.daemon.id.clone(),
-                    fuse: state::FuseSession::default(),
-                    pseudo_dirs,
-                    mounts,
-                    device: None,
-                }
-                .encode()
+        if self.crash.is_some() {
+            let state = self.daemon.saved_filesystems().and_then(|(dirs, mounts)| {
+                let bytes = self.encode(state::FuseSession::default(), dirs, mounts, None)?;
+                Ok((bytes, Vec::new()))
             });
+            self.save_checkpoint(state);
+        }
+    }
+
+    fn save_checkpoint(&self, state: Result<(Vec<u8>, Vec<std::fs::File>)>) {
+        let Some(c) = self.crash else { return };
         match state {
-            Ok(bytes) => {
-                c.checkpoints.save(&bytes, &[]);
+            Ok((bytes, files)) => {
+                let fds: Vec<RawFd> = files.iter().map(AsRawFd::as_raw_fd).collect();
+                c.checkpoints.save(&bytes, &fds);
             }
             Err(e) => log::error!("crash restart: cannot export the state: {e}"),
         }

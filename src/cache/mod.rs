@@ -233,9 +233,8 @@ impl BlobCache {
         }
     }
 
-    /// Wait until no other thread fetches `chunk`, then claim it.
-    pub fn claim(self: &Arc<Self>, chunk: &ChunkInfo) -> Claim {
-        let key = (chunk.blob_index, chunk.index);
+    /// The chunks being fetched, once nobody fetches `key` (locked).
+    fn unclaimed(&self, key: (u32, u32)) -> std::sync::MutexGuard<'_, HashSet<(u32, u32)>> {
         let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
         while inflight.contains(&key) {
             inflight = self
@@ -243,7 +242,13 @@ impl BlobCache {
                 .wait(inflight)
                 .unwrap_or_else(|e| e.into_inner());
         }
-        inflight.insert(key);
+        inflight
+    }
+
+    /// Wait until no other thread fetches `chunk`, then claim it.
+    pub fn claim(self: &Arc<Self>, chunk: &ChunkInfo) -> Claim {
+        let key = (chunk.blob_index, chunk.index);
+        self.unclaimed(key).insert(key);
         Claim {
             cache: self.clone(),
             keys: vec![key],
@@ -266,14 +271,7 @@ impl BlobCache {
 
     /// Wait until nobody fetches `chunk` (without claiming it): then it is cached, or its fetch failed.
     pub fn wait_unclaimed(&self, chunk: &ChunkInfo) {
-        let key = (chunk.blob_index, chunk.index);
-        let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-        while inflight.contains(&key) {
-            inflight = self
-                .inflight_done
-                .wait(inflight)
-                .unwrap_or_else(|e| e.into_inner());
-        }
+        drop(self.unclaimed((chunk.blob_index, chunk.index)));
     }
 
     /// Someone is fetching `chunk` right now.

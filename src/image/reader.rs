@@ -210,10 +210,11 @@ impl RafsImage {
     ) -> Result<Vec<u8>> {
         let first = run.remove(0);
         let ctx = self.stream_ctx(cache, first.info.blob_index);
+        // Where a chunk's stored bytes end in the blob.
+        let end = |p: &Pending| p.info.compressed_offset + p.info.compressed_size as u64;
         let span = |part: &[Pending]| -> (u64, usize) {
-            let (a, b) = (&part[0].info, &part[part.len() - 1].info);
-            let end = b.compressed_offset + b.compressed_size as u64;
-            (a.compressed_offset, (end - a.compressed_offset) as usize)
+            let start = part[0].info.compressed_offset;
+            (start, (end(&part[part.len() - 1]) - start) as usize)
         };
         let rest_bytes: u64 = run.iter().map(|p| p.info.compressed_size as u64).sum();
         let mut extra = Vec::new();
@@ -231,13 +232,7 @@ impl RafsImage {
             true => Vec::new(),
             false => parts.remove(0),
         };
-        let head_len = match head.last() {
-            Some(p) => {
-                (p.info.compressed_offset + p.info.compressed_size as u64
-                    - first.info.compressed_offset) as usize
-            }
-            None => first.info.compressed_size as usize,
-        };
+        let head_len = (end(head.last().unwrap_or(&first)) - first.info.compressed_offset) as usize;
         let opened = self
             .backend_stream(&ctx.blob.id, first.info.compressed_offset, head_len)
             .and_then(|mut reader| {

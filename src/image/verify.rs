@@ -8,10 +8,6 @@ use crate::storage::digest::{crc32c, digest, hex};
 
 /// The uncompressed bytes of a chunk from its stored bytes (a raw chunk is copied).
 pub(super) fn decode_chunk(blob: &BlobInfo, info: &ChunkInfo, stored: &[u8]) -> Result<Vec<u8>> {
-    if !info.compressed {
-        check_raw_size(blob, info, stored.len())?;
-        return Ok(stored.to_vec());
-    }
     let mut out = Vec::new();
     decode_chunk_into(blob, info, stored, &mut out)?;
     Ok(out)

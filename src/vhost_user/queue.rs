@@ -258,8 +258,7 @@ impl Requests {
         self.gate.answered();
     }
 
-    /// Write the reply of `job` (or its EIO); the bytes written. A panic in the server must still
-    /// give the descriptor back, or the guest waits for it forever.
+    /// Write the reply of `job` (or its EIO); the bytes written.
     fn answer(&self, job: Job) -> u32 {
         if job.fail {
             return fail_chain(job.chain, libc::EIO);
@@ -267,7 +266,13 @@ impl Requests {
         if let (true, Some(log)) = (job.rerun, &self.log) {
             log.rerunning(job.ring, job.chain.head_index());
         }
-        catch_unwind(AssertUnwindSafe(|| self.handle_chain(job.chain))).unwrap_or_else(|_| {
+        self.handle_caught(job.chain)
+    }
+
+    /// [`Requests::handle_chain`], a panic answered as an empty reply: the descriptor must still go
+    /// back, or the guest waits for it forever.
+    fn handle_caught(&self, chain: Chain) -> u32 {
+        catch_unwind(AssertUnwindSafe(|| self.handle_chain(chain))).unwrap_or_else(|_| {
             log::error!("virtio-fs: request handler panicked; returning the descriptor empty");
             0
         })
@@ -400,11 +405,7 @@ impl Requests {
             };
             self.gate.answer_each(chains, |chain| {
                 let head = chain.head_index();
-                let used = catch_unwind(AssertUnwindSafe(|| self.handle_chain(chain)))
-                    .unwrap_or_else(|_| {
-                        log::error!("virtio-fs: request handler panicked; returning it empty");
-                        0
-                    });
+                let used = self.handle_caught(chain);
                 self.put_used(ring, &mut vring.get_mut(), head, used)
             })?;
             if !event_idx || vring.needs_notification().map_err(io::Error::other)? {

@@ -179,7 +179,7 @@ impl Journal {
                 self.memory = Some((regions, files));
             }
             SET_VRING_NUM | SET_VRING_BASE | SET_VRING_ENABLE => {
-                let (Some(index), Some(value)) = (le_u32(p, 0), le_u32(p, 4)) else {
+                let Some((index, value)) = m.ring_state() else {
                     return Ok(());
                 };
                 let request = m.request;
@@ -589,7 +589,9 @@ pub fn stop_rings(
             let r = Msg::recv(backend)?.ok_or_else(|| {
                 io::Error::other("the backend ended the connection at GET_VRING_BASE")
             })?;
-            le_u32(&r.payload, 4).ok_or_else(|| io::Error::other("short GET_VRING_BASE reply"))
+            r.ring_state()
+                .map(|(_, base)| base)
+                .ok_or_else(|| io::Error::other("short GET_VRING_BASE reply"))
         })();
         match base {
             Ok(b) => {
