@@ -734,9 +734,10 @@ impl Connection<'_> {
         Ok(false)
     }
 
-    /// The state to hand over: filesystems and device as they are now. `checkpoint`: for the
-    /// crash-restart keeper, which also takes a device whose guest has not sent FUSE_INIT yet (an
-    /// empty session) and leaves passthrough shares out (see [`crate::daemon::Daemon::export`]).
+    /// The state to hand over: filesystems and device as they are now, with each passthrough share's
+    /// table among the descriptors. `checkpoint`: for the crash-restart keeper, which also takes a
+    /// device whose guest has not sent FUSE_INIT yet (an empty session), and the filesystems as of
+    /// the last mount or unmount (without waiting on a mount in progress).
     fn export(
         &self,
         journal: &relay::Journal,
@@ -753,12 +754,12 @@ impl Connection<'_> {
                 ))
             }
         };
-        let (pseudo_dirs, mounts) = if checkpoint {
+        let (pseudo_dirs, mut mounts) = if checkpoint {
             self.daemon.saved_filesystems()?
         } else {
-            self.daemon.export(false)?
+            self.daemon.export(true)?
         };
-        let (mut device, files) = journal
+        let (mut device, mut files) = journal
             .export(
                 vmm,
                 self.listener.as_raw_fd(),
@@ -775,6 +776,7 @@ impl Connection<'_> {
                 .map(|(offset, len)| state::DaxMapping { offset, len })
                 .collect();
         }
+        self.daemon.attach_share_tables(&mut mounts, &mut files)?;
         let bytes = self.encode(fuse, pseudo_dirs, mounts, Some(device))?;
         Ok((bytes, files))
     }
@@ -809,10 +811,15 @@ impl Connection<'_> {
     /// Send the keeper the filesystems only (no VMM connected).
     fn checkpoint_mounts(&self) {
         if self.crash.is_some() {
-            let state = self.daemon.saved_filesystems().and_then(|(dirs, mounts)| {
-                let bytes = self.encode(state::FuseSession::default(), dirs, mounts, None)?;
-                Ok((bytes, Vec::new()))
-            });
+            let state = self
+                .daemon
+                .saved_filesystems()
+                .and_then(|(dirs, mut mounts)| {
+                    let mut files = Vec::new();
+                    self.daemon.attach_share_tables(&mut mounts, &mut files)?;
+                    let bytes = self.encode(state::FuseSession::default(), dirs, mounts, None)?;
+                    Ok((bytes, files))
+                });
             self.save_checkpoint(state);
         }
     }
