@@ -79,6 +79,9 @@ pub const DEFAULT_POOL_SIZE: usize = 16;
 
 type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
 
+/// How long a VMM's GET_VRING_BASE (a ring stopping) waits for the requests in flight.
+const STOP_DRAIN: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// The pool size for `--thread-pool-size`: absent means [`DEFAULT_POOL_SIZE`]; 0 means no pool (each
 /// queue answered in order by its own thread, as virtiofsd's 0 does). Kata passes `=1` to every
 /// virtio-fs daemon by default, a virtiofsd tuning for local passthrough I/O; one at a time would put
@@ -694,7 +697,22 @@ impl Connection<'_> {
                     .into_iter()
                     .any(|peer| self.hand_over(peer, journal, &vmm, &inner, &backend, upgrades))
             },
+            |m| {
+                // The VMM stops a ring (a guest reset, the VM stopping) and then takes the guest's
+                // buffers back: no request taken before may write them after the reply. So the stop
+                // waits until every request taken is answered (bounded: a hung backend is waited
+                // for STOP_DRAIN at most, and its late reply is then written after all).
+                if m.request == relay::GET_VRING_BASE && !backend.requests.pause(STOP_DRAIN) {
+                    log::warn!(
+                        "virtio-fs: a ring stops with requests still running after {STOP_DRAIN:?}; \
+                         their replies come late"
+                    );
+                }
+            },
             |journal, m| {
+                if m.request == relay::GET_VRING_BASE {
+                    backend.requests.resume(|| journal.kick_all());
+                }
                 if let (Some(c), relay::SET_VRING_BASE) = (self.crash, m.request) {
                     if let Some((ring, base)) = m.ring_state() {
                         c.inflight.reset(ring as usize, Some(base as u16));

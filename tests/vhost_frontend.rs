@@ -1083,6 +1083,52 @@ fn check_reads(
     }
 }
 
+/// A VMM stopping a ring (GET_VRING_BASE: a guest reset, the VM stopping) takes the guest's buffers
+/// back once answered: a READ still waiting on the registry must be answered before that, not written
+/// into buffers the guest may already use for something else. The stop waits for it.
+#[test]
+#[ignore = "needs root: ci/test.sh"]
+fn a_ring_stops_only_once_its_requests_in_flight_are_answered() {
+    use vhost::VhostBackend;
+    let dir = tempfile::tempdir().unwrap();
+    let (d, server, mut g) = guest_on_registry(dir.path(), &[], true);
+    let (random, fh) = open_random_2m5(&mut g);
+    let offsets = [1 << 20];
+    let held = server.hold_data();
+    let slow = post_reads(&mut g, random, fh, &offsets);
+    assert!(
+        server.wait_held(1, Duration::from_secs(10)),
+        "{}",
+        d.log_text()
+    );
+    let hold = Duration::from_millis(800);
+    let (stopped_after, base) = std::thread::scope(|s| {
+        s.spawn(move || {
+            std::thread::sleep(hold);
+            drop(held);
+        });
+        let started = std::time::Instant::now();
+        let base = g.conn.frontend.get_vring_base(g.queue).unwrap();
+        (started.elapsed(), base)
+    });
+    assert!(
+        stopped_after >= hold,
+        "the ring stopped after {stopped_after:?}, with the READ still waiting on the registry"
+    );
+    // Answered before the stop's reply: it is in the used ring now, whole.
+    let replies = g.reap(&slow, Duration::from_millis(100)).unwrap();
+    assert_eq!(
+        replies.len(),
+        1,
+        "the READ is answered by the time the ring stopped"
+    );
+    assert_eq!(replies[0].1.header.error, 0);
+    assert_eq!(replies[0].1.body.len(), 64 << 10);
+    assert!(base > 0, "the stop reports the requests taken");
+    drop(g);
+    d.kill_and_check();
+}
+
 #[test]
 #[ignore = "needs root: ci/test.sh"]
 fn reads_stalled_on_the_backend_hold_back_no_other_request_on_their_queue() {
