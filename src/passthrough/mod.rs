@@ -102,20 +102,20 @@ impl ConfinedPassthrough {
         let table =
             ShareTable::adopt(table).map_err(|e| Error::io("the predecessor's share table", e))?;
         let saved = table.inodes();
-        let by_slot: HashMap<u64, &SavedInode> = saved.iter().map(|r| (r.slot, r)).collect();
+        let by_number: HashMap<u64, &SavedInode> = saved.iter().map(|r| (r.number, r)).collect();
         let mut found: HashMap<u64, Option<u64>> = HashMap::from([(ROOT, Some(ROOT))]);
         let mut taken = HashSet::new();
         for r in &saved {
-            self.find_again(r.slot, &by_slot, &mut found, &mut taken);
+            self.find_again(r.number, &by_number, &mut found, &mut taken);
         }
         let handles = table.handles();
         let mut slots = Slots::new(table);
         let mut out = Adopted::default();
-        for r in saved.iter().filter(|r| r.slot != ROOT) {
-            let inner = found.get(&r.slot).copied().flatten();
+        for r in saved.iter().filter(|r| r.number != ROOT) {
+            let inner = found.get(&r.number).copied().flatten();
             out.inodes += 1;
             out.stale_inodes += usize::from(inner.is_none());
-            slots.restore_inode(r.slot, inner, r.lookups, r.place.clone());
+            slots.restore_inode(r.number, inner, r.lookups, r.place.clone());
         }
         let ctx = Context::new();
         for h in handles {
@@ -134,23 +134,23 @@ impl ConfinedPassthrough {
             });
             out.handles += 1;
             out.stale_handles += usize::from(opened.is_none());
-            slots.restore_handle(h.slot, opened, h.inode);
+            slots.restore_handle(h.number, opened, h.inode);
         }
         slots.settle_free_numbers();
         *self.write() = slots;
         Ok(out)
     }
 
-    /// Look `slot` up again, its parents first (iteratively: a chain can be deep); `found` gets None
-    /// for what cannot be found or is not the same file.
+    /// Look inode `number` up again, its parents first (iteratively: a chain can be deep); `found`
+    /// gets None for what cannot be found or is not the same file.
     fn find_again(
         &self,
-        slot: u64,
+        number: u64,
         saved: &HashMap<u64, &SavedInode>,
         found: &mut HashMap<u64, Option<u64>>,
         taken: &mut HashSet<u64>,
     ) {
-        let mut chain = vec![slot];
+        let mut chain = vec![number];
         while let Some(&s) = chain.last() {
             if found.contains_key(&s) {
                 chain.pop();
@@ -1006,5 +1006,49 @@ mod tests {
             attr(&fs, plus[1].1).unwrap_err().raw_os_error(),
             Some(libc::EBADF)
         );
+    }
+
+    /// A number the guest let go is never given to another file, not even by a successor: a FORGET
+    /// or RELEASE that runs twice (re-run after a crash) then hits nothing instead of the next user.
+    #[test]
+    fn numbers_let_go_name_nothing_afterwards() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["x", "y", "z"] {
+            std::fs::write(dir.path().join(name), name).unwrap();
+        }
+        let ctx = Context::default();
+        let fs = ConfinedPassthrough::new(dir.path()).unwrap();
+        fs.init(FsOptions::empty()).unwrap();
+        let x = fs.lookup(&ctx, ROOT, c"x").unwrap().inode;
+        let (hx, _, _) = fs.open(&ctx, x, 0, 0).unwrap();
+        fs.release(&ctx, x, 0, hx.unwrap(), false, false, None)
+            .unwrap();
+        fs.forget(&ctx, x, 1);
+        let y = fs.lookup(&ctx, ROOT, c"y").unwrap().inode;
+        let (hy, _, _) = fs.open(&ctx, y, 0, 0).unwrap();
+        assert_ne!(y, x, "the record is used again under another number");
+        assert_ne!(hy, hx);
+        assert_eq!(attr(&fs, x).unwrap_err().raw_os_error(), Some(libc::EBADF));
+        // A RELEASE and a FORGET of the old numbers, run again, leave y and its handle alone.
+        fs.release(&ctx, x, 0, hx.unwrap(), false, false, None)
+            .unwrap();
+        fs.forget(&ctx, x, 1);
+        assert_eq!(attr(&fs, y).unwrap().st_size, 1);
+        assert_eq!(
+            fs.lseek(&ctx, y, hy.unwrap(), 0, libc::SEEK_END as u32)
+                .unwrap(),
+            1
+        );
+        // A successor goes on from the table's generations.
+        fs.release(&ctx, y, 0, hy.unwrap(), false, false, None)
+            .unwrap();
+        fs.forget(&ctx, y, 1);
+        let next = ConfinedPassthrough::new(dir.path()).unwrap();
+        next.init(FsOptions::empty()).unwrap();
+        next.adopt(fs.table_file().unwrap()).unwrap();
+        let z = next.lookup(&ctx, ROOT, c"z").unwrap().inode;
+        let (hz, _, _) = next.open(&ctx, z, 0, 0).unwrap();
+        assert!(![x, y].contains(&z), "{z} was given out before");
+        assert!(![hx, hy].contains(&hz));
     }
 }

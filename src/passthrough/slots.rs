@@ -9,7 +9,9 @@
 use std::collections::HashMap;
 use std::io;
 
-use super::table::{Place, ShareTable, HANDLE_CAP, INODE_CAP};
+use super::table::{
+    next_handle_number, next_inode_number, Place, ShareTable, HANDLE_CAP, INODE_CAP,
+};
 
 /// FUSE's root inode: the same number on both sides, never forgotten.
 pub const ROOT: u64 = 1;
@@ -38,6 +40,7 @@ pub struct Slots {
     pub by_inner: HashMap<u64, u64>,
     pub names: HashMap<(u64, Box<[u8]>), u64>,
     pub handles: HashMap<u64, Handle>,
+    /// Numbers to give out again (a freed record's next generation), then fresh records from `next_*`.
     free_inodes: Vec<u64>,
     next_inode: u64,
     free_handles: Vec<u64>,
@@ -63,16 +66,19 @@ impl Slots {
         }
     }
 
-    /// After a hand-over: numbers below the highest used that nobody holds are free again.
+    /// After a hand-over: the numbers to give out next, as the table has them.
     pub fn settle_free_numbers(&mut self) {
-        self.next_inode = self.inodes.keys().max().map_or(ROOT + 1, |m| m + 1);
-        self.free_inodes = (ROOT + 1..self.next_inode)
-            .filter(|s| !self.inodes.contains_key(s))
+        let (inodes, handles, inodes_used, handles_used) = self.table.free_numbers();
+        self.free_inodes = inodes
+            .into_iter()
+            .filter(|&n| n & (INODE_CAP - 1) > ROOT)
             .collect();
-        self.next_handle = self.handles.keys().max().map_or(1, |m| m + 1);
-        self.free_handles = (1..self.next_handle)
-            .filter(|s| !self.handles.contains_key(s))
+        self.next_inode = inodes_used.max(ROOT + 1);
+        self.free_handles = handles
+            .into_iter()
+            .filter(|&n| n & (HANDLE_CAP - 1) > 0)
             .collect();
+        self.next_handle = handles_used.max(1);
     }
 
     /// A number a predecessor gave the guest, with its file found again (`inner`) or not.
@@ -189,7 +195,7 @@ impl Slots {
         }
         let slot = self.inodes.remove(&ours)?;
         self.table.free_inode(ours);
-        self.free_inodes.push(ours);
+        self.free_inodes.push(next_inode_number(ours));
         if let Some(key) = slot.place.as_ref().map(key_of) {
             if self.names.get(&key) == Some(&ours) {
                 self.names.remove(&key);
@@ -260,7 +266,7 @@ impl Slots {
     pub fn release(&mut self, ours: u64) -> Option<u64> {
         let h = self.handles.remove(&ours)?;
         self.table.free_handle(ours);
-        self.free_handles.push(ours);
+        self.free_handles.push(next_handle_number(ours));
         h.inner
     }
 
@@ -271,6 +277,9 @@ impl Slots {
         self.by_inner.clear();
         self.names.clear();
         self.handles.clear();
-        self.settle_free_numbers();
+        self.free_inodes.clear();
+        self.next_inode = ROOT + 1;
+        self.free_handles.clear();
+        self.next_handle = 1;
     }
 }

@@ -20,9 +20,16 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 /// Inode numbers the guest may hold at once in one share, the root included (virtiofsd's default
 /// open-file limit is as large: each inode holds an O_PATH descriptor of the daemon).
-pub const INODE_CAP: u64 = 1 << 20;
+pub const INODE_CAP: u64 = 1 << INODE_BITS;
 /// Open files and directories of the guest in one share at once.
-pub const HANDLE_CAP: u64 = 1 << 18;
+pub const HANDLE_CAP: u64 = 1 << HANDLE_BITS;
+/// A guest's number is a record index (its low bits) and that record's generation, one more each time
+/// the record is used again: a number the guest should no longer hold (a FORGET or RELEASE run twice
+/// after a crash) names nothing rather than the record's next file.
+const INODE_BITS: u32 = 20;
+const HANDLE_BITS: u32 = 18;
+/// Inode numbers stay below 2^56 (the Vfs keeps the mount index above).
+const NUMBER_BITS: u32 = 56;
 /// Linux's NAME_MAX: no file name is longer.
 pub const NAME_MAX: usize = 255;
 
@@ -57,6 +64,8 @@ struct InodeRecord {
     ino: AtomicU64,
     /// The guest's outstanding lookups.
     lookups: AtomicU64,
+    /// The generation of the number using the record, kept when it is freed.
+    generation: AtomicU64,
     name: [AtomicU64; 32],
 }
 
@@ -68,6 +77,7 @@ struct HandleRecord {
     dir: AtomicU32,
     _pad: AtomicU32,
     inode: AtomicU64,
+    generation: AtomicU64,
 }
 
 const INODES_AT: usize = HEADER_BYTES;
@@ -87,14 +97,14 @@ pub struct Place {
 /// cut short.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SavedInode {
-    pub slot: u64,
+    pub number: u64,
     pub lookups: u64,
     pub place: Option<Place>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SavedHandle {
-    pub slot: u64,
+    pub number: u64,
     pub inode: u64,
     pub flags: u32,
     pub dir: bool,
@@ -176,41 +186,36 @@ impl ShareTable {
         unsafe { &*self.base.cast::<Header>() }
     }
 
-    /// Record `slot` of the array of `cap` records of type `T` at `at`. Callers pass only slots they
-    /// allocated below the caps, never a guest's number unchecked.
-    fn record<T>(&self, at: usize, cap: u64, slot: u64) -> &T {
-        assert!(slot < cap, "slot {slot} out of the table");
-        // SAFETY: within the mapping (checked above: the arrays are laid out in TABLE_BYTES); all of
-        // each record is atomics.
-        unsafe {
-            &*self
-                .base
-                .add(at + slot as usize * size_of::<T>())
-                .cast::<T>()
-        }
+    /// The record of number `n` in the array of `1 << bits` records of type `T` at `at`.
+    fn record<T>(&self, at: usize, bits: u32, n: u64) -> &T {
+        let index = (n & ((1 << bits) - 1)) as usize;
+        // SAFETY: within the mapping (the index is masked to the array, laid out in TABLE_BYTES); all
+        // of each record is atomics.
+        unsafe { &*self.base.add(at + index * size_of::<T>()).cast::<T>() }
     }
 
-    fn inode(&self, slot: u64) -> &InodeRecord {
-        self.record(INODES_AT, INODE_CAP, slot)
+    fn inode(&self, n: u64) -> &InodeRecord {
+        self.record(INODES_AT, INODE_BITS, n)
     }
 
-    fn handle(&self, slot: u64) -> &HandleRecord {
-        self.record(HANDLES_AT, HANDLE_CAP, slot)
+    fn handle(&self, n: u64) -> &HandleRecord {
+        self.record(HANDLES_AT, HANDLE_BITS, n)
     }
 
     /// A number the guest now holds (`lookups` of them), found at `place`.
-    pub fn set_inode(&self, slot: u64, place: &Place, lookups: u64) {
-        let r = self.inode(slot);
+    pub fn set_inode(&self, n: u64, place: &Place, lookups: u64) {
+        let r = self.inode(n);
         r.lookups.store(lookups, Ordering::Relaxed);
+        r.generation.store(n >> INODE_BITS, Ordering::Relaxed);
         self.write_place(r, place);
         self.header()
             .inodes_used
-            .fetch_max(slot + 1, Ordering::Release);
+            .fetch_max((n & (INODE_CAP - 1)) + 1, Ordering::Release);
     }
 
-    /// The inode at `slot` is now found at `place` (a rename, or a lookup through another link).
-    pub fn move_inode(&self, slot: u64, place: &Place) {
-        self.write_place(self.inode(slot), place);
+    /// The inode `n` is now found at `place` (a rename, or a lookup through another link).
+    pub fn move_inode(&self, n: u64, place: &Place) {
+        self.write_place(self.inode(n), place);
     }
 
     fn write_place(&self, r: &InodeRecord, place: &Place) {
@@ -230,43 +235,74 @@ impl ShareTable {
         r.state.store(NAMED, Ordering::Release);
     }
 
-    pub fn set_lookups(&self, slot: u64, lookups: u64) {
-        self.inode(slot).lookups.store(lookups, Ordering::Release);
+    pub fn set_lookups(&self, n: u64, lookups: u64) {
+        self.inode(n).lookups.store(lookups, Ordering::Release);
     }
 
-    /// The inode at `slot` lost its name (still held by the guest).
-    pub fn unname_inode(&self, slot: u64) {
-        self.inode(slot).state.store(UNNAMED, Ordering::Release);
+    /// The inode `n` lost its name (still held by the guest).
+    pub fn unname_inode(&self, n: u64) {
+        self.inode(n).state.store(UNNAMED, Ordering::Release);
     }
 
-    pub fn free_inode(&self, slot: u64) {
-        self.inode(slot).state.store(FREE, Ordering::Release);
+    pub fn free_inode(&self, n: u64) {
+        self.inode(n).state.store(FREE, Ordering::Release);
     }
 
-    pub fn set_handle(&self, slot: u64, inode: u64, flags: u32, dir: bool) {
-        let r = self.handle(slot);
+    pub fn set_handle(&self, n: u64, inode: u64, flags: u32, dir: bool) {
+        let r = self.handle(n);
         r.state.store(WRITING, Ordering::Release);
         r.inode.store(inode, Ordering::Relaxed);
         r.flags.store(flags, Ordering::Relaxed);
         r.dir.store(dir.into(), Ordering::Relaxed);
+        r.generation.store(n >> HANDLE_BITS, Ordering::Relaxed);
         r.state.store(NAMED, Ordering::Release);
         self.header()
             .handles_used
-            .fetch_max(slot + 1, Ordering::Release);
+            .fetch_max((n & (HANDLE_CAP - 1)) + 1, Ordering::Release);
     }
 
-    pub fn free_handle(&self, slot: u64) {
-        self.handle(slot).state.store(FREE, Ordering::Release);
+    pub fn free_handle(&self, n: u64) {
+        self.handle(n).state.store(FREE, Ordering::Release);
     }
 
-    /// Forget every record (a new FUSE session).
+    /// The numbers a daemon that adopted the table gives out next for the records below the highest
+    /// used that are free: each record's next generation. Then (inode records used, handle records
+    /// used): new records start there.
+    pub fn free_numbers(&self) -> (Vec<u64>, Vec<u64>, u64, u64) {
+        let h = self.header();
+        let inodes_used = h.inodes_used.load(Ordering::Acquire).min(INODE_CAP);
+        let handles_used = h.handles_used.load(Ordering::Acquire).min(HANDLE_CAP);
+        let inodes = (0..inodes_used)
+            .filter(|&i| self.inode(i).state.load(Ordering::Acquire) == FREE)
+            .map(|i| {
+                next_number(
+                    i,
+                    self.inode(i).generation.load(Ordering::Relaxed),
+                    INODE_BITS,
+                )
+            })
+            .collect();
+        let handles = (0..handles_used)
+            .filter(|&i| self.handle(i).state.load(Ordering::Acquire) == FREE)
+            .map(|i| {
+                next_number(
+                    i,
+                    self.handle(i).generation.load(Ordering::Relaxed),
+                    HANDLE_BITS,
+                )
+            })
+            .collect();
+        (inodes, handles, inodes_used, handles_used)
+    }
+
+    /// Forget every record (a new FUSE session, whose guest holds no number yet).
     pub fn clear(&self) {
         let h = self.header();
-        for slot in 0..h.inodes_used.load(Ordering::Acquire).min(INODE_CAP) {
-            self.free_inode(slot);
+        for i in 0..h.inodes_used.load(Ordering::Acquire).min(INODE_CAP) {
+            self.free_inode(i);
         }
-        for slot in 0..h.handles_used.load(Ordering::Acquire).min(HANDLE_CAP) {
-            self.free_handle(slot);
+        for i in 0..h.handles_used.load(Ordering::Acquire).min(HANDLE_CAP) {
+            self.free_handle(i);
         }
         h.inodes_used.store(0, Ordering::Release);
         h.handles_used.store(0, Ordering::Release);
@@ -276,8 +312,8 @@ impl ShareTable {
     pub fn inodes(&self) -> Vec<SavedInode> {
         let used = self.header().inodes_used.load(Ordering::Acquire);
         let mut out = Vec::new();
-        for slot in 0..used.min(INODE_CAP) {
-            let r = self.inode(slot);
+        for i in 0..used.min(INODE_CAP) {
+            let r = self.inode(i);
             let state = r.state.load(Ordering::Acquire);
             if state == FREE {
                 continue;
@@ -301,7 +337,7 @@ impl ShareTable {
             // A record whose state changed while it was read is being written: unresolvable.
             let place = place.filter(|_| r.state.load(Ordering::Acquire) == state);
             out.push(SavedInode {
-                slot,
+                number: i | r.generation.load(Ordering::Relaxed) << INODE_BITS,
                 lookups,
                 place,
             });
@@ -313,10 +349,10 @@ impl ShareTable {
     pub fn handles(&self) -> Vec<SavedHandle> {
         let used = self.header().handles_used.load(Ordering::Acquire);
         (0..used.min(HANDLE_CAP))
-            .filter_map(|slot| {
-                let r = self.handle(slot);
+            .filter_map(|i| {
+                let r = self.handle(i);
                 (r.state.load(Ordering::Acquire) == NAMED).then(|| SavedHandle {
-                    slot,
+                    number: i | r.generation.load(Ordering::Relaxed) << HANDLE_BITS,
                     inode: r.inode.load(Ordering::Relaxed),
                     flags: r.flags.load(Ordering::Relaxed),
                     dir: r.dir.load(Ordering::Relaxed) != 0,
@@ -324,6 +360,22 @@ impl ShareTable {
             })
             .collect()
     }
+}
+
+/// The number record `index` of an array of `1 << bits` gives out after one of generation `generation`.
+pub fn next_number(index: u64, generation: u64, bits: u32) -> u64 {
+    let generation = (generation + 1) % (1 << (NUMBER_BITS - bits));
+    index | generation << bits
+}
+
+/// The number after `n` for its inode record (freed and used again).
+pub fn next_inode_number(n: u64) -> u64 {
+    next_number(n & (INODE_CAP - 1), n >> INODE_BITS, INODE_BITS)
+}
+
+/// The number after `n` for its handle record.
+pub fn next_handle_number(n: u64) -> u64 {
+    next_number(n & (HANDLE_CAP - 1), n >> HANDLE_BITS, HANDLE_BITS)
 }
 
 impl Drop for ShareTable {
@@ -364,17 +416,17 @@ mod tests {
             next.inodes(),
             vec![
                 SavedInode {
-                    slot: 2,
+                    number: 2,
                     lookups: 3,
                     place: Some(place(1, "dir", 100))
                 },
                 SavedInode {
-                    slot: 3,
+                    number: 3,
                     lookups: 1,
                     place: Some(place(2, &"n".repeat(255), 101))
                 },
                 SavedInode {
-                    slot: 4,
+                    number: 4,
                     lookups: 1,
                     place: None
                 },
@@ -384,13 +436,13 @@ mod tests {
             next.handles(),
             vec![
                 SavedHandle {
-                    slot: 1,
+                    number: 1,
                     inode: 3,
                     flags: libc::O_RDWR as u32,
                     dir: false
                 },
                 SavedHandle {
-                    slot: 2,
+                    number: 2,
                     inode: 2,
                     flags: 0,
                     dir: true
