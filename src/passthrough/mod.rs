@@ -50,6 +50,7 @@ pub struct ConfinedPassthrough {
     /// A successor's numbers found stale are still to be marked in the table (at its first request:
     /// it owns the table only from then on).
     unsettled: AtomicBool,
+    /// Renames one at a time, so the slots' names change in the order the host's do.
     renaming: std::sync::Mutex<()>,
 }
 
