@@ -195,7 +195,7 @@ impl Slots {
         if let Some(ours) = self.free_inodes.pop() {
             return Ok(ours);
         }
-        if self.next_inode >= INODE_CAP {
+        if self.next_inode >= self.table.inode_cap() {
             return Err(enfile());
         }
         self.next_inode += 1;
@@ -380,7 +380,7 @@ impl Slots {
     ) -> io::Result<u64> {
         let ours = match self.free_handles.pop() {
             Some(h) => h,
-            None if self.next_handle < HANDLE_CAP => {
+            None if self.next_handle < self.table.handle_cap() => {
                 self.next_handle += 1;
                 self.next_handle - 1
             }

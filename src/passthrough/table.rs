@@ -5,13 +5,15 @@
 //!
 //! Only the daemon serving the share writes it, under the share's lock; a reader reads it only once
 //! that daemon stopped (drained or dead). A daemon may die in the middle of a write, so every record
-//! has a state word written last (and set to [`WRITING`] first while a name changes): a record cut
+//! has a state word written last (and set to `WRITING` first while a name changes): a record cut
 //! short reads as unresolvable, never as another file. The reader also checks each file it finds
 //! against the device and inode number recorded, so a record out of date (a rename by the host, a
 //! death between the host's change and the record's) resolves to nothing rather than to another file.
 //!
-//! Layout: a page of header, then [`INODE_CAP`] inode records, then [`HANDLE_CAP`] handle records.
-//! The memfd is sparse: only the pages of records ever written take memory.
+//! Layout: a page of header, then the inode records, then the handle records: [`INODE_CAP`] and
+//! [`HANDLE_CAP`] of them, or fewer (a power of two each, named in the header) where the process's
+//! file size limit (RLIMIT_FSIZE, which a memfd obeys) is lower. The memfd is sparse: only the pages
+//! of records ever written take memory.
 
 use std::fs::File;
 use std::io;
@@ -83,8 +85,28 @@ struct HandleRecord {
 }
 
 const INODES_AT: usize = HEADER_BYTES;
-const HANDLES_AT: usize = INODES_AT + INODE_CAP as usize * size_of::<InodeRecord>();
-const TABLE_BYTES: usize = HANDLES_AT + HANDLE_CAP as usize * size_of::<HandleRecord>();
+/// Fewest records of each kind a table is made with.
+const MIN_CAP: u64 = 1 << 10;
+
+/// The capacities of a table that fits a file size limit of `limit` bytes (the smallest if none does:
+/// its creation then fails with EFBIG, a clear error).
+fn capacities(limit: u64) -> (u64, u64) {
+    let (mut inode_cap, mut handle_cap) = (INODE_CAP, HANDLE_CAP);
+    while layout(inode_cap, handle_cap).1 as u64 > limit && inode_cap > MIN_CAP {
+        inode_cap /= 2;
+        handle_cap = (handle_cap / 2).max(MIN_CAP);
+    }
+    (inode_cap, handle_cap)
+}
+
+/// Where the handle records start and the table's length, for these capacities.
+fn layout(inode_cap: u64, handle_cap: u64) -> (usize, usize) {
+    let handles_at = INODES_AT + inode_cap as usize * size_of::<InodeRecord>();
+    (
+        handles_at,
+        handles_at + handle_cap as usize * size_of::<HandleRecord>(),
+    )
+}
 
 /// Where an inode the guest holds was last seen.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,6 +140,8 @@ pub struct SavedHandle {
 pub struct ShareTable {
     file: File,
     base: *mut u8,
+    inode_cap: u64,
+    handle_cap: u64,
 }
 
 // SAFETY: the mapping lives as long as the table and is only accessed through atomics.
@@ -126,8 +150,22 @@ unsafe impl Send for ShareTable {}
 unsafe impl Sync for ShareTable {}
 
 impl ShareTable {
-    /// A new, empty table in a memfd of its own.
+    /// A new, empty table in a memfd of its own, as large as the file size limit allows.
     pub fn create() -> io::Result<ShareTable> {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: a valid pointer to an rlimit.
+        let limit = match unsafe { libc::getrlimit(libc::RLIMIT_FSIZE, &mut lim) } {
+            0 => lim.rlim_cur,
+            _ => u64::MAX,
+        };
+        let (inode_cap, handle_cap) = capacities(limit);
+        ShareTable::create_with(inode_cap, handle_cap)
+    }
+
+    fn create_with(inode_cap: u64, handle_cap: u64) -> io::Result<ShareTable> {
         // SAFETY: a NUL-terminated name and flags; the result is checked.
         let fd = unsafe { libc::memfd_create(c"rafsd-share".as_ptr(), libc::MFD_CLOEXEC) };
         if fd < 0 {
@@ -135,37 +173,39 @@ impl ShareTable {
         }
         // SAFETY: a fresh descriptor we own.
         let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(TABLE_BYTES as u64)?;
-        let table = ShareTable::map(file)?;
+        file.set_len(layout(inode_cap, handle_cap).1 as u64)?;
+        let table = ShareTable::map(file, inode_cap, handle_cap)?;
         let h = table.header();
-        h.inode_cap.store(INODE_CAP, Ordering::Relaxed);
-        h.handle_cap.store(HANDLE_CAP, Ordering::Relaxed);
+        h.inode_cap.store(inode_cap, Ordering::Relaxed);
+        h.handle_cap.store(handle_cap, Ordering::Relaxed);
         h.magic.store(MAGIC, Ordering::Release);
         Ok(table)
     }
 
     /// The table a predecessor wrote. Refused unless it has this layout.
     pub fn adopt(file: File) -> io::Result<ShareTable> {
-        if file.metadata()?.len() != TABLE_BYTES as u64 {
-            return Err(io::Error::other("a share table of another size"));
-        }
-        let table = ShareTable::map(file)?;
-        let h = table.header();
-        if h.magic.load(Ordering::Acquire) != MAGIC
-            || h.inode_cap.load(Ordering::Relaxed) != INODE_CAP
-            || h.handle_cap.load(Ordering::Relaxed) != HANDLE_CAP
+        let len = file.metadata()?.len();
+        let mut header = [0u8; size_of::<Header>()];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut header, 0)?;
+        let word = |i: usize| u64::from_ne_bytes(header[i * 8..i * 8 + 8].try_into().unwrap());
+        let (inode_cap, handle_cap) = (word(1), word(2));
+        let fits = |cap: u64, max: u64| cap.is_power_of_two() && (MIN_CAP..=max).contains(&cap);
+        if word(0) != MAGIC
+            || !fits(inode_cap, INODE_CAP)
+            || !fits(handle_cap, HANDLE_CAP)
+            || len != layout(inode_cap, handle_cap).1 as u64
         {
             return Err(io::Error::other("a share table of another layout"));
         }
-        Ok(table)
+        ShareTable::map(file, inode_cap, handle_cap)
     }
 
-    fn map(file: File) -> io::Result<ShareTable> {
+    fn map(file: File, inode_cap: u64, handle_cap: u64) -> io::Result<ShareTable> {
         // SAFETY: a shared mapping of the whole memfd, checked; unmapped in Drop.
         let base = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                TABLE_BYTES,
+                layout(inode_cap, handle_cap).1,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 file.as_raw_fd(),
@@ -178,7 +218,18 @@ impl ShareTable {
         Ok(ShareTable {
             file,
             base: base.cast(),
+            inode_cap,
+            handle_cap,
         })
+    }
+
+    /// Inode records this table has: numbers are given out below it.
+    pub fn inode_cap(&self) -> u64 {
+        self.inode_cap
+    }
+
+    pub fn handle_cap(&self) -> u64 {
+        self.handle_cap
     }
 
     /// The memfd, to hand to a successor.
@@ -191,20 +242,24 @@ impl ShareTable {
         unsafe { &*self.base.cast::<Header>() }
     }
 
-    /// The record of number `n` in the array of `1 << bits` records of type `T` at `at`.
-    fn record<T>(&self, at: usize, bits: u32, n: u64) -> &T {
-        let index = (n & ((1 << bits) - 1)) as usize;
-        // SAFETY: within the mapping (the index is masked to the array, laid out in TABLE_BYTES); all
+    /// The record of number `n` in the array of `cap` records (a power of two) of type `T` at `at`.
+    fn record<T>(&self, at: usize, cap: u64, n: u64) -> &T {
+        let index = (n & (cap - 1)) as usize;
+        // SAFETY: within the mapping (the index is masked to the array, laid out by `layout`); all
         // of each record is atomics.
         unsafe { &*self.base.add(at + index * size_of::<T>()).cast::<T>() }
     }
 
     fn inode(&self, n: u64) -> &InodeRecord {
-        self.record(INODES_AT, INODE_BITS, n)
+        self.record(INODES_AT, self.inode_cap, n)
     }
 
     fn handle(&self, n: u64) -> &HandleRecord {
-        self.record(HANDLES_AT, HANDLE_BITS, n)
+        self.record(
+            layout(self.inode_cap, self.handle_cap).0,
+            self.handle_cap,
+            n,
+        )
     }
 
     /// A number the guest now holds (`lookups` of them), found at `place`.
@@ -215,7 +270,7 @@ impl ShareTable {
         self.write_place(r, place);
         self.header()
             .inodes_used
-            .fetch_max((n & (INODE_CAP - 1)) + 1, Ordering::Release);
+            .fetch_max((n & (self.inode_cap - 1)) + 1, Ordering::Release);
     }
 
     /// The inode `n` is now found at `place` (a rename, or a lookup through another link).
@@ -267,7 +322,7 @@ impl ShareTable {
         r.state.store(NAMED, Ordering::Release);
         self.header()
             .handles_used
-            .fetch_max((n & (HANDLE_CAP - 1)) + 1, Ordering::Release);
+            .fetch_max((n & (self.handle_cap - 1)) + 1, Ordering::Release);
     }
 
     pub fn free_handle(&self, n: u64) {
@@ -279,8 +334,8 @@ impl ShareTable {
     /// used): new records start there.
     pub fn free_numbers(&self) -> (Vec<u64>, Vec<u64>, u64, u64) {
         let h = self.header();
-        let inodes_used = h.inodes_used.load(Ordering::Acquire).min(INODE_CAP);
-        let handles_used = h.handles_used.load(Ordering::Acquire).min(HANDLE_CAP);
+        let inodes_used = h.inodes_used.load(Ordering::Acquire).min(self.inode_cap);
+        let handles_used = h.handles_used.load(Ordering::Acquire).min(self.handle_cap);
         let inodes = (0..inodes_used)
             .filter(|&i| self.inode(i).state.load(Ordering::Acquire) == FREE)
             .map(|i| {
@@ -307,10 +362,10 @@ impl ShareTable {
     /// Forget every record (a new FUSE session, whose guest holds no number yet).
     pub fn clear(&self) {
         let h = self.header();
-        for i in 0..h.inodes_used.load(Ordering::Acquire).min(INODE_CAP) {
+        for i in 0..h.inodes_used.load(Ordering::Acquire).min(self.inode_cap) {
             self.free_inode(i);
         }
-        for i in 0..h.handles_used.load(Ordering::Acquire).min(HANDLE_CAP) {
+        for i in 0..h.handles_used.load(Ordering::Acquire).min(self.handle_cap) {
             self.free_handle(i);
         }
         h.inodes_used.store(0, Ordering::Release);
@@ -321,7 +376,7 @@ impl ShareTable {
     pub fn inodes(&self) -> Vec<SavedInode> {
         let used = self.header().inodes_used.load(Ordering::Acquire);
         let mut out = Vec::new();
-        for i in 0..used.min(INODE_CAP) {
+        for i in 0..used.min(self.inode_cap) {
             let r = self.inode(i);
             let state = r.state.load(Ordering::Acquire);
             if state == FREE {
@@ -358,7 +413,7 @@ impl ShareTable {
     /// Every handle record in use (one cut short is left out: its number answers EBADF).
     pub fn handles(&self) -> Vec<SavedHandle> {
         let used = self.header().handles_used.load(Ordering::Acquire);
-        (0..used.min(HANDLE_CAP))
+        (0..used.min(self.handle_cap))
             .filter_map(|i| {
                 let r = self.handle(i);
                 (r.state.load(Ordering::Acquire) == NAMED).then(|| SavedHandle {
@@ -391,7 +446,7 @@ pub fn next_handle_number(n: u64) -> u64 {
 impl Drop for ShareTable {
     fn drop(&mut self) {
         // SAFETY: the mapping made in `map`, of that length.
-        unsafe { libc::munmap(self.base.cast(), TABLE_BYTES) };
+        unsafe { libc::munmap(self.base.cast(), layout(self.inode_cap, self.handle_cap).1) };
     }
 }
 
@@ -472,6 +527,23 @@ mod tests {
         t.inode(2).state.store(WRITING, Ordering::Release);
         assert_eq!(t.inodes()[0].place, None);
         assert_eq!(t.inodes()[0].lookups, 1);
+    }
+
+    /// Under a file size limit (which a memfd obeys) the table is made smaller, and a successor
+    /// reads it as it is.
+    #[test]
+    fn a_file_size_limit_makes_a_smaller_table() {
+        assert_eq!(capacities(u64::MAX), (INODE_CAP, HANDLE_CAP));
+        let (inodes, handles) = capacities(64 << 20);
+        assert!(layout(inodes, handles).1 as u64 <= 64 << 20);
+        assert!(inodes >= INODE_CAP / 8 && inodes.is_power_of_two() && handles.is_power_of_two());
+        let t = ShareTable::create_with(inodes, handles).unwrap();
+        t.set_inode(inodes - 1, &place(1, "last", 9), 1);
+        t.set_handle(handles - 1, inodes - 1, 0, false);
+        let next = ShareTable::adopt(t.file().try_clone().unwrap()).unwrap();
+        assert_eq!((next.inode_cap(), next.handle_cap()), (inodes, handles));
+        assert_eq!(next.inodes()[0].place, Some(place(1, "last", 9)));
+        assert_eq!(next.handles()[0].inode, inodes - 1);
     }
 
     #[test]

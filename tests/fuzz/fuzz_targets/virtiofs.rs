@@ -198,12 +198,7 @@ fn fill_share(share: &Path) {
 }
 
 fn share_cmd(share: &Path) -> MountCmd {
-    MountCmd {
-        fs_type: FsType::Passthrough,
-        source: share.to_path_buf(),
-        config: String::new(),
-        prefetch_files: Vec::new(),
-    }
+    MountCmd::new(FsType::Passthrough, share.to_path_buf(), String::new())
 }
 
 impl Harness {
@@ -238,15 +233,7 @@ impl Harness {
         let v5 = f.join("v5-zstd-sha256-128k");
         let mount = |mp: &str, fs_type, source: PathBuf, config: String| {
             daemon
-                .mount(
-                    mp,
-                    MountCmd {
-                        fs_type,
-                        source,
-                        config,
-                        prefetch_files: Vec::new(),
-                    },
-                )
+                .mount(mp, MountCmd::new(fs_type, source, config))
                 .unwrap_or_else(|e| panic!("mount {mp}: {e}"));
         };
         mount(
