@@ -186,6 +186,25 @@ pub fn check_mountpoint(mp: &str) -> Result<()> {
     Ok(())
 }
 
+/// Give a passthrough share the guest's numbers of a predecessor (see [`ConfinedPassthrough::adopt`]).
+fn adopt_share(share: &ConfinedPassthrough, mountpoint: &str, table: std::fs::File) -> Result<()> {
+    let got = share.adopt(table)?;
+    log::info!(
+        "took over the guest's {} inodes and {} open files of the share at {mountpoint}",
+        got.inodes,
+        got.handles
+    );
+    if got.stale_inodes + got.stale_handles > 0 {
+        log::warn!(
+            "share at {mountpoint}: {} inodes and {} open files could not be found again (gone or \
+             replaced on the host, or unlinked while open): they answer ESTALE / EBADF",
+            got.stale_inodes,
+            got.stale_handles
+        );
+    }
+    Ok(())
+}
+
 fn nested(a: &str, b: &str) -> bool {
     let under = |x: &str, y: &str| y == "/" || x == y || x.starts_with(&format!("{y}/"));
     under(a, b) || under(b, a)
@@ -487,16 +506,15 @@ impl Daemon {
     }
 
     /// The pseudo directories and mounts a successor needs to serve the same kernel connection with
-    /// the same inode numbers (see [`crate::takeover`]). A passthrough share is refused (its inodes
-    /// are open files of this process), except in a crash-restart `checkpoint`, where it is listed to
-    /// keep its place (see [`Daemon::restore`]).
-    pub fn export(&self, checkpoint: bool) -> Result<(Vec<PseudoDir>, Vec<SavedMount>)> {
+    /// the same inode numbers (see [`crate::takeover`]). A passthrough share is refused unless
+    /// `with_shares` (virtio-fs, whose state carries each share's table: [`Daemon::attach_share_tables`]).
+    pub fn export(&self, with_shares: bool) -> Result<(Vec<PseudoDir>, Vec<SavedMount>)> {
         let _serial = self.mount_lock.lock().unwrap_or_else(|e| e.into_inner());
-        self.export_locked(checkpoint)
+        self.export_locked(with_shares)
     }
 
     /// [`Daemon::export`] with the mount lock held.
-    fn export_locked(&self, checkpoint: bool) -> Result<(Vec<PseudoDir>, Vec<SavedMount>)> {
+    fn export_locked(&self, with_shares: bool) -> Result<(Vec<PseudoDir>, Vec<SavedMount>)> {
         let root = self.vfs.get_root_pseudofs();
         let mut dirs = Vec::new();
         for path in self
@@ -515,7 +533,7 @@ impl Daemon {
         let mounts = self.mounts.lock().unwrap_or_else(|e| e.into_inner());
         let mut saved = Vec::new();
         for (mp, r) in mounts.iter() {
-            if r.cmd.fs_type == FsType::Passthrough && !checkpoint {
+            if r.cmd.fs_type == FsType::Passthrough && !with_shares {
                 return Err(Error::Unsupported(format!(
                     "{mp} is a passthrough share, whose inodes cannot be handed to another daemon"
                 )));
@@ -541,21 +559,77 @@ impl Daemon {
                 prefetch_files: r.cmd.prefetch_files.clone(),
                 lookups,
                 parents,
+                share_table: None,
             });
         }
         Ok((dirs, saved))
     }
 
-    /// Rebuild what a predecessor exported, into this daemon's still empty Vfs. Passthrough shares
-    /// are refused unless `lost_passthrough` (a crash restart): then each keeps its mount index and
-    /// path but answers nothing. Mounting the share again would not do: its inode numbers and file
-    /// handles are given out in order, so the guest's numbers from the dead daemon would name other
-    /// files of the new one.
+    /// Add the table of each passthrough share in `saved` to `files`, naming it in the mount.
+    pub fn attach_share_tables(
+        &self,
+        saved: &mut [SavedMount],
+        files: &mut Vec<std::fs::File>,
+    ) -> Result<()> {
+        for m in saved {
+            if let Some(table) = self.with_share(&m.mountpoint, ConfinedPassthrough::table_file) {
+                let table =
+                    table.map_err(|e| Error::io(format!("the table of {}", m.mountpoint), e))?;
+                files.push(table);
+                m.share_table = Some(files.len() as u32 - 1);
+            }
+        }
+        Ok(())
+    }
+
+    /// `f` of the passthrough share at `mountpoint`, if one is mounted there.
+    fn with_share<R>(
+        &self,
+        mountpoint: &str,
+        f: impl FnOnce(&ConfinedPassthrough) -> R,
+    ) -> Option<R> {
+        let (fs, _) = self.vfs.get_rootfs(mountpoint).ok().flatten()?;
+        fs.as_any().downcast_ref::<ConfinedPassthrough>().map(f)
+    }
+
+    /// A filesystem of a predecessor's state, with the kernel's lookups (RAFS) or, in a crash
+    /// restart, the guest's numbers from the share's table among `crash_files`.
+    fn build_restored(
+        &self,
+        cmd: &MountCmd,
+        m: &SavedMount,
+        crash_files: Option<&[std::fs::File]>,
+    ) -> Result<(BackFileSystem, Option<String>, Value)> {
+        let built = self.build(cmd)?;
+        if let Some(rafs) = built.0.as_any().downcast_ref::<RafsFs>() {
+            rafs.import_lookups(&m.lookups, &m.parents);
+        }
+        if let (Some(share), Some(files)) = (
+            built.0.as_any().downcast_ref::<ConfinedPassthrough>(),
+            crash_files,
+        ) {
+            let table = m
+                .share_table
+                .and_then(|i| files.get(i as usize))
+                .ok_or_else(|| Error::Invalid("the checkpoint has no table of its inodes".into()))?
+                .try_clone()
+                .map_err(|e| Error::io("the share's table", e))?;
+            adopt_share(share, &m.mountpoint, table)?;
+        }
+        Ok(built)
+    }
+
+    /// Rebuild what a predecessor exported, into this daemon's still empty Vfs. A passthrough share
+    /// takes the guest's numbers from its table: from `crash_files` (a crash restart: the keeper's
+    /// checkpoint descriptors) now, or with the final state of a live upgrade
+    /// ([`Daemon::set_lookups`]). A crash checkpoint without a share's table (none could be attached)
+    /// leaves the share at its mount index answering nothing: mounting it afresh would be wrong, as
+    /// the guest's numbers would name other files.
     pub fn restore(
         &self,
         dirs: &[PseudoDir],
         saved: &[SavedMount],
-        lost_passthrough: bool,
+        crash_files: Option<&[std::fs::File]>,
     ) -> Result<()> {
         let _serial = self.mount_lock.lock().unwrap_or_else(|e| e.into_inner());
         if !self
@@ -586,31 +660,27 @@ impl Daemon {
                 prefetch_files: m.prefetch_files.clone(),
                 id: m.id.clone(),
             };
-            if cmd.fs_type == FsType::Passthrough {
-                if !lost_passthrough {
-                    return Err(Error::Unsupported(
-                        "passthrough shares cannot be taken over".into(),
-                    ));
+            let (fs, config_id, config) = match self.build_restored(&cmd, m, crash_files) {
+                Ok(built) => built,
+                // A crash restart carries the device on whatever becomes of one share.
+                Err(e) if cmd.fs_type == FsType::Passthrough && crash_files.is_some() => {
+                    indexes.mount_at(
+                        &self.vfs,
+                        crate::takeover::vfs_index::placeholder(),
+                        &m.mountpoint,
+                        m.fs_index,
+                    )?;
+                    log::error!(
+                        "crash restart: the passthrough share {} at {} is lost to the guest ({e}); \
+                         unmount and mount it again through the API",
+                        m.source.display(),
+                        m.mountpoint
+                    );
+                    self.record(&m.mountpoint, cmd, None, Value::Null);
+                    continue;
                 }
-                indexes.mount_at(
-                    &self.vfs,
-                    crate::takeover::vfs_index::placeholder(),
-                    &m.mountpoint,
-                    m.fs_index,
-                )?;
-                log::error!(
-                    "crash restart: the passthrough share {} at {} is lost to the guest (its inodes \
-                     died with the daemon); unmount and mount it again through the API",
-                    m.source.display(),
-                    m.mountpoint
-                );
-                self.record(&m.mountpoint, cmd, None, Value::Null);
-                continue;
-            }
-            let (fs, config_id, config) = self.build(&cmd)?;
-            if let Some(rafs) = fs.as_any().downcast_ref::<RafsFs>() {
-                rafs.import_lookups(&m.lookups, &m.parents);
-            }
+                Err(e) => return Err(e),
+            };
             indexes.mount_at(&self.vfs, fs, &m.mountpoint, m.fs_index)?;
             log::info!(
                 "took over {} {} at {} (mount index {}, {} inodes the kernel holds)",
@@ -626,8 +696,13 @@ impl Daemon {
     }
 
     /// The kernel's references into each mount as `saved` gives them, replacing those [`Daemon::restore`]
-    /// imported (a live upgrade mounts from an earlier state, then takes the final counts).
-    pub fn set_lookups(&self, saved: &[SavedMount]) -> Result<()> {
+    /// imported (a live upgrade mounts from an earlier state, then takes the final counts), and each
+    /// passthrough share's table from `files` (the final state's descriptors).
+    pub fn set_lookups(
+        &self,
+        saved: &[SavedMount],
+        files: &mut [Option<std::fs::File>],
+    ) -> Result<()> {
         let _serial = self.mount_lock.lock().unwrap_or_else(|e| e.into_inner());
         for m in saved {
             let (fs, _) = self
@@ -638,6 +713,16 @@ impl Daemon {
                 .ok_or_else(|| Error::NotFound(format!("mount {} is gone", m.mountpoint)))?;
             if let Some(rafs) = fs.as_any().downcast_ref::<RafsFs>() {
                 rafs.replace_lookups(&m.lookups, &m.parents);
+            }
+            if let Some(share) = fs.as_any().downcast_ref::<ConfinedPassthrough>() {
+                let table = m
+                    .share_table
+                    .and_then(|i| files.get_mut(i as usize))
+                    .and_then(Option::take)
+                    .ok_or_else(|| {
+                        Error::Invalid(format!("no table for the share at {}", m.mountpoint))
+                    })?;
+                adopt_share(share, &m.mountpoint, table)?;
             }
         }
         Ok(())

@@ -471,11 +471,21 @@ impl FuseDaemon<'_> {
         let (bytes, file) = supervisor::receive(&sock)?;
         let taken = State::decode(&bytes, "fusedev").and_then(|state| {
             check_fuse_device(&file)?;
+            // A FUSE daemon's state never carries a share's table (see `send_fd`).
+            if state
+                .mounts
+                .iter()
+                .any(|m| m.share_table.is_some() || m.fs_type == "passthrough_fs")
+            {
+                return Err(Error::Unsupported(
+                    "passthrough shares cannot be taken over".into(),
+                ));
+            }
             Ok(state)
         })?;
         let restored = self
             .daemon
-            .restore(&taken.pseudo_dirs, &taken.mounts, false)
+            .restore(&taken.pseudo_dirs, &taken.mounts, None)
             .and_then(|()| {
                 self.vfs
                     .init(FsOptions::from_bits_truncate(taken.fuse.flags))

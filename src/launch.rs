@@ -661,7 +661,7 @@ fn take_over_device(
     serving: Box<dyn FnOnce() + Send>,
 ) -> Result<(std::os::unix::net::UnixListener, crate::vhost_user::Restore)> {
     let offered = &successor.offered;
-    if let Err(e) = daemon.restore(&offered.pseudo_dirs, &offered.mounts, false) {
+    if let Err(e) = daemon.restore(&offered.pseudo_dirs, &offered.mounts, None) {
         successor.refuse(&e);
         return Err(e);
     }
@@ -675,7 +675,7 @@ fn take_over_device(
                 "the predecessor's mounts changed during the hand-over".into(),
             ));
         }
-        daemon.set_lookups(&state.mounts)?;
+        daemon.set_lookups(&state.mounts, &mut handover.files)?;
         init_session(daemon, &state.fuse)?;
         let at = state
             .device
@@ -715,8 +715,8 @@ fn init_session(daemon: &Daemon, fuse: &crate::takeover::state::FuseSession) -> 
 }
 
 /// A daemon restarted after a crash: mount the filesystems of the keeper's last checkpoint (a
-/// passthrough share is lost: see [`Daemon::restore`]); the device in it is carried on by the
-/// vhost-user thread. `session`: the guest's FUSE_INIT as the inflight log has it (the checkpoint
+/// passthrough share with the guest's numbers from its table: see [`Daemon::restore`]); the device
+/// in it is carried on by the vhost-user thread. `session`: the guest's FUSE_INIT as the inflight log has it (the checkpoint
 /// may predate it).
 fn recover_filesystems(
     daemon: &Daemon,
@@ -727,7 +727,7 @@ fn recover_filesystems(
     if let Some(s) = session {
         state.fuse = s;
     }
-    daemon.restore(&state.pseudo_dirs, &state.mounts, true)?;
+    daemon.restore(&state.pseudo_dirs, &state.mounts, Some(&checkpoint.files))?;
     // Unless the checkpoint predates the guest's FUSE_INIT (which then comes to this daemon).
     if state.fuse.major != 0 {
         init_session(daemon, &state.fuse)?;

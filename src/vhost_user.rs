@@ -79,6 +79,9 @@ pub const DEFAULT_POOL_SIZE: usize = 16;
 
 type GuestMem = GuestMemoryAtomic<GuestMemoryMmap>;
 
+/// How long a VMM's GET_VRING_BASE (a ring stopping) waits for the requests in flight.
+const STOP_DRAIN: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// The pool size for `--thread-pool-size`: absent means [`DEFAULT_POOL_SIZE`]; 0 means no pool (each
 /// queue answered in order by its own thread, as virtiofsd's 0 does). Kata passes `=1` to every
 /// virtio-fs daemon by default, a virtiofsd tuning for local passthrough I/O; one at a time would put
@@ -694,7 +697,22 @@ impl Connection<'_> {
                     .into_iter()
                     .any(|peer| self.hand_over(peer, journal, &vmm, &inner, &backend, upgrades))
             },
+            |m| {
+                // The VMM stops a ring (a guest reset, the VM stopping) and then takes the guest's
+                // buffers back: no request taken before may write them after the reply. So the stop
+                // waits until every request taken is answered (bounded: a hung backend is waited
+                // for STOP_DRAIN at most, and its late reply is then written after all).
+                if m.request == relay::GET_VRING_BASE && !backend.requests.pause(STOP_DRAIN) {
+                    log::warn!(
+                        "virtio-fs: a ring stops with requests still running after {STOP_DRAIN:?}; \
+                         their replies come late"
+                    );
+                }
+            },
             |journal, m| {
+                if m.request == relay::GET_VRING_BASE {
+                    backend.requests.resume(|| journal.kick_all());
+                }
                 if let (Some(c), relay::SET_VRING_BASE) = (self.crash, m.request) {
                     if let Some((ring, base)) = m.ring_state() {
                         c.inflight.reset(ring as usize, Some(base as u16));
@@ -734,9 +752,10 @@ impl Connection<'_> {
         Ok(false)
     }
 
-    /// The state to hand over: filesystems and device as they are now. `checkpoint`: for the
-    /// crash-restart keeper, which also takes a device whose guest has not sent FUSE_INIT yet (an
-    /// empty session) and leaves passthrough shares out (see [`crate::daemon::Daemon::export`]).
+    /// The state to hand over: filesystems and device as they are now, with each passthrough share's
+    /// table among the descriptors. `checkpoint`: for the crash-restart keeper, which also takes a
+    /// device whose guest has not sent FUSE_INIT yet (an empty session), and the filesystems as of
+    /// the last mount or unmount (without waiting on a mount in progress).
     fn export(
         &self,
         journal: &relay::Journal,
@@ -753,12 +772,12 @@ impl Connection<'_> {
                 ))
             }
         };
-        let (pseudo_dirs, mounts) = if checkpoint {
+        let (pseudo_dirs, mut mounts) = if checkpoint {
             self.daemon.saved_filesystems()?
         } else {
-            self.daemon.export(false)?
+            self.daemon.export(true)?
         };
-        let (mut device, files) = journal
+        let (mut device, mut files) = journal
             .export(
                 vmm,
                 self.listener.as_raw_fd(),
@@ -775,6 +794,7 @@ impl Connection<'_> {
                 .map(|(offset, len)| state::DaxMapping { offset, len })
                 .collect();
         }
+        self.daemon.attach_share_tables(&mut mounts, &mut files)?;
         let bytes = self.encode(fuse, pseudo_dirs, mounts, Some(device))?;
         Ok((bytes, files))
     }
@@ -809,10 +829,15 @@ impl Connection<'_> {
     /// Send the keeper the filesystems only (no VMM connected).
     fn checkpoint_mounts(&self) {
         if self.crash.is_some() {
-            let state = self.daemon.saved_filesystems().and_then(|(dirs, mounts)| {
-                let bytes = self.encode(state::FuseSession::default(), dirs, mounts, None)?;
-                Ok((bytes, Vec::new()))
-            });
+            let state = self
+                .daemon
+                .saved_filesystems()
+                .and_then(|(dirs, mut mounts)| {
+                    let mut files = Vec::new();
+                    self.daemon.attach_share_tables(&mut mounts, &mut files)?;
+                    let bytes = self.encode(state::FuseSession::default(), dirs, mounts, None)?;
+                    Ok((bytes, files))
+                });
             self.save_checkpoint(state);
         }
     }

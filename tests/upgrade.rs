@@ -59,13 +59,15 @@ fn mount_rafs(vm: &Vm, (mountpoint, case): (&str, &str)) {
     }
 }
 
-/// The guest's reading loop: booted, its file lists made, reading.
+/// The guest's reading loop over the images and a passthrough share (mounted here): booted, its file
+/// lists made, reading.
 fn boot_reading_guest(vm: &Vm, dir: &Path, loop_secs: u32, rafsd: &mut Guard) -> Guard {
     guestvm::require_tools();
+    vm.share(SHARE, &share_of_files(dir));
     let kernel = guestvm::debian_kernel();
     let (_, initrd) = guestvm::guest_files(dir, "");
     let append = format!(
-        "rafs_images={},{} rafs_loop={loop_secs} rafs_loop_files=60",
+        "rafs_images={},{},{SHARE} rafs_loop={loop_secs} rafs_loop_files=60 rafs_loop_hold={SHARE}/{HELD}",
         IMAGE_A.0, IMAGE_B.0
     );
     let mut qemu = vm.start_qemu(&kernel, &initrd, &append, 512, QEMU_LIMIT);
@@ -75,6 +77,10 @@ fn boot_reading_guest(vm: &Vm, dir: &Path, loop_secs: u32, rafsd: &mut Guard) ->
         &mut qemu,
         rafsd,
     );
+    // Every file of the share is in the loop (40 and the held one).
+    if !vm.serial_text().contains(&format!("LOOP-FILES {SHARE} 41")) {
+        vm.fail("the guest does not read the share's 41 files");
+    }
     qemu
 }
 
@@ -165,8 +171,30 @@ fn loop_end(vm: &Vm) -> (u64, u64) {
     (num("reads"), num("bad"))
 }
 
-/// A daemon serving both images to a guest that reads them for `loop_secs`: (work dir, VM, rafsd,
-/// QEMU).
+/// Where the reading guest finds the passthrough share, and the file of it it keeps open.
+const SHARE: &str = "/share";
+const HELD: &str = "d1/held";
+
+/// A host directory for the passthrough share: 40 files of distinct bytes in nested directories, and
+/// [`HELD`].
+fn share_of_files(dir: &Path) -> PathBuf {
+    let share = dir.join("share");
+    for i in 0..40u64 {
+        let sub = share.join(format!("d{}/e{}", i % 4, i % 3));
+        std::fs::create_dir_all(&sub).unwrap();
+        let len = 1000 + i as usize * 3001;
+        std::fs::write(
+            sub.join(format!("f{i}")),
+            kit::built::pseudo_random(len, i + 1),
+        )
+        .unwrap();
+    }
+    std::fs::write(share.join(HELD), kit::built::pseudo_random(70_000, 99)).unwrap();
+    share
+}
+
+/// A daemon serving both images and a passthrough share to a guest that reads them for `loop_secs`:
+/// (work dir, VM, rafsd, QEMU).
 fn daemon_under_a_reading_guest(
     prefix: &str,
     loop_secs: u32,
@@ -333,7 +361,7 @@ fn a_refused_upgrade_leaves_the_old_daemon_serving() {
     assert!(state.starts_with("rafsd-state\n"), "{state}");
     let json: serde_json::Value = serde_json::from_str(&state["rafsd-state\n".len()..]).unwrap();
     assert_eq!(json["front_end"], "virtiofs");
-    assert_eq!(json["mounts"].as_array().unwrap().len(), 2);
+    assert_eq!(json["mounts"].as_array().unwrap().len(), 3);
     let before = reads(&vm.serial_text()).len();
     std::thread::sleep(Duration::from_secs(3));
     assert!(
@@ -353,18 +381,6 @@ fn a_refused_upgrade_leaves_the_old_daemon_serving() {
         .arg(kit::rafsd_bin());
     successor(&mut nobody, &vm.api, &dir.join("api-nobody.sock"));
     refused(&mut nobody, &["may take the device"]);
-    assert!(rafsd.exited().is_none(), "the old daemon must carry on");
-    // A passthrough share's inodes and open files cannot be handed over yet: the running daemon
-    // refuses, the new process says why and exits, the old one carries on.
-    let share = dir.join("share");
-    std::fs::create_dir(&share).unwrap();
-    vm.share("/share", &share);
-    let mut next = daemon::rafsd();
-    successor(&mut next, &vm.api, &dir.join("api2.sock")).args(daemon::sandbox_allow_args(dir));
-    refused(&mut next, &["passthrough share"]);
-    let before = reads(&vm.serial_text()).len();
-    std::thread::sleep(Duration::from_secs(2));
-    assert!(reads(&vm.serial_text()).len() > before, "{}", vm.logs());
     assert!(rafsd.exited().is_none(), "the old daemon must carry on");
     vm.wait_for(
         &format!("LOOP-END {}", vm.nonce),

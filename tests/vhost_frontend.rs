@@ -1083,6 +1083,52 @@ fn check_reads(
     }
 }
 
+/// A VMM stopping a ring (GET_VRING_BASE: a guest reset, the VM stopping) takes the guest's buffers
+/// back once answered: a READ still waiting on the registry must be answered before that, not written
+/// into buffers the guest may already use for something else. The stop waits for it.
+#[test]
+#[ignore = "needs root: ci/test.sh"]
+fn a_ring_stops_only_once_its_requests_in_flight_are_answered() {
+    use vhost::VhostBackend;
+    let dir = tempfile::tempdir().unwrap();
+    let (d, server, mut g) = guest_on_registry(dir.path(), &[], true);
+    let (random, fh) = open_random_2m5(&mut g);
+    let offsets = [1 << 20];
+    let held = server.hold_data();
+    let slow = post_reads(&mut g, random, fh, &offsets);
+    assert!(
+        server.wait_held(1, Duration::from_secs(10)),
+        "{}",
+        d.log_text()
+    );
+    let hold = Duration::from_millis(800);
+    let (stopped_after, base) = std::thread::scope(|s| {
+        s.spawn(move || {
+            std::thread::sleep(hold);
+            drop(held);
+        });
+        let started = std::time::Instant::now();
+        let base = g.conn.frontend.get_vring_base(g.queue).unwrap();
+        (started.elapsed(), base)
+    });
+    assert!(
+        stopped_after >= hold,
+        "the ring stopped after {stopped_after:?}, with the READ still waiting on the registry"
+    );
+    // Answered before the stop's reply: it is in the used ring now, whole.
+    let replies = g.reap(&slow, Duration::from_millis(100)).unwrap();
+    assert_eq!(
+        replies.len(),
+        1,
+        "the READ is answered by the time the ring stopped"
+    );
+    assert_eq!(replies[0].1.header.error, 0);
+    assert_eq!(replies[0].1.body.len(), 64 << 10);
+    assert!(base > 0, "the stop reports the requests taken");
+    drop(g);
+    d.kill_and_check();
+}
+
 #[test]
 #[ignore = "needs root: ci/test.sh"]
 fn reads_stalled_on_the_backend_hold_back_no_other_request_on_their_queue() {
@@ -1260,26 +1306,78 @@ fn a_request_that_kills_the_daemon_twice_gets_eio_and_the_device_serves_on() {
     d.kill_and_check();
 }
 
-/// Crash restart with a passthrough share: the share's inode numbers died with the daemon, so after the
-/// restart the guest's references into it get an error — never another file of the share (a fresh mount
-/// would give the same numbers to other files) — while the RAFS image serves on, and the share works
-/// again once unmounted and mounted through the API.
+/// A passthrough share across a crash restart and then a live upgrade: each new daemon gives the
+/// guest's inode numbers and open files their own files back (a fresh share would number files in the
+/// order it meets them, so the files looked up first below would take the old numbers), including a
+/// file the guest created; a file unlinked while open answers an error, never another file's bytes;
+/// the RAFS image serves on.
 #[test]
 #[ignore = "needs root: ci/test.sh"]
-fn after_a_crash_a_passthrough_share_answers_errors_never_other_files() {
+fn a_passthrough_share_keeps_its_files_across_a_crash_and_an_upgrade() {
     let dir = tempfile::tempdir().unwrap();
     let share = dir.path().join("share");
-    std::fs::create_dir(&share).unwrap();
-    for name in ["a", "b", "c"] {
+    std::fs::create_dir_all(share.join("sub")).unwrap();
+    for name in ["a", "b", "c", "gone", "sub/inner"] {
         std::fs::write(share.join(name), name.repeat(100)).unwrap();
     }
-    let d = VirtiofsDaemon::start(BIN, dir.path(), &[]);
+    let mut d = VirtiofsDaemon::start(BIN, dir.path(), &[]);
     let (status, body) = d.try_mount("/share", "passthrough_fs", &share, "");
     assert_eq!(status, 204, "{body}");
     let mut g = img1_guest(&d, dir.path());
-    let a = g.lookup_path(ROOT, "share/a").unwrap().nodeid;
-    assert_eq!(g.read_file(a, 4096).unwrap(), "a".repeat(100).as_bytes());
+    let root = g.lookup(ROOT, b"share").unwrap().nodeid;
+    let a = g.lookup(root, b"a").unwrap().nodeid;
+    let b = g.lookup(root, b"b").unwrap().nodeid;
+    let inner = g.lookup_path(root, "sub/inner").unwrap().nodeid;
+    let gone = g.lookup(root, b"gone").unwrap().nodeid;
+    let made = g
+        .mknod(root, b"made", libc::S_IFREG | 0o644, 0)
+        .unwrap()
+        .nodeid;
+    let b_fh = g.open(b).unwrap().fh;
+    let gone_fh = g.open(gone).unwrap().fh;
+    std::fs::remove_file(share.join("gone")).unwrap();
+    std::fs::write(share.join("made"), b"written on the host").unwrap();
     let passwd = g.lookup_path(ROOT, "img/etc/passwd").unwrap().nodeid;
+    let check = |g: &mut Guest, after: &str| {
+        // Other files first: a fresh numbering would hand them the old numbers.
+        let c = g.lookup(root, b"c").unwrap().nodeid;
+        assert!(
+            ![a, b, inner, gone, made].contains(&c),
+            "{after}: c took a held number"
+        );
+        assert_eq!(g.read_file(c, 4096).unwrap(), "c".repeat(100).as_bytes());
+        for (n, name) in [(a, "a"), (b, "b"), (inner, "sub/inner"), (made, "made")] {
+            let want = std::fs::read(share.join(name)).unwrap();
+            assert_eq!(
+                g.getattr(n).unwrap().attr.size,
+                want.len() as u64,
+                "{after}: {name}"
+            );
+            assert_eq!(g.read_file(n, 4096).unwrap(), want, "{after}: {name}");
+        }
+        assert_eq!(
+            g.read(b, b_fh, 0, 4096).unwrap(),
+            "b".repeat(100).as_bytes(),
+            "{after}"
+        );
+        // Unlinked while open: still itself for the daemon that holds it open, an error after.
+        if after == "before" {
+            assert_eq!(
+                g.read(gone, gone_fh, 0, 4096).unwrap(),
+                "gone".repeat(100).as_bytes()
+            );
+        } else {
+            assert!(
+                g.getattr(gone).is_err(),
+                "{after}: a file unlinked while open"
+            );
+            assert!(g.read(gone, gone_fh, 0, 4096).is_err(), "{after}");
+        }
+        let data = g.read_file(passwd, 4096).unwrap();
+        assert_eq!(sha256_hex(&data), manifest_sha("etc/passwd"), "{after}");
+        g.forget(c, 1).unwrap();
+    };
+    check(&mut g, "before");
 
     let (killed, next) = kit::daemon::kill_worker(d.pid(), Duration::from_secs(30));
     assert!(
@@ -1287,27 +1385,21 @@ fn after_a_crash_a_passthrough_share_answers_errors_never_other_files() {
         "no daemon after {killed}:\n{}",
         d.log_text()
     );
-    // The new daemon looks other files of the share up first: a fresh share would number them as the
-    // dead daemon numbered `a`.
-    assert!(g.lookup_path(ROOT, "share/c").is_err());
-    assert!(g.lookup_path(ROOT, "share/b").is_err());
+    check(&mut g, "after the crash");
     assert!(
-        g.getattr(a).is_err(),
-        "the share's old inode must not name a file"
+        d.log_text().contains("took over the guest's"),
+        "{}",
+        d.log_text()
     );
-    assert!(g.read_file(a, 4096).is_err());
-    let data = g.read_file(passwd, 4096).unwrap();
-    assert_eq!(sha256_hex(&data), manifest_sha("etc/passwd"));
-    assert!(d.log_text().contains("is lost to the guest"));
-    // Mounted again through the API, the share serves fresh lookups.
-    let (status, body) = d
-        .api("DELETE", "/api/v1/mount?mountpoint=/share", "")
-        .unwrap();
-    assert_eq!(status, 204, "{body}");
-    let (status, body) = d.try_mount("/share", "passthrough_fs", &share, "");
-    assert_eq!(status, 204, "{body}");
-    let b = g.lookup_path(ROOT, "share/b").unwrap().nodeid;
-    assert_eq!(g.read_file(b, 4096).unwrap(), "b".repeat(100).as_bytes());
+
+    d.upgrade(BIN, dir.path());
+    check(&mut g, "after the upgrade");
+    assert!(
+        d.log_text().contains("took over the guest's"),
+        "{}",
+        d.log_text()
+    );
+    g.release(b, b_fh, false).unwrap();
     drop(g);
     d.kill_and_check();
 }

@@ -6,7 +6,9 @@
 //! thread of its own, so several requests of a blob are in flight at once: the round trip and the server's
 //! per-request time overlap, and receiving, checking and storing use more than one core. Memory is one
 //! chunk per stream, whatever the request's length, and streams are capped per image, per blob and for the
-//! whole daemon, as are the bytes they may hold.
+//! whole daemon, as are the bytes they may hold. The daemon's streams and bytes are shared equally among
+//! the images running streams, so one image (a hostile one reading all the time) cannot leave the others
+//! without.
 
 use std::io::Read;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -109,6 +111,8 @@ pub fn store_run(ctx: &StreamCtx, reader: &mut dyn Read, run: Vec<Pending>) -> R
 pub struct DaemonBudget {
     streams: AtomicUsize,
     bytes: AtomicU64,
+    /// Images with at least one stream running: each may use its equal share of the budget.
+    images: AtomicUsize,
     max_streams: usize,
     max_bytes: u64,
 }
@@ -118,6 +122,7 @@ impl DaemonBudget {
         DaemonBudget {
             streams: AtomicUsize::new(0),
             bytes: AtomicU64::new(0),
+            images: AtomicUsize::new(0),
             max_streams,
             max_bytes,
         }
@@ -137,13 +142,13 @@ impl DaemonBudget {
 pub static DAEMON_BUDGET: DaemonBudget =
     DaemonBudget::new(MAX_DAEMON_STREAMS, MAX_DAEMON_STREAM_BYTES);
 
-/// Add `n` to `counter` if the sum stays within `max`.
-fn take_usize(counter: &AtomicUsize, n: usize, max: usize) -> bool {
+/// Add `n` to `counter` if the sum stays within `max`; the value before.
+fn take_usize(counter: &AtomicUsize, n: usize, max: usize) -> Option<usize> {
     counter
         .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
             (v + n <= max).then_some(v + n)
         })
-        .is_ok()
+        .ok()
 }
 
 fn take_u64(counter: &AtomicU64, n: u64, max: u64) -> bool {
@@ -154,9 +159,16 @@ fn take_u64(counter: &AtomicU64, n: u64, max: u64) -> bool {
         .is_ok()
 }
 
+/// What one image's streams use now.
+#[derive(Default)]
+struct ImageUse {
+    running: AtomicUsize,
+    bytes: AtomicU64,
+}
+
 /// Streams running in the background for one image, and the rate they see.
 pub struct Streams {
-    running: Arc<AtomicUsize>,
+    used: Arc<ImageUse>,
     /// Per blob index.
     per_blob: Arc<Vec<AtomicUsize>>,
     budget: &'static DaemonBudget,
@@ -171,7 +183,7 @@ impl Streams {
 
     pub fn with_budget(blobs: usize, budget: &'static DaemonBudget) -> Self {
         Streams {
-            running: Arc::default(),
+            used: Arc::default(),
             per_blob: Arc::new((0..blobs).map(|_| AtomicUsize::new(0)).collect()),
             budget,
             link: Arc::default(),
@@ -179,28 +191,35 @@ impl Streams {
     }
 
     /// Room for one more background stream of blob `blob` holding up to `buffer_bytes` at a time: within
-    /// the image's, the blob's and the daemon's stream counts and the daemon's buffered bytes. The slot is
-    /// given back when dropped (or when the stream it is handed to ends).
+    /// the image's and the blob's stream counts, and within this image's equal share of the daemon's
+    /// streams and buffered bytes (one stream at least) as well as the daemon's totals. The slot is given
+    /// back when dropped (or when the stream it is handed to ends).
     pub fn reserve(&self, blob: u32, buffer_bytes: u64) -> Option<Slot> {
         let per_blob = self.per_blob.get(blob as usize)?;
-        if !take_usize(&self.running, 1, MAX_STREAMS) {
-            return None;
+        let b = self.budget;
+        let sharing = (b.images.load(Ordering::Acquire)
+            + usize::from(self.used.running.load(Ordering::Acquire) == 0))
+        .max(1);
+        let streams_here = (b.max_streams / sharing).clamp(1, MAX_STREAMS);
+        if take_usize(&self.used.running, 1, streams_here)? == 0 {
+            b.images.fetch_add(1, Ordering::AcqRel);
         }
         let mut slot = Slot {
-            running: self.running.clone(),
+            used: self.used.clone(),
+            budget: b,
             per_blob: None,
-            budget: None,
+            daemon_stream: false,
             bytes: 0,
         };
-        if !take_usize(per_blob, 1, MAX_BLOB_STREAMS) {
-            return None;
-        }
+        take_usize(per_blob, 1, MAX_BLOB_STREAMS)?;
         slot.per_blob = Some((self.per_blob.clone(), blob as usize));
-        if !take_usize(&self.budget.streams, 1, self.budget.max_streams) {
+        take_usize(&b.streams, 1, b.max_streams)?;
+        slot.daemon_stream = true;
+        if !take_u64(&self.used.bytes, buffer_bytes, b.max_bytes / sharing as u64) {
             return None;
         }
-        slot.budget = Some(self.budget);
-        if !take_u64(&self.budget.bytes, buffer_bytes, self.budget.max_bytes) {
+        if !take_u64(&b.bytes, buffer_bytes, b.max_bytes) {
+            self.used.bytes.fetch_sub(buffer_bytes, Ordering::AcqRel);
             return None;
         }
         slot.bytes = buffer_bytes;
@@ -247,22 +266,26 @@ impl Streams {
 
 /// A reserved stream, given back when dropped (its thread ended, or it was never started).
 pub struct Slot {
-    running: Arc<AtomicUsize>,
+    used: Arc<ImageUse>,
+    budget: &'static DaemonBudget,
     per_blob: Option<(Arc<Vec<AtomicUsize>>, usize)>,
-    budget: Option<&'static DaemonBudget>,
+    daemon_stream: bool,
     bytes: u64,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.running.fetch_sub(1, Ordering::AcqRel);
+        if self.used.running.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.budget.images.fetch_sub(1, Ordering::AcqRel);
+        }
         if let Some((blobs, i)) = &self.per_blob {
             blobs[*i].fetch_sub(1, Ordering::AcqRel);
         }
-        if let Some(b) = self.budget {
-            b.streams.fetch_sub(1, Ordering::AcqRel);
-            b.bytes.fetch_sub(self.bytes, Ordering::AcqRel);
+        if self.daemon_stream {
+            self.budget.streams.fetch_sub(1, Ordering::AcqRel);
         }
+        self.used.bytes.fetch_sub(self.bytes, Ordering::AcqRel);
+        self.budget.bytes.fetch_sub(self.bytes, Ordering::AcqRel);
     }
 }
 
@@ -370,15 +393,61 @@ mod tests {
         drop(blob0);
         assert_eq!(BUDGET.in_use(), (2, 20), "slots given back on drop");
         // So does its byte budget: a reservation that would pass it fails and takes nothing.
-        assert!(b.reserve(0, 81).is_none());
-        assert_eq!(BUDGET.in_use(), (2, 20));
-        assert_eq!(a.running.load(Ordering::Acquire), 1);
-        let last = b.reserve(0, 80).unwrap();
-        assert!(a.reserve(0, 1).is_none(), "daemon-wide byte cap");
-        drop((blob1, other, last));
+        drop(other);
+        assert!(a.reserve(0, 91).is_none());
+        assert_eq!(BUDGET.in_use(), (1, 10));
+        assert_eq!(a.used.running.load(Ordering::Acquire), 1);
+        let last = a.reserve(0, 90).unwrap();
+        assert!(b.reserve(0, 1).is_none(), "daemon-wide byte cap");
+        drop((blob1, last));
         assert_eq!(BUDGET.in_use(), (0, 0));
-        assert_eq!(a.running.load(Ordering::Acquire), 0);
+        assert_eq!(a.used.running.load(Ordering::Acquire), 0);
         assert!(a.per_blob.iter().all(|n| n.load(Ordering::Acquire) == 0));
+        assert_eq!(BUDGET.images.load(Ordering::Acquire), 0);
+    }
+
+    /// An image that keeps every stream it can (a hostile one reading all the time) leaves the others
+    /// their equal share of the daemon's streams and bytes as its own streams end.
+    #[test]
+    fn images_running_streams_share_the_daemons_budget_equally() {
+        static BUDGET: DaemonBudget = DaemonBudget::new(8, 800);
+        let greedy = Streams::with_budget(2, &BUDGET);
+        let take = |s: &Streams, blob, bytes| -> Vec<Slot> {
+            std::iter::from_fn(|| s.reserve(blob, bytes))
+                .take(100)
+                .collect()
+        };
+        // Alone, it may take the whole budget.
+        let mut held = take(&greedy, 0, 100);
+        held.extend(take(&greedy, 1, 100));
+        assert_eq!(BUDGET.in_use(), (8, 800));
+        let other = Streams::with_budget(1, &BUDGET);
+        assert!(other.reserve(0, 1).is_none(), "the budget is used up");
+        assert_eq!(
+            BUDGET.images.load(Ordering::Acquire),
+            1,
+            "a failed try counts no image"
+        );
+        // As its streams end, the other image starts one; the greedy one then gets back to its half of
+        // the daemon's streams, no more, and the rest is left to the other.
+        held.truncate(2);
+        let mut others = vec![other.reserve(0, 100).unwrap()];
+        held.extend(take(&greedy, 0, 100));
+        held.extend(take(&greedy, 1, 100));
+        assert_eq!(held.len(), 4, "the greedy image takes its half, no more");
+        others.extend(take(&other, 0, 100));
+        assert_eq!(others.len(), 4, "the other image gets its half");
+        assert_eq!(BUDGET.in_use(), (8, 800));
+        // Bytes are shared the same way: with two images streaming, 400 each.
+        drop(others);
+        let big = other.reserve(0, 400).unwrap();
+        assert!(
+            other.reserve(0, 1).is_none(),
+            "its half of the bytes is used"
+        );
+        drop((big, held));
+        assert_eq!(BUDGET.in_use(), (0, 0));
+        assert_eq!(BUDGET.images.load(Ordering::Acquire), 0);
     }
 
     #[test]

@@ -64,6 +64,12 @@ pub struct Mount {
     pub lookups: Vec<(u64, u64)>,
     /// (directory, parent) for the ".." of directories the kernel knows.
     pub parents: Vec<(u64, u64)>,
+    /// A passthrough share's table of the guest's inode numbers and handles (a memfd, see
+    /// [`crate::passthrough::table`]): an index into the descriptors sent with the state. Absent
+    /// for RAFS mounts, so a state without shares stays readable by rafsd before shares were
+    /// carried over; one with a share is refused by it (an unknown field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share_table: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -179,6 +185,7 @@ impl State {
             for m in &mut mounts {
                 m.lookups.clear();
                 m.parents.clear();
+                m.share_table = None;
             }
             (s.pseudo_dirs.clone(), mounts)
         };
@@ -268,6 +275,7 @@ mod tests {
                 prefetch_files: vec![],
                 lookups: vec![(1, 3), (12, 1)],
                 parents: vec![(12, 1)],
+                share_table: None,
             }],
             device: None,
         }

@@ -361,8 +361,8 @@ impl Requests {
         // The ring lock is held just for the used entry and the notification check (a few stores and
         // loads), so requests finishing together do not queue up behind each other for long.
         // A ring stopped by GET_VRING_BASE still gets the entry: the VMM expects a stop to drain the
-        // requests in flight (vhost-user-backend answers it without waiting for them, so they drain late);
-        // a pause then resumes with every request answered.
+        // requests in flight. The relay holds the stop back until they are answered (vhost-user-backend
+        // would answer it at once), so only a request still running after that wait drains late.
         let notify = {
             let mut state = vring.get_mut();
             self.put_used(ring, &mut state, head, len)?;

@@ -517,6 +517,7 @@ pub fn run(
     journal: &mut Journal,
     wake: RawFd,
     mut on_wake: impl FnMut(&mut Journal) -> bool,
+    mut forwarding: impl FnMut(&Msg),
     mut relayed: impl FnMut(&Journal, &Msg),
 ) -> io::Result<End> {
     loop {
@@ -552,6 +553,7 @@ pub fn run(
         // After the journal took the request: a SET_PROTOCOL_FEATURES changes whether it is acked.
         journal.record(&m)?;
         let reply = has_reply(m.request, m.flags, journal.reply_ack());
+        forwarding(&m);
         m.send(backend)?;
         let r = match reply {
             false => None,

@@ -1,0 +1,1054 @@
+//! `passthrough_fs` mounts (Kata's `/containers` share): a read-write view of one host directory, built on
+//! fuse-backend-rs's passthrough filesystem and confined to that directory.
+//!
+//! Under a `Vfs`, that filesystem accepts "." and ".." in LOOKUP (for NFS export), which would let a guest
+//! step above the shared directory. This wrapper refuses "." / ".." / names with '/' in every request that
+//! takes a name before the request reaches it. Symlinks are never followed on the host (the passthrough
+//! filesystem opens with O_NOFOLLOW relative to directory fds); the guest resolves them in its own tree.
+//!
+//! The inode numbers and file handles the guest sees are this wrapper's own ([`slots`]), each with
+//! where its file is kept in a [`table::ShareTable`], so that another daemon (live upgrade, crash
+//! restart) can look every file up and open it again under the same numbers ([`ConfinedPassthrough::adopt`]).
+
+use std::any::Any;
+use std::collections::{HashMap, HashSet};
+use std::ffi::{CStr, CString};
+use std::fs::File;
+use std::io;
+use std::path::Path;
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
+
+use fuse_backend_rs::abi::fuse_abi::{
+    stat64, statvfs64, CreateIn, FsOptions, OpenOptions, SetattrValid,
+};
+use fuse_backend_rs::abi::virtio_fs::RemovemappingOne;
+use fuse_backend_rs::api::filesystem::{
+    Context, DirEntry, Entry, FileSystem, GetxattrReply, ListxattrReply, ZeroCopyReader,
+    ZeroCopyWriter,
+};
+use fuse_backend_rs::api::BackendFileSystem;
+use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
+use fuse_backend_rs::transport::FsCacheReqHandler;
+
+use crate::error::{Error, Result};
+
+pub mod slots;
+pub mod table;
+
+use slots::{Slots, ROOT};
+use table::{Place, SavedInode, ShareTable};
+
+pub struct ConfinedPassthrough {
+    inner: PassthroughFs<()>,
+    slots: RwLock<Slots>,
+}
+
+/// What [`ConfinedPassthrough::adopt`] found of the guest's numbers.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Adopted {
+    pub inodes: usize,
+    pub stale_inodes: usize,
+    pub handles: usize,
+    pub stale_handles: usize,
+}
+
+/// Deepest directory chain followed when looking a file up again (PATH_MAX allows no deeper).
+const MAX_DEPTH: usize = 2048;
+
+impl ConfinedPassthrough {
+    pub fn new(dir: &Path) -> Result<Self> {
+        let root = dir
+            .canonicalize()
+            .map_err(|e| Error::io(format!("passthrough source {}", dir.display()), e))?;
+        if !root.is_dir() {
+            return Err(Error::Invalid(format!(
+                "passthrough source {} is not a directory",
+                root.display()
+            )));
+        }
+        let cfg = Config {
+            root_dir: root.to_string_lossy().into_owned(),
+            do_import: true,
+            xattr: true,
+            writeback: false,
+            cache_policy: CachePolicy::Auto,
+            attr_timeout: Duration::from_secs(1),
+            entry_timeout: Duration::from_secs(1),
+            ..Default::default()
+        };
+        let inner = PassthroughFs::<()>::new(cfg)
+            .map_err(|e| Error::io("create passthrough filesystem", e))?;
+        inner
+            .import()
+            .map_err(|e| Error::io(format!("open passthrough root {}", root.display()), e))?;
+        let table = ShareTable::create().map_err(|e| Error::io("create the share table", e))?;
+        Ok(ConfinedPassthrough {
+            inner,
+            slots: RwLock::new(Slots::new(table)),
+        })
+    }
+
+    /// The memfd of the share's table, for a successor.
+    pub fn table_file(&self) -> io::Result<File> {
+        self.read().table.file().try_clone()
+    }
+
+    /// Take the numbers of the predecessor that wrote `table` (this share must not have served
+    /// yet): look each file up again from the share's root, check it is the same file (device and
+    /// inode number), and open each handle again. A number whose file is gone or another answers
+    /// ESTALE (a handle: EBADF) until the guest lets it go. The table is only read.
+    pub fn adopt(&self, table: File) -> Result<Adopted> {
+        let table =
+            ShareTable::adopt(table).map_err(|e| Error::io("the predecessor's share table", e))?;
+        let saved = table.inodes();
+        let by_number: HashMap<u64, &SavedInode> = saved.iter().map(|r| (r.number, r)).collect();
+        let mut found: HashMap<u64, Option<u64>> = HashMap::from([(ROOT, Some(ROOT))]);
+        let mut taken = HashSet::new();
+        for r in &saved {
+            self.find_again(r.number, &by_number, &mut found, &mut taken);
+        }
+        let handles = table.handles();
+        let mut slots = Slots::new(table);
+        let mut out = Adopted::default();
+        for r in saved.iter().filter(|r| r.number != ROOT) {
+            let inner = found.get(&r.number).copied().flatten();
+            out.inodes += 1;
+            out.stale_inodes += usize::from(inner.is_none());
+            slots.restore_inode(r.number, inner, r.lookups, r.place.clone());
+        }
+        let ctx = Context::new();
+        for h in handles {
+            let inner = match h.inode {
+                ROOT => Some(ROOT),
+                i => slots.inodes.get(&i).and_then(|s| s.inner),
+            };
+            let opened = inner.and_then(|i| {
+                let reopened = if h.dir {
+                    self.inner.opendir(&ctx, i, h.flags).map(|r| r.0)
+                } else {
+                    let flags = h.flags & !((libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC) as u32);
+                    self.inner.open(&ctx, i, flags, 0).map(|r| r.0)
+                };
+                reopened.ok().flatten()
+            });
+            out.handles += 1;
+            out.stale_handles += usize::from(opened.is_none());
+            slots.restore_handle(h.number, opened, h.inode);
+        }
+        slots.settle_free_numbers();
+        *self.write() = slots;
+        Ok(out)
+    }
+
+    /// Look inode `number` up again, its parents first (iteratively: a chain can be deep); `found`
+    /// gets None for what cannot be found or is not the same file.
+    fn find_again(
+        &self,
+        number: u64,
+        saved: &HashMap<u64, &SavedInode>,
+        found: &mut HashMap<u64, Option<u64>>,
+        taken: &mut HashSet<u64>,
+    ) {
+        let mut chain = vec![number];
+        while let Some(&s) = chain.last() {
+            if found.contains_key(&s) {
+                chain.pop();
+                continue;
+            }
+            let Some(place) = saved.get(&s).and_then(|r| r.place.as_ref()) else {
+                found.insert(s, None);
+                chain.pop();
+                continue;
+            };
+            match found.get(&place.parent) {
+                Some(parent) => {
+                    let inner = parent.and_then(|p| self.look_up_again(p, place, taken));
+                    found.insert(s, inner);
+                    chain.pop();
+                }
+                None if chain.contains(&place.parent) || chain.len() > MAX_DEPTH => {
+                    found.insert(s, None);
+                    chain.pop();
+                }
+                None => chain.push(place.parent),
+            }
+        }
+    }
+
+    fn look_up_again(&self, parent: u64, place: &Place, taken: &mut HashSet<u64>) -> Option<u64> {
+        let name = CString::new(place.name.clone()).ok()?;
+        check(&name).ok()?;
+        let ctx = Context::new();
+        let e = self.inner.lookup(&ctx, parent, &name).ok()?;
+        if e.attr.st_dev == place.dev && e.attr.st_ino == place.ino && taken.insert(e.inode) {
+            return Some(e.inode);
+        }
+        self.inner.forget(&ctx, e.inode, 1);
+        None
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, Slots> {
+        self.slots.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Slots> {
+        self.slots.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The inner inode behind the guest's `ours`.
+    fn ino(&self, ours: u64) -> io::Result<u64> {
+        if ours == ROOT {
+            return Ok(ROOT);
+        }
+        match self.read().inodes.get(&ours) {
+            Some(slot) => slot.inner.ok_or_else(estale),
+            None => Err(ebadf()),
+        }
+    }
+
+    /// The inner handle behind the guest's `ours`.
+    fn fh(&self, ours: u64) -> io::Result<u64> {
+        match self.read().handles.get(&ours) {
+            Some(h) => h.inner.ok_or_else(ebadf),
+            None => Err(ebadf()),
+        }
+    }
+
+    fn fh_opt(&self, ours: Option<u64>) -> io::Result<Option<u64>> {
+        ours.map(|h| self.fh(h)).transpose()
+    }
+
+    /// Give the guest its number for an entry the inner filesystem found at `parent`/`name`
+    /// (`parent` is the guest's number). The inner reference the lookup took is kept (a new number)
+    /// or dropped (a number the guest already holds).
+    fn enter(&self, parent: u64, name: &CStr, found: io::Result<Entry>) -> io::Result<Entry> {
+        let mut e = found?;
+        let inner = e.inode;
+        let reserved = {
+            let mut slots = self.write();
+            slots.reserve(inner).inspect(|&(ours, existing)| {
+                slots.commit(ours, existing, inner, place_of(parent, name.to_bytes(), &e))
+            })
+        };
+        match reserved {
+            Ok((ours, existing)) => {
+                if existing {
+                    self.forget_inner(inner);
+                }
+                e.inode = ours;
+                Ok(e)
+            }
+            Err(err) => {
+                self.forget_inner(inner);
+                Err(err)
+            }
+        }
+    }
+
+    fn forget_inner(&self, inner: u64) {
+        if inner != ROOT {
+            self.inner.forget(&Context::new(), inner, 1);
+        }
+    }
+
+    /// Give the guest a handle number for the inner `handle` of the guest's `inode`.
+    fn opened(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: Option<u64>,
+        flags: u32,
+        dir: bool,
+    ) -> io::Result<Option<u64>> {
+        let Some(inner) = handle else {
+            return Ok(None);
+        };
+        let given = self.write().open(inner, inode, flags, dir);
+        match given {
+            Ok(ours) => Ok(Some(ours)),
+            Err(e) => {
+                let ino = self.ino(inode)?;
+                let _ = if dir {
+                    self.inner.releasedir(ctx, ino, flags, inner)
+                } else {
+                    self.inner
+                        .release(ctx, ino, flags, inner, false, false, None)
+                };
+                Err(e)
+            }
+        }
+    }
+}
+
+fn place_of(parent: u64, name: &[u8], e: &Entry) -> Place {
+    Place {
+        parent,
+        name: name.to_vec(),
+        dev: e.attr.st_dev,
+        ino: e.attr.st_ino,
+    }
+}
+
+fn estale() -> io::Error {
+    io::Error::from_raw_os_error(libc::ESTALE)
+}
+
+fn ebadf() -> io::Error {
+    io::Error::from_raw_os_error(libc::EBADF)
+}
+
+/// Linux's XATTR_SIZE_MAX and XATTR_LIST_MAX: no xattr value or name list is longer.
+const XATTR_MAX: u32 = 65536;
+
+/// A name a request may create or look up: one component, never "." or "..".
+fn check(name: &CStr) -> io::Result<()> {
+    let b = name.to_bytes();
+    if b.is_empty() || b == b"." || b == b".." || b.contains(&b'/') {
+        return Err(io::Error::from_raw_os_error(libc::EPERM));
+    }
+    Ok(())
+}
+
+const RENAME_EXCHANGE: u32 = 2;
+
+// POSIX locks and ioctls are left to the trait's ENOSYS, as the inner filesystem leaves them.
+impl FileSystem for ConfinedPassthrough {
+    type Inode = u64;
+    type Handle = u64;
+
+    fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
+        self.inner.init(capable)
+    }
+
+    fn destroy(&self) {
+        self.inner.destroy();
+        self.write().clear();
+    }
+
+    fn lookup(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
+        check(name)?;
+        let found = self.inner.lookup(ctx, self.ino(parent)?, name);
+        self.enter(parent, name, found)
+    }
+
+    fn forget(&self, _ctx: &Context, inode: u64, count: u64) {
+        let last = self.write().forget(inode, count);
+        if let Some(inner) = last {
+            self.forget_inner(inner);
+        }
+    }
+
+    fn batch_forget(&self, ctx: &Context, requests: Vec<(u64, u64)>) {
+        for (inode, count) in requests {
+            self.forget(ctx, inode, count);
+        }
+    }
+
+    fn symlink(
+        &self,
+        ctx: &Context,
+        linkname: &CStr,
+        parent: u64,
+        name: &CStr,
+    ) -> io::Result<Entry> {
+        check(name)?;
+        let made = self.inner.symlink(ctx, linkname, self.ino(parent)?, name);
+        self.enter(parent, name, made)
+    }
+
+    fn mknod(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        mode: u32,
+        rdev: u32,
+        umask: u32,
+    ) -> io::Result<Entry> {
+        check(name)?;
+        let made = self
+            .inner
+            .mknod(ctx, self.ino(parent)?, name, mode, rdev, umask);
+        self.enter(parent, name, made)
+    }
+
+    fn mkdir(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        mode: u32,
+        umask: u32,
+    ) -> io::Result<Entry> {
+        check(name)?;
+        let made = self.inner.mkdir(ctx, self.ino(parent)?, name, mode, umask);
+        self.enter(parent, name, made)
+    }
+
+    fn link(&self, ctx: &Context, inode: u64, newparent: u64, newname: &CStr) -> io::Result<Entry> {
+        check(newname)?;
+        let made = self
+            .inner
+            .link(ctx, self.ino(inode)?, self.ino(newparent)?, newname);
+        self.enter(newparent, newname, made)
+    }
+
+    fn unlink(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
+        check(name)?;
+        self.inner.unlink(ctx, self.ino(parent)?, name)?;
+        self.write().unlinked(parent, name.to_bytes());
+        Ok(())
+    }
+
+    fn rmdir(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
+        check(name)?;
+        self.inner.rmdir(ctx, self.ino(parent)?, name)?;
+        self.write().unlinked(parent, name.to_bytes());
+        Ok(())
+    }
+
+    fn rename(
+        &self,
+        ctx: &Context,
+        olddir: u64,
+        oldname: &CStr,
+        newdir: u64,
+        newname: &CStr,
+        flags: u32,
+    ) -> io::Result<()> {
+        check(oldname)?;
+        check(newname)?;
+        let (from, to) = (self.ino(olddir)?, self.ino(newdir)?);
+        // Under the lock: the names must change as the host's do, not after another rename.
+        let mut slots = self.write();
+        self.inner.rename(ctx, from, oldname, to, newname, flags)?;
+        slots.renamed(
+            (olddir, oldname.to_bytes()),
+            (newdir, newname.to_bytes()),
+            flags & RENAME_EXCHANGE != 0,
+        );
+        Ok(())
+    }
+
+    fn create(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        args: CreateIn,
+    ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
+        check(name)?;
+        let flags = args.flags;
+        let (entry, handle, opts, passthrough) =
+            self.inner.create(ctx, self.ino(parent)?, name, args)?;
+        let entry = self.enter(parent, name, Ok(entry))?;
+        match self.opened(ctx, entry.inode, handle, flags, false) {
+            Ok(handle) => Ok((entry, handle, opts, passthrough)),
+            Err(e) => {
+                self.forget(ctx, entry.inode, 1);
+                Err(e)
+            }
+        }
+    }
+
+    fn getattr(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: Option<u64>,
+    ) -> io::Result<(stat64, Duration)> {
+        self.inner
+            .getattr(ctx, self.ino(inode)?, self.fh_opt(handle)?)
+    }
+
+    fn setattr(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        attr: stat64,
+        handle: Option<u64>,
+        valid: SetattrValid,
+    ) -> io::Result<(stat64, Duration)> {
+        self.inner
+            .setattr(ctx, self.ino(inode)?, attr, self.fh_opt(handle)?, valid)
+    }
+
+    fn readlink(&self, ctx: &Context, inode: u64) -> io::Result<Vec<u8>> {
+        self.inner.readlink(ctx, self.ino(inode)?)
+    }
+
+    fn open(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        flags: u32,
+        fuse_flags: u32,
+    ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
+        let (handle, opts, passthrough) =
+            self.inner.open(ctx, self.ino(inode)?, flags, fuse_flags)?;
+        let handle = self.opened(ctx, inode, handle, flags, false)?;
+        Ok((handle, opts, passthrough))
+    }
+
+    fn read(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        w: &mut dyn ZeroCopyWriter,
+        size: u32,
+        offset: u64,
+        lock_owner: Option<u64>,
+        flags: u32,
+    ) -> io::Result<usize> {
+        self.inner.read(
+            ctx,
+            self.ino(inode)?,
+            self.fh(handle)?,
+            w,
+            size,
+            offset,
+            lock_owner,
+            flags,
+        )
+    }
+
+    fn write(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        r: &mut dyn ZeroCopyReader,
+        size: u32,
+        offset: u64,
+        lock_owner: Option<u64>,
+        delayed_write: bool,
+        flags: u32,
+        fuse_flags: u32,
+    ) -> io::Result<usize> {
+        self.inner.write(
+            ctx,
+            self.ino(inode)?,
+            self.fh(handle)?,
+            r,
+            size,
+            offset,
+            lock_owner,
+            delayed_write,
+            flags,
+            fuse_flags,
+        )
+    }
+
+    fn flush(&self, ctx: &Context, inode: u64, handle: u64, lock_owner: u64) -> io::Result<()> {
+        self.inner
+            .flush(ctx, self.ino(inode)?, self.fh(handle)?, lock_owner)
+    }
+
+    fn fsync(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
+        self.inner
+            .fsync(ctx, self.ino(inode)?, datasync, self.fh(handle)?)
+    }
+
+    fn fallocate(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        mode: u32,
+        offset: u64,
+        length: u64,
+    ) -> io::Result<()> {
+        self.inner.fallocate(
+            ctx,
+            self.ino(inode)?,
+            self.fh(handle)?,
+            mode,
+            offset,
+            length,
+        )
+    }
+
+    fn release(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        flags: u32,
+        handle: u64,
+        flush: bool,
+        flock_release: bool,
+        lock_owner: Option<u64>,
+    ) -> io::Result<()> {
+        let Some(inner) = self.write().release(handle) else {
+            return Ok(());
+        };
+        self.inner.release(
+            ctx,
+            self.ino(inode)?,
+            flags,
+            inner,
+            flush,
+            flock_release,
+            lock_owner,
+        )
+    }
+
+    fn statfs(&self, ctx: &Context, inode: u64) -> io::Result<statvfs64> {
+        self.inner.statfs(ctx, self.ino(inode)?)
+    }
+
+    fn setxattr(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        name: &CStr,
+        value: &[u8],
+        flags: u32,
+    ) -> io::Result<()> {
+        self.inner
+            .setxattr(ctx, self.ino(inode)?, name, value, flags)
+    }
+
+    // The passthrough filesystem allocates the guest's `size` up front (up to 4 GiB per request);
+    // Linux never returns more than XATTR_SIZE_MAX / XATTR_LIST_MAX bytes, so larger sizes change nothing
+    // but the allocation.
+    fn getxattr(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        name: &CStr,
+        size: u32,
+    ) -> io::Result<GetxattrReply> {
+        self.inner
+            .getxattr(ctx, self.ino(inode)?, name, size.min(XATTR_MAX))
+    }
+
+    fn listxattr(&self, ctx: &Context, inode: u64, size: u32) -> io::Result<ListxattrReply> {
+        self.inner
+            .listxattr(ctx, self.ino(inode)?, size.min(XATTR_MAX))
+    }
+
+    fn removexattr(&self, ctx: &Context, inode: u64, name: &CStr) -> io::Result<()> {
+        self.inner.removexattr(ctx, self.ino(inode)?, name)
+    }
+
+    fn opendir(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        flags: u32,
+    ) -> io::Result<(Option<u64>, OpenOptions)> {
+        let (handle, opts) = self.inner.opendir(ctx, self.ino(inode)?, flags)?;
+        Ok((self.opened(ctx, inode, handle, flags, true)?, opts))
+    }
+
+    // Listed through the inner READDIRPLUS, whose entries carry the host's inode number (the inner
+    // READDIR's are the inner filesystem's numbers, which mean nothing to the guest); the lookup each
+    // entry took is dropped here.
+    fn readdir(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        let mut looked_up = Vec::new();
+        let listed = self.inner.readdirplus(
+            ctx,
+            self.ino(inode)?,
+            self.fh(handle)?,
+            size,
+            offset,
+            &mut |d, e| {
+                let added = add_entry(d);
+                // The inner filesystem drops the lookup itself when the entry did not fit.
+                if !matches!(added, Ok(0)) {
+                    looked_up.push(e.inode);
+                }
+                added
+            },
+        );
+        for inner in looked_up {
+            self.forget_inner(inner);
+        }
+        listed
+    }
+
+    fn readdirplus(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        let mut extra = Vec::new();
+        let listed = self.inner.readdirplus(
+            ctx,
+            self.ino(inode)?,
+            self.fh(handle)?,
+            size,
+            offset,
+            &mut |d, mut e| {
+                let inner = e.inode;
+                let place = place_of(inode, d.name, &e);
+                let mut slots = self.write();
+                // The table is full: end the listing here (the inner filesystem drops the lookup).
+                let Ok((ours, existing)) = slots.reserve(inner) else {
+                    return Ok(0);
+                };
+                e.inode = ours;
+                let added = add_entry(d, e);
+                match added {
+                    Ok(0) => slots.cancel(ours, existing),
+                    Ok(_) => {
+                        slots.commit(ours, existing, inner, place);
+                        if existing {
+                            extra.push(inner);
+                        }
+                    }
+                    // Not given to the guest, and the inner filesystem keeps the lookup.
+                    Err(_) => {
+                        slots.cancel(ours, existing);
+                        extra.push(inner);
+                    }
+                }
+                added
+            },
+        );
+        for inner in extra {
+            self.forget_inner(inner);
+        }
+        listed
+    }
+
+    fn fsyncdir(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
+        self.inner
+            .fsyncdir(ctx, self.ino(inode)?, datasync, self.fh(handle)?)
+    }
+
+    fn releasedir(&self, ctx: &Context, inode: u64, flags: u32, handle: u64) -> io::Result<()> {
+        let Some(inner) = self.write().release(handle) else {
+            return Ok(());
+        };
+        self.inner.releasedir(ctx, self.ino(inode)?, flags, inner)
+    }
+
+    fn setupmapping(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        foffset: u64,
+        len: u64,
+        flags: u64,
+        moffset: u64,
+        vu_req: &mut dyn FsCacheReqHandler,
+    ) -> io::Result<()> {
+        // The inner filesystem opens the inode itself and ignores the handle, which a guest need not
+        // have (0).
+        self.inner.setupmapping(
+            ctx,
+            self.ino(inode)?,
+            self.fh(handle).unwrap_or(0),
+            foffset,
+            len,
+            flags,
+            moffset,
+            vu_req,
+        )
+    }
+
+    fn removemapping(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        requests: Vec<RemovemappingOne>,
+        vu_req: &mut dyn FsCacheReqHandler,
+    ) -> io::Result<()> {
+        self.inner
+            .removemapping(ctx, self.ino(inode)?, requests, vu_req)
+    }
+
+    fn access(&self, ctx: &Context, inode: u64, mask: u32) -> io::Result<()> {
+        self.inner.access(ctx, self.ino(inode)?, mask)
+    }
+
+    fn lseek(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        offset: u64,
+        whence: u32,
+    ) -> io::Result<u64> {
+        self.inner
+            .lseek(ctx, self.ino(inode)?, self.fh(handle)?, offset, whence)
+    }
+}
+
+impl BackendFileSystem for ConfinedPassthrough {
+    fn mount(&self) -> io::Result<(Entry, u64)> {
+        self.inner.mount()
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_names_are_refused() {
+        for bad in [c".", c"..", c"a/b", c""] {
+            assert_eq!(
+                check(bad).unwrap_err().raw_os_error(),
+                Some(libc::EPERM),
+                "{bad:?}"
+            );
+        }
+        assert!(check(c"file").is_ok());
+        assert!(check(c"...").is_ok());
+    }
+
+    #[test]
+    fn lookups_cannot_leave_the_shared_directory() {
+        let outer = tempfile::tempdir().unwrap();
+        std::fs::write(outer.path().join("secret"), b"host only").unwrap();
+        let share = outer.path().join("share");
+        std::fs::create_dir(&share).unwrap();
+        std::fs::write(share.join("file"), b"shared").unwrap();
+        std::os::unix::fs::symlink("../secret", share.join("escape")).unwrap();
+        let fs = ConfinedPassthrough::new(&share).unwrap();
+        let ctx = Context::default();
+        let root = fuse_backend_rs::api::filesystem::ROOT_ID;
+        fs.init(FsOptions::empty()).unwrap();
+        for bad in [c"..", c"."] {
+            assert_eq!(
+                fs.lookup(&ctx, root, bad).unwrap_err().raw_os_error(),
+                Some(libc::EPERM),
+                "{bad:?}"
+            );
+            assert_eq!(
+                fs.mkdir(&ctx, root, bad, 0o755, 0)
+                    .unwrap_err()
+                    .raw_os_error(),
+                Some(libc::EPERM)
+            );
+        }
+        assert!(fs.lookup(&ctx, root, c"file").unwrap().inode != 0);
+        // A symlink is returned as a link (the guest resolves it in its own tree), never followed here.
+        let link = fs.lookup(&ctx, root, c"escape").unwrap();
+        assert_eq!(link.attr.st_mode & libc::S_IFMT, libc::S_IFLNK);
+        assert_eq!(fs.readlink(&ctx, link.inode).unwrap(), b"../secret");
+        assert!(
+            fs.lookup(&ctx, link.inode, c"secret").is_err(),
+            "a symlink is not a directory to look into"
+        );
+    }
+
+    fn attr(fs: &ConfinedPassthrough, ino: u64) -> io::Result<stat64> {
+        fs.getattr(&Context::default(), ino, None).map(|(a, _)| a)
+    }
+
+    fn host_ino(path: &std::path::Path) -> u64 {
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).unwrap())
+    }
+
+    /// What a successor daemon does with a share: every number the guest holds names the same file
+    /// as before (renames included), open handles work, and a number whose file is gone or was
+    /// replaced on the host answers ESTALE (a handle EBADF), never another file.
+    #[test]
+    fn a_successor_gives_every_number_its_file_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let share = dir.path();
+        std::fs::create_dir(share.join("dir")).unwrap();
+        std::fs::write(share.join("dir/a"), b"aaaa").unwrap();
+        std::fs::write(share.join("c"), b"cccccc").unwrap();
+        std::fs::write(share.join("d"), b"dd").unwrap();
+        std::fs::write(share.join("e"), b"e").unwrap();
+        let ctx = Context::default();
+        let first = ConfinedPassthrough::new(share).unwrap();
+        first.init(FsOptions::empty()).unwrap();
+        let look = |fs: &ConfinedPassthrough, parent, name: &CStr| {
+            fs.lookup(&ctx, parent, name).unwrap().inode
+        };
+        let d1 = look(&first, ROOT, c"dir");
+        let a = look(&first, d1, c"a");
+        let c = look(&first, ROOT, c"c");
+        let d = look(&first, ROOT, c"d");
+        let e = look(&first, ROOT, c"e");
+        assert_eq!(
+            look(&first, ROOT, c"c"),
+            c,
+            "a second lookup gives the same number"
+        );
+        let (hc, _, _) = first.open(&ctx, c, libc::O_RDWR as u32, 0).unwrap();
+        let (hd, _, _) = first.open(&ctx, d, libc::O_RDONLY as u32, 0).unwrap();
+        let (hdir, _) = first.opendir(&ctx, d1, 0).unwrap();
+        first.unlink(&ctx, ROOT, c"d").unwrap();
+        first.rename(&ctx, d1, c"a", ROOT, c"a2", 0).unwrap();
+        let made = first.mkdir(&ctx, d1, c"made", 0o755, 0).unwrap().inode;
+        // The host replaces e behind the guest's back.
+        std::fs::remove_file(share.join("e")).unwrap();
+        std::fs::write(share.join("e"), b"another file").unwrap();
+
+        let next = ConfinedPassthrough::new(share).unwrap();
+        next.init(FsOptions::empty()).unwrap();
+        let got = next.adopt(first.table_file().unwrap()).unwrap();
+        assert_eq!(
+            got,
+            Adopted {
+                inodes: 6,
+                stale_inodes: 2,
+                handles: 3,
+                stale_handles: 1
+            }
+        );
+        assert_eq!(
+            attr(&next, d1).unwrap().st_ino,
+            host_ino(&share.join("dir"))
+        );
+        assert_eq!(attr(&next, a).unwrap().st_ino, host_ino(&share.join("a2")));
+        assert_eq!(
+            attr(&next, made).unwrap().st_ino,
+            host_ino(&share.join("dir/made"))
+        );
+        assert_eq!(
+            look(&next, ROOT, c"a2"),
+            a,
+            "the renamed file keeps its number"
+        );
+        assert_eq!(look(&next, d1, c"made"), made);
+        let end = next
+            .lseek(&ctx, c, hc.unwrap(), 0, libc::SEEK_END as u32)
+            .unwrap();
+        assert_eq!(end, 6, "the open handle is c's");
+        assert!(next.opendir(&ctx, d1, 0).is_ok());
+        next.releasedir(&ctx, d1, 0, hdir.unwrap()).unwrap();
+        // Unlinked while open, and replaced: stale, never another file.
+        assert_eq!(
+            attr(&next, d).unwrap_err().raw_os_error(),
+            Some(libc::ESTALE)
+        );
+        assert_eq!(
+            next.lseek(&ctx, d, hd.unwrap(), 0, 0)
+                .unwrap_err()
+                .raw_os_error(),
+            Some(libc::ESTALE)
+        );
+        assert_eq!(
+            next.lseek(&ctx, ROOT, hd.unwrap(), 0, 0)
+                .unwrap_err()
+                .raw_os_error(),
+            Some(libc::EBADF),
+            "the handle of a file gone is no handle"
+        );
+        assert_eq!(
+            attr(&next, e).unwrap_err().raw_os_error(),
+            Some(libc::ESTALE)
+        );
+        let new_e = look(&next, ROOT, c"e");
+        assert!(
+            ![d1, a, c, d, e, made].contains(&new_e),
+            "a number still held is not reused"
+        );
+        assert_eq!(attr(&next, new_e).unwrap().st_size, 12);
+        // A stale number is let go like any other.
+        next.forget(&ctx, e, 1);
+        assert_eq!(
+            attr(&next, e).unwrap_err().raw_os_error(),
+            Some(libc::EBADF)
+        );
+        next.release(&ctx, d, 0, hd.unwrap(), false, false, None)
+            .unwrap();
+    }
+
+    /// Entries of READDIRPLUS hold numbers like lookups do, and READDIR's carry the host's inode
+    /// numbers without holding any.
+    #[test]
+    fn listed_entries_get_the_numbers_lookups_give() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["x", "y"] {
+            std::fs::write(dir.path().join(name), name).unwrap();
+        }
+        let ctx = Context::default();
+        let fs = ConfinedPassthrough::new(dir.path()).unwrap();
+        fs.init(FsOptions::empty()).unwrap();
+        let (h, _) = fs.opendir(&ctx, ROOT, 0).unwrap();
+        let mut plus = Vec::new();
+        fs.readdirplus(&ctx, ROOT, h.unwrap(), 4096, 0, &mut |d, e| {
+            plus.push((d.name.to_vec(), e.inode));
+            Ok(1)
+        })
+        .unwrap();
+        plus.sort();
+        assert_eq!(plus.len(), 2);
+        assert_eq!(fs.lookup(&ctx, ROOT, c"x").unwrap().inode, plus[0].1);
+        let mut plain = Vec::new();
+        fs.readdir(&ctx, ROOT, h.unwrap(), 4096, 0, &mut |d| {
+            plain.push((d.name.to_vec(), d.ino));
+            Ok(1)
+        })
+        .unwrap();
+        plain.sort();
+        assert_eq!(plain[1], (b"y".to_vec(), host_ino(&dir.path().join("y"))));
+        // y was listed once (READDIRPLUS) and never looked up: one forget lets it go.
+        fs.forget(&ctx, plus[1].1, 1);
+        assert_eq!(
+            attr(&fs, plus[1].1).unwrap_err().raw_os_error(),
+            Some(libc::EBADF)
+        );
+    }
+
+    /// A number the guest let go is never given to another file, not even by a successor: a FORGET
+    /// or RELEASE that runs twice (re-run after a crash) then hits nothing instead of the next user.
+    #[test]
+    fn numbers_let_go_name_nothing_afterwards() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["x", "y", "z"] {
+            std::fs::write(dir.path().join(name), name).unwrap();
+        }
+        let ctx = Context::default();
+        let fs = ConfinedPassthrough::new(dir.path()).unwrap();
+        fs.init(FsOptions::empty()).unwrap();
+        let x = fs.lookup(&ctx, ROOT, c"x").unwrap().inode;
+        let (hx, _, _) = fs.open(&ctx, x, 0, 0).unwrap();
+        fs.release(&ctx, x, 0, hx.unwrap(), false, false, None)
+            .unwrap();
+        fs.forget(&ctx, x, 1);
+        let y = fs.lookup(&ctx, ROOT, c"y").unwrap().inode;
+        let (hy, _, _) = fs.open(&ctx, y, 0, 0).unwrap();
+        assert_ne!(y, x, "the record is used again under another number");
+        assert_ne!(hy, hx);
+        assert_eq!(attr(&fs, x).unwrap_err().raw_os_error(), Some(libc::EBADF));
+        // A RELEASE and a FORGET of the old numbers, run again, leave y and its handle alone.
+        fs.release(&ctx, x, 0, hx.unwrap(), false, false, None)
+            .unwrap();
+        fs.forget(&ctx, x, 1);
+        assert_eq!(attr(&fs, y).unwrap().st_size, 1);
+        assert_eq!(
+            fs.lseek(&ctx, y, hy.unwrap(), 0, libc::SEEK_END as u32)
+                .unwrap(),
+            1
+        );
+        // A successor goes on from the table's generations.
+        fs.release(&ctx, y, 0, hy.unwrap(), false, false, None)
+            .unwrap();
+        fs.forget(&ctx, y, 1);
+        let next = ConfinedPassthrough::new(dir.path()).unwrap();
+        next.init(FsOptions::empty()).unwrap();
+        next.adopt(fs.table_file().unwrap()).unwrap();
+        let z = next.lookup(&ctx, ROOT, c"z").unwrap().inode;
+        let (hz, _, _) = next.open(&ctx, z, 0, 0).unwrap();
+        assert!(![x, y].contains(&z), "{z} was given out before");
+        assert!(![hx, hy].contains(&hz));
+    }
+}

@@ -1,0 +1,285 @@
+//! The numbers a passthrough share gives the guest, and what each stands for in the passthrough
+//! filesystem beneath (the *inner* numbers, which that filesystem gives out in order and which
+//! therefore mean nothing to another process). Every change is also written to the share's
+//! [`ShareTable`], from which a successor gives each number its file back.
+//!
+//! An inode number holds exactly one reference of the inner filesystem, however many times the guest
+//! looked it up; extra inner references taken by a lookup are dropped by the caller.
+
+use std::collections::HashMap;
+use std::io;
+
+use super::table::{
+    next_handle_number, next_inode_number, Place, ShareTable, HANDLE_CAP, INODE_CAP,
+};
+
+/// FUSE's root inode: the same number on both sides, never forgotten.
+pub const ROOT: u64 = 1;
+
+pub struct Inode {
+    /// The inner inode, or None: the file could not be found again after a hand-over (stale).
+    pub inner: Option<u64>,
+    pub lookups: u64,
+    /// Where it was last found; None once unlinked.
+    pub place: Option<Place>,
+}
+
+fn key_of(p: &Place) -> (u64, Box<[u8]>) {
+    (p.parent, p.name.clone().into_boxed_slice())
+}
+
+pub struct Handle {
+    /// The inner handle, or None: the file could not be opened again after a hand-over.
+    pub inner: Option<u64>,
+    pub inode: u64,
+}
+
+pub struct Slots {
+    pub table: ShareTable,
+    pub inodes: HashMap<u64, Inode>,
+    pub by_inner: HashMap<u64, u64>,
+    pub names: HashMap<(u64, Box<[u8]>), u64>,
+    pub handles: HashMap<u64, Handle>,
+    /// Numbers to give out again (a freed record's next generation), then fresh records from `next_*`.
+    free_inodes: Vec<u64>,
+    next_inode: u64,
+    free_handles: Vec<u64>,
+    next_handle: u64,
+}
+
+fn enfile() -> io::Error {
+    io::Error::from_raw_os_error(libc::ENFILE)
+}
+
+impl Slots {
+    pub fn new(table: ShareTable) -> Slots {
+        Slots {
+            table,
+            inodes: HashMap::new(),
+            by_inner: HashMap::new(),
+            names: HashMap::new(),
+            handles: HashMap::new(),
+            free_inodes: Vec::new(),
+            next_inode: ROOT + 1,
+            free_handles: Vec::new(),
+            next_handle: 1,
+        }
+    }
+
+    /// After a hand-over: the numbers to give out next, as the table has them.
+    pub fn settle_free_numbers(&mut self) {
+        let (inodes, handles, inodes_used, handles_used) = self.table.free_numbers();
+        self.free_inodes = inodes
+            .into_iter()
+            .filter(|&n| n & (INODE_CAP - 1) > ROOT)
+            .collect();
+        self.next_inode = inodes_used.max(ROOT + 1);
+        self.free_handles = handles
+            .into_iter()
+            .filter(|&n| n & (HANDLE_CAP - 1) > 0)
+            .collect();
+        self.next_handle = handles_used.max(1);
+    }
+
+    /// A number a predecessor gave the guest, with its file found again (`inner`) or not.
+    pub fn restore_inode(
+        &mut self,
+        ours: u64,
+        inner: Option<u64>,
+        lookups: u64,
+        place: Option<Place>,
+    ) {
+        let place = place.filter(|_| inner.is_some());
+        if let Some(p) = &place {
+            self.names.insert(key_of(p), ours);
+        }
+        if let Some(i) = inner {
+            self.by_inner.insert(i, ours);
+        }
+        self.inodes.insert(
+            ours,
+            Inode {
+                inner,
+                lookups,
+                place,
+            },
+        );
+    }
+
+    /// A handle a predecessor gave the guest, opened again (`inner`) or not.
+    pub fn restore_handle(&mut self, ours: u64, inner: Option<u64>, inode: u64) {
+        self.handles.insert(ours, Handle { inner, inode });
+    }
+
+    /// The guest's number for `inner`: the one it already has (true), or a new one not yet taken
+    /// ([`Slots::commit`] takes it, [`Slots::cancel`] gives it back).
+    pub fn reserve(&mut self, inner: u64) -> io::Result<(u64, bool)> {
+        if inner == ROOT {
+            return Ok((ROOT, true));
+        }
+        if let Some(&ours) = self.by_inner.get(&inner) {
+            return Ok((ours, true));
+        }
+        if let Some(ours) = self.free_inodes.pop() {
+            return Ok((ours, false));
+        }
+        if self.next_inode >= INODE_CAP {
+            return Err(enfile());
+        }
+        self.next_inode += 1;
+        Ok((self.next_inode - 1, false))
+    }
+
+    pub fn cancel(&mut self, ours: u64, existing: bool) {
+        if !existing {
+            self.free_inodes.push(ours);
+        }
+    }
+
+    /// One more lookup of `ours` (reserved for `inner`), found at `place`.
+    pub fn commit(&mut self, ours: u64, existing: bool, inner: u64, place: Place) {
+        if ours == ROOT {
+            return;
+        }
+        let key = key_of(&place);
+        if existing {
+            let Some(slot) = self.inodes.get_mut(&ours) else {
+                return;
+            };
+            slot.lookups += 1;
+            self.table.set_lookups(ours, slot.lookups);
+            if slot.place.as_ref() == Some(&place) {
+                return;
+            }
+            // Found through another link (or renamed by the host): remember the name that works.
+            self.table.move_inode(ours, &place);
+            if let Some(old) = slot.place.replace(place) {
+                if self.names.get(&key_of(&old)) == Some(&ours) {
+                    self.names.remove(&key_of(&old));
+                }
+            }
+        } else {
+            self.table.set_inode(ours, &place, 1);
+            self.inodes.insert(
+                ours,
+                Inode {
+                    inner: Some(inner),
+                    lookups: 1,
+                    place: Some(place),
+                },
+            );
+            self.by_inner.insert(inner, ours);
+        }
+        // Another number named here is out of date (its file was replaced behind the guest's back).
+        if let Some(other) = self.names.insert(key, ours) {
+            if other != ours {
+                self.unname(other);
+            }
+        }
+    }
+
+    fn unname(&mut self, ours: u64) {
+        if let Some(slot) = self.inodes.get_mut(&ours) {
+            slot.place = None;
+            self.table.unname_inode(ours);
+        }
+    }
+
+    /// The guest forgets `count` lookups of `ours`; the inner inode to forget once when it was the last.
+    pub fn forget(&mut self, ours: u64, count: u64) -> Option<u64> {
+        let slot = self.inodes.get_mut(&ours)?;
+        slot.lookups = slot.lookups.saturating_sub(count);
+        if slot.lookups > 0 {
+            self.table.set_lookups(ours, slot.lookups);
+            return None;
+        }
+        let slot = self.inodes.remove(&ours)?;
+        self.table.free_inode(ours);
+        self.free_inodes.push(next_inode_number(ours));
+        if let Some(key) = slot.place.as_ref().map(key_of) {
+            if self.names.get(&key) == Some(&ours) {
+                self.names.remove(&key);
+            }
+        }
+        let inner = slot.inner?;
+        self.by_inner.remove(&inner);
+        Some(inner)
+    }
+
+    /// `parent`/`name` was unlinked (or replaced by a rename).
+    pub fn unlinked(&mut self, parent: u64, name: &[u8]) {
+        if let Some(ours) = self.names.remove(&(parent, Box::from(name))) {
+            self.unname(ours);
+        }
+    }
+
+    /// A rename the host did: the number found at the old name is now at the new one (with
+    /// RENAME_EXCHANGE the two swap).
+    pub fn renamed(&mut self, from: (u64, &[u8]), to: (u64, &[u8]), exchange: bool) {
+        let from_key = (from.0, Box::<[u8]>::from(from.1));
+        let to_key = (to.0, Box::<[u8]>::from(to.1));
+        let moved = self.names.remove(&from_key);
+        let replaced = self.names.remove(&to_key);
+        match (exchange, replaced) {
+            (true, Some(other)) => self.place(other, from_key),
+            (false, Some(other)) => self.unname(other),
+            (_, None) => {}
+        }
+        if let Some(ours) = moved {
+            self.place(ours, to_key);
+        }
+    }
+
+    fn place(&mut self, ours: u64, key: (u64, Box<[u8]>)) {
+        // The device and inode number stay the file's own across a rename.
+        let Some(place) = self.inodes.get_mut(&ours).and_then(|s| s.place.as_mut()) else {
+            return;
+        };
+        place.parent = key.0;
+        place.name = key.1.to_vec();
+        self.table.move_inode(ours, place);
+        self.names.insert(key, ours);
+    }
+
+    /// A new handle number for `inner` (a handle of the inner filesystem) on `inode`.
+    pub fn open(&mut self, inner: u64, inode: u64, flags: u32, dir: bool) -> io::Result<u64> {
+        let ours = match self.free_handles.pop() {
+            Some(h) => h,
+            None if self.next_handle < HANDLE_CAP => {
+                self.next_handle += 1;
+                self.next_handle - 1
+            }
+            None => return Err(enfile()),
+        };
+        self.handles.insert(
+            ours,
+            Handle {
+                inner: Some(inner),
+                inode,
+            },
+        );
+        self.table.set_handle(ours, inode, flags, dir);
+        Ok(ours)
+    }
+
+    /// The handle `ours` is released; its inner handle, if it has one.
+    pub fn release(&mut self, ours: u64) -> Option<u64> {
+        let h = self.handles.remove(&ours)?;
+        self.table.free_handle(ours);
+        self.free_handles.push(next_handle_number(ours));
+        h.inner
+    }
+
+    /// A new FUSE session: nothing is held any more.
+    pub fn clear(&mut self) {
+        self.table.clear();
+        self.inodes.clear();
+        self.by_inner.clear();
+        self.names.clear();
+        self.handles.clear();
+        self.free_inodes.clear();
+        self.next_inode = ROOT + 1;
+        self.free_handles.clear();
+        self.next_handle = 1;
+    }
+}
