@@ -412,14 +412,6 @@ fn open_blob(work_dir: &Path, blob: &BlobInfo, key: &CacheKey) -> Result<CachedB
         if now.is_none_or(|m| (m.dev(), m.ino()) != (meta.dev(), meta.ino())) {
             continue;
         }
-        // No kernel readahead of this file: workers read it out of order, which its heuristics take for
-        // a jumble of streams, and it reads ahead into chunks not cached (holes it zero-fills). A read
-        // loads the chunks it asks for; files read front to back get the daemon's own read-ahead
-        // (`crate::fs::readahead`), which knows the streams.
-        // SAFETY: a plain syscall on a descriptor we own. Failure only leaves the kernel's default.
-        unsafe {
-            libc::posix_fadvise(data.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM);
-        }
         return Ok(CachedBlob {
             id: blob.id.clone(),
             name,

@@ -1,13 +1,14 @@
 //! Read-ahead in the blob cache's data file for files read front to back.
 //!
-//! A cached read is one synchronous `pread` of the cache file per request. The kernel's own readahead of
-//! that file is off (`POSIX_FADV_RANDOM`, see [`crate::cache`]): workers read it out of order, and it read
-//! ahead into chunks not cached, zero-filling pages for nothing. Instead the daemon, which sees the
-//! requests of each file, asks for the cache file bytes that follow a reply (`readahead(2)`, from one
-//! thread of its own so that no reply waits for it) when the file is being read front to back, and the
-//! next requests find them in the page cache. This matters most for small requests (a FUSE mount whose
-//! readahead could not be raised, a guest's reads): with 128 KiB requests warm sequential reads went from
-//! 0.45× (the kernel's readahead of the cache file) or 0.40× (none) to 0.63× of native reads.
+//! A cached read is one synchronous `pread` of the cache file per request. The kernel's readahead of that
+//! file, shared by workers that read it out of order, follows the requests poorly: with 128 KiB requests
+//! warm sequential reads ran at 0.37× native with the daemon spending 370 ms of CPU per 158 MiB. The
+//! daemon sees the requests of each file, so when one is read front to back it asks for the cache file
+//! bytes that follow a reply (`readahead(2)`, from one thread of its own so that no reply waits for it),
+//! and the next requests find them in the page cache: 0.51× and 150 ms in the same run. With the 1 MiB
+//! requests of a FUSE mount whose readahead the daemon raised, the kernel keeps enough requests in flight
+//! that this adds little. (Turning the kernel's readahead of the cache file off instead,
+//! `POSIX_FADV_RANDOM`, cost 8 readers of one image on 20 mounts a fifth of their throughput.)
 //!
 //! Bounds: a read-ahead only follows a request of at least [`MIN_REQUEST`] bytes that continues one of
 //! the last few of its file exactly, or starts it (random readers get none); it reaches at most a
