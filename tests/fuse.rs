@@ -1432,7 +1432,7 @@ fn a_file_read_front_to_back_is_read_ahead_in_the_cache_file_and_a_random_reader
     // Front to back in 128 KiB requests, 1 MiB in all: the daemon reads ahead of them.
     let data = evicted_cache_file(dir.path());
     let d = start(&c, dir.path(), false, "");
-    let reads: Vec<(u64, usize)> = (0..8).map(|i| (i * 128 << 10, 128 << 10)).collect();
+    let reads: Vec<(u64, usize)> = (0..8).map(|i| (i * (128 << 10), 128 << 10)).collect();
     direct_reads(&d.mountpoint.join("big"), &reads, &big);
     std::thread::sleep(Duration::from_millis(500));
     let sequential = resident_bytes(&data);
@@ -1447,7 +1447,7 @@ fn a_file_read_front_to_back_is_read_ahead_in_the_cache_file_and_a_random_reader
     let d = start(&c, dir.path(), false, "");
     let reads: Vec<(u64, usize)> = [37, 5, 201, 90, 333, 150, 12, 260]
         .iter()
-        .map(|&i| (i * 128 << 10, 128 << 10))
+        .map(|&i| (i * (128 << 10), 128 << 10))
         .collect();
     direct_reads(&d.mountpoint.join("big"), &reads, &big);
     std::thread::sleep(Duration::from_millis(500));
