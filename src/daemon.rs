@@ -186,6 +186,10 @@ pub fn check_mountpoint(mp: &str) -> Result<()> {
     Ok(())
 }
 
+/// Passthrough shares one daemon serves at most: each adds its table to the descriptors of the
+/// daemon's state (see [`crate::vhost_user::upgrade::MAX_STATE_FDS`]).
+pub const MAX_SHARES: usize = 32;
+
 /// Give a passthrough share the guest's numbers of a predecessor (see [`ConfinedPassthrough::adopt`]).
 fn adopt_share(share: &ConfinedPassthrough, mountpoint: &str, table: std::fs::File) -> Result<()> {
     let got = share.adopt(table)?;
@@ -396,6 +400,16 @@ impl Daemon {
             if let Some(other) = mounts.keys().find(|m| nested(m, mountpoint)) {
                 return Err(Error::Conflict(format!(
                     "{mountpoint} would overlap the mount at {other}"
+                )));
+            }
+            let shares = mounts
+                .values()
+                .filter(|r| r.cmd.fs_type == FsType::Passthrough)
+                .count();
+            if cmd.fs_type == FsType::Passthrough && shares >= MAX_SHARES {
+                return Err(Error::Invalid(format!(
+                    "at most {MAX_SHARES} passthrough shares per daemon (each one's table travels \
+                     with the daemon's state, whose descriptors are limited)"
                 )));
             }
         }

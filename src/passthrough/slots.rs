@@ -8,6 +8,8 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 use super::table::{
     next_handle_number, next_inode_number, Place, ShareTable, HANDLE_CAP, INODE_CAP,
@@ -15,6 +17,42 @@ use super::table::{
 
 /// FUSE's root inode: the same number on both sides, never forgotten.
 pub const ROOT: u64 = 1;
+
+/// Inode numbers and handles the guest holds in all shares of this process: each costs a
+/// descriptor of the inner filesystem.
+static HELD: AtomicU64 = AtomicU64::new(0);
+
+/// At most three quarters of the process's open-file limit go to what guests hold in shares, so a
+/// guest filling its share leaves descriptors for the other mounts, the API and the device.
+fn held_limit() -> u64 {
+    static LIMIT: OnceLock<u64> = OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: a valid pointer to an rlimit.
+        let cur = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+            lim.rlim_cur
+        } else {
+            1024
+        };
+        cur / 4 * 3
+    })
+}
+
+/// Count one more number held, unless the limit is reached.
+fn hold() -> io::Result<()> {
+    HELD.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+        (n < held_limit()).then_some(n + 1)
+    })
+    .map(drop)
+    .map_err(|_| enfile())
+}
+
+fn let_go(n: u64) {
+    HELD.fetch_sub(n, Ordering::AcqRel);
+}
 
 pub struct Inode {
     /// The inner inode, or None: the file could not be found again after a hand-over (stale).
@@ -29,8 +67,9 @@ fn key_of(p: &Place) -> (u64, Box<[u8]>) {
 }
 
 pub struct Handle {
-    /// The inner handle, or None: the file could not be opened again after a hand-over.
-    pub inner: Option<u64>,
+    /// The inner handle and the inner inode it is of, or None: the file could not be opened again
+    /// after a hand-over.
+    pub inner: Option<(u64, u64)>,
     pub inode: u64,
 }
 
@@ -40,6 +79,9 @@ pub struct Slots {
     pub by_inner: HashMap<u64, u64>,
     pub names: HashMap<(u64, Box<[u8]>), u64>,
     pub handles: HashMap<u64, Handle>,
+    /// Numbers a successor could not give their files back: their records are marked unnamed once
+    /// this process owns the table ([`Slots::unname_stale`]).
+    pub stale: Vec<u64>,
     /// Numbers to give out again (a freed record's next generation), then fresh records from `next_*`.
     free_inodes: Vec<u64>,
     next_inode: u64,
@@ -59,6 +101,7 @@ impl Slots {
             by_inner: HashMap::new(),
             names: HashMap::new(),
             handles: HashMap::new(),
+            stale: Vec::new(),
             free_inodes: Vec::new(),
             next_inode: ROOT + 1,
             free_handles: Vec::new(),
@@ -89,6 +132,10 @@ impl Slots {
         lookups: u64,
         place: Option<Place>,
     ) {
+        HELD.fetch_add(1, Ordering::AcqRel);
+        if inner.is_none() {
+            self.stale.push(ours);
+        }
         let place = place.filter(|_| inner.is_some());
         if let Some(p) = &place {
             self.names.insert(key_of(p), ours);
@@ -107,8 +154,17 @@ impl Slots {
     }
 
     /// A handle a predecessor gave the guest, opened again (`inner`) or not.
-    pub fn restore_handle(&mut self, ours: u64, inner: Option<u64>, inode: u64) {
+    pub fn restore_handle(&mut self, ours: u64, inner: Option<(u64, u64)>, inode: u64) {
+        HELD.fetch_add(1, Ordering::AcqRel);
         self.handles.insert(ours, Handle { inner, inode });
+    }
+
+    /// Mark the records of the numbers found stale as unnamed, so that no later successor gives their
+    /// files back to them (the guest may hold those files under newer numbers by then).
+    pub fn unname_stale(&mut self) {
+        for n in std::mem::take(&mut self.stale) {
+            self.table.unname_inode(n);
+        }
     }
 
     /// The guest's number for `inner`: the one it already has (true), or a new one not yet taken
@@ -120,19 +176,29 @@ impl Slots {
         if let Some(&ours) = self.by_inner.get(&inner) {
             return Ok((ours, true));
         }
+        hold()?;
+        let ours = self.new_inode_number();
+        if ours.is_err() {
+            let_go(1);
+        }
+        Ok((ours?, false))
+    }
+
+    fn new_inode_number(&mut self) -> io::Result<u64> {
         if let Some(ours) = self.free_inodes.pop() {
-            return Ok((ours, false));
+            return Ok(ours);
         }
         if self.next_inode >= INODE_CAP {
             return Err(enfile());
         }
         self.next_inode += 1;
-        Ok((self.next_inode - 1, false))
+        Ok(self.next_inode - 1)
     }
 
     pub fn cancel(&mut self, ours: u64, existing: bool) {
         if !existing {
             self.free_inodes.push(ours);
+            let_go(1);
         }
     }
 
@@ -148,10 +214,20 @@ impl Slots {
             };
             slot.lookups += 1;
             self.table.set_lookups(ours, slot.lookups);
-            if slot.place.as_ref() == Some(&place) {
+            if slot.place.as_ref().map(key_of) == Some(key.clone()) {
                 return;
             }
             // Found through another link (or renamed by the host): remember the name that works.
+            // The file's identity stays what it was when first found.
+            let place = match &slot.place {
+                Some(old) => Place {
+                    dev: old.dev,
+                    ino: old.ino,
+                    born: old.born,
+                    ..place
+                },
+                None => place,
+            };
             self.table.move_inode(ours, &place);
             if let Some(old) = slot.place.replace(place) {
                 if self.names.get(&key_of(&old)) == Some(&ours) {
@@ -196,6 +272,7 @@ impl Slots {
         let slot = self.inodes.remove(&ours)?;
         self.table.free_inode(ours);
         self.free_inodes.push(next_inode_number(ours));
+        let_go(1);
         if let Some(key) = slot.place.as_ref().map(key_of) {
             if self.names.get(&key) == Some(&ours) {
                 self.names.remove(&key);
@@ -219,7 +296,9 @@ impl Slots {
         let from_key = (from.0, Box::<[u8]>::from(from.1));
         let to_key = (to.0, Box::<[u8]>::from(to.1));
         let moved = self.names.remove(&from_key);
-        let replaced = self.names.remove(&to_key);
+        // A lookup of the new name between the host's rename and this may have found the moved
+        // file there already: that is no file replaced.
+        let replaced = self.names.remove(&to_key).filter(|r| Some(*r) != moved);
         match (exchange, replaced) {
             (true, Some(other)) => self.place(other, from_key),
             (false, Some(other)) => self.unname(other),
@@ -241,8 +320,15 @@ impl Slots {
         self.names.insert(key, ours);
     }
 
-    /// A new handle number for `inner` (a handle of the inner filesystem) on `inode`.
-    pub fn open(&mut self, inner: u64, inode: u64, flags: u32, dir: bool) -> io::Result<u64> {
+    /// A new handle number for `inner` (a handle of the inner filesystem, of its inode `inner_inode`)
+    /// on the guest's `inode`.
+    pub fn open(
+        &mut self,
+        inner: (u64, u64),
+        inode: u64,
+        flags: u32,
+        dir: bool,
+    ) -> io::Result<u64> {
         let ours = match self.free_handles.pop() {
             Some(h) => h,
             None if self.next_handle < HANDLE_CAP => {
@@ -251,6 +337,10 @@ impl Slots {
             }
             None => return Err(enfile()),
         };
+        if let Err(e) = hold() {
+            self.free_handles.push(ours);
+            return Err(e);
+        }
         self.handles.insert(
             ours,
             Handle {
@@ -262,24 +352,33 @@ impl Slots {
         Ok(ours)
     }
 
-    /// The handle `ours` is released; its inner handle, if it has one.
-    pub fn release(&mut self, ours: u64) -> Option<u64> {
+    /// The handle `ours` is released; its inner handle and inode, if it has them.
+    pub fn release(&mut self, ours: u64) -> Option<(u64, u64)> {
         let h = self.handles.remove(&ours)?;
         self.table.free_handle(ours);
         self.free_handles.push(next_handle_number(ours));
+        let_go(1);
         h.inner
     }
 
     /// A new FUSE session: nothing is held any more.
     pub fn clear(&mut self) {
+        let_go((self.inodes.len() + self.handles.len()) as u64);
         self.table.clear();
         self.inodes.clear();
         self.by_inner.clear();
         self.names.clear();
         self.handles.clear();
+        self.stale.clear();
         self.free_inodes.clear();
         self.next_inode = ROOT + 1;
         self.free_handles.clear();
         self.next_handle = 1;
+    }
+}
+
+impl Drop for Slots {
+    fn drop(&mut self) {
+        let_go((self.inodes.len() + self.handles.len()) as u64);
     }
 }

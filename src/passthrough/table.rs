@@ -16,7 +16,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 
 /// Inode numbers the guest may hold at once in one share, the root included (virtiofsd's default
 /// open-file limit is as large: each inode holds an O_PATH descriptor of the daemon).
@@ -33,7 +33,8 @@ const NUMBER_BITS: u32 = 56;
 /// Linux's NAME_MAX: no file name is longer.
 pub const NAME_MAX: usize = 255;
 
-const MAGIC: u64 = u64::from_le_bytes(*b"rafsdsh1");
+/// Changed with every change of the layout below.
+const MAGIC: u64 = u64::from_le_bytes(*b"rafsdsh2");
 const HEADER_BYTES: usize = 4096;
 
 /// A record no number uses.
@@ -62,6 +63,7 @@ struct InodeRecord {
     parent: AtomicU64,
     dev: AtomicU64,
     ino: AtomicU64,
+    born: AtomicU64,
     /// The guest's outstanding lookups.
     lookups: AtomicU64,
     /// The generation of the number using the record, kept when it is freed.
@@ -91,6 +93,9 @@ pub struct Place {
     pub name: Vec<u8>,
     pub dev: u64,
     pub ino: u64,
+    /// The file's birth time in nanoseconds (statx), 0 where the filesystem has none: with the device
+    /// and inode number, what tells the file from a later one given the same inode number.
+    pub born: u64,
 }
 
 /// An inode record as a successor reads it: `place` is None when it has no name (unlinked) or was
@@ -219,10 +224,13 @@ impl ShareTable {
     }
 
     fn write_place(&self, r: &InodeRecord, place: &Place) {
-        r.state.store(WRITING, Ordering::Release);
+        r.state.store(WRITING, Ordering::Relaxed);
+        // No field store moves before the WRITING mark (a seqlock's writer).
+        fence(Ordering::Release);
         r.parent.store(place.parent, Ordering::Relaxed);
         r.dev.store(place.dev, Ordering::Relaxed);
         r.ino.store(place.ino, Ordering::Relaxed);
+        r.born.store(place.born, Ordering::Relaxed);
         let name = &place.name[..place.name.len().min(NAME_MAX)];
         for (i, word) in r.name.iter().enumerate() {
             let mut bytes = [0u8; 8];
@@ -250,7 +258,8 @@ impl ShareTable {
 
     pub fn set_handle(&self, n: u64, inode: u64, flags: u32, dir: bool) {
         let r = self.handle(n);
-        r.state.store(WRITING, Ordering::Release);
+        r.state.store(WRITING, Ordering::Relaxed);
+        fence(Ordering::Release);
         r.inode.store(inode, Ordering::Relaxed);
         r.flags.store(flags, Ordering::Relaxed);
         r.dir.store(dir.into(), Ordering::Relaxed);
@@ -332,6 +341,7 @@ impl ShareTable {
                     name,
                     dev: r.dev.load(Ordering::Relaxed),
                     ino: r.ino.load(Ordering::Relaxed),
+                    born: r.born.load(Ordering::Relaxed),
                 }
             });
             // A record whose state changed while it was read is being written: unresolvable.
@@ -395,6 +405,7 @@ mod tests {
             name: name.as_bytes().to_vec(),
             dev: 7,
             ino,
+            born: ino * 1000,
         }
     }
 

@@ -53,9 +53,10 @@ pub const READY: u8 = b'R';
 pub const COMMIT: u8 = b'C';
 pub const REFUSE: u8 = b'E';
 /// Descriptors one state may carry: connection, listener, 8 memory regions, 3 per ring (the hiprio
-/// ring and up to 63 request rings: [`super::MAX_RINGS`]), backend channel. Below the kernel's 253 per
-/// message (SCM_MAX_FD).
-pub const MAX_STATE_FDS: usize = 2 + 8 + 3 * super::MAX_RINGS + 1;
+/// ring and up to 63 request rings: [`super::MAX_RINGS`]), backend channel, one table per passthrough
+/// share. Below the kernel's 253 per message (SCM_MAX_FD).
+pub const MAX_STATE_FDS: usize = 2 + 8 + 3 * super::MAX_RINGS + 1 + crate::daemon::MAX_SHARES;
+const _: () = assert!(MAX_STATE_FDS <= 253);
 /// The answer that switches the API connection to the hand-over protocol.
 pub const SWITCH_HEAD: &str =
     "HTTP/1.1 101 Switching Protocols\r\nUpgrade: rafsd-upgrade\r\nConnection: Upgrade\r\n\r\n";
