@@ -716,8 +716,8 @@ fn init_session(daemon: &Daemon, fuse: &crate::takeover::state::FuseSession) -> 
 
 /// A daemon restarted after a crash: mount the filesystems of the keeper's last checkpoint (a
 /// passthrough share with the guest's numbers from its table: see [`Daemon::restore`]); the device
-/// in it is carried on by the vhost-user thread. `session`: the guest's FUSE_INIT as the inflight log has it (the checkpoint
-/// may predate it).
+/// in it is carried on by the vhost-user thread. `session`: the guest's FUSE_INIT as the inflight
+/// log has it (the checkpoint may predate it).
 fn recover_filesystems(
     daemon: &Daemon,
     checkpoint: &crate::takeover::keeper::Checkpoint,

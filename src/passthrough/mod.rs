@@ -50,6 +50,7 @@ pub struct ConfinedPassthrough {
     /// A successor's numbers found stale are still to be marked in the table (at its first request:
     /// it owns the table only from then on).
     unsettled: AtomicBool,
+    /// Renames one at a time, so the slots' names change in the order the host's do.
     renaming: std::sync::Mutex<()>,
 }
 
@@ -1332,5 +1333,32 @@ mod tests {
         let (hz, _, _) = next.open(&ctx, z, 0, 0).unwrap();
         assert!(![x, y].contains(&z), "{z} was given out before");
         assert!(![hx, hy].contains(&hz));
+    }
+
+    /// A hard-linked file stays found while any of its names the guest used remains: unlinking the
+    /// name it was last found under falls back to another.
+    #[test]
+    fn a_hard_linked_file_is_found_through_its_other_name() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("file"), b"data").unwrap();
+        let ctx = Context::default();
+        let first = ConfinedPassthrough::new(dir.path()).unwrap();
+        first.init(FsOptions::empty()).unwrap();
+        let n = first.lookup(&ctx, ROOT, c"file").unwrap().inode;
+        let (h, _, _) = first.open(&ctx, n, libc::O_RDONLY as u32, 0).unwrap();
+        assert_eq!(first.link(&ctx, n, ROOT, c"file.bak").unwrap().inode, n);
+        first.unlink(&ctx, ROOT, c"file.bak").unwrap();
+        assert_eq!(first.link(&ctx, n, ROOT, c"second").unwrap().inode, n);
+        first.unlink(&ctx, ROOT, c"file").unwrap();
+        let next = ConfinedPassthrough::new(dir.path()).unwrap();
+        next.init(FsOptions::empty()).unwrap();
+        let got = next.adopt(first.table_file().unwrap()).unwrap();
+        assert_eq!(got.stale_inodes, 0, "{got:?}");
+        assert_eq!(
+            next.lseek(&ctx, n, h.unwrap(), 0, libc::SEEK_END as u32)
+                .unwrap(),
+            4
+        );
+        assert_eq!(next.lookup(&ctx, ROOT, c"second").unwrap().inode, n);
     }
 }

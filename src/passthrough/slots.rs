@@ -58,9 +58,15 @@ pub struct Inode {
     /// The inner inode, or None: the file could not be found again after a hand-over (stale).
     pub inner: Option<u64>,
     pub lookups: u64,
-    /// Where it was last found; None once unlinked.
+    /// Where it was last found (what the table records); None once no name is known.
     pub place: Option<Place>,
+    /// Other names (hard links) it was found under before, newest last: one takes the place's
+    /// name when that is unlinked.
+    pub aliases: Vec<(u64, Box<[u8]>)>,
 }
+
+/// Other names kept per inode.
+const MAX_ALIASES: usize = 4;
 
 fn key_of(p: &Place) -> (u64, Box<[u8]>) {
     (p.parent, p.name.clone().into_boxed_slice())
@@ -149,6 +155,7 @@ impl Slots {
                 inner,
                 lookups,
                 place,
+                aliases: Vec::new(),
             },
         );
     }
@@ -229,9 +236,16 @@ impl Slots {
                 None => place,
             };
             self.table.move_inode(ours, &place);
-            if let Some(old) = slot.place.replace(place) {
-                if self.names.get(&key_of(&old)) == Some(&ours) {
-                    self.names.remove(&key_of(&old));
+            slot.aliases.retain(|a| *a != key);
+            if let Some(old) = slot.place.replace(place).map(|old| key_of(&old)) {
+                if self.names.get(&old) == Some(&ours) {
+                    slot.aliases.push(old);
+                }
+            }
+            if slot.aliases.len() > MAX_ALIASES {
+                let dropped = slot.aliases.remove(0);
+                if self.names.get(&dropped) == Some(&ours) {
+                    self.names.remove(&dropped);
                 }
             }
         } else {
@@ -242,23 +256,42 @@ impl Slots {
                     inner: Some(inner),
                     lookups: 1,
                     place: Some(place),
+                    aliases: Vec::new(),
                 },
             );
             self.by_inner.insert(inner, ours);
         }
         // Another number named here is out of date (its file was replaced behind the guest's back).
-        if let Some(other) = self.names.insert(key, ours) {
+        if let Some(other) = self.names.insert(key.clone(), ours) {
             if other != ours {
-                self.unname(other);
+                self.drop_name(other, &key);
             }
         }
     }
 
-    fn unname(&mut self, ours: u64) {
-        if let Some(slot) = self.inodes.get_mut(&ours) {
-            slot.place = None;
-            self.table.unname_inode(ours);
+    /// `ours` is no longer found at `key`: an alias is forgotten; the place's name is taken over by
+    /// the newest alias still naming it, or the inode has no name left.
+    fn drop_name(&mut self, ours: u64, key: &(u64, Box<[u8]>)) {
+        let Some(slot) = self.inodes.get_mut(&ours) else {
+            return;
+        };
+        slot.aliases.retain(|a| a != key);
+        if slot.place.as_ref().map(key_of).as_ref() != Some(key) {
+            return;
         }
+        while let Some(alias) = slot.aliases.pop() {
+            if self.names.get(&alias) != Some(&ours) {
+                continue;
+            }
+            if let Some(place) = slot.place.as_mut() {
+                place.parent = alias.0;
+                place.name = alias.1.to_vec();
+                self.table.move_inode(ours, place);
+            }
+            return;
+        }
+        slot.place = None;
+        self.table.unname_inode(ours);
     }
 
     /// The guest forgets `count` lookups of `ours`; the inner inode to forget once when it was the last.
@@ -273,7 +306,13 @@ impl Slots {
         self.table.free_inode(ours);
         self.free_inodes.push(next_inode_number(ours));
         let_go(1);
-        if let Some(key) = slot.place.as_ref().map(key_of) {
+        for key in slot
+            .place
+            .as_ref()
+            .map(key_of)
+            .into_iter()
+            .chain(slot.aliases)
+        {
             if self.names.get(&key) == Some(&ours) {
                 self.names.remove(&key);
             }
@@ -285,8 +324,9 @@ impl Slots {
 
     /// `parent`/`name` was unlinked (or replaced by a rename).
     pub fn unlinked(&mut self, parent: u64, name: &[u8]) {
-        if let Some(ours) = self.names.remove(&(parent, Box::from(name))) {
-            self.unname(ours);
+        let key = (parent, Box::from(name));
+        if let Some(ours) = self.names.remove(&key) {
+            self.drop_name(ours, &key);
         }
     }
 
@@ -300,24 +340,33 @@ impl Slots {
         // file there already: that is no file replaced.
         let replaced = self.names.remove(&to_key).filter(|r| Some(*r) != moved);
         match (exchange, replaced) {
-            (true, Some(other)) => self.place(other, from_key),
-            (false, Some(other)) => self.unname(other),
+            (true, Some(other)) => self.rename_name(other, &to_key, from_key.clone()),
+            (false, Some(other)) => self.drop_name(other, &to_key),
             (_, None) => {}
         }
         if let Some(ours) = moved {
-            self.place(ours, to_key);
+            self.rename_name(ours, &from_key, to_key);
         }
     }
 
-    fn place(&mut self, ours: u64, key: (u64, Box<[u8]>)) {
-        // The device and inode number stay the file's own across a rename.
-        let Some(place) = self.inodes.get_mut(&ours).and_then(|s| s.place.as_mut()) else {
+    /// `ours`, found at `from` (its place or an alias), is now found at `to`.
+    fn rename_name(&mut self, ours: u64, from: &(u64, Box<[u8]>), to: (u64, Box<[u8]>)) {
+        let Some(slot) = self.inodes.get_mut(&ours) else {
             return;
         };
-        place.parent = key.0;
-        place.name = key.1.to_vec();
-        self.table.move_inode(ours, place);
-        self.names.insert(key, ours);
+        match slot.place.as_mut() {
+            // The device, inode number and birth time stay the file's own across a rename.
+            Some(place) if key_of(place) == *from => {
+                place.parent = to.0;
+                place.name = to.1.to_vec();
+                self.table.move_inode(ours, place);
+            }
+            _ => match slot.aliases.iter_mut().find(|a| *a == from) {
+                Some(alias) => *alias = to.clone(),
+                None => return,
+            },
+        }
+        self.names.insert(to, ours);
     }
 
     /// A new handle number for `inner` (a handle of the inner filesystem, of its inode `inner_inode`)
