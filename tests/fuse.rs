@@ -1334,3 +1334,127 @@ fn failed_parts_leave_their_chunks_to_the_readers() {
     );
     assert!(d.stop().success());
 }
+
+// ---------------------------------------------------------------------------------------------------
+// Read-ahead in the cache file for files read front to back, none for random readers.
+
+/// Pages of `path` in the page cache (mincore of a shared mapping).
+fn resident_bytes(path: &Path) -> u64 {
+    let f = std::fs::File::open(path).unwrap();
+    let len = f.metadata().unwrap().len() as usize;
+    use std::os::fd::AsRawFd;
+    // SAFETY: a read-only shared mapping of a file we keep open, unmapped below; mincore fills one
+    // byte per page of the vector it is given.
+    unsafe {
+        let map = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        );
+        assert_ne!(map, libc::MAP_FAILED);
+        let mut pages = vec![0u8; len.div_ceil(4096)];
+        assert_eq!(libc::mincore(map, len, pages.as_mut_ptr()), 0);
+        libc::munmap(map, len);
+        pages.iter().filter(|p| *p & 1 != 0).count() as u64 * 4096
+    }
+}
+
+/// The blob cache's data file under `dir`, written back and dropped from the page cache.
+fn evicted_cache_file(dir: &Path) -> PathBuf {
+    let data = std::fs::read_dir(dir.join("cache"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with(".blob.data"))
+        .expect("a cache data file");
+    let f = std::fs::File::open(&data).unwrap();
+    f.sync_all().unwrap();
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain syscall on a descriptor we own.
+    unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert!(
+        resident_bytes(&data) < 1 << 20,
+        "the cache file left the page cache"
+    );
+    data
+}
+
+/// Read `reads` (offset, length) of `path` with O_DIRECT: one FUSE READ each, no kernel readahead of the
+/// FUSE file, so the daemon sees exactly these requests.
+fn direct_reads(path: &Path, reads: &[(u64, usize)], expected: &[u8]) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .unwrap();
+    // O_DIRECT wants an aligned buffer.
+    let layout = std::alloc::Layout::from_size_align(1 << 20, 4096).unwrap();
+    // SAFETY: a fresh allocation of that layout, freed below; only its first `len` bytes are used.
+    let buf = unsafe { std::slice::from_raw_parts_mut(std::alloc::alloc(layout), 1 << 20) };
+    for &(offset, len) in reads {
+        f.read_exact_at(&mut buf[..len], offset).unwrap();
+        assert!(
+            buf[..len] == expected[offset as usize..offset as usize + len],
+            "bytes at {offset}"
+        );
+    }
+    // SAFETY: allocated above with this layout.
+    unsafe { std::alloc::dealloc(buf.as_mut_ptr(), layout) };
+}
+
+#[test]
+#[ignore = "needs root: ci/test.sh"]
+fn a_file_read_front_to_back_is_read_ahead_in_the_cache_file_and_a_random_reader_is_not() {
+    manifest::assert_root("FUSE mounts");
+    const MIB: usize = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let big = pseudo_random(48 * MIB, 11);
+    let built = kit::built::build_tree(
+        dir.path(),
+        "ra",
+        vec![("big".into(), big.clone())],
+        None,
+        &[],
+    );
+    let c = Case {
+        name: "ra".into(),
+        bootstrap: built.bootstrap.clone(),
+        blobs: built.blob_dir.clone(),
+    };
+    // Fill the cache.
+    let d = start(&c, dir.path(), false, "");
+    assert!(std::fs::read(d.mountpoint.join("big")).unwrap() == big);
+    assert!(d.stop().success());
+
+    // Front to back in 128 KiB requests, 1 MiB in all: the daemon reads ahead of them.
+    let data = evicted_cache_file(dir.path());
+    let d = start(&c, dir.path(), false, "");
+    let reads: Vec<(u64, usize)> = (0..8).map(|i| (i * (128 << 10), 128 << 10)).collect();
+    direct_reads(&d.mountpoint.join("big"), &reads, &big);
+    std::thread::sleep(Duration::from_millis(500));
+    let sequential = resident_bytes(&data);
+    assert!(d.stop().success());
+    assert!(
+        sequential >= 8 * MIB as u64,
+        "{sequential} bytes of the cache file loaded for 1 MiB read front to back: no read-ahead of the daemon's"
+    );
+
+    // The same amount in random places: only what was asked for is loaded.
+    let data = evicted_cache_file(dir.path());
+    let d = start(&c, dir.path(), false, "");
+    let reads: Vec<(u64, usize)> = [37, 5, 201, 90, 333, 150, 12, 260]
+        .iter()
+        .map(|&i| (i * (128 << 10), 128 << 10))
+        .collect();
+    direct_reads(&d.mountpoint.join("big"), &reads, &big);
+    std::thread::sleep(Duration::from_millis(500));
+    let random = resident_bytes(&data);
+    assert!(d.stop().success());
+    assert!(
+        random <= 2 * MIB as u64,
+        "{random} bytes of the cache file loaded for 1 MiB read in random places"
+    );
+}

@@ -7,12 +7,13 @@
 
 pub mod blob_view;
 pub mod metrics;
+pub mod readahead;
 
 use std::any::Any;
 use std::collections::HashMap;
 use std::ffi::CStr;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -59,6 +60,8 @@ pub struct RafsFs {
     prefetcher: Mutex<Option<Prefetcher>>,
     /// The guest mounted with `dax=inode` (FUSE_PERFILE_DAX): mark regular files FUSE_ATTR_DAX.
     perfile_dax: AtomicBool,
+    /// The files being read front to back, for read-ahead in the cache file.
+    readahead: readahead::ReadAhead,
 }
 
 fn eno(errno: i32) -> io::Error {
@@ -114,6 +117,7 @@ impl RafsFs {
             metrics: FsMetrics::default(),
             prefetcher: Mutex::new(None),
             perfile_dax: AtomicBool::new(false),
+            readahead: readahead::ReadAhead::default(),
         }
     }
 
@@ -301,34 +305,83 @@ impl RafsFs {
         // The guest's size is not checked by the FUSE layer: never fetch more than the reply can carry.
         let size = (size as usize).min(w.available_bytes());
         let reply = |e: io::Error| crate::Error::io("write the FUSE reply", e);
+        // Cache file ranges that follow each other (the chunks of a file lie back to back in the blob)
+        // are copied with one read, so the disk sees the whole reply's range at once.
+        let mut pending: Option<(RawFd, u64, usize)> = None;
+        // Where the reply's last bytes lie in a cache file, when they come from one.
+        let mut cached_end: Option<(RawFd, u64)> = None;
+        let flush = |w: &mut dyn ZeroCopyWriter, p: &mut Option<(RawFd, u64, usize)>| {
+            let Some((fd, offset, len)) = p.take() else {
+                return Ok(());
+            };
+            // SAFETY: the descriptor belongs to the image's blob cache, which outlives this read;
+            // ManuallyDrop never closes it.
+            let mut borrowed =
+                std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
+            let mut done = 0;
+            while done < len {
+                match w.write_from(&mut *borrowed, len - done, offset + done as u64) {
+                    Ok(0) => return Err(reply(eno(libc::EIO))),
+                    Ok(n) => done += n,
+                    Err(e) => return Err(reply(e)),
+                }
+            }
+            Ok(())
+        };
         let total = self
             .image
             .read_with(ino, offset, size, &mut |segment| {
-                match segment {
-                    Segment::Cached { file, offset, len } => {
-                        // Zero copy from the cache file into the request buffer. The trait wants `&mut File`:
-                        // borrow the descriptor without taking ownership (ManuallyDrop never closes it).
-                        // SAFETY: the fd is valid for as long as `file` lives, which outlasts `borrowed`.
-                        let mut borrowed = std::mem::ManuallyDrop::new(unsafe {
-                            std::fs::File::from_raw_fd(file.as_raw_fd())
-                        });
-                        let mut done = 0;
-                        while done < len {
-                            match w.write_from(&mut *borrowed, len - done, offset + done as u64) {
-                                Ok(0) => return Err(reply(eno(libc::EIO))),
-                                Ok(n) => done += n,
-                                Err(e) => return Err(reply(e)),
-                            }
-                        }
+                let (fd, offset, len) = match segment {
+                    Segment::Cached { file, offset, len } => (file.as_raw_fd(), offset, len),
+                    other => {
+                        cached_end = None;
+                        flush(w, &mut pending)?;
+                        return match other {
+                            Segment::Bytes(data) => w.write_all(data).map_err(reply),
+                            _ => write_zeros(w, other.len()).map_err(reply),
+                        };
                     }
-                    Segment::Bytes(data) => w.write_all(data).map_err(reply)?,
-                    Segment::Zeros(n) => write_zeros(w, n).map_err(reply)?,
+                };
+                cached_end = Some((fd, offset + len as u64));
+                match &mut pending {
+                    Some((pfd, po, plen)) if *pfd == fd && *po + *plen as u64 == offset => {
+                        *plen += len
+                    }
+                    _ => {
+                        flush(w, &mut pending)?;
+                        pending = Some((fd, offset, len));
+                    }
                 }
                 Ok(())
             })
+            .and_then(|n| flush(w, &mut pending).map(|()| n))
             .map_err(|e| to_io(e, &format!("read inode {ino}")))?;
+        if let Some((fd, cache_offset)) = cached_end {
+            self.read_ahead(ino, offset, total as u64, fd, cache_offset);
+        }
         self.metrics.record_read(ino, total);
         Ok(total)
+    }
+
+    /// After a reply of `len` bytes at `offset` of `ino` whose end lies at `cache_offset` of the cache file
+    /// `fd`: read ahead the cache file bytes that follow, when the file is being read front to back (see
+    /// [`readahead`]).
+    fn read_ahead(&self, ino: u64, offset: u64, len: u64, fd: RawFd, cache_offset: u64) {
+        if len < readahead::MIN_REQUEST {
+            return;
+        }
+        let Ok(size) = self.image.inode(ino).map(|i| i.size) else {
+            return;
+        };
+        let end = offset + len;
+        if let Some((from, to)) = self.readahead.plan(ino, size, offset, end) {
+            // A file's chunks lie back to back in the blob in the usual layout, so its next bytes follow
+            // its last ones in the cache file. Where they do not, other bytes of the cache file are
+            // loaded: wasted, never served (a reply's bytes are picked chunk by chunk).
+            // SAFETY: as in do_read, the descriptor is the cache's; ManuallyDrop never closes it.
+            let file = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
+            readahead::submit(&file, cache_offset.saturating_add(from - end), to - from);
+        }
     }
 
     fn do_readdir(
