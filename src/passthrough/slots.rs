@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use super::table::{
-    next_handle_number, next_inode_number, Place, ShareTable, HANDLE_CAP, INODE_CAP,
+    next_handle_number, next_inode_number, soft_limit, Place, ShareTable, HANDLE_CAP, INODE_CAP,
 };
 
 /// FUSE's root inode: the same number on both sides, never forgotten.
@@ -24,21 +24,9 @@ static HELD: AtomicU64 = AtomicU64::new(0);
 
 /// At most three quarters of the process's open-file limit go to what guests hold in shares, so a
 /// guest filling its share leaves descriptors for the other mounts, the API and the device.
-fn held_limit() -> u64 {
+pub(super) fn held_limit() -> u64 {
     static LIMIT: OnceLock<u64> = OnceLock::new();
-    *LIMIT.get_or_init(|| {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: a valid pointer to an rlimit.
-        let cur = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
-            lim.rlim_cur
-        } else {
-            1024
-        };
-        cur / 4 * 3
-    })
+    *LIMIT.get_or_init(|| soft_limit(libc::RLIMIT_NOFILE).unwrap_or(1024) / 4 * 3)
 }
 
 /// Count one more number held, unless the limit is reached.
@@ -62,14 +50,30 @@ pub struct Inode {
     pub place: Option<Place>,
     /// Other names (hard links) it was found under before, newest last: one takes the place's
     /// name when that is unlinked.
-    pub aliases: Vec<(u64, Box<[u8]>)>,
+    pub aliases: Vec<Key>,
 }
 
 /// Other names kept per inode.
 const MAX_ALIASES: usize = 4;
 
-fn key_of(p: &Place) -> (u64, Box<[u8]>) {
+/// A name in the share: the guest's number of the directory, and the name in it.
+type Key = (u64, Box<[u8]>);
+
+fn key_of(p: &Place) -> Key {
     (p.parent, p.name.clone().into_boxed_slice())
+}
+
+/// `place` is at `key` (without building a key of it).
+fn is_at(place: &Place, key: &Key) -> bool {
+    place.parent == key.0 && *place.name == *key.1
+}
+
+/// Move `place`, the one the table records for `ours`, to `key`: the device, inode number and birth
+/// time stay the file's own.
+fn move_to(table: &ShareTable, ours: u64, place: &mut Place, key: &Key) {
+    place.parent = key.0;
+    place.name = key.1.to_vec();
+    table.move_inode(ours, place);
 }
 
 pub struct Handle {
@@ -83,7 +87,7 @@ pub struct Slots {
     pub table: ShareTable,
     pub inodes: HashMap<u64, Inode>,
     pub by_inner: HashMap<u64, u64>,
-    pub names: HashMap<(u64, Box<[u8]>), u64>,
+    pub names: HashMap<Key, u64>,
     pub handles: HashMap<u64, Handle>,
     /// Numbers a successor could not give their files back: their records are marked unnamed once
     /// this process owns the table ([`Slots::unname_stale`]).
@@ -184,11 +188,8 @@ impl Slots {
             return Ok((ours, true));
         }
         hold()?;
-        let ours = self.new_inode_number();
-        if ours.is_err() {
-            let_go(1);
-        }
-        Ok((ours?, false))
+        let ours = self.new_inode_number().inspect_err(|_| let_go(1))?;
+        Ok((ours, false))
     }
 
     fn new_inode_number(&mut self) -> io::Result<u64> {
@@ -214,16 +215,21 @@ impl Slots {
         if ours == ROOT {
             return;
         }
-        let key = key_of(&place);
-        if existing {
+        let key = if existing {
             let Some(slot) = self.inodes.get_mut(&ours) else {
                 return;
             };
             slot.lookups += 1;
             self.table.set_lookups(ours, slot.lookups);
-            if slot.place.as_ref().map(key_of) == Some(key.clone()) {
+            // Looked up again where it was: the usual case, with nothing to build.
+            if slot
+                .place
+                .as_ref()
+                .is_some_and(|p| p.parent == place.parent && p.name == place.name)
+            {
                 return;
             }
+            let key = key_of(&place);
             // Found through another link (or renamed by the host): remember the name that works.
             // The file's identity stays what it was when first found.
             let place = match &slot.place {
@@ -248,7 +254,9 @@ impl Slots {
                     self.names.remove(&dropped);
                 }
             }
+            key
         } else {
+            let key = key_of(&place);
             self.table.set_inode(ours, &place, 1);
             self.inodes.insert(
                 ours,
@@ -260,7 +268,8 @@ impl Slots {
                 },
             );
             self.by_inner.insert(inner, ours);
-        }
+            key
+        };
         // Another number named here is out of date (its file was replaced behind the guest's back).
         if let Some(other) = self.names.insert(key.clone(), ours) {
             if other != ours {
@@ -271,24 +280,19 @@ impl Slots {
 
     /// `ours` is no longer found at `key`: an alias is forgotten; the place's name is taken over by
     /// the newest alias still naming it, or the inode has no name left.
-    fn drop_name(&mut self, ours: u64, key: &(u64, Box<[u8]>)) {
+    fn drop_name(&mut self, ours: u64, key: &Key) {
         let Some(slot) = self.inodes.get_mut(&ours) else {
             return;
         };
         slot.aliases.retain(|a| a != key);
-        if slot.place.as_ref().map(key_of).as_ref() != Some(key) {
+        let Some(place) = slot.place.as_mut().filter(|p| is_at(p, key)) else {
             return;
-        }
+        };
         while let Some(alias) = slot.aliases.pop() {
-            if self.names.get(&alias) != Some(&ours) {
-                continue;
+            if self.names.get(&alias) == Some(&ours) {
+                move_to(&self.table, ours, place, &alias);
+                return;
             }
-            if let Some(place) = slot.place.as_mut() {
-                place.parent = alias.0;
-                place.name = alias.1.to_vec();
-                self.table.move_inode(ours, place);
-            }
-            return;
         }
         slot.place = None;
         self.table.unname_inode(ours);
@@ -350,17 +354,12 @@ impl Slots {
     }
 
     /// `ours`, found at `from` (its place or an alias), is now found at `to`.
-    fn rename_name(&mut self, ours: u64, from: &(u64, Box<[u8]>), to: (u64, Box<[u8]>)) {
+    fn rename_name(&mut self, ours: u64, from: &Key, to: Key) {
         let Some(slot) = self.inodes.get_mut(&ours) else {
             return;
         };
         match slot.place.as_mut() {
-            // The device, inode number and birth time stay the file's own across a rename.
-            Some(place) if key_of(place) == *from => {
-                place.parent = to.0;
-                place.name = to.1.to_vec();
-                self.table.move_inode(ours, place);
-            }
+            Some(place) if is_at(place, from) => move_to(&self.table, ours, place, &to),
             _ => match slot.aliases.iter_mut().find(|a| *a == from) {
                 Some(alias) => *alias = to.clone(),
                 None => return,

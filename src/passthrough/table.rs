@@ -88,6 +88,16 @@ const INODES_AT: usize = HEADER_BYTES;
 /// Fewest records of each kind a table is made with.
 const MIN_CAP: u64 = 1 << 10;
 
+/// The process's soft limit of `resource` (getrlimit), if it can be read.
+pub fn soft_limit(resource: libc::__rlimit_resource_t) -> Option<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid pointer to an rlimit.
+    (unsafe { libc::getrlimit(resource, &mut lim) } == 0).then_some(lim.rlim_cur)
+}
+
 /// The capacities of a table that fits a file size limit of `limit` bytes (the smallest if none does:
 /// its creation then fails with EFBIG, a clear error).
 fn capacities(limit: u64) -> (u64, u64) {
@@ -152,15 +162,7 @@ unsafe impl Sync for ShareTable {}
 impl ShareTable {
     /// A new, empty table in a memfd of its own, as large as the file size limit allows.
     pub fn create() -> io::Result<ShareTable> {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: a valid pointer to an rlimit.
-        let limit = match unsafe { libc::getrlimit(libc::RLIMIT_FSIZE, &mut lim) } {
-            0 => lim.rlim_cur,
-            _ => u64::MAX,
-        };
+        let limit = soft_limit(libc::RLIMIT_FSIZE).unwrap_or(u64::MAX);
         let (inode_cap, handle_cap) = capacities(limit);
         ShareTable::create_with(inode_cap, handle_cap)
     }
