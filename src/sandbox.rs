@@ -574,19 +574,33 @@ pub fn fork_supervised(
     }
     // SAFETY: getpid has no preconditions.
     let supervisor = unsafe { libc::getpid() };
+    // The supervisor holds the write end for its whole life: the child sees it hang up if the
+    // supervisor died before the child asked for PDEATHSIG (in a new pid namespace getppid() cannot
+    // tell: it is 0 there).
+    let mut alive = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 writes two descriptors into the array.
+    check_errno("pipe", unsafe {
+        libc::pipe2(alive.as_mut_ptr(), libc::O_CLOEXEC)
+    })?;
     // SAFETY: single-threaded here (documented precondition), so the child may run normal Rust code.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err(Error::io("fork", std::io::Error::last_os_error()));
     }
     if pid == 0 {
-        // SAFETY: prctl/getppid have no memory preconditions.
+        // SAFETY: prctl, close and poll on our own descriptors have no memory preconditions.
         unsafe {
+            libc::close(alive[1]);
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
-            // In a new pid namespace our parent is invisible (getppid() is 0); otherwise check it lives.
-            if !new_pid_ns && libc::getppid() != supervisor {
+            let mut hup = libc::pollfd {
+                fd: alive[0],
+                events: 0,
+                revents: 0,
+            };
+            if libc::poll(&mut hup, 1, 0) > 0 || (!new_pid_ns && libc::getppid() != supervisor) {
                 libc::_exit(1);
             }
+            libc::close(alive[0]);
         }
         if child_flags != 0 {
             // SAFETY: unshare with namespace flags; this process is single-threaded.
@@ -596,6 +610,8 @@ pub fn fork_supervised(
         }
         return Ok(Role::Child);
     }
+    // SAFETY: closing our copy of the child's end; the write end stays open until we exit.
+    unsafe { libc::close(alive[0]) };
     log::info!("sandbox: supervisor {supervisor} started the daemon as pid {pid}");
     // The supervisor reads no guest input, but it need not stay all-powerful either.
     if let Err(e) = drop_capabilities_to(supervisor_caps, "supervisor") {
