@@ -17,6 +17,7 @@ mod inline;
 mod lookup;
 mod predict;
 mod reader;
+mod siblings;
 mod speculate;
 mod stream;
 mod verify;
@@ -119,6 +120,8 @@ pub struct RafsImage {
     prefetch_chunks: OnceLock<Option<HashSet<(u32, u32)>>>,
     /// Misses near each other, and the bytes fetched past them on that guess.
     speculation: speculate::Speculation,
+    /// Which files lie in which directory, and the directories being read file after file.
+    siblings: siblings::Siblings,
 }
 
 impl RafsImage {
@@ -197,6 +200,7 @@ impl RafsImage {
             streams: Streams::new(nblobs),
             prefetch_chunks: OnceLock::new(),
             speculation: speculate::Speculation::new(nblobs),
+            siblings: siblings::Siblings::default(),
         })
     }
 
@@ -235,7 +239,17 @@ impl RafsImage {
     }
 
     pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Option<u64>> {
-        self.meta.lookup(&self.meta.inode(parent)?, name)
+        let found = self.meta.lookup(&self.meta.inode(parent)?, name)?;
+        if let Some(child) = found {
+            self.siblings.note_parent(child, parent);
+        }
+        Ok(found)
+    }
+
+    /// `child` was named in directory `parent` other than by [`Self::lookup`] (a READDIRPLUS entry): a
+    /// directory read file after file has its other files fetched with a miss (see the README's read path).
+    pub fn note_parent(&self, child: u64, parent: u64) {
+        self.siblings.note_parent(child, parent);
     }
 
     pub fn read_dir(

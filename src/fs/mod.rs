@@ -444,6 +444,8 @@ impl RafsFs {
                         if plus {
                             if e.file_type == libc::S_IFDIR {
                                 self.remember_parent(e.ino, dir);
+                            } else if e.file_type == libc::S_IFREG {
+                                self.image.note_parent(e.ino, dir);
                             }
                             self.add_lookup(e.ino);
                         }

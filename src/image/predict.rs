@@ -1,10 +1,12 @@
 //! Which chunks to fetch with a miss, in the same backend request: the rest of a file read front to back,
-//! the chunks of the image's prefetch table, or (within the `speculate` budget) the chunks after a miss
-//! that lands near the previous one. Each predicted chunk is claimed so nobody fetches it twice.
+//! the chunks of the image's prefetch table, or (within the `speculate` budget) the chunks of the miss's
+//! directory once several of its files missed (`siblings`), or else the chunks after a miss that lands
+//! near the previous one. Each predicted chunk is claimed so nobody fetches it twice.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use super::siblings::{self, DirGuess, Verdict};
 use super::stream::Pending;
 use super::RafsImage;
 use crate::cache::BlobCache;
@@ -16,14 +18,16 @@ const MAX_PREFETCH_CHUNKS: usize = 1 << 20;
 impl RafsImage {
     /// The chunks to fetch with `first` (located): those of `follow` that lie back to back after it in its
     /// blob, or else, when `first` belongs to a file of the prefetch table, the chunks after it in the blob
-    /// that do too, up to the link's window; or else, when `first` lies near the blob's previous miss, the
-    /// chunks after it up to what [`speculate::Speculation`] grants. Each is claimed. Empty when nothing is
-    /// predicted.
+    /// that do too, up to the link's window; or else, when `first` is one of `dir`'s chunks (its file's
+    /// directory, being read file after file), the chunks after it that are too, and else, when `first`
+    /// lies near the blob's previous miss, the chunks after it, both up to what
+    /// [`speculate::Speculation`] grants. Each is claimed. Empty when nothing is predicted.
     pub(super) fn predicted_run(
         &self,
         cache: &Arc<BlobCache>,
         first: &ChunkInfo,
         follow: &[ChunkInfo],
+        dir: &DirGuess,
     ) -> Vec<Pending> {
         let first_end = first.compressed_offset + first.compressed_size as u64;
         // Counted for every miss (the share of speculation follows them), granted only when nothing
@@ -61,19 +65,35 @@ impl RafsImage {
             }
             return run;
         }
-        let table = self
-            .prefetch_chunks()
-            .filter(|p| p.contains(&(first.blob_index, first.index)));
+        let key = (first.blob_index, first.index);
+        let table = self.prefetch_chunks().filter(|p| p.contains(&key));
+        let mut granted = granted;
+        let mut dir_chunks = None;
         if table.is_some() {
             self.speculation.refund(granted);
         } else {
-            // Near the previous miss: the chunks right after it, within what was granted.
+            match dir {
+                DirGuess::Unknown => {}
+                // The directory's files instead of a blind guess, as far as the window and budget go.
+                DirGuess::Chunks(d) if d.contains(&key) => {
+                    self.speculation.refund(granted);
+                    let room = window.saturating_sub(first_end - first.compressed_offset);
+                    granted = self.speculation.grant(room);
+                    dir_chunks = Some(&**d);
+                }
+                _ => {
+                    self.speculation.refund(granted);
+                    granted = 0;
+                }
+            }
+            // Near the previous miss, or in the directory: the chunks right after it, within the grant.
             window = first_end - first.compressed_offset + granted;
         }
+        let within = table.or(dir_chunks);
         if self.info().version == 6 && window > first_end - first.compressed_offset {
             if let Ok(array) = self.chunk_info_array(first.blob_index) {
                 for index in first.index + 1..array.len() {
-                    if table.is_some_and(|p| !p.contains(&(first.blob_index, index))) {
+                    if within.is_some_and(|p| !p.contains(&(first.blob_index, index))) {
                         break;
                     }
                     let Ok(next) = self.resolve_ci(first.blob_index, index) else {
@@ -90,6 +110,10 @@ impl RafsImage {
         }
         if table.is_none() {
             self.speculation.refund(granted - (end - first_end));
+            let guessed = run
+                .iter()
+                .map(|p| (p.info.blob_index, p.info.index, p.info.compressed_size));
+            self.speculation.guessed(guessed);
         }
         run
     }
@@ -166,5 +190,54 @@ impl RafsImage {
                 Some(set)
             })
             .as_ref()
+    }
+
+    /// When reading regular file `inode` missed, what its directory predicts (see `siblings`): the chunks
+    /// of its small files once enough of them have missed, indexed here the first time. v6 only (v5 runs
+    /// are not walked by index).
+    pub(super) fn dir_guess(&self, inode: &InodeAttr) -> DirGuess {
+        if self.info().version != 6 || inode.size > siblings::SMALL_FILE_BYTES {
+            return DirGuess::Unknown;
+        }
+        match self.siblings.missed(inode.ino) {
+            Verdict::Unknown => DirGuess::Unknown,
+            Verdict::NotYet => DirGuess::NotYet,
+            Verdict::Chunks(c) => DirGuess::Chunks(c),
+            Verdict::Index(dir) => {
+                let chunks = Arc::new(self.dir_chunks(dir).unwrap_or_default());
+                self.siblings.indexed(dir, chunks.clone());
+                DirGuess::Chunks(chunks)
+            }
+        }
+    }
+
+    /// The chunks of `dir`'s small regular files (among its first [`siblings::MAX_DIR_ENTRIES`] entries);
+    /// `None` past [`siblings::MAX_DIR_CHUNKS`] or on any error: a guess is never worth a failure.
+    fn dir_chunks(&self, dir: u64) -> Option<HashSet<(u32, u32)>> {
+        let mut files = Vec::new();
+        let mut seen = 0;
+        self.read_dir(dir, 0, &mut |e| {
+            seen += 1;
+            if e.file_type == libc::S_IFREG {
+                files.push(e.ino);
+            }
+            Ok(seen < siblings::MAX_DIR_ENTRIES)
+        })
+        .ok()?;
+        let mut set = HashSet::new();
+        for ino in files {
+            let inode = self.meta.inode(ino).ok()?;
+            if inode.size > siblings::SMALL_FILE_BYTES {
+                continue;
+            }
+            for (o, addr) in self.meta.file_chunks(&inode, 0, inode.size).ok()? {
+                if set.len() >= siblings::MAX_DIR_CHUNKS {
+                    return None;
+                }
+                let c = self.file_chunk(&inode, o, &addr).ok()?;
+                set.insert((c.blob_index, c.index));
+            }
+        }
+        Some(set)
     }
 }

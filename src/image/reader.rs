@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::siblings::DirGuess;
 use super::stream::{self, Pending, StreamCtx};
 use super::verify::{decode_chunk, verify_chunk};
 use super::{RafsImage, Segment};
@@ -91,6 +92,7 @@ impl RafsImage {
             match cached {
                 Some((file, chunk_offset)) => {
                     self.count_hit();
+                    self.speculation.hit(info.blob_index, info.index);
                     sink(Segment::Cached {
                         file: &file,
                         offset: chunk_offset + inner as u64,
@@ -99,18 +101,26 @@ impl RafsImage {
                 }
                 None => {
                     // Followers only for a miss (with validation on, hits come this way too).
-                    let follow = match &self.cache {
-                        Some(cache) if self.amplify_io > 0 && !cache.is_ready(&info) => {
-                            self.sequential_followers(cache, &inode, file_offset)
-                        }
-                        _ => Vec::new(),
+                    let missed = match &self.cache {
+                        Some(cache) => self.amplify_io > 0 && !cache.is_ready(&info),
+                        None => false,
                     };
-                    let data = self.chunk_data_with(&info, &follow).map_err(|e| match e {
-                        Error::Integrity(m) => Error::Integrity(format!(
-                            "inode {ino} at file offset {file_offset}: {m}"
-                        )),
-                        other => other,
-                    })?;
+                    let (follow, dir) = match &self.cache {
+                        Some(cache) if missed => {
+                            let follow = self.sequential_followers(cache, &inode, file_offset);
+                            let dir = self.dir_guess(&inode);
+                            (follow, dir)
+                        }
+                        _ => (Vec::new(), DirGuess::Unknown),
+                    };
+                    let data = self
+                        .chunk_data_with(&info, &follow, &dir)
+                        .map_err(|e| match e {
+                            Error::Integrity(m) => Error::Integrity(format!(
+                                "inode {ino} at file offset {file_offset}: {m}"
+                            )),
+                            other => other,
+                        })?;
                     sink(Segment::Bytes(&data[inner..inner + len]))?;
                 }
             }
@@ -143,13 +153,19 @@ impl RafsImage {
     /// holds them, else from the backend (with the chunks after it that the image's prefetch table
     /// predicts) and then kept in the cache.
     pub fn chunk_data(&self, info: &ChunkInfo) -> Result<Vec<u8>> {
-        self.chunk_data_with(info, &[])
+        self.chunk_data_with(info, &[], &DirGuess::Unknown)
     }
 
     /// [`Self::chunk_data`], fetching `follow` (chunks a reader predicts it will want next, as
     /// [`Self::resolve`] gives them, in order) in the same backend request when they lie right after it in
-    /// the blob and nobody has them or fetches them yet.
-    fn chunk_data_with(&self, info: &ChunkInfo, follow: &[ChunkInfo]) -> Result<Vec<u8>> {
+    /// the blob and nobody has them or fetches them yet; or, when none follow, the chunks of `dir` (the
+    /// file's directory, being read file after file) after it.
+    fn chunk_data_with(
+        &self,
+        info: &ChunkInfo,
+        follow: &[ChunkInfo],
+        dir: &DirGuess,
+    ) -> Result<Vec<u8>> {
         let Some(cache) = &self.cache else {
             let located = self.locate(info)?;
             return self.fetch_one(&located).map(|(data, _)| data);
@@ -177,7 +193,7 @@ impl RafsImage {
             drop(claim);
             return Ok(data);
         };
-        let mut run = self.predicted_run(cache, &located, follow);
+        let mut run = self.predicted_run(cache, &located, follow, dir);
         if run.is_empty() {
             drop(slot);
             let (data, checked) = self.fetch_one(&located)?;

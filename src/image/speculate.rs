@@ -1,17 +1,24 @@
-//! Fetching a little past a miss that lands near the previous one, when neither the reader nor the
-//! image's prefetch table predicts anything. Programs starting up read many small files that sit close
-//! together in the blob (a language's library directory); each would cost a round trip of its own. The
-//! bytes fetched this way are capped at a share of what reads needed so far, so everything fetched stays
-//! within `1 + 1/SHARE_DIVISOR` times what was read, whether or not the guess was right.
+//! Fetching a little past a miss that lands near the previous one, when neither the reader, the image's
+//! prefetch table nor the miss's directory (`siblings.rs`, which spends from the same budget) predicts
+//! anything. Programs starting up read many small files that sit close together in the blob (a language's
+//! library directory); each would cost a round trip of its own. The bytes fetched this way are capped at a
+//! share of what reads needed so far (the chunks they missed, and the guessed chunks they then read): the
+//! guessed bytes no read has used yet stay within that share, so everything fetched stays within
+//! `1 + 1/SHARE_DIVISOR` times what was read, however wrong the guesses (misses and guesses that proved
+//! right are chunks read; the rest is at most the share of them).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 /// A miss within this many bytes of the blob's previous miss counts as "near".
 pub const NEAR_BYTES: u64 = 1 << 20;
 /// Most bytes one miss fetches past itself on speculation.
 pub const MAX_AHEAD: u64 = 256 << 10;
-/// Speculative bytes stay within 1/SHARE_DIVISOR of the bytes misses needed.
+/// Speculative bytes stay within 1/SHARE_DIVISOR of the bytes reads needed.
 pub const SHARE_DIVISOR: u64 = 4;
+/// Guessed chunks remembered until read (beyond, a guess that proves right is simply not credited).
+const MAX_UNREAD: usize = 1 << 16;
 
 pub struct Speculation {
     /// Per blob: 1 + the offset where its last miss ended (0: none yet).
@@ -20,6 +27,12 @@ pub struct Speculation {
     needed: AtomicU64,
     /// Compressed bytes fetched past misses on speculation.
     speculative: AtomicU64,
+    /// Of those, the bytes of guessed chunks reads then asked for (each once).
+    credited: AtomicU64,
+    /// Chunks fetched on a guess that no read has asked for yet: (blob, chunk) → compressed size.
+    unread: Mutex<HashMap<(u32, u32), u32>>,
+    /// `unread.len()`, so reads need not lock while nothing is owed.
+    unread_count: AtomicUsize,
 }
 
 impl Speculation {
@@ -28,7 +41,35 @@ impl Speculation {
             last_miss_end: (0..blobs).map(|_| AtomicU64::new(0)).collect(),
             needed: AtomicU64::new(0),
             speculative: AtomicU64::new(0),
+            credited: AtomicU64::new(0),
+            unread: Mutex::new(HashMap::new()),
+            unread_count: AtomicUsize::new(0),
         }
+    }
+
+    /// `chunks` ((blob, chunk, compressed size)) are being fetched on a guess.
+    pub fn guessed(&self, chunks: impl Iterator<Item = (u32, u32, u32)>) {
+        let mut unread = self.unread.lock().unwrap_or_else(|e| e.into_inner());
+        for (blob, index, size) in chunks {
+            if unread.len() >= MAX_UNREAD {
+                break;
+            }
+            unread.insert((blob, index), size);
+        }
+        self.unread_count.store(unread.len(), Ordering::Relaxed);
+    }
+
+    /// A read found chunk `index` of blob `blob` in the cache: if a guess brought it, the guess was right
+    /// and its bytes count as needed (once).
+    pub fn hit(&self, blob: u32, index: u32) {
+        if self.unread_count.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let mut unread = self.unread.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(size) = unread.remove(&(blob, index)) {
+            self.credited.fetch_add(size as u64, Ordering::Relaxed);
+        }
+        self.unread_count.store(unread.len(), Ordering::Relaxed);
     }
 
     /// A read missed `size` compressed bytes at `offset` of blob `blob`. Returns how many bytes after them
@@ -46,12 +87,20 @@ impl Speculation {
         if prev == 0 || offset.abs_diff(prev - 1) > NEAR_BYTES {
             return 0;
         }
-        let cap = self.needed.load(Ordering::Relaxed) / SHARE_DIVISOR;
+        self.grant(MAX_AHEAD)
+    }
+
+    /// Up to `max` speculative bytes out of what the share leaves, counted as spent: the caller
+    /// [`Speculation::refund`]s what it does not use.
+    pub fn grant(&self, max: u64) -> u64 {
+        let credited = self.credited.load(Ordering::Acquire);
+        let cap = (self.needed.load(Ordering::Relaxed) + credited) / SHARE_DIVISOR;
         let mut granted = 0;
         let _ = self
             .speculative
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |spent| {
-                granted = cap.saturating_sub(spent).min(MAX_AHEAD);
+                let unused = spent.saturating_sub(credited);
+                granted = cap.saturating_sub(unused).min(max);
                 Some(spent + granted)
             });
         granted
@@ -66,7 +115,7 @@ impl Speculation {
             });
     }
 
-    /// (bytes misses needed, bytes fetched on speculation)
+    /// (bytes misses needed, bytes fetched on speculation, whether reads used them or not)
     pub fn totals(&self) -> (u64, u64) {
         (
             self.needed.load(Ordering::Relaxed),
@@ -103,5 +152,36 @@ mod tests {
         }
         s.refund(u64::MAX);
         assert_eq!(s.totals().1, 0);
+    }
+
+    #[test]
+    fn a_guess_that_is_read_counts_as_needed_once_and_frees_its_share() {
+        let s = Speculation::new(1);
+        s.miss(0, 0, 4000);
+        assert_eq!(s.grant(u64::MAX), 1000, "a quarter of 4000");
+        s.guessed([(0, 1, 600), (0, 2, 400)].into_iter());
+        s.hit(0, 1);
+        s.hit(0, 1);
+        s.hit(0, 7);
+        assert_eq!(
+            s.credited.load(Ordering::Relaxed),
+            600,
+            "read once; unguessed hits not at all"
+        );
+        assert_eq!(
+            s.grant(u64::MAX),
+            750,
+            "a quarter of 4600 read, less the 400 guessed and unread"
+        );
+        s.hit(0, 2);
+        assert_eq!(s.unread_count.load(Ordering::Relaxed), 0);
+        assert_eq!(
+            s.grant(u64::MAX),
+            500,
+            "a quarter of 5000, less the 750 unread"
+        );
+        // Bounded, whatever is guessed.
+        s.guessed((0..2 * MAX_UNREAD as u32).map(|i| (0, i, 1)));
+        assert_eq!(s.unread.lock().unwrap().len(), MAX_UNREAD);
     }
 }

@@ -63,6 +63,11 @@ impl BackendMetrics {
         self.read_count.load(Ordering::Relaxed)
     }
 
+    /// Bytes the backend returned so far.
+    pub fn bytes(&self) -> u64 {
+        self.read_amount_total.load(Ordering::Relaxed)
+    }
+
     /// nydusd's JSON keys, for a backend of type `kind` (`localfs`, `registry`, `s3`, `oss`, `http-proxy`).
     pub fn to_json(&self, kind: &str) -> serde_json::Value {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
