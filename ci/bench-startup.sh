@@ -11,7 +11,7 @@
 #   - from `rafsd fuse` on the image rebuilt with a prefetch list made from the access trace of a first
 #     run (`/api/v1/metrics/pattern` → `rafsd prefetch-list` → `rafsd build --prefetch-files`), prefetch on;
 #   - with STARTUP_GUEST=1, from `rafsd virtiofs` in a QEMU (TCG) guest (tests/bench/startup.rs), both
-#     images, with a warm run of the same program in the guest as its CPU floor (not run yet: untried).
+#     images, with a warm run of the same program in the guest as its CPU floor.
 # For each: median time over the rounds (from the daemon's start for the FUSE columns, so a mount's prefetch
 # counts; from the first byte for the pull; rounds interleave the configurations, caches are dropped before
 # each run), bytes fetched from the registry (counted by the forwarder), and for rafsd the compressed size
