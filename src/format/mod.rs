@@ -380,8 +380,9 @@ pub trait MetaReader: Send + Sync {
     fn chunk_records(&self, f: &mut dyn FnMut(&ChunkInfo) -> Result<()>) -> Result<()>;
 }
 
-/// A directory entry name must be a single path component.
-pub fn check_name(name: &[u8], what: &str) -> Result<()> {
+/// A directory entry name must be a single path component. `what` (the directory, for the error) is
+/// formatted only on an error: every LOOKUP checks each name of the blocks it searches.
+pub fn check_name(name: &[u8], what: std::fmt::Arguments<'_>) -> Result<()> {
     if name.is_empty() {
         return Err(corrupt!("{what}: empty file name"));
     }

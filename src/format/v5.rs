@@ -251,7 +251,7 @@ impl V5Meta {
     fn child(&self, dir: &InodeRecord, k: u32) -> Result<(Vec<u8>, InodeRecord)> {
         let rec = self.record_at(self.slot_offset(dir.child_index as u64 + k as u64)?)?;
         let name = self.name_of(&rec)?.to_vec();
-        check_name(&name, &format!("directory {}", dir.attr.ino))?;
+        check_name(&name, format_args!("directory {}", dir.attr.ino))?;
         Ok((name, rec))
     }
 }

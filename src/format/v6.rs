@@ -530,7 +530,7 @@ fn dir_block_entries(block: &[u8], nid: u64) -> Result<Vec<(&[u8], u64, u8)>> {
             name = padded(name);
         }
         if name != b"." && name != b".." {
-            check_name(name, &format!("directory nid {nid}"))?;
+            check_name(name, format_args!("directory nid {nid}"))?;
         }
         out.push((name, d.nid, d.file_type));
     }
