@@ -93,8 +93,17 @@ pub struct Requests {
 #[derive(Default)]
 struct Gate {
     closed: RwLock<bool>,
-    taken: Mutex<usize>,
+    taken: Mutex<Taken>,
     answered: Condvar,
+}
+
+/// Requests taken and not answered, and whether a pause waits for them to be answered.
+#[derive(Default)]
+struct Taken {
+    count: usize,
+    /// Pauses waiting on `answered`. Only then does the last answer notify: a condvar's notify is a
+    /// futex call whether or not anyone waits, and every lone request would make it.
+    pausing: usize,
 }
 
 impl Gate {
@@ -105,16 +114,38 @@ impl Gate {
             return None;
         }
         let (t, n) = pop();
-        *self.taken.lock().unwrap_or_else(|e| e.into_inner()) += n;
+        self.add_taken(n);
         Some(t)
     }
 
-    fn answered(&self) {
+    fn add_taken(&self, n: usize) {
+        self.taken.lock().unwrap_or_else(|e| e.into_inner()).count += n;
+    }
+
+    /// One request answered; true if it was the last one a pause waited for (and it was woken).
+    fn answered(&self) -> bool {
         let mut taken = self.taken.lock().unwrap_or_else(|e| e.into_inner());
-        *taken = taken.saturating_sub(1);
-        if *taken == 0 {
+        taken.count = taken.count.saturating_sub(1);
+        let wake = taken.count == 0 && taken.pausing > 0;
+        drop(taken);
+        if wake {
             self.answered.notify_all();
         }
+        wake
+    }
+
+    /// Close the gate and wait (at most `timeout`) until every request taken is answered; whether
+    /// none is left.
+    fn close_and_drain(&self, timeout: Duration) -> bool {
+        *self.closed.write().unwrap_or_else(|e| e.into_inner()) = true;
+        let mut taken = self.taken.lock().unwrap_or_else(|e| e.into_inner());
+        taken.pausing += 1;
+        let (mut taken, _) = self
+            .answered
+            .wait_timeout_while(taken, timeout, |t| t.count > 0)
+            .unwrap_or_else(|e| e.into_inner());
+        taken.pausing -= 1;
+        taken.count == 0
     }
 
     /// Answer every request of a batch taken with [`Gate::take`] with `answer`, counting each one as
@@ -177,16 +208,7 @@ impl Requests {
     /// Stop taking requests off the rings and wait (at most `timeout`) until every request taken is
     /// answered; false if some are still running then (the gate stays closed: [`Requests::resume`]).
     pub fn pause(&self, timeout: Duration) -> bool {
-        *self.gate.closed.write().unwrap_or_else(|e| e.into_inner()) = true;
-        let taken = self.gate.taken.lock().unwrap_or_else(|e| e.into_inner());
-        let (taken, _) = self
-            .gate
-            .answered
-            .wait_timeout_while(taken, timeout, |n| *n > 0)
-            .unwrap_or_else(|e| e.into_inner());
-        let drained = *taken == 0;
-        drop(taken);
-        drained
+        self.gate.close_and_drain(timeout)
     }
 
     /// Take requests again (a hand-over that did not happen), then `kick_all`: a queue thread woken
@@ -349,7 +371,7 @@ impl Requests {
                 ring,
             })
             .collect();
-        *self.gate.taken.lock().unwrap_or_else(|e| e.into_inner()) += taken;
+        self.gate.add_taken(taken);
         Ok(jobs)
     }
 
@@ -1031,7 +1053,39 @@ mod tests {
             [0, 0xffff, 2],
             "the rest of the batch is answered"
         );
-        assert_eq!(*gate.taken.lock().unwrap(), 0);
+        assert_eq!(gate.taken.lock().unwrap().count, 0);
+    }
+
+    /// An answer wakes a pause only when one waits and the answer was the last: lone requests make no
+    /// futex call each; a pause still returns as soon as the last request is answered.
+    #[test]
+    fn an_answer_wakes_only_a_waiting_pause() {
+        let gate = Arc::new(Gate::default());
+        gate.take(|| ((), 2)).unwrap();
+        assert!(!gate.answered(), "no pause waits");
+        assert!(!gate.answered(), "no pause waits, none left");
+        gate.add_taken(2);
+        let pause = {
+            let gate = gate.clone();
+            std::thread::spawn(move || {
+                let start = Instant::now();
+                (
+                    gate.close_and_drain(Duration::from_secs(20)),
+                    start.elapsed(),
+                )
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while gate.taken.lock().unwrap().pausing == 0 {
+            assert!(Instant::now() < deadline, "the pause never waited");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(!gate.answered(), "one still taken: the pause waits on");
+        assert!(gate.answered(), "the last answer wakes the pause");
+        let (drained, took) = pause.join().unwrap();
+        assert!(drained);
+        assert!(took < Duration::from_secs(10), "woken, not timed out");
+        assert_eq!(gate.taken.lock().unwrap().pausing, 0);
     }
 
     /// A failed hand-over opens the gate before kicking: a queue thread woken by the kick must find
