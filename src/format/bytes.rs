@@ -7,12 +7,7 @@ use crate::corrupt;
 use crate::error::Result;
 
 /// `data[off..off+len]`, or an error naming `what` when the range is not inside `data`.
-pub fn slice<'a>(
-    data: &'a [u8],
-    off: u64,
-    len: u64,
-    what: impl std::fmt::Display,
-) -> Result<&'a [u8]> {
+pub fn slice(data: &[u8], off: u64, len: u64, what: impl std::fmt::Display) -> Result<&[u8]> {
     let end = off
         .checked_add(len)
         .ok_or_else(|| corrupt!("{what}: offset {off} + length {len} overflows"))?;

@@ -456,8 +456,8 @@ impl MetaReader for V5Meta {
         }
         let what = Named("xattrs of inode", inode.ino);
         let off = self.after_names(&rec);
-        let total = slice(&self.data, off, 8, &what)?.u64_at(0);
-        let area = slice(&self.data, off + 8, total, &what)?;
+        let total = slice(&self.data, off, 8, what)?.u64_at(0);
+        let area = slice(&self.data, off + 8, total, what)?;
         let mut out = Vec::new();
         let mut pos = 0usize;
         while pos < area.len() {
@@ -512,7 +512,7 @@ impl MetaReader for V5Meta {
             })?;
             let Ok(records) = self
                 .chunks_offset(&rec)
-                .and_then(|base| slice(&self.data, base, count * CHUNK_SIZE, &what))
+                .and_then(|base| slice(&self.data, base, count * CHUNK_SIZE, what))
             else {
                 continue;
             };
@@ -563,7 +563,7 @@ impl MetaReader for V5Meta {
             return Ok(Vec::new());
         }
         let base = self.chunks_offset(&rec)?;
-        let records = slice(&self.data, base, rec.child_count as u64 * CHUNK_SIZE, &what)?;
+        let records = slice(&self.data, base, rec.child_count as u64 * CHUNK_SIZE, what)?;
         let raw = |k: usize| {
             ChunkRecord::read(&records[k * CHUNK_SIZE as usize..])
                 .expect("inside the checked array")
