@@ -848,6 +848,7 @@ impl FileSystem for ConfinedPassthrough {
         let mut extra = Vec::new();
         let dir_path = path_in(&self.read(), inode);
         let mut added_any = false;
+        let mut refused = None;
         let listed = self.inner.readdirplus(
             ctx,
             self.ino(inode)?,
@@ -863,10 +864,16 @@ impl FileSystem for ConfinedPassthrough {
                 let place = place_of(inode, d.name, &e, born);
                 let mut slots = self.write();
                 // No number left: end the listing here (the inner filesystem drops the lookup), or
-                // say so if nothing was listed (an empty listing would read as the end).
+                // say so if nothing was listed (an empty listing would read as the end); an error
+                // leaves the lookup to us, like a failed entry below, and is swallowed by the inner
+                // filesystem after its "." and ".." (given again below).
                 let (ours, existing) = match slots.reserve(inner) {
                     Ok(r) => r,
-                    Err(e) if !added_any => return Err(e),
+                    Err(e) if !added_any => {
+                        extra.push(inner);
+                        refused = e.raw_os_error();
+                        return Err(e);
+                    }
                     Err(_) => return Ok(0),
                 };
                 e.inode = ours;
@@ -892,7 +899,10 @@ impl FileSystem for ConfinedPassthrough {
         for inner in extra {
             self.forget_inner(inner);
         }
-        listed
+        match refused {
+            Some(code) if listed.is_ok() => Err(io::Error::from_raw_os_error(code)),
+            _ => listed,
+        }
     }
 
     fn fsyncdir(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
@@ -1191,6 +1201,59 @@ mod tests {
 
     fn open_files() -> usize {
         std::fs::read_dir("/proc/self/fd").unwrap().count()
+    }
+
+    /// A share whose table has room for `inodes` numbers (the root's two records included).
+    fn share_with_room_for(dir: &Path, inodes: u64) -> ConfinedPassthrough {
+        let fs = ConfinedPassthrough::new(dir).unwrap();
+        *fs.slots.write().unwrap() = Slots::new(ShareTable::create_with(inodes, 8).unwrap());
+        fs.init(FsOptions::empty()).unwrap();
+        fs
+    }
+
+    /// A READDIRPLUS whose first entry can get no number (the share is full) fails with ENFILE, from
+    /// any offset, and keeps nothing: the inner lookup of that entry is dropped. Otherwise a guest at
+    /// the cap, listing from each entry's offset in turn, pins one host descriptor per file of the
+    /// share, outside the cap, until the daemon has none left for any mount.
+    #[test]
+    fn a_listing_refused_at_the_cap_keeps_no_descriptor() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("many")).unwrap();
+        for i in 0..300 {
+            std::fs::write(dir.path().join(format!("many/f{i}")), b"").unwrap();
+        }
+        for name in ["a", "b", "c", "d", "e"] {
+            std::fs::write(dir.path().join(name), b"").unwrap();
+        }
+        let ctx = Context::default();
+        // Records 2..7: "many" and the five files fill the table.
+        let fs = share_with_room_for(dir.path(), 8);
+        let many = fs.lookup(&ctx, ROOT, c"many").unwrap().inode;
+        for name in [c"a", c"b", c"c", c"d", c"e"] {
+            fs.lookup(&ctx, ROOT, name).unwrap();
+        }
+        let (h, _) = fs.opendir(&ctx, many, 0).unwrap();
+        let h = h.unwrap();
+        let mut offsets = vec![0];
+        fs.readdir(&ctx, many, h, 1 << 16, 0, &mut |d| {
+            offsets.push(d.offset);
+            Ok(1)
+        })
+        .unwrap();
+        offsets.pop();
+        assert_eq!(offsets.len(), 300);
+        let before = open_files();
+        for &offset in &offsets {
+            // Where "." or ".." comes first the inner filesystem swallows the error: the guest would
+            // read an empty listing, the directory's end.
+            let listed = fs.readdirplus(&ctx, many, h, 4096, offset, &mut |_, _| Ok(1));
+            assert_eq!(
+                listed.unwrap_err().raw_os_error(),
+                Some(libc::ENFILE),
+                "from {offset}"
+            );
+        }
+        assert!(open_files() < before + 50, "{before} -> {}", open_files());
     }
 
     /// A RELEASE naming another inode than the handle's (or one the guest let go) closes the inner
