@@ -63,16 +63,23 @@ pub struct Adopted {
     pub stale_handles: usize,
 }
 
-/// A file found again by [`ConfinedPassthrough::adopt`]: its inner inode, and its path in the share
-/// if it is a directory (its children's paths start with it).
+/// A file found again by [`ConfinedPassthrough::adopt`]: its inner inode, whether it is a directory,
+/// and then its path in the share (its children's paths start with it) unless longer than
+/// [`LONGEST_PATH`].
 struct Found {
     inner: u64,
+    dir: bool,
     path: Option<Vec<u8>>,
 }
 
 /// Deepest directory chain followed when looking a file up again or naming its path: a file deeper
 /// in its share (a guest can nest directories without limit) turns stale across a hand-over.
 const MAX_DEPTH: usize = 2048;
+
+/// Longest path statx takes (PATH_MAX counts the NUL). A guest can nest directories far deeper: no
+/// longer path is built or kept (kept for every directory, they would take depth² / 2 bytes), and a
+/// file deeper than that has no birth time recorded.
+const LONGEST_PATH: usize = libc::PATH_MAX as usize - 1;
 
 impl ConfinedPassthrough {
     pub fn new(dir: &Path) -> Result<Self> {
@@ -161,12 +168,13 @@ impl ConfinedPassthrough {
             if inner == ROOT || slots.by_inner.contains_key(&inner) {
                 return 0;
             }
-            match dir_path {
+            let path = match dir_path {
                 Some(p) => join(p, name),
-                None => match path_in(&slots, dir) {
-                    Some(p) => join(&p, name),
-                    None => return 0,
-                },
+                None => path_in(&slots, dir).and_then(|p| join(&p, name)),
+            };
+            match path {
+                Some(path) => path,
+                None => return 0,
             }
         };
         self.birth(&path)
@@ -184,6 +192,7 @@ impl ConfinedPassthrough {
         let by_number: HashMap<u64, &SavedInode> = saved.iter().map(|r| (r.number, r)).collect();
         let root = Found {
             inner: ROOT,
+            dir: true,
             path: Some(Vec::new()),
         };
         let mut found: HashMap<u64, Option<Found>> = HashMap::from([(ROOT, Some(root))]);
@@ -272,21 +281,23 @@ impl ConfinedPassthrough {
         place: &Place,
         taken: &mut HashSet<u64>,
     ) -> Option<Found> {
-        // Only directories have a path kept: a parent without one is no directory.
-        let dir_path = parent.path.as_ref()?;
+        if !parent.dir {
+            return None;
+        }
         let name = CString::new(place.name.clone()).ok()?;
         check(&name).ok()?;
         let ctx = Context::new();
         let e = self.inner.lookup(&ctx, parent.inner, &name).ok()?;
-        let path = join(dir_path, &place.name);
+        let path = parent.path.as_deref().and_then(|p| join(p, &place.name));
         let same = e.attr.st_dev == place.dev
             && e.attr.st_ino == place.ino
-            && (place.born == 0 || self.birth(&path) == place.born);
+            && (place.born == 0 || path.as_deref().is_some_and(|p| self.birth(p) == place.born));
         if same && taken.insert(e.inode) {
             let dir = e.attr.st_mode & libc::S_IFMT == libc::S_IFDIR;
             return Some(Found {
                 inner: e.inode,
-                path: dir.then_some(path),
+                dir,
+                path: path.filter(|_| dir),
             });
         }
         self.inner.forget(&ctx, e.inode, 1);
@@ -417,15 +428,17 @@ fn place_of(parent: u64, name: &[u8], e: &Entry, born: u64) -> Place {
 }
 
 /// The path in the share of the guest's directory `dir` (empty for the root), if every directory up
-/// to the root still has its name.
+/// to the root still has its name and it is no longer than [`LONGEST_PATH`].
 fn path_in(slots: &Slots, dir: u64) -> Option<Vec<u8>> {
     let mut names = Vec::new();
+    let mut len = 0;
     let mut at = dir;
     while at != ROOT {
         let place = slots.inodes.get(&at)?.place.as_ref()?;
         names.push(place.name.as_slice());
+        len += place.name.len() + 1;
         at = place.parent;
-        if names.len() > MAX_DEPTH {
+        if names.len() > MAX_DEPTH || len > LONGEST_PATH + 1 {
             return None;
         }
     }
@@ -433,12 +446,12 @@ fn path_in(slots: &Slots, dir: u64) -> Option<Vec<u8>> {
     Some(names.join(&b'/'))
 }
 
-/// `dir/name` (`name` alone in the root).
-fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
+/// `dir/name` (`name` alone in the root), unless longer than [`LONGEST_PATH`].
+fn join(dir: &[u8], name: &[u8]) -> Option<Vec<u8>> {
     if dir.is_empty() {
-        return name.to_vec();
+        return (name.len() <= LONGEST_PATH).then(|| name.to_vec());
     }
-    [dir, b"/", name].concat()
+    (dir.len() + 1 + name.len() <= LONGEST_PATH).then(|| [dir, b"/", name].concat())
 }
 
 fn estale() -> io::Error {
@@ -1254,6 +1267,54 @@ mod tests {
             );
         }
         assert!(open_files() < before + 50, "{before} -> {}", open_files());
+    }
+
+    /// The process's peak resident memory (VmHWM), in bytes.
+    fn peak_memory() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+        let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        kib << 10
+    }
+
+    /// A guest nests directories as deep as it likes (each MKDIR names one component), far past
+    /// PATH_MAX. A successor that kept each directory's whole path while looking the tree up again
+    /// held depth² / 2 name bytes: 537 MB for 2048 levels of 255-byte names, and a guest holding many
+    /// directories at the bottom multiplied that past any machine's memory, so that every successor
+    /// (and every restart after a crash) ran out of memory. No path longer than statx takes is built
+    /// or kept; such deep files are checked by device and inode number, as their birth time cannot
+    /// be read by path.
+    #[test]
+    fn adopting_a_deep_tree_keeps_no_long_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = Context::default();
+        let first = ConfinedPassthrough::new(dir.path()).unwrap();
+        first.init(FsOptions::empty()).unwrap();
+        let name = CString::new("d".repeat(255)).unwrap();
+        let mut deepest = ROOT;
+        for _ in 0..MAX_DEPTH {
+            deepest = first.mkdir(&ctx, deepest, &name, 0o755, 0).unwrap().inode;
+        }
+        let next = ConfinedPassthrough::new(dir.path()).unwrap();
+        next.init(FsOptions::empty()).unwrap();
+        let before = peak_memory();
+        let got = next.adopt(first.table_file().unwrap()).unwrap();
+        let grew = peak_memory().saturating_sub(before);
+        // std's remove_dir_all recurses once per level; rm walks the tree without.
+        let removed = std::process::Command::new("rm")
+            .arg("-rf")
+            .arg(dir.path().join(name.to_str().unwrap()))
+            .status();
+        assert_eq!(
+            got,
+            Adopted {
+                inodes: MAX_DEPTH,
+                ..Adopted::default()
+            }
+        );
+        assert!(attr(&next, deepest).is_ok());
+        assert!(grew < 64 << 20, "adopting took {} MiB more", grew >> 20);
+        assert!(removed.unwrap().success());
     }
 
     /// A RELEASE naming another inode than the handle's (or one the guest let go) closes the inner
