@@ -15,7 +15,7 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -132,20 +132,41 @@ impl ConfinedPassthrough {
             .try_clone()
     }
 
-    /// The birth time (ns) of the file at `path` in the share, not following a last symlink; 0
-    /// where the filesystem keeps none (or the file is gone).
+    /// The birth time (ns) of the file at `path` in the share; 0 where the filesystem keeps none, the
+    /// file is gone, or the path goes through a symlink (the slots' names may be out of date, and a
+    /// symlink where a directory was would lead out of the share).
     fn birth(&self, path: &[u8]) -> u64 {
         let Ok(path) = CString::new(if path.is_empty() { b"." } else { path }) else {
             return 0;
         };
-        // SAFETY: statx writes the struct it is given.
-        let mut stx: libc::statx = unsafe { std::mem::zeroed() };
-        // SAFETY: a valid directory descriptor, NUL-terminated path and a struct to write.
-        let r = unsafe {
-            libc::statx(
+        // SAFETY: all zeroes is a valid open_how (plain integers).
+        let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+        how.flags = (libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC) as u64;
+        how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS;
+        // SAFETY: a valid directory descriptor, a NUL-terminated path, and an open_how of the size
+        // given; the result is checked.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
                 self.root.as_raw_fd(),
                 path.as_ptr(),
-                libc::AT_SYMLINK_NOFOLLOW,
+                &how,
+                size_of::<libc::open_how>(),
+            )
+        };
+        if fd < 0 {
+            return 0;
+        }
+        // SAFETY: a fresh descriptor we own.
+        let file = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        // SAFETY: statx writes the struct it is given.
+        let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid descriptor, an empty NUL-terminated path and a struct to write.
+        let r = unsafe {
+            libc::statx(
+                file.as_raw_fd(),
+                c"".as_ptr(),
+                libc::AT_EMPTY_PATH,
                 libc::STATX_BTIME,
                 &mut stx,
             )
@@ -1315,6 +1336,38 @@ mod tests {
         assert!(attr(&next, deepest).is_ok());
         assert!(grew < 64 << 20, "adopting took {} MiB more", grew >> 20);
         assert!(removed.unwrap().success());
+    }
+
+    /// The birth time of a file is read through the share's own directories, never through a symlink
+    /// out of it. The slots can name a directory where a symlink now is (a rename behind the guest's
+    /// back, or a guest's LOOKUP racing its own RENAME commits the old name, where it then makes a
+    /// symlink): a path through it led the daemon's statx anywhere on the host.
+    #[test]
+    fn birth_times_are_never_read_outside_the_share() {
+        let outer = tempfile::tempdir().unwrap();
+        std::fs::write(outer.path().join("secret"), b"host only").unwrap();
+        let outside = std::fs::metadata(outer.path().join("secret"))
+            .unwrap()
+            .created()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        let share = outer.path().join("share");
+        std::fs::create_dir_all(share.join("d")).unwrap();
+        std::fs::write(share.join("d/secret"), b"shared").unwrap();
+        let ctx = Context::default();
+        let fs = ConfinedPassthrough::new(&share).unwrap();
+        fs.init(FsOptions::empty()).unwrap();
+        let d = fs.lookup(&ctx, ROOT, c"d").unwrap().inode;
+        std::fs::rename(share.join("d"), share.join("y")).unwrap();
+        std::os::unix::fs::symlink("..", share.join("d")).unwrap();
+        let n = fs.lookup(&ctx, d, c"secret").unwrap().inode;
+        let born = fs.read().inodes[&n].place.as_ref().unwrap().born;
+        let outside = outside
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        assert_ne!(born, outside, "the birth time of a file outside the share");
+        assert!(born == 0 || born == fs.birth(b"y/secret"));
     }
 
     /// A RELEASE naming another inode than the handle's (or one the guest let go) closes the inner
