@@ -181,12 +181,13 @@ impl ConfinedPassthrough {
     }
 
     /// The birth time of `name` in the guest's directory `dir` (whose path is `dir_path` when the
-    /// caller has it), if the guest does not hold its inner inode `inner` already (then its record
-    /// keeps the one found first).
+    /// caller has it), unless the guest holds its inner inode `inner` under a known name already
+    /// (then its record keeps the one found first).
     fn birth_of_new(&self, dir: u64, dir_path: Option<&[u8]>, name: &[u8], inner: u64) -> u64 {
         let path = {
             let slots = self.read();
-            if inner == ROOT || slots.by_inner.contains_key(&inner) {
+            let named = |ours| slots.inodes.get(ours).is_some_and(|s| s.place.is_some());
+            if inner == ROOT || slots.by_inner.get(&inner).is_some_and(named) {
                 return 0;
             }
             let path = match dir_path {
@@ -1368,6 +1369,30 @@ mod tests {
             .as_nanos() as u64;
         assert_ne!(born, outside, "the birth time of a file outside the share");
         assert!(born == 0 || born == fs.birth(b"y/secret"));
+    }
+
+    /// A file the guest holds whose names it knew are all gone (more links unlinked than the aliases
+    /// kept) and that it finds again by another name gets its birth time recorded again: without it
+    /// a successor after a crash would take a new file given the old one's inode number for it.
+    #[test]
+    fn a_file_found_again_after_losing_its_names_keeps_its_birth_time() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), b"data").unwrap();
+        let ctx = Context::default();
+        let fs = ConfinedPassthrough::new(dir.path()).unwrap();
+        fs.init(FsOptions::empty()).unwrap();
+        let n = fs.lookup(&ctx, ROOT, c"f").unwrap().inode;
+        let links = [c"l1", c"l2", c"l3", c"l4", c"l5", c"l6"];
+        for link in links {
+            assert_eq!(fs.link(&ctx, n, ROOT, link).unwrap().inode, n);
+        }
+        for link in links.iter().rev() {
+            fs.unlink(&ctx, ROOT, link).unwrap();
+        }
+        assert!(fs.read().inodes[&n].place.is_none(), "no name known");
+        assert_eq!(fs.lookup(&ctx, ROOT, c"f").unwrap().inode, n);
+        let born = fs.read().inodes[&n].place.as_ref().unwrap().born;
+        assert_eq!(born, fs.birth(b"f"));
     }
 
     /// A RELEASE naming another inode than the handle's (or one the guest let go) closes the inner
