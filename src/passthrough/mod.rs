@@ -428,6 +428,26 @@ impl ConfinedPassthrough {
         given.map(Some)
     }
 
+    /// CREATE without O_EXCL of `parent`/`name`, which exists: looked up and opened as OPEN does
+    /// (less O_CREAT); the lookup is let go again when it cannot be opened.
+    fn open_existing(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        args: CreateIn,
+    ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
+        let entry = self.lookup(ctx, parent, name)?;
+        let flags = args.flags & !(libc::O_CREAT as u32);
+        match self.open(ctx, entry.inode, flags, args.fuse_flags) {
+            Ok((handle, opts, passthrough)) => Ok((entry, handle, opts, passthrough)),
+            Err(e) => {
+                self.forget(ctx, entry.inode, 1);
+                Err(e)
+            }
+        }
+    }
+
     /// Close an inner handle, with the inode it was opened on (whatever the guest names).
     fn release_inner(&self, ctx: &Context, (handle, inode): (u64, u64), flags: u32, dir: bool) {
         let _ = if dir {
@@ -625,8 +645,28 @@ impl FileSystem for ConfinedPassthrough {
     ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
         check(name)?;
         let flags = args.flags;
-        let (entry, handle, opts, passthrough) =
-            self.inner.create(ctx, self.ino(parent)?, name, args)?;
+        // Always exclusive below: the inner filesystem's CREATE of an entry that exists takes a
+        // lookup of it before opening it and keeps that lookup when the open fails (a directory
+        // opened for writing, a FIFO): a descriptor pinned per try. What exists is looked up and
+        // opened here instead, as OPEN does (a few tries: it may go between the two).
+        const O_EXCL: u32 = libc::O_EXCL as u32;
+        let exclusive = CreateIn {
+            flags: flags | O_EXCL,
+            ..args
+        };
+        let parent_inner = self.ino(parent)?;
+        let mut tries = 0;
+        let (entry, handle, opts, passthrough) = loop {
+            match self.inner.create(ctx, parent_inner, name, exclusive) {
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) && flags & O_EXCL == 0 => {
+                    match self.open_existing(ctx, parent, name, args) {
+                        Err(e) if e.raw_os_error() == Some(libc::ENOENT) && tries < 3 => tries += 1,
+                        opened => return opened,
+                    }
+                }
+                created => break created?,
+            }
+        };
         let inner = entry.inode;
         let entry = match self.enter(parent, name, Ok(entry)) {
             Ok(e) => e,
@@ -1234,8 +1274,13 @@ mod tests {
         );
     }
 
-    fn open_files() -> usize {
-        std::fs::read_dir("/proc/self/fd").unwrap().count()
+    /// This process's descriptors of files in `dir` (other tests' files left out: they run at once).
+    fn open_files(dir: &Path) -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|target| target.starts_with(dir))
+            .count()
     }
 
     /// A share whose table has room for `inodes` numbers (the root's two records included).
@@ -1277,7 +1322,7 @@ mod tests {
         .unwrap();
         offsets.pop();
         assert_eq!(offsets.len(), 300);
-        let before = open_files();
+        let before = open_files(dir.path());
         for &offset in &offsets {
             // Where "." or ".." comes first the inner filesystem swallows the error: the guest would
             // read an empty listing, the directory's end.
@@ -1288,7 +1333,8 @@ mod tests {
                 "from {offset}"
             );
         }
-        assert!(open_files() < before + 50, "{before} -> {}", open_files());
+        let after = open_files(dir.path());
+        assert!(after < before + 50, "{before} -> {after}");
     }
 
     /// The process's peak resident memory (VmHWM), in bytes.
@@ -1395,6 +1441,71 @@ mod tests {
         assert_eq!(born, fs.birth(b"f"));
     }
 
+    /// CREATE without O_EXCL of a name that exists as what cannot be opened so (a directory opened
+    /// for writing, a FIFO) fails and keeps nothing. The inner filesystem takes a lookup of the
+    /// existing entry before its open fails and never drops it: a guest making, "creating" and
+    /// removing such entries in a loop pinned one host descriptor each, outside the cap, until the
+    /// daemon had none left for any mount.
+    #[test]
+    fn a_create_that_cannot_open_what_exists_keeps_no_descriptor() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = Context::default();
+        let fs = ConfinedPassthrough::new(dir.path()).unwrap();
+        fs.init(FsOptions::empty()).unwrap();
+        let args = CreateIn {
+            flags: libc::O_RDWR as u32,
+            mode: 0o644,
+            umask: 0,
+            fuse_flags: 0,
+        };
+        let before = open_files(dir.path());
+        for i in 0..300 {
+            let name = CString::new(format!("n{i}")).unwrap();
+            let made = if i % 2 == 0 {
+                fs.mkdir(&ctx, ROOT, &name, 0o755, 0)
+            } else {
+                fs.mknod(&ctx, ROOT, &name, libc::S_IFIFO | 0o644, 0, 0)
+            };
+            let n = made.unwrap().inode;
+            assert!(fs.create(&ctx, ROOT, &name, args).is_err());
+            fs.forget(&ctx, n, 1);
+            if i % 2 == 0 {
+                fs.rmdir(&ctx, ROOT, &name).unwrap();
+            } else {
+                fs.unlink(&ctx, ROOT, &name).unwrap();
+            }
+        }
+        let after = open_files(dir.path());
+        assert!(after < before + 50, "{before} -> {after}");
+        // An existing file is opened (and truncated when asked), as before.
+        std::fs::write(dir.path().join("f"), b"data").unwrap();
+        let (e, h, _, _) = fs
+            .create(
+                &ctx,
+                ROOT,
+                c"f",
+                CreateIn {
+                    flags: (libc::O_RDWR | libc::O_TRUNC) as u32,
+                    ..args
+                },
+            )
+            .unwrap();
+        assert_eq!(e.attr.st_ino, host_ino(&dir.path().join("f")));
+        assert_eq!(std::fs::read(dir.path().join("f")).unwrap(), b"");
+        fs.release(&ctx, e.inode, 0, h.unwrap(), false, false, None)
+            .unwrap();
+        let excl = CreateIn {
+            flags: (libc::O_RDWR | libc::O_EXCL) as u32,
+            ..args
+        };
+        assert_eq!(
+            fs.create(&ctx, ROOT, c"f", excl)
+                .unwrap_err()
+                .raw_os_error(),
+            Some(libc::EEXIST)
+        );
+    }
+
     /// A RELEASE naming another inode than the handle's (or one the guest let go) closes the inner
     /// handle all the same: a guest cannot pile up the daemon's descriptors that way.
     #[test]
@@ -1407,12 +1518,13 @@ mod tests {
         fs.init(FsOptions::empty()).unwrap();
         let c = fs.lookup(&ctx, ROOT, c"c").unwrap().inode;
         let d = fs.lookup(&ctx, ROOT, c"d").unwrap().inode;
-        let before = open_files();
+        let before = open_files(dir.path());
         for _ in 0..300 {
             let (h, _, _) = fs.open(&ctx, c, libc::O_RDONLY as u32, 0).unwrap();
             let _ = fs.release(&ctx, d, 0, h.unwrap(), false, false, None);
         }
-        assert!(open_files() < before + 50, "{before} -> {}", open_files());
+        let after = open_files(dir.path());
+        assert!(after < before + 50, "{before} -> {after}");
     }
 
     /// After a crash the dead daemon's descriptors are closed: the host may delete a file the guest
