@@ -1506,6 +1506,151 @@ mod tests {
         );
     }
 
+    /// A guest's random requests on a small tree (LOOKUP, MKDIR, CREATE, UNLINK, RMDIR, RENAME with
+    /// and without RENAME_EXCHANGE / RENAME_NOREPLACE, LINK, FORGET, READDIRPLUS, RELEASE), with
+    /// hand-overs to a successor now and then (after a crash, or a live upgrade), checked after every
+    /// step against what the guest was given: each number it holds names the file it was given for
+    /// (or, after a hand-over, answers an error), a number let go is never given again, and the
+    /// share holds exactly one descriptor per number and handle held, so that letting everything go
+    /// leaves none.
+    #[test]
+    fn random_requests_keep_every_number_on_its_file() {
+        for seed in 1..=6 {
+            random_requests(seed, 1000);
+        }
+    }
+
+    fn random_requests(seed: u64, steps: usize) {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut rnd = move |n: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n as u64) as usize
+        };
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("s")).unwrap();
+        for n in ["a", "b", "s/a", "s/b"] {
+            std::fs::write(dir.path().join(n), n).unwrap();
+        }
+        let ctx = Context::default();
+        let mut fs = ConfinedPassthrough::new(dir.path()).unwrap();
+        fs.init(FsOptions::empty()).unwrap();
+        let base = open_files(dir.path());
+        let names = [c"a", c"b", c"c", c"d"];
+        // What the guest holds: number -> (host inode number, lookups); handle -> inode.
+        let mut held: HashMap<u64, (u64, u64)> = HashMap::new();
+        let mut handles: HashMap<u64, u64> = HashMap::new();
+        let mut let_go: HashSet<u64> = HashSet::new();
+        let mut handed_over = false;
+        for step in 0..steps {
+            let mut numbers: Vec<u64> = held.keys().copied().collect();
+            numbers.sort_unstable();
+            let any = |r: usize| numbers.get(r % numbers.len().max(1)).copied();
+            let parent = any(rnd(1000)).filter(|_| rnd(3) > 0).unwrap_or(ROOT);
+            let name = names[rnd(names.len())];
+            let op = rnd(13);
+            let mut given = Vec::new();
+            match op {
+                0 | 1 => given.extend(fs.lookup(&ctx, parent, name)),
+                2 => given.extend(fs.mkdir(&ctx, parent, name, 0o755, 0)),
+                3 => {
+                    let args = CreateIn {
+                        flags: libc::O_RDWR as u32,
+                        mode: 0o644,
+                        umask: 0,
+                        fuse_flags: 0,
+                    };
+                    if let Ok((e, h, _, _)) = fs.create(&ctx, parent, name, args) {
+                        handles.insert(h.unwrap(), e.inode);
+                        given.push(e);
+                    }
+                }
+                4 => drop(fs.unlink(&ctx, parent, name)),
+                5 => drop(fs.rmdir(&ctx, parent, name)),
+                6 | 7 => {
+                    let to = any(rnd(1000)).unwrap_or(ROOT);
+                    let flags = [0, libc::RENAME_EXCHANGE, libc::RENAME_NOREPLACE][rnd(3)];
+                    let _ = fs.rename(&ctx, parent, name, to, names[rnd(names.len())], flags);
+                }
+                8 => {
+                    if let Some(n) = any(rnd(1000)) {
+                        given.extend(fs.link(&ctx, n, parent, name));
+                    }
+                }
+                9 => {
+                    if let Some(n) = any(rnd(1000)) {
+                        let count = 1 + rnd(2) as u64;
+                        fs.forget(&ctx, n, count);
+                        let h = held.get_mut(&n).unwrap();
+                        h.1 = h.1.saturating_sub(count);
+                        if h.1 == 0 {
+                            held.remove(&n);
+                            let_go.insert(n);
+                        }
+                    }
+                }
+                10 => {
+                    if let Ok((Some(h), _)) = fs.opendir(&ctx, parent, 0) {
+                        let _ = fs.readdirplus(&ctx, parent, h, 4096, 0, &mut |_, e| {
+                            given.push(e);
+                            Ok(1)
+                        });
+                        fs.releasedir(&ctx, parent, 0, h).unwrap();
+                    }
+                }
+                11 => {
+                    let mut open: Vec<u64> = handles.keys().copied().collect();
+                    open.sort_unstable();
+                    if let Some(&h) = open.get(rnd(open.len().max(1))) {
+                        let inode = handles.remove(&h).unwrap();
+                        fs.release(&ctx, inode, 0, h, false, false, None).unwrap();
+                    }
+                }
+                _ if rnd(10) == 0 => {
+                    let table = fs.table_file().unwrap();
+                    let next = ConfinedPassthrough::new(dir.path()).unwrap();
+                    next.init(FsOptions::empty()).unwrap();
+                    let mut old = Some(std::mem::replace(&mut fs, next));
+                    // A crash closes the old daemon's descriptors first; an upgrade after.
+                    if rnd(2) == 0 {
+                        old = None;
+                    }
+                    fs.adopt(table).unwrap();
+                    drop(old);
+                    handed_over = true;
+                }
+                _ => {}
+            }
+            let at = format!("seed {seed} step {step} op {op}");
+            for e in given.iter().filter(|e| e.inode != ROOT) {
+                assert!(!let_go.contains(&e.inode), "{at}: {} given again", e.inode);
+                let h = held.entry(e.inode).or_insert((e.attr.st_ino, 0));
+                assert_eq!(h.0, e.attr.st_ino, "{at}: {} for another file", e.inode);
+                h.1 += 1;
+            }
+            for (&n, &(ino, _)) in &held {
+                match attr(&fs, n) {
+                    Ok(a) => assert_eq!(a.st_ino, ino, "{at}: {n} names another file"),
+                    Err(e) => assert!(handed_over, "{at}: {n}: {e}"),
+                }
+            }
+            let slots = fs.read();
+            let kept =
+                slots.by_inner.len() + slots.handles.values().filter(|h| h.inner.is_some()).count();
+            drop(slots);
+            assert_eq!(open_files(dir.path()), base + kept, "{at}: descriptors");
+        }
+        for (h, inode) in handles {
+            fs.release(&ctx, inode, 0, h, false, false, None).unwrap();
+        }
+        for (n, (_, lookups)) in held {
+            fs.forget(&ctx, n, lookups);
+        }
+        assert!(fs.read().inodes.is_empty() && fs.read().handles.is_empty());
+        assert_eq!(open_files(dir.path()), base, "seed {seed}");
+    }
+
     /// A RELEASE naming another inode than the handle's (or one the guest let go) closes the inner
     /// handle all the same: a guest cannot pile up the daemon's descriptors that way.
     #[test]
