@@ -5,7 +5,7 @@
 //! thread. The hiprio queue's thread answers its requests itself, in order (they are cheap, and the
 //! guest expects FORGETs in the order sent). Each request queue also has a pool of `--thread-pool-size`
 //! workers, so that a request waiting on the network holds back nobody and requests finish in any order;
-//! [`queue`] says how the queue thread, the workers and a watcher share the work. With
+//! [`queue`] says how the queue thread, the workers and a watcher (one for all queues) share the work. With
 //! `--thread-pool-size 0` request queues are answered like the hiprio queue, one at a time in order.
 //!
 //! A request that fails is answered (or dropped) by the server and logged; it never ends a thread. When
@@ -63,7 +63,7 @@ use crate::takeover::keeper::CheckpointSink;
 use crate::takeover::state::{self, State};
 use inflight_log::InflightLog;
 pub use queue::handle_request;
-use queue::{Memory, RequestQueue, Requests};
+use queue::{Memory, RequestQueue, Requests, Watch};
 
 /// Descriptors per queue (QEMU asks for 128 by default; nydusd offers 1024).
 pub const QUEUE_SIZE: usize = 1024;
@@ -120,6 +120,36 @@ pub struct VirtioFsBackend {
     recovering: AtomicBool,
 }
 
+/// Request queues 1..`queues` served with pools of `pool_size` and one watcher for them all (the
+/// hiprio queue 0 gets none).
+fn request_queues_with_pools(
+    requests: &Arc<Requests>,
+    queues: usize,
+    pool_size: usize,
+) -> io::Result<Vec<Option<Arc<RequestQueue>>>> {
+    let watch = Watch::new()?;
+    let mut made: Vec<Arc<RequestQueue>> = Vec::with_capacity(queues);
+    let started = (1..queues)
+        .try_for_each(|q| {
+            made.push(RequestQueue::new(
+                q,
+                requests.clone(),
+                pool_size,
+                watch.clone(),
+            )?);
+            Ok(())
+        })
+        .and_then(|()| watch.start(made.clone()));
+    if let Err(e) = started {
+        // The queues made so far have threads of their own: stop them.
+        made.iter().for_each(|rq| rq.close());
+        return Err(e);
+    }
+    Ok(std::iter::once(None)
+        .chain(made.into_iter().map(Some))
+        .collect())
+}
+
 impl VirtioFsBackend {
     /// `inflight`: the log of requests taken and not answered, for crash restart.
     pub fn new(
@@ -140,24 +170,11 @@ impl VirtioFsBackend {
             .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK))
             .collect::<io::Result<Vec<_>>>()?;
         let requests = Arc::new(Requests::new(vfs, inflight));
-        let mut pools = Vec::with_capacity(queues);
-        for q in 0..queues {
-            if q == 0 || pool_size == 0 {
-                pools.push(None);
-                continue;
-            }
-            match RequestQueue::new(q, requests.clone(), pool_size) {
-                Ok(rq) => pools.push(Some(rq)),
-                Err(e) => {
-                    // The queues made so far have threads of their own: stop them.
-                    pools
-                        .iter()
-                        .flatten()
-                        .for_each(|rq: &Arc<RequestQueue>| rq.close());
-                    return Err(e);
-                }
-            }
-        }
+        let pools = if pool_size == 0 {
+            (0..queues).map(|_| None).collect()
+        } else {
+            request_queues_with_pools(&requests, queues, pool_size)?
+        };
         Ok(VirtioFsBackend {
             requests,
             mem: RwLock::new(None),

@@ -1592,6 +1592,58 @@ fn requests_behind_a_slow_metadata_request_are_taken_over_by_the_watcher() {
     assert!(fuse.stop().success());
 }
 
+/// The names of the threads of process `pid`.
+fn thread_names(pid: i32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
+        .map(|c| c.trim_end().to_string())
+        .collect()
+}
+
+/// Four request queues share one watcher thread (four would wake four times as often on a busy device,
+/// each a context switch on the CPUs the queue threads need), and requests on every queue are answered,
+/// lone ones by the queue thread while the watcher looks after all of them.
+#[test]
+#[ignore = "needs root: ci/test.sh"]
+fn one_watcher_looks_after_every_request_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = VirtiofsDaemon::start(BIN, dir.path(), &["--sandbox", "none"]);
+    d.mount_case("/img", IMG1, &dir.path().join("cache"), false);
+    let mut g = Guest::connect(
+        &d.sock,
+        Options {
+            request_queues: 4,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    g.fuse_init().unwrap();
+    let random = g
+        .lookup_path(ROOT, "img/special/random-2m5")
+        .unwrap()
+        .nodeid;
+    let mut queues = g.split_queues();
+    assert_eq!(queues.len(), 4);
+    std::thread::scope(|s| {
+        for q in &mut queues {
+            s.spawn(move || {
+                for _ in 0..200 {
+                    assert_eq!(q.getattr(random).unwrap().attr.ino, random);
+                }
+            });
+        }
+    });
+    let watchers: Vec<String> = thread_names(d.pid())
+        .into_iter()
+        .filter(|n| n.ends_with("-watch"))
+        .collect();
+    assert_eq!(watchers, ["vq-watch"], "one watcher for the four queues");
+    drop(queues);
+    drop(g);
+    d.kill_and_check();
+}
+
 /// After a run of READs the cache answers, the queue thread answers lone READs itself; the first one that
 /// has to wait on the registry then holds it up, and the watcher takes the requests behind it to the
 /// workers. READs go to workers again after that one, so a second held READ leaves the queue thread free.

@@ -7,7 +7,7 @@ use crate::corrupt;
 use crate::error::Result;
 
 /// `data[off..off+len]`, or an error naming `what` when the range is not inside `data`.
-pub fn slice<'a>(data: &'a [u8], off: u64, len: u64, what: &str) -> Result<&'a [u8]> {
+pub fn slice(data: &[u8], off: u64, len: u64, what: impl std::fmt::Display) -> Result<&[u8]> {
     let end = off
         .checked_add(len)
         .ok_or_else(|| corrupt!("{what}: offset {off} + length {len} overflows"))?;
@@ -21,7 +21,7 @@ pub fn slice<'a>(data: &'a [u8], off: u64, len: u64, what: &str) -> Result<&'a [
 }
 
 /// The record `R` at `off` of `data`, or an error naming `what` when it does not fit.
-pub fn record<R: Record>(data: &[u8], off: u64, what: &str) -> Result<R> {
+pub fn record<R: Record>(data: &[u8], off: u64, what: impl std::fmt::Display) -> Result<R> {
     let bytes = slice(data, off, R::SIZE as u64, what)?;
     Ok(R::read(bytes).expect("slice has the record's size"))
 }

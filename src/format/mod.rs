@@ -258,7 +258,7 @@ impl InodeAttr {
         self.file_type() == libc::S_IFLNK
     }
     /// Refuse a mode whose type bits name no file type; `what` names the inode in the error.
-    pub fn check_file_type(&self, what: &str) -> Result<()> {
+    pub fn check_file_type(&self, what: impl std::fmt::Display) -> Result<()> {
         match self.file_type() {
             libc::S_IFREG
             | libc::S_IFDIR
@@ -380,8 +380,8 @@ pub trait MetaReader: Send + Sync {
     fn chunk_records(&self, f: &mut dyn FnMut(&ChunkInfo) -> Result<()>) -> Result<()>;
 }
 
-/// A directory entry name must be a single path component.
-pub fn check_name(name: &[u8], what: &str) -> Result<()> {
+/// A directory entry name must be a single path component; `what` names the directory in the error.
+pub fn check_name(name: &[u8], what: impl std::fmt::Display) -> Result<()> {
     if name.is_empty() {
         return Err(corrupt!("{what}: empty file name"));
     }
@@ -401,6 +401,17 @@ pub fn check_name(name: &[u8], what: &str) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Names a metadata record in an error ("`{0} {1}`", e.g. "inode nid 42"), formatted only when an error
+/// is built: the request paths read inodes, blocks and names on every LOOKUP, GETATTR and READ.
+#[derive(Clone, Copy)]
+pub struct Named(pub &'static str, pub u64);
+
+impl std::fmt::Display for Named {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.0, self.1)
+    }
 }
 
 /// Blob ids become file names and URL path segments: refuse anything that could leave the blob directory.

@@ -12,7 +12,7 @@ use super::bytes::{record, round_up, slice, Le};
 use super::limits;
 use super::{
     blob_features as bf, check_blob_id, check_name, flags, BlobInfo, ChunkAddr, ChunkInfo,
-    Compressor, Digester, DirEntry, InodeAttr, MetaBytes, MetaReader, SuperInfo,
+    Compressor, Digester, DirEntry, InodeAttr, MetaBytes, MetaReader, Named, SuperInfo,
 };
 use crate::corrupt;
 use crate::error::{Error, Result};
@@ -180,7 +180,7 @@ impl V5Meta {
             has_xattr: r.flags & I_XATTR != 0,
             record: offset,
         };
-        attr.check_file_type(&format!("inode {ino}"))?;
+        attr.check_file_type(Named("inode", ino))?;
         Ok(InodeRecord {
             attr,
             flags: r.flags,
@@ -251,7 +251,7 @@ impl V5Meta {
     fn child(&self, dir: &InodeRecord, k: u32) -> Result<(Vec<u8>, InodeRecord)> {
         let rec = self.record_at(self.slot_offset(dir.child_index as u64 + k as u64)?)?;
         let name = self.name_of(&rec)?.to_vec();
-        check_name(&name, &format!("directory {}", dir.attr.ino))?;
+        check_name(&name, Named("directory", dir.attr.ino))?;
         Ok((name, rec))
     }
 }
@@ -454,10 +454,10 @@ impl MetaReader for V5Meta {
         if rec.flags & I_XATTR == 0 {
             return Ok(Vec::new());
         }
-        let what = format!("xattrs of inode {}", inode.ino);
+        let what = Named("xattrs of inode", inode.ino);
         let off = self.after_names(&rec);
-        let total = slice(&self.data, off, 8, &what)?.u64_at(0);
-        let area = slice(&self.data, off + 8, total, &what)?;
+        let total = slice(&self.data, off, 8, what)?.u64_at(0);
+        let area = slice(&self.data, off + 8, total, what)?;
         let mut out = Vec::new();
         let mut pos = 0usize;
         while pos < area.len() {
@@ -505,14 +505,14 @@ impl MetaReader for V5Meta {
             if !rec.attr.is_reg() || rec.child_count == 0 || !seen.insert(rec.attr.record) {
                 continue;
             }
-            let what = format!("chunks of inode {}", rec.attr.ino);
+            let what = Named("chunks of inode", rec.attr.ino);
             let count = rec.child_count as u64;
             budget = budget.checked_sub(count).ok_or_else(|| {
                 corrupt!("{what}: chunk records overlap (more of them than the bootstrap holds)")
             })?;
             let Ok(records) = self
                 .chunks_offset(&rec)
-                .and_then(|base| slice(&self.data, base, count * CHUNK_SIZE, &what))
+                .and_then(|base| slice(&self.data, base, count * CHUNK_SIZE, what))
             else {
                 continue;
             };
@@ -544,7 +544,7 @@ impl MetaReader for V5Meta {
                 inode.ino
             )));
         }
-        let what = format!("chunks of inode {}", inode.ino);
+        let what = Named("chunks of inode", inode.ino);
         let size = rec.attr.size;
         let chunk_size = self.info.chunk_size as u64;
         // Without HAS_HOLE, chunk k holds bytes [k * chunk size, (k + 1) * chunk size) of the file, all of
@@ -563,7 +563,7 @@ impl MetaReader for V5Meta {
             return Ok(Vec::new());
         }
         let base = self.chunks_offset(&rec)?;
-        let records = slice(&self.data, base, rec.child_count as u64 * CHUNK_SIZE, &what)?;
+        let records = slice(&self.data, base, rec.child_count as u64 * CHUNK_SIZE, what)?;
         let raw = |k: usize| {
             ChunkRecord::read(&records[k * CHUNK_SIZE as usize..])
                 .expect("inside the checked array")

@@ -17,7 +17,7 @@ use super::bytes::{record, round_up, slice, Le};
 use super::limits;
 use super::{
     blob_features as bf, check_blob_id, check_name, flags, BlobInfo, ChunkAddr, ChunkInfo,
-    CiLocation, Compressor, Digester, DirEntry, InodeAttr, MetaBytes, MetaReader, SuperInfo,
+    CiLocation, Compressor, Digester, DirEntry, InodeAttr, MetaBytes, MetaReader, Named, SuperInfo,
 };
 use crate::corrupt;
 use crate::error::{Error, Result};
@@ -134,7 +134,7 @@ impl V6Meta {
             .checked_mul(rafs_layout::erofs::INODE_SLOT)
             .and_then(|o| o.checked_add(self.meta_base))
             .ok_or_else(|| corrupt!("nid {nid} is out of range"))?;
-        let head: InodeCompact = record(&self.data, offset, &format!("inode nid {nid}"))?;
+        let head: InodeCompact = record(&self.data, offset, Named("inode nid", nid))?;
         let format = head.format;
         if format >> 4 != 0 {
             return Err(corrupt!("inode nid {nid}: unknown i_format {format:#x}"));
@@ -164,8 +164,7 @@ impl V6Meta {
             };
             (attr, InodeCompact::SIZE as u64, head.i_u)
         } else {
-            let ext: InodeExtended =
-                record(&self.data, offset, &format!("extended inode nid {nid}"))?;
+            let ext: InodeExtended = record(&self.data, offset, Named("extended inode nid", nid))?;
             let attr = InodeAttr {
                 ino: nid,
                 mode,
@@ -181,7 +180,7 @@ impl V6Meta {
             };
             (attr, InodeExtended::SIZE as u64, ext.i_u)
         };
-        attr.check_file_type(&format!("inode nid {nid}"))?;
+        attr.check_file_type(Named("inode nid", nid))?;
         let mut attr = attr;
         if !matches!(attr.file_type(), libc::S_IFCHR | libc::S_IFBLK) {
             attr.rdev = 0;
@@ -211,7 +210,7 @@ impl V6Meta {
         }
         let len = (size - start).min(self.block_size);
         let nblocks = size.div_ceil(self.block_size);
-        let what = format!("data of inode nid {}", raw.attr.ino);
+        let what = Named("data of inode nid", raw.attr.ino);
         match raw.layout {
             LAYOUT_FLAT_INLINE if index == nblocks - 1 && !size.is_multiple_of(self.block_size) => {
                 let off = raw.offset + raw.inode_size + raw.xattr_size;
@@ -221,11 +220,11 @@ impl V6Meta {
                         raw.attr.ino
                     ));
                 }
-                slice(&self.data, off, len, &what)
+                slice(&self.data, off, len, what)
             }
             LAYOUT_FLAT_INLINE | LAYOUT_FLAT_PLAIN => {
                 let off = (raw.i_u as u64 + index) * self.block_size;
-                slice(&self.data, off, len, &what)
+                slice(&self.data, off, len, what)
             }
             _ => Err(corrupt!(
                 "inode nid {}: directory or symlink with chunk-based layout",
@@ -530,7 +529,7 @@ fn dir_block_entries(block: &[u8], nid: u64) -> Result<Vec<(&[u8], u64, u8)>> {
             name = padded(name);
         }
         if name != b"." && name != b".." {
-            check_name(name, &format!("directory nid {nid}"))?;
+            check_name(name, Named("directory nid", nid))?;
         }
         out.push((name, d.nid, d.file_type));
     }
@@ -679,14 +678,14 @@ impl MetaReader for V6Meta {
         if raw.xattr_size == 0 {
             return Ok(Vec::new());
         }
-        let what = format!("xattrs of nid {}", inode.ino);
+        let what = Named("xattrs of nid", inode.ino);
         let area = slice(
             &self.data,
             raw.offset + raw.inode_size,
             raw.xattr_size,
-            &what,
+            what,
         )?;
-        let header: XattrIbodyHeader = record(area, 0, &what)?;
+        let header: XattrIbodyHeader = record(area, 0, what)?;
         if header.shared_count != 0 {
             return Err(Error::Unsupported(format!("{what}: shared xattrs")));
         }
@@ -734,11 +733,11 @@ impl MetaReader for V6Meta {
         let chunk_size = self.info.chunk_size as u64;
         let total = size.div_ceil(chunk_size);
         let index_off = raw.offset + round_up(raw.inode_size + raw.xattr_size, 8);
-        let what = format!("chunk index array of nid {}", inode.ino);
+        let what = Named("chunk index array of nid", inode.ino);
         let bytes = total
             .checked_mul(8)
             .ok_or_else(|| corrupt!("{what}: size {size} overflows"))?;
-        let array = slice(&self.data, index_off, bytes, &what)?;
+        let array = slice(&self.data, index_off, bytes, what)?;
         let end = offset.saturating_add(len).min(size);
         let mut out = Vec::new();
         for k in offset / chunk_size..end.div_ceil(chunk_size) {

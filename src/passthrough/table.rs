@@ -167,7 +167,7 @@ impl ShareTable {
         ShareTable::create_with(inode_cap, handle_cap)
     }
 
-    fn create_with(inode_cap: u64, handle_cap: u64) -> io::Result<ShareTable> {
+    pub(super) fn create_with(inode_cap: u64, handle_cap: u64) -> io::Result<ShareTable> {
         // SAFETY: a NUL-terminated name and flags; the result is checked.
         let fd = unsafe { libc::memfd_create(c"rafsd-share".as_ptr(), libc::MFD_CLOEXEC) };
         if fd < 0 {

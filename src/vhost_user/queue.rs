@@ -1,6 +1,7 @@
 //! Answering one virtqueue's requests: in order on the queue's thread (the hiprio queue, and every queue
 //! with `--thread-pool-size 0`), or through a [`RequestQueue`]: a worker pool, with the queue's thread
-//! answering some requests itself, and a watcher that takes over the ring when one of those turns slow.
+//! answering some requests itself, and a watcher (a [`Watch`], one for all the request queues of a
+//! connection) that takes over the ring when one of those turns slow.
 //!
 //! A request that finds others waiting with it goes to a worker, so they run side by side; so do
 //! requests on file data other than READ (WRITE, FSYNC, SETUPMAPPING, ...), which may wait on a disk or a
@@ -14,10 +15,12 @@
 //! Only the queue's thread learns of new requests (the guest kicks its eventfd), so while it answers one
 //! itself nobody would take the next off the ring. Should that request be slow after all (the first
 //! cold READ after cached ones, a passthrough share on a hung disk), the watcher notices: a one-shot
-//! timer (set by the queue thread when it starts answering after a pause, then by the watcher itself)
-//! wakes it at most once per [`SLOW_REQUEST`] while the queue thread is busy, never while it is idle.
-//! When the queue thread has been on one request for [`SLOW_REQUEST`], the watcher hands what arrives
+//! timer (set by a queue thread when it starts answering after a pause, then by the watcher itself)
+//! wakes it at most once per [`SLOW_REQUEST`] while some queue thread is busy, never while all are idle.
+//! When a queue thread has been on one request for [`SLOW_REQUEST`], the watcher hands what arrives
 //! behind it to the workers, looking every [`WATCH_INTERVAL`], until the queue thread is done with it.
+//! One watcher serves every queue: on a busy device that is one wake-up per [`SLOW_REQUEST`] in all,
+//! not one per queue, each a context switch on the CPUs the queue threads need.
 
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -93,8 +96,17 @@ pub struct Requests {
 #[derive(Default)]
 struct Gate {
     closed: RwLock<bool>,
-    taken: Mutex<usize>,
+    taken: Mutex<Taken>,
     answered: Condvar,
+}
+
+/// Requests taken and not answered, and whether a pause waits for them to be answered.
+#[derive(Default)]
+struct Taken {
+    count: usize,
+    /// Pauses waiting on `answered`. Only then does the last answer notify: a condvar's notify is a
+    /// futex call whether or not anyone waits, and every lone request would make it.
+    pausing: usize,
 }
 
 impl Gate {
@@ -105,16 +117,38 @@ impl Gate {
             return None;
         }
         let (t, n) = pop();
-        *self.taken.lock().unwrap_or_else(|e| e.into_inner()) += n;
+        self.add_taken(n);
         Some(t)
     }
 
-    fn answered(&self) {
+    fn add_taken(&self, n: usize) {
+        self.taken.lock().unwrap_or_else(|e| e.into_inner()).count += n;
+    }
+
+    /// One request answered; true if it was the last one a pause waited for (and it was woken).
+    fn answered(&self) -> bool {
         let mut taken = self.taken.lock().unwrap_or_else(|e| e.into_inner());
-        *taken = taken.saturating_sub(1);
-        if *taken == 0 {
+        taken.count = taken.count.saturating_sub(1);
+        let wake = taken.count == 0 && taken.pausing > 0;
+        drop(taken);
+        if wake {
             self.answered.notify_all();
         }
+        wake
+    }
+
+    /// Close the gate and wait (at most `timeout`) until every request taken is answered; whether
+    /// none is left.
+    fn close_and_drain(&self, timeout: Duration) -> bool {
+        *self.closed.write().unwrap_or_else(|e| e.into_inner()) = true;
+        let mut taken = self.taken.lock().unwrap_or_else(|e| e.into_inner());
+        taken.pausing += 1;
+        let (mut taken, _) = self
+            .answered
+            .wait_timeout_while(taken, timeout, |t| t.count > 0)
+            .unwrap_or_else(|e| e.into_inner());
+        taken.pausing -= 1;
+        taken.count == 0
     }
 
     /// Answer every request of a batch taken with [`Gate::take`] with `answer`, counting each one as
@@ -177,16 +211,7 @@ impl Requests {
     /// Stop taking requests off the rings and wait (at most `timeout`) until every request taken is
     /// answered; false if some are still running then (the gate stays closed: [`Requests::resume`]).
     pub fn pause(&self, timeout: Duration) -> bool {
-        *self.gate.closed.write().unwrap_or_else(|e| e.into_inner()) = true;
-        let taken = self.gate.taken.lock().unwrap_or_else(|e| e.into_inner());
-        let (taken, _) = self
-            .gate
-            .answered
-            .wait_timeout_while(taken, timeout, |n| *n > 0)
-            .unwrap_or_else(|e| e.into_inner());
-        let drained = *taken == 0;
-        drop(taken);
-        drained
+        self.gate.close_and_drain(timeout)
     }
 
     /// Take requests again (a hand-over that did not happen), then `kick_all`: a queue thread woken
@@ -349,7 +374,7 @@ impl Requests {
                 ring,
             })
             .collect();
-        *self.gate.taken.lock().unwrap_or_else(|e| e.into_inner()) += taken;
+        self.gate.add_taken(taken);
         Ok(jobs)
     }
 
@@ -510,26 +535,133 @@ pub struct RequestQueue {
     pool: WorkerPool<Job>,
     /// A worker writes it when the pool has room again after being full; the queue thread waits on it.
     pub resume: EventConsumer,
-    /// Wakes the watcher to look at how long the queue thread has been answering its request.
-    alarm: Alarm,
-    /// The alarm is set (or the watcher is about to decide whether to set it again).
-    armed: AtomicBool,
-    /// When the queue thread started answering the request it answers itself (nanoseconds since
-    /// `epoch`, never 0), or 0.
+    /// The connection's watcher (one for all its request queues).
+    watch: Arc<Watch>,
+    /// When the queue thread started answering the request it answers itself (nanoseconds since the
+    /// watcher's epoch, never 0), or 0.
     busy_since: AtomicU64,
-    epoch: Instant,
     /// Whether lone READs have been fast lately (answered from the cache).
     reads: Arc<ReadStreak>,
     /// While the queue thread answers a request itself: its ring and memory, for the watcher.
     ring: Mutex<Option<(VringRwLock, Memory)>>,
+}
+
+/// The watcher of a connection's request queues: one thread, woken by one alarm, for all of them, so
+/// that queues answering back to back cost one wake-up per [`SLOW_REQUEST`] together, not one each.
+pub struct Watch {
+    /// Wakes the watcher to look at how long the queue threads have been answering their requests.
+    alarm: Alarm,
+    /// The alarm is set (or the watcher is about to decide whether to set it again).
+    armed: AtomicBool,
+    epoch: Instant,
     /// Ends the watcher.
     stop: (EventConsumer, EventNotifier),
 }
 
+impl Watch {
+    pub fn new() -> io::Result<Arc<Self>> {
+        Ok(Arc::new(Watch {
+            alarm: Alarm::new()?,
+            armed: AtomicBool::new(false),
+            epoch: Instant::now(),
+            stop: new_event_consumer_and_notifier(EventFlag::NONBLOCK)?,
+        }))
+    }
+
+    /// Start the watcher thread over `queues` (which were made with this watch).
+    pub fn start(self: &Arc<Self>, queues: Vec<Arc<RequestQueue>>) -> io::Result<()> {
+        let watch = self.clone();
+        std::thread::Builder::new()
+            .name("vq-watch".into())
+            .spawn(move || watch.run(&queues))
+            .map(drop)
+    }
+
+    /// End the watcher (every queue's close calls it; once is enough).
+    fn stop(&self) {
+        if let Err(e) = self.stop.1.notify() {
+            log::error!("virtio-fs: cannot stop the queues' watcher: {e}");
+        }
+    }
+
+    /// Nanoseconds since `epoch`, never 0.
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64 | 1
+    }
+
+    /// A queue thread starts answering a request itself: set the alarm unless it is set already.
+    fn busy(&self) {
+        if !self.armed.swap(true, Ordering::SeqCst) {
+            self.alarm.set(Some(SLOW_REQUEST));
+        }
+    }
+
+    /// The watcher thread: asleep until the alarm; then every queue thread that has been answering one
+    /// request for [`SLOW_REQUEST`] gets the requests arriving behind it handed to the workers, every
+    /// [`WATCH_INTERVAL`] until it is done with that one; the alarm is set again for the next queue
+    /// thread to reach [`SLOW_REQUEST`], and left unset when all are idle.
+    fn run(&self, queues: &[Arc<RequestQueue>]) {
+        loop {
+            if wait_readable([self.alarm.fd(), self.stop.0.as_raw_fd()], None)
+                .is_some_and(|ready| ready[1])
+            {
+                return;
+            }
+            self.alarm.clear();
+            loop {
+                let now = self.now();
+                let (mut held_up, mut next) = (false, None::<Duration>);
+                for q in queues {
+                    let since = q.busy_since.load(Ordering::SeqCst);
+                    if since == 0 {
+                        continue;
+                    }
+                    let age = Duration::from_nanos(now.saturating_sub(since));
+                    if age < SLOW_REQUEST {
+                        next = Some(next.map_or(SLOW_REQUEST - age, |n| n.min(SLOW_REQUEST - age)));
+                    } else {
+                        held_up = true;
+                        q.take_over();
+                    }
+                }
+                if held_up {
+                    // Look again soon, while one is still held up by its request.
+                    if wait_readable([self.stop.0.as_raw_fd()], Some(WATCH_INTERVAL))
+                        .is_some_and(|ready| ready[0])
+                    {
+                        return;
+                    }
+                    continue;
+                }
+                if let Some(next) = next {
+                    self.alarm.set(Some(next));
+                    break;
+                }
+                // All idle: unset. A queue thread sets the alarm for its next request, unless one
+                // started just now and still saw it set: then we do.
+                self.armed.store(false, Ordering::SeqCst);
+                if queues
+                    .iter()
+                    .any(|q| q.busy_since.load(Ordering::SeqCst) != 0)
+                    && !self.armed.swap(true, Ordering::SeqCst)
+                {
+                    self.alarm.set(Some(SLOW_REQUEST));
+                }
+                break;
+            }
+        }
+    }
+}
+
 impl RequestQueue {
-    /// Queue `index` answered with up to `pool_size` requests in flight; starts its watcher and first
-    /// worker.
-    pub fn new(index: usize, requests: Arc<Requests>, pool_size: usize) -> io::Result<Arc<Self>> {
+    /// Queue `index` answered with up to `pool_size` requests in flight, watched by `watch` (whose
+    /// thread the caller starts with all its queues); starts its first worker.
+    pub fn new(
+        index: usize,
+        requests: Arc<Requests>,
+        pool_size: usize,
+        watch: Arc<Watch>,
+    ) -> io::Result<Arc<Self>> {
         let (resume, wake) = new_event_consumer_and_notifier(EventFlag::NONBLOCK)?;
         let (r, reads) = (requests.clone(), Arc::new(ReadStreak::default()));
         let streak = reads.clone();
@@ -543,32 +675,22 @@ impl RequestQueue {
                 }
             }),
         )?;
-        let q = Arc::new(RequestQueue {
+        Ok(Arc::new(RequestQueue {
             index,
             requests,
             pool,
             resume,
-            alarm: Alarm::new()?,
-            armed: AtomicBool::new(false),
+            watch,
             busy_since: AtomicU64::new(0),
-            epoch: Instant::now(),
             reads,
             ring: Mutex::new(None),
-            stop: new_event_consumer_and_notifier(EventFlag::NONBLOCK)?,
-        });
-        let watched = q.clone();
-        std::thread::Builder::new()
-            .name(format!("vq{index}-watch"))
-            .spawn(move || watched.watch())?;
-        Ok(q)
+        }))
     }
 
     /// End of the connection: the watcher and idle workers exit, busy workers after their request.
     pub fn close(&self) {
         self.pool.close();
-        if let Err(e) = self.stop.1.notify() {
-            log::error!("virtio-fs: cannot stop queue {}'s watcher: {e}", self.index);
-        }
+        self.watch.stop();
     }
 
     /// The queue thread, on a kick or a resume event: take requests off the ring as long as the pool
@@ -653,65 +775,21 @@ impl RequestQueue {
     fn answer_here(&self, job: Job, mem: &Memory) {
         *self.ring.lock().unwrap_or_else(|e| e.into_inner()) =
             Some((job.vring.clone(), mem.clone()));
-        self.busy_since.store(self.now(), Ordering::SeqCst);
-        if !self.armed.swap(true, Ordering::SeqCst) {
-            self.alarm.set(Some(SLOW_REQUEST));
-        }
+        self.busy_since.store(self.watch.now(), Ordering::SeqCst);
+        self.watch.busy();
         self.pool.run_here(job);
         self.busy_since.store(0, Ordering::SeqCst);
         *self.ring.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
-    /// Nanoseconds since `epoch`, never 0.
-    fn now(&self) -> u64 {
-        self.epoch.elapsed().as_nanos() as u64 | 1
-    }
-
-    /// The watcher thread: asleep until the alarm; then, if the queue thread has been answering one
-    /// request for [`SLOW_REQUEST`], hand the requests arriving behind it to the workers every
-    /// [`WATCH_INTERVAL`] until it is done with that one; set the alarm again while the queue thread is
-    /// busy, leave it unset when it is idle.
-    fn watch(&self) {
-        loop {
-            if wait_readable([self.alarm.fd(), self.stop.0.as_raw_fd()], None)
-                .is_some_and(|ready| ready[1])
-            {
-                return;
-            }
-            self.alarm.clear();
-            loop {
-                let since = self.busy_since.load(Ordering::SeqCst);
-                if since == 0 {
-                    // Idle: unset. The queue thread sets the alarm for its next request, unless it
-                    // started one just now and still saw it set: then we do.
-                    self.armed.store(false, Ordering::SeqCst);
-                    if self.busy_since.load(Ordering::SeqCst) != 0
-                        && !self.armed.swap(true, Ordering::SeqCst)
-                    {
-                        self.alarm.set(Some(SLOW_REQUEST));
-                    }
-                    break;
-                }
-                let age = Duration::from_nanos(self.now().saturating_sub(since));
-                if age < SLOW_REQUEST {
-                    self.alarm.set(Some(SLOW_REQUEST - age));
-                    break;
-                }
-                // Held up by this request: take over the ring until the queue thread is done with it.
-                while self.busy_since.load(Ordering::SeqCst) == since {
-                    let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                    if let Some((vring, mem)) = ring {
-                        while let Pop::Request(chain) = self.pop(&vring, &mem) {
-                            let kind = Kind::of(&chain);
-                            self.pool.submit(self.job(chain, &vring, kind));
-                        }
-                    }
-                    if wait_readable([self.stop.0.as_raw_fd()], Some(WATCH_INTERVAL))
-                        .is_some_and(|ready| ready[0])
-                    {
-                        return;
-                    }
-                }
+    /// The watcher, while the queue thread is held up by a request: hand what waits in the ring behind
+    /// it to the workers.
+    fn take_over(&self) {
+        let ring = self.ring.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some((vring, mem)) = ring {
+            while let Pop::Request(chain) = self.pop(&vring, &mem) {
+                let kind = Kind::of(&chain);
+                self.pool.submit(self.job(chain, &vring, kind));
             }
         }
     }
@@ -1031,7 +1109,39 @@ mod tests {
             [0, 0xffff, 2],
             "the rest of the batch is answered"
         );
-        assert_eq!(*gate.taken.lock().unwrap(), 0);
+        assert_eq!(gate.taken.lock().unwrap().count, 0);
+    }
+
+    /// An answer wakes a pause only when one waits and the answer was the last: lone requests make no
+    /// futex call each; a pause still returns as soon as the last request is answered.
+    #[test]
+    fn an_answer_wakes_only_a_waiting_pause() {
+        let gate = Arc::new(Gate::default());
+        gate.take(|| ((), 2)).unwrap();
+        assert!(!gate.answered(), "no pause waits");
+        assert!(!gate.answered(), "no pause waits, none left");
+        gate.add_taken(2);
+        let pause = {
+            let gate = gate.clone();
+            std::thread::spawn(move || {
+                let start = Instant::now();
+                (
+                    gate.close_and_drain(Duration::from_secs(20)),
+                    start.elapsed(),
+                )
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while gate.taken.lock().unwrap().pausing == 0 {
+            assert!(Instant::now() < deadline, "the pause never waited");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(!gate.answered(), "one still taken: the pause waits on");
+        assert!(gate.answered(), "the last answer wakes the pause");
+        let (drained, took) = pause.join().unwrap();
+        assert!(drained);
+        assert!(took < Duration::from_secs(10), "woken, not timed out");
+        assert_eq!(gate.taken.lock().unwrap().pausing, 0);
     }
 
     /// A failed hand-over opens the gate before kicking: a queue thread woken by the kick must find

@@ -7,8 +7,11 @@
 //! (one driver thread each, the work split between them) against 4 host threads; the device once with its
 //! worker pools (the default) and once answering in order (`--thread-pool-size 0`, the old way).
 //! Each side's daemon counts the requests it served (admin API metrics), printed next to the rates.
+//! With `--base BIN` another rafsd binary (e.g. a release build of main) is measured too, with its worker
+//! pools, in the same rounds: a baseline for a change to the device.
 //!
 //!   cargo bench --bench virtiofs -- [--rounds N] [--size-mib M] [--random N] [--queues 1,4] [--pin-cpu N]
+//!   [--base BIN]
 //!   (ci/bench-virtiofs.sh)
 //!
 //! Needs root (FUSE mount). The image (a copy of /usr/include plus an M MiB random file) is built once with
@@ -43,6 +46,8 @@ struct Args {
     work: PathBuf,
     /// Request queues (and host threads) to measure with.
     queues: Vec<usize>,
+    /// Another rafsd binary to measure with its worker pools, as a baseline.
+    base: Option<String>,
 }
 
 fn parse_args() -> Args {
@@ -54,6 +59,7 @@ fn parse_args() -> Args {
         random: 20_000,
         work: Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-virtiofs"),
         queues: vec![1, 4],
+        base: None,
     };
     harness::parse_flags(|flag, value| match flag {
         "--rounds" => a.rounds = value().parse().expect("--rounds N"),
@@ -62,6 +68,7 @@ fn parse_args() -> Args {
         "--work" => a.work = PathBuf::from(value()),
         "--limit-secs" => a.limit_secs = value().parse().expect("--limit-secs S"),
         "--pin-cpu" => a.pin_cpu = Some(value().parse().expect("--pin-cpu N")),
+        "--base" => a.base = Some(value()),
         "--queues" => {
             a.queues = value()
                 .split(',')
@@ -70,7 +77,7 @@ fn parse_args() -> Args {
         }
         other => panic!(
             "unknown argument {other}; use --rounds N --size-mib M --random N --queues 1,4 \
-             --pin-cpu N --work DIR --limit-secs S"
+             --pin-cpu N --base BIN --work DIR --limit-secs S"
         ),
     });
     a.rounds = a.rounds.max(1);
@@ -263,8 +270,8 @@ struct Fuse {
 }
 
 impl Bench {
-    /// `rafsd virtiofs DEVICE_ARGS` in `run` with a guest of `nq` request queues.
-    fn device(&self, run: &Path, device_args: &[&str], nq: usize) -> Device {
+    /// `BIN virtiofs DEVICE_ARGS` in `run` with a guest of `nq` request queues.
+    fn device(&self, bin: &str, run: &Path, device_args: &[&str], nq: usize) -> Device {
         std::fs::create_dir_all(run).unwrap();
         let extra = daemon_extra_args();
         let mut args = vec![
@@ -275,7 +282,7 @@ impl Bench {
         ];
         args.extend_from_slice(device_args);
         args.extend(extra.iter().map(String::as_str));
-        let dev = VirtiofsDaemon::start(BIN, run, &args);
+        let dev = VirtiofsDaemon::start(bin, run, &args);
         self.watchdog.watch(dev.pid(), None);
         dev.mount_rafs(
             "/bench",
@@ -525,25 +532,30 @@ fn main() {
         .tempdir()
         .unwrap();
     let fuse = bench.fuse(&run.path().join("fuse"));
-    // Per queue count: (worker pools, in order, host FUSE), the three measured in turn in each round so
-    // that the machine's other load falls on all of them alike.
-    let mut results: Vec<[Rates; 3]> = Vec::new();
+    // Per queue count: (worker pools, in order, host FUSE, base binary's pools), measured in turn in
+    // each round so that the machine's other load falls on all of them alike.
+    let mut results: Vec<[Rates; 4]> = Vec::new();
     for &nq in &a.queues {
-        let mut pool = bench.device(&run.path().join(format!("pool-{nq}")), &[], nq);
-        let mut in_order = bench.device(
-            &run.path().join(format!("in-order-{nq}")),
-            &["--thread-pool-size", "0"],
-            nq,
-        );
-        let mut r: [Rates; 3] = Default::default();
+        let dir = |side: &str| run.path().join(format!("{side}-{nq}"));
+        let mut pool = bench.device(BIN, &dir("pool"), &[], nq);
+        let mut in_order = bench.device(BIN, &dir("in-order"), &["--thread-pool-size", "0"], nq);
+        let mut base = a
+            .base
+            .as_deref()
+            .map(|b| bench.device(b, &dir("base"), &[], nq));
+        let mut r: [Rates; 4] = Default::default();
         for round in 0..a.rounds {
             eprintln!("{nq} queue(s): round {}/{}", round + 1, a.rounds);
             bench.measure_device(&mut pool, &mut r[0]);
             bench.measure_device(&mut in_order, &mut r[1]);
             bench.measure_fuse(&fuse, nq, &mut r[2]);
+            if let Some(base) = &mut base {
+                bench.measure_device(base, &mut r[3]);
+            }
         }
-        bench.stop_device(pool);
-        bench.stop_device(in_order);
+        for d in [Some(pool), Some(in_order), base].into_iter().flatten() {
+            bench.stop_device(d);
+        }
         results.push(r);
     }
 
@@ -559,6 +571,9 @@ fn main() {
         a.size_mib,
         a.rounds
     );
+    if let Some(b) = &a.base {
+        println!("base: {b} with its worker pools");
+    }
     let count = |n: Option<u64>| n.map_or("-".to_string(), |n| n.to_string());
     for (i, &nq) in a.queues.iter().enumerate() {
         println!();
@@ -566,8 +581,9 @@ fn main() {
             "{nq} request queue(s) / {nq} host thread(s): virtio-fs (worker pools), virtio-fs in order \
              (--thread-pool-size 0), host FUSE"
         );
+        let with_base = a.base.is_some();
         println!(
-            "{:<22} {:>5} {:>10} {:>10} {:>10} {:>12} {:>14} {:>12}",
+            "{:<22} {:>5} {:>10} {:>10} {:>10} {:>12} {:>14} {:>12}{}",
             "operation",
             "unit",
             "virtio-fs",
@@ -575,20 +591,31 @@ fn main() {
             "host FUSE",
             "virtio/FUSE",
             "pool/in order",
-            "reqs v/h"
+            "reqs v/h",
+            if with_base {
+                format!(" {:>10} {:>10}", "base", "pool/base")
+            } else {
+                String::new()
+            }
         );
-        let [pool, in_order, fuse] = &results[i];
+        let [pool, in_order, fuse, base] = &results[i];
         for (op, (name, unit, _)) in OPS.iter().enumerate() {
             let (p, o, f) = (
                 median(&pool.rates[op]),
                 median(&in_order.rates[op]),
                 median(&fuse.rates[op]),
             );
+            let b = median(&base.rates[op]);
             println!(
-                "{name:<22} {unit:>5} {p:>10.0} {o:>10.0} {f:>10.0} {:>12.2} {:>14.2} {:>12}",
+                "{name:<22} {unit:>5} {p:>10.0} {o:>10.0} {f:>10.0} {:>12.2} {:>14.2} {:>12}{}",
                 p / f,
                 p / o,
-                format!("{}/{}", count(pool.requests[op]), count(fuse.requests[op]))
+                format!("{}/{}", count(pool.requests[op]), count(fuse.requests[op])),
+                if with_base {
+                    format!(" {b:>10.0} {:>10.2}", p / b)
+                } else {
+                    String::new()
+                }
             );
         }
     }
