@@ -1107,6 +1107,20 @@ fn prefetch_list_fills_the_prefetch_table_and_leads_the_blob() {
     }
 }
 
+/// `built` with a blob cache in `cache` and read prediction on, as a daemon opens it.
+fn open_cached(built: &Built, cache: &Path) -> RafsImage {
+    RafsImage::open_local(
+        &built.bootstrap,
+        Some(&built.blob_dir),
+        ImageOptions {
+            cache_dir: Some(cache.to_path_buf()),
+            amplify_io: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
 /// A directory read file after file in no particular order (a program importing its library): once
 /// three of its files missed, each later miss brings the directory's files after it in the blob in the
 /// same request, so reading 200 small files takes a handful of requests, not one each. What is fetched
@@ -1124,16 +1138,7 @@ fn a_directory_read_file_after_file_comes_in_a_few_requests() {
     }
     let built = build(src.path(), &BuildOptions::default());
     let cache = tempfile::tempdir().unwrap();
-    let image = RafsImage::open_local(
-        &built.bootstrap,
-        Some(&built.blob_dir),
-        ImageOptions {
-            cache_dir: Some(cache.path().to_path_buf()),
-            amplify_io: 1,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let image = open_cached(&built, cache.path());
     let read_all = |ino: u64| {
         let size = image.inode(ino).unwrap().size as usize;
         let mut buf = vec![0; size];
@@ -1184,16 +1189,7 @@ fn wrong_guesses_about_directories_stay_within_a_quarter_of_what_was_read() {
     }
     let built = build(src.path(), &BuildOptions::default());
     let cache = tempfile::tempdir().unwrap();
-    let image = RafsImage::open_local(
-        &built.bootstrap,
-        Some(&built.blob_dir),
-        ImageOptions {
-            cache_dir: Some(cache.path().to_path_buf()),
-            amplify_io: 1,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let image = open_cached(&built, cache.path());
     let root = image.root_ino();
     let mut read = 0;
     for d in 0..20u64 {
