@@ -239,15 +239,11 @@ impl RafsImage {
     }
 
     pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Option<u64>> {
-        let found = self.meta.lookup(&self.meta.inode(parent)?, name)?;
-        if let Some(child) = found {
-            self.siblings.note_parent(child, parent);
-        }
-        Ok(found)
+        self.meta.lookup(&self.meta.inode(parent)?, name)
     }
 
-    /// `child` was named in directory `parent` other than by [`Self::lookup`] (a READDIRPLUS entry): a
-    /// directory read file after file has its other files fetched with a miss (see the README's read path).
+    /// Regular file `child` was named in directory `parent` (a LOOKUP or a READDIRPLUS entry): a directory
+    /// read file after file has its other files fetched with a miss (see the README's read path).
     pub fn note_parent(&self, child: u64, parent: u64) {
         self.siblings.note_parent(child, parent);
     }

@@ -288,6 +288,8 @@ impl RafsFs {
                 let entry = self.entry(&attr);
                 if attr.is_dir() {
                     self.remember_parent(ino, parent);
+                } else if attr.is_reg() {
+                    self.image.note_parent(ino, parent);
                 }
                 self.add_lookup(ino);
                 Ok(entry)

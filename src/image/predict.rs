@@ -212,7 +212,8 @@ impl RafsImage {
     }
 
     /// The chunks of `dir`'s small regular files (among its first [`siblings::MAX_DIR_ENTRIES`] entries);
-    /// `None` past [`siblings::MAX_DIR_CHUNKS`] or on any error: a guess is never worth a failure.
+    /// `None` past [`siblings::MAX_DIR_CHUNKS`] chunk lookups (repeats included: entries naming one file
+    /// again, chunks shared) or on any error: a guess is never worth a failure.
     fn dir_chunks(&self, dir: u64) -> Option<HashSet<(u32, u32)>> {
         let mut files = Vec::new();
         let mut seen = 0;
@@ -224,14 +225,18 @@ impl RafsImage {
             Ok(seen < siblings::MAX_DIR_ENTRIES)
         })
         .ok()?;
+        files.sort_unstable();
+        files.dedup();
         let mut set = HashSet::new();
+        let mut looked_up = 0;
         for ino in files {
             let inode = self.meta.inode(ino).ok()?;
             if inode.size > siblings::SMALL_FILE_BYTES {
                 continue;
             }
             for (o, addr) in self.meta.file_chunks(&inode, 0, inode.size).ok()? {
-                if set.len() >= siblings::MAX_DIR_CHUNKS {
+                looked_up += 1;
+                if looked_up > siblings::MAX_DIR_CHUNKS {
                     return None;
                 }
                 let c = self.file_chunk(&inode, o, &addr).ok()?;

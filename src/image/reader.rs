@@ -178,6 +178,8 @@ impl RafsImage {
         if let Some(data) = self.cached_chunk(cache, info)? {
             return Ok(data);
         }
+        // A guess that did not bring it (its request failed) is not credited when it is read later.
+        self.speculation.forget(info.blob_index, info.index);
         // Not cached, or the cached copy failed verification and was dropped: fetch a verified copy.
         let located = self.locate(info)?;
         let slot = match located.batch.is_none() && self.amplify_io > 0 {
@@ -321,6 +323,7 @@ impl RafsImage {
         match self.verify(info, &data) {
             Ok(_) => {
                 self.count_hit();
+                self.speculation.hit(info.blob_index, info.index);
                 Ok(Some(data))
             }
             Err(e) => {

@@ -23,7 +23,7 @@ const PARENT_SLOTS: usize = 4096;
 const TRACKED_DIRS: usize = 16;
 /// Entries of one directory looked at when indexing it.
 pub const MAX_DIR_ENTRIES: usize = 2048;
-/// Chunks indexed for one directory at most (a directory with more predicts nothing).
+/// Chunk lookups for one directory at most, repeats included (a directory needing more predicts nothing).
 pub const MAX_DIR_CHUNKS: usize = 4096;
 
 /// The chunks (blob index, chunk index) of a directory's regular files.
@@ -75,7 +75,7 @@ impl Default for Siblings {
 }
 
 impl Siblings {
-    /// `child` was named in directory `parent` (a lookup or a READDIRPLUS entry).
+    /// Regular file `child` was named in directory `parent` (a LOOKUP or a READDIRPLUS entry).
     pub fn note_parent(&self, child: u64, parent: u64) {
         let mut parents = self.parents.lock().unwrap_or_else(|e| e.into_inner());
         parents[(child % PARENT_SLOTS as u64) as usize] = (child, parent);
@@ -104,7 +104,11 @@ impl Siblings {
         }
         let verdict = match (&tracked.chunks, tracked.missed.len() >= ARM_AFTER_FILES) {
             (Some(chunks), _) => Verdict::Chunks(chunks.clone()),
-            (None, true) => Verdict::Index(parent),
+            (None, true) => {
+                // Indexed once: misses on other threads meanwhile see no chunks (and make no blind guess).
+                tracked.chunks = Some(DirChunks::default());
+                Verdict::Index(parent)
+            }
             (None, false) => Verdict::NotYet,
         };
         dirs.push_front(tracked);
@@ -145,6 +149,10 @@ mod tests {
         assert!(matches!(s.missed(20), Verdict::NotYet), "another directory");
         assert!(matches!(s.missed(11), Verdict::NotYet));
         assert!(is_index(s.missed(12), 5));
+        assert!(
+            matches!(s.missed(11), Verdict::Chunks(c) if c.is_empty()),
+            "being indexed: indexed once"
+        );
         s.indexed(5, Arc::new(HashSet::from([(0, 7)])));
         assert!(matches!(s.missed(10), Verdict::Chunks(c) if c.contains(&(0, 7))));
     }

@@ -19,6 +19,8 @@ pub const MAX_AHEAD: u64 = 256 << 10;
 pub const SHARE_DIVISOR: u64 = 4;
 /// Guessed chunks remembered until read (beyond, a guess that proves right is simply not credited).
 const MAX_UNREAD: usize = 1 << 16;
+/// Bits of the filter that spares a cache hit the lock when its chunk was never guessed.
+const FILTER_BITS: usize = 1 << 16;
 
 pub struct Speculation {
     /// Per blob: 1 + the offset where its last miss ended (0: none yet).
@@ -33,6 +35,15 @@ pub struct Speculation {
     unread: Mutex<HashMap<(u32, u32), u32>>,
     /// `unread.len()`, so reads need not lock while nothing is owed.
     unread_count: AtomicUsize,
+    /// One bit per hash of a guessed chunk, never cleared: a hit whose bit is clear was never guessed
+    /// and takes no lock.
+    filter: Vec<AtomicU64>,
+}
+
+fn filter_bit(blob: u32, index: u32) -> (usize, u64) {
+    let h = ((blob as u64) << 32 | index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 48;
+    let bit = h as usize % FILTER_BITS;
+    (bit / 64, 1 << (bit % 64))
 }
 
 impl Speculation {
@@ -44,17 +55,23 @@ impl Speculation {
             credited: AtomicU64::new(0),
             unread: Mutex::new(HashMap::new()),
             unread_count: AtomicUsize::new(0),
+            filter: (0..FILTER_BITS / 64).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 
     /// `chunks` ((blob, chunk, compressed size)) are being fetched on a guess.
-    pub fn guessed(&self, chunks: impl Iterator<Item = (u32, u32, u32)>) {
+    pub fn guessed(&self, chunks: impl ExactSizeIterator<Item = (u32, u32, u32)>) {
+        if chunks.len() == 0 {
+            return;
+        }
         let mut unread = self.unread.lock().unwrap_or_else(|e| e.into_inner());
         for (blob, index, size) in chunks {
             if unread.len() >= MAX_UNREAD {
                 break;
             }
             unread.insert((blob, index), size);
+            let (word, bit) = filter_bit(blob, index);
+            self.filter[word].fetch_or(bit, Ordering::Relaxed);
         }
         self.unread_count.store(unread.len(), Ordering::Relaxed);
     }
@@ -62,14 +79,28 @@ impl Speculation {
     /// A read found chunk `index` of blob `blob` in the cache: if a guess brought it, the guess was right
     /// and its bytes count as needed (once).
     pub fn hit(&self, blob: u32, index: u32) {
-        if self.unread_count.load(Ordering::Relaxed) == 0 {
-            return;
-        }
-        let mut unread = self.unread.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(size) = unread.remove(&(blob, index)) {
+        if let Some(size) = self.take_unread(blob, index) {
             self.credited.fetch_add(size as u64, Ordering::Relaxed);
         }
+    }
+
+    /// A read is fetching chunk `index` of blob `blob` itself: a guess of it brought nothing (its request
+    /// failed), so a later hit of it is no right guess.
+    pub fn forget(&self, blob: u32, index: u32) {
+        self.take_unread(blob, index);
+    }
+
+    fn take_unread(&self, blob: u32, index: u32) -> Option<u32> {
+        let (word, bit) = filter_bit(blob, index);
+        if self.unread_count.load(Ordering::Relaxed) == 0
+            || self.filter[word].load(Ordering::Relaxed) & bit == 0
+        {
+            return None;
+        }
+        let mut unread = self.unread.lock().unwrap_or_else(|e| e.into_inner());
+        let size = unread.remove(&(blob, index))?;
         self.unread_count.store(unread.len(), Ordering::Relaxed);
+        Some(size)
     }
 
     /// A read missed `size` compressed bytes at `offset` of blob `blob`. Returns how many bytes after them
@@ -175,6 +206,15 @@ mod tests {
         );
         s.hit(0, 2);
         assert_eq!(s.unread_count.load(Ordering::Relaxed), 0);
+        // A guess whose request failed: the reader fetches the chunk itself, and a later hit is no credit.
+        s.guessed([(0, 3, 1000)].into_iter());
+        s.forget(0, 3);
+        s.hit(0, 3);
+        assert_eq!(
+            s.credited.load(Ordering::Relaxed),
+            1000,
+            "only chunks 1 and 2"
+        );
         assert_eq!(
             s.grant(u64::MAX),
             500,
