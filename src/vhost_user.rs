@@ -718,12 +718,17 @@ impl Connection<'_> {
                 // The VMM stops a ring (a guest reset, the VM stopping) and then takes the guest's
                 // buffers back: no request taken before may write them after the reply. So the stop
                 // waits until every request taken is answered (bounded: a hung backend is waited
-                // for STOP_DRAIN at most, and its late reply is then written after all).
-                if m.request == relay::GET_VRING_BASE && !backend.requests.pause(STOP_DRAIN) {
-                    log::warn!(
-                        "virtio-fs: a ring stops with requests still running after {STOP_DRAIN:?}; \
-                         their replies come late"
-                    );
+                // for STOP_DRAIN at most; its late reply then stays out of the ring).
+                if m.request == relay::GET_VRING_BASE {
+                    if !backend.requests.pause(STOP_DRAIN) {
+                        log::warn!(
+                            "virtio-fs: a ring stops with requests still running after \
+                             {STOP_DRAIN:?}; their replies will stay out of it"
+                        );
+                    }
+                    if let Some((ring, _)) = m.ring_state() {
+                        backend.requests.ring_stopped(ring as usize);
+                    }
                 }
             },
             |journal, m| {

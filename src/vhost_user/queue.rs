@@ -43,6 +43,7 @@ use vmm_sys_util::event::{
 };
 
 use super::inflight_log::{InflightLog, Recovered};
+use super::MAX_RINGS;
 use crate::dax::{Admission, DaxWindow};
 use crate::takeover::state::FuseSession;
 use crate::worker_pool::WorkerPool;
@@ -67,6 +68,8 @@ pub struct Job {
     chain: Chain,
     vring: VringRwLock,
     ring: usize,
+    /// The ring's [`Requests::stops`] count when the request was taken.
+    stop: u32,
     kind: Kind,
     rerun: bool,
     fail: bool,
@@ -88,6 +91,9 @@ pub struct Requests {
     on_init: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
     /// Requests taken and not answered yet, for a daemon restarted after a crash.
     log: Option<Arc<InflightLog>>,
+    /// Per ring, how many times the VMM stopped it (GET_VRING_BASE): a request taken before the last
+    /// stop stays out of the ring (see [`Requests::ring_stopped`]).
+    stops: [AtomicU32; MAX_RINGS],
 }
 
 /// Whether requests may be taken off the rings, and how many taken are not answered yet. A live
@@ -185,7 +191,25 @@ impl Requests {
             init: Mutex::new(None),
             on_init: Mutex::new(None),
             log,
+            stops: std::array::from_fn(|_| AtomicU32::new(0)),
         }
+    }
+
+    /// The VMM stopped ring `ring` (GET_VRING_BASE, once the wait for the requests in flight is over):
+    /// it owns the ring now, and a guest reset reuses its heads for new requests. A request taken
+    /// before and answered after puts nothing in the used ring and leaves the crash log alone (its
+    /// reply would answer another request, and clearing its head would drop that request's log entry).
+    /// Its reply may still have been written into the buffers it had (see the README's limits).
+    pub fn ring_stopped(&self, ring: usize) {
+        if let Some(stops) = self.stops.get(ring) {
+            stops.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    fn stop_count(&self, ring: usize) -> u32 {
+        self.stops
+            .get(ring)
+            .map_or(0, |s| s.load(Ordering::Acquire))
     }
 
     /// Requests are logged for crash restart.
@@ -275,9 +299,14 @@ impl Requests {
     /// Answer a request (or fail it, see [`Job`]), put it in the used ring, interrupt the guest if it
     /// wants that now.
     fn run(&self, job: Job) {
-        let (ring, head, vring) = (job.ring, job.chain.head_index(), job.vring.clone());
+        let (ring, stop, head, vring) = (
+            job.ring,
+            job.stop,
+            job.chain.head_index(),
+            job.vring.clone(),
+        );
         let len = self.answer(job);
-        if let Err(e) = self.complete(ring, &vring, head, len) {
+        if let Err(e) = self.complete(ring, stop, &vring, head, len) {
             log::warn!("virtio-fs: returning descriptor {head}: {e}");
         }
         self.gate.answered();
@@ -308,10 +337,20 @@ impl Requests {
     fn put_used(
         &self,
         ring: usize,
+        stop: u32,
         state: &mut vhost_user_backend::VringState,
         head: u16,
         len: u32,
     ) -> io::Result<()> {
+        // Under the ring's lock, which the stop's handling takes too: an entry is added before the
+        // stop or not at all.
+        if self.stop_count(ring) != stop {
+            log::warn!(
+                "virtio-fs: queue {ring}: request {head} answered after its ring stopped; \
+                 its reply stays out of the ring"
+            );
+            return Ok(());
+        }
         if let Some(log) = &self.log {
             log.completing(ring, head, state.get_queue().next_used());
         }
@@ -367,6 +406,7 @@ impl Requests {
             .into_iter()
             .map(|chain| Job {
                 kind: Kind::of(&chain),
+                stop: self.stop_count(ring),
                 rerun: true,
                 fail: fail.contains(&chain.head_index()),
                 chain,
@@ -378,19 +418,26 @@ impl Requests {
         Ok(jobs)
     }
 
-    fn complete(&self, ring: usize, vring: &VringRwLock, head: u16, len: u32) -> io::Result<()> {
+    fn complete(
+        &self,
+        ring: usize,
+        stop: u32,
+        vring: &VringRwLock,
+        head: u16,
+        len: u32,
+    ) -> io::Result<()> {
         let live = self.live.read().unwrap_or_else(|e| e.into_inner());
         if !*live {
             return Ok(());
         }
         // The ring lock is held just for the used entry and the notification check (a few stores and
         // loads), so requests finishing together do not queue up behind each other for long.
-        // A ring stopped by GET_VRING_BASE still gets the entry: the VMM expects a stop to drain the
-        // requests in flight. The relay holds the stop back until they are answered (vhost-user-backend
-        // would answer it at once), so only a request still running after that wait drains late.
+        // The VMM expects a stop (GET_VRING_BASE) to drain the requests in flight: the relay holds it
+        // back until they are answered (vhost-user-backend would answer it at once); a request still
+        // running after that wait is answered late and stays out of the ring (`put_used`).
         let notify = {
             let mut state = vring.get_mut();
-            self.put_used(ring, &mut state, head, len)?;
+            self.put_used(ring, stop, &mut state, head, len)?;
             // With EVENT_IDX each check covers the entries added since the previous one, whichever
             // thread added them, so an entry is never left without its interrupt.
             !self.event_idx.load(Ordering::Relaxed) || state.needs_notification().unwrap_or(true)
@@ -412,14 +459,15 @@ impl Requests {
     ) -> io::Result<()> {
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         self.gate.answer_each(recovered, |job| {
-            let head = job.chain.head_index();
+            let (head, stop) = (job.chain.head_index(), job.stop);
             let used = self.answer(job);
-            self.put_used(ring, &mut vring.get_mut(), head, used)
+            self.put_used(ring, stop, &mut vring.get_mut(), head, used)
         })?;
         loop {
             if event_idx {
                 vring.disable_notification().map_err(io::Error::other)?;
             }
+            let stop = self.stop_count(ring);
             let Some(chains) = self.gate.take(|| {
                 let chains: Vec<_> =
                     std::iter::from_fn(|| self.pop_logged(ring, vring, &mem)).collect();
@@ -431,7 +479,7 @@ impl Requests {
             self.gate.answer_each(chains, |chain| {
                 let head = chain.head_index();
                 let used = self.handle_caught(chain);
-                self.put_used(ring, &mut vring.get_mut(), head, used)
+                self.put_used(ring, stop, &mut vring.get_mut(), head, used)
             })?;
             if !event_idx || vring.needs_notification().map_err(io::Error::other)? {
                 vring.signal_used_queue()?;
@@ -747,6 +795,7 @@ impl RequestQueue {
             chain,
             vring: vring.clone(),
             ring: self.index,
+            stop: self.requests.stop_count(self.index),
             kind,
             rerun: false,
             fail: false,
