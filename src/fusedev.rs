@@ -27,6 +27,7 @@ mod channel;
 
 use crate::daemon::{Control, Daemon, DaemonState};
 use crate::error::{Error, Result};
+use crate::fs::pseudo_xattr;
 use crate::signals::wait_for_signal;
 use crate::takeover::state::{self, State};
 use crate::takeover::{supervisor, Fate, MountFate};
@@ -164,7 +165,11 @@ fn capture_init(mut r: fuse_backend_rs::transport::Reader<'_>, shared: &Shared) 
 
 /// Write a message of our own (a notification or an error reply) to the FUSE device.
 fn write_fuse(fd: RawFd, header: OutHeader) -> std::io::Result<()> {
-    let bytes = header.as_slice();
+    write_message(fd, header.as_slice())
+}
+
+/// Write one whole message (header included) to the FUSE device.
+fn write_message(fd: RawFd, bytes: &[u8]) -> std::io::Result<()> {
     // SAFETY: writing a plain byte buffer to a descriptor the daemon keeps open.
     let n = unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) };
     if n < 0 {
@@ -587,8 +592,9 @@ impl FuseDaemon<'_> {
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(|e| Error::io("FUSE channel", e))?;
         for (i, mut channel) in channels.into_iter().enumerate() {
-            let (server, running, shared, inflight) = (
+            let (server, vfs, running, shared, inflight) = (
                 self.server.clone(),
+                self.vfs.clone(),
                 self.running.clone(),
                 self.shared.clone(),
                 self.inflight.clone(),
@@ -619,6 +625,13 @@ impl FuseDaemon<'_> {
                                         flush(&shared, h.unique);
                                         continue;
                                     }
+                                }
+                                if let Some(reply) = pseudo_xattr::reply(&vfs, &reader) {
+                                    let fd = shared.fd.load(Ordering::Relaxed);
+                                    if let Err(e) = write_message(fd, &reply) {
+                                        log::debug!("FUSE reply: {e}");
+                                    }
+                                    continue;
                                 }
                                 inflight.begin(i, h.nodeid, h.opcode, h.unique);
                                 // A failed request is answered or dropped by the server; carry on.

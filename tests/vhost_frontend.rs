@@ -565,6 +565,59 @@ fn a_vmm_connecting_while_another_is_attached_is_served_when_the_first_leaves() 
     d.kill_and_check();
 }
 
+/// xattr requests on the device's own directories (the root above /img1 and /layers) are answered as
+/// for a directory without xattrs, never ENOSYS: a guest kernel takes an ENOSYS as "no xattrs on this
+/// device", and every image and passthrough share of the VM would lose theirs.
+#[test]
+#[ignore = "needs root: ci/test.sh"]
+fn xattr_requests_on_the_devices_own_directories_are_never_enosys() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = start_device(dir.path());
+    let mut g = guest(&d);
+    let layers = g.lookup(ROOT, b"layers").unwrap().nodeid;
+    for dir_node in [ROOT, layers] {
+        let mut listxattr = |size: u32| {
+            let a = fuse_backend_rs::abi::fuse_abi::GetxattrIn { size, padding: 0 };
+            let r = g
+                .call(Opcode::Listxattr, dir_node, &[a.as_slice()], size.max(8))
+                .unwrap();
+            (r.header.error, r.body)
+        };
+        // Size 0 asks for the names' length: 0. Otherwise the names: none.
+        assert_eq!(
+            listxattr(0),
+            (0, vec![0u8; 8]),
+            "LISTXATTR of {dir_node:#x}"
+        );
+        assert_eq!(
+            listxattr(4096),
+            (0, Vec::new()),
+            "LISTXATTR of {dir_node:#x}"
+        );
+        let e = g.getxattr(dir_node, "user.x", 64).err().unwrap();
+        assert_eq!(
+            e.raw_os_error(),
+            Some(libc::ENODATA),
+            "GETXATTR of {dir_node:#x}"
+        );
+        let r = g
+            .call(Opcode::Removexattr, dir_node, &[b"user.x\0"], 0)
+            .unwrap();
+        assert_eq!(
+            r.header.error,
+            -libc::ENODATA,
+            "REMOVEXATTR of {dir_node:#x}"
+        );
+    }
+    // An image's file still answers with its own.
+    let img1 = g.lookup(ROOT, b"img1").unwrap().nodeid;
+    let special = g.lookup(img1, b"special").unwrap().nodeid;
+    let file = g.lookup(special, b"xattrs").unwrap().nodeid;
+    assert!(matches!(g.getxattr(file, "user.color", 0), Ok(Xattr::Size(n)) if n > 0));
+    drop(g);
+    d.kill_and_check();
+}
+
 /// Mount reference image 1 at /img1 (blob cache under `dir`; `extra` config keys).
 fn mount_img1(d: &VirtiofsDaemon, dir: &Path, extra: &str) {
     let config = daemon::v1_config(

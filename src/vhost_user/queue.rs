@@ -45,6 +45,7 @@ use vmm_sys_util::event::{
 use super::inflight_log::{InflightLog, Recovered};
 use super::MAX_RINGS;
 use crate::dax::{Admission, DaxWindow};
+use crate::fs::pseudo_xattr;
 use crate::takeover::state::FuseSession;
 use crate::worker_pool::WorkerPool;
 
@@ -78,6 +79,8 @@ pub struct Job {
 /// What answering a request needs; shared by the queue threads, watchers and workers of one connection.
 pub struct Requests {
     server: Server<Arc<Vfs>>,
+    /// The server's `Vfs`, for what the device answers itself (`pseudo_xattr`).
+    vfs: Arc<Vfs>,
     event_idx: AtomicBool,
     /// The DAX window once the backend channel is up.
     dax: RwLock<Option<Arc<DaxWindow>>>,
@@ -183,7 +186,8 @@ impl Gate {
 impl Requests {
     pub fn new(vfs: Arc<Vfs>, log: Option<Arc<InflightLog>>) -> Self {
         Requests {
-            server: Server::new(vfs),
+            server: Server::new(vfs.clone()),
+            vfs,
             event_idx: AtomicBool::new(false),
             dax: RwLock::new(None),
             live: RwLock::new(true),
@@ -293,7 +297,7 @@ impl Requests {
         }
         crash_probe(&reader);
         let window = self.dax.read().unwrap_or_else(|e| e.into_inner()).clone();
-        handle_request(&self.server, reader, writer, window.as_ref())
+        handle_request(&self.server, &self.vfs, reader, writer, window.as_ref())
     }
 
     /// Answer a request (or fail it, see [`Job`]), put it in the used ring, interrupt the guest if it
@@ -931,20 +935,31 @@ impl Alarm {
 const NO_REQUEST_OPCODES: [u32; 3] = [0, 7, 19];
 
 /// One FUSE request from the guest, as the device handles it: an opcode the server must not see is
-/// answered ENOSYS here; the DAX window screens the request (a SETUPMAPPING it cannot take is refused
+/// answered ENOSYS here, an xattr request on one of the `Vfs`'s own directories as `pseudo_xattr` says
+/// (`vfs` is the server's); the DAX window screens the request (a SETUPMAPPING it cannot take is refused
 /// before any filesystem fetches the range; FUSE_INIT starts a new session with an empty window); then
 /// the server dispatches it to the `Vfs`. Returns the bytes written for the guest (0: no reply). Public
 /// so the fuzz target (tests/fuzz) feeds requests through exactly this path.
 pub fn handle_request<S: BitmapSlice>(
     server: &Server<Arc<Vfs>>,
+    vfs: &Vfs,
     reader: Reader<'_, S>,
-    writer: VirtioFsWriter<'_, S>,
+    mut writer: VirtioFsWriter<'_, S>,
     window: Option<&Arc<DaxWindow>>,
 ) -> u32 {
     if let Ok(header) = reader.clone().read_obj::<InHeader>() {
         if NO_REQUEST_OPCODES.contains(&header.opcode) {
             return reply_error(writer, header.unique, libc::ENOSYS);
         }
+    }
+    if let Some(reply) = pseudo_xattr::reply(vfs, &reader) {
+        return match writer.write_all(&reply) {
+            Ok(()) => reply.len() as u32,
+            Err(e) => {
+                log::warn!("virtio-fs: cannot write a reply: {e}");
+                0
+            }
+        };
     }
     // Without a window SETUPMAPPING/REMOVEMAPPING get EINVAL from the server; so does a SETUPMAPPING
     // the window refuses.

@@ -339,7 +339,13 @@ impl Harness {
         let unique = bytes
             .get(8..16)
             .map(|u| u64::from_le_bytes(u.try_into().unwrap()));
-        let n = rafsd::vhost_user::handle_request(&self.server, reader, writer, Some(&self.dax));
+        let n = rafsd::vhost_user::handle_request(
+            &self.server,
+            self.server_vfs(),
+            reader,
+            writer,
+            Some(&self.dax),
+        );
         if n == 0 {
             return None;
         }
