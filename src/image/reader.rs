@@ -101,16 +101,11 @@ impl RafsImage {
                 }
                 None => {
                     // Followers only for a miss (with validation on, hits come this way too).
-                    let missed = match &self.cache {
-                        Some(cache) => self.amplify_io > 0 && !cache.is_ready(&info),
-                        None => false,
-                    };
                     let (follow, dir) = match &self.cache {
-                        Some(cache) if missed => {
-                            let follow = self.sequential_followers(cache, &inode, file_offset);
-                            let dir = self.dir_guess(&inode);
-                            (follow, dir)
-                        }
+                        Some(cache) if self.amplify_io > 0 && !cache.is_ready(&info) => (
+                            self.sequential_followers(cache, &inode, file_offset),
+                            self.dir_guess(&inode),
+                        ),
                         _ => (Vec::new(), DirGuess::Unknown),
                     };
                     let data = self
