@@ -626,7 +626,7 @@ impl FuseDaemon<'_> {
                                         continue;
                                     }
                                 }
-                                if let Some(reply) = pseudo_xattr::reply(&vfs, &reader) {
+                                if let Some(reply) = pseudo_xattr::reply(&vfs, &h, &reader) {
                                     let fd = shared.fd.load(Ordering::Relaxed);
                                     if let Err(e) = write_message(fd, &reply) {
                                         log::debug!("FUSE reply: {e}");

@@ -502,44 +502,19 @@ fn write_requests_are_refused_with_erofs() {
         Some(libc::EROFS)
     );
     // xattr size queries and ERANGE through the kernel.
-    let path =
-        std::ffi::CString::new(m.join("special/xattrs").as_os_str().as_encoded_bytes()).unwrap();
-    // SAFETY: valid path and name; a NULL buffer asks for the size.
-    let size = unsafe {
-        libc::lgetxattr(
-            path.as_ptr(),
-            c"user.color".as_ptr(),
-            std::ptr::null_mut(),
-            0,
-        )
-    };
-    assert_eq!(size, 4);
-    let mut small = [0u8; 2];
-    // SAFETY: valid buffer of the given length.
-    let rc = unsafe {
-        libc::lgetxattr(
-            path.as_ptr(),
-            c"user.color".as_ptr(),
-            small.as_mut_ptr().cast(),
-            small.len(),
-        )
-    };
+    let file = m.join("special/xattrs");
+    assert_eq!(get_xattr(&file, c"user.color", 0).unwrap(), 4);
     assert_eq!(
-        (rc, std::io::Error::last_os_error().raw_os_error()),
-        (-1, Some(libc::ERANGE))
+        get_xattr(&file, c"user.color", 2)
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::ERANGE)
     );
-    // SAFETY: as above.
-    let rc = unsafe {
-        libc::lgetxattr(
-            path.as_ptr(),
-            c"user.absent".as_ptr(),
-            small.as_mut_ptr().cast(),
-            small.len(),
-        )
-    };
     assert_eq!(
-        (rc, std::io::Error::last_os_error().raw_os_error()),
-        (-1, Some(libc::ENODATA))
+        get_xattr(&file, c"user.absent", 2)
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::ENODATA)
     );
     assert!(d.stop().success());
 }
@@ -693,6 +668,24 @@ fn list_xattrs(path: &Path, size: usize) -> std::io::Result<(isize, Vec<u8>)> {
     Ok((n, names))
 }
 
+/// `lgetxattr(path, name)` with a buffer of `size` bytes (none for 0: a size query): the value's length.
+fn get_xattr(path: &Path, name: &std::ffi::CStr, size: usize) -> std::io::Result<isize> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let mut value = vec![0u8; size];
+    let buf = if size == 0 {
+        std::ptr::null_mut()
+    } else {
+        value.as_mut_ptr().cast()
+    };
+    // SAFETY: a valid path and name; `buf` is null or `size` bytes long.
+    let n = unsafe { libc::lgetxattr(c.as_ptr(), name.as_ptr(), buf, size) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n)
+}
+
 /// Asking for the xattrs of the daemon's own directories (the mount's root above the images mounted
 /// through the API) takes no image's xattrs away. fuse-backend-rs's pseudo filesystem answered ENOSYS
 /// there, which the kernel takes as "no xattrs on this connection": one `getfattr` of the mount point
@@ -731,20 +724,11 @@ fn xattrs_of_the_daemons_own_directories_take_no_images_xattrs_away() {
     // The daemon's own root: no xattrs, whether asked for their length or their names, and no value.
     assert_eq!(list_xattrs(&d.mountpoint, 0).unwrap().0, 0);
     assert_eq!(list_xattrs(&d.mountpoint, 4096).unwrap(), (0, Vec::new()));
-    let root = std::ffi::CString::new(d.mountpoint.as_os_str().as_encoded_bytes()).unwrap();
-    let mut value = [0u8; 64];
-    // SAFETY: a valid path, name and buffer.
-    let n = unsafe {
-        libc::lgetxattr(
-            root.as_ptr(),
-            c"user.x".as_ptr(),
-            value.as_mut_ptr().cast(),
-            value.len(),
-        )
-    };
     assert_eq!(
-        (n, std::io::Error::last_os_error().raw_os_error()),
-        (-1, Some(libc::ENODATA))
+        get_xattr(&d.mountpoint, c"user.x", 64)
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::ENODATA)
     );
     // The image's file keeps its xattrs.
     assert_eq!(list_xattrs(&file, 4096).unwrap().1, before);

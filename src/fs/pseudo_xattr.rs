@@ -15,11 +15,14 @@ const VFS_INDEX_SHIFT: u32 = 56;
 /// The root directory's inode number.
 const ROOT: u64 = 1;
 
-/// The whole reply to `reader`'s request (header included) when it is an xattr request on one of the
-/// `Vfs`'s own directories; `None` for any other request, which goes to the server.
-pub fn reply<S: BitmapSlice>(vfs: &Vfs, reader: &Reader<'_, S>) -> Option<Vec<u8>> {
-    let mut r = reader.clone();
-    let header: InHeader = r.read_obj().ok()?;
+/// The whole reply to the request `reader` holds (`header` is its header, already read by the caller)
+/// when it is an xattr request on one of the `Vfs`'s own directories; `None` for any other request,
+/// which goes to the server.
+pub fn reply<S: BitmapSlice>(
+    vfs: &Vfs,
+    header: &InHeader,
+    reader: &Reader<'_, S>,
+) -> Option<Vec<u8>> {
     let op = header.opcode;
     let xattr = [
         Opcode::Setxattr,
@@ -35,7 +38,11 @@ pub fn reply<S: BitmapSlice>(vfs: &Vfs, reader: &Reader<'_, S>) -> Option<Vec<u8
         return None;
     }
     let (error, payload) = if op == Opcode::Listxattr as u32 {
-        let size = r.read_obj::<GetxattrIn>().map_or(0, |i| i.size);
+        let mut r = reader.clone();
+        let size = r
+            .read_obj::<InHeader>()
+            .and_then(|_| r.read_obj::<GetxattrIn>())
+            .map_or(0, |i| i.size);
         // No names: their total length when asked for it, else an empty list.
         match size {
             0 => (0, GetxattrOut::default().as_slice().to_vec()),

@@ -1129,8 +1129,7 @@ mod tests {
         std::fs::write(share.join("d"), b"dd").unwrap();
         std::fs::write(share.join("e"), b"e").unwrap();
         let ctx = Context::default();
-        let first = ConfinedPassthrough::new(share).unwrap();
-        first.init(FsOptions::empty()).unwrap();
+        let first = started(share);
         let look = |fs: &ConfinedPassthrough, parent, name: &CStr| {
             fs.lookup(&ctx, parent, name).unwrap().inode
         };
@@ -1154,8 +1153,7 @@ mod tests {
         std::fs::remove_file(share.join("e")).unwrap();
         std::fs::write(share.join("e"), b"another file").unwrap();
 
-        let next = ConfinedPassthrough::new(share).unwrap();
-        next.init(FsOptions::empty()).unwrap();
+        let next = started(share);
         let got = next.adopt(first.table_file().unwrap()).unwrap();
         assert_eq!(
             got,
@@ -1234,8 +1232,7 @@ mod tests {
             std::fs::write(dir.path().join(name), name).unwrap();
         }
         let ctx = Context::default();
-        let fs = ConfinedPassthrough::new(dir.path()).unwrap();
-        fs.init(FsOptions::empty()).unwrap();
+        let fs = started(dir.path());
         let (h, _) = fs.opendir(&ctx, ROOT, 0).unwrap();
         let mut plus = Vec::new();
         fs.readdirplus(&ctx, ROOT, h.unwrap(), 4096, 0, &mut |d, e| {
@@ -1281,6 +1278,13 @@ mod tests {
             .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
             .filter(|target| target.starts_with(dir))
             .count()
+    }
+
+    /// A share over `dir`, its session started (FUSE_INIT).
+    fn started(dir: &Path) -> ConfinedPassthrough {
+        let fs = ConfinedPassthrough::new(dir).unwrap();
+        fs.init(FsOptions::empty()).unwrap();
+        fs
     }
 
     /// A share whose table has room for `inodes` numbers (the root's two records included).
@@ -1356,15 +1360,13 @@ mod tests {
     fn adopting_a_deep_tree_keeps_no_long_paths() {
         let dir = tempfile::tempdir().unwrap();
         let ctx = Context::default();
-        let first = ConfinedPassthrough::new(dir.path()).unwrap();
-        first.init(FsOptions::empty()).unwrap();
+        let first = started(dir.path());
         let name = CString::new("d".repeat(255)).unwrap();
         let mut deepest = ROOT;
         for _ in 0..MAX_DEPTH {
             deepest = first.mkdir(&ctx, deepest, &name, 0o755, 0).unwrap().inode;
         }
-        let next = ConfinedPassthrough::new(dir.path()).unwrap();
-        next.init(FsOptions::empty()).unwrap();
+        let next = started(dir.path());
         let before = peak_memory();
         let got = next.adopt(first.table_file().unwrap()).unwrap();
         let grew = peak_memory().saturating_sub(before);
@@ -1402,8 +1404,7 @@ mod tests {
         std::fs::create_dir_all(share.join("d")).unwrap();
         std::fs::write(share.join("d/secret"), b"shared").unwrap();
         let ctx = Context::default();
-        let fs = ConfinedPassthrough::new(&share).unwrap();
-        fs.init(FsOptions::empty()).unwrap();
+        let fs = started(&share);
         let d = fs.lookup(&ctx, ROOT, c"d").unwrap().inode;
         std::fs::rename(share.join("d"), share.join("y")).unwrap();
         std::os::unix::fs::symlink("..", share.join("d")).unwrap();
@@ -1425,8 +1426,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("f"), b"data").unwrap();
         let ctx = Context::default();
-        let fs = ConfinedPassthrough::new(dir.path()).unwrap();
-        fs.init(FsOptions::empty()).unwrap();
+        let fs = started(dir.path());
         let n = fs.lookup(&ctx, ROOT, c"f").unwrap().inode;
         let links = [c"l1", c"l2", c"l3", c"l4", c"l5", c"l6"];
         for link in links {
@@ -1450,8 +1450,7 @@ mod tests {
     fn a_create_that_cannot_open_what_exists_keeps_no_descriptor() {
         let dir = tempfile::tempdir().unwrap();
         let ctx = Context::default();
-        let fs = ConfinedPassthrough::new(dir.path()).unwrap();
-        fs.init(FsOptions::empty()).unwrap();
+        let fs = started(dir.path());
         let args = CreateIn {
             flags: libc::O_RDWR as u32,
             mode: 0o644,
@@ -1534,8 +1533,7 @@ mod tests {
             std::fs::write(dir.path().join(n), n).unwrap();
         }
         let ctx = Context::default();
-        let mut fs = ConfinedPassthrough::new(dir.path()).unwrap();
-        fs.init(FsOptions::empty()).unwrap();
+        let mut fs = started(dir.path());
         let base = open_files(dir.path());
         let names = [c"a", c"b", c"c", c"d"];
         // What the guest holds: number -> (host inode number, lookups); handle -> inode.
@@ -1609,8 +1607,7 @@ mod tests {
                 }
                 _ if rnd(10) == 0 => {
                     let table = fs.table_file().unwrap();
-                    let next = ConfinedPassthrough::new(dir.path()).unwrap();
-                    next.init(FsOptions::empty()).unwrap();
+                    let next = started(dir.path());
                     let mut old = Some(std::mem::replace(&mut fs, next));
                     // A crash closes the old daemon's descriptors first; an upgrade after.
                     if rnd(2) == 0 {
@@ -1659,8 +1656,7 @@ mod tests {
         std::fs::write(dir.path().join("c"), b"c").unwrap();
         std::fs::write(dir.path().join("d"), b"d").unwrap();
         let ctx = Context::default();
-        let fs = ConfinedPassthrough::new(dir.path()).unwrap();
-        fs.init(FsOptions::empty()).unwrap();
+        let fs = started(dir.path());
         let c = fs.lookup(&ctx, ROOT, c"c").unwrap().inode;
         let d = fs.lookup(&ctx, ROOT, c"d").unwrap().inode;
         let before = open_files(dir.path());
@@ -1681,8 +1677,7 @@ mod tests {
         let share = dir.path();
         std::fs::write(share.join("f"), b"old").unwrap();
         let ctx = Context::default();
-        let first = ConfinedPassthrough::new(share).unwrap();
-        first.init(FsOptions::empty()).unwrap();
+        let first = started(share);
         let n = first.lookup(&ctx, ROOT, c"f").unwrap().inode;
         let (h, _, _) = first.open(&ctx, n, libc::O_RDWR as u32, 0).unwrap();
         let table = first.table_file().unwrap();
@@ -1698,8 +1693,7 @@ mod tests {
                 break;
             }
         }
-        let next = ConfinedPassthrough::new(share).unwrap();
-        next.init(FsOptions::empty()).unwrap();
+        let next = started(share);
         next.adopt(table).unwrap();
         if !recycled {
             // tmpfs never gives an inode number out again: nothing to tell apart there.
@@ -1720,13 +1714,11 @@ mod tests {
         let share = dir.path();
         std::fs::write(share.join("f"), b"ffff").unwrap();
         let ctx = Context::default();
-        let first = ConfinedPassthrough::new(share).unwrap();
-        first.init(FsOptions::empty()).unwrap();
+        let first = started(share);
         let n1 = first.lookup(&ctx, ROOT, c"f").unwrap().inode;
         // The host moves f away during the hand-over, and back afterwards.
         std::fs::rename(share.join("f"), share.join("g")).unwrap();
-        let second = ConfinedPassthrough::new(share).unwrap();
-        second.init(FsOptions::empty()).unwrap();
+        let second = started(share);
         second.adopt(first.table_file().unwrap()).unwrap();
         drop(first);
         std::fs::rename(share.join("g"), share.join("f")).unwrap();
@@ -1735,8 +1727,7 @@ mod tests {
             "n1 is stale in the second daemon"
         );
         let n2 = second.lookup(&ctx, ROOT, c"f").unwrap().inode;
-        let third = ConfinedPassthrough::new(share).unwrap();
-        third.init(FsOptions::empty()).unwrap();
+        let third = started(share);
         third.adopt(second.table_file().unwrap()).unwrap();
         assert!(
             attr(&third, n2).is_ok(),
@@ -1754,8 +1745,7 @@ mod tests {
             std::fs::write(dir.path().join(name), name).unwrap();
         }
         let ctx = Context::default();
-        let fs = ConfinedPassthrough::new(dir.path()).unwrap();
-        fs.init(FsOptions::empty()).unwrap();
+        let fs = started(dir.path());
         let x = fs.lookup(&ctx, ROOT, c"x").unwrap().inode;
         let (hx, _, _) = fs.open(&ctx, x, 0, 0).unwrap();
         fs.release(&ctx, x, 0, hx.unwrap(), false, false, None)
@@ -1780,8 +1770,7 @@ mod tests {
         fs.release(&ctx, y, 0, hy.unwrap(), false, false, None)
             .unwrap();
         fs.forget(&ctx, y, 1);
-        let next = ConfinedPassthrough::new(dir.path()).unwrap();
-        next.init(FsOptions::empty()).unwrap();
+        let next = started(dir.path());
         next.adopt(fs.table_file().unwrap()).unwrap();
         let z = next.lookup(&ctx, ROOT, c"z").unwrap().inode;
         let (hz, _, _) = next.open(&ctx, z, 0, 0).unwrap();
@@ -1796,16 +1785,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("file"), b"data").unwrap();
         let ctx = Context::default();
-        let first = ConfinedPassthrough::new(dir.path()).unwrap();
-        first.init(FsOptions::empty()).unwrap();
+        let first = started(dir.path());
         let n = first.lookup(&ctx, ROOT, c"file").unwrap().inode;
         let (h, _, _) = first.open(&ctx, n, libc::O_RDONLY as u32, 0).unwrap();
         assert_eq!(first.link(&ctx, n, ROOT, c"file.bak").unwrap().inode, n);
         first.unlink(&ctx, ROOT, c"file.bak").unwrap();
         assert_eq!(first.link(&ctx, n, ROOT, c"second").unwrap().inode, n);
         first.unlink(&ctx, ROOT, c"file").unwrap();
-        let next = ConfinedPassthrough::new(dir.path()).unwrap();
-        next.init(FsOptions::empty()).unwrap();
+        let next = started(dir.path());
         let got = next.adopt(first.table_file().unwrap()).unwrap();
         assert_eq!(got.stale_inodes, 0, "{got:?}");
         assert_eq!(
@@ -1826,8 +1813,7 @@ mod tests {
         let n = (slots::held_limit() / 3).min(6000) as usize;
         let dir = tempfile::tempdir().unwrap();
         let ctx = Context::default();
-        let first = ConfinedPassthrough::new(dir.path()).unwrap();
-        first.init(FsOptions::empty()).unwrap();
+        let first = started(dir.path());
         for i in 0..n {
             let name = CString::new(format!("f{i}")).unwrap();
             std::fs::write(dir.path().join(name.to_str().unwrap()), b"").unwrap();

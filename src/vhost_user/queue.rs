@@ -944,22 +944,16 @@ pub fn handle_request<S: BitmapSlice>(
     server: &Server<Arc<Vfs>>,
     vfs: &Vfs,
     reader: Reader<'_, S>,
-    mut writer: VirtioFsWriter<'_, S>,
+    writer: VirtioFsWriter<'_, S>,
     window: Option<&Arc<DaxWindow>>,
 ) -> u32 {
     if let Ok(header) = reader.clone().read_obj::<InHeader>() {
         if NO_REQUEST_OPCODES.contains(&header.opcode) {
             return reply_error(writer, header.unique, libc::ENOSYS);
         }
-    }
-    if let Some(reply) = pseudo_xattr::reply(vfs, &reader) {
-        return match writer.write_all(&reply) {
-            Ok(()) => reply.len() as u32,
-            Err(e) => {
-                log::warn!("virtio-fs: cannot write a reply: {e}");
-                0
-            }
-        };
+        if let Some(reply) = pseudo_xattr::reply(vfs, &header, &reader) {
+            return write_reply(writer, &reply);
+        }
     }
     // Without a window SETUPMAPPING/REMOVEMAPPING get EINVAL from the server; so does a SETUPMAPPING
     // the window refuses.
@@ -1119,14 +1113,19 @@ fn chains_at(
 }
 
 /// A reply carrying only `-errno`, as the server writes it.
-fn reply_error<S: BitmapSlice>(mut writer: VirtioFsWriter<'_, S>, unique: u64, errno: i32) -> u32 {
+fn reply_error<S: BitmapSlice>(writer: VirtioFsWriter<'_, S>, unique: u64, errno: i32) -> u32 {
     let out = OutHeader {
         len: std::mem::size_of::<OutHeader>() as u32,
         error: -errno,
         unique,
     };
-    match writer.write_all(out.as_slice()) {
-        Ok(()) => out.len,
+    write_reply(writer, out.as_slice())
+}
+
+/// Write a whole reply of our own (header included); the bytes written.
+fn write_reply<S: BitmapSlice>(mut writer: VirtioFsWriter<'_, S>, reply: &[u8]) -> u32 {
+    match writer.write_all(reply) {
+        Ok(()) => reply.len() as u32,
         Err(e) => {
             log::warn!("virtio-fs: cannot write a reply: {e}");
             0
