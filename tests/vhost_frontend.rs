@@ -1368,9 +1368,13 @@ fn img1_guest(d: &VirtiofsDaemon, dir: &Path) -> Guest {
 #[ignore = "needs root: ci/test.sh"]
 fn a_request_that_kills_the_daemon_twice_gets_eio_and_the_device_serves_on() {
     let dir = tempfile::tempdir().unwrap();
-    // Inherited by the daemons this test binary starts; no other test looks this name up.
-    std::env::set_var("RAFSD_TEST_CRASH_ON_LOOKUP", "crash-the-daemon");
-    let d = VirtiofsDaemon::start(BIN, dir.path(), &["--log-level", "info"]);
+    // In this daemon's environment only (its restarted successors inherit it), not the test binary's.
+    let d = VirtiofsDaemon::start_with_env(
+        BIN,
+        dir.path(),
+        &["--log-level", "info"],
+        &[("RAFSD_TEST_CRASH_ON_LOOKUP", "crash-the-daemon")],
+    );
     let mut g = img1_guest(&d, dir.path());
     let lookup = g
         .post(
@@ -1662,8 +1666,9 @@ fn requests_behind_a_slow_metadata_request_are_taken_over_by_the_watcher() {
         std::thread::sleep(Duration::from_millis(200));
         let getattr = post_getattr(&mut g, random);
         let posted = [lookup, getattr];
-        let start = std::time::Instant::now();
-        let first = reap_all(&mut g, &posted, &posted[1..], Duration::from_secs(10), &d);
+        // The LOOKUP waits until the FUSE daemon is continued below: without the watcher the GETATTR
+        // behind it would never be answered (no timed bound: a loaded machine is slow, not wrong).
+        let first = reap_all(&mut g, &posted, &posted[1..], Duration::from_secs(30), &d);
         assert_eq!(
             first.len(),
             1,
@@ -1672,11 +1677,6 @@ fn requests_behind_a_slow_metadata_request_are_taken_over_by_the_watcher() {
                 .iter()
                 .map(|(p, r)| (p.opcode, r.header.error))
                 .collect::<Vec<_>>()
-        );
-        assert!(
-            start.elapsed() < Duration::from_secs(2),
-            "GETATTR took {:?}",
-            start.elapsed()
         );
         drop(stopped);
         let rest = reap_all(&mut g, &posted, &posted[..1], Duration::from_secs(10), &d);
@@ -1758,14 +1758,10 @@ fn a_cold_read_after_cached_ones_is_covered_by_the_watcher() {
         let mut posted = post_reads(&mut g, random, fh, &[offset]);
         assert!(server.wait_held(1, Duration::from_secs(10)));
         posted.push(post_getattr(&mut g, random));
-        let start = std::time::Instant::now();
-        let first = reap_all(&mut g, &posted, &posted[1..], Duration::from_secs(10), &d);
+        // The READ is held until released below: without the watcher the GETATTR behind it would
+        // never be answered (no timed bound: a loaded machine is slow, not wrong).
+        let first = reap_all(&mut g, &posted, &posted[1..], Duration::from_secs(30), &d);
         assert_eq!(first.len(), 1, "the GETATTR, not the held READ");
-        assert!(
-            start.elapsed() < Duration::from_secs(2),
-            "GETATTR took {:?}",
-            start.elapsed()
-        );
         drop(held);
         got.push((
             offset,

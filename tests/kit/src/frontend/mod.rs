@@ -1323,17 +1323,22 @@ pub struct VirtiofsDaemon {
 
 impl VirtiofsDaemon {
     pub fn start(bin: &str, dir: &Path, extra: &[&str]) -> Self {
+        Self::start_with_env(bin, dir, extra, &[])
+    }
+
+    /// [`Self::start`] with `env` added to the daemon's environment (inherited by the processes it
+    /// starts), not to the test's: the tests of one binary run in parallel threads.
+    pub fn start_with_env(bin: &str, dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let (sock, apisock) = Self::sockets(dir);
-        let mut args: Vec<std::ffi::OsString> = vec![
-            "virtiofs".into(),
-            "--sock".into(),
-            sock.into(),
-            "--apisock".into(),
-            apisock.into(),
-        ];
-        args.extend(crate::daemon::sandbox_allow_args(dir));
-        args.extend(extra.iter().map(Into::into));
-        Self::start_with_args(bin, dir, &args)
+        let mut cmd = Command::new(bin);
+        cmd.args(["virtiofs", "--sock"])
+            .arg(&sock)
+            .arg("--apisock")
+            .arg(&apisock)
+            .args(crate::daemon::sandbox_allow_args(dir))
+            .args(extra)
+            .envs(env.iter().copied());
+        Self::spawn(&mut cmd, sock, apisock, dir)
     }
 
     /// Where [`Self::start`] puts the vhost-user and API sockets for `dir`.
@@ -1356,18 +1361,18 @@ impl VirtiofsDaemon {
         dir: &Path,
         args: &[std::ffi::OsString],
     ) -> Self {
+        Self::spawn(Command::new(bin).args(args), sock, apisock, dir)
+    }
+
+    /// Start `cmd` (log in `dir`) and wait until the API answers.
+    fn spawn(cmd: &mut Command, sock: PathBuf, apisock: PathBuf, dir: &Path) -> Self {
         let log = dir.join("rafsd-virtiofs.log");
-        let child = crate::daemon::spawn_ready(
-            Command::new(bin).args(args),
-            &log,
-            Duration::from_secs(30),
-            || {
-                sock.exists()
-                    && apisock.exists()
-                    && crate::daemon::api_request(&apisock, "GET", "/api/v1/daemon", "", WAIT)
-                        .is_ok_and(|(s, _)| s == 200)
-            },
-        )
+        let child = crate::daemon::spawn_ready(cmd, &log, Duration::from_secs(30), || {
+            sock.exists()
+                && apisock.exists()
+                && crate::daemon::api_request(&apisock, "GET", "/api/v1/daemon", "", WAIT)
+                    .is_ok_and(|(s, _)| s == 200)
+        })
         .unwrap_or_else(|e| panic!("rafsd virtiofs {e}:\n{}", crate::daemon::read_log(&log)));
         VirtiofsDaemon {
             pid: child.id() as i32,
