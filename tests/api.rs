@@ -367,11 +367,16 @@ fn hostile_requests_get_clear_errors_and_the_daemon_stays_up() {
         "POST /api/v1/mount?mountpoint=/slow HTTP/1.1\r\nContent-Length: 100\r\n\r\n{{"
     )
     .unwrap();
+    // Answered while the stalled request is still open (a server serving one request at a time would
+    // get to it only after the stalled one hit its deadline and was hung up on); not timed, as a loaded
+    // machine is slow, not wrong.
     let started = Instant::now();
     assert_eq!(v.call("GET", "/api/v1/daemon", "").0, 200);
     assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "a stalled client must not delay others"
+        !hung_up(&slow, 0),
+        "a stalled client must not delay others: answered after {:?}, once the stalled request had \
+         timed out",
+        started.elapsed()
     );
     drop(slow);
 
@@ -460,8 +465,9 @@ fn idle_connections_stay_open_and_slow_requests_hit_a_whole_request_deadline() {
     );
     let (status, took) = trickler.join().unwrap();
     assert_eq!(status, 408, "a trickling request must time out as a whole");
+    // Well before the 16 s the trickle lasts (a deadline per read would never end it).
     assert!(
-        took < Duration::from_secs(13),
+        took < Duration::from_secs(15),
         "the deadline counts from the first byte: took {took:?}"
     );
     // The idle connection still serves requests afterwards.
