@@ -267,6 +267,61 @@ fn faults_are_retried_and_never_return_wrong_bytes() {
     assert_eq!(backend.read_exact_at(&id, 5, 5).unwrap(), data[5..10]);
 }
 
+/// The result of `f` on a thread of its own, or `None` if it is still running after `limit` (the thread is
+/// left behind: the point is that it should not have been).
+fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit).ok()
+}
+
+/// A server that drips its answer (every read makes progress, so no per-read timeout fires) holds no
+/// reader past the `timeout`: a ranged GET read whole fails within its attempts' deadlines, and so does a
+/// streamed range, whose head must come within the `timeout` and whose body must keep up at least a MiB
+/// per `timeout`. Before, a streamed range had no deadline at all: a FUSE worker (or a background stream
+/// and every reader waiting on the chunks it claimed) stayed with the dripping server for days, and a
+/// daemon's workers are every mount's.
+#[test]
+fn a_server_dripping_its_answer_holds_no_reader_past_the_timeout() {
+    use std::io::Read;
+    let (server, data, id, backend) = fake_registry_blob(13);
+    let backend = Arc::new(backend);
+    assert_eq!(backend.blob_size(&id).unwrap(), data.len() as u64);
+    let every = Duration::from_millis(200);
+    for fault in [Fault::Trickle(every), Fault::TrickleHead(every)] {
+        server.set_always(Some(fault.clone()));
+        let (b, blob) = (backend.clone(), id.clone());
+        let start = Instant::now();
+        let whole = within(Duration::from_secs(20), move || {
+            b.read_exact_at(&blob, 0, 64 << 10).map(|_| ())
+        })
+        .unwrap_or_else(|| panic!("{fault:?}: a ranged GET still read after 20 s"));
+        let err = whole.expect_err("dripped bytes are no answer");
+        assert_eq!(err.errno(), libc::EIO, "{fault:?}: {err}");
+        // 4 attempts of at most 1 s each plus 0.7 s of backoff.
+        assert!(start.elapsed() < Duration::from_secs(7), "{fault:?}");
+
+        let (b, blob) = (backend.clone(), id.clone());
+        let start = Instant::now();
+        let streamed = within(Duration::from_secs(20), move || {
+            let mut got = Vec::new();
+            b.open_range(&blob, 0, 1 << 20)
+                .map_err(|e| e.to_string())?
+                .read_to_end(&mut got)
+                .map_err(|e| e.to_string())
+        })
+        .unwrap_or_else(|| panic!("{fault:?}: a streamed range still read after 20 s"));
+        let err = streamed.expect_err("a dripped stream must fail");
+        // The head: 4 attempts of 1 s; the body: 1 s for its first MiB (and one read's 200 ms).
+        let took = start.elapsed();
+        assert!(took < Duration::from_secs(7), "{fault:?}: {took:?}: {err}");
+    }
+    server.set_always(None);
+    assert_eq!(backend.read_exact_at(&id, 5, 5).unwrap(), data[5..10]);
+}
+
 #[test]
 fn bearer_tokens_are_cached_refreshed_and_fetched_once_under_load() {
     let server = FakeServer::start(FakeOptions {

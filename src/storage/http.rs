@@ -27,7 +27,7 @@ pub use retry::{classify, Failure};
 pub use routing::rehost;
 use routing::{now_down, Health};
 pub use settings::{HttpSettings, MirrorSettings, ProxySettings};
-use transport::agent;
+use transport::{agent, range_stream_agent};
 pub use transport::{
     streaming_agent, BlobRange, Method, Request, Response, TransportError, TransportErrorKind,
 };
@@ -46,7 +46,8 @@ pub struct HttpClient {
     pub settings: HttpSettings,
     direct: ureq::Agent,
     /// Like `direct` for streamed ranges: no deadline for the whole exchange (a large range over a slow
-    /// link may take longer than `timeout`), but every read must make progress within it.
+    /// link may take longer than `timeout`), but the head and every read must come within it (the body's
+    /// pace is its reader's to check).
     direct_stream: ureq::Agent,
     /// The proxy as ureq speaks to it: CONNECT tunnels, used for https:// targets.
     via_proxy: Option<ureq::Agent>,
@@ -60,7 +61,7 @@ pub struct HttpClient {
 impl HttpClient {
     pub fn new(settings: HttpSettings) -> Result<Self> {
         let direct = agent(&settings, None)?;
-        let direct_stream = streaming_agent(&settings)?;
+        let direct_stream = range_stream_agent(&settings)?;
         let via_proxy = match &settings.proxy {
             Some(p) => Some(agent(&settings, Some(&p.url))?),
             None => None,

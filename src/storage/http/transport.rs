@@ -186,20 +186,37 @@ fn tls_roots(settings: &HttpSettings) -> Result<ureq::tls::RootCerts> {
     Ok(ureq::tls::RootCerts::new_with_certs(&certs))
 }
 
+/// What the `timeout` bounds in an agent's exchanges.
+#[derive(Clone, Copy, PartialEq)]
+enum Deadline {
+    /// The whole exchange, body included.
+    Whole,
+    /// Every read and write must make progress within it (long transfers).
+    PerIo,
+    /// As `PerIo`, and the response head must arrive within it too: blob ranges whose body is read as it
+    /// arrives, its pace checked by its reader (`backend::ExactBody`).
+    HeadAndPerIo,
+}
+
 pub(super) fn agent(settings: &HttpSettings, proxy: Option<&str>) -> Result<ureq::Agent> {
-    agent_with(settings, proxy, false)
+    agent_with(settings, proxy, Deadline::Whole)
 }
 
 /// An agent for long transfers (whole layers pulled or pushed by `rafsd convert`): no deadline for the
 /// whole exchange, but every read and write must make progress within the `timeout`.
 pub fn streaming_agent(settings: &HttpSettings) -> Result<ureq::Agent> {
-    agent_with(settings, None, true)
+    agent_with(settings, None, Deadline::PerIo)
+}
+
+/// The agent for streamed blob ranges: the head within the `timeout`, then every read within it.
+pub(super) fn range_stream_agent(settings: &HttpSettings) -> Result<ureq::Agent> {
+    agent_with(settings, None, Deadline::HeadAndPerIo)
 }
 
 fn agent_with(
     settings: &HttpSettings,
     proxy: Option<&str>,
-    streaming: bool,
+    deadline: Deadline,
 ) -> Result<ureq::Agent> {
     let proxy = proxy
         .map(|p| {
@@ -207,10 +224,14 @@ fn agent_with(
                 .map_err(|e| Error::Invalid(format!("proxy url {:?}: {e}", crate::redact::text(p))))
         })
         .transpose()?;
-    let (global, per_io) = match streaming {
-        true => (None, settings.timeout),
-        false => (settings.timeout, None),
+    let (global, per_io) = match deadline {
+        Deadline::Whole => (settings.timeout, None),
+        Deadline::PerIo | Deadline::HeadAndPerIo => (None, settings.timeout),
     };
+    // Without it a head dripped a byte per read would take hours to reach ureq's header size limit.
+    let head = settings
+        .timeout
+        .filter(|_| deadline == Deadline::HeadAndPerIo);
     let config = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .max_redirects(0)
@@ -223,6 +244,8 @@ fn agent_with(
         .timeout_global(global)
         .timeout_per_read(per_io)
         .timeout_per_write(per_io)
+        .timeout_send_request(head)
+        .timeout_recv_response(head)
         .timeout_connect(settings.connect_timeout)
         .user_agent("rafsd/0.1")
         .tls_config(

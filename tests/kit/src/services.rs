@@ -365,6 +365,11 @@ pub enum Fault {
     OtherRange,
     /// A Dragonfly proxy refusing: this status with `X-Dragonfly-Error-Type: proxy`.
     ProxyRefuses(u16),
+    /// A correct 206 head, then the body one byte per this long (each read makes progress, the whole
+    /// never ends in any useful time).
+    Trickle(Duration),
+    /// The response head one byte per this long (60 KB of header lines: hours).
+    TrickleHead(Duration),
 }
 
 #[derive(Default)]
@@ -683,6 +688,18 @@ fn respond(conn: &mut TcpStream, status: u16, headers: &[(&str, String)], body: 
     conn.write_all(head.as_bytes()).is_ok() && conn.write_all(body).is_ok()
 }
 
+/// Write `bytes` one byte per `every` until done, the peer leaves or the server stops; false unless all
+/// went out.
+fn drip(s: &Shared, conn: &mut TcpStream, bytes: &[u8], every: Duration) -> bool {
+    for b in bytes {
+        if s.stop.load(Ordering::Relaxed) || conn.write_all(&[*b]).is_err() {
+            return false;
+        }
+        std::thread::sleep(every);
+    }
+    true
+}
+
 fn serve_conn(s: &Shared, mut conn: TcpStream) {
     conn.set_read_timeout(Some(Duration::from_secs(30))).ok();
     let mut reader = BufReader::new(conn.try_clone().unwrap());
@@ -925,6 +942,19 @@ fn handle(
         Some(Fault::OtherRange) => {
             let other = format!("bytes {}-{}/{}", a + 1, b + 1, blob.len());
             respond(conn, 206, &[("Content-Range", other)], body);
+            false
+        }
+        Some(Fault::Trickle(every)) => {
+            let head = format!(
+                "HTTP/1.1 206 X\r\nContent-Range: {range}\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            conn.write_all(head.as_bytes()).is_ok() && drip(s, conn, body, every)
+        }
+        Some(Fault::TrickleHead(every)) => {
+            let line = format!("X-Filler: {}\r\n", "a".repeat(1000));
+            let head = format!("HTTP/1.1 206 X\r\n{}", line.repeat(60));
+            drip(s, conn, head.as_bytes(), every);
             false
         }
         Some(Fault::ProxyRefuses(code)) => {
