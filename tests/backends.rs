@@ -396,6 +396,54 @@ fn bearer_tokens_are_cached_refreshed_and_fetched_once_under_load() {
     assert!(start.elapsed() < Duration::from_secs(2));
 }
 
+/// Readers that meet a 401 together while the token realm hangs share the one token request under way
+/// and its failure: each fails after about one `timeout`, where they used to take their turns at the realm,
+/// the last waiting one `timeout` per reader before it (a worker each, all that time).
+#[test]
+fn readers_share_a_failed_token_request_instead_of_queueing_at_a_hung_realm() {
+    let server = FakeServer::start(FakeOptions {
+        repo: REPO.into(),
+        bearer: Some(60),
+        token_basic: None,
+        redirect_to: None,
+        storage_head_403: false,
+    });
+    let data = pseudo_random(1 << 20, 17);
+    let id = server.add_blob(data.clone());
+    let backend = Arc::new(registry_backend(json!({
+        "scheme": "http", "host": format!("127.0.0.1:{}", server.port), "repo": REPO,
+        "timeout": 1, "connect_timeout": 1, "retry_limit": 0
+    })));
+    server.set_token_fault(Some(Fault::Stall(Duration::from_secs(30))));
+    let readers = 8;
+    let barrier = Arc::new(std::sync::Barrier::new(readers));
+    let start = Instant::now();
+    let threads: Vec<_> = (0..readers)
+        .map(|t| {
+            let (b, id, bar) = (backend.clone(), id.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                bar.wait();
+                let r = b.read_exact_at(&id, t as u64 * 4096, 4096);
+                (r.map(|_| ()), start.elapsed())
+            })
+        })
+        .collect();
+    for t in threads {
+        let (r, took) = t.join().unwrap();
+        let err = r.expect_err("no token, no data");
+        assert_eq!(err.errno(), libc::EIO, "{err}");
+        assert!(
+            took < Duration::from_secs(4),
+            "a reader took {took:?}: {err}"
+        );
+    }
+    let asked = server.counters.token_requests.load(Ordering::Relaxed);
+    assert!(asked <= 3, "{asked} token requests for {readers} readers");
+    // The realm answers again: the next read gets a token and its bytes.
+    server.set_token_fault(None);
+    assert!(backend.read_exact_at(&id, 0, 4096).unwrap() == data[..4096]);
+}
+
 #[test]
 fn redirects_to_blob_storage_carry_no_registry_credentials() {
     let server = FakeServer::start(FakeOptions {

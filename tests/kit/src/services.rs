@@ -380,6 +380,8 @@ pub struct FaultState {
     pub always: Option<Fault>,
     /// Applied to every GET of one blob's data (by blob id) while set, before the others.
     pub per_blob: HashMap<String, Fault>,
+    /// Applied to every token request while set (`Stall` and `Status` mean something there).
+    pub token: Option<Fault>,
 }
 
 #[derive(Default)]
@@ -662,6 +664,11 @@ impl FakeServer {
         };
     }
 
+    /// Every token request meets `f` (`Stall`: no answer for that long; `Status`: that status).
+    pub fn set_token_fault(&self, f: Option<Fault>) {
+        self.faults.lock().unwrap().token = f;
+    }
+
     pub fn queue(&self, faults: &[Fault]) {
         self.faults.lock().unwrap().queue.extend_from_slice(faults);
     }
@@ -763,6 +770,18 @@ fn handle(
     let path = target.split('?').next().unwrap_or("");
     if path == "/token" {
         s.counters.token_requests.fetch_add(1, Ordering::Relaxed);
+        let fault = s.faults.lock().unwrap().token.clone();
+        match fault {
+            Some(Fault::Stall(d)) => {
+                std::thread::sleep(d);
+                return false;
+            }
+            Some(Fault::Status(code)) => {
+                respond(conn, code, &[], b"fault");
+                return false;
+            }
+            _ => {}
+        }
         if let Some(want) = &s.opts.token_basic {
             if headers.get("authorization") != Some(&format!("Basic {want}")) {
                 return respond(conn, 401, &[], b"{}");
