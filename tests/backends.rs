@@ -474,6 +474,69 @@ fn redirects_to_blob_storage_carry_no_registry_credentials() {
     assert_eq!(c.token_requests.load(Ordering::Relaxed), 1);
 }
 
+/// A registry may send the daemon elsewhere (a redirect to blob storage, a token realm), but not to a
+/// link-local, unspecified or metadata address: a hostile image's registry redirecting its blob to the
+/// cloud's metadata service (169.254.169.254) would have the daemon fetch the host's credentials and serve
+/// them to the guest as file data. Such a target is a final error, with no connection tried, whether the
+/// address is written out or behind a name (`2852039166` and `0` resolve to 169.254.169.254 and 0.0.0.0,
+/// which reaches this host: before, the daemon fetched the blob and the token from there).
+#[test]
+fn a_registry_cannot_send_the_daemon_to_a_metadata_address() {
+    let (server, data, id, backend) = fake_registry_blob(19);
+    assert_eq!(backend.blob_size(&id).unwrap(), data.len() as u64);
+    let port = server.port;
+    for target in [
+        "http://169.254.169.254/latest/meta-data/iam/security-credentials/role".to_string(),
+        "http://[fe80::1]/x".to_string(),
+        "http://2852039166/latest/meta-data/".to_string(),
+        format!("http://0:{port}/storage/{id}"),
+    ] {
+        server.set_redirect(Some(target.clone()));
+        let before = server.counters.storage_requests.load(Ordering::Relaxed);
+        let start = Instant::now();
+        let err = backend
+            .read_exact_at(&id, 4096, 4096)
+            .map(|got| got == data[4096..8192])
+            .expect_err(&target);
+        assert_eq!(err.errno(), libc::EIO, "{target}: {err}");
+        assert!(
+            err.to_string().contains("may not send us to"),
+            "{target}: {err}"
+        );
+        assert!(
+            start.elapsed() < Duration::from_millis(500),
+            "{target}: retried"
+        );
+        assert_eq!(
+            server.counters.storage_requests.load(Ordering::Relaxed),
+            before,
+            "{target}: the storage was asked"
+        );
+    }
+    server.set_redirect(None);
+    assert!(backend.read_exact_at(&id, 0, 4096).unwrap() == data[..4096]);
+
+    // A token realm is held to the same rule.
+    let server = FakeServer::start(FakeOptions {
+        repo: REPO.into(),
+        bearer: Some(60),
+        token_basic: None,
+        redirect_to: None,
+        storage_head_403: false,
+    });
+    let id = server.add_blob(data.clone());
+    let backend = registry_backend(json!({
+        "scheme": "http", "host": format!("127.0.0.1:{}", server.port), "repo": REPO,
+        "timeout": 1, "connect_timeout": 1
+    }));
+    server.set_realm(Some(format!("http://0:{}/token", server.port)));
+    let err = backend.read_exact_at(&id, 0, 4096).map(|_| ()).unwrap_err();
+    assert!(err.to_string().contains("may not send us to"), "{err}");
+    assert_eq!(server.counters.token_requests.load(Ordering::Relaxed), 0);
+    server.set_realm(None);
+    assert!(backend.read_exact_at(&id, 0, 4096).unwrap() == data[..4096]);
+}
+
 #[test]
 fn mirrors_fail_over_to_the_origin_and_recover() {
     let opts = || FakeOptions {

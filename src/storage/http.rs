@@ -9,9 +9,11 @@
 //! This file holds the client ([`HttpClient`]) and its counters; the rest is one concern per file:
 //! `settings` (the config's transport settings), `transport` (requests, responses, agents, one request
 //! on one route), `routing` (mirrors, the proxy and their health), `retry` (what a failure means, how long
-//! to wait) and `backend` (a [`Remote`] as a blob backend: retries, sizes, range checks).
+//! to wait), `guard` (the addresses a server may not send the client to) and `backend` (a [`Remote`] as a
+//! blob backend: retries, sizes, range checks).
 
 mod backend;
+mod guard;
 mod retry;
 mod routing;
 mod settings;
@@ -27,7 +29,7 @@ pub use retry::{classify, Failure};
 pub use routing::rehost;
 use routing::{now_down, Health};
 pub use settings::{HttpSettings, MirrorSettings, ProxySettings};
-use transport::{agent, range_stream_agent};
+use transport::{agent, guarded_agent, range_stream_agent};
 pub use transport::{
     streaming_agent, BlobRange, Method, Request, Response, TransportError, TransportErrorKind,
 };
@@ -49,6 +51,10 @@ pub struct HttpClient {
     /// link may take longer than `timeout`), but the head and every read must come within it (the body's
     /// pace is its reader's to check).
     direct_stream: ureq::Agent,
+    /// `direct` and `direct_stream` for URLs a server chose (redirect targets, token realms): they refuse
+    /// link-local, unspecified and metadata addresses.
+    guarded: ureq::Agent,
+    guarded_stream: ureq::Agent,
     /// The proxy as ureq speaks to it: CONNECT tunnels, used for https:// targets.
     via_proxy: Option<ureq::Agent>,
     /// The proxy as a plain forward proxy, used for http:// targets (absolute-form requests).
@@ -62,6 +68,10 @@ impl HttpClient {
     pub fn new(settings: HttpSettings) -> Result<Self> {
         let direct = agent(&settings, None)?;
         let direct_stream = range_stream_agent(&settings)?;
+        let (guarded, guarded_stream) = (
+            guarded_agent(&settings, false)?,
+            guarded_agent(&settings, true)?,
+        );
         let via_proxy = match &settings.proxy {
             Some(p) => Some(agent(&settings, Some(&p.url))?),
             None => None,
@@ -79,6 +89,8 @@ impl HttpClient {
             settings,
             direct,
             direct_stream,
+            guarded,
+            guarded_stream,
             via_proxy,
             forward,
             proxy_health: Mutex::new(now_down()),

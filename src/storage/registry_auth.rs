@@ -267,7 +267,7 @@ impl RegistryAuth {
             .collect();
         let resp = http
             .send_small_direct(&url, &headers)
-            .map_err(|e| Failure::retry(format!("token request: {e}")))?;
+            .map_err(|e| Failure::of_transport(e, "token request"))?;
         if resp.status != 200 {
             return Err(match resp.status {
                 401 | 403 => Failure::Fatal(Error::backend(

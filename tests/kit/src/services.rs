@@ -382,6 +382,10 @@ pub struct FaultState {
     pub per_blob: HashMap<String, Fault>,
     /// Applied to every token request while set (`Stall` and `Status` mean something there).
     pub token: Option<Fault>,
+    /// The realm Bearer challenges name instead of this server's own `/token`.
+    pub realm: Option<String>,
+    /// Where blob GETs are redirected instead of `FakeOptions::redirect_to`'s host (a whole URL).
+    pub redirect_url: Option<String>,
 }
 
 #[derive(Default)]
@@ -669,6 +673,16 @@ impl FakeServer {
         self.faults.lock().unwrap().token = f;
     }
 
+    /// Bearer challenges name `realm` as the token endpoint (None: this server's `/token`).
+    pub fn set_realm(&self, realm: Option<String>) {
+        self.faults.lock().unwrap().realm = realm;
+    }
+
+    /// Blob GETs are answered with a 307 to `url` (None: served, or redirected as the options say).
+    pub fn set_redirect(&self, url: Option<String>) {
+        self.faults.lock().unwrap().redirect_url = url;
+    }
+
     pub fn queue(&self, faults: &[Fault]) {
         self.faults.lock().unwrap().queue.extend_from_slice(faults);
     }
@@ -827,9 +841,11 @@ fn handle(
             });
         if !ok {
             s.counters.unauthorized.fetch_add(1, Ordering::Relaxed);
+            let realm = s.faults.lock().unwrap().realm.clone();
+            let realm = realm.unwrap_or_else(|| format!("http://127.0.0.1:{}/token", s.port));
             let www = format!(
-                r#"Bearer realm="http://127.0.0.1:{}/token",service="fake",scope="repository:{}:pull""#,
-                s.port, s.opts.repo
+                r#"Bearer realm="{realm}",service="fake",scope="repository:{}:pull""#,
+                s.opts.repo
             );
             return respond(conn, 401, &[("WWW-Authenticate", www)], b"");
         }
@@ -837,6 +853,10 @@ fn handle(
     let Some(blob) = s.blobs.lock().unwrap().get(&id).cloned() else {
         return respond(conn, 404, &[], b"");
     };
+    let redirect_url = s.faults.lock().unwrap().redirect_url.clone();
+    if let Some(url) = redirect_url.filter(|_| !at_storage) {
+        return respond(conn, 307, &[("Location", url)], b"");
+    }
     if !at_storage {
         if let Some(host) = &s.opts.redirect_to {
             return respond(
