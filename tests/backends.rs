@@ -444,6 +444,58 @@ fn readers_share_a_failed_token_request_instead_of_queueing_at_a_hung_realm() {
     assert!(backend.read_exact_at(&id, 0, 4096).unwrap() == data[..4096]);
 }
 
+/// A token that says it expires at once (`expires_in: 0`) from a slow realm: readers that waited while
+/// another refreshed it take that token instead of each fetching one in turn (the last of 8 waited for 8
+/// token answers, a worker held all that time).
+#[test]
+fn readers_share_a_token_refresh_even_when_the_token_expires_at_once() {
+    let server = FakeServer::start(FakeOptions {
+        repo: REPO.into(),
+        bearer: Some(60),
+        token_basic: None,
+        redirect_to: None,
+        storage_head_403: false,
+    });
+    let data = pseudo_random(1 << 20, 23);
+    let id = server.add_blob(data.clone());
+    let backend = Arc::new(registry_backend(json!({
+        "scheme": "http", "host": format!("127.0.0.1:{}", server.port), "repo": REPO,
+        "timeout": 2, "connect_timeout": 1
+    })));
+    assert!(backend.read_exact_at(&id, 0, 4096).unwrap() == data[..4096]);
+    server.set_token_expires_in(Some(0));
+    server.set_token_fault(Some(Fault::Slow(Duration::from_millis(300))));
+    // A revoked token: the new one says 0 s, so every reader after it refreshes.
+    server.revoke_tokens();
+    assert!(backend.read_exact_at(&id, 0, 4096).unwrap() == data[..4096]);
+    let readers = 8;
+    let barrier = Arc::new(std::sync::Barrier::new(readers));
+    let before = server.counters.token_requests.load(Ordering::Relaxed);
+    let start = Instant::now();
+    let threads: Vec<_> = (0..readers)
+        .map(|t| {
+            let (b, id, data, bar) = (backend.clone(), id.clone(), data.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                bar.wait();
+                let off = t * 4096;
+                assert!(b.read_exact_at(&id, off as u64, 4096).unwrap() == data[off..off + 4096]);
+                start.elapsed()
+            })
+        })
+        .collect();
+    let slowest = threads
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .max()
+        .unwrap();
+    let asked = server.counters.token_requests.load(Ordering::Relaxed) - before;
+    assert!(asked <= 3, "{asked} token requests for {readers} readers");
+    assert!(
+        slowest < Duration::from_millis(1200),
+        "the slowest reader took {slowest:?}"
+    );
+}
+
 #[test]
 fn redirects_to_blob_storage_carry_no_registry_credentials() {
     let server = FakeServer::start(FakeOptions {

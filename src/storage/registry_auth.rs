@@ -120,19 +120,23 @@ impl RegistryAuth {
         }
     }
 
-    /// The header to send now, refreshing a token that is about to expire.
+    /// The header to send now, refreshing a token that is about to expire. A reader that waited while
+    /// another refreshed takes what that refresh left, even a token already said to be expired (a realm
+    /// answering `expires_in: 0` would otherwise have every waiting reader fetch one in turn).
     pub fn current_header(&self, http: &HttpClient) -> Option<String> {
-        {
+        let fetches_before = {
             let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
             let expired = st.expires_at.is_some_and(|t| Instant::now() >= t);
             if !expired {
                 return st.header.clone();
             }
-        }
+            self.token_fetches.load(Ordering::Acquire)
+        };
         let _gate = self.refresh_gate.lock().unwrap_or_else(|e| e.into_inner());
         let challenge = {
             let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            if st.expires_at.is_none_or(|t| Instant::now() < t) {
+            let fetched_meanwhile = self.token_fetches.load(Ordering::Acquire) != fetches_before;
+            if fetched_meanwhile || st.expires_at.is_none_or(|t| Instant::now() < t) {
                 return st.header.clone();
             }
             st.bearer.clone()

@@ -384,6 +384,8 @@ pub struct FaultState {
     pub token: Option<Fault>,
     /// The realm Bearer challenges name instead of this server's own `/token`.
     pub realm: Option<String>,
+    /// The `expires_in` token answers say instead of the tokens' true lifetime (`FakeOptions::bearer`).
+    pub token_expires_in: Option<u64>,
     /// Where blob GETs are redirected instead of `FakeOptions::redirect_to`'s host (a whole URL).
     pub redirect_url: Option<String>,
 }
@@ -668,7 +670,13 @@ impl FakeServer {
         };
     }
 
-    /// Every token request meets `f` (`Stall`: no answer for that long; `Status`: that status).
+    /// Token answers say their tokens expire in `secs` (None: their true lifetime).
+    pub fn set_token_expires_in(&self, secs: Option<u64>) {
+        self.faults.lock().unwrap().token_expires_in = secs;
+    }
+
+    /// Every token request meets `f` (`Stall`: no answer for that long; `Status`: that status; `Slow`:
+    /// the answer after that long).
     pub fn set_token_fault(&self, f: Option<Fault>) {
         self.faults.lock().unwrap().token = f;
     }
@@ -794,6 +802,7 @@ fn handle(
                 respond(conn, code, &[], b"fault");
                 return false;
             }
+            Some(Fault::Slow(d)) => std::thread::sleep(d),
             _ => {}
         }
         if let Some(want) = &s.opts.token_basic {
@@ -807,7 +816,8 @@ fn handle(
             .lock()
             .unwrap()
             .insert(token.clone(), Instant::now() + Duration::from_secs(ttl));
-        let body = format!(r#"{{"token":"{token}","expires_in":{ttl}}}"#);
+        let said = s.faults.lock().unwrap().token_expires_in.unwrap_or(ttl);
+        let body = format!(r#"{{"token":"{token}","expires_in":{said}}}"#);
         return respond(
             conn,
             200,
