@@ -496,6 +496,75 @@ fn readers_share_a_token_refresh_even_when_the_token_expires_at_once() {
     );
 }
 
+/// A token that an HTTP header cannot carry (a line break and a header of the realm's choosing after it,
+/// or a control character) is refused when it arrives, with an error that says so, and never sent: not
+/// straight to the registry, not through a forward proxy (where a line break would smuggle a header or
+/// a second request). Before, it was kept for its lifetime and every read failed with ureq's "invalid
+/// HTTP header" after its retries.
+#[test]
+fn a_token_no_header_can_carry_is_refused_and_never_sent() {
+    let opts = |bearer| FakeOptions {
+        repo: REPO.into(),
+        bearer,
+        token_basic: None,
+        redirect_to: None,
+        storage_head_403: false,
+    };
+    // The proxy plays the registry too (it serves from its own store and asks for its own tokens).
+    let (registry, proxy) = (
+        FakeServer::start(opts(Some(60))),
+        FakeServer::start(opts(Some(60))),
+    );
+    let data = pseudo_random(1 << 20, 29);
+    let id = registry.add_blob(data.clone());
+    proxy.add_blob(data.clone());
+    let base = json!({
+        "scheme": "http", "host": format!("127.0.0.1:{}", registry.port), "repo": REPO,
+        "timeout": 1, "connect_timeout": 1
+    });
+    let mut via_proxy = base.clone();
+    via_proxy["proxy"] =
+        json!({"url": format!("http://127.0.0.1:{}", proxy.port), "fallback": false});
+    for token in ["tok\r\nX-Injected: 1", "tok\u{7f}x", "tok x"] {
+        registry.set_token_text(Some(token.to_string()));
+        proxy.set_token_text(Some(token.to_string()));
+        let tokens = || {
+            [&registry, &proxy]
+                .map(|s| s.counters.token_requests.load(Ordering::Relaxed))
+                .iter()
+                .sum::<u64>()
+        };
+        for cfg in [&base, &via_proxy] {
+            let backend = registry_backend(cfg.clone());
+            let before = tokens();
+            let err = backend.read_exact_at(&id, 0, 4096).map(|_| ()).unwrap_err();
+            assert!(
+                err.to_string().contains("a header cannot carry"),
+                "{token:?}: {err}"
+            );
+            let asked = tokens() - before;
+            assert_eq!(
+                asked, 1,
+                "{token:?}: a refused token is not asked for again"
+            );
+        }
+    }
+    for s in [&registry, &proxy] {
+        let seen = s.seen.lock().unwrap().clone();
+        assert!(
+            seen.iter().all(|r| !r.headers.contains_key("x-injected")
+                && !r
+                    .headers
+                    .get("authorization")
+                    .is_some_and(|a| a.starts_with("Bearer tok"))),
+            "a bad token went out: {seen:#?}"
+        );
+    }
+    registry.set_token_text(None);
+    let backend = registry_backend(base);
+    assert!(backend.read_exact_at(&id, 0, 4096).unwrap() == data[..4096]);
+}
+
 #[test]
 fn redirects_to_blob_storage_carry_no_registry_credentials() {
     let server = FakeServer::start(FakeOptions {

@@ -292,6 +292,14 @@ impl RegistryAuth {
             .and_then(|t| t.as_str())
             .filter(|t| !t.is_empty())
             .ok_or_else(|| Failure::retry("token response without a token"))?;
+        // It goes into every request's Authorization header: a line break there would add headers of the
+        // realm's choosing (or a second request through a forward proxy). Tokens are visible ASCII.
+        if !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(Failure::Fatal(Error::backend(
+                BackendErrorKind::Protocol,
+                "token response: the token holds characters a header cannot carry",
+            )));
+        }
         // The distribution spec's default lifetime is 60 s. A day at most: a server's huge value must not
         // overflow the Instant below.
         let ttl = Duration::from_secs(

@@ -386,6 +386,8 @@ pub struct FaultState {
     pub realm: Option<String>,
     /// The `expires_in` token answers say instead of the tokens' true lifetime (`FakeOptions::bearer`).
     pub token_expires_in: Option<u64>,
+    /// The token every token answer hands out (and the registry takes), instead of a fresh one.
+    pub token_text: Option<String>,
     /// Where blob GETs are redirected instead of `FakeOptions::redirect_to`'s host (a whole URL).
     pub redirect_url: Option<String>,
 }
@@ -670,6 +672,11 @@ impl FakeServer {
         };
     }
 
+    /// Token answers hand out `token` (None: a fresh one each).
+    pub fn set_token_text(&self, token: Option<String>) {
+        self.faults.lock().unwrap().token_text = token;
+    }
+
     /// Token answers say their tokens expire in `secs` (None: their true lifetime).
     pub fn set_token_expires_in(&self, secs: Option<u64>) {
         self.faults.lock().unwrap().token_expires_in = secs;
@@ -811,13 +818,15 @@ fn handle(
             }
         }
         let ttl = s.opts.bearer.unwrap_or(60);
-        let token = format!("tok{}", s.next_token.fetch_add(1, Ordering::Relaxed));
+        let given = s.faults.lock().unwrap().token_text.clone();
+        let token =
+            given.unwrap_or_else(|| format!("tok{}", s.next_token.fetch_add(1, Ordering::Relaxed)));
         s.tokens
             .lock()
             .unwrap()
             .insert(token.clone(), Instant::now() + Duration::from_secs(ttl));
         let said = s.faults.lock().unwrap().token_expires_in.unwrap_or(ttl);
-        let body = format!(r#"{{"token":"{token}","expires_in":{said}}}"#);
+        let body = serde_json::json!({"token": token, "expires_in": said}).to_string();
         return respond(
             conn,
             200,
