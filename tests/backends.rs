@@ -267,6 +267,35 @@ fn faults_are_retried_and_never_return_wrong_bytes() {
     assert_eq!(backend.read_exact_at(&id, 5, 5).unwrap(), data[5..10]);
 }
 
+/// A server that ignores `Range` and answers 200 with the whole blob: taken when the read asked for the
+/// whole blob; for a part of it, the body is read no further than the part's length (never the whole
+/// blob into memory) and the read is retried, then fails, like any wrong answer.
+#[test]
+fn a_whole_blob_answer_to_a_ranged_get_is_never_read_past_the_range() {
+    use std::io::Read;
+    let (server, data, id, backend) = fake_registry_blob(31);
+    assert_eq!(backend.blob_size(&id).unwrap(), data.len() as u64);
+    server.set_always(Some(Fault::WholeBlob));
+    assert!(backend.read_exact_at(&id, 0, data.len()).unwrap() == data);
+    let received = backend.http.counters.body_bytes.load(Ordering::Relaxed);
+    let err = backend.read_exact_at(&id, 4096, 4096).unwrap_err();
+    assert_eq!(err.errno(), libc::EIO, "{err}");
+    let more = backend.http.counters.body_bytes.load(Ordering::Relaxed) - received;
+    // 4 attempts, each stopped once the body passed 4 KiB.
+    assert!(
+        more <= 4 * 4096,
+        "{more} bytes kept in memory for a 4 KiB read"
+    );
+    let mut stream = backend.open_range(&id, 4096, 4096);
+    let streamed = stream
+        .as_mut()
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.read_to_end(&mut Vec::new()).map_err(|e| e.to_string()));
+    streamed.expect_err("a streamed part answered with the whole blob");
+    server.set_always(None);
+    assert_eq!(backend.read_exact_at(&id, 5, 5).unwrap(), data[5..10]);
+}
+
 /// The result of `f` on a thread of its own, or `None` if it is still running after `limit` (the thread is
 /// left behind: the point is that it should not have been).
 fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {

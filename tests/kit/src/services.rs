@@ -370,6 +370,8 @@ pub enum Fault {
     Trickle(Duration),
     /// The response head one byte per this long (60 KB of header lines: hours).
     TrickleHead(Duration),
+    /// 200 with the whole blob, whatever range was asked for (a server ignoring `Range`).
+    WholeBlob,
 }
 
 #[derive(Default)]
@@ -1013,6 +1015,10 @@ fn handle(
             let line = format!("X-Filler: {}\r\n", "a".repeat(1000));
             let head = format!("HTTP/1.1 206 X\r\n{}", line.repeat(60));
             drip(s, conn, head.as_bytes(), every);
+            false
+        }
+        Some(Fault::WholeBlob) => {
+            respond(conn, 200, &[], &blob);
             false
         }
         Some(Fault::ProxyRefuses(code)) => {
