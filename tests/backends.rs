@@ -250,6 +250,8 @@ fn faults_are_retried_and_never_return_wrong_bytes() {
         Fault::Status(500),
         Fault::Reset,
         Fault::Stall(Duration::from_secs(10)),
+        Fault::EndlessHead,
+        Fault::Garbage,
         Fault::Status(404),
     ] {
         server.set_always(Some(fault.clone()));
