@@ -427,11 +427,12 @@ fn bearer_tokens_are_cached_refreshed_and_fetched_once_under_load() {
     assert!(start.elapsed() < Duration::from_secs(2));
 }
 
-/// Readers that meet a 401 together while the token realm hangs share the one token request under way
-/// and its failure: each fails after about one `timeout`, where they used to take their turns at the realm,
-/// the last waiting one `timeout` per reader before it (a worker each, all that time).
-#[test]
-fn readers_share_a_failed_token_request_instead_of_queueing_at_a_hung_realm() {
+/// A fault server asking for Bearer tokens (valid 60 s) holding one 1 MiB blob from `seed`, and a registry
+/// backend on it with the settings `keys` (besides scheme, host and repo).
+fn bearer_registry_blob(
+    seed: u64,
+    keys: serde_json::Value,
+) -> (FakeServer, Vec<u8>, String, Arc<RemoteBackend<Registry>>) {
     let server = FakeServer::start(FakeOptions {
         repo: REPO.into(),
         bearer: Some(60),
@@ -439,28 +440,49 @@ fn readers_share_a_failed_token_request_instead_of_queueing_at_a_hung_realm() {
         redirect_to: None,
         storage_head_403: false,
     });
-    let data = pseudo_random(1 << 20, 17);
+    let data = pseudo_random(1 << 20, seed);
     let id = server.add_blob(data.clone());
-    let backend = Arc::new(registry_backend(json!({
-        "scheme": "http", "host": format!("127.0.0.1:{}", server.port), "repo": REPO,
-        "timeout": 1, "connect_timeout": 1, "retry_limit": 0
-    })));
-    server.set_token_fault(Some(Fault::Stall(Duration::from_secs(30))));
-    let readers = 8;
+    let mut cfg =
+        json!({"scheme": "http", "host": format!("127.0.0.1:{}", server.port), "repo": REPO});
+    cfg.as_object_mut()
+        .unwrap()
+        .extend(keys.as_object().unwrap().clone());
+    (server, data, id, Arc::new(registry_backend(cfg)))
+}
+
+/// `readers` threads each reading 4 KiB (reader `t` at `t * 4096`) at once: what each read and how long
+/// after the start it ended.
+fn read_together(
+    backend: &Arc<RemoteBackend<Registry>>,
+    id: &str,
+    readers: usize,
+) -> Vec<(rafsd::Result<Vec<u8>>, Duration)> {
     let barrier = Arc::new(std::sync::Barrier::new(readers));
     let start = Instant::now();
     let threads: Vec<_> = (0..readers)
         .map(|t| {
-            let (b, id, bar) = (backend.clone(), id.clone(), barrier.clone());
+            let (b, id, bar) = (backend.clone(), id.to_string(), barrier.clone());
             std::thread::spawn(move || {
                 bar.wait();
-                let r = b.read_exact_at(&id, t as u64 * 4096, 4096);
-                (r.map(|_| ()), start.elapsed())
+                (b.read_exact_at(&id, t as u64 * 4096, 4096), start.elapsed())
             })
         })
         .collect();
-    for t in threads {
-        let (r, took) = t.join().unwrap();
+    threads.into_iter().map(|t| t.join().unwrap()).collect()
+}
+
+/// Readers that meet a 401 together while the token realm hangs share the one token request under way
+/// and its failure: each fails after about one `timeout`, where they used to take their turns at the realm,
+/// the last waiting one `timeout` per reader before it (a worker each, all that time).
+#[test]
+fn readers_share_a_failed_token_request_instead_of_queueing_at_a_hung_realm() {
+    let (server, data, id, backend) = bearer_registry_blob(
+        17,
+        json!({"timeout": 1, "connect_timeout": 1, "retry_limit": 0}),
+    );
+    server.set_token_fault(Some(Fault::Stall(Duration::from_secs(30))));
+    let readers = 8;
+    for (r, took) in read_together(&backend, &id, readers) {
         let err = r.expect_err("no token, no data");
         assert_eq!(err.errno(), libc::EIO, "{err}");
         assert!(
@@ -480,19 +502,8 @@ fn readers_share_a_failed_token_request_instead_of_queueing_at_a_hung_realm() {
 /// token answers, a worker held all that time).
 #[test]
 fn readers_share_a_token_refresh_even_when_the_token_expires_at_once() {
-    let server = FakeServer::start(FakeOptions {
-        repo: REPO.into(),
-        bearer: Some(60),
-        token_basic: None,
-        redirect_to: None,
-        storage_head_403: false,
-    });
-    let data = pseudo_random(1 << 20, 23);
-    let id = server.add_blob(data.clone());
-    let backend = Arc::new(registry_backend(json!({
-        "scheme": "http", "host": format!("127.0.0.1:{}", server.port), "repo": REPO,
-        "timeout": 2, "connect_timeout": 1
-    })));
+    let (server, data, id, backend) =
+        bearer_registry_blob(23, json!({"timeout": 2, "connect_timeout": 1}));
     assert!(backend.read_exact_at(&id, 0, 4096).unwrap() == data[..4096]);
     server.set_token_expires_in(Some(0));
     server.set_token_fault(Some(Fault::Slow(Duration::from_millis(300))));
@@ -500,25 +511,15 @@ fn readers_share_a_token_refresh_even_when_the_token_expires_at_once() {
     server.revoke_tokens();
     assert!(backend.read_exact_at(&id, 0, 4096).unwrap() == data[..4096]);
     let readers = 8;
-    let barrier = Arc::new(std::sync::Barrier::new(readers));
     let before = server.counters.token_requests.load(Ordering::Relaxed);
-    let start = Instant::now();
-    let threads: Vec<_> = (0..readers)
-        .map(|t| {
-            let (b, id, data, bar) = (backend.clone(), id.clone(), data.clone(), barrier.clone());
-            std::thread::spawn(move || {
-                bar.wait();
-                let off = t * 4096;
-                assert!(b.read_exact_at(&id, off as u64, 4096).unwrap() == data[off..off + 4096]);
-                start.elapsed()
-            })
-        })
-        .collect();
-    let slowest = threads
+    let mut slowest = Duration::ZERO;
+    for (t, (r, took)) in read_together(&backend, &id, readers)
         .into_iter()
-        .map(|t| t.join().unwrap())
-        .max()
-        .unwrap();
+        .enumerate()
+    {
+        assert!(r.unwrap() == data[t * 4096..(t + 1) * 4096]);
+        slowest = slowest.max(took);
+    }
     let asked = server.counters.token_requests.load(Ordering::Relaxed) - before;
     assert!(asked <= 3, "{asked} token requests for {readers} readers");
     assert!(
@@ -669,18 +670,8 @@ fn a_registry_cannot_send_the_daemon_to_a_metadata_address() {
     assert!(backend.read_exact_at(&id, 0, 4096).unwrap() == data[..4096]);
 
     // A token realm is held to the same rule.
-    let server = FakeServer::start(FakeOptions {
-        repo: REPO.into(),
-        bearer: Some(60),
-        token_basic: None,
-        redirect_to: None,
-        storage_head_403: false,
-    });
-    let id = server.add_blob(data.clone());
-    let backend = registry_backend(json!({
-        "scheme": "http", "host": format!("127.0.0.1:{}", server.port), "repo": REPO,
-        "timeout": 1, "connect_timeout": 1
-    }));
+    let (server, data, id, backend) =
+        bearer_registry_blob(19, json!({"timeout": 1, "connect_timeout": 1}));
     server.set_realm(Some(format!("http://0:{}/token", server.port)));
     let err = backend.read_exact_at(&id, 0, 4096).map(|_| ()).unwrap_err();
     assert!(err.to_string().contains("may not send us to"), "{err}");
