@@ -102,7 +102,7 @@ timeout -k 5 180 qemu-system-x86_64 -machine q35 -accel tcg -cpu max -smp 1 -m 5
     -object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem \
     -chardev socket,id=char0,path="$sock" -device vhost-user-fs-pci,chardev=char0,tag=kataShared \
     -kernel "$KERNEL" -initrd "$initrd" \
-    -append "console=ttyS0 panic=-1 loglevel=4 rafs_tag=kataShared rafs_nonce=$nonce rafs_run=/containers/demo.sh" \
+    -append "console=ttyS0 panic=-1 no_timer_check loglevel=4 rafs_tag=kataShared rafs_nonce=$nonce rafs_run=/containers/demo.sh" \
     -nographic -no-reboot -nic none -monitor none -serial "file:$log" &
 qemu_pid=$!
 wait "$qemu_pid" || echo "demo-vm: QEMU exited with $?" >&2

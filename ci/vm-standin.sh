@@ -43,7 +43,7 @@ for _ in $(seq 100); do [ -S "$work/vfs.sock" ] && break; sleep 0.1; done
 
 nonce=$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \n')
 images=/rafs/a/lowerdir,/rafs/b/lowerdir
-append="console=ttyS0 panic=-1 loglevel=4 rafs_tag=myfs rafs_nonce=$nonce rafs_images=$images"
+append="console=ttyS0 panic=-1 no_timer_check loglevel=4 rafs_tag=myfs rafs_nonce=$nonce rafs_images=$images"
 append+=" rafs_unmounted=/rafs/b/lowerdir rafs_bad=/rafs/bad/lowerdir/special/random-2m5 rafs_rw=/containers rafs_wait=120"
 log=$work/serial.log
 start=$(date +%s.%N)

@@ -327,8 +327,10 @@ impl Vm {
         mem_mib: u32,
         limit_secs: u64,
     ) -> Guard {
+        // no_timer_check: under TCG on a loaded host the kernel's check that the timer interrupt
+        // arrives can time out, and it then panics ("IO-APIC + timer doesn't work!").
         let append = format!(
-            "console=ttyS0 panic=-1 loglevel=4 rafs_tag={TAG} rafs_nonce={} {append}",
+            "console=ttyS0 panic=-1 no_timer_check loglevel=4 rafs_tag={TAG} rafs_nonce={} {append}",
             self.nonce
         );
         let pidfile = self.dir.join("qemu.pid");
