@@ -31,7 +31,8 @@ use routing::{now_down, Health};
 pub use settings::{HttpSettings, MirrorSettings, ProxySettings};
 use transport::{agent, guarded_agent, range_stream_agent};
 pub use transport::{
-    streaming_agent, BlobRange, Method, Request, Response, TransportError, TransportErrorKind,
+    guarded_streaming_agent, streaming_agent, BlobRange, Method, Request, Response, TransportError,
+    TransportErrorKind,
 };
 
 /// Counters a test or the metrics API can read.
@@ -102,5 +103,11 @@ impl HttpClient {
     /// The agent for requests straight to the origin (no proxy), with the overall timeout.
     pub fn direct_agent(&self) -> &ureq::Agent {
         &self.direct
+    }
+
+    /// [`Self::direct_agent`] for URLs a server chose: it refuses link-local, unspecified and metadata
+    /// addresses.
+    pub fn server_chosen_agent(&self) -> &ureq::Agent {
+        &self.guarded
     }
 }

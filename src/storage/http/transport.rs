@@ -225,6 +225,12 @@ pub fn streaming_agent(settings: &HttpSettings) -> Result<ureq::Agent> {
     agent_with(settings, None, Deadline::PerIo, false)
 }
 
+/// [`streaming_agent`] for URLs servers chose (a registry's redirect to blob storage or upload location on
+/// another host): its resolver refuses the addresses `guard` forbids.
+pub fn guarded_streaming_agent(settings: &HttpSettings) -> Result<ureq::Agent> {
+    agent_with(settings, None, Deadline::PerIo, true)
+}
+
 /// The agent for streamed blob ranges: the head within the `timeout`, then every read within it.
 pub(super) fn range_stream_agent(settings: &HttpSettings) -> Result<ureq::Agent> {
     agent_with(settings, None, Deadline::HeadAndPerIo, false)
