@@ -1348,7 +1348,7 @@ fn a_source_registry_cannot_send_the_pull_to_a_metadata_address() {
         retry_limit: 2,
         ..Default::default()
     };
-    let client = Client::new(&source, &net).unwrap();
+    let client = Client::with_credentials(&source, &net, None).unwrap();
     let digest = format!("sha256:{id}");
     let size = data.len() as u64;
     assert!(client.fetch_blob(&digest, size, size).unwrap() == data);
