@@ -250,6 +250,8 @@ fn faults_are_retried_and_never_return_wrong_bytes() {
         Fault::Status(500),
         Fault::Reset,
         Fault::Stall(Duration::from_secs(10)),
+        Fault::EndlessHead,
+        Fault::Garbage,
         Fault::Status(404),
     ] {
         server.set_always(Some(fault.clone()));
@@ -265,6 +267,90 @@ fn faults_are_retried_and_never_return_wrong_bytes() {
         // Each attempt is cut at its 1 s timeout (4 s plus 0.7 s of backoff): well within one 10 s
         // stall, with room for a loaded machine.
         assert!(took < Duration::from_secs(9), "{fault:?} took {took:?}");
+    }
+    server.set_always(None);
+    assert_eq!(backend.read_exact_at(&id, 5, 5).unwrap(), data[5..10]);
+}
+
+/// A server that ignores `Range` and answers 200 with the whole blob: taken when the read asked for the
+/// whole blob; for a part of it, the body is read no further than the part's length (never the whole
+/// blob into memory) and the read is retried, then fails, like any wrong answer.
+#[test]
+fn a_whole_blob_answer_to_a_ranged_get_is_never_read_past_the_range() {
+    use std::io::Read;
+    let (server, data, id, backend) = fake_registry_blob(31);
+    assert_eq!(backend.blob_size(&id).unwrap(), data.len() as u64);
+    server.set_always(Some(Fault::WholeBlob));
+    assert!(backend.read_exact_at(&id, 0, data.len()).unwrap() == data);
+    let received = backend.http.counters.body_bytes.load(Ordering::Relaxed);
+    let err = backend.read_exact_at(&id, 4096, 4096).unwrap_err();
+    assert_eq!(err.errno(), libc::EIO, "{err}");
+    let more = backend.http.counters.body_bytes.load(Ordering::Relaxed) - received;
+    // 4 attempts, each stopped once the body passed 4 KiB.
+    assert!(
+        more <= 4 * 4096,
+        "{more} bytes kept in memory for a 4 KiB read"
+    );
+    let mut stream = backend.open_range(&id, 4096, 4096);
+    let streamed = stream
+        .as_mut()
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.read_to_end(&mut Vec::new()).map_err(|e| e.to_string()));
+    streamed.expect_err("a streamed part answered with the whole blob");
+    server.set_always(None);
+    assert_eq!(backend.read_exact_at(&id, 5, 5).unwrap(), data[5..10]);
+}
+
+/// The result of `f` on a thread of its own, or `None` if it is still running after `limit` (the thread is
+/// left behind: the point is that it should not have been).
+fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit).ok()
+}
+
+/// A server that drips its answer (every read makes progress, so no per-read timeout fires) holds no
+/// reader past the `timeout`: a ranged GET read whole fails within its attempts' deadlines, and so does a
+/// streamed range, whose head must come within the `timeout` and whose body must keep up at least a MiB
+/// per `timeout`. Before, a streamed range had no deadline at all: a FUSE worker (or a background stream
+/// and every reader waiting on the chunks it claimed) stayed with the dripping server for days, and a
+/// daemon's workers are every mount's.
+#[test]
+fn a_server_dripping_its_answer_holds_no_reader_past_the_timeout() {
+    use std::io::Read;
+    let (server, data, id, backend) = fake_registry_blob(13);
+    let backend = Arc::new(backend);
+    assert_eq!(backend.blob_size(&id).unwrap(), data.len() as u64);
+    let every = Duration::from_millis(200);
+    for fault in [Fault::Trickle(every), Fault::TrickleHead(every)] {
+        server.set_always(Some(fault.clone()));
+        let (b, blob) = (backend.clone(), id.clone());
+        let start = Instant::now();
+        let whole = within(Duration::from_secs(20), move || {
+            b.read_exact_at(&blob, 0, 64 << 10).map(|_| ())
+        })
+        .unwrap_or_else(|| panic!("{fault:?}: a ranged GET still read after 20 s"));
+        let err = whole.expect_err("dripped bytes are no answer");
+        assert_eq!(err.errno(), libc::EIO, "{fault:?}: {err}");
+        // 4 attempts of at most 1 s each plus 0.7 s of backoff.
+        assert!(start.elapsed() < Duration::from_secs(7), "{fault:?}");
+
+        let (b, blob) = (backend.clone(), id.clone());
+        let start = Instant::now();
+        let streamed = within(Duration::from_secs(20), move || {
+            let mut got = Vec::new();
+            b.open_range(&blob, 0, 1 << 20)
+                .map_err(|e| e.to_string())?
+                .read_to_end(&mut got)
+                .map_err(|e| e.to_string())
+        })
+        .unwrap_or_else(|| panic!("{fault:?}: a streamed range still read after 20 s"));
+        let err = streamed.expect_err("a dripped stream must fail");
+        // The head: 4 attempts of 1 s; the body: 1 s for its first MiB (and one read's 200 ms).
+        let took = start.elapsed();
+        assert!(took < Duration::from_secs(7), "{fault:?}: {took:?}: {err}");
     }
     server.set_always(None);
     assert_eq!(backend.read_exact_at(&id, 5, 5).unwrap(), data[5..10]);
@@ -350,6 +436,176 @@ fn bearer_tokens_are_cached_refreshed_and_fetched_once_under_load() {
     assert!(asked <= 1, "{asked} token requests with wrong credentials");
 }
 
+/// A fault server asking for Bearer tokens (valid 60 s) holding one 1 MiB blob from `seed`, and a registry
+/// backend on it with the settings `keys` (besides scheme, host and repo).
+fn bearer_registry_blob(
+    seed: u64,
+    keys: serde_json::Value,
+) -> (FakeServer, Vec<u8>, String, Arc<RemoteBackend<Registry>>) {
+    let server = FakeServer::start(FakeOptions {
+        repo: REPO.into(),
+        bearer: Some(60),
+        token_basic: None,
+        redirect_to: None,
+        storage_head_403: false,
+    });
+    let data = pseudo_random(1 << 20, seed);
+    let id = server.add_blob(data.clone());
+    let mut cfg =
+        json!({"scheme": "http", "host": format!("127.0.0.1:{}", server.port), "repo": REPO});
+    cfg.as_object_mut()
+        .unwrap()
+        .extend(keys.as_object().unwrap().clone());
+    (server, data, id, Arc::new(registry_backend(cfg)))
+}
+
+/// `readers` threads each reading 4 KiB (reader `t` at `t * 4096`) at once: what each read and how long
+/// after the start it ended.
+fn read_together(
+    backend: &Arc<RemoteBackend<Registry>>,
+    id: &str,
+    readers: usize,
+) -> Vec<(rafsd::Result<Vec<u8>>, Duration)> {
+    let barrier = Arc::new(std::sync::Barrier::new(readers));
+    let start = Instant::now();
+    let threads: Vec<_> = (0..readers)
+        .map(|t| {
+            let (b, id, bar) = (backend.clone(), id.to_string(), barrier.clone());
+            std::thread::spawn(move || {
+                bar.wait();
+                (b.read_exact_at(&id, t as u64 * 4096, 4096), start.elapsed())
+            })
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap()).collect()
+}
+
+/// Readers that meet a 401 together while the token realm hangs share the one token request under way
+/// and its failure: each fails after about one `timeout`, where they used to take their turns at the realm,
+/// the last waiting one `timeout` per reader before it (a worker each, all that time).
+#[test]
+fn readers_share_a_failed_token_request_instead_of_queueing_at_a_hung_realm() {
+    let (server, data, id, backend) = bearer_registry_blob(
+        17,
+        json!({"timeout": 1, "connect_timeout": 1, "retry_limit": 0}),
+    );
+    server.set_token_fault(Some(Fault::Stall(Duration::from_secs(30))));
+    let readers = 8;
+    for (r, took) in read_together(&backend, &id, readers) {
+        let err = r.expect_err("no token, no data");
+        assert_eq!(err.errno(), libc::EIO, "{err}");
+        assert!(
+            took < Duration::from_secs(4),
+            "a reader took {took:?}: {err}"
+        );
+    }
+    let asked = server.counters.token_requests.load(Ordering::Relaxed);
+    assert!(asked <= 3, "{asked} token requests for {readers} readers");
+    // The realm answers again: the next read gets a token and its bytes.
+    server.set_token_fault(None);
+    assert!(backend.read_exact_at(&id, 0, 4096).unwrap() == data[..4096]);
+}
+
+/// A token that says it expires at once (`expires_in: 0`) from a slow realm: readers that waited while
+/// another refreshed it take that token instead of each fetching one in turn (the last of 8 waited for 8
+/// token answers, a worker held all that time).
+#[test]
+fn readers_share_a_token_refresh_even_when_the_token_expires_at_once() {
+    let (server, data, id, backend) =
+        bearer_registry_blob(23, json!({"timeout": 2, "connect_timeout": 1}));
+    assert!(backend.read_exact_at(&id, 0, 4096).unwrap() == data[..4096]);
+    server.set_token_expires_in(Some(0));
+    server.set_token_fault(Some(Fault::Slow(Duration::from_millis(300))));
+    // A revoked token: the new one says 0 s, so every reader after it refreshes.
+    server.revoke_tokens();
+    assert!(backend.read_exact_at(&id, 0, 4096).unwrap() == data[..4096]);
+    let readers = 8;
+    let before = server.counters.token_requests.load(Ordering::Relaxed);
+    let mut slowest = Duration::ZERO;
+    for (t, (r, took)) in read_together(&backend, &id, readers)
+        .into_iter()
+        .enumerate()
+    {
+        assert!(r.unwrap() == data[t * 4096..(t + 1) * 4096]);
+        slowest = slowest.max(took);
+    }
+    let asked = server.counters.token_requests.load(Ordering::Relaxed) - before;
+    assert!(asked <= 3, "{asked} token requests for {readers} readers");
+    assert!(
+        slowest < Duration::from_millis(1200),
+        "the slowest reader took {slowest:?}"
+    );
+}
+
+/// A token that an HTTP header cannot carry (a line break and a header of the realm's choosing after it,
+/// or a control character) is refused when it arrives, with an error that says so, and never sent: not
+/// straight to the registry, not through a forward proxy (where a line break would smuggle a header or
+/// a second request). Before, it was kept for its lifetime and every read failed with ureq's "invalid
+/// HTTP header" after its retries.
+#[test]
+fn a_token_no_header_can_carry_is_refused_and_never_sent() {
+    let opts = |bearer| FakeOptions {
+        repo: REPO.into(),
+        bearer,
+        token_basic: None,
+        redirect_to: None,
+        storage_head_403: false,
+    };
+    // The proxy plays the registry too (it serves from its own store and asks for its own tokens).
+    let (registry, proxy) = (
+        FakeServer::start(opts(Some(60))),
+        FakeServer::start(opts(Some(60))),
+    );
+    let data = pseudo_random(1 << 20, 29);
+    let id = registry.add_blob(data.clone());
+    proxy.add_blob(data.clone());
+    let base = json!({
+        "scheme": "http", "host": format!("127.0.0.1:{}", registry.port), "repo": REPO,
+        "timeout": 1, "connect_timeout": 1
+    });
+    let mut via_proxy = base.clone();
+    via_proxy["proxy"] =
+        json!({"url": format!("http://127.0.0.1:{}", proxy.port), "fallback": false});
+    for token in ["tok\r\nX-Injected: 1", "tok\u{7f}x", "tok x"] {
+        registry.set_token_text(Some(token.to_string()));
+        proxy.set_token_text(Some(token.to_string()));
+        let tokens = || {
+            [&registry, &proxy]
+                .map(|s| s.counters.token_requests.load(Ordering::Relaxed))
+                .iter()
+                .sum::<u64>()
+        };
+        for cfg in [&base, &via_proxy] {
+            let backend = registry_backend(cfg.clone());
+            let before = tokens();
+            let err = backend.read_exact_at(&id, 0, 4096).map(|_| ()).unwrap_err();
+            assert!(
+                err.to_string().contains("a header cannot carry"),
+                "{token:?}: {err}"
+            );
+            let asked = tokens() - before;
+            assert_eq!(
+                asked, 1,
+                "{token:?}: a refused token is not asked for again"
+            );
+        }
+    }
+    for s in [&registry, &proxy] {
+        let seen = s.seen.lock().unwrap().clone();
+        assert!(
+            seen.iter().all(|r| !r.headers.contains_key("x-injected")
+                && !r
+                    .headers
+                    .get("authorization")
+                    .is_some_and(|a| a.starts_with("Bearer tok"))),
+            "a bad token went out: {seen:#?}"
+        );
+    }
+    registry.set_token_text(None);
+    let backend = registry_backend(base);
+    assert!(backend.read_exact_at(&id, 0, 4096).unwrap() == data[..4096]);
+}
+
 #[test]
 fn redirects_to_blob_storage_carry_no_registry_credentials() {
     let server = FakeServer::start(FakeOptions {
@@ -378,6 +634,59 @@ fn redirects_to_blob_storage_carry_no_registry_credentials() {
         "Authorization leaked to storage"
     );
     assert_eq!(c.token_requests.load(Ordering::Relaxed), 1);
+}
+
+/// A registry may send the daemon elsewhere (a redirect to blob storage, a token realm), but not to a
+/// link-local, unspecified or metadata address: a hostile image's registry redirecting its blob to the
+/// cloud's metadata service (169.254.169.254) would have the daemon fetch the host's credentials and serve
+/// them to the guest as file data. Such a target is a final error, with no connection tried, whether the
+/// address is written out or behind a name (`2852039166` and `0` resolve to 169.254.169.254 and 0.0.0.0,
+/// which reaches this host: before, the daemon fetched the blob and the token from there).
+#[test]
+fn a_registry_cannot_send_the_daemon_to_a_metadata_address() {
+    let (server, data, id, backend) = fake_registry_blob(19);
+    assert_eq!(backend.blob_size(&id).unwrap(), data.len() as u64);
+    let port = server.port;
+    for target in [
+        "http://169.254.169.254/latest/meta-data/iam/security-credentials/role".to_string(),
+        "http://[fe80::1]/x".to_string(),
+        "http://2852039166/latest/meta-data/".to_string(),
+        format!("http://0:{port}/storage/{id}"),
+    ] {
+        server.set_redirect(Some(target.clone()));
+        let before = server.counters.storage_requests.load(Ordering::Relaxed);
+        let start = Instant::now();
+        let err = backend
+            .read_exact_at(&id, 4096, 4096)
+            .map(|got| got == data[4096..8192])
+            .expect_err(&target);
+        assert_eq!(err.errno(), libc::EIO, "{target}: {err}");
+        assert!(
+            err.to_string().contains("may not send us to"),
+            "{target}: {err}"
+        );
+        assert!(
+            start.elapsed() < Duration::from_millis(500),
+            "{target}: retried"
+        );
+        assert_eq!(
+            server.counters.storage_requests.load(Ordering::Relaxed),
+            before,
+            "{target}: the storage was asked"
+        );
+    }
+    server.set_redirect(None);
+    assert!(backend.read_exact_at(&id, 0, 4096).unwrap() == data[..4096]);
+
+    // A token realm is held to the same rule.
+    let (server, data, id, backend) =
+        bearer_registry_blob(19, json!({"timeout": 1, "connect_timeout": 1}));
+    server.set_realm(Some(format!("http://0:{}/token", server.port)));
+    let err = backend.read_exact_at(&id, 0, 4096).map(|_| ()).unwrap_err();
+    assert!(err.to_string().contains("may not send us to"), "{err}");
+    assert_eq!(server.counters.token_requests.load(Ordering::Relaxed), 0);
+    server.set_realm(None);
+    assert!(backend.read_exact_at(&id, 0, 4096).unwrap() == data[..4096]);
 }
 
 #[test]

@@ -1331,3 +1331,49 @@ fn a_broken_layer_stream_is_resumed_and_wrong_bytes_are_refused() {
         "something was pushed"
     );
 }
+
+/// `rafsd convert`'s registry client follows a source registry's redirects to blob storage, but not to a
+/// link-local, unspecified or metadata address (a final error, no connection tried): before, a redirect to
+/// `0:<port>` (0.0.0.0, this host) was followed and the blob read from there.
+#[test]
+fn a_source_registry_cannot_send_the_pull_to_a_metadata_address() {
+    use rafsd::storage::distribution::{Client, NetOptions, Reference};
+    let server = services::FakeServer::start(services::FakeOptions::plain("src/app"));
+    let data = pseudo_random(100_000, 41);
+    let id = server.add_blob(data.clone());
+    let source = Reference::parse(&format!("127.0.0.1:{}/src/app:v1", server.port)).unwrap();
+    let net = NetOptions {
+        plain_http: true,
+        timeout: Duration::from_secs(2),
+        retry_limit: 2,
+        ..Default::default()
+    };
+    let client = Client::with_credentials(&source, &net, None).unwrap();
+    let digest = format!("sha256:{id}");
+    let size = data.len() as u64;
+    assert!(client.fetch_blob(&digest, size, size).unwrap() == data);
+    for target in [
+        format!("http://0:{}/storage/{id}", server.port),
+        "http://169.254.169.254/latest/meta-data/".to_string(),
+    ] {
+        server.set_redirect(Some(target.clone()));
+        let start = Instant::now();
+        let err = client
+            .fetch_blob(&digest, size, size)
+            .map(|got| got == data)
+            .expect_err(&target)
+            .to_string();
+        assert!(err.contains("may not send us to"), "{target}: {err}");
+        assert!(
+            start.elapsed() < Duration::from_millis(500),
+            "{target}: retried"
+        );
+    }
+    assert_eq!(
+        server
+            .counters
+            .storage_requests
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+}

@@ -16,7 +16,10 @@ use std::time::Duration;
 
 use sha2::{Digest as _, Sha256};
 
-use super::http::{streaming_agent, Failure, HttpClient, HttpSettings};
+use super::http::{
+    guarded_streaming_agent, streaming_agent, Failure, HttpClient, HttpSettings, TransportError,
+    TransportErrorKind,
+};
 use super::registry_auth::RegistryAuth;
 use crate::error::{BackendErrorKind, Error, Result};
 
@@ -244,6 +247,8 @@ pub struct Client {
     pub repo: String,
     http: HttpClient,
     stream: ureq::Agent,
+    /// `stream` for URLs the registry chose on other hosts (calls without `auth`).
+    guarded_stream: ureq::Agent,
     auth: RegistryAuth,
     retry_limit: u32,
     pub counters: TransferCounters,
@@ -333,6 +338,7 @@ impl Client {
             base: format!("{scheme}://{}", reference.api_host()),
             repo: reference.repo.clone(),
             stream: streaming_agent(&settings)?,
+            guarded_stream: guarded_streaming_agent(&settings)?,
             http: HttpClient::new(settings)?,
             auth: RegistryAuth::new(credentials, None),
             retry_limit: net.retry_limit,
@@ -361,11 +367,13 @@ impl Client {
         &self,
         call: &Call,
         authorization: Option<&str>,
-    ) -> std::result::Result<HttpResponse, String> {
-        let agent = if call.long {
-            &self.stream
-        } else {
-            self.http.direct_agent()
+    ) -> std::result::Result<HttpResponse, TransportError> {
+        // A call without the registry's Authorization goes where the registry sent it: guarded.
+        let agent = match (call.long, call.auth) {
+            (true, true) => &self.stream,
+            (true, false) => &self.guarded_stream,
+            (false, true) => self.http.direct_agent(),
+            (false, false) => self.http.server_chosen_agent(),
         };
         let headers = call
             .headers
@@ -395,14 +403,18 @@ impl Client {
                     Payload::Empty => b.send_empty(),
                     Payload::Bytes(bytes) => b.send(bytes),
                     Payload::File(path) => {
-                        let file = std::fs::File::open(path)
-                            .map_err(|e| format!("open {}: {e}", path.display()))?;
+                        let file = std::fs::File::open(path).map_err(|e| {
+                            TransportError::new(
+                                TransportErrorKind::Other,
+                                format!("open {}: {e}", path.display()),
+                            )
+                        })?;
                         b.send(&file)
                     }
                 }
             }
         };
-        result.map_err(|e| e.to_string())
+        result.map_err(TransportError::from)
     }
 
     /// One exchange, authorizing after a 401 once (a new token for a wider scope, or Basic auth).
@@ -415,7 +427,7 @@ impl Client {
         loop {
             let resp = self
                 .send_once(call, sent.as_deref())
-                .map_err(|e| Failure::retry(format!("{}: {e}", self.base)))?;
+                .map_err(|e| Failure::of_transport(e, &self.base))?;
             if resp.status().as_u16() != 401 || !call.auth {
                 return Ok(resp);
             }

@@ -9,9 +9,11 @@
 //! This file holds the client ([`HttpClient`]) and its counters; the rest is one concern per file:
 //! `settings` (the config's transport settings), `transport` (requests, responses, agents, one request
 //! on one route), `routing` (mirrors, the proxy and their health), `retry` (what a failure means, how long
-//! to wait) and `backend` (a [`Remote`] as a blob backend: retries, sizes, range checks).
+//! to wait), `guard` (the addresses a server may not send the client to) and `backend` (a [`Remote`] as a
+//! blob backend: retries, sizes, range checks).
 
 mod backend;
+mod guard;
 mod retry;
 mod routing;
 mod settings;
@@ -27,9 +29,10 @@ pub use retry::{classify, Failure};
 pub use routing::rehost;
 use routing::{now_down, Health};
 pub use settings::{HttpSettings, MirrorSettings, ProxySettings};
-use transport::agent;
+use transport::{agent, guarded_agent, range_stream_agent};
 pub use transport::{
-    streaming_agent, BlobRange, Method, Request, Response, TransportError, TransportErrorKind,
+    guarded_streaming_agent, streaming_agent, BlobRange, Method, Request, Response, TransportError,
+    TransportErrorKind,
 };
 
 /// Counters a test or the metrics API can read.
@@ -46,8 +49,13 @@ pub struct HttpClient {
     pub settings: HttpSettings,
     direct: ureq::Agent,
     /// Like `direct` for streamed ranges: no deadline for the whole exchange (a large range over a slow
-    /// link may take longer than `timeout`), but every read must make progress within it.
+    /// link may take longer than `timeout`), but the head and every read must come within it (the body's
+    /// pace is its reader's to check).
     direct_stream: ureq::Agent,
+    /// `direct` and `direct_stream` for URLs a server chose (redirect targets, token realms): they refuse
+    /// link-local, unspecified and metadata addresses.
+    guarded: ureq::Agent,
+    guarded_stream: ureq::Agent,
     /// The proxy as ureq speaks to it: CONNECT tunnels, used for https:// targets.
     via_proxy: Option<ureq::Agent>,
     /// The proxy as a plain forward proxy, used for http:// targets (absolute-form requests).
@@ -60,7 +68,11 @@ pub struct HttpClient {
 impl HttpClient {
     pub fn new(settings: HttpSettings) -> Result<Self> {
         let direct = agent(&settings, None)?;
-        let direct_stream = streaming_agent(&settings)?;
+        let direct_stream = range_stream_agent(&settings)?;
+        let (guarded, guarded_stream) = (
+            guarded_agent(&settings, false)?,
+            guarded_agent(&settings, true)?,
+        );
         let via_proxy = match &settings.proxy {
             Some(p) => Some(agent(&settings, Some(&p.url))?),
             None => None,
@@ -78,6 +90,8 @@ impl HttpClient {
             settings,
             direct,
             direct_stream,
+            guarded,
+            guarded_stream,
             via_proxy,
             forward,
             proxy_health: Mutex::new(now_down()),
@@ -89,5 +103,11 @@ impl HttpClient {
     /// The agent for requests straight to the origin (no proxy), with the overall timeout.
     pub fn direct_agent(&self) -> &ureq::Agent {
         &self.direct
+    }
+
+    /// [`Self::direct_agent`] for URLs a server chose: it refuses link-local, unspecified and metadata
+    /// addresses.
+    pub fn server_chosen_agent(&self) -> &ureq::Agent {
+        &self.guarded
     }
 }

@@ -83,9 +83,11 @@ impl Registry {
         url: &str,
         range: Option<BlobRange>,
     ) -> std::result::Result<Response, Failure> {
-        // A redirected storage URL belongs to that one host: no mirror serves it.
+        // A redirected storage URL belongs to that one host: no mirror serves it. The registry chose it:
+        // it may not lead to a metadata service.
         let req = Request {
             mirrorable: false,
+            server_chosen: true,
             ..Request::blob(url, &[], range)
         };
         http.send_blob(&req, "blob storage")
@@ -180,11 +182,13 @@ impl Remote for Registry {
                     Failure::retry(format!("redirect {} without a Location", resp.status))
                 })?;
                 let target = self.redirect_target(location);
+                // Remembered once it answered: a target refused or unreachable is asked for again.
+                let resp = self.get_storage(http, &target, range)?;
                 self.redirects
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .insert(blob_id.to_string(), target.clone());
-                return self.get_storage(http, &target, range);
+                    .insert(blob_id.to_string(), target);
+                return Ok(resp);
             }
             return Ok(resp);
         }

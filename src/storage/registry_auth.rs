@@ -8,7 +8,7 @@
 //! readers hitting 401 together fetch one token.
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -43,6 +43,42 @@ pub struct RegistryAuth {
     refresh_gate: Mutex<()>,
     /// Token requests made (for tests and logs: a 401 storm would show here).
     pub token_fetches: AtomicU64,
+    /// How the last token request failed, for the readers that waited on it (see [`Self::reauthorize`]).
+    last_failure: Mutex<Option<SharedFailure>>,
+}
+
+/// A failed token request as the readers that waited for it get it: fatal (with its kind) or retryable.
+#[derive(Clone)]
+struct SharedFailure {
+    fatal: Option<BackendErrorKind>,
+    message: String,
+}
+
+impl SharedFailure {
+    fn of(f: &Failure) -> Self {
+        match f {
+            Failure::Retry { why, .. } => SharedFailure {
+                fatal: None,
+                message: why.clone(),
+            },
+            Failure::Fatal(Error::Backend(b)) => SharedFailure {
+                fatal: Some(b.kind),
+                message: b.message.clone(),
+            },
+            Failure::Fatal(e) => SharedFailure {
+                fatal: Some(BackendErrorKind::Protocol),
+                message: e.to_string(),
+            },
+        }
+    }
+
+    fn failure(self) -> Failure {
+        let message = format!("{} (the token request another reader made)", self.message);
+        match self.fatal {
+            None => Failure::retry(message),
+            Some(kind) => Failure::Fatal(Error::backend(kind, message)),
+        }
+    }
 }
 
 impl RegistryAuth {
@@ -57,6 +93,7 @@ impl RegistryAuth {
             }),
             refresh_gate: Mutex::new(()),
             token_fetches: Default::default(),
+            last_failure: Mutex::new(None),
         }
     }
 
@@ -83,19 +120,23 @@ impl RegistryAuth {
         }
     }
 
-    /// The header to send now, refreshing a token that is about to expire.
+    /// The header to send now, refreshing a token that is about to expire. A reader that waited while
+    /// another refreshed takes what that refresh left, even a token already said to be expired (a realm
+    /// answering `expires_in: 0` would otherwise have every waiting reader fetch one in turn).
     pub fn current_header(&self, http: &HttpClient) -> Option<String> {
-        {
+        let fetches_before = {
             let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
             let expired = st.expires_at.is_some_and(|t| Instant::now() >= t);
             if !expired {
                 return st.header.clone();
             }
-        }
+            self.token_fetches.load(Ordering::Acquire)
+        };
         let _gate = self.refresh_gate.lock().unwrap_or_else(|e| e.into_inner());
         let challenge = {
             let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            if st.expires_at.is_none_or(|t| Instant::now() < t) {
+            let fetched_meanwhile = self.token_fetches.load(Ordering::Acquire) != fetches_before;
+            if fetched_meanwhile || st.expires_at.is_none_or(|t| Instant::now() < t) {
                 return st.header.clone();
             }
             st.bearer.clone()
@@ -119,12 +160,17 @@ impl RegistryAuth {
 
     /// After a 401 to a request sent with `sent`: work out a new header from the response's
     /// `WWW-Authenticate` challenge. Returns the header to retry with.
+    ///
+    /// A reader that waited while another fetched a token takes that fetch's outcome: its header, or its
+    /// failure. Fetching again in turn would keep the last of N readers waiting N token timeouts (a hung
+    /// realm), holding a worker all that time.
     pub fn reauthorize(
         &self,
         http: &HttpClient,
         sent: Option<&str>,
         www_authenticate: &str,
     ) -> std::result::Result<String, Failure> {
+        let fetches_before = self.token_fetches.load(Ordering::Acquire);
         let _gate = self.refresh_gate.lock().unwrap_or_else(|e| e.into_inner());
         {
             let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -133,6 +179,17 @@ impl RegistryAuth {
                     // Another reader already refreshed while we waited.
                     return Ok(h.clone());
                 }
+            }
+        }
+        if self.token_fetches.load(Ordering::Acquire) != fetches_before {
+            // A token request ran while we waited and left no new header: it failed.
+            let failed = self
+                .last_failure
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            if let Some(f) = failed {
+                return Err(f.failure());
             }
         }
         let (scheme, params) = parse_challenge(www_authenticate);
@@ -181,10 +238,17 @@ impl RegistryAuth {
         }
     }
 
-    /// GET the realm for a token and cache it with its expiry.
+    /// GET the realm for a token and cache it with its expiry; a failure is kept for the readers waiting
+    /// on this request (called with `refresh_gate` held).
     fn fetch_token(&self, http: &HttpClient, c: &Challenge) -> std::result::Result<(), Failure> {
-        self.token_fetches
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let result = self.request_token(http, c);
+        *self.last_failure.lock().unwrap_or_else(|e| e.into_inner()) =
+            result.as_ref().err().map(SharedFailure::of);
+        self.token_fetches.fetch_add(1, Ordering::AcqRel);
+        result
+    }
+
+    fn request_token(&self, http: &HttpClient, c: &Challenge) -> std::result::Result<(), Failure> {
         let mut url = c.realm.clone();
         let mut sep = if url.contains('?') { '&' } else { '?' };
         // A challenge may ask for several scopes at once (a cross-repository mount), separated by
@@ -207,7 +271,7 @@ impl RegistryAuth {
             .collect();
         let resp = http
             .send_small_direct(&url, &headers)
-            .map_err(|e| Failure::retry(format!("token request: {e}")))?;
+            .map_err(|e| Failure::of_transport(e, "token request"))?;
         if resp.status != 200 {
             return Err(match resp.status {
                 401 | 403 => Failure::Fatal(Error::backend(
@@ -228,6 +292,14 @@ impl RegistryAuth {
             .and_then(|t| t.as_str())
             .filter(|t| !t.is_empty())
             .ok_or_else(|| Failure::retry("token response without a token"))?;
+        // It goes into every request's Authorization header: a line break there would add headers of the
+        // realm's choosing (or a second request through a forward proxy). Tokens are visible ASCII.
+        if !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(Failure::Fatal(Error::backend(
+                BackendErrorKind::Protocol,
+                "token response: the token holds characters a header cannot carry",
+            )));
+        }
         // The distribution spec's default lifetime is 60 s. A day at most: a server's huge value must not
         // overflow the Instant below.
         let ttl = Duration::from_secs(

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::sync::atomic::Ordering;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use super::retry::{classify, Failure};
 use super::settings::HttpSettings;
@@ -141,6 +142,7 @@ impl<R: Remote> RemoteBackend<R> {
                             inner: live,
                             left: want,
                             what: what.clone(),
+                            pace: self.http.settings.timeout.map(Pace::new),
                         }) as Box<dyn Read + Send>),
                         // Routes that read bodies whole (the forward proxy) hand the range over read.
                         None => check_body(resp, want as usize)
@@ -164,6 +166,50 @@ struct ExactBody {
     inner: ureq::BodyReader<'static>,
     left: u64,
     what: String,
+    /// The pace the body must keep (none without a `timeout`).
+    pace: Option<Pace>,
+}
+
+/// Bytes a streamed body must deliver per `timeout` of waiting on the server.
+const PACE_BYTES: u64 = 1 << 20;
+
+/// The least pace of a streamed body: the time spent waiting on the server may reach `timeout` for the
+/// first [`PACE_BYTES`] and `timeout` more for each further [`PACE_BYTES`] delivered. Each read already
+/// makes progress within the `timeout` (the agent's per-read limit), but a server dripping a byte per read
+/// would otherwise hold the reader (a FUSE worker, or a background stream and the readers waiting on its
+/// chunks) for days; now it holds it about one `timeout` per MiB of the range at most. Only the time
+/// inside the server's reads counts: a consumer that is slow to ask for more is not the server's fault.
+struct Pace {
+    timeout: Duration,
+    waited: Duration,
+    got: u64,
+}
+
+impl Pace {
+    fn new(timeout: Duration) -> Self {
+        Pace {
+            timeout,
+            waited: Duration::ZERO,
+            got: 0,
+        }
+    }
+
+    /// A read that took `took` and gave `n` bytes; an error once the body is behind its pace.
+    fn record(&mut self, took: Duration, n: usize, what: &str) -> std::io::Result<()> {
+        self.waited += took;
+        self.got += n as u64;
+        let allowed = self.timeout.as_secs_f64() * (1.0 + self.got as f64 / PACE_BYTES as f64);
+        if self.waited.as_secs_f64() > allowed {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "{what}: {} bytes in {:?} of waiting, less than 1 MiB per {:?}",
+                    self.got, self.waited, self.timeout
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Read for ExactBody {
@@ -172,7 +218,11 @@ impl Read for ExactBody {
             return Ok(0);
         }
         let max = buf.len().min(self.left.min(usize::MAX as u64) as usize);
+        let started = Instant::now();
         let n = self.inner.read(&mut buf[..max])?;
+        if let Some(pace) = &mut self.pace {
+            pace.record(started.elapsed(), n, &self.what)?;
+        }
         if n == 0 {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
@@ -304,5 +354,28 @@ impl<R: Remote> BlobBackend for RemoteBackend<R> {
         }
         let end = (offset + len as u64).min(size) - 1;
         self.stream_range(blob_id, offset, end, size)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_streamed_body_must_keep_a_mib_per_timeout_of_waiting() {
+        let s = Duration::from_secs(1);
+        let mut pace = Pace::new(s);
+        // A MiB in 1.5 s of waiting, then another within the next 0.4 s: within the pace.
+        pace.record(s.mul_f64(1.5), 1 << 20, "b").unwrap();
+        pace.record(s.mul_f64(0.4), 1 << 20, "b").unwrap();
+        // Then 1.2 s more for a byte: 3.1 s for 2 MiB is behind it.
+        let e = pace.record(s.mul_f64(1.2), 1, "b").unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+        // A server dripping bytes is cut off after about one timeout.
+        let mut drip = Pace::new(s);
+        let reads = (0..100)
+            .take_while(|_| drip.record(Duration::from_millis(200), 1, "b").is_ok())
+            .count();
+        assert_eq!(reads, 5);
     }
 }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::transport::Response;
+use super::transport::{Response, TransportError, TransportErrorKind};
 use super::HttpClient;
 use crate::error::{BackendErrorKind, Error};
 
@@ -27,6 +27,18 @@ impl Failure {
         Failure::Retry {
             why: why.into(),
             after: None,
+        }
+    }
+
+    /// A request that got no answer (its message starting with `who`): worth a retry, unless a server
+    /// sent us where it may not (`guard`), which no retry changes.
+    pub fn of_transport(e: TransportError, who: &str) -> Self {
+        match e.kind {
+            TransportErrorKind::Refused => Failure::Fatal(Error::backend(
+                BackendErrorKind::Protocol,
+                format!("{who}: {e}"),
+            )),
+            _ => Failure::retry(format!("{who}: {e}")),
         }
     }
 }

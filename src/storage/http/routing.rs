@@ -105,6 +105,14 @@ impl HttpClient {
     /// Send `req` by the best route: healthy mirrors in order, then the proxy, then the origin.
     /// A route that fails at the transport level or answers >= 500 is skipped for the next.
     pub fn send(&self, req: &Request, limit: u64) -> std::result::Result<Response, TransportError> {
+        // A proxy resolves names itself; a literal address is checked here, whatever the route.
+        if let Some(why) = req
+            .server_chosen
+            .then(|| super::guard::refused_literal(req.url))
+            .flatten()
+        {
+            return Err(TransportError::new(TransportErrorKind::Refused, why));
+        }
         if req.mirrorable {
             if let Some(result) = self.send_via_mirrors(req, limit) {
                 return result;
@@ -222,7 +230,7 @@ impl HttpClient {
     /// retry and its message starts with `who`.
     pub fn send_blob(&self, req: &Request, who: &str) -> std::result::Result<Response, Failure> {
         self.send(req, req.range.map_or(0, |(a, b)| b - a + 1))
-            .map_err(|e| Failure::retry(format!("{who}: {e}")))
+            .map_err(|e| Failure::of_transport(e, who))
     }
 }
 

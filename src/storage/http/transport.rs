@@ -67,6 +67,8 @@ pub enum TransportErrorKind {
     Tls,
     /// The plain forward proxy broke the exchange (bad head, short or oversized body).
     Proxy,
+    /// A server sent us to an address it may not (`guard`): final, never retried.
+    Refused,
     /// Anything else (protocol violations, I/O errors mid-request).
     Other,
 }
@@ -85,6 +87,7 @@ impl From<ureq::Error> for TransportError {
         use std::io::ErrorKind as Io;
         use ureq::Error as U;
         let kind = match &e {
+            e if super::guard::is_refusal(e) => TransportErrorKind::Refused,
             U::Timeout(_) | U::BodyStalled => TransportErrorKind::Timeout,
             U::HostNotFound | U::ConnectionFailed | U::ConnectProxyFailed(_) => {
                 TransportErrorKind::Connect
@@ -141,6 +144,9 @@ pub struct Request<'a> {
     pub mirrorable: bool,
     /// May go through the proxy (token requests never do).
     pub proxied: bool,
+    /// The URL came from a server's answer (a redirect, a token realm), not from the config: it may not
+    /// lead to a link-local, unspecified or metadata address (`guard`).
+    pub server_chosen: bool,
 }
 
 impl<'a> Request<'a> {
@@ -159,6 +165,7 @@ impl<'a> Request<'a> {
             stream: range.is_some_and(|r| r.stream),
             mirrorable: true,
             proxied: true,
+            server_chosen: false,
         }
     }
 }
@@ -186,20 +193,54 @@ fn tls_roots(settings: &HttpSettings) -> Result<ureq::tls::RootCerts> {
     Ok(ureq::tls::RootCerts::new_with_certs(&certs))
 }
 
+/// What the `timeout` bounds in an agent's exchanges.
+#[derive(Clone, Copy, PartialEq)]
+enum Deadline {
+    /// The whole exchange, body included.
+    Whole,
+    /// Every read and write must make progress within it (long transfers).
+    PerIo,
+    /// As `PerIo`, and the response head must arrive within it too: blob ranges whose body is read as it
+    /// arrives, its pace checked by its reader (`backend::ExactBody`).
+    HeadAndPerIo,
+}
+
 pub(super) fn agent(settings: &HttpSettings, proxy: Option<&str>) -> Result<ureq::Agent> {
-    agent_with(settings, proxy, false)
+    agent_with(settings, proxy, Deadline::Whole, false)
+}
+
+/// An agent for URLs servers chose (`Request::server_chosen`): its resolver refuses the addresses
+/// `guard` forbids.
+pub(super) fn guarded_agent(settings: &HttpSettings, stream: bool) -> Result<ureq::Agent> {
+    let deadline = match stream {
+        true => Deadline::HeadAndPerIo,
+        false => Deadline::Whole,
+    };
+    agent_with(settings, None, deadline, true)
 }
 
 /// An agent for long transfers (whole layers pulled or pushed by `rafsd convert`): no deadline for the
 /// whole exchange, but every read and write must make progress within the `timeout`.
 pub fn streaming_agent(settings: &HttpSettings) -> Result<ureq::Agent> {
-    agent_with(settings, None, true)
+    agent_with(settings, None, Deadline::PerIo, false)
+}
+
+/// [`streaming_agent`] for URLs servers chose (a registry's redirect to blob storage or upload location on
+/// another host): its resolver refuses the addresses `guard` forbids.
+pub fn guarded_streaming_agent(settings: &HttpSettings) -> Result<ureq::Agent> {
+    agent_with(settings, None, Deadline::PerIo, true)
+}
+
+/// The agent for streamed blob ranges: the head within the `timeout`, then every read within it.
+pub(super) fn range_stream_agent(settings: &HttpSettings) -> Result<ureq::Agent> {
+    agent_with(settings, None, Deadline::HeadAndPerIo, false)
 }
 
 fn agent_with(
     settings: &HttpSettings,
     proxy: Option<&str>,
-    streaming: bool,
+    deadline: Deadline,
+    guarded: bool,
 ) -> Result<ureq::Agent> {
     let proxy = proxy
         .map(|p| {
@@ -207,10 +248,14 @@ fn agent_with(
                 .map_err(|e| Error::Invalid(format!("proxy url {:?}: {e}", crate::redact::text(p))))
         })
         .transpose()?;
-    let (global, per_io) = match streaming {
-        true => (None, settings.timeout),
-        false => (settings.timeout, None),
+    let (global, per_io) = match deadline {
+        Deadline::Whole => (settings.timeout, None),
+        Deadline::PerIo | Deadline::HeadAndPerIo => (None, settings.timeout),
     };
+    // Without it a head dripped a byte per read would take hours to reach ureq's header size limit.
+    let head = settings
+        .timeout
+        .filter(|_| deadline == Deadline::HeadAndPerIo);
     let config = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .max_redirects(0)
@@ -223,6 +268,8 @@ fn agent_with(
         .timeout_global(global)
         .timeout_per_read(per_io)
         .timeout_per_write(per_io)
+        .timeout_send_request(head)
+        .timeout_recv_response(head)
         .timeout_connect(settings.connect_timeout)
         .user_agent("rafsd/0.1")
         .tls_config(
@@ -232,15 +279,24 @@ fn agent_with(
                 .build(),
         )
         .build();
-    Ok(ureq::Agent::new_with_config(config))
+    Ok(match guarded {
+        true => ureq::Agent::with_parts(
+            config,
+            ureq::unversioned::transport::DefaultConnector::default(),
+            super::guard::GuardedResolver::default(),
+        ),
+        false => ureq::Agent::new_with_config(config),
+    })
 }
 
 impl HttpClient {
     /// The agent for `req` on a direct route (origin or mirror): streamed ranges have no overall deadline.
     pub(super) fn direct_for(&self, req: &Request) -> &ureq::Agent {
-        match req.stream {
-            true => &self.direct_stream,
-            false => &self.direct,
+        match (req.server_chosen, req.stream) {
+            (false, true) => &self.direct_stream,
+            (false, false) => &self.direct,
+            (true, true) => &self.guarded_stream,
+            (true, false) => &self.guarded,
         }
     }
 
@@ -359,7 +415,7 @@ impl HttpClient {
         })
     }
 
-    /// A small request straight to the origin (token endpoints): no mirror, no proxy.
+    /// A small request straight to a URL a server named (token realms): no mirror, no proxy.
     pub fn send_small_direct(
         &self,
         url: &str,
@@ -373,8 +429,9 @@ impl HttpClient {
             stream: false,
             mirrorable: false,
             proxied: false,
+            server_chosen: true,
         };
-        self.send_on(&self.direct, &req, url, &[], false, SMALL_BODY_LIMIT)
+        self.send(&req, SMALL_BODY_LIMIT)
     }
 }
 

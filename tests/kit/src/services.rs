@@ -365,6 +365,13 @@ pub enum Fault {
     OtherRange,
     /// A Dragonfly proxy refusing: this status with `X-Dragonfly-Error-Type: proxy`.
     ProxyRefuses(u16),
+    /// A correct 206 head, then the body one byte per this long (each read makes progress, the whole
+    /// never ends in any useful time).
+    Trickle(Duration),
+    /// The response head one byte per this long (60 KB of header lines: hours).
+    TrickleHead(Duration),
+    /// 200 with the whole blob, whatever range was asked for (a server ignoring `Range`).
+    WholeBlob,
 }
 
 #[derive(Default)]
@@ -375,6 +382,16 @@ pub struct FaultState {
     pub always: Option<Fault>,
     /// Applied to every GET of one blob's data (by blob id) while set, before the others.
     pub per_blob: HashMap<String, Fault>,
+    /// Applied to every token request while set (`Stall` and `Status` mean something there).
+    pub token: Option<Fault>,
+    /// The realm Bearer challenges name instead of this server's own `/token`.
+    pub realm: Option<String>,
+    /// The `expires_in` token answers say instead of the tokens' true lifetime (`FakeOptions::bearer`).
+    pub token_expires_in: Option<u64>,
+    /// The token every token answer hands out (and the registry takes), instead of a fresh one.
+    pub token_text: Option<String>,
+    /// Where blob GETs are redirected instead of `FakeOptions::redirect_to`'s host (a whole URL).
+    pub redirect_url: Option<String>,
 }
 
 #[derive(Default)]
@@ -657,6 +674,32 @@ impl FakeServer {
         };
     }
 
+    /// Token answers hand out `token` (None: a fresh one each).
+    pub fn set_token_text(&self, token: Option<String>) {
+        self.faults.lock().unwrap().token_text = token;
+    }
+
+    /// Token answers say their tokens expire in `secs` (None: their true lifetime).
+    pub fn set_token_expires_in(&self, secs: Option<u64>) {
+        self.faults.lock().unwrap().token_expires_in = secs;
+    }
+
+    /// Every token request meets `f` (`Stall`: no answer for that long; `Status`: that status; `Slow`:
+    /// the answer after that long).
+    pub fn set_token_fault(&self, f: Option<Fault>) {
+        self.faults.lock().unwrap().token = f;
+    }
+
+    /// Bearer challenges name `realm` as the token endpoint (None: this server's `/token`).
+    pub fn set_realm(&self, realm: Option<String>) {
+        self.faults.lock().unwrap().realm = realm;
+    }
+
+    /// Blob GETs are answered with a 307 to `url` (None: served, or redirected as the options say).
+    pub fn set_redirect(&self, url: Option<String>) {
+        self.faults.lock().unwrap().redirect_url = url;
+    }
+
     pub fn queue(&self, faults: &[Fault]) {
         self.faults.lock().unwrap().queue.extend_from_slice(faults);
     }
@@ -681,6 +724,18 @@ fn respond(conn: &mut TcpStream, status: u16, headers: &[(&str, String)], body: 
     }
     head.push_str("\r\n");
     conn.write_all(head.as_bytes()).is_ok() && conn.write_all(body).is_ok()
+}
+
+/// Write `bytes` one byte per `every` until done, the peer leaves or the server stops; false unless all
+/// went out.
+fn drip(s: &Shared, conn: &mut TcpStream, bytes: &[u8], every: Duration) -> bool {
+    for b in bytes {
+        if s.stop.load(Ordering::Relaxed) || conn.write_all(&[*b]).is_err() {
+            return false;
+        }
+        std::thread::sleep(every);
+    }
+    true
 }
 
 fn serve_conn(s: &Shared, mut conn: TcpStream) {
@@ -746,18 +801,34 @@ fn handle(
     let path = target.split('?').next().unwrap_or("");
     if path == "/token" {
         s.counters.token_requests.fetch_add(1, Ordering::Relaxed);
+        let fault = s.faults.lock().unwrap().token.clone();
+        match fault {
+            Some(Fault::Stall(d)) => {
+                std::thread::sleep(d);
+                return false;
+            }
+            Some(Fault::Status(code)) => {
+                respond(conn, code, &[], b"fault");
+                return false;
+            }
+            Some(Fault::Slow(d)) => std::thread::sleep(d),
+            _ => {}
+        }
         if let Some(want) = &s.opts.token_basic {
             if headers.get("authorization") != Some(&format!("Basic {want}")) {
                 return respond(conn, 401, &[], b"{}");
             }
         }
         let ttl = s.opts.bearer.unwrap_or(60);
-        let token = format!("tok{}", s.next_token.fetch_add(1, Ordering::Relaxed));
+        let given = s.faults.lock().unwrap().token_text.clone();
+        let token =
+            given.unwrap_or_else(|| format!("tok{}", s.next_token.fetch_add(1, Ordering::Relaxed)));
         s.tokens
             .lock()
             .unwrap()
             .insert(token.clone(), Instant::now() + Duration::from_secs(ttl));
-        let body = format!(r#"{{"token":"{token}","expires_in":{ttl}}}"#);
+        let said = s.faults.lock().unwrap().token_expires_in.unwrap_or(ttl);
+        let body = serde_json::json!({"token": token, "expires_in": said}).to_string();
         return respond(
             conn,
             200,
@@ -791,9 +862,11 @@ fn handle(
             });
         if !ok {
             s.counters.unauthorized.fetch_add(1, Ordering::Relaxed);
+            let realm = s.faults.lock().unwrap().realm.clone();
+            let realm = realm.unwrap_or_else(|| format!("http://127.0.0.1:{}/token", s.port));
             let www = format!(
-                r#"Bearer realm="http://127.0.0.1:{}/token",service="fake",scope="repository:{}:pull""#,
-                s.port, s.opts.repo
+                r#"Bearer realm="{realm}",service="fake",scope="repository:{}:pull""#,
+                s.opts.repo
             );
             return respond(conn, 401, &[("WWW-Authenticate", www)], b"");
         }
@@ -801,6 +874,10 @@ fn handle(
     let Some(blob) = s.blobs.lock().unwrap().get(&id).cloned() else {
         return respond(conn, 404, &[], b"");
     };
+    let redirect_url = s.faults.lock().unwrap().redirect_url.clone();
+    if let Some(url) = redirect_url.filter(|_| !at_storage) {
+        return respond(conn, 307, &[("Location", url)], b"");
+    }
     if !at_storage {
         if let Some(host) = &s.opts.redirect_to {
             return respond(
@@ -925,6 +1002,23 @@ fn handle(
         Some(Fault::OtherRange) => {
             let other = format!("bytes {}-{}/{}", a + 1, b + 1, blob.len());
             respond(conn, 206, &[("Content-Range", other)], body);
+            false
+        }
+        Some(Fault::Trickle(every)) => {
+            let head = format!(
+                "HTTP/1.1 206 X\r\nContent-Range: {range}\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            conn.write_all(head.as_bytes()).is_ok() && drip(s, conn, body, every)
+        }
+        Some(Fault::TrickleHead(every)) => {
+            let line = format!("X-Filler: {}\r\n", "a".repeat(1000));
+            let head = format!("HTTP/1.1 206 X\r\n{}", line.repeat(60));
+            drip(s, conn, head.as_bytes(), every);
+            false
+        }
+        Some(Fault::WholeBlob) => {
+            respond(conn, 200, &[], &blob);
             false
         }
         Some(Fault::ProxyRefuses(code)) => {
