@@ -655,7 +655,7 @@ fn a_registry_cannot_send_the_daemon_to_a_metadata_address() {
     ] {
         server.set_redirect(Some(target.clone()));
         let before = server.counters.storage_requests.load(Ordering::Relaxed);
-        let start = Instant::now();
+        let retries_before = backend.http.counters.retries.load(Ordering::Relaxed);
         let err = backend
             .read_exact_at(&id, 4096, 4096)
             .map(|got| got == data[4096..8192])
@@ -665,8 +665,9 @@ fn a_registry_cannot_send_the_daemon_to_a_metadata_address() {
             err.to_string().contains("may not send us to"),
             "{target}: {err}"
         );
-        assert!(
-            start.elapsed() < Duration::from_millis(500),
+        assert_eq!(
+            backend.http.counters.retries.load(Ordering::Relaxed),
+            retries_before,
             "{target}: retried"
         );
         assert_eq!(
@@ -687,6 +688,103 @@ fn a_registry_cannot_send_the_daemon_to_a_metadata_address() {
     assert_eq!(server.counters.token_requests.load(Ordering::Relaxed), 0);
     server.set_realm(None);
     assert!(backend.read_exact_at(&id, 0, 4096).unwrap() == data[..4096]);
+}
+
+/// Through a proxy the proxy resolves names, so a redirect's host is checked before the request goes
+/// there: the forms of 169.254.169.254 and 0.0.0.0 a proxy's resolver takes never reach it.
+#[test]
+fn a_registry_cannot_send_the_daemon_to_a_metadata_address_through_a_proxy() {
+    let opts = || FakeOptions {
+        repo: REPO.into(),
+        bearer: None,
+        token_basic: None,
+        redirect_to: None,
+        storage_head_403: false,
+    };
+    let (registry, proxy) = (FakeServer::start(opts()), FakeServer::start(opts()));
+    let data = pseudo_random(1 << 20, 23);
+    let id = registry.add_blob(data.clone());
+    proxy.add_blob(data.clone());
+    let backend = registry_backend(json!({
+        "scheme": "http", "host": format!("127.0.0.1:{}", registry.port), "repo": REPO,
+        "timeout": 1, "connect_timeout": 1, "retry_limit": 0,
+        "proxy": {"url": format!("http://127.0.0.1:{}", proxy.port), "fallback": false}
+    }));
+    let port = registry.port;
+    for target in [
+        format!("http://2852039166:{port}/storage/{id}"),
+        format!("http://0251.0376.0251.0376:{port}/storage/{id}"),
+        format!("http://0xa9fea9fe:{port}/storage/{id}"),
+        format!("http://0:{port}/storage/{id}"),
+    ] {
+        // The proxy passes the registry's redirect back, as a forward proxy does.
+        proxy.set_redirect(Some(target.clone()));
+        let err = backend
+            .read_exact_at(&id, 4096, 4096)
+            .map(|_| ())
+            .expect_err(&target);
+        assert!(
+            err.to_string().contains("may not send us to"),
+            "{target}: {err}"
+        );
+    }
+    let seen = proxy.seen.lock().unwrap().clone();
+    assert!(
+        seen.iter().all(|r| !r.line.contains("/storage/")),
+        "a refused redirect reached the proxy: {seen:#?}"
+    );
+    // A redirect to a name the proxy may resolve still goes through it.
+    proxy.set_redirect(Some(format!("http://localhost:{port}/storage/{id}")));
+    assert!(backend.read_exact_at(&id, 0, 4096).unwrap() == data[..4096]);
+}
+
+/// A storage URL a redirect gave is kept for the blob only once it answered with data: a failing one
+/// (its host down, a 5xx) is not asked again and again; the registry is, and its next redirect is taken.
+#[test]
+fn a_failing_redirect_target_is_not_kept_for_the_blob() {
+    let opts = || FakeOptions {
+        repo: REPO.into(),
+        bearer: None,
+        token_basic: None,
+        redirect_to: None,
+        storage_head_403: false,
+    };
+    let (registry, down, up) = (
+        FakeServer::start(opts()),
+        FakeServer::start(opts()),
+        FakeServer::start(opts()),
+    );
+    let data = pseudo_random(1 << 20, 31);
+    let id = registry.add_blob(data.clone());
+    down.add_blob(data.clone());
+    up.add_blob(data.clone());
+    down.set_always(Some(Fault::Status(503)));
+    let backend = registry_backend(json!({
+        "scheme": "http", "host": format!("127.0.0.1:{}", registry.port), "repo": REPO,
+        "timeout": 1, "connect_timeout": 1, "retry_limit": 0
+    }));
+    registry.set_redirect(Some(format!("http://127.0.0.1:{}/storage/{id}", down.port)));
+    assert!(backend.read_exact_at(&id, 0, 4096).is_err());
+    let down_asked = down.counters.storage_requests.load(Ordering::Relaxed);
+    assert!(down_asked > 0);
+    registry.set_redirect(Some(format!("http://127.0.0.1:{}/storage/{id}", up.port)));
+    assert!(backend.read_exact_at(&id, 0, 4096).unwrap() == data[..4096]);
+    // Kept once it answered: the next read goes straight to it.
+    let (asked, up_asked) = (
+        registry.counters.requests.load(Ordering::Relaxed),
+        up.counters.storage_requests.load(Ordering::Relaxed),
+    );
+    assert!(backend.read_exact_at(&id, 8192, 4096).unwrap() == data[8192..12288]);
+    assert_eq!(registry.counters.requests.load(Ordering::Relaxed), asked);
+    assert_eq!(
+        up.counters.storage_requests.load(Ordering::Relaxed),
+        up_asked + 1
+    );
+    assert_eq!(
+        down.counters.storage_requests.load(Ordering::Relaxed),
+        down_asked,
+        "the failing target was asked again"
+    );
 }
 
 #[test]

@@ -56,6 +56,8 @@ pub struct HttpClient {
     /// link-local, unspecified and metadata addresses.
     guarded: ureq::Agent,
     guarded_stream: ureq::Agent,
+    /// The names of server-chosen URLs sent through the proxy, checked here (see [`guard::ProxiedNames`]).
+    proxied_names: guard::ProxiedNames,
     /// The proxy as ureq speaks to it: CONNECT tunnels, used for https:// targets.
     via_proxy: Option<ureq::Agent>,
     /// The proxy as a plain forward proxy, used for http:// targets (absolute-form requests).
@@ -92,6 +94,7 @@ impl HttpClient {
             direct_stream,
             guarded,
             guarded_stream,
+            proxied_names: Default::default(),
             via_proxy,
             forward,
             proxy_health: Mutex::new(now_down()),

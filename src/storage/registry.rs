@@ -83,11 +83,12 @@ impl Registry {
         url: &str,
         range: Option<BlobRange>,
     ) -> std::result::Result<Response, Failure> {
-        // A redirected storage URL belongs to that one host: no mirror serves it. The registry chose it:
-        // it may not lead to a metadata service.
+        // A redirected storage URL belongs to that one host: no mirror serves it. The registry chose it,
+        // so it may not lead to a metadata service, unless the config names the host
+        // (`blob_redirected_host`: the user's choice).
         let req = Request {
             mirrorable: false,
-            server_chosen: true,
+            server_chosen: self.blob_redirected_host.is_none(),
             ..Request::blob(url, &[], range)
         };
         http.send_blob(&req, "blob storage")
@@ -145,15 +146,17 @@ impl Remote for Registry {
             .get(blob_id)
             .cloned();
         if let Some(url) = cached {
-            let resp = self.get_storage(http, &url, range)?;
-            if !matches!(resp.status, 401 | 403) && !is_redirect(resp.status) {
-                return Ok(resp);
+            // A storage URL that answers anything but data (an expired pre-signed URL, a host gone down,
+            // a refusal) is forgotten: the registry is asked again.
+            match self.get_storage(http, &url, range) {
+                Ok(resp) if matches!(resp.status, 200 | 206) => return Ok(resp),
+                _ => {
+                    self.redirects
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(blob_id);
+                }
             }
-            // An expired pre-signed URL: ask the registry again.
-            self.redirects
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(blob_id);
         }
         let url = self.blob_url(blob_id);
         let mut sent = self.auth.current_header(http);
@@ -182,12 +185,15 @@ impl Remote for Registry {
                     Failure::retry(format!("redirect {} without a Location", resp.status))
                 })?;
                 let target = self.redirect_target(location);
-                // Remembered once it answered: a target refused or unreachable is asked for again.
+                // Remembered once it answered with data: a target refused, unreachable or failing is
+                // asked for again.
                 let resp = self.get_storage(http, &target, range)?;
-                self.redirects
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(blob_id.to_string(), target);
+                if matches!(resp.status, 200 | 206) {
+                    self.redirects
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(blob_id.to_string(), target);
+                }
                 return Ok(resp);
             }
             return Ok(resp);

@@ -290,6 +290,7 @@ impl RegistryAuth {
             .get("token")
             .or_else(|| v.get("access_token"))
             .and_then(|t| t.as_str())
+            .map(str::trim)
             .filter(|t| !t.is_empty())
             .ok_or_else(|| Failure::retry("token response without a token"))?;
         // It goes into every request's Authorization header: a line break there would add headers of the

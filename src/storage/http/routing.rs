@@ -118,6 +118,12 @@ impl HttpClient {
                 return result;
             }
         }
+        // Through the proxy a name is resolved by the proxy: it is resolved and checked here first.
+        if req.server_chosen && req.proxied && self.settings.proxy.is_some() {
+            if let Some(why) = self.proxied_names.refusal(req.url) {
+                return Err(TransportError::new(TransportErrorKind::Refused, why));
+            }
+        }
         if req.proxied {
             if let Some(result) = self.send_via_proxy(req, limit) {
                 return result;
