@@ -694,14 +694,10 @@ fn a_registry_cannot_send_the_daemon_to_a_metadata_address() {
 /// there: the forms of 169.254.169.254 and 0.0.0.0 a proxy's resolver takes never reach it.
 #[test]
 fn a_registry_cannot_send_the_daemon_to_a_metadata_address_through_a_proxy() {
-    let opts = || FakeOptions {
-        repo: REPO.into(),
-        bearer: None,
-        token_basic: None,
-        redirect_to: None,
-        storage_head_403: false,
-    };
-    let (registry, proxy) = (FakeServer::start(opts()), FakeServer::start(opts()));
+    let (registry, proxy) = (
+        FakeServer::start(FakeOptions::plain(REPO)),
+        FakeServer::start(FakeOptions::plain(REPO)),
+    );
     let data = pseudo_random(1 << 20, 23);
     let id = registry.add_blob(data.clone());
     proxy.add_blob(data.clone());
@@ -742,18 +738,7 @@ fn a_registry_cannot_send_the_daemon_to_a_metadata_address_through_a_proxy() {
 /// (its host down, a 5xx) is not asked again and again; the registry is, and its next redirect is taken.
 #[test]
 fn a_failing_redirect_target_is_not_kept_for_the_blob() {
-    let opts = || FakeOptions {
-        repo: REPO.into(),
-        bearer: None,
-        token_basic: None,
-        redirect_to: None,
-        storage_head_403: false,
-    };
-    let (registry, down, up) = (
-        FakeServer::start(opts()),
-        FakeServer::start(opts()),
-        FakeServer::start(opts()),
-    );
+    let [registry, down, up] = [(); 3].map(|_| FakeServer::start(FakeOptions::plain(REPO)));
     let data = pseudo_random(1 << 20, 31);
     let id = registry.add_blob(data.clone());
     down.add_blob(data.clone());
