@@ -4,11 +4,11 @@
 //! unspecified address (which reaches this host), or to a metadata service outside those ranges. URLs from
 //! the config are not checked: the user chose them.
 //!
-//! Requests to such URLs resolve through [`GuardedResolver`], which checks every address a name resolves
-//! to when the connection is made (so a name that resolved to a harmless address a moment before is
-//! checked again: DNS rebinding gains nothing), and
-//! [`refused_literal`] turns away a literal address before any route is taken (a proxy resolves names
-//! itself: only the literal can be checked on that route).
+//! Requests to such URLs resolve through [`GuardedResolver`], which drops the forbidden addresses a name
+//! resolves to when the connection is made (so a name that resolved to a harmless address a moment before
+//! is checked again: DNS rebinding gains nothing); [`refused_literal`] turns away a literal address in any
+//! form before any route is taken; and on the proxy route, where the proxy resolves names out of the
+//! resolver's sight, [`ProxiedNames`] resolves and checks them here first.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, ToSocketAddrs};
@@ -117,12 +117,17 @@ pub fn is_refusal(e: &ureq::Error) -> bool {
 pub fn refused_literal(url: &str) -> Option<String> {
     let uri: Uri = url.parse().ok()?;
     let host = uri.host()?;
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let bare = unbracketed(host);
     let ip = match bare.parse::<IpAddr>() {
         Ok(ip) => ip,
         Err(_) => IpAddr::V4(inet_aton(bare)?),
     };
     forbidden(ip).then(|| refusal(host, ip))
+}
+
+/// A URL's host without the brackets of an IPv6 literal.
+fn unbracketed(host: &str) -> &str {
+    host.trim_start_matches('[').trim_end_matches(']')
 }
 
 /// Names of server-chosen URLs sent through a proxy, checked here by resolving them as the proxy would
@@ -147,7 +152,7 @@ impl ProxiedNames {
             }
         }
         let port = uri.port_u16().unwrap_or(0);
-        let why = (host.trim_start_matches('[').trim_end_matches(']'), port)
+        let why = (unbracketed(&host), port)
             .to_socket_addrs()
             .ok()
             .and_then(|mut addrs| addrs.find(|a| forbidden(a.ip())))
