@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use fuse_backend_rs::api::{BackFileSystem, Vfs};
 use serde_json::{json, Value};
@@ -161,6 +161,26 @@ pub struct Daemon {
     /// With `on_change`: the filesystems as of the last mount or unmount, for the crash-restart
     /// checkpoints, which the device's thread sends without waiting for a mount in progress.
     saved: Mutex<Option<(Vec<PseudoDir>, Vec<SavedMount>)>>,
+    /// The RAFS filesystems by their index in the Vfs, for requests a front end answers itself.
+    rafs_index: Arc<RafsIndex>,
+}
+
+/// The RAFS filesystems by their index in the `Vfs` (the top byte of the inode numbers it gives out), for
+/// requests a front end answers outside fuse-backend-rs's server (the FUSE front end's spliced READs).
+#[derive(Default)]
+pub struct RafsIndex(RwLock<Vec<Option<Arc<BackFileSystem>>>>);
+
+impl RafsIndex {
+    /// Where fuse-backend-rs puts a mount's index in an inode number.
+    const SHIFT: u32 = 56;
+
+    /// The RAFS filesystem serving the Vfs inode `nodeid`, and the inode's number within it.
+    pub fn get(&self, nodeid: u64) -> Option<(Arc<BackFileSystem>, u64)> {
+        let index = (nodeid >> Self::SHIFT) as usize;
+        let table = self.0.read().unwrap_or_else(|e| e.into_inner());
+        let fs = table.get(index)?.clone()?;
+        Some((fs, nodeid & ((1 << Self::SHIFT) - 1)))
+    }
 }
 
 /// Takes the API connection of a new daemon asking for a live upgrade.
@@ -238,6 +258,7 @@ impl Daemon {
             upgrade: std::sync::OnceLock::new(),
             on_change: std::sync::OnceLock::new(),
             saved: Mutex::new(None),
+            rafs_index: Arc::default(),
         })
     }
 
@@ -263,8 +284,34 @@ impl Daemon {
         self.mounts_changed();
     }
 
+    /// The RAFS filesystems by their index in the Vfs, kept up to date with the mounts.
+    pub fn rafs_index(&self) -> Arc<RafsIndex> {
+        self.rafs_index.clone()
+    }
+
+    /// Rebuild the RAFS index from the mounts, leaving out `leaving` (about to be detached from the Vfs,
+    /// so that nothing answers for it once the Vfs does not). Called with the mount lock held.
+    fn index_rafs(&self, leaving: Option<&str>) {
+        let mut table: Vec<Option<Arc<BackFileSystem>>> = Vec::new();
+        let mounts = self.mounts.lock().unwrap_or_else(|e| e.into_inner());
+        for (mp, r) in mounts.iter() {
+            if r.cmd.fs_type != FsType::Rafs || Some(mp.as_str()) == leaving {
+                continue;
+            }
+            if let Ok(Some((fs, index))) = self.vfs.get_rootfs(mp) {
+                let index = index as usize;
+                if table.len() <= index {
+                    table.resize(index + 1, None);
+                }
+                table[index] = Some(fs);
+            }
+        }
+        *self.rafs_index.0.write().unwrap_or_else(|e| e.into_inner()) = table;
+    }
+
     /// Called with the mount lock held.
     fn mounts_changed(&self) {
+        self.index_rafs(None);
         if let Some(f) = self.on_change.get() {
             let saved = self.export_locked(true).ok();
             *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = saved;
@@ -483,6 +530,7 @@ impl Daemon {
             Some(_) => {}
         }
         let (fs, config_id, config) = self.build(&cmd)?;
+        self.index_rafs(Some(mountpoint));
         self.vfs
             .umount(mountpoint)
             .map_err(|e| Error::Internal(format!("detach {mountpoint}: {e:?}")))?;
@@ -507,6 +555,7 @@ impl Daemon {
                 "nothing is mounted at {mountpoint}"
             )));
         }
+        self.index_rafs(Some(mountpoint));
         self.vfs
             .umount(mountpoint)
             .map_err(|e| Error::Internal(format!("detach {mountpoint}: {e:?}")))?;

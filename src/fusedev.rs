@@ -24,6 +24,7 @@ use fuse_backend_rs::transport::FuseSession;
 use vm_memory::ByteValued;
 
 mod channel;
+mod splice;
 
 use crate::daemon::{Control, Daemon, DaemonState};
 use crate::error::{Error, Result};
@@ -33,6 +34,7 @@ use crate::takeover::state::{self, State};
 use crate::takeover::{supervisor, Fate, MountFate};
 
 const FUSE_INIT: u32 = 26;
+const FUSE_READ: u32 = 15;
 /// INIT flag: the request carries a second flags word (flags2, the high 32 bits).
 const FUSE_INIT_EXT: u32 = 1 << 30;
 /// The kernel can queue again the requests a daemon read but never answered (Linux 6.9+).
@@ -123,6 +125,8 @@ struct Shared {
     fd: AtomicI32,
     /// Set when the workers are to stop.
     stop: OnceLock<channel::Stop>,
+    /// A READ reply was spliced (logged once).
+    spliced: AtomicBool,
 }
 
 impl Shared {
@@ -161,6 +165,32 @@ fn capture_init(mut r: fuse_backend_rs::transport::Reader<'_>, shared: &Shared) 
         max_readahead: init.max_readahead,
         flags,
     });
+}
+
+/// A pipe for each of `threads` workers, made while the daemon may still have CAP_SYS_RESOURCE (see
+/// [`splice`]); none when the system allows no pipe at all (the workers then copy every READ reply).
+fn reply_pipes(threads: usize) -> Vec<splice::ReplyPipe> {
+    match (0..threads)
+        .map(|_| splice::ReplyPipe::new())
+        .collect::<std::io::Result<Vec<_>>>()
+    {
+        Ok(pipes) => {
+            let capacity = pipes.first().map_or(0, |p| p.capacity());
+            if capacity < splice::PIPE_BYTES {
+                log::info!(
+                    "READ replies of up to {} KiB are spliced, larger ones copied: a pipe of {} bytes \
+                     needs CAP_SYS_RESOURCE or fs.pipe-max-size at least that large",
+                    capacity / 1024 - 8,
+                    splice::PIPE_BYTES
+                );
+            }
+            pipes
+        }
+        Err(e) => {
+            log::info!("READ replies are copied, not spliced: no pipe for them ({e})");
+            Vec::new()
+        }
+    }
 }
 
 /// Write a message of our own (a notification or an error reply) to the FUSE device.
@@ -215,6 +245,8 @@ struct FuseDaemon<'a> {
     handed_over: bool,
     /// A takeover that failed half way: the Vfs is no longer empty, so another one is refused.
     takeover_failed: Option<String>,
+    /// The workers' pipes for spliced READ replies, made before the sandbox goes up.
+    reply_pipes: Vec<splice::ReplyPipe>,
 }
 
 /// Serve `vfs` on the FUSE connection at `opts.mountpoint` until a shutdown signal, an exit request or
@@ -250,6 +282,7 @@ pub fn run(
         fate,
         handed_over: false,
         takeover_failed: None,
+        reply_pipes: reply_pipes(threads),
     };
     daemon.set_inflight(d.inflight.clone());
     if take_over {
@@ -599,6 +632,8 @@ impl FuseDaemon<'_> {
                 self.shared.clone(),
                 self.inflight.clone(),
             );
+            let rafs_index = self.daemon.rafs_index();
+            let mut reply_pipe = self.reply_pipes.pop();
             running.fetch_add(1, Ordering::SeqCst);
             let worker = std::thread::Builder::new()
                 .name(format!("fuse-{i}"))
@@ -634,6 +669,16 @@ impl FuseDaemon<'_> {
                                     continue;
                                 }
                                 inflight.begin(i, h.nodeid, h.opcode, h.unique);
+                                if let Some(pipe) = reply_pipe.as_mut().filter(|_| h.opcode == FUSE_READ) {
+                                    let fd = shared.fd.load(Ordering::Relaxed);
+                                    if pipe.reply(&rafs_index, &h, &reader, fd) {
+                                        if !shared.spliced.swap(true, Ordering::Relaxed) {
+                                            log::info!("READ replies are spliced into /dev/fuse");
+                                        }
+                                        inflight.end(i);
+                                        continue;
+                                    }
+                                }
                                 // A failed request is answered or dropped by the server; carry on.
                                 if let Err(e) =
                                     server.handle_message(reader, writer.into(), None, None)

@@ -70,9 +70,17 @@ fn every_fixture_mounts_and_matches_the_manifest_cold_and_warm() {
         let d = start(&c, dir.path(), false, "");
         assert_tree(&d, &c, "cold: chunks from the blob dir");
         assert!(d.stop().success());
-        // A new daemon on the same cache serves everything from it (zero-copy path).
+        // A new daemon on the same cache serves everything from it, READ replies spliced from the
+        // cache files into /dev/fuse (those that fit its pipes: all of these files' reads do).
         let d = start(&c, dir.path(), false, "");
         assert_tree(&d, &c, "warm: chunks from the cache");
+        assert!(
+            d.log_text()
+                .contains("READ replies are spliced into /dev/fuse"),
+            "{}: no READ reply was spliced; log:\n{}",
+            c.name,
+            d.log_text()
+        );
         assert!(d.stop().success());
     }
 }

@@ -298,38 +298,46 @@ impl RafsFs {
         }
     }
 
+    /// The bytes a READ of `size` at `offset` of `ino` answers (fewer than `size` at the end of the file);
+    /// `None` when `ino` is not a regular file of this image.
+    pub fn read_size(&self, ino: u64, offset: u64, size: usize) -> Option<usize> {
+        let inode = self.image.inode(ino).ok().filter(|i| i.is_reg())?;
+        Some(inode.size.saturating_sub(offset).min(size as u64) as usize)
+    }
+
+    /// Answer a READ of `ino` into `reply`, as the `read` request does: the front ends that send a reply
+    /// their own way (the FUSE front end's spliced replies) come here.
+    pub fn read_into(
+        &self,
+        ino: u64,
+        reply: &mut dyn ReadReply,
+        size: u32,
+        offset: u64,
+    ) -> io::Result<usize> {
+        let r = self.do_read(ino, reply, size, offset);
+        self.metrics.record_on(ino, Fop::Read, &r);
+        r
+    }
+
     fn do_read(
         &self,
         ino: u64,
-        w: &mut dyn ZeroCopyWriter,
+        reply: &mut dyn ReadReply,
         size: u32,
         offset: u64,
     ) -> io::Result<usize> {
         // The guest's size is not checked by the FUSE layer: never fetch more than the reply can carry.
-        let size = (size as usize).min(w.available_bytes());
-        let reply = |e: io::Error| crate::Error::io("write the FUSE reply", e);
+        let size = (size as usize).min(reply.room());
+        let to_reply = |e: io::Error| crate::Error::io("write the FUSE reply", e);
         // Cache file ranges that follow each other (the chunks of a file lie back to back in the blob)
-        // are copied with one read, so the disk sees the whole reply's range at once.
+        // go out as one range, so the disk sees the whole reply's range at once.
         let mut pending: Option<(RawFd, u64, usize)> = None;
         // Where the reply's last bytes lie in a cache file, when they come from one.
         let mut cached_end: Option<(RawFd, u64)> = None;
-        let flush = |w: &mut dyn ZeroCopyWriter, p: &mut Option<(RawFd, u64, usize)>| {
-            let Some((fd, offset, len)) = p.take() else {
-                return Ok(());
-            };
-            // SAFETY: the descriptor belongs to the image's blob cache, which outlives this read;
-            // ManuallyDrop never closes it.
-            let mut borrowed =
-                std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
-            let mut done = 0;
-            while done < len {
-                match w.write_from(&mut *borrowed, len - done, offset + done as u64) {
-                    Ok(0) => return Err(reply(eno(libc::EIO))),
-                    Ok(n) => done += n,
-                    Err(e) => return Err(reply(e)),
-                }
-            }
-            Ok(())
+        let flush = |reply: &mut dyn ReadReply, p: &mut Option<(RawFd, u64, usize)>| match p.take()
+        {
+            Some((fd, offset, len)) => reply.cached(fd, offset, len).map_err(to_reply),
+            None => Ok(()),
         };
         let total = self
             .image
@@ -338,10 +346,10 @@ impl RafsFs {
                     Segment::Cached { file, offset, len } => (file.as_raw_fd(), offset, len),
                     other => {
                         cached_end = None;
-                        flush(w, &mut pending)?;
+                        flush(reply, &mut pending)?;
                         return match other {
-                            Segment::Bytes(data) => w.write_all(data).map_err(reply),
-                            _ => write_zeros(w, other.len()).map_err(reply),
+                            Segment::Bytes(data) => reply.bytes(data).map_err(to_reply),
+                            _ => reply.zeros(other.len()).map_err(to_reply),
                         };
                     }
                 };
@@ -351,13 +359,13 @@ impl RafsFs {
                         *plen += len
                     }
                     _ => {
-                        flush(w, &mut pending)?;
+                        flush(reply, &mut pending)?;
                         pending = Some((fd, offset, len));
                     }
                 }
                 Ok(())
             })
-            .and_then(|n| flush(w, &mut pending).map(|()| n))
+            .and_then(|n| flush(reply, &mut pending).map(|()| n))
             .map_err(|e| to_io(e, &format!("read inode {ino}")))?;
         if let Some((fd, cache_offset)) = cached_end {
             self.read_ahead(ino, offset, total as u64, fd, cache_offset);
@@ -477,11 +485,56 @@ impl RafsFs {
 }
 
 /// `n` zero bytes into `w`, from a small static buffer (a hole costs no allocation).
+/// Where the bytes of a READ reply go, piece by piece: ranges of blob cache files, bytes, zeros.
+pub trait ReadReply {
+    /// The most bytes the reply can carry.
+    fn room(&self) -> usize;
+    /// `len` bytes of the file `fd` (a blob cache file, valid for the call) at `offset`.
+    fn cached(&mut self, fd: RawFd, offset: u64, len: usize) -> io::Result<()>;
+    fn bytes(&mut self, data: &[u8]) -> io::Result<()>;
+    fn zeros(&mut self, len: usize) -> io::Result<()>;
+}
+
+/// A reply through fuse-backend-rs's writer, which copies every piece into its buffer.
+struct WriterReply<'a>(&'a mut dyn ZeroCopyWriter);
+
+impl ReadReply for WriterReply<'_> {
+    fn room(&self) -> usize {
+        self.0.available_bytes()
+    }
+
+    fn cached(&mut self, fd: RawFd, offset: u64, len: usize) -> io::Result<()> {
+        // SAFETY: the caller keeps `fd` open for the call; ManuallyDrop never closes it.
+        let mut borrowed = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
+        let mut done = 0;
+        while done < len {
+            match self
+                .0
+                .write_from(&mut *borrowed, len - done, offset + done as u64)?
+            {
+                0 => return Err(eno(libc::EIO)),
+                n => done += n,
+            }
+        }
+        Ok(())
+    }
+
+    fn bytes(&mut self, data: &[u8]) -> io::Result<()> {
+        self.0.write_all(data)
+    }
+
+    fn zeros(&mut self, len: usize) -> io::Result<()> {
+        write_zeros(&mut *self.0, len)
+    }
+}
+
+/// Zero bytes for holes, written a page at a time.
+pub const ZERO_PAGE: [u8; 4096] = [0; 4096];
+
 fn write_zeros(w: &mut dyn io::Write, mut n: usize) -> io::Result<()> {
-    const ZEROS: [u8; 4096] = [0; 4096];
     while n > 0 {
-        let k = n.min(ZEROS.len());
-        w.write_all(&ZEROS[..k])?;
+        let k = n.min(ZERO_PAGE.len());
+        w.write_all(&ZERO_PAGE[..k])?;
         n -= k;
     }
     Ok(())
@@ -641,9 +694,7 @@ impl FileSystem for RafsFs {
         _lock_owner: Option<u64>,
         _flags: u32,
     ) -> io::Result<usize> {
-        let r = self.do_read(inode, w, size, offset);
-        self.metrics.record_on(inode, Fop::Read, &r);
-        r
+        self.read_into(inode, &mut WriterReply(w), size, offset)
     }
 
     fn setupmapping(
