@@ -24,11 +24,12 @@ use fuse_backend_rs::transport::FuseSession;
 use vm_memory::ByteValued;
 
 mod channel;
+mod parking;
 mod splice;
+mod worker;
 
 use crate::daemon::{Control, Daemon, DaemonState};
 use crate::error::{Error, Result};
-use crate::fs::pseudo_xattr;
 use crate::signals::wait_for_signal;
 use crate::takeover::state::{self, State};
 use crate::takeover::{supervisor, Fate, MountFate};
@@ -127,6 +128,8 @@ struct Shared {
     stop: OnceLock<channel::Stop>,
     /// A READ reply was spliced (logged once).
     spliced: AtomicBool,
+    /// Stopping, and requests read but not answered are left for the kernel to resend to a successor.
+    abandon: AtomicBool,
 }
 
 impl Shared {
@@ -165,32 +168,6 @@ fn capture_init(mut r: fuse_backend_rs::transport::Reader<'_>, shared: &Shared) 
         max_readahead: init.max_readahead,
         flags,
     });
-}
-
-/// A pipe for each of `threads` workers, made while the daemon may still have CAP_SYS_RESOURCE (see
-/// [`splice`]); none when the system allows no pipe at all (the workers then copy every READ reply).
-fn reply_pipes(threads: usize) -> Vec<splice::ReplyPipe> {
-    match (0..threads)
-        .map(|_| splice::ReplyPipe::new())
-        .collect::<std::io::Result<Vec<_>>>()
-    {
-        Ok(pipes) => {
-            let capacity = pipes.first().map_or(0, |p| p.capacity());
-            if capacity < splice::PIPE_BYTES {
-                log::info!(
-                    "READ replies of up to {} KiB are spliced, larger ones copied: a pipe of {} bytes \
-                     needs CAP_SYS_RESOURCE or fs.pipe-max-size at least that large",
-                    capacity / 1024 - 8,
-                    splice::PIPE_BYTES
-                );
-            }
-            pipes
-        }
-        Err(e) => {
-            log::info!("READ replies are copied, not spliced: no pipe for them ({e})");
-            Vec::new()
-        }
-    }
 }
 
 /// Write a message of our own (a notification or an error reply) to the FUSE device.
@@ -245,8 +222,6 @@ struct FuseDaemon<'a> {
     handed_over: bool,
     /// A takeover that failed half way: the Vfs is no longer empty, so another one is refused.
     takeover_failed: Option<String>,
-    /// The workers' pipes for spliced READ replies, made before the sandbox goes up.
-    reply_pipes: Vec<splice::ReplyPipe>,
 }
 
 /// Serve `vfs` on the FUSE connection at `opts.mountpoint` until a shutdown signal, an exit request or
@@ -282,7 +257,6 @@ pub fn run(
         fate,
         handed_over: false,
         takeover_failed: None,
-        reply_pipes: reply_pipes(threads),
     };
     daemon.set_inflight(d.inflight.clone());
     if take_over {
@@ -383,16 +357,17 @@ impl FuseDaemon<'_> {
             Ending::Exit if self.handed_over => Fate::Keep,
             _ => Fate::Unmount,
         };
-        if let Some(stop) = self.shared.stop.get() {
-            if let Err(e) = stop.request() {
-                log::warn!("waking FUSE workers: {e}");
-            }
-        }
         // A successor asks the kernel to resend what was read but not answered: no need to wait for
         // slow requests (a cold read from a slow backend) before handing over.
         let abandon = fate == Fate::Keep
             && self.opts.failover_policy == FailoverPolicy::Resend
             && self.shared.kernel_resends();
+        self.shared.abandon.store(abandon, Ordering::SeqCst);
+        if let Some(stop) = self.shared.stop.get() {
+            if let Err(e) = stop.request() {
+                log::warn!("waking FUSE workers: {e}");
+            }
+        }
         if abandon {
             log::info!("leaving unanswered requests to the successor (the kernel resends them)");
         } else {
@@ -624,76 +599,24 @@ impl FuseDaemon<'_> {
             .map(|_| channel::Channel::new(dev, stop))
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(|e| Error::io("FUSE channel", e))?;
-        for (i, mut channel) in channels.into_iter().enumerate() {
-            let (server, vfs, running, shared, inflight) = (
-                self.server.clone(),
-                self.vfs.clone(),
-                self.running.clone(),
-                self.shared.clone(),
-                self.inflight.clone(),
-            );
-            let rafs_index = self.daemon.rafs_index();
-            let mut reply_pipe = self.reply_pipes.pop();
+        let parking = Arc::new(parking::Parking::new(channels.len()));
+        for (i, channel) in channels.into_iter().enumerate() {
+            let w = worker::Worker {
+                index: i,
+                server: self.server.clone(),
+                vfs: self.vfs.clone(),
+                shared: self.shared.clone(),
+                inflight: self.inflight.clone(),
+                rafs_index: self.daemon.rafs_index(),
+                parking: parking.clone(),
+                reply_pipe: None,
+            };
+            let running = self.running.clone();
             running.fetch_add(1, Ordering::SeqCst);
             let worker = std::thread::Builder::new()
                 .name(format!("fuse-{i}"))
                 .spawn(move || {
-                    let stop = shared.stop.get().expect("set before the workers start");
-                    loop {
-                        match channel.next(stop) {
-                            Ok(Some((reader, writer))) => {
-                                let Ok(h) = reader.clone().read_obj::<InHeader>() else {
-                                    // Too short to be a request; the server says so.
-                                    let _ = server.handle_message(reader, writer.into(), None, None);
-                                    continue;
-                                };
-                                if h.opcode == FUSE_INIT {
-                                    capture_init(reader.clone(), &shared);
-                                }
-                                if h.unique & FUSE_UNIQUE_RESEND != 0 {
-                                    log::info!(
-                                        "request {:#x} (opcode {}) sent again by the kernel after the takeover",
-                                        h.unique,
-                                        h.opcode
-                                    );
-                                    if shared.flush_resent.load(Ordering::Relaxed) {
-                                        flush(&shared, h.unique);
-                                        continue;
-                                    }
-                                }
-                                if let Some(reply) = pseudo_xattr::reply(&vfs, &h, &reader) {
-                                    let fd = shared.fd.load(Ordering::Relaxed);
-                                    if let Err(e) = write_message(fd, &reply) {
-                                        log::debug!("FUSE reply: {e}");
-                                    }
-                                    continue;
-                                }
-                                inflight.begin(i, h.nodeid, h.opcode, h.unique);
-                                if let Some(pipe) = reply_pipe.as_mut().filter(|_| h.opcode == FUSE_READ) {
-                                    let fd = shared.fd.load(Ordering::Relaxed);
-                                    if pipe.reply(&rafs_index, &h, &reader, fd) {
-                                        if !shared.spliced.swap(true, Ordering::Relaxed) {
-                                            log::info!("READ replies are spliced into /dev/fuse");
-                                        }
-                                        inflight.end(i);
-                                        continue;
-                                    }
-                                }
-                                // A failed request is answered or dropped by the server; carry on.
-                                if let Err(e) =
-                                    server.handle_message(reader, writer.into(), None, None)
-                                {
-                                    log::debug!("FUSE request: {e}");
-                                }
-                                inflight.end(i);
-                            }
-                            Ok(None) => break,
-                            Err(e) => {
-                                log::warn!("FUSE channel: {e}");
-                                break;
-                            }
-                        }
-                    }
+                    w.run(channel);
                     running.fetch_sub(1, Ordering::SeqCst);
                 });
             self.workers

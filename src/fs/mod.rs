@@ -305,6 +305,12 @@ impl RafsFs {
         Some(inode.size.saturating_sub(offset).min(size as u64) as usize)
     }
 
+    /// Whether a READ of `size` at `offset` of `ino` is answered without the backend (see
+    /// [`RafsImage::range_is_cached`]).
+    pub fn read_is_cached(&self, ino: u64, offset: u64, size: usize) -> bool {
+        self.image.range_is_cached(ino, offset, size)
+    }
+
     /// Answer a READ of `ino` into `reply`, as the `read` request does: the front ends that send a reply
     /// their own way (the FUSE front end's spliced replies) come here.
     pub fn read_into(
@@ -315,7 +321,9 @@ impl RafsFs {
         offset: u64,
     ) -> io::Result<usize> {
         let r = self.do_read(ino, reply, size, offset);
-        self.metrics.record_on(ino, Fop::Read, &r);
+        if !reply.refused() {
+            self.metrics.record_on(ino, Fop::Read, &r);
+        }
         r
     }
 
@@ -365,8 +373,12 @@ impl RafsFs {
                 }
                 Ok(())
             })
-            .and_then(|n| flush(reply, &mut pending).map(|()| n))
-            .map_err(|e| to_io(e, &format!("read inode {ino}")))?;
+            .and_then(|n| flush(reply, &mut pending).map(|()| n));
+        let total = match total {
+            Ok(n) => n,
+            Err(_) if reply.refused() => return Err(eno(libc::EAGAIN)),
+            Err(e) => return Err(to_io(e, &format!("read inode {ino}"))),
+        };
         if let Some((fd, cache_offset)) = cached_end {
             self.read_ahead(ino, offset, total as u64, fd, cache_offset);
         }
@@ -493,6 +505,11 @@ pub trait ReadReply {
     fn cached(&mut self, fd: RawFd, offset: u64, len: usize) -> io::Result<()>;
     fn bytes(&mut self, data: &[u8]) -> io::Result<()>;
     fn zeros(&mut self, len: usize) -> io::Result<()>;
+    /// The reply's own way out failed (not the read): the front end answers the request another way, so
+    /// this attempt is neither an error of the read nor counted as one.
+    fn refused(&self) -> bool {
+        false
+    }
 }
 
 /// A reply through fuse-backend-rs's writer, which copies every piece into its buffer.

@@ -53,7 +53,7 @@ impl Stop {
         Ok(())
     }
 
-    fn requested(&self) -> bool {
+    pub fn requested(&self) -> bool {
         self.requested.load(Ordering::SeqCst)
     }
 }
@@ -150,6 +150,12 @@ impl Channel {
         let writer = FuseDevWriter::new(fd, &mut self.reply)
             .map_err(|e| io::Error::other(format!("FUSE reply buffer: {e}")))?;
         Ok(Some((reader, writer)))
+    }
+
+    /// A writer over the reply buffer, for a request read earlier (a parked one, see `parking`).
+    pub fn writer(&mut self) -> io::Result<FuseDevWriter<'_>> {
+        FuseDevWriter::new(self.dev.as_raw_fd(), &mut self.reply)
+            .map_err(|e| io::Error::other(format!("FUSE reply buffer: {e}")))
     }
 
     /// Sleep until a request may be there or a stop is requested.

@@ -127,6 +127,30 @@ impl RafsImage {
         Ok((end - offset) as usize)
     }
 
+    /// Whether reading `[offset, offset + size)` of `ino` needs nothing from the backend: every chunk the
+    /// range covers is in the blob cache (holes need none). The FUSE front end keeps reads that will wait on
+    /// the network from taking every worker with it. A range it cannot tell about (a bad inode, a broken
+    /// chunk record) counts as cached: its read fails at once.
+    pub fn range_is_cached(&self, ino: u64, offset: u64, size: usize) -> bool {
+        let Ok(inode) = self.meta.inode(ino) else {
+            return true;
+        };
+        if !inode.is_reg() || offset >= inode.size || size == 0 {
+            return true;
+        }
+        let len = (size as u64).min(inode.size - offset);
+        let Ok(chunks) = self.meta.file_chunks(&inode, offset, len) else {
+            return true;
+        };
+        chunks.iter().all(|(file_offset, addr)| {
+            match (&self.cache, self.file_chunk(&inode, *file_offset, addr)) {
+                (_, Err(_)) => true,
+                (Some(cache), Ok(info)) => cache.is_ready(&info),
+                (None, Ok(_)) => false,
+            }
+        })
+    }
+
     /// Read file data at `offset` into `buf`; returns the bytes read (short only at end of file).
     pub fn read(&self, ino: u64, offset: u64, buf: &mut [u8]) -> Result<usize> {
         let mut done = 0;

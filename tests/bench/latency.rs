@@ -9,12 +9,14 @@
 //! mount (the kernel's readahead; statx forced to the daemon, O_DIRECT reads). Each with its worker pool
 //! (the default) and with the old behaviour as the baseline of the same run: `--thread-pool-size 0` (one
 //! request at a time, in order) for virtio-fs, `--thread-num 1` for FUSE. Every run starts a new daemon
-//! with an empty cache.
+//! with an empty cache. `--cold-readers N` has N FUSE readers stream their parts of the big file at once
+//! (more cold READs than workers); `--base BIN` adds another rafsd binary's FUSE daemon (16 threads).
 //!
 //!   cargo bench --bench latency -- [--rounds N] [--size-mib M] [--rate-mb R] [--gap-us U] [--depth D]
-//!                                   [--only virtiofs|fuse]          (ci/bench-latency.sh; needs root)
+//!                                   [--only virtiofs|fuse] [--cold-readers N] [--base BIN]
+//!                                   (ci/bench-latency.sh; needs root)
 
-use kit::{bench::harness, bench::image, daemon, frontend, services};
+use kit::{bench::harness, bench::image, daemon, frontend, rafsd_bin, services};
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -50,6 +52,10 @@ struct Args {
     work: PathBuf,
     virtiofs: bool,
     fuse: bool,
+    /// FUSE: readers streaming cold at once, each its own part of the big file.
+    cold_readers: usize,
+    /// FUSE: another rafsd binary measured the same way (a release build of main, say).
+    base: Option<PathBuf>,
 }
 
 fn parse_args() -> Args {
@@ -64,6 +70,8 @@ fn parse_args() -> Args {
         work: Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-latency"),
         virtiofs: true,
         fuse: true,
+        cold_readers: 1,
+        base: None,
     };
     harness::parse_flags(|flag, value| match flag {
         "--rounds" => a.rounds = value().parse().expect("--rounds N"),
@@ -74,6 +82,8 @@ fn parse_args() -> Args {
         "--idle-secs" => a.idle = Duration::from_secs_f64(value().parse().expect("--idle-secs S")),
         "--limit-secs" => a.limit_secs = value().parse().expect("--limit-secs S"),
         "--work" => a.work = PathBuf::from(value()),
+        "--cold-readers" => a.cold_readers = value().parse().expect("--cold-readers N"),
+        "--base" => a.base = Some(PathBuf::from(value())),
         "--only" => match value().as_str() {
             "virtiofs" => a.fuse = false,
             "fuse" => a.virtiofs = false,
@@ -81,11 +91,13 @@ fn parse_args() -> Args {
         },
         other => panic!(
             "unknown argument {other}; use --rounds N --size-mib M --rate-mb R --gap-us U \
-             --depth D --idle-secs S --only virtiofs|fuse --work DIR --limit-secs S"
+             --depth D --idle-secs S --only virtiofs|fuse --work DIR --limit-secs S \
+             --cold-readers N --base BIN"
         ),
     });
     a.rounds = a.rounds.max(1);
     a.depth = a.depth.max(1);
+    a.cold_readers = a.cold_readers.max(1);
     a
 }
 
@@ -136,6 +148,7 @@ struct Bench {
     gap: Duration,
     depth: usize,
     idle: Duration,
+    cold_readers: usize,
     watchdog: Watchdog,
 }
 
@@ -316,7 +329,7 @@ impl Bench {
         big_reader.then(|| self.size as f64 / 1e6 / start.elapsed().as_secs_f64())
     }
 
-    fn fuse(&self, run: &Path, fuse_args: &[&str]) -> Sample {
+    fn fuse(&self, run: &Path, bin: &Path, fuse_args: &[&str]) -> Sample {
         let config = run.join("config.json");
         std::fs::write(&config, self.config(&run.join("cache"))).unwrap();
         let mnt = run.join("mnt");
@@ -332,7 +345,7 @@ impl Bench {
         let extra = harness::daemon_extra_args();
         args.extend(extra.iter().map(String::as_str));
         self.server.set_rate(None);
-        let d = daemon::Daemon::start(&args, &mnt, &run.join("rafsd-fuse.log"));
+        let d = daemon::Daemon::start_bin(bin, &args, &mnt, &run.join("rafsd-fuse.log"));
         self.watchdog.watch(d.pid(), Some(&mnt));
         let small: Vec<(CString, std::fs::File)> = (0..SMALL_FILES)
             .map(|i| {
@@ -377,8 +390,29 @@ impl Bench {
             let reader = scope.spawn(|| {
                 let t = Instant::now();
                 let mut f = std::fs::File::open(mnt.join("big.bin")).unwrap();
-                let n = std::io::copy(&mut f, &mut std::io::sink()).unwrap();
-                assert_eq!(n, self.size);
+                if self.cold_readers == 1 {
+                    let n = std::io::copy(&mut f, &mut std::io::sink()).unwrap();
+                    assert_eq!(n, self.size);
+                } else {
+                    // Each reader its own part of the file, 1 MiB at a time.
+                    let part = self.size.div_ceil(self.cold_readers as u64);
+                    std::thread::scope(|readers| {
+                        for r in 0..self.cold_readers as u64 {
+                            let f = &f;
+                            readers.spawn(move || {
+                                let mut buf = vec![0u8; MIB as usize];
+                                let end = ((r + 1) * part).min(self.size);
+                                let mut at = r * part;
+                                while at < end {
+                                    let want = ((end - at) as usize).min(buf.len());
+                                    let n = f.read_at(&mut buf[..want], at).unwrap();
+                                    assert!(n > 0, "short read at {at}");
+                                    at += n as u64;
+                                }
+                            });
+                        }
+                    });
+                }
                 finished.store(true, Ordering::SeqCst);
                 t.elapsed().as_secs_f64()
             });
@@ -446,6 +480,7 @@ fn main() {
         gap: a.gap,
         depth: a.depth,
         idle: a.idle,
+        cold_readers: a.cold_readers,
         watchdog,
     };
     let mut rows: Vec<Row> = Vec::new();
@@ -472,6 +507,13 @@ fn main() {
             workers: "1 thread",
             samples: Vec::new(),
         });
+        if a.base.is_some() {
+            rows.push(Row {
+                side: "host FUSE",
+                workers: "16 threads, base",
+                samples: Vec::new(),
+            });
+        }
     }
     let run = tempfile::Builder::new()
         .prefix("rafsd-bench-latency")
@@ -489,7 +531,9 @@ fn main() {
             let dir = run.path().join(format!("r{round}-{i}"));
             std::fs::create_dir_all(&dir).unwrap();
             let baseline = i % 2 == 1;
-            let s = if row.side == "virtio-fs" {
+            let s = if row.workers.ends_with(", base") {
+                bench.fuse(&dir, a.base.as_deref().unwrap(), &[])
+            } else if row.side == "virtio-fs" {
                 bench.virtiofs(
                     &dir,
                     if baseline {
@@ -501,6 +545,7 @@ fn main() {
             } else {
                 bench.fuse(
                     &dir,
+                    rafsd_bin(),
                     if baseline {
                         &["--thread-num", "1"]
                     } else {
@@ -524,12 +569,13 @@ fn main() {
     println!(
         "small operations (GETATTR, LOOKUP of a missing name, 4 KiB cached READ, in turn, {} µs apart) \
          while one reader streams {} MiB cold from a registry paced at {} MB/s (virtio-fs: {} 1 MiB \
-         READs in flight on one request queue; FUSE: the kernel's readahead); median of {} rounds, \
-         latencies in ms",
+         READs in flight on one request queue; FUSE: the kernel's readahead, {} reader(s) each \
+         streaming its part of the file); median of {} rounds, latencies in ms",
         a.gap.as_micros(),
         a.size_mib,
         a.rate_mb,
         a.depth,
+        a.cold_readers,
         a.rounds
     );
     println!(
@@ -558,7 +604,9 @@ fn main() {
         );
     }
     println!("(idle: without the big reader; read: while it runs; big MB/s: its rate)");
-    for pair in rows.chunks(2) {
+    let (ours, theirs): (Vec<&Row>, Vec<&Row>) =
+        rows.iter().partition(|r| !r.workers.ends_with(", base"));
+    for pair in ours.chunks(2) {
         let [pool, base] = pair else { continue };
         let loaded = |r: &Row, p: f64| r.med(|s| percentile(&s.loaded, p));
         let idle = |r: &Row, p: f64| r.med(|s| percentile(&s.idle, p));
@@ -577,6 +625,18 @@ fn main() {
             } else {
                 "NOT met"
             }
+        );
+    }
+    if let (Some(base), Some(pool)) = (theirs.first(), ours.iter().find(|r| r.side == "host FUSE"))
+    {
+        let loaded = |r: &Row, p: f64| r.med(|s| percentile(&s.loaded, p));
+        println!(
+            "host FUSE, 16 threads: while the big read runs, base / this build: p50 {:.1}x, p99 {:.1}x; \
+             big read {:.1} against {:.1} MB/s",
+            loaded(base, 50.0) / loaded(pool, 50.0),
+            loaded(base, 99.0) / loaded(pool, 99.0),
+            pool.med(|s| s.big_mb_s),
+            base.med(|s| s.big_mb_s),
         );
     }
 }

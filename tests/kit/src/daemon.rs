@@ -27,8 +27,13 @@ pub fn lazy_unmount(mountpoint: &Path) {
 impl Daemon {
     /// Start `rafsd ARGS --mountpoint MOUNTPOINT` and wait until the mount is up.
     pub fn start(args: &[&str], mountpoint: &Path, log: &Path) -> Daemon {
+        Self::start_bin(crate::rafsd_bin(), args, mountpoint, log)
+    }
+
+    /// [`Daemon::start`] with another rafsd binary (a benchmark's baseline).
+    pub fn start_bin(bin: &Path, args: &[&str], mountpoint: &Path, log: &Path) -> Daemon {
         std::fs::create_dir_all(mountpoint).unwrap();
-        let mut cmd = rafsd();
+        let mut cmd = Command::new(bin);
         cmd.args(args).arg("--mountpoint").arg(mountpoint);
         let child = spawn_ready(&mut cmd, log, Duration::from_secs(30), || {
             is_mounted(mountpoint)

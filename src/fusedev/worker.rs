@@ -1,0 +1,261 @@
+//! One FUSE worker: reads a request from its channel, answers it (itself for what the server must not
+//! see or cannot do well: INIT's parameters, resent requests under `--failover-policy flush`, xattrs of
+//! the Vfs's own directories, spliced READ replies; the server for the rest), and goes back for the next.
+//! Cold READs beyond their share of the workers are parked (see [`super::parking`]).
+
+use std::io::Read;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use fuse_backend_rs::abi::fuse_abi::{FsOptions, InHeader, InitOut, OutHeader};
+use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::api::Vfs;
+use fuse_backend_rs::transport::{FuseBuf, FuseDevWriter, Reader};
+use vm_memory::ByteValued;
+
+use super::channel::Channel;
+use super::parking::{Admission, Parking};
+use super::splice::{self, ReplyPipe};
+use super::{capture_init, flush, write_fuse, write_message, Shared};
+use super::{FUSE_INIT, FUSE_READ, FUSE_UNIQUE_RESEND};
+use crate::daemon::RafsIndex;
+use crate::fs::{pseudo_xattr, RafsFs};
+use crate::inflight::Inflight;
+
+/// A READ request is 80 bytes (its header and `fuse_read_in`); a longer one is never parked.
+const MAX_PARKED_REQUEST: usize = 128;
+
+pub(super) struct Worker {
+    /// This worker's number (its slot in `inflight`).
+    pub index: usize,
+    pub server: Arc<Server<Arc<Vfs>>>,
+    pub vfs: Arc<Vfs>,
+    pub shared: Arc<Shared>,
+    pub inflight: Arc<Inflight>,
+    pub rafs_index: Arc<RafsIndex>,
+    pub parking: Arc<Parking>,
+    /// For spliced READ replies (made when the worker starts); without one, every reply goes through the
+    /// server.
+    pub reply_pipe: Option<ReplyPipe>,
+}
+
+impl Worker {
+    /// Serve requests until a stop is requested or the connection ends.
+    pub fn run(mut self, mut channel: Channel) {
+        self.reply_pipe = ReplyPipe::new()
+            .map_err(|e| log::warn!("no pipe for READ replies, they are copied: {e}"))
+            .ok();
+        let shared = self.shared.clone();
+        let stop = shared.stop.get().expect("set before the workers start");
+        loop {
+            let cold = match channel.next(stop) {
+                Ok(Some((reader, writer))) => self.take(reader, writer),
+                Ok(None) => break,
+                Err(e) => {
+                    log::warn!("FUSE channel: {e}");
+                    break;
+                }
+            };
+            if cold {
+                self.answer_parked(&mut channel);
+            }
+        }
+    }
+
+    /// Answer (or park) a request just read; true when it was a cold READ answered here, whose slot the
+    /// caller passes on with [`Self::answer_parked`].
+    fn take(&mut self, reader: Reader<'_>, writer: FuseDevWriter<'_>) -> bool {
+        let Ok(h) = reader.clone().read_obj::<InHeader>() else {
+            // Too short to be a request; the server says so.
+            let _ = self
+                .server
+                .handle_message(reader, writer.into(), None, None);
+            return false;
+        };
+        if h.opcode == FUSE_INIT {
+            capture_init(reader.clone(), &self.shared);
+            if let Some(pages) = splice::init_max_pages() {
+                self.answer_init(reader, writer, pages);
+                return false;
+            }
+        }
+        if h.unique & FUSE_UNIQUE_RESEND != 0 {
+            log::info!(
+                "request {:#x} (opcode {}) sent again by the kernel after the takeover",
+                h.unique,
+                h.opcode
+            );
+            if self.shared.flush_resent.load(Ordering::Relaxed) {
+                flush(&self.shared, h.unique);
+                return false;
+            }
+        }
+        if let Some(reply) = pseudo_xattr::reply(&self.vfs, &h, &reader) {
+            let fd = self.shared.fd.load(Ordering::Relaxed);
+            if let Err(e) = write_message(fd, &reply) {
+                log::debug!("FUSE reply: {e}");
+            }
+            return false;
+        }
+        let mut cold = false;
+        if h.opcode == FUSE_READ && self.is_cold_read(&h, &reader) {
+            let mut bytes = [0u8; MAX_PARKED_REQUEST];
+            let len = h.len as usize;
+            if len <= bytes.len() && reader.clone().read_exact(&mut bytes[..len]).is_ok() {
+                match self.parking.admit(&bytes[..len]) {
+                    Admission::Parked => return false,
+                    Admission::Go => cold = true,
+                }
+            }
+        }
+        self.answer(&h, reader, writer);
+        cold
+    }
+
+    /// Answer INIT through the server, asking for READs of at most `max_pages` pages (so that their
+    /// replies fit the pipes, see [`splice`]): the server's answer goes into a pipe, is changed, and goes
+    /// on to the device.
+    fn answer_init(&self, reader: Reader<'_>, writer: FuseDevWriter<'_>, max_pages: u16) {
+        let dev = self.shared.fd.load(Ordering::Relaxed);
+        let mut answer = match splice::ReplyPipe::new() {
+            Err(e) => {
+                log::warn!("FUSE INIT answered as it is: no pipe to change it in ({e})");
+                if let Err(e) = self
+                    .server
+                    .handle_message(reader, writer.into(), None, None)
+                {
+                    log::warn!("FUSE INIT: {e}");
+                }
+                return;
+            }
+            Ok(pipe) => {
+                let mut buf = vec![0u8; 4096];
+                match FuseDevWriter::new(pipe.write_fd(), &mut buf) {
+                    Ok(writer) => {
+                        if let Err(e) =
+                            self.server
+                                .handle_message(reader, writer.into(), None, None)
+                        {
+                            log::warn!("FUSE INIT: {e}");
+                        }
+                        pipe.take_all()
+                    }
+                    Err(e) => {
+                        log::warn!("FUSE INIT reply buffer: {e}");
+                        return;
+                    }
+                }
+            }
+        };
+        let header = std::mem::size_of::<OutHeader>();
+        let end = header + std::mem::size_of::<InitOut>();
+        if let Some(bytes) = answer.get_mut(header..end) {
+            if let Some(init) = InitOut::from_mut_slice(bytes) {
+                if u64::from(init.flags) & FsOptions::MAX_PAGES.bits() != 0
+                    && init.max_pages > max_pages
+                {
+                    log::info!(
+                        "FUSE READs of at most {max_pages} pages, so that READ replies fit a pipe"
+                    );
+                    init.max_pages = max_pages;
+                }
+            }
+        }
+        if let Err(e) = write_message(dev, &answer) {
+            log::warn!("FUSE INIT reply: {e}");
+        }
+    }
+
+    /// Whether `h` (with `reader` holding it) is a READ of an image's file that needs the backend.
+    fn is_cold_read(&self, h: &InHeader, reader: &Reader<'_>) -> bool {
+        let Some((fs, ino)) = self.rafs_index.get(h.nodeid) else {
+            return false;
+        };
+        let Some(rafs) = fs.as_any().downcast_ref::<RafsFs>() else {
+            return false;
+        };
+        let mut r = reader.clone();
+        let read_in = r
+            .read_obj::<InHeader>()
+            .and_then(|_| r.read_obj::<fuse_backend_rs::abi::fuse_abi::ReadIn>());
+        match read_in {
+            Ok(read_in) => !rafs.read_is_cached(ino, read_in.offset, read_in.size as usize),
+            Err(_) => false,
+        }
+    }
+
+    fn answer(&mut self, h: &InHeader, reader: Reader<'_>, writer: FuseDevWriter<'_>) {
+        self.inflight
+            .begin(self.index, h.nodeid, h.opcode, h.unique);
+        // A panic answering one request (a bug) fails that request, not the worker, whose cold slot
+        // and parked requests would otherwise be lost with it.
+        let answered = catch_unwind(AssertUnwindSafe(|| {
+            if let Some(pipe) = self.reply_pipe.as_mut().filter(|_| h.opcode == FUSE_READ) {
+                let fd = self.shared.fd.load(Ordering::Relaxed);
+                if pipe.reply(&self.rafs_index, h, &reader, fd) {
+                    if !self.shared.spliced.swap(true, Ordering::Relaxed) {
+                        log::info!("READ replies are spliced into /dev/fuse");
+                    }
+                    return;
+                }
+            }
+            // A failed request is answered or dropped by the server; carry on.
+            if let Err(e) = self
+                .server
+                .handle_message(reader, writer.into(), None, None)
+            {
+                log::debug!("FUSE request: {e}");
+            }
+        }));
+        if answered.is_err() {
+            log::error!(
+                "FUSE request {:#x} (opcode {}) panicked; it fails with EIO",
+                h.unique,
+                h.opcode
+            );
+            self.fail(h.unique);
+        }
+        self.inflight.end(self.index);
+    }
+
+    /// Answer request `unique` with EIO.
+    fn fail(&self, unique: u64) {
+        let eio = OutHeader {
+            len: std::mem::size_of::<OutHeader>() as u32,
+            error: -libc::EIO,
+            unique,
+        };
+        if let Err(e) = write_fuse(self.shared.fd.load(Ordering::Relaxed), eio) {
+            log::debug!("FUSE reply: {e}");
+        }
+    }
+
+    /// A cold READ of this worker's is answered: answer the parked requests its slot passes to, oldest
+    /// first, until none waits.
+    fn answer_parked(&mut self, channel: &mut Channel) {
+        let shared = self.shared.clone();
+        let stop = shared.stop.get().expect("set before the workers start");
+        while let Some(mut request) = self.parking.done() {
+            let reader = Reader::from_fuse_buffer(FuseBuf::new(&mut request));
+            let (Ok(reader), Ok(writer)) = (reader, channel.writer()) else {
+                // Cannot happen: the copy is a whole request, the reply buffer ours.
+                log::warn!("a parked FUSE request could not be answered");
+                continue;
+            };
+            let Ok(h) = reader.clone().read_obj::<InHeader>() else {
+                continue;
+            };
+            if stop.requested() {
+                // The daemon is stopping: leave what still waits to the successor the kernel resends
+                // it to, or else fail it rather than fetch it from a backend that may be slow (as a
+                // request still queued in the kernel fails at the unmount).
+                if !shared.abandon.load(Ordering::SeqCst) {
+                    self.fail(h.unique);
+                }
+                continue;
+            }
+            self.answer(&h, reader, writer);
+        }
+    }
+}
