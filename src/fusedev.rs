@@ -128,8 +128,8 @@ struct Shared {
     stop: OnceLock<channel::Stop>,
     /// A READ reply was spliced (logged once).
     spliced: AtomicBool,
-    /// Stopping, and requests read but not answered are left for the kernel to resend to a successor.
-    abandon: AtomicBool,
+    /// What becomes of the requests waiting for a cold slot once the workers stop (see `parking`).
+    parked_on_stop: std::sync::atomic::AtomicU8,
 }
 
 impl Shared {
@@ -362,7 +362,16 @@ impl FuseDaemon<'_> {
         let abandon = fate == Fate::Keep
             && self.opts.failover_policy == FailoverPolicy::Resend
             && self.shared.kernel_resends();
-        self.shared.abandon.store(abandon, Ordering::SeqCst);
+        let parked = if abandon {
+            parking::OnStop::Leave
+        } else if fate == Fate::Keep {
+            parking::OnStop::Answer
+        } else {
+            parking::OnStop::Fail
+        };
+        self.shared
+            .parked_on_stop
+            .store(parked as u8, Ordering::SeqCst);
         if let Some(stop) = self.shared.stop.get() {
             if let Err(e) = stop.request() {
                 log::warn!("waking FUSE workers: {e}");

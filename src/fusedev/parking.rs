@@ -28,6 +28,29 @@ struct State {
     parked: VecDeque<Vec<u8>>,
 }
 
+/// What becomes of parked requests once the workers are told to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum OnStop {
+    /// Answered as usual (the mount stays for a successor that will not see them again).
+    Answer = 0,
+    /// Failed with EIO rather than fetched from a backend that may be slow: the mount goes away, and a
+    /// request still queued in the kernel fails then too.
+    Fail = 1,
+    /// Left unanswered: the kernel resends them to the successor.
+    Leave = 2,
+}
+
+impl OnStop {
+    pub fn from_u8(v: u8) -> Self {
+        match v {
+            1 => OnStop::Fail,
+            2 => OnStop::Leave,
+            _ => OnStop::Answer,
+        }
+    }
+}
+
 /// What a worker does with a cold READ it read.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Admission {
@@ -38,10 +61,11 @@ pub enum Admission {
 }
 
 impl Parking {
-    /// Cold slots for `workers` workers: all but a quarter of them (at least one slot).
+    /// Cold slots for `workers` workers: all but a quarter of them (at least one kept from two workers
+    /// on, and at least one slot).
     pub fn new(workers: usize) -> Self {
         Parking {
-            limit: (workers - workers / 4).max(1),
+            limit: workers.saturating_sub((workers / 4).max(1)).max(1),
             state: Mutex::default(),
         }
     }
@@ -77,6 +101,8 @@ mod tests {
     fn cold_reads_beyond_the_slots_wait_and_take_over_freed_slots_in_order() {
         let p = Parking::new(16);
         assert_eq!(p.limit, 12, "a quarter of the workers is kept for the rest");
+        assert_eq!(Parking::new(2).limit, 1, "one of two workers is kept");
+        assert_eq!(Parking::new(3).limit, 2);
         for _ in 0..12 {
             assert_eq!(p.admit(b"r"), Admission::Go);
         }

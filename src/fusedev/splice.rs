@@ -221,6 +221,12 @@ impl ReplyPipe {
         false
     }
 
+    /// Empty the pipe and give back its room, whatever state a reply left it in.
+    pub fn reset(&mut self) {
+        self.drain();
+        self.shrink();
+    }
+
     /// The bytes in the pipe.
     fn held(&self) -> usize {
         let mut n: libc::c_int = 0;

@@ -15,7 +15,7 @@ use fuse_backend_rs::transport::{FuseBuf, FuseDevWriter, Reader};
 use vm_memory::ByteValued;
 
 use super::channel::Channel;
-use super::parking::{Admission, Parking};
+use super::parking::{Admission, OnStop, Parking};
 use super::splice::{self, ReplyPipe};
 use super::{capture_init, flush, write_fuse, write_message, Shared};
 use super::{FUSE_INIT, FUSE_READ, FUSE_UNIQUE_RESEND};
@@ -99,7 +99,10 @@ impl Worker {
             return false;
         }
         let mut cold = false;
-        if h.opcode == FUSE_READ && self.is_cold_read(&h, &reader) {
+        // A panic classifying (a bug) counts as cached: answering it fails it with EIO.
+        if h.opcode == FUSE_READ
+            && catch_unwind(AssertUnwindSafe(|| self.is_cold_read(&h, &reader))).unwrap_or(false)
+        {
             let mut bytes = [0u8; MAX_PARKED_REQUEST];
             let len = h.len as usize;
             if len <= bytes.len() && reader.clone().read_exact(&mut bytes[..len]).is_ok() {
@@ -215,6 +218,10 @@ impl Worker {
                 h.opcode
             );
             self.fail(h.unique);
+            // A reply left half in the pipe would go out ahead of the next one.
+            if let Some(pipe) = self.reply_pipe.as_mut() {
+                pipe.reset();
+            }
         }
         self.inflight.end(self.index);
     }
@@ -247,13 +254,14 @@ impl Worker {
                 continue;
             };
             if stop.requested() {
-                // The daemon is stopping: leave what still waits to the successor the kernel resends
-                // it to, or else fail it rather than fetch it from a backend that may be slow (as a
-                // request still queued in the kernel fails at the unmount).
-                if !shared.abandon.load(Ordering::SeqCst) {
-                    self.fail(h.unique);
+                match OnStop::from_u8(shared.parked_on_stop.load(Ordering::SeqCst)) {
+                    OnStop::Answer => {}
+                    OnStop::Fail => {
+                        self.fail(h.unique);
+                        continue;
+                    }
+                    OnStop::Leave => continue,
                 }
-                continue;
             }
             self.answer(&h, reader, writer);
         }
