@@ -12,7 +12,7 @@ use std::mem::ManuallyDrop;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -129,7 +129,7 @@ struct Shared {
     /// A READ reply was spliced (logged once).
     spliced: AtomicBool,
     /// What becomes of the requests waiting for a cold slot once the workers stop (see `parking`).
-    parked_on_stop: std::sync::atomic::AtomicU8,
+    parked_on_stop: AtomicU8,
 }
 
 impl Shared {

@@ -496,7 +496,6 @@ impl RafsFs {
     }
 }
 
-/// `n` zero bytes into `w`, from a small static buffer (a hole costs no allocation).
 /// Where the bytes of a READ reply go, piece by piece: ranges of blob cache files, bytes, zeros.
 pub trait ReadReply {
     /// The most bytes the reply can carry.
@@ -548,6 +547,7 @@ impl ReadReply for WriterReply<'_> {
 /// Zero bytes for holes, written a page at a time.
 pub const ZERO_PAGE: [u8; 4096] = [0; 4096];
 
+/// `n` zero bytes into `w`, from a small static buffer (a hole costs no allocation).
 fn write_zeros(w: &mut dyn io::Write, mut n: usize) -> io::Result<()> {
     while n > 0 {
         let k = n.min(ZERO_PAGE.len());

@@ -1,11 +1,11 @@
-//! Reads that will wait on the network get at most most of the FUSE workers. A worker answers one request
-//! at a time, so with every worker inside a cold READ (a slow registry, many readers starting at once, or
-//! one image whose registry drips its bytes on purpose) metadata requests and cache hits of every image
-//! would wait behind chunk transfers. Here a READ that needs the backend takes one of `limit` cold slots
-//! (all workers but a quarter); without a free slot it is copied into a queue (a READ request is 80 bytes)
-//! and the worker goes back for the next request. Whoever finishes a cold READ passes its slot to the
-//! oldest parked one and answers it before reading new requests, so the queue drains as slots free up
-//! and no parked request waits for a wake-up that never comes.
+//! Reads that will wait on the network get at most three quarters of the FUSE workers. A worker answers
+//! one request at a time, so with every worker inside a cold READ (a slow registry, many readers starting
+//! at once, or one image whose registry drips its bytes on purpose) metadata requests and cache hits of
+//! every image would wait behind chunk transfers. Here a READ that needs the backend takes one of `limit`
+//! cold slots (all workers but a quarter); without a free slot it is copied into a queue (a READ request
+//! is 80 bytes) and the worker goes back for the next request. Whoever finishes a cold READ passes its
+//! slot to the oldest parked one and answers it before reading new requests, so the queue drains as slots
+//! free up and no parked request waits for a wake-up that never comes.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;

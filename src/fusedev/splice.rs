@@ -33,7 +33,7 @@ const MAX_READ: usize = 256 * PAGE;
 const FULL_PIPE: usize = 2 * MAX_READ;
 /// A pipe's size while no large reply is in it: the kernel's default.
 const IDLE_PIPE: usize = 16 * PAGE;
-/// The header's page, and slack for cache ranges starting mid-page: what a reply of N pages needs beyond them.
+/// Pages a reply needs beyond its data: the header's, and slack for cache ranges starting mid-page.
 const SLACK_PAGES: usize = 4;
 
 /// One worker's pipe for spliced replies.

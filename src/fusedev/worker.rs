@@ -121,7 +121,7 @@ impl Worker {
     /// on to the device.
     fn answer_init(&self, reader: Reader<'_>, writer: FuseDevWriter<'_>, max_pages: u16) {
         let dev = self.shared.fd.load(Ordering::Relaxed);
-        let mut answer = match splice::ReplyPipe::new() {
+        let mut answer = match ReplyPipe::new() {
             Err(e) => {
                 log::warn!("FUSE INIT answered as it is: no pipe to change it in ({e})");
                 if let Err(e) = self
