@@ -16,11 +16,11 @@ use vm_memory::ByteValued;
 
 use super::channel::Channel;
 use super::parking::{Admission, OnStop, Parking};
-use super::splice::{self, ReplyPipe};
+use super::splice::{self, RafsRead, ReplyPipe};
 use super::{capture_init, flush, write_fuse, write_message, Shared};
 use super::{FUSE_INIT, FUSE_READ, FUSE_UNIQUE_RESEND};
 use crate::daemon::RafsIndex;
-use crate::fs::{pseudo_xattr, RafsFs};
+use crate::fs::pseudo_xattr;
 use crate::inflight::Inflight;
 
 /// A READ request is 80 bytes (its header and `fuse_read_in`); a longer one is never parked.
@@ -98,10 +98,20 @@ impl Worker {
             }
             return false;
         }
+        // A READ of an image's file, looked up once for the classification and the spliced reply. A panic
+        // looking it up or classifying it (a bug) counts as cached: answering it fails it with EIO.
+        let read = (h.opcode == FUSE_READ)
+            .then(|| {
+                catch_unwind(AssertUnwindSafe(|| {
+                    RafsRead::of(&self.rafs_index, &h, &reader)
+                }))
+            })
+            .and_then(Result::ok)
+            .flatten();
         let mut cold = false;
-        // A panic classifying (a bug) counts as cached: answering it fails it with EIO.
-        if h.opcode == FUSE_READ
-            && catch_unwind(AssertUnwindSafe(|| self.is_cold_read(&h, &reader))).unwrap_or(false)
+        if read
+            .as_ref()
+            .is_some_and(|r| catch_unwind(AssertUnwindSafe(|| r.is_cold())).unwrap_or(false))
         {
             let mut bytes = [0u8; MAX_PARKED_REQUEST];
             let len = h.len as usize;
@@ -112,7 +122,7 @@ impl Worker {
                 }
             }
         }
-        self.answer(&h, reader, writer);
+        self.answer(&h, read.as_ref(), reader, writer);
         cold
     }
 
@@ -170,33 +180,22 @@ impl Worker {
         }
     }
 
-    /// Whether `h` (with `reader` holding it) is a READ of an image's file that needs the backend.
-    fn is_cold_read(&self, h: &InHeader, reader: &Reader<'_>) -> bool {
-        let Some((fs, ino)) = self.rafs_index.get(h.nodeid) else {
-            return false;
-        };
-        let Some(rafs) = fs.as_any().downcast_ref::<RafsFs>() else {
-            return false;
-        };
-        let mut r = reader.clone();
-        let read_in = r
-            .read_obj::<InHeader>()
-            .and_then(|_| r.read_obj::<fuse_backend_rs::abi::fuse_abi::ReadIn>());
-        match read_in {
-            Ok(read_in) => !rafs.read_is_cached(ino, read_in.offset, read_in.size as usize),
-            Err(_) => false,
-        }
-    }
-
-    fn answer(&mut self, h: &InHeader, reader: Reader<'_>, writer: FuseDevWriter<'_>) {
+    /// Answer request `h` (`read`: the READ of an image's file it is, if it is one).
+    fn answer(
+        &mut self,
+        h: &InHeader,
+        read: Option<&RafsRead>,
+        reader: Reader<'_>,
+        writer: FuseDevWriter<'_>,
+    ) {
         self.inflight
             .begin(self.index, h.nodeid, h.opcode, h.unique);
         // A panic answering one request (a bug) fails that request, not the worker, whose cold slot
         // and parked requests would otherwise be lost with it.
         let answered = catch_unwind(AssertUnwindSafe(|| {
-            if let Some(pipe) = self.reply_pipe.as_mut().filter(|_| h.opcode == FUSE_READ) {
+            if let (Some(pipe), Some(read)) = (self.reply_pipe.as_mut(), read) {
                 let fd = self.shared.fd.load(Ordering::Relaxed);
-                if pipe.reply(&self.rafs_index, h, &reader, fd) {
+                if pipe.reply(read, h, fd) {
                     if !self.shared.spliced.swap(true, Ordering::Relaxed) {
                         log::info!("READ replies are spliced into /dev/fuse");
                     }
@@ -263,7 +262,12 @@ impl Worker {
                     OnStop::Leave => continue,
                 }
             }
-            self.answer(&h, reader, writer);
+            let read = catch_unwind(AssertUnwindSafe(|| {
+                RafsRead::of(&self.rafs_index, &h, &reader)
+            }))
+            .ok()
+            .flatten();
+            self.answer(&h, read.as_ref(), reader, writer);
         }
     }
 }
