@@ -174,9 +174,14 @@ impl RafsIndex {
     /// Where fuse-backend-rs puts a mount's index in an inode number.
     const SHIFT: u32 = 56;
 
+    /// The Vfs mount (image) the Vfs inode `nodeid` belongs to.
+    pub fn image_of(nodeid: u64) -> u8 {
+        (nodeid >> Self::SHIFT) as u8
+    }
+
     /// The RAFS filesystem serving the Vfs inode `nodeid`, and the inode's number within it.
     pub fn get(&self, nodeid: u64) -> Option<(Arc<BackFileSystem>, u64)> {
-        let index = (nodeid >> Self::SHIFT) as usize;
+        let index = usize::from(Self::image_of(nodeid));
         let table = self.0.read().unwrap_or_else(|e| e.into_inner());
         let fs = table.get(index)?.clone()?;
         Some((fs, nodeid & ((1 << Self::SHIFT) - 1)))

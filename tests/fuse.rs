@@ -704,28 +704,9 @@ fn xattrs_of_the_daemons_own_directories_take_no_images_xattrs_away() {
     manifest::assert_root("FUSE mounts");
     let c = case(&manifest::cases()[0]);
     let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("api.sock");
-    let mut args: Vec<std::ffi::OsString> =
-        vec!["fuse".into(), "--apisock".into(), sock.clone().into()];
-    args.extend(daemon::sandbox_allow_args(dir.path()));
-    let args: Vec<&str> = args.iter().map(|a| a.to_str().unwrap()).collect();
-    let d = Daemon::start(
-        &args,
-        &dir.path().join("mnt"),
-        &dir.path().join("rafsd.log"),
-    );
+    let (d, sock) = start_without_image(dir.path(), &[]);
     let config = v1_config(&c.blobs, &dir.path().join("cache"), false, "");
-    let body =
-        serde_json::json!({"source": c.bootstrap, "fs_type": "rafs", "config": config}).to_string();
-    let (status, text) = daemon::api_request(
-        &sock,
-        "POST",
-        "/api/v1/mount?mountpoint=/img",
-        &body,
-        Duration::from_secs(10),
-    )
-    .unwrap();
-    assert_eq!(status, 204, "{text}");
+    api_mount(&sock, "/img", &c.bootstrap, config);
     let file = d.mountpoint.join("img/special/xattrs");
     let (_, before) = list_xattrs(&file, 4096).unwrap();
     assert!(!before.is_empty(), "the fixture's file has xattrs");
@@ -741,6 +722,34 @@ fn xattrs_of_the_daemons_own_directories_take_no_images_xattrs_away() {
     // The image's file keeps its xattrs.
     assert_eq!(list_xattrs(&file, 4096).unwrap().1, before);
     assert!(d.stop().success());
+}
+
+/// Start a FUSE daemon with an admin socket and no image (mounted later with [`api_mount`]), with
+/// `extra` arguments.
+fn start_without_image(dir: &Path, extra: &[&str]) -> (Daemon, PathBuf) {
+    let sock = dir.join("api.sock");
+    let mut args: Vec<std::ffi::OsString> =
+        vec!["fuse".into(), "--apisock".into(), sock.clone().into()];
+    args.extend(extra.iter().map(Into::into));
+    args.extend(daemon::sandbox_allow_args(dir));
+    let args: Vec<&str> = args.iter().map(|a| a.to_str().unwrap()).collect();
+    let d = Daemon::start(&args, &dir.join("mnt"), &dir.join("rafsd.log"));
+    (d, sock)
+}
+
+/// Mount the image `bootstrap` with `config` at `mountpoint` through the admin API.
+fn api_mount(sock: &Path, mountpoint: &str, bootstrap: &Path, config: String) {
+    let body =
+        serde_json::json!({"source": bootstrap, "fs_type": "rafs", "config": config}).to_string();
+    let (status, text) = daemon::api_request(
+        sock,
+        "POST",
+        &format!("/api/v1/mount?mountpoint={mountpoint}"),
+        &body,
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert_eq!(status, 204, "{mountpoint}: {text}");
 }
 
 /// Start a FUSE daemon with an admin socket, with `extra` config keys.
@@ -996,14 +1005,182 @@ fn reads_stalled_on_the_backend_hold_back_no_other_fuse_request() {
     stalled_reads_hold_back_nothing(&[], 8);
 }
 
-/// The same with 4 workers and the eight cold reads held: only 3 of them take a worker (a slow or hostile
-/// registry may not take every worker, so a quarter is kept for everything else); the other 5 wait in
-/// the daemon's queue without a worker, and are answered once reads before them finish. Before the
-/// queue, all 4 workers waited on the backend and the GETATTR, LOOKUP and cached read waited for them.
+/// The same with 4 workers and the eight cold reads held: only 2 of them take a worker (cold reads get 3
+/// of the 4 workers, so that a slow or hostile registry leaves one for everything else, and one image 2
+/// of those 3, see the next test); the other 6 wait in the daemon's queue without a worker, and are
+/// answered once reads before them finish. Before the queue, all 4 workers waited on the backend and the
+/// GETATTR, LOOKUP and cached read waited for them.
 #[test]
 #[ignore = "needs root: ci/test.sh"]
 fn more_cold_reads_than_workers_leave_a_worker_for_everything_else() {
-    stalled_reads_hold_back_nothing(&["--thread-num", "4"], 3);
+    stalled_reads_hold_back_nothing(&["--thread-num", "4"], 2);
+}
+
+/// Two images in one daemon (nydus-snapshotter's shared mode), 4 workers: eight cold reads of one image
+/// are held at its registry, which answers nothing (a hostile or broken registry); a cold read of the
+/// other image, from its own backend, must still be answered. One image may hold only 2 of the 3 cold
+/// slots, so the third is the other image's. With the cold slots given out first come, first served,
+/// the slow image took all three and the other image's read waited until a held read gave one back.
+#[test]
+#[ignore = "needs root: ci/test.sh"]
+fn an_image_whose_registry_stalls_leaves_cold_slots_to_the_other_images() {
+    use std::sync::mpsc;
+    manifest::assert_root("FUSE mounts");
+    let server = services::FakeServer::with_blobs_of(
+        "rafsd/stalled",
+        &manifest::case_blob_dir(STALLED_CASE),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (d, sock) = start_without_image(dir.path(), &["--thread-num", "4"]);
+    let bootstrap = manifest::case_bootstrap(STALLED_CASE);
+    api_mount(
+        &sock,
+        "/slow",
+        &bootstrap,
+        held_registry_config(&server, "rafsd/stalled", &dir.path().join("slow-cache")),
+    );
+    api_mount(
+        &sock,
+        "/other",
+        &bootstrap,
+        v1_config(
+            &manifest::case_blob_dir(STALLED_CASE),
+            &dir.path().join("other-cache"),
+            true,
+            r#","amplify_io":0"#,
+        ),
+    );
+    let slow = d.mountpoint.join("slow").join(STALLED_FILE);
+    // The slow image's chunk-info array comes into its cache first, so that only data waits below.
+    std::fs::read(d.mountpoint.join("slow/etc/passwd")).unwrap();
+    let held = server.hold_data();
+    let (readers, finished) = held_reads(&slow);
+    assert!(
+        server.wait_held(2, Duration::from_secs(10)),
+        "{} of the slow image's reads reached its registry, 2 expected\nlog:\n{}",
+        server.held(),
+        d.log_text()
+    );
+
+    // The other image's file, never read: every chunk comes from its backend.
+    let other = d.mountpoint.join("other").join(STALLED_FILE);
+    let (done_tx, done_rx) = mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        done_tx
+            .send(manifest::sha256_file(&other).unwrap())
+            .unwrap()
+    });
+    let got = while_held(
+        &done_rx,
+        &d,
+        "the other image's cold read was not answered while the slow image's reads wait",
+    );
+    reader.join().unwrap();
+    assert_eq!(got, stalled_file_sha256(), "the other image's file");
+    assert!(
+        finished.try_recv().is_err(),
+        "a stalled read finished early"
+    );
+    assert_eq!(
+        server.held(),
+        2,
+        "cold reads beyond the slow image's share reached its registry"
+    );
+
+    drop(held);
+    check_held_reads(readers, &slow);
+    assert!(d.stop().success());
+}
+
+/// The image whose reads are held at the registry (64 KiB chunks), and the file they read.
+const STALLED_CASE: &str = "v6-lz4-sha256-64k";
+const STALLED_FILE: &str = "special/random-2m5";
+
+fn stalled_file_sha256() -> String {
+    manifest::load_manifest()
+        .into_iter()
+        .find(|r| r["path"] == STALLED_FILE)
+        .unwrap()["sha256"]
+        .clone()
+}
+
+/// A config reading [`STALLED_CASE`]'s blob from `server`'s registry `repo` (whose data the test holds).
+fn held_registry_config(server: &services::FakeServer, repo: &str, cache: &Path) -> String {
+    serde_json::json!({
+        "device": {
+            "backend": {"type": "registry", "config": {
+                "scheme": "http", "host": format!("127.0.0.1:{}", server.port),
+                "repo": repo, "timeout": 60
+            }},
+            "cache": {"type": "blobcache", "config": {"work_dir": cache}}
+        },
+        "mode": "direct", "digest_validate": true, "amplify_io": 0
+    })
+    .to_string()
+}
+
+/// A 4 KiB-aligned slice of `len` bytes in a buffer of its own (O_DIRECT wants aligned buffers).
+fn aligned(len: usize) -> (Vec<u8>, usize) {
+    let v = vec![0u8; len + 4096];
+    let skew = v.as_ptr().align_offset(4096);
+    (v, skew)
+}
+
+/// Eight O_DIRECT reads of 64 KiB of `file`, 320 KiB apart (each in chunks of its own), each on a thread
+/// of its own: their handles, and a receiver that gets a message as each read finishes. The files are
+/// opened first: an OPEN waiting for a worker would block this thread, not the test.
+type HeldRead = std::thread::JoinHandle<(u64, std::io::Result<Vec<u8>>)>;
+fn held_reads(file: &Path) -> (Vec<HeldRead>, std::sync::mpsc::Receiver<()>) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let files: Vec<_> = (0..8)
+        .map(|_| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(file)
+                .unwrap()
+        })
+        .collect();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let readers = files
+        .into_iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let tx = tx.clone();
+            let off = i as u64 * (320 << 10);
+            std::thread::spawn(move || {
+                let (mut buf, skew) = aligned(64 << 10);
+                let n = f.read_at(&mut buf[skew..skew + (64 << 10)], off);
+                let _ = tx.send(());
+                (off, n.map(|n| buf[skew..skew + n].to_vec()))
+            })
+        })
+        .collect();
+    (readers, rx)
+}
+
+/// What `rx` receives while reads are held, or a failure saying `what`. The held reads stay held until
+/// the test releases them (the gate and the backend's timeout allow 60 s), so the wait can be long enough
+/// for a loaded machine: what matters is that the answer comes while they are held (each test checks
+/// that after it).
+fn while_held<T>(rx: &std::sync::mpsc::Receiver<T>, d: &Daemon, what: &str) -> T {
+    rx.recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|_| panic!("{what}\nlog:\n{}", d.log_text()))
+}
+
+/// The held reads, released, got the right bytes; so does a whole read of `file`.
+fn check_held_reads(readers: Vec<HeldRead>, file: &Path) {
+    let whole = std::fs::read(file).unwrap();
+    assert_eq!(manifest::sha256_file(file).unwrap(), stalled_file_sha256());
+    for h in readers {
+        let (off, got) = h.join().unwrap();
+        let got = got.unwrap();
+        assert_eq!(got.len(), 64 << 10);
+        assert!(
+            got == whole[off as usize..off as usize + got.len()],
+            "read at {off}"
+        );
+    }
 }
 
 /// Eight O_DIRECT reads of uncached chunks held at the registry (`at_backend` of them reach it), then a
@@ -1012,23 +1189,16 @@ fn stalled_reads_hold_back_nothing(daemon_args: &[&str], at_backend: usize) {
     use std::os::unix::fs::OpenOptionsExt;
     use std::sync::mpsc;
     manifest::assert_root("FUSE mounts");
-    let case = "v6-lz4-sha256-64k";
     let server =
-        services::FakeServer::with_blobs_of("rafsd/queues", &manifest::case_blob_dir(case));
+        services::FakeServer::with_blobs_of("rafsd/queues", &manifest::case_blob_dir(STALLED_CASE));
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.json");
-    let cfg = serde_json::json!({
-        "device": {
-            "backend": {"type": "registry", "config": {
-                "scheme": "http", "host": format!("127.0.0.1:{}", server.port),
-                "repo": "rafsd/queues", "timeout": 60
-            }},
-            "cache": {"type": "blobcache", "config": {"work_dir": dir.path().join("cache")}}
-        },
-        "mode": "direct", "digest_validate": true, "amplify_io": 0
-    });
-    std::fs::write(&config, cfg.to_string()).unwrap();
-    let bootstrap = manifest::case_bootstrap(case);
+    std::fs::write(
+        &config,
+        held_registry_config(&server, "rafsd/queues", &dir.path().join("cache")),
+    )
+    .unwrap();
+    let bootstrap = manifest::case_bootstrap(STALLED_CASE);
     let mut args = vec![
         "--config",
         config.to_str().unwrap(),
@@ -1044,42 +1214,13 @@ fn stalled_reads_hold_back_nothing(daemon_args: &[&str], at_backend: usize) {
     let root = d.mountpoint.clone();
     // Warm up: a small file's chunks (and the blob's chunk-info array) come into the cache.
     let passwd = std::fs::read(root.join("etc/passwd")).unwrap();
-    let direct = |rel: &str| {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(root.join(rel))
-            .unwrap()
-    };
-    // O_DIRECT wants aligned buffers: 64 KiB + 4 KiB, used from the first aligned byte.
-    let aligned = |len: usize| -> (Vec<u8>, usize) {
-        let v = vec![0u8; len + 4096];
-        let skew = v.as_ptr().align_offset(4096);
-        (v, skew)
-    };
-
-    // Everything is opened first: an OPEN waiting for a worker would block this thread, not the test.
-    let offsets: Vec<u64> = (0..8).map(|i| i * (320 << 10)).collect();
-    let files: Vec<_> = offsets
-        .iter()
-        .map(|_| direct("special/random-2m5"))
-        .collect();
-    let pf = direct("etc/passwd");
+    let pf = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(root.join("etc/passwd"))
+        .unwrap();
     let held = server.hold_data();
-    let (tx, rx) = mpsc::channel();
-    let readers: Vec<_> = offsets
-        .iter()
-        .zip(files)
-        .map(|(&off, f)| {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                let (mut buf, skew) = aligned(64 << 10);
-                let n = f.read_at(&mut buf[skew..skew + (64 << 10)], off);
-                let _ = tx.send(());
-                (off, n.map(|n| buf[skew..skew + n].to_vec()))
-            })
-        })
-        .collect();
+    let (readers, finished) = held_reads(&root.join(STALLED_FILE));
     assert!(
         server.wait_held(at_backend, Duration::from_secs(10)),
         "{} of the {at_backend} reads expected reached the backend: the other requests wait for a free \
@@ -1092,14 +1233,9 @@ fn stalled_reads_hold_back_nothing(daemon_args: &[&str], at_backend: usize) {
     let (done_tx, done_rx) = mpsc::channel();
     let r = root.clone();
     let fast = std::thread::spawn(move || {
-        let path = std::ffi::CString::new(
-            r.join("special/random-2m5")
-                .to_str()
-                .unwrap()
-                .as_bytes()
-                .to_vec(),
-        )
-        .unwrap();
+        let path =
+            std::ffi::CString::new(r.join(STALLED_FILE).to_str().unwrap().as_bytes().to_vec())
+                .unwrap();
         // SAFETY: statx is plain old data; valid path and buffer.
         let mut stx: libc::statx = unsafe { std::mem::zeroed() };
         let rc = unsafe {
@@ -1115,26 +1251,21 @@ fn stalled_reads_hold_back_nothing(daemon_args: &[&str], at_backend: usize) {
         assert_eq!(stx.stx_size, 2_621_440);
         let missing = std::fs::metadata(r.join("etc/no-such-file-while-stalled"));
         assert_eq!(missing.unwrap_err().kind(), std::io::ErrorKind::NotFound);
-        let v = vec![0u8; 8192];
-        let skew = v.as_ptr().align_offset(4096);
-        let mut v = v;
+        let (mut v, skew) = aligned(4096);
         let n = pf.read_at(&mut v[skew..skew + 4096], 0).unwrap();
         done_tx.send(v[skew..skew + n].to_vec()).unwrap();
     });
-    // The held reads stay held until released below (the gate and the backend's timeout allow 60 s), so
-    // the wait can be long enough for a loaded machine: what matters is that the answers come while
-    // they are held (checked after it).
-    let head = done_rx
-        .recv_timeout(Duration::from_secs(30))
-        .unwrap_or_else(|_| {
-            panic!(
-                "GETATTR/LOOKUP/cached READ not answered while reads wait on the backend\nlog:\n{}",
-                d.log_text()
-            )
-        });
+    let head = while_held(
+        &done_rx,
+        &d,
+        "GETATTR/LOOKUP/cached READ not answered while reads wait on the backend",
+    );
     fast.join().unwrap();
     assert_eq!(head, passwd[..head.len()]);
-    assert!(rx.try_recv().is_err(), "a stalled read finished early");
+    assert!(
+        finished.try_recv().is_err(),
+        "a stalled read finished early"
+    );
     assert_eq!(
         server.held(),
         at_backend,
@@ -1142,23 +1273,7 @@ fn stalled_reads_hold_back_nothing(daemon_args: &[&str], at_backend: usize) {
     );
 
     drop(held);
-    let whole = std::fs::read(root.join("special/random-2m5")).unwrap();
-    assert_eq!(
-        manifest::sha256_file(&root.join("special/random-2m5")).unwrap(),
-        manifest::load_manifest()
-            .into_iter()
-            .find(|r| r["path"] == "special/random-2m5")
-            .unwrap()["sha256"]
-    );
-    for h in readers {
-        let (off, got) = h.join().unwrap();
-        let got = got.unwrap();
-        assert_eq!(got.len(), 64 << 10);
-        assert!(
-            got == whole[off as usize..off as usize + got.len()],
-            "read at {off}"
-        );
-    }
+    check_held_reads(readers, &root.join(STALLED_FILE));
     assert!(d.stop().success());
 }
 

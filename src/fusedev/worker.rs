@@ -57,27 +57,27 @@ impl Worker {
                     break;
                 }
             };
-            if cold {
-                self.answer_parked(&mut channel);
+            if let Some(image) = cold {
+                self.answer_parked(&mut channel, image);
             }
         }
     }
 
-    /// Answer (or park) a request just read; true when it was a cold READ answered here, whose slot the
-    /// caller passes on with [`Self::answer_parked`].
-    fn take(&mut self, reader: Reader<'_>, writer: FuseDevWriter<'_>) -> bool {
+    /// Answer (or park) a request just read; when it was a cold READ answered here, the image (Vfs mount
+    /// index) whose cold slot the caller passes on with [`Self::answer_parked`].
+    fn take(&mut self, reader: Reader<'_>, writer: FuseDevWriter<'_>) -> Option<u8> {
         let Ok(h) = reader.clone().read_obj::<InHeader>() else {
             // Too short to be a request; the server says so.
             let _ = self
                 .server
                 .handle_message(reader, writer.into(), None, None);
-            return false;
+            return None;
         };
         if h.opcode == FUSE_INIT {
             capture_init(reader.clone(), &self.shared);
             if let Some(pages) = splice::init_max_pages() {
                 self.answer_init(reader, writer, pages);
-                return false;
+                return None;
             }
         }
         if h.unique & FUSE_UNIQUE_RESEND != 0 {
@@ -88,7 +88,7 @@ impl Worker {
             );
             if self.shared.flush_resent.load(Ordering::Relaxed) {
                 flush(&self.shared, h.unique);
-                return false;
+                return None;
             }
         }
         if let Some(reply) = pseudo_xattr::reply(&self.vfs, &h, &reader) {
@@ -96,7 +96,7 @@ impl Worker {
             if let Err(e) = write_message(fd, &reply) {
                 log::debug!("FUSE reply: {e}");
             }
-            return false;
+            return None;
         }
         // A READ of an image's file, looked up once for the classification and the spliced reply. A panic
         // looking it up or classifying it (a bug) counts as cached: answering it fails it with EIO.
@@ -108,7 +108,7 @@ impl Worker {
             })
             .and_then(Result::ok)
             .flatten();
-        let mut cold = false;
+        let mut cold = None;
         if read
             .as_ref()
             .is_some_and(|r| catch_unwind(AssertUnwindSafe(|| r.is_cold())).unwrap_or(false))
@@ -116,9 +116,10 @@ impl Worker {
             let mut bytes = [0u8; MAX_PARKED_REQUEST];
             let len = h.len as usize;
             if len <= bytes.len() && reader.clone().read_exact(&mut bytes[..len]).is_ok() {
-                match self.parking.admit(&bytes[..len]) {
-                    Admission::Parked => return false,
-                    Admission::Go => cold = true,
+                let image = RafsIndex::image_of(h.nodeid);
+                match self.parking.admit(image, &bytes[..len]) {
+                    Admission::Parked => return None,
+                    Admission::Go => cold = Some(image),
                 }
             }
         }
@@ -237,12 +238,14 @@ impl Worker {
         }
     }
 
-    /// A cold READ of this worker's is answered: answer the parked requests its slot passes to, oldest
-    /// first, until none waits.
-    fn answer_parked(&mut self, channel: &mut Channel) {
+    /// A cold READ of `image` answered by this worker: answer the parked requests its slot passes to,
+    /// one after the other, until none may take it.
+    fn answer_parked(&mut self, channel: &mut Channel, mut image: u8) {
         let shared = self.shared.clone();
         let stop = shared.stop.get().expect("set before the workers start");
-        while let Some(mut request) = self.parking.done() {
+        while let Some(turn) = self.parking.done(image) {
+            image = turn.image;
+            let mut request = turn.request;
             let reader = Reader::from_fuse_buffer(FuseBuf::new(&mut request));
             let (Ok(reader), Ok(writer)) = (reader, channel.writer()) else {
                 // Cannot happen: the copy is a whole request, the reply buffer ours.
