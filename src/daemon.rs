@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use fuse_backend_rs::api::{BackFileSystem, Vfs};
@@ -168,11 +168,20 @@ pub struct Daemon {
 /// The RAFS filesystems by their index in the `Vfs` (the top byte of the inode numbers it gives out), for
 /// requests a front end answers outside fuse-backend-rs's server (the FUSE front end's spliced READs).
 #[derive(Default)]
-pub struct RafsIndex(RwLock<Vec<Option<Arc<BackFileSystem>>>>);
+pub struct RafsIndex {
+    table: RwLock<Vec<Option<Arc<BackFileSystem>>>>,
+    /// How many images the table holds.
+    images: AtomicUsize,
+}
 
 impl RafsIndex {
     /// Where fuse-backend-rs puts a mount's index in an inode number.
     const SHIFT: u32 = 56;
+
+    /// How many images are mounted.
+    pub fn images(&self) -> usize {
+        self.images.load(Ordering::Relaxed)
+    }
 
     /// The Vfs mount (image) the Vfs inode `nodeid` belongs to.
     pub fn image_of(nodeid: u64) -> u8 {
@@ -182,7 +191,7 @@ impl RafsIndex {
     /// The RAFS filesystem serving the Vfs inode `nodeid`, and the inode's number within it.
     pub fn get(&self, nodeid: u64) -> Option<(Arc<BackFileSystem>, u64)> {
         let index = usize::from(Self::image_of(nodeid));
-        let table = self.0.read().unwrap_or_else(|e| e.into_inner());
+        let table = self.table.read().unwrap_or_else(|e| e.into_inner());
         let fs = table.get(index)?.clone()?;
         Some((fs, nodeid & ((1 << Self::SHIFT) - 1)))
     }
@@ -311,7 +320,13 @@ impl Daemon {
                 table[index] = Some(fs);
             }
         }
-        *self.rafs_index.0.write().unwrap_or_else(|e| e.into_inner()) = table;
+        let images = table.iter().flatten().count();
+        *self
+            .rafs_index
+            .table
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = table;
+        self.rafs_index.images.store(images, Ordering::Relaxed);
     }
 
     /// Called with the mount lock held.

@@ -117,7 +117,8 @@ impl Worker {
             let len = h.len as usize;
             if len <= bytes.len() && reader.clone().read_exact(&mut bytes[..len]).is_ok() {
                 let image = RafsIndex::image_of(h.nodeid);
-                match self.parking.admit(image, &bytes[..len]) {
+                let images = self.rafs_index.images();
+                match self.parking.admit(image, images, &bytes[..len]) {
                     Admission::Parked => return None,
                     Admission::Go => cold = Some(image),
                 }
@@ -243,7 +244,7 @@ impl Worker {
     fn answer_parked(&mut self, channel: &mut Channel, mut image: u8) {
         let shared = self.shared.clone();
         let stop = shared.stop.get().expect("set before the workers start");
-        while let Some(turn) = self.parking.done(image) {
+        while let Some(turn) = self.parking.done(image, self.rafs_index.images()) {
             image = turn.image;
             let mut request = turn.request;
             let reader = Reader::from_fuse_buffer(FuseBuf::new(&mut request));
