@@ -5,7 +5,8 @@
 # worker pool and with the old one-at-a-time service as the baseline of the same run (virtio-fs
 # --thread-pool-size 0, FUSE --thread-num 1); median of the rounds; prints the ratios.
 #   ci/bench-latency.sh [--rounds N] [--size-mib M] [--rate-mb R] [--gap-us U] [--depth D] [--only virtiofs|fuse]
-#                       [--cold-readers N] [--base BIN]   (N FUSE readers at once; BIN: another rafsd's FUSE daemon)
+#                       [--cold-readers N] [--base BIN]   (N FUSE readers at once; D: the virtio-fs reader's READs in
+#                       flight; BIN: another rafsd binary, its daemons measured too)
 # Needs root (FUSE mount). The image is built once under target/tmp and reused.
 set -euo pipefail
 cd "$(dirname "$0")/.."

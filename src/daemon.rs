@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use fuse_backend_rs::abi::fuse_abi::{InHeader, ReadIn};
 use fuse_backend_rs::api::{BackFileSystem, Vfs};
+use fuse_backend_rs::transport::Reader;
 use serde_json::{json, Value};
 
 use crate::config::DaemonConfig;
@@ -194,6 +196,41 @@ impl RafsIndex {
         let table = self.table.read().unwrap_or_else(|e| e.into_inner());
         let fs = table.get(index)?.clone()?;
         Some((fs, nodeid & ((1 << Self::SHIFT) - 1)))
+    }
+}
+
+/// A READ of a file of a RAFS image: what both the cold-read classification (of both front ends) and the
+/// FUSE front end's spliced reply need, looked up once per request.
+pub struct RafsRead {
+    fs: Arc<BackFileSystem>,
+    /// The inode's number within the image.
+    pub ino: u64,
+    pub read_in: ReadIn,
+}
+
+impl RafsRead {
+    /// The READ `reader` holds (`header` already read from it), when it names a file of a RAFS image.
+    pub fn of(index: &RafsIndex, header: &InHeader, reader: &Reader<'_>) -> Option<Self> {
+        let (fs, ino) = index.get(header.nodeid)?;
+        fs.as_any().downcast_ref::<RafsFs>()?;
+        let mut r = reader.clone();
+        r.read_obj::<InHeader>().ok()?;
+        let read_in = r.read_obj::<ReadIn>().ok()?;
+        Some(RafsRead { fs, ino, read_in })
+    }
+
+    pub fn rafs(&self) -> &RafsFs {
+        self.fs
+            .as_any()
+            .downcast_ref::<RafsFs>()
+            .expect("checked when made")
+    }
+
+    /// Whether it needs the backend (see [`RafsFs::read_is_cached`]).
+    pub fn is_cold(&self) -> bool {
+        !self
+            .rafs()
+            .read_is_cached(self.ino, self.read_in.offset, self.read_in.size as usize)
     }
 }
 

@@ -24,10 +24,10 @@ use fuse_backend_rs::transport::FuseSession;
 use vm_memory::ByteValued;
 
 mod channel;
-mod parking;
 mod splice;
 mod worker;
 
+use crate::cold_slots::ColdSlots;
 use crate::daemon::{Control, Daemon, DaemonState};
 use crate::error::{Error, Result};
 use crate::signals::wait_for_signal;
@@ -128,7 +128,7 @@ struct Shared {
     stop: OnceLock<channel::Stop>,
     /// A READ reply was spliced (logged once).
     spliced: AtomicBool,
-    /// What becomes of the requests waiting for a cold slot once the workers stop (see `parking`).
+    /// What becomes of the requests waiting for a cold slot once the workers stop (see `crate::cold_slots`).
     parked_on_stop: AtomicU8,
 }
 
@@ -363,11 +363,11 @@ impl FuseDaemon<'_> {
             && self.opts.failover_policy == FailoverPolicy::Resend
             && self.shared.kernel_resends();
         let parked = if abandon {
-            parking::OnStop::Leave
+            worker::OnStop::Leave
         } else if fate == Fate::Keep {
-            parking::OnStop::Answer
+            worker::OnStop::Answer
         } else {
-            parking::OnStop::Fail
+            worker::OnStop::Fail
         };
         self.shared
             .parked_on_stop
@@ -608,7 +608,7 @@ impl FuseDaemon<'_> {
             .map(|_| channel::Channel::new(dev, stop))
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(|e| Error::io("FUSE channel", e))?;
-        let parking = Arc::new(parking::Parking::new(channels.len()));
+        let cold_slots = Arc::new(ColdSlots::new(channels.len()));
         for (i, channel) in channels.into_iter().enumerate() {
             let w = worker::Worker {
                 index: i,
@@ -617,7 +617,7 @@ impl FuseDaemon<'_> {
                 shared: self.shared.clone(),
                 inflight: self.inflight.clone(),
                 rafs_index: self.daemon.rafs_index(),
-                parking: parking.clone(),
+                cold_slots: cold_slots.clone(),
                 reply_pipe: None,
             };
             let running = self.running.clone();

@@ -18,6 +18,7 @@ pub mod api;
 pub mod builder;
 pub mod cache;
 pub mod check;
+pub mod cold_slots;
 pub mod config;
 pub mod convert;
 pub mod daemon;

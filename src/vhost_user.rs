@@ -56,7 +56,7 @@ use vmm_sys_util::event::{
 };
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::daemon::Daemon;
+use crate::daemon::{Daemon, RafsIndex};
 use crate::dax::DaxWindow;
 use crate::error::{Error, Result};
 use crate::takeover::keeper::CheckpointSink;
@@ -154,6 +154,7 @@ impl VirtioFsBackend {
     /// `inflight`: the log of requests taken and not answered, for crash restart.
     pub fn new(
         vfs: Arc<Vfs>,
+        rafs: Arc<RafsIndex>,
         request_queues: usize,
         pool_size: usize,
         dax_window_size: u64,
@@ -169,7 +170,7 @@ impl VirtioFsBackend {
         let exits = (0..queues)
             .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK))
             .collect::<io::Result<Vec<_>>>()?;
-        let requests = Arc::new(Requests::new(vfs, inflight));
+        let requests = Arc::new(Requests::new(vfs, rafs, inflight));
         let pools = if pool_size == 0 {
             (0..queues).map(|_| None).collect()
         } else {
@@ -633,6 +634,7 @@ impl Connection<'_> {
         let backend = Arc::new(
             VirtioFsBackend::new(
                 vfs.clone(),
+                self.daemon.rafs_index(),
                 opts.request_queues,
                 opts.pool_size,
                 opts.dax_window_size,
@@ -1079,11 +1081,13 @@ mod tests {
     #[test]
     fn the_largest_device_fits_the_ring_masks() {
         let vfs = Arc::new(Vfs::new(fuse_backend_rs::api::VfsOptions::default()));
-        let largest = VirtioFsBackend::new(vfs.clone(), MAX_REQUEST_QUEUES, 1, 0, None).unwrap();
+        let largest =
+            VirtioFsBackend::new(vfs.clone(), Arc::default(), MAX_REQUEST_QUEUES, 1, 0, None)
+                .unwrap();
         let masks = largest.queues_per_thread();
         assert_eq!(masks.len(), MAX_RINGS);
         assert_eq!(masks.last(), Some(&(1u64 << 63)));
-        let err = VirtioFsBackend::new(vfs, MAX_REQUEST_QUEUES + 1, 1, 0, None)
+        let err = VirtioFsBackend::new(vfs, Arc::default(), MAX_REQUEST_QUEUES + 1, 1, 0, None)
             .err()
             .unwrap();
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);

@@ -1227,19 +1227,39 @@ fn a_reply_after_its_ring_stopped_stays_out_of_the_ring() {
 #[test]
 #[ignore = "needs root: ci/test.sh"]
 fn reads_stalled_on_the_backend_hold_back_no_other_request_on_their_queue() {
-    reads_stalled_hold_back_no_other_request(true);
+    reads_stalled_hold_back_no_other_request(true, &[], &THREE_READS, 3);
 }
 
 /// The same without EVENT_IDX: every used entry interrupts the guest.
 #[test]
 #[ignore = "needs root: ci/test.sh"]
 fn reads_stalled_hold_back_no_other_request_without_event_idx() {
-    reads_stalled_hold_back_no_other_request(false);
+    reads_stalled_hold_back_no_other_request(false, &[], &THREE_READS, 3);
 }
 
-fn reads_stalled_hold_back_no_other_request(event_idx: bool) {
+/// Offsets of three 64 KiB reads of `special/random-2m5`, each in chunks of its own.
+const THREE_READS: [u64; 3] = [256 << 10, 1 << 20, 2 << 20];
+
+/// More cold reads than the pool has workers (8 against 4): 3 take a worker (cold reads get all workers
+/// but a quarter, see `src/cold_slots.rs`) and the other 5 wait for a slot, out of the ring; the
+/// GETATTR, LOOKUP and cached READ behind them get the fourth worker (or the queue's thread). Before the
+/// cold slots, the first 4 reads took the whole pool and everything behind them waited in the ring
+/// until a read came back from the registry.
+#[test]
+#[ignore = "needs root: ci/test.sh"]
+fn more_cold_reads_than_the_pool_leave_room_for_every_other_request() {
+    let eight: Vec<u64> = (0..8).map(|i| (i * 320 + 64) << 10).collect();
+    reads_stalled_hold_back_no_other_request(true, &["--thread-pool-size", "4"], &eight, 3);
+}
+
+fn reads_stalled_hold_back_no_other_request(
+    event_idx: bool,
+    device_args: &[&str],
+    offsets: &[u64],
+    at_backend: usize,
+) {
     let dir = tempfile::tempdir().unwrap();
-    let (d, server, mut g) = guest_on_registry(dir.path(), &[], event_idx);
+    let (d, server, mut g) = guest_on_registry(dir.path(), device_args, event_idx);
     let (random, fh) = open_random_2m5(&mut g);
     let img = g.lookup(ROOT, b"img").unwrap().nodeid;
     let passwd = g.lookup_path(img, "etc/passwd").unwrap().nodeid;
@@ -1247,13 +1267,13 @@ fn reads_stalled_hold_back_no_other_request(event_idx: bool) {
     assert_eq!(sha256_hex(&passwd_data), manifest_sha("etc/passwd"));
     let pfh = g.open(passwd).unwrap().fh;
 
-    // Three reads of uncached chunks: each one's backend request stalls at the server.
+    // Reads of uncached chunks: each one's backend request stalls at the server.
     let held = server.hold_data();
-    let offsets = [256 << 10, 1 << 20, 2 << 20];
-    let slow = post_reads(&mut g, random, fh, &offsets);
+    let slow = post_reads(&mut g, random, fh, offsets);
     assert!(
-        server.wait_held(3, Duration::from_secs(10)),
-        "{} of 3 reads reached the backend: the queue's requests are served one at a time\nlog:\n{}",
+        server.wait_held(at_backend, Duration::from_secs(10)),
+        "{} of {at_backend} reads reached the backend: the queue's requests are served one at a \
+         time\nlog:\n{}",
         server.held(),
         d.log_text()
     );
@@ -1281,8 +1301,8 @@ fn reads_stalled_hold_back_no_other_request(event_idx: bool) {
     );
     assert_eq!(
         server.held(),
-        3,
-        "the three reads still wait on the backend"
+        at_backend,
+        "the reads at the backend still wait there, and no other reached it"
     );
     for (p, r) in &first {
         assert_eq!(r.header.error, 0, "{:?}", p.opcode);
@@ -1307,7 +1327,7 @@ fn reads_stalled_hold_back_no_other_request(event_idx: bool) {
     // Let the backend go on: the reads complete with the right bytes.
     drop(held);
     let rest = reap_all(&mut g, &posted, &slow, Duration::from_secs(20), &d);
-    check_reads(&mut g, random, &slow, &offsets, &rest);
+    check_reads(&mut g, random, &slow, offsets, &rest);
     drop(g);
     d.kill_and_check();
 }
@@ -1533,32 +1553,49 @@ fn pool_size_zero_answers_in_order() {
     d.kill_and_check();
 }
 
-/// `--thread-pool-size 2`: two requests in flight at most. A third waits in the ring until one of them
-/// finishes (the worker then wakes the queue thread), and nothing is lost on the way.
+/// With `--thread-pool-size 2`, two requests on a share whose FUSE daemon is stopped take the pool;
+/// the requests after them (a third such LOOKUP, a GETATTR of the image) stay in the ring until a
+/// worker is free, so the guest's queue fills up and pushes back instead of the daemon's memory.
 #[test]
 #[ignore = "needs root: ci/test.sh"]
 fn requests_beyond_the_pool_size_wait_in_the_ring_until_a_worker_is_free() {
     let dir = tempfile::tempdir().unwrap();
-    let (d, server, mut g) = guest_on_registry(dir.path(), &["--thread-pool-size", "2"], true);
-    let (random, fh) = open_random_2m5(&mut g);
-    let held = server.hold_data();
-    let offsets = [512 << 10, 1 << 20, 3 << 19];
-    let mut posted = post_reads(&mut g, random, fh, &offsets);
-    assert!(server.wait_held(2, Duration::from_secs(10)));
+    let s = share_on_a_fuse_mount(dir.path(), &["--thread-pool-size", "2"]);
+    let (d, mut g, share) = (s.device, s.guest, s.share);
+    let random = g
+        .lookup_path(ROOT, "img/special/random-2m5")
+        .unwrap()
+        .nodeid;
+    let stopped = Stopped::stop(s.fuse_server);
+    let mut posted: Vec<Posted> = (0..3)
+        .map(|i| {
+            post_share_lookup(
+                &mut g,
+                share,
+                &format!("no-such-{i}-{}", std::process::id()),
+            )
+        })
+        .collect();
     posted.push(post_getattr(&mut g, random));
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(server.held(), 2, "a third request was taken off the ring");
-    let early = g.reap(&posted, Duration::from_millis(200));
+    let early = g.reap(&posted, Duration::from_millis(500));
     assert!(
         early.is_err(),
-        "a reply while both workers wait on the backend"
+        "a reply while both workers wait on the share: {:?}",
+        early.map(|r| r.iter().map(|(p, _)| p.opcode).collect::<Vec<_>>())
     );
-    drop(held);
+    drop(stopped);
     let done = reap_all(&mut g, &posted, &posted, Duration::from_secs(20), &d);
-    assert_eq!(done.len(), 4);
-    check_reads(&mut g, random, &posted[..3], &offsets, &done);
+    for (p, r) in &done {
+        let want = if matches!(p.opcode, Opcode::Getattr) {
+            0
+        } else {
+            -libc::ENOENT
+        };
+        assert_eq!(r.header.error, want, "{:?}", p.opcode);
+    }
     drop(g);
     d.kill_and_check();
+    assert!(s.fuse.stop().success());
 }
 
 /// SIGCONT for a stopped process, also when the test fails.
@@ -1591,21 +1628,30 @@ impl Drop for Stopped {
     }
 }
 
-/// A metadata request alone in the ring is answered by the queue's own thread (no hand-over to a
-/// worker). When it turns out slow, here a LOOKUP in a passthrough share whose host directory is a FUSE
-/// mount with its daemon stopped (a stand-in for a hung disk or network filesystem), the queue's watcher
-/// takes the requests behind it to the workers. Twice, so the watcher goes back to sleep and wakes again.
-#[test]
-#[ignore = "needs root: ci/test.sh"]
-fn requests_behind_a_slow_metadata_request_are_taken_over_by_the_watcher() {
-    let dir = tempfile::tempdir().unwrap();
+/// A device with a passthrough share whose host directory is a FUSE mount served by a process the
+/// test can stop (a stand-in for a hung disk or network filesystem: a request on the share then waits
+/// until the process goes on), and the image of the other tests at /img.
+struct SlowShare {
+    /// The `rafsd fuse` daemon of the host directory.
+    fuse: daemon::Daemon,
+    /// The process serving its mount (stop it to make requests on the share wait).
+    fuse_server: i32,
+    device: VirtiofsDaemon,
+    /// Connected to `device` with one request queue, FUSE_INIT done.
+    guest: Guest,
+    /// The share's root.
+    share: u64,
+}
+
+/// Start a [`SlowShare`] in `dir`, the device with `device_args` too.
+fn share_on_a_fuse_mount(dir: &Path, device_args: &[&str]) -> SlowShare {
     // The host directory: a `rafsd fuse` mount of an image, served by a process we can stop.
-    let config = dir.path().join("fuse.json");
+    let config = dir.join("fuse.json");
     std::fs::write(
         &config,
         daemon::v1_config(
             &manifest::case_blob_dir(IMG2),
-            &dir.path().join("fuse-cache"),
+            &dir.join("fuse-cache"),
             false,
             "",
         ),
@@ -1619,16 +1665,18 @@ fn requests_behind_a_slow_metadata_request_are_taken_over_by_the_watcher() {
             "--bootstrap",
             bootstrap.to_str().unwrap(),
         ],
-        &dir.path().join("hostdir"),
-        &dir.path().join("fuse.log"),
+        &dir.join("hostdir"),
+        &dir.join("fuse.log"),
     );
     // `rafsd fuse` runs under a supervisor: the mount is served by its child.
     let server = daemon::children(fuse.pid())[0];
 
     // The device: the image of the other tests at /img, the FUSE mount shared at /share.
-    let d = VirtiofsDaemon::start(BIN, dir.path(), &["--sandbox", "none"]);
-    d.mount_case("/img", IMG1, &dir.path().join("cache"), false);
-    let body = serde_json::json!({"source": dir.path().join("hostdir"), "fs_type": "passthrough_fs",
+    let mut args = vec!["--sandbox", "none"];
+    args.extend_from_slice(device_args);
+    let d = VirtiofsDaemon::start(BIN, dir, &args);
+    d.mount_case("/img", IMG1, &dir.join("cache"), false);
+    let body = serde_json::json!({"source": dir.join("hostdir"), "fs_type": "passthrough_fs",
         "config": ""});
     let (status, text) = d
         .api("POST", "/api/v1/mount?mountpoint=/share", &body.to_string())
@@ -1644,6 +1692,38 @@ fn requests_behind_a_slow_metadata_request_are_taken_over_by_the_watcher() {
     .unwrap();
     g.fuse_init().unwrap();
     let share = g.lookup(ROOT, b"share").unwrap().nodeid;
+    SlowShare {
+        fuse,
+        fuse_server: server,
+        device: d,
+        guest: g,
+        share,
+    }
+}
+
+/// Post a LOOKUP of `name` (a name nobody else looks up on the host, so it reaches the FUSE daemon for
+/// sure) in the share.
+fn post_share_lookup(g: &mut Guest, share: u64, name: &str) -> Posted {
+    g.post(
+        Opcode::Lookup,
+        share,
+        &[format!("{name}\0").as_bytes()],
+        std::mem::size_of::<EntryOut>() as u32,
+        None,
+    )
+    .unwrap()
+}
+
+/// A metadata request alone in the ring is answered by the queue's own thread (no hand-over to a
+/// worker). When it turns out slow, here a LOOKUP in a passthrough share whose host directory is a FUSE
+/// mount with its daemon stopped (a stand-in for a hung disk or network filesystem), the queue's watcher
+/// takes the requests behind it to the workers. Twice, so the watcher goes back to sleep and wakes again.
+#[test]
+#[ignore = "needs root: ci/test.sh"]
+fn requests_behind_a_slow_metadata_request_are_taken_over_by_the_watcher() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = share_on_a_fuse_mount(dir.path(), &[]);
+    let (d, mut g, share, server) = (s.device, s.guest, s.share, s.fuse_server);
     let random = g
         .lookup_path(ROOT, "img/special/random-2m5")
         .unwrap()
@@ -1653,15 +1733,7 @@ fn requests_behind_a_slow_metadata_request_are_taken_over_by_the_watcher() {
     for round in 0..2 {
         let name = format!("no-such-entry-{round}-{}", std::process::id());
         let stopped = Stopped::stop(server);
-        let lookup = g
-            .post(
-                Opcode::Lookup,
-                share,
-                &[format!("{name}\0").as_bytes()],
-                std::mem::size_of::<EntryOut>() as u32,
-                None,
-            )
-            .unwrap();
+        let lookup = post_share_lookup(&mut g, share, &name);
         // Give the queue thread time to take the LOOKUP and get stuck in it.
         std::thread::sleep(Duration::from_millis(200));
         let getattr = post_getattr(&mut g, random);
@@ -1684,7 +1756,7 @@ fn requests_behind_a_slow_metadata_request_are_taken_over_by_the_watcher() {
     }
     drop(g);
     d.kill_and_check();
-    assert!(fuse.stop().success());
+    assert!(s.fuse.stop().success());
 }
 
 /// The names of the threads of process `pid`.

@@ -152,7 +152,7 @@ impl Channel {
         Ok(Some((reader, writer)))
     }
 
-    /// A writer over the reply buffer, for a request read earlier (a parked one, see `parking`).
+    /// A writer over the reply buffer, for a request read earlier (one that waited for a cold slot, see `crate::cold_slots`).
     pub fn writer(&mut self) -> io::Result<FuseDevWriter<'_>> {
         FuseDevWriter::new(self.dev.as_raw_fd(), &mut self.reply)
             .map_err(|e| io::Error::other(format!("FUSE reply buffer: {e}")))

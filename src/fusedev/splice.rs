@@ -18,14 +18,11 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::Arc;
 
 use fuse_backend_rs::abi::fuse_abi::{InHeader, OutHeader, ReadIn};
-use fuse_backend_rs::api::BackFileSystem;
-use fuse_backend_rs::transport::Reader;
 use vm_memory::ByteValued;
 
-use crate::daemon::RafsIndex;
+use crate::daemon::RafsRead;
 use crate::fs::{RafsFs, ReadReply, ZERO_PAGE};
 
 const PAGE: usize = 4096;
@@ -37,41 +34,6 @@ const FULL_PIPE: usize = 2 * MAX_READ;
 const IDLE_PIPE: usize = 16 * PAGE;
 /// Pages a reply needs beyond its data: the header's, and slack for cache ranges starting mid-page.
 const SLACK_PAGES: usize = 4;
-
-/// A READ of a file of a RAFS image: what both the cold-read classification and the spliced reply need,
-/// looked up once per request.
-pub struct RafsRead {
-    fs: Arc<BackFileSystem>,
-    /// The inode's number within the image.
-    pub ino: u64,
-    pub read_in: ReadIn,
-}
-
-impl RafsRead {
-    /// The READ `reader` holds (`header` already read from it), when it names a file of a RAFS image.
-    pub fn of(index: &RafsIndex, header: &InHeader, reader: &Reader<'_>) -> Option<Self> {
-        let (fs, ino) = index.get(header.nodeid)?;
-        fs.as_any().downcast_ref::<RafsFs>()?;
-        let mut r = reader.clone();
-        r.read_obj::<InHeader>().ok()?;
-        let read_in = r.read_obj::<ReadIn>().ok()?;
-        Some(RafsRead { fs, ino, read_in })
-    }
-
-    pub fn rafs(&self) -> &RafsFs {
-        self.fs
-            .as_any()
-            .downcast_ref::<RafsFs>()
-            .expect("checked when made")
-    }
-
-    /// Whether it needs the backend (see [`RafsFs::read_is_cached`]).
-    pub fn is_cold(&self) -> bool {
-        !self
-            .rafs()
-            .read_is_cached(self.ino, self.read_in.offset, self.read_in.size as usize)
-    }
-}
 
 /// One worker's pipe for spliced replies.
 pub struct ReplyPipe {

@@ -1,7 +1,7 @@
 //! One FUSE worker: reads a request from its channel, answers it (itself for what the server must not
 //! see or cannot do well: INIT's parameters, resent requests under `--failover-policy flush`, xattrs of
 //! the Vfs's own directories, spliced READ replies; the server for the rest), and goes back for the next.
-//! Cold READs beyond their share of the workers are parked (see [`super::parking`]).
+//! Cold READs beyond their share of the workers wait for a slot (see [`crate::cold_slots`]).
 
 use std::io::Read;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -15,16 +15,45 @@ use fuse_backend_rs::transport::{FuseBuf, FuseDevWriter, Reader};
 use vm_memory::ByteValued;
 
 use super::channel::Channel;
-use super::parking::{Admission, OnStop, Parking};
-use super::splice::{self, RafsRead, ReplyPipe};
+use super::splice::{self, ReplyPipe};
 use super::{capture_init, flush, write_fuse, write_message, Shared};
 use super::{FUSE_INIT, FUSE_READ, FUSE_UNIQUE_RESEND};
-use crate::daemon::RafsIndex;
+use crate::cold_slots::{Admission, ColdSlots};
+use crate::daemon::{RafsIndex, RafsRead};
 use crate::fs::pseudo_xattr;
 use crate::inflight::Inflight;
 
-/// A READ request is 80 bytes (its header and `fuse_read_in`); a longer one is never parked.
+/// A READ request is 80 bytes (its header and `fuse_read_in`); a longer one never waits for a slot.
 const MAX_PARKED_REQUEST: usize = 128;
+
+/// A copy of a READ request waiting for a cold slot (the kernel's copy is gone once read).
+pub(super) struct ParkedRead {
+    bytes: [u8; MAX_PARKED_REQUEST],
+    len: usize,
+}
+
+/// What becomes of parked requests once the workers are told to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum OnStop {
+    /// Answered as usual (the mount stays for a successor that will not see them again).
+    Answer = 0,
+    /// Failed with EIO rather than fetched from a backend that may be slow: the mount goes away, and a
+    /// request still queued in the kernel fails then too.
+    Fail = 1,
+    /// Left unanswered: the kernel resends them to the successor.
+    Leave = 2,
+}
+
+impl OnStop {
+    pub fn from_u8(v: u8) -> Self {
+        match v {
+            1 => OnStop::Fail,
+            2 => OnStop::Leave,
+            _ => OnStop::Answer,
+        }
+    }
+}
 
 pub(super) struct Worker {
     /// This worker's number (its slot in `inflight`).
@@ -34,7 +63,7 @@ pub(super) struct Worker {
     pub shared: Arc<Shared>,
     pub inflight: Arc<Inflight>,
     pub rafs_index: Arc<RafsIndex>,
-    pub parking: Arc<Parking>,
+    pub cold_slots: Arc<ColdSlots<ParkedRead>>,
     /// For spliced READ replies (made when the worker starts); without one, every reply goes through the
     /// server.
     pub reply_pipe: Option<ReplyPipe>,
@@ -113,14 +142,21 @@ impl Worker {
             .as_ref()
             .is_some_and(|r| catch_unwind(AssertUnwindSafe(|| r.is_cold())).unwrap_or(false))
         {
-            let mut bytes = [0u8; MAX_PARKED_REQUEST];
-            let len = h.len as usize;
-            if len <= bytes.len() && reader.clone().read_exact(&mut bytes[..len]).is_ok() {
+            let mut copy = ParkedRead {
+                bytes: [0u8; MAX_PARKED_REQUEST],
+                len: h.len as usize,
+            };
+            if copy.len <= copy.bytes.len()
+                && reader
+                    .clone()
+                    .read_exact(&mut copy.bytes[..copy.len])
+                    .is_ok()
+            {
                 let image = RafsIndex::image_of(h.nodeid);
                 let images = self.rafs_index.images();
-                match self.parking.admit(image, images, &bytes[..len]) {
-                    Admission::Parked => return None,
-                    Admission::Go => cold = Some(image),
+                match self.cold_slots.admit(image, images, copy) {
+                    Admission::Waiting => return None,
+                    Admission::Go(_) => cold = Some(image),
                 }
             }
         }
@@ -244,10 +280,10 @@ impl Worker {
     fn answer_parked(&mut self, channel: &mut Channel, mut image: u8) {
         let shared = self.shared.clone();
         let stop = shared.stop.get().expect("set before the workers start");
-        while let Some(turn) = self.parking.done(image, self.rafs_index.images()) {
+        while let Some(turn) = self.cold_slots.done(image, self.rafs_index.images()) {
             image = turn.image;
             let mut request = turn.request;
-            let reader = Reader::from_fuse_buffer(FuseBuf::new(&mut request));
+            let reader = Reader::from_fuse_buffer(FuseBuf::new(&mut request.bytes[..request.len]));
             let (Ok(reader), Ok(writer)) = (reader, channel.writer()) else {
                 // Cannot happen: the copy is a whole request, the reply buffer ours.
                 log::warn!("a parked FUSE request could not be answered");

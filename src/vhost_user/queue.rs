@@ -44,6 +44,8 @@ use vmm_sys_util::event::{
 
 use super::inflight_log::{InflightLog, Recovered};
 use super::MAX_RINGS;
+use crate::cold_slots::{self, ColdSlots};
+use crate::daemon::{RafsIndex, RafsRead};
 use crate::dax::{Admission, DaxWindow};
 use crate::fs::pseudo_xattr;
 use crate::takeover::state::FuseSession;
@@ -74,6 +76,8 @@ pub struct Job {
     kind: Kind,
     rerun: bool,
     fail: bool,
+    /// The image whose cold slot it holds, if it is a READ that needs the backend (see [`ColdSlots`]).
+    cold: Option<u8>,
 }
 
 /// What answering a request needs; shared by the queue threads, watchers and workers of one connection.
@@ -81,6 +85,8 @@ pub struct Requests {
     server: Server<Arc<Vfs>>,
     /// The server's `Vfs`, for what the device answers itself (`pseudo_xattr`).
     vfs: Arc<Vfs>,
+    /// The RAFS images of the `Vfs`, to tell READs that need the backend (see [`ColdSlots`]).
+    rafs: Arc<RafsIndex>,
     event_idx: AtomicBool,
     /// The DAX window once the backend channel is up.
     dax: RwLock<Option<Arc<DaxWindow>>>,
@@ -184,10 +190,11 @@ impl Gate {
 }
 
 impl Requests {
-    pub fn new(vfs: Arc<Vfs>, log: Option<Arc<InflightLog>>) -> Self {
+    pub fn new(vfs: Arc<Vfs>, rafs: Arc<RafsIndex>, log: Option<Arc<InflightLog>>) -> Self {
         Requests {
             server: Server::new(vfs.clone()),
             vfs,
+            rafs,
             event_idx: AtomicBool::new(false),
             dax: RwLock::new(None),
             live: RwLock::new(true),
@@ -298,6 +305,22 @@ impl Requests {
         crash_probe(&reader);
         let window = self.dax.read().unwrap_or_else(|e| e.into_inner()).clone();
         handle_request(&self.server, &self.vfs, reader, writer, window.as_ref())
+    }
+
+    /// The image of `chain` when it is a READ of an image's file that needs the backend (a chunk not in
+    /// the blob cache). A panic telling (a bug) counts as not: the request is answered as any other.
+    fn cold_image(&self, chain: &Chain) -> Option<u8> {
+        if self.rafs.images() == 0 {
+            return None;
+        }
+        catch_unwind(AssertUnwindSafe(|| {
+            let reader = Reader::from_descriptor_chain(chain.memory(), chain.clone()).ok()?;
+            let header = reader.clone().read_obj::<InHeader>().ok()?;
+            let read = RafsRead::of(&self.rafs, &header, &reader)?;
+            read.is_cold().then_some(RafsIndex::image_of(header.nodeid))
+        }))
+        .ok()
+        .flatten()
     }
 
     /// Answer a request (or fail it, see [`Job`]), put it in the used ring, interrupt the guest if it
@@ -411,6 +434,7 @@ impl Requests {
             .map(|chain| Job {
                 kind: Kind::of(&chain),
                 stop: self.stop_count(ring),
+                cold: None,
                 rerun: true,
                 fail: fail.contains(&chain.head_index()),
                 chain,
@@ -559,6 +583,19 @@ impl ReadStreak {
     }
 }
 
+/// A worker's job: answer it; if it held a cold slot, answer the requests waiting for one its slot
+/// passes to, one after the other, until none may take it.
+fn run_pooled(requests: &Requests, streak: &ReadStreak, cold_slots: &ColdSlots<Job>, job: Job) {
+    let mut slot = job.cold;
+    run_timed(requests, streak, job);
+    while let Some(image) = slot.take() {
+        if let Some(turn) = cold_slots.done(image, requests.rafs.images()) {
+            slot = Some(turn.image);
+            run_timed(requests, streak, turn.request);
+        }
+    }
+}
+
 /// Answer `chain`, timing it when it is a READ.
 fn run_timed(requests: &Requests, streak: &ReadStreak, job: Job) {
     let start = Instant::now();
@@ -585,6 +622,8 @@ pub struct RequestQueue {
     index: usize,
     requests: Arc<Requests>,
     pool: WorkerPool<Job>,
+    /// READs that need the backend take a slot here before a worker, or wait for one.
+    cold_slots: Arc<ColdSlots<Job>>,
     /// A worker writes it when the pool has room again after being full; the queue thread waits on it.
     pub resume: EventConsumer,
     /// The connection's watcher (one for all its request queues).
@@ -717,10 +756,12 @@ impl RequestQueue {
         let (resume, wake) = new_event_consumer_and_notifier(EventFlag::NONBLOCK)?;
         let (r, reads) = (requests.clone(), Arc::new(ReadStreak::default()));
         let streak = reads.clone();
+        let cold_slots = Arc::new(ColdSlots::new(pool_size));
+        let slots = cold_slots.clone();
         let pool = WorkerPool::new(
             format!("vq{index}-worker"),
             pool_size,
-            Box::new(move |job| run_timed(&r, &streak, job)),
+            Box::new(move |job| run_pooled(&r, &streak, &slots, job)),
             Box::new(move || {
                 if let Err(e) = wake.notify() {
                     log::error!("virtio-fs: cannot wake queue {index}'s thread: {e}");
@@ -731,6 +772,7 @@ impl RequestQueue {
             index,
             requests,
             pool,
+            cold_slots,
             resume,
             watch,
             busy_since: AtomicU64::new(0),
@@ -739,10 +781,12 @@ impl RequestQueue {
         }))
     }
 
-    /// End of the connection: the watcher and idle workers exit, busy workers after their request.
+    /// End of the connection: the watcher and idle workers exit, busy workers after their request;
+    /// requests waiting for a cold slot are dropped unanswered (nothing goes into the rings any more).
     pub fn close(&self) {
         self.pool.close();
         self.watch.stop();
+        self.cold_slots.clear();
     }
 
     /// The queue thread, on a kick or a resume event: take requests off the ring as long as the pool
@@ -770,6 +814,9 @@ impl RequestQueue {
                 match self.pop(vring, &mem) {
                     Pop::Request(chain) => {
                         let kind = Kind::of(&chain);
+                        let Some(chain) = self.cold_or_back(chain, vring, kind) else {
+                            continue;
+                        };
                         let here = match kind {
                             Kind::Metadata => true,
                             Kind::Read => self.reads.fast(),
@@ -803,7 +850,29 @@ impl RequestQueue {
             kind,
             rerun: false,
             fail: false,
+            cold: None,
         }
+    }
+
+    /// A READ that needs the backend goes to a worker once it has a cold slot, or waits for one
+    /// (`None`: taken care of); any other request comes back.
+    fn cold_or_back(&self, chain: Chain, vring: &VringRwLock, kind: Kind) -> Option<Chain> {
+        let image = match kind {
+            Kind::Read => self.requests.cold_image(&chain),
+            _ => None,
+        };
+        let Some(image) = image else {
+            return Some(chain);
+        };
+        let job = self.job(chain, vring, kind);
+        if let cold_slots::Admission::Go(mut job) =
+            self.cold_slots
+                .admit(image, self.requests.rafs.images(), job)
+        {
+            job.cold = Some(image);
+            self.pool.submit(job);
+        }
+        None
     }
 
     fn pop(&self, vring: &VringRwLock, mem: &Memory) -> Pop {
@@ -842,7 +911,9 @@ impl RequestQueue {
         if let Some((vring, mem)) = ring {
             while let Pop::Request(chain) = self.pop(&vring, &mem) {
                 let kind = Kind::of(&chain);
-                self.pool.submit(self.job(chain, &vring, kind));
+                if let Some(chain) = self.cold_or_back(chain, &vring, kind) {
+                    self.pool.submit(self.job(chain, &vring, kind));
+                }
             }
         }
     }
@@ -1211,7 +1282,7 @@ mod tests {
     /// it open, or it consumes the kick without taking anything and the ring stalls.
     #[test]
     fn resume_kicks_after_the_gate_opens() {
-        let requests = Requests::new(Arc::new(Vfs::new(Default::default())), None);
+        let requests = Requests::new(Arc::new(Vfs::new(Default::default())), Arc::default(), None);
         assert!(requests.pause(Duration::from_millis(10)));
         assert!(requests.gate.take(|| ((), 0)).is_none(), "paused");
         let mut kicked_open = None;
@@ -1222,7 +1293,7 @@ mod tests {
     /// A pause that times out leaves the gate closed until the caller resumes (and kicks).
     #[test]
     fn a_pause_that_times_out_stays_closed_until_resumed() {
-        let requests = Requests::new(Arc::new(Vfs::new(Default::default())), None);
+        let requests = Requests::new(Arc::new(Vfs::new(Default::default())), Arc::default(), None);
         requests.gate.take(|| ((), 1)).unwrap();
         assert!(!requests.pause(Duration::from_millis(10)));
         assert!(requests.gate.take(|| ((), 0)).is_none());

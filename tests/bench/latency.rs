@@ -10,7 +10,8 @@
 //! (the default) and with the old behaviour as the baseline of the same run: `--thread-pool-size 0` (one
 //! request at a time, in order) for virtio-fs, `--thread-num 1` for FUSE. Every run starts a new daemon
 //! with an empty cache. `--cold-readers N` has N FUSE readers stream their parts of the big file at once
-//! (more cold READs than workers); `--base BIN` adds another rafsd binary's FUSE daemon (16 threads).
+//! (more cold READs than workers; `--depth N` is the virtio-fs reader's READs in flight); `--base BIN`
+//! adds another rafsd binary's daemons with their default workers.
 //!
 //!   cargo bench --bench latency -- [--rounds N] [--size-mib M] [--rate-mb R] [--gap-us U] [--depth D]
 //!                                   [--only virtiofs|fuse] [--cold-readers N] [--base BIN]
@@ -173,7 +174,7 @@ impl Bench {
         .to_string()
     }
 
-    fn virtiofs(&self, run: &Path, device_args: &[&str]) -> Sample {
+    fn virtiofs(&self, run: &Path, bin: &str, device_args: &[&str]) -> Sample {
         let mut args = vec![
             "--allow-network",
             "--log-level",
@@ -185,7 +186,7 @@ impl Bench {
         let extra = harness::daemon_extra_args();
         args.extend(extra.iter().map(String::as_str));
         self.server.set_rate(None);
-        let dev = VirtiofsDaemon::start(BIN, run, &args);
+        let dev = VirtiofsDaemon::start(bin, run, &args);
         self.watchdog.watch(dev.pid(), None);
         dev.mount_rafs("/bench", &self.bootstrap, &self.config(&run.join("cache")));
         let opts = Options {
@@ -495,6 +496,13 @@ fn main() {
             workers: "in order (pool 0)",
             samples: Vec::new(),
         });
+        if a.base.is_some() {
+            rows.push(Row {
+                side: "virtio-fs",
+                workers: "pool, base",
+                samples: Vec::new(),
+            });
+        }
     }
     if a.fuse {
         rows.push(Row {
@@ -530,12 +538,19 @@ fn main() {
             );
             let dir = run.path().join(format!("r{round}-{i}"));
             std::fs::create_dir_all(&dir).unwrap();
-            let baseline = i % 2 == 1;
-            let s = if row.workers.ends_with(", base") {
-                bench.fuse(&dir, a.base.as_deref().unwrap(), &[])
+            let baseline = row.workers.starts_with("in order") || row.workers == "1 thread";
+            let base = a
+                .base
+                .as_deref()
+                .filter(|_| row.workers.ends_with(", base"));
+            let s = if let (Some(base), "virtio-fs") = (base, row.side) {
+                bench.virtiofs(&dir, base.to_str().unwrap(), &[])
+            } else if let Some(base) = base {
+                bench.fuse(&dir, base, &[])
             } else if row.side == "virtio-fs" {
                 bench.virtiofs(
                     &dir,
+                    BIN,
                     if baseline {
                         &["--thread-pool-size", "0"]
                     } else {
@@ -627,12 +642,16 @@ fn main() {
             }
         );
     }
-    if let (Some(base), Some(pool)) = (theirs.first(), ours.iter().find(|r| r.side == "host FUSE"))
-    {
+    for base in theirs {
+        let Some(pool) = ours.iter().find(|r| r.side == base.side) else {
+            continue;
+        };
         let loaded = |r: &Row, p: f64| r.med(|s| percentile(&s.loaded, p));
         println!(
-            "host FUSE, 16 threads: while the big read runs, base / this build: p50 {:.1}x, p99 {:.1}x; \
+            "{}, {}: while the big read runs, base / this build: p50 {:.1}x, p99 {:.1}x; \
              big read {:.1} against {:.1} MB/s",
+            pool.side,
+            pool.workers,
             loaded(base, 50.0) / loaded(pool, 50.0),
             loaded(base, 99.0) / loaded(pool, 99.0),
             pool.med(|s| s.big_mb_s),
