@@ -1332,6 +1332,50 @@ fn reads_stalled_hold_back_no_other_request(
     d.kill_and_check();
 }
 
+/// Two images on one device (a Kata sandbox running two containers), a pool of 4: eight cold reads of
+/// /img wait at its registry, which answers nothing; a cold read of the other image, from its own
+/// backend, is answered meanwhile, because one image of several gets 2 of the queue's 3 cold slots.
+/// With the cold slots first come, first served, /img's reads took all three and the other image's
+/// read waited for one of them to come back.
+#[test]
+#[ignore = "needs root: ci/test.sh"]
+fn an_image_whose_registry_stalls_leaves_cold_slots_to_the_other_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, server, mut g) = guest_on_registry(dir.path(), &["--thread-pool-size", "4"], true);
+    d.mount_case("/other", IMG_64K, &dir.path().join("other-cache"), false);
+    let (random, fh) = open_random_2m5(&mut g);
+    let other = g
+        .lookup_path(ROOT, "other/special/random-2m5")
+        .unwrap()
+        .nodeid;
+    let other_fh = g.open(other).unwrap().fh;
+    let held = server.hold_data();
+    let offsets: Vec<u64> = (0..8).map(|i| (i * 320 + 64) << 10).collect();
+    let slow = post_reads(&mut g, random, fh, &offsets);
+    assert!(
+        server.wait_held(2, Duration::from_secs(10)),
+        "{} of /img's reads reached its registry, 2 expected\nlog:\n{}",
+        server.held(),
+        d.log_text()
+    );
+    let theirs = post_reads(&mut g, other, other_fh, &[1 << 20]);
+    let posted: Vec<Posted> = slow.iter().chain(&theirs).copied().collect();
+    let first = reap_all(&mut g, &posted, &theirs, Duration::from_secs(10), &d);
+    assert_eq!(first.len(), 1, "only the other image's read is answered");
+    assert_eq!(
+        server.held(),
+        2,
+        "no more of /img's reads reached its registry"
+    );
+    check_reads(&mut g, other, &theirs, &[1 << 20], &first);
+
+    drop(held);
+    let rest = reap_all(&mut g, &posted, &slow, Duration::from_secs(20), &d);
+    check_reads(&mut g, random, &slow, &offsets, &rest);
+    drop(g);
+    d.kill_and_check();
+}
+
 /// Crash restart (`--sandbox namespace`): three reads wait on the backend when the serving process is
 /// killed with SIGKILL. The VMM's connection stays up (the keeper holds it); the daemon the keeper
 /// starts next finds the three in the inflight log and answers them with the right bytes, exactly once
