@@ -18,9 +18,13 @@
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
-/// Waiting requests beyond this go at once, as without the slots: the kernel does not send that many
-/// READs at once unless something is badly wrong.
+/// Waiting requests beyond this go at once, as without the slots (unless the caller asks
+/// [`ColdSlots::has_room`] first): the kernel does not send that many READs at once unless something is
+/// badly wrong.
 const MAX_WAITING: usize = 16384;
+
+/// Called (with no lock held) when a request leaves the queues after [`ColdSlots::has_room`] said no.
+pub type OnRoom = Box<dyn Fn() + Send + Sync>;
 
 /// Images one `Vfs` serves at most: its mount index is the top byte of an inode number.
 const IMAGES: usize = 256;
@@ -29,6 +33,9 @@ const IMAGES: usize = 256;
 pub struct ColdSlots<T> {
     limit: usize,
     per_image: usize,
+    /// Requests that may wait at once.
+    max_waiting: usize,
+    on_room: Option<OnRoom>,
     state: Mutex<State<T>>,
 }
 
@@ -39,6 +46,8 @@ struct State<T> {
     waiting: usize,
     /// Order of arrival, so that the oldest waiting request goes first among images alike.
     next_seq: u64,
+    /// `has_room` said no since a request last left the queues.
+    full: bool,
     /// Per image (Vfs mount index).
     images: Vec<ImageQueue<T>>,
 }
@@ -71,15 +80,25 @@ impl<T> ColdSlots<T> {
     /// on, and at least one slot); one image of several may hold all but a quarter of those (at least
     /// one).
     pub fn new(workers: usize) -> Self {
+        Self::with_room(workers, MAX_WAITING, None)
+    }
+
+    /// The same with at most `max_waiting` requests waiting: the caller asks [`Self::has_room`] before
+    /// it takes a request that may have to wait, and `on_room` is called when one leaves the queues
+    /// after it said no.
+    pub fn with_room(workers: usize, max_waiting: usize, on_room: Option<OnRoom>) -> Self {
         let keep = |n: usize| n.saturating_sub((n / 4).max(1)).max(1);
         let limit = keep(workers);
         ColdSlots {
             limit,
             per_image: keep(limit),
+            max_waiting: max_waiting.max(1),
+            on_room,
             state: Mutex::new(State {
                 cold: 0,
                 waiting: 0,
                 next_seq: 0,
+                full: false,
                 images: (0..IMAGES)
                     .map(|_| ImageQueue {
                         cold: 0,
@@ -106,7 +125,7 @@ impl<T> ColdSlots<T> {
         let s = &mut *s;
         let queue = &mut s.images[usize::from(image)];
         let no_slot = s.cold >= self.limit || queue.cold >= self.share(images);
-        if no_slot && s.waiting < MAX_WAITING {
+        if no_slot && s.waiting < self.max_waiting {
             queue.waiting.push_back((s.next_seq, request));
             s.next_seq += 1;
             s.waiting += 1;
@@ -122,8 +141,8 @@ impl<T> ColdSlots<T> {
     /// `images` images.
     pub fn done(&self, image: u8, images: usize) -> Option<Turn<T>> {
         let share = self.share(images);
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let s = &mut *s;
+        let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let s = &mut *guard;
         let queue = &mut s.images[usize::from(image)];
         queue.cold = queue.cold.saturating_sub(1);
         s.cold = s.cold.saturating_sub(1);
@@ -145,10 +164,24 @@ impl<T> ColdSlots<T> {
         queue.cold += 1;
         s.cold += 1;
         s.waiting -= 1;
+        let room_again = std::mem::take(&mut s.full);
+        drop(guard);
+        if let (true, Some(on_room)) = (room_again, &self.on_room) {
+            on_room();
+        }
         Some(Turn {
             image: next as u8,
             request,
         })
+    }
+
+    /// Whether a request may wait (fewer than `max_waiting` do); if not, `on_room` is called when one
+    /// leaves the queues.
+    pub fn has_room(&self) -> bool {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let room = s.waiting < self.max_waiting;
+        s.full |= !room;
+        room
     }
 
     /// Take every waiting request out (the connection they came on is gone).
@@ -240,6 +273,30 @@ mod tests {
         // The connection goes: what waits is taken out, and finishing reads pass nothing on.
         assert_eq!(p.clear().len(), 98);
         assert_eq!(turn(p.done(7, 3)), None);
+    }
+
+    #[test]
+    fn a_bounded_queue_says_when_it_has_room_again() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let woken = Arc::new(AtomicUsize::new(0));
+        let w = woken.clone();
+        let on_room: OnRoom = Box::new(move || {
+            w.fetch_add(1, Ordering::SeqCst);
+        });
+        // Two workers: one cold slot; two requests may wait.
+        let p = ColdSlots::<&str>::with_room(2, 2, Some(on_room));
+        assert_eq!(p.admit(0, 1, "r"), Admission::Go("r"));
+        assert!(p.has_room());
+        assert_eq!(p.admit(0, 1, "a"), Admission::Waiting);
+        assert_eq!(p.admit(0, 1, "b"), Admission::Waiting);
+        assert!(!p.has_room());
+        assert!(!p.has_room());
+        assert_eq!(turn(p.done(0, 1)), Some((0, "a")));
+        assert_eq!(woken.load(Ordering::SeqCst), 1, "told once");
+        assert!(p.has_room());
+        assert_eq!(turn(p.done(0, 1)), Some((0, "b")));
+        assert_eq!(woken.load(Ordering::SeqCst), 1, "not asked since");
     }
 
     #[test]

@@ -1224,6 +1224,88 @@ fn a_reply_after_its_ring_stopped_stays_out_of_the_ring() {
     d.kill_and_check();
 }
 
+/// READs waiting for a cold slot when the VMM stops their ring (GET_VRING_BASE: a guest reset, the VM
+/// stopping) are never run: the VMM has their buffers back, and they would fetch from the registry and
+/// write into memory the guest may use for something else. With a pool of 4, eight cold reads: 3 wait
+/// at the registry, 5 for a slot. The stop waits its 3 s and goes ahead; then the registry answers, and
+/// the 5 that waited reach it no more.
+#[test]
+#[ignore = "needs root: ci/test.sh"]
+fn reads_waiting_for_a_cold_slot_are_not_run_after_their_ring_stopped() {
+    use vhost::VhostBackend;
+    let dir = tempfile::tempdir().unwrap();
+    let (d, server, mut g) = guest_on_registry(dir.path(), &["--thread-pool-size", "4"], true);
+    let (random, fh) = open_random_2m5(&mut g);
+    let held = server.hold_data();
+    let offsets: Vec<u64> = (0..8).map(|i| (i * 320 + 64) << 10).collect();
+    post_reads(&mut g, random, fh, &offsets);
+    assert!(
+        server.wait_held(3, Duration::from_secs(10)),
+        "{}",
+        d.log_text()
+    );
+    g.conn.frontend.get_vring_base(g.queue).unwrap();
+    let fetched = server
+        .counters
+        .data_requests
+        .load(std::sync::atomic::Ordering::SeqCst);
+    drop(held);
+    // The 3 running end and the 5 waiting get their turn; none goes into the used ring.
+    let left_out = || {
+        d.log_text()
+            .matches("answered after its ring stopped")
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while left_out() < 8 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of 8 requests taken before the stop were done with\nlog:\n{}",
+            left_out(),
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        server
+            .counters
+            .data_requests
+            .load(std::sync::atomic::Ordering::SeqCst),
+        fetched,
+        "reads that waited for a cold slot ran after their ring stopped"
+    );
+    drop(g);
+    d.kill_and_check();
+}
+
+/// Cold READs that wait for a slot are bounded, four per worker of the pool, so that what a stop or a
+/// live upgrade waits for stays a few rounds of chunk fetches, whatever the guest posts. A pool of 2: one
+/// cold slot, 8 may wait; of 11 cold reads the last 2 stay in the ring, and so does a GETATTR behind
+/// them, until the registry answers.
+#[test]
+#[ignore = "needs root: ci/test.sh"]
+fn cold_reads_beyond_what_may_wait_stay_in_the_ring() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, server, mut g) = guest_on_registry(dir.path(), &["--thread-pool-size", "2"], true);
+    let (random, fh) = open_random_2m5(&mut g);
+    let held = server.hold_data();
+    let offsets: Vec<u64> = (0..11).map(|i| (i * 192 + 64) << 10).collect();
+    let mut posted = post_reads(&mut g, random, fh, &offsets);
+    assert!(server.wait_held(1, Duration::from_secs(10)));
+    posted.push(post_getattr(&mut g, random));
+    let early = g.reap(&posted, Duration::from_millis(500));
+    assert!(
+        early.is_err(),
+        "a reply while the one cold slot waits on the registry and the queue is full"
+    );
+    assert_eq!(server.held(), 1);
+    drop(held);
+    let done = reap_all(&mut g, &posted, &posted, Duration::from_secs(20), &d);
+    check_reads(&mut g, random, &posted[..11], &offsets, &done);
+    drop(g);
+    d.kill_and_check();
+}
+
 #[test]
 #[ignore = "needs root: ci/test.sh"]
 fn reads_stalled_on_the_backend_hold_back_no_other_request_on_their_queue() {

@@ -61,6 +61,13 @@ pub const WATCH_INTERVAL: Duration = Duration::from_micros(250);
 /// itself (again). One that takes longer sends READs back to the workers.
 pub const FAST_READS: u32 = 8;
 
+/// Cold READs that may wait for a slot per worker of a queue's pool.
+const WAITING_PER_WORKER: usize = 4;
+
+/// How much of a READ the queue thread looks at to tell whether it needs the backend (see
+/// [`Requests::cold_image`]): a 1 MiB READ whole, a larger one by its start.
+const CLASSIFIED: u64 = 4 << 20;
+
 pub type Memory = GuestMemoryLoadGuard<GuestMemoryMmap>;
 type Chain = DescriptorChain<Memory>;
 
@@ -316,7 +323,17 @@ impl Requests {
         catch_unwind(AssertUnwindSafe(|| {
             let reader = Reader::from_descriptor_chain(chain.memory(), chain.clone()).ok()?;
             let header = reader.clone().read_obj::<InHeader>().ok()?;
-            let read = RafsRead::of(&self.rafs, &header, &reader)?;
+            let mut read = RafsRead::of(&self.rafs, &header, &reader)?;
+            // What the guest asks for is not what it gets: the reply holds at most the chain's
+            // writable bytes (a guest may ask for 4 GiB with a 4 KiB buffer). Told by at most its first
+            // CLASSIFIED bytes, a READ costs the queue thread a bounded walk of its chunk records.
+            let room = chain
+                .clone()
+                .writable()
+                .map(|d| u64::from(d.len()))
+                .sum::<u64>()
+                .saturating_sub(std::mem::size_of::<OutHeader>() as u64);
+            read.read_in.size = read.read_in.size.min(room.min(CLASSIFIED) as u32);
             read.is_cold().then_some(RafsIndex::image_of(header.nodeid))
         }))
         .ok()
@@ -341,6 +358,11 @@ impl Requests {
 
     /// Write the reply of `job` (or its EIO); the bytes written.
     fn answer(&self, job: Job) -> u32 {
+        if job.stop != self.stop_count(job.ring) {
+            // Taken before its ring stopped and not started since (it waited for a cold slot): the
+            // VMM has its buffers back, so it is neither run nor answered.
+            return 0;
+        }
         if job.fail {
             return fail_chain(job.chain, libc::EIO);
         }
@@ -587,12 +609,20 @@ impl ReadStreak {
 /// passes to, one after the other, until none may take it.
 fn run_pooled(requests: &Requests, streak: &ReadStreak, cold_slots: &ColdSlots<Job>, job: Job) {
     let mut slot = job.cold;
-    run_timed(requests, streak, job);
+    run_caught(requests, streak, job);
     while let Some(image) = slot.take() {
         if let Some(turn) = cold_slots.done(image, requests.rafs.images()) {
             slot = Some(turn.image);
-            run_timed(requests, streak, turn.request);
+            run_caught(requests, streak, turn.request);
         }
+    }
+}
+
+/// [`run_timed`], a panic outside the request handler (which has its own catch) logged here, so that
+/// a cold slot is always passed on.
+fn run_caught(requests: &Requests, streak: &ReadStreak, job: Job) {
+    if catch_unwind(AssertUnwindSafe(|| run_timed(requests, streak, job))).is_err() {
+        log::error!("virtio-fs: answering a request panicked");
     }
 }
 
@@ -756,17 +786,28 @@ impl RequestQueue {
         let (resume, wake) = new_event_consumer_and_notifier(EventFlag::NONBLOCK)?;
         let (r, reads) = (requests.clone(), Arc::new(ReadStreak::default()));
         let streak = reads.clone();
-        let cold_slots = Arc::new(ColdSlots::new(pool_size));
+        let waker = |wake: EventNotifier| -> Box<dyn Fn() + Send + Sync> {
+            Box::new(move || {
+                if let Err(e) = wake.notify() {
+                    log::error!("virtio-fs: cannot wake queue {index}'s thread: {e}");
+                }
+            })
+        };
+        // Four times as many cold READs may wait as the pool has workers (64 for the default 16): a
+        // stop or a live upgrade waits for every request taken, so what waits is kept to a few rounds
+        // of chunk fetches; beyond that they stay in the ring, as other requests do when the pool is
+        // full.
+        let cold_slots = Arc::new(ColdSlots::with_room(
+            pool_size,
+            WAITING_PER_WORKER * pool_size,
+            Some(waker(wake.try_clone()?)),
+        ));
         let slots = cold_slots.clone();
         let pool = WorkerPool::new(
             format!("vq{index}-worker"),
             pool_size,
             Box::new(move |job| run_pooled(&r, &streak, &slots, job)),
-            Box::new(move || {
-                if let Err(e) = wake.notify() {
-                    log::error!("virtio-fs: cannot wake queue {index}'s thread: {e}");
-                }
-            }),
+            waker(wake),
         )?;
         Ok(Arc::new(RequestQueue {
             index,
@@ -796,7 +837,9 @@ impl RequestQueue {
     /// workers first.
     pub fn serve(&self, vring: &VringRwLock, mem: Memory, recovered: Vec<Job>) -> io::Result<()> {
         for job in recovered {
-            self.pool.submit(job);
+            if let Some(job) = self.cold_or_back(job) {
+                self.pool.submit(job);
+            }
         }
         {
             // The resume event does not go through the library's enabled check the kick goes through.
@@ -814,7 +857,7 @@ impl RequestQueue {
                 match self.pop(vring, &mem) {
                     Pop::Request(chain) => {
                         let kind = Kind::of(&chain);
-                        let Some(chain) = self.cold_or_back(chain, vring, kind) else {
+                        let Some(job) = self.cold_or_back(self.job(chain, vring, kind)) else {
                             continue;
                         };
                         let here = match kind {
@@ -823,9 +866,9 @@ impl RequestQueue {
                             Kind::Data => false,
                         };
                         if here && !more_available(vring, &mem) {
-                            self.answer_here(self.job(chain, vring, kind), &mem);
+                            self.answer_here(job, &mem);
                         } else {
-                            self.pool.submit(self.job(chain, vring, kind));
+                            self.pool.submit(job);
                         }
                     }
                     Pop::Empty => break,
@@ -855,16 +898,15 @@ impl RequestQueue {
     }
 
     /// A READ that needs the backend goes to a worker once it has a cold slot, or waits for one
-    /// (`None`: taken care of); any other request comes back.
-    fn cold_or_back(&self, chain: Chain, vring: &VringRwLock, kind: Kind) -> Option<Chain> {
-        let image = match kind {
-            Kind::Read => self.requests.cold_image(&chain),
+    /// (`None`: taken care of); any other job comes back.
+    fn cold_or_back(&self, job: Job) -> Option<Job> {
+        let image = match job.kind {
+            Kind::Read if !job.fail => self.requests.cold_image(&job.chain),
             _ => None,
         };
         let Some(image) = image else {
-            return Some(chain);
+            return Some(job);
         };
-        let job = self.job(chain, vring, kind);
         if let cold_slots::Admission::Go(mut job) =
             self.cold_slots
                 .admit(image, self.requests.rafs.images(), job)
@@ -876,7 +918,8 @@ impl RequestQueue {
     }
 
     fn pop(&self, vring: &VringRwLock, mem: &Memory) -> Pop {
-        if !self.pool.has_room() {
+        // The next request may be a cold READ that has to wait for a slot: room for it too.
+        if !self.pool.has_room() || !self.cold_slots.has_room() {
             return Pop::Full;
         }
         // The ring lock is held for one pop only.
@@ -911,8 +954,8 @@ impl RequestQueue {
         if let Some((vring, mem)) = ring {
             while let Pop::Request(chain) = self.pop(&vring, &mem) {
                 let kind = Kind::of(&chain);
-                if let Some(chain) = self.cold_or_back(chain, &vring, kind) {
-                    self.pool.submit(self.job(chain, &vring, kind));
+                if let Some(job) = self.cold_or_back(self.job(chain, &vring, kind)) {
+                    self.pool.submit(job);
                 }
             }
         }
