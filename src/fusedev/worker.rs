@@ -153,8 +153,7 @@ impl Worker {
                     .is_ok()
             {
                 let image = RafsIndex::image_of(h.nodeid);
-                let images = self.rafs_index.images();
-                match self.cold_slots.admit(image, images, copy) {
+                match self.cold_slots.admit(image, copy) {
                     Admission::Waiting => return None,
                     Admission::Go(_) => cold = Some(image),
                 }
@@ -280,7 +279,7 @@ impl Worker {
     fn answer_parked(&mut self, channel: &mut Channel, mut image: u8) {
         let shared = self.shared.clone();
         let stop = shared.stop.get().expect("set before the workers start");
-        while let Some(turn) = self.cold_slots.done(image, self.rafs_index.images()) {
+        while let Some(turn) = self.cold_slots.done(image) {
             image = turn.image;
             let mut request = turn.request;
             let reader = Reader::from_fuse_buffer(FuseBuf::new(&mut request.bytes[..request.len]));

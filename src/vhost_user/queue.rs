@@ -61,11 +61,8 @@ pub const WATCH_INTERVAL: Duration = Duration::from_micros(250);
 /// itself (again). One that takes longer sends READs back to the workers.
 pub const FAST_READS: u32 = 8;
 
-/// Cold READs that may wait for a slot per worker of a queue's pool.
-const WAITING_PER_WORKER: usize = 4;
-
-/// How much of a READ the queue thread looks at to tell whether it needs the backend (see
-/// [`Requests::cold_image`]): a 1 MiB READ whole, a larger one by its start.
+/// The largest READ the queue thread looks at to tell whether it needs the backend (see
+/// [`Requests::cold_image`]); a larger one counts as cold.
 const CLASSIFIED: u64 = 4 << 20;
 
 pub type Memory = GuestMemoryLoadGuard<GuestMemoryMmap>;
@@ -325,16 +322,22 @@ impl Requests {
             let header = reader.clone().read_obj::<InHeader>().ok()?;
             let mut read = RafsRead::of(&self.rafs, &header, &reader)?;
             // What the guest asks for is not what it gets: the reply holds at most the chain's
-            // writable bytes (a guest may ask for 4 GiB with a 4 KiB buffer). Told by at most its first
-            // CLASSIFIED bytes, a READ costs the queue thread a bounded walk of its chunk records.
+            // writable bytes (a guest may ask for 4 GiB with a 4 KiB buffer). A READ of more than
+            // CLASSIFIED bytes (INIT limits READs to 1 MiB) counts as cold without a look, so that
+            // telling costs the queue thread a bounded walk of chunk records.
             let room = chain
                 .clone()
                 .writable()
                 .map(|d| u64::from(d.len()))
                 .sum::<u64>()
                 .saturating_sub(std::mem::size_of::<OutHeader>() as u64);
-            read.read_in.size = read.read_in.size.min(room.min(CLASSIFIED) as u32);
-            read.is_cold().then_some(RafsIndex::image_of(header.nodeid))
+            let size = u64::from(read.read_in.size).min(room);
+            let image = RafsIndex::image_of(header.nodeid);
+            if size > CLASSIFIED {
+                return Some(image);
+            }
+            read.read_in.size = size as u32;
+            read.is_cold().then_some(image)
         }))
         .ok()
         .flatten()
@@ -343,6 +346,15 @@ impl Requests {
     /// Answer a request (or fail it, see [`Job`]), put it in the used ring, interrupt the guest if it
     /// wants that now.
     fn run(&self, job: Job) {
+        /// Counts the request answered however `run` ends (a panic in the crash log or the ring
+        /// included): one left counted would make every later pause time out.
+        struct Answered<'a>(&'a Gate);
+        impl Drop for Answered<'_> {
+            fn drop(&mut self) {
+                self.0.answered();
+            }
+        }
+        let _answered = Answered(&self.gate);
         let (ring, stop, head, vring) = (
             job.ring,
             job.stop,
@@ -353,7 +365,6 @@ impl Requests {
         if let Err(e) = self.complete(ring, stop, &vring, head, len) {
             log::warn!("virtio-fs: returning descriptor {head}: {e}");
         }
-        self.gate.answered();
     }
 
     /// Write the reply of `job` (or its EIO); the bytes written.
@@ -527,6 +538,11 @@ impl Requests {
                 return Ok(());
             };
             self.gate.answer_each(chains, |chain| {
+                if self.stop_count(ring) != stop {
+                    // The ring stopped while earlier requests of the batch ran: the VMM has this one's
+                    // buffers back (see `answer`).
+                    return Ok(());
+                }
                 let head = chain.head_index();
                 let used = self.handle_caught(chain);
                 self.put_used(ring, stop, &mut vring.get_mut(), head, used)
@@ -611,7 +627,7 @@ fn run_pooled(requests: &Requests, streak: &ReadStreak, cold_slots: &ColdSlots<J
     let mut slot = job.cold;
     run_caught(requests, streak, job);
     while let Some(image) = slot.take() {
-        if let Some(turn) = cold_slots.done(image, requests.rafs.images()) {
+        if let Some(turn) = cold_slots.done(image) {
             slot = Some(turn.image);
             run_caught(requests, streak, turn.request);
         }
@@ -786,28 +802,17 @@ impl RequestQueue {
         let (resume, wake) = new_event_consumer_and_notifier(EventFlag::NONBLOCK)?;
         let (r, reads) = (requests.clone(), Arc::new(ReadStreak::default()));
         let streak = reads.clone();
-        let waker = |wake: EventNotifier| -> Box<dyn Fn() + Send + Sync> {
-            Box::new(move || {
-                if let Err(e) = wake.notify() {
-                    log::error!("virtio-fs: cannot wake queue {index}'s thread: {e}");
-                }
-            })
-        };
-        // Four times as many cold READs may wait as the pool has workers (64 for the default 16): a
-        // stop or a live upgrade waits for every request taken, so what waits is kept to a few rounds
-        // of chunk fetches; beyond that they stay in the ring, as other requests do when the pool is
-        // full.
-        let cold_slots = Arc::new(ColdSlots::with_room(
-            pool_size,
-            WAITING_PER_WORKER * pool_size,
-            Some(waker(wake.try_clone()?)),
-        ));
+        let cold_slots = Arc::new(ColdSlots::new(pool_size));
         let slots = cold_slots.clone();
         let pool = WorkerPool::new(
             format!("vq{index}-worker"),
             pool_size,
             Box::new(move |job| run_pooled(&r, &streak, &slots, job)),
-            waker(wake),
+            Box::new(move || {
+                if let Err(e) = wake.notify() {
+                    log::error!("virtio-fs: cannot wake queue {index}'s thread: {e}");
+                }
+            }),
         )?;
         Ok(Arc::new(RequestQueue {
             index,
@@ -907,10 +912,7 @@ impl RequestQueue {
         let Some(image) = image else {
             return Some(job);
         };
-        if let cold_slots::Admission::Go(mut job) =
-            self.cold_slots
-                .admit(image, self.requests.rafs.images(), job)
-        {
+        if let cold_slots::Admission::Go(mut job) = self.cold_slots.admit(image, job) {
             job.cold = Some(image);
             self.pool.submit(job);
         }
@@ -918,8 +920,7 @@ impl RequestQueue {
     }
 
     fn pop(&self, vring: &VringRwLock, mem: &Memory) -> Pop {
-        // The next request may be a cold READ that has to wait for a slot: room for it too.
-        if !self.pool.has_room() || !self.cold_slots.has_room() {
+        if !self.pool.has_room() {
             return Pop::Full;
         }
         // The ring lock is held for one pop only.

@@ -801,6 +801,8 @@ pub struct Guest {
     /// Request queue used by the typed calls below.
     pub queue: usize,
     pub init: Option<InitOut>,
+    /// Requests are posted without a kick until [`Guest::kick`] (see [`Guest::hold_kicks`]).
+    kicks_held: bool,
 }
 
 pub const ROOT: u64 = 1;
@@ -814,6 +816,7 @@ impl Guest {
             unique: 0,
             queue: 1,
             init: None,
+            kicks_held: false,
         })
     }
 
@@ -844,6 +847,7 @@ impl Guest {
                     unique: (q as u64) << 48,
                     queue: 0,
                     init: self.init,
+                    kicks_held: false,
                 }
             })
             .collect()
@@ -939,12 +943,26 @@ impl Guest {
         chain.peek = peek;
         let q = &mut self.conn.queues[self.queue];
         let head = q.submit(&self.conn.ram, &chain)?;
-        q.notify(&self.conn.ram);
+        if !self.kicks_held {
+            q.notify(&self.conn.ram);
+        }
         Ok(Posted {
             head,
             unique,
             opcode,
         })
+    }
+
+    /// Post the next requests without kicking the device, so that it finds them in the ring together
+    /// at the next [`Guest::kick`].
+    pub fn hold_kicks(&mut self) {
+        self.kicks_held = true;
+    }
+
+    /// Kick the device for the requests posted since [`Guest::hold_kicks`], and kick after each again.
+    pub fn kick(&mut self) {
+        self.kicks_held = false;
+        self.conn.queues[self.queue].notify(&self.conn.ram);
     }
 
     /// The replies the device has put in the current queue's used ring, in that order, each checked
