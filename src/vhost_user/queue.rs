@@ -370,8 +370,8 @@ impl Requests {
     /// Write the reply of `job` (or its EIO); the bytes written.
     fn answer(&self, job: Job) -> u32 {
         if job.stop != self.stop_count(job.ring) {
-            // Taken before its ring stopped and not started since (it waited for a cold slot): the
-            // VMM has its buffers back, so it is neither run nor answered.
+            // Taken before its ring stopped and not started since (it waited for a cold slot or a
+            // worker): the VMM has its buffers back, so it is neither run nor answered.
             return 0;
         }
         if job.fail {
