@@ -168,7 +168,8 @@ pub struct Daemon {
 }
 
 /// The RAFS filesystems by their index in the `Vfs` (the top byte of the inode numbers it gives out), for
-/// requests a front end answers outside fuse-backend-rs's server (the FUSE front end's spliced READs).
+/// what the front ends do with a request outside fuse-backend-rs's server: tell a READ that needs the
+/// backend (see `crate::cold_slots`), and answer a READ with a spliced reply (FUSE).
 #[derive(Default)]
 pub struct RafsIndex {
     table: RwLock<Vec<Option<Arc<BackFileSystem>>>>,

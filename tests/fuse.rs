@@ -1054,6 +1054,20 @@ fn an_image_whose_registry_stalls_leaves_cold_slots_to_the_other_images() {
         server.held(),
         d.log_text()
     );
+    // All 8 are in flight for the admin API, the 5 waiting for a slot too (their callers wait as well:
+    // nydus-snapshotter's hung-I/O metric reads this).
+    let (status, body) = daemon::api_request(
+        &sock,
+        "GET",
+        "/api/v1/metrics/inflight",
+        "",
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let ops: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    let reads = ops.iter().filter(|o| o["opcode"] == 15).count();
+    assert_eq!(reads, 8, "READs listed in flight: {body}");
 
     // The other image's file, never read: every chunk comes from its backend.
     let other = d.mountpoint.join("other").join(STALLED_FILE);

@@ -32,6 +32,15 @@ pub(super) struct ParkedRead {
     len: usize,
 }
 
+impl ParkedRead {
+    /// The request's unique id (`fuse_in_header`: len, opcode, then unique).
+    fn unique(&self) -> u64 {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&self.bytes[8..16]);
+        u64::from_ne_bytes(b)
+    }
+}
+
 /// What becomes of parked requests once the workers are told to stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -146,20 +155,25 @@ impl Worker {
                 bytes: [0u8; MAX_PARKED_REQUEST],
                 len: h.len as usize,
             };
-            if copy.len <= copy.bytes.len()
+            if (std::mem::size_of::<InHeader>()..=copy.bytes.len()).contains(&copy.len)
                 && reader
                     .clone()
                     .read_exact(&mut copy.bytes[..copy.len])
                     .is_ok()
             {
                 let image = RafsIndex::image_of(h.nodeid);
+                // Listed first: once it waits, another worker may take it up at once.
+                self.inflight.wait(h.nodeid, h.opcode, h.unique);
                 match self.cold_slots.admit(image, copy) {
                     Admission::Waiting => return None,
-                    Admission::Go(_) => cold = Some(image),
+                    Admission::Go(_) => {
+                        self.inflight.unwait(h.unique);
+                        cold = Some(image);
+                    }
                 }
             }
         }
-        self.answer(&h, read.as_ref(), reader, writer);
+        self.answer(&h, read.as_ref(), reader, writer, None);
         cold
     }
 
@@ -217,16 +231,18 @@ impl Worker {
         }
     }
 
-    /// Answer request `h` (`read`: the READ of an image's file it is, if it is one).
+    /// Answer request `h` (`read`: the READ of an image's file it is, if it is one; `since`: when it
+    /// came, if it waited for a cold slot).
     fn answer(
         &mut self,
         h: &InHeader,
         read: Option<&RafsRead>,
         reader: Reader<'_>,
         writer: FuseDevWriter<'_>,
+        since: Option<u64>,
     ) {
         self.inflight
-            .begin(self.index, h.nodeid, h.opcode, h.unique);
+            .begin(self.index, h.nodeid, h.opcode, h.unique, since);
         // A panic answering one request (a bug) fails that request, not the worker, whose cold slot
         // and parked requests would otherwise be lost with it.
         let answered = catch_unwind(AssertUnwindSafe(|| {
@@ -282,6 +298,7 @@ impl Worker {
         while let Some(turn) = self.cold_slots.done(image) {
             image = turn.image;
             let mut request = turn.request;
+            let since = self.inflight.unwait(request.unique());
             let reader = Reader::from_fuse_buffer(FuseBuf::new(&mut request.bytes[..request.len]));
             let (Ok(reader), Ok(writer)) = (reader, channel.writer()) else {
                 // Cannot happen: the copy is a whole request, the reply buffer ours.
@@ -306,7 +323,7 @@ impl Worker {
             }))
             .ok()
             .flatten();
-            self.answer(&h, read.as_ref(), reader, writer);
+            self.answer(&h, read.as_ref(), reader, writer, since);
         }
     }
 }
