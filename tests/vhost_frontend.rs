@@ -1232,7 +1232,6 @@ fn a_reply_after_its_ring_stopped_stays_out_of_the_ring() {
 #[test]
 #[ignore = "needs root: ci/test.sh"]
 fn reads_waiting_for_a_cold_slot_are_not_run_after_their_ring_stopped() {
-    use vhost::VhostBackend;
     let dir = tempfile::tempdir().unwrap();
     let (d, server, mut g) = guest_on_registry(dir.path(), &["--thread-pool-size", "4"], true);
     let (random, fh) = open_random_2m5(&mut g);
@@ -1244,38 +1243,58 @@ fn reads_waiting_for_a_cold_slot_are_not_run_after_their_ring_stopped() {
         "{}",
         d.log_text()
     );
+    stop_ring_then_release(
+        &mut g,
+        &d,
+        &server,
+        held,
+        8,
+        Duration::ZERO,
+        "reads that waited for a cold slot ran after their ring stopped",
+    );
+    drop(g);
+    d.kill_and_check();
+}
+
+/// The VMM stops the guest's ring (GET_VRING_BASE, which waits its 3 s for the held reads), then the
+/// registry answers: the first `ended` requests taken before the stop come to an end, each left out of
+/// the used ring (and logged so), and `settle` later no request has reached the registry since the
+/// stop (`what` says what it would mean).
+fn stop_ring_then_release(
+    g: &mut Guest,
+    d: &VirtiofsDaemon,
+    server: &FakeServer,
+    held: services::HeldData<'_>,
+    ended: usize,
+    settle: Duration,
+    what: &str,
+) {
+    use std::sync::atomic::Ordering;
+    use vhost::VhostBackend;
     g.conn.frontend.get_vring_base(g.queue).unwrap();
-    let fetched = server
-        .counters
-        .data_requests
-        .load(std::sync::atomic::Ordering::SeqCst);
+    let fetched = server.counters.data_requests.load(Ordering::SeqCst);
     drop(held);
-    // The 3 running end and the 5 waiting get their turn; none goes into the used ring.
     let left_out = || {
         d.log_text()
             .matches("answered after its ring stopped")
             .count()
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while left_out() < 8 {
+    while left_out() < ended {
         assert!(
             std::time::Instant::now() < deadline,
-            "{} of 8 requests taken before the stop were done with\nlog:\n{}",
+            "{} of {ended} requests taken before the stop were done with\nlog:\n{}",
             left_out(),
             d.log_text()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    std::thread::sleep(settle);
     assert_eq!(
-        server
-            .counters
-            .data_requests
-            .load(std::sync::atomic::Ordering::SeqCst),
+        server.counters.data_requests.load(Ordering::SeqCst),
         fetched,
-        "reads that waited for a cold slot ran after their ring stopped"
+        "{what}"
     );
-    drop(g);
-    d.kill_and_check();
 }
 
 /// The same answering in order (`--thread-pool-size 0`): of three cold reads taken together, the first
@@ -1284,8 +1303,6 @@ fn reads_waiting_for_a_cold_slot_are_not_run_after_their_ring_stopped() {
 #[test]
 #[ignore = "needs root: ci/test.sh"]
 fn reads_in_order_behind_a_slow_one_are_not_run_after_their_ring_stopped() {
-    use std::sync::atomic::Ordering;
-    use vhost::VhostBackend;
     let dir = tempfile::tempdir().unwrap();
     let (d, server, mut g) = guest_on_registry(dir.path(), &["--thread-pool-size", "0"], true);
     let (random, fh) = open_random_2m5(&mut g);
@@ -1299,24 +1316,15 @@ fn reads_in_order_behind_a_slow_one_are_not_run_after_their_ring_stopped() {
         "{}",
         d.log_text()
     );
-    g.conn.frontend.get_vring_base(g.queue).unwrap();
-    let fetched = server.counters.data_requests.load(Ordering::SeqCst);
-    drop(held);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !d.log_text().contains("answered after its ring stopped") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the first READ did not end\nlog:\n{}",
-            d.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    // The two behind it would be fetched at once from this local registry: give them the time.
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(
-        server.counters.data_requests.load(Ordering::SeqCst),
-        fetched,
-        "reads behind the slow one ran after their ring stopped"
+    // The two behind the first would be fetched at once from this local registry: give them the time.
+    stop_ring_then_release(
+        &mut g,
+        &d,
+        &server,
+        held,
+        1,
+        Duration::from_millis(500),
+        "reads behind the slow one ran after their ring stopped",
     );
     drop(g);
     d.kill_and_check();
