@@ -7,8 +7,11 @@
 //! behind that image's.
 //!
 //! So a READ that needs the backend takes one of `limit` cold slots (all workers but a quarter), of which
-//! its image (its Vfs mount) may hold `per_image` while another image has cold READs running or waiting
-//! (alone, an image may take them all: idle images cost it nothing). Without a slot it may take, the
+//! its image (its Vfs mount) may hold `per_image` while another image has cold READs running or waiting,
+//! or had one end less than [`LINGER`] ago (alone, an image may take them all: idle images cost it
+//! nothing). The linger is for images read one request at a time (a program reading its files in turn):
+//! between two of its reads such an image has none running, and an image holding every slot would take
+//! the one it freed straight back, so that each of its reads waited for one of the other image's to end. Without a slot it may take, the
 //! request waits in its image's queue and the worker (or the virtqueue's thread) goes on with the next
 //! request. Whoever finishes a cold READ passes its slot to the oldest waiting request of the image with
 //! the fewest cold READs running, and answers it before anything else, so the queues drain as slots free
@@ -19,6 +22,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// Waiting requests beyond this go at once, as without the slots: neither the kernel nor a guest's driver
 /// has that many READs outstanding unless something is badly wrong.
@@ -26,6 +30,10 @@ const MAX_WAITING: usize = 16384;
 
 /// Images one `Vfs` serves at most: its mount index is the top byte of an inode number.
 const IMAGES: usize = 256;
+
+/// How long an image whose last cold READ ended still keeps the others to their share: longer than a
+/// reader's pause between two reads, short enough that a lone image soon has every slot again.
+pub const LINGER: Duration = Duration::from_secs(1);
 
 /// The cold slots of one set of workers, and the requests (`T`) waiting for one.
 pub struct ColdSlots<T> {
@@ -43,6 +51,8 @@ struct State<T> {
     next_seq: u64,
     /// Images with cold READs running or waiting.
     active: usize,
+    /// When the last cold READs ended.
+    ended: LastEnds,
     /// Per image (Vfs mount index).
     images: Vec<ImageQueue<T>>,
 }
@@ -85,6 +95,7 @@ impl<T> ColdSlots<T> {
                 waiting: 0,
                 next_seq: 0,
                 active: 0,
+                ended: LastEnds([None, None]),
                 images: (0..IMAGES)
                     .map(|_| ImageQueue {
                         cold: 0,
@@ -97,12 +108,16 @@ impl<T> ColdSlots<T> {
 
     /// A READ of `image` that needs the backend is about to be answered.
     pub fn admit(&self, image: u8, request: T) -> Admission<T> {
+        self.admit_at(image, request, Instant::now())
+    }
+
+    fn admit_at(&self, image: u8, request: T, now: Instant) -> Admission<T> {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let s = &mut *s;
         let was_active = s.images[usize::from(image)].is_active();
         // This image counts among the active ones from now on, either way.
         let active = s.active + usize::from(!was_active);
-        let share = self.share(active);
+        let share = self.share(active, s.ended.other_than(image, now));
         let queue = &mut s.images[usize::from(image)];
         let no_slot = s.cold >= self.limit || queue.cold >= share;
         if no_slot && s.waiting < MAX_WAITING {
@@ -121,6 +136,10 @@ impl<T> ColdSlots<T> {
     /// A cold READ of `image` is answered: the waiting request its slot passes to (answer it, then call
     /// this again with its image), or `None` when none may take it (the slot is free).
     pub fn done(&self, image: u8) -> Option<Turn<T>> {
+        self.done_at(image, Instant::now())
+    }
+
+    fn done_at(&self, image: u8, now: Instant) -> Option<Turn<T>> {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let s = &mut *s;
         let queue = &mut s.images[usize::from(image)];
@@ -129,18 +148,19 @@ impl<T> ColdSlots<T> {
             s.active = s.active.saturating_sub(1);
         }
         s.cold = s.cold.saturating_sub(1);
+        s.ended.record(image, now);
         // Beyond the limit only after the queues overflowed: the slot goes.
         if s.waiting == 0 || s.cold >= self.limit {
             return None;
         }
-        let share = self.share(s.active);
+        let (active, ended) = (s.active, s.ended);
         // The image with the fewest cold READs running, among those that may take one more; of those
         // alike, the one whose request came first.
         let (next, queue) = s
             .images
             .iter_mut()
             .enumerate()
-            .filter(|(_, q)| q.cold < share)
+            .filter(|(i, q)| q.cold < self.share(active, ended.other_than(*i as u8, now)))
             .filter_map(|(i, q)| Some(((q.cold, q.waiting.front()?.0), i, q)))
             .min_by_key(|(key, _, _)| *key)
             .map(|(_, i, q)| (i, q))?;
@@ -155,9 +175,10 @@ impl<T> ColdSlots<T> {
         })
     }
 
-    /// The slots one image may hold while `active` images have cold READs.
-    fn share(&self, active: usize) -> usize {
-        if active > 1 {
+    /// The slots one image may hold while `active` images (itself among them) have cold READs, and
+    /// another's cold READ ended within [`LINGER`] or not.
+    fn share(&self, active: usize, other_ended_lately: bool) -> usize {
+        if active > 1 || other_ended_lately {
             self.per_image
         } else {
             self.limit
@@ -175,6 +196,30 @@ impl<T> ColdSlots<T> {
             .collect();
         s.active = s.images.iter().filter(|q| q.is_active()).count();
         taken
+    }
+}
+
+/// The two images whose cold READs ended last, each with the time of its last one, latest first: the
+/// latest end by an image other than any given one is one of them.
+#[derive(Clone, Copy)]
+struct LastEnds([Option<(u8, Instant)>; 2]);
+
+impl LastEnds {
+    /// A cold READ of `image` ended at `now`.
+    fn record(&mut self, image: u8, now: Instant) {
+        if self.0[0].is_some_and(|(e, _)| e != image) {
+            self.0[1] = self.0[0];
+        }
+        self.0[0] = Some((image, now));
+    }
+
+    /// Whether a cold READ of an image other than `image` ended within [`LINGER`] before `now`.
+    fn other_than(&self, image: u8, now: Instant) -> bool {
+        self.0
+            .iter()
+            .flatten()
+            .find(|(e, _)| *e != image)
+            .is_some_and(|(_, at)| now.duration_since(*at) < LINGER)
     }
 }
 
@@ -239,15 +284,48 @@ mod tests {
         assert_eq!(turn(p.done(7)), Some((7, "hog")), "8 running: one more");
         // Image 9 gets a free slot at once.
         assert!(admit_n(&p, 9, 1));
-        // Image 9 done with both: the first leaves the hog at its share, the second leaves it alone.
-        assert_eq!(turn(p.done(9)), None);
-        assert_eq!(turn(p.done(9)), Some((7, "hog")));
-        // Alone, it takes the free slots too.
-        assert!(admit_n(&p, 7, 2), "12 running");
-        assert_eq!(p.admit(7, "hog"), Admission::Waiting);
+        // Image 9 done with both: the hog stays at its share while image 9's reads ended lately (the
+        // next may come at once)...
+        let now = Instant::now();
+        assert_eq!(turn(p.done_at(9, now)), None);
+        assert_eq!(turn(p.done_at(9, now)), None);
+        assert_eq!(p.admit_at(7, "hog", now + LINGER / 2), Admission::Waiting);
+        assert!(p.admit_at(9, "next", now + LINGER / 2) == Admission::Go("next"));
+        assert_eq!(turn(p.done_at(9, now + LINGER / 2)), None);
+        // ... and then, alone, it takes the free slots too: a finished read passes its slot on, and
+        // new ones go at once.
+        let later = now + LINGER * 2;
+        assert_eq!(turn(p.done_at(7, later)), Some((7, "hog")));
+        assert!((0..3).all(|_| p.admit_at(7, "hog", later) == Admission::Go("hog")));
+        assert_eq!(
+            p.admit_at(7, "hog", later),
+            Admission::Waiting,
+            "12 running"
+        );
         // The connection goes: what waits is taken out, and finishing reads pass nothing on.
-        assert_eq!(p.clear().len(), 99);
-        assert_eq!(turn(p.done(7)), None);
+        assert_eq!(p.clear().len(), 100);
+        assert_eq!(turn(p.done_at(7, later)), None);
+    }
+
+    #[test]
+    fn the_last_ends_of_two_images_are_told_apart() {
+        let t = Instant::now();
+        let mut ends = LastEnds([None, None]);
+        assert!(!ends.other_than(1, t), "nothing ended yet");
+        ends.record(1, t);
+        assert!(!ends.other_than(1, t), "only its own");
+        assert!(ends.other_than(2, t + LINGER / 2));
+        assert!(!ends.other_than(2, t + LINGER), "too long ago");
+        // Image 1 again, then 2, then 1 again: 2's end is still known to image 1.
+        ends.record(2, t + LINGER);
+        ends.record(1, t + LINGER * 3 / 2);
+        assert!(ends.other_than(1, t + LINGER * 3 / 2));
+        assert!(ends.other_than(2, t + LINGER * 2), "image 1's end at 1.5");
+        assert!(!ends.other_than(1, t + LINGER * 2), "image 2's end at 1");
+        // A third image pushes out the oldest.
+        ends.record(3, t + LINGER * 2);
+        assert!(ends.other_than(1, t + LINGER * 2));
+        assert!(ends.other_than(3, t + LINGER * 2));
     }
 
     #[test]

@@ -1026,38 +1026,13 @@ fn more_cold_reads_than_workers_leave_a_worker_for_everything_else() {
 #[test]
 #[ignore = "needs root: ci/test.sh"]
 fn an_image_whose_registry_stalls_leaves_cold_slots_to_the_other_images() {
-    manifest::assert_root("FUSE mounts");
-    let server = services::FakeServer::with_blobs_of(
-        "rafsd/stalled",
-        &manifest::case_blob_dir(STALLED_CASE),
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let (d, sock) = start_without_image(dir.path(), &["--thread-num", "4"]);
-    let bootstrap = manifest::case_bootstrap(STALLED_CASE);
-    let config = held_registry_config(&server, "rafsd/stalled", &dir.path().join("slow-cache"), 4);
-    api_mount(&sock, "/slow", &bootstrap, config);
-    let other_config = v1_config(
-        &manifest::case_blob_dir(STALLED_CASE),
-        &dir.path().join("other-cache"),
-        true,
-        r#","amplify_io":0"#,
-    );
-    api_mount(&sock, "/other", &bootstrap, other_config);
-    let slow = d.mountpoint.join("slow").join(STALLED_FILE);
-    // The slow image's chunk-info array comes into its cache first, so that only data waits below.
-    std::fs::read(d.mountpoint.join("slow/etc/passwd")).unwrap();
-    let held = server.hold_data();
-    let (readers, _) = held_reads(&slow);
-    assert!(
-        server.wait_held(3, Duration::from_secs(10)),
-        "{} of the slow image's reads reached its registry, 3 expected\nlog:\n{}",
-        server.held(),
-        d.log_text()
-    );
+    let t = SlowAndOther::start();
+    let (d, server) = (&t.daemon, &t.server);
+    let (held, readers) = t.hold_slow_reads();
     // All 8 are in flight for the admin API, the 5 waiting for a slot too (their callers wait as well:
     // nydus-snapshotter's hung-I/O metric reads this).
     let (status, body) = daemon::api_request(
-        &sock,
+        &t.sock,
         "GET",
         "/api/v1/metrics/inflight",
         "",
@@ -1070,12 +1045,12 @@ fn an_image_whose_registry_stalls_leaves_cold_slots_to_the_other_images() {
     assert_eq!(reads, 8, "READs listed in flight: {body}");
 
     // The other image's file, never read: every chunk comes from its backend.
-    let other = d.mountpoint.join("other").join(STALLED_FILE);
-    let (other_readers, other_done) = held_reads(&other);
+    let other = &t.other;
+    let (other_readers, other_done) = held_reads(other);
     for _ in 0..8 {
         while_held(
             &other_done,
-            &d,
+            d,
             "the other image's cold reads were not answered while the slow image's reads wait",
         );
     }
@@ -1086,22 +1061,143 @@ fn an_image_whose_registry_stalls_leaves_cold_slots_to_the_other_images() {
          were answered: they waited behind the slow image's queue\nlog:\n{}",
         d.log_text()
     );
-    check_held_reads(other_readers, &other);
-
-    // The slow image's reads end too: failed (nothing came from its registry in time) or right.
+    check_held_reads(other_readers, other);
     drop(held);
-    let whole = std::fs::read(&slow).unwrap();
-    for h in readers {
-        let (off, got) = h.join().unwrap();
-        match got {
-            Ok(got) => assert!(
-                got == whole[off as usize..off as usize + got.len()],
-                "read at {off}"
-            ),
-            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "read at {off}"),
+    t.end(readers);
+}
+
+/// An image read one request at a time (a program reading its files in turn) beside one whose registry
+/// answers nothing, in a daemon with 4 workers (3 cold slots): eight cold reads of the slow image hold
+/// all 3 slots, so the other image's first cold read waits until one of them fails (the backend's 4 s
+/// timeout). Its next reads, each sent when the one before is answered, then find a slot at once: the
+/// slow image stays at its share (2) for a while after another image's cold read ended, rather than
+/// taking the freed slot back the moment the reader between two reads has none running. Without that,
+/// each waited for the slow image's next round of failures, 4 s apart.
+#[test]
+#[ignore = "needs root: ci/test.sh"]
+fn an_image_read_one_request_at_a_time_keeps_a_cold_slot_beside_a_stalled_one() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let t = SlowAndOther::start();
+    let (held, readers) = t.hold_slow_reads();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&t.other)
+        .unwrap();
+    // Each read on a thread of its own, so that a read that never ends fails the test rather than
+    // hanging it.
+    let read_at = |off: u64| {
+        let f = file.try_clone().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let (mut buf, skew) = aligned(64 << 10);
+            let got = f.read_at(&mut buf[skew..skew + (64 << 10)], off);
+            let _ = tx.send(got.map(|n| buf[skew..skew + n].to_vec()));
+        });
+        while_held(&rx, &t.daemon, "a read of the other image was not answered")
+            .unwrap_or_else(|e| panic!("read at {off}: {e}"))
+    };
+    let mut got = vec![(0, read_at(0))];
+    let start = Instant::now();
+    for i in 1..6u64 {
+        let off = i * (320 << 10);
+        got.push((off, read_at(off)));
+    }
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "the other image's 5 reads after its first took {took:?}: each waited for a slot the slow \
+         image took back\nlog:\n{}",
+        t.daemon.log_text()
+    );
+    let whole = std::fs::read(&t.other).unwrap();
+    for (off, bytes) in got {
+        assert_eq!(bytes.len(), 64 << 10, "read at {off}");
+        assert!(
+            bytes == whole[off as usize..off as usize + bytes.len()],
+            "read at {off}"
+        );
+    }
+    drop(held);
+    t.end(readers);
+}
+
+/// A daemon with 4 workers (3 cold slots, 2 per image while another has cold reads) serving
+/// [`STALLED_CASE`] twice: at `/slow` from `server`'s registry (whose data a test holds; each request
+/// given up after 4 s, not retried), its chunk-info array already cached, and at `/other` from the blob
+/// dir, nothing of it read yet.
+struct SlowAndOther {
+    daemon: Daemon,
+    sock: PathBuf,
+    server: services::FakeServer,
+    /// [`STALLED_FILE`] in either image.
+    slow: PathBuf,
+    other: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SlowAndOther {
+    fn start() -> Self {
+        manifest::assert_root("FUSE mounts");
+        let server = services::FakeServer::with_blobs_of(
+            "rafsd/stalled",
+            &manifest::case_blob_dir(STALLED_CASE),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let (daemon, sock) = start_without_image(dir.path(), &["--thread-num", "4"]);
+        let bootstrap = manifest::case_bootstrap(STALLED_CASE);
+        let cache = dir.path().join("slow-cache");
+        let config = held_registry_config(&server, "rafsd/stalled", &cache, 4);
+        api_mount(&sock, "/slow", &bootstrap, config);
+        let other_config = v1_config(
+            &manifest::case_blob_dir(STALLED_CASE),
+            &dir.path().join("other-cache"),
+            true,
+            r#","amplify_io":0"#,
+        );
+        api_mount(&sock, "/other", &bootstrap, other_config);
+        // The slow image's chunk-info array comes into its cache first, so that only data waits.
+        std::fs::read(daemon.mountpoint.join("slow/etc/passwd")).unwrap();
+        SlowAndOther {
+            slow: daemon.mountpoint.join("slow").join(STALLED_FILE),
+            other: daemon.mountpoint.join("other").join(STALLED_FILE),
+            daemon,
+            sock,
+            server,
+            _dir: dir,
         }
     }
-    assert!(d.stop().success());
+
+    /// Eight cold reads of the slow image's file held at its registry (see [`held_reads`]), once the first
+    /// three reached it: they hold every cold slot, the other five wait for one.
+    fn hold_slow_reads(&self) -> (services::HeldData<'_>, Vec<HeldRead>) {
+        let held = self.server.hold_data();
+        let (readers, _) = held_reads(&self.slow);
+        assert!(
+            self.server.wait_held(3, Duration::from_secs(10)),
+            "{} of the slow image's reads reached its registry, 3 expected\nlog:\n{}",
+            self.server.held(),
+            self.daemon.log_text()
+        );
+        (held, readers)
+    }
+
+    /// The slow image's held `readers` end (failed: nothing came from its registry in time; or with the
+    /// right bytes once released), and the daemon stops cleanly.
+    fn end(self, readers: Vec<HeldRead>) {
+        let whole = std::fs::read(&self.slow).unwrap();
+        for h in readers {
+            let (off, got) = h.join().unwrap();
+            match got {
+                Ok(got) => assert!(
+                    got == whole[off as usize..off as usize + got.len()],
+                    "read at {off}"
+                ),
+                Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "read at {off}"),
+            }
+        }
+        assert!(self.daemon.stop().success());
+    }
 }
 
 /// The image whose reads are held at the registry (64 KiB chunks), and the file they read.

@@ -1448,41 +1448,10 @@ fn reads_stalled_hold_back_no_other_request(
 #[ignore = "needs root: ci/test.sh"]
 fn an_image_whose_registry_stalls_leaves_cold_slots_to_the_other_image() {
     let dir = tempfile::tempdir().unwrap();
-    let (d, server, mut g) = guest_on_registry(dir.path(), &["--thread-pool-size", "4"], true);
-    let config = serde_json::json!({
-        "device": {
-            "backend": {"type": "registry", "config": {
-                "scheme": "http", "host": format!("127.0.0.1:{}", server.port), "repo": REPO,
-                "timeout": 4, "retry_limit": 0
-            }},
-            "cache": {"type": "blobcache", "config": {"work_dir": dir.path().join("slow-cache")}}
-        },
-        "mode": "direct", "digest_validate": false, "amplify_io": 0
-    });
-    d.mount_rafs(
-        "/slow",
-        &manifest::case_bootstrap(IMG_64K),
-        &config.to_string(),
-    );
-    d.mount_case("/other", IMG_64K, &dir.path().join("other-cache"), false);
-    let open = |g: &mut Guest, path: &str| {
-        let node = g.lookup_path(ROOT, path).unwrap().nodeid;
-        let fh = g.open(node).unwrap().fh;
-        (node, fh)
-    };
-    let (slow, slow_fh) = open(&mut g, "slow/special/random-2m5");
-    // Its first page: the blob's chunk-info array comes into /slow's cache, so that only data waits.
-    g.read(slow, slow_fh, 0, 4096).unwrap();
-    let (other, other_fh) = open(&mut g, "other/special/random-2m5");
+    let (d, server, mut g, (slow, slow_fh), (other, other_fh)) = slow_and_other(dir.path());
     let held = server.hold_data();
-    let offsets: Vec<u64> = (0..8).map(|i| (i * 320 + 64) << 10).collect();
-    let stalled = post_reads(&mut g, slow, slow_fh, &offsets);
-    assert!(
-        server.wait_held(3, Duration::from_secs(10)),
-        "{} of /slow's reads reached its registry, 3 expected\nlog:\n{}",
-        server.held(),
-        d.log_text()
-    );
+    let stalled = post_reads(&mut g, slow, slow_fh, &STALLED_AT);
+    wait_stalled(&server, &d);
     let theirs_at = [64 << 10, 704 << 10, 1344 << 10, 1984 << 10];
     let theirs = post_reads(&mut g, other, other_fh, &theirs_at);
     let posted: Vec<Posted> = stalled.iter().chain(&theirs).copied().collect();
@@ -1493,39 +1462,168 @@ fn an_image_whose_registry_stalls_leaves_cold_slots_to_the_other_image() {
         "{reached} of /slow's requests reached its registry before the other image's reads were \
          answered: they waited behind /slow's queue"
     );
-    let (answered, mut ended): (Vec<_>, Vec<_>) = first
+    let (answered, ended): (Vec<_>, Vec<_>) = first
         .into_iter()
         .partition(|(p, _)| theirs.iter().any(|t| t.head == p.head));
 
-    // /slow's reads end too: failed (nothing came from its registry in time) or right. (Checking the
-    // other image's bytes reads through the queue, which must hold no request of the test's by then.)
+    // /slow's reads end too. (Checking the other image's bytes reads through the queue, which must hold
+    // no request of the test's by then.)
     drop(held);
+    let ended = end_stalled(&mut g, &d, &stalled, ended);
+    check_reads(&mut g, other, &theirs, &theirs_at, &answered);
+    check_stalled(&mut g, other, &stalled, &ended);
+    drop(g);
+    d.kill_and_check();
+}
+
+/// The same two images, and the other image's reads sent one after another, each when the one before is
+/// answered (a program reading its files in turn): the first waits for one of /slow's held reads to
+/// fail (4 s); the next five then find a slot at once, as /slow stays at its share (2) for a while after
+/// another image's cold read ended. When /slow took the freed slot back the moment the other image's
+/// read ended, they waited for its next round of failures.
+#[test]
+#[ignore = "needs root: ci/test.sh"]
+fn an_image_read_one_request_at_a_time_keeps_a_cold_slot_beside_a_stalled_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (d, server, mut g, (slow, slow_fh), (other, other_fh)) = slow_and_other(dir.path());
+    let held = server.hold_data();
+    let stalled = post_reads(&mut g, slow, slow_fh, &STALLED_AT);
+    wait_stalled(&server, &d);
+    // Replies of /slow's reads that come meanwhile are kept for the end.
+    let mut ended = Vec::new();
+    let mut read_other = |g: &mut Guest, off: u64| {
+        let mine = post_reads(g, other, other_fh, &[off]);
+        let outstanding = stalled
+            .iter()
+            .filter(|s| !ended.iter().any(|(p, _): &(Posted, _)| p.head == s.head));
+        let posted: Vec<Posted> = outstanding.chain(&mine).copied().collect();
+        let mut got = reap_all(g, &posted, &mine, Duration::from_secs(30), &d);
+        let at = got
+            .iter()
+            .position(|(p, _)| p.head == mine[0].head)
+            .unwrap();
+        let (_, reply) = got.remove(at);
+        ended.extend(got);
+        (off, reply)
+    };
+    let offsets: Vec<u64> = (0..6).map(|i| i * (320 << 10)).collect();
+    let mut replies = vec![read_other(&mut g, offsets[0])];
+    let start = std::time::Instant::now();
+    replies.extend(offsets[1..].iter().map(|&off| read_other(&mut g, off)));
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "the other image's 5 reads after its first took {took:?}: each waited for a slot /slow took \
+         back\nlog:\n{}",
+        d.log_text()
+    );
+    drop(held);
+    let ended = end_stalled(&mut g, &d, &stalled, ended);
+    // (Matched by offset: one read after another, they came on the same descriptor.)
+    let whole = g.read_file(other, 128 << 10).unwrap();
+    assert_eq!(sha256_hex(&whole), manifest_sha("special/random-2m5"));
+    for (off, r) in &replies {
+        let off = *off as usize;
+        assert_eq!(r.header.error, 0, "read at {off}");
+        assert!(r.body == whole[off..off + (64 << 10)], "read at {off}");
+    }
+    check_stalled(&mut g, other, &stalled, &ended);
+    drop(g);
+    d.kill_and_check();
+}
+
+/// Where [`post_reads`] reads /slow in the two-image tests: eight 64 KiB reads, each in chunks of its own.
+const STALLED_AT: [u64; 8] = [
+    64 << 10,
+    384 << 10,
+    704 << 10,
+    1024 << 10,
+    1344 << 10,
+    1664 << 10,
+    1984 << 10,
+    2304 << 10,
+];
+
+/// A device with a pool of 4 (3 cold slots, 2 per image while another has cold reads) serving
+/// `IMG_64K` at /slow from the returned registry (each request given up after 4 s, not retried; the
+/// blob's chunk-info array already in /slow's cache, so that only data waits) and at /other from the
+/// blob dir: the daemon, the registry, the guest, and `special/random-2m5` of either image opened
+/// (node id, file handle).
+#[allow(clippy::type_complexity)]
+fn slow_and_other(dir: &Path) -> (VirtiofsDaemon, FakeServer, Guest, (u64, u64), (u64, u64)) {
+    let (d, server, mut g) = guest_on_registry(dir, &["--thread-pool-size", "4"], true);
+    let config = serde_json::json!({
+        "device": {
+            "backend": {"type": "registry", "config": {
+                "scheme": "http", "host": format!("127.0.0.1:{}", server.port), "repo": REPO,
+                "timeout": 4, "retry_limit": 0
+            }},
+            "cache": {"type": "blobcache", "config": {"work_dir": dir.join("slow-cache")}}
+        },
+        "mode": "direct", "digest_validate": false, "amplify_io": 0
+    });
+    d.mount_rafs(
+        "/slow",
+        &manifest::case_bootstrap(IMG_64K),
+        &config.to_string(),
+    );
+    d.mount_case("/other", IMG_64K, &dir.join("other-cache"), false);
+    let open = |g: &mut Guest, path: &str| {
+        let node = g.lookup_path(ROOT, path).unwrap().nodeid;
+        let fh = g.open(node).unwrap().fh;
+        (node, fh)
+    };
+    let slow = open(&mut g, "slow/special/random-2m5");
+    g.read(slow.0, slow.1, 0, 4096).unwrap();
+    let other = open(&mut g, "other/special/random-2m5");
+    (d, server, g, slow, other)
+}
+
+/// Wait (bounded) until three of /slow's reads, holding the 3 cold slots, reached its registry.
+fn wait_stalled(server: &FakeServer, d: &VirtiofsDaemon) {
+    assert!(
+        server.wait_held(3, Duration::from_secs(10)),
+        "{} of /slow's reads reached its registry, 3 expected\nlog:\n{}",
+        server.held(),
+        d.log_text()
+    );
+}
+
+/// Reap /slow's `stalled` reads not among `ended` (its registry released by then): all their replies.
+fn end_stalled(
+    g: &mut Guest,
+    d: &VirtiofsDaemon,
+    stalled: &[Posted],
+    mut ended: Vec<(Posted, frontend::Reply)>,
+) -> Vec<(Posted, frontend::Reply)> {
     let left: Vec<Posted> = stalled
         .iter()
         .filter(|s| !ended.iter().any(|(p, _)| p.head == s.head))
         .copied()
         .collect();
-    ended.extend(reap_all(
-        &mut g,
-        &posted,
-        &left,
-        Duration::from_secs(60),
-        &d,
-    ));
-    check_reads(&mut g, other, &theirs, &theirs_at, &answered);
+    ended.extend(reap_all(g, &left, &left, Duration::from_secs(60), d));
+    ended
+}
+
+/// /slow's reads (at [`STALLED_AT`]) failed (nothing came from its registry in time) or got the right
+/// bytes, read through `other` (the same file of the same image).
+fn check_stalled(
+    g: &mut Guest,
+    other: u64,
+    stalled: &[Posted],
+    ended: &[(Posted, frontend::Reply)],
+) {
     let whole = g.read_file(other, 128 << 10).unwrap();
-    for (p, r) in &ended {
+    for (p, r) in ended {
         let Some(i) = stalled.iter().position(|s| s.head == p.head) else {
             continue;
         };
-        let off = offsets[i] as usize;
+        let off = STALLED_AT[i] as usize;
         match r.header.error {
             0 => assert!(r.body == whole[off..off + (64 << 10)], "read at {off}"),
             e => assert_eq!(e, -libc::EIO, "read at {off}"),
         }
     }
-    drop(g);
-    d.kill_and_check();
 }
 
 /// Crash restart (`--sandbox namespace`): three reads wait on the backend when the serving process is
