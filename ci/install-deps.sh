@@ -15,6 +15,8 @@ command -v tinyproxy >/dev/null || net_apt+=(tinyproxy)
 command -v htpasswd >/dev/null || net_apt+=(apache2-utils)
 command -v curl >/dev/null || net_apt+=(curl)
 command -v openssl >/dev/null || net_apt+=(openssl)
+# ip(8): tests/backends.rs gives a test network namespace an address standing for a remote registry's.
+command -v ip >/dev/null || net_apt+=(iproute2)
 need_apt+=("${net_apt[@]}")
 if [ ${#need_apt[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive

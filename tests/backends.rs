@@ -734,6 +734,133 @@ fn a_registry_cannot_send_the_daemon_to_a_metadata_address_through_a_proxy() {
     assert!(backend.read_exact_at(&id, 0, 4096).unwrap() == data[..4096]);
 }
 
+/// Nor may a registry out on the internet send the daemon to this host's own services or a private
+/// network's: a hostile image's registry redirecting its blob to a local HTTP service, or naming one as
+/// its token realm, would have the daemon read that service's answers for the guest. Loopback and
+/// private targets are refused when no host the config names is local (a local proxy does not count: it
+/// only passes the registry's answers on). The registry stands at 192.0.2.10 (the documentation range,
+/// not local) in a network namespace of the test's own; a second server on 127.0.0.1 plays the local
+/// service and holds the same blob, so that a redirect followed there would be answered with the right
+/// bytes. (`redirects_to_blob_storage_carry_no_registry_credentials` and the rest: a local registry may
+/// still send the daemon to local storage.)
+#[test]
+#[ignore = "needs root: ci/test.sh"]
+fn a_remote_registry_cannot_send_the_daemon_to_a_local_address() {
+    in_own_network(REMOTE_IP, || {
+        let remote: std::net::IpAddr = REMOTE_IP.parse().unwrap();
+        let registry = FakeServer::start_on(FakeOptions::plain(REPO), remote);
+        let service = FakeServer::start(FakeOptions::plain(REPO));
+        let data = pseudo_random(1 << 20, 29);
+        let id = registry.add_blob(data.clone());
+        service.add_blob(data.clone());
+        let config = json!({
+            "scheme": "http", "host": format!("{REMOTE_IP}:{}", registry.port), "repo": REPO,
+            "timeout": 1, "connect_timeout": 1, "retry_limit": 0
+        });
+        let backend = registry_backend(config.clone());
+        assert!(backend.read_exact_at(&id, 0, 4096).unwrap() == data[..4096]);
+        let port = service.port;
+        let local_targets = [
+            format!("http://127.0.0.1:{port}/storage/{id}"),
+            format!("http://localhost:{port}/storage/{id}"),
+            format!("http://2130706433:{port}/storage/{id}"),
+            format!("http://[::ffff:127.0.0.1]:{port}/storage/{id}"),
+        ];
+        let refused = |backend: &RemoteBackend<Registry>, target: &str| {
+            let err = backend
+                .read_exact_at(&id, 4096, 4096)
+                .map(|_| ())
+                .expect_err(target);
+            assert!(
+                err.to_string().contains("may not send us to"),
+                "{target}: {err}"
+            );
+        };
+        for target in &local_targets {
+            registry.set_redirect(Some(target.clone()));
+            refused(&backend, target);
+        }
+        // Through a proxy on this host (a local P2P agent), whose redirects are the registry's.
+        let proxy = FakeServer::start(FakeOptions::plain(REPO));
+        proxy.add_blob(data.clone());
+        let mut proxied = config.clone();
+        proxied["proxy"] =
+            json!({"url": format!("http://127.0.0.1:{}", proxy.port), "fallback": false});
+        let through_proxy = registry_backend(proxied);
+        proxy.set_redirect(Some(local_targets[1].clone()));
+        refused(&through_proxy, &local_targets[1]);
+        let seen = proxy.seen.lock().unwrap().clone();
+        assert!(
+            seen.iter().all(|r| !r.line.contains("/storage/")),
+            "a refused redirect reached the proxy: {seen:#?}"
+        );
+        assert_eq!(
+            service.counters.storage_requests.load(Ordering::Relaxed),
+            0,
+            "the local service was asked"
+        );
+        // Storage out on the internet is fine.
+        registry.set_redirect(Some(format!(
+            "http://{REMOTE_IP}:{}/storage/{id}",
+            registry.port
+        )));
+        assert!(backend.read_exact_at(&id, 8192, 4096).unwrap() == data[8192..12288]);
+
+        // A token realm on this host likewise.
+        let bearer = FakeServer::start_on(
+            FakeOptions {
+                bearer: Some(60),
+                ..FakeOptions::plain(REPO)
+            },
+            remote,
+        );
+        let id = bearer.add_blob(data.clone());
+        let tokens = FakeServer::start(FakeOptions {
+            bearer: Some(60),
+            ..FakeOptions::plain(REPO)
+        });
+        bearer.set_realm(Some(format!("http://127.0.0.1:{}/token", tokens.port)));
+        let backend = registry_backend(json!({
+            "scheme": "http", "host": format!("{REMOTE_IP}:{}", bearer.port), "repo": REPO,
+            "timeout": 1, "connect_timeout": 1, "retry_limit": 0
+        }));
+        let err = backend.read_exact_at(&id, 0, 4096).map(|_| ()).unwrap_err();
+        assert!(err.to_string().contains("may not send us to"), "{err}");
+        assert_eq!(tokens.counters.token_requests.load(Ordering::Relaxed), 0);
+        bearer.set_realm(None);
+        // Its own realm, at its remote address, then serves.
+        bearer.set_realm(Some(format!("http://{REMOTE_IP}:{}/token", bearer.port)));
+        assert!(backend.read_exact_at(&id, 0, 4096).unwrap() == data[..4096]);
+    });
+}
+
+/// The address a test's remote registry stands at (TEST-NET-1: neither loopback nor private).
+const REMOTE_IP: &str = "192.0.2.10";
+
+/// Run `test` on a thread in a network namespace of its own (the servers it starts and the connections
+/// it makes stay in it), whose loopback is up and also holds `addr`.
+fn in_own_network(addr: &str, test: impl FnOnce() + Send) {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: unsharing the network namespace affects this thread and what it starts only.
+            let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "unshare: {}", std::io::Error::last_os_error());
+            let cidr = format!("{addr}/32");
+            for args in [
+                &["link", "set", "lo", "up"][..],
+                &["addr", "add", &cidr, "dev", "lo"],
+            ] {
+                let status = std::process::Command::new("ip")
+                    .args(args)
+                    .status()
+                    .unwrap();
+                assert!(status.success(), "ip {args:?}: {status}");
+            }
+            test();
+        });
+    });
+}
+
 /// A storage URL a redirect gave is kept for the blob only once it answered with data: a failing one
 /// (its host down, a 5xx) is not asked again and again; the registry is, and its next redirect is taken.
 #[test]

@@ -334,12 +334,14 @@ impl Client {
             proxy: None,
             mirrors: Vec::new(),
         };
+        let base = format!("{scheme}://{}", reference.api_host());
+        let http = HttpClient::new(settings, Some(&base))?;
         Ok(Client {
-            base: format!("{scheme}://{}", reference.api_host()),
             repo: reference.repo.clone(),
-            stream: streaming_agent(&settings)?,
-            guarded_stream: guarded_streaming_agent(&settings)?,
-            http: HttpClient::new(settings)?,
+            stream: streaming_agent(&http.settings)?,
+            guarded_stream: guarded_streaming_agent(&http.settings, http.origin())?,
+            base,
+            http,
             auth: RegistryAuth::new(credentials, None),
             retry_limit: net.retry_limit,
             counters: TransferCounters::default(),

@@ -20,11 +20,12 @@ mod settings;
 mod transport;
 
 use std::sync::atomic::AtomicU64;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use super::forward_proxy::ForwardProxy;
 use crate::error::Result;
 pub use backend::{Remote, RemoteBackend};
+pub use guard::Origin;
 pub use retry::{classify, Failure};
 pub use routing::rehost;
 use routing::{now_down, Health};
@@ -52,8 +53,11 @@ pub struct HttpClient {
     /// link may take longer than `timeout`), but the head and every read must come within it (the body's
     /// pace is its reader's to check).
     direct_stream: ureq::Agent,
+    /// The hosts the config names (the origin and the mirrors): whether a server may send us to local
+    /// addresses (`guard`).
+    origin: Arc<Origin>,
     /// `direct` and `direct_stream` for URLs a server chose (redirect targets, token realms): they refuse
-    /// link-local, unspecified and metadata addresses.
+    /// link-local, unspecified and metadata addresses, and local ones unless the origin is local.
     guarded: ureq::Agent,
     guarded_stream: ureq::Agent,
     /// The names of server-chosen URLs sent through the proxy, checked here (see [`guard::ProxiedNames`]).
@@ -68,12 +72,16 @@ pub struct HttpClient {
 }
 
 impl HttpClient {
-    pub fn new(settings: HttpSettings) -> Result<Self> {
+    /// A client of the server at `origin` (`scheme://host[:port]`; `None` for one that follows no URL a
+    /// server chooses).
+    pub fn new(settings: HttpSettings, origin: Option<&str>) -> Result<Self> {
         let direct = agent(&settings, None)?;
         let direct_stream = range_stream_agent(&settings)?;
+        let mirrors = settings.mirrors.iter().map(|m| m.host.as_str());
+        let origin = Origin::new(origin.into_iter().chain(mirrors));
         let (guarded, guarded_stream) = (
-            guarded_agent(&settings, false)?,
-            guarded_agent(&settings, true)?,
+            guarded_agent(&settings, false, &origin)?,
+            guarded_agent(&settings, true, &origin)?,
         );
         let via_proxy = match &settings.proxy {
             Some(p) => Some(agent(&settings, Some(&p.url))?),
@@ -92,6 +100,7 @@ impl HttpClient {
             settings,
             direct,
             direct_stream,
+            origin,
             guarded,
             guarded_stream,
             proxied_names: Default::default(),
@@ -109,8 +118,13 @@ impl HttpClient {
     }
 
     /// [`Self::direct_agent`] for URLs a server chose: it refuses link-local, unspecified and metadata
-    /// addresses.
+    /// addresses, and local ones unless the origin is local.
     pub fn server_chosen_agent(&self) -> &ureq::Agent {
         &self.guarded
+    }
+
+    /// The hosts the config names, for other agents of server-chosen URLs.
+    pub fn origin(&self) -> &Arc<Origin> {
+        &self.origin
     }
 }

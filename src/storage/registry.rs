@@ -117,6 +117,10 @@ impl Remote for Registry {
         "registry"
     }
 
+    fn origin(&self) -> Option<&str> {
+        Some(&self.base)
+    }
+
     /// New credentials for the next request or token fetch (see [`RegistryAuth::set_credentials`]).
     fn set_registry_auth(&self, auth: Option<&str>) -> Result<()> {
         let auth = auth.map(str::trim).filter(|a| !a.is_empty());

@@ -18,6 +18,11 @@ use crate::storage::BlobBackend;
 /// How a backend addresses, authorizes and fetches one blob. `range` is inclusive; `None` is a HEAD.
 pub trait Remote: Send + Sync + 'static {
     fn kind(&self) -> &'static str;
+    /// The server's `scheme://host[:port]` when it may send the client to URLs of its choosing
+    /// (redirects, token realms), whose addresses are then checked against it (`guard`).
+    fn origin(&self) -> Option<&str> {
+        None
+    }
     /// See [`BlobBackend::set_registry_auth`].
     fn set_registry_auth(&self, auth: Option<&str>) -> Result<()> {
         let _ = auth;
@@ -43,9 +48,10 @@ pub struct RemoteBackend<R: Remote> {
 
 impl<R: Remote> RemoteBackend<R> {
     pub fn new(remote: R, settings: HttpSettings) -> Result<Self> {
+        let http = HttpClient::new(settings, remote.origin())?;
         Ok(RemoteBackend {
             remote,
-            http: HttpClient::new(settings)?,
+            http,
             sizes: Mutex::new(HashMap::new()),
         })
     }

@@ -1,8 +1,12 @@
 //! Where a server may not send the client: a URL taken from a server's answer (a registry's redirect to
 //! blob storage, a token realm) must not lead to a link-local address (the cloud metadata services at
 //! 169.254.169.254 and the like, whose answers a hostile image would then read as file data), to the
-//! unspecified address (which reaches this host), or to a metadata service outside those ranges. URLs from
-//! the config are not checked: the user chose them.
+//! unspecified address (which reaches this host), or to a metadata service outside those ranges; nor,
+//! unless a host the config names (the [`Origin`]: the registry, its mirrors) is itself on one, to a
+//! loopback or private address (this host's own services, the cloud network's internal ones: a remote
+//! registry's redirect there would have the daemon read them for the guest). A registry on this host or a
+//! private network may send it to storage beside it, as such registries do. URLs from the config are
+//! not checked: the user chose them.
 //!
 //! Requests to such URLs resolve through [`GuardedResolver`], which drops the forbidden addresses a name
 //! resolves to when the connection is made (so a name that resolved to a harmless address a moment before
@@ -12,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, ToSocketAddrs};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use ureq::config::Config;
@@ -43,6 +47,106 @@ pub fn forbidden(ip: IpAddr) -> bool {
             }
         },
     }
+}
+
+/// Whether `ip` is on this host or a private network: loopback, the RFC 1918 ranges, the shared address
+/// space 100.64.0.0/10 (carrier and cloud internal networks) and IPv6 unique local addresses, in any of
+/// the IPv6 forms that reach them.
+pub fn local(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            v4.is_loopback() || v4.is_private() || (a == 100 && (b & 0xc0) == 64)
+        }
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped().or_else(|| nat64_embedded(v6)) {
+            Some(v4) => local(IpAddr::V4(v4)),
+            None => v6.is_loopback() || (v6.segments()[0] & 0xfe00) == 0xfc00,
+        },
+    }
+}
+
+/// The hosts a client's config names (its registry and mirrors). Whether one of them is local (a
+/// loopback or private address, or `localhost`) decides whether the servers may send the client to
+/// local addresses; names are resolved when a server first chooses a URL, and the answer kept.
+#[derive(Debug, Default)]
+pub struct Origin {
+    hosts: Vec<String>,
+    local: OnceLock<bool>,
+}
+
+impl Origin {
+    /// `urls`: `scheme://host[:port]...` or `host[:port]`.
+    pub fn new<'a>(urls: impl IntoIterator<Item = &'a str>) -> Arc<Self> {
+        let hosts = urls
+            .into_iter()
+            .map(|u| {
+                let rest = u.split_once("://").map_or(u, |(_, r)| r);
+                let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+                let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+                // Without the port: `[v6]:port`, `v4:port`, `name:port`.
+                match host.strip_prefix('[') {
+                    Some(v6) => v6.split(']').next().unwrap_or_default(),
+                    None => host.split(':').next().unwrap_or_default(),
+                }
+                .to_ascii_lowercase()
+            })
+            .filter(|h| !h.is_empty())
+            .collect();
+        Arc::new(Origin {
+            hosts,
+            local: OnceLock::new(),
+        })
+    }
+
+    /// Whether a host the config names is local. A name that does not resolve counts as not local this
+    /// time, and is asked again next time.
+    pub fn is_local(&self) -> bool {
+        if let Some(known) = self.local.get() {
+            return *known;
+        }
+        let mut unresolved = false;
+        let local = self.hosts.iter().any(|h| match host_is_local(h) {
+            Some(l) => l,
+            None => {
+                unresolved = true;
+                false
+            }
+        });
+        if local || !unresolved {
+            let _ = self.local.set(local);
+        }
+        local
+    }
+}
+
+/// Whether `host` is local; `None` when it is a name that does not resolve.
+fn host_is_local(host: &str) -> Option<bool> {
+    if host == "localhost" || host.ends_with(".localhost") {
+        return Some(true);
+    }
+    if let Some(ip) = host
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| inet_aton(host).map(IpAddr::V4))
+    {
+        return Some(local(ip));
+    }
+    let addrs = (host, 0).to_socket_addrs().ok()?;
+    Some(addrs.into_iter().any(|a| local(a.ip())))
+}
+
+/// Why a server may not send a client whose config names `origin` to `ip` (reached as `host`), if it may
+/// not.
+fn refusal_of(host: &str, ip: IpAddr, origin: &Origin) -> Option<String> {
+    if forbidden(ip) {
+        return Some(refusal(host, ip));
+    }
+    (local(ip) && !origin.is_local()).then(|| {
+        format!(
+            "{host} is {ip}, a loopback or private address, which a server not on such a network (as \
+             no host the config names is) may not send us to"
+        )
+    })
 }
 
 /// The IPv4 address a NAT64 translator would reach for `v6` (the well-known prefix 64:ff9b::/96 and the
@@ -113,8 +217,9 @@ pub fn is_refusal(e: &ureq::Error) -> bool {
     matches!(e, ureq::Error::Other(inner) if inner.is::<Refused>())
 }
 
-/// The refusal of `url` when its host is a literal forbidden address.
-pub fn refused_literal(url: &str) -> Option<String> {
+/// The refusal of `url`, chosen by a server for a client whose config names `origin`, when its host is
+/// a literal address the server may not send it to.
+pub fn refused_literal(url: &str, origin: &Origin) -> Option<String> {
     let uri: Uri = url.parse().ok()?;
     let host = uri.host()?;
     let bare = unbracketed(host);
@@ -122,7 +227,7 @@ pub fn refused_literal(url: &str) -> Option<String> {
         Ok(ip) => ip,
         Err(_) => IpAddr::V4(inet_aton(bare)?),
     };
-    forbidden(ip).then(|| refusal(host, ip))
+    refusal_of(host, ip, origin)
 }
 
 /// A URL's host without the brackets of an IPv6 literal.
@@ -141,8 +246,9 @@ const NAME_TTL: Duration = Duration::from_secs(30);
 const NAMES_KEPT: usize = 64;
 
 impl ProxiedNames {
-    /// The refusal of `url` when its host resolves to a forbidden address.
-    pub fn refusal(&self, url: &str) -> Option<String> {
+    /// The refusal of `url` when its host resolves to an address a server may not send a client whose
+    /// config names `origin` to.
+    pub fn refusal(&self, url: &str, origin: &Origin) -> Option<String> {
         let uri: Uri = url.parse().ok()?;
         let host = uri.host()?.to_string();
         let now = Instant::now();
@@ -155,8 +261,7 @@ impl ProxiedNames {
         let why = (unbracketed(&host), port)
             .to_socket_addrs()
             .ok()
-            .and_then(|mut addrs| addrs.find(|a| forbidden(a.ip())))
-            .map(|a| refusal(&host, a.ip()));
+            .and_then(|mut addrs| addrs.find_map(|a| refusal_of(&host, a.ip(), origin)));
         let mut names = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if names.len() >= NAMES_KEPT {
             names.clear();
@@ -166,10 +271,23 @@ impl ProxiedNames {
     }
 }
 
-/// ureq's resolver without the forbidden addresses: a name left with none is refused (a dual-stack name
-/// with a link-local address beside a usable one, as mDNS gives, still connects to the usable one).
-#[derive(Debug, Default)]
-pub struct GuardedResolver(DefaultResolver);
+/// ureq's resolver without the addresses a server may not send a client whose config names `origin` to:
+/// a name left with none is refused (a dual-stack name with a link-local address beside a usable one, as
+/// mDNS gives, still connects to the usable one).
+#[derive(Debug)]
+pub struct GuardedResolver {
+    resolver: DefaultResolver,
+    origin: Arc<Origin>,
+}
+
+impl GuardedResolver {
+    pub fn new(origin: Arc<Origin>) -> Self {
+        GuardedResolver {
+            resolver: DefaultResolver::default(),
+            origin,
+        }
+    }
+}
 
 impl Resolver for GuardedResolver {
     fn resolve(
@@ -178,18 +296,20 @@ impl Resolver for GuardedResolver {
         config: &Config,
         timeout: NextTimeout,
     ) -> Result<ResolvedSocketAddrs, ureq::Error> {
-        let addrs = self.0.resolve(uri, config, timeout)?;
-        let mut allowed = self.0.empty();
-        for a in addrs.iter().filter(|a| !forbidden(a.ip())) {
-            let _ = allowed.try_push(*a);
+        let addrs = self.resolver.resolve(uri, config, timeout)?;
+        let host = uri.host().unwrap_or_default();
+        let mut allowed = self.resolver.empty();
+        let mut why = None;
+        for a in addrs.iter() {
+            match refusal_of(host, a.ip(), &self.origin) {
+                Some(w) => why = why.or(Some(w)),
+                None => {
+                    let _ = allowed.try_push(*a);
+                }
+            }
         }
         if allowed.is_empty() {
-            let host = uri.host().unwrap_or_default();
-            let ip = addrs.iter().next().map(|a| a.ip());
-            let why = match ip {
-                Some(ip) => refusal(host, ip),
-                None => format!("{host} resolved to no address"),
-            };
+            let why = why.unwrap_or_else(|| format!("{host} resolved to no address"));
             return Err(ureq::Error::Other(Box::new(Refused(why))));
         }
         Ok(allowed)
@@ -202,6 +322,9 @@ mod tests {
 
     #[test]
     fn metadata_link_local_and_unspecified_addresses_are_forbidden() {
+        // Whatever the origin: a local one here.
+        let origin = Origin::new(["http://127.0.0.1:5000"]);
+        let refused_literal = |url| refused_literal(url, &origin);
         for bad in [
             "169.254.169.254",
             "169.254.170.2",
@@ -261,10 +384,108 @@ mod tests {
     #[test]
     fn names_sent_through_a_proxy_are_resolved_and_checked_here() {
         let names = ProxiedNames::default();
-        assert!(names.refusal("http://localhost:5000/v2/").is_none());
+        let origin = Origin::new(["localhost:5000"]);
+        assert!(names
+            .refusal("http://localhost:5000/v2/", &origin)
+            .is_none());
         // glibc takes the inet_aton forms as names too; either way they are refused.
-        assert!(names.refusal("http://2852039166/latest/").is_some());
-        assert!(names.refusal("http://no-such-host.invalid/x").is_none());
+        assert!(names
+            .refusal("http://2852039166/latest/", &origin)
+            .is_some());
+        assert!(names
+            .refusal("http://no-such-host.invalid/x", &origin)
+            .is_none());
         assert!(names.0.lock().unwrap().len() <= NAMES_KEPT);
+        // A remote registry may not send us to a name of this host.
+        let names = ProxiedNames::default();
+        let remote = Origin::new(["https://198.51.100.7"]);
+        assert!(names
+            .refusal("http://localhost:5000/v2/", &remote)
+            .is_some_and(|why| why.contains("loopback or private")));
+    }
+
+    #[test]
+    fn loopback_and_private_addresses_are_local_in_every_form() {
+        for l in [
+            "127.0.0.1",
+            "127.9.9.9",
+            "10.1.2.3",
+            "172.16.0.1",
+            "172.31.255.255",
+            "192.168.1.1",
+            "100.64.0.1",
+            "100.127.255.255",
+            "::1",
+            "fd12::1",
+            "fc00::1",
+            "::ffff:10.0.0.1",
+            "64:ff9b::7f00:1",
+        ] {
+            assert!(local(l.parse().unwrap()), "{l}");
+        }
+        for remote in [
+            "8.8.8.8",
+            "172.32.0.1",
+            "100.128.0.1",
+            "192.0.2.1",
+            "2001:db8::1",
+            "::ffff:8.8.8.8",
+        ] {
+            assert!(!local(remote.parse().unwrap()), "{remote}");
+        }
+    }
+
+    #[test]
+    fn only_a_local_origin_may_be_sent_to_local_addresses() {
+        for (urls, is_local) in [
+            (&["http://127.0.0.1:5000"][..], true),
+            (&["https://[::1]:5000"][..], true),
+            (&["localhost:5000"][..], true),
+            (&["http://registry.localhost"][..], true),
+            (&["https://user@10.0.0.8:443/v2/"][..], true),
+            (&["http://2130706433"][..], true),
+            (&["https://198.51.100.7"][..], false),
+            (&["https://[2001:db8::7]:443"][..], false),
+            // A mirror on this host: its redirects may go to storage beside it.
+            (
+                &["https://198.51.100.7", "http://127.0.0.1:65001"][..],
+                true,
+            ),
+            (&[][..], false),
+        ] {
+            assert_eq!(
+                Origin::new(urls.iter().copied()).is_local(),
+                is_local,
+                "{urls:?}"
+            );
+        }
+        let remote = Origin::new(["https://198.51.100.7"]);
+        for url in [
+            "http://127.0.0.1:8080/",
+            "http://[::1]/",
+            "http://10.0.0.1/",
+            "http://2130706433/",
+            "http://0x7f.1/",
+            "http://[::ffff:192.168.0.1]/",
+        ] {
+            let why = refused_literal(url, &remote);
+            assert!(
+                why.as_deref()
+                    .is_some_and(|w| w.contains("may not send us to")),
+                "{url}: {why:?}"
+            );
+        }
+        assert!(refused_literal("http://198.51.100.8/", &remote).is_none());
+        let local = Origin::new(["http://127.0.0.1:5000"]);
+        assert!(refused_literal("http://10.0.0.1/", &local).is_none());
+        // An unresolvable name is asked again: it may resolve next time.
+        let unresolved = Origin::new(["http://no-such-host.invalid"]);
+        assert!(!unresolved.is_local());
+        assert!(unresolved.local.get().is_none());
+        assert_eq!(
+            remote.local.get(),
+            Some(&false),
+            "an address is known at once"
+        );
     }
 }

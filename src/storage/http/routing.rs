@@ -108,7 +108,7 @@ impl HttpClient {
         // A proxy resolves names itself; a literal address is checked here, whatever the route.
         if let Some(why) = req
             .server_chosen
-            .then(|| super::guard::refused_literal(req.url))
+            .then(|| super::guard::refused_literal(req.url, &self.origin))
             .flatten()
         {
             return Err(TransportError::new(TransportErrorKind::Refused, why));
@@ -120,7 +120,7 @@ impl HttpClient {
         }
         // Through the proxy a name is resolved by the proxy: it is resolved and checked here first.
         if req.server_chosen && req.proxied && self.settings.proxy.is_some() {
-            if let Some(why) = self.proxied_names.refusal(req.url) {
+            if let Some(why) = self.proxied_names.refusal(req.url, &self.origin) {
                 return Err(TransportError::new(TransportErrorKind::Refused, why));
             }
         }

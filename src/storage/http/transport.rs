@@ -4,7 +4,9 @@
 
 use std::io::Read;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
+use super::guard::Origin;
 use super::settings::HttpSettings;
 use super::HttpClient;
 use crate::error::{Error, Result};
@@ -206,41 +208,49 @@ enum Deadline {
 }
 
 pub(super) fn agent(settings: &HttpSettings, proxy: Option<&str>) -> Result<ureq::Agent> {
-    agent_with(settings, proxy, Deadline::Whole, false)
+    agent_with(settings, proxy, Deadline::Whole, None)
 }
 
-/// An agent for URLs servers chose (`Request::server_chosen`): its resolver refuses the addresses
-/// `guard` forbids.
-pub(super) fn guarded_agent(settings: &HttpSettings, stream: bool) -> Result<ureq::Agent> {
+/// An agent for URLs servers chose (`Request::server_chosen`) for a client whose config names
+/// `origin`: its resolver refuses the addresses `guard` forbids.
+pub(super) fn guarded_agent(
+    settings: &HttpSettings,
+    stream: bool,
+    origin: &Arc<Origin>,
+) -> Result<ureq::Agent> {
     let deadline = match stream {
         true => Deadline::HeadAndPerIo,
         false => Deadline::Whole,
     };
-    agent_with(settings, None, deadline, true)
+    agent_with(settings, None, deadline, Some(origin))
 }
 
 /// An agent for long transfers (whole layers pulled or pushed by `rafsd convert`): no deadline for the
 /// whole exchange, but every read and write must make progress within the `timeout`.
 pub fn streaming_agent(settings: &HttpSettings) -> Result<ureq::Agent> {
-    agent_with(settings, None, Deadline::PerIo, false)
+    agent_with(settings, None, Deadline::PerIo, None)
 }
 
 /// [`streaming_agent`] for URLs servers chose (a registry's redirect to blob storage or upload location on
-/// another host): its resolver refuses the addresses `guard` forbids.
-pub fn guarded_streaming_agent(settings: &HttpSettings) -> Result<ureq::Agent> {
-    agent_with(settings, None, Deadline::PerIo, true)
+/// another host) for a client whose config names `origin`: its resolver refuses the addresses `guard`
+/// forbids.
+pub fn guarded_streaming_agent(
+    settings: &HttpSettings,
+    origin: &Arc<Origin>,
+) -> Result<ureq::Agent> {
+    agent_with(settings, None, Deadline::PerIo, Some(origin))
 }
 
 /// The agent for streamed blob ranges: the head within the `timeout`, then every read within it.
 pub(super) fn range_stream_agent(settings: &HttpSettings) -> Result<ureq::Agent> {
-    agent_with(settings, None, Deadline::HeadAndPerIo, false)
+    agent_with(settings, None, Deadline::HeadAndPerIo, None)
 }
 
 fn agent_with(
     settings: &HttpSettings,
     proxy: Option<&str>,
     deadline: Deadline,
-    guarded: bool,
+    guarded_for: Option<&Arc<Origin>>,
 ) -> Result<ureq::Agent> {
     let proxy = proxy
         .map(|p| {
@@ -279,13 +289,13 @@ fn agent_with(
                 .build(),
         )
         .build();
-    Ok(match guarded {
-        true => ureq::Agent::with_parts(
+    Ok(match guarded_for {
+        Some(origin) => ureq::Agent::with_parts(
             config,
             ureq::unversioned::transport::DefaultConnector::default(),
-            super::guard::GuardedResolver::default(),
+            super::guard::GuardedResolver::new(origin.clone()),
         ),
-        false => ureq::Agent::new_with_config(config),
+        None => ureq::Agent::new_with_config(config),
     })
 }
 
@@ -466,7 +476,7 @@ mod tests {
             connect_timeout: 1,
             ..Default::default()
         };
-        let client = HttpClient::new(HttpSettings::new(&config)).unwrap();
+        let client = HttpClient::new(HttpSettings::new(&config), None).unwrap();
         let send = |url: &str| {
             client
                 .send(&Request::blob(url, &[], Some(BlobRange::new(0, 9))), 10)

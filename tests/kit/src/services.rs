@@ -560,7 +560,12 @@ struct Shared {
 
 impl FakeServer {
     pub fn start(opts: FakeOptions) -> FakeServer {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        Self::start_on(opts, std::net::Ipv4Addr::LOCALHOST.into())
+    }
+
+    /// [`FakeServer::start`] listening on `ip` (`0.0.0.0`: every address of the network namespace).
+    pub fn start_on(opts: FakeOptions, ip: std::net::IpAddr) -> FakeServer {
+        let listener = TcpListener::bind((ip, 0)).unwrap();
         let port = listener.local_addr().unwrap().port();
         let shared = Arc::new(Shared {
             opts,
