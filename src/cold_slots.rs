@@ -67,7 +67,8 @@ struct ImageQueue<T> {
 /// What becomes of a cold READ offered to [`ColdSlots::admit`].
 #[derive(Debug, PartialEq, Eq)]
 pub enum Admission<T> {
-    /// It holds a slot: answer it now, then call [`ColdSlots::done`].
+    /// It holds a slot: answer it now, then call [`ColdSlots::done`]. When older requests of its image
+    /// were waiting, this is the oldest of them, and the one offered waits in its place.
     Go(T),
     /// It waits in its image's queue; the request is not the caller's any more.
     Waiting,
@@ -120,12 +121,21 @@ impl<T> ColdSlots<T> {
         let share = self.share(active, s.ended.other_than(image, now));
         let queue = &mut s.images[usize::from(image)];
         let no_slot = s.cold >= self.limit || queue.cold >= share;
-        if no_slot && s.waiting < MAX_WAITING {
+        let room = s.waiting < MAX_WAITING;
+        if room && (no_slot || !queue.waiting.is_empty()) {
             queue.waiting.push_back((s.next_seq, request));
             s.next_seq += 1;
-            s.waiting += 1;
             s.active = active;
-            return Admission::Waiting;
+            if no_slot {
+                s.waiting += 1;
+                return Admission::Waiting;
+            }
+            // A slot this image may take while older requests of its own wait (its share grew: another
+            // image's reads ended long enough ago): the oldest goes first, this one waits in its place.
+            let (_, oldest) = queue.waiting.pop_front().expect("just queued");
+            queue.cold += 1;
+            s.cold += 1;
+            return Admission::Go(oldest);
         }
         queue.cold += 1;
         s.cold += 1;
@@ -305,6 +315,23 @@ mod tests {
         // The connection goes: what waits is taken out, and finishing reads pass nothing on.
         assert_eq!(p.clear().len(), 100);
         assert_eq!(turn(p.done_at(7, later)), None);
+    }
+
+    #[test]
+    fn a_share_that_grows_goes_to_the_oldest_waiting_request_first() {
+        let p = ColdSlots::new(4);
+        let t = Instant::now();
+        assert!(p.admit_at(2, "other", t) == Admission::Go("other"));
+        assert_eq!(turn(p.done_at(2, t)), None);
+        // Image 2's read ended just now: image 1 is held to 2 of the 3 slots.
+        assert!(p.admit_at(1, "a", t) == Admission::Go("a"));
+        assert!(p.admit_at(1, "b", t) == Admission::Go("b"));
+        assert_eq!(p.admit_at(1, "old", t), Admission::Waiting);
+        // Later the third slot is its own again: the request waiting goes first, the new one waits.
+        let later = t + LINGER * 2;
+        assert_eq!(p.admit_at(1, "new", later), Admission::Go("old"));
+        assert_eq!(turn(p.done_at(1, later)), Some((1, "new")));
+        assert_eq!(turn(p.done_at(1, later)), None);
     }
 
     #[test]

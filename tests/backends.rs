@@ -746,7 +746,7 @@ fn a_registry_cannot_send_the_daemon_to_a_metadata_address_through_a_proxy() {
 #[test]
 #[ignore = "needs root: ci/test.sh"]
 fn a_remote_registry_cannot_send_the_daemon_to_a_local_address() {
-    in_own_network(REMOTE_IP, || {
+    in_own_network(REMOTE_IP, |hosts| {
         let remote: std::net::IpAddr = REMOTE_IP.parse().unwrap();
         let registry = FakeServer::start_on(FakeOptions::plain(REPO), remote);
         let service = FakeServer::start(FakeOptions::plain(REPO));
@@ -831,20 +831,100 @@ fn a_remote_registry_cannot_send_the_daemon_to_a_local_address() {
         // Its own realm, at its remote address, then serves.
         bearer.set_realm(Some(format!("http://{REMOTE_IP}:{}/token", bearer.port)));
         assert!(backend.read_exact_at(&id, 0, 4096).unwrap() == data[..4096]);
+
+        // A registry named by a name with a private address beside its own (its owner controls its
+        // names): still remote, and its connections go to its remote address only.
+        let names = |text: &str| {
+            let base = "127.0.0.1 localhost\n::1 localhost\n";
+            std::fs::write(hosts, format!("{base}{text}")).unwrap();
+        };
+        names(&format!("{REMOTE_IP} evil.test\n10.9.9.9 evil.test\n"));
+        let named = registry_backend(json!({
+            "scheme": "http", "host": format!("evil.test:{}", registry.port), "repo": REPO,
+            "timeout": 1, "connect_timeout": 1, "retry_limit": 0
+        }));
+        registry.set_redirect(Some(local_targets[0].clone()));
+        refused(&named, &local_targets[0]);
+        assert_eq!(service.counters.storage_requests.load(Ordering::Relaxed), 0);
+
+        // A registry on this host named by a name (a private Harbor with its storage beside it) may
+        // send us to local storage...
+        names("127.0.0.1 harbor.test\n");
+        let harbor = FakeServer::start(FakeOptions::plain(REPO));
+        let id = harbor.add_blob(data.clone());
+        harbor.set_redirect(Some(format!("http://127.0.0.1:{port}/storage/{id}")));
+        service.add_blob(data.clone());
+        let harbor_backend = registry_backend(json!({
+            "scheme": "http", "host": format!("harbor.test:{}", harbor.port), "repo": REPO,
+            "timeout": 1, "connect_timeout": 1, "retry_limit": 2
+        }));
+        assert!(harbor_backend.read_exact_at(&id, 0, 4096).unwrap() == data[..4096]);
+        assert!(service.counters.storage_requests.load(Ordering::Relaxed) > 0);
+        // ... but once its name points elsewhere (DNS rebinding to a remote server that would redirect
+        // to this host), no connection goes there: its addresses were local ones.
+        // (A blob not read yet: the registry is asked, on a new connection once the one it has is reset.)
+        let rebound = FakeServer::start_on(FakeOptions::plain(REPO), remote);
+        let other = pseudo_random(1 << 20, 31);
+        let id = harbor.add_blob(other.clone());
+        rebound.add_blob(other);
+        names(&format!("{REMOTE_IP} harbor.test\n"));
+        harbor.queue(&[Fault::Reset]);
+        let err = harbor_backend
+            .read_exact_at(&id, 0, 4096)
+            .map(|_| ())
+            .unwrap_err();
+        assert!(err.to_string().contains("may not change kind"), "{err}");
+        assert_eq!(rebound.counters.connections.load(Ordering::Relaxed), 0);
     });
 }
 
 /// The address a test's remote registry stands at (TEST-NET-1: neither loopback nor private).
 const REMOTE_IP: &str = "192.0.2.10";
 
-/// Run `test` on a thread in a network namespace of its own (the servers it starts and the connections
-/// it makes stay in it), whose loopback is up and also holds `addr`.
-fn in_own_network(addr: &str, test: impl FnOnce() + Send) {
+/// Run `test` on a thread in network and mount namespaces of its own (the servers it starts and the
+/// connections it makes stay in them), whose loopback is up and also holds `addr`, and whose /etc/hosts
+/// is a file of the test's, at the path `test` gets (written with localhost only; the test may write
+/// names of its own).
+fn in_own_network(addr: &str, test: impl FnOnce(&Path) + Send) {
+    use std::ffi::CString;
+    let dir = tmp();
+    let hosts = dir.path().join("hosts");
+    std::fs::write(&hosts, "127.0.0.1 localhost\n::1 localhost\n").unwrap();
     std::thread::scope(|s| {
         s.spawn(|| {
-            // SAFETY: unsharing the network namespace affects this thread and what it starts only.
-            let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+            // SAFETY: unsharing namespaces affects this thread and what it starts only; the mounts are
+            // made in the new mount namespace, private first so that none reaches the host's.
+            let rc = unsafe { libc::unshare(libc::CLONE_NEWNET | libc::CLONE_NEWNS) };
             assert_eq!(rc, 0, "unshare: {}", std::io::Error::last_os_error());
+            let (root, etc_hosts) = (
+                CString::new("/").unwrap(),
+                CString::new("/etc/hosts").unwrap(),
+            );
+            let ours = CString::new(hosts.as_os_str().as_encoded_bytes()).unwrap();
+            let null = std::ptr::null();
+            let private = libc::MS_REC | libc::MS_PRIVATE;
+            let rc = unsafe { libc::mount(null, root.as_ptr(), null, private, null as _) };
+            assert_eq!(
+                rc,
+                0,
+                "mount --make-rprivate /: {}",
+                std::io::Error::last_os_error()
+            );
+            let rc = unsafe {
+                libc::mount(
+                    ours.as_ptr(),
+                    etc_hosts.as_ptr(),
+                    null,
+                    libc::MS_BIND,
+                    null as _,
+                )
+            };
+            assert_eq!(
+                rc,
+                0,
+                "bind mount of /etc/hosts: {}",
+                std::io::Error::last_os_error()
+            );
             let cidr = format!("{addr}/32");
             for args in [
                 &["link", "set", "lo", "up"][..],
@@ -856,7 +936,7 @@ fn in_own_network(addr: &str, test: impl FnOnce() + Send) {
                     .unwrap();
                 assert!(status.success(), "ip {args:?}: {status}");
             }
-            test();
+            test(&hosts);
         });
     });
 }

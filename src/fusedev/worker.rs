@@ -166,6 +166,13 @@ impl Worker {
                 self.inflight.wait(h.nodeid, h.opcode, h.unique);
                 match self.cold_slots.admit(image, copy) {
                     Admission::Waiting => return None,
+                    Admission::Go(older) if older.unique() != h.unique => {
+                        // An older request of the image goes first; this one waits in its place.
+                        let mut older = older;
+                        let since = self.inflight.unwait(older.unique());
+                        self.answer_copy(&mut older, writer, since);
+                        return Some(image);
+                    }
                     Admission::Go(_) => {
                         self.inflight.unwait(h.unique);
                         cold = Some(image);
@@ -299,31 +306,46 @@ impl Worker {
             image = turn.image;
             let mut request = turn.request;
             let since = self.inflight.unwait(request.unique());
-            let reader = Reader::from_fuse_buffer(FuseBuf::new(&mut request.bytes[..request.len]));
-            let (Ok(reader), Ok(writer)) = (reader, channel.writer()) else {
-                // Cannot happen: the copy is a whole request, the reply buffer ours.
-                log::warn!("a parked FUSE request could not be answered");
-                continue;
-            };
-            let Ok(h) = reader.clone().read_obj::<InHeader>() else {
-                continue;
-            };
             if stop.requested() {
                 match OnStop::from_u8(shared.parked_on_stop.load(Ordering::SeqCst)) {
                     OnStop::Answer => {}
                     OnStop::Fail => {
-                        self.fail(h.unique);
+                        self.fail(request.unique());
                         continue;
                     }
                     OnStop::Leave => continue,
                 }
             }
-            let read = catch_unwind(AssertUnwindSafe(|| {
-                RafsRead::of(&self.rafs_index, &h, &reader)
-            }))
-            .ok()
-            .flatten();
-            self.answer(&h, read.as_ref(), reader, writer, since);
+            let Ok(writer) = channel.writer() else {
+                // Cannot happen: the reply buffer is ours.
+                log::warn!("a parked FUSE request could not be answered");
+                continue;
+            };
+            self.answer_copy(&mut request, writer, since);
         }
+    }
+
+    /// Answer a waiting READ whose turn came, from its copy.
+    fn answer_copy(
+        &mut self,
+        request: &mut ParkedRead,
+        writer: FuseDevWriter<'_>,
+        since: Option<u64>,
+    ) {
+        let reader = Reader::from_fuse_buffer(FuseBuf::new(&mut request.bytes[..request.len]));
+        let Ok(reader) = reader else {
+            // Cannot happen: the copy is a whole request.
+            log::warn!("a parked FUSE request could not be answered");
+            return;
+        };
+        let Ok(h) = reader.clone().read_obj::<InHeader>() else {
+            return;
+        };
+        let read = catch_unwind(AssertUnwindSafe(|| {
+            RafsRead::of(&self.rafs_index, &h, &reader)
+        }))
+        .ok()
+        .flatten();
+        self.answer(&h, read.as_ref(), reader, writer, since);
     }
 }

@@ -338,7 +338,7 @@ impl Client {
         let http = HttpClient::new(settings, Some(&base))?;
         Ok(Client {
             repo: reference.repo.clone(),
-            stream: streaming_agent(&http.settings)?,
+            stream: streaming_agent(&http.settings, http.origin())?,
             guarded_stream: guarded_streaming_agent(&http.settings, http.origin())?,
             base,
             http,

@@ -53,8 +53,7 @@ pub struct HttpClient {
     /// link may take longer than `timeout`), but the head and every read must come within it (the body's
     /// pace is its reader's to check).
     direct_stream: ureq::Agent,
-    /// The hosts the config names (the origin and the mirrors): whether a server may send us to local
-    /// addresses (`guard`).
+    /// The registry the config names: whether its servers may send us to local addresses (`guard`).
     origin: Arc<Origin>,
     /// `direct` and `direct_stream` for URLs a server chose (redirect targets, token realms): they refuse
     /// link-local, unspecified and metadata addresses, and local ones unless the origin is local.
@@ -75,16 +74,15 @@ impl HttpClient {
     /// A client of the server at `origin` (`scheme://host[:port]`; `None` for one that follows no URL a
     /// server chooses).
     pub fn new(settings: HttpSettings, origin: Option<&str>) -> Result<Self> {
-        let direct = agent(&settings, None)?;
-        let direct_stream = range_stream_agent(&settings)?;
-        let mirrors = settings.mirrors.iter().map(|m| m.host.as_str());
-        let origin = Origin::new(origin.into_iter().chain(mirrors));
+        let origin = Origin::new(origin, settings.proxy.is_some());
+        let direct = agent(&settings, None, &origin)?;
+        let direct_stream = range_stream_agent(&settings, &origin)?;
         let (guarded, guarded_stream) = (
             guarded_agent(&settings, false, &origin)?,
             guarded_agent(&settings, true, &origin)?,
         );
         let via_proxy = match &settings.proxy {
-            Some(p) => Some(agent(&settings, Some(&p.url))?),
+            Some(p) => Some(agent(&settings, Some(&p.url), &origin)?),
             None => None,
         };
         let forward = settings
@@ -123,7 +121,7 @@ impl HttpClient {
         &self.guarded
     }
 
-    /// The hosts the config names, for other agents of server-chosen URLs.
+    /// The registry the config names, for other agents of its URLs and of server-chosen ones.
     pub fn origin(&self) -> &Arc<Origin> {
         &self.origin
     }

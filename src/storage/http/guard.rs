@@ -37,7 +37,7 @@ pub fn forbidden(ip: IpAddr) -> bool {
         IpAddr::V4(v4) => {
             v4.is_link_local() || v4.is_unspecified() || v4.is_broadcast() || v4 == ALIBABA_METADATA
         }
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped().or_else(|| nat64_embedded(v6)) {
+        IpAddr::V6(v6) => match embedded_v4(v6) {
             Some(v4) => forbidden(IpAddr::V4(v4)),
             None => {
                 v6.is_unspecified()
@@ -58,81 +58,73 @@ pub fn local(ip: IpAddr) -> bool {
             let [a, b, ..] = v4.octets();
             v4.is_loopback() || v4.is_private() || (a == 100 && (b & 0xc0) == 64)
         }
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped().or_else(|| nat64_embedded(v6)) {
+        IpAddr::V6(v6) => match embedded_v4(v6) {
             Some(v4) => local(IpAddr::V4(v4)),
             None => v6.is_loopback() || (v6.segments()[0] & 0xfe00) == 0xfc00,
         },
     }
 }
 
-/// The hosts a client's config names (its registry and mirrors). Whether one of them is local (a
-/// loopback or private address, or `localhost`) decides whether the servers may send the client to
-/// local addresses; names are resolved when a server first chooses a URL, and the answer kept.
-#[derive(Debug, Default)]
+/// The registry a client's config names, and whether it is local: whether its servers may send the
+/// client to local addresses. A name counts as local when every address it resolves to is local. That
+/// is settled the first time the client connects to it, and from then on its connections go to
+/// addresses of that kind only ([`PinnedResolver`]), so that a redirect or realm judged by it came from
+/// a server of that kind: a name that resolved to a local address once and to a remote server's later
+/// (DNS rebinding, or a hostile registry adding a private record beside its own) gains nothing. Through
+/// a proxy, whose connections no pin binds, only `localhost` or a local address literal counts.
+#[derive(Debug)]
 pub struct Origin {
-    hosts: Vec<String>,
-    local: OnceLock<bool>,
+    /// The host as the config names it: lowercase, without brackets or port ("" for none).
+    host: String,
+    /// `localhost` or a local address literal.
+    named_local: bool,
+    /// Reached through a proxy.
+    proxied: bool,
+    /// Whether its addresses were all local when the client first connected to it.
+    pinned: OnceLock<bool>,
 }
 
 impl Origin {
-    /// `urls`: `scheme://host[:port]...` or `host[:port]`.
-    pub fn new<'a>(urls: impl IntoIterator<Item = &'a str>) -> Arc<Self> {
-        let hosts = urls
-            .into_iter()
-            .map(|u| {
-                let rest = u.split_once("://").map_or(u, |(_, r)| r);
-                let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-                let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-                // Without the port: `[v6]:port`, `v4:port`, `name:port`.
-                match host.strip_prefix('[') {
-                    Some(v6) => v6.split(']').next().unwrap_or_default(),
-                    None => host.split(':').next().unwrap_or_default(),
-                }
-                .to_ascii_lowercase()
-            })
-            .filter(|h| !h.is_empty())
-            .collect();
+    /// The registry at `url` (`scheme://host[:port]...` or `host[:port]`; `None`: a client whose servers
+    /// choose no URL), reached through a proxy or not.
+    pub fn new(url: Option<&str>, proxied: bool) -> Arc<Self> {
+        let host = url.map(host_of).unwrap_or_default();
+        let named_local = host == "localhost"
+            || host.ends_with(".localhost")
+            || host
+                .parse::<IpAddr>()
+                .ok()
+                .or_else(|| inet_aton(&host).map(IpAddr::V4))
+                .is_some_and(local);
         Arc::new(Origin {
-            hosts,
-            local: OnceLock::new(),
+            host,
+            named_local,
+            proxied,
+            pinned: OnceLock::new(),
         })
     }
 
-    /// Whether a host the config names is local. A name that does not resolve counts as not local this
-    /// time, and is asked again next time.
+    /// Whether the registry is local: its servers may send the client to local addresses.
     pub fn is_local(&self) -> bool {
-        if let Some(known) = self.local.get() {
-            return *known;
+        match self.proxied {
+            true => self.named_local,
+            false => self.pinned.get().copied().unwrap_or(self.named_local),
         }
-        let mut unresolved = false;
-        let local = self.hosts.iter().any(|h| match host_is_local(h) {
-            Some(l) => l,
-            None => {
-                unresolved = true;
-                false
-            }
-        });
-        if local || !unresolved {
-            let _ = self.local.set(local);
-        }
-        local
     }
 }
 
-/// Whether `host` is local; `None` when it is a name that does not resolve.
-fn host_is_local(host: &str) -> Option<bool> {
-    if host == "localhost" || host.ends_with(".localhost") {
-        return Some(true);
+/// A URL's host, lowercase, without userinfo, brackets or port.
+fn host_of(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None if host.matches(':').count() > 1 => host, // a bare IPv6 address
+        None => host.split(':').next().unwrap_or_default(),
     }
-    if let Some(ip) = host
-        .parse::<IpAddr>()
-        .ok()
-        .or_else(|| inet_aton(host).map(IpAddr::V4))
-    {
-        return Some(local(ip));
-    }
-    let addrs = (host, 0).to_socket_addrs().ok()?;
-    Some(addrs.into_iter().any(|a| local(a.ip())))
+    .trim_end_matches('.')
+    .to_ascii_lowercase()
 }
 
 /// Why a server may not send a client whose config names `origin` to `ip` (reached as `host`), if it may
@@ -143,19 +135,29 @@ fn refusal_of(host: &str, ip: IpAddr, origin: &Origin) -> Option<String> {
     }
     (local(ip) && !origin.is_local()).then(|| {
         format!(
-            "{host} is {ip}, a loopback or private address, which a server not on such a network (as \
-             no host the config names is) may not send us to"
+            "{host} is {ip}, a loopback or private address, which a server may not send us to \
+             unless the registry is on one"
         )
     })
 }
 
-/// The IPv4 address a NAT64 translator would reach for `v6` (the well-known prefix 64:ff9b::/96 and the
-/// local-use 64:ff9b:1::/48 with the address in the last 32 bits).
-fn nat64_embedded(v6: Ipv6Addr) -> Option<Ipv4Addr> {
+/// The IPv4 address an IPv6 address stands for: IPv4-mapped (::ffff:a.b.c.d) and IPv4-compatible
+/// (::a.b.c.d, but not :: or ::1), what a NAT64 translator would reach (the well-known prefix
+/// 64:ff9b::/96 and the local-use 64:ff9b:1::/48 with the address in the last 32 bits), and a 6to4 relay
+/// (2002:aabb:ccdd::/48).
+fn embedded_v4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
     let s = v6.segments();
+    let last32 = Ipv4Addr::from(((s[6] as u32) << 16) | s[7] as u32);
+    if let Some(v4) = v6.to_ipv4_mapped() {
+        return Some(v4);
+    }
+    let compatible = s[..6] == [0; 6] && !v6.is_unspecified() && !v6.is_loopback();
     let well_known = s[..6] == [0x64, 0xff9b, 0, 0, 0, 0];
     let local_use = s[..3] == [0x64, 0xff9b, 1];
-    (well_known || local_use).then(|| Ipv4Addr::from(((s[6] as u32) << 16) | s[7] as u32))
+    if compatible || well_known || local_use {
+        return Some(last32);
+    }
+    (s[0] == 0x2002).then(|| Ipv4Addr::from(((s[1] as u32) << 16) | s[2] as u32))
 }
 
 /// An IPv4 address in any form `inet_aton` takes (what a resolver or proxy makes of a host name): one to
@@ -316,6 +318,57 @@ impl Resolver for GuardedResolver {
     }
 }
 
+/// ureq's resolver for the URLs the config names: the registry's addresses are pinned to the kind
+/// (local or not) they all were at its first connection (see [`Origin`]); a later answer of the other
+/// kind only is refused. Other hosts (mirrors, `blob_redirected_host`) resolve as usual.
+#[derive(Debug)]
+pub struct PinnedResolver {
+    resolver: DefaultResolver,
+    origin: Arc<Origin>,
+}
+
+impl PinnedResolver {
+    pub fn new(origin: Arc<Origin>) -> Self {
+        PinnedResolver {
+            resolver: DefaultResolver::default(),
+            origin,
+        }
+    }
+}
+
+impl Resolver for PinnedResolver {
+    fn resolve(
+        &self,
+        uri: &Uri,
+        config: &Config,
+        timeout: NextTimeout,
+    ) -> Result<ResolvedSocketAddrs, ureq::Error> {
+        let addrs = self.resolver.resolve(uri, config, timeout)?;
+        let host = uri.host().unwrap_or_default();
+        if self.origin.host.is_empty() || host_of(host) != self.origin.host || addrs.is_empty() {
+            return Ok(addrs);
+        }
+        let kind = *self
+            .origin
+            .pinned
+            .get_or_init(|| addrs.iter().all(|a| local(a.ip())));
+        let mut kept = self.resolver.empty();
+        for a in addrs.iter().filter(|a| local(a.ip()) == kind) {
+            let _ = kept.try_push(*a);
+        }
+        if kept.is_empty() {
+            let now = addrs.iter().next().map(|a| a.ip().to_string());
+            let was = if kind { "local" } else { "remote" };
+            return Err(ureq::Error::Other(Box::new(Refused(format!(
+                "{host} now resolves to {}, but its addresses were {was} ones when first connected \
+                 to: a registry's name may not change kind (DNS rebinding)",
+                now.unwrap_or_default()
+            )))));
+        }
+        Ok(kept)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -323,7 +376,7 @@ mod tests {
     #[test]
     fn metadata_link_local_and_unspecified_addresses_are_forbidden() {
         // Whatever the origin: a local one here.
-        let origin = Origin::new(["http://127.0.0.1:5000"]);
+        let origin = Origin::new(Some("http://127.0.0.1:5000"), false);
         let refused_literal = |url| refused_literal(url, &origin);
         for bad in [
             "169.254.169.254",
@@ -334,6 +387,8 @@ mod tests {
             "fd00:ec2::254",
             "::",
             "::ffff:169.254.169.254",
+            "::a9fe:a9fe",
+            "2002:a9fe:a9fe::1",
             "64:ff9b::a9fe:a9fe",
             "64:ff9b:1::a9fe:a9fe",
             "fd20:ce::254",
@@ -384,7 +439,7 @@ mod tests {
     #[test]
     fn names_sent_through_a_proxy_are_resolved_and_checked_here() {
         let names = ProxiedNames::default();
-        let origin = Origin::new(["localhost:5000"]);
+        let origin = Origin::new(Some("localhost:5000"), true);
         assert!(names
             .refusal("http://localhost:5000/v2/", &origin)
             .is_none());
@@ -398,7 +453,7 @@ mod tests {
         assert!(names.0.lock().unwrap().len() <= NAMES_KEPT);
         // A remote registry may not send us to a name of this host.
         let names = ProxiedNames::default();
-        let remote = Origin::new(["https://198.51.100.7"]);
+        let remote = Origin::new(Some("https://198.51.100.7"), true);
         assert!(names
             .refusal("http://localhost:5000/v2/", &remote)
             .is_some_and(|why| why.contains("loopback or private")));
@@ -420,6 +475,9 @@ mod tests {
             "fc00::1",
             "::ffff:10.0.0.1",
             "64:ff9b::7f00:1",
+            "::7f00:1",
+            "2002:7f00:1::1",
+            "2002:c0a8:101::",
         ] {
             assert!(local(l.parse().unwrap()), "{l}");
         }
@@ -436,37 +494,35 @@ mod tests {
     }
 
     #[test]
-    fn only_a_local_origin_may_be_sent_to_local_addresses() {
-        for (urls, is_local) in [
-            (&["http://127.0.0.1:5000"][..], true),
-            (&["https://[::1]:5000"][..], true),
-            (&["localhost:5000"][..], true),
-            (&["http://registry.localhost"][..], true),
-            (&["https://user@10.0.0.8:443/v2/"][..], true),
-            (&["http://2130706433"][..], true),
-            (&["https://198.51.100.7"][..], false),
-            (&["https://[2001:db8::7]:443"][..], false),
-            // A mirror on this host: its redirects may go to storage beside it.
-            (
-                &["https://198.51.100.7", "http://127.0.0.1:65001"][..],
-                true,
-            ),
-            (&[][..], false),
+    fn only_a_local_registry_may_send_us_to_local_addresses() {
+        for (url, is_local) in [
+            ("http://127.0.0.1:5000", true),
+            ("https://[::1]:5000", true),
+            ("localhost:5000", true),
+            ("http://registry.localhost", true),
+            ("http://LOCALHOST.:5000", true),
+            ("https://user:p@ss@10.0.0.8:443/v2/", true),
+            ("http://2130706433", true),
+            ("fd00::1", true),
+            ("https://198.51.100.7", false),
+            ("https://[2001:db8::7]:443", false),
+            // A name is known once connected to (below).
+            ("https://registry.example", false),
         ] {
-            assert_eq!(
-                Origin::new(urls.iter().copied()).is_local(),
-                is_local,
-                "{urls:?}"
-            );
+            assert_eq!(Origin::new(Some(url), false).is_local(), is_local, "{url}");
+            assert_eq!(Origin::new(Some(url), true).is_local(), is_local, "{url}");
         }
-        let remote = Origin::new(["https://198.51.100.7"]);
+        assert!(!Origin::new(None, false).is_local());
+        let remote = Origin::new(Some("https://198.51.100.7"), false);
         for url in [
             "http://127.0.0.1:8080/",
             "http://[::1]/",
             "http://10.0.0.1/",
+            "http://100.64.1.1/",
             "http://2130706433/",
             "http://0x7f.1/",
             "http://[::ffff:192.168.0.1]/",
+            "http://[fd12::1]/",
         ] {
             let why = refused_literal(url, &remote);
             assert!(
@@ -476,16 +532,15 @@ mod tests {
             );
         }
         assert!(refused_literal("http://198.51.100.8/", &remote).is_none());
-        let local = Origin::new(["http://127.0.0.1:5000"]);
+        let local = Origin::new(Some("http://127.0.0.1:5000"), false);
         assert!(refused_literal("http://10.0.0.1/", &local).is_none());
-        // An unresolvable name is asked again: it may resolve next time.
-        let unresolved = Origin::new(["http://no-such-host.invalid"]);
-        assert!(!unresolved.is_local());
-        assert!(unresolved.local.get().is_none());
-        assert_eq!(
-            remote.local.get(),
-            Some(&false),
-            "an address is known at once"
-        );
+        // A name's kind is what its addresses were at the first connection; through a proxy (which
+        // connects on its own) a name never counts.
+        let named = Origin::new(Some("https://registry.corp:5000"), false);
+        assert!(named.pinned.set(true).is_ok());
+        assert!(named.is_local());
+        let proxied = Origin::new(Some("https://registry.corp:5000"), true);
+        assert!(proxied.pinned.set(true).is_ok());
+        assert!(!proxied.is_local());
     }
 }

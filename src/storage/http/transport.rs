@@ -207,8 +207,28 @@ enum Deadline {
     HeadAndPerIo,
 }
 
-pub(super) fn agent(settings: &HttpSettings, proxy: Option<&str>) -> Result<ureq::Agent> {
-    agent_with(settings, proxy, Deadline::Whole, None)
+/// How an agent resolves names.
+#[derive(Clone, Copy)]
+enum Names<'a> {
+    /// As usual (the proxy's agent: it resolves the proxy).
+    Plain,
+    /// For URLs the config names: the registry's addresses pinned to their kind (`guard::PinnedResolver`).
+    Pinned(&'a Arc<Origin>),
+    /// For URLs servers chose: the addresses `guard` forbids are refused (`guard::GuardedResolver`).
+    Guarded(&'a Arc<Origin>),
+}
+
+/// The agent for URLs the config names (straight to them, or through `proxy`).
+pub(super) fn agent(
+    settings: &HttpSettings,
+    proxy: Option<&str>,
+    origin: &Arc<Origin>,
+) -> Result<ureq::Agent> {
+    let names = match proxy {
+        Some(_) => Names::Plain,
+        None => Names::Pinned(origin),
+    };
+    agent_with(settings, proxy, Deadline::Whole, names)
 }
 
 /// An agent for URLs servers chose (`Request::server_chosen`) for a client whose config names
@@ -222,13 +242,13 @@ pub(super) fn guarded_agent(
         true => Deadline::HeadAndPerIo,
         false => Deadline::Whole,
     };
-    agent_with(settings, None, deadline, Some(origin))
+    agent_with(settings, None, deadline, Names::Guarded(origin))
 }
 
 /// An agent for long transfers (whole layers pulled or pushed by `rafsd convert`): no deadline for the
 /// whole exchange, but every read and write must make progress within the `timeout`.
-pub fn streaming_agent(settings: &HttpSettings) -> Result<ureq::Agent> {
-    agent_with(settings, None, Deadline::PerIo, None)
+pub fn streaming_agent(settings: &HttpSettings, origin: &Arc<Origin>) -> Result<ureq::Agent> {
+    agent_with(settings, None, Deadline::PerIo, Names::Pinned(origin))
 }
 
 /// [`streaming_agent`] for URLs servers chose (a registry's redirect to blob storage or upload location on
@@ -238,19 +258,27 @@ pub fn guarded_streaming_agent(
     settings: &HttpSettings,
     origin: &Arc<Origin>,
 ) -> Result<ureq::Agent> {
-    agent_with(settings, None, Deadline::PerIo, Some(origin))
+    agent_with(settings, None, Deadline::PerIo, Names::Guarded(origin))
 }
 
 /// The agent for streamed blob ranges: the head within the `timeout`, then every read within it.
-pub(super) fn range_stream_agent(settings: &HttpSettings) -> Result<ureq::Agent> {
-    agent_with(settings, None, Deadline::HeadAndPerIo, None)
+pub(super) fn range_stream_agent(
+    settings: &HttpSettings,
+    origin: &Arc<Origin>,
+) -> Result<ureq::Agent> {
+    agent_with(
+        settings,
+        None,
+        Deadline::HeadAndPerIo,
+        Names::Pinned(origin),
+    )
 }
 
 fn agent_with(
     settings: &HttpSettings,
     proxy: Option<&str>,
     deadline: Deadline,
-    guarded_for: Option<&Arc<Origin>>,
+    names: Names,
 ) -> Result<ureq::Agent> {
     let proxy = proxy
         .map(|p| {
@@ -289,13 +317,19 @@ fn agent_with(
                 .build(),
         )
         .build();
-    Ok(match guarded_for {
-        Some(origin) => ureq::Agent::with_parts(
+    let connector = ureq::unversioned::transport::DefaultConnector::default;
+    Ok(match names {
+        Names::Plain => ureq::Agent::new_with_config(config),
+        Names::Pinned(origin) => ureq::Agent::with_parts(
             config,
-            ureq::unversioned::transport::DefaultConnector::default(),
+            connector(),
+            super::guard::PinnedResolver::new(origin.clone()),
+        ),
+        Names::Guarded(origin) => ureq::Agent::with_parts(
+            config,
+            connector(),
             super::guard::GuardedResolver::new(origin.clone()),
         ),
-        None => ureq::Agent::new_with_config(config),
     })
 }
 
