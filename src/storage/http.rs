@@ -74,7 +74,8 @@ impl HttpClient {
     /// A client of the server at `origin` (`scheme://host[:port]`; `None` for one that follows no URL a
     /// server chooses).
     pub fn new(settings: HttpSettings, origin: Option<&str>) -> Result<Self> {
-        let origin = Origin::new(origin, settings.proxy.is_some());
+        let unobserved = settings.proxy.is_some() || !settings.mirrors.is_empty();
+        let origin = Origin::new(origin, unobserved);
         let direct = agent(&settings, None, &origin)?;
         let direct_stream = range_stream_agent(&settings, &origin)?;
         let (guarded, guarded_stream) = (

@@ -16,7 +16,8 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, ToSocketAddrs};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ureq::config::Config;
@@ -66,28 +67,32 @@ pub fn local(ip: IpAddr) -> bool {
 }
 
 /// The registry a client's config names, and whether it is local: whether its servers may send the
-/// client to local addresses. A name counts as local when every address it resolves to is local. That
-/// is settled the first time the client connects to it, and from then on its connections go to
-/// addresses of that kind only ([`PinnedResolver`]), so that a redirect or realm judged by it came from
-/// a server of that kind: a name that resolved to a local address once and to a remote server's later
-/// (DNS rebinding, or a hostile registry adding a private record beside its own) gains nothing. Through
-/// a proxy, whose connections no pin binds, only `localhost` or a local address literal counts.
+/// client to local addresses. It is local when it is `localhost` or a local address, or a name every
+/// address of which the client has connected to so far was local ([`ObservingResolver`] sees each of
+/// its resolutions, before the connection it is for): a registry whose name resolved to a remote
+/// address even once (a hostile registry adding a private record beside its own, or answering with a
+/// local address first and its own later: DNS rebinding) stays remote, as the answer that led the
+/// client to its server came after. Link-local and other forbidden addresses count for neither (mDNS
+/// answers carry them). A client that also reaches the registry through a proxy or mirrors does not see
+/// the addresses behind them, and judges as before this check: its servers may send it to local
+/// addresses (the metadata and link-local ones stay forbidden).
 #[derive(Debug)]
 pub struct Origin {
     /// The host as the config names it: lowercase, without brackets or port ("" for none).
     host: String,
     /// `localhost` or a local address literal.
     named_local: bool,
-    /// Reached through a proxy.
-    proxied: bool,
-    /// Whether its addresses were all local when the client first connected to it.
-    pinned: OnceLock<bool>,
+    /// Reached through a proxy or mirrors too.
+    unobserved: bool,
+    /// Its name resolved to a local address / to a remote one, at least once.
+    seen_local: AtomicBool,
+    seen_remote: AtomicBool,
 }
 
 impl Origin {
     /// The registry at `url` (`scheme://host[:port]...` or `host[:port]`; `None`: a client whose servers
-    /// choose no URL), reached through a proxy or not.
-    pub fn new(url: Option<&str>, proxied: bool) -> Arc<Self> {
+    /// choose no URL), reached also through a proxy or mirrors (`unobserved`) or not.
+    pub fn new(url: Option<&str>, unobserved: bool) -> Arc<Self> {
         let host = url.map(host_of).unwrap_or_default();
         let named_local = host == "localhost"
             || host.ends_with(".localhost")
@@ -99,16 +104,27 @@ impl Origin {
         Arc::new(Origin {
             host,
             named_local,
-            proxied,
-            pinned: OnceLock::new(),
+            unobserved,
+            seen_local: AtomicBool::new(false),
+            seen_remote: AtomicBool::new(false),
         })
     }
 
     /// Whether the registry is local: its servers may send the client to local addresses.
     pub fn is_local(&self) -> bool {
-        match self.proxied {
-            true => self.named_local,
-            false => self.pinned.get().copied().unwrap_or(self.named_local),
+        if self.unobserved || self.named_local {
+            return true;
+        }
+        self.seen_local.load(Ordering::Acquire) && !self.seen_remote.load(Ordering::Acquire)
+    }
+
+    /// The registry's name resolved to `addrs` (for a connection about to be made).
+    fn observe(&self, addrs: impl Iterator<Item = IpAddr>) {
+        for ip in addrs.filter(|ip| !forbidden(*ip)) {
+            match local(ip) {
+                true => self.seen_local.store(true, Ordering::Release),
+                false => self.seen_remote.store(true, Ordering::Release),
+            }
         }
     }
 }
@@ -225,6 +241,12 @@ pub fn refused_literal(url: &str, origin: &Origin) -> Option<String> {
     let uri: Uri = url.parse().ok()?;
     let host = uri.host()?;
     let bare = unbracketed(host);
+    if bare.contains('%') {
+        // An IPv6 address with a zone: neither parsed nor resolved here, but a proxy may dial it.
+        return Some(format!(
+            "{host} is an address with a zone, which a server may not send us to"
+        ));
+    }
     let ip = match bare.parse::<IpAddr>() {
         Ok(ip) => ip,
         Err(_) => IpAddr::V4(inet_aton(bare)?),
@@ -318,25 +340,24 @@ impl Resolver for GuardedResolver {
     }
 }
 
-/// ureq's resolver for the URLs the config names: the registry's addresses are pinned to the kind
-/// (local or not) they all were at its first connection (see [`Origin`]); a later answer of the other
-/// kind only is refused. Other hosts (mirrors, `blob_redirected_host`) resolve as usual.
+/// ureq's resolver for the URLs the config names: it shows [`Origin`] what the registry's name
+/// resolves to, each time (ureq resolves for every request, before it looks for a pooled connection).
 #[derive(Debug)]
-pub struct PinnedResolver {
+pub struct ObservingResolver {
     resolver: DefaultResolver,
     origin: Arc<Origin>,
 }
 
-impl PinnedResolver {
+impl ObservingResolver {
     pub fn new(origin: Arc<Origin>) -> Self {
-        PinnedResolver {
+        ObservingResolver {
             resolver: DefaultResolver::default(),
             origin,
         }
     }
 }
 
-impl Resolver for PinnedResolver {
+impl Resolver for ObservingResolver {
     fn resolve(
         &self,
         uri: &Uri,
@@ -345,27 +366,10 @@ impl Resolver for PinnedResolver {
     ) -> Result<ResolvedSocketAddrs, ureq::Error> {
         let addrs = self.resolver.resolve(uri, config, timeout)?;
         let host = uri.host().unwrap_or_default();
-        if self.origin.host.is_empty() || host_of(host) != self.origin.host || addrs.is_empty() {
-            return Ok(addrs);
+        if !self.origin.host.is_empty() && host_of(host) == self.origin.host {
+            self.origin.observe(addrs.iter().map(|a| a.ip()));
         }
-        let kind = *self
-            .origin
-            .pinned
-            .get_or_init(|| addrs.iter().all(|a| local(a.ip())));
-        let mut kept = self.resolver.empty();
-        for a in addrs.iter().filter(|a| local(a.ip()) == kind) {
-            let _ = kept.try_push(*a);
-        }
-        if kept.is_empty() {
-            let now = addrs.iter().next().map(|a| a.ip().to_string());
-            let was = if kind { "local" } else { "remote" };
-            return Err(ureq::Error::Other(Box::new(Refused(format!(
-                "{host} now resolves to {}, but its addresses were {was} ones when first connected \
-                 to: a registry's name may not change kind (DNS rebinding)",
-                now.unwrap_or_default()
-            )))));
-        }
-        Ok(kept)
+        Ok(addrs)
     }
 }
 
@@ -451,12 +455,12 @@ mod tests {
             .refusal("http://no-such-host.invalid/x", &origin)
             .is_none());
         assert!(names.0.lock().unwrap().len() <= NAMES_KEPT);
-        // A remote registry may not send us to a name of this host.
-        let names = ProxiedNames::default();
+        // Through a proxy a remote registry's server still may (as before the check: the proxy's
+        // connections are out of sight).
         let remote = Origin::new(Some("https://198.51.100.7"), true);
         assert!(names
             .refusal("http://localhost:5000/v2/", &remote)
-            .is_some_and(|why| why.contains("loopback or private")));
+            .is_none());
     }
 
     #[test]
@@ -510,7 +514,6 @@ mod tests {
             ("https://registry.example", false),
         ] {
             assert_eq!(Origin::new(Some(url), false).is_local(), is_local, "{url}");
-            assert_eq!(Origin::new(Some(url), true).is_local(), is_local, "{url}");
         }
         assert!(!Origin::new(None, false).is_local());
         let remote = Origin::new(Some("https://198.51.100.7"), false);
@@ -534,13 +537,25 @@ mod tests {
         assert!(refused_literal("http://198.51.100.8/", &remote).is_none());
         let local = Origin::new(Some("http://127.0.0.1:5000"), false);
         assert!(refused_literal("http://10.0.0.1/", &local).is_none());
-        // A name's kind is what its addresses were at the first connection; through a proxy (which
-        // connects on its own) a name never counts.
+        for zoned in ["http://[fe80::1%25eth0]/", "http://[::1%25lo]:5000/"] {
+            assert!(refused_literal(zoned, &local).is_some(), "{zoned}");
+        }
+        // A name is local while every address it resolved to was (link-local ones count for neither).
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         let named = Origin::new(Some("https://registry.corp:5000"), false);
-        assert!(named.pinned.set(true).is_ok());
+        named.observe([ip("192.168.1.5"), ip("fe80::1")].into_iter());
         assert!(named.is_local());
-        let proxied = Origin::new(Some("https://registry.corp:5000"), true);
-        assert!(proxied.pinned.set(true).is_ok());
-        assert!(!proxied.is_local());
+        named.observe([ip("10.0.0.5")].into_iter());
+        assert!(named.is_local());
+        // Once remote, for good: the server it led to may have sent the answer being judged.
+        named.observe([ip("198.51.100.7")].into_iter());
+        assert!(!named.is_local());
+        named.observe([ip("10.0.0.5")].into_iter());
+        assert!(!named.is_local());
+        let mixed = Origin::new(Some("https://registry.corp:5000"), false);
+        mixed.observe([ip("10.0.0.5"), ip("2001:db8::5")].into_iter());
+        assert!(!mixed.is_local());
+        // Through a proxy or mirrors, as before the check.
+        assert!(Origin::new(Some("https://198.51.100.7"), true).is_local());
     }
 }

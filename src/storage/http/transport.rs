@@ -212,8 +212,8 @@ enum Deadline {
 enum Names<'a> {
     /// As usual (the proxy's agent: it resolves the proxy).
     Plain,
-    /// For URLs the config names: the registry's addresses pinned to their kind (`guard::PinnedResolver`).
-    Pinned(&'a Arc<Origin>),
+    /// For URLs the config names: the registry's addresses shown to `origin` (`guard::ObservingResolver`).
+    Observed(&'a Arc<Origin>),
     /// For URLs servers chose: the addresses `guard` forbids are refused (`guard::GuardedResolver`).
     Guarded(&'a Arc<Origin>),
 }
@@ -226,7 +226,7 @@ pub(super) fn agent(
 ) -> Result<ureq::Agent> {
     let names = match proxy {
         Some(_) => Names::Plain,
-        None => Names::Pinned(origin),
+        None => Names::Observed(origin),
     };
     agent_with(settings, proxy, Deadline::Whole, names)
 }
@@ -248,7 +248,7 @@ pub(super) fn guarded_agent(
 /// An agent for long transfers (whole layers pulled or pushed by `rafsd convert`): no deadline for the
 /// whole exchange, but every read and write must make progress within the `timeout`.
 pub fn streaming_agent(settings: &HttpSettings, origin: &Arc<Origin>) -> Result<ureq::Agent> {
-    agent_with(settings, None, Deadline::PerIo, Names::Pinned(origin))
+    agent_with(settings, None, Deadline::PerIo, Names::Observed(origin))
 }
 
 /// [`streaming_agent`] for URLs servers chose (a registry's redirect to blob storage or upload location on
@@ -270,7 +270,7 @@ pub(super) fn range_stream_agent(
         settings,
         None,
         Deadline::HeadAndPerIo,
-        Names::Pinned(origin),
+        Names::Observed(origin),
     )
 }
 
@@ -320,10 +320,10 @@ fn agent_with(
     let connector = ureq::unversioned::transport::DefaultConnector::default;
     Ok(match names {
         Names::Plain => ureq::Agent::new_with_config(config),
-        Names::Pinned(origin) => ureq::Agent::with_parts(
+        Names::Observed(origin) => ureq::Agent::with_parts(
             config,
             connector(),
-            super::guard::PinnedResolver::new(origin.clone()),
+            super::guard::ObservingResolver::new(origin.clone()),
         ),
         Names::Guarded(origin) => ureq::Agent::with_parts(
             config,

@@ -565,7 +565,12 @@ impl FakeServer {
 
     /// [`FakeServer::start`] listening on `ip` (`0.0.0.0`: every address of the network namespace).
     pub fn start_on(opts: FakeOptions, ip: std::net::IpAddr) -> FakeServer {
-        let listener = TcpListener::bind((ip, 0)).unwrap();
+        Self::start_at(opts, (ip, 0).into())
+    }
+
+    /// [`FakeServer::start`] listening at `addr`.
+    pub fn start_at(opts: FakeOptions, addr: std::net::SocketAddr) -> FakeServer {
+        let listener = TcpListener::bind(addr).unwrap();
         let port = listener.local_addr().unwrap().port();
         let shared = Arc::new(Shared {
             opts,
