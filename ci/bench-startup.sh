@@ -18,8 +18,9 @@
 # of the chunks the program read (the daemon's access records), with the ratios the issue's targets use.
 #   [NYDUSD=/path/to/nydusd] [STARTUP_GUEST=1] [STARTUP_PREFETCH=0] [RAFSD_BIN=...] [RAFSD_BENCH_BASE=BIN]
 #   ci/bench-startup.sh [ROUNDS]
-# (default 3 rounds; STARTUP_PREFETCH=0 leaves the prefetch-list column out; RAFSD_BENCH_BASE adds a column
-# for another rafsd binary, e.g. a release build of main, without a prefetch list, in the same rounds)
+# (default 3 rounds; STARTUP_PREFETCH=0 leaves the prefetch-list columns out; RAFSD_BENCH_BASE adds columns
+# for another rafsd binary, e.g. a release build of main, without and with the prefetch list, in the same
+# rounds)
 # Needs root, debootstrap, docker-registry, tc and nsenter; the guest column also QEMU and the guest kernel.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -196,6 +197,7 @@ labels=("full pull" "rafsd FUSE")
 [ -n "${RAFSD_BENCH_BASE:-}" ] && labels+=("base rafsd FUSE")
 [ -n "${NYDUSD:-}" ] && labels+=("nydusd FUSE")
 [ "$prefetch" != 0 ] && labels+=("rafsd FUSE, prefetch list")
+[ "$prefetch" != 0 ] && [ -n "${RAFSD_BENCH_BASE:-}" ] && labels+=("base rafsd FUSE, prefetch list")
 rates=()
 for round in $(seq "$rounds"); do
     rates+=("$(link_rate)")
@@ -204,6 +206,7 @@ for round in $(seq "$rounds"); do
     [ -n "${RAFSD_BENCH_BASE:-}" ] && runs["base rafsd FUSE"]+="$(cold_start rafsd "$work/plain/bootstrap" ',"access_pattern":true' "$RAFSD_BENCH_BASE");"
     [ -n "${NYDUSD:-}" ] && runs["nydusd FUSE"]+="$(cold_start nydusd "$work/plain/bootstrap" '');"
     [ "$prefetch" != 0 ] && runs["rafsd FUSE, prefetch list"]+="$(cold_start rafsd "$work/prefetch/bootstrap" "$prefetch_json");"
+    [ "$prefetch" != 0 ] && [ -n "${RAFSD_BENCH_BASE:-}" ] && runs["base rafsd FUSE, prefetch list"]+="$(cold_start rafsd "$work/prefetch/bootstrap" "$prefetch_json" "$RAFSD_BENCH_BASE");"
     echo "round $round: $(for l in "${labels[@]}"; do printf '%s [%s] ' "$l" "$(echo "${runs[$l]}" | tr ';' '\n' | grep . | tail -1)"; done)"
 done
 

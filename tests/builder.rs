@@ -1107,6 +1107,54 @@ fn prefetch_list_fills_the_prefetch_table_and_leads_the_blob() {
     }
 }
 
+/// A prefetch table's data, which the builder lays out first in the blob, is prefetched as one request
+/// (the head) on one worker, rather than as requests of `merging_size` on every worker at once: those
+/// share the link, and the bytes a starting container reads first would come as slowly as the requests
+/// in flight are many. What lies past the head goes on all workers as before.
+#[test]
+fn a_prefetch_tables_data_is_fetched_in_one_request() {
+    use rafsd::cache::prefetch::{PrefetchTarget, Prefetcher};
+    use rafsd::config::PrefetchConfig;
+    let src = tempfile::tempdir().unwrap();
+    for i in 0..6u64 {
+        fs::write(
+            src.path().join(format!("f{i}")),
+            pseudo_random(1 << 20, 40 + i),
+        )
+        .unwrap();
+    }
+    fs::write(src.path().join("other"), pseudo_random(4 << 20, 50)).unwrap();
+    let o = BuildOptions {
+        prefetch_files: (0..6).map(|i| format!("/f{i}").into_bytes()).collect(),
+        ..BuildOptions::default()
+    };
+    let built = build(src.path(), &o);
+    let cache = tempfile::tempdir().unwrap();
+    let image = std::sync::Arc::new(open_cached(&built, cache.path(), false));
+    let table = image.info().prefetch.clone();
+    assert_eq!(table.len(), 6);
+    let config = PrefetchConfig {
+        enable: true,
+        threads: 4,
+        merging_size: 1 << 20,
+        bandwidth_limit: 0,
+        prefetch_all: false,
+    };
+    Prefetcher::start(image.clone(), &config, PrefetchTarget::Inodes(table)).wait();
+    // The six files (incompressible) and the blob's chunk-info array, read once before them.
+    let (metrics, _) = image.backend_metrics();
+    let bytes = metrics.bytes();
+    assert!(
+        (6 << 20..(6 << 20) + (64 << 10)).contains(&bytes),
+        "{bytes} bytes"
+    );
+    assert_eq!(
+        metrics.reads(),
+        2,
+        "requests: the chunk-info array, the 6 MiB"
+    );
+}
+
 /// `built` with a blob cache in `cache` and read prediction on, as a daemon opens it.
 fn open_cached(built: &Built, cache: &Path, validate: bool) -> RafsImage {
     RafsImage::open_local(

@@ -1,5 +1,13 @@
 //! Background prefetch: bring the chunks of chosen files (the image's prefetch table, `--prefetch-files`,
 //! or everything) into the blob cache before anyone asks, without getting in the way of user reads.
+//!
+//! Chosen files are what a container reads as it starts, laid out in the blob in the order it reads
+//! them. Their first [`HEAD_BYTES`] go first, as one request on one worker, alone: the bytes then
+//! arrive in the order the program asks for them, at the link's whole rate, so it runs while they
+//! stream. Several requests at once would share the link, and each of the first bytes needed would
+//! come as slowly as the requests in flight are many (a container's start-up from a recorded prefetch
+//! list took 0.85 s against 0.77 s, see the README's start-up benchmark). The rest follows in merged
+//! requests on all workers.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,6 +19,10 @@ use crate::config::PrefetchConfig;
 use crate::error::Result;
 use crate::format::ChunkInfo;
 use crate::image::{RafsImage, WalkEvent};
+
+/// The bytes of chosen files fetched first, in one request (a stream stored chunk by chunk: its size
+/// costs no memory).
+pub const HEAD_BYTES: u64 = 16 << 20;
 
 /// What to prefetch.
 #[derive(Debug, Clone)]
@@ -33,7 +45,7 @@ impl Prefetcher {
         target: PrefetchTarget,
     ) -> Prefetcher {
         let stop = Arc::new(AtomicBool::new(false));
-        let queue: Arc<Mutex<Option<VecDeque<Vec<ChunkInfo>>>>> = Arc::new(Mutex::new(None));
+        let queue: Arc<Mutex<Option<Plan>>> = Arc::new(Mutex::new(None));
         let limiter = Arc::new(Bandwidth::new(cfg.bandwidth_limit));
         // A merged request never outgrows the limiter's bucket: it could never be paid for at once.
         let merge = cfg.merging_size.max(128 << 10).min(limiter.burst());
@@ -51,7 +63,11 @@ impl Prefetcher {
                 .spawn(move || {
                     if worker == 0 {
                         let started = Instant::now();
-                        let runs = match plan(&image, &target, merge) {
+                        let head = match target {
+                            PrefetchTarget::Inodes(_) => HEAD_BYTES.min(limiter.burst()),
+                            PrefetchTarget::All => 0,
+                        };
+                        let runs = match plan(&image, &target, merge, head) {
                             Ok(r) => r,
                             Err(e) => {
                                 log::warn!("prefetch: cannot plan ({e}); skipping prefetch");
@@ -63,7 +79,14 @@ impl Prefetcher {
                             runs.len(),
                             started.elapsed()
                         );
-                        *queue.lock().unwrap_or_else(|e| e.into_inner()) = Some(runs);
+                        let plan = Plan {
+                            head: match head > 0 && !runs.is_empty() {
+                                true => Head::Waiting,
+                                false => Head::Done,
+                            },
+                            runs,
+                        };
+                        *queue.lock().unwrap_or_else(|e| e.into_inner()) = Some(plan);
                     }
                     run_worker(&image, &stop, &queue, &limiter);
                 });
@@ -92,10 +115,26 @@ impl Drop for Prefetcher {
     }
 }
 
+/// The merged requests to make, in order, the first of them the head until it is done.
+struct Plan {
+    runs: VecDeque<Vec<ChunkInfo>>,
+    head: Head,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Head {
+    /// The first run is the head, not taken yet.
+    Waiting,
+    /// A worker fetches it: the others wait.
+    InFlight,
+    /// Fetched, or none: every worker takes the next run.
+    Done,
+}
+
 fn run_worker(
     image: &RafsImage,
     stop: &AtomicBool,
-    queue: &Mutex<Option<VecDeque<Vec<ChunkInfo>>>>,
+    queue: &Mutex<Option<Plan>>,
     limiter: &Bandwidth,
 ) {
     let metrics = image.cache().map(|c| &c.metrics);
@@ -107,18 +146,26 @@ fn run_worker(
             let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
             match q.as_mut() {
                 None => None,
-                Some(runs) => match runs.pop_front() {
-                    Some(run) => Some(run),
-                    None => return,
-                },
+                Some(plan) if plan.head == Head::InFlight => None,
+                Some(plan) => {
+                    let is_head = plan.head == Head::Waiting;
+                    if is_head {
+                        plan.head = Head::InFlight;
+                    }
+                    match plan.runs.pop_front() {
+                        Some(run) => Some((run, is_head)),
+                        None => return,
+                    }
+                }
             }
         };
-        let Some(run) = next else {
-            std::thread::sleep(Duration::from_millis(5)); // plan not ready yet
+        let Some((run, is_head)) = next else {
+            std::thread::sleep(Duration::from_millis(5)); // plan not ready yet, or the head in flight
             continue;
         };
-        // User reads first: wait while any is in progress.
-        while image.user_reads_in_flight() > 0 && !stop.load(Ordering::Relaxed) {
+        // User reads first: wait while any is in progress (the head, what they will ask for first,
+        // goes at once).
+        while !is_head && image.user_reads_in_flight() > 0 && !stop.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(1));
         }
         let bytes: u64 = run.iter().map(|c| c.compressed_size as u64).sum();
@@ -132,15 +179,21 @@ fn run_worker(
             }
             Err(e) => log::warn!("prefetch: {e}"),
         }
+        if is_head {
+            if let Some(plan) = queue.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+                plan.head = Head::Done;
+            }
+        }
     }
 }
 
 /// The chunks to prefetch, deduplicated, sorted by blob and compressed offset, merged into runs of
-/// contiguous compressed bytes of at most `merge` bytes.
+/// contiguous compressed bytes of at most `merge` bytes, the first of at most `head` bytes (when more).
 fn plan(
     image: &RafsImage,
     target: &PrefetchTarget,
     merge: u64,
+    head: u64,
 ) -> Result<VecDeque<Vec<ChunkInfo>>> {
     let mut files = HashSet::new();
     match target {
@@ -169,12 +222,17 @@ fn plan(
     let mut runs: VecDeque<Vec<ChunkInfo>> = VecDeque::new();
     let mut size = 0u64;
     for c in chunks {
+        let limit = if runs.len() == 1 {
+            merge.max(head)
+        } else {
+            merge
+        };
         let extend = runs.back().and_then(|r| r.last()).is_some_and(|last| {
             last.blob_index == c.blob_index
                 && last.batch.is_none()
                 && c.batch.is_none()
                 && c.compressed_offset == last.compressed_offset + last.compressed_size as u64
-                && size + c.compressed_size as u64 <= merge
+                && size + c.compressed_size as u64 <= limit
         });
         if extend {
             size += c.compressed_size as u64;

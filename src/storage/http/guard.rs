@@ -68,7 +68,7 @@ pub fn local(ip: IpAddr) -> bool {
 
 /// The registry a client's config names, and whether it is local: whether its servers may send the
 /// client to local addresses. It is local when it is `localhost` or a local address, or a name every
-/// address of which the client has connected to so far was local ([`ObservingResolver`] sees each of
+/// address of which the client has connected to so far was local (`ObservingResolver` sees each of
 /// its resolutions, before the connection it is for): a registry whose name resolved to a remote
 /// address even once (a hostile registry adding a private record beside its own, or answering with a
 /// local address first and its own later: DNS rebinding) stays remote, as the answer that led the
