@@ -11,9 +11,9 @@
 //! or had one end less than [`LINGER`] ago (alone, an image may take them all: idle images cost it
 //! nothing). The linger is for images read one request at a time (a program reading its files in turn):
 //! between two of its reads such an image has none running, and an image holding every slot would take
-//! the one it freed straight back, so that each of its reads waited for one of the other image's to end. Without a slot it may take, the
-//! request waits in its image's queue and the worker (or the virtqueue's thread) goes on with the next
-//! request. Whoever finishes a cold READ passes its slot to the oldest waiting request of the image with
+//! the one it freed straight back, so that each of its reads waited for one of the other image's to end.
+//! Without a slot it may take, the request waits in its image's queue and the worker (or the
+//! virtqueue's thread) goes on with the next request. Whoever finishes a cold READ passes its slot to the oldest waiting request of the image with
 //! the fewest cold READs running, and answers it before anything else, so the queues drain as slots free
 //! up, no image waits behind another's queue, and no waiting request needs a wake-up that might never
 //! come. An image arriving while another holds every slot waits for the first of those reads to end
@@ -170,8 +170,8 @@ impl<T> ColdSlots<T> {
             .images
             .iter_mut()
             .enumerate()
-            .filter(|(i, q)| q.cold < self.share(active, ended.other_than(*i as u8, now)))
             .filter_map(|(i, q)| Some(((q.cold, q.waiting.front()?.0), i, q)))
+            .filter(|((cold, _), i, _)| *cold < self.share(active, ended.other_than(*i as u8, now)))
             .min_by_key(|(key, _, _)| *key)
             .map(|(_, i, q)| (i, q))?;
         let (_, request) = queue.waiting.pop_front()?;

@@ -1,13 +1,14 @@
 //! Background prefetch: bring the chunks of chosen files (the image's prefetch table, `--prefetch-files`,
 //! or everything) into the blob cache before anyone asks, without getting in the way of user reads.
 //!
-//! Chosen files are what a container reads as it starts, laid out in the blob in the order it reads
-//! them. Their first [`HEAD_BYTES`] go first, as one request on one worker, alone: the bytes then
-//! arrive in the order the program asks for them, at the link's whole rate, so it runs while they
-//! stream. Several requests at once would share the link, and each of the first bytes needed would
-//! come as slowly as the requests in flight are many (a container's start-up from a recorded prefetch
-//! list took 0.85 s against 0.77 s, see the README's start-up benchmark). The rest follows in merged
-//! requests on all workers.
+//! Chosen files are what a container reads as it starts, and `rafsd build --prefetch-files` lays them
+//! out first in the blob, in the order it reads them. When the first chosen file's data starts the
+//! plan so (the head), the first [`HEAD_BYTES`] of it go first, as one request on one worker, alone:
+//! the bytes then arrive in the order the program asks for them, at the link's whole rate, so it runs
+//! while they stream. Several requests at once would share the link, and each of the first bytes needed
+//! would come as slowly as the requests in flight are many (a container's start-up from a recorded
+//! prefetch list took 0.78 s against 0.84 s, see the README's start-up benchmark). The rest follows in
+//! merged requests on all workers; so does what is left of the head when its request fails.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,7 +22,7 @@ use crate::format::ChunkInfo;
 use crate::image::{RafsImage, WalkEvent};
 
 /// The bytes of chosen files fetched first, in one request (a stream stored chunk by chunk: its size
-/// costs no memory).
+/// costs no memory, except through a plain forward proxy, whose ranged answers are read whole).
 pub const HEAD_BYTES: u64 = 16 << 20;
 
 /// What to prefetch.
@@ -67,11 +68,11 @@ impl Prefetcher {
                             PrefetchTarget::Inodes(_) => HEAD_BYTES.min(limiter.burst()),
                             PrefetchTarget::All => 0,
                         };
-                        let runs = match plan(&image, &target, merge, head) {
+                        let (runs, has_head) = match plan(&image, &target, merge, head) {
                             Ok(r) => r,
                             Err(e) => {
                                 log::warn!("prefetch: cannot plan ({e}); skipping prefetch");
-                                VecDeque::new()
+                                (VecDeque::new(), false)
                             }
                         };
                         log::info!(
@@ -80,7 +81,7 @@ impl Prefetcher {
                             started.elapsed()
                         );
                         let plan = Plan {
-                            head: match head > 0 && !runs.is_empty() {
+                            head: match has_head {
                                 true => Head::Waiting,
                                 false => Head::Done,
                             },
@@ -88,7 +89,7 @@ impl Prefetcher {
                         };
                         *queue.lock().unwrap_or_else(|e| e.into_inner()) = Some(plan);
                     }
-                    run_worker(&image, &stop, &queue, &limiter);
+                    run_worker(&image, &stop, &queue, &limiter, merge);
                 });
             match spawned {
                 Ok(t) => threads.push(t),
@@ -131,11 +132,23 @@ enum Head {
     Done,
 }
 
+/// Marks the head done when dropped (also when its fetch panics), so that the other workers go on.
+struct HeadDone<'a>(&'a Mutex<Option<Plan>>);
+
+impl Drop for HeadDone<'_> {
+    fn drop(&mut self) {
+        if let Some(plan) = self.0.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            plan.head = Head::Done;
+        }
+    }
+}
+
 fn run_worker(
     image: &RafsImage,
     stop: &AtomicBool,
     queue: &Mutex<Option<Plan>>,
     limiter: &Bandwidth,
+    merge: u64,
 ) {
     let metrics = image.cache().map(|c| &c.metrics);
     loop {
@@ -148,14 +161,14 @@ fn run_worker(
                 None => None,
                 Some(plan) if plan.head == Head::InFlight => None,
                 Some(plan) => {
+                    let Some(run) = plan.runs.pop_front() else {
+                        return;
+                    };
                     let is_head = plan.head == Head::Waiting;
                     if is_head {
                         plan.head = Head::InFlight;
                     }
-                    match plan.runs.pop_front() {
-                        Some(run) => Some((run, is_head)),
-                        None => return,
-                    }
+                    Some((run, is_head))
                 }
             }
         };
@@ -163,6 +176,7 @@ fn run_worker(
             std::thread::sleep(Duration::from_millis(5)); // plan not ready yet, or the head in flight
             continue;
         };
+        let _head_done = is_head.then(|| HeadDone(queue));
         // User reads first: wait while any is in progress (the head, what they will ask for first,
         // goes at once).
         while !is_head && image.user_reads_in_flight() > 0 && !stop.load(Ordering::Relaxed) {
@@ -177,24 +191,31 @@ fn run_worker(
                     m.prefetch_requests_count.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            Err(e) => log::warn!("prefetch: {e}"),
-        }
-        if is_head {
-            if let Some(plan) = queue.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-                plan.head = Head::Done;
+            Err(e) => {
+                log::warn!("prefetch: {e}");
+                if is_head {
+                    // The head's chunks not stored go again, in merged requests on all workers.
+                    if let Some(plan) = queue.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+                        for part in merged(run, merge).into_iter().rev() {
+                            plan.runs.push_front(part);
+                        }
+                    }
+                }
             }
         }
     }
 }
 
 /// The chunks to prefetch, deduplicated, sorted by blob and compressed offset, merged into runs of
-/// contiguous compressed bytes of at most `merge` bytes, the first of at most `head` bytes (when more).
+/// contiguous compressed bytes of at most `merge` bytes; and whether the first run is the head, of at
+/// most `head` bytes: when the first chosen file with data is a regular file whose first chunk comes
+/// first.
 fn plan(
     image: &RafsImage,
     target: &PrefetchTarget,
     merge: u64,
     head: u64,
-) -> Result<VecDeque<Vec<ChunkInfo>>> {
+) -> Result<(VecDeque<Vec<ChunkInfo>>, bool)> {
     let mut files = HashSet::new();
     match target {
         PrefetchTarget::All => image.walk(&mut |_, attr, ev| {
@@ -219,6 +240,43 @@ fn plan(
         }
     }
     chunks.sort_by_key(|c| (c.blob_index, c.compressed_offset, c.index));
+    let leads = match target {
+        PrefetchTarget::Inodes(inos) if head > 0 => {
+            let first = first_chunk(image, inos)?;
+            first.is_some_and(|f| {
+                chunks
+                    .first()
+                    .is_some_and(|c| (c.blob_index, c.index) == (f.blob_index, f.index))
+            })
+        }
+        _ => false,
+    };
+    let runs = merged_with_head(chunks, merge, if leads { head } else { 0 });
+    Ok((runs, leads))
+}
+
+/// The first chunk of the first regular file with data among `inos` (empty files skipped), unless a
+/// directory comes before it (the order of its files is not the list's).
+fn first_chunk(image: &RafsImage, inos: &[u64]) -> Result<Option<ChunkInfo>> {
+    for &ino in inos {
+        let attr = image.inode(ino)?;
+        if !attr.is_reg() {
+            return Ok(None);
+        }
+        if let Some(first) = image.file_chunks(ino)?.into_iter().next() {
+            return Ok(Some(first));
+        }
+    }
+    Ok(None)
+}
+
+/// `chunks` (sorted) merged into runs of contiguous compressed bytes of at most `merge` bytes.
+fn merged(chunks: Vec<ChunkInfo>, merge: u64) -> VecDeque<Vec<ChunkInfo>> {
+    merged_with_head(chunks, merge, 0)
+}
+
+/// [`merged`], the first run of at most `head` bytes when that is more.
+fn merged_with_head(chunks: Vec<ChunkInfo>, merge: u64, head: u64) -> VecDeque<Vec<ChunkInfo>> {
     let mut runs: VecDeque<Vec<ChunkInfo>> = VecDeque::new();
     let mut size = 0u64;
     for c in chunks {
@@ -242,7 +300,7 @@ fn plan(
             runs.push_back(vec![c]);
         }
     }
-    Ok(runs)
+    runs
 }
 
 /// Regular files at or below inode `ino` (a directory means everything under it).

@@ -2,11 +2,11 @@
 //! blob storage, a token realm) must not lead to a link-local address (the cloud metadata services at
 //! 169.254.169.254 and the like, whose answers a hostile image would then read as file data), to the
 //! unspecified address (which reaches this host), or to a metadata service outside those ranges; nor,
-//! unless a host the config names (the [`Origin`]: the registry, its mirrors) is itself on one, to a
-//! loopback or private address (this host's own services, the cloud network's internal ones: a remote
-//! registry's redirect there would have the daemon read them for the guest). A registry on this host or a
-//! private network may send it to storage beside it, as such registries do. URLs from the config are
-//! not checked: the user chose them.
+//! unless the registry the config names is itself local (see [`Origin`]), to a loopback or private
+//! address (this host's own services, the cloud network's internal ones: a remote registry's redirect
+//! there would have the daemon read them for the guest). A registry on this host or a private network
+//! may send it to storage beside it, as such registries do. URLs from the config are not checked: the
+//! user chose them.
 //!
 //! Requests to such URLs resolve through [`GuardedResolver`], which drops the forbidden addresses a name
 //! resolves to when the connection is made (so a name that resolved to a harmless address a moment before
