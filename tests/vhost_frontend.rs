@@ -1449,9 +1449,7 @@ fn reads_stalled_hold_back_no_other_request(
 fn an_image_whose_registry_stalls_leaves_cold_slots_to_the_other_image() {
     let dir = tempfile::tempdir().unwrap();
     let (d, server, mut g, (slow, slow_fh), (other, other_fh)) = slow_and_other(dir.path());
-    let held = server.hold_data();
-    let stalled = post_reads(&mut g, slow, slow_fh, &STALLED_AT);
-    wait_stalled(&server, &d);
+    let (held, stalled) = hold_stalled(&server, &mut g, &d, (slow, slow_fh));
     let theirs_at = [64 << 10, 704 << 10, 1344 << 10, 1984 << 10];
     let theirs = post_reads(&mut g, other, other_fh, &theirs_at);
     let posted: Vec<Posted> = stalled.iter().chain(&theirs).copied().collect();
@@ -1486,9 +1484,7 @@ fn an_image_whose_registry_stalls_leaves_cold_slots_to_the_other_image() {
 fn an_image_read_one_request_at_a_time_keeps_a_cold_slot_beside_a_stalled_one() {
     let dir = tempfile::tempdir().unwrap();
     let (d, server, mut g, (slow, slow_fh), (other, other_fh)) = slow_and_other(dir.path());
-    let held = server.hold_data();
-    let stalled = post_reads(&mut g, slow, slow_fh, &STALLED_AT);
-    wait_stalled(&server, &d);
+    let (held, stalled) = hold_stalled(&server, &mut g, &d, (slow, slow_fh));
     // Replies of /slow's reads that come meanwhile are kept for the end.
     let mut ended = Vec::new();
     let mut read_other = |g: &mut Guest, off: u64| {
@@ -1579,14 +1575,23 @@ fn slow_and_other(dir: &Path) -> (VirtiofsDaemon, FakeServer, Guest, (u64, u64),
     (d, server, g, slow, other)
 }
 
-/// Wait (bounded) until three of /slow's reads, holding the 3 cold slots, reached its registry.
-fn wait_stalled(server: &FakeServer, d: &VirtiofsDaemon) {
+/// /slow's eight reads at [`STALLED_AT`] held at its registry (`slow`: node id and file handle), once
+/// three of them reached it (bounded): they hold the 3 cold slots, the other five wait for one.
+fn hold_stalled<'s>(
+    server: &'s FakeServer,
+    g: &mut Guest,
+    d: &VirtiofsDaemon,
+    (slow, slow_fh): (u64, u64),
+) -> (services::HeldData<'s>, Vec<Posted>) {
+    let held = server.hold_data();
+    let stalled = post_reads(g, slow, slow_fh, &STALLED_AT);
     assert!(
         server.wait_held(3, Duration::from_secs(10)),
         "{} of /slow's reads reached its registry, 3 expected\nlog:\n{}",
         server.held(),
         d.log_text()
     );
+    (held, stalled)
 }
 
 /// Reap /slow's `stalled` reads not among `ended` (its registry released by then): all their replies.

@@ -166,9 +166,8 @@ impl Worker {
                 self.inflight.wait(h.nodeid, h.opcode, h.unique);
                 match self.cold_slots.admit(image, copy) {
                     Admission::Waiting => return None,
-                    Admission::Go(older) if older.unique() != h.unique => {
+                    Admission::Go(mut older) if older.unique() != h.unique => {
                         // An older request of the image goes first; this one waits in its place.
-                        let mut older = older;
                         let since = self.inflight.unwait(older.unique());
                         self.answer_copy(&mut older, writer, since);
                         return Some(image);
