@@ -25,7 +25,7 @@ mod verify;
 use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
@@ -118,6 +118,10 @@ pub struct RafsImage {
     /// The chunks of the files in the image's prefetch table, computed on the first miss (`None`: no
     /// table, or too many chunks to index).
     prefetch_chunks: OnceLock<Option<HashSet<(u32, u32)>>>,
+    /// A prefetch head is planned or in flight (`cache::prefetch`): a miss on a prefetch-table chunk
+    /// fetches only its own chunk and leaves the chunks after it to the head's one request, which would
+    /// otherwise share the link with the miss's parallel parts.
+    prefetch_head: AtomicBool,
     /// Misses near each other, and the bytes fetched past them on that guess.
     speculation: speculate::Speculation,
     /// Which files lie in which directory, and the directories being read file after file.
@@ -199,6 +203,7 @@ impl RafsImage {
             }),
             streams: Streams::new(nblobs),
             prefetch_chunks: OnceLock::new(),
+            prefetch_head: AtomicBool::new(false),
             speculation: speculate::Speculation::new(nblobs),
             siblings: siblings::Siblings::default(),
         })
@@ -327,6 +332,11 @@ impl RafsImage {
     /// Reads from users in progress; prefetch workers yield while this is non-zero.
     pub fn user_reads_in_flight(&self) -> usize {
         self.user_reads.load(Ordering::Relaxed)
+    }
+
+    /// Whether a prefetch head is planned or in flight (see the field's doc); set by the prefetcher.
+    pub(crate) fn set_prefetch_head(&self, pending: bool) {
+        self.prefetch_head.store(pending, Ordering::Release);
     }
 
     /// Where the image's blobs come from.

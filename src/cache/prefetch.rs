@@ -7,8 +7,11 @@
 //! the bytes then arrive in the order the program asks for them, at the link's whole rate, so it runs
 //! while they stream. Several requests at once would share the link, and each of the first bytes needed
 //! would come as slowly as the requests in flight are many (a container's start-up from a recorded
-//! prefetch list took 0.78 s against 0.84 s, see the README's start-up benchmark). The rest follows in
-//! merged requests on all workers; so does what is left of the head when its request fails.
+//! prefetch list took 0.78 s against 0.84 s, see the README's start-up benchmark). Until the head is
+//! fetched, a read that misses a table chunk takes that chunk alone and leaves the rest to the head
+//! (`RafsImage::set_prefetch_head`): a container's first read races the plan, and its own run would
+//! share the link with the head (0.77 s against 0.85 s). The rest follows in merged requests on all
+//! workers; so does what is left of the head when its request fails.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -50,6 +53,12 @@ impl Prefetcher {
         let limiter = Arc::new(Bandwidth::new(cfg.bandwidth_limit));
         // A merged request never outgrows the limiter's bucket: it could never be paid for at once.
         let merge = cfg.merging_size.max(128 << 10).min(limiter.burst());
+        let head = match target {
+            PrefetchTarget::Inodes(_) => HEAD_BYTES.min(limiter.burst()),
+            PrefetchTarget::All => 0,
+        };
+        // Until the plan says whether there is a head, reads leave the table's chunks to it.
+        image.set_prefetch_head(head > 0);
         let mut threads = Vec::new();
         for worker in 0..cfg.threads.max(1) {
             let (image, stop, queue, limiter, target) = (
@@ -64,10 +73,6 @@ impl Prefetcher {
                 .spawn(move || {
                     if worker == 0 {
                         let started = Instant::now();
-                        let head = match target {
-                            PrefetchTarget::Inodes(_) => HEAD_BYTES.min(limiter.burst()),
-                            PrefetchTarget::All => 0,
-                        };
                         let (runs, has_head) = match plan(&image, &target, merge, head) {
                             Ok(r) => r,
                             Err(e) => {
@@ -80,6 +85,9 @@ impl Prefetcher {
                             runs.len(),
                             started.elapsed()
                         );
+                        if !has_head {
+                            image.set_prefetch_head(false);
+                        }
                         let plan = Plan {
                             head: match has_head {
                                 true => Head::Waiting,
@@ -93,8 +101,16 @@ impl Prefetcher {
                 });
             match spawned {
                 Ok(t) => threads.push(t),
-                Err(e) => log::warn!("prefetch: cannot start worker {worker}: {e}"),
+                Err(e) => {
+                    log::warn!("prefetch: cannot start worker {worker}: {e}");
+                    if worker == 0 {
+                        break; // the planner: the others would wait for its plan forever
+                    }
+                }
             }
+        }
+        if threads.is_empty() {
+            image.set_prefetch_head(false); // nobody plans
         }
         Prefetcher { stop, threads }
     }
@@ -132,11 +148,13 @@ enum Head {
     Done,
 }
 
-/// Marks the head done when dropped (also when its fetch panics), so that the other workers go on.
-struct HeadDone<'a>(&'a Mutex<Option<Plan>>);
+/// Marks the head done when dropped (also when its fetch panics), so that the other workers go on and
+/// reads predict again.
+struct HeadDone<'a>(&'a Mutex<Option<Plan>>, &'a RafsImage);
 
 impl Drop for HeadDone<'_> {
     fn drop(&mut self) {
+        self.1.set_prefetch_head(false);
         if let Some(plan) = self.0.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
             plan.head = Head::Done;
         }
@@ -153,6 +171,7 @@ fn run_worker(
     let metrics = image.cache().map(|c| &c.metrics);
     loop {
         if stop.load(Ordering::Relaxed) {
+            image.set_prefetch_head(false);
             return;
         }
         let next = {
@@ -176,7 +195,7 @@ fn run_worker(
             std::thread::sleep(Duration::from_millis(5)); // plan not ready yet, or the head in flight
             continue;
         };
-        let _head_done = is_head.then(|| HeadDone(queue));
+        let _head_done = is_head.then(|| HeadDone(queue, image));
         // User reads first: wait while any is in progress (the head, what they will ask for first,
         // goes at once).
         while !is_head && image.user_reads_in_flight() > 0 && !stop.load(Ordering::Relaxed) {

@@ -21,7 +21,8 @@ impl RafsImage {
     /// that do too, up to the link's window; or else, when `first` is one of `dir`'s chunks (its file's
     /// directory, being read file after file), the chunks after it that are too, and else, when `first`
     /// lies near the blob's previous miss, the chunks after it, both up to what
-    /// [`speculate::Speculation`] grants. Each is claimed. Empty when nothing is predicted.
+    /// [`speculate::Speculation`] grants. Each is claimed. Empty when nothing is predicted, and for a
+    /// prefetch-table chunk while the prefetch head is pending.
     pub(super) fn predicted_run(
         &self,
         cache: &Arc<BlobCache>,
@@ -37,6 +38,17 @@ impl RafsImage {
             first.compressed_offset,
             first.compressed_size as u64,
         );
+        let key = (first.blob_index, first.index);
+        // The prefetch head brings this chunk's table successors in one request, in the order the
+        // program reads them; a run here would share the link with it.
+        if self
+            .prefetch_head
+            .load(std::sync::atomic::Ordering::Acquire)
+            && self.prefetch_chunks().is_some_and(|p| p.contains(&key))
+        {
+            self.speculation.refund(granted);
+            return Vec::new();
+        }
         let mut window = self.streams.window_bytes();
         let mut run = Vec::new();
         let mut end = first_end;
@@ -65,7 +77,6 @@ impl RafsImage {
             }
             return run;
         }
-        let key = (first.blob_index, first.index);
         let table = self.prefetch_chunks().filter(|p| p.contains(&key));
         let mut granted = granted;
         let mut dir_chunks = None;
