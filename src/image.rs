@@ -25,7 +25,7 @@ mod verify;
 use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
@@ -98,6 +98,22 @@ pub enum MetaSource {
     InlineBlob { path: PathBuf, blob_id: String },
 }
 
+/// The prefetch head (`cache::prefetch`: the first bytes of the chosen files, fetched first in one
+/// request) while it is planned or fetched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefetchHead {
+    None,
+    /// Being planned from the image's prefetch table, where it lies is not known yet: the table's
+    /// chunks are left to it.
+    PlanningTable,
+    /// Planned or being fetched: compressed bytes `start..end` of blob `blob`.
+    Range {
+        blob: u32,
+        start: u64,
+        end: u64,
+    },
+}
+
 pub struct RafsImage {
     meta: Box<dyn MetaReader>,
     source: MetaSource,
@@ -118,10 +134,10 @@ pub struct RafsImage {
     /// The chunks of the files in the image's prefetch table, computed on the first miss (`None`: no
     /// table, or too many chunks to index).
     prefetch_chunks: OnceLock<Option<HashSet<(u32, u32)>>>,
-    /// A prefetch head is planned or in flight (`cache::prefetch`): a miss on a prefetch-table chunk
-    /// fetches only its own chunk and leaves the chunks after it to the head's one request, which would
-    /// otherwise share the link with the miss's parallel parts.
-    prefetch_head: AtomicBool,
+    /// The prefetch head while it is planned or fetched (`cache::prefetch`): a miss on one of its chunks
+    /// fetches only that chunk, and no predicted run reaches into it, so the head's one request does not
+    /// share the link with runs of the same bytes.
+    prefetch_head: Mutex<PrefetchHead>,
     /// Misses near each other, and the bytes fetched past them on that guess.
     speculation: speculate::Speculation,
     /// Which files lie in which directory, and the directories being read file after file.
@@ -203,7 +219,7 @@ impl RafsImage {
             }),
             streams: Streams::new(nblobs),
             prefetch_chunks: OnceLock::new(),
-            prefetch_head: AtomicBool::new(false),
+            prefetch_head: Mutex::new(PrefetchHead::None),
             speculation: speculate::Speculation::new(nblobs),
             siblings: siblings::Siblings::default(),
         })
@@ -334,9 +350,14 @@ impl RafsImage {
         self.user_reads.load(Ordering::Relaxed)
     }
 
-    /// Whether a prefetch head is planned or in flight (see the field's doc); set by the prefetcher.
-    pub(crate) fn set_prefetch_head(&self, pending: bool) {
-        self.prefetch_head.store(pending, Ordering::Release);
+    /// The prefetch head the prefetcher plans or fetches (misses leave its chunks to it).
+    pub(crate) fn set_prefetch_head(&self, head: PrefetchHead) {
+        *self.prefetch_head.lock().unwrap_or_else(|e| e.into_inner()) = head;
+    }
+
+    /// The prefetch head planned or being fetched, if any.
+    pub fn prefetch_head(&self) -> PrefetchHead {
+        *self.prefetch_head.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Where the image's blobs come from.

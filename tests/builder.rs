@@ -1159,6 +1159,12 @@ fn a_prefetch_tables_data_is_fetched_first_in_one_request() {
         });
         rx.recv_timeout(std::time::Duration::from_secs(60))
             .expect("prefetch did not end");
+        // Reads predict again once the head is fetched, or when there is none.
+        assert_eq!(
+            image.prefetch_head(),
+            rafsd::image::PrefetchHead::None,
+            "the head stayed set"
+        );
         let (metrics, _) = image.backend_metrics();
         (metrics.reads(), metrics.bytes())
     };
@@ -1177,7 +1183,7 @@ fn a_prefetch_tables_data_is_fetched_first_in_one_request() {
     );
     // A read racing the plan takes its own chunk at most: the rest of the table stays the head's, in
     // one request (before: the read's prediction took the next 3 MiB in 3 parallel requests, 7 in all).
-    for _ in 0..3 {
+    for _ in 0..5 {
         let (reads, bytes) = prefetch(&built, &names, true);
         assert!(
             (18 << 20..(18 << 20) + (64 << 10)).contains(&bytes),
@@ -1189,6 +1195,12 @@ fn a_prefetch_tables_data_is_fetched_first_in_one_request() {
              head, two after it"
         );
     }
+    // Files chosen by --prefetch-files rather than the table: the head once planned.
+    let (reads, _) = prefetch(&built, &names[..17], false);
+    assert_eq!(
+        reads, 3,
+        "requests: the chunk-info array, the head, one after it"
+    );
     // The files in another order than the blob's: no head, one request per merged MiB.
     let unlisted = build(src.path(), &BuildOptions::default());
     let (reads, _) = prefetch(&unlisted, &["f05", "f00", "f01"], false);

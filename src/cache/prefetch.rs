@@ -8,10 +8,11 @@
 //! while they stream. Several requests at once would share the link, and each of the first bytes needed
 //! would come as slowly as the requests in flight are many (a container's start-up from a recorded
 //! prefetch list took 0.78 s against 0.84 s, see the README's start-up benchmark). Until the head is
-//! fetched, a read that misses a table chunk takes that chunk alone and leaves the rest to the head
-//! (`RafsImage::set_prefetch_head`): a container's first read races the plan, and its own run would
-//! share the link with the head (0.77 s against 0.85 s). The rest follows in merged requests on all
-//! workers; so does what is left of the head when its request fails.
+//! fetched, a read that misses one of its chunks takes that chunk alone, and no read's predicted run
+//! reaches into it (`RafsImage::prefetch_head`; while the plan is made, the table's chunks stand for
+//! it): a container's first read races the plan, and its own run would share the link with the head
+//! (0.77 s against 0.85 s). The rest follows in merged requests on all workers; so does what is left
+//! of the head when its request fails.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,7 +23,7 @@ use std::time::{Duration, Instant};
 use crate::config::PrefetchConfig;
 use crate::error::Result;
 use crate::format::ChunkInfo;
-use crate::image::{RafsImage, WalkEvent};
+use crate::image::{PrefetchHead, RafsImage, WalkEvent};
 
 /// The bytes of chosen files fetched first, in one request (a stream stored chunk by chunk: its size
 /// costs no memory, except through a plain forward proxy, whose ranged answers are read whole).
@@ -57,8 +58,14 @@ impl Prefetcher {
             PrefetchTarget::Inodes(_) => HEAD_BYTES.min(limiter.burst()),
             PrefetchTarget::All => 0,
         };
-        // Until the plan says whether there is a head, reads leave the table's chunks to it.
-        image.set_prefetch_head(head > 0);
+        // Until the plan says where the head lies, if anywhere, reads leave the table's chunks to it
+        // when the table is what is prefetched (a container's first read races the plan).
+        image.set_prefetch_head(match &target {
+            PrefetchTarget::Inodes(inos) if head > 0 && *inos == image.info().prefetch => {
+                PrefetchHead::PlanningTable
+            }
+            _ => PrefetchHead::None,
+        });
         let mut threads = Vec::new();
         for worker in 0..cfg.threads.max(1) {
             let (image, stop, queue, limiter, target) = (
@@ -73,10 +80,19 @@ impl Prefetcher {
                 .spawn(move || {
                     if worker == 0 {
                         let started = Instant::now();
-                        let (runs, has_head) = match plan(&image, &target, merge, head) {
-                            Ok(r) => r,
-                            Err(e) => {
+                        // A panic while planning must not leave the head set or the others waiting.
+                        let planned =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                plan(&image, &target, merge, head)
+                            }));
+                        let (runs, has_head) = match planned {
+                            Ok(Ok(r)) => r,
+                            Ok(Err(e)) => {
                                 log::warn!("prefetch: cannot plan ({e}); skipping prefetch");
+                                (VecDeque::new(), false)
+                            }
+                            Err(_) => {
+                                log::error!("prefetch: planning panicked; skipping prefetch");
                                 (VecDeque::new(), false)
                             }
                         };
@@ -85,9 +101,10 @@ impl Prefetcher {
                             runs.len(),
                             started.elapsed()
                         );
-                        if !has_head {
-                            image.set_prefetch_head(false);
-                        }
+                        image.set_prefetch_head(match (has_head, runs.front()) {
+                            (true, Some(run)) => head_range(run),
+                            _ => PrefetchHead::None,
+                        });
                         let plan = Plan {
                             head: match has_head {
                                 true => Head::Waiting,
@@ -110,7 +127,7 @@ impl Prefetcher {
             }
         }
         if threads.is_empty() {
-            image.set_prefetch_head(false); // nobody plans
+            image.set_prefetch_head(PrefetchHead::None); // nobody plans
         }
         Prefetcher { stop, threads }
     }
@@ -154,7 +171,7 @@ struct HeadDone<'a>(&'a Mutex<Option<Plan>>, &'a RafsImage);
 
 impl Drop for HeadDone<'_> {
     fn drop(&mut self) {
-        self.1.set_prefetch_head(false);
+        self.1.set_prefetch_head(PrefetchHead::None);
         if let Some(plan) = self.0.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
             plan.head = Head::Done;
         }
@@ -171,7 +188,7 @@ fn run_worker(
     let metrics = image.cache().map(|c| &c.metrics);
     loop {
         if stop.load(Ordering::Relaxed) {
-            image.set_prefetch_head(false);
+            image.set_prefetch_head(PrefetchHead::None);
             return;
         }
         let next = {
@@ -272,6 +289,18 @@ fn plan(
     };
     let runs = merged_with_head(chunks, merge, if leads { head } else { 0 });
     Ok((runs, leads))
+}
+
+/// Where the head `run` lies in its blob.
+fn head_range(run: &[ChunkInfo]) -> PrefetchHead {
+    match (run.first(), run.last()) {
+        (Some(first), Some(last)) => PrefetchHead::Range {
+            blob: first.blob_index,
+            start: first.compressed_offset,
+            end: last.compressed_offset + last.compressed_size as u64,
+        },
+        _ => PrefetchHead::None,
+    }
 }
 
 /// The first chunk of the first regular file with data among `inos` (empty files skipped), unless a

@@ -1,14 +1,15 @@
 //! Which chunks to fetch with a miss, in the same backend request: the rest of a file read front to back,
 //! the chunks of the image's prefetch table, or (within the `speculate` budget) the chunks of the miss's
 //! directory once several of its files missed (`siblings`), or else the chunks after a miss that lands
-//! near the previous one. Each predicted chunk is claimed so nobody fetches it twice.
+//! near the previous one. Each predicted chunk is claimed so nobody fetches it twice; none of the prefetch
+//! head's while it is planned or fetched (`cache::prefetch`).
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
 use super::siblings::{self, DirGuess, Verdict};
 use super::stream::Pending;
-use super::RafsImage;
+use super::{PrefetchHead, RafsImage};
 use crate::cache::BlobCache;
 use crate::format::{ChunkInfo, InodeAttr};
 
@@ -22,7 +23,7 @@ impl RafsImage {
     /// directory, being read file after file), the chunks after it that are too, and else, when `first`
     /// lies near the blob's previous miss, the chunks after it, both up to what
     /// [`speculate::Speculation`] grants. Each is claimed. Empty when nothing is predicted, and for a
-    /// prefetch-table chunk while the prefetch head is pending.
+    /// chunk of the prefetch head while it is planned or fetched; no run reaches into the head.
     pub(super) fn predicted_run(
         &self,
         cache: &Arc<BlobCache>,
@@ -38,14 +39,9 @@ impl RafsImage {
             first.compressed_offset,
             first.compressed_size as u64,
         );
-        let key = (first.blob_index, first.index);
-        // The prefetch head brings this chunk's table successors in one request, in the order the
-        // program reads them; a run here would share the link with it.
-        if self
-            .prefetch_head
-            .load(std::sync::atomic::Ordering::Acquire)
-            && self.prefetch_chunks().is_some_and(|p| p.contains(&key))
-        {
+        // The prefetch head brings the chunks after this one in one request, in the order the program
+        // reads them; a run here would share the link with it.
+        if self.left_to_prefetch_head(first) {
             self.speculation.refund(granted);
             return Vec::new();
         }
@@ -57,6 +53,7 @@ impl RafsImage {
                 || next.batch.is_some()
                 || next.compressed_offset != *end
                 || *end + next.compressed_size as u64 - first.compressed_offset > window
+                || self.left_to_prefetch_head(&next)
             {
                 return false;
             }
@@ -77,6 +74,7 @@ impl RafsImage {
             }
             return run;
         }
+        let key = (first.blob_index, first.index);
         let table = self.prefetch_chunks().filter(|p| p.contains(&key));
         let mut granted = granted;
         let mut dir_chunks = None;
@@ -173,6 +171,21 @@ impl RafsImage {
             .into_iter()
             .map_while(|(o, addr)| self.file_chunk(inode, o, &addr).ok())
             .collect()
+    }
+
+    /// Whether `chunk` is the prefetch head's, planned or being fetched (see [`PrefetchHead`]).
+    fn left_to_prefetch_head(&self, chunk: &ChunkInfo) -> bool {
+        match self.prefetch_head() {
+            PrefetchHead::None => false,
+            PrefetchHead::PlanningTable => self
+                .prefetch_chunks()
+                .is_some_and(|p| p.contains(&(chunk.blob_index, chunk.index))),
+            PrefetchHead::Range { blob, start, end } => {
+                chunk.blob_index == blob
+                    && chunk.compressed_offset < end
+                    && chunk.compressed_offset + chunk.compressed_size as u64 > start
+            }
+        }
     }
 
     /// The chunks of the files in the image's prefetch table (a table naming the root predicts nothing:
