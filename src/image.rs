@@ -13,6 +13,7 @@
 
 mod chunk_info;
 mod demand;
+mod failures;
 mod inline;
 mod lookup;
 mod predict;
@@ -126,6 +127,8 @@ pub struct RafsImage {
     cache: Option<Arc<BlobCache>>,
     amplify_io: u64,
     user_reads: AtomicUsize,
+    /// Blobs whose data requests found no answer lately (`failures`).
+    failures: failures::BlobFailures,
     /// Every read of the backend (`backend` counts into it).
     backend_metrics: Arc<BackendMetrics>,
     demand: Option<Demand>,
@@ -212,6 +215,7 @@ impl RafsImage {
             cache,
             amplify_io: opts.amplify_io,
             user_reads: AtomicUsize::new(0),
+            failures: failures::BlobFailures::new(nblobs),
             backend_metrics,
             demand: opts.record_demand.then(|| Demand {
                 blobs: (0..nblobs).map(|_| Mutex::new(Vec::new())).collect(),

@@ -1289,6 +1289,9 @@ fn daemon_returns_eio_on_backend_faults_and_serves_again_after_recovery() {
             start.elapsed()
         );
         assert!(d.is_running(), "daemon died on {fault:?}");
+        // A blob that did not answer is not asked again for a few seconds (its readers get the error
+        // at once): the next fault meets the next request.
+        std::thread::sleep(FAILED_LOAD_RETRY_AFTER + Duration::from_millis(200));
     }
     // The failures are in the daemon's event ring, as nydusd's API shows them.
     let (status, body) = daemon::api_request(
@@ -1730,8 +1733,8 @@ fn lazy_pull_fetches_only_what_is_read() {
 // ---------------------------------------------------------------------------------------------------
 // Blob metadata loads and mounting without the network.
 
-/// How long a failed chunk-info load is remembered: readers of that blob fail fast for this long
-/// (`image::FAILED_LOAD_RETRY_AFTER`).
+/// How long a failed chunk-info load, or a blob's data request that found no answer, is remembered:
+/// readers of that blob fail fast for this long (`image::FAILED_LOAD_RETRY_AFTER`).
 const FAILED_LOAD_RETRY_AFTER: Duration = Duration::from_secs(5);
 
 /// The backend's timeout in the stalled-layer test: long enough that a loaded machine serves the other
@@ -2007,8 +2010,9 @@ fn backend_metrics_report_each_mounts_backend_type_and_failed_reads() {
     assert_eq!(status, 200, "{failed}");
     assert_eq!(failed["backend_type"], "registry", "{failed}");
     assert!(failed["read_errors"].as_u64().unwrap() >= 1, "{failed}");
-    // Back up: both mounts serve the file.
+    // Back up: both mounts serve the file (once the failure is no longer remembered).
     server.set_always(None);
+    std::thread::sleep(FAILED_LOAD_RETRY_AFTER + Duration::from_millis(200));
     for mp in ["reg", "local"] {
         let f = file(&mut g, mp);
         let data = g.read_file(f, 128 << 10).unwrap();

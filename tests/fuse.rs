@@ -1016,17 +1016,18 @@ fn more_cold_reads_than_workers_leave_a_worker_for_everything_else() {
 }
 
 /// Two images in one daemon (nydus-snapshotter's shared mode), 4 workers (3 cold slots): eight cold reads
-/// of one image wait at its registry, which answers nothing (each attempt is given up after the
-/// backend's 4 s timeout), and hold all 3 slots; then eight cold reads of the other image, from its own
-/// backend, come. When the slow image's first reads fail, a freed slot goes to the other image, which
-/// runs none, rather than to the slow image's older requests, and the slow image keeps to its share (2)
-/// while the other image has reads: the other image's reads are all answered before the slow image's
-/// next round of requests fails, so at most 6 of the slow image's requests have reached its registry by
-/// then. Served first come, first served, the other image's reads waited behind all 8.
+/// of one image wait at its registry, which answers each request after 4 s (slow, not failing: a
+/// failure would be remembered, and the image's next reads would fail at once, see `tests/backends.rs`),
+/// and hold all 3 slots; then eight cold reads of the other image, from its own backend, come. When the
+/// slow image's first reads end, a freed slot goes to the other image, which runs none, rather than to
+/// the slow image's older requests, and the slow image keeps to its share (2) while the other image has
+/// reads: the other image's reads are all answered before the slow image's next round of requests
+/// ends, so at most 6 of the slow image's requests have reached its registry by then. Served first
+/// come, first served, the other image's reads waited behind all 8.
 #[test]
 #[ignore = "needs root: ci/test.sh"]
 fn an_image_whose_registry_stalls_leaves_cold_slots_to_the_other_images() {
-    let t = SlowAndOther::start();
+    let t = SlowAndOther::start(60);
     let (d, server) = (&t.daemon, &t.server);
     let (held, readers) = t.hold_slow_reads();
     // All 8 are in flight for the admin API, the 5 waiting for a slot too (their callers wait as well:
@@ -1054,7 +1055,7 @@ fn an_image_whose_registry_stalls_leaves_cold_slots_to_the_other_images() {
             "the other image's cold reads were not answered while the slow image's reads wait",
         );
     }
-    let reached = server.held();
+    let reached = server.held_in_all();
     assert!(
         reached <= 6,
         "{reached} of the slow image's requests reached its registry before the other image's reads \
@@ -1067,17 +1068,17 @@ fn an_image_whose_registry_stalls_leaves_cold_slots_to_the_other_images() {
 }
 
 /// An image read one request at a time (a program reading its files in turn) beside one whose registry
-/// answers nothing, in a daemon with 4 workers (3 cold slots): eight cold reads of the slow image hold
-/// all 3 slots, so the other image's first cold read waits until one of them fails (the backend's 4 s
-/// timeout). Its next reads, each sent when the one before is answered, then find a slot at once: the
-/// slow image stays at its share (2) for a while after another image's cold read ended, rather than
-/// taking the freed slot back the moment the reader between two reads has none running. Without that,
-/// each waited for the slow image's next round of failures, 4 s apart.
+/// answers each request after 4 s, in a daemon with 4 workers (3 cold slots): eight cold reads of the
+/// slow image hold all 3 slots, so the other image's first cold read waits until one of them ends. Its
+/// next reads, each sent when the one before is answered, then find a slot at once: the slow image
+/// stays at its share (2) for a while after another image's cold read ended, rather than taking the
+/// freed slot back the moment the reader between two reads has none running. Without that, each waited
+/// for the slow image's next round of answers, 4 s apart.
 #[test]
 #[ignore = "needs root: ci/test.sh"]
 fn an_image_read_one_request_at_a_time_keeps_a_cold_slot_beside_a_stalled_one() {
     use std::os::unix::fs::OpenOptionsExt;
-    let t = SlowAndOther::start();
+    let t = SlowAndOther::start(60);
     let (held, readers) = t.hold_slow_reads();
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -1122,10 +1123,95 @@ fn an_image_read_one_request_at_a_time_keeps_a_cold_slot_beside_a_stalled_one() 
     t.end(readers);
 }
 
+/// An image whose registry stops answering (hostile, or down): after one of its data requests found no
+/// answer (the backend's 2 s timeout), its next reads fail at once without asking the registry, for
+/// `FAILED_LOAD_RETRY_AFTER`; then one request tries again while the others wait for it (at most a
+/// second) and fail with it; once the registry answers again, so does the image, readers waiting for
+/// the request that tries first included. Before, every read waited for its own request's timeout, 3
+/// at a time in the cold slots (eight reads: about 6 s, and 8 requests at the registry).
+#[test]
+#[ignore = "needs root: ci/test.sh"]
+fn reads_of_a_blob_that_stopped_answering_fail_at_once_and_one_request_tries_again() {
+    use rafsd::image::FAILED_LOAD_RETRY_AFTER;
+    let t = SlowAndOther::start(2);
+    let held = t.server.hold_data();
+    let read_at = |off: u64| {
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&t.slow)
+            .unwrap();
+        let (mut buf, skew) = aligned(64 << 10);
+        f.read_at(&mut buf[skew..skew + (64 << 10)], off)
+    };
+    // Eight reads at once; how long each took, in the order they ended.
+    let eight_reads = || {
+        let start = Instant::now();
+        let (readers, done) = held_reads(&t.slow);
+        let mut took = Vec::new();
+        for _ in 0..8 {
+            while_held(&done, &t.daemon, "a read of /slow was not answered");
+            took.push(start.elapsed());
+        }
+        for h in readers {
+            let (off, got) = h.join().unwrap();
+            let e = got.expect_err("the registry answers nothing");
+            assert_eq!(e.raw_os_error(), Some(libc::EIO), "read at {off}");
+        }
+        took
+    };
+    let start = Instant::now();
+    let e = read_at(0).expect_err("the registry answers nothing");
+    assert_eq!(e.raw_os_error(), Some(libc::EIO));
+    assert!(
+        start.elapsed() >= Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(t.server.held_in_all(), 1);
+
+    let took = eight_reads();
+    assert!(
+        took[7] < Duration::from_secs(1),
+        "eight reads after the failure took {took:?}: they asked the registry again\nlog:\n{}",
+        t.daemon.log_text()
+    );
+    assert_eq!(
+        t.server.held_in_all(),
+        1,
+        "reads after the failure asked the registry"
+    );
+
+    // After the pause: one request goes (and fails at its timeout); the other seven wait for it, at most
+    // a second each, and fail with it. Asking the registry each (before) took three rounds of timeouts.
+    std::thread::sleep(FAILED_LOAD_RETRY_AFTER + Duration::from_millis(200));
+    let took = eight_reads();
+    assert_eq!(
+        t.server.held_in_all(),
+        2,
+        "after the pause more than one request tried the registry again; reads took {took:?}"
+    );
+    assert!(
+        took[7] < Duration::from_secs(5),
+        "after the pause: {took:?}\nlog:\n{}",
+        t.daemon.log_text()
+    );
+
+    // The registry answers again: after the pause, so does the image, with the right bytes.
+    drop(held);
+    std::thread::sleep(FAILED_LOAD_RETRY_AFTER + Duration::from_millis(200));
+    assert_eq!(
+        manifest::sha256_file(&t.slow)
+            .unwrap_or_else(|e| panic!("{e}\nlog:\n{}", t.daemon.log_text())),
+        stalled_file_sha256()
+    );
+    assert!(t.daemon.stop().success());
+}
+
 /// A daemon with 4 workers (3 cold slots, 2 per image while another has cold reads) serving
-/// [`STALLED_CASE`] twice: at `/slow` from `server`'s registry (whose data a test holds; each request
-/// given up after 4 s, not retried), its chunk-info array already cached, and at `/other` from the blob
-/// dir, nothing of it read yet.
+/// [`STALLED_CASE`] twice: at `/slow` from `server`'s registry (whose data a test holds; not retried),
+/// its chunk-info array already cached, and at `/other` from the blob dir, nothing of it read yet.
 struct SlowAndOther {
     daemon: Daemon,
     sock: PathBuf,
@@ -1137,7 +1223,8 @@ struct SlowAndOther {
 }
 
 impl SlowAndOther {
-    fn start() -> Self {
+    /// The two images, /slow's backend giving each request up after `timeout` seconds.
+    fn start(timeout: u64) -> Self {
         manifest::assert_root("FUSE mounts");
         let server = services::FakeServer::with_blobs_of(
             "rafsd/stalled",
@@ -1147,7 +1234,7 @@ impl SlowAndOther {
         let (daemon, sock) = start_without_image(dir.path(), &["--thread-num", "4"]);
         let bootstrap = manifest::case_bootstrap(STALLED_CASE);
         let cache = dir.path().join("slow-cache");
-        let config = held_registry_config(&server, "rafsd/stalled", &cache, 4);
+        let config = held_registry_config(&server, "rafsd/stalled", &cache, timeout);
         api_mount(&sock, "/slow", &bootstrap, config);
         let other_config = v1_config(
             &manifest::case_blob_dir(STALLED_CASE),
@@ -1168,10 +1255,11 @@ impl SlowAndOther {
         }
     }
 
-    /// Eight cold reads of the slow image's file held at its registry (see [`held_reads`]), once the first
-    /// three reached it: they hold every cold slot, the other five wait for one.
+    /// Eight cold reads of the slow image's file, each answered [`SLOW_ANSWER`] after it reached its
+    /// registry (see [`held_reads`]), once the first three reached it: they hold every cold slot, the
+    /// other five wait for one.
     fn hold_slow_reads(&self) -> (services::HeldData<'_>, Vec<HeldRead>) {
-        let held = self.server.hold_data();
+        let held = self.server.hold_data_for(SLOW_ANSWER);
         let (readers, _) = held_reads(&self.slow);
         assert!(
             self.server.wait_held(3, Duration::from_secs(10)),
@@ -1182,23 +1270,23 @@ impl SlowAndOther {
         (held, readers)
     }
 
-    /// The slow image's held `readers` end (failed: nothing came from its registry in time; or with the
-    /// right bytes once released), and the daemon stops cleanly.
+    /// The slow image's held `readers` end with the right bytes, and the daemon stops cleanly.
     fn end(self, readers: Vec<HeldRead>) {
         let whole = std::fs::read(&self.slow).unwrap();
         for h in readers {
             let (off, got) = h.join().unwrap();
-            match got {
-                Ok(got) => assert!(
-                    got == whole[off as usize..off as usize + got.len()],
-                    "read at {off}"
-                ),
-                Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "read at {off}"),
-            }
+            let got = got.unwrap_or_else(|e| panic!("read at {off}: {e}"));
+            assert!(
+                got == whole[off as usize..off as usize + got.len()],
+                "read at {off}"
+            );
         }
         assert!(self.daemon.stop().success());
     }
 }
+
+/// How long the slow image's registry takes to answer each request in the two-image tests.
+const SLOW_ANSWER: Duration = Duration::from_secs(4);
 
 /// The image whose reads are held at the registry (64 KiB chunks), and the file they read.
 const STALLED_CASE: &str = "v6-lz4-sha256-64k";

@@ -10,10 +10,10 @@ use crate::corrupt;
 use crate::error::{Error, Result};
 use crate::format::blob_meta::ChunkInfoArray;
 
-/// How long a failed chunk-info array load is remembered: readers of that blob get the error at once for
-/// this long, then the next reader loads it again. About one backend request timeout (5 s by default): an
-/// unreachable layer does not cost every reader a full round of retries, and a backend that recovers is
-/// used again within seconds.
+/// How long a failed chunk-info array load (and a data request that found no answer, `failures.rs`) is
+/// remembered: readers of that blob get the error at once for this long, then the next reader loads it
+/// again. About one backend request timeout (5 s by default): an unreachable layer does not cost every
+/// reader a full round of retries, and a backend that recovers is used again within seconds.
 pub const FAILED_LOAD_RETRY_AFTER: Duration = Duration::from_secs(5);
 
 /// The chunk-info array of one v6 blob, loaded on first use by one reader while the others of that blob

@@ -271,7 +271,11 @@ impl RafsImage {
         };
         let head_len = (end(head.last().unwrap_or(&first)) - first.info.compressed_offset) as usize;
         let opened = self
-            .backend_stream(&ctx.blob.id, first.info.compressed_offset, head_len)
+            .backend_stream(
+                first.info.blob_index,
+                first.info.compressed_offset,
+                head_len,
+            )
             .and_then(|mut reader| {
                 let got = stream::read_chunk(&ctx, &mut *reader, &first.info, &mut Vec::new())?;
                 Ok((reader, got))
@@ -363,18 +367,24 @@ impl RafsImage {
         }
     }
 
-    /// `len` bytes of a blob as a stream (one backend read in the metrics).
+    /// `len` bytes of blob `index` as a stream (one backend read in the metrics), unless the blob's last
+    /// request found no answer (`failures`).
     fn backend_stream(
         &self,
-        blob_id: &str,
+        index: u32,
         offset: u64,
         len: usize,
     ) -> Result<Box<dyn std::io::Read + Send>> {
-        self.backend.open_range(blob_id, offset, len)
+        let id = &self.info().blobs[index as usize].id;
+        self.failures
+            .request(index, || self.backend.open_range(id, offset, len))
     }
 
-    fn backend_read(&self, blob_id: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
-        self.backend.read_exact_at(blob_id, offset, len)
+    /// `len` bytes of blob `index`, unless its last request found no answer (`failures`).
+    fn backend_read(&self, index: u32, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let id = &self.info().blobs[index as usize].id;
+        self.failures
+            .request(index, || self.backend.read_exact_at(id, offset, len))
     }
 
     /// One chunk straight from the backend, decoded and verified.
@@ -397,7 +407,7 @@ impl RafsImage {
             }
             None => {
                 let stored = self.backend_read(
-                    &blob.id,
+                    info.blob_index,
                     info.compressed_offset,
                     info.compressed_size as usize,
                 )?;
@@ -450,7 +460,7 @@ impl RafsImage {
                 blob.id
             ));
         }
-        let stored = self.backend_read(&blob.id, compressed_offset, compressed as usize)?;
+        let stored = self.backend_read(blob_index, compressed_offset, compressed as usize)?;
         // A batch that did not shrink under compression is stored raw.
         let data = if compressed == uncompressed {
             stored
@@ -511,7 +521,7 @@ impl RafsImage {
                 let ctx = self.stream_ctx(cache, run[0].info.blob_index);
                 let started = Instant::now();
                 let mut reader = self.backend_stream(
-                    &ctx.blob.id,
+                    run[0].info.blob_index,
                     run[0].info.compressed_offset,
                     bytes as usize,
                 )?;

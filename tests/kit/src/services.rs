@@ -456,28 +456,48 @@ impl FakeOptions {
 /// Blob data answers wait here while the gate is closed ([`FakeServer::hold_data`]).
 #[derive(Default)]
 pub struct Gate {
-    /// (closed, answers waiting)
-    state: Mutex<(bool, usize)>,
+    state: Mutex<GateState>,
     opened: Condvar,
 }
 
+#[derive(Default)]
+struct GateState {
+    closed: bool,
+    /// Answers waiting now.
+    waiting: usize,
+    /// Answers that came to the gate since it closed.
+    arrived: usize,
+    /// How long each answer waits at most (60 s when unset, so a test that forgets to open it still
+    /// ends).
+    hold: Option<Duration>,
+}
+
 impl Gate {
-    /// Wait while closed (at most 60 s, so a test that forgets to open it still ends).
+    /// Wait while closed, at most the gate's hold.
     fn pass(&self) {
         let mut st = self.state.lock().unwrap();
-        if !st.0 {
+        if !st.closed {
             return;
         }
-        st.1 += 1;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while st.0 && Instant::now() < deadline {
+        st.waiting += 1;
+        st.arrived += 1;
+        let deadline = Instant::now() + st.hold.unwrap_or(Duration::from_secs(60));
+        while st.closed && Instant::now() < deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
             st = self
                 .opened
-                .wait_timeout(st, Duration::from_millis(100))
+                .wait_timeout(st, left.min(Duration::from_millis(100)))
                 .unwrap()
                 .0;
         }
-        st.1 -= 1;
+        st.waiting -= 1;
+    }
+
+    fn close(&self, hold: Option<Duration>) {
+        let mut st = self.state.lock().unwrap();
+        st.closed = true;
+        st.arrived = 0;
+        st.hold = hold;
     }
 }
 
@@ -519,7 +539,9 @@ pub struct HeldData<'a>(&'a Gate);
 
 impl Drop for HeldData<'_> {
     fn drop(&mut self) {
-        self.0.state.lock().unwrap().0 = false;
+        let mut st = self.0.state.lock().unwrap();
+        st.closed = false;
+        st.hold = None;
         self.0.opened.notify_all();
     }
 }
@@ -641,13 +663,25 @@ impl FakeServer {
     /// backend read stalls until the test lets it go on (also when the test fails), then gets the right
     /// bytes.
     pub fn hold_data(&self) -> HeldData<'_> {
-        self.gate.state.lock().unwrap().0 = true;
+        self.gate.close(None);
+        HeldData(&self.gate)
+    }
+
+    /// Until the guard is dropped, each blob data answer waits `each` before it is sent (a registry
+    /// that answers, slowly), or until the guard is dropped.
+    pub fn hold_data_for(&self, each: Duration) -> HeldData<'_> {
+        self.gate.close(Some(each));
         HeldData(&self.gate)
     }
 
     /// Blob data answers waiting at the gate now.
     pub fn held(&self) -> usize {
-        self.gate.state.lock().unwrap().1
+        self.gate.state.lock().unwrap().waiting
+    }
+
+    /// Blob data answers that came to the gate since it was closed (held or let go since).
+    pub fn held_in_all(&self) -> usize {
+        self.gate.state.lock().unwrap().arrived
     }
 
     /// Wait (bounded) until at least `n` answers wait at the gate.

@@ -1,0 +1,251 @@
+//! Data requests of a blob that found no answer, remembered per blob: after one fails for want of an
+//! answer (unreachable, timed out, 5xx or 429 after every retry), reads of that blob get the same error at
+//! once for [`FAILED_LOAD_RETRY_AFTER`]; then one request at a time tries again until one is answered,
+//! the others waiting up to [`RETRY_WAIT`] for its outcome (a registry back up answers within it) and
+//! else getting the error. A registry that stalls, hostile or down, then holds one request per blob,
+//! each bounded by the backend's timeout and retries, instead of one per read waiting in line for it:
+//! cold-read slots and workers go back to other images, and the image's own readers fail within a
+//! second, not in a round of timeouts each. Per image: another image's failing backend never fails
+//! this one's reads of the same blob.
+
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use super::chunk_info::FAILED_LOAD_RETRY_AFTER;
+use crate::error::{BackendErrorKind, Error, Result};
+
+/// How long a request waits for another one trying a failed blob again before it gets the error.
+pub const RETRY_WAIT: Duration = Duration::from_secs(1);
+
+/// One slot per blob of an image.
+pub(super) struct BlobFailures {
+    blobs: Vec<Slot>,
+}
+
+#[derive(Default)]
+struct Slot {
+    health: Mutex<Health>,
+    /// A retry ended.
+    retried: Condvar,
+}
+
+#[derive(Default)]
+enum Health {
+    #[default]
+    Answering,
+    Failed {
+        at: Instant,
+        error: Error,
+        /// A request is trying the blob again: the others do not.
+        retrying: bool,
+    },
+}
+
+/// A request let through: reports its outcome (a panic while it runs counts as none, and lets the next
+/// request try).
+pub(super) struct Attempt<'a> {
+    slot: Option<&'a Slot>,
+    retry: bool,
+}
+
+impl BlobFailures {
+    pub fn new(blobs: usize) -> Self {
+        BlobFailures {
+            blobs: (0..blobs).map(|_| Slot::default()).collect(),
+        }
+    }
+
+    /// Run `request` (a data request of blob `index` to the backend) unless a remembered failure
+    /// answers it first.
+    pub fn request<T>(&self, index: u32, request: impl FnOnce() -> Result<T>) -> Result<T> {
+        let attempt = self.admit(index, Instant::now(), RETRY_WAIT)?;
+        let result = request();
+        attempt.finish(result.as_ref().err(), Instant::now());
+        result
+    }
+
+    /// Whether a request of blob `index` may go to the backend at `now` (waiting up to `wait` for a retry
+    /// in flight): the remembered error if not.
+    fn admit(&self, index: u32, now: Instant, wait: Duration) -> Result<Attempt<'_>> {
+        let Some(slot) = self.blobs.get(index as usize) else {
+            return Ok(Attempt {
+                slot: None,
+                retry: false,
+            });
+        };
+        let deadline = Instant::now() + wait;
+        let mut health = slot.health.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let retry = match &mut *health {
+                Health::Answering => false,
+                Health::Failed {
+                    error,
+                    retrying: true,
+                    ..
+                } => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(error.replay());
+                    }
+                    health = (slot.retried.wait_timeout(health, left))
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                    continue;
+                }
+                Health::Failed {
+                    at,
+                    error,
+                    retrying,
+                } => {
+                    if now.saturating_duration_since(*at) < FAILED_LOAD_RETRY_AFTER {
+                        return Err(error.replay());
+                    }
+                    *retrying = true;
+                    true
+                }
+            };
+            return Ok(Attempt {
+                slot: Some(slot),
+                retry,
+            });
+        }
+    }
+}
+
+impl Attempt<'_> {
+    /// The request ended at `now` with `error` (None: answered). Only a backend that did not answer is
+    /// remembered; any other outcome (data, a 404, damaged bytes) shows the blob answers.
+    fn finish(mut self, error: Option<&Error>, now: Instant) {
+        let Some(slot) = self.slot.take() else {
+            return;
+        };
+        let mut health = slot.health.lock().unwrap_or_else(|e| e.into_inner());
+        *health = match error {
+            Some(e @ Error::Backend(b)) if b.kind == BackendErrorKind::Unavailable => {
+                Health::Failed {
+                    at: now,
+                    error: e.replay(),
+                    retrying: false,
+                }
+            }
+            _ => Health::Answering,
+        };
+        slot.retried.notify_all();
+    }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        // Unwound without an outcome: the next request tries again.
+        if let (Some(slot), true) = (self.slot, self.retry) {
+            let mut health = slot.health.lock().unwrap_or_else(|e| e.into_inner());
+            if let Health::Failed { retrying, .. } = &mut *health {
+                *retrying = false;
+            }
+            slot.retried.notify_all();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn down() -> Error {
+        Error::backend(BackendErrorKind::Unavailable, "blob b: timed out")
+    }
+
+    #[test]
+    fn a_blob_that_did_not_answer_fails_at_once_then_one_request_tries_again() {
+        let f = BlobFailures::new(2);
+        let t0 = Instant::now();
+        f.admit(0, t0, Duration::ZERO)
+            .unwrap()
+            .finish(Some(&down()), t0);
+        let later = t0 + Duration::from_secs(1);
+        let err = f.admit(0, later, Duration::ZERO).err().expect("remembered");
+        assert_eq!(err.to_string(), "blob b: timed out");
+        // Blob 1 is not blob 0.
+        f.admit(1, later, Duration::ZERO)
+            .unwrap()
+            .finish(None, later);
+        // After the pause one request goes; the others get the error when they may not wait for it.
+        let after = t0 + FAILED_LOAD_RETRY_AFTER;
+        let retry = f.admit(0, after, Duration::ZERO).unwrap();
+        assert!(
+            f.admit(0, after, Duration::ZERO).is_err(),
+            "a second request went too"
+        );
+        retry.finish(None, after);
+        f.admit(0, after, Duration::ZERO)
+            .unwrap()
+            .finish(None, after);
+    }
+
+    #[test]
+    fn requests_waiting_for_a_retry_follow_its_outcome() {
+        let f = BlobFailures::new(1);
+        let t0 = Instant::now();
+        f.admit(0, t0, Duration::ZERO)
+            .unwrap()
+            .finish(Some(&down()), t0);
+        let mut at = t0;
+        for answered in [true, false] {
+            at += FAILED_LOAD_RETRY_AFTER;
+            let retry = f.admit(0, at, Duration::ZERO).unwrap();
+            std::thread::scope(|s| {
+                let waiter = s.spawn(|| f.admit(0, at, Duration::from_secs(30)).map(|_| ()));
+                std::thread::sleep(Duration::from_millis(50));
+                assert!(!waiter.is_finished(), "it did not wait for the retry");
+                match answered {
+                    true => retry.finish(None, at),
+                    false => retry.finish(Some(&down()), at),
+                }
+                assert_eq!(waiter.join().unwrap().is_ok(), answered);
+            });
+            if answered {
+                f.admit(0, at, Duration::ZERO)
+                    .unwrap()
+                    .finish(Some(&down()), at);
+            }
+        }
+    }
+
+    #[test]
+    fn only_a_backend_that_did_not_answer_is_remembered() {
+        let f = BlobFailures::new(1);
+        let t0 = Instant::now();
+        for answered in [
+            Error::backend(BackendErrorKind::Status(404), "404"),
+            Error::backend(BackendErrorKind::Auth, "401"),
+            Error::Integrity("digest".into()),
+        ] {
+            f.admit(0, t0, Duration::ZERO)
+                .unwrap()
+                .finish(Some(&answered), t0);
+            assert!(
+                f.admit(0, t0, Duration::ZERO).is_ok(),
+                "{answered} was remembered"
+            );
+        }
+        // A failed retry starts the pause again; one that unwinds lets the next request try.
+        f.admit(0, t0, Duration::ZERO)
+            .unwrap()
+            .finish(Some(&down()), t0);
+        let after = t0 + FAILED_LOAD_RETRY_AFTER;
+        f.admit(0, after, Duration::ZERO)
+            .unwrap()
+            .finish(Some(&down()), after);
+        let err = f.admit(0, after + Duration::from_secs(1), Duration::ZERO);
+        assert!(err.is_err());
+        let again = after + FAILED_LOAD_RETRY_AFTER;
+        drop(f.admit(0, again, Duration::ZERO).unwrap());
+        assert!(
+            f.admit(0, again, Duration::ZERO).is_ok(),
+            "an unwound retry blocked the blob"
+        );
+        // Out-of-range blob indexes are not this module's to refuse.
+        assert!(f.admit(7, t0, Duration::ZERO).is_ok());
+    }
+}
