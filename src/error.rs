@@ -53,8 +53,11 @@ pub struct BackendError {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendErrorKind {
-    /// Unreachable or failing after every retry (transport errors, timeouts, 5xx, 429, broken bodies).
+    /// Unreachable or failing after every retry (transport errors, timeouts before an answer, 5xx, 429).
     Unavailable,
+    /// Answers that were not the data asked for, after every retry (a body cut short or timed out, a
+    /// range or length that does not match).
+    Broken,
     /// A final answer that is not the data (404, 400, a redirect without a target, ...): the status.
     Status(u16),
     /// Credentials missing or refused (401/403 from a registry or its token realm).

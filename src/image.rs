@@ -354,6 +354,12 @@ impl RafsImage {
         self.user_reads.load(Ordering::Relaxed)
     }
 
+    /// When a data request of blob `index` may go to the backend without failing at once (None: now),
+    /// after one that found no answer (`failures`). Prefetch waits for it rather than failing its runs.
+    pub fn blob_retry_at(&self, index: u32) -> Option<std::time::Instant> {
+        self.failures.retry_at(index)
+    }
+
     /// The prefetch head the prefetcher plans or fetches (misses leave its chunks to it).
     pub(crate) fn set_prefetch_head(&self, head: PrefetchHead) {
         *self.prefetch_head.lock().unwrap_or_else(|e| e.into_inner()) = head;

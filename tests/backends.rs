@@ -1280,8 +1280,13 @@ fn daemon_returns_eio_on_backend_faults_and_serves_again_after_recovery() {
         server.set_always(Some(fault.clone()));
         drop_cache(&path);
         let start = Instant::now();
+        let asked = server.counters.data_requests.load(Ordering::Relaxed);
         let err =
             manifest::sha256_file(&path).expect_err("a read through a broken backend must fail");
+        assert!(
+            server.counters.data_requests.load(Ordering::Relaxed) > asked,
+            "{fault:?}: the read failed without reaching the server"
+        );
         assert_eq!(err.raw_os_error(), Some(libc::EIO), "{fault:?}: {err}");
         assert!(
             start.elapsed() < Duration::from_secs(20),
@@ -1290,7 +1295,17 @@ fn daemon_returns_eio_on_backend_faults_and_serves_again_after_recovery() {
         );
         assert!(d.is_running(), "daemon died on {fault:?}");
         // A blob that did not answer is not asked again for a few seconds (its readers get the error
-        // at once): the next fault meets the next request.
+        // at once). Once the requests still out end (the kernel may have had several READs in
+        // flight, retrying), that pause passes: the next fault meets the next request.
+        let requests = || server.counters.data_requests.load(Ordering::Relaxed);
+        let mut seen = requests();
+        loop {
+            std::thread::sleep(Duration::from_secs(2));
+            if requests() == seen {
+                break;
+            }
+            seen = requests();
+        }
         std::thread::sleep(FAILED_LOAD_RETRY_AFTER + Duration::from_millis(200));
     }
     // The failures are in the daemon's event ring, as nydusd's API shows them.

@@ -218,6 +218,17 @@ fn run_worker(
         while !is_head && image.user_reads_in_flight() > 0 && !stop.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(1));
         }
+        // A blob whose requests found no answer: wait until it may be asked again, rather than have
+        // each run fail at once and the plan thrown away in milliseconds.
+        if let Some(blob) = run.first().map(|c| c.blob_index) {
+            while let Some(at) = image.blob_retry_at(blob) {
+                let now = Instant::now();
+                if stop.load(Ordering::Relaxed) || at <= now {
+                    break;
+                }
+                std::thread::sleep((at - now).min(Duration::from_millis(100)));
+            }
+        }
         let bytes: u64 = run.iter().map(|c| c.compressed_size as u64).sum();
         limiter.take(bytes, stop);
         match image.prefetch(&run) {

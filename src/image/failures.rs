@@ -36,8 +36,9 @@ enum Health {
     Failed {
         at: Instant,
         error: Error,
-        /// A request is trying the blob again: the others do not.
-        retrying: bool,
+        /// When a request started trying the blob again, if one does: the others wait for it until
+        /// [`RETRY_WAIT`] after that, then get the error.
+        retry_since: Option<Instant>,
     },
 }
 
@@ -64,8 +65,34 @@ impl BlobFailures {
         result
     }
 
-    /// Whether a request of blob `index` may go to the backend at `now` (waiting up to `wait` for a retry
-    /// in flight): the remembered error if not.
+    /// Whether blob `index`'s last data request found no answer (its requests may fail at once).
+    pub fn is_failing(&self, index: u32) -> bool {
+        self.blobs.get(index as usize).is_some_and(|slot| {
+            matches!(
+                *slot.health.lock().unwrap_or_else(|e| e.into_inner()),
+                Health::Failed { .. }
+            )
+        })
+    }
+
+    /// When a request of blob `index` may go to the backend without failing at once (None: now): the
+    /// end of the pause after a failure, or a moment later while another request tries again.
+    pub fn retry_at(&self, index: u32) -> Option<Instant> {
+        let slot = self.blobs.get(index as usize)?;
+        match &*slot.health.lock().unwrap_or_else(|e| e.into_inner()) {
+            Health::Answering => None,
+            Health::Failed {
+                retry_since: Some(_),
+                ..
+            } => Some(Instant::now() + Duration::from_millis(100)),
+            Health::Failed { at, .. } => {
+                Some(*at + FAILED_LOAD_RETRY_AFTER).filter(|t| *t > Instant::now())
+            }
+        }
+    }
+
+    /// Whether a request of blob `index` may go to the backend at `now`, waiting for a retry in flight up
+    /// to `wait` after it started: the remembered error if not.
     fn admit(&self, index: u32, now: Instant, wait: Duration) -> Result<Attempt<'_>> {
         let Some(slot) = self.blobs.get(index as usize) else {
             return Ok(Attempt {
@@ -73,17 +100,16 @@ impl BlobFailures {
                 retry: false,
             });
         };
-        let deadline = Instant::now() + wait;
         let mut health = slot.health.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             let retry = match &mut *health {
                 Health::Answering => false,
                 Health::Failed {
                     error,
-                    retrying: true,
+                    retry_since: Some(since),
                     ..
                 } => {
-                    let left = deadline.saturating_duration_since(Instant::now());
+                    let left = (*since + wait).saturating_duration_since(Instant::now());
                     if left.is_zero() {
                         return Err(error.replay());
                     }
@@ -95,12 +121,12 @@ impl BlobFailures {
                 Health::Failed {
                     at,
                     error,
-                    retrying,
+                    retry_since,
                 } => {
                     if now.saturating_duration_since(*at) < FAILED_LOAD_RETRY_AFTER {
                         return Err(error.replay());
                     }
-                    *retrying = true;
+                    *retry_since = Some(Instant::now());
                     true
                 }
             };
@@ -114,22 +140,29 @@ impl BlobFailures {
 
 impl Attempt<'_> {
     /// The request ended at `now` with `error` (None: answered). Only a backend that did not answer is
-    /// remembered; any other outcome (data, a 404, damaged bytes) shows the blob answers.
+    /// remembered; any other outcome (data, a 404, an answer that is not the data) shows the blob is
+    /// served. A request that started before a retry does not end it: only the retry does.
     fn finish(mut self, error: Option<&Error>, now: Instant) {
         let Some(slot) = self.slot.take() else {
             return;
         };
         let mut health = slot.health.lock().unwrap_or_else(|e| e.into_inner());
+        let retry_since = match (&*health, self.retry) {
+            (Health::Failed { retry_since, .. }, false) => *retry_since,
+            _ => None,
+        };
         *health = match error {
             Some(e @ Error::Backend(b)) if b.kind == BackendErrorKind::Unavailable => {
                 Health::Failed {
                     at: now,
                     error: e.replay(),
-                    retrying: false,
+                    retry_since,
                 }
             }
+            _ if retry_since.is_some() => return, // the retry in flight decides
             _ => Health::Answering,
         };
+        drop(health);
         slot.retried.notify_all();
     }
 }
@@ -139,9 +172,10 @@ impl Drop for Attempt<'_> {
         // Unwound without an outcome: the next request tries again.
         if let (Some(slot), true) = (self.slot, self.retry) {
             let mut health = slot.health.lock().unwrap_or_else(|e| e.into_inner());
-            if let Health::Failed { retrying, .. } = &mut *health {
-                *retrying = false;
+            if let Health::Failed { retry_since, .. } = &mut *health {
+                *retry_since = None;
             }
+            drop(health);
             slot.retried.notify_all();
         }
     }
@@ -184,6 +218,29 @@ mod tests {
     }
 
     #[test]
+    fn only_the_retry_ends_a_retry_and_its_waiters_wait_from_its_start() {
+        let f = BlobFailures::new(1);
+        let t0 = Instant::now();
+        let older = f.admit(0, t0, Duration::ZERO).unwrap();
+        f.admit(0, t0, Duration::ZERO)
+            .unwrap()
+            .finish(Some(&down()), t0);
+        let after = t0 + FAILED_LOAD_RETRY_AFTER;
+        let retry = f.admit(0, after, Duration::ZERO).unwrap();
+        // A request admitted before the failure ends: the retry goes on, and no second one starts.
+        older.finish(None, after);
+        assert!(f.admit(0, after, Duration::ZERO).is_err(), "a second retry");
+        // A request coming `wait` after the retry started gets the error at once.
+        let wait = Duration::from_secs(2);
+        std::thread::sleep(wait + Duration::from_millis(100));
+        let asked = Instant::now();
+        assert!(f.admit(0, after, wait).is_err());
+        assert!(asked.elapsed() < Duration::from_secs(1), "it waited anew");
+        retry.finish(None, after);
+        assert!(f.admit(0, after, Duration::ZERO).is_ok());
+    }
+
+    #[test]
     fn requests_waiting_for_a_retry_follow_its_outcome() {
         let f = BlobFailures::new(1);
         let t0 = Instant::now();
@@ -219,6 +276,7 @@ mod tests {
         for answered in [
             Error::backend(BackendErrorKind::Status(404), "404"),
             Error::backend(BackendErrorKind::Auth, "401"),
+            Error::backend(BackendErrorKind::Broken, "body cut short"),
             Error::Integrity("digest".into()),
         ] {
             f.admit(0, t0, Duration::ZERO)

@@ -201,7 +201,12 @@ impl RafsImage {
         self.speculation.forget(info.blob_index, info.index);
         // Not cached, or the cached copy failed verification and was dropped: fetch a verified copy.
         let located = self.locate(info)?;
-        let slot = match located.batch.is_none() && self.amplify_io > 0 {
+        // A blob whose requests find no answer: this chunk alone (it fails at once, waits for another
+        // request trying the blob again, or is that request), claiming and streaming nothing more.
+        let slot = match located.batch.is_none()
+            && self.amplify_io > 0
+            && !self.failures.is_failing(located.blob_index)
+        {
             true => self.streams.reserve(
                 located.blob_index,
                 self.stream_buffer_bytes(located.blob_index),
@@ -284,7 +289,10 @@ impl RafsImage {
             Ok(v) => v,
             Err(e) => {
                 drop((slot, extra, head, parts));
-                if matches!(e, Error::Integrity(_)) {
+                // Alone it would fail too: at once, the blob's failure being remembered.
+                if matches!(e, Error::Integrity(_))
+                    || self.failures.is_failing(first.info.blob_index)
+                {
                     return Err(e);
                 }
                 log::warn!(

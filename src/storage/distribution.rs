@@ -462,7 +462,7 @@ impl Client {
             match attempt() {
                 Ok(v) => return Ok(v),
                 Err(Failure::Fatal(e)) => return Err(e),
-                Err(Failure::Retry { why, after }) => {
+                Err(Failure::Retry { why, after, .. }) => {
                     if n >= self.retry_limit {
                         return Err(Error::backend(
                             BackendErrorKind::Unavailable,

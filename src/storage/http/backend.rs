@@ -71,10 +71,18 @@ impl<R: Remote> RemoteBackend<R> {
                     crate::storage::events::record(&e.to_string());
                     return Err(e);
                 }
-                Err(Failure::Retry { why, after }) => {
+                Err(Failure::Retry {
+                    why,
+                    after,
+                    no_answer,
+                }) => {
                     if n >= limit {
+                        let kind = match no_answer {
+                            true => BackendErrorKind::Unavailable,
+                            false => BackendErrorKind::Broken,
+                        };
                         let e = Error::backend(
-                            BackendErrorKind::Unavailable,
+                            kind,
                             format!(
                                 "{} {what}: giving up after {} attempts: {why}",
                                 self.remote.kind(),

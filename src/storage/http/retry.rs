@@ -17,16 +17,31 @@ pub enum Failure {
     Retry {
         why: String,
         after: Option<Duration>,
+        /// The server did not answer (a transport error), or answered that it cannot now (408, 429,
+        /// 5xx); else it answered with something other than the data (a body cut short, a range that
+        /// does not match): only the first says the blob is not being served (`image::failures`).
+        no_answer: bool,
     },
     /// Retrying cannot help (404, 403, bad config): fail the read now.
     Fatal(Error),
 }
 
 impl Failure {
+    /// An answer that is not the data asked for.
     pub fn retry(why: impl Into<String>) -> Self {
         Failure::Retry {
             why: why.into(),
             after: None,
+            no_answer: false,
+        }
+    }
+
+    /// No answer: worth a retry.
+    pub fn no_answer(why: impl Into<String>) -> Self {
+        Failure::Retry {
+            why: why.into(),
+            after: None,
+            no_answer: true,
         }
     }
 
@@ -38,7 +53,7 @@ impl Failure {
                 BackendErrorKind::Protocol,
                 format!("{who}: {e}"),
             )),
-            _ => Failure::retry(format!("{who}: {e}")),
+            _ => Failure::no_answer(format!("{who}: {e}")),
         }
     }
 }
@@ -60,6 +75,7 @@ pub fn classify(resp: &Response, what: &str) -> Failure {
         408 | 429 | 500..=599 => Failure::Retry {
             why: format!("{what}: status {}", resp.status),
             after: retry_after(resp),
+            no_answer: true,
         },
         s => Failure::Fatal(Error::backend(
             BackendErrorKind::Status(s),
@@ -98,9 +114,20 @@ mod tests {
         for status in [408, 429, 503] {
             assert!(matches!(
                 classify(&resp(status), "b"),
-                Failure::Retry { .. }
+                Failure::Retry {
+                    no_answer: true,
+                    ..
+                }
             ));
         }
+        // A body cut short is an answer, if not the data (a blob that answers is not "failing").
+        assert!(matches!(
+            Failure::retry("body failed"),
+            Failure::Retry {
+                no_answer: false,
+                ..
+            }
+        ));
         let e = Error::backend(BackendErrorKind::Unavailable, "gone");
         assert_eq!((e.errno(), e.to_string()), (libc::EIO, "gone".to_string()));
     }
