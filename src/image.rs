@@ -360,6 +360,11 @@ impl RafsImage {
         self.failures.retry_at(index)
     }
 
+    /// Whether blob `index`'s last data request found no answer (`failures`).
+    pub fn blob_failing(&self, index: u32) -> bool {
+        self.failures.is_failing(index)
+    }
+
     /// The prefetch head the prefetcher plans or fetches (misses leave its chunks to it).
     pub(crate) fn set_prefetch_head(&self, head: PrefetchHead) {
         *self.prefetch_head.lock().unwrap_or_else(|e| e.into_inner()) = head;

@@ -177,6 +177,23 @@ fn eight_concurrent_random_readers_get_the_right_bytes_cold_and_warm() {
     }
 }
 
+/// Wait (at most `secs` seconds) until all `chunks` chunks are ready in the blob cache at `cache`.
+fn wait_cached(cache: &Path, chunks: u32, secs: u64, d: &Daemon, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let (ready, _) = chunk_map_ready_bits(cache);
+        if ready == chunks {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {ready} of {chunks} chunks cached in {secs} s\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn chunk_map_ready_bits(cache: &Path) -> (u32, u64) {
     let mut ready = 0;
     let mut total_bytes = 0;
@@ -391,19 +408,7 @@ fn prefetch_all_fills_the_cache_without_reads() {
     let image =
         RafsImage::open_local(&c.bootstrap, Some(&c.blobs), ImageOptions::default()).unwrap();
     let chunks: u32 = image.info().blobs.iter().map(|b| b.chunk_count).sum();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (ready, _) = chunk_map_ready_bits(&dir.path().join("cache"));
-        if ready == chunks {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "prefetch cached {ready} of {chunks} chunks in 60 s:\n{}",
-            d.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_cached(&dir.path().join("cache"), chunks, 60, &d, "prefetch");
     assert_tree(&d, &c, "after prefetch");
     assert!(d.stop().success());
 }
@@ -1207,6 +1212,65 @@ fn reads_of_a_blob_that_stopped_answering_fail_at_once_and_one_request_tries_aga
         stalled_file_sha256()
     );
     assert!(t.daemon.stop().success());
+}
+
+/// Prefetch of an image whose registry stops answering once the plan is made (it closes every
+/// connection without a word): the first runs fail and the blob's failure is remembered; the runs then
+/// wait until the blob may be asked again, rather than each failing at once and being dropped, so once
+/// the registry answers the whole blob comes into the cache. Without the wait, the plan was thrown away
+/// in milliseconds.
+#[test]
+#[ignore = "needs root: ci/test.sh"]
+fn prefetch_waits_for_a_registry_that_stopped_answering_and_completes() {
+    manifest::assert_root("FUSE mounts");
+    let server = services::FakeServer::with_blobs_of(
+        "rafsd/prefetch",
+        &manifest::case_blob_dir(STALLED_CASE),
+    );
+    // The chunk-info array (the plan's first request) comes; no data request after it is answered.
+    server.set_always(Some(services::Fault::Reset));
+    server.queue(&[services::Fault::Slow(Duration::ZERO)]);
+    let dir = tempfile::tempdir().unwrap();
+    let (daemon, sock) = start_without_image(dir.path(), &[]);
+    let cache = dir.path().join("cache");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&held_registry_config(&server, "rafsd/prefetch", &cache, 2)).unwrap();
+    config["fs_prefetch"] = serde_json::json!({
+        "enable": true, "threads_count": 2, "merging_size": 131072, "prefetch_all": true
+    });
+    api_mount(
+        &sock,
+        "/img",
+        &manifest::case_bootstrap(STALLED_CASE),
+        config.to_string(),
+    );
+    // The first runs fail; a moment later the registry answers again.
+    let asked = Instant::now() + Duration::from_secs(10);
+    while server.counters.data_requests.load(Ordering::Relaxed) < 2 {
+        assert!(
+            Instant::now() < asked,
+            "prefetch asked nothing\n{}",
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    server.set_always(None);
+    let image = RafsImage::open_local(
+        &manifest::case_bootstrap(STALLED_CASE),
+        Some(&manifest::case_blob_dir(STALLED_CASE)),
+        ImageOptions::default(),
+    )
+    .unwrap();
+    let chunks: u32 = image.info().blobs.iter().map(|b| b.chunk_count).sum();
+    wait_cached(
+        &cache,
+        chunks,
+        30,
+        &daemon,
+        "prefetch once the registry answered again",
+    );
+    assert!(daemon.stop().success());
 }
 
 /// A daemon with 4 workers (3 cold slots, 2 per image while another has cold reads) serving

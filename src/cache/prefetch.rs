@@ -220,7 +220,8 @@ fn run_worker(
         }
         // A blob whose requests found no answer: wait until it may be asked again, rather than have
         // each run fail at once and the plan thrown away in milliseconds.
-        if let Some(blob) = run.first().map(|c| c.blob_index) {
+        let blob = run.first().map(|c| c.blob_index);
+        if let Some(blob) = blob {
             while let Some(at) = image.blob_retry_at(blob) {
                 let now = Instant::now();
                 if stop.load(Ordering::Relaxed) || at <= now {
@@ -229,13 +230,33 @@ fn run_worker(
                 std::thread::sleep((at - now).min(Duration::from_millis(100)));
             }
         }
+        if stop.load(Ordering::Relaxed) {
+            image.set_prefetch_head(PrefetchHead::None);
+            return;
+        }
         let bytes: u64 = run.iter().map(|c| c.compressed_size as u64).sum();
         limiter.take(bytes, stop);
-        match image.prefetch(&run) {
+        // Still failing: its first chunk alone asks the blob again (claiming the whole run would hold
+        // readers of its chunks for the retry's duration); the rest only once it answers.
+        let failing = blob.is_some_and(|b| image.blob_failing(b));
+        let fetched = match failing {
+            true => image
+                .prefetch(&run[..1])
+                .and_then(|a| Ok(a + image.prefetch(&run)?)),
+            false => image.prefetch(&run),
+        };
+        match fetched {
             Ok(fetched) => {
                 if let Some(m) = metrics {
                     m.prefetch_data_amount.fetch_add(fetched, Ordering::Relaxed);
                     m.prefetch_requests_count.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err(e) if blob.is_some_and(|b| image.blob_failing(b)) => {
+                // The blob found no answer: the run waits for it to be asked again, not dropped.
+                log::debug!("prefetch: {e}; the run waits for its blob");
+                if let Some(plan) = queue.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+                    plan.runs.push_back(run); // other blobs' runs first
                 }
             }
             Err(e) => {

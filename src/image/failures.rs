@@ -1,12 +1,13 @@
 //! Data requests of a blob that found no answer, remembered per blob: after one fails for want of an
 //! answer (unreachable, timed out, 5xx or 429 after every retry), reads of that blob get the same error at
 //! once for [`FAILED_LOAD_RETRY_AFTER`]; then one request at a time tries again until one is answered,
-//! the others waiting up to [`RETRY_WAIT`] for its outcome (a registry back up answers within it) and
-//! else getting the error. A registry that stalls, hostile or down, then holds one request per blob,
-//! each bounded by the backend's timeout and retries, instead of one per read waiting in line for it:
-//! cold-read slots and workers go back to other images, and the image's own readers fail within a
-//! second, not in a round of timeouts each. Per image: another image's failing backend never fails
-//! this one's reads of the same blob.
+//! the others waiting for its outcome until [`RETRY_WAIT`] after it started (a registry back up
+//! answers within it) and else getting the error. A registry that is down, or that sends no answer,
+//! then gets one request per blob at a time, each bounded by the backend's timeout and retries, instead
+//! of one per read waiting in line for it, and the image's own readers fail within a second, not in a
+//! round of timeouts each. An answer that is not the data (a body that stalls or is cut short) is not
+//! remembered. Per image: another image's failing backend never fails this one's reads of the same
+//! blob.
 
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};

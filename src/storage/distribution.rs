@@ -305,7 +305,7 @@ fn failed(resp: &mut HttpResponse, what: &str) -> Failure {
     let status = resp.status().as_u16();
     let why = format!("{what}: {}", explain(resp));
     match status {
-        408 | 429 | 500..=599 => Failure::retry(why),
+        408 | 429 | 500..=599 => Failure::no_answer(why),
         s => Failure::Fatal(Error::backend(BackendErrorKind::Status(s), why)),
     }
 }

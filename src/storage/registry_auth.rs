@@ -52,22 +52,27 @@ pub struct RegistryAuth {
 struct SharedFailure {
     fatal: Option<BackendErrorKind>,
     message: String,
+    /// For a retryable one: the realm did not answer (see [`Failure::Retry`]).
+    no_answer: bool,
 }
 
 impl SharedFailure {
     fn of(f: &Failure) -> Self {
         match f {
-            Failure::Retry { why, .. } => SharedFailure {
+            Failure::Retry { why, no_answer, .. } => SharedFailure {
                 fatal: None,
                 message: why.clone(),
+                no_answer: *no_answer,
             },
             Failure::Fatal(Error::Backend(b)) => SharedFailure {
                 fatal: Some(b.kind),
                 message: b.message.clone(),
+                no_answer: false,
             },
             Failure::Fatal(e) => SharedFailure {
                 fatal: Some(BackendErrorKind::Protocol),
                 message: e.to_string(),
+                no_answer: false,
             },
         }
     }
@@ -75,6 +80,7 @@ impl SharedFailure {
     fn failure(self) -> Failure {
         let message = format!("{} (the token request another reader made)", self.message);
         match self.fatal {
+            None if self.no_answer => Failure::no_answer(message),
             None => Failure::retry(message),
             Some(kind) => Failure::Fatal(Error::backend(kind, message)),
         }

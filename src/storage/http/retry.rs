@@ -46,13 +46,15 @@ impl Failure {
     }
 
     /// A request that got no answer (its message starting with `who`): worth a retry, unless a server
-    /// sent us where it may not (`guard`), which no retry changes.
+    /// sent us where it may not (`guard`), which no retry changes. An exchange a plain forward proxy
+    /// broke (a bad head, a body or range that does not match) was answered, if wrongly.
     pub fn of_transport(e: TransportError, who: &str) -> Self {
         match e.kind {
             TransportErrorKind::Refused => Failure::Fatal(Error::backend(
                 BackendErrorKind::Protocol,
                 format!("{who}: {e}"),
             )),
+            TransportErrorKind::Proxy => Failure::retry(format!("{who}: {e}")),
             _ => Failure::no_answer(format!("{who}: {e}")),
         }
     }
