@@ -1266,7 +1266,7 @@ fn prefetch_waits_for_a_registry_that_stopped_answering_and_completes() {
     wait_cached(
         &cache,
         chunks,
-        30,
+        60,
         &daemon,
         "prefetch once the registry answered again",
     );

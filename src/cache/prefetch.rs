@@ -21,7 +21,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::config::PrefetchConfig;
-use crate::error::Result;
+use crate::error::{BackendErrorKind, Error, Result};
 use crate::format::ChunkInfo;
 use crate::image::{PrefetchHead, RafsImage, WalkEvent};
 
@@ -111,6 +111,7 @@ impl Prefetcher {
                                 false => Head::Done,
                             },
                             runs,
+                            requeued: 0,
                         };
                         *queue.lock().unwrap_or_else(|e| e.into_inner()) = Some(plan);
                     }
@@ -153,7 +154,13 @@ impl Drop for Prefetcher {
 struct Plan {
     runs: VecDeque<Vec<ChunkInfo>>,
     head: Head,
+    /// Runs put back in a row because their blob found no answer (see [`MAX_REQUEUES`]).
+    requeued: u32,
 }
+
+/// Runs put back in a row, at most, because their blob found no answer: with the 5 s pause between
+/// requests of such a blob, a minute or so of a registry that is down.
+const MAX_REQUEUES: u32 = 12;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Head {
@@ -204,15 +211,20 @@ fn run_worker(
                     if is_head {
                         plan.head = Head::InFlight;
                     }
-                    Some((run, is_head))
+                    let gave_up = plan.requeued >= MAX_REQUEUES;
+                    Some((run, is_head, gave_up))
                 }
             }
         };
-        let Some((run, is_head)) = next else {
+        let Some((run, is_head, gave_up)) = next else {
             std::thread::sleep(Duration::from_millis(5)); // plan not ready yet, or the head in flight
             continue;
         };
         let _head_done = is_head.then(|| HeadDone(queue, image));
+        let blob = run.first().map(|c| c.blob_index);
+        if gave_up && blob.is_some_and(|b| image.blob_failing(b)) {
+            continue; // its registry stayed down: the rest of the plan for that blob goes unasked
+        }
         // User reads first: wait while any is in progress (the head, what they will ask for first,
         // goes at once).
         while !is_head && image.user_reads_in_flight() > 0 && !stop.load(Ordering::Relaxed) {
@@ -220,7 +232,6 @@ fn run_worker(
         }
         // A blob whose requests found no answer: wait until it may be asked again, rather than have
         // each run fail at once and the plan thrown away in milliseconds.
-        let blob = run.first().map(|c| c.blob_index);
         if let Some(blob) = blob {
             while let Some(at) = image.blob_retry_at(blob) {
                 let now = Instant::now();
@@ -234,29 +245,36 @@ fn run_worker(
             image.set_prefetch_head(PrefetchHead::None);
             return;
         }
-        let bytes: u64 = run.iter().map(|c| c.compressed_size as u64).sum();
-        limiter.take(bytes, stop);
-        // Still failing: its first chunk alone asks the blob again (claiming the whole run would hold
-        // readers of its chunks for the retry's duration); the rest only once it answers.
-        let failing = blob.is_some_and(|b| image.blob_failing(b));
-        let fetched = match failing {
-            true => image
-                .prefetch(&run[..1])
-                .and_then(|a| Ok(a + image.prefetch(&run)?)),
-            false => image.prefetch(&run),
+        // While the blob fails, `prefetch` asks it with one chunk first: pay for that one.
+        let bytes: u64 = match blob.is_some_and(|b| image.blob_failing(b)) {
+            true => run.first().map_or(0, |c| c.compressed_size as u64),
+            false => run.iter().map(|c| c.compressed_size as u64).sum(),
         };
-        match fetched {
+        limiter.take(bytes, stop);
+        match image.prefetch(&run) {
             Ok(fetched) => {
+                if let Some(plan) = queue.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+                    plan.requeued = 0;
+                }
                 if let Some(m) = metrics {
                     m.prefetch_data_amount.fetch_add(fetched, Ordering::Relaxed);
                     m.prefetch_requests_count.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            Err(e) if blob.is_some_and(|b| image.blob_failing(b)) => {
-                // The blob found no answer: the run waits for it to be asked again, not dropped.
-                log::debug!("prefetch: {e}; the run waits for its blob");
-                if let Some(plan) = queue.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-                    plan.runs.push_back(run); // other blobs' runs first
+            // The blob found no answer: the run waits for it to be asked again (other runs first), not
+            // dropped; for at most MAX_REQUEUES runs in a row, so prefetch gives up a registry that
+            // stays down within a minute or so.
+            Err(Error::Backend(b)) if b.kind == BackendErrorKind::Unavailable => {
+                let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
+                match q.as_mut() {
+                    Some(plan) if plan.requeued < MAX_REQUEUES => {
+                        plan.requeued += 1;
+                        log::debug!("prefetch: {b}; the run waits for its blob");
+                        for part in merged(run, merge) {
+                            plan.runs.push_back(part);
+                        }
+                    }
+                    _ => log::warn!("prefetch: {b}"),
                 }
             }
             Err(e) => {

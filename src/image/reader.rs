@@ -483,8 +483,9 @@ impl RafsImage {
     }
 
     /// Bring `chunks` (sorted by compressed offset, one blob) into the cache, skipping those cached or
-    /// being fetched; chunks back to back in the blob come in one streamed request. Returns the compressed
-    /// bytes read from the backend.
+    /// being fetched; chunks back to back in the blob come in one streamed request, except while the
+    /// blob's requests find no answer (`failures`): then a chunk alone asks it again, so the others stay
+    /// unclaimed for readers. Returns the compressed bytes read from the backend.
     pub fn prefetch(&self, chunks: &[ChunkInfo]) -> Result<u64> {
         let Some(cache) = &self.cache else {
             return Ok(0);
@@ -501,7 +502,12 @@ impl RafsImage {
                 claim,
             }];
             i += 1;
-            while i < chunks.len() && chunks[i].batch.is_none() && run[0].info.batch.is_none() {
+            let failing = self.failures.is_failing(run[0].info.blob_index);
+            while !failing
+                && i < chunks.len()
+                && chunks[i].batch.is_none()
+                && run[0].info.batch.is_none()
+            {
                 let prev = &run[run.len() - 1].info;
                 let next = &chunks[i];
                 if next.blob_index != prev.blob_index

@@ -46,15 +46,14 @@ impl Failure {
     }
 
     /// A request that got no answer (its message starting with `who`): worth a retry, unless a server
-    /// sent us where it may not (`guard`), which no retry changes. An exchange a plain forward proxy
-    /// broke (a bad head, a body or range that does not match) was answered, if wrongly.
+    /// sent us where it may not (`guard`), which no retry changes. (An exchange a plain forward proxy
+    /// broke counts as no answer too: its errors do not tell a dead proxy from a wrong range.)
     pub fn of_transport(e: TransportError, who: &str) -> Self {
         match e.kind {
             TransportErrorKind::Refused => Failure::Fatal(Error::backend(
                 BackendErrorKind::Protocol,
                 format!("{who}: {e}"),
             )),
-            TransportErrorKind::Proxy => Failure::retry(format!("{who}: {e}")),
             _ => Failure::no_answer(format!("{who}: {e}")),
         }
     }
