@@ -1272,6 +1272,7 @@ fn daemon_returns_eio_on_backend_faults_and_serves_again_after_recovery() {
     // One read first, so that the faults meet chunk reads rather than the blob's chunk-info array (whose
     // failed load would be remembered for a few seconds).
     assert!(manifest::sha256_file(&d.mountpoint.join("etc/adduser.conf")).is_ok());
+    let requests = || server.counters.data_requests.load(Ordering::Relaxed);
     for fault in [
         Fault::Status(500),
         Fault::Stall(Duration::from_secs(5)),
@@ -1280,11 +1281,11 @@ fn daemon_returns_eio_on_backend_faults_and_serves_again_after_recovery() {
         server.set_always(Some(fault.clone()));
         drop_cache(&path);
         let start = Instant::now();
-        let asked = server.counters.data_requests.load(Ordering::Relaxed);
+        let asked = requests();
         let err =
             manifest::sha256_file(&path).expect_err("a read through a broken backend must fail");
         assert!(
-            server.counters.data_requests.load(Ordering::Relaxed) > asked,
+            requests() > asked,
             "{fault:?}: the read failed without reaching the server"
         );
         assert_eq!(err.raw_os_error(), Some(libc::EIO), "{fault:?}: {err}");
@@ -1297,13 +1298,17 @@ fn daemon_returns_eio_on_backend_faults_and_serves_again_after_recovery() {
         // A blob that did not answer is not asked again for a few seconds (its readers get the error
         // at once). Once the requests still out end (the kernel may have had several READs in
         // flight, retrying), that pause passes: the next fault meets the next request.
-        let requests = || server.counters.data_requests.load(Ordering::Relaxed);
         let mut seen = requests();
+        let settled_by = Instant::now() + Duration::from_secs(60);
         loop {
             std::thread::sleep(Duration::from_secs(2));
             if requests() == seen {
                 break;
             }
+            assert!(
+                Instant::now() < settled_by,
+                "{fault:?}: requests never stopped"
+            );
             seen = requests();
         }
         std::thread::sleep(FAILED_LOAD_RETRY_AFTER + Duration::from_millis(200));

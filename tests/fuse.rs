@@ -454,19 +454,7 @@ fn prefetch_with_a_bandwidth_limit_completes_runs_larger_than_the_bucket() {
         false,
         r#","fs_prefetch":{"enable":true,"threads_count":1,"merging_size":67108864,"bandwidth_rate":8388608,"prefetch_all":true}"#,
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (ready, _) = chunk_map_ready_bits(&dir.path().join("cache"));
-        if ready == 40 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "prefetch cached {ready} of 40 chunks in 60 s:\n{}",
-            d.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_cached(&dir.path().join("cache"), 40, 60, &d, "prefetch");
     // 16 MiB at once (the bucket starts full), the other 24 MiB at 8 MiB/s.
     let took = started.elapsed();
     assert!(
@@ -1082,14 +1070,9 @@ fn an_image_whose_registry_stalls_leaves_cold_slots_to_the_other_images() {
 #[test]
 #[ignore = "needs root: ci/test.sh"]
 fn an_image_read_one_request_at_a_time_keeps_a_cold_slot_beside_a_stalled_one() {
-    use std::os::unix::fs::OpenOptionsExt;
     let t = SlowAndOther::start(60);
     let (held, readers) = t.hold_slow_reads();
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(&t.other)
-        .unwrap();
+    let file = open_direct(&t.other);
     // Each read on a thread of its own, so that a read that never ends fails the test rather than
     // hanging it.
     let read_at = |off: u64| {
@@ -1141,12 +1124,7 @@ fn reads_of_a_blob_that_stopped_answering_fail_at_once_and_one_request_tries_aga
     let t = SlowAndOther::start(2);
     let held = t.server.hold_data();
     let read_at = |off: u64| {
-        use std::os::unix::fs::OpenOptionsExt;
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&t.slow)
-            .unwrap();
+        let f = open_direct(&t.slow);
         let (mut buf, skew) = aligned(64 << 10);
         f.read_at(&mut buf[skew..skew + (64 << 10)], off)
     };
@@ -1385,6 +1363,16 @@ fn held_registry_config(
     .to_string()
 }
 
+/// `path` opened for reading with O_DIRECT: each read is one FUSE READ, with no kernel readahead.
+fn open_direct(path: impl AsRef<Path>) -> std::fs::File {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .unwrap()
+}
+
 /// A 4 KiB-aligned slice of `len` bytes in a buffer of its own (O_DIRECT wants aligned buffers).
 fn aligned(len: usize) -> (Vec<u8>, usize) {
     let v = vec![0u8; len + 4096];
@@ -1397,16 +1385,7 @@ fn aligned(len: usize) -> (Vec<u8>, usize) {
 /// opened first: an OPEN waiting for a worker would block this thread, not the test.
 type HeldRead = std::thread::JoinHandle<(u64, std::io::Result<Vec<u8>>)>;
 fn held_reads(file: &Path) -> (Vec<HeldRead>, std::sync::mpsc::Receiver<()>) {
-    use std::os::unix::fs::OpenOptionsExt;
-    let files: Vec<_> = (0..8)
-        .map(|_| {
-            std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_DIRECT)
-                .open(file)
-                .unwrap()
-        })
-        .collect();
+    let files: Vec<_> = (0..8).map(|_| open_direct(file)).collect();
     let (tx, rx) = std::sync::mpsc::channel();
     let readers = files
         .into_iter()
@@ -1452,7 +1431,6 @@ fn check_held_reads(readers: Vec<HeldRead>, file: &Path) {
 /// Eight O_DIRECT reads of uncached chunks held at the registry (`at_backend` of them reach it), then a
 /// GETATTR, a LOOKUP and a cached read must be answered; then the eight finish with the right bytes.
 fn stalled_reads_hold_back_nothing(daemon_args: &[&str], at_backend: usize) {
-    use std::os::unix::fs::OpenOptionsExt;
     use std::sync::mpsc;
     manifest::assert_root("FUSE mounts");
     let server =
@@ -1480,11 +1458,7 @@ fn stalled_reads_hold_back_nothing(daemon_args: &[&str], at_backend: usize) {
     let root = d.mountpoint.clone();
     // Warm up: a small file's chunks (and the blob's chunk-info array) come into the cache.
     let passwd = std::fs::read(root.join("etc/passwd")).unwrap();
-    let pf = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(root.join("etc/passwd"))
-        .unwrap();
+    let pf = open_direct(root.join("etc/passwd"));
     let held = server.hold_data();
     let (readers, finished) = held_reads(&root.join(STALLED_FILE));
     assert!(
@@ -1856,12 +1830,7 @@ fn evicted_cache_file(dir: &Path) -> PathBuf {
 /// Read `reads` (offset, length) of `path` with O_DIRECT: one FUSE READ each, no kernel readahead of the
 /// FUSE file, so the daemon sees exactly these requests.
 fn direct_reads(path: &Path, reads: &[(u64, usize)], expected: &[u8]) {
-    use std::os::unix::fs::OpenOptionsExt;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .unwrap();
+    let f = open_direct(path);
     // O_DIRECT wants an aligned buffer.
     let layout = std::alloc::Layout::from_size_align(1 << 20, 4096).unwrap();
     // SAFETY: a fresh allocation of that layout, freed below; only its first `len` bytes are used.

@@ -242,8 +242,7 @@ fn run_worker(
             }
         }
         if stop.load(Ordering::Relaxed) {
-            image.set_prefetch_head(PrefetchHead::None);
-            return;
+            continue; // the loop's first step ends the worker
         }
         // While the blob fails, `prefetch` asks it with one chunk first: pay for that one.
         let bytes: u64 = match blob.is_some_and(|b| image.blob_failing(b)) {

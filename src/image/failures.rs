@@ -191,20 +191,23 @@ mod tests {
         Error::backend(BackendErrorKind::Unavailable, "blob b: timed out")
     }
 
+    /// A request of blob `index` let through at `at` ended then with `error` (None: answered).
+    fn ended(f: &BlobFailures, index: u32, at: Instant, error: Option<&Error>) {
+        f.admit(index, at, Duration::ZERO)
+            .unwrap()
+            .finish(error, at);
+    }
+
     #[test]
     fn a_blob_that_did_not_answer_fails_at_once_then_one_request_tries_again() {
         let f = BlobFailures::new(2);
         let t0 = Instant::now();
-        f.admit(0, t0, Duration::ZERO)
-            .unwrap()
-            .finish(Some(&down()), t0);
+        ended(&f, 0, t0, Some(&down()));
         let later = t0 + Duration::from_secs(1);
         let err = f.admit(0, later, Duration::ZERO).err().expect("remembered");
         assert_eq!(err.to_string(), "blob b: timed out");
         // Blob 1 is not blob 0.
-        f.admit(1, later, Duration::ZERO)
-            .unwrap()
-            .finish(None, later);
+        ended(&f, 1, later, None);
         // After the pause one request goes; the others get the error when they may not wait for it.
         let after = t0 + FAILED_LOAD_RETRY_AFTER;
         let retry = f.admit(0, after, Duration::ZERO).unwrap();
@@ -213,9 +216,7 @@ mod tests {
             "a second request went too"
         );
         retry.finish(None, after);
-        f.admit(0, after, Duration::ZERO)
-            .unwrap()
-            .finish(None, after);
+        ended(&f, 0, after, None);
     }
 
     #[test]
@@ -223,9 +224,7 @@ mod tests {
         let f = BlobFailures::new(1);
         let t0 = Instant::now();
         let older = f.admit(0, t0, Duration::ZERO).unwrap();
-        f.admit(0, t0, Duration::ZERO)
-            .unwrap()
-            .finish(Some(&down()), t0);
+        ended(&f, 0, t0, Some(&down()));
         let after = t0 + FAILED_LOAD_RETRY_AFTER;
         let retry = f.admit(0, after, Duration::ZERO).unwrap();
         // A request admitted before the failure ends: the retry goes on, and no second one starts.
@@ -245,9 +244,7 @@ mod tests {
     fn requests_waiting_for_a_retry_follow_its_outcome() {
         let f = BlobFailures::new(1);
         let t0 = Instant::now();
-        f.admit(0, t0, Duration::ZERO)
-            .unwrap()
-            .finish(Some(&down()), t0);
+        ended(&f, 0, t0, Some(&down()));
         let mut at = t0;
         for answered in [true, false] {
             at += FAILED_LOAD_RETRY_AFTER;
@@ -263,9 +260,7 @@ mod tests {
                 assert_eq!(waiter.join().unwrap().is_ok(), answered);
             });
             if answered {
-                f.admit(0, at, Duration::ZERO)
-                    .unwrap()
-                    .finish(Some(&down()), at);
+                ended(&f, 0, at, Some(&down()));
             }
         }
     }
@@ -280,22 +275,16 @@ mod tests {
             Error::backend(BackendErrorKind::Broken, "body cut short"),
             Error::Integrity("digest".into()),
         ] {
-            f.admit(0, t0, Duration::ZERO)
-                .unwrap()
-                .finish(Some(&answered), t0);
+            ended(&f, 0, t0, Some(&answered));
             assert!(
                 f.admit(0, t0, Duration::ZERO).is_ok(),
                 "{answered} was remembered"
             );
         }
         // A failed retry starts the pause again; one that unwinds lets the next request try.
-        f.admit(0, t0, Duration::ZERO)
-            .unwrap()
-            .finish(Some(&down()), t0);
+        ended(&f, 0, t0, Some(&down()));
         let after = t0 + FAILED_LOAD_RETRY_AFTER;
-        f.admit(0, after, Duration::ZERO)
-            .unwrap()
-            .finish(Some(&down()), after);
+        ended(&f, 0, after, Some(&down()));
         let err = f.admit(0, after + Duration::from_secs(1), Duration::ZERO);
         assert!(err.is_err());
         let again = after + FAILED_LOAD_RETRY_AFTER;

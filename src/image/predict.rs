@@ -41,7 +41,8 @@ impl RafsImage {
         );
         // The prefetch head brings the chunks after this one in one request, in the order the program
         // reads them; a run here would share the link with it.
-        if self.left_to_prefetch_head(first) {
+        let head = self.prefetch_head();
+        if self.left_to_prefetch_head(head, first) {
             self.speculation.refund(granted);
             return Vec::new();
         }
@@ -53,7 +54,7 @@ impl RafsImage {
                 || next.batch.is_some()
                 || next.compressed_offset != *end
                 || *end + next.compressed_size as u64 - first.compressed_offset > window
-                || self.left_to_prefetch_head(&next)
+                || self.left_to_prefetch_head(head, &next)
             {
                 return false;
             }
@@ -173,9 +174,9 @@ impl RafsImage {
             .collect()
     }
 
-    /// Whether `chunk` is the prefetch head's, planned or being fetched (see [`PrefetchHead`]).
-    fn left_to_prefetch_head(&self, chunk: &ChunkInfo) -> bool {
-        match self.prefetch_head() {
+    /// Whether `chunk` is `head`'s, planned or being fetched (see [`PrefetchHead`]).
+    fn left_to_prefetch_head(&self, head: PrefetchHead, chunk: &ChunkInfo) -> bool {
+        match head {
             PrefetchHead::None => false,
             PrefetchHead::PlanningTable => self
                 .prefetch_chunks()
