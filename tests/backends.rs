@@ -356,6 +356,62 @@ fn a_server_dripping_its_answer_holds_no_reader_past_the_timeout() {
     assert_eq!(backend.read_exact_at(&id, 5, 5).unwrap(), data[5..10]);
 }
 
+/// A registry that sends the head of its answer and then nothing has not answered: a range read whole
+/// and a streamed range both end, after every retry, as `Unavailable`, the kind the daemon remembers
+/// per blob (`image::failures`), so its readers stop queueing up behind one timeout each. A body cut short
+/// is an answer, if not the data (`Broken`: not remembered). Before, a stalled body was an answer too, and
+/// a streamed range opened on the head alone and failed later, unretried.
+#[test]
+fn a_head_followed_by_nothing_is_no_answer() {
+    use rafsd::error::{BackendErrorKind, Error};
+    use std::io::Read;
+    let (server, data, id, backend) = fake_registry_blob(17);
+    assert_eq!(backend.blob_size(&id).unwrap(), data.len() as u64);
+    let kind = |r: rafsd::error::Result<()>| match r {
+        Err(Error::Backend(b)) => b.kind,
+        other => panic!("{other:?}"),
+    };
+    for (fault, want) in [
+        (
+            Fault::Stall(Duration::from_secs(10)),
+            BackendErrorKind::Unavailable,
+        ),
+        (Fault::Truncate, BackendErrorKind::Broken),
+    ] {
+        server.set_always(Some(fault.clone()));
+        let retries = || backend.http.counters.retries.load(Ordering::Relaxed);
+        let before = retries();
+        let whole = backend.read_exact_at(&id, 0, 64 << 10).map(|_| ());
+        assert_eq!(kind(whole), want, "{fault:?}: a range read whole");
+        let opened = backend.open_range(&id, 0, 1 << 20);
+        match fault {
+            // The first byte is awaited with the request, within its retries.
+            Fault::Stall(_) => assert_eq!(kind(opened.map(|_| ())), want, "{fault:?}: streamed"),
+            // A body that ends early is the stream reader's error, as before.
+            _ => {
+                let mut reader = opened.unwrap_or_else(|e| panic!("{fault:?}: {e}"));
+                reader
+                    .read_to_end(&mut Vec::new())
+                    .expect_err("a streamed range cut short");
+            }
+        }
+        // retry_limit 3: 4 attempts of the range read whole (and, stalled, of the streamed one).
+        assert!(
+            retries() - before >= 3,
+            "{fault:?}: {} retries",
+            retries() - before
+        );
+    }
+    server.set_always(None);
+    let mut got = Vec::new();
+    backend
+        .open_range(&id, 4096, 4096)
+        .unwrap()
+        .read_to_end(&mut got)
+        .unwrap();
+    assert!(got == data[4096..8192]);
+}
+
 #[test]
 fn bearer_tokens_are_cached_refreshed_and_fetched_once_under_load() {
     let server = FakeServer::start(FakeOptions {

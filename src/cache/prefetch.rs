@@ -158,6 +158,33 @@ struct Plan {
     requeued: u32,
 }
 
+impl Plan {
+    /// The next run: the head while it waits, else the first run of a blob that may be asked now, the
+    /// runs skipped going to the back of the plan (they would wait); the first run if every blob waits
+    /// (its worker waits for its blob). A blob that found no answer holds back only its own runs.
+    fn take(&mut self, image: &RafsImage) -> Option<Vec<ChunkInfo>> {
+        if self.head != Head::Waiting {
+            // Runs come grouped by blob: ask about a group's blob once.
+            let mut last: Option<(u32, bool)> = None;
+            for _ in 0..self.runs.len() {
+                let Some(blob) = self.runs.front()?.first().map(|c| c.blob_index) else {
+                    break;
+                };
+                let waits = match last {
+                    Some((b, waits)) if b == blob => waits,
+                    _ => image.blob_retry_at(blob).is_some(),
+                };
+                if !waits {
+                    break;
+                }
+                last = Some((blob, waits));
+                self.runs.rotate_left(1);
+            }
+        }
+        self.runs.pop_front()
+    }
+}
+
 /// Runs put back in a row, at most, because their blob found no answer: with the 5 s pause between
 /// requests of such a blob, a minute or so of a registry that is down.
 const MAX_REQUEUES: u32 = 12;
@@ -204,7 +231,7 @@ fn run_worker(
                 None => None,
                 Some(plan) if plan.head == Head::InFlight => None,
                 Some(plan) => {
-                    let Some(run) = plan.runs.pop_front() else {
+                    let Some(run) = plan.take(image) else {
                         return;
                     };
                     let is_head = plan.head == Head::Waiting;
@@ -230,8 +257,9 @@ fn run_worker(
         while !is_head && image.user_reads_in_flight() > 0 && !stop.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(1));
         }
-        // A blob whose requests found no answer: wait until it may be asked again, rather than have
-        // each run fail at once and the plan thrown away in milliseconds.
+        // A blob whose requests found no answer, and no other blob's run to take instead: wait until
+        // it may be asked again, rather than have each run fail at once and the plan thrown away in
+        // milliseconds.
         if let Some(blob) = blob {
             while let Some(at) = image.blob_retry_at(blob) {
                 let now = Instant::now();

@@ -5,8 +5,8 @@
 //! answers within it) and else getting the error. A registry that is down, or that sends no answer,
 //! then gets one request per blob at a time, each bounded by the backend's timeout and retries, instead
 //! of one per read waiting in line for it, and the image's own readers fail within a second, not in a
-//! round of timeouts each. An answer that is not the data (a body that stalls or is cut short) is not
-//! remembered. Per image: another image's failing backend never fails this one's reads of the same
+//! round of timeouts each. A head followed by no body byte within the timeout counts as no answer; an
+//! answer that is not the data (a body cut short, or stalled after its first bytes) is not remembered. Per image: another image's failing backend never fails this one's reads of the same
 //! blob.
 
 use std::sync::{Condvar, Mutex};

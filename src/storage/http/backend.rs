@@ -3,14 +3,14 @@
 //! asked for (Content-Range, Content-Length, body length) before a byte of it reaches a reader.
 
 use std::collections::HashMap;
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read};
 use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::retry::{classify, Failure};
 use super::settings::HttpSettings;
-use super::transport::{content_range, BlobRange, Response};
+use super::transport::{content_range, is_timeout, BlobRange, Response};
 use super::HttpClient;
 use crate::error::{BackendErrorKind, Error, Result};
 use crate::storage::BlobBackend;
@@ -152,12 +152,16 @@ impl<R: Remote> RemoteBackend<R> {
                 206 => {
                     check_range(&resp, start, end, blob_size)?;
                     match resp.live.take() {
-                        Some(live) => Ok(Box::new(ExactBody {
-                            inner: live,
-                            left: want,
-                            what: what.clone(),
-                            pace: self.http.settings.timeout.map(Pace::new),
-                        }) as Box<dyn Read + Send>),
+                        Some(live) => {
+                            let mut pace = self.http.settings.timeout.map(Pace::new);
+                            let inner = first_bytes(live, &mut pace, &what)?;
+                            Ok(Box::new(ExactBody {
+                                inner,
+                                left: want,
+                                what: what.clone(),
+                                pace,
+                            }) as Box<dyn Read + Send>)
+                        }
                         // Routes that read bodies whole (the forward proxy) hand the range over read.
                         None => check_body(resp, want as usize)
                             .map(|b| Box::new(std::io::Cursor::new(b)) as Box<dyn Read + Send>),
@@ -175,9 +179,42 @@ impl<R: Remote> RemoteBackend<R> {
     }
 }
 
+/// Bytes of a streamed body read ahead of its reader: the first of them are awaited with the request.
+const FIRST_BYTES: usize = 4 << 10;
+
+/// `live` with its first bytes awaited: a body that sends none within the timeout is no answer (worth a
+/// retry, and remembered as one, `image::failures`), as if its head had not come either; one that ends
+/// at once is an answer cut short.
+fn first_bytes(
+    live: ureq::BodyReader<'static>,
+    pace: &mut Option<Pace>,
+    what: &str,
+) -> std::result::Result<BufReader<ureq::BodyReader<'static>>, Failure> {
+    let mut live = BufReader::with_capacity(FIRST_BYTES, live);
+    let started = Instant::now();
+    let first = live.fill_buf().map(|b| b.len());
+    if let Some(pace) = pace {
+        // Counted as waiting only: its bytes count when the reader takes them.
+        pace.waited += started.elapsed();
+    }
+    match first {
+        Ok(0) => Err(Failure::retry(format!(
+            "{what}: the body ended before its first byte"
+        ))),
+        Ok(_) => Ok(live),
+        Err(e) => {
+            let why = format!("{what}: no body: {e}");
+            match is_timeout(e) {
+                true => Err(Failure::no_answer(why)),
+                false => Err(Failure::retry(why)),
+            }
+        }
+    }
+}
+
 /// A streamed body that must deliver exactly `left` more bytes: ending early is an error, not EOF.
 struct ExactBody {
-    inner: ureq::BodyReader<'static>,
+    inner: BufReader<ureq::BodyReader<'static>>,
     left: u64,
     what: String,
     /// The pace the body must keep (none without a `timeout`).
@@ -274,10 +311,12 @@ fn check_range(
 /// The body must be complete and exactly `want` bytes, whatever Content-Length said.
 fn check_body(resp: Response, want: usize) -> std::result::Result<Vec<u8>, Failure> {
     if let Some(e) = resp.body_error {
-        return Err(Failure::retry(format!(
-            "body failed after {} of {want} bytes: {e}",
-            resp.body.len()
-        )));
+        let why = format!("body failed after {} of {want} bytes: {e}", resp.body.len());
+        // A head and then nothing within the timeout is no answer, as if the head had not come.
+        return Err(match resp.body_stalled {
+            true => Failure::no_answer(why),
+            false => Failure::retry(why),
+        });
     }
     if let Some(cl) = resp.header("content-length") {
         if cl.trim().parse::<u64>().ok() != Some(want as u64) {

@@ -17,9 +17,10 @@ pub enum Failure {
     Retry {
         why: String,
         after: Option<Duration>,
-        /// The server did not answer (a transport error), or answered that it cannot now (408, 429,
-        /// 5xx); else it answered with something other than the data (a body cut short, a range that
-        /// does not match): only the first says the blob is not being served (`image::failures`).
+        /// The server did not answer (a transport error, or a head and then no body byte within the
+        /// timeout), or answered that it cannot now (408, 429, 5xx); else it answered with something
+        /// other than the data (a body cut short or stalled after its first bytes, a range that does not
+        /// match): only the first says the blob is not being served (`image::failures`).
         no_answer: bool,
     },
     /// Retrying cannot help (404, 403, bad config): fail the read now.
@@ -103,6 +104,7 @@ mod tests {
             headers: Vec::new(),
             body: Vec::new(),
             body_error: None,
+            body_stalled: false,
             live: None,
         };
         match classify(&resp(404), "blob x") {

@@ -25,6 +25,8 @@ pub struct Response {
     pub body: Vec<u8>,
     /// The body ended early or failed mid-way (the bytes in `body` are what arrived).
     pub body_error: Option<String>,
+    /// The body timed out before its first byte: the head came, then nothing (no answer, in effect).
+    pub body_stalled: bool,
     /// The unread body of a streamed range, limited to the range's length.
     pub live: Option<ureq::BodyReader<'static>>,
 }
@@ -36,6 +38,7 @@ impl std::fmt::Debug for Response {
             .field("headers", &self.headers)
             .field("body_len", &self.body.len())
             .field("body_error", &self.body_error)
+            .field("body_stalled", &self.body_stalled)
             .field("live", &self.live.is_some())
             .finish()
     }
@@ -82,6 +85,11 @@ impl TransportError {
             message: message.into(),
         }
     }
+}
+
+/// Whether a body read failed for want of bytes within the timeout (ureq's own errors come wrapped).
+pub fn is_timeout(e: std::io::Error) -> bool {
+    TransportError::from(ureq::Error::from(e)).kind == TransportErrorKind::Timeout
 }
 
 impl From<ureq::Error> for TransportError {
@@ -388,17 +396,20 @@ impl HttpClient {
                 headers,
                 body: Vec::new(),
                 body_error: None,
+                body_stalled: false,
                 live: Some(live),
             });
         }
         let mut body = Vec::with_capacity(limit.min(16 << 20) as usize);
         let mut body_error = None;
+        let mut body_stalled = false;
         if req.method == Method::Get {
             // ureq's own limit (not `Read::take`) so the body is read to its end and the connection
             // goes back to the pool; a body longer than asked for is an error.
             let mut reader = resp.body_mut().with_config().limit(limit).reader();
             if let Err(e) = reader.read_to_end(&mut body) {
                 body_error = Some(e.to_string());
+                body_stalled = body.is_empty() && is_timeout(e);
             }
         }
         self.counters
@@ -409,6 +420,7 @@ impl HttpClient {
             headers,
             body,
             body_error,
+            body_stalled,
             live: None,
         })
     }
@@ -455,6 +467,8 @@ impl HttpClient {
             headers: answer.headers,
             body: answer.body,
             body_error: answer.body_error,
+            // The proxy's own errors do not tell its stalls from the registry's.
+            body_stalled: false,
             live: None,
         })
     }
