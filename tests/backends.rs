@@ -1078,6 +1078,38 @@ fn mirrors_fail_over_to_the_origin_and_recover() {
     assert_eq!(origin.counters.data_requests.load(Ordering::Relaxed), 5);
 }
 
+/// A mirror that sends the head of a streamed range and then nothing is a failed route, like one whose
+/// body read whole stalls: the same request goes on to the origin and the range comes (the blob is
+/// not "not answering"). With the first bytes awaited after the route was chosen, every retry went to
+/// the stalling mirror and the read failed as no answer.
+#[test]
+fn a_mirror_whose_streamed_answer_stalls_gives_way_to_the_origin() {
+    use std::io::Read;
+    let (origin, mirror) = (
+        FakeServer::start(FakeOptions::plain(REPO)),
+        FakeServer::start(FakeOptions::plain(REPO)),
+    );
+    let data = pseudo_random(1 << 20, 9);
+    let id = origin.add_blob(data.clone());
+    mirror.add_blob(data.clone());
+    let backend = registry_backend(json!({
+        "scheme": "http", "host": format!("127.0.0.1:{}", origin.port), "repo": REPO,
+        "timeout": 1, "retry_limit": 0,
+        "mirrors": [{"host": format!("http://127.0.0.1:{}", mirror.port), "failure_limit": 1,
+                     "health_check_interval": 60}]
+    }));
+    mirror.set_always(Some(Fault::Stall(Duration::from_secs(10))));
+    let mut got = Vec::new();
+    backend
+        .open_range(&id, 4096, 64 << 10)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .read_to_end(&mut got)
+        .unwrap();
+    assert!(got == data[4096..4096 + (64 << 10)]);
+    assert_eq!(mirror.counters.data_requests.load(Ordering::Relaxed), 1);
+    assert_eq!(origin.counters.data_requests.load(Ordering::Relaxed), 1);
+}
+
 /// The `http-proxy` backend (`addr` + `path` + `/<blob id>`) through the daemon's own config parser.
 #[test]
 fn http_proxy_backend_reads_ranges() {

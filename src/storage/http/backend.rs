@@ -3,14 +3,14 @@
 //! asked for (Content-Range, Content-Length, body length) before a byte of it reaches a reader.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::retry::{classify, Failure};
 use super::settings::HttpSettings;
-use super::transport::{content_range, is_timeout, BlobRange, Response};
+use super::transport::{content_range, BlobRange, LiveBody, Response};
 use super::HttpClient;
 use crate::error::{BackendErrorKind, Error, Result};
 use crate::storage::BlobBackend;
@@ -152,17 +152,14 @@ impl<R: Remote> RemoteBackend<R> {
                 206 => {
                     check_range(&resp, start, end, blob_size)?;
                     match resp.live.take() {
-                        Some(live) => {
-                            let mut pace = self.http.settings.timeout.map(Pace::new);
-                            let inner = first_bytes(live, &mut pace, &what)?;
-                            Ok(Box::new(ExactBody {
-                                inner,
-                                left: want,
-                                what: what.clone(),
-                                pace,
-                            }) as Box<dyn Read + Send>)
-                        }
-                        // Routes that read bodies whole (the forward proxy) hand the range over read.
+                        Some(live) => Ok(Box::new(ExactBody {
+                            inner: live,
+                            left: want,
+                            what: what.clone(),
+                            pace: self.http.settings.timeout.map(Pace::new),
+                        }) as Box<dyn Read + Send>),
+                        // Routes that read bodies whole (the forward proxy) hand the range over read;
+                        // a body that failed before its first bytes comes here too.
                         None => check_body(resp, want as usize)
                             .map(|b| Box::new(std::io::Cursor::new(b)) as Box<dyn Read + Send>),
                     }
@@ -179,42 +176,9 @@ impl<R: Remote> RemoteBackend<R> {
     }
 }
 
-/// Bytes of a streamed body read ahead of its reader: the first of them are awaited with the request.
-const FIRST_BYTES: usize = 4 << 10;
-
-/// `live` with its first bytes awaited: a body that sends none within the timeout is no answer (worth a
-/// retry, and remembered as one, `image::failures`), as if its head had not come either; one that ends
-/// at once is an answer cut short.
-fn first_bytes(
-    live: ureq::BodyReader<'static>,
-    pace: &mut Option<Pace>,
-    what: &str,
-) -> std::result::Result<BufReader<ureq::BodyReader<'static>>, Failure> {
-    let mut live = BufReader::with_capacity(FIRST_BYTES, live);
-    let started = Instant::now();
-    let first = live.fill_buf().map(|b| b.len());
-    if let Some(pace) = pace {
-        // Counted as waiting only: its bytes count when the reader takes them.
-        pace.waited += started.elapsed();
-    }
-    match first {
-        Ok(0) => Err(Failure::retry(format!(
-            "{what}: the body ended before its first byte"
-        ))),
-        Ok(_) => Ok(live),
-        Err(e) => {
-            let why = format!("{what}: no body: {e}");
-            match is_timeout(e) {
-                true => Err(Failure::no_answer(why)),
-                false => Err(Failure::retry(why)),
-            }
-        }
-    }
-}
-
 /// A streamed body that must deliver exactly `left` more bytes: ending early is an error, not EOF.
 struct ExactBody {
-    inner: BufReader<ureq::BodyReader<'static>>,
+    inner: LiveBody,
     left: u64,
     what: String,
     /// The pace the body must keep (none without a `timeout`).
@@ -230,6 +194,7 @@ const PACE_BYTES: u64 = 1 << 20;
 /// would otherwise hold the reader (a FUSE worker, or a background stream and the readers waiting on its
 /// chunks) for days; now it holds it about one `timeout` per MiB of the range at most. Only the time
 /// inside the server's reads counts: a consumer that is slow to ask for more is not the server's fault.
+/// (The wait for the body's first bytes, with the request and within one `timeout`, is not counted.)
 struct Pace {
     timeout: Duration,
     waited: Duration,

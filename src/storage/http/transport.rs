@@ -2,7 +2,7 @@
 //! (timeouts, TLS roots, connection pool), sending on an agent or through the plain forward proxy with the
 //! body read within a limit, and transport failures sorted by kind.
 
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -27,8 +27,8 @@ pub struct Response {
     pub body_error: Option<String>,
     /// The body timed out before its first byte: the head came, then nothing (no answer, in effect).
     pub body_stalled: bool,
-    /// The unread body of a streamed range, limited to the range's length.
-    pub live: Option<ureq::BodyReader<'static>>,
+    /// The unread body of a streamed range, limited to the range's length, its first bytes in.
+    pub live: Option<LiveBody>,
 }
 
 impl std::fmt::Debug for Response {
@@ -52,6 +52,13 @@ impl Response {
             .map(|(_, v)| v.as_str())
     }
 }
+
+/// The body of a streamed range as it arrives, read ahead by at most [`FIRST_BYTES`] (its first bytes,
+/// awaited with the request).
+pub type LiveBody = BufReader<ureq::BodyReader<'static>>;
+
+/// Bytes of a streamed body read before it is handed over: the first of them come with the request.
+const FIRST_BYTES: usize = 4 << 10;
 
 /// Why a request got no usable HTTP answer: the kind of failure, for callers that branch on it, and the
 /// sentence for the log.
@@ -389,15 +396,28 @@ impl HttpClient {
             })
             .collect();
         if req.stream && status == 206 {
-            // The caller reads it as it arrives; ureq's limit keeps it to the range's length.
-            let live = resp.into_body().into_with_config().limit(limit).reader();
+            // The caller reads it as it arrives; ureq's limit keeps it to the range's length. Its first
+            // bytes are awaited here, so that a head followed by nothing is this route's failure (the
+            // next mirror's turn) and no answer, like a body read whole that stalls.
+            let reader = resp.into_body().into_with_config().limit(limit).reader();
+            let mut live = BufReader::with_capacity(FIRST_BYTES, reader);
+            let first = live.fill_buf().map(|b| b.len());
+            let (body_error, body_stalled, live) = match first {
+                Ok(0) => (
+                    Some("the body ended before its first byte".into()),
+                    false,
+                    None,
+                ),
+                Ok(_) => (None, false, Some(live)),
+                Err(e) => (Some(e.to_string()), is_timeout(e), None),
+            };
             return Ok(Response {
                 status,
                 headers,
                 body: Vec::new(),
-                body_error: None,
-                body_stalled: false,
-                live: Some(live),
+                body_error,
+                body_stalled,
+                live,
             });
         }
         let mut body = Vec::with_capacity(limit.min(16 << 20) as usize);
