@@ -301,8 +301,11 @@ impl BackendConfig {
     }
 
     /// Where the blobs come from, without credentials or tuning: the backend type and the settings that
-    /// choose the location (directories, host and repository, bucket and prefix, address and path). Part
-    /// of the blob cache's key: the text must stay the same for the same config.
+    /// choose the location (directories, host and repository, bucket and prefix, address and path) or
+    /// the route to it (redirect rewrites, mirrors, proxy, TLS trust). Part of the blob cache's key for
+    /// images without chunk digests, whose bytes nothing else checks: a mount of the same bootstrap
+    /// through another route (a mirror of its own) must not share their cache. The text must stay the
+    /// same for the same config.
     pub fn location(&self) -> String {
         let remote = match self {
             BackendConfig::LocalFs(c) => {
@@ -314,14 +317,17 @@ impl BackendConfig {
             BackendConfig::LocalDisk(c) => {
                 return format!("localdisk device_path={:?}", c.device_path)
             }
-            BackendConfig::Network { remote, .. } => remote,
+            BackendConfig::Network { remote, http } => (remote, http),
         };
+        let (remote, http) = remote;
         let given = |v: &str| Some(v.to_string());
-        let keys: Vec<(&str, Option<String>)> = match remote {
+        let mut keys: Vec<(&str, Option<String>)> = match remote {
             RemoteConfig::Registry(c) => vec![
                 ("scheme", c.scheme.clone()),
                 ("host", given(&c.host)),
                 ("repo", given(&c.repo)),
+                ("blob_url_scheme", c.blob_url_scheme.clone()),
+                ("blob_redirected_host", c.blob_redirected_host.clone()),
             ],
             RemoteConfig::S3(c) | RemoteConfig::Oss(c) => vec![
                 ("scheme", c.scheme.clone()),
@@ -332,6 +338,20 @@ impl BackendConfig {
             ],
             RemoteConfig::HttpProxy(c) => vec![("addr", given(&c.addr)), ("path", c.path.clone())],
         };
+        for m in &http.mirrors {
+            keys.push(("mirror", Some(crate::redact::text(&m.host).into_owned())));
+        }
+        if !http.proxy.url.is_empty() {
+            keys.push((
+                "proxy",
+                Some(crate::redact::text(&http.proxy.url).into_owned()),
+            ));
+            keys.push(("use_http", http.proxy.use_http.then(|| "true".into())));
+        }
+        keys.push(("skip_verify", http.skip_verify.then(|| "true".into())));
+        for f in &http.ca_cert_files {
+            keys.push(("ca_cert_file", Some(f.to_string_lossy().into_owned())));
+        }
         let mut out = self.kind().to_string();
         for (k, v) in keys {
             if let Some(v) = v {
@@ -1634,6 +1654,37 @@ mod tests {
             ),
             r#"http-proxy addr="http://a:1" path="/x""#
         );
+        // The route is part of it: the same bootstrap through a mirror, a proxy or a redirect rewrite of
+        // its own must not share an unverified cache with the plain one.
+        let plain = serde_json::json!({"host": "h:5000", "repo": "a/b"});
+        let routed = |key: &str, value: Value| {
+            let mut c = plain.clone();
+            c[key] = value;
+            location("registry", c)
+        };
+        assert_eq!(
+            routed("mirrors", serde_json::json!([{"host": "http://m:1"}])),
+            r#"registry host="h:5000" repo="a/b" mirror="http://m:1""#
+        );
+        assert_eq!(
+            routed(
+                "proxy",
+                serde_json::json!({"url": "http://u:p@x:1", "use_http": true})
+            ),
+            r#"registry host="h:5000" repo="a/b" proxy="http://***@x:1" use_http="true""#
+        );
+        for (key, value) in [
+            ("blob_redirected_host", serde_json::json!("evil")),
+            ("blob_url_scheme", serde_json::json!("http")),
+            ("skip_verify", serde_json::json!(true)),
+            ("ca_cert_files", serde_json::json!(["/ca.pem"])),
+        ] {
+            assert_ne!(
+                routed(key, value),
+                location("registry", plain.clone()),
+                "{key}"
+            );
+        }
         assert_eq!(
             location("localfs", serde_json::json!({"dir": "/b"})),
             r#"localfs dir=Some("/b") alt_dirs=[] blob_file=None"#

@@ -1110,6 +1110,35 @@ fn a_mirror_whose_streamed_answer_stalls_gives_way_to_the_origin() {
     assert_eq!(origin.counters.data_requests.load(Ordering::Relaxed), 1);
 }
 
+/// A mirror not given the registry's credentials (`auth_through` off, the default) that answers with a
+/// challenge of its own is a failed route, not a realm to log in to: the registry's credentials never
+/// reach the token endpoint it names, and the origin serves the read. Before, the daemon answered the
+/// mirror's challenge with the configured `user:pass`, and the read then failed as refused.
+#[test]
+fn a_mirror_asking_for_credentials_never_gets_the_registrys() {
+    let origin = FakeServer::start(FakeOptions::plain(REPO));
+    let mirror = FakeServer::start(FakeOptions {
+        bearer: Some(60),
+        ..FakeOptions::plain(REPO)
+    });
+    let data = pseudo_random(1 << 20, 11);
+    let id = origin.add_blob(data.clone());
+    mirror.add_blob(data.clone());
+    let backend = registry_backend(json!({
+        "scheme": "http", "host": format!("127.0.0.1:{}", origin.port), "repo": REPO,
+        "auth": "dTpw", "retry_limit": 0,
+        "mirrors": [{"host": format!("http://127.0.0.1:{}", mirror.port)}]
+    }));
+    assert_eq!(backend.blob_size(&id).unwrap(), data.len() as u64);
+    assert!(backend.read_exact_at(&id, 4096, 4096).unwrap() == data[4096..8192]);
+    assert_eq!(
+        mirror.counters.token_requests.load(Ordering::Relaxed),
+        0,
+        "the registry's credentials went to the mirror's token endpoint"
+    );
+    assert!(origin.counters.data_requests.load(Ordering::Relaxed) >= 1);
+}
+
 /// The `http-proxy` backend (`addr` + `path` + `/<blob id>`) through the daemon's own config parser.
 #[test]
 fn http_proxy_backend_reads_ranges() {

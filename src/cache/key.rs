@@ -9,7 +9,8 @@
 //!   cache; a bootstrap naming a victim's blob id but describing it differently gets its own.
 //! - A v6 bootstrap without a chunk table has no digest to check a chunk against: its blobs get files
 //!   private to that exact bootstrap read from that exact backend (a fingerprint of the bootstrap's bytes
-//!   and the backend's location), so only a mount of the same image from the same source shares them.
+//!   and the backend's location and route), so only a mount of the same image from the same source,
+//!   by the same mirrors and proxy, shares them.
 //!
 //! Fingerprints are the first 128 bits of a SHA-256 (32 hex digits): a forged bootstrap would need a
 //! second preimage to get another image's files.

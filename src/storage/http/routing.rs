@@ -155,7 +155,16 @@ impl HttpClient {
                 !m.auth_through,
                 limit,
             );
-            match Self::route_fault(req, &result) {
+            // A mirror not given the registry's credentials that asks for some is not a realm to log
+            // in to (they would go to the token endpoint it names): the next route serves the request.
+            let fault = Self::route_fault(req, &result).or_else(|| match &result {
+                Ok(r) if !m.auth_through && matches!(r.status, 401 | 403) => Some(format!(
+                    "status {} (the registry's credentials are not its)",
+                    r.status
+                )),
+                _ => None,
+            });
+            match fault {
                 None => {
                     self.mark(health, true, m.failure_limit, "mirror");
                     return Some(result);
