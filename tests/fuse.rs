@@ -1363,6 +1363,87 @@ fn prefetch_of_a_blob_that_stopped_answering_holds_back_no_other_blob() {
     assert!(daemon.stop().success());
 }
 
+/// Unmounting an image whose prefetch waits on its registry (slow, or hostile) does not hold the mount
+/// API: another tenant's mount goes through at once. Before, the unmount waited, holding the API's mount
+/// lock, for the prefetch workers to end, each at most after its request's timeout (30 s here; a run of
+/// `merging_size` bytes drip-fed at the least pace the stream allows takes far longer).
+#[test]
+#[ignore = "needs root: ci/test.sh"]
+fn unmounting_an_image_whose_prefetch_waits_holds_back_no_other_mount() {
+    manifest::assert_root("FUSE mounts");
+    let server = services::FakeServer::with_blobs_of(
+        "rafsd/prefetch",
+        &manifest::case_blob_dir(STALLED_CASE),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (daemon, sock) = start_without_image(dir.path(), &[]);
+    let mut config: serde_json::Value = serde_json::from_str(&held_registry_config(
+        &server,
+        "rafsd/prefetch",
+        &dir.path().join("cache"),
+        30,
+    ))
+    .unwrap();
+    config["fs_prefetch"] = serde_json::json!({
+        "enable": true, "threads_count": 2, "prefetch_all": true
+    });
+    // The chunk-info array comes; the data requests after it are held.
+    server.queue(&[services::Fault::Slow(Duration::ZERO)]);
+    let held = server.hold_data();
+    api_mount(
+        &sock,
+        "/held",
+        &manifest::case_bootstrap(STALLED_CASE),
+        config.to_string(),
+    );
+    assert!(
+        server.wait_held(1, Duration::from_secs(10)),
+        "prefetch asked nothing\n{}",
+        daemon.log_text()
+    );
+    let umount = {
+        let sock = sock.clone();
+        std::thread::spawn(move || {
+            daemon::api_request(
+                &sock,
+                "DELETE",
+                "/api/v1/mount?mountpoint=/held",
+                "",
+                Duration::from_secs(60),
+            )
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let start = Instant::now();
+    let other = v1_config(
+        &manifest::case_blob_dir(STALLED_CASE),
+        &dir.path().join("other-cache"),
+        true,
+        "",
+    );
+    api_mount(
+        &sock,
+        "/other",
+        &manifest::case_bootstrap(STALLED_CASE),
+        other,
+    );
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "another image's mount took {took:?} while an unmount waited for its prefetch\n{}",
+        daemon.log_text()
+    );
+    let (status, text) = umount.join().unwrap().unwrap();
+    assert_eq!(status, 204, "{text}");
+    assert!(server.held() >= 1, "the prefetch request was let go");
+    drop(held);
+    assert_eq!(
+        manifest::sha256_file(&daemon.mountpoint.join("other").join(STALLED_FILE)).unwrap(),
+        stalled_file_sha256()
+    );
+    assert!(daemon.stop().success());
+}
+
 /// A daemon with 4 workers (3 cold slots, 2 per image while another has cold reads) serving
 /// [`STALLED_CASE`] twice: at `/slow` from `server`'s registry (whose data a test holds; not retried),
 /// its chunk-info array already cached, and at `/other` from the blob dir, nothing of it read yet.

@@ -83,7 +83,7 @@ impl Prefetcher {
                         // A panic while planning must not leave the head set or the others waiting.
                         let planned =
                             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                                plan(&image, &target, merge, head)
+                                plan(&image, &target, merge, head, &stop)
                             }));
                         let (runs, has_head) = match planned {
                             Ok(Ok(r)) => r,
@@ -142,11 +142,11 @@ impl Prefetcher {
 }
 
 impl Drop for Prefetcher {
+    /// Stops the workers without waiting for them: each ends at its next check, after the request in
+    /// hand, which a slow or hostile registry may draw out for as long as its timeouts allow. They hold
+    /// the image; the unmount that drops this (holding the daemon's mount lock) must not wait on them.
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
     }
 }
 
@@ -328,6 +328,7 @@ fn plan(
     target: &PrefetchTarget,
     merge: u64,
     head: u64,
+    stop: &AtomicBool,
 ) -> Result<(VecDeque<Vec<ChunkInfo>>, bool)> {
     let mut files = HashSet::new();
     match target {
@@ -346,6 +347,10 @@ fn plan(
     let mut seen = HashSet::new();
     let mut chunks = Vec::new();
     for ino in files {
+        // A file's chunks may need a blob's chunk-info array from the backend: a stop ends the plan.
+        if stop.load(Ordering::Relaxed) {
+            return Ok((VecDeque::new(), false));
+        }
         for c in image.file_chunks(ino)? {
             if seen.insert((c.blob_index, c.index)) {
                 chunks.push(c);
