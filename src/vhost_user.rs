@@ -24,6 +24,7 @@ pub const MAX_REQUEST_QUEUES: usize = 63;
 /// Rings of the largest device: the hiprio ring and the request rings.
 pub const MAX_RINGS: usize = 1 + MAX_REQUEST_QUEUES;
 
+pub mod bounds;
 pub mod inflight_log;
 pub mod queue;
 pub mod relay;

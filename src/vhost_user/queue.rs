@@ -42,6 +42,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use super::bounds;
 use super::inflight_log::{InflightLog, Recovered};
 use super::MAX_RINGS;
 use crate::cold_slots::{self, ColdSlots};
@@ -281,6 +282,12 @@ impl Requests {
 
     /// One FUSE request; returns the bytes written to the guest (0 when no reply could be built).
     fn handle_chain(&self, chain: Chain) -> u32 {
+        if let Some((what, bytes)) = bounds::oversized(&chain) {
+            log::warn!(
+                "virtio-fs: refused a chain whose descriptors add up to a {bytes}-byte {what}"
+            );
+            return fail_chain(chain, libc::EINVAL);
+        }
         let mem = chain.memory();
         let reader = match Reader::from_descriptor_chain(mem, chain.clone()) {
             Ok(r) => r,
@@ -1048,9 +1055,12 @@ impl Alarm {
 /// every opcode into its `Opcode` enum by transmute, and these are not variants of it: undefined
 /// behaviour (a crash, in practice) whenever trace logging is on. The device answers them itself.
 const NO_REQUEST_OPCODES: [u32; 3] = [0, 7, 19];
+/// FUSE_IOCTL: no filesystem here implements it, and the server allocates the guest's `in_size` bytes
+/// before asking one. The device answers it ENOSYS too.
+const IOCTL: u32 = Opcode::Ioctl as u32;
 
-/// One FUSE request from the guest, as the device handles it: an opcode the server must not see is
-/// answered ENOSYS here, an xattr request on one of the `Vfs`'s own directories as `pseudo_xattr` says
+/// One FUSE request from the guest, as the device handles it: an opcode the server must not see (or
+/// IOCTL) is answered ENOSYS here, an xattr request on one of the `Vfs`'s own directories as `pseudo_xattr` says
 /// (`vfs` is the server's); the DAX window screens the request (a SETUPMAPPING it cannot take is refused
 /// before any filesystem fetches the range; FUSE_INIT starts a new session with an empty window); then
 /// the server dispatches it to the `Vfs`. Returns the bytes written for the guest (0: no reply). Public
@@ -1063,7 +1073,7 @@ pub fn handle_request<S: BitmapSlice>(
     window: Option<&Arc<DaxWindow>>,
 ) -> u32 {
     if let Ok(header) = reader.clone().read_obj::<InHeader>() {
-        if NO_REQUEST_OPCODES.contains(&header.opcode) {
+        if NO_REQUEST_OPCODES.contains(&header.opcode) || header.opcode == IOCTL {
             return reply_error(writer, header.unique, libc::ENOSYS);
         }
         if let Some(reply) = pseudo_xattr::reply(vfs, &header, &reader) {

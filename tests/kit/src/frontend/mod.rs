@@ -264,6 +264,12 @@ impl Virtqueue {
                 flags,
                 next,
             }));
+            // What the device may write, so that a reply to a raw chain can be read back.
+            writable.extend(
+                raw.iter()
+                    .filter(|d| d.2 & (DESC_F_WRITE | DESC_F_INDIRECT) == DESC_F_WRITE)
+                    .map(|&(addr, len, _, _)| (GuestAddress(addr), len)),
+            );
         } else {
             for r in &chain.readable {
                 let at = take(r.len() as u64)?;
