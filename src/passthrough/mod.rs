@@ -506,6 +506,10 @@ fn ebadf() -> io::Error {
 
 /// Linux's XATTR_SIZE_MAX and XATTR_LIST_MAX: no xattr value or name list is longer.
 const XATTR_MAX: u32 = 65536;
+/// The most one READDIR(PLUS) reads from the host directory (a READ reply of INIT's 256 pages of 4 KiB):
+/// the fuse-backend-rs passthrough allocates the guest's `size` up front and asks getdents64 for as
+/// much. A shorter listing is no error: the guest goes on from the last entry's cookie.
+const LISTING_MAX: u32 = fuse_backend_rs::api::server::MAX_BUFFER_SIZE;
 
 /// A name a request may create or look up: one component, never "." or "..".
 fn check(name: &CStr) -> io::Result<()> {
@@ -875,7 +879,8 @@ impl FileSystem for ConfinedPassthrough {
     // Listed through the inner READDIRPLUS (the inner READDIR's entries carry the inner filesystem's
     // numbers, which mean nothing to the guest), each entry with the guest's number when it holds the
     // file (what it sees as st_ino), else the host's inode number within the 56 bits the Vfs allows;
-    // the lookup each entry took is dropped here.
+    // the lookup each entry took is dropped here. As READDIRPLUS, `size` is capped: the inner
+    // filesystem allocates and reads (getdents64) as much as it is asked for.
     fn readdir(
         &self,
         ctx: &Context,
@@ -890,7 +895,7 @@ impl FileSystem for ConfinedPassthrough {
             ctx,
             self.ino(inode)?,
             self.fh(handle)?,
-            size,
+            size.min(LISTING_MAX),
             offset,
             &mut |mut d, e| {
                 d.ino = match self.read().by_inner.get(&e.inode) {
@@ -928,7 +933,7 @@ impl FileSystem for ConfinedPassthrough {
             ctx,
             self.ino(inode)?,
             self.fh(handle)?,
-            size,
+            size.min(LISTING_MAX),
             offset,
             &mut |d, mut e| {
                 let inner = e.inode;
@@ -1106,6 +1111,43 @@ mod tests {
             fs.lookup(&ctx, link.inode, c"secret").is_err(),
             "a symlink is not a directory to look into"
         );
+    }
+
+    /// A READDIR(PLUS) asking for 2 GiB lists no more than one reply's worth of entries: the inner
+    /// filesystem allocates and fills (getdents64) the size it is given.
+    #[test]
+    fn directory_listings_are_read_at_most_one_reply_at_a_time() {
+        let share = tempfile::tempdir().unwrap();
+        let name = |i: usize| format!("{i:05}{}", "n".repeat(245));
+        for i in 0..5000 {
+            std::fs::write(share.path().join(name(i)), b"").unwrap();
+        }
+        let fs = ConfinedPassthrough::new(share.path()).unwrap();
+        let ctx = Context::default();
+        let root = fuse_backend_rs::api::filesystem::ROOT_ID;
+        fs.init(FsOptions::empty()).unwrap();
+        // A linux_dirent64 of a 250-byte name takes 272 bytes.
+        let most = LISTING_MAX as usize / 272;
+        for plus in [false, true] {
+            let fh = fs.opendir(&ctx, root, libc::O_RDONLY as u32).unwrap().0;
+            let mut listed = 0;
+            let mut count = |d: DirEntry| {
+                listed += usize::from(d.name.len() == 250);
+                Ok(1)
+            };
+            if plus {
+                fs.readdirplus(&ctx, root, fh.unwrap(), i32::MAX as u32, 0, &mut |d, _| {
+                    count(d)
+                })
+            } else {
+                fs.readdir(&ctx, root, fh.unwrap(), i32::MAX as u32, 0, &mut count)
+            }
+            .unwrap();
+            assert!(
+                listed > 0 && listed <= most,
+                "plus {plus}: {listed} entries"
+            );
+        }
     }
 
     fn attr(fs: &ConfinedPassthrough, ino: u64) -> io::Result<stat64> {
