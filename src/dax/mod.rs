@@ -6,7 +6,8 @@
 //! `moffset` in that window; we answer with SHMEM_MAP requests on the backend channel (the fd travels as
 //! SCM_RIGHTS), and FUSE_REMOVEMAPPING with SHMEM_UNMAP. [`DaxWindow`] is the connection's side of that
 //! channel and the bookkeeping that refuses requests outside the window, unaligned or overlapping a live
-//! mapping; [`admit`] refuses a SETUPMAPPING outside the window before any filesystem works on it;
+//! mapping; [`admit`] refuses a SETUPMAPPING outside the window or longer than a 2 MiB range (and
+//! [`DaxWindow::admit`] one over a live mapping) before any filesystem works on it;
 //! [`rafs`] decides which bytes back a RAFS file range.
 
 pub mod rafs;
@@ -75,33 +76,50 @@ fn window_range(size: u64, moffset: u64, len: u64) -> io::Result<u64> {
 pub enum Admission {
     /// FUSE_INIT: a new session, which starts with an empty window.
     NewSession,
-    /// A SETUPMAPPING outside the window, unaligned or with unknown flags: answered EINVAL without
-    /// reaching a filesystem (a RAFS file would otherwise fetch and copy the range before the window
-    /// refused it).
+    /// A SETUPMAPPING outside the window, unaligned, longer than [`WINDOW_ALIGN`], with unknown flags
+    /// or over another live mapping: answered EINVAL without reaching a filesystem (a RAFS file would
+    /// otherwise fetch and copy the range before the window refused it).
     Refuse,
     /// Anything else, for the server and the filesystem to handle.
     Pass,
 }
 
-/// Screen `request` for a window of `window` bytes (the virtio-fs device does this for every request;
-/// the fuzz target too). Reads a copy of the reader: the request itself is left for the server.
-pub fn admit<S: BitmapSlice>(window: u64, request: &Reader<'_, S>) -> Admission {
+/// The argument of `request` when it is a SETUPMAPPING (a truncated one is the server's to refuse).
+fn setupmapping<S: BitmapSlice>(request: &Reader<'_, S>) -> Option<SetupmappingIn> {
     let mut r = request.clone();
-    let Ok(header) = r.read_obj::<InHeader>() else {
-        return Admission::Pass;
-    };
-    if header.opcode == Opcode::Init as u32 {
-        return Admission::NewSession;
-    }
+    let header = r.read_obj::<InHeader>().ok()?;
     if header.opcode != Opcode::SetupMapping as u32 {
-        return Admission::Pass;
+        return None;
     }
-    // A truncated argument is the server's to refuse.
-    match r.read_obj::<SetupmappingIn>() {
-        Ok(a) if window_range(window, a.moffset, a.len).is_err() => Admission::Refuse,
-        Ok(a) if SetupmappingFlags::from_bits(a.flags).is_none() => Admission::Refuse,
+    r.read_obj::<SetupmappingIn>().ok()
+}
+
+/// Screen `request` for a window of `window` bytes (the virtio-fs device does this for every request;
+/// the fuzz target too). Reads a copy of the reader: the request itself is left for the server. A
+/// Linux guest maps its window in ranges of [`WINDOW_ALIGN`] (FUSE_DAX_SZ); a longer one would only
+/// make a RAFS file fetch and copy more before the mapping is checked.
+pub fn admit<S: BitmapSlice>(window: u64, request: &Reader<'_, S>) -> Admission {
+    if let Ok(header) = request.clone().read_obj::<InHeader>() {
+        if header.opcode == Opcode::Init as u32 {
+            return Admission::NewSession;
+        }
+    }
+    match setupmapping(request) {
+        Some(a) if window_range(window, a.moffset, a.len).is_err() => Admission::Refuse,
+        Some(a) if a.len > WINDOW_ALIGN => Admission::Refuse,
+        Some(a) if SetupmappingFlags::from_bits(a.flags).is_none() => Admission::Refuse,
         _ => Admission::Pass,
     }
+}
+
+/// The live mapping in the way of `[moffset, end)`, if any: only the very same range may be mapped
+/// again (the guest re-maps a range in place to make it writable); anything else would silently
+/// replace part of another file.
+fn clash(maps: &BTreeMap<u64, u64>, moffset: u64, end: u64) -> Option<(u64, u64)> {
+    maps.range(..end)
+        .next_back()
+        .map(|(&s, &e)| (s, e))
+        .filter(|&(s, e)| e > moffset && (s, e) != (moffset, end))
 }
 
 /// One connection's DAX window: the backend request channel and the ranges mapped in it.
@@ -136,8 +154,26 @@ impl DaxWindow {
     }
 
     /// Look at a request before the server hands it to a filesystem: see [`admit`].
+    /// Also refuses a SETUPMAPPING over another live mapping, before a filesystem fetches its range.
+    /// Best effort: the lock is not held until the map, which checks again.
     pub fn admit<S: BitmapSlice>(&self, request: &Reader<'_, S>) -> Admission {
-        admit(self.size, request)
+        let admission = admit(self.size, request);
+        let Some(a) = setupmapping(request).filter(|_| admission == Admission::Pass) else {
+            return admission;
+        };
+        let maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+        // Inside the window (admitted above): the end does not overflow.
+        match clash(&maps, a.moffset, a.moffset + a.len) {
+            Some((s, e)) => {
+                log::warn!(
+                    "DAX: SETUPMAPPING of window [{:#x}, {:#x}) overlaps the mapping [{s:#x}, {e:#x})",
+                    a.moffset,
+                    a.moffset + a.len
+                );
+                Admission::Refuse
+            }
+            None => Admission::Pass,
+        }
     }
 
     fn check_range(&self, moffset: u64, len: u64) -> io::Result<u64> {
@@ -151,13 +187,7 @@ impl DaxWindow {
         }
         let flags = SetupmappingFlags::from_bits(flags).ok_or_else(einval)?;
         let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
-        // A live mapping in the way: only the very same range may be mapped again (the guest re-maps a
-        // range in place to make it writable); anything else would silently replace part of another file.
-        let clash = maps
-            .range(..end)
-            .next_back()
-            .filter(|(&s, &e)| e > moffset && (s, e) != (moffset, end));
-        if let Some((s, e)) = clash {
+        if let Some((s, e)) = clash(&maps, moffset, end) {
             log::warn!(
                 "DAX: map of window [{moffset:#x}, {end:#x}) overlaps the mapping [{s:#x}, {e:#x})"
             );
