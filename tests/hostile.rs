@@ -912,6 +912,28 @@ fn v6_name_dot_dot_is_refused() {
     expect_corrupt(walk(&image), &[&format!("directory nid {d0}"), "\"..\""]);
 }
 
+#[test]
+fn v6_readdir_cookie_past_a_huge_directory_is_refused() {
+    // special/deep/d0 (an extended inode) made a FLAT_PLAIN directory of almost 2^64 bytes whose blocks
+    // start at block 16: a cookie naming its last block puts that block past 2^64 bytes into the image.
+    let mut img = Img::new("v6-zstd-blake3");
+    let d0 = v6::nid(&img.boot, "special/deep/d0");
+    let ino = v6::inode(&img.boot, d0);
+    assert!(ino.extended, "special/deep/d0 has a 64-bit i_size");
+    let block = v6::BLOCK as u64;
+    let size = u64::MAX - (block - 1);
+    le::put_u16(&mut img.boot, ino.off, 1); // extended, FLAT_PLAIN
+    le::put_u64(&mut img.boot, ino.off + v6::I_SIZE, size);
+    le::put_u32(&mut img.boot, ino.off + 16, 16);
+    img.save();
+    let image = img.opened(true);
+    let last = size / block - 1;
+    expect_corrupt(
+        image.read_dir(d0, last << 9, &mut |_| Ok(true)),
+        &[&format!("inode nid {d0}: block {last} is out of range")],
+    );
+}
+
 // ------------------------------------------------------------------------------------------------------
 // Blob ids that are not plain names.
 

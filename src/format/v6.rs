@@ -223,7 +223,13 @@ impl V6Meta {
                 slice(&self.data, off, len, what)
             }
             LAYOUT_FLAT_INLINE | LAYOUT_FLAT_PLAIN => {
-                let off = (raw.i_u as u64 + index) * self.block_size;
+                // A huge i_size lets a READDIR cookie name a block far past the image.
+                let off = (raw.i_u as u64)
+                    .checked_add(index)
+                    .and_then(|block| block.checked_mul(self.block_size))
+                    .ok_or_else(|| {
+                        corrupt!("inode nid {}: block {index} is out of range", raw.attr.ino)
+                    })?;
                 slice(&self.data, off, len, what)
             }
             _ => Err(corrupt!(
