@@ -15,6 +15,11 @@ pub const MAX_CI_ARRAY_BYTES: u64 = 64 << 20;
 /// to 255) cannot multiply the per-blob limit.
 pub const MAX_IMAGE_CI_BYTES: u64 = 256 << 20;
 
+/// Largest bootstrap extracted from a blob with inlined metadata: 256 MiB, like the chunk-info arrays of
+/// one image. It is decompressed into memory and held while the image is mounted, and its ToC entry says
+/// how large it is (a few KiB of zstd can claim it). Separate bootstraps are mapped, not held.
+pub const MAX_INLINE_BOOTSTRAP_BYTES: u64 = 256 << 20;
+
 /// Largest xattr area of one v5 inode: 256 KiB, the most a v6 (EROFS) inode can carry (a 16-bit count of
 /// 4-byte units). GETXATTR and LISTXATTR decode the area whole on every call.
 pub const MAX_XATTR_AREA: u64 = 256 << 10;

@@ -9,13 +9,11 @@ use std::path::Path;
 use super::MetaSource;
 use crate::corrupt;
 use crate::error::{Error, Result};
+use crate::format::limits::{self, MAX_INLINE_BOOTSTRAP_BYTES};
 use crate::format::toc::{self, TarHeader, TAR_HEADER_SIZE};
 use crate::format::{v5, v6, MetaBytes};
 use crate::storage::compress;
 use crate::storage::digest::{digest, hex};
-
-/// Largest bootstrap we extract from an inline-meta blob into memory.
-const MAX_INLINE_BOOTSTRAP: u64 = 1 << 30;
 
 /// Read the metadata at `path`: map a bootstrap, or extract the bootstrap from an inline-meta blob.
 pub fn load_metadata(path: &Path) -> Result<(MetaBytes, MetaSource)> {
@@ -76,7 +74,7 @@ fn read_at(file: &File, offset: u64, buf: &mut [u8]) -> Result<usize> {
 }
 
 fn read_section(file: &File, size: u64, offset: u64, len: u64, what: &str) -> Result<Vec<u8>> {
-    if offset.checked_add(len).is_none_or(|end| end > size) || len > MAX_INLINE_BOOTSTRAP {
+    if offset.checked_add(len).is_none_or(|end| end > size) || len > MAX_INLINE_BOOTSTRAP_BYTES {
         return Err(corrupt!(
             "{what} at {offset}+{len} lies outside the {size}-byte blob"
         ));
@@ -127,10 +125,13 @@ fn extract_inline_bootstrap(file: &File, size: u64) -> Result<Vec<u8>> {
         .iter()
         .find(|e| e.name == b"image.boot")
         .ok_or_else(|| corrupt!("blob ToC has no image.boot entry"))?;
-    if boot.uncompressed_size > MAX_INLINE_BOOTSTRAP {
-        return Err(corrupt!(
-            "image.boot claims {} bytes",
-            boot.uncompressed_size
+    if boot.uncompressed_size > MAX_INLINE_BOOTSTRAP_BYTES {
+        return Err(limits::exceeded(
+            format!(
+                "the inlined bootstrap (image.boot) takes {} bytes decoded",
+                boot.uncompressed_size
+            ),
+            "256 MiB",
         ));
     }
     let stored = read_section(
@@ -162,4 +163,48 @@ fn extract_inline_bootstrap(file: &File, size: u64) -> Result<Vec<u8>> {
         )));
     }
     Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rafs_layout::blob::{TarHeader, TocEntry};
+    use rafs_layout::Record;
+
+    /// A blob whose ToC names a zstd `image.boot` of `claimed` bytes decoded, stored in `stored` bytes.
+    fn blob_with_toc(claimed: u64, stored: &[u8]) -> tempfile::NamedTempFile {
+        let entry = TocEntry {
+            flags: toc::TOC_COMPRESS_ZSTD,
+            name: rafs_layout::pad(b"image.boot").unwrap(),
+            uncompressed_digest: [0; 32],
+            compressed_offset: 0,
+            compressed_size: stored.len() as u64,
+            uncompressed_size: claimed,
+        };
+        let mut toc = [0u8; TocEntry::SIZE];
+        entry.write_to(&mut toc);
+        let mut blob = stored.to_vec();
+        blob.extend_from_slice(&toc);
+        blob.extend_from_slice(&TarHeader::section(toc::TOC_NAME, toc.len() as u64).unwrap());
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), &blob).unwrap();
+        file
+    }
+
+    #[test]
+    fn an_inlined_bootstrap_beyond_the_limit_is_refused_before_decompression() {
+        // A few KiB of zeros claimed as 512 MiB: under the old 1 GiB bound it was decompressed.
+        let stored = compress::compress(crate::format::Compressor::Zstd, &[0u8; 4096]).unwrap();
+        let file = blob_with_toc(512 << 20, &stored);
+        let size = file.as_file().metadata().unwrap().len();
+        let err = extract_inline_bootstrap(file.as_file(), size).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("image refused")
+                && msg.contains("image.boot")
+                && msg.contains(&format!("{} bytes", 512u64 << 20))
+                && msg.contains("256 MiB"),
+            "{msg}"
+        );
+    }
 }
