@@ -20,6 +20,10 @@ pub const MAX_IMAGE_CI_BYTES: u64 = 256 << 20;
 /// how large it is (a few KiB of zstd can claim it). Separate bootstraps are mapped, not held.
 pub const MAX_INLINE_BOOTSTRAP_BYTES: u64 = 256 << 20;
 
+/// Most chunks of one blob: 2^24 (the v6 blob table's bound, applied to v5's extended blob table too).
+/// Per-blob bitmaps (the cache's chunk map, the access pattern) have a bit per chunk index.
+pub const MAX_BLOB_CHUNKS: u32 = 1 << 24;
+
 /// Largest xattr area of one v5 inode: 256 KiB, the most a v6 (EROFS) inode can carry (a 16-bit count of
 /// 4-byte units). GETXATTR and LISTXATTR decode the area whole on every call.
 pub const MAX_XATTR_AREA: u64 = 256 << 10;

@@ -449,7 +449,7 @@ fn parse_blob_entry(
         ));
     }
     let chunk_count = e.chunk_count;
-    if chunk_count > 1 << 24 {
+    if chunk_count > super::limits::MAX_BLOB_CHUNKS {
         return Err(corrupt!("blob {id}: {chunk_count} chunks (at most 2^24)"));
     }
     let features = e.features;

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use super::RafsImage;
+use crate::format::limits::MAX_BLOB_CHUNKS;
 
 /// The chunks user reads asked for (not what amplification or prefetch added), one bit per chunk of each
 /// blob, grown up to the highest chunk read (at most 2^24 bits per blob): what a program needed from an
@@ -17,8 +18,12 @@ pub(super) struct Demand {
 }
 
 impl Demand {
-    /// Mark a chunk; true the first time.
+    /// Mark a chunk; true the first time. An index no blob can have is not marked: a v5 record's index is
+    /// a full u32, and the bitmap grows to it (512 MiB for the last one).
     pub(super) fn mark(&self, blob: u32, index: u32) -> bool {
+        if index >= MAX_BLOB_CHUNKS {
+            return false;
+        }
         let Some(bits) = self.blobs.get(blob as usize) else {
             return false;
         };
@@ -72,5 +77,26 @@ impl RafsImage {
             chunks,
             compressed_bytes: bytes,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chunk_index_no_blob_can_have_is_not_marked() {
+        let demand = Demand {
+            blobs: vec![Mutex::new(Vec::new())],
+            recorded_bytes: AtomicU64::new(0),
+        };
+        assert!(demand.mark(0, 70));
+        assert!(!demand.mark(0, 70));
+        for index in [MAX_BLOB_CHUNKS, u32::MAX] {
+            assert!(!demand.mark(0, index));
+        }
+        // The bitmap holds bit 70 only: two words, not 2^26 for index u32::MAX.
+        assert_eq!(demand.blobs[0].lock().unwrap().len(), 2);
+        assert!(demand.mark(0, MAX_BLOB_CHUNKS - 1));
     }
 }
