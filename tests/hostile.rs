@@ -207,6 +207,22 @@ fn expect_integrity<T>(r: rafsd::Result<T>, needles: &[&str]) -> String {
     e.to_string()
 }
 
+/// The error of `r`, which must be an image limit's (`image refused: ...`) whose message contains every
+/// needle.
+#[track_caller]
+fn expect_refused<T>(r: rafsd::Result<T>, needles: &[&str]) -> String {
+    let e = match r {
+        Ok(_) => panic!("expected an image limit's error mentioning {needles:?}, got success"),
+        Err(e) => e,
+    };
+    assert!(
+        matches!(&e, Error::Invalid(m) if m.starts_with("image refused: ")),
+        "expected an image limit's error, got {e:?}"
+    );
+    assert_mentions(&e.to_string(), needles);
+    e.to_string()
+}
+
 #[track_caller]
 fn assert_mentions(message: &str, needles: &[&str]) {
     for n in needles {
@@ -1051,6 +1067,57 @@ fn v5_blob_id_with_path_separators_is_refused() {
         img.save();
         assert_id_refused(&img, evil);
     }
+}
+
+#[test]
+fn v5_blob_table_of_more_than_255_blobs_is_refused() {
+    // Each blob costs cache files, descriptors and mappings at mount: v5 is held to v6's 255. A new blob
+    // table of `n` entries (the fixture's blob first, the chunks still name it) is appended to the bootstrap.
+    let forged = |n: usize| {
+        let mut img = Img::new("v5-none-aligned");
+        let (_, first) = v5::first_blob_id(&img.boot);
+        let mut table = Vec::new();
+        for k in 0..n {
+            table.extend_from_slice(&[0; 8]); // readahead offset and size
+            let id = if k == 0 {
+                first.clone()
+            } else {
+                format!("{k:064x}")
+            };
+            table.extend_from_slice(id.as_bytes());
+            table.push(0);
+        }
+        let at = img.boot.len().next_multiple_of(8);
+        img.boot.resize(at, 0);
+        img.boot.extend_from_slice(&table);
+        le::put_u64(&mut img.boot, v5::S_BLOB_TABLE_OFFSET, at as u64);
+        le::put_u32(&mut img.boot, v5::S_BLOB_TABLE_SIZE, table.len() as u32);
+        img.save();
+        img
+    };
+    let img = forged(255);
+    assert_eq!(img.opened(true).info().blobs.len(), 255);
+    let img = forged(256);
+    expect_refused(img.open(true), &["256 blobs", "limit of 255 blobs"]);
+    let run = img.run_check();
+    assert_clean_failure(&run, &["rafsd: ", "limit of 255 blobs"]);
+}
+
+#[test]
+fn v5_extended_blob_entry_of_more_than_2_pow_24_chunks_is_refused() {
+    let mut img = Img::new("v5-lz4-blake3-repeatable");
+    assert!(le::u32_at(&img.boot, v5::S_EXT_BLOB_TABLE_ENTRIES) >= 1);
+    let entry = le::u64_at(&img.boot, v5::S_EXT_BLOB_TABLE_OFFSET) as usize;
+    le::put_u32(&mut img.boot, entry, (1 << 24) + 1);
+    img.save();
+    let blob = v5::first_blob_id(&img.boot).1;
+    expect_corrupt(
+        img.open(true),
+        &[&format!(
+            "blob {blob}: {} chunks (at most 2^24)",
+            (1 << 24) + 1
+        )],
+    );
 }
 
 // ------------------------------------------------------------------------------------------------------

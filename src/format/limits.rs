@@ -20,6 +20,10 @@ pub const MAX_IMAGE_CI_BYTES: u64 = 256 << 20;
 /// how large it is (a few KiB of zstd can claim it). Separate bootstraps are mapped, not held.
 pub const MAX_INLINE_BOOTSTRAP_BYTES: u64 = 256 << 20;
 
+/// Most blobs of one image: 255, what a v6 chunk address can name (v5 is held to it too). Each blob gets
+/// cache files, descriptors and mappings at mount.
+pub const MAX_BLOBS: usize = 255;
+
 /// Most chunks of one blob: 2^24 (the v6 blob table's bound, applied to v5's extended blob table too).
 /// Per-blob bitmaps (the cache's chunk map, the access pattern) have a bit per chunk index.
 pub const MAX_BLOB_CHUNKS: u32 = 1 << 24;

@@ -5,6 +5,8 @@
 //! slots, sorted by name. A hard link's extra names have their own slot whose record carries the first
 //! link's inode number.
 
+use std::collections::HashSet;
+
 use rafs_layout::v5::{ChunkRecord, ExtBlobEntry, Inode, SuperBlock};
 use rafs_layout::Record;
 
@@ -310,6 +312,7 @@ fn parse_blob_table(
         "extended blob table",
     )?;
     let mut blobs = Vec::new();
+    let mut ids = HashSet::new();
     let mut pos = 0usize;
     while pos + 8 <= table.len() {
         let readahead = (table.u32_at(pos), table.u32_at(pos + 4));
@@ -320,9 +323,18 @@ fn parse_blob_table(
         }
         let id = String::from_utf8_lossy(&rest[..id_len]).into_owned();
         check_blob_id(&id)?;
+        if blobs.len() == limits::MAX_BLOBS {
+            return Err(limits::exceeded(
+                format!(
+                    "the blob table lists {} blobs or more",
+                    limits::MAX_BLOBS + 1
+                ),
+                "255 blobs",
+            ));
+        }
         // Chunks name blobs by index; two indexes for one blob would share its cache files while
         // describing it differently.
-        if blobs.iter().any(|b: &BlobInfo| b.id == id) {
+        if !ids.insert(id.clone()) {
             return Err(corrupt!("blob {id:?} appears twice in the blob table"));
         }
         let index = blobs.len() as u32;
@@ -344,6 +356,9 @@ fn parse_blob_table(
             };
         if features & bf::ENCRYPTED != 0 {
             return Err(Error::Unsupported(format!("blob {id}: encrypted chunks")));
+        }
+        if chunk_count > limits::MAX_BLOB_CHUNKS {
+            return Err(corrupt!("blob {id}: {chunk_count} chunks (at most 2^24)"));
         }
         blobs.push(BlobInfo {
             index,

@@ -351,7 +351,7 @@ fn parse_blob_table(
             "{extra_devices} device slots but {nblobs} blob table entries"
         ));
     }
-    if nblobs > 255 {
+    if nblobs > super::limits::MAX_BLOBS as u64 {
         return Err(corrupt!(
             "{nblobs} blobs (at most 255 fit in a chunk address)"
         ));

@@ -331,6 +331,10 @@ pub mod v5 {
     pub const S_BLOB_TABLE_OFFSET: usize = 48;
     pub const S_INODE_TABLE_ENTRIES: usize = 56;
     pub const S_BLOB_TABLE_SIZE: usize = 64;
+    pub const S_EXT_BLOB_TABLE_ENTRIES: usize = 68;
+    pub const S_EXT_BLOB_TABLE_OFFSET: usize = 72;
+    /// §2.5: an extended blob table entry is 64 bytes, its chunk count the first u32.
+    pub const EXT_BLOB_ENTRY: usize = 64;
     /// §2.6 `RafsV5Inode` (128-byte record) fields.
     pub const INODE_SIZE: usize = 128;
     pub const I_INO: usize = 40;
