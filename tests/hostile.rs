@@ -676,6 +676,92 @@ fn v5_chunk_count_and_file_offset_past_the_end_are_refused() {
 }
 
 #[test]
+fn v5_chunks_of_a_file_with_holes_are_whole_chunks_at_chunk_boundaries() {
+    // HAS_HOLE lets chunks skip parts of a file, not shrink: 1-byte chunks would make a 4 KiB READ touch
+    // thousands of them. special/tail-unaligned has a whole first chunk and a tail.
+    let forge = |k: usize, file_offset: Option<u64>, size: Option<u32>| {
+        let mut img = Img::new("v5-lz4-blake3-repeatable");
+        let rec = v5::find(&img.boot, "special/tail-unaligned");
+        assert!(rec.child_count >= 2);
+        le::put_u64(
+            &mut img.boot,
+            rec.off + v5::I_FLAGS,
+            rec.flags | v5::I_HAS_HOLE,
+        );
+        let at = v5::chunk_record(&img.boot, &rec, k);
+        if let Some(o) = file_offset {
+            le::put_u64(&mut img.boot, at + v5::C_FILE_OFFSET, o);
+        }
+        if let Some(s) = size {
+            le::put_u32(&mut img.boot, at + v5::C_UNCOMPRESSED_SIZE, s);
+        }
+        img.save();
+        (img, rec)
+    };
+    let (img, rec) = forge(0, None, None);
+    let chunk = le::u32_at(&img.boot, v5::S_BLOCK_SIZE) as u64;
+    let mut buf = vec![0u8; 4096];
+    img.opened(true).read(rec.ino, 0, &mut buf).unwrap();
+
+    let what = format!("chunks of inode {}", rec.ino);
+    let (img, _) = forge(0, None, Some(1));
+    expect_corrupt(
+        img.opened(true).read(rec.ino, 0, &mut buf),
+        &[
+            &what,
+            &format!("chunk 0 holds 1 bytes at file offset 0, the file needs {chunk} at 0"),
+        ],
+    );
+    let (img, _) = forge(1, Some(chunk + 1), None);
+    expect_corrupt(
+        img.opened(true).read(rec.ino, chunk, &mut buf),
+        &[
+            &what,
+            "chunk 1 holds",
+            &format!("at file offset {}", chunk + 1),
+        ],
+    );
+}
+
+#[test]
+fn v5_chunk_stored_in_more_than_its_size_can_compress_to_is_refused() {
+    // A chunk claims to be stored in the chunk size (1 MiB; the old bound) though its few bytes compress
+    // to far less, or, stored raw, in one byte more than it holds: a small read would be a large backend
+    // read.
+    for (case, compressed) in [
+        ("v5-lz4-blake3-repeatable", true),
+        ("v5-none-aligned", false),
+    ] {
+        let mut img = Img::new(case);
+        let chunk_size = le::u32_at(&img.boot, v5::S_BLOCK_SIZE);
+        let (rec, at) = v5::files_in(&img.boot, "etc")
+            .iter()
+            .map(|path| v5::find(&img.boot, path))
+            .filter(|rec| rec.child_count == 1)
+            .map(|rec| {
+                let at = v5::chunk_record(&img.boot, &rec, 0);
+                (rec, at)
+            })
+            .find(|(_, at)| {
+                le::u32_at(&img.boot, at + v5::C_FLAGS) & v5::COMPRESSED != 0 || !compressed
+            })
+            .unwrap_or_else(|| panic!("{case}: a file of one chunk"));
+        let size = le::u32_at(&img.boot, at + v5::C_UNCOMPRESSED_SIZE);
+        let claimed = if compressed { chunk_size } else { size + 1 };
+        assert!(size < chunk_size / 2, "{case}: a small chunk");
+        le::put_u32(&mut img.boot, at + v5::C_COMPRESSED_SIZE, claimed);
+        img.save();
+        let image = img.opened(true);
+        let mut buf = vec![0u8; 4096];
+        let how = if compressed { "compressed" } else { "raw" };
+        expect_corrupt(
+            image.read(rec.ino, 0, &mut buf),
+            &[&format!("{claimed} bytes stored ({how}) for {size} bytes")],
+        );
+    }
+}
+
+#[test]
 fn v5_chunk_uncompressed_offset_past_the_end_of_the_blob_is_refused() {
     // The first value makes offset + size overflow (special/owned holds 6 bytes).
     for bad in [u64::MAX - 2, 1 << 50] {

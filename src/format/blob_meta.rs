@@ -157,6 +157,7 @@ impl ChunkInfoArray {
             let (compressed, _) = self.batch(batch)?;
             info.compressed_size = compressed;
         }
+        info.check_stored_size()?;
         Ok(info)
     }
 
@@ -197,4 +198,56 @@ pub fn check_size(blob: &BlobInfo, ci: &CiLocation) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A V2 entry: `flags`, a chunk of `size` bytes at uncompressed offset 0, stored in `stored` bytes at 0.
+    fn v2_entry(flags: u8, size: u32, stored: u32) -> [u8; CI_V2_SIZE as usize] {
+        let entry = CiV2 {
+            uncomp_info: (flags as u64) << 56 | ((size - 1) as u64) << 32,
+            comp_info: (stored as u64) << 40,
+            data: 0,
+        };
+        let mut out = [0u8; CI_V2_SIZE as usize];
+        entry.write_to(&mut out);
+        out
+    }
+
+    fn array(entries: &[[u8; CI_V2_SIZE as usize]]) -> ChunkInfoArray {
+        ChunkInfoArray {
+            blob_index: 0,
+            buf: entries.concat(),
+            v2: true,
+            count: entries.len() as u32,
+            batches: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn v2_entries_stored_in_no_bytes_or_more_than_their_size_can_take_are_refused() {
+        let mib = 1 << 20;
+        let a = array(&[
+            v2_entry(ci_flags::COMPRESSED, mib, 300),
+            v2_entry(ci_flags::COMPRESSED, mib, mib + mib / 128 + 1024),
+            v2_entry(0, mib, mib),
+            // A 1 MiB chunk in 0 bytes: a predicted run never grew its window on such chunks.
+            v2_entry(ci_flags::COMPRESSED, mib, 0),
+            v2_entry(ci_flags::COMPRESSED, 1, 4 << 20),
+            v2_entry(0, 4096, 4095),
+        ]);
+        for ok in 0..3 {
+            a.get(ok).unwrap();
+        }
+        for (bad, says) in [
+            (3, "chunk 3: 0 bytes stored (compressed) for 1048576 bytes"),
+            (4, "chunk 4: 4194304 bytes stored (compressed) for 1 bytes"),
+            (5, "chunk 5: 4095 bytes stored (raw) for 4096 bytes"),
+        ] {
+            let e = a.get(bad).unwrap_err();
+            assert!(matches!(&e, Error::Corrupt(m) if m.contains(says)), "{e:?}");
+        }
+    }
 }

@@ -304,7 +304,40 @@ pub struct ChunkInfo {
     pub crc32: Option<u32>,
 }
 
+/// Most bytes a chunk of `uncompressed` bytes may be stored in: what zstd, lz4 and gzip can grow
+/// incompressible data to, with room to spare (builders store such chunks raw anyway). A record that
+/// claims more makes a small chunk cost a large backend read.
+pub fn max_stored_size(uncompressed: u32) -> u64 {
+    let u = uncompressed as u64;
+    u + u / 128 + 1024
+}
+
 impl ChunkInfo {
+    /// A chunk's stored size must fit its uncompressed size: equal when stored raw, within
+    /// [`max_stored_size`] and not 0 when compressed (a 0-byte chunk looks free to whoever sums sizes, such
+    /// as a predicted run's window). A batch chunk's stored size is its batch's, checked with the batch.
+    /// Every chunk record is checked when decoded (v5 chunk records, v6 chunk-info entries).
+    pub fn check_stored_size(&self) -> Result<()> {
+        if self.batch.is_some() {
+            return Ok(());
+        }
+        let (stored, size) = (self.compressed_size, self.uncompressed_size);
+        let fits = if self.compressed {
+            (stored > 0 || size == 0) && stored as u64 <= max_stored_size(size)
+        } else {
+            stored == size
+        };
+        if !fits {
+            let how = if self.compressed { "compressed" } else { "raw" };
+            return Err(corrupt!(
+                "blob {} chunk {}: {stored} bytes stored ({how}) for {size} bytes",
+                self.blob_index,
+                self.index
+            ));
+        }
+        Ok(())
+    }
+
     /// The on-disk chunk record of this chunk (file offset 0), or `None` without a digest to record.
     /// The inverse of [`v5::chunk_info`].
     pub fn to_record(&self) -> Option<rafs_layout::v5::ChunkRecord> {

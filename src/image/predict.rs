@@ -4,6 +4,7 @@
 //! near the previous one. Each predicted chunk is claimed so nobody fetches it twice; none of the prefetch
 //! head's while it is planned or fetched (`cache::prefetch`).
 
+use std::cell::Cell;
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -15,6 +16,11 @@ use crate::format::{ChunkInfo, InodeAttr};
 
 /// Most chunks [`RafsImage`] indexes for its prefetch table (16 bytes each in a set).
 const MAX_PREFETCH_CHUNKS: usize = 1 << 20;
+
+/// A predicted run's uncompressed bytes, in windows (the window counts stored bytes): room for chunks
+/// that compress 4:1 on average, while chunks that claim to be stored in next to nothing cannot make a
+/// run of a whole blob.
+const MAX_RUN_EXPANSION: u64 = 4;
 
 impl RafsImage {
     /// The chunks to fetch with `first` (located): those of `follow` that lie back to back after it in its
@@ -49,11 +55,14 @@ impl RafsImage {
         let mut window = self.streams.window_bytes();
         let mut run = Vec::new();
         let mut end = first_end;
+        let most_uncompressed = MAX_RUN_EXPANSION * window;
+        let uncompressed = Cell::new(first.uncompressed_size as u64);
         let take = |next: ChunkInfo, run: &mut Vec<Pending>, end: &mut u64, window: u64| -> bool {
             if next.blob_index != first.blob_index
                 || next.batch.is_some()
                 || next.compressed_offset != *end
                 || *end + next.compressed_size as u64 - first.compressed_offset > window
+                || uncompressed.get() + next.uncompressed_size as u64 > most_uncompressed
                 || self.left_to_prefetch_head(head, &next)
             {
                 return false;
@@ -62,6 +71,7 @@ impl RafsImage {
                 return false;
             };
             *end += next.compressed_size as u64;
+            uncompressed.set(uncompressed.get() + next.uncompressed_size as u64);
             run.push(Pending { info: next, claim });
             true
         };
