@@ -762,6 +762,45 @@ fn v5_chunk_stored_in_more_than_its_size_can_compress_to_is_refused() {
 }
 
 #[test]
+fn v5_prefetch_table_listing_one_file_again_and_again_is_indexed_once() {
+    // special/repeated-chunks: 2 MiB in 16 chunks of 128 KiB, all the same chunk (so the distinct-chunk
+    // cap never trips). The table lists it 2^21 times: indexing the table on the first cold read, which
+    // every other cold read waits for, looked its chunks up 2^25 times.
+    let mut img = Img::new("v5-zstd-sha256-128k");
+    let rec = v5::find(&img.boot, "special/repeated-chunks");
+    assert_eq!(rec.child_count, 16);
+    let repeats = 1usize << 21;
+    let at = img.boot.len().next_multiple_of(8);
+    img.boot.resize(at, 0);
+    for _ in 0..repeats {
+        img.boot.extend_from_slice(&(rec.ino as u32).to_le_bytes());
+    }
+    le::put_u64(&mut img.boot, v5::S_PREFETCH_TABLE_OFFSET, at as u64);
+    le::put_u32(&mut img.boot, v5::S_PREFETCH_TABLE_ENTRIES, repeats as u32);
+    img.save();
+    let image = RafsImage::open_local(
+        &img.bootstrap,
+        Some(&img.blob_dir),
+        ImageOptions {
+            validate: true,
+            cache_dir: Some(img.scratch("cache")),
+            amplify_io: 1 << 20,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(image.info().prefetch.len(), repeats);
+    let started = Instant::now();
+    let data = file_content(&image, rec.ino).unwrap();
+    let took = started.elapsed();
+    assert_eq!(data.len(), 2 << 20);
+    assert!(
+        took < Duration::from_secs(5),
+        "the first read took {took:?}"
+    );
+}
+
+#[test]
 fn v5_chunk_uncompressed_offset_past_the_end_of_the_blob_is_refused() {
     // The first value makes offset + size overflow (special/owned holds 6 bytes).
     for bad in [u64::MAX - 2, 1 << 50] {

@@ -14,7 +14,8 @@ use super::{PrefetchHead, RafsImage};
 use crate::cache::BlobCache;
 use crate::format::{ChunkInfo, InodeAttr};
 
-/// Most chunks [`RafsImage`] indexes for its prefetch table (16 bytes each in a set).
+/// Most chunk lookups [`RafsImage`] makes to index its prefetch table (so at most as many chunks, 16 bytes
+/// each in a set).
 const MAX_PREFETCH_CHUNKS: usize = 1 << 20;
 
 /// A predicted run's uncompressed bytes, in windows (the window counts stored bytes): room for chunks
@@ -200,7 +201,9 @@ impl RafsImage {
     }
 
     /// The chunks of the files in the image's prefetch table (a table naming the root predicts nothing:
-    /// that is everything).
+    /// that is everything). `None` past [`MAX_PREFETCH_CHUNKS`] chunk lookups, repeats included: a file
+    /// listed again is indexed once, but chunk records naming one chunk each cost a lookup, and this is
+    /// built on the first cold read while every other cold read waits for it.
     fn prefetch_chunks(&self) -> Option<&HashSet<(u32, u32)>> {
         self.prefetch_chunks
             .get_or_init(|| {
@@ -208,18 +211,23 @@ impl RafsImage {
                 if table.is_empty() || table.contains(&self.root_ino()) {
                     return None;
                 }
+                let mut files = table.clone();
+                files.sort_unstable();
+                files.dedup();
                 let mut set = HashSet::new();
-                for &ino in table {
+                let mut looked_up = 0;
+                for ino in files {
                     let inode = self.meta.inode(ino).ok()?;
                     if !inode.is_reg() {
                         continue;
                     }
                     for (o, addr) in self.meta.file_chunks(&inode, 0, inode.size).ok()? {
-                        let c = self.file_chunk(&inode, o, &addr).ok()?;
-                        set.insert((c.blob_index, c.index));
-                        if set.len() > MAX_PREFETCH_CHUNKS {
+                        looked_up += 1;
+                        if looked_up > MAX_PREFETCH_CHUNKS {
                             return None;
                         }
+                        let c = self.file_chunk(&inode, o, &addr).ok()?;
+                        set.insert((c.blob_index, c.index));
                     }
                 }
                 Some(set)

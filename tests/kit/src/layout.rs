@@ -328,8 +328,10 @@ pub mod v5 {
     pub const S_BLOCK_SIZE: usize = 12;
     pub const S_FLAGS: usize = 16;
     pub const S_INODE_TABLE_OFFSET: usize = 32;
+    pub const S_PREFETCH_TABLE_OFFSET: usize = 40;
     pub const S_BLOB_TABLE_OFFSET: usize = 48;
     pub const S_INODE_TABLE_ENTRIES: usize = 56;
+    pub const S_PREFETCH_TABLE_ENTRIES: usize = 60;
     pub const S_BLOB_TABLE_SIZE: usize = 64;
     pub const S_EXT_BLOB_TABLE_ENTRIES: usize = 68;
     pub const S_EXT_BLOB_TABLE_OFFSET: usize = 72;
