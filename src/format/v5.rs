@@ -358,7 +358,10 @@ fn parse_blob_table(
             return Err(Error::Unsupported(format!("blob {id}: encrypted chunks")));
         }
         if chunk_count > limits::MAX_BLOB_CHUNKS {
-            return Err(corrupt!("blob {id}: {chunk_count} chunks (at most 2^24)"));
+            return Err(limits::exceeded(
+                format!("blob {id} has {chunk_count} chunks"),
+                "2^24 chunks per blob",
+            ));
         }
         blobs.push(BlobInfo {
             index,

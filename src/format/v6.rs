@@ -352,8 +352,9 @@ fn parse_blob_table(
         ));
     }
     if nblobs > super::limits::MAX_BLOBS as u64 {
-        return Err(corrupt!(
-            "{nblobs} blobs (at most 255 fit in a chunk address)"
+        return Err(super::limits::exceeded(
+            format!("the blob table lists {nblobs} blobs"),
+            "255 blobs (what a chunk address can name)",
         ));
     }
     let table = slice(data, blob_table_off, blob_table_size, "blob table")?;
@@ -450,7 +451,10 @@ fn parse_blob_entry(
     }
     let chunk_count = e.chunk_count;
     if chunk_count > super::limits::MAX_BLOB_CHUNKS {
-        return Err(corrupt!("blob {id}: {chunk_count} chunks (at most 2^24)"));
+        return Err(super::limits::exceeded(
+            format!("blob {id} has {chunk_count} chunks"),
+            "2^24 chunks per blob",
+        ));
     }
     let features = e.features;
     if features & 0xF000 != 0 || features & bf::V5_NO_EXT_BLOB_TABLE != 0 {
