@@ -300,7 +300,7 @@ impl BackendConfig {
         }
     }
 
-    /// Where the blobs come from, without credentials or tuning: the backend type and the settings that
+    /// Where the blobs come from, without credentials or tuning (hashed, never shown): the backend type and the settings that
     /// choose the location (directories, host and repository, bucket and prefix, address and path) or
     /// the route to it (redirect rewrites, mirrors, proxy, TLS trust). Part of the blob cache's key for
     /// images without chunk digests, whose bytes nothing else checks: a mount of the same bootstrap
@@ -340,6 +340,15 @@ impl BackendConfig {
         };
         for m in &http.mirrors {
             keys.push(("mirror", Some(crate::redact::text(&m.host).into_owned())));
+            // A mirror's headers may choose its upstream (Dragonfly's `X-Dragonfly-Registry`); its own
+            // credential, which may be renewed, does not.
+            for (name, value) in &m.headers {
+                let value = match name.eq_ignore_ascii_case("authorization") {
+                    true => "",
+                    false => value.as_str(),
+                };
+                keys.push(("mirror_header", Some(format!("{name}: {value}"))));
+            }
         }
         if !http.proxy.url.is_empty() {
             keys.push((
@@ -1665,6 +1674,14 @@ mod tests {
         assert_eq!(
             routed("mirrors", serde_json::json!([{"host": "http://m:1"}])),
             r#"registry host="h:5000" repo="a/b" mirror="http://m:1""#
+        );
+        assert_eq!(
+            routed(
+                "mirrors",
+                serde_json::json!([{"host": "http://m:1", "headers":
+                    {"X-Dragonfly-Registry": "https://other", "Authorization": "Bearer t"}}])
+            ),
+            r#"registry host="h:5000" repo="a/b" mirror="http://m:1" mirror_header="Authorization: " mirror_header="X-Dragonfly-Registry: https://other""#
         );
         assert_eq!(
             routed(

@@ -1139,6 +1139,79 @@ fn a_mirror_asking_for_credentials_never_gets_the_registrys() {
     assert!(origin.counters.data_requests.load(Ordering::Relaxed) >= 1);
 }
 
+/// A mirror's own credential, in its `headers`, goes to it whether or not the registry's does
+/// (`auth_through`): the mirror serves the read. Before, the filter that keeps the registry's
+/// Authorization from the mirror removed the mirror's own too, and the mirror, refusing, was passed by.
+#[test]
+fn a_mirrors_own_authorization_header_reaches_it() {
+    use std::io::{Read, Write};
+    let origin = FakeServer::start(FakeOptions::plain(REPO));
+    let mirror = FakeServer::start(FakeOptions {
+        bearer: Some(600),
+        ..FakeOptions::plain(REPO)
+    });
+    let data = pseudo_random(1 << 20, 12);
+    let id = origin.add_blob(data.clone());
+    mirror.add_blob(data.clone());
+    // The mirror's credential, issued out of band.
+    mirror.set_token_text(Some("mirror-own".into()));
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", mirror.port)).unwrap();
+    write!(
+        conn,
+        "GET /token HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&answer).contains("mirror-own") {
+        let n = conn.read(&mut buf).unwrap();
+        assert!(n > 0, "{}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&buf[..n]);
+    }
+    for auth_through in [false, true] {
+        let backend = registry_backend(json!({
+            "scheme": "http", "host": format!("127.0.0.1:{}", origin.port), "repo": REPO,
+            "auth": "dTpw", "retry_limit": 0,
+            "mirrors": [{"host": format!("http://127.0.0.1:{}", mirror.port),
+                         "auth_through": auth_through,
+                         "headers": {"Authorization": "Bearer mirror-own"}}]
+        }));
+        assert!(backend.read_exact_at(&id, 0, 4096).unwrap() == data[..4096]);
+    }
+    assert_eq!(origin.counters.data_requests.load(Ordering::Relaxed), 0);
+    assert_eq!(mirror.counters.data_requests.load(Ordering::Relaxed), 2);
+    assert_eq!(mirror.counters.token_requests.load(Ordering::Relaxed), 1);
+}
+
+/// A remembered storage URL (the registry's redirect) whose answer stalls after its head is forgotten,
+/// like one that refuses: the registry is asked for a fresh redirect within the same attempt and the
+/// read succeeds. Before, a stalled answer counted as data: the URL was kept, and with no retry left the
+/// read failed.
+#[test]
+fn a_storage_url_whose_answer_stalls_is_asked_for_again() {
+    let server = FakeServer::start(FakeOptions::plain(REPO));
+    let data = pseudo_random(1 << 20, 14);
+    let id = server.add_blob(data.clone());
+    server.set_redirect(Some(format!(
+        "http://127.0.0.1:{}/storage/{id}",
+        server.port
+    )));
+    let backend = registry_backend(json!({
+        "scheme": "http", "host": format!("127.0.0.1:{}", server.port), "repo": REPO,
+        "timeout": 1, "retry_limit": 0
+    }));
+    assert!(backend.read_exact_at(&id, 0, 4096).unwrap() == data[..4096]);
+    let at_storage = || server.counters.storage_requests.load(Ordering::Relaxed);
+    assert_eq!(at_storage(), 2, "the size, then the range");
+    server.queue(&[Fault::Stall(Duration::from_secs(5))]);
+    let got = backend
+        .read_exact_at(&id, 4096, 4096)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(got == data[4096..8192]);
+    assert_eq!(at_storage(), 4, "the remembered URL, then the fresh one");
+}
+
 /// The `http-proxy` backend (`addr` + `path` + `/<blob id>`) through the daemon's own config parser.
 #[test]
 fn http_proxy_backend_reads_ranges() {

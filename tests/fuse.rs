@@ -1413,7 +1413,10 @@ fn unmounting_an_image_whose_prefetch_waits_holds_back_no_other_mount() {
             )
         })
     };
-    std::thread::sleep(Duration::from_millis(200));
+    // Time for the unmount to reach the daemon first (it holds the mount lock while it works); with
+    // the prefetch request let go, the mount below would prove nothing.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(server.held() >= 1, "the prefetch request was let go");
     let start = Instant::now();
     let other = v1_config(
         &manifest::case_blob_dir(STALLED_CASE),

@@ -145,6 +145,8 @@ impl Drop for Prefetcher {
     /// Stops the workers without waiting for them: each ends at its next check, after the request in
     /// hand, which a slow or hostile registry may draw out for as long as its timeouts allow. They hold
     /// the image; the unmount that drops this (holding the daemon's mount lock) must not wait on them.
+    /// A mount of the same image meanwhile has a prefetch of its own: until the old request ends, both
+    /// may fetch the same chunks (the cache takes either).
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
     }
@@ -159,29 +161,28 @@ struct Plan {
 }
 
 impl Plan {
-    /// The next run: the head while it waits, else the first run of a blob that may be asked now, the
-    /// runs skipped going to the back of the plan (they would wait); the first run if every blob waits
-    /// (its worker waits for its blob). A blob that found no answer holds back only its own runs.
+    /// The next run: the head while it waits, else the first run of a blob that may be asked now (the
+    /// runs before it keep their place, to go first once their blob may be asked again), else the first
+    /// run (its worker waits for its blob). A blob that found no answer holds back only its own runs.
     fn take(&mut self, image: &RafsImage) -> Option<Vec<ChunkInfo>> {
+        let mut pick = 0;
         if self.head != Head::Waiting {
             // Runs come grouped by blob: ask about a group's blob once.
             let mut last: Option<(u32, bool)> = None;
-            for _ in 0..self.runs.len() {
-                let Some(blob) = self.runs.front()?.first().map(|c| c.blob_index) else {
-                    break;
+            let found = self.runs.iter().position(|run| {
+                let Some(blob) = run.first().map(|c| c.blob_index) else {
+                    return true;
                 };
                 let waits = match last {
                     Some((b, waits)) if b == blob => waits,
                     _ => image.blob_retry_at(blob).is_some(),
                 };
-                if !waits {
-                    break;
-                }
                 last = Some((blob, waits));
-                self.runs.rotate_left(1);
-            }
+                !waits
+            });
+            pick = found.unwrap_or(0);
         }
-        self.runs.pop_front()
+        self.runs.remove(pick)
     }
 }
 
@@ -278,6 +279,9 @@ fn run_worker(
             false => run.iter().map(|c| c.compressed_size as u64).sum(),
         };
         limiter.take(bytes, stop);
+        if stop.load(Ordering::Relaxed) {
+            continue; // stopped while waiting for the limiter: no new request
+        }
         match image.prefetch(&run) {
             Ok(fetched) => {
                 if let Some(plan) = queue.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {

@@ -151,9 +151,11 @@ impl Remote for Registry {
             .cloned();
         if let Some(url) = cached {
             // A storage URL that answers anything but data (an expired pre-signed URL, a host gone down,
-            // a refusal) is forgotten: the registry is asked again.
+            // a refusal, a body that stalled or broke) is forgotten: the registry is asked again.
             match self.get_storage(http, &url, range) {
-                Ok(resp) if matches!(resp.status, 200 | 206) => return Ok(resp),
+                Ok(resp) if matches!(resp.status, 200 | 206) && resp.body_error.is_none() => {
+                    return Ok(resp)
+                }
                 _ => {
                     self.redirects
                         .lock()
@@ -192,7 +194,7 @@ impl Remote for Registry {
                 // Remembered once it answered with data: a target refused, unreachable or failing is
                 // asked for again.
                 let resp = self.get_storage(http, &target, range)?;
-                if matches!(resp.status, 200 | 206) {
+                if matches!(resp.status, 200 | 206) && resp.body_error.is_none() {
                     self.redirects
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())

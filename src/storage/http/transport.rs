@@ -374,10 +374,15 @@ impl HttpClient {
             Method::Get => agent.get(url),
             Method::Head => agent.head(url),
         };
-        for (k, v) in req.headers.iter().chain(extra) {
-            if skip_auth && k.eq_ignore_ascii_case("authorization") {
-                continue;
-            }
+        // `skip_auth` keeps the registry's Authorization from a route not trusted with it; the route's
+        // own headers (`extra`: a mirror's, its own credential included) always go, in its place.
+        let is_auth = |k: &String| k.eq_ignore_ascii_case("authorization");
+        let replaced = skip_auth || extra.iter().any(|(k, _)| is_auth(k));
+        let ours = req
+            .headers
+            .iter()
+            .filter(|(k, _)| !(replaced && is_auth(k)));
+        for (k, v) in ours.chain(extra) {
             builder = builder.header(k.as_str(), v.as_str());
         }
         if let Some((a, b)) = req.range {
