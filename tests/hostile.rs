@@ -762,6 +762,32 @@ fn v5_chunk_stored_in_more_than_its_size_can_compress_to_is_refused() {
 }
 
 #[test]
+fn v5_gzip_chunk_stored_in_no_bytes_stays_unsupported() {
+    // nydus-image up to 2.1 converted stargz layers into v5 images of gzip chunks recorded with no stored
+    // size. They cannot be read here (no gzip codec), and a read says so (EOPNOTSUPP), as it did before
+    // chunk sizes were checked, not that the image is corrupt.
+    let mut img = Img::new("v5-lz4-blake3-repeatable");
+    let flags = le::u64_at(&img.boot, v5::S_FLAGS);
+    le::put_u64(&mut img.boot, v5::S_FLAGS, (flags & !0xc3) | 0x40);
+    let (rec, at) = v5::files_in(&img.boot, "etc")
+        .iter()
+        .map(|path| v5::find(&img.boot, path))
+        .filter(|rec| rec.child_count == 1)
+        .map(|rec| {
+            let at = v5::chunk_record(&img.boot, &rec, 0);
+            (rec, at)
+        })
+        .find(|(_, at)| le::u32_at(&img.boot, at + v5::C_FLAGS) & v5::COMPRESSED != 0)
+        .expect("a file of one compressed chunk");
+    le::put_u32(&mut img.boot, at + v5::C_COMPRESSED_SIZE, 0);
+    img.save();
+    let image = img.opened(true);
+    let e = image.read(rec.ino, 0, &mut [0u8; 4096]).unwrap_err();
+    assert_eq!(e.errno(), libc::EOPNOTSUPP, "{e}");
+    assert!(e.to_string().contains("gzip"), "{e}");
+}
+
+#[test]
 fn v5_prefetch_table_listing_one_file_again_and_again_is_indexed_once() {
     // special/repeated-chunks: 2 MiB in 16 chunks of 128 KiB, all the same chunk (so the distinct-chunk
     // cap never trips). The table lists it 2^21 times: indexing the table on the first cold read, which

@@ -111,7 +111,16 @@ fn tail_section(file: &File, size: u64) -> Result<(TarHeader, u64)> {
 
 fn extract_inline_bootstrap(file: &File, size: u64) -> Result<Vec<u8>> {
     let (header, start) = tail_section(file, size)?;
+    let too_large = |bytes: u64| {
+        limits::exceeded(
+            format!("the inlined bootstrap (image.boot) takes {bytes} bytes decoded"),
+            "256 MiB",
+        )
+    };
     if header.name == b"image.boot" {
+        if header.size > MAX_INLINE_BOOTSTRAP_BYTES {
+            return Err(too_large(header.size));
+        }
         return read_section(file, size, start, header.size, "image.boot");
     }
     if header.name != toc::TOC_NAME {
@@ -126,13 +135,7 @@ fn extract_inline_bootstrap(file: &File, size: u64) -> Result<Vec<u8>> {
         .find(|e| e.name == b"image.boot")
         .ok_or_else(|| corrupt!("blob ToC has no image.boot entry"))?;
     if boot.uncompressed_size > MAX_INLINE_BOOTSTRAP_BYTES {
-        return Err(limits::exceeded(
-            format!(
-                "the inlined bootstrap (image.boot) takes {} bytes decoded",
-                boot.uncompressed_size
-            ),
-            "256 MiB",
-        ));
+        return Err(too_large(boot.uncompressed_size));
     }
     let stored = read_section(
         file,
@@ -170,6 +173,7 @@ mod tests {
     use super::*;
     use rafs_layout::blob::{TarHeader, TocEntry};
     use rafs_layout::Record;
+    use std::os::unix::fs::FileExt;
 
     /// A blob whose ToC names a zstd `image.boot` of `claimed` bytes decoded, stored in `stored` bytes.
     fn blob_with_toc(claimed: u64, stored: &[u8]) -> tempfile::NamedTempFile {
@@ -204,6 +208,25 @@ mod tests {
                 && msg.contains("image.boot")
                 && msg.contains(&format!("{} bytes", 512u64 << 20))
                 && msg.contains("256 MiB"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn an_old_style_inlined_bootstrap_beyond_the_limit_is_refused_as_such() {
+        // No ToC: the blob ends with image.boot itself (a sparse file of 512 MiB), refused with the limit
+        // named rather than as a section outside the blob.
+        let claimed = 512u64 << 20;
+        let file = tempfile::NamedTempFile::new().unwrap();
+        file.as_file().set_len(claimed).unwrap();
+        let header = TarHeader::section(b"image.boot", claimed).unwrap();
+        file.as_file().write_all_at(&header, claimed).unwrap();
+        let size = file.as_file().metadata().unwrap().len();
+        let msg = extract_inline_bootstrap(file.as_file(), size)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("image refused") && msg.contains("256 MiB"),
             "{msg}"
         );
     }

@@ -18,10 +18,11 @@ use crate::format::{ChunkInfo, InodeAttr};
 /// each in a set).
 const MAX_PREFETCH_CHUNKS: usize = 1 << 20;
 
-/// A predicted run's uncompressed bytes, in windows (the window counts stored bytes): room for chunks
-/// that compress 4:1 on average, while chunks that claim to be stored in next to nothing cannot make a
-/// run of a whole blob.
-const MAX_RUN_EXPANSION: u64 = 4;
+/// A predicted run's uncompressed bytes, in windows (the window counts stored bytes; the run's own,
+/// when speculation granted less): room for text that compresses 10:1 and for a 16 MiB chunk in the
+/// least window, while chunks that claim to be stored in next to nothing cannot make a run of a whole
+/// blob.
+const MAX_RUN_EXPANSION: u64 = 16;
 
 impl RafsImage {
     /// The chunks to fetch with `first` (located): those of `follow` that lie back to back after it in its
@@ -56,14 +57,13 @@ impl RafsImage {
         let mut window = self.streams.window_bytes();
         let mut run = Vec::new();
         let mut end = first_end;
-        let most_uncompressed = MAX_RUN_EXPANSION * window;
         let uncompressed = Cell::new(first.uncompressed_size as u64);
         let take = |next: ChunkInfo, run: &mut Vec<Pending>, end: &mut u64, window: u64| -> bool {
             if next.blob_index != first.blob_index
                 || next.batch.is_some()
                 || next.compressed_offset != *end
                 || *end + next.compressed_size as u64 - first.compressed_offset > window
-                || uncompressed.get() + next.uncompressed_size as u64 > most_uncompressed
+                || uncompressed.get() + next.uncompressed_size as u64 > MAX_RUN_EXPANSION * window
                 || self.left_to_prefetch_head(head, &next)
             {
                 return false;
