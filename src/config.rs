@@ -300,14 +300,14 @@ impl BackendConfig {
         }
     }
 
-    /// Where the blobs come from, without credentials or tuning (hashed, never shown): the backend type and the settings that
-    /// choose the location (directories, host and repository, bucket and prefix, address and path) or
-    /// the route to it (redirect rewrites, mirrors, proxy, TLS trust). Part of the blob cache's key for
-    /// images without chunk digests, whose bytes nothing else checks: a mount of the same bootstrap
-    /// through another route (a mirror of its own) must not share their cache. The text must stay the
-    /// same for the same config.
+    /// Where the blobs come from, without credentials or tuning (hashed, never shown): the backend type
+    /// and the settings that choose the location (directories, host and repository, bucket and prefix,
+    /// address and path) or the route to it (redirect rewrites, mirrors, proxy, TLS trust). Part of the
+    /// blob cache's key for images without chunk digests, whose bytes nothing else checks: a mount of the
+    /// same bootstrap through another route (a mirror of its own) must not share their cache. The text
+    /// must stay the same for the same config.
     pub fn location(&self) -> String {
-        let remote = match self {
+        let (remote, http) = match self {
             BackendConfig::LocalFs(c) => {
                 return format!(
                     "localfs dir={:?} alt_dirs={:?} blob_file={:?}",
@@ -319,7 +319,6 @@ impl BackendConfig {
             }
             BackendConfig::Network { remote, http } => (remote, http),
         };
-        let (remote, http) = remote;
         let given = |v: &str| Some(v.to_string());
         let mut keys: Vec<(&str, Option<String>)> = match remote {
             RemoteConfig::Registry(c) => vec![

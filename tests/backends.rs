@@ -63,6 +63,25 @@ fn fake_registry_blob(seed: u64) -> (FakeServer, Vec<u8>, String, RemoteBackend<
     (server, data, id, backend)
 }
 
+/// Options of a plain fake registry: blobs under [`REPO`], no auth, no redirects.
+fn plain() -> FakeOptions {
+    FakeOptions::plain(REPO)
+}
+
+/// Two fake servers, started with `a` and `b`, serving the same 1 MiB blob (`seed`): an origin and a
+/// route to it (a mirror, a proxy).
+fn same_blob_on(
+    a: FakeOptions,
+    b: FakeOptions,
+    seed: u64,
+) -> (FakeServer, FakeServer, Vec<u8>, String) {
+    let (first, second) = (FakeServer::start(a), FakeServer::start(b));
+    let data = pseudo_random(1 << 20, seed);
+    let id = first.add_blob(data.clone());
+    assert_eq!(second.add_blob(data.clone()), id);
+    (first, second, data, id)
+}
+
 /// Blob bytes the registry sent, from its access log (combined format: `"GET ..." status size`).
 fn registry_bytes_served(log: &str) -> u64 {
     log.lines()
@@ -608,13 +627,7 @@ fn a_token_no_header_can_carry_is_refused_and_never_sent() {
         storage_head_403: false,
     };
     // The proxy plays the registry too (it serves from its own store and asks for its own tokens).
-    let (registry, proxy) = (
-        FakeServer::start(opts(Some(60))),
-        FakeServer::start(opts(Some(60))),
-    );
-    let data = pseudo_random(1 << 20, 29);
-    let id = registry.add_blob(data.clone());
-    proxy.add_blob(data.clone());
+    let (registry, proxy, data, id) = same_blob_on(opts(Some(60)), opts(Some(60)), 29);
     let base = json!({
         "scheme": "http", "host": format!("127.0.0.1:{}", registry.port), "repo": REPO,
         "timeout": 1, "connect_timeout": 1
@@ -750,13 +763,7 @@ fn a_registry_cannot_send_the_daemon_to_a_metadata_address() {
 /// there: the forms of 169.254.169.254 and 0.0.0.0 a proxy's resolver takes never reach it.
 #[test]
 fn a_registry_cannot_send_the_daemon_to_a_metadata_address_through_a_proxy() {
-    let (registry, proxy) = (
-        FakeServer::start(FakeOptions::plain(REPO)),
-        FakeServer::start(FakeOptions::plain(REPO)),
-    );
-    let data = pseudo_random(1 << 20, 23);
-    let id = registry.add_blob(data.clone());
-    proxy.add_blob(data.clone());
+    let (registry, proxy, data, id) = same_blob_on(plain(), plain(), 23);
     let backend = registry_backend(json!({
         "scheme": "http", "host": format!("127.0.0.1:{}", registry.port), "repo": REPO,
         "timeout": 1, "connect_timeout": 1, "retry_limit": 0,
@@ -1041,10 +1048,7 @@ fn mirrors_fail_over_to_the_origin_and_recover() {
         redirect_to: None,
         storage_head_403: false,
     };
-    let (origin, mirror) = (FakeServer::start(opts()), FakeServer::start(opts()));
-    let data = pseudo_random(1 << 20, 5);
-    let id = origin.add_blob(data.clone());
-    mirror.add_blob(data.clone());
+    let (origin, mirror, data, id) = same_blob_on(opts(), opts(), 5);
     let backend = registry_backend(json!({
         "scheme": "http", "host": format!("127.0.0.1:{}", origin.port), "repo": REPO, "retry_limit": 0,
         "mirrors": [{"host": format!("http://127.0.0.1:{}", mirror.port), "failure_limit": 2,
@@ -1085,13 +1089,7 @@ fn mirrors_fail_over_to_the_origin_and_recover() {
 #[test]
 fn a_mirror_whose_streamed_answer_stalls_gives_way_to_the_origin() {
     use std::io::Read;
-    let (origin, mirror) = (
-        FakeServer::start(FakeOptions::plain(REPO)),
-        FakeServer::start(FakeOptions::plain(REPO)),
-    );
-    let data = pseudo_random(1 << 20, 9);
-    let id = origin.add_blob(data.clone());
-    mirror.add_blob(data.clone());
+    let (origin, mirror, data, id) = same_blob_on(plain(), plain(), 9);
     let backend = registry_backend(json!({
         "scheme": "http", "host": format!("127.0.0.1:{}", origin.port), "repo": REPO,
         "timeout": 1, "retry_limit": 0,
@@ -1116,14 +1114,11 @@ fn a_mirror_whose_streamed_answer_stalls_gives_way_to_the_origin() {
 /// mirror's challenge with the configured `user:pass`, and the read then failed as refused.
 #[test]
 fn a_mirror_asking_for_credentials_never_gets_the_registrys() {
-    let origin = FakeServer::start(FakeOptions::plain(REPO));
-    let mirror = FakeServer::start(FakeOptions {
+    let bearer = FakeOptions {
         bearer: Some(60),
-        ..FakeOptions::plain(REPO)
-    });
-    let data = pseudo_random(1 << 20, 11);
-    let id = origin.add_blob(data.clone());
-    mirror.add_blob(data.clone());
+        ..plain()
+    };
+    let (origin, mirror, data, id) = same_blob_on(plain(), bearer, 11);
     let backend = registry_backend(json!({
         "scheme": "http", "host": format!("127.0.0.1:{}", origin.port), "repo": REPO,
         "auth": "dTpw", "retry_limit": 0,
@@ -1145,14 +1140,11 @@ fn a_mirror_asking_for_credentials_never_gets_the_registrys() {
 #[test]
 fn a_mirrors_own_authorization_header_reaches_it() {
     use std::io::{Read, Write};
-    let origin = FakeServer::start(FakeOptions::plain(REPO));
-    let mirror = FakeServer::start(FakeOptions {
+    let bearer = FakeOptions {
         bearer: Some(600),
-        ..FakeOptions::plain(REPO)
-    });
-    let data = pseudo_random(1 << 20, 12);
-    let id = origin.add_blob(data.clone());
-    mirror.add_blob(data.clone());
+        ..plain()
+    };
+    let (origin, mirror, data, id) = same_blob_on(plain(), bearer, 12);
     // The mirror's credential, issued out of band.
     mirror.set_token_text(Some("mirror-own".into()));
     let mut conn = std::net::TcpStream::connect(("127.0.0.1", mirror.port)).unwrap();
@@ -1710,11 +1702,7 @@ fn a_hostile_forward_proxy_falls_back_to_direct_with_the_right_bytes() {
         redirect_to: None,
         storage_head_403: false,
     };
-    let origin = FakeServer::start(opts());
-    let proxy = FakeServer::start(opts());
-    let data = pseudo_random(1 << 20, 33);
-    let id = origin.add_blob(data.clone());
-    assert_eq!(proxy.add_blob(data.clone()), id);
+    let (origin, proxy, data, id) = same_blob_on(opts(), opts(), 33);
     let backend = || {
         registry_backend(json!({
             "scheme": "http", "host": format!("127.0.0.1:{}", origin.port), "repo": REPO,

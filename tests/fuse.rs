@@ -195,11 +195,18 @@ fn wait_cached(cache: &Path, chunks: u32, secs: u64, d: &Daemon, what: &str) {
 }
 
 fn chunk_map_ready_bits(cache: &Path) -> (u32, u64) {
+    blob_ready_bits(cache, "")
+}
+
+/// Chunks ready in the blob cache at `cache`, of the blobs whose ids start with `blob` (all for ""), and
+/// the chunk maps' bytes.
+fn blob_ready_bits(cache: &Path, blob: &str) -> (u32, u64) {
     let mut ready = 0;
     let mut total_bytes = 0;
     for e in std::fs::read_dir(cache).unwrap() {
         let p = e.unwrap().path();
-        if p.to_string_lossy().ends_with(".chunk_map") {
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        if name.starts_with(blob) && name.ends_with(".chunk_map") {
             let bytes = std::fs::read(&p).unwrap();
             // A map being created may not have its 4 KiB header yet.
             let bits = bytes.get(4096..).unwrap_or_default();
@@ -1316,23 +1323,7 @@ fn prefetch_of_a_blob_that_stopped_answering_holds_back_no_other_blob() {
     let mounted = Instant::now();
     api_mount(&sock, "/img", &upper.bootstrap, config.to_string());
     // Chunks ready in the cache, of the blob `id`.
-    let ready = |id: &str| -> u32 {
-        let Ok(entries) = std::fs::read_dir(&cache) else {
-            return 0;
-        };
-        entries
-            .map(|e| e.unwrap().path())
-            .filter(|p| {
-                let name = p.file_name().unwrap().to_string_lossy().into_owned();
-                name.starts_with(id) && name.ends_with(".chunk_map")
-            })
-            .map(|p| {
-                let bytes = std::fs::read(p).unwrap();
-                let bits = bytes.get(4096..).unwrap_or_default();
-                bits.iter().map(|b| b.count_ones()).sum::<u32>()
-            })
-            .sum()
-    };
+    let ready = |id: &str| blob_ready_bits(&cache, id).0;
     // Within the 5 s the lower blob waits to be asked again: its runs would have held both workers.
     while ready(&upper.blob_id) < 16 {
         assert!(

@@ -180,45 +180,46 @@ fn walk(image: &RafsImage) -> rafsd::Result<()> {
 /// The error of `r`, which must be `Error::Corrupt` whose message contains every needle.
 #[track_caller]
 fn expect_corrupt<T>(r: rafsd::Result<T>, needles: &[&str]) -> String {
-    let e = match r {
-        Ok(_) => panic!("expected a corrupt-image error mentioning {needles:?}, got success"),
-        Err(e) => e,
-    };
-    assert!(
-        matches!(e, Error::Corrupt(_)),
-        "expected Error::Corrupt, got {e:?}"
-    );
-    assert_mentions(&e.to_string(), needles);
-    e.to_string()
+    expect_error(
+        r,
+        "a corrupt-image error",
+        |e| matches!(e, Error::Corrupt(_)),
+        needles,
+    )
 }
 
 /// The error of `r`, which must be `Error::Integrity` whose message contains every needle.
 #[track_caller]
 fn expect_integrity<T>(r: rafsd::Result<T>, needles: &[&str]) -> String {
-    let e = match r {
-        Ok(_) => panic!("expected an integrity error mentioning {needles:?}, got success"),
-        Err(e) => e,
-    };
-    assert!(
-        matches!(e, Error::Integrity(_)),
-        "expected Error::Integrity, got {e:?}"
-    );
-    assert_mentions(&e.to_string(), needles);
-    e.to_string()
+    expect_error(
+        r,
+        "an integrity error",
+        |e| matches!(e, Error::Integrity(_)),
+        needles,
+    )
 }
 
 /// The error of `r`, which must be an image limit's (`image refused: ...`) whose message contains every
 /// needle.
 #[track_caller]
 fn expect_refused<T>(r: rafsd::Result<T>, needles: &[&str]) -> String {
+    let is_limit = |e: &Error| matches!(e, Error::Invalid(m) if m.starts_with("image refused: "));
+    expect_error(r, "an image limit's error", is_limit, needles)
+}
+
+/// The error of `r`, which must be `what` (as `is` tells) and whose message contains every needle.
+#[track_caller]
+fn expect_error<T>(
+    r: rafsd::Result<T>,
+    what: &str,
+    is: impl Fn(&Error) -> bool,
+    needles: &[&str],
+) -> String {
     let e = match r {
-        Ok(_) => panic!("expected an image limit's error mentioning {needles:?}, got success"),
+        Ok(_) => panic!("expected {what} mentioning {needles:?}, got success"),
         Err(e) => e,
     };
-    assert!(
-        matches!(&e, Error::Invalid(m) if m.starts_with("image refused: ")),
-        "expected an image limit's error, got {e:?}"
-    );
+    assert!(is(&e), "expected {what}, got {e:?}");
     assert_mentions(&e.to_string(), needles);
     e.to_string()
 }

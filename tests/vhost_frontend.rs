@@ -952,21 +952,27 @@ fn opcodes_without_a_request_get_enosys_even_with_trace_logging() {
 /// GETXATTR / LISTXATTR on a passthrough share with a 4 GiB `size` (found by the virtiofs fuzz target):
 /// the passthrough filesystem allocated the guest's size before asking the kernel, 4 GiB per request.
 /// Now the size is capped at Linux's 64 KiB limit; the answers are the same.
-#[test]
-#[ignore = "needs root: ci/test.sh"]
-fn huge_xattr_sizes_on_a_share_allocate_nothing_large() {
-    let dir = tempfile::tempdir().unwrap();
-    let share = dir.path().join("share");
+/// A daemon without a sandbox (the process started is the daemon whose memory a test watches) serving
+/// a share at /share, holding one file `f` of `content`, and img1.
+fn with_share_and_img1(dir: &Path, content: &[u8]) -> VirtiofsDaemon {
+    let share = dir.join("share");
     std::fs::create_dir(&share).unwrap();
-    std::fs::write(share.join("f"), b"x").unwrap();
-    // No sandbox: the process we started is the daemon whose memory we watch.
-    let d = VirtiofsDaemon::start(BIN, dir.path(), &["--sandbox", "none"]);
+    std::fs::write(share.join("f"), content).unwrap();
+    let d = VirtiofsDaemon::start(BIN, dir, &["--sandbox", "none"]);
     let body = serde_json::json!({"source": share, "fs_type": "passthrough_fs"}).to_string();
     let (status, text) = d
         .api("POST", "/api/v1/mount?mountpoint=/share", &body)
         .unwrap();
     assert_eq!(status, 204, "{text}");
-    mount_img1(&d, dir.path(), "");
+    mount_img1(&d, dir, "");
+    d
+}
+
+#[test]
+#[ignore = "needs root: ci/test.sh"]
+fn huge_xattr_sizes_on_a_share_allocate_nothing_large() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = with_share_and_img1(dir.path(), b"x");
     let mut g = guest(&d);
     let root = g.lookup(ROOT, b"share").unwrap().nodeid;
     let f = g.lookup(root, b"f").unwrap().nodeid;
@@ -2316,17 +2322,7 @@ fn request_bytes(opcode: Opcode, nodeid: u64, args: &[&[u8]]) -> Vec<u8> {
 fn overlapping_descriptors_that_add_up_to_gigabytes_are_refused() {
     use fuse_backend_rs::abi::fuse_abi::{IoctlIn, OpenIn, OpenOut, SetxattrIn, WriteIn, WriteOut};
     let dir = tempfile::tempdir().unwrap();
-    let share = dir.path().join("share");
-    std::fs::create_dir(&share).unwrap();
-    std::fs::write(share.join("f"), b"").unwrap();
-    // No sandbox: the process we started is the daemon whose memory we watch.
-    let mut d = VirtiofsDaemon::start(BIN, dir.path(), &["--sandbox", "none"]);
-    let body = serde_json::json!({"source": share, "fs_type": "passthrough_fs"}).to_string();
-    let (status, text) = d
-        .api("POST", "/api/v1/mount?mountpoint=/share", &body)
-        .unwrap();
-    assert_eq!(status, 204, "{text}");
-    mount_img1(&d, dir.path(), "");
+    let mut d = with_share_and_img1(dir.path(), b"");
     let mut g = guest(&d);
     let img1 = g.lookup(ROOT, b"img1").unwrap().nodeid;
     let special = g.lookup(img1, b"special").unwrap().nodeid;
@@ -2395,7 +2391,10 @@ fn overlapping_descriptors_that_add_up_to_gigabytes_are_refused() {
         .unwrap();
     assert_eq!(r.header.error, 0);
     assert_eq!(WriteOut::from_slice(&r.body[..8]).unwrap().size, 1 << 20);
-    assert!(std::fs::read(share.join("f")).unwrap() == data, "written");
+    assert!(
+        std::fs::read(dir.path().join("share/f")).unwrap() == data,
+        "written"
+    );
     let value = vec![7u8; 64 << 10];
     let set = SetxattrIn {
         size: value.len() as u32,

@@ -84,14 +84,24 @@ pub enum Admission {
     Pass,
 }
 
-/// The argument of `request` when it is a SETUPMAPPING (a truncated one is the server's to refuse).
-fn setupmapping<S: BitmapSlice>(request: &Reader<'_, S>) -> Option<SetupmappingIn> {
+/// What the window needs to know of a request, read once from a copy of its reader.
+enum Screened {
+    Init,
+    /// A SETUPMAPPING and its argument (a truncated one is the server's to refuse).
+    SetupMapping(SetupmappingIn),
+    Other,
+}
+
+fn screen<S: BitmapSlice>(request: &Reader<'_, S>) -> Screened {
     let mut r = request.clone();
-    let header = r.read_obj::<InHeader>().ok()?;
-    if header.opcode != Opcode::SetupMapping as u32 {
-        return None;
+    match r.read_obj::<InHeader>() {
+        Ok(h) if h.opcode == Opcode::Init as u32 => Screened::Init,
+        Ok(h) if h.opcode == Opcode::SetupMapping as u32 => match r.read_obj::<SetupmappingIn>() {
+            Ok(a) => Screened::SetupMapping(a),
+            Err(_) => Screened::Other,
+        },
+        _ => Screened::Other,
     }
-    r.read_obj::<SetupmappingIn>().ok()
 }
 
 /// Screen `request` for a window of `window` bytes (the virtio-fs device does this for every request;
@@ -99,17 +109,22 @@ fn setupmapping<S: BitmapSlice>(request: &Reader<'_, S>) -> Option<SetupmappingI
 /// Linux guest maps its window in ranges of [`WINDOW_ALIGN`] (FUSE_DAX_SZ); a longer one would only
 /// make a RAFS file fetch and copy more before the mapping is checked.
 pub fn admit<S: BitmapSlice>(window: u64, request: &Reader<'_, S>) -> Admission {
-    if let Ok(header) = request.clone().read_obj::<InHeader>() {
-        if header.opcode == Opcode::Init as u32 {
-            return Admission::NewSession;
-        }
+    match screen(request) {
+        Screened::Init => Admission::NewSession,
+        Screened::SetupMapping(a) => admit_mapping(window, &a),
+        Screened::Other => Admission::Pass,
     }
-    match setupmapping(request) {
-        Some(a) if window_range(window, a.moffset, a.len).is_err() => Admission::Refuse,
-        Some(a) if a.len > WINDOW_ALIGN => Admission::Refuse,
-        Some(a) if SetupmappingFlags::from_bits(a.flags).is_none() => Admission::Refuse,
-        _ => Admission::Pass,
+}
+
+/// A SETUPMAPPING's argument, screened for a window of `window` bytes (see [`admit`]).
+fn admit_mapping(window: u64, a: &SetupmappingIn) -> Admission {
+    if window_range(window, a.moffset, a.len).is_err()
+        || a.len > WINDOW_ALIGN
+        || SetupmappingFlags::from_bits(a.flags).is_none()
+    {
+        return Admission::Refuse;
     }
+    Admission::Pass
 }
 
 /// The live mapping in the way of `[moffset, end)`, if any: only the very same range may be mapped
@@ -157,10 +172,14 @@ impl DaxWindow {
     /// Also refuses a SETUPMAPPING over another live mapping, before a filesystem fetches its range.
     /// Best effort: the lock is not held until the map, which checks again.
     pub fn admit<S: BitmapSlice>(&self, request: &Reader<'_, S>) -> Admission {
-        let admission = admit(self.size, request);
-        let Some(a) = setupmapping(request).filter(|_| admission == Admission::Pass) else {
-            return admission;
+        let a = match screen(request) {
+            Screened::Init => return Admission::NewSession,
+            Screened::Other => return Admission::Pass,
+            Screened::SetupMapping(a) => a,
         };
+        if admit_mapping(self.size, &a) == Admission::Refuse {
+            return Admission::Refuse;
+        }
         let maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
         // Inside the window (admitted above): the end does not overflow.
         match clash(&maps, a.moffset, a.moffset + a.len) {

@@ -3,7 +3,7 @@
 //! instead of costing memory or CPU later at a guest's request. Each value is far above what real images
 //! use (the reason is given with it); raising one is a deliberate choice, not a tuning knob.
 
-use crate::error::Error;
+use crate::error::{Error, Result};
 
 /// Largest decoded chunk-info array of one v6 blob: 64 MiB. It is read from the blob and kept decoded
 /// while the image is mounted, and a few KiB of zstd can claim it (a decompression bomb). 64 MiB holds
@@ -42,4 +42,27 @@ pub fn exceeded(what: String, limit: &str) -> Error {
     Error::Invalid(format!(
         "image refused: {what}, more than the limit of {limit}"
     ))
+}
+
+/// A blob table of `blobs` blobs (`listed` says how many in words: a table read entry by entry knows
+/// only "256 blobs or more"): within [`MAX_BLOBS`], or the error naming the limit.
+pub fn check_blob_count(blobs: u64, listed: &str) -> Result<()> {
+    match blobs > MAX_BLOBS as u64 {
+        true => Err(exceeded(
+            format!("the blob table lists {listed}"),
+            "255 blobs (what a v6 chunk address can name)",
+        )),
+        false => Ok(()),
+    }
+}
+
+/// Blob `id` of `chunks` chunks: within [`MAX_BLOB_CHUNKS`], or the error naming the limit.
+pub fn check_blob_chunks(id: &str, chunks: u32) -> Result<()> {
+    match chunks > MAX_BLOB_CHUNKS {
+        true => Err(exceeded(
+            format!("blob {id} has {chunks} chunks"),
+            "2^24 chunks per blob",
+        )),
+        false => Ok(()),
+    }
 }

@@ -323,15 +323,7 @@ fn parse_blob_table(
         }
         let id = String::from_utf8_lossy(&rest[..id_len]).into_owned();
         check_blob_id(&id)?;
-        if blobs.len() == limits::MAX_BLOBS {
-            return Err(limits::exceeded(
-                format!(
-                    "the blob table lists {} blobs or more",
-                    limits::MAX_BLOBS + 1
-                ),
-                "255 blobs",
-            ));
-        }
+        limits::check_blob_count(blobs.len() as u64 + 1, "256 blobs or more")?;
         // Chunks name blobs by index; two indexes for one blob would share its cache files while
         // describing it differently.
         if !ids.insert(id.clone()) {
@@ -357,12 +349,7 @@ fn parse_blob_table(
         if features & bf::ENCRYPTED != 0 {
             return Err(Error::Unsupported(format!("blob {id}: encrypted chunks")));
         }
-        if chunk_count > limits::MAX_BLOB_CHUNKS {
-            return Err(limits::exceeded(
-                format!("blob {id} has {chunk_count} chunks"),
-                "2^24 chunks per blob",
-            ));
-        }
+        limits::check_blob_chunks(&id, chunk_count)?;
         blobs.push(BlobInfo {
             index,
             id,

@@ -351,12 +351,7 @@ fn parse_blob_table(
             "{extra_devices} device slots but {nblobs} blob table entries"
         ));
     }
-    if nblobs > super::limits::MAX_BLOBS as u64 {
-        return Err(super::limits::exceeded(
-            format!("the blob table lists {nblobs} blobs"),
-            "255 blobs (what a chunk address can name)",
-        ));
-    }
+    super::limits::check_blob_count(nblobs, &format!("{nblobs} blobs"))?;
     let table = slice(data, blob_table_off, blob_table_size, "blob table")?;
     let devices = slice(
         data,
@@ -450,12 +445,7 @@ fn parse_blob_entry(
         ));
     }
     let chunk_count = e.chunk_count;
-    if chunk_count > super::limits::MAX_BLOB_CHUNKS {
-        return Err(super::limits::exceeded(
-            format!("blob {id} has {chunk_count} chunks"),
-            "2^24 chunks per blob",
-        ));
-    }
+    super::limits::check_blob_chunks(&id, chunk_count)?;
     let features = e.features;
     if features & 0xF000 != 0 || features & bf::V5_NO_EXT_BLOB_TABLE != 0 {
         return Err(corrupt!("blob {id}: unknown feature bits {features:#x}"));

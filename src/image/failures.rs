@@ -6,8 +6,8 @@
 //! then gets one request per blob at a time, each bounded by the backend's timeout and retries, instead
 //! of one per read waiting in line for it, and the image's own readers fail within a second, not in a
 //! round of timeouts each. A head followed by no body byte within the timeout counts as no answer; an
-//! answer that is not the data (a body cut short, or stalled after its first bytes) is not remembered. Per image: another image's failing backend never fails this one's reads of the same
-//! blob.
+//! answer that is not the data (a body cut short, or stalled after its first bytes) is not remembered.
+//! Per image: another image's failing backend never fails this one's reads of the same blob.
 
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
