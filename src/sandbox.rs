@@ -75,18 +75,15 @@ pub const SUPERVISOR_CAPS_FUSE: &[caps::Capability] = &[
     caps::Capability::CAP_SYS_ADMIN,
 ];
 
-/// Host files a network backend needs for name resolution and TLS, made visible (read-only) when the
-/// network is allowed.
+/// Host files a network backend needs for name resolution, made visible (read-only) when the network
+/// is allowed. No TLS directory: the trusted roots are built in and a backend's own `ca_cert_files`
+/// are allowed one by one, while `/etc/ssl` and `/etc/pki` also hold the host's private keys.
 const NETWORK_FILES: &[&str] = &[
     "/etc/resolv.conf",
     "/etc/hosts",
     "/etc/nsswitch.conf",
     "/etc/gai.conf",
     "/etc/host.conf",
-    "/etc/ssl",
-    "/etc/pki",
-    "/etc/ca-certificates",
-    "/usr/share/ca-certificates",
 ];
 
 /// Shared libraries (glibc loads NSS modules and libgcc_s with dlopen), always visible read-only.

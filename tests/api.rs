@@ -101,6 +101,10 @@ fn daemon_info_has_the_fields_kata_reads() {
         .log_text()
         .contains("--thread-pool-size=1 (Kata's default for virtiofsd) means the default pool"));
     assert!(v.sock.exists(), "vhost-user socket is listening");
+    // The admin socket is its owner's only, whatever the umask the daemon was started with.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&v.api).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
 }
 
 #[test]

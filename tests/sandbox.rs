@@ -1094,6 +1094,13 @@ fn chroot_mode_and_allow_network_choose_the_namespaces() {
         assert!(PathBuf::from(format!("/proc/{pid}/root/etc/resolv.conf")).exists());
     }
     assert!(!PathBuf::from(format!("/proc/{pid}/root/etc/passwd")).exists());
+    // Nor the host's TLS directories, whose private/ holds its keys (the roots are built in).
+    for tls in ["etc/ssl", "etc/pki"] {
+        assert!(
+            !PathBuf::from(format!("/proc/{pid}/root/{tls}")).exists(),
+            "{tls}"
+        );
+    }
     assert_every_thread_confined(pid.parse().unwrap());
     // A network backend is let through the network check, but a CA file it names must be allowed too.
     let outside = tempfile::tempdir().unwrap();

@@ -118,6 +118,13 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
     }
     let listener = UnixListener::bind(path)
         .map_err(|e| Error::io(format!("bind API socket {}", path.display()), e))?;
+    // The owner only, whatever the umask: a client may mount host paths, and each open connection
+    // takes one of the MAX_CONNECTIONS for as long as it likes.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| Error::io(format!("restrict API socket {}", path.display()), e))?;
+    }
     log::info!("admin API listening on {}", path.display());
     Ok(listener)
 }
