@@ -1221,38 +1221,70 @@ fn v5_blob_id_with_path_separators_is_refused() {
     }
 }
 
-#[test]
-fn v5_blob_table_of_more_than_255_blobs_is_refused() {
-    // Each blob costs cache files, descriptors and mappings at mount: v5 is held to v6's 255. A new blob
-    // table of `n` entries (the fixture's blob first, the chunks still name it) is appended to the bootstrap.
-    let forged = |n: usize| {
-        let mut img = Img::new("v5-none-aligned");
-        let (_, first) = v5::first_blob_id(&img.boot);
-        let mut table = Vec::new();
-        for k in 0..n {
-            table.extend_from_slice(&[0; 8]); // readahead offset and size
-            let id = if k == 0 {
-                first.clone()
-            } else {
-                format!("{k:064x}")
-            };
-            table.extend_from_slice(id.as_bytes());
-            table.push(0);
-        }
+/// The v5 fixture with a new blob table of `n` entries appended (the fixture's blob first, the chunks
+/// still name it), and, with `chunks`, a new extended blob table giving each blob that many chunks.
+fn v5_with_blob_table(n: usize, chunks: Option<u32>) -> Img {
+    let mut img = Img::new("v5-none-aligned");
+    let (_, first) = v5::first_blob_id(&img.boot);
+    let mut table = Vec::new();
+    for k in 0..n {
+        table.extend_from_slice(&[0; 8]); // readahead offset and size
+        let id = if k == 0 {
+            first.clone()
+        } else {
+            format!("{k:064x}")
+        };
+        table.extend_from_slice(id.as_bytes());
+        table.push(0);
+    }
+    let at = img.boot.len().next_multiple_of(8);
+    img.boot.resize(at, 0);
+    img.boot.extend_from_slice(&table);
+    le::put_u64(&mut img.boot, v5::S_BLOB_TABLE_OFFSET, at as u64);
+    le::put_u32(&mut img.boot, v5::S_BLOB_TABLE_SIZE, table.len() as u32);
+    if let Some(chunks) = chunks {
+        let old = le::u64_at(&img.boot, v5::S_EXT_BLOB_TABLE_OFFSET) as usize;
+        let first_entry = img.boot[old..old + v5::EXT_BLOB_ENTRY].to_vec();
         let at = img.boot.len().next_multiple_of(8);
         img.boot.resize(at, 0);
-        img.boot.extend_from_slice(&table);
-        le::put_u64(&mut img.boot, v5::S_BLOB_TABLE_OFFSET, at as u64);
-        le::put_u32(&mut img.boot, v5::S_BLOB_TABLE_SIZE, table.len() as u32);
-        img.save();
-        img
-    };
-    let img = forged(255);
+        for _ in 0..n {
+            let entry = img.boot.len();
+            img.boot.extend_from_slice(&first_entry);
+            le::put_u32(&mut img.boot, entry, chunks);
+        }
+        le::put_u64(&mut img.boot, v5::S_EXT_BLOB_TABLE_OFFSET, at as u64);
+        le::put_u32(&mut img.boot, v5::S_EXT_BLOB_TABLE_ENTRIES, n as u32);
+    }
+    img.save();
+    img
+}
+
+#[test]
+fn v5_blob_table_of_more_than_255_blobs_is_refused() {
+    // Each blob costs cache files, descriptors and mappings at mount: v5 is held to v6's 255.
+    let img = v5_with_blob_table(255, None);
     assert_eq!(img.opened(true).info().blobs.len(), 255);
-    let img = forged(256);
+    let img = v5_with_blob_table(256, None);
     expect_refused(img.open(true), &["256 blobs", "limit of 255 blobs"]);
     let run = img.run_check();
     assert_clean_failure(&run, &["rafsd: ", "limit of 255 blobs"]);
+}
+
+#[test]
+fn v5_blobs_of_more_than_2_pow_26_chunks_in_all_are_refused() {
+    // Each blob within its own limit of 2^24 chunks, but 255 of them would be 510 MiB of cache bitmaps
+    // (on disk, and walked by every blob-cache metrics request). Four are within the image's limit.
+    let img = v5_with_blob_table(4, Some(1 << 24));
+    let image = img.opened(true);
+    assert_eq!(image.info().blobs[3].chunk_count, 1 << 24);
+    let img = v5_with_blob_table(5, Some(1 << 24));
+    expect_refused(
+        img.open(true),
+        &[
+            &format!("its 5 blobs have {} chunks", 5u64 << 24),
+            "limit of 2^26 chunks per image",
+        ],
+    );
 }
 
 #[test]

@@ -367,6 +367,7 @@ fn parse_blob_table(
         });
         pos += 8 + id_len + 1;
     }
+    limits::check_image_chunks(&blobs)?;
     Ok(blobs)
 }
 

@@ -397,6 +397,7 @@ fn parse_blob_table(
             "256 MiB per image",
         ));
     }
+    limits::check_image_chunks(&blobs)?;
     Ok(blobs)
 }
 
