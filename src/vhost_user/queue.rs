@@ -108,6 +108,9 @@ pub struct Requests {
     /// Per ring, how many times the VMM stopped it (GET_VRING_BASE): a request taken before the last
     /// stop stays out of the ring (see [`Requests::ring_stopped`]).
     stops: [AtomicU32; MAX_RINGS],
+    /// Per ring, whether the guest's available index is more than a ring ahead of what was taken (see
+    /// [`Requests::pop_logged`]).
+    overrun: [AtomicBool; MAX_RINGS],
 }
 
 /// Whether requests may be taken off the rings, and how many taken are not answered yet. A live
@@ -208,6 +211,7 @@ impl Requests {
             on_init: Mutex::new(None),
             log,
             stops: std::array::from_fn(|_| AtomicU32::new(0)),
+            overrun: std::array::from_fn(|_| AtomicBool::new(false)),
         }
     }
 
@@ -220,6 +224,13 @@ impl Requests {
         if let Some(stops) = self.stops.get(ring) {
             stops.fetch_add(1, Ordering::AcqRel);
         }
+    }
+
+    /// Whether ring `ring` was found with an available index out of range at its last pop.
+    fn is_overrun(&self, ring: usize) -> bool {
+        self.overrun
+            .get(ring)
+            .is_some_and(|f| f.load(Ordering::Relaxed))
     }
 
     fn stop_count(&self, ring: usize) -> u32 {
@@ -429,9 +440,34 @@ impl Requests {
     }
 
     /// Take the next request off `vring` (ring `ring`), noting it in the log.
+    /// The next request of ring `ring`, if one is available and the ring is sound.
+    ///
+    /// A guest may write an available index more than a ring ahead of the requests taken, which no
+    /// driver can: virtio-queue then pops nothing (logging an error each time), while EVENT_IDX's
+    /// check for more says there is more, and the queue thread would go round at full speed, a line
+    /// of log each time, until the ring is reset. Such a ring is left alone (said once) until its
+    /// index is back in range.
     fn pop_logged(&self, ring: usize, vring: &VringRwLock, mem: &Memory) -> Option<Chain> {
         let mut state = vring.get_mut();
-        let chain = state.get_queue_mut().pop_descriptor_chain(mem.clone())?;
+        let queue = state.get_queue_mut();
+        let ahead = queue
+            .avail_idx(&**mem, Ordering::Acquire)
+            .map_or(0, |idx| idx.0.wrapping_sub(queue.next_avail()));
+        let overrun = ahead > queue.size();
+        if let Some(flag) = self.overrun.get(ring) {
+            if flag.swap(overrun, Ordering::Relaxed) != overrun && overrun {
+                log::error!(
+                    "virtio-fs: queue {ring}: the guest's available index is {} requests ahead of \
+                     a ring of {}; the ring is left alone until it is reset",
+                    ahead,
+                    queue.size()
+                );
+            }
+        }
+        if overrun {
+            return None;
+        }
+        let chain = queue.pop_descriptor_chain(mem.clone())?;
         if let Some(log) = &self.log {
             log.taken(ring, chain.head_index(), state.get_queue().next_avail());
         }
@@ -558,7 +594,10 @@ impl Requests {
                 vring.signal_used_queue()?;
             }
             // With EVENT_IDX, re-enable notifications and drain again if more arrived meanwhile.
-            if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
+            if !event_idx
+                || !vring.enable_notification().map_err(io::Error::other)?
+                || self.is_overrun(ring)
+            {
                 return Ok(());
             }
         }
@@ -890,7 +929,10 @@ impl RequestQueue {
                     Pop::Full => return Ok(()),
                 }
             }
-            if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
+            if !event_idx
+                || !vring.enable_notification().map_err(io::Error::other)?
+                || self.requests.is_overrun(self.index)
+            {
                 return Ok(());
             }
         }

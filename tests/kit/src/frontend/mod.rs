@@ -361,6 +361,16 @@ impl Virtqueue {
         Ok(head)
     }
 
+    /// Write the avail ring's index `ahead` entries past the requests posted, as a hostile driver may
+    /// (`ahead` 0 puts the real index back), and kick the device whatever it asked for.
+    pub fn force_avail_idx(&mut self, ram: &GuestRam, ahead: u16) {
+        let idx = self.avail_idx.wrapping_add(ahead);
+        ram.mem
+            .store(idx.to_le(), GuestAddress(self.avail.0 + 2), Ordering::Release)
+            .unwrap();
+        self.kick.write(1).unwrap();
+    }
+
     /// Kick the device if it asked for it (EVENT_IDX avail_event, or no VRING_USED_F_NO_NOTIFY).
     pub fn notify(&mut self, ram: &GuestRam) {
         fence(Ordering::SeqCst);
