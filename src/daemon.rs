@@ -521,10 +521,7 @@ impl Daemon {
         let (fs, config_id, config) = self.build(&cmd)?;
         let attached = self.vfs.mount(fs, mountpoint);
         self.note_pseudo_path(mountpoint);
-        if let Err(e) = attached {
-            self.drop_unused_pseudo_dirs();
-            return Err(Error::Internal(format!("attach {mountpoint}: {e:?}")));
-        }
+        attached.map_err(|e| Error::Internal(format!("attach {mountpoint}: {e:?}")))?;
         log::info!(
             "mounted {:?} {} at {mountpoint}",
             cmd.fs_type,
@@ -546,40 +543,6 @@ impl Daemon {
         if exists && !paths.iter().any(|p| p == mountpoint) {
             paths.push(mountpoint.to_string());
         }
-    }
-
-    /// Remove the pseudo directories no mount needs any more: those that are neither a mountpoint nor
-    /// above one. The Vfs keeps them after an unmount, so each distinct mountpoint of the daemon's life
-    /// (a new one per image in nydus-snapshotter's shared daemon) stayed in every listing of the root,
-    /// in memory (each new one copying the root's list of them) and in the state of a live upgrade.
-    /// Their inode numbers are not given out again; a kernel still holding one gets ENOENT.
-    /// Called with the mount lock held and the mount table up to date.
-    fn drop_unused_pseudo_dirs(&self) {
-        let mounts = self.mounts.lock().unwrap_or_else(|e| e.into_inner());
-        let needed = |dir: &str| {
-            mounts
-                .keys()
-                .any(|m| m == dir || m.starts_with(&format!("{dir}/")))
-        };
-        let mut paths = self.pseudo_paths.lock().unwrap_or_else(|e| e.into_inner());
-        let mut unused = std::collections::BTreeSet::new();
-        for path in paths.iter().filter(|p| p.as_str() != "/") {
-            let mut dir = path.as_str();
-            while !dir.is_empty() && !needed(dir) {
-                unused.insert(dir.to_string());
-                dir = &dir[..dir.rfind('/').unwrap_or(0)];
-            }
-        }
-        // Deepest first: a directory goes after its children, while its parent is still there.
-        let mut unused: Vec<String> = unused.into_iter().collect();
-        unused.sort_by_key(|d| std::cmp::Reverse(d.matches('/').count()));
-        let root = self.vfs.get_root_pseudofs();
-        for dir in &unused {
-            if let Ok(Some(ino)) = root.path_walk(dir) {
-                root.evict_inode(ino);
-            }
-        }
-        paths.retain(|p| p == "/" || needed(p));
     }
 
     fn record(&self, mountpoint: &str, cmd: MountCmd, config_id: Option<String>, config: Value) {
@@ -658,7 +621,6 @@ impl Daemon {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(mountpoint);
-        self.drop_unused_pseudo_dirs();
         self.mounts_changed();
         log::info!("unmounted {mountpoint}");
         Ok(())
@@ -675,27 +637,20 @@ impl Daemon {
     /// [`Daemon::export`] with the mount lock held.
     fn export_locked(&self, with_shares: bool) -> Result<(Vec<PseudoDir>, Vec<SavedMount>)> {
         let root = self.vfs.get_root_pseudofs();
-        // Every pseudo directory with its number, those above mountpoints too, in creation order.
-        let mut by_ino = BTreeMap::new();
+        let mut dirs = Vec::new();
         for path in self
             .pseudo_paths
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .filter(|p| p.as_str() != "/")
         {
-            let mut dir = path.as_str();
-            while !dir.is_empty() {
-                if let Ok(Some(ino)) = root.path_walk(dir) {
-                    by_ino.insert(ino, dir.to_string());
-                }
-                dir = &dir[..dir.rfind('/').unwrap_or(0)];
+            if let Ok(Some(ino)) = root.path_walk(path) {
+                dirs.push(PseudoDir {
+                    path: path.clone(),
+                    ino,
+                });
             }
         }
-        let dirs: Vec<PseudoDir> = by_ino
-            .into_iter()
-            .map(|(ino, path)| PseudoDir { path, ino })
-            .collect();
         let mounts = self.mounts.lock().unwrap_or_else(|e| e.into_inner());
         let mut saved = Vec::new();
         for (mp, r) in mounts.iter() {

@@ -724,60 +724,6 @@ fn xattrs_of_the_daemons_own_directories_take_no_images_xattrs_away() {
     assert!(d.stop().success());
 }
 
-/// The daemon's own directories go with the last mount under them. fuse-backend-rs keeps a mount's
-/// directory after the unmount: a shared daemon (nydus-snapshotter mounts each image at a directory
-/// of its own) listed every image it ever served, kept each in memory (each new one copying the list)
-/// and in the state of a live upgrade. Now the root lists what is mounted, and a directory shared by
-/// two mounts stays until the second goes.
-#[test]
-#[ignore = "needs root: ci/test.sh"]
-fn unmounted_images_leave_no_directories_behind() {
-    manifest::assert_root("FUSE mounts");
-    let c = case(&manifest::cases()[0]);
-    let dir = tempfile::tempdir().unwrap();
-    let (d, sock) = start_without_image(dir.path(), &[]);
-    let config = v1_config(&c.blobs, &dir.path().join("cache"), false, "");
-    let unmount = |mountpoint: &str| {
-        let (status, text) = daemon::api_request(
-            &sock,
-            "DELETE",
-            &format!("/api/v1/mount?mountpoint={mountpoint}"),
-            "",
-            Duration::from_secs(10),
-        )
-        .unwrap();
-        assert_eq!(status, 204, "{mountpoint}: {text}");
-    };
-    let listing = |path: &Path| {
-        let mut names: Vec<String> = std::fs::read_dir(path)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        names.sort();
-        names
-    };
-    for i in 0..50 {
-        api_mount(&sock, &format!("/snap{i}"), &c.bootstrap, config.clone());
-        if i > 0 {
-            unmount(&format!("/snap{}", i - 1));
-        }
-    }
-    api_mount(&sock, "/rafs/a/lowerdir", &c.bootstrap, config.clone());
-    api_mount(&sock, "/rafs/b/lowerdir", &c.bootstrap, config.clone());
-    assert_eq!(listing(&d.mountpoint), ["rafs", "snap49"]);
-    unmount("/rafs/a/lowerdir");
-    assert_eq!(listing(&d.mountpoint.join("rafs")), ["b"]);
-    // The other image under the shared directory still serves.
-    assert!(listing(&d.mountpoint.join("rafs/b/lowerdir")).len() > 1);
-    unmount("/rafs/b/lowerdir");
-    unmount("/snap49");
-    assert_eq!(listing(&d.mountpoint), Vec::<String>::new());
-    // A path used before is mounted again and serves.
-    api_mount(&sock, "/snap3", &c.bootstrap, config);
-    assert!(listing(&d.mountpoint.join("snap3")).len() > 1);
-    assert!(d.stop().success());
-}
-
 /// Start a FUSE daemon with an admin socket and no image (mounted later with [`api_mount`]), with
 /// `extra` arguments.
 fn start_without_image(dir: &Path, extra: &[&str]) -> (Daemon, PathBuf) {

@@ -18,49 +18,11 @@ use fuse_backend_rs::api::{BackFileSystem, BackendFileSystem, Vfs};
 use super::state::PseudoDir;
 use crate::error::{Error, Result};
 
-/// The first number fuse-backend-rs gives a pseudo directory (the root is 1).
-const FIRST_PSEUDO_INO: u64 = 2;
-/// Numbers a replay skips at most: a daemon that created more pseudo directories in its life than this
-/// (each distinct mountpoint and the directories above it) is not carried on.
-const MAX_SKIPPED: u64 = 1 << 22;
-/// The throw-away directory that takes a number no directory holds any more.
-const SKIP_DIR: &str = "/.rafsd-takeover-skip";
-
-/// Recreate the pseudo directories so that each gets the inode number the kernel knows. fuse-backend-rs
-/// numbers them from a counter, so they are created in order of their numbers; numbers of directories
-/// removed since (unmounted, see [`crate::daemon::Daemon::umount`]) are skipped by creating and removing
-/// a throw-away directory. A directory whose parents are not listed (states of rafsd before removals,
-/// which listed mountpoints only) is created with them, as it was. The caller has checked the paths
-/// ([`crate::daemon::check_mountpoint`]).
+/// Recreate the pseudo directories in order and check each gets the inode number the kernel knows.
+/// The caller has checked their paths ([`crate::daemon::check_mountpoint`]).
 pub fn replay_pseudo_dirs(vfs: &Vfs, dirs: &[PseudoDir]) -> Result<()> {
     let root = vfs.get_root_pseudofs();
-    let mut sorted: Vec<&PseudoDir> = dirs.iter().collect();
-    sorted.sort_by_key(|d| d.ino);
-    let mut next = FIRST_PSEUDO_INO;
-    let mut skipped = 0;
-    for d in sorted {
-        let new_dirs = missing_dirs(vfs, &d.path);
-        if new_dirs > 0 {
-            // The directory is the last of those its creation makes.
-            let gap = d.ino.saturating_sub(next + new_dirs - 1);
-            skipped += gap;
-            if gap > 0
-                && (skipped > MAX_SKIPPED || root.path_walk(SKIP_DIR).is_ok_and(|i| i.is_some()))
-            {
-                return Err(Error::Invalid(format!(
-                    "pseudo directory {} (inode {}) cannot be recreated: more than {MAX_SKIPPED} \
-                     numbers to skip, or {SKIP_DIR} is in use",
-                    d.path, d.ino
-                )));
-            }
-            while next + new_dirs - 1 < d.ino {
-                let ino = root
-                    .mount(SKIP_DIR)
-                    .map_err(|e| Error::Invalid(format!("skip pseudo inode {next}: {e}")))?;
-                root.evict_inode(ino);
-                next = ino + 1;
-            }
-        }
+    for d in dirs {
         let ino = root
             .mount(&d.path)
             .map_err(|e| Error::Invalid(format!("recreate pseudo directory {}: {e}", d.path)))?;
@@ -70,21 +32,8 @@ pub fn replay_pseudo_dirs(vfs: &Vfs, dirs: &[PseudoDir]) -> Result<()> {
                 d.path, d.ino
             )));
         }
-        next = next.max(ino + 1);
     }
     Ok(())
-}
-
-/// How many directories of `path` (itself and those above it) the pseudo filesystem lacks.
-fn missing_dirs(vfs: &Vfs, path: &str) -> u64 {
-    let root = vfs.get_root_pseudofs();
-    let mut missing = 0;
-    let mut dir = path.trim_end_matches('/');
-    while !dir.is_empty() && !root.path_walk(dir).is_ok_and(|i| i.is_some()) {
-        missing += 1;
-        dir = &dir[..dir.rfind('/').unwrap_or(0)];
-    }
-    missing
 }
 
 /// An empty filesystem that only holds a mount index until the real one replaces it (or for good, in
@@ -243,63 +192,10 @@ mod tests {
         }
         // The placeholders are gone: each index is the real mount's, the others are free.
         assert!(new.get_rootfs("/a").unwrap().is_none());
-        // A number that cannot come back (/b/c after /b, which takes 2) is caught.
-        let impossible = [PseudoDir {
-            path: "/b/c".into(),
-            ino: 2,
-        }];
-        assert!(replay_pseudo_dirs(&Vfs::new(VfsOptions::default()), &impossible).is_err());
-    }
-
-    #[test]
-    fn pseudo_directories_removed_since_leave_gaps_that_are_skipped() {
-        let old = Vfs::new(VfsOptions::default());
-        let root = old.get_root_pseudofs();
-        for p in ["/a", "/b/c", "/b/d", "/e/f/g", "/h"] {
-            root.mount(p).unwrap();
-        }
-        // Unmounted and removed: /a, /b/c, and /e/f/g with the directories above it.
-        for p in ["/a", "/b/c", "/e/f/g", "/e/f", "/e"] {
-            root.evict_inode(root.path_walk(p).unwrap().unwrap());
-        }
-        root.mount("/i/j").unwrap();
-        let dirs: Vec<PseudoDir> = ["/b", "/b/d", "/h", "/i", "/i/j"]
-            .iter()
-            .map(|p| PseudoDir {
-                path: p.to_string(),
-                ino: root.path_walk(p).unwrap().unwrap(),
-            })
-            .collect();
-        assert_eq!(
-            dirs.iter().map(|d| d.ino).collect::<Vec<_>>(),
-            [3, 5, 9, 10, 11],
-            "the numbers this test means to have gaps"
-        );
-        let new = Vfs::new(VfsOptions::default());
-        // Any order: the replay goes by number.
-        let mut shuffled = dirs.clone();
-        shuffled.reverse();
-        replay_pseudo_dirs(&new, &shuffled).unwrap();
-        let new_root = new.get_root_pseudofs();
-        for d in &dirs {
-            assert_eq!(
-                new_root.path_walk(&d.path).unwrap(),
-                Some(d.ino),
-                "{}",
-                d.path
-            );
-        }
-        for gone in ["/a", "/b/c", "/e", SKIP_DIR] {
-            assert_eq!(new_root.path_walk(gone).unwrap(), None, "{gone}");
-        }
-        // The next directory gets the next number, as in the original.
-        assert_eq!(new_root.mount("/k").unwrap(), root.mount("/k").unwrap());
-        // A gap no daemon could have made is refused, not skipped for ever.
-        let far = [PseudoDir {
-            path: "/far".into(),
-            ino: MAX_SKIPPED * 2,
-        }];
-        assert!(replay_pseudo_dirs(&Vfs::new(VfsOptions::default()), &far).is_err());
+        // A pseudo directory list in another order is caught.
+        let mut swapped = dirs.clone();
+        swapped.swap(0, 2);
+        assert!(replay_pseudo_dirs(&Vfs::new(VfsOptions::default()), &swapped).is_err());
     }
 
     #[test]
