@@ -143,6 +143,8 @@ pub struct Daemon {
     mounts: Mutex<BTreeMap<String, MountRecord>>,
     /// Serialises mount changes so checks and the Vfs update happen as one step.
     mount_lock: Mutex<()>,
+    /// Serialises credential updates (`PUT /api/v1/config`), which may wait on a backend.
+    config_lock: Mutex<()>,
     shutdown: AtomicBool,
     state: Mutex<DaemonState>,
     /// Set once the sandbox is up: the paths mounts may use.
@@ -300,6 +302,7 @@ impl Daemon {
             vfs,
             mounts: Mutex::new(BTreeMap::new()),
             mount_lock: Mutex::new(()),
+            config_lock: Mutex::new(()),
             shutdown: AtomicBool::new(false),
             state: Mutex::new(DaemonState::Init),
             allowed: std::sync::OnceLock::new(),
@@ -871,19 +874,42 @@ impl Daemon {
             .as_str()
             .ok_or_else(|| Error::Invalid("`registry_auth` must be a string".into()))?;
         let auth = Some(auth.trim()).filter(|a| !a.is_empty());
-        let _serial = self.mount_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let (mp, fs) = self.rafs(id)?;
+        // Updates of credentials go one at a time, but not under the mount lock: the backend takes
+        // them once no token fetch is in progress, which a registry's token realm may draw out, and
+        // every mount, unmount and `GET /daemon` of the daemon would wait meanwhile.
+        let _one_update = self.config_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let (mp, fs, config) = {
+            let _serial = self.mount_lock.lock().unwrap_or_else(|e| e.into_inner());
+            let (mp, fs) = self.rafs(id)?;
+            let mounts = self.mounts.lock().unwrap_or_else(|e| e.into_inner());
+            let record = mounts
+                .get(&mp)
+                .ok_or_else(|| Error::NotFound(format!("nothing is mounted at {mp}")))?;
+            let config = crate::config::with_registry_auth(&record.cmd.config, auth)?;
+            (mp, fs, config)
+        };
         let rafs = fs
             .as_any()
             .downcast_ref::<RafsFs>()
             .ok_or_else(|| Error::NotFound(format!("{mp} is not rafs")))?;
-        let mut mounts = self.mounts.lock().unwrap_or_else(|e| e.into_inner());
-        let record = mounts
-            .get_mut(&mp)
-            .ok_or_else(|| Error::NotFound(format!("nothing is mounted at {mp}")))?;
-        let config = crate::config::with_registry_auth(&record.cmd.config, auth)?;
         rafs.image().backend().set_registry_auth(auth)?;
-        record.cmd.config = config;
+        // The record, unless the mount was replaced meanwhile (the new one has its own config).
+        let _serial = self.mount_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let still_mounted = self
+            .vfs
+            .get_rootfs(&mp)
+            .ok()
+            .flatten()
+            .is_some_and(|(now, _)| Arc::ptr_eq(&now, &fs));
+        if let Some(record) = self
+            .mounts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(&mp)
+            .filter(|_| still_mounted)
+        {
+            record.cmd.config = config;
+        }
         log::info!("registry credentials of {mp} updated");
         Ok(())
     }

@@ -1422,6 +1422,79 @@ fn tls_registry_needs_skip_verify_or_its_ca() {
     }
 }
 
+/// A credential renewal that waits on a token fetch in progress (the image's realm stalls) holds back
+/// no other API request: `PUT /api/v1/config` waited for the fetch holding the daemon's mount lock, and
+/// every mount, unmount and `GET /api/v1/daemon` (which nydus-snapshotter polls) waited behind it.
+#[test]
+#[ignore = "needs root: ci/test.sh"]
+fn a_renewal_waiting_on_a_stalled_token_realm_holds_back_no_other_api_request() {
+    manifest::assert_root("FUSE mounts");
+    let case = "v6-zstd-blake3";
+    let dir = tmp();
+    let server = fake_registry_with(case, Some(60));
+    server.set_token_fault(Some(Fault::Stall(Duration::from_secs(8))));
+    let config = net_config(
+        dir.path(),
+        "registry",
+        json!({"scheme": "http", "host": format!("127.0.0.1:{}", server.port), "repo": REPO,
+               "timeout": 10, "connect_timeout": 1, "retry_limit": 0}),
+    );
+    let sock = dir.path().join("api.sock");
+    let d = Daemon::start(
+        &[
+            "fuse",
+            "--config",
+            config.to_str().unwrap(),
+            "--bootstrap",
+            manifest::case_bootstrap(case).to_str().unwrap(),
+            "--apisock",
+            sock.to_str().unwrap(),
+        ],
+        &dir.path().join("mnt"),
+        &dir.path().join("rafsd.log"),
+    );
+    let api = |method: &str, target: &str, body: &str| {
+        daemon::api_request(&sock, method, target, body, Duration::from_secs(30)).unwrap()
+    };
+    // A cold read asks for a token, whose realm sends nothing for 8 s.
+    let file = d.mountpoint.join(largest_file().0);
+    let reader = std::thread::spawn(move || manifest::sha256_file(&file));
+    let waited = Instant::now();
+    while server.counters.token_requests.load(Ordering::Relaxed) == 0 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(10),
+            "no token request"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let renewal = {
+        let body = json!({"registry_auth": "YWxpY2U6bmV3"}).to_string();
+        let sock = sock.clone();
+        std::thread::spawn(move || {
+            daemon::api_request(
+                &sock,
+                "PUT",
+                "/api/v1/config",
+                &body,
+                Duration::from_secs(30),
+            )
+            .unwrap()
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let asked = Instant::now();
+    let (status, info) = api("GET", "/api/v1/daemon", "");
+    assert_eq!(status, 200, "{info}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "GET /api/v1/daemon took {:?} behind the renewal",
+        asked.elapsed()
+    );
+    // The renewal itself goes through once the fetch is over.
+    assert_eq!(renewal.join().unwrap().0, 204);
+    let _ = reader.join().unwrap();
+}
+
 #[test]
 #[ignore = "needs root: ci/test.sh"]
 fn daemon_returns_eio_on_backend_faults_and_serves_again_after_recovery() {

@@ -666,7 +666,11 @@ fn an_available_index_out_of_range_neither_spins_nor_floods_the_log() {
     let (spent, logged) = (cpu_ticks(d.pid()) - ticks, log_lines() - lines);
     assert!(spent < 50, "{spent} ticks of CPU in 2 s");
     assert!(logged < 10, "{logged} log lines in 2 s:\n{}", d.log_text());
-    assert!(d.log_text().contains("ahead of a ring of"), "{}", d.log_text());
+    assert!(
+        d.log_text().contains("ahead of a ring of"),
+        "{}",
+        d.log_text()
+    );
     // Back in range, the ring serves again.
     bad.conn.queues[0].force_avail_idx(&bad.conn.ram, 0);
     assert_eq!(

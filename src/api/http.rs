@@ -154,22 +154,37 @@ pub fn serve_on(
                     );
                     continue;
                 }
-                active.fetch_add(1, Ordering::SeqCst);
-                let (handler, count) = (handler.clone(), active.clone());
+                let (handler, slot) = (handler.clone(), ConnectionSlot::take(&active));
                 let spawned =
                     std::thread::Builder::new()
                         .name("api-conn".into())
                         .spawn(move || {
+                            let _slot = slot;
                             handle_connection(stream, handler.as_ref());
-                            count.fetch_sub(1, Ordering::SeqCst);
                         });
                 if spawned.is_err() {
-                    active.fetch_sub(1, Ordering::SeqCst);
                     log::warn!("admin API: cannot start a connection thread");
                 }
             }
         })
         .map_err(|e| Error::io("start API thread", e))
+}
+
+/// One of the [`MAX_CONNECTIONS`], given back when dropped: also when its thread ends in a panic, or
+/// never starts (each lost one would shut out a client for the daemon's life).
+struct ConnectionSlot(Arc<AtomicUsize>);
+
+impl ConnectionSlot {
+    fn take(active: &Arc<AtomicUsize>) -> Self {
+        active.fetch_add(1, Ordering::SeqCst);
+        ConnectionSlot(active.clone())
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// The connection's socket with an optional deadline: reads wait without limit while there is none
@@ -216,7 +231,17 @@ fn handle_connection(stream: UnixStream, handler: &(dyn Fn(&Request) -> Response
         match read_request(&mut reader) {
             Ok(None) => return,
             Ok(Some((request, keep_alive))) => {
-                let mut response = handler(&request);
+                // A bug behind one request answers it 500 and leaves the API serving.
+                let answered =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(&request)));
+                let mut response = answered.unwrap_or_else(|_| {
+                    log::error!(
+                        "admin API: {} {} failed with a panic",
+                        request.method,
+                        request.path
+                    );
+                    Response::error(500, "InternalError", "the request failed inside the daemon")
+                });
                 if let Some(to) = response.switch.take() {
                     // It answers (101, or an error) and keeps the connection or closes it.
                     to(writer);
@@ -472,5 +497,35 @@ mod tests {
             ]
         );
         assert_eq!(percent_decode("%zz%2"), "%zz%2");
+    }
+
+    /// A request whose handler panics is answered 500, and its connection gives its place back: before,
+    /// each such panic kept one of the 32 for good, and the 33rd left every request answered 503.
+    #[test]
+    fn a_panicking_request_is_answered_and_keeps_no_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let handler: Arc<dyn Fn(&Request) -> Response + Send + Sync> =
+            Arc::new(|r: &Request| match r.path.as_str() {
+                "/boom" => panic!("a bug behind one request"),
+                _ => Response::json(200, &serde_json::json!({})),
+            });
+        let _thread = serve(&path, handler).unwrap();
+        let ask = |target: &str| {
+            let mut s = UnixStream::connect(&path).unwrap();
+            write!(
+                s,
+                "GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            .unwrap();
+            let mut answer = String::new();
+            s.read_to_string(&mut answer).unwrap();
+            answer
+        };
+        for i in 0..MAX_CONNECTIONS + 8 {
+            let answer = ask("/boom");
+            assert!(answer.starts_with("HTTP/1.1 500"), "request {i}: {answer}");
+        }
+        assert!(ask("/ok").starts_with("HTTP/1.1 200"));
     }
 }

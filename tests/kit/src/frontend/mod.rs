@@ -366,7 +366,11 @@ impl Virtqueue {
     pub fn force_avail_idx(&mut self, ram: &GuestRam, ahead: u16) {
         let idx = self.avail_idx.wrapping_add(ahead);
         ram.mem
-            .store(idx.to_le(), GuestAddress(self.avail.0 + 2), Ordering::Release)
+            .store(
+                idx.to_le(),
+                GuestAddress(self.avail.0 + 2),
+                Ordering::Release,
+            )
             .unwrap();
         self.kick.write(1).unwrap();
     }
