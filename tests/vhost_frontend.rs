@@ -2399,6 +2399,20 @@ fn overlapping_descriptors_that_add_up_to_gigabytes_are_refused() {
         "READ into 2 GiB of overlapping buffers"
     );
 
+    // A GETATTR followed by 60000 empty descriptors (virtio-queue follows indirect tables of up to
+    // 65535; fuse-backend-rs kept a slice for each in every copy of the request's reader).
+    let hwm = status_kib(d.pid(), "VmHWM");
+    let getattr = fuse_backend_rs::abi::fuse_abi::GetattrIn::default();
+    let request = request_bytes(Opcode::Getattr, file, &[getattr.as_slice()]);
+    let (len, h) = overlapping_chain(&mut g, &request, &[(0, 0); 60_000], &[]);
+    assert_eq!(
+        (len, h.error),
+        (16, -libc::EINVAL),
+        "GETATTR in a chain of 60000 descriptors"
+    );
+    let grown = status_kib(d.pid(), "VmHWM").saturating_sub(hwm);
+    assert!(grown < 4 << 10, "resident memory peak grew by {grown} KiB");
+
     // A legal IOCTL is not implemented by any filesystem here.
     let ioctl = IoctlIn {
         fh,

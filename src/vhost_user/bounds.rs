@@ -23,16 +23,33 @@ pub const MAX_REQUEST: u64 = MAX_BUFFER_SIZE as u64 + HEADERS;
 /// its header.
 pub const MAX_REPLY: u64 = MAX_REQ_PAGES as u64 * GUEST_PAGE_MAX + HEADERS;
 
-/// Why a chain is refused: "request" or "reply", and the bytes it claims.
+/// Most descriptors of one chain: the largest queue (1024, Kata's and QEMU's most) — the spec bounds an
+/// indirect table by the queue's size, and a Linux guest's largest request (a READ of 256 pages) has
+/// fewer than 300. virtio-queue follows tables of up to 65535 entries, and fuse-backend-rs keeps a
+/// slice per descriptor for the reader and writer and each of their copies: zero-length descriptors,
+/// which add nothing to the sizes below, made each request held in flight cost megabytes.
+pub const MAX_DESCRIPTORS: u64 = 1024;
+
+/// Why a chain is refused: what it has too many of ("request bytes", "reply bytes", "descriptors")
+/// and how many.
 pub fn oversized<M>(chain: &DescriptorChain<M>) -> Option<(&'static str, u64)>
 where
     M: std::ops::Deref + Clone,
     M::Target: GuestMemory,
 {
-    let readable: u64 = chain.clone().readable().map(|d| u64::from(d.len())).sum();
-    if readable > MAX_REQUEST {
-        return Some(("request", readable));
+    let (mut readable, mut writable, mut count) = (0u64, 0u64, 0u64);
+    for d in chain.clone() {
+        count += 1;
+        if count > MAX_DESCRIPTORS {
+            return Some(("descriptors", count));
+        }
+        match d.is_write_only() {
+            true => writable += u64::from(d.len()),
+            false => readable += u64::from(d.len()),
+        }
     }
-    let writable: u64 = chain.clone().writable().map(|d| u64::from(d.len())).sum();
-    (writable > MAX_REPLY).then_some(("reply", writable))
+    if readable > MAX_REQUEST {
+        return Some(("request bytes", readable));
+    }
+    (writable > MAX_REPLY).then_some(("reply bytes", writable))
 }

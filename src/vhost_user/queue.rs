@@ -293,10 +293,8 @@ impl Requests {
 
     /// One FUSE request; returns the bytes written to the guest (0 when no reply could be built).
     fn handle_chain(&self, chain: Chain) -> u32 {
-        if let Some((what, bytes)) = bounds::oversized(&chain) {
-            log::warn!(
-                "virtio-fs: refused a chain whose descriptors add up to a {bytes}-byte {what}"
-            );
+        if let Some((what, n)) = bounds::oversized(&chain) {
+            log::warn!("virtio-fs: refused a chain of {n} {what}, more than a request may have");
             return fail_chain(chain, libc::EINVAL);
         }
         let mem = chain.memory();
