@@ -400,6 +400,48 @@ fn a_full_cache_disk_degrades_to_backend_reads() {
     );
 }
 
+/// A cache disk with room for a chunk map's header and nothing more (a co-tenant filled it): the first
+/// access to the map's bitmap page, which nobody wrote, needs a block the disk does not have. Through the
+/// shared mapping that is SIGBUS, which killed the daemon and every mount in it; maps are now allocated
+/// in full when made or opened, and a blob whose map cannot be is read from the backend.
+#[test]
+#[ignore = "needs root: ci/test.sh"]
+fn a_cache_disk_with_room_for_a_map_header_only_does_not_kill_the_daemon() {
+    manifest::assert_root("tmpfs and FUSE mounts");
+    let c = case("v5-zstd-sha256-128k");
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    let small = std::ffi::CString::new(cache.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mounting a 1 MiB tmpfs on our own temp dir.
+    let rc = unsafe {
+        libc::mount(
+            c"tmpfs".as_ptr(),
+            small.as_ptr(),
+            c"tmpfs".as_ptr(),
+            0,
+            c"size=1m".as_ptr().cast(),
+        )
+    };
+    assert_eq!(rc, 0, "mount tmpfs: {}", std::io::Error::last_os_error());
+    // Every page but one goes to another file: the fixture's one blob gets its map's header, no more.
+    let mut filler = std::fs::File::create(cache.join("filler")).unwrap();
+    let page = [0u8; 4096];
+    while std::io::Write::write_all(&mut filler, &page).is_ok() {}
+    let filled = filler.metadata().unwrap().len();
+    filler.set_len(filled / 4096 * 4096 - 4096).unwrap();
+    drop(filler);
+    let d = start(&c, dir.path(), false, "");
+    assert_tree(&d, &c, "cache disk with room for a map header");
+    let log = d.log_text();
+    assert!(d.stop().success(), "the daemon died:\n{log}");
+    daemon::lazy_unmount(&cache);
+    assert!(
+        log.contains("cannot cache blob"),
+        "expected the blob to be read uncached:\n{log}"
+    );
+}
+
 #[test]
 #[ignore = "needs root: ci/test.sh"]
 fn prefetch_all_fills_the_cache_without_reads() {

@@ -847,6 +847,35 @@ fn v5_chunk_uncompressed_offset_past_the_end_of_the_blob_is_refused() {
 }
 
 #[test]
+fn v5_chunk_whose_stored_end_overflows_is_refused() {
+    // compressed_offset + compressed_size past u64::MAX: the read path's sums (a predicted run's end, a
+    // stream's end, the backend's range) overflowed, a panic in a debug build. Read with a cache and
+    // amplify_io, as a daemon does, so a predicted run is planned from it.
+    let mut img = Img::new("v5-lz4-blake3-repeatable");
+    let rec = v5::find(&img.boot, "special/owned");
+    let at = v5::chunk_record(&img.boot, &rec, 0);
+    le::put_u64(&mut img.boot, at + v5::C_COMPRESSED_OFFSET, u64::MAX - 2);
+    img.save();
+    let image = RafsImage::open_local(
+        &img.bootstrap,
+        Some(&img.blob_dir),
+        ImageOptions {
+            cache_dir: Some(img.scratch("cache")),
+            amplify_io: 1 << 20,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    expect_corrupt(
+        image.read(rec.ino, 0, &mut [0u8; 4096]),
+        &[
+            &format!("stored at {}", u64::MAX - 2),
+            "ends past the largest offset",
+        ],
+    );
+}
+
+#[test]
 fn v5_huge_file_size_without_chunks_is_refused() {
     // special/empty has no chunk records; claim it is 2^62 bytes long. Reading it must not produce 2^62
     // bytes of zeros (which `check` would spend forever on).

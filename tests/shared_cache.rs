@@ -350,3 +350,88 @@ fn chunk_records_that_contradict_each_other_are_refused_with_a_cache() {
         );
     }
 }
+
+/// A copy of the victim's v5 bootstrap whose chunk records carry wrong CRC32Cs: same chunks, places and
+/// digests, so the same cache key and files as the victim's. Its reads find the victim's cached chunks,
+/// whose digest matches; the CRC does not. That used to drop the victim's ready bits on every read; the
+/// copy now gets its integrity error and the cache stays, so the victim reads on without its backend.
+#[test]
+#[ignore = "needs root: ci/test.sh"]
+fn an_image_recording_wrong_crcs_for_the_victims_chunks_leaves_its_cache_warm() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--fs-version", "5", "--chunk-size", "0x10000"];
+    let victim = build(dir.path(), "victim", pseudo_random(1 << 20, 11), &args);
+    let mut boot = std::fs::read(&victim.bootstrap).unwrap();
+    let rec = layout::v5::find(&boot, "f");
+    assert_eq!(rec.child_count, 16, "one record per 64 KiB chunk");
+    for k in 0..rec.child_count as usize {
+        let at = layout::v5::chunk_record(&boot, &rec, k);
+        let flags = layout::le::u32_at(&boot, at + layout::v5::C_FLAGS);
+        layout::le::put_u32(&mut boot, at + layout::v5::C_FLAGS, flags | 0x10);
+        let crc = layout::le::u32_at(&boot, at + layout::v5::CHUNK_RECORD - 4);
+        layout::le::put_u32(&mut boot, at + layout::v5::CHUNK_RECORD - 4, !crc);
+    }
+    // Its own backend holds the genuine blob: what it fetches fails the CRC too, and is never stored.
+    let hostile_dir = dir.path().join("hostile");
+    std::fs::create_dir_all(hostile_dir.join("blobs")).unwrap();
+    std::fs::copy(
+        victim.blob_dir.join(&victim.blob_id),
+        hostile_dir.join("blobs").join(&victim.blob_id),
+    )
+    .unwrap();
+    std::fs::write(hostile_dir.join("bootstrap"), boot).unwrap();
+    let hostile = Built {
+        bootstrap: hostile_dir.join("bootstrap"),
+        blob_dir: hostile_dir.join("blobs"),
+        blob_id: victim.blob_id.clone(),
+        files: victim.files.clone(),
+    };
+
+    let mut one = OneDaemon::start(dir.path());
+    one.mount("victim", &victim);
+    assert_content("victim, cold", &one.read("victim"), victim.content());
+    // With validation on, as a blob view always is: cache hits are checked, not served as they are.
+    let validating = v1_config(&hostile.blob_dir, &one.work_dir, true, "");
+    one.d
+        .mount_rafs("/hostile", &hostile.bootstrap, &validating);
+    for _ in 0..2 {
+        let node = one.g.lookup_path(ROOT, "hostile/f").unwrap().nodeid;
+        let got = one.g.read_file(node, 64 << 10);
+        assert_eq!(
+            got.err().and_then(|e| e.raw_os_error()),
+            Some(libc::EIO),
+            "the wrong CRCs must fail the hostile image's reads"
+        );
+    }
+    assert_eq!(
+        ready_bits(&one.work_dir),
+        16,
+        "the victim's chunks stay cached"
+    );
+    // The victim's backend is gone (emptied: the backend may hold the file open): every chunk must come
+    // from the cache.
+    std::fs::File::options()
+        .write(true)
+        .open(victim.blob_dir.join(&victim.blob_id))
+        .and_then(|f| f.set_len(0))
+        .unwrap();
+    assert_content(
+        "victim, from its cache alone",
+        &one.read("victim"),
+        victim.content(),
+    );
+    one.assert_alive();
+}
+
+/// Chunks marked ready in every chunk map under `work_dir` (bits after the 4 KiB header).
+fn ready_bits(work_dir: &Path) -> u32 {
+    let mut ready = 0;
+    for e in std::fs::read_dir(work_dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.to_string_lossy().ends_with(".chunk_map") {
+            let bytes = std::fs::read(&p).unwrap();
+            ready += bytes[4096..].iter().map(|b| b.count_ones()).sum::<u32>();
+        }
+    }
+    ready
+}

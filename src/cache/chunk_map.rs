@@ -6,9 +6,11 @@
 //!
 //! Other daemons may have the same bitmap mapped: a file is never resized or rewritten in place (a shrunk
 //! mapping kills its other users with SIGBUS). A bitmap that does not fit is replaced by a fresh file
-//! renamed over it; whoever has the old one keeps it.
+//! renamed over it; whoever has the old one keeps it. Every page of a bitmap has its block before it is
+//! mapped (a page without one faults on a full disk: SIGBUS again).
 
 use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -54,6 +56,33 @@ fn fits(file: &File, count: u32) -> Result<bool> {
     Ok(at(0) == MAGIC && at(4) == VERSION && at(8) == MAGIC2)
 }
 
+/// Give the first `len` bytes of a bitmap file their blocks. Bits are set through a shared mapping, where
+/// the first store to a page without a block needs one: on a full disk that is SIGBUS, which kills the
+/// daemon and every mount in it. A `fresh` file (not linked yet, no bits) that the filesystem cannot
+/// fallocate is written with zeros instead; an existing one is left as it is (writing would race with
+/// other daemons setting bits).
+fn allocate(file: &File, len: u64, fresh: bool) -> std::io::Result<()> {
+    let len = libc::off_t::try_from(len).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+    loop {
+        // SAFETY: fallocate on a descriptor we own; mode 0 only allocates, the size is unchanged.
+        if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) } == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EOPNOTSUPP) if fresh => {
+                return file.write_all_at(&vec![0u8; len as usize], 0);
+            }
+            Some(libc::EOPNOTSUPP) => {
+                log::warn!("chunk map: the cache filesystem cannot preallocate ({e}); a full disk may fault");
+                return Ok(());
+            }
+            _ => return Err(e),
+        }
+    }
+}
+
 impl ChunkMap {
     /// Open the bitmap at `path` for `count` chunks. A missing one is created (all clear); one of another
     /// size or with a foreign header is replaced by a fresh one (its state cannot be trusted).
@@ -75,6 +104,9 @@ impl ChunkMap {
                 Self::reset(path, count)?;
                 continue;
             }
+            // Maps made by earlier versions may have holes; cheap where the blocks are there already.
+            allocate(&file, file_size(count), false)
+                .map_err(|e| Error::io(format!("allocate chunk map {}", path.display()), e))?;
             // SAFETY: the file has its final size and is never resized or rewritten in place by rafsd
             // (replacements are renamed over it); bits are only touched through atomics.
             let map = unsafe { memmap2::MmapMut::map_mut(&file) }
@@ -94,6 +126,7 @@ impl ChunkMap {
 
     fn prepare(f: &File, count: u32) -> std::io::Result<()> {
         f.set_len(file_size(count))?;
+        allocate(f, file_size(count), true)?;
         f.write_all_at(&fresh_header(), 0)
     }
 
@@ -204,6 +237,20 @@ mod tests {
         assert_eq!(&std::fs::read(&path).unwrap()[0..4], &MAGIC.to_le_bytes());
         // No temporary file is left behind.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_sparse_map_left_by_an_earlier_version_is_allocated_when_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.blob.data.chunk_map");
+        let count = 1 << 16;
+        let f = File::create(&path).unwrap();
+        f.set_len(file_size(count)).unwrap();
+        f.write_all_at(&fresh_header(), 0).unwrap();
+        assert!(f.metadata().unwrap().blocks() * 512 < file_size(count));
+        let m = ChunkMap::open(&path, count).unwrap();
+        assert!(f.metadata().unwrap().blocks() * 512 >= file_size(count));
+        assert_eq!(m.ready_count(), 0);
     }
 
     #[test]

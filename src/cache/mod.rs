@@ -11,7 +11,8 @@
 //! bytes every image using those files expects and can be served without another check.
 //!
 //! The cache is an optimisation, never a requirement: a cache that cannot be created or written (full or
-//! read-only disk) is logged once and reads go to the backend.
+//! read-only disk) is logged and reads go to the backend; a failed write turns storing off for a while
+//! ([`DEGRADED_FOR`]), then it is tried again.
 
 pub mod chunk_map;
 pub mod key;
@@ -22,11 +23,16 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use chunk_map::ChunkMap;
 pub use key::CacheKey;
+
+/// How long the cache stays off after a failed write before storing is tried again: a full disk may be
+/// freed, and one co-tenant filling it must not leave every other mount uncached for good.
+const DEGRADED_FOR: Duration = Duration::from_secs(30);
 
 use crate::error::{Error, Result};
 use crate::format::{BlobInfo, ChunkInfo};
@@ -64,8 +70,10 @@ pub struct BlobCache {
     work_dir: PathBuf,
     /// One slot per blob index; `None` where that blob could not be cached.
     blobs: Vec<Option<CachedBlob>>,
-    /// Set after the first failed write: we stop writing and serve from the backend.
-    degraded: AtomicBool,
+    /// After a failed write, until when (milliseconds after `opened`; 0: never failed) we stop writing
+    /// and serve from the backend.
+    degraded_until: AtomicU64,
+    opened: Instant,
     /// Chunks some thread is fetching right now, so others wait instead of fetching twice.
     inflight: Mutex<HashSet<(u32, u32)>>,
     inflight_done: Condvar,
@@ -98,7 +106,8 @@ impl BlobCache {
         Ok(BlobCache {
             work_dir: work_dir.to_path_buf(),
             blobs: slots,
-            degraded: AtomicBool::new(false),
+            degraded_until: AtomicU64::new(0),
+            opened: Instant::now(),
             inflight: Mutex::new(HashSet::new()),
             inflight_done: Condvar::new(),
             metrics: CacheMetrics::default(),
@@ -124,7 +133,17 @@ impl BlobCache {
     }
 
     pub fn is_degraded(&self) -> bool {
-        self.degraded.load(Ordering::Relaxed)
+        self.is_degraded_at(Instant::now())
+    }
+
+    fn is_degraded_at(&self, now: Instant) -> bool {
+        self.millis_at(now) < self.degraded_until.load(Ordering::Relaxed)
+    }
+
+    /// `now` in milliseconds after `opened`, from 1 (0 means "never failed").
+    fn millis_at(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.opened).as_millis()).unwrap_or(u64::MAX)
+            + 1
     }
 
     fn blob(&self, index: u32) -> Option<&CachedBlob> {
@@ -196,12 +215,19 @@ impl BlobCache {
 
     /// Keep a verified chunk; `digest_checked` says whether its digest was checked against the image's
     /// record (a cache shared by images takes nothing less). Best effort: a failed write turns the cache
-    /// off with one warning.
+    /// off for [`DEGRADED_FOR`] with one warning.
     pub fn store(&self, chunk: &ChunkInfo, data: &[u8], digest_checked: bool) {
+        self.store_at(chunk, data, digest_checked, Instant::now())
+    }
+
+    fn store_at(&self, chunk: &ChunkInfo, data: &[u8], digest_checked: bool, now: Instant) {
         let Some(b) = self.blob(chunk.blob_index) else {
             return;
         };
-        if self.is_degraded() || b.map.is_ready(chunk.index) || (b.verified && !digest_checked) {
+        if self.is_degraded_at(now)
+            || b.map.is_ready(chunk.index)
+            || (b.verified && !digest_checked)
+        {
             return;
         }
         if chunk.uncompressed_offset + data.len() as u64 > b.size {
@@ -216,10 +242,14 @@ impl BlobCache {
         match b.data.write_all_at(data, chunk.uncompressed_offset) {
             Ok(()) => b.map.set_ready(chunk.index),
             Err(e) => {
-                if !self.degraded.swap(true, Ordering::Relaxed) {
+                let now = self.millis_at(now);
+                let until = now.saturating_add(DEGRADED_FOR.as_millis() as u64);
+                // One warning per stretch off: concurrent failures of the same stretch find it set.
+                if self.degraded_until.swap(until, Ordering::Relaxed) <= now {
                     log::warn!(
-                        "blob cache in {}: write failed ({e}); serving from the backend without caching",
-                        self.work_dir.display()
+                        "blob cache in {}: write failed ({e}); serving from the backend without caching for {} s",
+                        self.work_dir.display(),
+                        DEGRADED_FOR.as_secs()
                     );
                 }
             }
@@ -426,4 +456,69 @@ fn open_blob(work_dir: &Path, blob: &BlobInfo, key: &CacheKey) -> Result<CachedB
         "{} keeps being replaced under us",
         path.display()
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::{Compressor, Digester};
+
+    fn one_blob(chunks: u32) -> BlobInfo {
+        BlobInfo {
+            index: 0,
+            id: "b".into(),
+            chunk_size: 4096,
+            chunk_count: chunks,
+            compressor: Compressor::None,
+            digester: Digester::Sha256,
+            features: 0,
+            compressed_size: 4096 * chunks as u64,
+            uncompressed_size: 4096 * chunks as u64,
+            ci: None,
+            toc_size: 0,
+            toc_digest: [0; 32],
+            readahead: (0, 0),
+        }
+    }
+
+    fn chunk(index: u32) -> ChunkInfo {
+        ChunkInfo {
+            index,
+            uncompressed_offset: 4096 * index as u64,
+            uncompressed_size: 4096,
+            compressed_size: 4096,
+            ..ChunkInfo::default()
+        }
+    }
+
+    /// A failed write turns storing off for a while, not for the mount's life: a co-tenant that filled
+    /// the disk once must not leave every other mount uncached after the space is freed.
+    #[test]
+    fn a_failed_write_turns_storing_off_for_a_while_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = CacheKey {
+            tag: "0".repeat(32),
+            verified: true,
+        };
+        let mut cache = BlobCache::open(dir.path(), &[one_blob(4)], &[Some(key)]).unwrap();
+        let data = vec![7u8; 4096];
+        let writable = cache.blobs[0].as_ref().unwrap().data.clone();
+        // A descriptor that cannot write stands for a full disk.
+        let path = dir.path().join(&cache.blobs[0].as_ref().unwrap().name);
+        cache.blobs[0].as_mut().unwrap().data = Arc::new(File::open(&path).unwrap());
+        let failed_at = Instant::now();
+        cache.store_at(&chunk(0), &data, true, failed_at);
+        assert!(!cache.is_ready(&chunk(0)) && cache.is_degraded_at(failed_at));
+
+        // The space is back; within the period nothing is stored, after it storing resumes.
+        cache.blobs[0].as_mut().unwrap().data = writable;
+        let soon = failed_at + Duration::from_secs(1);
+        cache.store_at(&chunk(1), &data, true, soon);
+        assert!(!cache.is_ready(&chunk(1)) && cache.is_degraded_at(soon));
+        let later = failed_at + DEGRADED_FOR + Duration::from_millis(1);
+        assert!(!cache.is_degraded_at(later));
+        cache.store_at(&chunk(1), &data, true, later);
+        assert!(cache.is_ready(&chunk(1)));
+        assert_eq!(cache.read(&chunk(1)).unwrap(), Some(data));
+    }
 }

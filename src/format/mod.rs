@@ -316,8 +316,22 @@ impl ChunkInfo {
     /// A chunk's stored size must fit its uncompressed size: equal when stored raw, within
     /// [`max_stored_size`] and not 0 when compressed (a 0-byte chunk looks free to whoever sums sizes, such
     /// as a predicted run's window). A batch chunk's stored size is its batch's, checked with the batch.
-    /// Every chunk record is checked when decoded (v5 chunk records, v6 chunk-info entries).
+    /// Every chunk record is checked when decoded (v5 chunk records, v6 chunk-info entries). Where the
+    /// stored bytes end must be a u64: the read path sums offset and size unchecked.
     pub fn check_stored_size(&self) -> Result<()> {
+        if self
+            .compressed_offset
+            .checked_add(self.compressed_size as u64)
+            .is_none()
+        {
+            return Err(corrupt!(
+                "blob {} chunk {}: stored at {} in {} bytes, it ends past the largest offset",
+                self.blob_index,
+                self.index,
+                self.compressed_offset,
+                self.compressed_size
+            ));
+        }
         if self.batch.is_some() {
             return Ok(());
         }

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use super::siblings::DirGuess;
 use super::stream::{self, Pending, StreamCtx};
-use super::verify::{decode_chunk, verify_chunk};
+use super::verify::{decode_chunk, digest_matches, verify_chunk};
 use super::{RafsImage, Segment};
 use crate::cache::BlobCache;
 use crate::corrupt;
@@ -346,7 +346,8 @@ impl RafsImage {
     }
 
     /// A cached chunk, verified. A copy that fails verification (a damaged cache file) is logged and
-    /// dropped, and reported as absent so the caller fetches a verified copy from the backend.
+    /// dropped, and reported as absent so the caller fetches a verified copy from the backend; one of a
+    /// shared cache whose digest matches is not damaged, and fails this read alone.
     fn cached_chunk(&self, cache: &BlobCache, info: &ChunkInfo) -> Result<Option<Vec<u8>>> {
         let Some(data) = cache.read(info)? else {
             return Ok(None);
@@ -356,6 +357,19 @@ impl RafsImage {
                 self.count_hit();
                 self.speculation.hit(info.blob_index, info.index);
                 Ok(Some(data))
+            }
+            // Bytes with the digest the shared files' key covers are what every image sharing them
+            // expects: only this image's own records (a CRC) disagree. Its read fails; the cache stays,
+            // or any image could clear another's ready bits by naming its chunks with wrong CRCs.
+            Err(e)
+                if cache.needs_digest(info.blob_index)
+                    && digest_matches(
+                        &self.info().blobs[info.blob_index as usize],
+                        info,
+                        &data,
+                    ) =>
+            {
+                Err(e)
             }
             Err(e) => {
                 log::error!(

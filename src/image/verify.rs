@@ -100,3 +100,9 @@ pub(super) fn verify_chunk(
     }
     Ok(checked)
 }
+
+/// The chunk's digest is recorded and `data` has it.
+pub(super) fn digest_matches(blob: &BlobInfo, info: &ChunkInfo, data: &[u8]) -> bool {
+    info.digest
+        .is_some_and(|want| digest(blob.digester, data) == want)
+}
