@@ -30,12 +30,12 @@ use std::time::{Duration, Instant};
 use chunk_map::ChunkMap;
 pub use key::CacheKey;
 
+use crate::error::{Error, Result};
+use crate::format::{BlobInfo, ChunkInfo};
+
 /// How long the cache stays off after a failed write before storing is tried again: a full disk may be
 /// freed, and one co-tenant filling it must not leave every other mount uncached for good.
 const DEGRADED_FOR: Duration = Duration::from_secs(30);
-
-use crate::error::{Error, Result};
-use crate::format::{BlobInfo, ChunkInfo};
 
 struct CachedBlob {
     id: String,
@@ -142,8 +142,9 @@ impl BlobCache {
 
     /// `now` in milliseconds after `opened`, from 1 (0 means "never failed").
     fn millis_at(&self, now: Instant) -> u64 {
-        u64::try_from(now.saturating_duration_since(self.opened).as_millis()).unwrap_or(u64::MAX)
-            + 1
+        u64::try_from(now.saturating_duration_since(self.opened).as_millis())
+            .unwrap_or(u64::MAX)
+            .saturating_add(1)
     }
 
     fn blob(&self, index: u32) -> Option<&CachedBlob> {
