@@ -691,6 +691,48 @@ fn a_new_fuse_session_starts_with_an_empty_window() {
     d.kill_and_check();
 }
 
+/// A REMOVEMAPPING is bounded by what a guest page holds (4096 ranges) and costs the VMM one unmap per
+/// run of touching ranges: a list of 65536 ranges had the server allocate for them all, and each range
+/// was a round trip to the VMM with the window locked for every queue. A second FUSE_INIT (refused by
+/// the server: no DESTROY came) leaves the guest's mappings: it emptied the window under a guest still
+/// using it.
+#[test]
+#[ignore = "needs root: ci/test.sh"]
+fn removals_are_bounded_and_merged_and_a_refused_init_keeps_the_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = daemon_with_image(dir.path(), "v5-none-aligned");
+    let mut dg = connect(&d.sock);
+    dg.g.fuse_init().unwrap();
+    let img = dg.g.lookup(ROOT, b"img").unwrap();
+    let special = dg.g.lookup(img.nodeid, b"special").unwrap();
+    let f = dg.g.lookup(special.nodeid, b"random-2m5").unwrap().nodeid;
+    dg.g.setupmapping(f, 0, 0, RANGE, READ, 0).unwrap();
+    dg.g.setupmapping(f, 0, RANGE, RANGE, READ, RANGE).unwrap();
+
+    // INIT again without DESTROY: refused, and the window keeps both ranges.
+    let e = dg.g.fuse_init().unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{e}");
+    assert!(dg.window.is_mapped(0) && dg.window.is_mapped(RANGE));
+    let want = read_range(&mut dg.g, f, 0, RANGE);
+    assert!(dg.window.bytes(0, RANGE) == &want[..], "window bytes");
+
+    // More ranges than a guest page holds: refused, nothing unmapped.
+    let unmaps = || dg.window.unmaps.load(std::sync::atomic::Ordering::Relaxed);
+    let before = unmaps();
+    let e = dg.g.removemapping(f, &[(0, 4096); 4097]).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{e}");
+    assert_eq!(unmaps(), before);
+    assert!(dg.window.is_mapped(0));
+    // The first range as 512 adjacent pages and the second whole: one unmap for all of it.
+    let mut pages: Vec<(u64, u64)> = (0..RANGE / 4096).map(|i| (i * 4096, 4096)).collect();
+    pages.push((RANGE, RANGE));
+    dg.g.removemapping(f, &pages).unwrap();
+    assert_eq!(unmaps() - before, 1, "one SHMEM_UNMAP for touching ranges");
+    assert!(!dg.window.is_mapped(0) && !dg.window.is_mapped(RANGE));
+    drop(dg);
+    d.kill_and_check();
+}
+
 #[test]
 #[ignore = "needs root: ci/test.sh"]
 fn live_mappings_survive_a_live_upgrade_and_are_unmapped_later() {

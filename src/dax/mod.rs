@@ -18,7 +18,9 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use fuse_backend_rs::abi::fuse_abi::{InHeader, Opcode};
-use fuse_backend_rs::abi::virtio_fs::{RemovemappingOne, SetupmappingFlags, SetupmappingIn};
+use fuse_backend_rs::abi::virtio_fs::{
+    RemovemappingIn, RemovemappingOne, SetupmappingFlags, SetupmappingIn,
+};
 use fuse_backend_rs::transport::{FsCacheReqHandler, Reader};
 use vhost::vhost_user::message::{VhostUserMMap, VhostUserMMapFlags};
 use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
@@ -30,6 +32,9 @@ use crate::error::{Error, Result};
 pub const PAGE: u64 = 4096;
 /// The Linux guest manages its window in 2 MiB ranges (FUSE_DAX_SZ), so the window is a multiple of that.
 pub const WINDOW_ALIGN: u64 = 2 << 20;
+/// Most ranges one REMOVEMAPPING may list: what fits a 64 KiB guest page, the most a Linux guest sends
+/// (a page of 16-byte entries). The server allocates room for the guest's count before reading them.
+pub const MAX_REMOVEMAPPING: u32 = (64 << 10) / 16;
 
 fn einval() -> io::Error {
     io::Error::from_raw_os_error(libc::EINVAL)
@@ -89,6 +94,8 @@ enum Screened {
     Init,
     /// A SETUPMAPPING and its argument (a truncated one is the server's to refuse).
     SetupMapping(SetupmappingIn),
+    /// A REMOVEMAPPING of this many ranges.
+    RemoveMapping(u32),
     Other,
 }
 
@@ -100,6 +107,12 @@ fn screen<S: BitmapSlice>(request: &Reader<'_, S>) -> Screened {
             Ok(a) => Screened::SetupMapping(a),
             Err(_) => Screened::Other,
         },
+        Ok(h) if h.opcode == Opcode::RemoveMapping as u32 => {
+            match r.read_obj::<RemovemappingIn>() {
+                Ok(a) => Screened::RemoveMapping(a.count),
+                Err(_) => Screened::Other,
+            }
+        }
         _ => Screened::Other,
     }
 }
@@ -112,7 +125,16 @@ pub fn admit<S: BitmapSlice>(window: u64, request: &Reader<'_, S>) -> Admission 
     match screen(request) {
         Screened::Init => Admission::NewSession,
         Screened::SetupMapping(a) => admit_mapping(window, &a),
+        Screened::RemoveMapping(count) => admit_removal(count),
         Screened::Other => Admission::Pass,
+    }
+}
+
+/// A REMOVEMAPPING of `count` ranges: at most [`MAX_REMOVEMAPPING`].
+fn admit_removal(count: u32) -> Admission {
+    match count > MAX_REMOVEMAPPING {
+        true => Admission::Refuse,
+        false => Admission::Pass,
     }
 }
 
@@ -175,6 +197,7 @@ impl DaxWindow {
         let a = match screen(request) {
             Screened::Init => return Admission::NewSession,
             Screened::Other => return Admission::Pass,
+            Screened::RemoveMapping(count) => return admit_removal(count),
             Screened::SetupMapping(a) => a,
         };
         if admit_mapping(self.size, &a) == Admission::Refuse {
@@ -282,13 +305,26 @@ impl DaxWindow {
         for r in requests {
             self.check_range(r.moffset, r.len)?;
         }
+        // Ranges that touch or overlap are one unmap: each is a round trip to the VMM with the window
+        // locked (a list of 4096 adjacent pages was 4096 of them).
+        let mut ranges: Vec<(u64, u64)> = requests
+            .iter()
+            .map(|r| (r.moffset, r.moffset + r.len))
+            .collect();
+        ranges.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+        for (start, end) in ranges {
+            match merged.last_mut() {
+                Some(last) if start <= last.1 => last.1 = last.1.max(end),
+                _ => merged.push((start, end)),
+            }
+        }
         let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
-        for r in requests {
-            let (start, end) = (r.moffset, r.moffset + r.len);
+        for (start, end) in merged {
             let msg = VhostUserMMap {
                 shmid: 0,
                 shm_offset: start,
-                len: r.len,
+                len: end - start,
                 ..Default::default()
             };
             self.backend.shmem_unmap(&msg).map_err(|e| {

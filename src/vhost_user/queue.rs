@@ -312,7 +312,8 @@ impl Requests {
                 return 0;
             }
         };
-        if let Some(init) = fuse_init(&reader) {
+        // Only an INIT the server takes starts a session (a second one, without DESTROY, is refused).
+        if let Some(init) = fuse_init(&reader).filter(|_| !self.vfs.initialized()) {
             // Before the reply: a daemon restarted after it is answered needs the session.
             if let Some(log) = &self.log {
                 log.set_session(&init);
@@ -617,13 +618,14 @@ impl Kind {
     /// From the FUSE opcode in the request's first descriptor (a header split across descriptors, or
     /// one that cannot be read, is taken for metadata: the server answers it with an error).
     fn of(chain: &Chain) -> Kind {
-        const DATA: [Opcode; 6] = [
+        const DATA: [Opcode; 7] = [
             Opcode::Write,
             Opcode::Fsync,
             Opcode::Fsyncdir,
             Opcode::Fallocate,
             Opcode::CopyFileRange,
             Opcode::SetupMapping,
+            Opcode::RemoveMapping,
         ];
         let Some(first) = chain.clone().next() else {
             return Kind::Metadata;
@@ -1124,7 +1126,9 @@ pub fn handle_request<S: BitmapSlice>(
     // the window refuses.
     let mut window = window;
     match window.map(|w| w.admit(&reader)) {
-        Some(Admission::NewSession) => window.map_or((), |w| w.reset()),
+        // Only for an INIT the server takes: a refused second one leaves the guest's mappings.
+        Some(Admission::NewSession) if !vfs.initialized() => window.map_or((), |w| w.reset()),
+        Some(Admission::NewSession) => {}
         Some(Admission::Refuse) => window = None,
         Some(Admission::Pass) | None => {}
     }
