@@ -2,14 +2,24 @@
 //! is rotated once it would grow past `--log-rotation-size` MiB: `F` becomes `F.1`, `F.1` becomes `F.2`,
 //! and so on, keeping [`KEEP_ROTATED`] old files.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 
 /// Rotated files kept beside the current one.
 pub const KEEP_ROTATED: usize = 5;
+
+/// Warnings and errors of one line of code kept per [`LIMIT_WINDOW`]; the rest are counted and the
+/// count said once the window is over. A guest or an image can have the same warning logged at the
+/// rate of its requests (a FORGET of an unmounted image's inode, a refused chain, a failed read), and
+/// the log, not rotated by default, would grow without bound.
+pub const LINES_PER_WINDOW: u32 = 20;
+pub const LIMIT_WINDOW: Duration = Duration::from_secs(10);
 
 /// A log file that rotates itself by size. Writes never fail for lack of rotation: if renaming or
 /// reopening fails, logging continues in the current file.
@@ -132,13 +142,148 @@ pub fn init(level: &str, file: Option<&Path>, rotation_mib: u64) -> Result<()> {
             rotation_mib,
         )?)));
     }
-    builder.init();
+    let logger = builder.build();
+    let max = logger.filter();
+    log::set_boxed_logger(Box::new(RateLimited::new(logger)))
+        .map_err(|e| Error::Invalid(format!("logger: {e}")))?;
+    log::set_max_level(max);
     Ok(())
+}
+
+/// A logger that keeps at most [`LINES_PER_WINDOW`] warnings and errors per line of code in each
+/// [`LIMIT_WINDOW`] (information and debugging lines all pass).
+pub struct RateLimited<L> {
+    inner: L,
+    sites: Mutex<HashMap<(&'static str, u32), Site>>,
+}
+
+struct Site {
+    since: Instant,
+    kept: u32,
+    dropped: u64,
+}
+
+impl<L: log::Log> RateLimited<L> {
+    pub fn new(inner: L) -> Self {
+        RateLimited {
+            inner,
+            sites: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn log_at(&self, record: &log::Record, now: Instant) {
+        let site = match (record.level(), record.file_static(), record.line()) {
+            (log::Level::Warn | log::Level::Error, Some(file), Some(line)) => (file, line),
+            _ => return self.inner.log(record),
+        };
+        let mut sites = self.sites.lock().unwrap_or_else(|e| e.into_inner());
+        let s = sites.entry(site).or_insert(Site {
+            since: now,
+            kept: 0,
+            dropped: 0,
+        });
+        if now.saturating_duration_since(s.since) >= LIMIT_WINDOW {
+            if s.dropped > 0 {
+                self.inner.log(
+                    &log::Record::builder()
+                        .args(format_args!(
+                            "{} more lines from {}:{} were not logged in {:?}",
+                            s.dropped, site.0, site.1, LIMIT_WINDOW
+                        ))
+                        .level(log::Level::Warn)
+                        .target(record.target())
+                        .file_static(Some(site.0))
+                        .line(Some(site.1))
+                        .build(),
+                );
+            }
+            *s = Site {
+                since: now,
+                kept: 0,
+                dropped: 0,
+            };
+        }
+        if s.kept < LINES_PER_WINDOW {
+            s.kept += 1;
+            drop(sites);
+            self.inner.log(record);
+        } else {
+            s.dropped += 1;
+        }
+    }
+}
+
+impl<L: log::Log> log::Log for RateLimited<L> {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        self.inner.enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record) {
+        if self.inner.enabled(record.metadata()) {
+            self.log_at(record, Instant::now());
+        }
+    }
+
+    fn flush(&self) {
+        self.inner.flush()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Counts the lines that reach it.
+    #[derive(Default)]
+    struct Lines(Mutex<Vec<String>>);
+
+    impl log::Log for Lines {
+        fn enabled(&self, _: &log::Metadata) -> bool {
+            true
+        }
+        fn log(&self, record: &log::Record) {
+            self.0.lock().unwrap().push(record.args().to_string());
+        }
+        fn flush(&self) {}
+    }
+
+    fn line(level: log::Level, line: u32, logger: &RateLimited<Lines>, at: Instant) {
+        logger.log_at(
+            &log::Record::builder()
+                .args(format_args!("x"))
+                .level(level)
+                .file_static(Some("src/x.rs"))
+                .line(Some(line))
+                .build(),
+            at,
+        );
+    }
+
+    #[test]
+    fn warnings_of_one_line_are_kept_within_a_rate_and_the_rest_counted() {
+        let logger = RateLimited::new(Lines::default());
+        let t0 = Instant::now();
+        for _ in 0..1000 {
+            line(log::Level::Warn, 1, &logger, t0);
+            line(log::Level::Info, 2, &logger, t0);
+        }
+        // Another line of code has a window of its own.
+        line(log::Level::Error, 3, &logger, t0);
+        let kept = logger.inner.0.lock().unwrap().len();
+        assert_eq!(kept, LINES_PER_WINDOW as usize + 1000 + 1);
+        // The next window says how many were left out, and keeps lines again.
+        line(log::Level::Warn, 1, &logger, t0 + LIMIT_WINDOW);
+        let lines = logger.inner.0.lock().unwrap();
+        assert_eq!(lines.len(), kept + 2);
+        assert!(
+            lines[kept].starts_with(&format!(
+                "{} more lines from src/x.rs:1",
+                1000 - LINES_PER_WINDOW
+            )),
+            "{}",
+            lines[kept]
+        );
+    }
 
     #[test]
     fn rotates_by_size_and_keeps_a_few_files() {
