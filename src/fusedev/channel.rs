@@ -16,9 +16,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use fuse_backend_rs::transport::{FuseBuf, FuseDevWriter, Reader};
 
-/// The largest request or reply: fuse-backend-rs negotiates 256 pages (1 MiB) per request, plus a page
-/// for the headers, the size its own channels use and the `max_read` it mounts with.
-pub const BUF_SIZE: usize = (256 + 1) * 4096;
+/// The largest request or reply: fuse-backend-rs negotiates 256 of the host's pages per request
+/// (`max_write`: 1 MiB with 4 KiB pages, 16 MiB with 64 KiB ones), plus a page for the headers. The
+/// kernel refuses to hand a request to a smaller buffer (EINVAL on every read of /dev/fuse), so the
+/// size follows the host's page size.
+pub fn buf_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    (256 + 1) * usize::try_from(page).unwrap_or(4096).max(4096)
+}
 
 /// Told once to every worker: stop taking requests.
 pub struct Stop {
@@ -115,8 +121,8 @@ impl Channel {
             epoll,
             // Zeroed allocations this large come from fresh mappings: only the pages a request or a
             // reply touches count towards the daemon's memory.
-            request: vec![0; BUF_SIZE],
-            reply: vec![0; BUF_SIZE],
+            request: vec![0; buf_size()],
+            reply: vec![0; buf_size()],
         })
     }
 
@@ -171,5 +177,20 @@ impl Channel {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fuse_backend_rs::abi::fuse_abi::{InHeader, WriteIn};
+
+    /// The buffer takes the largest WRITE the server's INIT answer allows (`max_write`, 256 of the
+    /// host's pages), which the kernel checks before it hands a request over.
+    #[test]
+    fn the_buffer_holds_the_largest_write_the_server_negotiates() {
+        let max_write = 256 * fuse_backend_rs::transport::pagesize();
+        let headers = std::mem::size_of::<InHeader>() + std::mem::size_of::<WriteIn>();
+        assert!(buf_size() >= headers + max_write);
     }
 }
