@@ -592,12 +592,37 @@ impl Daemon {
         }
         let (fs, config_id, config) = self.build(&cmd)?;
         self.index_rafs(Some(mountpoint));
+        let index_of = |mp: &str| self.vfs.get_rootfs(mp).ok().flatten().map(|(_, i)| i);
+        let old_index = index_of(mountpoint);
+        let in_use: Vec<u8> = {
+            let mounts = self.mounts.lock().unwrap_or_else(|e| e.into_inner());
+            mounts
+                .keys()
+                .filter(|mp| mp.as_str() != mountpoint)
+                .filter_map(|mp| index_of(mp))
+                .collect()
+        };
         self.vfs
             .umount(mountpoint)
             .map_err(|e| Error::Internal(format!("detach {mountpoint}: {e:?}")))?;
+        // The kernel holds the mount's root, and the files under it, by inode numbers whose top byte
+        // is the mount index, and keeps the path to it cached: the new image takes the same index
+        // (as nydusd's update in place keeps it), or the path leads nowhere until the kernel lets go.
+        if let Some(want) = old_index {
+            if let Err(e) =
+                crate::takeover::vfs_index::walk_counter_to(&self.vfs, mountpoint, want, &in_use)
+            {
+                log::warn!("remount of {mountpoint} under another index than {want}: {e}");
+            }
+        }
         self.vfs
             .mount(fs, mountpoint)
             .map_err(|e| Error::Internal(format!("attach {mountpoint}: {e:?}")))?;
+        if index_of(mountpoint) != old_index {
+            log::warn!(
+                "{mountpoint} remounted under a new index: paths the kernel cached lead nowhere"
+            );
+        }
         log::info!("remounted {} at {mountpoint}", cmd.source.display());
         self.record(mountpoint, cmd, config_id, config);
         Ok(())

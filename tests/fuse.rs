@@ -766,6 +766,59 @@ fn xattrs_of_the_daemons_own_directories_take_no_images_xattrs_away() {
     assert!(d.stop().success());
 }
 
+/// A remount (`PUT /api/v1/mount`) keeps the mount's index, as nydusd's update in place does: the
+/// kernel reaches the mount's root, and keeps the path to it cached (for 2^32 s), by inode numbers
+/// whose top byte is the index, and a new index left the cached path leading nowhere (ENOENT).
+#[test]
+#[ignore = "needs root: ci/test.sh"]
+fn a_remounted_image_is_reached_through_the_path_the_kernel_cached() {
+    manifest::assert_root("FUSE mounts");
+    let dir = tempfile::tempdir().unwrap();
+    let (d, sock) = start_without_image(dir.path(), &[]);
+    let body = |case: &str| {
+        let c = self::case(case);
+        let config = v1_config(&c.blobs, &dir.path().join("cache"), false, "");
+        serde_json::json!({"source": c.bootstrap, "fs_type": "rafs", "config": config}).to_string()
+    };
+    let call = |method: &str, target: &str, body: &str| {
+        daemon::api_request(&sock, method, target, body, Duration::from_secs(10)).unwrap()
+    };
+    // Another mount first, so that the counter has moved past the image's index.
+    for mp in ["/other", "/img"] {
+        let (status, text) = call(
+            "POST",
+            &format!("/api/v1/mount?mountpoint={mp}"),
+            &body("v6-zstd-blake3"),
+        );
+        assert_eq!(status, 204, "{text}");
+    }
+    use std::os::unix::fs::MetadataExt;
+    let inode = |path: &Path| std::fs::metadata(path).unwrap().ino();
+    let root_before = inode(&d.mountpoint.join("img"));
+    let adduser = d.mountpoint.join("img/etc/adduser.conf");
+    let before = std::fs::read(&adduser).unwrap();
+    for round in 0..3 {
+        let (status, text) = call(
+            "PUT",
+            "/api/v1/mount?mountpoint=/img",
+            &body("v6-lz4-sha256-64k"),
+        );
+        assert_eq!(status, 204, "round {round}: {text}");
+        assert_eq!(
+            inode(&d.mountpoint.join("img")),
+            root_before,
+            "round {round}"
+        );
+        assert_eq!(std::fs::read(&adduser).unwrap(), before, "round {round}");
+    }
+    assert!(
+        d.log_text().matches("under a new index").count() == 0,
+        "{}",
+        d.log_text()
+    );
+    assert!(d.stop().success());
+}
+
 /// Start a FUSE daemon with an admin socket and no image (mounted later with [`api_mount`]), with
 /// `extra` arguments.
 fn start_without_image(dir: &Path, extra: &[&str]) -> (Daemon, PathBuf) {

@@ -74,6 +74,46 @@ impl BackendFileSystem for Placeholder {
     }
 }
 
+/// Leave `path` of a `Vfs` that is serving such that its next mount gets index `want` (free, and not in
+/// `in_use`, the indexes of the other mounts): a placeholder mounted there shows where the counter is,
+/// and further ones walk it round to `want` (at most 255 mounts of an empty filesystem). The caller
+/// mounts over the last placeholder, which frees its index.
+pub fn walk_counter_to(vfs: &Vfs, path: &str, want: u8, in_use: &[u8]) -> Result<()> {
+    let placeholder = |vfs: &Vfs| {
+        vfs.mount(Box::new(Placeholder), path)
+            .map_err(|e| Error::Invalid(format!("placeholder at {path}: {e}")))
+    };
+    let first = placeholder(vfs)?;
+    let mut counter = IndexReplay {
+        next: first.wrapping_add(1),
+        used: [false; 256],
+    };
+    for &i in in_use {
+        counter.used[i as usize] = true;
+    }
+    counter.used[first as usize] = true;
+    let mut held = first;
+    for _ in 0..512 {
+        let next = counter
+            .predict()
+            .ok_or_else(|| Error::Internal("no free mount index left".into()))?;
+        if next == want {
+            return Ok(());
+        }
+        let got = placeholder(vfs)?;
+        if got != next {
+            return Err(Error::Internal(format!(
+                "the Vfs gave index {got} where {next} was expected"
+            )));
+        }
+        counter.mounted(got, Some(held));
+        held = got;
+    }
+    Err(Error::Internal(format!(
+        "mount index {want} of {path} was not reached"
+    )))
+}
+
 /// The index counter of a fresh `Vfs`, followed step by step.
 pub struct IndexReplay {
     /// The counter: where the next search for a free index starts.
