@@ -342,6 +342,7 @@ impl RafsImage {
             validate: self.validate,
             for_cache: cache.needs_digest(blob_index),
             cache: cache.clone(),
+            image_gone: self.streams.image_gone(),
         }
     }
 

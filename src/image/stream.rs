@@ -11,7 +11,7 @@
 //! without.
 
 use std::io::Read;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -47,6 +47,8 @@ pub struct StreamCtx {
     pub validate: bool,
     pub for_cache: bool,
     pub cache: Arc<BlobCache>,
+    /// Set when the image is gone (see [`Streams::image_gone`]).
+    pub image_gone: Arc<AtomicBool>,
 }
 
 /// Read one chunk's stored bytes from `reader` (positioned at it), then decode and verify them. Returns the
@@ -100,6 +102,12 @@ fn read_chunk_into(
 pub fn store_run(ctx: &StreamCtx, reader: &mut dyn Read, run: Vec<Pending>) -> Result<()> {
     let (mut scratch, mut data) = (Vec::new(), Vec::new());
     for p in run {
+        if ctx.image_gone.load(Ordering::Acquire) {
+            return Err(Error::Invalid(format!(
+                "blob {}: the image is unmounted",
+                ctx.blob.id
+            )));
+        }
         let checked = read_chunk_into(ctx, reader, &p.info, &mut scratch, &mut data)?;
         ctx.cache.store(&p.info, &data, checked);
         drop(p.claim);
@@ -173,6 +181,15 @@ pub struct Streams {
     per_blob: Arc<Vec<AtomicUsize>>,
     budget: &'static DaemonBudget,
     link: Arc<LinkRate>,
+    /// Set when the image is dropped: its streams end at their next chunk, instead of keeping their
+    /// part of the daemon's streams (and a registry's connection) for a run no mount will read.
+    gone: Arc<AtomicBool>,
+}
+
+impl Drop for Streams {
+    fn drop(&mut self) {
+        self.gone.store(true, Ordering::Release);
+    }
 }
 
 impl Streams {
@@ -187,7 +204,13 @@ impl Streams {
             per_blob: Arc::new((0..blobs).map(|_| AtomicUsize::new(0)).collect()),
             budget,
             link: Arc::default(),
+            gone: Arc::default(),
         }
+    }
+
+    /// The flag the image's streams watch (see [`StreamCtx::image_gone`]).
+    pub fn image_gone(&self) -> Arc<AtomicBool> {
+        self.gone.clone()
     }
 
     /// Room for one more background stream of blob `blob` holding up to `buffer_bytes` at a time: within
@@ -486,5 +509,86 @@ mod tests {
         assert_eq!(fast.window(), MAX_STREAM_BYTES);
         fast.record(1000, 1.0);
         assert_eq!(fast.window(), MAX_STREAM_BYTES, "short reads say nothing");
+    }
+
+    /// A run whose image goes away stops at the next chunk: its claims are released and nothing more is
+    /// read from the request, instead of the rest of the run streaming in for no mount.
+    #[test]
+    fn a_run_of_an_image_gone_stops_at_the_next_chunk() {
+        use crate::cache::CacheKey;
+        use crate::format::{Compressor, Digester};
+        const CHUNK: u32 = 4096;
+        let dir = tempfile::tempdir().unwrap();
+        let blob = BlobInfo {
+            index: 0,
+            id: "b".into(),
+            chunk_size: CHUNK,
+            chunk_count: 8,
+            compressor: Compressor::None,
+            digester: Digester::Sha256,
+            features: 0,
+            compressed_size: 8 * CHUNK as u64,
+            uncompressed_size: 8 * CHUNK as u64,
+            ci: None,
+            toc_size: 0,
+            toc_digest: [0; 32],
+            readahead: (0, 0),
+        };
+        let key = CacheKey {
+            tag: "0".repeat(32),
+            verified: false,
+        };
+        let cache = Arc::new(BlobCache::open(dir.path(), &[blob.clone()], &[Some(key)]).unwrap());
+        let gone = Arc::new(AtomicBool::new(false));
+        let ctx = StreamCtx {
+            blob,
+            validate: false,
+            for_cache: false,
+            cache: cache.clone(),
+            image_gone: gone.clone(),
+        };
+        let run: Vec<Pending> = (0..8u32)
+            .map(|i| {
+                let info = ChunkInfo {
+                    index: i,
+                    uncompressed_offset: (i * CHUNK) as u64,
+                    compressed_offset: (i * CHUNK) as u64,
+                    uncompressed_size: CHUNK,
+                    compressed_size: CHUNK,
+                    ..ChunkInfo::default()
+                };
+                Pending {
+                    claim: cache.claim(&info),
+                    info,
+                }
+            })
+            .collect();
+        // The body: the image goes away while the third chunk arrives.
+        struct Body {
+            sent: usize,
+            gone: Arc<AtomicBool>,
+        }
+        impl Read for Body {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                if self.sent >= 2 * CHUNK as usize {
+                    self.gone.store(true, Ordering::Release);
+                }
+                let n = buf.len().min(CHUNK as usize);
+                buf[..n].fill(7);
+                self.sent += n;
+                Ok(n)
+            }
+        }
+        let mut body = Body { sent: 0, gone };
+        let e = store_run(&ctx, &mut body, run).unwrap_err();
+        assert!(e.to_string().contains("unmounted"), "{e}");
+        assert_eq!(body.sent, 3 * CHUNK as usize, "read past the chunk in hand");
+        // Every claim is released: another reader may fetch the rest.
+        let rest = ChunkInfo {
+            index: 5,
+            uncompressed_offset: 5 * CHUNK as u64,
+            ..ChunkInfo::default()
+        };
+        assert!(cache.try_claim(&rest).is_some());
     }
 }
