@@ -15,6 +15,7 @@ use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use rafsd::builder::{self, BuildOptions, BuildReport, WhiteoutSpec};
 use rafsd::format::{Compressor, Digester};
@@ -508,6 +509,25 @@ fn build_err(source: &Path) -> String {
     err
 }
 
+/// A GNU base-256 number field (what GNU tar writes for values too large for octal).
+fn base256(value: u64) -> [u8; 12] {
+    let mut field = [0u8; 12];
+    field[4..].copy_from_slice(&value.to_be_bytes());
+    field[0] = 0x80;
+    field
+}
+
+/// `work()`'s result, or a failure once `limit` has passed (a hostile input must fail quickly, not
+/// keep the test running for days).
+fn within<T: Send + 'static>(limit: Duration, work: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(work());
+    });
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("no result within {limit:?}"))
+}
+
 #[test]
 fn broken_or_hostile_tars_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
@@ -587,6 +607,26 @@ fn broken_or_hostile_tars_are_clear_errors() {
         "{}",
         build_err(&escape)
     );
+
+    // A GNU sparse entry claiming 2^50 bytes of holes: the tar crate would expand them with zeros for
+    // the chunker to read, hash and compress. Refused before any data is read.
+    let sparse = {
+        let claimed: u64 = 1 << 50;
+        let mut h = tar::Header::new_gnu();
+        h.set_path("sparse").unwrap();
+        h.set_mode(0o644);
+        h.set_size(512);
+        h.set_entry_type(tar::EntryType::GNUSparse);
+        let gnu = h.as_gnu_mut().unwrap();
+        gnu.sparse[0].offset = base256(claimed - 512);
+        gnu.sparse[0].numbytes = base256(512);
+        gnu.realsize = base256(claimed);
+        h.set_cksum();
+        [h.as_bytes().as_slice(), &[b'x'; 512], &[0; 1024]].concat()
+    };
+    let sparse = write("sparse.tar", &sparse);
+    let err = within(Duration::from_secs(20), move || build_err(&sparse));
+    assert!(err.contains("unsupported entry type 'S'"), "{err}");
 
     let dangling = {
         let mut b = tar::Builder::new(Vec::new());
