@@ -644,6 +644,63 @@ fn broken_or_hostile_tars_are_clear_errors() {
     );
 }
 
+/// Run `rafsd` with `args`: (success, stderr, peak resident memory in bytes).
+#[allow(clippy::zombie_processes)] // reaped by wait4, which std's wait cannot replace
+fn rafsd_peak_memory(args: &[&std::ffi::OsStr]) -> (bool, String, u64) {
+    let child = Command::new(env!("CARGO_BIN_EXE_rafsd"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as libc::pid_t;
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.unwrap(), &mut stderr).unwrap();
+    let (mut status, mut usage) = (0, unsafe { std::mem::zeroed::<libc::rusage>() });
+    // wait4 gives this child's own peak, whatever other tests run beside it.
+    assert_eq!(unsafe { libc::wait4(pid, &mut status, 0, &mut usage) }, pid);
+    let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+    (ok, stderr, usage.ru_maxrss as u64 * 1024)
+}
+
+#[test]
+fn a_huge_long_name_record_fails_quickly_in_little_memory() {
+    // A 64 MiB GNU long name record: the tar crate read it whole (and a 1 GiB one cost 4.7 GB) before
+    // the 255-byte name check could refuse it.
+    let dir = tempfile::tempdir().unwrap();
+    let record: u64 = 64 << 20;
+    let mut h = tar::Header::new_gnu();
+    h.set_path("././@LongLink").unwrap();
+    h.set_entry_type(tar::EntryType::GNULongName);
+    h.set_size(record);
+    h.set_cksum();
+    let tar = dir.path().join("longname.tar");
+    {
+        let mut out = std::io::BufWriter::new(File::create(&tar).unwrap());
+        out.write_all(h.as_bytes()).unwrap();
+        let block = vec![b'a'; 1 << 20];
+        for _ in 0..record >> 20 {
+            out.write_all(&block).unwrap();
+        }
+        let mut b = tar::Builder::new(Vec::new());
+        tar_entry(&mut b, b"f", b"x");
+        out.write_all(&b.into_inner().unwrap()).unwrap();
+    }
+    let (boot, blobs) = (dir.path().join("b"), dir.path().join("blobs"));
+    let (ok, stderr, peak) = rafsd_peak_memory(&[
+        "build".as_ref(),
+        tar.as_os_str(),
+        "--bootstrap".as_ref(),
+        boot.as_os_str(),
+        "--blob-dir".as_ref(),
+        blobs.as_os_str(),
+    ]);
+    // Only the message's end: the old one held the whole name.
+    let tail = &stderr[stderr.len().saturating_sub(300)..];
+    assert!(peak < 32 << 20, "peak memory {peak} bytes: {tail}");
+    assert!(!ok && stderr.contains("too long"), "{tail}");
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Layers: whiteouts, --parent-bootstrap and merge, with a real overlayfs mount as the truth
 

@@ -7,6 +7,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use super::oci::{self, Descriptor, Document, LayerCompression, Platform};
+use crate::builder::tar_stream::TarStream;
 use crate::error::{Error, Result};
 use crate::storage::distribution::{check_digest, Client, NetOptions, Reference};
 
@@ -88,16 +89,15 @@ pub fn fetch_bootstrap(client: &Client, layer: &Descriptor, out: &Path) -> Resul
             ),
         };
         let broken = |e: std::io::Error| Error::Invalid(format!("{what}: broken tar: {e}"));
-        let mut archive = tar::Archive::new(decoded);
+        // The builder's reader: long name and pax records are capped there.
+        let mut archive = TarStream::new(decoded);
         let mut found = false;
-        for entry in archive.entries().map_err(broken)? {
-            let mut entry = entry.map_err(broken)?;
-            let path = entry.path_bytes().into_owned();
-            let path = path.strip_prefix(b"./").unwrap_or(&path);
+        while let Some(entry) = archive.next_entry().map_err(broken)? {
+            let path = entry.path.strip_prefix(b"./").unwrap_or(&entry.path);
             if path != oci::BOOTSTRAP_IN_LAYER.as_bytes() {
                 continue;
             }
-            if entry.size() > BOOTSTRAP_LIMIT {
+            if entry.size > BOOTSTRAP_LIMIT {
                 return Err(Error::Invalid(format!(
                     "{what}: the bootstrap is too large"
                 )));
@@ -109,7 +109,7 @@ pub fn fetch_bootstrap(client: &Client, layer: &Descriptor, out: &Path) -> Resul
                 .mode(0o644)
                 .open(&tmp)
                 .map_err(|e| Error::io(format!("create {}", tmp.display()), e))?;
-            std::io::copy(&mut (&mut entry).take(BOOTSTRAP_LIMIT), &mut file)
+            std::io::copy(&mut (&mut archive).take(BOOTSTRAP_LIMIT), &mut file)
                 .map_err(|e| Error::io(format!("{what}: write {}", tmp.display()), e))?;
             found = true;
             break;
