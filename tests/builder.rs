@@ -628,6 +628,18 @@ fn broken_or_hostile_tars_are_clear_errors() {
     let err = within(Duration::from_secs(20), move || build_err(&sparse));
     assert!(err.contains("unsupported entry type 'S'"), "{err}");
 
+    // A path past PATH_MAX (4096 bytes) of names each within 255: each level cost the tree, the
+    // merge and the bootstrap walk a copy of the whole path (a 1 MB tar 4000 levels deep took 4 GB).
+    let too_deep = {
+        let mut b = tar::Builder::new(Vec::new());
+        let path = [[b'd'; 200].as_slice(), b"/"].concat().repeat(21);
+        tar_entry(&mut b, &[path.as_slice(), b"f"].concat(), b"x");
+        b.into_inner().unwrap()
+    };
+    let too_deep = write("too_deep.tar", &too_deep);
+    let err = build_err(&too_deep);
+    assert!(err.contains("over the 4096-byte limit"), "{err}");
+
     let dangling = {
         let mut b = tar::Builder::new(Vec::new());
         let mut h = tar::Header::new_gnu();
@@ -644,23 +656,31 @@ fn broken_or_hostile_tars_are_clear_errors() {
     );
 }
 
-/// Run `rafsd` with `args`: (success, stderr, peak resident memory in bytes).
-#[allow(clippy::zombie_processes)] // reaped by wait4, which std's wait cannot replace
-fn rafsd_peak_memory(args: &[&std::ffi::OsStr]) -> (bool, String, u64) {
-    let child = Command::new(env!("CARGO_BIN_EXE_rafsd"))
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id() as libc::pid_t;
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.unwrap(), &mut stderr).unwrap();
-    let (mut status, mut usage) = (0, unsafe { std::mem::zeroed::<libc::rusage>() });
-    // wait4 gives this child's own peak, whatever other tests run beside it.
-    assert_eq!(unsafe { libc::wait4(pid, &mut status, 0, &mut usage) }, pid);
-    let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
-    (ok, stderr, usage.ru_maxrss as u64 * 1024)
+/// Run `rafsd` with `args` and at most `limit` bytes of address space (allocations past it fail and
+/// abort it): (success, stderr). The limit, not a measured peak: a child's ru_maxrss counts its
+/// parent's, the test process, whose memory depends on the tests beside it.
+fn rafsd_within_memory(args: &[&std::ffi::OsStr], limit: u64) -> (bool, String) {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rafsd"));
+    cmd.args(args);
+    // SAFETY: setrlimit is async-signal-safe and touches nothing of the parent's.
+    unsafe {
+        cmd.pre_exec(move || {
+            let rlimit = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &rlimit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -687,18 +707,55 @@ fn a_huge_long_name_record_fails_quickly_in_little_memory() {
         out.write_all(&b.into_inner().unwrap()).unwrap();
     }
     let (boot, blobs) = (dir.path().join("b"), dir.path().join("blobs"));
-    let (ok, stderr, peak) = rafsd_peak_memory(&[
-        "build".as_ref(),
-        tar.as_os_str(),
-        "--bootstrap".as_ref(),
-        boot.as_os_str(),
-        "--blob-dir".as_ref(),
-        blobs.as_os_str(),
-    ]);
+    // 256 MiB: two threads' stacks and arenas fit; the old reading took 317 MB of RSS.
+    let (ok, stderr) = rafsd_within_memory(
+        &[
+            "build".as_ref(),
+            tar.as_os_str(),
+            "--bootstrap".as_ref(),
+            boot.as_os_str(),
+            "--blob-dir".as_ref(),
+            blobs.as_os_str(),
+            "--threads".as_ref(),
+            "2".as_ref(),
+        ],
+        256 << 20,
+    );
     // Only the message's end: the old one held the whole name.
     let tail = &stderr[stderr.len().saturating_sub(300)..];
-    assert!(peak < 32 << 20, "peak memory {peak} bytes: {tail}");
     assert!(!ok && stderr.contains("too long"), "{tail}");
+}
+
+#[test]
+fn a_tree_as_deep_as_tar_paths_allow_merges_in_little_memory() {
+    // 2047 directories "a" and a file: a path of 4095 bytes, within the limit.
+    let dir = tempfile::tempdir().unwrap();
+    let depth = 2047;
+    let mut b = tar::Builder::new(Vec::new());
+    tar_entry(&mut b, &[b"a/".repeat(depth), b"f".to_vec()].concat(), b"x");
+    let tar = dir.path().join("deep.tar");
+    fs::write(&tar, b.into_inner().unwrap()).unwrap();
+    let built = build(&tar, &BuildOptions::default());
+    let merged = dir.path().join("merged");
+    let (ok, stderr) = rafsd_within_memory(
+        &[
+            "merge".as_ref(),
+            built.bootstrap.as_os_str(),
+            "--bootstrap".as_ref(),
+            merged.as_os_str(),
+        ],
+        256 << 20,
+    );
+    assert!(ok, "{stderr}");
+    let image = open(&merged, &built.blob_dir, false);
+    let mut deepest = 0;
+    image
+        .walk(&mut |path, _, _| {
+            deepest = deepest.max(path.as_os_str().len());
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(deepest, 2 * depth + 1);
 }
 
 // ---------------------------------------------------------------------------------------------------

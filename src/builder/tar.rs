@@ -79,6 +79,10 @@ impl Builder {
     }
 }
 
+/// The longest entry path taken, PATH_MAX: every level of a path costs the tree, the merge and the
+/// bootstrap walk a copy of the path to it, so depth is what must stay bounded.
+const PATH_LIMIT: usize = 4096;
+
 /// Path components of a tar name: "./a//b/" → [a, b]. ".." is refused (it would escape the root).
 fn components(raw: &[u8], shown: &str) -> Result<Vec<Vec<u8>>> {
     let mut parts = Vec::new();
@@ -113,6 +117,14 @@ pub fn scan(reader: impl Read, chunker: &mut Chunker, source: &Path) -> Result<T
         let etype = header.entry_type();
         if etype.is_pax_global_extensions() {
             continue;
+        }
+        if entry.path.len() > PATH_LIMIT {
+            return Err(Error::Invalid(format!(
+                "{}: tar entry {}...: a path of {} bytes is over the {PATH_LIMIT}-byte limit",
+                source.display(),
+                String::from_utf8_lossy(&entry.path[..200]),
+                entry.path.len()
+            )));
         }
         let shown = String::from_utf8_lossy(&entry.path).into_owned();
         let parts = components(&entry.path, &shown)?;
