@@ -727,6 +727,28 @@ fn a_huge_long_name_record_fails_quickly_in_little_memory() {
 }
 
 #[test]
+fn a_name_replaced_many_times_in_a_large_directory_builds_quickly() {
+    // Each later entry of a name replaces the earlier one: a scan of the whole directory per
+    // replacement made 60000 replacements in a directory of 30000 about 2*10^9 steps (13 s).
+    let (names, replacements) = (30000, 60000);
+    let mut b = tar::Builder::new(Vec::new());
+    for i in 0..names {
+        tar_entry(&mut b, format!("d/{i:08}").as_bytes(), b"");
+    }
+    for _ in 0..replacements {
+        tar_entry(&mut b, b"d/00000000", b"");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tar = dir.path().join("many.tar");
+    fs::write(&tar, b.into_inner().unwrap()).unwrap();
+    let built = within(Duration::from_secs(5), move || {
+        build(&tar, &BuildOptions::default())
+    });
+    // The root, d and its names: the replaced entries are gone.
+    assert_eq!(built.report.entries, names + 2);
+}
+
+#[test]
 fn a_tree_as_deep_as_tar_paths_allow_merges_in_little_memory() {
     // 2047 directories "a" and a file: a path of 4095 bytes, within the limit.
     let dir = tempfile::tempdir().unwrap();

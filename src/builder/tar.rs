@@ -18,8 +18,9 @@ use crate::error::{Error, Result};
 
 struct Builder {
     tree: Tree,
-    /// (directory, name) → child, so replacing and linking entries is not a linear search.
-    index: HashMap<(NodeId, Vec<u8>), NodeId>,
+    /// (directory, name) → (child, its place in the directory's list), so replacing and linking
+    /// entries is not a linear search.
+    index: HashMap<(NodeId, Vec<u8>), (NodeId, usize)>,
 }
 
 fn dir_meta() -> Meta {
@@ -35,7 +36,7 @@ impl Builder {
         let mut dir = ROOT;
         for part in parts {
             dir = match self.index.get(&(dir, part.clone())) {
-                Some(&c) if self.tree.is_dir(c) => c,
+                Some(&(c, _)) if self.tree.is_dir(c) => c,
                 Some(_) => {
                     return Err(Error::Invalid(format!(
                         "tar entry {path}: a parent is not a directory"
@@ -58,22 +59,29 @@ impl Builder {
     /// its contents and takes the new attributes).
     fn insert(&mut self, dir: NodeId, node: Node) -> NodeId {
         let key = (dir, node.name.clone());
-        if let Some(&old) = self.index.get(&key) {
+        if let Some(&(old, place)) = self.index.get(&key) {
             if self.tree.is_dir(old) && matches!(node.kind, Kind::Dir(_)) {
                 self.tree.nodes[old].meta = node.meta;
                 return old;
             }
-            self.tree.children_mut(dir).retain(|&c| c != old);
+            // In the old one's place (the list is sorted by name later): removing it from the list
+            // made N replacements in a directory of M entries cost N*M.
+            let id = self.tree.nodes.len();
+            self.tree.nodes.push(node);
+            self.tree.children_mut(dir)[place] = id;
+            self.index.insert(key, (id, place));
+            return id;
         }
+        let place = self.tree.children(dir).len();
         let id = self.tree.push_child(dir, node);
-        self.index.insert(key, id);
+        self.index.insert(key, (id, place));
         id
     }
 
     fn lookup(&self, parts: &[Vec<u8>]) -> Option<NodeId> {
         let mut node = ROOT;
         for part in parts {
-            node = *self.index.get(&(node, part.clone()))?;
+            node = self.index.get(&(node, part.clone()))?.0;
         }
         Some(node)
     }
