@@ -297,41 +297,51 @@ impl RafsImage {
         &self,
         visit: &mut dyn FnMut(&Path, &InodeAttr, WalkEvent) -> Result<()>,
     ) -> Result<()> {
+        use std::os::unix::ffi::OsStrExt;
+        // One path for the whole walk, each directory's frame remembering its length: a path per
+        // frame made the walk's memory quadratic in the depth.
         struct Frame {
-            path: PathBuf,
+            path_len: usize,
             attr: InodeAttr,
             entries: std::vec::IntoIter<DirEntry>,
+        }
+        fn as_path(bytes: &[u8]) -> &Path {
+            Path::new(std::ffi::OsStr::from_bytes(bytes))
         }
         let root = self.inode(self.root_ino())?;
         let mut seen_dirs = HashSet::from([root.ino]);
         visit(Path::new(""), &root, WalkEvent::Node)?;
+        let mut path: Vec<u8> = Vec::new();
         let mut stack = vec![Frame {
-            path: PathBuf::new(),
+            path_len: 0,
             entries: self.list_dir(&root)?.into_iter(),
             attr: root,
         }];
         while let Some(frame) = stack.last_mut() {
             let Some(entry) = frame.entries.next() else {
                 let done = stack.pop().unwrap();
-                visit(&done.path, &done.attr, WalkEvent::DirDone)?;
+                path.truncate(done.path_len);
+                visit(as_path(&path), &done.attr, WalkEvent::DirDone)?;
                 continue;
             };
-            let path = frame
-                .path
-                .join(std::ffi::OsStr::from_encoded_bytes_checked(&entry.name));
+            path.truncate(frame.path_len);
+            if !path.is_empty() {
+                path.push(b'/');
+            }
+            path.extend_from_slice(&entry.name);
             let attr = self.inode(entry.ino)?;
-            visit(&path, &attr, WalkEvent::Node)?;
+            visit(as_path(&path), &attr, WalkEvent::Node)?;
             if attr.is_dir() {
                 if !seen_dirs.insert(attr.ino) {
                     return Err(corrupt!(
                         "directory inode {} is reached a second time at {} (a cycle)",
                         attr.ino,
-                        path.display()
+                        as_path(&path).display()
                     ));
                 }
                 let entries = self.list_dir(&attr)?.into_iter();
                 stack.push(Frame {
-                    path,
+                    path_len: path.len(),
                     attr,
                     entries,
                 });
@@ -404,14 +414,4 @@ impl RafsImage {
 pub enum WalkEvent {
     Node,
     DirDone,
-}
-
-/// Name bytes to an OsStr without any conversion (Unix names are bytes).
-trait FromBytes {
-    fn from_encoded_bytes_checked(b: &[u8]) -> &std::ffi::OsStr;
-}
-impl FromBytes for std::ffi::OsStr {
-    fn from_encoded_bytes_checked(b: &[u8]) -> &std::ffi::OsStr {
-        std::os::unix::ffi::OsStrExt::from_bytes(b)
-    }
 }

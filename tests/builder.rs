@@ -15,6 +15,7 @@ use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use rafsd::builder::{self, BuildOptions, BuildReport, WhiteoutSpec};
 use rafsd::format::{Compressor, Digester};
@@ -508,6 +509,25 @@ fn build_err(source: &Path) -> String {
     err
 }
 
+/// A GNU base-256 number field (what GNU tar writes for values too large for octal).
+fn base256(value: u64) -> [u8; 12] {
+    let mut field = [0u8; 12];
+    field[4..].copy_from_slice(&value.to_be_bytes());
+    field[0] = 0x80;
+    field
+}
+
+/// `work()`'s result, or a failure once `limit` has passed (a hostile input must fail quickly, not
+/// keep the test running for days).
+fn within<T: Send + 'static>(limit: Duration, work: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(work());
+    });
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("no result within {limit:?}"))
+}
+
 #[test]
 fn broken_or_hostile_tars_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
@@ -588,6 +608,38 @@ fn broken_or_hostile_tars_are_clear_errors() {
         build_err(&escape)
     );
 
+    // A GNU sparse entry claiming 2^50 bytes of holes: the tar crate would expand them with zeros for
+    // the chunker to read, hash and compress. Refused before any data is read.
+    let sparse = {
+        let claimed: u64 = 1 << 50;
+        let mut h = tar::Header::new_gnu();
+        h.set_path("sparse").unwrap();
+        h.set_mode(0o644);
+        h.set_size(512);
+        h.set_entry_type(tar::EntryType::GNUSparse);
+        let gnu = h.as_gnu_mut().unwrap();
+        gnu.sparse[0].offset = base256(claimed - 512);
+        gnu.sparse[0].numbytes = base256(512);
+        gnu.realsize = base256(claimed);
+        h.set_cksum();
+        [h.as_bytes().as_slice(), &[b'x'; 512], &[0; 1024]].concat()
+    };
+    let sparse = write("sparse.tar", &sparse);
+    let err = within(Duration::from_secs(20), move || build_err(&sparse));
+    assert!(err.contains("unsupported entry type 'S'"), "{err}");
+
+    // A path past PATH_MAX (4096 bytes) of names each within 255: each level cost the tree, the
+    // merge and the bootstrap walk a copy of the whole path (a 1 MB tar 4000 levels deep took 4 GB).
+    let too_deep = {
+        let mut b = tar::Builder::new(Vec::new());
+        let path = [[b'd'; 200].as_slice(), b"/"].concat().repeat(21);
+        tar_entry(&mut b, &[path.as_slice(), b"f"].concat(), b"x");
+        b.into_inner().unwrap()
+    };
+    let too_deep = write("too_deep.tar", &too_deep);
+    let err = build_err(&too_deep);
+    assert!(err.contains("over the 4096-byte limit"), "{err}");
+
     let dangling = {
         let mut b = tar::Builder::new(Vec::new());
         let mut h = tar::Header::new_gnu();
@@ -602,6 +654,130 @@ fn broken_or_hostile_tars_are_clear_errors() {
         "{}",
         build_err(&dangling)
     );
+}
+
+/// Run `rafsd` with `args` and at most `limit` bytes of address space (allocations past it fail and
+/// abort it): (success, stderr). The limit, not a measured peak: a child's ru_maxrss counts its
+/// parent's, the test process, whose memory depends on the tests beside it.
+fn rafsd_within_memory(args: &[&std::ffi::OsStr], limit: u64) -> (bool, String) {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rafsd"));
+    cmd.args(args);
+    // SAFETY: setrlimit is async-signal-safe and touches nothing of the parent's.
+    unsafe {
+        cmd.pre_exec(move || {
+            let rlimit = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &rlimit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_huge_long_name_record_fails_quickly_in_little_memory() {
+    // A 64 MiB GNU long name record: the tar crate read it whole (and a 1 GiB one cost 4.7 GB) before
+    // the 255-byte name check could refuse it.
+    let dir = tempfile::tempdir().unwrap();
+    let record: u64 = 64 << 20;
+    let mut h = tar::Header::new_gnu();
+    h.set_path("././@LongLink").unwrap();
+    h.set_entry_type(tar::EntryType::GNULongName);
+    h.set_size(record);
+    h.set_cksum();
+    let tar = dir.path().join("longname.tar");
+    {
+        let mut out = std::io::BufWriter::new(File::create(&tar).unwrap());
+        out.write_all(h.as_bytes()).unwrap();
+        let block = vec![b'a'; 1 << 20];
+        for _ in 0..record >> 20 {
+            out.write_all(&block).unwrap();
+        }
+        let mut b = tar::Builder::new(Vec::new());
+        tar_entry(&mut b, b"f", b"x");
+        out.write_all(&b.into_inner().unwrap()).unwrap();
+    }
+    let (boot, blobs) = (dir.path().join("b"), dir.path().join("blobs"));
+    // 256 MiB: two threads' stacks and arenas fit; the old reading took 317 MB of RSS.
+    let (ok, stderr) = rafsd_within_memory(
+        &[
+            "build".as_ref(),
+            tar.as_os_str(),
+            "--bootstrap".as_ref(),
+            boot.as_os_str(),
+            "--blob-dir".as_ref(),
+            blobs.as_os_str(),
+            "--threads".as_ref(),
+            "2".as_ref(),
+        ],
+        256 << 20,
+    );
+    // Only the message's end: the old one held the whole name.
+    let tail = &stderr[stderr.len().saturating_sub(300)..];
+    assert!(!ok && stderr.contains("too long"), "{tail}");
+}
+
+#[test]
+fn a_name_replaced_many_times_in_a_large_directory_builds_quickly() {
+    // Each later entry of a name replaces the earlier one: a scan of the whole directory per
+    // replacement made 60000 replacements in a directory of 30000 about 2*10^9 steps (13 s).
+    let (names, replacements) = (30000, 60000);
+    let mut b = tar::Builder::new(Vec::new());
+    for i in 0..names {
+        tar_entry(&mut b, format!("d/{i:08}").as_bytes(), b"");
+    }
+    for _ in 0..replacements {
+        tar_entry(&mut b, b"d/00000000", b"");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tar = dir.path().join("many.tar");
+    fs::write(&tar, b.into_inner().unwrap()).unwrap();
+    let built = within(Duration::from_secs(5), move || {
+        build(&tar, &BuildOptions::default())
+    });
+    // The root, d and its names: the replaced entries are gone.
+    assert_eq!(built.report.entries, names + 2);
+}
+
+#[test]
+fn a_tree_as_deep_as_tar_paths_allow_merges_in_little_memory() {
+    // 2047 directories "a" and a file: a path of 4095 bytes, within the limit.
+    let dir = tempfile::tempdir().unwrap();
+    let depth = 2047;
+    let mut b = tar::Builder::new(Vec::new());
+    tar_entry(&mut b, &[b"a/".repeat(depth), b"f".to_vec()].concat(), b"x");
+    let tar = dir.path().join("deep.tar");
+    fs::write(&tar, b.into_inner().unwrap()).unwrap();
+    let built = build(&tar, &BuildOptions::default());
+    let merged = dir.path().join("merged");
+    let (ok, stderr) = rafsd_within_memory(
+        &[
+            "merge".as_ref(),
+            built.bootstrap.as_os_str(),
+            "--bootstrap".as_ref(),
+            merged.as_os_str(),
+        ],
+        256 << 20,
+    );
+    assert!(ok, "{stderr}");
+    let image = open(&merged, &built.blob_dir, false);
+    let mut deepest = 0;
+    image
+        .walk(&mut |path, _, _| {
+            deepest = deepest.max(path.as_os_str().len());
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(deepest, 2 * depth + 1);
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -1200,6 +1200,96 @@ fn a_layer_that_is_not_a_tar_fails_and_pushes_nothing() {
     assert_eq!(status, 404);
 }
 
+/// A zstd layer decoding to far more than 1000 times its size (a tar of one file of zeros) is refused
+/// by the ratio cap, naming the layer; `--max-layer-size` refuses a genuine layer past it. Nothing
+/// is pushed either time.
+#[test]
+#[ignore = "needs servers: ci/test.sh"]
+fn a_layer_decoding_past_its_limit_fails_and_pushes_nothing() {
+    need(&["docker-registry"]);
+    let dir = tmp();
+    let reg = Registry {
+        svc: services::start_registry(dir.path(), RegistryAuth::None),
+        authorization: None,
+    };
+    let good = gzip(&layer_tar(&sample_layers()[0]));
+    // 192 MiB of zeros, streamed into zstd: a few KiB, whose cap is 1000 times that plus 64 MiB.
+    let zeros: u64 = 192 << 20;
+    let bomb = {
+        let mut z = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_path("zeros").unwrap();
+        h.set_mode(0o644);
+        h.set_size(zeros);
+        h.set_cksum();
+        z.write_all(h.as_bytes()).unwrap();
+        let block = vec![0u8; 1 << 20];
+        for _ in 0..zeros >> 20 {
+            z.write_all(&block).unwrap();
+        }
+        z.write_all(&[0; 1024]).unwrap();
+        z.finish().unwrap()
+    };
+    assert!((bomb.len() as u64) * 1000 + (64 << 20) < zeros);
+    let mut descs = Vec::new();
+    for (bytes, mt) in [
+        (&good, "application/vnd.oci.image.layer.v1.tar+gzip"),
+        (&bomb, "application/vnd.oci.image.layer.v1.tar+zstd"),
+    ] {
+        let mut d = reg.push_blob("src/bomb", bytes);
+        d["mediaType"] = mt.into();
+        descs.push(d);
+    }
+    let digests: Vec<String> = descs
+        .iter()
+        .map(|d| d["digest"].as_str().unwrap().to_string())
+        .collect();
+    let config = json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}});
+    let mut config_desc = reg.push_blob("src/bomb", &serde_json::to_vec(&config).unwrap());
+    config_desc["mediaType"] = "application/vnd.oci.image.config.v1+json".into();
+    reg.put_manifest(
+        "src/bomb",
+        "v1",
+        OCI_MANIFEST,
+        &json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config_desc, "layers": descs}),
+    );
+    let host = reg.host();
+    let (source, target) = (
+        format!("{host}/src/bomb:v1"),
+        format!("{host}/nydus/bomb:v1"),
+    );
+    for (extra, layer, digest) in [
+        (&[][..], "layer 2/2", &digests[1]),
+        (&["--max-layer-size", "4K"][..], "layer 1/2", &digests[0]),
+    ] {
+        let start = Instant::now();
+        let mut args = vec![
+            "convert",
+            "--source",
+            &source,
+            "--target",
+            &target,
+            "--plain-http",
+            "--no-cache",
+        ];
+        args.extend_from_slice(extra);
+        let (code, out) = rafsd(&args, &[]);
+        assert_eq!(code, Some(1), "{extra:?}: {out}");
+        assert!(start.elapsed() < Duration::from_secs(60));
+        assert!(
+            out.contains(digest.as_str()) && out.contains(layer) && out.contains("decodes to more"),
+            "{extra:?}: {out}"
+        );
+        assert_eq!(
+            reg.requests("/v2/nydus/bomb/blobs/uploads/"),
+            0,
+            "something was pushed"
+        );
+        let (status, _) = reg.get("nydus/bomb", "manifests/v1", OCI_MANIFEST);
+        assert_eq!(status, 404);
+    }
+}
+
 /// What the hostile proxy does to GETs of one blob.
 #[derive(Clone, Copy, PartialEq)]
 enum Harm {

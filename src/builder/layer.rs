@@ -42,11 +42,14 @@ pub fn load(path: &Path, table: &mut ChunkTable, blobs: &mut Vec<BlobInfo>) -> R
     let shown = path.display().to_string();
 
     let mut tree = Tree::new(Meta::default());
-    let mut dirs: HashMap<PathBuf, NodeId> = HashMap::from([(PathBuf::new(), ROOT)]);
+    // The directories from the root down to the walk's current one (the walk is depth first and
+    // reports each directory's end): a map of full paths cost memory quadratic in the depth.
+    let mut dirs: Vec<NodeId> = vec![ROOT];
     // Inode number → contents, so hard links stay one inode.
     let mut links: HashMap<u64, FileId> = HashMap::new();
     image.walk(&mut |rel, attr, event| {
         if event == WalkEvent::DirDone {
+            dirs.pop();
             return Ok(());
         }
         let node_meta = node_meta(&image, attr)?;
@@ -54,16 +57,12 @@ pub fn load(path: &Path, table: &mut ChunkTable, blobs: &mut Vec<BlobInfo>) -> R
             tree.nodes[ROOT].meta = node_meta;
             return Ok(());
         }
-        let parent = rel
-            .parent()
-            .and_then(|p| dirs.get(p))
-            .copied()
-            .ok_or_else(|| {
-                Error::Corrupt(format!(
-                    "{shown}: {} reached before its directory",
-                    rel.display()
-                ))
-            })?;
+        let parent = dirs.last().copied().ok_or_else(|| {
+            Error::Corrupt(format!(
+                "{shown}: {} reached before its directory",
+                rel.display()
+            ))
+        })?;
         let kind = match attr.file_type() {
             libc::S_IFDIR => Kind::Dir(Vec::new()),
             libc::S_IFLNK => Kind::Symlink(image.readlink(attr.ino)?),
@@ -97,7 +96,7 @@ pub fn load(path: &Path, table: &mut ChunkTable, blobs: &mut Vec<BlobInfo>) -> R
             },
         );
         if is_dir {
-            dirs.insert(rel.to_path_buf(), id);
+            dirs.push(id);
         }
         Ok(())
     })?;

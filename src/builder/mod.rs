@@ -11,6 +11,7 @@ pub mod chunker;
 pub mod layer;
 pub mod overlay;
 pub mod tar;
+pub mod tar_stream;
 pub mod tree;
 pub mod v5;
 pub mod v6;

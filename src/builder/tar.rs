@@ -5,39 +5,22 @@
 //! attributes); parents missing from the tar are created as 0755 root-owned directories. Whiteouts are
 //! kept as plain entries here: they only mean something when the layer is put on a parent.
 
-use std::cell::Cell;
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::Path;
-use std::rc::Rc;
 
 use super::chunker::Chunker;
+use super::tar_stream::{TarEntry, TarStream};
 use super::tree::{
     check_name, check_xattr, FileData, FileId, Kind, Meta, Node, NodeId, Tree, ROOT,
 };
 use crate::error::{Error, Result};
 
-/// Counts the bytes the tar parser pulls and notices when the stream runs dry, so an archive cut off
-/// at an entry boundary (no end-of-archive blocks) is reported instead of taken as complete.
-struct Tracked<R> {
-    inner: R,
-    ended: Rc<Cell<bool>>,
-}
-
-impl<R: Read> Read for Tracked<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        if n == 0 && !buf.is_empty() {
-            self.ended.set(true);
-        }
-        Ok(n)
-    }
-}
-
 struct Builder {
     tree: Tree,
-    /// (directory, name) → child, so replacing and linking entries is not a linear search.
-    index: HashMap<(NodeId, Vec<u8>), NodeId>,
+    /// (directory, name) → (child, its place in the directory's list), so replacing and linking
+    /// entries is not a linear search.
+    index: HashMap<(NodeId, Vec<u8>), (NodeId, usize)>,
 }
 
 fn dir_meta() -> Meta {
@@ -53,7 +36,7 @@ impl Builder {
         let mut dir = ROOT;
         for part in parts {
             dir = match self.index.get(&(dir, part.clone())) {
-                Some(&c) if self.tree.is_dir(c) => c,
+                Some(&(c, _)) if self.tree.is_dir(c) => c,
                 Some(_) => {
                     return Err(Error::Invalid(format!(
                         "tar entry {path}: a parent is not a directory"
@@ -76,26 +59,37 @@ impl Builder {
     /// its contents and takes the new attributes).
     fn insert(&mut self, dir: NodeId, node: Node) -> NodeId {
         let key = (dir, node.name.clone());
-        if let Some(&old) = self.index.get(&key) {
+        if let Some(&(old, place)) = self.index.get(&key) {
             if self.tree.is_dir(old) && matches!(node.kind, Kind::Dir(_)) {
                 self.tree.nodes[old].meta = node.meta;
                 return old;
             }
-            self.tree.children_mut(dir).retain(|&c| c != old);
+            // In the old one's place (the list is sorted by name later): removing it from the list
+            // made N replacements in a directory of M entries cost N*M.
+            let id = self.tree.nodes.len();
+            self.tree.nodes.push(node);
+            self.tree.children_mut(dir)[place] = id;
+            self.index.insert(key, (id, place));
+            return id;
         }
+        let place = self.tree.children(dir).len();
         let id = self.tree.push_child(dir, node);
-        self.index.insert(key, id);
+        self.index.insert(key, (id, place));
         id
     }
 
     fn lookup(&self, parts: &[Vec<u8>]) -> Option<NodeId> {
         let mut node = ROOT;
         for part in parts {
-            node = *self.index.get(&(node, part.clone()))?;
+            node = self.index.get(&(node, part.clone()))?.0;
         }
         Some(node)
     }
 }
+
+/// The longest entry path taken, PATH_MAX: every level of a path costs the tree, the merge and the
+/// bootstrap walk a copy of the path to it, so depth is what must stay bounded.
+const PATH_LIMIT: usize = 4096;
 
 /// Path components of a tar name: "./a//b/" → [a, b]. ".." is refused (it would escape the root).
 fn components(raw: &[u8], shown: &str) -> Result<Vec<Vec<u8>>> {
@@ -119,28 +113,30 @@ fn components(raw: &[u8], shown: &str) -> Result<Vec<Vec<u8>>> {
 
 /// Read the whole archive, chunking file contents with `chunker`. `source` names the tar in errors.
 pub fn scan(reader: impl Read, chunker: &mut Chunker, source: &Path) -> Result<Tree> {
-    let ended = Rc::new(Cell::new(false));
-    let mut archive = tar::Archive::new(Tracked {
-        inner: reader,
-        ended: ended.clone(),
-    });
+    let mut stream = TarStream::new(reader);
     let broken =
         |e: std::io::Error| Error::Invalid(format!("{}: broken tar: {e}", source.display()));
     let mut b = Builder {
         tree: Tree::new(dir_meta()),
         index: HashMap::new(),
     };
-    for entry in archive.entries().map_err(broken)? {
-        let mut entry = entry.map_err(broken)?;
-        let header = entry.header().clone();
+    while let Some(entry) = stream.next_entry().map_err(broken)? {
+        let header = &entry.header;
         let etype = header.entry_type();
         if etype.is_pax_global_extensions() {
             continue;
         }
-        let raw_path = entry.path_bytes().into_owned();
-        let shown = String::from_utf8_lossy(&raw_path).into_owned();
-        let parts = components(&raw_path, &shown)?;
-        let mut meta = entry_meta(&mut entry, &header, &shown, source)?;
+        if entry.path.len() > PATH_LIMIT {
+            return Err(Error::Invalid(format!(
+                "{}: tar entry {}...: a path of {} bytes is over the {PATH_LIMIT}-byte limit",
+                source.display(),
+                String::from_utf8_lossy(&entry.path[..200]),
+                entry.path.len()
+            )));
+        }
+        let shown = String::from_utf8_lossy(&entry.path).into_owned();
+        let parts = components(&entry.path, &shown)?;
+        let mut meta = entry_meta(&entry, &shown, source)?;
         let kind_bits = type_bits(etype, &shown, source)?;
         meta.mode |= kind_bits;
 
@@ -171,7 +167,7 @@ pub fn scan(reader: impl Read, chunker: &mut Chunker, source: &Path) -> Result<T
             },
             tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
                 if kind_bits != libc::S_IFIFO {
-                    (meta.rdev_major, meta.rdev_minor) = device_numbers(&header, &shown, source)?;
+                    (meta.rdev_major, meta.rdev_minor) = device_numbers(header, &shown, source)?;
                 }
                 Node {
                     name,
@@ -182,16 +178,10 @@ pub fn scan(reader: impl Read, chunker: &mut Chunker, source: &Path) -> Result<T
             _ => Node {
                 name,
                 meta,
-                kind: Kind::File(b.add_file(&mut entry, chunker, &shown, source)?),
+                kind: Kind::File(b.add_file(&mut stream, entry.size, chunker, &shown, source)?),
             },
         };
         b.insert(dir, node);
-    }
-    if ended.get() {
-        return Err(Error::Invalid(format!(
-            "{}: broken tar: the archive ends without its end-of-archive blocks (truncated?)",
-            source.display()
-        )));
     }
     Ok(b.tree)
 }
@@ -206,12 +196,8 @@ fn entry_error(source: &Path, shown: &str, what: &str, e: std::io::Error) -> Err
 
 /// An entry's attributes: mode bits, owner and mtime from its header, xattrs and a precise mtime from its
 /// pax extensions. The file type bits are the caller's.
-fn entry_meta<R: Read>(
-    entry: &mut tar::Entry<'_, R>,
-    header: &tar::Header,
-    shown: &str,
-    source: &Path,
-) -> Result<Meta> {
+fn entry_meta(entry: &TarEntry, shown: &str, source: &Path) -> Result<Meta> {
+    let header = &entry.header;
     let bad = |what: &str, e: std::io::Error| entry_error(source, shown, what, e);
     // Some writers leave numeric fields blank: that reads as 0; anything else unparsable is an error.
     let old = header.as_old();
@@ -227,7 +213,7 @@ fn entry_meta<R: Read>(
         mtime: number(header.mtime(), &old.mtime, "mtime")?,
         ..Default::default()
     };
-    if let Some(exts) = entry.pax_extensions().map_err(|e| bad("pax header", e))? {
+    if let Some(exts) = entry.pax_extensions() {
         for ext in exts {
             let ext = ext.map_err(|e| bad("pax header", e))?;
             let key = ext.key_bytes();
@@ -252,12 +238,11 @@ fn entry_meta<R: Read>(
 }
 
 /// The file type bits of an entry type (0 for a hard link, which takes its target's); other entry
-/// types are refused.
+/// types are refused. GNU sparse entries among them: their map may claim up to 2^63 bytes of holes,
+/// each one read, hashed and compressed, and Docker and BuildKit never write them.
 fn type_bits(etype: tar::EntryType, shown: &str, source: &Path) -> Result<u32> {
     Ok(match etype {
-        tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
-            libc::S_IFREG
-        }
+        tar::EntryType::Regular | tar::EntryType::Continuous => libc::S_IFREG,
         tar::EntryType::Directory => libc::S_IFDIR,
         tar::EntryType::Symlink => libc::S_IFLNK,
         tar::EntryType::Char => libc::S_IFCHR,
@@ -289,15 +274,8 @@ fn device_numbers(header: &tar::Header, shown: &str, source: &Path) -> Result<(u
 }
 
 /// A symlink entry's target: 1 to 4095 bytes.
-fn symlink_target<R: Read>(
-    entry: &tar::Entry<'_, R>,
-    shown: &str,
-    source: &Path,
-) -> Result<Vec<u8>> {
-    let target = entry
-        .link_name_bytes()
-        .map(|l| l.into_owned())
-        .unwrap_or_default();
+fn symlink_target(entry: &TarEntry, shown: &str, source: &Path) -> Result<Vec<u8>> {
+    let target = entry.link_name.clone().unwrap_or_default();
     if target.is_empty() || target.len() > 4095 {
         return Err(Error::Invalid(format!(
             "{}: symlink {shown} has a target of {} bytes",
@@ -310,14 +288,14 @@ fn symlink_target<R: Read>(
 
 impl Builder {
     /// A regular file's contents, chunked as they go by.
-    fn add_file<R: Read>(
+    fn add_file(
         &mut self,
-        entry: &mut tar::Entry<'_, R>,
+        data: &mut dyn Read,
+        size: u64,
         chunker: &mut Chunker,
         shown: &str,
         source: &Path,
     ) -> Result<FileId> {
-        let size = entry.size();
         let file = self.tree.add_file(FileData {
             size,
             source: None,
@@ -325,7 +303,7 @@ impl Builder {
         });
         chunker.add_file(
             file,
-            entry,
+            data,
             size,
             &format!("{}: tar entry {shown}", source.display()),
         )?;
@@ -333,17 +311,14 @@ impl Builder {
     }
 
     /// A hard link named `name` to an earlier entry (not a directory).
-    fn hard_link<R: Read>(
+    fn hard_link(
         &self,
-        entry: &tar::Entry<'_, R>,
+        entry: &TarEntry,
         name: Vec<u8>,
         shown: &str,
         source: &Path,
     ) -> Result<Node> {
-        let target_raw = entry
-            .link_name_bytes()
-            .map(|l| l.into_owned())
-            .unwrap_or_default();
+        let target_raw = entry.link_name.clone().unwrap_or_default();
         let target_shown = String::from_utf8_lossy(&target_raw).into_owned();
         let target = self
             .lookup(&components(&target_raw, &target_shown)?)

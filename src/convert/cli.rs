@@ -79,8 +79,36 @@ pub struct ConvertArgs {
     /// Compression threads (default: one per CPU).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// The most a source layer may decode to: bytes, or with a K, M, G or T suffix (powers of 1024).
+    /// A layer may also decode to at most 1000 times its compressed size plus 64 MiB.
+    #[arg(long, default_value = "64G", value_parser = parse_size)]
+    pub max_layer_size: u64,
     #[command(flatten)]
     pub net: NetArgs,
+}
+
+/// "123", "64G", "512m": bytes, K, M, G and T being powers of 1024.
+fn parse_size(text: &str) -> std::result::Result<u64, String> {
+    let (digits, shift) = match text.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("{text}: the suffix is K, M, G or T")),
+            };
+            (&text[..i], shift)
+        }
+        _ => (text, 0),
+    };
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text}: not a size (bytes, or a number and K, M, G or T)"))?;
+    number
+        .checked_mul(1 << shift)
+        .filter(|&bytes| bytes > 0)
+        .ok_or_else(|| format!("{text}: not a size from 1 byte to 2^64"))
 }
 
 /// Options of `rafsd mount-image`.
@@ -135,6 +163,7 @@ pub fn run_convert(args: ConvertArgs) -> Result<ExitCode> {
             .map(|p| Platform::parse(p))
             .collect::<Result<_>>()?,
         merge_platform: args.merge_platform,
+        max_layer_size: args.max_layer_size,
         net: args.net.options(),
         work_dir: args.work_dir.unwrap_or_else(std::env::temp_dir),
         cache_dir: match args.no_cache {
@@ -202,4 +231,18 @@ pub fn run_mount_image(args: MountImageArgs) -> Result<ExitCode> {
         .args(["--thread-num", &args.thread_num.to_string()])
         .exec();
     Err(Error::io("run rafsd fuse", err))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes_take_binary_suffixes() {
+        assert_eq!(super::parse_size("123"), Ok(123));
+        assert_eq!(super::parse_size("4K"), Ok(4096));
+        assert_eq!(super::parse_size("64g"), Ok(64 << 30));
+        assert_eq!(super::parse_size("2T"), Ok(2 << 40));
+        for bad in ["", "0", "G", "1.5G", "4X", "-1", "99999999999T"] {
+            assert!(super::parse_size(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -43,6 +43,70 @@ const CONFIG_LIMIT: u64 = 16 << 20;
 const STREAM_BUFFER: usize = 1 << 20;
 const STREAM_DEPTH: usize = 8;
 
+/// `--max-layer-size` unless given: the most a source layer may decode to. Docker Hub's largest
+/// layers decode to tens of GiB; past that, the blob's size and the build time are the source's to
+/// choose.
+pub const DEFAULT_MAX_LAYER_SIZE: u64 = 64 << 30;
+/// A layer may decode to at most this many times its compressed size, plus `EXPANSION_SLACK`. gzip
+/// cannot exceed about 1032:1, so only zstd layers meet this cap, where 1 MB could decode to
+/// hundreds of GiB of zeros to chunk and hash.
+const MAX_EXPANSION: u64 = 1000;
+const EXPANSION_SLACK: u64 = 64 << 20;
+
+/// The most a layer of `compressed` bytes may decode to, `max` at most.
+pub(crate) fn decoded_limit(compressed: u64, max: u64) -> u64 {
+    compressed
+        .saturating_mul(MAX_EXPANSION)
+        .saturating_add(EXPANSION_SLACK)
+        .min(max)
+}
+
+/// A decoded layer that fails once more than `limit` bytes came out of it.
+pub(crate) struct DecodeLimit<R> {
+    inner: R,
+    left: u64,
+    limit: u64,
+    exceeded: bool,
+}
+
+impl<R: Read> DecodeLimit<R> {
+    pub(crate) fn new(inner: R, limit: u64) -> Self {
+        DecodeLimit {
+            inner,
+            left: limit,
+            limit,
+            exceeded: false,
+        }
+    }
+
+    /// The error to report instead of whatever the reader's failure became, if the limit was the
+    /// cause.
+    pub(crate) fn refusal(&self, what: &str, compressed: u64) -> Option<Error> {
+        self.exceeded.then(|| {
+            Error::Invalid(format!(
+                "{what}: decodes to more than {} bytes, the limit for a layer of {compressed} \
+                 compressed bytes ({MAX_EXPANSION} times that plus 64 MiB, at most --max-layer-size)",
+                self.limit
+            ))
+        })
+    }
+}
+
+impl<R: Read> Read for DecodeLimit<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n as u64 > self.left {
+            self.exceeded = true;
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("decodes to more than {} bytes", self.limit),
+            ));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ConvertOptions {
     pub source: Reference,
@@ -58,6 +122,8 @@ pub struct ConvertOptions {
     pub work_dir: PathBuf,
     /// The layer cache; `None` converts everything again.
     pub cache_dir: Option<PathBuf>,
+    /// The most a source layer may decode to (`decoded_limit` also caps it by its compressed size).
+    pub max_layer_size: u64,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -473,6 +539,7 @@ fn build_layers(
             &bootstrap,
             &layer_dir.join("blobs"),
             &layer_opts,
+            opts.max_layer_size,
         )
         .map_err(|e| match e {
             Error::Invalid(m) if !m.contains(&layer.digest) => {
@@ -677,6 +744,7 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
 
 /// Stream one source layer from the registry into the builder. The download runs on its own thread
 /// ahead of the decompression and the tar parsing, by at most `STREAM_DEPTH` buffers.
+#[allow(clippy::too_many_arguments)]
 fn pull_and_build(
     src: &Client,
     layer: &Descriptor,
@@ -685,6 +753,7 @@ fn pull_and_build(
     bootstrap: &Path,
     blob_dir: &Path,
     opts: &BuildOptions,
+    max_layer_size: u64,
 ) -> Result<builder::BuildReport> {
     let stream = src.open_blob(&layer.digest, layer.size)?;
     let name = PathBuf::from(format!("layer {}", layer.digest));
@@ -716,7 +785,7 @@ fn pull_and_build(
             pos: 0,
         };
         let report = {
-            let mut decoded: Box<dyn Read + '_> = match compression {
+            let decoded: Box<dyn Read + '_> = match compression {
                 LayerCompression::None => Box::new(&mut reader),
                 LayerCompression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(
                     BufReader::with_capacity(1 << 16, &mut reader),
@@ -726,7 +795,13 @@ fn pull_and_build(
                         .map_err(|e| Error::io(format!("{}: zstd", name.display()), e))?,
                 ),
             };
-            builder::build_tar_stream(&mut *decoded, &name, Some(bootstrap), blob_dir, opts)?
+            let mut decoded = DecodeLimit::new(decoded, decoded_limit(layer.size, max_layer_size));
+            let built =
+                builder::build_tar_stream(&mut decoded, &name, Some(bootstrap), blob_dir, opts);
+            if let Some(e) = decoded.refusal(&name.display().to_string(), layer.size) {
+                return Err(e);
+            }
+            built?
         };
         // The tar ends before the blob does (padding, the compressor's trailer): read the rest, so the
         // blob's digest is checked.

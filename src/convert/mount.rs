@@ -7,11 +7,15 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use super::oci::{self, Descriptor, Document, LayerCompression, Platform};
+use super::{decoded_limit, DecodeLimit};
+use crate::builder::tar_stream::TarStream;
 use crate::error::{Error, Result};
 use crate::storage::distribution::{check_digest, Client, NetOptions, Reference};
 
 /// Largest bootstrap layer (compressed) and bootstrap (uncompressed) accepted.
 const BOOTSTRAP_LIMIT: u64 = 1 << 30;
+/// The most a bootstrap layer may decode to: the bootstrap, its directory and their headers.
+const BOOTSTRAP_LAYER_LIMIT: u64 = BOOTSTRAP_LIMIT + (1 << 20);
 
 pub struct Prepared {
     pub bootstrap: PathBuf,
@@ -87,34 +91,13 @@ pub fn fetch_bootstrap(client: &Client, layer: &Descriptor, out: &Path) -> Resul
                     .map_err(|e| Error::io(format!("{what}: zstd"), e))?,
             ),
         };
-        let broken = |e: std::io::Error| Error::Invalid(format!("{what}: broken tar: {e}"));
-        let mut archive = tar::Archive::new(decoded);
-        let mut found = false;
-        for entry in archive.entries().map_err(broken)? {
-            let mut entry = entry.map_err(broken)?;
-            let path = entry.path_bytes().into_owned();
-            let path = path.strip_prefix(b"./").unwrap_or(&path);
-            if path != oci::BOOTSTRAP_IN_LAYER.as_bytes() {
-                continue;
-            }
-            if entry.size() > BOOTSTRAP_LIMIT {
-                return Err(Error::Invalid(format!(
-                    "{what}: the bootstrap is too large"
-                )));
-            }
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o644)
-                .open(&tmp)
-                .map_err(|e| Error::io(format!("create {}", tmp.display()), e))?;
-            std::io::copy(&mut (&mut entry).take(BOOTSTRAP_LIMIT), &mut file)
-                .map_err(|e| Error::io(format!("{what}: write {}", tmp.display()), e))?;
-            found = true;
-            break;
+        let mut decoded =
+            DecodeLimit::new(decoded, decoded_limit(layer.size, BOOTSTRAP_LAYER_LIMIT));
+        let found = extract_bootstrap(&mut decoded, &what, &tmp);
+        if let Some(e) = decoded.refusal(&what, layer.size) {
+            return Err(e);
         }
-        found
+        found?
     };
     // The rest of the layer, so its digest is checked.
     std::io::copy(&mut stream, &mut std::io::sink())
@@ -128,6 +111,35 @@ pub fn fetch_bootstrap(client: &Client, layer: &Descriptor, out: &Path) -> Resul
     }
     std::fs::rename(&tmp, out)
         .map_err(|e| Error::io(format!("rename {} to {}", tmp.display(), out.display()), e))
+}
+
+/// Write the `image/image.boot` of the decoded bootstrap layer to `tmp`; false if it has none.
+fn extract_bootstrap(decoded: &mut dyn Read, what: &str, tmp: &Path) -> Result<bool> {
+    let broken = |e: std::io::Error| Error::Invalid(format!("{what}: broken tar: {e}"));
+    // The builder's reader: long name and pax records are capped there.
+    let mut archive = TarStream::new(decoded);
+    while let Some(entry) = archive.next_entry().map_err(broken)? {
+        let path = entry.path.strip_prefix(b"./").unwrap_or(&entry.path);
+        if path != oci::BOOTSTRAP_IN_LAYER.as_bytes() {
+            continue;
+        }
+        if entry.size > BOOTSTRAP_LIMIT {
+            return Err(Error::Invalid(format!(
+                "{what}: the bootstrap is too large"
+            )));
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .open(tmp)
+            .map_err(|e| Error::io(format!("create {}", tmp.display()), e))?;
+        std::io::copy(&mut (&mut archive).take(BOOTSTRAP_LIMIT), &mut file)
+            .map_err(|e| Error::io(format!("{what}: write {}", tmp.display()), e))?;
+        return Ok(true);
+    }
+    Ok(false)
 }
 
 /// Fetch the bootstrap of `reference` into `<work_root>/<manifest digest>/image.boot` and write the
