@@ -538,7 +538,9 @@ mod tests {
             tag: "0".repeat(32),
             verified: false,
         };
-        let cache = Arc::new(BlobCache::open(dir.path(), &[blob.clone()], &[Some(key)]).unwrap());
+        let cache = Arc::new(
+            BlobCache::open(dir.path(), std::slice::from_ref(&blob), &[Some(key)]).unwrap(),
+        );
         let gone = Arc::new(AtomicBool::new(false));
         let ctx = StreamCtx {
             blob,
