@@ -35,7 +35,7 @@ use crate::format::{BlobInfo, ChunkInfo};
 
 /// How long the cache stays off after a failed write before storing is tried again: a full disk may be
 /// freed, and one co-tenant filling it must not leave every other mount uncached for good.
-const DEGRADED_FOR: Duration = Duration::from_secs(30);
+pub const DEGRADED_FOR: Duration = Duration::from_secs(30);
 
 struct CachedBlob {
     id: String,
