@@ -612,12 +612,22 @@ impl Daemon {
             if let Err(e) =
                 crate::takeover::vfs_index::walk_counter_to(&self.vfs, mountpoint, want, &in_use)
             {
+                // A placeholder left there would hold an index of its own (with every index in use,
+                // the one the image needs): take it away, and mount where the counter is.
                 log::warn!("remount of {mountpoint} under another index than {want}: {e}");
+                let _ = self.vfs.umount(mountpoint);
             }
         }
-        self.vfs
-            .mount(fs, mountpoint)
-            .map_err(|e| Error::Internal(format!("attach {mountpoint}: {e:?}")))?;
+        if let Err(e) = self.vfs.mount(fs, mountpoint) {
+            // The old image is gone: so is its record.
+            let _ = self.vfs.umount(mountpoint);
+            self.mounts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(mountpoint);
+            self.mounts_changed();
+            return Err(Error::Internal(format!("attach {mountpoint}: {e:?}")));
+        }
         if index_of(mountpoint) != old_index {
             log::warn!(
                 "{mountpoint} remounted under a new index: paths the kernel cached lead nowhere"
@@ -926,14 +936,15 @@ impl Daemon {
             .ok()
             .flatten()
             .is_some_and(|(now, _)| Arc::ptr_eq(&now, &fs));
-        if let Some(record) = self
-            .mounts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_mut(&mp)
-            .filter(|_| still_mounted)
-        {
-            record.cmd.config = config;
+        let mut mounts = self.mounts.lock().unwrap_or_else(|e| e.into_inner());
+        match mounts.get_mut(&mp).filter(|_| still_mounted) {
+            Some(record) => record.cmd.config = config,
+            None => {
+                return Err(Error::Conflict(format!(
+                    "{mp} was replaced or unmounted while its credentials were renewed; the mount \
+                     there now has its own"
+                )))
+            }
         }
         log::info!("registry credentials of {mp} updated");
         Ok(())

@@ -47,18 +47,23 @@ const STREAM_DEPTH: usize = 8;
 /// layers decode to tens of GiB; past that, the blob's size and the build time are the source's to
 /// choose.
 pub const DEFAULT_MAX_LAYER_SIZE: u64 = 64 << 30;
-/// A layer may decode to at most this many times its compressed size, plus `EXPANSION_SLACK`. gzip
-/// cannot exceed about 1032:1, so only zstd layers meet this cap, where 1 MB could decode to
-/// hundreds of GiB of zeros to chunk and hash.
-const MAX_EXPANSION: u64 = 1000;
+/// With `--max-layer-ratio N`, a layer may decode to at most N times its compressed size plus this.
+/// Off by default: genuine layers reach any ratio (zstd turns a 1 GiB file of zeros, a preallocated
+/// disk or database file, into 33 KB; gzip reaches 1028:1), while a bomb of distinct blocks that the
+/// builder cannot deduplicate reaches 11,000:1, so no ratio tells them apart; it bounds what an
+/// untrusted source can make the build do per byte it sends.
 const EXPANSION_SLACK: u64 = 64 << 20;
 
-/// The most a layer of `compressed` bytes may decode to, `max` at most.
-pub(crate) fn decoded_limit(compressed: u64, max: u64) -> u64 {
-    compressed
-        .saturating_mul(MAX_EXPANSION)
-        .saturating_add(EXPANSION_SLACK)
-        .min(max)
+/// The most a layer of `compressed` bytes may decode to: `max`, and `ratio` times `compressed` plus
+/// [`EXPANSION_SLACK`] when `ratio` is not 0.
+pub(crate) fn decoded_limit(compressed: u64, max: u64, ratio: u64) -> u64 {
+    match ratio {
+        0 => max,
+        r => compressed
+            .saturating_mul(r)
+            .saturating_add(EXPANSION_SLACK)
+            .min(max),
+    }
 }
 
 /// A decoded layer that fails once more than `limit` bytes came out of it.
@@ -85,7 +90,7 @@ impl<R: Read> DecodeLimit<R> {
         self.exceeded.then(|| {
             Error::Invalid(format!(
                 "{what}: decodes to more than {} bytes, the limit for a layer of {compressed} \
-                 compressed bytes ({MAX_EXPANSION} times that plus 64 MiB, at most --max-layer-size)",
+                 compressed bytes (--max-layer-size, and --max-layer-ratio when given)",
                 self.limit
             ))
         })
@@ -122,8 +127,10 @@ pub struct ConvertOptions {
     pub work_dir: PathBuf,
     /// The layer cache; `None` converts everything again.
     pub cache_dir: Option<PathBuf>,
-    /// The most a source layer may decode to (`decoded_limit` also caps it by its compressed size).
+    /// The most a source layer may decode to.
     pub max_layer_size: u64,
+    /// With a value other than 0, the most a layer may decode to per compressed byte (plus 64 MiB).
+    pub max_layer_ratio: u64,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -539,7 +546,7 @@ fn build_layers(
             &bootstrap,
             &layer_dir.join("blobs"),
             &layer_opts,
-            opts.max_layer_size,
+            (opts.max_layer_size, opts.max_layer_ratio),
         )
         .map_err(|e| match e {
             Error::Invalid(m) if !m.contains(&layer.digest) => {
@@ -753,7 +760,7 @@ fn pull_and_build(
     bootstrap: &Path,
     blob_dir: &Path,
     opts: &BuildOptions,
-    max_layer_size: u64,
+    (max_layer_size, max_layer_ratio): (u64, u64),
 ) -> Result<builder::BuildReport> {
     let stream = src.open_blob(&layer.digest, layer.size)?;
     let name = PathBuf::from(format!("layer {}", layer.digest));
@@ -795,7 +802,10 @@ fn pull_and_build(
                         .map_err(|e| Error::io(format!("{}: zstd", name.display()), e))?,
                 ),
             };
-            let mut decoded = DecodeLimit::new(decoded, decoded_limit(layer.size, max_layer_size));
+            let mut decoded = DecodeLimit::new(
+                decoded,
+                decoded_limit(layer.size, max_layer_size, max_layer_ratio),
+            );
             let built =
                 builder::build_tar_stream(&mut decoded, &name, Some(bootstrap), blob_dir, opts);
             if let Some(e) = decoded.refusal(&name.display().to_string(), layer.size) {

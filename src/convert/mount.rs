@@ -92,7 +92,7 @@ pub fn fetch_bootstrap(client: &Client, layer: &Descriptor, out: &Path) -> Resul
             ),
         };
         let mut decoded =
-            DecodeLimit::new(decoded, decoded_limit(layer.size, BOOTSTRAP_LAYER_LIMIT));
+            DecodeLimit::new(decoded, decoded_limit(layer.size, BOOTSTRAP_LAYER_LIMIT, 0));
         let found = extract_bootstrap(&mut decoded, &what, &tmp);
         if let Some(e) = decoded.refusal(&what, layer.size) {
             return Err(e);

@@ -331,7 +331,8 @@ impl Requests {
     /// The image of `chain` when it is a READ of an image's file that needs the backend (a chunk not in
     /// the blob cache). A panic telling (a bug) counts as not: the request is answered as any other.
     fn cold_image(&self, chain: &Chain) -> Option<u8> {
-        if self.rafs.images() == 0 {
+        // A chain refused for its size is answered without a reader over all its descriptors.
+        if self.rafs.images() == 0 || bounds::oversized(chain).is_some() {
             return None;
         }
         catch_unwind(AssertUnwindSafe(|| {
