@@ -1221,6 +1221,24 @@ fn unused_notes(doc: &Value, unknown: &[String]) -> Vec<String> {
     notes
 }
 
+/// A size given as bytes, or a number with a binary suffix K, M, G or T (powers of 1024; `8G`, `512m`,
+/// `512MiB`); none if it is not one or does not fit 64 bits.
+pub fn parse_binary_size(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (digits, shift) = match t.chars().last() {
+        Some('k' | 'K') => (&t[..t.len() - 1], 10),
+        Some('m' | 'M') => (&t[..t.len() - 1], 20),
+        Some('g' | 'G') => (&t[..t.len() - 1], 30),
+        Some('t' | 'T') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    digits.parse::<u64>().ok()?.checked_mul(1u64 << shift)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -176,39 +176,47 @@ impl<L: log::Log> RateLimited<L> {
             (log::Level::Warn | log::Level::Error, Some(file), Some(line)) => (file, line),
             _ => return self.inner.log(record),
         };
-        let mut sites = self.sites.lock().unwrap_or_else(|e| e.into_inner());
-        let s = sites.entry(site).or_insert(Site {
-            since: now,
-            kept: 0,
-            dropped: 0,
-        });
-        if now.saturating_duration_since(s.since) >= LIMIT_WINDOW {
-            if s.dropped > 0 {
-                self.inner.log(
-                    &log::Record::builder()
-                        .args(format_args!(
-                            "{} more lines from {}:{} were not logged in {:?}",
-                            s.dropped, site.0, site.1, LIMIT_WINDOW
-                        ))
-                        .level(log::Level::Warn)
-                        .target(record.target())
-                        .file_static(Some(site.0))
-                        .line(Some(site.1))
-                        .build(),
-                );
-            }
-            *s = Site {
+        // The lines to write are decided under the lock and written after it, so a slow log file
+        // holds up no other line of code's warnings.
+        let (dropped, keep) = {
+            let mut sites = self.sites.lock().unwrap_or_else(|e| e.into_inner());
+            let s = sites.entry(site).or_insert(Site {
                 since: now,
                 kept: 0,
                 dropped: 0,
-            };
+            });
+            let mut dropped = 0;
+            if now.saturating_duration_since(s.since) >= LIMIT_WINDOW {
+                dropped = s.dropped;
+                *s = Site {
+                    since: now,
+                    kept: 0,
+                    dropped: 0,
+                };
+            }
+            let keep = s.kept < LINES_PER_WINDOW;
+            match keep {
+                true => s.kept += 1,
+                false => s.dropped += 1,
+            }
+            (dropped, keep)
+        };
+        if dropped > 0 {
+            self.inner.log(
+                &log::Record::builder()
+                    .args(format_args!(
+                        "{dropped} more lines from {}:{} were not logged in {LIMIT_WINDOW:?}",
+                        site.0, site.1
+                    ))
+                    .level(log::Level::Warn)
+                    .target(record.target())
+                    .file_static(Some(site.0))
+                    .line(Some(site.1))
+                    .build(),
+            );
         }
-        if s.kept < LINES_PER_WINDOW {
-            s.kept += 1;
-            drop(sites);
+        if keep {
             self.inner.log(record);
-        } else {
-            s.dropped += 1;
         }
     }
 }

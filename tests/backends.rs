@@ -1439,20 +1439,7 @@ fn a_renewal_waiting_on_a_stalled_token_realm_holds_back_no_other_api_request() 
         json!({"scheme": "http", "host": format!("127.0.0.1:{}", server.port), "repo": REPO,
                "timeout": 10, "connect_timeout": 1, "retry_limit": 0}),
     );
-    let sock = dir.path().join("api.sock");
-    let d = Daemon::start(
-        &[
-            "fuse",
-            "--config",
-            config.to_str().unwrap(),
-            "--bootstrap",
-            manifest::case_bootstrap(case).to_str().unwrap(),
-            "--apisock",
-            sock.to_str().unwrap(),
-        ],
-        &dir.path().join("mnt"),
-        &dir.path().join("rafsd.log"),
-    );
+    let (d, sock) = Daemon::start_with_api(&config, &manifest::case_bootstrap(case), dir.path());
     let api = |method: &str, target: &str, body: &str| {
         daemon::api_request(&sock, method, target, body, Duration::from_secs(30)).unwrap()
     };
@@ -1508,20 +1495,8 @@ fn daemon_returns_eio_on_backend_faults_and_serves_again_after_recovery() {
         json!({"scheme": "http", "host": format!("127.0.0.1:{}", server.port), "repo": REPO,
                "timeout": 1, "connect_timeout": 1, "retry_limit": 2}),
     );
-    let sock = dir.path().join("api.sock");
-    let mut d = Daemon::start(
-        &[
-            "fuse",
-            "--config",
-            config.to_str().unwrap(),
-            "--bootstrap",
-            manifest::case_bootstrap(case).to_str().unwrap(),
-            "--apisock",
-            sock.to_str().unwrap(),
-        ],
-        &dir.path().join("mnt"),
-        &dir.path().join("rafsd.log"),
-    );
+    let (mut d, sock) =
+        Daemon::start_with_api(&config, &manifest::case_bootstrap(case), dir.path());
     let (rel, want) = largest_file();
     let path = d.mountpoint.join(&rel);
     // One read first, so that the faults meet chunk reads rather than the blob's chunk-info array (whose

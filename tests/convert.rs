@@ -1132,6 +1132,41 @@ fn a_token_registry_converts_with_pull_and_push_tokens() {
     assert_tree(&m, &flatten(&layers), "RAFS v5 through a token registry");
 }
 
+/// Push `layers` (bytes and media type) with an empty config as `repo:v1`; their digests.
+fn push_layers(reg: &Registry, repo: &str, layers: &[(&Vec<u8>, &str)]) -> Vec<String> {
+    let mut descs = Vec::new();
+    for &(bytes, mt) in layers {
+        let mut d = reg.push_blob(repo, bytes);
+        d["mediaType"] = mt.into();
+        descs.push(d);
+    }
+    let config = json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}});
+    let mut config_desc = reg.push_blob(repo, &serde_json::to_vec(&config).unwrap());
+    config_desc["mediaType"] = "application/vnd.oci.image.config.v1+json".into();
+    let digests = descs
+        .iter()
+        .map(|d| d["digest"].as_str().unwrap().to_string())
+        .collect();
+    reg.put_manifest(
+        repo,
+        "v1",
+        OCI_MANIFEST,
+        &json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config_desc, "layers": descs}),
+    );
+    digests
+}
+
+/// Nothing reached `repo`: no upload, no `v1` manifest.
+fn assert_nothing_pushed(reg: &Registry, repo: &str) {
+    assert_eq!(
+        reg.requests(&format!("/v2/{repo}/blobs/uploads/")),
+        0,
+        "something was pushed to {repo}"
+    );
+    let (status, _) = reg.get(repo, "manifests/v1", OCI_MANIFEST);
+    assert_eq!(status, 404);
+}
+
 /// A layer that is not a tar (after a good one) fails the conversion with an error naming the layer, and
 /// nothing reaches the target: no upload, no manifest.
 #[test]
@@ -1145,25 +1180,15 @@ fn a_layer_that_is_not_a_tar_fails_and_pushes_nothing() {
     };
     let good = gzip(&layer_tar(&sample_layers()[0]));
     let garbage = pseudo_random(100_000, 5);
-    let mut descs = Vec::new();
-    for (bytes, mt) in [
-        (&good, "application/vnd.oci.image.layer.v1.tar+gzip"),
-        (&garbage, "application/vnd.oci.image.layer.v1.tar"),
-    ] {
-        let mut d = reg.push_blob("src/bad", bytes);
-        d["mediaType"] = mt.into();
-        descs.push(d);
-    }
-    let bad_digest = descs[1]["digest"].as_str().unwrap().to_string();
-    let config = json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}});
-    let mut config_desc = reg.push_blob("src/bad", &serde_json::to_vec(&config).unwrap());
-    config_desc["mediaType"] = "application/vnd.oci.image.config.v1+json".into();
-    reg.put_manifest(
+    let digests = push_layers(
+        &reg,
         "src/bad",
-        "v1",
-        OCI_MANIFEST,
-        &json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config_desc, "layers": descs}),
+        &[
+            (&good, "application/vnd.oci.image.layer.v1.tar+gzip"),
+            (&garbage, "application/vnd.oci.image.layer.v1.tar"),
+        ],
     );
+    let bad_digest = &digests[1];
     let host = reg.host();
     let start = Instant::now();
     let (code, out) = convert_uncached(
@@ -1173,15 +1198,12 @@ fn a_layer_that_is_not_a_tar_fails_and_pushes_nothing() {
     );
     assert_eq!(code, Some(1), "{out}");
     assert!(start.elapsed() < Duration::from_secs(60));
-    assert!(out.contains(&bad_digest) && out.contains("tar"), "{out}");
-    assert!(out.contains("layer 2/2"), "{out}");
-    assert_eq!(
-        reg.requests("/v2/nydus/bad/blobs/uploads/"),
-        0,
-        "something was pushed"
+    assert!(
+        out.contains(bad_digest.as_str()) && out.contains("tar"),
+        "{out}"
     );
-    let (status, _) = reg.get("nydus/bad", "manifests/v1", OCI_MANIFEST);
-    assert_eq!(status, 404);
+    assert!(out.contains("layer 2/2"), "{out}");
+    assert_nothing_pushed(&reg, "nydus/bad");
 }
 
 /// A zstd layer decoding to far more than 1000 times its size (a tar of one file of zeros) is refused
@@ -1216,27 +1238,13 @@ fn a_layer_decoding_past_its_limit_fails_and_pushes_nothing() {
         z.finish().unwrap()
     };
     assert!((bomb.len() as u64) * 1000 + (64 << 20) < zeros);
-    let mut descs = Vec::new();
-    for (bytes, mt) in [
-        (&good, "application/vnd.oci.image.layer.v1.tar+gzip"),
-        (&bomb, "application/vnd.oci.image.layer.v1.tar+zstd"),
-    ] {
-        let mut d = reg.push_blob("src/bomb", bytes);
-        d["mediaType"] = mt.into();
-        descs.push(d);
-    }
-    let digests: Vec<String> = descs
-        .iter()
-        .map(|d| d["digest"].as_str().unwrap().to_string())
-        .collect();
-    let config = json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}});
-    let mut config_desc = reg.push_blob("src/bomb", &serde_json::to_vec(&config).unwrap());
-    config_desc["mediaType"] = "application/vnd.oci.image.config.v1+json".into();
-    reg.put_manifest(
+    let digests = push_layers(
+        &reg,
         "src/bomb",
-        "v1",
-        OCI_MANIFEST,
-        &json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config_desc, "layers": descs}),
+        &[
+            (&good, "application/vnd.oci.image.layer.v1.tar+gzip"),
+            (&bomb, "application/vnd.oci.image.layer.v1.tar+zstd"),
+        ],
     );
     let host = reg.host();
     let (source, target) = (
@@ -1255,13 +1263,7 @@ fn a_layer_decoding_past_its_limit_fails_and_pushes_nothing() {
             out.contains(digest.as_str()) && out.contains(layer) && out.contains("decodes to more"),
             "{extra:?}: {out}"
         );
-        assert_eq!(
-            reg.requests("/v2/nydus/bomb/blobs/uploads/"),
-            0,
-            "something was pushed"
-        );
-        let (status, _) = reg.get("nydus/bomb", "manifests/v1", OCI_MANIFEST);
-        assert_eq!(status, 404);
+        assert_nothing_pushed(&reg, "nydus/bomb");
     }
     // By default the layer of zeros is a layer like any other.
     let (code, out) = convert_uncached(&source, &target, &[]);

@@ -855,21 +855,7 @@ fn start_with_api(c: &Case, dir: &Path, extra: &str) -> (Daemon, PathBuf) {
         v1_config(&c.blobs, &dir.join("cache"), false, extra),
     )
     .unwrap();
-    let sock = dir.join("api.sock");
-    let d = Daemon::start(
-        &[
-            "fuse",
-            "--config",
-            config.to_str().unwrap(),
-            "--bootstrap",
-            c.bootstrap.to_str().unwrap(),
-            "--apisock",
-            sock.to_str().unwrap(),
-        ],
-        &dir.join("mnt"),
-        &dir.join("rafsd.log"),
-    );
-    (d, sock)
+    Daemon::start_with_api(&config, &c.bootstrap, dir)
 }
 
 #[test]

@@ -724,6 +724,22 @@ fn v5_chunks_of_a_file_with_holes_are_whole_chunks_at_chunk_boundaries() {
     );
 }
 
+/// A file under `etc` of a v5 image stored in one chunk (a compressed one if `compressed`): its record
+/// and where its chunk record is.
+fn v5_one_chunk_file(img: &Img, compressed: bool) -> Option<(v5::Record, usize)> {
+    v5::files_in(&img.boot, "etc")
+        .iter()
+        .map(|path| v5::find(&img.boot, path))
+        .filter(|rec| rec.child_count == 1)
+        .map(|rec| {
+            let at = v5::chunk_record(&img.boot, &rec, 0);
+            (rec, at)
+        })
+        .find(|(_, at)| {
+            !compressed || le::u32_at(&img.boot, at + v5::C_FLAGS) & v5::COMPRESSED != 0
+        })
+}
+
 #[test]
 fn v5_chunk_stored_in_more_than_its_size_can_compress_to_is_refused() {
     // A chunk claims to be stored in the chunk size (1 MiB; the old bound) though its few bytes compress
@@ -735,17 +751,7 @@ fn v5_chunk_stored_in_more_than_its_size_can_compress_to_is_refused() {
     ] {
         let mut img = Img::new(case);
         let chunk_size = le::u32_at(&img.boot, v5::S_BLOCK_SIZE);
-        let (rec, at) = v5::files_in(&img.boot, "etc")
-            .iter()
-            .map(|path| v5::find(&img.boot, path))
-            .filter(|rec| rec.child_count == 1)
-            .map(|rec| {
-                let at = v5::chunk_record(&img.boot, &rec, 0);
-                (rec, at)
-            })
-            .find(|(_, at)| {
-                le::u32_at(&img.boot, at + v5::C_FLAGS) & v5::COMPRESSED != 0 || !compressed
-            })
+        let (rec, at) = v5_one_chunk_file(&img, compressed)
             .unwrap_or_else(|| panic!("{case}: a file of one chunk"));
         let size = le::u32_at(&img.boot, at + v5::C_UNCOMPRESSED_SIZE);
         let claimed = if compressed { chunk_size } else { size + 1 };
@@ -770,16 +776,7 @@ fn v5_gzip_chunk_stored_in_no_bytes_stays_unsupported() {
     let mut img = Img::new("v5-lz4-blake3-repeatable");
     let flags = le::u64_at(&img.boot, v5::S_FLAGS);
     le::put_u64(&mut img.boot, v5::S_FLAGS, (flags & !0xc3) | 0x40);
-    let (rec, at) = v5::files_in(&img.boot, "etc")
-        .iter()
-        .map(|path| v5::find(&img.boot, path))
-        .filter(|rec| rec.child_count == 1)
-        .map(|rec| {
-            let at = v5::chunk_record(&img.boot, &rec, 0);
-            (rec, at)
-        })
-        .find(|(_, at)| le::u32_at(&img.boot, at + v5::C_FLAGS) & v5::COMPRESSED != 0)
-        .expect("a file of one compressed chunk");
+    let (rec, at) = v5_one_chunk_file(&img, true).expect("a file of one compressed chunk");
     le::put_u32(&mut img.boot, at + v5::C_COMPRESSED_SIZE, 0);
     img.save();
     let image = img.opened(true);

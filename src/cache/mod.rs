@@ -462,25 +462,6 @@ fn open_blob(work_dir: &Path, blob: &BlobInfo, key: &CacheKey) -> Result<CachedB
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::format::{Compressor, Digester};
-
-    fn one_blob(chunks: u32) -> BlobInfo {
-        BlobInfo {
-            index: 0,
-            id: "b".into(),
-            chunk_size: 4096,
-            chunk_count: chunks,
-            compressor: Compressor::None,
-            digester: Digester::Sha256,
-            features: 0,
-            compressed_size: 4096 * chunks as u64,
-            uncompressed_size: 4096 * chunks as u64,
-            ci: None,
-            toc_size: 0,
-            toc_digest: [0; 32],
-            readahead: (0, 0),
-        }
-    }
 
     fn chunk(index: u32) -> ChunkInfo {
         ChunkInfo {
@@ -501,7 +482,12 @@ mod tests {
             tag: "0".repeat(32),
             verified: true,
         };
-        let mut cache = BlobCache::open(dir.path(), &[one_blob(4)], &[Some(key)]).unwrap();
+        let mut cache = BlobCache::open(
+            dir.path(),
+            &[BlobInfo::raw_for_tests(4, 4096)],
+            &[Some(key)],
+        )
+        .unwrap();
         let data = vec![7u8; 4096];
         let writable = cache.blobs[0].as_ref().unwrap().data.clone();
         // A descriptor that cannot write stands for a full disk.

@@ -80,6 +80,8 @@ pub struct ConvertArgs {
     #[arg(long)]
     pub threads: Option<usize>,
     /// The most a source layer may decode to: bytes, or with a K, M, G or T suffix (powers of 1024).
+    /// Docker Hub's largest layers decode to tens of GiB; past that, the blob's size and the build
+    /// time are the source's to choose.
     #[arg(long, default_value = "64G", value_parser = parse_size)]
     pub max_layer_size: u64,
     /// For untrusted sources: a layer may decode to at most this many times its compressed size plus
@@ -90,28 +92,13 @@ pub struct ConvertArgs {
     pub net: NetArgs,
 }
 
-/// "123", "64G", "512m": bytes, K, M, G and T being powers of 1024.
+/// `--max-layer-size`: a size from 1 byte, as [`crate::config::parse_binary_size`] reads it.
 fn parse_size(text: &str) -> std::result::Result<u64, String> {
-    let (digits, shift) = match text.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                _ => return Err(format!("{text}: the suffix is K, M, G or T")),
-            };
-            (&text[..i], shift)
-        }
-        _ => (text, 0),
-    };
-    let number: u64 = digits
-        .parse()
-        .map_err(|_| format!("{text}: not a size (bytes, or a number and K, M, G or T)"))?;
-    number
-        .checked_mul(1 << shift)
+    crate::config::parse_binary_size(text)
         .filter(|&bytes| bytes > 0)
-        .ok_or_else(|| format!("{text}: not a size from 1 byte to 2^64"))
+        .ok_or_else(|| {
+            format!("{text}: not a size from 1 byte to 2^64 (bytes, or a number and K, M, G or T)")
+        })
 }
 
 /// Options of `rafsd mount-image`.

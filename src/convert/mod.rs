@@ -43,10 +43,6 @@ const CONFIG_LIMIT: u64 = 16 << 20;
 const STREAM_BUFFER: usize = 1 << 20;
 const STREAM_DEPTH: usize = 8;
 
-/// `--max-layer-size` unless given: the most a source layer may decode to. Docker Hub's largest
-/// layers decode to tens of GiB; past that, the blob's size and the build time are the source's to
-/// choose.
-pub const DEFAULT_MAX_LAYER_SIZE: u64 = 64 << 30;
 /// With `--max-layer-ratio N`, a layer may decode to at most N times its compressed size plus this.
 /// Off by default: genuine layers reach any ratio (zstd turns a 1 GiB file of zeros, a preallocated
 /// disk or database file, into 33 KB; gzip reaches 1028:1), while a bomb of distinct blocks that the

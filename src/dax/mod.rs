@@ -42,22 +42,7 @@ fn einval() -> io::Error {
 
 /// Parse a window size: bytes, or a number with a binary suffix K, M, G or T (`8G`, `512M`, `512MiB`).
 pub fn parse_size(text: &str) -> Result<u64> {
-    let t = text.trim();
-    let t = t
-        .strip_suffix("iB")
-        .or_else(|| t.strip_suffix('B'))
-        .unwrap_or(t);
-    let (digits, shift) = match t.chars().last() {
-        Some('k' | 'K') => (&t[..t.len() - 1], 10),
-        Some('m' | 'M') => (&t[..t.len() - 1], 20),
-        Some('g' | 'G') => (&t[..t.len() - 1], 30),
-        Some('t' | 'T') => (&t[..t.len() - 1], 40),
-        _ => (t, 0),
-    };
-    let size = digits
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(1u64 << shift))
+    let size = crate::config::parse_binary_size(text)
         .ok_or_else(|| Error::Invalid(format!("DAX window size {text:?}: not a size")))?;
     if size == 0 || !size.is_multiple_of(WINDOW_ALIGN) {
         return Err(Error::Invalid(format!(

@@ -189,6 +189,30 @@ pub struct BlobInfo {
     pub readahead: (u32, u32),
 }
 
+#[cfg(test)]
+impl BlobInfo {
+    /// Blob 0, named "b", of `chunks` raw chunks of `chunk_size` bytes: for unit tests of the cache and
+    /// the streams.
+    pub fn raw_for_tests(chunks: u32, chunk_size: u32) -> BlobInfo {
+        let size = u64::from(chunks) * u64::from(chunk_size);
+        BlobInfo {
+            index: 0,
+            id: "b".into(),
+            chunk_size,
+            chunk_count: chunks,
+            compressor: Compressor::None,
+            digester: Digester::Sha256,
+            features: 0,
+            compressed_size: size,
+            uncompressed_size: size,
+            ci: None,
+            toc_size: 0,
+            toc_digest: [0; 32],
+            readahead: (0, 0),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct CiLocation {
     pub compressor: Compressor,

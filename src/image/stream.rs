@@ -516,24 +516,9 @@ mod tests {
     #[test]
     fn a_run_of_an_image_gone_stops_at_the_next_chunk() {
         use crate::cache::CacheKey;
-        use crate::format::{Compressor, Digester};
         const CHUNK: u32 = 4096;
         let dir = tempfile::tempdir().unwrap();
-        let blob = BlobInfo {
-            index: 0,
-            id: "b".into(),
-            chunk_size: CHUNK,
-            chunk_count: 8,
-            compressor: Compressor::None,
-            digester: Digester::Sha256,
-            features: 0,
-            compressed_size: 8 * CHUNK as u64,
-            uncompressed_size: 8 * CHUNK as u64,
-            ci: None,
-            toc_size: 0,
-            toc_digest: [0; 32],
-            readahead: (0, 0),
-        };
+        let blob = BlobInfo::raw_for_tests(8, CHUNK);
         let key = CacheKey {
             tag: "0".repeat(32),
             verified: false,

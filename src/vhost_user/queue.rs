@@ -455,13 +455,18 @@ impl Requests {
             .map_or(0, |idx| idx.0.wrapping_sub(queue.next_avail()));
         let overrun = ahead > queue.size();
         if let Some(flag) = self.overrun.get(ring) {
-            if flag.swap(overrun, Ordering::Relaxed) != overrun && overrun {
-                log::error!(
-                    "virtio-fs: queue {ring}: the guest's available index is {} requests ahead of \
-                     a ring of {}; the ring is left alone until it is reset",
-                    ahead,
-                    queue.size()
-                );
+            // A load on every pop, a store only when the ring changes state (pops of a ring are
+            // serialised by its lock).
+            if flag.load(Ordering::Relaxed) != overrun {
+                flag.store(overrun, Ordering::Relaxed);
+                if overrun {
+                    log::error!(
+                        "virtio-fs: queue {ring}: the guest's available index is {} requests ahead \
+                         of a ring of {}; the ring is left alone until it is reset",
+                        ahead,
+                        queue.size()
+                    );
+                }
             }
         }
         if overrun {

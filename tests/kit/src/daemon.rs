@@ -30,6 +30,26 @@ impl Daemon {
         Self::start_bin(crate::rafsd_bin(), args, mountpoint, log)
     }
 
+    /// `rafsd fuse` serving `bootstrap` with `config`, its mount, log and admin socket (returned) in
+    /// `dir`.
+    pub fn start_with_api(config: &Path, bootstrap: &Path, dir: &Path) -> (Daemon, PathBuf) {
+        let sock = dir.join("api.sock");
+        let d = Self::start(
+            &[
+                "fuse",
+                "--config",
+                config.to_str().unwrap(),
+                "--bootstrap",
+                bootstrap.to_str().unwrap(),
+                "--apisock",
+                sock.to_str().unwrap(),
+            ],
+            &dir.join("mnt"),
+            &dir.join("rafsd.log"),
+        );
+        (d, sock)
+    }
+
     /// [`Daemon::start`] with another rafsd binary (a benchmark's baseline).
     pub fn start_bin(bin: &Path, args: &[&str], mountpoint: &Path, log: &Path) -> Daemon {
         std::fs::create_dir_all(mountpoint).unwrap();
