@@ -13,6 +13,10 @@
 //! The cache is an optimisation, never a requirement: a cache that cannot be created or written (full or
 //! read-only disk) is logged and reads go to the backend; a failed write turns storing off for a while
 //! ([`DEGRADED_FOR`]), then it is tried again.
+//!
+//! The cache never takes the last of its filesystem: a chunk is stored only if the space left afterwards
+//! stays above [`free_space_floor`]. Images are hostile, and a cache that fills the disk would take it
+//! from everything else the host writes there (logs, containers, the runtime's own state).
 
 pub mod chunk_map;
 pub mod key;
@@ -23,7 +27,7 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,6 +40,37 @@ use crate::format::{BlobInfo, ChunkInfo};
 /// How long the cache stays off after a failed write before storing is tried again: a full disk may be
 /// freed, and one co-tenant filling it must not leave every other mount uncached for good.
 pub const DEGRADED_FOR: Duration = Duration::from_secs(30);
+
+/// The most space the cache leaves free on a large filesystem.
+pub const MAX_FREE_SPACE_FLOOR: u64 = 2 << 30;
+
+/// Space the cache leaves to others on a filesystem of `size` bytes: 5% of it, at most
+/// [`MAX_FREE_SPACE_FLOOR`].
+pub fn free_space_floor(size: u64) -> u64 {
+    (size / 20).min(MAX_FREE_SPACE_FLOOR)
+}
+
+/// Whether storing `len` more bytes leaves the floor free on a filesystem with `available` of `size`
+/// bytes (what an unprivileged writer may still use, so the root reserve is kept too).
+fn leaves_floor(available: u64, size: u64, len: u64) -> bool {
+    available.saturating_sub(len) >= free_space_floor(size)
+}
+
+/// (available, size) in bytes of the filesystem holding `file`, `None` when it cannot be asked.
+fn filesystem_space(file: &File) -> Option<(u64, u64)> {
+    // SAFETY: statfs64 is plain old data, filled by the call.
+    let mut st: libc::statfs64 = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid descriptor and a pointer to a struct of the right type.
+    if unsafe { libc::fstatfs64(file.as_raw_fd(), &mut st) } != 0 {
+        return None;
+    }
+    // Counts are in fragments; kernels that report no fragment size count in blocks.
+    let unit = if st.f_frsize > 0 { st.f_frsize } else { st.f_bsize } as u64;
+    Some((
+        st.f_bavail.saturating_mul(unit),
+        st.f_blocks.saturating_mul(unit),
+    ))
+}
 
 struct CachedBlob {
     id: String,
@@ -74,6 +109,8 @@ pub struct BlobCache {
     /// and serve from the backend.
     degraded_until: AtomicU64,
     opened: Instant,
+    /// The last store found the filesystem at its floor (one warning per stretch).
+    at_floor: AtomicBool,
     /// Chunks some thread is fetching right now, so others wait instead of fetching twice.
     inflight: Mutex<HashSet<(u32, u32)>>,
     inflight_done: Condvar,
@@ -108,6 +145,7 @@ impl BlobCache {
             blobs: slots,
             degraded_until: AtomicU64::new(0),
             opened: Instant::now(),
+            at_floor: AtomicBool::new(false),
             inflight: Mutex::new(HashSet::new()),
             inflight_done: Condvar::new(),
             metrics: CacheMetrics::default(),
@@ -239,6 +277,9 @@ impl BlobCache {
             );
             return;
         }
+        if !self.has_room(b, data.len() as u64) {
+            return;
+        }
         // Data first, bit second: the bit is the commit point.
         match b.data.write_all_at(data, chunk.uncompressed_offset) {
             Ok(()) => b.map.set_ready(chunk.index),
@@ -255,6 +296,33 @@ impl BlobCache {
                 }
             }
         }
+    }
+
+    /// Whether `len` more bytes in `b`'s data file leave the filesystem's floor free; logs once when the
+    /// floor is reached and once when there is room again. A filesystem that cannot be asked has room
+    /// (a failed write still turns storing off).
+    fn has_room(&self, b: &CachedBlob, len: u64) -> bool {
+        let Some((available, size)) = filesystem_space(&b.data) else {
+            return true;
+        };
+        let room = leaves_floor(available, size, len);
+        if self.at_floor.swap(!room, Ordering::Relaxed) == room {
+            if room {
+                log::info!(
+                    "blob cache in {}: space was freed, storing chunks again",
+                    self.work_dir.display()
+                );
+            } else {
+                log::warn!(
+                    "blob cache in {}: {} MiB free of {} MiB, the cache leaves {} MiB to others; serving from the backend without storing until space is freed",
+                    self.work_dir.display(),
+                    available >> 20,
+                    size >> 20,
+                    free_space_floor(size) >> 20
+                );
+            }
+        }
+        room
     }
 
     /// Forget a chunk whose cached bytes failed verification, so the next read fetches it again.
@@ -507,5 +575,17 @@ mod tests {
         cache.store_at(&chunk(1), &data, true, later);
         assert!(cache.is_ready(&chunk(1)));
         assert_eq!(cache.read(&chunk(1)).unwrap(), Some(data));
+    }
+
+    #[test]
+    fn the_floor_is_five_percent_of_the_filesystem_and_at_most_two_gib() {
+        assert_eq!(free_space_floor(1 << 20), (1 << 20) / 20);
+        assert_eq!(free_space_floor(10 << 30), (10 << 30) / 20);
+        assert_eq!(free_space_floor(1 << 40), MAX_FREE_SPACE_FLOOR);
+        assert!(leaves_floor(100 << 20, 1 << 30, 1 << 20));
+        // 1 GiB: floor 51.2 MiB; 52 MiB free takes a 0.5 MiB chunk, not a 1 MiB one.
+        assert!(leaves_floor(52 << 20, 1 << 30, 512 << 10));
+        assert!(!leaves_floor(52 << 20, 1 << 30, 1 << 20));
+        assert!(!leaves_floor(0, 1 << 30, 4096));
     }
 }
