@@ -111,22 +111,82 @@ pub fn serve(
 }
 
 /// Bind the API socket at `path`, replacing a stale one.
+///
+/// The socket never shows at `path` with a mode wider than 0600: a client that connects in such a
+/// moment keeps its connection after a later chmod, and clients may mount host paths. So it is bound
+/// in a fresh 0700 directory next to `path`, made 0600 there, and renamed over `path` (rename(2) also
+/// replaces a stale socket in one step).
 pub fn bind(path: &Path) -> Result<UnixListener> {
-    if path.exists() {
-        std::fs::remove_file(path)
-            .map_err(|e| Error::io(format!("remove stale API socket {}", path.display()), e))?;
-    }
-    let listener = UnixListener::bind(path)
-        .map_err(|e| Error::io(format!("bind API socket {}", path.display()), e))?;
-    // The owner only, whatever the umask: a client may mount host paths, and each open connection
-    // takes one of the MAX_CONNECTIONS for as long as it likes.
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| Error::io(format!("restrict API socket {}", path.display()), e))?;
-    }
+    let fail = |what: &str, e| Error::io(format!("{what} API socket {}", path.display()), e);
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let dir = PrivateDir::create(parent).map_err(|e| fail("prepare", e))?;
+    let listener = dir.bind().map_err(|e| fail("bind", e))?;
+    std::fs::rename(dir.socket(), path).map_err(|e| fail("place", e))?;
+    drop(dir);
     log::info!("admin API listening on {}", path.display());
     Ok(listener)
+}
+
+/// A 0700 directory of random name, removed with whatever it still holds when dropped.
+struct PrivateDir(std::path::PathBuf);
+
+impl PrivateDir {
+    fn create(parent: &Path) -> std::io::Result<Self> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        for _ in 0..16 {
+            let mut nonce = [0u8; 6];
+            // SAFETY: getrandom into a local buffer.
+            let n = unsafe { libc::getrandom(nonce.as_mut_ptr().cast(), nonce.len(), 0) };
+            if n != nonce.len() as isize {
+                return Err(std::io::Error::last_os_error());
+            }
+            let name: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
+            let dir = parent.join(format!(".rafsd-{name}"));
+            // mkdir fails on any existing entry, so nobody else can have prepared this one.
+            match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+                Ok(()) => {
+                    let dir = PrivateDir(dir);
+                    // The umask may have taken the owner's bits too.
+                    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o700))?;
+                    return Ok(dir);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(std::io::Error::from(std::io::ErrorKind::AlreadyExists))
+    }
+
+    fn socket(&self) -> std::path::PathBuf {
+        self.0.join("s")
+    }
+
+    /// Bind the socket in the directory and make it 0600 there. A path too long for a socket
+    /// address is reached through the directory's descriptor under /proc instead.
+    fn bind(&self) -> std::io::Result<UnixListener> {
+        use std::os::unix::fs::PermissionsExt;
+        // sun_path holds 108 bytes with the terminating NUL.
+        let listener = if self.socket().as_os_str().len() < 108 {
+            UnixListener::bind(self.socket())?
+        } else {
+            let fd = std::fs::File::open(&self.0)?;
+            use std::os::fd::AsRawFd;
+            UnixListener::bind(format!("/proc/self/fd/{}/s", fd.as_raw_fd()))?
+        };
+        std::fs::set_permissions(self.socket(), std::fs::Permissions::from_mode(0o600))?;
+        Ok(listener)
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        // Empty after the rename; holds the socket when a step failed.
+        let _ = std::fs::remove_file(self.socket());
+        let _ = std::fs::remove_dir(&self.0);
+    }
 }
 
 /// Serve `handler` on `listener` from a background thread (one more thread per connection).
@@ -527,5 +587,115 @@ mod tests {
             assert!(answer.starts_with("HTTP/1.1 500"), "request {i}: {answer}");
         }
         assert!(ask("/ok").starts_with("HTTP/1.1 200"));
+    }
+
+    /// What `dir` holds besides `keep`.
+    fn others(dir: &Path, keep: &str) -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n != keep)
+            .collect()
+    }
+
+    fn assert_owners_socket(path: &Path) {
+        use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+        let meta = std::fs::symlink_metadata(path).unwrap();
+        assert!(meta.file_type().is_socket(), "{}", path.display());
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
+        UnixStream::connect(path).unwrap();
+    }
+
+    #[test]
+    fn the_api_socket_is_its_owners_only_and_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let _listener = bind(&path).unwrap();
+        assert_owners_socket(&path);
+        assert_eq!(others(dir.path(), "api.sock"), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_stale_api_socket_or_file_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        drop(UnixListener::bind(&path).unwrap());
+        let _listener = bind(&path).unwrap();
+        assert_owners_socket(&path);
+        drop(_listener);
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, b"stale").unwrap();
+        let _listener = bind(&path).unwrap();
+        assert_owners_socket(&path);
+        assert_eq!(others(dir.path(), "api.sock"), Vec::<String>::new());
+    }
+
+    /// A path that fits a socket address while the temporary socket's would not is bound through the
+    /// temporary directory's descriptor.
+    #[test]
+    fn an_api_socket_path_near_the_address_limit_is_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let pad = 95 - dir.path().as_os_str().len();
+        let parent = dir.path().join("d".repeat(pad));
+        std::fs::create_dir(&parent).unwrap();
+        let path = parent.join("api.sock");
+        assert!(path.as_os_str().len() < 108);
+        let _listener = bind(&path).unwrap();
+        assert_owners_socket(&path);
+        assert_eq!(others(&parent, "api.sock"), Vec::<String>::new());
+    }
+
+    /// A failed bind (here: a directory stands at the path) leaves no temporary directory behind.
+    #[test]
+    fn a_failed_api_bind_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        std::fs::create_dir(&path).unwrap();
+        std::fs::write(path.join("x"), b"").unwrap();
+        assert!(bind(&path).is_err());
+        assert_eq!(others(dir.path(), "api.sock"), Vec::<String>::new());
+    }
+
+    /// The attack: a local user polls the path and connects the moment a socket shows there with a
+    /// mode that lets them in (the connection outlives a later chmod). Here a thread looks at the path
+    /// while the socket is bound again and again: it must never see a socket other than 0600 (binding
+    /// at the path and then chmod'ing showed 0755, the mode a umask of 022 leaves, over 10,000 times
+    /// in 5000 rounds; a umask of 177 would hide that).
+    #[test]
+    fn the_api_socket_never_shows_with_a_wider_mode() {
+        use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+        use std::sync::atomic::AtomicBool;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let done = Arc::new(AtomicBool::new(false));
+        let watcher = {
+            let (path, done) = (path.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut wider = Vec::new();
+                while !done.load(Ordering::SeqCst) {
+                    if let Ok(meta) = std::fs::symlink_metadata(&path) {
+                        let mode = meta.permissions().mode() & 0o7777;
+                        if meta.file_type().is_socket() && mode != 0o600 {
+                            wider.push(mode);
+                        }
+                    }
+                }
+                wider
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut rounds = 0;
+        while rounds < 5000 && Instant::now() < deadline {
+            drop(bind(&path).unwrap());
+            rounds += 1;
+        }
+        done.store(true, Ordering::SeqCst);
+        let wider = watcher.join().unwrap();
+        assert!(
+            wider.is_empty(),
+            "seen {} times in {rounds} binds with a wider mode, e.g. {:o}",
+            wider.len(),
+            wider[0]
+        );
     }
 }
