@@ -377,6 +377,9 @@ impl VhostUserBackend for VirtioFsBackend {
 /// handed to a successor): re-binding it per connection, as `VhostUserDaemon::serve` does, loses a VMM
 /// that reconnects right away (its connection lands in the old listener's backlog and is reset when
 /// that listener closes, or finds no socket file at all).
+///
+/// The socket keeps the mode bind(2) gives it (0777 less the umask): never chmod'ed, it has no moment
+/// with a wider mode, and the VMM, which may run as another user, must be able to connect.
 pub fn bind(sock: &Path) -> Result<UnixListener> {
     let _ = std::fs::remove_file(sock);
     UnixListener::bind(sock)
