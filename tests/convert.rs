@@ -1442,3 +1442,249 @@ fn a_source_registry_cannot_send_the_pull_to_a_metadata_address() {
         0
     );
 }
+
+/// How [`upload_registry`] answers a blob upload once it has read the body.
+#[derive(Clone, Copy)]
+enum UploadAnswer {
+    /// Not at all (the connection stays open).
+    Never,
+    /// A head, one byte per this long, without end.
+    Trickled(Duration),
+    /// 201, after this long.
+    After(Duration),
+}
+
+/// A registry for pushes only: HEADs of blobs are 404, a POST opens an upload session, a PUT's body is
+/// read to its end and answered as `answer` says. Returns its port and the number of upload bodies
+/// it took in full.
+fn upload_registry(
+    repo: &'static str,
+    answer: UploadAnswer,
+) -> (u16, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use std::io::{BufRead, BufReader, Read};
+    use std::net::TcpListener;
+    use std::sync::atomic::Ordering::SeqCst;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let uploads = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let count = uploads.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let count = count.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                loop {
+                    let mut head = Vec::new();
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        head.push(line.to_ascii_lowercase());
+                    }
+                    let value = |name: &str| {
+                        head.iter()
+                            .find_map(|h| h.strip_prefix(&format!("{name}:")))
+                            .map(|v| v.trim().to_string())
+                    };
+                    if value("expect").as_deref() == Some("100-continue") {
+                        conn.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").unwrap();
+                    }
+                    let answer = match head[0].split(' ').next().unwrap() {
+                        "head" => "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_string(),
+                        "post" => format!(
+                            "HTTP/1.1 202 Accepted\r\nLocation: /v2/{repo}/blobs/uploads/u1\r\n\
+                             Content-Length: 0\r\n\r\n"
+                        ),
+                        "put" => {
+                            // The whole body, plain or chunked.
+                            if let Some(n) = value("content-length") {
+                                let n: u64 = n.parse().unwrap();
+                                std::io::copy(&mut (&mut reader).take(n), &mut std::io::sink())
+                                    .unwrap();
+                            } else {
+                                loop {
+                                    let mut size = String::new();
+                                    reader.read_line(&mut size).unwrap();
+                                    let n = u64::from_str_radix(size.trim(), 16).unwrap();
+                                    std::io::copy(
+                                        &mut (&mut reader).take(n + 2),
+                                        &mut std::io::sink(),
+                                    )
+                                    .unwrap();
+                                    if n == 0 {
+                                        break;
+                                    }
+                                }
+                            }
+                            count.fetch_add(1, SeqCst);
+                            match answer {
+                                UploadAnswer::Never => {
+                                    // Until the client leaves.
+                                    let _ = reader.read(&mut [0u8; 1]);
+                                    return;
+                                }
+                                UploadAnswer::Trickled(each) => {
+                                    let mut bytes = b"HTTP/1.1 201 Created\r\nX-Wait: "
+                                        .iter()
+                                        .copied()
+                                        .chain(std::iter::repeat(b'a'));
+                                    while conn.write_all(&[bytes.next().unwrap()]).is_ok() {
+                                        std::thread::sleep(each);
+                                    }
+                                    return;
+                                }
+                                UploadAnswer::After(wait) => {
+                                    std::thread::sleep(wait);
+                                    "HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n".into()
+                                }
+                            }
+                        }
+                        _ => "HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n".into(),
+                    };
+                    conn.write_all(answer.as_bytes()).unwrap();
+                }
+            });
+        }
+    });
+    (port, uploads)
+}
+
+/// Push a 1 MiB blob to a registry that answers uploads as `answer` says, with a timeout of 1 s and
+/// one retry: (the result, how long it took, the upload bodies the registry took). The push runs on
+/// its own thread so a push that never ends fails the test after 60 s instead of hanging it.
+fn push_to(answer: UploadAnswer) -> (Result<bool, String>, Duration, u64) {
+    use rafsd::storage::distribution::{Client, NetOptions, Payload, Reference};
+    let (port, uploads) = upload_registry("nydus/app", answer);
+    let target = Reference::parse(&format!("127.0.0.1:{port}/nydus/app:v1")).unwrap();
+    let net = NetOptions {
+        plain_http: true,
+        timeout: Duration::from_secs(1),
+        retry_limit: 1,
+        ..Default::default()
+    };
+    let blob = pseudo_random(1 << 20, 7);
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), &blob).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = file.path().to_path_buf();
+    let start = Instant::now();
+    std::thread::spawn(move || {
+        let client = Client::with_credentials(&target, &net, None).unwrap();
+        let pushed = client.push_blob(&sha256(&blob), blob.len() as u64, Payload::File(&path));
+        let _ = tx.send(pushed.map_err(|e| e.to_string()));
+    });
+    let result = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the push still waits for the registry's answer after 60 s");
+    let took = start.elapsed();
+    (
+        result,
+        took,
+        uploads.load(std::sync::atomic::Ordering::SeqCst),
+    )
+}
+
+/// A target registry that takes a blob's upload and then answers with a head that never ends, a byte
+/// at a time within the timeout: the push fails within its deadline (the timeout again per GiB begun,
+/// so 2 s here, twice), saying the registry gave no answer. Before, each byte restarted the per-read
+/// timeout and the push waited for hours (ureq's 64 KiB head limit), and a registry silent after the
+/// upload failed with a bare "timeout: per read".
+#[test]
+fn a_push_the_registry_never_answers_fails_in_bounded_time() {
+    for answer in [
+        UploadAnswer::Trickled(Duration::from_millis(300)),
+        UploadAnswer::Never,
+    ] {
+        let (result, took, uploads) = push_to(answer);
+        let err = result.expect_err("the push succeeded");
+        assert!(
+            err.contains("the registry took the upload but gave no answer within 2s"),
+            "{err}"
+        );
+        assert!(
+            took >= Duration::from_secs(4) && took < Duration::from_secs(15),
+            "{took:?}: {err}"
+        );
+        assert_eq!(uploads, 2, "{err}");
+    }
+}
+
+/// A registry may take longer than the timeout to answer an upload (checking or copying the blob): within
+/// the answer's deadline the push succeeds. Before, the per-read timeout (1 s) failed it.
+#[test]
+fn a_push_answered_after_the_timeout_but_within_its_deadline_succeeds() {
+    let (result, _, uploads) = push_to(UploadAnswer::After(Duration::from_millis(1500)));
+    assert_eq!(result, Ok(true));
+    assert_eq!(uploads, 1);
+}
+
+/// `rafsd convert` to a target registry that takes each upload and answers with a head that never
+/// ends: the conversion fails within a bound with the error saying so, instead of waiting for hours.
+#[test]
+#[ignore = "needs servers: ci/test.sh"]
+fn a_convert_whose_target_never_answers_an_upload_fails_in_bounded_time() {
+    need(&["docker-registry"]);
+    let dir = tmp();
+    let reg = Registry {
+        svc: services::start_registry(dir.path(), RegistryAuth::None),
+        authorization: None,
+    };
+    push_image(&reg, "src/app", "v1", &sample_layers(), "amd64", false);
+    let (port, uploads) = upload_registry(
+        "nydus/app",
+        UploadAnswer::Trickled(Duration::from_millis(300)),
+    );
+    let start = Instant::now();
+    let (code, out) = convert_uncached(
+        &format!("{}/src/app:v1", reg.host()),
+        &format!("127.0.0.1:{port}/nydus/app:v1"),
+        &["--timeout", "1", "--retry-limit", "1"],
+    );
+    assert_eq!(code, Some(1), "{out}");
+    assert!(start.elapsed() < Duration::from_secs(60), "{out}");
+    assert!(
+        out.contains("the registry took the upload but gave no answer within 2s"),
+        "{out}"
+    );
+    assert_eq!(uploads.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+/// A source registry that answers a blob GET with a head trickled in a byte at a time within the
+/// timeout (60 KB of header lines: hours): the pull fails after the head's deadline (the timeout), each
+/// attempt, instead of waiting for the whole head.
+#[test]
+fn a_pull_whose_answer_head_trickles_fails_in_bounded_time() {
+    use rafsd::storage::distribution::{Client, NetOptions, Reference};
+    let server = services::FakeServer::start(services::FakeOptions::plain("src/app"));
+    let data = pseudo_random(100_000, 43);
+    let id = server.add_blob(data.clone());
+    server.set_always(Some(services::Fault::TrickleHead(Duration::from_millis(
+        300,
+    ))));
+    let source = Reference::parse(&format!("127.0.0.1:{}/src/app:v1", server.port)).unwrap();
+    let net = NetOptions {
+        plain_http: true,
+        timeout: Duration::from_secs(1),
+        retry_limit: 1,
+        ..Default::default()
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let start = Instant::now();
+    std::thread::spawn(move || {
+        let client = Client::with_credentials(&source, &net, None).unwrap();
+        let size = data.len() as u64;
+        let got = client.fetch_blob(&format!("sha256:{id}"), size, size);
+        let _ = tx.send(got.map(|_| ()).map_err(|e| e.to_string()));
+    });
+    let result = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the pull still waits for the answer's head after 60 s");
+    let err = result.expect_err("the pull succeeded");
+    assert!(err.contains("no whole answer head within 1s"), "{err}");
+    assert!(start.elapsed() < Duration::from_secs(15), "{err}");
+}

@@ -20,7 +20,8 @@ pub struct NetArgs {
     /// Accept any TLS certificate.
     #[arg(long)]
     pub insecure: bool,
-    /// Seconds a request (or, in a transfer, one read or write) may take.
+    /// Seconds a request (or, in a transfer, one read or write, and the answer's head) may take; a
+    /// blob upload's answer may take this again per GiB begun after its last byte.
     #[arg(long, default_value_t = 30)]
     pub timeout: u64,
     /// Retries after a failed request.

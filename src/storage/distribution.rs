@@ -7,7 +7,8 @@
 //!
 //! Small requests (manifests, HEADs, upload sessions) go through the backend's [`HttpClient`] settings
 //! with an overall timeout; blob transfers use an agent with a per-read/write timeout instead, so a large
-//! layer may take as long as it needs while a stalled connection still fails.
+//! layer may take as long as it needs while a stalled connection still fails, and their answer's head
+//! has a deadline of its own (`Call::answer_within`), so a head trickled in cannot hold them forever.
 
 use std::io::Read;
 use std::path::Path;
@@ -175,7 +176,8 @@ pub struct NetOptions {
     pub plain_http: bool,
     /// Accept any TLS certificate.
     pub insecure: bool,
-    /// Per request for small exchanges; per read/write for blob transfers.
+    /// Per request for small exchanges; per read/write for blob transfers, and for their answer's
+    /// head ([`answer_deadline`] for uploads).
     pub timeout: Duration,
     pub retry_limit: u32,
 }
@@ -216,6 +218,10 @@ struct Call<'a> {
     auth: bool,
     /// A blob transfer: per-read/write timeouts instead of an overall one.
     long: bool,
+    /// A streamed exchange's answer: its head must have arrived whole this long after the request
+    /// (an upload: after the body's last byte), however it trickles; else each read within the
+    /// timeout is all that is asked.
+    answer_within: Option<Duration>,
 }
 
 type HttpResponse = ureq::http::Response<ureq::Body>;
@@ -251,6 +257,8 @@ pub struct Client {
     guarded_stream: ureq::Agent,
     auth: RegistryAuth,
     retry_limit: u32,
+    /// `NetOptions::timeout`.
+    timeout: Duration,
     pub counters: TransferCounters,
 }
 
@@ -263,6 +271,14 @@ fn header(resp: &HttpResponse, name: &str) -> Option<String> {
 
 fn is_redirect(status: u16) -> bool {
     matches!(status, 301 | 302 | 303 | 307 | 308)
+}
+
+/// How long a registry may take to answer a blob upload of `size` bytes once it has the last byte:
+/// the timeout, and the timeout again per GiB begun (a registry may check or copy a large blob before
+/// it answers), so a registry that never answers, or trickles its answer, cannot hold a push forever.
+pub fn answer_deadline(timeout: Duration, size: u64) -> Duration {
+    let gib = size.div_ceil(1 << 30).min(1 << 16) as u32;
+    timeout.saturating_mul(1 + gib)
 }
 
 /// Backoff before retry `n` (1-based): 200 ms doubling, at most 5 s.
@@ -344,6 +360,7 @@ impl Client {
             http,
             auth: RegistryAuth::new(credentials, None),
             retry_limit: net.retry_limit,
+            timeout: net.timeout,
             counters: TransferCounters::default(),
         })
     }
@@ -391,6 +408,9 @@ impl Client {
                 for (k, v) in headers {
                     b = b.header(k, v);
                 }
+                if let Some(within) = call.answer_within {
+                    b = b.config().timeout_recv_response(Some(within)).build();
+                }
                 b.call()
             }
             Method::Post | Method::Put => {
@@ -400,6 +420,16 @@ impl Client {
                 };
                 for (k, v) in headers {
                     b = b.header(k, v);
+                }
+                if let Some(within) = call.answer_within {
+                    // Writes keep the agent's per-write timeout; the head gets one deadline of its
+                    // own, which may be longer than the timeout (see `answer_deadline`).
+                    b = b
+                        .config()
+                        .timeout_per_read(None)
+                        .timeout_recv_response(Some(within))
+                        .timeout_recv_body(Some(self.timeout))
+                        .build();
                 }
                 match call.payload {
                     Payload::Empty => b.send_empty(),
@@ -416,7 +446,22 @@ impl Client {
                 }
             }
         };
-        result.map_err(TransportError::from)
+        result.map_err(|e| match (e, call.answer_within) {
+            (ureq::Error::Timeout(ureq::Timeout::RecvResponse), Some(within)) => {
+                let s = within.as_secs();
+                TransportError::new(
+                    TransportErrorKind::Timeout,
+                    match call.method {
+                        Method::Put | Method::Post => format!(
+                            "the registry took the upload but gave no answer within {s}s of its \
+                             last byte"
+                        ),
+                        _ => format!("no whole answer head within {s}s"),
+                    },
+                )
+            }
+            (e, _) => TransportError::from(e),
+        })
     }
 
     /// One exchange, authorizing after a 401 once (a new token for a wider scope, or Basic auth).
@@ -491,6 +536,7 @@ impl Client {
             payload: Payload::Empty,
             auth: true,
             long: false,
+            answer_within: None,
         }
     }
 
@@ -630,6 +676,8 @@ impl Client {
         let range = (pos > 0).then(|| ("Range", format!("bytes={pos}-")));
         let mut call = Call {
             long: true,
+            // Each read within the timeout bounds a silent server only, not a head trickled in.
+            answer_within: Some(self.timeout),
             ..self.call(
                 Method::Get,
                 self.url(&format!("blobs/{digest}")),
@@ -713,6 +761,7 @@ impl Client {
             let call = Call {
                 payload,
                 long: true,
+                answer_within: Some(answer_deadline(self.timeout, size)),
                 // The registry's credentials go to the registry only, wherever the session lives.
                 auth: location.starts_with(&format!("{}/", self.base)),
                 ..self.call(
