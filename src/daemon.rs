@@ -2,7 +2,7 @@
 //! whose pseudo mounts are the images and shares, a record of each mount, and the daemon state machine.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -122,6 +122,24 @@ struct MountRecord {
     /// The mount's config with credentials blanked and URL userinfo masked, for `GET /daemon`.
     config: Value,
     mounted_time: String,
+    /// What [`Built::dir`] says.
+    dir: Option<PathBuf>,
+}
+
+/// A filesystem made for a mount, and what its record keeps.
+struct Built {
+    fs: BackFileSystem,
+    config_id: Option<String>,
+    /// The config as `GET /daemon` shows it.
+    config: Value,
+    /// The host directory kept apart from others' (resolved): an image's blob cache work dir, a
+    /// share's directory. A share overlapping a cache would let a guest write what other images trust.
+    dir: Option<PathBuf>,
+}
+
+/// Whether `a` and `b` (resolved) are one directory or one lies inside the other.
+fn overlap(a: &Path, b: &Path) -> bool {
+    a.starts_with(b) || b.starts_with(a)
 }
 
 /// A request the admin API passes to the front end's main loop, answered there.
@@ -452,7 +470,10 @@ impl Daemon {
         let _ = self.allowed.set(allowed);
     }
 
-    fn build(&self, cmd: &MountCmd) -> Result<(BackFileSystem, Option<String>, Value)> {
+    /// Make the filesystem `cmd` asks for. `fresh`: asked for now, not handed over by a predecessor
+    /// (whose mounts are taken as they were), so it must keep its directory apart from the caches
+    /// and shares mounted before it.
+    fn build(&self, cmd: &MountCmd, fresh: bool) -> Result<Built> {
         let allowed = self.allowed.get();
         match cmd.fs_type {
             FsType::Rafs | FsType::BlobView => {
@@ -468,6 +489,20 @@ impl Daemon {
                     config.id = cmd.id.clone();
                 }
                 let id = config.id.clone();
+                let dir = match &config.cache.work_dir {
+                    Some(w) => Some(crate::sandbox::normalize(w)?),
+                    None => None,
+                };
+                if let (Some(dir), true) = (&dir, fresh) {
+                    self.keep_apart(dir, FsType::Passthrough, |share| {
+                        format!(
+                            "the blob cache work_dir {} overlaps the passthrough share {}: a guest \
+                             could write what this image trusts",
+                            dir.display(),
+                            share.display()
+                        )
+                    })?;
+                }
                 let mount = RafsMount {
                     bootstrap,
                     config,
@@ -478,15 +513,57 @@ impl Daemon {
                 } else {
                     Box::new(BlobViewFs::build(&mount)?)
                 };
-                Ok((fs, id, shown))
+                Ok(Built {
+                    fs,
+                    config_id: id,
+                    config: shown,
+                    dir,
+                })
             }
             FsType::Passthrough => {
                 let mut dir = cmd.source.clone();
                 if let Some(allowed) = allowed {
                     allowed.confine_share(&mut dir)?;
                 }
-                Ok((Box::new(ConfinedPassthrough::new(&dir)?), None, Value::Null))
+                let real = crate::sandbox::normalize(&dir)?;
+                if fresh {
+                    let refuse = |cache: &Path| {
+                        format!(
+                            "the shared directory {} overlaps the blob cache {}: a guest could \
+                             write what other images trust; share a directory outside the caches",
+                            real.display(),
+                            cache.display()
+                        )
+                    };
+                    for cache in allowed.iter().flat_map(|a| &a.caches) {
+                        if overlap(&real, cache) {
+                            return Err(Error::Forbidden(refuse(cache)));
+                        }
+                    }
+                    self.keep_apart(&real, FsType::Rafs, refuse)?;
+                    self.keep_apart(&real, FsType::BlobView, refuse)?;
+                }
+                Ok(Built {
+                    fs: Box::new(ConfinedPassthrough::new(&dir)?),
+                    config_id: None,
+                    config: Value::Null,
+                    dir: Some(real),
+                })
             }
+        }
+    }
+
+    /// Refuse (403) when `dir` overlaps the directory of a mount of type `of`; `why` says which.
+    fn keep_apart(&self, dir: &Path, of: FsType, why: impl Fn(&Path) -> String) -> Result<()> {
+        let mounts = self.mounts.lock().unwrap_or_else(|e| e.into_inner());
+        let clash = mounts
+            .values()
+            .filter(|r| r.cmd.fs_type == of)
+            .filter_map(|r| r.dir.as_deref())
+            .find(|other| overlap(dir, other));
+        match clash {
+            Some(other) => Err(Error::Forbidden(why(other))),
+            None => Ok(()),
         }
     }
 
@@ -521,8 +598,8 @@ impl Daemon {
                 )));
             }
         }
-        let (fs, config_id, config) = self.build(&cmd)?;
-        let attached = self.vfs.mount(fs, mountpoint);
+        let built = self.build(&cmd, true)?;
+        let attached = self.vfs.mount(built.fs, mountpoint);
         self.note_pseudo_path(mountpoint);
         attached.map_err(|e| Error::Internal(format!("attach {mountpoint}: {e:?}")))?;
         log::info!(
@@ -530,7 +607,7 @@ impl Daemon {
             cmd.fs_type,
             cmd.source.display()
         );
-        self.record(mountpoint, cmd, config_id, config);
+        self.record(mountpoint, cmd, built.config_id, built.config, built.dir);
         Ok(())
     }
 
@@ -548,12 +625,20 @@ impl Daemon {
         }
     }
 
-    fn record(&self, mountpoint: &str, cmd: MountCmd, config_id: Option<String>, config: Value) {
+    fn record(
+        &self,
+        mountpoint: &str,
+        cmd: MountCmd,
+        config_id: Option<String>,
+        config: Value,
+        dir: Option<PathBuf>,
+    ) {
         let record = MountRecord {
             cmd,
             config_id,
             config,
             mounted_time: now_string(),
+            dir,
         };
         self.mounts
             .lock()
@@ -590,7 +675,8 @@ impl Daemon {
             }
             Some(_) => {}
         }
-        let (fs, config_id, config) = self.build(&cmd)?;
+        let built = self.build(&cmd, true)?;
+        let fs = built.fs;
         self.index_rafs(Some(mountpoint));
         let index_of = |mp: &str| self.vfs.get_rootfs(mp).ok().flatten().map(|(_, i)| i);
         let old_index = index_of(mountpoint);
@@ -634,7 +720,7 @@ impl Daemon {
             );
         }
         log::info!("remounted {} at {mountpoint}", cmd.source.display());
-        self.record(mountpoint, cmd, config_id, config);
+        self.record(mountpoint, cmd, built.config_id, built.config, built.dir);
         Ok(())
     }
 
@@ -758,13 +844,13 @@ impl Daemon {
         cmd: &MountCmd,
         m: &SavedMount,
         crash_files: Option<&[std::fs::File]>,
-    ) -> Result<(BackFileSystem, Option<String>, Value)> {
-        let built = self.build(cmd)?;
-        if let Some(rafs) = built.0.as_any().downcast_ref::<RafsFs>() {
+    ) -> Result<Built> {
+        let built = self.build(cmd, false)?;
+        if let Some(rafs) = built.fs.as_any().downcast_ref::<RafsFs>() {
             rafs.import_lookups(&m.lookups, &m.parents);
         }
         if let (Some(share), Some(files)) = (
-            built.0.as_any().downcast_ref::<ConfinedPassthrough>(),
+            built.fs.as_any().downcast_ref::<ConfinedPassthrough>(),
             crash_files,
         ) {
             let table = m
@@ -819,7 +905,7 @@ impl Daemon {
                 prefetch_files: m.prefetch_files.clone(),
                 id: m.id.clone(),
             };
-            let (fs, config_id, config) = match self.build_restored(&cmd, m, crash_files) {
+            let built = match self.build_restored(&cmd, m, crash_files) {
                 Ok(built) => built,
                 // A crash restart carries the device on whatever becomes of one share.
                 Err(e) if cmd.fs_type == FsType::Passthrough && crash_files.is_some() => {
@@ -835,12 +921,12 @@ impl Daemon {
                         m.source.display(),
                         m.mountpoint
                     );
-                    self.record(&m.mountpoint, cmd, None, Value::Null);
+                    self.record(&m.mountpoint, cmd, None, Value::Null, None);
                     continue;
                 }
                 Err(e) => return Err(e),
             };
-            indexes.mount_at(&self.vfs, fs, &m.mountpoint, m.fs_index)?;
+            indexes.mount_at(&self.vfs, built.fs, &m.mountpoint, m.fs_index)?;
             log::info!(
                 "took over {} {} at {} (mount index {}, {} inodes the kernel holds)",
                 m.fs_type,
@@ -849,7 +935,7 @@ impl Daemon {
                 m.fs_index,
                 m.lookups.len()
             );
-            self.record(&m.mountpoint, cmd, config_id, config);
+            self.record(&m.mountpoint, cmd, built.config_id, built.config, built.dir);
         }
         Ok(())
     }

@@ -123,10 +123,13 @@ pub struct AllowedPaths {
     /// The daemon's own files (the folder of its rotated log): visible and writable in the sandbox, but
     /// never offered to API mounts.
     pub private_rw: Vec<PathBuf>,
+    /// The blob cache work dirs the daemon was started with (its config's, the snapshotter's `cache`):
+    /// never part of a passthrough share, as other images trust what they hold.
+    pub caches: Vec<PathBuf>,
 }
 
 /// An absolute path with "." and ".." resolved lexically, symlinks resolved for the part that exists.
-fn normalize(p: &Path) -> Result<PathBuf> {
+pub fn normalize(p: &Path) -> Result<PathBuf> {
     let p = if p.is_absolute() {
         p.to_path_buf()
     } else {
@@ -251,6 +254,9 @@ impl AllowedPaths {
             }
             allowed.add_read_only(root)?;
             allowed.add_read_write(&root.join(SNAPSHOTTER_CACHE))?;
+            allowed
+                .caches
+                .push(normalize(&root.join(SNAPSHOTTER_CACHE))?);
             // Registry configs come with RAFS mounts, whose bootstraps live here.
             allowed.network = true;
         }
@@ -289,6 +295,7 @@ impl AllowedPaths {
         }
         if let Some(w) = &config.cache.work_dir {
             self.add_read_write(w)?;
+            self.caches.push(normalize(w)?);
         }
         Ok(())
     }
@@ -968,6 +975,19 @@ pub fn drop_capabilities_to(keep: &[caps::Capability], who: &str) -> Result<()> 
 mod tests {
     use super::*;
 
+    /// The start-up config's blob cache is one of the daemon's caches, which no share may overlap.
+    #[test]
+    fn the_start_up_configs_cache_is_kept_apart() {
+        let config = DaemonConfig::from_slice(
+            br#"{"device":{"backend":{"type":"localfs","config":{"dir":"/nonexistent-b"}},
+                "cache":{"type":"blobcache","config":{"work_dir":"/nonexistent-c/../w"}}}}"#,
+        )
+        .unwrap();
+        let mut allowed = AllowedPaths::default();
+        allowed.add_config(&config).unwrap();
+        assert_eq!(allowed.caches, [PathBuf::from("/w")]);
+    }
+
     #[test]
     fn kata_defaults_take_existing_roots_only() {
         let dir = tempfile::tempdir().unwrap();
@@ -988,6 +1008,7 @@ mod tests {
             [shared.clone(), snapshotter.join("cache")]
         );
         assert_eq!(allowed.read_only, std::slice::from_ref(&snapshotter));
+        assert_eq!(allowed.caches, [snapshotter.join("cache")]);
         // Bootstraps under the snapshotter root are readable, not writable; the sandbox's share is
         // writable, another sandbox's is not allowed at all.
         let mut share = shared.join("rw");

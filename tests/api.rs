@@ -75,6 +75,83 @@ fn rafs_body(case: &str, cache: &Path) -> String {
     serde_json::json!({"source": manifest::case_bootstrap(case), "fs_type": "rafs", "config": config.to_string()}).to_string()
 }
 
+/// A passthrough share gives a guest read-write access to its directory: one that is, contains or lies
+/// inside the blob cache of a mounted image is refused (403), however the path is spelled, so a guest
+/// cannot write the chunks other images trust; an image whose cache would lie inside a share is refused
+/// too, on mount and on remount. Before, every one of these mounts was made.
+#[test]
+#[ignore = "needs root: ci/test.sh"]
+fn a_passthrough_share_overlapping_a_blob_cache_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut v = Virtiofs::start(dir.path());
+    let cache = dir.path().join("cache");
+    let image = |cache: &Path| rafs_body("v6-zstd-blake3", cache);
+    assert_eq!(
+        v.call(
+            "POST",
+            "/api/v1/mount?mountpoint=/rafs/c1/lowerdir",
+            &image(&cache)
+        )
+        .0,
+        204
+    );
+    std::fs::create_dir_all(cache.join("inside")).unwrap();
+    std::os::unix::fs::symlink(&cache, dir.path().join("to-cache")).unwrap();
+    let share = |source: &Path| {
+        serde_json::json!({"source": source, "fs_type": "passthrough_fs", "config": ""}).to_string()
+    };
+    for (i, source) in [
+        cache.clone(),
+        cache.join("inside"),
+        dir.path().to_path_buf(),
+        dir.path().join("to-cache"),
+        cache.join("inside/../../cache"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let (status, body) = v.call(
+            "POST",
+            &format!("/api/v1/mount?mountpoint=/share{i}"),
+            &share(source),
+        );
+        assert_eq!(status, 403, "{source:?}: {body}");
+        assert!(body.contains("overlaps the blob cache"), "{body}");
+    }
+    // A directory beside the cache is shared; no image may then keep its cache in it.
+    let apart = dir.path().join("apart");
+    std::fs::create_dir(&apart).unwrap();
+    assert_eq!(
+        v.call(
+            "POST",
+            "/api/v1/mount?mountpoint=/containers",
+            &share(&apart)
+        )
+        .0,
+        204
+    );
+    let (status, body) = v.call(
+        "POST",
+        "/api/v1/mount?mountpoint=/rafs/c2/lowerdir",
+        &image(&apart.join("cache")),
+    );
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("overlaps the passthrough share"), "{body}");
+    let (status, body) = v.call(
+        "PUT",
+        "/api/v1/mount?mountpoint=/rafs/c1/lowerdir",
+        &image(&apart),
+    );
+    assert_eq!(status, 403, "{body}");
+    // The image still serves from its own cache, and the daemon stays up.
+    let (_, info) = v.call("GET", "/api/v1/daemon", "");
+    assert!(
+        info.contains("/rafs/c1/lowerdir") && !info.contains("/share0"),
+        "{info}"
+    );
+    assert!(v.alive(), "{}", v.log_text());
+}
+
 #[test]
 #[ignore = "needs root: ci/test.sh"]
 fn daemon_info_has_the_fields_kata_reads() {

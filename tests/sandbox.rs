@@ -1381,6 +1381,17 @@ fn kata_launch_works_with_the_default_roots_and_stays_confined() {
         "blob cache written under the snapshotter's cache dir"
     );
 
+    // The snapshotter's blob cache is writable by the daemon, but never a share: a guest could write
+    // chunks other images trust. Neither the cache root nor the mounted image's work dir in it.
+    for source in [cache.parent().unwrap(), cache.as_path()] {
+        let (s, t) = mount(
+            "/cache",
+            serde_json::json!({"fs_type": "passthrough_fs", "source": source, "config": ""}),
+        );
+        assert_eq!(s, 403, "{source:?}: {t}");
+        assert!(t.contains("overlaps the blob cache"), "{t}");
+    }
+
     // Still confined: outside the roots is refused, every thread filtered, host network on purpose.
     let outside = tempfile::tempdir().unwrap();
     let (s, t) = mount(
