@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 use crate::config::DaemonConfig;
 use crate::error::{Error, Result};
 use crate::fs::blob_view::BlobViewFs;
+use crate::fs::epoch::Epoch;
 use crate::fs::RafsFs;
 use crate::passthrough::ConfinedPassthrough;
 use crate::service::{build_rafs, RafsMount};
@@ -202,6 +203,18 @@ impl RafsIndex {
     }
 }
 
+/// The epoch of an image's or blob view's inode numbers (none for other filesystems).
+fn epoch_of(fs: &BackFileSystem) -> Epoch {
+    let any = fs.as_any();
+    if let Some(rafs) = any.downcast_ref::<RafsFs>() {
+        rafs.epoch()
+    } else if let Some(view) = any.downcast_ref::<BlobViewFs>() {
+        view.epoch()
+    } else {
+        Epoch::NONE
+    }
+}
+
 /// A READ of a file of a RAFS image: what both the cold-read classification (of both front ends) and the
 /// FUSE front end's spliced reply need, looked up once per request.
 pub struct RafsRead {
@@ -214,8 +227,14 @@ pub struct RafsRead {
 impl RafsRead {
     /// The READ `reader` holds (`header` already read from it), when it names a file of a RAFS image.
     pub fn of(index: &RafsIndex, header: &InHeader, reader: &Reader<'_>) -> Option<Self> {
-        let (fs, ino) = index.get(header.nodeid)?;
-        fs.as_any().downcast_ref::<RafsFs>()?;
+        let (fs, number) = index.get(header.nodeid)?;
+        // A number another mount of this index gave is left to the server, which refuses it.
+        let ino = fs
+            .as_any()
+            .downcast_ref::<RafsFs>()?
+            .epoch()
+            .inner(number)
+            .ok()?;
         let mut r = reader.clone();
         r.read_obj::<InHeader>().ok()?;
         let read_in = r.read_obj::<ReadIn>().ok()?;
@@ -452,7 +471,12 @@ impl Daemon {
         let _ = self.allowed.set(allowed);
     }
 
-    fn build(&self, cmd: &MountCmd) -> Result<(BackFileSystem, Option<String>, Value)> {
+    /// The filesystem `cmd` asks for; an image or blob view gives its inode numbers with `epoch`.
+    fn build(
+        &self,
+        cmd: &MountCmd,
+        epoch: Epoch,
+    ) -> Result<(BackFileSystem, Option<String>, Value)> {
         let allowed = self.allowed.get();
         match cmd.fs_type {
             FsType::Rafs | FsType::BlobView => {
@@ -474,9 +498,9 @@ impl Daemon {
                     prefetch_files: cmd.prefetch_files.clone(),
                 };
                 let fs: BackFileSystem = if cmd.fs_type == FsType::Rafs {
-                    Box::new(build_rafs(&mount)?)
+                    Box::new(build_rafs(&mount)?.with_epoch(epoch))
                 } else {
-                    Box::new(BlobViewFs::build(&mount)?)
+                    Box::new(BlobViewFs::build(&mount)?.with_epoch(epoch))
                 };
                 Ok((fs, id, shown))
             }
@@ -521,7 +545,7 @@ impl Daemon {
                 )));
             }
         }
-        let (fs, config_id, config) = self.build(&cmd)?;
+        let (fs, config_id, config) = self.build(&cmd, Epoch::next())?;
         let attached = self.vfs.mount(fs, mountpoint);
         self.note_pseudo_path(mountpoint);
         attached.map_err(|e| Error::Internal(format!("attach {mountpoint}: {e:?}")))?;
@@ -590,7 +614,14 @@ impl Daemon {
             }
             Some(_) => {}
         }
-        let (fs, config_id, config) = self.build(&cmd)?;
+        // The kernel's numbers of the old image stay good for the new one, as the index does (below).
+        let epoch = self
+            .vfs
+            .get_rootfs(mountpoint)
+            .ok()
+            .flatten()
+            .map_or(Epoch::NONE, |(fs, _)| epoch_of(&fs));
+        let (fs, config_id, config) = self.build(&cmd, epoch)?;
         self.index_rafs(Some(mountpoint));
         let index_of = |mp: &str| self.vfs.get_rootfs(mp).ok().flatten().map(|(_, i)| i);
         let old_index = index_of(mountpoint);
@@ -719,6 +750,7 @@ impl Daemon {
                 lookups,
                 parents,
                 share_table: None,
+                epoch: epoch_of(&fs).value(),
             });
         }
         Ok((dirs, saved))
@@ -759,7 +791,7 @@ impl Daemon {
         m: &SavedMount,
         crash_files: Option<&[std::fs::File]>,
     ) -> Result<(BackFileSystem, Option<String>, Value)> {
-        let built = self.build(cmd)?;
+        let built = self.build(cmd, Epoch::saved(m.epoch))?;
         if let Some(rafs) = built.0.as_any().downcast_ref::<RafsFs>() {
             rafs.import_lookups(&m.lookups, &m.parents);
         }

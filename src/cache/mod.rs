@@ -65,7 +65,11 @@ fn filesystem_space(file: &File) -> Option<(u64, u64)> {
         return None;
     }
     // Counts are in fragments; kernels that report no fragment size count in blocks.
-    let unit = if st.f_frsize > 0 { st.f_frsize } else { st.f_bsize } as u64;
+    let unit = if st.f_frsize > 0 {
+        st.f_frsize
+    } else {
+        st.f_bsize
+    } as u64;
     Some((
         st.f_bavail.saturating_mul(unit),
         st.f_blocks.saturating_mul(unit),
