@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 use crate::config::DaemonConfig;
 use crate::error::{Error, Result};
 use crate::fs::blob_view::BlobViewFs;
+use crate::fs::epoch::Epoch;
 use crate::fs::RafsFs;
 use crate::passthrough::ConfinedPassthrough;
 use crate::service::{build_rafs, RafsMount};
@@ -220,6 +221,18 @@ impl RafsIndex {
     }
 }
 
+/// The epoch of an image's or blob view's inode numbers (none for other filesystems).
+fn epoch_of(fs: &BackFileSystem) -> Epoch {
+    let any = fs.as_any();
+    if let Some(rafs) = any.downcast_ref::<RafsFs>() {
+        rafs.epoch()
+    } else if let Some(view) = any.downcast_ref::<BlobViewFs>() {
+        view.epoch()
+    } else {
+        Epoch::NONE
+    }
+}
+
 /// A READ of a file of a RAFS image: what both the cold-read classification (of both front ends) and the
 /// FUSE front end's spliced reply need, looked up once per request.
 pub struct RafsRead {
@@ -232,8 +245,14 @@ pub struct RafsRead {
 impl RafsRead {
     /// The READ `reader` holds (`header` already read from it), when it names a file of a RAFS image.
     pub fn of(index: &RafsIndex, header: &InHeader, reader: &Reader<'_>) -> Option<Self> {
-        let (fs, ino) = index.get(header.nodeid)?;
-        fs.as_any().downcast_ref::<RafsFs>()?;
+        let (fs, number) = index.get(header.nodeid)?;
+        // A number another mount of this index gave is left to the server, which refuses it.
+        let ino = fs
+            .as_any()
+            .downcast_ref::<RafsFs>()?
+            .epoch()
+            .inner(number)
+            .ok()?;
         let mut r = reader.clone();
         r.read_obj::<InHeader>().ok()?;
         let read_in = r.read_obj::<ReadIn>().ok()?;
@@ -470,10 +489,10 @@ impl Daemon {
         let _ = self.allowed.set(allowed);
     }
 
-    /// Make the filesystem `cmd` asks for. `fresh`: asked for now, not handed over by a predecessor
-    /// (whose mounts are taken as they were), so it must keep its directory apart from the caches
-    /// and shares mounted before it.
-    fn build(&self, cmd: &MountCmd, fresh: bool) -> Result<Built> {
+    /// Make the filesystem `cmd` asks for; an image or blob view gives its inode numbers with `epoch`.
+    /// `fresh`: asked for now, not handed over by a predecessor (whose mounts are taken as they
+    /// were), so it must keep its directory apart from the caches and shares mounted before it.
+    fn build(&self, cmd: &MountCmd, fresh: bool, epoch: Epoch) -> Result<Built> {
         let allowed = self.allowed.get();
         match cmd.fs_type {
             FsType::Rafs | FsType::BlobView => {
@@ -509,9 +528,9 @@ impl Daemon {
                     prefetch_files: cmd.prefetch_files.clone(),
                 };
                 let fs: BackFileSystem = if cmd.fs_type == FsType::Rafs {
-                    Box::new(build_rafs(&mount)?)
+                    Box::new(build_rafs(&mount)?.with_epoch(epoch))
                 } else {
-                    Box::new(BlobViewFs::build(&mount)?)
+                    Box::new(BlobViewFs::build(&mount)?.with_epoch(epoch))
                 };
                 Ok(Built {
                     fs,
@@ -598,7 +617,7 @@ impl Daemon {
                 )));
             }
         }
-        let built = self.build(&cmd, true)?;
+        let built = self.build(&cmd, true, Epoch::next())?;
         let attached = self.vfs.mount(built.fs, mountpoint);
         self.note_pseudo_path(mountpoint);
         attached.map_err(|e| Error::Internal(format!("attach {mountpoint}: {e:?}")))?;
@@ -675,7 +694,14 @@ impl Daemon {
             }
             Some(_) => {}
         }
-        let built = self.build(&cmd, true)?;
+        // The kernel's numbers of the old image stay good for the new one, as the index does (below).
+        let epoch = self
+            .vfs
+            .get_rootfs(mountpoint)
+            .ok()
+            .flatten()
+            .map_or(Epoch::NONE, |(fs, _)| epoch_of(&fs));
+        let built = self.build(&cmd, true, epoch)?;
         let fs = built.fs;
         self.index_rafs(Some(mountpoint));
         let index_of = |mp: &str| self.vfs.get_rootfs(mp).ok().flatten().map(|(_, i)| i);
@@ -805,6 +831,7 @@ impl Daemon {
                 lookups,
                 parents,
                 share_table: None,
+                epoch: epoch_of(&fs).value(),
             });
         }
         Ok((dirs, saved))
@@ -845,7 +872,7 @@ impl Daemon {
         m: &SavedMount,
         crash_files: Option<&[std::fs::File]>,
     ) -> Result<Built> {
-        let built = self.build(cmd, false)?;
+        let built = self.build(cmd, false, Epoch::saved(m.epoch))?;
         if let Some(rafs) = built.fs.as_any().downcast_ref::<RafsFs>() {
             rafs.import_lookups(&m.lookups, &m.parents);
         }

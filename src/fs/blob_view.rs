@@ -18,6 +18,7 @@ use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, FsOptions, OpenOptions};
 use fuse_backend_rs::api::filesystem::{Context, DirEntry, Entry, FileSystem, ZeroCopyWriter};
 use fuse_backend_rs::api::BackendFileSystem;
 
+use super::epoch::Epoch;
 use super::{cached_entry, eno, image_statfs, write_zeros, CACHE_TIMEOUT};
 use crate::error::{Error, Result};
 use crate::format::blob_meta::ChunkInfoArray;
@@ -42,6 +43,8 @@ pub struct BlobViewFs {
     /// [`limits::MAX_VIEW_CHUNKS`] over the image); built on the first read of that blob.
     placements: Mutex<Vec<Option<Arc<Vec<u32>>>>>,
     owner: (u32, u32),
+    /// Above every inode number the kernel is given, as for an image ([`super::epoch`]).
+    epoch: Epoch,
 }
 
 fn to_io(e: Error, what: &str) -> io::Error {
@@ -93,7 +96,18 @@ impl BlobViewFs {
             bootstrap,
             placements: Mutex::new(vec![None; nblobs]),
             owner,
+            epoch: Epoch::NONE,
         })
+    }
+
+    /// Give the kernel inode numbers of `epoch` (none by default).
+    pub fn with_epoch(mut self, epoch: Epoch) -> Self {
+        self.epoch = epoch;
+        self
+    }
+
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
     }
 
     fn blob_of(&self, ino: u64) -> Option<u32> {
@@ -144,7 +158,7 @@ impl BlobViewFs {
     }
 
     fn entry(&self, ino: u64) -> io::Result<Entry> {
-        Ok(cached_entry(ino, self.stat(ino)?, 0))
+        Ok(cached_entry(self.epoch.outer(ino), self.stat(ino)?, 0))
     }
 
     /// The files of the root directory, in readdir order.
@@ -263,6 +277,7 @@ impl FileSystem for BlobViewFs {
     }
 
     fn lookup(&self, _ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
+        let parent = self.epoch.inner(parent)?;
         if parent != ROOT_INO {
             return Err(eno(libc::ENOTDIR));
         }
@@ -279,7 +294,7 @@ impl FileSystem for BlobViewFs {
         inode: u64,
         _handle: Option<u64>,
     ) -> io::Result<(stat64, Duration)> {
-        Ok((self.stat(inode)?, CACHE_TIMEOUT))
+        Ok((self.stat(self.epoch.inner(inode)?)?, CACHE_TIMEOUT))
     }
 
     fn open(
@@ -292,6 +307,7 @@ impl FileSystem for BlobViewFs {
         if flags as i32 & (libc::O_WRONLY | libc::O_RDWR | libc::O_TRUNC | libc::O_APPEND) != 0 {
             return Err(eno(libc::EROFS));
         }
+        let inode = self.epoch.inner(inode)?;
         if inode == ROOT_INO {
             return Err(eno(libc::EISDIR));
         }
@@ -323,6 +339,7 @@ impl FileSystem for BlobViewFs {
         _lock_owner: Option<u64>,
         _flags: u32,
     ) -> io::Result<usize> {
+        let inode = self.epoch.inner(inode)?;
         if inode == BOOTSTRAP_INO {
             let data = self.bootstrap_range(offset, (size as usize).min(w.available_bytes()));
             w.write_all(data)?;
@@ -341,7 +358,7 @@ impl FileSystem for BlobViewFs {
         inode: u64,
         _flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions)> {
-        if inode != ROOT_INO {
+        if self.epoch.inner(inode)? != ROOT_INO {
             return Err(eno(libc::ENOTDIR));
         }
         Ok((None, OpenOptions::CACHE_DIR | OpenOptions::KEEP_CACHE))
@@ -360,7 +377,7 @@ impl FileSystem for BlobViewFs {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        if inode != ROOT_INO {
+        if self.epoch.inner(inode)? != ROOT_INO {
             return Err(eno(libc::ENOTDIR));
         }
         for (i, (ino, name)) in self.children().enumerate().skip(offset as usize) {
@@ -386,7 +403,7 @@ impl FileSystem for BlobViewFs {
     }
 
     fn access(&self, _ctx: &Context, inode: u64, mask: u32) -> io::Result<()> {
-        self.stat(inode)?;
+        self.stat(self.epoch.inner(inode)?)?;
         if mask as i32 & libc::W_OK != 0 {
             return Err(eno(libc::EROFS));
         }
@@ -398,7 +415,8 @@ impl BackendFileSystem for BlobViewFs {
     fn mount(&self) -> io::Result<(Entry, u64)> {
         Ok((
             self.entry(ROOT_INO)?,
-            FIRST_BLOB_INO + self.image.info().blobs.len() as u64,
+            self.epoch
+                .outer(FIRST_BLOB_INO + self.image.info().blobs.len() as u64),
         ))
     }
 

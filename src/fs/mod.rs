@@ -2,10 +2,11 @@
 //! `BackendFileSystem`, shared by the host FUSE mount and the virtio-fs device (where several images are
 //! pseudo mounts of one `Vfs`).
 //!
-//! Inode numbers are the image's own (v6 nids, v5 inode numbers); the image is immutable, so attributes
-//! and entries can be cached by the kernel for long.
+//! Inode numbers are the image's own (v6 nids, v5 inode numbers) with the mount's epoch above them
+//! ([`epoch`]); the image is immutable, so attributes and entries can be cached by the kernel for long.
 
 pub mod blob_view;
+pub mod epoch;
 pub mod metrics;
 pub mod pseudo_xattr;
 pub mod readahead;
@@ -33,12 +34,14 @@ use fuse_backend_rs::transport::FsCacheReqHandler;
 use crate::cache::prefetch::Prefetcher;
 use crate::format::InodeAttr;
 use crate::image::{RafsImage, Segment};
+use epoch::Epoch;
 use metrics::{FileLimit, FileMetricsOptions, Fop, FsMetrics};
 
 /// How long the kernel may cache attributes and entries of an immutable image.
 pub const CACHE_TIMEOUT: Duration = Duration::from_secs(1 << 32);
-/// Inodes above this cannot be encoded by `Vfs` (it keeps the top 8 bits for the mount index).
-const MAX_INO: u64 = (1 << 56) - 1;
+/// Inodes above this cannot be given with an epoch (the `Vfs` keeps the top 8 bits for the mount index,
+/// the epoch the next 16).
+const MAX_INO: u64 = epoch::MAX_INO;
 
 /// (inode, value) pairs: lookup counts, or the parents of directories.
 pub type InodePairs = Vec<(u64, u64)>;
@@ -63,6 +66,8 @@ pub struct RafsFs {
     perfile_dax: AtomicBool,
     /// The files being read front to back, for read-ahead in the cache file.
     readahead: readahead::ReadAhead,
+    /// Above every inode number the kernel is given (see [`epoch`]).
+    epoch: Epoch,
 }
 
 fn eno(errno: i32) -> io::Error {
@@ -119,7 +124,18 @@ impl RafsFs {
             prefetcher: Mutex::new(None),
             perfile_dax: AtomicBool::new(false),
             readahead: readahead::ReadAhead::default(),
+            epoch: Epoch::NONE,
         }
+    }
+
+    /// Give the kernel inode numbers of `epoch` (none by default).
+    pub fn with_epoch(mut self, epoch: Epoch) -> Self {
+        self.epoch = epoch;
+        self
+    }
+
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
     }
 
     /// Keep the per-file records the config asks for (`iostats_files`, `access_pattern`,
@@ -243,7 +259,7 @@ impl RafsFs {
         } else {
             0
         };
-        cached_entry(a.ino, self.stat(a), attr_flags)
+        cached_entry(self.epoch.outer(a.ino), self.stat(a), attr_flags)
     }
 
     fn remember_parent(&self, dir: u64, parent: u64) {
@@ -614,12 +630,19 @@ impl FileSystem for RafsFs {
     }
 
     fn lookup(&self, _ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
-        let r = self.do_lookup(parent, name);
+        let r = self
+            .epoch
+            .inner(parent)
+            .and_then(|parent| self.do_lookup(parent, name));
         self.metrics.record(Fop::Lookup, &r);
         r
     }
 
     fn forget(&self, _ctx: &Context, inode: u64, count: u64) {
+        // A number of another mount holds nothing here.
+        let Ok(inode) = self.epoch.inner(inode) else {
+            return;
+        };
         let mut lookups = self.lookups.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(n) = lookups.get_mut(&inode) {
             *n = n.saturating_sub(count);
@@ -648,12 +671,14 @@ impl FileSystem for RafsFs {
         inode: u64,
         _handle: Option<u64>,
     ) -> io::Result<(stat64, Duration)> {
+        let inode = self.epoch.inner(inode)?;
         let r = self.attr(inode).map(|a| (self.stat(&a), CACHE_TIMEOUT));
         self.metrics.record_on(inode, Fop::Getattr, &r);
         r
     }
 
     fn readlink(&self, _ctx: &Context, inode: u64) -> io::Result<Vec<u8>> {
+        let inode = self.epoch.inner(inode)?;
         let r = self
             .image
             .readlink(inode)
@@ -669,6 +694,7 @@ impl FileSystem for RafsFs {
         flags: u32,
         _fuse_flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
+        let inode = self.epoch.inner(inode)?;
         let r = if flags as i32 & (libc::O_WRONLY | libc::O_RDWR | libc::O_TRUNC | libc::O_APPEND)
             != 0
         {
@@ -696,6 +722,7 @@ impl FileSystem for RafsFs {
         _flock_release: bool,
         _lock_owner: Option<u64>,
     ) -> io::Result<()> {
+        let inode = self.epoch.inner(inode)?;
         self.metrics.record_on::<()>(inode, Fop::Release, &Ok(()));
         Ok(())
     }
@@ -711,6 +738,7 @@ impl FileSystem for RafsFs {
         _lock_owner: Option<u64>,
         _flags: u32,
     ) -> io::Result<usize> {
+        let inode = self.epoch.inner(inode)?;
         self.read_into(inode, &mut WriterReply(w), size, offset)
     }
 
@@ -725,6 +753,7 @@ impl FileSystem for RafsFs {
         moffset: u64,
         vu_req: &mut dyn FsCacheReqHandler,
     ) -> io::Result<()> {
+        let inode = self.epoch.inner(inode)?;
         crate::dax::rafs::setup(&self.image, inode, foffset, len, flags, moffset, vu_req)
     }
 
@@ -755,6 +784,7 @@ impl FileSystem for RafsFs {
         name: &CStr,
         size: u32,
     ) -> io::Result<GetxattrReply> {
+        let inode = self.epoch.inner(inode)?;
         let r = self.xattr_list(inode).and_then(|list| {
             let value = list
                 .into_iter()
@@ -771,6 +801,7 @@ impl FileSystem for RafsFs {
     }
 
     fn listxattr(&self, _ctx: &Context, inode: u64, size: u32) -> io::Result<ListxattrReply> {
+        let inode = self.epoch.inner(inode)?;
         let r = self.xattr_list(inode).and_then(|list| {
             let mut names = Vec::new();
             for (n, _) in list {
@@ -792,6 +823,7 @@ impl FileSystem for RafsFs {
         inode: u64,
         _flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions)> {
+        let inode = self.epoch.inner(inode)?;
         let r = self.attr(inode).and_then(|a| {
             if a.is_dir() {
                 Ok((None, OpenOptions::CACHE_DIR | OpenOptions::KEEP_CACHE))
@@ -816,6 +848,7 @@ impl FileSystem for RafsFs {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
     ) -> io::Result<()> {
+        let inode = self.epoch.inner(inode)?;
         let r = self.do_readdir(inode, offset, false, &mut |d, _| add_entry(d));
         self.metrics.record_on(inode, Fop::Readdir, &r);
         r
@@ -830,6 +863,7 @@ impl FileSystem for RafsFs {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
     ) -> io::Result<()> {
+        let inode = self.epoch.inner(inode)?;
         let r = self.do_readdir(inode, offset, true, &mut |d, e| {
             add_entry(d, e.expect("readdirplus entries carry attributes"))
         });
@@ -838,6 +872,7 @@ impl FileSystem for RafsFs {
     }
 
     fn access(&self, ctx: &Context, inode: u64, mask: u32) -> io::Result<()> {
+        let inode = self.epoch.inner(inode)?;
         let r = self.attr(inode).and_then(|a| {
             let mask = mask as i32;
             if mask & libc::W_OK != 0 {
@@ -894,7 +929,8 @@ impl FileSystem for RafsFs {
 impl BackendFileSystem for RafsFs {
     fn mount(&self) -> io::Result<(Entry, u64)> {
         let root = self.attr(self.image.root_ino())?;
-        Ok((self.entry(&root), self.image.meta().max_ino().min(MAX_INO)))
+        let max = self.epoch.outer(self.image.meta().max_ino().min(MAX_INO));
+        Ok((self.entry(&root), max))
     }
 
     fn as_any(&self) -> &dyn Any {

@@ -70,6 +70,14 @@ pub struct Mount {
     /// carried over; one with a share is refused by it (an unknown field).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub share_table: Option<u32>,
+    /// The epoch above the inode numbers of an image or blob view ([`crate::fs::epoch`]). Absent
+    /// for 0, as from rafsd before epochs (whose numbers had none); one present is refused by it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub epoch: u16,
+}
+
+fn is_zero(n: &u16) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -276,6 +284,7 @@ mod tests {
                 lookups: vec![(1, 3), (12, 1)],
                 parents: vec![(12, 1)],
                 share_table: None,
+                epoch: 0,
             }],
             device: None,
         }
