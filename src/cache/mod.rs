@@ -50,6 +50,10 @@ pub fn free_space_floor(size: u64) -> u64 {
     (size / 20).min(MAX_FREE_SPACE_FLOOR)
 }
 
+/// How far above the floor the space must be again before the cache says it stores again: the largest
+/// chunk, so that chunks of different sizes near the floor do not turn the warning on and off.
+const ROOM_AGAIN: u64 = 16 << 20;
+
 /// Whether storing `len` more bytes leaves the floor free on a filesystem with `available` of `size`
 /// bytes (what an unprivileged writer may still use, so the root reserve is kept too).
 fn leaves_floor(available: u64, size: u64, len: u64) -> bool {
@@ -113,8 +117,11 @@ pub struct BlobCache {
     /// and serve from the backend.
     degraded_until: AtomicU64,
     opened: Instant,
-    /// The last store found the filesystem at its floor (one warning per stretch).
+    /// A store found the filesystem at its floor, and the space has not come back since (one warning
+    /// per stretch).
     at_floor: AtomicBool,
+    /// (available, size) of the filesystem holding a file ([`filesystem_space`]; tests set their own).
+    space: fn(&File) -> Option<(u64, u64)>,
     /// Chunks some thread is fetching right now, so others wait instead of fetching twice.
     inflight: Mutex<HashSet<(u32, u32)>>,
     inflight_done: Condvar,
@@ -150,6 +157,7 @@ impl BlobCache {
             degraded_until: AtomicU64::new(0),
             opened: Instant::now(),
             at_floor: AtomicBool::new(false),
+            space: filesystem_space,
             inflight: Mutex::new(HashSet::new()),
             inflight_done: Condvar::new(),
             metrics: CacheMetrics::default(),
@@ -303,30 +311,41 @@ impl BlobCache {
     }
 
     /// Whether `len` more bytes in `b`'s data file leave the filesystem's floor free; logs once when the
-    /// floor is reached and once when there is room again. A filesystem that cannot be asked has room
-    /// (a failed write still turns storing off).
+    /// floor is reached and once when there is room again (a chunk's worth above the floor). A
+    /// filesystem that cannot be asked has room (a failed write still turns storing off).
     fn has_room(&self, b: &CachedBlob, len: u64) -> bool {
-        let Some((available, size)) = filesystem_space(&b.data) else {
+        let Some((available, size)) = (self.space)(&b.data) else {
             return true;
         };
+        let floor = free_space_floor(size);
         let room = leaves_floor(available, size, len);
-        if self.at_floor.swap(!room, Ordering::Relaxed) == room {
-            if room {
-                log::info!(
-                    "blob cache in {}: space was freed, storing chunks again",
-                    self.work_dir.display()
-                );
-            } else {
-                log::warn!(
-                    "blob cache in {}: {} MiB free of {} MiB, the cache leaves {} MiB to others; serving from the backend without storing until space is freed",
-                    self.work_dir.display(),
-                    available >> 20,
-                    size >> 20,
-                    free_space_floor(size) >> 20
-                );
-            }
+        if !room && !self.at_floor.swap(true, Ordering::Relaxed) {
+            log::warn!(
+                "blob cache in {}: {} MiB free of {} MiB, the cache leaves {} MiB to others; serving from the backend without storing until space is freed",
+                self.work_dir.display(),
+                available >> 20,
+                size >> 20,
+                floor >> 20
+            );
+        } else if room
+            && available.saturating_sub(len) >= floor.saturating_add(ROOM_AGAIN)
+            && self.at_floor.load(Ordering::Relaxed)
+            && self.at_floor.swap(false, Ordering::Relaxed)
+        {
+            log::info!(
+                "blob cache in {}: space was freed, storing chunks again",
+                self.work_dir.display()
+            );
         }
         room
+    }
+
+    /// Stores without asking the filesystem for its free space (unit tests, whose disk may be nearly
+    /// full).
+    #[cfg(test)]
+    pub fn without_space_checks(mut self) -> Self {
+        self.space = |_| None;
+        self
     }
 
     /// Forget a chunk whose cached bytes failed verification, so the next read fetches it again.
@@ -559,7 +578,8 @@ mod tests {
             &[BlobInfo::raw_for_tests(4, 4096)],
             &[Some(key)],
         )
-        .unwrap();
+        .unwrap()
+        .without_space_checks();
         let data = vec![7u8; 4096];
         let writable = cache.blobs[0].as_ref().unwrap().data.clone();
         // A descriptor that cannot write stands for a full disk.
@@ -579,6 +599,48 @@ mod tests {
         cache.store_at(&chunk(1), &data, true, later);
         assert!(cache.is_ready(&chunk(1)));
         assert_eq!(cache.read(&chunk(1)).unwrap(), Some(data));
+    }
+
+    /// Free space of the fake filesystem of [`near_the_floor_chunks_of_any_size_keep_the_cache_at_it`].
+    static FREE: AtomicU64 = AtomicU64::new(0);
+
+    /// Near the floor, a large chunk is refused and a small one still fits: the cache stays "at the
+    /// floor" (one warning) until the space is a chunk's worth above it.
+    #[test]
+    fn near_the_floor_chunks_of_any_size_keep_the_cache_at_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = CacheKey {
+            tag: "0".repeat(32),
+            verified: true,
+        };
+        let mut cache = BlobCache::open(
+            dir.path(),
+            &[BlobInfo::raw_for_tests(8, 1 << 20)],
+            &[Some(key)],
+        )
+        .unwrap();
+        // A 1 GiB filesystem: the floor is 51.2 MiB.
+        cache.space = |_| Some((FREE.load(Ordering::Relaxed), 1 << 30));
+        let big = |index| ChunkInfo {
+            uncompressed_size: 1 << 20,
+            compressed_size: 1 << 20,
+            uncompressed_offset: (1 << 20) * index as u64,
+            index,
+            ..ChunkInfo::default()
+        };
+        FREE.store(52 << 20, Ordering::Relaxed);
+        cache.store(&big(0), &vec![1u8; 1 << 20], true);
+        assert!(!cache.is_ready(&big(0)) && cache.at_floor.load(Ordering::Relaxed));
+        let small = ChunkInfo {
+            uncompressed_size: 4096,
+            ..big(4)
+        };
+        cache.store(&small, &[2u8; 4096], true);
+        assert!(cache.is_ready(&small), "a small chunk fits");
+        assert!(cache.at_floor.load(Ordering::Relaxed), "still at the floor");
+        FREE.store(80 << 20, Ordering::Relaxed);
+        cache.store(&big(1), &vec![3u8; 1 << 20], true);
+        assert!(cache.is_ready(&big(1)) && !cache.at_floor.load(Ordering::Relaxed));
     }
 
     #[test]

@@ -382,7 +382,7 @@ impl FileSystem for BlobViewFs {
         }
         for (i, (ino, name)) in self.children().enumerate().skip(offset as usize) {
             let added = add_entry(DirEntry {
-                ino,
+                ino: self.epoch.outer(ino),
                 offset: i as u64 + 1,
                 type_: libc::DT_REG as u32,
                 name: name.as_bytes(),

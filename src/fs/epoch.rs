@@ -17,6 +17,11 @@ const SHIFT: u32 = 40;
 /// The largest inode number of an image that can be given with an epoch.
 pub const MAX_INO: u64 = (1 << SHIFT) - 1;
 
+/// How many epochs there are before they repeat: a prime, so that with mount indexes handed out in turn
+/// (a cycle of 255) an index meets every epoch before one comes back, 255 x 65,521 mounts later. (With
+/// 65,535 = 255 x 257 epochs an index would see only 257 of them.)
+const PERIOD: u32 = 65_521;
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Epoch(u16);
 
@@ -34,12 +39,17 @@ impl Epoch {
     }
 
     /// A new mount's epoch: the next of a counter that starts at a random place in each process, so that
-    /// a successor daemon does not repeat the epochs its predecessor gave (0 is skipped).
+    /// a successor daemon is unlikely to repeat the epochs its predecessor gave (1 in [`PERIOD`] for a
+    /// mount at the index of an unmounted one). 0 is skipped.
     pub fn next() -> Self {
         static COUNTER: OnceLock<AtomicU32> = OnceLock::new();
         let counter = COUNTER.get_or_init(|| AtomicU32::new(random_start()));
-        let n = counter.fetch_add(1, Ordering::Relaxed);
-        Epoch((n % u32::from(u16::MAX)) as u16 + 1)
+        Epoch::nth(counter.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// The epoch of the `n`th mount.
+    fn nth(n: u32) -> Self {
+        Epoch((n % PERIOD) as u16 + 1)
     }
 
     /// The number the kernel is given for the image's inode `ino` (at most [`MAX_INO`]).
@@ -97,5 +107,19 @@ mod tests {
         assert_ne!(first, Epoch::NONE);
         assert_ne!(second, Epoch::NONE);
         assert_ne!(first, second);
+    }
+
+    /// Mount indexes come round every 255 mounts: the mounts that meet at one index get distinct
+    /// epochs for 255 x PERIOD mounts.
+    #[test]
+    fn an_index_meets_every_epoch_before_one_comes_back() {
+        let mut seen = std::collections::HashSet::new();
+        for k in 0..PERIOD {
+            assert!(
+                seen.insert(Epoch::nth(k * 255).value()),
+                "repeated after {k}"
+            );
+        }
+        assert_eq!(Epoch::nth(PERIOD * 255), Epoch::nth(0));
     }
 }

@@ -441,7 +441,7 @@ impl RafsFs {
                 continue;
             }
             let dirent = DirEntry {
-                ino,
+                ino: self.epoch.outer(ino),
                 offset: cookie,
                 type_: libc::DT_DIR as u32,
                 name,
@@ -460,7 +460,12 @@ impl RafsFs {
             .image
             .read_dir(dir, offset.saturating_sub(2), &mut |e| {
                 let dirent = DirEntry {
-                    ino: e.ino,
+                    // As the kernel will know the entry (a number no inode can have goes as it is).
+                    ino: if e.ino <= MAX_INO {
+                        self.epoch.outer(e.ino)
+                    } else {
+                        e.ino
+                    },
                     offset: e.offset + 2,
                     type_: dtype(e.file_type),
                     name: &e.name,

@@ -524,7 +524,9 @@ mod tests {
             verified: false,
         };
         let cache = Arc::new(
-            BlobCache::open(dir.path(), std::slice::from_ref(&blob), &[Some(key)]).unwrap(),
+            BlobCache::open(dir.path(), std::slice::from_ref(&blob), &[Some(key)])
+                .unwrap()
+                .without_space_checks(),
         );
         let gone = Arc::new(AtomicBool::new(false));
         let ctx = StreamCtx {
