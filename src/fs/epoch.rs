@@ -39,7 +39,7 @@ impl Epoch {
     }
 
     /// A new mount's epoch: the next of a counter that starts at a random place in each process, so that
-    /// a successor daemon is unlikely to repeat the epochs its predecessor gave (1 in [`PERIOD`] for a
+    /// a successor daemon is unlikely to repeat the epochs its predecessor gave (1 in 65,521 for a
     /// mount at the index of an unmounted one). 0 is skipped.
     pub fn next() -> Self {
         static COUNTER: OnceLock<AtomicU32> = OnceLock::new();
