@@ -367,6 +367,14 @@ struct Registry {
 }
 
 impl Registry {
+    /// Debian's docker-registry without authentication, its data in `dir`.
+    fn open(dir: &Path) -> Self {
+        Registry {
+            svc: services::start_registry(dir, RegistryAuth::None),
+            authorization: None,
+        }
+    }
+
     fn host(&self) -> String {
         format!("127.0.0.1:{}", self.svc.port)
     }
@@ -930,10 +938,7 @@ fn an_index_of_two_platforms_converts_one_or_merges_both() {
     manifest::assert_root("convert and mount");
     need(&["docker-registry"]);
     let dir = tmp();
-    let reg = Registry {
-        svc: services::start_registry(dir.path(), RegistryAuth::None),
-        authorization: None,
-    };
+    let reg = Registry::open(dir.path());
     let mut amd = push_image(
         &reg,
         "src/multi",
@@ -1174,10 +1179,7 @@ fn assert_nothing_pushed(reg: &Registry, repo: &str) {
 fn a_layer_that_is_not_a_tar_fails_and_pushes_nothing() {
     need(&["docker-registry"]);
     let dir = tmp();
-    let reg = Registry {
-        svc: services::start_registry(dir.path(), RegistryAuth::None),
-        authorization: None,
-    };
+    let reg = Registry::open(dir.path());
     let good = gzip(&layer_tar(&sample_layers()[0]));
     let garbage = pseudo_random(100_000, 5);
     let digests = push_layers(
@@ -1215,10 +1217,7 @@ fn a_layer_that_is_not_a_tar_fails_and_pushes_nothing() {
 fn a_layer_decoding_past_its_limit_fails_and_pushes_nothing() {
     need(&["docker-registry"]);
     let dir = tmp();
-    let reg = Registry {
-        svc: services::start_registry(dir.path(), RegistryAuth::None),
-        authorization: None,
-    };
+    let reg = Registry::open(dir.path());
     let good = gzip(&layer_tar(&sample_layers()[0]));
     // 192 MiB of zeros, streamed into zstd: a few KiB, whose cap is 1000 times that plus 64 MiB.
     let zeros: u64 = 192 << 20;
@@ -1350,10 +1349,7 @@ fn a_broken_layer_stream_is_resumed_and_wrong_bytes_are_refused() {
     manifest::assert_root("convert and mount");
     need(&["docker-registry"]);
     let dir = tmp();
-    let reg = Registry {
-        svc: services::start_registry(dir.path(), RegistryAuth::None),
-        authorization: None,
-    };
+    let reg = Registry::open(dir.path());
     let layers = sample_layers();
     push_image(&reg, "src/app", "v1", &layers, "amd64", false);
     let big_layer = reg.manifest("src/app", "v1")["layers"][0]["digest"]
@@ -1630,10 +1626,7 @@ fn a_push_answered_after_the_timeout_but_within_its_deadline_succeeds() {
 fn a_convert_whose_target_never_answers_an_upload_fails_in_bounded_time() {
     need(&["docker-registry"]);
     let dir = tmp();
-    let reg = Registry {
-        svc: services::start_registry(dir.path(), RegistryAuth::None),
-        authorization: None,
-    };
+    let reg = Registry::open(dir.path());
     push_image(&reg, "src/app", "v1", &sample_layers(), "amd64", false);
     let (port, uploads) = upload_registry(
         "nydus/app",

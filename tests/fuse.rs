@@ -378,7 +378,7 @@ fn a_full_cache_disk_degrades_to_backend_reads() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
     std::fs::create_dir_all(&cache).unwrap();
-    mount_tmpfs(&cache, c"size=256k");
+    daemon::mount_tmpfs(&cache, c"size=256k");
     let d = start(&c, dir.path(), false, "");
     assert_tree(&d, &c, "cache disk full");
     let log = d.log_text();
@@ -403,7 +403,7 @@ fn a_cache_disk_with_room_for_a_map_header_only_does_not_kill_the_daemon() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
     std::fs::create_dir_all(&cache).unwrap();
-    mount_tmpfs(&cache, c"size=1m");
+    daemon::mount_tmpfs(&cache, c"size=1m");
     // Every page but one goes to another file: the fixture's one blob gets its map's header, no more.
     let mut filler = std::fs::File::create(cache.join("filler")).unwrap();
     let page = [0u8; 4096];
@@ -422,22 +422,6 @@ fn a_cache_disk_with_room_for_a_map_header_only_does_not_kill_the_daemon() {
     );
 }
 
-/// Mount a tmpfs of `options` (e.g. `size=1m`) on `dir`.
-fn mount_tmpfs(dir: &Path, options: &std::ffi::CStr) {
-    let target = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
-    // SAFETY: mounting a tmpfs on a directory of our own temp dir, with C strings that outlive the call.
-    let rc = unsafe {
-        libc::mount(
-            c"tmpfs".as_ptr(),
-            target.as_ptr(),
-            c"tmpfs".as_ptr(),
-            0,
-            options.as_ptr().cast(),
-        )
-    };
-    assert_eq!(rc, 0, "mount tmpfs: {}", std::io::Error::last_os_error());
-}
-
 /// (available, size) in bytes of the filesystem holding `path`.
 fn filesystem_space(path: &Path) -> (u64, u64) {
     let p = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
@@ -454,37 +438,21 @@ fn build_one_big_file(dir: &Path, mib: usize) -> (Case, Vec<u8>) {
     let data: Vec<u8> = (0..mib << 17)
         .flat_map(|_| rng.next().to_le_bytes())
         .collect();
-    (build_image(dir, &[("big", &data)]), data)
+    let files = vec![("big".into(), data.clone())];
+    (
+        built_case(dir, "built", files, &["--compressor", "none"]),
+        data,
+    )
 }
 
-/// An image (uncompressed, its bootstrap and blobs in `dir`) of the regular files `files` (name,
-/// contents) built from `dir/src` by `rafsd build`.
-fn build_image(dir: &Path, files: &[(&str, &[u8])]) -> Case {
-    let src = dir.join("src");
-    std::fs::create_dir(&src).unwrap();
-    for (name, data) in files {
-        std::fs::write(src.join(name), data).unwrap();
+/// The image `kit::built::build_tree` builds in `dir/name` from `files`, as a case.
+fn built_case(dir: &Path, name: &str, files: Vec<(String, Vec<u8>)>, args: &[&str]) -> Case {
+    let built = kit::built::build_tree(dir, name, files, None, args);
+    Case {
+        name: name.into(),
+        bootstrap: built.bootstrap,
+        blobs: built.blob_dir,
     }
-    let c = Case {
-        name: "built".into(),
-        bootstrap: dir.join("bootstrap"),
-        blobs: dir.join("blobs"),
-    };
-    let (code, out) = run_bounded(
-        &[
-            "build".as_ref(),
-            src.as_os_str(),
-            "--bootstrap".as_ref(),
-            c.bootstrap.as_os_str(),
-            "--blob-dir".as_ref(),
-            c.blobs.as_os_str(),
-            "--compressor".as_ref(),
-            "none".as_ref(),
-        ],
-        Duration::from_secs(120),
-    );
-    assert_eq!(code, Some(0), "{out}");
-    c
 }
 
 /// An image larger than the cache's filesystem, read whole: the cache used to store chunks until the
@@ -498,7 +466,7 @@ fn an_image_larger_than_the_cache_disk_leaves_the_disk_its_floor() {
     let (c, data) = build_one_big_file(dir.path(), 24);
     let cache = dir.path().join("cache");
     std::fs::create_dir_all(&cache).unwrap();
-    mount_tmpfs(&cache, c"size=16m");
+    daemon::mount_tmpfs(&cache, c"size=16m");
     let d = start(&c, dir.path(), false, "");
     for pass in ["cold", "again"] {
         assert!(
@@ -887,9 +855,8 @@ fn a_file_of_an_unmounted_image_never_reads_the_image_that_takes_its_index() {
     let (victim_bytes, other_bytes) = (vec![b'a'; 8192], vec![b'b'; 8192]);
     // The same tree with other bytes: the same inode numbers.
     let built = |name: &str, bytes: &[u8]| {
-        let d = dir.path().join(name);
-        std::fs::create_dir(&d).unwrap();
-        build_image(&d, &[("secret", bytes)])
+        let files = vec![("secret".into(), bytes.to_vec())];
+        built_case(dir.path(), name, files, &["--compressor", "none"])
     };
     let (victim, other) = (built("victim", &victim_bytes), built("other", &other_bytes));
     let (d, sock) = start_without_image(dir.path(), &[]);
@@ -1987,12 +1954,7 @@ fn a_walk_of_a_large_directory_costs_no_lookup_per_entry() {
             )
         })
         .collect();
-    let built = kit::built::build_tree(dir.path(), "wide", files.clone(), None, &[]);
-    let c = Case {
-        name: "wide".into(),
-        bootstrap: built.bootstrap.clone(),
-        blobs: built.blob_dir.clone(),
-    };
+    let c = built_case(dir.path(), "wide", files.clone(), &[]);
     let (d, sock) = start_with_api(&c, dir.path(), "");
     let big = d.mountpoint.join("big");
     // As find(1) does: read the whole directory, then stat what it lists.
@@ -2253,18 +2215,7 @@ fn a_file_read_front_to_back_is_read_ahead_in_the_cache_file_and_a_random_reader
     const MIB: usize = 1 << 20;
     let dir = tempfile::tempdir().unwrap();
     let big = pseudo_random(48 * MIB, 11);
-    let built = kit::built::build_tree(
-        dir.path(),
-        "ra",
-        vec![("big".into(), big.clone())],
-        None,
-        &[],
-    );
-    let c = Case {
-        name: "ra".into(),
-        bootstrap: built.bootstrap.clone(),
-        blobs: built.blob_dir.clone(),
-    };
+    let c = built_case(dir.path(), "ra", vec![("big".into(), big.clone())], &[]);
     // Fill the cache.
     let d = start(&c, dir.path(), false, "");
     assert!(std::fs::read(d.mountpoint.join("big")).unwrap() == big);

@@ -1143,23 +1143,7 @@ impl HostDirs {
 
     /// Mount a small tmpfs (device nodes allowed) on `target`.
     fn tmpfs(&mut self, target: &Path) {
-        let c = std::ffi::CString::new(target.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: valid C strings.
-        let r = unsafe {
-            libc::mount(
-                c"tmpfs".as_ptr(),
-                c.as_ptr(),
-                c"tmpfs".as_ptr(),
-                0,
-                c"size=1m".as_ptr().cast(),
-            )
-        };
-        assert_eq!(
-            r,
-            0,
-            "tmpfs on {target:?}: {}",
-            std::io::Error::last_os_error()
-        );
+        daemon::mount_tmpfs(target, c"size=1m");
         self.mounts.push(target.to_path_buf());
     }
 

@@ -564,22 +564,26 @@ mod tests {
         }
     }
 
+    /// A cache in `dir` of one blob of `chunks` chunks of `chunk_size` bytes, shared (digests checked).
+    fn one_blob(dir: &Path, chunks: u32, chunk_size: u32) -> BlobCache {
+        let key = CacheKey {
+            tag: "0".repeat(32),
+            verified: true,
+        };
+        BlobCache::open(
+            dir,
+            &[BlobInfo::raw_for_tests(chunks, chunk_size)],
+            &[Some(key)],
+        )
+        .unwrap()
+    }
+
     /// A failed write turns storing off for a while, not for the mount's life: a co-tenant that filled
     /// the disk once must not leave every other mount uncached after the space is freed.
     #[test]
     fn a_failed_write_turns_storing_off_for_a_while_only() {
         let dir = tempfile::tempdir().unwrap();
-        let key = CacheKey {
-            tag: "0".repeat(32),
-            verified: true,
-        };
-        let mut cache = BlobCache::open(
-            dir.path(),
-            &[BlobInfo::raw_for_tests(4, 4096)],
-            &[Some(key)],
-        )
-        .unwrap()
-        .without_space_checks();
+        let mut cache = one_blob(dir.path(), 4, 4096).without_space_checks();
         let data = vec![7u8; 4096];
         let writable = cache.blobs[0].as_ref().unwrap().data.clone();
         // A descriptor that cannot write stands for a full disk.
@@ -609,16 +613,7 @@ mod tests {
     #[test]
     fn near_the_floor_chunks_of_any_size_keep_the_cache_at_it() {
         let dir = tempfile::tempdir().unwrap();
-        let key = CacheKey {
-            tag: "0".repeat(32),
-            verified: true,
-        };
-        let mut cache = BlobCache::open(
-            dir.path(),
-            &[BlobInfo::raw_for_tests(8, 1 << 20)],
-            &[Some(key)],
-        )
-        .unwrap();
+        let mut cache = one_blob(dir.path(), 8, 1 << 20);
         // A 1 GiB filesystem: the floor is 51.2 MiB.
         cache.space = |_| Some((FREE.load(Ordering::Relaxed), 1 << 30));
         let big = |index| ChunkInfo {

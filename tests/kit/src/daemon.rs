@@ -18,6 +18,27 @@ pub fn is_mounted(mountpoint: &Path) -> bool {
     info.lines().any(|l| l.split(' ').nth(4) == Some(&*want))
 }
 
+/// Mount a tmpfs with `options` (e.g. `size=1m`) on `target`.
+pub fn mount_tmpfs(target: &Path, options: &std::ffi::CStr) {
+    let c = std::ffi::CString::new(target.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: valid C strings that outlive the call.
+    let rc = unsafe {
+        libc::mount(
+            c"tmpfs".as_ptr(),
+            c.as_ptr(),
+            c"tmpfs".as_ptr(),
+            0,
+            options.as_ptr().cast(),
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "tmpfs on {target:?}: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
 pub fn lazy_unmount(mountpoint: &Path) {
     let c = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes()).unwrap();
     // SAFETY: valid path.
